@@ -1,0 +1,344 @@
+"""Spawning, commanding and reaping guest processes: the process-guest backend.
+
+A :class:`ProcessGuest` owns one guest process and everything made for it: the RAM memfd
+(mapped here too, so the migrator reads pages without copying through the guest), the
+control block and the command socket.  ``close()`` reaps the process and closes every fd;
+it is idempotent and safe on any path, so callers wrap guests in ``with`` or try/finally.
+
+The guest dies with its parent (PR_SET_PDEATHSIG), so even a SIGKILLed migrator leaves no
+orphan behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from guests.control import Command, ControlBlock, Field, GuestState
+from vmem.errors import GuestCrashed, GuestError, GuestUnresponsive
+from vmem.ram import PAGE_SIZE, GuestRam
+
+__all__ = ["ProcessGuest", "PauseInfo", "GuestSpec"]
+
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What a guest runs: enough to start an identical one at a destination."""
+
+    workload: str = "idle"
+    params: dict | None = None
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return {"workload": self.workload, "params": self.params or {}, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "GuestSpec":
+        return cls(str(obj["workload"]), dict(obj.get("params") or {}), int(obj.get("seed", 0)))
+
+
+@dataclass(frozen=True)
+class PauseInfo:
+    """Result of pausing a guest.
+
+    Attributes:
+        paused_at_ns: CLOCK_MONOTONIC when the guest stopped (its last moment of running).
+        latency_ns: from posting PAUSE to the guest's acknowledgement.
+        context: the context blob the guest saved at the pause.
+    """
+
+    paused_at_ns: int
+    latency_ns: int
+    context: bytes
+
+
+class ProcessGuest:
+    """A guest process and its resources.  Use :meth:`boot` or :meth:`incoming`."""
+
+    def __init__(self, ram: GuestRam, spec: GuestSpec, mode: str):
+        self.ram = ram
+        self.spec = spec
+        self.ctl = ControlBlock.create()
+        self._sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._uffd = -1
+        self._seq = 0
+        self.proc: subprocess.Popen | None = None
+        try:
+            fds = (self.ctl.fd, ram.fd, child_sock.fileno())
+            for fd in fds:
+                os.set_inheritable(fd, True)
+            env = dict(os.environ)
+            env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            cmd = [
+                sys.executable, "-m", "guests.runtime",
+                "--ctl-fd", str(self.ctl.fd), "--ram-fd", str(ram.fd), "--sock-fd", str(child_sock.fileno()),
+                "--mode", mode, "--workload", spec.workload, "--params", json.dumps(spec.params or {}),
+                "--seed", str(spec.seed),
+            ]
+            self.proc = subprocess.Popen(cmd, pass_fds=fds, close_fds=True, env=env, stdin=subprocess.DEVNULL)
+        except BaseException:
+            child_sock.close()
+            self.close()
+            raise
+        finally:
+            for fd in (self.ctl.fd, ram.fd):
+                if fd >= 0:
+                    os.set_inheritable(fd, False)
+        child_sock.close()
+
+    # --- construction ------------------------------------------------------------------
+    @classmethod
+    def boot(cls, spec: GuestSpec, size_bytes: int, *, timeout_s: float = 120.0) -> "ProcessGuest":
+        """Start a new guest with fresh RAM and wait until it runs.
+
+        Raises:
+            GuestCrashed: the guest exited during boot (its message says why).
+            GuestUnresponsive: it did not finish booting within ``timeout_s``.
+        """
+        ram = GuestRam.create(size_bytes)
+        try:
+            guest = cls(ram, spec, "boot")
+        except BaseException:
+            ram.close()
+            raise
+        try:
+            guest._wait_state({GuestState.RUNNING}, timeout_s, "boot")
+        except BaseException:
+            guest.close()
+            raise
+        return guest
+
+    @classmethod
+    def incoming(cls, spec: GuestSpec, npages: int, *, timeout_s: float = 60.0) -> "ProcessGuest":
+        """Create fresh RAM and pre-spawn a destination guest that waits for RESUME."""
+        ram = GuestRam.create(npages * PAGE_SIZE, name="vmem-ram-incoming")
+        try:
+            guest = cls(ram, spec, "incoming")
+        except BaseException:
+            ram.close()
+            raise
+        try:
+            guest._wait_state({GuestState.INCOMING}, timeout_s, "start")
+        except BaseException:
+            guest.close()
+            raise
+        return guest
+
+    # --- properties ----------------------------------------------------------------------
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else -1
+
+    @property
+    def npages(self) -> int:
+        return self.ram.npages
+
+    @property
+    def state(self) -> GuestState:
+        return self.ctl.state
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def counters(self) -> dict:
+        """Steps, pages written and timestamps as the guest last published them."""
+        c = self.ctl
+        return {
+            "steps": c[Field.STEPS],
+            "pages_written": c[Field.PAGES_WRITTEN],
+            "last_step_ns": c[Field.LAST_STEP_NS],
+            "first_step_ns": c[Field.FIRST_STEP_NS],
+            "resumed_at_ns": c[Field.RESUMED_AT_NS],
+            "vclock_s": c[Field.VCLOCK_NS] / 1e9,
+        }
+
+    # --- commands --------------------------------------------------------------------------
+    def _crashed(self, what: str) -> GuestCrashed:
+        rc = self.proc.poll() if self.proc else None
+        msg = self.ctl.read_message() if self.ctl._mmap is not None else None
+        detail = f": {msg.get('error')}" if isinstance(msg, dict) and msg.get("error") else ""
+        how = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"
+        return GuestCrashed(f"guest process {self.pid} died during {what} ({how}){detail}", rc)
+
+    def _wait_state(self, states: set, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.ctl.state not in states:
+            if not self.alive():
+                raise self._crashed(what)
+            if self.ctl.state == GuestState.FAILED:
+                raise self._crashed(what)
+            if time.monotonic() > deadline:
+                raise GuestUnresponsive(f"guest {self.pid} did not reach {'/'.join(s.name for s in states)} within {timeout_s:.0f} s during {what}")
+            time.sleep(0.002)
+
+    def post(self, cmd: Command, arg: int = 0, fds: list[int] | None = None) -> int:
+        """Post a command and wake the guest; returns the sequence number to wait for."""
+        if not self.alive():
+            raise self._crashed(f"{cmd.name}")
+        c = self.ctl
+        c[Field.CMD] = int(cmd)
+        c[Field.ARG] = arg
+        self._seq = c[Field.CMD_SEQ] + 1
+        c[Field.CMD_SEQ] = self._seq
+        try:
+            if fds:
+                socket.send_fds(self._sock, [b"w"], fds)
+            else:
+                self._sock.send(b"w")
+        except OSError as err:
+            raise self._crashed(f"{cmd.name}") from err
+        return self._seq
+
+    def wait_ack(self, seq: int, timeout_s: float, what: str) -> int:
+        """Wait for the guest to acknowledge ``seq``; returns its RESULT.
+
+        Spins for the first ~2 ms (pause acknowledgement is typically tens of µs and sits
+        inside the downtime), then sleeps in short steps while checking the process is alive.
+        """
+        fields = self.ctl.fields
+        ack = int(Field.ACK_SEQ)
+        spin_until = time.monotonic_ns() + 2_000_000
+        while fields[ack] != seq:
+            if time.monotonic_ns() > spin_until:
+                break
+        deadline = time.monotonic() + timeout_s
+        while fields[ack] != seq:
+            if not self.alive():
+                raise self._crashed(what)
+            if time.monotonic() > deadline:
+                raise GuestUnresponsive(f"guest {self.pid} did not acknowledge {what} within {timeout_s:.1f} s")
+            time.sleep(0.0002)
+        return fields[Field.RESULT]
+
+    def command(self, cmd: Command, arg: int = 0, *, timeout_s: float = 30.0, fds: list[int] | None = None) -> int:
+        """Post ``cmd`` and wait for its result."""
+        return self.wait_ack(self.post(cmd, arg, fds), timeout_s, cmd.name)
+
+    def pause(self, timeout_s: float = 10.0) -> PauseInfo:
+        """Stop the guest at its next safe point and take its context.
+
+        Guarantees: when this returns, the guest runs no workload step until RESUME, and
+        RAM is exactly as the guest left it at ``paused_at_ns``.
+        """
+        t0 = time.monotonic_ns()
+        self.command(Command.PAUSE, timeout_s=timeout_s)
+        t1 = time.monotonic_ns()
+        if self.ctl.state != GuestState.PAUSED:
+            raise GuestError(f"guest {self.pid} did not pause (state {self.ctl.state.name})")
+        return PauseInfo(self.ctl[Field.PAUSED_AT_NS], t1 - t0, self.ctl.read_context())
+
+    def resume(self, context: bytes | None = None, timeout_s: float = 30.0) -> None:
+        """Resume a paused guest, or start an incoming one from ``context``."""
+        if context is not None:
+            self.ctl.write_context(context)
+        res = self.command(Command.RESUME, timeout_s=timeout_s)
+        if res != 0 or self.ctl.state != GuestState.RUNNING:
+            msg = self.ctl.read_message()
+            raise GuestError(f"guest {self.pid} failed to resume (result {res}): {msg}")
+
+    def wait_first_step(self, timeout_s: float = 10.0) -> int:
+        """Wait until the resumed guest has completed a step; returns that CLOCK_MONOTONIC ns."""
+        fields = self.ctl.fields
+        deadline = time.monotonic() + timeout_s
+        resumed = fields[Field.RESUMED_AT_NS]
+        while fields[Field.FIRST_STEP_NS] < resumed:
+            if not self.alive():
+                raise self._crashed("first step")
+            if time.monotonic() > deadline:
+                raise GuestUnresponsive(f"guest {self.pid} ran no step within {timeout_s:.0f} s of resuming")
+            time.sleep(0.0001)
+        return fields[Field.FIRST_STEP_NS]
+
+    def verify(self, timeout_s: float = 600.0) -> dict:
+        """Ask the guest to check all of its RAM against its own ledger (it pauses its workload meanwhile)."""
+        self.command(Command.VERIFY, timeout_s=timeout_s)
+        msg = self.ctl.read_message() or {}
+        if "ok" not in msg:
+            raise GuestError(f"guest {self.pid} could not verify: {msg.get('error', msg)}")
+        return msg
+
+    def uffd(self) -> int:
+        """The guest's userfaultfd (received once over SCM_RIGHTS, owned by this object).
+
+        Raises:
+            GuestError: the guest has no uffd (the result names the errno).
+        """
+        if self._uffd >= 0:
+            return self._uffd
+        res = self.command(Command.SEND_UFFD)
+        if res < 0:
+            raise GuestError(f"guest {self.pid} has no userfaultfd ({os.strerror(-res)})")
+        self._sock.settimeout(10)
+        try:
+            data, fds, _f, _a = socket.recv_fds(self._sock, 16, 1)
+        finally:
+            self._sock.settimeout(None)
+        if not fds:
+            raise GuestError(f"guest {self.pid} sent no userfaultfd")
+        self._uffd = fds[0]
+        return self._uffd
+
+    @property
+    def uffd_features(self) -> int:
+        """Features the guest's UFFDIO_API granted, or -errno when it has no uffd."""
+        return self.ctl[Field.UFFD_FEATURES]
+
+    @property
+    def ram_base(self) -> int:
+        """Address of RAM inside the guest process."""
+        return self.ctl[Field.RAM_BASE]
+
+    def make_tracker(self, kind: str = "auto"):
+        """A dirty tracker for this guest: ``auto``, ``uffd-wp`` or ``mprotect``."""
+        from vmem.tracking import make_tracker
+
+        return make_tracker(self, kind)
+
+    # --- teardown ----------------------------------------------------------------------------
+    def exit(self, timeout_s: float = 5.0) -> int | None:
+        """Ask the guest to exit cleanly, then reap it (killing it if it does not comply)."""
+        if self.alive():
+            try:
+                self.post(Command.EXIT)
+                self.proc.wait(timeout_s)
+            except (GuestError, subprocess.TimeoutExpired, OSError):
+                pass
+        return self.close()
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+
+    def close(self) -> int | None:
+        """Kill (if still running) and reap the process; close every fd and mapping.  Idempotent."""
+        rc = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            try:
+                rc = self.proc.wait(10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a D-state process
+                rc = None
+        if self._uffd >= 0:
+            os.close(self._uffd)
+            self._uffd = -1
+        if self._sock is not None:
+            self._sock.close()
+        if self.ctl is not None:
+            self.ctl.close()
+        if self.ram is not None:
+            self.ram.close()
+        return rc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

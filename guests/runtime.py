@@ -1,0 +1,325 @@
+"""The guest process: maps its RAM, runs a workload in short steps, obeys the control block.
+
+Run by :mod:`guests.launch` as ``python -m guests.runtime ...``; not meant to be started by
+hand.  Two modes:
+
+* ``boot``: format RAM (header + ledger), run the workload's ``setup()``, then run.
+* ``incoming``: a destination guest.  It maps the (still arriving) RAM but touches nothing
+  until it is told RESUME; then it validates the RAM header, restores the context blob
+  from the control block and runs its first step.  Pre-spawning it while pre-copy runs
+  keeps interpreter start-up out of the downtime.
+
+All state that must survive migration is in RAM (ledger, stamped pages) or in the context
+blob (runtime counters, virtual clock, the workload's RNG and pacing state).
+
+Pausing is cooperative: the command sequence number is polled between workload steps (one
+memory read), so the pause latency is at most one step, and an idle guest waits in
+``select()`` on its socket, which the parent writes to after posting a command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from guests.control import Command, ControlBlock, Field, GuestState
+
+PAGE_SIZE = 4096
+
+
+class GuestRuntime:
+    def __init__(self, args):
+        self.args = args
+        self.ctl = ControlBlock(args.ctl_fd)
+        self.ctl.check()
+        self.sock = socket.socket(fileno=args.sock_fd)
+        self.sock.setblocking(False)
+        self.pending_fds: list[int] = []
+        from vmem.ram import GuestRam
+
+        self.ram = GuestRam.open_fd(args.ram_fd)
+        self.ctl[Field.PID] = os.getpid()
+        self.ctl[Field.RAM_BASE] = self.ram.address
+        self.uffd = -1
+        self._open_uffd()
+        self.mem = None
+        self.workload = None
+        self.mprot_map = None
+        self.last_seq = self.ctl[Field.CMD_SEQ]
+        # Virtual clock: runs only while RUNNING; saved in the context.
+        self.vclock_base_ns = 0
+        self.run_start_ns = 0
+        self.running = False
+        self.first_step_pending = False
+        self.steps = 0
+        self.pages_written_base = 0
+
+    # --- uffd --------------------------------------------------------------------
+    def _open_uffd(self) -> None:
+        """Create this process's userfaultfd and register RAM for async write-protect.
+
+        The uffd acts on *this* mm whoever holds it, so the migrator can write-protect and
+        scan our pages from outside once we send it the fd.  Failure is recorded (as
+        -errno) rather than fatal: the mprotect tracker does not need it.
+        """
+        try:
+            from vmem import _native as nat
+
+            fd = nat.uffd_open()
+            wanted = nat.UFFD_FEATURE_WP_ASYNC | nat.UFFD_FEATURE_WP_UNPOPULATED | nat.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+            try:
+                granted = nat.uffd_api(fd, wanted)
+            except OSError:
+                # Retry asking for nothing, so that the fd at least exists (the probe names the gap).
+                os.close(fd)
+                fd = nat.uffd_open()
+                granted = nat.uffd_api(fd, 0)
+            nat.uffd_register(fd, self.ram.address, self.ram.size_bytes, nat.UFFDIO_REGISTER_MODE_WP)
+            self.uffd = fd
+            self.ctl[Field.UFFD_FEATURES] = granted
+        except OSError as err:
+            self.ctl[Field.UFFD_FEATURES] = -(err.errno or 1)
+        except Exception:  # native layer missing: mprotect-only guest
+            self.ctl[Field.UFFD_FEATURES] = -38  # ENOSYS
+
+    # --- clock ---------------------------------------------------------------------
+    def vclock(self) -> float:
+        """Guest virtual seconds: excludes time spent paused or in flight."""
+        ns = self.vclock_base_ns
+        if self.running:
+            ns += time.monotonic_ns() - self.run_start_ns
+        return ns / 1e9
+
+    def _start_running(self) -> None:
+        now = time.monotonic_ns()
+        self.run_start_ns = now
+        self.running = True
+        self.first_step_pending = True
+        self.ctl[Field.RESUMED_AT_NS] = now
+        self.ctl[Field.STATE] = GuestState.RUNNING
+
+    def _stop_running(self) -> None:
+        now = time.monotonic_ns()
+        self.vclock_base_ns += now - self.run_start_ns
+        self.running = False
+        self.ctl[Field.VCLOCK_NS] = self.vclock_base_ns
+
+    # --- workload --------------------------------------------------------------------
+    def _make_workload(self):
+        from guests.memory import GuestMemory
+        from guests.workload import load_workload
+
+        cls = load_workload(self.args.workload)
+        params = json.loads(self.args.params)
+        self.mem = GuestMemory(self.ram.pages)
+        self.workload = cls(self.mem, self.vclock, self.args.seed, **params)
+
+    def boot(self) -> None:
+        self._make_workload()
+        self.mem.format()
+        self.workload.setup()
+        self._start_running()
+
+    def context_blob(self) -> bytes:
+        runtime = {
+            "vclock_ns": self.vclock_base_ns,
+            "steps": self.steps,
+            "pages_written": self._pages_written(),
+        }
+        return json.dumps({"runtime": runtime, "workload": json.loads(self.workload.save_context())}).encode()
+
+    def restore(self, blob: bytes) -> None:
+        state = json.loads(blob)
+        self._make_workload()
+        self.mem.attach()
+        rt = state["runtime"]
+        self.vclock_base_ns = int(rt["vclock_ns"])
+        self.steps = int(rt["steps"])
+        self.pages_written_base = int(rt["pages_written"])
+        self.workload.restore_context(json.dumps(state["workload"]).encode())
+
+    def _pages_written(self) -> int:
+        return self.pages_written_base + (self.mem.pages_written if self.mem is not None else 0)
+
+    # --- commands ----------------------------------------------------------------------
+    def _drain_socket(self) -> bool:
+        """Read wake bytes (and any fds riding on them).  False if the parent is gone."""
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 256, 8)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            self.pending_fds.extend(fds)
+            if not data:
+                return False
+
+    def _wait(self, timeout_s: float) -> None:
+        try:
+            readable, _, _ = select.select([self.sock], [], [], timeout_s)
+        except InterruptedError:
+            return
+        if readable and not self._drain_socket():
+            # The parent closed our socket: nobody can command us any more.
+            raise SystemExit(0)
+
+    def handle(self, seq: int) -> None:
+        ctl = self.ctl
+        cmd = ctl[Field.CMD]
+        arg = ctl[Field.ARG]
+        result = 0
+        try:
+            if cmd == Command.PAUSE:
+                if self.running:
+                    self._stop_running()
+                    ctl[Field.PAUSED_AT_NS] = time.monotonic_ns()
+                    ctl.write_context(self.context_blob())
+                    ctl[Field.STATE] = GuestState.PAUSED
+            elif cmd == Command.RESUME:
+                state = ctl.state
+                if state == GuestState.INCOMING:
+                    self.restore(ctl.read_context())
+                    self._start_running()
+                elif state == GuestState.PAUSED:
+                    self._start_running()
+            elif cmd == Command.EXIT:
+                ctl[Field.ACK_SEQ] = seq
+                ctl[Field.STATE] = GuestState.EXITED
+                raise SystemExit(0)
+            elif cmd == Command.VERIFY:
+                res = self.mem.verify()
+                ctl.write_message({k: getattr(res, k) for k in ("ok", "pages_checked", "bad_pages", "first_bad", "detail")})
+                result = 0 if res.ok else 1
+            elif cmd == Command.MPROT_START:
+                result = self._mprot_start()
+            elif cmd == Command.MPROT_COLLECT:
+                from vmem import _native as nat
+
+                result = nat.mprot_collect(self.mprot_out_addr)
+            elif cmd == Command.MPROT_STOP:
+                result = self._mprot_stop()
+            elif cmd == Command.SEND_UFFD:
+                if self.uffd < 0:
+                    result = ctl[Field.UFFD_FEATURES]
+                else:
+                    socket.send_fds(self.sock, [b"u"], [self.uffd])
+            else:
+                result = -22  # EINVAL
+        except SystemExit:
+            raise
+        except OSError as err:
+            result = -(err.errno or 1)
+            ctl.write_message({"error": f"{Command(cmd).name if cmd in Command._value2member_map_ else cmd}: {err}"})
+        except Exception as err:  # report, don't die: the parent decides
+            result = -1
+            ctl.write_message({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-1500:]})
+        ctl[Field.RESULT] = result
+        ctl[Field.ACK_SEQ] = seq
+
+    def _mprot_start(self) -> int:
+        import mmap as _mmap
+
+        import numpy as np
+
+        from vmem import _native as nat
+
+        if not self.pending_fds:
+            self._drain_socket()
+        if not self.pending_fds:
+            return -9  # EBADF: the bitmap memfd did not arrive
+        fd = self.pending_fds.pop(0)
+        nwords = -(-self.ram.npages // 64)
+        self.mprot_map = _mmap.mmap(fd, 2 * nwords * 8, flags=_mmap.MAP_SHARED)
+        os.close(fd)
+        arr = np.frombuffer(self.mprot_map, dtype=np.uint64)
+        self.mprot_dirty_addr = arr.ctypes.data
+        self.mprot_out_addr = arr[nwords:].ctypes.data
+        del arr
+        nat.mprot_install(self.ram.address, self.ram.npages, self.mprot_dirty_addr)
+        return 0
+
+    def _mprot_stop(self) -> int:
+        from vmem import _native as nat
+
+        if self.mprot_map is not None:
+            nat.mprot_uninstall()
+            try:
+                self.mprot_map.close()
+            except BufferError:
+                pass
+            self.mprot_map = None
+        return 0
+
+    # --- main loop ---------------------------------------------------------------------
+    def run(self) -> None:
+        ctl = self.ctl
+        fields = ctl.fields
+        seq_idx = int(Field.CMD_SEQ)
+        monotonic_ns = time.monotonic_ns
+        while True:
+            seq = fields[seq_idx]
+            if seq != self.last_seq:
+                self.last_seq = seq
+                self.handle(seq)
+                continue
+            if self.running:
+                idle_s = self.workload.step()
+                now = monotonic_ns()
+                self.steps += 1
+                fields[Field.STEPS] = self.steps
+                fields[Field.LAST_STEP_NS] = now
+                if self.first_step_pending:
+                    fields[Field.FIRST_STEP_NS] = now
+                    self.first_step_pending = False
+                if idle_s > 0:
+                    fields[Field.PAGES_WRITTEN] = self._pages_written()
+                    fields[Field.VCLOCK_NS] = int(self.vclock() * 1e9)
+                    self._wait(min(idle_s, 0.01))
+            else:
+                self._wait(0.05)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m guests.runtime", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ctl-fd", type=int, required=True)
+    p.add_argument("--ram-fd", type=int, required=True)
+    p.add_argument("--sock-fd", type=int, required=True)
+    p.add_argument("--mode", choices=["boot", "incoming"], required=True)
+    p.add_argument("--workload", required=True)
+    p.add_argument("--params", default="{}")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        from vmem import _native as nat
+
+        nat.set_pdeathsig(signal.SIGKILL)  # never outlive the parent that owns us
+    except Exception:
+        pass
+    if os.getppid() == 1:
+        return 1
+    rt = GuestRuntime(args)
+    try:
+        if args.mode == "boot":
+            rt.ctl[Field.STATE] = GuestState.BOOTING
+            rt.boot()
+        else:
+            rt.ctl[Field.STATE] = GuestState.INCOMING
+        rt.run()
+    except SystemExit:
+        raise
+    except BaseException as err:
+        rt.ctl.write_message({"error": f"guest failed: {type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]})
+        rt.ctl[Field.STATE] = GuestState.FAILED
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""vmem transport: byte channels between migration processes.
+
+What you may use is listed in ``__all__``; everything else is private.
+
+* :class:`Channel` -- the contract (``send_parts``/``recv_into``, counters, timeouts);
+  :class:`SocketChannel` implements it over a stream socket, :func:`channel_pair` makes a
+  connected unix pair, :func:`channel_from_fd` rebuilds one in a child process;
+* :func:`send_fds` / :func:`recv_fds` -- pass file descriptors (memfds) over a unix socket;
+* :func:`send_pages` / :func:`recv_pages_into` -- move page batches without per-page Python;
+* :class:`ShapedChannel`, :class:`TokenBucket`, :func:`parse_rate` -- bandwidth shaping;
+* errors: :class:`TransportError` > :class:`ChannelClosedError` (we closed it),
+  :class:`ChannelBrokenError` (the peer broke it), :class:`ChannelTimeout`.
+
+This package imports nothing from ``vmem`` or ``guests``: dependencies point one way.
+"""
+from .channel import (
+    IOV_MAX,
+    SOCKET_BUFFER_BYTES,
+    Channel,
+    SocketChannel,
+    channel_from_fd,
+    channel_pair,
+    recv_fds,
+    send_fds,
+    set_tcp_nodelay,
+)
+from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
+from .pages import DIRECT_RUNS_MAX, page_runs, recv_pages_into, send_pages
+from .shaping import ShapedChannel, TokenBucket, default_burst_bytes, parse_rate
+
+__all__ = [
+    # channels
+    "Channel",
+    "SocketChannel",
+    "channel_pair",
+    "channel_from_fd",
+    "set_tcp_nodelay",
+    "IOV_MAX",
+    "SOCKET_BUFFER_BYTES",
+    # fd passing
+    "send_fds",
+    "recv_fds",
+    # pages
+    "send_pages",
+    "recv_pages_into",
+    "page_runs",
+    "DIRECT_RUNS_MAX",
+    # shaping
+    "parse_rate",
+    "default_burst_bytes",
+    "TokenBucket",
+    "ShapedChannel",
+    # errors
+    "TransportError",
+    "ChannelClosedError",
+    "ChannelBrokenError",
+    "ChannelTimeout",
+]

@@ -1,0 +1,252 @@
+"""The mprotect dirty tracker: a C SIGSEGV handler that runs inside the guest process.
+
+Why C: a Python signal handler runs later, between bytecodes; a SIGSEGV from a store in C
+(numpy) must be resolved before the faulting instruction is retried, so the handler has to
+be native and async-signal-safe (atomics, mprotect, sigaction only).
+
+State is one tracked region per process, in static globals:
+
+    [base, base + npages*4096)   PROT_READ while clean; a page is made PROT_READ|PROT_WRITE
+                                 by the handler on its first write after a collect
+    dirty[npages/64] (u64 words) bit p set  <=>  page p may have been written since the last
+                                 collect (set *before* the page becomes writable, so the
+                                 invariant "writable => bit set" always holds)
+
+The vm.max_map_count trap: every per-page mprotect in the middle of a PROT_READ region
+splits a VMA in three; scattered writes over a large region can need more VMAs than the
+limit (65530 by default) and mprotect then fails with ENOMEM.  The handler escalates to an
+aligned chunk (64, 512, 32768 pages, then the whole region): it marks every page of the
+chunk dirty first, then unprotects the chunk, which merges the VMAs inside it.  This is
+conservative (clean pages reported dirty are sent twice; a write is never lost) and
+counted in ``vmem_mprot_fallbacks``.  If even the whole region cannot be unprotected, or
+the fault is not ours (outside the region, or not an access error), the handler puts the
+previous SIGSEGV action back and returns: the fault re-raises and the process dies the
+way it would have without us.  It never loops.
+
+``vmem_mprot_collect`` moves the dirty bits to the caller's bitmap with one atomic
+exchange per word, then re-protects every run of set bits with one mprotect per run.
+Runs of set bits are exactly the writable parts of the region, so re-protecting them only
+merges VMAs; should it still fail with ENOMEM, the whole region is re-protected at once.
+The caller must be the guest's only running thread at a safe point: a store by another
+thread between the exchange and the re-protect would be lost.
+"""
+
+INCLUDES = """
+#include <signal.h>
+#include <sys/mman.h>
+"""
+
+TYPES = ""
+
+FUNCTIONS = """
+int vmem_mprot_install(uint64_t base, uint64_t npages, uint64_t dirty_bitmap);
+int64_t vmem_mprot_collect(uint64_t out_bitmap);
+int vmem_mprot_uninstall(void);
+int vmem_mprot_installed(void);
+uint64_t vmem_mprot_fallbacks(void);
+uint64_t vmem_mprot_faults(void);
+"""
+
+CUSTOMIZATIONS = r"""
+static uintptr_t vmem_mp_base;
+static uint64_t vmem_mp_npages;
+static uint64_t *vmem_mp_dirty;
+static struct sigaction vmem_mp_old_action;
+static int vmem_mp_active;          /* read by the handler: atomics */
+static int vmem_mp_handler_lost;    /* the handler gave the signal back (a foreign fault) */
+static uint64_t vmem_mp_fallback_count;
+static uint64_t vmem_mp_fault_count;
+
+/* Chunk sizes (pages, powers of two) tried after a per-page mprotect fails with ENOMEM. */
+static const uint64_t vmem_mp_chunks[] = { 64, 512, 32768 };
+
+static void vmem_mp_mark(uint64_t first, uint64_t last)
+{
+    while (first < last) {
+        uint64_t w = first >> 6;
+        unsigned b = (unsigned)(first & 63);
+        uint64_t n = 64 - b;
+        if (n > last - first)
+            n = last - first;
+        uint64_t m = (n == 64) ? ~0ULL : (((1ULL << n) - 1) << b);
+        __atomic_fetch_or(&vmem_mp_dirty[w], m, __ATOMIC_SEQ_CST);
+        first += n;
+    }
+}
+
+static int vmem_mp_unprotect(uint64_t first, uint64_t last)
+{
+    return mprotect((void *)(vmem_mp_base + (first << VMEM_PAGE_SHIFT)),
+                    (size_t)((last - first) << VMEM_PAGE_SHIFT), PROT_READ | PROT_WRITE);
+}
+
+static void vmem_mp_handler(int sig, siginfo_t *si, void *uctx)
+{
+    int saved_errno = errno;
+    (void)sig; (void)uctx;
+    uintptr_t addr = (uintptr_t)si->si_addr;
+    uintptr_t base = vmem_mp_base;
+    uint64_t npages = vmem_mp_npages;
+
+    if (!__atomic_load_n(&vmem_mp_active, __ATOMIC_SEQ_CST) || si->si_code != SEGV_ACCERR
+        || addr < base || addr >= base + (npages << VMEM_PAGE_SHIFT))
+        goto not_ours;
+
+    uint64_t page = (addr - base) >> VMEM_PAGE_SHIFT;
+    __atomic_fetch_add(&vmem_mp_fault_count, 1, __ATOMIC_RELAXED);
+    vmem_mp_mark(page, page + 1);
+    if (vmem_mp_unprotect(page, page + 1) == 0)
+        goto out;
+    if (errno != ENOMEM)
+        goto not_ours;
+
+    /* vm.max_map_count: widen to an aligned chunk, bits first, then unprotect. */
+    __atomic_fetch_add(&vmem_mp_fallback_count, 1, __ATOMIC_RELAXED);
+    for (size_t k = 0; k < sizeof vmem_mp_chunks / sizeof vmem_mp_chunks[0]; k++) {
+        uint64_t c = vmem_mp_chunks[k];
+        if (c >= npages)
+            break;
+        uint64_t first = page & ~(c - 1);
+        uint64_t last = first + c < npages ? first + c : npages;
+        vmem_mp_mark(first, last);
+        if (vmem_mp_unprotect(first, last) == 0)
+            goto out;
+        if (errno != ENOMEM)
+            goto not_ours;
+    }
+    vmem_mp_mark(0, npages);
+    if (vmem_mp_unprotect(0, npages) == 0)
+        goto out;
+
+not_ours:
+    /* Give the signal back: the retried access faults again under the previous action
+       (SIG_DFL if there was none) and the process dies as it would have without us. */
+    sigaction(SIGSEGV, &vmem_mp_old_action, NULL);
+    __atomic_store_n(&vmem_mp_handler_lost, 1, __ATOMIC_SEQ_CST);
+out:
+    errno = saved_errno;
+}
+
+static int vmem_mprot_install(uint64_t base, uint64_t npages, uint64_t dirty_bitmap)
+{
+    if (__atomic_load_n(&vmem_mp_active, __ATOMIC_SEQ_CST))
+        return -EBUSY;
+    if (npages == 0 || dirty_bitmap == 0 || (base & (VMEM_PAGE_SIZE - 1)) || (dirty_bitmap & 7)
+        || npages > (UINT64_MAX >> VMEM_PAGE_SHIFT) - (base >> VMEM_PAGE_SHIFT))
+        return -EINVAL;
+    vmem_mp_base = (uintptr_t)base;
+    vmem_mp_npages = npages;
+    vmem_mp_dirty = (uint64_t *)(uintptr_t)dirty_bitmap;
+    memset(vmem_mp_dirty, 0, (size_t)((npages + 63) / 64) * 8);
+    __atomic_store_n(&vmem_mp_fallback_count, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&vmem_mp_fault_count, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&vmem_mp_handler_lost, 0, __ATOMIC_SEQ_CST);
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = vmem_mp_handler;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSEGV, &sa, &vmem_mp_old_action) != 0)
+        return -errno;
+    __atomic_store_n(&vmem_mp_active, 1, __ATOMIC_SEQ_CST);
+    if (mprotect((void *)vmem_mp_base, (size_t)(npages << VMEM_PAGE_SHIFT), PROT_READ) != 0) {
+        int err = errno;
+        __atomic_store_n(&vmem_mp_active, 0, __ATOMIC_SEQ_CST);
+        mprotect((void *)vmem_mp_base, (size_t)(npages << VMEM_PAGE_SHIFT), PROT_READ | PROT_WRITE);
+        sigaction(SIGSEGV, &vmem_mp_old_action, NULL);
+        return -err;
+    }
+    return 0;
+}
+
+static int64_t vmem_mprot_collect(uint64_t out_bitmap)
+{
+    if (!__atomic_load_n(&vmem_mp_active, __ATOMIC_SEQ_CST))
+        return -ENOTCONN;
+    if (out_bitmap == 0 || (out_bitmap & 7))
+        return -EINVAL;
+    uint64_t *out = (uint64_t *)(uintptr_t)out_bitmap;
+    uint64_t npages = vmem_mp_npages, nwords = (npages + 63) / 64;
+    int64_t count = 0;
+    for (uint64_t w = 0; w < nwords; w++) {
+        uint64_t v = __atomic_exchange_n(&vmem_mp_dirty[w], 0, __ATOMIC_SEQ_CST);
+        out[w] = v;
+        count += __builtin_popcountll(v);
+    }
+
+    /* Re-protect each run of set bits [s, e). */
+    int whole = 0;
+    uint64_t i = 0;
+    while (i < npages) {
+        uint64_t w = i >> 6, word = out[w] & (~0ULL << (i & 63));
+        while (word == 0) {
+            if (++w >= nwords)
+                goto runs_done;
+            word = out[w];
+        }
+        uint64_t s = (w << 6) + (uint64_t)__builtin_ctzll(word);
+        uint64_t e = npages;
+        w = s >> 6;
+        word = ~out[w] & (~0ULL << (s & 63));
+        for (;;) {
+            if (word != 0) { e = (w << 6) + (uint64_t)__builtin_ctzll(word); break; }
+            if (++w >= nwords) break;
+            word = ~out[w];
+        }
+        if (e > npages)
+            e = npages;
+        if (mprotect((void *)(vmem_mp_base + (s << VMEM_PAGE_SHIFT)),
+                     (size_t)((e - s) << VMEM_PAGE_SHIFT), PROT_READ) != 0) {
+            if (errno != ENOMEM)
+                goto fail;
+            whole = 1;
+            break;
+        }
+        i = e;
+    }
+runs_done:
+    if (whole && mprotect((void *)vmem_mp_base, (size_t)(npages << VMEM_PAGE_SHIFT), PROT_READ) != 0)
+        goto fail;
+    return count;
+
+fail: {
+        int err = errno;
+        /* Put the harvested bits back: nothing is lost if the caller retries. */
+        for (uint64_t w = 0; w < nwords; w++)
+            __atomic_fetch_or(&vmem_mp_dirty[w], out[w], __ATOMIC_SEQ_CST);
+        return -err;
+    }
+}
+
+static int vmem_mprot_uninstall(void)
+{
+    if (!__atomic_load_n(&vmem_mp_active, __ATOMIC_SEQ_CST))
+        return 0;
+    if (mprotect((void *)vmem_mp_base, (size_t)(vmem_mp_npages << VMEM_PAGE_SHIFT),
+                 PROT_READ | PROT_WRITE) != 0)
+        return -errno;
+    __atomic_store_n(&vmem_mp_active, 0, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&vmem_mp_handler_lost, __ATOMIC_SEQ_CST))
+        sigaction(SIGSEGV, &vmem_mp_old_action, NULL);
+    vmem_mp_base = 0;
+    vmem_mp_npages = 0;
+    vmem_mp_dirty = NULL;
+    return 0;
+}
+
+static int vmem_mprot_installed(void)
+{
+    return __atomic_load_n(&vmem_mp_active, __ATOMIC_SEQ_CST);
+}
+
+static uint64_t vmem_mprot_fallbacks(void)
+{
+    return __atomic_load_n(&vmem_mp_fallback_count, __ATOMIC_SEQ_CST);
+}
+
+static uint64_t vmem_mprot_faults(void)
+{
+    return __atomic_load_n(&vmem_mp_fault_count, __ATOMIC_SEQ_CST);
+}
+"""

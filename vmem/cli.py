@@ -1,0 +1,119 @@
+"""The ``vmem`` command line.
+
+    vmem migrate --workload hotcold --size 1G [...]   one-host live migration with a live display
+    vmem doctor                                       which kernel features this machine offers
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import ConfigError, VmemError
+
+__all__ = ["main"]
+
+
+def _add_migrate(sub) -> None:
+    p = sub.add_parser("migrate", help="live-migrate a guest to a new process on this host",
+                       description="Boot a guest running a workload, live-migrate it to a new process on this host, verify it, and report.")
+    g = p.add_argument_group("guest")
+    g.add_argument("--workload", default="hotcold", help="built-in workload (idle, uniform, hotcold, zipf, sweep, phased) or module:Class")
+    g.add_argument("--size", default="1G", help="guest RAM, e.g. 256M, 1G, 8G (default 1G)")
+    g.add_argument("-W", "--workload-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="workload parameter, repeatable (e.g. -W rate=5000 -W hot_pages=0.1)")
+    g.add_argument("--seed", type=int, default=1, help="workload RNG seed")
+    g.add_argument("--warmup", type=float, default=0.5, metavar="S", help="seconds the guest runs before the migration starts")
+    m = p.add_argument_group("migration")
+    m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracking mechanism")
+    m.add_argument("--policy", default="xen", choices=["xen", "threshold"], help="precopy policy (default: Xen's)")
+    m.add_argument("--precopy-iterations", type=int, metavar="N", help="stop after N iterations (seed patch knob)")
+    m.add_argument("--precopy-threshold", type=int, metavar="P", help="stop when at most P pages are dirty (seed patch knob)")
+    m.add_argument("--bandwidth", metavar="RATE", help="cap the link, e.g. 100M (bytes/s), 1Gbit, 50MiB")
+    m.add_argument("--no-verify", action="store_true", help="skip the RAM digest comparison")
+    m.add_argument("--no-guest-check", action="store_true", help="skip the destination guest's own ledger check")
+    m.add_argument("--observe", type=float, default=1.0, metavar="S", help="let the destination guest run S seconds after commit")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write the full report (docs/report.md) to FILE")
+    o.add_argument("--quiet", action="store_true", help="no live display, summary only")
+
+
+def cmd_migrate(args) -> int:
+    from rich.console import Console
+
+    from guests.launch import GuestSpec, ProcessGuest
+    from guests.workload import load_workload, parse_params
+    from transport import parse_rate
+
+    from .display import LiveDisplay, print_summary
+    from .local import run_local_migration
+    from .migrator import MigrationOptions
+    from .policy import make_policy
+    from .ram import parse_size
+
+    # Validate everything before starting a single process.
+    size = parse_size(args.size)
+    cls = load_workload(args.workload)
+    params = parse_params(cls, args.workload_arg)
+    policy = make_policy(args.policy, precopy_iterations=args.precopy_iterations, precopy_threshold=args.precopy_threshold)
+    bandwidth = None
+    if args.bandwidth:
+        try:
+            bandwidth = parse_rate(args.bandwidth)
+        except ValueError as err:
+            raise ConfigError("--bandwidth", str(err)) from None
+    options = MigrationOptions(tracker=args.tracker, policy=policy, verify=not args.no_verify,
+                               guest_check=not args.no_guest_check, observe_s=args.observe, bandwidth_Bps=bandwidth)
+    console = Console(stderr=True)
+    spec = GuestSpec(args.workload, params, args.seed)
+    console.print(f"booting a {args.size} guest running [bold]{args.workload}[/bold] {params or ''}…")
+    t = time.monotonic()
+    with ProcessGuest.boot(spec, size) as guest:
+        console.print(f"guest pid {guest.pid} up in {time.monotonic() - t:.2f} s; warming up {args.warmup:g} s")
+        time.sleep(args.warmup)
+        with LiveDisplay(console, enabled=not args.quiet) as display:
+            report = run_local_migration(guest, options, display)
+    print_summary(report, Console())
+    if args.json:
+        report.write(args.json)
+        console.print(f"report written to {args.json}")
+    return 0 if report.outcome == "completed" else (3 if report.outcome == "aborted" else 1)
+
+
+def cmd_doctor(args) -> int:
+    from .features import format_features, probe_features
+
+    features = probe_features()
+    print(format_features(features))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmem", description="A live-migration laboratory for stock Linux.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_migrate(sub)
+    sub.add_parser("doctor", help="report the kernel features vmem can use here")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "migrate":
+            return cmd_migrate(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
+    except ConfigError as err:
+        print(f"vmem: invalid argument {err}", file=sys.stderr)
+        return 2
+    except VmemError as err:
+        print(f"vmem: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vmem: interrupted; every process started was reaped", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

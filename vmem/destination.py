@@ -1,0 +1,229 @@
+"""Destination side of a migration: receive, place, resume the guest, prove it, confirm.
+
+Run as ``python -m vmem.destination --fd N`` on a connected socket (the one-host
+orchestrator passes one end of a socketpair), or call :func:`serve` with a Channel.
+
+Sequence:
+  1. read the preamble; pre-spawn an *incoming* guest on fresh RAM; answer READY.
+  2. read the Xen stream; place every PAGE_DATA batch straight into RAM (``recv_into`` the
+     mapping for contiguous runs) and record per-page digests of what was placed.
+  3. at libxl END: resume the guest from the EMULATOR_CONTEXT; answer RESUMED with the
+     time of its first step; send the digests; run the guest's own ledger check.
+  4. COMMIT: keep the guest; ROLLBACK, EOF or any error: kill the guest and free its RAM.
+
+Guarantee: on every failure path this process leaves nothing behind: the incoming guest is
+reaped, its memfds closed, and the source is told why (ERROR record) when the link allows.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+from transport import SocketChannel, TransportError
+
+from . import stream, wire
+from .errors import MigrationError, StreamError, VmemError
+from .pages import PAGE_SIZE, page_runs, zero_page_digest
+from .procstats import process_figures
+
+__all__ = ["DestinationMigration", "serve"]
+
+MAX_PAGES_PER_RECORD = 1024
+
+
+def _mem_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+class DestinationMigration:
+    """One incoming migration over ``channel``."""
+
+    def __init__(self, channel):
+        self.ch = channel
+        self.guest = None
+        self.phase = "setup"
+        self.digests: np.ndarray | None = None
+        self._staging = np.empty((MAX_PAGES_PER_RECORD, PAGE_SIZE), dtype=np.uint8)
+        self._dig_tmp = np.empty(MAX_PAGES_PER_RECORD, dtype=np.uint64)
+        self.pages_received = 0
+
+    def _send_control(self, ctype, obj=None, raw: bytes | None = None) -> None:
+        if raw is not None:
+            parts = stream.encode_control(ctype, raw)
+        elif obj is not None:
+            parts = stream.encode_json_control(ctype, obj)
+        else:
+            parts = stream.encode_control(ctype)
+        self.ch.send_parts(parts)
+
+    # --- page placement ----------------------------------------------------------------
+    def _place(self, pfns: np.ndarray, nbytes: int) -> None:
+        """Receive ``nbytes`` of page data for ``pfns`` straight into guest RAM."""
+        ram = self.guest.ram
+        n = len(pfns)
+        if nbytes != n * PAGE_SIZE:
+            raise StreamError(f"page payload of {nbytes} bytes for {n} pages")
+        pages = pfns.astype(np.int64, copy=False)
+        starts, ends = page_runs(pages)
+        if len(starts) <= 16:
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                self.ch.recv_into(ram.pages[a:b].data)
+        else:
+            buf = self._staging[:n]
+            self.ch.recv_into(buf.data)
+            ram.pages[pages] = buf
+        if self.digests is not None:
+            from . import _native as nat
+
+            tmp = self._dig_tmp[:n]
+            nat.digest_pages(ram.address, pages, tmp)
+            self.digests[pages] = tmp
+        self.pages_received += n
+
+    # --- the migration -------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve the migration; returns a process exit status (0 = committed)."""
+        try:
+            return self._run()
+        except (VmemError, TransportError, OSError) as err:
+            self._report_error(err)
+            return 1
+        finally:
+            if self.guest is not None:
+                self.guest.close()
+                self.guest = None
+
+    def _report_error(self, err: BaseException) -> None:
+        msg = str(err) or type(err).__name__
+        print(f"vmem destination: {self.phase}: {msg}", file=sys.stderr)
+        try:
+            self._send_control(wire.ControlType.ERROR, {"phase": self.phase, "message": msg, "type": type(err).__name__})
+        except (TransportError, OSError, VmemError):
+            pass
+
+    def _run(self) -> int:
+        from guests.launch import GuestSpec, ProcessGuest
+
+        config = stream.read_preamble(self.ch.recv_exact)
+        try:
+            npages = int(config["npages"])
+            page_size = int(config["page_size"])
+            spec = GuestSpec.from_json(config["guest"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise StreamError(f"preamble lacks a valid guest description: {err}") from err
+        if page_size != PAGE_SIZE:
+            raise MigrationError("setup", f"page size {page_size} is not supported (only {PAGE_SIZE})")
+        need = npages * PAGE_SIZE
+        if npages <= 0 or need > _mem_available_bytes():
+            raise MigrationError("setup", f"cannot host a guest of {need} bytes: only {_mem_available_bytes()} bytes available")
+        self.guest = ProcessGuest.incoming(spec, npages)
+        if config.get("verify", True):
+            self.digests = np.full(npages, zero_page_digest(), dtype=np.uint64)
+        self._send_control(wire.ControlType.READY, {"guest_pid": self.guest.pid})
+
+        self.phase = "receive"
+        reader = stream.StreamReader(self.ch.recv_exact, self.ch.recv_into, max_pfn=npages - 1)
+        reader.read_begin()
+        context = None
+        while True:
+            rec = reader.next_record()
+            if isinstance(rec, stream.PageData):
+                reader.read_page_payload(self._place)
+            elif rec is stream.LIBXL_END or getattr(rec, "type", None) == ("libxl", wire.LibxlRecordType.END):
+                break
+            elif isinstance(rec, stream.Record) and rec.kind == "libxl" and rec.type == wire.LibxlRecordType.EMULATOR_CONTEXT:
+                context = stream.parse_emulator_context(rec.body).data
+            # Other records (libxc END, optional records) need no action here.
+        if context is None:
+            raise StreamError("stream ended without an EMULATOR_CONTEXT record (no guest context)")
+
+        self.phase = "resume"
+        t0 = time.monotonic_ns()
+        self.guest.resume(context)
+        first = self.guest.wait_first_step()
+        self._send_control(wire.ControlType.RESUMED, {
+            "first_step_ns": first, "restore_ms": round((first - t0) / 1e6, 3), "pages_received": self.pages_received,
+        })
+        resumed = self.guest.counters()
+
+        self.phase = "verify"
+        if self.digests is not None:
+            self._send_control(wire.ControlType.DIGESTS, raw=self.digests.astype("<u8").tobytes())
+        if config.get("guest_check", True):
+            t = time.monotonic()
+            check = self.guest.verify()
+            check["duration_s"] = round(time.monotonic() - t, 3)
+            self._send_control(wire.ControlType.GUEST_CHECK, check)
+
+        self.phase = "commit"
+        ctl = stream.ControlReader(self.ch.recv_exact)
+        ctype, _ = ctl.read()
+        if ctype != wire.ControlType.COMMIT:
+            print(f"vmem destination: source sent {wire.ControlType(ctype).name}: discarding the guest", file=sys.stderr)
+            return 1
+        t_commit = time.monotonic()
+        # The guest is ours now.  Wait until the source asks for the final report.
+        try:
+            ctype, _ = ctl.read()
+        except (TransportError, StreamError):
+            ctype = wire.ControlType.SHUTDOWN
+        after = self.guest.counters()
+        elapsed = time.monotonic() - t_commit
+        report = {
+            "guest": {
+                "pid": self.guest.pid,
+                "alive": self.guest.alive(),
+                "steps_since_resume": after["steps"] - resumed["steps"],
+                "pages_written_since_resume": after["pages_written"] - resumed["pages_written"],
+                "observed_s": round(elapsed, 3),
+                "counters": after,
+            },
+            "processes": {"migrator_destination": process_figures(), "destination_guest": process_figures(self.guest.pid)},
+        }
+        try:
+            self._send_control(wire.ControlType.DEST_REPORT, report)
+        except (TransportError, OSError):
+            pass
+        self.guest.exit()
+        self.guest = None
+        return 0
+
+
+def serve(channel) -> int:
+    """Serve one incoming migration on ``channel``; returns the exit status."""
+    return DestinationMigration(channel).run()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vmem.destination")
+    p.add_argument("--fd", type=int, required=True, help="connected stream socket to the source")
+    args = p.parse_args(argv)
+    try:
+        from . import _native as nat
+        import signal
+
+        nat.set_pdeathsig(signal.SIGKILL)
+    except Exception:
+        pass
+    sock = socket.socket(fileno=args.fd)
+    ch = SocketChannel(sock)
+    try:
+        return serve(ch)
+    finally:
+        ch.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Live progress and the final summary, on a terminal (rich).
+
+The live view shows, per round: pages to send, pages sent, *bytes remaining in this round*
+(never a percentage of the whole migration, which would run backwards when a round finds
+more dirty pages than the last), dirty pages found at its end, and bandwidth.
+"""
+from __future__ import annotations
+
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .ram import PAGE_SIZE, format_bytes
+from .report import MigrationReport, RoundStats
+
+__all__ = ["LiveDisplay", "print_summary"]
+
+
+def _rate(bps: float | None) -> str:
+    if not bps:
+        return "-"
+    return f"{bps / 8 / 1e6:,.0f} MB/s"
+
+
+class LiveDisplay:
+    """Implements the migrator's progress interface and renders it with rich."""
+
+    def __init__(self, console: Console | None = None, enabled: bool = True):
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled and self.console.is_terminal
+        self.rounds: list[RoundStats] = []
+        self.current: dict | None = None
+        self.phase_name = "setup"
+        self.phase_detail = ""
+        self._live: Live | None = None
+        self._last_refresh = 0.0
+
+    def __enter__(self):
+        if self.enabled:
+            self._live = Live(self._render(), console=self.console, refresh_per_second=10, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.__exit__(*exc)
+            self._live = None
+
+    # --- progress interface -------------------------------------------------------------
+    def phase(self, name: str, detail: str = "") -> None:
+        self.phase_name, self.phase_detail = name, detail
+        if not self.enabled and name not in ("precopy",):
+            self.console.print(f"[dim]· {name}{': ' + detail if detail else ''}[/dim]")
+        self._refresh(force=True)
+
+    def round_start(self, index: int, pages: int, kind: str) -> None:
+        self.current = {"index": index, "kind": kind, "pages": pages, "sent": 0, "bytes": 0, "t0": time.monotonic()}
+        self._refresh(force=True)
+
+    def sent(self, pages: int, nbytes: int) -> None:
+        if self.current is not None:
+            self.current["sent"] += pages
+            self.current["bytes"] += nbytes
+        self._refresh()
+
+    def round_end(self, stats: RoundStats) -> None:
+        self.rounds.append(stats)
+        self.current = None
+        if not self.enabled:
+            self.console.print(
+                f"round {stats.index:>3} {stats.kind:<13} sent {stats.pages_sent:>9,} pages "
+                f"({format_bytes(stats.bytes_sent)}) in {stats.duration_s * 1e3:8.1f} ms, "
+                f"{_rate(stats.bandwidth_bps)}, dirty {stats.dirty_pages:,}"
+                + (f" -> {stats.decision}" if stats.decision else "")
+            )
+        self._refresh(force=True)
+
+    # --- rendering --------------------------------------------------------------------------
+    def _refresh(self, force: bool = False) -> None:
+        if self._live is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last_refresh > 0.1:
+            self._last_refresh = now
+            self._live.update(self._render())
+
+    def _render(self):
+        t = Table(title=f"vmem migrate — {self.phase_name}{': ' + self.phase_detail if self.phase_detail else ''}", expand=False)
+        for col, just in (("round", "right"), ("kind", "left"), ("to send", "right"), ("sent", "right"),
+                          ("remaining", "right"), ("dirty at end", "right"), ("bandwidth", "right"), ("decision", "left")):
+            t.add_column(col, justify=just)
+        for s in self.rounds[-12:]:
+            t.add_row(str(s.index), s.kind, f"{s.pages_sent:,}", f"{s.pages_sent:,}", "0 B",
+                      f"{s.dirty_pages:,}" if s.kind == "precopy" else "-", _rate(s.bandwidth_bps),
+                      (s.decision + (f" ({s.reason})" if s.reason else "")) if s.decision else "")
+        c = self.current
+        if c is not None:
+            el = time.monotonic() - c["t0"]
+            remaining = (c["pages"] - c["sent"]) * PAGE_SIZE
+            t.add_row(str(c["index"]), c["kind"], f"{c['pages']:,}", f"{c['sent']:,}", format_bytes(remaining), "…",
+                      _rate(c["bytes"] * 8 / el if el > 0 else 0), "", style="bold")
+        return t
+
+
+def print_summary(report: MigrationReport, console: Console | None = None) -> None:
+    """The final table a user reads after a migration."""
+    console = console or Console()
+    color = {"completed": "green", "aborted": "yellow", "failed": "red"}.get(report.outcome, "white")
+    t = Table(title="migration summary", show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    t.add_row("outcome", Text(report.outcome, style=f"bold {color}"))
+    if report.reason:
+        t.add_row("reason", report.reason)
+    t.add_row("verified", "yes" if report.verified else "no")
+    t.add_row("guest", f"{report.workload.get('workload')} {report.workload.get('params') or ''}, {format_bytes(report.guest_size_bytes)} ({report.guest_pages:,} pages)")
+    t.add_row("tracker / policy", f"{report.tracker or '-'} / {report.policy.get('name', '-')}")
+    t.add_row("rounds", str(len(report.rounds)))
+    t.add_row("pages sent", f"{report.pages_sent:,} ({report.pages_sent / max(report.guest_pages, 1):.2f}x guest RAM)")
+    t.add_row("bytes sent", format_bytes(report.bytes_sent))
+    t.add_row("total time", f"{report.total_time_s:.3f} s")
+    t.add_row("downtime (guest-visible)", f"{report.downtime_ms:.2f} ms" if report.downtime_ms is not None else "-")
+    if report.timings_ms:
+        t.add_row("  pause latency", f"{report.timings_ms.get('pause_latency', 0):.3f} ms")
+    v = report.verification or {}
+    if v.get("digests"):
+        d = v["digests"]
+        t.add_row("RAM digests", f"{d['pages_compared']:,} pages, {d['mismatched']} mismatched")
+    if v.get("guest_check"):
+        g = v["guest_check"]
+        t.add_row("destination guest check", f"{'passed' if g.get('ok') else 'FAILED'} ({g.get('pages_checked', 0):,} pages)")
+    if v.get("source_guest_check"):
+        g = v["source_guest_check"]
+        t.add_row("source guest check", f"{'passed' if g.get('ok') else 'FAILED'}: source guest {report.source_guest_state}")
+    dest = report.guest.get("destination") or {}
+    if "steps_since_resume" in dest:
+        t.add_row("destination guest after", f"{dest['steps_since_resume']:,} steps, {dest['pages_written_since_resume']:,} pages written in {dest['observed_s']} s")
+    procs = report.processes or {}
+    for key in ("migrator_source", "migrator_destination"):
+        p = procs.get(key)
+        if p and p.get("cpu_s") is not None:
+            excl = p.get("private_excl_ram_bytes")
+            t.add_row(key.replace("_", " "), f"cpu {p['cpu_s']:.2f} s, USS {format_bytes(p['uss_bytes'])}"
+                      + (f" ({format_bytes(excl)} excluding guest RAM mappings)" if excl is not None else ""))
+    console.print(t)

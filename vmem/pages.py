@@ -1,0 +1,69 @@
+"""Page-level helpers shared by both ends: batching views for sending, RAM digests.
+
+Everything here works on index arrays with numpy; nothing loops over pages in Python.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .ram import PAGE_SIZE, GuestRam
+
+__all__ = ["PAGE_SIZE", "page_buffers", "digest_all", "zero_page_digest", "MAX_DIRECT_RUNS"]
+
+#: With at most this many contiguous runs in a batch, send views of the RAM mapping
+#: directly (no copy); beyond it one numpy gather into a staging buffer is cheaper than
+#: building many small views.
+MAX_DIRECT_RUNS = 16
+
+
+def page_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous runs of a sorted page array: (starts, ends) with ends exclusive."""
+    if len(pages) == 0:
+        return pages[:0], pages[:0]
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = pages[np.concatenate(([0], breaks))]
+    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
+    return starts, ends
+
+
+def page_buffers(ram: np.ndarray, pages: np.ndarray, staging: np.ndarray) -> list:
+    """Buffers holding the contents of ``pages`` (sorted) in order, for scatter/gather send.
+
+    Returns views of ``ram`` for few contiguous runs, else one slice of ``staging`` filled
+    by a single ``np.take``.  The caller must send the buffers before reusing ``staging``.
+    """
+    starts, ends = page_runs(pages)
+    if len(starts) <= MAX_DIRECT_RUNS:
+        return [ram[a:b].data for a, b in zip(starts.tolist(), ends.tolist())]
+    out = staging[: len(pages)]
+    np.take(ram, pages, axis=0, out=out)
+    return [out.data]
+
+
+_ZERO_DIGEST: int | None = None
+
+
+def zero_page_digest() -> int:
+    """The digest of an all-zero page (what a hole or a never-written page digests to)."""
+    global _ZERO_DIGEST
+    if _ZERO_DIGEST is None:
+        from . import _native as nat
+
+        z = np.zeros((1, PAGE_SIZE), dtype=np.uint8)
+        out = np.empty(1, dtype=np.uint64)
+        nat.digest_range(z.ctypes.data, 0, 1, out)
+        _ZERO_DIGEST = int(out[0])
+    return _ZERO_DIGEST
+
+
+def digest_all(ram: GuestRam) -> np.ndarray:
+    """Per-page digests of all of ``ram`` (uint64[npages]); holes digest as zero pages.
+
+    Reads only the runs that hold data, so a sparse guest is not populated by the check.
+    """
+    from . import _native as nat
+
+    out = np.full(ram.npages, zero_page_digest(), dtype=np.uint64)
+    for first, end in ram.data_runs().tolist():
+        nat.digest_range(ram.address, first, end - first, out[first:end])
+    return out

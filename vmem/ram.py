@@ -1,0 +1,174 @@
+"""Guest RAM: a sealed memfd, mapped MAP_SHARED, viewed as numpy pages.
+
+The guest process and the migrator map the same memfd, so the migrator reads source
+pages without any copy through the guest.  The memfd is sealed against shrinking and
+growing once sized (Firecracker's habit): nobody can truncate RAM under a running guest.
+
+Guarantees:
+    * ``GuestRam.pages`` is a writable ``(npages, PAGE_SIZE)`` uint8 view of the mapping.
+    * ``close()`` unmaps and closes the fd it owns; it is idempotent.
+    * ``data_runs()`` lists the page runs that hold data; pages outside them are holes
+      that read as zero and that nobody has ever written (SEEK_DATA/SEEK_HOLE).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+
+import numpy as np
+
+from .errors import ConfigError, VmemError
+
+__all__ = ["PAGE_SIZE", "GuestRam", "parse_size", "format_bytes"]
+
+PAGE_SIZE = 4096
+
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int, parameter: str = "--size") -> int:
+    """Parse a memory size such as ``256M``, ``1G``, ``1GiB``, ``4096`` into bytes.
+
+    Suffixes are binary (K = 1024).  The result must be a positive multiple of the page
+    size.
+
+    Raises:
+        ConfigError: malformed, non-positive, or not page-aligned.
+    """
+    if isinstance(text, int):
+        value = text
+    else:
+        s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+        unit = s[-1:] if s[-1:] in _SIZE_SUFFIXES and not s[-1:].isdigit() else ""
+        number = s[: len(s) - len(unit)] if unit else s
+        try:
+            value = int(float(number) * _SIZE_SUFFIXES[unit])
+        except ValueError:
+            raise ConfigError(parameter, f"cannot parse size {text!r} (examples: 256M, 1G, 4096)") from None
+    if value <= 0:
+        raise ConfigError(parameter, f"size must be positive, got {text!r}")
+    if value % PAGE_SIZE:
+        raise ConfigError(parameter, f"size must be a multiple of {PAGE_SIZE} bytes, got {text!r}")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size, e.g. ``1.0 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+class GuestRam:
+    """A guest's RAM: a memfd mapped shared, with a numpy page view.
+
+    Args:
+        fd: the memfd (ownership passes to this object; ``close()`` closes it).
+        npages: number of pages.
+    """
+
+    def __init__(self, fd: int, npages: int, *, readonly: bool = False):
+        self.fd = fd
+        self.npages = npages
+        self.size_bytes = npages * PAGE_SIZE
+        prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+        try:
+            self._mmap = mmap.mmap(fd, self.size_bytes, flags=mmap.MAP_SHARED, prot=prot)
+        except OSError as err:
+            raise VmemError(f"cannot map guest RAM ({self.size_bytes} bytes): {err}") from err
+        flat = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.pages: np.ndarray = flat.reshape(npages, PAGE_SIZE)
+        #: Address of the mapping in *this* process (for native calls).
+        self.address: int = flat.ctypes.data
+        del flat
+
+    @classmethod
+    def create(cls, size_bytes: int, name: str = "vmem-ram") -> "GuestRam":
+        """Create a new zero-filled RAM memfd of ``size_bytes`` and map it.
+
+        Raises:
+            VmemError: memfd_create/ftruncate/mmap failed (e.g. out of memory limits).
+        """
+        if size_bytes <= 0 or size_bytes % PAGE_SIZE:
+            raise ConfigError("size", f"RAM size must be a positive multiple of {PAGE_SIZE}")
+        try:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as err:
+            raise VmemError(f"memfd_create failed: {err}") from err
+        try:
+            os.ftruncate(fd, size_bytes)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            return cls(fd, size_bytes // PAGE_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def open_fd(cls, fd: int, *, readonly: bool = False) -> "GuestRam":
+        """Map an existing RAM memfd (size from fstat); takes ownership of ``fd``."""
+        size = os.fstat(fd).st_size
+        if size <= 0 or size % PAGE_SIZE:
+            raise VmemError(f"fd {fd} is not a guest RAM memfd (size {size})")
+        return cls(fd, size // PAGE_SIZE, readonly=readonly)
+
+    def data_runs(self) -> np.ndarray:
+        """Runs of pages that hold data, as an ``(n, 2)`` int64 array of [first, end).
+
+        Holes (never written) read as zero; a migrator may skip them in round 0.
+        """
+        runs = []
+        offset = 0
+        size = self.size_bytes
+        while offset < size:
+            try:
+                start = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:  # no data after offset
+                    break
+                raise
+            end = os.lseek(self.fd, start, os.SEEK_HOLE)
+            runs.append((start // PAGE_SIZE, min(-(-end // PAGE_SIZE), self.npages)))
+            offset = end
+        return np.array(runs, dtype=np.int64).reshape(-1, 2)
+
+    def data_pages(self) -> np.ndarray:
+        """Every page index inside ``data_runs()``, sorted (int64)."""
+        return runs_to_pages(self.data_runs())
+
+    def close(self) -> None:
+        """Unmap and close the fd.  Views of ``pages`` must be gone before this."""
+        if self._mmap is not None:
+            self.pages = None  # type: ignore[assignment]
+            try:
+                self._mmap.close()
+            except BufferError:
+                # A numpy view still references the mapping; the fd is still ours to close,
+                # and the mapping goes when the last view does.
+                pass
+            self._mmap = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def runs_to_pages(runs: np.ndarray) -> np.ndarray:
+    """Expand ``(n, 2)`` [first, end) runs into a flat sorted int64 page array, vectorised."""
+    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    lengths = runs[:, 1] - runs[:, 0]
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    # Each output element is its run's first page plus its offset inside the run.
+    offsets = np.arange(total, dtype=np.int64)
+    run_starts_in_output = np.cumsum(lengths) - lengths
+    return offsets + np.repeat(runs[:, 0] - run_starts_in_output, lengths)

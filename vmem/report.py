@@ -1,0 +1,99 @@
+"""The migration report: what happened, in numbers a user can trust.
+
+Schema (version 1) is documented in docs/report.md; scripts rely on the top-level keys
+``outcome, reason, verified, downtime_ms, total_time_s, guest_pages, pages_sent,
+bytes_sent, rounds`` and on each round's ``pages_sent, bytes_sent, duration_s,
+dirty_pages, dirty_rate_pps, bandwidth_bps``.  Adding keys is compatible; renaming or
+removing one bumps ``schema_version``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["RoundStats", "MigrationReport", "REPORT_SCHEMA_VERSION"]
+
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class RoundStats:
+    """One precopy round, or the final stop-and-copy round (``kind='stop-and-copy'``).
+
+    Attributes:
+        index: 0 for the full first round.
+        kind: "precopy" or "stop-and-copy".
+        pages_sent / bytes_sent: what this round put on the wire (bytes include framing).
+        duration_s: wall time of the round's sending.
+        dirty_pages: pages dirty at the end of the round (what the next round must send).
+        dirty_rate_pps: dirty_pages / time since the previous collect.
+        bandwidth_bps: bytes_sent * 8 / duration_s (bits per second, as links are rated).
+        collect_ms: time the dirty tracker's collect took at the end of the round.
+        decision / reason: what the policy said after this round.
+    """
+
+    index: int
+    kind: str = "precopy"
+    pages_sent: int = 0
+    bytes_sent: int = 0
+    duration_s: float = 0.0
+    dirty_pages: int = 0
+    dirty_rate_pps: float = 0.0
+    bandwidth_bps: float = 0.0
+    collect_ms: float = 0.0
+    est_downtime_ms: float | None = None
+    decision: str = ""
+    reason: str = ""
+
+
+@dataclass
+class MigrationReport:
+    """The full report of one migration (see docs/report.md)."""
+
+    outcome: str = "failed"           # "completed", "aborted" or "failed"
+    reason: str = ""
+    verified: bool = False
+    downtime_ms: float | None = None  # guest-visible: source pause ack -> first step at destination
+    total_time_s: float = 0.0
+    guest_pages: int = 0
+    pages_sent: int = 0
+    bytes_sent: int = 0
+    rounds: list[RoundStats] = field(default_factory=list)
+    schema_version: int = REPORT_SCHEMA_VERSION
+    mode: str = "precopy"
+    phase: str = ""                   # phase reached (where it failed, if it did)
+    tracker: str = ""
+    policy: dict = field(default_factory=dict)
+    bandwidth_limit_bps: float | None = None
+    workload: dict = field(default_factory=dict)
+    guest_size_bytes: int = 0
+    timings_ms: dict = field(default_factory=dict)     # pause latency, stop-and-copy, resume...
+    verification: dict = field(default_factory=dict)   # digest comparison + guest ledger check
+    guest: dict = field(default_factory=dict)          # progress before/after, pids
+    processes: dict = field(default_factory=dict)      # cpu_s, uss_bytes per process
+    source_guest_state: str = ""                       # "exited" after commit, else "running"/"crashed"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        # Put the keys scripts rely on first, for humans reading the JSON.
+        order = ["schema_version", "outcome", "reason", "verified", "downtime_ms", "total_time_s",
+                 "guest_pages", "pages_sent", "bytes_sent", "rounds"]
+        return {k: d[k] for k in order} | {k: v for k, v in d.items() if k not in order}
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+
+    def write(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+            f.write("\n")
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return str(obj)

@@ -1,0 +1,35 @@
+"""Dirty trackers behind one contract (see :mod:`vmem.tracking.base`).
+
+``make_tracker(guest, "auto")`` picks userfaultfd write-protect when the kernel offers
+WP_ASYNC on shmem and PAGEMAP_SCAN, and falls back to mprotect + SIGSEGV otherwise.
+"""
+from __future__ import annotations
+
+from ..errors import ConfigError, TrackerUnavailable
+from .base import DirtyTracker, regions_to_pages
+from .mprotect import MprotectTracker
+from .uffd_wp import UffdWpTracker
+
+__all__ = ["DirtyTracker", "UffdWpTracker", "MprotectTracker", "make_tracker", "TRACKERS", "regions_to_pages"]
+
+TRACKERS = {"uffd-wp": UffdWpTracker, "mprotect": MprotectTracker}
+
+
+def make_tracker(guest, kind: str = "auto") -> DirtyTracker:
+    """Build the tracker ``kind`` for ``guest`` (``auto`` = best available).
+
+    Raises:
+        TrackerUnavailable: the chosen tracker needs a kernel feature that is missing
+            (the error names it and the alternative).
+        ConfigError: unknown tracker name.
+    """
+    if kind == "auto":
+        try:
+            return UffdWpTracker(guest)
+        except TrackerUnavailable:
+            return MprotectTracker(guest)
+    try:
+        cls = TRACKERS[kind]
+    except KeyError:
+        raise ConfigError("--tracker", f"unknown tracker {kind!r}; choose auto, {', '.join(TRACKERS)}") from None
+    return cls(guest)

@@ -1,0 +1,65 @@
+"""The dirty-tracker contract, shared by every mechanism.
+
+``collect()`` returns the pages written since the previous ``collect()`` (or ``start()``)
+*and has already re-armed tracking for them* when it returns.  A migrator therefore reads
+a page for sending only after it was re-armed, so a write that races with the send is
+caught by the next ``collect()``.  Never "read the bitmap, send, then clear": that loses
+writes.
+"""
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+__all__ = ["DirtyTracker", "regions_to_pages"]
+
+
+class DirtyTracker(abc.ABC):
+    """One guest's dirty-page tracking.
+
+    Attributes:
+        name: the mechanism's CLI name (``uffd-wp``, ``mprotect``).
+        npages: pages tracked (the whole guest RAM).
+        collect_s: wall time spent in the latest ``collect()``.
+    """
+
+    name: str = "?"
+
+    def __init__(self, npages: int):
+        self.npages = npages
+        self.collect_s = 0.0
+        self.collects = 0
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Arm tracking for every page: from now on each page counts as clean until written."""
+
+    @abc.abstractmethod
+    def collect(self) -> np.ndarray:
+        """Sorted unique int64 page indices written since the last collect; already re-armed."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Disarm tracking (the guest runs at full speed again).  Idempotent."""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "collects": self.collects, "last_collect_s": self.collect_s}
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def regions_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Expand [start, end) page ranges into a flat int64 page array without a Python loop."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(ends, dtype=np.int64) - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    out_starts = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - out_starts, lengths)

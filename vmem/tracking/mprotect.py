@@ -1,0 +1,94 @@
+"""Dirty tracking with mprotect + a C SIGSEGV handler inside the guest (portable Linux).
+
+The guest maps a bitmap memfd we create: the first half is the live *dirty* bitmap the C
+handler sets bits in; the second half is the *harvest* bitmap ``collect`` reads.  Only a
+process can re-protect its own mappings, so ``collect`` is a command to the guest: at its
+next safe point it moves the dirty bits to the harvest bitmap and re-protects those pages
+before acknowledging.  The guest is single-threaded, so no write slips between the two.
+
+The max_map_count trap (per-page mprotect splits VMAs; a scattered writer can need more
+than vm.max_map_count of them) is handled in C: the handler falls back to unprotecting an
+aligned chunk and marking all of it dirty (conservative: a clean page sent twice is
+harmless, a lost write is not); ``fallbacks`` counts it.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import time
+
+import numpy as np
+
+from ..errors import GuestError, TrackerUnavailable
+from .base import DirtyTracker
+
+__all__ = ["MprotectTracker"]
+
+
+class MprotectTracker(DirtyTracker):
+    """mprotect + SIGSEGV tracker; each collect is a round trip to the guest."""
+
+    name = "mprotect"
+
+    def __init__(self, guest):
+        super().__init__(guest.npages)
+        self._guest = guest
+        self._nwords = -(-guest.npages // 64)
+        fd = os.memfd_create("vmem-mprot-bitmap", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, 2 * self._nwords * 8)
+            self._map = mmap.mmap(fd, 2 * self._nwords * 8, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._harvest = np.frombuffer(self._map, dtype=np.uint64)[self._nwords :]
+        self._armed = False
+
+    def start(self) -> None:
+        from guests.control import Command
+
+        res = self._guest.command(Command.MPROT_START, fds=[self._fd])
+        if res < 0:
+            raise TrackerUnavailable("mprotect", f"the guest could not install its SIGSEGV handler ({os.strerror(-res)})")
+        self._armed = True
+
+    def collect(self) -> np.ndarray:
+        from guests.control import Command
+
+        t0 = time.perf_counter()
+        res = self._guest.command(Command.MPROT_COLLECT)
+        if res < 0:
+            raise GuestError(f"mprotect collect failed in the guest: {os.strerror(-res)}")
+        harvest = self._harvest
+        words = np.flatnonzero(harvest)
+        if len(words):
+            bits = np.unpackbits(harvest[words].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+            w, b = np.nonzero(bits)
+            pages = words[w].astype(np.int64) * 64 + b
+            pages = pages[pages < self.npages]
+        else:
+            pages = np.empty(0, dtype=np.int64)
+        self.collect_s = time.perf_counter() - t0
+        self.collects += 1
+        return pages
+
+    def stop(self) -> None:
+        from guests.control import Command
+
+        if self._armed:
+            self._armed = False
+            if self._guest.alive():
+                try:
+                    self._guest.command(Command.MPROT_STOP, timeout_s=10)
+                except GuestError:
+                    pass
+        if self._map is not None:
+            self._harvest = None
+            try:
+                self._map.close()
+            except BufferError:
+                pass
+            self._map = None
+            os.close(self._fd)
+            self._fd = -1
