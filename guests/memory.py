@@ -407,8 +407,8 @@ class GuestMemory:
         Checks the header page (fields and zero padding), that the ledger entries of the
         header and ledger pages are 0, and that every data page equals the stamp of its
         ledger version (all zero at version 0).  Works in chunks of ``chunk_pages``; the
-        temporaries are two buffers of that many pages (8 MiB at the default 1024, ~9 MiB
-        with the bool mask), whatever the guest size.  Needs a settled RAM.
+        temporaries are an expected-stamp buffer of that many pages and its bool mask
+        (4.5 MiB at the default 1024 pages), whatever the guest size.  Needs a settled RAM.
 
         Guarantees: ``ok`` is True iff all of the above hold, so after a migration it
         proves that every page arrived, none is stale or misplaced, and the ledger itself

@@ -60,14 +60,16 @@ class ChannelBrokenError(TransportError):
     because the framing of the byte stream is lost.
 
     Attributes:
+        reason: what happened, without the byte counts.
         bytes_expected: bytes the failed call was asked to move, or ``None`` if not applicable.
         bytes_got: bytes it did move before failing (sent, or received into the buffer),
             or ``None`` if not applicable.
     """
 
-    def __init__(self, message: str, *, bytes_expected: int | None = None,
+    def __init__(self, reason: str, *, bytes_expected: int | None = None,
                  bytes_got: int | None = None):
-        super().__init__(_with_counts(message, bytes_expected, bytes_got))
+        super().__init__(_with_counts(reason, bytes_expected, bytes_got))
+        self.reason = reason
         self.bytes_expected = bytes_expected
         self.bytes_got = bytes_got
 
@@ -80,12 +82,14 @@ class ChannelTimeout(TransportError):
     direction of the channel is now broken (later calls raise :class:`ChannelBrokenError`).
 
     Attributes:
+        reason: what happened, without the byte counts.
         bytes_expected: bytes the call was asked to move.
         bytes_got: bytes it moved before timing out.
     """
 
-    def __init__(self, message: str, *, bytes_expected: int | None = None,
+    def __init__(self, reason: str, *, bytes_expected: int | None = None,
                  bytes_got: int | None = None):
-        super().__init__(_with_counts(message, bytes_expected, bytes_got))
+        super().__init__(_with_counts(reason, bytes_expected, bytes_got))
+        self.reason = reason
         self.bytes_expected = bytes_expected
         self.bytes_got = bytes_got

@@ -24,11 +24,12 @@ import time
 
 import numpy as np
 
-from transport import SocketChannel, TransportError
+from transport import ChannelBrokenError, SocketChannel, TransportError
+from transport.pages import recv_pages_into
 
 from . import stream, wire
 from .errors import MigrationError, StreamError, VmemError
-from .pages import PAGE_SIZE, page_runs, zero_page_digest
+from .pages import PAGE_SIZE, zero_page_digest
 from .procstats import process_figures
 
 __all__ = ["DestinationMigration", "serve"]
@@ -76,14 +77,14 @@ class DestinationMigration:
         if nbytes != n * PAGE_SIZE:
             raise StreamError(f"page payload of {nbytes} bytes for {n} pages")
         pages = pfns.astype(np.int64, copy=False)
-        starts, ends = page_runs(pages)
-        if len(starts) <= 16:
-            for a, b in zip(starts.tolist(), ends.tolist()):
-                self.ch.recv_into(ram.pages[a:b].data)
-        else:
+        if n > 1 and not (np.diff(pages) > 0).all():
+            # Xen does not require sorted records; vmem's sender always sorts.  Take the
+            # general path: receive into staging, scatter (the last copy of a page wins).
             buf = self._staging[:n]
             self.ch.recv_into(buf.data)
             ram.pages[pages] = buf
+        else:
+            recv_pages_into(self.ch, ram.pages, pages, self._staging)
         if self.digests is not None:
             from . import _native as nat
 
@@ -134,17 +135,18 @@ class DestinationMigration:
         self._send_control(wire.ControlType.READY, {"guest_pid": self.guest.pid})
 
         self.phase = "receive"
-        reader = stream.StreamReader(self.ch.recv_exact, self.ch.recv_into, max_pfn=npages - 1)
+        reader = stream.StreamReader(self.ch.recv_exact, self.ch.recv_into, max_pfn=npages - 1,
+                                     truncation_errors=(ChannelBrokenError,))
         reader.read_begin()
         context = None
         while True:
             rec = reader.next_record()
             if isinstance(rec, stream.PageData):
                 reader.read_page_payload(self._place)
-            elif rec is stream.LIBXL_END or getattr(rec, "type", None) == ("libxl", wire.LibxlRecordType.END):
+            elif rec.type is wire.LibxlRecordType.END:
                 break
-            elif isinstance(rec, stream.Record) and rec.kind == "libxl" and rec.type == wire.LibxlRecordType.EMULATOR_CONTEXT:
-                context = stream.parse_emulator_context(rec.body).data
+            elif rec.type is wire.LibxlRecordType.EMULATOR_CONTEXT:
+                context = stream.parse_emulator_record(rec).data
             # Other records (libxc END, optional records) need no action here.
         if context is None:
             raise StreamError("stream ended without an EMULATOR_CONTEXT record (no guest context)")

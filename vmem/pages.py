@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from transport.pages import page_runs
+
 from .ram import PAGE_SIZE, GuestRam
 
 __all__ = ["PAGE_SIZE", "page_buffers", "digest_all", "zero_page_digest", "MAX_DIRECT_RUNS"]
@@ -16,23 +18,13 @@ __all__ = ["PAGE_SIZE", "page_buffers", "digest_all", "zero_page_digest", "MAX_D
 MAX_DIRECT_RUNS = 16
 
 
-def page_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Contiguous runs of a sorted page array: (starts, ends) with ends exclusive."""
-    if len(pages) == 0:
-        return pages[:0], pages[:0]
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = pages[np.concatenate(([0], breaks))]
-    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
-    return starts, ends
-
-
 def page_buffers(ram: np.ndarray, pages: np.ndarray, staging: np.ndarray) -> list:
     """Buffers holding the contents of ``pages`` (sorted) in order, for scatter/gather send.
 
     Returns views of ``ram`` for few contiguous runs, else one slice of ``staging`` filled
     by a single ``np.take``.  The caller must send the buffers before reusing ``staging``.
     """
-    starts, ends = page_runs(pages)
+    starts, ends = page_runs(pages, len(ram))
     if len(starts) <= MAX_DIRECT_RUNS:
         return [ram[a:b].data for a, b in zip(starts.tolist(), ends.tolist())]
     out = staging[: len(pages)]

@@ -14,11 +14,14 @@ State is one tracked region per process, in static globals:
 
 The vm.max_map_count trap: every per-page mprotect in the middle of a PROT_READ region
 splits a VMA in three; scattered writes over a large region can need more VMAs than the
-limit (65530 by default) and mprotect then fails with ENOMEM.  The handler escalates to an
-aligned chunk (64, 512, 32768 pages, then the whole region): it marks every page of the
-chunk dirty first, then unprotects the chunk, which merges the VMAs inside it.  This is
-conservative (clean pages reported dirty are sent twice; a write is never lost) and
-counted in ``vmem_mprot_fallbacks``.  If even the whole region cannot be unprotected, or
+limit (65530 by default) and mprotect then fails with ENOMEM.  The handler escalates:
+an aligned 64-page chunk; then the clean gap around the page, from just after the nearest
+dirty page below to the nearest dirty page above (its ends are VMA boundaries already, so
+unprotecting it needs no split and merges it with its writable neighbours: it succeeds
+even at the limit, and random write patterns keep page granularity elsewhere); then
+aligned chunks of 512 and 32768 pages; then the whole region.  Each step marks every page
+it unprotects dirty *first*.  This is conservative (clean pages reported dirty are sent
+twice; a write is never lost) and counted in ``vmem_mprot_fallbacks``.  If even the whole region cannot be unprotected, or
 the fault is not ours (outside the region, or not an access error), the handler puts the
 previous SIGSEGV action back and returns: the fault re-raises and the process dies the
 way it would have without us.  It never loops.
@@ -74,6 +77,40 @@ static void vmem_mp_mark(uint64_t first, uint64_t last)
     }
 }
 
+/* First page after the last dirty page below p (0 if none): the clean run before p starts there. */
+static uint64_t vmem_mp_prev_set(uint64_t p)
+{
+    if (p == 0)
+        return 0;
+    uint64_t i = p - 1, w = i >> 6;
+    unsigned b = (unsigned)(i & 63);
+    uint64_t word = __atomic_load_n(&vmem_mp_dirty[w], __ATOMIC_SEQ_CST)
+                    & (b == 63 ? ~0ULL : ((1ULL << (b + 1)) - 1));
+    while (word == 0) {
+        if (w == 0)
+            return 0;
+        word = __atomic_load_n(&vmem_mp_dirty[--w], __ATOMIC_SEQ_CST);
+    }
+    return (w << 6) + 63 - (uint64_t)__builtin_clzll(word) + 1;
+}
+
+/* First dirty page above p (npages if none): the clean run after p ends there. */
+static uint64_t vmem_mp_next_set(uint64_t p, uint64_t npages)
+{
+    uint64_t i = p + 1, nwords = (npages + 63) / 64;
+    if (i >= npages)
+        return npages;
+    uint64_t w = i >> 6;
+    uint64_t word = __atomic_load_n(&vmem_mp_dirty[w], __ATOMIC_SEQ_CST) & (~0ULL << (i & 63));
+    while (word == 0) {
+        if (++w >= nwords)
+            return npages;
+        word = __atomic_load_n(&vmem_mp_dirty[w], __ATOMIC_SEQ_CST);
+    }
+    uint64_t r = (w << 6) + (uint64_t)__builtin_ctzll(word);
+    return r < npages ? r : npages;
+}
+
 static int vmem_mp_unprotect(uint64_t first, uint64_t last)
 {
     return mprotect((void *)(vmem_mp_base + (first << VMEM_PAGE_SHIFT)),
@@ -100,8 +137,10 @@ static void vmem_mp_handler(int sig, siginfo_t *si, void *uctx)
     if (errno != ENOMEM)
         goto not_ours;
 
-    /* vm.max_map_count: widen to an aligned chunk, bits first, then unprotect. */
+    /* vm.max_map_count: widen, bits first, then unprotect.  The gap between the nearest
+       dirty pages on either side is computed now, before any widening marks pages. */
     __atomic_fetch_add(&vmem_mp_fallback_count, 1, __ATOMIC_RELAXED);
+    uint64_t gap_first = vmem_mp_prev_set(page), gap_last = vmem_mp_next_set(page, npages);
     for (size_t k = 0; k < sizeof vmem_mp_chunks / sizeof vmem_mp_chunks[0]; k++) {
         uint64_t c = vmem_mp_chunks[k];
         if (c >= npages)
@@ -113,6 +152,16 @@ static void vmem_mp_handler(int sig, siginfo_t *si, void *uctx)
             goto out;
         if (errno != ENOMEM)
             goto not_ours;
+        if (k == 0) {
+            /* The gap's ends are VMA boundaries already (writable dirty page | read-only
+               clean page, or the region's ends): unprotecting it needs no split and merges
+               it with both writable neighbours, so it works even at the limit. */
+            vmem_mp_mark(gap_first, gap_last);
+            if (vmem_mp_unprotect(gap_first, gap_last) == 0)
+                goto out;
+            if (errno != ENOMEM)
+                goto not_ours;
+        }
     }
     vmem_mp_mark(0, npages);
     if (vmem_mp_unprotect(0, npages) == 0)

@@ -1,0 +1,65 @@
+"""Shared fixtures: every test is checked for leaked child processes, fds and memfds."""
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+
+def _vmem_fds() -> set[str]:
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if "memfd:vmem" in target or "userfaultfd" in target:
+            out.add(f"{name}->{target}")
+    return out
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves a child process, a vmem memfd or a userfaultfd behind."""
+    fds_before = _vmem_fds()
+    kids_before = _children()
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        leaked_kids = _children() - kids_before
+        leaked_fds = _vmem_fds() - fds_before
+        if not leaked_kids and not leaked_fds:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for pid in leaked_kids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    assert not leaked_kids, f"test leaked child processes {sorted(leaked_kids)}"
+    assert not leaked_fds, f"test leaked fds {sorted(leaked_fds)}"
+
+
+@pytest.fixture
+def boot_guest():
+    """Factory: boot a ProcessGuest that is reaped after the test whatever happens."""
+    from guests.launch import GuestSpec, ProcessGuest
+
+    guests = []
+
+    def boot(workload="idle", size=8 << 20, seed=1, **params):
+        g = ProcessGuest.boot(GuestSpec(workload, params, seed), size)
+        guests.append(g)
+        return g
+
+    yield boot
+    for g in guests:
+        g.close()

@@ -1,0 +1,192 @@
+"""End-to-end one-host migrations: real guest processes, a real destination process.
+
+Every completed migration is checked the same way: the destination's RAM equalled the
+source's at the pause (per-page digests), the destination guest ran on and passed its own
+ledger check.  Every failed or aborted one: the source guest is still running and passes
+its ledger check, and the destination left nothing behind (the no_leaks fixture).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from guests.launch import GuestSpec, ProcessGuest
+from vmem.local import run_local_migration
+from vmem.migrator import MigrationOptions
+from vmem.policy import Decision, make_policy
+
+WORKLOADS = {
+    "idle": {},
+    "uniform": {"rate": 20000},
+    "hotcold": {"rate": 20000},
+    "zipf": {"rate": 20000},
+    "sweep": {"rate": 20000},
+    "phased": {"phases": "2000:0.2,40000:0.2,500:0.2"},
+}
+
+
+def check_completed(report):
+    assert report.outcome == "completed", report.reason
+    assert report.verified
+    d = report.verification["digests"]
+    assert d["mismatched"] == 0 and d["pages_compared"] == report.guest_pages
+    assert report.verification["guest_check"]["ok"]
+    assert report.downtime_ms is not None and report.downtime_ms > 0
+    dest = report.guest["destination"]
+    assert dest["alive"] and dest["steps_since_resume"] > 0, dest
+    assert report.rounds[0].pages_sent > 0
+    assert report.source_guest_state == "exited"
+
+
+def check_source_intact(report, guest):
+    assert guest.alive(), "the source guest must keep running"
+    assert report.verification["source_guest_check"]["ok"]
+    assert report.source_guest_state == "running"
+
+
+def migrate(workload="uniform", size=32 << 20, observe_s=0.2, warmup_s=0.1, progress=None, **opts):
+    params = opts.pop("params", WORKLOADS.get(workload, {}))
+    with ProcessGuest.boot(GuestSpec(workload, params, 7), size) as guest:
+        time.sleep(warmup_s)
+        report = run_local_migration(guest, MigrationOptions(observe_s=observe_s, **opts), progress)
+        state = (guest.alive(), report)
+        if report.outcome != "completed":
+            check_source_intact(report, guest)
+        return report
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_each_workload_migrates_and_verifies(workload):
+    report = migrate(workload)
+    check_completed(report)
+    assert report.tracker == "uffd-wp"
+
+
+@pytest.mark.parametrize("tracker", ["uffd-wp", "mprotect"])
+def test_each_tracker_with_a_busy_guest(tracker):
+    report = migrate("hotcold", params={"rate": 0}, tracker=tracker)  # as fast as it writes
+    check_completed(report)
+    assert report.tracker == tracker
+    assert len(report.rounds) >= 2
+    assert report.rounds[-1].kind == "stop-and-copy"
+
+
+def test_xen_default_stops_after_five_iterations_when_busy():
+    report = migrate("uniform", params={"rate": 0})
+    check_completed(report)
+    pre = [r for r in report.rounds if r.kind == "precopy"]
+    assert len(pre) <= 5
+    assert pre[-1].decision == "stop-and-copy"
+
+
+def test_seed_patch_knobs():
+    report = migrate("uniform", params={"rate": 0}, policy=make_policy("xen", precopy_iterations=2, precopy_threshold=0))
+    check_completed(report)
+    pre = [r for r in report.rounds if r.kind == "precopy"]
+    assert len(pre) == 2 and "iteration 2 >= 2" in pre[-1].reason
+
+
+def test_bandwidth_cap_is_respected():
+    limit = 40e6
+    report = migrate("idle", size=16 << 20, bandwidth_Bps=limit)
+    check_completed(report)
+    r0 = report.rounds[0]
+    # A rate limiter's definition: it never goes faster than its rate (plus one burst).
+    assert r0.bandwidth_bps / 8 <= limit * 1.15, r0
+
+
+def test_policy_abort_leaves_source_running():
+    report = migrate("uniform", policy=lambda s: (Decision.ABORT, "testing abort"))
+    assert report.outcome == "aborted" and report.reason == "testing abort"
+    assert not report.verified
+
+
+def test_policy_that_raises_fails_cleanly():
+    def broken(s):
+        raise ZeroDivisionError("bad policy")
+
+    report = migrate("uniform", policy=broken)
+    assert report.outcome == "failed" and "bad policy" in report.reason
+
+
+class KillAt:
+    """A progress sink that kills a process when a given round starts."""
+
+    def __init__(self, round_index, who):
+        self.round_index, self.who, self.done = round_index, who, False
+
+    def phase(self, *a): ...
+    def sent(self, *a): ...
+    def round_end(self, *a): ...
+
+    def round_start(self, index, pages, kind):
+        if index == self.round_index and not self.done:
+            self.done = True
+            os.kill(self.who(), signal.SIGKILL)
+
+
+def _destination_pid():
+    for p in psutil.Process().children():
+        if "vmem.destination" in " ".join(p.cmdline()):
+            return p.pid
+    raise AssertionError("no destination process")
+
+
+def test_destination_dies_during_precopy():
+    report = migrate("uniform", params={"rate": 0}, size=64 << 20, bandwidth_Bps=200e6,
+                     progress=KillAt(1, _destination_pid))
+    assert report.outcome == "failed"
+    assert "destination" in report.reason
+
+
+def test_source_guest_crash_is_reported():
+    holder = {}
+
+    class Boom(KillAt):
+        pass
+
+    params = {"rate": 0}
+    with ProcessGuest.boot(GuestSpec("uniform", params, 7), 32 << 20) as guest:
+        report = run_local_migration(guest, MigrationOptions(observe_s=0), Boom(1, lambda: guest.pid))
+        assert report.outcome == "failed"
+        assert "guest" in report.reason and ("died" in report.reason or "crash" in report.reason), report.reason
+        assert report.source_guest_state == "crashed"
+
+
+def test_cli_json_report(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmem", "migrate", "--workload", "hotcold", "--size", "32M", "-W", "rate=5000",
+         "--warmup", "0.1", "--observe", "0.1", "--quiet", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads(out.read_text())
+    for key in ("outcome", "reason", "verified", "downtime_ms", "total_time_s", "guest_pages", "pages_sent", "bytes_sent", "rounds"):
+        assert key in report
+    for key in ("pages_sent", "bytes_sent", "duration_s", "dirty_pages", "dirty_rate_pps", "bandwidth_bps"):
+        assert key in report["rounds"][0]
+    assert report["outcome"] == "completed" and report["verified"] is True
+    assert report["processes"]["migrator_source"]["uss_bytes"] > 0
+    assert "migration summary" in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--size", "12Q"], "--size"),
+    (["--workload", "nosuch"], "nosuch"),
+    (["-W", "bogus=1"], "bogus"),
+    (["--precopy-iterations", "0"], "--precopy-iterations"),
+    (["--bandwidth", "fast"], "--bandwidth"),
+])
+def test_cli_rejects_bad_input_before_starting(args, needle):
+    proc = subprocess.run([sys.executable, "-m", "vmem", "migrate", "--quiet", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr

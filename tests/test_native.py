@@ -1,0 +1,745 @@
+"""Tests of vmem._native (the cffi layer) and vmem.features, against the real kernel.
+
+Anything that installs signal handlers, blocks on userfaultfd faults or fills the VMA
+table runs in a child process (``python -c``) driven over a line protocol on its
+stdin/stdout; every child is registered with the ``children`` fixture and killed+reaped at
+teardown even when the test fails.  Nothing is written to the file system (memfds only;
+children disable core dumps).
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from vmem import _native as nat
+from vmem import features as vfeatures
+from vmem.errors import FeatureUnavailable
+
+PAGE = nat.PAGE_SIZE
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPLY_TIMEOUT_S = 60.0
+
+# Prelude of every child script: imports, no core files, a reply helper.
+CHILD_PRELUDE = """
+import json, mmap, os, resource, signal, socket, sys
+import numpy as np
+from vmem import _native as nat
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+PAGE = nat.PAGE_SIZE
+def reply(obj):
+    sys.stdout.write(json.dumps(obj) + "\\n")
+    sys.stdout.flush()
+def pages_of(bitmap):
+    return np.flatnonzero(np.unpackbits(bitmap.view(np.uint8), bitorder="little")).tolist()
+"""
+
+
+# --- helpers ---------------------------------------------------------------------------
+def _probe():
+    return vfeatures.probe_features()
+
+
+def _skip_unless(*names: str) -> None:
+    feats = _probe()
+    for name in names:
+        f = feats[name]
+        if not f.available:
+            pytest.skip(f"{name} unavailable here: {f.detail}")
+
+
+class Child:
+    """A ``python -c`` child speaking one JSON line per command on stdin/stdout."""
+
+    def __init__(self, script: str, args=(), pass_fds=()):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.pop("PYTHONFAULTHANDLER", None)  # its SIGSEGV handler must not sit above ours
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(script), *map(str, args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            pass_fds=pass_fds,
+            env=env,
+        )
+        self._buf = b""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line.encode() + b"\n")
+
+    def recv(self, timeout: float = REPLY_TIMEOUT_S):
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"child {self.pid} did not answer in {timeout} s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    err = self.stderr_text()
+                    raise EOFError(f"child {self.pid} exited (status {self.proc.poll()}): {err[-2000:]}")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def ask(self, line: str, timeout: float = REPLY_TIMEOUT_S):
+        self.send(line)
+        return self.recv(timeout)
+
+    def stderr_text(self) -> str:
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "(still running)"
+        return self.proc.stderr.read().decode(errors="replace")
+
+    def reap(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def children():
+    """Spawn children with ``children(script, args, pass_fds)``; all are killed and reaped at teardown."""
+    spawned: list[Child] = []
+
+    def spawn(script: str, args=(), pass_fds=()) -> Child:
+        child = Child(script, args, pass_fds)
+        spawned.append(child)
+        return child
+
+    try:
+        yield spawn
+    finally:
+        for child in spawned:
+            child.reap()
+
+
+def regions_to_pages(regions: np.ndarray, base: int) -> list[int]:
+    out: list[int] = []
+    for start, end, _cat in regions.tolist():
+        out.extend(range((start - base) // PAGE, (end - base) // PAGE))
+    return out
+
+
+def scan_written(pagemap_fd: int, base: int, npages: int, *, rearm: bool = True) -> np.ndarray:
+    flags = nat.PM_SCAN_CHECK_WPASYNC | (nat.PM_SCAN_WP_MATCHING if rearm else 0)
+    return nat.pagemap_scan(
+        pagemap_fd, base, base + npages * PAGE, flags=flags,
+        category_mask=nat.PAGE_IS_WRITTEN, return_mask=nat.PAGE_IS_WRITTEN,
+    )
+
+
+@pytest.fixture
+def page_buffer():
+    """A page-aligned anonymous buffer factory (UFFDIO_COPY needs an aligned source)."""
+    maps: list[mmap.mmap] = []
+
+    def make(npages: int) -> tuple[np.ndarray, int]:
+        m = mmap.mmap(-1, npages * PAGE)
+        maps.append(m)
+        arr = np.frombuffer(m, dtype=np.uint8).reshape(npages, PAGE)
+        return arr, arr.ctypes.data
+
+    yield make
+    for m in maps:
+        try:
+            m.close()
+        except BufferError:
+            pass  # a view is still alive; the mapping goes with the process
+
+
+# --- memfd -----------------------------------------------------------------------------
+def test_memfd_round_trip():
+    fd = nat.memfd_create(f"vmem-test-{os.getpid()}")
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:vmem-test-{os.getpid()}")
+        assert os.fstat(fd).st_size == 0
+        os.ftruncate(fd, 3 * PAGE)
+        a = mmap.mmap(fd, 3 * PAGE, flags=mmap.MAP_SHARED)
+        b = mmap.mmap(fd, 3 * PAGE, flags=mmap.MAP_SHARED)
+        try:
+            payload = os.urandom(PAGE)
+            a[PAGE : 2 * PAGE] = payload
+            assert b[PAGE : 2 * PAGE] == payload  # same shmem pages through both mappings
+            assert os.pread(fd, PAGE, PAGE) == payload
+            os.pwrite(fd, b"xyz", 2 * PAGE + 5)
+            assert a[2 * PAGE + 5 : 2 * PAGE + 8] == b"xyz"
+        finally:
+            a.close()
+            b.close()
+    finally:
+        os.close(fd)
+
+
+def test_memfd_errors_carry_errno_and_context():
+    with pytest.raises(OSError) as exc:
+        nat.memfd_create("bad-flags", 0x7FFF0000)
+    assert exc.value.errno == 22
+    assert "memfd_create" in str(exc.value)
+
+
+# --- userfaultfd API --------------------------------------------------------------------
+def test_uffd_api_probe():
+    _skip_unless("userfaultfd")
+    fd, how = nat.uffd_open_ex()
+    try:
+        assert how in ("syscall", "syscall+UFFD_USER_MODE_ONLY", "/dev/userfaultfd")
+        mask = nat.uffd_api(fd, 0)
+        assert mask != 0
+        assert nat.uffd_feature_names(mask)
+        # The handshake is once per fd.
+        with pytest.raises(OSError) as exc:
+            nat.uffd_api(fd, 0)
+        assert exc.value.errno == 22 and "UFFDIO_API" in str(exc.value)
+    finally:
+        os.close(fd)
+    # The feature table agrees with the kernel's mask.
+    feats = _probe()
+    for name, bit in nat.UFFD_FEATURE_NAMES.items():
+        assert feats[f"UFFD_FEATURE_{name}"].available == bool(mask & bit), name
+
+
+def test_uffd_api_enables_wp_async_and_rejects_unknown_bits():
+    _skip_unless("UFFD_FEATURE_WP_ASYNC", "UFFD_FEATURE_WP_UNPOPULATED")
+    fd = nat.uffd_open()
+    try:
+        want = nat.UFFD_FEATURE_WP_ASYNC | nat.UFFD_FEATURE_WP_UNPOPULATED
+        assert nat.uffd_api(fd, want) & want == want
+    finally:
+        os.close(fd)
+    fd = nat.uffd_open()
+    try:
+        with pytest.raises(OSError) as exc:
+            nat.uffd_api(fd, 1 << 62)
+        assert exc.value.errno == 22
+    finally:
+        os.close(fd)
+
+
+# --- async WP + PAGEMAP_SCAN, cross-process ----------------------------------------------
+WP_CHILD = """
+npages = int(sys.argv[1])
+self_protect = sys.argv[2] == "1"
+sock_fd = int(sys.argv[3])
+fd = nat.memfd_create("vmem-test-wp")
+os.ftruncate(fd, npages * PAGE)
+m = mmap.mmap(fd, npages * PAGE, flags=mmap.MAP_SHARED)
+ram = np.frombuffer(m, dtype=np.uint8).reshape(npages, PAGE)
+base = ram.ctypes.data
+uffd = nat.uffd_open()
+nat.uffd_api(uffd, nat.UFFD_FEATURE_WP_ASYNC | nat.UFFD_FEATURE_WP_UNPOPULATED)
+nat.uffd_register(uffd, base, npages * PAGE, nat.UFFDIO_REGISTER_MODE_WP)
+if self_protect:
+    nat.uffd_writeprotect(uffd, base, npages * PAGE, True)
+if sock_fd >= 0:
+    with socket.socket(fileno=sock_fd) as s:
+        socket.send_fds(s, [b"u"], [uffd])
+reply({"base": base})
+for line in sys.stdin:
+    cmd, _, arg = line.strip().partition(" ")
+    if cmd == "write":
+        idx = np.array(json.loads(arg), dtype=np.int64)
+        ram[idx, 17] += 1
+    reply({"ok": True})
+"""
+
+
+def test_uffd_wp_async_pagemap_scan_from_another_process(children):
+    _skip_unless("PAGEMAP_SCAN")
+    npages = 4096
+    child = children(WP_CHILD, [npages, 1, -1])
+    base = child.recv()["base"]
+    pm = nat.open_pagemap(child.pid)
+    try:
+        assert len(scan_written(pm, base, npages)) == 0  # write-protected, nothing written yet
+
+        first = [0, 3, 4, 5, 6, 700, 2048, 4095]
+        child.ask(f"write {json.dumps(first)}")
+        regions = scan_written(pm, base, npages)
+        assert regions.dtype == np.uint64 and regions.shape[1] == 3
+        assert np.all(regions[:, 2] == nat.PAGE_IS_WRITTEN)
+        assert regions_to_pages(regions, base) == first
+        assert len(regions) == 5  # [0], [3..6], [700], [2048], [4095]: runs are single regions
+        assert len(scan_written(pm, base, npages)) == 0  # the first scan re-protected them
+
+        second = [5, 6, 1000]
+        child.ask(f"write {json.dumps(second)}")
+        assert regions_to_pages(scan_written(pm, base, npages), base) == second
+        assert len(scan_written(pm, base, npages)) == 0
+    finally:
+        os.close(pm)
+
+
+def test_pagemap_scan_spans_many_output_buffers(children):
+    """More regions than one ioctl's vector (4096): the wrapper loops on walk_end."""
+    _skip_unless("PAGEMAP_SCAN")
+    npages = 3 * 4096 * 2
+    child = children(WP_CHILD, [npages, 1, -1])
+    base = child.recv()["base"]
+    pm = nat.open_pagemap(child.pid)
+    try:
+        every_other = list(range(0, npages, 2))  # 12288 separate regions
+        child.ask(f"write {json.dumps(every_other)}")
+        regions = scan_written(pm, base, npages)
+        assert len(regions) == len(every_other)
+        assert regions_to_pages(regions, base) == every_other
+        assert len(scan_written(pm, base, npages)) == 0
+        child.ask(f"write {json.dumps(list(range(100, 300)))}")
+        limited = nat.pagemap_scan(
+            pm, base, base + npages * PAGE, flags=nat.PM_SCAN_WP_MATCHING | nat.PM_SCAN_CHECK_WPASYNC,
+            category_mask=nat.PAGE_IS_WRITTEN, return_mask=nat.PAGE_IS_WRITTEN, max_pages=50,
+        )
+        assert regions_to_pages(limited, base) == list(range(100, 150))
+        assert regions_to_pages(scan_written(pm, base, npages), base) == list(range(150, 300))
+    finally:
+        os.close(pm)
+
+
+def test_uffd_received_over_unix_socket_writeprotects_the_childs_pages(children):
+    """The migrator holds the guest's uffd and (un)protects the guest's addresses with it."""
+    _skip_unless("PAGEMAP_SCAN")
+    npages = 256
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    uffd = -1
+    try:
+        child = children(WP_CHILD, [npages, 0, child_sock.fileno()], pass_fds=[child_sock.fileno()])
+        child_sock.close()
+        base = child.recv()["base"]
+        _msg, fds, _flags, _addr = socket.recv_fds(parent_sock, 16, 1)
+        assert len(fds) == 1
+        uffd = fds[0]
+        pm = nat.open_pagemap(child.pid)
+        try:
+            # Registered but not protected: every page reads as "written" (not WP).
+            assert regions_to_pages(scan_written(pm, base, npages, rearm=False), base) == list(range(npages))
+            nat.uffd_writeprotect(uffd, base, npages * PAGE, True)  # from the parent
+            assert len(scan_written(pm, base, npages, rearm=False)) == 0
+
+            written = [1, 2, 77, 255]
+            child.ask(f"write {json.dumps(written)}")
+            # A report-only scan does not re-protect: the pages stay written.
+            assert regions_to_pages(scan_written(pm, base, npages, rearm=False), base) == written
+            assert regions_to_pages(scan_written(pm, base, npages, rearm=False), base) == written
+            nat.uffd_writeprotect(uffd, base, npages * PAGE, True)
+            assert len(scan_written(pm, base, npages, rearm=False)) == 0
+
+            nat.uffd_writeprotect(uffd, base + 7 * PAGE, 2 * PAGE, False)  # unprotect 7, 8
+            assert regions_to_pages(scan_written(pm, base, npages), base) == [7, 8]
+            assert len(scan_written(pm, base, npages)) == 0
+        finally:
+            os.close(pm)
+    finally:
+        if uffd >= 0:
+            os.close(uffd)
+        parent_sock.close()
+        child_sock.close()
+
+
+# --- post-copy placement from another process --------------------------------------------
+FAULT_CHILD = """
+npages = int(sys.argv[1])
+mode = sys.argv[2]            # "missing" or "minor"
+ram_fd = int(sys.argv[3])     # -1: make our own memfd
+sock_fd = int(sys.argv[4])
+if ram_fd < 0:
+    ram_fd = nat.memfd_create("vmem-test-fault")
+    os.ftruncate(ram_fd, npages * PAGE)
+m = mmap.mmap(ram_fd, npages * PAGE, flags=mmap.MAP_SHARED)
+ram = np.frombuffer(m, dtype=np.uint8).reshape(npages, PAGE)
+base = ram.ctypes.data
+uffd = nat.uffd_open()
+if mode == "missing":
+    nat.uffd_api(uffd, 0)
+    ioctls = nat.uffd_register(uffd, base, npages * PAGE, nat.UFFDIO_REGISTER_MODE_MISSING)
+else:
+    nat.uffd_api(uffd, nat.UFFD_FEATURE_MINOR_SHMEM)
+    ioctls = nat.uffd_register(uffd, base, npages * PAGE, nat.UFFDIO_REGISTER_MODE_MINOR)
+with socket.socket(fileno=sock_fd) as s:
+    socket.send_fds(s, [b"u"], [uffd])
+reply({"base": base, "ioctls": ioctls})
+for line in sys.stdin:
+    cmd, _, arg = line.strip().partition(" ")
+    if cmd == "read":                    # blocks in the fault until the parent places the page
+        page = int(arg)
+        reply({"page": page, "sum": int(ram[page].sum(dtype=np.uint64)), "first": int(ram[page, 0])})
+"""
+
+
+def _recv_uffd(sock: socket.socket) -> int:
+    _msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 1)
+    assert len(fds) == 1
+    return fds[0]
+
+
+def _wait_fault(uffd: int, timeout: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    ready, _, _ = select.select([uffd], [], [], timeout)
+    assert ready, "no fault event arrived"
+    return nat.uffd_read_fault_events(uffd)
+
+
+def test_uffd_copy_resolves_a_missing_fault_in_another_process(children, page_buffer):
+    _skip_unless("userfaultfd", "UFFD_FEATURE_MISSING_SHMEM")
+    npages = 16
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    uffd = -1
+    try:
+        child = children(FAULT_CHILD, [npages, "missing", -1, child_sock.fileno()], pass_fds=[child_sock.fileno()])
+        child_sock.close()
+        uffd = _recv_uffd(parent_sock)
+        hello = child.recv()
+        base = hello["base"]
+        assert hello["ioctls"] & (1 << nat._UFFDIO_COPY)
+        assert len(nat.uffd_read_faults(uffd)) == 0  # nothing pending: empty, not an error
+
+        src, src_addr = page_buffer(2)
+        src[0, :] = 3
+        src[1, :] = 5
+        child.send("read 3")
+        addrs, flags = _wait_fault(uffd)
+        assert addrs.tolist() == [base + 3 * PAGE]
+        assert not flags[0] & nat.UFFD_PAGEFAULT_FLAG_WP
+        assert nat.uffd_copy(uffd, base + 3 * PAGE, src_addr, PAGE) == PAGE  # wakes the child
+        assert child.recv() == {"page": 3, "sum": 3 * PAGE, "first": 3}
+
+        # Placing an existing page is benign and reported as -EEXIST; a range that is
+        # partly present places the rest.
+        assert nat.uffd_copy(uffd, base + 3 * PAGE, src_addr + PAGE, PAGE) == -17
+        assert nat.uffd_copy(uffd, base + 3 * PAGE, src_addr, 2 * PAGE) == PAGE
+        assert child.ask("read 4") == {"page": 4, "sum": 5 * PAGE, "first": 5}
+        assert nat.uffd_zeropage(uffd, base + 9 * PAGE, PAGE) == PAGE
+        assert child.ask("read 9", timeout=10) == {"page": 9, "sum": 0, "first": 0}
+        with pytest.raises(OSError) as exc:
+            nat.uffd_copy(uffd, base + 1, src_addr, PAGE)  # unaligned
+        assert exc.value.errno == 22 and "UFFDIO_COPY" in str(exc.value)
+    finally:
+        if uffd >= 0:
+            os.close(uffd)
+        parent_sock.close()
+        child_sock.close()
+
+
+def test_uffd_continue_maps_a_page_written_through_another_mapping(children):
+    """MINOR mode: write the page cache through our own mapping, then UFFDIO_CONTINUE."""
+    _skip_unless("userfaultfd", "UFFD_FEATURE_MINOR_SHMEM")
+    npages = 8
+    ram_fd = nat.memfd_create(f"vmem-test-minor-{os.getpid()}")
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    uffd = -1
+    mine = None
+    try:
+        os.ftruncate(ram_fd, npages * PAGE)
+        mine = mmap.mmap(ram_fd, npages * PAGE, flags=mmap.MAP_SHARED)
+        child = children(
+            FAULT_CHILD, [npages, "minor", ram_fd, child_sock.fileno()], pass_fds=[ram_fd, child_sock.fileno()]
+        )
+        child_sock.close()
+        uffd = _recv_uffd(parent_sock)
+        base = child.recv()["base"]
+        mine[2 * PAGE : 3 * PAGE] = bytes([9]) * PAGE  # in the page cache, not yet in the child's page table
+        child.send("read 2")
+        addrs, flags = _wait_fault(uffd)
+        assert addrs.tolist() == [base + 2 * PAGE]
+        assert flags[0] & nat.UFFD_PAGEFAULT_FLAG_MINOR
+        assert nat.uffd_continue(uffd, base + 2 * PAGE, PAGE) == PAGE
+        assert child.recv() == {"page": 2, "sum": 9 * PAGE, "first": 9}
+        assert nat.uffd_continue(uffd, base + 2 * PAGE, PAGE) == -17  # already mapped
+    finally:
+        if uffd >= 0:
+            os.close(uffd)
+        if mine is not None:
+            mine.close()
+        os.close(ram_fd)
+        parent_sock.close()
+        child_sock.close()
+
+
+# --- mprotect tracker (always in a child: it owns the process's SIGSEGV) ------------------
+MPROT_CHILD = """
+npages = int(sys.argv[1])
+fd = nat.memfd_create("vmem-test-mprot")
+os.ftruncate(fd, npages * PAGE)
+m = mmap.mmap(fd, npages * PAGE, flags=mmap.MAP_SHARED)
+ram = np.frombuffer(m, dtype=np.uint8).reshape(npages, PAGE)
+nwords = -(-npages // 64)
+dirty = np.zeros(nwords, dtype=np.uint64)
+out = np.zeros(nwords, dtype=np.uint64)
+nat.mprot_install(ram.ctypes.data, npages, dirty.ctypes.data)
+reply({"installed": nat.mprot_installed()})
+for line in sys.stdin:
+    cmd, _, arg = line.strip().partition(" ")
+    if cmd == "write":
+        idx = np.array(json.loads(arg), dtype=np.int64)
+        ram[idx, 100] += 1
+        reply({"faults": nat.mprot_faults()})
+    elif cmd == "write_every_other":          # pages 0, 2, 4, ... (n of them), one C loop
+        n = int(arg)
+        ram[0 : 2 * n : 2, 5] = 1
+        reply({"faults": nat.mprot_faults()})
+    elif cmd == "write_random":               # n distinct pages in random order, one C loop
+        n, seed = map(int, arg.split())
+        idx = np.random.default_rng(seed).choice(npages, n, replace=False)
+        ram[idx, 5] = 1
+        reply({"faults": nat.mprot_faults(), "pages": sorted(idx.tolist())})
+    elif cmd == "collect":
+        count = nat.mprot_collect(out.ctypes.data)
+        with open("/proc/self/maps") as f:
+            vmas = sum(1 for _ in f)
+        reply({"count": count, "pages": pages_of(out), "fallbacks": nat.mprot_fallbacks(), "vmas": vmas})
+    elif cmd == "uninstall":
+        nat.mprot_uninstall()
+        nat.mprot_uninstall()                 # idempotent
+        ram[1:5, 0] = 1                       # writable again, no handler involved
+        reply({"installed": nat.mprot_installed(), "faults": nat.mprot_faults()})
+    elif cmd == "errors":                     # error paths, reported as errno per call
+        def errno_of(fn, *args):
+            try:
+                fn(*args)
+                return 0
+            except OSError as err:
+                return err.errno
+        spare = np.zeros(nwords, dtype=np.uint64)
+        hole = mmap.mmap(-1, 4 * PAGE)
+        hole_addr = np.frombuffer(hole, dtype=np.uint8).ctypes.data
+        hole.close()                          # an address range that is no longer mapped
+        reply({
+            "busy": errno_of(nat.mprot_install, ram.ctypes.data, npages, spare.ctypes.data),
+            "collect_after_uninstall": (nat.mprot_uninstall(), errno_of(nat.mprot_collect, out.ctypes.data))[1],
+            "unaligned": errno_of(nat.mprot_install, ram.ctypes.data + 1, npages, spare.ctypes.data),
+            "unmapped": errno_of(nat.mprot_install, hole_addr, 4, spare.ctypes.data),
+            "installed": nat.mprot_installed(),
+        })
+    elif cmd == "foreign":                    # a write fault that is not ours must still kill us
+        ro = mmap.mmap(-1, PAGE, prot=mmap.PROT_READ)
+        import ctypes
+        ctypes.memset(np.frombuffer(ro, dtype=np.uint8).ctypes.data, 1, 1)
+        reply({"survived": True})
+"""
+
+
+def test_mprot_tracker_records_and_rearms(children):
+    _skip_unless("mprotect_tracker")
+    child = children(MPROT_CHILD, [256])
+    assert child.recv() == {"installed": True}
+    scattered = [3, 17, 64, 65, 200, 255]
+    child.ask(f"write {json.dumps(scattered)}")
+    got = child.ask("collect")
+    assert got["pages"] == scattered and got["count"] == len(scattered) and got["fallbacks"] == 0
+    assert child.ask("collect")["pages"] == []  # re-protected: nothing new
+    faults = child.ask("write [100, 100, 17]")["faults"]
+    assert faults == len(scattered) + 2  # the second write to page 100 did not fault
+    assert child.ask("collect")["pages"] == [17, 100]
+    assert child.ask("collect")["pages"] == []
+    done = child.ask("uninstall")
+    assert done == {"installed": False, "faults": faults}
+
+
+def test_mprot_error_paths(children):
+    _skip_unless("mprotect_tracker")
+    child = children(MPROT_CHILD, [64])
+    child.recv()
+    assert child.ask("errors") == {
+        "busy": 16,  # EBUSY: one region per process
+        "collect_after_uninstall": 107,  # ENOTCONN
+        "unaligned": 22,
+        "unmapped": 12,  # ENOMEM from mprotect; nothing stays installed
+        "installed": False,
+    }
+
+
+def test_mprot_foreign_segfault_still_kills_the_process(children):
+    _skip_unless("mprotect_tracker")
+    child = children(MPROT_CHILD, [16])
+    child.recv()
+    child.send("foreign")
+    assert child.proc.wait(timeout=30) == -signal.SIGSEGV
+
+
+def test_mprot_survives_vm_max_map_count(children):
+    """Scattered writes needing ~2 VMAs each exceed vm.max_map_count: no crash, no lost page."""
+    _skip_unless("mprotect_tracker")
+    with open("/proc/sys/vm/max_map_count") as f:
+        max_map_count = int(f.read())
+    npages = (1 << 30) // PAGE  # 1 GiB memfd (sparse: only written pages use memory)
+    nwrites = max(40_000, max_map_count // 2 + 8_000)
+    if 2 * nwrites > npages:
+        pytest.skip(f"vm.max_map_count={max_map_count} is too high to reach with a 1 GiB region")
+    child = children(MPROT_CHILD, [npages])
+    child.recv()
+    faults = child.ask(f"write_every_other {nwrites}", timeout=120)["faults"]
+    assert 0 < faults <= nwrites
+    got = child.ask("collect", timeout=120)
+    written = set(range(0, 2 * nwrites, 2))
+    reported = set(got["pages"])
+    assert written <= reported, f"{len(written - reported)} written pages were lost"
+    assert reported <= set(range(2 * nwrites + 32768))  # chunks are aligned around writes
+    assert got["fallbacks"] > 0
+    assert got["vmas"] < 2_000  # re-protecting runs merged the VMAs back
+    assert child.ask("collect")["pages"] == []
+    child.ask("write [7, 262143]")
+    assert child.ask("collect")["pages"] == [7, 262143]
+    assert child.proc.poll() is None
+
+
+# --- digests ---------------------------------------------------------------------------
+def _digest_all(arr: np.ndarray) -> np.ndarray:
+    out = np.empty(arr.shape[0], dtype=np.uint64)
+    nat.digest_range(arr.ctypes.data, 0, arr.shape[0], out)
+    return out
+
+
+def test_digest_equal_pages_equal_digests():
+    rng = np.random.default_rng(1)
+    pages = rng.integers(0, 256, size=(64, PAGE), dtype=np.uint8)
+    pages[9] = pages[5]
+    pages[10] = 0
+    pages[11] = 0
+    d = _digest_all(pages)
+    assert d[5] == d[9] and d[10] == d[11]
+    assert len(set(d.tolist())) == 62
+    assert int(d[10]) == nat.digest_page_bytes(bytes(PAGE))
+
+
+def test_digest_single_flipped_byte_anywhere_changes_it():
+    rng = np.random.default_rng(2)
+    page = rng.integers(0, 256, size=PAGE, dtype=np.uint8)
+    base = _digest_all(page.reshape(1, PAGE))[0]
+    for flip in (0x01, 0x80, 0xFF):
+        variants = np.tile(page, (PAGE, 1))
+        variants[np.arange(PAGE), np.arange(PAGE)] ^= flip  # variant i has byte i flipped
+        d = _digest_all(variants)
+        assert not np.any(d == base), f"flip {flip:#x} went unnoticed"
+        assert len(np.unique(d)) == PAGE
+    zero = np.zeros((PAGE, PAGE), dtype=np.uint8)
+    zero[np.arange(PAGE), np.arange(PAGE)] = 1  # one set byte, at every position
+    d = _digest_all(zero)
+    assert len(np.unique(d)) == PAGE and not np.any(d == _digest_all(np.zeros((1, PAGE), np.uint8))[0])
+
+
+def test_digest_is_position_sensitive():
+    rng = np.random.default_rng(3)
+    page = rng.integers(0, 256, size=PAGE, dtype=np.uint8)
+    words = page.view(np.uint64).copy()
+    swapped = words.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    rotated = np.roll(words, 1)
+    d = _digest_all(np.stack([page, swapped.view(np.uint8), rotated.view(np.uint8)]))
+    assert len(set(d.tolist())) == 3
+
+
+def test_digest_pages_and_range_agree():
+    rng = np.random.default_rng(4)
+    ram = rng.integers(0, 256, size=(300, PAGE), dtype=np.uint8)
+    full = np.empty(300, dtype=np.uint64)
+    nat.digest_range(ram.ctypes.data, 0, 300, full)
+    idx = rng.integers(0, 300, size=1000).astype(np.int64)  # unordered, with repeats
+    picked = np.empty(1000, dtype=np.uint64)
+    nat.digest_pages(ram.ctypes.data, idx, picked)
+    assert np.array_equal(picked, full[idx])
+    part = np.empty(50, dtype=np.uint64)
+    nat.digest_range(ram.ctypes.data, 120, 50, part)
+    assert np.array_equal(part, full[120:170])
+    nat.digest_pages(ram.ctypes.data, np.empty(0, np.int64), np.empty(0, np.uint64))  # no-op
+
+
+def test_digest_argument_checks():
+    ram = np.zeros((4, PAGE), dtype=np.uint8)
+    out = np.empty(4, dtype=np.uint64)
+    with pytest.raises(TypeError):
+        nat.digest_pages(ram.ctypes.data, np.arange(4, dtype=np.int32), out)
+    with pytest.raises(TypeError):
+        nat.digest_pages(ram.ctypes.data, np.arange(4, dtype=np.int64), np.empty(4, np.int64))
+    with pytest.raises(ValueError):
+        nat.digest_pages(ram.ctypes.data, np.array([0, -1], np.int64), out)
+    with pytest.raises(ValueError):
+        nat.digest_range(ram.ctypes.data, 0, 5, out)
+
+
+def test_digest_is_xxh64():
+    xxhash = pytest.importorskip("xxhash")
+    page = os.urandom(PAGE)
+    assert nat.digest_page_bytes(page) == xxhash.xxh64_intdigest(page)
+
+
+# --- process ---------------------------------------------------------------------------
+PDEATH_CHILD = """
+nat.set_pdeathsig(signal.SIGKILL)
+reply({"ready": True})
+signal.pause()
+"""
+
+
+def test_set_pdeathsig_fires_when_the_parent_thread_exits(children):
+    """PDEATHSIG follows the *thread* that forked: spawn from a thread, let it end."""
+    box: dict[str, Child] = {}
+
+    def spawner():
+        box["child"] = children(PDEATH_CHILD)
+        box["child"].recv()
+
+    t = threading.Thread(target=spawner)
+    t.start()
+    t.join()
+    assert box["child"].proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_set_pdeathsig_rejects_bad_signal():
+    with pytest.raises(OSError) as exc:
+        nat.set_pdeathsig(1000)
+    assert exc.value.errno == 22 and "PR_SET_PDEATHSIG" in str(exc.value)
+
+
+# --- features --------------------------------------------------------------------------
+def test_probe_features_names_and_format():
+    feats = vfeatures.probe_features()
+    for name in ("memfd_create", "userfaultfd", "PAGEMAP_SCAN", "mprotect_tracker", "UFFD_FEATURE_WP_ASYNC",
+                 "UFFD_FEATURE_MINOR_SHMEM", "UFFD_FEATURE_MOVE", "UFFD_FEATURE_POISON"):
+        assert name in feats and feats[name].name == name and feats[name].detail
+    assert feats["memfd_create"].available
+    table = vfeatures.format_features(feats)
+    assert all(name in table for name in feats)
+    assert vfeatures.probe_features(refresh=True).keys() == feats.keys()
+
+
+def test_require():
+    feats = vfeatures.probe_features()
+    vfeatures.require("memfd_create")
+    if feats["UFFD_FEATURE_WP_ASYNC"].available:
+        vfeatures.require("WP_ASYNC")  # short alias
+    with pytest.raises(ValueError):
+        vfeatures.require("no-such-feature")
+    missing = vfeatures.Feature("PAGEMAP_SCAN", False, "kernel too old")
+    saved = vfeatures._cache
+    try:
+        vfeatures._cache = {**feats, "PAGEMAP_SCAN": missing}
+        with pytest.raises(FeatureUnavailable) as exc:
+            vfeatures.require("PAGEMAP_SCAN", alternative="--tracker mprotect")
+        assert exc.value.feature == "PAGEMAP_SCAN" and exc.value.alternative == "--tracker mprotect"
+        assert "kernel too old" in str(exc.value)
+    finally:
+        vfeatures._cache = saved

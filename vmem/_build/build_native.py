@@ -1,0 +1,61 @@
+"""cffi build script for the one native extension, ``vmem._vmem_native`` (out-of-line API mode).
+
+Each concern has its own fragment module beside this file (pyca/cryptography style), each
+with four strings:
+
+    INCLUDES        C headers it needs (goes to the C source)
+    TYPES           constants and types Python may see (goes to the cdef)
+    FUNCTIONS       C function prototypes Python may call (goes to the cdef)
+    CUSTOMIZATIONS  C code: compatibility declarations for old headers, then the
+                    implementation (goes to the C source)
+
+All fragments compile into ONE extension.  The fragments are loaded by file path, not
+imported as ``vmem._build.*``, so that building never imports the ``vmem`` package (whose
+``__init__`` may need the extension being built).
+
+Built by ``pip install -e .`` (setup.py: ``cffi_modules``) or by hand:
+``python3 vmem/_build/build_native.py`` (writes the extension into ``vmem/``).
+"""
+import importlib.util
+import os
+
+from cffi import FFI
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Order matters for the C source: common first (feature macros, shared headers).
+FRAGMENTS = ["common", "memfd", "process", "uffd", "pagemap", "mprot", "digest"]
+
+
+def _load_fragment(name):
+    spec = importlib.util.spec_from_file_location(f"_vmem_build_{name}", os.path.join(_HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_ffi() -> FFI:
+    modules = [_load_fragment(name) for name in FRAGMENTS]
+    ffi = FFI()
+    ffi.cdef("\n".join(m.TYPES for m in modules))
+    ffi.cdef("\n".join(m.FUNCTIONS for m in modules))
+    source = "\n".join([m.INCLUDES for m in modules] + [m.CUSTOMIZATIONS for m in modules])
+    ffi.set_source(
+        "vmem._vmem_native",
+        source,
+        extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unused-function"],
+    )
+    return ffi
+
+
+ffibuilder = build_ffi()
+
+if __name__ == "__main__":
+    # Build in place: vmem/_vmem_native.*.so next to vmem/_native.py; intermediates in a
+    # temporary directory.
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=f"vmem-build-{os.getpid()}-") as tmp:
+        built = ffibuilder.compile(tmpdir=tmp, verbose=True)
+        shutil.copy(built, os.path.join(os.path.dirname(_HERE), os.path.basename(built)))

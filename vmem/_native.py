@@ -1,0 +1,638 @@
+"""Typed Python wrappers over the one native extension, ``vmem._vmem_native``.
+
+This is the only module that touches the raw cffi ``lib``/``ffi``.  Everything above it
+sees plain Python ints (addresses, fds, feature masks) and numpy arrays, and one error
+convention: every C function returns ``-errno`` on failure and every return code passes
+through :func:`_check`, which raises ``OSError(errno, strerror, context)``; ``context``
+names the operation (and range) that failed.  ``OSError`` subclasses follow from the errno
+(``FileExistsError`` for ``EEXIST``, ``PermissionError`` for ``EPERM``...).
+
+Addresses are Python ints (``ndarray.ctypes.data``, ``mmap`` addresses); lengths are bytes
+unless the name says ``pages``.  The C calls release the GIL (cffi API mode).
+
+Concerns, each built from its own fragment in ``vmem/_build/``:
+
+* memfd: :func:`memfd_create`.
+* userfaultfd: :func:`uffd_open`, :func:`uffd_api`, register/unregister, write-protect,
+  placement (:func:`uffd_copy`, :func:`uffd_zeropage`, :func:`uffd_continue`,
+  :func:`uffd_move`, :func:`uffd_poison`), :func:`uffd_wake`, :func:`uffd_read_faults`.
+  uffd ioctls act on the mm of the process that *created* the fd, whoever calls them, so
+  a migrator holding a guest's uffd (received over SCM_RIGHTS) write-protects and fills
+  the guest's pages at the guest's addresses.
+* PAGEMAP_SCAN: :func:`pagemap_scan` (and :func:`open_pagemap`).
+* the mprotect tracker (runs inside the guest): :func:`mprot_install`,
+  :func:`mprot_collect`, :func:`mprot_uninstall`, :func:`mprot_fallbacks`.
+* page digests: :func:`digest_pages`, :func:`digest_range`.
+* process: :func:`set_pdeathsig`.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+import threading
+
+import numpy as np
+
+from vmem._vmem_native import ffi, lib
+
+__all__ = [
+    "PAGE_SIZE",
+    "memfd_create",
+    "uffd_open",
+    "uffd_open_ex",
+    "uffd_api",
+    "uffd_register",
+    "uffd_unregister",
+    "uffd_writeprotect",
+    "uffd_copy",
+    "uffd_zeropage",
+    "uffd_continue",
+    "uffd_poison",
+    "uffd_move",
+    "uffd_wake",
+    "uffd_read_faults",
+    "uffd_read_fault_events",
+    "UFFD_FEATURE_NAMES",
+    "uffd_feature_names",
+    "open_pagemap",
+    "pagemap_scan",
+    "mprot_install",
+    "mprot_collect",
+    "mprot_uninstall",
+    "mprot_installed",
+    "mprot_fallbacks",
+    "mprot_faults",
+    "digest_pages",
+    "digest_range",
+    "digest_page_bytes",
+    "set_pdeathsig",
+]
+
+PAGE_SIZE: int = int(lib.VMEM_PAGE_SIZE)
+_PAGE_SHIFT = 12
+assert PAGE_SIZE == 1 << _PAGE_SHIFT
+
+# --- constants -------------------------------------------------------------------------
+# memfd_create(2)
+MFD_CLOEXEC: int = lib.MFD_CLOEXEC
+MFD_ALLOW_SEALING: int = lib.MFD_ALLOW_SEALING
+MFD_HUGETLB: int = lib.MFD_HUGETLB
+
+# userfaultfd(2) flags, API and features (include/uapi/linux/userfaultfd.h)
+UFFD_API: int = lib.UFFD_API
+UFFD_USER_MODE_ONLY: int = lib.UFFD_USER_MODE_ONLY
+UFFD_FEATURE_PAGEFAULT_FLAG_WP: int = lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP
+UFFD_FEATURE_EVENT_FORK: int = lib.UFFD_FEATURE_EVENT_FORK
+UFFD_FEATURE_EVENT_REMAP: int = lib.UFFD_FEATURE_EVENT_REMAP
+UFFD_FEATURE_EVENT_REMOVE: int = lib.UFFD_FEATURE_EVENT_REMOVE
+UFFD_FEATURE_MISSING_HUGETLBFS: int = lib.UFFD_FEATURE_MISSING_HUGETLBFS
+UFFD_FEATURE_MISSING_SHMEM: int = lib.UFFD_FEATURE_MISSING_SHMEM
+UFFD_FEATURE_EVENT_UNMAP: int = lib.UFFD_FEATURE_EVENT_UNMAP
+UFFD_FEATURE_SIGBUS: int = lib.UFFD_FEATURE_SIGBUS
+UFFD_FEATURE_THREAD_ID: int = lib.UFFD_FEATURE_THREAD_ID
+UFFD_FEATURE_MINOR_HUGETLBFS: int = lib.UFFD_FEATURE_MINOR_HUGETLBFS
+UFFD_FEATURE_MINOR_SHMEM: int = lib.UFFD_FEATURE_MINOR_SHMEM
+UFFD_FEATURE_EXACT_ADDRESS: int = lib.UFFD_FEATURE_EXACT_ADDRESS
+UFFD_FEATURE_WP_HUGETLBFS_SHMEM: int = lib.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+UFFD_FEATURE_WP_UNPOPULATED: int = lib.UFFD_FEATURE_WP_UNPOPULATED
+UFFD_FEATURE_POISON: int = lib.UFFD_FEATURE_POISON
+UFFD_FEATURE_WP_ASYNC: int = lib.UFFD_FEATURE_WP_ASYNC
+UFFD_FEATURE_MOVE: int = lib.UFFD_FEATURE_MOVE
+
+#: Every UFFD_FEATURE_* bit by its short name, in bit order.
+UFFD_FEATURE_NAMES: dict[str, int] = {
+    "PAGEFAULT_FLAG_WP": UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    "EVENT_FORK": UFFD_FEATURE_EVENT_FORK,
+    "EVENT_REMAP": UFFD_FEATURE_EVENT_REMAP,
+    "EVENT_REMOVE": UFFD_FEATURE_EVENT_REMOVE,
+    "MISSING_HUGETLBFS": UFFD_FEATURE_MISSING_HUGETLBFS,
+    "MISSING_SHMEM": UFFD_FEATURE_MISSING_SHMEM,
+    "EVENT_UNMAP": UFFD_FEATURE_EVENT_UNMAP,
+    "SIGBUS": UFFD_FEATURE_SIGBUS,
+    "THREAD_ID": UFFD_FEATURE_THREAD_ID,
+    "MINOR_HUGETLBFS": UFFD_FEATURE_MINOR_HUGETLBFS,
+    "MINOR_SHMEM": UFFD_FEATURE_MINOR_SHMEM,
+    "EXACT_ADDRESS": UFFD_FEATURE_EXACT_ADDRESS,
+    "WP_HUGETLBFS_SHMEM": UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    "WP_UNPOPULATED": UFFD_FEATURE_WP_UNPOPULATED,
+    "POISON": UFFD_FEATURE_POISON,
+    "WP_ASYNC": UFFD_FEATURE_WP_ASYNC,
+    "MOVE": UFFD_FEATURE_MOVE,
+}
+
+UFFDIO_REGISTER_MODE_MISSING: int = lib.UFFDIO_REGISTER_MODE_MISSING
+UFFDIO_REGISTER_MODE_WP: int = lib.UFFDIO_REGISTER_MODE_WP
+UFFDIO_REGISTER_MODE_MINOR: int = lib.UFFDIO_REGISTER_MODE_MINOR
+UFFDIO_COPY_MODE_DONTWAKE: int = lib.UFFDIO_COPY_MODE_DONTWAKE
+UFFDIO_COPY_MODE_WP: int = lib.UFFDIO_COPY_MODE_WP
+UFFDIO_ZEROPAGE_MODE_DONTWAKE: int = lib.UFFDIO_ZEROPAGE_MODE_DONTWAKE
+UFFDIO_WRITEPROTECT_MODE_WP: int = lib.UFFDIO_WRITEPROTECT_MODE_WP
+UFFDIO_WRITEPROTECT_MODE_DONTWAKE: int = lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+UFFDIO_CONTINUE_MODE_DONTWAKE: int = lib.UFFDIO_CONTINUE_MODE_DONTWAKE
+UFFDIO_CONTINUE_MODE_WP: int = lib.UFFDIO_CONTINUE_MODE_WP
+UFFDIO_POISON_MODE_DONTWAKE: int = lib.UFFDIO_POISON_MODE_DONTWAKE
+UFFDIO_MOVE_MODE_DONTWAKE: int = lib.UFFDIO_MOVE_MODE_DONTWAKE
+UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES: int = lib.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
+
+# Bit numbers in the ioctls masks returned by UFFDIO_API / UFFDIO_REGISTER: test with 1 << n.
+_UFFDIO_REGISTER: int = lib._UFFDIO_REGISTER
+_UFFDIO_UNREGISTER: int = lib._UFFDIO_UNREGISTER
+_UFFDIO_WAKE: int = lib._UFFDIO_WAKE
+_UFFDIO_COPY: int = lib._UFFDIO_COPY
+_UFFDIO_ZEROPAGE: int = lib._UFFDIO_ZEROPAGE
+_UFFDIO_MOVE: int = lib._UFFDIO_MOVE
+_UFFDIO_WRITEPROTECT: int = lib._UFFDIO_WRITEPROTECT
+_UFFDIO_CONTINUE: int = lib._UFFDIO_CONTINUE
+_UFFDIO_POISON: int = lib._UFFDIO_POISON
+_UFFDIO_API: int = lib._UFFDIO_API
+
+UFFD_EVENT_PAGEFAULT: int = lib.UFFD_EVENT_PAGEFAULT
+UFFD_EVENT_FORK: int = lib.UFFD_EVENT_FORK
+UFFD_EVENT_REMAP: int = lib.UFFD_EVENT_REMAP
+UFFD_EVENT_REMOVE: int = lib.UFFD_EVENT_REMOVE
+UFFD_EVENT_UNMAP: int = lib.UFFD_EVENT_UNMAP
+UFFD_PAGEFAULT_FLAG_WRITE: int = lib.UFFD_PAGEFAULT_FLAG_WRITE
+UFFD_PAGEFAULT_FLAG_WP: int = lib.UFFD_PAGEFAULT_FLAG_WP
+UFFD_PAGEFAULT_FLAG_MINOR: int = lib.UFFD_PAGEFAULT_FLAG_MINOR
+
+# PAGEMAP_SCAN (include/uapi/linux/fs.h)
+PM_SCAN_WP_MATCHING: int = lib.PM_SCAN_WP_MATCHING
+PM_SCAN_CHECK_WPASYNC: int = lib.PM_SCAN_CHECK_WPASYNC
+PAGE_IS_WPALLOWED: int = lib.PAGE_IS_WPALLOWED
+PAGE_IS_WRITTEN: int = lib.PAGE_IS_WRITTEN
+PAGE_IS_FILE: int = lib.PAGE_IS_FILE
+PAGE_IS_PRESENT: int = lib.PAGE_IS_PRESENT
+PAGE_IS_SWAPPED: int = lib.PAGE_IS_SWAPPED
+PAGE_IS_PFNZERO: int = lib.PAGE_IS_PFNZERO
+PAGE_IS_HUGE: int = lib.PAGE_IS_HUGE
+PAGE_IS_SOFT_DIRTY: int = lib.PAGE_IS_SOFT_DIRTY
+PAGE_IS_GUARD: int = lib.PAGE_IS_GUARD
+
+#: Build-time facts (what the compile-time headers had; not what the kernel supports).
+BUILD_INFO: dict[str, bool] = {
+    "HAS_SYS_USERFAULTFD": bool(lib.HAS_SYS_USERFAULTFD),
+    "HAS_MEMFD_CREATE": bool(lib.HAS_MEMFD_CREATE),
+    "HEADERS_HAVE_PAGEMAP_SCAN": bool(lib.HEADERS_HAVE_PAGEMAP_SCAN),
+    "HEADERS_HAVE_UFFD_WP_ASYNC": bool(lib.HEADERS_HAVE_UFFD_WP_ASYNC),
+    "HEADERS_HAVE_UFFDIO_MOVE": bool(lib.HEADERS_HAVE_UFFDIO_MOVE),
+    "HEADERS_HAVE_UFFDIO_POISON": bool(lib.HEADERS_HAVE_UFFDIO_POISON),
+}
+
+_OPEN_HOW = {
+    lib.VMEM_UFFD_OPEN_SYSCALL: "syscall",
+    lib.VMEM_UFFD_OPEN_USER_MODE_ONLY: "syscall+UFFD_USER_MODE_ONLY",
+    lib.VMEM_UFFD_OPEN_DEV: "/dev/userfaultfd",
+}
+
+_U64_MAX = (1 << 64) - 1
+
+
+# --- the one error helper --------------------------------------------------------------
+def _check(rc: int, context: str) -> int:
+    """Return ``rc`` if non-negative; otherwise raise ``OSError(-rc, strerror, context)``."""
+    if rc < 0:
+        err = -rc
+        raise OSError(err, os.strerror(err), context)
+    return rc
+
+
+def _range(start: int, length: int) -> str:
+    return f"[{start:#x}, {start + length:#x})"
+
+
+# --- memfd -----------------------------------------------------------------------------
+def memfd_create(name: str, flags: int = MFD_CLOEXEC | MFD_ALLOW_SEALING) -> int:
+    """Create an anonymous shmem file and return its fd (size 0: ``ftruncate`` it).
+
+    Args:
+        name: shown in ``/proc/<pid>/fd`` as ``memfd:<name>`` (at most 249 bytes).
+        flags: ``MFD_*``; the default is close-on-exec and sealable.
+
+    Raises:
+        OSError: from memfd_create(2) (``EINVAL`` for a bad name or flags, ``EMFILE``...).
+
+    Guarantees: the fd is owned by the caller; nothing else is created.
+    """
+    return _check(lib.vmem_memfd_create(name.encode(), int(flags)), f"memfd_create({name!r})")
+
+
+# --- userfaultfd -----------------------------------------------------------------------
+def uffd_open_ex(flags: int = os.O_CLOEXEC | os.O_NONBLOCK) -> tuple[int, str]:
+    """Create a userfaultfd; return ``(fd, how)``.
+
+    ``how`` is ``"syscall"``, ``"syscall+UFFD_USER_MODE_ONLY"`` (the plain syscall gave
+    ``EPERM``, i.e. ``vm.unprivileged_userfaultfd=0`` without privilege: only faults from
+    user mode are reported, and a syscall that touches missing pages fails with
+    ``EFAULT``), or ``"/dev/userfaultfd"`` (Linux >= 6.1 device node).
+
+    Raises:
+        OSError: the errno of the plain syscall if every way failed (``ENOSYS``: no
+            userfaultfd in this kernel; ``EPERM``: not allowed).
+    """
+    how = ffi.new("int *")
+    fd = _check(lib.vmem_uffd_open(int(flags), how), "userfaultfd()")
+    return fd, _OPEN_HOW.get(how[0], "unknown")
+
+
+def uffd_open(flags: int = os.O_CLOEXEC | os.O_NONBLOCK) -> int:
+    """Create a userfaultfd and return the fd; retries with UFFD_USER_MODE_ONLY on EPERM.
+
+    The fd still needs :func:`uffd_api` before anything else.  See :func:`uffd_open_ex`
+    for how it was obtained.
+
+    Raises:
+        OSError: ``ENOSYS`` (no userfaultfd), ``EPERM`` (not permitted)...
+    """
+    return uffd_open_ex(flags)[0]
+
+
+def uffd_api(fd: int, features: int) -> int:
+    """Handshake (``UFFDIO_API``), enabling ``features``; return the kernel's feature mask.
+
+    The kernel reports *every* feature it supports in the returned mask (a superset of
+    ``features``); only the requested ones are enabled on this fd.  Call it exactly once
+    per fd: ``features=0`` is a pure probe that still consumes the handshake.
+
+    Raises:
+        OSError: ``EINVAL`` if a requested feature is unsupported (or the handshake was
+            already done), ``EPERM`` for features needing privilege (e.g. EVENT_FORK).
+    """
+    features_out = ffi.new("uint64_t *")
+    ioctls_out = ffi.new("uint64_t *")
+    _check(lib.vmem_uffd_api(fd, int(features), features_out, ioctls_out), f"UFFDIO_API(features={features:#x})")
+    return int(features_out[0])
+
+
+def uffd_feature_names(mask: int) -> list[str]:
+    """Short names (``"WP_ASYNC"``...) of the UFFD_FEATURE_* bits set in ``mask``."""
+    return [name for name, bit in UFFD_FEATURE_NAMES.items() if mask & bit]
+
+
+def uffd_register(fd: int, start: int, length: int, mode: int) -> int:
+    """Register ``[start, start+length)`` of the fd's mm (``UFFDIO_REGISTER``); return the ioctls mask.
+
+    ``mode`` is ``UFFDIO_REGISTER_MODE_*`` (MISSING, WP, MINOR; combinable).  The returned
+    mask has bit ``_UFFDIO_COPY`` etc. set for each ioctl usable on the range.
+
+    Raises:
+        OSError: ``EINVAL`` (unaligned, unsupported mode for this memory), ``EBUSY``
+            (registered with another uffd), ``ENOMEM`` (range not mapped).
+    """
+    ioctls = ffi.new("uint64_t *")
+    _check(lib.vmem_uffd_register(fd, start, length, int(mode), ioctls), f"UFFDIO_REGISTER {_range(start, length)}")
+    return int(ioctls[0])
+
+
+def uffd_unregister(fd: int, start: int, length: int) -> None:
+    """Unregister ``[start, start+length)`` (``UFFDIO_UNREGISTER``); wakes blocked faulters.
+
+    Raises:
+        OSError: ``EINVAL`` for an unaligned range; ``ENOMEM`` if the mm is gone.
+    """
+    _check(lib.vmem_uffd_unregister(fd, start, length), f"UFFDIO_UNREGISTER {_range(start, length)}")
+
+
+def uffd_writeprotect(fd: int, start: int, length: int, protect: bool, dont_wake: bool = False) -> None:
+    """Set (``protect=True``) or clear write-protection on a WP-registered range.
+
+    Acts on the fd's mm: the caller need not be the process that owns the pages.
+    ``EAGAIN`` (the mm is changing) is retried internally, a bounded number of times.
+    With ``UFFD_FEATURE_WP_ASYNC`` a write to a protected page is resolved by the kernel
+    and the page then reads as ``PAGE_IS_WRITTEN`` in :func:`pagemap_scan`.
+
+    Raises:
+        OSError: ``ENOENT`` (range not registered for WP), ``EINVAL``, ``ESRCH`` (mm gone).
+    """
+    mode = 0
+    if protect:
+        mode |= UFFDIO_WRITEPROTECT_MODE_WP
+    if dont_wake:
+        mode |= UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+    _check(
+        lib.vmem_uffd_writeprotect(fd, start, length, mode),
+        f"UFFDIO_WRITEPROTECT {_range(start, length)} protect={bool(protect)}",
+    )
+
+
+def _fill(op: int, name: str, fd: int, dst: int, src: int, length: int, mode: int) -> int:
+    rc = lib.vmem_uffd_fill(fd, op, dst, src, length, int(mode))
+    if rc == -_errno.EEXIST:  # every page was already there: benign, waiters were woken
+        return rc
+    return _check(rc, f"{name} {_range(dst, length)}")
+
+
+def uffd_copy(fd: int, dst: int, src: int, length: int, mode: int = 0) -> int:
+    """Atomically place ``length`` bytes from ``src`` (caller's memory) at ``dst`` (the fd's mm).
+
+    ``UFFDIO_COPY``: each page becomes visible to the owner complete or not at all.  A
+    partial copy is resumed; ``EAGAIN`` without progress is retried (bounded).  Pages that
+    already exist are skipped and their waiters woken (unless ``UFFDIO_COPY_MODE_DONTWAKE``).
+
+    Returns:
+        bytes placed by this call, or ``-errno.EEXIST`` if every page already existed.
+
+    Raises:
+        OSError: ``ENOENT``/``EINVAL`` (range not registered / unaligned), ``ESRCH`` (the
+            owner's mm is gone), ``EFAULT`` (bad ``src``).  If it raises, pages before the
+            failing one may have been placed.
+    """
+    return _fill(lib.VMEM_UFFD_FILL_COPY, "UFFDIO_COPY", fd, dst, src, length, mode)
+
+
+def uffd_zeropage(fd: int, start: int, length: int, mode: int = 0) -> int:
+    """Map zero pages over a missing range (``UFFDIO_ZEROPAGE``); same contract as :func:`uffd_copy`."""
+    return _fill(lib.VMEM_UFFD_FILL_ZEROPAGE, "UFFDIO_ZEROPAGE", fd, start, 0, length, mode)
+
+
+def uffd_continue(fd: int, start: int, length: int, mode: int = 0) -> int:
+    """Map pages already in the page cache after a MINOR fault (``UFFDIO_CONTINUE``).
+
+    The page contents must have been written beforehand through another mapping of the
+    same shmem file; the owner sees them only once this returns.  Same return/raise
+    contract as :func:`uffd_copy` (``EEXIST``: already mapped).
+    """
+    return _fill(lib.VMEM_UFFD_FILL_CONTINUE, "UFFDIO_CONTINUE", fd, start, 0, length, mode)
+
+
+def uffd_poison(fd: int, start: int, length: int, mode: int = 0) -> int:
+    """Install poison markers (``UFFDIO_POISON``): later access raises SIGBUS in the owner.
+
+    Same return/raise contract as :func:`uffd_copy`.  Needs ``UFFD_FEATURE_POISON``.
+    """
+    return _fill(lib.VMEM_UFFD_FILL_POISON, "UFFDIO_POISON", fd, start, 0, length, mode)
+
+
+def uffd_move(fd: int, dst: int, src: int, length: int, mode: int = 0) -> int:
+    """Move pages from ``src`` to ``dst`` inside the fd's mm (``UFFDIO_MOVE``); return bytes moved.
+
+    Anonymous private memory only (not shmem).  Partial moves are resumed.
+
+    Raises:
+        OSError: ``EEXIST`` (dst populated), ``ENOENT`` (src hole without
+            ``UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES``), ``EINVAL``, ``EBUSY``.
+    """
+    return _check(lib.vmem_uffd_move(fd, dst, src, length, int(mode)), f"UFFDIO_MOVE {_range(dst, length)}")
+
+
+def uffd_wake(fd: int, start: int, length: int) -> None:
+    """Wake threads blocked on faults in ``[start, start+length)`` (``UFFDIO_WAKE``).
+
+    Raises:
+        OSError: ``EINVAL`` for an unaligned range.
+    """
+    _check(lib.vmem_uffd_wake(fd, start, length), f"UFFDIO_WAKE {_range(start, length)}")
+
+
+_fault_tls = threading.local()
+
+
+def _fault_buffers(max_events: int):
+    bufs = getattr(_fault_tls, "bufs", None)
+    if bufs is None or bufs[0] < max_events:
+        bufs = (max_events, ffi.new("uint64_t[]", max_events), ffi.new("uint64_t[]", max_events))
+        _fault_tls.bufs = bufs
+    return bufs[1], bufs[2]
+
+
+def uffd_read_fault_events(fd: int, max_events: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Read pending fault events; return ``(addresses, flags)`` as uint64 arrays.
+
+    ``flags`` holds ``UFFD_PAGEFAULT_FLAG_*`` (WRITE, WP, MINOR).  Non-fault events
+    (fork, remap, remove, unmap) are consumed and dropped.  On a non-blocking fd nothing
+    pending gives empty arrays; a blocking fd is read once (blocks until an event).
+
+    Raises:
+        OSError: from read(2) (``EBADF``...; ``EINVAL`` before ``UFFDIO_API``).
+    """
+    if max_events <= 0:
+        empty = np.empty(0, dtype=np.uint64)
+        return empty, empty.copy()
+    addrs, flags = _fault_buffers(max_events)
+    n = _check(lib.vmem_uffd_read_faults(fd, addrs, flags, max_events), "read(userfaultfd)")
+    a = np.frombuffer(ffi.buffer(addrs, n * 8), dtype=np.uint64).copy()
+    f = np.frombuffer(ffi.buffer(flags, n * 8), dtype=np.uint64).copy()
+    return a, f
+
+
+def uffd_read_faults(fd: int, max_events: int = 256) -> np.ndarray:
+    """Read pending page-fault events; return their addresses (uint64, page-aligned unless
+    ``UFFD_FEATURE_EXACT_ADDRESS``).  Empty if nothing is pending (``EAGAIN``).
+
+    See :func:`uffd_read_fault_events` for the flags and the blocking behaviour.
+    """
+    return uffd_read_fault_events(fd, max_events)[0]
+
+
+# --- PAGEMAP_SCAN ----------------------------------------------------------------------
+_SCAN_VEC_REGIONS = 4096  # 96 KiB of page_region per thread, reused across calls
+_scan_tls = threading.local()
+
+
+def _scan_buffers():
+    bufs = getattr(_scan_tls, "bufs", None)
+    if bufs is None:
+        bufs = (ffi.new("uint64_t[]", 3 * _SCAN_VEC_REGIONS), ffi.new("uint64_t *"))
+        _scan_tls.bufs = bufs
+    return bufs
+
+
+def open_pagemap(pid: int | str = "self") -> int:
+    """Open ``/proc/<pid>/pagemap`` read-only (close-on-exec) for :func:`pagemap_scan`.
+
+    Raises:
+        OSError: ``ENOENT`` (no such process), ``EACCES`` (ptrace access denied).
+    """
+    return os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def pagemap_scan(
+    pagemap_fd: int,
+    start: int,
+    end: int,
+    *,
+    flags: int,
+    category_mask: int,
+    return_mask: int,
+    category_inverted: int = 0,
+    category_anyof_mask: int = 0,
+    max_pages: int = 0,
+) -> np.ndarray:
+    """Scan ``[start, end)`` of the pagemap's process with ``PAGEMAP_SCAN``; return its regions.
+
+    Returns:
+        ``(n, 3)`` uint64 array of ``[start, end, categories]`` rows (end exclusive,
+        ascending, page-aligned), covering the matching pages; categories are masked by
+        ``return_mask``.  Adjacent rows with equal categories split by the kernel's
+        output buffer are merged.
+
+    The ioctl is repeated from ``walk_end`` until the whole range is walked (or
+    ``max_pages`` matching pages were found); each call fills at most 4096 regions.  With
+    ``PM_SCAN_WP_MATCHING`` the matched pages are write-protected again *by the same walk*
+    that reports them: a write after a page is reported is caught by the next scan.
+
+    Raises:
+        OSError: ``EPERM`` with ``PM_SCAN_CHECK_WPASYNC`` if part of the range is not
+            registered for async WP; ``EINVAL`` (bad flags/range); ``ENOTTY`` (kernel
+            without PAGEMAP_SCAN); ``ESRCH``.  If it raises after some calls succeeded,
+            the pages they matched were already re-protected (and are lost to the caller).
+    """
+    vec, walk_end = _scan_buffers()
+    chunks: list[np.ndarray] = []
+    pos = int(start)
+    end = int(end)
+    pages_left = int(max_pages)
+    while pos < end:
+        n = lib.vmem_pagemap_scan(
+            pagemap_fd, pos, end, int(flags), int(category_inverted), int(category_mask),
+            int(category_anyof_mask), int(return_mask), pages_left, vec, _SCAN_VEC_REGIONS, walk_end,
+        )
+        _check(n, f"PAGEMAP_SCAN {_range(pos, end - pos)}")
+        if n:
+            regions = np.frombuffer(ffi.buffer(vec, n * 24), dtype=np.uint64).reshape(n, 3).copy()
+            if max_pages:
+                pages_left -= int(((regions[:, 1] - regions[:, 0]) >> _PAGE_SHIFT).sum())
+            if chunks:
+                prev = chunks[-1]
+                if prev[-1, 1] == regions[0, 0] and prev[-1, 2] == regions[0, 2]:
+                    prev[-1, 1] = regions[0, 1]
+                    regions = regions[1:]
+            if len(regions):
+                chunks.append(regions)
+            if max_pages and pages_left <= 0:
+                break
+        new_pos = int(walk_end[0])
+        if new_pos <= pos:  # no progress: never loop forever on a kernel surprise
+            break
+        pos = new_pos
+    if not chunks:
+        return np.empty((0, 3), dtype=np.uint64)
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+# --- mprotect tracker (guest side) -----------------------------------------------------
+def mprot_install(base: int, npages: int, dirty_bitmap: int) -> None:
+    """Start mprotect dirty tracking of ``[base, base + npages*4096)`` in *this* process.
+
+    Installs the C SIGSEGV handler (the previous action is saved) and makes the region
+    ``PROT_READ``.  ``dirty_bitmap`` is the address of ``ceil(npages/64)`` uint64 words
+    (e.g. in a shared memfd) that the handler sets bits in; it is zeroed here and must
+    stay mapped until :func:`mprot_uninstall`.  One region per process.  Resets
+    :func:`mprot_fallbacks`.
+
+    Do not enable ``faulthandler`` or another SIGSEGV handler while installed: it would
+    replace ours and the next tracked write would crash.
+
+    Raises:
+        OSError: ``EBUSY`` (already installed), ``EINVAL`` (unaligned base or bitmap,
+            ``npages == 0``), ``ENOMEM`` from mprotect (range not mapped); on error
+            nothing stays installed.
+    """
+    _check(lib.vmem_mprot_install(base, npages, dirty_bitmap), f"mprot_install {_range(base, npages * PAGE_SIZE)}")
+
+
+def mprot_collect(out_bitmap: int) -> int:
+    """Move the dirty bits to ``out_bitmap`` and re-protect those pages; return how many.
+
+    ``out_bitmap`` has the dirty bitmap's size; every word is overwritten.  A page whose
+    bit is returned is ``PROT_READ`` again when this returns, so a write after it is seen
+    by the next collect.  Call it from the guest's only running thread at a safe point.
+    Pages may be reported that were not written (the max_map_count fallback marks whole
+    chunks); a written page is never missed.
+
+    Raises:
+        OSError: ``ENOTCONN`` (not installed), ``EINVAL``; if it raises, the bits are put
+            back into the dirty bitmap.
+    """
+    return _check(lib.vmem_mprot_collect(out_bitmap), "mprot_collect")
+
+
+def mprot_uninstall() -> None:
+    """Stop tracking: region back to ``PROT_READ|PROT_WRITE``, previous SIGSEGV action back.
+
+    Idempotent.  The dirty bitmap keeps its bits (not collected).
+
+    Raises:
+        OSError: from mprotect (the region was unmapped); tracking stays installed.
+    """
+    _check(lib.vmem_mprot_uninstall(), "mprot_uninstall")
+
+
+def mprot_installed() -> bool:
+    """Whether the mprotect tracker is installed in this process."""
+    return bool(lib.vmem_mprot_installed())
+
+
+def mprot_fallbacks() -> int:
+    """How many write faults since install needed the ENOMEM (vm.max_map_count) fallback."""
+    return int(lib.vmem_mprot_fallbacks())
+
+
+def mprot_faults() -> int:
+    """How many tracked write faults the handler resolved since install."""
+    return int(lib.vmem_mprot_faults())
+
+
+# --- digests ---------------------------------------------------------------------------
+def _u64_out(out: np.ndarray, n: int, what: str):
+    if out.dtype != np.uint64 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise TypeError(f"{what}: out must be a writeable C-contiguous uint64 array")
+    if out.size < n:
+        raise ValueError(f"{what}: out has {out.size} slots for {n} pages")
+    return ffi.cast("uint64_t *", out.ctypes.data)
+
+
+def digest_pages(base: int, pages: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = digest(page pages[i])`` for the 4 KiB pages at ``base + pages[i]*4096``.
+
+    The digest is XXH64 (seed 0) of the page: equal pages give equal digests; any change
+    (one flipped bit, moved bytes) changes it except with probability ~2^-64.
+
+    Args:
+        base: address of page 0; every listed page must be mapped and readable.
+        pages: int64 page indices (C-contiguous, non-negative).
+        out: uint64, at least ``len(pages)`` slots.
+
+    Raises:
+        TypeError/ValueError: wrong dtype, layout, size, or a negative index.
+    """
+    if pages.dtype != np.int64 or pages.ndim != 1 or not pages.flags.c_contiguous:
+        raise TypeError("digest_pages: pages must be a 1-D C-contiguous int64 array")
+    n = int(pages.size)
+    dst = _u64_out(out, n, "digest_pages")
+    if n == 0:
+        return
+    if int(pages.min()) < 0:
+        raise ValueError("digest_pages: negative page index")
+    lib.vmem_digest_pages(base, ffi.cast("int64_t *", pages.ctypes.data), n, dst)
+
+
+def digest_range(base: int, first_page: int, npages: int, out: np.ndarray) -> None:
+    """``out[i] = digest(page first_page + i)`` for ``i < npages``; same digest as :func:`digest_pages`.
+
+    Raises:
+        TypeError/ValueError: wrong ``out``, negative ``first_page`` or ``npages``.
+    """
+    if first_page < 0 or npages < 0:
+        raise ValueError("digest_range: negative first_page or npages")
+    dst = _u64_out(out, npages, "digest_range")
+    if npages:
+        lib.vmem_digest_range(base, first_page, npages, dst)
+
+
+def digest_page_bytes(page: bytes) -> int:
+    """Digest of one 4096-byte page given as bytes (reference/testing helper)."""
+    if len(page) != PAGE_SIZE:
+        raise ValueError(f"digest_page_bytes: need {PAGE_SIZE} bytes, got {len(page)}")
+    return int(lib.vmem_digest_bytes(ffi.from_buffer(page)))
+
+
+# --- process ---------------------------------------------------------------------------
+def set_pdeathsig(sig: int) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent *thread* exits.
+
+    ``prctl(PR_SET_PDEATHSIG)``.  Cleared on fork in the child; kept across execve.
+
+    Raises:
+        OSError: ``EINVAL`` for an invalid signal number.
+    """
+    _check(lib.vmem_set_pdeathsig(int(sig)), f"prctl(PR_SET_PDEATHSIG, {int(sig)})")

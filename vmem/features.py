@@ -1,0 +1,321 @@
+"""Run-time probe of the kernel features vmem's mechanisms need, by name (``vmem doctor``).
+
+Headers say what a kernel *could* have; only the running kernel says what it has.  Every
+probe here really exercises the feature on a scratch object and reports a reason:
+
+==========================  ============================================================
+``memfd_create``            create a memfd and size it
+``userfaultfd``             the syscall (``detail`` says whether UFFD_USER_MODE_ONLY or
+                            /dev/userfaultfd was needed)
+``UFFD_FEATURE_<X>``        one per feature bit, as offered by ``UFFDIO_API`` (WP_ASYNC,
+                            WP_UNPOPULATED, WP_HUGETLBFS_SHMEM, MINOR_SHMEM,
+                            MISSING_SHMEM, MOVE, POISON, ...)
+``PAGEMAP_SCAN``            register a small memfd mapping in this process for async
+                            write-protect, write some pages, and check that one scan
+                            finds exactly them and a second finds none
+``mprotect_tracker``        in a forked child: install the C SIGSEGV handler on a scratch
+                            mapping, write, collect, check, uninstall
+``vm.max_map_count``        informational (the mprotect tracker's VMA budget)
+==========================  ============================================================
+
+:func:`require` turns a missing feature into :class:`vmem.errors.FeatureUnavailable`
+naming it, the reason and the alternative.  Results are cached per process;
+``probe_features(refresh=True)`` probes again.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from .errors import FeatureUnavailable
+
+__all__ = ["Feature", "probe_features", "format_features", "require"]
+
+PAGE_SIZE = 4096
+_PROBE_CHILD_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One probed kernel feature.
+
+    Attributes:
+        name: the feature's name (``"UFFD_FEATURE_WP_ASYNC"``, ``"PAGEMAP_SCAN"``...).
+        available: whether it works here.
+        detail: how it was established, or why it is unavailable.
+    """
+
+    name: str
+    available: bool
+    detail: str
+
+
+_cache: dict[str, Feature] | None = None
+_cache_lock = threading.Lock()
+
+
+def probe_features(refresh: bool = False) -> dict[str, Feature]:
+    """Probe (or return the cached probe of) every feature; a new dict keyed by name, in report order.
+
+    Never raises for a missing feature: it is reported with ``available=False`` and a
+    reason.  Takes about 0.1 s (one short-lived forked child).
+    """
+    global _cache
+    with _cache_lock:
+        if _cache is None or refresh:
+            _cache = _probe_all()
+        return dict(_cache)
+
+
+def require(name: str, alternative: str = "") -> None:
+    """Raise :class:`FeatureUnavailable` unless feature ``name`` is available here.
+
+    ``name`` is a key of :func:`probe_features`; a UFFD feature may also be given by its
+    short name (``"WP_ASYNC"`` for ``"UFFD_FEATURE_WP_ASYNC"``).
+
+    Raises:
+        FeatureUnavailable: with the feature's name, the probe's reason and ``alternative``.
+        ValueError: ``name`` is not a feature this module knows.
+    """
+    features = probe_features()
+    key = name if name in features else f"UFFD_FEATURE_{name}"
+    feature = features.get(key)
+    if feature is None:
+        raise ValueError(f"unknown feature {name!r}; known: {', '.join(features)}")
+    if not feature.available:
+        raise FeatureUnavailable(feature.name, feature.detail, alternative)
+
+
+def format_features(features: dict[str, Feature]) -> str:
+    """Render a plain-text table (feature, available, detail) for ``vmem doctor``."""
+    rows = [("feature", "available", "detail")]
+    rows += [(f.name, "yes" if f.available else "NO", f.detail) for f in features.values()]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
+    lines.insert(1, f"{'-' * w0}  {'-' * w1}  {'-' * 6}")
+    return "\n".join(lines)
+
+
+# --- probes ----------------------------------------------------------------------------
+def _probe_all() -> dict[str, Feature]:
+    out: dict[str, Feature] = {}
+
+    def add(name: str, available: bool, detail: str) -> None:
+        out[name] = Feature(name, bool(available), detail)
+
+    try:
+        from . import _native as nat
+    except ImportError as err:
+        reason = f"native extension not built ({err}); run: pip install -e ."
+        for name in ("memfd_create", "userfaultfd", "PAGEMAP_SCAN", "mprotect_tracker"):
+            add(name, False, reason)
+        add("vm.max_map_count", True, _max_map_count_detail())
+        return out
+
+    add("memfd_create", *_probe_memfd(nat))
+
+    granted = 0
+    uffd_ok, uffd_detail = False, ""
+    try:
+        fd, how = nat.uffd_open_ex()
+        try:
+            granted = nat.uffd_api(fd, 0)
+            uffd_ok = True
+            uffd_detail = f"via {how}"
+            if how != "syscall":
+                uffd_detail += f" (plain syscall refused; {_unprivileged_uffd_detail()})"
+        finally:
+            os.close(fd)
+    except OSError as err:
+        uffd_detail = f"{err.strerror} ({_unprivileged_uffd_detail()})"
+    add("userfaultfd", uffd_ok, uffd_detail)
+
+    for short, bit in nat.UFFD_FEATURE_NAMES.items():
+        name = f"UFFD_FEATURE_{short}"
+        if not uffd_ok:
+            add(name, False, f"userfaultfd unavailable: {uffd_detail}")
+        elif granted & bit:
+            add(name, True, "offered by UFFDIO_API")
+        else:
+            add(name, False, "not offered by this kernel's UFFDIO_API")
+
+    if not uffd_ok:
+        add("PAGEMAP_SCAN", False, f"needs userfaultfd: {uffd_detail}")
+    elif not granted & nat.UFFD_FEATURE_WP_ASYNC:
+        add("PAGEMAP_SCAN", False, "needs UFFD_FEATURE_WP_ASYNC (Linux >= 6.7)")
+    else:
+        add("PAGEMAP_SCAN", *_probe_pagemap_scan(nat))
+
+    add("mprotect_tracker", *_probe_mprotect(nat))
+    add("vm.max_map_count", True, _max_map_count_detail())
+    return out
+
+
+def _read_sysctl(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _unprivileged_uffd_detail() -> str:
+    val = _read_sysctl("/proc/sys/vm/unprivileged_userfaultfd")
+    return f"vm.unprivileged_userfaultfd={val}" if val is not None else "vm.unprivileged_userfaultfd unknown"
+
+
+def _max_map_count_detail() -> str:
+    val = _read_sysctl("/proc/sys/vm/max_map_count")
+    if val is None:
+        return "unknown"
+    return f"{val} VMAs (the mprotect tracker falls back to chunked unprotect near ~{int(val) // 2} scattered dirty pages)"
+
+
+def _probe_memfd(nat) -> tuple[bool, str]:
+    try:
+        fd = nat.memfd_create("vmem-probe")
+    except OSError as err:
+        return False, f"memfd_create: {err.strerror}"
+    try:
+        os.ftruncate(fd, PAGE_SIZE)
+        return True, "created and sized a memfd"
+    except OSError as err:
+        return False, f"ftruncate on a memfd: {err.strerror}"
+    finally:
+        os.close(fd)
+
+
+def _probe_pagemap_scan(nat) -> tuple[bool, str]:
+    """Async-WP a 16-page memfd mapping of our own, write 3 pages, scan twice."""
+    import numpy as np
+
+    npages = 16
+    written = [2, 5, 6]
+    length = npages * PAGE_SIZE
+    memfd = uffd = pagemap = -1
+    m = None
+    try:
+        memfd = nat.memfd_create("vmem-probe-scan")
+        os.ftruncate(memfd, length)
+        m = mmap.mmap(memfd, length, flags=mmap.MAP_SHARED)
+        view = np.frombuffer(m, dtype=np.uint8)
+        base = view.ctypes.data
+        uffd = nat.uffd_open()
+        nat.uffd_api(uffd, nat.UFFD_FEATURE_WP_ASYNC | nat.UFFD_FEATURE_WP_UNPOPULATED)
+        nat.uffd_register(uffd, base, length, nat.UFFDIO_REGISTER_MODE_WP)
+        nat.uffd_writeprotect(uffd, base, length, True)
+        for page in written:
+            view[page * PAGE_SIZE] = 1
+        pagemap = nat.open_pagemap("self")
+        kwargs = dict(
+            flags=nat.PM_SCAN_WP_MATCHING | nat.PM_SCAN_CHECK_WPASYNC,
+            category_mask=nat.PAGE_IS_WRITTEN,
+            return_mask=nat.PAGE_IS_WRITTEN,
+        )
+        t0 = time.perf_counter()
+        first = nat.pagemap_scan(pagemap, base, base + length, **kwargs)
+        scan_us = (time.perf_counter() - t0) * 1e6
+        second = nat.pagemap_scan(pagemap, base, base + length, **kwargs)
+        found = sorted(int(p) for s, e, _ in first for p in range((s - base) // PAGE_SIZE, (e - base) // PAGE_SIZE))
+        del view
+        if found != written:
+            return False, f"scan reported pages {found}, expected {written}"
+        if len(second):
+            return False, "a second scan still reported pages: PM_SCAN_WP_MATCHING did not re-protect"
+        return True, f"found exactly the written pages and re-protected them ({scan_us:.0f} us for {npages} pages)"
+    except OSError as err:
+        if err.errno == errno.ENOTTY:
+            return False, "ioctl(PAGEMAP_SCAN) unknown to this kernel (Linux >= 6.7)"
+        return False, f"{err.filename or 'probe'}: {err.strerror}"
+    finally:
+        for fd in (pagemap, uffd):
+            if fd >= 0:
+                os.close(fd)
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:
+                pass
+        if memfd >= 0:
+            os.close(memfd)
+
+
+def _mprotect_child(nat) -> int:
+    """Runs in the forked child; returns the exit status (0: the tracker works)."""
+    import numpy as np
+
+    npages = 64
+    written = [0, 9, 10, 63]
+    m = mmap.mmap(-1, npages * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    base = np.frombuffer(m, dtype=np.uint8).ctypes.data
+    dirty = np.zeros(1, dtype=np.uint64)
+    out = np.zeros(1, dtype=np.uint64)
+    nat.mprot_install(base, npages, dirty.ctypes.data)
+    for page in written:
+        m[page * PAGE_SIZE] = 7  # a C store into a PROT_READ page: our handler resolves it
+    if nat.mprot_collect(out.ctypes.data) != len(written):
+        return 3
+    if int(out[0]) != sum(1 << p for p in written):
+        return 4
+    if nat.mprot_collect(out.ctypes.data) != 0:
+        return 5
+    m[9 * PAGE_SIZE] = 8
+    if nat.mprot_collect(out.ctypes.data) != 1 or int(out[0]) != 1 << 9:
+        return 6
+    nat.mprot_uninstall()
+    return 0
+
+
+_CHILD_FAILURES = {
+    3: "collect counted the wrong number of pages",
+    4: "collect reported the wrong pages",
+    5: "a second collect was not empty (re-protect failed)",
+    6: "a write after collect was not caught",
+}
+
+
+def _probe_mprotect(nat) -> tuple[bool, str]:
+    if nat.mprot_installed():
+        return True, "installed and running in this process"
+    try:
+        pid = os.fork()
+    except OSError as err:
+        return False, f"fork for the probe: {err.strerror}"
+    if pid == 0:  # child: never return into the caller's code
+        status = 1
+        try:
+            status = _mprotect_child(nat)
+        except BaseException:
+            status = 2
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + _PROBE_CHILD_TIMEOUT_S
+    try:
+        while True:
+            done, wstatus = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return False, f"probe child hung for {_PROBE_CHILD_TIMEOUT_S:.0f} s"
+            time.sleep(0.002)
+    except BaseException:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+        raise
+    if os.WIFSIGNALED(wstatus):
+        return False, f"probe child killed by {signal.Signals(os.WTERMSIG(wstatus)).name}"
+    code = os.WEXITSTATUS(wstatus)
+    if code == 0:
+        return True, "SIGSEGV handler caught writes, collect re-protected (forked child)"
+    return False, _CHILD_FAILURES.get(code, f"probe child failed (exit status {code})")

@@ -1,0 +1,1339 @@
+"""Xen migration stream v2/v3 framing: a pure encoder, a writer and a bounded reader.
+
+The bytes, as Xen's libxl and libxc write them (all numbers little-endian except the two
+headers marked BE; every record padded with zeros to a multiple of 8 octets)::
+
+    offset  octets  field
+    ------  ------  --------------------------------------------------------------------
+         0      16  libxl header (BE)    u64 ident "LibxlFmt" | u32 version 2 | u32 options 0
+        16       8  libxl record         u32 type LIBXC_CONTEXT (1) | u32 length 0
+        24      24  libxc image hdr (BE) u64 marker ~0 | u32 id "XENF" | u32 version 2|3
+                                         | u16 options 0 | u16 0 | u32 0
+        48      16  libxc domain header  u32 type X86_HVM (2) | u16 page_shift 12 | u16 0
+                                         | u32 xen_major | u32 xen_minor
+        64       8  [v3] STATIC_DATA_END u32 type 0x10 | u32 length 0
+         .       .  PAGE_DATA record     u32 type 1 | u32 length 8 + 8*C + 4096*N
+                                         | u32 count C | u32 0 | u64 pfn[C] | N pages
+         .       .  ... more PAGE_DATA (vmem post-copy records 0x564D00xx, later) ...
+         .       8  libxc END            u32 type 0 | u32 length 0
+         .       .  libxl EMULATOR_CONTEXT  u32 type 3 | u32 length 8 + L
+                                         | u32 emulator_id | u32 index | L octets | pad
+         .       8  libxl END            u32 type 0 | u32 length 0
+
+    pfn[i]:  bit 63..60 PageType | bit 59..52 reserved (0) | bit 51..0 pfn
+    N = number of pfns whose type carries data (all but BROKEN, XALLOC, XTAB)
+
+Control records on the back channel use the same ``u32 type | u32 length | body | pad``
+frame with :class:`vmem.wire.ControlType`; the forward channel opens with the preamble
+``b"vmem-migrate-v1\\n" | u32 length (LE) | JSON object``.  The constants are in
+:mod:`vmem.wire`, the full pictures in ``docs/stream.md``.
+
+Encoding is pure: functions return ``bytes`` or a list of buffers for vectored sends,
+and page data is never copied (the writer hands the caller's page buffers on as they are).
+Decoding is bounded: every length and count is checked against :mod:`vmem.wire`'s limits
+before anything is read or allocated, and every problem raises
+:class:`vmem.errors.StreamError` carrying the stream offset.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Union
+
+import numpy as np
+
+from vmem.errors import StreamError
+from vmem.wire import (
+    DHDR_BYTES,
+    EMULATOR_HEADER_BYTES,
+    HVM_PARAMS_ENTRY_BYTES,
+    HVM_PARAMS_HEADER_BYTES,
+    IHDR_BYTES,
+    IHDR_ID,
+    IHDR_MARKER,
+    IHDR_OPT_BIG_ENDIAN,
+    IHDR_OPT_RESERVED_MASK,
+    IHDR_VERSION_2,
+    IHDR_VERSION_3,
+    IHDR_VERSIONS,
+    LIBXL_HDR_BYTES,
+    LIBXL_IDENT,
+    LIBXL_OPT_BIG_ENDIAN,
+    LIBXL_OPT_LEGACY,
+    LIBXL_OPT_RESERVED_MASK,
+    LIBXL_VERSION,
+    MAX_CONTROL_BODY_BYTES,
+    MAX_EMULATOR_CONTEXT_BYTES,
+    MAX_PAGE_DATA_BODY_BYTES,
+    MAX_PAGES_PER_RECORD,
+    MAX_PREAMBLE_CONFIG_BYTES,
+    MAX_RECORD_BODY_BYTES,
+    PAGE_DATA_HEADER_BYTES,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PAGE_TYPE_HAS_DATA,
+    PAGE_TYPE_KNOWN,
+    PFN_MASK,
+    PFN_RESERVED_MASK,
+    PFN_TYPE_SHIFT,
+    PREAMBLE_LENGTH_BYTES,
+    PREAMBLE_MAGIC,
+    PREAMBLE_MAGIC_PREFIX,
+    PV_ONLY_RECORD_TYPES,
+    RECORD_ALIGN,
+    RECORD_HEADER_BYTES,
+    REC_TYPE_OPTIONAL,
+    STATIC_DATA_RECORD_TYPES,
+    SUPPORTED_DOMAIN_TYPES,
+    V3_RECORD_TYPES,
+    VMEM_EMULATOR_ID,
+    VMEM_RECORD_BASE,
+    VMEM_RECORD_MASK,
+    X86_CPUID_LEAF_BYTES,
+    X86_MSR_ENTRY_BYTES,
+    X86_TSC_INFO_BYTES,
+    ControlType,
+    DomainType,
+    EmulatorId,
+    LibxcRecordType,
+    LibxlRecordType,
+    PostcopyRecordType,
+)
+
+__all__ = [
+    # encoder
+    "libxl_header", "libxc_context_record", "libxc_image_header", "domain_header",
+    "record", "page_data_header", "static_data_end_record", "end_record",
+    "libxl_end_record", "emulator_context_record",
+    # writer / reader
+    "StreamWriter", "StreamReader", "StreamInfo", "Record", "PageData",
+    "EmulatorRecord", "parse_emulator_record",
+    # control protocol and preamble
+    "encode_control", "encode_json_control", "decode_json", "ControlReader",
+    "encode_preamble", "read_preamble",
+]
+
+Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
+"""Anything exposing a C-contiguous buffer: what ``send_parts`` receives."""
+
+_LIBXL_HDR = struct.Struct(">QII")  # ident, version, options
+_IHDR = struct.Struct(">QIIHHI")  # marker, id, version, options, reserved, reserved
+_DHDR = struct.Struct("<IHHII")  # type, page_shift, reserved, xen_major, xen_minor
+_RHDR = struct.Struct("<II")  # type, body_length
+_U32_PAIR = struct.Struct("<II")  # PAGE_DATA count/reserved, emulator id/index, HVM_PARAMS
+_TSC_INFO = struct.Struct("<IIQII")  # mode, khz, nsec, incarnation, reserved
+_PREAMBLE_LENGTH = struct.Struct("<I")
+_ZERO_PAD = bytes(RECORD_ALIGN)
+
+assert (_LIBXL_HDR.size, _IHDR.size, _DHDR.size, _RHDR.size) == (
+    LIBXL_HDR_BYTES, IHDR_BYTES, DHDR_BYTES, RECORD_HEADER_BYTES)
+
+# Indexed by the 4-bit page type, so that 1024 pfns are classified by one fancy-index.
+_TYPE_KNOWN = np.array(PAGE_TYPE_KNOWN, dtype=bool)
+_TYPE_HAS_DATA = np.array(PAGE_TYPE_HAS_DATA, dtype=bool)
+
+_LIBXC_TYPES = {int(t): t for t in LibxcRecordType}
+_POSTCOPY_TYPES = {int(t): t for t in PostcopyRecordType}
+_LIBXL_TYPES = {int(t): t for t in LibxlRecordType}
+_EMULATOR_IDS = {int(e): e for e in EmulatorId}
+_CONTROL_TYPES = {int(t): t for t in ControlType}
+_DOMAIN_TYPES = {int(t): t for t in DomainType}
+
+_PAGE_DATA_TYPES = (LibxcRecordType.PAGE_DATA, PostcopyRecordType.PAGE_DATA)
+_SKIP_CHUNK_BYTES = 1 << 20  # discard bodies in bounded chunks
+
+
+def _pad_len(length: int) -> int:
+    """Zero octets that follow a body of ``length`` octets (0-7)."""
+    return -length & (RECORD_ALIGN - 1)
+
+
+def _nbytes(part: Buffer) -> int:
+    view = memoryview(part)
+    if not view.c_contiguous:
+        raise ValueError("stream buffers must be C-contiguous")
+    return view.nbytes
+
+
+def _as_parts(parts: Buffer | Iterable[Buffer]) -> list[Buffer]:
+    # A lone bytes object is iterable (of ints): treat any buffer as one part.
+    if isinstance(parts, (bytes, bytearray, memoryview, np.ndarray)):
+        return [parts]
+    return list(parts)
+
+
+def _type_name(rtype: int) -> str:
+    """``NAME (0x…)`` for a known record type of any layer, else just the number."""
+    for table in (_LIBXC_TYPES, _POSTCOPY_TYPES):
+        if rtype in table:
+            return f"{table[rtype].name} (0x{rtype:08x})"
+    return f"0x{rtype:08x}"
+
+
+def _record_name(rtype: enum.IntEnum) -> str:
+    prefix = "POSTCOPY_" if isinstance(rtype, PostcopyRecordType) else ""
+    return f"{prefix}{rtype.name}"
+
+
+# ======================================================================================
+# Encoder: pure functions returning bytes or buffer lists
+# ======================================================================================
+
+
+def libxl_header() -> bytes:
+    """The 16-octet libxl stream header: ``"LibxlFmt"``, version 2, options 0 (big-endian).
+
+    Options 0 means a little-endian stream that was not converted from a legacy image.
+    """
+    return _LIBXL_HDR.pack(LIBXL_IDENT, LIBXL_VERSION, 0)
+
+
+def libxc_context_record() -> bytes:
+    """libxl's LIBXC_CONTEXT record (length 0): the libxc stream follows it directly."""
+    return _RHDR.pack(LibxlRecordType.LIBXC_CONTEXT, 0)
+
+
+def libxc_image_header(version: int = IHDR_VERSION_2) -> bytes:
+    """The 24-octet libxc image header (big-endian), little-endian options.
+
+    Raises:
+        ValueError: ``version`` is not 2 or 3.
+    """
+    if version not in IHDR_VERSIONS:
+        raise ValueError(f"libxc image version must be one of {IHDR_VERSIONS}, not {version}")
+    return _IHDR.pack(IHDR_MARKER, IHDR_ID, version, 0, 0, 0)
+
+
+def domain_header(domain_type: int = DomainType.X86_HVM, page_shift: int = PAGE_SHIFT,
+                  xen_major: int = 4, xen_minor: int = 17) -> bytes:
+    """The 16-octet libxc domain header (little-endian).
+
+    The defaults describe what vmem writes: an x86 HVM domain (Xen saves PVH guests with
+    this type too) with 4 KiB pages, "saved by Xen 4.17".  Any domain type and page shift
+    encode; :class:`StreamReader` only accepts X86_HVM with page_shift 12.
+
+    Raises:
+        ValueError: a field does not fit its width.
+    """
+    if not (0 <= int(domain_type) <= 0xFFFF_FFFF and 0 <= page_shift <= 0xFFFF
+            and 0 <= xen_major <= 0xFFFF_FFFF and 0 <= xen_minor <= 0xFFFF_FFFF):
+        raise ValueError("domain header field out of range")
+    return _DHDR.pack(int(domain_type), page_shift, 0, xen_major, xen_minor)
+
+
+def record(type: int, body_parts: Buffer | Iterable[Buffer] = ()) -> list[Buffer]:
+    """Frame one record: ``[header, *body_parts, zero padding]`` for a vectored send.
+
+    The parts are not copied.  Works for libxc, libxl and vmem record types alike (they
+    share the frame); ``type`` is written as given.
+
+    Raises:
+        ValueError: the body exceeds ``MAX_RECORD_BODY_BYTES`` (the reader would reject
+            it), or a part is not a C-contiguous buffer.
+    """
+    parts = _as_parts(body_parts)
+    length = sum(_nbytes(p) for p in parts)
+    if length > MAX_RECORD_BODY_BYTES:
+        raise ValueError(f"record body of {length} octets exceeds MAX_RECORD_BODY_BYTES "
+                         f"({MAX_RECORD_BODY_BYTES})")
+    out: list[Buffer] = [_RHDR.pack(int(type), length), *parts]
+    pad = _pad_len(length)
+    if pad:
+        out.append(_ZERO_PAD[:pad])
+    return out
+
+
+def _fill_pfn_words(out: np.ndarray, pfns: np.ndarray | Iterable[int],
+                    types: np.ndarray | int | None) -> int:
+    """Write ``pfn | type << 60`` into ``out`` (a ``<u8`` array); return pages with data."""
+    pfns = np.asarray(pfns)
+    count = out.shape[0]
+    if pfns.shape != (count,) or (count and pfns.dtype.kind not in "iu"):
+        raise ValueError("pfns must be a 1-D array of integers")
+    if count and (int(pfns.min()) < 0 or int(pfns.max()) > PFN_MASK):
+        raise ValueError(f"pfns must lie in [0, 0x{PFN_MASK:x}] (52 bits)")
+    np.copyto(out, pfns, casting="unsafe")  # values checked just above
+    if types is None:
+        return count  # all NOTAB (0): every page carries data
+    types = np.asarray(types)
+    if types.dtype.kind not in "iu":
+        raise ValueError("page types must be integers")
+    types = np.broadcast_to(types, (count,))
+    if int(types.min()) < 0 or int(types.max()) > 0xF or not _TYPE_KNOWN[types].all():
+        raise ValueError("unknown page type (see vmem.wire.PageType)")
+    out |= types.astype(np.uint64) << np.uint64(PFN_TYPE_SHIFT)
+    return int(_TYPE_HAS_DATA[types].sum())
+
+
+def _check_count(count: int) -> None:
+    if not 1 <= count <= MAX_PAGES_PER_RECORD:
+        raise ValueError(f"a PAGE_DATA record holds 1..{MAX_PAGES_PER_RECORD} pages, not {count}")
+
+
+def page_data_header(pfns: np.ndarray, types: np.ndarray | int | None = None) -> bytes:
+    """The start of a PAGE_DATA body: ``u32 count, u32 reserved, u64 pfn[count]``.
+
+    Built with numpy (no per-page Python).  Page data for every pfn whose type carries
+    data follows this in the body, in pfn order.
+
+    Args:
+        pfns: 1-D integer array of page frame numbers (< 2**52), 1..1024 of them.
+        types: per-pfn :class:`~vmem.wire.PageType` values (array or one scalar for all);
+            ``None`` means NOTAB (ordinary pages).
+
+    Raises:
+        ValueError: count out of range, a pfn beyond 52 bits, or an unknown page type.
+    """
+    count = int(np.asarray(pfns).size)
+    _check_count(count)
+    words = np.zeros(1 + count, dtype="<u8")
+    words[0] = count  # u32 count, then u32 reserved = 0: one little-endian u64
+    _fill_pfn_words(words[1:], pfns, types)
+    return words.tobytes()
+
+
+def static_data_end_record() -> bytes:
+    """libxc STATIC_DATA_END (v3 only, length 0)."""
+    return _RHDR.pack(LibxcRecordType.STATIC_DATA_END, 0)
+
+
+def end_record() -> bytes:
+    """libxc END (length 0).  Byte-identical to :func:`libxl_end_record`; the layer differs."""
+    return _RHDR.pack(LibxcRecordType.END, 0)
+
+
+def libxl_end_record() -> bytes:
+    """libxl END (length 0): the last record of the whole stream."""
+    return _RHDR.pack(LibxlRecordType.END, 0)
+
+
+def emulator_context_record(data: Buffer, emulator_id: int = VMEM_EMULATOR_ID,
+                            index: int = 0) -> list[Buffer]:
+    """libxl EMULATOR_CONTEXT: ``u32 emulator_id, u32 index, data``, padded; ``data`` not copied.
+
+    Raises:
+        ValueError: ``data`` exceeds ``MAX_EMULATOR_CONTEXT_BYTES``, the emulator id is not
+            one Xen defines (Xen's verifier rejects others), or ``index`` exceeds 32 bits.
+    """
+    if int(emulator_id) not in _EMULATOR_IDS:
+        raise ValueError(f"emulator id {emulator_id} is not a vmem.wire.EmulatorId")
+    if not 0 <= index <= 0xFFFF_FFFF:
+        raise ValueError(f"emulator index {index} does not fit 32 bits")
+    size = _nbytes(data)
+    if size > MAX_EMULATOR_CONTEXT_BYTES:
+        raise ValueError(f"emulator context of {size} octets exceeds "
+                         f"MAX_EMULATOR_CONTEXT_BYTES ({MAX_EMULATOR_CONTEXT_BYTES})")
+    return record(LibxlRecordType.EMULATOR_CONTEXT,
+                  [_U32_PAIR.pack(int(emulator_id), index), data])
+
+
+# ======================================================================================
+# Writer
+# ======================================================================================
+
+
+class _Phase(enum.Enum):
+    """Where a writer or reader is in the nested stream."""
+
+    START = "before the headers"
+    LIBXC = "in the libxc stream"
+    LIBXL = "in the libxl records after libxc END"
+    DONE = "after libxl END"
+
+
+class StreamWriter:
+    """Writes one libxl-wrapped libxc stream through ``send_parts(list_of_buffers)``.
+
+    Each method sends whole records in a single ``send_parts`` call (the transport's
+    ``Channel.send_parts``, a vectored send).  Page buffers are passed on uncopied, so
+    they must stay unchanged until ``send_parts`` returns.
+
+    Guarantees: the writer only emits what :class:`StreamReader` accepts and, for streams
+    without vmem records, what Xen's ``verify-stream-v2`` accepts (v2).  In a v3 stream it
+    emits STATIC_DATA_END before the first memory/register record if the caller has not.
+    If ``send_parts`` raises, some, all or none of that call's records may have gone
+    out; the error is re-raised and every later call raises ``RuntimeError``.
+
+    Counters (updated only after ``send_parts`` returned):
+        bytes_written: octets handed to ``send_parts``, headers included.
+        records_written: records of both layers written (the two headers are not records).
+        pages_written: pages whose 4 KiB of data went out in PAGE_DATA records.
+    """
+
+    def __init__(self, send_parts: Callable[[list[Buffer]], Any], *,
+                 domain_type: DomainType = DomainType.X86_HVM,
+                 xen_major: int = 4, xen_minor: int = 17):
+        if domain_type not in SUPPORTED_DOMAIN_TYPES:
+            raise ValueError(f"vmem writes {sorted(t.name for t in SUPPORTED_DOMAIN_TYPES)} "
+                             f"streams, not {DomainType(domain_type).name}")
+        self._send_parts = send_parts
+        self._domain_header = domain_header(domain_type, PAGE_SHIFT, xen_major, xen_minor)
+        self._phase = _Phase.START
+        self._static_data_done = False
+        self._failed: BaseException | None = None
+        self.version: int | None = None
+        """libxc image version chosen by :meth:`begin`."""
+        self.bytes_written = 0
+        self.records_written = 0
+        self.pages_written = 0
+
+    @property
+    def finished(self) -> bool:
+        """True once :meth:`end_libxl` has been sent."""
+        return self._phase is _Phase.DONE
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _expect(self, phase: _Phase, what: str) -> None:
+        if self._failed is not None:
+            raise RuntimeError("StreamWriter is unusable: an earlier send failed") from self._failed
+        if self._phase is not phase:
+            raise RuntimeError(f"StreamWriter.{what}() is only valid {phase.value}; "
+                               f"the writer is {self._phase.value}")
+
+    def _send(self, parts: list[Buffer], records: int, pages: int = 0) -> None:
+        nbytes = sum(_nbytes(p) for p in parts)
+        try:
+            self._send_parts(parts)
+        except BaseException as err:
+            self._failed = err
+            raise
+        self.bytes_written += nbytes
+        self.records_written += records
+        self.pages_written += pages
+
+    def _static_prefix(self) -> list[Buffer]:
+        # v3 mandates STATIC_DATA_END ahead of any memory/register content.
+        if self.version == IHDR_VERSION_3 and not self._static_data_done:
+            self._static_data_done = True
+            return [static_data_end_record()]
+        return []
+
+    # -- libxc layer -------------------------------------------------------------------
+
+    def begin(self, version: int = IHDR_VERSION_2) -> None:
+        """Send libxl header, LIBXC_CONTEXT, libxc image header and domain header (64 octets).
+
+        Version 2 (default) is what Xen's ``verify-stream-v2`` checks; version 3 adds
+        STATIC_DATA_END and is what Xen >= 4.14 writes.  Both restore on Xen 4.17.
+        """
+        self._expect(_Phase.START, "begin")
+        if version not in IHDR_VERSIONS:
+            raise ValueError(f"libxc image version must be one of {IHDR_VERSIONS}, not {version}")
+        self.version = version
+        head = libxl_header() + libxc_context_record() + libxc_image_header(version) \
+            + self._domain_header
+        self._send([head], records=1)
+        self._phase = _Phase.LIBXC
+
+    def static_data_end(self) -> None:
+        """Send STATIC_DATA_END now (v3 only; otherwise sent automatically when needed)."""
+        self._expect(_Phase.LIBXC, "static_data_end")
+        if self.version != IHDR_VERSION_3:
+            raise ValueError("STATIC_DATA_END does not exist in stream version 2")
+        if self._static_data_done:
+            raise RuntimeError("STATIC_DATA_END was already sent")
+        self._static_data_done = True
+        self._send([static_data_end_record()], records=1)
+
+    def page_data(self, pfns: np.ndarray, page_buffers: Buffer | Iterable[Buffer],
+                  types: np.ndarray | int | None = None, *,
+                  record_type: LibxcRecordType | PostcopyRecordType = LibxcRecordType.PAGE_DATA,
+                  ) -> None:
+        """Send one PAGE_DATA record without copying the pages.
+
+        Args:
+            pfns: 1-D integer array of 1..1024 page frame numbers.
+            page_buffers: buffers (e.g. row ranges of the RAM array) whose concatenation
+                is the data of every pfn whose type carries data, in pfn order; their total
+                length must be ``4096 * npages_with_data``.  Passed on uncopied.
+            types: per-pfn :class:`~vmem.wire.PageType` (array or scalar); None = NOTAB.
+            record_type: PAGE_DATA, or vmem's ``PostcopyRecordType.PAGE_DATA`` (same body).
+
+        Raises:
+            ValueError: bad count/pfn/type, or the buffers' total length does not match.
+        """
+        self._expect(_Phase.LIBXC, "page_data")
+        if record_type not in _PAGE_DATA_TYPES:
+            raise ValueError(f"record_type must be one of {_PAGE_DATA_TYPES}")
+        count = int(np.asarray(pfns).size)
+        _check_count(count)
+        buffers = _as_parts(page_buffers)
+        payload = sum(_nbytes(b) for b in buffers)
+        # One array holds the record header, count/reserved and the pfn words.
+        head = np.zeros(2 + count, dtype="<u8")
+        npages = _fill_pfn_words(head[2:], pfns, types)
+        if payload != npages * PAGE_SIZE:
+            raise ValueError(f"page buffers hold {payload} octets; {npages} pages with data "
+                             f"need {npages * PAGE_SIZE}")
+        length = PAGE_DATA_HEADER_BYTES + 8 * count + payload  # a multiple of 8: no padding
+        head[0] = int(record_type) | (length << 32)  # u32 type, u32 length, little-endian
+        head[1] = count  # u32 count, u32 reserved 0
+        prefix = self._static_prefix()
+        self._send([*prefix, memoryview(head).cast("B"), *buffers],
+                   records=1 + len(prefix), pages=npages)
+
+    def write_record(self, type: int, body_parts: Buffer | Iterable[Buffer] = ()) -> None:
+        """Send any other record of the current layer (e.g. HVM_PARAMS, a post-copy record,
+        EMULATOR_XENSTORE_DATA).  Checks the type and the length limit; the body's content
+        is the caller's.
+
+        Raises:
+            ValueError: the type is unknown, has its own method (END, PAGE_DATA,
+                STATIC_DATA_END, LIBXC_CONTEXT, EMULATOR_CONTEXT), does not exist in this
+                stream version, belongs to PV or checkpointed streams, or is static data
+                after STATIC_DATA_END; or the body is too long.
+        """
+        if self._phase is _Phase.LIBXL:
+            rtype = _LIBXL_TYPES.get(int(type))
+            if rtype is not LibxlRecordType.EMULATOR_XENSTORE_DATA:
+                raise ValueError(f"write_record() in the libxl layer sends "
+                                 f"EMULATOR_XENSTORE_DATA only, not {type!r}")
+            self._expect(_Phase.LIBXL, "write_record")
+            self._send(record(rtype, body_parts), records=1)
+            return
+        self._expect(_Phase.LIBXC, "write_record")
+        rtype = _LIBXC_TYPES.get(int(type))
+        if rtype is None:
+            rtype = _POSTCOPY_TYPES.get(int(type))
+        if rtype is None:
+            raise ValueError(f"unknown libxc record type {type!r}")
+        if rtype in (LibxcRecordType.END, LibxcRecordType.PAGE_DATA,
+                     LibxcRecordType.STATIC_DATA_END, PostcopyRecordType.PAGE_DATA):
+            raise ValueError(f"use the dedicated StreamWriter method for {rtype.name}")
+        if rtype in V3_RECORD_TYPES and self.version != IHDR_VERSION_3:
+            raise ValueError(f"{rtype.name} does not exist in stream version {self.version}")
+        if rtype in PV_ONLY_RECORD_TYPES or rtype in _UNSUPPORTED_LIBXC:
+            raise ValueError(f"{rtype.name} records are not part of vmem streams")
+        if rtype in STATIC_DATA_RECORD_TYPES:
+            if self._static_data_done:
+                raise ValueError(f"{rtype.name} must precede STATIC_DATA_END")
+            prefix = []
+        else:
+            prefix = self._static_prefix()
+        self._send([*prefix, *record(rtype, body_parts)], records=1 + len(prefix))
+
+    def end_libxc(self) -> None:
+        """Send libxc END; the libxl layer continues (emulator context, libxl END)."""
+        self._expect(_Phase.LIBXC, "end_libxc")
+        prefix = self._static_prefix()
+        self._send([*prefix, end_record()], records=1 + len(prefix))
+        self._phase = _Phase.LIBXL
+
+    # -- libxl layer -------------------------------------------------------------------
+
+    def emulator_context(self, data: Buffer, emulator_id: int = VMEM_EMULATOR_ID,
+                         index: int = 0) -> None:
+        """Send the guest context as a libxl EMULATOR_CONTEXT record (after end_libxc)."""
+        self._expect(_Phase.LIBXL, "emulator_context")
+        self._send(emulator_context_record(data, emulator_id, index), records=1)
+
+    def end_libxl(self) -> None:
+        """Send libxl END: the stream is complete."""
+        self._expect(_Phase.LIBXL, "end_libxl")
+        self._send([libxl_end_record()], records=1)
+        self._phase = _Phase.DONE
+
+
+# Records vmem neither writes nor reads: deprecated, or only meaningful in checkpointed
+# (Remus/COLO) streams, which vmem does not implement.
+_UNSUPPORTED_LIBXC = {
+    LibxcRecordType.TOOLSTACK: "TOOLSTACK is deprecated by the spec (\"should not be used\")",
+    LibxcRecordType.CHECKPOINT: "checkpointed (Remus/COLO) streams are unsupported",
+    LibxcRecordType.CHECKPOINT_DIRTY_PFN_LIST:
+        "CHECKPOINT_DIRTY_PFN_LIST belongs to the COLO back channel",
+}
+
+
+# ======================================================================================
+# Reader
+# ======================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """What :meth:`StreamReader.read_begin` found in the headers."""
+
+    version: int
+    """libxc image version: 2 or 3."""
+    domain_type: DomainType
+    page_shift: int
+    xen_major: int
+    """0 means "converted from a legacy image" (then xen_minor is the converter's version)."""
+    xen_minor: int
+    libxl_version: int = LIBXL_VERSION
+    legacy: bool = False
+    """libxl options bit 1: the stream was produced by Xen's legacy conversion tool."""
+
+    @property
+    def page_size(self) -> int:
+        return 1 << self.page_shift
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One non-page record.
+
+    Caution: libxc and libxl numbers overlap (both ENDs are 0; libxc PAGE_DATA and libxl
+    LIBXC_CONTEXT are 1) and IntEnums of different classes compare equal by value.
+    Compare with ``is`` (``rec.type is LibxlRecordType.END``) or check :attr:`layer`.
+    """
+
+    type: LibxcRecordType | LibxlRecordType | PostcopyRecordType
+    body: bytes
+    """The body without padding (length as on the wire)."""
+    offset: int = -1
+    """Stream offset of the record header."""
+
+    @property
+    def layer(self) -> str:
+        """``"libxl"`` or ``"libxc"`` (vmem post-copy records travel in the libxc layer)."""
+        return "libxl" if isinstance(self.type, LibxlRecordType) else "libxc"
+
+
+@dataclass(frozen=True, slots=True)
+class PageData:
+    """The header of a PAGE_DATA (or post-copy PAGE_DATA) record, payload not yet read.
+
+    The caller must next call one of :meth:`StreamReader.read_page_payload`,
+    :meth:`~StreamReader.read_page_payload_into`,
+    :meth:`~StreamReader.read_page_payload_into_pages` or
+    :meth:`~StreamReader.skip_page_payload` (even when ``npages_with_data`` is 0).
+    """
+
+    count: int
+    pfns: np.ndarray
+    """uint64 page frame numbers, type bits stripped, in record order."""
+    types: np.ndarray
+    """uint8 :class:`~vmem.wire.PageType` per pfn."""
+    npages_with_data: int
+    """Pages whose 4096 octets follow (all but BROKEN/XALLOC/XTAB)."""
+    type: LibxcRecordType | PostcopyRecordType = LibxcRecordType.PAGE_DATA
+    offset: int = -1
+    """Stream offset of the record header."""
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.npages_with_data * PAGE_SIZE
+
+    @property
+    def pfns_with_data(self) -> np.ndarray:
+        """The pfns whose data is in the payload, in payload order."""
+        return self.pfns[_TYPE_HAS_DATA[self.types]]
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorRecord:
+    """The parts of an EMULATOR_CONTEXT / EMULATOR_XENSTORE_DATA record."""
+
+    emulator_id: EmulatorId
+    index: int
+    data: memoryview
+    """The emulator's blob (a view of the record body, not a copy)."""
+
+
+def parse_emulator_record(rec: Record) -> EmulatorRecord:
+    """Split an EMULATOR_* record (as returned by :meth:`StreamReader.next_record`).
+
+    Raises:
+        StreamError: not an emulator record, too short, or an unknown emulator id.
+    """
+    if rec.type not in (LibxlRecordType.EMULATOR_CONTEXT,
+                        LibxlRecordType.EMULATOR_XENSTORE_DATA) or rec.layer != "libxl":
+        raise StreamError(f"{rec.type!r} is not a libxl emulator record", rec.offset)
+    if len(rec.body) < EMULATOR_HEADER_BYTES:
+        raise StreamError("emulator record too short to hold its 8-octet header", rec.offset)
+    emu_id, index = _U32_PAIR.unpack_from(rec.body)
+    if emu_id not in _EMULATOR_IDS:
+        raise StreamError(f"unknown emulator id 0x{emu_id:08x}", rec.offset + RECORD_HEADER_BYTES)
+    return EmulatorRecord(_EMULATOR_IDS[emu_id], index,
+                          memoryview(rec.body)[EMULATOR_HEADER_BYTES:])
+
+
+class _ExactSource:
+    """Counts octets read through ``recv_exact``/``recv_into`` and turns a short read or
+    an end-of-stream exception into :class:`StreamError` with the offset."""
+
+    def __init__(self, recv_exact: Callable[[int], bytes],
+                 recv_into: Callable[[memoryview], Any] | None,
+                 truncation_errors: tuple[type[BaseException], ...]):
+        self._recv_exact = recv_exact
+        self._recv_into_fn = recv_into
+        self._truncation_errors = truncation_errors
+        self.offset = 0
+        """Octets consumed so far, from the first octet this object read."""
+
+    def _recv(self, n: int, what: str) -> bytes:
+        start = self.offset
+        try:
+            data = self._recv_exact(n)
+        except self._truncation_errors as err:
+            raise StreamError(f"stream truncated in {what}: wanted {n} octets", start) from err
+        if len(data) != n:
+            raise StreamError(f"stream truncated in {what}: wanted {n} octets, got {len(data)}",
+                              start + len(data))
+        self.offset += n
+        return data
+
+    def _recv_into(self, view: memoryview, what: str) -> None:
+        n = view.nbytes
+        if self._recv_into_fn is None:
+            view[:] = self._recv(n, what)
+            return
+        start = self.offset
+        try:
+            got = self._recv_into_fn(view)
+        except self._truncation_errors as err:
+            raise StreamError(f"stream truncated in {what}: wanted {n} octets", start) from err
+        if got is not None and got != n:
+            raise StreamError(f"stream truncated in {what}: wanted {n} octets, got {got}",
+                              start + max(0, got))
+        self.offset += n
+
+    def _recv_padding(self, length: int, what: str) -> None:
+        pad = _pad_len(length)
+        if pad:
+            start = self.offset
+            if any(self._recv(pad, f"{what} padding")):
+                raise StreamError(f"non-zero padding after {what}", start)
+
+
+@dataclass(slots=True)
+class _PendingPayload:
+    pfns_with_data: np.ndarray
+    nbytes: int
+    record_offset: int
+
+
+class StreamReader(_ExactSource):
+    """Bounded decoder of a libxl-wrapped libxc stream.
+
+    Args:
+        recv_exact: ``recv_exact(n) -> bytes`` returning exactly ``n`` octets (the
+            transport's ``Channel.recv_exact``).  A shorter result counts as truncation.
+        recv_into: ``recv_into(memoryview)`` filling the whole view (``Channel.recv_into``);
+            if it returns an int, that is the count received.  Used for page payloads;
+            if None, payloads go through ``recv_exact`` and a copy.
+        max_pfn: largest pfn accepted, inclusive (e.g. guest pages - 1); None = 52 bits.
+        allow_postcopy: accept vmem's post-copy records (0x564D00xx) in the libxc layer.
+        truncation_errors: exceptions from the callables that mean "the stream ended"
+            (e.g. the transport's broken-channel error); reported as StreamError.
+            Other exceptions propagate unchanged.
+
+    Call :meth:`read_begin` once, then :meth:`next_record` until :attr:`finished`.
+
+    Guarantees: every length and count from the wire is checked against the limits in
+    :mod:`vmem.wire` before anything is read or allocated: at most
+    ``MAX_RECORD_BODY_BYTES`` octets are requested at once, page payloads go only into
+    the caller's memory.  Everything wrong with the stream raises
+    :class:`~vmem.errors.StreamError` with :attr:`offset` information; calling methods
+    in the wrong order raises ``RuntimeError``.  After any error the reader is unusable
+    (the error is sticky): later calls raise StreamError.  Reserved fields and padding
+    must be zero: the spec lets a restorer ignore them, but vmem is the only writer of
+    what it reads, so non-zero octets there mean corruption (Xen's verifier agrees).
+    Unknown *optional* libxc records (bit 31 set) are skipped, as the spec allows.
+    """
+
+    def __init__(self, recv_exact: Callable[[int], bytes],
+                 recv_into: Callable[[memoryview], Any] | None = None, *,
+                 max_pfn: int | None = None, allow_postcopy: bool = True,
+                 truncation_errors: tuple[type[BaseException], ...] = (EOFError,)):
+        super().__init__(recv_exact, recv_into, truncation_errors)
+        self._max_pfn = PFN_MASK if max_pfn is None else int(max_pfn)
+        self._allow_postcopy = allow_postcopy
+        self._phase = _Phase.START
+        self._static_data_seen = False
+        self._pending: _PendingPayload | None = None
+        self._failed: BaseException | None = None
+        self._legacy = False
+        self.info: StreamInfo | None = None
+        """Set by :meth:`read_begin`."""
+        self.records_read = 0
+        """Records of both layers returned so far (LIBXC_CONTEXT included)."""
+        self.optional_records_skipped = 0
+        """Unknown optional libxc records skipped (spec: they may be ignored)."""
+
+    @property
+    def finished(self) -> bool:
+        """True once the libxl END record has been read."""
+        return self._phase is _Phase.DONE
+
+    # -- error discipline ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _sticky(self):
+        if self._failed is not None:
+            raise StreamError(f"stream reader is unusable after an earlier error: "
+                              f"{self._failed}", self.offset) from self._failed
+        try:
+            yield
+        except BaseException as err:
+            self._failed = err
+            raise
+
+    # -- headers -----------------------------------------------------------------------
+
+    def read_begin(self) -> StreamInfo:
+        """Read and validate libxl header, LIBXC_CONTEXT, libxc image and domain headers.
+
+        Raises:
+            StreamError: bad ident/marker/id, unsupported version, endianness, domain type
+                or page size, reserved bits set, a first record other than LIBXC_CONTEXT,
+                or truncation.
+        """
+        if self._phase is not _Phase.START:
+            raise RuntimeError("StreamReader.read_begin() may be called only once")
+        with self._sticky():
+            self._read_libxl_header()
+            off = self.offset
+            rtype, length = _RHDR.unpack(self._recv(RECORD_HEADER_BYTES, "record header"))
+            if rtype != LibxlRecordType.LIBXC_CONTEXT:
+                name = _LIBXL_TYPES[rtype].name if rtype in _LIBXL_TYPES else f"0x{rtype:08x}"
+                raise StreamError(f"record out of order: the libxl stream must start with "
+                                  f"LIBXC_CONTEXT, found {name}", off)
+            if length != 0:
+                raise StreamError(f"LIBXC_CONTEXT must have length 0, not {length}", off)
+            self.records_read += 1
+            version = self._read_image_header()
+            self.info = self._read_domain_header(version, self._legacy)
+            self._phase = _Phase.LIBXC
+            return self.info
+
+    def _read_libxl_header(self) -> None:
+        off = self.offset
+        ident, version, options = _LIBXL_HDR.unpack(self._recv(LIBXL_HDR_BYTES, "libxl header"))
+        if ident != LIBXL_IDENT:
+            raise StreamError(f"bad libxl header ident 0x{ident:016x}: expected "
+                              f"0x{LIBXL_IDENT:016x} (\"LibxlFmt\")", off)
+        if version != LIBXL_VERSION:
+            raise StreamError(f"unsupported libxl stream version {version}: vmem reads "
+                              f"version {LIBXL_VERSION}", off + 8)
+        if options & LIBXL_OPT_RESERVED_MASK:
+            raise StreamError(f"reserved bits set in libxl header options: 0x{options:08x}",
+                              off + 12)
+        if options & LIBXL_OPT_BIG_ENDIAN:
+            raise StreamError("big-endian libxl streams are unsupported", off + 12)
+        self._legacy = bool(options & LIBXL_OPT_LEGACY)
+
+    def _read_image_header(self) -> int:
+        off = self.offset
+        marker, ident, version, options, res1, res2 = _IHDR.unpack(
+            self._recv(IHDR_BYTES, "libxc image header"))
+        if marker != IHDR_MARKER:
+            raise StreamError(f"bad libxc image marker 0x{marker:016x}: expected "
+                              f"0x{IHDR_MARKER:016x} (a zero bit means a legacy image)", off)
+        if ident != IHDR_ID:
+            raise StreamError(f"bad libxc image id 0x{ident:08x}: expected "
+                              f"0x{IHDR_ID:08x} (\"XENF\")", off + 8)
+        if version not in IHDR_VERSIONS:
+            raise StreamError(f"unsupported libxc image version {version}: vmem reads "
+                              f"versions {IHDR_VERSIONS}", off + 12)
+        if options & IHDR_OPT_RESERVED_MASK or res1 or res2:
+            raise StreamError("reserved bits set in libxc image header", off + 16)
+        if options & IHDR_OPT_BIG_ENDIAN:
+            raise StreamError("big-endian libxc streams are unsupported", off + 16)
+        return version
+
+    def _read_domain_header(self, version: int, legacy: bool) -> StreamInfo:
+        off = self.offset
+        dtype, page_shift, reserved, major, minor = _DHDR.unpack(
+            self._recv(DHDR_BYTES, "libxc domain header"))
+
+        def fail(message: str) -> StreamError:
+            # A record header here instead of the domain header reads as type = record
+            # type and page_shift = low half of its length: say so.
+            if page_shift != PAGE_SHIFT and dtype in _LIBXC_TYPES:
+                message += (f" (this looks like a {_LIBXC_TYPES[dtype].name} record header: "
+                            f"record out of order, before the domain header?)")
+            return StreamError(message, off)
+
+        if dtype not in SUPPORTED_DOMAIN_TYPES:
+            name = _DOMAIN_TYPES[dtype].name if dtype in _DOMAIN_TYPES else f"0x{dtype:08x}"
+            hint = " (Xen saves PVH guests as X86_HVM; type 3 was PVHv1)" \
+                if dtype == DomainType.X86_PVH else ""
+            raise fail(f"unsupported domain type {name} in the domain header: vmem reads "
+                       f"X86_HVM{hint}")
+        if page_shift != PAGE_SHIFT:
+            raise fail(f"unsupported page size 2**{page_shift} in the domain header: vmem "
+                       f"reads page_shift {PAGE_SHIFT} (4 KiB pages)")
+        if reserved:
+            raise fail("reserved field set in the domain header")
+        return StreamInfo(version, DomainType(dtype), page_shift, major, minor,
+                          LIBXL_VERSION, legacy)
+
+    # -- records -----------------------------------------------------------------------
+
+    def next_record(self) -> Record | PageData:
+        """Read the next record of the current layer.
+
+        Returns :class:`PageData` for PAGE_DATA (and post-copy PAGE_DATA) records, whose
+        payload the caller must then consume with a ``read_page_payload*`` or
+        :meth:`skip_page_payload` call; :class:`Record` for everything else, including the
+        libxc END (after which libxl records follow) and the libxl END (then
+        :attr:`finished` is True).
+
+        Raises:
+            StreamError: truncation, unknown mandatory type, length beyond its limit or not
+                matching the record's layout, non-zero padding or reserved bits, a pfn
+                beyond ``max_pfn``, or a record out of order (a v3 record in a v2 stream,
+                memory before STATIC_DATA_END in v3, static data after it, a second
+                LIBXC_CONTEXT, anything after the libxl END).
+        """
+        if self._phase is _Phase.START:
+            raise RuntimeError("call StreamReader.read_begin() before next_record()")
+        if self._pending is not None:
+            raise RuntimeError("the PAGE_DATA payload must be consumed (read_page_payload*, "
+                               "skip_page_payload) before next_record()")
+        with self._sticky():
+            if self._phase is _Phase.DONE:
+                raise StreamError("record out of order: the stream ended with the libxl "
+                                  "END record", self.offset)
+            while True:
+                off = self.offset
+                rtype, length = _RHDR.unpack(self._recv(RECORD_HEADER_BYTES, "record header"))
+                if self._phase is _Phase.LIBXC:
+                    result = self._libxc_record(rtype, length, off)
+                else:
+                    result = self._libxl_record(rtype, length, off)
+                if result is not None:
+                    self.records_read += 1
+                    return result
+
+    def _libxc_record(self, rtype: int, length: int, off: int) -> Record | PageData | None:
+        t = _LIBXC_TYPES.get(rtype)
+        if t is None and self._allow_postcopy:
+            t = _POSTCOPY_TYPES.get(rtype)
+        if t is None:
+            if rtype & VMEM_RECORD_MASK == VMEM_RECORD_BASE:
+                what = "vmem post-copy record" if rtype in _POSTCOPY_TYPES else "vmem record"
+                raise StreamError(f"unexpected {what} 0x{rtype:08x} (allow_postcopy="
+                                  f"{self._allow_postcopy})", off)
+            if rtype & REC_TYPE_OPTIONAL:
+                self._skip_body(length, MAX_RECORD_BODY_BYTES, f"optional record 0x{rtype:08x}",
+                                off)
+                self.optional_records_skipped += 1
+                return None
+            raise StreamError(f"unknown mandatory libxc record type 0x{rtype:08x}", off)
+
+        name = _record_name(t)
+        version = self.info.version
+        if t in V3_RECORD_TYPES and version < IHDR_VERSION_3:
+            raise StreamError(f"record out of order: {name} does not exist in stream "
+                              f"version {version}", off)
+        if t in PV_ONLY_RECORD_TYPES:
+            raise StreamError(f"record {name} is only valid in x86 PV streams, this is "
+                              f"{self.info.domain_type.name}", off)
+        if t in _UNSUPPORTED_LIBXC:
+            raise StreamError(f"unsupported record {name}: {_UNSUPPORTED_LIBXC[t]}", off)
+
+        if t is LibxcRecordType.END:
+            self._expect_length(name, length, 0, off)
+            self._phase = _Phase.LIBXL
+            return Record(t, b"", off)
+        if t is LibxcRecordType.STATIC_DATA_END:
+            if self._static_data_seen:
+                raise StreamError("record out of order: a second STATIC_DATA_END (or one "
+                                  "after memory content)", off)
+            self._expect_length(name, length, 0, off)
+            self._static_data_seen = True
+            return Record(t, b"", off)
+        if t in STATIC_DATA_RECORD_TYPES:
+            if self._static_data_seen:
+                raise StreamError(f"record out of order: {name} after STATIC_DATA_END", off)
+        elif t is not LibxcRecordType.VERIFY and not self._static_data_seen:
+            if version >= IHDR_VERSION_3:
+                raise StreamError(f"record out of order: {name} before STATIC_DATA_END (a v3 "
+                                  f"stream sends it ahead of memory and register content)",
+                                  off)
+            if t is LibxcRecordType.PAGE_DATA:
+                # v2 compatibility (spec): the first PAGE_DATA of an HVM stream marks the
+                # position of the implied STATIC_DATA_END.
+                self._static_data_seen = True
+
+        if t in _PAGE_DATA_TYPES:
+            return self._page_data(t, length, off)
+        return Record(t, self._read_checked_body(t, name, length, off), off)
+
+    def _read_checked_body(self, t: LibxcRecordType | PostcopyRecordType, name: str,
+                           length: int, off: int) -> bytes:
+        # Layout rules from the spec, checked on the length before the body is read.
+        if t is LibxcRecordType.VERIFY:
+            self._expect_length(name, length, 0, off)
+        elif t is LibxcRecordType.X86_TSC_INFO:
+            self._expect_length(name, length, X86_TSC_INFO_BYTES, off)
+        elif t is LibxcRecordType.HVM_PARAMS:
+            # Errata 1: Xen 4.6-4.8 could send HVM_PARAMS with zero-length content.
+            if length and (length < HVM_PARAMS_HEADER_BYTES or
+                           (length - HVM_PARAMS_HEADER_BYTES) % HVM_PARAMS_ENTRY_BYTES):
+                raise StreamError(f"{name} length {length} is not 8 + 16*count", off)
+        elif t is LibxcRecordType.HVM_CONTEXT:
+            if length == 0:
+                raise StreamError(f"{name} record with zero length", off)
+        elif t is LibxcRecordType.X86_CPUID_POLICY:
+            if length == 0 or length % X86_CPUID_LEAF_BYTES:
+                raise StreamError(f"{name} length {length} is not a non-zero multiple of "
+                                  f"{X86_CPUID_LEAF_BYTES}", off)
+        elif t is LibxcRecordType.X86_MSR_POLICY:
+            if length == 0 or length % X86_MSR_ENTRY_BYTES:
+                raise StreamError(f"{name} length {length} is not a non-zero multiple of "
+                                  f"{X86_MSR_ENTRY_BYTES}", off)
+        body = self._read_body(length, MAX_RECORD_BODY_BYTES, name, off)
+        body_off = off + RECORD_HEADER_BYTES
+        if t is LibxcRecordType.X86_TSC_INFO and _TSC_INFO.unpack(body)[4]:
+            raise StreamError(f"reserved field set in {name}", body_off + 20)
+        if t is LibxcRecordType.HVM_PARAMS and length:
+            count, reserved = _U32_PAIR.unpack_from(body)
+            if reserved:
+                raise StreamError(f"reserved field set in {name}", body_off + 4)
+            if count != (length - HVM_PARAMS_HEADER_BYTES) // HVM_PARAMS_ENTRY_BYTES:
+                raise StreamError(f"{name} count {count} does not match length {length}",
+                                  body_off)
+        return body
+
+    def _libxl_record(self, rtype: int, length: int, off: int) -> Record:
+        t = _LIBXL_TYPES.get(rtype)
+        if t is None:
+            # libxl, unlike libxc, fails on every unrecognised record, optional or not.
+            raise StreamError(f"unknown libxl record type 0x{rtype:08x}", off)
+        if t is LibxlRecordType.END:
+            self._expect_length("libxl END", length, 0, off)
+            self._phase = _Phase.DONE
+            return Record(t, b"", off)
+        if t is LibxlRecordType.LIBXC_CONTEXT:
+            raise StreamError("record out of order: a second LIBXC_CONTEXT after the libxc "
+                              "END (checkpointed streams are unsupported)", off)
+        if t in (LibxlRecordType.CHECKPOINT_END, LibxlRecordType.CHECKPOINT_STATE):
+            raise StreamError(f"unsupported libxl record {t.name}: checkpointed (Remus/COLO) "
+                              f"streams are unsupported", off)
+        limit = (EMULATOR_HEADER_BYTES + MAX_EMULATOR_CONTEXT_BYTES
+                 if t is LibxlRecordType.EMULATOR_CONTEXT else MAX_RECORD_BODY_BYTES)
+        if length < EMULATOR_HEADER_BYTES:
+            raise StreamError(f"{t.name} length {length} is too short for the 8-octet "
+                              f"emulator header", off)
+        rec = Record(t, self._read_body(length, limit, t.name, off), off)
+        parse_emulator_record(rec)  # validates the emulator id
+        return rec
+
+    # -- bodies ------------------------------------------------------------------------
+
+    @staticmethod
+    def _expect_length(name: str, length: int, expected: int, off: int) -> None:
+        if length != expected:
+            raise StreamError(f"{name} record must have length {expected}, not {length}", off)
+
+    def _read_body(self, length: int, limit: int, name: str, off: int) -> bytes:
+        if length > limit:
+            raise StreamError(f"{name} record length {length} exceeds the limit of {limit} "
+                              f"octets", off)
+        body = self._recv(length, f"{name} body") if length else b""
+        self._recv_padding(length, f"{name} body")
+        return body
+
+    def _skip_body(self, length: int, limit: int, name: str, off: int) -> None:
+        if length > limit:
+            raise StreamError(f"{name} length {length} exceeds the limit of {limit} octets", off)
+        left = length
+        while left:
+            step = min(left, _SKIP_CHUNK_BYTES)
+            self._recv(step, f"{name} body")
+            left -= step
+        self._recv_padding(length, name)
+
+    def _page_data(self, t: LibxcRecordType | PostcopyRecordType, length: int,
+                   off: int) -> PageData:
+        name = _record_name(t)
+        # Everything about the record's size is decided before the pfns are read.
+        if length < PAGE_DATA_HEADER_BYTES + 8:
+            raise StreamError(f"{name} length {length} is too short for a count and one pfn",
+                              off)
+        if length > MAX_PAGE_DATA_BODY_BYTES:
+            raise StreamError(f"{name} length {length} exceeds the limit of "
+                              f"{MAX_PAGE_DATA_BODY_BYTES} octets ({MAX_PAGES_PER_RECORD} "
+                              f"pages)", off)
+        body_off = off + RECORD_HEADER_BYTES
+        count, reserved = _U32_PAIR.unpack(self._recv(PAGE_DATA_HEADER_BYTES, f"{name} header"))
+        if count == 0:
+            raise StreamError(f"{name} count is 0 (must be at least 1)", body_off)
+        if count > MAX_PAGES_PER_RECORD:
+            raise StreamError(f"{name} count {count} exceeds the limit of "
+                              f"{MAX_PAGES_PER_RECORD} pages per record", body_off)
+        if reserved:
+            raise StreamError(f"reserved field set in {name} header", body_off + 4)
+        if length < PAGE_DATA_HEADER_BYTES + 8 * count:
+            raise StreamError(f"{name} length {length} is too short for {count} pfns", off)
+
+        pfn_off = body_off + PAGE_DATA_HEADER_BYTES
+        raw = np.frombuffer(self._recv(8 * count, f"{name} pfns"), dtype="<u8")
+        bad = np.flatnonzero(raw & np.uint64(PFN_RESERVED_MASK))
+        if bad.size:
+            i = int(bad[0])
+            raise StreamError(f"reserved bits set in {name} pfn[{i}] = 0x{int(raw[i]):016x}",
+                              pfn_off + 8 * i)
+        types = (raw >> np.uint64(PFN_TYPE_SHIFT)).astype(np.uint8)
+        bad = np.flatnonzero(~_TYPE_KNOWN[types])
+        if bad.size:
+            i = int(bad[0])
+            raise StreamError(f"unknown page type 0x{int(types[i]):x} in {name} pfn[{i}]",
+                              pfn_off + 8 * i)
+        pfns = raw & np.uint64(PFN_MASK)
+        bad = np.flatnonzero(pfns > np.uint64(self._max_pfn))
+        if bad.size:
+            i = int(bad[0])
+            raise StreamError(f"pfn 0x{int(pfns[i]):x} ({name} pfn[{i}]) is beyond max_pfn "
+                              f"0x{self._max_pfn:x}", pfn_off + 8 * i)
+        has_data = _TYPE_HAS_DATA[types]
+        npages = int(has_data.sum())
+        expected = PAGE_DATA_HEADER_BYTES + 8 * count + PAGE_SIZE * npages
+        if length != expected:
+            raise StreamError(f"{name} length {length} does not match its count: "
+                              f"8 + 8*{count} pfns + 4096*{npages} pages = {expected}", off)
+        # The body is a multiple of 8 octets, so a PAGE_DATA record has no padding.
+        self._pending = _PendingPayload(pfns if npages == count else pfns[has_data],
+                                        npages * PAGE_SIZE, off)
+        return PageData(count, pfns, types, npages, t, off)
+
+    # -- page payloads -----------------------------------------------------------------
+
+    def _take_pending(self) -> _PendingPayload:
+        if self._pending is None:
+            raise RuntimeError("no PAGE_DATA payload is pending: call next_record() first")
+        pending, self._pending = self._pending, None
+        return pending
+
+    def read_page_payload(self, sink: Callable[[np.ndarray, int], Any]) -> int:
+        """Let ``sink(pfns_with_data, nbytes)`` consume the pending page payload itself.
+
+        The sink must read exactly ``nbytes`` octets from the same byte source, page by
+        page in ``pfns_with_data`` order - typically ``recv_into`` on views of the
+        destination's RAM, so pages are never copied.  It is not called when nbytes is 0.
+        Returns nbytes.
+
+        Raises:
+            StreamError: the sink raised one of ``truncation_errors``.
+        """
+        pending = self._take_pending()
+        with self._sticky():
+            if pending.nbytes:
+                start = self.offset
+                try:
+                    sink(pending.pfns_with_data, pending.nbytes)
+                except self._truncation_errors as err:
+                    raise StreamError("stream truncated in PAGE_DATA payload", start) from err
+                self.offset += pending.nbytes
+            return pending.nbytes
+
+    def read_page_payload_into(self, buffer: Buffer) -> int:
+        """Read the pending page payload contiguously into ``buffer[:nbytes]``; return nbytes.
+
+        Raises:
+            ValueError: ``buffer`` is read-only or shorter than the payload (nothing read;
+                the payload stays pending).
+            StreamError: truncation.
+        """
+        view = memoryview(buffer).cast("B")
+        if self._pending is not None and (view.readonly or view.nbytes < self._pending.nbytes):
+            raise ValueError(f"buffer must be writable and hold {self._pending.nbytes} octets")
+        pending = self._take_pending()
+        with self._sticky():
+            if pending.nbytes:
+                self._recv_into(view[:pending.nbytes], "PAGE_DATA payload")
+            return pending.nbytes
+
+    def read_page_payload_into_pages(self, pages: np.ndarray) -> int:
+        """Read the pending payload straight into ``pages[pfn]`` rows of a RAM array.
+
+        ``pages`` is a writable C-contiguous ``(npages, 4096)`` uint8 array (the RAM view).
+        Consecutive pfns are read with one ``recv_into`` per run.  Only for RAM the guest
+        cannot see yet: a page written this way becomes visible half-written (post-copy
+        must place pages with UFFDIO_COPY instead).  Returns nbytes.
+
+        Raises:
+            StreamError: a pfn beyond ``pages`` (checked before reading), or truncation.
+        """
+        if pages.ndim != 2 or pages.shape[1] != PAGE_SIZE or pages.dtype != np.uint8 \
+                or not pages.flags.c_contiguous or not pages.flags.writeable:
+            raise ValueError("pages must be a writable C-contiguous (npages, 4096) uint8 array")
+        pending = self._take_pending()
+        with self._sticky():
+            pfns = pending.pfns_with_data
+            if not pfns.size:
+                return 0
+            if int(pfns.max()) >= pages.shape[0]:
+                raise StreamError(f"PAGE_DATA pfn 0x{int(pfns.max()):x} is beyond the "
+                                  f"{pages.shape[0]} pages of RAM", pending.record_offset)
+            # Split into runs of consecutive pfns: one recv_into per run.
+            breaks = np.flatnonzero(np.diff(pfns.astype(np.int64)) != 1) + 1
+            starts = np.concatenate(([0], breaks))
+            ends = np.concatenate((breaks, [pfns.size]))
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                first = int(pfns[s])
+                self._recv_into(memoryview(pages[first:first + (e - s)]).cast("B"),
+                                "PAGE_DATA payload")
+            return pending.nbytes
+
+    def skip_page_payload(self) -> int:
+        """Read and discard the pending page payload (bounded chunks); return nbytes."""
+        pending = self._take_pending()
+        with self._sticky():
+            left = pending.nbytes
+            while left:
+                step = min(left, _SKIP_CHUNK_BYTES)
+                self._recv(step, "PAGE_DATA payload")
+                left -= step
+            return pending.nbytes
+
+
+# ======================================================================================
+# vmem control protocol (back channel) and preamble (forward channel)
+# ======================================================================================
+
+
+def _encode_json(obj: Any) -> bytes:
+    # Strict JSON (no NaN/Infinity) so any JSON parser on the other side reads it.
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True,
+                      allow_nan=False).encode("utf-8")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def decode_json(body: bytes | bytearray | memoryview, offset: int = -1) -> Any:
+    """Decode a UTF-8 JSON control body (or preamble config).
+
+    Raises:
+        StreamError: invalid UTF-8, invalid JSON, NaN/Infinity, or nesting too deep.
+    """
+    try:
+        return json.loads(bytes(body).decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise StreamError(f"malformed JSON body: {err}", offset) from err
+
+
+def encode_control(type: ControlType, body: Buffer = b"") -> list[Buffer]:
+    """Frame one control record: ``[u32 type | u32 length, body, zero pad to 8]``.
+
+    Raises:
+        ValueError: INVALID or unknown type, or a body over ``MAX_CONTROL_BODY_BYTES``.
+    """
+    ctype = _CONTROL_TYPES.get(int(type))
+    if ctype is None or ctype is ControlType.INVALID:
+        raise ValueError(f"not a sendable control type: {type!r}")
+    length = _nbytes(body)
+    if length > MAX_CONTROL_BODY_BYTES:
+        raise ValueError(f"control body of {length} octets exceeds MAX_CONTROL_BODY_BYTES")
+    parts: list[Buffer] = [_RHDR.pack(ctype, length)]
+    if length:
+        parts.append(body)
+    pad = _pad_len(length)
+    if pad:
+        parts.append(_ZERO_PAD[:pad])
+    return parts
+
+
+def encode_json_control(type: ControlType, obj: Any) -> list[Buffer]:
+    """:func:`encode_control` with ``obj`` as compact, strict UTF-8 JSON.
+
+    Raises:
+        ValueError: ``obj`` holds NaN/Infinity; TypeError: ``obj`` is not JSON-serialisable.
+    """
+    return encode_control(type, _encode_json(obj))
+
+
+class ControlReader(_ExactSource):
+    """Reads control records from the back channel, bounded.
+
+    Args:
+        recv_exact: ``recv_exact(n) -> bytes`` (the transport's ``Channel.recv_exact``).
+        max_body_bytes: largest body accepted (checked before reading it).
+        truncation_errors: exceptions meaning "the channel ended"; become StreamError.
+
+    After a StreamError the position in the channel is unknown: stop reading from it.
+    """
+
+    def __init__(self, recv_exact: Callable[[int], bytes], *,
+                 max_body_bytes: int = MAX_CONTROL_BODY_BYTES,
+                 truncation_errors: tuple[type[BaseException], ...] = (EOFError,)):
+        super().__init__(recv_exact, None, truncation_errors)
+        self._max_body_bytes = max_body_bytes
+        self.records_read = 0
+
+    def read(self) -> tuple[ControlType, bytes]:
+        """Read one control record; return its type and body (without padding).
+
+        Raises:
+            StreamError: unknown or INVALID type, body over the limit, non-zero padding,
+                or truncation.
+        """
+        off = self.offset
+        rtype, length = _RHDR.unpack(self._recv(RECORD_HEADER_BYTES, "control record header"))
+        ctype = _CONTROL_TYPES.get(rtype)
+        if ctype is None or ctype is ControlType.INVALID:
+            raise StreamError(f"unknown control record type 0x{rtype:08x}", off)
+        if length > self._max_body_bytes:
+            raise StreamError(f"control record {ctype.name} length {length} exceeds the limit "
+                              f"of {self._max_body_bytes} octets", off)
+        body = self._recv(length, f"{ctype.name} body") if length else b""
+        self._recv_padding(length, f"{ctype.name} body")
+        self.records_read += 1
+        return ctype, body
+
+
+def encode_preamble(config: dict) -> bytes:
+    """The forward channel's opening: ``b"vmem-migrate-v1\\n"``, u32 length (LE), JSON.
+
+    Raises:
+        TypeError: ``config`` is not a dict or not JSON-serialisable.
+        ValueError: NaN/Infinity inside, or longer than ``MAX_PREAMBLE_CONFIG_BYTES``.
+    """
+    if not isinstance(config, dict):
+        raise TypeError("the preamble config must be a dict")
+    body = _encode_json(config)
+    if len(body) > MAX_PREAMBLE_CONFIG_BYTES:
+        raise ValueError(f"preamble config of {len(body)} octets exceeds "
+                         f"MAX_PREAMBLE_CONFIG_BYTES")
+    return PREAMBLE_MAGIC + _PREAMBLE_LENGTH.pack(len(body)) + body
+
+
+def _describe_banner(banner: bytes) -> str:
+    if banner.startswith(PREAMBLE_MAGIC_PREFIX):
+        return (f"peer speaks another vmem migration protocol ({banner!r}); this vmem "
+                f"speaks {PREAMBLE_MAGIC!r}")
+    if banner.startswith(b"LibxlFmt"):
+        return "peer sent a bare libxl stream without the vmem preamble"
+    if banner.startswith(b"\xff" * 8):
+        return "peer sent a bare libxc stream without the vmem preamble"
+    if banner.startswith(b"Xen saved domain"):
+        return "peer sent an xl save image or xl migrate stream, not a vmem migration"
+    return f"peer does not speak vmem-migrate-v1: it opened with {banner!r}"
+
+
+def read_preamble(recv_exact: Callable[[int], bytes],
+                  max_len: int = MAX_PREAMBLE_CONFIG_BYTES, *,
+                  truncation_errors: tuple[type[BaseException], ...] = (EOFError,)) -> dict:
+    """Read and check the preamble; return the config dict.
+
+    Reads exactly ``16 + 4 + length`` octets, nothing of the stream behind it.
+
+    Raises:
+        StreamError: the peer speaks something else (the message says what, e.g. another
+            vmem version or a bare Xen stream), the config is longer than ``max_len`` or
+            not a JSON object, or the channel ended early.
+    """
+    src = _ExactSource(recv_exact, None, truncation_errors)
+    banner = src._recv(len(PREAMBLE_MAGIC), "preamble")
+    if banner != PREAMBLE_MAGIC:
+        raise StreamError(_describe_banner(banner), 0)
+    (length,) = _PREAMBLE_LENGTH.unpack(src._recv(PREAMBLE_LENGTH_BYTES, "preamble length"))
+    if length > max_len:
+        raise StreamError(f"preamble config length {length} exceeds the limit of {max_len} "
+                          f"octets", len(PREAMBLE_MAGIC))
+    body_off = src.offset
+    config = decode_json(src._recv(length, "preamble config"), body_off)
+    if not isinstance(config, dict):
+        raise StreamError(f"preamble config must be a JSON object, not "
+                          f"{type(config).__name__}", body_off)
+    return config
