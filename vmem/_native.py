@@ -461,9 +461,9 @@ def pagemap_scan(
 
     Returns:
         ``(n, 3)`` uint64 array of ``[start, end, categories]`` rows (end exclusive,
-        ascending, page-aligned), covering the matching pages; categories are masked by
-        ``return_mask``.  Adjacent rows with equal categories split by the kernel's
-        output buffer are merged.
+        sorted by start, page-aligned), covering the matching pages; categories are masked
+        by ``return_mask``.  Rows may overlap when the kernel's ``walk_end`` made a later
+        call re-walk part of the range; expand and deduplicate if you need pages.
 
     The ioctl is repeated from ``walk_end`` until the whole range is walked (or
     ``max_pages`` matching pages were found); each call fills at most 4096 regions.  With
@@ -506,7 +506,14 @@ def pagemap_scan(
         pos = new_pos
     if not chunks:
         return np.empty((0, 3), dtype=np.uint64)
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+    if len(chunks) == 1:
+        return chunks[0]
+    # Seen on 6.18: a call can return walk_end short of the last region it reported, so the
+    # next call walks part of the range again and reports (newly written) pages *before*
+    # regions already in the output.  Sort by start so callers always get ascending rows;
+    # rows may then overlap or repeat, which callers that expand to pages must dedupe.
+    out = np.concatenate(chunks)
+    return out[np.argsort(out[:, 0], kind="stable")]
 
 
 # --- mprotect tracker (guest side) -----------------------------------------------------

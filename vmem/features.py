@@ -174,7 +174,8 @@ def _max_map_count_detail() -> str:
     val = _read_sysctl("/proc/sys/vm/max_map_count")
     if val is None:
         return "unknown"
-    return f"{val} VMAs (the mprotect tracker falls back to chunked unprotect near ~{int(val) // 2} scattered dirty pages)"
+    half = int(val) // 2
+    return f"{val} VMAs (the mprotect tracker widens its unprotects beyond ~{half} scattered dirty pages)"
 
 
 def _probe_memfd(nat) -> tuple[bool, str]:

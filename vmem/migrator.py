@@ -161,6 +161,9 @@ class SourceMigration:
             self._run(t_start)
         except (VmemError, TransportError, OSError) as err:
             self._fail(err)
+        except Exception as err:  # a bug of ours: still keep the promise to the source guest
+            self._fail(MigrationError(self.report.phase, f"internal error {type(err).__name__}: {err}"))
+            self.report.reason += " (this is a vmem bug; please report it with the JSON report)"
         finally:
             if self.tracker is not None:
                 self.tracker.stop()

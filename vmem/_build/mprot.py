@@ -21,10 +21,14 @@ unprotecting it needs no split and merges it with its writable neighbours: it su
 even at the limit, and random write patterns keep page granularity elsewhere); then
 aligned chunks of 512 and 32768 pages; then the whole region.  Each step marks every page
 it unprotects dirty *first*.  This is conservative (clean pages reported dirty are sent
-twice; a write is never lost) and counted in ``vmem_mprot_fallbacks``.  If even the whole region cannot be unprotected, or
-the fault is not ours (outside the region, or not an access error), the handler puts the
-previous SIGSEGV action back and returns: the fault re-raises and the process dies the
-way it would have without us.  It never loops.
+twice; a write is never lost) and counted in ``vmem_mprot_fallbacks``.  Measured with
+40,000 scattered writes over 1 GiB (~80,000 VMAs needed): ~47,500 pages reported, in
+sequential and in random order.
+
+If even the whole region cannot be unprotected, or the fault is not ours (outside the
+region, or not an access error), the handler puts the previous SIGSEGV action back and
+returns: the fault re-raises and the process dies the way it would have without us.  It
+never loops.
 
 ``vmem_mprot_collect`` moves the dirty bits to the caller's bitmap with one atomic
 exchange per word, then re-protects every run of set bits with one mprotect per run.

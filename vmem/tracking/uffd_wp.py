@@ -74,6 +74,8 @@ class UffdWpTracker(DirtyTracker):
             starts = (regions[:, 0].astype(np.int64) - self._base) >> PAGE_SHIFT
             ends = (regions[:, 1].astype(np.int64) - self._base) >> PAGE_SHIFT
             pages = regions_to_pages(starts, ends)
+            if len(pages) > 1 and not (np.diff(pages) > 0).all():
+                pages = np.unique(pages)  # overlapping rows from a re-walk (see pagemap_scan)
         else:
             pages = np.empty(0, dtype=np.int64)
         self.collect_s = time.perf_counter() - t0
