@@ -170,9 +170,11 @@ class ControlBlock:
     def close(self) -> None:
         if self._mmap is None:
             return
+        from vmem.ram import close_mapping
+
         self.fields.release()
         self._mv.release()
-        self._mmap.close()
+        close_mapping(self._mmap)
         self._mmap = None
         if self.fd >= 0:
             os.close(self.fd)

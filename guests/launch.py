@@ -160,6 +160,10 @@ class ProcessGuest:
         }
 
     # --- commands --------------------------------------------------------------------------
+    def crash_error(self, what: str) -> GuestCrashed:
+        """A GuestCrashed describing how the (dead) guest process ended."""
+        return self._crashed(what)
+
     def _crashed(self, what: str) -> GuestCrashed:
         rc = self.proc.poll() if self.proc else None
         msg = self.ctl.read_message() if self.ctl._mmap is not None else None

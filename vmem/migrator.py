@@ -176,6 +176,10 @@ class SourceMigration:
 
     def _fail(self, err: BaseException) -> None:
         r = self.report
+        if not isinstance(err, GuestCrashed) and not self.guest.alive():
+            # The guest's death surfaced as some other error (e.g. ESRCH from PAGEMAP_SCAN on
+            # its pagemap): name the real cause.
+            err = self.guest.crash_error(r.phase)
         crashed = isinstance(err, GuestCrashed)
         if isinstance(err, ChannelBrokenError):
             msg = f"the destination closed the connection during {r.phase} ({err})"

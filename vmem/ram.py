@@ -13,6 +13,7 @@ Guarantees:
 from __future__ import annotations
 
 import errno
+import gc
 import fcntl
 import mmap
 import os
@@ -143,12 +144,7 @@ class GuestRam:
         """Unmap and close the fd.  Views of ``pages`` must be gone before this."""
         if self._mmap is not None:
             self.pages = None  # type: ignore[assignment]
-            try:
-                self._mmap.close()
-            except BufferError:
-                # A numpy view still references the mapping; the fd is still ours to close,
-                # and the mapping goes when the last view does.
-                pass
+            close_mapping(self._mmap)
             self._mmap = None
         if self.fd >= 0:
             os.close(self.fd)
@@ -159,6 +155,27 @@ class GuestRam:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def close_mapping(m: mmap.mmap) -> bool:
+    """Close an mmap object, collecting garbage first if views of it are still alive.
+
+    ``mmap.mmap`` keeps a dup of the fd until it is closed, and refuses to close while a
+    numpy array or memoryview exports it.  Views often linger only in reference cycles (an
+    exception's traceback holding a frame holding a page view), so one ``gc.collect()``
+    usually frees them.  Returns False if a live view still holds the mapping; it is then
+    unmapped (and its fd closed) when the last view dies.
+    """
+    try:
+        m.close()
+        return True
+    except BufferError:
+        gc.collect()
+    try:
+        m.close()
+        return True
+    except BufferError:
+        return False
 
 
 def runs_to_pages(runs: np.ndarray) -> np.ndarray:

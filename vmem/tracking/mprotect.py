@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from ..errors import GuestError, TrackerUnavailable
+from ..ram import close_mapping
 from .base import DirtyTracker
 
 __all__ = ["MprotectTracker"]
@@ -85,10 +86,7 @@ class MprotectTracker(DirtyTracker):
                     pass
         if self._map is not None:
             self._harvest = None
-            try:
-                self._map.close()
-            except BufferError:
-                pass
+            close_mapping(self._map)
             self._map = None
             os.close(self._fd)
             self._fd = -1
