@@ -151,12 +151,14 @@ class DestinationMigration:
         if context is None:
             raise StreamError("stream ended without an EMULATOR_CONTEXT record (no guest context)")
 
+        t_end = time.monotonic_ns()
         self.phase = "resume"
         t0 = time.monotonic_ns()
         self.guest.resume(context)
         first = self.guest.wait_first_step()
         self._send_control(wire.ControlType.RESUMED, {
-            "first_step_ns": first, "restore_ms": round((first - t0) / 1e6, 3), "pages_received": self.pages_received,
+            "first_step_ns": first, "restore_ms": round((first - t0) / 1e6, 3),
+            "end_to_resume_ms": round((t0 - t_end) / 1e6, 3), "pages_received": self.pages_received,
         })
         resumed = self.guest.counters()
 

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from ..errors import TrackerUnavailable
+from ..pages import merge_pages
 from .base import DirtyTracker, regions_to_pages
 
 __all__ = ["UffdWpTracker"]
@@ -75,7 +76,7 @@ class UffdWpTracker(DirtyTracker):
             ends = (regions[:, 1].astype(np.int64) - self._base) >> PAGE_SHIFT
             pages = regions_to_pages(starts, ends)
             if len(pages) > 1 and not (np.diff(pages) > 0).all():
-                pages = np.unique(pages)  # overlapping rows from a re-walk (see pagemap_scan)
+                pages = merge_pages(pages, pages[:0])  # overlapping rows from a re-walk (see pagemap_scan)
         else:
             pages = np.empty(0, dtype=np.int64)
         self.collect_s = time.perf_counter() - t0
