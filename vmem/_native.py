@@ -216,6 +216,29 @@ def memfd_create(name: str, flags: int = MFD_CLOEXEC | MFD_ALLOW_SEALING) -> int
     return _check(lib.vmem_memfd_create(name.encode(), int(flags)), f"memfd_create({name!r})")
 
 
+def pwrite_pages(fd: int, buf: np.ndarray, pages: np.ndarray) -> int:
+    """Write ``buf[i]`` (one 4 KiB page per row) to page ``pages[i]`` of file ``fd``.
+
+    Runs of consecutive page numbers become one ``pwrite`` each, in C: no per-page Python.
+    Writing through the file (not a mapping) allocates shmem pages without page faults and
+    maps nothing into this process.
+
+    Raises:
+        ValueError: shapes do not match.  OSError: from pwrite(2); some pages may then
+            have been written.
+    """
+    pages = np.ascontiguousarray(pages, dtype=np.int64)
+    if buf.ndim != 2 or buf.shape[1] != PAGE_SIZE or len(buf) < len(pages) or not buf.flags.c_contiguous:
+        raise ValueError("buf must be a C-contiguous (>= n, 4096) array")
+    if len(pages) == 0:
+        return 0
+    return _check(
+        lib.vmem_pwrite_pages(fd, ffi.cast("const uint8_t *", buf.ctypes.data),
+                              ffi.cast("const int64_t *", pages.ctypes.data), len(pages), PAGE_SIZE),
+        f"pwrite of {len(pages)} pages",
+    )
+
+
 # --- userfaultfd -----------------------------------------------------------------------
 def uffd_open_ex(flags: int = os.O_CLOEXEC | os.O_NONBLOCK) -> tuple[int, str]:
     """Create a userfaultfd; return ``(fd, how)``.

@@ -25,7 +25,6 @@ import time
 import numpy as np
 
 from transport import ChannelBrokenError, SocketChannel, TransportError
-from transport.pages import recv_pages_into
 
 from . import stream, wire
 from .errors import MigrationError, StreamError, VmemError
@@ -71,26 +70,27 @@ class DestinationMigration:
 
     # --- page placement ----------------------------------------------------------------
     def _place(self, pfns: np.ndarray, nbytes: int) -> None:
-        """Receive ``nbytes`` of page data for ``pfns`` straight into guest RAM."""
-        ram = self.guest.ram
+        """Receive ``nbytes`` of page data for ``pfns`` and write it into guest RAM.
+
+        The batch lands in a staging buffer (<= 4 MiB, hot in cache), is digested there,
+        then written to the RAM memfd with one ``pwrite`` per contiguous run.  Measured
+        here, pwrite into fresh shmem runs ~2x faster than writing through a mapping (no
+        page faults), and maps no guest RAM into this process.  Any pfn order is accepted
+        (Xen does not require sorted records); a repeated pfn: the last copy wins.
+        """
+        from . import _native as nat
+
         n = len(pfns)
         if nbytes != n * PAGE_SIZE:
             raise StreamError(f"page payload of {nbytes} bytes for {n} pages")
         pages = pfns.astype(np.int64, copy=False)
-        if n > 1 and not (np.diff(pages) > 0).all():
-            # Xen does not require sorted records; vmem's sender always sorts.  Take the
-            # general path: receive into staging, scatter (the last copy of a page wins).
-            buf = self._staging[:n]
-            self.ch.recv_into(buf.data)
-            ram.pages[pages] = buf
-        else:
-            recv_pages_into(self.ch, ram.pages, pages, self._staging)
+        buf = self._staging[:n]
+        self.ch.recv_into(buf.data)
         if self.digests is not None:
-            from . import _native as nat
-
             tmp = self._dig_tmp[:n]
-            nat.digest_pages(ram.address, pages, tmp)
+            nat.digest_range(buf.ctypes.data, 0, n, tmp)
             self.digests[pages] = tmp
+        nat.pwrite_pages(self.guest.ram.fd, buf, pages)
         self.pages_received += n
 
     # --- the migration -------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 INCLUDES = """
 #include <sys/mman.h>
+#include <unistd.h>
 """
 
 TYPES = """
@@ -15,6 +16,7 @@ static const int HAS_MEMFD_CREATE;
 
 FUNCTIONS = """
 int vmem_memfd_create(const char *name, unsigned int flags);
+int64_t vmem_pwrite_pages(int fd, const uint8_t *buf, const int64_t *pages, size_t n, uint64_t page_size);
 """
 
 CUSTOMIZATIONS = """
@@ -44,5 +46,40 @@ static int vmem_memfd_create(const char *name, unsigned int flags)
     int fd = -1; errno = ENOSYS;
 #endif
     return fd < 0 ? -errno : fd;
+}
+
+/* Write n pages held back to back in buf to the file positions pages[i] * page_size.
+ * Consecutive page numbers are coalesced into one pwrite per run; short writes are
+ * resumed and EINTR retried.  Returns bytes written, or -errno (some pages may then have
+ * been written).  Writing with pwrite rather than through a mapping allocates shmem pages
+ * without page faults and leaves nothing mapped in the caller. */
+static int64_t vmem_pwrite_pages(int fd, const uint8_t *buf, const int64_t *pages, size_t n, uint64_t page_size)
+{
+    size_t i = 0;
+    int64_t total = 0;
+    while (i < n) {
+        size_t j = i + 1;
+        while (j < n && pages[j] == pages[j - 1] + 1)
+            j++;
+        const uint8_t *src = buf + i * page_size;
+        size_t left = (j - i) * page_size;
+        off_t off = (off_t)pages[i] * (off_t)page_size;
+        while (left > 0) {
+            ssize_t w = pwrite(fd, src, left, off);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            if (w == 0)
+                return -EIO;
+            src += w;
+            off += w;
+            left -= (size_t)w;
+            total += w;
+        }
+        i = j;
+    }
+    return total;
 }
 """
