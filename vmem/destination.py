@@ -30,6 +30,7 @@ from . import stream, wire
 from .errors import MigrationError, StreamError, VmemError
 from .pages import PAGE_SIZE, zero_page_digest
 from .procstats import process_figures
+from .ram import format_bytes
 
 __all__ = ["DestinationMigration", "serve"]
 
@@ -107,7 +108,7 @@ class DestinationMigration:
                 self.guest = None
 
     def _report_error(self, err: BaseException) -> None:
-        msg = str(err) or type(err).__name__
+        msg = getattr(err, "message", None) or str(err) or type(err).__name__
         print(f"vmem destination: {self.phase}: {msg}", file=sys.stderr)
         try:
             self._send_control(wire.ControlType.ERROR, {"phase": self.phase, "message": msg, "type": type(err).__name__})
@@ -128,7 +129,8 @@ class DestinationMigration:
             raise MigrationError("setup", f"page size {page_size} is not supported (only {PAGE_SIZE})")
         need = npages * PAGE_SIZE
         if npages <= 0 or need > _mem_available_bytes():
-            raise MigrationError("setup", f"cannot host a guest of {need} bytes: only {_mem_available_bytes()} bytes available")
+            raise MigrationError("setup", f"cannot host a guest of {format_bytes(need)}: only {format_bytes(_mem_available_bytes())} "
+                                          "of memory available on this host (free memory, or migrate a smaller guest)")
         self.guest = ProcessGuest.incoming(spec, npages)
         if config.get("verify", True):
             self.digests = np.full(npages, zero_page_digest(), dtype=np.uint64)

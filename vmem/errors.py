@@ -93,6 +93,7 @@ class MigrationError(VmemError):
     def __init__(self, phase: str, message: str):
         super().__init__(f"{phase}: {message}")
         self.phase = phase
+        self.message = message
 
 
 class GuestError(VmemError):

@@ -1,0 +1,154 @@
+"""The destination process under bad input: every case is a clear error, nothing is left.
+
+Each test talks to a real ``python -m vmem.destination`` over a socketpair, as a source
+would, and checks the ERROR record it sends back, its exit status, and (through the
+no_leaks fixture) that its incoming guest was reaped.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from transport import channel_pair
+from vmem import stream, wire
+from vmem.local import spawn_destination
+from vmem.ram import PAGE_SIZE
+
+
+@pytest.fixture
+def dest():
+    """(channel to a fresh destination process, process); always reaped."""
+    src_ch, dst_ch = channel_pair()
+    proc = spawn_destination(dst_ch.fileno())
+    dst_ch.close()
+    src_ch.settimeout(60)
+    try:
+        yield src_ch, proc
+    finally:
+        src_ch.close()
+        try:
+            proc.wait(30)
+        except Exception:
+            proc.kill()
+            proc.wait()
+
+
+def read_control(ch):
+    return stream.ControlReader(ch.recv_exact).read()
+
+
+def expect_error(ch, proc, needle):
+    ctype, body = read_control(ch)
+    assert ctype == wire.ControlType.ERROR, ctype
+    err = stream.decode_json(body)
+    assert needle.lower() in err["message"].lower(), err
+    ch.close()
+    assert proc.wait(30) == 1
+    return err
+
+
+def preamble(npages=64, workload="idle"):
+    return stream.encode_preamble({"guest": {"workload": workload, "params": {}, "seed": 1},
+                                   "npages": npages, "page_size": PAGE_SIZE, "verify": True, "guest_check": True})
+
+
+def start(ch, npages=64):
+    ch.send(preamble(npages))
+    ctype, body = read_control(ch)
+    assert ctype == wire.ControlType.READY
+    assert stream.decode_json(body)["guest_pid"] > 0
+
+
+def test_peer_that_speaks_something_else(dest):
+    ch, proc = dest
+    ch.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+    err = expect_error(ch, proc, "vmem")
+    assert err["phase"] == "setup"
+
+
+def test_oversized_preamble_is_refused_without_allocating(dest):
+    ch, proc = dest
+    ch.send(b"vmem-migrate-v1\n" + struct.pack("<I", 0xFFFFFFF0))
+    expect_error(ch, proc, "preamble")
+
+
+def test_guest_larger_than_memory_is_refused(dest):
+    ch, proc = dest
+    ch.send(preamble(npages=1 << 40))
+    expect_error(ch, proc, "cannot host")
+
+
+def test_garbage_after_preamble(dest):
+    ch, proc = dest
+    start(ch)
+    ch.send(b"\x00" * 64)
+    expect_error(ch, proc, "")
+
+
+def test_pfn_beyond_guest_ram(dest):
+    ch, proc = dest
+    start(ch)
+    w = stream.StreamWriter(ch.send_parts)
+    w.begin()
+    page = np.zeros((1, PAGE_SIZE), dtype=np.uint8)
+    w.page_data(np.array([64], dtype=np.int64), [page.data])  # guest has pages 0..63
+    expect_error(ch, proc, "pfn")
+
+
+def test_oversized_record_length(dest):
+    ch, proc = dest
+    start(ch)
+    w = stream.StreamWriter(ch.send_parts)
+    w.begin()
+    ch.send(struct.pack("<II", wire.LibxcRecordType.PAGE_DATA, 0xFFFFFFF0))
+    expect_error(ch, proc, "")
+
+
+def test_stream_that_stops_midway(dest):
+    """A source that dies mid-stream: the destination cleans up and exits 1."""
+    ch, proc = dest
+    start(ch)
+    w = stream.StreamWriter(ch.send_parts)
+    w.begin()
+    pages = np.zeros((4, PAGE_SIZE), dtype=np.uint8)
+    parts = stream.record(wire.LibxcRecordType.PAGE_DATA, [stream.page_data_header(np.arange(4)), pages.data])
+    data = b"".join(bytes(p) for p in parts)
+    ch.send(data[: len(data) // 2])
+    ch.close()
+    assert proc.wait(30) == 1
+
+
+def test_stream_without_guest_context(dest):
+    ch, proc = dest
+    start(ch)
+    w = stream.StreamWriter(ch.send_parts)
+    w.begin()
+    w.end_libxc()
+    w.end_libxl()
+    expect_error(ch, proc, "EMULATOR_CONTEXT")
+
+
+def test_rollback_after_resume_discards_guest(dest):
+    """A complete, valid stream of an idle guest, then ROLLBACK: the guest is discarded."""
+    from guests.launch import GuestSpec, ProcessGuest
+
+    ch, proc = dest
+    with ProcessGuest.boot(GuestSpec("idle", {}, 1), 64 * PAGE_SIZE) as g:
+        info = g.pause()
+        start(ch)
+        w = stream.StreamWriter(ch.send_parts)
+        w.begin()
+        w.page_data(np.arange(64), [g.ram.pages.data])
+        w.end_libxc()
+        w.emulator_context(info.context)
+        w.end_libxl()
+        ctype, body = read_control(ch)
+        assert ctype == wire.ControlType.RESUMED
+        ctype, body = read_control(ch)
+        assert ctype == wire.ControlType.DIGESTS and len(body) == 64 * 8
+        ctype, body = read_control(ch)
+        assert ctype == wire.ControlType.GUEST_CHECK and stream.decode_json(body)["ok"]
+        ch.send_parts(stream.encode_control(wire.ControlType.ROLLBACK))
+        assert proc.wait(30) == 1
