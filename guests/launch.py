@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -67,7 +68,10 @@ class ProcessGuest:
         self.spec = spec
         self.ctl = ControlBlock.create()
         self._sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Non-blocking on our side: we only ever drain it after select() says so.
+        self._sock.setblocking(False)
         self._uffd = -1
+        self._pending_fds: list[int] = []
         self._seq = 0
         self.proc: subprocess.Popen | None = None
         try:
@@ -203,23 +207,36 @@ class ProcessGuest:
     def wait_ack(self, seq: int, timeout_s: float, what: str) -> int:
         """Wait for the guest to acknowledge ``seq``; returns its RESULT.
 
-        Spins for the first ~2 ms (pause acknowledgement is typically tens of µs and sits
-        inside the downtime), then sleeps in short steps while checking the process is alive.
+        The guest writes a byte to the socket after each acknowledgement, so this blocks
+        in select() (no spinning: on a 2-core host a spinning parent would delay the very
+        guest it waits for) and re-reads ACK_SEQ; fds that arrive meanwhile are kept.
         """
         fields = self.ctl.fields
         ack = int(Field.ACK_SEQ)
-        spin_until = time.monotonic_ns() + 2_000_000
-        while fields[ack] != seq:
-            if time.monotonic_ns() > spin_until:
-                break
         deadline = time.monotonic() + timeout_s
         while fields[ack] != seq:
-            if not self.alive():
-                raise self._crashed(what)
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise GuestUnresponsive(f"guest {self.pid} did not acknowledge {what} within {timeout_s:.1f} s")
-            time.sleep(0.0002)
+            readable, _, _ = select.select([self._sock], [], [], min(remaining, 0.05))
+            if readable:
+                self._drain_socket()
+            if fields[ack] != seq and not self.alive():
+                raise self._crashed(what)
         return fields[Field.RESULT]
+
+    def _drain_socket(self) -> None:
+        """Read acknowledgement bytes (and any fds riding on them) without blocking."""
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self._sock, 4096, 4)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # reset by a dying guest: the caller checks liveness
+            self._pending_fds.extend(fds)
+            if not data:
+                return  # EOF: the guest is exiting; liveness is checked by the caller
 
     def command(self, cmd: Command, arg: int = 0, *, timeout_s: float = 30.0, fds: list[int] | None = None) -> int:
         """Post ``cmd`` and wait for its result."""
@@ -279,13 +296,11 @@ class ProcessGuest:
         res = self.command(Command.SEND_UFFD)
         if res < 0:
             raise GuestError(f"guest {self.pid} has no userfaultfd ({os.strerror(-res)})")
-        self._sock.settimeout(10)
-        try:
-            data, fds, _f, _a = socket.recv_fds(self._sock, 16, 1)
-        finally:
-            self._sock.settimeout(None)
-        if not fds:
-            raise GuestError(f"guest {self.pid} sent no userfaultfd")
+        # The fd message precedes the acknowledgement byte, so it has been drained already.
+        self._drain_socket()
+        if not self._pending_fds:
+            raise GuestError(f"guest {self.pid} acknowledged SEND_UFFD but sent no fd")
+        fds = [self._pending_fds.pop(0)]
         self._uffd = fds[0]
         return self._uffd
 
@@ -333,6 +348,9 @@ class ProcessGuest:
         if self._uffd >= 0:
             os.close(self._uffd)
             self._uffd = -1
+        for fd in self._pending_fds:
+            os.close(fd)
+        self._pending_fds.clear()
         if self._sock is not None:
             self._sock.close()
         if self.ctl is not None:

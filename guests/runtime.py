@@ -221,6 +221,7 @@ class GuestRuntime:
             elif cmd == Command.EXIT:
                 ctl[Field.ACK_SEQ] = seq
                 ctl[Field.STATE] = GuestState.EXITED
+                self._notify_parent()
                 raise SystemExit(0)
             elif cmd == Command.VERIFY:
                 res = self.mem.verify()
@@ -251,6 +252,18 @@ class GuestRuntime:
             ctl.write_message({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-1500:]})
         ctl[Field.RESULT] = result
         ctl[Field.ACK_SEQ] = seq
+        self._notify_parent()
+
+    def _notify_parent(self) -> None:
+        """Wake a parent blocked in select() on the socket (it re-reads ACK_SEQ).
+
+        A byte per acknowledgement lets the parent wait without spinning, which on a
+        2-core host would steal the CPU the guest needs to reach its safe point.
+        """
+        try:
+            self.sock.send(b"a")
+        except OSError:
+            pass  # the parent is gone or its buffer is full of unread acks: it polls too
 
     def _mprot_start(self) -> int:
         import mmap as _mmap
