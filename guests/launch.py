@@ -61,7 +61,12 @@ class PauseInfo:
 
 
 class ProcessGuest:
-    """A guest process and its resources.  Use :meth:`boot` or :meth:`incoming`."""
+    """A guest process and its resources.  Use :meth:`boot` or :meth:`incoming`.
+
+    Implements :class:`vmem.backend.SourceGuest` and :class:`vmem.backend.IncomingGuest`.
+    """
+
+    backend_name = "process"
 
     def __init__(self, ram: GuestRam, spec: GuestSpec, mode: str):
         self.ram = ram

@@ -85,7 +85,15 @@ def cmd_doctor(args) -> int:
 
     features = probe_features()
     print(format_features(features))
-    return 0
+    print()
+    uffd_ok = all(features[n].available for n in ("userfaultfd", "UFFD_FEATURE_WP_ASYNC",
+                                                  "UFFD_FEATURE_WP_HUGETLBFS_SHMEM", "PAGEMAP_SCAN") if n in features)
+    mprot_ok = features.get("mprotect_tracker") is not None and features["mprotect_tracker"].available
+    print(f"tracker uffd-wp:  {'available' if uffd_ok else 'UNAVAILABLE'} (userfaultfd async write-protect + PAGEMAP_SCAN)")
+    print(f"tracker mprotect: {'available' if mprot_ok else 'UNAVAILABLE'} (SIGSEGV handler in the guest)")
+    best = "uffd-wp" if uffd_ok else ("mprotect" if mprot_ok else None)
+    print(f"--tracker auto selects: {best or 'nothing: no dirty tracking is possible on this kernel'}")
+    return 0 if best else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

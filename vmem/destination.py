@@ -27,6 +27,7 @@ import numpy as np
 from transport import ChannelBrokenError, SocketChannel, TransportError
 
 from . import stream, wire
+from .backend import incoming_factory
 from .errors import MigrationError, StreamError, VmemError
 from .pages import PAGE_SIZE, zero_page_digest
 from .procstats import process_figures
@@ -116,22 +117,25 @@ class DestinationMigration:
             pass
 
     def _run(self) -> int:
-        from guests.launch import GuestSpec, ProcessGuest
-
         config = stream.read_preamble(self.ch.recv_exact)
         try:
             npages = int(config["npages"])
             page_size = int(config["page_size"])
-            spec = GuestSpec.from_json(config["guest"])
+            spec_json = dict(config["guest"])
+            backend = str(config.get("backend", "process"))
         except (KeyError, TypeError, ValueError) as err:
             raise StreamError(f"preamble lacks a valid guest description: {err}") from err
         if page_size != PAGE_SIZE:
             raise MigrationError("setup", f"page size {page_size} is not supported (only {PAGE_SIZE})")
+        try:
+            factory = incoming_factory(backend)
+        except KeyError:
+            raise MigrationError("setup", f"guest backend {backend!r} is not available on this host") from None
         need = npages * PAGE_SIZE
         if npages <= 0 or need > _mem_available_bytes():
             raise MigrationError("setup", f"cannot host a guest of {format_bytes(need)}: only {format_bytes(_mem_available_bytes())} "
                                           "of memory available on this host (free memory, or migrate a smaller guest)")
-        self.guest = ProcessGuest.incoming(spec, npages)
+        self.guest = factory(spec_json, npages)
         if config.get("verify", True):
             self.digests = np.full(npages, zero_page_digest(), dtype=np.uint64)
         self._send_control(wire.ControlType.READY, {"guest_pid": self.guest.pid})

@@ -80,8 +80,8 @@ class SourceMigration:
     """Migrate ``guest`` over ``channel`` (forward stream out, control records back).
 
     Args:
-        guest: the source guest backend (``guests.launch.ProcessGuest`` or compatible: RAM,
-            ``make_tracker``, ``pause``/``resume``, ``exit``, ``spec``).
+        guest: the source guest, any :class:`vmem.backend.SourceGuest` (today
+            ``guests.launch.ProcessGuest``).
         channel: a connected transport Channel to the destination.
         options: MigrationOptions.
         progress: an object with the ``_Progress`` methods, for a live display.
@@ -213,6 +213,7 @@ class SourceMigration:
         self._phase("setup", "waiting for the destination")
         config = {
             "guest": g.spec.to_json(),
+            "backend": getattr(g, "backend_name", "process"),
             "npages": g.npages,
             "page_size": PAGE_SIZE,
             "verify": self.opt.verify,
