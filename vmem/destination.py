@@ -30,7 +30,7 @@ from . import stream, wire
 from .backend import incoming_factory
 from .errors import MigrationError, StreamError, VmemError
 from .pages import PAGE_SIZE, zero_page_digest
-from .procstats import process_figures
+from .procstats import PeakSampler, process_figures
 from .ram import format_bytes
 
 __all__ = ["DestinationMigration", "serve"]
@@ -98,8 +98,10 @@ class DestinationMigration:
     # --- the migration -------------------------------------------------------------------
     def run(self) -> int:
         """Serve the migration; returns a process exit status (0 = committed)."""
+        self.sampler = PeakSampler({"migrator_destination": os.getpid()})
         try:
-            return self._run()
+            with self.sampler:
+                return self._run()
         except (VmemError, TransportError, OSError) as err:
             self._report_error(err)
             return 1
@@ -202,6 +204,7 @@ class DestinationMigration:
             },
             "processes": {"migrator_destination": process_figures(), "destination_guest": process_figures(self.guest.pid)},
         }
+        self.sampler.merge_into(report["processes"])
         try:
             self._send_control(wire.ControlType.DEST_REPORT, report)
         except (TransportError, OSError):

@@ -23,6 +23,7 @@ one ``np.take`` into a staging buffer.  No per-page Python anywhere.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ from . import stream, wire
 from .errors import GuestCrashed, GuestError, MigrationError, PolicyError, StreamError, VmemError
 from .pages import PAGE_SIZE, digest_all, merge_pages, page_buffers
 from .policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s
-from .procstats import process_figures
+from .procstats import PeakSampler, process_figures
 from .report import MigrationReport, RoundStats
 
 __all__ = ["MigrationOptions", "SourceMigration", "migrate"]
@@ -157,6 +158,8 @@ class SourceMigration:
         r.bandwidth_limit_bps = self.opt.bandwidth_Bps * 8 if self.opt.bandwidth_Bps else None
         t_start = time.monotonic()
         before = g.counters()
+        sampler = PeakSampler({"migrator_source": os.getpid(), "source_guest": g.pid})
+        sampler.__enter__()
         try:
             self._run(t_start)
         except (VmemError, TransportError, OSError) as err:
@@ -170,7 +173,9 @@ class SourceMigration:
             r.total_time_s = round(time.monotonic() - t_start, 6)
             r.pages_sent = sum(x.pages_sent for x in r.rounds)
             r.bytes_sent = self._writer.bytes_written
-            r.processes["migrator_source"] = process_figures()
+            sampler.__exit__(None, None, None)
+            r.processes.setdefault("migrator_source", {}).update(process_figures())
+            sampler.merge_into(r.processes)
             r.guest["source_before"] = before
         return r
 
@@ -349,7 +354,7 @@ class SourceMigration:
         self._phase("commit", "source guest exits")
         self._send_control(wire.ControlType.COMMIT)
         r.guest["source_at_pause"] = g.counters()
-        r.processes["source_guest"] = process_figures(g.pid)
+        r.processes.setdefault("source_guest", {}).update(process_figures(g.pid))
         g.exit()
         r.source_guest_state = "exited"
         r.outcome = "completed"
