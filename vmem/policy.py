@@ -41,8 +41,19 @@ class Decision(enum.Enum):
 
 @dataclass(frozen=True)
 class Verdict:
+    """A policy's answer.
+
+    Attributes:
+        decision: what to do next.
+        reason: shown in the live display and the report.
+        throttle: for CONTINUE only: the fraction of the guest's CPU time to take away
+            during the next round (0.0 = none, at most 0.99), QEMU's auto-converge.  None
+            keeps the current level.
+    """
+
     decision: Decision
     reason: str = ""
+    throttle: float | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,10 @@ class PrecopyStats:
         dirty_history: dirty_count after every round so far (oldest first).
         est_downtime_s: estimated stop-and-copy time if we stopped now
             (dirty_count * page_size / bandwidth).
+        bandwidth_limit_Bps: the configured link cap (``--bandwidth``), or None.
+        throttle: the guest CPU throttle in force during the last round (0.0 = none).
+        dirty_rate_history: dirty_rate_pps after every round so far (oldest first).
+        page_size: bytes per page.
     """
 
     iteration: int
@@ -73,6 +88,10 @@ class PrecopyStats:
     dirty_rate_pps: float
     dirty_history: tuple[int, ...] = field(default_factory=tuple)
     est_downtime_s: float = 0.0
+    bandwidth_limit_Bps: float | None = None
+    throttle: float = 0.0
+    dirty_rate_history: tuple[float, ...] = field(default_factory=tuple)
+    page_size: int = 4096
 
     def as_dict(self) -> dict:
         d = asdict(self)

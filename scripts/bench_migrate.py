@@ -1,0 +1,1033 @@
+#!/usr/bin/env python3
+"""Performance benchmark of vmem migrations on one host (goals checked against baselines).
+
+Parts (``--only a,b,...``; default: all, in this order; ``scale`` always runs last):
+
+* ``throughput``: round 0 of an idle, filled guest vs a plain Python unix-socket copy of
+  the same number of bytes, measured in the same run, trials alternating.  Baselines: a
+  forked sender maps a filled memfd and ``sendall``s 4 MiB chunks over a socketpair; the
+  receiver either ``recv_into``s a 4 MiB buffer and ``os.pwrite``s it into a *fresh*
+  memfd (what vmem's destination does: same allocation cost) or ``recv_into``s a
+  preallocated, already-touched buffer (no allocation at all: socket cost only).
+  Goal: vmem round-0 bytes/s >= 0.75 x plain-pwrite bytes/s.
+* ``downtime``: >= 7 idle migrations (goal: median ``downtime_ms`` <= 5 ms) with the
+  ``timings_ms`` breakdown; then a guest dirtying 5,000 and 50,000 pages/s under Xen's
+  default policy (downtime and every round); and idle migrations without pre-warming.
+* ``collect``: ``collect()`` of both trackers on a guest that wrote 1% of its pages,
+  (a) paused, (b) still running at that rate; median of >= 20 (goal <= 3 ms).
+* ``memory``: migrator private memory (report values and an external sampler) for two
+  guest sizes; goal <= 64 MiB + a few bits per guest page.
+* ``pause``: ``ProcessGuest.pause().latency_ns`` over pause/resume cycles.
+* ``scale``: an 8 GiB idle guest migrates and verifies; time and throughput.
+
+Fresh memory on this Firecracker VM: the first touch of guest-physical memory (and the
+re-touch of memory the guest kernel freed and reported back to the host through the
+balloon's free-page reporting) costs a host fault per page, several times the cost of
+the copy itself, and how much of the free memory is in that state depends on history.
+So, unless ``--no-prewarm``, every timed transfer is preceded by touching and freeing
+about as much fresh memory as it will allocate (both baselines and vmem alike); the
+copies still allocate and fill a fresh destination memfd each time.  The ``downtime``
+part also runs idle migrations without it, for contrast.
+
+Output: a table per part on stdout, progress on stderr, ``--json FILE`` with every
+number (including the full migration reports).  Exit status: 0 unless something
+actually failed (a migration not completed/verified, an exception, a leftover process);
+a missed goal is printed as MISSED and does not change the exit status.
+
+Usage: python3 scripts/bench_migrate.py [--quick] [--only throughput,downtime,...] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import mmap
+import os
+import platform
+import random
+import resource
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+from guests.launch import GuestSpec, ProcessGuest  # noqa: E402
+from vmem.local import run_local_migration  # noqa: E402
+from vmem.migrator import MigrationOptions  # noqa: E402
+from vmem.policy import XenDefaultPolicy  # noqa: E402
+from vmem.tracking import make_tracker  # noqa: E402
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+PAGE = 4096
+CHUNK = 4 * MiB
+PARTS = ["throughput", "downtime", "collect", "memory", "pause", "scale"]
+RAM_MAPPING_PREFIX = "/memfd:vmem-ram"
+
+_T0 = time.monotonic()
+
+
+# ======================================================================================
+# small helpers
+# ======================================================================================
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def summary(values) -> dict:
+    """median/min/max/mean/stdev/p90/p99 (nearest rank) of the non-None values."""
+    xs = sorted(float(v) for v in values if v is not None)
+    if not xs:
+        return {"n": 0}
+    n = len(xs)
+
+    def rank(q: float) -> float:
+        return xs[min(n - 1, max(0, math.ceil(q * n) - 1))]
+
+    return {
+        "n": n, "median": statistics.median(xs), "min": xs[0], "max": xs[-1],
+        "mean": statistics.fmean(xs), "stdev": statistics.stdev(xs) if n > 1 else 0.0,
+        "p90": rank(0.90), "p99": rank(0.99),
+    }
+
+
+def gbs(bps: float | None) -> str:
+    return "-" if bps is None else f"{bps / 1e9:.2f}"
+
+
+def fnum(x, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def fbytes(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / MiB:.1f} MiB" if abs(n) < GiB else f"{n / GiB:.2f} GiB"
+
+
+def table(title: str, headers: list[str], rows: list[list], notes: list[str] = ()) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = [f"\n== {title}"]
+    for k, r in enumerate(cells):
+        out.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if k == 0:
+            out.append("  " + "  ".join("-" * w for w in widths))
+    out.extend(f"  {n}" for n in notes)
+    return "\n".join(out)
+
+
+def emit(text: str) -> None:
+    print(text, flush=True)
+
+
+def json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * KiB
+    return 0
+
+
+def tlb_shootdowns() -> int:
+    """System-wide 'TLB shootdowns' interrupt count (sum over CPUs), -1 if unknown."""
+    try:
+        with open("/proc/interrupts") as f:
+            for line in f:
+                if line.lstrip().startswith("TLB:"):
+                    return sum(int(x) for x in line.split()[1:] if x.isdigit())
+    except OSError:
+        pass
+    return -1
+
+
+def private_excl_ram(pid: int) -> int | None:
+    """Private_Clean + Private_Dirty of ``pid`` outside the guest-RAM memfd mappings."""
+    total, in_ram = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            for line in f:
+                first = line.split(None, 1)[0]
+                if not first.endswith(b":"):
+                    parts = line.split(None, 5)
+                    path = parts[5].decode(errors="replace").strip() if len(parts) > 5 else ""
+                    in_ram = path.startswith(RAM_MAPPING_PREFIX)
+                elif not in_ram and first in (b"Private_Clean:", b"Private_Dirty:"):
+                    total += int(line.split()[1]) * KiB
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
+class CpuMeter:
+    """CPU used by this benchmark's process tree vs the whole machine over an interval.
+
+    ``other_cpu_s`` is machine busy time minus ours: load from outside the benchmark
+    (other sessions on the VM) that competes for the 2 cores.  Only exact once every
+    child of the interval has been reaped (each part reaps all of its processes).
+    """
+
+    def __init__(self):
+        self.t = time.monotonic()
+        self.busy = self._busy()
+        self.own = self._own()
+
+    @staticmethod
+    def _busy() -> float:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def read(self) -> dict:
+        wall = time.monotonic() - self.t
+        busy = self._busy() - self.busy
+        own = self._own() - self.own
+        return {"wall_s": round(wall, 2), "machine_busy_cpu_s": round(busy, 2), "benchmark_cpu_s": round(own, 2),
+                "other_cpu_s": round(max(0.0, busy - own), 2)}
+
+
+_PREWARM_BUF = None
+
+
+def prewarm(nbytes: int, enabled: bool) -> float | None:
+    """Touch and free ``nbytes`` of fresh memory (a memfd filled with pwrite); returns seconds.
+
+    Freed pages go back to the head of the free lists, so the allocations of the transfer
+    that follows get host-backed pages instead of paying Firecracker's first-touch faults.
+    """
+    global _PREWARM_BUF
+    if not enabled or nbytes <= 0:
+        return None
+    nbytes = min(nbytes, max(0, mem_available() - 2 * GiB))
+    if _PREWARM_BUF is None:
+        _PREWARM_BUF = np.full(CHUNK, 0x5A, dtype=np.uint8)
+    t = time.perf_counter()
+    fd = os.memfd_create("bench-prewarm", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        for off in range(0, nbytes - nbytes % CHUNK, CHUNK):
+            os.pwrite(fd, _PREWARM_BUF, off)
+    finally:
+        os.close(fd)
+    return round(time.perf_counter() - t, 3)
+
+
+def descendants() -> list[psutil.Process]:
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def reap_leftovers(where: str, failures: list) -> None:
+    """Every part must leave no process behind; kill and record any that did."""
+    left = [p for p in descendants() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    if not left:
+        return
+    desc = ", ".join(f"{p.pid}:{' '.join(p.cmdline()[:4])}" for p in left)
+    failures.append(f"{where}: leftover processes {desc}")
+    log(f"WARNING {where}: leftover processes: {desc}; killing them")
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=10)
+
+
+def ok_completed(rep: dict) -> bool:
+    return rep.get("outcome") == "completed" and bool(rep.get("verified"))
+
+
+# ======================================================================================
+# one vmem migration (in this process, or in a child for the memory/scale parts)
+# ======================================================================================
+
+def vmem_migration(workload: str, params: dict, size: int, *, seed: int = 1, warmup_s: float = 0.0,
+                   prewarm_bytes: int = 0, prewarm_enabled: bool = True, **options) -> dict:
+    """Boot a guest, optionally let it run/pre-warm, migrate it locally; the report as a dict.
+
+    ``options`` go to MigrationOptions (defaults here: observe_s=0).  The guest is always
+    closed (``with``); run_local_migration reaps the destination on every path.
+    """
+    options.setdefault("observe_s", 0)
+    t = time.monotonic()
+    with ProcessGuest.boot(GuestSpec(workload, params, seed), size) as guest:
+        boot_s = time.monotonic() - t
+        if warmup_s:
+            time.sleep(warmup_s)
+        pw = prewarm(prewarm_bytes, prewarm_enabled)
+        report = run_local_migration(guest, MigrationOptions(**options), None)
+    d = report.to_dict()
+    d["bench"] = {"boot_s": round(boot_s, 3), "prewarm_s": pw, "warmup_s": warmup_s}
+    return d
+
+
+def child_main(spec_json: str) -> int:
+    """Hidden entry point: run one migration in a fresh interpreter and write its report."""
+    try:
+        from vmem import _native as nat
+
+        nat.set_pdeathsig(signal.SIGKILL)  # never outlive the benchmark
+    except Exception:
+        pass
+    spec = json.loads(spec_json)
+    out = spec.pop("out")
+    try:
+        rep = vmem_migration(**spec)
+    except BaseException as err:
+        rep = {"outcome": "failed", "reason": f"benchmark child: {type(err).__name__}: {err}",
+               "traceback": traceback.format_exc()[-2000:]}
+    with open(out, "w") as f:
+        json.dump(rep, f, default=json_default)
+    return 0
+
+
+def migrate_in_child(spec: dict, sample_interval_s: float, timeout_s: float) -> dict:
+    """Run ``vmem_migration(**spec)`` in a child; sample the migrators' private memory.
+
+    The child is the source migrator; its child running ``vmem.destination`` is the
+    destination migrator.  Sampling reads smaps from this (otherwise idle) process.
+    """
+    fd, out = tempfile.mkstemp(prefix="bench-migrate-", suffix=".json")
+    os.close(fd)
+    spec = dict(spec, out=out)
+    peaks = {"migrator_source": 0, "migrator_destination": 0}
+    samples = 0
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_child", json.dumps(spec)],
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        dest_pid = None
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"migration child did not finish within {timeout_s:.0f} s")
+            if dest_pid is None:
+                try:
+                    for c in psutil.Process(proc.pid).children():
+                        if "vmem.destination" in " ".join(c.cmdline()):
+                            dest_pid = c.pid
+                except psutil.Error:
+                    pass
+            for role, pid in (("migrator_source", proc.pid), ("migrator_destination", dest_pid)):
+                if pid is not None:
+                    v = private_excl_ram(pid)
+                    if v is not None:
+                        peaks[role] = max(peaks[role], v)
+            samples += 1
+            time.sleep(sample_interval_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    try:
+        with open(out) as f:
+            rep = json.load(f)
+    except (OSError, ValueError) as err:
+        rep = {"outcome": "failed", "reason": f"no report from the migration child (exit {proc.returncode}): {err}"}
+    finally:
+        os.unlink(out)
+    rep.setdefault("bench", {})["external_private_peak_bytes"] = peaks
+    rep["bench"]["external_samples"] = samples
+    rep["bench"]["child_exit"] = proc.returncode
+    return rep
+
+
+# ======================================================================================
+# plain Python copy baseline
+# ======================================================================================
+
+def make_source_memfd(size: int) -> int:
+    """A 'guest RAM' memfd of ``size`` bytes, every page filled (like an idle filled guest)."""
+    fd = os.memfd_create("bench-plain-src", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    rng = np.random.default_rng(7)
+    block = rng.integers(0, 256, CHUNK, dtype=np.uint8)
+    for k, off in enumerate(range(0, size, CHUNK)):
+        block[:8] = np.frombuffer(k.to_bytes(8, "little"), dtype=np.uint8)
+        os.pwrite(fd, block[: min(CHUNK, size - off)], off)
+    return fd
+
+
+def _write_line(fd: int, obj: dict) -> None:
+    os.write(fd, (json.dumps(obj) + "\n").encode())
+
+
+def _plain_receiver(sock: socket.socket, size: int, mode: str, ready_w: int, res_w: int) -> None:
+    if mode == "pwrite":
+        dst = os.memfd_create("bench-plain-dst", os.MFD_CLOEXEC)
+        os.ftruncate(dst, size)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        os.write(ready_w, b"R")
+        got = 0
+        while got < size:
+            n = min(CHUNK, size - got)
+            filled = 0
+            while filled < n:
+                k = sock.recv_into(view[filled:n], n - filled, socket.MSG_WAITALL)
+                if k == 0:
+                    raise EOFError("sender went away")
+                filled += k
+            os.pwrite(dst, view[:n], got)
+            got += n
+    else:  # prealloc: one already-touched buffer of the whole size
+        big = np.empty(size, dtype=np.uint8)
+        big.fill(1)
+        view = memoryview(big)
+        os.write(ready_w, b"R")
+        got = 0
+        while got < size:
+            k = sock.recv_into(view[got:], min(CHUNK, size - got), socket.MSG_WAITALL)
+            if k == 0:
+                raise EOFError("sender went away")
+            got += k
+    t_end = time.monotonic_ns()
+    _write_line(res_w, {"role": "receiver", "t_end": t_end, "bytes": got})
+
+
+def _plain_sender(sock: socket.socket, src_fd: int, size: int, go_r: int, res_w: int) -> None:
+    os.read(go_r, 1)
+    t0 = time.monotonic_ns()
+    m = mmap.mmap(src_fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    view = memoryview(m)
+    for off in range(0, size, CHUNK):
+        sock.sendall(view[off:off + CHUNK])
+    t1 = time.monotonic_ns()
+    view.release()
+    m.close()
+    _write_line(res_w, {"role": "sender", "t0": t0, "t1": t1})
+
+
+def _fork_child(fn, close_in_child: list, *args) -> int:
+    pid = os.fork()
+    if pid == 0:  # never returns into the benchmark
+        code = 0
+        try:
+            for fd in close_in_child:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            fn(*args)
+        except BaseException as err:
+            print(f"plain copy child failed: {type(err).__name__}: {err}", file=sys.stderr)
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def plain_copy(src_fd: int, size: int, mode: str, timeout_s: float = 120.0) -> dict:
+    """One plain copy of ``size`` bytes between two forked processes over a socketpair.
+
+    Both socket buffers ask for 4 MiB, as vmem's channel_pair does.  Times: sender-side
+    (first sendall to last sendall returning, like vmem's round duration) and end to end
+    (to the receiver's last byte placed).
+    """
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pids = []
+    try:
+        pids.append(_fork_child(_plain_receiver, [a.fileno(), ready_r, go_r, go_w, res_r], b, size, mode, ready_w, res_w))
+        pids.append(_fork_child(_plain_sender, [b.fileno(), ready_r, ready_w, go_w, res_r], a, src_fd, size, go_r, res_w))
+        a.close()
+        b.close()
+        for fd in (ready_w, go_r, res_w):
+            os.close(fd)
+        ready_w = go_r = res_w = -1
+        r, _, _ = select.select([ready_r], [], [], 60)
+        if not r or os.read(ready_r, 1) != b"R":
+            raise RuntimeError("plain receiver did not get ready")
+        os.write(go_w, b"G")
+        deadline = time.monotonic() + timeout_s
+        statuses = {}
+        while len(statuses) < len(pids):
+            for pid in pids:
+                if pid not in statuses:
+                    done, st = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        statuses[pid] = os.waitstatus_to_exitcode(st)
+            if time.monotonic() > deadline:
+                raise TimeoutError("plain copy did not finish")
+            time.sleep(0.005)
+        if any(statuses.values()):
+            raise RuntimeError(f"plain copy child failed: exit statuses {statuses}")
+        data = b""
+        while True:
+            chunk = os.read(res_r, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        for pid in pids:
+            try:
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        for fd in (ready_r, ready_w, go_r, go_w, res_r, res_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        a.close()
+        b.close()
+    res = {}
+    for line in data.decode().splitlines():
+        obj = json.loads(line)
+        res[obj.pop("role")] = obj
+    snd, rcv = res["sender"], res["receiver"]
+    sender_s = (snd["t1"] - snd["t0"]) / 1e9
+    e2e_s = (rcv["t_end"] - snd["t0"]) / 1e9
+    return {"sender_s": round(sender_s, 6), "end_to_end_s": round(e2e_s, 6), "bytes": size,
+            "sender_Bps": size / sender_s, "end_to_end_Bps": size / e2e_s}
+
+
+# ======================================================================================
+# the parts
+# ======================================================================================
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.prewarm_on = not args.no_prewarm
+        self.failures: list[str] = []
+        self.goals: list[dict] = []
+        self.results: dict = {}
+
+    def goal(self, part: str, what: str, value, op: str, threshold, unit: str = "") -> str:
+        met = value is not None and (value >= threshold if op == ">=" else value <= threshold)
+        self.goals.append({"part": part, "goal": what, "value": value, "op": op, "threshold": threshold,
+                           "unit": unit, "met": met})
+        return "ok" if met else "MISSED"
+
+    def fail(self, msg: str) -> None:
+        log(f"FAILURE: {msg}")
+        self.failures.append(msg)
+
+    def check_report(self, where: str, rep: dict) -> None:
+        if not ok_completed(rep):
+            self.fail(f"{where}: outcome={rep.get('outcome')} verified={rep.get('verified')} reason={rep.get('reason')!r}")
+
+    # --- 1. throughput --------------------------------------------------------------------
+    def part_throughput(self) -> dict:
+        size = self.args.size
+        trials = self.args.trials
+        pw_bytes = size + size // 4
+        log(f"throughput: building a filled {fbytes(size)} source memfd for the plain baselines")
+        src_fd = make_source_memfd(size)
+        modes = ["plain-pwrite", "plain-prealloc", "vmem"]
+        runs: dict[str, list] = {m: [] for m in modes}
+        warm: dict[str, dict] = {}
+
+        def one(mode: str, label: str) -> dict:
+            if mode == "vmem":
+                rep = vmem_migration("idle", {}, size, prewarm_bytes=pw_bytes, prewarm_enabled=self.prewarm_on,
+                                     guest_check=False)
+                self.check_report(f"throughput {label}", rep)
+                r0 = rep["rounds"][0] if rep.get("rounds") else {}
+                res = {
+                    "r0_Bps": (r0.get("bandwidth_bps") or 0) / 8 or None, "r0_s": r0.get("duration_s"),
+                    "r0_bytes": r0.get("bytes_sent"),
+                    "total_Bps": rep["bytes_sent"] / rep["total_time_s"] if rep.get("total_time_s") else None,
+                    "total_time_s": rep.get("total_time_s"), "bytes_sent": rep.get("bytes_sent"),
+                    "downtime_ms": rep.get("downtime_ms"), "prewarm_s": rep["bench"]["prewarm_s"],
+                    "boot_s": rep["bench"]["boot_s"], "outcome": rep.get("outcome"), "verified": rep.get("verified"),
+                    "cpu_s": {k: v.get("cpu_s") for k, v in rep.get("processes", {}).items() if isinstance(v, dict)},
+                    "report": rep,
+                }
+                log(f"throughput {label}: vmem round 0 {gbs(res['r0_Bps'])} GB/s, whole {gbs(res['total_Bps'])} GB/s"
+                    f" (prewarm {res['prewarm_s']} s)")
+                return res
+            pw = prewarm(pw_bytes, self.prewarm_on)
+            res = plain_copy(src_fd, size, mode.split("-", 1)[1])
+            res["prewarm_s"] = pw
+            log(f"throughput {label}: {mode} sender {gbs(res['sender_Bps'])} GB/s, end-to-end {gbs(res['end_to_end_Bps'])} GB/s"
+                f" (prewarm {pw} s)")
+            return res
+
+        try:
+            for mode in ("plain-pwrite", "vmem"):
+                warm[mode] = one(mode, "warm-up")
+            for t in range(trials):
+                order = modes if t % 2 == 0 else modes[::-1]
+                for mode in order:
+                    runs[mode].append(one(mode, f"trial {t + 1}/{trials}"))
+        finally:
+            os.close(src_fd)
+
+        s = {
+            "plain-pwrite": {"sender": summary(r["sender_Bps"] for r in runs["plain-pwrite"]),
+                             "end_to_end": summary(r["end_to_end_Bps"] for r in runs["plain-pwrite"])},
+            "plain-prealloc": {"sender": summary(r["sender_Bps"] for r in runs["plain-prealloc"]),
+                               "end_to_end": summary(r["end_to_end_Bps"] for r in runs["plain-prealloc"])},
+            "vmem": {"round0": summary(r["r0_Bps"] for r in runs["vmem"]),
+                     "whole": summary(r["total_Bps"] for r in runs["vmem"])},
+        }
+        base = s["plain-pwrite"]["sender"]["median"]
+        ratio = s["vmem"]["round0"]["median"] / base if base else None
+        paired = [v["r0_Bps"] / p["sender_Bps"] for v, p in zip(runs["vmem"], runs["plain-pwrite"]) if v["r0_Bps"]]
+        pre = s["plain-prealloc"]["sender"]["median"]
+        ratio_pre = s["vmem"]["round0"]["median"] / pre if pre else None
+        whole_ratio = s["vmem"]["whole"]["median"] / base if base else None
+        mark = self.goal("throughput", "vmem round 0 / plain pwrite copy (median bytes/s)", ratio, ">=", 0.75)
+
+        def row(name, st):
+            return [name, gbs(st["median"]), gbs(st["min"]), gbs(st["max"]), st["n"]]
+
+        rows = [
+            row("plain: sendall -> recv_into + pwrite to fresh memfd (sender-side)", s["plain-pwrite"]["sender"]),
+            row("  same, end to end (last byte written)", s["plain-pwrite"]["end_to_end"]),
+            row("plain: sendall -> recv_into preallocated buffer (sender-side)", s["plain-prealloc"]["sender"]),
+            row("  same, end to end", s["plain-prealloc"]["end_to_end"]),
+            row("vmem round 0 (report.rounds[0].bandwidth_bps / 8)", s["vmem"]["round0"]),
+            row("vmem whole migration (bytes_sent / total_time_s)", s["vmem"]["whole"]),
+        ]
+        vm_cpu = {k: summary(r["cpu_s"].get(k) for r in runs["vmem"]) for k in
+                  ("migrator_source", "migrator_destination", "source_guest", "destination_guest")}
+        notes = [
+            f"RATIO vmem round 0 / plain pwrite = {fnum(ratio)} (goal >= 0.75) {mark};"
+            f" paired per trial: {', '.join(f'{x:.2f}' for x in paired)}",
+            f"ratio vmem round 0 / plain prealloc = {fnum(ratio_pre)}; vmem whole / plain pwrite = {fnum(whole_ratio)}"
+            " (whole includes the destination's start-up, digests, commit)",
+            f"{trials} trials, order alternating (odd: plain first, even: vmem first), after one untimed warm-up of each;"
+            " GB = 1e9 bytes.",
+            ("fresh memory: " + (f"pre-warmed ({fbytes(pw_bytes)} touched+freed) right before every transfer, for baselines"
+                                 " and vmem alike" if self.prewarm_on else "NOT pre-warmed (--no-prewarm)") +
+             "; plain-pwrite and vmem both allocate+fill a fresh destination memfd (same allocation cost);"
+             " plain-prealloc allocates nothing (socket cost only)."),
+            "vmem's destination also digests every page (verification); the plain copies do not.",
+            "vmem cpu_s medians: " + ", ".join(f"{k} {fnum(v.get('median'))}" for k, v in vm_cpu.items()),
+        ]
+        emit(table(f"1. throughput: idle filled {fbytes(size)} guest, two processes on one host",
+                   ["variant", "median GB/s", "min", "max", "n"], rows, notes))
+        return {"size_bytes": size, "trials": trials, "prewarm": self.prewarm_on, "prewarm_bytes": pw_bytes,
+                "summary": s, "ratio_round0_vs_plain_pwrite": ratio, "paired_ratios": paired,
+                "ratio_round0_vs_plain_prealloc": ratio_pre, "ratio_whole_vs_plain_pwrite": whole_ratio,
+                "vmem_cpu_s": vm_cpu, "warmup": warm, "runs": runs}
+
+    # --- 2. downtime ----------------------------------------------------------------------
+    def part_downtime(self) -> dict:
+        size = self.args.size
+        pw_bytes = size + size // 4
+        out: dict = {"size_bytes": size}
+
+        def series(label: str, n: int, workload: str, params: dict, *, prewarm_on: bool, settle_s: float = 0.0,
+                   warmup_s: float = 0.0, guest_check: bool = False) -> list[dict]:
+            reps = []
+            for i in range(n):
+                if settle_s:
+                    time.sleep(settle_s)
+                rep = vmem_migration(workload, params, size, warmup_s=warmup_s, prewarm_bytes=pw_bytes,
+                                     prewarm_enabled=prewarm_on, guest_check=guest_check, policy=XenDefaultPolicy())
+                self.check_report(f"downtime {label} #{i + 1}", rep)
+                log(f"downtime {label} {i + 1}/{n}: {rep.get('downtime_ms')} ms, rounds "
+                    f"{[(r['pages_sent'], r['dirty_pages']) for r in rep.get('rounds', [])]}")
+                reps.append(rep)
+            return reps
+
+        idle = series("idle", self.args.downtime_runs, "idle", {}, prewarm_on=self.prewarm_on)
+        cold_n = 1 if self.quick else 3
+        cold = series("idle-no-prewarm", cold_n, "idle", {}, prewarm_on=False, settle_s=3.0)
+        dirty = {}
+        for rate in (5000, 50000):
+            dirty[rate] = series(f"uniform-{rate}", 1 if self.quick else 3, "uniform", {"rate": rate},
+                                 prewarm_on=self.prewarm_on, warmup_s=0.5, guest_check=True)
+
+        def dsum(reps):
+            return summary(r.get("downtime_ms") for r in reps)
+
+        def tsum(reps):
+            keys = []
+            for r in reps:
+                keys += [k for k in r.get("timings_ms", {}) if k not in keys]
+            return {k: summary(r.get("timings_ms", {}).get(k) for r in reps) for k in keys}
+
+        idle_s = dsum(idle)
+        mark = self.goal("downtime", "idle guest: median downtime_ms", idle_s.get("median"), "<=", 5.0, "ms")
+        rows = []
+        for label, reps in [(f"idle, {len(idle)} runs" + (", pre-warmed" if self.prewarm_on else ""), idle),
+                            (f"idle, {len(cold)} runs, NOT pre-warmed (3 s settle)", cold),
+                            *[(f"uniform {rate} pages/s, Xen policy, {len(r)} runs", r) for rate, r in dirty.items()]]:
+            d = dsum(reps)
+            rows.append([label, fnum(d.get("median")), fnum(d.get("min")), fnum(d.get("max")),
+                         ", ".join(fnum(r.get("downtime_ms"), "{:.1f}") for r in reps)])
+        notes = [f"GOAL idle median downtime <= 5 ms: {fnum(idle_s.get('median'))} ms {mark}"]
+        emit(table(f"2. downtime: {fbytes(size)} guest (report.downtime_ms: source pause ack -> first step at destination)",
+                   ["series", "median ms", "min", "max", "all runs (ms)"], rows, notes))
+
+        # Breakdown of timings_ms (medians) per series.
+        t_idle, t_cold = tsum(idle), tsum(cold)
+        t_dirty = {rate: tsum(r) for rate, r in dirty.items()}
+        keys = list(t_idle) + [k for k in t_cold if k not in t_idle]
+        brows = [[k, fnum(t_idle.get(k, {}).get("median"), "{:.3f}"), fnum(t_idle.get(k, {}).get("max"), "{:.3f}"),
+                  fnum(t_cold.get(k, {}).get("median"), "{:.3f}"),
+                  *[fnum(t_dirty[rate].get(k, {}).get("median"), "{:.3f}") for rate in dirty]] for k in keys]
+        emit(table("2b. downtime breakdown: report.timings_ms (median ms)",
+                   ["timing", "idle", "idle max", "idle no-prewarm", *[f"uniform {r}" for r in dirty]], brows,
+                   ["pause_latency is before the pause point (not in downtime_ms); final_collect, stop_and_copy_send,",
+                    "destination_end_to_resume and destination_restore are inside it, and so is the time the destination",
+                    "needs to drain what precopy left in the socket buffers before it even reads the stop-and-copy data."]))
+
+        # Rounds of the dirtying guests.
+        for rate, reps in dirty.items():
+            med = sorted(reps, key=lambda r: r.get("downtime_ms") or 1e9)[len(reps) // 2]
+            rrows = [[r["index"], r["kind"], r["pages_sent"], r["dirty_pages"], fnum(r.get("dirty_rate_pps"), "{:.0f}"),
+                      fnum(r.get("duration_s"), "{:.3f}"), gbs((r.get("bandwidth_bps") or 0) / 8),
+                      fnum(r.get("collect_ms"), "{:.2f}"), fnum(r.get("est_downtime_ms"), "{:.2f}"),
+                      (r.get("decision") or "") + (f" ({r['reason']})" if r.get("reason") else "")]
+                     for r in med.get("rounds", [])]
+            others = "; ".join(f"{r.get('downtime_ms')} ms: sent/dirty " + " ".join(
+                f"{x['pages_sent']}/{x['dirty_pages']}" for x in r.get("rounds", [])) for r in reps if r is not med)
+            emit(table(f"2c. rounds, uniform {rate} pages/s, Xen default policy (run with the median downtime:"
+                       f" {med.get('downtime_ms')} ms, {med.get('pages_sent')} pages, verified={med.get('verified')})",
+                       ["round", "kind", "pages sent", "dirty", "dirty pps", "dur s", "GB/s", "collect ms",
+                        "est dt ms", "decision"], rrows, [f"other runs: {others}"] if others else []))
+        out.update({"idle": {"downtime_ms": idle_s, "timings_ms": t_idle, "reports": idle},
+                    "idle_no_prewarm": {"downtime_ms": dsum(cold), "timings_ms": t_cold, "reports": cold},
+                    "uniform": {str(rate): {"downtime_ms": dsum(r), "timings_ms": t_dirty[rate], "reports": r}
+                                for rate, r in dirty.items()}})
+        return out
+
+    # --- 3. collect -----------------------------------------------------------------------
+    def part_collect(self) -> dict:
+        size = self.args.size
+        npages = size // PAGE
+        target = npages // 100  # 1% of the pages
+        interval = 0.1
+        rate = target / interval
+        n = self.args.collects
+        out = {"size_bytes": size, "target_pages": target, "rate_pps": rate, "collects": n, "trackers": {}}
+        rows = []
+        for kind in ("uffd-wp", "mprotect"):
+            res = {}
+            with ProcessGuest.boot(GuestSpec("uniform", {"rate": rate}, 3), size) as g:
+                time.sleep(0.3)
+                tracker = make_tracker(g, kind)
+                try:
+                    tracker.start()
+                    for mode in ("paused", "running"):
+                        times, pages, tlb, scan = [], [], [], []
+                        for i in range(n + 2):  # the first two are warm-up
+                            base = g.counters()["pages_written"]
+                            if mode == "paused":
+                                g.resume()
+                            deadline = time.monotonic() + 10
+                            while g.counters()["pages_written"] - base < target:
+                                if time.monotonic() > deadline:
+                                    raise TimeoutError(f"{kind}: the guest wrote too slowly")
+                                time.sleep(0.002)
+                            if mode == "paused":
+                                g.pause()
+                            tlb0 = tlb_shootdowns()
+                            t0 = time.perf_counter()
+                            got = tracker.collect()
+                            dt = time.perf_counter() - t0
+                            tlb1 = tlb_shootdowns()
+                            if i >= 2:
+                                times.append(dt * 1e3)
+                                pages.append(len(got))
+                                tlb.append(tlb1 - tlb0 if tlb0 >= 0 else None)
+                                scan.append(tracker.collect_s * 1e3)
+                        if mode == "paused":
+                            g.resume()
+                        st = summary(times)
+                        res[mode] = {"collect_ms": st, "pages": summary(pages), "tlb_shootdowns": summary(tlb),
+                                     "tracker_collect_s_ms": summary(scan), "samples_ms": times, "samples_pages": pages,
+                                     "samples_tlb": tlb}
+                        mark = self.goal("collect", f"{kind} collect, guest {mode}, 1% written (median)",
+                                         st["median"], "<=", 3.0, "ms")
+                        rows.append([kind, mode, fnum(st["median"], "{:.3f}"), fnum(st["p90"], "{:.3f}"),
+                                     fnum(st["min"], "{:.3f}"), fnum(st["max"], "{:.3f}"),
+                                     f"{statistics.median(pages):.0f}",
+                                     fnum(summary(tlb).get("median"), "{:.0f}"),
+                                     fnum(st["median"] * 1e6 / max(1, statistics.median(pages)), "{:.0f}"), mark])
+                        log(f"collect {kind} {mode}: median {st['median']:.3f} ms, pages {statistics.median(pages):.0f}")
+                finally:
+                    tracker.stop()
+            out["trackers"][kind] = res
+        notes = [
+            f"{fbytes(size)} uniform guest writing {rate:.0f} pages/s; each collect after ~{target} page writes (1%);"
+            f" {n} collects per row after 2 warm-up ones; goal: median <= 3 ms.",
+            "paused: resume, wait for the writes, pause, then time collect(); running: the guest keeps writing during collect().",
+            "TLB IPIs = system-wide 'TLB shootdowns' interrupts (/proc/interrupts) during the collect.",
+            "What dominates while the guest runs: re-protecting pages the guest has mapped writable must flush the",
+            "TLB of every CPU running the guest's mm.  uffd-wp: PAGEMAP_SCAN(PM_SCAN_WP_MATCHING) write-protects from",
+            "outside, so each flush is an IPI (TLB shootdown) to the guest's CPU -- in a VM a virtual IPI, i.e. VM exits",
+            "on both vCPUs -- and the scan walks page tables the guest is modifying concurrently.  Paused, the guest's",
+            "mm is not loaded on any CPU, so the same flushes stay local.  mprotect: collect is a round trip to the",
+            "guest, which re-protects its own pages (local flushes, per-run mprotect + VMA merges); its latency",
+            "includes waking the guest and waiting for the end of its current step.",
+        ]
+        emit(table("3. collect(): 1% of a guest's pages written",
+                   ["tracker", "guest", "median ms", "p90", "min", "max", "pages", "TLB IPIs", "ns/page", "goal <= 3 ms"],
+                   rows, notes))
+        return out
+
+    # --- 4. memory ------------------------------------------------------------------------
+    def part_memory(self) -> dict:
+        sizes = self.args.memory_sizes
+        base = 64 * MiB
+        allowance = self.args.bits_per_page
+        out = {"sizes": sizes, "base_bytes": base, "allowed_bits_per_page": allowance, "runs": {}}
+        rows = []
+        per_size = {}
+        for size in sizes:
+            log(f"memory: migrating an idle {fbytes(size)} guest in a fresh interpreter (sampling smaps)")
+            rep = migrate_in_child({"workload": "idle", "params": {}, "size": size, "guest_check": False,
+                                    "prewarm_enabled": False}, sample_interval_s=0.1, timeout_s=600)
+            self.check_report(f"memory {fbytes(size)}", rep)
+            out["runs"][str(size)] = rep
+            npages = size // PAGE
+            procs = rep.get("processes", {})
+            ext = rep.get("bench", {}).get("external_private_peak_bytes", {})
+            per_size[size] = {}
+            for role in ("migrator_source", "migrator_destination"):
+                p = procs.get(role, {}) if isinstance(procs.get(role), dict) else {}
+                peak = max(x for x in (p.get("private_excl_ram_peak_bytes"), ext.get(role), p.get("private_excl_ram_bytes"), 0)
+                           if x is not None)
+                bits = (peak - base) * 8 / npages
+                limit = base + allowance * npages / 8
+                mark = self.goal("memory", f"{role} {fbytes(size)}: peak private memory (excl. guest RAM)",
+                                 peak, "<=", limit, "bytes")
+                per_size[size][role] = peak
+                rows.append([fbytes(size), role, fbytes(p.get("uss_bytes")), fbytes(p.get("private_excl_ram_bytes")),
+                             fbytes(p.get("uss_peak_bytes")), fbytes(p.get("private_excl_ram_peak_bytes")),
+                             fbytes(ext.get(role)), f"{bits:+.2f}", f"{fbytes(limit)} {mark}"])
+        notes = [
+            "end = report.processes values at the end of the migration; report peak = the migrator's own PeakSampler;",
+            "ext. peak = this benchmark sampling /proc/PID/smaps every 100 ms (private pages outside /memfd:vmem-ram).",
+            f"bits/page = (max of the peaks - 64 MiB) * 8 / guest pages (negative: under the base);"
+            f" goal limit = 64 MiB + {allowance} bits per page.",
+            "Each migration runs in a fresh interpreter running this script (the migrator), like `vmem migrate` does.",
+        ]
+        if len(sizes) >= 2:
+            s0, s1 = sizes[0], sizes[-1]
+            slope = {role: (per_size[s1][role] - per_size[s0][role]) * 8 / ((s1 - s0) // PAGE)
+                     for role in ("migrator_source", "migrator_destination")}
+            out["marginal_bits_per_page"] = slope
+            notes.append(f"marginal cost between {fbytes(s0)} and {fbytes(s1)}: "
+                         + ", ".join(f"{k} {v:.1f} bits/page" for k, v in slope.items()))
+        emit(table("4. memory: migrator private memory, idle guests",
+                   ["guest", "process", "USS end", "excl-RAM end", "USS peak", "excl-RAM peak", "ext. peak",
+                    "bits/page", "limit / goal"], rows, notes))
+        return out
+
+    # --- 5. scale -------------------------------------------------------------------------
+    def part_scale(self) -> dict:
+        size = self.args.scale_size
+        avail0 = mem_available()
+        need = 2 * size + 2 * GiB
+        out = {"size_bytes": size, "mem_available_before": avail0}
+        if avail0 < need:
+            self.fail(f"scale: only {fbytes(avail0)} available, {fbytes(need)} needed for a {fbytes(size)} guest"
+                      " (source + destination + slack)")
+            return out
+        log(f"scale: migrating an idle {fbytes(size)} guest (full verification) in a fresh interpreter")
+        rep = migrate_in_child({"workload": "idle", "params": {}, "size": size, "guest_check": True, "verify": True,
+                                "prewarm_enabled": False}, sample_interval_s=0.5, timeout_s=900)
+        self.check_report(f"scale {fbytes(size)}", rep)
+        # Everything reaped and every memfd freed?
+        deadline = time.monotonic() + 15
+        while mem_available() < avail0 - GiB and time.monotonic() < deadline:
+            time.sleep(0.2)
+        avail1 = mem_available()
+        if avail1 < avail0 - GiB:
+            self.fail(f"scale: memory not returned after the migration ({fbytes(avail0)} -> {fbytes(avail1)} available)")
+        r0 = rep.get("rounds", [{}])[0] if rep.get("rounds") else {}
+        ver = rep.get("verification", {}) or {}
+        dig = ver.get("digests") or {}
+        gc_ = ver.get("guest_check") or {}
+        total_bps = rep["bytes_sent"] / rep["total_time_s"] if rep.get("total_time_s") else None
+        rows = [
+            ["outcome / verified", f"{rep.get('outcome')} / {rep.get('verified')}"],
+            ["boot (fill) s, untimed", fnum(rep.get("bench", {}).get("boot_s"))],
+            ["total_time_s", fnum(rep.get("total_time_s"))],
+            ["round 0: s / GB/s", f"{fnum(r0.get('duration_s'))} / {gbs((r0.get('bandwidth_bps') or 0) / 8)}"],
+            ["whole migration GB/s (bytes_sent/total_time_s)", gbs(total_bps)],
+            ["downtime_ms", fnum(rep.get("downtime_ms"))],
+            ["pages compared / mismatched", f"{dig.get('pages_compared')} / {dig.get('mismatched')}"],
+            ["source digest ms / guest check s", f"{dig.get('source_digest_ms')} / {gc_.get('duration_s')}"],
+            ["destination guest ledger check ok", gc_.get("ok")],
+            ["migrator peak private (src / dst)",
+             " / ".join(fbytes(rep.get("bench", {}).get("external_private_peak_bytes", {}).get(k))
+                        for k in ("migrator_source", "migrator_destination"))],
+            ["MemAvailable before / after", f"{fbytes(avail0)} / {fbytes(avail1)}"],
+        ]
+        emit(table(f"5. scale: idle filled {fbytes(size)} guest (run alone; fresh memory not pre-warmed)",
+                   ["what", "value"], rows))
+        out.update({"mem_available_after": avail1, "round0_Bps": (r0.get("bandwidth_bps") or 0) / 8,
+                    "whole_Bps": total_bps, "report": rep})
+        return out
+
+    # --- 6. pause latency -----------------------------------------------------------------
+    def part_pause(self) -> dict:
+        size = self.args.size
+        cycles = self.args.pause_cycles
+        out = {"size_bytes": size, "cycles": cycles}
+        rows = []
+        rng = random.Random(11)
+        for label, workload, params in (("uniform 5000 pages/s", "uniform", {"rate": 5000}), ("idle", "idle", {})):
+            lat = []
+            with ProcessGuest.boot(GuestSpec(workload, params, 5), size) as g:
+                time.sleep(0.3)
+                for _ in range(5 + cycles):
+                    time.sleep(rng.uniform(0.002, 0.012))  # resume at a random point of the guest's loop
+                    lat.append(g.pause().latency_ns / 1e3)
+                    g.resume()
+            lat = lat[5:]
+            st = summary(lat)
+            out[workload] = {"latency_us": st, "samples_us": lat}
+            rows.append([label, fnum(st["median"], "{:.1f}"), fnum(st["p90"], "{:.1f}"), fnum(st["p99"], "{:.1f}"),
+                         fnum(st["min"], "{:.1f}"), fnum(st["max"], "{:.1f}"), st["n"]])
+            log(f"pause {label}: median {st['median']:.1f} us, p99 {st['p99']:.1f} us")
+        emit(table(f"6. pause latency: ProcessGuest.pause().latency_ns, {fbytes(size)} guests (microseconds)",
+                   ["guest", "median us", "p90", "p99", "min", "max", "n"], rows,
+                   [f"{cycles} pause/resume cycles after 5 warm-up ones; 2-12 ms (random) of running between cycles."]))
+        return out
+
+
+# ======================================================================================
+# main
+# ======================================================================================
+
+def parse_size(text: str) -> int:
+    from vmem.ram import parse_size as ps
+
+    return ps(text)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_child"]:
+        return child_main(argv[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {','.join(PARTS)}")
+    p.add_argument("--quick", action="store_true", help="smoke run: small guests, few repetitions")
+    p.add_argument("--json", metavar="FILE", help="write every number to FILE")
+    p.add_argument("--no-prewarm", action="store_true", help="do not pre-touch fresh memory before timed transfers")
+    p.add_argument("--size", type=parse_size, help="guest size for throughput/downtime/collect/pause (default 1G; quick 256M)")
+    p.add_argument("--trials", type=int, help="throughput trials per variant (default 3; quick 1)")
+    p.add_argument("--downtime-runs", type=int, help="idle migrations for the downtime goal (default 7; quick 3)")
+    p.add_argument("--collects", type=int, help="collects per tracker and mode (default 20; quick 5)")
+    p.add_argument("--pause-cycles", type=int, help="pause/resume cycles per guest (default 100; quick 20)")
+    p.add_argument("--memory-sizes", help="comma-separated guest sizes for the memory part (default 1G,4G; quick 256M,1G)")
+    p.add_argument("--scale-size", type=parse_size, help="guest size for the scale part (default 8G; quick 1G)")
+    p.add_argument("--bits-per-page", type=float, default=8.0,
+                   help="memory goal allowance above 64 MiB, bits per guest page (default 8)")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.size = args.size or (256 * MiB if q else GiB)
+    args.trials = args.trials or (1 if q else 3)
+    args.downtime_runs = args.downtime_runs or (3 if q else 7)
+    args.collects = args.collects or (5 if q else 20)
+    args.pause_cycles = args.pause_cycles or (20 if q else 100)
+    args.memory_sizes = [parse_size(s) for s in (args.memory_sizes or ("256M,1G" if q else "1G,4G")).split(",")]
+    args.scale_size = args.scale_size or (GiB if q else 8 * GiB)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in PARTS]
+    if unknown:
+        p.error(f"unknown part(s) {unknown}; choose from {PARTS}")
+    parts = [x for x in PARTS if x in only]  # fixed order; scale last (it needs the memory alone)
+
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so every `with` closes its guests.
+    def _stop(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
+
+    bench = Bench(args)
+    meta = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "parts": parts,
+        "kernel": platform.release(), "python": platform.python_version(), "numpy": np.__version__,
+        "cpus": os.cpu_count(), "mem_total_bytes": psutil.virtual_memory().total,
+        "mem_available_bytes": mem_available(), "loadavg": os.getloadavg(), "prewarm": bench.prewarm_on,
+        "args": {k: v for k, v in vars(args).items()},
+    }
+    try:
+        meta["git"] = subprocess.run(["git", "-C", _ROOT, "describe", "--always", "--dirty"], capture_output=True,
+                                     text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    log(f"bench_migrate: parts {parts}{' (quick)' if q else ''}; {meta['cpus']} CPUs, "
+        f"{fbytes(meta['mem_available_bytes'])} available, load {meta['loadavg'][0]:.2f}")
+    cpu_rows = []
+    interrupted = False
+    for part in parts:
+        log(f"--- part {part}")
+        meter = CpuMeter()
+        gc.collect()
+        try:
+            bench.results[part] = getattr(bench, f"part_{part}")()
+        except KeyboardInterrupt:
+            bench.fail(f"{part}: interrupted")
+            interrupted = True
+        except Exception as err:
+            bench.fail(f"{part}: {type(err).__name__}: {err}")
+            traceback.print_exc()
+        reap_leftovers(part, bench.failures)
+        cpu = meter.read()
+        bench.results.setdefault(part, {})["cpu"] = cpu
+        cpu_rows.append([part, cpu["wall_s"], cpu["benchmark_cpu_s"], cpu["other_cpu_s"]])
+        if interrupted:
+            break
+
+    rows = [[g["part"], g["goal"],
+             (fnum(g["value"], "{:.3f}") if g["unit"] != "bytes" else fbytes(g["value"])),
+             f"{g['op']} " + (fbytes(g["threshold"]) if g["unit"] == "bytes" else f"{g['threshold']:g}") + (
+                 f" {g['unit']}" if g["unit"] not in ("", "bytes") else ""),
+             "ok" if g["met"] else "MISSED"] for g in bench.goals]
+    emit(table("goals", ["part", "goal", "value", "target", "result"], rows))
+    emit(table("machine load per part (CPU seconds; 'other' = used outside this benchmark, e.g. other sessions)",
+               ["part", "wall s", "benchmark cpu s", "other cpu s"], cpu_rows))
+    if bench.failures:
+        emit("\nFAILURES:\n" + "\n".join(f"  - {f}" for f in bench.failures))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "goals": bench.goals, "failures": bench.failures, "parts": bench.results}, f,
+                      indent=1, default=json_default)
+        log(f"wrote {args.json}")
+    log(f"done in {time.monotonic() - _T0:.0f} s; {len(bench.failures)} failure(s); "
+        f"{sum(not g['met'] for g in bench.goals)} goal(s) missed")
+    return 1 if bench.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
