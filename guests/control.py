@@ -24,6 +24,8 @@ on x86 and TSO keeps them in program order, which is all this protocol relies on
     0x088   PAUSED_AT_NS     guest        CLOCK_MONOTONIC when the guest acknowledged PAUSE
     0x090   MSG_LEN          guest        bytes of JSON in the message area
     0x098   RESUMED_AT_NS    guest        CLOCK_MONOTONIC when the guest left PAUSED/INCOMING
+    0x0a0   THROTTLE_PPM     guest        CPU throttle in force, parts per million (0 = none)
+    0x0a8   THROTTLED_NS     guest        total time stolen by the throttle
     0x400   message area     guest        JSON (verify results, errors), up to 3 KiB
     0x1000  context area     both         the context blob, up to CONTEXT_MAX_BYTES
 
@@ -75,6 +77,8 @@ class Field(enum.IntEnum):
     PAUSED_AT_NS = 17
     MSG_LEN = 18
     RESUMED_AT_NS = 19
+    THROTTLE_PPM = 20
+    THROTTLED_NS = 21
 
 
 class Command(enum.IntEnum):
@@ -89,6 +93,7 @@ class Command(enum.IntEnum):
     MPROT_COLLECT = 6  # move dirty bits to the harvest bitmap and re-protect; RESULT = pages
     MPROT_STOP = 7     # remove the mprotect tracker
     SEND_UFFD = 8      # send the guest's userfaultfd over the socket (SCM_RIGHTS)
+    THROTTLE = 9       # ARG = fraction of guest time to steal, in ppm (auto-converge)
 
 
 class GuestState(enum.IntEnum):

@@ -166,6 +166,7 @@ class ProcessGuest:
             "first_step_ns": c[Field.FIRST_STEP_NS],
             "resumed_at_ns": c[Field.RESUMED_AT_NS],
             "vclock_s": c[Field.VCLOCK_NS] / 1e9,
+            "throttled_s": c[Field.THROTTLED_NS] / 1e9,
         }
 
     # --- commands --------------------------------------------------------------------------
@@ -289,6 +290,22 @@ class ProcessGuest:
         if "ok" not in msg:
             raise GuestError(f"guest {self.pid} could not verify: {msg.get('error', msg)}")
         return msg
+
+    def set_throttle(self, fraction: float) -> None:
+        """Steal ``fraction`` (0..0.99) of the guest's time, slowing its progress (auto-converge).
+
+        Raises:
+            ValueError: fraction out of range.  GuestError: the guest refused it.
+        """
+        if not 0.0 <= fraction <= 0.99:
+            raise ValueError(f"throttle must be in [0, 0.99], got {fraction}")
+        res = self.command(Command.THROTTLE, int(round(fraction * 1e6)))
+        if res != 0:
+            raise GuestError(f"guest {self.pid} refused throttle {fraction} ({res})")
+
+    @property
+    def throttle(self) -> float:
+        return self.ctl[Field.THROTTLE_PPM] / 1e6
 
     def uffd(self) -> int:
         """The guest's userfaultfd (received once over SCM_RIGHTS, owned by this object).

@@ -31,6 +31,9 @@ import traceback
 from guests.control import Command, ControlBlock, Field, GuestState
 
 PAGE_SIZE = 4096
+#: Throttle duty-cycle period: short enough that throttled progress is smooth at the
+#: resolution of a precopy round, long enough that select() wake-up cost is negligible.
+THROTTLE_PERIOD_S = 0.01
 
 
 class GuestRuntime:
@@ -59,6 +62,10 @@ class GuestRuntime:
         self.first_step_pending = False
         self.steps = 0
         self.pages_written_base = 0
+        self.throttle = 0.0
+        self.run_quota_ns = 0
+        self.period_start_ns = 0
+        self.throttled_ns = 0
 
     # --- uffd --------------------------------------------------------------------
     def _open_uffd(self) -> None:
@@ -99,6 +106,7 @@ class GuestRuntime:
     def _start_running(self) -> None:
         now = time.monotonic_ns()
         self.run_start_ns = now
+        self.period_start_ns = now
         self.running = True
         self.first_step_pending = True
         self.ctl[Field.RESUMED_AT_NS] = now
@@ -109,6 +117,23 @@ class GuestRuntime:
         self.vclock_base_ns += now - self.run_start_ns
         self.running = False
         self.ctl[Field.VCLOCK_NS] = self.vclock_base_ns
+
+    def _throttle_pause(self) -> None:
+        """Steal ``throttle`` of the guest's time: sleep with its virtual clock stopped.
+
+        The guest runs for (1 - t) * period, then sleeps t * period (interruptibly: a
+        command still wakes it).  Its virtual clock does not advance while it sleeps, so a
+        workload paced on ``clock()`` really does less per wall-clock second, which is what
+        throttling a vCPU does to a VM (QEMU's auto-converge).
+        """
+        t0 = time.monotonic_ns()
+        self.vclock_base_ns += t0 - self.run_start_ns
+        self._wait(self.throttle * THROTTLE_PERIOD_S)
+        t1 = time.monotonic_ns()
+        self.run_start_ns = t1
+        self.period_start_ns = t1
+        self.throttled_ns += t1 - t0
+        self.ctl[Field.THROTTLED_NS] = self.throttled_ns
 
     # --- workload --------------------------------------------------------------------
     def _make_workload(self):
@@ -235,6 +260,13 @@ class GuestRuntime:
                 result = nat.mprot_collect(self.mprot_out_addr)
             elif cmd == Command.MPROT_STOP:
                 result = self._mprot_stop()
+            elif cmd == Command.THROTTLE:
+                if not 0 <= arg <= 990_000:
+                    result = -22  # EINVAL
+                else:
+                    self.throttle = arg / 1e6
+                    self.run_quota_ns = int((1 - self.throttle) * THROTTLE_PERIOD_S * 1e9)
+                    ctl[Field.THROTTLE_PPM] = arg
             elif cmd == Command.SEND_UFFD:
                 if self.uffd < 0:
                     result = ctl[Field.UFFD_FEATURES]
@@ -304,7 +336,9 @@ class GuestRuntime:
         ctl = self.ctl
         fields = ctl.fields
         seq_idx = int(Field.CMD_SEQ)
+        pw_idx = int(Field.PAGES_WRITTEN)
         monotonic_ns = time.monotonic_ns
+        mem = self.mem
         while True:
             seq = fields[seq_idx]
             if seq != self.last_seq:
@@ -320,8 +354,10 @@ class GuestRuntime:
                 if self.first_step_pending:
                     fields[Field.FIRST_STEP_NS] = now
                     self.first_step_pending = False
-                if idle_s > 0:
-                    fields[Field.PAGES_WRITTEN] = self._pages_written()
+                fields[pw_idx] = self.pages_written_base + mem.pages_written
+                if self.throttle and now - self.period_start_ns >= self.run_quota_ns:
+                    self._throttle_pause()
+                elif idle_s > 0:
                     fields[Field.VCLOCK_NS] = int(self.vclock() * 1e9)
                     self._wait(min(idle_s, 0.01))
             else:

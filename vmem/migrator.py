@@ -97,6 +97,7 @@ class SourceMigration:
         self.report = MigrationReport()
         self.tracker = None
         self.paused = None
+        self._throttled = False
         self._stream_ended = False
         self._ctl_reader = stream.ControlReader(self.ch.recv_exact)
         self._writer = stream.StreamWriter(self.ch.send_parts)
@@ -177,6 +178,11 @@ class SourceMigration:
             r.processes.setdefault("migrator_source", {}).update(process_figures())
             sampler.merge_into(r.processes)
             r.guest["source_before"] = before
+            if self._throttled and r.outcome != "completed" and g.alive():
+                try:
+                    g.set_throttle(0.0)  # the source guest runs on at full speed
+                except VmemError:
+                    pass
         return r
 
     def _fail(self, err: BaseException) -> None:
@@ -237,8 +243,10 @@ class SourceMigration:
         t_collect = time.monotonic()
         to_send = g.ram.data_pages()
         history: list[int] = []
+        rate_history: list[float] = []
         total_written = 0
         index = 0
+        throttle = 0.0
         while True:
             self._phase("precopy", f"round {index}")
             self.progress.round_start(index, len(to_send), "precopy")
@@ -253,17 +261,19 @@ class SourceMigration:
             rate_pps = len(dirty) / (t2 - t_collect) if t2 > t_collect else 0.0
             t_collect = t2
             history.append(len(dirty))
+            rate_history.append(rate_pps)
             rs = RoundStats(
                 index=index, pages_sent=npages, bytes_sent=nbytes, duration_s=round(round_s, 6),
                 dirty_pages=len(dirty), dirty_rate_pps=round(rate_pps, 1), bandwidth_bps=round(bw_Bps * 8, 1),
-                collect_ms=round(self.tracker.collect_s * 1e3, 3),
+                collect_ms=round(self.tracker.collect_s * 1e3, 3), throttle=throttle,
             )
             est = estimate_downtime_s(len(dirty), self._link_Bps(bw_Bps))
             rs.est_downtime_ms = round(est * 1e3, 3) if est != float("inf") else None
             stats = PrecopyStats(
                 iteration=index + 1, total_written=total_written, dirty_count=len(dirty), guest_pages=g.npages,
                 elapsed_s=t2 - t_start, round_s=round_s, bandwidth_Bps=bw_Bps, dirty_rate_pps=rate_pps,
-                dirty_history=tuple(history), est_downtime_s=est,
+                dirty_history=tuple(history), est_downtime_s=est, bandwidth_limit_Bps=self.opt.bandwidth_Bps,
+                throttle=throttle, dirty_rate_history=tuple(rate_history), page_size=PAGE_SIZE,
             )
             verdict = call_policy(self.policy, stats)
             if verdict.decision == Decision.CONTINUE and index + 1 >= SAFETY_MAX_ROUNDS:
@@ -272,6 +282,10 @@ class SourceMigration:
             r.rounds.append(rs)
             self.progress.round_end(rs)
             if verdict.decision == Decision.CONTINUE:
+                if verdict.throttle is not None and verdict.throttle != throttle:
+                    throttle = min(max(float(verdict.throttle), 0.0), 0.99)
+                    g.set_throttle(throttle)
+                    self._throttled = True
                 to_send = dirty
                 index += 1
                 continue

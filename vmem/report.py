@@ -29,6 +29,7 @@ class RoundStats:
         dirty_rate_pps: dirty_pages / time since the previous collect.
         bandwidth_bps: bytes_sent * 8 / duration_s (bits per second, as links are rated).
         collect_ms: time the dirty tracker's collect took at the end of the round.
+        throttle: guest CPU throttle in force during the round (auto-converge), 0..0.99.
         decision / reason: what the policy said after this round.
     """
 
@@ -42,6 +43,7 @@ class RoundStats:
     bandwidth_bps: float = 0.0
     collect_ms: float = 0.0
     est_downtime_ms: float | None = None
+    throttle: float = 0.0
     decision: str = ""
     reason: str = ""
 
