@@ -85,3 +85,27 @@ def test_bad_workload_fails_boot_with_message():
 
     with pytest.raises(VmemError):
         ProcessGuest.boot(GuestSpec("no_such_module:Nope", {}, 1), 8 << 20, timeout_s=30)
+
+
+def test_throttle_slows_the_guest_and_can_be_lifted(boot_guest):
+    """Auto-converge's lever: a 90% throttle must cut progress well below the unthrottled rate."""
+    g = boot_guest("uniform", rate=0, size=16 << 20)
+
+    def progress(s=0.3):
+        c0 = g.counters()
+        time.sleep(s)
+        c1 = g.counters()
+        return c1["pages_written"] - c0["pages_written"], c1["throttled_s"] - c0["throttled_s"]
+
+    free, stolen_free = progress()
+    g.set_throttle(0.9)
+    assert g.throttle == pytest.approx(0.9)
+    slow, stolen = progress()
+    assert stolen > 0 and stolen_free == 0
+    assert slow < 0.5 * free, (slow, free)
+    g.set_throttle(0.0)
+    assert progress()[1] == 0
+    with pytest.raises(ValueError):
+        g.set_throttle(1.5)
+    g.pause()
+    assert g.verify()["ok"]
