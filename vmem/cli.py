@@ -26,16 +26,49 @@ def _add_migrate(sub) -> None:
     g.add_argument("--warmup", type=float, default=0.5, metavar="S", help="seconds the guest runs before the migration starts")
     m = p.add_argument_group("migration")
     m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracking mechanism")
-    m.add_argument("--policy", default="xen", choices=["xen", "threshold"], help="precopy policy (default: Xen's)")
-    m.add_argument("--precopy-iterations", type=int, metavar="N", help="stop after N iterations (seed patch knob)")
-    m.add_argument("--precopy-threshold", type=int, metavar="P", help="stop when at most P pages are dirty (seed patch knob)")
     m.add_argument("--bandwidth", metavar="RATE", help="cap the link, e.g. 100M (bytes/s), 1Gbit, 50MiB")
     m.add_argument("--no-verify", action="store_true", help="skip the RAM digest comparison")
     m.add_argument("--no-guest-check", action="store_true", help="skip the destination guest's own ledger check")
     m.add_argument("--observe", type=float, default=1.0, metavar="S", help="let the destination guest run S seconds after commit")
+    add_policy_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the full report (docs/report.md) to FILE")
     o.add_argument("--quiet", action="store_true", help="no live display, summary only")
+
+
+def add_policy_arguments(p) -> None:
+    """``--policy`` and every policy's flags, built from vmem.policy.POLICY_OPTIONS.
+
+    Each flag defaults to None ("not given"): the policy applies its own default, and a
+    flag given for a policy that does not take it is an error naming it.
+    """
+    from .policy import OPTION_CHOICES, POLICIES, POLICY_SUMMARIES, policy_flags
+
+    g = p.add_argument_group("precopy policy", "see docs/policies.md; each flag belongs to the policies named in its help")
+    g.add_argument("--policy", default="xen", choices=list(POLICIES),
+                   help="; ".join(f"{name}: {POLICY_SUMMARIES.get(name, '')}" for name in POLICIES))
+    for opt, owners in policy_flags():
+        helptext = f"{opt.help} [{', '.join(owners)}]"
+        if opt.type is bool:
+            action = "store_true" if not opt.default else "store_false"
+            g.add_argument(opt.flag, dest=opt.dest, action=action, default=None, help=helptext)
+        else:
+            metavar = {int: "N", float: "NUM"}.get(opt.type, "RATE" if opt.dest.endswith("_Bps") else None)
+            g.add_argument(opt.flag, dest=opt.dest, default=None, metavar=metavar,
+                           choices=OPTION_CHOICES.get(opt.dest), help=helptext)
+
+
+def policy_from_args(args):
+    """Build the policy named by ``--policy`` from the parsed flags (ConfigError if inconsistent)."""
+    from .policy import make_policy, policy_flags
+
+    options = {opt.dest: getattr(args, opt.dest, None) for opt, _ in policy_flags()}
+    # Post-copy is not implemented yet: refuse before anything starts rather than fail later.
+    if options.get("allow_postcopy"):
+        raise ConfigError("--allow-postcopy", "post-copy migration is not available in this version of vmem")
+    if options.get("timeout_action") == "postcopy":
+        raise ConfigError("--timeout-action", "postcopy is not available in this version of vmem; use suspend or abort")
+    return make_policy(args.policy, **options)
 
 
 def cmd_migrate(args) -> int:
@@ -48,14 +81,13 @@ def cmd_migrate(args) -> int:
     from .display import LiveDisplay, print_summary
     from .local import run_local_migration
     from .migrator import MigrationOptions
-    from .policy import make_policy
     from .ram import parse_size
 
     # Validate everything before starting a single process.
     size = parse_size(args.size)
     cls = load_workload(args.workload)
     params = parse_params(cls, args.workload_arg)
-    policy = make_policy(args.policy, precopy_iterations=args.precopy_iterations, precopy_threshold=args.precopy_threshold)
+    policy = policy_from_args(args)
     bandwidth = None
     if args.bandwidth:
         try:

@@ -1,0 +1,558 @@
+"""``vmem compare``: the same guest, workload and seed migrated once per policy, side by side.
+
+    vmem compare --policies xen,threshold,two-threshold,budget,downtime-limit \\
+                 --workload hotcold -W rate=20000 --size 256M --bandwidth 100M --out DIR
+
+For each policy a fresh guest is booted with the same workload and seed, warmed up, and
+migrated on this host (:func:`vmem.local.run_local_migration`).  The reports are printed
+as one table and written to ``DIR``: ``comparison.png``, per-policy convergence, dirty
+rate and downtime graphs, ``report.html`` (self-contained), ``reports/POLICY.json`` and
+``comparison.json`` (also to ``--json FILE``).
+
+``--policy-option KEY=VALUE`` goes to every selected policy that takes KEY and is
+ignored (and said so, once) by the others; a KEY no selected policy takes is an error.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "PolicyRun",
+    "Comparison",
+    "policy_names",
+    "accepted_options",
+    "parse_policy_options",
+    "build_policies",
+    "run_comparison",
+    "write_comparison",
+    "comparison_document",
+    "print_comparison",
+    "add_compare_arguments",
+    "cmd_compare",
+]
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+# --- policies and their options -------------------------------------------------------------
+def _policy_module():
+    from . import policy
+
+    return policy
+
+
+def policy_names() -> list[str]:
+    """The built-in policies' CLI names (from ``POLICIES`` and ``POLICY_OPTIONS``)."""
+    pol = _policy_module()
+    names = list(getattr(pol, "POLICIES", {}) or {})
+    for n in getattr(pol, "POLICY_OPTIONS", {}) or {}:
+        if n not in names:
+            names.append(n)
+    return names
+
+
+def _norm(key: str) -> str:
+    return str(key).strip().lstrip("-").replace("-", "_")
+
+
+def _spec_name(spec, fallback: str | None = None) -> str | None:
+    """The make_policy keyword of one POLICY_OPTIONS entry (str, dict or object)."""
+    if isinstance(spec, str):
+        return _norm(spec)
+    for attr in ("kwarg", "param", "dest", "key", "name"):
+        v = spec.get(attr) if isinstance(spec, dict) else getattr(spec, attr, None)
+        if isinstance(v, str) and v:
+            return _norm(v)
+    return _norm(fallback) if fallback else None
+
+
+def _spec_type(spec):
+    if isinstance(spec, type):
+        return spec
+    t = spec.get("type") if isinstance(spec, dict) else getattr(spec, "type", None)
+    if isinstance(t, type):
+        return t
+    default = spec.get("default") if isinstance(spec, dict) else getattr(spec, "default", None)
+    if default is not None and type(default) in (bool, int, float, str):
+        return type(default)
+    return None
+
+
+def accepted_options(name: str) -> dict[str, type | None]:
+    """The ``make_policy(name, **options)`` keywords policy ``name`` takes, with their types.
+
+    Uses ``vmem.policy.POLICY_OPTIONS[name]`` when the policy module declares it;
+    otherwise inspects the policy class's constructor and matches its parameters to
+    ``make_policy``'s keywords (``iterations`` -> ``precopy_iterations``).  The type is
+    None when unknown (values are then converted by their look: int, float, bool, str).
+    """
+    pol = _policy_module()
+    table = getattr(pol, "POLICY_OPTIONS", None)
+    if isinstance(table, dict) and name in table:
+        entry = table[name]
+        out: dict[str, type | None] = {}
+        if isinstance(entry, dict):
+            for k, spec in entry.items():
+                n = _spec_name(spec, k) if not isinstance(spec, (type, str)) else _norm(k)
+                out[n] = _spec_type(spec)
+        elif isinstance(entry, (list, tuple, set, frozenset)):
+            for spec in entry:
+                n = _spec_name(spec)
+                if n:
+                    out[n] = None if isinstance(spec, str) else _spec_type(spec)
+        return out
+    cls = (getattr(pol, "POLICIES", {}) or {}).get(name)
+    if cls is None:
+        return {}
+    try:
+        ctor = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return {}
+    params = {p.name: p for p in ctor.parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+    try:
+        mk = inspect.signature(pol.make_policy)
+    except (TypeError, ValueError):
+        mk = None
+    mk_kw = [] if mk is None else [p.name for p in mk.parameters.values()
+                                   if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "name"]
+    takes_any = mk is not None and any(p.kind == p.VAR_KEYWORD for p in mk.parameters.values())
+    out = {}
+    for pname, p in params.items():
+        typ = type(p.default) if p.default is not p.empty and p.default is not None else None
+        if p.annotation in (int, float, bool, str):
+            typ = p.annotation
+        match = [k for k in mk_kw if k == pname or k.endswith("_" + pname)]
+        if match:
+            out[match[0]] = typ
+        elif takes_any:
+            out[pname] = typ
+    return out
+
+
+def _resolve_key(key: str, accepted: dict[str, Any]) -> str | None:
+    """The accepted keyword that ``key`` names: exactly, or by a ``prefix_`` spelling."""
+    if key in accepted:
+        return key
+    for k in accepted:
+        if k.endswith("_" + key) or key.endswith("_" + k):
+            return k
+    return None
+
+
+def _convert(key: str, text: str, typ):
+    t = text.strip()
+    if typ is bool:
+        if t.lower() in _TRUE:
+            return True
+        if t.lower() in _FALSE:
+            return False
+        raise ConfigError(key, f"expected true/false, got {text!r}")
+    if typ is int:
+        try:
+            return int(t, 0)
+        except ValueError:
+            try:
+                f = float(t)
+            except ValueError:
+                raise ConfigError(key, f"expected an integer, got {text!r}") from None
+            if f.is_integer():
+                return int(f)
+            raise ConfigError(key, f"expected an integer, got {text!r}") from None
+    if typ is float:
+        try:
+            return float(t)
+        except ValueError:
+            raise ConfigError(key, f"expected a number, got {text!r}") from None
+    if typ is str:
+        return text
+    # Unknown type: by its look.
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    if t.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return t.lower() in _TRUE
+    return text
+
+
+def parse_policy_options(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings -> ``{key: raw value}`` (dashes in keys become underscores).
+
+    Raises:
+        ConfigError("--policy-option"): malformed item or a key given twice.
+    """
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        key = _norm(key)
+        if not sep or not key:
+            raise ConfigError("--policy-option", f"expected KEY=VALUE, got {item!r}")
+        if key in out:
+            raise ConfigError("--policy-option", f"{key} given twice")
+        out[key] = value
+    return out
+
+
+def build_policies(names, options: dict[str, str] | None = None):
+    """Validate policy names and options and build one policy per name.
+
+    Args:
+        names: policy names (list, or a comma-separated string).
+        options: raw ``{key: value}`` from ``--policy-option``; values may already be typed.
+    Returns:
+        ``(runs, ignored)``: ``runs`` is a list of ``(name, policy, applied_options)``;
+        ``ignored`` maps each option key to the policies that do not take it.
+    Raises:
+        ConfigError: no names, an unknown or repeated name, an option no selected policy
+            takes, a value of the wrong type, or parameters a policy rejects.
+    """
+    from .policy import make_policy
+
+    if isinstance(names, str):
+        names = [n for n in (x.strip() for x in names.split(",")) if n]
+    names = list(names or [])
+    known = policy_names()
+    if not names:
+        raise ConfigError("--policies", f"no policy given; choose from {', '.join(known)}")
+    for n in names:
+        if n not in known:
+            raise ConfigError("--policies", f"unknown policy {n!r}; choose from {', '.join(known)}")
+        if names.count(n) > 1:
+            raise ConfigError("--policies", f"policy {n!r} given twice")
+    options = dict(options or {})
+    accepted = {n: accepted_options(n) for n in names}
+    used: dict[str, set[str]] = {k: set() for k in options}
+    runs = []
+    for n in names:
+        applied: dict[str, Any] = {}
+        for key, raw in options.items():
+            kw = _resolve_key(key, accepted[n])
+            if kw is None:
+                continue
+            applied[kw] = _convert(key, raw, accepted[n][kw]) if isinstance(raw, str) else raw
+            used[key].add(n)
+        try:
+            policy = make_policy(n, **applied)
+        except ConfigError:
+            raise
+        except TypeError as err:  # make_policy did not take a keyword after all
+            raise ConfigError("--policy-option", f"policy {n!r} rejected {sorted(applied)}: {err}") from None
+        runs.append((n, policy, applied))
+    for key, by in used.items():
+        if not by:
+            takes = {n: sorted(a) for n, a in accepted.items() if a}
+            hint = "; ".join(f"{n}: {', '.join(a)}" for n, a in takes.items()) or "none of them takes options"
+            raise ConfigError("--policy-option", f"{key!r} is not an option of any selected policy "
+                              f"({', '.join(names)}); options: {hint}")
+    ignored = {key: [n for n in names if n not in by] for key, by in used.items() if len(by) < len(names)}
+    return runs, ignored
+
+
+# --- running ----------------------------------------------------------------------------
+@dataclass
+class PolicyRun:
+    """One policy's migration in a comparison."""
+
+    policy: str
+    options: dict
+    report: dict
+
+
+@dataclass
+class Comparison:
+    """The result of :func:`run_comparison`."""
+
+    runs: list[PolicyRun] = field(default_factory=list)
+    workload: str = "hotcold"
+    params: dict = field(default_factory=dict)
+    size_bytes: int = 0
+    bandwidth_Bps: float | None = None
+    seed: int = 1
+    warmup_s: float = 0.5
+    policy_options: dict = field(default_factory=dict)
+    ignored_options: dict = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def reports(self) -> list[dict]:
+        return [r.report for r in self.runs]
+
+    @property
+    def labels(self) -> list[str]:
+        return [r.policy for r in self.runs]
+
+
+def run_comparison(policies, *, workload: str = "hotcold", params: dict | None = None, size_bytes: int = 256 << 20,
+                   bandwidth_Bps: float | None = None, seed: int = 1, warmup_s: float = 0.5,
+                   policy_options: dict | None = None, tracker: str = "auto", observe_s: float = 0.2,
+                   verify: bool = True, progress_factory=None, on_run=None) -> Comparison:
+    """Migrate a fresh guest once per policy, same workload and seed; collect the reports.
+
+    Everything is validated before the first guest boots.  Every guest (and destination
+    process) is reaped on every path; KeyboardInterrupt propagates once the current run's
+    processes are gone, so use ``on_run`` to keep results as they arrive.
+
+    Args:
+        policies: names, or a comma-separated string.
+        policy_options: ``{key: value}`` for the policies that take ``key``.
+        progress_factory: ``f(name) -> context manager yielding a progress sink`` (e.g. a
+            LiveDisplay) or None.
+        on_run: called with each finished :class:`PolicyRun`.
+    Raises:
+        ConfigError: bad policy names/options, workload or parameters (before any boot).
+    """
+    from guests.launch import GuestSpec, ProcessGuest
+    from guests.workload import load_workload
+
+    from .local import run_local_migration
+    from .migrator import MigrationOptions
+
+    load_workload(workload)
+    runs, ignored = build_policies(policies, policy_options)
+    cmp = Comparison(workload=workload, params=dict(params or {}), size_bytes=size_bytes, bandwidth_Bps=bandwidth_Bps,
+                     seed=seed, warmup_s=warmup_s, policy_options=dict(policy_options or {}), ignored_options=ignored)
+    spec = GuestSpec(workload, dict(params or {}), seed)
+    for name, policy, applied in runs:
+        options = MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s, bandwidth_Bps=bandwidth_Bps,
+                                   verify=verify)
+        with ProcessGuest.boot(spec, size_bytes) as guest:
+            if warmup_s > 0:
+                time.sleep(warmup_s)
+            if progress_factory is not None:
+                with progress_factory(name) as progress:
+                    report = run_local_migration(guest, options, progress)
+            else:
+                report = run_local_migration(guest, options)
+        run = PolicyRun(name, applied, report.to_dict())
+        cmp.runs.append(run)
+        if on_run is not None:
+            on_run(run)
+    return cmp
+
+
+# --- output -----------------------------------------------------------------------------
+def comparison_document(cmp: Comparison) -> dict:
+    """The ``comparison.json`` / ``--json`` document (reports in full under ``results``)."""
+    return {
+        "kind": "vmem-compare",
+        "schema_version": 1,
+        "workload": {"workload": cmp.workload, "params": cmp.params, "seed": cmp.seed},
+        "guest_size_bytes": cmp.size_bytes,
+        "bandwidth_limit_bps": cmp.bandwidth_Bps * 8 if cmp.bandwidth_Bps else None,
+        "warmup_s": cmp.warmup_s,
+        "policy_options": cmp.policy_options,
+        "ignored_options": cmp.ignored_options,
+        "interrupted": cmp.interrupted,
+        "results": [
+            {
+                "policy": r.policy,
+                "options": r.options,
+                "outcome": r.report.get("outcome"),
+                "reason": r.report.get("reason"),
+                "rounds": len(r.report.get("rounds") or []),
+                "total_time_s": r.report.get("total_time_s"),
+                "downtime_ms": r.report.get("downtime_ms"),
+                "pages_sent": r.report.get("pages_sent"),
+                "guest_pages": r.report.get("guest_pages"),
+                "report": r.report,
+            }
+            for r in cmp.runs
+        ],
+    }
+
+
+def _json_dump(obj, path: str) -> None:
+    from .report import _json_default
+
+    d = os.path.dirname(path)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
+
+
+def write_comparison(cmp: Comparison, out_dir: str, *, json_path: str | None = None, title: str | None = None) -> dict:
+    """Write graphs, ``report.html`` and JSON for a comparison into ``out_dir``.
+
+    Returns a dict of what was written: ``comparison_png``, ``html``, ``json``,
+    ``reports`` (per-policy JSON paths), ``graphs`` (all PNG paths).
+
+    Raises:
+        ValueError: the comparison has no runs.
+    """
+    from . import graphs
+
+    if not cmp.runs:
+        raise ValueError("no policy runs to write (the comparison is empty)")
+    os.makedirs(out_dir, exist_ok=True)
+    reports, labels = cmp.reports, cmp.labels
+    first = reports[0]
+    wl = graphs._workload_text(first)
+    ttl = title or f"vmem compare: {', '.join(labels)} on {wl}"
+    comp = graphs.plot_comparison(reports, os.path.join(out_dir, "comparison.png"), labels=labels)
+    written = {"comparison_png": comp, "graphs": [comp], "reports": []}
+    intro = [f"Each policy migrated a freshly booted guest running the same workload with the same seed "
+             f"({wl}), warmed up {cmp.warmup_s:g} s, on this host."]
+    if cmp.ignored_options:
+        intro.append("Policy options: " + "; ".join(
+            f"{k}={cmp.policy_options.get(k)} ignored by {', '.join(v)}" for k, v in cmp.ignored_options.items()))
+    if cmp.interrupted:
+        intro.append("Interrupted: only the policies above ran.")
+    sections = [{"heading": "Policies compared", "text": intro, "table": graphs.comparison_table(reports, labels),
+                 "images": [(comp, "Total migration time, guest-visible downtime and data sent per policy; "
+                                   "bar colour = outcome (completed, aborted, failed).")]}]
+    for run in cmp.runs:
+        name = graphs.safe_name(run.policy)
+        rp = os.path.join(out_dir, "reports", f"{name}.json")
+        _json_dump(run.report, rp)
+        written["reports"].append(rp)
+        sec = graphs.render_report(dict(run.report, label=run.policy), out_dir, name=name)
+        if run.options:
+            sec["text"] = ["options: " + ", ".join(f"{k}={v}" for k, v in run.options.items())]
+        written["graphs"] += [im[0] for im in sec["images"]]
+        sections.append(sec)
+    written["html"] = graphs.write_html(os.path.join(out_dir, "report.html"), ttl, sections)
+    doc = comparison_document(cmp)
+    written["json"] = os.path.join(out_dir, "comparison.json")
+    _json_dump(doc, written["json"])
+    if json_path:
+        _json_dump(doc, json_path)
+        written["json_extra"] = json_path
+    return written
+
+
+def print_comparison(cmp: Comparison, console=None) -> None:
+    """The comparison as a rich table: policy, outcome, rounds, time, downtime, data, reason."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import graphs
+
+    console = console or Console()
+    t = graphs.comparison_table(cmp.reports, cmp.labels)
+    gb = cmp.bandwidth_Bps
+    table = Table(title=f"{cmp.workload} {cmp.params or ''} · {cmp.size_bytes >> 20} MiB guest · "
+                        f"link {f'{gb / 1e6:,.0f} MB/s' if gb else 'unlimited'} · seed {cmp.seed}")
+    styles = {"completed": "green", "aborted": "yellow", "failed": "red"}
+    for c in t["columns"]:
+        table.add_column(c, justify="right" if c in ("rounds", "total time", "downtime", "pages sent / guest pages") else "left",
+                         overflow="fold")
+    for row in t["rows"]:
+        cells = [str(x) for x in row]
+        cells[1] = f"[{styles.get(cells[1], 'white')}]{cells[1]}[/]"
+        table.add_row(*cells)
+    console.print(table)
+
+
+# --- CLI --------------------------------------------------------------------------------
+def add_compare_arguments(parser) -> None:
+    """Arguments of ``vmem compare``."""
+    try:
+        default_policies = ",".join(policy_names())
+    except Exception:  # pragma: no cover - the policy module is being rebuilt
+        default_policies = "xen,threshold"
+    parser.add_argument("--policies", default=default_policies, metavar="A,B,...",
+                        help=f"comma-separated policies to compare (default: all built-ins: {default_policies})")
+    g = parser.add_argument_group("guest (the same for every policy)")
+    g.add_argument("--workload", default="hotcold", help="built-in workload or module:Class (default hotcold)")
+    g.add_argument("--size", default="256M", help="guest RAM, e.g. 256M, 1G (default 256M)")
+    g.add_argument("-W", "--workload-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="workload parameter, repeatable (e.g. -W rate=20000)")
+    g.add_argument("--seed", type=int, default=1, help="workload RNG seed (default 1)")
+    g.add_argument("--warmup", type=float, default=0.5, metavar="S", help="seconds each guest runs before its migration")
+    m = parser.add_argument_group("migration")
+    m.add_argument("--bandwidth", metavar="RATE",
+                   help="cap the link, e.g. 100M (bytes/s), 1Gbit; without a cap every policy converges at once")
+    m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracking mechanism")
+    m.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy parameter, repeatable (e.g. precopy_iterations=3, max_downtime=50); given to each "
+                        "policy that takes it, ignored by the others")
+    m.add_argument("--observe", type=float, default=0.2, metavar="S", help="let each migrated guest run S seconds after commit")
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", "-o", required=True, metavar="DIR",
+                   help="directory for comparison.png, per-policy graphs, report.html and the JSON reports")
+    o.add_argument("--json", metavar="FILE", help="also write the comparison (all reports) as JSON to FILE")
+    o.add_argument("--quiet", action="store_true", help="no per-round display, only the table")
+
+
+def cmd_compare(args) -> int:
+    """``vmem compare``.  Exit status: 0 all runs finished (completed or aborted by their
+    policy), 1 some migration failed; ConfigError for bad arguments (before any boot)."""
+    from contextlib import nullcontext
+
+    from rich.console import Console
+
+    from guests.workload import load_workload, parse_params
+    from transport import parse_rate
+
+    from .display import LiveDisplay
+    from .ram import parse_size
+
+    size = parse_size(args.size)
+    cls = load_workload(args.workload)
+    params = parse_params(cls, args.workload_arg)
+    bandwidth = None
+    if args.bandwidth:
+        try:
+            bandwidth = parse_rate(args.bandwidth)
+        except ValueError as err:
+            raise ConfigError("--bandwidth", str(err)) from None
+    if args.warmup < 0:
+        raise ConfigError("--warmup", f"must be >= 0, got {args.warmup}")
+    options = parse_policy_options(args.policy_option)
+    runs, ignored = build_policies(args.policies, options)   # validate before booting anything
+    names = [n for n, _, _ in runs]
+    err = Console(stderr=True)
+    for key, by in ignored.items():
+        err.print(f"note: policy option {key}={options[key]} is ignored by {', '.join(by)} (it does not take it)",
+                  soft_wrap=True)
+    if not bandwidth:
+        err.print("note: no --bandwidth: on an uncapped local link every policy converges almost at once", soft_wrap=True)
+
+    total = len(names)
+    counter = {"i": 0}
+
+    def progress_factory(name):
+        counter["i"] += 1
+        err.print(f"[bold][{counter['i']}/{total}] {name}[/bold]: booting a {args.size} guest running {args.workload} "
+                  f"{params or ''}, warming up {args.warmup:g} s, migrating")
+        return LiveDisplay(err, enabled=True) if not args.quiet else nullcontext(None)
+
+    def on_run(run: PolicyRun) -> None:
+        r = run.report
+        err.print(f"    -> {r.get('outcome')}: {r.get('reason')}", soft_wrap=True)
+        done.append(run)
+
+    done: list[PolicyRun] = []
+    cmp = None
+    try:
+        cmp = run_comparison(names, workload=args.workload, params=params, size_bytes=size, bandwidth_Bps=bandwidth,
+                             seed=args.seed, warmup_s=args.warmup, policy_options=options, tracker=args.tracker,
+                             observe_s=args.observe, progress_factory=progress_factory, on_run=on_run)
+    except KeyboardInterrupt:
+        if done:
+            partial = Comparison(runs=done, workload=args.workload, params=params, size_bytes=size,
+                                 bandwidth_Bps=bandwidth, seed=args.seed, warmup_s=args.warmup,
+                                 policy_options=options, ignored_options=ignored, interrupted=True)
+            written = write_comparison(partial, args.out, json_path=args.json)
+            err.print(f"interrupted: results of {len(done)} finished runs written to {written['html']}")
+        raise
+    out_console = Console() if sys.stdout.isatty() else Console(width=160)
+    print_comparison(cmp, out_console)
+    written = write_comparison(cmp, args.out, json_path=args.json)
+    err.print(f"graphs: {len(written['graphs'])} PNG files in {args.out}", soft_wrap=True)
+    err.print(f"report: {written['html']}", soft_wrap=True)
+    err.print(f"JSON:   {written['json']}" + (f" and {args.json}" if args.json else ""), soft_wrap=True)
+    return 1 if any(r.report.get("outcome") == "failed" for r in cmp.runs) else 0
