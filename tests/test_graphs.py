@@ -98,6 +98,8 @@ def test_graphs_from_a_synthetic_report(tmp_path):
     assert graphs.downtime_limit_ms(rep) == 30
     assert graphs.downtime_limit_ms({"policy": {"name": "budget", "max_downtime_s": 0.05}}) == pytest.approx(50)
     assert graphs.downtime_limit_ms({"policy": {"name": "xen"}}) is None
+    assert graphs.is_predicted(predicted) and not graphs.is_predicted(rep)
+    assert graphs.is_predicted(dict(rep, tracker="simulated"))   # vmem predict's reports
     html = graphs.write_html(tmp_path / "r.html", "Synthetic <run>", [
         {"heading": "All", "text": "plain text & more", "table": graphs.comparison_table([rep]),
          "images": [(p, f"caption {i}") for i, p in enumerate(pngs)]},
@@ -148,6 +150,16 @@ def test_bad_input_gives_clear_errors(tmp_path):
         compare.parse_policy_options(["precopy_iterations"])
     with pytest.raises(ValueError, match="comparison is empty"):
         compare.write_comparison(compare.Comparison(), str(tmp_path / "empty"))
+    # vmem compare rejects bad input before booting anything (and writes nothing).
+    cparser = argparse.ArgumentParser()
+    compare.add_compare_arguments(cparser)
+    for argv, msg in ((["--policies", "xen,bogus"], "unknown policy 'bogus'"),
+                      (["--policy-option", "max_downtime_ms=abc"], "max_downtime_ms"),
+                      (["--policies", "xen", "--bandwidth", "fast"], "invalid rate"),
+                      (["--policies", "downtime-limit", "--policy-option", "timeout_action=postcopy"], "post-copy")):
+        with pytest.raises(ConfigError, match=msg):
+            compare.cmd_compare(cparser.parse_args(argv + ["--size", "16M", "--out", str(tmp_path / "c")]))
+    assert not (tmp_path / "c").exists()
     # vmem graph: a missing file, a non-JSON file, JSON that is no report.
     parser = argparse.ArgumentParser()
     graphs.add_graph_arguments(parser)
@@ -221,3 +233,32 @@ def test_compare_two_quick_policies(tmp_path, capsys):
     for p in pngs:
         assert_real_png(p)
     assert_html_embeds(out / "report.html", pngs)
+
+
+@pytest.mark.slow
+def test_compare_interrupted_reaps_guests_and_keeps_finished_runs(tmp_path, monkeypatch):
+    import vmem.local
+
+    real = vmem.local.run_local_migration
+    calls = []
+
+    def migrate_then_interrupt(guest, options=None, progress=None):
+        calls.append(guest.pid)
+        if len(calls) == 2:
+            assert guest.alive()
+            raise KeyboardInterrupt   # as if Ctrl-C arrived during the second migration
+        return real(guest, options, progress)
+
+    monkeypatch.setattr(vmem.local, "run_local_migration", migrate_then_interrupt)
+    parser = argparse.ArgumentParser()
+    compare.add_compare_arguments(parser)
+    out = tmp_path / "cmp"
+    args = parser.parse_args(["--policies", "xen,threshold", "--workload", "hotcold", "--size", "16M",
+                              "--warmup", "0", "--observe", "0", "--quiet", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        compare.cmd_compare(args)
+    # The no_leaks fixture checks that both guests and the destination were reaped.
+    doc = json.loads((out / "comparison.json").read_text())
+    assert doc["interrupted"] is True
+    assert [r["policy"] for r in doc["results"]] == ["xen"]
+    assert (out / "report.html").exists()

@@ -133,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_migrate(sub)
     sub.add_parser("doctor", help="report the kernel features vmem can use here")
+    from .compare import add_compare_arguments
+    from .graphs import add_graph_arguments
+
+    add_compare_arguments(sub.add_parser(
+        "compare", help="migrate the same workload under several policies and compare them",
+        description="Boot the same guest once per policy, migrate it, and compare outcomes, times, downtime and data sent (table, PNG graphs, HTML report)."))
+    add_graph_arguments(sub.add_parser(
+        "graph", help="render graphs and an HTML report from saved JSON reports",
+        description="Render convergence, dirty-rate and downtime graphs (PNG) and one HTML report from --json reports."))
     return p
 
 
@@ -143,6 +152,14 @@ def main(argv=None) -> int:
             return cmd_migrate(args)
         if args.command == "doctor":
             return cmd_doctor(args)
+        if args.command == "compare":
+            from .compare import cmd_compare
+
+            return cmd_compare(args)
+        if args.command == "graph":
+            from .graphs import cmd_graph
+
+            return cmd_graph(args)
     except ConfigError as err:
         print(f"vmem: invalid argument {err}", file=sys.stderr)
         return 2

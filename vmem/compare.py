@@ -64,61 +64,65 @@ def _norm(key: str) -> str:
     return str(key).strip().lstrip("-").replace("-", "_")
 
 
+def _spec_get(spec, attr):
+    return spec.get(attr) if isinstance(spec, dict) else getattr(spec, attr, None)
+
+
 def _spec_name(spec, fallback: str | None = None) -> str | None:
     """The make_policy keyword of one POLICY_OPTIONS entry (str, dict or object)."""
     if isinstance(spec, str):
         return _norm(spec)
-    for attr in ("kwarg", "param", "dest", "key", "name"):
-        v = spec.get(attr) if isinstance(spec, dict) else getattr(spec, attr, None)
+    for attr in ("dest", "kwarg", "param", "key", "name"):
+        v = _spec_get(spec, attr)
         if isinstance(v, str) and v:
             return _norm(v)
     return _norm(fallback) if fallback else None
 
 
 def _spec_type(spec):
+    """The converter of one option: a type, or a callable such as ``parse_rate``; None if unknown."""
     if isinstance(spec, type):
         return spec
-    t = spec.get("type") if isinstance(spec, dict) else getattr(spec, "type", None)
-    if isinstance(t, type):
+    t = _spec_get(spec, "type")
+    if callable(t):
         return t
-    default = spec.get("default") if isinstance(spec, dict) else getattr(spec, "default", None)
+    default = _spec_get(spec, "default")
     if default is not None and type(default) in (bool, int, float, str):
         return type(default)
     return None
 
 
-def accepted_options(name: str) -> dict[str, type | None]:
-    """The ``make_policy(name, **options)`` keywords policy ``name`` takes, with their types.
+@dataclass(frozen=True)
+class _Opt:
+    dest: str            # the make_policy keyword
+    type: Any            # converter or None
+    aliases: tuple = ()  # other spellings (the flag without dashes)
 
-    Uses ``vmem.policy.POLICY_OPTIONS[name]`` when the policy module declares it;
-    otherwise inspects the policy class's constructor and matches its parameters to
-    ``make_policy``'s keywords (``iterations`` -> ``precopy_iterations``).  The type is
-    None when unknown (values are then converted by their look: int, float, bool, str).
-    """
+
+def _option_table(name: str) -> list[_Opt]:
+    """Policy ``name``'s options, from POLICY_OPTIONS or by inspecting its constructor."""
     pol = _policy_module()
     table = getattr(pol, "POLICY_OPTIONS", None)
     if isinstance(table, dict) and name in table:
         entry = table[name]
-        out: dict[str, type | None] = {}
-        if isinstance(entry, dict):
-            for k, spec in entry.items():
-                n = _spec_name(spec, k) if not isinstance(spec, (type, str)) else _norm(k)
-                out[n] = _spec_type(spec)
-        elif isinstance(entry, (list, tuple, set, frozenset)):
-            for spec in entry:
-                n = _spec_name(spec)
-                if n:
-                    out[n] = None if isinstance(spec, str) else _spec_type(spec)
+        items = entry.items() if isinstance(entry, dict) else [(None, spec) for spec in entry]
+        out = []
+        for key, spec in items:
+            dest = _norm(key) if key and isinstance(spec, (type, str)) else _spec_name(spec, key)
+            if not dest:
+                continue
+            flag = None if isinstance(spec, (str, type)) else _spec_get(spec, "flag")
+            aliases = (_norm(flag),) if isinstance(flag, str) and _norm(flag) != dest else ()
+            out.append(_Opt(dest, None if isinstance(spec, str) else _spec_type(spec), aliases))
         return out
     cls = (getattr(pol, "POLICIES", {}) or {}).get(name)
     if cls is None:
-        return {}
+        return []
     try:
         ctor = inspect.signature(cls)
     except (TypeError, ValueError):
-        return {}
-    params = {p.name: p for p in ctor.parameters.values()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+        return []
+    params = [p for p in ctor.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"]
     try:
         mk = inspect.signature(pol.make_policy)
     except (TypeError, ValueError):
@@ -126,31 +130,58 @@ def accepted_options(name: str) -> dict[str, type | None]:
     mk_kw = [] if mk is None else [p.name for p in mk.parameters.values()
                                    if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "name"]
     takes_any = mk is not None and any(p.kind == p.VAR_KEYWORD for p in mk.parameters.values())
-    out = {}
-    for pname, p in params.items():
+    out = []
+    for p in params:
         typ = type(p.default) if p.default is not p.empty and p.default is not None else None
         if p.annotation in (int, float, bool, str):
             typ = p.annotation
-        match = [k for k in mk_kw if k == pname or k.endswith("_" + pname)]
+        match = [k for k in mk_kw if k == p.name or k.endswith("_" + p.name)]
         if match:
-            out[match[0]] = typ
+            out.append(_Opt(match[0], typ, (p.name,) if match[0] != p.name else ()))
         elif takes_any:
-            out[pname] = typ
+            out.append(_Opt(p.name, typ))
     return out
 
 
-def _resolve_key(key: str, accepted: dict[str, Any]) -> str | None:
-    """The accepted keyword that ``key`` names: exactly, or by a ``prefix_`` spelling."""
-    if key in accepted:
-        return key
-    for k in accepted:
-        if k.endswith("_" + key) or key.endswith("_" + k):
-            return k
+def accepted_options(name: str) -> dict[str, Any]:
+    """The ``make_policy(name, **options)`` keywords policy ``name`` takes -> their converter.
+
+    Uses ``vmem.policy.POLICY_OPTIONS[name]`` when the policy module declares it;
+    otherwise inspects the policy class's constructor and matches its parameters to
+    ``make_policy``'s keywords (``iterations`` -> ``precopy_iterations``).  The converter
+    is None when unknown (values are then converted by their look: int, float, bool, str).
+    """
+    return {o.dest: o.type for o in _option_table(name)}
+
+
+def _resolve_key(key: str, table: list[_Opt]) -> tuple[_Opt, bool] | None:
+    """The option that ``key`` names, and whether a ``no_`` flag spelling inverts the value.
+
+    Accepted spellings: the keyword (``max_downtime_ms``), the flag (``max-downtime-ms``,
+    ``no-early-exit``, ``timeout``), or a unique unit-less / prefix-less form
+    (``max_downtime`` -> ``max_downtime_ms``, ``iterations`` -> ``precopy_iterations``).
+    """
+    for o in table:
+        if key == o.dest:
+            return o, False
+    for o in table:
+        if key in o.aliases:
+            inverted = o.type is bool and key.startswith("no_") and not o.dest.startswith("no_")
+            return o, inverted
+    for test in (lambda d: d.startswith(key + "_"), lambda d: d.endswith("_" + key) or key.endswith("_" + d)):
+        found = [o for o in table if test(o.dest)]
+        if len(found) == 1:
+            return found[0], False
     return None
 
 
 def _convert(key: str, text: str, typ):
     t = text.strip()
+    if typ is not None and typ not in (bool, int, float, str):
+        try:   # a converter such as transport.parse_rate
+            return typ(t)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(key, str(err)) from None
     if typ is bool:
         if t.lower() in _TRUE:
             return True
@@ -230,18 +261,31 @@ def build_policies(names, options: dict[str, str] | None = None):
             raise ConfigError("--policies", f"unknown policy {n!r}; choose from {', '.join(known)}")
         if names.count(n) > 1:
             raise ConfigError("--policies", f"policy {n!r} given twice")
-    options = dict(options or {})
-    accepted = {n: accepted_options(n) for n in names}
+    options = {_norm(k): v for k, v in (options or {}).items()}
+    tables = {n: _option_table(n) for n in names}
+    accepted = {n: [o.dest for o in t] for n, t in tables.items()}
     used: dict[str, set[str]] = {k: set() for k in options}
     runs = []
     for n in names:
         applied: dict[str, Any] = {}
         for key, raw in options.items():
-            kw = _resolve_key(key, accepted[n])
-            if kw is None:
+            found = _resolve_key(key, tables[n])
+            if found is None:
                 continue
-            applied[kw] = _convert(key, raw, accepted[n][kw]) if isinstance(raw, str) else raw
+            opt, inverted = found
+            value = _convert(key, raw, opt.type) if isinstance(raw, str) else raw
+            if inverted:
+                value = not value
+            if opt.dest in applied and applied[opt.dest] != value:
+                raise ConfigError("--policy-option", f"{key} contradicts another option for policy {n!r} ({opt.dest})")
+            applied[opt.dest] = value
             used[key].add(n)
+        # Post-copy does not exist yet: refuse before any guest boots, as `vmem migrate` does.
+        if applied.get("allow_postcopy") is True:
+            raise ConfigError("--policy-option", "allow_postcopy: post-copy migration is not available in this version of vmem")
+        if applied.get("timeout_action") == "postcopy":
+            raise ConfigError("--policy-option", "timeout_action=postcopy: post-copy is not available in this version "
+                              "of vmem; use suspend or abort")
         try:
             policy = make_policy(n, **applied)
         except ConfigError:
@@ -400,11 +444,11 @@ def write_comparison(cmp: Comparison, out_dir: str, *, json_path: str | None = N
     reports, labels = cmp.reports, cmp.labels
     first = reports[0]
     wl = graphs._workload_text(first)
-    ttl = title or f"vmem compare: {', '.join(labels)} on {wl}"
+    ttl = title or f"vmem compare: {len(labels)} precopy {'policy' if len(labels) == 1 else 'policies'}, one workload"
     comp = graphs.plot_comparison(reports, os.path.join(out_dir, "comparison.png"), labels=labels)
     written = {"comparison_png": comp, "graphs": [comp], "reports": []}
-    intro = [f"Each policy migrated a freshly booted guest running the same workload with the same seed "
-             f"({wl}), warmed up {cmp.warmup_s:g} s, on this host."]
+    intro = [f"Policies: {', '.join(labels)}. Each migrated a freshly booted guest running the same workload with "
+             f"the same seed (seed {cmp.seed}; {wl}), warmed up {cmp.warmup_s:g} s, on this host."]
     if cmp.ignored_options:
         intro.append("Policy options: " + "; ".join(
             f"{k}={cmp.policy_options.get(k)} ignored by {', '.join(v)}" for k, v in cmp.ignored_options.items()))
@@ -527,7 +571,7 @@ def cmd_compare(args) -> int:
     def progress_factory(name):
         counter["i"] += 1
         err.print(f"[bold][{counter['i']}/{total}] {name}[/bold]: booting a {args.size} guest running {args.workload} "
-                  f"{params or ''}, warming up {args.warmup:g} s, migrating")
+                  f"{params or ''}, warming up {args.warmup:g} s, migrating", soft_wrap=True)
         return LiveDisplay(err, enabled=True) if not args.quiet else nullcontext(None)
 
     def on_run(run: PolicyRun) -> None:
@@ -547,7 +591,7 @@ def cmd_compare(args) -> int:
                                  bandwidth_Bps=bandwidth, seed=args.seed, warmup_s=args.warmup,
                                  policy_options=options, ignored_options=ignored, interrupted=True)
             written = write_comparison(partial, args.out, json_path=args.json)
-            err.print(f"interrupted: results of {len(done)} finished runs written to {written['html']}")
+            err.print(f"interrupted: results of {len(done)} finished run{'s' if len(done) != 1 else ''} written to {written['html']}")
         raise
     out_console = Console() if sys.stdout.isatty() else Console(width=160)
     print_comparison(cmp, out_console)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import functools
 import html
+import io
 import json
 import math
 import os
@@ -49,6 +50,7 @@ __all__ = [
     "rounds_table",
     "comparison_table",
     "downtime_limit_ms",
+    "is_predicted",
     "report_label",
     "load_reports",
     "add_graph_arguments",
@@ -117,7 +119,24 @@ def _save(fig: Figure, path: str | os.PathLike) -> str:
     d = os.path.dirname(path)
     if d:
         os.makedirs(d, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png")
+    data = buf.getvalue()
+    try:
+        # Plots use few colours: a 256-colour palette without dithering looks the same and
+        # makes files (and the HTML that embeds them) about three times smaller.
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            small = io.BytesIO()
+            im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                       dither=Image.Dither.NONE).save(small, format="PNG", optimize=True)
+        if small.tell() < len(data):
+            data = small.getvalue()
+    except Exception:  # pragma: no cover - Pillow is a matplotlib dependency; keep the RGBA PNG
+        pass
+    with open(path, "wb") as f:
+        f.write(data)
     return path
 
 
@@ -162,11 +181,22 @@ def _rounds(report: dict) -> list[dict]:
     return out
 
 
+def is_predicted(report: dict) -> bool:
+    """A prediction rather than a measurement: ``"predicted": true``, or a report from the
+    simulator (``vmem predict``: tracker ``simulated`` / ``guest.prediction``)."""
+    if not isinstance(report, dict):
+        return False
+    if "predicted" in report:
+        return bool(report["predicted"])
+    guest = report.get("guest")
+    return report.get("tracker") == "simulated" or (isinstance(guest, dict) and "prediction" in guest)
+
+
 def report_label(report: dict, default: str = "run") -> str:
     """A short label for a report: its policy's name (plus "predicted" for predictions)."""
     pol = report.get("policy") or {}
     label = report.get("label") or (pol.get("name") if isinstance(pol, dict) else None) or default
-    if report.get("predicted") and "predict" not in str(label):
+    if is_predicted(report) and "predict" not in str(label):
         label = f"{label} (predicted)"
     return str(label)
 
@@ -316,7 +346,7 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
     preds = [] if predicted is None else ([predicted] if isinstance(predicted, dict) else list(predicted))
     for p in preds:
         _check_report(p, "predicted")
-    if report.get("predicted"):
+    if is_predicted(report):
         preds.insert(0, report)
         measured = None
     else:
@@ -331,10 +361,10 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
     axt = fig.add_subplot(gs[2])
     axt.axis("off")
     fig.suptitle(title or "Precopy convergence: does each round's dirty set shrink?")
-    ax.set_title(_subtitle(report), fontsize=11, fontweight="normal", color="#333333")
 
     all_pages: list[float] = []
     handles: list = []
+    final_note = None
     if measured is not None and rounds:
         idx = [r["index"] for r in rounds]
         sent = [r["pages_sent"] for r in rounds]
@@ -369,11 +399,9 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
         if last is not None and last["decision"] and last["decision"] != "continue":
             c, _, lab = DECISION_STYLE.get(last["decision"], (GREY, "o", last["decision"]))
             y = last["dirty_pages"] or (last["pages_sent"] or 1)
-            text = lab.upper() + (f"\n{textwrap.fill(last['reason'], 30)}" if last["reason"] else "")
-            ax.annotate(text, (last["index"], y), xytext=(-40, 45), textcoords="offset points", ha="center",
-                        fontsize=10, color=c, fontweight="bold",
-                        bbox=dict(boxstyle="round,pad=0.3", fc="white", ec=c, alpha=0.9),
-                        arrowprops=dict(arrowstyle="->", color=c, lw=1.5), zorder=6)
+            reason = textwrap.shorten(last["reason"], 100, placeholder=" …")
+            text = f"after round {last['index']}: {lab.upper()}" + (f"\n{textwrap.fill(reason, 52)}" if reason else "")
+            final_note = (last["index"], y, text, c)
     for k, p in enumerate(preds):
         pr = _rounds(p)
         if not pr:
@@ -398,14 +426,30 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
         ax.set_ylim(bottom=0)
         ax.set_ylabel("pages (4 KiB each)")
     gp = report.get("guest_pages")
+    top = max(all_pages + [1])
     if ax.get_yscale() == "log":
         lo, hi = ax.get_ylim()
-        ax.set_ylim(lo, max(all_pages + [1]) * 3)
+        ax.set_ylim(lo, top * (12 if final_note else 3))
+        note_y = top * 3.5
         _plain_log_ticks(ax)
     else:
-        ax.set_ylim(0, max(all_pages + [1]) * 1.2)
+        ax.set_ylim(0, top * (1.65 if final_note else 1.2))
+        note_y = top * 1.33
         ax.yaxis.set_major_formatter(_commas())
-    ax.legend(handles=handles, loc="upper right", ncols=2 if len(handles) > 5 else 1)
+    if final_note is not None:
+        # The policy's final decision, in the free band above every bar, with an arrow.
+        x, y, text, c = final_note
+        xs = [r["index"] for r in rounds] or [0]
+        right_half = x > (min(xs) + max(xs)) / 2
+        ax.annotate(text, (x, y), xytext=(x + (0.4 if right_half else -0.4), note_y), textcoords="data",
+                    ha="right" if right_half else "left", va="center", fontsize=10, color=c, fontweight="bold",
+                    bbox=dict(boxstyle="round,pad=0.35", fc="white", ec=c, alpha=0.95),
+                    arrowprops=dict(arrowstyle="->", color=c, lw=1.5, shrinkB=6), zorder=6)
+    ncols = 3
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=ncols, frameon=False,
+              borderaxespad=0.2)
+    ax.set_title(_subtitle(report), fontsize=11, fontweight="normal", color="#333333",
+                 pad=8 + 19 * math.ceil(len(handles) / ncols))
     ax.tick_params(labelbottom=False)
 
     # Bottom: data per round and cumulative.
@@ -430,12 +474,13 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
         if size:
             ax2.axhline(size / MiB, color=GREEN, ls=":", lw=1.5, label=f"guest RAM ({_fmt_bytes(size)})")
         ax2.set_ylim(0, max(cum + [size / MiB if size else 0]) * 1.15 or 1)
-        h1, l1 = axb.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        axb.legend(h1 + h2, l1 + l2, loc="center right")
     elif preds:
         axb.set_ylabel("MiB per round")
-        axb.legend(loc="upper right")
+    h1, l1 = axb.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels() if measured is not None and rounds else ([], [])
+    if h1 or h2:
+        axb.legend(h1 + h2, l1 + l2, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=ncols, frameon=False,
+                   borderaxespad=0.2)
     axb.set_xlabel("round (0 = first full pass over RAM)")
     ticks = sorted({r["index"] for r in rounds} | {r["index"] for p in preds for r in _rounds(p)})
     if ticks and len(ticks) <= 20:
@@ -447,9 +492,13 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
         axb.set_xticklabels(labels)
     else:
         _int_ticks(axb.xaxis)
-    axb.set_title("Data sent per round", fontsize=12)
+    nb = len(h1) + len(h2)
+    axb.set_title("Data sent per round", fontsize=12, fontweight="bold", pad=8 + 19 * math.ceil(nb / ncols))
 
-    text = "Outcome: " + _outcome_text(report)
+    text = ("Outcome: " if measured is not None else "Predicted outcome: ") + _outcome_text(report)
+    for p in preds:
+        if p is not report:
+            text += "\nPredicted" + (f" ({report_label(p)})" if len(preds) > 1 else "") + ": " + _outcome_text(p)
     if decisions:
         text += "\nPolicy decisions after each round:\n" + "\n".join("   " + d for d in decisions)
     axt.text(0.0, 1.0, text, transform=axt.transAxes, va="top", ha="left", fontsize=10.5, family="DejaVu Sans",
@@ -487,8 +536,9 @@ def plot_dirty_rate(report: dict, path, *, title: str | None = None) -> str:
                 ax.axvspan(t0, te, color="#e8eef5", zorder=0, lw=0)
             # The rate is an average over the round: draw it across the round.
             ax.hlines(r["dirty_rate_pps"], t0, te, color=BLUE, lw=2.5, zorder=3)
-            if len(pre) <= 15 and (te - t0) > 0:
-                ax.annotate(f"round {r['index']}" if (te - t0) / max(ends[-1], 1e-9) > 0.12 else f"r{r['index']}",
+            frac = (te - t0) / max(ends[-1], 1e-9)
+            if frac > 0.035:
+                ax.annotate(f"round {r['index']}" if frac > 0.1 else f"r{r['index']}",
                             ((t0 + te) / 2, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 4),
                             textcoords="offset points", ha="center", va="bottom", fontsize=9, color="#1f4e79")
         ax.plot([te for te, _ in pre], [r["dirty_rate_pps"] for _, r in pre], color=BLUE, lw=1, ls=":",
@@ -823,7 +873,7 @@ def summary_table(report: dict) -> dict:
          + (f" ({_num(report.get('pages_sent')) / gp:.2f}×)" if gp else "")],
         ["bytes sent", _fmt_bytes(_num(report.get("bytes_sent")))],
     ]
-    if report.get("predicted"):
+    if is_predicted(report):
         rows.insert(0, ["kind", "prediction"])
     return {"columns": ["", "value"], "rows": rows}
 
@@ -874,7 +924,8 @@ table { border-collapse: collapse; margin: 1em 0; font-size: .95em; }
 th, td { border: 1px solid #ccc; padding: .35em .7em; text-align: left; vertical-align: top; }
 th { background: #eef4fa; }
 tr:nth-child(even) td { background: #fafafa; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+caption { font-weight: bold; text-align: left; padding: .3em 0; }
 .o-completed { color: #00704f; font-weight: bold; } .o-aborted { color: #a86f00; font-weight: bold; }
 .o-failed { color: #b04500; font-weight: bold; }
 p.note { color: #444; }
@@ -884,12 +935,12 @@ footer { margin-top: 3em; color: #777; font-size: .85em; }
 _NUMERIC = re.compile(r"^[\s\d,.\-+×%]+(\s?(s|ms|KiB|MiB|GiB|B|MB/s|×)?)?(\s/\s[\d,]+.*)?$")
 
 
-def _cell(v) -> str:
+def _cell(v, numeric: bool = True) -> str:
     text = "" if v is None else str(v)
     cls = []
     if text in OUTCOME_COLOURS:
         cls.append(f"o-{text}")
-    elif text and _NUMERIC.match(text):
+    elif numeric and text and _NUMERIC.match(text):
         cls.append("num")
     attr = f' class="{" ".join(cls)}"' if cls else ""
     return f"<td{attr}>{html.escape(text)}</td>"
@@ -902,8 +953,9 @@ def _table_html(table: dict) -> str:
         parts.append(f"<caption>{html.escape(str(table['caption']))}</caption>")
     if cols:
         parts.append("<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in cols) + "</tr>")
+    numeric = len(cols) > 2   # key/value tables read better left-aligned
     for row in table.get("rows") or []:
-        parts.append("<tr>" + "".join(_cell(v) for v in row) + "</tr>")
+        parts.append("<tr>" + "".join(_cell(v, numeric) for v in row) + "</tr>")
     parts.append("</table>")
     return "\n".join(parts)
 
@@ -929,7 +981,8 @@ def write_html(path, title: str, sections: Sequence[dict]) -> str:
             ``heading`` (str), ``text`` (str or list of paragraphs, plain text),
             ``tables`` (list of ``{"columns": [...], "rows": [[...]], "caption": str}``;
             ``table`` for one), ``images`` (list of PNG paths or ``(path, caption)``
-            pairs; ``image`` for one).  Rendered in that order.
+            pairs; ``image`` for one), ``tables_first`` (default True: tables above
+            the images).
     Returns:
         ``path``.
     """
@@ -942,15 +995,14 @@ def write_html(path, title: str, sections: Sequence[dict]) -> str:
         texts = sec.get("text") or []
         for t in [texts] if isinstance(texts, str) else texts:
             body.append(f'<p class="note">{html.escape(str(t))}</p>')
-        tables = list(sec.get("tables") or []) + ([sec["table"]] if sec.get("table") else [])
-        for t in tables:
-            body.append(_table_html(t))
-        images = list(sec.get("images") or []) + ([sec["image"]] if sec.get("image") else [])
-        for im in images:
+        tables = [_table_html(t) for t in list(sec.get("tables") or []) + ([sec["table"]] if sec.get("table") else [])]
+        images = []
+        for im in list(sec.get("images") or []) + ([sec["image"]] if sec.get("image") else []):
             if isinstance(im, (tuple, list)):
-                body.append(_img_html(im[0], im[1] if len(im) > 1 else ""))
+                images.append(_img_html(im[0], im[1] if len(im) > 1 else ""))
             else:
-                body.append(_img_html(im))
+                images.append(_img_html(im))
+        body += (tables + images) if sec.get("tables_first", True) else (images + tables)
     body.append("<footer>Generated by vmem (vmem graph / vmem compare). Every number comes from the JSON reports; "
                 "schema in docs/report.md.</footer>")
     doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -992,13 +1044,13 @@ def render_report(report: dict, out_dir, *, name: str | None = None, predicted=N
     label = report_label(report)
     conv = plot_convergence(report, os.path.join(out_dir, f"{name}-convergence.png"), predicted=predicted)
     images = [(conv, f"{label}: convergence. " + CONVERGENCE_NOTE)]
-    if report.get("rounds") and not report.get("predicted"):
+    if report.get("rounds") and not is_predicted(report):
         images.append((plot_dirty_rate(report, os.path.join(out_dir, f"{name}-dirty-rate.png")),
                        f"{label}: dirty rate over time. " + DIRTY_RATE_NOTE))
         images.append((plot_downtime(report, os.path.join(out_dir, f"{name}-downtime.png")),
                        f"{label}: estimated downtime per round. " + DOWNTIME_NOTE))
     tables = [dict(summary_table(report), caption="Key numbers"), dict(rounds_table(report), caption="Rounds")]
-    return {"heading": label, "tables": tables, "images": images}
+    return {"heading": label, "tables": tables, "images": images, "tables_first": False}
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -1085,8 +1137,8 @@ def cmd_graph(args) -> int:
     os.makedirs(out, exist_ok=True)
     reports = [(src, d) for src, d in docs if isinstance(d.get("rounds"), list)]
     profiles = [(src, d) for src, d in docs if not isinstance(d.get("rounds"), list)]
-    measured = [(src, d) for src, d in reports if not d.get("predicted")]
-    predicted = [d for _, d in reports if d.get("predicted")] + [dict(d, predicted=True) for d in extra_pred]
+    measured = [(src, d) for src, d in reports if not is_predicted(d)]
+    predicted = [d for _, d in reports if is_predicted(d)] + [dict(d, predicted=True) for d in extra_pred]
 
     def matching(rep):
         if len(measured) <= 1:
@@ -1108,8 +1160,11 @@ def cmd_graph(args) -> int:
             k += 1
             name = f"{base}-{k}"
         used_names.add(name)
-        sec = render_report(rep, out, name=name, predicted=matching(rep) or None)
+        preds = matching(rep)
+        sec = render_report(rep, out, name=name, predicted=preds or None)
         sec["text"] = [f"from {src}"]
+        for p in preds:
+            sec["tables"].append(dict(summary_table(p), caption=f"Prediction: {report_label(p)}"))
         sections.append(sec)
         written += [im[0] for im in sec["images"]]
     if not measured:

@@ -79,6 +79,9 @@ def profile_guest(guest, duration_s: float, interval_s: float = 0.1, *, tracker:
         trk.start()
         t0 = time.monotonic()
         start_time = now_unix()
+        # The guest's virtual clock when tracking began: lets vmem predict line a measured
+        # migration of the same workload up with the trace (phased workloads need it).
+        vclock0_s = guest.counters().get("vclock_s") if hasattr(guest, "counters") else None
         deadline = t0
         while True:
             deadline += interval_s
@@ -108,7 +111,7 @@ def profile_guest(guest, duration_s: float, interval_s: float = 0.1, *, tracker:
         times_s=np.asarray(times, dtype=np.float64), data_pages=data_pages,
         workload=guest.spec.to_json() if getattr(guest, "spec", None) is not None else {},
         start_time=start_time,
-        meta={"tracker": trk.name, "collect_ms_mean": round(float(np.mean(collect_s)) * 1e3, 4) if collect_s else None,
+        meta={"tracker": trk.name, "vclock0_s": vclock0_s, "collect_ms_mean": round(float(np.mean(collect_s)) * 1e3, 4) if collect_s else None,
               "collect_ms_max": round(float(np.max(collect_s)) * 1e3, 4) if collect_s else None},
     )
 
@@ -384,18 +387,21 @@ def _recommend(trace, curve, B, pw, goal_s, max_s, collect_s, switchover_s) -> d
 
 def validate_prediction(workload: str, params: dict | None, size: int | str, bandwidth_Bps: float, *, policy=None,
                         seed: int = 1, duration_s: float = 10.0, interval_s: float = 0.1, warmup_s: float = 0.5,
-                        tracker: str = "auto", observe_s: float = 0.1, sim_params: dict | None = None) -> dict:
+                        tracker: str = "auto", observe_s: float = 0.1, sim_params: dict | None = None,
+                        align: bool = True) -> dict:
     """Profile a workload, then really migrate an identical guest, and compare with the prediction.
 
     Both guests run the same workload, parameters and seed, and wait ``warmup_s`` before
     being profiled / migrated, so the trace's time 0 is the migration's start.  The
     migration uses ``vmem.local.run_local_migration`` with the link capped at
-    ``bandwidth_Bps``.
+    ``bandwidth_Bps``.  The prediction is :func:`vmem.simulate.predict` with the measured
+    report (``align``: start and setup time taken from the guest's virtual clock, see
+    :func:`vmem.simulate.alignment_from_report`).
 
     Returns:
-        ``{"trace", "measured", "predicted", "rows", "setup_s"}``: the DirtyTrace, both
-        MigrationReports, :func:`vmem.simulate.compare_reports` rows, and the measured
-        setup time (handshake to round 0).
+        ``{"trace", "measured", "predicted", "rows", "setup_s", "alignment"}``: the
+        DirtyTrace, both MigrationReports, :func:`vmem.simulate.compare_reports` rows, the
+        setup time seen by the progress sink (handshake to round 0), and the alignment used.
     """
     from guests.launch import GuestSpec, ProcessGuest
     from vmem.local import run_local_migration
@@ -403,7 +409,7 @@ def validate_prediction(workload: str, params: dict | None, size: int | str, ban
 
     from .policy import XenDefaultPolicy
     from .ram import parse_size
-    from .simulate import compare_reports, simulate
+    from .simulate import predict
 
     policy = policy or XenDefaultPolicy()
     trace = run_profile(workload, params, size, duration_s=duration_s, interval_s=interval_s, tracker=tracker,
@@ -414,9 +420,10 @@ def validate_prediction(workload: str, params: dict | None, size: int | str, ban
         phases.t0 = time.monotonic()
         measured = run_local_migration(guest, MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s,
                                                                bandwidth_Bps=bandwidth_Bps), phases)
-    predicted = simulate(trace, policy, bandwidth_Bps=bandwidth_Bps, **(sim_params or {}))
-    return {"trace": trace, "measured": measured, "predicted": predicted,
-            "rows": compare_reports(predicted, measured), "setup_s": phases.setup_s}
+    predicted, rows = predict(trace, policy, bandwidth_Bps, compare_report=measured.to_dict(), align=align,
+                              **(sim_params or {}))
+    return {"trace": trace, "measured": measured, "predicted": predicted, "rows": rows, "setup_s": phases.setup_s,
+            "alignment": predicted.guest["prediction"].get("alignment")}
 
 
 class _PhaseClock:

@@ -40,6 +40,7 @@ import numpy as np
 
 from .errors import ConfigError, PolicyError
 from .model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, make_stats, wire_bytes
+from .pages import merge_pages
 from .policy import Decision, XenDefaultPolicy, call_policy, estimate_downtime_s
 from .report import MigrationReport, RoundStats
 from .trace import WINDOW_RULES, DirtyTrace
@@ -52,11 +53,18 @@ __all__ = [
     "DEFAULT_POST_S",
     "SAFETY_MAX_ROUNDS",
     "transfer_time_s",
+    "predict",
+    "compare_reports",
+    "alignment_from_report",
+    "print_prediction",
+    "add_predict_arguments",
+    "cmd_predict",
 ]
 
-#: Handshake to tracking armed (destination process + incoming guest start): 0.55-1.3 s
-#: measured here for 64 MiB-1 GiB guests (more on a loaded host).  Only shifts time.
-DEFAULT_SETUP_S = 0.6
+#: Handshake to tracking armed (destination process + incoming guest start): 0.3-1.3 s
+#: measured here for 64 MiB-1 GiB guests (up to 2.7 s on a loaded host).  It shifts where
+#: on the trace the migration runs, and total_time_s.
+DEFAULT_SETUP_S = 0.8
 #: Posting PAUSE to the guest's acknowledgement (it keeps running meanwhile), measured here.
 DEFAULT_PAUSE_S = 0.0005
 #: After the switchover: digest verification, the guest's ledger check, commit, observe.
@@ -188,7 +196,17 @@ class _Replay:
             return t.dirty_in(a0, b0, rule=self.p.rule, seed=seed)
         first = t.dirty_in(a0, d, rule=self.p.rule, seed=seed)
         second = t.dirty_in(0.0, b0 - d, rule=self.p.rule, seed=seed + 7919)
-        return np.union1d(first, second)
+        return _union(first, second, t.npages)
+
+
+def _union(a: np.ndarray, b: np.ndarray, npages: int) -> np.ndarray:
+    """Sorted union of two sorted page arrays: a bitmap when they are large, else a merge."""
+    if (len(a) + len(b)) * 16 >= npages:
+        mark = np.zeros(npages, dtype=bool)
+        mark[a] = True
+        mark[b] = True
+        return np.flatnonzero(mark)
+    return merge_pages(a, b)
 
 
 def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = None, **kwargs) -> MigrationReport:
@@ -302,7 +320,7 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     late = replay.advance(p.pause_s, throttle)
     link.idle(p.pause_s)
     elapsed += p.pause_s
-    final_n = len(np.union1d(dirty, late)) if len(late) else len(dirty)
+    final_n = len(_union(dirty, late, trace.npages)) if len(late) else len(dirty)
     nbytes = wire_bytes(final_n, page_size) if final_n else 0
     send_s = link.send(nbytes + _TRAILER_BYTES)
     r.rounds.append(_round_stats(index=index + 1, kind="stop-and-copy", pages_sent=final_n, bytes_sent=nbytes,
@@ -392,8 +410,44 @@ def policy_from_description(desc: dict):
     return pol.make_policy(name, **kw)
 
 
+def alignment_from_report(trace: DirtyTrace, measured: dict) -> dict:
+    """Where a measured migration sat on the trace's timeline: ``{start_s, setup_s}`` (or less).
+
+    Profile and migration of the same workload started at different moments of the
+    guest's life; for a workload whose behaviour changes over time (``phased``) that
+    matters.  The guest's virtual clock (which stops only while paused or throttled) is in
+    both: the trace records it when tracking began (``meta["vclock0_s"]``), the report at
+    the migration's start (``guest.source_before.vclock_s``) and at the pause
+    (``guest.source_at_pause.vclock_s``).  Then
+
+        start_s = vclock(migration start) - vclock0
+        setup_s = vclock(pause) - vclock(start) - sum(rounds' send + collect) - pause latency
+
+    Only the timeline is taken from the measured run, never its dirty counts.  Values
+    outside plausible ranges (an unpaced workload publishes its clock rarely) are dropped.
+    """
+    out: dict = {}
+    v0 = trace.meta.get("vclock0_s")
+    g = measured.get("guest") or {}
+    before = (g.get("source_before") or {}).get("vclock_s")
+    at_pause = (g.get("source_at_pause") or {}).get("vclock_s")
+    if not isinstance(v0, (int, float)) or not isinstance(before, (int, float)):
+        return out
+    start = float(before) - float(v0)
+    if -1.0 <= start <= 3600.0:
+        out["start_s"] = max(0.0, start)
+    if isinstance(at_pause, (int, float)) and measured.get("outcome") == "completed":
+        rounds = [x for x in measured.get("rounds") or [] if x.get("kind", "precopy") == "precopy"]
+        busy = sum(float(x.get("duration_s") or 0) + float(x.get("collect_ms") or 0) / 1e3 for x in rounds)
+        pause = float((measured.get("timings_ms") or {}).get("pause_latency") or 0) / 1e3
+        setup = float(at_pause) - float(before) - busy - pause
+        if 0.0 <= setup <= 60.0:
+            out["setup_s"] = setup
+    return out
+
+
 def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_report: dict | None = None,
-            **params) -> tuple[MigrationReport, list[dict] | None]:
+            align: bool = True, **params) -> tuple[MigrationReport, list[dict] | None]:
     """Predict a migration from a trace (path or DirtyTrace); optionally compare with a real report.
 
     Args:
@@ -401,6 +455,8 @@ def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_r
         policy: a policy callable; default: the one described in ``compare_report``, else Xen's.
         bandwidth_Bps: link rate; default: ``compare_report``'s ``bandwidth_limit_bps`` / 8.
         compare_report: a measured report (``MigrationReport.to_dict()`` / its JSON).
+        align: with ``compare_report``, take the migration's start and setup time from it
+            (:func:`alignment_from_report`) unless ``params`` give them.
         params: further :class:`SimulationParams` fields.
 
     Returns:
@@ -418,7 +474,13 @@ def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_r
         raise ConfigError("--bandwidth", "required (the rate of the link to predict for, e.g. 1Gbit)")
     if policy is None and compare_report and compare_report.get("policy"):
         policy = policy_from_description(compare_report["policy"])
+    alignment = {}
+    if compare_report is not None and align:
+        alignment = {k: v for k, v in alignment_from_report(trace, compare_report).items() if k not in params}
+        params = params | alignment
     report = simulate(trace, policy, bandwidth_Bps=bandwidth_Bps, **params)
+    if alignment:
+        report.guest["prediction"]["alignment"] = alignment
     rows = compare_reports(report, compare_report) if compare_report is not None else None
     return report, rows
 
@@ -562,6 +624,8 @@ def add_predict_arguments(p) -> None:
     s.add_argument("--rule", choices=list(WINDOW_RULES), default="poisson", help="how a round shorter than an interval counts its pages")
     s.add_argument("--throttle-model", choices=list(THROTTLE_MODELS), default="subsample", help="how a policy's throttle slows the guest")
     s.add_argument("--no-loop", action="store_true", help="do not replay the trace from its start when the migration outlasts it")
+    s.add_argument("--no-align", action="store_true",
+                   help="with --compare-report: do not take the start and setup time from the measured run's guest clock")
     o = p.add_argument_group("output")
     o.add_argument("--compare-report", metavar="FILE", help="a measured report (vmem migrate --json) to compare with")
     o.add_argument("--json", metavar="FILE", help="write the predicted report (docs/report.md schema) to FILE")
@@ -619,7 +683,7 @@ def cmd_predict(args) -> int:
         else:
             params[dest] = v
     trace = DirtyTrace.load(args.trace)
-    report, rows = predict(trace, policy, bandwidth, compare_report=measured, **params)
+    report, rows = predict(trace, policy, bandwidth, compare_report=measured, align=not args.no_align, **params)
     print_prediction(report, rows, measured, _wide_console())
     if args.json:
         report.write(args.json)

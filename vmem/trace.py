@@ -223,7 +223,14 @@ class DirtyTrace:
             return np.empty(0, dtype=np.int64)
         if len(parts) == 1 and full_b - full_a <= 1:
             return parts[0].astype(np.int64)
-        return np.unique(np.concatenate([p.astype(np.int64, copy=False) for p in parts]))
+        total = sum(len(p) for p in parts)
+        if total * 16 < self.npages:
+            return np.unique(np.concatenate([p.astype(np.int64, copy=False) for p in parts]))
+        # Many entries: a page bitmap is O(npages + entries), no sort.
+        mark = np.zeros(self.npages, dtype=bool)
+        for p in parts:
+            mark[p] = True
+        return np.flatnonzero(mark)
 
     def occupancy(self) -> np.ndarray:
         """For each page, in how many intervals it was written (int64[npages])."""
