@@ -27,7 +27,6 @@ from vmem.policy import (
 )
 from vmem.report import MigrationReport
 from vmem.simulate import (
-    SimulationParams,
     add_predict_arguments,
     cmd_predict,
     compare_reports,
@@ -309,6 +308,8 @@ def test_compare_reports_rows():
 
 # --- against a real migration ------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.serial
 def test_simulator_agrees_with_a_real_migration():
     """Profile 64 MiB uniform at 20,000 writes/s, then really migrate the same workload and
     seed over a 50 MB/s link, and compare model outputs (no wall-clock asserts).

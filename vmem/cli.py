@@ -2,6 +2,8 @@
 
     vmem migrate --workload hotcold --size 1G [...]   one-host live migration with a live display
     vmem doctor                                       which kernel features this machine offers
+    vmem profile / predict                            working-set profiling; trace-driven prediction
+    vmem compare / graph                              policies side by side; graphs and an HTML report
 """
 from __future__ import annotations
 
@@ -135,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="report the kernel features vmem can use here")
     from .compare import add_compare_arguments
     from .graphs import add_graph_arguments
+    from .profile import add_profile_arguments
+    from .simulate import add_predict_arguments
+
+    add_profile_arguments(sub.add_parser(
+        "profile", help="record a guest's dirty pages over time (working set) without migrating",
+        description="Run a guest under dirty logging, record its dirty trace, report its writable working set and "
+                    "the expected downtime and total time of each policy; recommend thresholds."))
+    add_predict_arguments(sub.add_parser(
+        "predict", help="predict a migration from a recorded dirty trace (any policy, any bandwidth)",
+        description="Replay a dirty trace through a policy at a bandwidth; with --compare-report, show predicted vs measured."))
 
     add_compare_arguments(sub.add_parser(
         "compare", help="migrate the same workload under several policies and compare them",
@@ -152,6 +164,14 @@ def main(argv=None) -> int:
             return cmd_migrate(args)
         if args.command == "doctor":
             return cmd_doctor(args)
+        if args.command == "profile":
+            from .profile import cmd_profile
+
+            return cmd_profile(args)
+        if args.command == "predict":
+            from .simulate import cmd_predict
+
+            return cmd_predict(args)
         if args.command == "compare":
             from .compare import cmd_compare
 

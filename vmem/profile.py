@@ -197,14 +197,21 @@ def _converged_pages(curve, B: float, page_size: int, collect_s: float, start: f
     return x
 
 
-def builtin_policies() -> dict:
-    """Every built-in policy that can be built with its defaults, by name (others: the reason)."""
+def builtin_policies(downtime_goal_ms: float | None = None) -> dict:
+    """Every built-in policy with its defaults, by name (a string says why one could not be built).
+
+    Policies that take ``--max-downtime-ms`` get ``downtime_goal_ms`` when it is given.
+    """
     from . import policy as pol
 
     out: dict = {}
+    options = getattr(pol, "POLICY_OPTIONS", {})
     for name in getattr(pol, "POLICIES", {}):
+        kw = {}
+        if downtime_goal_ms is not None and any(o.dest == "max_downtime_ms" for o in options.get(name, ())):
+            kw["max_downtime_ms"] = float(downtime_goal_ms)
         try:
-            out[name] = pol.make_policy(name)
+            out[name] = pol.make_policy(name, **kw)
         except (ConfigError, TypeError, ValueError) as err:
             out[name] = f"needs parameters ({err})"
     return out
@@ -221,11 +228,15 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
         downtime_goal_s: the downtime the user aims for (QEMU/libvirt default 300 ms).
         max_downtime_s: the downtime above which the user would rather abort
             (default 3x the goal): the two-threshold policy's abort level.
-        policies: ``{name: policy}`` to predict; default every built-in policy.
+        policies: ``{name: policy}`` to predict; default every built-in policy (those with a
+            downtime limit get ``downtime_goal_s``).
         sim_params: extra :class:`vmem.simulate.SimulationParams` fields.
 
-    Keys: ``trace``, ``per_interval``, ``wws``, ``steadiness``, ``predictions``
-    (per bandwidth, per policy), ``recommendations`` (per bandwidth, with ``formulas``).
+    Keys: ``trace`` (with the per-interval series ``t_s``/``dirty_pages``), ``per_interval``,
+    ``wws`` (the requested windows), ``working_set`` (the measured WWS curve:
+    ``windows_s``/``wws_pages``), ``steadiness``, ``predictions`` (per bandwidth, per
+    policy), ``recommendations`` (per bandwidth, with ``formulas``).  ``vmem graph`` plots
+    the series and the curve from the JSON.
     """
     from transport import parse_rate
 
@@ -262,6 +273,9 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
         "dirty_rate_pps": round(float(counts.sum() / trace.duration_s), 1) if n else 0.0,
         "dirty_rate_p95_pps": round(float(np.percentile(rates, 95)), 1) if n else 0.0,
     }
+    # Plain arrays for plotting (vmem graph reads trace.t_s/dirty_pages and working_set.*).
+    out["trace"].update(guest_pages=int(trace.npages), t_s=[round(float(x), 6) for x in trace.times_s[1:]],
+                        dirty_pages=[int(x) for x in counts])
     wws_rows = []
     for w in windows_s:
         if w > trace.duration_s + 1e-9:
@@ -272,6 +286,9 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
                          "max_pages": int(vals.max()), "fraction_of_guest": round(float(vals.mean()) / trace.npages, 4)})
     out["wws"] = wws_rows
     curve = wws_curve(trace)
+    measured = curve[0] >= trace.interval_s * (1 - 1e-9)          # the points the trace measured
+    out["working_set"] = {"windows_s": [round(float(x), 6) for x in curve[0][measured]],
+                          "wws_pages": [round(float(x), 2) for x in curve[1][measured]], "guest_pages": int(trace.npages)}
     cv = std / mean if mean > 0 else 0.0
     # Does the WWS level off?  Compare the last doubling of the window on the curve.
     levels = None
@@ -297,7 +314,7 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
     else:
         out["steadiness"]["verdict"] = "bursty or phased: thresholds from the mean will be wrong part of the time"
 
-    pols = builtin_policies() if policies is None else dict(policies)
+    pols = builtin_policies(downtime_goal_s * 1e3) if policies is None else dict(policies)
     pw = P + 8 + 16 / 1024
     extra = dict(sim_params or {})
     extra.setdefault("collect_s", collect_s)
@@ -491,17 +508,18 @@ def print_analysis(a: dict, console=None) -> None:
     for row, rec in zip(a["predictions"], a["recommendations"]):
         B = row["bandwidth_Bps"]
         t = Table(title=f"predicted at {_rate_str(B)} ({B / 1e6:,.1f} MB/s), trace-driven simulator")
-        for c in ("policy", "outcome", "rounds", "pages sent", "total time", "downtime", "why it stopped"):
+        for c in ("policy", "outcome", "rounds", "pages sent", "migration time", "downtime", "why it stopped"):
             t.add_column(c, justify="left" if c in ("policy", "outcome", "why it stopped") else "right")
         for name, p in row["policies"].items():
             if "skipped" in p:
                 t.add_row(name, "-", "", "", "", "", p["skipped"])
                 continue
-            t.add_row(name, p["outcome"], str(p["precopy_rounds"]), f"{p['pages_sent']:,}", f"{p['total_time_s']:.3f} s",
+            t.add_row(name, p["outcome"], str(p["precopy_rounds"]), f"{p['pages_sent']:,}", f"{p['transfer_time_s']:.3f} s",
                       f"{p['downtime_ms']:.1f} ms" if p["downtime_ms"] is not None else "-", p["reason"])
         mx = row["model_xen"]
-        t.caption = (f"analytical model (xen policy): r = D*Pw/B = {mx['ratio_r']:.3f}, {mx['rounds']} rounds, "
-                     f"{mx['pages_sent']:,} pages, downtime {mx['downtime_ms']:.1f} ms, total {mx['total_time_s']:.3f} s")
+        t.caption = ("migration time = pre-copy rounds + downtime (handshake excluded).  "
+                     f"Analytical model (xen policy): r = D*Pw/B = {mx['ratio_r']:.3f}, {mx['rounds']} rounds, "
+                     f"{mx['pages_sent']:,} pages, downtime {mx['downtime_ms']:.1f} ms, migration time {mx['total_time_s']:.3f} s")
         console.print(t)
         t = Table(title=f"recommended at {_rate_str(B)} (downtime goal {rec['max_downtime_ms']:g} ms)", show_header=True)
         t.add_column("setting")

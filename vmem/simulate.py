@@ -91,7 +91,7 @@ class SimulationParams:
         start_s: trace time at which the migration starts.
         setup_s, collect_s, pause_s, switchover_s, post_s: fixed costs (seconds).
         rule: how a window cutting an interval counts its pages (``trace.WINDOW_RULES``).
-        throttle_model: ``"subsample"`` or ``"dilate"``.
+        throttle_model: ``"dilate"`` (default: throttle t slows the trace clock to 1-t, as the guest runtime stops its virtual clock while throttled) or ``"subsample"`` (keep a random 1-t of the writes).
         loop: replay the trace from its start when the migration outlasts it; if False,
             pages after the end are taken as "none written".
         seed: seeds the sub-interval rule and the throttle subsampling.
@@ -108,7 +108,7 @@ class SimulationParams:
     switchover_s: float = DEFAULT_SWITCHOVER_S
     post_s: float = DEFAULT_POST_S
     rule: str = "poisson"
-    throttle_model: str = "subsample"
+    throttle_model: str = "dilate"
     loop: bool = True
     seed: int = 0
 
@@ -526,7 +526,6 @@ def compare_reports(predicted, measured) -> list[dict]:
 
 def print_prediction(report: MigrationReport, rows: list[dict] | None = None, measured: dict | None = None, console=None) -> None:
     """Rounds and totals of a prediction; with ``rows``, predicted vs measured side by side."""
-    from rich.console import Console
     from rich.table import Table
 
     from .ram import format_bytes
@@ -557,7 +556,7 @@ def print_prediction(report: MigrationReport, rows: list[dict] | None = None, me
                   pair(x.duration_s, g("duration_s"), lambda v: f"{v * 1e3:,.1f} ms"),
                   pair(x.dirty_pages, g("dirty_pages"), lambda v: f"{v:,}") if x.kind == "precopy" else "-",
                   f"{x.est_downtime_ms:,.1f} ms" if x.est_downtime_ms is not None else "-",
-                  (x.decision + (f": {x.reason}" if x.reason else ""))[:90])
+                  x.decision + (f": {x.reason}" if x.reason else ""))
     console.print(t)
     for extra in mrounds[len(r.rounds):]:
         console.print(f"  measured round {extra.get('index')} ({extra.get('kind')}): {extra.get('pages_sent'):,} pages — no predicted counterpart")
@@ -622,7 +621,7 @@ def add_predict_arguments(p) -> None:
     for flag, dest, typ, help_ in _SIM_FLAGS:
         s.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
     s.add_argument("--rule", choices=list(WINDOW_RULES), default="poisson", help="how a round shorter than an interval counts its pages")
-    s.add_argument("--throttle-model", choices=list(THROTTLE_MODELS), default="subsample", help="how a policy's throttle slows the guest")
+    s.add_argument("--throttle-model", choices=list(THROTTLE_MODELS), default="dilate", help="how a policy's throttle slows the guest")
     s.add_argument("--no-loop", action="store_true", help="do not replay the trace from its start when the migration outlasts it")
     s.add_argument("--no-align", action="store_true",
                    help="with --compare-report: do not take the start and setup time from the measured run's guest clock")
