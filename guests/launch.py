@@ -84,6 +84,7 @@ class ProcessGuest:
             for fd in fds:
                 os.set_inheritable(fd, True)
             env = dict(os.environ)
+            env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
             env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             cmd = [
                 sys.executable, "-m", "guests.runtime",

@@ -966,7 +966,7 @@ class Bench:
             per_size[size] = {}
             for role in ("migrator_source", "migrator_destination"):
                 p = procs.get(role, {}) if isinstance(procs.get(role), dict) else {}
-                peak = max(x for x in (p.get("private_excl_ram_peak_bytes"), ext.get(role), anon.get(role),
+                peak = max(x for x in (p.get("private_peak_bytes"), ext.get(role), anon.get(role),
                                        p.get("private_excl_ram_bytes"), 0) if x is not None)
                 bits = (peak - base) * 8 / npages
                 limit = base + allowance * npages / 8
@@ -974,7 +974,7 @@ class Bench:
                                  peak, "<=", limit, "bytes")
                 per_size[size][role] = peak
                 rows.append([fbytes(size), role, fbytes(p.get("uss_bytes")), fbytes(p.get("private_excl_ram_bytes")),
-                             fbytes(p.get("uss_peak_bytes")), fbytes(p.get("private_excl_ram_peak_bytes")),
+                             fbytes(p.get("private_peak_bytes")),
                              fbytes(ext.get(role)), fbytes(anon.get(role)), f"{bits:+.2f}", f"{fbytes(limit)} {mark}"])
         notes = [
             "end = report.processes values at the end of the migration; report peak = the migrator's own PeakSampler;",
@@ -983,9 +983,7 @@ class Bench:
             f"bits/page = (max of all peaks - 64 MiB) * 8 / guest pages (negative: under the base);"
             f" goal limit = 64 MiB + {allowance} bits per page.",
             "Each migration runs in a fresh interpreter running this script (the migrator), like `vmem migrate` does.",
-            "USS peak of migrator_source (library sampler) counts the guest-RAM pages it caught while the migrator was",
-            "their only mapper (after the source guest exited at commit), so it is ~guest size; excl-RAM is the figure",
-            "the goal is about.",
+            "report peak = the library's own sampler: RssAnon every 20 ms (private anonymous memory; guest RAM is shmem).",
         ]
         if len(sizes) >= 2:
             s0, s1 = sizes[0], sizes[-1]
@@ -995,7 +993,7 @@ class Bench:
             notes.append(f"marginal cost between {fbytes(s0)} and {fbytes(s1)} (from the peaks): "
                          + ", ".join(f"{k} {v:.1f} bits/page" for k, v in slope.items()))
         emit(table("4. memory: migrator private memory, idle guests",
-                   ["guest", "process", "USS end", "excl-RAM end", "USS peak", "excl-RAM peak", "ext. peak",
+                   ["guest", "process", "USS end", "excl-RAM end", "report peak", "ext. peak",
                     "RssAnon peak", "bits/page", "limit / goal"], rows, notes))
         return out
 
@@ -1042,7 +1040,7 @@ class Bench:
         anon = rep.get("bench", {}).get("external_rss_anon_peak_bytes", {})
         for role in ("migrator_source", "migrator_destination"):
             p = rep.get("processes", {}).get(role) or {}
-            peak = max(x for x in (p.get("private_excl_ram_peak_bytes"), ext.get(role), anon.get(role),
+            peak = max(x for x in (p.get("private_peak_bytes"), ext.get(role), anon.get(role),
                                    p.get("private_excl_ram_bytes"), 0) if x is not None)
             limit = 64 * MiB + self.args.bits_per_page * npages / 8
             mark = self.goal("memory", f"{role} {fbytes(size)} (scale run): peak private memory (excl. guest RAM)",

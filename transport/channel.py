@@ -182,6 +182,23 @@ class Channel(abc.ABC):
     def fileno(self) -> int:
         """The underlying file descriptor (for poll/select).  Raises ChannelClosedError."""
 
+    def unsent_bytes(self) -> int:
+        """Bytes sent but not yet taken by the peer, as far as the kernel knows.
+
+        For a unix stream socket this is what sits in the peer's receive queue; for TCP,
+        what the peer has not acknowledged (SIOCOUTQ).  A sender uses it to let the
+        receiver catch up before a latency-critical phase.  Returns 0 where unknown.
+        """
+        import fcntl
+        import struct
+        import termios
+
+        try:
+            raw = fcntl.ioctl(self.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return struct.unpack("i", raw)[0]
+
     @abc.abstractmethod
     def close(self) -> None:
         """Close the channel; idempotent.  The peer sees EOF once every holder of the

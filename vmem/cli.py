@@ -130,56 +130,53 @@ def cmd_doctor(args) -> int:
     return 0 if best else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Subcommands whose modules are heavy to import (matplotlib...): their arguments are
+#: only registered when that subcommand is the one being run.
+_LAZY_COMMANDS = {
+    "profile": ("vmem.profile", "add_profile_arguments", "record a guest's dirty pages over time (working set) without migrating",
+                "Run a guest under dirty logging, record its dirty trace, report its writable working set and "
+                "the expected downtime and total time of each policy; recommend thresholds."),
+    "predict": ("vmem.simulate", "add_predict_arguments", "predict a migration from a recorded dirty trace (any policy, any bandwidth)",
+                "Replay a dirty trace through a policy at a bandwidth; with --compare-report, show predicted vs measured."),
+    "compare": ("vmem.compare", "add_compare_arguments", "migrate the same workload under several policies and compare them",
+                "Boot the same guest once per policy, migrate it, and compare outcomes, times, downtime and data sent "
+                "(table, PNG graphs, HTML report)."),
+    "graph": ("vmem.graphs", "add_graph_arguments", "render graphs and an HTML report from saved JSON reports",
+              "Render convergence, dirty-rate and downtime graphs (PNG) and one HTML report from --json reports."),
+}
+_LAZY_RUNNERS = {"profile": ("vmem.profile", "cmd_profile"), "predict": ("vmem.simulate", "cmd_predict"),
+                 "compare": ("vmem.compare", "cmd_compare"), "graph": ("vmem.graphs", "cmd_graph")}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; heavy subcommands get their arguments only if ``command`` names them."""
+    import importlib
+
     p = argparse.ArgumentParser(prog="vmem", description="A live-migration laboratory for stock Linux.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_migrate(sub)
     sub.add_parser("doctor", help="report the kernel features vmem can use here")
-    from .compare import add_compare_arguments
-    from .graphs import add_graph_arguments
-    from .profile import add_profile_arguments
-    from .simulate import add_predict_arguments
-
-    add_profile_arguments(sub.add_parser(
-        "profile", help="record a guest's dirty pages over time (working set) without migrating",
-        description="Run a guest under dirty logging, record its dirty trace, report its writable working set and "
-                    "the expected downtime and total time of each policy; recommend thresholds."))
-    add_predict_arguments(sub.add_parser(
-        "predict", help="predict a migration from a recorded dirty trace (any policy, any bandwidth)",
-        description="Replay a dirty trace through a policy at a bandwidth; with --compare-report, show predicted vs measured."))
-
-    add_compare_arguments(sub.add_parser(
-        "compare", help="migrate the same workload under several policies and compare them",
-        description="Boot the same guest once per policy, migrate it, and compare outcomes, times, downtime and data sent (table, PNG graphs, HTML report)."))
-    add_graph_arguments(sub.add_parser(
-        "graph", help="render graphs and an HTML report from saved JSON reports",
-        description="Render convergence, dirty-rate and downtime graphs (PNG) and one HTML report from --json reports."))
+    for name, (module, adder, helptext, description) in _LAZY_COMMANDS.items():
+        sp = sub.add_parser(name, help=helptext, description=description)
+        if name == command:
+            getattr(importlib.import_module(module), adder)(sp)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         if args.command == "migrate":
             return cmd_migrate(args)
         if args.command == "doctor":
             return cmd_doctor(args)
-        if args.command == "profile":
-            from .profile import cmd_profile
+        if args.command in _LAZY_RUNNERS:
+            import importlib
 
-            return cmd_profile(args)
-        if args.command == "predict":
-            from .simulate import cmd_predict
-
-            return cmd_predict(args)
-        if args.command == "compare":
-            from .compare import cmd_compare
-
-            return cmd_compare(args)
-        if args.command == "graph":
-            from .graphs import cmd_graph
-
-            return cmd_graph(args)
+            module, runner = _LAZY_RUNNERS[args.command]
+            return getattr(importlib.import_module(module), runner)(args)
     except ConfigError as err:
         print(f"vmem: invalid argument {err}", file=sys.stderr)
         return 2

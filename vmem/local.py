@@ -23,6 +23,7 @@ _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def spawn_destination(sock_fd: int) -> subprocess.Popen:
     """Start ``python -m vmem.destination`` on an inherited socket fd."""
     env = dict(os.environ)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
     env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return subprocess.Popen(
         [sys.executable, "-m", "vmem.destination", "--fd", str(sock_fd)],

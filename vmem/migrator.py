@@ -33,7 +33,7 @@ from transport import ChannelBrokenError, TransportError
 
 from . import stream, wire
 from .errors import GuestCrashed, GuestError, MigrationError, PolicyError, StreamError, VmemError
-from .pages import PAGE_SIZE, digest_all, merge_pages, page_buffers
+from .pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
 from .policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s
 from .procstats import PeakSampler, process_figures
 from .report import MigrationReport, RoundStats
@@ -43,6 +43,10 @@ __all__ = ["MigrationOptions", "SourceMigration", "migrate"]
 MAX_PAGES_PER_RECORD = 1024
 #: Rounds after which we stop-and-copy whatever a policy says (a policy bug must not loop forever).
 SAFETY_MAX_ROUNDS = 1000
+#: Before pausing, wait until no more than this is queued unread at the destination...
+DRAIN_TARGET_BYTES = 64 << 10
+#: ...but never longer than this (a slow or stuck peer must not stall the switchover).
+DRAIN_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -99,11 +103,17 @@ class SourceMigration:
         self.paused = None
         self._throttled = False
         self._stream_ended = False
-        self._ctl_reader = stream.ControlReader(self.ch.recv_exact)
+        # bytearray, not bytes: the DIGESTS body (8 bytes per guest page) is used in place.
+        self._ctl_reader = stream.ControlReader(self._recv_bytearray)
         self._writer = stream.StreamWriter(self.ch.send_parts)
         self._staging = np.empty((MAX_PAGES_PER_RECORD, PAGE_SIZE), dtype=np.uint8)
 
     # --- helpers -----------------------------------------------------------------------
+    def _recv_bytearray(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        self.ch.recv_into(buf)
+        return buf
+
     def _phase(self, name: str, detail: str = "") -> None:
         self.report.phase = name
         self.progress.phase(name, detail)
@@ -129,19 +139,24 @@ class SourceMigration:
         if self.ch.wait_readable(0):
             self._read_control(0, set())
 
-    def _send_pages(self, pages: np.ndarray) -> tuple[int, int]:
-        """Send ``pages`` (sorted int64) in PAGE_DATA records; returns (pages, bytes)."""
+    def _send_pages(self, pages) -> tuple[int, int]:
+        """Send ``pages`` in PAGE_DATA records; returns (pages, bytes).
+
+        ``pages`` is a sorted int64 array, or an ``(n, 2)`` array of [first, end) runs
+        (round 0: no per-page array is ever built for the whole guest).
+        """
         ram = self.guest.ram.pages
         nbytes = 0
+        npages = 0
         before = self._writer.bytes_written
-        for i in range(0, len(pages), MAX_PAGES_PER_RECORD):
-            batch = pages[i : i + MAX_PAGES_PER_RECORD]
+        for batch in _batches(pages, MAX_PAGES_PER_RECORD):
+            npages += len(batch)
             self._writer.page_data(batch, page_buffers(ram, batch, self._staging))
             self._check_back_channel()
             sent_now = self._writer.bytes_written - before
             self.progress.sent(len(batch), sent_now - nbytes)
             nbytes = sent_now
-        return len(pages), nbytes
+        return npages, nbytes
 
     # --- the migration ---------------------------------------------------------------------
     def run(self) -> MigrationReport:
@@ -159,7 +174,7 @@ class SourceMigration:
         r.bandwidth_limit_bps = self.opt.bandwidth_Bps * 8 if self.opt.bandwidth_Bps else None
         t_start = time.monotonic()
         before = g.counters()
-        sampler = PeakSampler({"migrator_source": os.getpid(), "source_guest": g.pid})
+        sampler = PeakSampler({"migrator_source": os.getpid()})
         sampler.__enter__()
         try:
             self._run(t_start)
@@ -241,7 +256,7 @@ class SourceMigration:
         self._writer.begin()
         self.tracker.start()
         t_collect = time.monotonic()
-        to_send = g.ram.data_pages()
+        to_send = g.ram.data_runs()
         history: list[int] = []
         rate_history: list[float] = []
         total_written = 0
@@ -249,7 +264,7 @@ class SourceMigration:
         throttle = 0.0
         while True:
             self._phase("precopy", f"round {index}")
-            self.progress.round_start(index, len(to_send), "precopy")
+            self.progress.round_start(index, _count(to_send), "precopy")
             t0 = time.monotonic()
             npages, nbytes = self._send_pages(to_send)
             t1 = time.monotonic()
@@ -297,7 +312,11 @@ class SourceMigration:
             r.reason = verdict.reason
             break
 
-        # 3. Stop-and-copy.
+        # 3. Stop-and-copy.  First let the destination drain what is queued (up to two
+        # socket buffers, several MiB): the guest keeps running meanwhile and the final
+        # collect catches what it writes, but the backlog no longer lands in the downtime.
+        self._phase("stop-and-copy", "letting the destination catch up")
+        drain_ms = self._drain(DRAIN_TARGET_BYTES, DRAIN_TIMEOUT_S)
         self._phase("stop-and-copy", "pausing the guest")
         t_pause0 = time.monotonic()
         self.paused = g.pause()
@@ -328,6 +347,7 @@ class SourceMigration:
         first_step_ns = int(resumed["first_step_ns"])
         r.downtime_ms = round((first_step_ns - self.paused.paused_at_ns) / 1e6, 3)
         r.timings_ms = {
+            "drain_before_pause": drain_ms,
             "pause_latency": round(self.paused.latency_ns / 1e6, 3),
             "final_collect": round((t_collected - t_paused) * 1e3, 3),
             "final_collect_scan": round(self.tracker.collect_s * 1e3, 3),
@@ -337,6 +357,7 @@ class SourceMigration:
             "destination_end_to_resume": resumed.get("end_to_resume_ms"),
         }
 
+        del to_send, dirty, final  # per-page arrays not needed any more (memory at 8 GiB+)
         self._phase("verify", "comparing RAM digests")
         verification: dict = {"digests": None, "guest_check": None}
         if self.opt.verify:
@@ -345,8 +366,7 @@ class SourceMigration:
             if len(dest) != g.npages:
                 raise MigrationError("verify", f"destination sent {len(dest)} digests for {g.npages} pages")
             t_d = time.monotonic()
-            src = digest_all(g.ram)
-            bad = np.flatnonzero(src != dest)
+            bad = mismatched_pages(g.ram, dest)
             verification["digests"] = {
                 "pages_compared": int(g.npages), "mismatched": int(len(bad)),
                 "first_mismatched": [int(x) for x in bad[:10]], "source_digest_ms": round((time.monotonic() - t_d) * 1e3, 2),
@@ -385,6 +405,14 @@ class SourceMigration:
             r.guest["destination"] = {"error": f"no report from the destination: {err}"}
         self._phase("done")
 
+    def _drain(self, target_bytes: int, timeout_s: float) -> float:
+        """Wait (bounded) until at most ``target_bytes`` sent are still unread by the peer."""
+        t0 = time.monotonic()
+        while self.ch.unsent_bytes() > target_bytes and time.monotonic() - t0 < timeout_s:
+            self._check_back_channel()
+            time.sleep(0.0002)
+        return round((time.monotonic() - t0) * 1e3, 3)
+
     def _tell_destination_to_discard(self) -> None:
         """Make the destination throw away what it built (best effort; it also does on EOF).
 
@@ -413,6 +441,24 @@ class SourceMigration:
         r.outcome = "aborted"
         r.reason = reason
         r.source_guest_state = "running"
+
+
+def _count(pages) -> int:
+    """Pages in a page array or in an (n, 2) run array."""
+    if pages.ndim == 2:
+        return int((pages[:, 1] - pages[:, 0]).sum())
+    return len(pages)
+
+
+def _batches(pages, size: int):
+    """Consecutive batches of at most ``size`` pages from a page array or a run array."""
+    if pages.ndim == 1:
+        for i in range(0, len(pages), size):
+            yield pages[i : i + size]
+        return
+    for first, end in pages.tolist():
+        for a in range(first, end, size):
+            yield np.arange(a, min(a + size, end), dtype=np.int64)
 
 
 def migrate(guest, channel, options: MigrationOptions | None = None, progress=None) -> MigrationReport:

@@ -10,7 +10,7 @@ from transport.pages import page_runs
 
 from .ram import PAGE_SIZE, GuestRam
 
-__all__ = ["PAGE_SIZE", "page_buffers", "merge_pages", "digest_all", "zero_page_digest", "MAX_DIRECT_RUNS"]
+__all__ = ["PAGE_SIZE", "page_buffers", "merge_pages", "mismatched_pages", "digest_all", "zero_page_digest", "MAX_DIRECT_RUNS"]
 
 #: With at most this many contiguous runs in a batch, send views of the RAM mapping
 #: directly (no copy); beyond it one numpy gather into a staging buffer is cheaper than
@@ -62,6 +62,32 @@ def zero_page_digest() -> int:
         nat.digest_range(z.ctypes.data, 0, 1, out)
         _ZERO_DIGEST = int(out[0])
     return _ZERO_DIGEST
+
+
+def mismatched_pages(ram: GuestRam, expected: np.ndarray, chunk_pages: int = 1 << 16) -> np.ndarray:
+    """Pages of ``ram`` whose digest differs from ``expected`` (uint64[npages]).
+
+    Works chunk by chunk (8 B/page of temporaries per chunk, not per guest), and digests
+    only the runs that hold data: holes must match the zero-page digest.
+    """
+    from . import _native as nat
+
+    zero = zero_page_digest()
+    runs = ram.data_runs()
+    bad = []
+    tmp = np.empty(chunk_pages, dtype=np.uint64)
+    for c0 in range(0, ram.npages, chunk_pages):
+        c1 = min(c0 + chunk_pages, ram.npages)
+        out = tmp[: c1 - c0]
+        out.fill(zero)
+        for first, end in runs.tolist():
+            a, b = max(first, c0), min(end, c1)
+            if a < b:
+                nat.digest_range(ram.address, a, b - a, out[a - c0 : b - c0])
+        diff = np.flatnonzero(out != expected[c0:c1])
+        if len(diff):
+            bad.append(diff + c0)
+    return np.concatenate(bad) if bad else np.empty(0, dtype=np.int64)
 
 
 def digest_all(ram: GuestRam) -> np.ndarray:
