@@ -10,7 +10,7 @@ from transport.pages import page_runs
 
 from .ram import PAGE_SIZE, GuestRam
 
-__all__ = ["PAGE_SIZE", "page_buffers", "merge_pages", "mismatched_pages", "digest_all", "zero_page_digest", "MAX_DIRECT_RUNS"]
+__all__ = ["PAGE_SIZE", "page_buffers", "merge_pages", "mismatched_pages", "zero_page_digest", "MAX_DIRECT_RUNS"]
 
 #: With at most this many contiguous runs in a batch, send views of the RAM mapping
 #: directly (no copy); beyond it one numpy gather into a staging buffer is cheaper than
@@ -88,16 +88,3 @@ def mismatched_pages(ram: GuestRam, expected: np.ndarray, chunk_pages: int = 1 <
         if len(diff):
             bad.append(diff + c0)
     return np.concatenate(bad) if bad else np.empty(0, dtype=np.int64)
-
-
-def digest_all(ram: GuestRam) -> np.ndarray:
-    """Per-page digests of all of ``ram`` (uint64[npages]); holes digest as zero pages.
-
-    Reads only the runs that hold data, so a sparse guest is not populated by the check.
-    """
-    from . import _native as nat
-
-    out = np.full(ram.npages, zero_page_digest(), dtype=np.uint64)
-    for first, end in ram.data_runs().tolist():
-        nat.digest_range(ram.address, first, end - first, out[first:end])
-    return out

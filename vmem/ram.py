@@ -181,11 +181,16 @@ def close_mapping(m: mmap.mmap) -> bool:
 def runs_to_pages(runs: np.ndarray) -> np.ndarray:
     """Expand ``(n, 2)`` [first, end) runs into a flat sorted int64 page array, vectorised."""
     runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
-    lengths = runs[:, 1] - runs[:, 0]
+    return ranges_to_pages(runs[:, 0], runs[:, 1])
+
+
+def ranges_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Expand [start, end) page ranges into one flat int64 page array without a Python loop."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(ends, dtype=np.int64) - starts
     total = int(lengths.sum())
     if total == 0:
         return np.empty(0, dtype=np.int64)
-    # Each output element is its run's first page plus its offset inside the run.
-    offsets = np.arange(total, dtype=np.int64)
-    run_starts_in_output = np.cumsum(lengths) - lengths
-    return offsets + np.repeat(runs[:, 0] - run_starts_in_output, lengths)
+    # Each output element is its range's start plus its offset inside the range.
+    out_starts = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - out_starts, lengths)

@@ -12,6 +12,8 @@ import abc
 
 import numpy as np
 
+from ..ram import ranges_to_pages as regions_to_pages
+
 __all__ = ["DirtyTracker", "regions_to_pages"]
 
 
@@ -52,14 +54,3 @@ class DirtyTracker(abc.ABC):
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def regions_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Expand [start, end) page ranges into a flat int64 page array without a Python loop."""
-    starts = np.asarray(starts, dtype=np.int64)
-    lengths = np.asarray(ends, dtype=np.int64) - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.int64)
-    out_starts = np.cumsum(lengths) - lengths
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - out_starts, lengths)
