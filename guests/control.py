@@ -41,7 +41,6 @@ import json
 import mmap
 import os
 
-import numpy as np
 
 __all__ = ["ControlBlock", "Command", "GuestState", "Field", "CONTEXT_MAX_BYTES"]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from guests.launch import GuestSpec, ProcessGuest
 from vmem.local import run_local_migration

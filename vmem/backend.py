@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, runtime_checkable
 
-import numpy as np
-
 __all__ = ["SourceGuest", "IncomingGuest", "INCOMING_FACTORIES", "incoming_factory"]
 
 

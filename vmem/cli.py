@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 
+from .args import add_guest_arguments, bandwidth_from_arg
 from .errors import ConfigError, VmemError
 
 __all__ = ["main"]
@@ -19,13 +20,7 @@ __all__ = ["main"]
 def _add_migrate(sub) -> None:
     p = sub.add_parser("migrate", help="live-migrate a guest to a new process on this host",
                        description="Boot a guest running a workload, live-migrate it to a new process on this host, verify it, and report.")
-    g = p.add_argument_group("guest")
-    g.add_argument("--workload", default="hotcold", help="built-in workload (idle, uniform, hotcold, zipf, sweep, phased) or module:Class")
-    g.add_argument("--size", default="1G", help="guest RAM, e.g. 256M, 1G, 8G (default 1G)")
-    g.add_argument("-W", "--workload-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="workload parameter, repeatable (e.g. -W rate=5000 -W hot_pages=0.1)")
-    g.add_argument("--seed", type=int, default=1, help="workload RNG seed")
-    g.add_argument("--warmup", type=float, default=0.5, metavar="S", help="seconds the guest runs before the migration starts")
+    add_guest_arguments(p)
     m = p.add_argument_group("migration")
     m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracking mechanism")
     m.add_argument("--bandwidth", metavar="RATE", help="cap the link, e.g. 100M (bytes/s), 1Gbit, 50MiB")
@@ -78,8 +73,6 @@ def cmd_migrate(args) -> int:
 
     from guests.launch import GuestSpec, ProcessGuest
     from guests.workload import load_workload, parse_params
-    from transport import parse_rate
-
     from .display import LiveDisplay, print_summary
     from .local import run_local_migration
     from .migrator import MigrationOptions
@@ -90,12 +83,7 @@ def cmd_migrate(args) -> int:
     cls = load_workload(args.workload)
     params = parse_params(cls, args.workload_arg)
     policy = policy_from_args(args)
-    bandwidth = None
-    if args.bandwidth:
-        try:
-            bandwidth = parse_rate(args.bandwidth)
-        except ValueError as err:
-            raise ConfigError("--bandwidth", str(err)) from None
+    bandwidth = bandwidth_from_arg(args.bandwidth)
     options = MigrationOptions(tracker=args.tracker, policy=policy, verify=not args.no_verify,
                                guest_check=not args.no_guest_check, observe_s=args.observe, bandwidth_Bps=bandwidth)
     console = Console(stderr=True)

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .args import add_guest_arguments, bandwidth_from_arg
 from .errors import ConfigError
 
 __all__ = [
@@ -509,13 +510,8 @@ def add_compare_arguments(parser) -> None:
         default_policies = "xen,threshold"
     parser.add_argument("--policies", default=default_policies, metavar="A,B,...",
                         help=f"comma-separated policies to compare (default: all built-ins: {default_policies})")
-    g = parser.add_argument_group("guest (the same for every policy)")
-    g.add_argument("--workload", default="hotcold", help="built-in workload or module:Class (default hotcold)")
-    g.add_argument("--size", default="256M", help="guest RAM, e.g. 256M, 1G (default 256M)")
-    g.add_argument("-W", "--workload-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="workload parameter, repeatable (e.g. -W rate=20000)")
-    g.add_argument("--seed", type=int, default=1, help="workload RNG seed (default 1)")
-    g.add_argument("--warmup", type=float, default=0.5, metavar="S", help="seconds each guest runs before its migration")
+    add_guest_arguments(parser, title="guest (the same for every policy)", default_size="256M",
+                        warmup_help="seconds each guest runs before its migration")
     m = parser.add_argument_group("migration")
     m.add_argument("--bandwidth", metavar="RATE",
                    help="cap the link, e.g. 100M (bytes/s), 1Gbit; without a cap every policy converges at once")
@@ -539,7 +535,6 @@ def cmd_compare(args) -> int:
     from rich.console import Console
 
     from guests.workload import load_workload, parse_params
-    from transport import parse_rate
 
     from .display import LiveDisplay
     from .ram import parse_size
@@ -547,12 +542,7 @@ def cmd_compare(args) -> int:
     size = parse_size(args.size)
     cls = load_workload(args.workload)
     params = parse_params(cls, args.workload_arg)
-    bandwidth = None
-    if args.bandwidth:
-        try:
-            bandwidth = parse_rate(args.bandwidth)
-        except ValueError as err:
-            raise ConfigError("--bandwidth", str(err)) from None
+    bandwidth = bandwidth_from_arg(args.bandwidth)
     if args.warmup < 0:
         raise ConfigError("--warmup", f"must be >= 0, got {args.warmup}")
     options = parse_policy_options(args.policy_option)

@@ -32,7 +32,7 @@ import numpy as np
 from transport import ChannelBrokenError, TransportError
 
 from . import stream, wire
-from .errors import GuestCrashed, GuestError, MigrationError, PolicyError, StreamError, VmemError
+from .errors import GuestCrashed, MigrationError, PolicyError, StreamError, VmemError
 from .pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
 from .policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s
 from .procstats import PeakSampler, process_figures

@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .args import bandwidth_from_arg
 from .errors import ConfigError, PolicyError
 from .model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, make_stats, wire_bytes
 from .pages import merge_pages
@@ -650,7 +651,6 @@ def cmd_predict(args) -> int:
 
     from rich.console import Console
 
-    from transport import parse_rate
 
     measured = None
     if args.compare_report:
@@ -663,12 +663,7 @@ def cmd_predict(args) -> int:
             raise ConfigError("--compare-report", f"{args.compare_report} is not JSON: {err}") from None
         if not isinstance(measured, dict) or "rounds" not in measured:
             raise ConfigError("--compare-report", f"{args.compare_report} is not a vmem migration report")
-    bandwidth = None
-    if args.bandwidth:
-        try:
-            bandwidth = parse_rate(args.bandwidth)
-        except ValueError as err:
-            raise ConfigError("--bandwidth", str(err)) from None
+    bandwidth = bandwidth_from_arg(args.bandwidth)
     policy = _policy_from_args(args, measured)
     params = {"rule": args.rule, "throttle_model": args.throttle_model, "loop": not args.no_loop}
     for _flag, dest, _t, _h in _SIM_FLAGS:
