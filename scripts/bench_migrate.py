@@ -168,20 +168,9 @@ def tlb_shootdowns() -> int:
 
 def private_excl_ram(pid: int) -> int | None:
     """Private_Clean + Private_Dirty of ``pid`` outside the guest-RAM memfd mappings."""
-    total, in_ram = 0, False
-    try:
-        with open(f"/proc/{pid}/smaps", "rb") as f:
-            for line in f:
-                first = line.split(None, 1)[0]
-                if not first.endswith(b":"):
-                    parts = line.split(None, 5)
-                    path = parts[5].decode(errors="replace").strip() if len(parts) > 5 else ""
-                    in_ram = path.startswith(RAM_MAPPING_PREFIX)
-                elif not in_ram and first in (b"Private_Clean:", b"Private_Dirty:"):
-                    total += int(line.split()[1]) * KiB
-    except (OSError, ValueError, IndexError):
-        return None
-    return total
+    from vmem.procstats import private_excl_ram_bytes
+
+    return private_excl_ram_bytes(pid)
 
 
 def foreign_cpu_snapshot() -> dict:

@@ -12,12 +12,13 @@ import os
 
 import psutil
 
-__all__ = ["process_figures", "RAM_MAPPING_PREFIX"]
+__all__ = ["process_figures", "private_excl_ram_bytes", "PeakSampler", "RAM_MAPPING_PREFIX"]
 
 RAM_MAPPING_PREFIX = "/memfd:vmem-ram"
 
 
-def _private_excl_ram(pid: int) -> int | None:
+def private_excl_ram_bytes(pid: int) -> int | None:
+    """Private_Clean + Private_Dirty of ``pid`` outside the guest-RAM memfd mappings (smaps)."""
     total = 0
     in_ram = False
     try:
@@ -59,7 +60,7 @@ def process_figures(pid: int | None = None) -> dict:
             "cpu_s": round(cpu.user + cpu.system, 4),
             "uss_bytes": int(mem.uss),
             "rss_peak_bytes": peak,
-            "private_excl_ram_bytes": _private_excl_ram(pid),
+            "private_excl_ram_bytes": private_excl_ram_bytes(pid),
         }
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return {"cpu_s": None, "uss_bytes": None, "rss_peak_bytes": None, "private_excl_ram_bytes": None}

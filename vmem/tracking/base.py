@@ -9,6 +9,7 @@ writes.
 from __future__ import annotations
 
 import abc
+import time
 
 import numpy as np
 
@@ -37,9 +38,20 @@ class DirtyTracker(abc.ABC):
     def start(self) -> None:
         """Arm tracking for every page: from now on each page counts as clean until written."""
 
-    @abc.abstractmethod
     def collect(self) -> np.ndarray:
-        """Sorted unique int64 page indices written since the last collect; already re-armed."""
+        """Sorted unique int64 page indices written since the last collect; already re-armed.
+
+        Times the mechanism's ``_collect`` into ``collect_s`` and counts collects.
+        """
+        t0 = time.perf_counter()
+        pages = self._collect()
+        self.collect_s = time.perf_counter() - t0
+        self.collects += 1
+        return pages
+
+    @abc.abstractmethod
+    def _collect(self) -> np.ndarray:
+        """The mechanism: written pages since the last collect, re-armed before returning."""
 
     @abc.abstractmethod
     def stop(self) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 
 import numpy as np
 
@@ -54,10 +53,9 @@ class MprotectTracker(DirtyTracker):
             raise TrackerUnavailable("mprotect", f"the guest could not install its SIGSEGV handler ({os.strerror(-res)})")
         self._armed = True
 
-    def collect(self) -> np.ndarray:
+    def _collect(self) -> np.ndarray:
         from guests.control import Command
 
-        t0 = time.perf_counter()
         res = self._guest.command(Command.MPROT_COLLECT)
         if res < 0:
             raise GuestError(f"mprotect collect failed in the guest: {os.strerror(-res)}")
@@ -70,8 +68,6 @@ class MprotectTracker(DirtyTracker):
             pages = pages[pages < self.npages]
         else:
             pages = np.empty(0, dtype=np.int64)
-        self.collect_s = time.perf_counter() - t0
-        self.collects += 1
         return pages
 
     def stop(self) -> None:

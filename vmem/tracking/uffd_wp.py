@@ -14,7 +14,6 @@ page after each re-arm.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
@@ -60,8 +59,7 @@ class UffdWpTracker(DirtyTracker):
         self._nat.uffd_writeprotect(self._uffd, self._base, self._length, True)
         self._armed = True
 
-    def collect(self) -> np.ndarray:
-        t0 = time.perf_counter()
+    def _collect(self) -> np.ndarray:
         nat = self._nat
         regions = nat.pagemap_scan(
             self._pagemap,
@@ -79,8 +77,6 @@ class UffdWpTracker(DirtyTracker):
                 pages = merge_pages(pages, pages[:0])  # overlapping rows from a re-walk (see pagemap_scan)
         else:
             pages = np.empty(0, dtype=np.int64)
-        self.collect_s = time.perf_counter() - t0
-        self.collects += 1
         return pages
 
     def stop(self) -> None:
