@@ -177,6 +177,7 @@ def test_cli_json_report(tmp_path):
     (["-W", "bogus=1"], "bogus"),
     (["--precopy-iterations", "0"], "--precopy-iterations"),
     (["--bandwidth", "fast"], "--bandwidth"),
+    (["--size", "64G"], "available"),
 ])
 def test_cli_rejects_bad_input_before_starting(args, needle):
     proc = subprocess.run([sys.executable, "-m", "vmem", "migrate", "--quiet", *args],

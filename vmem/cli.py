@@ -76,10 +76,14 @@ def cmd_migrate(args) -> int:
     from .display import LiveDisplay, print_summary
     from .local import run_local_migration
     from .migrator import MigrationOptions
-    from .ram import parse_size
+    from .ram import format_bytes, mem_available_bytes, parse_size
 
     # Validate everything before starting a single process.
     size = parse_size(args.size)
+    # Source and destination each hold a full copy of guest RAM on this host.
+    if 2 * size > mem_available_bytes():
+        raise ConfigError("--size", f"{args.size} needs {format_bytes(2 * size)} on this host (source and destination RAM) "
+                                    f"but only {format_bytes(mem_available_bytes())} is available")
     cls = load_workload(args.workload)
     params = parse_params(cls, args.workload_arg)
     policy = policy_from_args(args)

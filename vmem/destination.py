@@ -31,22 +31,11 @@ from .backend import incoming_factory
 from .errors import MigrationError, StreamError, VmemError
 from .pages import PAGE_SIZE, zero_page_digest
 from .procstats import PeakSampler, process_figures
-from .ram import format_bytes
+from .ram import format_bytes, mem_available_bytes
 
 __all__ = ["DestinationMigration", "serve"]
 
 MAX_PAGES_PER_RECORD = 1024
-
-
-def _mem_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
 
 
 class DestinationMigration:
@@ -130,8 +119,8 @@ class DestinationMigration:
         except KeyError:
             raise MigrationError("setup", f"guest backend {backend!r} is not available on this host") from None
         need = npages * PAGE_SIZE
-        if npages <= 0 or need > _mem_available_bytes():
-            raise MigrationError("setup", f"cannot host a guest of {format_bytes(need)}: only {format_bytes(_mem_available_bytes())} "
+        if npages <= 0 or need > mem_available_bytes():
+            raise MigrationError("setup", f"cannot host a guest of {format_bytes(need)}: only {format_bytes(mem_available_bytes())} "
                                           "of memory available on this host (free memory, or migrate a smaller guest)")
         self.guest = factory(spec_json, npages)
         if config.get("verify", True):

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import ConfigError, VmemError
 
-__all__ = ["PAGE_SIZE", "GuestRam", "parse_size", "format_bytes"]
+__all__ = ["PAGE_SIZE", "GuestRam", "parse_size", "format_bytes", "mem_available_bytes"]
 
 PAGE_SIZE = 4096
 
@@ -53,6 +53,18 @@ def parse_size(text: str | int, parameter: str = "--size") -> int:
     if value % PAGE_SIZE:
         raise ConfigError(parameter, f"size must be a multiple of {PAGE_SIZE} bytes, got {text!r}")
     return value
+
+
+def mem_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (a very large number if it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
 
 
 def format_bytes(n: float) -> str:
