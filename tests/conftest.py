@@ -63,3 +63,23 @@ def boot_guest():
     yield boot
     for g in guests:
         g.close()
+
+
+def uffd_wp_missing() -> str:
+    """Why the uffd-wp tracker cannot run on this kernel, or "" if it can (names the feature)."""
+    from vmem.features import probe_features
+
+    features = probe_features()
+    for name in ("userfaultfd", "UFFD_FEATURE_WP_ASYNC", "UFFD_FEATURE_WP_HUGETLBFS_SHMEM", "PAGEMAP_SCAN"):
+        f = features.get(name)
+        if f is None or not f.available:
+            return f"kernel lacks {name}: {f.detail if f else 'not probed'}"
+    return ""
+
+
+def needs_uffd_wp(kind: str) -> None:
+    """Skip (with the reason) a test of the uffd-wp tracker on a kernel without it."""
+    if kind == "uffd-wp":
+        why = uffd_wp_missing()
+        if why:
+            pytest.skip(why)

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import needs_uffd_wp
 from vmem.tracking import MprotectTracker, UffdWpTracker, make_tracker
 
 TRACKERS = ["uffd-wp", "mprotect"]
@@ -18,10 +19,12 @@ TRACKERS = ["uffd-wp", "mprotect"]
 
 @pytest.fixture(params=TRACKERS)
 def kind(request):
+    needs_uffd_wp(request.param)
     return request.param
 
 
 def test_auto_selects_uffd_wp_here(boot_guest):
+    needs_uffd_wp("uffd-wp")
     g = boot_guest("idle")
     t = make_tracker(g, "auto")
     try:
