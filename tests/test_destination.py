@@ -152,3 +152,23 @@ def test_rollback_after_resume_discards_guest(dest):
         assert ctype == wire.ControlType.GUEST_CHECK and stream.decode_json(body)["ok"]
         ch.send_parts(stream.encode_control(wire.ControlType.ROLLBACK))
         assert proc.wait(30) == 1
+
+
+def test_a_failing_page_write_is_reported_not_lost():
+    """The destination's placer thread: a pwrite failure surfaces in the receiving thread."""
+    import os
+
+    from vmem.destination import _Placer
+    from vmem.errors import MigrationError
+
+    r, w = os.pipe()
+    os.close(w)
+    placer = _Placer(r, None)  # pwrite on a pipe's read end fails (EBADF)
+    try:
+        slot = placer.acquire()
+        placer.submit(slot, np.arange(4, dtype=np.int64), 4)
+        with pytest.raises(MigrationError, match="placing pages failed"):
+            placer.flush()
+    finally:
+        placer.stop()
+        os.close(r)

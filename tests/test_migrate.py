@@ -186,3 +186,20 @@ def test_cli_rejects_bad_input_before_starting(args, needle):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr
+
+
+def test_abort_after_throttling_gives_the_source_guest_full_speed_back():
+    """A policy that throttled the guest and then aborts must not leave it throttled."""
+    from vmem.policy import Verdict
+
+    def throttle_then_abort(s):
+        if s.iteration >= 3:
+            return Verdict(Decision.ABORT, "enough")
+        return Verdict(Decision.CONTINUE, "", throttle=0.5)
+
+    with ProcessGuest.boot(GuestSpec("uniform", {"rate": 20000}, 7), 16 << 20) as guest:
+        report = run_local_migration(guest, MigrationOptions(policy=throttle_then_abort, observe_s=0,
+                                                             bandwidth_Bps=50e6))
+        assert report.outcome == "aborted"
+        assert [r.throttle for r in report.rounds][1:] == [0.5, 0.5]
+        assert guest.alive() and guest.throttle == 0.0

@@ -34,7 +34,7 @@ from transport import ChannelBrokenError, TransportError
 from . import stream, wire
 from .errors import GuestCrashed, MigrationError, PolicyError, StreamError, VmemError
 from .pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
-from .policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s
+from .policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s, planning_bandwidth_Bps
 from .procstats import PeakSampler, process_figures
 from .report import MigrationReport, RoundStats
 
@@ -175,9 +175,9 @@ class SourceMigration:
         t_start = time.monotonic()
         before = g.counters()
         sampler = PeakSampler({"migrator_source": os.getpid()})
-        sampler.__enter__()
         try:
-            self._run(t_start)
+            with sampler:
+                self._run(t_start)
         except (VmemError, TransportError, OSError) as err:
             self._fail(err)
         except Exception as err:  # a bug of ours: still keep the promise to the source guest
@@ -189,7 +189,6 @@ class SourceMigration:
             r.total_time_s = round(time.monotonic() - t_start, 6)
             r.pages_sent = sum(x.pages_sent for x in r.rounds)
             r.bytes_sent = self._writer.bytes_written
-            sampler.__exit__(None, None, None)
             r.processes.setdefault("migrator_source", {}).update(process_figures())
             sampler.merge_into(r.processes)
             r.guest["source_before"] = before
@@ -282,7 +281,7 @@ class SourceMigration:
                 dirty_pages=len(dirty), dirty_rate_pps=round(rate_pps, 1), bandwidth_bps=round(bw_Bps * 8, 1),
                 collect_ms=round(self.tracker.collect_s * 1e3, 3), throttle=throttle,
             )
-            est = estimate_downtime_s(len(dirty), self._link_Bps(bw_Bps))
+            est = estimate_downtime_s(len(dirty), planning_bandwidth_Bps(bw_Bps, self.opt.bandwidth_Bps))
             rs.est_downtime_ms = round(est * 1e3, 3) if est != float("inf") else None
             stats = PrecopyStats(
                 iteration=index + 1, total_written=total_written, dirty_count=len(dirty), guest_pages=g.npages,
@@ -427,11 +426,6 @@ class SourceMigration:
                 self.ch.close()
         except (TransportError, OSError, VmemError):
             pass
-
-    def _link_Bps(self, measured_Bps: float) -> float:
-        if self.opt.bandwidth_Bps:
-            return min(measured_Bps, self.opt.bandwidth_Bps) if measured_Bps > 0 else self.opt.bandwidth_Bps
-        return measured_Bps
 
     def _abort(self, reason: str) -> None:
         r = self.report

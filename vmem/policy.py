@@ -197,10 +197,19 @@ def link_bandwidth_Bps(s: PrecopyStats, configured_Bps: float | None = None) -> 
     """
     if configured_Bps is not None:
         return float(configured_Bps)
-    measured = max(float(s.bandwidth_Bps), 0.0)
-    limit = s.bandwidth_limit_Bps
-    if limit:
-        return min(measured, float(limit)) if measured > 0 else float(limit)
+    return planning_bandwidth_Bps(s.bandwidth_Bps, s.bandwidth_limit_Bps)
+
+
+def planning_bandwidth_Bps(measured_Bps: float, limit_Bps: float | None) -> float:
+    """The one rule for "what bandwidth will the next transfer get" (bytes/s, 0.0: unknown).
+
+    The measured figure, capped by a shaped link's limit; when nothing was measured (a round
+    that sent nothing), the limit alone.  Used by the migrator's estimated downtime and by
+    every policy, so both plan with the same number.
+    """
+    measured = max(float(measured_Bps), 0.0)
+    if limit_Bps:
+        return min(measured, float(limit_Bps)) if measured > 0 else float(limit_Bps)
     return measured
 
 
