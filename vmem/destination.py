@@ -41,8 +41,13 @@ MAX_PAGES_PER_RECORD = 1024
 class DestinationMigration:
     """One incoming migration over ``channel``."""
 
-    def __init__(self, channel):
+    def __init__(self, channel, *, keep_guest: bool = False):
+        """``keep_guest``: after a committed migration, leave the guest running and hand it
+        over as :attr:`kept_guest` (a host agent adopts it) instead of stopping it when the
+        source asks for the final report."""
         self.ch = channel
+        self.keep_guest = keep_guest
+        self.kept_guest = None
         self.guest = None
         self.phase = "setup"
         self.digests: np.ndarray | None = None
@@ -198,8 +203,11 @@ class DestinationMigration:
             self._send_control(wire.ControlType.DEST_REPORT, report)
         except (TransportError, OSError):
             pass
-        self.guest.exit()
-        self.guest = None
+        if self.keep_guest:
+            self.kept_guest, self.guest = self.guest, None
+        else:
+            self.guest.exit()
+            self.guest = None
         return 0
 
 
