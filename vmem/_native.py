@@ -66,6 +66,10 @@ __all__ = [
     "digest_range",
     "digest_page_bytes",
     "set_pdeathsig",
+    "place_pages",
+    "continue_runs",
+    "PostcopyFaultEngine",
+    "PostcopyFaultServer",
 ]
 
 PAGE_SIZE: int = int(lib.VMEM_PAGE_SIZE)
@@ -654,6 +658,153 @@ def digest_page_bytes(page: bytes) -> int:
     if len(page) != PAGE_SIZE:
         raise ValueError(f"digest_page_bytes: need {PAGE_SIZE} bytes, got {len(page)}")
     return int(lib.vmem_digest_bytes(ffi.from_buffer(page)))
+
+
+# --- post-copy placement ---------------------------------------------------------------
+def place_pages(ram_fd: int, uffd: int, guest_base: int, buf: np.ndarray, pages: np.ndarray,
+                rows: np.ndarray | None = None) -> int:
+    """Write page ``pages[i]`` from staging row ``rows[i]`` (default ``i``) into the RAM file,
+    then map it into the guest with ``UFFDIO_CONTINUE`` (skipped when ``uffd < 0``).
+
+    Runs of consecutive pages in consecutive rows cost one ``pwrite`` and one ``CONTINUE``,
+    in C.  The guest sees each page complete or not at all (its MINOR|MISSING registration
+    keeps unmapped pages invisible).  Pages already mapped are skipped and their waiters
+    woken.
+
+    Raises:
+        ValueError: shapes do not match.  OSError: pwrite(2) or UFFDIO_CONTINUE failed
+            (earlier runs stay placed).
+    """
+    pages = np.ascontiguousarray(pages, dtype=np.int64)
+    if buf.ndim != 2 or buf.shape[1] != PAGE_SIZE or not buf.flags.c_contiguous:
+        raise ValueError("buf must be a C-contiguous (n, 4096) array")
+    n = len(pages)
+    if n == 0:
+        return 0
+    if rows is None:
+        if len(buf) < n:
+            raise ValueError("buf has fewer rows than pages")
+        rows_ptr = ffi.NULL
+    else:
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if len(rows) != n or (n and (rows.min() < 0 or rows.max() >= len(buf))):
+            raise ValueError("rows must index buf, one per page")
+        rows_ptr = ffi.cast("const int64_t *", rows.ctypes.data)
+    return _check(
+        lib.vmem_place_pages(ram_fd, uffd, guest_base, ffi.cast("const uint8_t *", buf.ctypes.data),
+                             rows_ptr, ffi.cast("const int64_t *", pages.ctypes.data), n),
+        f"placing {n} pages",
+    )
+
+
+def continue_runs(uffd: int, guest_base: int, runs: np.ndarray) -> int:
+    """``UFFDIO_CONTINUE`` every ``[first, end)`` row of ``runs`` (pages already in the page
+    cache); return how many pages were newly mapped.  Already-mapped pages are skipped."""
+    runs = np.ascontiguousarray(runs, dtype=np.int64).reshape(-1, 2)
+    if len(runs) == 0:
+        return 0
+    return _check(lib.vmem_continue_runs(uffd, guest_base, ffi.cast("const int64_t *", runs.ctypes.data), len(runs)),
+                  f"UFFDIO_CONTINUE over {len(runs)} runs")
+
+
+def _ptr(ctype: str, arr: np.ndarray | None):
+    if arr is None:
+        return ffi.NULL
+    if not arr.flags.c_contiguous:
+        raise ValueError("array must be C-contiguous")
+    return ffi.cast(ctype, arr.ctypes.data)
+
+
+class PostcopyFaultEngine:
+    """The destination's demand-fault fast path: one C thread (no GIL) that
+
+    * reads the guest's userfaultfd, maps pages that are already present (CONTINUE for a
+      MINOR fault, ZEROPAGE for a hole) and asks the source for missing ones with a FAULT
+      record on the urgent channel;
+    * reads the source's answers from the urgent channel and places them
+      (claim MISSING -> PLACING, digest, pwrite + CONTINUE, -> PRESENT).
+
+    The arrays are shared with Python and must outlive the engine (it keeps references):
+    ``state``/``requested``/``received`` uint8 per page, ``fault_t0`` int64 per page,
+    ``digests`` uint64 per page or None, ``latencies`` int64 (fault -> placed, ns; filled
+    up to its length).  :meth:`place` is how Python places background pages under the
+    engine's lock.  Stats: see :meth:`stats`.
+    """
+
+    _STATS = ("latencies", "missing", "demand_faults", "fault_events", "local_faults", "pages_demanded",
+              "pages_pushed", "duplicates", "t_complete_ns", "error")
+
+    def __init__(self, uffd: int, urgent_fd: int, ram_fd: int, base: int, npages: int, state: np.ndarray,
+                 requested: np.ndarray, received: np.ndarray, fault_t0: np.ndarray, digests: np.ndarray | None,
+                 latencies: np.ndarray, missing: int):
+        for name, arr, dt in (("state", state, np.uint8), ("requested", requested, np.uint8), ("received", received, np.uint8),
+                              ("fault_t0", fault_t0, np.int64)):
+            if arr.dtype.itemsize != np.dtype(dt).itemsize or len(arr) != npages:
+                raise ValueError(f"{name} must hold {npages} {np.dtype(dt).name}")
+        self._keep = (state, requested, received, fault_t0, digests, latencies)
+        h = lib.vmem_pc_dest_new(uffd, urgent_fd, ram_fd, base, npages, _ptr("uint8_t *", state),
+                                 _ptr("uint8_t *", requested), _ptr("uint8_t *", received), _ptr("int64_t *", fault_t0),
+                                 _ptr("uint64_t *", digests), _ptr("int64_t *", latencies), len(latencies), missing)
+        if h == ffi.NULL:
+            raise MemoryError("vmem_pc_dest_new failed")
+        self._h = h
+        self._out = ffi.new("int64_t[10]")
+
+    def start(self) -> None:
+        _check(lib.vmem_pc_dest_start(self._h), "starting the post-copy fault thread")
+
+    def stop(self) -> None:
+        if self._h is not None:
+            lib.vmem_pc_dest_stop(self._h)
+
+    def close(self) -> None:
+        if self._h is not None:
+            lib.vmem_pc_dest_free(self._h)
+            self._h = None
+
+    def place(self, staging: np.ndarray, pfns: np.ndarray, digest_tmp: np.ndarray) -> int:
+        """Place the batch in ``staging[:len(pfns)]`` (pages not MISSING are skipped)."""
+        pfns = np.ascontiguousarray(pfns, dtype=np.int64)
+        return _check(lib.vmem_pc_dest_place(self._h, _ptr("const uint8_t *", staging), _ptr("const int64_t *", pfns),
+                                             len(pfns), _ptr("uint64_t *", digest_tmp)), f"placing {len(pfns)} post-copy pages")
+
+    def stats(self) -> dict:
+        lib.vmem_pc_dest_stats(self._h, self._out)
+        return {k: int(self._out[i]) for i, k in enumerate(self._STATS)}
+
+
+class PostcopyFaultServer:
+    """The source's demand-fault fast path: one C thread that answers FAULT records from the
+    urgent channel with the pages straight from ``ram`` (writev, no copy), marks them in
+    ``sent`` (uint8 per page) and writes the newest fault's pfn to ``cursor[0]`` (and bumps
+    ``cursor[1]``) for the background push's pre-paging."""
+
+    def __init__(self, urgent_fd: int, ram: np.ndarray, sent: np.ndarray, cursor: np.ndarray):
+        if ram.ndim != 2 or ram.shape[1] != PAGE_SIZE or len(sent) != len(ram) or sent.dtype.itemsize != 1:
+            raise ValueError("ram must be (npages, 4096) and sent one byte per page")
+        self._keep = (ram, sent, cursor)
+        h = lib.vmem_pc_src_new(urgent_fd, _ptr("const uint8_t *", ram), len(ram), _ptr("uint8_t *", sent),
+                                _ptr("int64_t *", cursor))
+        if h == ffi.NULL:
+            raise MemoryError("vmem_pc_src_new failed")
+        self._h = h
+        self._out = ffi.new("int64_t[3]")
+
+    def start(self) -> None:
+        _check(lib.vmem_pc_src_start(self._h), "starting the post-copy fault server")
+
+    def stop(self) -> None:
+        if self._h is not None:
+            lib.vmem_pc_src_stop(self._h)
+
+    def close(self) -> None:
+        if self._h is not None:
+            lib.vmem_pc_src_free(self._h)
+            self._h = None
+
+    def stats(self) -> dict:
+        lib.vmem_pc_src_stats(self._h, self._out)
+        return {"fault_records": int(self._out[0]), "pages_sent": int(self._out[1]), "error": int(self._out[2])}
 
 
 # --- process ---------------------------------------------------------------------------

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from .errors import ConfigError
 
-__all__ = ["add_guest_arguments", "bandwidth_from_arg"]
+__all__ = ["add_guest_arguments", "add_migration_arguments", "add_policy_arguments", "bandwidth_from_arg",
+           "migration_argument_dests", "options_from_args", "policy_from_args"]
 
 
 def add_guest_arguments(parser, *, title: str = "guest", default_size: str = "1G",
-                        warmup_help: str = "seconds the guest runs before the migration starts") -> None:
-    """``--workload --size -W --seed --warmup``: what guest to boot."""
+                        warmup_help: str = "seconds the guest runs before the migration starts", warmup: bool = True) -> None:
+    """``--workload --size -W --seed`` (and ``--warmup`` unless ``warmup=False``): what guest to boot."""
     g = parser.add_argument_group(title)
     g.add_argument("--workload", default="hotcold",
                    help="built-in workload (idle, uniform, hotcold, zipf, sweep, phased) or module:Class (default hotcold)")
@@ -16,7 +17,8 @@ def add_guest_arguments(parser, *, title: str = "guest", default_size: str = "1G
     g.add_argument("-W", "--workload-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="workload parameter, repeatable (e.g. -W rate=5000 -W hot_pages=0.1)")
     g.add_argument("--seed", type=int, default=1, help="workload RNG seed (default 1)")
-    g.add_argument("--warmup", type=float, default=0.5, metavar="S", help=warmup_help)
+    if warmup:
+        g.add_argument("--warmup", type=float, default=0.5, metavar="S", help=warmup_help)
 
 
 def bandwidth_from_arg(text: str | None, flag: str = "--bandwidth") -> float | None:
@@ -33,3 +35,81 @@ def bandwidth_from_arg(text: str | None, flag: str = "--bandwidth") -> float | N
         return parse_rate(text)
     except ValueError as err:
         raise ConfigError(flag, str(err)) from None
+
+
+def add_migration_arguments(parser) -> None:
+    """Every flag that shapes a migration: ``--tracker --bandwidth --no-verify --no-guest-check
+    --observe``, ``--policy`` and each policy's flags.
+
+    The one definition shared by ``vmem migrate --workload ...`` (one host) and ``vmem migrate
+    NAME HOST:PORT`` (through an agent, which rebuilds the options with
+    :func:`options_from_args` from the same values): a flag added here works in both.  Every
+    flag must be JSON-serialisable as parsed (the agent form sends them over a socket).
+    """
+    m = parser.add_argument_group("migration")
+    m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracking mechanism")
+    m.add_argument("--bandwidth", metavar="RATE", help="cap the link, e.g. 100M (bytes/s), 1Gbit, 50MiB")
+    m.add_argument("--no-verify", action="store_true", help="skip the RAM digest comparison")
+    m.add_argument("--no-guest-check", action="store_true", help="skip the destination guest's own ledger check")
+    m.add_argument("--observe", type=float, default=1.0, metavar="S", help="let the destination guest run S seconds after commit")
+    add_policy_arguments(parser)
+
+
+def migration_argument_dests() -> list[str]:
+    """The ``dest`` of every flag :func:`add_migration_arguments` defines (what an agent needs)."""
+    import argparse
+
+    probe = argparse.ArgumentParser(add_help=False)
+    add_migration_arguments(probe)
+    return [a.dest for a in probe._actions]
+
+
+def options_from_args(args):
+    """The :class:`vmem.migrator.MigrationOptions` that the flags of :func:`add_migration_arguments` ask for.
+
+    ``args`` is any object with those attributes (an argparse Namespace, or one rebuilt from
+    JSON by an agent).
+
+    Raises:
+        ConfigError: naming the flag, for a malformed or inconsistent value.
+    """
+    from .migrator import MigrationOptions
+
+    return MigrationOptions(tracker=args.tracker, policy=policy_from_args(args), verify=not args.no_verify,
+                            guest_check=not args.no_guest_check, observe_s=args.observe,
+                            bandwidth_Bps=bandwidth_from_arg(args.bandwidth))
+
+
+def add_policy_arguments(p) -> None:
+    """``--policy`` and every policy's flags, built from vmem.policy.POLICY_OPTIONS.
+
+    Each flag defaults to None ("not given"): the policy applies its own default, and a
+    flag given for a policy that does not take it is an error naming it.
+    """
+    from .policy import OPTION_CHOICES, POLICIES, POLICY_SUMMARIES, policy_flags
+
+    g = p.add_argument_group("precopy policy", "see docs/policies.md; each flag belongs to the policies named in its help")
+    g.add_argument("--policy", default="xen", choices=list(POLICIES),
+                   help="; ".join(f"{name}: {POLICY_SUMMARIES.get(name, '')}" for name in POLICIES))
+    for opt, owners in policy_flags():
+        helptext = f"{opt.help} [{', '.join(owners)}]"
+        if opt.type is bool:
+            action = "store_true" if not opt.default else "store_false"
+            g.add_argument(opt.flag, dest=opt.dest, action=action, default=None, help=helptext)
+        else:
+            metavar = {int: "N", float: "NUM"}.get(opt.type, "RATE" if opt.dest.endswith("_Bps") else None)
+            g.add_argument(opt.flag, dest=opt.dest, default=None, metavar=metavar,
+                           choices=OPTION_CHOICES.get(opt.dest), help=helptext)
+
+
+def policy_from_args(args):
+    """Build the policy named by ``--policy`` from the parsed flags (ConfigError if inconsistent)."""
+    from .policy import make_policy, policy_flags
+
+    options = {opt.dest: getattr(args, opt.dest, None) for opt, _ in policy_flags()}
+    # Post-copy is not implemented yet: refuse before anything starts rather than fail later.
+    if options.get("allow_postcopy"):
+        raise ConfigError("--allow-postcopy", "post-copy migration is not available in this version of vmem")
+    if options.get("timeout_action") == "postcopy":
+        raise ConfigError("--timeout-action", "postcopy is not available in this version of vmem; use suspend or abort")
+    return make_policy(args.policy, **options)

@@ -4,6 +4,7 @@
     vmem doctor                                       which kernel features this machine offers
     vmem profile / predict                            working-set profiling; trace-driven prediction
     vmem compare / graph                              policies side by side; graphs and an HTML report
+    vmem agent / create / list / destroy / save / restore / migrate NAME HOST:PORT   host agents (docs/agent.md)
 """
 from __future__ import annotations
 
@@ -11,71 +12,40 @@ import argparse
 import sys
 import time
 
-from .args import add_guest_arguments, bandwidth_from_arg
+from .args import add_guest_arguments, add_migration_arguments, add_policy_arguments, options_from_args, policy_from_args  # noqa: F401 (re-exported)
 from .errors import ConfigError, VmemError
 
 __all__ = ["main"]
 
 
 def _add_migrate(sub) -> None:
-    p = sub.add_parser("migrate", help="live-migrate a guest to a new process on this host",
-                       description="Boot a guest running a workload, live-migrate it to a new process on this host, verify it, and report.")
+    p = sub.add_parser("migrate", help="live-migrate a guest: to a new process on this host, or (with an agent) NAME to HOST:PORT",
+                       description="Without NAME: boot a guest running a workload, live-migrate it to a new process on this host, "
+                                   "verify it, and report.  With NAME HOST:PORT: ask the local agent (vmem agent) to live-migrate "
+                                   "its guest NAME to the agent listening at HOST:PORT, with the same flags, display and report.")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a guest of the local agent (vmem list); needs HOST:PORT")
+    p.add_argument("target", nargs="?", metavar="HOST:PORT", help="the destination agent's --listen address")
     add_guest_arguments(p)
-    m = p.add_argument_group("migration")
-    m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracking mechanism")
-    m.add_argument("--bandwidth", metavar="RATE", help="cap the link, e.g. 100M (bytes/s), 1Gbit, 50MiB")
-    m.add_argument("--no-verify", action="store_true", help="skip the RAM digest comparison")
-    m.add_argument("--no-guest-check", action="store_true", help="skip the destination guest's own ledger check")
-    m.add_argument("--observe", type=float, default=1.0, metavar="S", help="let the destination guest run S seconds after commit")
-    add_policy_arguments(p)
+    add_migration_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the full report (docs/report.md) to FILE")
     o.add_argument("--quiet", action="store_true", help="no live display, summary only")
+    from .agent.cli import add_agent_address_arguments
 
-
-def add_policy_arguments(p) -> None:
-    """``--policy`` and every policy's flags, built from vmem.policy.POLICY_OPTIONS.
-
-    Each flag defaults to None ("not given"): the policy applies its own default, and a
-    flag given for a policy that does not take it is an error naming it.
-    """
-    from .policy import OPTION_CHOICES, POLICIES, POLICY_SUMMARIES, policy_flags
-
-    g = p.add_argument_group("precopy policy", "see docs/policies.md; each flag belongs to the policies named in its help")
-    g.add_argument("--policy", default="xen", choices=list(POLICIES),
-                   help="; ".join(f"{name}: {POLICY_SUMMARIES.get(name, '')}" for name in POLICIES))
-    for opt, owners in policy_flags():
-        helptext = f"{opt.help} [{', '.join(owners)}]"
-        if opt.type is bool:
-            action = "store_true" if not opt.default else "store_false"
-            g.add_argument(opt.flag, dest=opt.dest, action=action, default=None, help=helptext)
-        else:
-            metavar = {int: "N", float: "NUM"}.get(opt.type, "RATE" if opt.dest.endswith("_Bps") else None)
-            g.add_argument(opt.flag, dest=opt.dest, default=None, metavar=metavar,
-                           choices=OPTION_CHOICES.get(opt.dest), help=helptext)
-
-
-def policy_from_args(args):
-    """Build the policy named by ``--policy`` from the parsed flags (ConfigError if inconsistent)."""
-    from .policy import make_policy, policy_flags
-
-    options = {opt.dest: getattr(args, opt.dest, None) for opt, _ in policy_flags()}
-    # Post-copy is not implemented yet: refuse before anything starts rather than fail later.
-    if options.get("allow_postcopy"):
-        raise ConfigError("--allow-postcopy", "post-copy migration is not available in this version of vmem")
-    if options.get("timeout_action") == "postcopy":
-        raise ConfigError("--timeout-action", "postcopy is not available in this version of vmem; use suspend or abort")
-    return make_policy(args.policy, **options)
+    add_agent_address_arguments(p)
 
 
 def cmd_migrate(args) -> int:
+    if args.name is not None or args.target is not None:
+        from .agent.cli import cmd_migrate_via_agent
+
+        return cmd_migrate_via_agent(args)
     from rich.console import Console
 
     from guests.launch import GuestSpec, ProcessGuest
     from guests.workload import load_workload, parse_params
     from .display import LiveDisplay, print_summary
     from .local import run_local_migration
-    from .migrator import MigrationOptions
     from .ram import format_bytes, mem_available_bytes, parse_size
 
     # Validate everything before starting a single process.
@@ -86,10 +56,7 @@ def cmd_migrate(args) -> int:
                                     f"but only {format_bytes(mem_available_bytes())} is available")
     cls = load_workload(args.workload)
     params = parse_params(cls, args.workload_arg)
-    policy = policy_from_args(args)
-    bandwidth = bandwidth_from_arg(args.bandwidth)
-    options = MigrationOptions(tracker=args.tracker, policy=policy, verify=not args.no_verify,
-                               guest_check=not args.no_guest_check, observe_s=args.observe, bandwidth_Bps=bandwidth)
+    options = options_from_args(args)
     console = Console(stderr=True)
     spec = GuestSpec(args.workload, params, args.seed)
     console.print(f"booting a {args.size} guest running [bold]{args.workload}[/bold] {params or ''}…")
@@ -148,6 +115,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_migrate(sub)
     sub.add_parser("doctor", help="report the kernel features vmem can use here")
+    from .agent.cli import add_agent_commands
+
+    add_agent_commands(sub)
     for name, (module, adder, helptext, description) in _LAZY_COMMANDS.items():
         sp = sub.add_parser(name, help=helptext, description=description)
         if name == command:
@@ -164,6 +134,10 @@ def main(argv=None) -> int:
             return cmd_migrate(args)
         if args.command == "doctor":
             return cmd_doctor(args)
+        from .agent.cli import AGENT_COMMANDS, run_agent_command
+
+        if args.command in AGENT_COMMANDS:
+            return run_agent_command(args)
         if args.command in _LAZY_RUNNERS:
             import importlib
 

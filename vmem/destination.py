@@ -20,6 +20,7 @@ import argparse
 import os
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -30,23 +31,30 @@ from . import stream, wire
 from .backend import incoming_factory
 from .errors import MigrationError, StreamError, VmemError
 from .pages import PAGE_SIZE, zero_page_digest
+from .postcopy.destination import PostcopyDestination, postcopy_unavailable_reason
+from .postcopy.records import decode_pfn_list
 from .procstats import PeakSampler, process_figures
 from .ram import format_bytes, mem_available_bytes
 
 __all__ = ["DestinationMigration", "serve"]
 
 MAX_PAGES_PER_RECORD = 1024
+#: After the source's COMPLETE, how long demand answers still in flight may take.
+POSTCOPY_COMPLETE_TIMEOUT_S = 60.0
 
 
 class DestinationMigration:
     """One incoming migration over ``channel``."""
 
-    def __init__(self, channel, *, keep_guest: bool = False):
+    def __init__(self, channel, *, keep_guest: bool = False, urgent_channel=None):
         """``keep_guest``: after a committed migration, leave the guest running and hand it
         over as :attr:`kept_guest` (a host agent adopts it) instead of stopping it when the
         source asks for the final report."""
         self.ch = channel
+        self.urgent = urgent_channel
         self.keep_guest = keep_guest
+        self.postcopy = None  # PostcopyDestination once post-copy is armed
+        self._send_lock = threading.Lock()  # the fault thread sends on the back channel too
         self.kept_guest = None
         self.guest = None
         self.phase = "setup"
@@ -61,7 +69,8 @@ class DestinationMigration:
             parts = stream.encode_json_control(ctype, obj)
         else:
             parts = stream.encode_control(ctype)
-        self.ch.send_parts(parts)
+        with self._send_lock:
+            self.ch.send_parts(parts)
 
     # --- page placement ----------------------------------------------------------------
     def _place(self, pfns: np.ndarray, nbytes: int) -> None:
@@ -83,6 +92,75 @@ class DestinationMigration:
         self._placer.submit(slot, pfns.astype(np.int64, copy=False), n)
         self.pages_received += n
 
+    # --- post-copy -------------------------------------------------------------------------
+    def _arm_postcopy(self) -> dict:
+        """Take the guest's uffd and trap its accesses to unmapped pages (MISSING|MINOR).
+
+        Done before any page arrives, so a switch later costs no registration.  Returns what
+        READY tells the source: whether post-copy can run here, and if not, why.
+        """
+        reason = postcopy_unavailable_reason(self.guest)
+        if reason is None:
+            try:
+                pc = PostcopyDestination(self.guest, self.digests, self.received, self._send_control)
+                pc.arm()
+                self.postcopy = pc
+            except (VmemError, OSError) as err:
+                reason = f"cannot arm post-copy: {err}"
+        return {"postcopy": reason is None, "postcopy_unavailable": reason}
+
+    def _postcopy_switch(self, context: bytes):
+        """TRANSITION: mark the pages still to come, resume the guest at once.
+
+        Returns the thread that waits for the guest's first step and sends RESUMED: the
+        main thread must go on reading the stream meanwhile (the first step may need pages
+        that are in it).
+        """
+        self._placer.flush()  # pre-copied pages are in RAM before any is mapped
+        self._placer.postcopy = self.postcopy
+        t_end = time.monotonic_ns()
+        self.postcopy.switch(self.urgent)
+        t0 = time.monotonic_ns()
+        self.guest.resume(context)
+        self.postcopy.start_mapper()
+        self._resumed_error = None
+        self._resumed_counters = None
+
+        def report_first_step():
+            try:
+                first = self.guest.wait_first_step(timeout_s=120.0)
+                self._resumed_counters = self.guest.counters()
+                self._send_control(wire.ControlType.RESUMED, {
+                    "first_step_ns": first, "running_at_ns": self._resumed_counters["resumed_at_ns"], "restore_ms": round((first - t0) / 1e6, 3),
+                    "end_to_resume_ms": round((t0 - t_end) / 1e6, 3), "pages_received": self.pages_received,
+                    "postcopy": True,
+                })
+            except BaseException as err:  # re-raised by the main thread
+                self._resumed_error = err
+
+        t = threading.Thread(target=report_first_step, name="vmem-pc-resumed", daemon=True)
+        t.start()
+        self._postcopy_resume_counters = (time.monotonic_ns(), self.guest.counters())
+        return t
+
+    def _postcopy_complete(self) -> None:
+        """COMPLETE: wait until every page is present, disarm, report the statistics."""
+        pc = self.postcopy
+        self._placer.flush()
+        if not pc.wait_complete(POSTCOPY_COMPLETE_TIMEOUT_S):
+            missing = pc.missing_pages()
+            raise MigrationError("postcopy", f"{len(missing)} pages never arrived after COMPLETE (first: {missing[:10].tolist()})")
+        stats = pc.finish()
+        self._placer.postcopy = None
+        t_done = time.monotonic_ns()
+        at_done = self.guest.counters()
+        t_res, at_res = self._postcopy_resume_counters
+        during_s = (t_done - t_res) / 1e9
+        stats["guest_steps_during"] = at_done["steps"] - at_res["steps"]
+        stats["during_s"] = round(during_s, 6)
+        self._postcopy_done_counters = (t_done, at_done)
+        self._send_control(wire.ControlType.POSTCOPY_STATUS, stats)
+
     # --- the migration -------------------------------------------------------------------
     def run(self) -> int:
         """Serve the migration; returns a process exit status (0 = committed)."""
@@ -94,9 +172,13 @@ class DestinationMigration:
             self._report_error(err)
             return 1
         finally:
+            if self.postcopy is not None:
+                self.postcopy.stop()
             if self._placer is not None:
                 self._placer.stop()
             if self.guest is not None:
+                # Kill the guest before its uffd closes: closing it would let a guest blocked
+                # on a missing page run on a zero page.  (ProcessGuest.close kills first.)
                 self.guest.close()
                 self.guest = None
 
@@ -130,14 +212,20 @@ class DestinationMigration:
         self.guest = factory(spec_json, npages)
         if config.get("verify", True):
             self.digests = np.full(npages, zero_page_digest(), dtype=np.uint64)
-        self._placer = _Placer(self.guest.ram.fd, self.digests)
-        self._send_control(wire.ControlType.READY, {"guest_pid": self.guest.pid})
+        self.received = np.zeros(npages, dtype=bool)
+        self._placer = _Placer(self.guest.ram.fd, self.digests, self.received)
+        ready = {"guest_pid": self.guest.pid}
+        if config.get("postcopy"):
+            ready.update(self._arm_postcopy())
+        self._send_control(wire.ControlType.READY, ready)
 
         self.phase = "receive"
         reader = stream.StreamReader(self.ch.recv_exact, self.ch.recv_into, max_pfn=npages - 1,
                                      truncation_errors=(ChannelBrokenError,))
         reader.read_begin()
         context = None
+        resumed_thread = None
+        PC = wire.PostcopyRecordType
         while True:
             rec = reader.next_record()
             if isinstance(rec, stream.PageData):
@@ -145,22 +233,46 @@ class DestinationMigration:
             elif rec.type is wire.LibxlRecordType.END:
                 break
             elif rec.type is wire.LibxlRecordType.EMULATOR_CONTEXT:
-                context = stream.parse_emulator_record(rec).data
-            # Other records (libxc END, optional records) need no action here.
+                if context is None:
+                    context = stream.parse_emulator_record(rec).data
+            elif rec.type is PC.BEGIN:
+                if self.postcopy is None:
+                    raise MigrationError("postcopy", "the source switched to post-copy, which this destination did not arm")
+                self.phase = "postcopy"
+            elif rec.type is PC.PFNS:
+                if self.phase != "postcopy":
+                    raise StreamError("post-copy PFNS without BEGIN", rec.offset)
+                self.postcopy.mark_pending(decode_pfn_list(rec.body, npages, "PFNS", rec.offset))
+            elif rec.type is PC.TRANSITION:
+                if self.phase != "postcopy":
+                    raise StreamError("post-copy TRANSITION without BEGIN", rec.offset)
+                context = bytes(rec.body)
+                resumed_thread = self._postcopy_switch(context)
+            elif rec.type is PC.COMPLETE:
+                self._postcopy_complete()
+            # Other records (libxc END, HVM state, optional records) need no action here.
+        if resumed_thread is None and self.postcopy is not None:
+            self.postcopy.disarm()  # pre-copy only: the kernel maps pages by itself again
         self._placer.flush()  # every page is in RAM (and digested) before the guest runs
         if context is None:
             raise StreamError("stream ended without an EMULATOR_CONTEXT record (no guest context)")
 
-        t_end = time.monotonic_ns()
-        self.phase = "resume"
-        t0 = time.monotonic_ns()
-        self.guest.resume(context)
-        first = self.guest.wait_first_step()
-        self._send_control(wire.ControlType.RESUMED, {
-            "first_step_ns": first, "restore_ms": round((first - t0) / 1e6, 3),
-            "end_to_resume_ms": round((t0 - t_end) / 1e6, 3), "pages_received": self.pages_received,
-        })
-        resumed = self.guest.counters()
+        if resumed_thread is None:
+            t_end = time.monotonic_ns()
+            self.phase = "resume"
+            t0 = time.monotonic_ns()
+            self.guest.resume(context)
+            first = self.guest.wait_first_step()
+            self._send_control(wire.ControlType.RESUMED, {
+                "first_step_ns": first, "running_at_ns": self.guest.counters()["resumed_at_ns"], "restore_ms": round((first - t0) / 1e6, 3),
+                "end_to_resume_ms": round((t0 - t_end) / 1e6, 3), "pages_received": self.pages_received,
+            })
+            resumed = self.guest.counters()
+        else:
+            resumed_thread.join()
+            if self._resumed_error is not None:
+                raise self._resumed_error
+            resumed = self._resumed_counters
 
         self.phase = "verify"
         if self.digests is not None:
@@ -198,11 +310,19 @@ class DestinationMigration:
             },
             "processes": {"migrator_destination": process_figures(), "destination_guest": process_figures(self.guest.pid)},
         }
+        done = getattr(self, "_postcopy_done_counters", None)
+        if done is not None:
+            # Guest progress after the last page arrived, for the report's guest_rate.after.
+            t_done, at_done = done
+            report["postcopy_after"] = {"steps": after["steps"] - at_done["steps"],
+                                        "seconds": round((time.monotonic_ns() - t_done) / 1e9, 6)}
         self.sampler.merge_into(report["processes"])
         try:
             self._send_control(wire.ControlType.DEST_REPORT, report)
         except (TransportError, OSError):
             pass
+        if self.postcopy is not None:
+            self.postcopy = None  # finished: the uffd stays with the guest object
         if self.keep_guest:
             self.kept_guest, self.guest = self.guest, None
         else:
@@ -228,12 +348,15 @@ class _Placer:
     the next acquire or flush).
     """
 
-    def __init__(self, ram_fd: int, digests: np.ndarray | None, nslots: int = 2):
+    def __init__(self, ram_fd: int, digests: np.ndarray | None, received: np.ndarray | None = None, nslots: int = 2):
         import queue
         import threading
 
         self._fd = ram_fd
         self._digests = digests
+        self._received = received
+        #: set at the post-copy switch: batches then go through its claim-and-map placement
+        self.postcopy = None
         self._free: "queue.Queue[_Slot]" = queue.Queue()
         for _ in range(nslots):
             self._free.put(_Slot())
@@ -252,7 +375,11 @@ class _Placer:
                 return
             slot, pages, n = item
             try:
-                if self._error is None:
+                if self._error is None and self.postcopy is not None:
+                    self.postcopy.place(slot.staging, pages, slot.digest_tmp)
+                elif self._error is None:
+                    if self._received is not None:
+                        self._received[pages] = True
                     if self._digests is not None:
                         tmp = slot.digest_tmp[:n]
                         nat.digest_range(slot.address, 0, n, tmp)
@@ -288,14 +415,19 @@ class _Placer:
             self._thread.join(10)
 
 
-def serve(channel) -> int:
-    """Serve one incoming migration on ``channel``; returns the exit status."""
-    return DestinationMigration(channel).run()
+def serve(channel, urgent_channel=None) -> int:
+    """Serve one incoming migration on ``channel``; returns the exit status.
+
+    ``urgent_channel``: optional second connection on which the source sends post-copy
+    demand pages ahead of its background push.
+    """
+    return DestinationMigration(channel, urgent_channel=urgent_channel).run()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vmem.destination")
     p.add_argument("--fd", type=int, required=True, help="connected stream socket to the source")
+    p.add_argument("--urgent-fd", type=int, default=-1, help="second socket: post-copy demand pages")
     args = p.parse_args(argv)
     try:
         from . import _native as nat
@@ -304,12 +436,14 @@ def main(argv=None) -> int:
         nat.set_pdeathsig(signal.SIGKILL)
     except Exception:
         pass
-    sock = socket.socket(fileno=args.fd)
-    ch = SocketChannel(sock)
+    ch = SocketChannel(socket.socket(fileno=args.fd))
+    urgent = SocketChannel(socket.socket(fileno=args.urgent_fd)) if args.urgent_fd >= 0 else None
     try:
-        return serve(ch)
+        return serve(ch, urgent)
     finally:
         ch.close()
+        if urgent is not None:
+            urgent.close()
 
 
 if __name__ == "__main__":

@@ -20,15 +20,17 @@ __all__ = ["run_local_migration", "spawn_destination"]
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def spawn_destination(sock_fd: int) -> subprocess.Popen:
-    """Start ``python -m vmem.destination`` on an inherited socket fd."""
+def spawn_destination(sock_fd: int, urgent_fd: int = -1) -> subprocess.Popen:
+    """Start ``python -m vmem.destination`` on an inherited socket fd (and the urgent one)."""
     env = dict(os.environ)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
     env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.Popen(
-        [sys.executable, "-m", "vmem.destination", "--fd", str(sock_fd)],
-        pass_fds=(sock_fd,), env=env, stdin=subprocess.DEVNULL,
-    )
+    argv = [sys.executable, "-m", "vmem.destination", "--fd", str(sock_fd)]
+    fds = (sock_fd,)
+    if urgent_fd >= 0:
+        argv += ["--urgent-fd", str(urgent_fd)]
+        fds = (sock_fd, urgent_fd)
+    return subprocess.Popen(argv, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
 
 
 def run_local_migration(guest, options: MigrationOptions | None = None, progress=None) -> MigrationReport:
@@ -41,15 +43,23 @@ def run_local_migration(guest, options: MigrationOptions | None = None, progress
     """
     options = options or MigrationOptions()
     src_ch, dst_ch = channel_pair()
+    # Post-copy demand pages get their own connection, so an answer to a fault never
+    # queues behind megabytes of background push (QEMU's postcopy-preempt channel).
+    urgent = channel_pair() if options.postcopy != "off" else None
     dest = None
     try:
-        dest = spawn_destination(dst_ch.fileno())
+        dest = spawn_destination(dst_ch.fileno(), urgent[1].fileno() if urgent else -1)
         dst_ch.close()
+        if urgent:
+            urgent[1].close()
         channel = ShapedChannel(src_ch, options.bandwidth_Bps) if options.bandwidth_Bps else src_ch
-        report = migrate(guest, channel, options, progress)
+        report = migrate(guest, channel, options, progress, urgent[0] if urgent else None)
     finally:
         src_ch.close()
         dst_ch.close()
+        if urgent:
+            urgent[0].close()
+            urgent[1].close()
         if dest is not None:
             try:
                 dest.wait(30)

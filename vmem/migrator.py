@@ -24,6 +24,7 @@ one ``np.take`` into a staging buffer.  No per-page Python anywhere.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -41,6 +42,12 @@ from .report import MigrationReport, RoundStats
 __all__ = ["MigrationOptions", "SourceMigration", "migrate"]
 
 MAX_PAGES_PER_RECORD = 1024
+POSTCOPY_MODES = ("off", "allow", "after-precopy", "pure")
+#: Pure post-copy measures the guest's progress rate over this window before pausing it.
+RATE_WINDOW_S = 0.5
+#: After TRANSITION, hold the background push until the destination guest ran its first
+#: step (RESUMED), at most this long.
+RESUMED_WAIT_S = 0.05
 #: Rounds after which we stop-and-copy whatever a policy says (a policy bug must not loop forever).
 SAFETY_MAX_ROUNDS = 1000
 #: Before pausing, wait until no more than this is queued unread at the destination...
@@ -60,6 +67,10 @@ class MigrationOptions:
         guest_check: have the destination guest check its RAM against its ledger before commit.
         observe_s: after commit, let the destination guest run this long and report its progress.
         ack_timeout_s: how long to wait for the destination at each handshake.
+        bandwidth_Bps: cap on the link (bytes/s), None for none.
+        postcopy: "off" (a policy's POSTCOPY is an error), "allow" (switch when the policy
+            says POSTCOPY), "after-precopy" (hybrid: where pre-copy would stop-and-copy,
+            switch to post-copy instead), "pure" (no pre-copy round: pause, switch, pull).
     """
 
     tracker: str = "auto"
@@ -69,7 +80,12 @@ class MigrationOptions:
     observe_s: float = 1.0
     ack_timeout_s: float = 120.0
     bandwidth_Bps: float | None = None
+    postcopy: str = "off"
     extra_config: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.postcopy not in POSTCOPY_MODES:
+            raise ValueError(f"postcopy must be one of {', '.join(POSTCOPY_MODES)}, not {self.postcopy!r}")
 
 
 class _Progress:
@@ -92,7 +108,7 @@ class SourceMigration:
         progress: an object with the ``_Progress`` methods, for a live display.
     """
 
-    def __init__(self, guest, channel, options: MigrationOptions | None = None, progress=None):
+    def __init__(self, guest, channel, options: MigrationOptions | None = None, progress=None, urgent_channel=None):
         self.guest = guest
         self.ch = channel
         self.opt = options or MigrationOptions()
@@ -107,6 +123,11 @@ class SourceMigration:
         self._ctl_reader = stream.ControlReader(self._recv_bytearray)
         self._writer = stream.StreamWriter(self.ch.send_parts)
         self._staging = np.empty((MAX_PAGES_PER_RECORD, PAGE_SIZE), dtype=np.uint8)
+        self.urgent = urgent_channel
+        self._send_lock = threading.Lock()
+        self._pc = None  # PostcopySource while post-copy runs: it owns the back channel
+        self._switched = False  # True once the destination guest may run (post-copy)
+        self._rate_mark = None  # (monotonic ns, guest steps) where guest_rate.before starts
 
     # --- helpers -----------------------------------------------------------------------
     def _recv_bytearray(self, n: int) -> bytearray:
@@ -124,9 +145,12 @@ class SourceMigration:
 
     def _read_control(self, timeout_s: float, expect: set):
         """Read the next control record, within ``timeout_s``; ERROR becomes MigrationError."""
-        if not self.ch.wait_readable(timeout_s):
-            raise MigrationError(self.report.phase, f"destination sent nothing for {timeout_s:.0f} s")
-        ctype, body = self._ctl_reader.read()
+        if self._pc is not None:
+            ctype, body = self._pc.next_control(timeout_s)  # its thread reads the channel
+        else:
+            if not self.ch.wait_readable(timeout_s):
+                raise MigrationError(self.report.phase, f"destination sent nothing for {timeout_s:.0f} s")
+            ctype, body = self._ctl_reader.read()
         if ctype == wire.ControlType.ERROR:
             err = stream.decode_json(body)
             raise MigrationError(err.get("phase", self.report.phase), f"destination: {err.get('message', err)}")
@@ -173,6 +197,7 @@ class SourceMigration:
         r.policy = getattr(self.policy, "describe", lambda: {"name": getattr(self.policy, "name", repr(self.policy))})()
         r.bandwidth_limit_bps = self.opt.bandwidth_Bps * 8 if self.opt.bandwidth_Bps else None
         t_start = time.monotonic()
+        self._t_start_ns = time.monotonic_ns()
         before = g.counters()
         sampler = PeakSampler({"migrator_source": os.getpid()})
         try:
@@ -186,6 +211,8 @@ class SourceMigration:
         finally:
             if self.tracker is not None:
                 self.tracker.stop()
+            if self._pc is not None:
+                self._pc.stop()
             r.total_time_s = round(time.monotonic() - t_start, 6)
             r.pages_sent = sum(x.pages_sent for x in r.rounds)
             r.bytes_sent = self._writer.bytes_written
@@ -219,6 +246,17 @@ class SourceMigration:
         if crashed or not self.guest.alive():
             r.source_guest_state = "crashed"
             return
+        if self._switched:
+            # After the switch the guest's state is split: never resume the source here
+            # (the destination's guest ran ahead of it).  Its RAM is the complete image at
+            # the pause; the destination's guest cannot run without the missing pages.
+            if self.tracker is not None:
+                self.tracker.stop()
+            r.source_guest_state = "paused"
+            r.reason += (" [after the switch to post-copy: the source guest stays PAUSED with its complete RAM at the pause; "
+                         "the destination guest was stopped, waiting on pages that will not come. Resuming the source "
+                         "continues from the pause and loses what the guest did at the destination.]")
+            return
         if self.tracker is not None:
             self.tracker.stop()
         if self.paused is not None:
@@ -243,17 +281,32 @@ class SourceMigration:
             "page_size": PAGE_SIZE,
             "verify": self.opt.verify,
             "guest_check": self.opt.guest_check,
+            "postcopy": self.opt.postcopy != "off",
         } | self.opt.extra_config
         self.ch.send(stream.encode_preamble(config))
         _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.READY})
         ready = stream.decode_json(body)
         r.guest["destination_pid"] = ready.get("guest_pid")
+        if self.opt.postcopy != "off" and not ready.get("postcopy"):
+            why = ready.get("postcopy_unavailable") or "the destination does not support it"
+            if self.opt.postcopy in ("pure", "after-precopy"):
+                raise MigrationError("setup", f"post-copy is not possible: {why} (run `vmem doctor`; migrate without --postcopy)")
+            self._postcopy_unavailable = why
+
+        self._writer.begin()
+        if self.opt.postcopy == "pure":
+            # Pure post-copy: no pre-copy round at all; every page with data comes later.
+            r.mode = "postcopy"
+            self._measure_rate_before()
+            self._postcopy(None, 0, None)
+            self._verify_and_commit()
+            return
 
         # 2. Precopy rounds.
         self.tracker = g.make_tracker(self.opt.tracker)
         r.tracker = self.tracker.name
-        self._writer.begin()
         self.tracker.start()
+        self._rate_mark = (time.monotonic_ns(), g.counters()["steps"])
         t_collect = time.monotonic()
         to_send = g.ram.data_runs()
         history: list[int] = []
@@ -306,8 +359,17 @@ class SourceMigration:
             if verdict.decision == Decision.ABORT:
                 self._abort(verdict.reason or "policy decided to abort")
                 return
-            if verdict.decision == Decision.POSTCOPY:
-                raise PolicyError("policy asked for POSTCOPY, which this build does not support yet; aborting")
+            if verdict.decision == Decision.POSTCOPY or (verdict.decision == Decision.STOP_AND_COPY and self.opt.postcopy == "after-precopy"):
+                if self.opt.postcopy == "off":
+                    raise PolicyError("policy asked for POSTCOPY but post-copy was not enabled for this migration "
+                                      "(MigrationOptions.postcopy='allow', or --postcopy-after-precopy); aborting")
+                if getattr(self, "_postcopy_unavailable", None):
+                    raise PolicyError(f"policy asked for POSTCOPY, which the destination cannot do: {self._postcopy_unavailable}")
+                r.reason = verdict.reason
+                r.mode = "hybrid"
+                self._postcopy(dirty, index + 1, history)
+                self._verify_and_commit()
+                return
             r.reason = verdict.reason
             break
 
@@ -325,6 +387,7 @@ class SourceMigration:
         self.progress.round_start(index + 1, len(final), "stop-and-copy")
         t0 = time.monotonic()
         npages, nbytes = self._send_pages(final)
+        self._writer.x86_hvm_state(g.npages, elapsed_ns=int(self.paused.paused_at_ns - self._t_start_ns))
         self._writer.end_libxc()
         self._writer.emulator_context(self.paused.context)
         self._writer.end_libxl()
@@ -354,9 +417,142 @@ class SourceMigration:
             "pause_to_resumed_ack": round((t_resumed - t_pause0) * 1e3, 3),
             "destination_restore": resumed.get("restore_ms"),
             "destination_end_to_resume": resumed.get("end_to_resume_ms"),
+            "pause_to_running": round((int(resumed["running_at_ns"]) - self.paused.paused_at_ns) / 1e6, 3) if resumed.get("running_at_ns") else None,
         }
 
         del to_send, dirty, final  # per-page arrays not needed any more (memory at 8 GiB+)
+        self._verify_and_commit()
+
+    # --- post-copy -----------------------------------------------------------------------------
+    def _measure_rate_before(self) -> None:
+        """Pure post-copy: watch the guest's progress for RATE_WINDOW_S before pausing it."""
+        self._phase("postcopy", "measuring the guest's progress rate")
+        self._rate_mark = (time.monotonic_ns(), self.guest.counters()["steps"])
+        time.sleep(RATE_WINDOW_S)
+
+    def _postcopy(self, dirty, index: int, history) -> None:
+        """Switch to post-copy: pause, send the list of pages still to come and the context,
+        let the destination resume, then serve faults and push the rest (docs/postcopy.md).
+
+        ``dirty``: pages dirtied in the last pre-copy round (hybrid), None for pure post-copy.
+        """
+        from .postcopy.records import MAX_PFNS_PER_RECORD, encode_pfn_list
+        from .postcopy.source import PostcopySource
+        from .ram import runs_to_pages
+
+        r = self.report
+        g = self.guest
+        w = self._writer
+        PC = wire.PostcopyRecordType
+
+        def send_pfns(pages) -> None:
+            for i in range(0, len(pages), MAX_PFNS_PER_RECORD):
+                w.write_record(PC.PFNS, encode_pfn_list(pages[i:i + MAX_PFNS_PER_RECORD]))
+
+        drain_ms = 0.0
+        w.write_record(PC.BEGIN)
+        if dirty is None:
+            # Pure post-copy: list the pages holding data *before* the pause (walking the
+            # RAM file costs ms per GiB), with a tracker armed first; the pages written
+            # after the snapshot are the tracker's final collect, listed after the pause.
+            self.tracker = g.make_tracker(self.opt.tracker)
+            r.tracker = self.tracker.name
+            self.tracker.start()
+            base = runs_to_pages(g.ram.data_runs())  # holes are zero pages: never sent
+        else:
+            base = dirty  # what the last pre-copy round left dirty
+            self._phase("postcopy", "letting the destination catch up")
+            drain_ms = self._drain(DRAIN_TARGET_BYTES, DRAIN_TIMEOUT_S)
+        # The bulk of the list goes before the pause; only what is written after it (the
+        # final collect) is listed inside the downtime.  Duplicates are harmless.
+        send_pfns(base)
+        self._phase("postcopy", "pausing the guest")
+        t_pause0 = time.monotonic()
+        self.paused = g.pause()
+        t_paused = time.monotonic()
+        late = self.tracker.collect()
+        t_collected = time.monotonic()
+        send_pfns(late)
+        w.x86_hvm_state(g.npages, elapsed_ns=int(self.paused.paused_at_ns - self._t_start_ns))
+        w.write_record(PC.TRANSITION, self.paused.context)
+        self._switched = True
+        t_transition = time.monotonic()
+        # The fault server first: the destination guest may fault any moment now.
+        pc = PostcopySource(g.ram.pages, np.empty(0, dtype=np.int64), w, self._ctl_reader, self._send_lock,
+                            self.urgent, self.progress, self.ch)
+        self._pc = pc
+        pc.start()
+        if self.tracker is not None:
+            self.tracker.stop()  # outside the downtime, as in stop-and-copy
+        pending = pc.pending = merge_pages(base, late)
+        # Let the guest restart before the push competes with it for the CPUs: its first
+        # faults are then answered at once.  Bounded: a slow restart does not stall the push.
+        resumed_wait_ms = pc.wait_for_control(RESUMED_WAIT_S)
+        self._phase("postcopy", f"{len(pending)} pages to come; serving faults")
+        self.progress.round_start(index, len(pending), "postcopy")
+        t0 = time.monotonic()
+        bytes0 = w.bytes_written
+        pc.push(lambda: None)
+        with self._send_lock:
+            w.write_record(PC.COMPLETE)
+            w.end_libxc()
+            w.emulator_context(self.paused.context)
+            w.end_libxl()
+        self._stream_ended = True
+        t1 = time.monotonic()
+        nbytes = w.bytes_written - bytes0
+        rs = RoundStats(index=index, kind="postcopy", pages_sent=pc.pages_pushed + pc.demanded(), bytes_sent=nbytes,
+                        duration_s=round(t1 - t0, 6), bandwidth_bps=round(nbytes * 8 / (t1 - t0), 1) if t1 > t0 else 0.0,
+                        decision="complete", reason="every page sent")
+        r.rounds.append(rs)
+        self.progress.round_end(rs)
+
+        self._phase("postcopy", "waiting for the destination to place every page")
+        got: dict = {}
+        while len(got) < 2:
+            ctype, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.RESUMED, wire.ControlType.POSTCOPY_STATUS})
+            got[ctype] = stream.decode_json(body)
+        pc.join()
+        pc.stop()
+        self._pc = None
+        t_done = time.monotonic()
+        resumed = got[wire.ControlType.RESUMED]
+        status = got[wire.ControlType.POSTCOPY_STATUS]
+        r.downtime_ms = round((int(resumed["first_step_ns"]) - self.paused.paused_at_ns) / 1e6, 3)
+        r.timings_ms = {
+            "drain_before_pause": drain_ms,
+            "pause_latency": round(self.paused.latency_ns / 1e6, 3),
+            "final_collect": round((t_collected - t_paused) * 1e3, 3),
+            "pause_to_transition_sent": round((t_transition - t_pause0) * 1e3, 3),
+            "push_held_for_restart": resumed_wait_ms,
+            "postcopy_push": round((t1 - t0) * 1e3, 3),
+            "pause_to_all_placed": round((t_done - t_pause0) * 1e3, 3),
+            "destination_restore": resumed.get("restore_ms"),
+            "destination_end_to_resume": resumed.get("end_to_resume_ms"),
+            "pause_to_running": round((int(resumed["running_at_ns"]) - self.paused.paused_at_ns) / 1e6, 3) if resumed.get("running_at_ns") else None,
+        }
+        before = None
+        if self._rate_mark is not None:
+            t_mark, steps_mark = self._rate_mark
+            span_s = (self.paused.paused_at_ns - t_mark) / 1e9
+            steps = g.counters()["steps"] - steps_mark
+            before = round(steps / span_s, 1) if span_s > 0 else None
+        during_s = status.get("during_s") or 0.0
+        during = round(status.get("guest_steps_during", 0) / during_s, 1) if during_s > 0 else None
+        push_s = t1 - t0
+        r.postcopy = status | {
+            "mode": r.mode,
+            "pages_pending": int(len(pending)),
+            "push_s": round(push_s, 6),
+            "push_rate_Bps": round(pc.bytes_pushed / push_s, 1) if push_s > 0 else None,
+            "source": pc.stats(),
+            "guest_rate": {"unit": "workload steps/s", "before": before, "during": during, "after": None},
+        }
+
+    def _verify_and_commit(self) -> None:
+        """Steps 4-5 after the destination resumed: compare digests, guest check, commit."""
+        r = self.report
+        g = self.guest
         self._phase("verify", "comparing RAM digests")
         verification: dict = {"digests": None, "guest_check": None}
         if self.opt.verify:
@@ -400,6 +596,9 @@ class SourceMigration:
             dest_report = stream.decode_json(body)
             r.guest["destination"] = dest_report.get("guest", {})
             r.processes.update(dest_report.get("processes", {}))
+            after = dest_report.get("postcopy_after")
+            if r.postcopy is not None and after and after.get("seconds"):
+                r.postcopy["guest_rate"]["after"] = round(after["steps"] / after["seconds"], 1)
         except (VmemError, TransportError) as err:
             r.guest["destination"] = {"error": f"no report from the destination: {err}"}
         self._phase("done")
@@ -455,6 +654,10 @@ def _batches(pages, size: int):
             yield np.arange(a, min(a + size, end), dtype=np.int64)
 
 
-def migrate(guest, channel, options: MigrationOptions | None = None, progress=None) -> MigrationReport:
-    """Migrate ``guest`` over ``channel``; see :class:`SourceMigration`."""
-    return SourceMigration(guest, channel, options, progress).run()
+def migrate(guest, channel, options: MigrationOptions | None = None, progress=None, urgent_channel=None) -> MigrationReport:
+    """Migrate ``guest`` over ``channel``; see :class:`SourceMigration`.
+
+    ``urgent_channel``: optional second connection for post-copy demand pages (without it
+    they travel on ``channel`` between two background batches).
+    """
+    return SourceMigration(guest, channel, options, progress, urgent_channel).run()

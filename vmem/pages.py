@@ -48,6 +48,11 @@ def merge_pages(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return both[keep]
 
 
+def unique_pages(a: np.ndarray) -> np.ndarray:
+    """Sorted unique int64 pages of ``a`` (``np.unique`` without its ~9 ms first-call set-up)."""
+    return merge_pages(np.asarray(a, dtype=np.int64), np.empty(0, dtype=np.int64))
+
+
 _ZERO_DIGEST: int | None = None
 
 

@@ -22,7 +22,7 @@ class RoundStats:
 
     Attributes:
         index: 0 for the full first round.
-        kind: "precopy" or "stop-and-copy".
+        kind: "precopy", "stop-and-copy" or "postcopy" (the push after the switch).
         pages_sent / bytes_sent: what this round put on the wire (bytes include framing).
         duration_s: wall time of the round's sending.
         dirty_pages: pages dirty at the end of the round (what the next round must send).
@@ -62,7 +62,7 @@ class MigrationReport:
     bytes_sent: int = 0
     rounds: list[RoundStats] = field(default_factory=list)
     schema_version: int = REPORT_SCHEMA_VERSION
-    mode: str = "precopy"
+    mode: str = "precopy"             # "precopy", "postcopy" (pure) or "hybrid"
     phase: str = ""                   # phase reached (where it failed, if it did)
     tracker: str = ""
     policy: dict = field(default_factory=dict)
@@ -73,7 +73,11 @@ class MigrationReport:
     verification: dict = field(default_factory=dict)   # digest comparison + guest ledger check
     guest: dict = field(default_factory=dict)          # progress before/after, pids
     processes: dict = field(default_factory=dict)      # cpu_s, uss_bytes per process
-    source_guest_state: str = ""                       # "exited" after commit, else "running"/"crashed"
+    source_guest_state: str = ""                       # "exited" after commit, else "running"/"crashed"/"paused"
+    #: post-copy figures (None for a pure pre-copy migration): faults, fault_latency_us
+    #: {p50, p99, max}, pages_demanded, pages_pushed, complete_s, guest_rate {before,
+    #: during, after} and more; see docs/report.md.
+    postcopy: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)

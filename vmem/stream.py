@@ -38,16 +38,29 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import numpy as np
 
 from vmem.errors import StreamError
 from vmem.wire import (
     DHDR_BYTES,
+    HVM_FILE_MAGIC,
+    HVM_FILE_VERSION,
+    HVM_SAVE_CODE_MAX,
+    HVM_SAVE_DESCRIPTOR_BYTES,
+    HVM_SAVE_HEADER_BYTES,
+    MAX_HVM_PARAMS,
+    TSC_MODE_DEFAULT,
+    X86_HVM_END_SPECIAL_REGION,
+    X86_HVM_NR_SPECIAL_PAGES,
+    HvmParam,
+    HvmSaveCode,
+    HvmSpecialPage,
     EMULATOR_HEADER_BYTES,
     HVM_PARAMS_ENTRY_BYTES,
     HVM_PARAMS_HEADER_BYTES,
@@ -114,6 +127,9 @@ __all__ = [
     # control protocol and preamble
     "encode_control", "encode_json_control", "decode_json", "ControlReader",
     "encode_preamble", "read_preamble",
+    # x86 HVM state records
+    "x86_tsc_info_body", "hvm_params_body", "parse_hvm_params", "vmem_hvm_params",
+    "hvm_context_blob", "parse_hvm_context", "HvmContextInfo", "host_cpuid_eax",
 ]
 
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
@@ -125,6 +141,9 @@ _DHDR = struct.Struct("<IHHII")  # type, page_shift, reserved, xen_major, xen_mi
 _RHDR = struct.Struct("<II")  # type, body_length
 _U32_PAIR = struct.Struct("<II")  # PAGE_DATA count/reserved, emulator id/index, HVM_PARAMS
 _TSC_INFO = struct.Struct("<IIQII")  # mode, khz, nsec, incarnation, reserved
+_HVM_DESC = struct.Struct("<HHI")  # hvm save descriptor: typecode, instance, length
+_HVM_HEADER = struct.Struct("<IIQII")  # magic, version, changeset, cpuid, gtsc_khz
+_HVM_PARAM = struct.Struct("<QQ")  # index, value
 _PREAMBLE_LENGTH = struct.Struct("<I")
 _ZERO_PAD = bytes(RECORD_ALIGN)
 
@@ -331,6 +350,232 @@ def emulator_context_record(data: Buffer, emulator_id: int = VMEM_EMULATOR_ID,
 
 
 # ======================================================================================
+# x86 HVM state: X86_TSC_INFO, HVM_PARAMS, HVM_CONTEXT
+# ======================================================================================
+#
+# An x86 HVM image carries, after its memory, "X86_TSC_INFO, HVM_PARAMS, HVM_CONTEXT"
+# (spec, "x86 HVM Guest"), and "HVM_PARAMS must precede HVM_CONTEXT".  vmem's guests have
+# no virtual CPU or devices that Xen would model, so vmem writes the smallest content
+# that is still well-formed for Xen (the guest's own context travels in EMULATOR_CONTEXT):
+#
+#   X86_TSC_INFO  mode TSC_MODE_DEFAULT, khz 0 (Xen: "use the host's"), nsec = the
+#                 guest's virtual clock in ns, incarnation 0.
+#   HVM_PARAMS    the special-page pfns libxc saves for every HVM guest (see
+#                 vmem_hvm_params): where the xenstore/console/ioreq/ring pages of a
+#                 guest of this size would live.  They lie outside guest RAM, so nothing a
+#                 restorer does with them (libxc clears the xenstore/console/ioreq pages)
+#                 can touch guest data.
+#   HVM_CONTEXT   an hvm save blob holding exactly HEADER (magic, version, changeset 0,
+#                 CPUID[1].eax of the saving host, gtsc_khz 0) and END.  Xen's hvm_load()
+#                 accepts a blob without CPU/device entries: those keep their reset state.
+
+
+def x86_tsc_info_body(mode: int = TSC_MODE_DEFAULT, khz: int = 0, nsec: int = 0,
+                      incarnation: int = 0) -> bytes:
+    """The 24-octet X86_TSC_INFO body: ``u32 mode, u32 khz, u64 nsec, u32 incarnation,
+    u32 reserved``.
+
+    Raises:
+        ValueError: a field does not fit its width.
+    """
+    if not (0 <= mode <= 0xFFFF_FFFF and 0 <= khz <= 0xFFFF_FFFF
+            and 0 <= nsec < 1 << 64 and 0 <= incarnation <= 0xFFFF_FFFF):
+        raise ValueError("X86_TSC_INFO field out of range")
+    return _TSC_INFO.pack(mode, khz, nsec, incarnation, 0)
+
+
+def hvm_params_body(params: Mapping[int, int]) -> bytes:
+    """An HVM_PARAMS body: ``u32 count, u32 reserved, count x {u64 index, u64 value}``,
+    entries in ``params`` order.
+
+    Raises:
+        ValueError: more than ``MAX_HVM_PARAMS`` entries, or an index/value beyond 64 bits.
+    """
+    items = [(int(k), int(v)) for k, v in params.items()]
+    if len(items) > MAX_HVM_PARAMS:
+        raise ValueError(f"{len(items)} HVM params exceed MAX_HVM_PARAMS ({MAX_HVM_PARAMS})")
+    if any(not (0 <= k < 1 << 64 and 0 <= v < 1 << 64) for k, v in items):
+        raise ValueError("HVM param index and value must fit 64 bits")
+    return _U32_PAIR.pack(len(items), 0) + b"".join(_HVM_PARAM.pack(k, v) for k, v in items)
+
+
+def parse_hvm_params(body: bytes | bytearray | memoryview, offset: int = -1) -> dict[int, int]:
+    """Decode an HVM_PARAMS body into ``{index: value}`` (a zero-length body, which the
+    spec's errata allow, is ``{}``).  ``offset``: stream offset of the body, for errors.
+
+    Raises:
+        StreamError: not ``8 + 16 * count`` octets, count beyond ``MAX_HVM_PARAMS``,
+            reserved field set, or an index given twice.
+    """
+    body = memoryview(body).cast("B")
+    if not body.nbytes:
+        return {}
+    at = offset
+    if body.nbytes < HVM_PARAMS_HEADER_BYTES:
+        raise StreamError(f"HVM_PARAMS body of {body.nbytes} octets is shorter than its "
+                          f"8-octet header", at)
+    count, reserved = _U32_PAIR.unpack_from(body)
+    if reserved:
+        raise StreamError("reserved field set in HVM_PARAMS", at + 4 if at >= 0 else -1)
+    if count > MAX_HVM_PARAMS:
+        raise StreamError(f"HVM_PARAMS count {count} exceeds the limit of {MAX_HVM_PARAMS}",
+                          at)
+    if body.nbytes != HVM_PARAMS_HEADER_BYTES + HVM_PARAMS_ENTRY_BYTES * count:
+        raise StreamError(f"HVM_PARAMS count {count} does not match length {body.nbytes}", at)
+    out: dict[int, int] = {}
+    for i, (index, value) in enumerate(_HVM_PARAM.iter_unpack(body[HVM_PARAMS_HEADER_BYTES:])):
+        if index in out:
+            raise StreamError(f"HVM param {index} given twice (entry {i})",
+                              at + 8 + 16 * i if at >= 0 else -1)
+        out[index] = value
+    return out
+
+
+def vmem_hvm_params(npages: int) -> dict[HvmParam, int]:
+    """The HVM params vmem writes for a guest of ``npages`` pages of RAM (pfns 0..npages-1).
+
+    Xen's domain builder puts 8 special pages just below pfn 0xFF000 (16 MiB below 4 GiB,
+    inside the MMIO hole of a guest with less than ~4 GiB of RAM).  vmem's guests have
+    contiguous RAM and no hole, so a guest that reaches into that region gets its special
+    pages right after its RAM instead.  Either way they never overlap guest RAM.
+    IDENT_PT is an address, the others are pfns.
+
+    Raises:
+        ValueError: ``npages`` is not positive or leaves no room below 2**52 pfns.
+    """
+    npages = int(npages)
+    if npages <= 0 or npages + X86_HVM_NR_SPECIAL_PAGES > PFN_MASK:
+        raise ValueError(f"cannot lay out special pages for a guest of {npages} pages")
+    first = X86_HVM_END_SPECIAL_REGION - X86_HVM_NR_SPECIAL_PAGES
+    if npages > first:
+        first = npages
+
+    def special(page: HvmSpecialPage) -> int:
+        return first + int(page)
+
+    return {
+        HvmParam.STORE_PFN: special(HvmSpecialPage.XENSTORE),
+        HvmParam.IOREQ_PFN: special(HvmSpecialPage.IOREQ),
+        HvmParam.BUFIOREQ_PFN: special(HvmSpecialPage.BUFIOREQ),
+        HvmParam.PAGING_RING_PFN: special(HvmSpecialPage.PAGING),
+        HvmParam.MONITOR_RING_PFN: special(HvmSpecialPage.ACCESS),
+        HvmParam.SHARING_RING_PFN: special(HvmSpecialPage.SHARING),
+        HvmParam.CONSOLE_PFN: special(HvmSpecialPage.CONSOLE),
+        HvmParam.IDENT_PT: special(HvmSpecialPage.IDENT_PT) << PAGE_SHIFT,
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def host_cpuid_eax() -> int:
+    """CPUID leaf 1 EAX (family/model/stepping signature) of this host, rebuilt from
+    ``/proc/cpuinfo``; 0 if unknown.  Cached: read once per process."""
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model", "stepping") and key not in fields:
+                    fields[key] = int(value.strip())
+                if not line.strip() or len(fields) == 3:
+                    break
+    except (OSError, ValueError):
+        return 0
+    if len(fields) != 3:
+        return 0
+    family, model, stepping = fields["cpu family"], fields["model"], fields["stepping"]
+    base_family = min(family, 0xF)
+    ext_family = family - 0xF if family >= 0xF else 0
+    eax = (stepping & 0xF) | (model & 0xF) << 4 | base_family << 8
+    if base_family in (0x6, 0xF):
+        eax |= (model >> 4 & 0xF) << 16
+    return eax | (ext_family & 0xFF) << 20
+
+
+def hvm_context_blob(*, cpuid_eax: int | None = None, gtsc_khz: int = 0,
+                     changeset: int = 0) -> bytes:
+    """A minimal, well-formed hvm save blob: a HEADER entry and the END entry (40 octets).
+
+    ``cpuid_eax`` defaults to this host's (:func:`host_cpuid_eax`); ``gtsc_khz`` 0 tells
+    Xen to keep the host's TSC frequency; ``changeset`` 0 = unknown.
+    """
+    eax = host_cpuid_eax() if cpuid_eax is None else int(cpuid_eax)
+    return (_HVM_DESC.pack(HvmSaveCode.HEADER, 0, HVM_SAVE_HEADER_BYTES)
+            + _HVM_HEADER.pack(HVM_FILE_MAGIC, HVM_FILE_VERSION, changeset, eax, gtsc_khz)
+            + _HVM_DESC.pack(HvmSaveCode.END, 0, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class HvmContextInfo:
+    """What :func:`parse_hvm_context` found in an HVM_CONTEXT blob."""
+
+    version: int
+    changeset: int
+    cpuid_eax: int
+    gtsc_khz: int
+    entries: tuple[tuple[int, int, int], ...]
+    """``(typecode, instance, length)`` of every entry, HEADER and END included."""
+
+
+def parse_hvm_context(blob: bytes | bytearray | memoryview, offset: int = -1) -> HvmContextInfo:
+    """Walk an hvm save blob: HEADER first (magic, version), entries whose lengths stay
+    inside the blob, END (length 0) last and nothing after it.  ``offset``: stream
+    offset of the blob, for errors.  Entry contents other than HEADER are not decoded.
+
+    Raises:
+        StreamError: any of the above violated, or a typecode beyond HVM_SAVE_CODE_MAX.
+    """
+    blob = memoryview(blob).cast("B")
+
+    def at(pos: int) -> int:
+        return offset + pos if offset >= 0 else -1
+
+    size = blob.nbytes
+    if size < 2 * HVM_SAVE_DESCRIPTOR_BYTES + HVM_SAVE_HEADER_BYTES:
+        raise StreamError(f"HVM_CONTEXT blob of {size} octets is too short for a HEADER "
+                          f"and an END entry", at(0))
+    code, instance, length = _HVM_DESC.unpack_from(blob, 0)
+    if code != HvmSaveCode.HEADER or length != HVM_SAVE_HEADER_BYTES:
+        raise StreamError(f"HVM_CONTEXT must start with a HEADER entry of "
+                          f"{HVM_SAVE_HEADER_BYTES} octets, found typecode {code} length "
+                          f"{length}", at(0))
+    magic, version, changeset, eax, khz = _HVM_HEADER.unpack_from(blob, HVM_SAVE_DESCRIPTOR_BYTES)
+    if magic != HVM_FILE_MAGIC:
+        raise StreamError(f"bad HVM_CONTEXT header magic 0x{magic:08x}: expected "
+                          f"0x{HVM_FILE_MAGIC:08x}", at(HVM_SAVE_DESCRIPTOR_BYTES))
+    if version != HVM_FILE_VERSION:
+        raise StreamError(f"unsupported HVM_CONTEXT version {version}: expected "
+                          f"{HVM_FILE_VERSION}", at(HVM_SAVE_DESCRIPTOR_BYTES + 4))
+    entries = [(code, instance, length)]
+    pos = HVM_SAVE_DESCRIPTOR_BYTES + HVM_SAVE_HEADER_BYTES
+    while True:
+        if size - pos < HVM_SAVE_DESCRIPTOR_BYTES:
+            raise StreamError("HVM_CONTEXT blob ends without an END entry", at(pos))
+        code, instance, length = _HVM_DESC.unpack_from(blob, pos)
+        entries.append((code, instance, length))
+        if code > HVM_SAVE_CODE_MAX:
+            raise StreamError(f"unknown HVM_CONTEXT entry typecode {code} (Xen 4.17 knows "
+                              f"0..{HVM_SAVE_CODE_MAX})", at(pos))
+        if code == HvmSaveCode.HEADER:
+            raise StreamError("a second HEADER entry in HVM_CONTEXT", at(pos))
+        if length > size - pos - HVM_SAVE_DESCRIPTOR_BYTES:
+            raise StreamError(f"HVM_CONTEXT entry typecode {code} length {length} runs past "
+                              f"the end of the blob", at(pos))
+        pos += HVM_SAVE_DESCRIPTOR_BYTES + length
+        if code == HvmSaveCode.END:
+            if length:
+                raise StreamError(f"HVM_CONTEXT END entry with length {length}",
+                                  at(pos - length - HVM_SAVE_DESCRIPTOR_BYTES))
+            break
+        if len(entries) > size // HVM_SAVE_DESCRIPTOR_BYTES:  # pragma: no cover - bound
+            raise StreamError("HVM_CONTEXT has more entries than octets", at(pos))
+    if pos != size:
+        raise StreamError(f"{size - pos} octets after the HVM_CONTEXT END entry", at(pos))
+    return HvmContextInfo(version, changeset, eax, khz, tuple(entries))
+
+
+
+# ======================================================================================
 # Writer
 # ======================================================================================
 
@@ -373,6 +618,7 @@ class StreamWriter:
         self._domain_header = domain_header(domain_type, PAGE_SHIFT, xen_major, xen_minor)
         self._phase = _Phase.START
         self._static_data_done = False
+        self._hvm_context_sent = False
         self._failed: BaseException | None = None
         self.version: int | None = None
         """libxc image version chosen by :meth:`begin`."""
@@ -508,6 +754,7 @@ class StreamWriter:
             raise ValueError(f"{rtype.name} does not exist in stream version {self.version}")
         if rtype in PV_ONLY_RECORD_TYPES or rtype in _UNSUPPORTED_LIBXC:
             raise ValueError(f"{rtype.name} records are not part of vmem streams")
+        self._check_hvm_order(rtype)
         if rtype in STATIC_DATA_RECORD_TYPES:
             if self._static_data_done:
                 raise ValueError(f"{rtype.name} must precede STATIC_DATA_END")
@@ -515,6 +762,70 @@ class StreamWriter:
         else:
             prefix = self._static_prefix()
         self._send([*prefix, *record(rtype, body_parts)], records=1 + len(prefix))
+        if rtype is LibxcRecordType.HVM_CONTEXT:
+            self._hvm_context_sent = True
+
+    def _check_hvm_order(self, rtype) -> None:
+        # Spec: "HVM_PARAMS must precede HVM_CONTEXT"; libxc applies one context.
+        if rtype is LibxcRecordType.HVM_CONTEXT and self._hvm_context_sent:
+            raise ValueError("HVM_CONTEXT was already sent (a stream carries one)")
+        if rtype is LibxcRecordType.HVM_PARAMS and self._hvm_context_sent:
+            raise ValueError("HVM_PARAMS must precede HVM_CONTEXT (spec: parameters can "
+                             "affect the validity of the context)")
+
+    # -- x86 HVM state -----------------------------------------------------------------
+
+    def x86_tsc_info(self, *, mode: int = TSC_MODE_DEFAULT, khz: int = 0, nsec: int = 0,
+                     incarnation: int = 0) -> None:
+        """Send X86_TSC_INFO (see :func:`x86_tsc_info_body`)."""
+        self.write_record(LibxcRecordType.X86_TSC_INFO,
+                          x86_tsc_info_body(mode, khz, nsec, incarnation))
+
+    def hvm_params(self, params: Mapping[int, int]) -> None:
+        """Send HVM_PARAMS with ``params`` (``{HvmParam: value}``); before HVM_CONTEXT.
+
+        Raises:
+            ValueError: too many params, or HVM_CONTEXT was already sent.
+        """
+        self.write_record(LibxcRecordType.HVM_PARAMS, hvm_params_body(params))
+
+    def hvm_context(self, blob: Buffer | None = None) -> None:
+        """Send HVM_CONTEXT: ``blob`` (an hvm save blob), by default :func:`hvm_context_blob`.
+
+        Raises:
+            ValueError: a second HVM_CONTEXT, or an empty blob.
+        """
+        blob = hvm_context_blob() if blob is None else blob
+        if not _nbytes(blob):
+            raise ValueError("HVM_CONTEXT must not be empty")
+        self.write_record(LibxcRecordType.HVM_CONTEXT, blob)
+
+    def x86_hvm_state(self, npages: int, *, elapsed_ns: int = 0, tsc_khz: int = 0) -> None:
+        """Send the x86 HVM state records in the spec's order, in one ``send_parts`` call:
+        X86_TSC_INFO, HVM_PARAMS (:func:`vmem_hvm_params` for ``npages``), HVM_CONTEXT
+        (:func:`hvm_context_blob`).  Call it once, after the last PAGE_DATA and before
+        :meth:`end_libxc`.  ~200 octets; no system call besides the send.
+
+        Args:
+            npages: pages of guest RAM (decides where the special pages lie).
+            elapsed_ns: the guest's elapsed (virtual) time, TSC_INFO's ``nsec``.
+            tsc_khz: guest TSC frequency for TSC_INFO and the HVM header; 0 = the host's.
+
+        Raises:
+            ValueError: HVM_PARAMS or HVM_CONTEXT was already sent, or bad npages.
+        """
+        self._expect(_Phase.LIBXC, "x86_hvm_state")
+        self._check_hvm_order(LibxcRecordType.HVM_PARAMS)
+        bodies = [  # built first: a ValueError leaves the writer untouched
+            record(LibxcRecordType.X86_TSC_INFO,
+                   x86_tsc_info_body(TSC_MODE_DEFAULT, tsc_khz, elapsed_ns, 0)),
+            record(LibxcRecordType.HVM_PARAMS, hvm_params_body(vmem_hvm_params(npages))),
+            record(LibxcRecordType.HVM_CONTEXT, hvm_context_blob(gtsc_khz=tsc_khz)),
+        ]
+        prefix = self._static_prefix()
+        parts = [*prefix, *(part for rec in bodies for part in rec)]
+        self._send(parts, records=3 + len(prefix))
+        self._hvm_context_sent = True
 
     def end_libxc(self) -> None:
         """Send libxc END; the libxl layer continues (emulator context, libxl END)."""
@@ -659,12 +970,13 @@ class _ExactSource:
 
     def __init__(self, recv_exact: Callable[[int], bytes],
                  recv_into: Callable[[memoryview], Any] | None,
-                 truncation_errors: tuple[type[BaseException], ...]):
+                 truncation_errors: tuple[type[BaseException], ...], base_offset: int = 0):
         self._recv_exact = recv_exact
         self._recv_into_fn = recv_into
         self._truncation_errors = truncation_errors
-        self.offset = 0
-        """Octets consumed so far, from the first octet this object read."""
+        self.offset = base_offset
+        """Octets consumed so far plus ``base_offset`` (e.g. the length of a file header in
+        front of the stream, so that errors name file offsets)."""
 
     def _recv(self, n: int, what: str) -> bytes:
         start = self.offset
@@ -719,6 +1031,12 @@ class StreamReader(_ExactSource):
             if None, payloads go through ``recv_exact`` and a copy.
         max_pfn: largest pfn accepted, inclusive (e.g. guest pages - 1); None = 52 bits.
         allow_postcopy: accept vmem's post-copy records (0x564D00xx) in the libxc layer.
+        require_hvm_state: demand what restoring an x86 HVM image needs: HVM_PARAMS and
+            HVM_CONTEXT before the libxc END (libxc fails without the context), the
+            context a well-formed hvm save blob (:func:`parse_hvm_context`).  Off by
+            default: streams of older vmem versions carry neither.  Whatever the setting,
+            HVM_PARAMS after HVM_CONTEXT and a second HVM_CONTEXT are errors (spec order).
+        base_offset: added to every offset reported (:attr:`offset`, StreamError.offset).
         truncation_errors: exceptions from the callables that mean "the stream ended"
             (e.g. the transport's broken-channel error); reported as StreamError.
             Other exceptions propagate unchanged.
@@ -740,10 +1058,17 @@ class StreamReader(_ExactSource):
     def __init__(self, recv_exact: Callable[[int], bytes],
                  recv_into: Callable[[memoryview], Any] | None = None, *,
                  max_pfn: int | None = None, allow_postcopy: bool = True,
+                 require_hvm_state: bool = False, base_offset: int = 0,
                  truncation_errors: tuple[type[BaseException], ...] = (EOFError,)):
-        super().__init__(recv_exact, recv_into, truncation_errors)
+        super().__init__(recv_exact, recv_into, truncation_errors, base_offset)
         self._max_pfn = PFN_MASK if max_pfn is None else int(max_pfn)
         self._allow_postcopy = allow_postcopy
+        self._require_hvm_state = require_hvm_state
+        self.hvm_params: dict[int, int] | None = None
+        """The HVM_PARAMS read so far (``{index: value}``), None before the record."""
+        self.hvm_context: HvmContextInfo | None = None
+        """The parsed HVM_CONTEXT (with ``require_hvm_state``), None before the record."""
+        self._hvm_context_seen = False
         self._phase = _Phase.START
         self._static_data_seen = False
         self._pending: _PendingPayload | None = None
@@ -931,8 +1256,19 @@ class StreamReader(_ExactSource):
 
         if t is LibxcRecordType.END:
             self._expect_length(name, length, 0, off)
+            if self._require_hvm_state:
+                missing = [n for n, seen in (("HVM_PARAMS", self.hvm_params is not None),
+                                             ("HVM_CONTEXT", self._hvm_context_seen)) if not seen]
+                if missing:
+                    raise StreamError(f"x86 HVM image ends without {' and '.join(missing)} "
+                                      f"(a restorer needs them before the libxc END)", off)
             self._phase = _Phase.LIBXL
             return Record(t, b"", off)
+        if t is LibxcRecordType.HVM_CONTEXT and self._hvm_context_seen:
+            raise StreamError("record out of order: a second HVM_CONTEXT", off)
+        if t is LibxcRecordType.HVM_PARAMS and self._hvm_context_seen:
+            raise StreamError("record out of order: HVM_PARAMS after HVM_CONTEXT (the spec "
+                              "requires HVM_PARAMS to precede HVM_CONTEXT)", off)
         if t is LibxcRecordType.STATIC_DATA_END:
             if self._static_data_seen:
                 raise StreamError("record out of order: a second STATIC_DATA_END (or one "
@@ -969,6 +1305,10 @@ class StreamReader(_ExactSource):
             if length and (length < HVM_PARAMS_HEADER_BYTES or
                            (length - HVM_PARAMS_HEADER_BYTES) % HVM_PARAMS_ENTRY_BYTES):
                 raise StreamError(f"{name} length {length} is not 8 + 16*count", off)
+            limit = HVM_PARAMS_HEADER_BYTES + HVM_PARAMS_ENTRY_BYTES * MAX_HVM_PARAMS
+            if length > limit:
+                raise StreamError(f"{name} length {length} exceeds the limit of {limit} "
+                                  f"octets ({MAX_HVM_PARAMS} params)", off)
         elif t is LibxcRecordType.HVM_CONTEXT:
             if length == 0:
                 raise StreamError(f"{name} record with zero length", off)
@@ -984,13 +1324,16 @@ class StreamReader(_ExactSource):
         body_off = off + RECORD_HEADER_BYTES
         if t is LibxcRecordType.X86_TSC_INFO and _TSC_INFO.unpack(body)[4]:
             raise StreamError(f"reserved field set in {name}", body_off + 20)
-        if t is LibxcRecordType.HVM_PARAMS and length:
-            count, reserved = _U32_PAIR.unpack_from(body)
-            if reserved:
-                raise StreamError(f"reserved field set in {name}", body_off + 4)
-            if count != (length - HVM_PARAMS_HEADER_BYTES) // HVM_PARAMS_ENTRY_BYTES:
-                raise StreamError(f"{name} count {count} does not match length {length}",
-                                  body_off)
+        if t is LibxcRecordType.HVM_PARAMS:
+            params = parse_hvm_params(body, body_off)
+            if self.hvm_params is None:
+                self.hvm_params = params
+            else:
+                self.hvm_params.update(params)  # several HVM_PARAMS records add up
+        elif t is LibxcRecordType.HVM_CONTEXT:
+            if self._require_hvm_state:
+                self.hvm_context = parse_hvm_context(body, body_off)
+            self._hvm_context_seen = True
         return body
 
     def _libxl_record(self, rtype: int, length: int, off: int) -> Record:
@@ -1201,14 +1544,24 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+def _finite_float(text: str) -> float:
+    # json.loads("1e400") is float("inf"): a later int() would raise OverflowError.
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} does not fit a double")
+    return value
+
+
 def decode_json(body: bytes | bytearray | memoryview, offset: int = -1) -> Any:
     """Decode a UTF-8 JSON control body (or preamble config).
 
     Raises:
-        StreamError: invalid UTF-8, invalid JSON, NaN/Infinity, or nesting too deep.
+        StreamError: invalid UTF-8, invalid JSON, NaN/Infinity or a number beyond a
+            double (``1e400``), an integer of over 4300 digits, or nesting too deep.
     """
     try:
-        return json.loads(bytes(body).decode("utf-8"), parse_constant=_reject_constant)
+        return json.loads(bytes(body).decode("utf-8"), parse_constant=_reject_constant,
+                          parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise StreamError(f"malformed JSON body: {err}", offset) from err
 

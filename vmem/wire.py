@@ -13,11 +13,15 @@ What travels, and where each number below appears::
     |   | libxc domain header (16 octets, little-endian)                        |
     |   | [v3: X86_{CPUID,MSR}_POLICY ...] [v3: STATIC_DATA_END]                |
     |   | PAGE_DATA ... (vmem post-copy records 0x564D00xx here, later)         |
+    |   | X86_TSC_INFO | HVM_PARAMS | HVM_CONTEXT  (x86 HVM state, spec order)  |
     |   | END                                                                   |
     |   +----------------------------------------------------------------------+
     | libxl record EMULATOR_CONTEXT (u32 emulator_id, u32 index, guest context) |
     | libxl record END                                                          |
     +--------------------------------------------------------------------------+
+
+    xl save file (vmem save / xl save): xl header (48 octets) | u32 config_len |
+    JSON config, NUL-terminated | the libxl stream above, from "LibxlFmt" to libxl END
 
     back channel (destination -> source)
     +--------------------------------------------------------------------------+
@@ -70,6 +74,15 @@ __all__ = [
     "MAX_PAGES_PER_RECORD", "MAX_PAGE_DATA_BODY_BYTES", "MAX_RECORD_BODY_BYTES",
     "MAX_EMULATOR_CONTEXT_BYTES", "MAX_CONTROL_BODY_BYTES", "MAX_PREAMBLE_CONFIG_BYTES",
     "XEN_REC_LENGTH_MAX",
+    # x86 HVM state: TSC_INFO, HVM_PARAMS, HVM_CONTEXT (hvm save format)
+    "TSC_MODE_DEFAULT", "HvmParam", "HvmSpecialPage", "X86_HVM_END_SPECIAL_REGION",
+    "X86_HVM_NR_SPECIAL_PAGES", "HvmSaveCode", "HVM_SAVE_CODE_MAX", "HVM_FILE_MAGIC",
+    "HVM_FILE_VERSION", "HVM_SAVE_DESCRIPTOR_BYTES", "HVM_SAVE_HEADER_BYTES",
+    "MAX_HVM_PARAMS",
+    # xl save file
+    "XL_SAVEFILE_MAGIC", "XL_BYTEORDER_VALUE", "XL_MANDATORY_FLAG_JSON",
+    "XL_MANDATORY_FLAG_STREAMV2", "XL_MANDATORY_FLAGS_KNOWN", "XL_HEADER_BYTES",
+    "MAX_XL_OPTIONAL_DATA_BYTES",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -346,6 +359,10 @@ class ControlType(enum.IntEnum):
     DEST_REPORT = 7  # destination: its half of the run report
     SHUTDOWN = 8  # source: close the session
     GUEST_CHECK = 9  # guest invariant check request/result
+    POSTCOPY_STATUS = 10  # destination: every post-copy page is placed; its fault statistics (JSON)
+    #: destination: pages the guest faulted on and still waits for.  Body: u32 count,
+    #: u32 reserved (0), u64 pfn[count].  Numbered as the post-copy FAULT record it is.
+    POSTCOPY_FAULT = 0x564D0015
 
 
 PREAMBLE_MAGIC = b"vmem-migrate-v1\n"
@@ -381,3 +398,135 @@ MAX_PREAMBLE_CONFIG_BYTES = 1 << 20  # JSON config in the preamble
 
 XEN_REC_LENGTH_MAX = 128 << 20
 """libxc's own REC_LENGTH_MAX ("somewhat arbitrary - 128MB"), for reference."""
+
+# --------------------------------------------------------------------------------------
+# x86 HVM state records: X86_TSC_INFO, HVM_PARAMS, HVM_CONTEXT
+# --------------------------------------------------------------------------------------
+#
+# The spec's layout for an x86 HVM image: [v3: X86_CPUID_POLICY, X86_MSR_POLICY,
+# STATIC_DATA_END], many PAGE_DATA, X86_TSC_INFO, HVM_PARAMS, HVM_CONTEXT, END; and
+# "HVM_PARAMS must precede HVM_CONTEXT, as certain parameters can affect the validity of
+# architectural state in the context".  libxc's restorer fails without HVM_CONTEXT (it
+# hands the blob to XEN_DOMCTL_sethvmcontext).
+#
+#   X86_TSC_INFO body (24 octets)       HVM_PARAMS body (8 + 16 * count octets)
+#   +0  u32 mode  (TSC_MODE_*)          +0  u32 count          +4 u32 reserved (0)
+#   +4  u32 khz   (0 = the host's)      +8  u64 index[0]       +16 u64 value[0]
+#   +8  u64 nsec  (elapsed time)        ... count entries, no padding needed
+#   +16 u32 incarnation +20 u32 reserved (0)
+
+TSC_MODE_DEFAULT = 0  # xen/include/public/domctl.h / asm-x86/time.h: TSC_MODE_DEFAULT
+
+
+class HvmParam(enum.IntEnum):
+    """HVM_PARAM_* indices (xen/include/public/hvm/params.h) that vmem writes or names.
+
+    These are the ones libxc's ``write_hvm_params()`` saves (it sends only non-zero ones).
+    Values are pfns, except IDENT_PT and VM_GENERATION_ID_ADDR which are guest physical
+    addresses.
+    """
+
+    STORE_PFN = 1
+    IOREQ_PFN = 5
+    BUFIOREQ_PFN = 6
+    VIRIDIAN = 9
+    IDENT_PT = 12  # a guest physical *address* (the special pfn << 12)
+    CONSOLE_PFN = 17
+    ACPI_IOPORTS_LOCATION = 19
+    PAGING_RING_PFN = 27
+    MONITOR_RING_PFN = 28
+    SHARING_RING_PFN = 29
+    IOREQ_SERVER_PFN = 32
+    NR_IOREQ_SERVER_PAGES = 33
+    VM_GENERATION_ID_ADDR = 34
+    X87_FIP_WIDTH = 36
+    VM86_TSS_SIZED = 37
+    MCA_CAP = 38
+
+
+class HvmSpecialPage(enum.IntEnum):
+    """libxc's x86 HVM "special pages" (xg_dom_x86.c SPECIALPAGE_*): offsets into the
+    8-page special region that ends at pfn ``X86_HVM_END_SPECIAL_REGION``."""
+
+    PAGING = 0
+    ACCESS = 1  # the monitor (mem_access) ring
+    SHARING = 2
+    BUFIOREQ = 3
+    XENSTORE = 4
+    IOREQ = 5
+    IDENT_PT = 6
+    CONSOLE = 7
+
+
+X86_HVM_END_SPECIAL_REGION = 0xFF000  # pfn: the special region ends 16 MiB below 4 GiB
+X86_HVM_NR_SPECIAL_PAGES = 8
+MAX_HVM_PARAMS = 64
+"""HVM_PARAMS entries vmem accepts (HVM_NR_PARAMS is 39 in Xen 4.17; the body limit
+would allow a million)."""
+
+#   HVM_CONTEXT body: Xen's hvm save format (xen/include/public/hvm/save.h,
+#   arch-x86/hvm/save.h), a chain of entries, little-endian:
+#   +0 u16 typecode | +2 u16 instance | +4 u32 length (of the data, excluding this
+#   descriptor) | data ... ; the first entry is HEADER, the last is END (length 0).
+#
+#   HEADER data (24 octets): u32 magic 0x54381286 | u32 version 1 | u64 changeset |
+#                            u32 cpuid (CPUID[1].eax of the saving host) | u32 gtsc_khz
+
+
+class HvmSaveCode(enum.IntEnum):
+    """HVM save record type codes (x86, Xen 4.17: HVM_SAVE_CODE_MAX = 20)."""
+
+    END = 0
+    HEADER = 1
+    CPU = 2
+    PIC = 3
+    IOAPIC = 4
+    LAPIC = 5
+    LAPIC_REGS = 6
+    PCI_IRQ = 7
+    ISA_IRQ = 8
+    PCI_LINK = 9
+    PIT = 10
+    RTC = 11
+    HPET = 12
+    PMTIMER = 13
+    MTRR = 14
+    VIRIDIAN_DOMAIN = 15
+    CPU_XSAVE = 16
+    VIRIDIAN_VCPU = 17
+    VMCE_VCPU = 18
+    TSC_ADJUST = 19
+    CPU_MSR = 20
+
+
+HVM_SAVE_CODE_MAX = 20
+HVM_FILE_MAGIC = 0x5438_1286
+HVM_FILE_VERSION = 1
+HVM_SAVE_DESCRIPTOR_BYTES = 8  # u16 typecode, u16 instance, u32 length
+HVM_SAVE_HEADER_BYTES = 24
+
+# --------------------------------------------------------------------------------------
+# xl save file (``xl save`` / ``xl restore``): xl's header, then the libxl stream
+# --------------------------------------------------------------------------------------
+#
+#   +0  char magic[32] "Xen saved domain, xl format\n \0 \r"
+#   +32 u32 byteorder 0x01020304 (in the domain's byte order: 04 03 02 01 on x86)
+#   +36 u32 mandatory_flags  bit 0 JSON config, bit 1 stream v2 (unknown bits: reject)
+#   +40 u32 optional_flags   (unknown bits: reject; xl writes 0)
+#   +44 u32 optional_data_len
+#   +48 optional data: u32 config_len | config (JSON text, NUL-terminated; config_len
+#       counts the NUL) ... anything after the config within optional_data_len is skipped
+#   +48+optional_data_len: the libxl stream ("LibxlFmt" ...), up to its END record
+#
+# Source: tools/xl/xl_utils.h / xl_saverestore.c (struct save_file_header).
+
+XL_SAVEFILE_MAGIC = b"Xen saved domain, xl format\n \0 \r"
+XL_BYTEORDER_VALUE = 0x0102_0304
+XL_MANDATORY_FLAG_JSON = 1 << 0
+XL_MANDATORY_FLAG_STREAMV2 = 1 << 1
+XL_MANDATORY_FLAGS_KNOWN = XL_MANDATORY_FLAG_JSON | XL_MANDATORY_FLAG_STREAMV2
+XL_HEADER_BYTES = 48
+MAX_XL_OPTIONAL_DATA_BYTES = 1 << 20
+"""Optional data (the domain config) vmem accepts in an xl header."""
+
+assert len(XL_SAVEFILE_MAGIC) == 32

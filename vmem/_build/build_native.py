@@ -24,7 +24,7 @@ from cffi import FFI
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Order matters for the C source: common first (feature macros, shared headers).
-FRAGMENTS = ["common", "memfd", "process", "uffd", "pagemap", "mprot", "digest"]
+FRAGMENTS = ["common", "memfd", "process", "uffd", "pagemap", "mprot", "digest", "postcopy"]
 
 
 def _load_fragment(name):

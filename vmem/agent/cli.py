@@ -1,0 +1,228 @@
+"""``vmem agent``, ``keygen``, ``create``, ``list``, ``destroy``, ``save``, ``restore`` and the
+agent form of ``migrate`` (``vmem migrate NAME HOST:PORT``).
+
+Everything except ``agent`` and ``keygen`` talks to the local agent over its control
+socket, found with ``--agent SOCKET``, ``$VMEM_AGENT`` or the default path
+(:mod:`vmem.agent.paths`).  Exit status: 0 success, 1 refused or failed, 2 bad arguments;
+``migrate`` as the one-host form (0 completed, 1 failed, 3 aborted by the policy).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["AGENT_COMMANDS", "add_agent_commands", "add_agent_address_arguments", "run_agent_command",
+           "cmd_migrate_via_agent"]
+
+AGENT_COMMANDS = ("agent", "keygen", "create", "list", "destroy", "save", "restore")
+
+
+def add_agent_address_arguments(parser) -> None:
+    """``--agent SOCKET``: which agent the command talks to."""
+    parser.add_argument("--agent", metavar="SOCKET", default=None,
+                        help="the agent's control socket (default: $VMEM_AGENT, else the local agent's default socket)")
+
+
+def add_agent_commands(sub) -> None:
+    """Register the agent subcommands on ``sub`` (argparse subparsers)."""
+    from ..args import add_guest_arguments
+    from .paths import DEFAULT_PORT
+
+    p = sub.add_parser("agent", help="run the host agent: owns guests, receives and sends migrations",
+                       description="Run the host agent in the foreground (logs to stderr).  It creates and owns guests "
+                                   "(vmem create/list/destroy), receives migrations from other agents on --listen, and "
+                                   "sends its guests to them (vmem migrate NAME HOST:PORT).  Guests die with the agent.")
+    p.add_argument("--listen", metavar="ADDR:PORT", default=f"127.0.0.1:{DEFAULT_PORT}",
+                   help=f"TCP address for other agents (default 127.0.0.1:{DEFAULT_PORT}; port 0 picks a free one)")
+    p.add_argument("--key", metavar="FILE", help="shared key (vmem keygen FILE; mode 0600): peers must prove they hold it, "
+                                                 "and every frame is MAC-protected")
+    p.add_argument("--tls-cert", metavar="FILE", help="this agent's TLS certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA that signs every agent's certificate (PEM)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --listen without --key or TLS")
+    p.add_argument("--state-dir", metavar="DIR", help="where the control socket lives (default /run/vmem/PORT for root, "
+                                                      "else $XDG_RUNTIME_DIR/vmem/PORT)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+
+    p = sub.add_parser("keygen", help="write a new shared agent key (mode 0600)",
+                       description="Write a new random shared key to FILE (mode 0600).  Copy it to every host whose agent "
+                                   "should accept migrations from this one, and start each agent with --key FILE.")
+    p.add_argument("file", metavar="FILE")
+
+    p = sub.add_parser("create", help="create a guest on the local agent",
+                       description="Ask the local agent to boot a guest NAME running a workload (like xl create).")
+    p.add_argument("name", metavar="NAME")
+    add_guest_arguments(p, warmup=False)
+    add_agent_address_arguments(p)
+
+    p = sub.add_parser("list", help="list the local agent's guests (like xl list)")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    add_agent_address_arguments(p)
+
+    p = sub.add_parser("destroy", help="stop a guest and forget it")
+    p.add_argument("name", metavar="NAME")
+    add_agent_address_arguments(p)
+
+    p = sub.add_parser("save", help="save a guest to a file (like xl save)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("file", metavar="FILE", help="written on the agent's host")
+    p.add_argument("-c", "--keep-running", action="store_true", help="leave the guest running after saving (xl save -c)")
+    add_agent_address_arguments(p)
+
+    p = sub.add_parser("restore", help="start a guest from a save file (like xl restore)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--name", metavar="NAME", help="name of the restored guest (default: the name it was saved under)")
+    add_agent_address_arguments(p)
+
+
+def _client(args):
+    from .client import AgentClient
+    from .paths import find_agent_socket
+
+    return AgentClient(find_agent_socket(getattr(args, "agent", None)))
+
+
+def run_agent_command(args) -> int:
+    """Run one of :data:`AGENT_COMMANDS`; errors propagate as VmemError/ConfigError to ``vmem.cli.main``."""
+    return {"agent": _cmd_agent, "keygen": _cmd_keygen, "create": _cmd_create, "list": _cmd_list,
+            "destroy": _cmd_destroy, "save": _cmd_save, "restore": _cmd_restore}[args.command](args)
+
+
+def _cmd_agent(args) -> int:
+    import logging
+
+    from ..errors import ConfigError
+    from .net import parse_hostport
+    from .paths import DEFAULT_PORT
+    from .security import PeerSecurity
+    from .server import AgentConfig, run_agent
+
+    try:
+        host, port = parse_hostport(args.listen, DEFAULT_PORT)
+    except ValueError as err:
+        raise ConfigError("--listen", str(err)) from None
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s vmem-agent[{os.getpid()}] %(levelname)s %(message)s")
+    security = PeerSecurity.from_options(listen_host=host, key_file=args.key, tls_cert=args.tls_cert,
+                                         tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure)
+    return run_agent(AgentConfig(listen_host=host, listen_port=port, security=security, state_dir=args.state_dir))
+
+
+def _cmd_keygen(args) -> int:
+    from transport import TransportError
+    from transport.secure import generate_key
+
+    from .protocol import AgentError, ErrorCode
+
+    try:
+        generate_key(args.file)
+    except TransportError as err:
+        raise AgentError(ErrorCode.BAD_REQUEST, str(err)) from None
+    print(f"wrote a new agent key to {args.file} (mode 0600): copy it to every host, then `vmem agent --key {args.file}`",
+          file=sys.stderr)
+    return 0
+
+
+def _cmd_create(args) -> int:
+    with _client(args) as c:
+        reply = c.request("create", name=args.name, workload=args.workload, workload_args=args.workload_arg,
+                          seed=args.seed, size=args.size)
+    g = reply["guest"]
+    print(f"created guest {g['name']}: {g['workload']} {g['params'] or ''}, {g['size_bytes'] >> 20} MiB, pid {g['pid']}")
+    return 0
+
+
+def format_guest_table(rows: list[dict]) -> str:
+    """``vmem list`` as ``xl list`` prints it: one guest a line, fixed columns."""
+    head = f"{'Name':<24} {'PID':>8} {'Mem(MiB)':>9} {'State':<11} {'Workload':<12} {'Time(s)':>9} {'Steps':>12}"
+    lines = [head]
+    for r in rows:
+        dash = "-"
+        lines.append(f"{r['name']:<24} {r['pid'] if r['pid'] is not None else dash:>8} {r['size_bytes'] >> 20:>9} "
+                     f"{r['state']:<11} {str(r['workload'] or dash):<12} "
+                     f"{r['guest_time_s'] if r['guest_time_s'] is not None else dash:>9} "
+                     f"{format(r['steps'], ',') if r['steps'] is not None else dash:>12}")
+    return "\n".join(lines)
+
+
+def _cmd_list(args) -> int:
+    import json
+
+    with _client(args) as c:
+        reply = c.request("list")
+    if args.json:
+        print(json.dumps({"guests": reply["guests"], "agent": reply["agent"]}, indent=2))
+    else:
+        print(format_guest_table(reply["guests"]))
+    return 0
+
+
+def _cmd_destroy(args) -> int:
+    with _client(args) as c:
+        c.request("destroy", name=args.name)
+    print(f"destroyed guest {args.name}")
+    return 0
+
+
+def _cmd_save(args) -> int:
+    path = os.path.abspath(args.file)
+    with _client(args) as c:
+        c.request("save", name=args.name, path=path, keep_running=args.keep_running)
+    print(f"saved guest {args.name} to {path}" + (" (still running)" if args.keep_running else ""))
+    return 0
+
+
+def _cmd_restore(args) -> int:
+    path = os.path.abspath(args.file)
+    with _client(args) as c:
+        reply = c.request("restore", path=path, name=args.name)
+    g = reply["guest"]
+    print(f"restored guest {g['name']} from {path}: pid {g['pid']}")
+    return 0
+
+
+def cmd_migrate_via_agent(args) -> int:
+    """``vmem migrate NAME HOST:PORT [migration flags]``: the local agent migrates its guest NAME.
+
+    The migration flags are validated here first (a bad flag is exit status 2 before the
+    agent is asked), then sent as values; the agent rebuilds the same MigrationOptions.
+    """
+    from rich.console import Console
+
+    from ..args import migration_argument_dests, options_from_args
+    from ..display import LiveDisplay, print_summary
+    from ..errors import ConfigError
+    from ..report import RoundStats
+    from .client import report_from_dict
+
+    if args.name is None or args.target is None:
+        raise ConfigError("migrate", "the agent form needs both NAME and HOST:PORT (vmem migrate NAME HOST:PORT); "
+                                     "without them, vmem migrate --workload ... migrates on this host without an agent")
+    options_from_args(args)  # validation only: the agent builds its own from the values
+    values = {dest: getattr(args, dest) for dest in migration_argument_dests()}
+    console = Console(stderr=True)
+    round_fields = set(RoundStats.__dataclass_fields__)
+
+    with _client(args) as client:
+        console.print(f"migrating guest [bold]{args.name}[/bold] to {args.target} (agent {client.path})…")
+        with LiveDisplay(console, enabled=not args.quiet) as display:
+            def on_event(ev: dict) -> None:
+                kind = ev.get("event")
+                if kind == "phase":
+                    display.phase(ev.get("name", ""), ev.get("detail", ""))
+                elif kind == "round_start":
+                    display.round_start(ev["index"], ev["pages"], ev["kind"])
+                elif kind == "sent":
+                    display.sent(ev["pages"], ev["nbytes"])
+                elif kind == "round_end":
+                    display.round_end(RoundStats(**{k: v for k, v in ev["stats"].items() if k in round_fields}))
+                elif kind == "log":
+                    console.print(ev.get("message", ""))
+
+            reply = client.request("migrate", on_event=on_event, name=args.name, target=args.target, options=values)
+    report = report_from_dict(reply["report"])
+    print_summary(report, Console())
+    if args.json:
+        report.write(args.json)
+        console.print(f"report written to {args.json}")
+    return 0 if report.outcome == "completed" else (3 if report.outcome == "aborted" else 1)

@@ -1,0 +1,206 @@
+"""The agent's guest commands: create, list, destroy, save, restore (and ping).
+
+Each handler takes ``(agent, channel, request)`` and returns the reply's fields, or raises
+:class:`vmem.agent.protocol.AgentError` with a code and a message saying what happened and
+what to do.  ``migrate`` lives in :mod:`vmem.agent.migration`.
+
+Every guest process is started on the agent's spawner thread (see
+:mod:`vmem.agent.spawner`), so it lives as long as the agent, not as long as the request.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from ..errors import ConfigError, VmemError
+from ..ram import format_bytes
+from .protocol import AgentError, ErrorCode
+from .registry import validate_name
+
+__all__ = ["COMMANDS"]
+
+log = logging.getLogger("vmem.agent")
+
+
+def _config_error(err: ConfigError) -> AgentError:
+    return AgentError(ErrorCode.BAD_REQUEST, f"invalid argument {err}")
+
+
+def cmd_ping(agent, channel, request: dict) -> dict:
+    return {"agent": agent.info()}
+
+
+def cmd_create(agent, channel, request: dict) -> dict:
+    """``{"op": "create", "name", "workload", "workload_args": ["k=v"], "seed", "size"}``."""
+    from guests.launch import GuestSpec, ProcessGuest
+    from guests.workload import load_workload, parse_params
+
+    from ..ram import parse_size
+
+    name = validate_name(request.get("name"))
+    workload = str(request.get("workload") or "hotcold")
+    try:
+        size_bytes = parse_size(request.get("size") or "1G")
+        params = parse_params(load_workload(workload), list(request.get("workload_args") or []))
+        seed = int(request.get("seed", 1))
+    except ConfigError as err:
+        raise _config_error(err) from None
+    except (TypeError, ValueError) as err:
+        raise AgentError(ErrorCode.BAD_REQUEST, f"create: {err}") from None
+    spec = GuestSpec(workload, params, seed)
+    entry = agent.registry.reserve(name, "creating", size_bytes, spec.to_json(), origin="created")
+    try:
+        guest = agent.spawner.call(ProcessGuest.boot, spec, size_bytes)
+    except BaseException as err:
+        agent.registry.remove(name, "creating")
+        if isinstance(err, (VmemError, OSError)):
+            raise AgentError(ErrorCode.FAILED, f"guest {name!r} failed to boot: {err}") from None
+        raise
+    agent.registry.transition(name, "creating", "running", guest=guest)
+    log.info("created guest %s: %s %s, %s, pid %d", name, workload, params or "", format_bytes(size_bytes), guest.pid)
+    return {"guest": entry.describe()}
+
+
+def cmd_list(agent, channel, request: dict) -> dict:
+    rows = []
+    for entry in agent.registry.entries():
+        row = entry.describe()
+        if row["state"] == "running" and row["alive"] is False:
+            row["state"] = "crashed"
+        rows.append(row)
+    return {"guests": rows, "agent": agent.info()}
+
+
+def cmd_destroy(agent, channel, request: dict) -> dict:
+    """Stop the guest (cleanly, then by force after a bounded wait) and forget it."""
+    name = str(request.get("name", ""))
+    entry = agent.registry.transition(name, "running", "destroying")
+    rc = None
+    try:
+        if entry.guest is not None:
+            rc = entry.guest.exit(timeout_s=agent.config.guest_exit_timeout_s)
+    finally:
+        agent.registry.remove(name, "destroying")
+    log.info("destroyed guest %s (exit status %s)", name, rc)
+    return {"name": name, "exit_status": rc}
+
+
+def _savefile():
+    try:
+        from .. import savefile
+    except ImportError:
+        raise AgentError(ErrorCode.UNAVAILABLE, "save/restore is not available in this vmem build (vmem.savefile is "
+                                                "missing): update vmem on this host") from None
+    return savefile
+
+
+def _absolute(path) -> str:
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise AgentError(ErrorCode.BAD_REQUEST, f"the file must be an absolute path on the agent's host, got {path!r}")
+    return path
+
+
+def cmd_save(agent, channel, request: dict) -> dict:
+    """``{"op": "save", "name", "path", "keep_running"}``: like ``xl save [-c]``.
+
+    Without ``keep_running`` the guest stops once saved and leaves the registry; with it,
+    it runs on.  On failure it keeps running, as before.
+    """
+    savefile = _savefile()
+    name = str(request.get("name", ""))
+    path = _absolute(request.get("path"))
+    keep = bool(request.get("keep_running", False))
+    entry = agent.registry.transition(name, "running", "saving")
+    try:
+        stats = savefile.save_guest(entry.guest, path, keep_running=keep, name=name)
+    except BaseException as err:
+        if entry.guest.alive():
+            agent.registry.transition(name, "saving", "running")
+        else:
+            agent.registry.remove(name, "saving")
+            entry.guest.close()
+        if isinstance(err, (VmemError, OSError)):
+            raise AgentError(ErrorCode.FAILED, f"saving guest {name!r} to {path} failed: {err}") from None
+        raise
+    if keep and entry.guest.alive():
+        agent.registry.transition(name, "saving", "running")
+    elif keep:
+        agent.registry.remove(name, "saving")
+        entry.guest.close()
+        raise AgentError(ErrorCode.FAILED, f"guest {name!r} was saved to {path} but died afterwards")
+    else:
+        agent.registry.remove(name, "saving")
+        entry.guest.close()
+    log.info("saved guest %s to %s%s", name, path, " (still running)" if keep else "")
+    return {"name": name, "path": path, "stats": stats}
+
+
+def _read_save_config(savefile, path: str) -> dict:
+    """The domain config recorded in a save file's xl header (name, size, guest spec)."""
+    from ..errors import StreamError
+
+    try:
+        with open(path, "rb", buffering=0) as f:
+            def recv_exact(n: int) -> bytes:
+                data = f.read(n)
+                if len(data) != n:
+                    raise EOFError(f"{path} ends after {len(data)} of {n} bytes")
+                return data
+
+            return savefile.read_xl_header(recv_exact).config or {}
+    except FileNotFoundError:
+        raise AgentError(ErrorCode.BAD_REQUEST, f"{path}: no such file on the agent's host") from None
+    except (StreamError, EOFError, OSError) as err:
+        raise AgentError(ErrorCode.BAD_REQUEST, f"{path} is not a vmem save file: {err}") from None
+
+
+def cmd_restore(agent, channel, request: dict) -> dict:
+    """``{"op": "restore", "path", "name"}``: start a guest from a save file (like ``xl restore``).
+
+    The name defaults to the one recorded in the file; the name and the memory are reserved
+    before anything is spawned.
+    """
+    savefile = _savefile()
+    path = _absolute(request.get("path"))
+    config = _read_save_config(savefile, path)
+    section = config.get("vmem") or {}
+    name = request.get("name") or (config.get("c_info") or {}).get("name")
+    if not name:
+        raise AgentError(ErrorCode.BAD_REQUEST, f"{path} does not record a guest name: give --name NAME")
+    name = validate_name(name)
+    try:
+        size_bytes = int(section["npages"]) * int(section.get("page_size", 4096))
+    except (KeyError, TypeError, ValueError):
+        raise AgentError(ErrorCode.BAD_REQUEST, f"{path} lacks the vmem section of its config: not a vmem save file") from None
+    agent.registry.reserve(name, "restoring", size_bytes, section.get("guest") or {}, origin=f"restored from {path}")
+    try:
+        # restore_guest spawns through vmem.backend's incoming factory, which the agent routes
+        # to its spawner thread (see Agent._install_incoming_factory).
+        guest, stats = savefile.restore_guest(path, name=name)
+    except BaseException as err:
+        agent.registry.remove(name, "restoring")
+        if isinstance(err, (VmemError, OSError)):
+            raise AgentError(ErrorCode.FAILED, f"restoring {path} failed: {err}") from None
+        raise
+    entry = agent.registry.transition(name, "restoring", "running", guest=guest)
+    entry.spec = guest.spec.to_json()
+    log.info("restored guest %s from %s (pid %d)", name, path, guest.pid)
+    return {"guest": entry.describe(), "stats": stats}
+
+
+def cmd_migrate(agent, channel, request: dict) -> dict:
+    from .migration import migrate_out
+
+    return migrate_out(agent, channel, request)
+
+
+#: op -> handler.  Every op is allowed from the local CLI and from authenticated agents.
+COMMANDS = {
+    "ping": cmd_ping,
+    "create": cmd_create,
+    "list": cmd_list,
+    "destroy": cmd_destroy,
+    "save": cmd_save,
+    "restore": cmd_restore,
+    "migrate": cmd_migrate,
+}

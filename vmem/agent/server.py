@@ -1,0 +1,458 @@
+"""The host agent: one long-running process per host that owns guests and migrates them.
+
+``vmem agent --listen ADDR:PORT`` runs :class:`Agent` in the foreground (logs to stderr).
+It listens on
+
+* a **TCP port** for other agents: incoming migrations and remote commands, each
+  authenticated as configured (:mod:`vmem.agent.security`);
+* a **unix control socket** (mode 0600 in a 0700 directory, see :mod:`vmem.agent.paths`)
+  for the local CLI; a connecting process must also run as the agent's user or root
+  (``SO_PEERCRED``).
+
+Guarantees:
+    * Every connection is served in its own thread; a bad peer, a refused request or a
+      failed migration is logged with its reason and never stops the agent.
+    * Guests are children of the agent and die with it.  On SIGTERM/SIGINT the agent stops
+      accepting, breaks in-flight connections (an outgoing migration fails and its source
+      guest is then destroyed with the rest; an incoming one is discarded), asks every
+      guest to exit (bounded wait, then SIGKILL), removes its socket and exits.  If the
+      agent is killed outright, the kernel kills its guests (PR_SET_PDEATHSIG).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+
+from transport import SocketChannel, TransportError
+
+from .. import __version__
+from ..errors import VmemError
+from .commands import COMMANDS
+from .paths import info_path, prepare_state_dir, socket_path
+from .protocol import AgentError, ErrorCode, ProtocolError, client_hello, recv_frame, send_error, send_reply, server_hello
+from .registry import GuestRegistry
+from .security import PeerSecurity
+from .spawner import Spawner
+
+__all__ = ["AgentConfig", "Agent"]
+
+log = logging.getLogger("vmem.agent")
+
+#: A peer must finish authentication and the opening within this time.
+HANDSHAKE_TIMEOUT_S = 30.0
+
+
+@dataclass
+class AgentConfig:
+    """What ``vmem agent`` was asked for.
+
+    Attributes:
+        listen_host, listen_port: TCP address for other agents (port 0: the kernel picks one).
+        security: how peers authenticate.
+        state_dir: holds the control socket; None: the default for the port.
+        guest_exit_timeout_s: how long destroy/shutdown waits for a guest to exit before SIGKILL.
+        connect_timeout_s: how long an outgoing connection may take to establish.
+    """
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8002
+    security: PeerSecurity | None = None
+    state_dir: str | None = None
+    guest_exit_timeout_s: float = 5.0
+    connect_timeout_s: float = 10.0
+
+
+class Agent:
+    """The agent: sockets, connection threads, the guest registry and the spawner."""
+
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.security = config.security or PeerSecurity()
+        self.registry = GuestRegistry()
+        self.spawner: Spawner | None = None
+        self._tcp: socket.socket | None = None
+        self._unix: socket.socket | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._channels: set = set()        # live connections (accepted and made), to break on shutdown
+        self._threads: set[threading.Thread] = set()
+        self._saved_factory = None
+        self.state_dir = ""
+        self.control_socket = ""
+        self.listen_address = ""
+
+    # --- lifetime ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind both sockets, start the spawner, write ``agent.json``.
+
+        Raises:
+            AgentError: the port or the state directory is unusable, or another agent
+                already serves that control socket.
+        """
+        from .net import listen_tcp
+        from .paths import default_state_dir
+
+        try:
+            self._tcp = listen_tcp(self.config.listen_host, self.config.listen_port)
+        except (OSError, TransportError) as err:
+            raise AgentError(ErrorCode.BAD_REQUEST, f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: "
+                                                    f"{getattr(err, 'strerror', None) or err}") from None
+        from .net import format_hostport
+
+        port = self._tcp.getsockname()[1]
+        self.listen_address = format_hostport(self.config.listen_host, port)
+        self.state_dir = self.config.state_dir or default_state_dir(port)
+        prepare_state_dir(self.state_dir)
+        self.control_socket = socket_path(self.state_dir)
+        self._unix = _bind_control_socket(self.control_socket)
+        self.spawner = Spawner()
+        self._install_incoming_factory()
+        info = {"pid": os.getpid(), "listen": self.listen_address, "port": port, "socket": self.control_socket,
+                "security": self.security.mode, "version": __version__}
+        tmp = info_path(self.state_dir) + ".tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, info_path(self.state_dir))
+        log.info("vmem agent %s listening on %s (security: %s), control socket %s",
+                 __version__, self.listen_address, self.security.mode, self.control_socket)
+        if self.security.mode == "none":
+            log.warning("no authentication: any process that can reach %s may command this agent and send it guests",
+                        self.listen_address)
+
+    def _install_incoming_factory(self) -> None:
+        # The destination spawns its incoming guest through vmem.backend's factory table;
+        # in the agent that spawn must happen on the spawner thread (PR_SET_PDEATHSIG is
+        # per thread).  This process is the agent's own, so patching its table is local.
+        from .. import backend
+
+        self._saved_factory = backend.INCOMING_FACTORIES["process"]
+        backend.INCOMING_FACTORIES["process"] = self.spawner.wrap(self._saved_factory)
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "listen": self.listen_address, "security": self.security.mode,
+                "version": __version__, "hostname": socket.gethostname(), "free_bytes": self.registry.free_bytes(),
+                "guests": len(self.registry.entries())}
+
+    def request_stop(self, *_signal_args) -> None:
+        """Ask :meth:`serve_forever` to return (safe from a signal handler or any thread)."""
+        self._stopping.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def serve_forever(self) -> None:
+        """Accept connections until :meth:`request_stop`; each is served in its own thread."""
+        sel = selectors.DefaultSelector()
+        sel.register(self._tcp, selectors.EVENT_READ, "tcp")
+        sel.register(self._unix, selectors.EVENT_READ, "unix")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stopping.is_set():
+                for key, _ in sel.select():
+                    if key.data == "tcp":
+                        self._accept_tcp()
+                    elif key.data == "unix":
+                        self._accept_unix()
+        finally:
+            sel.close()
+
+    def shutdown(self) -> None:
+        """Stop everything (see the module docstring); bounded; idempotent."""
+        self._stopping.set()
+        for s in (self._tcp, self._unix):
+            if s is not None:
+                s.close()
+        self._tcp = self._unix = None
+        for path in (self.control_socket, info_path(self.state_dir) if self.state_dir else ""):
+            if path:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        with self._lock:
+            channels = list(self._channels)
+            threads = list(self._threads)
+        for ch in channels:
+            _break(ch)
+        for t in threads:
+            t.join(self.config.guest_exit_timeout_s + 5)
+        for entry in self.registry.entries():
+            if entry.guest is not None:
+                log.info("stopping guest %s (pid %d) with the agent", entry.name, entry.guest.pid)
+                try:
+                    entry.guest.exit(timeout_s=self.config.guest_exit_timeout_s)
+                except Exception as err:  # keep reaping the others
+                    log.warning("guest %s: %s", entry.name, err)
+                    entry.guest.close()
+            self.registry.remove(entry.name)
+        if self._saved_factory is not None:
+            from .. import backend
+
+            backend.INCOMING_FACTORIES["process"] = self._saved_factory
+            self._saved_factory = None
+        if self.spawner is not None:
+            self.spawner.stop()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+        log.info("vmem agent stopped")
+
+    # --- bookkeeping for shutdown ----------------------------------------------------------------
+    def forget_channel(self, ch) -> None:
+        with self._lock:
+            self._channels.discard(ch)
+
+    def _spawn_thread(self, target, *args, name: str) -> None:
+        def run():
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(threading.current_thread())
+
+        t = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            self._threads.add(t)
+        t.start()
+
+    # --- outgoing ---------------------------------------------------------------------------------
+    def connect_peer(self, host: str, port: int, purpose: str):
+        """Connect to the agent at ``host:port``, authenticate for ``purpose`` and open.
+
+        Returns the secured channel (registered for shutdown; the caller closes it and
+        calls :meth:`forget_channel`).
+
+        Raises:
+            AgentError(unreachable | auth | protocol | version): with the peer's address.
+        """
+        from .net import connect_tcp
+
+        who = f"agent at {host}:{port}"
+        try:
+            raw = connect_tcp(host, port, timeout_s=self.config.connect_timeout_s)
+        except (TransportError, OSError) as err:
+            raise AgentError(ErrorCode.UNREACHABLE, f"cannot reach the {who}: {err} (is `vmem agent` running there, "
+                                                    "and is the port open?)") from None
+        with self._lock:
+            self._channels.add(raw)
+        channel = raw
+        try:
+            raw.settimeout(HANDSHAKE_TIMEOUT_S)
+            try:
+                channel = self.security.connect(raw, purpose, host)
+            except TransportError as err:
+                raise AgentError(ErrorCode.AUTH, f"the {who} refused our authentication ({self.security.mode}): {err} "
+                                                 "(both agents need the same --key file / a certificate from the same CA)") from None
+            try:
+                client_hello(channel, purpose, who)
+            except TransportError as err:
+                raise AgentError(ErrorCode.PROTOCOL, f"the {who} closed the connection during the opening: {err} "
+                                                     f"(does it use the same security mode, {self.security.mode}?)") from None
+            channel.settimeout(None)  # `raw` may be consumed (TLS): set it on what wraps it
+        except BaseException:
+            self.forget_channel(raw)
+            channel.close()
+            raw.close()
+            raise
+        with self._lock:
+            self._channels.discard(raw)
+            self._channels.add(channel)
+        return channel
+
+    # --- incoming ---------------------------------------------------------------------------------
+    def _accept_tcp(self) -> None:
+        from .net import accept_channel
+
+        try:
+            channel, addr = accept_channel(self._tcp, timeout_s=1.0)
+        except (OSError, TransportError) as err:
+            log.warning("accept failed: %s", err)
+            return
+        peer = f"{addr[0]}:{addr[1]}"
+        with self._lock:
+            self._channels.add(channel)
+        self._spawn_thread(self._serve_tcp, channel, peer, name=f"vmem-peer-{peer}")
+
+    def _accept_unix(self) -> None:
+        try:
+            sock, _ = self._unix.accept()
+        except OSError as err:
+            log.warning("accept on the control socket failed: %s", err)
+            return
+        channel = SocketChannel(sock)
+        with self._lock:
+            self._channels.add(channel)
+        self._spawn_thread(self._serve_unix, channel, name="vmem-cli")
+
+    def _serve_tcp(self, raw, peer: str) -> None:
+        channel = raw
+        try:
+            raw.settimeout(HANDSHAKE_TIMEOUT_S)
+            try:
+                channel, auth_purpose = self.security.accept(raw)
+            except (TransportError, OSError) as err:
+                log.warning("refused connection from %s: authentication failed (%s): %s", peer, self.security.mode, err)
+                return
+            try:
+                purpose = server_hello(channel, self.info())
+            except ProtocolError as err:
+                log.warning("refused connection from %s: %s", peer, err)
+                return
+            if auth_purpose is not None and purpose != auth_purpose:
+                log.warning("refused connection from %s: authenticated for %r but opened for %r", peer, auth_purpose, purpose)
+                send_error(channel, ErrorCode.AUTH, f"authenticated for {auth_purpose!r}, not {purpose!r}")
+                return
+            channel.settimeout(None)  # `raw` may be consumed (TLS): set it on what wraps it
+            with self._lock:
+                self._channels.discard(raw)
+                self._channels.add(channel)
+            if purpose == "migrate-in":
+                from .migration import serve_incoming
+
+                serve_incoming(self, channel, peer)
+            else:
+                self._command_loop(channel, peer)
+        except (TransportError, OSError) as err:
+            log.warning("connection from %s ended: %s", peer, err)
+        except Exception:
+            log.exception("connection from %s: internal error", peer)
+        finally:
+            for ch in {raw, channel}:
+                self.forget_channel(ch)
+                ch.close()
+
+    def _serve_unix(self, channel) -> None:
+        try:
+            uid = _peer_uid(channel.sock)
+            if uid not in (0, os.geteuid()):
+                log.warning("refused a control connection from uid %s: only uid %d or root may command this agent",
+                            uid, os.geteuid())
+                return
+            try:
+                server_hello(channel, self.info(), allowed_purposes=("command",))
+            except ProtocolError as err:
+                log.warning("refused a control connection: %s", err)
+                return
+            self._command_loop(channel, f"local uid {uid}")
+        except (TransportError, OSError) as err:
+            log.info("control connection ended: %s", err)
+        except Exception:
+            log.exception("control connection: internal error")
+        finally:
+            self.forget_channel(channel)
+            channel.close()
+
+    def _command_loop(self, channel, peer: str) -> None:
+        """Serve requests until the peer closes; each gets exactly one reply."""
+        from transport import ChannelBrokenError
+
+        while not self._stopping.is_set():
+            try:
+                request = recv_frame(channel)
+            except ChannelBrokenError:
+                return  # the peer is done
+            except ProtocolError as err:
+                log.warning("dropped %s: %s", peer, err)
+                send_error(channel, err.code, str(err))
+                return
+            op = request.get("op")
+            handler = COMMANDS.get(op)
+            if handler is None:
+                send_error(channel, ErrorCode.BAD_REQUEST, f"unknown request {op!r} (known: {', '.join(COMMANDS)})")
+                continue
+            try:
+                reply = handler(self, channel, request)
+            except AgentError as err:
+                log.warning("refused %s from %s: %s", op, peer, err.message)
+                send_error(channel, err.code, err.message)
+                continue
+            except VmemError as err:
+                log.warning("%s from %s failed: %s", op, peer, err)
+                send_error(channel, ErrorCode.FAILED, str(err))
+                continue
+            except Exception as err:
+                log.exception("%s from %s: internal error", op, peer)
+                send_error(channel, ErrorCode.INTERNAL, f"internal error {type(err).__name__}: {err} (a vmem bug: see the agent's log)")
+                continue
+            send_reply(channel, **reply)
+
+
+def _bind_control_socket(path: str) -> socket.socket:
+    """Bind the unix control socket at ``path`` with mode 0600.
+
+    A leftover socket of a dead agent is replaced; a live agent's is not.
+
+    Raises:
+        AgentError: another agent answers on ``path``.
+    """
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: its agent is gone
+        else:
+            raise AgentError(ErrorCode.BUSY, f"another vmem agent serves {path}: stop it, or give this one another --state-dir")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)  # never visible with wider permissions, not even for a moment
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return sock
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def _break(channel) -> None:
+    """Wake any thread blocked on ``channel`` (shutdown(2) on its socket), then close it."""
+    inner = channel
+    for _ in range(4):  # unwrap MacChannel/TlsChannel/ShapedChannel to the socket
+        sock = getattr(inner, "_sock", None) or getattr(inner, "sock", None)
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        inner = getattr(inner, "inner", None) or getattr(inner, "_inner", None)
+        if inner is None:
+            return
+
+
+def run_agent(config: AgentConfig) -> int:
+    """``vmem agent``: start, serve until SIGTERM/SIGINT, shut down.  Returns the exit status."""
+    agent = Agent(config)
+    try:
+        agent.start()
+    except AgentError:
+        agent.shutdown()
+        raise
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    try:
+        agent.serve_forever()
+    finally:
+        log.info("shutting down: stopping %d guest(s)", len(agent.registry.entries()))
+        agent.shutdown()
+    return 0

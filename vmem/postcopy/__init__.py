@@ -1,0 +1,14 @@
+"""Post-copy migration: the guest runs at the destination before all of its RAM arrived.
+
+* :mod:`.records` -- the post-copy record bodies (PFNS, FAULT) and the urgent page channel's
+  framing;
+* :mod:`.source` -- :class:`PostcopySource`: serves demand faults ahead of a background push
+  that starts from the neighbourhood of recent faults;
+* :mod:`.destination` -- :class:`PostcopyDestination`: holds the guest's userfaultfd, knows
+  which pages are present at every moment, places pages atomically.
+
+See docs/postcopy.md for the protocol and the failure semantics.
+"""
+from .records import MAX_PFNS_PER_RECORD, decode_pfn_list, encode_pfn_list
+
+__all__ = ["MAX_PFNS_PER_RECORD", "encode_pfn_list", "decode_pfn_list"]

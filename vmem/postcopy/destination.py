@@ -1,0 +1,397 @@
+"""Destination side of post-copy: present-page state, demand faults, atomic placement.
+
+The migrator process holds the incoming guest's userfaultfd (sent by the guest over
+SCM_RIGHTS) and registers the guest's RAM with MISSING|MINOR (keeping WP, so the guest can
+be tracked when it migrates on).  From then on the guest can see a page only when we map
+it:
+
+* a page still to come is written into the RAM file with ``pwrite`` (invisible: the guest
+  has no mapping of it and its faults are trapped) and then mapped with ``UFFDIO_CONTINUE``
+  -- so a page is never visible half-written (``vmem._native.place_pages``);
+* a page that was already here before the switch (pre-copied and not dirtied since, or a
+  page the source never had: a zero page) is mapped on its first fault: ``CONTINUE`` for a
+  page in the page cache (MINOR fault), ``UFFDIO_ZEROPAGE`` for a hole (MISSING fault);
+  a background thread also maps the pre-copied pages in large runs, so the guest rarely
+  has to fault on them.
+
+Present-page state, one byte per page (:attr:`PostcopyDestination.state`): MISSING (must
+come from the source), PLACING (claimed by one placing thread: the others skip it),
+PRESENT (its final content is in the RAM file).  A page goes MISSING -> PLACING -> PRESENT
+exactly once after the switch, under one lock, so a demand fetch and the background push
+racing for the same page write it once and never overwrite a page the guest has already
+modified.  The same array is what recovery after a broken link would exchange.
+"""
+from __future__ import annotations
+
+import os
+import select
+import sys
+import threading
+import time
+
+import numpy as np
+
+from .. import _native as nat
+from ..errors import MigrationError
+from ..pages import PAGE_SIZE, unique_pages
+from .records import MAX_PFNS_PER_RECORD, UrgentReader, encode_pfn_list
+
+__all__ = ["PostcopyDestination", "MISSING", "PLACING", "PRESENT", "postcopy_unavailable_reason"]
+
+MISSING, PLACING, PRESENT = 0, 1, 2
+#: fault events read per read(2) on the userfaultfd
+FAULT_EVENTS_PER_READ = 256
+#: GIL switch interval while post-copy runs (see PostcopyDestination.switch)
+GIL_SWITCH_INTERVAL_S = 0.0001
+#: pages mapped per UFFDIO_CONTINUE call chain by the background mapper between checks
+MAPPER_CHUNK_PAGES = 4096
+
+
+def postcopy_unavailable_reason(guest) -> str | None:
+    """Why post-copy cannot run for this incoming guest on this kernel, or None."""
+    feats = guest.uffd_features
+    if feats < 0:
+        return f"the incoming guest has no userfaultfd ({os.strerror(-feats)})"
+    for name, bit in (("MISSING_SHMEM", nat.UFFD_FEATURE_MISSING_SHMEM), ("MINOR_SHMEM", nat.UFFD_FEATURE_MINOR_SHMEM)):
+        if not feats & bit:
+            return f"the kernel lacks userfaultfd {name} (needed to trap the guest's accesses to missing pages)"
+    return None
+
+
+class PostcopyDestination:
+    """Post-copy state and threads for one incoming guest.
+
+    Args:
+        guest: the incoming ProcessGuest (its uffd, RAM fd and RAM base are used).
+        digests: per-page digest array to fill as pages are placed (None: no verification).
+        received: bool per page, True for pages written into the RAM file (pre-copy placer
+            fills it before the switch); pages never received are zero pages.
+        send_control: thread-safe ``send_control(ctype, raw=bytes)`` on the back channel.
+
+    Guarantees: after :meth:`wait_complete` returns True every page is PRESENT, in the RAM
+    file, mapped or mappable, and its digest recorded; :meth:`finish` leaves the guest's RAM
+    registered for WP only (no fault can block it any more).
+    """
+
+    def __init__(self, guest, digests: np.ndarray | None, received: np.ndarray, send_control):
+        self.guest = guest
+        self.npages = guest.npages
+        self.uffd = guest.uffd()
+        self.base = guest.ram_base
+        self.ram_fd = guest.ram.fd
+        self.digests = digests
+        self.received = received
+        self._send_control = send_control
+        self.state = np.full(self.npages, PRESENT, dtype=np.uint8)
+        self.requested = np.zeros(self.npages, dtype=bool)
+        self.fault_t0_ns = np.zeros(self.npages, dtype=np.int64)
+        self._lock = threading.Lock()
+        self._complete = threading.Event()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._threads: list[threading.Thread] = []
+        self.error: BaseException | None = None
+        self.armed = False
+        # statistics (documented in docs/report.md under "postcopy")
+        self.missing = 0
+        self.pages_pending = 0
+        self.fault_events = 0
+        self.demand_faults = 0  # distinct pages requested from the source
+        self.local_faults = 0  # faults resolved here (page present: CONTINUE / ZEROPAGE)
+        self.pages_demanded = 0  # placed from the urgent channel / demand answers
+        self.pages_pushed = 0  # placed from the background push
+        self.pages_mapped_ahead = 0  # pre-copied pages mapped by the background mapper
+        self.duplicates = 0  # pages that arrived twice (demand and push raced)
+        self._latencies: list[np.ndarray] = []
+        self._local_latencies: list[np.ndarray] = []
+        self.t_switch_ns = 0
+        self.engine = None  # PostcopyFaultEngine in fast-path mode
+        self._latency_ns: np.ndarray | None = None
+        self._old_switch_s: float | None = None
+        self.t_complete_ns = 0
+
+    # --- registration ---------------------------------------------------------------------
+    def arm(self) -> None:
+        """Trap the guest's accesses to unmapped pages (MISSING|MINOR, keeping WP)."""
+        mode = nat.UFFDIO_REGISTER_MODE_MISSING | nat.UFFDIO_REGISTER_MODE_MINOR | nat.UFFDIO_REGISTER_MODE_WP
+        nat.uffd_register(self.uffd, self.base, self.npages * PAGE_SIZE, mode)
+        self.armed = True
+
+    def disarm(self) -> None:
+        """Back to WP only: the kernel maps pages on its own again."""
+        if self.armed:
+            nat.uffd_register(self.uffd, self.base, self.npages * PAGE_SIZE, nat.UFFDIO_REGISTER_MODE_WP)
+            self.armed = False
+
+    # --- the switch -------------------------------------------------------------------------
+    def mark_pending(self, pfns: np.ndarray) -> None:
+        """A PFNS record: these pages will come from the source (idempotent, any order).
+
+        Applied as each record arrives, so the switch needs no sort of the whole list.
+        """
+        self.state[pfns] = MISSING
+
+    def switch(self, urgent_channel=None) -> None:
+        """Start the fault handling for the pages marked pending.
+
+        Call after every pre-copied page is written (the pre-copy placer flushed) and
+        before the guest resumes.
+        """
+        self.missing = self.pages_pending = int(np.count_nonzero(self.state == MISSING))
+        self.t_switch_ns = time.monotonic_ns()
+        # A thread woken by a fault waits for the GIL up to the switch interval (5 ms by
+        # default) while another thread runs Python: that alone would be the fault latency.
+        self._old_switch_s = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        if self.missing == 0:
+            self._mark_complete()
+        if urgent_channel is not None:
+            # Fast path: one C thread reads faults, asks on the urgent channel and places
+            # the answers (vmem._native.PostcopyFaultEngine); Python keeps the push.
+            self._latency_ns = np.zeros(min(self.npages, 1 << 20), dtype=np.int64)
+            self.engine = nat.PostcopyFaultEngine(
+                self.uffd, urgent_channel.fileno(), self.ram_fd, self.base, self.npages, self.state,
+                self.requested.view(np.uint8), self.received.view(np.uint8), self.fault_t0_ns, self.digests,
+                self._latency_ns, self.missing)
+            self.engine.start()
+            return
+        self._start(self._fault_loop, "vmem-pc-faults")
+
+    def start_mapper(self) -> None:
+        """Start mapping pre-copied pages ahead of the guest (after it resumed: not in the downtime)."""
+        self._start(self._mapper_loop, "vmem-pc-mapper")
+
+    def _start(self, target, name: str) -> None:
+        def run():
+            try:
+                target()
+            except BaseException as err:  # surfaced by wait_complete / finish
+                if not self._stop.is_set():
+                    self.error = err
+                    self._complete.set()
+
+        t = threading.Thread(target=run, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # --- placement -----------------------------------------------------------------------------
+    def place(self, staging: np.ndarray, pfns: np.ndarray, digest_tmp: np.ndarray) -> int:
+        """Place the pages of ``pfns`` held in ``staging[:n]``; skip those already here.
+
+        Thread-safe.  Returns how many pages this call placed.
+        """
+        if self.engine is not None:
+            return self.engine.place(staging, pfns, digest_tmp)
+        n = len(pfns)
+        with self._lock:
+            take = self.state[pfns] == MISSING
+            rows = np.flatnonzero(take)
+            mine = pfns[rows]
+            self.state[mine] = PLACING
+        if len(rows) < n:
+            self.duplicates += n - len(rows)
+        if not len(rows):
+            return 0
+        if self.digests is not None:
+            tmp = digest_tmp[:n]
+            nat.digest_range(staging.ctypes.data, 0, n, tmp)
+            self.digests[mine] = tmp[rows]
+        nat.place_pages(self.ram_fd, self.uffd, self.base, staging, mine, None if len(rows) == n else rows)
+        now = time.monotonic_ns()
+        with self._lock:
+            self.state[mine] = PRESENT
+            self.received[mine] = True
+            t0 = self.fault_t0_ns[mine]
+            hit = t0 > 0
+            if hit.any():
+                self._latencies.append(now - t0[hit])
+                self.fault_t0_ns[mine[hit]] = 0
+            self.missing -= len(mine)
+            # "Demanded": the guest faulted on it and we asked for it, whichever channel
+            # brought it; "pushed": it came with the background push before anyone asked.
+            asked = int(np.count_nonzero(self.requested[mine]))
+            self.pages_demanded += asked
+            self.pages_pushed += len(mine) - asked
+            if self.missing == 0:
+                self._mark_complete()
+        return len(mine)
+
+    def _mark_complete(self) -> None:
+        if not self.t_complete_ns:
+            self.t_complete_ns = time.monotonic_ns()
+        self._complete.set()
+
+    # --- threads ---------------------------------------------------------------------------------
+    def _fault_loop(self) -> None:
+        """Read fault events; resolve present pages here, request missing ones (FAULT)."""
+        poller = select.poll()
+        poller.register(self.uffd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        base, npages = self.base, self.npages
+        minor_flag = nat.UFFD_PAGEFAULT_FLAG_MINOR
+        while not self._stop.is_set():
+            if not poller.poll(1000):
+                continue
+            if self._stop.is_set():
+                return
+            addrs, flags = nat.uffd_read_fault_events(self.uffd, FAULT_EVENTS_PER_READ)
+            if not len(addrs):
+                continue
+            t = time.monotonic_ns()
+            pfns = ((addrs - np.uint64(base)) >> np.uint64(12)).astype(np.int64)
+            ok = (addrs >= np.uint64(base)) & (pfns < npages)
+            pfns, flags = pfns[ok], flags[ok]
+            self.fault_events += len(pfns)
+            with self._lock:
+                st = self.state[pfns]
+                waiting = pfns[st != PRESENT]
+                fresh = waiting[self.fault_t0_ns[waiting] == 0]
+                self.fault_t0_ns[fresh] = t
+                ask = waiting[(self.state[waiting] == MISSING) & ~self.requested[waiting]]
+                ask = unique_pages(ask)
+                self.requested[ask] = True
+            if len(ask):
+                self.demand_faults += len(ask)
+                for i in range(0, len(ask), MAX_PFNS_PER_RECORD):
+                    self._send_control_fault(ask[i:i + MAX_PFNS_PER_RECORD])
+            here = np.flatnonzero(st == PRESENT)
+            if len(here):
+                # Present already: map it ourselves.  Per fault, not per page of RAM: a
+                # guest touches each page at most once before it is mapped.
+                for k in here.tolist():
+                    addr = base + int(pfns[k]) * PAGE_SIZE
+                    if int(flags[k]) & minor_flag:
+                        nat.uffd_continue(self.uffd, addr, PAGE_SIZE)
+                    else:
+                        nat.uffd_zeropage(self.uffd, addr, PAGE_SIZE)  # a page the source never had
+                self.local_faults += len(here)
+                self._local_latencies.append(np.full(len(here), time.monotonic_ns() - t, dtype=np.int64))
+
+    def _send_control_fault(self, pfns: np.ndarray) -> None:
+        from ..wire import ControlType
+
+        self._send_control(ControlType.POSTCOPY_FAULT, raw=encode_pfn_list(pfns))
+
+    def _urgent_loop(self, channel) -> None:
+        """Place demand-fetched pages from the urgent channel as soon as they arrive."""
+        from transport import TransportError
+
+        reader = UrgentReader(channel.recv_exact, channel.recv_into, self.npages)
+        staging = np.empty((1024, PAGE_SIZE), dtype=np.uint8)
+        tmp = np.empty(1024, dtype=np.uint64)
+        while not self._stop.is_set():
+            try:
+                pfns = reader.read(staging)
+            except TransportError:
+                if self._stop.is_set() or self._complete.is_set():
+                    return
+                raise
+            self.place(staging, pfns, tmp)
+
+    def _mapper_loop(self) -> None:
+        """Map pre-copied pages in large runs so the guest need not fault on each one."""
+        have = self.received & (self.state == PRESENT)
+        idx = np.flatnonzero(have)
+        if not len(idx):
+            return
+        brk = np.flatnonzero(np.diff(idx) != 1) + 1
+        starts = idx[np.concatenate(([0], brk))]
+        ends = idx[np.concatenate((brk - 1, [len(idx) - 1]))] + 1
+        runs = np.stack((starts, ends), axis=1)
+        # Cut long runs so the loop can stop (and faults interleave) every few MiB.
+        out = []
+        for a, b in runs.tolist():
+            for x in range(a, b, MAPPER_CHUNK_PAGES):
+                out.append((x, min(x + MAPPER_CHUNK_PAGES, b)))
+        runs = np.asarray(out, dtype=np.int64)
+        for i in range(0, len(runs), 64):
+            if self._stop.is_set():
+                return
+            self.pages_mapped_ahead += nat.continue_runs(self.uffd, self.base, runs[i:i + 64])
+
+    # --- end ---------------------------------------------------------------------------------------
+    def wait_complete(self, timeout_s: float) -> bool:
+        """Wait until every pending page is present; False on timeout.  Raises a thread's error."""
+        if self.engine is not None:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                st = self.engine.stats()
+                if st["error"]:
+                    raise MigrationError("postcopy", f"post-copy fault thread failed: {os.strerror(st['error'])}")
+                if st["missing"] == 0 or time.monotonic() > deadline:
+                    self.missing = st["missing"]
+                    return st["missing"] == 0
+                time.sleep(0.0005)
+        self._complete.wait(timeout_s)
+        if self.error is not None:
+            raise MigrationError("postcopy", f"post-copy at the destination failed: {self.error}") from self.error
+        return self.missing == 0
+
+    def stop(self) -> None:
+        """Stop the threads (idempotent).  Does not disarm: call :meth:`finish` for that."""
+        self._stop.set()
+        if self.engine is not None:
+            self._engine_stats = self.engine.stats()
+            self.engine.close()
+            self.engine = None
+        if self._old_switch_s is not None:
+            sys.setswitchinterval(self._old_switch_s)
+            self._old_switch_s = None
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        for t in self._threads:
+            # The urgent receiver may sit in recv() until the source closes that channel:
+            # it is a daemon and ends on EOF, so it is not waited for here.
+            t.join(0.05 if t.name == "vmem-pc-urgent" else 5)
+        self._threads.clear()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def finish(self) -> dict:
+        """All pages present: stop the threads, disarm, return the statistics."""
+        self.stop()
+        self.disarm()
+        return self.stats()
+
+    def missing_pages(self) -> np.ndarray:
+        """Pages not present (what is lost if the source is gone)."""
+        return np.flatnonzero(self.state != PRESENT)
+
+    def stats(self) -> dict:
+        es = getattr(self, "_engine_stats", None) or (self.engine.stats() if self.engine is not None else None)
+        if es is not None:
+            self.demand_faults, self.fault_events, self.local_faults = es["demand_faults"], es["fault_events"], es["local_faults"]
+            self.pages_demanded, self.duplicates = es["pages_demanded"], es["duplicates"]
+            self.pages_pushed, self.missing = es["pages_pushed"], es["missing"]
+            self.t_complete_ns = es["t_complete_ns"] or self.t_complete_ns
+            self._latencies = [self._latency_ns[: es["latencies"]].copy()]
+        lat = np.concatenate(self._latencies) / 1e3 if self._latencies else np.empty(0)
+        local = np.concatenate(self._local_latencies) / 1e3 if self._local_latencies else np.empty(0)
+
+        def pct(a: np.ndarray) -> dict:
+            if not len(a):
+                return {"p50": None, "p99": None, "max": None, "count": 0}
+            return {"p50": round(float(np.percentile(a, 50)), 1), "p99": round(float(np.percentile(a, 99)), 1),
+                    "max": round(float(a.max()), 1), "count": int(len(a))}
+
+        return {
+            "pages_pending": int(self.pages_pending),
+            "faults": int(self.demand_faults),
+            "fault_events": int(self.fault_events),
+            "local_faults": int(self.local_faults),
+            "fault_latency_us": pct(lat),
+            "local_fault_latency_us": pct(local),
+            "pages_demanded": int(self.pages_demanded),
+            "pages_pushed": int(self.pages_pushed),
+            "pages_mapped_ahead": int(self.pages_mapped_ahead),
+            "duplicate_pages": int(self.duplicates),
+            "complete_s": round((self.t_complete_ns - self.t_switch_ns) / 1e9, 6) if self.t_complete_ns else None,
+            "missing": int(self.missing),
+            "fault_path": "native" if es is not None else "python",
+        }

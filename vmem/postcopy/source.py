@@ -1,0 +1,261 @@
+"""Source side of post-copy: demand pages first, then a background push near the faults.
+
+After TRANSITION the source guest stays paused: its RAM is the only complete copy of the
+pages still to come, and it stays intact until the destination confirms (POSTCOPY_STATUS,
+then the digest comparison) that every page has been placed.
+
+Two threads:
+
+* the *fault server* reads the back channel.  A POSTCOPY_FAULT is answered at once with the
+  requested pages -- on the urgent channel when there is one (a second connection, so the
+  answer does not queue behind megabytes of background push), else on the main stream
+  between two push batches -- and moves the push cursor to the fault (pre-paging: the
+  neighbourhood of a fault is likely to be touched next, as Hines & Gopalan and the 2017 RFC
+  do).  Every other control record is handed to the main thread through a queue.
+* the *pusher* (the caller's thread) sends the remaining pages in batches of up to 1024,
+  from the cursor onwards, skipping pages already sent.
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+
+import numpy as np
+
+from .. import wire
+from ..errors import MigrationError
+from ..pages import PAGE_SIZE, page_buffers, unique_pages
+from .records import MAX_URGENT_PAGES, decode_pfn_list, urgent_record_parts
+
+__all__ = ["PostcopySource"]
+
+BATCH_PAGES = 1024
+GIL_SWITCH_INTERVAL_S = 0.0001
+#: pages a batch search looks at per numpy step (a window of the pending list)
+SCAN_WINDOW = 16384
+
+
+class PostcopySource:
+    """Push ``pending`` (sorted unique int64 pfns) to the destination after TRANSITION.
+
+    Args:
+        ram: the source guest's RAM as an ``(npages, 4096)`` uint8 array (guest paused).
+        writer: the StreamWriter of the main stream.
+        ctl_reader: the back channel's ControlReader.
+        send_lock: serialises writes to the main stream (the fault server writes there too
+            when there is no urgent channel).
+        urgent: optional urgent Channel.
+        progress: the migration's progress sink (``sent``).
+    """
+
+    def __init__(self, ram: np.ndarray, pending: np.ndarray, writer, ctl_reader, send_lock: threading.Lock,
+                 urgent=None, progress=None, channel=None):
+        self.ram = ram
+        self.pending = pending
+        self.npages = len(ram)
+        self.writer = writer
+        self.ctl_reader = ctl_reader
+        self.send_lock = send_lock
+        self.urgent = urgent
+        self.progress = progress
+        self.sent = np.zeros(self.npages, dtype=bool)
+        self.cursor = 0  # index into pending where the push continues
+        self.controls: "queue.Queue" = queue.Queue()
+        self.faults_served = 0
+        self.pages_demanded = 0
+        self.pages_pushed = 0
+        self.bytes_pushed = 0
+        self._fault_staging = np.empty((MAX_URGENT_PAGES, PAGE_SIZE), dtype=np.uint8)
+        self._staging = np.empty((BATCH_PAGES, PAGE_SIZE), dtype=np.uint8)
+        self._thread: threading.Thread | None = None
+        self.channel = channel  # the main channel (its back direction), read here in engine mode
+        self._engine = None  # PostcopyFaultServer (C) when there is an urgent channel
+        self._cursor_shared = np.zeros(2, dtype=np.int64)  # [newest fault pfn, fault count]
+        self._cursor_seq = 0
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._old_switch_s: float | None = None
+
+    # --- back channel ------------------------------------------------------------------------
+    def start(self) -> None:
+        # The fault server must get the GIL soon after a FAULT arrives, not after the
+        # pusher's 5 ms default switch interval.
+        self._old_switch_s = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        if self.urgent is not None:
+            # Fast path: a C thread answers the faults from the urgent channel; the back
+            # channel stays with the main thread.
+            from .. import _native as nat
+
+            self._engine = nat.PostcopyFaultServer(self.urgent.fileno(), self.ram, self.sent.view(np.uint8), self._cursor_shared)
+            self._engine.start()
+            return
+        self._thread = threading.Thread(target=self._serve_backchannel, name="vmem-pc-faultserver", daemon=True)
+        self._thread.start()
+
+    def _serve_backchannel(self) -> None:
+        """Answer faults; queue everything else; end after POSTCOPY_STATUS or ERROR."""
+        try:
+            while not self._stop.is_set():
+                ctype, body = self.ctl_reader.read()
+                if ctype == wire.ControlType.POSTCOPY_FAULT:
+                    self._serve_fault(decode_pfn_list(body, self.npages, "POSTCOPY_FAULT"))
+                    continue
+                self.controls.put((ctype, body))
+                if ctype in (wire.ControlType.POSTCOPY_STATUS, wire.ControlType.ERROR):
+                    return
+        except BaseException as err:  # the main thread raises it from next_control
+            self.error = err
+            self.controls.put((None, err))
+
+    def _serve_fault(self, pfns: np.ndarray) -> None:
+        pfns = unique_pages(pfns)
+        self.faults_served += len(pfns)
+        # Pre-paging: the push goes on right after the newest fault.
+        self.cursor = int(np.searchsorted(self.pending, pfns[-1], side="right"))
+        for i in range(0, len(pfns), MAX_URGENT_PAGES):
+            chunk = pfns[i:i + MAX_URGENT_PAGES]
+            bufs = page_buffers(self.ram, chunk, self._fault_staging)
+            if self.urgent is not None:
+                self.urgent.send_parts(urgent_record_parts(chunk, bufs))
+            else:
+                with self.send_lock:
+                    self.writer.page_data(chunk, bufs, record_type=wire.PostcopyRecordType.PAGE_DATA)
+            self.sent[chunk] = True
+            self.pages_demanded += len(chunk)
+
+    def poll_backchannel(self) -> None:
+        """Engine mode, between push batches: queue a control record if one is waiting."""
+        if self._engine is None:
+            return
+        st = self._engine.stats()
+        if st["error"]:
+            import os
+
+            raise MigrationError("postcopy", f"the fault server stopped: {os.strerror(st['error'])}")
+        if self.channel.wait_readable(0):
+            self.controls.put(self.ctl_reader.read())
+
+    def wait_for_control(self, timeout_s: float) -> float:
+        """Wait up to ``timeout_s`` for the next control record (left queued); return ms waited."""
+        t0 = time.monotonic()
+        if self._engine is not None:
+            if self.controls.empty() and self.channel.wait_readable(timeout_s):
+                self.controls.put(self.ctl_reader.read())
+        else:
+            try:
+                item = self.controls.get(timeout=timeout_s)
+            except queue.Empty:
+                pass
+            else:
+                # Put it back in front: a queue has no push-front, so rebuild it.
+                rest = []
+                while not self.controls.empty():
+                    rest.append(self.controls.get_nowait())
+                for x in [item, *rest]:
+                    self.controls.put(x)
+        return round((time.monotonic() - t0) * 1e3, 3)
+
+    def next_control(self, timeout_s: float):
+        """The next non-FAULT control record from the back channel (ctype, body)."""
+        if self._engine is not None:
+            if self.controls.empty():
+                if not self.channel.wait_readable(timeout_s):
+                    raise MigrationError("postcopy", f"destination sent nothing for {timeout_s:.0f} s")
+                return self.ctl_reader.read()
+            return self.controls.get_nowait()
+        try:
+            ctype, body = self.controls.get(timeout=timeout_s)
+        except queue.Empty:
+            raise MigrationError("postcopy", f"destination sent nothing for {timeout_s:.0f} s") from None
+        if ctype is None:
+            raise body
+        return ctype, body
+
+    # --- push ----------------------------------------------------------------------------------
+    def _next_batch(self) -> np.ndarray | None:
+        """Up to BATCH_PAGES unsent pending pages from the cursor on (wrapping); None when done."""
+        p = self.pending
+        n = len(p)
+        if n == 0:
+            return None
+        start = min(self.cursor, n)
+        got: list[np.ndarray] = []
+        total = 0
+        end_pos = start
+        # Two segments, [start, n) then [0, start): every pending page is looked at once.
+        for seg_a, seg_b in ((start, n), (0, start)):
+            i = seg_a
+            while i < seg_b and total < BATCH_PAGES:
+                j = min(i + SCAN_WINDOW, seg_b)
+                window = p[i:j]
+                unsent = window[~self.sent[window]]
+                if len(unsent):
+                    take = unsent[: BATCH_PAGES - total]
+                    got.append(take)
+                    total += len(take)
+                    if total >= BATCH_PAGES:
+                        j = int(np.searchsorted(p, take[-1], side="right"))
+                i = j
+                end_pos = j
+            if total >= BATCH_PAGES:
+                break
+        self.cursor = end_pos
+        if not total:
+            return None
+        if len(got) == 1:
+            return got[0]
+        batch = np.concatenate(got)
+        batch.sort()
+        return batch
+
+    def push(self, check_error) -> None:
+        """Send every pending page not sent yet; raise if the fault server failed."""
+        record = wire.PostcopyRecordType.PAGE_DATA
+        while True:
+            if self.error is not None:
+                raise self.error
+            check_error()
+            self.poll_backchannel()
+            if self._cursor_shared[1] != self._cursor_seq:  # a fault was served: pre-page after it
+                self._cursor_seq = int(self._cursor_shared[1])
+                self.cursor = int(np.searchsorted(self.pending, self._cursor_shared[0], side="right"))
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self.sent[batch] = True
+            with self.send_lock:
+                before = self.writer.bytes_written
+                self.writer.page_data(batch, page_buffers(self.ram, batch, self._staging), record_type=record)
+                nbytes = self.writer.bytes_written - before
+            self.pages_pushed += len(batch)
+            self.bytes_pushed += nbytes
+            if self.progress is not None:
+                self.progress.sent(len(batch), nbytes)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._engine is not None:
+            st = self._engine.stats()
+            self.faults_served += st["pages_sent"]
+            self.pages_demanded += st["pages_sent"]
+            self._engine.close()
+            self._engine = None
+        if self._old_switch_s is not None:
+            sys.setswitchinterval(self._old_switch_s)
+            self._old_switch_s = None
+
+    def join(self, timeout_s: float = 5.0) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def demanded(self) -> int:
+        """Pages sent in answer to faults so far (both paths)."""
+        return self.pages_demanded + (self._engine.stats()["pages_sent"] if self._engine is not None else 0)
+
+    def stats(self) -> dict:
+        return {"pages_pushed_sent": self.pages_pushed, "pages_demanded_sent": self.pages_demanded,
+                "fault_pages_served": self.faults_served}
+
