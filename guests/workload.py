@@ -331,6 +331,40 @@ class UniformWorkload(PacedWorkload):
         return self.rng.integers(self.mem.first_data_page, self.mem.npages, n)
 
 
+class CheckerWorkload(PacedWorkload):
+    """Writes pages uniformly at random, and in every step reads ``reads`` random pages and
+    checks each against the ledger (exactly: the guest is its own only writer).
+
+    The oracle for post-copy: a page seen torn (half old, half new) or stale (an older
+    version than the ledger says) makes the guest fail at once with the page's number,
+    instead of the damage surfacing only at the final ``verify()``.
+
+    Args:
+        reads: pages read and checked per step (>= 1).
+    """
+
+    name = "checker"
+
+    def __init__(self, mem: GuestMemory, clock: Callable[[], float], seed: int, *, reads: int = 32, **params):
+        super().__init__(mem, clock, seed, **params)
+        self.reads = check_int("reads", reads, minimum=1)
+        self.pages_checked = 0
+
+    def pick_pages(self, n: int) -> np.ndarray:
+        return self.rng.integers(self.mem.first_data_page, self.mem.npages, n)
+
+    def step(self) -> float:
+        idle_s = super().step()
+        pages = self.rng.integers(self.mem.first_data_page, self.mem.npages, self.reads)
+        ok = self.mem.check_pages(pages)
+        if not ok.all():
+            bad = pages[~ok]
+            raise GuestError(f"checker: {len(bad)} of {len(pages)} pages read do not match the ledger "
+                             f"(torn or stale), first: {bad[:8].tolist()}")
+        self.pages_checked += len(pages)
+        return idle_s
+
+
 class _HotColdPicker:
     """Picks pages with a fraction ``hot_writes`` of writes going to a hot set.
 
@@ -546,7 +580,7 @@ class PhasedWorkload(PacedWorkload):
 
 BUILTIN_WORKLOADS: dict[str, type[Workload]] = {
     cls.name: cls for cls in (IdleWorkload, UniformWorkload, HotColdWorkload, ZipfWorkload,
-                              SweepWorkload, PhasedWorkload)
+                              SweepWorkload, PhasedWorkload, CheckerWorkload)
 }
 
 

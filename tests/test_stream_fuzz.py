@@ -343,10 +343,6 @@ def test_destination_answers_every_bad_stream_with_a_stream_error(attack):
     assert err["type"] == "StreamError" and err["phase"] == "receive", err
 
 
-@pytest.mark.xfail(reason="vmem/destination.py: GuestSpec.from_json errors (KeyError/TypeError/"
-                          "ValueError) on a malformed preamble 'guest' escape run() instead of "
-                          "becoming a StreamError + ERROR record (reported to the lead)",
-                   strict=False)
 @pytest.mark.parametrize("guest", [{"params": {}}, {"workload": "idle", "params": [1, 2]},
                                    {"workload": "idle", "seed": "x"}])
 def test_destination_refuses_a_malformed_guest_spec_cleanly(guest):

@@ -557,7 +557,7 @@ class NotAWorkload:
 def test_load_workload_builtins_and_module_class():
     for name, cls in BUILTIN_WORKLOADS.items():
         assert load_workload(name) is cls
-    assert set(BUILTIN_WORKLOADS) == {"idle", "uniform", "hotcold", "zipf", "sweep", "phased"}
+    assert set(BUILTIN_WORKLOADS) == {"idle", "uniform", "hotcold", "zipf", "sweep", "phased", "checker"}
     assert load_workload(f"{__name__}:LocalCounter") is LocalCounter
     assert load_workload("guests.workload:ZipfWorkload") is ZipfWorkload
 

@@ -56,3 +56,79 @@ __all__ = [
     "ChannelBrokenError",
     "ChannelTimeout",
 ]
+
+# -- between hosts: TCP, parallel data streams, security, page-batch codec ----------------
+# (transport.tcp, transport.parallel, transport.secure, transport.codec)
+from .codec import CodecError, decode_batch, encode_batch, method_unavailable, zero_page_mask
+from .parallel import (
+    ParallelError,
+    ParallelReceiver,
+    ParallelSender,
+    ReceivedBatch,
+    StreamHello,
+    new_session_id,
+    read_stream_hello,
+)
+from .secure import (
+    AuthError,
+    KeyFileError,
+    MacChannel,
+    TlsChannel,
+    authenticate_client,
+    authenticate_server,
+    client_tls_context,
+    generate_key,
+    load_key,
+    server_tls_context,
+    tls_client_channel,
+    tls_server_channel,
+)
+from .tcp import (
+    ConnectError,
+    ListenError,
+    accept_channel,
+    configure_tcp_socket,
+    connect_tcp,
+    format_hostport,
+    listen_tcp,
+    parse_hostport,
+)
+
+__all__ += [
+    # tcp
+    "parse_hostport",
+    "format_hostport",
+    "listen_tcp",
+    "connect_tcp",
+    "accept_channel",
+    "configure_tcp_socket",
+    "ConnectError",
+    "ListenError",
+    # parallel data streams
+    "ParallelSender",
+    "ParallelReceiver",
+    "ReceivedBatch",
+    "StreamHello",
+    "new_session_id",
+    "read_stream_hello",
+    "ParallelError",
+    # security
+    "generate_key",
+    "load_key",
+    "authenticate_client",
+    "authenticate_server",
+    "MacChannel",
+    "TlsChannel",
+    "server_tls_context",
+    "client_tls_context",
+    "tls_client_channel",
+    "tls_server_channel",
+    "AuthError",
+    "KeyFileError",
+    # codec
+    "zero_page_mask",
+    "encode_batch",
+    "decode_batch",
+    "method_unavailable",
+    "CodecError",
+]

@@ -52,6 +52,11 @@ def add_migration_arguments(parser) -> None:
     m.add_argument("--no-verify", action="store_true", help="skip the RAM digest comparison")
     m.add_argument("--no-guest-check", action="store_true", help="skip the destination guest's own ledger check")
     m.add_argument("--observe", type=float, default=1.0, metavar="S", help="let the destination guest run S seconds after commit")
+    pc = m.add_mutually_exclusive_group()
+    pc.add_argument("--postcopy", action="store_true",
+                    help="pure post-copy: pause at once, resume at the destination, pull pages on demand (docs/postcopy.md)")
+    pc.add_argument("--postcopy-after-precopy", action="store_true",
+                    help="hybrid: pre-copy rounds, then post-copy for the pages still dirty where stop-and-copy would be")
     add_policy_arguments(parser)
 
 
@@ -75,9 +80,18 @@ def options_from_args(args):
     """
     from .migrator import MigrationOptions
 
-    return MigrationOptions(tracker=args.tracker, policy=policy_from_args(args), verify=not args.no_verify,
+    policy = policy_from_args(args)
+    if getattr(args, "postcopy", False):
+        postcopy = "pure"
+    elif getattr(args, "postcopy_after_precopy", False):
+        postcopy = "after-precopy"
+    elif getattr(args, "allow_postcopy", None) or getattr(args, "timeout_action", None) == "postcopy":
+        postcopy = "allow"  # the policy may decide POSTCOPY: arm the destination for it
+    else:
+        postcopy = "off"
+    return MigrationOptions(tracker=args.tracker, policy=policy, verify=not args.no_verify,
                             guest_check=not args.no_guest_check, observe_s=args.observe,
-                            bandwidth_Bps=bandwidth_from_arg(args.bandwidth))
+                            bandwidth_Bps=bandwidth_from_arg(args.bandwidth), postcopy=postcopy)
 
 
 def add_policy_arguments(p) -> None:
@@ -107,9 +121,4 @@ def policy_from_args(args):
     from .policy import make_policy, policy_flags
 
     options = {opt.dest: getattr(args, opt.dest, None) for opt, _ in policy_flags()}
-    # Post-copy is not implemented yet: refuse before anything starts rather than fail later.
-    if options.get("allow_postcopy"):
-        raise ConfigError("--allow-postcopy", "post-copy migration is not available in this version of vmem")
-    if options.get("timeout_action") == "postcopy":
-        raise ConfigError("--timeout-action", "postcopy is not available in this version of vmem; use suspend or abort")
     return make_policy(args.policy, **options)

@@ -281,12 +281,6 @@ def build_policies(names, options: dict[str, str] | None = None):
                 raise ConfigError("--policy-option", f"{key} contradicts another option for policy {n!r} ({opt.dest})")
             applied[opt.dest] = value
             used[key].add(n)
-        # Post-copy does not exist yet: refuse before any guest boots, as `vmem migrate` does.
-        if applied.get("allow_postcopy") is True:
-            raise ConfigError("--policy-option", "allow_postcopy: post-copy migration is not available in this version of vmem")
-        if applied.get("timeout_action") == "postcopy":
-            raise ConfigError("--policy-option", "timeout_action=postcopy: post-copy is not available in this version "
-                              "of vmem; use suspend or abort")
         try:
             policy = make_policy(n, **applied)
         except ConfigError:
@@ -369,8 +363,9 @@ def run_comparison(policies, *, workload: str = "hotcold", params: dict | None =
                      seed=seed, warmup_s=warmup_s, policy_options=dict(policy_options or {}), ignored_options=ignored)
     spec = GuestSpec(workload, dict(params or {}), seed)
     for name, policy, applied in runs:
+        may_postcopy = applied.get("allow_postcopy") is True or applied.get("timeout_action") == "postcopy"
         options = MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s, bandwidth_Bps=bandwidth_Bps,
-                                   verify=verify)
+                                   verify=verify, postcopy="allow" if may_postcopy else "off")
         with ProcessGuest.boot(spec, size_bytes) as guest:
             if warmup_s > 0:
                 time.sleep(warmup_s)

@@ -120,27 +120,32 @@ class DestinationMigration:
         self._placer.postcopy = self.postcopy
         t_end = time.monotonic_ns()
         self.postcopy.switch(self.urgent)
-        t0 = time.monotonic_ns()
-        self.guest.resume(context)
-        self.postcopy.start_mapper()
         self._resumed_error = None
         self._resumed_counters = None
+        self._postcopy_resume_counters = None
 
-        def report_first_step():
+        def resume_and_report():
+            # In this thread, not the main one: the guest's restore and first step may
+            # fault on pages that arrive on the main stream, which the main thread reads.
             try:
+                t0 = time.monotonic_ns()
+                self.guest.resume(context, timeout_s=120.0)
+                self._postcopy_resume_counters = (time.monotonic_ns(), self.guest.counters())
+                self.postcopy.start_mapper()
                 first = self.guest.wait_first_step(timeout_s=120.0)
                 self._resumed_counters = self.guest.counters()
                 self._send_control(wire.ControlType.RESUMED, {
-                    "first_step_ns": first, "running_at_ns": self._resumed_counters["resumed_at_ns"], "restore_ms": round((first - t0) / 1e6, 3),
+                    "first_step_ns": first, "running_at_ns": self._resumed_counters["resumed_at_ns"],
+                    "restore_ms": round((first - t0) / 1e6, 3),
                     "end_to_resume_ms": round((t0 - t_end) / 1e6, 3), "pages_received": self.pages_received,
                     "postcopy": True,
                 })
             except BaseException as err:  # re-raised by the main thread
                 self._resumed_error = err
 
-        t = threading.Thread(target=report_first_step, name="vmem-pc-resumed", daemon=True)
+        t = threading.Thread(target=resume_and_report, name="vmem-pc-resume", daemon=True)
         t.start()
-        self._postcopy_resume_counters = (time.monotonic_ns(), self.guest.counters())
+        self._resume_thread = t
         return t
 
     def _postcopy_complete(self) -> None:
@@ -154,6 +159,9 @@ class DestinationMigration:
         self._placer.postcopy = None
         t_done = time.monotonic_ns()
         at_done = self.guest.counters()
+        self._resume_thread.join(120)
+        if self._resumed_error is not None:
+            raise self._resumed_error
         t_res, at_res = self._postcopy_resume_counters
         during_s = (t_done - t_res) / 1e9
         stats["guest_steps_during"] = at_done["steps"] - at_res["steps"]
@@ -209,7 +217,11 @@ class DestinationMigration:
         if npages <= 0 or need > mem_available_bytes():
             raise MigrationError("setup", f"cannot host a guest of {format_bytes(need)}: only {format_bytes(mem_available_bytes())} "
                                           "of memory available on this host (free memory, or migrate a smaller guest)")
-        self.guest = factory(spec_json, npages)
+        try:
+            self.guest = factory(spec_json, npages)
+        except (KeyError, TypeError, ValueError) as err:
+            # A malformed description from the wire is the peer's error, not a crash of ours.
+            raise StreamError(f"preamble's guest description is malformed: {type(err).__name__}: {err}") from err
         if config.get("verify", True):
             self.digests = np.full(npages, zero_page_digest(), dtype=np.uint64)
         self.received = np.zeros(npages, dtype=bool)

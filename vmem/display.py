@@ -126,6 +126,22 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
     t.add_row("downtime (guest-visible)", f"{report.downtime_ms:.2f} ms" if report.downtime_ms is not None else "-")
     if report.timings_ms:
         t.add_row("  pause latency", f"{report.timings_ms.get('pause_latency', 0):.3f} ms")
+        if report.timings_ms.get("pause_to_running") is not None:
+            t.add_row("  pause -> running at destination", f"{report.timings_ms['pause_to_running']:.3f} ms")
+    pc = report.postcopy
+    if pc:
+        lat = pc.get("fault_latency_us") or {}
+        rate = pc.get("guest_rate") or {}
+
+        def _r(x):
+            return "-" if x is None else f"{x:,.0f}"
+
+        t.add_row("post-copy", f"{report.mode}: {pc.get('pages_pending', 0):,} pages after the switch, all placed in "
+                               f"{pc.get('complete_s') or 0:.3f} s ({pc.get('fault_path', '?')} fault path)")
+        t.add_row("  demand faults", f"{pc.get('faults', 0):,} (latency p50 {_r(lat.get('p50'))} us, p99 {_r(lat.get('p99'))} us, "
+                                     f"max {_r(lat.get('max'))} us); {pc.get('local_faults', 0):,} resolved locally")
+        t.add_row("  pages demanded / pushed", f"{pc.get('pages_demanded', 0):,} / {pc.get('pages_pushed', 0):,}")
+        t.add_row("  guest steps/s before / during / after", f"{_r(rate.get('before'))} / {_r(rate.get('during'))} / {_r(rate.get('after'))}")
     v = report.verification or {}
     if v.get("digests"):
         d = v["digests"]

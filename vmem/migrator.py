@@ -498,6 +498,7 @@ class SourceMigration:
             w.end_libxc()
             w.emulator_context(self.paused.context)
             w.end_libxl()
+            pc.stream_ended = True
         self._stream_ended = True
         t1 = time.monotonic()
         nbytes = w.bytes_written - bytes0

@@ -118,9 +118,17 @@ class PostcopyDestination:
         self.armed = True
 
     def disarm(self) -> None:
-        """Back to WP only: the kernel maps pages on its own again."""
+        """Back to WP only: the kernel maps pages on its own again.
+
+        Every page is present by now, but a guest thread may still sit on a fault raised
+        just before the fault thread stopped (a page that was here already: a hole, or a
+        pre-copied page not yet mapped).  Re-registering does not wake it, so wake the whole
+        range: it retries the access, which the kernel now serves by itself.
+        """
         if self.armed:
-            nat.uffd_register(self.uffd, self.base, self.npages * PAGE_SIZE, nat.UFFDIO_REGISTER_MODE_WP)
+            size = self.npages * PAGE_SIZE
+            nat.uffd_register(self.uffd, self.base, size, nat.UFFDIO_REGISTER_MODE_WP)
+            nat.uffd_wake(self.uffd, self.base, size)
             self.armed = False
 
     # --- the switch -------------------------------------------------------------------------

@@ -74,6 +74,8 @@ class PostcopySource:
         self._engine = None  # PostcopyFaultServer (C) when there is an urgent channel
         self._cursor_shared = np.zeros(2, dtype=np.int64)  # [newest fault pfn, fault count]
         self._cursor_seq = 0
+        #: set (under send_lock) once COMPLETE is written: nothing more goes on the stream
+        self.stream_ended = False
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._old_switch_s: float | None = None
@@ -122,6 +124,8 @@ class PostcopySource:
                 self.urgent.send_parts(urgent_record_parts(chunk, bufs))
             else:
                 with self.send_lock:
+                    if self.stream_ended:
+                        return  # every page went out before COMPLETE: this one is in flight
                     self.writer.page_data(chunk, bufs, record_type=wire.PostcopyRecordType.PAGE_DATA)
             self.sent[chunk] = True
             self.pages_demanded += len(chunk)

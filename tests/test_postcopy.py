@@ -1,0 +1,224 @@
+"""Post-copy and hybrid migration, end to end, with every built-in workload.
+
+Each migration test checks the two oracles of every migration test here: the destination's
+RAM equals the source's RAM at the pause (per-page digests), and the guest keeps running at
+the destination and passes its own ledger check.  The ``checker`` workload additionally
+reads and checks pages *while* post-copy is in progress, so a torn or stale page would make
+it fail on the spot.
+"""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from transport import channel_pair
+from vmem import wire
+from vmem.errors import StreamError
+from vmem.local import run_local_migration, spawn_destination
+from vmem.migrator import MigrationOptions, migrate
+from vmem.policy import Decision, Verdict
+from vmem.postcopy.records import UrgentPort, decode_pfn_list, encode_pfn_list
+
+WORKLOADS = [("idle", {}), ("uniform", {"rate": 20000}), ("hotcold", {"rate": 20000}), ("zipf", {"rate": 20000}),
+             ("sweep", {"rate": 20000}), ("phased", {}), ("checker", {"rate": 20000, "reads": 64})]
+SIZE = 32 << 20
+
+
+def postcopy_features_missing() -> str:
+    from vmem.features import probe_features
+
+    f = probe_features()
+    for name in ("userfaultfd", "UFFD_FEATURE_MINOR_SHMEM", "UFFD_FEATURE_MISSING_SHMEM"):
+        if name in f and not f[name].available:
+            return f"kernel lacks {name}: {f[name].detail}"
+    return ""
+
+
+pytestmark = pytest.mark.skipif(bool(postcopy_features_missing()), reason=postcopy_features_missing() or "-")
+
+
+def assert_migrated(report, mode: str):
+    d = report.to_dict()
+    assert d["outcome"] == "completed", d["reason"]
+    assert d["mode"] == mode
+    v = d["verification"]
+    assert v["digests"]["mismatched"] == 0 and v["digests"]["pages_compared"] == report.guest_pages
+    assert v["guest_check"]["ok"], v["guest_check"]
+    pc = d["postcopy"]
+    for key in ("faults", "fault_latency_us", "pages_demanded", "pages_pushed", "complete_s", "guest_rate"):
+        assert key in pc, key
+    assert set(pc["fault_latency_us"]) >= {"p50", "p99", "max"}
+    assert set(pc["guest_rate"]) >= {"before", "during", "after"}
+    assert pc["missing"] == 0
+    # Every page still to come at the switch was placed exactly once, by one of the two paths.
+    assert pc["pages_demanded"] + pc["pages_pushed"] == pc["pages_pending"]
+    dest = d["guest"]["destination"]
+    assert dest["alive"] and dest["steps_since_resume"] > 0  # the guest keeps running there
+    assert d["rounds"][-1]["kind"] == "postcopy"
+    return d
+
+
+@pytest.mark.parametrize("workload,params", WORKLOADS, ids=[w for w, _ in WORKLOADS])
+def test_pure_postcopy_each_workload(boot_guest, workload, params):
+    g = boot_guest(workload, SIZE, **params)
+    time.sleep(0.2)
+    report = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0.3))
+    d = assert_migrated(report, "postcopy")
+    assert len(d["rounds"]) == 1  # no pre-copy round at all
+    assert d["postcopy"]["pages_pending"] > 0
+    assert d["postcopy"]["fault_path"] == "native"
+    assert not g.alive()  # the source guest exits only after commit
+
+
+@pytest.mark.parametrize("workload,params", WORKLOADS, ids=[w for w, _ in WORKLOADS])
+def test_hybrid_each_workload(boot_guest, workload, params):
+    g = boot_guest(workload, SIZE, **params)
+    time.sleep(0.2)
+    report = run_local_migration(g, MigrationOptions(postcopy="after-precopy", observe_s=0.3))
+    d = assert_migrated(report, "hybrid")
+    assert d["rounds"][0]["kind"] == "precopy" and d["rounds"][0]["pages_sent"] > 0
+
+
+def test_policy_decides_postcopy(boot_guest):
+    """A Python policy returning POSTCOPY switches when post-copy is allowed."""
+    calls = []
+
+    def policy(stats):
+        calls.append(stats.iteration)
+        return Verdict(Decision.POSTCOPY, "test policy") if stats.iteration >= 2 else Verdict(Decision.CONTINUE)
+
+    g = boot_guest("hotcold", SIZE, rate=50000)
+    time.sleep(0.2)
+    report = run_local_migration(g, MigrationOptions(postcopy="allow", policy=policy, observe_s=0.2))
+    d = assert_migrated(report, "hybrid")
+    assert calls == [1, 2] and d["reason"] == "test policy"
+
+
+def test_postcopy_decision_without_postcopy_enabled_aborts_cleanly(boot_guest):
+    g = boot_guest("uniform", SIZE, rate=5000)
+    report = run_local_migration(g, MigrationOptions(policy=lambda s: Verdict(Decision.POSTCOPY, "x"), observe_s=0))
+    assert report.outcome == "failed" and "not enabled" in report.reason
+    assert report.source_guest_state == "running" and g.alive()
+    assert report.verification["source_guest_check"]["ok"]
+
+
+def _migrate_by_hand(guest, options, *, urgent: bool, progress=None, on_dest=None):
+    """run_local_migration, but we hold the destination process (to kill it) and can omit
+    the urgent channel (the Python fault path)."""
+    src, dst = channel_pair()
+    usrc, udst = channel_pair() if urgent else (None, None)
+    dest = spawn_destination(dst.fileno(), udst.fileno() if urgent else -1)
+    dst.close()
+    if udst is not None:
+        udst.close()
+    try:
+        if on_dest is not None:
+            on_dest(dest)
+        return migrate(guest, src, options, progress, usrc)
+    finally:
+        src.close()
+        if usrc is not None:
+            usrc.close()
+        try:
+            dest.wait(30)
+        except subprocess.TimeoutExpired:
+            dest.kill()
+            dest.wait()
+
+
+@pytest.mark.parametrize("mode", ["pure", "after-precopy"])
+def test_python_fault_path_without_urgent_channel(boot_guest, mode):
+    """Without a second connection, FAULTs go on the back channel and answers on the main
+    stream between push batches (the Python path); the result must be the same."""
+    g = boot_guest("checker", SIZE, rate=20000, reads=64)
+    time.sleep(0.2)
+    report = _migrate_by_hand(g, MigrationOptions(postcopy=mode, observe_s=0.3), urgent=False)
+    d = assert_migrated(report, "postcopy" if mode == "pure" else "hybrid")
+    assert d["postcopy"]["fault_path"] == "python"
+
+
+def test_destination_dies_after_the_switch(boot_guest):
+    """After the switch a failure must not lose the guest silently: the source guest stays
+    paused with its complete RAM, and the report says what happened."""
+    g = boot_guest("hotcold", 64 << 20, rate=20000)
+    time.sleep(0.2)
+    holder = {}
+
+    class KillAtPostcopy:
+        def phase(self, name, detail=""):
+            pass
+
+        def round_start(self, index, pages, kind):
+            if kind == "postcopy":
+                holder["dest"].kill()
+
+        def sent(self, pages, nbytes):
+            pass
+
+        def round_end(self, stats):
+            pass
+
+    opts = MigrationOptions(postcopy="pure", observe_s=0, bandwidth_Bps=None)
+    report = _migrate_by_hand(g, opts, urgent=True, progress=KillAtPostcopy(), on_dest=lambda d: holder.update(dest=d))
+    assert report.outcome == "failed"
+    assert report.source_guest_state == "paused"
+    assert "PAUSED" in report.reason and "post-copy" in report.reason
+    assert g.alive()
+    assert g.verify()["ok"]  # the source's RAM is intact
+
+
+def test_pfn_list_records_are_bounded():
+    pfns = np.array([1, 5, 7], dtype=np.int64)
+    assert decode_pfn_list(encode_pfn_list(pfns), 8).tolist() == [1, 5, 7]
+    body = encode_pfn_list(pfns)
+    for bad, msg in ((body[:10], "too short"), (body[:-8], "does not match"), (body[:4] + b"\1\0\0\0" + body[8:], "reserved"),
+                     (b"\0\0\0\0\0\0\0\0" + body[8:16], "count 0")):
+        with pytest.raises(StreamError, match=msg):
+            decode_pfn_list(bad, 8)
+    with pytest.raises(StreamError, match="beyond"):
+        decode_pfn_list(body, 7)
+    with pytest.raises(ValueError):
+        encode_pfn_list(np.empty(0, dtype=np.int64))
+
+
+def test_urgent_port_round_trip_and_malformed_records():
+    a, b = channel_pair()
+    try:
+        pa, pb = UrgentPort(a, 64), UrgentPort(b, 64)
+        ram = np.arange(64 * 4096, dtype=np.uint32).view(np.uint8).reshape(-1, 4096)[:64].copy()
+        pa.send_fault(np.array([3, 9]))
+        asked = pb.read_fault()
+        assert asked.tolist() == [3, 9]
+        pb.send_pages(asked, ram)
+        staging = np.zeros((8, 4096), dtype=np.uint8)
+        assert pa.read_pages(staging).tolist() == [3, 9]
+        assert np.array_equal(staging[:2], ram[[3, 9]])
+        # A FAULT naming a page beyond the guest, and a record of the wrong type.
+        a.send(np.array([int(wire.PostcopyRecordType.FAULT) | (16 << 32), 1, 99], dtype="<u8").tobytes())
+        with pytest.raises(StreamError, match="beyond"):
+            pb.read_fault()
+        a.send(np.array([0x12345678 | (16 << 32), 1, 1], dtype="<u8").tobytes())
+        with pytest.raises(StreamError, match="malformed FAULT"):
+            pb.read_fault()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_cli_postcopy_flags(tmp_path):
+    """`vmem migrate --postcopy` and `--postcopy-after-precopy` run from the command line."""
+    import json
+    import sys
+
+    for flag in ("--postcopy", "--postcopy-after-precopy"):
+        out = tmp_path / f"r{flag}.json"
+        proc = subprocess.run([sys.executable, "-m", "vmem.cli", "migrate", "--workload", "hotcold", "--size", "32M",
+                               flag, "--observe", "0.2", "--quiet", "--json", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        rep = json.loads(out.read_text())
+        assert rep["outcome"] == "completed" and rep["postcopy"]["missing"] == 0
+        assert "demand faults" in proc.stdout

@@ -1,0 +1,88 @@
+"""Tests for scripts/testhosts.sh and its wrapper tests/testhosts.py.
+
+Timing enters only as a ratio between two transfers measured in the same test.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from testhosts import (  # noqa: F401  (testhosts is a fixture)
+    SCRIPT,
+    NetnsHosts,
+    testhosts,
+    netns_unavailable,
+    transfer,
+)
+
+pytestmark = pytest.mark.skipif(bool(netns_unavailable()),
+                                reason=netns_unavailable() or "available")
+
+MiB = 1 << 20
+
+
+def _root_addresses() -> str:
+    return subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_hosts_reach_each_other_and_nothing_leaks_into_the_root_namespace(testhosts):
+    names = testhosts.namespaces()
+    assert sorted(names) == sorted([testhosts.ns(1), testhosts.ns(2),
+                                    f"{testhosts.prefix}-sw"])
+    # The addresses exist only inside the host namespaces.
+    assert f"10.213.{testhosts.subnet}." not in _root_addresses()
+    out = subprocess.run(["ip", "netns", "exec", testhosts.ns(1), "ip", "-o", "-4", "addr"],
+                         capture_output=True, text=True, check=True).stdout
+    assert testhosts.addr(1) in out and testhosts.addr(2) not in out
+    if shutil.which("ping"):
+        ping = testhosts.run(1, ["ping", "-c", "1", "-W", "5", testhosts.addr(2)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = ping.communicate(timeout=30)
+        assert ping.returncode == 0, out
+    # A TCP transfer h1 -> h2 (no ping binary needed): byte-exact.
+    sent, got, _seconds = transfer(testhosts, 4 * MiB)
+    assert sent == got
+    # ... and in the other direction.
+    sent, got, _seconds = transfer(testhosts, MiB, src=2, dst=1)
+    assert sent == got
+
+
+def test_shaping_limits_a_transfer(testhosts):
+    """A transfer shaped to 100 Mbit/s is much slower than the unshaped one (ratio only)."""
+    size = 6 * MiB
+    _s, _g, unshaped_s = transfer(testhosts, size)
+    testhosts.shape("100mbit")
+    try:
+        sent, got, shaped_s = transfer(testhosts, size)
+    finally:
+        testhosts.shape(None)
+    assert sent == got
+    # veth moves GB/s; 100 Mbit/s is 12.5 MB/s: the shaped run must take several times
+    # longer (a loose bound: the point is that the qdisc is in the path at all).
+    assert shaped_s > 3 * unshaped_s, (shaped_s, unshaped_s)
+    assert "htb" not in testhosts.status()  # shaping removed again
+
+
+def test_down_is_complete_and_idempotent_even_after_a_failure():
+    hosts = NetnsHosts(n_hosts=3)
+    with pytest.raises(ZeroDivisionError):
+        with hosts:
+            assert len(hosts.namespaces()) == 4
+            hosts.run(3, ["sleep", "60"])  # a process left running: down must reap it
+            1 / 0
+    assert hosts.namespaces() == []
+    hosts.down()  # idempotent
+    assert hosts.namespaces() == []
+    assert f"10.213.{hosts.subnet}." not in _root_addresses()
+
+
+def test_script_rejects_bad_arguments():
+    for args in (["up", "--hosts", "4"], ["up", "--prefix", "bad/name"],
+                 ["up", "--rate", "fast"], ["up", "--subnet", "300"], ["frobnicate"]):
+        result = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode != 0, args
+        assert result.stderr.strip(), args

@@ -1,0 +1,247 @@
+"""Test hosts for migration between hosts: network namespaces made by scripts/testhosts.sh.
+
+Use the ``testhosts`` fixture (import it into a test module:
+``from testhosts import testhosts  # noqa: F401``).  It brings up two namespaces with a
+prefix unique to this process (so parallel xdist workers never collide), yields a
+:class:`NetnsHosts`, and always tears them down, even when tests fail.  It skips, with the
+reason, where namespaces cannot be made (not root, no iproute2).
+
+Programs run on a host with ``hosts.run(1, argv)`` (``ip netns exec``); every process it
+starts is tracked and killed/reaped by :meth:`NetnsHosts.reap` (the fixture calls it after
+each use too, but a test should reap its own processes: the autouse ``no_leaks`` fixture
+fails a test that leaves a child behind).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "scripts", "testhosts.sh")
+# Seconds to wait for a tracked process to exit after SIGKILL / for the script to finish.
+REAP_TIMEOUT_S = 10.0
+SCRIPT_TIMEOUT_S = 60.0
+
+_instances = itertools.count(1)
+
+
+def netns_unavailable() -> str:
+    """Why test hosts cannot be made here, or ``""`` if they can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"iproute2 '{tool}' is not installed"
+    return ""
+
+
+def unique_prefix() -> str:
+    """A namespace prefix unique to this process and call: ``vt<pid>n<k>``."""
+    return f"vt{os.getpid()}n{next(_instances)}"
+
+
+def unique_subnet() -> int:
+    """A subnet index (10.213.K.0/24) per xdist worker, so addresses differ between workers
+    too (the namespaces are isolated anyway; distinct subnets keep captures readable)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw-1")
+    try:
+        number = int(worker.removeprefix("gw"))
+    except ValueError:
+        number = -1
+    return 100 + (number + 1) % 100
+
+
+class NetnsHosts:
+    """N test hosts ``<prefix>-h1..hN`` on ``10.213.<subnet>.0/24`` (see testhosts.sh).
+
+    Hosts are numbered from 1.  Use as a context manager, or call :meth:`up` and
+    :meth:`down` (idempotent) yourself.
+    """
+
+    def __init__(self, prefix: str | None = None, subnet: int | None = None,
+                 n_hosts: int = 2):
+        self.prefix = prefix or unique_prefix()
+        self.subnet = unique_subnet() if subnet is None else subnet
+        self.n_hosts = n_hosts
+        self._procs: list[subprocess.Popen] = []
+
+    def _script(self, *args: str) -> str:
+        result = subprocess.run(["bash", SCRIPT, *args, "--prefix", self.prefix],
+                                capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"testhosts.sh {' '.join(args)} failed "
+                               f"({result.returncode}): {result.stderr.strip()}")
+        return result.stdout
+
+    def up(self, rate: str | None = None) -> "NetnsHosts":
+        args = ["up", "--hosts", str(self.n_hosts), "--subnet", str(self.subnet)]
+        if rate:
+            args += ["--rate", rate]
+        self._script(*args)
+        return self
+
+    def down(self) -> None:
+        """Reap our processes, then remove every namespace of the prefix; idempotent."""
+        self.reap()
+        self._script("down")
+
+    def shape(self, rate: str | None) -> None:
+        """Shape every host's egress to ``rate`` (tc syntax, e.g. ``"100mbit"``);
+        ``None`` removes the shaping."""
+        self._script("shape", "--rate", rate or "none")
+
+    def status(self) -> str:
+        return self._script("status")
+
+    def namespaces(self) -> list[str]:
+        """Names in ``ip netns list`` that belong to this prefix."""
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                             check=True).stdout
+        names = [line.split()[0] for line in out.splitlines() if line.strip()]
+        return [n for n in names if n.startswith(self.prefix + "-")]
+
+    def ns(self, host: int) -> str:
+        if not 1 <= host <= self.n_hosts:
+            raise ValueError(f"host must be 1..{self.n_hosts}, got {host}")
+        return f"{self.prefix}-h{host}"
+
+    def addr(self, host: int) -> str:
+        """The IPv4 address of ``host`` (held only inside its namespace)."""
+        self.ns(host)
+        return f"10.213.{self.subnet}.{host}"
+
+    def run(self, host: int, argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
+        """Start ``argv`` inside ``host``'s namespace; the process is tracked for :meth:`reap`."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns(host), *argv], **popen_kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def run_python(self, host: int, code: str, *args: str, **popen_kwargs) -> subprocess.Popen:
+        """Run ``python -c code args...`` on ``host`` with the repo importable; stdout and
+        stderr are pipes (text) unless given."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        popen_kwargs.setdefault("stdout", subprocess.PIPE)
+        popen_kwargs.setdefault("stderr", subprocess.PIPE)
+        popen_kwargs.setdefault("text", True)
+        return self.run(host, [sys.executable, "-c", code, *args], env=env, cwd=REPO_ROOT,
+                        **popen_kwargs)
+
+    def reap(self) -> None:
+        """Kill and wait for every process :meth:`run` started that is still running."""
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in procs:
+            try:
+                proc.communicate(timeout=REAP_TIMEOUT_S)
+            except (subprocess.TimeoutExpired, ValueError):
+                proc.wait(REAP_TIMEOUT_S)
+
+    def __enter__(self) -> "NetnsHosts":
+        try:
+            return self.up()
+        except BaseException:
+            self.down()
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        self.down()
+
+
+@pytest.fixture(scope="module")
+def testhosts():
+    """Two test hosts for the module; torn down whatever happens.  Skips if unavailable."""
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    hosts = NetnsHosts()
+    try:
+        hosts.up()
+        yield hosts
+    finally:
+        hosts.down()
+
+
+# -- programs to run on the hosts ---------------------------------------------------------
+
+# Listens on argv[1] (port 0 = any), prints the port, receives argv[2] bytes on one
+# connection with transport.tcp, then prints "<sha256> <seconds from first to last byte>".
+TCP_SINK = r"""
+import hashlib, sys, time
+from transport.tcp import listen_tcp, accept_channel
+host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ls = listen_tcp(host, port)
+print(ls.getsockname()[1], flush=True)
+ch, _peer = accept_channel(ls, 30)
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+digest = hashlib.sha256()
+first = ch.recv_some(len(buf))
+start = time.perf_counter()
+digest.update(first)
+got = len(first)
+while got < total:
+    n = min(len(buf), total - got)
+    ch.recv_into(view[:n])
+    digest.update(view[:n])
+    got += n
+elapsed = time.perf_counter() - start
+ch.send(b"k")
+print(digest.hexdigest(), elapsed, flush=True)
+ch.close(); ls.close()
+"""
+
+# Connects to argv[1]:argv[2] and sends argv[3] bytes of a fixed pattern, then waits for
+# the sink's one-byte acknowledgement; prints the sha256 of what it sent.
+TCP_SOURCE = r"""
+import hashlib, sys
+from transport.tcp import connect_tcp
+host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+block = bytes(range(256)) * 4096
+digest = hashlib.sha256()
+ch = connect_tcp(host, port)
+sent = 0
+while sent < total:
+    part = block[:min(len(block), total - sent)]
+    ch.send(part)
+    digest.update(part)
+    sent += len(part)
+assert ch.recv_exact(1) == b"k"
+print(digest.hexdigest(), flush=True)
+ch.close()
+"""
+
+
+def transfer(hosts: NetnsHosts, total_bytes: int, src: int = 1, dst: int = 2,
+             timeout_s: float = 120.0) -> tuple[str, str, float]:
+    """Send ``total_bytes`` from host ``src`` to host ``dst`` over TCP (transport.tcp).
+
+    Returns ``(sha256 sent, sha256 received, receiver seconds)``.  Reaps both processes.
+    """
+    sink = hosts.run_python(dst, TCP_SINK, hosts.addr(dst), "0", str(total_bytes))
+    source = None
+    try:
+        port = sink.stdout.readline().strip()
+        assert port.isdigit(), f"sink did not start: {sink.stderr.read() if sink.poll() is not None else port!r}"
+        source = hosts.run_python(src, TCP_SOURCE, hosts.addr(dst), port, str(total_bytes))
+        out_src, err_src = source.communicate(timeout=timeout_s)
+        out_sink, err_sink = sink.communicate(timeout=timeout_s)
+        assert source.returncode == 0, err_src
+        assert sink.returncode == 0, err_sink
+        sent_digest = out_src.strip()
+        got_digest, seconds = out_sink.split()
+        return sent_digest, got_digest, float(seconds)
+    finally:
+        for proc in (source, sink):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+            if proc is not None:
+                proc.communicate()
