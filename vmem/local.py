@@ -15,7 +15,7 @@ from transport import ShapedChannel, channel_pair
 from .migrator import MigrationOptions, migrate
 from .report import MigrationReport
 
-__all__ = ["run_local_migration", "spawn_destination"]
+__all__ = ["run_local_migration", "spawn_destination", "source_guest_check"]
 
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,13 +68,22 @@ def run_local_migration(guest, options: MigrationOptions | None = None, progress
                 dest.wait()
     report.processes.setdefault("destination_exit_status", dest.returncode if dest else None)
     if report.outcome != "completed" and guest.alive():
-        # The promise on failure: the source guest keeps running with intact memory.
-        t = time.monotonic()
-        try:
-            check = guest.verify()
-        except Exception as err:  # reported, not raised: the report is the product
-            check = {"ok": False, "detail": str(err)}
-        check["duration_s"] = round(time.monotonic() - t, 3)
-        report.verification["source_guest_check"] = check
-        report.source_guest_state = "running" if guest.alive() else "crashed"
+        # The promise on failure: the source guest keeps running (or, after a post-copy
+        # switch, stays paused) with intact memory.
+        report.verification["source_guest_check"] = source_guest_check(guest)
+        if not guest.alive():
+            report.source_guest_state = "crashed"
+        elif report.source_guest_state != "paused":
+            report.source_guest_state = "running"
     return report
+
+
+def source_guest_check(guest) -> dict:
+    """The source guest's own ledger check after a failed migration, timed; never raises."""
+    t = time.monotonic()
+    try:
+        check = guest.verify()
+    except Exception as err:  # reported, not raised: the report is the product
+        check = {"ok": False, "detail": str(err)}
+    check["duration_s"] = round(time.monotonic() - t, 3)
+    return check

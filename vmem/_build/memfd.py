@@ -48,6 +48,25 @@ static int vmem_memfd_create(const char *name, unsigned int flags)
     return fd < 0 ? -errno : fd;
 }
 
+/* pwrite all of [src, src+left) at off: short writes resumed, EINTR retried.  0 or -errno. */
+static int vmem_pwrite_all(int fd, const uint8_t *src, size_t left, off_t off)
+{
+    while (left > 0) {
+        ssize_t w = pwrite(fd, src, left, off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (w == 0)
+            return -EIO;
+        src += w;
+        off += w;
+        left -= (size_t)w;
+    }
+    return 0;
+}
+
 /* Write n pages held back to back in buf to the file positions pages[i] * page_size.
  * Consecutive page numbers are coalesced into one pwrite per run; short writes are
  * resumed and EINTR retried.  Returns bytes written, or -errno (some pages may then have
@@ -61,23 +80,11 @@ static int64_t vmem_pwrite_pages(int fd, const uint8_t *buf, const int64_t *page
         size_t j = i + 1;
         while (j < n && pages[j] == pages[j - 1] + 1)
             j++;
-        const uint8_t *src = buf + i * page_size;
-        size_t left = (j - i) * page_size;
-        off_t off = (off_t)pages[i] * (off_t)page_size;
-        while (left > 0) {
-            ssize_t w = pwrite(fd, src, left, off);
-            if (w < 0) {
-                if (errno == EINTR)
-                    continue;
-                return -errno;
-            }
-            if (w == 0)
-                return -EIO;
-            src += w;
-            off += w;
-            left -= (size_t)w;
-            total += w;
-        }
+        size_t len = (j - i) * page_size;
+        int rc = vmem_pwrite_all(fd, buf + i * page_size, len, (off_t)pages[i] * (off_t)page_size);
+        if (rc < 0)
+            return rc;
+        total += (int64_t)len;
         i = j;
     }
     return total;

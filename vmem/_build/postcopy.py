@@ -22,6 +22,7 @@ TYPES = ""
 FUNCTIONS = """
 typedef struct vmem_pc_dest vmem_pc_dest;
 typedef struct vmem_pc_src vmem_pc_src;
+
 vmem_pc_dest *vmem_pc_dest_new(int uffd, int urgent_fd, int ram_fd, uint64_t base, int64_t npages,
                                uint8_t *state, uint8_t *requested, uint8_t *received, int64_t *fault_t0,
                                uint64_t *digests, int64_t *lat, int64_t lat_cap, int64_t missing);
@@ -41,24 +42,6 @@ int64_t vmem_continue_runs(int uffd, uint64_t guest_base, const int64_t *runs, s
 """
 
 CUSTOMIZATIONS = r"""
-static int vmem_pwrite_all(int fd, const uint8_t *src, size_t left, off_t off)
-{
-    while (left > 0) {
-        ssize_t w = pwrite(fd, src, left, off);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (w == 0)
-            return -EIO;
-        src += w;
-        off += w;
-        left -= (size_t)w;
-    }
-    return 0;
-}
-
 /* Place page pages[i] from staging row rows[i] (rows NULL: row i).  For each run of
    consecutive pages held in consecutive rows: one pwrite into the RAM file, then (uffd >= 0)
    one UFFDIO_CONTINUE mapping the run into the guest and waking its faulting threads.
@@ -185,8 +168,48 @@ static int vmem_writev_full(int fd, struct iovec *iov, int iovcnt)
 typedef struct vmem_pc_dest vmem_pc_dest;
 typedef struct vmem_pc_src vmem_pc_src;
 
+/* A worker thread that sleeps in poll() and is stopped through a wake pipe. */
+struct vmem_worker {
+    pthread_t thr;
+    int running;
+    int wake[2];
+};
+
+static int vmem_worker_init(struct vmem_worker *w)
+{
+    w->running = 0;
+    return pipe2(w->wake, O_CLOEXEC | O_NONBLOCK) == 0 ? 0 : -errno;
+}
+
+static int vmem_worker_start(struct vmem_worker *w, void *(*fn)(void *), void *arg)
+{
+    int rc = pthread_create(&w->thr, NULL, fn, arg);
+    if (rc == 0)
+        w->running = 1;
+    return -rc;
+}
+
+static void vmem_worker_stop(struct vmem_worker *w)
+{
+    if (w->running) {
+        char c = 'x';
+        ssize_t ignored = write(w->wake[1], &c, 1);
+        (void)ignored;
+        pthread_join(w->thr, NULL);
+        w->running = 0;
+    }
+}
+
+static void vmem_worker_destroy(struct vmem_worker *w)
+{
+    vmem_worker_stop(w);
+    close(w->wake[0]);
+    close(w->wake[1]);
+}
+
 struct vmem_pc_dest {
-    int uffd, urgent_fd, ram_fd, wake[2];
+    int uffd, urgent_fd, ram_fd;
+    struct vmem_worker w;
     uint64_t base;
     int64_t npages;
     uint8_t *state, *requested, *received;
@@ -197,8 +220,6 @@ struct vmem_pc_dest {
     int64_t lat_n, missing, demand_faults, fault_events, local_faults, pages_demanded,
             pages_pushed, duplicates, t_complete_ns, error;
     pthread_mutex_t mu;
-    pthread_t thr;
-    int running;
     uint8_t *staging;          /* the thread's receive buffer, VMEM_PC_MAX_PAGES pages */
     int64_t pfns[VMEM_PC_MAX_PAGES], rows[VMEM_PC_MAX_PAGES], mine[VMEM_PC_MAX_PAGES];
     uint64_t dtmp[VMEM_PC_MAX_PAGES];
@@ -212,7 +233,7 @@ static vmem_pc_dest *vmem_pc_dest_new(int uffd, int urgent_fd, int ram_fd, uint6
     if (!h)
         return NULL;
     h->staging = aligned_alloc(VMEM_PAGE_SIZE, VMEM_PC_MAX_PAGES * VMEM_PAGE_SIZE);
-    if (!h->staging || pipe2(h->wake, O_CLOEXEC | O_NONBLOCK) != 0) {
+    if (!h->staging || vmem_worker_init(&h->w) != 0) {
         free(h->staging);
         free(h);
         return NULL;
@@ -373,7 +394,7 @@ static void *vmem_pc_dest_main(void *arg)
 {
     vmem_pc_dest *h = arg;
     vmem_pc_boost_self();
-    struct pollfd fds[3] = { { h->uffd, POLLIN, 0 }, { h->urgent_fd, POLLIN, 0 }, { h->wake[0], POLLIN, 0 } };
+    struct pollfd fds[3] = { { h->uffd, POLLIN, 0 }, { h->urgent_fd, POLLIN, 0 }, { h->w.wake[0], POLLIN, 0 } };
     for (;;) {
         int n = poll(fds, 3, 1000);
         if (n < 0) {
@@ -399,30 +420,19 @@ static void *vmem_pc_dest_main(void *arg)
 
 static int vmem_pc_dest_start(vmem_pc_dest *h)
 {
-    int rc = pthread_create(&h->thr, NULL, vmem_pc_dest_main, h);
-    if (rc == 0)
-        h->running = 1;
-    return -rc;
+    return vmem_worker_start(&h->w, vmem_pc_dest_main, h);
 }
 
 static void vmem_pc_dest_stop(vmem_pc_dest *h)
 {
-    if (h->running) {
-        char c = 'x';
-        ssize_t ignored = write(h->wake[1], &c, 1);
-        (void)ignored;
-        pthread_join(h->thr, NULL);
-        h->running = 0;
-    }
+    vmem_worker_stop(&h->w);
 }
 
 static void vmem_pc_dest_free(vmem_pc_dest *h)
 {
     if (!h)
         return;
-    vmem_pc_dest_stop(h);
-    close(h->wake[0]);
-    close(h->wake[1]);
+    vmem_worker_destroy(&h->w);
     pthread_mutex_destroy(&h->mu);
     free(h->staging);
     free(h);
@@ -440,14 +450,13 @@ static void vmem_pc_dest_stats(vmem_pc_dest *h, int64_t *out)
 }
 
 struct vmem_pc_src {
-    int urgent_fd, wake[2];
+    int urgent_fd;
+    struct vmem_worker w;
     const uint8_t *ram;
     int64_t npages;
     uint8_t *sent;
     int64_t *cursor;           /* [0] pfn of the newest fault, [1] bumped on every fault */
     int64_t faults_served, pages_sent, error;
-    pthread_t thr;
-    int running;
     int64_t pfns[VMEM_PC_MAX_PAGES];
     struct iovec iov[VMEM_PC_MAX_PAGES + 1];
     uint64_t head[2 + VMEM_PC_MAX_PAGES];
@@ -458,7 +467,7 @@ static vmem_pc_src *vmem_pc_src_new(int urgent_fd, const uint8_t *ram, int64_t n
     vmem_pc_src *h = calloc(1, sizeof *h);
     if (!h)
         return NULL;
-    if (pipe2(h->wake, O_CLOEXEC | O_NONBLOCK) != 0) {
+    if (vmem_worker_init(&h->w) != 0) {
         free(h);
         return NULL;
     }
@@ -504,7 +513,7 @@ static void *vmem_pc_src_main(void *arg)
 {
     vmem_pc_src *h = arg;
     vmem_pc_boost_self();
-    struct pollfd fds[2] = { { h->urgent_fd, POLLIN, 0 }, { h->wake[0], POLLIN, 0 } };
+    struct pollfd fds[2] = { { h->urgent_fd, POLLIN, 0 }, { h->w.wake[0], POLLIN, 0 } };
     for (;;) {
         int n = poll(fds, 2, 1000);
         if (n < 0) {
@@ -528,30 +537,19 @@ static void *vmem_pc_src_main(void *arg)
 
 static int vmem_pc_src_start(vmem_pc_src *h)
 {
-    int rc = pthread_create(&h->thr, NULL, vmem_pc_src_main, h);
-    if (rc == 0)
-        h->running = 1;
-    return -rc;
+    return vmem_worker_start(&h->w, vmem_pc_src_main, h);
 }
 
 static void vmem_pc_src_stop(vmem_pc_src *h)
 {
-    if (h->running) {
-        char c = 'x';
-        ssize_t ignored = write(h->wake[1], &c, 1);
-        (void)ignored;
-        pthread_join(h->thr, NULL);
-        h->running = 0;
-    }
+    vmem_worker_stop(&h->w);
 }
 
 static void vmem_pc_src_free(vmem_pc_src *h)
 {
     if (!h)
         return;
-    vmem_pc_src_stop(h);
-    close(h->wake[0]);
-    close(h->wake[1]);
+    vmem_worker_destroy(&h->w);
     free(h);
 }
 
