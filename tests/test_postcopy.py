@@ -222,3 +222,42 @@ def test_cli_postcopy_flags(tmp_path):
         rep = json.loads(out.read_text())
         assert rep["outcome"] == "completed" and rep["postcopy"]["missing"] == 0
         assert "demand faults" in proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["pure", "after-precopy"])
+def test_recovery_after_a_link_cut(boot_guest, mode):
+    """The link breaks after the switch: both sides keep their state, the source comes
+    back over new connections, the destination names what it lacks, nothing is lost."""
+    g = boot_guest("checker", 64 << 20, rate=20000, reads=64)
+    time.sleep(0.2)
+    opts = MigrationOptions(postcopy=mode, postcopy_recovery=True, observe_s=0.2, bandwidth_Bps=100e6)
+    report = run_local_migration(g, opts, cut_link_after_s=0.02)
+    d = assert_migrated(report, "postcopy" if mode == "pure" else "hybrid")
+    pc = d["postcopy"]
+    if pc["recoveries"] == 0:
+        pytest.skip("the post-copy phase ended before the cut (nothing left to recover)")
+    assert pc["recoveries"] == 1 and pc["pages_resent_after_recovery"] > 0
+
+
+def test_link_cut_without_recovery_leaves_the_source_paused(boot_guest):
+    g = boot_guest("hotcold", 64 << 20, rate=20000)
+    time.sleep(0.2)
+    report = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0, bandwidth_Bps=100e6), cut_link_after_s=0.02)
+    assert report.outcome == "failed" and report.source_guest_state == "paused"
+    assert g.alive() and report.verification["source_guest_check"]["ok"]
+
+
+def test_source_gone_after_the_switch_the_destination_names_the_lost_pages(boot_guest, capfd, monkeypatch):
+    import vmem.local as local
+
+    monkeypatch.setattr(local, "MAX_POSTCOPY_RECOVERIES", 0)  # the source never comes back
+    g = boot_guest("hotcold", 64 << 20, rate=20000)
+    time.sleep(0.2)
+    opts = MigrationOptions(postcopy="pure", postcopy_recovery=True, postcopy_recovery_wait_s=0.5, observe_s=0,
+                            bandwidth_Bps=100e6)
+    report = run_local_migration(g, opts, cut_link_after_s=0.02)
+    assert report.outcome == "paused" and report.source_guest_state == "paused"
+    assert "gave up" in report.reason
+    err = capfd.readouterr().err
+    assert "pages are lost (first: [" in err and "stopped rather than run on memory it does not have" in err
+    assert g.verify()["ok"]  # the source still holds every page

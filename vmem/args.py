@@ -4,7 +4,7 @@ from __future__ import annotations
 from .errors import ConfigError
 
 __all__ = ["add_guest_arguments", "add_migration_arguments", "add_policy_arguments", "bandwidth_from_arg",
-           "migration_argument_dests", "options_from_args", "policy_from_args"]
+           "link_options_from_args", "migration_argument_dests", "options_from_args", "policy_from_args"]
 
 
 def add_guest_arguments(parser, *, title: str = "guest", default_size: str = "1G",
@@ -57,7 +57,32 @@ def add_migration_arguments(parser) -> None:
                     help="pure post-copy: pause at once, resume at the destination, pull pages on demand (docs/postcopy.md)")
     pc.add_argument("--postcopy-after-precopy", action="store_true",
                     help="hybrid: pre-copy rounds, then post-copy for the pages still dirty where stop-and-copy would be")
+    m.add_argument("--postcopy-recovery", action="store_true",
+                   help="if the link breaks after the switch, both sides keep their state and the migration is resumed "
+                        "over a new connection (automatically on one host; vmem migrate --resume NAME with agents)")
+    h = parser.add_argument_group("between hosts (vmem migrate NAME HOST:PORT; ignored by a one-host migrate)")
+    h.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="TCP connections carrying the stream (default 1); N > 1 stripes large sends over them, "
+                        "like QEMU's multifd (docs/agent.md)")
+    h.add_argument("--compress", default="none", choices=["none", "zstd", "lz4", "off"],
+                   help="zero pages always travel as a bitmap (none, the default); zstd/lz4 also compress the "
+                        "other pages (pays only on slow links and compressible memory); off: send zero pages too")
     add_policy_arguments(parser)
+
+
+def link_options_from_args(args) -> tuple[int, str]:
+    """``(parallel, compress)`` from the between-hosts flags (an agent migration's link).
+
+    Raises:
+        ConfigError: naming the flag, for a value out of range.
+    """
+    parallel = getattr(args, "parallel", 1)
+    compress = getattr(args, "compress", "none")
+    if not isinstance(parallel, int) or not 1 <= parallel <= 16:
+        raise ConfigError("--parallel", f"must be 1..16, got {parallel!r}")
+    if compress not in ("none", "zstd", "lz4", "off"):
+        raise ConfigError("--compress", f"must be none, zstd, lz4 or off, got {compress!r}")
+    return parallel, compress
 
 
 def migration_argument_dests() -> list[str]:
@@ -91,7 +116,8 @@ def options_from_args(args):
         postcopy = "off"
     return MigrationOptions(tracker=args.tracker, policy=policy, verify=not args.no_verify,
                             guest_check=not args.no_guest_check, observe_s=args.observe,
-                            bandwidth_Bps=bandwidth_from_arg(args.bandwidth), postcopy=postcopy)
+                            bandwidth_Bps=bandwidth_from_arg(args.bandwidth), postcopy=postcopy,
+                            postcopy_recovery=bool(getattr(args, "postcopy_recovery", False)))
 
 
 def add_policy_arguments(p) -> None:

@@ -27,6 +27,9 @@ def _add_migrate(sub) -> None:
     p.add_argument("target", nargs="?", metavar="HOST:PORT", help="the destination agent's --listen address")
     add_guest_arguments(p)
     add_migration_arguments(p)
+    lab = p.add_argument_group("lab faults (one-host only)")
+    lab.add_argument("--cut-link-after", type=float, metavar="S", default=None,
+                     help="cut the link S seconds into post-copy, to watch --postcopy-recovery resume it")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the full report (docs/report.md) to FILE")
     o.add_argument("--quiet", action="store_true", help="no live display, summary only")
@@ -57,6 +60,8 @@ def cmd_migrate(args) -> int:
     cls = load_workload(args.workload)
     params = parse_params(cls, args.workload_arg)
     options = options_from_args(args)
+    if args.cut_link_after is not None and options.postcopy == "off":
+        raise ConfigError("--cut-link-after", "cuts the link during post-copy: add --postcopy or --postcopy-after-precopy")
     console = Console(stderr=True)
     spec = GuestSpec(args.workload, params, args.seed)
     console.print(f"booting a {args.size} guest running [bold]{args.workload}[/bold] {params or ''}…")
@@ -65,7 +70,7 @@ def cmd_migrate(args) -> int:
         console.print(f"guest pid {guest.pid} up in {time.monotonic() - t:.2f} s; warming up {args.warmup:g} s")
         time.sleep(args.warmup)
         with LiveDisplay(console, enabled=not args.quiet) as display:
-            report = run_local_migration(guest, options, display)
+            report = run_local_migration(guest, options, display, cut_link_after_s=args.cut_link_after)
     print_summary(report, Console())
     if args.json:
         report.write(args.json)

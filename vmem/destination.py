@@ -41,6 +41,9 @@ __all__ = ["DestinationMigration", "serve"]
 MAX_PAGES_PER_RECORD = 1024
 #: After the source's COMPLETE, how long demand answers still in flight may take.
 POSTCOPY_COMPLETE_TIMEOUT_S = 60.0
+#: After a link failure following the switch, how long to wait for the source to resume
+#: (default; the source's MigrationOptions.postcopy_recovery_wait_s overrides it).
+POSTCOPY_RECONNECT_WAIT_S = 60.0
 
 
 class DestinationMigration:
@@ -54,6 +57,11 @@ class DestinationMigration:
         self.urgent = urgent_channel
         self.keep_guest = keep_guest
         self.postcopy = None  # PostcopyDestination once post-copy is armed
+        #: ``await_reconnect(timeout_s) -> (channel, urgent_channel) | None``: after a link
+        #: failure following the switch, wait for the source to reconnect (recovery)
+        self.await_reconnect = None
+        self.recoveries = 0
+        self._resumed_payload = None
         self._send_lock = threading.Lock()  # the fault thread sends on the back channel too
         self.kept_guest = None
         self.guest = None
@@ -91,6 +99,84 @@ class DestinationMigration:
         self.ch.recv_into(buf.data)
         self._placer.submit(slot, pfns.astype(np.int64, copy=False), n)
         self.pages_received += n
+
+    # --- the forward stream -----------------------------------------------------------------
+    def _new_reader(self):
+        reader = stream.StreamReader(self.ch.recv_exact, self.ch.recv_into, max_pfn=self._npages - 1,
+                                     truncation_errors=(ChannelBrokenError,))
+        reader.read_begin()
+        return reader
+
+    def _receive(self, reader) -> None:
+        """Read records until the libxl END; switch and complete post-copy on its records."""
+        PC = wire.PostcopyRecordType
+        while True:
+            rec = reader.next_record()
+            if isinstance(rec, stream.PageData):
+                reader.read_page_payload(self._place)
+            elif rec.type is wire.LibxlRecordType.END:
+                return
+            elif rec.type is wire.LibxlRecordType.EMULATOR_CONTEXT:
+                if self._context is None:
+                    self._context = stream.parse_emulator_record(rec).data
+            elif rec.type is PC.BEGIN:
+                if self.postcopy is None:
+                    raise MigrationError("postcopy", "the source switched to post-copy, which this destination did not arm")
+                self.phase = "postcopy"
+            elif rec.type is PC.PFNS:
+                if self.phase != "postcopy" or self._resumed_thread is not None:
+                    raise StreamError("post-copy PFNS outside BEGIN..TRANSITION", rec.offset)
+                self.postcopy.mark_pending(decode_pfn_list(rec.body, self._npages, "PFNS", rec.offset))
+            elif rec.type is PC.TRANSITION:
+                if self.phase != "postcopy" or self._resumed_thread is not None:
+                    raise StreamError("post-copy TRANSITION without BEGIN, or a second one", rec.offset)
+                self._context = bytes(rec.body)
+                self._resumed_thread = self._postcopy_switch(self._context)
+            elif rec.type is PC.COMPLETE:
+                self._postcopy_complete()
+            # Other records (libxc END, HVM state, optional records) need no action here.
+
+    # --- post-copy recovery -------------------------------------------------------------------
+    def _recoverable(self, err: BaseException) -> bool:
+        """A broken link after the switch, before every page arrived, with recovery on."""
+        if not (self._postcopy_recovery and self.await_reconnect is not None and self._resumed_thread is not None
+                and self.postcopy is not None and self.postcopy.armed):
+            return False
+        return isinstance(err, (TransportError, OSError)) or isinstance(err.__cause__, (TransportError, OSError))
+
+    def _postcopy_wait_for_source(self, err: BaseException):
+        """The link broke after the switch: keep the guest waiting on its missing pages and
+        wait for the source to come back; then tell it what is missing.  Returns the reader
+        of the new stream.  If it does not come back, say exactly which pages are lost."""
+        pc = self.postcopy
+        self._placer.flush()  # what arrived intact is placed
+        pc.pause()
+        missing = pc.missing_pages()
+        print(f"vmem destination: the link to the source broke after the switch ({err}); {len(missing)} pages are "
+              f"missing and the guest waits for them; waiting up to {self._recovery_wait_s:g} s for the source "
+              f"to resume the migration", file=sys.stderr)
+        for ch in (self.ch, self.urgent):
+            if ch is not None:
+                try:
+                    ch.close()
+                except (TransportError, OSError):
+                    pass
+        got = self.await_reconnect(self._recovery_wait_s)
+        if got is None:
+            self.phase = "postcopy"
+            raise MigrationError("postcopy", f"the source did not come back within {self._recovery_wait_s:g} s; "
+                                             f"{len(missing)} pages are lost (first: {missing[:16].tolist()}); the guest was "
+                                             "stopped rather than run on memory it does not have")
+        self.ch, self.urgent = got
+        config = stream.read_preamble(self.ch.recv_exact)
+        if not config.get("postcopy_resume") or int(config.get("npages", -1)) != self._npages:
+            raise StreamError(f"expected a post-copy resume preamble for {self._npages} pages, got {sorted(config)}")
+        self._send_control(wire.ControlType.POSTCOPY_RESUME, raw=memoryview(missing.astype("<u8")).cast("B"))
+        if self._resumed_payload is not None:
+            self._send_control(wire.ControlType.RESUMED, self._resumed_payload)  # it may have been lost
+        pc.resume_after_reconnect(self.urgent)
+        self.recoveries += 1
+        return self._new_reader()
 
     # --- post-copy -------------------------------------------------------------------------
     def _arm_postcopy(self) -> dict:
@@ -134,12 +220,17 @@ class DestinationMigration:
                 self.postcopy.start_mapper()
                 first = self.guest.wait_first_step(timeout_s=120.0)
                 self._resumed_counters = self.guest.counters()
-                self._send_control(wire.ControlType.RESUMED, {
+                self._resumed_payload = {
                     "first_step_ns": first, "running_at_ns": self._resumed_counters["resumed_at_ns"],
                     "restore_ms": round((first - t0) / 1e6, 3),
                     "end_to_resume_ms": round((t0 - t_end) / 1e6, 3), "pages_received": self.pages_received,
                     "postcopy": True,
-                })
+                }
+                try:
+                    self._send_control(wire.ControlType.RESUMED, self._resumed_payload)
+                except (TransportError, OSError):
+                    if not self._postcopy_recovery:
+                        raise  # else: re-sent after the source reconnects
             except BaseException as err:  # re-raised by the main thread
                 self._resumed_error = err
 
@@ -156,6 +247,7 @@ class DestinationMigration:
             missing = pc.missing_pages()
             raise MigrationError("postcopy", f"{len(missing)} pages never arrived after COMPLETE (first: {missing[:10].tolist()})")
         stats = pc.finish()
+        stats["recoveries"] = self.recoveries
         self._placer.postcopy = None
         t_done = time.monotonic_ns()
         at_done = self.guest.counters()
@@ -232,37 +324,25 @@ class DestinationMigration:
         self._send_control(wire.ControlType.READY, ready)
 
         self.phase = "receive"
-        reader = stream.StreamReader(self.ch.recv_exact, self.ch.recv_into, max_pfn=npages - 1,
-                                     truncation_errors=(ChannelBrokenError,))
-        reader.read_begin()
-        context = None
-        resumed_thread = None
-        PC = wire.PostcopyRecordType
+        self._npages = npages
+        self._context = None
+        self._resumed_thread = None
+        self._postcopy_recovery = bool(config.get("postcopy_recovery"))
+        try:
+            self._recovery_wait_s = min(max(float(config.get("postcopy_recovery_wait_s", POSTCOPY_RECONNECT_WAIT_S)), 0.0), 3600.0)
+        except (TypeError, ValueError) as err:
+            raise StreamError(f"preamble's postcopy_recovery_wait_s is not a number: {err}") from err
+        reader = self._new_reader()
         while True:
-            rec = reader.next_record()
-            if isinstance(rec, stream.PageData):
-                reader.read_page_payload(self._place)
-            elif rec.type is wire.LibxlRecordType.END:
+            try:
+                self._receive(reader)
                 break
-            elif rec.type is wire.LibxlRecordType.EMULATOR_CONTEXT:
-                if context is None:
-                    context = stream.parse_emulator_record(rec).data
-            elif rec.type is PC.BEGIN:
-                if self.postcopy is None:
-                    raise MigrationError("postcopy", "the source switched to post-copy, which this destination did not arm")
-                self.phase = "postcopy"
-            elif rec.type is PC.PFNS:
-                if self.phase != "postcopy":
-                    raise StreamError("post-copy PFNS without BEGIN", rec.offset)
-                self.postcopy.mark_pending(decode_pfn_list(rec.body, npages, "PFNS", rec.offset))
-            elif rec.type is PC.TRANSITION:
-                if self.phase != "postcopy":
-                    raise StreamError("post-copy TRANSITION without BEGIN", rec.offset)
-                context = bytes(rec.body)
-                resumed_thread = self._postcopy_switch(context)
-            elif rec.type is PC.COMPLETE:
-                self._postcopy_complete()
-            # Other records (libxc END, HVM state, optional records) need no action here.
+            except (TransportError, StreamError, OSError) as err:
+                if not self._recoverable(err):
+                    raise
+                reader = self._postcopy_wait_for_source(err)
+        context = self._context
+        resumed_thread = self._resumed_thread
         if resumed_thread is None and self.postcopy is not None:
             self.postcopy.disarm()  # pre-copy only: the kernel maps pages by itself again
         self._placer.flush()  # every page is in RAM (and digested) before the guest runs
@@ -427,19 +507,42 @@ class _Placer:
             self._thread.join(10)
 
 
-def serve(channel, urgent_channel=None) -> int:
+def serve(channel, urgent_channel=None, resume_listener=None) -> int:
     """Serve one incoming migration on ``channel``; returns the exit status.
 
     ``urgent_channel``: optional second connection on which the source sends post-copy
-    demand pages ahead of its background push.
+    demand pages ahead of its background push.  ``resume_listener``: optional listening
+    socket on which the source reconnects to resume a post-copy whose link broke.
     """
-    return DestinationMigration(channel, urgent_channel=urgent_channel).run()
+    dm = DestinationMigration(channel, urgent_channel=urgent_channel)
+    if resume_listener is not None:
+        dm.await_reconnect = lambda timeout_s: accept_reconnect(resume_listener, timeout_s, urgent_channel is not None)
+    return dm.run()
+
+
+def accept_reconnect(listener: socket.socket, timeout_s: float, with_urgent: bool):
+    """Accept the source's new main (and urgent) connection within ``timeout_s``; None on timeout."""
+    import select
+
+    deadline = time.monotonic() + timeout_s
+    got = []
+    for _ in range(2 if with_urgent else 1):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([listener], [], [], left)[0]:
+            for ch in got:
+                ch.close()
+            return None
+        conn, _ = listener.accept()
+        conn.setblocking(True)
+        got.append(SocketChannel(conn))
+    return (got[0], got[1] if with_urgent else None)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vmem.destination")
     p.add_argument("--fd", type=int, required=True, help="connected stream socket to the source")
     p.add_argument("--urgent-fd", type=int, default=-1, help="second socket: post-copy demand pages")
+    p.add_argument("--resume-fd", type=int, default=-1, help="listening socket: the source resumes a broken post-copy")
     args = p.parse_args(argv)
     try:
         from . import _native as nat
@@ -450,12 +553,15 @@ def main(argv=None) -> int:
         pass
     ch = SocketChannel(socket.socket(fileno=args.fd))
     urgent = SocketChannel(socket.socket(fileno=args.urgent_fd)) if args.urgent_fd >= 0 else None
+    listener = socket.socket(fileno=args.resume_fd) if args.resume_fd >= 0 else None
     try:
-        return serve(ch, urgent)
+        return serve(ch, urgent, listener)
     finally:
         ch.close()
         if urgent is not None:
             urgent.close()
+        if listener is not None:
+            listener.close()
 
 
 if __name__ == "__main__":

@@ -141,6 +141,8 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
         t.add_row("  demand faults", f"{pc.get('faults', 0):,} (latency p50 {_r(lat.get('p50'))} us, p99 {_r(lat.get('p99'))} us, "
                                      f"max {_r(lat.get('max'))} us); {pc.get('local_faults', 0):,} resolved locally")
         t.add_row("  pages demanded / pushed", f"{pc.get('pages_demanded', 0):,} / {pc.get('pages_pushed', 0):,}")
+        if pc.get("recoveries"):
+            t.add_row("  link failures recovered", f"{pc['recoveries']} ({pc.get('pages_resent_after_recovery', 0):,} pages resent after the last)")
         t.add_row("  guest steps/s before / during / after", f"{_r(rate.get('before'))} / {_r(rate.get('during'))} / {_r(rate.get('after'))}")
     v = report.verification or {}
     if v.get("digests"):

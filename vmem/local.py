@@ -12,7 +12,7 @@ import time
 
 from transport import ShapedChannel, channel_pair
 
-from .migrator import MigrationOptions, migrate
+from .migrator import MigrationOptions
 from .report import MigrationReport
 
 __all__ = ["run_local_migration", "spawn_destination", "source_guest_check"]
@@ -20,8 +20,9 @@ __all__ = ["run_local_migration", "spawn_destination", "source_guest_check"]
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def spawn_destination(sock_fd: int, urgent_fd: int = -1) -> subprocess.Popen:
-    """Start ``python -m vmem.destination`` on an inherited socket fd (and the urgent one)."""
+def spawn_destination(sock_fd: int, urgent_fd: int = -1, resume_fd: int = -1) -> subprocess.Popen:
+    """Start ``python -m vmem.destination`` on an inherited socket fd (and the urgent one,
+    and a listening socket on which the source reconnects to resume a broken post-copy)."""
     env = dict(os.environ)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
     env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -29,37 +30,132 @@ def spawn_destination(sock_fd: int, urgent_fd: int = -1) -> subprocess.Popen:
     fds = (sock_fd,)
     if urgent_fd >= 0:
         argv += ["--urgent-fd", str(urgent_fd)]
-        fds = (sock_fd, urgent_fd)
+        fds += (urgent_fd,)
+    if resume_fd >= 0:
+        argv += ["--resume-fd", str(resume_fd)]
+        fds += (resume_fd,)
     return subprocess.Popen(argv, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
 
 
-def run_local_migration(guest, options: MigrationOptions | None = None, progress=None) -> MigrationReport:
+#: How often the one-host orchestrator resumes a post-copy whose link broke.
+MAX_POSTCOPY_RECOVERIES = 3
+
+
+class _LinkCutter:
+    """Progress sink wrapper that cuts the link ``after_s`` seconds into post-copy (a lab
+    fault, to watch recovery): both directions of the main and urgent sockets are shut
+    down, as a dead link looks to both ends.  Cuts once."""
+
+    def __init__(self, inner, after_s: float, channels):
+        self.inner = inner
+        self.after_s = after_s
+        self.channels = channels
+        self.timer = None
+
+    def _cut(self) -> None:
+        import socket
+
+        for ch in self.channels:
+            try:
+                s = socket.socket(fileno=os.dup(ch.fileno()))
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def phase(self, name, detail=""):
+        self.inner.phase(name, detail)
+
+    def round_start(self, index, pages, kind):
+        if kind == "postcopy" and self.timer is None:
+            import threading
+
+            self.timer = threading.Timer(self.after_s, self._cut)
+            self.timer.daemon = True
+            self.timer.start()
+        self.inner.round_start(index, pages, kind)
+
+    def sent(self, pages, nbytes):
+        self.inner.sent(pages, nbytes)
+
+    def round_end(self, stats):
+        self.inner.round_end(stats)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def run_local_migration(guest, options: MigrationOptions | None = None, progress=None, *,
+                        cut_link_after_s: float | None = None) -> MigrationReport:
     """Migrate the running ``guest`` to a new destination process on this host.
 
     On success the source guest has exited and the destination (and its guest) has shut
     down after ``options.observe_s``.  On failure the source guest is still running (unless
     it crashed) and its own ledger check is recorded in ``report.verification['source_guest_check']``.
     The destination process is always reaped.
+
+    With ``options.postcopy_recovery``, a post-copy whose link breaks after the switch is
+    resumed over new connections (up to MAX_POSTCOPY_RECOVERIES times).
+    ``cut_link_after_s``: a lab fault -- cut the link that long into post-copy.
     """
+    import socket
+
+    from .migrator import SourceMigration, _Progress as NullProgress
+
     options = options or MigrationOptions()
     src_ch, dst_ch = channel_pair()
     # Post-copy demand pages get their own connection, so an answer to a fault never
     # queues behind megabytes of background push (QEMU's postcopy-preempt channel).
     urgent = channel_pair() if options.postcopy != "off" else None
+    # Recovery: the destination listens on an abstract unix address for the source to
+    # come back (nothing on disk; the kernel frees the name with the socket).
+    resume_sock = None
+    if options.postcopy_recovery and options.postcopy != "off":
+        resume_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        resume_sock.bind(f"\0vmem-resume-{os.getpid()}-{os.urandom(6).hex()}")
+        resume_sock.listen(4)
+    cutter = None
+    if cut_link_after_s is not None:
+        cutter = _LinkCutter(progress or NullProgress(), cut_link_after_s, [src_ch] + ([urgent[0]] if urgent else []))
+        progress = cutter
     dest = None
+    extra = []
     try:
-        dest = spawn_destination(dst_ch.fileno(), urgent[1].fileno() if urgent else -1)
+        dest = spawn_destination(dst_ch.fileno(), urgent[1].fileno() if urgent else -1,
+                                 resume_sock.fileno() if resume_sock else -1)
         dst_ch.close()
         if urgent:
             urgent[1].close()
         channel = ShapedChannel(src_ch, options.bandwidth_Bps) if options.bandwidth_Bps else src_ch
-        report = migrate(guest, channel, options, progress, urgent[0] if urgent else None)
+        mig = SourceMigration(guest, channel, options, progress, urgent[0] if urgent else None)
+        report = mig.run()
+        tries = 0
+        while report.outcome == "paused" and mig.resumable and tries < MAX_POSTCOPY_RECOVERIES and dest.poll() is None:
+            tries += 1
+            main = _connect_abstract(resume_sock.getsockname())
+            extra.append(main)
+            urg = None
+            if urgent:
+                urg = _connect_abstract(resume_sock.getsockname())
+                extra.append(urg)
+            if options.bandwidth_Bps:
+                main = ShapedChannel(main, options.bandwidth_Bps)
+            report = mig.resume_postcopy(main, urg)
+        if report.outcome == "paused":
+            report.reason += " (the one-host orchestrator gave up resuming it)"
     finally:
+        if cutter is not None:
+            cutter.cancel()
         src_ch.close()
         dst_ch.close()
+        for ch in extra:
+            ch.close()
         if urgent:
             urgent[0].close()
             urgent[1].close()
+        if resume_sock is not None:
+            resume_sock.close()
         if dest is not None:
             try:
                 dest.wait(30)
@@ -76,6 +172,16 @@ def run_local_migration(guest, options: MigrationOptions | None = None, progress
         elif report.source_guest_state != "paused":
             report.source_guest_state = "running"
     return report
+
+
+def _connect_abstract(address):
+    import socket
+
+    from transport import SocketChannel
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(address)
+    return SocketChannel(s)
 
 
 def source_guest_check(guest) -> dict:

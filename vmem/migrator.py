@@ -71,6 +71,11 @@ class MigrationOptions:
         postcopy: "off" (a policy's POSTCOPY is an error), "allow" (switch when the policy
             says POSTCOPY), "after-precopy" (hybrid: where pre-copy would stop-and-copy,
             switch to post-copy instead), "pure" (no pre-copy round: pause, switch, pull).
+        postcopy_recovery: on a broken link after the switch, keep both sides' state and
+            end with outcome "paused" (resumable with SourceMigration.resume_postcopy)
+            instead of failing.
+        postcopy_recovery_wait_s: how long the destination then waits for the source to
+            come back before it declares the missing pages lost.
     """
 
     tracker: str = "auto"
@@ -81,6 +86,8 @@ class MigrationOptions:
     ack_timeout_s: float = 120.0
     bandwidth_Bps: float | None = None
     postcopy: str = "off"
+    postcopy_recovery: bool = False
+    postcopy_recovery_wait_s: float = 60.0
     extra_config: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -128,6 +135,10 @@ class SourceMigration:
         self._pc = None  # PostcopySource while post-copy runs: it owns the back channel
         self._switched = False  # True once the destination guest may run (post-copy)
         self._rate_mark = None  # (monotonic ns, guest steps) where guest_rate.before starts
+        self._resumable = False  # a post-copy link failure left both sides waiting (resume_postcopy)
+        self._recoveries = 0
+        self._pc_resumed = None  # the destination's RESUMED, once received
+        self._committed = False
 
     # --- helpers -----------------------------------------------------------------------
     def _recv_bytearray(self, n: int) -> bytearray:
@@ -227,6 +238,7 @@ class SourceMigration:
         return r
 
     def _fail(self, err: BaseException) -> None:
+        _drop_tracebacks(err)  # see _drop_tracebacks: they would pin views of guest RAM
         r = self.report
         if not isinstance(err, GuestCrashed) and not self.guest.alive():
             # The guest's death surfaced as some other error (e.g. ESRCH from PAGEMAP_SCAN on
@@ -241,6 +253,28 @@ class SourceMigration:
             msg = str(err)
         r.outcome = "failed"
         r.reason = msg
+        if (self._switched and self.opt.postcopy_recovery and not self._committed and not crashed
+                and self.guest.alive() and _is_link_error(err)):
+            # Both sides keep their state: the destination's guest waits on its missing
+            # pages, ours stays paused with the complete RAM; resume_postcopy() finishes.
+            if self.tracker is not None:
+                self.tracker.stop()
+            if self._pc is not None:
+                self._pc.stop()
+                self._pc = None
+            for ch in (self.ch, self.urgent):
+                if ch is not None:
+                    try:
+                        ch.close()
+                    except (TransportError, OSError):
+                        pass
+            self._resumable = True
+            r.outcome = "paused"
+            r.source_guest_state = "paused"
+            r.reason = (f"the link broke after the switch to post-copy ({msg}); both sides hold their state: "
+                        "the destination guest waits on its missing pages, the source guest is paused with its "
+                        "complete RAM. Resume over a new connection (vmem migrate --resume NAME / resume_postcopy()).")
+            return
         # Roll back: tell the destination (best effort), resume the source guest if paused.
         self._tell_destination_to_discard()
         if crashed or not self.guest.alive():
@@ -282,6 +316,8 @@ class SourceMigration:
             "verify": self.opt.verify,
             "guest_check": self.opt.guest_check,
             "postcopy": self.opt.postcopy != "off",
+            "postcopy_recovery": self.opt.postcopy_recovery,
+            "postcopy_recovery_wait_s": self.opt.postcopy_recovery_wait_s,
         } | self.opt.extra_config
         self.ch.send(stream.encode_preamble(config))
         _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.READY})
@@ -485,9 +521,30 @@ class SourceMigration:
         if self.tracker is not None:
             self.tracker.stop()  # outside the downtime, as in stop-and-copy
         pending = pc.pending = merge_pages(base, late)
+        self._pc_pending_total = int(len(pending))
+        self._pc_timings = {
+            "drain_before_pause": drain_ms,
+            "pause_latency": round(self.paused.latency_ns / 1e6, 3),
+            "final_collect": round((t_collected - t_paused) * 1e3, 3),
+            "pause_to_transition_sent": round((t_transition - t_pause0) * 1e3, 3),
+        }
+        self._t_pause0 = t_pause0
         # Let the guest restart before the push competes with it for the CPUs: its first
         # faults are then answered at once.  Bounded: a slow restart does not stall the push.
-        resumed_wait_ms = pc.wait_for_control(RESUMED_WAIT_S)
+        self._pc_timings["push_held_for_restart"] = pc.wait_for_control(RESUMED_WAIT_S)
+        self._postcopy_serve(pc, index)
+
+    def _postcopy_serve(self, pc, index: int) -> None:
+        """Push ``pc.pending``, end the stream, collect RESUMED and POSTCOPY_STATUS, report.
+
+        Shared by the switch and by :meth:`resume_postcopy` (then ``pc.pending`` is what the
+        destination still lacked after the link broke).
+        """
+        r = self.report
+        g = self.guest
+        w = self._writer
+        PC = wire.PostcopyRecordType
+        pending = pc.pending
         self._phase("postcopy", f"{len(pending)} pages to come; serving faults")
         self.progress.round_start(index, len(pending), "postcopy")
         t0 = time.monotonic()
@@ -510,9 +567,13 @@ class SourceMigration:
 
         self._phase("postcopy", "waiting for the destination to place every page")
         got: dict = {}
+        if self._pc_resumed is not None:
+            got[wire.ControlType.RESUMED] = self._pc_resumed  # received before a broken link
         while len(got) < 2:
             ctype, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.RESUMED, wire.ControlType.POSTCOPY_STATUS})
             got[ctype] = stream.decode_json(body)
+            if ctype == wire.ControlType.RESUMED:
+                self._pc_resumed = got[ctype]
         pc.join()
         pc.stop()
         self._pc = None
@@ -520,14 +581,9 @@ class SourceMigration:
         resumed = got[wire.ControlType.RESUMED]
         status = got[wire.ControlType.POSTCOPY_STATUS]
         r.downtime_ms = round((int(resumed["first_step_ns"]) - self.paused.paused_at_ns) / 1e6, 3)
-        r.timings_ms = {
-            "drain_before_pause": drain_ms,
-            "pause_latency": round(self.paused.latency_ns / 1e6, 3),
-            "final_collect": round((t_collected - t_paused) * 1e3, 3),
-            "pause_to_transition_sent": round((t_transition - t_pause0) * 1e3, 3),
-            "push_held_for_restart": resumed_wait_ms,
+        r.timings_ms = dict(self._pc_timings) | {
             "postcopy_push": round((t1 - t0) * 1e3, 3),
-            "pause_to_all_placed": round((t_done - t_pause0) * 1e3, 3),
+            "pause_to_all_placed": round((t_done - self._t_pause0) * 1e3, 3),
             "destination_restore": resumed.get("restore_ms"),
             "destination_end_to_resume": resumed.get("end_to_resume_ms"),
             "pause_to_running": round((int(resumed["running_at_ns"]) - self.paused.paused_at_ns) / 1e6, 3) if resumed.get("running_at_ns") else None,
@@ -543,12 +599,73 @@ class SourceMigration:
         push_s = t1 - t0
         r.postcopy = status | {
             "mode": r.mode,
-            "pages_pending": int(len(pending)),
+            "pages_pending": self._pc_pending_total,
             "push_s": round(push_s, 6),
             "push_rate_Bps": round(pc.bytes_pushed / push_s, 1) if push_s > 0 else None,
             "source": pc.stats(),
             "guest_rate": {"unit": "workload steps/s", "before": before, "during": during, "after": None},
+            "recoveries": self._recoveries,
         }
+
+    # --- post-copy recovery --------------------------------------------------------------------
+    @property
+    def resumable(self) -> bool:
+        """True after a link failure following the switch, with post-copy recovery on:
+        both sides hold their state and :meth:`resume_postcopy` can finish the migration."""
+        return self._resumable
+
+    def resume_postcopy(self, channel, urgent_channel=None) -> MigrationReport:
+        """Finish a post-copy interrupted by a broken link, over new connections.
+
+        The destination (waiting since the break, its guest blocked on the missing pages)
+        answers the resume preamble with the pages it still lacks; exactly those are sent,
+        then the usual COMPLETE, digest comparison and commit.  Returns the updated report
+        (outcome "completed", or "paused" again if this link breaks too, or "failed").
+        """
+        if not self._resumable:
+            raise MigrationError("resume", "this migration is not waiting to be resumed")
+        r = self.report
+        g = self.guest
+        self._resumable = False
+        self._recoveries += 1
+        self.ch = channel
+        self.urgent = urgent_channel
+        self._ctl_reader = stream.ControlReader(self._recv_bytearray)
+        self._writer = stream.StreamWriter(self.ch.send_parts)
+        self._stream_ended = False
+        self._pc = None
+        r.outcome, r.reason = "failed", ""
+        t_start = time.monotonic()
+        try:
+            self._phase("postcopy", "resuming over a new connection")
+            self.ch.send(stream.encode_preamble({"postcopy_resume": True, "npages": g.npages, "page_size": PAGE_SIZE,
+                                                  "recovery": self._recoveries}))
+            _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.POSTCOPY_RESUME})
+            missing = np.frombuffer(body, dtype="<u8")
+            if len(missing) and int(missing.max()) >= g.npages:
+                raise StreamError("POSTCOPY_RESUME names a page beyond the guest")
+            missing = missing.astype(np.int64)
+            self._writer.begin()
+            self._writer.write_record(wire.PostcopyRecordType.BEGIN)
+            from .postcopy.source import PostcopySource
+
+            pc = PostcopySource(g.ram.pages, missing, self._writer, self._ctl_reader, self._send_lock,
+                                self.urgent, self.progress, self.ch)
+            self._pc = pc
+            pc.start()
+            self._postcopy_serve(pc, len(r.rounds))
+            r.postcopy["pages_resent_after_recovery"] = int(len(missing))
+            self._verify_and_commit()
+        except (VmemError, TransportError, OSError) as err:
+            self._fail(err)
+        except Exception as err:  # a bug of ours
+            self._fail(MigrationError(r.phase, f"internal error {type(err).__name__}: {err}"))
+        finally:
+            if self._pc is not None:
+                self._pc.stop()
+            r.total_time_s = round(r.total_time_s + (time.monotonic() - t_start), 6)
+            r.pages_sent = sum(x.pages_sent for x in r.rounds)
+        return r
 
     def _verify_and_commit(self) -> None:
         """Steps 4-5 after the destination resumed: compare digests, guest check, commit."""
@@ -583,6 +700,7 @@ class SourceMigration:
         # 5. Commit: from here the destination owns the guest; the source guest exits.
         self._phase("commit", "source guest exits")
         self._send_control(wire.ControlType.COMMIT)
+        self._committed = True
         r.guest["source_at_pause"] = g.counters()
         r.processes.setdefault("source_guest", {}).update(process_figures(g.pid))
         g.exit()
@@ -635,6 +753,30 @@ class SourceMigration:
         r.outcome = "aborted"
         r.reason = reason
         r.source_guest_state = "running"
+
+
+def _drop_tracebacks(err: BaseException | None) -> None:
+    """Clear the tracebacks of ``err`` and its causes.
+
+    A channel keeps its first error (sticky); that error's traceback holds the frames that
+    were sending -- with memoryviews of guest RAM -- and those frames hold the channel: a
+    cycle that keeps the RAM mapping (and its memfd) alive until the garbage collector
+    runs.  The report carries the message, not the traceback.
+    """
+    seen = 0
+    while err is not None and seen < 16:
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
+        seen += 1
+
+
+def _is_link_error(err: BaseException) -> bool:
+    """A broken or silent connection (recoverable), as opposed to a refusal or a bug."""
+    if isinstance(err, (TransportError, OSError)):
+        return True
+    if isinstance(err, StreamError) and isinstance(err.__cause__, (TransportError, OSError)):
+        return True
+    return isinstance(err, MigrationError) and "sent nothing for" in str(err)
 
 
 def _count(pages) -> int:

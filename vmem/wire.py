@@ -360,6 +360,7 @@ class ControlType(enum.IntEnum):
     SHUTDOWN = 8  # source: close the session
     GUEST_CHECK = 9  # guest invariant check request/result
     POSTCOPY_STATUS = 10  # destination: every post-copy page is placed; its fault statistics (JSON)
+    POSTCOPY_RESUME = 11  # destination, after a broken link: the pages it still lacks (u64 LE pfns)
     #: destination: pages the guest faulted on and still waits for.  Body: u32 count,
     #: u32 reserved (0), u64 pfn[count].  Numbered as the post-copy FAULT record it is.
     POSTCOPY_FAULT = 0x564D0015

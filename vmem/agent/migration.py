@@ -17,26 +17,147 @@ Incoming (a TCP connection with purpose ``migrate-in``): reserve NAME as ``incom
 (refuse if taken or too big), answer ok, run :class:`vmem.destination.DestinationMigration`
 with ``keep_guest=True`` on the channel, and on commit adopt the guest as ``running``.  On
 any failure the destination side removed everything it built and NAME is released.
+
+The link (:func:`build_link`, the same stack on both sides, chosen by the request's
+``parallel``/``compress``/``urgent`` keys and confirmed by the reply)::
+
+    migrator / DestinationMigration
+      CompressedChannel     zero pages as a bitmap (default), zstd/lz4 (--compress); not with "off"
+      ShapedChannel         --bandwidth (source side only)
+      StripedChannel        --parallel N > 1: main + N-1 data connections (each secured like main)
+      main connection       MacChannel / TlsChannel / plain, as the agents' security says
+
+Extra connections (data, urgent) open with purpose ``vmem-data`` / ``vmem-urgent`` and
+send ``{"op": "attach", "session", "index"}``: the session token came in the migrate-in
+reply, over the authenticated main connection, so only that source can attach.  The urgent
+connection (post-copy demand pages, read by native code on the raw socket) is used only
+when the agents run without key and TLS: with a key or TLS the demand pages take the
+Python fault path on the protected main stream instead (docs/agent.md, "Post-copy").
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 from transport import ShapedChannel, TransportError
 
 from ..errors import ConfigError, VmemError
 from .protocol import AgentError, ErrorCode, ProtocolError, raise_for_reply, recv_frame, send_error, send_frame, send_reply
 
-__all__ = ["ForwardingProgress", "migrate_out", "serve_incoming", "options_from_request"]
+__all__ = ["ForwardingProgress", "PendingLinks", "build_link", "migrate_out", "serve_attach", "serve_incoming",
+           "options_from_request"]
 
 log = logging.getLogger("vmem.agent")
 
 #: Minimum interval between two forwarded ``sent`` events (the display refreshes at 10 Hz).
 SENT_EVENT_INTERVAL_S = 0.05
+#: How long a destination waits for a migration's extra connections to attach.
+ATTACH_TIMEOUT_S = 30.0
+#: Most connections one migration may use (``--parallel``).
+MAX_PARALLEL = 16
+
+
+@dataclass
+class _Session:
+    data_expected: int
+    urgent_expected: bool
+    data: dict = field(default_factory=dict)   # index -> channel
+    urgent: object = None
+    closed: bool = False
+
+
+class PendingLinks:
+    """Incoming migrations waiting for their extra connections, by session token."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._sessions: dict[str, _Session] = {}
+
+    def open(self, data_expected: int, urgent_expected: bool) -> str:
+        token = secrets.token_hex(16)
+        with self._cond:
+            self._sessions[token] = _Session(data_expected, urgent_expected)
+        return token
+
+    def attach(self, token: str, purpose: str, index: int, channel, *, dry_run: bool = False) -> str:
+        """File ``channel`` under ``token``; returns "" or why it was refused (``dry_run``:
+        only check)."""
+        with self._cond:
+            session = self._sessions.get(token)
+            if session is None or session.closed:
+                return "no migration is waiting for this session (it ended or timed out)"
+            if purpose == "vmem-urgent":
+                if not session.urgent_expected or session.urgent is not None:
+                    return "this migration takes no (further) urgent connection"
+                if not dry_run:
+                    session.urgent = channel
+            else:
+                if not 1 <= index <= session.data_expected or index in session.data:
+                    return f"data connection index {index} is not expected (1..{session.data_expected}, once each)"
+                if not dry_run:
+                    session.data[index] = channel
+            self._cond.notify_all()
+        return ""
+
+    def wait(self, token: str, timeout_s: float) -> tuple[list, object]:
+        """The session's data connections (by index) and urgent connection, once all came.
+
+        Raises:
+            AgentError(failed): they did not all attach within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            session = self._sessions[token]
+            while len(session.data) < session.data_expected or (session.urgent_expected and session.urgent is None):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AgentError(ErrorCode.FAILED, f"only {len(session.data)} of {session.data_expected} data "
+                                                       "connection(s) attached in time")
+                self._cond.wait(left)
+            return [session.data[i] for i in sorted(session.data)], session.urgent
+
+    def close(self, token: str) -> list:
+        """Forget ``token``; returns the connections attached to it (for the caller to close)."""
+        with self._cond:
+            session = self._sessions.pop(token, None)
+            if session is None:
+                return []
+            session.closed = True
+            return [*session.data.values(), *([session.urgent] if session.urgent is not None else [])]
+
+
+def _raw_socket_channel(channel):
+    """The plain socket channel under a secured one (for the urgent connection's native
+    reader and writer, which use the fd).  Only called in security mode none, or on a
+    MacChannel whose receive buffer is empty (the attach exchange was framed whole)."""
+    from transport import SocketChannel
+
+    while not isinstance(channel, SocketChannel) or type(channel).__name__ == "TlsChannel":
+        inner = getattr(channel, "inner", None)
+        if inner is None:
+            raise AgentError(ErrorCode.INTERNAL, f"no raw socket under {channel!r}")
+        channel = inner
+    return channel
+
+
+def build_link(main, data: list, *, compress: str, bandwidth_Bps: float | None = None, source: bool):
+    """The channel a migration runs on (the stack in the module docstring)."""
+    link = main
+    if data:
+        from transport.striped import StripedChannel
+
+        link = StripedChannel(main, outgoing=data if source else (), incoming=() if source else data)
+    if bandwidth_Bps:
+        link = ShapedChannel(link, bandwidth_Bps)
+    if compress != "off":
+        from transport.compressed import CompressedChannel
+
+        link = CompressedChannel(link, "zero" if compress == "none" else compress)
+    return link
 
 
 class ForwardingProgress:
@@ -129,6 +250,35 @@ def _source_guest_check(guest) -> dict:
     return check
 
 
+def _link_request(values: dict) -> tuple[int, str]:
+    """``(parallel, compress)`` from a CLI's migration options (checked; AgentError if bad)."""
+    from ..args import link_options_from_args
+    from transport.compressed import mode_unavailable
+
+    ns = argparse.Namespace(parallel=values.get("parallel", 1), compress=values.get("compress", "none"))
+    try:
+        parallel, compress = link_options_from_args(ns)
+    except ConfigError as err:
+        raise AgentError(ErrorCode.BAD_REQUEST, f"invalid argument {err}") from None
+    why = mode_unavailable(compress) if compress in ("zstd", "lz4") else ""
+    if why:
+        raise AgentError(ErrorCode.UNAVAILABLE, f"--compress {compress}: this host cannot compress: {why}")
+    return parallel, compress
+
+
+def _attach(agent, host: str, port: int, purpose: str, session: str, index: int):
+    """Open one extra connection of a migration (secured like the main one) and attach it."""
+    ch = agent.connect_peer(host, port, purpose)
+    try:
+        send_frame(ch, {"op": "attach", "session": session, "index": index})
+        raise_for_reply(recv_frame(ch), f"destination agent {host}:{port} ({purpose} connection)")
+    except BaseException:
+        agent.forget_channel(ch)
+        ch.close()
+        raise
+    return ch
+
+
 def migrate_out(agent, cli_channel, request: dict) -> dict:
     """Serve ``{"op": "migrate", "name", "target", "options"}`` for a CLI; see the module docstring.
 
@@ -139,12 +289,17 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
             options, destination unreachable or refusing); the guest is running as before.
     """
     from ..migrator import migrate
-    from .net import SnapshotSendChannel, parse_hostport
+    from .net import parse_hostport
     from .paths import DEFAULT_PORT
 
     name = str(request.get("name", ""))
     target = str(request.get("target", ""))
-    options = options_from_request(request.get("options") or {})
+    values = request.get("options") or {}
+    options = options_from_request(values)
+    parallel, compress = _link_request(values)
+    # Post-copy demand pages on their own connection only where it loses no protection
+    # (the native fault path reads and writes that socket raw; see the module docstring).
+    want_urgent = options.postcopy != "off" and agent.security.mode == "none"
     try:
         host, port = parse_hostport(target, DEFAULT_PORT)
     except (ValueError, TransportError) as err:
@@ -152,25 +307,45 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
     entry = agent.registry.transition(name, "running", "migrating")
     progress = ForwardingProgress(cli_channel)
     channel = None
+    extras: list = []
+    link = None
+    urgent = None
     try:
         try:
             progress.phase("connect", f"to the agent at {host}:{port}")
             channel = agent.connect_peer(host, port, "migrate-in")
             send_frame(channel, {"op": "migrate-in", "name": name, "size_bytes": entry.size_bytes,
-                                 "spec": entry.spec, "origin": agent.listen_address})
-            raise_for_reply(recv_frame(channel), f"destination agent {host}:{port}")
+                                 "spec": entry.spec, "origin": agent.listen_address,
+                                 "parallel": parallel, "compress": compress, "urgent": want_urgent})
+            reply = raise_for_reply(recv_frame(channel), f"destination agent {host}:{port}")
+            agreed = reply.get("link")
+            if not isinstance(agreed, dict):
+                if parallel > 1 or compress != "off":
+                    raise AgentError(ErrorCode.VERSION, f"the destination agent {host}:{port} does not support "
+                                                        "--parallel/--compress (an older vmem): run the same vmem "
+                                                        "version on both hosts, or pass --parallel 1 --compress off")
+                agreed = {"parallel": 1, "compress": "off", "urgent": False}
+            session = str(agreed.get("session", ""))
+            for index in range(1, parallel):
+                extras.append(_attach(agent, host, port, "vmem-data", session, index))
+            if agreed.get("urgent"):
+                extras.append(_attach(agent, host, port, "vmem-urgent", session, 0))
+                urgent = _raw_socket_channel(extras[-1])
         except BaseException:
             agent.registry.transition(name, "migrating", "running")
             raise
-        log.info("migrating guest %s to %s:%d", name, host, port)
-        link = SnapshotSendChannel(channel) if agent.security.key is not None else channel
-        if options.bandwidth_Bps:
-            link = ShapedChannel(link, options.bandwidth_Bps)
-        report = migrate(entry.guest, link, options, progress)
+        log.info("migrating guest %s to %s:%d (%d connection(s), compress %s%s)", name, host, port, parallel,
+                 compress, ", urgent connection" if urgent is not None else "")
+        data = extras[:parallel - 1]
+        link = build_link(channel, data, compress=compress, bandwidth_Bps=options.bandwidth_Bps, source=True)
+        report = migrate(entry.guest, link, options, progress, urgent_channel=urgent)
+        report.guest["link"] = _link_summary(link, parallel, compress, urgent is not None)
     finally:
-        if channel is not None:
-            agent.forget_channel(channel)
-            channel.close()
+        for ch in [c for c in (channel, *extras) if c is not None]:
+            agent.forget_channel(ch)
+            ch.close()
+        if link is not None:
+            link.close()
     report.guest["name"] = name
     report.guest["source_agent"] = agent.listen_address
     report.guest["destination_agent"] = f"{host}:{port}"
@@ -192,9 +367,48 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
     return {"report": report.to_dict()}
 
 
+def _link_summary(link, parallel: int, compress: str, urgent: bool) -> dict:
+    """What the report says about the link: connections, compression, bytes on the wire."""
+    summary = {"parallel": parallel, "compress": compress, "urgent_connection": urgent,
+               "stream_bytes": link.bytes_sent}
+    wire = getattr(link, "wire_bytes_sent", None)
+    summary["wire_bytes"] = wire if wire is not None else link.bytes_sent
+    summary["zero_pages_elided"] = getattr(link, "zero_pages_sent", 0)
+    return summary
+
+
+def serve_attach(agent, channel, purpose: str, peer: str) -> bool:
+    """Serve a ``vmem-data``/``vmem-urgent`` connection: hand it to its waiting migration.
+
+    Returns True if the migration took the channel (the caller must not close it).
+    """
+    try:
+        request = recv_frame(channel)
+        token, index = str(request.get("session", "")), int(request.get("index", -1))
+        if request.get("op") != "attach":
+            raise AgentError(ErrorCode.BAD_REQUEST, f"expected an attach request, got {str(request)[:100]}")
+    except (AgentError, ValueError, TypeError) as err:
+        send_error(channel, getattr(err, "code", ErrorCode.BAD_REQUEST), getattr(err, "message", str(err)))
+        return False
+    # Reply first, file second: once filed, the migration may use the channel at once
+    # (the urgent one from native code), and nothing else may be written on it then.
+    why = agent.pending_links.attach(token, purpose, index, None, dry_run=True)
+    if why:
+        log.warning("refused a %s connection from %s: %s", purpose, peer, why)
+        send_error(channel, ErrorCode.BAD_REQUEST, why)
+        return False
+    send_reply(channel)
+    why = agent.pending_links.attach(token, purpose, index, channel)
+    if why:
+        log.warning("dropped a %s connection from %s: %s", purpose, peer, why)
+        return False
+    return True
+
+
 def serve_incoming(agent, channel, peer: str) -> None:
     """Serve one ``migrate-in`` connection (already secured and opened); never raises."""
     from ..destination import DestinationMigration
+    from transport.compressed import mode_unavailable
     from .registry import validate_name
 
     try:
@@ -206,6 +420,17 @@ def serve_incoming(agent, channel, peer: str) -> None:
         spec = request.get("spec") or {}
         if size_bytes <= 0 or not isinstance(spec, dict):
             raise AgentError(ErrorCode.BAD_REQUEST, "migrate-in needs a positive size_bytes and a spec object")
+        parallel = int(request.get("parallel", 1))
+        compress = str(request.get("compress", "off"))  # a source without the key sends plain bytes
+        if not 1 <= parallel <= MAX_PARALLEL:
+            raise AgentError(ErrorCode.BAD_REQUEST, f"parallel {parallel} is not in 1..{MAX_PARALLEL}")
+        if compress not in ("none", "zstd", "lz4", "off"):
+            raise AgentError(ErrorCode.BAD_REQUEST, f"unknown compression {compress!r}")
+        why = mode_unavailable(compress) if compress in ("zstd", "lz4") else ""
+        if why:
+            raise AgentError(ErrorCode.UNAVAILABLE, f"this agent cannot decode --compress {compress}: {why} "
+                                                    "(install it on this host, or use --compress none)")
+        urgent = bool(request.get("urgent")) and agent.security.mode == "none"
         origin = str(request.get("origin") or peer)
         agent.registry.reserve(name, "incoming", size_bytes, spec, origin=f"migrated from {origin}")
     except (AgentError, ValueError, TypeError) as err:
@@ -217,10 +442,16 @@ def serve_incoming(agent, channel, peer: str) -> None:
     except (TransportError, OSError) as err:
         log.warning("incoming migration from %s: connection failed before the request: %s", peer, err)
         return
+    token = agent.pending_links.open(parallel - 1, urgent)
+    link = None
     try:
-        send_reply(channel)
-        log.info("receiving guest %s (%d MiB) from %s", name, size_bytes >> 20, origin)
-        dm = DestinationMigration(channel, keep_guest=True)
+        send_reply(channel, link={"parallel": parallel, "compress": compress, "urgent": urgent, "session": token})
+        data, urgent_ch = agent.pending_links.wait(token, ATTACH_TIMEOUT_S)
+        log.info("receiving guest %s (%d MiB) from %s (%d connection(s), compress %s%s)", name, size_bytes >> 20,
+                 origin, parallel, compress, ", urgent connection" if urgent_ch is not None else "")
+        link = build_link(channel, data, compress=compress, source=False)
+        dm = DestinationMigration(link, keep_guest=True,
+                                  urgent_channel=_raw_socket_channel(urgent_ch) if urgent_ch is not None else None)
         status = dm.run()
         if status == 0 and dm.kept_guest is not None:
             agent.registry.transition(name, "incoming", "running", guest=dm.kept_guest)
@@ -228,6 +459,16 @@ def serve_incoming(agent, channel, peer: str) -> None:
             return
         log.warning("incoming migration of guest %s from %s failed in phase %s (see the destination error above); "
                     "nothing was kept", name, origin, dm.phase)
+    except AgentError as err:
+        log.warning("incoming migration of guest %s from %s: %s; nothing was kept", name, origin, err.message)
+    except (TransportError, OSError) as err:
+        log.warning("incoming migration of guest %s from %s: connection failed: %s; nothing was kept", name, origin, err)
     except Exception as err:  # never let one migration take the agent down
         log.exception("incoming migration of guest %s from %s: internal error %s", name, origin, err)
+    finally:
+        for ch in agent.pending_links.close(token):
+            agent.forget_channel(ch)
+            ch.close()
+        if link is not None:
+            link.close()
     agent.registry.remove(name, "incoming")

@@ -42,8 +42,10 @@ PROTOCOL_VERSION = 1
 MAGIC = b"VMEMAGT\n"
 #: Largest frame body accepted (a report of a thousand rounds is well under 1 MiB).
 MAX_FRAME_BYTES = 16 << 20
-#: What a connection is for: CLI or remote commands, or one incoming migration.
-PURPOSES = ("command", "migrate-in")
+#: What a connection is for: CLI or remote commands, one incoming migration, or an extra
+#: connection of a migration (a data connection for --parallel, the post-copy urgent one),
+#: which names its migration with the session token the migrate-in reply gave.
+PURPOSES = ("command", "migrate-in", "vmem-data", "vmem-urgent")
 
 _LENGTH = struct.Struct(">I")
 

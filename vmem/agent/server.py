@@ -85,6 +85,9 @@ class Agent:
         self._channels: set = set()        # live connections (accepted and made), to break on shutdown
         self._threads: set[threading.Thread] = set()
         self._saved_factory = None
+        from .migration import PendingLinks
+
+        self.pending_links = PendingLinks()   # incoming migrations waiting for their extra connections
         self.state_dir = ""
         self.control_socket = ""
         self.listen_address = ""
@@ -322,6 +325,11 @@ class Agent:
                 from .migration import serve_incoming
 
                 serve_incoming(self, channel, peer)
+            elif purpose in ("vmem-data", "vmem-urgent"):
+                from .migration import serve_attach
+
+                if serve_attach(self, channel, purpose, peer):
+                    raw = channel = None  # the migration owns it now (and closes it)
             else:
                 self._command_loop(channel, peer)
         except (TransportError, OSError) as err:
@@ -329,7 +337,7 @@ class Agent:
         except Exception:
             log.exception("connection from %s: internal error", peer)
         finally:
-            for ch in {raw, channel}:
+            for ch in {raw, channel} - {None}:
                 self.forget_channel(ch)
                 ch.close()
 

@@ -122,11 +122,15 @@ class PostcopyDestination:
 
         Every page is present by now, but a guest thread may still sit on a fault raised
         just before the fault thread stopped (a page that was here already: a hole, or a
-        pre-copied page not yet mapped).  Re-registering does not wake it, so wake the whole
-        range: it retries the access, which the kernel now serves by itself.
+        pre-copied page not yet mapped); UNREGISTER wakes it (and a last WAKE makes sure):
+        it retries the access, which the kernel now serves by itself.
         """
         if self.armed:
             size = self.npages * PAGE_SIZE
+            # UFFDIO_REGISTER only adds modes to a range this uffd already holds (a range
+            # that has every requested mode is skipped), so dropping MISSING|MINOR takes an
+            # UNREGISTER -- which also wakes any waiter -- then WP again for later tracking.
+            nat.uffd_unregister(self.uffd, self.base, size)
             nat.uffd_register(self.uffd, self.base, size, nat.UFFDIO_REGISTER_MODE_WP)
             nat.uffd_wake(self.uffd, self.base, size)
             self.armed = False
@@ -153,6 +157,9 @@ class PostcopyDestination:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         if self.missing == 0:
             self._mark_complete()
+        self._start_fault_handling(urgent_channel)
+
+    def _start_fault_handling(self, urgent_channel) -> None:
         if urgent_channel is not None:
             # Fast path: one C thread reads faults, asks on the urgent channel and places
             # the answers (vmem._native.PostcopyFaultEngine); Python keeps the push.
@@ -164,6 +171,44 @@ class PostcopyDestination:
             self.engine.start()
             return
         self._start(self._fault_loop, "vmem-pc-faults")
+
+    def pause(self) -> None:
+        """The link broke: stop the fault handling, keep the registration (the guest waits on
+        its missing pages) and the present-page state, fold the statistics so far."""
+        self.stop()
+        self._fold_stats()
+
+    def resume_after_reconnect(self, urgent_channel=None) -> None:
+        """Restart fault handling on the new connection.  Requests lost with the old link are
+        forgotten (the guest's faults are re-asked; the source resends every missing page)."""
+        with self._lock:
+            self.state[self.state == PLACING] = MISSING  # an interrupted placement is redone
+            lacking = self.state != PRESENT
+            self.requested[lacking] = False
+            self.missing = int(np.count_nonzero(lacking))
+        self._stop = threading.Event()
+        self._complete = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._old_switch_s = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        if self.missing == 0:
+            self._mark_complete()
+        self._start_fault_handling(urgent_channel)
+
+    def _fold_stats(self) -> None:
+        """Add a stopped engine's counters to the Python-side ones (an engine per link)."""
+        es = getattr(self, "_engine_stats", None)
+        if es is None:
+            return
+        self._engine_stats = None
+        self.demand_faults += es["demand_faults"]
+        self.fault_events += es["fault_events"]
+        self.local_faults += es["local_faults"]
+        self.pages_demanded += es["pages_demanded"]
+        self.pages_pushed += es["pages_pushed"]
+        self.duplicates += es["duplicates"]
+        self.t_complete_ns = es["t_complete_ns"] or self.t_complete_ns
+        self._latencies.append(self._latency_ns[: es["latencies"]].copy())
 
     def start_mapper(self) -> None:
         """Start mapping pre-copied pages ahead of the guest (after it resumed: not in the downtime)."""
@@ -339,6 +384,7 @@ class PostcopyDestination:
         """Stop the threads (idempotent).  Does not disarm: call :meth:`finish` for that."""
         self._stop.set()
         if self.engine is not None:
+            self.engine.stop()  # first: a batch placed after reading the counters would go uncounted
             self._engine_stats = self.engine.stats()
             self.engine.close()
             self.engine = None
@@ -372,13 +418,12 @@ class PostcopyDestination:
         return np.flatnonzero(self.state != PRESENT)
 
     def stats(self) -> dict:
-        es = getattr(self, "_engine_stats", None) or (self.engine.stats() if self.engine is not None else None)
-        if es is not None:
-            self.demand_faults, self.fault_events, self.local_faults = es["demand_faults"], es["fault_events"], es["local_faults"]
-            self.pages_demanded, self.duplicates = es["pages_demanded"], es["duplicates"]
-            self.pages_pushed, self.missing = es["pages_pushed"], es["missing"]
-            self.t_complete_ns = es["t_complete_ns"] or self.t_complete_ns
-            self._latencies = [self._latency_ns[: es["latencies"]].copy()]
+        """The statistics (call after :meth:`stop`/:meth:`finish`: a running engine's
+        counters are folded in when it stops)."""
+        self._fold_stats()
+        native = self._latency_ns is not None  # a native engine ran at least once
+        if native:
+            self.missing = int(np.count_nonzero(self.state != PRESENT))
         lat = np.concatenate(self._latencies) / 1e3 if self._latencies else np.empty(0)
         local = np.concatenate(self._local_latencies) / 1e3 if self._local_latencies else np.empty(0)
 
@@ -401,5 +446,5 @@ class PostcopyDestination:
             "duplicate_pages": int(self.duplicates),
             "complete_s": round((self.t_complete_ns - self.t_switch_ns) / 1e9, 6) if self.t_complete_ns else None,
             "missing": int(self.missing),
-            "fault_path": "native" if es is not None else "python",
+            "fault_path": "native" if native else "python",
         }

@@ -242,6 +242,7 @@ class PostcopySource:
     def stop(self) -> None:
         self._stop.set()
         if self._engine is not None:
+            self._engine.stop()
             st = self._engine.stats()
             self.faults_served += st["pages_sent"]
             self.pages_demanded += st["pages_sent"]
