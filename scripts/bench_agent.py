@@ -6,14 +6,20 @@ end whatever happens), starts ``vmem agent`` in each, and measures in the same r
 
 1. **baseline**: a plain Python TCP copy of the guest's size from host 1 to host 2
    (transport.tcp, one connection, no framing), on the unshaped veth;
-2. **unshaped**: a guest of that size migrated host 1 -> host 2 by the agents; the ratio is
-   round-0 throughput (bytes on the wire / round time) over the baseline's throughput;
-3. **shaped**: the link shaped with tc HTB to ``--rate`` and the guest migrated back host 2
-   -> host 1; the ratio is round-0 throughput over the shaped rate.
+2. **unshaped**: the guest migrated by the agents with each link setting (one connection;
+   ``--parallel 2``; ``--compress off|none|zstd|lz4``), back and forth; the ratio is
+   round-0 throughput (stream bytes / round time) over the baseline's throughput;
+3. **zero pages**: a fresh mostly-empty guest of ``--empty-size`` (``-W fill=false``, workload
+   ``--empty-workload``: only the ledger and the pages the workload touches hold data)
+   against the full guest: total migration time of each (no guest ledger check), and bytes
+   on the wire; unshaped, and again on the shaped link;
+4. **shaped**: the link shaped with tc HTB to ``--rate``; each compression setting again;
+   the ratio is round-0 throughput over the shaped rate.
 
 Timing claims are ratios against a baseline measured in the same run, never absolute.
 
-    sudo .venv/bin/python scripts/bench_agent.py [--size 1G] [--rate 1gbit] [--security key|none] [--json FILE]
+    sudo .venv/bin/python scripts/bench_agent.py [--size 1G] [--empty-size 8G] [--rate 1gbit]
+                                                 [--security key|none] [--json FILE]
 """
 from __future__ import annotations
 
@@ -64,37 +70,93 @@ def start_agent(hosts: NetnsHosts, host: int, workdir: str, key: str | None) -> 
     return info
 
 
-def migrate(src: dict, dst_addr: str, name: str) -> dict:
+def migrate(src: dict, dst_addr: str, name: str, **options) -> dict:
     with AgentClient(src["socket"]) as c:
-        report = c.request("migrate", name=name, target=dst_addr, options={"observe": 0.0})["report"]
+        report = c.request("migrate", name=name, target=dst_addr, options={"observe": 0.0, **options})["report"]
     if report["outcome"] != "completed":
         raise SystemExit(f"migration failed: {report['reason']}")
     r0 = report["rounds"][0]
+    link = report["guest"].get("link", {})
     return {
+        "options": options,
         "total_time_s": report["total_time_s"],
         "downtime_ms": report["downtime_ms"],
         "rounds": len(report["rounds"]),
         "bytes_sent": report["bytes_sent"],
+        "wire_bytes": link.get("wire_bytes"),
+        "zero_pages_elided": link.get("zero_pages_elided"),
         "round0_bytes": r0["bytes_sent"],
         "round0_s": r0["duration_s"],
         "round0_Bps": r0["bytes_sent"] / r0["duration_s"],
         "digests_mismatched": report["verification"]["digests"]["mismatched"],
-        "guest_check_ok": report["verification"]["guest_check"]["ok"],
+        "guest_check_ok": (report["verification"].get("guest_check") or {}).get("ok"),
     }
+
+
+class PingPong:
+    """Migrates one guest back and forth between the two agents (each run starts where the
+    last one left it)."""
+
+    def __init__(self, hosts: NetnsHosts, agents: list, name: str):
+        self.hosts, self.agents, self.name, self.at = hosts, agents, name, 0
+
+    def run(self, **options) -> dict:
+        src, dst = self.at, 1 - self.at
+        result = migrate(self.agents[src], f"{self.hosts.addr(dst + 1)}:{self.agents[dst]['port']}", self.name,
+                         **options)
+        self.at = dst
+        assert result["digests_mismatched"] == 0 and result["guest_check_ok"] is not False, result
+        return result
+
+
+def _flags(options: dict) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items()) or "(defaults)"
+
+
+def compare_empty(empty: PingPong, full: PingPong, args, where: str = "unshaped") -> dict:
+    """Total time of the mostly-empty guest against the full one (no guest ledger check:
+    it reads every page of the guest, and is verification, not migration)."""
+    # A fresh guest each time: a workload that writes over all of its RAM fills it as it runs.
+    with AgentClient(empty.agents[full.at]["socket"]) as c:
+        c.request("create", name=empty.name, workload=args.empty_workload, size=args.empty_size,
+                  workload_args=["fill=false"])
+    time.sleep(1.0)
+    empty.at = full.at
+    e = empty.run(no_guest_check=True)
+    with AgentClient(empty.agents[empty.at]["socket"]) as c:
+        c.request("destroy", name=empty.name)
+    f = full.run(no_guest_check=True)
+    out = {"empty": e, "full": f, "time_ratio": e["total_time_s"] / f["total_time_s"],
+           "wire_ratio": e["wire_bytes"] / f["wire_bytes"]}
+    print(f"{where}: {args.empty_size} mostly empty vs {args.size} full: total {e['total_time_s']:.2f} s vs "
+          f"{f['total_time_s']:.2f} s = {out['time_ratio']:.2f}x; wire {e['wire_bytes'] / 2**20:.0f} MiB vs "
+          f"{f['wire_bytes'] / 2**20:.0f} MiB; round 0 {e['round0_s']:.2f} s vs {f['round0_s']:.2f} s")
+    return out
+
+
+LINKS = [{"parallel": 1, "compress": "none"}, {"parallel": 2, "compress": "none"}, {"parallel": 1, "compress": "off"},
+         {"parallel": 1, "compress": "zstd"}, {"parallel": 1, "compress": "lz4"}]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="1G", help="guest RAM and baseline copy size (default 1G)")
+    p.add_argument("--empty-size", default="8G", help="the mostly-empty guest (default 8G); 0 skips it")
     p.add_argument("--workload", default="hotcold")
+    p.add_argument("--empty-workload", default="idle",
+                   help="workload of the mostly-empty guest (default idle: it writes only its ledger)")
     p.add_argument("--rate", default="1gbit", help="shaped link rate, tc syntax (default 1gbit)")
     p.add_argument("--security", choices=["key", "none"], default="key", help="agents with a shared key (default) or --insecure")
+    p.add_argument("--repeat", type=int, default=3, help="unshaped runs per link setting; the median is reported")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args()
     why = netns_unavailable()
     if why:
         print(f"bench_agent: cannot make test hosts: {why}", file=sys.stderr)
         return 2
+    from transport.codec import method_unavailable
+
+    links = [o for o in LINKS if o["compress"] not in ("zstd", "lz4") or not method_unavailable(o["compress"])]
     size = parse_size(args.size)
     rate_Bps = parse_rate(args.rate)
     workdir = tempfile.mkdtemp(prefix=f"vmem-bench-agent-{os.getpid()}-")
@@ -111,26 +173,52 @@ def main() -> int:
         hosts.up()
         sent, got, seconds = transfer(hosts, size)
         assert sent == got, "baseline copy corrupted data"
-        result["baseline"] = {"seconds": seconds, "Bps": size / seconds}
-        print(f"baseline TCP copy    {size / seconds / 1e6:8.0f} MB/s ({seconds:.2f} s for {args.size})")
+        base_Bps = size / seconds
+        result["baseline"] = {"seconds": seconds, "Bps": base_Bps}
+        print(f"baseline TCP copy                  {base_Bps / 1e6:8.0f} MB/s ({seconds:.2f} s for {args.size})")
 
         agents = [start_agent(hosts, 1, workdir, key), start_agent(hosts, 2, workdir, key)]
         with AgentClient(agents[0]["socket"]) as c:
             c.request("create", name="bench", workload=args.workload, size=args.size)
         time.sleep(1.0)
-        un = migrate(agents[0], f"{hosts.addr(2)}:{agents[1]['port']}", "bench")
-        un["ratio_to_baseline"] = un["round0_Bps"] / result["baseline"]["Bps"]
-        result["unshaped"] = un
-        print(f"agent migration      {un['round0_Bps'] / 1e6:8.0f} MB/s round 0 = {un['ratio_to_baseline']:.2f}x baseline; "
-              f"total {un['total_time_s']:.2f} s, downtime {un['downtime_ms']:.1f} ms, {un['rounds']} rounds")
+        full = PingPong(hosts, agents, "bench")
+        runs: dict = {i: [] for i in range(len(links))}
+        for _ in range(args.repeat):  # interleaved, so that a noisy moment hits every setting
+            for i, options in enumerate(links):
+                runs[i].append(full.run(**options))
+        result["unshaped_links"] = []
+        for i, options in enumerate(links):
+            r = sorted(runs[i], key=lambda x: x["round0_Bps"])[len(runs[i]) // 2]  # the median run
+            r["ratio_to_baseline"] = r["round0_Bps"] / base_Bps
+            r["round0_Bps_all"] = [x["round0_Bps"] for x in runs[i]]
+            result["unshaped_links"].append(r)
+            print(f"unshaped {_flags(options):<26}{r['round0_Bps'] / 1e6:8.0f} MB/s round 0 = "
+                  f"{r['ratio_to_baseline']:.2f}x baseline (median of {args.repeat}); total {r['total_time_s']:.2f} s, "
+                  f"wire {r['wire_bytes'] / 2**20:.0f} MiB, downtime {r['downtime_ms']:.1f} ms")
+        result["unshaped"] = result["unshaped_links"][0]
+        single, double = result["unshaped_links"][0], result["unshaped_links"][1]
+        result["parallel2_over_single"] = double["round0_Bps"] / single["round0_Bps"]
+        print(f"--parallel 2 / one connection      {result['parallel2_over_single']:.2f}x")
+
+        empty = None
+        if args.empty_size != "0":
+            empty = PingPong(hosts, agents, "empty")
+            result["zero_pages"] = {"empty_size": args.empty_size, "empty_workload": args.empty_workload,
+                                    "unshaped": compare_empty(empty, full, args)}
 
         hosts.shape(args.rate)
         time.sleep(0.5)
-        sh = migrate(agents[1], f"{hosts.addr(1)}:{agents[0]['port']}", "bench")
-        sh["ratio_to_rate"] = sh["round0_Bps"] / rate_Bps
-        result["shaped"] = sh
-        print(f"shaped {args.rate:<8}       {sh['round0_Bps'] * 8 / 1e9:8.3f} Gbit/s round 0 = {sh['ratio_to_rate']:.2f}x the rate; "
-              f"total {sh['total_time_s']:.2f} s, downtime {sh['downtime_ms']:.1f} ms, {sh['rounds']} rounds")
+        result["shaped_links"] = []
+        for options in [o for o in links if o["parallel"] == 1]:
+            r = full.run(**options)
+            r["ratio_to_rate"] = r["round0_Bps"] / rate_Bps
+            result["shaped_links"].append(r)
+            print(f"shaped {args.rate} {_flags(options):<20}{r['round0_Bps'] * 8 / 1e9:8.3f} Gbit/s round 0 = "
+                  f"{r['ratio_to_rate']:.2f}x the rate; total {r['total_time_s']:.2f} s, wire "
+                  f"{r['wire_bytes'] / 2**20:.0f} MiB")
+        result["shaped"] = result["shaped_links"][0]
+        if empty is not None:
+            result["zero_pages"]["shaped"] = compare_empty(empty, full, args, f"shaped {args.rate}")
     finally:
         for a in agents:
             if a["proc"].poll() is None:

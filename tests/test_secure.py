@@ -343,6 +343,64 @@ def test_mac_frames_are_at_most_1_MiB():
         assert sender.bytes_sent == len(payload)
 
 
+class _WriteDuringSend:
+    """An inner channel that changes the caller's buffer just before the bytes go out: what
+    a guest writing its RAM between MacChannel's tag and its send looks like."""
+
+    def __init__(self, inner, victim):
+        self._inner = inner
+        self._victim = victim
+
+    def send_parts(self, parts):
+        self._victim[:] += 1
+        self._inner.send_parts(parts)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_mac_buffer_changed_between_tag_and_send_still_verifies():
+    """The bytes MACed are the bytes sent: MacChannel sends its own copy of the frame."""
+    import numpy as np
+
+    pages = np.zeros((600, 4096), dtype=np.uint8)  # 2.3 MiB: three frames
+    a, b = channel_pair()
+    with MacChannel(_WriteDuringSend(a, pages), SESSION, "client") as sender, \
+            MacChannel(b, SESSION, "server") as rx:
+        receiver = _Thread(rx.recv_exact, pages.nbytes + 3)
+        sender.send_parts([b"hdr", pages])
+        got = receiver.result()  # AuthError ("tag mismatch") if tag and payload disagreed
+        assert got[:3] == b"hdr" and len(got) == pages.nbytes + 3
+        assert (pages == 3).all()  # the buffer really changed under each of the 3 frames
+
+
+def test_mac_buffer_written_concurrently_still_verifies():
+    """A thread keeps writing the buffer being sent (live guest RAM): every frame verifies."""
+    import numpy as np
+
+    pages = np.zeros((1024, 4096), dtype=np.uint8)
+    stop = threading.Event()
+
+    def scribble():
+        value = 0
+        while not stop.is_set():
+            value = (value + 1) % 251
+            pages[value::7, value] = value
+
+    a, b = channel_pair()
+    writer = threading.Thread(target=scribble, daemon=True)
+    writer.start()
+    try:
+        with MacChannel(a, SESSION, "client") as sender, MacChannel(b, SESSION, "server") as rx:
+            receiver = _Thread(lambda: [rx.recv_exact(pages.nbytes) for _ in range(16)])
+            for _ in range(16):
+                sender.send(pages)
+            assert len(receiver.result()) == 16
+    finally:
+        stop.set()
+        writer.join(JOIN_TIMEOUT_S)
+
+
 def test_mac_over_authenticated_tcp():
     listener = listen_tcp("127.0.0.1", 0)
     with listener:

@@ -439,3 +439,19 @@ def test_parallel_names_are_reexported_from_tcp():
 
     assert tcp.ParallelSender is ParallelSender
     assert tcp.ParallelReceiver is ParallelReceiver
+
+
+def test_module_getattr_refuses_dunder_names_without_importing():
+    """``transport.tcp.__getattr__`` resolves the parallel API lazily; dunder probes
+    (importlib's ``__path__``, inspect's ``__wrapped__``) must get AttributeError."""
+    import transport.tcp as tcp
+
+    for name in ("__path__", "__wrapped__", "__nope__"):
+        with pytest.raises(AttributeError):
+            getattr(tcp, name)
+    assert not hasattr(tcp, "__path__")
+    from transport.parallel import ParallelSender
+
+    assert tcp.ParallelSender is ParallelSender
+    with pytest.raises(AttributeError):
+        tcp.no_such_name

@@ -58,8 +58,10 @@ __all__ = [
 ]
 
 # -- between hosts: TCP, parallel data streams, security, page-batch codec ----------------
-# (transport.tcp, transport.parallel, transport.secure, transport.codec)
+# (transport.tcp, transport.striped, transport.compressed, transport.parallel,
+#  transport.secure, transport.codec)
 from .codec import CodecError, decode_batch, encode_batch, method_unavailable, zero_page_mask
+from .compressed import CompressedChannel
 from .parallel import (
     ParallelError,
     ParallelReceiver,
@@ -83,6 +85,7 @@ from .secure import (
     tls_client_channel,
     tls_server_channel,
 )
+from .striped import StripedChannel
 from .tcp import (
     ConnectError,
     ListenError,
@@ -104,7 +107,10 @@ __all__ += [
     "configure_tcp_socket",
     "ConnectError",
     "ListenError",
-    # parallel data streams
+    # one stream over several connections; zero pages as a bitmap / compression
+    "StripedChannel",
+    "CompressedChannel",
+    # parallel data streams (page batches; not used by the agents)
     "ParallelSender",
     "ParallelReceiver",
     "ReceivedBatch",

@@ -75,7 +75,11 @@ def _byte_view(part: Any, *, writable: bool = False) -> memoryview:
     if not view.c_contiguous:
         raise ValueError(f"buffer of shape {view.shape} is not C-contiguous")
     if view.ndim != 1 or view.format != "B":
-        view = view.cast("B")
+        if view.nbytes == 0:
+            # memoryview.cast refuses a shape with a zero in it (e.g. ``pages[:0]``).
+            view = memoryview(b"") if view.readonly else memoryview(bytearray())
+        else:
+            view = view.cast("B")
     if writable and view.readonly:
         raise TypeError("cannot receive into a read-only buffer")
     return view

@@ -463,8 +463,10 @@ class MacChannel(Channel):
     record) must say whether the end was expected.  No confidentiality.
 
     Cost: one HMAC-SHA256 over every byte in each direction (OpenSSL, GIL released) and one
-    memcpy on receive (data is verified in an internal 1 MiB buffer before it is copied
-    out).  ``bytes_sent``/``bytes_received`` count payload bytes; ``wire_bytes_*`` the
+    memcpy in each direction: a frame is copied into a private buffer before its tag is
+    computed (so a caller's buffer that changes during the send -- live guest RAM --
+    cannot make tag and payload disagree), and data is verified in an internal 1 MiB
+    buffer before it is copied out.  ``bytes_sent``/``bytes_received`` count payload bytes; ``wire_bytes_*`` the
     framed bytes on ``inner``.  The MacChannel owns ``inner``.
 
     Args:
@@ -496,6 +498,9 @@ class MacChannel(Channel):
         self._rx_view = memoryview(self._rx)
         self._rx_pos = 0
         self._rx_end = 0
+        # The frame being sent is built here (see _send_frame): header | payload | tag.
+        self._tx = bytearray(_FRAME_HEADER.size + MAX_FRAME_PAYLOAD_BYTES + MAC_TAG_BYTES)
+        self._tx_view = memoryview(self._tx)
         self._bytes_sent = 0
         self._bytes_received = 0
 
@@ -577,13 +582,24 @@ class MacChannel(Channel):
             raise
 
     def _send_frame(self, pieces: list[memoryview], frame_bytes: int) -> None:
+        # Copy first, then MAC and send the copy: a caller's buffer may change under us (the
+        # migrator sends views of guest RAM while the guest runs), and a tag computed over
+        # one version of the bytes must travel with exactly those bytes.  The copy is one
+        # memcpy per byte into a private buffer laid out as the frame (header | payload |
+        # tag), so the frame also goes out in one buffer.
+        tx = self._tx_view
+        _FRAME_HEADER.pack_into(tx, 0, frame_bytes)
+        at = _FRAME_HEADER.size
+        for piece in pieces:
+            tx[at:at + piece.nbytes] = piece
+            at += piece.nbytes
+        payload = tx[_FRAME_HEADER.size:at]
         mac = self._send_mac.copy()
         mac.update(_SEQ_LEN.pack(self._send_seq, frame_bytes))
-        for piece in pieces:
-            mac.update(piece)
-        tag = mac.digest()[:MAC_TAG_BYTES]
+        mac.update(payload)
+        tx[at:at + MAC_TAG_BYTES] = mac.digest()[:MAC_TAG_BYTES]
         self._send_seq += 1
-        self._inner.send_parts([_FRAME_HEADER.pack(frame_bytes), *pieces, tag])
+        self._inner.send_parts((tx[:at + MAC_TAG_BYTES],))
 
     # -- receiving ------------------------------------------------------------------------
 

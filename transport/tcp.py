@@ -315,7 +315,11 @@ def accept_channel(listen_sock: socket.socket, timeout_s: float | None = None
 
 def __getattr__(name: str):
     # The parallel-stream API lives in transport.parallel (which imports this module);
-    # resolve it lazily so `from transport.tcp import ParallelSender` works too.
+    # resolve it lazily so `from transport.tcp import ParallelSender` works too.  Dunder
+    # names (``__path__``, ``__wrapped__``... probed by importlib, inspect, pickle) are
+    # never parallel's: answer them at once, without importing anything.
+    if name.startswith("__") and name.endswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from . import parallel
 
     if name in parallel.__all__:

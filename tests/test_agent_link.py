@@ -1,0 +1,102 @@
+"""Agent migrations over the full link: --parallel (StripedChannel), zero pages as a bitmap
+and --compress (CompressedChannel), and post-copy between agents (the urgent connection).
+
+Real agents on loopback (and one pair in two test-host namespaces), small guests; the
+fixtures of tests/test_agent.py reap every agent, guest and temp file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from test_agent import agents, key, workdir  # noqa: F401  (fixtures)
+from transport.codec import method_unavailable
+from vmem.agent.protocol import AgentError, ErrorCode
+
+
+def _migrate(src, dst, name: str, **options) -> dict:
+    report = src.request("migrate", name=name, target=dst.address, options={"observe": 0.2, **options})["report"]
+    assert report["outcome"] == "completed", (report["reason"], src.log(), dst.log())
+    v = report["verification"]
+    assert v["digests"]["mismatched"] == 0 and v["guest_check"]["ok"], v
+    deadline = time.monotonic() + 10  # the destination adopts the guest once its side returns
+    while dst.guests()[name]["state"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dst.guests()[name]["state"] == "running" and name not in src.guests()
+    return report
+
+
+COMPRESS = "zstd" if not method_unavailable("zstd") else "none"
+
+
+def test_parallel_and_compressed_keyed_migration_round_trip(agents, key):  # noqa: F811
+    a, b = agents("a", key=key), agents("b", key=key)
+    a.request("create", name="g", workload="hotcold", size="48M", workload_args=["rate=3000"])
+    there = _migrate(a, b, "g", parallel=3, compress=COMPRESS)
+    link = there["guest"]["link"]
+    assert link["parallel"] == 3 and link["compress"] == COMPRESS and not link["urgent_connection"]
+    assert link["wire_bytes"] > 0
+    back = _migrate(b, a, "g", compress="off")  # and back over one plain connection
+    assert back["guest"]["link"]["parallel"] == 1 and back["guest"]["link"]["zero_pages_elided"] == 0
+
+
+def test_zero_pages_are_elided_by_default(agents):  # noqa: F811
+    a, b = agents("a"), agents("b")
+    # fill=false: only the ledger and touched pages hold data; idle: nothing else is written
+    a.request("create", name="z", workload="idle", size="64M", workload_args=["fill=false"])
+    report = _migrate(a, b, "z")
+    link = report["guest"]["link"]
+    assert link["compress"] == "none"
+    assert link["wire_bytes"] <= link["stream_bytes"]
+
+
+def test_bad_link_options_are_refused_before_anything_moves(agents):  # noqa: F811
+    a, b = agents("a"), agents("b")
+    a.request("create", name="g", workload="idle", size="8M")
+    for options, code in (({"parallel": 0}, ErrorCode.BAD_REQUEST), ({"parallel": 99}, ErrorCode.BAD_REQUEST),
+                          ({"compress": "brotli"}, ErrorCode.BAD_REQUEST)):
+        with pytest.raises(AgentError) as exc:
+            a.request("migrate", name="g", target=b.address, options={"observe": 0, **options})
+        assert exc.value.code == code, exc.value.message
+    assert a.guests()["g"]["state"] == "running" and b.guests() == {}
+
+
+@pytest.mark.parametrize("mode", ["pure", "hybrid"])
+def test_postcopy_between_agents_uses_the_urgent_connection(agents, mode):  # noqa: F811
+    a, b = agents("a"), agents("b")
+    a.request("create", name="p", workload="checker", size="32M")
+    flag = {"postcopy": True} if mode == "pure" else {"postcopy_after_precopy": True}
+    report = _migrate(a, b, "p", **flag)
+    pc = report["postcopy"]
+    assert report["guest"]["link"]["urgent_connection"] and pc["fault_path"] == "native", pc
+    assert pc["missing"] == 0 and pc["pages_demanded"] + pc["pages_pushed"] >= pc["pages_pending"]
+
+
+def test_keyed_postcopy_keeps_every_byte_on_the_protected_stream(agents, key):  # noqa: F811
+    a, b = agents("a", key=key), agents("b", key=key)
+    a.request("create", name="p", workload="checker", size="32M")
+    report = _migrate(a, b, "p", postcopy=True, parallel=2)
+    assert not report["guest"]["link"]["urgent_connection"]
+    assert report["postcopy"]["fault_path"] == "python" and report["postcopy"]["missing"] == 0
+
+
+from testhosts import testhosts  # noqa: E402,F401
+
+
+def test_parallel_postcopy_between_test_hosts(testhosts, agents, key, workdir):  # noqa: F811
+    a = agents("h1", key=key, listen=f"{testhosts.addr(1)}:0", prefix=("ip", "netns", "exec", testhosts.ns(1)))
+    b = agents("h2", key=key, listen=f"{testhosts.addr(2)}:0", prefix=("ip", "netns", "exec", testhosts.ns(2)))
+    a.request("create", name="g", workload="checker", size="32M")
+    path = os.path.join(workdir, "r.json")
+    run = a.cli("migrate", "g", f"{testhosts.addr(2)}:{b.port}", "--quiet", "--observe", "0.2", "--json", path,
+                "--postcopy-after-precopy", "--parallel", "2")
+    assert run.returncode == 0, run.stderr + a.log() + b.log()
+    with open(path) as f:
+        report = json.load(f)
+    assert report["outcome"] == "completed" and report["verification"]["digests"]["mismatched"] == 0
+    assert report["verification"]["guest_check"]["ok"] and report["postcopy"]["missing"] == 0
+    assert report["guest"]["link"]["parallel"] == 2
+    assert b.guests()["g"]["state"] == "running"

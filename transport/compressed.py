@@ -1,0 +1,374 @@
+"""Zero pages as a bitmap, and optional compression, for any byte stream: :class:`CompressedChannel`.
+
+Works below the migration stream, so the migrator and the destination need no change.
+Every buffer of at least one page that the caller sends is treated as pages (4 KiB
+blocks from its start -- the migrator's page data is exactly that); its all-zero pages
+travel as one bit each (:func:`transport.codec.encode_batch`, numpy, no per-page Python),
+and with method ``zstd``/``lz4`` the other pages are compressed in one call per frame.
+Everything else (record headers, pfn lists, control records) goes as raw frames.
+
+Modes: ``"zero"`` (zero-page elision only; the agents' default, also what ``--compress
+none`` means), ``"zstd"``, ``"lz4"``.  A frame whose compressed form is not smaller is
+sent uncompressed (random guest data does not compress).
+
+Frame (little-endian)::
+
+    0      2       3         4              8                 12                16
+    +------+-------+---------+--------------+-----------------+-----------------+
+    | "VZ" | kind  | method  | raw u32      | bitmap u32      | payload u32     |
+    +------+-------+---------+--------------+-----------------+-----------------+
+    then bitmap bytes, then payload bytes.
+    kind 1 RAW:   method 0, bitmap 0, payload == raw (1 .. MAX_FRAME_BYTES) plain bytes
+    kind 2 PAGES: raw = count * 4096 (1 <= count <= MAX_FRAME_PAGES); bitmap =
+                  ceil(count / 8) (bit i set <=> page i is zero); payload = the non-zero
+                  pages encoded with method 0 none | 1 zstd | 2 lz4, payload <= raw
+
+A receiver checks every length against those bounds before it allocates or decodes, and
+refuses a method it does not have (:class:`~transport.codec.CodecError`).  Corrupt input
+breaks the receive direction (sticky).  Integrity is the inner channel's business
+(MacChannel): this layer only changes the representation.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .channel import Channel, _byte_view
+from .codec import PAGE_BYTES, CodecError, decode_batch, encode_batch, method_unavailable
+from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
+
+__all__ = ["CompressedChannel", "MODES", "MAX_FRAME_PAGES", "MAX_FRAME_BYTES", "mode_unavailable"]
+
+MODES = ("zero", "zstd", "lz4")
+MAX_FRAME_PAGES = 1024
+MAX_FRAME_BYTES = MAX_FRAME_PAGES * PAGE_BYTES
+_FRAME = struct.Struct("<2sBBIII")
+_MAGIC = b"VZ"
+_KIND_RAW, _KIND_PAGES = 1, 2
+_METHOD_IDS = {"none": 0, "zstd": 1, "lz4": 2}
+_METHOD_NAMES = {v: k for k, v in _METHOD_IDS.items()}
+# Raw parts are coalesced up to this size before a RAW frame is cut.
+_RAW_COALESCE_BYTES = 64 << 10
+
+
+def mode_unavailable(mode: str) -> str:
+    """Why ``mode`` cannot be used here, or ``""`` (names the missing package)."""
+    if mode == "zero":
+        return ""
+    if mode not in MODES:
+        return f"unknown compression {mode!r}; expected none, zstd or lz4"
+    return method_unavailable(mode)
+
+
+class CompressedChannel(Channel):
+    """Zero-page elision and optional compression over ``inner`` (layout in the module
+    docstring).  Owns ``inner``.
+
+    ``bytes_sent``/``bytes_received`` count stream bytes (what the caller sent);
+    ``wire_bytes_sent``/``wire_bytes_received`` what crossed ``inner``; ``zero_pages_sent``
+    how many pages went as one bit.  Sends are synchronous like ``inner``'s: on return the
+    caller's buffers may change (each frame is encoded -- or, for a frame without zero
+    pages in mode ``zero``, handed to ``inner`` -- before ``send_parts`` returns).
+    """
+
+    def __init__(self, inner: Channel, mode: str = "zero", level: int | None = None):
+        why = mode_unavailable(mode)
+        if why:
+            raise CodecError(why)
+        self._inner = inner
+        self.mode = mode
+        self._method = "none" if mode == "zero" else mode
+        self._level = level
+        self._bytes_sent = 0
+        self._bytes_received = 0
+        self.zero_pages_sent = 0
+        self._send_error: TransportError | None = None
+        self._recv_error: TransportError | None = None
+        # Decoded bytes of the current frame not yet handed out: _rx[_rx_pos:_rx_end].
+        self._rx = np.empty(MAX_FRAME_BYTES, dtype=np.uint8)
+        self._rx_view = memoryview(self._rx)
+        self._rx_pos = 0
+        self._rx_end = 0
+        self._payload = bytearray(MAX_FRAME_BYTES)
+        self._eof = False
+
+    def __repr__(self) -> str:
+        return f"<CompressedChannel {self.mode} sent={self._bytes_sent} over {self._inner!r}>"
+
+    @property
+    def inner(self) -> Channel:
+        return self._inner
+
+    @property
+    def closed(self) -> bool:
+        return self._inner.closed
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._bytes_received
+
+    @property
+    def wire_bytes_sent(self) -> int:
+        return self._inner.bytes_sent
+
+    @property
+    def wire_bytes_received(self) -> int:
+        return self._inner.bytes_received
+
+    def _check_open(self) -> None:
+        if self._inner.closed:
+            raise ChannelClosedError("channel was closed by this side")
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _encode_pages(self, view: memoryview, out: list, sizes: list) -> None:
+        pages2d = np.frombuffer(view, dtype=np.uint8).reshape(-1, PAGE_BYTES)
+        count = pages2d.shape[0]
+        method = self._method
+        bitmap, payload = encode_batch(pages2d, method, self._level)
+        payload_bytes = sum(memoryview(p).nbytes for p in payload)
+        if method != "none":
+            nonzero_bytes = count * PAGE_BYTES - _zero_count(bitmap, count) * PAGE_BYTES
+            if payload_bytes >= nonzero_bytes:  # did not compress: send the pages as they are
+                method = "none"
+                bitmap, payload = encode_batch(pages2d, "none")
+                payload_bytes = nonzero_bytes
+        self.zero_pages_sent += _zero_count(bitmap, count)
+        out.append(_FRAME.pack(_MAGIC, _KIND_PAGES, _METHOD_IDS[method], count * PAGE_BYTES, len(bitmap),
+                               payload_bytes))
+        out.append(bitmap)
+        out.extend(payload)
+        sizes.append((_FRAME.size + len(bitmap) + payload_bytes, count * PAGE_BYTES))
+
+    def send_parts(self, parts: Sequence[Any]) -> None:
+        self._check_open()
+        if self._send_error is not None:
+            raise ChannelBrokenError(f"send side of the channel is broken: {self._send_error}") from self._send_error
+        views = [v for v in map(_byte_view, parts) if v.nbytes]
+        total = sum(v.nbytes for v in views)
+        if not total:
+            return
+        out: list = []
+        sizes: list[tuple[int, int]] = []   # (wire bytes, stream bytes) of each frame
+        raw: list[memoryview] = []
+        raw_bytes = 0
+
+        def flush_raw() -> None:
+            nonlocal raw, raw_bytes
+            if raw_bytes:
+                out.append(_FRAME.pack(_MAGIC, _KIND_RAW, 0, raw_bytes, 0, raw_bytes))
+                out.extend(raw)
+                sizes.append((_FRAME.size + raw_bytes, raw_bytes))
+                raw, raw_bytes = [], 0
+
+        def add_raw(view: memoryview) -> None:
+            nonlocal raw_bytes
+            offset = 0
+            while offset < view.nbytes:
+                take = min(view.nbytes - offset, MAX_FRAME_BYTES - raw_bytes)
+                raw.append(view[offset:offset + take])
+                raw_bytes += take
+                offset += take
+                if raw_bytes >= _RAW_COALESCE_BYTES:
+                    flush_raw()
+
+        for view in views:
+            whole = view.nbytes - view.nbytes % PAGE_BYTES
+            if whole:
+                flush_raw()
+                for offset in range(0, whole, MAX_FRAME_BYTES):
+                    self._encode_pages(view[offset:min(whole, offset + MAX_FRAME_BYTES)], out, sizes)
+            if whole < view.nbytes:
+                add_raw(view[whole:])
+        flush_raw()
+        try:
+            self._inner.send_parts(out)
+        except (ChannelBrokenError, ChannelTimeout) as err:
+            wire = err.bytes_got or 0
+            got = 0
+            for frame_wire, frame_stream in sizes:
+                wire -= frame_wire
+                if wire < 0:
+                    break
+                got += frame_stream
+            self._bytes_sent += got
+            outer = type(err)(err.reason, bytes_expected=total, bytes_got=got)
+            if (err.bytes_got or isinstance(err, ChannelBrokenError)) and self._send_error is None:
+                self._send_error = outer
+            raise outer from err
+        self._bytes_sent += total
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _corrupt(self, what: str) -> CodecError:
+        error = CodecError(f"compressed stream is corrupt: {what}")
+        self._recv_error = error
+        return error
+
+    def _read_header(self) -> tuple[int, int, int, int, int] | None:
+        """The next frame's (kind, method, raw, bitmap, payload) lengths; None at a clean EOF."""
+        head = self._inner.recv_some(_FRAME.size)
+        if not head:
+            return None
+        if len(head) < _FRAME.size:
+            try:
+                head += self._inner.recv_exact(_FRAME.size - len(head))
+            except ChannelBrokenError as err:
+                raise self._corrupt(f"stream ends inside a frame header ({err.reason})") from err
+        magic, kind, method, raw, bitmap, payload = _FRAME.unpack(head)
+        if magic != _MAGIC:
+            raise self._corrupt(f"bad frame magic {magic!r} (is the peer using the same --compress?)")
+        if kind == _KIND_RAW:
+            if method or bitmap or payload != raw or not 0 < raw <= MAX_FRAME_BYTES:
+                raise self._corrupt(f"bad RAW frame (raw {raw}, bitmap {bitmap}, payload {payload})")
+        elif kind == _KIND_PAGES:
+            count = raw // PAGE_BYTES
+            if (raw % PAGE_BYTES or not 0 < count <= MAX_FRAME_PAGES or bitmap != (count + 7) // 8
+                    or payload > raw or method not in _METHOD_NAMES):
+                raise self._corrupt(f"bad PAGES frame (raw {raw}, bitmap {bitmap}, payload {payload}, "
+                                    f"method {method})")
+            why = method_unavailable(_METHOD_NAMES[method])
+            if why:
+                raise self._corrupt(f"the peer compresses with {_METHOD_NAMES[method]}, which this host "
+                                    f"cannot decode: {why}")
+        else:
+            raise self._corrupt(f"unknown frame kind {kind}")
+        return kind, method, raw, bitmap, payload
+
+    def _read_frame_into(self, kind: int, method: int, raw: int, bitmap_bytes: int, payload_bytes: int,
+                         target: memoryview) -> None:
+        """Decode the frame whose header was read into ``target`` (exactly ``raw`` bytes)."""
+        inner = self._inner
+        if kind == _KIND_RAW:
+            inner.recv_into(target)
+            return
+        bitmap = inner.recv_exact(bitmap_bytes)
+        name = _METHOD_NAMES[method]
+        count = raw // PAGE_BYTES
+        if name == "none" and payload_bytes == raw:
+            if any(bitmap):
+                raise self._corrupt("a PAGES frame without zero pages has bits set")
+            inner.recv_into(target)
+            return
+        payload = memoryview(self._payload)[:payload_bytes]
+        inner.recv_into(payload)
+        out = np.frombuffer(target, dtype=np.uint8).reshape(count, PAGE_BYTES)
+        try:
+            decode_batch(bitmap, payload, name, out)
+        except CodecError as err:
+            raise self._corrupt(err.reason) from err
+
+    def _check_recv(self) -> None:
+        self._check_open()
+        if self._recv_error is not None:
+            err = self._recv_error
+            if isinstance(err, CodecError):
+                raise CodecError(err.reason) from err
+            raise ChannelBrokenError(f"receive side of the channel is broken: {err}") from err
+
+    def _failed(self, err: TransportError, need: int | None, got: int) -> TransportError:
+        if isinstance(err, CodecError) or type(err).__name__ == "AuthError":
+            self._recv_error = self._recv_error or err
+            return err
+        if isinstance(err, (ChannelBrokenError, ChannelTimeout)):
+            inner_partial = bool(err.bytes_got)
+            outer = type(err)(err.reason, bytes_expected=need, bytes_got=got)
+            if (got or inner_partial or isinstance(err, ChannelBrokenError)) and self._recv_error is None:
+                self._recv_error = outer
+            return outer
+        if self._recv_error is None:
+            self._recv_error = err
+        return err
+
+    def recv_into(self, view: Any) -> None:
+        self._check_recv()
+        buf = _byte_view(view, writable=True)
+        need = buf.nbytes
+        got = 0
+        try:
+            while got < need:
+                if self._rx_pos < self._rx_end:
+                    n = min(self._rx_end - self._rx_pos, need - got)
+                    buf[got:got + n] = self._rx_view[self._rx_pos:self._rx_pos + n]
+                    self._rx_pos += n
+                    got += n
+                    self._bytes_received += n
+                    continue
+                header = None if self._eof else self._read_header()
+                if header is None:
+                    self._eof = True
+                    raise ChannelBrokenError("recv: peer closed the connection (EOF)", bytes_expected=need,
+                                             bytes_got=got)
+                kind, method, raw, bitmap, payload = header
+                try:
+                    if raw <= need - got:  # the whole frame fits: decode in place
+                        self._read_frame_into(kind, method, raw, bitmap, payload, buf[got:got + raw])
+                        got += raw
+                        self._bytes_received += raw
+                    else:
+                        self._read_frame_into(kind, method, raw, bitmap, payload, self._rx_view[:raw])
+                        self._rx_pos, self._rx_end = 0, raw
+                except ChannelBrokenError as err:
+                    raise self._corrupt(f"stream ends inside a frame ({err.reason})") from err
+        except TransportError as err:
+            raise self._failed(err, need, got) from err
+
+    def recv_some(self, max_bytes: int) -> bytes:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        self._check_recv()
+        if self._rx_pos == self._rx_end:
+            if self._eof:
+                return b""
+            try:
+                header = self._read_header()
+                if header is None:
+                    self._eof = True
+                    return b""
+                kind, method, raw, bitmap, payload = header
+                try:
+                    self._read_frame_into(kind, method, raw, bitmap, payload, self._rx_view[:raw])
+                except ChannelBrokenError as err:
+                    raise self._corrupt(f"stream ends inside a frame ({err.reason})") from err
+            except TransportError as err:
+                raise self._failed(err, None, 0) from err
+            self._rx_pos, self._rx_end = 0, raw
+        n = min(self._rx_end - self._rx_pos, max_bytes)
+        data = bytes(self._rx_view[self._rx_pos:self._rx_pos + n])
+        self._rx_pos += n
+        self._bytes_received += n
+        return data
+
+    def wait_readable(self, timeout_s: float | None) -> bool:
+        self._check_open()
+        if self._rx_pos < self._rx_end or self._recv_error is not None:
+            return True
+        return self._inner.wait_readable(timeout_s)
+
+    # -- settings and lifetime ------------------------------------------------------------
+
+    def settimeout(self, timeout_s: float | None) -> None:
+        self._inner.settimeout(timeout_s)
+
+    def gettimeout(self) -> float | None:
+        return self._inner.gettimeout()
+
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
+    def unsent_bytes(self) -> int:
+        return self._inner.unsent_bytes()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _zero_count(bitmap: bytes, count: int) -> int:
+    return int(np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), count=count, bitorder="little").sum())
