@@ -100,3 +100,49 @@ def test_parallel_postcopy_between_test_hosts(testhosts, agents, key, workdir): 
     assert report["verification"]["guest_check"]["ok"] and report["postcopy"]["missing"] == 0
     assert report["guest"]["link"]["parallel"] == 2
     assert b.guests()["g"]["state"] == "running"
+
+
+def test_postcopy_resumed_between_agents_after_a_dead_link(testhosts, agents, workdir):  # noqa: F811
+    """The link dies after the switch (longer than the dead-peer timeout): both agents keep
+    their side (the source lists the guest paused), then `vmem migrate --resume NAME`
+    finishes the migration over new connections and it verifies."""
+    import subprocess
+    import threading
+
+    a = agents("h1", listen=f"{testhosts.addr(1)}:0", prefix=("ip", "netns", "exec", testhosts.ns(1)), extra=("--insecure",))
+    b = agents("h2", listen=f"{testhosts.addr(2)}:0", prefix=("ip", "netns", "exec", testhosts.ns(2)), extra=("--insecure",))
+    a.request("create", name="r", workload="checker", size="64M")
+    reply: dict = {}
+
+    def migrate():
+        reply.update(a.request("migrate", name="r", target=f"{testhosts.addr(2)}:{b.port}",
+                               options={"observe": 0.2, "postcopy": True, "postcopy_recovery": True, "bandwidth": "8M"}))
+
+    t = threading.Thread(target=migrate, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while b.guests().get("r", {}).get("state") != "incoming" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # post-copy under way (64 MiB at 8 MB/s takes ~8 s)
+    link = ["ip", "-n", testhosts.ns(2), "link", "set", "dev", "eth0"]
+    subprocess.run([*link, "down"], check=True, timeout=30)
+    try:
+        t.join(60)
+        assert not t.is_alive(), "the source did not notice the dead link"
+    finally:
+        subprocess.run([*link, "up"], check=True, timeout=30)
+    report = reply["report"]
+    assert report["outcome"] == "paused" and report["source_guest_state"] == "paused", report["reason"]
+    assert a.guests()["r"]["state"] == "paused" and b.guests()["r"]["state"] == "incoming"
+    path = os.path.join(workdir, "resumed.json")
+    run = a.cli("migrate", "--resume", "r", "--quiet", "--json", path)
+    assert run.returncode == 0, run.stdout + run.stderr + a.log() + b.log()
+    with open(path) as f:
+        done = json.load(f)
+    assert done["outcome"] == "completed" and done["verification"]["digests"]["mismatched"] == 0
+    assert done["verification"]["guest_check"]["ok"] and done["postcopy"]["missing"] == 0
+    assert done["postcopy"]["recoveries"] == 1
+    deadline = time.monotonic() + 10
+    while b.guests()["r"]["state"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b.guests()["r"]["state"] == "running" and "r" not in a.guests()

@@ -29,6 +29,8 @@ from .channel import SOCKET_BUFFER_BYTES, SocketChannel
 from .errors import ChannelTimeout, TransportError
 
 __all__ = [
+    "DEAD_PEER_TIMEOUT_S",
+    "set_dead_peer_timeout",
     "ConnectError",
     "ListenError",
     "parse_hostport",
@@ -181,7 +183,37 @@ def configure_tcp_socket(sock: socket.socket,
     _set_buffers(sock, buffer_bytes)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_dead_peer_timeout(sock, DEAD_PEER_TIMEOUT_S)
     return sock
+
+
+#: How long a peer may stay silent on a link that carries unacknowledged data, or fail to
+#: answer keepalive probes on an idle one, before the connection is declared dead.  Without
+#: it a pulled cable holds a migration for TCP's ~15 minutes of retries, and a destination
+#: whose source vanished waits in recv() forever.
+DEAD_PEER_TIMEOUT_S = 6.0
+
+
+def set_dead_peer_timeout(sock: socket.socket, timeout_s: float) -> None:
+    """Make a dead peer an error after about ``timeout_s``: ``TCP_USER_TIMEOUT`` (unacked
+    data) plus keepalive probes (idle links).  Blocked calls then fail with ETIMEDOUT, which
+    the channel reports as a broken connection.  Best effort on platforms without them."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle_s = max(1, int(timeout_s / 2))
+    probes = 4
+    interval_s = max(1, int((timeout_s - idle_s) / probes))
+    for level, opt, value in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle_s),
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), interval_s),
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), probes),
+                              (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(timeout_s * 1000))):
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass
 
 
 def _resolve(host: str, port: int, *, passive: bool) -> list[tuple]:

@@ -25,6 +25,9 @@ def _add_migrate(sub) -> None:
                                    "its guest NAME to the agent listening at HOST:PORT, with the same flags, display and report.")
     p.add_argument("name", nargs="?", metavar="NAME", help="a guest of the local agent (vmem list); needs HOST:PORT")
     p.add_argument("target", nargs="?", metavar="HOST:PORT", help="the destination agent's --listen address")
+    p.add_argument("--resume", action="store_true",
+                   help="with NAME: finish NAME's post-copy whose link broke after the switch (vmem list shows it "
+                        "paused), over new connections to the same destination")
     add_guest_arguments(p)
     add_migration_arguments(p)
     lab = p.add_argument_group("lab faults (one-host only)")
@@ -39,7 +42,7 @@ def _add_migrate(sub) -> None:
 
 
 def cmd_migrate(args) -> int:
-    if args.name is not None or args.target is not None:
+    if args.name is not None or args.target is not None or args.resume:
         from .agent.cli import cmd_migrate_via_agent
 
         return cmd_migrate_via_agent(args)

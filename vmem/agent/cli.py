@@ -195,7 +195,10 @@ def cmd_migrate_via_agent(args) -> int:
     from ..report import RoundStats
     from .client import report_from_dict
 
-    if args.name is None or args.target is None:
+    if getattr(args, "resume", False):
+        if args.name is None:
+            raise ConfigError("--resume", "needs the guest's NAME: vmem migrate --resume NAME")
+    elif args.name is None or args.target is None:
         raise ConfigError("migrate", "the agent form needs both NAME and HOST:PORT (vmem migrate NAME HOST:PORT); "
                                      "without them, vmem migrate --workload ... migrates on this host without an agent")
     options_from_args(args)  # validation only: the agent builds its own from the values
@@ -204,7 +207,10 @@ def cmd_migrate_via_agent(args) -> int:
     round_fields = set(RoundStats.__dataclass_fields__)
 
     with _client(args) as client:
-        console.print(f"migrating guest [bold]{args.name}[/bold] to {args.target} (agent {client.path})…")
+        if getattr(args, "resume", False):
+            console.print(f"resuming the post-copy of guest [bold]{args.name}[/bold] (agent {client.path})…")
+        else:
+            console.print(f"migrating guest [bold]{args.name}[/bold] to {args.target} (agent {client.path})…")
         with LiveDisplay(console, enabled=not args.quiet) as display:
             def on_event(ev: dict) -> None:
                 kind = ev.get("event")
@@ -219,10 +225,15 @@ def cmd_migrate_via_agent(args) -> int:
                 elif kind == "log":
                     console.print(ev.get("message", ""))
 
-            reply = client.request("migrate", on_event=on_event, name=args.name, target=args.target, options=values)
+            extra = {"resume": True} if getattr(args, "resume", False) else {}
+            reply = client.request("migrate", on_event=on_event, name=args.name, target=args.target, options=values,
+                                   **extra)
     report = report_from_dict(reply["report"])
     print_summary(report, Console())
     if args.json:
         report.write(args.json)
         console.print(f"report written to {args.json}")
+    if report.outcome == "paused":
+        console.print(f"the link broke after the switch: guest {args.name} is paused here with its complete RAM and "
+                      f"the destination waits; run `vmem migrate --resume {args.name}` once the link is back")
     return 0 if report.outcome == "completed" else (3 if report.outcome == "aborted" else 1)

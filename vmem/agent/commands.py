@@ -74,7 +74,9 @@ def cmd_list(agent, channel, request: dict) -> dict:
 def cmd_destroy(agent, channel, request: dict) -> dict:
     """Stop the guest (cleanly, then by force after a bounded wait) and forget it."""
     name = str(request.get("name", ""))
-    entry = agent.registry.transition(name, "running", "destroying")
+    # A guest paused by a post-copy that broke after the switch may be destroyed too: its
+    # state then lives only at the destination (if that still has it).
+    entry = agent.registry.transition(name, frozenset({"running", "paused"}), "destroying")
     rc = None
     try:
         if entry.guest is not None:

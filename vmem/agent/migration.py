@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
 import secrets
 import threading
 import time
@@ -288,10 +289,12 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
         AgentError: refused before any byte of guest RAM moved (no such guest, busy, bad
             options, destination unreachable or refusing); the guest is running as before.
     """
-    from ..migrator import migrate
+    from ..migrator import SourceMigration
     from .net import parse_hostport
     from .paths import DEFAULT_PORT
 
+    if request.get("resume"):
+        return _resume_out(agent, cli_channel, request)
     name = str(request.get("name", ""))
     target = str(request.get("target", ""))
     values = request.get("options") or {}
@@ -338,7 +341,8 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
                  compress, ", urgent connection" if urgent is not None else "")
         data = extras[:parallel - 1]
         link = build_link(channel, data, compress=compress, bandwidth_Bps=options.bandwidth_Bps, source=True)
-        report = migrate(entry.guest, link, options, progress, urgent_channel=urgent)
+        mig = SourceMigration(entry.guest, link, options, progress, urgent_channel=urgent)
+        report = mig.run()
         report.guest["link"] = _link_summary(link, parallel, compress, urgent is not None)
     finally:
         for ch in [c for c in (channel, *extras) if c is not None]:
@@ -346,25 +350,93 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
             ch.close()
         if link is not None:
             link.close()
+    resume = {"mig": mig, "host": host, "port": port, "parallel": parallel, "compress": compress,
+              "want_urgent": want_urgent, "bandwidth_Bps": options.bandwidth_Bps}
+    return _finish_out(agent, name, entry, report, resume)
+
+
+def _finish_out(agent, name: str, entry, report, resume: dict) -> dict:
+    """Settle the source side after a migration (or a resumed one) and build the reply."""
+    host, port = resume["host"], resume["port"]
     report.guest["name"] = name
     report.guest["source_agent"] = agent.listen_address
     report.guest["destination_agent"] = f"{host}:{port}"
     guest = entry.guest
+    if report.outcome == "paused" and resume["mig"].resumable and guest.alive():
+        # The link broke after the switch to post-copy: keep everything for --resume.
+        entry.postcopy_resume = resume
+        agent.registry.transition(name, "migrating", "paused")
+        log.warning("post-copy of guest %s to %s:%d interrupted after the switch: %s; the guest is paused here with its "
+                    "complete RAM: `vmem migrate --resume %s` finishes it", name, host, port, report.reason, name)
+        return {"report": report.to_dict()}
+    entry.postcopy_resume = None
     if report.outcome == "completed":
         agent.registry.remove(name, "migrating")
         guest.close()
         log.info("guest %s migrated to %s:%d (downtime %s ms); removed here", name, host, port, report.downtime_ms)
     elif guest.alive():
         report.verification["source_guest_check"] = _source_guest_check(guest)
-        report.source_guest_state = "running" if guest.alive() else "crashed"
-        agent.registry.transition(name, "migrating", "running")
-        log.warning("migration of guest %s to %s:%d %s: %s; the guest keeps running here",
-                    name, host, port, report.outcome, report.reason)
+        if not guest.alive():
+            report.source_guest_state = "crashed"
+        elif report.source_guest_state != "paused":
+            report.source_guest_state = "running"
+        # After a post-copy switch the guest stays paused: its state is split (docs/postcopy.md).
+        agent.registry.transition(name, "migrating", "paused" if report.source_guest_state == "paused" else "running")
+        log.warning("migration of guest %s to %s:%d %s: %s; the guest is %s here",
+                    name, host, port, report.outcome, report.reason, report.source_guest_state)
     else:
         agent.registry.remove(name, "migrating")
         guest.close()
         log.error("guest %s crashed during its migration to %s:%d: %s; removed", name, host, port, report.reason)
     return {"report": report.to_dict()}
+
+
+def _resume_out(agent, cli_channel, request: dict) -> dict:
+    """``vmem migrate --resume NAME``: finish a post-copy whose link broke after the switch,
+    over new connections to the same destination agent (it still waits for us)."""
+    name = str(request.get("name", ""))
+    entry = agent.registry.transition(name, "paused", "migrating")
+    resume = entry.postcopy_resume
+    if resume is None or not resume["mig"].resumable:
+        agent.registry.transition(name, "migrating", "paused")
+        raise AgentError(ErrorCode.BAD_REQUEST, f"guest {name!r} is paused but has no interrupted post-copy to resume "
+                                                "(its migration failed for good: destroy it, or see the report)")
+    mig, host, port = resume["mig"], resume["host"], resume["port"]
+    parallel, compress = resume["parallel"], resume["compress"]
+    progress = ForwardingProgress(cli_channel)
+    mig.progress = progress
+    channel = None
+    extras: list = []
+    link = None
+    urgent = None
+    try:
+        try:
+            progress.phase("connect", f"resuming: to the agent at {host}:{port}")
+            channel = agent.connect_peer(host, port, "migrate-in")
+            send_frame(channel, {"op": "postcopy-resume", "name": name, "parallel": parallel, "compress": compress,
+                                 "urgent": resume["want_urgent"]})
+            agreed = raise_for_reply(recv_frame(channel), f"destination agent {host}:{port}").get("link") or {}
+            session = str(agreed.get("session", ""))
+            for index in range(1, parallel):
+                extras.append(_attach(agent, host, port, "vmem-data", session, index))
+            if agreed.get("urgent"):
+                extras.append(_attach(agent, host, port, "vmem-urgent", session, 0))
+                urgent = _raw_socket_channel(extras[-1])
+        except BaseException:
+            agent.registry.transition(name, "migrating", "paused")
+            raise
+        log.info("resuming the post-copy of guest %s to %s:%d", name, host, port)
+        link = build_link(channel, extras[:parallel - 1], compress=compress, bandwidth_Bps=resume["bandwidth_Bps"],
+                          source=True)
+        report = mig.resume_postcopy(link, urgent)
+        report.guest["link"] = _link_summary(link, parallel, compress, urgent is not None)
+    finally:
+        for ch in [c for c in (channel, *extras) if c is not None]:
+            agent.forget_channel(ch)
+            ch.close()
+        if link is not None:
+            link.close()
+    return _finish_out(agent, name, entry, report, resume)
 
 
 def _link_summary(link, parallel: int, compress: str, urgent: bool) -> dict:
@@ -405,6 +477,52 @@ def serve_attach(agent, channel, purpose: str, peer: str) -> bool:
     return True
 
 
+def _serve_resume(agent, channel, request: dict, peer: str) -> None:
+    """A ``postcopy-resume`` request: hand new channels to the incoming post-copy of NAME
+    that waits since its link broke.  The waiting migration owns them from then on."""
+    from .registry import validate_name
+
+    try:
+        name = validate_name(request.get("name"))
+        parallel = int(request.get("parallel", 1))
+        compress = str(request.get("compress", "off"))
+        if not 1 <= parallel <= MAX_PARALLEL or compress not in ("none", "zstd", "lz4", "off"):
+            raise AgentError(ErrorCode.BAD_REQUEST, f"bad link parameters parallel={parallel} compress={compress!r}")
+        with agent.resume_lock:
+            waiter = agent.resume_waiters.get(name)
+        if waiter is None:
+            raise AgentError(ErrorCode.BAD_REQUEST, f"no post-copy of guest {name!r} waits to be resumed here (it "
+                                                    "completed, or gave up and reported its lost pages)")
+    except (AgentError, ValueError, TypeError) as err:
+        send_error(channel, getattr(err, "code", ErrorCode.BAD_REQUEST), getattr(err, "message", str(err)))
+        log.warning("refused a post-copy resume from %s: %s", peer, getattr(err, "message", err))
+        return
+    urgent = bool(request.get("urgent")) and agent.security.mode == "none"
+    token = agent.pending_links.open(parallel - 1, urgent)
+    handed = False
+    try:
+        send_reply(channel, link={"parallel": parallel, "compress": compress, "urgent": urgent, "session": token})
+        data, urgent_ch = agent.pending_links.wait(token, ATTACH_TIMEOUT_S)
+        link = build_link(channel, data, compress=compress, source=False)
+        waiter.put_nowait((link, _raw_socket_channel(urgent_ch) if urgent_ch is not None else None))
+        handed = True
+        log.info("resuming the incoming post-copy of guest %s from %s", name, peer)
+        # The migration thread reads and closes these channels now; keep this thread (the
+        # server closes `channel` when it returns) until that migration is over.
+        while True:
+            with agent.resume_lock:
+                if agent.resume_waiters.get(name) is not waiter:
+                    break
+            time.sleep(0.2)
+    except (AgentError, TransportError, OSError, queue.Full) as err:
+        log.warning("post-copy resume of guest %s from %s failed: %s", name, peer, getattr(err, "message", err))
+    finally:
+        for ch in agent.pending_links.close(token):
+            if not handed:
+                agent.forget_channel(ch)
+                ch.close()
+
+
 def serve_incoming(agent, channel, peer: str) -> None:
     """Serve one ``migrate-in`` connection (already secured and opened); never raises."""
     from ..destination import DestinationMigration
@@ -413,6 +531,9 @@ def serve_incoming(agent, channel, peer: str) -> None:
 
     try:
         request = recv_frame(channel)
+        if request.get("op") == "postcopy-resume":
+            _serve_resume(agent, channel, request, peer)
+            return
         if request.get("op") != "migrate-in":
             raise ProtocolError(f"expected a migrate-in request, got {str(request)[:100]}", ErrorCode.BAD_REQUEST)
         name = validate_name(request.get("name"))
@@ -452,7 +573,26 @@ def serve_incoming(agent, channel, peer: str) -> None:
         link = build_link(channel, data, compress=compress, source=False)
         dm = DestinationMigration(link, keep_guest=True,
                                   urgent_channel=_raw_socket_channel(urgent_ch) if urgent_ch is not None else None)
-        status = dm.run()
+        # A post-copy whose link breaks after the switch waits here for the source's
+        # `vmem migrate --resume NAME` (see _serve_resume), which hands over new channels.
+        waiter: "queue.Queue" = queue.Queue(maxsize=1)
+        with agent.resume_lock:
+            agent.resume_waiters[name] = waiter
+
+        def await_reconnect(timeout_s: float):
+            log.warning("incoming post-copy of guest %s: the link broke after the switch; the guest waits on its "
+                        "missing pages for up to %g s for the source to resume", name, timeout_s)
+            try:
+                return waiter.get(timeout=timeout_s)
+            except queue.Empty:
+                return None
+
+        dm.await_reconnect = await_reconnect
+        try:
+            status = dm.run()
+        finally:
+            with agent.resume_lock:
+                agent.resume_waiters.pop(name, None)
         if status == 0 and dm.kept_guest is not None:
             agent.registry.transition(name, "incoming", "running", guest=dm.kept_guest)
             log.info("guest %s arrived from %s and runs here (pid %d)", name, origin, dm.kept_guest.pid)

@@ -67,6 +67,9 @@ class GuestEntry:
     guest: object = None
     origin: str = "created"
     since_s: float = field(default_factory=time.monotonic)
+    #: state "paused": a post-copy whose link broke after the switch, resumable with
+    #: ``vmem migrate --resume NAME`` (the SourceMigration and how to reach the destination)
+    postcopy_resume: object = None
 
     def describe(self) -> dict:
         """A JSON row for ``vmem list``."""

@@ -88,6 +88,8 @@ class Agent:
         from .migration import PendingLinks
 
         self.pending_links = PendingLinks()   # incoming migrations waiting for their extra connections
+        self.resume_waiters: dict = {}        # incoming post-copies waiting for their source to resume them
+        self.resume_lock = threading.Lock()
         self.state_dir = ""
         self.control_socket = ""
         self.listen_address = ""
