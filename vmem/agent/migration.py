@@ -309,47 +309,23 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
         raise AgentError(ErrorCode.BAD_REQUEST, f"destination {target!r}: {err}") from None
     entry = agent.registry.transition(name, "running", "migrating")
     progress = ForwardingProgress(cli_channel)
-    channel = None
-    extras: list = []
-    link = None
-    urgent = None
+    out = _Outgoing(agent, host, port, parallel, compress)
     try:
         try:
             progress.phase("connect", f"to the agent at {host}:{port}")
-            channel = agent.connect_peer(host, port, "migrate-in")
-            send_frame(channel, {"op": "migrate-in", "name": name, "size_bytes": entry.size_bytes,
-                                 "spec": entry.spec, "origin": agent.listen_address,
-                                 "parallel": parallel, "compress": compress, "urgent": want_urgent})
-            reply = raise_for_reply(recv_frame(channel), f"destination agent {host}:{port}")
-            agreed = reply.get("link")
-            if not isinstance(agreed, dict):
-                if parallel > 1 or compress != "off":
-                    raise AgentError(ErrorCode.VERSION, f"the destination agent {host}:{port} does not support "
-                                                        "--parallel/--compress (an older vmem): run the same vmem "
-                                                        "version on both hosts, or pass --parallel 1 --compress off")
-                agreed = {"parallel": 1, "compress": "off", "urgent": False}
-            session = str(agreed.get("session", ""))
-            for index in range(1, parallel):
-                extras.append(_attach(agent, host, port, "vmem-data", session, index))
-            if agreed.get("urgent"):
-                extras.append(_attach(agent, host, port, "vmem-urgent", session, 0))
-                urgent = _raw_socket_channel(extras[-1])
+            out.open({"op": "migrate-in", "name": name, "size_bytes": entry.size_bytes, "spec": entry.spec,
+                      "origin": agent.listen_address, "parallel": parallel, "compress": compress, "urgent": want_urgent})
         except BaseException:
             agent.registry.transition(name, "migrating", "running")
             raise
         log.info("migrating guest %s to %s:%d (%d connection(s), compress %s%s)", name, host, port, parallel,
-                 compress, ", urgent connection" if urgent is not None else "")
-        data = extras[:parallel - 1]
-        link = build_link(channel, data, compress=compress, bandwidth_Bps=options.bandwidth_Bps, source=True)
-        mig = SourceMigration(entry.guest, link, options, progress, urgent_channel=urgent)
+                 compress, ", urgent connection" if out.urgent is not None else "")
+        link = out.build(options.bandwidth_Bps)
+        mig = SourceMigration(entry.guest, link, options, progress, urgent_channel=out.urgent)
         report = mig.run()
-        report.guest["link"] = _link_summary(link, parallel, compress, urgent is not None)
+        report.guest["link"] = _link_summary(link, parallel, compress, out.urgent is not None)
     finally:
-        for ch in [c for c in (channel, *extras) if c is not None]:
-            agent.forget_channel(ch)
-            ch.close()
-        if link is not None:
-            link.close()
+        out.close()
     resume = {"mig": mig, "host": host, "port": port, "parallel": parallel, "compress": compress,
               "want_urgent": want_urgent, "bandwidth_Bps": options.bandwidth_Bps}
     return _finish_out(agent, name, entry, report, resume)
@@ -405,38 +381,68 @@ def _resume_out(agent, cli_channel, request: dict) -> dict:
     parallel, compress = resume["parallel"], resume["compress"]
     progress = ForwardingProgress(cli_channel)
     mig.progress = progress
-    channel = None
-    extras: list = []
-    link = None
-    urgent = None
+    out = _Outgoing(agent, host, port, parallel, compress)
     try:
         try:
             progress.phase("connect", f"resuming: to the agent at {host}:{port}")
-            channel = agent.connect_peer(host, port, "migrate-in")
-            send_frame(channel, {"op": "postcopy-resume", "name": name, "parallel": parallel, "compress": compress,
-                                 "urgent": resume["want_urgent"]})
-            agreed = raise_for_reply(recv_frame(channel), f"destination agent {host}:{port}").get("link") or {}
-            session = str(agreed.get("session", ""))
-            for index in range(1, parallel):
-                extras.append(_attach(agent, host, port, "vmem-data", session, index))
-            if agreed.get("urgent"):
-                extras.append(_attach(agent, host, port, "vmem-urgent", session, 0))
-                urgent = _raw_socket_channel(extras[-1])
+            out.open({"op": "postcopy-resume", "name": name, "parallel": parallel, "compress": compress,
+                      "urgent": resume["want_urgent"]})
         except BaseException:
             agent.registry.transition(name, "migrating", "paused")
             raise
         log.info("resuming the post-copy of guest %s to %s:%d", name, host, port)
-        link = build_link(channel, extras[:parallel - 1], compress=compress, bandwidth_Bps=resume["bandwidth_Bps"],
-                          source=True)
-        report = mig.resume_postcopy(link, urgent)
-        report.guest["link"] = _link_summary(link, parallel, compress, urgent is not None)
+        link = out.build(resume["bandwidth_Bps"])
+        report = mig.resume_postcopy(link, out.urgent)
+        report.guest["link"] = _link_summary(link, parallel, compress, out.urgent is not None)
     finally:
-        for ch in [c for c in (channel, *extras) if c is not None]:
-            agent.forget_channel(ch)
-            ch.close()
-        if link is not None:
-            link.close()
+        out.close()
     return _finish_out(agent, name, entry, report, resume)
+
+
+class _Outgoing:
+    """The connections of one outgoing migration: the main one (opened with a request the
+    destination agent answers with the agreed link), data and urgent ones attached to its
+    session, and the link stacked on them (:func:`build_link`).  :meth:`close` closes all."""
+
+    def __init__(self, agent, host: str, port: int, parallel: int, compress: str):
+        self.agent, self.host, self.port = agent, host, port
+        self.parallel, self.compress = parallel, compress
+        self.channel = None
+        self.extras: list = []
+        self.urgent = None
+        self.link = None
+
+    def open(self, request: dict) -> dict:
+        """Connect, send ``request``, attach the extra connections; return the agreed link."""
+        host, port = self.host, self.port
+        self.channel = self.agent.connect_peer(host, port, "migrate-in")
+        send_frame(self.channel, request)
+        agreed = raise_for_reply(recv_frame(self.channel), f"destination agent {host}:{port}").get("link")
+        if not isinstance(agreed, dict):
+            if self.parallel > 1 or self.compress != "off":
+                raise AgentError(ErrorCode.VERSION, f"the destination agent {host}:{port} does not support "
+                                                    "--parallel/--compress (an older vmem): run the same vmem "
+                                                    "version on both hosts, or pass --parallel 1 --compress off")
+            agreed = {"parallel": 1, "compress": "off", "urgent": False}
+        session = str(agreed.get("session", ""))
+        for index in range(1, self.parallel):
+            self.extras.append(_attach(self.agent, host, port, "vmem-data", session, index))
+        if agreed.get("urgent"):
+            self.extras.append(_attach(self.agent, host, port, "vmem-urgent", session, 0))
+            self.urgent = _raw_socket_channel(self.extras[-1])
+        return agreed
+
+    def build(self, bandwidth_Bps: float | None):
+        self.link = build_link(self.channel, self.extras[:self.parallel - 1], compress=self.compress,
+                               bandwidth_Bps=bandwidth_Bps, source=True)
+        return self.link
+
+    def close(self) -> None:
+        for ch in [c for c in (self.channel, *self.extras) if c is not None]:
+            self.agent.forget_channel(ch)
+            ch.close()
+        if self.link is not None:
+            self.link.close()
 
 
 def _link_summary(link, parallel: int, compress: str, urgent: bool) -> dict:
