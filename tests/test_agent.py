@@ -554,3 +554,17 @@ def test_migration_over_mutual_tls(agents, workdir):
     assert report["outcome"] == "completed", report["reason"]
     assert report["verification"]["digests"]["mismatched"] == 0 and report["verification"]["guest_check"]["ok"]
     assert b.guests()["g1"]["state"] == "running" and "g1" not in a.guests()
+
+
+def test_verify_a_guest_through_the_agent(agents):
+    a = agents("v")
+    a.request("create", name="g", workload="hotcold", size="16M")
+    reply = a.request("verify", name="g")
+    assert reply["check"]["ok"] and reply["check"]["pages_checked"] > 0
+    run = a.cli("verify", "g")
+    assert run.returncode == 0 and "ok" in run.stdout, run.stdout + run.stderr
+    from vmem.agent.protocol import AgentError, ErrorCode
+
+    with pytest.raises(AgentError) as exc:
+        a.request("verify", name="nope")
+    assert exc.value.code == ErrorCode.NO_SUCH_GUEST

@@ -14,7 +14,7 @@ import sys
 __all__ = ["AGENT_COMMANDS", "add_agent_commands", "add_agent_address_arguments", "run_agent_command",
            "cmd_migrate_via_agent"]
 
-AGENT_COMMANDS = ("agent", "keygen", "create", "list", "destroy", "save", "restore")
+AGENT_COMMANDS = ("agent", "keygen", "create", "list", "destroy", "verify", "save", "restore")
 
 
 def add_agent_address_arguments(parser) -> None:
@@ -63,6 +63,10 @@ def add_agent_commands(sub) -> None:
     p.add_argument("name", metavar="NAME")
     add_agent_address_arguments(p)
 
+    p = sub.add_parser("verify", help="have a guest check its whole RAM against its own ledger")
+    p.add_argument("name", metavar="NAME")
+    add_agent_address_arguments(p)
+
     p = sub.add_parser("save", help="save a guest to a file (like xl save)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("file", metavar="FILE", help="written on the agent's host")
@@ -85,7 +89,8 @@ def _client(args):
 def run_agent_command(args) -> int:
     """Run one of :data:`AGENT_COMMANDS`; errors propagate as VmemError/ConfigError to ``vmem.cli.main``."""
     return {"agent": _cmd_agent, "keygen": _cmd_keygen, "create": _cmd_create, "list": _cmd_list,
-            "destroy": _cmd_destroy, "save": _cmd_save, "restore": _cmd_restore}[args.command](args)
+            "destroy": _cmd_destroy, "verify": _cmd_verify, "save": _cmd_save,
+            "restore": _cmd_restore}[args.command](args)
 
 
 def _cmd_agent(args) -> int:
@@ -162,6 +167,14 @@ def _cmd_destroy(args) -> int:
         c.request("destroy", name=args.name)
     print(f"destroyed guest {args.name}")
     return 0
+
+
+def _cmd_verify(args) -> int:
+    with _client(args) as c:
+        reply = c.request("verify", name=args.name)
+    check = reply.get("check") or {}
+    print(f"guest {args.name}: {'ok' if check.get('ok') else 'FAILED'}: {check.get('detail', check)}")
+    return 0 if check.get("ok") else 1
 
 
 def _cmd_save(args) -> int:

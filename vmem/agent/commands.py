@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from ..errors import ConfigError, VmemError
 from ..ram import format_bytes
@@ -85,6 +86,22 @@ def cmd_destroy(agent, channel, request: dict) -> dict:
         agent.registry.remove(name, "destroying")
     log.info("destroyed guest %s (exit status %s)", name, rc)
     return {"name": name, "exit_status": rc}
+
+
+def cmd_verify(agent, channel, request: dict) -> dict:
+    """The guest checks its whole RAM against its own ledger (it pauses its workload
+    meanwhile).  Running and paused guests only; the state is not changed."""
+    name = str(request.get("name", ""))
+    entry = agent.registry.get(name)  # AgentError(no-such-guest)
+    if entry.state not in ("running", "paused") or entry.guest is None:
+        raise AgentError(ErrorCode.BUSY, f"guest {name!r} is {entry.state}: it can be verified when running or paused")
+    t = time.monotonic()
+    try:
+        check = entry.guest.verify()
+    except VmemError as err:
+        raise AgentError(ErrorCode.FAILED, f"guest {name!r} could not verify: {err}") from None
+    check["duration_s"] = round(time.monotonic() - t, 3)
+    return {"name": name, "check": check}
 
 
 def _savefile():
@@ -202,6 +219,7 @@ COMMANDS = {
     "create": cmd_create,
     "list": cmd_list,
     "destroy": cmd_destroy,
+    "verify": cmd_verify,
     "save": cmd_save,
     "restore": cmd_restore,
     "migrate": cmd_migrate,
