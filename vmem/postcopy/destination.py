@@ -350,13 +350,14 @@ class PostcopyDestination:
         brk = np.flatnonzero(np.diff(idx) != 1) + 1
         starts = idx[np.concatenate(([0], brk))]
         ends = idx[np.concatenate((brk - 1, [len(idx) - 1]))] + 1
-        runs = np.stack((starts, ends), axis=1)
-        # Cut long runs so the loop can stop (and faults interleave) every few MiB.
-        out = []
-        for a, b in runs.tolist():
-            for x in range(a, b, MAPPER_CHUNK_PAGES):
-                out.append((x, min(x + MAPPER_CHUNK_PAGES, b)))
-        runs = np.asarray(out, dtype=np.int64)
+        # Cut long runs so the loop can stop (and faults interleave) every few MiB; numpy
+        # over the runs, since a hybrid switch can leave tens of thousands of gaps.
+        c = MAPPER_CHUNK_PAGES
+        counts = (ends - starts + c - 1) // c
+        which = np.repeat(np.arange(len(starts)), counts)
+        nth = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        first = starts[which] + nth * c
+        runs = np.stack((first, np.minimum(first + c, ends[which])), axis=1)
         for i in range(0, len(runs), 64):
             if self._stop.is_set():
                 return
