@@ -38,7 +38,8 @@ import numpy as np
 
 from .channel import Channel, _byte_view
 from .codec import PAGE_BYTES, CodecError, decode_batch, encode_batch, method_unavailable
-from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
+from .errors import ChannelBrokenError, ChannelTimeout, TransportError
+from .wrapped import WrappedChannel
 
 __all__ = ["CompressedChannel", "MODES", "MAX_FRAME_PAGES", "MAX_FRAME_BYTES", "mode_unavailable"]
 
@@ -63,7 +64,7 @@ def mode_unavailable(mode: str) -> str:
     return method_unavailable(mode)
 
 
-class CompressedChannel(Channel):
+class CompressedChannel(WrappedChannel):
     """Zero-page elision and optional compression over ``inner`` (layout in the module
     docstring).  Owns ``inner``.
 
@@ -97,34 +98,6 @@ class CompressedChannel(Channel):
 
     def __repr__(self) -> str:
         return f"<CompressedChannel {self.mode} sent={self._bytes_sent} over {self._inner!r}>"
-
-    @property
-    def inner(self) -> Channel:
-        return self._inner
-
-    @property
-    def closed(self) -> bool:
-        return self._inner.closed
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._bytes_sent
-
-    @property
-    def bytes_received(self) -> int:
-        return self._bytes_received
-
-    @property
-    def wire_bytes_sent(self) -> int:
-        return self._inner.bytes_sent
-
-    @property
-    def wire_bytes_received(self) -> int:
-        return self._inner.bytes_received
-
-    def _check_open(self) -> None:
-        if self._inner.closed:
-            raise ChannelClosedError("channel was closed by this side")
 
     # -- sending --------------------------------------------------------------------------
 
@@ -354,20 +327,6 @@ class CompressedChannel(Channel):
 
     # -- settings and lifetime ------------------------------------------------------------
 
-    def settimeout(self, timeout_s: float | None) -> None:
-        self._inner.settimeout(timeout_s)
-
-    def gettimeout(self) -> float | None:
-        return self._inner.gettimeout()
-
-    def fileno(self) -> int:
-        return self._inner.fileno()
-
-    def unsent_bytes(self) -> int:
-        return self._inner.unsent_bytes()
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 def _zero_count(bitmap: bytes, count: int) -> int:

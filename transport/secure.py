@@ -71,6 +71,7 @@ from typing import Any
 
 from .channel import Channel, SocketChannel, _byte_view
 from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
+from .wrapped import WrappedChannel
 
 __all__ = [
     "AuthError",
@@ -451,7 +452,7 @@ _LABEL_C2S = b"vmem-mac-v1 client->server"
 _LABEL_S2C = b"vmem-mac-v1 server->client"
 
 
-class MacChannel(Channel):
+class MacChannel(WrappedChannel):
     """A :class:`Channel` adding end-to-end integrity to ``inner`` (layout in the module
     docstring).
 
@@ -507,35 +508,6 @@ class MacChannel(Channel):
     def __repr__(self) -> str:
         return (f"<MacChannel {self._role} sent={self._bytes_sent} "
                 f"received={self._bytes_received} over {self._inner!r}>")
-
-    @property
-    def inner(self) -> Channel:
-        return self._inner
-
-    @property
-    def closed(self) -> bool:
-        return self._inner.closed
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._bytes_sent
-
-    @property
-    def bytes_received(self) -> int:
-        return self._bytes_received
-
-    @property
-    def wire_bytes_sent(self) -> int:
-        """Bytes handed to ``inner``, framing included."""
-        return self._inner.bytes_sent
-
-    @property
-    def wire_bytes_received(self) -> int:
-        return self._inner.bytes_received
-
-    def _check_open(self) -> None:
-        if self._inner.closed:
-            raise ChannelClosedError("channel was closed by this side")
 
     # -- sending --------------------------------------------------------------------------
 
@@ -725,20 +697,6 @@ class MacChannel(Channel):
 
     # -- settings and lifetime ------------------------------------------------------------
 
-    def settimeout(self, timeout_s: float | None) -> None:
-        self._inner.settimeout(timeout_s)
-
-    def gettimeout(self) -> float | None:
-        return self._inner.gettimeout()
-
-    def fileno(self) -> int:
-        return self._inner.fileno()
-
-    def unsent_bytes(self) -> int:
-        return self._inner.unsent_bytes()
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 # -- TLS ----------------------------------------------------------------------------------
