@@ -171,8 +171,9 @@ def main() -> int:
     result: dict = {"size_bytes": size, "workload": args.workload, "security": args.security, "shaped_rate": args.rate}
     try:
         hosts.up()
-        sent, got, seconds = transfer(hosts, size)
-        assert sent == got, "baseline copy corrupted data"
+        # Timed without hashing (sha256 on both ends would slow the baseline and flatter
+        # the ratios); the tests check that such copies arrive intact.
+        sent, got, seconds = transfer(hosts, size, hashing=False)
         base_Bps = size / seconds
         result["baseline"] = {"seconds": seconds, "Bps": base_Bps}
         print(f"baseline TCP copy                  {base_Bps / 1e6:8.0f} MB/s ({seconds:.2f} s for {args.size})")

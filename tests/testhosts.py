@@ -173,29 +173,43 @@ def testhosts():
 # -- programs to run on the hosts ---------------------------------------------------------
 
 # Listens on argv[1] (port 0 = any), prints the port, receives argv[2] bytes on one
-# connection with transport.tcp, then prints "<sha256> <seconds from first to last byte>".
+# connection with transport.tcp, then prints "<sha256> <seconds from first to last byte>"
+# (argv[4] == "nohash": a baseline for timing: no hashing, "-" instead of the digest, and
+# the bytes land in one ``total``-byte buffer, touched beforehand).
 TCP_SINK = r"""
 import hashlib, sys, time
 from transport.tcp import listen_tcp, accept_channel
 host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+hashing = not (len(sys.argv) > 4 and sys.argv[4] == "nohash")
 ls = listen_tcp(host, port)
 print(ls.getsockname()[1], flush=True)
 ch, _peer = accept_channel(ls, 30)
 buf = bytearray(1 << 20)
 view = memoryview(buf)
 digest = hashlib.sha256()
+if not hashing:
+    import numpy as np
+    dest_arr = np.empty(total, dtype=np.uint8)
+    dest_arr[:] = 0  # touched before timing: first touch of fresh memory is erratic in VMs
+    dest = memoryview(dest_arr).cast("B")
 first = ch.recv_some(len(buf))
 start = time.perf_counter()
-digest.update(first)
+if hashing:
+    digest.update(first)
+else:
+    dest[:len(first)] = first
 got = len(first)
 while got < total:
     n = min(len(buf), total - got)
-    ch.recv_into(view[:n])
-    digest.update(view[:n])
+    if hashing:
+        ch.recv_into(view[:n])
+        digest.update(view[:n])
+    else:
+        ch.recv_into(dest[got:got + n])
     got += n
 elapsed = time.perf_counter() - start
 ch.send(b"k")
-print(digest.hexdigest(), elapsed, flush=True)
+print(digest.hexdigest() if hashing else "-", elapsed, flush=True)
 ch.close(); ls.close()
 """
 
@@ -205,33 +219,43 @@ TCP_SOURCE = r"""
 import hashlib, sys
 from transport.tcp import connect_tcp
 host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+hashing = not (len(sys.argv) > 4 and sys.argv[4] == "nohash")
 block = bytes(range(256)) * 4096
 digest = hashlib.sha256()
+if not hashing:  # send a real ``total``-byte buffer (touched first), as a migration sends RAM
+    import numpy as np
+    data = np.empty(total, dtype=np.uint8)
+    data[:] = 7
+    data = memoryview(data).cast("B")
 ch = connect_tcp(host, port)
 sent = 0
 while sent < total:
-    part = block[:min(len(block), total - sent)]
+    part = block[:min(len(block), total - sent)] if hashing else data[sent:sent + (4 << 20)]
     ch.send(part)
-    digest.update(part)
+    if hashing:
+        digest.update(part)
     sent += len(part)
 assert ch.recv_exact(1) == b"k"
-print(digest.hexdigest(), flush=True)
+print(digest.hexdigest() if hashing else "-", flush=True)
 ch.close()
 """
 
 
 def transfer(hosts: NetnsHosts, total_bytes: int, src: int = 1, dst: int = 2,
-             timeout_s: float = 120.0) -> tuple[str, str, float]:
+             timeout_s: float = 120.0, *, hashing: bool = True) -> tuple[str, str, float]:
     """Send ``total_bytes`` from host ``src`` to host ``dst`` over TCP (transport.tcp).
 
-    Returns ``(sha256 sent, sha256 received, receiver seconds)``.  Reaps both processes.
+    Returns ``(sha256 sent, sha256 received, receiver seconds)``; with ``hashing=False``
+    nothing is hashed (both digests are "-"): a plain copy to time against.  Reaps both
+    processes.
     """
-    sink = hosts.run_python(dst, TCP_SINK, hosts.addr(dst), "0", str(total_bytes))
+    flag = () if hashing else ("nohash",)
+    sink = hosts.run_python(dst, TCP_SINK, hosts.addr(dst), "0", str(total_bytes), *flag)
     source = None
     try:
         port = sink.stdout.readline().strip()
         assert port.isdigit(), f"sink did not start: {sink.stderr.read() if sink.poll() is not None else port!r}"
-        source = hosts.run_python(src, TCP_SOURCE, hosts.addr(dst), port, str(total_bytes))
+        source = hosts.run_python(src, TCP_SOURCE, hosts.addr(dst), port, str(total_bytes), *flag)
         out_src, err_src = source.communicate(timeout=timeout_s)
         out_sink, err_sink = sink.communicate(timeout=timeout_s)
         assert source.returncode == 0, err_src
