@@ -568,3 +568,32 @@ def test_verify_a_guest_through_the_agent(agents):
     with pytest.raises(AgentError) as exc:
         a.request("verify", name="nope")
     assert exc.value.code == ErrorCode.NO_SUCH_GUEST
+
+
+def test_resume_without_an_interrupted_postcopy_is_refused(agents):
+    """`vmem migrate --resume NAME` for a guest that is not paused by a broken post-copy,
+    and a postcopy-resume request for a guest no destination waits for: clear refusals,
+    nothing changes."""
+    from vmem.agent.protocol import AgentError, ErrorCode
+
+    a, b = agents("s"), agents("d")
+    a.request("create", name="g", workload="idle", size="8M")
+    with pytest.raises(AgentError) as exc:
+        a.request("migrate", name="g", resume=True, options={"observe": 0})
+    assert exc.value.code == ErrorCode.BUSY and "running" in exc.value.message
+    run = a.cli("migrate", "--resume")
+    assert run.returncode == 2 and "NAME" in run.stderr, run.stderr
+    # Straight to the destination agent (no key here): nothing waits under that name.
+    from transport.tcp import connect_tcp
+    from vmem.agent.protocol import client_hello, recv_frame, send_frame
+
+    host, port = b.address.rsplit(":", 1)
+    ch = connect_tcp(host, int(port))
+    try:
+        client_hello(ch, "migrate-in", "test")
+        send_frame(ch, {"op": "postcopy-resume", "name": "g"})
+        reply = recv_frame(ch)
+        assert reply.get("ok") is False and "no post-copy" in str(reply), reply
+    finally:
+        ch.close()
+    assert a.guests()["g"]["state"] == "running" and b.guests() == {}

@@ -15,6 +15,7 @@ from typing import Any
 
 from .channel import Channel, _byte_view
 from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
+from .wrapped import WrappedChannel
 
 __all__ = [
     "parse_rate",
@@ -178,7 +179,7 @@ class TokenBucket:
         return waited_s
 
 
-class ShapedChannel(Channel):
+class ShapedChannel(WrappedChannel):
     """A :class:`Channel` whose sends are paced to ``rate_Bps``; receives pass through.
 
     Sends are cut into groups of at most ``burst_bytes`` (memoryview slices, never joined);
@@ -203,11 +204,6 @@ class ShapedChannel(Channel):
     def __repr__(self) -> str:
         return (f"<ShapedChannel {self._bucket.rate_Bps:.6g} B/s "
                 f"burst={self._bucket.burst_bytes} over {self._inner!r}>")
-
-    @property
-    def inner(self) -> Channel:
-        """The paced channel."""
-        return self._inner
 
     @property
     def bucket(self) -> TokenBucket:
@@ -277,22 +273,7 @@ class ShapedChannel(Channel):
     def wait_readable(self, timeout_s: float | None) -> bool:
         return self._inner.wait_readable(timeout_s)
 
-    def settimeout(self, timeout_s: float | None) -> None:
-        self._inner.settimeout(timeout_s)
-
-    def gettimeout(self) -> float | None:
-        return self._inner.gettimeout()
-
-    def fileno(self) -> int:
-        return self._inner.fileno()
-
-    def close(self) -> None:
-        self._inner.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._inner.closed
-
+    # Pacing changes no byte: the counters are the paced channel's own.
     @property
     def bytes_sent(self) -> int:
         return self._inner.bytes_sent
