@@ -63,7 +63,7 @@ class PauseInfo:
 class ProcessGuest:
     """A guest process and its resources.  Use :meth:`boot` or :meth:`incoming`.
 
-    Implements :class:`vmem.backend.SourceGuest` and :class:`vmem.backend.IncomingGuest`.
+    Implements :class:`vmem.migration.backend.SourceGuest` and :class:`vmem.migration.backend.IncomingGuest`.
     """
 
     backend_name = "process"

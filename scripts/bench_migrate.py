@@ -69,9 +69,9 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from guests.launch import GuestSpec, ProcessGuest  # noqa: E402
-from vmem.local import run_local_migration  # noqa: E402
-from vmem.migrator import MigrationOptions  # noqa: E402
-from vmem.policy import XenDefaultPolicy  # noqa: E402
+from vmem.migration.local import run_local_migration  # noqa: E402
+from vmem.migration.source import MigrationOptions  # noqa: E402
+from vmem.migration.policy import XenDefaultPolicy  # noqa: E402
 from vmem.tracking import make_tracker  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -374,7 +374,7 @@ def child_main(spec_json: str) -> int:
 def migrate_in_child(spec: dict, sample_interval_s: float, timeout_s: float) -> dict:
     """Run ``vmem_migration(**spec)`` in a child; sample the migrators' private memory.
 
-    The child is the source migrator; its child running ``vmem.destination`` is the
+    The child is the source migrator; its child running ``vmem.migration.destination`` is the
     destination migrator.  From this (otherwise idle) process: RssAnon every 10 ms (cheap,
     catches short spikes such as the digest buffers at verification) and the exact
     private-excluding-guest-RAM figure from smaps every ``sample_interval_s`` (a smaps read
@@ -399,7 +399,7 @@ def migrate_in_child(spec: dict, sample_interval_s: float, timeout_s: float) -> 
             if dest_pid is None:
                 try:
                     for c in psutil.Process(proc.pid).children():
-                        if "vmem.destination" in " ".join(c.cmdline()):
+                        if "vmem.migration.destination" in " ".join(c.cmdline()):
                             dest_pid = c.pid
                 except psutil.Error:
                     pass

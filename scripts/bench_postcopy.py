@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from guests.launch import GuestSpec, ProcessGuest  # noqa: E402
-from vmem.local import run_local_migration  # noqa: E402
-from vmem.migrator import MigrationOptions  # noqa: E402
+from vmem.migration.local import run_local_migration  # noqa: E402
+from vmem.migration.source import MigrationOptions  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
 
 

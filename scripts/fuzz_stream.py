@@ -5,12 +5,12 @@
 
 Targets (each input goes to one of them):
 
-* ``stream``   - :class:`vmem.stream.StreamReader` on a libxl/libxc stream (v2, v3, with
+* ``stream``   - :class:`vmem.format.stream.StreamReader` on a libxl/libxc stream (v2, v3, with
   post-copy records), with random reader options and payload consumers;
-* ``savefile`` - :func:`vmem.savefile.read_xl_header` then a StreamReader behind it;
-* ``control``  - :class:`vmem.stream.ControlReader` over back-channel records, JSON bodies
-  through :func:`vmem.stream.decode_json`;
-* ``preamble`` - :func:`vmem.stream.read_preamble` then a StreamReader.
+* ``savefile`` - :func:`vmem.migration.savefile.read_xl_header` then a StreamReader behind it;
+* ``control``  - :class:`vmem.format.stream.ControlReader` over back-channel records, JSON bodies
+  through :func:`vmem.format.stream.decode_json`;
+* ``preamble`` - :func:`vmem.format.stream.read_preamble` then a StreamReader.
 
 Each input is a valid seed (built with vmem's writer, split into its records) plus 1-3
 mutations from the attack list of the issue: truncate, oversize a length, make a count
@@ -49,9 +49,10 @@ import numpy as np  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from vmem import savefile, stream, wire  # noqa: E402
+from vmem.format import stream, wire  # noqa: E402
+from vmem.migration import savefile  # noqa: E402
 from vmem.errors import StreamError  # noqa: E402
-from vmem.wire import ControlType, LibxcRecordType, LibxlRecordType, PageType  # noqa: E402
+from vmem.format.wire import ControlType, LibxcRecordType, LibxlRecordType, PageType  # noqa: E402
 
 TARGETS = ("stream", "savefile", "control", "preamble")
 ALLOC_BASE_BYTES = 64 << 10

@@ -1,6 +1,6 @@
 """The destination process under bad input: every case is a clear error, nothing is left.
 
-Each test talks to a real ``python -m vmem.destination`` over a socketpair, as a source
+Each test talks to a real ``python -m vmem.migration.destination`` over a socketpair, as a source
 would, and checks the ERROR record it sends back, its exit status, and (through the
 no_leaks fixture) that its incoming guest was reaped.
 """
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from transport import channel_pair
-from vmem import stream, wire
-from vmem.local import spawn_destination
+from vmem.format import stream
+from vmem.format import wire
+from vmem.migration.local import spawn_destination
 from vmem.ram import PAGE_SIZE
 
 
@@ -158,7 +159,7 @@ def test_a_failing_page_write_is_reported_not_lost():
     """The destination's placer thread: a pwrite failure surfaces in the receiving thread."""
     import os
 
-    from vmem.destination import _Placer
+    from vmem.migration.destination import _Placer
     from vmem.errors import MigrationError
 
     r, w = os.pipe()

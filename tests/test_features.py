@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import uffd_wp_missing
-from vmem.backend import IncomingGuest, SourceGuest
+from vmem.migration.backend import IncomingGuest, SourceGuest
 from vmem.errors import TrackerUnavailable
 from vmem.tracking import MprotectTracker, make_tracker
 

@@ -8,7 +8,9 @@ import re
 
 import pytest
 
-from vmem import compare, graphs
+from vmem.analysis import compare
+
+from vmem.analysis import graphs
 from vmem.errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -182,9 +184,9 @@ def test_policy_options_go_only_to_policies_that_take_them():
 
 @pytest.mark.slow
 def test_graphs_from_a_real_migration(tmp_path, boot_guest):
-    from vmem.local import run_local_migration
-    from vmem.migrator import MigrationOptions
-    from vmem.policy import make_policy
+    from vmem.migration.local import run_local_migration
+    from vmem.migration.source import MigrationOptions
+    from vmem.migration.policy import make_policy
 
     guest = boot_guest("hotcold", size=32 << 20, seed=3, rate=20000)
     report = run_local_migration(guest, MigrationOptions(policy=make_policy("xen"), bandwidth_Bps=50e6, observe_s=0.1))
@@ -236,9 +238,9 @@ def test_compare_two_quick_policies(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_compare_interrupted_reaps_guests_and_keeps_finished_runs(tmp_path, monkeypatch):
-    import vmem.local
+    import vmem.migration.local
 
-    real = vmem.local.run_local_migration
+    real = vmem.migration.local.run_local_migration
     calls = []
 
     def migrate_then_interrupt(guest, options=None, progress=None):
@@ -248,7 +250,7 @@ def test_compare_interrupted_reaps_guests_and_keeps_finished_runs(tmp_path, monk
             raise KeyboardInterrupt   # as if Ctrl-C arrived during the second migration
         return real(guest, options, progress)
 
-    monkeypatch.setattr(vmem.local, "run_local_migration", migrate_then_interrupt)
+    monkeypatch.setattr(vmem.migration.local, "run_local_migration", migrate_then_interrupt)
     parser = argparse.ArgumentParser()
     compare.add_compare_arguments(parser)
     out = tmp_path / "cmp"

@@ -19,9 +19,9 @@ import pytest
 
 from conftest import needs_uffd_wp, uffd_wp_missing
 from guests.launch import GuestSpec, ProcessGuest
-from vmem.local import run_local_migration
-from vmem.migrator import MigrationOptions
-from vmem.policy import Decision, make_policy
+from vmem.migration.local import run_local_migration
+from vmem.migration.source import MigrationOptions
+from vmem.migration.policy import Decision, make_policy
 
 WORKLOADS = {
     "idle": {},
@@ -135,7 +135,7 @@ class KillAt:
 
 def _destination_pid():
     for p in psutil.Process().children():
-        if "vmem.destination" in " ".join(p.cmdline()):
+        if "vmem.migration.destination" in " ".join(p.cmdline()):
             return p.pid
     raise AssertionError("no destination process")
 
@@ -190,7 +190,7 @@ def test_cli_rejects_bad_input_before_starting(args, needle):
 
 def test_abort_after_throttling_gives_the_source_guest_full_speed_back():
     """A policy that throttled the guest and then aborts must not leave it throttled."""
-    from vmem.policy import Verdict
+    from vmem.migration.policy import Verdict
 
     def throttle_then_abort(s):
         if s.iteration >= 3:

@@ -10,9 +10,9 @@ import time
 
 
 from guests.launch import GuestSpec, ProcessGuest
-from vmem.local import run_local_migration
-from vmem.migrator import MigrationOptions
-from vmem.policy import make_policy
+from vmem.migration.local import run_local_migration
+from vmem.migration.source import MigrationOptions
+from vmem.migration.policy import make_policy
 
 LINK_BPS = 20e6
 SIZE = 16 << 20

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from vmem.convergence import ConvergenceParams, Trend, assess_convergence, fit_trend
+from vmem.migration.convergence import ConvergenceParams, Trend, assess_convergence, fit_trend
 from vmem.errors import ConfigError, PolicyError
-from vmem.policy import (
+from vmem.migration.policy import (
     OPTION_CHOICES,
     POLICIES,
     POLICY_OPTIONS,
@@ -110,7 +110,7 @@ def test_estimate_downtime():
 
 
 # =====================================================================================
-# vmem.convergence: the shared classifier
+# vmem.migration.convergence: the shared classifier
 # =====================================================================================
 
 F, L, R, U = Trend.FALLING, Trend.FLAT, Trend.RISING, Trend.UNKNOWN

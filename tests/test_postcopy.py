@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from transport import channel_pair
-from vmem import wire
+from vmem.format import wire
 from vmem.errors import StreamError
-from vmem.local import run_local_migration, spawn_destination
-from vmem.migrator import MigrationOptions, migrate
-from vmem.policy import Decision, Verdict
-from vmem.postcopy.records import UrgentPort, decode_pfn_list, encode_pfn_list
+from vmem.migration.local import run_local_migration, spawn_destination
+from vmem.migration.source import MigrationOptions, migrate
+from vmem.migration.policy import Decision, Verdict
+from vmem.format.postcopy import UrgentPort, decode_pfn_list, encode_pfn_list
 
 WORKLOADS = [("idle", {}), ("uniform", {"rate": 20000}), ("hotcold", {"rate": 20000}), ("zipf", {"rate": 20000}),
              ("sweep", {"rate": 20000}), ("phased", {}), ("checker", {"rate": 20000, "reads": 64})]
@@ -248,7 +248,7 @@ def test_link_cut_without_recovery_leaves_the_source_paused(boot_guest):
 
 
 def test_source_gone_after_the_switch_the_destination_names_the_lost_pages(boot_guest, capfd, monkeypatch):
-    import vmem.local as local
+    import vmem.migration.local as local
 
     monkeypatch.setattr(local, "MAX_POSTCOPY_RECOVERIES", 0)  # the source never comes back
     g = boot_guest("hotcold", 64 << 20, rate=20000)

@@ -1,4 +1,4 @@
-"""Dirty traces (vmem.trace) and working-set profiling (vmem.profile).
+"""Dirty traces (vmem.analysis.trace) and working-set profiling (vmem.analysis.profile).
 
 Synthetic traces are checked against brute-force Python sets; a real short profile of a
 small guest is checked against what its workload must write.
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from vmem.errors import ConfigError, VmemError
-from vmem.profile import add_profile_arguments, analyse, cmd_profile, profile_guest, run_profile, wws_curve
-from vmem.trace import MAX_TOTAL_PAGES, TRACE_FORMAT_VERSION, DirtyTrace, TraceError
+from vmem.analysis.profile import add_profile_arguments, analyse, cmd_profile, profile_guest, run_profile, wws_curve
+from vmem.analysis.trace import MAX_TOTAL_PAGES, TRACE_FORMAT_VERSION, DirtyTrace, TraceError
 
 
 def random_trace(seed=0, n=40, npages=500, max_per=60, interval_s=0.1, hot=None):

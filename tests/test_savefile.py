@@ -1,4 +1,4 @@
-"""Tests for vmem.savefile: save real running guests, check the file with an independent
+"""Tests for vmem.migration.savefile: save real running guests, check the file with an independent
 reader written from Xen's specs (tests/xen_spec_reader.py, which imports nothing from
 vmem), restore, and prove the restored guest continues and passes its own ledger check.
 Malformed files are refused with StreamError and leave no process behind (no_leaks)."""
@@ -19,9 +19,10 @@ import pytest
 
 import xen_spec_reader as spec
 from vmem import _native as nat
-from vmem import savefile, stream
+from vmem.migration import savefile
+from vmem.format import stream
 from vmem.errors import StreamError
-from vmem.savefile import restore_guest, save_guest
+from vmem.migration.savefile import restore_guest, save_guest
 
 SIZE = 64 << 20
 NPAGES = SIZE // 4096
@@ -268,10 +269,10 @@ def test_check_savefile_and_cli(saved, tmp_path):
     summary = savefile.check_savefile(path)
     assert summary["pages"] > 0 and summary["stream_version"] == 2
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    out = subprocess.run([sys.executable, "-m", "vmem.savefile", "check", str(path)],
+    out = subprocess.run([sys.executable, "-m", "vmem.migration.savefile", "check", str(path)],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0 and json.loads(out.stdout)["pages"] == summary["pages"]
     path.write_bytes(saved[:100])
-    out = subprocess.run([sys.executable, "-m", "vmem.savefile", "check", str(path)],
+    out = subprocess.run([sys.executable, "-m", "vmem.migration.savefile", "check", str(path)],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 1 and "truncated" in out.stderr

@@ -1,4 +1,4 @@
-"""The analytical precopy model (vmem.model) and the trace-driven simulator (vmem.simulate).
+"""The analytical precopy model (vmem.analysis.model) and the trace-driven simulator (vmem.analysis.simulate).
 
 Closed forms are checked against step-by-step iteration; the simulator against synthetic
 traces whose outcome is known, and against a real migration of the profiled workload.
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from vmem.errors import ConfigError
-from vmem.model import PrecopyModel, closed_form, iterate, policy_thresholds, wire_bytes
-from vmem.policy import (
+from vmem.analysis.model import PrecopyModel, closed_form, iterate, policy_thresholds, wire_bytes
+from vmem.migration.policy import (
     Decision,
     IterationsThresholdPolicy,
     PrecopyStats,
@@ -25,8 +25,8 @@ from vmem.policy import (
     estimate_downtime_s,
     make_policy,
 )
-from vmem.report import MigrationReport
-from vmem.simulate import (
+from vmem.migration.report import MigrationReport
+from vmem.analysis.simulate import (
     add_predict_arguments,
     cmd_predict,
     compare_reports,
@@ -34,7 +34,7 @@ from vmem.simulate import (
     simulate,
     transfer_time_s,
 )
-from vmem.trace import DirtyTrace
+from vmem.analysis.trace import DirtyTrace
 
 PW = 4096 + 8 + 16 / 1024
 
@@ -324,7 +324,7 @@ def test_simulator_agrees_with_a_real_migration():
     5-iteration cap: ~11,000 pages stay dirty, never < 50).  Measured here: errors of
     0.2-0.5 %.
     """
-    from vmem.profile import validate_prediction
+    from vmem.analysis.profile import validate_prediction
 
     res = validate_prediction("uniform", {"rate": 20000}, 64 << 20, 50e6, seed=7, duration_s=3.0,
                               interval_s=0.1, warmup_s=0.5)

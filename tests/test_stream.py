@@ -1,4 +1,4 @@
-"""Tests for vmem.stream and vmem.wire: exact bytes against the Xen specs, round trips
+"""Tests for vmem.format.stream and vmem.format.wire: exact bytes against the Xen specs, round trips
 through an in-memory pipe, and a bounded reader that fails only with StreamError."""
 from __future__ import annotations
 
@@ -15,13 +15,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmem import stream, wire
+from vmem.format import stream
+
+from vmem.format import wire
 from vmem.errors import StreamError
-from vmem.stream import (
+from vmem.format.stream import (
     ControlReader, PageData, Record, StreamReader, StreamWriter, decode_json,
     encode_control, encode_json_control, encode_preamble, read_preamble,
 )
-from vmem.wire import (
+from vmem.format.wire import (
     MAX_RECORD_BODY_BYTES, PAGE_SIZE, ControlType, EmulatorId, LibxcRecordType,
     LibxlRecordType, PageType, PostcopyRecordType,
 )

@@ -14,9 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmem import savefile, stream, wire
+from vmem.migration import savefile
+
+from vmem.format import stream
+
+from vmem.format import wire
 from vmem.errors import StreamError
-from vmem.wire import ControlType, LibxcRecordType, LibxlRecordType
+from vmem.format.wire import ControlType, LibxcRecordType, LibxlRecordType
 
 _spec = importlib.util.spec_from_file_location(
     "fuzz_stream", Path(__file__).resolve().parent.parent / "scripts" / "fuzz_stream.py")
@@ -297,7 +301,7 @@ def test_json_numbers_beyond_a_double_are_stream_errors():
 def _serve_once(send: bytes) -> tuple[int, list]:
     """Run one DestinationMigration on a channel pair; feed ``send`` after READY."""
     from transport import channel_pair
-    from vmem.destination import DestinationMigration
+    from vmem.migration.destination import DestinationMigration
 
     src, dst = channel_pair()
     src.settimeout(60)
@@ -347,7 +351,7 @@ def test_destination_answers_every_bad_stream_with_a_stream_error(attack):
                                    {"workload": "idle", "seed": "x"}])
 def test_destination_refuses_a_malformed_guest_spec_cleanly(guest):
     from transport import channel_pair
-    from vmem.destination import DestinationMigration
+    from vmem.migration.destination import DestinationMigration
 
     src, dst = channel_pair()
     src.settimeout(10)

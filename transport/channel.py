@@ -1,7 +1,7 @@
 """Byte channels: the :class:`Channel` contract and :class:`SocketChannel` over a stream socket.
 
 A channel is a reliable, ordered, full-duplex byte stream with no message boundaries; framing
-is the caller's business (``vmem.stream``).  Bulk data moves without Python-level joins:
+is the caller's business (``vmem.format.stream``).  Bulk data moves without Python-level joins:
 :meth:`Channel.send_parts` hands a list of buffers to ``sendmsg`` (scatter/gather) and
 :meth:`Channel.recv_into` fills a caller-owned buffer in place.
 

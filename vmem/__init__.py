@@ -9,12 +9,12 @@ Public API (everything else is internal and may change):
 * :mod:`vmem.errors` — the exception hierarchy (``VmemError`` and subclasses).
 * :class:`vmem.ram.GuestRam` — memfd-backed RAM with a numpy page view.
 * :func:`vmem.tracking.make_tracker` and the tracker classes — dirty tracking.
-* :mod:`vmem.policy` — ``Decision``, ``PrecopyStats``, built-in policies.
-* :class:`vmem.migrator.MigrationOptions`, :func:`vmem.migrator.migrate`.
-* :func:`vmem.local.run_local_migration` — one-host migration (what ``vmem migrate`` runs).
-* :class:`vmem.report.MigrationReport` — the report (docs/report.md).
+* :mod:`vmem.migration.policy` — ``Decision``, ``PrecopyStats``, built-in policies.
+* :class:`vmem.migration.source.MigrationOptions`, :func:`vmem.migration.source.migrate`.
+* :func:`vmem.migration.local.run_local_migration` — one-host migration (what ``vmem migrate`` runs).
+* :class:`vmem.migration.report.MigrationReport` — the report (docs/report.md).
 """
-from .errors import (
+from vmem.errors import (
     ConfigError,
     FeatureUnavailable,
     GuestCrashed,

@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .errors import FeatureUnavailable
+from vmem.errors import FeatureUnavailable
 
 __all__ = ["Feature", "probe_features", "format_features", "require"]
 
@@ -110,7 +110,7 @@ def _probe_all() -> dict[str, Feature]:
         out[name] = Feature(name, bool(available), detail)
 
     try:
-        from . import _native as nat
+        from vmem import _native as nat
     except ImportError as err:
         reason = f"native extension not built ({err}); run: pip install -e ."
         for name in ("memfd_create", "userfaultfd", "PAGEMAP_SCAN", "mprotect_tracker"):

@@ -8,7 +8,7 @@ import numpy as np
 
 from transport.pages import page_runs
 
-from .ram import PAGE_SIZE, GuestRam
+from vmem.ram import PAGE_SIZE, GuestRam
 
 __all__ = ["PAGE_SIZE", "page_buffers", "merge_pages", "mismatched_pages", "zero_page_digest", "MAX_DIRECT_RUNS"]
 
@@ -60,7 +60,7 @@ def zero_page_digest() -> int:
     """The digest of an all-zero page (what a hole or a never-written page digests to)."""
     global _ZERO_DIGEST
     if _ZERO_DIGEST is None:
-        from . import _native as nat
+        from vmem import _native as nat
 
         z = np.zeros((1, PAGE_SIZE), dtype=np.uint8)
         out = np.empty(1, dtype=np.uint64)
@@ -75,7 +75,7 @@ def mismatched_pages(ram: GuestRam, expected: np.ndarray, chunk_pages: int = 1 <
     Works chunk by chunk (8 B/page of temporaries per chunk, not per guest), and digests
     only the runs that hold data: holes must match the zero-page digest.
     """
-    from . import _native as nat
+    from vmem import _native as nat
 
     zero = zero_page_digest()
     runs = ram.data_runs()

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .errors import ConfigError, VmemError
+from vmem.errors import ConfigError, VmemError
 
 __all__ = ["PAGE_SIZE", "GuestRam", "parse_size", "format_bytes", "mem_available_bytes"]
 

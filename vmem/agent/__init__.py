@@ -10,11 +10,11 @@ Modules, one concern each:
 * :mod:`~vmem.agent.migration` -- outgoing and incoming agent-to-agent migration;
 * :mod:`~vmem.agent.server` -- sockets, connection threads, shutdown (``Agent``);
 * :mod:`~vmem.agent.client` -- the CLI's connection to its agent (``AgentClient``);
-* :mod:`~vmem.agent.cli` -- the ``vmem`` subcommands;
+* :mod:`~vmem.cli.agent` -- the ``vmem`` subcommands;
 * :mod:`~vmem.agent.paths`, :mod:`~vmem.agent.net` -- where the socket lives; TCP.
 
 See docs/agent.md.
 """
-from .protocol import PROTOCOL_VERSION, AgentError, ErrorCode, ProtocolError
+from vmem.agent.protocol import PROTOCOL_VERSION, AgentError, ErrorCode, ProtocolError
 
 __all__ = ["AgentError", "ProtocolError", "ErrorCode", "PROTOCOL_VERSION"]

@@ -10,7 +10,7 @@ import socket
 
 from transport import SocketChannel, TransportError
 
-from .protocol import AgentError, ErrorCode, client_hello, raise_for_reply, recv_frame, send_frame
+from vmem.agent.protocol import AgentError, ErrorCode, client_hello, raise_for_reply, recv_frame, send_frame
 
 __all__ = ["AgentClient", "report_from_dict"]
 
@@ -86,10 +86,10 @@ class AgentClient:
 
 
 def report_from_dict(d: dict):
-    """A :class:`vmem.report.MigrationReport` rebuilt from its ``to_dict()`` (keys it lacks are dropped)."""
+    """A :class:`vmem.migration.report.MigrationReport` rebuilt from its ``to_dict()`` (keys it lacks are dropped)."""
     from dataclasses import fields
 
-    from ..report import MigrationReport, RoundStats
+    from vmem.migration.report import MigrationReport, RoundStats
 
     names = {f.name for f in fields(MigrationReport)}
     round_names = {f.name for f in fields(RoundStats)}

@@ -13,10 +13,10 @@ import logging
 import os
 import time
 
-from ..errors import ConfigError, VmemError
-from ..ram import format_bytes
-from .protocol import AgentError, ErrorCode
-from .registry import validate_name
+from vmem.errors import ConfigError, VmemError
+from vmem.ram import format_bytes
+from vmem.agent.protocol import AgentError, ErrorCode
+from vmem.agent.registry import validate_name
 
 __all__ = ["COMMANDS"]
 
@@ -36,7 +36,7 @@ def cmd_create(agent, channel, request: dict) -> dict:
     from guests.launch import GuestSpec, ProcessGuest
     from guests.workload import load_workload, parse_params
 
-    from ..ram import parse_size
+    from vmem.ram import parse_size
 
     name = validate_name(request.get("name"))
     workload = str(request.get("workload") or "hotcold")
@@ -106,9 +106,9 @@ def cmd_verify(agent, channel, request: dict) -> dict:
 
 def _savefile():
     try:
-        from .. import savefile
+        from vmem.migration import savefile
     except ImportError:
-        raise AgentError(ErrorCode.UNAVAILABLE, "save/restore is not available in this vmem build (vmem.savefile is "
+        raise AgentError(ErrorCode.UNAVAILABLE, "save/restore is not available in this vmem build (vmem.migration.savefile is "
                                                 "missing): update vmem on this host") from None
     return savefile
 
@@ -156,7 +156,7 @@ def cmd_save(agent, channel, request: dict) -> dict:
 
 def _read_save_config(savefile, path: str) -> dict:
     """The domain config recorded in a save file's xl header (name, size, guest spec)."""
-    from ..errors import StreamError
+    from vmem.errors import StreamError
 
     try:
         with open(path, "rb", buffering=0) as f:
@@ -193,7 +193,7 @@ def cmd_restore(agent, channel, request: dict) -> dict:
         raise AgentError(ErrorCode.BAD_REQUEST, f"{path} lacks the vmem section of its config: not a vmem save file") from None
     agent.registry.reserve(name, "restoring", size_bytes, section.get("guest") or {}, origin=f"restored from {path}")
     try:
-        # restore_guest spawns through vmem.backend's incoming factory, which the agent routes
+        # restore_guest spawns through vmem.migration.backend's incoming factory, which the agent routes
         # to its spawner thread (see Agent._install_incoming_factory).
         guest, stats = savefile.restore_guest(path, name=name)
     except BaseException as err:
@@ -208,7 +208,7 @@ def cmd_restore(agent, channel, request: dict) -> dict:
 
 
 def cmd_migrate(agent, channel, request: dict) -> dict:
-    from .migration import migrate_out
+    from vmem.agent.migration import migrate_out
 
     return migrate_out(agent, channel, request)
 

@@ -7,14 +7,14 @@ Outgoing (``vmem migrate NAME HOST:PORT``, run by the source agent for its CLI):
    open it with purpose ``migrate-in`` and ask ``{"op": "migrate-in", "name", "size_bytes",
    "spec"}``.  The destination refuses a taken name or a guest larger than its free memory
    *before it spawns anything*; that refusal comes back to the CLI as the error.
-3. :func:`vmem.migrator.migrate` runs over that channel (shaped if ``--bandwidth``), exactly as
+3. :func:`vmem.migration.source.migrate` runs over that channel (shaped if ``--bandwidth``), exactly as
    in a one-host migration; progress events are forwarded to the CLI for its live display.
 4. Completed: the source guest has exited; NAME leaves this agent's registry.  Otherwise
    the source guest keeps running here (its own ledger check goes into the report) and NAME
    is ``running`` again; a guest that crashed by itself is removed and reaped.
 
 Incoming (a TCP connection with purpose ``migrate-in``): reserve NAME as ``incoming``
-(refuse if taken or too big), answer ok, run :class:`vmem.destination.DestinationMigration`
+(refuse if taken or too big), answer ok, run :class:`vmem.migration.destination.DestinationMigration`
 with ``keep_guest=True`` on the channel, and on commit adopt the guest as ``running``.  On
 any failure the destination side removed everything it built and NAME is released.
 
@@ -46,8 +46,8 @@ from dataclasses import asdict, dataclass, field
 
 from transport import ShapedChannel, TransportError
 
-from ..errors import ConfigError, VmemError
-from .protocol import AgentError, ErrorCode, ProtocolError, raise_for_reply, recv_frame, send_error, send_frame, send_reply
+from vmem.errors import ConfigError, VmemError
+from vmem.agent.protocol import AgentError, ErrorCode, ProtocolError, raise_for_reply, recv_frame, send_error, send_frame, send_reply
 
 __all__ = ["ForwardingProgress", "PendingLinks", "build_link", "migrate_out", "serve_attach", "serve_incoming",
            "options_from_request"]
@@ -221,7 +221,7 @@ def options_from_request(values: dict):
     Raises:
         AgentError(bad-request): unknown key or invalid value (naming the flag).
     """
-    from ..args import add_migration_arguments, migration_argument_dests, options_from_args
+    from vmem.cli.args import add_migration_arguments, migration_argument_dests, options_from_args
 
     if not isinstance(values, dict):
         raise AgentError(ErrorCode.BAD_REQUEST, "migration options must be a JSON object")
@@ -253,7 +253,7 @@ def _source_guest_check(guest) -> dict:
 
 def _link_request(values: dict) -> tuple[int, str]:
     """``(parallel, compress)`` from a CLI's migration options (checked; AgentError if bad)."""
-    from ..args import link_options_from_args
+    from vmem.cli.args import link_options_from_args
     from transport.compressed import mode_unavailable
 
     ns = argparse.Namespace(parallel=values.get("parallel", 1), compress=values.get("compress", "none"))
@@ -289,9 +289,9 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
         AgentError: refused before any byte of guest RAM moved (no such guest, busy, bad
             options, destination unreachable or refusing); the guest is running as before.
     """
-    from ..migrator import SourceMigration
-    from .net import parse_hostport
-    from .paths import DEFAULT_PORT
+    from vmem.migration.source import SourceMigration
+    from vmem.agent.net import parse_hostport
+    from vmem.agent.paths import DEFAULT_PORT
 
     if request.get("resume"):
         return _resume_out(agent, cli_channel, request)
@@ -486,7 +486,7 @@ def serve_attach(agent, channel, purpose: str, peer: str) -> bool:
 def _serve_resume(agent, channel, request: dict, peer: str) -> None:
     """A ``postcopy-resume`` request: hand new channels to the incoming post-copy of NAME
     that waits since its link broke.  The waiting migration owns them from then on."""
-    from .registry import validate_name
+    from vmem.agent.registry import validate_name
 
     try:
         name = validate_name(request.get("name"))
@@ -531,9 +531,9 @@ def _serve_resume(agent, channel, request: dict, peer: str) -> None:
 
 def serve_incoming(agent, channel, peer: str) -> None:
     """Serve one ``migrate-in`` connection (already secured and opened); never raises."""
-    from ..destination import DestinationMigration
+    from vmem.migration.destination import DestinationMigration
     from transport.compressed import mode_unavailable
-    from .registry import validate_name
+    from vmem.agent.registry import validate_name
 
     try:
         request = recv_frame(channel)

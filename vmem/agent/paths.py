@@ -19,7 +19,7 @@ import glob
 import os
 import stat
 
-from .protocol import AgentError, ErrorCode
+from vmem.agent.protocol import AgentError, ErrorCode
 
 __all__ = ["DEFAULT_PORT", "ENV_AGENT", "default_base_dir", "default_state_dir", "socket_path",
            "info_path", "find_agent_socket", "prepare_state_dir"]

@@ -28,7 +28,7 @@ import struct
 
 from transport import TransportError
 
-from ..errors import VmemError
+from vmem.errors import VmemError
 
 __all__ = [
     "PROTOCOL_VERSION", "MAGIC", "MAX_FRAME_BYTES", "PURPOSES", "ErrorCode",

@@ -22,8 +22,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..ram import format_bytes, mem_available_bytes
-from .protocol import AgentError, ErrorCode
+from vmem.ram import format_bytes, mem_available_bytes
+from vmem.agent.protocol import AgentError, ErrorCode
 
 __all__ = ["GuestEntry", "GuestRegistry", "RESERVING_STATES", "validate_name"]
 

@@ -24,7 +24,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from vmem.errors import ConfigError
 
 __all__ = ["PeerSecurity", "is_loopback"]
 

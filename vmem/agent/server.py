@@ -32,14 +32,14 @@ from dataclasses import dataclass
 
 from transport import SocketChannel, TransportError
 
-from .. import __version__
-from ..errors import VmemError
-from .commands import COMMANDS
-from .paths import info_path, prepare_state_dir, socket_path
-from .protocol import AgentError, ErrorCode, ProtocolError, client_hello, recv_frame, send_error, send_reply, server_hello
-from .registry import GuestRegistry
-from .security import PeerSecurity
-from .spawner import Spawner
+from vmem import __version__
+from vmem.errors import VmemError
+from vmem.agent.commands import COMMANDS
+from vmem.agent.paths import info_path, prepare_state_dir, socket_path
+from vmem.agent.protocol import AgentError, ErrorCode, ProtocolError, client_hello, recv_frame, send_error, send_reply, server_hello
+from vmem.agent.registry import GuestRegistry
+from vmem.agent.security import PeerSecurity
+from vmem.agent.spawner import Spawner
 
 __all__ = ["AgentConfig", "Agent"]
 
@@ -85,7 +85,7 @@ class Agent:
         self._channels: set = set()        # live connections (accepted and made), to break on shutdown
         self._threads: set[threading.Thread] = set()
         self._saved_factory = None
-        from .migration import PendingLinks
+        from vmem.agent.migration import PendingLinks
 
         self.pending_links = PendingLinks()   # incoming migrations waiting for their extra connections
         self.resume_waiters: dict = {}        # incoming post-copies waiting for their source to resume them
@@ -102,15 +102,15 @@ class Agent:
             AgentError: the port or the state directory is unusable, or another agent
                 already serves that control socket.
         """
-        from .net import listen_tcp
-        from .paths import default_state_dir
+        from vmem.agent.net import listen_tcp
+        from vmem.agent.paths import default_state_dir
 
         try:
             self._tcp = listen_tcp(self.config.listen_host, self.config.listen_port)
         except (OSError, TransportError) as err:
             raise AgentError(ErrorCode.BAD_REQUEST, f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: "
                                                     f"{getattr(err, 'strerror', None) or err}") from None
-        from .net import format_hostport
+        from vmem.agent.net import format_hostport
 
         port = self._tcp.getsockname()[1]
         self.listen_address = format_hostport(self.config.listen_host, port)
@@ -133,10 +133,10 @@ class Agent:
                         self.listen_address)
 
     def _install_incoming_factory(self) -> None:
-        # The destination spawns its incoming guest through vmem.backend's factory table;
+        # The destination spawns its incoming guest through vmem.migration.backend's factory table;
         # in the agent that spawn must happen on the spawner thread (PR_SET_PDEATHSIG is
         # per thread).  This process is the agent's own, so patching its table is local.
-        from .. import backend
+        from vmem.migration import backend
 
         self._saved_factory = backend.INCOMING_FACTORIES["process"]
         backend.INCOMING_FACTORIES["process"] = self.spawner.wrap(self._saved_factory)
@@ -200,7 +200,7 @@ class Agent:
                     entry.guest.close()
             self.registry.remove(entry.name)
         if self._saved_factory is not None:
-            from .. import backend
+            from vmem.migration import backend
 
             backend.INCOMING_FACTORIES["process"] = self._saved_factory
             self._saved_factory = None
@@ -242,7 +242,7 @@ class Agent:
         Raises:
             AgentError(unreachable | auth | protocol | version): with the peer's address.
         """
-        from .net import connect_tcp
+        from vmem.agent.net import connect_tcp
 
         who = f"agent at {host}:{port}"
         try:
@@ -278,7 +278,7 @@ class Agent:
 
     # --- incoming ---------------------------------------------------------------------------------
     def _accept_tcp(self) -> None:
-        from .net import accept_channel
+        from vmem.agent.net import accept_channel
 
         try:
             channel, addr = accept_channel(self._tcp, timeout_s=1.0)
@@ -324,11 +324,11 @@ class Agent:
                 self._channels.discard(raw)
                 self._channels.add(channel)
             if purpose == "migrate-in":
-                from .migration import serve_incoming
+                from vmem.agent.migration import serve_incoming
 
                 serve_incoming(self, channel, peer)
             elif purpose in ("vmem-data", "vmem-urgent"):
-                from .migration import serve_attach
+                from vmem.agent.migration import serve_attach
 
                 if serve_attach(self, channel, purpose, peer):
                     raw = channel = None  # the migration owns it now (and closes it)

@@ -5,10 +5,10 @@ WP_ASYNC on shmem and PAGEMAP_SCAN, and falls back to mprotect + SIGSEGV otherwi
 """
 from __future__ import annotations
 
-from ..errors import ConfigError, TrackerUnavailable
-from .base import DirtyTracker, regions_to_pages
-from .mprotect import MprotectTracker
-from .uffd_wp import UffdWpTracker
+from vmem.errors import ConfigError, TrackerUnavailable
+from vmem.tracking.base import DirtyTracker, regions_to_pages
+from vmem.tracking.mprotect import MprotectTracker
+from vmem.tracking.uffd_wp import UffdWpTracker
 
 __all__ = ["DirtyTracker", "UffdWpTracker", "MprotectTracker", "make_tracker", "TRACKERS", "regions_to_pages"]
 

@@ -18,9 +18,9 @@ import os
 
 import numpy as np
 
-from ..errors import GuestError, TrackerUnavailable
-from ..ram import close_mapping
-from .base import DirtyTracker
+from vmem.errors import GuestError, TrackerUnavailable
+from vmem.ram import close_mapping
+from vmem.tracking.base import DirtyTracker
 
 __all__ = ["MprotectTracker"]
 

@@ -17,9 +17,9 @@ import os
 
 import numpy as np
 
-from ..errors import TrackerUnavailable
-from ..pages import merge_pages
-from .base import DirtyTracker, regions_to_pages
+from vmem.errors import TrackerUnavailable
+from vmem.pages import merge_pages
+from vmem.tracking.base import DirtyTracker, regions_to_pages
 
 __all__ = ["UffdWpTracker"]
 
@@ -33,7 +33,7 @@ class UffdWpTracker(DirtyTracker):
 
     def __init__(self, guest):
         super().__init__(guest.npages)
-        from .. import _native as nat
+        from vmem import _native as nat
 
         self._nat = nat
         features = guest.uffd_features

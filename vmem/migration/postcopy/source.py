@@ -24,10 +24,10 @@ import time
 
 import numpy as np
 
-from .. import wire
-from ..errors import MigrationError
-from ..pages import PAGE_SIZE, page_buffers, unique_pages
-from .records import MAX_URGENT_PAGES, decode_pfn_list, urgent_record_parts
+from vmem.format import wire
+from vmem.errors import MigrationError
+from vmem.pages import PAGE_SIZE, page_buffers, unique_pages
+from vmem.format.postcopy import MAX_URGENT_PAGES, decode_pfn_list, urgent_record_parts
 
 __all__ = ["PostcopySource"]
 
@@ -89,7 +89,7 @@ class PostcopySource:
         if self.urgent is not None:
             # Fast path: a C thread answers the faults from the urgent channel; the back
             # channel stays with the main thread.
-            from .. import _native as nat
+            from vmem import _native as nat
 
             self._engine = nat.PostcopyFaultServer(self.urgent.fileno(), self.ram, self.sent.view(np.uint8), self._cursor_shared)
             self._engine.start()

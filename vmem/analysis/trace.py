@@ -3,7 +3,7 @@
 A :class:`DirtyTrace` is what ``vmem profile`` records (Andrew Cooper's "run the guest
 under logdirty for a period of time"): for each collect interval ``i`` the sorted set of
 pages written during ``[times_s[i], times_s[i+1])``, seconds since tracking was armed.
-The simulator (:mod:`vmem.simulate`) replays it; the analysis (:mod:`vmem.profile`)
+The simulator (:mod:`vmem.analysis.simulate`) replays it; the analysis (:mod:`vmem.analysis.profile`)
 derives the writable working set from it.
 
 File layout (``.npz``: a zip of ``.npy`` members, written compressed)::
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import VmemError
+from vmem.errors import VmemError
 
 __all__ = [
     "DirtyTrace",
@@ -186,7 +186,7 @@ class DirtyTrace:
         Intervals entirely inside the window contribute all their pages; an interval the
         window only partly covers contributes according to ``rule`` (see the module
         docstring).  The window is clipped to ``[0, duration_s]``; looping is the caller's
-        business (:mod:`vmem.simulate` does it).
+        business (:mod:`vmem.analysis.simulate` does it).
 
         Raises:
             ValueError: unknown rule or a window with ``t1_s < t0_s``.

@@ -31,10 +31,10 @@ import time
 
 import numpy as np
 
-from .. import _native as nat
-from ..errors import MigrationError
-from ..pages import PAGE_SIZE, unique_pages
-from .records import MAX_PFNS_PER_RECORD, UrgentReader, encode_pfn_list
+from vmem import _native as nat
+from vmem.errors import MigrationError
+from vmem.pages import PAGE_SIZE, unique_pages
+from vmem.format.postcopy import MAX_PFNS_PER_RECORD, UrgentReader, encode_pfn_list
 
 __all__ = ["PostcopyDestination", "MISSING", "PLACING", "PRESENT", "postcopy_unavailable_reason"]
 
@@ -321,7 +321,7 @@ class PostcopyDestination:
                 self._local_latencies.append(np.full(len(here), time.monotonic_ns() - t, dtype=np.int64))
 
     def _send_control_fault(self, pfns: np.ndarray) -> None:
-        from ..wire import ControlType
+        from vmem.format.wire import ControlType
 
         self._send_control(ControlType.POSTCOPY_FAULT, raw=encode_pfn_list(pfns))
 

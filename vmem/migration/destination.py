@@ -1,6 +1,6 @@
 """Destination side of a migration: receive, place, resume the guest, prove it, confirm.
 
-Run as ``python -m vmem.destination --fd N`` on a connected socket (the one-host
+Run as ``python -m vmem.migration.destination --fd N`` on a connected socket (the one-host
 orchestrator passes one end of a socketpair), or call :func:`serve` with a Channel.
 
 Sequence:
@@ -27,14 +27,16 @@ import numpy as np
 
 from transport import ChannelBrokenError, SocketChannel, TransportError
 
-from . import stream, wire
-from .backend import incoming_factory
-from .errors import MigrationError, StreamError, VmemError
-from .pages import PAGE_SIZE, zero_page_digest
-from .postcopy.destination import PostcopyDestination, postcopy_unavailable_reason
-from .postcopy.records import decode_pfn_list
-from .procstats import PeakSampler, process_figures
-from .ram import format_bytes, mem_available_bytes
+from vmem.format import stream
+
+from vmem.format import wire
+from vmem.migration.backend import incoming_factory
+from vmem.errors import MigrationError, StreamError, VmemError
+from vmem.pages import PAGE_SIZE, zero_page_digest
+from vmem.migration.postcopy.destination import PostcopyDestination, postcopy_unavailable_reason
+from vmem.format.postcopy import decode_pfn_list
+from vmem.procstats import PeakSampler, process_figures
+from vmem.ram import format_bytes, mem_available_bytes
 
 __all__ = ["DestinationMigration", "serve"]
 
@@ -458,7 +460,7 @@ class _Placer:
         self._thread.start()
 
     def _run(self) -> None:
-        from . import _native as nat
+        from vmem import _native as nat
 
         while True:
             item = self._work.get()
@@ -539,13 +541,13 @@ def accept_reconnect(listener: socket.socket, timeout_s: float, with_urgent: boo
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vmem.destination")
+    p = argparse.ArgumentParser(prog="python -m vmem.migration.destination")
     p.add_argument("--fd", type=int, required=True, help="connected stream socket to the source")
     p.add_argument("--urgent-fd", type=int, default=-1, help="second socket: post-copy demand pages")
     p.add_argument("--resume-fd", type=int, default=-1, help="listening socket: the source resumes a broken post-copy")
     args = p.parse_args(argv)
     try:
-        from . import _native as nat
+        from vmem import _native as nat
         import signal
 
         nat.set_pdeathsig(signal.SIGKILL)

@@ -32,12 +32,14 @@ import numpy as np
 
 from transport import ChannelBrokenError, TransportError
 
-from . import stream, wire
-from .errors import GuestCrashed, MigrationError, PolicyError, StreamError, VmemError
-from .pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
-from .policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s, planning_bandwidth_Bps
-from .procstats import PeakSampler, process_figures
-from .report import MigrationReport, RoundStats
+from vmem.format import stream
+
+from vmem.format import wire
+from vmem.errors import GuestCrashed, MigrationError, PolicyError, StreamError, VmemError
+from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
+from vmem.migration.policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s, planning_bandwidth_Bps
+from vmem.procstats import PeakSampler, process_figures
+from vmem.migration.report import MigrationReport, RoundStats
 
 __all__ = ["MigrationOptions", "SourceMigration", "migrate"]
 
@@ -62,7 +64,7 @@ class MigrationOptions:
 
     Attributes:
         tracker: "auto", "uffd-wp" or "mprotect".
-        policy: a callable policy (see vmem.policy); Xen's default if None.
+        policy: a callable policy (see vmem.migration.policy); Xen's default if None.
         verify: compare destination and source RAM digests before committing.
         guest_check: have the destination guest check its RAM against its ledger before commit.
         observe_s: after commit, let the destination guest run this long and report its progress.
@@ -108,7 +110,7 @@ class SourceMigration:
     """Migrate ``guest`` over ``channel`` (forward stream out, control records back).
 
     Args:
-        guest: the source guest, any :class:`vmem.backend.SourceGuest` (today
+        guest: the source guest, any :class:`vmem.migration.backend.SourceGuest` (today
             ``guests.launch.ProcessGuest``).
         channel: a connected transport Channel to the destination.
         options: MigrationOptions.
@@ -472,9 +474,9 @@ class SourceMigration:
 
         ``dirty``: pages dirtied in the last pre-copy round (hybrid), None for pure post-copy.
         """
-        from .postcopy.records import MAX_PFNS_PER_RECORD, encode_pfn_list
-        from .postcopy.source import PostcopySource
-        from .ram import runs_to_pages
+        from vmem.format.postcopy import MAX_PFNS_PER_RECORD, encode_pfn_list
+        from vmem.migration.postcopy.source import PostcopySource
+        from vmem.ram import runs_to_pages
 
         r = self.report
         g = self.guest
@@ -647,7 +649,7 @@ class SourceMigration:
             missing = missing.astype(np.int64)
             self._writer.begin()
             self._writer.write_record(wire.PostcopyRecordType.BEGIN)
-            from .postcopy.source import PostcopySource
+            from vmem.migration.postcopy.source import PostcopySource
 
             pc = PostcopySource(g.ram.pages, missing, self._writer, self._ctl_reader, self._send_lock,
                                 self.urgent, self.progress, self.ch)

@@ -50,7 +50,7 @@ pre-copy rounds the stop-and-copy sends ``a_n`` pages, and::
 
 The model is continuous (pages are reals): :func:`iterate` evaluates the same recurrence
 step by step through any policy (``dirty_count`` is then a float), and the trace-driven
-simulator (:mod:`vmem.simulate`) is the integer, measured-curve version.  Where the
+simulator (:mod:`vmem.analysis.simulate`) is the integer, measured-curve version.  Where the
 measured WWS curve is not ``min(D t, W)`` -- uniform writes over a large guest give
 ``N (1 - exp(-R t / N))`` -- :func:`iterate` accepts the measured curve as ``dirty_fn``.
 """
@@ -60,8 +60,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
-from .errors import ConfigError
-from .policy import Decision, IterationsThresholdPolicy, PrecopyStats, XenDefaultPolicy, call_policy
+from vmem.errors import ConfigError
+from vmem.migration.policy import Decision, IterationsThresholdPolicy, PrecopyStats, XenDefaultPolicy, call_policy
 
 __all__ = [
     "PrecopyModel",

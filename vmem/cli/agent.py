@@ -25,8 +25,8 @@ def add_agent_address_arguments(parser) -> None:
 
 def add_agent_commands(sub) -> None:
     """Register the agent subcommands on ``sub`` (argparse subparsers)."""
-    from ..args import add_guest_arguments
-    from .paths import DEFAULT_PORT
+    from vmem.cli.args import add_guest_arguments
+    from vmem.agent.paths import DEFAULT_PORT
 
     p = sub.add_parser("agent", help="run the host agent: owns guests, receives and sends migrations",
                        description="Run the host agent in the foreground (logs to stderr).  It creates and owns guests "
@@ -80,14 +80,14 @@ def add_agent_commands(sub) -> None:
 
 
 def _client(args):
-    from .client import AgentClient
-    from .paths import find_agent_socket
+    from vmem.agent.client import AgentClient
+    from vmem.agent.paths import find_agent_socket
 
     return AgentClient(find_agent_socket(getattr(args, "agent", None)))
 
 
 def run_agent_command(args) -> int:
-    """Run one of :data:`AGENT_COMMANDS`; errors propagate as VmemError/ConfigError to ``vmem.cli.main``."""
+    """Run one of :data:`AGENT_COMMANDS`; errors propagate as VmemError/ConfigError to ``vmem.cli.main.main``."""
     return {"agent": _cmd_agent, "keygen": _cmd_keygen, "create": _cmd_create, "list": _cmd_list,
             "destroy": _cmd_destroy, "verify": _cmd_verify, "save": _cmd_save,
             "restore": _cmd_restore}[args.command](args)
@@ -96,11 +96,11 @@ def run_agent_command(args) -> int:
 def _cmd_agent(args) -> int:
     import logging
 
-    from ..errors import ConfigError
-    from .net import parse_hostport
-    from .paths import DEFAULT_PORT
-    from .security import PeerSecurity
-    from .server import AgentConfig, run_agent
+    from vmem.errors import ConfigError
+    from vmem.agent.net import parse_hostport
+    from vmem.agent.paths import DEFAULT_PORT
+    from vmem.agent.security import PeerSecurity
+    from vmem.agent.server import AgentConfig, run_agent
 
     try:
         host, port = parse_hostport(args.listen, DEFAULT_PORT)
@@ -117,7 +117,7 @@ def _cmd_keygen(args) -> int:
     from transport import TransportError
     from transport.secure import generate_key
 
-    from .protocol import AgentError, ErrorCode
+    from vmem.agent.protocol import AgentError, ErrorCode
 
     try:
         generate_key(args.file)
@@ -202,11 +202,11 @@ def cmd_migrate_via_agent(args) -> int:
     """
     from rich.console import Console
 
-    from ..args import migration_argument_dests, options_from_args
-    from ..display import LiveDisplay, print_summary
-    from ..errors import ConfigError
-    from ..report import RoundStats
-    from .client import report_from_dict
+    from vmem.cli.args import migration_argument_dests, options_from_args
+    from vmem.cli.display import LiveDisplay, print_summary
+    from vmem.errors import ConfigError
+    from vmem.migration.report import RoundStats
+    from vmem.agent.client import report_from_dict
 
     if getattr(args, "resume", False):
         if args.name is None:

@@ -1,7 +1,7 @@
 """Command-line pieces shared by several ``vmem`` subcommands (one definition each)."""
 from __future__ import annotations
 
-from .errors import ConfigError
+from vmem.errors import ConfigError
 
 __all__ = ["add_guest_arguments", "add_migration_arguments", "add_policy_arguments", "bandwidth_from_arg",
            "link_options_from_args", "migration_argument_dests", "options_from_args", "policy_from_args"]
@@ -95,7 +95,7 @@ def migration_argument_dests() -> list[str]:
 
 
 def options_from_args(args):
-    """The :class:`vmem.migrator.MigrationOptions` that the flags of :func:`add_migration_arguments` ask for.
+    """The :class:`vmem.migration.source.MigrationOptions` that the flags of :func:`add_migration_arguments` ask for.
 
     ``args`` is any object with those attributes (an argparse Namespace, or one rebuilt from
     JSON by an agent).
@@ -103,7 +103,7 @@ def options_from_args(args):
     Raises:
         ConfigError: naming the flag, for a malformed or inconsistent value.
     """
-    from .migrator import MigrationOptions
+    from vmem.migration.source import MigrationOptions
 
     policy = policy_from_args(args)
     if getattr(args, "postcopy", False):
@@ -121,12 +121,12 @@ def options_from_args(args):
 
 
 def add_policy_arguments(p) -> None:
-    """``--policy`` and every policy's flags, built from vmem.policy.POLICY_OPTIONS.
+    """``--policy`` and every policy's flags, built from vmem.migration.policy.POLICY_OPTIONS.
 
     Each flag defaults to None ("not given"): the policy applies its own default, and a
     flag given for a policy that does not take it is an error naming it.
     """
-    from .policy import OPTION_CHOICES, POLICIES, POLICY_SUMMARIES, policy_flags
+    from vmem.migration.policy import OPTION_CHOICES, POLICIES, POLICY_SUMMARIES, policy_flags
 
     g = p.add_argument_group("precopy policy", "see docs/policies.md; each flag belongs to the policies named in its help")
     g.add_argument("--policy", default="xen", choices=list(POLICIES),
@@ -144,7 +144,7 @@ def add_policy_arguments(p) -> None:
 
 def policy_from_args(args):
     """Build the policy named by ``--policy`` from the parsed flags (ConfigError if inconsistent)."""
-    from .policy import make_policy, policy_flags
+    from vmem.migration.policy import make_policy, policy_flags
 
     options = {opt.dest: getattr(args, opt.dest, None) for opt, _ in policy_flags()}
     return make_policy(args.policy, **options)

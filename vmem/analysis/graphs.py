@@ -1126,7 +1126,7 @@ def cmd_graph(args) -> int:
     Raises:
         vmem.errors.ConfigError: a file is missing, not JSON, or not a report.
     """
-    from .errors import ConfigError
+    from vmem.errors import ConfigError
 
     try:
         docs = load_reports(list(args.reports))

@@ -43,7 +43,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from vmem.errors import ConfigError
 
 __all__ = ["Trend", "ConvergenceParams", "Convergence", "DEFAULT_PARAMS", "assess_convergence", "fit_trend"]
 

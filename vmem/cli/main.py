@@ -12,8 +12,8 @@ import argparse
 import sys
 import time
 
-from .args import add_guest_arguments, add_migration_arguments, add_policy_arguments, options_from_args, policy_from_args  # noqa: F401 (re-exported)
-from .errors import ConfigError, VmemError
+from vmem.cli.args import add_guest_arguments, add_migration_arguments, add_policy_arguments, options_from_args, policy_from_args  # noqa: F401 (re-exported)
+from vmem.errors import ConfigError, VmemError
 
 __all__ = ["main"]
 
@@ -36,23 +36,23 @@ def _add_migrate(sub) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the full report (docs/report.md) to FILE")
     o.add_argument("--quiet", action="store_true", help="no live display, summary only")
-    from .agent.cli import add_agent_address_arguments
+    from vmem.cli.agent import add_agent_address_arguments
 
     add_agent_address_arguments(p)
 
 
 def cmd_migrate(args) -> int:
     if args.name is not None or args.target is not None or args.resume:
-        from .agent.cli import cmd_migrate_via_agent
+        from vmem.cli.agent import cmd_migrate_via_agent
 
         return cmd_migrate_via_agent(args)
     from rich.console import Console
 
     from guests.launch import GuestSpec, ProcessGuest
     from guests.workload import load_workload, parse_params
-    from .display import LiveDisplay, print_summary
-    from .local import run_local_migration
-    from .ram import format_bytes, mem_available_bytes, parse_size
+    from vmem.cli.display import LiveDisplay, print_summary
+    from vmem.migration.local import run_local_migration
+    from vmem.ram import format_bytes, mem_available_bytes, parse_size
 
     # Validate everything before starting a single process.
     size = parse_size(args.size)
@@ -82,7 +82,7 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from .features import format_features, probe_features
+    from vmem.features import format_features, probe_features
 
     features = probe_features()
     print(format_features(features))
@@ -100,19 +100,19 @@ def cmd_doctor(args) -> int:
 #: Subcommands whose modules are heavy to import (matplotlib...): their arguments are
 #: only registered when that subcommand is the one being run.
 _LAZY_COMMANDS = {
-    "profile": ("vmem.profile", "add_profile_arguments", "record a guest's dirty pages over time (working set) without migrating",
+    "profile": ("vmem.analysis.profile", "add_profile_arguments", "record a guest's dirty pages over time (working set) without migrating",
                 "Run a guest under dirty logging, record its dirty trace, report its writable working set and "
                 "the expected downtime and total time of each policy; recommend thresholds."),
-    "predict": ("vmem.simulate", "add_predict_arguments", "predict a migration from a recorded dirty trace (any policy, any bandwidth)",
+    "predict": ("vmem.analysis.simulate", "add_predict_arguments", "predict a migration from a recorded dirty trace (any policy, any bandwidth)",
                 "Replay a dirty trace through a policy at a bandwidth; with --compare-report, show predicted vs measured."),
-    "compare": ("vmem.compare", "add_compare_arguments", "migrate the same workload under several policies and compare them",
+    "compare": ("vmem.analysis.compare", "add_compare_arguments", "migrate the same workload under several policies and compare them",
                 "Boot the same guest once per policy, migrate it, and compare outcomes, times, downtime and data sent "
                 "(table, PNG graphs, HTML report)."),
-    "graph": ("vmem.graphs", "add_graph_arguments", "render graphs and an HTML report from saved JSON reports",
+    "graph": ("vmem.analysis.graphs", "add_graph_arguments", "render graphs and an HTML report from saved JSON reports",
               "Render convergence, dirty-rate and downtime graphs (PNG) and one HTML report from --json reports."),
 }
-_LAZY_RUNNERS = {"profile": ("vmem.profile", "cmd_profile"), "predict": ("vmem.simulate", "cmd_predict"),
-                 "compare": ("vmem.compare", "cmd_compare"), "graph": ("vmem.graphs", "cmd_graph")}
+_LAZY_RUNNERS = {"profile": ("vmem.analysis.profile", "cmd_profile"), "predict": ("vmem.analysis.simulate", "cmd_predict"),
+                 "compare": ("vmem.analysis.compare", "cmd_compare"), "graph": ("vmem.analysis.graphs", "cmd_graph")}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -123,7 +123,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_migrate(sub)
     sub.add_parser("doctor", help="report the kernel features vmem can use here")
-    from .agent.cli import add_agent_commands
+    from vmem.cli.agent import add_agent_commands
 
     add_agent_commands(sub)
     for name, (module, adder, helptext, description) in _LAZY_COMMANDS.items():
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
             return cmd_migrate(args)
         if args.command == "doctor":
             return cmd_doctor(args)
-        from .agent.cli import AGENT_COMMANDS, run_agent_command
+        from vmem.cli.agent import AGENT_COMMANDS, run_agent_command
 
         if args.command in AGENT_COMMANDS:
             return run_agent_command(args)

@@ -346,7 +346,7 @@ class ControlType(enum.IntEnum):
     """vmem control records (the back channel between source and destination).
 
     The body of each type is defined by the module that sends it; JSON bodies use
-    ``vmem.stream.encode_json_control`` / ``decode_json``.
+    ``vmem.format.stream.encode_json_control`` / ``decode_json``.
     """
 
     INVALID = 0  # never sent: a zeroed header must not mean anything

@@ -9,6 +9,6 @@
 
 See docs/postcopy.md for the protocol and the failure semantics.
 """
-from .records import MAX_PFNS_PER_RECORD, decode_pfn_list, encode_pfn_list
+from vmem.format.postcopy import MAX_PFNS_PER_RECORD, decode_pfn_list, encode_pfn_list
 
 __all__ = ["MAX_PFNS_PER_RECORD", "encode_pfn_list", "decode_pfn_list"]

@@ -35,9 +35,9 @@ import numpy as np
 
 from transport import ChannelBrokenError
 
-from ..errors import StreamError
-from ..pages import PAGE_SIZE
-from ..wire import PostcopyRecordType
+from vmem.errors import StreamError
+from vmem.pages import PAGE_SIZE
+from vmem.format.wire import PostcopyRecordType
 
 __all__ = [
     "MAX_PFNS_PER_RECORD", "MAX_URGENT_PAGES", "encode_pfn_list", "decode_pfn_list",

@@ -34,16 +34,16 @@ Guarantees:
     * :func:`save_guest` writes ``PATH.part``, fsyncs it and renames it to ``PATH``: a
       reader never sees a partial file under ``PATH``.  On failure the part file is
       removed and a guest that was paused for the save is resumed.
-    * :func:`restore_guest` reads with the bounded :class:`vmem.stream.StreamReader`
+    * :func:`restore_guest` reads with the bounded :class:`vmem.format.stream.StreamReader`
       (every length checked before anything is read or allocated; at most two 4 MiB
       staging buffers) and raises :class:`~vmem.errors.StreamError` naming the file
       offset for anything malformed; on every failure the incoming guest is reaped.
 
 Command line (one host, no agent)::
 
-    python -m vmem.savefile save --workload hotcold --size 256M --run 2 FILE
-    python -m vmem.savefile restore FILE --run 2
-    python -m vmem.savefile check FILE
+    python -m vmem.migration.savefile save --workload hotcold --size 256M --run 2 FILE
+    python -m vmem.migration.savefile restore FILE --run 2
+    python -m vmem.migration.savefile check FILE
 """
 from __future__ import annotations
 
@@ -59,9 +59,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import stream
-from .errors import MigrationError, StreamError, VmemError
-from .wire import (
+from vmem.format import stream
+from vmem.errors import MigrationError, StreamError, VmemError
+from vmem.format.wire import (
     IHDR_VERSION_2,
     IHDR_VERSIONS,
     MAX_PAGES_PER_RECORD,
@@ -304,7 +304,7 @@ def _domain_config(guest, name: str, npages: int, counters: dict, data_pages: in
 def save_guest(guest, path: str | os.PathLike, *, keep_running: bool = False,
                name: str | None = None, version: int = IHDR_VERSION_2,
                progress: Progress | None = None) -> dict:
-    """Save ``guest`` (a running :class:`vmem.backend.SourceGuest`) to ``path``, like
+    """Save ``guest`` (a running :class:`vmem.migration.backend.SourceGuest`) to ``path``, like
     ``xl save``.
 
     Pauses the guest at its next safe point, writes every page that holds data (holes are
@@ -331,9 +331,9 @@ def save_guest(guest, path: str | os.PathLike, *, keep_running: bool = False,
     """
     if version not in IHDR_VERSIONS:
         raise ValueError(f"libxc image version must be one of {IHDR_VERSIONS}, not {version}")
-    from . import _native as nat
-    from .pages import page_buffers, zero_page_digest
-    from .ram import runs_to_pages
+    from vmem import _native as nat
+    from vmem.pages import page_buffers, zero_page_digest
+    from vmem.ram import runs_to_pages
 
     path = os.fspath(path)
     part = path + ".part"
@@ -472,7 +472,7 @@ class _Placement:
         self.pages = 0
 
     def __call__(self, pfns: np.ndarray, nbytes: int) -> None:
-        from . import _native as nat
+        from vmem import _native as nat
 
         n = len(pfns)
         buf = self.staging[:n]
@@ -528,9 +528,9 @@ def restore_guest(path: str | os.PathLike, *, name: str | None = None,
         OSError: the file cannot be read.
         No process or memfd is left behind when this raises.
     """
-    from .backend import incoming_factory
-    from .pages import zero_page_digest
-    from .ram import format_bytes, mem_available_bytes
+    from vmem.migration.backend import incoming_factory
+    from vmem.pages import zero_page_digest
+    from vmem.ram import format_bytes, mem_available_bytes
 
     path = os.fspath(path)
     t_start = time.monotonic()
@@ -646,7 +646,7 @@ def check_savefile(path: str | os.PathLike) -> dict:
 
 
 # ======================================================================================
-# python -m vmem.savefile
+# python -m vmem.migration.savefile
 # ======================================================================================
 
 
@@ -661,9 +661,9 @@ def _run_for(guest, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     from guests.launch import GuestSpec, ProcessGuest
 
-    from .ram import format_bytes, parse_size
+    from vmem.ram import format_bytes, parse_size
 
-    p = argparse.ArgumentParser(prog="python -m vmem.savefile",
+    p = argparse.ArgumentParser(prog="python -m vmem.migration.savefile",
                                 description="save a vmem guest to a file (xl save) or restore it (xl restore)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("save", help="boot a guest, let it run, save it to FILE")

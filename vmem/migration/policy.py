@@ -32,8 +32,8 @@ from typing import Any, Callable, NamedTuple
 
 from transport import parse_rate
 
-from .convergence import DEFAULT_PARAMS, ConvergenceParams, Trend, assess_convergence
-from .errors import ConfigError, PolicyError
+from vmem.migration.convergence import DEFAULT_PARAMS, ConvergenceParams, Trend, assess_convergence
+from vmem.errors import ConfigError, PolicyError
 
 __all__ = [
     "Decision",
@@ -278,7 +278,7 @@ def _need_convergence(v) -> ConvergenceParams:
     if v is None:
         return DEFAULT_PARAMS
     if not isinstance(v, ConvergenceParams):
-        raise ConfigError("convergence", f"must be a vmem.convergence.ConvergenceParams, got {v!r}")
+        raise ConfigError("convergence", f"must be a vmem.migration.convergence.ConvergenceParams, got {v!r}")
     return v
 
 
@@ -302,7 +302,7 @@ class TwoThresholdPolicy:
     ``max_iterations`` is only a safety net, not a tuning knob.
 
     Rules, first match wins (``P`` = pause threshold, ``A`` = abort threshold; "converged"
-    and the trend come from :mod:`vmem.convergence`):
+    and the trend come from :mod:`vmem.migration.convergence`):
 
     1. nothing dirty -> STOP_AND_COPY.
     2. ``iteration >= max_iterations`` (safety) -> STOP_AND_COPY if ``dirty <= P`` or
@@ -521,7 +521,7 @@ class DowntimeLimitPolicy:
        the count is not even halving per round, so it would take many rounds to reach the
        threshold, or level off above it.  (``throttle_trigger = 1.0`` is test 1 again, judged
        from the counts instead of the rates.)
-    3. *not falling*: :mod:`vmem.convergence` says the count has converged, or is FLAT or
+    3. *not falling*: :mod:`vmem.migration.convergence` says the count has converged, or is FLAT or
        RISING over at least 3 rounds.  Noise-robust where the per-round ratios of test 2
        are not (a noisy plateau can show one ratio under 0.5).
 

@@ -24,13 +24,13 @@ headers marked BE; every record padded with zeros to a multiple of 8 octets)::
     N = number of pfns whose type carries data (all but BROKEN, XALLOC, XTAB)
 
 Control records on the back channel use the same ``u32 type | u32 length | body | pad``
-frame with :class:`vmem.wire.ControlType`; the forward channel opens with the preamble
+frame with :class:`vmem.format.wire.ControlType`; the forward channel opens with the preamble
 ``b"vmem-migrate-v1\\n" | u32 length (LE) | JSON object``.  The constants are in
-:mod:`vmem.wire`, the full pictures in ``docs/stream.md``.
+:mod:`vmem.format.wire`, the full pictures in ``docs/stream.md``.
 
 Encoding is pure: functions return ``bytes`` or a list of buffers for vectored sends,
 and page data is never copied (the writer hands the caller's page buffers on as they are).
-Decoding is bounded: every length and count is checked against :mod:`vmem.wire`'s limits
+Decoding is bounded: every length and count is checked against :mod:`vmem.format.wire`'s limits
 before anything is read or allocated, and every problem raises
 :class:`vmem.errors.StreamError` carrying the stream offset.
 """
@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Mapping, Union
 import numpy as np
 
 from vmem.errors import StreamError
-from vmem.wire import (
+from vmem.format.wire import (
     DHDR_BYTES,
     HVM_FILE_MAGIC,
     HVM_FILE_VERSION,
@@ -282,7 +282,7 @@ def _fill_pfn_words(out: np.ndarray, pfns: np.ndarray | Iterable[int],
         raise ValueError("page types must be integers")
     types = np.broadcast_to(types, (count,))
     if int(types.min()) < 0 or int(types.max()) > 0xF or not _TYPE_KNOWN[types].all():
-        raise ValueError("unknown page type (see vmem.wire.PageType)")
+        raise ValueError("unknown page type (see vmem.format.wire.PageType)")
     out |= types.astype(np.uint64) << np.uint64(PFN_TYPE_SHIFT)
     return int(_TYPE_HAS_DATA[types].sum())
 
@@ -300,7 +300,7 @@ def page_data_header(pfns: np.ndarray, types: np.ndarray | int | None = None) ->
 
     Args:
         pfns: 1-D integer array of page frame numbers (< 2**52), 1..1024 of them.
-        types: per-pfn :class:`~vmem.wire.PageType` values (array or one scalar for all);
+        types: per-pfn :class:`~vmem.format.wire.PageType` values (array or one scalar for all);
             ``None`` means NOTAB (ordinary pages).
 
     Raises:
@@ -338,7 +338,7 @@ def emulator_context_record(data: Buffer, emulator_id: int = VMEM_EMULATOR_ID,
             one Xen defines (Xen's verifier rejects others), or ``index`` exceeds 32 bits.
     """
     if int(emulator_id) not in _EMULATOR_IDS:
-        raise ValueError(f"emulator id {emulator_id} is not a vmem.wire.EmulatorId")
+        raise ValueError(f"emulator id {emulator_id} is not a vmem.format.wire.EmulatorId")
     if not 0 <= index <= 0xFFFF_FFFF:
         raise ValueError(f"emulator index {index} does not fit 32 bits")
     size = _nbytes(data)
@@ -696,7 +696,7 @@ class StreamWriter:
             page_buffers: buffers (e.g. row ranges of the RAM array) whose concatenation
                 is the data of every pfn whose type carries data, in pfn order; their total
                 length must be ``4096 * npages_with_data``.  Passed on uncopied.
-            types: per-pfn :class:`~vmem.wire.PageType` (array or scalar); None = NOTAB.
+            types: per-pfn :class:`~vmem.format.wire.PageType` (array or scalar); None = NOTAB.
             record_type: PAGE_DATA, or vmem's ``PostcopyRecordType.PAGE_DATA`` (same body).
 
         Raises:
@@ -919,7 +919,7 @@ class PageData:
     pfns: np.ndarray
     """uint64 page frame numbers, type bits stripped, in record order."""
     types: np.ndarray
-    """uint8 :class:`~vmem.wire.PageType` per pfn."""
+    """uint8 :class:`~vmem.format.wire.PageType` per pfn."""
     npages_with_data: int
     """Pages whose 4096 octets follow (all but BROKEN/XALLOC/XTAB)."""
     type: LibxcRecordType | PostcopyRecordType = LibxcRecordType.PAGE_DATA
@@ -1044,7 +1044,7 @@ class StreamReader(_ExactSource):
     Call :meth:`read_begin` once, then :meth:`next_record` until :attr:`finished`.
 
     Guarantees: every length and count from the wire is checked against the limits in
-    :mod:`vmem.wire` before anything is read or allocated: at most
+    :mod:`vmem.format.wire` before anything is read or allocated: at most
     ``MAX_RECORD_BODY_BYTES`` octets are requested at once, page payloads go only into
     the caller's memory.  Everything wrong with the stream raises
     :class:`~vmem.errors.StreamError` with :attr:`offset` information; calling methods

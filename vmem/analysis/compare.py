@@ -4,7 +4,7 @@
                  --workload hotcold -W rate=20000 --size 256M --bandwidth 100M --out DIR
 
 For each policy a fresh guest is booted with the same workload and seed, warmed up, and
-migrated on this host (:func:`vmem.local.run_local_migration`).  The reports are printed
+migrated on this host (:func:`vmem.migration.local.run_local_migration`).  The reports are printed
 as one table and written to ``DIR``: ``comparison.png``, per-policy convergence, dirty
 rate and downtime graphs, ``report.html`` (self-contained), ``reports/POLICY.json`` and
 ``comparison.json`` (also to ``--json FILE``).
@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .args import add_guest_arguments, bandwidth_from_arg
-from .errors import ConfigError
+from vmem.cli.args import add_guest_arguments, bandwidth_from_arg
+from vmem.errors import ConfigError
 
 __all__ = [
     "PolicyRun",
@@ -46,7 +46,7 @@ _FALSE = {"false", "no", "off", "0"}
 
 # --- policies and their options -------------------------------------------------------------
 def _policy_module():
-    from . import policy
+    from vmem.migration import policy
 
     return policy
 
@@ -147,7 +147,7 @@ def _option_table(name: str) -> list[_Opt]:
 def accepted_options(name: str) -> dict[str, Any]:
     """The ``make_policy(name, **options)`` keywords policy ``name`` takes -> their converter.
 
-    Uses ``vmem.policy.POLICY_OPTIONS[name]`` when the policy module declares it;
+    Uses ``vmem.migration.policy.POLICY_OPTIONS[name]`` when the policy module declares it;
     otherwise inspects the policy class's constructor and matches its parameters to
     ``make_policy``'s keywords (``iterations`` -> ``precopy_iterations``).  The converter
     is None when unknown (values are then converted by their look: int, float, bool, str).
@@ -249,7 +249,7 @@ def build_policies(names, options: dict[str, str] | None = None):
         ConfigError: no names, an unknown or repeated name, an option no selected policy
             takes, a value of the wrong type, or parameters a policy rejects.
     """
-    from .policy import make_policy
+    from vmem.migration.policy import make_policy
 
     if isinstance(names, str):
         names = [n for n in (x.strip() for x in names.split(",")) if n]
@@ -354,8 +354,8 @@ def run_comparison(policies, *, workload: str = "hotcold", params: dict | None =
     from guests.launch import GuestSpec, ProcessGuest
     from guests.workload import load_workload
 
-    from .local import run_local_migration
-    from .migrator import MigrationOptions
+    from vmem.migration.local import run_local_migration
+    from vmem.migration.source import MigrationOptions
 
     load_workload(workload)
     runs, ignored = build_policies(policies, policy_options)
@@ -413,7 +413,7 @@ def comparison_document(cmp: Comparison) -> dict:
 
 
 def _json_dump(obj, path: str) -> None:
-    from .report import _json_default
+    from vmem.migration.report import _json_default
 
     d = os.path.dirname(path)
     if d:
@@ -432,7 +432,7 @@ def write_comparison(cmp: Comparison, out_dir: str, *, json_path: str | None = N
     Raises:
         ValueError: the comparison has no runs.
     """
-    from . import graphs
+    from vmem.analysis import graphs
 
     if not cmp.runs:
         raise ValueError("no policy runs to write (the comparison is empty)")
@@ -478,7 +478,7 @@ def print_comparison(cmp: Comparison, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import graphs
+    from vmem.analysis import graphs
 
     console = console or Console()
     t = graphs.comparison_table(cmp.reports, cmp.labels)
@@ -531,8 +531,8 @@ def cmd_compare(args) -> int:
 
     from guests.workload import load_workload, parse_params
 
-    from .display import LiveDisplay
-    from .ram import parse_size
+    from vmem.cli.display import LiveDisplay
+    from vmem.ram import parse_size
 
     size = parse_size(args.size)
     cls = load_workload(args.workload)

@@ -13,8 +13,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .ram import PAGE_SIZE, format_bytes
-from .report import MigrationReport, RoundStats
+from vmem.ram import PAGE_SIZE, format_bytes
+from vmem.migration.report import MigrationReport, RoundStats
 
 __all__ = ["LiveDisplay", "print_summary"]
 

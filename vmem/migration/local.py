@@ -12,21 +12,21 @@ import time
 
 from transport import ShapedChannel, channel_pair
 
-from .migrator import MigrationOptions
-from .report import MigrationReport
+from vmem.migration.source import MigrationOptions
+from vmem.migration.report import MigrationReport
 
 __all__ = ["run_local_migration", "spawn_destination", "source_guest_check"]
 
-_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds vmem/ and guests/
 
 
 def spawn_destination(sock_fd: int, urgent_fd: int = -1, resume_fd: int = -1) -> subprocess.Popen:
-    """Start ``python -m vmem.destination`` on an inherited socket fd (and the urgent one,
+    """Start ``python -m vmem.migration.destination`` on an inherited socket fd (and the urgent one,
     and a listening socket on which the source reconnects to resume a broken post-copy)."""
     env = dict(os.environ)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
     env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    argv = [sys.executable, "-m", "vmem.destination", "--fd", str(sock_fd)]
+    argv = [sys.executable, "-m", "vmem.migration.destination", "--fd", str(sock_fd)]
     fds = (sock_fd,)
     if urgent_fd >= 0:
         argv += ["--urgent-fd", str(urgent_fd)]
@@ -101,7 +101,7 @@ def run_local_migration(guest, options: MigrationOptions | None = None, progress
     """
     import socket
 
-    from .migrator import SourceMigration, _Progress as NullProgress
+    from vmem.migration.source import SourceMigration, _Progress as NullProgress
 
     options = options or MigrationOptions()
     src_ch, dst_ch = channel_pair()

@@ -4,7 +4,7 @@ Andrew Cooper's first step (xen-devel, 2017-03-29): "run the guest under logdirt
 period of time to establish the working set, and how steady it is.  From this, you have
 a baseline for the target threshold, and a plausible way of estimating the downtime."
 
-* :func:`profile_guest` records a :class:`~vmem.trace.DirtyTrace` of a running guest
+* :func:`profile_guest` records a :class:`~vmem.analysis.trace.DirtyTrace` of a running guest
   (any object with ``make_tracker``, ``npages``, ``ram`` and ``alive()``; today a
   ``guests.launch.ProcessGuest``); :func:`run_profile` boots one first.
 * :func:`analyse` turns a trace into numbers: dirty pages per interval, the writable
@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 
-from .errors import ConfigError
-from .model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, PrecopyModel, closed_form
-from .trace import DirtyTrace, now_unix
+from vmem.errors import ConfigError
+from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, PrecopyModel, closed_form
+from vmem.analysis.trace import DirtyTrace, now_unix
 
 __all__ = [
     "profile_guest",
@@ -132,7 +132,7 @@ def run_profile(workload: str = "hotcold", params: dict | None = None, size: int
     from guests.launch import GuestSpec, ProcessGuest
     from guests.workload import load_workload, parse_params
 
-    from .ram import parse_size
+    from vmem.ram import parse_size
 
     size_bytes = parse_size(size)
     cls = load_workload(workload)
@@ -202,7 +202,7 @@ def builtin_policies(downtime_goal_ms: float | None = None) -> dict:
 
     Policies that take ``--max-downtime-ms`` get ``downtime_goal_ms`` when it is given.
     """
-    from . import policy as pol
+    from vmem.migration import policy as pol
 
     out: dict = {}
     options = getattr(pol, "POLICY_OPTIONS", {})
@@ -230,7 +230,7 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
             (default 3x the goal): the two-threshold policy's abort level.
         policies: ``{name: policy}`` to predict; default every built-in policy (those with a
             downtime limit get ``downtime_goal_s``).
-        sim_params: extra :class:`vmem.simulate.SimulationParams` fields.
+        sim_params: extra :class:`vmem.analysis.simulate.SimulationParams` fields.
 
     Keys: ``trace`` (with the per-interval series ``t_s``/``dirty_pages``), ``per_interval``,
     ``wws`` (the requested windows), ``working_set`` (the measured WWS curve:
@@ -240,8 +240,8 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
     """
     from transport import parse_rate
 
-    from .policy import IterationsThresholdPolicy
-    from .simulate import simulate, transfer_time_s
+    from vmem.migration.policy import IterationsThresholdPolicy
+    from vmem.analysis.simulate import simulate, transfer_time_s
 
     if bandwidths_Bps is None:
         bandwidths_Bps = [parse_rate(b) for b in DEFAULT_BANDWIDTHS]
@@ -410,23 +410,23 @@ def validate_prediction(workload: str, params: dict | None, size: int | str, ban
 
     Both guests run the same workload, parameters and seed, and wait ``warmup_s`` before
     being profiled / migrated, so the trace's time 0 is the migration's start.  The
-    migration uses ``vmem.local.run_local_migration`` with the link capped at
-    ``bandwidth_Bps``.  The prediction is :func:`vmem.simulate.predict` with the measured
+    migration uses ``vmem.migration.local.run_local_migration`` with the link capped at
+    ``bandwidth_Bps``.  The prediction is :func:`vmem.analysis.simulate.predict` with the measured
     report (``align``: start and setup time taken from the guest's virtual clock, see
-    :func:`vmem.simulate.alignment_from_report`).
+    :func:`vmem.analysis.simulate.alignment_from_report`).
 
     Returns:
         ``{"trace", "measured", "predicted", "rows", "setup_s", "alignment"}``: the
-        DirtyTrace, both MigrationReports, :func:`vmem.simulate.compare_reports` rows, the
+        DirtyTrace, both MigrationReports, :func:`vmem.analysis.simulate.compare_reports` rows, the
         setup time seen by the progress sink (handshake to round 0), and the alignment used.
     """
     from guests.launch import GuestSpec, ProcessGuest
-    from vmem.local import run_local_migration
-    from vmem.migrator import MigrationOptions
+    from vmem.migration.local import run_local_migration
+    from vmem.migration.source import MigrationOptions
 
-    from .policy import XenDefaultPolicy
-    from .ram import parse_size
-    from .simulate import predict
+    from vmem.migration.policy import XenDefaultPolicy
+    from vmem.ram import parse_size
+    from vmem.analysis.simulate import predict
 
     policy = policy or XenDefaultPolicy()
     trace = run_profile(workload, params, size, duration_s=duration_s, interval_s=interval_s, tracker=tracker,
@@ -474,7 +474,7 @@ def print_analysis(a: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .ram import format_bytes
+    from vmem.ram import format_bytes
 
     if console is None:
         console = Console()

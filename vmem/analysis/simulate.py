@@ -1,8 +1,8 @@
 """Trace-driven migration simulator: replay a recorded dirty trace through any policy.
 
-The simulator runs :mod:`vmem.migrator`'s round loop with time and dirty pages taken from
-a :class:`~vmem.trace.DirtyTrace` instead of a live guest, at any bandwidth, and returns
-a :class:`~vmem.report.MigrationReport` shaped like a measured one, so graphs and
+The simulator runs :mod:`vmem.migration.source`'s round loop with time and dirty pages taken from
+a :class:`~vmem.analysis.trace.DirtyTrace` instead of a live guest, at any bandwidth, and returns
+a :class:`~vmem.migration.report.MigrationReport` shaped like a measured one, so graphs and
 comparisons treat predicted and measured runs alike.
 
 Timeline (seconds of *trace time*; the trace loops when the migration outlasts it)::
@@ -38,13 +38,13 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .args import bandwidth_from_arg
-from .errors import ConfigError, PolicyError
-from .model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, make_stats, wire_bytes
-from .pages import merge_pages
-from .policy import Decision, XenDefaultPolicy, call_policy, estimate_downtime_s
-from .report import MigrationReport, RoundStats
-from .trace import WINDOW_RULES, DirtyTrace
+from vmem.cli.args import bandwidth_from_arg
+from vmem.errors import ConfigError, PolicyError
+from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, make_stats, wire_bytes
+from vmem.pages import merge_pages
+from vmem.migration.policy import Decision, XenDefaultPolicy, call_policy, estimate_downtime_s
+from vmem.migration.report import MigrationReport, RoundStats
+from vmem.analysis.trace import WINDOW_RULES, DirtyTrace
 
 __all__ = [
     "SimulationParams",
@@ -71,7 +71,7 @@ DEFAULT_PAUSE_S = 0.0005
 #: After the switchover: digest verification, the guest's ledger check, commit, observe.
 #: Only added to total_time_s; it depends on size and options, so 0 by default.
 DEFAULT_POST_S = 0.0
-#: Same cap as vmem.migrator: a policy that never stops is stopped here.
+#: Same cap as vmem.migration.source: a policy that never stops is stopped here.
 SAFETY_MAX_ROUNDS = 1000
 #: The stream records after the pages (libxc END, EMULATOR_CONTEXT of a small context, libxl END).
 _TRAILER_BYTES = 8 + 8 + 8 + 512
@@ -214,7 +214,7 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     """Predict a migration of the traced guest under ``policy`` (default: Xen's).
 
     ``params`` or keyword arguments of :class:`SimulationParams` (``bandwidth_Bps`` is
-    required).  Mirrors :meth:`vmem.migrator.SourceMigration._run`: same round numbering,
+    required).  Mirrors :meth:`vmem.migration.source.SourceMigration._run`: same round numbering,
     same PrecopyStats, same SAFETY_MAX_ROUNDS, a policy that raises or returns garbage
     ends the run ``failed``, ABORT ends it ``aborted``, POSTCOPY is unsupported (``failed``).
 
@@ -354,7 +354,7 @@ def _finish(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, 
     if r.phase not in ("predicted", "aborted"):
         r.phase = r.phase or "precopy"
     r.guest["prediction"] = {
-        "simulator": "vmem.simulate",
+        "simulator": "vmem.analysis.simulate",
         "params": p.as_dict(),
         "trace": {"npages": int(trace.npages), "duration_s": trace.duration_s, "interval_s": trace.interval_s,
                   "intervals": trace.n_intervals, "workload": trace.workload},
@@ -394,7 +394,7 @@ def policy_from_description(desc: dict):
     Raises:
         ConfigError: unknown policy name or parameters it does not take.
     """
-    from . import policy as pol
+    from vmem.migration import policy as pol
 
     name = desc.get("name", "xen")
     options = getattr(pol, "POLICY_OPTIONS", {}).get(name)
@@ -529,7 +529,7 @@ def print_prediction(report: MigrationReport, rows: list[dict] | None = None, me
     """Rounds and totals of a prediction; with ``rows``, predicted vs measured side by side."""
     from rich.table import Table
 
-    from .ram import format_bytes
+    from vmem.ram import format_bytes
 
     console = console or _wide_console()
     r = report
@@ -595,8 +595,8 @@ def print_prediction(report: MigrationReport, rows: list[dict] | None = None, me
 
 
 def add_predict_arguments(p) -> None:
-    """Add ``vmem predict``'s arguments to an argparse parser (policy flags from vmem.policy)."""
-    from . import policy as pol
+    """Add ``vmem predict``'s arguments to an argparse parser (policy flags from vmem.migration.policy)."""
+    from vmem.migration import policy as pol
 
     p.add_argument("--trace", required=True, metavar="FILE", help="a dirty trace from vmem profile --out")
     p.add_argument("--bandwidth", metavar="RATE", help="link rate, e.g. 1Gbit, 100M (default: the compared report's cap)")
@@ -632,7 +632,7 @@ def add_predict_arguments(p) -> None:
 
 
 def _policy_from_args(args, measured: dict | None):
-    from . import policy as pol
+    from vmem.migration import policy as pol
 
     dests = set()
     if hasattr(pol, "policy_flags"):

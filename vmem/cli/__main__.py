@@ -1,0 +1,5 @@
+import sys
+
+from vmem.cli.main import main
+
+sys.exit(main())
