@@ -61,6 +61,7 @@ import numpy as np
 
 from vmem.format import control, stream
 from vmem.format.frame import ExactSource
+from vmem.migration.backend import GuestSpec, boot_guest, incoming_factory
 from vmem.errors import MigrationError, StreamError, VmemError
 from vmem.format.wire import (
     IHDR_VERSION_2,
@@ -536,7 +537,6 @@ def restore_guest(path: str | os.PathLike, *, name: str | None = None,
         OSError: the file cannot be read.
         No process or memfd is left behind when this raises.
     """
-    from vmem.migration.backend import incoming_factory
     from vmem.pages import zero_page_digest
     from vmem.ram import format_bytes, mem_available_bytes
 
@@ -667,8 +667,6 @@ def _run_for(guest, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from guests.launch import GuestSpec, ProcessGuest
-
     from vmem.ram import format_bytes, parse_size
 
     p = argparse.ArgumentParser(prog="python -m vmem.migration.savefile",
@@ -691,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "save":
             size = parse_size(args.size)
-            with ProcessGuest.boot(GuestSpec(args.workload, {}, args.seed), size) as guest:
+            with boot_guest(GuestSpec(args.workload, {}, args.seed), size) as guest:
                 _run_for(guest, args.run)
                 st = save_guest(guest, args.file, version=args.stream_version)
             print(f"saved {st['pages']} pages ({format_bytes(st['bytes'])}) to {st['path']} in "

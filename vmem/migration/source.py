@@ -40,6 +40,7 @@ from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
 from vmem.migration.policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s, planning_bandwidth_Bps
 from vmem.procstats import PeakSampler, process_figures
 from vmem.migration.report import MigrationReport, RoundStats
+from vmem.tracking import make_tracker
 
 __all__ = ["MigrationOptions", "SourceMigration", "migrate"]
 
@@ -341,7 +342,7 @@ class SourceMigration:
             return
 
         # 2. Precopy rounds.
-        self.tracker = g.make_tracker(self.opt.tracker)
+        self.tracker = make_tracker(g, self.opt.tracker)
         r.tracker = self.tracker.name
         self.tracker.start()
         self._rate_mark = (time.monotonic_ns(), g.counters()["steps"])
@@ -493,7 +494,7 @@ class SourceMigration:
             # Pure post-copy: list the pages holding data *before* the pause (walking the
             # RAM file costs ms per GiB), with a tracker armed first; the pages written
             # after the snapshot are the tracker's final collect, listed after the pause.
-            self.tracker = g.make_tracker(self.opt.tracker)
+            self.tracker = make_tracker(g, self.opt.tracker)
             r.tracker = self.tracker.name
             self.tracker.start()
             base = runs_to_pages(g.ram.data_runs())  # holes are zero pages: never sent
