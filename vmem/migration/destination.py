@@ -27,7 +27,7 @@ import numpy as np
 
 from transport import ChannelBrokenError, SocketChannel, TransportError
 
-from vmem.format import stream
+from vmem.format import control, stream
 
 from vmem.format import wire
 from vmem.migration.backend import incoming_factory
@@ -74,11 +74,11 @@ class DestinationMigration:
 
     def _send_control(self, ctype, obj=None, raw: bytes | None = None) -> None:
         if raw is not None:
-            parts = stream.encode_control(ctype, raw)
+            parts = control.encode_control(ctype, raw)
         elif obj is not None:
-            parts = stream.encode_json_control(ctype, obj)
+            parts = control.encode_json_control(ctype, obj)
         else:
-            parts = stream.encode_control(ctype)
+            parts = control.encode_control(ctype)
         with self._send_lock:
             self.ch.send_parts(parts)
 
@@ -170,7 +170,7 @@ class DestinationMigration:
                                              f"{len(missing)} pages are lost (first: {missing[:16].tolist()}); the guest was "
                                              "stopped rather than run on memory it does not have")
         self.ch, self.urgent = got
-        config = stream.read_preamble(self.ch.recv_exact)
+        config = control.read_preamble(self.ch.recv_exact)
         if not config.get("postcopy_resume") or int(config.get("npages", -1)) != self._npages:
             raise StreamError(f"expected a post-copy resume preamble for {self._npages} pages, got {sorted(config)}")
         self._send_control(wire.ControlType.POSTCOPY_RESUME, raw=memoryview(missing.astype("<u8")).cast("B"))
@@ -293,7 +293,7 @@ class DestinationMigration:
             pass
 
     def _run(self) -> int:
-        config = stream.read_preamble(self.ch.recv_exact)
+        config = control.read_preamble(self.ch.recv_exact)
         try:
             npages = int(config["npages"])
             page_size = int(config["page_size"])
@@ -380,7 +380,7 @@ class DestinationMigration:
             self._send_control(wire.ControlType.GUEST_CHECK, check)
 
         self.phase = "commit"
-        ctl = stream.ControlReader(self.ch.recv_exact)
+        ctl = control.ControlReader(self.ch.recv_exact)
         ctype, _ = ctl.read()
         if ctype != wire.ControlType.COMMIT:
             print(f"vmem destination: source sent {wire.ControlType(ctype).name}: discarding the guest", file=sys.stderr)

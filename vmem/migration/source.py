@@ -32,7 +32,7 @@ import numpy as np
 
 from transport import ChannelBrokenError, TransportError
 
-from vmem.format import stream
+from vmem.format import control, stream
 
 from vmem.format import wire
 from vmem.errors import GuestCrashed, MigrationError, PolicyError, StreamError, VmemError
@@ -40,6 +40,7 @@ from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
 from vmem.migration.policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s, planning_bandwidth_Bps
 from vmem.procstats import PeakSampler, process_figures
 from vmem.migration.report import MigrationReport, RoundStats
+from vmem.tracking import make_tracker
 
 __all__ = ["MigrationOptions", "SourceMigration", "migrate"]
 
@@ -129,7 +130,7 @@ class SourceMigration:
         self._throttled = False
         self._stream_ended = False
         # bytearray, not bytes: the DIGESTS body (8 bytes per guest page) is used in place.
-        self._ctl_reader = stream.ControlReader(self._recv_bytearray)
+        self._ctl_reader = control.ControlReader(self._recv_bytearray)
         self._writer = stream.StreamWriter(self.ch.send_parts)
         self._staging = np.empty((MAX_PAGES_PER_RECORD, PAGE_SIZE), dtype=np.uint8)
         self.urgent = urgent_channel
@@ -153,7 +154,7 @@ class SourceMigration:
         self.progress.phase(name, detail)
 
     def _send_control(self, ctype, obj=None) -> None:
-        parts = stream.encode_json_control(ctype, obj) if obj is not None else stream.encode_control(ctype)
+        parts = control.encode_json_control(ctype, obj) if obj is not None else control.encode_control(ctype)
         self.ch.send_parts(parts)
 
     def _read_control(self, timeout_s: float, expect: set):
@@ -165,7 +166,7 @@ class SourceMigration:
                 raise MigrationError(self.report.phase, f"destination sent nothing for {timeout_s:.0f} s")
             ctype, body = self._ctl_reader.read()
         if ctype == wire.ControlType.ERROR:
-            err = stream.decode_json(body)
+            err = control.decode_json(body)
             raise MigrationError(err.get("phase", self.report.phase), f"destination: {err.get('message', err)}")
         if ctype not in expect:
             raise MigrationError(self.report.phase, f"destination sent {wire.ControlType(ctype).name}, expected {'/'.join(e.name for e in expect)}")
@@ -321,9 +322,9 @@ class SourceMigration:
             "postcopy_recovery": self.opt.postcopy_recovery,
             "postcopy_recovery_wait_s": self.opt.postcopy_recovery_wait_s,
         } | self.opt.extra_config
-        self.ch.send(stream.encode_preamble(config))
+        self.ch.send(control.encode_preamble(config))
         _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.READY})
-        ready = stream.decode_json(body)
+        ready = control.decode_json(body)
         r.guest["destination_pid"] = ready.get("guest_pid")
         if self.opt.postcopy != "off" and not ready.get("postcopy"):
             why = ready.get("postcopy_unavailable") or "the destination does not support it"
@@ -341,7 +342,7 @@ class SourceMigration:
             return
 
         # 2. Precopy rounds.
-        self.tracker = g.make_tracker(self.opt.tracker)
+        self.tracker = make_tracker(g, self.opt.tracker)
         r.tracker = self.tracker.name
         self.tracker.start()
         self._rate_mark = (time.monotonic_ns(), g.counters()["steps"])
@@ -442,7 +443,7 @@ class SourceMigration:
         # 4. Destination resumes; verify; commit.
         self._phase("resume", "waiting for the destination guest")
         _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.RESUMED})
-        resumed = stream.decode_json(body)
+        resumed = control.decode_json(body)
         t_resumed = time.monotonic()
         first_step_ns = int(resumed["first_step_ns"])
         r.downtime_ms = round((first_step_ns - self.paused.paused_at_ns) / 1e6, 3)
@@ -493,7 +494,7 @@ class SourceMigration:
             # Pure post-copy: list the pages holding data *before* the pause (walking the
             # RAM file costs ms per GiB), with a tracker armed first; the pages written
             # after the snapshot are the tracker's final collect, listed after the pause.
-            self.tracker = g.make_tracker(self.opt.tracker)
+            self.tracker = make_tracker(g, self.opt.tracker)
             r.tracker = self.tracker.name
             self.tracker.start()
             base = runs_to_pages(g.ram.data_runs())  # holes are zero pages: never sent
@@ -573,7 +574,7 @@ class SourceMigration:
             got[wire.ControlType.RESUMED] = self._pc_resumed  # received before a broken link
         while len(got) < 2:
             ctype, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.RESUMED, wire.ControlType.POSTCOPY_STATUS})
-            got[ctype] = stream.decode_json(body)
+            got[ctype] = control.decode_json(body)
             if ctype == wire.ControlType.RESUMED:
                 self._pc_resumed = got[ctype]
         pc.join()
@@ -632,7 +633,7 @@ class SourceMigration:
         self._recoveries += 1
         self.ch = channel
         self.urgent = urgent_channel
-        self._ctl_reader = stream.ControlReader(self._recv_bytearray)
+        self._ctl_reader = control.ControlReader(self._recv_bytearray)
         self._writer = stream.StreamWriter(self.ch.send_parts)
         self._stream_ended = False
         self._pc = None
@@ -640,7 +641,7 @@ class SourceMigration:
         t_start = time.monotonic()
         try:
             self._phase("postcopy", "resuming over a new connection")
-            self.ch.send(stream.encode_preamble({"postcopy_resume": True, "npages": g.npages, "page_size": PAGE_SIZE,
+            self.ch.send(control.encode_preamble({"postcopy_resume": True, "npages": g.npages, "page_size": PAGE_SIZE,
                                                   "recovery": self._recoveries}))
             _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.POSTCOPY_RESUME})
             missing = np.frombuffer(body, dtype="<u8")
@@ -691,7 +692,7 @@ class SourceMigration:
                 raise MigrationError("verify", f"destination RAM differs from the source at the pause in {len(bad)} pages (first: {bad[:10].tolist()})")
         if self.opt.guest_check:
             _, body = self._read_control(self.opt.ack_timeout_s * 10, {wire.ControlType.GUEST_CHECK})
-            check = stream.decode_json(body)
+            check = control.decode_json(body)
             verification["guest_check"] = check
             if not check.get("ok"):
                 r.verification = verification
@@ -714,7 +715,7 @@ class SourceMigration:
         self._send_control(wire.ControlType.SHUTDOWN)
         try:
             _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.DEST_REPORT})
-            dest_report = stream.decode_json(body)
+            dest_report = control.decode_json(body)
             r.guest["destination"] = dest_report.get("guest", {})
             r.processes.update(dest_report.get("processes", {}))
             after = dest_report.get("postcopy_after")
