@@ -35,6 +35,7 @@ from transport import ChannelBrokenError, TransportError
 from vmem.format import stream
 
 from vmem.format import wire
+from vmem.format.wire import MAX_PAGES_PER_RECORD
 from vmem.errors import GuestCrashed, MigrationError, PolicyError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
 from vmem.migration.policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s, planning_bandwidth_Bps
@@ -43,7 +44,6 @@ from vmem.migration.report import MigrationReport, RoundStats
 
 __all__ = ["MigrationOptions", "SourceMigration", "migrate"]
 
-MAX_PAGES_PER_RECORD = 1024
 POSTCOPY_MODES = ("off", "allow", "after-precopy", "pure")
 #: Pure post-copy measures the guest's progress rate over this window before pausing it.
 RATE_WINDOW_S = 0.5
@@ -476,7 +476,7 @@ class SourceMigration:
         """
         from vmem.format.postcopy import MAX_PFNS_PER_RECORD, encode_pfn_list
         from vmem.migration.postcopy.source import PostcopySource
-        from vmem.ram import runs_to_pages
+        from vmem.pages import runs_to_pages
 
         r = self.report
         g = self.guest
