@@ -8,23 +8,11 @@ and one ``UFFDIO_CONTINUE`` each; already-mapped pages (``EEXIST``) are skipped 
 waiters woken by ``vmem_uffd_fill`` (uffd fragment).
 """
 
-INCLUDES = """
-#include <poll.h>
-#include <pthread.h>
-#include <sys/resource.h>
-#include <linux/userfaultfd.h>
-"""
-
-TYPES = """
-/* The wire constants the fault threads speak, exposed so that tests/test_native.py checks
-   them against vmem.format.wire (PostcopyRecordType, MAX_PAGES_PER_RECORD). */
-#define VMEM_PC_REC_PAGE_DATA ...
-#define VMEM_PC_REC_FAULT ...
-#define VMEM_PC_MAX_PAGES ...
-/* Present-page states, one byte per page, shared with Python (vmem._native.PC_*). */
-#define VMEM_PC_MISSING ...
-#define VMEM_PC_PLACING ...
-#define VMEM_PC_PRESENT ...
+# The handles (opaque to Python) and the statistics structs, in the C source and in the cdef
+# alike: Python reads the statistics by field name.
+_DECLARATIONS = """
+typedef struct vmem_pc_dest vmem_pc_dest;
+typedef struct vmem_pc_src vmem_pc_src;
 
 /* The destination engine's statistics, read all at once under its lock. */
 struct vmem_pc_dest_stats {
@@ -48,10 +36,26 @@ struct vmem_pc_src_stats {
 };
 """
 
-FUNCTIONS = """
-typedef struct vmem_pc_dest vmem_pc_dest;
-typedef struct vmem_pc_src vmem_pc_src;
+INCLUDES = """
+#include <poll.h>
+#include <pthread.h>
+#include <sys/resource.h>
+#include <linux/userfaultfd.h>
+"""
 
+TYPES = """
+/* The wire constants the fault threads speak, exposed so that tests/test_native.py checks
+   them against vmem.format.wire (PostcopyRecordType, MAX_PAGES_PER_RECORD). */
+#define VMEM_PC_REC_PAGE_DATA ...
+#define VMEM_PC_REC_FAULT ...
+#define VMEM_PC_MAX_PAGES ...
+/* Present-page states, one byte per page, shared with Python (vmem._native.PC_*). */
+#define VMEM_PC_MISSING ...
+#define VMEM_PC_PLACING ...
+#define VMEM_PC_PRESENT ...
+""" + _DECLARATIONS
+
+FUNCTIONS = """
 int vmem_pc_dest_new(vmem_pc_dest **out, int uffd, int urgent_fd, int ram_fd, uint64_t base, int64_t npages,
                      uint8_t *state, uint8_t *requested, uint8_t *received, int64_t *fault_t0,
                      uint64_t *digests, int64_t *lat, int64_t lat_cap, int64_t missing);
@@ -139,30 +143,8 @@ static int64_t vmem_continue_runs(int uffd, uint64_t guest_base, const int64_t *
 #define VMEM_PC_PLACING 1
 #define VMEM_PC_PRESENT 2
 
-typedef struct vmem_pc_dest vmem_pc_dest;
-typedef struct vmem_pc_src vmem_pc_src;
-
-/* The destination engine's statistics, read all at once under its lock. */
-struct vmem_pc_dest_stats {
-    int64_t latency_count;     /* fault -> placed latencies recorded */
-    int64_t missing;           /* pages not yet PRESENT */
-    int64_t demand_faults;     /* distinct pages asked from the source */
-    int64_t fault_events;      /* uffd fault events read */
-    int64_t local_faults;      /* faults on present pages, resolved here */
-    int64_t pages_demanded;    /* placed pages that had been asked for */
-    int64_t pages_pushed;      /* placed pages nobody asked for */
-    int64_t duplicates;        /* pages that arrived when no longer MISSING */
-    int64_t t_complete_ns;     /* CLOCK_MONOTONIC when missing reached 0, else 0 */
-    int64_t error;             /* errno that stopped the thread, else 0 */
-};
-
-/* The source fault server's statistics, read all at once under its lock. */
-struct vmem_pc_src_stats {
-    int64_t fault_records;     /* FAULT records answered */
-    int64_t pages_sent;        /* pages sent in answer */
-    int64_t error;             /* errno that stopped the thread, else 0 */
-};
-
+/* ---- the handles and statistics (_DECLARATIONS, shared with the cdef) */
+""" + _DECLARATIONS + r"""
 /* The fault threads mostly sleep in poll(); when a fault arrives they must not wait
    behind the busy push threads for a CPU.  Best effort: needs CAP_SYS_NICE for < 0. */
 static void vmem_pc_boost_self(void)
