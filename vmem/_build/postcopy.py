@@ -452,16 +452,6 @@ static int vmem_pc_handle_urgent(void *owner)
     return placed < 0 ? (int)placed : 0;
 }
 
-static int vmem_pc_dest_start(vmem_pc_dest *h)
-{
-    return vmem_worker_start(&h->w);
-}
-
-static void vmem_pc_dest_stop(vmem_pc_dest *h)
-{
-    vmem_worker_stop(&h->w);
-}
-
 static void vmem_pc_dest_free(vmem_pc_dest *h)
 {
     if (!h)
@@ -472,12 +462,6 @@ static void vmem_pc_dest_free(vmem_pc_dest *h)
     free(h);
 }
 
-static void vmem_pc_dest_stats(vmem_pc_dest *h, struct vmem_pc_dest_stats *out)
-{
-    pthread_mutex_lock(&h->mu);
-    *out = h->st;
-    pthread_mutex_unlock(&h->mu);
-}
 
 /* ---- source: answer the destination's faults from RAM */
 
@@ -554,16 +538,6 @@ static int vmem_pc_src_serve(void *owner)
     return 0;
 }
 
-static int vmem_pc_src_start(vmem_pc_src *h)
-{
-    return vmem_worker_start(&h->w);
-}
-
-static void vmem_pc_src_stop(vmem_pc_src *h)
-{
-    vmem_worker_stop(&h->w);
-}
-
 static void vmem_pc_src_free(vmem_pc_src *h)
 {
     if (!h)
@@ -573,10 +547,16 @@ static void vmem_pc_src_free(vmem_pc_src *h)
     free(h);
 }
 
-static void vmem_pc_src_stats(vmem_pc_src *h, struct vmem_pc_src_stats *out)
-{
-    pthread_mutex_lock(&h->mu);
-    *out = h->st;
-    pthread_mutex_unlock(&h->mu);
-}
+/* ---- start / stop / statistics: the same for both handles (a worker w, stats st under mu) */
+#define VMEM_PC_HANDLE_OPS(kind)                                                              \
+    static int vmem_pc_##kind##_start(vmem_pc_##kind *h) { return vmem_worker_start(&h->w); } \
+    static void vmem_pc_##kind##_stop(vmem_pc_##kind *h) { vmem_worker_stop(&h->w); }        \
+    static void vmem_pc_##kind##_stats(vmem_pc_##kind *h, struct vmem_pc_##kind##_stats *out) \
+    {                                                                                         \
+        pthread_mutex_lock(&h->mu);                                                           \
+        *out = h->st;                                                                         \
+        pthread_mutex_unlock(&h->mu);                                                         \
+    }
+VMEM_PC_HANDLE_OPS(dest)
+VMEM_PC_HANDLE_OPS(src)
 """
