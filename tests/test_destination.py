@@ -15,7 +15,7 @@ from transport import channel_pair
 from vmem.format import control, stream
 from vmem.format import wire
 from vmem.migration.local import spawn_destination
-from vmem.ram import PAGE_SIZE
+from vmem.pages import PAGE_SIZE
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from transport import ChannelBrokenError, SocketChannel, TransportError
 from vmem.format import control, stream
 
 from vmem.format import wire
+from vmem.format.wire import MAX_PAGES_PER_RECORD
 from vmem.migration.backend import incoming_factory
 from vmem.errors import MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, zero_page_digest
@@ -40,7 +41,6 @@ from vmem.ram import format_bytes, mem_available_bytes
 
 __all__ = ["DestinationMigration", "serve"]
 
-MAX_PAGES_PER_RECORD = 1024
 #: After the source's COMPLETE, how long demand answers still in flight may take.
 POSTCOPY_COMPLETE_TIMEOUT_S = 60.0
 #: After a link failure following the switch, how long to wait for the source to resume

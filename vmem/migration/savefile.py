@@ -335,7 +335,7 @@ def save_guest(guest, path: str | os.PathLike, *, keep_running: bool = False,
         raise ValueError(f"libxc image version must be one of {IHDR_VERSIONS}, not {version}")
     from vmem import _native as nat
     from vmem.pages import page_buffers, zero_page_digest
-    from vmem.ram import runs_to_pages
+    from vmem.pages import runs_to_pages
 
     path = os.fspath(path)
     part = path + ".part"

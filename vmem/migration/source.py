@@ -35,6 +35,7 @@ from transport import ChannelBrokenError, TransportError
 from vmem.format import control, stream
 
 from vmem.format import wire
+from vmem.format.wire import MAX_PAGES_PER_RECORD
 from vmem.errors import GuestCrashed, MigrationError, PolicyError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
 from vmem.migration.policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s, planning_bandwidth_Bps
@@ -44,7 +45,6 @@ from vmem.tracking import make_tracker
 
 __all__ = ["MigrationOptions", "SourceMigration", "migrate"]
 
-MAX_PAGES_PER_RECORD = 1024
 POSTCOPY_MODES = ("off", "allow", "after-precopy", "pure")
 #: Pure post-copy measures the guest's progress rate over this window before pausing it.
 RATE_WINDOW_S = 0.5
@@ -477,7 +477,7 @@ class SourceMigration:
         """
         from vmem.format.postcopy import MAX_PFNS_PER_RECORD, encode_pfn_list
         from vmem.migration.postcopy.source import PostcopySource
-        from vmem.ram import runs_to_pages
+        from vmem.pages import runs_to_pages
 
         r = self.report
         g = self.guest
@@ -517,13 +517,12 @@ class SourceMigration:
         self._switched = True
         t_transition = time.monotonic()
         # The fault server first: the destination guest may fault any moment now.
-        pc = PostcopySource(g.ram.pages, np.empty(0, dtype=np.int64), w, self._ctl_reader, self._send_lock,
-                            self.urgent, self.progress, self.ch)
+        pc = PostcopySource(g.ram.pages, w, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
         self._pc = pc
         pc.start()
         if self.tracker is not None:
             self.tracker.stop()  # outside the downtime, as in stop-and-copy
-        pending = pc.pending = merge_pages(base, late)
+        pending = merge_pages(base, late)
         self._pc_pending_total = int(len(pending))
         self._pc_timings = {
             "drain_before_pause": drain_ms,
@@ -535,24 +534,23 @@ class SourceMigration:
         # Let the guest restart before the push competes with it for the CPUs: its first
         # faults are then answered at once.  Bounded: a slow restart does not stall the push.
         self._pc_timings["push_held_for_restart"] = pc.wait_for_control(RESUMED_WAIT_S)
-        self._postcopy_serve(pc, index)
+        self._postcopy_serve(pc, index, pending)
 
-    def _postcopy_serve(self, pc, index: int) -> None:
-        """Push ``pc.pending``, end the stream, collect RESUMED and POSTCOPY_STATUS, report.
+    def _postcopy_serve(self, pc, index: int, pending: np.ndarray) -> None:
+        """Push ``pending``, end the stream, collect RESUMED and POSTCOPY_STATUS, report.
 
-        Shared by the switch and by :meth:`resume_postcopy` (then ``pc.pending`` is what the
+        Shared by the switch and by :meth:`resume_postcopy` (then ``pending`` is what the
         destination still lacked after the link broke).
         """
         r = self.report
         g = self.guest
         w = self._writer
         PC = wire.PostcopyRecordType
-        pending = pc.pending
         self._phase("postcopy", f"{len(pending)} pages to come; serving faults")
         self.progress.round_start(index, len(pending), "postcopy")
         t0 = time.monotonic()
         bytes0 = w.bytes_written
-        pc.push(lambda: None)
+        pc.push(pending)
         with self._send_lock:
             w.write_record(PC.COMPLETE)
             w.end_libxc()
@@ -652,11 +650,11 @@ class SourceMigration:
             self._writer.write_record(wire.PostcopyRecordType.BEGIN)
             from vmem.migration.postcopy.source import PostcopySource
 
-            pc = PostcopySource(g.ram.pages, missing, self._writer, self._ctl_reader, self._send_lock,
+            pc = PostcopySource(g.ram.pages, self._writer, self._ctl_reader, self._send_lock,
                                 self.urgent, self.progress, self.ch)
             self._pc = pc
             pc.start()
-            self._postcopy_serve(pc, len(r.rounds))
+            self._postcopy_serve(pc, len(r.rounds), missing)
             r.postcopy["pages_resent_after_recovery"] = int(len(missing))
             self._verify_and_commit()
         except (VmemError, TransportError, OSError) as err:
