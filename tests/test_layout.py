@@ -36,10 +36,8 @@ FORBIDDEN = {
 
 #: Known violations being removed on other branches of issue 10: (importer, imported).
 #: Empty this list once they are merged; nothing may be added to it.
-ALLOWED = {
-    # vmem/format/postcopy.py takes transport's error types; the post-copy helper moves them.
-    ("vmem.format.postcopy", "transport"),
-}
+#: Known exceptions (importer, forbidden package), each with a comment saying why; empty now.
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path, root: Path = ROOT) -> str:
