@@ -662,7 +662,7 @@ def _set_buffer_sizes(sock: socket.socket, buffer_bytes: int) -> None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
         except OSError:
-            pass  # a smaller buffer is slower, not wrong
+            pass  # a smaller buffer is slower, not wrong; the kernel caps it at *mem_max
 
 
 def channel_pair(buffer_bytes: int = SOCKET_BUFFER_BYTES) -> tuple[SocketChannel, SocketChannel]:
