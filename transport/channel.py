@@ -96,7 +96,9 @@ class Channel(abc.ABC):
     are written once: the byte counters (``_bytes_sent``/``_bytes_received``, bumped by the
     subclass as bytes move), the closed flag, and the *first* error of each direction
     (sticky, as QEMU's ``QEMUFile`` keeps it): :meth:`_fail` records it, :meth:`_check_send`
-    and :meth:`_check_recv` raise it again.  Subclasses call ``super().__init__()``.
+    and :meth:`_check_recv` raise it again.  The public calls check their arguments and
+    that state, then hand over to the subclass's ``_send``, ``_recv_into``, ``_recv_some``
+    and ``_set_timeout``.  Subclasses call ``super().__init__()``.
     """
 
     def __init__(self) -> None:
@@ -108,7 +110,6 @@ class Channel(abc.ABC):
         self._bytes_sent = 0
         self._bytes_received = 0
 
-    @abc.abstractmethod
     def send_parts(self, parts: Sequence[Any]) -> None:
         """Send the concatenation of ``parts``, in order, without joining them in Python.
 
@@ -126,12 +127,19 @@ class Channel(abc.ABC):
             ChannelTimeout: no progress for the timeout (``bytes_got`` = bytes sent).
             ValueError: a part is not C-contiguous.
         """
+        self._check_send()
+        views = [view for view in map(_byte_view, parts) if view.nbytes]
+        self._send(views, sum(view.nbytes for view in views))
+
+    @abc.abstractmethod
+    def _send(self, views: list[memoryview], total: int) -> None:
+        """:meth:`send_parts` after the checks: ``views`` are the non-empty parts as byte
+        views (``total`` bytes in all), the channel open and its send side not broken."""
 
     def send(self, data: Any) -> None:
         """Send one buffer; same guarantees and errors as :meth:`send_parts`."""
         self.send_parts((data,))
 
-    @abc.abstractmethod
     def recv_into(self, view: Any) -> None:
         """Fill the writable buffer ``view`` completely with the next bytes of the stream.
 
@@ -145,6 +153,13 @@ class Channel(abc.ABC):
                 carries ``bytes_expected`` (len of view) and ``bytes_got``.
             ChannelTimeout: no progress for the timeout.
         """
+        self._check_recv()
+        self._recv_into(_byte_view(view, writable=True))
+
+    @abc.abstractmethod
+    def _recv_into(self, buf: memoryview) -> None:
+        """:meth:`recv_into` after the checks: ``buf`` is a writable byte view, the channel
+        open and its receive side not broken."""
 
     def recv_exact(self, n_bytes: int) -> bytes:
         """Receive exactly ``n_bytes`` bytes and return them as ``bytes``.
@@ -159,7 +174,6 @@ class Channel(abc.ABC):
         self.recv_into(buf)
         return bytes(buf)
 
-    @abc.abstractmethod
     def recv_some(self, max_bytes: int) -> bytes:
         """Receive between 1 and ``max_bytes`` bytes, waiting for at least one.
 
@@ -168,7 +182,16 @@ class Channel(abc.ABC):
 
         Raises:
             ChannelClosedError, ChannelBrokenError (reset), ChannelTimeout.
+            ValueError: ``max_bytes`` is not > 0.
         """
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        self._check_recv()
+        return self._recv_some(max_bytes)
+
+    @abc.abstractmethod
+    def _recv_some(self, max_bytes: int) -> bytes:
+        """:meth:`recv_some` after the checks (``max_bytes`` > 0, open, not broken)."""
 
     @abc.abstractmethod
     def wait_readable(self, timeout_s: float | None) -> bool:
@@ -332,13 +355,6 @@ def _cut_views(views: list[memoryview],
         yield group, group_bytes
 
 
-def _send_views(parts: Sequence[Any]) -> tuple[list[memoryview], int]:
-    """Byte views of the non-empty ``parts`` and their total size (checks every part before
-    anything is sent)."""
-    views = [view for view in map(_byte_view, parts) if view.nbytes]
-    return views, sum(view.nbytes for view in views)
-
-
 class SocketChannel(Channel):
     """A :class:`Channel` over a connected stream socket (AF_UNIX or TCP; family-agnostic).
 
@@ -387,9 +403,7 @@ class SocketChannel(Channel):
 
     # -- sending --------------------------------------------------------------------------
 
-    def send_parts(self, parts: Sequence[Any]) -> None:
-        self._check_send()
-        views, total = _send_views(parts)
+    def _send(self, views: list[memoryview], total: int) -> None:
         sent = 0
         try:
             for n in self._write(views):
@@ -430,9 +444,7 @@ class SocketChannel(Channel):
 
     # -- receiving ------------------------------------------------------------------------
 
-    def recv_into(self, view: Any) -> None:
-        self._check_recv()
-        buf = _byte_view(view, writable=True)
+    def _recv_into(self, buf: memoryview) -> None:
         need = buf.nbytes
         got = 0
         sock = self._sock
@@ -453,10 +465,7 @@ class SocketChannel(Channel):
             self._interrupted("recv", need, got)
             raise
 
-    def recv_some(self, max_bytes: int) -> bytes:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-        self._check_recv()
+    def _recv_some(self, max_bytes: int) -> bytes:
         try:
             data = self._sock.recv(max_bytes)
         except OSError as err:
@@ -536,37 +545,6 @@ def _os_error(op: str, err: OSError, expected: int | None = None,
                                   f"({errno.errorcode.get(err.errno, err.errno)})",
                                   bytes_expected=expected, bytes_got=got)
     return TransportError(f"{op} failed: {err}")
-
-
-# -- fd passing -----------------------------------------------------------------------
-
-    def send_fds(self, data: bytes, fds: Sequence[int]) -> None:
-        """Send ``data`` with the descriptors ``fds`` attached (AF_UNIX only).
-
-        See :func:`send_fds`; additionally counts ``data`` in :attr:`bytes_sent`.
-        """
-        self._check_send()
-        try:
-            _send_fds_raw(self._sock, data, fds)
-        except OSError as err:
-            raise self._fail("send", self._translate("send_fds", err, len(data), None),
-                             len(data)) from err
-        self._bytes_sent += len(data)
-
-    def recv_fds(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
-        """Receive up to ``max_bytes`` bytes and up to ``max_fds`` descriptors (AF_UNIX only).
-
-        See :func:`recv_fds`; additionally counts the data in :attr:`bytes_received`.
-        """
-        self._check_recv()
-        try:
-            data, fds = _recv_fds_raw(self._sock, max_bytes, max_fds)
-        except OSError as err:
-            raise self._fail("recv", self._translate("recv_fds", err, None, 0), 0) from err
-        except ChannelBrokenError as err:
-            raise self._fail("recv", err, 0)
-        self._bytes_received += len(data)
-        return data, fds
 
 
 # -- fd passing ---------------------------------------------------------------------------

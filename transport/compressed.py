@@ -31,12 +31,10 @@ breaks the receive direction (sticky).  Integrity is the inner channel's busines
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from .channel import Channel, _send_views
+from .channel import Channel
 from .codec import PAGE_BYTES, CodecError, decode_batch, encode_batch, method_unavailable
 from .errors import ChannelBrokenError, ChannelTimeout
 from .wrapped import FramedChannel
@@ -112,9 +110,7 @@ class CompressedChannel(FramedChannel):
         out.extend(payload)
         sizes.append((_FRAME.size + len(bitmap) + payload_bytes, count * PAGE_BYTES))
 
-    def send_parts(self, parts: Sequence[Any]) -> None:
-        self._check_send()
-        views, total = _send_views(parts)
+    def _send(self, views: list[memoryview], total: int) -> None:
         if not total:
             return
         out: list = []

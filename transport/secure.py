@@ -67,9 +67,8 @@ import ssl
 import stat
 import struct
 from collections.abc import Sequence
-from typing import Any
 
-from .channel import Channel, SocketChannel, _cut_views, _send_views
+from .channel import Channel, SocketChannel, _cut_views
 from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
 from .wrapped import FramedChannel
 
@@ -504,9 +503,7 @@ class MacChannel(FramedChannel):
 
     # -- sending --------------------------------------------------------------------------
 
-    def send_parts(self, parts: Sequence[Any]) -> None:
-        self._check_send()
-        views, total = _send_views(parts)
+    def _send(self, views: list[memoryview], total: int) -> None:
         sent = 0  # payload bytes of frames completely handed to inner
         wire_before = self._inner.bytes_sent
         try:

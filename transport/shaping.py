@@ -10,10 +10,9 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
-from .channel import Channel, _byte_view, _cut_views
+from .channel import Channel, _cut_views
 from .errors import ChannelBrokenError, ChannelTimeout
 from .wrapped import WrappedChannel
 
@@ -213,10 +212,7 @@ class ShapedChannel(WrappedChannel):
         """Total seconds sends spent waiting for tokens."""
         return self._bucket.wait_s
 
-    def send_parts(self, parts: Sequence[Any]) -> None:
-        self._check_send()
-        views = [_byte_view(part) for part in parts]  # reject bad parts before sending any
-        total = sum(view.nbytes for view in views)
+    def _send(self, views: list[memoryview], total: int) -> None:
         sent = 0
         try:
             for group, group_bytes in _cut_views(views, self._bucket.burst_bytes):
@@ -235,13 +231,10 @@ class ShapedChannel(WrappedChannel):
             self._interrupted("send", total, sent)
             raise
 
-    def recv_into(self, view: Any) -> None:
-        self._inner.recv_into(view)
+    def _recv_into(self, buf: memoryview) -> None:
+        self._inner.recv_into(buf)
 
-    def recv_exact(self, n_bytes: int) -> bytes:
-        return self._inner.recv_exact(n_bytes)
-
-    def recv_some(self, max_bytes: int) -> bytes:
+    def _recv_some(self, max_bytes: int) -> bytes:
         return self._inner.recv_some(max_bytes)
 
     def wait_readable(self, timeout_s: float | None) -> bool:

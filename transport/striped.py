@@ -37,9 +37,8 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
-from .channel import Channel, _byte_view, _cut_views, _send_views
+from .channel import Channel, _cut_views
 from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
 
 __all__ = ["StripedChannel", "STRIPE_CHUNK_BYTES", "STRIPE_MIN_BYTES", "MAX_PIECE_BYTES"]
@@ -221,9 +220,7 @@ class StripedChannel(Channel):
         self._send_seq += 1
         return head
 
-    def send_parts(self, parts: Sequence[Any]) -> None:
-        self._check_send()
-        views, total = _send_views(parts)
+    def _send(self, views: list[memoryview], total: int) -> None:
         if not total:
             return
         # Cut into pieces of at most chunk_bytes; a small send is one piece on main, a large
@@ -374,9 +371,7 @@ class StripedChannel(Channel):
                 pool, buf = piece.release
                 pool.put(buf)
 
-    def recv_into(self, view: Any) -> None:
-        self._check_recv()
-        buf = _byte_view(view, writable=True)
+    def _recv_into(self, buf: memoryview) -> None:
         need = buf.nbytes
         got = 0
         with self._cond:
@@ -396,10 +391,7 @@ class StripedChannel(Channel):
                 self._interrupted("recv", need, got)
                 raise
 
-    def recv_some(self, max_bytes: int) -> bytes:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-        self._check_recv()
+    def _recv_some(self, max_bytes: int) -> bytes:
         with self._cond:
             piece = self._next_piece(max_bytes, 0)
             if piece is None:

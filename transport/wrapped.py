@@ -13,9 +13,8 @@ subclass only reads and checks one frame (:meth:`FramedChannel._read_frame`).
 from __future__ import annotations
 
 import abc
-from typing import Any
 
-from .channel import Channel, _byte_view
+from .channel import Channel
 from .errors import ChannelBrokenError, ChannelTimeout, TransportError
 
 __all__ = ["WrappedChannel", "FramedChannel"]
@@ -124,9 +123,7 @@ class FramedChannel(WrappedChannel):
             err = type(err)(err.reason, bytes_expected=need, bytes_got=got)
         return self._fail("recv", err, moved)
 
-    def recv_into(self, view: Any) -> None:
-        self._check_recv()
-        buf = _byte_view(view, writable=True)
+    def _recv_into(self, buf: memoryview) -> None:
         need = buf.nbytes
         got = 0
         wire_before = self._inner.bytes_received
@@ -149,10 +146,7 @@ class FramedChannel(WrappedChannel):
             self._interrupted("recv", need, got)
             raise
 
-    def recv_some(self, max_bytes: int) -> bytes:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-        self._check_recv()
+    def _recv_some(self, max_bytes: int) -> bytes:
         if self._rx_pos == self._rx_end:
             wire_before = self._inner.bytes_received
             try:
