@@ -80,10 +80,11 @@ def no_leaks():
 
 
 class Worker:
-    """A thread running ``fn(*args)``; :meth:`result` joins it and re-raises its error."""
+    """A thread running ``fn(*args, **kwargs)``; :meth:`result` joins it and re-raises its
+    error (for other test modules too)."""
 
-    def __init__(self, fn, *args):
-        self._fn, self._args = fn, args
+    def __init__(self, fn, *args, **kwargs):
+        self._fn, self._args, self._kwargs = fn, args, kwargs
         self._value = None
         self._error: BaseException | None = None
         self.observed = False
@@ -93,7 +94,7 @@ class Worker:
 
     def _run(self):
         try:
-            self._value = self._fn(*self._args)
+            self._value = self._fn(*self._args, **self._kwargs)
         except BaseException as err:  # handed to the test thread by result()
             self._error = err
 
@@ -156,6 +157,12 @@ def recv_all(channel, n_bytes: int) -> bytearray:
     buf = bytearray(n_bytes)
     channel.recv_into(buf)
     return buf
+
+
+def read_mib_then_close(channel) -> None:
+    """A peer that takes 1 MiB and hangs up (the sender must see ChannelBrokenError)."""
+    channel.recv_exact(MiB)
+    channel.close()
 
 
 # -- channel makers ----------------------------------------------------------------------
@@ -255,12 +262,8 @@ def check_peer_close_while_sending(maker):
     total = 512 * MiB
     payload = np.zeros(total, dtype=np.uint8)  # untouched calloc memory: reads are cheap
 
-    def read_some_then_close(channel):
-        channel.recv_exact(MiB)
-        channel.close()
-
     with Pair(maker) as pair:
-        closer = pair.spawn(read_some_then_close, pair.b)
+        closer = pair.spawn(read_mib_then_close, pair.b)
         with pytest.raises(ChannelBrokenError) as info:
             pair.a.send(payload)
         closer.result()
@@ -345,12 +348,8 @@ def check_first_send_error_is_sticky(maker):
     (incompressible data: a zero-eliding channel cannot squeeze it into the buffers)."""
     data = random_bytes(48 * MiB + 5, seed=1)
 
-    def read_some_then_close(channel):
-        channel.recv_exact(MiB)
-        channel.close()
-
     with Pair(maker) as pair:
-        closer = pair.spawn(read_some_then_close, pair.b)
+        closer = pair.spawn(read_mib_then_close, pair.b)
         with pytest.raises(ChannelBrokenError) as first:
             pair.a.send(data)
         closer.result()

@@ -73,17 +73,21 @@ from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, Tran
 from .wrapped import FramedChannel
 
 __all__ = [
-    "AuthError",
-    "KeyFileError",
-    "AUTH_PROTOCOL_VERSION",
+    # key files
     "KEY_BYTES",
-    "MAX_FRAME_PAYLOAD_BYTES",
-    "MAC_TAG_BYTES",
     "generate_key",
     "load_key",
+    "KeyFileError",
+    # mutual authentication
+    "AUTH_PROTOCOL_VERSION",
     "authenticate_client",
     "authenticate_server",
+    "AuthError",
+    # integrity
     "MacChannel",
+    "MAX_FRAME_PAYLOAD_BYTES",
+    "MAC_TAG_BYTES",
+    # TLS
     "TlsChannel",
     "server_tls_context",
     "client_tls_context",

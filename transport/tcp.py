@@ -29,16 +29,19 @@ from .channel import SOCKET_BUFFER_BYTES, SocketChannel, _set_buffer_sizes
 from .errors import ChannelTimeout, TransportError
 
 __all__ = [
-    "DEAD_PEER_TIMEOUT_S",
-    "set_dead_peer_timeout",
-    "ConnectError",
-    "ListenError",
+    # addresses
     "parse_hostport",
     "format_hostport",
+    # the server side, then the client side; both hand out configured sockets
     "listen_tcp",
-    "connect_tcp",
     "accept_channel",
+    "connect_tcp",
     "configure_tcp_socket",
+    "set_dead_peer_timeout",
+    "DEAD_PEER_TIMEOUT_S",
+    # errors
+    "ConnectError",
+    "ListenError",
 ]
 
 # Seconds connect_tcp waits for the TCP handshake by default.
