@@ -134,6 +134,18 @@ _MIN_KEY_BYTES = 16      # shortest key load_key accepts (128 bits)
 _MAX_KEY_FILE_BYTES = 4096  # a key file is a line of hex; never read more than this
 
 
+def _open_key_file(path: str, flags: int, verb: str, expected: type[OSError],
+                   expected_reason: str) -> int:
+    """``os.open`` (mode 0600, close-on-exec) with its failure as a :class:`KeyFileError`:
+    ``expected`` (the likely mistake) with ``expected_reason``, any other as "cannot VERB"."""
+    try:
+        return os.open(path, flags | os.O_CLOEXEC, 0o600)
+    except expected as err:
+        raise KeyFileError(path, expected_reason) from err
+    except OSError as err:
+        raise KeyFileError(path, f"cannot {verb}: {err.strerror}") from err
+
+
 def generate_key(path: str | os.PathLike) -> bytes:
     """Write a new random key (32 bytes as 64 hex digits + newline) to ``path``; return it.
 
@@ -145,13 +157,9 @@ def generate_key(path: str | os.PathLike) -> bytes:
     """
     path = os.fspath(path)
     key = secrets.token_bytes(KEY_BYTES)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError as err:
-        raise KeyFileError(path, "already exists; refusing to overwrite a key "
-                                 "(delete it first if you really want a new one)") from err
-    except OSError as err:
-        raise KeyFileError(path, f"cannot create: {err.strerror}") from err
+    fd = _open_key_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "create", FileExistsError,
+                        "already exists; refusing to overwrite a key (delete it first if you "
+                        "really want a new one)")
     try:
         os.fchmod(fd, 0o600)  # the umask can only remove bits, but be explicit
         os.write(fd, (key.hex() + "\n").encode("ascii"))
@@ -169,13 +177,9 @@ def load_key(path: str | os.PathLike) -> bytes:
             not hex.
     """
     path = os.fspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as err:
-        raise KeyFileError(path, "does not exist (generate one with generate_key, and copy "
-                                 "the same file to both hosts)") from err
-    except OSError as err:
-        raise KeyFileError(path, f"cannot open: {err.strerror}") from err
+    fd = _open_key_file(path, os.O_RDONLY, "open", FileNotFoundError,
+                        "does not exist (generate one with generate_key, and copy the same "
+                        "file to both hosts)")
     try:
         info = os.fstat(fd)  # fstat, not stat: check the file we actually read
         if not stat.S_ISREG(info.st_mode):
