@@ -12,7 +12,9 @@ Errors (see :mod:`transport.errors`): using a channel after :meth:`Channel.close
 ``ChannelClosedError``; a peer that closed or reset raises ``ChannelBrokenError``; a timeout
 raises ``ChannelTimeout``.  A failure that leaves a direction half-way through a call (the
 framing is lost) makes that direction *sticky-broken*: every later call in that direction
-raises ``ChannelBrokenError`` without touching the socket, carrying the first error.
+raises ``ChannelBrokenError`` without touching the socket, chained to the first error (an
+integrity or corruption error -- ``repeats_as_itself`` -- is raised again as itself).  The
+rules live once, in :class:`Channel`; every implementation inherits them.
 """
 from __future__ import annotations
 
