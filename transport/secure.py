@@ -298,6 +298,17 @@ class _Handshake:
         return raw, version, arg
 
 
+def _refuse(channel: Channel, kind: int, status: int, padding_bytes: int) -> None:
+    """Send the message of ``kind`` with a failure ``status`` (and zeros where its body
+    would be) before hanging up, so that the peer's log says why too.  The peer may be gone
+    already: a failure to send is not an error here."""
+    try:
+        channel.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, kind, status)
+                     + bytes(padding_bytes))
+    except TransportError:
+        pass
+
+
 def _version_error(role: str, peer_version: int) -> AuthError:
     return AuthError(f"authentication failed ({role}): protocol version mismatch -- the peer "
                      f"speaks auth protocol version {peer_version}, we speak "
@@ -357,12 +368,7 @@ def authenticate_client(channel: Channel, key: bytes, purpose: str, *,
         transcript = hello + raw + server_nonce
         expected = _hmac256(key, _LABEL_SERVER, transcript)
         if not hmac.compare_digest(server_proof, expected):
-            # Tell the server why we hang up, so that its log says so too.
-            try:
-                channel.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, _KIND_PROOF,
-                                          _STATUS_BAD_PROOF) + bytes(_PROOF_BYTES))
-            except TransportError:
-                pass
+            _refuse(channel, _KIND_PROOF, _STATUS_BAD_PROOF, _PROOF_BYTES)
             raise AuthError("authentication failed (client): the server does not hold our "
                             "key (wrong key file on one of the hosts?)")
         client_proof = _hmac256(key, _LABEL_CLIENT, transcript, server_proof)
@@ -397,20 +403,10 @@ def authenticate_server(channel: Channel, key: bytes, *,
                             f"speak the vmem auth protocol (got {raw!r})")
         if version != AUTH_PROTOCOL_VERSION:
             # Answer in our version so that the client can report the mismatch too.
-            try:
-                channel.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, _KIND_CHALLENGE,
-                                          _STATUS_BAD_VERSION)
-                             + bytes(_NONCE_BYTES + _PROOF_BYTES))
-            except TransportError:
-                pass
+            _refuse(channel, _KIND_CHALLENGE, _STATUS_BAD_VERSION, _NONCE_BYTES + _PROOF_BYTES)
             raise _version_error("server", version)
         if kind != _KIND_HELLO or purpose_len > _MAX_PURPOSE_BYTES:
-            try:
-                channel.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, _KIND_CHALLENGE,
-                                          _STATUS_BAD_REQUEST)
-                             + bytes(_NONCE_BYTES + _PROOF_BYTES))
-            except TransportError:
-                pass
+            _refuse(channel, _KIND_CHALLENGE, _STATUS_BAD_REQUEST, _NONCE_BYTES + _PROOF_BYTES)
             raise AuthError(f"authentication failed (server, hello): malformed hello (kind "
                             f"{kind}, purpose length {purpose_len} > {_MAX_PURPOSE_BYTES}?)")
         body = hs.recv(_NONCE_BYTES + purpose_len, "hello")
@@ -436,11 +432,7 @@ def authenticate_server(channel: Channel, key: bytes, *,
             raise AuthError(f"authentication failed (server): client sent status {status}")
         expected = _hmac256(key, _LABEL_CLIENT, transcript, server_proof)
         if not hmac.compare_digest(client_proof, expected):
-            try:
-                channel.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, _KIND_RESULT,
-                                          _STATUS_BAD_PROOF))
-            except TransportError:
-                pass
+            _refuse(channel, _KIND_RESULT, _STATUS_BAD_PROOF, 0)
             raise AuthError("authentication failed (server): the client does not hold our "
                             "key (wrong key file on one of the hosts?)")
         hs.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, _KIND_RESULT, _STATUS_OK),
