@@ -7,43 +7,18 @@ peer closes while we send" cannot happen to it in the same way).
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 import test_transport as conformance
+from test_transport import Worker
 from transport import channel_pair
 from transport.channel import _byte_view
 from transport.errors import ChannelBrokenError, TransportError
 from transport.secure import AuthError, MacChannel
 from transport.striped import STRIPE_CHUNK_BYTES, StripedChannel
 
-JOIN_TIMEOUT_S = 60.0
 SESSION = bytes(range(7, 39))
-
-
-def _join(fn, *args):
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn(*args)
-        except BaseException as err:  # re-raised below
-            box["error"] = err
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, box
-
-
-def _result(pending):
-    t, box = pending
-    t.join(JOIN_TIMEOUT_S)
-    assert not t.is_alive(), "thread hung"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 # -- _byte_view ------------------------------------------------------------------------------
@@ -99,9 +74,9 @@ def test_striped_spreads_large_sends_and_keeps_small_ones_on_main():
     a, b = make_striped_pair(n_data=2)
     with a, b:
         data = np.random.default_rng(3).integers(0, 256, size=9 * STRIPE_CHUNK_BYTES + 123, dtype=np.uint8)
-        rx = _join(b.recv_exact, data.nbytes + 5)
+        rx = Worker(b.recv_exact, data.nbytes + 5)
         a.send_parts([b"small", data])
-        assert _result(rx) == b"small" + data.tobytes()
+        assert rx.result() == b"small" + data.tobytes()
         moved = [link.bytes_sent for link in a.links[:3]]
         assert all(m > 2 * STRIPE_CHUNK_BYTES for m in moved), moved  # every connection carried a share
         before = [link.bytes_sent for link in a.links[:3]]
@@ -115,9 +90,9 @@ def test_striped_over_mac_connections_detects_a_tampered_piece():
     a, b = make_striped_pair(n_data=1, mac=True)
     with a, b:
         data = np.random.default_rng(4).integers(0, 256, size=4 * STRIPE_CHUNK_BYTES, dtype=np.uint8)
-        rx = _join(b.recv_exact, data.nbytes)
+        rx = Worker(b.recv_exact, data.nbytes)
         a.send(data)
-        assert _result(rx) == data.tobytes()
+        assert rx.result() == data.tobytes()
     # a forged frame on a data connection: the receiver raises the integrity error
     main, data_link = channel_pair(), channel_pair()
     sender = StripedChannel(MacChannel(main[0], SESSION, "client"), outgoing=[data_link[0]])  # data not MAC'd
@@ -187,9 +162,9 @@ def test_zero_pages_never_cross_the_link(mode):
     a, b = channel_pair()
     with CompressedChannel(a, mode) as tx, CompressedChannel(b, mode) as rx:
         out = np.full_like(pages, 0xEE)
-        pending = _join(rx.recv_into, out)
+        pending = Worker(rx.recv_into, out)
         tx.send_parts([b"record header", pages, pages[:0]])
-        _result(pending)
+        pending.result()
         got = out.reshape(-1)
         expected = np.concatenate([np.frombuffer(b"record header", np.uint8), pages.reshape(-1)])[:got.size]
         assert np.array_equal(got, expected)
@@ -240,9 +215,9 @@ def test_compressed_over_striped_over_mac():
     with tx, rx:
         pages = _guestlike_pages(3000, seed=11)
         out = np.empty_like(pages)
-        pending = _join(rx.recv_into, out)
+        pending = Worker(rx.recv_into, out)
         tx.send(pages)
-        _result(pending)
+        pending.result()
         assert np.array_equal(out, pages)
         rx.send(b"ack")
         assert tx.recv_exact(3) == b"ack"

@@ -17,49 +17,17 @@ import threading
 import pytest
 
 import test_transport as conformance
+from test_transport import Worker
 from transport import channel_pair
-from transport.secure import (
-    AUTH_PROTOCOL_VERSION,
-    MAX_FRAME_PAYLOAD_BYTES,
-    AuthError,
-    KeyFileError,
-    MacChannel,
-    TlsChannel,
-    authenticate_client,
-    authenticate_server,
-    client_tls_context,
-    generate_key,
-    load_key,
-    server_tls_context,
-    tls_client_channel,
-    tls_server_channel,
-)
+from transport.secure import AUTH_PROTOCOL_VERSION, AuthError, authenticate_client, authenticate_server
+from transport.secure import KeyFileError, generate_key, load_key
+from transport.secure import MAX_FRAME_PAYLOAD_BYTES, MacChannel
+from transport.secure import TlsChannel, client_tls_context, server_tls_context
+from transport.secure import tls_client_channel, tls_server_channel
 from transport.tcp import accept_channel, connect_tcp, listen_tcp
 
 JOIN_TIMEOUT_S = 60.0
 KEY = bytes(range(32))
-
-
-class _Thread:
-    def __init__(self, fn, *args, **kwargs):
-        self.value = None
-        self.error: BaseException | None = None
-
-        def run():
-            try:
-                self.value = fn(*args, **kwargs)
-            except BaseException as err:  # re-raised by result()
-                self.error = err
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def result(self):
-        self.thread.join(JOIN_TIMEOUT_S)
-        assert not self.thread.is_alive(), "thread hung"
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 @pytest.fixture
@@ -119,7 +87,7 @@ def test_load_key_missing_file(tmpdir_clean):
 
 def _handshake(client_key=KEY, server_key=KEY, purpose="control"):
     a, b = channel_pair()
-    server = _Thread(authenticate_server, b, server_key, timeout_s=10)
+    server = Worker(authenticate_server, b, server_key, timeout_s=10)
     try:
         client_result = authenticate_client(a, client_key, purpose, timeout_s=10)
         client_error = None
@@ -336,7 +304,7 @@ def test_mac_frames_are_at_most_1_MiB():
     payload = os.urandom(MAX_FRAME_PAYLOAD_BYTES * 2 + 5)
     a, b = channel_pair()
     with MacChannel(a, SESSION, "client") as sender, MacChannel(b, SESSION, "server") as rx:
-        receiver = _Thread(rx.recv_exact, len(payload))
+        receiver = Worker(rx.recv_exact, len(payload))
         sender.send(payload)
         assert receiver.result() == payload
         assert sender.wire_bytes_sent == len(payload) + 3 * 20  # three frames
@@ -367,7 +335,7 @@ def test_mac_buffer_changed_between_tag_and_send_still_verifies():
     a, b = channel_pair()
     with MacChannel(_WriteDuringSend(a, pages), SESSION, "client") as sender, \
             MacChannel(b, SESSION, "server") as rx:
-        receiver = _Thread(rx.recv_exact, pages.nbytes + 3)
+        receiver = Worker(rx.recv_exact, pages.nbytes + 3)
         sender.send_parts([b"hdr", pages])
         got = receiver.result()  # AuthError ("tag mismatch") if tag and payload disagreed
         assert got[:3] == b"hdr" and len(got) == pages.nbytes + 3
@@ -392,7 +360,7 @@ def test_mac_buffer_written_concurrently_still_verifies():
     writer.start()
     try:
         with MacChannel(a, SESSION, "client") as sender, MacChannel(b, SESSION, "server") as rx:
-            receiver = _Thread(lambda: [rx.recv_exact(pages.nbytes) for _ in range(16)])
+            receiver = Worker(lambda: [rx.recv_exact(pages.nbytes) for _ in range(16)])
             for _ in range(16):
                 sender.send(pages)
             assert len(receiver.result()) == 16
@@ -413,7 +381,7 @@ def test_mac_over_authenticated_tcp():
                 data = mac.recv_exact(3 << 20)
                 mac.send(purpose.encode() + bytes([sum(data) % 251]))
 
-        server = _Thread(serve)
+        server = Worker(serve)
         client = connect_tcp("127.0.0.1", port)
         session_key = authenticate_client(client, KEY, "control")
         with MacChannel(client, session_key, "client") as mac:
@@ -474,7 +442,7 @@ def _tls_pair(tls_dir: str, *, client_ca: str = "ca", mutual: bool = False):
     from test_tcp import make_tcp_pair
 
     a, b = make_tcp_pair()
-    server = _Thread(tls_server_channel, b, server_ctx, timeout_s=10)
+    server = Worker(tls_server_channel, b, server_ctx, timeout_s=10)
     try:
         client = tls_client_channel(a, client_ctx, "127.0.0.1", timeout_s=10)
     except BaseException:
@@ -499,7 +467,7 @@ def test_tls_round_trip_mutual(tls_dir):
     with client, server:
         assert isinstance(client, TlsChannel) and isinstance(server, TlsChannel)
         data = os.urandom(5 << 20)
-        receiver = _Thread(server.recv_exact, len(data))
+        receiver = Worker(server.recv_exact, len(data))
         client.send_parts([data[:7], data[7:1000], memoryview(data)[1000:]])
         assert receiver.result() == data
         server.send(b"bye")

@@ -77,10 +77,11 @@ def no_leaks():
 
 
 class Worker:
-    """A thread running ``fn(*args)``; :meth:`result` joins it and re-raises its error."""
+    """A thread running ``fn(*args, **kwargs)``; :meth:`result` joins it and re-raises its
+    error (for other test modules too)."""
 
-    def __init__(self, fn, *args):
-        self._fn, self._args = fn, args
+    def __init__(self, fn, *args, **kwargs):
+        self._fn, self._args, self._kwargs = fn, args, kwargs
         self._value = None
         self._error: BaseException | None = None
         self.observed = False
@@ -90,7 +91,7 @@ class Worker:
 
     def _run(self):
         try:
-            self._value = self._fn(*self._args)
+            self._value = self._fn(*self._args, **self._kwargs)
         except BaseException as err:  # handed to the test thread by result()
             self._error = err
 
@@ -153,6 +154,12 @@ def recv_all(channel, n_bytes: int) -> bytearray:
     buf = bytearray(n_bytes)
     channel.recv_into(buf)
     return buf
+
+
+def read_mib_then_close(channel) -> None:
+    """A peer that takes 1 MiB and hangs up (the sender must see ChannelBrokenError)."""
+    channel.recv_exact(MiB)
+    channel.close()
 
 
 # -- channel makers ----------------------------------------------------------------------
@@ -252,12 +259,8 @@ def check_peer_close_while_sending(maker):
     total = 512 * MiB
     payload = np.zeros(total, dtype=np.uint8)  # untouched calloc memory: reads are cheap
 
-    def read_some_then_close(channel):
-        channel.recv_exact(MiB)
-        channel.close()
-
     with Pair(maker) as pair:
-        closer = pair.spawn(read_some_then_close, pair.b)
+        closer = pair.spawn(read_mib_then_close, pair.b)
         with pytest.raises(ChannelBrokenError) as info:
             pair.a.send(payload)
         closer.result()
@@ -292,6 +295,79 @@ def check_use_after_close(maker):
                 call()
         # the peer sees a clean end of stream
         assert pair.b.recv_some(1) == b""
+
+
+def check_counters(maker):
+    """bytes_sent/bytes_received start at 0 and count the caller's stream bytes (never a
+    layer's framing or encoding) for every kind of call, in both directions."""
+    zero_pages = np.zeros((4, PAGE_BYTES), dtype=np.uint8)  # a zero-eliding channel's case
+    with Pair(maker) as pair:
+        a, b = pair.a, pair.b
+        assert (a.bytes_sent, a.bytes_received, b.bytes_sent, b.bytes_received) == (0, 0, 0, 0)
+        a.send_parts([b"abc", b"", memoryview(b"defg"), zero_pages])
+        a.send(b"h" * 5000)
+        sent = 7 + zero_pages.nbytes + 5000
+        assert a.bytes_sent == sent
+        assert b.recv_exact(3) == b"abc"
+        got = b.recv_some(4)
+        assert b.bytes_received == 3 + len(got)
+        rest = recv_all(b, sent - 3 - len(got))
+        assert got + rest[:4 - len(got)] == b"defg"
+        assert b.bytes_received == sent and b.bytes_sent == 0
+        b.send_parts([b"reply", zero_pages])
+        assert recv_all(a, 5 + zero_pages.nbytes)[:5] == b"reply"
+        assert a.bytes_received == b.bytes_sent == 5 + zero_pages.nbytes
+        assert a.bytes_sent == sent  # receiving changes no send counter
+
+
+def check_first_receive_error_is_sticky(maker):
+    """The first error that breaks a direction is kept: every later call in that direction
+    raises ChannelBrokenError chained to that very error.  The peer closing is
+    ChannelBrokenError (broken by the peer); once we close, ChannelClosedError wins."""
+    with Pair(maker) as pair:
+        a, b = pair.a, pair.b
+        a.send(b"x" * 1000)
+        a.close()
+        with pytest.raises(ChannelBrokenError) as first:
+            b.recv_exact(4096)
+        for call in (lambda: b.recv_exact(1), lambda: b.recv_into(bytearray(8)),
+                     lambda: b.recv_some(1)):
+            with pytest.raises(ChannelBrokenError) as again:
+                call()
+            assert again.value.__cause__ is first.value
+        b.close()
+        with pytest.raises(ChannelClosedError):
+            b.recv_exact(1)
+
+
+def check_first_send_error_is_sticky(maker):
+    """A send broken by the peer stays broken, every later send chained to the first error
+    (incompressible data: a zero-eliding channel cannot squeeze it into the buffers)."""
+    data = random_bytes(48 * MiB + 5, seed=1)
+
+    with Pair(maker) as pair:
+        closer = pair.spawn(read_mib_then_close, pair.b)
+        with pytest.raises(ChannelBrokenError) as first:
+            pair.a.send(data)
+        closer.result()
+        assert pair.a.bytes_sent == first.value.bytes_got
+        with pytest.raises(ChannelBrokenError) as again:
+            pair.a.send(b"more")
+        assert again.value.__cause__ is first.value
+        pair.a.close()
+        with pytest.raises(ChannelClosedError):
+            pair.a.send(b"more")
+
+
+def check_shutdown_wakes_a_blocked_receiver(maker):
+    """shutdown() from another thread ends a receive blocked in the channel: it raises a
+    TransportError instead of hanging (closing an fd alone wakes nobody)."""
+    with Pair(maker) as pair:
+        blocked = pair.spawn(pair.b.recv_exact, 10)
+        time.sleep(0.1)  # let it block (if it has not yet, it finds the channel shut down)
+        pair.b.shutdown()
+        with pytest.raises(TransportError):
+            blocked.result(10)
 
 
 def check_timeouts(maker):
@@ -357,6 +433,10 @@ CHANNEL_CHECKS = [
     check_eof_at_message_boundary,
     check_peer_close_while_sending,
     check_use_after_close,
+    check_counters,
+    check_first_receive_error_is_sticky,
+    check_first_send_error_is_sticky,
+    check_shutdown_wakes_a_blocked_receiver,
     check_timeouts,
     check_send_timeout_mid_message,
     check_wait_readable,

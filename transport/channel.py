@@ -12,17 +12,20 @@ Errors (see :mod:`transport.errors`): using a channel after :meth:`Channel.close
 ``ChannelClosedError``; a peer that closed or reset raises ``ChannelBrokenError``; a timeout
 raises ``ChannelTimeout``.  A failure that leaves a direction half-way through a call (the
 framing is lost) makes that direction *sticky-broken*: every later call in that direction
-raises ``ChannelBrokenError`` without touching the socket, carrying the first error.
+raises ``ChannelBrokenError`` without touching the socket, chained to the first error (an
+integrity or corruption error -- ``repeats_as_itself`` -- is raised again as itself).  The
+rules live once, in :class:`Channel`; every implementation inherits them.
 """
 from __future__ import annotations
 
 import abc
+import copy
 import errno
 import math
 import os
 import select
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
@@ -50,9 +53,6 @@ SOCKET_BUFFER_BYTES: int = 4 << 20
 # MSG_NOSIGNAL: a write to a closed peer must come back as EPIPE (-> ChannelBrokenError),
 # never as a SIGPIPE that kills a process which restored the default handler.
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
-# MSG_WAITALL: a blocking receive sleeps until the whole buffer is filled instead of waking
-# once per skb; it still returns early on EOF, a signal, or (timeout mode) no more data.
-_RECV_FLAGS = getattr(socket, "MSG_WAITALL", 0)
 # Received fds must not leak into processes we spawn later.
 _RECV_FDS_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
@@ -88,12 +88,30 @@ def _byte_view(part: Any, *, writable: bool = False) -> memoryview:
 class Channel(abc.ABC):
     """A reliable, ordered, full-duplex byte stream.
 
-    Implementations: :class:`SocketChannel`, :class:`transport.shaping.ShapedChannel`.
-    Every implementation must pass the conformance suite in ``tests/test_transport.py``.
-    A channel is a context manager that closes itself on exit.
+    Implementations: :class:`SocketChannel` (and its TLS variant), the wrappers of
+    :class:`transport.wrapped.WrappedChannel` (shaped, MAC, compressed) and
+    :class:`transport.striped.StripedChannel`.  Every implementation must pass the
+    conformance suite in ``tests/test_transport.py``.  A channel is a context manager that
+    closes itself on exit.
+
+    The base class owns the state every implementation shares, so that the rules for it
+    are written once: the byte counters (``_bytes_sent``/``_bytes_received``, bumped by the
+    subclass as bytes move), the closed flag, and the *first* error of each direction
+    (sticky, as QEMU's ``QEMUFile`` keeps it): :meth:`_fail` records it, :meth:`_check_send`
+    and :meth:`_check_recv` raise it again.  The public calls check their arguments and
+    that state, then hand over to the subclass's ``_send``, ``_recv_into``, ``_recv_some``
+    and ``_set_timeout``.  Subclasses call ``super().__init__()``.
     """
 
-    @abc.abstractmethod
+    def __init__(self) -> None:
+        self._closed = False
+        # The first error that broke each direction (sticky), or None.
+        self._send_error: TransportError | None = None
+        self._recv_error: TransportError | None = None
+        # Stream bytes handed on / handed out since creation, incl. failed-call prefixes.
+        self._bytes_sent = 0
+        self._bytes_received = 0
+
     def send_parts(self, parts: Sequence[Any]) -> None:
         """Send the concatenation of ``parts``, in order, without joining them in Python.
 
@@ -111,12 +129,19 @@ class Channel(abc.ABC):
             ChannelTimeout: no progress for the timeout (``bytes_got`` = bytes sent).
             ValueError: a part is not C-contiguous.
         """
+        self._check_send()
+        views = [view for view in map(_byte_view, parts) if view.nbytes]
+        self._send(views, sum(view.nbytes for view in views))
+
+    @abc.abstractmethod
+    def _send(self, views: list[memoryview], total: int) -> None:
+        """:meth:`send_parts` after the checks: ``views`` are the non-empty parts as byte
+        views (``total`` bytes in all), the channel open and its send side not broken."""
 
     def send(self, data: Any) -> None:
         """Send one buffer; same guarantees and errors as :meth:`send_parts`."""
         self.send_parts((data,))
 
-    @abc.abstractmethod
     def recv_into(self, view: Any) -> None:
         """Fill the writable buffer ``view`` completely with the next bytes of the stream.
 
@@ -130,6 +155,13 @@ class Channel(abc.ABC):
                 carries ``bytes_expected`` (len of view) and ``bytes_got``.
             ChannelTimeout: no progress for the timeout.
         """
+        self._check_recv()
+        self._recv_into(_byte_view(view, writable=True))
+
+    @abc.abstractmethod
+    def _recv_into(self, buf: memoryview) -> None:
+        """:meth:`recv_into` after the checks: ``buf`` is a writable byte view, the channel
+        open and its receive side not broken."""
 
     def recv_exact(self, n_bytes: int) -> bytes:
         """Receive exactly ``n_bytes`` bytes and return them as ``bytes``.
@@ -144,7 +176,6 @@ class Channel(abc.ABC):
         self.recv_into(buf)
         return bytes(buf)
 
-    @abc.abstractmethod
     def recv_some(self, max_bytes: int) -> bytes:
         """Receive between 1 and ``max_bytes`` bytes, waiting for at least one.
 
@@ -153,7 +184,16 @@ class Channel(abc.ABC):
 
         Raises:
             ChannelClosedError, ChannelBrokenError (reset), ChannelTimeout.
+            ValueError: ``max_bytes`` is not > 0.
         """
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        self._check_recv()
+        return self._recv_some(max_bytes)
+
+    @abc.abstractmethod
+    def _recv_some(self, max_bytes: int) -> bytes:
+        """:meth:`recv_some` after the checks (``max_bytes`` > 0, open, not broken)."""
 
     @abc.abstractmethod
     def wait_readable(self, timeout_s: float | None) -> bool:
@@ -166,7 +206,6 @@ class Channel(abc.ABC):
             ChannelClosedError: this side closed the channel.
         """
 
-    @abc.abstractmethod
     def settimeout(self, timeout_s: float | None) -> None:
         """Set the inactivity timeout for every later send and receive.
 
@@ -176,7 +215,16 @@ class Channel(abc.ABC):
 
         Raises:
             ValueError: ``timeout_s`` is not ``None`` and not > 0.
+            ChannelClosedError: this side closed the channel.
         """
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be None or > 0, got {timeout_s!r}")
+        self._check_open()
+        self._set_timeout(timeout_s)
+
+    @abc.abstractmethod
+    def _set_timeout(self, timeout_s: float | None) -> None:
+        """Apply a timeout :meth:`settimeout` has checked."""
 
     @abc.abstractmethod
     def gettimeout(self) -> float | None:
@@ -204,24 +252,33 @@ class Channel(abc.ABC):
         return struct.unpack("i", raw)[0]
 
     @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Wake every thread blocked in a call on this channel (``shutdown(2)`` of the
+        sockets underneath; closing an fd does not wake a thread blocked on it).
+
+        Both directions are finished afterwards: blocked and later calls fail, the peer
+        sees EOF.  Does not close the channel (call :meth:`close` too); never raises.
+        """
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Close the channel; idempotent.  The peer sees EOF once every holder of the
         underlying socket closed it (a forked child with a copy keeps it open)."""
 
     @property
-    @abc.abstractmethod
     def closed(self) -> bool:
         """True once :meth:`close` was called on this side."""
+        return self._closed
 
     @property
-    @abc.abstractmethod
     def bytes_sent(self) -> int:
-        """Bytes handed to the kernel since creation, including prefixes of failed sends."""
+        """Stream bytes sent since creation, including prefixes of failed sends."""
+        return self._bytes_sent
 
     @property
-    @abc.abstractmethod
     def bytes_received(self) -> int:
-        """Bytes received since creation, including prefixes of failed receives."""
+        """Stream bytes received since creation, including prefixes of failed receives."""
+        return self._bytes_received
 
     def __enter__(self):
         return self
@@ -229,32 +286,103 @@ class Channel(abc.ABC):
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    # -- the shared state rules (for implementations) ------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ChannelClosedError("channel was closed by this side")
+
+    def _check_send(self) -> None:
+        """Raise if the channel is closed (by us) or its send side is broken."""
+        self._check_open()
+        if self._send_error is not None:
+            raise _again(self._send_error, "send") from self._send_error
+
+    def _check_recv(self) -> None:
+        """Raise if the channel is closed (by us) or its receive side is broken."""
+        self._check_open()
+        if self._recv_error is not None:
+            raise _again(self._recv_error, "receive") from self._recv_error
+
+    def _fail(self, direction: str, error: TransportError, moved_bytes: int) -> TransportError:
+        """Record ``error`` as the first error of ``direction`` (``"send"``/``"recv"``)
+        unless the failed call left the stream intact, and return it (``raise
+        self._fail(...)``).
+
+        ``moved_bytes`` counts what the call moved at any layer, partial frames below
+        included.  A timeout or a close by this side that moved nothing leaves the stream's
+        framing intact; every other failure loses it, so the direction stays broken.
+        """
+        if not (isinstance(error, (ChannelTimeout, ChannelClosedError)) and moved_bytes == 0):
+            if direction == "send" and self._send_error is None:
+                self._send_error = error
+            elif direction == "recv" and self._recv_error is None:
+                self._recv_error = error
+        return error
+
+    def _interrupted(self, direction: str, expected: int, moved_bytes: int) -> None:
+        """A non-transport exception (e.g. KeyboardInterrupt) left a call half-way: if a
+        prefix moved, the direction is broken."""
+        if moved_bytes:
+            self._fail(direction, ChannelBrokenError(f"{direction} interrupted",
+                                                     bytes_expected=expected,
+                                                     bytes_got=moved_bytes), moved_bytes)
+
+
+def _again(first: TransportError, side: str) -> TransportError:
+    """The error a call raises on a direction that ``first`` broke earlier (see
+    :attr:`TransportError.repeats_as_itself`)."""
+    if first.repeats_as_itself:
+        return copy.copy(first)
+    return ChannelBrokenError(f"{side} side of the channel is broken: {first}")
+
+
+def _cut_views(views: list[memoryview],
+               limit_bytes: int) -> Iterator[tuple[list[memoryview], int]]:
+    """Cut the concatenation of ``views`` into groups of ``limit_bytes`` (the last may be
+    shorter); yields ``(slices, group_bytes)``.  Slices are memoryviews: nothing is copied."""
+    group: list[memoryview] = []
+    group_bytes = 0
+    for view in views:
+        offset = 0
+        while offset < view.nbytes:
+            take = min(view.nbytes - offset, limit_bytes - group_bytes)
+            group.append(view if take == view.nbytes else view[offset:offset + take])
+            group_bytes += take
+            offset += take
+            if group_bytes == limit_bytes:
+                yield group, group_bytes
+                group, group_bytes = [], 0
+    if group_bytes:
+        yield group, group_bytes
+
 
 class SocketChannel(Channel):
     """A :class:`Channel` over a connected stream socket (AF_UNIX or TCP; family-agnostic).
 
     The channel owns the socket: :meth:`close` closes it.  The socket may be any object with
     the ``socket.socket`` I/O methods (tests wrap one to force partial writes).
+
+    The send and receive loops are written once, here: a subclass for another kind of
+    socket (TLS) changes how a batch of buffers is written (:meth:`_write`), the receive
+    flags and the error translation, not the loops.
     """
+
+    # MSG_WAITALL: a blocking receive sleeps until the whole buffer is filled instead of
+    # waking once per skb; it still returns early on EOF, a signal, or (timeout mode) no
+    # more data.
+    _recv_flags: int = getattr(socket, "MSG_WAITALL", 0)
 
     def __init__(self, sock: socket.socket):
         if sock.type != socket.SOCK_STREAM:
             raise ValueError(f"SocketChannel needs a SOCK_STREAM socket, got {sock.type!r}")
+        super().__init__()
         self._sock = sock
-        self._closed = False
-        # The first error that broke each direction (sticky), or None.
-        self._send_error: TransportError | None = None
-        self._recv_error: TransportError | None = None
-        # Bytes handed to / taken from the kernel since creation, incl. failed-call prefixes.
-        self._bytes_sent = 0
-        self._bytes_received = 0
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
-        return (f"<SocketChannel {state} sent={self._bytes_sent} "
+        return (f"<{type(self).__name__} {state} sent={self._bytes_sent} "
                 f"received={self._bytes_received}>")
-
-    # -- state ----------------------------------------------------------------------------
 
     @property
     def sock(self) -> socket.socket:
@@ -262,35 +390,6 @@ class SocketChannel(Channel):
         the counters and the sticky-error bookkeeping.  Raises ChannelClosedError."""
         self._check_open()
         return self._sock
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._bytes_sent
-
-    @property
-    def bytes_received(self) -> int:
-        return self._bytes_received
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ChannelClosedError("channel was closed by this side")
-
-    def _check_send(self) -> None:
-        self._check_open()
-        if self._send_error is not None:
-            raise ChannelBrokenError(
-                f"send side of the channel is broken: {self._send_error}") from self._send_error
-
-    def _check_recv(self) -> None:
-        self._check_open()
-        if self._recv_error is not None:
-            raise ChannelBrokenError(
-                f"receive side of the channel is broken: {self._recv_error}"
-            ) from self._recv_error
 
     def _translate(self, op: str, err: OSError, expected: int | None,
                    got: int | None) -> TransportError:
@@ -302,70 +401,59 @@ class SocketChannel(Channel):
             # socket.timeout from the settimeout() machinery (a kernel ETIMEDOUT has an errno).
             return ChannelTimeout(f"{op}: no progress within {self._sock.gettimeout()} s",
                                   bytes_expected=expected, bytes_got=got)
-        if err.errno in _PEER_ERRNOS:
-            return ChannelBrokenError(f"{op}: peer closed or reset the connection "
-                                      f"({errno.errorcode.get(err.errno, err.errno)})",
-                                      bytes_expected=expected, bytes_got=got)
-        return TransportError(f"{op} failed: {err}")
-
-    def _fail(self, direction: str, error: TransportError, moved_bytes: int) -> TransportError:
-        # Everything except a timeout that moved nothing leaves the stream's framing unknown.
-        if not (isinstance(error, (ChannelTimeout, ChannelClosedError)) and moved_bytes == 0):
-            if direction == "send" and self._send_error is None:
-                self._send_error = error
-            elif direction == "recv" and self._recv_error is None:
-                self._recv_error = error
-        return error
+        return _os_error(op, err, expected, got)
 
     # -- sending --------------------------------------------------------------------------
 
-    def send_parts(self, parts: Sequence[Any]) -> None:
-        self._check_send()
-        views = [view for view in map(_byte_view, parts) if view.nbytes]
-        total = sum(view.nbytes for view in views)
-        sock = self._sock
-        first = 0  # index of the first view not yet completely sent
+    def _send(self, views: list[memoryview], total: int) -> None:
         sent = 0
         try:
-            while first < len(views):
-                n = sock.sendmsg(views[first:first + IOV_MAX], (), _SEND_FLAGS)
+            for n in self._write(views):
                 if n <= 0:
                     raise ChannelBrokenError("send: socket accepted no bytes",
                                              bytes_expected=total, bytes_got=sent)
                 sent += n
                 self._bytes_sent += n
-                # Advance past what the kernel took: drop whole views, trim the partial one
-                # (a memoryview slice, so nothing is copied).
-                while n:
-                    head_bytes = views[first].nbytes
-                    if n >= head_bytes:
-                        n -= head_bytes
-                        first += 1
-                    else:
-                        views[first] = views[first][n:]
-                        n = 0
         except OSError as err:
             raise self._fail("send", self._translate("send", err, total, sent), sent) from err
         except ChannelBrokenError as err:
             raise self._fail("send", err, sent)
         except BaseException:
             # E.g. KeyboardInterrupt between two sendmsg calls: a prefix went out.
-            if sent:
-                self._fail("send", ChannelBrokenError("send interrupted", bytes_expected=total,
-                                                      bytes_got=sent), sent)
+            self._interrupted("send", total, sent)
             raise
+
+    def _write(self, views: list[memoryview]) -> Iterator[int]:
+        """Hand ``views`` to the socket; yields the bytes each system call took.
+
+        One ``sendmsg`` (scatter/gather) of at most IOV_MAX buffers per call; what the
+        kernel took is dropped from the front (whole views, then a memoryview slice of the
+        partial one: nothing is copied).
+        """
+        sock = self._sock
+        first = 0  # index of the first view not yet completely sent
+        while first < len(views):
+            n = sock.sendmsg(views[first:first + IOV_MAX], (), _SEND_FLAGS)
+            yield n
+            while n > 0:
+                head_bytes = views[first].nbytes
+                if n >= head_bytes:
+                    n -= head_bytes
+                    first += 1
+                else:
+                    views[first] = views[first][n:]
+                    n = 0
 
     # -- receiving ------------------------------------------------------------------------
 
-    def recv_into(self, view: Any) -> None:
-        self._check_recv()
-        buf = _byte_view(view, writable=True)
+    def _recv_into(self, buf: memoryview) -> None:
         need = buf.nbytes
         got = 0
         sock = self._sock
+        flags = self._recv_flags
         try:
             while got < need:
-                n = sock.recv_into(buf[got:], need - got, _RECV_FLAGS)
+                n = sock.recv_into(buf[got:], need - got, flags)
                 if n == 0:
                     raise ChannelBrokenError("recv: peer closed the connection (EOF)",
                                              bytes_expected=need, bytes_got=got)
@@ -376,15 +464,10 @@ class SocketChannel(Channel):
         except ChannelBrokenError as err:
             raise self._fail("recv", err, got)
         except BaseException:
-            if got:
-                self._fail("recv", ChannelBrokenError("recv interrupted", bytes_expected=need,
-                                                      bytes_got=got), got)
+            self._interrupted("recv", need, got)
             raise
 
-    def recv_some(self, max_bytes: int) -> bytes:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-        self._check_recv()
+    def _recv_some(self, max_bytes: int) -> bytes:
         try:
             data = self._sock.recv(max_bytes)
         except OSError as err:
@@ -402,10 +485,7 @@ class SocketChannel(Channel):
 
     # -- settings and lifetime ------------------------------------------------------------
 
-    def settimeout(self, timeout_s: float | None) -> None:
-        if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s must be None or > 0, got {timeout_s!r}")
-        self._check_open()
+    def _set_timeout(self, timeout_s: float | None) -> None:
         self._sock.settimeout(timeout_s)
 
     def gettimeout(self) -> float | None:
@@ -415,6 +495,12 @@ class SocketChannel(Channel):
     def fileno(self) -> int:
         self._check_open()
         return self._sock.fileno()
+
+    def shutdown(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected any more, or already closed: nothing is blocked on it
 
     def close(self) -> None:
         if self._closed:
@@ -451,6 +537,16 @@ class SocketChannel(Channel):
             raise self._fail("recv", err, 0)
         self._bytes_received += len(data)
         return data, fds
+
+
+def _os_error(op: str, err: OSError, expected: int | None = None,
+              got: int | None = None) -> TransportError:
+    """A peer errno as ChannelBrokenError, anything else as TransportError."""
+    if err.errno in _PEER_ERRNOS:
+        return ChannelBrokenError(f"{op}: peer closed or reset the connection "
+                                  f"({errno.errorcode.get(err.errno, err.errno)})",
+                                  bytes_expected=expected, bytes_got=got)
+    return TransportError(f"{op} failed: {err}")
 
 
 # -- fd passing ---------------------------------------------------------------------------
@@ -515,10 +611,7 @@ def send_fds(sock: socket.socket | SocketChannel, data: bytes, fds: Sequence[int
     try:
         _send_fds_raw(sock, data, fds)
     except OSError as err:
-        if err.errno in _PEER_ERRNOS:
-            raise ChannelBrokenError(f"send_fds: peer closed or reset the connection "
-                                     f"({errno.errorcode.get(err.errno, err.errno)})") from err
-        raise TransportError(f"send_fds failed: {err}") from err
+        raise _os_error("send_fds", err) from err
 
 
 def recv_fds(sock: socket.socket | SocketChannel, max_bytes: int,
@@ -539,10 +632,7 @@ def recv_fds(sock: socket.socket | SocketChannel, max_bytes: int,
     try:
         return _recv_fds_raw(sock, max_bytes, max_fds)
     except OSError as err:
-        if err.errno in _PEER_ERRNOS:
-            raise ChannelBrokenError(f"recv_fds: peer closed or reset the connection "
-                                     f"({errno.errorcode.get(err.errno, err.errno)})") from err
-        raise TransportError(f"recv_fds failed: {err}") from err
+        raise _os_error("recv_fds", err) from err
 
 
 # -- construction -------------------------------------------------------------------------
@@ -552,7 +642,7 @@ def _set_buffer_sizes(sock: socket.socket, buffer_bytes: int) -> None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
         except OSError:
-            pass  # a smaller buffer is slower, not wrong
+            pass  # a smaller buffer is slower, not wrong; the kernel caps it at *mem_max
 
 
 def channel_pair(buffer_bytes: int = SOCKET_BUFFER_BYTES) -> tuple[SocketChannel, SocketChannel]:

@@ -59,6 +59,8 @@ class CodecError(TransportError):
         reason: what is wrong.
     """
 
+    repeats_as_itself = True  # the data is bad, not the connection: say so every time
+
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason

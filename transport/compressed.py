@@ -31,15 +31,13 @@ breaks the receive direction (sticky).  Integrity is the inner channel's busines
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from .channel import Channel, _byte_view
+from .channel import Channel
 from .codec import PAGE_BYTES, CodecError, decode_batch, encode_batch, method_unavailable
-from .errors import ChannelBrokenError, ChannelTimeout, TransportError
-from .wrapped import WrappedChannel
+from .errors import ChannelBrokenError, ChannelTimeout
+from .wrapped import FramedChannel
 
 __all__ = ["CompressedChannel", "MODES", "MAX_FRAME_PAGES", "MAX_FRAME_BYTES", "mode_unavailable"]
 
@@ -64,7 +62,7 @@ def mode_unavailable(mode: str) -> str:
     return method_unavailable(mode)
 
 
-class CompressedChannel(WrappedChannel):
+class CompressedChannel(FramedChannel):
     """Zero-page elision and optional compression over ``inner`` (layout in the module
     docstring).  Owns ``inner``.
 
@@ -79,22 +77,14 @@ class CompressedChannel(WrappedChannel):
         why = mode_unavailable(mode)
         if why:
             raise CodecError(why)
-        self._inner = inner
+        # A frame that does not fit the caller's buffer is decoded here first.
+        self._rx = np.empty(MAX_FRAME_BYTES, dtype=np.uint8)
+        super().__init__(inner, memoryview(self._rx))
         self.mode = mode
         self._method = "none" if mode == "zero" else mode
         self._level = level
-        self._bytes_sent = 0
-        self._bytes_received = 0
         self.zero_pages_sent = 0
-        self._send_error: TransportError | None = None
-        self._recv_error: TransportError | None = None
-        # Decoded bytes of the current frame not yet handed out: _rx[_rx_pos:_rx_end].
-        self._rx = np.empty(MAX_FRAME_BYTES, dtype=np.uint8)
-        self._rx_view = memoryview(self._rx)
-        self._rx_pos = 0
-        self._rx_end = 0
         self._payload = bytearray(MAX_FRAME_BYTES)
-        self._eof = False
 
     def __repr__(self) -> str:
         return f"<CompressedChannel {self.mode} sent={self._bytes_sent} over {self._inner!r}>"
@@ -120,12 +110,7 @@ class CompressedChannel(WrappedChannel):
         out.extend(payload)
         sizes.append((_FRAME.size + len(bitmap) + payload_bytes, count * PAGE_BYTES))
 
-    def send_parts(self, parts: Sequence[Any]) -> None:
-        self._check_open()
-        if self._send_error is not None:
-            raise ChannelBrokenError(f"send side of the channel is broken: {self._send_error}") from self._send_error
-        views = [v for v in map(_byte_view, parts) if v.nbytes]
-        total = sum(v.nbytes for v in views)
+    def _send(self, views: list[memoryview], total: int) -> None:
         if not total:
             return
         out: list = []
@@ -173,17 +158,32 @@ class CompressedChannel(WrappedChannel):
                 got += frame_stream
             self._bytes_sent += got
             outer = type(err)(err.reason, bytes_expected=total, bytes_got=got)
-            if (err.bytes_got or isinstance(err, ChannelBrokenError)) and self._send_error is None:
-                self._send_error = outer
-            raise outer from err
+            raise self._fail("send", outer, err.bytes_got or 0) from err
         self._bytes_sent += total
 
     # -- receiving ------------------------------------------------------------------------
 
-    def _corrupt(self, what: str) -> CodecError:
-        error = CodecError(f"compressed stream is corrupt: {what}")
-        self._recv_error = error
-        return error
+    @staticmethod
+    def _corrupt(what: str) -> CodecError:
+        return CodecError(f"compressed stream is corrupt: {what}")
+
+    def _read_frame(self, room: memoryview | None) -> int | None:
+        """Read the next frame; decode it straight into ``room`` when it fits (no copy
+        through the receive buffer), else into the receive buffer."""
+        header = self._read_header()
+        if header is None:
+            return None
+        kind, method, raw, bitmap, payload = header
+        direct = room is not None and raw <= room.nbytes
+        try:
+            self._read_frame_into(kind, method, raw, bitmap, payload,
+                                  room[:raw] if direct else self._rx_view[:raw])
+        except ChannelBrokenError as err:
+            raise self._corrupt(f"stream ends inside a frame ({err.reason})") from err
+        if direct:
+            return raw
+        self._buffered(raw)
+        return 0
 
     def _read_header(self) -> tuple[int, int, int, int, int] | None:
         """The next frame's (kind, method, raw, bitmap, payload) lengths; None at a clean EOF."""
@@ -237,96 +237,6 @@ class CompressedChannel(WrappedChannel):
             decode_batch(bitmap, payload, name, out)
         except CodecError as err:
             raise self._corrupt(err.reason) from err
-
-    def _check_recv(self) -> None:
-        self._check_open()
-        if self._recv_error is not None:
-            err = self._recv_error
-            if isinstance(err, CodecError):
-                raise CodecError(err.reason) from err
-            raise ChannelBrokenError(f"receive side of the channel is broken: {err}") from err
-
-    def _failed(self, err: TransportError, need: int | None, got: int) -> TransportError:
-        if isinstance(err, CodecError) or type(err).__name__ == "AuthError":
-            self._recv_error = self._recv_error or err
-            return err
-        if isinstance(err, (ChannelBrokenError, ChannelTimeout)):
-            inner_partial = bool(err.bytes_got)
-            outer = type(err)(err.reason, bytes_expected=need, bytes_got=got)
-            if (got or inner_partial or isinstance(err, ChannelBrokenError)) and self._recv_error is None:
-                self._recv_error = outer
-            return outer
-        if self._recv_error is None:
-            self._recv_error = err
-        return err
-
-    def recv_into(self, view: Any) -> None:
-        self._check_recv()
-        buf = _byte_view(view, writable=True)
-        need = buf.nbytes
-        got = 0
-        try:
-            while got < need:
-                if self._rx_pos < self._rx_end:
-                    n = min(self._rx_end - self._rx_pos, need - got)
-                    buf[got:got + n] = self._rx_view[self._rx_pos:self._rx_pos + n]
-                    self._rx_pos += n
-                    got += n
-                    self._bytes_received += n
-                    continue
-                header = None if self._eof else self._read_header()
-                if header is None:
-                    self._eof = True
-                    raise ChannelBrokenError("recv: peer closed the connection (EOF)", bytes_expected=need,
-                                             bytes_got=got)
-                kind, method, raw, bitmap, payload = header
-                try:
-                    if raw <= need - got:  # the whole frame fits: decode in place
-                        self._read_frame_into(kind, method, raw, bitmap, payload, buf[got:got + raw])
-                        got += raw
-                        self._bytes_received += raw
-                    else:
-                        self._read_frame_into(kind, method, raw, bitmap, payload, self._rx_view[:raw])
-                        self._rx_pos, self._rx_end = 0, raw
-                except ChannelBrokenError as err:
-                    raise self._corrupt(f"stream ends inside a frame ({err.reason})") from err
-        except TransportError as err:
-            raise self._failed(err, need, got) from err
-
-    def recv_some(self, max_bytes: int) -> bytes:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-        self._check_recv()
-        if self._rx_pos == self._rx_end:
-            if self._eof:
-                return b""
-            try:
-                header = self._read_header()
-                if header is None:
-                    self._eof = True
-                    return b""
-                kind, method, raw, bitmap, payload = header
-                try:
-                    self._read_frame_into(kind, method, raw, bitmap, payload, self._rx_view[:raw])
-                except ChannelBrokenError as err:
-                    raise self._corrupt(f"stream ends inside a frame ({err.reason})") from err
-            except TransportError as err:
-                raise self._failed(err, None, 0) from err
-            self._rx_pos, self._rx_end = 0, raw
-        n = min(self._rx_end - self._rx_pos, max_bytes)
-        data = bytes(self._rx_view[self._rx_pos:self._rx_pos + n])
-        self._rx_pos += n
-        self._bytes_received += n
-        return data
-
-    def wait_readable(self, timeout_s: float | None) -> bool:
-        self._check_open()
-        if self._rx_pos < self._rx_end or self._recv_error is not None:
-            return True
-        return self._inner.wait_readable(timeout_s)
-
-    # -- settings and lifetime ------------------------------------------------------------
-
 
 
 def _zero_count(bitmap: bytes, count: int) -> int:

@@ -67,24 +67,27 @@ import ssl
 import stat
 import struct
 from collections.abc import Sequence
-from typing import Any
 
-from .channel import Channel, SocketChannel, _byte_view
+from .channel import Channel, SocketChannel, _cut_views
 from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
-from .wrapped import WrappedChannel
+from .wrapped import FramedChannel
 
 __all__ = [
-    "AuthError",
-    "KeyFileError",
-    "AUTH_PROTOCOL_VERSION",
+    # key files
     "KEY_BYTES",
-    "MAX_FRAME_PAYLOAD_BYTES",
-    "MAC_TAG_BYTES",
     "generate_key",
     "load_key",
+    "KeyFileError",
+    # mutual authentication
+    "AUTH_PROTOCOL_VERSION",
     "authenticate_client",
     "authenticate_server",
+    "AuthError",
+    # integrity
     "MacChannel",
+    "MAX_FRAME_PAYLOAD_BYTES",
+    "MAC_TAG_BYTES",
+    # TLS
     "TlsChannel",
     "server_tls_context",
     "client_tls_context",
@@ -102,6 +105,8 @@ class AuthError(TransportError):
     Attributes:
         reason: what failed, in words meant for the operator.
     """
+
+    repeats_as_itself = True  # the data is bad, not the connection: say so every time
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -129,6 +134,18 @@ _MIN_KEY_BYTES = 16      # shortest key load_key accepts (128 bits)
 _MAX_KEY_FILE_BYTES = 4096  # a key file is a line of hex; never read more than this
 
 
+def _open_key_file(path: str, flags: int, verb: str, expected: type[OSError],
+                   expected_reason: str) -> int:
+    """``os.open`` (mode 0600, close-on-exec) with its failure as a :class:`KeyFileError`:
+    ``expected`` (the likely mistake) with ``expected_reason``, any other as "cannot VERB"."""
+    try:
+        return os.open(path, flags | os.O_CLOEXEC, 0o600)
+    except expected as err:
+        raise KeyFileError(path, expected_reason) from err
+    except OSError as err:
+        raise KeyFileError(path, f"cannot {verb}: {err.strerror}") from err
+
+
 def generate_key(path: str | os.PathLike) -> bytes:
     """Write a new random key (32 bytes as 64 hex digits + newline) to ``path``; return it.
 
@@ -140,13 +157,9 @@ def generate_key(path: str | os.PathLike) -> bytes:
     """
     path = os.fspath(path)
     key = secrets.token_bytes(KEY_BYTES)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError as err:
-        raise KeyFileError(path, "already exists; refusing to overwrite a key "
-                                 "(delete it first if you really want a new one)") from err
-    except OSError as err:
-        raise KeyFileError(path, f"cannot create: {err.strerror}") from err
+    fd = _open_key_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "create", FileExistsError,
+                        "already exists; refusing to overwrite a key (delete it first if you "
+                        "really want a new one)")
     try:
         os.fchmod(fd, 0o600)  # the umask can only remove bits, but be explicit
         os.write(fd, (key.hex() + "\n").encode("ascii"))
@@ -164,13 +177,9 @@ def load_key(path: str | os.PathLike) -> bytes:
             not hex.
     """
     path = os.fspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as err:
-        raise KeyFileError(path, "does not exist (generate one with generate_key, and copy "
-                                 "the same file to both hosts)") from err
-    except OSError as err:
-        raise KeyFileError(path, f"cannot open: {err.strerror}") from err
+    fd = _open_key_file(path, os.O_RDONLY, "open", FileNotFoundError,
+                        "does not exist (generate one with generate_key, and copy the same "
+                        "file to both hosts)")
     try:
         info = os.fstat(fd)  # fstat, not stat: check the file we actually read
         if not stat.S_ISREG(info.st_mode):
@@ -289,6 +298,17 @@ class _Handshake:
         return raw, version, arg
 
 
+def _refuse(channel: Channel, kind: int, status: int, padding_bytes: int) -> None:
+    """Send the message of ``kind`` with a failure ``status`` (and zeros where its body
+    would be) before hanging up, so that the peer's log says why too.  The peer may be gone
+    already: a failure to send is not an error here."""
+    try:
+        channel.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, kind, status)
+                     + bytes(padding_bytes))
+    except TransportError:
+        pass
+
+
 def _version_error(role: str, peer_version: int) -> AuthError:
     return AuthError(f"authentication failed ({role}): protocol version mismatch -- the peer "
                      f"speaks auth protocol version {peer_version}, we speak "
@@ -348,12 +368,7 @@ def authenticate_client(channel: Channel, key: bytes, purpose: str, *,
         transcript = hello + raw + server_nonce
         expected = _hmac256(key, _LABEL_SERVER, transcript)
         if not hmac.compare_digest(server_proof, expected):
-            # Tell the server why we hang up, so that its log says so too.
-            try:
-                channel.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, _KIND_PROOF,
-                                          _STATUS_BAD_PROOF) + bytes(_PROOF_BYTES))
-            except TransportError:
-                pass
+            _refuse(channel, _KIND_PROOF, _STATUS_BAD_PROOF, _PROOF_BYTES)
             raise AuthError("authentication failed (client): the server does not hold our "
                             "key (wrong key file on one of the hosts?)")
         client_proof = _hmac256(key, _LABEL_CLIENT, transcript, server_proof)
@@ -388,20 +403,10 @@ def authenticate_server(channel: Channel, key: bytes, *,
                             f"speak the vmem auth protocol (got {raw!r})")
         if version != AUTH_PROTOCOL_VERSION:
             # Answer in our version so that the client can report the mismatch too.
-            try:
-                channel.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, _KIND_CHALLENGE,
-                                          _STATUS_BAD_VERSION)
-                             + bytes(_NONCE_BYTES + _PROOF_BYTES))
-            except TransportError:
-                pass
+            _refuse(channel, _KIND_CHALLENGE, _STATUS_BAD_VERSION, _NONCE_BYTES + _PROOF_BYTES)
             raise _version_error("server", version)
         if kind != _KIND_HELLO or purpose_len > _MAX_PURPOSE_BYTES:
-            try:
-                channel.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, _KIND_CHALLENGE,
-                                          _STATUS_BAD_REQUEST)
-                             + bytes(_NONCE_BYTES + _PROOF_BYTES))
-            except TransportError:
-                pass
+            _refuse(channel, _KIND_CHALLENGE, _STATUS_BAD_REQUEST, _NONCE_BYTES + _PROOF_BYTES)
             raise AuthError(f"authentication failed (server, hello): malformed hello (kind "
                             f"{kind}, purpose length {purpose_len} > {_MAX_PURPOSE_BYTES}?)")
         body = hs.recv(_NONCE_BYTES + purpose_len, "hello")
@@ -427,11 +432,7 @@ def authenticate_server(channel: Channel, key: bytes, *,
             raise AuthError(f"authentication failed (server): client sent status {status}")
         expected = _hmac256(key, _LABEL_CLIENT, transcript, server_proof)
         if not hmac.compare_digest(client_proof, expected):
-            try:
-                channel.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, _KIND_RESULT,
-                                          _STATUS_BAD_PROOF))
-            except TransportError:
-                pass
+            _refuse(channel, _KIND_RESULT, _STATUS_BAD_PROOF, 0)
             raise AuthError("authentication failed (server): the client does not hold our "
                             "key (wrong key file on one of the hosts?)")
         hs.send(_HEADER.pack(_MAGIC, AUTH_PROTOCOL_VERSION, _KIND_RESULT, _STATUS_OK),
@@ -452,7 +453,7 @@ _LABEL_C2S = b"vmem-mac-v1 client->server"
 _LABEL_S2C = b"vmem-mac-v1 server->client"
 
 
-class MacChannel(WrappedChannel):
+class MacChannel(FramedChannel):
     """A :class:`Channel` adding end-to-end integrity to ``inner`` (layout in the module
     docstring).
 
@@ -484,26 +485,17 @@ class MacChannel(WrappedChannel):
         session_key = _check_key(session_key)
         send_label, recv_label = ((_LABEL_C2S, _LABEL_S2C) if role == "client"
                                   else (_LABEL_S2C, _LABEL_C2S))
-        self._inner = inner
+        # A frame is received (payload | tag) and verified here before any byte goes out.
+        super().__init__(inner, memoryview(bytearray(MAX_FRAME_PAYLOAD_BYTES + MAC_TAG_BYTES)))
         self._role = role
         # Prepared HMAC states; each frame starts from a copy (cheaper than re-keying).
         self._send_mac = hmac.new(_hmac256(session_key, send_label), digestmod="sha256")
         self._recv_mac = hmac.new(_hmac256(session_key, recv_label), digestmod="sha256")
         self._send_seq = 0
         self._recv_seq = 0
-        self._send_error: TransportError | None = None
-        self._recv_error: TransportError | None = None
-        self._eof = False
-        # Verified plaintext of the current frame is _rx[_rx_pos:_rx_end].
-        self._rx = bytearray(MAX_FRAME_PAYLOAD_BYTES + MAC_TAG_BYTES)
-        self._rx_view = memoryview(self._rx)
-        self._rx_pos = 0
-        self._rx_end = 0
         # The frame being sent is built here (see _send_frame): header | payload | tag.
-        self._tx = bytearray(_FRAME_HEADER.size + MAX_FRAME_PAYLOAD_BYTES + MAC_TAG_BYTES)
-        self._tx_view = memoryview(self._tx)
-        self._bytes_sent = 0
-        self._bytes_received = 0
+        self._tx_view = memoryview(bytearray(_FRAME_HEADER.size + MAX_FRAME_PAYLOAD_BYTES
+                                             + MAC_TAG_BYTES))
 
     def __repr__(self) -> str:
         return (f"<MacChannel {self._role} sent={self._bytes_sent} "
@@ -511,46 +503,22 @@ class MacChannel(WrappedChannel):
 
     # -- sending --------------------------------------------------------------------------
 
-    def send_parts(self, parts: Sequence[Any]) -> None:
-        self._check_open()
-        if self._send_error is not None:
-            raise ChannelBrokenError(
-                f"send side of the channel is broken: {self._send_error}") from self._send_error
-        views = [view for view in map(_byte_view, parts) if view.nbytes]
-        total = sum(view.nbytes for view in views)
+    def _send(self, views: list[memoryview], total: int) -> None:
         sent = 0  # payload bytes of frames completely handed to inner
-        frame: list[memoryview] = []
-        frame_bytes = 0
+        wire_before = self._inner.bytes_sent
         try:
-            for view in views:
-                offset = 0
-                while offset < view.nbytes:
-                    take = min(view.nbytes - offset, MAX_FRAME_PAYLOAD_BYTES - frame_bytes)
-                    frame.append(view[offset:offset + take] if take != view.nbytes else view)
-                    frame_bytes += take
-                    offset += take
-                    if frame_bytes == MAX_FRAME_PAYLOAD_BYTES:
-                        self._send_frame(frame, frame_bytes)
-                        sent += frame_bytes
-                        self._bytes_sent += frame_bytes
-                        frame, frame_bytes = [], 0
-            if frame_bytes:
+            for frame, frame_bytes in _cut_views(views, MAX_FRAME_PAYLOAD_BYTES):
                 self._send_frame(frame, frame_bytes)
                 sent += frame_bytes
                 self._bytes_sent += frame_bytes
         except (ChannelBrokenError, ChannelTimeout) as err:
-            outer = type(err)(err.reason, bytes_expected=total, bytes_got=sent)
             # A frame cut in the middle, or earlier frames of this call sent: framing lost.
-            if (sent or err.bytes_got or isinstance(err, ChannelBrokenError)) \
-                    and self._send_error is None:
-                self._send_error = outer
-            raise outer from err
+            outer = type(err)(err.reason, bytes_expected=total, bytes_got=sent)
+            raise self._fail("send", outer, self._inner.bytes_sent - wire_before) from err
         except ChannelClosedError:
             raise
         except BaseException:
-            if self._send_error is None and (sent or frame):
-                self._send_error = ChannelBrokenError("send interrupted", bytes_expected=total,
-                                                      bytes_got=sent)
+            self._interrupted("send", total, self._inner.bytes_sent - wire_before)
             raise
 
     def _send_frame(self, pieces: list[memoryview], frame_bytes: int) -> None:
@@ -575,25 +543,16 @@ class MacChannel(WrappedChannel):
 
     # -- receiving ------------------------------------------------------------------------
 
-    def _check_recv(self) -> None:
-        self._check_open()
-        err = self._recv_error
-        if err is not None:
-            if isinstance(err, AuthError):
-                raise AuthError(err.reason) from err
-            raise ChannelBrokenError(f"receive side of the channel is broken: {err}") from err
-
     def _integrity(self, what: str) -> AuthError:
-        error = AuthError(f"integrity check failed on frame #{self._recv_seq}: {what}")
-        self._recv_error = error
-        return error
+        return AuthError(f"integrity check failed on frame #{self._recv_seq}: {what}")
 
-    def _next_frame(self) -> bool:
-        """Read and verify the next frame into the buffer.  False at a clean EOF."""
+    def _read_frame(self, room: memoryview | None) -> int | None:
+        """Read and verify the next frame into the receive buffer (never into ``room``:
+        no unverified byte reaches the caller)."""
         inner = self._inner
         head = inner.recv_some(_FRAME_HEADER.size)
         if not head:
-            return False
+            return None
         # From here on the peer has started a frame: losing the connection before its
         # end truncates it, which is an integrity failure, not a clean end of stream.
         try:
@@ -602,10 +561,6 @@ class MacChannel(WrappedChannel):
         except ChannelBrokenError as err:
             raise self._integrity(f"stream truncated inside a frame header "
                                   f"({err.reason})") from err
-        except ChannelTimeout as err:
-            # Part of the header was consumed: the framing is lost (bytes_got > 0 says so).
-            raise ChannelTimeout(err.reason, bytes_expected=_FRAME_HEADER.size,
-                                 bytes_got=len(head)) from err
         (length,) = _FRAME_HEADER.unpack(head)
         if not 0 < length <= MAX_FRAME_PAYLOAD_BYTES:
             raise self._integrity(f"frame length {length} is out of range "
@@ -625,81 +580,12 @@ class MacChannel(WrappedChannel):
             raise self._integrity("tag mismatch (data tampered with, replayed, reordered, "
                                   "or a different session key)")
         self._recv_seq += 1
-        self._rx_pos, self._rx_end = 0, length
-        return True
-
-    def _recv_failed(self, err: TransportError, expected: int | None, got: int,
-                     framing_lost: bool) -> TransportError:
-        if isinstance(err, AuthError):
-            return err
-        if isinstance(err, (ChannelBrokenError, ChannelTimeout)):
-            outer = type(err)(err.reason, bytes_expected=expected, bytes_got=got)
-        else:
-            outer = err
-        if (framing_lost or got or isinstance(outer, ChannelBrokenError)) \
-                and self._recv_error is None:
-            self._recv_error = outer
-        return outer
-
-    def recv_into(self, view: Any) -> None:
-        self._check_recv()
-        buf = _byte_view(view, writable=True)
-        need = buf.nbytes
-        got = 0
-        try:
-            while got < need:
-                if self._rx_pos == self._rx_end:
-                    if self._eof or not self._next_frame():
-                        self._eof = True
-                        raise ChannelBrokenError("recv: peer closed the connection (EOF)",
-                                                 bytes_expected=need, bytes_got=got)
-                n = min(self._rx_end - self._rx_pos, need - got)
-                buf[got:got + n] = self._rx_view[self._rx_pos:self._rx_pos + n]
-                self._rx_pos += n
-                got += n
-                self._bytes_received += n
-        except TransportError as err:
-            inner_partial = bool(getattr(err, "bytes_got", 0))
-            raise self._recv_failed(err, need, got, inner_partial) from err
-        except BaseException:
-            if got and self._recv_error is None:
-                self._recv_error = ChannelBrokenError("recv interrupted", bytes_expected=need,
-                                                      bytes_got=got)
-            raise
-
-    def recv_some(self, max_bytes: int) -> bytes:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-        self._check_recv()
-        if self._rx_pos == self._rx_end:
-            if self._eof:
-                return b""
-            try:
-                if not self._next_frame():
-                    self._eof = True
-                    return b""
-            except TransportError as err:
-                inner_partial = bool(getattr(err, "bytes_got", 0))
-                raise self._recv_failed(err, None, 0, inner_partial) from err
-        n = min(self._rx_end - self._rx_pos, max_bytes)
-        data = bytes(self._rx_view[self._rx_pos:self._rx_pos + n])
-        self._rx_pos += n
-        self._bytes_received += n
-        return data
-
-    def wait_readable(self, timeout_s: float | None) -> bool:
-        """True if verified bytes are buffered or ``inner`` is readable.  A receive may still
-        wait for the rest of a frame that has only begun to arrive."""
-        self._check_open()
-        if self._rx_pos < self._rx_end or self._recv_error is not None:
-            return True
-        return self._inner.wait_readable(timeout_s)
-
-    # -- settings and lifetime ------------------------------------------------------------
-
+        self._buffered(length)
+        return 0
 
 
 # -- TLS ----------------------------------------------------------------------------------
+
 
 # SSLSocket has no sendmsg: TlsChannel joins small parts into writes of at most this size
 # (large parts are sliced, never joined).
@@ -815,20 +701,19 @@ def tls_server_channel(channel: SocketChannel, context: ssl.SSLContext, *,
 class TlsChannel(SocketChannel):
     """A :class:`SocketChannel` over an ``ssl.SSLSocket``.
 
-    Same contract; differences: ``SSLSocket`` supports neither ``sendmsg`` nor receive
-    flags, so :meth:`send_parts` writes each part (small ones joined up to
-    :data:`TLS_WRITE_BYTES`, large ones sliced) with ``send`` and :meth:`recv_into` loops
-    over TLS records; fd passing is not supported.  A TLS alert (e.g. a record whose MAC
-    fails) raises :class:`AuthError`; the peer closing raises ``ChannelBrokenError``.
+    Same contract and the same send/receive loops; differences: ``SSLSocket`` supports
+    neither ``sendmsg`` nor receive flags, so :meth:`_write` writes each part (small ones
+    joined up to :data:`TLS_WRITE_BYTES`, large ones sliced) with ``send``, and a receive
+    loops over TLS records; fd passing is not supported.  A TLS alert (e.g. a record whose
+    MAC fails) raises :class:`AuthError`; the peer closing raises ``ChannelBrokenError``.
     """
+
+    _recv_flags = 0  # SSLSocket.recv_into refuses flags
 
     def __init__(self, sock: ssl.SSLSocket):
         if not isinstance(sock, ssl.SSLSocket):
             raise TypeError(f"TlsChannel needs an ssl.SSLSocket, got {type(sock).__name__}")
         super().__init__(sock)
-
-    def __repr__(self) -> str:
-        return "<Tls" + super().__repr__()[1:]
 
     def _translate(self, op, err, expected, got):
         if isinstance(err, (ssl.SSLZeroReturnError, ssl.SSLEOFError)) and not self._closed:
@@ -838,83 +723,22 @@ class TlsChannel(SocketChannel):
             return AuthError(f"{op}: TLS failure: {err}")
         return super()._translate(op, err, expected, got)
 
-    def _chunks(self, views: list[memoryview]):
-        """Yield buffers of at most TLS_WRITE_BYTES; small neighbours are joined."""
-        pending: list[memoryview] = []
-        pending_bytes = 0
-        for view in views:
-            if view.nbytes >= TLS_WRITE_BYTES // 4:
-                if pending:
-                    yield b"".join(pending)
-                    pending, pending_bytes = [], 0
-                for offset in range(0, view.nbytes, TLS_WRITE_BYTES):
-                    yield view[offset:offset + TLS_WRITE_BYTES]
-                continue
-            if pending_bytes + view.nbytes > TLS_WRITE_BYTES:
-                yield b"".join(pending)
-                pending, pending_bytes = [], 0
-            pending.append(view)
-            pending_bytes += view.nbytes
-        if pending:
-            yield b"".join(pending)
-
-    def send_parts(self, parts: Sequence[Any]) -> None:
-        self._check_send()
-        views = [view for view in map(_byte_view, parts) if view.nbytes]
-        total = sum(view.nbytes for view in views)
-        sock = self._sock
-        sent = 0
-        try:
-            for chunk in self._chunks(views):
-                chunk = memoryview(chunk)
-                offset = 0
-                while offset < chunk.nbytes:
-                    n = sock.send(chunk[offset:])
-                    if n <= 0:
-                        raise ChannelBrokenError("send: TLS socket accepted no bytes",
-                                                 bytes_expected=total, bytes_got=sent)
-                    offset += n
-                    sent += n
-                    self._bytes_sent += n
-        except OSError as err:
+    def _fail(self, direction, error, moved_bytes):
+        if direction == "send" and isinstance(error, ChannelTimeout):
             # A timed-out SSL write may have put part of a record on the wire: even with
-            # sent == 0 the stream is no longer trustworthy.
-            error = self._translate("send", err, total, sent)
-            if self._send_error is None and not (isinstance(error, ChannelTimeout)
-                                                 and sent == 0):
-                self._send_error = error
-            raise error from err
-        except ChannelBrokenError as err:
-            raise self._fail("send", err, sent)
-        except BaseException:
-            if sent:
-                self._fail("send", ChannelBrokenError("send interrupted", bytes_expected=total,
-                                                      bytes_got=sent), sent)
-            raise
+            # nothing reported sent the stream is no longer trustworthy.
+            moved_bytes = max(moved_bytes, 1)
+        return super()._fail(direction, error, moved_bytes)
 
-    def recv_into(self, view: Any) -> None:
-        self._check_recv()
-        buf = _byte_view(view, writable=True)
-        need = buf.nbytes
-        got = 0
+    def _write(self, views: list[memoryview]):
         sock = self._sock
-        try:
-            while got < need:
-                n = sock.recv_into(buf[got:], need - got)
-                if n == 0:
-                    raise ChannelBrokenError("recv: peer closed the connection (EOF)",
-                                             bytes_expected=need, bytes_got=got)
-                got += n
-                self._bytes_received += n
-        except OSError as err:
-            raise self._fail("recv", self._translate("recv", err, need, got), got) from err
-        except ChannelBrokenError as err:
-            raise self._fail("recv", err, got)
-        except BaseException:
-            if got:
-                self._fail("recv", ChannelBrokenError("recv interrupted", bytes_expected=need,
-                                                      bytes_got=got), got)
-            raise
+        for chunk in _tls_chunks(views):
+            chunk = memoryview(chunk)
+            offset = 0
+            while offset < chunk.nbytes:
+                n = sock.send(chunk[offset:])
+                yield n
+                offset += max(n, 0)
 
     def wait_readable(self, timeout_s: float | None) -> bool:
         self._check_open()
@@ -927,3 +751,25 @@ class TlsChannel(SocketChannel):
 
     def recv_fds(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
         raise TransportError("cannot pass file descriptors over TLS")
+
+
+def _tls_chunks(views: list[memoryview]):
+    """Yield buffers of at most TLS_WRITE_BYTES; small neighbours are joined (one TLS
+    record each instead of one per tiny part), large parts are sliced, never copied."""
+    pending: list[memoryview] = []
+    pending_bytes = 0
+    for view in views:
+        if view.nbytes >= TLS_WRITE_BYTES // 4:
+            if pending:
+                yield b"".join(pending)
+                pending, pending_bytes = [], 0
+            for offset in range(0, view.nbytes, TLS_WRITE_BYTES):
+                yield view[offset:offset + TLS_WRITE_BYTES]
+            continue
+        if pending_bytes + view.nbytes > TLS_WRITE_BYTES:
+            yield b"".join(pending)
+            pending, pending_bytes = [], 0
+        pending.append(view)
+        pending_bytes += view.nbytes
+    if pending:
+        yield b"".join(pending)

@@ -10,11 +10,10 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
-from .channel import Channel, _byte_view
-from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
+from .channel import Channel, _cut_views
+from .errors import ChannelBrokenError, ChannelTimeout
 from .wrapped import WrappedChannel
 
 __all__ = [
@@ -196,10 +195,8 @@ class ShapedChannel(WrappedChannel):
     """
 
     def __init__(self, inner: Channel, rate_Bps: float, burst_bytes: int | None = None):
-        self._inner = inner
+        super().__init__(inner)
         self._bucket = TokenBucket(rate_Bps, burst_bytes)
-        # The first error that left a send half-done (sticky), or None.
-        self._send_error: TransportError | None = None
 
     def __repr__(self) -> str:
         return (f"<ShapedChannel {self._bucket.rate_Bps:.6g} B/s "
@@ -215,59 +212,29 @@ class ShapedChannel(WrappedChannel):
         """Total seconds sends spent waiting for tokens."""
         return self._bucket.wait_s
 
-    def send_parts(self, parts: Sequence[Any]) -> None:
-        if self._inner.closed:
-            raise ChannelClosedError("channel was closed by this side")
-        if self._send_error is not None:
-            raise ChannelBrokenError(
-                f"send side of the channel is broken: {self._send_error}") from self._send_error
-        views = [_byte_view(part) for part in parts]  # reject bad parts before sending any
-        total = sum(view.nbytes for view in views)
-        chunk_bytes = self._bucket.burst_bytes
-        group: list[memoryview] = []
-        group_bytes = 0
+    def _send(self, views: list[memoryview], total: int) -> None:
         sent = 0
         try:
-            for view in views:
-                offset = 0
-                while offset < view.nbytes:
-                    take = min(view.nbytes - offset, chunk_bytes - group_bytes)
-                    group.append(view[offset:offset + take])
-                    group_bytes += take
-                    offset += take
-                    if group_bytes == chunk_bytes:
-                        self._send_group(group, group_bytes)
-                        sent += group_bytes
-                        group, group_bytes = [], 0
-            if group_bytes:
-                self._send_group(group, group_bytes)
+            for group, group_bytes in _cut_views(views, self._bucket.burst_bytes):
+                self._bucket.consume(group_bytes)
+                self._inner.send_parts(group)
+                sent += group_bytes
         except (ChannelBrokenError, ChannelTimeout) as err:
-            # Report counts for the whole call, not for the inner group that failed.
+            # Report counts for the whole call, not for the inner group that failed.  If
+            # earlier groups went out, the stream's framing is lost even if the inner
+            # channel saw a clean (zero-progress) timeout.
             got = sent + (err.bytes_got or 0)
             outer = type(err)(err.reason, bytes_expected=total, bytes_got=got)
-            if got and self._send_error is None:
-                # Earlier groups went out: the stream's framing is lost even if the inner
-                # channel saw a clean (zero-progress) timeout.
-                self._send_error = outer
-            raise outer from err
+            raise self._fail("send", outer, got) from err
         except BaseException:
             # E.g. KeyboardInterrupt while pacing, after some groups went out.
-            if sent and self._send_error is None:
-                self._send_error = ChannelBrokenError("send interrupted", bytes_expected=total,
-                                                      bytes_got=sent)
+            self._interrupted("send", total, sent)
             raise
 
-    def _send_group(self, group: list[memoryview], group_bytes: int) -> None:
-        self._bucket.consume(group_bytes)
-        self._inner.send_parts(group)
+    def _recv_into(self, buf: memoryview) -> None:
+        self._inner.recv_into(buf)
 
-    def recv_into(self, view: Any) -> None:
-        self._inner.recv_into(view)
-
-    def recv_exact(self, n_bytes: int) -> bytes:
-        return self._inner.recv_exact(n_bytes)
-
-    def recv_some(self, max_bytes: int) -> bytes:
+    def _recv_some(self, max_bytes: int) -> bytes:
         return self._inner.recv_some(max_bytes)
 
     def wait_readable(self, timeout_s: float | None) -> bool:

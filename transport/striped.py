@@ -31,15 +31,14 @@ connection to another fails its MAC there, and a missing piece leaves a gap.
 """
 from __future__ import annotations
 
+import copy
 import queue
-import socket
 import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
-from .channel import Channel, _byte_view
+from .channel import Channel, _cut_views
 from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
 
 __all__ = ["StripedChannel", "STRIPE_CHUNK_BYTES", "STRIPE_MIN_BYTES", "MAX_PIECE_BYTES"]
@@ -60,23 +59,6 @@ _BUFFERS_PER_LINK = 6
 _SMALL_PIECE_BYTES = 64 << 10
 # How long close() waits for each of its threads.
 _JOIN_TIMEOUT_S = 5.0
-
-
-def _shutdown_socket(channel) -> None:
-    """shutdown(2) the socket under ``channel`` (through Mac/TLS/Shaped wrappers) so that a
-    thread blocked in it wakes up; closing the fd alone does not wake it."""
-    inner = channel
-    for _ in range(6):
-        sock = getattr(inner, "_sock", None)
-        if isinstance(sock, socket.socket):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        inner = getattr(inner, "_inner", None)
-        if inner is None:
-            return
 
 
 class _Piece:
@@ -201,18 +183,15 @@ class StripedChannel(Channel):
                  *, chunk_bytes: int = STRIPE_CHUNK_BYTES):
         if not 0 < chunk_bytes <= STRIPE_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in 1..{STRIPE_CHUNK_BYTES}")
+        super().__init__()
         self._main = main
         self._out = list(outgoing)
         self._in = list(incoming)
         self._chunk_bytes = chunk_bytes
-        self._closed = False
         self._timeout: float | None = None
-        self._bytes_sent = 0
-        self._bytes_received = 0
         # sending
         self._send_seq = 0
         self._next_link = 0   # round-robin position over [main, *outgoing]
-        self._send_error: TransportError | None = None
         self._senders = [_Sender(self, link, i + 1) for i, link in enumerate(self._out)]
         # receiving
         self._cond = threading.Condition()
@@ -220,7 +199,6 @@ class StripedChannel(Channel):
         self._recv_seq = 0
         self._current: _Piece | None = None
         self._reader_error: BaseException | None = None
-        self._recv_error: TransportError | None = None
         self._readers_left = 1 + len(self._in)
         self._readers = [_Reader(self, link, i) for i, link in enumerate([main, *self._in])]
         for t in (*self._senders, *self._readers):
@@ -235,22 +213,6 @@ class StripedChannel(Channel):
         """Every connection: main first."""
         return [self._main, *self._out, *self._in]
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._bytes_sent
-
-    @property
-    def bytes_received(self) -> int:
-        return self._bytes_received
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ChannelClosedError("channel was closed by this side")
-
     # -- sending --------------------------------------------------------------------------
 
     def _header(self, length: int) -> bytes:
@@ -258,29 +220,19 @@ class StripedChannel(Channel):
         self._send_seq += 1
         return head
 
-    def send_parts(self, parts: Sequence[Any]) -> None:
-        self._check_open()
-        if self._send_error is not None:
-            raise ChannelBrokenError(f"send side of the channel is broken: {self._send_error}") from self._send_error
-        views = [v for v in map(_byte_view, parts) if v.nbytes]
-        total = sum(v.nbytes for v in views)
+    def _send(self, views: list[memoryview], total: int) -> None:
         if not total:
             return
         # Cut into pieces of at most chunk_bytes; a small send is one piece on main, a large
         # one goes round-robin over [main, *outgoing] (continuing where the last call ended).
         nlinks = 1 + len(self._senders) if total >= STRIPE_MIN_BYTES else 1
         on_main: list = []
-        jobs: list[tuple[int, list]] = []
-        cur: list = []
-        cur_bytes = 0
+        jobs: list[tuple[int, list, int]] = []
         first_seq = self._send_seq
         position = self._next_link if nlinks > 1 else 0
-
         sizes: list[int] = []      # payload bytes of each piece, in seq order
         main_pieces: list[int] = []  # indexes of the pieces on main
-
-        def flush() -> None:
-            nonlocal cur, cur_bytes, position
+        for cur, cur_bytes in _cut_views(views, self._chunk_bytes):
             piece = [self._header(cur_bytes), *cur]
             link = position % nlinks
             if link == 0:
@@ -290,19 +242,6 @@ class StripedChannel(Channel):
                 jobs.append((link, piece, len(sizes)))
             sizes.append(cur_bytes)
             position += 1
-            cur, cur_bytes = [], 0
-
-        for view in views:
-            offset = 0
-            while offset < view.nbytes:
-                take = min(view.nbytes - offset, self._chunk_bytes - cur_bytes)
-                cur.append(view[offset:offset + take])
-                cur_bytes += take
-                offset += take
-                if cur_bytes == self._chunk_bytes:
-                    flush()
-        if cur_bytes:
-            flush()
         if nlinks > 1:
             self._next_link = position % nlinks
         call = _Call(len(jobs))
@@ -350,6 +289,8 @@ class StripedChannel(Channel):
         self._bytes_sent += total
 
     def _send_failed(self, err: BaseException, total: int, got: int):
+        """Raise the error of a send that may have put pieces on the wire: queued on a data
+        connection or partly on main, whatever ``got`` says, so the send side breaks."""
         if isinstance(err, ChannelClosedError) and self._closed:
             raise err
         if isinstance(err, TransportError) and not isinstance(err, (ChannelBrokenError, ChannelTimeout)):
@@ -358,8 +299,7 @@ class StripedChannel(Channel):
             reason = getattr(err, "reason", None) or str(err)
             cls = ChannelTimeout if isinstance(err, ChannelTimeout) else ChannelBrokenError
             outer = cls(reason, bytes_expected=total, bytes_got=got)
-        if self._send_error is None:
-            self._send_error = outer
+        self._fail("send", outer, total)
         if outer is err:
             raise outer
         raise outer from err
@@ -384,15 +324,6 @@ class StripedChannel(Channel):
             self._readers_left -= 1
             self._cond.notify_all()
 
-    def _check_recv(self) -> None:
-        self._check_open()
-        if self._recv_error is not None:
-            from .secure import AuthError
-
-            if isinstance(self._recv_error, AuthError):
-                raise AuthError(self._recv_error.reason) from self._recv_error
-            raise ChannelBrokenError(f"receive side of the channel is broken: {self._recv_error}") from self._recv_error
-
     def _ready(self) -> bool:
         return (self._current is not None or self._recv_seq in self._pieces or self._reader_error is not None
                 or self._readers_left == 0 or self._closed)
@@ -414,28 +345,21 @@ class StripedChannel(Channel):
                 raise ChannelClosedError("recv: channel was closed by this side")
             if self._reader_error is not None:
                 err = self._reader_error
-                from .secure import AuthError
-
-                if isinstance(err, AuthError):
-                    self._recv_error = AuthError(err.reason)
-                    raise self._recv_error from err
+                if getattr(err, "repeats_as_itself", False):
+                    raise self._fail("recv", copy.copy(err), got) from err  # e.g. AuthError
                 reason = getattr(err, "reason", None) or str(err)
-                self._recv_error = ChannelBrokenError(f"recv: {reason}", bytes_expected=need, bytes_got=got)
-                raise self._recv_error from err
+                raise self._fail("recv", ChannelBrokenError(f"recv: {reason}", bytes_expected=need,
+                                                            bytes_got=got), got) from err
             if self._readers_left == 0:
                 if self._pieces:
-                    self._recv_error = ChannelBrokenError(f"recv: piece #{self._recv_seq} never arrived (the stream "
-                                                          f"has a gap: a connection was cut)", bytes_expected=need,
-                                                          bytes_got=got)
-                    raise self._recv_error
+                    raise self._fail("recv", ChannelBrokenError(
+                        f"recv: piece #{self._recv_seq} never arrived (the stream has a gap: a connection "
+                        f"was cut)", bytes_expected=need, bytes_got=got), got)
                 return None
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                error = ChannelTimeout(f"recv: no progress within {self._timeout} s", bytes_expected=need,
-                                       bytes_got=got)
-                if got:
-                    self._recv_error = error
-                raise error
+                raise self._fail("recv", ChannelTimeout(f"recv: no progress within {self._timeout} s",
+                                                        bytes_expected=need, bytes_got=got), got)
             self._cond.wait(left)
 
     def _consume(self, piece: _Piece, n: int) -> None:
@@ -447,32 +371,27 @@ class StripedChannel(Channel):
                 pool, buf = piece.release
                 pool.put(buf)
 
-    def recv_into(self, view: Any) -> None:
-        self._check_recv()
-        buf = _byte_view(view, writable=True)
+    def _recv_into(self, buf: memoryview) -> None:
         need = buf.nbytes
         got = 0
         with self._cond:
-            while got < need:
-                try:
+            try:
+                while got < need:
                     piece = self._next_piece(need, got)
-                except ChannelClosedError:
-                    raise
-                if piece is None:
-                    error = ChannelBrokenError("recv: peer closed the connection (EOF)", bytes_expected=need,
-                                               bytes_got=got)
-                    if got:
-                        self._recv_error = error
-                    raise error
-                n = min(piece.view.nbytes - piece.pos, need - got)
-                buf[got:got + n] = piece.view[piece.pos:piece.pos + n]
-                got += n
-                self._consume(piece, n)
+                    if piece is None:
+                        raise self._fail("recv", ChannelBrokenError("recv: peer closed the connection (EOF)",
+                                                                    bytes_expected=need, bytes_got=got), got)
+                    n = min(piece.view.nbytes - piece.pos, need - got)
+                    buf[got:got + n] = piece.view[piece.pos:piece.pos + n]
+                    got += n
+                    self._consume(piece, n)
+            except TransportError:
+                raise
+            except BaseException:
+                self._interrupted("recv", need, got)
+                raise
 
-    def recv_some(self, max_bytes: int) -> bytes:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-        self._check_recv()
+    def _recv_some(self, max_bytes: int) -> bytes:
         with self._cond:
             piece = self._next_piece(max_bytes, 0)
             if piece is None:
@@ -495,10 +414,7 @@ class StripedChannel(Channel):
 
     # -- settings and lifetime ------------------------------------------------------------
 
-    def settimeout(self, timeout_s: float | None) -> None:
-        if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s must be None or > 0, got {timeout_s!r}")
-        self._check_open()
+    def _set_timeout(self, timeout_s: float | None) -> None:
         self._timeout = timeout_s
 
     def gettimeout(self) -> float | None:
@@ -512,14 +428,17 @@ class StripedChannel(Channel):
     def unsent_bytes(self) -> int:
         return sum(link.unsent_bytes() for link in (self._main, *self._out))
 
+    def shutdown(self) -> None:
+        for link in self.links:
+            link.shutdown()
+
     def close(self) -> None:
         if self._closed:
             return
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        for link in self.links:
-            _shutdown_socket(link)
+        self.shutdown()  # wakes the reader and sender threads blocked in their connections
         for sender in self._senders:
             sender.jobs.put(None)
         for reader in self._readers:

@@ -22,20 +22,23 @@ import ipaddress
 import re
 import socket
 
-from .channel import SOCKET_BUFFER_BYTES, SocketChannel
+from .channel import SOCKET_BUFFER_BYTES, SocketChannel, _set_buffer_sizes
 from .errors import ChannelTimeout, TransportError
 
 __all__ = [
-    "DEAD_PEER_TIMEOUT_S",
-    "set_dead_peer_timeout",
-    "ConnectError",
-    "ListenError",
+    # addresses
     "parse_hostport",
     "format_hostport",
+    # the server side, then the client side; both hand out configured sockets
     "listen_tcp",
-    "connect_tcp",
     "accept_channel",
+    "connect_tcp",
     "configure_tcp_socket",
+    "set_dead_peer_timeout",
+    "DEAD_PEER_TIMEOUT_S",
+    # errors
+    "ConnectError",
+    "ListenError",
 ]
 
 # Seconds connect_tcp waits for the TCP handshake by default.
@@ -161,14 +164,6 @@ def format_hostport(host: str, port: int) -> str:
 
 # -- socket setup -------------------------------------------------------------------------
 
-def _set_buffers(sock: socket.socket, buffer_bytes: int) -> None:
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
-        except OSError:
-            pass  # a smaller buffer is slower, not wrong; the kernel caps it at *mem_max
-
-
 def configure_tcp_socket(sock: socket.socket,
                          buffer_bytes: int = SOCKET_BUFFER_BYTES) -> socket.socket:
     """Apply our TCP settings to ``sock`` (see the module docstring) and return it.
@@ -177,7 +172,7 @@ def configure_tcp_socket(sock: socket.socket,
     when set before the handshake.
     """
     sock.setblocking(True)
-    _set_buffers(sock, buffer_bytes)
+    _set_buffer_sizes(sock, buffer_bytes)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_dead_peer_timeout(sock, DEAD_PEER_TIMEOUT_S)
@@ -242,7 +237,7 @@ def listen_tcp(host: str, port: int, backlog: int = 16) -> socket.socket:
             if family == socket.AF_INET6 and host in ("", "::"):
                 # "::" means every address, IPv4-mapped ones too.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            _set_buffers(sock, SOCKET_BUFFER_BYTES)
+            _set_buffer_sizes(sock, SOCKET_BUFFER_BYTES)
             sock.bind(addr)
             sock.listen(backlog)
             return sock
@@ -287,7 +282,7 @@ def connect_tcp(host: str, port: int, timeout_s: float = DEFAULT_CONNECT_TIMEOUT
         sock = socket.socket(family, kind, proto)
         try:
             # Buffers before connect: the SYN carries the window scale (module docstring).
-            _set_buffers(sock, SOCKET_BUFFER_BYTES)
+            _set_buffer_sizes(sock, SOCKET_BUFFER_BYTES)
             sock.settimeout(timeout_s)
             sock.connect(addr)
         except OSError as err:

@@ -187,7 +187,7 @@ class Agent:
             channels = list(self._channels)
             threads = list(self._threads)
         for ch in channels:
-            _break(ch)
+            ch.shutdown()  # wake the thread blocked in it; the thread that owns it closes it
         for t in threads:
             t.join(self.config.guest_exit_timeout_s + 5)
         for entry in self.registry.entries():
@@ -432,22 +432,6 @@ def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid
-
-
-def _break(channel) -> None:
-    """Wake any thread blocked on ``channel`` (shutdown(2) on its socket), then close it."""
-    inner = channel
-    for _ in range(4):  # unwrap MacChannel/TlsChannel/ShapedChannel to the socket
-        sock = getattr(inner, "_sock", None) or getattr(inner, "sock", None)
-        if isinstance(sock, socket.socket):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        inner = getattr(inner, "inner", None) or getattr(inner, "_inner", None)
-        if inner is None:
-            return
 
 
 #: glibc malloc arenas the agent may create (M_ARENA_MAX).  Every connection and migration
