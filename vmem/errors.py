@@ -7,6 +7,8 @@ translated exactly once, at the boundary where they happen, with ``raise ... fro
 """
 from __future__ import annotations
 
+from transport.errors import PicklesContext
+
 __all__ = [
     "VmemError",
     "FeatureUnavailable",
@@ -21,20 +23,13 @@ __all__ = [
 ]
 
 
-class VmemError(Exception):
-    """Root of every error vmem raises deliberately."""
+class VmemError(PicklesContext, Exception):
+    """Root of every error vmem raises deliberately.
 
-    def __reduce__(self):
-        # Subclasses keep their keyword context in self.__dict__; rebuild from args and
-        # restore the attributes so that a pickled error reads the same on the other side.
-        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
-
-
-def _rebuild(cls, args, state):
-    err = cls.__new__(cls)
-    Exception.__init__(err, *args)
-    err.__dict__.update(state)
-    return err
+    Subclasses keep their keyword context in ``self.__dict__``; :class:`PicklesContext`
+    (shared with the transport errors) rebuilds from ``args`` and restores the attributes,
+    so a pickled error reads the same on the other side.
+    """
 
 
 class ConfigError(VmemError, ValueError):
