@@ -31,10 +31,13 @@ Destination (:class:`DestinationState`; its values are the phase names its ERROR
 carry)::
 
     SETUP ──> RECEIVE ──> RESUME ──> VERIFY ──> COMMIT
-                 │                     ^
-                 v                     │
-              POSTCOPY ────────────────┘   (POSTCOPY -> POSTCOPY: waiting for the source
-                                            to reconnect after a broken link)
+                 │          ^          ^
+                 v          │          │
+              POSTCOPY ─────┴──────────┘   (-> RESUME: BEGIN but no TRANSITION before END,
+                                            the guest resumes as after pre-copy)
+
+    The destination has no outcome states: it ends by returning its exit status (0 once
+    committed) or raising; whatever fails, it discards the incoming guest.
 """
 from __future__ import annotations
 
@@ -139,7 +142,7 @@ _D = DestinationState
 DESTINATION_TRANSITIONS: dict[DestinationState, frozenset[DestinationState]] = {
     _D.SETUP: frozenset({_D.RECEIVE}),
     _D.RECEIVE: frozenset({_D.POSTCOPY, _D.RESUME}),
-    _D.POSTCOPY: frozenset({_D.POSTCOPY, _D.VERIFY}),
+    _D.POSTCOPY: frozenset({_D.RESUME, _D.VERIFY}),
     _D.RESUME: frozenset({_D.VERIFY}),
     _D.VERIFY: frozenset({_D.COMMIT}),
     _D.COMMIT: frozenset(),
