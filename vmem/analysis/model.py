@@ -49,7 +49,8 @@ pre-copy rounds the stop-and-copy sends ``a_n`` pages, and::
     total time      = precopy time + downtime
 
 The model is continuous (pages are reals): :func:`iterate` evaluates the same recurrence
-step by step through any policy (``dirty_count`` is then a float), and the trace-driven
+step by step through any policy, in the migrator's own round loop
+(:func:`vmem.migration.rounds.run_precopy`) (``dirty_count`` is then a float), and the trace-driven
 simulator (:mod:`vmem.analysis.simulate`) is the integer, measured-curve version.  Where the
 measured WWS curve is not ``min(D t, W)`` -- uniform writes over a large guest give
 ``N (1 - exp(-R t / N))`` -- :func:`iterate` accepts the measured curve as ``dirty_fn``.

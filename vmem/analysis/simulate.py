@@ -1,6 +1,7 @@
 """Trace-driven migration simulator: replay a recorded dirty trace through any policy.
 
-The simulator runs :mod:`vmem.migration.source`'s round loop with time and dirty pages taken from
+The simulator runs the migrator's own round loop (:func:`vmem.migration.rounds.run_precopy`,
+plugged with :class:`_TraceRounds`) with time and dirty pages taken from
 a :class:`~vmem.analysis.trace.DirtyTrace` instead of a live guest, at any bandwidth, and returns
 a :class:`~vmem.migration.report.MigrationReport` shaped like a measured one, so graphs and
 comparisons treat predicted and measured runs alike.

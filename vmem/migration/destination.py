@@ -35,6 +35,7 @@ from vmem.errors import MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, zero_page_digest
 from vmem.migration.postcopy.destination import PostcopyDestination, postcopy_unavailable_reason
 from vmem.migration.state import DESTINATION_TRANSITIONS, DestinationState, StateCell
+from vmem.migration.postcopy import drop_links
 from vmem.format.postcopy import decode_pfn_list
 from vmem.procstats import PeakSampler, process_figures
 from vmem.ram import format_bytes, mem_available_bytes
@@ -182,12 +183,7 @@ class DestinationMigration:
         print(f"vmem destination: the link to the source broke after the switch ({err}); {len(missing)} pages are "
               f"missing and the guest waits for them; waiting up to {self._recovery_wait_s:g} s for the source "
               f"to resume the migration", file=sys.stderr)
-        for ch in (self.ch, self.urgent):
-            if ch is not None:
-                try:
-                    ch.close()
-                except (TransportError, OSError):
-                    pass
+        drop_links(self.ch, self.urgent)
         got = self.await_reconnect(self._recovery_wait_s)
         if got is None:
             raise MigrationError("postcopy", f"the source did not come back within {self._recovery_wait_s:g} s; "

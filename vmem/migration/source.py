@@ -6,12 +6,18 @@ The algorithm (as libxc's ``send_domain_memory_live`` and QEMU's ``ram_save_*``)
    incoming guest and answers READY.
 2. Arm dirty tracking, then round 0 sends every page that holds data (holes read as zero
    and are skipped).  Each later round sends the pages dirtied during the previous one.
-   After every round the policy sees libxc's ``precopy_stats`` plus measurements.
+   After every round the policy sees libxc's ``precopy_stats`` plus measurements.  The
+   loop is :func:`vmem.migration.rounds.run_precopy` (shared with the simulator and the
+   model); :class:`_LiveRounds` sends a round and collects the tracker.
 3. STOP_AND_COPY: pause the guest at a safe point, collect the final dirty set, send it and
    the guest context (EMULATOR_CONTEXT), END.
 4. The destination resumes its guest at once and sends back RESUMED and per-page digests of
    what it placed; we compare them with digests of our frozen RAM, it runs the guest's own
    ledger check, and only then do we COMMIT and let the source guest exit.
+
+The life cycle (SETUP, PRECOPY, STOP_AND_COPY, ... COMPLETED) is a
+:class:`vmem.migration.state.SourceState`, changed only through ``_set_state`` (see the
+diagram there); the report's ``outcome`` follows it.
 
 Failure semantics: until COMMIT, the source guest's RAM is never written by us; any
 failure or ABORT stops tracking, resumes the source guest if we paused it, and tells the
@@ -35,11 +41,12 @@ from transport import ChannelBrokenError, TransportError
 from vmem.format import stream
 
 from vmem.format import wire
-from vmem.errors import GuestCrashed, MigrationError, PolicyError, StreamError, VmemError
+from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
 from vmem.migration.policy import Decision, XenDefaultPolicy
 from vmem.migration.rounds import RoundResult, run_precopy
 from vmem.migration.state import SOURCE_TRANSITIONS, SourceState, StateCell
+from vmem.migration.postcopy import drop_links
 from vmem.procstats import PeakSampler, process_figures
 from vmem.migration.report import MigrationReport, RoundStats
 
@@ -286,12 +293,7 @@ class SourceMigration:
             if self._pc is not None:
                 self._pc.stop()
                 self._pc = None
-            for ch in (self.ch, self.urgent):
-                if ch is not None:
-                    try:
-                        ch.close()
-                    except (TransportError, OSError):
-                        pass
+            drop_links(self.ch, self.urgent)
             self._set_state(was, SourceState.POSTCOPY_PAUSED)
             r.source_guest_state = "paused"
             r.reason = (f"the link broke after the switch to post-copy ({msg}); both sides hold their state: "
