@@ -63,7 +63,10 @@ class PauseInfo:
 class ProcessGuest:
     """A guest process and its resources.  Use :meth:`boot` or :meth:`incoming`.
 
-    Implements :class:`vmem.migration.backend.SourceGuest` and :class:`vmem.migration.backend.IncomingGuest`.
+    Implements :class:`vmem.migration.backend.SourceGuest`, ``IncomingGuest`` and
+    ``PostcopyGuest``, and the guest sides of both dirty trackers
+    (:class:`vmem.tracking.UffdWpGuest`, :class:`vmem.tracking.MprotectGuest`).
+    Knows nothing of the migrator: it only answers what those protocols ask.
     """
 
     backend_name = "process"
@@ -112,30 +115,25 @@ class ProcessGuest:
             GuestCrashed: the guest exited during boot (its message says why).
             GuestUnresponsive: it did not finish booting within ``timeout_s``.
         """
-        ram = GuestRam.create(size_bytes)
-        try:
-            guest = cls(ram, spec, "boot")
-        except BaseException:
-            ram.close()
-            raise
-        try:
-            guest._wait_state({GuestState.RUNNING}, timeout_s, "boot")
-        except BaseException:
-            guest.close()
-            raise
-        return guest
+        return cls._spawn(GuestRam.create(size_bytes), spec, "boot", GuestState.RUNNING, timeout_s, "boot")
 
     @classmethod
     def incoming(cls, spec: GuestSpec, npages: int, *, timeout_s: float = 60.0) -> "ProcessGuest":
         """Create fresh RAM and pre-spawn a destination guest that waits for RESUME."""
         ram = GuestRam.create(npages * PAGE_SIZE, name="vmem-ram-incoming")
+        return cls._spawn(ram, spec, "incoming", GuestState.INCOMING, timeout_s, "start")
+
+    @classmethod
+    def _spawn(cls, ram: GuestRam, spec: GuestSpec, mode: str, ready: GuestState, timeout_s: float,
+               what: str) -> "ProcessGuest":
+        """Spawn a guest on ``ram`` (owned from here on) and wait until it reports ``ready``."""
         try:
-            guest = cls(ram, spec, "incoming")
+            guest = cls(ram, spec, mode)
         except BaseException:
             ram.close()
             raise
         try:
-            guest._wait_state({GuestState.INCOMING}, timeout_s, "start")
+            guest._wait_state({ready}, timeout_s, what)
         except BaseException:
             guest.close()
             raise
@@ -337,11 +335,19 @@ class ProcessGuest:
         """Address of RAM inside the guest process."""
         return self.ctl[Field.RAM_BASE]
 
-    def make_tracker(self, kind: str = "auto"):
-        """A dirty tracker for this guest: ``auto``, ``uffd-wp`` or ``mprotect``."""
-        from vmem.tracking import make_tracker
+    # --- mprotect dirty tracking (vmem.tracking.MprotectGuest) ---------------------------
+    def mprotect_start(self, bitmap_fd: int) -> int:
+        """Have the guest map ``bitmap_fd``, install its SIGSEGV handler and write-protect
+        RAM; returns its result (>= 0, or -errno)."""
+        return self.command(Command.MPROT_START, fds=[bitmap_fd])
 
-        return make_tracker(self, kind)
+    def mprotect_collect(self) -> int:
+        """Have the guest harvest its dirty bits and re-protect those pages; its result."""
+        return self.command(Command.MPROT_COLLECT)
+
+    def mprotect_stop(self, timeout_s: float = 10.0) -> int:
+        """Have the guest unprotect RAM and remove its handler; its result."""
+        return self.command(Command.MPROT_STOP, timeout_s=timeout_s)
 
     # --- teardown ----------------------------------------------------------------------------
     def exit(self, timeout_s: float = 5.0) -> int | None:

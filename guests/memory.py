@@ -47,6 +47,7 @@ import dataclasses
 import numpy as np
 
 from vmem.errors import ConfigError, GuestError
+from vmem.pages import PAGE_SIZE
 
 __all__ = [
     "PAGE_SIZE",
@@ -60,7 +61,6 @@ __all__ = [
     "ledger_page_count",
 ]
 
-PAGE_SIZE = 4096
 WORDS_PER_PAGE = PAGE_SIZE // 8
 HEADER_MAGIC = int.from_bytes(b"vmemRAM\x00", "little")
 LAYOUT_VERSION = 1

@@ -29,8 +29,8 @@ import time
 import traceback
 
 from guests.control import Command, ControlBlock, Field, GuestState
+from vmem.pages import PAGE_SIZE
 
-PAGE_SIZE = 4096
 #: Throttle duty-cycle period: short enough that throttled progress is smooth at the
 #: resolution of a precopy round, long enough that select() wake-up cost is negligible.
 THROTTLE_PERIOD_S = 0.01

@@ -73,9 +73,10 @@ from vmem.migration.local import run_local_migration  # noqa: E402
 from vmem.migration.source import MigrationOptions  # noqa: E402
 from vmem.migration.policy import XenDefaultPolicy  # noqa: E402
 from vmem.tracking import make_tracker  # noqa: E402
+from vmem.pages import PAGE_SIZE  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-PAGE = 4096
+PAGE = PAGE_SIZE
 CHUNK = 4 * MiB
 PARTS = ["throughput", "downtime", "collect", "memory", "pause", "scale"]
 RAM_MAPPING_PREFIX = "/memfd:vmem-ram"

@@ -9,9 +9,7 @@ end whatever happens), then copies ``--gib`` GiB (default 1) from host 1 to host
 * ``mac``:       the same after mutual authentication, through ``MacChannel`` (HMAC-SHA256
                  tag per 1 MiB frame, verified before use);
 * ``tls``:       through ``TlsChannel`` (certificates made with the ``openssl`` CLI in a
-                 temporary directory; skipped if it is missing);
-* ``parallel2``: ``ParallelSender``/``ParallelReceiver`` with 2 data connections, batches
-                 of 1024 pages (pfn array + pages); the receiver consumes every batch.
+                 temporary directory; skipped if it is missing).
 
 Sender and receiver are separate processes in separate namespaces (``ip netns exec``).
 Throughput = payload bytes / sender wall time from its first send to the receiver's
@@ -23,7 +21,7 @@ on 1 GiB, and zstd level 1/3 and lz4 compress/decompress on batches of 1024 page
 kinds of memory: guest pages as the workloads write them (stamps: incompressible),
 half-zero guest pages (a fresh guest), and text-like pages.
 
-Usage (root):  python3 scripts/bench_net.py [--gib 1] [--modes plain,mac,tls,parallel2]
+Usage (root):  python3 scripts/bench_net.py [--gib 1] [--modes plain,mac,tls]
                [--rate 1gbit] [--json]
                python3 scripts/bench_net.py --loopback ...   (127.0.0.1, no namespaces)
                python3 scripts/bench_net.py --codec [--json]
@@ -44,11 +42,12 @@ sys.path.insert(0, REPO_ROOT)
 
 import numpy as np  # noqa: E402
 
+from transport.codec import PAGE_BYTES  # noqa: E402  (the wire page size)
+
 CHUNK_BYTES = 64 << 20
-PAGE_BYTES = 4096
 BATCH_PAGES = 1024
 KEY = bytes(range(32))  # benchmark only: both ends are ours
-MODES = ("plain", "mac", "tls", "parallel2")
+MODES = ("plain", "mac", "tls")
 
 
 # -- roles (run inside a namespace) -------------------------------------------------------
@@ -63,7 +62,6 @@ def _tls_paths(tls_dir: str) -> dict[str, str]:
 
 
 def role_recv(args) -> None:
-    from transport.parallel import ParallelReceiver
     from transport.secure import (MacChannel, authenticate_server, server_tls_context,
                                   tls_server_channel)
     from transport.tcp import accept_channel, listen_tcp
@@ -71,22 +69,6 @@ def role_recv(args) -> None:
     total = args.bytes
     listener = listen_tcp(args.host, 0)
     print(listener.getsockname()[1], flush=True)
-    if args.mode == "parallel2":
-        receiver = ParallelReceiver.accept(listener, bytes(16), 2, timeout_s=60)
-        got = [0]
-
-        def on_batch(pfns, pages):
-            got[0] += pages.nbytes
-
-        receiver.drain(on_batch)
-        receiver.close()
-        assert got[0] == total, (got[0], total)
-        # Acknowledge on a fresh connection: the data streams are closed by now.
-        ack, _peer = accept_channel(listener, 60)
-        ack.send(b"k")
-        ack.close()
-        listener.close()
-        return
     channel, _peer = accept_channel(listener, 60)
     if args.mode == "mac":
         _purpose, session_key = authenticate_server(channel, KEY)
@@ -107,49 +89,29 @@ def role_recv(args) -> None:
 
 
 def role_send(args) -> None:
-    from transport.parallel import ParallelSender
     from transport.secure import (MacChannel, authenticate_client, client_tls_context,
                                   tls_client_channel)
     from transport.tcp import connect_tcp
 
     total = args.bytes
     data = _payload()
-    if args.mode == "parallel2":
-        pages = data.reshape(-1, PAGE_BYTES)
-        sender = ParallelSender.connect(args.host, args.port, bytes(16), 2,
-                                        batch_pages_max=BATCH_PAGES)
-        start = time.perf_counter()
-        sent = 0
-        pfn = 0
-        while sent < total:
-            n_pages = min(BATCH_PAGES, (total - sent) // PAGE_BYTES)
-            first = (sent % CHUNK_BYTES) // PAGE_BYTES
-            sender.send_batch(np.arange(pfn, pfn + n_pages), [pages[first:first + n_pages]])
-            sent += n_pages * PAGE_BYTES
-            pfn += n_pages
-        sender.close()
-        ack = connect_tcp(args.host, args.port)
-        assert ack.recv_exact(1) == b"k"
-        elapsed = time.perf_counter() - start
-        ack.close()
-    else:
-        channel = connect_tcp(args.host, args.port)
-        if args.mode == "mac":
-            session_key = authenticate_client(channel, KEY, "bench")
-            channel = MacChannel(channel, session_key, "client")
-        elif args.mode == "tls":
-            paths = _tls_paths(args.tls_dir)
-            channel = tls_client_channel(channel, client_tls_context(paths["ca.pem"]),
-                                         args.host)
-        start = time.perf_counter()
-        sent = 0
-        while sent < total:
-            n = min(CHUNK_BYTES, total - sent)
-            channel.send(data[:n])
-            sent += n
-        assert channel.recv_exact(1) == b"k"
-        elapsed = time.perf_counter() - start
-        channel.close()
+    channel = connect_tcp(args.host, args.port)
+    if args.mode == "mac":
+        session_key = authenticate_client(channel, KEY, "bench")
+        channel = MacChannel(channel, session_key, "client")
+    elif args.mode == "tls":
+        paths = _tls_paths(args.tls_dir)
+        channel = tls_client_channel(channel, client_tls_context(paths["ca.pem"]),
+                                     args.host)
+    start = time.perf_counter()
+    sent = 0
+    while sent < total:
+        n = min(CHUNK_BYTES, total - sent)
+        channel.send(data[:n])
+        sent += n
+    assert channel.recv_exact(1) == b"k"
+    elapsed = time.perf_counter() - start
+    channel.close()
     print(json.dumps({"seconds": elapsed, "bytes": total}), flush=True)
 
 

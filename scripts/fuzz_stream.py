@@ -8,9 +8,9 @@ Targets (each input goes to one of them):
 * ``stream``   - :class:`vmem.format.stream.StreamReader` on a libxl/libxc stream (v2, v3, with
   post-copy records), with random reader options and payload consumers;
 * ``savefile`` - :func:`vmem.migration.savefile.read_xl_header` then a StreamReader behind it;
-* ``control``  - :class:`vmem.format.stream.ControlReader` over back-channel records, JSON bodies
-  through :func:`vmem.format.stream.decode_json`;
-* ``preamble`` - :func:`vmem.format.stream.read_preamble` then a StreamReader.
+* ``control``  - :class:`vmem.format.control.ControlReader` over back-channel records, JSON bodies
+  through :func:`vmem.format.control.decode_json`;
+* ``preamble`` - :func:`vmem.format.control.read_preamble` then a StreamReader.
 
 Each input is a valid seed (built with vmem's writer, split into its records) plus 1-3
 mutations from the attack list of the issue: truncate, oversize a length, make a count
@@ -49,7 +49,8 @@ import numpy as np  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from vmem.format import stream, wire  # noqa: E402
+from vmem import _native  # noqa: E402,F401 - loaded before tracemalloc: RamPlacement uses it
+from vmem.format import control, stream, wire  # noqa: E402
 from vmem.migration import savefile  # noqa: E402
 from vmem.errors import StreamError  # noqa: E402
 from vmem.format.wire import ControlType, LibxcRecordType, LibxlRecordType, PageType  # noqa: E402
@@ -150,7 +151,7 @@ def _control_seed() -> list[Chunk]:
                         (ControlType.DIGESTS, bytes(64)), (ControlType.GUEST_CHECK, b'{"ok":true}'),
                         (ControlType.ERROR, b'{"message":"x","phase":"y"}'), (ControlType.COMMIT, b""),
                         (ControlType.SHUTDOWN, b"abc")]:
-        out.append(Chunk("ctl", _join(stream.encode_control(ctype, body)), ctype.name))
+        out.append(Chunk("ctl", _join(control.encode_control(ctype, body)), ctype.name))
     return out
 
 
@@ -160,7 +161,7 @@ def build_seeds() -> dict[str, list[list[Chunk]]]:
     config = {"c_info": {"type": "hvm", "name": "f"},
               "vmem": {"format": 1, "npages": NPAGES, "page_size": 4096, "ram_digest": "x",
                        "guest": {"workload": "idle", "params": {}, "seed": 0}}}
-    pre = stream.encode_preamble({"npages": NPAGES, "page_size": 4096, "guest": {"workload": "idle"}})
+    pre = control.encode_preamble({"npages": NPAGES, "page_size": 4096, "guest": {"workload": "idle"}})
     return {
         "stream": streams,
         "savefile": [[Chunk("xl", _fix_xl(config))] + s for s in streams[:2]],
@@ -330,26 +331,41 @@ class Source:
 class Options:
     """Per-input reader options (drawn by hypothesis)."""
 
-    mode: int = 0  # payload consumer: 0 into buffer, 1 into pages, 2 skip, 3 sink
+    mode: int = 0  # payload consumer: 0 into buffer, 1 placed in RAM, 2 skip, 3 sink
     require_hvm: bool = False
     allow_postcopy: bool = True
     max_pfn: int | None = None
     eof_raises: bool = True
 
+    def reader_options(self) -> dict:
+        """StreamReader keywords.  Placing in RAM (mode 1) bounds pfns by the RAM, as the
+        destination and restore do (``max_pfn = npages - 1``)."""
+        max_pfn = self.max_pfn
+        if self.mode == 1:
+            max_pfn = NPAGES - 1 if max_pfn is None else min(max_pfn, NPAGES - 1)
+        return dict(max_pfn=max_pfn, allow_postcopy=self.allow_postcopy,
+                    require_hvm_state=self.require_hvm)
+
 
 _PAYLOAD = np.zeros((wire.MAX_PAGES_PER_RECORD, wire.PAGE_SIZE), dtype=np.uint8)
-_RAM = np.zeros((NPAGES, wire.PAGE_SIZE), dtype=np.uint8)
+_RAM_FD = os.memfd_create("fuzz-stream-ram", os.MFD_CLOEXEC)
+os.ftruncate(_RAM_FD, NPAGES * wire.PAGE_SIZE)
+_RAM_DIGESTS = np.zeros(NPAGES, dtype=np.uint64)
+# One placement for every input: its 4 MiB staging buffer must not count against an
+# input's allocation budget (criterion 3); each input points it at its own source.
+_PLACEMENT = savefile.RamPlacement(None, _RAM_FD, _RAM_DIGESTS)
 
 
 def _drive_stream(reader: stream.StreamReader, src: Source, opt: Options) -> None:
     reader.read_begin()
+    _PLACEMENT.source = src
     while not reader.finished:
         rec = reader.next_record()
         if isinstance(rec, stream.PageData):
             if opt.mode == 0:
                 reader.read_page_payload_into(_PAYLOAD)
             elif opt.mode == 1:
-                reader.read_page_payload_into_pages(_RAM)
+                reader.read_page_payload(_PLACEMENT)  # the path restore and migration take
             elif opt.mode == 2:
                 reader.skip_page_payload()
             else:
@@ -361,28 +377,32 @@ def _drive_stream(reader: stream.StreamReader, src: Source, opt: Options) -> Non
             stream.parse_emulator_record(rec)
 
 
+def parse_input(target: str, src: Source, opt: Options) -> None:
+    """Parse what ``src`` holds as ``target``, to the end; raises what the readers raise."""
+    kw = opt.reader_options()
+    if target == "stream":
+        _drive_stream(stream.StreamReader(src.recv_exact, src.recv_into, **kw), src, opt)
+    elif target == "savefile":
+        hdr = savefile.read_xl_header(src.recv_exact)
+        _drive_stream(stream.StreamReader(src.recv_exact, src.recv_into,
+                                          base_offset=hdr.stream_offset, **kw), src, opt)
+    elif target == "preamble":
+        control.read_preamble(src.recv_exact)
+        _drive_stream(stream.StreamReader(src.recv_exact, src.recv_into, **kw), src, opt)
+    else:
+        reader = control.ControlReader(src.recv_exact)
+        while src.pos < len(src.data):
+            ctype, body = reader.read()
+            if ctype not in (ControlType.DIGESTS, ControlType.SHUTDOWN, ControlType.COMMIT):
+                control.decode_json(body)
+
+
 def run_input(target: str, data: bytes, opt: Options) -> tuple[str, int]:
     """Parse ``data`` as ``target``; returns (outcome, max request).  Outcome is "ok" or
     the StreamError's class; any other exception propagates (a bug)."""
     src = Source(data, opt.eof_raises)
-    kw = dict(max_pfn=opt.max_pfn, allow_postcopy=opt.allow_postcopy,
-              require_hvm_state=opt.require_hvm)
     try:
-        if target == "stream":
-            _drive_stream(stream.StreamReader(src.recv_exact, src.recv_into, **kw), src, opt)
-        elif target == "savefile":
-            hdr = savefile.read_xl_header(src.recv_exact)
-            _drive_stream(stream.StreamReader(src.recv_exact, src.recv_into,
-                                              base_offset=hdr.stream_offset, **kw), src, opt)
-        elif target == "preamble":
-            stream.read_preamble(src.recv_exact)
-            _drive_stream(stream.StreamReader(src.recv_exact, src.recv_into, **kw), src, opt)
-        else:
-            reader = stream.ControlReader(src.recv_exact)
-            while src.pos < len(data):
-                ctype, body = reader.read()
-                if ctype not in (ControlType.DIGESTS, ControlType.SHUTDOWN, ControlType.COMMIT):
-                    stream.decode_json(body)
+        parse_input(target, src, opt)
     except StreamError as err:
         return error_class(err), src.max_request
     return "ok", src.max_request

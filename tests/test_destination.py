@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from transport import channel_pair
-from vmem.format import stream
+from vmem.format import control, stream
 from vmem.format import wire
 from vmem.migration.local import spawn_destination
-from vmem.ram import PAGE_SIZE
+from vmem.pages import PAGE_SIZE
 
 
 @pytest.fixture
@@ -37,13 +37,13 @@ def dest():
 
 
 def read_control(ch):
-    return stream.ControlReader(ch.recv_exact).read()
+    return control.ControlReader(ch.recv_exact).read()
 
 
 def expect_error(ch, proc, needle):
     ctype, body = read_control(ch)
     assert ctype == wire.ControlType.ERROR, ctype
-    err = stream.decode_json(body)
+    err = control.decode_json(body)
     assert needle.lower() in err["message"].lower(), err
     ch.close()
     assert proc.wait(30) == 1
@@ -51,7 +51,7 @@ def expect_error(ch, proc, needle):
 
 
 def preamble(npages=64, workload="idle"):
-    return stream.encode_preamble({"guest": {"workload": workload, "params": {}, "seed": 1},
+    return control.encode_preamble({"guest": {"workload": workload, "params": {}, "seed": 1},
                                    "npages": npages, "page_size": PAGE_SIZE, "verify": True, "guest_check": True})
 
 
@@ -59,7 +59,7 @@ def start(ch, npages=64):
     ch.send(preamble(npages))
     ctype, body = read_control(ch)
     assert ctype == wire.ControlType.READY
-    assert stream.decode_json(body)["guest_pid"] > 0
+    assert control.decode_json(body)["guest_pid"] > 0
 
 
 def test_peer_that_speaks_something_else(dest):
@@ -150,8 +150,8 @@ def test_rollback_after_resume_discards_guest(dest):
         ctype, body = read_control(ch)
         assert ctype == wire.ControlType.DIGESTS and len(body) == 64 * 8
         ctype, body = read_control(ch)
-        assert ctype == wire.ControlType.GUEST_CHECK and stream.decode_json(body)["ok"]
-        ch.send_parts(stream.encode_control(wire.ControlType.ROLLBACK))
+        assert ctype == wire.ControlType.GUEST_CHECK and control.decode_json(body)["ok"]
+        ch.send_parts(control.encode_control(wire.ControlType.ROLLBACK))
         assert proc.wait(30) == 1
 
 

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from vmem.analysis import compare
+from vmem.cli import compare as compare_cli
 
 from vmem.analysis import graphs
 from vmem.errors import ConfigError
@@ -154,12 +155,12 @@ def test_bad_input_gives_clear_errors(tmp_path):
         compare.write_comparison(compare.Comparison(), str(tmp_path / "empty"))
     # vmem compare rejects bad input before booting anything (and writes nothing).
     cparser = argparse.ArgumentParser()
-    compare.add_compare_arguments(cparser)
+    compare_cli.add_compare_arguments(cparser)
     for argv, msg in ((["--policies", "xen,bogus"], "unknown policy 'bogus'"),
                       (["--policy-option", "max_downtime_ms=abc"], "max_downtime_ms"),
                       (["--policies", "xen", "--bandwidth", "fast"], "invalid rate")):
         with pytest.raises(ConfigError, match=msg):
-            compare.cmd_compare(cparser.parse_args(argv + ["--size", "16M", "--out", str(tmp_path / "c")]))
+            compare_cli.cmd_compare(cparser.parse_args(argv + ["--size", "16M", "--out", str(tmp_path / "c")]))
     assert not (tmp_path / "c").exists()
     # vmem graph: a missing file, a non-JSON file, JSON that is no report.
     parser = argparse.ArgumentParser()
@@ -207,13 +208,13 @@ def test_graphs_from_a_real_migration(tmp_path, boot_guest):
 @pytest.mark.slow
 def test_compare_two_quick_policies(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    compare.add_compare_arguments(parser)
+    compare_cli.add_compare_arguments(parser)
     out = tmp_path / "cmp"
     js = tmp_path / "cmp.json"
     args = parser.parse_args(["--policies", "xen,threshold", "--policy-option", "precopy_iterations=2",
                               "--workload", "hotcold", "-W", "rate=20000", "--size", "32M", "--bandwidth", "50M",
                               "--seed", "2", "--warmup", "0.2", "--quiet", "--out", str(out), "--json", str(js)])
-    assert compare.cmd_compare(args) == 0
+    assert compare_cli.cmd_compare(args) == 0
     captured = capsys.readouterr()
     assert "xen" in captured.out and "threshold" in captured.out and "completed" in captured.out
     assert "precopy_iterations=2 is ignored by xen" in captured.err
@@ -252,12 +253,12 @@ def test_compare_interrupted_reaps_guests_and_keeps_finished_runs(tmp_path, monk
 
     monkeypatch.setattr(vmem.migration.local, "run_local_migration", migrate_then_interrupt)
     parser = argparse.ArgumentParser()
-    compare.add_compare_arguments(parser)
+    compare_cli.add_compare_arguments(parser)
     out = tmp_path / "cmp"
     args = parser.parse_args(["--policies", "xen,threshold", "--workload", "hotcold", "--size", "16M",
                               "--warmup", "0", "--observe", "0", "--quiet", "--out", str(out)])
     with pytest.raises(KeyboardInterrupt):
-        compare.cmd_compare(args)
+        compare_cli.cmd_compare(args)
     # The no_leaks fixture checks that both guests and the destination were reaped.
     doc = json.loads((out / "comparison.json").read_text())
     assert doc["interrupted"] is True

@@ -8,6 +8,7 @@ children disable core dumps).
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -721,6 +722,118 @@ def test_set_pdeathsig_rejects_bad_signal():
     with pytest.raises(OSError) as exc:
         nat.set_pdeathsig(1000)
     assert exc.value.errno == 22 and "PR_SET_PDEATHSIG" in str(exc.value)
+
+
+# --- constants shared with C, and the post-copy fault threads ----------------------------
+def test_constants_shared_with_c_match_the_python_tables():
+    """The C fragments keep their own copies of a few wire constants (compile-time values);
+    they are exposed through the cdef and must equal the one Python definition."""
+    from transport.codec import PAGE_BYTES
+    from vmem.format import wire
+    from vmem.migration.postcopy import destination as pcdest
+    from vmem.pages import PAGE_SHIFT, PAGE_SIZE
+
+    assert nat.lib.VMEM_PAGE_SIZE == PAGE_SIZE == 1 << PAGE_SHIFT == wire.PAGE_SIZE == PAGE_BYTES
+    assert nat.lib.VMEM_PC_REC_PAGE_DATA == wire.PostcopyRecordType.PAGE_DATA
+    assert nat.lib.VMEM_PC_REC_FAULT == wire.PostcopyRecordType.FAULT == wire.ControlType.POSTCOPY_FAULT
+    assert nat.lib.VMEM_PC_MAX_PAGES == wire.MAX_PAGES_PER_RECORD
+    assert (pcdest.MISSING, pcdest.PLACING, pcdest.PRESENT) == (nat.lib.VMEM_PC_MISSING, nat.lib.VMEM_PC_PLACING,
+                                                                nat.lib.VMEM_PC_PRESENT)
+
+
+def _urgent_fault(pfns, rtype=None) -> bytes:
+    """One FAULT record of the urgent channel (vmem/format/postcopy.py draws it)."""
+    from vmem.format import wire
+
+    rtype = int(wire.PostcopyRecordType.FAULT) if rtype is None else rtype
+    head = np.array([rtype | ((8 + 8 * len(pfns)) << 32), len(pfns)], dtype="<u8")
+    return head.tobytes() + np.asarray(pfns, dtype="<u8").tobytes()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        assert chunk, "EOF"
+        buf += chunk
+    return bytes(buf)
+
+
+def test_fault_server_answers_faults_and_reports_named_stats():
+    """The source's C fault server: a FAULT on the urgent channel is answered with a
+    post-copy PAGE_DATA record straight from RAM; sent[] and the pre-paging cursor follow;
+    a malformed record stops it with EPROTO in its statistics."""
+    from vmem.format import wire
+
+    npages = 64
+    ram = np.random.default_rng(3).integers(0, 256, (npages, PAGE), dtype=np.uint8)
+    sent = np.zeros(npages, dtype=np.uint8)
+    cursor = np.zeros(2, dtype=np.int64)
+    ours, theirs = socket.socketpair()
+    server = nat.PostcopyFaultServer(theirs.fileno(), ram, sent, cursor)
+    try:
+        assert server.stats() == {"fault_records": 0, "pages_sent": 0, "error": 0}
+        server.start()
+        ours.sendall(_urgent_fault([3, 9]))
+        head = np.frombuffer(_recv_exact(ours, 16 + 16), dtype="<u8")
+        assert int(head[0]) & 0xFFFFFFFF == wire.PostcopyRecordType.PAGE_DATA
+        assert int(head[0]) >> 32 == 8 + 16 + 2 * PAGE and head[1] == 2 and head[2:].tolist() == [3, 9]
+        pages = np.frombuffer(_recv_exact(ours, 2 * PAGE), dtype=np.uint8).reshape(2, PAGE)
+        assert np.array_equal(pages, ram[[3, 9]])
+        deadline = time.monotonic() + 10
+        while server.stats()["fault_records"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert server.stats() == {"fault_records": 1, "pages_sent": 2, "error": 0}
+        assert np.flatnonzero(sent).tolist() == [3, 9] and cursor.tolist() == [9, 1]
+        ours.sendall(_urgent_fault([99]))  # beyond the guest
+        while server.stats()["error"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert server.stats()["error"] == errno.EPROTO
+    finally:
+        server.stop()
+        server.close()
+        ours.close()
+        theirs.close()
+
+
+EMFILE_CHILD = """
+import errno, os, resource, socket
+import numpy as np
+from vmem import _native as nat
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as err:
+    assert err.errno == errno.EMFILE, err
+os.close(held.pop())  # room for exactly one more fd: the wake pipe needs two
+npages = 4
+for make in (lambda: nat.PostcopyFaultServer(0, np.zeros((npages, nat.PAGE_SIZE), np.uint8),
+                                             np.zeros(npages, np.uint8), np.zeros(2, np.int64)),
+             lambda: nat.PostcopyFaultEngine(-1, 0, -1, 0, npages, np.zeros(npages, np.uint8),
+                                             np.zeros(npages, np.uint8), np.zeros(npages, np.uint8),
+                                             np.zeros(npages, np.int64), None, np.zeros(4, np.int64), npages)):
+    try:
+        make()
+    except OSError as err:
+        print(type(err).__name__, err.errno, err.filename)
+    else:
+        print("created")
+"""
+
+
+def test_fault_thread_constructors_report_emfile_as_oserror():
+    """Out of file descriptors is an OSError(EMFILE), not a MemoryError (a child process
+    with RLIMIT_NOFILE lowered)."""
+    proc = subprocess.run([sys.executable, "-c", EMFILE_CHILD], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout
+    for line, what in zip(lines, ("fault server", "fault engine")):
+        kind, err, context = line.split(" ", 2)
+        assert kind == "OSError" and int(err) == errno.EMFILE and what in context, line
 
 
 # --- features --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 
 from vmem.migration.convergence import ConvergenceParams, Trend, assess_convergence, fit_trend
 from vmem.errors import ConfigError, PolicyError
+from vmem.pages import PAGE_SIZE
 from vmem.migration.policy import (
     OPTION_CHOICES,
     POLICIES,
@@ -236,7 +237,7 @@ def test_convergence_params_validated(kw, param):
 # Synthetic stats for the new policies
 # =====================================================================================
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 LINK = 125e6  # 1 Gbit/s in bytes/s
 
 

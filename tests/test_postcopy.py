@@ -20,7 +20,7 @@ from vmem.errors import StreamError
 from vmem.migration.local import run_local_migration, spawn_destination
 from vmem.migration.source import MigrationOptions, migrate
 from vmem.migration.policy import Decision, Verdict
-from vmem.format.postcopy import UrgentPort, decode_pfn_list, encode_pfn_list
+from vmem.format.postcopy import decode_pfn_list, encode_pfn_list
 
 WORKLOADS = [("idle", {}), ("uniform", {"rate": 20000}), ("hotcold", {"rate": 20000}), ("zipf", {"rate": 20000}),
              ("sweep", {"rate": 20000}), ("phased", {}), ("checker", {"rate": 20000, "reads": 64})]
@@ -182,30 +182,6 @@ def test_pfn_list_records_are_bounded():
         decode_pfn_list(body, 7)
     with pytest.raises(ValueError):
         encode_pfn_list(np.empty(0, dtype=np.int64))
-
-
-def test_urgent_port_round_trip_and_malformed_records():
-    a, b = channel_pair()
-    try:
-        pa, pb = UrgentPort(a, 64), UrgentPort(b, 64)
-        ram = np.arange(64 * 4096, dtype=np.uint32).view(np.uint8).reshape(-1, 4096)[:64].copy()
-        pa.send_fault(np.array([3, 9]))
-        asked = pb.read_fault()
-        assert asked.tolist() == [3, 9]
-        pb.send_pages(asked, ram)
-        staging = np.zeros((8, 4096), dtype=np.uint8)
-        assert pa.read_pages(staging).tolist() == [3, 9]
-        assert np.array_equal(staging[:2], ram[[3, 9]])
-        # A FAULT naming a page beyond the guest, and a record of the wrong type.
-        a.send(np.array([int(wire.PostcopyRecordType.FAULT) | (16 << 32), 1, 99], dtype="<u8").tobytes())
-        with pytest.raises(StreamError, match="beyond"):
-            pb.read_fault()
-        a.send(np.array([0x12345678 | (16 << 32), 1, 1], dtype="<u8").tobytes())
-        with pytest.raises(StreamError, match="malformed FAULT"):
-            pb.read_fault()
-    finally:
-        a.close()
-        b.close()
 
 
 def test_cli_postcopy_flags(tmp_path):

@@ -15,14 +15,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmem.format import stream
-
-from vmem.format import wire
 from vmem.errors import StreamError
-from vmem.format.stream import (
-    ControlReader, PageData, Record, StreamReader, StreamWriter, decode_json,
-    encode_control, encode_json_control, encode_preamble, read_preamble,
+from vmem.format import stream, wire
+from vmem.format.control import (
+    ControlReader, decode_json, encode_control, encode_json_control, encode_preamble,
+    read_preamble,
 )
+from vmem.format.stream import PageData, Record, StreamReader, StreamWriter
+from vmem.migration.savefile import RamPlacement
 from vmem.format.wire import (
     MAX_RECORD_BODY_BYTES, PAGE_SIZE, ControlType, EmulatorId, LibxcRecordType,
     LibxlRecordType, PageType, PostcopyRecordType,
@@ -71,6 +71,27 @@ class Pipe:
 
 def ram(npages: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (npages, PAGE_SIZE), dtype=np.uint8)
+
+
+class MemfdRam:
+    """Guest RAM as a memfd, filled through the destination's own placement path
+    (:class:`~vmem.migration.savefile.RamPlacement`: staging, digest, pwrite by runs)."""
+
+    def __init__(self, npages: int):
+        self.npages = npages
+        self.fd = os.memfd_create("test-stream-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, npages * PAGE_SIZE)
+        self.digests = np.zeros(npages, dtype=np.uint64)
+
+    def placement(self, source) -> RamPlacement:
+        return RamPlacement(source, self.fd, self.digests)
+
+    def pages(self) -> np.ndarray:
+        data = os.pread(self.fd, self.npages * PAGE_SIZE, 0)
+        return np.frombuffer(data, dtype=np.uint8).reshape(self.npages, PAGE_SIZE)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def read_all(reader: StreamReader) -> list:
@@ -274,7 +295,7 @@ def test_round_trip_page_data(npages, version):
     assert writer.records_written == len(records) + len(page_items) + 1  # + LIBXC_CONTEXT
 
 
-def test_payload_into_pages_and_through_a_sink():
+def test_payload_placed_in_ram_and_through_a_sink():
     pages = ram(64, seed=3)
     pfns = np.array([3, 4, 5, 9, 10, 40, 63, 0])  # runs and singles, out of order
     types = np.array([0, 0, PageType.XTAB, 0, 0, PageType.BROKEN, 0, 0])
@@ -293,8 +314,10 @@ def test_payload_into_pages_and_through_a_sink():
     assert pd.count == 8 and pd.npages_with_data == 6
     assert np.array_equal(pd.pfns, pfns) and np.array_equal(pd.types, types)
     assert np.array_equal(pd.pfns_with_data, carried)
-    dest = np.zeros_like(pages)
-    assert reader.read_page_payload_into_pages(dest) == 6 * PAGE_SIZE
+    memfd = MemfdRam(pages.shape[0])
+    assert reader.read_page_payload(memfd.placement(pipe)) == 6 * PAGE_SIZE
+    dest = memfd.pages()
+    memfd.close()
     assert np.array_equal(dest[carried], pages[carried])
     assert not dest[[5, 40]].any()  # types without data: nothing written
 
@@ -661,6 +684,9 @@ def _mutate(data: bytes, mutations) -> bytes:
     return bytes(buf)
 
 
+_MUTATION_RAM = MemfdRam(4096)  # the readers below accept pfns up to 4095
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(mutation, min_size=1, max_size=4), st.booleans(), st.booleans())
 def test_mutated_streams_raise_only_stream_error(mutations, short_reads, via_pages):
@@ -673,7 +699,7 @@ def test_mutated_streams_raise_only_stream_error(mutations, short_reads, via_pag
             item = reader.next_record()
             if isinstance(item, PageData):
                 if via_pages:
-                    reader.read_page_payload_into_pages(np.zeros((4096, PAGE_SIZE), np.uint8))
+                    reader.read_page_payload(_MUTATION_RAM.placement(pipe))
                 else:
                     reader.read_page_payload_into(bytearray(item.payload_bytes))
     except StreamError as err:

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmem.migration import savefile
 
-from vmem.format import stream
+from vmem.format import control, stream
 
 from vmem.format import wire
 from vmem.errors import StreamError
@@ -70,24 +69,7 @@ def fails(data: bytes, match: str, target: str = "stream", read_past_error: int 
     src = fz.Source(data, opts.pop("eof_raises", True))
     opt = fz.Options(**opts)
     with pytest.raises(StreamError, match=match) as info:
-        if target == "stream":
-            fz._drive_stream(stream.StreamReader(src.recv_exact, src.recv_into,
-                                                 max_pfn=opt.max_pfn,
-                                                 allow_postcopy=opt.allow_postcopy,
-                                                 require_hvm_state=opt.require_hvm), src, opt)
-        elif target == "savefile":
-            hdr = savefile.read_xl_header(src.recv_exact)
-            fz._drive_stream(stream.StreamReader(src.recv_exact, src.recv_into,
-                                                 base_offset=hdr.stream_offset,
-                                                 require_hvm_state=True), src, opt)
-        elif target == "preamble":
-            stream.read_preamble(src.recv_exact)
-        else:
-            reader = stream.ControlReader(src.recv_exact)
-            while src.pos < len(data):
-                ctype, body = reader.read()
-                if ctype not in (ControlType.DIGESTS, ControlType.SHUTDOWN, ControlType.COMMIT):
-                    stream.decode_json(body)
+        fz.parse_input(target, src, opt)
     assert info.value.offset >= 0
     if read_past_error is not None:
         consumed = src.pos - info.value.offset
@@ -128,7 +110,7 @@ def test_truncated_records(name, cut, match):
             fails(data[:start + cut], match, eof_raises=eof_raises, mode=mode)
     emu = build()[:-8]  # cut inside the tail: the libxl END is missing
     fails(emu, "truncated in record header")
-    fails(fz._join(stream.encode_control(ControlType.READY, b"{}"))[:-3], "truncated in READY",
+    fails(fz._join(control.encode_control(ControlType.READY, b"{}"))[:-3], "truncated in READY",
           target="control")
     xl = fz.SEEDS["savefile"][0][0].data
     fails(xl[:40], "truncated in xl save-file header", target="savefile")
@@ -232,7 +214,7 @@ def test_nonzero_padding_and_reserved_fields():
     base = b"".join(ch.data for ch in SEED[:e + 1])
     assert fz.run_input("stream", base + tail + rest, fz.Options())[0] == "ok"
     fails(base + bad + rest, "non-zero padding after EMULATOR_CONTEXT body")
-    fails(fz._join(stream.encode_control(ControlType.READY, b"{}"))[:-1] + b"\7",
+    fails(fz._join(control.encode_control(ControlType.READY, b"{}"))[:-1] + b"\7",
           "non-zero padding after READY body", target="control")
     pg = idx("PAGE_DATA")
     page = SEED[pg].data
@@ -276,7 +258,7 @@ def test_wrong_versions_in_save_headers_and_context():
     fails(xl[:36] + struct.pack("<I", 1) + xl[40:], "legacy", target="savefile")
     fails(b"vmem-migrate-v2\n" + bytes(8), "another vmem migration protocol", target="preamble")
     with pytest.raises(StreamError, match="another vmem migration protocol"):
-        stream.read_preamble(fz.Source(b"vmem-migrate-v2\n" + bytes(8), True).recv_exact)
+        control.read_preamble(fz.Source(b"vmem-migrate-v2\n" + bytes(8), True).recv_exact)
     c = idx("HVM_CONTEXT")
     blob = bytearray(SEED[c].data)
     struct.pack_into("<I", blob, 8 + 8 + 4, 2)  # hvm save header version
@@ -290,7 +272,7 @@ def test_json_numbers_beyond_a_double_are_stream_errors():
     # json.loads("1e400") is inf; int(inf) raised OverflowError in callers (fixed in decode_json).
     for body in (b'{"npages": 1e400}', b"-1e999"):
         with pytest.raises(StreamError, match="does not fit a double"):
-            stream.decode_json(body)
+            control.decode_json(body)
 
 
 # ----------------------------------------------------------------------------------------
@@ -310,10 +292,10 @@ def _serve_once(send: bytes) -> tuple[int, list]:
     t.start()
     controls = []
     try:
-        pre = stream.encode_preamble({"guest": {"workload": "idle", "params": {}, "seed": 1},
+        pre = control.encode_preamble({"guest": {"workload": "idle", "params": {}, "seed": 1},
                                       "npages": 64, "page_size": 4096, "verify": True})
         src.send(pre)
-        reader = stream.ControlReader(src.recv_exact)
+        reader = control.ControlReader(src.recv_exact)
         controls.append(reader.read())
         if controls[0][0] == ControlType.READY:
             src.send(send)
@@ -343,7 +325,7 @@ def test_destination_answers_every_bad_stream_with_a_stream_error(attack):
     assert rc == 1
     ctype, body = controls[-1]
     assert ctype == ControlType.ERROR
-    err = stream.decode_json(body)
+    err = control.decode_json(body)
     assert err["type"] == "StreamError" and err["phase"] == "receive", err
 
 
@@ -356,11 +338,11 @@ def test_destination_refuses_a_malformed_guest_spec_cleanly(guest):
     src, dst = channel_pair()
     src.settimeout(10)
     try:
-        src.send(stream.encode_preamble({"guest": guest, "npages": 64, "page_size": 4096}))
+        src.send(control.encode_preamble({"guest": guest, "npages": 64, "page_size": 4096}))
         src.sock.shutdown(socket.SHUT_WR)
         assert DestinationMigration(dst).run() == 1
-        ctype, body = stream.ControlReader(src.recv_exact).read()
-        assert ctype == ControlType.ERROR and stream.decode_json(body)["type"] == "StreamError"
+        ctype, body = control.ControlReader(src.recv_exact).read()
+        assert ctype == ControlType.ERROR and control.decode_json(body)["type"] == "StreamError"
     finally:
         src.close()
         dst.close()

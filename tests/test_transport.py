@@ -36,18 +36,15 @@ from transport import (
     TransportError,
     channel_from_fd,
     channel_pair,
-    page_runs,
     parse_rate,
     recv_fds,
-    recv_pages_into,
     send_fds,
-    send_pages,
     set_tcp_nodelay,
 )
+from transport.codec import PAGE_BYTES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOIN_TIMEOUT_S = 60.0
-PAGE_BYTES = 4096
 MiB = 1 << 20
 
 
@@ -353,55 +350,6 @@ def check_wait_readable(maker):
         assert isinstance(pair.b.fileno(), int)
 
 
-def _page_cases(npages: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(5)
-    many_runs = np.flatnonzero(rng.random(npages) < 0.3)
-    return {
-        "empty": np.empty(0, dtype=np.int64),
-        "single": np.array([17]),
-        "contiguous": np.arange(40, 300),
-        "all": np.arange(npages),
-        "few-runs": np.concatenate([np.arange(a, a + n) for a, n in
-                                    [(0, 1), (5, 3), (20, 50), (100, 1), (102, 7),
-                                     (400, 100), (npages - 1, 1)]]),
-        "scattered": np.arange(3, npages, 3),  # every run is one page
-        "mixed": np.union1d(np.arange(50, 250), many_runs),
-        "int32": np.arange(0, npages, 2, dtype=np.int32),
-    }
-
-
-def check_send_pages(maker):
-    """send_pages/recv_pages_into move exactly the chosen pages, by any path and staging."""
-    npages = 512
-    src = random_bytes(npages * PAGE_BYTES, seed=6).reshape(npages, PAGE_BYTES)
-    header = b"batch-header"
-    stagings = {
-        "no-staging": (None, None),
-        "small-staging": (np.empty((7, PAGE_BYTES), np.uint8), np.empty((5, PAGE_BYTES),
-                                                                        np.uint8)),
-        "big-staging": (np.empty((npages, PAGE_BYTES), np.uint8),
-                        np.empty((npages, PAGE_BYTES), np.uint8)),
-    }
-    with Pair(maker) as pair:
-        for case, pages in _page_cases(npages).items():
-            runs = len(page_runs(pages, npages)[0])
-            for staging_name, (send_staging, recv_staging) in stagings.items():
-                what = f"{case} ({runs} runs), {staging_name}"
-                dst = np.full((npages, PAGE_BYTES), 0xEE, dtype=np.uint8)
-                sent_before = pair.a.bytes_sent
-                sender = pair.spawn(send_pages, pair.a, header, src, pages, send_staging)
-                assert pair.b.recv_exact(len(header)) == header, what
-                got = recv_pages_into(pair.b, dst, pages, recv_staging)
-                sent = sender.result()
-                assert sent == len(header) + len(pages) * PAGE_BYTES, what
-                assert got == len(pages) * PAGE_BYTES, what
-                assert pair.a.bytes_sent - sent_before == sent, what
-                assert np.array_equal(dst[pages], src[pages]), what
-                untouched = np.ones(npages, dtype=bool)
-                untouched[pages] = False
-                assert (dst[untouched] == 0xEE).all(), what
-
-
 CHANNEL_CHECKS = [
     check_roundtrip_mixed_parts,
     check_partial_sends_with_slow_reader,
@@ -412,7 +360,6 @@ CHANNEL_CHECKS = [
     check_timeouts,
     check_send_timeout_mid_message,
     check_wait_readable,
-    check_send_pages,
 ]
 
 
@@ -629,47 +576,6 @@ def test_channel_from_fd_in_child_process():
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-
-
-# -- pages -----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("pages, runs", [
-    ([], []),
-    ([5], [(5, 6)]),
-    ([0, 1, 2, 3], [(0, 4)]),
-    ([0, 2, 4], [(0, 1), (2, 3), (4, 5)]),
-    ([1, 2, 3, 7, 8, 10, 15, 16, 17, 18], [(1, 4), (7, 9), (10, 11), (15, 19)]),
-    ([99], [(99, 100)]),
-])
-def test_page_runs(pages, runs):
-    starts, ends = page_runs(np.array(pages, dtype=np.int64), 100)
-    assert list(zip(starts.tolist(), ends.tolist())) == runs
-    assert starts.dtype == ends.dtype == np.int64
-
-
-@pytest.mark.parametrize("pages", [[3, 2], [1, 1], [-1, 0], [0, 100], [[1, 2]], [0.5]])
-def test_page_runs_rejects(pages):
-    with pytest.raises(ValueError):
-        page_runs(np.array(pages), 100)
-
-
-def test_send_pages_validates_before_sending():
-    ram = np.zeros((8, PAGE_BYTES), dtype=np.uint8)
-    with Pair(make_socket_pair) as pair:
-        bad_calls = [
-            lambda: send_pages(pair.a, b"h", ram, np.array([2, 1])),
-            lambda: send_pages(pair.a, b"h", ram, np.array([8])),
-            lambda: send_pages(pair.a, b"h", ram[:, :100], np.array([1])),
-            lambda: send_pages(pair.a, b"h", ram.astype(np.int16), np.array([1])),
-            lambda: send_pages(pair.a, b"h", ram, np.arange(0, 8, 2),
-                               np.empty((4, 100), np.uint8)),
-        ]
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(transport.pages, "DIRECT_RUNS_MAX", 1)  # force the staging path
-            for call in bad_calls:
-                with pytest.raises(ValueError):
-                    call()
-        assert pair.a.bytes_sent == 0
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ What you may use is listed in ``__all__``; everything else is private.
   :class:`SocketChannel` implements it over a stream socket, :func:`channel_pair` makes a
   connected unix pair, :func:`channel_from_fd` rebuilds one in a child process;
 * :func:`send_fds` / :func:`recv_fds` -- pass file descriptors (memfds) over a unix socket;
-* :func:`send_pages` / :func:`recv_pages_into` -- move page batches without per-page Python;
 * :class:`ShapedChannel`, :class:`TokenBucket`, :func:`parse_rate` -- bandwidth shaping;
 * errors: :class:`TransportError` > :class:`ChannelClosedError` (we closed it),
   :class:`ChannelBrokenError` (the peer broke it), :class:`ChannelTimeout`.
@@ -25,7 +24,6 @@ from .channel import (
     set_tcp_nodelay,
 )
 from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
-from .pages import DIRECT_RUNS_MAX, page_runs, recv_pages_into, send_pages
 from .shaping import ShapedChannel, TokenBucket, default_burst_bytes, parse_rate
 
 __all__ = [
@@ -40,11 +38,6 @@ __all__ = [
     # fd passing
     "send_fds",
     "recv_fds",
-    # pages
-    "send_pages",
-    "recv_pages_into",
-    "page_runs",
-    "DIRECT_RUNS_MAX",
     # shaping
     "parse_rate",
     "default_burst_bytes",
@@ -57,20 +50,10 @@ __all__ = [
     "ChannelTimeout",
 ]
 
-# -- between hosts: TCP, parallel data streams, security, page-batch codec ----------------
-# (transport.tcp, transport.striped, transport.compressed, transport.parallel,
-#  transport.secure, transport.codec)
+# -- between hosts: TCP, striped connections, compression, security, page-batch codec -------
+# (transport.tcp, transport.striped, transport.compressed, transport.secure, transport.codec)
 from .codec import CodecError, decode_batch, encode_batch, method_unavailable, zero_page_mask
 from .compressed import CompressedChannel
-from .parallel import (
-    ParallelError,
-    ParallelReceiver,
-    ParallelSender,
-    ReceivedBatch,
-    StreamHello,
-    new_session_id,
-    read_stream_hello,
-)
 from .secure import (
     AuthError,
     KeyFileError,
@@ -110,14 +93,6 @@ __all__ += [
     # one stream over several connections; zero pages as a bitmap / compression
     "StripedChannel",
     "CompressedChannel",
-    # parallel data streams (page batches; not used by the agents)
-    "ParallelSender",
-    "ParallelReceiver",
-    "ReceivedBatch",
-    "StreamHello",
-    "new_session_id",
-    "read_stream_hello",
-    "ParallelError",
     # security
     "generate_key",
     "load_key",

@@ -41,6 +41,9 @@ __all__ = [
     "encoded_nbytes",
 ]
 
+#: The page size of the wire: every batch is whole pages of this many bytes.  transport
+#: imports nothing of vmem, so this is transport's one copy of the guest page size
+#: (vmem.pages.PAGE_SIZE); tests/test_native.py checks that the two agree.
 PAGE_BYTES = 4096
 METHODS = ("none", "zstd", "lz4")
 # Default compression levels: the fastest useful setting of each library (migration is

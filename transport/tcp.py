@@ -14,9 +14,6 @@ names ``host:port`` and says what to check, e.g.::
 
     cannot connect to 10.213.0.2:7000: connection refused -- is `vmem agent` running there
     and listening on port 7000?
-
-The parallel data connections (several TCP streams per migration, like QEMU's multifd)
-live in :mod:`transport.parallel`; their names are re-exported here for convenience.
 """
 from __future__ import annotations
 
@@ -344,16 +341,3 @@ def accept_channel(listen_sock: socket.socket, timeout_s: float | None = None
         raise TransportError(f"cannot configure accepted connection from {peer}: {err}"
                              ) from err
 
-
-def __getattr__(name: str):
-    # The parallel-stream API lives in transport.parallel (which imports this module);
-    # resolve it lazily so `from transport.tcp import ParallelSender` works too.  Dunder
-    # names (``__path__``, ``__wrapped__``... probed by importlib, inspect, pickle) are
-    # never parallel's: answer them at once, without importing anything.
-    if name.startswith("__") and name.endswith("__"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import parallel
-
-    if name in parallel.__all__:
-        return getattr(parallel, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,6 +34,7 @@ import threading
 import numpy as np
 
 from vmem._vmem_native import ffi, lib
+from vmem.pages import PAGE_SHIFT, PAGE_SIZE
 
 __all__ = [
     "PAGE_SIZE",
@@ -70,11 +71,16 @@ __all__ = [
     "continue_runs",
     "PostcopyFaultEngine",
     "PostcopyFaultServer",
+    "PC_MISSING",
+    "PC_PLACING",
+    "PC_PRESENT",
 ]
 
-PAGE_SIZE: int = int(lib.VMEM_PAGE_SIZE)
-_PAGE_SHIFT = 12
-assert PAGE_SIZE == 1 << _PAGE_SHIFT
+# The C code has its own copy of the page size (a compile-time constant); an extension
+# built with another one must not be used.
+if int(lib.VMEM_PAGE_SIZE) != PAGE_SIZE:
+    raise ImportError(f"vmem._vmem_native was built for {int(lib.VMEM_PAGE_SIZE)}-byte pages, not {PAGE_SIZE}: "
+                      "rebuild it (python3 vmem/_build/build_native.py)")
 
 # --- constants -------------------------------------------------------------------------
 # memfd_create(2)
@@ -517,7 +523,7 @@ def pagemap_scan(
         if n:
             regions = np.frombuffer(ffi.buffer(vec, n * 24), dtype=np.uint64).reshape(n, 3).copy()
             if max_pages:
-                pages_left -= int(((regions[:, 1] - regions[:, 0]) >> _PAGE_SHIFT).sum())
+                pages_left -= int(((regions[:, 1] - regions[:, 0]) >> PAGE_SHIFT).sum())
             if chunks:
                 prev = chunks[-1]
                 if prev[-1, 1] == regions[0, 0] and prev[-1, 2] == regions[0, 2]:
@@ -707,6 +713,12 @@ def continue_runs(uffd: int, guest_base: int, runs: np.ndarray) -> int:
                   f"UFFDIO_CONTINUE over {len(runs)} runs")
 
 
+#: Present-page states of the post-copy destination, one byte per page shared with C.
+PC_MISSING: int = int(lib.VMEM_PC_MISSING)
+PC_PLACING: int = int(lib.VMEM_PC_PLACING)
+PC_PRESENT: int = int(lib.VMEM_PC_PRESENT)
+
+
 def _ptr(ctype: str, arr: np.ndarray | None):
     if arr is None:
         return ffi.NULL
@@ -715,7 +727,39 @@ def _ptr(ctype: str, arr: np.ndarray | None):
     return ffi.cast(ctype, arr.ctypes.data)
 
 
-class PostcopyFaultEngine:
+class _FaultThread:
+    """A C fault thread and its handle (``vmem_pc_<kind>_*`` in vmem/_build/postcopy.py):
+    :meth:`start`, :meth:`stop` (joins; idempotent), :meth:`close` (frees; idempotent), and
+    :meth:`stats`, the fields of its statistics struct read at once under its lock."""
+
+    _kind = ""  # "dest" or "src"
+    _what = ""  # for error messages
+
+    def _create(self, *args) -> None:
+        self._h = None
+        out = ffi.new(f"vmem_pc_{self._kind} **")
+        _check(getattr(lib, f"vmem_pc_{self._kind}_new")(out, *args), f"creating the {self._what}")
+        self._h = out[0]
+        self._stats = ffi.new(f"struct vmem_pc_{self._kind}_stats *")
+
+    def start(self) -> None:
+        _check(getattr(lib, f"vmem_pc_{self._kind}_start")(self._h), f"starting the {self._what}")
+
+    def stop(self) -> None:
+        if self._h is not None:
+            getattr(lib, f"vmem_pc_{self._kind}_stop")(self._h)
+
+    def close(self) -> None:
+        if self._h is not None:
+            getattr(lib, f"vmem_pc_{self._kind}_free")(self._h)
+            self._h = None
+
+    def stats(self) -> dict:
+        getattr(lib, f"vmem_pc_{self._kind}_stats")(self._h, self._stats)
+        return {name: int(getattr(self._stats, name)) for name, _field in ffi.typeof(self._stats).item.fields}
+
+
+class PostcopyFaultEngine(_FaultThread):
     """The destination's demand-fault fast path: one C thread (no GIL) that
 
     * reads the guest's userfaultfd, maps pages that are already present (CONTINUE for a
@@ -728,83 +772,50 @@ class PostcopyFaultEngine:
     ``state``/``requested``/``received`` uint8 per page, ``fault_t0`` int64 per page,
     ``digests`` uint64 per page or None, ``latencies`` int64 (fault -> placed, ns; filled
     up to its length).  :meth:`place` is how Python places background pages under the
-    engine's lock.  Stats: see :meth:`stats`.
+    engine's lock.  :meth:`stats`: the fields of ``struct vmem_pc_dest_stats``
+    (latency_count, missing, demand_faults, fault_events, local_faults, pages_demanded,
+    pages_pushed, duplicates, t_complete_ns, error).
     """
 
-    _STATS = ("latencies", "missing", "demand_faults", "fault_events", "local_faults", "pages_demanded",
-              "pages_pushed", "duplicates", "t_complete_ns", "error")
+    _kind, _what = "dest", "post-copy fault engine"
 
     def __init__(self, uffd: int, urgent_fd: int, ram_fd: int, base: int, npages: int, state: np.ndarray,
                  requested: np.ndarray, received: np.ndarray, fault_t0: np.ndarray, digests: np.ndarray | None,
                  latencies: np.ndarray, missing: int):
+        """Raises ValueError for arrays of the wrong size, OSError (e.g. EMFILE) if the
+        engine's wake pipe or memory cannot be had."""
         for name, arr, dt in (("state", state, np.uint8), ("requested", requested, np.uint8), ("received", received, np.uint8),
                               ("fault_t0", fault_t0, np.int64)):
             if arr.dtype.itemsize != np.dtype(dt).itemsize or len(arr) != npages:
                 raise ValueError(f"{name} must hold {npages} {np.dtype(dt).name}")
         self._keep = (state, requested, received, fault_t0, digests, latencies)
-        h = lib.vmem_pc_dest_new(uffd, urgent_fd, ram_fd, base, npages, _ptr("uint8_t *", state),
-                                 _ptr("uint8_t *", requested), _ptr("uint8_t *", received), _ptr("int64_t *", fault_t0),
-                                 _ptr("uint64_t *", digests), _ptr("int64_t *", latencies), len(latencies), missing)
-        if h == ffi.NULL:
-            raise MemoryError("vmem_pc_dest_new failed")
-        self._h = h
-        self._out = ffi.new("int64_t[10]")
+        self._create(uffd, urgent_fd, ram_fd, base, npages, _ptr("uint8_t *", state), _ptr("uint8_t *", requested),
+                     _ptr("uint8_t *", received), _ptr("int64_t *", fault_t0), _ptr("uint64_t *", digests),
+                     _ptr("int64_t *", latencies), len(latencies), missing)
 
-    def start(self) -> None:
-        _check(lib.vmem_pc_dest_start(self._h), "starting the post-copy fault thread")
-
-    def stop(self) -> None:
-        if self._h is not None:
-            lib.vmem_pc_dest_stop(self._h)
-
-    def close(self) -> None:
-        if self._h is not None:
-            lib.vmem_pc_dest_free(self._h)
-            self._h = None
-
-    def place(self, staging: np.ndarray, pfns: np.ndarray, digest_tmp: np.ndarray) -> int:
+    def place(self, staging: np.ndarray, pfns: np.ndarray) -> int:
         """Place the batch in ``staging[:len(pfns)]`` (pages not MISSING are skipped)."""
         pfns = np.ascontiguousarray(pfns, dtype=np.int64)
         return _check(lib.vmem_pc_dest_place(self._h, _ptr("const uint8_t *", staging), _ptr("const int64_t *", pfns),
-                                             len(pfns), _ptr("uint64_t *", digest_tmp)), f"placing {len(pfns)} post-copy pages")
-
-    def stats(self) -> dict:
-        lib.vmem_pc_dest_stats(self._h, self._out)
-        return {k: int(self._out[i]) for i, k in enumerate(self._STATS)}
+                                             len(pfns)), f"placing {len(pfns)} post-copy pages")
 
 
-class PostcopyFaultServer:
+class PostcopyFaultServer(_FaultThread):
     """The source's demand-fault fast path: one C thread that answers FAULT records from the
     urgent channel with the pages straight from ``ram`` (writev, no copy), marks them in
     ``sent`` (uint8 per page) and writes the newest fault's pfn to ``cursor[0]`` (and bumps
-    ``cursor[1]``) for the background push's pre-paging."""
+    ``cursor[1]``) for the background push's pre-paging.  :meth:`stats`: the fields of
+    ``struct vmem_pc_src_stats`` (fault_records, pages_sent, error)."""
+
+    _kind, _what = "src", "post-copy fault server"
 
     def __init__(self, urgent_fd: int, ram: np.ndarray, sent: np.ndarray, cursor: np.ndarray):
+        """Raises ValueError for arrays of the wrong shape, OSError (e.g. EMFILE) if the
+        server's wake pipe or memory cannot be had."""
         if ram.ndim != 2 or ram.shape[1] != PAGE_SIZE or len(sent) != len(ram) or sent.dtype.itemsize != 1:
-            raise ValueError("ram must be (npages, 4096) and sent one byte per page")
+            raise ValueError(f"ram must be (npages, {PAGE_SIZE}) and sent one byte per page")
         self._keep = (ram, sent, cursor)
-        h = lib.vmem_pc_src_new(urgent_fd, _ptr("const uint8_t *", ram), len(ram), _ptr("uint8_t *", sent),
-                                _ptr("int64_t *", cursor))
-        if h == ffi.NULL:
-            raise MemoryError("vmem_pc_src_new failed")
-        self._h = h
-        self._out = ffi.new("int64_t[3]")
-
-    def start(self) -> None:
-        _check(lib.vmem_pc_src_start(self._h), "starting the post-copy fault server")
-
-    def stop(self) -> None:
-        if self._h is not None:
-            lib.vmem_pc_src_stop(self._h)
-
-    def close(self) -> None:
-        if self._h is not None:
-            lib.vmem_pc_src_free(self._h)
-            self._h = None
-
-    def stats(self) -> dict:
-        lib.vmem_pc_src_stats(self._h, self._out)
-        return {"fault_records": int(self._out[0]), "pages_sent": int(self._out[1]), "error": int(self._out[2])}
+        self._create(urgent_fd, _ptr("const uint8_t *", ram), len(ram), _ptr("uint8_t *", sent), _ptr("int64_t *", cursor))
 
 
 # --- process ---------------------------------------------------------------------------

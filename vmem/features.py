@@ -33,10 +33,10 @@ import time
 from dataclasses import dataclass
 
 from vmem.errors import FeatureUnavailable
+from vmem.pages import PAGE_SIZE
 
 __all__ = ["Feature", "probe_features", "format_features", "require"]
 
-PAGE_SIZE = 4096
 _PROBE_CHILD_TIMEOUT_S = 10.0
 
 

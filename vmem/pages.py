@@ -1,21 +1,93 @@
-"""Page-level helpers shared by both ends: batching views for sending, RAM digests.
+"""Pages: the page size, and page-index helpers shared by every layer.
 
-Everything here works on index arrays with numpy; nothing loops over pages in Python.
+The guest page size is defined here once (:data:`PAGE_SIZE`); everything in vmem and
+guests imports it from here (``vmem.ram`` and ``vmem.format.wire`` re-export it), the C
+extension's ``VMEM_PAGE_SIZE`` is checked against it when ``vmem._native`` loads, and
+``transport.codec.PAGE_BYTES`` (transport imports nothing of vmem) is checked against it by
+the tests.
+
+A *page* is an index (int64), an *offset* is bytes.  Page lists are sorted unique int64
+arrays; *runs* are ``[first, end)`` pairs.  Everything here works on index arrays with
+numpy; nothing loops over pages in Python.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from transport.pages import page_runs
+if TYPE_CHECKING:
+    from vmem.ram import GuestRam
 
-from vmem.ram import PAGE_SIZE, GuestRam
+__all__ = [
+    "PAGE_SHIFT", "PAGE_SIZE", "page_runs", "runs_to_pages", "ranges_to_pages", "page_buffers",
+    "merge_pages", "unique_pages", "mismatched_pages", "zero_page_digest", "MAX_DIRECT_RUNS",
+]
 
-__all__ = ["PAGE_SIZE", "page_buffers", "merge_pages", "mismatched_pages", "zero_page_digest", "MAX_DIRECT_RUNS"]
+PAGE_SHIFT = 12
+"""log2 of the guest page size (x86-64 base pages; shmem/memfd without huge pages).  Also the
+Xen stream's ``page_shift``, which Xen's reader accepts as 12 only."""
+
+PAGE_SIZE = 1 << PAGE_SHIFT  # 4096 octets
 
 #: With at most this many contiguous runs in a batch, send views of the RAM mapping
 #: directly (no copy); beyond it one numpy gather into a staging buffer is cheaper than
 #: building many small views.
 MAX_DIRECT_RUNS = 16
+
+
+def page_runs(pages: np.ndarray, npages: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split sorted unique page indices into maximal contiguous runs ``[starts[i], ends[i])``.
+
+    The one place a page list becomes runs (the inverse is :func:`ranges_to_pages`).
+
+    Args:
+        pages: strictly increasing page indices (any integer dtype).
+        npages: number of pages in RAM; every index must be in ``[0, npages)``.
+
+    Returns:
+        ``(starts, ends)``: int64 arrays of equal length, one entry per run.
+
+    Raises:
+        ValueError: ``pages`` is not one-dimensional, not strictly increasing, or out of range.
+    """
+    pages = np.asarray(pages)
+    if pages.ndim != 1:
+        raise ValueError(f"pages must be one-dimensional, got shape {pages.shape}")
+    if pages.size == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty.copy()
+    if not np.issubdtype(pages.dtype, np.integer):
+        raise ValueError(f"pages must be integers, got {pages.dtype}")
+    pages = pages.astype(np.int64, copy=False)
+    steps = np.diff(pages)
+    if steps.size and steps.min() <= 0:
+        raise ValueError("pages must be sorted and unique")
+    if pages[0] < 0 or pages[-1] >= npages:
+        raise ValueError(f"pages must lie in [0, {npages}), got {pages[0]}..{pages[-1]}")
+    # A run ends wherever the next index is not the successor.
+    breaks = np.flatnonzero(steps != 1) + 1
+    starts = np.concatenate((pages[:1], pages[breaks]))
+    ends = np.concatenate((pages[breaks - 1], pages[-1:])) + 1
+    return starts, ends
+
+
+def runs_to_pages(runs: np.ndarray) -> np.ndarray:
+    """Expand ``(n, 2)`` [first, end) runs into a flat sorted int64 page array, vectorised."""
+    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    return ranges_to_pages(runs[:, 0], runs[:, 1])
+
+
+def ranges_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Expand [start, end) page ranges into one flat int64 page array without a Python loop."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(ends, dtype=np.int64) - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    # Each output element is its range's start plus its offset inside the range.
+    out_starts = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - out_starts, lengths)
 
 
 def page_buffers(ram: np.ndarray, pages: np.ndarray, staging: np.ndarray) -> list:
@@ -69,7 +141,7 @@ def zero_page_digest() -> int:
     return _ZERO_DIGEST
 
 
-def mismatched_pages(ram: GuestRam, expected: np.ndarray, chunk_pages: int = 1 << 16) -> np.ndarray:
+def mismatched_pages(ram: "GuestRam", expected: np.ndarray, chunk_pages: int = 1 << 16) -> np.ndarray:
     """Pages of ``ram`` whose digest differs from ``expected`` (uint64[npages]).
 
     Works chunk by chunk (8 B/page of temporaries per chunk, not per guest), and digests

@@ -21,10 +21,10 @@ import os
 import numpy as np
 
 from vmem.errors import ConfigError, VmemError
+from vmem.pages import PAGE_SIZE, runs_to_pages
 
+# PAGE_SIZE is defined in vmem.pages and re-exported here: RAM is made of pages.
 __all__ = ["PAGE_SIZE", "GuestRam", "parse_size", "format_bytes", "mem_available_bytes"]
-
-PAGE_SIZE = 4096
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -189,20 +189,3 @@ def close_mapping(m: mmap.mmap) -> bool:
     except BufferError:
         return False
 
-
-def runs_to_pages(runs: np.ndarray) -> np.ndarray:
-    """Expand ``(n, 2)`` [first, end) runs into a flat sorted int64 page array, vectorised."""
-    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
-    return ranges_to_pages(runs[:, 0], runs[:, 1])
-
-
-def ranges_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Expand [start, end) page ranges into one flat int64 page array without a Python loop."""
-    starts = np.asarray(starts, dtype=np.int64)
-    lengths = np.asarray(ends, dtype=np.int64) - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.int64)
-    # Each output element is its range's start plus its offset inside the range.
-    out_starts = np.cumsum(lengths) - lengths
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - out_starts, lengths)

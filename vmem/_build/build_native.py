@@ -3,13 +3,15 @@
 Each concern has its own fragment module beside this file (pyca/cryptography style), each
 with four strings:
 
-    INCLUDES        C headers it needs (goes to the C source)
+    INCLUDES        C headers it needs, and the declarations older headers lack (goes to
+                    the top of the C source, before any fragment's code)
     TYPES           constants and types Python may see (goes to the cdef)
     FUNCTIONS       C function prototypes Python may call (goes to the cdef)
-    CUSTOMIZATIONS  C code: compatibility declarations for old headers, then the
-                    implementation (goes to the C source)
+    CUSTOMIZATIONS  C code: the implementation (goes to the C source)
 
-All fragments compile into ONE extension.  The fragments are loaded by file path, not
+All fragments compile into ONE extension.  ``common`` is the shared fragment: it comes
+first, and holds the page size and every helper or declaration one fragment needs from
+another, so the order of the other fragments does not matter.  The fragments are loaded by file path, not
 imported as ``vmem._build.*``, so that building never imports the ``vmem`` package (whose
 ``__init__`` may need the extension being built).
 
@@ -23,8 +25,10 @@ from cffi import FFI
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Order matters for the C source: common first (feature macros, shared headers).
-FRAGMENTS = ["common", "memfd", "process", "uffd", "pagemap", "mprot", "digest", "postcopy"]
+# The shared fragment first (feature macros, headers, helpers used across fragments); the
+# others in any order.
+SHARED_FRAGMENT = "common"
+FRAGMENTS = [SHARED_FRAGMENT, "memfd", "process", "uffd", "pagemap", "mprot", "digest", "postcopy"]
 
 
 def _load_fragment(name):

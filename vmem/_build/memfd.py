@@ -48,25 +48,6 @@ static int vmem_memfd_create(const char *name, unsigned int flags)
     return fd < 0 ? -errno : fd;
 }
 
-/* pwrite all of [src, src+left) at off: short writes resumed, EINTR retried.  0 or -errno. */
-static int vmem_pwrite_all(int fd, const uint8_t *src, size_t left, off_t off)
-{
-    while (left > 0) {
-        ssize_t w = pwrite(fd, src, left, off);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (w == 0)
-            return -EIO;
-        src += w;
-        off += w;
-        left -= (size_t)w;
-    }
-    return 0;
-}
-
 /* Write n pages held back to back in buf to the file positions pages[i] * page_size.
  * Consecutive page numbers are coalesced into one pwrite per run; short writes are
  * resumed and EINTR retried.  Returns bytes written, or -errno (some pages may then have

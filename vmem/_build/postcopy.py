@@ -8,34 +8,68 @@ and one ``UFFDIO_CONTINUE`` each; already-mapped pages (``EEXIST``) are skipped 
 waiters woken by ``vmem_uffd_fill`` (uffd fragment).
 """
 
-INCLUDES = """
-#include <poll.h>
-#include <pthread.h>
-#include <time.h>
-#include <sys/resource.h>
-#include <sys/uio.h>
-#include <linux/userfaultfd.h>
-"""
-
-TYPES = ""
-
-FUNCTIONS = """
+# The handles (opaque to Python) and the statistics structs, in the C source and in the cdef
+# alike: Python reads the statistics by field name.
+_DECLARATIONS = """
 typedef struct vmem_pc_dest vmem_pc_dest;
 typedef struct vmem_pc_src vmem_pc_src;
 
-vmem_pc_dest *vmem_pc_dest_new(int uffd, int urgent_fd, int ram_fd, uint64_t base, int64_t npages,
-                               uint8_t *state, uint8_t *requested, uint8_t *received, int64_t *fault_t0,
-                               uint64_t *digests, int64_t *lat, int64_t lat_cap, int64_t missing);
+/* The destination engine's statistics, read all at once under its lock. */
+struct vmem_pc_dest_stats {
+    int64_t latency_count;     /* fault -> placed latencies recorded */
+    int64_t missing;           /* pages not yet PRESENT */
+    int64_t demand_faults;     /* distinct pages asked from the source */
+    int64_t fault_events;      /* uffd fault events read */
+    int64_t local_faults;      /* faults on present pages, resolved here */
+    int64_t pages_demanded;    /* placed pages that had been asked for */
+    int64_t pages_pushed;      /* placed pages nobody asked for */
+    int64_t duplicates;        /* pages that arrived when no longer MISSING */
+    int64_t t_complete_ns;     /* CLOCK_MONOTONIC when missing reached 0, else 0 */
+    int64_t error;             /* errno that stopped the thread, else 0 */
+};
+
+/* The source fault server's statistics, read all at once under its lock. */
+struct vmem_pc_src_stats {
+    int64_t fault_records;     /* FAULT records answered */
+    int64_t pages_sent;        /* pages sent in answer */
+    int64_t error;             /* errno that stopped the thread, else 0 */
+};
+"""
+
+INCLUDES = """
+#include <poll.h>
+#include <pthread.h>
+#include <sys/resource.h>
+#include <linux/userfaultfd.h>
+"""
+
+TYPES = """
+/* The wire constants the fault threads speak, exposed so that tests/test_native.py checks
+   them against vmem.format.wire (PostcopyRecordType, MAX_PAGES_PER_RECORD). */
+#define VMEM_PC_REC_PAGE_DATA ...
+#define VMEM_PC_REC_FAULT ...
+#define VMEM_PC_MAX_PAGES ...
+/* Present-page states, one byte per page, shared with Python (vmem._native.PC_*). */
+#define VMEM_PC_MISSING ...
+#define VMEM_PC_PLACING ...
+#define VMEM_PC_PRESENT ...
+""" + _DECLARATIONS
+
+FUNCTIONS = """
+int vmem_pc_dest_new(vmem_pc_dest **out, int uffd, int urgent_fd, int ram_fd, uint64_t base, int64_t npages,
+                     uint8_t *state, uint8_t *requested, uint8_t *received, int64_t *fault_t0,
+                     uint64_t *digests, int64_t *lat, int64_t lat_cap, int64_t missing);
 int vmem_pc_dest_start(vmem_pc_dest *h);
 void vmem_pc_dest_stop(vmem_pc_dest *h);
 void vmem_pc_dest_free(vmem_pc_dest *h);
-int64_t vmem_pc_dest_place(vmem_pc_dest *h, const uint8_t *staging, const int64_t *pfns, size_t n, uint64_t *dtmp);
-void vmem_pc_dest_stats(vmem_pc_dest *h, int64_t *out);
-vmem_pc_src *vmem_pc_src_new(int urgent_fd, const uint8_t *ram, int64_t npages, uint8_t *sent, int64_t *cursor);
+int64_t vmem_pc_dest_place(vmem_pc_dest *h, const uint8_t *staging, const int64_t *pfns, size_t n);
+void vmem_pc_dest_stats(vmem_pc_dest *h, struct vmem_pc_dest_stats *out);
+int vmem_pc_src_new(vmem_pc_src **out, int urgent_fd, const uint8_t *ram, int64_t npages, uint8_t *sent,
+                    int64_t *cursor);
 int vmem_pc_src_start(vmem_pc_src *h);
 void vmem_pc_src_stop(vmem_pc_src *h);
 void vmem_pc_src_free(vmem_pc_src *h);
-void vmem_pc_src_stats(vmem_pc_src *h, int64_t *out);
+void vmem_pc_src_stats(vmem_pc_src *h, struct vmem_pc_src_stats *out);
 int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, const uint8_t *buf,
                          const int64_t *rows, const int64_t *pages, size_t n);
 int64_t vmem_continue_runs(int uffd, uint64_t guest_base, const int64_t *runs, size_t nruns);
@@ -100,14 +134,17 @@ static int64_t vmem_continue_runs(int uffd, uint64_t guest_base, const int64_t *
  * interpreter time before any waiting; these threads do the same work in a few us.  They
  * share the present-page arrays with Python (numpy memory) under one pthread mutex; the
  * Python side places background pages through vmem_pc_dest_place, under the same mutex.
+ * The urgent channel's records are drawn in vmem/format/postcopy.py.
  * ------------------------------------------------------------------------------------- */
+#define VMEM_PC_REC_PAGE_DATA 0x564D0014u   /* vmem.format.wire.PostcopyRecordType.PAGE_DATA */
+#define VMEM_PC_REC_FAULT 0x564D0015u       /* vmem.format.wire.PostcopyRecordType.FAULT */
+#define VMEM_PC_MAX_PAGES 1024              /* vmem.format.wire.MAX_PAGES_PER_RECORD */
 #define VMEM_PC_MISSING 0
 #define VMEM_PC_PLACING 1
 #define VMEM_PC_PRESENT 2
-#define VMEM_PC_MAX_PAGES 1024
-#define VMEM_PC_FAULT_TYPE 0x564D0015u
-#define VMEM_PC_PAGE_TYPE 0x564D0014u
 
+/* ---- the handles and statistics (_DECLARATIONS, shared with the cdef) */
+""" + _DECLARATIONS + r"""
 /* The fault threads mostly sleep in poll(); when a fault arrives they must not wait
    behind the busy push threads for a CPU.  Best effort: needs CAP_SYS_NICE for < 0. */
 static void vmem_pc_boost_self(void)
@@ -118,72 +155,80 @@ static void vmem_pc_boost_self(void)
     }
 }
 
-static int64_t vmem_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
+/* One fault thread: it polls up to two fds and a wake pipe, calls each fd's handler when
+   the fd is ready, and ends when woken (stop) or when a handler fails; the failure's errno
+   goes to *error under *mu (the owner's statistics). */
+#define VMEM_WORKER_MAX_FDS 2
+typedef int (*vmem_worker_handler)(void *owner);
 
-static int vmem_read_full(int fd, void *buf, size_t len)
-{
-    uint8_t *p = buf;
-    while (len > 0) {
-        ssize_t r = read(fd, p, len);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            return -EPIPE;   /* EOF */
-        p += r;
-        len -= (size_t)r;
-    }
-    return 0;
-}
-
-static int vmem_writev_full(int fd, struct iovec *iov, int iovcnt)
-{
-    while (iovcnt > 0) {
-        ssize_t w = writev(fd, iov, iovcnt > 1024 ? 1024 : iovcnt);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        while (iovcnt > 0 && (size_t)w >= iov->iov_len) {
-            w -= (ssize_t)iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (iovcnt > 0 && w > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + w;
-            iov->iov_len -= (size_t)w;
-        }
-    }
-    return 0;
-}
-
-typedef struct vmem_pc_dest vmem_pc_dest;
-typedef struct vmem_pc_src vmem_pc_src;
-
-/* A worker thread that sleeps in poll() and is stopped through a wake pipe. */
 struct vmem_worker {
     pthread_t thr;
     int running;
     int wake[2];
+    int nfds;
+    struct pollfd fds[VMEM_WORKER_MAX_FDS + 1];   /* the watched fds, then the wake pipe */
+    short ready[VMEM_WORKER_MAX_FDS];              /* revents that call the handler */
+    vmem_worker_handler handler[VMEM_WORKER_MAX_FDS];
+    void *owner;
+    pthread_mutex_t *mu;
+    int64_t *error;
 };
 
-static int vmem_worker_init(struct vmem_worker *w)
+static int vmem_worker_init(struct vmem_worker *w, void *owner, pthread_mutex_t *mu, int64_t *error)
 {
     w->running = 0;
+    w->nfds = 0;
+    w->owner = owner;
+    w->mu = mu;
+    w->error = error;
     return pipe2(w->wake, O_CLOEXEC | O_NONBLOCK) == 0 ? 0 : -errno;
 }
 
-static int vmem_worker_start(struct vmem_worker *w, void *(*fn)(void *), void *arg)
+static void vmem_worker_watch(struct vmem_worker *w, int fd, short ready, vmem_worker_handler handler)
 {
-    int rc = pthread_create(&w->thr, NULL, fn, arg);
+    w->fds[w->nfds] = (struct pollfd){ fd, POLLIN, 0 };
+    w->ready[w->nfds] = ready;
+    w->handler[w->nfds] = handler;
+    w->nfds++;
+}
+
+static void vmem_worker_fail(struct vmem_worker *w, int err)
+{
+    pthread_mutex_lock(w->mu);
+    *w->error = err;
+    pthread_mutex_unlock(w->mu);
+}
+
+static void *vmem_worker_main(void *arg)
+{
+    struct vmem_worker *w = arg;
+    vmem_pc_boost_self();
+    w->fds[w->nfds] = (struct pollfd){ w->wake[0], POLLIN, 0 };
+    for (;;) {
+        int n = poll(w->fds, (nfds_t)w->nfds + 1, 1000);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            vmem_worker_fail(w, errno);
+            break;
+        }
+        if (w->fds[w->nfds].revents)
+            break;
+        int rc = 0;
+        for (int i = 0; i < w->nfds && rc == 0; i++)
+            if (w->fds[i].revents & w->ready[i])
+                rc = w->handler[i](w->owner);
+        if (rc < 0) {
+            vmem_worker_fail(w, -rc);
+            break;
+        }
+    }
+    return NULL;
+}
+
+static int vmem_worker_start(struct vmem_worker *w)
+{
+    int rc = pthread_create(&w->thr, NULL, vmem_worker_main, w);
     if (rc == 0)
         w->running = 1;
     return -rc;
@@ -207,6 +252,11 @@ static void vmem_worker_destroy(struct vmem_worker *w)
     close(w->wake[1]);
 }
 
+/* A socket that hung up or failed is read too: the read reports why. */
+#define VMEM_READY_SOCKET (POLLIN | POLLHUP | POLLERR | POLLNVAL)
+
+/* ---- destination: the guest's faults and the answers to them */
+
 struct vmem_pc_dest {
     int uffd, urgent_fd, ram_fd;
     struct vmem_worker w;
@@ -216,33 +266,42 @@ struct vmem_pc_dest {
     int64_t *fault_t0, *lat;
     uint64_t *digests;
     int64_t lat_cap;
-    /* statistics, under mu */
-    int64_t lat_n, missing, demand_faults, fault_events, local_faults, pages_demanded,
-            pages_pushed, duplicates, t_complete_ns, error;
     pthread_mutex_t mu;
+    struct vmem_pc_dest_stats st;   /* under mu */
     uint8_t *staging;          /* the thread's receive buffer, VMEM_PC_MAX_PAGES pages */
     int64_t pfns[VMEM_PC_MAX_PAGES], rows[VMEM_PC_MAX_PAGES], mine[VMEM_PC_MAX_PAGES];
-    uint64_t dtmp[VMEM_PC_MAX_PAGES];
 };
 
-static vmem_pc_dest *vmem_pc_dest_new(int uffd, int urgent_fd, int ram_fd, uint64_t base, int64_t npages,
-                                      uint8_t *state, uint8_t *requested, uint8_t *received, int64_t *fault_t0,
-                                      uint64_t *digests, int64_t *lat, int64_t lat_cap, int64_t missing)
+static int vmem_pc_handle_faults(void *owner);
+static int vmem_pc_handle_urgent(void *owner);
+
+/* 0 and *out, or -errno (ENOMEM, or the pipe's EMFILE/ENFILE): nothing is left allocated. */
+static int vmem_pc_dest_new(vmem_pc_dest **out, int uffd, int urgent_fd, int ram_fd, uint64_t base, int64_t npages,
+                            uint8_t *state, uint8_t *requested, uint8_t *received, int64_t *fault_t0,
+                            uint64_t *digests, int64_t *lat, int64_t lat_cap, int64_t missing)
 {
+    int rc;
     vmem_pc_dest *h = calloc(1, sizeof *h);
     if (!h)
-        return NULL;
+        return -ENOMEM;
     h->staging = aligned_alloc(VMEM_PAGE_SIZE, VMEM_PC_MAX_PAGES * VMEM_PAGE_SIZE);
-    if (!h->staging || vmem_worker_init(&h->w) != 0) {
+    if (!h->staging) {
+        free(h);
+        return -ENOMEM;
+    }
+    if ((rc = vmem_worker_init(&h->w, h, &h->mu, &h->st.error)) < 0) {
         free(h->staging);
         free(h);
-        return NULL;
+        return rc;
     }
+    vmem_worker_watch(&h->w, uffd, POLLIN, vmem_pc_handle_faults);
+    vmem_worker_watch(&h->w, urgent_fd, VMEM_READY_SOCKET, vmem_pc_handle_urgent);
     h->uffd = uffd; h->urgent_fd = urgent_fd; h->ram_fd = ram_fd; h->base = base; h->npages = npages;
     h->state = state; h->requested = requested; h->received = received; h->fault_t0 = fault_t0;
-    h->digests = digests; h->lat = lat; h->lat_cap = lat_cap; h->missing = missing;
+    h->digests = digests; h->lat = lat; h->lat_cap = lat_cap; h->st.missing = missing;
     pthread_mutex_init(&h->mu, NULL);
-    return h;
+    *out = h;
+    return 0;
 }
 
 /* Claim the MISSING pages among pfns[0..n) (-> PLACING); rows[] / mine[] get the claimed
@@ -260,7 +319,7 @@ static size_t vmem_pc_claim(vmem_pc_dest *h, const int64_t *pfns, size_t n, int6
             k++;
         }
     }
-    h->duplicates += (int64_t)(n - k);
+    h->st.duplicates += (int64_t)(n - k);
     pthread_mutex_unlock(&h->mu);
     return k;
 }
@@ -274,25 +333,25 @@ static void vmem_pc_mark_present(vmem_pc_dest *h, const int64_t *mine, size_t k)
         h->state[p] = VMEM_PC_PRESENT;
         h->received[p] = 1;
         if (h->fault_t0[p]) {
-            if (h->lat_n < h->lat_cap)
-                h->lat[h->lat_n++] = now - h->fault_t0[p];
+            if (h->st.latency_count < h->lat_cap)
+                h->lat[h->st.latency_count++] = now - h->fault_t0[p];
             h->fault_t0[p] = 0;
         }
         if (h->requested[p])
-            h->pages_demanded++;
+            h->st.pages_demanded++;
         else
-            h->pages_pushed++;
+            h->st.pages_pushed++;
     }
-    h->missing -= (int64_t)k;
-    if (h->missing == 0 && !h->t_complete_ns)
-        h->t_complete_ns = now;
+    h->st.missing -= (int64_t)k;
+    if (h->st.missing == 0 && !h->st.t_complete_ns)
+        h->st.t_complete_ns = now;
     pthread_mutex_unlock(&h->mu);
 }
 
 /* Place a batch held in staging rows 0..n-1: claim, digest, pwrite + CONTINUE, mark.
    Thread-safe (Python's background placer and the fault thread both call it). */
 static int64_t vmem_pc_place_batch(vmem_pc_dest *h, const uint8_t *staging, const int64_t *pfns, size_t n,
-                                   uint64_t *dtmp, int64_t *rows, int64_t *mine)
+                                   int64_t *rows, int64_t *mine)
 {
     size_t k = vmem_pc_claim(h, pfns, n, rows, mine);
     if (k == 0)
@@ -301,7 +360,6 @@ static int64_t vmem_pc_place_batch(vmem_pc_dest *h, const uint8_t *staging, cons
         for (size_t i = 0; i < k; i++)
             h->digests[mine[i]] = vmem_digest_bytes(staging + (uint64_t)rows[i] * VMEM_PAGE_SIZE);
     }
-    (void)dtmp;
     int64_t rc = vmem_place_pages(h->ram_fd, h->uffd, h->base, staging, rows, mine, k);
     if (rc < 0)
         return rc;   /* the pages stay PLACING: the migration fails (reported by the caller) */
@@ -309,16 +367,18 @@ static int64_t vmem_pc_place_batch(vmem_pc_dest *h, const uint8_t *staging, cons
     return (int64_t)k;
 }
 
-static int64_t vmem_pc_dest_place(vmem_pc_dest *h, const uint8_t *staging, const int64_t *pfns, size_t n, uint64_t *dtmp)
+static int64_t vmem_pc_dest_place(vmem_pc_dest *h, const uint8_t *staging, const int64_t *pfns, size_t n)
 {
     int64_t rows[VMEM_PC_MAX_PAGES], mine[VMEM_PC_MAX_PAGES];
     if (n > VMEM_PC_MAX_PAGES)
         return -EINVAL;
-    return vmem_pc_place_batch(h, staging, pfns, n, dtmp, rows, mine);
+    return vmem_pc_place_batch(h, staging, pfns, n, rows, mine);
 }
 
-static int vmem_pc_handle_faults(vmem_pc_dest *h)
+/* Read the guest's faults: map present pages here, ask the source for missing ones. */
+static int vmem_pc_handle_faults(void *owner)
 {
+    vmem_pc_dest *h = owner;
     struct uffd_msg msgs[64];
     int64_t ask[64];
     size_t nask = 0;
@@ -337,20 +397,20 @@ static int vmem_pc_handle_faults(vmem_pc_dest *h)
         if (p >= h->npages)
             continue;
         pthread_mutex_lock(&h->mu);
-        h->fault_events++;
+        h->st.fault_events++;
         uint8_t st = h->state[p];
         if (st != VMEM_PC_PRESENT) {
             if (!h->fault_t0[p])
                 h->fault_t0[p] = now;
             if (st == VMEM_PC_MISSING && !h->requested[p]) {
                 h->requested[p] = 1;
-                h->demand_faults++;
+                h->st.demand_faults++;
                 ask[nask++] = p;
             }
             pthread_mutex_unlock(&h->mu);
             continue;
         }
-        h->local_faults++;
+        h->st.local_faults++;
         pthread_mutex_unlock(&h->mu);
         /* Present: map it here (EEXIST = someone did; waiters are woken either way). */
         int64_t rc;
@@ -362,21 +422,23 @@ static int vmem_pc_handle_faults(vmem_pc_dest *h)
             return (int)rc;
     }
     if (nask) {
-        uint32_t hdr[4] = { VMEM_PC_FAULT_TYPE, (uint32_t)(8 + 8 * nask), (uint32_t)nask, 0 };
+        uint32_t hdr[4] = { VMEM_PC_REC_FAULT, (uint32_t)(8 + 8 * nask), (uint32_t)nask, 0 };
         struct iovec iov[2] = { { hdr, sizeof hdr }, { ask, 8 * nask } };
         return vmem_writev_full(h->urgent_fd, iov, 2);
     }
     return 0;
 }
 
-static int vmem_pc_handle_urgent(vmem_pc_dest *h)
+/* Read one PAGE_DATA answer from the urgent channel and place it. */
+static int vmem_pc_handle_urgent(void *owner)
 {
+    vmem_pc_dest *h = owner;
     uint32_t hdr[4];
     int rc = vmem_read_full(h->urgent_fd, hdr, sizeof hdr);
     if (rc < 0)
         return rc;
     uint32_t count = hdr[2];
-    if (hdr[0] != VMEM_PC_PAGE_TYPE || hdr[3] != 0 || count == 0 || count > VMEM_PC_MAX_PAGES ||
+    if (hdr[0] != VMEM_PC_REC_PAGE_DATA || hdr[3] != 0 || count == 0 || count > VMEM_PC_MAX_PAGES ||
         hdr[1] != 8 + 8 * count + VMEM_PAGE_SIZE * count)
         return -EPROTO;
     if ((rc = vmem_read_full(h->urgent_fd, h->pfns, 8 * (size_t)count)) < 0)
@@ -386,46 +448,8 @@ static int vmem_pc_handle_urgent(vmem_pc_dest *h)
             return -EPROTO;
     if ((rc = vmem_read_full(h->urgent_fd, h->staging, (size_t)count * VMEM_PAGE_SIZE)) < 0)
         return rc;
-    int64_t placed = vmem_pc_place_batch(h, h->staging, h->pfns, count, h->dtmp, h->rows, h->mine);
+    int64_t placed = vmem_pc_place_batch(h, h->staging, h->pfns, count, h->rows, h->mine);
     return placed < 0 ? (int)placed : 0;
-}
-
-static void *vmem_pc_dest_main(void *arg)
-{
-    vmem_pc_dest *h = arg;
-    vmem_pc_boost_self();
-    struct pollfd fds[3] = { { h->uffd, POLLIN, 0 }, { h->urgent_fd, POLLIN, 0 }, { h->w.wake[0], POLLIN, 0 } };
-    for (;;) {
-        int n = poll(fds, 3, 1000);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            h->error = errno;
-            break;
-        }
-        if (fds[2].revents)
-            break;
-        int rc = 0;
-        if (fds[0].revents & POLLIN)
-            rc = vmem_pc_handle_faults(h);
-        if (rc == 0 && (fds[1].revents & (POLLIN | POLLHUP | POLLERR)))
-            rc = vmem_pc_handle_urgent(h);
-        if (rc < 0) {
-            h->error = -rc;
-            break;
-        }
-    }
-    return NULL;
-}
-
-static int vmem_pc_dest_start(vmem_pc_dest *h)
-{
-    return vmem_worker_start(&h->w, vmem_pc_dest_main, h);
-}
-
-static void vmem_pc_dest_stop(vmem_pc_dest *h)
-{
-    vmem_worker_stop(&h->w);
 }
 
 static void vmem_pc_dest_free(vmem_pc_dest *h)
@@ -438,16 +462,8 @@ static void vmem_pc_dest_free(vmem_pc_dest *h)
     free(h);
 }
 
-/* out: lat_n, missing, demand_faults, fault_events, local_faults, pages_demanded,
-        pages_pushed, duplicates, t_complete_ns, error */
-static void vmem_pc_dest_stats(vmem_pc_dest *h, int64_t *out)
-{
-    pthread_mutex_lock(&h->mu);
-    out[0] = h->lat_n; out[1] = h->missing; out[2] = h->demand_faults; out[3] = h->fault_events;
-    out[4] = h->local_faults; out[5] = h->pages_demanded; out[6] = h->pages_pushed;
-    out[7] = h->duplicates; out[8] = h->t_complete_ns; out[9] = h->error;
-    pthread_mutex_unlock(&h->mu);
-}
+
+/* ---- source: answer the destination's faults from RAM */
 
 struct vmem_pc_src {
     int urgent_fd;
@@ -456,40 +472,51 @@ struct vmem_pc_src {
     int64_t npages;
     uint8_t *sent;
     int64_t *cursor;           /* [0] pfn of the newest fault, [1] bumped on every fault */
-    int64_t faults_served, pages_sent, error;
+    pthread_mutex_t mu;
+    struct vmem_pc_src_stats st;   /* under mu */
     int64_t pfns[VMEM_PC_MAX_PAGES];
     struct iovec iov[VMEM_PC_MAX_PAGES + 1];
     uint64_t head[2 + VMEM_PC_MAX_PAGES];
 };
 
-static vmem_pc_src *vmem_pc_src_new(int urgent_fd, const uint8_t *ram, int64_t npages, uint8_t *sent, int64_t *cursor)
+static int vmem_pc_src_serve(void *owner);
+
+/* 0 and *out, or -errno (ENOMEM, or the pipe's EMFILE/ENFILE): nothing is left allocated. */
+static int vmem_pc_src_new(vmem_pc_src **out, int urgent_fd, const uint8_t *ram, int64_t npages, uint8_t *sent,
+                           int64_t *cursor)
 {
+    int rc;
     vmem_pc_src *h = calloc(1, sizeof *h);
     if (!h)
-        return NULL;
-    if (vmem_worker_init(&h->w) != 0) {
+        return -ENOMEM;
+    if ((rc = vmem_worker_init(&h->w, h, &h->mu, &h->st.error)) < 0) {
         free(h);
-        return NULL;
+        return rc;
     }
+    vmem_worker_watch(&h->w, urgent_fd, VMEM_READY_SOCKET, vmem_pc_src_serve);
     h->urgent_fd = urgent_fd; h->ram = ram; h->npages = npages; h->sent = sent; h->cursor = cursor;
-    return h;
+    pthread_mutex_init(&h->mu, NULL);
+    *out = h;
+    return 0;
 }
 
-static int vmem_pc_src_serve(vmem_pc_src *h)
+/* Read one FAULT record and answer it with the pages, straight from RAM (writev). */
+static int vmem_pc_src_serve(void *owner)
 {
+    vmem_pc_src *h = owner;
     uint32_t hdr[4];
     int rc = vmem_read_full(h->urgent_fd, hdr, sizeof hdr);
     if (rc < 0)
         return rc;
     uint32_t count = hdr[2];
-    if (hdr[0] != VMEM_PC_FAULT_TYPE || hdr[3] != 0 || count == 0 || count > VMEM_PC_MAX_PAGES || hdr[1] != 8 + 8 * count)
+    if (hdr[0] != VMEM_PC_REC_FAULT || hdr[3] != 0 || count == 0 || count > VMEM_PC_MAX_PAGES || hdr[1] != 8 + 8 * count)
         return -EPROTO;
     if ((rc = vmem_read_full(h->urgent_fd, h->pfns, 8 * (size_t)count)) < 0)
         return rc;
     for (uint32_t i = 0; i < count; i++)
         if (h->pfns[i] < 0 || h->pfns[i] >= h->npages)
             return -EPROTO;
-    h->head[0] = (uint64_t)VMEM_PC_PAGE_TYPE | ((uint64_t)(8 + 8 * count + VMEM_PAGE_SIZE * count) << 32);
+    h->head[0] = (uint64_t)VMEM_PC_REC_PAGE_DATA | ((uint64_t)(8 + 8 * count + VMEM_PAGE_SIZE * count) << 32);
     h->head[1] = count;
     h->iov[0].iov_base = h->head;
     h->iov[0].iov_len = 16 + 8 * (size_t)count;
@@ -504,45 +531,11 @@ static int vmem_pc_src_serve(vmem_pc_src *h)
         h->sent[h->pfns[i]] = 1;
     h->cursor[0] = h->pfns[count - 1];
     __atomic_add_fetch(&h->cursor[1], 1, __ATOMIC_RELEASE);
-    h->faults_served += 1;
-    h->pages_sent += count;
+    pthread_mutex_lock(&h->mu);
+    h->st.fault_records += 1;
+    h->st.pages_sent += count;
+    pthread_mutex_unlock(&h->mu);
     return 0;
-}
-
-static void *vmem_pc_src_main(void *arg)
-{
-    vmem_pc_src *h = arg;
-    vmem_pc_boost_self();
-    struct pollfd fds[2] = { { h->urgent_fd, POLLIN, 0 }, { h->w.wake[0], POLLIN, 0 } };
-    for (;;) {
-        int n = poll(fds, 2, 1000);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            h->error = errno;
-            break;
-        }
-        if (fds[1].revents)
-            break;
-        if (fds[0].revents) {
-            int rc = vmem_pc_src_serve(h);
-            if (rc < 0) {
-                h->error = -rc;
-                break;
-            }
-        }
-    }
-    return NULL;
-}
-
-static int vmem_pc_src_start(vmem_pc_src *h)
-{
-    return vmem_worker_start(&h->w, vmem_pc_src_main, h);
-}
-
-static void vmem_pc_src_stop(vmem_pc_src *h)
-{
-    vmem_worker_stop(&h->w);
 }
 
 static void vmem_pc_src_free(vmem_pc_src *h)
@@ -550,12 +543,20 @@ static void vmem_pc_src_free(vmem_pc_src *h)
     if (!h)
         return;
     vmem_worker_destroy(&h->w);
+    pthread_mutex_destroy(&h->mu);
     free(h);
 }
 
-/* out: faults_served, pages_sent, error */
-static void vmem_pc_src_stats(vmem_pc_src *h, int64_t *out)
-{
-    out[0] = h->faults_served; out[1] = h->pages_sent; out[2] = h->error;
-}
+/* ---- start / stop / statistics: the same for both handles (a worker w, stats st under mu) */
+#define VMEM_PC_HANDLE_OPS(kind)                                                              \
+    static int vmem_pc_##kind##_start(vmem_pc_##kind *h) { return vmem_worker_start(&h->w); } \
+    static void vmem_pc_##kind##_stop(vmem_pc_##kind *h) { vmem_worker_stop(&h->w); }        \
+    static void vmem_pc_##kind##_stats(vmem_pc_##kind *h, struct vmem_pc_##kind##_stats *out) \
+    {                                                                                         \
+        pthread_mutex_lock(&h->mu);                                                           \
+        *out = h->st;                                                                         \
+        pthread_mutex_unlock(&h->mu);                                                         \
+    }
+VMEM_PC_HANDLE_OPS(dest)
+VMEM_PC_HANDLE_OPS(src)
 """

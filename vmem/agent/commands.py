@@ -33,7 +33,7 @@ def cmd_ping(agent, channel, request: dict) -> dict:
 
 def cmd_create(agent, channel, request: dict) -> dict:
     """``{"op": "create", "name", "workload", "workload_args": ["k=v"], "seed", "size"}``."""
-    from guests.launch import GuestSpec, ProcessGuest
+    from vmem.migration.backend import GuestSpec, boot_guest
     from guests.workload import load_workload, parse_params
 
     from vmem.ram import parse_size
@@ -51,7 +51,7 @@ def cmd_create(agent, channel, request: dict) -> dict:
     spec = GuestSpec(workload, params, seed)
     entry = agent.registry.reserve(name, "creating", size_bytes, spec.to_json(), origin="created")
     try:
-        guest = agent.spawner.call(ProcessGuest.boot, spec, size_bytes)
+        guest = agent.spawner.call(boot_guest, spec, size_bytes)
     except BaseException as err:
         agent.registry.remove(name, "creating")
         if isinstance(err, (VmemError, OSError)):

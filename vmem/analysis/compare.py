@@ -9,6 +9,8 @@ as one table and written to ``DIR``: ``comparison.png``, per-policy convergence,
 rate and downtime graphs, ``report.html`` (self-contained), ``reports/POLICY.json`` and
 ``comparison.json`` (also to ``--json FILE``).
 
+The command line (``add_compare_arguments``, ``cmd_compare``) is :mod:`vmem.cli.compare`.
+
 ``--policy-option KEY=VALUE`` goes to every selected policy that takes KEY and is
 ignored (and said so, once) by the others; a KEY no selected policy takes is an error.
 """
@@ -17,13 +19,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmem.cli.args import add_guest_arguments, bandwidth_from_arg
+from guests.workload import load_workload
 from vmem.errors import ConfigError
+from vmem.migration.backend import GuestSpec, boot_guest
 
 __all__ = [
     "PolicyRun",
@@ -36,8 +38,6 @@ __all__ = [
     "write_comparison",
     "comparison_document",
     "print_comparison",
-    "add_compare_arguments",
-    "cmd_compare",
 ]
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -351,9 +351,6 @@ def run_comparison(policies, *, workload: str = "hotcold", params: dict | None =
     Raises:
         ConfigError: bad policy names/options, workload or parameters (before any boot).
     """
-    from guests.launch import GuestSpec, ProcessGuest
-    from guests.workload import load_workload
-
     from vmem.migration.local import run_local_migration
     from vmem.migration.source import MigrationOptions
 
@@ -366,7 +363,7 @@ def run_comparison(policies, *, workload: str = "hotcold", params: dict | None =
         may_postcopy = applied.get("allow_postcopy") is True or applied.get("timeout_action") == "postcopy"
         options = MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s, bandwidth_Bps=bandwidth_Bps,
                                    verify=verify, postcopy="allow" if may_postcopy else "off")
-        with ProcessGuest.boot(spec, size_bytes) as guest:
+        with boot_guest(spec, size_bytes) as guest:
             if warmup_s > 0:
                 time.sleep(warmup_s)
             if progress_factory is not None:
@@ -494,94 +491,3 @@ def print_comparison(cmp: Comparison, console=None) -> None:
         cells[1] = f"[{styles.get(cells[1], 'white')}]{cells[1]}[/]"
         table.add_row(*cells)
     console.print(table)
-
-
-# --- CLI --------------------------------------------------------------------------------
-def add_compare_arguments(parser) -> None:
-    """Arguments of ``vmem compare``."""
-    try:
-        default_policies = ",".join(policy_names())
-    except Exception:  # pragma: no cover - the policy module is being rebuilt
-        default_policies = "xen,threshold"
-    parser.add_argument("--policies", default=default_policies, metavar="A,B,...",
-                        help=f"comma-separated policies to compare (default: all built-ins: {default_policies})")
-    add_guest_arguments(parser, title="guest (the same for every policy)", default_size="256M",
-                        warmup_help="seconds each guest runs before its migration")
-    m = parser.add_argument_group("migration")
-    m.add_argument("--bandwidth", metavar="RATE",
-                   help="cap the link, e.g. 100M (bytes/s), 1Gbit; without a cap every policy converges at once")
-    m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracking mechanism")
-    m.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="policy parameter, repeatable (e.g. precopy_iterations=3, max_downtime=50); given to each "
-                        "policy that takes it, ignored by the others")
-    m.add_argument("--observe", type=float, default=0.2, metavar="S", help="let each migrated guest run S seconds after commit")
-    o = parser.add_argument_group("output")
-    o.add_argument("--out", "-o", required=True, metavar="DIR",
-                   help="directory for comparison.png, per-policy graphs, report.html and the JSON reports")
-    o.add_argument("--json", metavar="FILE", help="also write the comparison (all reports) as JSON to FILE")
-    o.add_argument("--quiet", action="store_true", help="no per-round display, only the table")
-
-
-def cmd_compare(args) -> int:
-    """``vmem compare``.  Exit status: 0 all runs finished (completed or aborted by their
-    policy), 1 some migration failed; ConfigError for bad arguments (before any boot)."""
-    from contextlib import nullcontext
-
-    from rich.console import Console
-
-    from guests.workload import load_workload, parse_params
-
-    from vmem.cli.display import LiveDisplay
-    from vmem.ram import parse_size
-
-    size = parse_size(args.size)
-    cls = load_workload(args.workload)
-    params = parse_params(cls, args.workload_arg)
-    bandwidth = bandwidth_from_arg(args.bandwidth)
-    if args.warmup < 0:
-        raise ConfigError("--warmup", f"must be >= 0, got {args.warmup}")
-    options = parse_policy_options(args.policy_option)
-    runs, ignored = build_policies(args.policies, options)   # validate before booting anything
-    names = [n for n, _, _ in runs]
-    err = Console(stderr=True)
-    for key, by in ignored.items():
-        err.print(f"note: policy option {key}={options[key]} is ignored by {', '.join(by)} (it does not take it)",
-                  soft_wrap=True)
-    if not bandwidth:
-        err.print("note: no --bandwidth: on an uncapped local link every policy converges almost at once", soft_wrap=True)
-
-    total = len(names)
-    counter = {"i": 0}
-
-    def progress_factory(name):
-        counter["i"] += 1
-        err.print(f"[bold][{counter['i']}/{total}] {name}[/bold]: booting a {args.size} guest running {args.workload} "
-                  f"{params or ''}, warming up {args.warmup:g} s, migrating", soft_wrap=True)
-        return LiveDisplay(err, enabled=True) if not args.quiet else nullcontext(None)
-
-    def on_run(run: PolicyRun) -> None:
-        r = run.report
-        err.print(f"    -> {r.get('outcome')}: {r.get('reason')}", soft_wrap=True)
-        done.append(run)
-
-    done: list[PolicyRun] = []
-    cmp = None
-    try:
-        cmp = run_comparison(names, workload=args.workload, params=params, size_bytes=size, bandwidth_Bps=bandwidth,
-                             seed=args.seed, warmup_s=args.warmup, policy_options=options, tracker=args.tracker,
-                             observe_s=args.observe, progress_factory=progress_factory, on_run=on_run)
-    except KeyboardInterrupt:
-        if done:
-            partial = Comparison(runs=done, workload=args.workload, params=params, size_bytes=size,
-                                 bandwidth_Bps=bandwidth, seed=args.seed, warmup_s=args.warmup,
-                                 policy_options=options, ignored_options=ignored, interrupted=True)
-            written = write_comparison(partial, args.out, json_path=args.json)
-            err.print(f"interrupted: results of {len(done)} finished run{'s' if len(done) != 1 else ''} written to {written['html']}")
-        raise
-    out_console = Console() if sys.stdout.isatty() else Console(width=160)
-    print_comparison(cmp, out_console)
-    written = write_comparison(cmp, args.out, json_path=args.json)
-    err.print(f"graphs: {len(written['graphs'])} PNG files in {args.out}", soft_wrap=True)
-    err.print(f"report: {written['html']}", soft_wrap=True)
-    err.print(f"JSON:   {written['json']}" + (f" and {args.json}" if args.json else ""), soft_wrap=True)
-    return 1 if any(r.report.get("outcome") == "failed" for r in cmp.runs) else 0

@@ -37,6 +37,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from vmem.pages import PAGE_SIZE
+
 __all__ = [
     "plot_convergence",
     "plot_dirty_rate",
@@ -57,7 +59,6 @@ __all__ = [
     "cmd_graph",
 ]
 
-PAGE_SIZE = 4096
 MiB = 1024 * 1024
 
 # Okabe-Ito: distinguishable with every common colour-vision deficiency.

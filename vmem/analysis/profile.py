@@ -5,8 +5,8 @@ period of time to establish the working set, and how steady it is.  From this, y
 a baseline for the target threshold, and a plausible way of estimating the downtime."
 
 * :func:`profile_guest` records a :class:`~vmem.analysis.trace.DirtyTrace` of a running guest
-  (any object with ``make_tracker``, ``npages``, ``ram`` and ``alive()``; today a
-  ``guests.launch.ProcessGuest``); :func:`run_profile` boots one first.
+  (a :class:`vmem.migration.backend.SourceGuest` that :func:`vmem.tracking.make_tracker`
+  can track); :func:`run_profile` boots one first.
 * :func:`analyse` turns a trace into numbers: dirty pages per interval, the writable
   working set (WWS) over several windows, how steady they are, the predicted downtime and
   total time of every built-in policy at each bandwidth (by the simulator), and
@@ -21,7 +21,11 @@ import time
 
 import numpy as np
 
+from guests.workload import load_workload, parse_params
 from vmem.errors import ConfigError
+from vmem.migration.backend import GuestSpec, boot_guest
+from vmem.ram import parse_size
+from vmem.tracking import make_tracker
 from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, PrecopyModel, closed_form
 from vmem.analysis.trace import DirtyTrace, now_unix
 
@@ -70,7 +74,7 @@ def profile_guest(guest, duration_s: float, interval_s: float = 0.1, *, tracker:
     """
     _check_duration(duration_s, interval_s)
     data_pages = int(np.diff(guest.ram.data_runs(), axis=1).sum())
-    trk = guest.make_tracker(tracker)
+    trk = make_tracker(guest, tracker)
     intervals: list[np.ndarray] = []
     times = [0.0]
     dtype = np.int32 if guest.npages <= np.iinfo(np.int32).max else np.int64
@@ -129,11 +133,6 @@ def run_profile(workload: str = "hotcold", params: dict | None = None, size: int
         ConfigError: bad workload, parameters, size, duration or interval (before booting).
         GuestError: the guest failed to boot or died.
     """
-    from guests.launch import GuestSpec, ProcessGuest
-    from guests.workload import load_workload, parse_params
-
-    from vmem.ram import parse_size
-
     size_bytes = parse_size(size)
     cls = load_workload(workload)
     typed = dict(params or {})
@@ -142,7 +141,7 @@ def run_profile(workload: str = "hotcold", params: dict | None = None, size: int
     _check_duration(duration_s, interval_s)
     if not (math.isfinite(warmup_s) and warmup_s >= 0):
         raise ConfigError("--warmup", f"must be a number of seconds >= 0, got {warmup_s!r}")
-    with ProcessGuest.boot(GuestSpec(workload, typed, seed), size_bytes) as guest:
+    with boot_guest(GuestSpec(workload, typed, seed), size_bytes) as guest:
         time.sleep(warmup_s)
         trace = profile_guest(guest, duration_s, interval_s, tracker=tracker, on_interval=on_interval)
     trace.meta["warmup_s"] = warmup_s
@@ -420,19 +419,17 @@ def validate_prediction(workload: str, params: dict | None, size: int | str, ban
         DirtyTrace, both MigrationReports, :func:`vmem.analysis.simulate.compare_reports` rows, the
         setup time seen by the progress sink (handshake to round 0), and the alignment used.
     """
-    from guests.launch import GuestSpec, ProcessGuest
     from vmem.migration.local import run_local_migration
     from vmem.migration.source import MigrationOptions
 
     from vmem.migration.policy import XenDefaultPolicy
-    from vmem.ram import parse_size
     from vmem.analysis.simulate import predict
 
     policy = policy or XenDefaultPolicy()
     trace = run_profile(workload, params, size, duration_s=duration_s, interval_s=interval_s, tracker=tracker,
                         seed=seed, warmup_s=warmup_s)
     phases = _PhaseClock()
-    with ProcessGuest.boot(GuestSpec(workload, dict(params or {}), seed), parse_size(size)) as guest:
+    with boot_guest(GuestSpec(workload, dict(params or {}), seed), parse_size(size)) as guest:
         time.sleep(warmup_s)
         phases.t0 = time.monotonic()
         measured = run_local_migration(guest, MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s,

@@ -39,7 +39,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from vmem.cli.args import bandwidth_from_arg
+from vmem.units import bandwidth_from_arg
 from vmem.errors import ConfigError, PolicyError
 from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, wire_bytes
 from vmem.pages import merge_pages

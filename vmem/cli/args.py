@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from vmem.errors import ConfigError
+from vmem.units import bandwidth_from_arg
 
 __all__ = ["add_guest_arguments", "add_migration_arguments", "add_policy_arguments", "bandwidth_from_arg",
            "link_options_from_args", "migration_argument_dests", "options_from_args", "policy_from_args"]
@@ -19,22 +20,6 @@ def add_guest_arguments(parser, *, title: str = "guest", default_size: str = "1G
     g.add_argument("--seed", type=int, default=1, help="workload RNG seed (default 1)")
     if warmup:
         g.add_argument("--warmup", type=float, default=0.5, metavar="S", help=warmup_help)
-
-
-def bandwidth_from_arg(text: str | None, flag: str = "--bandwidth") -> float | None:
-    """Parse a ``--bandwidth``-style rate (``100M``, ``1Gbit``) into bytes/s; None if not given.
-
-    Raises:
-        ConfigError: naming ``flag``, for a malformed or non-positive rate.
-    """
-    if not text:
-        return None
-    from transport import parse_rate
-
-    try:
-        return parse_rate(text)
-    except ValueError as err:
-        raise ConfigError(flag, str(err)) from None
 
 
 def add_migration_arguments(parser) -> None:

@@ -48,7 +48,7 @@ def cmd_migrate(args) -> int:
         return cmd_migrate_via_agent(args)
     from rich.console import Console
 
-    from guests.launch import GuestSpec, ProcessGuest
+    from vmem.migration.backend import GuestSpec, boot_guest
     from guests.workload import load_workload, parse_params
     from vmem.cli.display import LiveDisplay, print_summary
     from vmem.migration.local import run_local_migration
@@ -69,7 +69,7 @@ def cmd_migrate(args) -> int:
     spec = GuestSpec(args.workload, params, args.seed)
     console.print(f"booting a {args.size} guest running [bold]{args.workload}[/bold] {params or ''}…")
     t = time.monotonic()
-    with ProcessGuest.boot(spec, size) as guest:
+    with boot_guest(spec, size) as guest:
         console.print(f"guest pid {guest.pid} up in {time.monotonic() - t:.2f} s; warming up {args.warmup:g} s")
         time.sleep(args.warmup)
         with LiveDisplay(console, enabled=not args.quiet) as display:
@@ -105,14 +105,14 @@ _LAZY_COMMANDS = {
                 "the expected downtime and total time of each policy; recommend thresholds."),
     "predict": ("vmem.analysis.simulate", "add_predict_arguments", "predict a migration from a recorded dirty trace (any policy, any bandwidth)",
                 "Replay a dirty trace through a policy at a bandwidth; with --compare-report, show predicted vs measured."),
-    "compare": ("vmem.analysis.compare", "add_compare_arguments", "migrate the same workload under several policies and compare them",
+    "compare": ("vmem.cli.compare", "add_compare_arguments", "migrate the same workload under several policies and compare them",
                 "Boot the same guest once per policy, migrate it, and compare outcomes, times, downtime and data sent "
                 "(table, PNG graphs, HTML report)."),
     "graph": ("vmem.analysis.graphs", "add_graph_arguments", "render graphs and an HTML report from saved JSON reports",
               "Render convergence, dirty-rate and downtime graphs (PNG) and one HTML report from --json reports."),
 }
 _LAZY_RUNNERS = {"profile": ("vmem.analysis.profile", "cmd_profile"), "predict": ("vmem.analysis.simulate", "cmd_predict"),
-                 "compare": ("vmem.analysis.compare", "cmd_compare"), "graph": ("vmem.analysis.graphs", "cmd_graph")}
+                 "compare": ("vmem.cli.compare", "cmd_compare"), "graph": ("vmem.analysis.graphs", "cmd_graph")}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

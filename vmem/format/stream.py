@@ -23,10 +23,10 @@ headers marked BE; every record padded with zeros to a multiple of 8 octets)::
     pfn[i]:  bit 63..60 PageType | bit 59..52 reserved (0) | bit 51..0 pfn
     N = number of pfns whose type carries data (all but BROKEN, XALLOC, XTAB)
 
-Control records on the back channel use the same ``u32 type | u32 length | body | pad``
-frame with :class:`vmem.format.wire.ControlType`; the forward channel opens with the preamble
-``b"vmem-migrate-v1\\n" | u32 length (LE) | JSON object``.  The constants are in
-:mod:`vmem.format.wire`, the full pictures in ``docs/stream.md``.
+The record frame is :mod:`vmem.format.frame`'s; the x86 HVM record bodies (TSC_INFO,
+HVM_PARAMS, HVM_CONTEXT) are :mod:`vmem.format.hvm`'s; vmem's own control protocol and
+preamble are :mod:`vmem.format.control`'s.  The constants are in :mod:`vmem.format.wire`,
+the full pictures in ``docs/stream.md``.
 
 Encoding is pure: functions return ``bytes`` or a list of buffers for vectored sends,
 and page data is never copied (the writer hands the caller's page buffers on as they are).
@@ -38,29 +38,29 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import functools
-import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Union
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from vmem.errors import StreamError
+from vmem.format.frame import RECORD_HEADER as _RHDR
+from vmem.format.frame import Buffer, ExactSource, as_parts, buffer_nbytes, frame
+from vmem.format.hvm import (
+    HvmContextInfo,
+    check_x86_tsc_info,
+    hvm_context_blob,
+    hvm_params_body,
+    parse_hvm_context,
+    parse_hvm_params,
+    vmem_hvm_params,
+    x86_tsc_info_body,
+)
 from vmem.format.wire import (
     DHDR_BYTES,
-    HVM_FILE_MAGIC,
-    HVM_FILE_VERSION,
-    HVM_SAVE_CODE_MAX,
-    HVM_SAVE_DESCRIPTOR_BYTES,
-    HVM_SAVE_HEADER_BYTES,
     MAX_HVM_PARAMS,
     TSC_MODE_DEFAULT,
-    X86_HVM_END_SPECIAL_REGION,
-    X86_HVM_NR_SPECIAL_PAGES,
-    HvmParam,
-    HvmSaveCode,
-    HvmSpecialPage,
     EMULATOR_HEADER_BYTES,
     HVM_PARAMS_ENTRY_BYTES,
     HVM_PARAMS_HEADER_BYTES,
@@ -78,11 +78,9 @@ from vmem.format.wire import (
     LIBXL_OPT_LEGACY,
     LIBXL_OPT_RESERVED_MASK,
     LIBXL_VERSION,
-    MAX_CONTROL_BODY_BYTES,
     MAX_EMULATOR_CONTEXT_BYTES,
     MAX_PAGE_DATA_BODY_BYTES,
     MAX_PAGES_PER_RECORD,
-    MAX_PREAMBLE_CONFIG_BYTES,
     MAX_RECORD_BODY_BYTES,
     PAGE_DATA_HEADER_BYTES,
     PAGE_SHIFT,
@@ -92,11 +90,7 @@ from vmem.format.wire import (
     PFN_MASK,
     PFN_RESERVED_MASK,
     PFN_TYPE_SHIFT,
-    PREAMBLE_LENGTH_BYTES,
-    PREAMBLE_MAGIC,
-    PREAMBLE_MAGIC_PREFIX,
     PV_ONLY_RECORD_TYPES,
-    RECORD_ALIGN,
     RECORD_HEADER_BYTES,
     REC_TYPE_OPTIONAL,
     STATIC_DATA_RECORD_TYPES,
@@ -108,7 +102,6 @@ from vmem.format.wire import (
     X86_CPUID_LEAF_BYTES,
     X86_MSR_ENTRY_BYTES,
     X86_TSC_INFO_BYTES,
-    ControlType,
     DomainType,
     EmulatorId,
     LibxcRecordType,
@@ -124,31 +117,14 @@ __all__ = [
     # writer / reader
     "StreamWriter", "StreamReader", "StreamInfo", "Record", "PageData",
     "EmulatorRecord", "parse_emulator_record",
-    # control protocol and preamble
-    "encode_control", "encode_json_control", "decode_json", "ControlReader",
-    "encode_preamble", "read_preamble",
-    # x86 HVM state records
-    "x86_tsc_info_body", "hvm_params_body", "parse_hvm_params", "vmem_hvm_params",
-    "hvm_context_blob", "parse_hvm_context", "HvmContextInfo", "host_cpuid_eax",
 ]
-
-Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
-"""Anything exposing a C-contiguous buffer: what ``send_parts`` receives."""
 
 _LIBXL_HDR = struct.Struct(">QII")  # ident, version, options
 _IHDR = struct.Struct(">QIIHHI")  # marker, id, version, options, reserved, reserved
 _DHDR = struct.Struct("<IHHII")  # type, page_shift, reserved, xen_major, xen_minor
-_RHDR = struct.Struct("<II")  # type, body_length
-_U32_PAIR = struct.Struct("<II")  # PAGE_DATA count/reserved, emulator id/index, HVM_PARAMS
-_TSC_INFO = struct.Struct("<IIQII")  # mode, khz, nsec, incarnation, reserved
-_HVM_DESC = struct.Struct("<HHI")  # hvm save descriptor: typecode, instance, length
-_HVM_HEADER = struct.Struct("<IIQII")  # magic, version, changeset, cpuid, gtsc_khz
-_HVM_PARAM = struct.Struct("<QQ")  # index, value
-_PREAMBLE_LENGTH = struct.Struct("<I")
-_ZERO_PAD = bytes(RECORD_ALIGN)
+_U32_PAIR = struct.Struct("<II")  # PAGE_DATA count/reserved, emulator id/index
 
-assert (_LIBXL_HDR.size, _IHDR.size, _DHDR.size, _RHDR.size) == (
-    LIBXL_HDR_BYTES, IHDR_BYTES, DHDR_BYTES, RECORD_HEADER_BYTES)
+assert (_LIBXL_HDR.size, _IHDR.size, _DHDR.size) == (LIBXL_HDR_BYTES, IHDR_BYTES, DHDR_BYTES)
 
 # Indexed by the 4-bit page type, so that 1024 pfns are classified by one fancy-index.
 _TYPE_KNOWN = np.array(PAGE_TYPE_KNOWN, dtype=bool)
@@ -158,38 +134,18 @@ _LIBXC_TYPES = {int(t): t for t in LibxcRecordType}
 _POSTCOPY_TYPES = {int(t): t for t in PostcopyRecordType}
 _LIBXL_TYPES = {int(t): t for t in LibxlRecordType}
 _EMULATOR_IDS = {int(e): e for e in EmulatorId}
-_CONTROL_TYPES = {int(t): t for t in ControlType}
 _DOMAIN_TYPES = {int(t): t for t in DomainType}
 
 _PAGE_DATA_TYPES = (LibxcRecordType.PAGE_DATA, PostcopyRecordType.PAGE_DATA)
 _SKIP_CHUNK_BYTES = 1 << 20  # discard bodies in bounded chunks
 
 
-def _pad_len(length: int) -> int:
-    """Zero octets that follow a body of ``length`` octets (0-7)."""
-    return -length & (RECORD_ALIGN - 1)
-
-
-def _nbytes(part: Buffer) -> int:
-    view = memoryview(part)
-    if not view.c_contiguous:
-        raise ValueError("stream buffers must be C-contiguous")
-    return view.nbytes
-
-
-def _as_parts(parts: Buffer | Iterable[Buffer]) -> list[Buffer]:
-    # A lone bytes object is iterable (of ints): treat any buffer as one part.
-    if isinstance(parts, (bytes, bytearray, memoryview, np.ndarray)):
-        return [parts]
-    return list(parts)
-
-
-def _type_name(rtype: int) -> str:
-    """``NAME (0x…)`` for a known record type of any layer, else just the number."""
-    for table in (_LIBXC_TYPES, _POSTCOPY_TYPES):
-        if rtype in table:
-            return f"{table[rtype].name} (0x{rtype:08x})"
-    return f"0x{rtype:08x}"
+def _raise_first(offset: int, checks: list[tuple[Any, int, str]]) -> None:
+    """Raise StreamError for the first ``(violated, field_offset, message)`` whose
+    ``violated`` is true, at ``offset + field_offset``: a header's checks in wire order."""
+    for violated, field_offset, message in checks:
+        if violated:
+            raise StreamError(message, offset + field_offset)
 
 
 def _record_name(rtype: enum.IntEnum) -> str:
@@ -253,16 +209,12 @@ def record(type: int, body_parts: Buffer | Iterable[Buffer] = ()) -> list[Buffer
         ValueError: the body exceeds ``MAX_RECORD_BODY_BYTES`` (the reader would reject
             it), or a part is not a C-contiguous buffer.
     """
-    parts = _as_parts(body_parts)
-    length = sum(_nbytes(p) for p in parts)
+    parts = as_parts(body_parts)
+    length = sum(buffer_nbytes(p) for p in parts)
     if length > MAX_RECORD_BODY_BYTES:
         raise ValueError(f"record body of {length} octets exceeds MAX_RECORD_BODY_BYTES "
                          f"({MAX_RECORD_BODY_BYTES})")
-    out: list[Buffer] = [_RHDR.pack(int(type), length), *parts]
-    pad = _pad_len(length)
-    if pad:
-        out.append(_ZERO_PAD[:pad])
-    return out
+    return frame(type, parts, length)
 
 
 def _fill_pfn_words(out: np.ndarray, pfns: np.ndarray | Iterable[int],
@@ -341,237 +293,12 @@ def emulator_context_record(data: Buffer, emulator_id: int = VMEM_EMULATOR_ID,
         raise ValueError(f"emulator id {emulator_id} is not a vmem.format.wire.EmulatorId")
     if not 0 <= index <= 0xFFFF_FFFF:
         raise ValueError(f"emulator index {index} does not fit 32 bits")
-    size = _nbytes(data)
+    size = buffer_nbytes(data)
     if size > MAX_EMULATOR_CONTEXT_BYTES:
         raise ValueError(f"emulator context of {size} octets exceeds "
                          f"MAX_EMULATOR_CONTEXT_BYTES ({MAX_EMULATOR_CONTEXT_BYTES})")
     return record(LibxlRecordType.EMULATOR_CONTEXT,
                   [_U32_PAIR.pack(int(emulator_id), index), data])
-
-
-# ======================================================================================
-# x86 HVM state: X86_TSC_INFO, HVM_PARAMS, HVM_CONTEXT
-# ======================================================================================
-#
-# An x86 HVM image carries, after its memory, "X86_TSC_INFO, HVM_PARAMS, HVM_CONTEXT"
-# (spec, "x86 HVM Guest"), and "HVM_PARAMS must precede HVM_CONTEXT".  vmem's guests have
-# no virtual CPU or devices that Xen would model, so vmem writes the smallest content
-# that is still well-formed for Xen (the guest's own context travels in EMULATOR_CONTEXT):
-#
-#   X86_TSC_INFO  mode TSC_MODE_DEFAULT, khz 0 (Xen: "use the host's"), nsec = the
-#                 guest's virtual clock in ns, incarnation 0.
-#   HVM_PARAMS    the special-page pfns libxc saves for every HVM guest (see
-#                 vmem_hvm_params): where the xenstore/console/ioreq/ring pages of a
-#                 guest of this size would live.  They lie outside guest RAM, so nothing a
-#                 restorer does with them (libxc clears the xenstore/console/ioreq pages)
-#                 can touch guest data.
-#   HVM_CONTEXT   an hvm save blob holding exactly HEADER (magic, version, changeset 0,
-#                 CPUID[1].eax of the saving host, gtsc_khz 0) and END.  Xen's hvm_load()
-#                 accepts a blob without CPU/device entries: those keep their reset state.
-
-
-def x86_tsc_info_body(mode: int = TSC_MODE_DEFAULT, khz: int = 0, nsec: int = 0,
-                      incarnation: int = 0) -> bytes:
-    """The 24-octet X86_TSC_INFO body: ``u32 mode, u32 khz, u64 nsec, u32 incarnation,
-    u32 reserved``.
-
-    Raises:
-        ValueError: a field does not fit its width.
-    """
-    if not (0 <= mode <= 0xFFFF_FFFF and 0 <= khz <= 0xFFFF_FFFF
-            and 0 <= nsec < 1 << 64 and 0 <= incarnation <= 0xFFFF_FFFF):
-        raise ValueError("X86_TSC_INFO field out of range")
-    return _TSC_INFO.pack(mode, khz, nsec, incarnation, 0)
-
-
-def hvm_params_body(params: Mapping[int, int]) -> bytes:
-    """An HVM_PARAMS body: ``u32 count, u32 reserved, count x {u64 index, u64 value}``,
-    entries in ``params`` order.
-
-    Raises:
-        ValueError: more than ``MAX_HVM_PARAMS`` entries, or an index/value beyond 64 bits.
-    """
-    items = [(int(k), int(v)) for k, v in params.items()]
-    if len(items) > MAX_HVM_PARAMS:
-        raise ValueError(f"{len(items)} HVM params exceed MAX_HVM_PARAMS ({MAX_HVM_PARAMS})")
-    if any(not (0 <= k < 1 << 64 and 0 <= v < 1 << 64) for k, v in items):
-        raise ValueError("HVM param index and value must fit 64 bits")
-    return _U32_PAIR.pack(len(items), 0) + b"".join(_HVM_PARAM.pack(k, v) for k, v in items)
-
-
-def parse_hvm_params(body: bytes | bytearray | memoryview, offset: int = -1) -> dict[int, int]:
-    """Decode an HVM_PARAMS body into ``{index: value}`` (a zero-length body, which the
-    spec's errata allow, is ``{}``).  ``offset``: stream offset of the body, for errors.
-
-    Raises:
-        StreamError: not ``8 + 16 * count`` octets, count beyond ``MAX_HVM_PARAMS``,
-            reserved field set, or an index given twice.
-    """
-    body = memoryview(body).cast("B")
-    if not body.nbytes:
-        return {}
-    at = offset
-    if body.nbytes < HVM_PARAMS_HEADER_BYTES:
-        raise StreamError(f"HVM_PARAMS body of {body.nbytes} octets is shorter than its "
-                          f"8-octet header", at)
-    count, reserved = _U32_PAIR.unpack_from(body)
-    if reserved:
-        raise StreamError("reserved field set in HVM_PARAMS", at + 4 if at >= 0 else -1)
-    if count > MAX_HVM_PARAMS:
-        raise StreamError(f"HVM_PARAMS count {count} exceeds the limit of {MAX_HVM_PARAMS}",
-                          at)
-    if body.nbytes != HVM_PARAMS_HEADER_BYTES + HVM_PARAMS_ENTRY_BYTES * count:
-        raise StreamError(f"HVM_PARAMS count {count} does not match length {body.nbytes}", at)
-    out: dict[int, int] = {}
-    for i, (index, value) in enumerate(_HVM_PARAM.iter_unpack(body[HVM_PARAMS_HEADER_BYTES:])):
-        if index in out:
-            raise StreamError(f"HVM param {index} given twice (entry {i})",
-                              at + 8 + 16 * i if at >= 0 else -1)
-        out[index] = value
-    return out
-
-
-def vmem_hvm_params(npages: int) -> dict[HvmParam, int]:
-    """The HVM params vmem writes for a guest of ``npages`` pages of RAM (pfns 0..npages-1).
-
-    Xen's domain builder puts 8 special pages just below pfn 0xFF000 (16 MiB below 4 GiB,
-    inside the MMIO hole of a guest with less than ~4 GiB of RAM).  vmem's guests have
-    contiguous RAM and no hole, so a guest that reaches into that region gets its special
-    pages right after its RAM instead.  Either way they never overlap guest RAM.
-    IDENT_PT is an address, the others are pfns.
-
-    Raises:
-        ValueError: ``npages`` is not positive or leaves no room below 2**52 pfns.
-    """
-    npages = int(npages)
-    if npages <= 0 or npages + X86_HVM_NR_SPECIAL_PAGES > PFN_MASK:
-        raise ValueError(f"cannot lay out special pages for a guest of {npages} pages")
-    first = X86_HVM_END_SPECIAL_REGION - X86_HVM_NR_SPECIAL_PAGES
-    if npages > first:
-        first = npages
-
-    def special(page: HvmSpecialPage) -> int:
-        return first + int(page)
-
-    return {
-        HvmParam.STORE_PFN: special(HvmSpecialPage.XENSTORE),
-        HvmParam.IOREQ_PFN: special(HvmSpecialPage.IOREQ),
-        HvmParam.BUFIOREQ_PFN: special(HvmSpecialPage.BUFIOREQ),
-        HvmParam.PAGING_RING_PFN: special(HvmSpecialPage.PAGING),
-        HvmParam.MONITOR_RING_PFN: special(HvmSpecialPage.ACCESS),
-        HvmParam.SHARING_RING_PFN: special(HvmSpecialPage.SHARING),
-        HvmParam.CONSOLE_PFN: special(HvmSpecialPage.CONSOLE),
-        HvmParam.IDENT_PT: special(HvmSpecialPage.IDENT_PT) << PAGE_SHIFT,
-    }
-
-
-@functools.lru_cache(maxsize=1)
-def host_cpuid_eax() -> int:
-    """CPUID leaf 1 EAX (family/model/stepping signature) of this host, rebuilt from
-    ``/proc/cpuinfo``; 0 if unknown.  Cached: read once per process."""
-    fields: dict[str, int] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("cpu family", "model", "stepping") and key not in fields:
-                    fields[key] = int(value.strip())
-                if not line.strip() or len(fields) == 3:
-                    break
-    except (OSError, ValueError):
-        return 0
-    if len(fields) != 3:
-        return 0
-    family, model, stepping = fields["cpu family"], fields["model"], fields["stepping"]
-    base_family = min(family, 0xF)
-    ext_family = family - 0xF if family >= 0xF else 0
-    eax = (stepping & 0xF) | (model & 0xF) << 4 | base_family << 8
-    if base_family in (0x6, 0xF):
-        eax |= (model >> 4 & 0xF) << 16
-    return eax | (ext_family & 0xFF) << 20
-
-
-def hvm_context_blob(*, cpuid_eax: int | None = None, gtsc_khz: int = 0,
-                     changeset: int = 0) -> bytes:
-    """A minimal, well-formed hvm save blob: a HEADER entry and the END entry (40 octets).
-
-    ``cpuid_eax`` defaults to this host's (:func:`host_cpuid_eax`); ``gtsc_khz`` 0 tells
-    Xen to keep the host's TSC frequency; ``changeset`` 0 = unknown.
-    """
-    eax = host_cpuid_eax() if cpuid_eax is None else int(cpuid_eax)
-    return (_HVM_DESC.pack(HvmSaveCode.HEADER, 0, HVM_SAVE_HEADER_BYTES)
-            + _HVM_HEADER.pack(HVM_FILE_MAGIC, HVM_FILE_VERSION, changeset, eax, gtsc_khz)
-            + _HVM_DESC.pack(HvmSaveCode.END, 0, 0))
-
-
-@dataclass(frozen=True, slots=True)
-class HvmContextInfo:
-    """What :func:`parse_hvm_context` found in an HVM_CONTEXT blob."""
-
-    version: int
-    changeset: int
-    cpuid_eax: int
-    gtsc_khz: int
-    entries: tuple[tuple[int, int, int], ...]
-    """``(typecode, instance, length)`` of every entry, HEADER and END included."""
-
-
-def parse_hvm_context(blob: bytes | bytearray | memoryview, offset: int = -1) -> HvmContextInfo:
-    """Walk an hvm save blob: HEADER first (magic, version), entries whose lengths stay
-    inside the blob, END (length 0) last and nothing after it.  ``offset``: stream
-    offset of the blob, for errors.  Entry contents other than HEADER are not decoded.
-
-    Raises:
-        StreamError: any of the above violated, or a typecode beyond HVM_SAVE_CODE_MAX.
-    """
-    blob = memoryview(blob).cast("B")
-
-    def at(pos: int) -> int:
-        return offset + pos if offset >= 0 else -1
-
-    size = blob.nbytes
-    if size < 2 * HVM_SAVE_DESCRIPTOR_BYTES + HVM_SAVE_HEADER_BYTES:
-        raise StreamError(f"HVM_CONTEXT blob of {size} octets is too short for a HEADER "
-                          f"and an END entry", at(0))
-    code, instance, length = _HVM_DESC.unpack_from(blob, 0)
-    if code != HvmSaveCode.HEADER or length != HVM_SAVE_HEADER_BYTES:
-        raise StreamError(f"HVM_CONTEXT must start with a HEADER entry of "
-                          f"{HVM_SAVE_HEADER_BYTES} octets, found typecode {code} length "
-                          f"{length}", at(0))
-    magic, version, changeset, eax, khz = _HVM_HEADER.unpack_from(blob, HVM_SAVE_DESCRIPTOR_BYTES)
-    if magic != HVM_FILE_MAGIC:
-        raise StreamError(f"bad HVM_CONTEXT header magic 0x{magic:08x}: expected "
-                          f"0x{HVM_FILE_MAGIC:08x}", at(HVM_SAVE_DESCRIPTOR_BYTES))
-    if version != HVM_FILE_VERSION:
-        raise StreamError(f"unsupported HVM_CONTEXT version {version}: expected "
-                          f"{HVM_FILE_VERSION}", at(HVM_SAVE_DESCRIPTOR_BYTES + 4))
-    entries = [(code, instance, length)]
-    pos = HVM_SAVE_DESCRIPTOR_BYTES + HVM_SAVE_HEADER_BYTES
-    while True:
-        if size - pos < HVM_SAVE_DESCRIPTOR_BYTES:
-            raise StreamError("HVM_CONTEXT blob ends without an END entry", at(pos))
-        code, instance, length = _HVM_DESC.unpack_from(blob, pos)
-        entries.append((code, instance, length))
-        if code > HVM_SAVE_CODE_MAX:
-            raise StreamError(f"unknown HVM_CONTEXT entry typecode {code} (Xen 4.17 knows "
-                              f"0..{HVM_SAVE_CODE_MAX})", at(pos))
-        if code == HvmSaveCode.HEADER:
-            raise StreamError("a second HEADER entry in HVM_CONTEXT", at(pos))
-        if length > size - pos - HVM_SAVE_DESCRIPTOR_BYTES:
-            raise StreamError(f"HVM_CONTEXT entry typecode {code} length {length} runs past "
-                              f"the end of the blob", at(pos))
-        pos += HVM_SAVE_DESCRIPTOR_BYTES + length
-        if code == HvmSaveCode.END:
-            if length:
-                raise StreamError(f"HVM_CONTEXT END entry with length {length}",
-                                  at(pos - length - HVM_SAVE_DESCRIPTOR_BYTES))
-            break
-        if len(entries) > size // HVM_SAVE_DESCRIPTOR_BYTES:  # pragma: no cover - bound
-            raise StreamError("HVM_CONTEXT has more entries than octets", at(pos))
-    if pos != size:
-        raise StreamError(f"{size - pos} octets after the HVM_CONTEXT END entry", at(pos))
-    return HvmContextInfo(version, changeset, eax, khz, tuple(entries))
 
 
 
@@ -641,7 +368,7 @@ class StreamWriter:
                                f"the writer is {self._phase.value}")
 
     def _send(self, parts: list[Buffer], records: int, pages: int = 0) -> None:
-        nbytes = sum(_nbytes(p) for p in parts)
+        nbytes = sum(buffer_nbytes(p) for p in parts)
         try:
             self._send_parts(parts)
         except BaseException as err:
@@ -707,8 +434,8 @@ class StreamWriter:
             raise ValueError(f"record_type must be one of {_PAGE_DATA_TYPES}")
         count = int(np.asarray(pfns).size)
         _check_count(count)
-        buffers = _as_parts(page_buffers)
-        payload = sum(_nbytes(b) for b in buffers)
+        buffers = as_parts(page_buffers)
+        payload = sum(buffer_nbytes(b) for b in buffers)
         # One array holds the record header, count/reserved and the pfn words.
         head = np.zeros(2 + count, dtype="<u8")
         npages = _fill_pfn_words(head[2:], pfns, types)
@@ -796,7 +523,7 @@ class StreamWriter:
             ValueError: a second HVM_CONTEXT, or an empty blob.
         """
         blob = hvm_context_blob() if blob is None else blob
-        if not _nbytes(blob):
+        if not buffer_nbytes(blob):
             raise ValueError("HVM_CONTEXT must not be empty")
         self.write_record(LibxcRecordType.HVM_CONTEXT, blob)
 
@@ -859,6 +586,7 @@ _UNSUPPORTED_LIBXC = {
 }
 
 
+
 # ======================================================================================
 # Reader
 # ======================================================================================
@@ -909,9 +637,9 @@ class Record:
 class PageData:
     """The header of a PAGE_DATA (or post-copy PAGE_DATA) record, payload not yet read.
 
-    The caller must next call one of :meth:`StreamReader.read_page_payload`,
-    :meth:`~StreamReader.read_page_payload_into`,
-    :meth:`~StreamReader.read_page_payload_into_pages` or
+    The caller must next call one of :meth:`StreamReader.read_page_payload` (what the
+    destination and restore use: their sink receives straight into staging and places
+    the pages), :meth:`~StreamReader.read_page_payload_into` or
     :meth:`~StreamReader.skip_page_payload` (even when ``npages_with_data`` is 0).
     """
 
@@ -964,55 +692,6 @@ def parse_emulator_record(rec: Record) -> EmulatorRecord:
                           memoryview(rec.body)[EMULATOR_HEADER_BYTES:])
 
 
-class _ExactSource:
-    """Counts octets read through ``recv_exact``/``recv_into`` and turns a short read or
-    an end-of-stream exception into :class:`StreamError` with the offset."""
-
-    def __init__(self, recv_exact: Callable[[int], bytes],
-                 recv_into: Callable[[memoryview], Any] | None,
-                 truncation_errors: tuple[type[BaseException], ...], base_offset: int = 0):
-        self._recv_exact = recv_exact
-        self._recv_into_fn = recv_into
-        self._truncation_errors = truncation_errors
-        self.offset = base_offset
-        """Octets consumed so far plus ``base_offset`` (e.g. the length of a file header in
-        front of the stream, so that errors name file offsets)."""
-
-    def _recv(self, n: int, what: str) -> bytes:
-        start = self.offset
-        try:
-            data = self._recv_exact(n)
-        except self._truncation_errors as err:
-            raise StreamError(f"stream truncated in {what}: wanted {n} octets", start) from err
-        if len(data) != n:
-            raise StreamError(f"stream truncated in {what}: wanted {n} octets, got {len(data)}",
-                              start + len(data))
-        self.offset += n
-        return data
-
-    def _recv_into(self, view: memoryview, what: str) -> None:
-        n = view.nbytes
-        if self._recv_into_fn is None:
-            view[:] = self._recv(n, what)
-            return
-        start = self.offset
-        try:
-            got = self._recv_into_fn(view)
-        except self._truncation_errors as err:
-            raise StreamError(f"stream truncated in {what}: wanted {n} octets", start) from err
-        if got is not None and got != n:
-            raise StreamError(f"stream truncated in {what}: wanted {n} octets, got {got}",
-                              start + max(0, got))
-        self.offset += n
-
-    def _recv_padding(self, length: int, what: str) -> None:
-        pad = _pad_len(length)
-        if pad:
-            start = self.offset
-            if any(self._recv(pad, f"{what} padding")):
-                raise StreamError(f"non-zero padding after {what}", start)
-
-
 @dataclass(slots=True)
 class _PendingPayload:
     pfns_with_data: np.ndarray
@@ -1020,7 +699,7 @@ class _PendingPayload:
     record_offset: int
 
 
-class StreamReader(_ExactSource):
+class StreamReader(ExactSource):
     """Bounded decoder of a libxl-wrapped libxc stream.
 
     Args:
@@ -1114,7 +793,7 @@ class StreamReader(_ExactSource):
         with self._sticky():
             self._read_libxl_header()
             off = self.offset
-            rtype, length = _RHDR.unpack(self._recv(RECORD_HEADER_BYTES, "record header"))
+            rtype, length = _RHDR.unpack(self.read_exact(RECORD_HEADER_BYTES, "record header"))
             if rtype != LibxlRecordType.LIBXC_CONTEXT:
                 name = _LIBXL_TYPES[rtype].name if rtype in _LIBXL_TYPES else f"0x{rtype:08x}"
                 raise StreamError(f"record out of order: the libxl stream must start with "
@@ -1129,43 +808,39 @@ class StreamReader(_ExactSource):
 
     def _read_libxl_header(self) -> None:
         off = self.offset
-        ident, version, options = _LIBXL_HDR.unpack(self._recv(LIBXL_HDR_BYTES, "libxl header"))
-        if ident != LIBXL_IDENT:
-            raise StreamError(f"bad libxl header ident 0x{ident:016x}: expected "
-                              f"0x{LIBXL_IDENT:016x} (\"LibxlFmt\")", off)
-        if version != LIBXL_VERSION:
-            raise StreamError(f"unsupported libxl stream version {version}: vmem reads "
-                              f"version {LIBXL_VERSION}", off + 8)
-        if options & LIBXL_OPT_RESERVED_MASK:
-            raise StreamError(f"reserved bits set in libxl header options: 0x{options:08x}",
-                              off + 12)
-        if options & LIBXL_OPT_BIG_ENDIAN:
-            raise StreamError("big-endian libxl streams are unsupported", off + 12)
+        ident, version, options = _LIBXL_HDR.unpack(self.read_exact(LIBXL_HDR_BYTES, "libxl header"))
+        _raise_first(off, [
+            (ident != LIBXL_IDENT, 0, f"bad libxl header ident 0x{ident:016x}: expected "
+                                      f"0x{LIBXL_IDENT:016x} (\"LibxlFmt\")"),
+            (version != LIBXL_VERSION, 8, f"unsupported libxl stream version {version}: vmem "
+                                          f"reads version {LIBXL_VERSION}"),
+            (options & LIBXL_OPT_RESERVED_MASK, 12,
+             f"reserved bits set in libxl header options: 0x{options:08x}"),
+            (options & LIBXL_OPT_BIG_ENDIAN, 12, "big-endian libxl streams are unsupported"),
+        ])
         self._legacy = bool(options & LIBXL_OPT_LEGACY)
 
     def _read_image_header(self) -> int:
         off = self.offset
         marker, ident, version, options, res1, res2 = _IHDR.unpack(
-            self._recv(IHDR_BYTES, "libxc image header"))
-        if marker != IHDR_MARKER:
-            raise StreamError(f"bad libxc image marker 0x{marker:016x}: expected "
-                              f"0x{IHDR_MARKER:016x} (a zero bit means a legacy image)", off)
-        if ident != IHDR_ID:
-            raise StreamError(f"bad libxc image id 0x{ident:08x}: expected "
-                              f"0x{IHDR_ID:08x} (\"XENF\")", off + 8)
-        if version not in IHDR_VERSIONS:
-            raise StreamError(f"unsupported libxc image version {version}: vmem reads "
-                              f"versions {IHDR_VERSIONS}", off + 12)
-        if options & IHDR_OPT_RESERVED_MASK or res1 or res2:
-            raise StreamError("reserved bits set in libxc image header", off + 16)
-        if options & IHDR_OPT_BIG_ENDIAN:
-            raise StreamError("big-endian libxc streams are unsupported", off + 16)
+            self.read_exact(IHDR_BYTES, "libxc image header"))
+        _raise_first(off, [
+            (marker != IHDR_MARKER, 0, f"bad libxc image marker 0x{marker:016x}: expected "
+                                       f"0x{IHDR_MARKER:016x} (a zero bit means a legacy image)"),
+            (ident != IHDR_ID, 8, f"bad libxc image id 0x{ident:08x}: expected "
+                                  f"0x{IHDR_ID:08x} (\"XENF\")"),
+            (version not in IHDR_VERSIONS, 12, f"unsupported libxc image version {version}: vmem "
+                                               f"reads versions {IHDR_VERSIONS}"),
+            (options & IHDR_OPT_RESERVED_MASK or res1 or res2, 16,
+             "reserved bits set in libxc image header"),
+            (options & IHDR_OPT_BIG_ENDIAN, 16, "big-endian libxc streams are unsupported"),
+        ])
         return version
 
     def _read_domain_header(self, version: int, legacy: bool) -> StreamInfo:
         off = self.offset
         dtype, page_shift, reserved, major, minor = _DHDR.unpack(
-            self._recv(DHDR_BYTES, "libxc domain header"))
+            self.read_exact(DHDR_BYTES, "libxc domain header"))
 
         def fail(message: str) -> StreamError:
             # A record header here instead of the domain header reads as type = record
@@ -1218,7 +893,7 @@ class StreamReader(_ExactSource):
                                   "END record", self.offset)
             while True:
                 off = self.offset
-                rtype, length = _RHDR.unpack(self._recv(RECORD_HEADER_BYTES, "record header"))
+                rtype, length = _RHDR.unpack(self.read_exact(RECORD_HEADER_BYTES, "record header"))
                 if self._phase is _Phase.LIBXC:
                     result = self._libxc_record(rtype, length, off)
                 else:
@@ -1322,8 +997,8 @@ class StreamReader(_ExactSource):
                                   f"{X86_MSR_ENTRY_BYTES}", off)
         body = self._read_body(length, MAX_RECORD_BODY_BYTES, name, off)
         body_off = off + RECORD_HEADER_BYTES
-        if t is LibxcRecordType.X86_TSC_INFO and _TSC_INFO.unpack(body)[4]:
-            raise StreamError(f"reserved field set in {name}", body_off + 20)
+        if t is LibxcRecordType.X86_TSC_INFO:
+            check_x86_tsc_info(body, body_off)
         if t is LibxcRecordType.HVM_PARAMS:
             params = parse_hvm_params(body, body_off)
             if self.hvm_params is None:
@@ -1371,9 +1046,7 @@ class StreamReader(_ExactSource):
         if length > limit:
             raise StreamError(f"{name} record length {length} exceeds the limit of {limit} "
                               f"octets", off)
-        body = self._recv(length, f"{name} body") if length else b""
-        self._recv_padding(length, f"{name} body")
-        return body
+        return self.read_body(length, f"{name} body")
 
     def _skip_body(self, length: int, limit: int, name: str, off: int) -> None:
         if length > limit:
@@ -1381,9 +1054,9 @@ class StreamReader(_ExactSource):
         left = length
         while left:
             step = min(left, _SKIP_CHUNK_BYTES)
-            self._recv(step, f"{name} body")
+            self.read_exact(step, f"{name} body")
             left -= step
-        self._recv_padding(length, name)
+        self.read_padding(length, name)
 
     def _page_data(self, t: LibxcRecordType | PostcopyRecordType, length: int,
                    off: int) -> PageData:
@@ -1397,7 +1070,7 @@ class StreamReader(_ExactSource):
                               f"{MAX_PAGE_DATA_BODY_BYTES} octets ({MAX_PAGES_PER_RECORD} "
                               f"pages)", off)
         body_off = off + RECORD_HEADER_BYTES
-        count, reserved = _U32_PAIR.unpack(self._recv(PAGE_DATA_HEADER_BYTES, f"{name} header"))
+        count, reserved = _U32_PAIR.unpack(self.read_exact(PAGE_DATA_HEADER_BYTES, f"{name} header"))
         if count == 0:
             raise StreamError(f"{name} count is 0 (must be at least 1)", body_off)
         if count > MAX_PAGES_PER_RECORD:
@@ -1409,7 +1082,7 @@ class StreamReader(_ExactSource):
             raise StreamError(f"{name} length {length} is too short for {count} pfns", off)
 
         pfn_off = body_off + PAGE_DATA_HEADER_BYTES
-        raw = np.frombuffer(self._recv(8 * count, f"{name} pfns"), dtype="<u8")
+        raw = np.frombuffer(self.read_exact(8 * count, f"{name} pfns"), dtype="<u8")
         bad = np.flatnonzero(raw & np.uint64(PFN_RESERVED_MASK))
         if bad.size:
             i = int(bad[0])
@@ -1482,39 +1155,7 @@ class StreamReader(_ExactSource):
         pending = self._take_pending()
         with self._sticky():
             if pending.nbytes:
-                self._recv_into(view[:pending.nbytes], "PAGE_DATA payload")
-            return pending.nbytes
-
-    def read_page_payload_into_pages(self, pages: np.ndarray) -> int:
-        """Read the pending payload straight into ``pages[pfn]`` rows of a RAM array.
-
-        ``pages`` is a writable C-contiguous ``(npages, 4096)`` uint8 array (the RAM view).
-        Consecutive pfns are read with one ``recv_into`` per run.  Only for RAM the guest
-        cannot see yet: a page written this way becomes visible half-written (post-copy
-        must place pages with UFFDIO_COPY instead).  Returns nbytes.
-
-        Raises:
-            StreamError: a pfn beyond ``pages`` (checked before reading), or truncation.
-        """
-        if pages.ndim != 2 or pages.shape[1] != PAGE_SIZE or pages.dtype != np.uint8 \
-                or not pages.flags.c_contiguous or not pages.flags.writeable:
-            raise ValueError("pages must be a writable C-contiguous (npages, 4096) uint8 array")
-        pending = self._take_pending()
-        with self._sticky():
-            pfns = pending.pfns_with_data
-            if not pfns.size:
-                return 0
-            if int(pfns.max()) >= pages.shape[0]:
-                raise StreamError(f"PAGE_DATA pfn 0x{int(pfns.max()):x} is beyond the "
-                                  f"{pages.shape[0]} pages of RAM", pending.record_offset)
-            # Split into runs of consecutive pfns: one recv_into per run.
-            breaks = np.flatnonzero(np.diff(pfns.astype(np.int64)) != 1) + 1
-            starts = np.concatenate(([0], breaks))
-            ends = np.concatenate((breaks, [pfns.size]))
-            for s, e in zip(starts.tolist(), ends.tolist()):
-                first = int(pfns[s])
-                self._recv_into(memoryview(pages[first:first + (e - s)]).cast("B"),
-                                "PAGE_DATA payload")
+                self.read_into(view[:pending.nbytes], "PAGE_DATA payload")
             return pending.nbytes
 
     def skip_page_payload(self) -> int:
@@ -1524,169 +1165,7 @@ class StreamReader(_ExactSource):
             left = pending.nbytes
             while left:
                 step = min(left, _SKIP_CHUNK_BYTES)
-                self._recv(step, "PAGE_DATA payload")
+                self.read_exact(step, "PAGE_DATA payload")
                 left -= step
             return pending.nbytes
 
-
-# ======================================================================================
-# vmem control protocol (back channel) and preamble (forward channel)
-# ======================================================================================
-
-
-def _encode_json(obj: Any) -> bytes:
-    # Strict JSON (no NaN/Infinity) so any JSON parser on the other side reads it.
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True,
-                      allow_nan=False).encode("utf-8")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def _finite_float(text: str) -> float:
-    # json.loads("1e400") is float("inf"): a later int() would raise OverflowError.
-    value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text[:40]} does not fit a double")
-    return value
-
-
-def decode_json(body: bytes | bytearray | memoryview, offset: int = -1) -> Any:
-    """Decode a UTF-8 JSON control body (or preamble config).
-
-    Raises:
-        StreamError: invalid UTF-8, invalid JSON, NaN/Infinity or a number beyond a
-            double (``1e400``), an integer of over 4300 digits, or nesting too deep.
-    """
-    try:
-        return json.loads(bytes(body).decode("utf-8"), parse_constant=_reject_constant,
-                          parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise StreamError(f"malformed JSON body: {err}", offset) from err
-
-
-def encode_control(type: ControlType, body: Buffer = b"") -> list[Buffer]:
-    """Frame one control record: ``[u32 type | u32 length, body, zero pad to 8]``.
-
-    Raises:
-        ValueError: INVALID or unknown type, or a body over ``MAX_CONTROL_BODY_BYTES``.
-    """
-    ctype = _CONTROL_TYPES.get(int(type))
-    if ctype is None or ctype is ControlType.INVALID:
-        raise ValueError(f"not a sendable control type: {type!r}")
-    length = _nbytes(body)
-    if length > MAX_CONTROL_BODY_BYTES:
-        raise ValueError(f"control body of {length} octets exceeds MAX_CONTROL_BODY_BYTES")
-    parts: list[Buffer] = [_RHDR.pack(ctype, length)]
-    if length:
-        parts.append(body)
-    pad = _pad_len(length)
-    if pad:
-        parts.append(_ZERO_PAD[:pad])
-    return parts
-
-
-def encode_json_control(type: ControlType, obj: Any) -> list[Buffer]:
-    """:func:`encode_control` with ``obj`` as compact, strict UTF-8 JSON.
-
-    Raises:
-        ValueError: ``obj`` holds NaN/Infinity; TypeError: ``obj`` is not JSON-serialisable.
-    """
-    return encode_control(type, _encode_json(obj))
-
-
-class ControlReader(_ExactSource):
-    """Reads control records from the back channel, bounded.
-
-    Args:
-        recv_exact: ``recv_exact(n) -> bytes`` (the transport's ``Channel.recv_exact``).
-        max_body_bytes: largest body accepted (checked before reading it).
-        truncation_errors: exceptions meaning "the channel ended"; become StreamError.
-
-    After a StreamError the position in the channel is unknown: stop reading from it.
-    """
-
-    def __init__(self, recv_exact: Callable[[int], bytes], *,
-                 max_body_bytes: int = MAX_CONTROL_BODY_BYTES,
-                 truncation_errors: tuple[type[BaseException], ...] = (EOFError,)):
-        super().__init__(recv_exact, None, truncation_errors)
-        self._max_body_bytes = max_body_bytes
-        self.records_read = 0
-
-    def read(self) -> tuple[ControlType, bytes]:
-        """Read one control record; return its type and body (without padding).
-
-        Raises:
-            StreamError: unknown or INVALID type, body over the limit, non-zero padding,
-                or truncation.
-        """
-        off = self.offset
-        rtype, length = _RHDR.unpack(self._recv(RECORD_HEADER_BYTES, "control record header"))
-        ctype = _CONTROL_TYPES.get(rtype)
-        if ctype is None or ctype is ControlType.INVALID:
-            raise StreamError(f"unknown control record type 0x{rtype:08x}", off)
-        if length > self._max_body_bytes:
-            raise StreamError(f"control record {ctype.name} length {length} exceeds the limit "
-                              f"of {self._max_body_bytes} octets", off)
-        body = self._recv(length, f"{ctype.name} body") if length else b""
-        self._recv_padding(length, f"{ctype.name} body")
-        self.records_read += 1
-        return ctype, body
-
-
-def encode_preamble(config: dict) -> bytes:
-    """The forward channel's opening: ``b"vmem-migrate-v1\\n"``, u32 length (LE), JSON.
-
-    Raises:
-        TypeError: ``config`` is not a dict or not JSON-serialisable.
-        ValueError: NaN/Infinity inside, or longer than ``MAX_PREAMBLE_CONFIG_BYTES``.
-    """
-    if not isinstance(config, dict):
-        raise TypeError("the preamble config must be a dict")
-    body = _encode_json(config)
-    if len(body) > MAX_PREAMBLE_CONFIG_BYTES:
-        raise ValueError(f"preamble config of {len(body)} octets exceeds "
-                         f"MAX_PREAMBLE_CONFIG_BYTES")
-    return PREAMBLE_MAGIC + _PREAMBLE_LENGTH.pack(len(body)) + body
-
-
-def _describe_banner(banner: bytes) -> str:
-    if banner.startswith(PREAMBLE_MAGIC_PREFIX):
-        return (f"peer speaks another vmem migration protocol ({banner!r}); this vmem "
-                f"speaks {PREAMBLE_MAGIC!r}")
-    if banner.startswith(b"LibxlFmt"):
-        return "peer sent a bare libxl stream without the vmem preamble"
-    if banner.startswith(b"\xff" * 8):
-        return "peer sent a bare libxc stream without the vmem preamble"
-    if banner.startswith(b"Xen saved domain"):
-        return "peer sent an xl save image or xl migrate stream, not a vmem migration"
-    return f"peer does not speak vmem-migrate-v1: it opened with {banner!r}"
-
-
-def read_preamble(recv_exact: Callable[[int], bytes],
-                  max_len: int = MAX_PREAMBLE_CONFIG_BYTES, *,
-                  truncation_errors: tuple[type[BaseException], ...] = (EOFError,)) -> dict:
-    """Read and check the preamble; return the config dict.
-
-    Reads exactly ``16 + 4 + length`` octets, nothing of the stream behind it.
-
-    Raises:
-        StreamError: the peer speaks something else (the message says what, e.g. another
-            vmem version or a bare Xen stream), the config is longer than ``max_len`` or
-            not a JSON object, or the channel ended early.
-    """
-    src = _ExactSource(recv_exact, None, truncation_errors)
-    banner = src._recv(len(PREAMBLE_MAGIC), "preamble")
-    if banner != PREAMBLE_MAGIC:
-        raise StreamError(_describe_banner(banner), 0)
-    (length,) = _PREAMBLE_LENGTH.unpack(src._recv(PREAMBLE_LENGTH_BYTES, "preamble length"))
-    if length > max_len:
-        raise StreamError(f"preamble config length {length} exceeds the limit of {max_len} "
-                          f"octets", len(PREAMBLE_MAGIC))
-    body_off = src.offset
-    config = decode_json(src._recv(length, "preamble config"), body_off)
-    if not isinstance(config, dict):
-        raise StreamError(f"preamble config must be a JSON object, not "
-                          f"{type(config).__name__}", body_off)
-    return config

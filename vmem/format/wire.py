@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import enum
 
+from vmem.pages import PAGE_SHIFT, PAGE_SIZE  # re-exported: the format's page size
+
 __all__ = [
     # sizes
     "PAGE_SHIFT", "PAGE_SIZE", "RECORD_ALIGN", "RECORD_HEADER_BYTES",
@@ -89,11 +91,8 @@ __all__ = [
 # Sizes shared by every layer
 # --------------------------------------------------------------------------------------
 
-PAGE_SHIFT = 12
-"""log2 of the guest page size; the domain header's ``page_shift``.  Xen's reader and
-verifier accept 12 only."""
-
-PAGE_SIZE = 1 << PAGE_SHIFT  # 4096 octets
+# PAGE_SHIFT / PAGE_SIZE (imported above from vmem.pages, where they are defined once): the
+# domain header's ``page_shift`` carries PAGE_SHIFT; Xen's reader and verifier accept 12 only.
 
 RECORD_ALIGN = 8
 """Every record (libxc, libxl, vmem control) ends on a multiple of 8 octets."""

@@ -1,45 +1,79 @@
-"""What the migrator needs from a guest: the backend interface.
+"""What the migrator needs from a guest: the backend interface, and the one place that
+names the backends.
 
 The rounds, the stream, the policies and verification never look at *how* a guest runs.
-A backend supplies RAM, dirty tracking, pause/resume and the context blob.  Today's
-backend is the process guest (:class:`guests.launch.ProcessGuest`); a hypervisor backend
-(KVM: guest memory is a memfd the VMM maps, dirty tracking through KVM's dirty log,
-pause/resume through the vCPU threads, the context from KVM_GET_REGS & co) implements
-the same two protocols and registers an incoming factory here.
+A backend supplies RAM (a memfd the migrator maps or writes), dirty tracking, pause/resume
+at a safe point, a context blob and, for post-copy, a userfaultfd on the destination's RAM.
+Today's backend is the process guest (:class:`guests.launch.ProcessGuest`); a hypervisor
+backend (KVM: guest memory is a memslot memfd, dirty tracking through KVM's dirty log or
+ring, pause/resume through the vCPU threads, the context from KVM_GET_REGS & co; Xen: a
+foreign mapping, log-dirty, the HVM context) implements the same protocols and registers
+its factories below.
+
+Who calls what (``tests/test_layout.py`` checks that ProcessGuest has every member):
+
+* :class:`SourceGuest` -- :mod:`vmem.migration.source`, :mod:`vmem.migration.savefile`
+  (save), the agent and the analysis tools;
+* :class:`IncomingGuest` -- :mod:`vmem.migration.destination`,
+  :mod:`vmem.migration.savefile` (restore);
+* :class:`PostcopyGuest` -- :mod:`vmem.migration.postcopy.destination` (an incoming guest
+  that can run before its RAM arrived);
+* dirty tracking -- :func:`vmem.tracking.make_tracker` builds a tracker from what the guest
+  offers: :class:`vmem.tracking.UffdWpGuest` (its uffd, the uffd's features, the RAM base,
+  its pid) or :class:`vmem.tracking.MprotectGuest` (bitmap commands to the guest).
 """
 from __future__ import annotations
 
 from typing import Callable, Protocol, runtime_checkable
 
-__all__ = ["SourceGuest", "IncomingGuest", "INCOMING_FACTORIES", "incoming_factory"]
+from guests.launch import GuestSpec, ProcessGuest
+from vmem.ram import GuestRam
+
+__all__ = ["SourceGuest", "IncomingGuest", "PostcopyGuest", "PauseResult", "GuestSpec",
+           "boot_guest", "INCOMING_FACTORIES", "incoming_factory"]
+
+
+@runtime_checkable
+class PauseResult(Protocol):
+    """What :meth:`SourceGuest.pause` returns."""
+
+    paused_at_ns: int
+    """CLOCK_MONOTONIC when the guest stopped (its last moment of running)."""
+    latency_ns: int
+    """From asking for the pause to the guest's acknowledgement."""
+    context: bytes
+    """The context blob saved at the pause: all the destination needs besides RAM."""
 
 
 @runtime_checkable
 class SourceGuest(Protocol):
-    """A running guest that can be migrated away.
+    """A running guest that can be migrated away (or saved).
 
-    Attributes:
-        spec: has ``to_json()``: what the destination needs to start an identical guest.
-        npages: pages of RAM.
-        ram: a :class:`vmem.ram.GuestRam` (or compatible: ``pages`` view, ``address``,
-            ``npages``, ``data_runs()``, ``data_pages()``) mapped in the migrator.
-        pid: the process holding the guest (for figures); -1 if none.
+    Guarantees the source relies on: after ``pause()`` returns, RAM stays exactly as the
+    guest left it until ``resume()``; ``resume(None)`` continues it where it stopped (a
+    rolled-back migration); ``exit()`` and ``close()`` free everything the backend built.
     """
 
-    spec: object
+    backend_name: str
+    """Sent in the preamble and the save file: which :data:`INCOMING_FACTORIES` entry
+    builds the destination's guest."""
+    spec: GuestSpec
+    """``spec.to_json()``: what the destination needs to start an identical guest."""
     npages: int
-    ram: object
+    ram: GuestRam
+    """Mapped in the migrator: the source reads ``ram.pages`` / ``ram.data_runs()``."""
     pid: int
+    """The process holding the guest (reports, /proc); -1 if none."""
 
     def alive(self) -> bool: ...
-    def make_tracker(self, kind: str = "auto"): ...       # a vmem.tracking.DirtyTracker
-    def pause(self, timeout_s: float = 10.0): ...          # -> guests.launch.PauseInfo
+    def pause(self, timeout_s: float = 10.0) -> PauseResult: ...
     def resume(self, context: bytes | None = None, timeout_s: float = 30.0) -> None: ...
     def counters(self) -> dict: ...
     def set_throttle(self, fraction: float) -> None: ...  # auto-converge; 0.0 = none
     def verify(self, timeout_s: float = 600.0) -> dict: ...
-    def crash_error(self, what: str): ...                  # -> vmem.errors.GuestCrashed
-    def exit(self, timeout_s: float = 5.0): ...
+    def crash_error(self, what: str) -> Exception: ...     # a vmem.errors.GuestCrashed
+    def exit(self, timeout_s: float = 5.0) -> int | None: ...
+    def close(self) -> int | None: ...
 
 
 @runtime_checkable
@@ -51,7 +85,8 @@ class IncomingGuest(Protocol):
     complete; ``close()`` removes everything it built.
     """
 
-    ram: object
+    npages: int
+    ram: GuestRam
     pid: int
 
     def alive(self) -> bool: ...
@@ -59,13 +94,34 @@ class IncomingGuest(Protocol):
     def wait_first_step(self, timeout_s: float = 10.0) -> int: ...
     def verify(self, timeout_s: float = 600.0) -> dict: ...
     def counters(self) -> dict: ...
-    def exit(self, timeout_s: float = 5.0): ...
-    def close(self): ...
+    def crash_error(self, what: str) -> Exception: ...
+    def exit(self, timeout_s: float = 5.0) -> int | None: ...
+    def close(self) -> int | None: ...
+
+
+@runtime_checkable
+class PostcopyGuest(IncomingGuest, Protocol):
+    """An incoming guest that can run before all of its RAM arrived: the migrator holds a
+    userfaultfd registered over the guest's RAM and places pages into ``ram.fd``."""
+
+    uffd_features: int
+    """Features UFFDIO_API granted on the guest's uffd, or -errno if it has none."""
+    ram_base: int
+    """Address of RAM in the address space the uffd belongs to."""
+
+    def uffd(self) -> int: ...  # the guest's userfaultfd, owned by the guest object
+
+
+def boot_guest(spec: GuestSpec, size_bytes: int) -> ProcessGuest:
+    """Start a new source guest running ``spec`` with ``size_bytes`` of RAM.
+
+    Raises:
+        GuestCrashed, GuestUnresponsive: it did not come up (the message says why).
+    """
+    return ProcessGuest.boot(spec, size_bytes)
 
 
 def _process_incoming(spec_json: dict, npages: int) -> IncomingGuest:
-    from guests.launch import GuestSpec, ProcessGuest
-
     return ProcessGuest.incoming(GuestSpec.from_json(spec_json), npages)
 
 

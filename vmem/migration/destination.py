@@ -27,9 +27,10 @@ import numpy as np
 
 from transport import ChannelBrokenError, SocketChannel, TransportError
 
-from vmem.format import stream
+from vmem.format import control, stream
 
 from vmem.format import wire
+from vmem.format.wire import MAX_PAGES_PER_RECORD
 from vmem.migration.backend import incoming_factory
 from vmem.errors import MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, zero_page_digest
@@ -42,7 +43,6 @@ from vmem.ram import format_bytes, mem_available_bytes
 
 __all__ = ["DestinationMigration", "serve"]
 
-MAX_PAGES_PER_RECORD = 1024
 #: After the source's COMPLETE, how long demand answers still in flight may take.
 POSTCOPY_COMPLETE_TIMEOUT_S = 60.0
 #: After a link failure following the switch, how long to wait for the source to resume
@@ -99,11 +99,11 @@ class DestinationMigration:
 
     def _send_control(self, ctype, obj=None, raw: bytes | None = None) -> None:
         if raw is not None:
-            parts = stream.encode_control(ctype, raw)
+            parts = control.encode_control(ctype, raw)
         elif obj is not None:
-            parts = stream.encode_json_control(ctype, obj)
+            parts = control.encode_json_control(ctype, obj)
         else:
-            parts = stream.encode_control(ctype)
+            parts = control.encode_control(ctype)
         with self._send_lock:
             self.ch.send_parts(parts)
 
@@ -190,7 +190,7 @@ class DestinationMigration:
                                              f"{len(missing)} pages are lost (first: {missing[:16].tolist()}); the guest was "
                                              "stopped rather than run on memory it does not have")
         self.ch, self.urgent = got
-        config = stream.read_preamble(self.ch.recv_exact)
+        config = control.read_preamble(self.ch.recv_exact)
         if not config.get("postcopy_resume") or int(config.get("npages", -1)) != self._npages:
             raise StreamError(f"expected a post-copy resume preamble for {self._npages} pages, got {sorted(config)}")
         self._send_control(wire.ControlType.POSTCOPY_RESUME, raw=memoryview(missing.astype("<u8")).cast("B"))
@@ -309,7 +309,7 @@ class DestinationMigration:
             pass
 
     def _run(self) -> int:
-        config = stream.read_preamble(self.ch.recv_exact)
+        config = control.read_preamble(self.ch.recv_exact)
         try:
             npages = int(config["npages"])
             page_size = int(config["page_size"])
@@ -395,7 +395,7 @@ class DestinationMigration:
             self._send_control(wire.ControlType.GUEST_CHECK, check)
 
         self._state.set(DestinationState.VERIFY, DestinationState.COMMIT)
-        ctl = stream.ControlReader(self.ch.recv_exact)
+        ctl = control.ControlReader(self.ch.recv_exact)
         ctype, _ = ctl.read()
         if ctype != wire.ControlType.COMMIT:
             print(f"vmem destination: source sent {wire.ControlType(ctype).name}: discarding the guest", file=sys.stderr)

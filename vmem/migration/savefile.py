@@ -59,7 +59,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vmem.format import stream
+from vmem.format import control, stream
+from vmem.format.frame import ExactSource
+from vmem.migration.backend import GuestSpec, boot_guest, incoming_factory
 from vmem.errors import MigrationError, StreamError, VmemError
 from vmem.format.wire import (
     IHDR_VERSION_2,
@@ -78,7 +80,7 @@ from vmem.format.wire import (
     LibxlRecordType,
 )
 
-__all__ = ["XlHeader", "encode_xl_header", "read_xl_header", "save_guest", "restore_guest",
+__all__ = ["XlHeader", "encode_xl_header", "read_xl_header", "save_guest", "restore_guest", "RamPlacement",
            "check_savefile", "ram_digest", "SAVEFILE_FORMAT"]
 
 SAVEFILE_FORMAT = 1
@@ -152,8 +154,8 @@ def read_xl_header(recv_exact: Callable[[int], bytes], *,
             config length that overruns it, a config that is not NUL-terminated JSON
             object text, or truncation.
     """
-    src = stream._ExactSource(recv_exact, None, truncation_errors)
-    raw = src._recv(XL_HEADER_BYTES, "xl save-file header")
+    src = ExactSource(recv_exact, None, truncation_errors)
+    raw = src.read_exact(XL_HEADER_BYTES, "xl save-file header")
     magic, order, mandatory, optional, optlen = _XL_HDR.unpack(raw)
     if magic != XL_SAVEFILE_MAGIC:
         if magic.startswith(b"LibxlFmt"):
@@ -182,7 +184,7 @@ def read_xl_header(recv_exact: Callable[[int], bytes], *,
                           f"{max_optional_bytes} octets", 44)
     config = None
     if optlen:
-        data = src._recv(optlen, "xl optional data")
+        data = src.read_exact(optlen, "xl optional data")
         if optlen < 4:
             raise StreamError(f"xl optional data of {optlen} octets cannot hold the config "
                               f"length", XL_HEADER_BYTES)
@@ -194,7 +196,7 @@ def read_xl_header(recv_exact: Callable[[int], bytes], *,
         if clen and mandatory & XL_MANDATORY_FLAG_JSON:
             if text[-1:] != b"\0":
                 raise StreamError("xl JSON config is not NUL-terminated", XL_HEADER_BYTES + 4)
-            config = stream.decode_json(text[:-1], XL_HEADER_BYTES + 4)
+            config = control.decode_json(text[:-1], XL_HEADER_BYTES + 4)
             if not isinstance(config, dict):
                 raise StreamError(f"xl JSON config must be an object, not "
                                   f"{type(config).__name__}", XL_HEADER_BYTES + 4)
@@ -333,7 +335,7 @@ def save_guest(guest, path: str | os.PathLike, *, keep_running: bool = False,
         raise ValueError(f"libxc image version must be one of {IHDR_VERSIONS}, not {version}")
     from vmem import _native as nat
     from vmem.pages import page_buffers, zero_page_digest
-    from vmem.ram import runs_to_pages
+    from vmem.pages import runs_to_pages
 
     path = os.fspath(path)
     part = path + ".part"
@@ -456,14 +458,21 @@ def _vmem_section(config: dict | None, offset: int) -> dict:
             "data_pages": data_pages, "context_digest": context_digest, "counters": counters if isinstance(counters, dict) else {}}
 
 
-class _Placement:
-    """Page payloads from the file into the incoming guest's RAM memfd.
+class RamPlacement:
+    """Page payloads into an incoming guest's RAM memfd: the sink restore hands to
+    :meth:`vmem.format.stream.StreamReader.read_page_payload` (and the stream fuzzer too).
 
-    One staging buffer per record (4 MiB at most): ``readinto`` straight from the file,
+    One staging buffer per record (4 MiB at most): ``recv_into`` straight from the source,
     XXH64 digests of the batch, then one ``pwrite`` per run of consecutive pfns (C).
+    The pfns must lie inside RAM and ``digests``: the reader's ``max_pfn`` ensures it.
+
+    Args:
+        source: has ``recv_into(memoryview) -> int`` (octets received; fewer = the end).
+        ram_fd: the RAM memfd.
+        digests: per-page XXH64 digests, updated for every page placed.
     """
 
-    def __init__(self, source: _FileSource, ram_fd: int, digests: np.ndarray):
+    def __init__(self, source, ram_fd: int, digests: np.ndarray):
         self.source = source
         self.fd = ram_fd
         self.digests = digests
@@ -528,7 +537,6 @@ def restore_guest(path: str | os.PathLike, *, name: str | None = None,
         OSError: the file cannot be read.
         No process or memfd is left behind when this raises.
     """
-    from vmem.migration.backend import incoming_factory
     from vmem.pages import zero_page_digest
     from vmem.ram import format_bytes, mem_available_bytes
 
@@ -552,7 +560,7 @@ def restore_guest(path: str | os.PathLike, *, name: str | None = None,
                                               f"available on this host") from None
             guest = factory(section["guest"], npages)
             digests = np.full(npages, zero_page_digest(), dtype=np.uint64)
-            placement = _Placement(source, guest.ram.fd, digests)
+            placement = RamPlacement(source, guest.ram.fd, digests)
             reader = stream.StreamReader(source.recv_exact, max_pfn=npages - 1,
                                          allow_postcopy=False, require_hvm_state=True,
                                          base_offset=hdr.stream_offset)
@@ -659,8 +667,6 @@ def _run_for(guest, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from guests.launch import GuestSpec, ProcessGuest
-
     from vmem.ram import format_bytes, parse_size
 
     p = argparse.ArgumentParser(prog="python -m vmem.migration.savefile",
@@ -683,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "save":
             size = parse_size(args.size)
-            with ProcessGuest.boot(GuestSpec(args.workload, {}, args.seed), size) as guest:
+            with boot_guest(GuestSpec(args.workload, {}, args.seed), size) as guest:
                 _run_for(guest, args.run)
                 st = save_guest(guest, args.file, version=args.stream_version)
             print(f"saved {st['pages']} pages ({format_bytes(st['bytes'])}) to {st['path']} in "

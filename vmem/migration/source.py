@@ -38,9 +38,10 @@ import numpy as np
 
 from transport import ChannelBrokenError, TransportError
 
-from vmem.format import stream
+from vmem.format import control, stream
 
 from vmem.format import wire
+from vmem.format.wire import MAX_PAGES_PER_RECORD
 from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
 from vmem.migration.policy import Decision, XenDefaultPolicy
@@ -49,10 +50,10 @@ from vmem.migration.state import SOURCE_TRANSITIONS, SourceState, StateCell
 from vmem.migration.postcopy import drop_links
 from vmem.procstats import PeakSampler, process_figures
 from vmem.migration.report import MigrationReport, RoundStats
+from vmem.tracking import make_tracker
 
 __all__ = ["MigrationOptions", "SourceMigration", "migrate"]
 
-MAX_PAGES_PER_RECORD = 1024
 POSTCOPY_MODES = ("off", "allow", "after-precopy", "pure")
 #: Pure post-copy measures the guest's progress rate over this window before pausing it.
 RATE_WINDOW_S = 0.5
@@ -141,7 +142,7 @@ class SourceMigration:
         # that does not complete gives the guest its full speed back (in any state).
         self._throttled = False
         # bytearray, not bytes: the DIGESTS body (8 bytes per guest page) is used in place.
-        self._ctl_reader = stream.ControlReader(self._recv_bytearray)
+        self._ctl_reader = control.ControlReader(self._recv_bytearray)
         self._writer = stream.StreamWriter(self.ch.send_parts)
         self._staging = np.empty((MAX_PAGES_PER_RECORD, PAGE_SIZE), dtype=np.uint8)
         self.urgent = urgent_channel
@@ -182,7 +183,7 @@ class SourceMigration:
         self.progress.phase(name, detail)
 
     def _send_control(self, ctype, obj=None) -> None:
-        parts = stream.encode_json_control(ctype, obj) if obj is not None else stream.encode_control(ctype)
+        parts = control.encode_json_control(ctype, obj) if obj is not None else control.encode_control(ctype)
         self.ch.send_parts(parts)
 
     def _read_control(self, timeout_s: float, expect: set):
@@ -194,7 +195,7 @@ class SourceMigration:
                 raise MigrationError(self.report.phase, f"destination sent nothing for {timeout_s:.0f} s")
             ctype, body = self._ctl_reader.read()
         if ctype == wire.ControlType.ERROR:
-            err = stream.decode_json(body)
+            err = control.decode_json(body)
             raise MigrationError(err.get("phase", self.report.phase), f"destination: {err.get('message', err)}")
         if ctype not in expect:
             raise MigrationError(self.report.phase, f"destination sent {wire.ControlType(ctype).name}, expected {'/'.join(e.name for e in expect)}")
@@ -345,9 +346,9 @@ class SourceMigration:
             "postcopy_recovery": self.opt.postcopy_recovery,
             "postcopy_recovery_wait_s": self.opt.postcopy_recovery_wait_s,
         } | self.opt.extra_config
-        self.ch.send(stream.encode_preamble(config))
+        self.ch.send(control.encode_preamble(config))
         _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.READY})
-        ready = stream.decode_json(body)
+        ready = control.decode_json(body)
         r.guest["destination_pid"] = ready.get("guest_pid")
         if self.opt.postcopy != "off" and not ready.get("postcopy"):
             why = ready.get("postcopy_unavailable") or "the destination does not support it"
@@ -365,7 +366,7 @@ class SourceMigration:
             return
 
         # 2. Precopy rounds (the loop is vmem.migration.rounds'; _LiveRounds sends and collects).
-        self.tracker = g.make_tracker(self.opt.tracker)
+        self.tracker = make_tracker(g, self.opt.tracker)
         r.tracker = self.tracker.name
         self.tracker.start()
         self._set_state(SourceState.SETUP, SourceState.PRECOPY)
@@ -428,7 +429,7 @@ class SourceMigration:
         # 4. Destination resumes; verify; commit.
         self._phase("resume", "waiting for the destination guest")
         _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.RESUMED})
-        resumed = stream.decode_json(body)
+        resumed = control.decode_json(body)
         t_resumed = time.monotonic()
         first_step_ns = int(resumed["first_step_ns"])
         r.downtime_ms = round((first_step_ns - self.paused.paused_at_ns) / 1e6, 3)
@@ -462,7 +463,7 @@ class SourceMigration:
         """
         from vmem.format.postcopy import MAX_PFNS_PER_RECORD, encode_pfn_list
         from vmem.migration.postcopy.source import PostcopySource
-        from vmem.ram import runs_to_pages
+        from vmem.pages import runs_to_pages
 
         r = self.report
         g = self.guest
@@ -480,7 +481,7 @@ class SourceMigration:
             # Pure post-copy: list the pages holding data *before* the pause (walking the
             # RAM file costs ms per GiB), with a tracker armed first; the pages written
             # after the snapshot are the tracker's final collect, listed after the pause.
-            self.tracker = g.make_tracker(self.opt.tracker)
+            self.tracker = make_tracker(g, self.opt.tracker)
             r.tracker = self.tracker.name
             self.tracker.start()
             base = runs_to_pages(g.ram.data_runs())  # holes are zero pages: never sent
@@ -503,13 +504,12 @@ class SourceMigration:
         self._set_state(SourceState.POSTCOPY_SWITCH, SourceState.POSTCOPY_ACTIVE)
         t_transition = time.monotonic()
         # The fault server first: the destination guest may fault any moment now.
-        pc = PostcopySource(g.ram.pages, np.empty(0, dtype=np.int64), w, self._ctl_reader, self._send_lock,
-                            self.urgent, self.progress, self.ch)
+        pc = PostcopySource(g.ram.pages, w, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
         self._pc = pc
         pc.start()
         if self.tracker is not None:
             self.tracker.stop()  # outside the downtime, as in stop-and-copy
-        pending = pc.pending = merge_pages(base, late)
+        pending = merge_pages(base, late)
         self._pc_pending_total = int(len(pending))
         self._pc_timings = {
             "drain_before_pause": drain_ms,
@@ -521,24 +521,23 @@ class SourceMigration:
         # Let the guest restart before the push competes with it for the CPUs: its first
         # faults are then answered at once.  Bounded: a slow restart does not stall the push.
         self._pc_timings["push_held_for_restart"] = pc.wait_for_control(RESUMED_WAIT_S)
-        self._postcopy_serve(pc, index)
+        self._postcopy_serve(pc, index, pending)
 
-    def _postcopy_serve(self, pc, index: int) -> None:
-        """Push ``pc.pending``, end the stream, collect RESUMED and POSTCOPY_STATUS, report.
+    def _postcopy_serve(self, pc, index: int, pending: np.ndarray) -> None:
+        """Push ``pending``, end the stream, collect RESUMED and POSTCOPY_STATUS, report.
 
-        Shared by the switch and by :meth:`resume_postcopy` (then ``pc.pending`` is what the
+        Shared by the switch and by :meth:`resume_postcopy` (then ``pending`` is what the
         destination still lacked after the link broke).
         """
         r = self.report
         g = self.guest
         w = self._writer
         PC = wire.PostcopyRecordType
-        pending = pc.pending
         self._phase("postcopy", f"{len(pending)} pages to come; serving faults")
         self.progress.round_start(index, len(pending), "postcopy")
         t0 = time.monotonic()
         bytes0 = w.bytes_written
-        pc.push(lambda: None)
+        pc.push(pending)
         with self._send_lock:
             w.write_record(PC.COMPLETE)
             w.end_libxc()
@@ -560,7 +559,7 @@ class SourceMigration:
             got[wire.ControlType.RESUMED] = self._pc_resumed  # received before a broken link
         while len(got) < 2:
             ctype, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.RESUMED, wire.ControlType.POSTCOPY_STATUS})
-            got[ctype] = stream.decode_json(body)
+            got[ctype] = control.decode_json(body)
             if ctype == wire.ControlType.RESUMED:
                 self._pc_resumed = got[ctype]
         pc.join()
@@ -619,14 +618,14 @@ class SourceMigration:
         self._recoveries += 1
         self.ch = channel
         self.urgent = urgent_channel
-        self._ctl_reader = stream.ControlReader(self._recv_bytearray)
+        self._ctl_reader = control.ControlReader(self._recv_bytearray)
         self._writer = stream.StreamWriter(self.ch.send_parts)
         self._pc = None
         r.reason = ""
         t_start = time.monotonic()
         try:
             self._phase("postcopy", "resuming over a new connection")
-            self.ch.send(stream.encode_preamble({"postcopy_resume": True, "npages": g.npages, "page_size": PAGE_SIZE,
+            self.ch.send(control.encode_preamble({"postcopy_resume": True, "npages": g.npages, "page_size": PAGE_SIZE,
                                                   "recovery": self._recoveries}))
             _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.POSTCOPY_RESUME})
             missing = np.frombuffer(body, dtype="<u8")
@@ -637,12 +636,12 @@ class SourceMigration:
             self._writer.write_record(wire.PostcopyRecordType.BEGIN)
             from vmem.migration.postcopy.source import PostcopySource
 
-            pc = PostcopySource(g.ram.pages, missing, self._writer, self._ctl_reader, self._send_lock,
+            pc = PostcopySource(g.ram.pages, self._writer, self._ctl_reader, self._send_lock,
                                 self.urgent, self.progress, self.ch)
             self._pc = pc
             pc.start()
             self._set_state(SourceState.POSTCOPY_RECOVER, SourceState.POSTCOPY_ACTIVE)
-            self._postcopy_serve(pc, len(r.rounds))
+            self._postcopy_serve(pc, len(r.rounds), missing)
             r.postcopy["pages_resent_after_recovery"] = int(len(missing))
             self._verify_and_commit()
         except (VmemError, TransportError, OSError) as err:
@@ -678,7 +677,7 @@ class SourceMigration:
                 raise MigrationError("verify", f"destination RAM differs from the source at the pause in {len(bad)} pages (first: {bad[:10].tolist()})")
         if self.opt.guest_check:
             _, body = self._read_control(self.opt.ack_timeout_s * 10, {wire.ControlType.GUEST_CHECK})
-            check = stream.decode_json(body)
+            check = control.decode_json(body)
             verification["guest_check"] = check
             if not check.get("ok"):
                 r.verification = verification
@@ -701,7 +700,7 @@ class SourceMigration:
         self._send_control(wire.ControlType.SHUTDOWN)
         try:
             _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.DEST_REPORT})
-            dest_report = stream.decode_json(body)
+            dest_report = control.decode_json(body)
             r.guest["destination"] = dest_report.get("guest", {})
             r.processes.update(dest_report.get("processes", {}))
             after = dest_report.get("postcopy_after")

@@ -2,21 +2,26 @@
 
 ``make_tracker(guest, "auto")`` picks userfaultfd write-protect when the kernel offers
 WP_ASYNC on shmem and PAGEMAP_SCAN, and falls back to mprotect + SIGSEGV otherwise.
+Each mechanism states what it needs from a guest as a protocol (:class:`UffdWpGuest`,
+:class:`MprotectGuest`); the guest backends implement them, and this package imports no
+backend.
 """
 from __future__ import annotations
 
 from vmem.errors import ConfigError, TrackerUnavailable
 from vmem.tracking.base import DirtyTracker, regions_to_pages
-from vmem.tracking.mprotect import MprotectTracker
-from vmem.tracking.uffd_wp import UffdWpTracker
+from vmem.tracking.mprotect import MprotectGuest, MprotectTracker
+from vmem.tracking.uffd_wp import UffdWpGuest, UffdWpTracker
 
-__all__ = ["DirtyTracker", "UffdWpTracker", "MprotectTracker", "make_tracker", "TRACKERS", "regions_to_pages"]
+__all__ = ["DirtyTracker", "UffdWpTracker", "MprotectTracker", "UffdWpGuest", "MprotectGuest",
+           "make_tracker", "TRACKERS", "regions_to_pages"]
 
 TRACKERS = {"uffd-wp": UffdWpTracker, "mprotect": MprotectTracker}
 
 
-def make_tracker(guest, kind: str = "auto") -> DirtyTracker:
-    """Build the tracker ``kind`` for ``guest`` (``auto`` = best available).
+def make_tracker(guest: UffdWpGuest | MprotectGuest, kind: str = "auto") -> DirtyTracker:
+    """Build the tracker ``kind`` for ``guest`` (``auto`` = best available): what the
+    migrator calls to track a source guest.
 
     Raises:
         TrackerUnavailable: the chosen tracker needs a kernel feature that is missing

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from vmem.ram import ranges_to_pages as regions_to_pages
+from vmem.pages import ranges_to_pages as regions_to_pages
 
 __all__ = ["DirtyTracker", "regions_to_pages"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -22,7 +23,31 @@ from vmem.errors import GuestError, TrackerUnavailable
 from vmem.ram import close_mapping
 from vmem.tracking.base import DirtyTracker
 
-__all__ = ["MprotectTracker"]
+__all__ = ["MprotectTracker", "MprotectGuest"]
+
+
+@runtime_checkable
+class MprotectGuest(Protocol):
+    """What :class:`MprotectTracker` needs from a guest: three commands the guest runs at
+    its next safe point.  Each returns the guest's result: >= 0, or -errno."""
+
+    npages: int
+
+    def alive(self) -> bool: ...
+
+    def mprotect_start(self, bitmap_fd: int) -> int:
+        """Map ``bitmap_fd`` (dirty half, harvest half), install the SIGSEGV handler and
+        write-protect all of RAM."""
+
+    def mprotect_collect(self) -> int:
+        """Move the dirty bits to the harvest half and re-protect those pages."""
+
+    def mprotect_stop(self, timeout_s: float = 10.0) -> int:
+        """Unprotect RAM and remove the handler.
+
+        Raises:
+            GuestError: the guest did not answer.
+        """
 
 
 class MprotectTracker(DirtyTracker):
@@ -30,7 +55,7 @@ class MprotectTracker(DirtyTracker):
 
     name = "mprotect"
 
-    def __init__(self, guest):
+    def __init__(self, guest: MprotectGuest):
         super().__init__(guest.npages)
         self._guest = guest
         self._nwords = -(-guest.npages // 64)
@@ -46,38 +71,28 @@ class MprotectTracker(DirtyTracker):
         self._armed = False
 
     def start(self) -> None:
-        from guests.control import Command
-
-        res = self._guest.command(Command.MPROT_START, fds=[self._fd])
+        res = self._guest.mprotect_start(self._fd)
         if res < 0:
             raise TrackerUnavailable("mprotect", f"the guest could not install its SIGSEGV handler ({os.strerror(-res)})")
         self._armed = True
 
     def _collect(self) -> np.ndarray:
-        from guests.control import Command
-
-        res = self._guest.command(Command.MPROT_COLLECT)
+        res = self._guest.mprotect_collect()
         if res < 0:
             raise GuestError(f"mprotect collect failed in the guest: {os.strerror(-res)}")
         harvest = self._harvest
         words = np.flatnonzero(harvest)
-        if len(words):
-            bits = np.unpackbits(harvest[words].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-            w, b = np.nonzero(bits)
-            pages = words[w].astype(np.int64) * 64 + b
-            pages = pages[pages < self.npages]
-        else:
-            pages = np.empty(0, dtype=np.int64)
-        return pages
+        bits = np.unpackbits(harvest[words].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+        w, b = np.nonzero(bits)
+        pages = words[w].astype(np.int64) * 64 + b
+        return pages[pages < self.npages]
 
     def stop(self) -> None:
-        from guests.control import Command
-
         if self._armed:
             self._armed = False
             if self._guest.alive():
                 try:
-                    self._guest.command(Command.MPROT_STOP, timeout_s=10)
+                    self._guest.mprotect_stop(timeout_s=10)
                 except GuestError:
                     pass
         if self._map is not None:

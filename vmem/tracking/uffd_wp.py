@@ -14,6 +14,7 @@ page after each re-arm.
 from __future__ import annotations
 
 import os
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -21,9 +22,25 @@ from vmem.errors import TrackerUnavailable
 from vmem.pages import merge_pages
 from vmem.tracking.base import DirtyTracker, regions_to_pages
 
-__all__ = ["UffdWpTracker"]
+__all__ = ["UffdWpTracker", "UffdWpGuest"]
 
 PAGE_SHIFT = 12
+
+
+@runtime_checkable
+class UffdWpGuest(Protocol):
+    """What :class:`UffdWpTracker` needs from a guest: a userfaultfd with WP_ASYNC over
+    its RAM, and a process whose pagemap can be scanned."""
+
+    npages: int
+    pid: int
+    """The process whose address space holds RAM (``/proc/<pid>/pagemap``)."""
+    uffd_features: int
+    """Features UFFDIO_API granted on the guest's uffd, or -errno if it has none."""
+    ram_base: int
+    """Address of RAM in that process."""
+
+    def uffd(self) -> int: ...  # the guest's userfaultfd, owned by the guest object
 
 
 class UffdWpTracker(DirtyTracker):
@@ -31,7 +48,7 @@ class UffdWpTracker(DirtyTracker):
 
     name = "uffd-wp"
 
-    def __init__(self, guest):
+    def __init__(self, guest: UffdWpGuest):
         super().__init__(guest.npages)
         from vmem import _native as nat
 
@@ -69,14 +86,11 @@ class UffdWpTracker(DirtyTracker):
             category_mask=nat.PAGE_IS_WRITTEN,
             return_mask=nat.PAGE_IS_WRITTEN,
         )
-        if len(regions):
-            starts = (regions[:, 0].astype(np.int64) - self._base) >> PAGE_SHIFT
-            ends = (regions[:, 1].astype(np.int64) - self._base) >> PAGE_SHIFT
-            pages = regions_to_pages(starts, ends)
-            if len(pages) > 1 and not (np.diff(pages) > 0).all():
-                pages = merge_pages(pages, pages[:0])  # overlapping rows from a re-walk (see pagemap_scan)
-        else:
-            pages = np.empty(0, dtype=np.int64)
+        starts = (regions[:, 0].astype(np.int64) - self._base) >> PAGE_SHIFT
+        ends = (regions[:, 1].astype(np.int64) - self._base) >> PAGE_SHIFT
+        pages = regions_to_pages(starts, ends)
+        if len(pages) > 1 and not (np.diff(pages) > 0).all():
+            pages = merge_pages(pages, pages[:0])  # overlapping rows from a re-walk (see pagemap_scan)
         return pages
 
     def stop(self) -> None:

@@ -33,12 +33,13 @@ import numpy as np
 
 from vmem import _native as nat
 from vmem.errors import MigrationError
-from vmem.pages import PAGE_SIZE, unique_pages
-from vmem.format.postcopy import MAX_PFNS_PER_RECORD, UrgentReader, encode_pfn_list
+from vmem.pages import PAGE_SHIFT, PAGE_SIZE, page_runs, unique_pages
+from vmem.format.postcopy import MAX_PFNS_PER_RECORD, encode_pfn_list
 
 __all__ = ["PostcopyDestination", "MISSING", "PLACING", "PRESENT", "postcopy_unavailable_reason"]
 
-MISSING, PLACING, PRESENT = 0, 1, 2
+#: present-page states (the values the C fault engine uses on the same array)
+MISSING, PLACING, PRESENT = nat.PC_MISSING, nat.PC_PLACING, nat.PC_PRESENT
 #: fault events read per read(2) on the userfaultfd
 FAULT_EVENTS_PER_READ = 256
 #: GIL switch interval while post-copy runs (see PostcopyDestination.switch)
@@ -106,6 +107,7 @@ class PostcopyDestination:
         self._local_latencies: list[np.ndarray] = []
         self.t_switch_ns = 0
         self.engine = None  # PostcopyFaultEngine in fast-path mode
+        self._engine_stats: dict | None = None  # a stopped engine's counters, not yet folded in
         self._latency_ns: np.ndarray | None = None
         self._old_switch_s: float | None = None
         self.t_complete_ns = 0
@@ -197,7 +199,7 @@ class PostcopyDestination:
 
     def _fold_stats(self) -> None:
         """Add a stopped engine's counters to the Python-side ones (an engine per link)."""
-        es = getattr(self, "_engine_stats", None)
+        es = self._engine_stats
         if es is None:
             return
         self._engine_stats = None
@@ -208,7 +210,7 @@ class PostcopyDestination:
         self.pages_pushed += es["pages_pushed"]
         self.duplicates += es["duplicates"]
         self.t_complete_ns = es["t_complete_ns"] or self.t_complete_ns
-        self._latencies.append(self._latency_ns[: es["latencies"]].copy())
+        self._latencies.append(self._latency_ns[: es["latency_count"]].copy())
 
     def start_mapper(self) -> None:
         """Start mapping pre-copied pages ahead of the guest (after it resumed: not in the downtime)."""
@@ -234,7 +236,7 @@ class PostcopyDestination:
         Thread-safe.  Returns how many pages this call placed.
         """
         if self.engine is not None:
-            return self.engine.place(staging, pfns, digest_tmp)
+            return self.engine.place(staging, pfns)  # digests in C
         n = len(pfns)
         with self._lock:
             take = self.state[pfns] == MISSING
@@ -291,7 +293,7 @@ class PostcopyDestination:
             if not len(addrs):
                 continue
             t = time.monotonic_ns()
-            pfns = ((addrs - np.uint64(base)) >> np.uint64(12)).astype(np.int64)
+            pfns = ((addrs - np.uint64(base)) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
             ok = (addrs >= np.uint64(base)) & (pfns < npages)
             pfns, flags = pfns[ok], flags[ok]
             self.fault_events += len(pfns)
@@ -325,31 +327,12 @@ class PostcopyDestination:
 
         self._send_control(ControlType.POSTCOPY_FAULT, raw=encode_pfn_list(pfns))
 
-    def _urgent_loop(self, channel) -> None:
-        """Place demand-fetched pages from the urgent channel as soon as they arrive."""
-        from transport import TransportError
-
-        reader = UrgentReader(channel.recv_exact, channel.recv_into, self.npages)
-        staging = np.empty((1024, PAGE_SIZE), dtype=np.uint8)
-        tmp = np.empty(1024, dtype=np.uint64)
-        while not self._stop.is_set():
-            try:
-                pfns = reader.read(staging)
-            except TransportError:
-                if self._stop.is_set() or self._complete.is_set():
-                    return
-                raise
-            self.place(staging, pfns, tmp)
-
     def _mapper_loop(self) -> None:
         """Map pre-copied pages in large runs so the guest need not fault on each one."""
         have = self.received & (self.state == PRESENT)
-        idx = np.flatnonzero(have)
-        if not len(idx):
+        starts, ends = page_runs(np.flatnonzero(have), self.npages)
+        if not len(starts):
             return
-        brk = np.flatnonzero(np.diff(idx) != 1) + 1
-        starts = idx[np.concatenate(([0], brk))]
-        ends = idx[np.concatenate((brk - 1, [len(idx) - 1]))] + 1
         # Cut long runs so the loop can stop (and faults interleave) every few MiB; numpy
         # over the runs, since a hybrid switch can leave tens of thousands of gaps.
         c = MAPPER_CHUNK_PAGES
@@ -397,9 +380,7 @@ class PostcopyDestination:
         except OSError:
             pass
         for t in self._threads:
-            # The urgent receiver may sit in recv() until the source closes that channel:
-            # it is a daemon and ends on EOF, so it is not waited for here.
-            t.join(0.05 if t.name == "vmem-pc-urgent" else 5)
+            t.join(5)
         self._threads.clear()
         for fd in (self._wake_r, self._wake_w):
             try:

@@ -6,12 +6,14 @@ then the digest comparison) that every page has been placed.
 
 Two threads:
 
-* the *fault server* reads the back channel.  A POSTCOPY_FAULT is answered at once with the
-  requested pages -- on the urgent channel when there is one (a second connection, so the
-  answer does not queue behind megabytes of background push), else on the main stream
-  between two push batches -- and moves the push cursor to the fault (pre-paging: the
-  neighbourhood of a fault is likely to be touched next, as Hines & Gopalan and the 2017 RFC
-  do).  Every other control record is handed to the main thread through a queue.
+* the *fault server* answers each POSTCOPY_FAULT at once with the requested pages and moves
+  the push cursor to the fault (pre-paging: the neighbourhood of a fault is likely to be
+  touched next, as Hines & Gopalan and the 2017 RFC do).  With an urgent channel (a second
+  connection, so the answer does not queue behind megabytes of background push) it is a C
+  thread reading that channel (``vmem._native.PostcopyFaultServer``), and the back channel
+  stays with the main thread; without one it is a Python thread reading the back channel,
+  answering on the main stream between two push batches and handing every other control
+  record to the main thread through a queue.
 * the *pusher* (the caller's thread) sends the remaining pages in batches of up to 1024,
   from the cursor onwards, skipping pages already sent.
 """
@@ -27,7 +29,8 @@ import numpy as np
 from vmem.format import wire
 from vmem.errors import MigrationError
 from vmem.pages import PAGE_SIZE, page_buffers, unique_pages
-from vmem.format.postcopy import MAX_URGENT_PAGES, decode_pfn_list, urgent_record_parts
+from vmem.format.postcopy import decode_pfn_list
+from vmem.format.wire import MAX_PAGES_PER_RECORD
 
 __all__ = ["PostcopySource"]
 
@@ -38,22 +41,26 @@ SCAN_WINDOW = 16384
 
 
 class PostcopySource:
-    """Push ``pending`` (sorted unique int64 pfns) to the destination after TRANSITION.
+    """Serve faults and push the pages still to come to the destination after TRANSITION.
 
     Args:
-        ram: the source guest's RAM as an ``(npages, 4096)`` uint8 array (guest paused).
+        ram: the source guest's RAM as an ``(npages, PAGE_SIZE)`` uint8 array (guest paused).
         writer: the StreamWriter of the main stream.
         ctl_reader: the back channel's ControlReader.
         send_lock: serialises writes to the main stream (the fault server writes there too
             when there is no urgent channel).
         urgent: optional urgent Channel.
         progress: the migration's progress sink (``sent``).
+        channel: the main channel (its back direction is read here when there is an urgent
+            channel).
     """
 
-    def __init__(self, ram: np.ndarray, pending: np.ndarray, writer, ctl_reader, send_lock: threading.Lock,
+    def __init__(self, ram: np.ndarray, writer, ctl_reader, send_lock: threading.Lock,
                  urgent=None, progress=None, channel=None):
         self.ram = ram
-        self.pending = pending
+        #: the pages to push (sorted unique int64), given to :meth:`push`; the fault server
+        #: may start before it is known (the destination may fault at once)
+        self.pending = np.empty(0, dtype=np.int64)
         self.npages = len(ram)
         self.writer = writer
         self.ctl_reader = ctl_reader
@@ -61,18 +68,20 @@ class PostcopySource:
         self.urgent = urgent
         self.progress = progress
         self.sent = np.zeros(self.npages, dtype=bool)
-        self.cursor = 0  # index into pending where the push continues
+        self.cursor = 0  # index into pending where the push continues (the pusher's alone)
         self.controls: "queue.Queue" = queue.Queue()
         self.faults_served = 0
         self.pages_demanded = 0
         self.pages_pushed = 0
         self.bytes_pushed = 0
-        self._fault_staging = np.empty((MAX_URGENT_PAGES, PAGE_SIZE), dtype=np.uint8)
+        self._fault_staging = np.empty((MAX_PAGES_PER_RECORD, PAGE_SIZE), dtype=np.uint8)
         self._staging = np.empty((BATCH_PAGES, PAGE_SIZE), dtype=np.uint8)
         self._thread: threading.Thread | None = None
-        self.channel = channel  # the main channel (its back direction), read here in engine mode
+        self.channel = channel
         self._engine = None  # PostcopyFaultServer (C) when there is an urgent channel
-        self._cursor_shared = np.zeros(2, dtype=np.int64)  # [newest fault pfn, fault count]
+        #: [newest fault pfn, fault count], written by the fault server (C or Python); the
+        #: pusher moves its cursor after that pfn when the count changes (pre-paging)
+        self._cursor_shared = np.zeros(2, dtype=np.int64)
         self._cursor_seq = 0
         #: set (under send_lock) once COMPLETE is written: nothing more goes on the stream
         self.stream_ended = False
@@ -98,7 +107,8 @@ class PostcopySource:
         self._thread.start()
 
     def _serve_backchannel(self) -> None:
-        """Answer faults; queue everything else; end after POSTCOPY_STATUS or ERROR."""
+        """No urgent channel: answer faults on the main stream; queue everything else; end
+        after POSTCOPY_STATUS or ERROR."""
         try:
             while not self._stop.is_set():
                 ctype, body = self.ctl_reader.read()
@@ -115,18 +125,16 @@ class PostcopySource:
     def _serve_fault(self, pfns: np.ndarray) -> None:
         pfns = unique_pages(pfns)
         self.faults_served += len(pfns)
-        # Pre-paging: the push goes on right after the newest fault.
-        self.cursor = int(np.searchsorted(self.pending, pfns[-1], side="right"))
-        for i in range(0, len(pfns), MAX_URGENT_PAGES):
-            chunk = pfns[i:i + MAX_URGENT_PAGES]
+        # Pre-paging: the push goes on right after the newest fault (the pusher reads it).
+        self._cursor_shared[0] = pfns[-1]
+        self._cursor_shared[1] += 1
+        for i in range(0, len(pfns), MAX_PAGES_PER_RECORD):
+            chunk = pfns[i:i + MAX_PAGES_PER_RECORD]
             bufs = page_buffers(self.ram, chunk, self._fault_staging)
-            if self.urgent is not None:
-                self.urgent.send_parts(urgent_record_parts(chunk, bufs))
-            else:
-                with self.send_lock:
-                    if self.stream_ended:
-                        return  # every page went out before COMPLETE: this one is in flight
-                    self.writer.page_data(chunk, bufs, record_type=wire.PostcopyRecordType.PAGE_DATA)
+            with self.send_lock:
+                if self.stream_ended:
+                    return  # every page went out before COMPLETE: this one is in flight
+                self.writer.page_data(chunk, bufs, record_type=wire.PostcopyRecordType.PAGE_DATA)
             self.sent[chunk] = True
             self.pages_demanded += len(chunk)
 
@@ -215,13 +223,14 @@ class PostcopySource:
         batch.sort()
         return batch
 
-    def push(self, check_error) -> None:
-        """Send every pending page not sent yet; raise if the fault server failed."""
+    def push(self, pending: np.ndarray) -> None:
+        """Send every page of ``pending`` (sorted unique int64) not sent yet, from the cursor
+        on; raise if the fault server failed."""
+        self.pending = pending
         record = wire.PostcopyRecordType.PAGE_DATA
         while True:
             if self.error is not None:
                 raise self.error
-            check_error()
             self.poll_backchannel()
             if self._cursor_shared[1] != self._cursor_seq:  # a fault was served: pre-page after it
                 self._cursor_seq = int(self._cursor_shared[1])
