@@ -117,6 +117,21 @@ def test_policy_that_raises_fails_cleanly():
     assert report.outcome == "failed" and "bad policy" in report.reason
 
 
+def test_an_illegal_state_transition_is_refused_and_fails_cleanly(monkeypatch):
+    """Inject a transition the table forbids (PRECOPY -> COMPLETED, skipping the switchover):
+    the setter refuses it, the migration fails as a vmem bug, and the source guest runs on."""
+    from vmem.migration.source import SourceMigration
+    from vmem.migration.state import SourceState
+
+    def skip_to_completed(self, reason):
+        self._set_state(SourceState.PRECOPY, SourceState.COMPLETED)
+
+    monkeypatch.setattr(SourceMigration, "_abort", skip_to_completed)
+    report = migrate("uniform", policy=lambda s: (Decision.ABORT, "go"))
+    assert report.outcome == "failed" and "IllegalTransition" in report.reason and "PRECOPY -> COMPLETED" in report.reason
+    assert "vmem bug" in report.reason
+
+
 class KillAt:
     """A progress sink that kills a process when a given round starts."""
 

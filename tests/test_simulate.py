@@ -337,3 +337,82 @@ def test_simulator_agrees_with_a_real_migration():
     assert abs(rows["stop-and-copy pages"]["error_pct"]) <= 6.0, rows
     for a, b in zip(p.rounds, m.rounds):
         assert a.pages_sent == pytest.approx(b.pages_sent, rel=0.08), (a, b)
+
+
+# --- one round engine: the migrator's and the simulator's plug-ins decide alike ------------------------
+
+def test_engine_gives_the_migrator_and_the_simulator_the_same_decisions():
+    """The same policy through vmem.migration.rounds.run_precopy, once with the real
+    migrator's plug-in (a SourceMigration whose tracker yields a scripted dirty sequence)
+    and once with the simulator's (a replay yielding the same sequence): same rounds, same
+    pages sent, same decisions, same throttle calls."""
+    from types import SimpleNamespace
+
+    from vmem.analysis.simulate import _Link, _TraceRounds
+    from vmem.migration.rounds import run_precopy
+    from vmem.migration.source import MigrationOptions, SourceMigration, _LiveRounds
+
+    npages = 2048
+    rng = np.random.default_rng(3)
+    sequence = [np.unique(rng.integers(0, npages, n)).astype(np.int64) for n in (1500, 900, 600, 400, 260, 120, 45, 10, 3)]
+
+    class Tracker:
+        collect_s = 0.0
+
+        def __init__(self):
+            self.left = iter(sequence)
+
+        def collect(self):
+            return next(self.left)
+
+    class Guest:
+        def __init__(self):
+            self.npages = npages
+            self.ram = SimpleNamespace(pages=np.zeros((npages, 4096), dtype=np.uint8))
+            self.throttles = []
+
+        def set_throttle(self, level):
+            self.throttles.append(level)
+
+    class Channel:
+        def send_parts(self, parts):
+            pass
+
+        def wait_readable(self, timeout_s):
+            return False
+
+    class Replay:
+        def __init__(self):
+            self.left = iter(sequence)
+
+        def advance(self, seconds, throttle):
+            return next(self.left)
+
+    def throttling(s):
+        if s.iteration == 2:
+            return Verdict(Decision.CONTINUE, "slow down", throttle=0.4)
+        return Verdict(Decision.STOP_AND_COPY if s.dirty_count < 100 else Decision.CONTINUE, f"dirty {s.dirty_count}")
+
+    policies = [XenDefaultPolicy(), make_policy("threshold", precopy_iterations=30, precopy_threshold=100),
+                make_policy("two-threshold", pause_threshold=50, max_iterations=8), throttling,
+                lambda s: Decision.ABORT if s.iteration == 3 else Decision.CONTINUE]
+    for policy in policies:
+        guest = Guest()
+        mig = SourceMigration(guest, Channel(), MigrationOptions())
+        mig.tracker = Tracker()
+        mig._writer.begin()  # the headers, as after the handshake
+        live_rounds: list = []
+        live = run_precopy(_LiveRounds(mig, time.monotonic()), policy, np.array([[0, npages]], dtype=np.int64),
+                           guest_pages=npages, page_size=4096, bandwidth_limit_Bps=None, on_round=live_rounds.append)
+        sim_rounds: list = []
+        sim = run_precopy(_TraceRounds(_Link(1e8, 0), Replay(), 4096, 0.001, elapsed_s=0.0), policy, npages,
+                          guest_pages=npages, page_size=4096, bandwidth_limit_Bps=None, on_round=sim_rounds.append)
+        assert (live.decision, live.rounds) == (sim.decision, sim.rounds), policy
+        assert [x.decision for x in live_rounds] == [x.decision for x in sim_rounds]
+        assert [x.pages_sent for x in live_rounds] == [x.pages_sent for x in sim_rounds]
+        assert [x.dirty_pages for x in live_rounds] == [x.dirty_pages for x in sim_rounds]
+        assert [x.throttle for x in live_rounds] == [x.throttle for x in sim_rounds]
+        assert np.array_equal(live.dirty, sim.dirty) and live.dirty_history == sim.dirty_history
+        if policy is not policies[2]:  # two-threshold's reasons quote the (wall-clock) dirty rates
+            assert [x.reason for x in live_rounds] == [x.reason for x in sim_rounds]
+        assert guest.throttles == ([0.4] if policy is throttling else [])

@@ -241,16 +241,6 @@ def options_from_request(values: dict):
         raise AgentError(ErrorCode.BAD_REQUEST, f"invalid argument {err}") from None
 
 
-def _source_guest_check(guest) -> dict:
-    t = time.monotonic()
-    try:
-        check = guest.verify()
-    except Exception as err:  # reported, not raised: the report is the product
-        check = {"ok": False, "detail": str(err)}
-    check["duration_s"] = round(time.monotonic() - t, 3)
-    return check
-
-
 def _link_request(values: dict) -> tuple[int, str]:
     """``(parallel, compress)`` from a CLI's migration options (checked; AgentError if bad)."""
     from vmem.cli.args import link_options_from_args
@@ -333,6 +323,8 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
 
 def _finish_out(agent, name: str, entry, report, resume: dict) -> dict:
     """Settle the source side after a migration (or a resumed one) and build the reply."""
+    from vmem.migration.local import settle_source_guest
+
     host, port = resume["host"], resume["port"]
     report.guest["name"] = name
     report.guest["source_agent"] = agent.listen_address
@@ -351,11 +343,7 @@ def _finish_out(agent, name: str, entry, report, resume: dict) -> dict:
         guest.close()
         log.info("guest %s migrated to %s:%d (downtime %s ms); removed here", name, host, port, report.downtime_ms)
     elif guest.alive():
-        report.verification["source_guest_check"] = _source_guest_check(guest)
-        if not guest.alive():
-            report.source_guest_state = "crashed"
-        elif report.source_guest_state != "paused":
-            report.source_guest_state = "running"
+        settle_source_guest(report, guest)
         # After a post-copy switch the guest stays paused: its state is split (docs/postcopy.md).
         agent.registry.transition(name, "migrating", "paused" if report.source_guest_state == "paused" else "running")
         log.warning("migration of guest %s to %s:%d %s: %s; the guest is %s here",

@@ -49,7 +49,8 @@ pre-copy rounds the stop-and-copy sends ``a_n`` pages, and::
     total time      = precopy time + downtime
 
 The model is continuous (pages are reals): :func:`iterate` evaluates the same recurrence
-step by step through any policy (``dirty_count`` is then a float), and the trace-driven
+step by step through any policy, in the migrator's own round loop
+(:func:`vmem.migration.rounds.run_precopy`) (``dirty_count`` is then a float), and the trace-driven
 simulator (:mod:`vmem.analysis.simulate`) is the integer, measured-curve version.  Where the
 measured WWS curve is not ``min(D t, W)`` -- uniform writes over a large guest give
 ``N (1 - exp(-R t / N))`` -- :func:`iterate` accepts the measured curve as ``dirty_fn``.
@@ -57,11 +58,12 @@ measured WWS curve is not ``min(D t, W)`` -- uniform writes over a large guest g
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from vmem.errors import ConfigError
-from vmem.migration.policy import Decision, IterationsThresholdPolicy, PrecopyStats, XenDefaultPolicy, call_policy
+from vmem.migration.policy import Decision, IterationsThresholdPolicy, XenDefaultPolicy
+from vmem.migration.rounds import SAFETY_MAX_ROUNDS, RoundResult, run_precopy
 
 __all__ = [
     "PrecopyModel",
@@ -84,7 +86,6 @@ DEFAULT_COLLECT_S = 0.001
 RECORD_OVERHEAD_BYTES = 16
 PFN_BYTES = 8
 PAGES_PER_RECORD = 1024
-SAFETY_MAX_ROUNDS = 1000
 
 
 def wire_bytes(pages: int, page_size: int = 4096) -> int:
@@ -295,65 +296,49 @@ def iterate(m: PrecopyModel, policy=None, *, dirty_fn: Callable[[float], float] 
         PolicyError: the policy raised or returned garbage.
     """
     policy = policy or XenDefaultPolicy()
-    fn = dirty_fn or (lambda t: min(m.dirty_rate_pps * t, m.W))
-    pred = ModelPrediction()
-    a = float(m.guest_pages)
-    total_written = 0.0
-    elapsed = 0.0
-    throttle = 0.0
-    history: list = []
-    rate_history: list = []
-    for index in range(max_rounds):
-        t_send = m.send_s(a)
-        t_round = t_send + m.collect_s
-        dirty = min(fn(t_round), float(m.guest_pages)) * (1.0 - throttle)
-        elapsed += t_round
-        total_written += a
-        history.append(dirty)
-        rate = dirty / t_round if t_round > 0 else 0.0
-        rate_history.append(rate)
-        stats = make_stats(
-            iteration=index + 1, total_written=total_written, dirty_count=dirty, guest_pages=m.guest_pages,
-            elapsed_s=elapsed, round_s=t_send, bandwidth_Bps=m.bandwidth_Bps if t_send > 0 else 0.0,
-            dirty_rate_pps=rate, dirty_history=tuple(history), est_downtime_s=dirty * m.page_size / m.bandwidth_Bps,
-            bandwidth_limit_Bps=m.bandwidth_Bps, throttle=throttle, dirty_rate_history=tuple(rate_history),
-            page_size=m.page_size,
-        )
-        verdict = call_policy(policy, stats)
-        pred.sent_pages.append(a)
-        pred.dirty_pages.append(dirty)
-        pred.round_s.append(t_send)
-        decision = verdict.decision
-        if decision == Decision.CONTINUE and index + 1 >= max_rounds:
-            decision = Decision.STOP_AND_COPY
-        if decision == Decision.CONTINUE:
-            if verdict.throttle is not None:
-                throttle = min(max(float(verdict.throttle), 0.0), 0.99)
-            a = dirty
-            continue
-        pred.precopy_rounds = index + 1
-        pred.precopy_s = elapsed
-        pred.reason = verdict.reason
-        if decision in (Decision.ABORT, Decision.POSTCOPY):
-            pred.outcome = "aborted" if decision == Decision.ABORT else "postcopy"
-            pred.pages_sent = total_written
-            pred.total_time_s = elapsed
-            return pred
-        pred.final_pages = dirty
-        pred.pages_sent = total_written + dirty
-        pred.downtime_s = m.send_s(dirty) + m.switchover_s
-        pred.total_time_s = elapsed + pred.downtime_s
-        break
+    rounds = _ModelRounds(m, dirty_fn or (lambda t: min(m.dirty_rate_pps * t, m.W)))
+    end = run_precopy(rounds, policy, float(m.guest_pages), guest_pages=m.guest_pages, page_size=m.page_size,
+                      bandwidth_limit_Bps=m.bandwidth_Bps, max_rounds=max_rounds)
+    pred = rounds.pred
+    pred.precopy_rounds = end.rounds
+    pred.precopy_s = end.elapsed_s
+    pred.reason = end.reason
+    if end.decision in (Decision.ABORT, Decision.POSTCOPY):
+        pred.outcome = "aborted" if end.decision == Decision.ABORT else "postcopy"
+        pred.pages_sent = end.total_written
+        pred.total_time_s = end.elapsed_s
+        return pred
+    pred.final_pages = end.dirty
+    pred.pages_sent = end.total_written + end.dirty
+    pred.downtime_s = m.send_s(end.dirty) + m.switchover_s
+    pred.total_time_s = end.elapsed_s + pred.downtime_s
     pred.converges = (not m.levels()) and m.ratio < 1
     return pred
 
 
-_STATS_FIELDS = None
+class _ModelRounds:
+    """The analytical model's plug-in for the round engine (vmem.migration.rounds.RoundIO):
+    a round of ``a`` pages takes ``a Pw / B`` seconds, and the guest dirties
+    ``dirty_fn(t_send + c)`` pages meanwhile (scaled by ``1 - throttle``).  Page sets are
+    counts (floats)."""
 
+    def __init__(self, m: PrecopyModel, dirty_fn: Callable[[float], float]):
+        self.m = m
+        self.dirty_fn = dirty_fn
+        self.elapsed_s = 0.0
+        self.pred = ModelPrediction()
 
-def make_stats(**kwargs) -> PrecopyStats:
-    """A PrecopyStats from the fields this version of it has (newer fields are optional)."""
-    global _STATS_FIELDS
-    if _STATS_FIELDS is None:
-        _STATS_FIELDS = {f.name for f in fields(PrecopyStats)}
-    return PrecopyStats(**{k: v for k, v in kwargs.items() if k in _STATS_FIELDS})
+    def send_round(self, index: int, pages: float, throttle: float) -> RoundResult:
+        m = self.m
+        t_send = m.send_s(pages)
+        t_round = t_send + m.collect_s
+        dirty = min(self.dirty_fn(t_round), float(m.guest_pages)) * (1.0 - throttle)
+        self.elapsed_s += t_round
+        self.pred.sent_pages.append(pages)
+        self.pred.dirty_pages.append(dirty)
+        self.pred.round_s.append(t_send)
+        return RoundResult(pages_sent=pages, bytes_sent=t_send * m.bandwidth_Bps, send_s=t_send, dirty=dirty,
+                           dirty_pages=dirty, since_collect_s=t_round, elapsed_s=self.elapsed_s, collect_s=m.collect_s)
+
+    def set_throttle(self, level: float) -> None:
+        pass  # the engine passes the throttle in force to send_round

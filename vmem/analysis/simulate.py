@@ -1,6 +1,7 @@
 """Trace-driven migration simulator: replay a recorded dirty trace through any policy.
 
-The simulator runs :mod:`vmem.migration.source`'s round loop with time and dirty pages taken from
+The simulator runs the migrator's own round loop (:func:`vmem.migration.rounds.run_precopy`,
+plugged with :class:`_TraceRounds`) with time and dirty pages taken from
 a :class:`~vmem.analysis.trace.DirtyTrace` instead of a live guest, at any bandwidth, and returns
 a :class:`~vmem.migration.report.MigrationReport` shaped like a measured one, so graphs and
 comparisons treat predicted and measured runs alike.
@@ -40,10 +41,11 @@ import numpy as np
 
 from vmem.units import bandwidth_from_arg
 from vmem.errors import ConfigError, PolicyError
-from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, make_stats, wire_bytes
+from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, wire_bytes
 from vmem.pages import merge_pages
-from vmem.migration.policy import Decision, XenDefaultPolicy, call_policy, estimate_downtime_s
+from vmem.migration.policy import Decision, XenDefaultPolicy
 from vmem.migration.report import MigrationReport, RoundStats
+from vmem.migration.rounds import SAFETY_MAX_ROUNDS, RoundResult, run_precopy
 from vmem.analysis.trace import WINDOW_RULES, DirtyTrace
 
 __all__ = [
@@ -71,8 +73,6 @@ DEFAULT_PAUSE_S = 0.0005
 #: After the switchover: digest verification, the guest's ledger check, commit, observe.
 #: Only added to total_time_s; it depends on size and options, so 0 by default.
 DEFAULT_POST_S = 0.0
-#: Same cap as vmem.migration.source: a policy that never stops is stopped here.
-SAFETY_MAX_ROUNDS = 1000
 #: The stream records after the pages (libxc END, EMULATOR_CONTEXT of a small context, libxl END).
 _TRAILER_BYTES = 8 + 8 + 8 + 512
 _HEADER_BYTES = 128
@@ -200,6 +200,34 @@ class _Replay:
         return _union(first, second, t.npages)
 
 
+class _TraceRounds:
+    """The simulator's plug-in for the round engine (vmem.migration.rounds.RoundIO): a
+    round's bytes go through the token bucket in simulated time, its dirty set is the
+    trace's writes over the round and the collect."""
+
+    def __init__(self, link: _Link, replay: _Replay, page_size: int, collect_s: float, elapsed_s: float):
+        self.link = link
+        self.replay = replay
+        self.page_size = page_size
+        self.collect_s = collect_s
+        self.elapsed_s = elapsed_s  # migration time since start (the migrator's elapsed_s)
+
+    def send_round(self, index: int, pages, throttle: float) -> RoundResult:
+        # Round 0 sends a count of data pages; later rounds the last dirty set.
+        n_send = len(pages) if isinstance(pages, np.ndarray) else int(pages)
+        nbytes = wire_bytes(n_send, self.page_size) if n_send else 0
+        send_s = self.link.send(nbytes)
+        self.link.idle(self.collect_s)
+        since_collect = send_s + self.collect_s
+        dirty = self.replay.advance(since_collect, throttle)
+        self.elapsed_s += since_collect
+        return RoundResult(pages_sent=n_send, bytes_sent=nbytes, send_s=send_s, dirty=dirty, dirty_pages=len(dirty),
+                           since_collect_s=since_collect, elapsed_s=self.elapsed_s, collect_s=self.collect_s)
+
+    def set_throttle(self, level: float) -> None:
+        pass  # the engine passes the throttle in force to send_round, which slows the replay
+
+
 def _union(a: np.ndarray, b: np.ndarray, npages: int) -> np.ndarray:
     """Sorted union of two sorted page arrays: a bitmap when they are large, else a merge."""
     if (len(a) + len(b)) * 16 >= npages:
@@ -214,8 +242,8 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     """Predict a migration of the traced guest under ``policy`` (default: Xen's).
 
     ``params`` or keyword arguments of :class:`SimulationParams` (``bandwidth_Bps`` is
-    required).  Mirrors :meth:`vmem.migration.source.SourceMigration._run`: same round numbering,
-    same PrecopyStats, same SAFETY_MAX_ROUNDS, a policy that raises or returns garbage
+    required).  Runs the migrator's own round loop (:func:`vmem.migration.rounds.run_precopy`),
+    so round numbering, PrecopyStats and the safety cap are the migrator's; a policy that raises or returns garbage
     ends the run ``failed``, ABORT ends it ``aborted``, POSTCOPY is unsupported (``failed``).
 
     Returns:
@@ -257,64 +285,22 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     r.mode = "precopy"
     link = _Link(B, burst)
     replay = _Replay(trace, p)
-    elapsed = p.setup_s                       # migration time since start (the migrator's elapsed_s)
     replay.skip(p.setup_s)
-    n_send = data_pages
-    history: list[int] = []
-    rate_history: list[float] = []
-    total_written = 0
-    throttle = 0.0
-    index = 0
-    dirty = np.empty(0, dtype=np.int64)
+    rounds = _TraceRounds(link, replay, page_size, p.collect_s, elapsed_s=p.setup_s)
     r.phase = "precopy"
     try:
-        while True:
-            nbytes = wire_bytes(n_send, page_size) if n_send else 0
-            round_s = link.send(nbytes)
-            link.idle(p.collect_s)
-            since_collect = round_s + p.collect_s
-            dirty = replay.advance(since_collect, throttle)
-            elapsed += since_collect
-            total_written += n_send
-            bw_Bps = nbytes / round_s if round_s > 0 else 0.0
-            rate_pps = len(dirty) / since_collect if since_collect > 0 else 0.0
-            history.append(len(dirty))
-            rate_history.append(rate_pps)
-            link_Bps = (min(bw_Bps, B) if bw_Bps > 0 else B) if p.shaped else bw_Bps
-            est = estimate_downtime_s(len(dirty), link_Bps, page_size)
-            rs = _round_stats(index=index, pages_sent=n_send, bytes_sent=nbytes, duration_s=round(round_s, 6),
-                              dirty_pages=len(dirty), dirty_rate_pps=round(rate_pps, 1), bandwidth_bps=round(bw_Bps * 8, 1),
-                              collect_ms=round(p.collect_s * 1e3, 3), throttle=throttle)
-            rs.est_downtime_ms = round(est * 1e3, 3) if est != math.inf else None
-            stats = make_stats(
-                iteration=index + 1, total_written=total_written, dirty_count=len(dirty), guest_pages=int(trace.npages),
-                elapsed_s=elapsed, round_s=round_s, bandwidth_Bps=bw_Bps, dirty_rate_pps=rate_pps,
-                dirty_history=tuple(history), est_downtime_s=est,
-                bandwidth_limit_Bps=B if p.shaped else None, throttle=throttle,
-                dirty_rate_history=tuple(rate_history), page_size=page_size,
-            )
-            verdict = call_policy(policy, stats)
-            if verdict.decision == Decision.CONTINUE and index + 1 >= SAFETY_MAX_ROUNDS:
-                verdict = type(verdict)(Decision.STOP_AND_COPY, f"safety cap of {SAFETY_MAX_ROUNDS} rounds")
-            rs.decision, rs.reason = verdict.decision.value, verdict.reason
-            r.rounds.append(rs)
-            if verdict.decision == Decision.CONTINUE:
-                if verdict.throttle is not None:
-                    throttle = min(max(float(verdict.throttle), 0.0), 0.99)
-                n_send = len(dirty)
-                index += 1
-                continue
-            if verdict.decision == Decision.ABORT:
-                r.outcome, r.reason, r.phase = "aborted", verdict.reason or "policy decided to abort", "aborted"
-                r.source_guest_state = "running"
-                return _finish(r, trace, p, policy, elapsed, t_wall)
-            if verdict.decision == Decision.POSTCOPY:
-                raise PolicyError("policy asked for POSTCOPY, which this build does not support yet; aborting")
-            r.reason = verdict.reason
-            break
+        end = run_precopy(rounds, policy, data_pages, guest_pages=int(trace.npages), page_size=page_size,
+                          bandwidth_limit_Bps=B if p.shaped else None, on_round=r.rounds.append,
+                          postcopy_refusal="policy asked for POSTCOPY, which this build does not support yet; aborting")
     except PolicyError as err:
         r.outcome, r.reason, r.source_guest_state = "failed", str(err), "running"
-        return _finish(r, trace, p, policy, elapsed, t_wall)
+        return _finish(r, trace, p, policy, rounds.elapsed_s, t_wall)
+    if end.decision == Decision.ABORT:
+        r.outcome, r.reason, r.phase = "aborted", end.reason or "policy decided to abort", "aborted"
+        r.source_guest_state = "running"
+        return _finish(r, trace, p, policy, rounds.elapsed_s, t_wall)
+    r.reason = end.reason
+    dirty, index, throttle, elapsed = end.dirty, end.rounds - 1, end.throttle, rounds.elapsed_s
 
     # Stop-and-copy: the guest runs until it acknowledges the pause, then is frozen.
     r.phase = "stop-and-copy"
@@ -324,9 +310,9 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     final_n = len(_union(dirty, late, trace.npages)) if len(late) else len(dirty)
     nbytes = wire_bytes(final_n, page_size) if final_n else 0
     send_s = link.send(nbytes + _TRAILER_BYTES)
-    r.rounds.append(_round_stats(index=index + 1, kind="stop-and-copy", pages_sent=final_n, bytes_sent=nbytes,
-                                 duration_s=round(send_s, 6),
-                                 bandwidth_bps=round(nbytes * 8 / send_s, 1) if send_s > 0 else 0.0))
+    r.rounds.append(RoundStats(index=index + 1, kind="stop-and-copy", pages_sent=final_n, bytes_sent=nbytes,
+                               duration_s=round(send_s, 6),
+                               bandwidth_bps=round(nbytes * 8 / send_s, 1) if send_s > 0 else 0.0))
     downtime_s = send_s + p.switchover_s
     elapsed += downtime_s
     r.downtime_ms = round(downtime_s * 1e3, 3)
@@ -340,11 +326,6 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     r.phase = "predicted"
     r.source_guest_state = "exited"
     return _finish(r, trace, p, policy, elapsed + p.post_s, t_wall)
-
-
-def _round_stats(**kw) -> RoundStats:
-    names = {f.name for f in fields(RoundStats)}
-    return RoundStats(**{k: v for k, v in kw.items() if k in names})
 
 
 def _finish(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, total_s: float, t_wall: float) -> MigrationReport:

@@ -35,6 +35,8 @@ from vmem.migration.backend import incoming_factory
 from vmem.errors import MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, zero_page_digest
 from vmem.migration.postcopy.destination import PostcopyDestination, postcopy_unavailable_reason
+from vmem.migration.state import DESTINATION_TRANSITIONS, DestinationState, StateCell
+from vmem.migration.postcopy import drop_links
 from vmem.format.postcopy import decode_pfn_list
 from vmem.procstats import PeakSampler, process_figures
 from vmem.ram import format_bytes, mem_available_bytes
@@ -67,10 +69,33 @@ class DestinationMigration:
         self._send_lock = threading.Lock()  # the fault thread sends on the back channel too
         self.kept_guest = None
         self.guest = None
-        self.phase = "setup"
+        #: the life cycle (vmem.migration.state); changed only by ``self._state.set``
+        self._state = StateCell(DestinationState.SETUP, DESTINATION_TRANSITIONS)
         self.digests: np.ndarray | None = None
+        self.received: np.ndarray | None = None  # per page: placed (post-copy needs it)
         self._placer: _Placer | None = None
         self.pages_received = 0
+        self.sampler: PeakSampler | None = None
+        # From the preamble.
+        self._npages = 0
+        self._postcopy_recovery = False
+        self._recovery_wait_s = POSTCOPY_RECONNECT_WAIT_S
+        self._context: bytes | None = None  # the guest context (EMULATOR_CONTEXT or TRANSITION)
+        # Post-copy: the thread that resumes the guest at TRANSITION and what it found.
+        self._resumed_thread: threading.Thread | None = None
+        self._resumed_error: BaseException | None = None
+        self._resumed_counters: dict | None = None
+        self._postcopy_resume_counters = None  # (monotonic ns, counters) at the resume
+        self._postcopy_done_counters = None  # (monotonic ns, counters) once every page arrived
+
+    @property
+    def state(self) -> DestinationState:
+        return self._state.state
+
+    @property
+    def phase(self) -> str:
+        """The state's name, as ERROR records and logs give it."""
+        return self._state.state.value
 
     def _send_control(self, ctype, obj=None, raw: bytes | None = None) -> None:
         if raw is not None:
@@ -124,13 +149,14 @@ class DestinationMigration:
             elif rec.type is PC.BEGIN:
                 if self.postcopy is None:
                     raise MigrationError("postcopy", "the source switched to post-copy, which this destination did not arm")
-                self.phase = "postcopy"
+                if self.state is DestinationState.RECEIVE:  # a resumed stream begins with BEGIN again
+                    self._state.set(DestinationState.RECEIVE, DestinationState.POSTCOPY)
             elif rec.type is PC.PFNS:
-                if self.phase != "postcopy" or self._resumed_thread is not None:
+                if self.state is not DestinationState.POSTCOPY or self._resumed_thread is not None:
                     raise StreamError("post-copy PFNS outside BEGIN..TRANSITION", rec.offset)
                 self.postcopy.mark_pending(decode_pfn_list(rec.body, self._npages, "PFNS", rec.offset))
             elif rec.type is PC.TRANSITION:
-                if self.phase != "postcopy" or self._resumed_thread is not None:
+                if self.state is not DestinationState.POSTCOPY or self._resumed_thread is not None:
                     raise StreamError("post-copy TRANSITION without BEGIN, or a second one", rec.offset)
                 self._context = bytes(rec.body)
                 self._resumed_thread = self._postcopy_switch(self._context)
@@ -157,15 +183,9 @@ class DestinationMigration:
         print(f"vmem destination: the link to the source broke after the switch ({err}); {len(missing)} pages are "
               f"missing and the guest waits for them; waiting up to {self._recovery_wait_s:g} s for the source "
               f"to resume the migration", file=sys.stderr)
-        for ch in (self.ch, self.urgent):
-            if ch is not None:
-                try:
-                    ch.close()
-                except (TransportError, OSError):
-                    pass
+        drop_links(self.ch, self.urgent)
         got = self.await_reconnect(self._recovery_wait_s)
         if got is None:
-            self.phase = "postcopy"
             raise MigrationError("postcopy", f"the source did not come back within {self._recovery_wait_s:g} s; "
                                              f"{len(missing)} pages are lost (first: {missing[:16].tolist()}); the guest was "
                                              "stopped rather than run on memory it does not have")
@@ -208,9 +228,6 @@ class DestinationMigration:
         self._placer.postcopy = self.postcopy
         t_end = time.monotonic_ns()
         self.postcopy.switch(self.urgent)
-        self._resumed_error = None
-        self._resumed_counters = None
-        self._postcopy_resume_counters = None
 
         def resume_and_report():
             # In this thread, not the main one: the guest's restore and first step may
@@ -238,7 +255,6 @@ class DestinationMigration:
 
         t = threading.Thread(target=resume_and_report, name="vmem-pc-resume", daemon=True)
         t.start()
-        self._resume_thread = t
         return t
 
     def _postcopy_complete(self) -> None:
@@ -253,7 +269,7 @@ class DestinationMigration:
         self._placer.postcopy = None
         t_done = time.monotonic_ns()
         at_done = self.guest.counters()
-        self._resume_thread.join(120)
+        self._resumed_thread.join(120)
         if self._resumed_error is not None:
             raise self._resumed_error
         t_res, at_res = self._postcopy_resume_counters
@@ -325,10 +341,8 @@ class DestinationMigration:
             ready.update(self._arm_postcopy())
         self._send_control(wire.ControlType.READY, ready)
 
-        self.phase = "receive"
+        self._state.set(DestinationState.SETUP, DestinationState.RECEIVE)
         self._npages = npages
-        self._context = None
-        self._resumed_thread = None
         self._postcopy_recovery = bool(config.get("postcopy_recovery"))
         try:
             self._recovery_wait_s = min(max(float(config.get("postcopy_recovery_wait_s", POSTCOPY_RECONNECT_WAIT_S)), 0.0), 3600.0)
@@ -353,7 +367,7 @@ class DestinationMigration:
 
         if resumed_thread is None:
             t_end = time.monotonic_ns()
-            self.phase = "resume"
+            self._state.set(self.state, DestinationState.RESUME)  # RECEIVE, or POSTCOPY that never switched
             t0 = time.monotonic_ns()
             self.guest.resume(context)
             first = self.guest.wait_first_step()
@@ -368,7 +382,8 @@ class DestinationMigration:
                 raise self._resumed_error
             resumed = self._resumed_counters
 
-        self.phase = "verify"
+        self._state.set(DestinationState.RESUME if resumed_thread is None else DestinationState.POSTCOPY,
+                        DestinationState.VERIFY)
         if self.digests is not None:
             # Little-endian u64 on the wire; on x86 that is the array's own memory: no copy.
             digests = self.digests if self.digests.dtype == np.dtype("<u8") else self.digests.astype("<u8")
@@ -379,7 +394,7 @@ class DestinationMigration:
             check["duration_s"] = round(time.monotonic() - t, 3)
             self._send_control(wire.ControlType.GUEST_CHECK, check)
 
-        self.phase = "commit"
+        self._state.set(DestinationState.VERIFY, DestinationState.COMMIT)
         ctl = control.ControlReader(self.ch.recv_exact)
         ctype, _ = ctl.read()
         if ctype != wire.ControlType.COMMIT:
@@ -404,7 +419,7 @@ class DestinationMigration:
             },
             "processes": {"migrator_destination": process_figures(), "destination_guest": process_figures(self.guest.pid)},
         }
-        done = getattr(self, "_postcopy_done_counters", None)
+        done = self._postcopy_done_counters
         if done is not None:
             # Guest progress after the last page arrived, for the report's guest_rate.after.
             t_done, at_done = done

@@ -15,7 +15,7 @@ from transport import ShapedChannel, channel_pair
 from vmem.migration.source import MigrationOptions
 from vmem.migration.report import MigrationReport
 
-__all__ = ["run_local_migration", "spawn_destination", "source_guest_check"]
+__all__ = ["run_local_migration", "spawn_destination", "source_guest_check", "settle_source_guest"]
 
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds vmem/ and guests/
 
@@ -164,14 +164,23 @@ def run_local_migration(guest, options: MigrationOptions | None = None, progress
                 dest.wait()
     report.processes.setdefault("destination_exit_status", dest.returncode if dest else None)
     if report.outcome != "completed" and guest.alive():
-        # The promise on failure: the source guest keeps running (or, after a post-copy
-        # switch, stays paused) with intact memory.
-        report.verification["source_guest_check"] = source_guest_check(guest)
-        if not guest.alive():
-            report.source_guest_state = "crashed"
-        elif report.source_guest_state != "paused":
-            report.source_guest_state = "running"
+        settle_source_guest(report, guest)
     return report
+
+
+def settle_source_guest(report, guest) -> None:
+    """After a migration that did not complete, with the source guest alive: record its own
+    ledger check and its state.
+
+    The promise on failure: the source guest keeps running (or, after a post-copy switch,
+    stays paused) with intact memory; the check proves it, and a guest that died meanwhile
+    reads "crashed".
+    """
+    report.verification["source_guest_check"] = source_guest_check(guest)
+    if not guest.alive():
+        report.source_guest_state = "crashed"
+    elif report.source_guest_state != "paused":
+        report.source_guest_state = "running"
 
 
 def _connect_abstract(address):

@@ -6,12 +6,18 @@ The algorithm (as libxc's ``send_domain_memory_live`` and QEMU's ``ram_save_*``)
    incoming guest and answers READY.
 2. Arm dirty tracking, then round 0 sends every page that holds data (holes read as zero
    and are skipped).  Each later round sends the pages dirtied during the previous one.
-   After every round the policy sees libxc's ``precopy_stats`` plus measurements.
+   After every round the policy sees libxc's ``precopy_stats`` plus measurements.  The
+   loop is :func:`vmem.migration.rounds.run_precopy` (shared with the simulator and the
+   model); :class:`_LiveRounds` sends a round and collects the tracker.
 3. STOP_AND_COPY: pause the guest at a safe point, collect the final dirty set, send it and
    the guest context (EMULATOR_CONTEXT), END.
 4. The destination resumes its guest at once and sends back RESUMED and per-page digests of
    what it placed; we compare them with digests of our frozen RAM, it runs the guest's own
    ledger check, and only then do we COMMIT and let the source guest exit.
+
+The life cycle (SETUP, PRECOPY, STOP_AND_COPY, ... COMPLETED) is a
+:class:`vmem.migration.state.SourceState`, changed only through ``_set_state`` (see the
+diagram there); the report's ``outcome`` follows it.
 
 Failure semantics: until COMMIT, the source guest's RAM is never written by us; any
 failure or ABORT stops tracking, resumes the source guest if we paused it, and tells the
@@ -36,9 +42,12 @@ from vmem.format import control, stream
 
 from vmem.format import wire
 from vmem.format.wire import MAX_PAGES_PER_RECORD
-from vmem.errors import GuestCrashed, MigrationError, PolicyError, StreamError, VmemError
+from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
-from vmem.migration.policy import Decision, PrecopyStats, XenDefaultPolicy, call_policy, estimate_downtime_s, planning_bandwidth_Bps
+from vmem.migration.policy import Decision, XenDefaultPolicy
+from vmem.migration.rounds import RoundResult, run_precopy
+from vmem.migration.state import SOURCE_TRANSITIONS, SourceState, StateCell
+from vmem.migration.postcopy import drop_links
 from vmem.procstats import PeakSampler, process_figures
 from vmem.migration.report import MigrationReport, RoundStats
 from vmem.tracking import make_tracker
@@ -51,8 +60,6 @@ RATE_WINDOW_S = 0.5
 #: After TRANSITION, hold the background push until the destination guest ran its first
 #: step (RESUMED), at most this long.
 RESUMED_WAIT_S = 0.05
-#: Rounds after which we stop-and-copy whatever a policy says (a policy bug must not loop forever).
-SAFETY_MAX_ROUNDS = 1000
 #: Before pausing, wait until no more than this is queued unread at the destination...
 DRAIN_TARGET_BYTES = 64 << 10
 #: ...but never longer than this (a slow or stuck peer must not stall the switchover).
@@ -126,9 +133,14 @@ class SourceMigration:
         self.progress = progress or _Progress()
         self.report = MigrationReport()
         self.tracker = None
+        #: the guest's pause record (context, timestamps) once paused, else None
         self.paused = None
+        #: the life cycle (vmem.migration.state); changed only by ``self._state.set``, which
+        #: also writes ``report.outcome``
+        self._state = StateCell(SourceState.SETUP, SOURCE_TRANSITIONS, self._on_state)
+        # Not a state: whether we ever changed the guest's throttle, so that a migration
+        # that does not complete gives the guest its full speed back (in any state).
         self._throttled = False
-        self._stream_ended = False
         # bytearray, not bytes: the DIGESTS body (8 bytes per guest page) is used in place.
         self._ctl_reader = control.ControlReader(self._recv_bytearray)
         self._writer = stream.StreamWriter(self.ch.send_parts)
@@ -136,12 +148,29 @@ class SourceMigration:
         self.urgent = urgent_channel
         self._send_lock = threading.Lock()
         self._pc = None  # PostcopySource while post-copy runs: it owns the back channel
-        self._switched = False  # True once the destination guest may run (post-copy)
         self._rate_mark = None  # (monotonic ns, guest steps) where guest_rate.before starts
-        self._resumable = False  # a post-copy link failure left both sides waiting (resume_postcopy)
         self._recoveries = 0
         self._pc_resumed = None  # the destination's RESUMED, once received
-        self._committed = False
+        #: why the destination cannot do post-copy (READY), or None
+        self._postcopy_unavailable: str | None = None
+        self._t_start_ns = 0  # monotonic ns at the start of run()
+        # Post-copy figures kept from the switch to the end of the push (the report's).
+        self._pc_pending_total = 0
+        self._pc_timings: dict = {}
+        self._t_pause0 = 0.0
+
+    # --- state -------------------------------------------------------------------------
+    @property
+    def state(self) -> SourceState:
+        """Where the migration is (see vmem.migration.state for the diagram)."""
+        return self._state.state
+
+    def _set_state(self, expected: SourceState, new: SourceState) -> None:
+        """The one way to change the state (compare-and-set; IllegalTransition if refused)."""
+        self._state.set(expected, new)
+
+    def _on_state(self, new: SourceState) -> None:
+        self.report.outcome = new.outcome
 
     # --- helpers -----------------------------------------------------------------------
     def _recv_bytearray(self, n: int) -> bytearray:
@@ -254,9 +283,9 @@ class SourceMigration:
             msg = f"malformed control stream from the destination: {err}"
         else:
             msg = str(err)
-        r.outcome = "failed"
+        was = self.state
         r.reason = msg
-        if (self._switched and self.opt.postcopy_recovery and not self._committed and not crashed
+        if (was.switched and self.opt.postcopy_recovery and not was.committed and not crashed
                 and self.guest.alive() and _is_link_error(err)):
             # Both sides keep their state: the destination's guest waits on its missing
             # pages, ours stays paused with the complete RAM; resume_postcopy() finishes.
@@ -265,25 +294,20 @@ class SourceMigration:
             if self._pc is not None:
                 self._pc.stop()
                 self._pc = None
-            for ch in (self.ch, self.urgent):
-                if ch is not None:
-                    try:
-                        ch.close()
-                    except (TransportError, OSError):
-                        pass
-            self._resumable = True
-            r.outcome = "paused"
+            drop_links(self.ch, self.urgent)
+            self._set_state(was, SourceState.POSTCOPY_PAUSED)
             r.source_guest_state = "paused"
             r.reason = (f"the link broke after the switch to post-copy ({msg}); both sides hold their state: "
                         "the destination guest waits on its missing pages, the source guest is paused with its "
                         "complete RAM. Resume over a new connection (vmem migrate --resume NAME / resume_postcopy()).")
             return
+        self._set_state(was, SourceState.FAILED)
         # Roll back: tell the destination (best effort), resume the source guest if paused.
-        self._tell_destination_to_discard()
+        self._tell_destination_to_discard(was)
         if crashed or not self.guest.alive():
             r.source_guest_state = "crashed"
             return
-        if self._switched:
+        if was.switched:
             # After the switch the guest's state is split: never resume the source here
             # (the destination's guest ran ahead of it).  Its RAM is the complete image at
             # the pause; the destination's guest cannot run without the missing pages.
@@ -337,84 +361,46 @@ class SourceMigration:
             # Pure post-copy: no pre-copy round at all; every page with data comes later.
             r.mode = "postcopy"
             self._measure_rate_before()
-            self._postcopy(None, 0, None)
+            self._postcopy(None, 0)
             self._verify_and_commit()
             return
 
-        # 2. Precopy rounds.
+        # 2. Precopy rounds (the loop is vmem.migration.rounds'; _LiveRounds sends and collects).
         self.tracker = make_tracker(g, self.opt.tracker)
         r.tracker = self.tracker.name
         self.tracker.start()
+        self._set_state(SourceState.SETUP, SourceState.PRECOPY)
         self._rate_mark = (time.monotonic_ns(), g.counters()["steps"])
-        t_collect = time.monotonic()
-        to_send = g.ram.data_runs()
-        history: list[int] = []
-        rate_history: list[float] = []
-        total_written = 0
-        index = 0
-        throttle = 0.0
-        while True:
-            self._phase("precopy", f"round {index}")
-            self.progress.round_start(index, _count(to_send), "precopy")
-            t0 = time.monotonic()
-            npages, nbytes = self._send_pages(to_send)
-            t1 = time.monotonic()
-            dirty = self.tracker.collect()
-            t2 = time.monotonic()
-            total_written += npages
-            round_s = t1 - t0
-            bw_Bps = nbytes / round_s if round_s > 0 else 0.0
-            rate_pps = len(dirty) / (t2 - t_collect) if t2 > t_collect else 0.0
-            t_collect = t2
-            history.append(len(dirty))
-            rate_history.append(rate_pps)
-            rs = RoundStats(
-                index=index, pages_sent=npages, bytes_sent=nbytes, duration_s=round(round_s, 6),
-                dirty_pages=len(dirty), dirty_rate_pps=round(rate_pps, 1), bandwidth_bps=round(bw_Bps * 8, 1),
-                collect_ms=round(self.tracker.collect_s * 1e3, 3), throttle=throttle,
-            )
-            est = estimate_downtime_s(len(dirty), planning_bandwidth_Bps(bw_Bps, self.opt.bandwidth_Bps))
-            rs.est_downtime_ms = round(est * 1e3, 3) if est != float("inf") else None
-            stats = PrecopyStats(
-                iteration=index + 1, total_written=total_written, dirty_count=len(dirty), guest_pages=g.npages,
-                elapsed_s=t2 - t_start, round_s=round_s, bandwidth_Bps=bw_Bps, dirty_rate_pps=rate_pps,
-                dirty_history=tuple(history), est_downtime_s=est, bandwidth_limit_Bps=self.opt.bandwidth_Bps,
-                throttle=throttle, dirty_rate_history=tuple(rate_history), page_size=PAGE_SIZE,
-            )
-            verdict = call_policy(self.policy, stats)
-            if verdict.decision == Decision.CONTINUE and index + 1 >= SAFETY_MAX_ROUNDS:
-                verdict = type(verdict)(Decision.STOP_AND_COPY, f"safety cap of {SAFETY_MAX_ROUNDS} rounds")
-            rs.decision, rs.reason = verdict.decision.value, verdict.reason
+        refusal = None
+        if self.opt.postcopy == "off":
+            refusal = ("policy asked for POSTCOPY but post-copy was not enabled for this migration "
+                       "(MigrationOptions.postcopy='allow', or --postcopy-after-precopy); aborting")
+        elif self._postcopy_unavailable:
+            refusal = f"policy asked for POSTCOPY, which the destination cannot do: {self._postcopy_unavailable}"
+
+        def round_end(rs: RoundStats) -> None:
             r.rounds.append(rs)
             self.progress.round_end(rs)
-            if verdict.decision == Decision.CONTINUE:
-                if verdict.throttle is not None and verdict.throttle != throttle:
-                    throttle = min(max(float(verdict.throttle), 0.0), 0.99)
-                    g.set_throttle(throttle)
-                    self._throttled = True
-                to_send = dirty
-                index += 1
-                continue
-            if verdict.decision == Decision.ABORT:
-                self._abort(verdict.reason or "policy decided to abort")
-                return
-            if verdict.decision == Decision.POSTCOPY or (verdict.decision == Decision.STOP_AND_COPY and self.opt.postcopy == "after-precopy"):
-                if self.opt.postcopy == "off":
-                    raise PolicyError("policy asked for POSTCOPY but post-copy was not enabled for this migration "
-                                      "(MigrationOptions.postcopy='allow', or --postcopy-after-precopy); aborting")
-                if getattr(self, "_postcopy_unavailable", None):
-                    raise PolicyError(f"policy asked for POSTCOPY, which the destination cannot do: {self._postcopy_unavailable}")
-                r.reason = verdict.reason
-                r.mode = "hybrid"
-                self._postcopy(dirty, index + 1, history)
-                self._verify_and_commit()
-                return
-            r.reason = verdict.reason
-            break
+
+        end = run_precopy(_LiveRounds(self, t_start), self.policy, g.ram.data_runs(), guest_pages=g.npages,
+                          page_size=PAGE_SIZE, bandwidth_limit_Bps=self.opt.bandwidth_Bps,
+                          postcopy_after_precopy=self.opt.postcopy == "after-precopy", postcopy_refusal=refusal,
+                          on_round=round_end)
+        dirty, index = end.dirty, end.rounds - 1
+        if end.decision == Decision.ABORT:
+            self._abort(end.reason or "policy decided to abort")
+            return
+        r.reason = end.reason
+        if end.decision == Decision.POSTCOPY:
+            r.mode = "hybrid"
+            self._postcopy(dirty, index + 1)
+            self._verify_and_commit()
+            return
 
         # 3. Stop-and-copy.  First let the destination drain what is queued (up to two
         # socket buffers, several MiB): the guest keeps running meanwhile and the final
         # collect catches what it writes, but the backlog no longer lands in the downtime.
+        self._set_state(SourceState.PRECOPY, SourceState.STOP_AND_COPY)
         self._phase("stop-and-copy", "letting the destination catch up")
         drain_ms = self._drain(DRAIN_TARGET_BYTES, DRAIN_TIMEOUT_S)
         self._phase("stop-and-copy", "pausing the guest")
@@ -430,7 +416,7 @@ class SourceMigration:
         self._writer.end_libxc()
         self._writer.emulator_context(self.paused.context)
         self._writer.end_libxl()
-        self._stream_ended = True
+        self._set_state(SourceState.STOP_AND_COPY, SourceState.ENDED)
         t1 = time.monotonic()
         # Disarm only now: un-protecting a whole GiB costs milliseconds, which would
         # otherwise sit inside the downtime.  The guest is paused, so nothing is lost.
@@ -459,7 +445,7 @@ class SourceMigration:
             "pause_to_running": round((int(resumed["running_at_ns"]) - self.paused.paused_at_ns) / 1e6, 3) if resumed.get("running_at_ns") else None,
         }
 
-        del to_send, dirty, final  # per-page arrays not needed any more (memory at 8 GiB+)
+        del end, dirty, final  # per-page arrays not needed any more (memory at 8 GiB+)
         self._verify_and_commit()
 
     # --- post-copy -----------------------------------------------------------------------------
@@ -469,7 +455,7 @@ class SourceMigration:
         self._rate_mark = (time.monotonic_ns(), self.guest.counters()["steps"])
         time.sleep(RATE_WINDOW_S)
 
-    def _postcopy(self, dirty, index: int, history) -> None:
+    def _postcopy(self, dirty, index: int) -> None:
         """Switch to post-copy: pause, send the list of pages still to come and the context,
         let the destination resume, then serve faults and push the rest (docs/postcopy.md).
 
@@ -489,6 +475,7 @@ class SourceMigration:
                 w.write_record(PC.PFNS, encode_pfn_list(pages[i:i + MAX_PFNS_PER_RECORD]))
 
         drain_ms = 0.0
+        self._set_state(SourceState.SETUP if dirty is None else SourceState.PRECOPY, SourceState.POSTCOPY_SWITCH)
         w.write_record(PC.BEGIN)
         if dirty is None:
             # Pure post-copy: list the pages holding data *before* the pause (walking the
@@ -514,7 +501,7 @@ class SourceMigration:
         send_pfns(late)
         w.x86_hvm_state(g.npages, elapsed_ns=int(self.paused.paused_at_ns - self._t_start_ns))
         w.write_record(PC.TRANSITION, self.paused.context)
-        self._switched = True
+        self._set_state(SourceState.POSTCOPY_SWITCH, SourceState.POSTCOPY_ACTIVE)
         t_transition = time.monotonic()
         # The fault server first: the destination guest may fault any moment now.
         pc = PostcopySource(g.ram.pages, w, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
@@ -557,7 +544,7 @@ class SourceMigration:
             w.emulator_context(self.paused.context)
             w.end_libxl()
             pc.stream_ended = True
-        self._stream_ended = True
+        self._set_state(SourceState.POSTCOPY_ACTIVE, SourceState.POSTCOPY_ENDED)
         t1 = time.monotonic()
         nbytes = w.bytes_written - bytes0
         rs = RoundStats(index=index, kind="postcopy", pages_sent=pc.pages_pushed + pc.demanded(), bytes_sent=nbytes,
@@ -613,7 +600,7 @@ class SourceMigration:
     def resumable(self) -> bool:
         """True after a link failure following the switch, with post-copy recovery on:
         both sides hold their state and :meth:`resume_postcopy` can finish the migration."""
-        return self._resumable
+        return self.state is SourceState.POSTCOPY_PAUSED
 
     def resume_postcopy(self, channel, urgent_channel=None) -> MigrationReport:
         """Finish a post-copy interrupted by a broken link, over new connections.
@@ -623,19 +610,18 @@ class SourceMigration:
         then the usual COMPLETE, digest comparison and commit.  Returns the updated report
         (outcome "completed", or "paused" again if this link breaks too, or "failed").
         """
-        if not self._resumable:
+        if self.state is not SourceState.POSTCOPY_PAUSED:
             raise MigrationError("resume", "this migration is not waiting to be resumed")
         r = self.report
         g = self.guest
-        self._resumable = False
+        self._set_state(SourceState.POSTCOPY_PAUSED, SourceState.POSTCOPY_RECOVER)  # the report reads "failed" until it ends
         self._recoveries += 1
         self.ch = channel
         self.urgent = urgent_channel
         self._ctl_reader = control.ControlReader(self._recv_bytearray)
         self._writer = stream.StreamWriter(self.ch.send_parts)
-        self._stream_ended = False
         self._pc = None
-        r.outcome, r.reason = "failed", ""
+        r.reason = ""
         t_start = time.monotonic()
         try:
             self._phase("postcopy", "resuming over a new connection")
@@ -654,6 +640,7 @@ class SourceMigration:
                                 self.urgent, self.progress, self.ch)
             self._pc = pc
             pc.start()
+            self._set_state(SourceState.POSTCOPY_RECOVER, SourceState.POSTCOPY_ACTIVE)
             self._postcopy_serve(pc, len(r.rounds), missing)
             r.postcopy["pages_resent_after_recovery"] = int(len(missing))
             self._verify_and_commit()
@@ -701,12 +688,12 @@ class SourceMigration:
         # 5. Commit: from here the destination owns the guest; the source guest exits.
         self._phase("commit", "source guest exits")
         self._send_control(wire.ControlType.COMMIT)
-        self._committed = True
+        ended = SourceState.POSTCOPY_ENDED if r.postcopy is not None else SourceState.ENDED
+        self._set_state(ended, SourceState.COMMITTED)  # the outcome is "completed" from here
         r.guest["source_at_pause"] = g.counters()
         r.processes.setdefault("source_guest", {}).update(process_figures(g.pid))
         g.exit()
         r.source_guest_state = "exited"
-        r.outcome = "completed"
         if self.opt.observe_s > 0:
             self._phase("observe", f"destination guest runs for {self.opt.observe_s:g} s")
             time.sleep(self.opt.observe_s)
@@ -722,6 +709,7 @@ class SourceMigration:
         except (VmemError, TransportError) as err:
             r.guest["destination"] = {"error": f"no report from the destination: {err}"}
         self._phase("done")
+        self._set_state(SourceState.COMMITTED, SourceState.COMPLETED)
 
     def _drain(self, target_bytes: int, timeout_s: float) -> float:
         """Wait (bounded) until at most ``target_bytes`` sent are still unread by the peer."""
@@ -731,15 +719,16 @@ class SourceMigration:
             time.sleep(0.0002)
         return round((time.monotonic() - t0) * 1e3, 3)
 
-    def _tell_destination_to_discard(self) -> None:
+    def _tell_destination_to_discard(self, was: SourceState) -> None:
         """Make the destination throw away what it built (best effort; it also does on EOF).
 
         Inside the Xen stream there is no abort record: Xen's sender simply stops, and the
         receiver treats a stream that ends before END as aborted.  We do the same by
-        shutting the connection down.  After END, the control protocol has ROLLBACK.
+        shutting the connection down.  After END (``was.stream_ended``), the control
+        protocol has ROLLBACK.
         """
         try:
-            if self._stream_ended:
+            if was.stream_ended:
                 self._send_control(wire.ControlType.ROLLBACK)
             else:
                 self.ch.close()
@@ -750,10 +739,39 @@ class SourceMigration:
         r = self.report
         self._phase("aborted", reason)
         self.tracker.stop()
-        self._tell_destination_to_discard()
-        r.outcome = "aborted"
+        self._tell_destination_to_discard(SourceState.PRECOPY)
+        self._set_state(SourceState.PRECOPY, SourceState.ABORTED)
         r.reason = reason
         r.source_guest_state = "running"
+
+
+class _LiveRounds:
+    """The real migrator's plug-in for the round engine (vmem.migration.rounds.RoundIO):
+    a round sends PAGE_DATA records on the wire and collects the dirty tracker, on the
+    wall clock."""
+
+    def __init__(self, mig: SourceMigration, t_start: float):
+        self.mig = mig
+        self.t_start = t_start  # monotonic seconds at the migration's start (elapsed_s)
+        self.t_collect = time.monotonic()  # the previous collect (first: tracking armed)
+
+    def send_round(self, index: int, pages, throttle: float) -> RoundResult:
+        mig = self.mig
+        mig._phase("precopy", f"round {index}")
+        mig.progress.round_start(index, _count(pages), "precopy")
+        t0 = time.monotonic()
+        npages, nbytes = mig._send_pages(pages)
+        t1 = time.monotonic()
+        dirty = mig.tracker.collect()
+        t2 = time.monotonic()
+        since = t2 - self.t_collect
+        self.t_collect = t2
+        return RoundResult(pages_sent=npages, bytes_sent=nbytes, send_s=t1 - t0, dirty=dirty, dirty_pages=len(dirty),
+                           since_collect_s=since, elapsed_s=t2 - self.t_start, collect_s=mig.tracker.collect_s)
+
+    def set_throttle(self, level: float) -> None:
+        self.mig.guest.set_throttle(level)
+        self.mig._throttled = True
 
 
 def _drop_tracebacks(err: BaseException | None) -> None:

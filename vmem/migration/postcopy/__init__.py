@@ -11,4 +11,21 @@ See docs/postcopy.md for the protocol and the failure semantics.
 """
 from vmem.format.postcopy import MAX_PFNS_PER_RECORD, decode_pfn_list, encode_pfn_list
 
-__all__ = ["MAX_PFNS_PER_RECORD", "encode_pfn_list", "decode_pfn_list"]
+__all__ = ["MAX_PFNS_PER_RECORD", "encode_pfn_list", "decode_pfn_list", "drop_links"]
+
+
+def drop_links(*channels) -> None:
+    """Close the connections of a post-copy whose link broke (None entries skipped).
+
+    Recovery keeps both sides' state and drops only the links: each side closes what is
+    left of its main and urgent connections, quietly (they are already broken), and waits
+    for new ones.
+    """
+    from transport import TransportError
+
+    for ch in channels:
+        if ch is not None:
+            try:
+                ch.close()
+            except (TransportError, OSError):
+                pass
