@@ -62,6 +62,14 @@ def start(ch, npages=64):
     assert control.decode_json(body)["guest_pid"] > 0
 
 
+def start_stream(ch, npages=64) -> stream.StreamWriter:
+    """Preamble, READY, and the stream's opening records: a writer ready for PAGE_DATA."""
+    start(ch, npages)
+    w = stream.StreamWriter(ch.send_parts)
+    w.begin()
+    return w
+
+
 def test_peer_that_speaks_something_else(dest):
     ch, proc = dest
     ch.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
@@ -90,9 +98,7 @@ def test_garbage_after_preamble(dest):
 
 def test_pfn_beyond_guest_ram(dest):
     ch, proc = dest
-    start(ch)
-    w = stream.StreamWriter(ch.send_parts)
-    w.begin()
+    w = start_stream(ch)
     page = np.zeros((1, PAGE_SIZE), dtype=np.uint8)
     w.page_data(np.array([64], dtype=np.int64), [page.data])  # guest has pages 0..63
     expect_error(ch, proc, "pfn")
@@ -100,9 +106,7 @@ def test_pfn_beyond_guest_ram(dest):
 
 def test_oversized_record_length(dest):
     ch, proc = dest
-    start(ch)
-    w = stream.StreamWriter(ch.send_parts)
-    w.begin()
+    start_stream(ch)
     ch.send(struct.pack("<II", wire.LibxcRecordType.PAGE_DATA, 0xFFFFFFF0))
     expect_error(ch, proc, "")
 
@@ -110,9 +114,7 @@ def test_oversized_record_length(dest):
 def test_stream_that_stops_midway(dest):
     """A source that dies mid-stream: the destination cleans up and exits 1."""
     ch, proc = dest
-    start(ch)
-    w = stream.StreamWriter(ch.send_parts)
-    w.begin()
+    start_stream(ch)
     pages = np.zeros((4, PAGE_SIZE), dtype=np.uint8)
     parts = stream.record(wire.LibxcRecordType.PAGE_DATA, [stream.page_data_header(np.arange(4)), pages.data])
     data = b"".join(bytes(p) for p in parts)
@@ -123,9 +125,7 @@ def test_stream_that_stops_midway(dest):
 
 def test_stream_without_guest_context(dest):
     ch, proc = dest
-    start(ch)
-    w = stream.StreamWriter(ch.send_parts)
-    w.begin()
+    w = start_stream(ch)
     w.end_libxc()
     w.end_libxl()
     expect_error(ch, proc, "EMULATOR_CONTEXT")
@@ -138,9 +138,7 @@ def test_rollback_after_resume_discards_guest(dest):
     ch, proc = dest
     with ProcessGuest.boot(GuestSpec("idle", {}, 1), 64 * PAGE_SIZE) as g:
         info = g.pause()
-        start(ch)
-        w = stream.StreamWriter(ch.send_parts)
-        w.begin()
+        w = start_stream(ch)
         w.page_data(np.arange(64), [g.ram.pages.data])
         w.end_libxc()
         w.emulator_context(info.context)

@@ -44,6 +44,13 @@ def reply(obj):
     sys.stdout.flush()
 def pages_of(bitmap):
     return np.flatnonzero(np.unpackbits(bitmap.view(np.uint8), bitorder="little")).tolist()
+def map_ram(npages, fd=-1, name="vmem-test"):
+    # (fd, mmap, (npages, PAGE) uint8 view) of a shared memfd mapping; fd < 0: a new memfd.
+    if fd < 0:
+        fd = nat.memfd_create(name)
+        os.ftruncate(fd, npages * PAGE)
+    m = mmap.mmap(fd, npages * PAGE, flags=mmap.MAP_SHARED)
+    return fd, m, np.frombuffer(m, dtype=np.uint8).reshape(npages, PAGE)
 """
 
 
@@ -248,10 +255,7 @@ WP_CHILD = """
 npages = int(sys.argv[1])
 self_protect = sys.argv[2] == "1"
 sock_fd = int(sys.argv[3])
-fd = nat.memfd_create("vmem-test-wp")
-os.ftruncate(fd, npages * PAGE)
-m = mmap.mmap(fd, npages * PAGE, flags=mmap.MAP_SHARED)
-ram = np.frombuffer(m, dtype=np.uint8).reshape(npages, PAGE)
+fd, m, ram = map_ram(npages, name="vmem-test-wp")
 base = ram.ctypes.data
 uffd = nat.uffd_open()
 nat.uffd_api(uffd, nat.UFFD_FEATURE_WP_ASYNC | nat.UFFD_FEATURE_WP_UNPOPULATED)
@@ -368,11 +372,7 @@ npages = int(sys.argv[1])
 mode = sys.argv[2]            # "missing" or "minor"
 ram_fd = int(sys.argv[3])     # -1: make our own memfd
 sock_fd = int(sys.argv[4])
-if ram_fd < 0:
-    ram_fd = nat.memfd_create("vmem-test-fault")
-    os.ftruncate(ram_fd, npages * PAGE)
-m = mmap.mmap(ram_fd, npages * PAGE, flags=mmap.MAP_SHARED)
-ram = np.frombuffer(m, dtype=np.uint8).reshape(npages, PAGE)
+ram_fd, m, ram = map_ram(npages, ram_fd, name="vmem-test-fault")
 base = ram.ctypes.data
 uffd = nat.uffd_open()
 if mode == "missing":
@@ -483,10 +483,7 @@ def test_uffd_continue_maps_a_page_written_through_another_mapping(children):
 # --- mprotect tracker (always in a child: it owns the process's SIGSEGV) ------------------
 MPROT_CHILD = """
 npages = int(sys.argv[1])
-fd = nat.memfd_create("vmem-test-mprot")
-os.ftruncate(fd, npages * PAGE)
-m = mmap.mmap(fd, npages * PAGE, flags=mmap.MAP_SHARED)
-ram = np.frombuffer(m, dtype=np.uint8).reshape(npages, PAGE)
+fd, m, ram = map_ram(npages, name="vmem-test-mprot")
 nwords = -(-npages // 64)
 dirty = np.zeros(nwords, dtype=np.uint64)
 out = np.zeros(nwords, dtype=np.uint64)

@@ -62,24 +62,19 @@ def assert_migrated(report, mode: str):
 
 
 @pytest.mark.parametrize("workload,params", WORKLOADS, ids=[w for w, _ in WORKLOADS])
-def test_pure_postcopy_each_workload(boot_guest, workload, params):
+@pytest.mark.parametrize("postcopy,mode", [("pure", "postcopy"), ("after-precopy", "hybrid")], ids=["pure", "hybrid"])
+def test_postcopy_each_workload(boot_guest, workload, params, postcopy, mode):
     g = boot_guest(workload, SIZE, **params)
     time.sleep(0.2)
-    report = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0.3))
-    d = assert_migrated(report, "postcopy")
-    assert len(d["rounds"]) == 1  # no pre-copy round at all
-    assert d["postcopy"]["pages_pending"] > 0
-    assert d["postcopy"]["fault_path"] == "native"
-    assert not g.alive()  # the source guest exits only after commit
-
-
-@pytest.mark.parametrize("workload,params", WORKLOADS, ids=[w for w, _ in WORKLOADS])
-def test_hybrid_each_workload(boot_guest, workload, params):
-    g = boot_guest(workload, SIZE, **params)
-    time.sleep(0.2)
-    report = run_local_migration(g, MigrationOptions(postcopy="after-precopy", observe_s=0.3))
-    d = assert_migrated(report, "hybrid")
-    assert d["rounds"][0]["kind"] == "precopy" and d["rounds"][0]["pages_sent"] > 0
+    report = run_local_migration(g, MigrationOptions(postcopy=postcopy, observe_s=0.3))
+    d = assert_migrated(report, mode)
+    if mode == "postcopy":
+        assert len(d["rounds"]) == 1  # no pre-copy round at all
+        assert d["postcopy"]["pages_pending"] > 0
+        assert d["postcopy"]["fault_path"] == "native"
+        assert not g.alive()  # the source guest exits only after commit
+    else:
+        assert d["rounds"][0]["kind"] == "precopy" and d["rounds"][0]["pages_sent"] > 0
 
 
 def test_policy_decides_postcopy(boot_guest):

@@ -429,23 +429,36 @@ static int vmem_pc_handle_faults(void *owner)
     return 0;
 }
 
+/* Read the head of one urgent-channel record -- u32 type, u32 length, u32 count, u32 0,
+ * then u64 pfn[count] -- into pfns, checking the type, the count (1..VMEM_PC_MAX_PAGES), a
+ * length of 8 + 8*count + payload_per_page*count, and every pfn < npages.  Returns the count,
+ * or -errno (-EPROTO for a malformed record).  The payload, if any, is left unread. */
+static int vmem_pc_read_pfns(int fd, uint32_t type, uint32_t payload_per_page, int64_t npages, int64_t *pfns)
+{
+    uint32_t hdr[4];
+    int rc = vmem_read_full(fd, hdr, sizeof hdr);
+    if (rc < 0)
+        return rc;
+    uint32_t count = hdr[2];
+    if (hdr[0] != type || hdr[3] != 0 || count == 0 || count > VMEM_PC_MAX_PAGES ||
+        hdr[1] != 8 + 8 * count + payload_per_page * count)
+        return -EPROTO;
+    if ((rc = vmem_read_full(fd, pfns, 8 * (size_t)count)) < 0)
+        return rc;
+    for (uint32_t i = 0; i < count; i++)
+        if (pfns[i] < 0 || pfns[i] >= npages)
+            return -EPROTO;
+    return (int)count;
+}
+
 /* Read one PAGE_DATA answer from the urgent channel and place it. */
 static int vmem_pc_handle_urgent(void *owner)
 {
     vmem_pc_dest *h = owner;
-    uint32_t hdr[4];
-    int rc = vmem_read_full(h->urgent_fd, hdr, sizeof hdr);
+    int rc = vmem_pc_read_pfns(h->urgent_fd, VMEM_PC_REC_PAGE_DATA, VMEM_PAGE_SIZE, h->npages, h->pfns);
     if (rc < 0)
         return rc;
-    uint32_t count = hdr[2];
-    if (hdr[0] != VMEM_PC_REC_PAGE_DATA || hdr[3] != 0 || count == 0 || count > VMEM_PC_MAX_PAGES ||
-        hdr[1] != 8 + 8 * count + VMEM_PAGE_SIZE * count)
-        return -EPROTO;
-    if ((rc = vmem_read_full(h->urgent_fd, h->pfns, 8 * (size_t)count)) < 0)
-        return rc;
-    for (uint32_t i = 0; i < count; i++)
-        if (h->pfns[i] < 0 || h->pfns[i] >= h->npages)
-            return -EPROTO;
+    uint32_t count = (uint32_t)rc;
     if ((rc = vmem_read_full(h->urgent_fd, h->staging, (size_t)count * VMEM_PAGE_SIZE)) < 0)
         return rc;
     int64_t placed = vmem_pc_place_batch(h, h->staging, h->pfns, count, h->rows, h->mine);
@@ -504,18 +517,10 @@ static int vmem_pc_src_new(vmem_pc_src **out, int urgent_fd, const uint8_t *ram,
 static int vmem_pc_src_serve(void *owner)
 {
     vmem_pc_src *h = owner;
-    uint32_t hdr[4];
-    int rc = vmem_read_full(h->urgent_fd, hdr, sizeof hdr);
+    int rc = vmem_pc_read_pfns(h->urgent_fd, VMEM_PC_REC_FAULT, 0, h->npages, h->pfns);
     if (rc < 0)
         return rc;
-    uint32_t count = hdr[2];
-    if (hdr[0] != VMEM_PC_REC_FAULT || hdr[3] != 0 || count == 0 || count > VMEM_PC_MAX_PAGES || hdr[1] != 8 + 8 * count)
-        return -EPROTO;
-    if ((rc = vmem_read_full(h->urgent_fd, h->pfns, 8 * (size_t)count)) < 0)
-        return rc;
-    for (uint32_t i = 0; i < count; i++)
-        if (h->pfns[i] < 0 || h->pfns[i] >= h->npages)
-            return -EPROTO;
+    uint32_t count = (uint32_t)rc;
     h->head[0] = (uint64_t)VMEM_PC_REC_PAGE_DATA | ((uint64_t)(8 + 8 * count + VMEM_PAGE_SIZE * count) << 32);
     h->head[1] = count;
     h->iov[0].iov_base = h->head;

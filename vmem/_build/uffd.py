@@ -340,30 +340,19 @@ static int vmem_uffd_fill_once(int fd, int op, uint64_t dst, uint64_t src, uint6
         *progress = c.copy;
         break;
     }
-    case VMEM_UFFD_FILL_ZEROPAGE: {
-        struct uffdio_zeropage z;
-        memset(&z, 0, sizeof z);
-        z.range.start = dst; z.range.len = len; z.mode = mode;
-        rc = ioctl(fd, UFFDIO_ZEROPAGE, &z);
-        *progress = z.zeropage;
-        break;
-    }
-    case VMEM_UFFD_FILL_CONTINUE: {
-        struct uffdio_continue c;
-        memset(&c, 0, sizeof c);
-        c.range.start = dst; c.range.len = len; c.mode = mode;
-        rc = ioctl(fd, UFFDIO_CONTINUE, &c);
-        *progress = c.mapped;
-        break;
-    }
-    case VMEM_UFFD_FILL_POISON: {
-        struct uffdio_poison p;
-        memset(&p, 0, sizeof p);
-        p.range.start = dst; p.range.len = len; p.mode = mode;
-        rc = ioctl(fd, UFFDIO_POISON, &p);
-        *progress = p.updated;
-        break;
-    }
+    /* ZEROPAGE, CONTINUE and POISON share one layout: a range, a mode, then the s64 result. */
+#define VMEM_RANGE_FILL(type, request, result)                                       \
+    do {                                                                              \
+        struct type a;                                                                \
+        memset(&a, 0, sizeof a);                                                      \
+        a.range.start = dst; a.range.len = len; a.mode = mode;                        \
+        rc = ioctl(fd, request, &a);                                                  \
+        *progress = a.result;                                                         \
+    } while (0)
+    case VMEM_UFFD_FILL_ZEROPAGE: VMEM_RANGE_FILL(uffdio_zeropage, UFFDIO_ZEROPAGE, zeropage); break;
+    case VMEM_UFFD_FILL_CONTINUE: VMEM_RANGE_FILL(uffdio_continue, UFFDIO_CONTINUE, mapped); break;
+    case VMEM_UFFD_FILL_POISON: VMEM_RANGE_FILL(uffdio_poison, UFFDIO_POISON, updated); break;
+#undef VMEM_RANGE_FILL
     default:
         return -EINVAL;
     }
