@@ -582,6 +582,8 @@ def serve_incoming(agent, channel, peer: str) -> None:
                 return None
 
         dm.await_reconnect = await_reconnect
+        dm.on_switch = lambda: log.info("incoming post-copy of guest %s: switched, the guest runs here and pulls "
+                                        "its missing pages", name)
         try:
             status = dm.run()
         finally:

@@ -64,6 +64,9 @@ class DestinationMigration:
         #: ``await_reconnect(timeout_s) -> (channel, urgent_channel) | None``: after a link
         #: failure following the switch, wait for the source to reconnect (recovery)
         self.await_reconnect = None
+        #: ``on_switch()``: called once the post-copy switch happened here (TRANSITION read,
+        #: the guest being resumed): from then on a broken link is recoverable.  For logs.
+        self.on_switch = None
         self.recoveries = 0
         self._resumed_payload = None
         self._send_lock = threading.Lock()  # the fault thread sends on the back channel too
@@ -228,6 +231,8 @@ class DestinationMigration:
         self._placer.postcopy = self.postcopy
         t_end = time.monotonic_ns()
         self.postcopy.switch(self.urgent)
+        if self.on_switch is not None:
+            self.on_switch()
 
         def resume_and_report():
             # In this thread, not the main one: the guest's restore and first step may
