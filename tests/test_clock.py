@@ -86,3 +86,33 @@ def test_agents_on_two_namespace_hosts_measure_a_zero_offset(testhosts, agents):
     assert report["downtime_uncertainty_ms"] == round(clock["uncertainty_ns"] / 1e6, 3)
     assert report["downtime_ms"] > 0
     print(f"namespace hosts: offset {clock['offset_ns']} ± {clock['uncertainty_ns']} ns (rtt {clock['rtt_ns']} ns)")
+
+
+def test_a_destination_clock_offset_is_taken_out_of_the_downtime(boot_guest, monkeypatch):
+    """One host, but the migrator is told the destination's clock runs 2 s behind: every
+    duration that ends at the destination must come out 2 s longer -- the sign and the use
+    of the offset, end to end."""
+    import vmem.migration.source as source
+    from vmem.clock import ClockOffset
+    from vmem.migration.local import run_local_migration
+
+    behind = ClockOffset(offset_ns=-2_000_000_000, uncertainty_ns=1_500, rtt_ns=3_000, samples=8)
+
+    class TwoClocks(source.SourceMigration):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, clock=behind)
+
+    monkeypatch.setattr(source, "SourceMigration", TwoClocks)
+    guest = boot_guest("hotcold", 8 << 20)
+    r = run_local_migration(guest, source.MigrationOptions(observe_s=0))
+    assert r.outcome == "completed", r.reason
+    assert r.clock == behind.to_dict() and r.downtime_uncertainty_ms == 0.002
+    raw_ms = r.downtime_ms - 2000.0  # what the one real clock measured
+    assert 0 < raw_ms < r.total_time_s * 1e3
+    assert 0 < r.timings_ms["pause_to_running"] - 2000.0 <= raw_ms
+
+
+def test_a_peer_reading_moves_onto_our_clock():
+    ahead = estimate_offset(lambda: 10_000 + 5_000_000, samples=1, now_ns=iter([10_000, 10_000]).__next__)
+    assert ahead.offset_ns == 5_000_000 and ahead.uncertainty_ns >= 0
+    assert ahead.to_ours_ns(10_000 + 5_000_000) == 10_000
