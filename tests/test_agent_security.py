@@ -101,9 +101,22 @@ class Baseline:
 
     def __init__(self, agent: AgentProc):
         self.agent = agent
-        self.fds = _agent_fds(agent.proc.pid)
         self.children = sorted(p.pid for p in agent.guest_children())
         self.guests = sorted(agent.guests())
+        # Once every earlier connection is closed: two equal readings in a row, no request between.
+        deadline = time.monotonic() + WAIT_S
+        last = None
+        while True:
+            if agent.request("ping")["agent"]["connections"]["open"] <= 1:
+                time.sleep(0.2)
+                fds = _agent_fds(agent.proc.pid)
+                time.sleep(0.2)
+                if fds == _agent_fds(agent.proc.pid) and fds == last:
+                    break
+                last = fds
+            assert time.monotonic() < deadline, "the agent never settled"
+            time.sleep(0.1)
+        self.fds = fds
 
     def check(self, verify: str | None = None) -> None:
         """The agent serves, ``verify`` still verifies, nothing leaked (waits for
@@ -542,7 +555,6 @@ def test_hostile_flood_memory_is_bounded_and_returned(agents):
         for s in _flood(a.port, kind, 4):
             s.close()
     base = Baseline(a)
-    base.check()
     rss_base = _rss_anon_bytes(pid)
     socks = []
     peak = rss_base
