@@ -448,6 +448,50 @@ def test_slow_loris_is_dropped_at_the_opening_deadline(agents):
     base.check(verify="g")
 
 
+def _trickle(port: int, payload: bytes, interval_s: float) -> int:
+    """Send ``payload`` one byte per ``interval_s`` until the agent closes; returns bytes sent."""
+    s = _connect(port)
+    sent = 0
+    try:
+        for byte in payload:  # bounded: one pass
+            try:
+                s.send(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+            s.settimeout(interval_s)
+            try:
+                if s.recv(4096) == b"":
+                    break  # closed by the agent
+            except TimeoutError:
+                pass
+            except ConnectionResetError:
+                break
+    finally:
+        s.close()
+    return sent
+
+
+@pytest.mark.parametrize("mode", ["key", "tls"])
+def test_slow_loris_is_dropped_at_the_deadline_under_authentication(agents, key, workdir, mode):
+    """The deadline also covers the key handshake and the TLS handshake (the socket TLS
+    takes over is broken through the watch's own descriptor)."""
+    from test_agent import _make_tls_files
+
+    if mode == "tls":
+        cert, tls_key, ca = _make_tls_files(workdir)
+        a = agents("a", extra=("--handshake-timeout", "1", "--tls-cert", cert, "--tls-key", tls_key, "--tls-ca", ca))
+        payload = b"\x16\x03\x01\x02\x00" + bytes(64)  # a TLS record header announcing 512 bytes, then some
+    else:
+        a = agents("a", key=key, extra=("--handshake-timeout", "1"))
+        payload = b"VMAU" + bytes(64)
+    base = Baseline(a)
+    sent = _trickle(a.port, payload, 0.4)
+    assert sent < len(payload), "the agent waited for the whole slow opening"
+    a.wait_log("its opening took longer than 1 s")
+    base.check()
+
+
 def test_idle_connections_are_closed(agents):
     """A control connection with no request, and a migration whose source goes silent after
     its request, are closed after --idle-timeout; the reservation is released."""

@@ -101,23 +101,31 @@ class DeadlineWatch:
     """Breaks (``shutdown(2)``) the socket of every opening still running at its deadline.
 
     :meth:`expire` is called from the agent's accept loop a few times a second; breaking a
-    socket wakes the thread blocked on it, which then fails its opening and closes.
+    socket wakes the thread blocked on it, which then fails its opening and closes.  The
+    watch keeps its own duplicate of the descriptor: TLS takes the accepted socket object
+    over (detaching it), and ``shutdown(2)`` acts on the connection whichever descriptor
+    names it.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._next = 0
         self._deadlines: dict[int, tuple[float, socket.socket, str]] = {}
 
     def watch(self, sock: socket.socket, timeout_s: float, who: str) -> int:
         """Start the clock for ``sock``; returns a token for :meth:`done`."""
-        token = id(sock)
+        dup = sock.dup()
         with self._lock:
-            self._deadlines[token] = (time.monotonic() + timeout_s, sock, who)
+            self._next += 1
+            token = self._next
+            self._deadlines[token] = (time.monotonic() + timeout_s, dup, who)
         return token
 
     def done(self, token: int) -> None:
         with self._lock:
-            self._deadlines.pop(token, None)
+            entry = self._deadlines.pop(token, None)
+        if entry is not None:
+            entry[1].close()
 
     def expire(self) -> list[str]:
         """Break every overdue socket; returns who they were (for the log)."""
@@ -130,5 +138,6 @@ class DeadlineWatch:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
-                pass  # already closed by its thread
+                pass  # already gone
+            sock.close()
         return [who for _, (_, _, who) in overdue]
