@@ -141,3 +141,29 @@ class DeadlineWatch:
                 pass  # already gone
             sock.close()
         return [who for _, (_, _, who) in overdue]
+
+
+class LogLimiter:
+    """At most ``per_second`` log lines a second for one kind of event (refused connections):
+    a flood must not fill the disk with the agent's log.  Suppressed lines are counted and
+    the count is logged with the next line let through."""
+
+    def __init__(self, per_second: int = 10):
+        self.per_second = per_second
+        self._lock = threading.Lock()
+        self._window_s = 0.0
+        self._in_window = 0
+        self._suppressed = 0
+
+    def allow(self) -> tuple[bool, int]:
+        """``(log this one?, how many were suppressed since the last one logged)``."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window_s >= 1.0:
+                self._window_s, self._in_window = now, 0
+            if self._in_window >= self.per_second:
+                self._suppressed += 1
+                return False, 0
+            self._in_window += 1
+            suppressed, self._suppressed = self._suppressed, 0
+            return True, suppressed

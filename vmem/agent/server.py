@@ -39,7 +39,7 @@ from transport import SocketChannel, TransportError
 from vmem import __version__
 from vmem.errors import VmemError
 from vmem.agent.commands import COMMANDS, LOCAL_ONLY_COMMANDS
-from vmem.agent.limits import Admission, ConnectionCaps, DeadlineWatch
+from vmem.agent.limits import Admission, ConnectionCaps, DeadlineWatch, LogLimiter
 from vmem.agent.paths import info_path, prepare_state_dir, socket_path
 from vmem.agent.protocol import (MAGIC, AgentError, ErrorCode, ProtocolError, client_hello, recv_frame, send_error,
                                  send_refusal, send_reply, server_hello)
@@ -98,6 +98,7 @@ class Agent:
         self._saved_factory = None
         self.admission = Admission(config.caps)
         self.deadlines = DeadlineWatch()
+        self._refusal_log = LogLimiter()
         self._conn = threading.local()        # the serving thread's connection: peer, deadline token
         self._expected = threading.local()    # the migrate-in / restore a spawn must match (expect_guest)
         from vmem.agent.migration import PendingLinks
@@ -198,7 +199,8 @@ class Agent:
                     elif key.data == "unix":
                         self._accept_unix()
                 for who in self.deadlines.expire():
-                    log.warning("dropped %s: its opening took longer than %g s", who, self.config.caps.handshake_timeout_s)
+                    self.log_refusal("dropped %s: its opening took longer than %g s", who,
+                                     self.config.caps.handshake_timeout_s)
         finally:
             sel.close()
 
@@ -340,7 +342,7 @@ class Agent:
         if uid not in (0, os.geteuid()):
             why = (f"uid {uid} may not command this agent: only its own user (uid {os.geteuid()}) or root may; "
                    "run vmem as that user")
-            log.warning("refused a control connection: %s", why)
+            self.log_refusal("refused a control connection: %s", why)
             _refuse(channel, ErrorCode.AUTH, why)
             return
         self._admit(channel, f"uid {uid}", f"local uid {uid}", self._serve_unix, "vmem-cli")
@@ -350,7 +352,7 @@ class Agent:
         opening deadline, and serve it on its own thread."""
         why = self.admission.admit(peer_key)
         if why:
-            log.warning("refused a connection from %s: %s", who, why)
+            self.log_refusal("refused a connection from %s: %s", who, why)
             _refuse(channel, ErrorCode.LIMIT, f"refused: {why}")
             return
         token = self.deadlines.watch(channel.sock, self.config.caps.handshake_timeout_s, who)
@@ -368,6 +370,16 @@ class Agent:
             conn.opening = False
             self.deadlines.done(token)
             self.admission.closed(peer_key, in_opening=in_opening)
+
+    def log_refusal(self, message: str, *args) -> None:
+        """Log a refused or dropped connection, at most a few a second (a flood must not
+        fill the disk); the next line says how many were left out."""
+        allowed, suppressed = self._refusal_log.allow()
+        if allowed:
+            if suppressed:
+                message += " (and %d more refusals not logged)"
+                args = (*args, suppressed)
+            log.warning(message, *args)
 
     def opening_done(self) -> None:
         """The serving thread's connection finished its opening: stop its deadline clock and
@@ -389,20 +401,20 @@ class Agent:
             if self.security.mode == "none":
                 why = _unauthenticated_peer_refusal(raw.sock)
                 if why:
-                    log.warning("refused connection from %s: %s", peer, why)
+                    self.log_refusal("refused connection from %s: %s", peer, why)
                     _refuse(raw, ErrorCode.AUTH, why)
                     return
             try:
                 channel, auth_purpose = self.security.accept(raw)
             except (TransportError, OSError) as err:
-                log.warning("refused connection from %s: authentication failed (%s): %s", peer, self.security.mode, err)
+                self.log_refusal("refused connection from %s: authentication failed (%s): %s", peer, self.security.mode, err)
                 return
             # Commands over TCP only from a peer that proved who it is (key or certificate).
             refusals = {"command": NO_TCP_COMMANDS} if self.security.mode == "none" else None
             try:
                 purpose = server_hello(channel, self.info(), refusals=refusals)
             except ProtocolError as err:
-                log.warning("refused connection from %s: %s", peer, err)
+                self.log_refusal("refused connection from %s: %s", peer, err)
                 return
             if auth_purpose is not None and purpose != auth_purpose:
                 log.warning("refused connection from %s: authenticated for %r but opened for %r", peer, auth_purpose, purpose)
