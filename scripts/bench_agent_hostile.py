@@ -63,6 +63,16 @@ def rss_anon_bytes(pid: int) -> int:
     raise RuntimeError("no RssAnon")
 
 
+def anonymous_bytes(pid: int) -> int:
+    """Anonymous memory counted page by page (/proc/PID/smaps_rollup): exact, where RssAnon
+    is the kernel's per-CPU running count and may lag by a few hundred KiB."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no Anonymous in smaps_rollup")
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -148,6 +158,7 @@ def main() -> int:
         for kind in ("big", "loris", "request", "nobody-big", "nobody-loris"):
             before = rss_anon_bytes(pid)
             peak = before
+            exact_base = exact_peak = anonymous_bytes(pid)
             helper = None
             socks: list = []
             t_end = time.monotonic() + args.hold
@@ -162,6 +173,7 @@ def main() -> int:
                     socks = open_flood(port, kind, args.connections)
                 while time.monotonic() < t_end:
                     peak = max(peak, rss_anon_bytes(pid))
+                    exact_peak = max(exact_peak, anonymous_bytes(pid))
                     time.sleep(0.05)
             finally:
                 for s in socks:
@@ -171,14 +183,22 @@ def main() -> int:
             wait_idle()
             time.sleep(args.settle)
             after = rss_anon_bytes(pid)
+            exact_after = anonymous_bytes(pid)
             row = {"before_bytes": before, "peak_bytes": peak, "after_bytes": after,
-                   "peak_rise_bytes": peak - baseline, "after_rise_bytes": after - baseline}
+                   "peak_rise_bytes": peak - baseline, "after_rise_bytes": after - baseline,
+                   "smaps_anonymous_before_bytes": exact_base, "smaps_anonymous_peak_bytes": exact_peak,
+                   "smaps_anonymous_after_bytes": exact_after}
             results["floods"][kind] = row
             print(f"{kind:>13}: {args.connections} connections  peak {peak / MiB:6.1f} MiB (+{(peak - baseline) / MiB:.1f})"
-                  f"  after {after / MiB:6.1f} MiB (+{(after - baseline) / MiB:.1f})")
+                  f"  after {after / MiB:6.1f} MiB (+{(after - baseline) / MiB:.1f});  smaps Anonymous "
+                  f"{exact_base / MiB:.1f} -> peak {exact_peak / MiB:.1f} -> {exact_after / MiB:.1f} MiB")
         check = request("verify", name="g")["check"]
         wait_idle()
         results["guest_verified"] = bool(check.get("ok"))
+        for _ in range(100):  # the last request's connection may still be closing on the agent's side
+            if fd_count(pid) == fds_base:
+                break
+            time.sleep(0.1)
         results["fds_before"], results["fds_after"] = fds_base, fd_count(pid)
         worst_peak = max(r["peak_rise_bytes"] for r in results["floods"].values())
         worst_after = max(r["after_rise_bytes"] for r in results["floods"].values())

@@ -509,6 +509,7 @@ def _serve_resume(agent, channel, request: dict, peer: str) -> None:
     token = agent.pending_links.open(parallel - 1, urgent)
     handed = False
     try:
+        channel.settimeout(agent.idle_timeout_s)  # a resumed source that goes silent is dropped too
         send_reply(channel, link={"parallel": parallel, "compress": compress, "urgent": urgent, "session": token})
         data, urgent_ch = agent.pending_links.wait(token, ATTACH_TIMEOUT_S)
         link = build_link(channel, data, compress=compress, source=False)

@@ -99,6 +99,7 @@ class Agent:
         self.admission = Admission(config.caps)
         self.deadlines = DeadlineWatch()
         self._refusal_log = LogLimiter()
+        self._closed_since_trim = False      # a connection closed since memory was last handed back
         self._conn = threading.local()        # the serving thread's connection: peer, deadline token
         self._expected = threading.local()    # the migrate-in / restore a spawn must match (expect_guest)
         from vmem.agent.migration import PendingLinks
@@ -201,6 +202,9 @@ class Agent:
                 for who in self.deadlines.expire():
                     self.log_refusal("dropped %s: its opening took longer than %g s", who,
                                      self.config.caps.handshake_timeout_s)
+                if self._closed_since_trim and self.admission.counts()["open"] == 0:
+                    self._closed_since_trim = False
+                    _release_free_memory()
         finally:
             sel.close()
 
@@ -370,6 +374,7 @@ class Agent:
             conn.opening = False
             self.deadlines.done(token)
             self.admission.closed(peer_key, in_opening=in_opening)
+            self._closed_since_trim = True
 
     def log_refusal(self, message: str, *args) -> None:
         """Log a refused or dropped connection, at most a few a second (a flood must not
@@ -439,7 +444,10 @@ class Agent:
                 self.opening_done()
                 self._command_loop(channel, peer, local=False)
         except (TransportError, OSError) as err:
-            log.warning("connection from %s ended: %s", peer, err)
+            if getattr(self._conn, "opening", False):  # a peer that never finished its opening: a flood's kind
+                self.log_refusal("connection from %s ended in its opening: %s", peer, err)
+            else:
+                log.warning("connection from %s ended: %s", peer, err)
         except Exception:
             log.exception("connection from %s: internal error", peer)
         finally:
@@ -675,6 +683,19 @@ def _break(channel) -> None:
 #: so the agent's private memory crept up by ~0.4 MiB per migration to ~110 MiB over 200
 #: ping-pongs; with 2 arenas it stays flat at ~30 MiB (scripts/campaign.py, measured).
 MALLOC_ARENAS = 2
+
+
+def _release_free_memory() -> None:
+    """Hand memory freed by closed connections back to the kernel (glibc ``malloc_trim``:
+    free() alone keeps it in the heap).  Called by the accept loop once no connection is
+    left, so at most once per ``DEADLINE_CHECK_INTERVAL_S``; best effort."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _limit_malloc_arenas(n: int) -> None:
