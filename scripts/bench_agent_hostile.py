@@ -161,7 +161,6 @@ def main() -> int:
             exact_base = exact_peak = anonymous_bytes(pid)
             helper = None
             socks: list = []
-            t_end = time.monotonic() + args.hold
             try:
                 if kind.startswith("nobody-"):
                     helper = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
@@ -171,6 +170,7 @@ def main() -> int:
                     helper.stdout.readline()
                 else:
                     socks = open_flood(port, kind, args.connections)
+                t_end = time.monotonic() + args.hold  # the hold starts once every connection is open
                 while time.monotonic() < t_end:
                     peak = max(peak, rss_anon_bytes(pid))
                     exact_peak = max(exact_peak, anonymous_bytes(pid))
