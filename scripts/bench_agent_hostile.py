@@ -55,22 +55,24 @@ for s in socks:
 """
 
 
-def rss_anon_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
+def _kib_field_bytes(path: str, field: str) -> int:
+    """The ``field:  N kB`` line of a /proc file, in bytes."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("RssAnon:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon")
+    raise RuntimeError(f"no {field} in {path}")
+
+
+def rss_anon_bytes(pid: int) -> int:
+    """RssAnon (/proc/PID/status): the figure the issue's bounds are stated in."""
+    return _kib_field_bytes(f"/proc/{pid}/status", "RssAnon")
 
 
 def anonymous_bytes(pid: int) -> int:
     """Anonymous memory counted page by page (/proc/PID/smaps_rollup): exact, where RssAnon
     is the kernel's per-CPU running count and may lag by a few hundred KiB."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Anonymous:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no Anonymous in smaps_rollup")
+    return _kib_field_bytes(f"/proc/{pid}/smaps_rollup", "Anonymous")
 
 
 def fd_count(pid: int) -> int:
@@ -83,6 +85,10 @@ def frame(obj: dict) -> bytes:
 
 
 def open_flood(port: int, kind: str, count: int) -> list[socket.socket]:
+    """Open ``count`` hostile connections of ``kind`` to 127.0.0.1:``port`` (kept open; the
+    caller closes them). ``big``: an opening announcing a 16 MiB frame, then 64 KiB of it;
+    ``loris``: the first byte of an opening; ``request``: a good opening, then a migrate-in
+    request announcing 16 MiB.  Also used by tests/test_agent_security.py."""
     socks = []
     for _ in range(count):
         try:

@@ -8,9 +8,9 @@ on loopback.  Every agent is a subprocess stopped by the fixture (see tests/test
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -21,7 +21,14 @@ import psutil
 import pytest
 
 from test_agent import ROOT, AgentProc, _env  # noqa: F401  (the harness of the agent tests)
+from test_agent import agents, key, workdir  # noqa: F401  (fixtures)
 from vmem.agent.protocol import MAGIC, PROTOCOL_VERSION, AgentError, ErrorCode
+
+# The flood and the memory figure are the benchmark's own (scripts/bench_agent_hostile.py).
+_spec = importlib.util.spec_from_file_location("bench_agent_hostile",
+                                               os.path.join(ROOT, "scripts", "bench_agent_hostile.py"))
+hostile = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hostile)
 
 NOBODY = 65534
 #: Bounds of the waits below (they assert nothing about time).
@@ -31,49 +38,11 @@ MiB = 1 << 20
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs attacks as uid 65534 against a root agent")
 
 
-@pytest.fixture
-def workdir():
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix=f"vmem-agent-sec-{os.getpid()}-")
-    os.chmod(path, 0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def agents(workdir):
-    started: list[AgentProc] = []
-
-    def start(name: str, **kwargs) -> AgentProc:
-        a = AgentProc(workdir, name, **kwargs)
-        started.append(a)
-        return a
-
-    yield start
-    for a in started:
-        a.stop()
-
-
-@pytest.fixture
-def key(workdir):
-    from transport.secure import generate_key
-
-    path = os.path.join(workdir, "key")
-    generate_key(path)
-    return path
-
-
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _frame(obj: dict) -> bytes:
-    body = json.dumps(obj).encode()
-    return struct.pack(">I", len(body)) + body
-
-
 def _hello(purpose: str) -> bytes:
-    return MAGIC + _frame({"version": PROTOCOL_VERSION, "purpose": purpose})
+    return MAGIC + hostile.frame({"version": PROTOCOL_VERSION, "purpose": purpose})
 
 
 def _agent_fds(pid: int) -> dict:
@@ -86,14 +55,6 @@ def _agent_fds(pid: int) -> dict:
             continue
         kinds["socket" if target.startswith("socket:") else "memfd" if "memfd:" in target else "other"] += 1
     return kinds
-
-
-def _rss_anon_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon in /proc/PID/status")
 
 
 class Baseline:
@@ -290,11 +251,11 @@ def test_tcp_commands_need_an_authenticated_peer(agents, key):
     raw = SocketChannel(socket.create_connection(("127.0.0.1", b.port), timeout=10))
     with MacChannel(raw, authenticate_client(raw, load_key(key), "command"), "client") as ch:
         client_hello(ch, "command", "test")
-        send_frame(ch, {"op": "list"})
-        assert [g["name"] for g in recv_frame(ch)["guests"]] == ["g"]
+        sendhostile.frame(ch, {"op": "list"})
+        assert [g["name"] for g in recvhostile.frame(ch)["guests"]] == ["g"]
         for request in ({"op": "save", "name": "g", "path": "/tmp/never.save"}, {"op": "restore", "path": "/etc/shadow"}):
-            send_frame(ch, request)
-            reply = recv_frame(ch)
+            sendhostile.frame(ch, request)
+            reply = recvhostile.frame(ch)
             assert reply["ok"] is False and reply["code"] == ErrorCode.AUTH, reply
             assert "only the local CLI" in reply["error"]
     assert not os.path.exists("/tmp/never.save") and b.guests()["g"]["state"] == "running"
@@ -302,7 +263,6 @@ def test_tcp_commands_need_an_authenticated_peer(agents, key):
 
 
 def test_restore_errors_never_quote_the_file(agents, workdir):
-    pytest.importorskip("vmem.migration.savefile")
     a = agents("a")
     a.request("create", name="g", workload="idle", size="8M")
     base = Baseline(a)
@@ -323,7 +283,6 @@ def test_restore_errors_never_quote_the_file(agents, workdir):
 def test_save_writes_through_the_callers_descriptor(agents, workdir):
     """The CLI opens FILE.part as its user and passes it; the agent writes only there; the
     CLI renames it.  A request announcing a descriptor that never comes is refused."""
-    pytest.importorskip("vmem.migration.savefile")
     a = agents("a")
     a.request("create", name="g", workload="hotcold", size="8M")
     path = os.path.join(workdir, "g.save")
@@ -334,9 +293,9 @@ def test_save_writes_through_the_callers_descriptor(agents, workdir):
     with a.client() as c:  # "fd": true but no descriptor follows
         from vmem.agent.protocol import recv_frame, send_frame
 
-        send_frame(c.channel, {"op": "save", "name": "g", "path": path + "2", "fd": True})
+        sendhostile.frame(c.channel, {"op": "save", "name": "g", "path": path + "2", "fd": True})
         c.channel.send(b"F")
-        reply = recv_frame(c.channel)
+        reply = recvhostile.frame(c.channel)
     assert reply["ok"] is False and "none came" in reply["error"] and not os.path.exists(path + "2")
     base.check(verify="g")
 
@@ -488,7 +447,7 @@ def test_idle_connections_are_closed(agents):
 
     s = _connect(a.port)
     try:
-        s.sendall(_hello("migrate-in") + _frame({"op": "migrate-in", "name": "silent", "size_bytes": 8 * MiB,
+        s.sendall(_hello("migrate-in") + hostile.frame({"op": "migrate-in", "name": "silent", "size_bytes": 8 * MiB,
                                                   "spec": {"workload": "idle", "params": {}, "seed": 1}}))
         data = _read_until_closed(s)
     finally:
@@ -516,7 +475,7 @@ def test_migrate_in_reservation_must_match_the_preamble(agents):
     for name, (request, preamble) in cases.items():
         s = _connect(a.port)
         try:
-            s.sendall(_hello("migrate-in") + _frame({"op": "migrate-in", "name": name, **request}))
+            s.sendall(_hello("migrate-in") + hostile.frame({"op": "migrate-in", "name": name, **request}))
             s.sendall(stream.encode_preamble({"page_size": PAGE_SIZE, "backend": "process", **preamble}))
             _read_until_closed(s)
         finally:
@@ -538,37 +497,13 @@ def _migrate_in_request(port: int, request: dict) -> dict:
     ch = SocketChannel(socket.create_connection(("127.0.0.1", port), timeout=10))
     try:
         client_hello(ch, "migrate-in", "test")
-        send_frame(ch, request)
-        return raise_for_reply(recv_frame(ch), "agent")
+        sendhostile.frame(ch, request)
+        return raise_for_reply(recvhostile.frame(ch), "agent")
     finally:
         ch.close()
 
 
 # --- memory under a flood ----------------------------------------------------------------------
-
-
-def _flood(port: int, kind: str, count: int) -> list[socket.socket]:
-    """Open ``count`` hostile connections of ``kind`` (kept open; the caller closes them).
-    ``big``: an opening announcing a 16 MiB frame, then 64 KiB of it; ``loris``: the first
-    byte of an opening; ``request``: a good opening, then a migrate-in request announcing
-    16 MiB."""
-    socks = []
-    for _ in range(count):
-        try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        except OSError:
-            continue
-        try:
-            if kind == "big":
-                s.sendall(MAGIC + struct.pack(">I", 16 * MiB) + bytes(64 << 10))
-            elif kind == "loris":
-                s.sendall(MAGIC[:1])
-            else:
-                s.sendall(_hello("migrate-in") + struct.pack(">I", 16 * MiB) + bytes(64 << 10))
-        except OSError:
-            pass
-        socks.append(s)
-    return socks
 
 
 def test_hostile_flood_memory_is_bounded_and_returned(agents):
@@ -580,23 +515,23 @@ def test_hostile_flood_memory_is_bounded_and_returned(agents):
     pid = a.proc.pid
     # Warm up: one round of each kind, so lazily built code paths are not counted as growth.
     for kind in ("big", "loris", "request"):
-        for s in _flood(a.port, kind, 4):
+        for s in hostile.open_flood(a.port, kind, 4):
             s.close()
     base = Baseline(a)
-    rss_base = _rss_anon_bytes(pid)
+    rss_base = hostile.rss_anon_bytes(pid)
     socks = []
     peak = rss_base
     try:
         for kind in ("big", "loris", "request"):
-            socks += _flood(a.port, kind, 40)
-            peak = max(peak, _rss_anon_bytes(pid))
+            socks += hostile.open_flood(a.port, kind, 40)
+            peak = max(peak, hostile.rss_anon_bytes(pid))
         time.sleep(0.5)
-        peak = max(peak, _rss_anon_bytes(pid))
+        peak = max(peak, hostile.rss_anon_bytes(pid))
     finally:
         for s in socks:
             s.close()
     base.check()
-    rss_after = _rss_anon_bytes(pid)
+    rss_after = hostile.rss_anon_bytes(pid)
     assert peak - rss_base <= 16 * MiB, (rss_base, peak)
     assert rss_after - rss_base <= 4 * MiB, (rss_base, rss_after)
     assert a.request("verify", name="g")["check"]["ok"]

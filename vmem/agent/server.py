@@ -38,6 +38,7 @@ from transport import SocketChannel, TransportError
 
 from vmem import __version__
 from vmem.errors import VmemError
+from vmem.wakepipe import WakePipe
 from vmem.agent.commands import COMMANDS, LOCAL_ONLY_COMMANDS
 from vmem.agent.limits import Admission, ConnectionCaps, DeadlineWatch, LogLimiter
 from vmem.agent.paths import info_path, prepare_state_dir, socket_path
@@ -90,7 +91,7 @@ class Agent:
         self.spawner: Spawner | None = None
         self._tcp: socket.socket | None = None
         self._unix: socket.socket | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake = WakePipe()  # request_stop() wakes serve_forever()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._channels: set = set()        # live connections (accepted and made), to break on shutdown
@@ -181,17 +182,14 @@ class Agent:
     def request_stop(self, *_signal_args) -> None:
         """Ask :meth:`serve_forever` to return (safe from a signal handler or any thread)."""
         self._stopping.set()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake.wake()
 
     def serve_forever(self) -> None:
         """Accept connections until :meth:`request_stop`; each is served in its own thread."""
         sel = selectors.DefaultSelector()
         sel.register(self._tcp, selectors.EVENT_READ, "tcp")
         sel.register(self._unix, selectors.EVENT_READ, "unix")
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        sel.register(self._wake, selectors.EVENT_READ, "wake")
         try:
             while not self._stopping.is_set():
                 for key, _ in sel.select(DEADLINE_CHECK_INTERVAL_S):
@@ -244,12 +242,7 @@ class Agent:
             self._saved_factory = None
         if self.spawner is not None:
             self.spawner.stop()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        self._wake.close()
         log.info("vmem agent stopped")
 
     # --- bookkeeping for shutdown ----------------------------------------------------------------
