@@ -473,7 +473,6 @@ def test_key_file_readable_by_others_is_refused(workdir, key):
 
 
 def test_save_and_restore_through_the_agent(agents, workdir):
-    pytest.importorskip("vmem.migration.savefile")
     a = agents("a")
     a.request("create", name="g1", workload="hotcold", size="16M")
     path = os.path.join(workdir, "g1.save")

@@ -70,13 +70,20 @@ class _Piece:
         self.release = release
 
 
-class _Reader(threading.Thread):
+class _LinkThread(threading.Thread):
+    """A daemon thread that serves one connection of a :class:`StripedChannel`."""
+
+    def __init__(self, owner: "StripedChannel", link: Channel, name: str):
+        super().__init__(name=name, daemon=True)
+        self.owner = owner
+        self.link = link
+
+
+class _Reader(_LinkThread):
     """Reads pieces from one connection into pooled buffers and files them by seq."""
 
     def __init__(self, owner: "StripedChannel", link: Channel, index: int):
-        super().__init__(name=f"vmem-stripe-rx{index}", daemon=True)
-        self.owner = owner
-        self.link = link
+        super().__init__(owner, link, f"vmem-stripe-rx{index}")
         self.free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(_BUFFERS_PER_LINK):
             self.free.put(bytearray(STRIPE_CHUNK_BYTES))
@@ -119,13 +126,11 @@ class _Reader(threading.Thread):
         owner._reader_done()
 
 
-class _Sender(threading.Thread):
+class _Sender(_LinkThread):
     """Sends the pieces queued for one outgoing data connection, in order."""
 
     def __init__(self, owner: "StripedChannel", link: Channel, index: int):
-        super().__init__(name=f"vmem-stripe-tx{index}", daemon=True)
-        self.owner = owner
-        self.link = link
+        super().__init__(owner, link, f"vmem-stripe-tx{index}")
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
 
     def run(self) -> None:

@@ -4,6 +4,7 @@ Modules, one concern each:
 
 * :mod:`~vmem.agent.protocol` -- framed JSON, the opening handshake, error codes (``AgentError``);
 * :mod:`~vmem.agent.security` -- shared-key HMAC / TLS / insecure, and the listening rule;
+* :mod:`~vmem.agent.limits` -- connection caps, the opening deadline (docs/security.md);
 * :mod:`~vmem.agent.registry` -- guest names, states (compare-and-set) and memory reservations;
 * :mod:`~vmem.agent.spawner` -- the one thread that starts guest processes (PR_SET_PDEATHSIG);
 * :mod:`~vmem.agent.commands` -- create, list, destroy, save, restore;
@@ -13,7 +14,7 @@ Modules, one concern each:
 * :mod:`~vmem.cli.agent` -- the ``vmem`` subcommands;
 * :mod:`~vmem.agent.paths`, :mod:`~vmem.agent.net` -- where the socket lives; TCP.
 
-See docs/agent.md.
+See docs/agent.md and docs/security.md.
 """
 from vmem.agent.protocol import PROTOCOL_VERSION, AgentError, ErrorCode, ProtocolError
 

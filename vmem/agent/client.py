@@ -56,14 +56,23 @@ class AgentClient:
             raise
         self.channel.settimeout(None)
 
-    def request(self, op: str, on_event=None, **fields) -> dict:
+    def request(self, op: str, on_event=None, *, fd: int | None = None, **fields) -> dict:
         """Send one request and return its (ok) reply; events go to ``on_event(event)``.
+
+        ``fd``: a file this process opened, passed to the agent with the request (SCM_RIGHTS)
+        so that the agent reads or writes it with this process's access, not its own.
 
         Raises:
             AgentError: the agent's error reply (with its code), or a lost connection.
         """
+        from vmem.agent.commands import FD_MARKER
+
         try:
-            send_frame(self.channel, {"op": op} | fields)
+            if fd is None:
+                send_frame(self.channel, {"op": op} | fields)
+            else:
+                send_frame(self.channel, {"op": op, "fd": True} | fields)
+                self.channel.send_fds(FD_MARKER, [fd])
             while True:
                 msg = recv_frame(self.channel)
                 if "event" in msg:

@@ -6,11 +6,20 @@ what to do.  ``migrate`` lives in :mod:`vmem.agent.migration`.
 
 Every guest process is started on the agent's spawner thread (see
 :mod:`vmem.agent.spawner`), so it lives as long as the agent, not as long as the request.
+
+Files (``save``, ``restore``) are taken from the control socket only
+(:data:`LOCAL_ONLY_COMMANDS`), and there as a descriptor the CLI opened as its user and
+passed with SCM_RIGHTS (:func:`receive_fd`): the agent then writes or reads exactly what
+its caller could.  A bare path is still accepted there -- the control socket admits only
+the agent's own user and root, who may open anything the agent may -- never over TCP.
+An error about a file never quotes the file's bytes (docs/security.md).
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import stat
 import time
 
 from vmem.errors import ConfigError, VmemError
@@ -18,7 +27,7 @@ from vmem.ram import format_bytes
 from vmem.agent.protocol import AgentError, ErrorCode
 from vmem.agent.registry import validate_name
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "LOCAL_ONLY_COMMANDS", "FD_MARKER", "receive_fd"]
 
 log = logging.getLogger("vmem.agent")
 
@@ -119,6 +128,65 @@ def _absolute(path) -> str:
     return path
 
 
+#: The one byte a client sends right after a request with ``"fd": true``; the descriptor
+#: rides on it (SCM_RIGHTS needs at least one byte of data).
+FD_MARKER = b"F"
+#: How long the agent waits for the descriptor after such a request.
+FD_TIMEOUT_S = 10.0
+
+
+def receive_fd(channel) -> int:
+    """The descriptor passed right after a request with ``"fd": true`` (the caller owns it).
+
+    Raises:
+        AgentError(bad-request): no descriptor came (the connection is not a unix socket,
+            or the client sent something else).
+    """
+    recv_fds = getattr(channel, "recv_fds", None)
+    if recv_fds is None:
+        raise AgentError(ErrorCode.BAD_REQUEST, "a file descriptor can only be passed over the control socket")
+    previous = channel.gettimeout()
+    channel.settimeout(FD_TIMEOUT_S)
+    try:
+        data, fds = recv_fds(len(FD_MARKER), 1)
+    except Exception as err:
+        raise AgentError(ErrorCode.BAD_REQUEST, f"the request announced a file descriptor but none came: {err}") from None
+    finally:
+        channel.settimeout(previous)
+    if data != FD_MARKER or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise AgentError(ErrorCode.BAD_REQUEST, "the request announced a file descriptor but none came (use the vmem "
+                                                "CLI of the agent's version)")
+    return fds[0]
+
+
+def _file_of(channel, request: dict, *, writable: bool) -> tuple[int | None, str]:
+    """``(fd, name)``: the caller's passed descriptor (checked: a regular file, open for
+    writing / reading), or ``(None, path)`` for a bare absolute path."""
+    if request.get("fd") is not True:
+        return None, _absolute(request.get("path"))
+    fd = receive_fd(channel)
+    shown = request.get("path") if isinstance(request.get("path"), str) else f"the passed file (fd {fd})"
+    try:
+        st = os.fstat(fd)
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError as err:
+        os.close(fd)
+        raise AgentError(ErrorCode.BAD_REQUEST, f"{shown}: the passed descriptor is unusable: {err.strerror}") from None
+    why = ""
+    if not stat.S_ISREG(st.st_mode):
+        why = "is not a regular file"
+    elif writable and mode == os.O_RDONLY:
+        why = "was opened read-only; saving needs it open for writing"
+    elif not writable and mode == os.O_WRONLY:
+        why = "was opened write-only; restoring needs it open for reading"
+    if why:
+        os.close(fd)
+        raise AgentError(ErrorCode.BAD_REQUEST, f"{shown} {why}")
+    return fd, shown
+
+
 def cmd_save(agent, channel, request: dict) -> dict:
     """``{"op": "save", "name", "path", "keep_running"}``: like ``xl save [-c]``.
 
@@ -127,11 +195,20 @@ def cmd_save(agent, channel, request: dict) -> dict:
     """
     savefile = _savefile()
     name = str(request.get("name", ""))
-    path = _absolute(request.get("path"))
-    keep = bool(request.get("keep_running", False))
+    fd, path = _file_of(channel, request, writable=True)
+    try:
+        return _save(agent, savefile, name, fd, path, bool(request.get("keep_running", False)))
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _save(agent, savefile, name: str, fd: int | None, path: str, keep: bool) -> dict:
     entry = agent.registry.transition(name, "running", "saving")
     try:
-        stats = savefile.save_guest(entry.guest, path, keep_running=keep, name=name)
+        # With a passed descriptor the CLI owns the file's name: it wrote PATH.part and
+        # renames it once we answer (see vmem.cli.agent._cmd_save).
+        stats = savefile.save_guest(entry.guest, path, keep_running=keep, name=name, fd=fd)
     except BaseException as err:
         if entry.guest.alive():
             agent.registry.transition(name, "saving", "running")
@@ -154,23 +231,36 @@ def cmd_save(agent, channel, request: dict) -> dict:
     return {"name": name, "path": path, "stats": stats}
 
 
-def _read_save_config(savefile, path: str) -> dict:
+def _not_a_savefile(path: str, err: BaseException) -> AgentError:
+    """The refusal for a file that is not a (valid) vmem save file.  It names where the
+    check failed but never what the file holds: the message goes to whoever asked."""
+    offset = getattr(err, "offset", None)
+    where = f" (the check failed at offset {offset})" if isinstance(offset, int) else ""
+    return AgentError(ErrorCode.BAD_REQUEST, f"{path} is not a valid vmem save file{where}: restore only files written "
+                                            "by `vmem save`")
+
+
+def _read_save_config(savefile, path: str, fd: int | None) -> dict:
     """The domain config recorded in a save file's xl header (name, size, guest spec)."""
     from vmem.errors import StreamError
 
     try:
-        with open(path, "rb", buffering=0) as f:
+        with (os.fdopen(os.dup(fd), "rb", buffering=0) if fd is not None else open(path, "rb", buffering=0)) as f:
+            f.seek(0)
+
             def recv_exact(n: int) -> bytes:
                 data = f.read(n)
                 if len(data) != n:
-                    raise EOFError(f"{path} ends after {len(data)} of {n} bytes")
+                    raise EOFError(f"ends after {len(data)} of {n} bytes")
                 return data
 
             return savefile.read_xl_header(recv_exact).config or {}
     except FileNotFoundError:
         raise AgentError(ErrorCode.BAD_REQUEST, f"{path}: no such file on the agent's host") from None
-    except (StreamError, EOFError, OSError) as err:
-        raise AgentError(ErrorCode.BAD_REQUEST, f"{path} is not a vmem save file: {err}") from None
+    except OSError as err:
+        raise AgentError(ErrorCode.BAD_REQUEST, f"cannot read {path}: {err.strerror}") from None
+    except (StreamError, EOFError) as err:
+        raise _not_a_savefile(path, err) from None
 
 
 def cmd_restore(agent, channel, request: dict) -> dict:
@@ -180,27 +270,53 @@ def cmd_restore(agent, channel, request: dict) -> dict:
     before anything is spawned.
     """
     savefile = _savefile()
-    path = _absolute(request.get("path"))
-    config = _read_save_config(savefile, path)
+    fd, path = _file_of(channel, request, writable=False)
+    try:
+        return _restore(agent, savefile, request, fd, path)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _restore(agent, savefile, request: dict, fd: int | None, path: str) -> dict:
+    from vmem.errors import StreamError
+
+    config = _read_save_config(savefile, path, fd)
     section = config.get("vmem") or {}
-    name = request.get("name") or (config.get("c_info") or {}).get("name")
-    if not name:
-        raise AgentError(ErrorCode.BAD_REQUEST, f"{path} does not record a guest name: give --name NAME")
-    name = validate_name(name)
+    name = request.get("name")
+    if name:
+        name = validate_name(name)
+    else:
+        name = (config.get("c_info") or {}).get("name")
+        if not name:
+            raise AgentError(ErrorCode.BAD_REQUEST, f"{path} does not record a guest name: give --name NAME")
+        try:
+            name = validate_name(name)
+        except AgentError:  # not quoted: it is the file's content
+            raise AgentError(ErrorCode.BAD_REQUEST, f"the guest name recorded in {path} is not a valid name here: "
+                                                    "give --name NAME") from None
     try:
         size_bytes = int(section["npages"]) * int(section.get("page_size", 4096))
     except (KeyError, TypeError, ValueError):
         raise AgentError(ErrorCode.BAD_REQUEST, f"{path} lacks the vmem section of its config: not a vmem save file") from None
-    agent.registry.reserve(name, "restoring", size_bytes, section.get("guest") or {}, origin=f"restored from {path}")
+    spec = section.get("guest") or {}
+    agent.registry.reserve(name, "restoring", size_bytes, spec, origin=f"restored from {path}")
+    # restore_guest spawns through vmem.migration.backend's incoming factory, which the agent
+    # routes to its spawner thread and checks against what was reserved here.
+    agent.expect_guest(size_bytes, spec, f"the restore of {path}")
     try:
-        # restore_guest spawns through vmem.migration.backend's incoming factory, which the agent routes
-        # to its spawner thread (see Agent._install_incoming_factory).
-        guest, stats = savefile.restore_guest(path, name=name)
+        guest, stats = savefile.restore_guest(path, name=name, fd=fd)
     except BaseException as err:
         agent.registry.remove(name, "restoring")
-        if isinstance(err, (VmemError, OSError)):
+        if isinstance(err, StreamError):
+            raise _not_a_savefile(path, err) from None
+        if isinstance(err, OSError):
+            raise AgentError(ErrorCode.FAILED, f"restoring {path} failed: {err.strerror or type(err).__name__}") from None
+        if isinstance(err, VmemError):
             raise AgentError(ErrorCode.FAILED, f"restoring {path} failed: {err}") from None
         raise
+    finally:
+        agent.expect_guest(None, None, "")
     entry = agent.registry.transition(name, "restoring", "running", guest=guest)
     entry.spec = guest.spec.to_json()
     log.info("restored guest %s from %s (pid %d)", name, path, guest.pid)
@@ -213,7 +329,11 @@ def cmd_migrate(agent, channel, request: dict) -> dict:
     return migrate_out(agent, channel, request)
 
 
-#: op -> handler.  Every op is allowed from the local CLI and from authenticated agents.
+#: Ops that name a file on the agent's host: taken from the control socket only.
+LOCAL_ONLY_COMMANDS = frozenset({"save", "restore"})
+
+#: op -> handler.  Every op is allowed from the local CLI; all but
+#: :data:`LOCAL_ONLY_COMMANDS` from agents that authenticated (key or TLS).
 COMMANDS = {
     "ping": cmd_ping,
     "create": cmd_create,

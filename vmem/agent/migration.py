@@ -56,7 +56,8 @@ from transport import ShapedChannel, TransportError
 
 from vmem.clock import CLOCK_SAMPLES, UNKNOWN, estimate_offset
 from vmem.errors import ConfigError, VmemError
-from vmem.agent.protocol import AgentError, ErrorCode, ProtocolError, raise_for_reply, recv_frame, send_error, send_frame, send_reply
+from vmem.agent.protocol import (MAX_UNAUTHENTICATED_FRAME_BYTES, AgentError, ErrorCode, ProtocolError, raise_for_reply,
+                                 recv_frame, send_error, send_frame, send_reply)
 
 __all__ = ["ForwardingProgress", "PendingLinks", "build_link", "migrate_out", "serve_attach", "serve_incoming",
            "options_from_request"]
@@ -486,7 +487,8 @@ def serve_attach(agent, channel, purpose: str, peer: str) -> bool:
     Returns True if the migration took the channel (the caller must not close it).
     """
     try:
-        request = recv_frame(channel)
+        request = recv_frame(channel, MAX_UNAUTHENTICATED_FRAME_BYTES)
+        agent.opening_done()
         token, index = str(request.get("session", "")), int(request.get("index", -1))
         if request.get("op") != "attach":
             raise AgentError(ErrorCode.BAD_REQUEST, f"expected an attach request, got {str(request)[:100]}")
@@ -532,6 +534,7 @@ def _serve_resume(agent, channel, request: dict, peer: str) -> None:
     token = agent.pending_links.open(parallel - 1, urgent)
     handed = False
     try:
+        channel.settimeout(agent.idle_timeout_s)  # a resumed source that goes silent is dropped too
         send_reply(channel, link={"parallel": parallel, "compress": compress, "urgent": urgent, "session": token})
         data, urgent_ch = agent.pending_links.wait(token, ATTACH_TIMEOUT_S)
         link = build_link(channel, data, compress=compress, source=False)
@@ -559,9 +562,12 @@ def serve_incoming(agent, channel, peer: str) -> None:
     from vmem.migration.destination import DestinationMigration
     from transport.compressed import mode_unavailable
     from vmem.agent.registry import validate_name
+    from vmem.pages import PAGE_SIZE
 
     try:
-        request = recv_frame(channel)
+        # The first request is part of the opening (bounded in size and by its deadline).
+        request = recv_frame(channel, MAX_UNAUTHENTICATED_FRAME_BYTES)
+        agent.opening_done()
         if request.get("op") == "postcopy-resume":
             _serve_resume(agent, channel, request, peer)
             return
@@ -570,8 +576,9 @@ def serve_incoming(agent, channel, peer: str) -> None:
         name = validate_name(request.get("name"))
         size_bytes = int(request.get("size_bytes", 0))
         spec = request.get("spec") or {}
-        if size_bytes <= 0 or not isinstance(spec, dict):
-            raise AgentError(ErrorCode.BAD_REQUEST, "migrate-in needs a positive size_bytes and a spec object")
+        if size_bytes <= 0 or size_bytes % PAGE_SIZE or not isinstance(spec, dict):
+            raise AgentError(ErrorCode.BAD_REQUEST, f"migrate-in needs a positive size_bytes in whole {PAGE_SIZE}-byte "
+                                                    "pages and a spec object")
         parallel = int(request.get("parallel", 1))
         compress = str(request.get("compress", "off"))  # a source without the key sends plain bytes
         if not 1 <= parallel <= MAX_PARALLEL:
@@ -597,7 +604,12 @@ def serve_incoming(agent, channel, peer: str) -> None:
         return
     token = agent.pending_links.open(parallel - 1, urgent)
     link = None
+    # The reservation is what the request announced; the stream's preamble must say the
+    # same before the guest is spawned (Agent.expect_guest), and a source that goes silent
+    # is dropped after the idle timeout.
+    agent.expect_guest(size_bytes, spec, f"incoming migration of guest {name!r} from {origin}")
     try:
+        channel.settimeout(agent.idle_timeout_s)
         send_reply(channel, link={"parallel": parallel, "compress": compress, "urgent": urgent, "session": token,
                                   "clock_samples": clock_samples})
         _answer_clock(channel, clock_samples)
@@ -642,6 +654,7 @@ def serve_incoming(agent, channel, peer: str) -> None:
     except Exception as err:  # never let one migration take the agent down
         log.exception("incoming migration of guest %s from %s: internal error %s", name, origin, err)
     finally:
+        agent.expect_guest(None, None, "")
         for ch in agent.pending_links.close(token):
             agent.forget_channel(ch)
             ch.close()

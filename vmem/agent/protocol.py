@@ -32,9 +32,10 @@ from transport import TransportError
 from vmem.errors import VmemError
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAGIC", "MAX_FRAME_BYTES", "PURPOSES", "ErrorCode",
+    "PROTOCOL_VERSION", "MAGIC", "MAX_FRAME_BYTES", "MAX_OPENING_FRAME_BYTES", "MAX_UNAUTHENTICATED_FRAME_BYTES",
+    "RECV_CHUNK_BYTES", "PURPOSES", "ErrorCode",
     "AgentError", "ProtocolError", "send_frame", "recv_frame", "send_reply", "send_error",
-    "client_hello", "server_hello", "raise_for_reply",
+    "client_hello", "server_hello", "send_refusal", "raise_for_reply",
 ]
 
 #: Version of this protocol (see the compatibility rule above).
@@ -43,6 +44,15 @@ PROTOCOL_VERSION = 1
 MAGIC = b"VMEMAGT\n"
 #: Largest frame body accepted (a report of a thousand rounds is well under 1 MiB).
 MAX_FRAME_BYTES = 16 << 20
+#: Largest opening frame (``{"version", "purpose"}``) an agent reads: the opening comes
+#: before anything proves who the peer is, so it may not make the agent allocate more.
+MAX_OPENING_FRAME_BYTES = 4 << 10
+#: Largest frame an agent reads from a peer nothing has authenticated (mode none, before a
+#: migration's stream): the migrate-in / attach / postcopy-resume requests are far smaller.
+MAX_UNAUTHENTICATED_FRAME_BYTES = 64 << 10
+#: A frame body is read in pieces of at most this size, so memory grows with the bytes that
+#: actually arrived, never with the length a peer announced (docs/security.md).
+RECV_CHUNK_BYTES = 64 << 10
 #: What a connection is for: CLI or remote commands, one incoming migration, or an extra
 #: connection of a migration (a data connection for --parallel, the post-copy urgent one),
 #: which names its migration with the session token the migrate-in reply gave.
@@ -66,6 +76,7 @@ class ErrorCode:
     UNREACHABLE = "unreachable"     # the destination agent cannot be reached
     FAILED = "failed"               # the operation ran and failed (the message says why)
     INTERNAL = "internal"           # a bug in the agent
+    LIMIT = "limit"                 # too many connections (from this peer, or in total): retry later
 
 
 class AgentError(VmemError):
@@ -97,18 +108,21 @@ def send_frame(channel, obj: dict) -> None:
     channel.send_parts((_LENGTH.pack(len(body)), body))
 
 
-def recv_frame(channel) -> dict:
-    """Receive one frame and return its JSON object.
+def recv_frame(channel, max_bytes: int = MAX_FRAME_BYTES) -> dict:
+    """Receive one frame of at most ``max_bytes`` and return its JSON object.
+
+    Guarantee: memory grows with the bytes received, in steps of at most
+    :data:`RECV_CHUNK_BYTES`; an announced length that never arrives costs nothing.
 
     Raises:
         ProtocolError: the length is out of bounds or the body is not a JSON object
-            (checked before anything is allocated for the body).
+            (the length is checked before anything is allocated for the body).
         TransportError: the connection ended or broke (``ChannelBrokenError`` on EOF).
     """
     (length,) = _LENGTH.unpack(channel.recv_exact(_LENGTH.size))
-    if length == 0 or length > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame length {length} is out of bounds (1..{MAX_FRAME_BYTES})")
-    body = channel.recv_exact(length)
+    if length == 0 or length > max_bytes:
+        raise ProtocolError(f"frame length {length} is out of bounds (1..{max_bytes})")
+    body = _recv_incrementally(channel, length)
     try:
         obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -116,6 +130,16 @@ def recv_frame(channel) -> dict:
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame holds a JSON {type(obj).__name__}, not an object")
     return obj
+
+
+def _recv_incrementally(channel, length: int) -> bytes:
+    """``length`` bytes from ``channel``, read in pieces of at most :data:`RECV_CHUNK_BYTES`."""
+    if length <= RECV_CHUNK_BYTES:
+        return channel.recv_exact(length)
+    body = bytearray()
+    while len(body) < length:
+        body += channel.recv_exact(min(RECV_CHUNK_BYTES, length - len(body)))
+    return bytes(body)
 
 
 def send_reply(channel, **fields) -> None:
@@ -171,18 +195,20 @@ def client_hello(channel, purpose: str, who: str) -> dict:
     return reply
 
 
-def server_hello(channel, agent_info: dict, allowed_purposes=PURPOSES) -> str:
+def server_hello(channel, agent_info: dict, allowed_purposes=PURPOSES, refusals: dict | None = None) -> str:
     """Answer a connection's opening as the agent; returns the client's purpose.
 
     On a bad opening the client is told why (when it speaks enough of the protocol to
-    read it) and the error is raised for the agent to log.
+    read it) and the error is raised for the agent to log.  The opening frame is read with
+    a bound of :data:`MAX_OPENING_FRAME_BYTES`.  ``refusals`` maps a purpose that is known
+    but not accepted on this connection to the reason told to the client (code ``auth``).
 
     Raises:
-        ProtocolError: garbage, a version mismatch, or an unknown purpose.
+        ProtocolError: garbage, a version mismatch, or an unknown or refused purpose.
     """
     try:
         _expect_magic(channel, "peer")
-        hello = recv_frame(channel)
+        hello = recv_frame(channel, MAX_OPENING_FRAME_BYTES)
     except ProtocolError:
         raise  # nothing useful can be said to a peer that speaks something else
     version = hello.get("version")
@@ -193,6 +219,11 @@ def server_hello(channel, agent_info: dict, allowed_purposes=PURPOSES) -> str:
         send_error(channel, err.code, err.message)
         raise err
     purpose = hello.get("purpose")
+    if refusals and isinstance(purpose, str) and purpose in refusals:
+        err = ProtocolError(refusals[purpose], ErrorCode.AUTH)
+        channel.send(MAGIC)
+        send_error(channel, err.code, err.message)
+        raise err
     if purpose not in allowed_purposes:
         err = ProtocolError(f"purpose {purpose!r} is not accepted here (expected {' or '.join(allowed_purposes)})",
                             ErrorCode.BAD_REQUEST)
@@ -201,6 +232,15 @@ def server_hello(channel, agent_info: dict, allowed_purposes=PURPOSES) -> str:
         raise err
     channel.send_parts((MAGIC, *_frame_parts({"ok": True, "version": PROTOCOL_VERSION, "agent": agent_info})))
     return purpose
+
+
+def send_refusal(channel, code: str, message: str) -> None:
+    """Open with :data:`MAGIC` and send one error reply, so a vmem client reads the reason
+    where it expects the opening reply (best effort: the peer may be gone)."""
+    try:
+        channel.send_parts((MAGIC, *_frame_parts({"ok": False, "code": code, "error": message})))
+    except (TransportError, OSError, VmemError):
+        pass
 
 
 def _frame_parts(obj: dict) -> tuple[bytes, bytes]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from vmem.errors import ConfigError
 
-__all__ = ["PeerSecurity", "is_loopback"]
+__all__ = ["PeerSecurity", "is_loopback", "local_peer_uid"]
 
 
 def is_loopback(host: str) -> bool:
@@ -42,6 +42,65 @@ def is_loopback(host: str) -> bool:
     except OSError:
         return False
     return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def local_peer_uid(sock: socket.socket) -> int | None:
+    """The uid owning the other end of the TCP connection ``sock``, if that end is on this
+    host (in this network namespace); None for a remote peer.
+
+    TCP has no ``SO_PEERCRED``; the kernel's socket table (``/proc/net/tcp``, ``tcp6``)
+    lists every local socket with its owner, and the peer's socket is the one whose local
+    address is our remote one and whose remote address is our local one.
+
+    Raises:
+        OSError: the peer address is local but its socket is not in the table (it closed).
+    """
+    import struct
+
+    peer = sock.getpeername()
+    ours = sock.getsockname()
+    peer_ip = ipaddress.ip_address(peer[0])
+    if not (peer_ip.is_loopback or _is_local_address(peer_ip)):
+        return None
+
+    def entry(ip: str, port: int, width: int) -> str:
+        addr = ipaddress.ip_address(ip)
+        if width == 16 and addr.version == 4:
+            addr = ipaddress.IPv6Address(f"::ffff:{addr}")
+        elif width == 4 and addr.version == 6:
+            if addr.ipv4_mapped is None:
+                return ""
+            addr = addr.ipv4_mapped
+        # The table prints each 32-bit word of the address in host byte order.
+        words = struct.unpack(f"<{width // 4}I", addr.packed)
+        return "".join(f"{w:08X}" for w in words) + f":{port:04X}"
+
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        want_local, want_remote = entry(peer[0], peer[1], width), entry(ours[0], ours[1], width)
+        if not want_local or not want_remote:
+            continue
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 7 and fields[1] == want_local and fields[2] == want_remote:
+                        return int(fields[7])
+        except FileNotFoundError:
+            continue
+    raise OSError(f"no local socket {peer[0]}:{peer[1]} in the kernel's socket table")
+
+
+def _is_local_address(ip) -> bool:
+    """True if ``ip`` is an address of this host (a peer there is a local process)."""
+    s = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((str(ip), 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 @dataclass

@@ -3,11 +3,15 @@
 ``vmem agent --listen ADDR:PORT`` runs :class:`Agent` in the foreground (logs to stderr).
 It listens on
 
-* a **TCP port** for other agents: incoming migrations and remote commands, each
-  authenticated as configured (:mod:`vmem.agent.security`);
+* a **TCP port** for other agents: incoming migrations, and remote commands from peers
+  that authenticated with the key or a certificate (:mod:`vmem.agent.security`); an agent
+  without key or TLS takes no command over TCP;
 * a **unix control socket** (mode 0600 in a 0700 directory, see :mod:`vmem.agent.paths`)
   for the local CLI; a connecting process must also run as the agent's user or root
   (``SO_PEERCRED``).
+
+Every connection is admitted against caps per peer and in total, must finish its opening
+within one deadline, and is closed when idle (:mod:`vmem.agent.limits`, docs/security.md).
 
 Guarantees:
     * Every connection is served in its own thread; a bad peer, a refused request or a
@@ -28,15 +32,18 @@ import signal
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transport import SocketChannel, TransportError
 
 from vmem import __version__
 from vmem.errors import VmemError
-from vmem.agent.commands import COMMANDS
+from vmem.wakepipe import WakePipe
+from vmem.agent.commands import COMMANDS, LOCAL_ONLY_COMMANDS
+from vmem.agent.limits import Admission, ConnectionCaps, DeadlineWatch, LogLimiter
 from vmem.agent.paths import info_path, prepare_state_dir, socket_path
-from vmem.agent.protocol import AgentError, ErrorCode, ProtocolError, client_hello, recv_frame, send_error, send_reply, server_hello
+from vmem.agent.protocol import (MAGIC, AgentError, ErrorCode, ProtocolError, client_hello, recv_frame, send_error,
+                                 send_refusal, send_reply, server_hello)
 from vmem.agent.registry import GuestRegistry
 from vmem.agent.security import PeerSecurity
 from vmem.agent.spawner import Spawner
@@ -45,8 +52,11 @@ __all__ = ["AgentConfig", "Agent"]
 
 log = logging.getLogger("vmem.agent")
 
-#: A peer must finish authentication and the opening within this time.
-HANDSHAKE_TIMEOUT_S = 30.0
+#: A peer must finish authentication and the opening within this time (the default of
+#: ``ConnectionCaps.handshake_timeout_s``; also each receive's timeout in an outgoing opening).
+HANDSHAKE_TIMEOUT_S = ConnectionCaps.handshake_timeout_s
+#: How often the accept loop looks for openings past their deadline.
+DEADLINE_CHECK_INTERVAL_S = 0.25
 
 
 @dataclass
@@ -59,6 +69,7 @@ class AgentConfig:
         state_dir: holds the control socket; None: the default for the port.
         guest_exit_timeout_s: how long destroy/shutdown waits for a guest to exit before SIGKILL.
         connect_timeout_s: how long an outgoing connection may take to establish.
+        caps: connection limits, the opening deadline and the idle timeout.
     """
 
     listen_host: str = "127.0.0.1"
@@ -67,6 +78,7 @@ class AgentConfig:
     state_dir: str | None = None
     guest_exit_timeout_s: float = 5.0
     connect_timeout_s: float = 10.0
+    caps: ConnectionCaps = field(default_factory=ConnectionCaps)
 
 
 class Agent:
@@ -79,12 +91,18 @@ class Agent:
         self.spawner: Spawner | None = None
         self._tcp: socket.socket | None = None
         self._unix: socket.socket | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake = WakePipe()  # request_stop() wakes serve_forever()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._channels: set = set()        # live connections (accepted and made), to break on shutdown
         self._threads: set[threading.Thread] = set()
         self._saved_factory = None
+        self.admission = Admission(config.caps)
+        self.deadlines = DeadlineWatch()
+        self._refusal_log = LogLimiter()
+        self._closed_since_trim = False      # a connection closed since memory was last handed back
+        self._conn = threading.local()        # the serving thread's connection: peer, deadline token
+        self._expected = threading.local()    # the migrate-in / restore a spawn must match (expect_guest)
         from vmem.agent.migration import PendingLinks
 
         self.pending_links = PendingLinks()   # incoming migrations waiting for their extra connections
@@ -139,34 +157,52 @@ class Agent:
         from vmem.migration import backend
 
         self._saved_factory = backend.INCOMING_FACTORIES["process"]
-        backend.INCOMING_FACTORIES["process"] = self.spawner.wrap(self._saved_factory)
+        spawn = self.spawner.wrap(self._saved_factory)
+
+        def checked_spawn(spec_json, npages):
+            # Runs on the calling (migration / restore) thread, before the spawner forks.
+            expected = getattr(self._expected, "guest", None)
+            if expected is not None:
+                _check_expected_guest(expected, spec_json, npages)
+            return spawn(spec_json, npages)
+
+        backend.INCOMING_FACTORIES["process"] = checked_spawn
+
+    def expect_guest(self, size_bytes: int | None, spec: dict | None, what: str) -> None:
+        """The next guest this thread spawns must have ``size_bytes`` of RAM and ``spec``
+        (what was reserved for it); anything else is refused before the spawn.  ``None``
+        clears it."""
+        self._expected.guest = None if size_bytes is None else (size_bytes, spec, what)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "listen": self.listen_address, "security": self.security.mode,
                 "version": __version__, "hostname": socket.gethostname(), "free_bytes": self.registry.free_bytes(),
-                "guests": len(self.registry.entries())}
+                "guests": len(self.registry.entries()), "connections": self.admission.counts()}
 
     def request_stop(self, *_signal_args) -> None:
         """Ask :meth:`serve_forever` to return (safe from a signal handler or any thread)."""
         self._stopping.set()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake.wake()
 
     def serve_forever(self) -> None:
         """Accept connections until :meth:`request_stop`; each is served in its own thread."""
         sel = selectors.DefaultSelector()
         sel.register(self._tcp, selectors.EVENT_READ, "tcp")
         sel.register(self._unix, selectors.EVENT_READ, "unix")
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        sel.register(self._wake, selectors.EVENT_READ, "wake")
         try:
             while not self._stopping.is_set():
-                for key, _ in sel.select():
+                for key, _ in sel.select(DEADLINE_CHECK_INTERVAL_S):
                     if key.data == "tcp":
                         self._accept_tcp()
                     elif key.data == "unix":
                         self._accept_unix()
+                for who in self.deadlines.expire():
+                    self.log_refusal("dropped %s: its opening took longer than %g s", who,
+                                     self.config.caps.handshake_timeout_s)
+                if self._closed_since_trim and self.admission.counts()["open"] == 0:
+                    self._closed_since_trim = False
+                    _release_free_memory()
         finally:
             sel.close()
 
@@ -206,12 +242,7 @@ class Agent:
             self._saved_factory = None
         if self.spawner is not None:
             self.spawner.stop()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        self._wake.close()
         log.info("vmem agent stopped")
 
     # --- bookkeeping for shutdown ----------------------------------------------------------------
@@ -258,6 +289,10 @@ class Agent:
             try:
                 channel = self.security.connect(raw, purpose, host)
             except TransportError as err:
+                refusal = _read_refusal(raw, err)
+                if refusal is not None:
+                    raise AgentError(str(refusal.get("code", ErrorCode.FAILED)),
+                                     f"the {who} refused the connection: {refusal.get('error')}") from None
                 raise AgentError(ErrorCode.AUTH, f"the {who} refused our authentication ({self.security.mode}): {err} "
                                                  "(both agents need the same --key file / a certificate from the same CA)") from None
             try:
@@ -286,9 +321,7 @@ class Agent:
             log.warning("accept failed: %s", err)
             return
         peer = f"{addr[0]}:{addr[1]}"
-        with self._lock:
-            self._channels.add(channel)
-        self._spawn_thread(self._serve_tcp, channel, peer, name=f"vmem-peer-{peer}")
+        self._admit(channel, addr[0], peer, self._serve_tcp, f"vmem-peer-{peer}")
 
     def _accept_unix(self) -> None:
         try:
@@ -297,28 +330,96 @@ class Agent:
             log.warning("accept on the control socket failed: %s", err)
             return
         channel = SocketChannel(sock)
+        try:
+            uid = _peer_uid(sock)
+        except OSError as err:
+            log.warning("refused a control connection: cannot tell who it is (SO_PEERCRED: %s)", err)
+            channel.close()
+            return
+        if uid not in (0, os.geteuid()):
+            why = (f"uid {uid} may not command this agent: only its own user (uid {os.geteuid()}) or root may; "
+                   "run vmem as that user")
+            self.log_refusal("refused a control connection: %s", why)
+            _refuse(channel, ErrorCode.AUTH, why)
+            return
+        self._admit(channel, f"uid {uid}", f"local uid {uid}", self._serve_unix, "vmem-cli")
+
+    def _admit(self, channel, peer_key: str, who: str, serve, thread_name: str) -> None:
+        """Count ``channel`` against the caps (refuse it at once over one), start its
+        opening deadline, and serve it on its own thread."""
+        why = self.admission.admit(peer_key)
+        if why:
+            self.log_refusal("refused a connection from %s: %s", who, why)
+            _refuse(channel, ErrorCode.LIMIT, f"refused: {why}")
+            return
+        token = self.deadlines.watch(channel.sock, self.config.caps.handshake_timeout_s, who)
         with self._lock:
             self._channels.add(channel)
-        self._spawn_thread(self._serve_unix, channel, name="vmem-cli")
+        self._spawn_thread(self._serve_admitted, serve, channel, peer_key, who, token, name=thread_name)
+
+    def _serve_admitted(self, serve, channel, peer_key: str, who: str, token: int) -> None:
+        conn = self._conn
+        conn.peer_key, conn.token, conn.opening = peer_key, token, True
+        try:
+            serve(channel, who)
+        finally:
+            in_opening = conn.opening
+            conn.opening = False
+            self.deadlines.done(token)
+            self.admission.closed(peer_key, in_opening=in_opening)
+            self._closed_since_trim = True
+
+    def log_refusal(self, message: str, *args) -> None:
+        """Log a refused or dropped connection, at most a few a second (a flood must not
+        fill the disk); the next line says how many were left out."""
+        allowed, suppressed = self._refusal_log.allow()
+        if allowed:
+            if suppressed:
+                message += " (and %d more refusals not logged)"
+                args = (*args, suppressed)
+            log.warning(message, *args)
+
+    def opening_done(self) -> None:
+        """The serving thread's connection finished its opening: stop its deadline clock and
+        count it as established (idempotent; a no-op outside a serving thread)."""
+        conn = self._conn
+        if getattr(conn, "opening", False):
+            conn.opening = False
+            self.deadlines.done(conn.token)
+            self.admission.opened(conn.peer_key)
+
+    @property
+    def idle_timeout_s(self) -> float:
+        return self.config.caps.idle_timeout_s
 
     def _serve_tcp(self, raw, peer: str) -> None:
         channel = raw
         try:
-            raw.settimeout(HANDSHAKE_TIMEOUT_S)
+            raw.settimeout(self.config.caps.handshake_timeout_s)
+            if self.security.mode == "none":
+                why = _unauthenticated_peer_refusal(raw.sock)
+                if why:
+                    self.log_refusal("refused connection from %s: %s", peer, why)
+                    _refuse(raw, ErrorCode.AUTH, why)
+                    return
             try:
                 channel, auth_purpose = self.security.accept(raw)
             except (TransportError, OSError) as err:
-                log.warning("refused connection from %s: authentication failed (%s): %s", peer, self.security.mode, err)
+                self.log_refusal("refused connection from %s: authentication failed (%s): %s", peer, self.security.mode, err)
                 return
+            # Commands over TCP only from a peer that proved who it is (key or certificate).
+            refusals = {"command": NO_TCP_COMMANDS} if self.security.mode == "none" else None
             try:
-                purpose = server_hello(channel, self.info())
+                purpose = server_hello(channel, self.info(), refusals=refusals)
             except ProtocolError as err:
-                log.warning("refused connection from %s: %s", peer, err)
+                self.log_refusal("refused connection from %s: %s", peer, err)
                 return
             if auth_purpose is not None and purpose != auth_purpose:
                 log.warning("refused connection from %s: authenticated for %r but opened for %r", peer, auth_purpose, purpose)
                 send_error(channel, ErrorCode.AUTH, f"authenticated for {auth_purpose!r}, not {purpose!r}")
                 return
+            # The rest of the opening (a migration connection's first request) is bounded by
+            # the deadline watch, not by a receive timeout.
             channel.settimeout(None)  # `raw` may be consumed (TLS): set it on what wraps it
             with self._lock:
                 self._channels.discard(raw)
@@ -333,9 +434,13 @@ class Agent:
                 if serve_attach(self, channel, purpose, peer):
                     raw = channel = None  # the migration owns it now (and closes it)
             else:
-                self._command_loop(channel, peer)
+                self.opening_done()
+                self._command_loop(channel, peer, local=False)
         except (TransportError, OSError) as err:
-            log.warning("connection from %s ended: %s", peer, err)
+            if getattr(self._conn, "opening", False):  # a peer that never finished its opening: a flood's kind
+                self.log_refusal("connection from %s ended in its opening: %s", peer, err)
+            else:
+                log.warning("connection from %s ended: %s", peer, err)
         except Exception:
             log.exception("connection from %s: internal error", peer)
         finally:
@@ -343,19 +448,16 @@ class Agent:
                 self.forget_channel(ch)
                 ch.close()
 
-    def _serve_unix(self, channel) -> None:
+    def _serve_unix(self, channel, who: str) -> None:
         try:
-            uid = _peer_uid(channel.sock)
-            if uid not in (0, os.geteuid()):
-                log.warning("refused a control connection from uid %s: only uid %d or root may command this agent",
-                            uid, os.geteuid())
-                return
+            channel.settimeout(self.config.caps.handshake_timeout_s)
             try:
                 server_hello(channel, self.info(), allowed_purposes=("command",))
             except ProtocolError as err:
                 log.warning("refused a control connection: %s", err)
                 return
-            self._command_loop(channel, f"local uid {uid}")
+            self.opening_done()
+            self._command_loop(channel, who, local=True)
         except (TransportError, OSError) as err:
             log.info("control connection ended: %s", err)
         except Exception:
@@ -364,23 +466,36 @@ class Agent:
             self.forget_channel(channel)
             channel.close()
 
-    def _command_loop(self, channel, peer: str) -> None:
-        """Serve requests until the peer closes; each gets exactly one reply."""
-        from transport import ChannelBrokenError
+    def _command_loop(self, channel, peer: str, *, local: bool) -> None:
+        """Serve requests until the peer closes or stays idle for ``idle_timeout_s``; each
+        request gets exactly one reply.  ``local``: the control socket (its caller passed the
+        uid check), the only place file commands are taken from."""
+        from transport import ChannelBrokenError, ChannelTimeout
 
         while not self._stopping.is_set():
+            channel.settimeout(self.idle_timeout_s)
             try:
                 request = recv_frame(channel)
             except ChannelBrokenError:
                 return  # the peer is done
+            except ChannelTimeout:
+                log.info("closed the idle connection of %s (no request for %g s)", peer, self.idle_timeout_s)
+                return
             except ProtocolError as err:
                 log.warning("dropped %s: %s", peer, err)
                 send_error(channel, err.code, str(err))
                 return
+            channel.settimeout(None)  # a request may take long (a migration); the idle clock stops
             op = request.get("op")
             handler = COMMANDS.get(op)
             if handler is None:
+                _discard_passed_fds(channel, request, local)
                 send_error(channel, ErrorCode.BAD_REQUEST, f"unknown request {op!r} (known: {', '.join(COMMANDS)})")
+                continue
+            if op in LOCAL_ONLY_COMMANDS and not local:
+                log.warning("refused %s from %s: file commands are taken from the control socket only", op, peer)
+                send_error(channel, ErrorCode.AUTH, f"{op} names a file on the agent's host: only the local CLI (the "
+                                                    "control socket) may ask for it; run vmem on that host")
                 continue
             try:
                 reply = handler(self, channel, request)
@@ -397,6 +512,112 @@ class Agent:
                 send_error(channel, ErrorCode.INTERNAL, f"internal error {type(err).__name__}: {err} (a vmem bug: see the agent's log)")
                 continue
             send_reply(channel, **reply)
+
+
+def _check_expected_guest(expected: tuple, spec_json, npages) -> None:
+    """Refuse a spawn that differs from what was reserved for it (see :meth:`Agent.expect_guest`).
+
+    Raises:
+        MigrationError("setup"): the stream describes another size or another guest; the
+            message names the sizes, never the stream's guest description.
+    """
+    import json
+
+    from vmem.errors import MigrationError
+    from vmem.pages import PAGE_SIZE
+    from vmem.ram import format_bytes
+
+    size_bytes, spec, what = expected
+    try:
+        stream_bytes = int(npages) * PAGE_SIZE
+    except (TypeError, ValueError):
+        raise MigrationError("setup", f"{what}: the stream's page count is not a number: refused") from None
+    if stream_bytes != size_bytes:
+        raise MigrationError("setup", f"{what}: the stream carries a guest of {format_bytes(stream_bytes)} "
+                                      f"({npages} pages) but {format_bytes(size_bytes)} was reserved for it: refused "
+                                      "before spawning anything (the source must announce the size it sends)")
+
+    def canonical(obj) -> str:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+    if canonical(spec_json) != canonical(spec):
+        raise MigrationError("setup", f"{what}: the stream's guest description differs from the one in the request "
+                                      "it was reserved for: refused before spawning anything")
+
+
+#: Why an agent without key or TLS refuses the ``command`` purpose over TCP.
+NO_TCP_COMMANDS = ("this agent takes commands over TCP only from peers that authenticate (--key or TLS); it has "
+                   "neither: use the vmem CLI on its host (the control socket)")
+
+
+def _unauthenticated_peer_refusal(sock: socket.socket) -> str:
+    """Why a TCP peer of an agent without key or TLS is refused, or "".
+
+    Such an agent cannot tell remote peers apart (it listens on loopback, or --insecure
+    trusts the network); a peer on this host, though, must run as the agent's user or
+    root, as on the control socket -- found with the kernel's socket table
+    (:func:`vmem.agent.security.local_peer_uid`).
+    """
+    from vmem.agent.security import local_peer_uid
+
+    try:
+        uid = local_peer_uid(sock)
+    except OSError as err:
+        return f"cannot tell which user this local connection belongs to ({err}): refused"
+    if uid is None or uid in (0, os.geteuid()):
+        return ""
+    return (f"uid {uid} may not use this agent: it runs without --key or TLS, so on this host it serves only its own "
+            f"user (uid {os.geteuid()}) and root")
+
+
+def _discard_passed_fds(channel, request: dict, local: bool) -> None:
+    """Close descriptors a refused request passed (see :func:`vmem.agent.commands.receive_fd`)."""
+    if local and request.get("fd") is True:
+        from vmem.agent.commands import receive_fd
+
+        try:
+            os.close(receive_fd(channel))
+        except AgentError:
+            pass
+
+
+def _read_refusal(raw, err: Exception) -> dict | None:
+    """The refusal frame an agent sends instead of its authentication challenge (over a cap,
+    or a forbidden uid: see :func:`_refuse`), if ``err`` says the challenge was our MAGIC."""
+    from vmem.agent.protocol import MAX_OPENING_FRAME_BYTES
+
+    if repr(MAGIC) not in str(err):
+        return None
+    try:
+        raw.settimeout(2.0)
+        reply = recv_frame(raw, MAX_OPENING_FRAME_BYTES)
+    except (TransportError, VmemError, OSError, ValueError):
+        return None
+    return reply if reply.get("ok") is False else None
+
+
+def _refuse(channel, code: str, message: str) -> None:
+    """Tell a connection we do not serve why, and close it (never blocks for long).
+
+    The peer's opening may already be in our receive queue; it is read and dropped before
+    the close, so the kernel ends the connection with FIN rather than RST and the peer
+    reads the refusal instead of a reset.
+    """
+    try:
+        channel.settimeout(1.0)
+    except (TransportError, ValueError):
+        pass
+    send_refusal(channel, code, message)
+    sock = getattr(channel, "sock", None)
+    if isinstance(sock, socket.socket):
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            for _ in range(4):
+                if not sock.recv(64 << 10, socket.MSG_DONTWAIT):
+                    break
+        except OSError:
+            pass
+    channel.close()
 
 
 def _bind_control_socket(path: str) -> socket.socket:
@@ -439,6 +660,19 @@ def _peer_uid(sock: socket.socket) -> int:
 #: so the agent's private memory crept up by ~0.4 MiB per migration to ~110 MiB over 200
 #: ping-pongs; with 2 arenas it stays flat at ~30 MiB (scripts/campaign.py, measured).
 MALLOC_ARENAS = 2
+
+
+def _release_free_memory() -> None:
+    """Hand memory freed by closed connections back to the kernel (glibc ``malloc_trim``:
+    free() alone keeps it in the heap).  Called by the accept loop once no connection is
+    left, so at most once per ``DEADLINE_CHECK_INTERVAL_S``; best effort."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _limit_malloc_arenas(n: int) -> None:

@@ -42,6 +42,20 @@ def add_agent_commands(sub) -> None:
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --listen without --key or TLS")
     p.add_argument("--state-dir", metavar="DIR", help="where the control socket lives (default /run/vmem/PORT for root, "
                                                       "else $XDG_RUNTIME_DIR/vmem/PORT)")
+    from vmem.agent.limits import ConnectionCaps
+
+    caps = ConnectionCaps()
+    p.add_argument("--max-connections", type=int, metavar="N", default=caps.total,
+                   help=f"connections served at once, all peers together (default {caps.total}); more are refused")
+    p.add_argument("--max-connections-per-peer", type=int, metavar="N", default=caps.per_peer,
+                   help=f"connections one peer (IP address, or local uid) may hold at once (default {caps.per_peer})")
+    p.add_argument("--max-openings", type=int, metavar="N", default=caps.opening_total,
+                   help=f"connections not yet through their opening (authentication), all peers (default "
+                        f"{caps.opening_total}); per peer: a quarter of it, at least 1")
+    p.add_argument("--handshake-timeout", type=float, metavar="S", default=caps.handshake_timeout_s,
+                   help=f"a connection must finish its opening within S seconds (default {caps.handshake_timeout_s:g})")
+    p.add_argument("--idle-timeout", type=float, metavar="S", default=caps.idle_timeout_s,
+                   help=f"close a connection with nothing to do for S seconds (default {caps.idle_timeout_s:g})")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
 
     p = sub.add_parser("keygen", help="write a new shared agent key (mode 0600)",
@@ -99,6 +113,7 @@ def _cmd_agent(args) -> int:
     from vmem.errors import ConfigError
     from vmem.agent.net import parse_hostport
     from vmem.agent.paths import DEFAULT_PORT
+    from vmem.agent.limits import ConnectionCaps
     from vmem.agent.security import PeerSecurity
     from vmem.agent.server import AgentConfig, run_agent
 
@@ -110,7 +125,16 @@ def _cmd_agent(args) -> int:
                         format=f"%(asctime)s vmem-agent[{os.getpid()}] %(levelname)s %(message)s")
     security = PeerSecurity.from_options(listen_host=host, key_file=args.key, tls_cert=args.tls_cert,
                                          tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure)
-    return run_agent(AgentConfig(listen_host=host, listen_port=port, security=security, state_dir=args.state_dir))
+    for flag, value in (("--max-connections", args.max_connections), ("--max-connections-per-peer",
+                        args.max_connections_per_peer), ("--max-openings", args.max_openings),
+                        ("--handshake-timeout", args.handshake_timeout), ("--idle-timeout", args.idle_timeout)):
+        if not value > 0:
+            raise ConfigError(flag, f"must be positive, got {value}")
+    caps = ConnectionCaps(total=args.max_connections, per_peer=args.max_connections_per_peer,
+                          opening_total=args.max_openings, opening_per_peer=max(1, args.max_openings // 4),
+                          handshake_timeout_s=args.handshake_timeout, idle_timeout_s=args.idle_timeout)
+    return run_agent(AgentConfig(listen_host=host, listen_port=port, security=security, state_dir=args.state_dir,
+                                 caps=caps))
 
 
 def _cmd_keygen(args) -> int:
@@ -177,18 +201,53 @@ def _cmd_verify(args) -> int:
     return 0 if check.get("ok") else 1
 
 
+def _open_as_user(path: str, flags: int, what: str) -> int:
+    """Open ``path`` as the user running vmem (the agent gets the descriptor, never the
+    path: it can write or read only what this user can)."""
+    from vmem.agent.protocol import AgentError, ErrorCode
+
+    try:
+        return os.open(path, flags | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise AgentError(ErrorCode.BAD_REQUEST, f"cannot open {path} {what}: {err.strerror}") from None
+
+
 def _cmd_save(args) -> int:
+    """Write ``FILE.part`` through the agent, then rename it to ``FILE`` (a reader never sees
+    a partial save; a failed one leaves nothing)."""
     path = os.path.abspath(args.file)
-    with _client(args) as c:
-        c.request("save", name=args.name, path=path, keep_running=args.keep_running)
+    part = path + ".part"
+    fd = _open_as_user(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, "for writing")
+    done = False
+    try:
+        with _client(args) as c:
+            c.request("save", fd=fd, name=args.name, path=path, keep_running=args.keep_running)
+        os.rename(part, path)
+        done = True
+        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        os.close(fd)
+        if not done:
+            try:
+                os.unlink(part)
+            except FileNotFoundError:
+                pass
     print(f"saved guest {args.name} to {path}" + (" (still running)" if args.keep_running else ""))
     return 0
 
 
 def _cmd_restore(args) -> int:
     path = os.path.abspath(args.file)
-    with _client(args) as c:
-        reply = c.request("restore", path=path, name=args.name)
+    fd = _open_as_user(path, os.O_RDONLY, "for reading")
+    try:
+        with _client(args) as c:
+            reply = c.request("restore", fd=fd, path=path, name=args.name)
+    finally:
+        os.close(fd)
     g = reply["guest"]
     print(f"restored guest {g['name']} from {path}: pid {g['pid']}")
     return 0

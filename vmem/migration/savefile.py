@@ -305,7 +305,7 @@ def _domain_config(guest, name: str, npages: int, counters: dict, data_pages: in
 
 def save_guest(guest, path: str | os.PathLike, *, keep_running: bool = False,
                name: str | None = None, version: int = IHDR_VERSION_2,
-               progress: Progress | None = None) -> dict:
+               progress: Progress | None = None, fd: int | None = None) -> dict:
     """Save ``guest`` (a running :class:`vmem.migration.backend.SourceGuest`) to ``path``, like
     ``xl save``.
 
@@ -318,6 +318,10 @@ def save_guest(guest, path: str | os.PathLike, *, keep_running: bool = False,
         name: the domain name recorded in the file (default ``vmem-WORKLOAD``).
         version: libxc image version, 2 or 3.
         progress: called as ``progress(pages_done, pages_total)`` after each record.
+        fd: write into this open regular file instead (truncated first, fsynced, not
+            closed; ``path`` only names it): whoever opened it owns its name -- the agent
+            writes through a descriptor its caller opened as itself.  On failure it is
+            truncated to nothing.
 
     Returns:
         stats: ``pages`` (pages with data written), ``guest_pages``, ``bytes`` (file
@@ -341,11 +345,16 @@ def save_guest(guest, path: str | os.PathLike, *, keep_running: bool = False,
     part = path + ".part"
     npages = int(guest.npages)
     name = name or f"vmem-{guest.spec.workload}"
-    fd = -1
+    own_file = fd is None
+    fd = -1 if own_file else fd
     paused = None
     t_start = time.monotonic()
     try:
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        if own_file:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        else:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
         paused = guest.pause()
         t_paused = time.monotonic()
         counters = guest.counters()
@@ -385,18 +394,25 @@ def save_guest(guest, path: str | os.PathLike, *, keep_running: bool = False,
         os.pwrite(fd, final, 0)
         t_written = time.monotonic()
         os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.rename(part, path)
-        _fsync_dir(path)
+        if own_file:
+            os.close(fd)
+            fd = -1
+            os.rename(part, path)
+            _fsync_dir(path)
         t_synced = time.monotonic()
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(part)
-        except FileNotFoundError:
-            pass
+        if not own_file:
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                pass
+        else:
+            if fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(part)
+            except FileNotFoundError:
+                pass
         if paused is not None and guest.alive():
             try:
                 guest.resume()
@@ -509,7 +525,7 @@ def _restore_error(path: str, err: StreamError) -> StreamError:
 
 
 def restore_guest(path: str | os.PathLike, *, name: str | None = None,
-                  progress: Progress | None = None) -> tuple[Any, dict]:
+                  progress: Progress | None = None, fd: int | None = None) -> tuple[Any, dict]:
     """Restore a guest saved by :func:`save_guest` (or any vmem save file), like
     ``xl restore``.  The guest runs on from its saved context when this returns.
 
@@ -522,6 +538,7 @@ def restore_guest(path: str | os.PathLike, *, name: str | None = None,
     Args:
         name: the name to report (default: the one in the file).
         progress: ``progress(pages_done, pages_total)`` after each record.
+        fd: read this open file from its start instead (``path`` only names it; not closed).
 
     Returns:
         ``(guest, stats)``: the running guest (caller owns it: ``exit()``/``close()``), and
@@ -543,7 +560,8 @@ def restore_guest(path: str | os.PathLike, *, name: str | None = None,
     path = os.fspath(path)
     t_start = time.monotonic()
     guest = None
-    with open(path, "rb", buffering=0) as f:
+    with (os.fdopen(os.dup(fd), "rb", buffering=0) if fd is not None else open(path, "rb", buffering=0)) as f:
+        f.seek(0)
         source = _FileSource(f)
         try:
             hdr = read_xl_header(source.recv_exact)

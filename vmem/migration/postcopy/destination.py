@@ -33,6 +33,7 @@ import numpy as np
 
 from vmem import _native as nat
 from vmem.errors import MigrationError
+from vmem.wakepipe import WakePipe
 from vmem.pages import PAGE_SHIFT, PAGE_SIZE, page_runs, unique_pages
 from vmem.format.postcopy import MAX_PFNS_PER_RECORD, encode_pfn_list
 
@@ -89,7 +90,7 @@ class PostcopyDestination:
         self._lock = threading.Lock()
         self._complete = threading.Event()
         self._stop = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake = WakePipe()  # stop() wakes the fault thread
         self._threads: list[threading.Thread] = []
         self.error: BaseException | None = None
         self.armed = False
@@ -190,7 +191,7 @@ class PostcopyDestination:
             self.missing = int(np.count_nonzero(lacking))
         self._stop = threading.Event()
         self._complete = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake = WakePipe()  # stop() wakes the fault thread
         self._old_switch_s = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         if self.missing == 0:
@@ -281,7 +282,7 @@ class PostcopyDestination:
         """Read fault events; resolve present pages here, request missing ones (FAULT)."""
         poller = select.poll()
         poller.register(self.uffd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
         base, npages = self.base, self.npages
         minor_flag = nat.UFFD_PAGEFAULT_FLAG_MINOR
         while not self._stop.is_set():
@@ -375,19 +376,11 @@ class PostcopyDestination:
         if self._old_switch_s is not None:
             sys.setswitchinterval(self._old_switch_s)
             self._old_switch_s = None
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake.wake()
         for t in self._threads:
             t.join(5)
         self._threads.clear()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        self._wake.close()
 
     def finish(self) -> dict:
         """All pages present: stop the threads, disarm, return the statistics."""
