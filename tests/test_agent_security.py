@@ -251,11 +251,11 @@ def test_tcp_commands_need_an_authenticated_peer(agents, key):
     raw = SocketChannel(socket.create_connection(("127.0.0.1", b.port), timeout=10))
     with MacChannel(raw, authenticate_client(raw, load_key(key), "command"), "client") as ch:
         client_hello(ch, "command", "test")
-        sendhostile.frame(ch, {"op": "list"})
-        assert [g["name"] for g in recvhostile.frame(ch)["guests"]] == ["g"]
+        send_frame(ch, {"op": "list"})
+        assert [g["name"] for g in recv_frame(ch)["guests"]] == ["g"]
         for request in ({"op": "save", "name": "g", "path": "/tmp/never.save"}, {"op": "restore", "path": "/etc/shadow"}):
-            sendhostile.frame(ch, request)
-            reply = recvhostile.frame(ch)
+            send_frame(ch, request)
+            reply = recv_frame(ch)
             assert reply["ok"] is False and reply["code"] == ErrorCode.AUTH, reply
             assert "only the local CLI" in reply["error"]
     assert not os.path.exists("/tmp/never.save") and b.guests()["g"]["state"] == "running"
@@ -293,9 +293,9 @@ def test_save_writes_through_the_callers_descriptor(agents, workdir):
     with a.client() as c:  # "fd": true but no descriptor follows
         from vmem.agent.protocol import recv_frame, send_frame
 
-        sendhostile.frame(c.channel, {"op": "save", "name": "g", "path": path + "2", "fd": True})
+        send_frame(c.channel, {"op": "save", "name": "g", "path": path + "2", "fd": True})
         c.channel.send(b"F")
-        reply = recvhostile.frame(c.channel)
+        reply = recv_frame(c.channel)
     assert reply["ok"] is False and "none came" in reply["error"] and not os.path.exists(path + "2")
     base.check(verify="g")
 
@@ -355,6 +355,17 @@ def test_connection_caps_refuse_clearly_and_recover(agents):
         for c in clients:
             c.close()
     assert "refused a connection from" in a.log()
+    # The agent notices the closes asynchronously (a loaded machine: later); until then it
+    # still counts them and refuses the next one the same way.
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            a.request("ping")
+            break
+        except AgentError as err:
+            if err.code != ErrorCode.LIMIT or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     base.check(verify="g")
 
 
@@ -460,7 +471,7 @@ def test_idle_connections_are_closed(agents):
 def test_migrate_in_reservation_must_match_the_preamble(agents):
     """A request for 4 KiB followed by a stream of a 256 MiB guest, and one whose guest
     description differs from its request: refused before any guest is spawned."""
-    from vmem.format import stream
+    from vmem.format import control
     from vmem.pages import PAGE_SIZE
 
     a = agents("a")
@@ -476,7 +487,7 @@ def test_migrate_in_reservation_must_match_the_preamble(agents):
         s = _connect(a.port)
         try:
             s.sendall(_hello("migrate-in") + hostile.frame({"op": "migrate-in", "name": name, **request}))
-            s.sendall(stream.encode_preamble({"page_size": PAGE_SIZE, "backend": "process", **preamble}))
+            s.sendall(control.encode_preamble({"page_size": PAGE_SIZE, "backend": "process", **preamble}))
             _read_until_closed(s)
         finally:
             s.close()
@@ -497,8 +508,8 @@ def _migrate_in_request(port: int, request: dict) -> dict:
     ch = SocketChannel(socket.create_connection(("127.0.0.1", port), timeout=10))
     try:
         client_hello(ch, "migrate-in", "test")
-        sendhostile.frame(ch, request)
-        return raise_for_reply(recvhostile.frame(ch), "agent")
+        send_frame(ch, request)
+        return raise_for_reply(recv_frame(ch), "agent")
     finally:
         ch.close()
 

@@ -251,13 +251,23 @@ def test_trace_loops_when_the_migration_outlasts_it():
     assert r2.rounds[0].dirty_pages < r.rounds[0].dirty_pages and r2.rounds[1].dirty_pages == 0
 
 
-def test_one_gib_ten_seconds_simulates_well_under_a_second():
+def test_one_gib_ten_seconds_simulates_without_per_page_python():
+    """Four simulations of a 1 GiB, 10 s trace (several rounds each, every one starting with
+    all 262,144 pages) cost less CPU than 30 bare Python passes over the guest's pages,
+    measured in the same run (about 12 here): a simulator that touched each page in Python
+    in each round would cost far more.  No absolute time is asserted."""
     t = uniform_trace(npages=262144, rate_pps=50000, seconds=10)
+    t0 = time.process_time()
     for bw in (125e6, 1.25e9):
-        t0 = time.perf_counter()
-        simulate(t, XenDefaultPolicy(), bandwidth_Bps=bw)
-        simulate(t, make_policy("threshold", precopy_iterations=30, precopy_threshold=10), bandwidth_Bps=bw)
-        assert time.perf_counter() - t0 < 1.0
+        assert simulate(t, XenDefaultPolicy(), bandwidth_Bps=bw).rounds
+        assert simulate(t, make_policy("threshold", precopy_iterations=30, precopy_threshold=10), bandwidth_Bps=bw).rounds
+    simulate_cpu_s = time.process_time() - t0
+    t0 = time.process_time()
+    total = 0
+    for page in range(t.npages):  # the baseline: one Python step per page, nothing else
+        total += page
+    one_pass_cpu_s = time.process_time() - t0
+    assert simulate_cpu_s < 30 * one_pass_cpu_s, (simulate_cpu_s, one_pass_cpu_s)
 
 
 def test_predict_compare_and_cli(tmp_path, capsys):

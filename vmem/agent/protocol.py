@@ -195,13 +195,16 @@ def client_hello(channel, purpose: str, who: str) -> dict:
     return reply
 
 
-def server_hello(channel, agent_info: dict, allowed_purposes=PURPOSES, refusals: dict | None = None) -> str:
+def server_hello(channel, agent_info: dict, allowed_purposes=PURPOSES, refusals: dict | None = None,
+                 accepted=None) -> str:
     """Answer a connection's opening as the agent; returns the client's purpose.
 
     On a bad opening the client is told why (when it speaks enough of the protocol to
     read it) and the error is raised for the agent to log.  The opening frame is read with
     a bound of :data:`MAX_OPENING_FRAME_BYTES`.  ``refusals`` maps a purpose that is known
     but not accepted on this connection to the reason told to the client (code ``auth``).
+    ``accepted()``, if given, runs once the opening is accepted and before the client is
+    told so: what it records is in place when the client sees the reply.
 
     Raises:
         ProtocolError: garbage, a version mismatch, or an unknown or refused purpose.
@@ -230,6 +233,8 @@ def server_hello(channel, agent_info: dict, allowed_purposes=PURPOSES, refusals:
         channel.send(MAGIC)
         send_error(channel, err.code, err.message)
         raise err
+    if accepted is not None:
+        accepted()
     channel.send_parts((MAGIC, *_frame_parts({"ok": True, "version": PROTOCOL_VERSION, "agent": agent_info})))
     return purpose
 

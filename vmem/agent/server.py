@@ -452,11 +452,12 @@ class Agent:
         try:
             channel.settimeout(self.config.caps.handshake_timeout_s)
             try:
-                server_hello(channel, self.info(), allowed_purposes=("command",))
+                # Established before the client hears so: its next connection is counted
+                # against the established cap, not the opening one.
+                server_hello(channel, self.info(), allowed_purposes=("command",), accepted=self.opening_done)
             except ProtocolError as err:
                 log.warning("refused a control connection: %s", err)
                 return
-            self.opening_done()
             self._command_loop(channel, who, local=True)
         except (TransportError, OSError) as err:
             log.info("control connection ended: %s", err)
