@@ -104,3 +104,6 @@ def test_installed_wheel_runs_doctor_and_a_verified_migration(installed, tmp_pat
     assert check["ok"] is True and check["bad_pages"] == 0 and check["pages_checked"] > 16000, check
     assert report["verification"]["digests"]["mismatched"] == 0
     assert report["guest"]["destination"]["alive"] is True
+    # Installed, not a checkout: no commit to name; the rest of the provenance is there.
+    prov = report["provenance"]
+    assert prov["git_commit"] is None and prov["vmem_version"] and "migrate" in prov["command_line"], prov

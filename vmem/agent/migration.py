@@ -27,6 +27,14 @@ The link (:func:`build_link`, the same stack on both sides, chosen by the reques
       StripedChannel        --parallel N > 1: main + N-1 data connections (each secured like main)
       main connection       MacChannel / TlsChannel / plain, as the agents' security says
 
+One clock: before the link is built, the source measures the destination's clock on the
+quiet main connection (:mod:`vmem.clock`): its request carries ``clock_samples`` N (at most
+:data:`MAX_CLOCK_SAMPLES`), the reply confirms N, then N times ``{"op": "clock"}`` ->
+``{"ok": true, "t_ns": <the destination's CLOCK_MONOTONIC>}``, answered at once from the
+destination's own clock.  The report's ``clock`` is that estimate, and the cross-host
+downtime is on the source's clock with its uncertainty.  A destination that does not
+confirm (an older vmem) leaves the clock unknown and the downtime a raw difference.
+
 Extra connections (data, urgent) open with purpose ``vmem-data`` / ``vmem-urgent`` and
 send ``{"op": "attach", "session", "index"}``: the session token came in the migrate-in
 reply, over the authenticated main connection, so only that source can attach.  The urgent
@@ -46,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 
 from transport import ShapedChannel, TransportError
 
+from vmem.clock import CLOCK_SAMPLES, UNKNOWN, estimate_offset
 from vmem.errors import ConfigError, VmemError
 from vmem.agent.protocol import (MAX_UNAUTHENTICATED_FRAME_BYTES, AgentError, ErrorCode, ProtocolError, raise_for_reply,
                                  recv_frame, send_error, send_frame, send_reply)
@@ -61,6 +70,8 @@ SENT_EVENT_INTERVAL_S = 0.05
 ATTACH_TIMEOUT_S = 30.0
 #: Most connections one migration may use (``--parallel``).
 MAX_PARALLEL = 16
+#: Most clock ping-pongs a destination answers for one migration.
+MAX_CLOCK_SAMPLES = 64
 
 
 @dataclass
@@ -305,14 +316,15 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
         try:
             progress.phase("connect", f"to the agent at {host}:{port}")
             out.open({"op": "migrate-in", "name": name, "size_bytes": entry.size_bytes, "spec": entry.spec,
-                      "origin": agent.listen_address, "parallel": parallel, "compress": compress, "urgent": want_urgent})
+                      "origin": agent.listen_address, "parallel": parallel, "compress": compress, "urgent": want_urgent,
+                      "clock_samples": CLOCK_SAMPLES})
         except BaseException:
             agent.registry.transition(name, "migrating", "running")
             raise
         log.info("migrating guest %s to %s:%d (%d connection(s), compress %s%s)", name, host, port, parallel,
                  compress, ", urgent connection" if out.urgent is not None else "")
         link = out.build(options.bandwidth_Bps)
-        mig = SourceMigration(entry.guest, link, options, progress, urgent_channel=out.urgent)
+        mig = SourceMigration(entry.guest, link, options, progress, urgent_channel=out.urgent, clock=out.clock)
         report = mig.run()
         report.guest["link"] = _link_summary(link, parallel, compress, out.urgent is not None)
     finally:
@@ -400,9 +412,12 @@ class _Outgoing:
         self.extras: list = []
         self.urgent = None
         self.link = None
+        #: the destination's clock against ours (vmem.clock), measured by :meth:`open`
+        self.clock = UNKNOWN
 
     def open(self, request: dict) -> dict:
-        """Connect, send ``request``, attach the extra connections; return the agreed link."""
+        """Connect, send ``request``, measure the destination's clock if it agreed to, attach
+        the extra connections; return the agreed link."""
         host, port = self.host, self.port
         self.channel = self.agent.connect_peer(host, port, "migrate-in")
         send_frame(self.channel, request)
@@ -413,6 +428,9 @@ class _Outgoing:
                                                     "--parallel/--compress (an older vmem): run the same vmem "
                                                     "version on both hosts, or pass --parallel 1 --compress off")
             agreed = {"parallel": 1, "compress": "off", "urgent": False}
+        samples = int(agreed.get("clock_samples") or 0)
+        if samples:
+            self.clock = estimate_offset(lambda: _ask_clock(self.channel, f"destination agent {host}:{port}"), samples)
         session = str(agreed.get("session", ""))
         for index in range(1, self.parallel):
             self.extras.append(_attach(self.agent, host, port, "vmem-data", session, index))
@@ -432,6 +450,25 @@ class _Outgoing:
             ch.close()
         if self.link is not None:
             self.link.close()
+
+
+def _ask_clock(channel, who: str) -> int:
+    """One clock ping-pong: the peer's CLOCK_MONOTONIC reading, in ns."""
+    send_frame(channel, {"op": "clock"})
+    reply = raise_for_reply(recv_frame(channel), who)
+    try:
+        return int(reply["t_ns"])
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError(f"{who} answered a clock ping without t_ns: {str(reply)[:100]}") from None
+
+
+def _answer_clock(channel, samples: int) -> None:
+    """Answer ``samples`` clock pings from our own clock, read as late as possible."""
+    for _ in range(samples):
+        request = recv_frame(channel)
+        if request.get("op") != "clock":
+            raise ProtocolError(f"expected a clock ping, got {str(request)[:100]}", ErrorCode.BAD_REQUEST)
+        send_reply(channel, t_ns=time.monotonic_ns())
 
 
 def _link_summary(link, parallel: int, compress: str, urgent: bool) -> dict:
@@ -553,6 +590,7 @@ def serve_incoming(agent, channel, peer: str) -> None:
             raise AgentError(ErrorCode.UNAVAILABLE, f"this agent cannot decode --compress {compress}: {why} "
                                                     "(install it on this host, or use --compress none)")
         urgent = bool(request.get("urgent")) and agent.security.mode == "none"
+        clock_samples = max(0, min(int(request.get("clock_samples") or 0), MAX_CLOCK_SAMPLES))
         origin = str(request.get("origin") or peer)
         agent.registry.reserve(name, "incoming", size_bytes, spec, origin=f"migrated from {origin}")
     except (AgentError, ValueError, TypeError) as err:
@@ -572,7 +610,9 @@ def serve_incoming(agent, channel, peer: str) -> None:
     agent.expect_guest(size_bytes, spec, f"incoming migration of guest {name!r} from {origin}")
     try:
         channel.settimeout(agent.idle_timeout_s)
-        send_reply(channel, link={"parallel": parallel, "compress": compress, "urgent": urgent, "session": token})
+        send_reply(channel, link={"parallel": parallel, "compress": compress, "urgent": urgent, "session": token,
+                                  "clock_samples": clock_samples})
+        _answer_clock(channel, clock_samples)
         data, urgent_ch = agent.pending_links.wait(token, ATTACH_TIMEOUT_S)
         log.info("receiving guest %s (%d MiB) from %s (%d connection(s), compress %s%s)", name, size_bytes >> 20,
                  origin, parallel, compress, ", urgent connection" if urgent_ch is not None else "")

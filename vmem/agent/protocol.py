@@ -13,7 +13,8 @@ on the TCP port -- speaks the same framed JSON, after the security layer (see
     frame = u32 big-endian length of the body | body: a UTF-8 JSON object (at most MAX_FRAME_BYTES)
 
 A ``migrate-in`` connection sends one request ``{"op": "migrate-in", "name", "size_bytes",
-"spec"}``; after an ``ok`` reply the same channel carries the Xen migration stream
+"spec"}``; after an ``ok`` reply (and the clock ping-pongs it agreed to, see
+:mod:`vmem.agent.migration`) the same channel carries the Xen migration stream
 (docs/stream.md) and its control records, exactly as in a one-host migration.
 
 Compatibility rule: ``version`` is the protocol version; an agent refuses a peer of a

@@ -266,6 +266,7 @@ def cmd_migrate_via_agent(args) -> int:
     from vmem.errors import ConfigError
     from vmem.migration.report import RoundStats
     from vmem.agent.client import report_from_dict
+    from vmem.provenance import command_line
 
     if getattr(args, "resume", False):
         if args.name is None:
@@ -301,6 +302,8 @@ def cmd_migrate_via_agent(args) -> int:
             reply = client.request("migrate", on_event=on_event, name=args.name, target=args.target, options=values,
                                    **extra)
     report = report_from_dict(reply["report"])
+    # The agent ran the migration; the command that asked for it is this one.
+    report.provenance["command_line"] = command_line()
     print_summary(report, Console())
     if args.json:
         report.write(args.json)

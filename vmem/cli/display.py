@@ -106,6 +106,22 @@ class LiveDisplay:
         return t
 
 
+def _downtime(report: MigrationReport) -> str:
+    if report.downtime_ms is None:
+        return "-"
+    unc = report.downtime_uncertainty_ms
+    if unc:
+        return f"{report.downtime_ms:.2f} ± {unc:.3f} ms (on the source's clock)"
+    return f"{report.downtime_ms:.2f} ms" + (" (clocks not compared: raw difference)" if unc is None else "")
+
+
+def _clock(clock: dict) -> str:
+    if clock.get("uncertainty_ns") is None:
+        return "offset unknown (the destination did not answer clock pings)"
+    return (f"offset {clock['offset_ns'] / 1e3:+,.1f} ± {clock['uncertainty_ns'] / 1e3:,.1f} us "
+            f"(best of {clock['samples']} pings, round trip {clock['rtt_ns'] / 1e3:,.1f} us)")
+
+
 def print_summary(report: MigrationReport, console: Console | None = None) -> None:
     """The final table a user reads after a migration."""
     console = console or Console()
@@ -122,8 +138,19 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
     t.add_row("rounds", str(len(report.rounds)))
     t.add_row("pages sent", f"{report.pages_sent:,} ({report.pages_sent / max(report.guest_pages, 1):.2f}x guest RAM)")
     t.add_row("bytes sent", format_bytes(report.bytes_sent))
-    t.add_row("total time", f"{report.total_time_s:.3f} s")
-    t.add_row("downtime (guest-visible)", f"{report.downtime_ms:.2f} ms" if report.downtime_ms is not None else "-")
+    if report.zero_pages:
+        t.add_row("zero pages (not sent as data)", f"{report.zero_pages:,}")
+    if report.migration_time_s is not None:
+        parts = [f"setup {report.setup_time_ms:.1f} ms" if report.setup_time_ms is not None else "",
+                 f"verify {report.verify_s:.3f} s" if report.verify_s is not None else ""]
+        t.add_row("migration time", f"{report.migration_time_s:.3f} s (handshake -> source released; "
+                                    f"{', '.join(p for p in parts if p)})")
+    t.add_row("total time", f"{report.total_time_s:.3f} s"
+              + (f" (with {report.observe_s:.3f} s observing the destination guest)" if report.observe_s else ""))
+    t.add_row("downtime (guest-visible)", _downtime(report))
+    clock = report.clock or {}
+    if clock and not clock.get("same_host"):
+        t.add_row("  destination clock", _clock(clock))
     if report.timings_ms:
         t.add_row("  pause latency", f"{report.timings_ms.get('pause_latency', 0):.3f} ms")
         if report.timings_ms.get("pause_to_running") is not None:
@@ -140,6 +167,8 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
                                f"{pc.get('complete_s') or 0:.3f} s ({pc.get('fault_path', '?')} fault path)")
         t.add_row("  demand faults", f"{pc.get('faults', 0):,} (latency p50 {_r(lat.get('p50'))} us, p99 {_r(lat.get('p99'))} us, "
                                      f"max {_r(lat.get('max'))} us); {pc.get('local_faults', 0):,} resolved locally")
+        if pc.get("blocktime_ms") is not None:
+            t.add_row("  blocktime (guest blocked on faults)", f"{pc['blocktime_ms']:,.3f} ms")
         t.add_row("  pages demanded / pushed", f"{pc.get('pages_demanded', 0):,} / {pc.get('pages_pushed', 0):,}")
         if pc.get("recoveries"):
             t.add_row("  link failures recovered", f"{pc['recoveries']} ({pc.get('pages_resent_after_recovery', 0):,} pages resent after the last)")

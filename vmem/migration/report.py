@@ -1,8 +1,8 @@
 """The migration report: what happened, in numbers a user can trust.
 
-Schema (version 1) is documented in docs/report.md; scripts rely on the top-level keys
-``outcome, reason, verified, downtime_ms, total_time_s, guest_pages, pages_sent,
-bytes_sent, rounds`` and on each round's ``pages_sent, bytes_sent, duration_s,
+Schema (version 2) is documented in docs/report.md, key by key (tests/test_report.py holds
+the two to each other); scripts rely on the top-level keys ``outcome, reason, verified,
+downtime_ms, migration_time_s, total_time_s, guest_pages, pages_sent, bytes_sent, rounds`` and on each round's ``pages_sent, bytes_sent, duration_s,
 dirty_pages, dirty_rate_pps, bandwidth_bps``.  Adding keys is compatible; renaming or
 removing one bumps ``schema_version``.
 """
@@ -13,7 +13,10 @@ from dataclasses import asdict, dataclass, field
 
 __all__ = ["RoundStats", "MigrationReport", "REPORT_SCHEMA_VERSION"]
 
-REPORT_SCHEMA_VERSION = 1
+#: 2: ``downtime_ms`` between agents is on the source's clock (``clock``); added
+#: ``migration_time_s``, ``setup_time_ms``, ``verify_s``, ``observe_s``, ``zero_pages``,
+#: ``downtime_uncertainty_ms``, ``clock``, ``provenance`` and ``postcopy.blocktime_ms``.
+REPORT_SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -56,7 +59,10 @@ class MigrationReport:
     reason: str = ""
     verified: bool = False
     downtime_ms: float | None = None  # guest-visible: source pause ack -> first step at destination
-    total_time_s: float = 0.0
+    #: handshake -> source released (its guest exited after the commit), what QMP's
+    #: total-time means; None unless the migration got that far.
+    migration_time_s: float | None = None
+    total_time_s: float = 0.0         # handshake -> end of the report (adds the observe window)
     guest_pages: int = 0
     pages_sent: int = 0
     bytes_sent: int = 0
@@ -74,6 +80,13 @@ class MigrationReport:
     guest: dict = field(default_factory=dict)          # progress before/after, pids
     processes: dict = field(default_factory=dict)      # cpu_s, uss_bytes per process
     source_guest_state: str = ""                       # "exited" after commit, else "running"/"crashed"/"paused"
+    setup_time_ms: float | None = None      # handshake -> first page sent (tracking armed)
+    verify_s: float | None = None           # the verify phase: digests compared, guest check
+    observe_s: float | None = None          # source released -> end of the report
+    zero_pages: int = 0                     # pages that never crossed as 4 KiB of data: they were zero
+    downtime_uncertainty_ms: float | None = 0.0  # ± on downtime_ms from the two clocks (0 on one host)
+    clock: dict = field(default_factory=dict)       # vmem.clock.ClockOffset: the destination's clock offset
+    provenance: dict = field(default_factory=dict)  # vmem.provenance.collect(): version, commit, host, command
     #: post-copy figures (None for a pure pre-copy migration): faults, fault_latency_us
     #: {p50, p99, max}, pages_demanded, pages_pushed, complete_s, guest_rate {before,
     #: during, after} and more; see docs/report.md.
@@ -82,7 +95,7 @@ class MigrationReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         # Put the keys scripts rely on first, for humans reading the JSON.
-        order = ["schema_version", "outcome", "reason", "verified", "downtime_ms", "total_time_s",
+        order = ["schema_version", "outcome", "reason", "verified", "downtime_ms", "migration_time_s", "total_time_s",
                  "guest_pages", "pages_sent", "bytes_sent", "rounds"]
         return {k: d[k] for k in order} | {k: v for k, v in d.items() if k not in order}
 

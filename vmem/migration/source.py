@@ -38,12 +38,14 @@ import numpy as np
 
 from transport import ChannelBrokenError, TransportError
 
+from vmem.clock import SAME_HOST, ClockOffset
 from vmem.format import control, stream
 
 from vmem.format import wire
 from vmem.format.wire import MAX_PAGES_PER_RECORD
 from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
+from vmem.provenance import collect as collect_provenance
 from vmem.migration.policy import Decision, XenDefaultPolicy
 from vmem.migration.rounds import RoundResult, run_precopy
 from vmem.migration.state import SOURCE_TRANSITIONS, SourceState, StateCell
@@ -123,9 +125,13 @@ class SourceMigration:
         channel: a connected transport Channel to the destination.
         options: MigrationOptions.
         progress: an object with the ``_Progress`` methods, for a live display.
+        clock: the destination's clock against ours (:func:`vmem.clock.estimate_offset`
+            between agents); default :data:`vmem.clock.SAME_HOST` (one host, one clock).
+            Every duration that ends at the destination is put on our clock with it.
     """
 
-    def __init__(self, guest, channel, options: MigrationOptions | None = None, progress=None, urgent_channel=None):
+    def __init__(self, guest, channel, options: MigrationOptions | None = None, progress=None, urgent_channel=None,
+                 clock: ClockOffset = SAME_HOST):
         self.guest = guest
         self.ch = channel
         self.opt = options or MigrationOptions()
@@ -154,6 +160,13 @@ class SourceMigration:
         #: why the destination cannot do post-copy (READY), or None
         self._postcopy_unavailable: str | None = None
         self._t_start_ns = 0  # monotonic ns at the start of run()
+        self.clock = clock
+        # The report's time split (migration_time_s, observe_s): the monotonic second the
+        # current run()/resume_postcopy() began, and the seconds counted before it.
+        self._t_segment = 0.0
+        self._elapsed_before_s = 0.0
+        self._zero_holes = 0  # pages skipped as holes (never written) when the first list was built
+        self._elided_before = 0  # zero pages elided by links that broke (post-copy recovery)
         # Post-copy figures kept from the switch to the end of the push (the report's).
         self._pc_pending_total = 0
         self._pc_timings: dict = {}
@@ -239,7 +252,10 @@ class SourceMigration:
         r.workload = g.spec.to_json()
         r.policy = getattr(self.policy, "describe", lambda: {"name": getattr(self.policy, "name", repr(self.policy))})()
         r.bandwidth_limit_bps = self.opt.bandwidth_Bps * 8 if self.opt.bandwidth_Bps else None
+        r.provenance = collect_provenance()
+        r.clock = self.clock.to_dict()
         t_start = time.monotonic()
+        self._t_segment = t_start
         self._t_start_ns = time.monotonic_ns()
         before = g.counters()
         sampler = PeakSampler({"migrator_source": os.getpid()})
@@ -257,7 +273,7 @@ class SourceMigration:
             if self._pc is not None:
                 self._pc.stop()
             r.total_time_s = round(time.monotonic() - t_start, 6)
-            r.pages_sent = sum(x.pages_sent for x in r.rounds)
+            self._fill_totals()
             r.bytes_sent = self._writer.bytes_written
             r.processes.setdefault("migrator_source", {}).update(process_figures())
             sampler.merge_into(r.processes)
@@ -360,6 +376,7 @@ class SourceMigration:
         if self.opt.postcopy == "pure":
             # Pure post-copy: no pre-copy round at all; every page with data comes later.
             r.mode = "postcopy"
+            self._mark_setup_done()
             self._measure_rate_before()
             self._postcopy(None, 0)
             self._verify_and_commit()
@@ -370,6 +387,7 @@ class SourceMigration:
         r.tracker = self.tracker.name
         self.tracker.start()
         self._set_state(SourceState.SETUP, SourceState.PRECOPY)
+        self._mark_setup_done()
         self._rate_mark = (time.monotonic_ns(), g.counters()["steps"])
         refusal = None
         if self.opt.postcopy == "off":
@@ -382,7 +400,9 @@ class SourceMigration:
             r.rounds.append(rs)
             self.progress.round_end(rs)
 
-        end = run_precopy(_LiveRounds(self, t_start), self.policy, g.ram.data_runs(), guest_pages=g.npages,
+        runs = g.ram.data_runs()
+        self._zero_holes = g.npages - int((runs[:, 1] - runs[:, 0]).sum())  # holes read as zero: never sent
+        end = run_precopy(_LiveRounds(self, t_start), self.policy, runs, guest_pages=g.npages,
                           page_size=PAGE_SIZE, bandwidth_limit_Bps=self.opt.bandwidth_Bps,
                           postcopy_after_precopy=self.opt.postcopy == "after-precopy", postcopy_refusal=refusal,
                           on_round=round_end)
@@ -431,8 +451,7 @@ class SourceMigration:
         _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.RESUMED})
         resumed = control.decode_json(body)
         t_resumed = time.monotonic()
-        first_step_ns = int(resumed["first_step_ns"])
-        r.downtime_ms = round((first_step_ns - self.paused.paused_at_ns) / 1e6, 3)
+        r.downtime_ms = self._since_pause_ms(resumed["first_step_ns"])
         r.timings_ms = {
             "drain_before_pause": drain_ms,
             "pause_latency": round(self.paused.latency_ns / 1e6, 3),
@@ -442,7 +461,7 @@ class SourceMigration:
             "pause_to_resumed_ack": round((t_resumed - t_pause0) * 1e3, 3),
             "destination_restore": resumed.get("restore_ms"),
             "destination_end_to_resume": resumed.get("end_to_resume_ms"),
-            "pause_to_running": round((int(resumed["running_at_ns"]) - self.paused.paused_at_ns) / 1e6, 3) if resumed.get("running_at_ns") else None,
+            "pause_to_running": self._since_pause_ms(resumed["running_at_ns"]) if resumed.get("running_at_ns") else None,
         }
 
         del end, dirty, final  # per-page arrays not needed any more (memory at 8 GiB+)
@@ -485,6 +504,7 @@ class SourceMigration:
             r.tracker = self.tracker.name
             self.tracker.start()
             base = runs_to_pages(g.ram.data_runs())  # holes are zero pages: never sent
+            self._zero_holes = g.npages - len(base)
         else:
             base = dirty  # what the last pre-copy round left dirty
             self._phase("postcopy", "letting the destination catch up")
@@ -568,13 +588,13 @@ class SourceMigration:
         t_done = time.monotonic()
         resumed = got[wire.ControlType.RESUMED]
         status = got[wire.ControlType.POSTCOPY_STATUS]
-        r.downtime_ms = round((int(resumed["first_step_ns"]) - self.paused.paused_at_ns) / 1e6, 3)
+        r.downtime_ms = self._since_pause_ms(resumed["first_step_ns"])
         r.timings_ms = dict(self._pc_timings) | {
             "postcopy_push": round((t1 - t0) * 1e3, 3),
             "pause_to_all_placed": round((t_done - self._t_pause0) * 1e3, 3),
             "destination_restore": resumed.get("restore_ms"),
             "destination_end_to_resume": resumed.get("end_to_resume_ms"),
-            "pause_to_running": round((int(resumed["running_at_ns"]) - self.paused.paused_at_ns) / 1e6, 3) if resumed.get("running_at_ns") else None,
+            "pause_to_running": self._since_pause_ms(resumed["running_at_ns"]) if resumed.get("running_at_ns") else None,
         }
         before = None
         if self._rate_mark is not None:
@@ -616,6 +636,7 @@ class SourceMigration:
         g = self.guest
         self._set_state(SourceState.POSTCOPY_PAUSED, SourceState.POSTCOPY_RECOVER)  # the report reads "failed" until it ends
         self._recoveries += 1
+        self._elided_before += getattr(self.ch, "zero_pages_sent", 0)
         self.ch = channel
         self.urgent = urgent_channel
         self._ctl_reader = control.ControlReader(self._recv_bytearray)
@@ -623,6 +644,7 @@ class SourceMigration:
         self._pc = None
         r.reason = ""
         t_start = time.monotonic()
+        self._elapsed_before_s, self._t_segment = r.total_time_s, t_start
         try:
             self._phase("postcopy", "resuming over a new connection")
             self.ch.send(control.encode_preamble({"postcopy_resume": True, "npages": g.npages, "page_size": PAGE_SIZE,
@@ -652,7 +674,7 @@ class SourceMigration:
             if self._pc is not None:
                 self._pc.stop()
             r.total_time_s = round(r.total_time_s + (time.monotonic() - t_start), 6)
-            r.pages_sent = sum(x.pages_sent for x in r.rounds)
+            self._fill_totals()
         return r
 
     def _verify_and_commit(self) -> None:
@@ -660,6 +682,7 @@ class SourceMigration:
         r = self.report
         g = self.guest
         self._phase("verify", "comparing RAM digests")
+        t_verify = time.monotonic()
         verification: dict = {"digests": None, "guest_check": None}
         if self.opt.verify:
             _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.DIGESTS})
@@ -684,6 +707,7 @@ class SourceMigration:
                 raise MigrationError("verify", f"the destination guest failed its own ledger check: {check.get('detail') or check}")
         r.verification = verification
         r.verified = bool(self.opt.verify or self.opt.guest_check)
+        r.verify_s = round(time.monotonic() - t_verify, 6)
 
         # 5. Commit: from here the destination owns the guest; the source guest exits.
         self._phase("commit", "source guest exits")
@@ -694,6 +718,8 @@ class SourceMigration:
         r.processes.setdefault("source_guest", {}).update(process_figures(g.pid))
         g.exit()
         r.source_guest_state = "exited"
+        # The source is released: QMP's total-time ends here (the observe window is ours).
+        r.migration_time_s = round(self._elapsed_before_s + time.monotonic() - self._t_segment, 6)
         if self.opt.observe_s > 0:
             self._phase("observe", f"destination guest runs for {self.opt.observe_s:g} s")
             time.sleep(self.opt.observe_s)
@@ -710,6 +736,23 @@ class SourceMigration:
             r.guest["destination"] = {"error": f"no report from the destination: {err}"}
         self._phase("done")
         self._set_state(SourceState.COMMITTED, SourceState.COMPLETED)
+
+    def _mark_setup_done(self) -> None:
+        """The handshake is over and the first page is about to go: QMP's setup-time."""
+        self.report.setup_time_ms = round((time.monotonic_ns() - self._t_start_ns) / 1e6, 3)
+
+    def _since_pause_ms(self, dest_ns) -> float:
+        """Milliseconds from our guest's pause to a destination clock reading, on our clock."""
+        return round((self.clock.to_ours_ns(int(dest_ns)) - self.paused.paused_at_ns) / 1e6, 3)
+
+    def _fill_totals(self) -> None:
+        """Totals derived at the end of run() / resume_postcopy(), whatever the outcome."""
+        r = self.report
+        r.pages_sent = sum(x.pages_sent for x in r.rounds)
+        r.zero_pages = self._zero_holes + self._elided_before + getattr(self.ch, "zero_pages_sent", 0)
+        unc = self.clock.uncertainty_ns
+        r.downtime_uncertainty_ms = None if r.downtime_ms is None or unc is None else round(unc / 1e6, 3)
+        r.observe_s = None if r.migration_time_s is None else round(r.total_time_s - r.migration_time_s, 6)
 
     def _drain(self, target_bytes: int, timeout_s: float) -> float:
         """Wait (bounded) until at most ``target_bytes`` sent are still unread by the peer."""

@@ -415,6 +415,9 @@ class PostcopyDestination:
             "local_faults": int(self.local_faults),
             "fault_latency_us": pct(lat),
             "local_fault_latency_us": pct(local),
+            # The guest's time blocked on missing pages (QMP's postcopy-blocktime): the sum of
+            # the demand-fault latencies above; its one workload thread never waits on two.
+            "blocktime_ms": round(float(lat.sum()) / 1e3, 3),
             "pages_demanded": int(self.pages_demanded),
             "pages_pushed": int(self.pages_pushed),
             "pages_mapped_ahead": int(self.pages_mapped_ahead),
