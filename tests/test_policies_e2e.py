@@ -128,6 +128,7 @@ def test_auto_converge_scenario_needs_the_throttle(monkeypatch):
     disabled by hand never fits the limit (the policy asks for throttles, the guest ignores
     them) and aborts at the timeout, so that test's "completed" is the throttle's doing."""
     monkeypatch.setattr(ProcessGuest, "set_throttle", lambda self, fraction: None)
-    r = run(auto_converge(5.0), NEAR)
+    # 8 s: rounds 0-2 (~2 s here) come before the first throttle; leave room for a loaded machine
+    r = run(auto_converge(8.0), NEAR)
     assert r.outcome == "aborted" and "timeout" in r.reason, r.reason
     assert max(x.throttle for x in precopy_rounds(r)) > 0, "the policy asked for a throttle"
