@@ -13,7 +13,7 @@ import time
 from guests.launch import GuestSpec, ProcessGuest
 from vmem.migration.local import run_local_migration
 from vmem.migration.source import MigrationOptions
-from vmem.migration.policy import make_policy
+from vmem.migration.policy import Decision, Verdict, make_policy
 
 LINK_BPS = 20e6
 SIZE = 16 << 20
@@ -102,22 +102,32 @@ def test_downtime_limit_timeout_suspend_completes():
 NEAR = {"rate": 8000}
 
 
-def auto_converge(timeout_s):
-    """Downtime limit 20 ms with auto-converge; the timeout aborts, so a run that does not fit
-    the limit can never pass as "completed"."""
-    return make_policy("downtime-limit", max_downtime_ms=20.0, timeout_s=timeout_s, timeout_action="abort",
-                       auto_converge=True)
+def auto_converge(max_rounds):
+    """Downtime limit 20 ms with auto-converge, aborted once ``max_rounds`` rounds did not
+    fit it: a timeout counted in rounds, not seconds (the throttle rises one step a round,
+    so a loaded machine's slower rounds change nothing), and a run that does not fit the
+    limit can never pass as "completed"."""
+    limit = make_policy("downtime-limit", max_downtime_ms=20.0, auto_converge=True)
+
+    def policy(stats):
+        verdict = limit(stats)
+        if verdict.decision is Decision.CONTINUE and stats.iteration >= max_rounds:
+            return Verdict(Decision.ABORT, f"round cap {max_rounds} reached: {verdict.reason}")
+        return verdict
+
+    return policy
 
 
 def test_auto_converge_throttles_the_guest_into_the_downtime_limit():
     """Near the link rate, auto-converge raises the throttle round by round (reported per
-    round) until the dirty pages fit the downtime limit: the switch-over is the limit's, not
-    the timeout's.  The timeout is only a backstop (generous, so a loaded machine cannot
-    reach it); with the throttle doing nothing the run aborts on it (next test)."""
-    r = run(auto_converge(60.0), NEAR)
+    round) until the dirty pages fit the downtime limit: the switch-over is the limit's.
+    The throttle reaches its cap 10 rounds after the first step (~13 rounds here to fit);
+    the round cap is only a backstop.  With the throttle doing nothing the run aborts on
+    it (next test)."""
+    r = run(auto_converge(40), NEAR)
     last = precopy_rounds(r)[-1]
     assert r.outcome == "completed", r.reason
-    assert last.decision == "stop-and-copy" and "threshold" in last.reason and "timeout" not in last.reason, last.reason
+    assert last.decision == "stop-and-copy" and "threshold" in last.reason, last.reason
     throttles = [x.throttle for x in precopy_rounds(r)]
     assert max(throttles) > 0, throttles
     assert throttles == sorted(throttles), "the throttle only ever rises"
@@ -126,9 +136,8 @@ def test_auto_converge_throttles_the_guest_into_the_downtime_limit():
 def test_auto_converge_scenario_needs_the_throttle(monkeypatch):
     """Control for the test above: the same guest and policy with the guest's throttle
     disabled by hand never fits the limit (the policy asks for throttles, the guest ignores
-    them) and aborts at the timeout, so that test's "completed" is the throttle's doing."""
+    them) and aborts at the round cap, so that test's "completed" is the throttle's doing."""
     monkeypatch.setattr(ProcessGuest, "set_throttle", lambda self, fraction: None)
-    # 8 s: rounds 0-2 (~2 s here) come before the first throttle; leave room for a loaded machine
-    r = run(auto_converge(8.0), NEAR)
-    assert r.outcome == "aborted" and "timeout" in r.reason, r.reason
+    r = run(auto_converge(10), NEAR)
+    assert r.outcome == "aborted" and "round cap" in r.reason, r.reason
     assert max(x.throttle for x in precopy_rounds(r)) > 0, "the policy asked for a throttle"
