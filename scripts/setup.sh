@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up vmem on a fresh Debian/Ubuntu machine: system packages (if missing and we are
-# root), a virtualenv in .venv, the package with its cffi extension built in place, and a
-# kernel feature report.  Idempotent: a second run only checks.
+# root), a virtualenv in .venv, the package with its cffi extension built in place, and
+# Xen's stream verifier for the tests.  Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -35,4 +35,41 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ -n "$(find vmem/_bu
   touch "$stamp"
 fi
 .venv/bin/python -c 'import vmem._native' || { echo "setup: the native extension did not build" >&2; exit 1; }
+
+# Xen's own verify-stream-v2 checks vmem's streams in the tests: Debian's xen-utils-4.17
+# (bookworm main) unpacked into the ignored .cache/xen-utils -- no system install, no
+# maintainer scripts (dpkg-deb -x).  The script is Python 3 and needs only the package's
+# pure-Python xen.migration modules, not the Xen libraries it depends on.  Optional: if
+# the fetch fails, say why (the tests skip with that reason) and carry on.
+xen_pkg=xen-utils-4.17
+xen_cache=.cache/xen-utils
+fetch_xen_utils() {
+  command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || { echo "apt-get and dpkg-deb are needed (Debian/Ubuntu)"; return 1; }
+  if ! apt-cache show "$xen_pkg" >/dev/null 2>&1; then
+    # the package lists may be missing or stale: refresh them once (root only)
+    [ "$(id -u)" = 0 ] || { echo "apt does not know $xen_pkg (apt-get update needs root)"; return 1; }
+    apt-get update -qq >/dev/null 2>&1 || { echo "apt-get update failed (no network?)"; return 1; }
+    apt-cache show "$xen_pkg" >/dev/null 2>&1 || { echo "no package $xen_pkg in this machine's apt sources (it is in Debian 12's main)"; return 1; }
+  fi
+  local tmp err
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/vmem-xen-utils.XXXXXX")
+  # apt-get download writes into the current directory; -o quiets the "unsandboxed" note root gets in /tmp
+  if ! err=$(cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$xen_pkg" 2>&1 >/dev/null); then
+    rm -rf "$tmp"; echo "apt-get download $xen_pkg failed (no network?): $(echo "$err" | tail -1)"; return 1
+  fi
+  if ! err=$(dpkg-deb -x "$tmp"/*.deb "$tmp/root" 2>&1); then
+    rm -rf "$tmp"; echo "dpkg-deb -x failed: $err"; return 1
+  fi
+  rm -rf "$xen_cache" && mkdir -p "$(dirname "$xen_cache")" && mv "$tmp/root" "$xen_cache"
+  rm -rf "$tmp"
+}
+if ! compgen -G "$xen_cache/usr/lib/xen-*/bin/verify-stream-v2" >/dev/null; then
+  echo "setup: fetching Debian's $xen_pkg for Xen's verify-stream-v2 (unpacked into $xen_cache)"
+  if why=$(fetch_xen_utils); then
+    echo "setup: $(ls "$xen_cache"/usr/lib/xen-*/bin/verify-stream-v2)"
+  else
+    echo "setup: Xen's verify-stream-v2 is unavailable: $why; its tests will skip" >&2
+    mkdir -p "$xen_cache" && echo "$why" > "$xen_cache/UNAVAILABLE"
+  fi
+fi
 echo "setup: ready (.venv/bin/vmem)"

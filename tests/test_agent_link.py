@@ -12,9 +12,11 @@ import time
 
 import pytest
 
+from guests.memory import ledger_page_count
 from test_agent import agents, key, workdir  # noqa: F401  (fixtures)
 from transport.codec import method_unavailable
 from vmem.agent.protocol import AgentError, ErrorCode
+from vmem.pages import PAGE_SIZE
 
 
 def _migrate(src, dst, name: str, **options) -> dict:
@@ -45,12 +47,18 @@ def test_parallel_and_compressed_keyed_migration_round_trip(agents, key):  # noq
 
 def test_zero_pages_are_elided_by_default(agents):  # noqa: F811
     a, b = agents("a"), agents("b")
-    # fill=false: only the ledger and touched pages hold data; idle: nothing else is written
+    # fill=false and idle: no data page is ever written, so the only pages that hold data
+    # (round 0 sends those) are the header and the ledger, and every ledger entry is 0: the
+    # whole ledger is zero pages, each of which must cross as one bit of a bitmap.
     a.request("create", name="z", workload="idle", size="64M", workload_args=["fill=false"])
     report = _migrate(a, b, "z")
     link = report["guest"]["link"]
+    zero_pages = ledger_page_count((64 << 20) // PAGE_SIZE)
     assert link["compress"] == "none"
-    assert link["wire_bytes"] <= link["stream_bytes"]
+    assert link["zero_pages_elided"] == zero_pages, link
+    # ... and the wire really carried less: all but one page's worth of them (the
+    # framing and the bitmaps cost far less than a page)
+    assert link["stream_bytes"] - link["wire_bytes"] > (zero_pages - 1) * PAGE_SIZE, link
 
 
 def test_bad_link_options_are_refused_before_anything_moves(agents):  # noqa: F811

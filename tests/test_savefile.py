@@ -4,7 +4,6 @@ vmem), restore, and prove the restored guest continues and passes its own ledger
 Malformed files are refused with StreamError and leave no process behind (no_leaks)."""
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -43,12 +42,6 @@ def digest_of(pages: np.ndarray) -> str:
     out = np.empty(len(pages), dtype=np.uint64)
     nat.digest_range(pages.ctypes.data, 0, len(pages), out)
     return "blake2b-128:" + hashlib.blake2b(out.astype("<u8").tobytes(), digest_size=16).hexdigest()
-
-
-def _xen_verifier() -> Path | None:
-    env = os.environ.get("VMEM_XEN_VERIFY_STREAM")
-    found = [env] if env else sorted(glob.glob("/usr/lib/xen-*/bin/verify-stream-v2"))
-    return Path(found[-1]) if found and Path(found[-1]).is_file() else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,18 +114,16 @@ def test_keep_running_resumes_the_guest(boot_guest, tmp_path):
     assert savefile.check_savefile(path)["pages"] == stats["pages"]
 
 
-@pytest.mark.skipif(_xen_verifier() is None,
-                    reason="Xen's verify-stream-v2 is not installed (Debian xen-utils-4.17; "
-                           "or set VMEM_XEN_VERIFY_STREAM to its path)")
+XEN_VERIFIER, XEN_VERIFIER_MISSING = spec.find_verify_stream_v2()
+
+
+@pytest.mark.skipif(XEN_VERIFIER is None, reason=XEN_VERIFIER_MISSING)
 @pytest.mark.parametrize("version", [2, 3])
 def test_xen_verify_stream_accepts_save_files(boot_guest, tmp_path, version):
-    verifier = _xen_verifier()
     guest = boot_guest("uniform", size=16 << 20, seed=2, **PARAMS)
     path = tmp_path / f"vmem-{os.getpid()}-v{version}.sav"
     save_guest(guest, path, version=version)
-    env = dict(os.environ, PYTHONPATH=str(verifier.parent.parent / "lib" / "python"))
-    result = subprocess.run([sys.executable, str(verifier), "-v", "-f", "xl", "-i", str(path)],
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = spec.run_verify_stream_v2(XEN_VERIFIER, path, "xl")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout + result.stderr
     assert "Processed xl header" in out and "HVM context" in out and "Libxl Record: End" in out

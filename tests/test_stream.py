@@ -2,19 +2,16 @@
 through an in-memory pipe, and a bounded reader that fails only with StreamError."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import xen_spec_reader as spec
 from vmem.errors import StreamError
 from vmem.format import stream, wire
 from vmem.format.control import (
@@ -793,18 +790,27 @@ def test_encode_preamble_needs_a_dict():
 # ----------------------------------------------------------------------------------------
 
 
-def _xen_verifier() -> Path | None:
-    env = os.environ.get("VMEM_XEN_VERIFY_STREAM")
-    found = [env] if env else sorted(glob.glob("/usr/lib/xen-*/bin/verify-stream-v2"))
-    return Path(found[-1]) if found and Path(found[-1]).is_file() else None
+XEN_VERIFIER, XEN_VERIFIER_MISSING = spec.find_verify_stream_v2()
 
 
-@pytest.mark.skipif(_xen_verifier() is None,
-                    reason="Xen's verify-stream-v2 is not installed (Debian xen-utils-4.17; "
-                           "or set VMEM_XEN_VERIFY_STREAM to its path)")
-@pytest.mark.parametrize("version", [2, 3])
-def test_xen_verify_stream_v2_accepts_vmem_streams(tmp_path, version):
-    verifier = _xen_verifier()
+@pytest.mark.parametrize("layout", ["usr/lib/xen-4.17/bin", "tools/python/scripts"])
+def test_xen_verifier_is_found_in_the_debian_and_the_upstream_layout(tmp_path, monkeypatch, layout):
+    """Debian's package puts the ``xen`` package in ../lib/python, a Xen source tree in ..;
+    a script without it beside is refused with the reason."""
+    script = tmp_path / layout / "verify-stream-v2"
+    script.parent.mkdir(parents=True)
+    script.write_text("")
+    monkeypatch.setenv("VMEM_XEN_VERIFY_STREAM", str(script))
+    assert spec.find_verify_stream_v2()[0] is None and "Python package" in spec.find_verify_stream_v2()[1]
+    package = script.parent.parent / ("lib/python" if layout.startswith("usr") else "") / "xen" / "migration"
+    package.mkdir(parents=True)
+    (package / "verify.py").write_text("")
+    assert spec.find_verify_stream_v2() == (script, "")
+    assert spec.xen_python_path(script) == package.parent.parent
+
+
+def xen_test_stream(version: int) -> bytes:
+    """A small stream with every record kind vmem writes for an x86 HVM save."""
     pipe = Pipe()
     writer = StreamWriter(pipe.send_parts)
     writer.begin(version)
@@ -818,10 +824,24 @@ def test_xen_verify_stream_v2_accepts_vmem_streams(tmp_path, version):
     writer.end_libxc()
     writer.emulator_context(b"guest context")
     writer.end_libxl()
+    return bytes(pipe.buf)
+
+
+@pytest.mark.skipif(XEN_VERIFIER is None, reason=XEN_VERIFIER_MISSING)
+@pytest.mark.parametrize("version", [2, 3])
+def test_xen_verify_stream_v2_accepts_vmem_streams(tmp_path, version):
     path = tmp_path / f"vmem-{os.getpid()}-v{version}.stream"
-    path.write_bytes(bytes(pipe.buf))
-    env = dict(os.environ, PYTHONPATH=str(verifier.parent.parent / "lib" / "python"))
-    result = subprocess.run([sys.executable, str(verifier), "-v", "-f", "libxl", "-i", str(path)],
-                            env=env, capture_output=True, text=True, timeout=60)
+    path.write_bytes(xen_test_stream(version))
+    result = spec.run_verify_stream_v2(XEN_VERIFIER, path, "libxl")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Libxl Record: End" in result.stdout
+
+
+@pytest.mark.skipif(XEN_VERIFIER is None, reason=XEN_VERIFIER_MISSING)
+def test_xen_verify_stream_v2_rejects_a_stream_cut_before_its_end(tmp_path):
+    """The check above can fail: the same stream without its last record (the libxl END:
+    type and length, 8 octets) is refused."""
+    path = tmp_path / f"vmem-{os.getpid()}-cut.stream"
+    path.write_bytes(xen_test_stream(2)[:-8])
+    result = spec.run_verify_stream_v2(XEN_VERIFIER, path, "libxl")
+    assert result.returncode != 0 and "Libxl Record: End" not in result.stdout, result.stdout

@@ -22,11 +22,19 @@ As a checker of a *writer* it is stricter than a restorer must be: padding and r
 fields must be zero ("set to zero on save"), and records that have no place in a plain
 saved x86 HVM image (PV records, checkpoints, the deprecated TOOLSTACK, unknown
 mandatory types) are errors.  :func:`read_save_file` returns a summary dict.
+
+The end of this file finds and runs the other checker, Xen's own ``verify-stream-v2``
+(:func:`find_verify_stream_v2`, :func:`run_verify_stream_v2`).
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -367,3 +375,64 @@ def _read_hvm_blob(blob: memoryview, at: int) -> dict:
     if pos != len(blob):
         raise SpecError("data after the HVM END entry", at + pos)
     return {"header": header, "entries": entries}
+
+
+# --- Xen's own checker: verify-stream-v2 ------------------------------------------------
+#: scripts/setup.sh unpacks Debian's xen-utils-4.17 package here (``dpkg-deb -x``: no
+#: system install, no maintainer scripts); a failed fetch leaves its reason in
+#: ``UNAVAILABLE`` beside it.
+XEN_UTILS_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "xen-utils"
+_DEBIAN_VERIFIER = "usr/lib/xen-*/bin/verify-stream-v2"
+
+
+def xen_python_path(script: Path) -> Path | None:
+    """The folder holding the ``xen`` Python package that ``script`` imports, or None.
+
+    Debian installs ``/usr/lib/xen-4.17/bin/verify-stream-v2`` beside
+    ``/usr/lib/xen-4.17/lib/python/xen``; a Xen source tree has
+    ``tools/python/scripts/verify-stream-v2`` beside ``tools/python/xen``.
+    """
+    for folder in (script.parent.parent / "lib" / "python", script.parent.parent):
+        if (folder / "xen" / "migration" / "verify.py").is_file():
+            return folder
+    return None
+
+
+def find_verify_stream_v2() -> tuple[Path | None, str]:
+    """Xen's ``verify-stream-v2`` as ``(script, "")``, or ``(None, why not)``.
+
+    ``VMEM_XEN_VERIFY_STREAM`` (a path, either layout of :func:`xen_python_path`) wins;
+    otherwise the copy scripts/setup.sh unpacked into :data:`XEN_UTILS_CACHE`, then a
+    system install of Debian's xen-utils-4.17.
+    """
+    env = os.environ.get("VMEM_XEN_VERIFY_STREAM")
+    if env:
+        candidates = [Path(env)]
+    else:
+        candidates = [Path(p) for p in sorted(glob.glob(str(XEN_UTILS_CACHE / _DEBIAN_VERIFIER)))
+                      + sorted(glob.glob("/" + _DEBIAN_VERIFIER))]
+    for script in candidates:
+        if script.is_file() and xen_python_path(script) is not None:
+            return script, ""
+    if env:
+        return None, (f"VMEM_XEN_VERIFY_STREAM={env} is not a verify-stream-v2 with Xen's Python package beside "
+                      "it (lib/python/xen or ../xen)")
+    why = "Xen's verify-stream-v2 was not found: scripts/setup.sh unpacks Debian's xen-utils-4.17 into .cache/xen-utils"
+    try:
+        why += f", and it said: {(XEN_UTILS_CACHE / 'UNAVAILABLE').read_text().strip()}"
+    except OSError:
+        why += " (not run yet?)"
+    return None, why + "; or set VMEM_XEN_VERIFY_STREAM to its path"
+
+
+def run_verify_stream_v2(script: Path, path: Path, fmt: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """Run ``script -v -f fmt -i path``: exit status 0 iff Xen accepts the stream.
+
+    The script is Python 3 (``#!/usr/bin/python3``) and needs only the pure-Python
+    ``xen.util`` and ``xen.migration`` modules, so it runs under this interpreter with its
+    package on ``PYTHONPATH`` for this one subprocess (Debian's compiled ``xen.lowlevel``
+    modules, built for its python3.11, are never imported).
+    """
+    env = dict(os.environ, PYTHONPATH=str(xen_python_path(script)))
+    return subprocess.run([sys.executable, str(script), "-v", "-f", fmt, "-i", str(path)],
+                          env=env, capture_output=True, text=True, timeout=timeout_s)
