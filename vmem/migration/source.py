@@ -44,10 +44,12 @@ from vmem.format import wire
 from vmem.format.wire import MAX_PAGES_PER_RECORD
 from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
+from vmem.migration import inject
 from vmem.migration.policy import Decision, XenDefaultPolicy
 from vmem.migration.rounds import RoundResult, run_precopy
 from vmem.migration.state import SOURCE_TRANSITIONS, SourceState, StateCell
 from vmem.migration.postcopy import drop_links
+from vmem.migration.postcopy.source import destination_error
 from vmem.procstats import PeakSampler, process_figures
 from vmem.migration.report import MigrationReport, RoundStats
 from vmem.tracking import make_tracker
@@ -195,8 +197,7 @@ class SourceMigration:
                 raise MigrationError(self.report.phase, f"destination sent nothing for {timeout_s:.0f} s")
             ctype, body = self._ctl_reader.read()
         if ctype == wire.ControlType.ERROR:
-            err = control.decode_json(body)
-            raise MigrationError(err.get("phase", self.report.phase), f"destination: {err.get('message', err)}")
+            raise destination_error(body, self.report.phase)
         if ctype not in expect:
             raise MigrationError(self.report.phase, f"destination sent {wire.ControlType(ctype).name}, expected {'/'.join(e.name for e in expect)}")
         return ctype, body
@@ -242,6 +243,8 @@ class SourceMigration:
         t_start = time.monotonic()
         self._t_start_ns = time.monotonic_ns()
         before = g.counters()
+        if inject.stale_pages is not None:  # test-only (vmem.migration.inject)
+            inject.stale_pages.snapshot(g.ram.pages)
         sampler = PeakSampler({"migrator_source": os.getpid()})
         try:
             with sampler:
@@ -503,13 +506,14 @@ class SourceMigration:
         w.write_record(PC.TRANSITION, self.paused.context)
         self._set_state(SourceState.POSTCOPY_SWITCH, SourceState.POSTCOPY_ACTIVE)
         t_transition = time.monotonic()
+        pending = merge_pages(base, late)
+        served = g.ram.pages if inject.stale_pages is None else inject.stale_pages.served_ram(g.ram.pages, pending)
         # The fault server first: the destination guest may fault any moment now.
-        pc = PostcopySource(g.ram.pages, w, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
+        pc = PostcopySource(served, w, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
         self._pc = pc
         pc.start()
         if self.tracker is not None:
             self.tracker.stop()  # outside the downtime, as in stop-and-copy
-        pending = merge_pages(base, late)
         self._pc_pending_total = int(len(pending))
         self._pc_timings = {
             "drain_before_pause": drain_ms,
