@@ -115,25 +115,6 @@ static int vmem_place_faulty(int ram_fd, const uint8_t *src, off_t off)
     return -EINVAL;
 }
 
-/* pread exactly len bytes at off (a hole reads as zeros and stays a hole).  0 or -errno. */
-static int vmem_pread_all(int fd, uint8_t *dst, size_t left, off_t off)
-{
-    while (left > 0) {
-        ssize_t r = pread(fd, dst, left, off);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            return -EIO;
-        dst += r;
-        off += r;
-        left -= (size_t)r;
-    }
-    return 0;
-}
-
 /* Place page pages[i] from staging row rows[i] (rows NULL: row i).  For each run of
    consecutive pages held in consecutive rows: one pwrite into the RAM file; then, with
    digests, the run is read back from the file (into its staging rows, whose data is in the
@@ -160,22 +141,15 @@ static int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, uint8
         uint64_t len = (uint64_t)(j - i) * VMEM_PAGE_SIZE;
         uint8_t *src = buf + (uint64_t)row0 * VMEM_PAGE_SIZE;
         off_t off = (off_t)pages[i] * VMEM_PAGE_SIZE;
-#ifdef VMEM_DIGEST_RECEIVED
-        if (digests)
-            for (size_t k = 0; k < j - i; k++)
-                digests[pages[i + k]] = vmem_digest_bytes(src + k * VMEM_PAGE_SIZE);
-#endif
         int rc = faulty ? vmem_place_faulty(ram_fd, src, off) : vmem_pwrite_all(ram_fd, src, len, off);
         if (rc < 0)
             return rc;
-#ifndef VMEM_DIGEST_RECEIVED
         if (digests) {
             if ((rc = vmem_pread_all(ram_fd, src, len, off)) < 0)
                 return rc;
             for (size_t k = 0; k < j - i; k++)
                 digests[pages[i + k]] = vmem_digest_bytes(src + k * VMEM_PAGE_SIZE);
         }
-#endif
         int mapped = !faulty || vmem_place_fault_kind == VMEM_PLACE_FAULT_FLIP;
         if (uffd >= 0 && mapped) {
             int64_t r = vmem_uffd_fill(uffd, VMEM_UFFD_FILL_CONTINUE, guest_base + (uint64_t)off, 0, len, 0);
