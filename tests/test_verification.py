@@ -13,11 +13,14 @@ flip cases: the buffer was right, the RAM was not.
 """
 from __future__ import annotations
 
+import os
 import time
 
+import numpy as np
 import pytest
 
 from guests.memory import ledger_page_count
+from vmem import _native as nat
 from vmem.migration import inject
 from vmem.migration.local import run_local_migration
 from vmem.migration.source import MigrationOptions
@@ -93,6 +96,33 @@ def test_checker_meets_a_stale_page(boot_guest, stale):
     assert "checker:" in report.reason and "do not match the ledger (torn or stale)" in report.reason, report.reason
     assert report.source_guest_state == "paused" and g.alive()
     assert report.verification["source_guest_check"]["ok"]
+
+
+@pytest.mark.parametrize("fault", [None, "drop", "wrong-offset", "flip"])
+def test_place_pages_digests_what_the_ram_file_holds(fault):
+    """The placement primitive itself: digests are of the RAM file after the write, not of
+    the buffer the pages came in; a page the write missed is read without being allocated."""
+    fd = nat.memfd_create("vmem-test-place")
+    try:
+        os.ftruncate(fd, 8 * 4096)
+        received = np.random.default_rng(7).integers(0, 256, (4, 4096), dtype=np.uint8)
+        pages = np.arange(2, 6, dtype=np.int64)
+        digests = np.zeros(8, dtype=np.uint64)
+        nat.set_place_fault(fault, 3)
+        try:
+            nat.place_pages(fd, -1, 0, received.copy(), pages, digests=digests)
+        finally:
+            nat.set_place_fault(None)
+        ram = np.frombuffer(os.pread(fd, 8 * 4096, 0), dtype=np.uint8).reshape(8, 4096)
+        for p in range(8):
+            want = nat.digest_page_bytes(ram[p].tobytes()) if p in pages else 0
+            assert int(digests[p]) == want, p
+        as_received = [nat.digest_page_bytes(received[i].tobytes()) for i in range(4)]
+        assert (digests[pages] == as_received).tolist() == [True, fault is None, True, True]
+        if fault in ("drop", "wrong-offset"):
+            assert os.lseek(fd, 3 * 4096, os.SEEK_DATA) == 4 * 4096  # page 3 is still a hole
+    finally:
+        os.close(fd)
 
 
 def test_placement_fault_variable_is_checked():
