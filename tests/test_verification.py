@@ -47,16 +47,19 @@ def _assert_failed_on(report, page: int, *, switched: bool, guest) -> None:
 
 
 @pytest.mark.parametrize("guest_check", [True, False], ids=["guest-check", "no-guest-check"])
-@pytest.mark.parametrize("mode", ["precopy", pytest.param("postcopy", marks=needs_postcopy)])
+@pytest.mark.parametrize("mode", ["off", pytest.param("pure", marks=needs_postcopy),
+                                  pytest.param("after-precopy", marks=needs_postcopy)],
+                         ids=["precopy", "postcopy", "hybrid"])
 @pytest.mark.parametrize("fault", ["drop", "wrong-offset", "flip"])
 def test_placement_fault_fails_verification(boot_guest, monkeypatch, fault, mode, guest_check):
-    """The destination mishandles one page as it places it; the digests of its RAM say so."""
+    """The destination mishandles one page as it places it (pre-copy: the staged path;
+    post-copy: the C placement; hybrid: both, into RAM registered with userfaultfd); the
+    digests of its RAM say so."""
     g = boot_guest("hotcold", SIZE, rate=5000)
     time.sleep(0.1)
     monkeypatch.setenv(inject.PLACEMENT_FAULT_ENV, f"{fault}:{PAGE}")  # read by the destination process
-    opts = MigrationOptions(postcopy="pure" if mode == "postcopy" else "off", guest_check=guest_check, observe_s=0)
-    report = run_local_migration(g, opts)
-    _assert_failed_on(report, PAGE, switched=mode == "postcopy", guest=g)
+    report = run_local_migration(g, MigrationOptions(postcopy=mode, guest_check=guest_check, observe_s=0))
+    _assert_failed_on(report, PAGE, switched=mode != "off", guest=g)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from vmem.format import wire
 from vmem.format.wire import MAX_PAGES_PER_RECORD
 from vmem.migration import inject
 from vmem.migration.backend import incoming_factory
-from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
+from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError, drop_tracebacks
 from vmem.pages import MAX_DIRECT_RUNS, PAGE_SIZE, zero_page_digest
 from vmem.migration.postcopy.destination import PostcopyDestination, postcopy_unavailable_reason
 from vmem.migration.state import DESTINATION_TRANSITIONS, DestinationState, StateCell
@@ -137,15 +137,22 @@ class DestinationMigration:
         runs = self._direct_runs(pages)
         if runs is not None:
             self._placer.wait_staged()  # an older staged batch may still write these pages
-            ram = self.guest.ram.pages
-            for first, end in runs:
-                self.ch.recv_into(ram[first:end].data)
+            try:
+                self._receive_into_ram(runs)
+            except BaseException as err:
+                drop_tracebacks(err)  # their frames hold views of guest RAM (see drop_tracebacks)
+                raise
             self._placer.submit_direct(pages)
         else:
             slot = self._placer.acquire()
             self.ch.recv_into(slot.staging[:n].data)
             self._placer.submit(slot, pages, n)
         self.pages_received += n
+
+    def _receive_into_ram(self, runs: list) -> None:
+        ram = self.guest.ram.pages
+        for first, end in runs:
+            self.ch.recv_into(ram[first:end].data)
 
     def _direct_runs(self, pages: np.ndarray) -> list | None:
         """The runs ``[(first, end), ...]`` to receive ``pages`` straight into RAM, or None."""

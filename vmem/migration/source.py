@@ -42,7 +42,7 @@ from vmem.format import control, stream
 
 from vmem.format import wire
 from vmem.format.wire import MAX_PAGES_PER_RECORD
-from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
+from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError, drop_tracebacks
 from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
 from vmem.migration import inject
 from vmem.migration.policy import Decision, XenDefaultPolicy
@@ -273,7 +273,7 @@ class SourceMigration:
         return r
 
     def _fail(self, err: BaseException) -> None:
-        _drop_tracebacks(err)  # see _drop_tracebacks: they would pin views of guest RAM
+        drop_tracebacks(err)  # see drop_tracebacks: they would pin views of guest RAM
         r = self.report
         if not isinstance(err, GuestCrashed) and not self.guest.alive():
             # The guest's death surfaced as some other error (e.g. ESRCH from PAGEMAP_SCAN on
@@ -776,21 +776,6 @@ class _LiveRounds:
     def set_throttle(self, level: float) -> None:
         self.mig.guest.set_throttle(level)
         self.mig._throttled = True
-
-
-def _drop_tracebacks(err: BaseException | None) -> None:
-    """Clear the tracebacks of ``err`` and its causes.
-
-    A channel keeps its first error (sticky); that error's traceback holds the frames that
-    were sending -- with memoryviews of guest RAM -- and those frames hold the channel: a
-    cycle that keeps the RAM mapping (and its memfd) alive until the garbage collector
-    runs.  The report carries the message, not the traceback.
-    """
-    seen = 0
-    while err is not None and seen < 16:
-        err.__traceback__ = None
-        err = err.__cause__ or err.__context__
-        seen += 1
 
 
 def _is_link_error(err: BaseException) -> bool:

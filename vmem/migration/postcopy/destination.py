@@ -354,8 +354,7 @@ class PostcopyDestination:
             while True:
                 st = self.engine.stats()
                 if st["error"]:
-                    cause = OSError(st["error"], os.strerror(st["error"]))
-                    raise MigrationError("postcopy", f"post-copy fault thread failed: {cause.strerror}") from cause
+                    raise MigrationError("postcopy", f"post-copy fault thread failed: {os.strerror(st['error'])}")
                 if st["missing"] == 0 or time.monotonic() > deadline:
                     self.missing = st["missing"]
                     return st["missing"] == 0

@@ -29,7 +29,7 @@ import numpy as np
 from transport import TransportError
 
 from vmem.format import wire
-from vmem.errors import MigrationError
+from vmem.errors import MigrationError, StreamError, drop_tracebacks
 from vmem.pages import PAGE_SIZE, page_buffers, unique_pages
 from vmem.format.postcopy import decode_pfn_list
 from vmem.format.wire import MAX_PAGES_PER_RECORD
@@ -98,6 +98,8 @@ class PostcopySource:
         self.stream_ended = False
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        #: the destination's ERROR, read by the Python fault server (no urgent channel)
+        self.refused: MigrationError | None = None
         self._old_switch_s: float | None = None
 
     # --- back channel ------------------------------------------------------------------------
@@ -128,7 +130,7 @@ class PostcopySource:
                     continue
                 self.controls.put((ctype, body))
                 if ctype == wire.ControlType.ERROR:
-                    self.error = destination_error(body)  # the pusher stops at once
+                    self.error = self.refused = destination_error(body)  # the pusher stops at once
                 if ctype in (wire.ControlType.POSTCOPY_STATUS, wire.ControlType.ERROR):
                     return
         except BaseException as err:  # the main thread raises it from next_control
@@ -160,6 +162,10 @@ class PostcopySource:
             import os
 
             raise MigrationError("postcopy", f"the fault server stopped: {os.strerror(st['error'])}")
+        self._read_waiting_controls()
+
+    def _read_waiting_controls(self) -> None:
+        """Engine mode: queue the control records already waiting; raise the destination's ERROR."""
         while self.channel.wait_readable(0):
             ctype, body = self.ctl_reader.read()
             if ctype == wire.ControlType.ERROR:
@@ -167,13 +173,17 @@ class PostcopySource:
             self.controls.put((ctype, body))
 
     def _raise_destination_error(self) -> None:
-        """A send failed: if the destination said why before it closed, raise that instead."""
-        if self.error is not None:
-            raise self.error
+        """A send failed: if the destination said why before it closed, raise that instead
+        (else the send error stands: a broken link stays a link error, e.g. recoverable)."""
+        if self.refused is not None:
+            raise self.refused
+        if self._engine is None:
+            return
         try:
-            self.poll_backchannel()
-        except (TransportError, OSError):
-            pass  # nothing (readable) from it: the send error stands
+            self._read_waiting_controls()
+        except (TransportError, OSError, StreamError) as err:
+            drop_tracebacks(err)  # the channel keeps it (sticky): its frames would pin guest RAM
+            # nothing readable from it
 
     def wait_for_control(self, timeout_s: float) -> float:
         """Wait up to ``timeout_s`` for the next control record (left queued); return ms waited."""
