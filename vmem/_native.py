@@ -69,6 +69,7 @@ __all__ = [
     "set_pdeathsig",
     "place_pages",
     "set_place_fault",
+    "raw_view",
     "PLACE_FAULTS",
     "continue_runs",
     "PostcopyFaultEngine",
@@ -715,6 +716,17 @@ def place_pages(ram_fd: int, uffd: int, guest_base: int, buf: np.ndarray, pages:
                              ffi.cast("const int64_t *", pages.ctypes.data), n, _ptr("uint64_t *", digests)),
         f"placing {n} pages",
     )
+
+
+def raw_view(address: int, nbytes: int) -> memoryview:
+    """A writable byte view of ``[address, address + nbytes)`` of this process's memory.
+
+    Unlike a view of an ``mmap`` object it holds no buffer export on the mapping, so a view
+    left behind (e.g. in the traceback a channel keeps with its first error) cannot keep the
+    mapping -- and its memfd -- from being closed.  The caller guarantees the range stays
+    mapped while the view is used.
+    """
+    return memoryview(ffi.buffer(ffi.cast("char *", address), nbytes))
 
 
 #: Test-only placement faults (vmem.migration.inject) by name: what :func:`place_pages`

@@ -34,9 +34,10 @@ from vmem.format import control, stream
 
 from vmem.format import wire
 from vmem.format.wire import MAX_PAGES_PER_RECORD
+from vmem import _native as nat
 from vmem.migration import inject
 from vmem.migration.backend import incoming_factory
-from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError, drop_tracebacks
+from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
 from vmem.pages import MAX_DIRECT_RUNS, PAGE_SIZE, zero_page_digest
 from vmem.migration.postcopy.destination import PostcopyDestination, postcopy_unavailable_reason
 from vmem.migration.state import DESTINATION_TRANSITIONS, DestinationState, StateCell
@@ -84,6 +85,7 @@ class DestinationMigration:
         self.received: np.ndarray | None = None  # per page: placed (post-copy needs it)
         self._placer: _Placer | None = None
         self._fault_page = -1  # test-only placement fault (vmem.migration.inject), -1: none
+        self._ram_address = 0  # the incoming guest's RAM mapping in this process
         self.pages_received = 0
         self.sampler: PeakSampler | None = None
         # From the preamble.
@@ -137,22 +139,16 @@ class DestinationMigration:
         runs = self._direct_runs(pages)
         if runs is not None:
             self._placer.wait_staged()  # an older staged batch may still write these pages
-            try:
-                self._receive_into_ram(runs)
-            except BaseException as err:
-                drop_tracebacks(err)  # their frames hold views of guest RAM (see drop_tracebacks)
-                raise
+            for first, end in runs:
+                # A raw view: a view of the RAM mmap left in the traceback the channel keeps
+                # with a receive error would keep the mapping and its memfd open.
+                self.ch.recv_into(nat.raw_view(self._ram_address + first * PAGE_SIZE, (end - first) * PAGE_SIZE))
             self._placer.submit_direct(pages)
         else:
             slot = self._placer.acquire()
             self.ch.recv_into(slot.staging[:n].data)
             self._placer.submit(slot, pages, n)
         self.pages_received += n
-
-    def _receive_into_ram(self, runs: list) -> None:
-        ram = self.guest.ram.pages
-        for first, end in runs:
-            self.ch.recv_into(ram[first:end].data)
 
     def _direct_runs(self, pages: np.ndarray) -> list | None:
         """The runs ``[(first, end), ...]`` to receive ``pages`` straight into RAM, or None."""
@@ -397,10 +393,9 @@ class DestinationMigration:
         self.received = np.zeros(npages, dtype=bool)
         fault = inject.placement_fault_from_env()
         if fault is not None:  # test-only (vmem.migration.inject)
-            from vmem import _native as nat
-
             nat.set_place_fault(*fault)
             self._fault_page = fault[1]
+        self._ram_address = self.guest.ram.address
         self._placer = _Placer(self.guest.ram, self.digests, self.received)
         ready = {"guest_pid": self.guest.pid}
         if config.get("postcopy"):
@@ -545,8 +540,6 @@ class _Placer:
         self._thread.start()
 
     def _run(self) -> None:
-        from vmem import _native as nat
-
         while True:
             item = self._work.get()
             if item is None:
