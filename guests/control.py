@@ -26,6 +26,8 @@ on x86 and TSO keeps them in program order, which is all this protocol relies on
     0x098   RESUMED_AT_NS    guest        CLOCK_MONOTONIC when the guest left PAUSED/INCOMING
     0x0a0   THROTTLE_PPM     guest        CPU throttle in force, parts per million (0 = none)
     0x0a8   THROTTLED_NS     guest        total time stolen by the throttle
+    0x0b0   MAX_GAP_NS       guest        longest gap between two consecutive steps since the latest resume
+    0x0b8   MAX_GAP_END_NS   guest        CLOCK_MONOTONIC at the end of that gap (0: no gap yet)
     0x400   message area     guest        JSON (verify results, errors), up to 3 KiB
     0x1000  context area     both         the context blob, up to CONTEXT_MAX_BYTES
 
@@ -78,6 +80,8 @@ class Field(enum.IntEnum):
     RESUMED_AT_NS = 19
     THROTTLE_PPM = 20
     THROTTLED_NS = 21
+    MAX_GAP_NS = 22
+    MAX_GAP_END_NS = 23
 
 
 class Command(enum.IntEnum):

@@ -166,6 +166,8 @@ class ProcessGuest:
             "resumed_at_ns": c[Field.RESUMED_AT_NS],
             "vclock_s": c[Field.VCLOCK_NS] / 1e9,
             "throttled_s": c[Field.THROTTLED_NS] / 1e9,
+            "max_gap_ns": c[Field.MAX_GAP_NS],
+            "max_gap_end_ns": c[Field.MAX_GAP_END_NS],
         }
 
     # --- commands --------------------------------------------------------------------------

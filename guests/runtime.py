@@ -31,6 +31,11 @@ import traceback
 from guests.control import Command, ControlBlock, Field, GuestState
 from vmem.pages import PAGE_SIZE
 
+#: Test-only: ``"STEPS:MS"`` makes an *incoming* (destination) guest sleep once, MS
+#: milliseconds, right after its STEPS-th step following the resume, so tests can check that
+#: a stall after the resume shows in the report's ``blackout_ms``.  Not a user option.
+STALL_ENV = "VMEM_TEST_GUEST_STALL_AFTER_RESUME"
+
 #: Throttle duty-cycle period: short enough that throttled progress is smooth at the
 #: resolution of a precopy round, long enough that select() wake-up cost is negligible.
 THROTTLE_PERIOD_S = 0.01
@@ -66,6 +71,11 @@ class GuestRuntime:
         self.run_quota_ns = 0
         self.period_start_ns = 0
         self.throttled_ns = 0
+        # Step-gap bookkeeping (MAX_GAP_NS): where the current gap started, 0 = no step yet
+        # since the latest resume (the gap across a migration is measured by the migrator).
+        self.gap_from_ns = 0
+        self.stall_after_steps = -1   # test-only, see STALL_ENV
+        self.stall_s = 0.0
 
     # --- uffd --------------------------------------------------------------------
     def _open_uffd(self) -> None:
@@ -109,6 +119,10 @@ class GuestRuntime:
         self.period_start_ns = now
         self.running = True
         self.first_step_pending = True
+        # Reset the longest step gap: it is re-measured from the first step after this resume.
+        self.gap_from_ns = 0
+        self.ctl[Field.MAX_GAP_NS] = 0
+        self.ctl[Field.MAX_GAP_END_NS] = 0
         self.ctl[Field.RESUMED_AT_NS] = now
         self.ctl[Field.STATE] = GuestState.RUNNING
 
@@ -198,6 +212,14 @@ class GuestRuntime:
         self.pages_written_base = int(rt["pages_written"])
         self.workload.restore_context(json.dumps(state["workload"]).encode())
 
+    def _arm_test_stall(self) -> None:
+        """Arm the test-only stall of :data:`STALL_ENV` (destination guests only)."""
+        spec = os.environ.get(STALL_ENV)
+        if spec:
+            steps, ms = spec.split(":")
+            self.stall_after_steps = self.steps + int(steps)
+            self.stall_s = float(ms) / 1e3
+
     def _pages_written(self) -> int:
         return self.pages_written_base + (self.mem.pages_written if self.mem is not None else 0)
 
@@ -240,6 +262,7 @@ class GuestRuntime:
                 state = ctl.state
                 if state == GuestState.INCOMING:
                     self.restore(ctl.read_context())
+                    self._arm_test_stall()
                     self._start_running()
                 elif state == GuestState.PAUSED:
                     self._start_running()
@@ -337,6 +360,8 @@ class GuestRuntime:
         fields = ctl.fields
         seq_idx = int(Field.CMD_SEQ)
         pw_idx = int(Field.PAGES_WRITTEN)
+        max_gap_idx = int(Field.MAX_GAP_NS)
+        max_gap_end_idx = int(Field.MAX_GAP_END_NS)
         monotonic_ns = time.monotonic_ns
         mem = self.mem
         while True:
@@ -346,11 +371,19 @@ class GuestRuntime:
                 self.handle(seq)
                 continue
             if self.running:
+                if self.steps == self.stall_after_steps:
+                    time.sleep(self.stall_s)  # test-only stall (STALL_ENV), inside the next gap
                 idle_s = self.workload.step()
                 now = monotonic_ns()
                 self.steps += 1
                 fields[Field.STEPS] = self.steps
                 fields[Field.LAST_STEP_NS] = now
+                # The longest gap between consecutive steps since the resume: two plain
+                # memory writes when it grows, nothing else (the clock read is the one above).
+                if self.gap_from_ns and now - self.gap_from_ns > fields[max_gap_idx]:
+                    fields[max_gap_idx] = now - self.gap_from_ns
+                    fields[max_gap_end_idx] = now
+                self.gap_from_ns = now
                 if self.first_step_pending:
                     fields[Field.FIRST_STEP_NS] = now
                     self.first_step_pending = False
@@ -360,6 +393,10 @@ class GuestRuntime:
                 elif idle_s > 0:
                     fields[Field.VCLOCK_NS] = int(self.vclock() * 1e9)
                     self._wait(min(idle_s, 0.01))
+                    # Time the workload chose to idle is not a gap the guest suffered: the
+                    # next gap starts when the wait ends (a command it woke for still counts:
+                    # it runs after).  One clock read per idle wait, none per busy step.
+                    self.gap_from_ns = monotonic_ns()
             else:
                 self._wait(0.05)
 

@@ -40,6 +40,9 @@ def check_completed(report):
     assert d["mismatched"] == 0 and d["pages_compared"] == report.guest_pages
     assert report.verification["guest_check"]["ok"]
     assert report.downtime_ms is not None and report.downtime_ms > 0
+    # The guest's own longest step gap: the migration's gap is one of them.
+    assert report.blackout_ms is not None and report.blackout_ms >= report.downtime_ms
+    assert report.blackout_at_s >= report.downtime_ms / 1e3 - 1e-6
     dest = report.guest["destination"]
     assert dest["alive"] and dest["steps_since_resume"] > 0, dest
     assert report.rounds[0].pages_sent > 0

@@ -58,6 +58,7 @@ def assert_migrated(report, mode: str):
     dest = d["guest"]["destination"]
     assert dest["alive"] and dest["steps_since_resume"] > 0  # the guest keeps running there
     assert d["rounds"][-1]["kind"] == "postcopy"
+    assert d["blackout_ms"] is not None and d["blackout_ms"] >= d["downtime_ms"]
     return d
 
 

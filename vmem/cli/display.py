@@ -148,6 +148,9 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
     t.add_row("total time", f"{report.total_time_s:.3f} s"
               + (f" (with {report.observe_s:.3f} s observing the destination guest)" if report.observe_s else ""))
     t.add_row("downtime (guest-visible)", _downtime(report))
+    if report.blackout_ms is not None:
+        t.add_row("blackout (guest-observed)", f"{report.blackout_ms:.2f} ms, longest step gap, ended "
+                                               f"{report.blackout_at_s:.3f} s after the pause")
     clock = report.clock or {}
     if clock and not clock.get("same_host"):
         t.add_row("  destination clock", _clock(clock))

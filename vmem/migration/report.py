@@ -84,6 +84,10 @@ class MigrationReport:
     verify_s: float | None = None           # the verify phase: digests compared, guest check
     observe_s: float | None = None          # source released -> end of the report
     zero_pages: int = 0                     # pages that never crossed as 4 KiB of data: they were zero
+    #: guest-observed: the longest gap between two consecutive workload steps from the pause
+    #: to the end of the observe window (>= downtime_ms, which is the first such gap)
+    blackout_ms: float | None = None
+    blackout_at_s: float | None = None      # when that gap ended, seconds after the pause (source's clock)
     downtime_uncertainty_ms: float | None = 0.0  # ± on downtime_ms from the two clocks (0 on one host)
     clock: dict = field(default_factory=dict)       # vmem.clock.ClockOffset: the destination's clock offset
     provenance: dict = field(default_factory=dict)  # vmem.provenance.collect(): version, commit, host, command
@@ -95,7 +99,7 @@ class MigrationReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         # Put the keys scripts rely on first, for humans reading the JSON.
-        order = ["schema_version", "outcome", "reason", "verified", "downtime_ms", "migration_time_s", "total_time_s",
+        order = ["schema_version", "outcome", "reason", "verified", "downtime_ms", "blackout_ms", "migration_time_s", "total_time_s",
                  "guest_pages", "pages_sent", "bytes_sent", "rounds"]
         return {k: d[k] for k in order} | {k: v for k, v in d.items() if k not in order}
 

@@ -728,6 +728,7 @@ class SourceMigration:
             _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.DEST_REPORT})
             dest_report = control.decode_json(body)
             r.guest["destination"] = dest_report.get("guest", {})
+            self._fill_blackout(r.guest["destination"].get("counters") or {})
             r.processes.update(dest_report.get("processes", {}))
             after = dest_report.get("postcopy_after")
             if r.postcopy is not None and after and after.get("seconds"):
@@ -740,6 +741,25 @@ class SourceMigration:
     def _mark_setup_done(self) -> None:
         """The handshake is over and the first page is about to go: QMP's setup-time."""
         self.report.setup_time_ms = round((time.monotonic_ns() - self._t_start_ns) / 1e6, 3)
+
+    def _fill_blackout(self, dest_counters: dict) -> None:
+        """``blackout_ms``/``blackout_at_s``: the longest gap between two workload steps the guest saw.
+
+        The gap across the migration is ``downtime_ms`` (the pause acknowledgement to the end
+        of the first step at the destination); every later gap up to the end of the observe
+        window is the destination guest's own ``max_gap_ns`` (reset at its resume; both ends
+        on its clock, so no offset enters the length).  ``blackout_at_s`` is when the longest
+        gap ended, seconds after the pause, on our clock.
+        """
+        r = self.report
+        if r.downtime_ms is None:
+            return
+        r.blackout_ms, r.blackout_at_s = r.downtime_ms, round(r.downtime_ms / 1e3, 6)
+        gap_ms = int(dest_counters.get("max_gap_ns") or 0) / 1e6
+        end_ns = int(dest_counters.get("max_gap_end_ns") or 0)
+        if end_ns and gap_ms > r.blackout_ms:
+            r.blackout_ms = round(gap_ms, 3)
+            r.blackout_at_s = round(self._since_pause_ms(end_ns) / 1e3, 6)
 
     def _since_pause_ms(self, dest_ns) -> float:
         """Milliseconds from our guest's pause to a destination clock reading, on our clock."""

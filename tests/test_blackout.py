@@ -1,0 +1,87 @@
+"""Guest-observed blackout (``blackout_ms``): the longest gap between two workload steps.
+
+The guest measures it itself (guests/runtime.py, control fields MAX_GAP_NS/MAX_GAP_END_NS);
+the report gives it beside ``downtime_ms``, which is its first gap.  The stall test injects a
+known stall into the destination guest after its resume (test-only environment variable,
+guests.runtime.STALL_ENV) and checks that the report sees at least that stall, and when.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from guests.control import Field
+from guests.launch import GuestSpec, ProcessGuest
+from guests.runtime import STALL_ENV
+from vmem.migration.local import run_local_migration
+from vmem.migration.source import MigrationOptions
+
+STALL_MS = 300
+
+
+def migrate(workload, params, monkeypatch=None, stall=None, **opts):
+    if stall is not None:
+        monkeypatch.setenv(STALL_ENV, stall)
+    with ProcessGuest.boot(GuestSpec(workload, params, 3), 32 << 20) as guest:
+        time.sleep(0.1)
+        report = run_local_migration(guest, MigrationOptions(observe_s=opts.pop("observe_s", 0.8), **opts))
+    assert report.outcome == "completed", report.reason
+    assert report.verified
+    return report
+
+
+def test_new_control_fields_do_not_overlap_the_message_area():
+    from guests.control import MSG_OFFSET
+
+    assert (max(Field) + 1) * 8 <= MSG_OFFSET
+    assert Field.MAX_GAP_NS * 8 == 0xB0 and Field.MAX_GAP_END_NS * 8 == 0xB8
+
+
+def test_a_running_guest_publishes_its_longest_step_gap():
+    with ProcessGuest.boot(GuestSpec("hotcold", {"rate": 0}, 1), 8 << 20) as guest:
+        time.sleep(0.3)
+        c = guest.counters()
+        assert c["steps"] > 2
+        assert 0 < c["max_gap_ns"] and 0 < c["max_gap_end_ns"] <= c["last_step_ns"]
+        # A whole-RAM check runs inside the guest's loop: it is a gap the guest sees.
+        t0 = time.monotonic_ns()
+        guest.verify()
+        t1 = time.monotonic_ns()
+        time.sleep(0.05)
+        c = guest.counters()
+        assert c["max_gap_end_ns"] >= t0
+        assert c["max_gap_ns"] >= (t1 - t0) * 0.5  # lower bound: the check itself, minus ack latency
+
+
+@pytest.mark.parametrize("workload,params", [("idle", {}), ("uniform", {"rate": 20000}), ("hotcold", {"rate": 20000})])
+def test_blackout_is_reported_and_at_least_the_downtime_precopy(workload, params):
+    r = migrate(workload, params)
+    assert r.downtime_ms is not None and r.blackout_ms is not None
+    assert r.blackout_ms >= r.downtime_ms
+    assert r.downtime_ms / 1e3 - 1e-6 <= r.blackout_at_s <= r.total_time_s
+    d = r.to_dict()
+    assert d["blackout_ms"] == r.blackout_ms and "blackout_at_s" in d
+    assert "max_gap_ns" in d["guest"]["destination"]["counters"]
+
+
+@pytest.mark.parametrize("postcopy", ["pure", "after-precopy"])
+def test_blackout_is_reported_and_at_least_the_downtime_postcopy(postcopy):
+    from test_postcopy import postcopy_features_missing
+
+    if postcopy_features_missing():
+        pytest.skip(postcopy_features_missing())
+    r = migrate("hotcold", {"rate": 20000}, postcopy=postcopy, observe_s=0.5)
+    assert r.postcopy is not None
+    assert r.blackout_ms is not None and r.blackout_ms >= r.downtime_ms
+
+
+@pytest.mark.parametrize("workload,params", [("uniform", {"rate": 20000}), ("hotcold", {"rate": 0})])
+def test_a_stall_after_the_resume_shows_in_the_blackout(monkeypatch, workload, params):
+    r = migrate(workload, params, monkeypatch, stall=f"5:{STALL_MS}")
+    assert r.blackout_ms >= STALL_MS - 50  # a lower bound: the injected stall is visible
+    # ... and it is the stall, not the migration's own gap: it ended after the first step there.
+    assert r.blackout_at_s > r.downtime_ms / 1e3
+    assert r.blackout_at_s >= (STALL_MS - 50) / 1e3
+    # The destination guest stalled only once and ran on.
+    assert r.guest["destination"]["steps_since_resume"] > 5
