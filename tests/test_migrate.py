@@ -221,3 +221,42 @@ def test_abort_after_throttling_gives_the_source_guest_full_speed_back():
         assert report.outcome == "aborted"
         assert [r.throttle for r in report.rounds][1:] == [0.5, 0.5]
         assert guest.alive() and guest.throttle == 0.0
+
+
+def test_a_destination_error_is_reported_even_when_the_send_stalls():
+    """The destination reports ERROR, then stops reading (as a relay in between does): the
+    source's send stalls and breaks, and its report still names the destination's reason."""
+    import threading
+
+    from transport import channel_pair
+    from vmem.format import control, wire
+    from vmem.migration.local import settle_source_guest
+    from vmem.migration.source import migrate as source_migrate
+
+    src_ch, dst_ch = channel_pair(buffer_bytes=256 << 10)
+    src_ch.settimeout(1.0)  # the stalled send gives up after 1 s without progress
+    done = threading.Event()
+
+    def fake_destination():
+        control.read_preamble(dst_ch.recv_exact)
+        dst_ch.send_parts(control.encode_json_control(wire.ControlType.READY, {"guest_pid": 0}))
+        dst_ch.recv_exact(1 << 20)  # some of round 0, then a failure of its own ...
+        time.sleep(0.3)  # ... reported once the source is blocked in a send (buffers are full)
+        dst_ch.send_parts(control.encode_json_control(
+            wire.ControlType.ERROR, {"phase": "precopy", "message": "injected: integrity check failed", "type": "X"}))
+        done.wait(60)  # never reads again, never closes: the source's send stalls
+
+    t = threading.Thread(target=fake_destination, daemon=True)
+    t.start()
+    try:
+        with ProcessGuest.boot(GuestSpec("uniform", {"rate": 0}, 7), 32 << 20) as guest:
+            report = source_migrate(guest, src_ch, MigrationOptions(observe_s=0))
+            assert report.outcome == "failed"
+            assert "injected: integrity check failed" in report.reason, report.reason
+            settle_source_guest(report, guest)
+            check_source_intact(report, guest)
+    finally:
+        done.set()
+        t.join(10)
+        src_ch.close()
+        dst_ch.close()

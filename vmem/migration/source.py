@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from transport import ChannelBrokenError, TransportError
+from transport import ChannelBrokenError, ChannelTimeout, TransportError
 
 from vmem.clock import SAME_HOST, ClockOffset
 from vmem.format import control, stream
@@ -214,6 +214,25 @@ class SourceMigration:
             raise MigrationError(self.report.phase, f"destination sent {wire.ControlType(ctype).name}, expected {'/'.join(e.name for e in expect)}")
         return ctype, body
 
+    def _destination_error_after_break(self, wait_s: float = 2.0) -> str | None:
+        """After a broken send: the destination's ERROR record, if it sent one; else None.
+
+        Reads at most one control record, within ``wait_s``, and only when no post-copy
+        thread owns the receive side.  Any failure to read just means "no reason given".
+        """
+        if self._pc is not None:
+            return None
+        try:
+            if not self.ch.wait_readable(wait_s):
+                return None
+            self._read_control(0, set())
+        except MigrationError as said:
+            if said.message.startswith("destination: "):
+                return str(said)
+        except (VmemError, TransportError, OSError):
+            pass
+        return None
+
     def _check_back_channel(self) -> None:
         """Between batches: has the destination reported an error (non-blocking)?"""
         if self.ch.wait_readable(0):
@@ -293,8 +312,16 @@ class SourceMigration:
             # its pagemap): name the real cause.
             err = self.guest.crash_error(r.phase)
         crashed = isinstance(err, GuestCrashed)
-        if isinstance(err, ChannelBrokenError):
-            msg = f"the destination closed the connection during {r.phase} ({err})"
+        if isinstance(err, (ChannelBrokenError, ChannelTimeout)):
+            # A destination that fails sends ERROR, then closes.  Our send may break (or stall
+            # behind a relay) before we read it: look for that record before blaming the link.
+            said = self._destination_error_after_break()
+            if said:
+                msg = said
+            elif isinstance(err, ChannelTimeout):
+                msg = str(err)
+            else:
+                msg = f"the destination closed the connection during {r.phase} ({err})"
         elif isinstance(err, StreamError):
             msg = f"malformed control stream from the destination: {err}"
         else:
