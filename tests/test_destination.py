@@ -156,13 +156,14 @@ def test_rollback_after_resume_discards_guest(dest):
 def test_a_failing_page_write_is_reported_not_lost():
     """The destination's placer thread: a pwrite failure surfaces in the receiving thread."""
     import os
+    import types
 
     from vmem.migration.destination import _Placer
     from vmem.errors import MigrationError
 
     r, w = os.pipe()
     os.close(w)
-    placer = _Placer(r, None)  # pwrite on a pipe's read end fails (EBADF)
+    placer = _Placer(types.SimpleNamespace(fd=r, address=0), None)  # pwrite on a pipe's read end fails (EBADF)
     try:
         slot = placer.acquire()
         placer.submit(slot, np.arange(4, dtype=np.int64), 4)

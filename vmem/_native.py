@@ -68,6 +68,9 @@ __all__ = [
     "digest_page_bytes",
     "set_pdeathsig",
     "place_pages",
+    "set_place_fault",
+    "raw_view",
+    "PLACE_FAULTS",
     "continue_runs",
     "PostcopyFaultEngine",
     "PostcopyFaultServer",
@@ -653,22 +656,30 @@ def digest_page_bytes(page: bytes) -> int:
 
 # --- post-copy placement ---------------------------------------------------------------
 def place_pages(ram_fd: int, uffd: int, guest_base: int, buf: np.ndarray, pages: np.ndarray,
-                rows: np.ndarray | None = None) -> int:
+                rows: np.ndarray | None = None, digests: np.ndarray | None = None) -> int:
     """Write page ``pages[i]`` from staging row ``rows[i]`` (default ``i``) into the RAM file,
-    then map it into the guest with ``UFFDIO_CONTINUE`` (skipped when ``uffd < 0``).
+    digest what the file then holds, and map it into the guest with ``UFFDIO_CONTINUE``
+    (skipped when ``uffd < 0``: pre-copy, the guest does not run yet).
 
-    Runs of consecutive pages in consecutive rows cost one ``pwrite`` and one ``CONTINUE``,
-    in C.  The guest sees each page complete or not at all (its MINOR|MISSING registration
-    keeps unmapped pages invisible).  Pages already mapped are skipped and their waiters
-    woken.
+    Runs of consecutive pages in consecutive rows cost one ``pwrite``, one ``pread`` (with
+    ``digests``) and one ``CONTINUE``, in C.  The guest sees each page complete or not at
+    all (its MINOR|MISSING registration keeps unmapped pages invisible).  Pages already
+    mapped are skipped and their waiters woken.
+
+    Args:
+        digests: uint64 per page of the guest, or None.  ``digests[pages[i]]`` becomes the
+            digest of page ``pages[i]`` as read back from the RAM file after the write and
+            before the guest can map it -- what was placed, not what was received.  The
+            read-back lands in ``buf``'s rows (their data is in the file by then), and a
+            page the write missed reads as zeros without being allocated.
 
     Raises:
-        ValueError: shapes do not match.  OSError: pwrite(2) or UFFDIO_CONTINUE failed
-            (earlier runs stay placed).
+        ValueError: shapes do not match.  OSError: pwrite(2), pread(2) or UFFDIO_CONTINUE
+            failed (earlier runs stay placed).
     """
     pages = np.ascontiguousarray(pages, dtype=np.int64)
-    if buf.ndim != 2 or buf.shape[1] != PAGE_SIZE or not buf.flags.c_contiguous:
-        raise ValueError("buf must be a C-contiguous (n, 4096) array")
+    if buf.ndim != 2 or buf.shape[1] != PAGE_SIZE or not buf.flags.c_contiguous or not buf.flags.writeable:
+        raise ValueError("buf must be a writeable C-contiguous (n, 4096) array")
     n = len(pages)
     if n == 0:
         return 0
@@ -681,11 +692,50 @@ def place_pages(ram_fd: int, uffd: int, guest_base: int, buf: np.ndarray, pages:
         if len(rows) != n or (n and (rows.min() < 0 or rows.max() >= len(buf))):
             raise ValueError("rows must index buf, one per page")
         rows_ptr = ffi.cast("const int64_t *", rows.ctypes.data)
+    if digests is not None:
+        _u64_out(digests, int(pages.max()) + 1, "place_pages")
+        if int(pages.min()) < 0:
+            raise ValueError("place_pages: negative page index")
     return _check(
-        lib.vmem_place_pages(ram_fd, uffd, guest_base, ffi.cast("const uint8_t *", buf.ctypes.data),
-                             rows_ptr, ffi.cast("const int64_t *", pages.ctypes.data), n),
+        lib.vmem_place_pages(ram_fd, uffd, guest_base, ffi.cast("uint8_t *", buf.ctypes.data), rows_ptr,
+                             ffi.cast("const int64_t *", pages.ctypes.data), n, _ptr("uint64_t *", digests)),
         f"placing {n} pages",
     )
+
+
+def raw_view(address: int, nbytes: int) -> memoryview:
+    """A writable byte view of ``[address, address + nbytes)`` of this process's memory.
+
+    Unlike a view of an ``mmap`` object it holds no buffer export on the mapping, so a view
+    left behind (e.g. in the traceback a channel keeps with its first error) cannot keep the
+    mapping -- and its memfd -- from being closed.  The caller guarantees the range stays
+    mapped while the view is used.
+    """
+    return memoryview(ffi.buffer(ffi.cast("char *", address), nbytes))
+
+
+#: Test-only placement faults (vmem.migration.inject) by name: what :func:`place_pages`
+#: (and the post-copy engine's placement) does wrong with the page :func:`set_place_fault` names.
+PLACE_FAULTS: dict[str, int] = {
+    "drop": int(lib.VMEM_PLACE_FAULT_DROP),  # neither written nor mapped
+    "wrong-offset": int(lib.VMEM_PLACE_FAULT_WRONG_OFFSET),  # written one page further on, not mapped
+    "flip": int(lib.VMEM_PLACE_FAULT_FLIP),  # written, then one byte of it flipped in the RAM file
+}
+
+
+def set_place_fault(kind: str | None, page: int = -1) -> None:
+    """Test-only: make every later placement mishandle ``page`` as ``kind`` (a key of
+    :data:`PLACE_FAULTS`; None clears it).  Process-wide; set it before placement starts.
+
+    Raises:
+        ValueError: unknown kind or a negative page.
+    """
+    if kind is None:
+        lib.vmem_set_place_fault(int(lib.VMEM_PLACE_FAULT_NONE), -1)
+        return
+    if kind not in PLACE_FAULTS or page < 0:
+        raise ValueError(f"placement fault must be one of {sorted(PLACE_FAULTS)} with a page >= 0, got {kind!r} {page}")
+    lib.vmem_set_place_fault(PLACE_FAULTS[kind], int(page))
 
 
 def continue_runs(uffd: int, guest_base: int, runs: np.ndarray) -> int:
@@ -751,7 +801,7 @@ class PostcopyFaultEngine(_FaultThread):
       MINOR fault, ZEROPAGE for a hole) and asks the source for missing ones with a FAULT
       record on the urgent channel;
     * reads the source's answers from the urgent channel and places them
-      (claim MISSING -> PLACING, digest, pwrite + CONTINUE, -> PRESENT).
+      (claim MISSING -> PLACING, pwrite, digest what the RAM file holds, CONTINUE, -> PRESENT).
 
     The arrays are shared with Python and must outlive the engine (it keeps references):
     ``state``/``requested``/``received`` uint8 per page, ``fault_t0`` int64 per page,
@@ -779,9 +829,11 @@ class PostcopyFaultEngine(_FaultThread):
                      _ptr("int64_t *", latencies), len(latencies), missing)
 
     def place(self, staging: np.ndarray, pfns: np.ndarray) -> int:
-        """Place the batch in ``staging[:len(pfns)]`` (pages not MISSING are skipped)."""
+        """Place the batch in ``staging[:len(pfns)]`` (pages not MISSING are skipped); the
+        digests come from the RAM file after the write (:func:`place_pages`), read back into
+        ``staging``'s rows."""
         pfns = np.ascontiguousarray(pfns, dtype=np.int64)
-        return _check(lib.vmem_pc_dest_place(self._h, _ptr("const uint8_t *", staging), _ptr("const int64_t *", pfns),
+        return _check(lib.vmem_pc_dest_place(self._h, _ptr("uint8_t *", staging), _ptr("const int64_t *", pfns),
                                              len(pfns)), f"placing {len(pfns)} post-copy pages")
 
 

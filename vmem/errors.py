@@ -20,6 +20,7 @@ __all__ = [
     "GuestUnresponsive",
     "PolicyError",
     "ConfigError",
+    "drop_tracebacks",
 ]
 
 
@@ -113,3 +114,18 @@ class GuestUnresponsive(GuestError):
 
 class PolicyError(VmemError):
     """A precopy policy raised or returned something that is not a decision."""
+
+
+def drop_tracebacks(err: BaseException | None) -> None:
+    """Clear the tracebacks of ``err`` and its causes.
+
+    A channel keeps its first error (sticky); that error's traceback holds the frames that
+    were sending or receiving -- with memoryviews of guest RAM -- and those frames hold the
+    channel: a cycle that keeps the RAM mapping (and its memfd) alive until the garbage
+    collector runs.  Reports carry the message, not the traceback.
+    """
+    seen = 0
+    while err is not None and seen < 16:
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
+        seen += 1

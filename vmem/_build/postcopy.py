@@ -49,6 +49,12 @@ TYPES = """
 #define VMEM_PC_REC_PAGE_DATA ...
 #define VMEM_PC_REC_FAULT ...
 #define VMEM_PC_MAX_PAGES ...
+/* Test-only placement faults (vmem.migration.inject): what vmem_place_pages does wrong
+   with the one page vmem_set_place_fault names. */
+#define VMEM_PLACE_FAULT_NONE ...
+#define VMEM_PLACE_FAULT_DROP ...
+#define VMEM_PLACE_FAULT_WRONG_OFFSET ...
+#define VMEM_PLACE_FAULT_FLIP ...
 /* Present-page states, one byte per page, shared with Python (vmem._native.PC_*). */
 #define VMEM_PC_MISSING ...
 #define VMEM_PC_PLACING ...
@@ -62,7 +68,7 @@ int vmem_pc_dest_new(vmem_pc_dest **out, int uffd, int urgent_fd, int ram_fd, ui
 int vmem_pc_dest_start(vmem_pc_dest *h);
 void vmem_pc_dest_stop(vmem_pc_dest *h);
 void vmem_pc_dest_free(vmem_pc_dest *h);
-int64_t vmem_pc_dest_place(vmem_pc_dest *h, const uint8_t *staging, const int64_t *pfns, size_t n);
+int64_t vmem_pc_dest_place(vmem_pc_dest *h, uint8_t *staging, const int64_t *pfns, size_t n);
 void vmem_pc_dest_stats(vmem_pc_dest *h, struct vmem_pc_dest_stats *out);
 int vmem_pc_src_new(vmem_pc_src **out, int urgent_fd, const uint8_t *ram, int64_t npages, uint8_t *sent,
                     int64_t *cursor);
@@ -70,34 +76,83 @@ int vmem_pc_src_start(vmem_pc_src *h);
 void vmem_pc_src_stop(vmem_pc_src *h);
 void vmem_pc_src_free(vmem_pc_src *h);
 void vmem_pc_src_stats(vmem_pc_src *h, struct vmem_pc_src_stats *out);
-int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, const uint8_t *buf,
-                         const int64_t *rows, const int64_t *pages, size_t n);
+int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, uint8_t *buf,
+                         const int64_t *rows, const int64_t *pages, size_t n, uint64_t *digests);
+void vmem_set_place_fault(int kind, int64_t page);
 int64_t vmem_continue_runs(int uffd, uint64_t guest_base, const int64_t *runs, size_t nruns);
 """
 
 CUSTOMIZATIONS = r"""
-/* Place page pages[i] from staging row rows[i] (rows NULL: row i).  For each run of
-   consecutive pages held in consecutive rows: one pwrite into the RAM file, then (uffd >= 0)
-   one UFFDIO_CONTINUE mapping the run into the guest and waking its faulting threads.
-   Returns the number of pages written, or -errno (earlier runs stay placed). */
-static int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, const uint8_t *buf,
-                                const int64_t *rows, const int64_t *pages, size_t n)
+/* A test-only placement fault (vmem.migration.inject; never set in production): the page
+   vmem_place_pages mishandles and how.  Set once, before any placement starts. */
+#define VMEM_PLACE_FAULT_NONE 0
+#define VMEM_PLACE_FAULT_DROP 1          /* not written, not mapped: the file keeps what it had */
+#define VMEM_PLACE_FAULT_WRONG_OFFSET 2  /* written one page further on; its own page not mapped */
+#define VMEM_PLACE_FAULT_FLIP 3          /* written, then one byte of it flipped in the file */
+static int vmem_place_fault_kind = VMEM_PLACE_FAULT_NONE;
+static int64_t vmem_place_fault_page = -1;
+
+static void vmem_set_place_fault(int kind, int64_t page)
 {
+    vmem_place_fault_kind = kind;
+    vmem_place_fault_page = kind == VMEM_PLACE_FAULT_NONE ? -1 : page;
+}
+
+/* The injected fault for one run [page, page + len): write it wrongly.  0 or -errno. */
+static int vmem_place_faulty(int ram_fd, const uint8_t *src, off_t off)
+{
+    switch (vmem_place_fault_kind) {
+    case VMEM_PLACE_FAULT_DROP:
+        return 0;
+    case VMEM_PLACE_FAULT_WRONG_OFFSET:
+        return vmem_pwrite_all(ram_fd, src, VMEM_PAGE_SIZE, off + (off_t)VMEM_PAGE_SIZE);
+    case VMEM_PLACE_FAULT_FLIP: {
+        int rc = vmem_pwrite_all(ram_fd, src, VMEM_PAGE_SIZE, off);
+        uint8_t b = (uint8_t)(src[VMEM_PAGE_SIZE / 2] ^ 0x01);
+        return rc < 0 ? rc : vmem_pwrite_all(ram_fd, &b, 1, off + VMEM_PAGE_SIZE / 2);
+    }
+    }
+    return -EINVAL;
+}
+
+/* Place page pages[i] from staging row rows[i] (rows NULL: row i).  For each run of
+   consecutive pages held in consecutive rows: one pwrite into the RAM file; then, with
+   digests, the run is read back from the file (into its staging rows, whose data is in the
+   file now) and digests[page] is the digest of what the RAM file holds -- what was placed,
+   not what was received; then (uffd >= 0) one UFFDIO_CONTINUE maps the run into the guest
+   and wakes its faulting threads -- so the digest is taken before the guest can see, let
+   alone change, the page.  Reading back with pread never maps or allocates a page: a page
+   the write missed reads as zeros and stays a hole.  A repeated page: the last copy wins
+   (written and digested last).  Returns the number of pages handled, or -errno (earlier
+   runs stay placed). */
+static int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, uint8_t *buf,
+                                const int64_t *rows, const int64_t *pages, size_t n, uint64_t *digests)
+{
+    const int64_t fault_page = vmem_place_fault_page;
     size_t i = 0;
     while (i < n) {
         size_t j = i + 1;
         int64_t row0 = rows ? rows[i] : (int64_t)i;
-        while (j < n && pages[j] == pages[j - 1] + 1 &&
-               (rows ? rows[j] : (int64_t)j) == row0 + (int64_t)(j - i))
-            j++;
+        int faulty = pages[i] == fault_page;
+        if (!faulty)   /* the faulty page is a run of its own */
+            while (j < n && pages[j] == pages[j - 1] + 1 && pages[j] != fault_page &&
+                   (rows ? rows[j] : (int64_t)j) == row0 + (int64_t)(j - i))
+                j++;
         uint64_t len = (uint64_t)(j - i) * VMEM_PAGE_SIZE;
-        int rc = vmem_pwrite_all(ram_fd, buf + (uint64_t)row0 * VMEM_PAGE_SIZE, len,
-                                 (off_t)pages[i] * VMEM_PAGE_SIZE);
+        uint8_t *src = buf + (uint64_t)row0 * VMEM_PAGE_SIZE;
+        off_t off = (off_t)pages[i] * VMEM_PAGE_SIZE;
+        int rc = faulty ? vmem_place_faulty(ram_fd, src, off) : vmem_pwrite_all(ram_fd, src, len, off);
         if (rc < 0)
             return rc;
-        if (uffd >= 0) {
-            int64_t r = vmem_uffd_fill(uffd, VMEM_UFFD_FILL_CONTINUE,
-                                       guest_base + (uint64_t)pages[i] * VMEM_PAGE_SIZE, 0, len, 0);
+        if (digests) {
+            if ((rc = vmem_pread_all(ram_fd, src, len, off)) < 0)
+                return rc;
+            for (size_t k = 0; k < j - i; k++)
+                digests[pages[i + k]] = vmem_digest_bytes(src + k * VMEM_PAGE_SIZE);
+        }
+        int mapped = !faulty || vmem_place_fault_kind == VMEM_PLACE_FAULT_FLIP;
+        if (uffd >= 0 && mapped) {
+            int64_t r = vmem_uffd_fill(uffd, VMEM_UFFD_FILL_CONTINUE, guest_base + (uint64_t)off, 0, len, 0);
             if (r < 0 && r != -EEXIST)
                 return r;
         }
@@ -348,26 +403,22 @@ static void vmem_pc_mark_present(vmem_pc_dest *h, const int64_t *mine, size_t k)
     pthread_mutex_unlock(&h->mu);
 }
 
-/* Place a batch held in staging rows 0..n-1: claim, digest, pwrite + CONTINUE, mark.
-   Thread-safe (Python's background placer and the fault thread both call it). */
-static int64_t vmem_pc_place_batch(vmem_pc_dest *h, const uint8_t *staging, const int64_t *pfns, size_t n,
+/* Place a batch held in staging rows 0..n-1: claim, pwrite, digest from the RAM file,
+   CONTINUE, mark.  Thread-safe (Python's background placer and the fault thread both call it). */
+static int64_t vmem_pc_place_batch(vmem_pc_dest *h, uint8_t *staging, const int64_t *pfns, size_t n,
                                    int64_t *rows, int64_t *mine)
 {
     size_t k = vmem_pc_claim(h, pfns, n, rows, mine);
     if (k == 0)
         return 0;
-    if (h->digests) {
-        for (size_t i = 0; i < k; i++)
-            h->digests[mine[i]] = vmem_digest_bytes(staging + (uint64_t)rows[i] * VMEM_PAGE_SIZE);
-    }
-    int64_t rc = vmem_place_pages(h->ram_fd, h->uffd, h->base, staging, rows, mine, k);
+    int64_t rc = vmem_place_pages(h->ram_fd, h->uffd, h->base, staging, rows, mine, k, h->digests);
     if (rc < 0)
         return rc;   /* the pages stay PLACING: the migration fails (reported by the caller) */
     vmem_pc_mark_present(h, mine, k);
     return (int64_t)k;
 }
 
-static int64_t vmem_pc_dest_place(vmem_pc_dest *h, const uint8_t *staging, const int64_t *pfns, size_t n)
+static int64_t vmem_pc_dest_place(vmem_pc_dest *h, uint8_t *staging, const int64_t *pfns, size_t n)
 {
     int64_t rows[VMEM_PC_MAX_PAGES], mine[VMEM_PC_MAX_PAGES];
     if (n > VMEM_PC_MAX_PAGES)

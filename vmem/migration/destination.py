@@ -5,8 +5,10 @@ orchestrator passes one end of a socketpair), or call :func:`serve` with a Chann
 
 Sequence:
   1. read the preamble; pre-spawn an *incoming* guest on fresh RAM; answer READY.
-  2. read the Xen stream; place every PAGE_DATA batch straight into RAM (``recv_into`` the
-     mapping for contiguous runs) and record per-page digests of what was placed.
+  2. read the Xen stream; place every PAGE_DATA batch into RAM (before the switch, a batch
+     of a few contiguous runs is received straight into the RAM mapping; any other batch is
+     received into a staging buffer and written with ``pwrite``) and record per-page
+     digests of what RAM then holds -- what was placed, not what was received.
   3. at libxl END: resume the guest from the EMULATOR_CONTEXT; answer RESUMED with the
      time of its first step; send the digests; run the guest's own ledger check.
   4. COMMIT: keep the guest; ROLLBACK, EOF or any error: kill the guest and free its RAM.
@@ -17,6 +19,7 @@ reaped, its memfds closed, and the source is told why (ERROR record) when the li
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import socket
 import sys
@@ -31,9 +34,11 @@ from vmem.format import control, stream
 
 from vmem.format import wire
 from vmem.format.wire import MAX_PAGES_PER_RECORD
+from vmem import _native as nat
+from vmem.migration import inject
 from vmem.migration.backend import incoming_factory
-from vmem.errors import MigrationError, StreamError, VmemError
-from vmem.pages import PAGE_SIZE, zero_page_digest
+from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
+from vmem.pages import MAX_DIRECT_RUNS, PAGE_SIZE, zero_page_digest
 from vmem.migration.postcopy.destination import PostcopyDestination, postcopy_unavailable_reason
 from vmem.migration.state import DESTINATION_TRANSITIONS, DestinationState, StateCell
 from vmem.migration.postcopy import drop_links
@@ -43,6 +48,8 @@ from vmem.ram import format_bytes, mem_available_bytes
 
 __all__ = ["DestinationMigration", "serve"]
 
+#: After an error that says the guest's memory is gone, how long its process may take to end.
+GUEST_EXIT_WAIT_S = 2.0
 #: After the source's COMPLETE, how long demand answers still in flight may take.
 POSTCOPY_COMPLETE_TIMEOUT_S = 60.0
 #: After a link failure following the switch, how long to wait for the source to resume
@@ -77,6 +84,8 @@ class DestinationMigration:
         self.digests: np.ndarray | None = None
         self.received: np.ndarray | None = None  # per page: placed (post-copy needs it)
         self._placer: _Placer | None = None
+        self._fault_page = -1  # test-only placement fault (vmem.migration.inject), -1: none
+        self._ram_address = 0  # the incoming guest's RAM mapping in this process
         self.pages_received = 0
         self.sampler: PeakSampler | None = None
         # From the preamble.
@@ -112,23 +121,48 @@ class DestinationMigration:
 
     # --- page placement ----------------------------------------------------------------
     def _place(self, pfns: np.ndarray, nbytes: int) -> None:
-        """Receive ``nbytes`` of page data for ``pfns``; a worker digests and writes it.
+        """Receive ``nbytes`` of page data for ``pfns`` into RAM; a worker digests what landed.
 
-        The batch lands in one of two staging buffers (<= 4 MiB each).  While this thread
-        receives the next batch, a worker thread digests the previous one and writes it to
-        the RAM memfd with one ``pwrite`` per contiguous run (both calls release the GIL).
-        pwrite into fresh shmem measured ~2x faster than writing through a mapping (no page
-        faults) and maps no guest RAM into this process.  Any pfn order is accepted (Xen does
-        not require sorted records); a repeated pfn: the last copy wins.
+        Before the post-copy switch, a batch of at most ``MAX_DIRECT_RUNS`` increasing runs
+        (round 0: one run) is received straight into the incoming guest's RAM mapping --
+        the guest is not running yet -- and the worker digests it there.  Any other batch
+        (scattered pages, any pfn order, a repeated pfn: the last copy wins; everything
+        after the switch) lands in one of two staging buffers (<= 4 MiB each); the worker
+        writes it into the RAM memfd (one ``pwrite`` per run, no page faults) and digests
+        it as read back from the memfd (``vmem._native.place_pages``).  Either way a digest
+        is of RAM after the write, and only pages just written are read.
         """
         n = len(pfns)
         if nbytes != n * PAGE_SIZE:
             raise StreamError(f"page payload of {nbytes} bytes for {n} pages")
-        slot = self._placer.acquire()
-        buf = slot.staging[:n]
-        self.ch.recv_into(buf.data)
-        self._placer.submit(slot, pfns.astype(np.int64, copy=False), n)
+        pages = pfns.astype(np.int64, copy=False)
+        runs = self._direct_runs(pages)
+        if runs is not None:
+            self._placer.wait_staged()  # an older staged batch may still write these pages
+            for first, end in runs:
+                # A raw view: a view of the RAM mmap left in the traceback the channel keeps
+                # with a receive error would keep the mapping and its memfd open.
+                self.ch.recv_into(nat.raw_view(self._ram_address + first * PAGE_SIZE, (end - first) * PAGE_SIZE))
+            self._placer.submit_direct(pages)
+        else:
+            slot = self._placer.acquire()
+            self.ch.recv_into(slot.staging[:n].data)
+            self._placer.submit(slot, pages, n)
         self.pages_received += n
+
+    def _direct_runs(self, pages: np.ndarray) -> list | None:
+        """The runs ``[(first, end), ...]`` to receive ``pages`` straight into RAM, or None."""
+        if self._placer.postcopy is not None or self._fault_page in pages:
+            return None  # after the switch a page becomes visible only through place()
+        steps = np.diff(pages)
+        if steps.size and steps.min() <= 0:
+            return None
+        breaks = np.flatnonzero(steps != 1)
+        if len(breaks) >= MAX_DIRECT_RUNS:
+            return None
+        starts = np.concatenate((pages[:1], pages[breaks + 1])).tolist()
+        ends = np.concatenate((pages[breaks], pages[-1:])) + 1
+        return list(zip(starts, ends.tolist()))
 
     # --- the forward stream -----------------------------------------------------------------
     def _new_reader(self):
@@ -292,6 +326,10 @@ class DestinationMigration:
             with self.sampler:
                 return self._run()
         except (VmemError, TransportError, OSError) as err:
+            if self.guest is not None and not isinstance(err, GuestCrashed) and self._guest_died(err):
+                # The guest's death surfaced as another error (e.g. ENOENT placing a page
+                # into its gone mm): name the real cause, e.g. the checker's message.
+                err = self.guest.crash_error(self.phase)
             self._report_error(err)
             return 1
         finally:
@@ -304,6 +342,19 @@ class DestinationMigration:
                 # on a missing page run on a zero page.  (ProcessGuest.close kills first.)
                 self.guest.close()
                 self.guest = None
+
+    def _guest_died(self, err: BaseException) -> bool:
+        """Whether the guest is dead.  After an error that says its memory is gone (ENOENT
+        or ESRCH from a uffd call: the mm is torn down before the process is), wait a
+        moment for the process to end too."""
+        cause = err if isinstance(err, OSError) else err.__cause__
+        gone = isinstance(cause, OSError) and cause.errno in (errno.ENOENT, errno.ESRCH)
+        deadline = time.monotonic() + (GUEST_EXIT_WAIT_S if gone else 0.0)
+        while self.guest.alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def _report_error(self, err: BaseException) -> None:
         msg = getattr(err, "message", None) or str(err) or type(err).__name__
@@ -340,7 +391,12 @@ class DestinationMigration:
         if config.get("verify", True):
             self.digests = np.full(npages, zero_page_digest(), dtype=np.uint64)
         self.received = np.zeros(npages, dtype=bool)
-        self._placer = _Placer(self.guest.ram.fd, self.digests, self.received)
+        fault = inject.placement_fault_from_env()
+        if fault is not None:  # test-only (vmem.migration.inject)
+            nat.set_place_fault(*fault)
+            self._fault_page = fault[1]
+        self._ram_address = self.guest.ram.address
+        self._placer = _Placer(self.guest.ram, self.digests, self.received)
         ready = {"guest_pid": self.guest.pid}
         if config.get("postcopy"):
             ready.update(self._arm_postcopy())
@@ -446,27 +502,29 @@ class DestinationMigration:
 
 
 class _Slot:
-    """A staging buffer (and its digest scratch) that one batch occupies until written."""
+    """A staging buffer that one batch occupies until it is written."""
 
     def __init__(self):
         self.staging = np.empty((MAX_PAGES_PER_RECORD, PAGE_SIZE), dtype=np.uint8)
-        self.address = self.staging.ctypes.data  # looked up once: .ctypes costs µs
-        self.digest_tmp = np.empty(MAX_PAGES_PER_RECORD, dtype=np.uint64)
 
 
 class _Placer:
-    """Digest-and-write worker: two slots, so receiving overlaps placing.
+    """Write-and-digest worker: receiving the next batch overlaps placing the last.
 
-    Guarantees: after :meth:`flush` returns, every submitted batch is in the RAM memfd and
-    its digests are recorded; a worker failure is re-raised in the receiving thread (at
-    the next acquire or flush).
+    Two kinds of work, done in submission order: a staged batch (write it from its slot
+    into the RAM memfd, digest what the memfd then holds) and a batch received straight
+    into RAM (digest it there).  Guarantees: after :meth:`flush` returns, every submitted
+    batch is in RAM and its digests, taken from RAM after the write, are recorded; a worker
+    failure is re-raised in the receiving thread (at the next acquire or flush).
     """
 
-    def __init__(self, ram_fd: int, digests: np.ndarray | None, received: np.ndarray | None = None, nslots: int = 2):
+    def __init__(self, ram, digests: np.ndarray | None, received: np.ndarray | None = None, nslots: int = 2):
+        """``ram``: the incoming guest's GuestRam (its memfd, and its mapping here)."""
         import queue
         import threading
 
-        self._fd = ram_fd
+        self._fd = ram.fd
+        self._ram_address = ram.address
         self._digests = digests
         self._received = received
         #: set at the post-copy switch: batches then go through its claim-and-map placement
@@ -474,14 +532,14 @@ class _Placer:
         self._free: "queue.Queue[_Slot]" = queue.Queue()
         for _ in range(nslots):
             self._free.put(_Slot())
+        self._digest_tmp = np.empty(MAX_PAGES_PER_RECORD, dtype=np.uint64)  # the worker's
         self._work: "queue.Queue" = queue.Queue()
+        self._staged_in_flight = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="vmem-placer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        from vmem import _native as nat
-
         while True:
             item = self._work.get()
             if item is None:
@@ -489,20 +547,26 @@ class _Placer:
                 return
             slot, pages, n = item
             try:
-                if self._error is None and self.postcopy is not None:
-                    self.postcopy.place(slot.staging, pages, slot.digest_tmp)
-                elif self._error is None:
+                if self._error is not None:
+                    pass
+                elif slot is None:  # received straight into RAM: digest it where it is
                     if self._received is not None:
                         self._received[pages] = True
                     if self._digests is not None:
-                        tmp = slot.digest_tmp[:n]
-                        nat.digest_range(slot.address, 0, n, tmp)
+                        tmp = self._digest_tmp[:n]
+                        nat.digest_pages(self._ram_address, pages, tmp)
                         self._digests[pages] = tmp
-                    nat.pwrite_pages(self._fd, slot.staging[:n], pages)
+                elif self.postcopy is not None:
+                    self.postcopy.place(slot.staging, pages)
+                else:
+                    if self._received is not None:
+                        self._received[pages] = True
+                    nat.place_pages(self._fd, -1, 0, slot.staging, pages, digests=self._digests)
             except BaseException as err:  # re-raised in the receiving thread
                 self._error = err
             finally:
-                self._free.put(slot)
+                if slot is not None:
+                    self._free.put(slot)
                 self._work.task_done()
 
     def _check(self) -> None:
@@ -517,7 +581,19 @@ class _Placer:
         return slot
 
     def submit(self, slot: _Slot, pages: np.ndarray, n: int) -> None:
+        self._staged_in_flight = True
         self._work.put((slot, pages, n))
+
+    def submit_direct(self, pages: np.ndarray) -> None:
+        """``pages`` were received straight into RAM: digest them there (in order)."""
+        self._work.put((None, pages, len(pages)))
+
+    def wait_staged(self) -> None:
+        """Before receiving into RAM directly: let staged batches (which may hold the same
+        pages, older copies) reach RAM first.  Free when none was submitted since."""
+        if self._staged_in_flight:
+            self.flush()
+            self._staged_in_flight = False
 
     def flush(self) -> None:
         self._work.join()

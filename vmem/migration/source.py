@@ -43,13 +43,15 @@ from vmem.format import control, stream
 
 from vmem.format import wire
 from vmem.format.wire import MAX_PAGES_PER_RECORD
-from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
+from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError, drop_tracebacks
 from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
 from vmem.provenance import collect as collect_provenance
+from vmem.migration import inject
 from vmem.migration.policy import Decision, XenDefaultPolicy
 from vmem.migration.rounds import RoundResult, run_precopy
 from vmem.migration.state import SOURCE_TRANSITIONS, SourceState, StateCell
 from vmem.migration.postcopy import drop_links
+from vmem.migration.postcopy.source import destination_error
 from vmem.procstats import PeakSampler, process_figures
 from vmem.migration.report import MigrationReport, RoundStats
 from vmem.tracking import make_tracker
@@ -208,8 +210,7 @@ class SourceMigration:
                 raise MigrationError(self.report.phase, f"destination sent nothing for {timeout_s:.0f} s")
             ctype, body = self._ctl_reader.read()
         if ctype == wire.ControlType.ERROR:
-            err = control.decode_json(body)
-            raise MigrationError(err.get("phase", self.report.phase), f"destination: {err.get('message', err)}")
+            raise destination_error(body, self.report.phase)
         if ctype not in expect:
             raise MigrationError(self.report.phase, f"destination sent {wire.ControlType(ctype).name}, expected {'/'.join(e.name for e in expect)}")
         return ctype, body
@@ -277,6 +278,8 @@ class SourceMigration:
         self._t_segment = t_start
         self._t_start_ns = time.monotonic_ns()
         before = g.counters()
+        if inject.stale_pages is not None:  # test-only (vmem.migration.inject)
+            inject.stale_pages.snapshot(g.ram.pages)
         sampler = PeakSampler({"migrator_source": os.getpid()})
         try:
             with sampler:
@@ -305,7 +308,7 @@ class SourceMigration:
         return r
 
     def _fail(self, err: BaseException) -> None:
-        _drop_tracebacks(err)  # see _drop_tracebacks: they would pin views of guest RAM
+        drop_tracebacks(err)  # see drop_tracebacks: they would pin views of guest RAM
         r = self.report
         if not isinstance(err, GuestCrashed) and not self.guest.alive():
             # The guest's death surfaced as some other error (e.g. ESRCH from PAGEMAP_SCAN on
@@ -550,13 +553,14 @@ class SourceMigration:
         w.write_record(PC.TRANSITION, self.paused.context)
         self._set_state(SourceState.POSTCOPY_SWITCH, SourceState.POSTCOPY_ACTIVE)
         t_transition = time.monotonic()
+        pending = merge_pages(base, late)
+        served = g.ram.pages if inject.stale_pages is None else inject.stale_pages.served_ram(g.ram.pages, pending)
         # The fault server first: the destination guest may fault any moment now.
-        pc = PostcopySource(g.ram.pages, w, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
+        pc = PostcopySource(served, w, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
         self._pc = pc
         pc.start()
         if self.tracker is not None:
             self.tracker.stop()  # outside the downtime, as in stop-and-copy
-        pending = merge_pages(base, late)
         self._pc_pending_total = int(len(pending))
         self._pc_timings = {
             "drain_before_pause": drain_ms,
@@ -862,21 +866,6 @@ class _LiveRounds:
     def set_throttle(self, level: float) -> None:
         self.mig.guest.set_throttle(level)
         self.mig._throttled = True
-
-
-def _drop_tracebacks(err: BaseException | None) -> None:
-    """Clear the tracebacks of ``err`` and its causes.
-
-    A channel keeps its first error (sticky); that error's traceback holds the frames that
-    were sending -- with memoryviews of guest RAM -- and those frames hold the channel: a
-    cycle that keeps the RAM mapping (and its memfd) alive until the garbage collector
-    runs.  The report carries the message, not the traceback.
-    """
-    seen = 0
-    while err is not None and seen < 16:
-        err.__traceback__ = None
-        err = err.__cause__ or err.__context__
-        seen += 1
 
 
 def _is_link_error(err: BaseException) -> bool:

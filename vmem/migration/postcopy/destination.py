@@ -6,8 +6,9 @@ be tracked when it migrates on).  From then on the guest can see a page only whe
 it:
 
 * a page still to come is written into the RAM file with ``pwrite`` (invisible: the guest
-  has no mapping of it and its faults are trapped) and then mapped with ``UFFDIO_CONTINUE``
-  -- so a page is never visible half-written (``vmem._native.place_pages``);
+  has no mapping of it and its faults are trapped), digested as read back from the file
+  (what was placed, not what was received) and then mapped with ``UFFDIO_CONTINUE`` -- so a
+  page is never visible half-written (``vmem._native.place_pages``);
 * a page that was already here before the switch (pre-copied and not dirtied since, or a
   page the source never had: a zero page) is mapped on its first fault: ``CONTINUE`` for a
   page in the page cache (MINOR fault), ``UFFDIO_ZEROPAGE`` for a hole (MISSING fault);
@@ -231,13 +232,15 @@ class PostcopyDestination:
         self._threads.append(t)
 
     # --- placement -----------------------------------------------------------------------------
-    def place(self, staging: np.ndarray, pfns: np.ndarray, digest_tmp: np.ndarray) -> int:
+    def place(self, staging: np.ndarray, pfns: np.ndarray) -> int:
         """Place the pages of ``pfns`` held in ``staging[:n]``; skip those already here.
 
+        Each page is written into the RAM file, digested as the file then holds it (read
+        back into ``staging``) and only then mapped for the guest (``place_pages``).
         Thread-safe.  Returns how many pages this call placed.
         """
         if self.engine is not None:
-            return self.engine.place(staging, pfns)  # digests in C
+            return self.engine.place(staging, pfns)  # the same, in C under the engine's lock
         n = len(pfns)
         with self._lock:
             take = self.state[pfns] == MISSING
@@ -248,11 +251,8 @@ class PostcopyDestination:
             self.duplicates += n - len(rows)
         if not len(rows):
             return 0
-        if self.digests is not None:
-            tmp = digest_tmp[:n]
-            nat.digest_range(staging.ctypes.data, 0, n, tmp)
-            self.digests[mine] = tmp[rows]
-        nat.place_pages(self.ram_fd, self.uffd, self.base, staging, mine, None if len(rows) == n else rows)
+        nat.place_pages(self.ram_fd, self.uffd, self.base, staging, mine, None if len(rows) == n else rows,
+                        digests=self.digests)
         now = time.monotonic_ns()
         with self._lock:
             self.state[mine] = PRESENT

@@ -26,18 +26,29 @@ import time
 
 import numpy as np
 
+from transport import TransportError
+
 from vmem.format import wire
-from vmem.errors import MigrationError
+from vmem.errors import MigrationError, StreamError, drop_tracebacks
 from vmem.pages import PAGE_SIZE, page_buffers, unique_pages
 from vmem.format.postcopy import decode_pfn_list
 from vmem.format.wire import MAX_PAGES_PER_RECORD
 
-__all__ = ["PostcopySource"]
+__all__ = ["PostcopySource", "destination_error"]
 
 BATCH_PAGES = 1024
 GIL_SWITCH_INTERVAL_S = 0.0001
 #: pages a batch search looks at per numpy step (a window of the pending list)
 SCAN_WINDOW = 16384
+
+
+def destination_error(body: bytes, phase: str = "postcopy") -> MigrationError:
+    """The destination's ERROR record as the error the migration fails with (its phase if
+    it names one, else ``phase``)."""
+    from vmem.format import control
+
+    err = control.decode_json(body)
+    return MigrationError(err.get("phase", phase), f"destination: {err.get('message', err)}")
 
 
 class PostcopySource:
@@ -87,6 +98,8 @@ class PostcopySource:
         self.stream_ended = False
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        #: the destination's ERROR, read by the Python fault server (no urgent channel)
+        self.refused: MigrationError | None = None
         self._old_switch_s: float | None = None
 
     # --- back channel ------------------------------------------------------------------------
@@ -116,6 +129,8 @@ class PostcopySource:
                     self._serve_fault(decode_pfn_list(body, self.npages, "POSTCOPY_FAULT"))
                     continue
                 self.controls.put((ctype, body))
+                if ctype == wire.ControlType.ERROR:
+                    self.error = self.refused = destination_error(body)  # the pusher stops at once
                 if ctype in (wire.ControlType.POSTCOPY_STATUS, wire.ControlType.ERROR):
                     return
         except BaseException as err:  # the main thread raises it from next_control
@@ -147,8 +162,28 @@ class PostcopySource:
             import os
 
             raise MigrationError("postcopy", f"the fault server stopped: {os.strerror(st['error'])}")
-        if self.channel.wait_readable(0):
-            self.controls.put(self.ctl_reader.read())
+        self._read_waiting_controls()
+
+    def _read_waiting_controls(self) -> None:
+        """Engine mode: queue the control records already waiting; raise the destination's ERROR."""
+        while self.channel.wait_readable(0):
+            ctype, body = self.ctl_reader.read()
+            if ctype == wire.ControlType.ERROR:
+                raise destination_error(body)
+            self.controls.put((ctype, body))
+
+    def _raise_destination_error(self) -> None:
+        """A send failed: if the destination said why before it closed, raise that instead
+        (else the send error stands: a broken link stays a link error, e.g. recoverable)."""
+        if self.refused is not None:
+            raise self.refused
+        if self._engine is None:
+            return
+        try:
+            self._read_waiting_controls()
+        except (TransportError, OSError, StreamError) as err:
+            drop_tracebacks(err)  # the channel keeps it (sticky): its frames would pin guest RAM
+            # nothing readable from it
 
     def wait_for_control(self, timeout_s: float) -> float:
         """Wait up to ``timeout_s`` for the next control record (left queued); return ms waited."""
@@ -241,7 +276,11 @@ class PostcopySource:
             self.sent[batch] = True
             with self.send_lock:
                 before = self.writer.bytes_written
-                self.writer.page_data(batch, page_buffers(self.ram, batch, self._staging), record_type=record)
+                try:
+                    self.writer.page_data(batch, page_buffers(self.ram, batch, self._staging), record_type=record)
+                except TransportError:
+                    self._raise_destination_error()  # e.g. its guest died: that is the reason
+                    raise
                 nbytes = self.writer.bytes_written - before
             self.pages_pushed += len(batch)
             self.bytes_pushed += nbytes

@@ -1,0 +1,89 @@
+"""Test-only failure injection for the verifier.  Never set any of it outside tests.
+
+The migrator proves a migration with per-page digests: the source's of its RAM at the
+pause, the destination's of what it placed in the incoming guest's RAM.  These hooks make
+placement or the source go wrong on purpose, so that tests (tests/test_verification.py)
+can show the digests catch it.  They are not user options: no flag or report key sets them.
+
+* :data:`PLACEMENT_FAULT_ENV` -- an environment variable read only by the destination
+  process (``python -m vmem.migration.destination`` and the agent's destination), value
+  ``KIND:PAGE`` with KIND one of ``drop`` (the page is neither written nor mapped),
+  ``wrong-offset`` (written one page further on, its own page left as it was) or ``flip``
+  (written, then one byte of it flipped in the RAM file).  Pre-copy and post-copy placement
+  alike (``vmem._native.place_pages`` and the post-copy engine).
+* :data:`stale_pages` -- a module-level hook the test sets in the source's process: the
+  source then answers post-copy faults and pushes with old copies of pages (as they were
+  when the migration started) while its own RAM stays intact.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+__all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "StalePages", "stale_pages"]
+
+#: ``KIND:PAGE``: the destination process mishandles PAGE as KIND when placing it (test-only).
+PLACEMENT_FAULT_ENV = "VMEM_TEST_PLACEMENT_FAULT"
+
+
+def placement_fault_from_env(environ=None) -> tuple[str, int] | None:
+    """The placement fault :data:`PLACEMENT_FAULT_ENV` asks for, or None.
+
+    Raises:
+        ValueError: the variable is set but malformed (a test's mistake: fail loudly).
+    """
+    from vmem import _native as nat
+
+    value = (os.environ if environ is None else environ).get(PLACEMENT_FAULT_ENV, "")
+    if not value:
+        return None
+    kind, _, page = value.partition(":")
+    if kind not in nat.PLACE_FAULTS or not page.isdigit():
+        raise ValueError(f"{PLACEMENT_FAULT_ENV}={value!r}: expected KIND:PAGE, KIND one of {sorted(nat.PLACE_FAULTS)}")
+    return kind, int(page)
+
+
+class StalePages:
+    """Post-copy: serve old copies of pages still to come (test-only).
+
+    :meth:`snapshot` keeps a copy of the source's RAM when the migration starts;
+    :meth:`served_ram` (at the switch, the guest paused) returns the RAM the post-copy
+    source serves from: a copy of the RAM with the chosen pages replaced by their snapshot.
+    The source guest's own RAM is never written.
+
+    Args:
+        which: ``"one"`` -- the first page still to come that changed since the snapshot;
+            ``"all"`` -- every such page.
+        first_page: only pages from this one on are served stale (e.g. a guest's first data
+            page: with its ledger current, a guest that reads a stale page can tell).
+
+    Attributes:
+        applied: the pages served stale (sorted int64), known after the switch.
+    """
+
+    def __init__(self, which: str = "one", first_page: int = 0):
+        if which not in ("one", "all"):
+            raise ValueError(f"which must be 'one' or 'all', got {which!r}")
+        self.which = which
+        self.first_page = first_page
+        self.applied = np.empty(0, dtype=np.int64)
+        self._old: np.ndarray | None = None
+
+    def snapshot(self, ram: np.ndarray) -> None:
+        self._old = ram.copy()
+
+    def served_ram(self, ram: np.ndarray, pending: np.ndarray) -> np.ndarray:
+        if self._old is None:
+            raise RuntimeError("StalePages: no snapshot taken")
+        pending = np.asarray(pending, dtype=np.int64)
+        pending = pending[pending >= self.first_page]
+        changed = pending[(self._old[pending] != ram[pending]).any(axis=1)]
+        self.applied = changed[:1] if self.which == "one" else changed
+        served = ram.copy()
+        served[self.applied] = self._old[self.applied]
+        return served
+
+
+#: Set by a test (and cleared after it) in the process that runs the source migration.
+stale_pages: StalePages | None = None
