@@ -69,7 +69,6 @@ __all__ = [
     "set_pdeathsig",
     "place_pages",
     "set_place_fault",
-    "raw_view",
     "PLACE_FAULTS",
     "continue_runs",
     "PostcopyFaultEngine",
@@ -656,30 +655,32 @@ def digest_page_bytes(page: bytes) -> int:
 
 # --- post-copy placement ---------------------------------------------------------------
 def place_pages(ram_fd: int, uffd: int, guest_base: int, buf: np.ndarray, pages: np.ndarray,
-                rows: np.ndarray | None = None, digests: np.ndarray | None = None) -> int:
+                rows: np.ndarray | None = None, digests: np.ndarray | None = None, view: int = 0) -> int:
     """Write page ``pages[i]`` from staging row ``rows[i]`` (default ``i``) into the RAM file,
     digest what the file then holds, and map it into the guest with ``UFFDIO_CONTINUE``
     (skipped when ``uffd < 0``: pre-copy, the guest does not run yet).
 
-    Runs of consecutive pages in consecutive rows cost one ``pwrite``, one ``pread`` (with
-    ``digests``) and one ``CONTINUE``, in C.  The guest sees each page complete or not at
-    all (its MINOR|MISSING registration keeps unmapped pages invisible).  Pages already
-    mapped are skipped and their waiters woken.
+    Runs of consecutive pages in consecutive rows cost one ``pwrite`` and one ``CONTINUE``,
+    in C.  The guest sees each page complete or not at all (its MINOR|MISSING registration
+    keeps unmapped pages invisible).  Pages already mapped are skipped and their waiters
+    woken.
 
     Args:
         digests: uint64 per page of the guest, or None.  ``digests[pages[i]]`` becomes the
-            digest of page ``pages[i]`` as read back from the RAM file after the write and
-            before the guest can map it -- what was placed, not what was received.  The
-            read-back lands in ``buf``'s rows (their data is in the file by then), and a
-            page the write missed reads as zeros without being allocated.
+            digest of page ``pages[i]`` as the RAM file holds it after the write, read
+            through ``view`` before the guest can map it -- what was placed, not what was
+            received.  Only the pages just written are read (they are in the page cache:
+            nothing is allocated).
+        view: address of this process's shared mapping of the whole RAM file (needed with
+            ``digests``).  The caller keeps it mapped during the call.
 
     Raises:
-        ValueError: shapes do not match.  OSError: pwrite(2), pread(2) or UFFDIO_CONTINUE
-            failed (earlier runs stay placed).
+        ValueError: shapes do not match, or ``digests`` without ``view``.  OSError:
+            pwrite(2) or UFFDIO_CONTINUE failed (earlier runs stay placed).
     """
     pages = np.ascontiguousarray(pages, dtype=np.int64)
-    if buf.ndim != 2 or buf.shape[1] != PAGE_SIZE or not buf.flags.c_contiguous or not buf.flags.writeable:
-        raise ValueError("buf must be a writeable C-contiguous (n, 4096) array")
+    if buf.ndim != 2 or buf.shape[1] != PAGE_SIZE or not buf.flags.c_contiguous:
+        raise ValueError("buf must be a C-contiguous (n, 4096) array")
     n = len(pages)
     if n == 0:
         return 0
@@ -696,22 +697,14 @@ def place_pages(ram_fd: int, uffd: int, guest_base: int, buf: np.ndarray, pages:
         _u64_out(digests, int(pages.max()) + 1, "place_pages")
         if int(pages.min()) < 0:
             raise ValueError("place_pages: negative page index")
+        if not view:
+            raise ValueError("place_pages: digests need the view (this process's mapping of the RAM file)")
     return _check(
-        lib.vmem_place_pages(ram_fd, uffd, guest_base, ffi.cast("uint8_t *", buf.ctypes.data), rows_ptr,
-                             ffi.cast("const int64_t *", pages.ctypes.data), n, _ptr("uint64_t *", digests)),
+        lib.vmem_place_pages(ram_fd, uffd, guest_base, ffi.cast("const uint8_t *", buf.ctypes.data), rows_ptr,
+                             ffi.cast("const int64_t *", pages.ctypes.data), n, _ptr("uint64_t *", digests),
+                             ffi.cast("const uint8_t *", view)),
         f"placing {n} pages",
     )
-
-
-def raw_view(address: int, nbytes: int) -> memoryview:
-    """A writable byte view of ``[address, address + nbytes)`` of this process's memory.
-
-    Unlike a view of an ``mmap`` object it holds no buffer export on the mapping, so a view
-    left behind (e.g. in the traceback a channel keeps with its first error) cannot keep the
-    mapping -- and its memfd -- from being closed.  The caller guarantees the range stays
-    mapped while the view is used.
-    """
-    return memoryview(ffi.buffer(ffi.cast("char *", address), nbytes))
 
 
 #: Test-only placement faults (vmem.migration.inject) by name: what :func:`place_pages`
@@ -816,9 +809,12 @@ class PostcopyFaultEngine(_FaultThread):
 
     def __init__(self, uffd: int, urgent_fd: int, ram_fd: int, base: int, npages: int, state: np.ndarray,
                  requested: np.ndarray, received: np.ndarray, fault_t0: np.ndarray, digests: np.ndarray | None,
-                 latencies: np.ndarray, missing: int):
-        """Raises ValueError for arrays of the wrong size, OSError (e.g. EMFILE) if the
-        engine's wake pipe or memory cannot be had."""
+                 latencies: np.ndarray, missing: int, view: int = 0):
+        """``view``: this process's mapping of the whole RAM file (digests are read through
+        it after each write; required with ``digests``).  Raises ValueError for arrays of
+        the wrong size, OSError (e.g. EMFILE) if the engine's wake pipe or memory cannot be had."""
+        if digests is not None and not view:
+            raise ValueError("digests need the view (this process's mapping of the RAM file)")
         for name, arr, dt in (("state", state, np.uint8), ("requested", requested, np.uint8), ("received", received, np.uint8),
                               ("fault_t0", fault_t0, np.int64)):
             if arr.dtype.itemsize != np.dtype(dt).itemsize or len(arr) != npages:
@@ -826,14 +822,13 @@ class PostcopyFaultEngine(_FaultThread):
         self._keep = (state, requested, received, fault_t0, digests, latencies)
         self._create(uffd, urgent_fd, ram_fd, base, npages, _ptr("uint8_t *", state), _ptr("uint8_t *", requested),
                      _ptr("uint8_t *", received), _ptr("int64_t *", fault_t0), _ptr("uint64_t *", digests),
-                     _ptr("int64_t *", latencies), len(latencies), missing)
+                     _ptr("int64_t *", latencies), len(latencies), missing, ffi.cast("const uint8_t *", view))
 
     def place(self, staging: np.ndarray, pfns: np.ndarray) -> int:
         """Place the batch in ``staging[:len(pfns)]`` (pages not MISSING are skipped); the
-        digests come from the RAM file after the write (:func:`place_pages`), read back into
-        ``staging``'s rows."""
+        digests come from the RAM file after the write (:func:`place_pages`)."""
         pfns = np.ascontiguousarray(pfns, dtype=np.int64)
-        return _check(lib.vmem_pc_dest_place(self._h, _ptr("uint8_t *", staging), _ptr("const int64_t *", pfns),
+        return _check(lib.vmem_pc_dest_place(self._h, _ptr("const uint8_t *", staging), _ptr("const int64_t *", pfns),
                                              len(pfns)), f"placing {len(pfns)} post-copy pages")
 
 

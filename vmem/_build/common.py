@@ -63,12 +63,11 @@ static int64_t vmem_now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* pwrite (write != 0) or pread all of [buf, buf+left) at off: short transfers resumed,
-   EINTR retried.  0, -EIO if nothing moved (end of file), or -errno. */
-static int vmem_pio_all(int fd, uint8_t *buf, size_t left, off_t off, int write)
+/* pwrite all of [src, src+left) at off: short writes resumed, EINTR retried.  0 or -errno. */
+static int vmem_pwrite_all(int fd, const uint8_t *src, size_t left, off_t off)
 {
     while (left > 0) {
-        ssize_t w = write ? pwrite(fd, buf, left, off) : pread(fd, buf, left, off);
+        ssize_t w = pwrite(fd, src, left, off);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
@@ -76,22 +75,11 @@ static int vmem_pio_all(int fd, uint8_t *buf, size_t left, off_t off, int write)
         }
         if (w == 0)
             return -EIO;
-        buf += w;
+        src += w;
         off += w;
         left -= (size_t)w;
     }
     return 0;
-}
-
-static int vmem_pwrite_all(int fd, const uint8_t *src, size_t left, off_t off)
-{
-    return vmem_pio_all(fd, (uint8_t *)src, left, off, 1);
-}
-
-/* A hole of a shmem file reads as zeros and stays a hole (nothing is allocated). */
-static int vmem_pread_all(int fd, uint8_t *dst, size_t left, off_t off)
-{
-    return vmem_pio_all(fd, dst, left, off, 0);
 }
 
 /* read exactly len bytes (blocking fd): EINTR retried.  0, -EPIPE at EOF, or -errno. */

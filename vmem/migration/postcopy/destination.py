@@ -6,7 +6,7 @@ be tracked when it migrates on).  From then on the guest can see a page only whe
 it:
 
 * a page still to come is written into the RAM file with ``pwrite`` (invisible: the guest
-  has no mapping of it and its faults are trapped), digested as read back from the file
+  has no mapping of it and its faults are trapped), digested as the file then holds it
   (what was placed, not what was received) and then mapped with ``UFFDIO_CONTINUE`` -- so a
   page is never visible half-written (``vmem._native.place_pages``);
 * a page that was already here before the switch (pre-copied and not dirtied since, or a
@@ -82,6 +82,7 @@ class PostcopyDestination:
         self.uffd = guest.uffd()
         self.base = guest.ram_base
         self.ram_fd = guest.ram.fd
+        self.view = guest.ram.address  # this process's mapping: digests of placed pages
         self.digests = digests
         self.received = received
         self._send_control = send_control
@@ -171,7 +172,7 @@ class PostcopyDestination:
             self.engine = nat.PostcopyFaultEngine(
                 self.uffd, urgent_channel.fileno(), self.ram_fd, self.base, self.npages, self.state,
                 self.requested.view(np.uint8), self.received.view(np.uint8), self.fault_t0_ns, self.digests,
-                self._latency_ns, self.missing)
+                self._latency_ns, self.missing, view=self.view)
             self.engine.start()
             return
         self._start(self._fault_loop, "vmem-pc-faults")
@@ -236,7 +237,7 @@ class PostcopyDestination:
         """Place the pages of ``pfns`` held in ``staging[:n]``; skip those already here.
 
         Each page is written into the RAM file, digested as the file then holds it (read
-        back into ``staging``) and only then mapped for the guest (``place_pages``).
+        through this process's mapping of it) and only then mapped for the guest (``place_pages``).
         Thread-safe.  Returns how many pages this call placed.
         """
         if self.engine is not None:
@@ -252,7 +253,7 @@ class PostcopyDestination:
         if not len(rows):
             return 0
         nat.place_pages(self.ram_fd, self.uffd, self.base, staging, mine, None if len(rows) == n else rows,
-                        digests=self.digests)
+                        digests=self.digests, view=self.view)
         now = time.monotonic_ns()
         with self._lock:
             self.state[mine] = PRESENT
