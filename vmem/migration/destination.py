@@ -421,9 +421,12 @@ class DestinationMigration:
             digests = self.digests if self.digests.dtype == np.dtype("<u8") else self.digests.astype("<u8")
             self._send_control(wire.ControlType.DIGESTS, raw=memoryview(digests).cast("B"))
         if config.get("guest_check", True):
-            t = time.monotonic()
-            check = self.guest.verify()
+            # From outside, the guest running: the lab must not stall the guest it
+            # measures (the guest's own VERIFY command stops its workload meanwhile).
+            t, steps0 = time.monotonic(), self.guest.counters()["steps"]
+            check = self.guest.verify_running()
             check["duration_s"] = round(time.monotonic() - t, 3)
+            check["guest_steps_during"] = self.guest.counters()["steps"] - steps0
             self._send_control(wire.ControlType.GUEST_CHECK, check)
 
         self._state.set(DestinationState.VERIFY, DestinationState.COMMIT)
