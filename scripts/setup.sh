@@ -11,6 +11,8 @@ missing=()
 "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || missing+=(python3-dev)
 command -v gcc >/dev/null || missing+=(gcc)
+# OpenSSL's headers: the native post-copy threads MAC keyed links with libcrypto's HMAC.
+[ -e /usr/include/openssl/hmac.h ] || missing+=(libssl-dev)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "setup: installing ${missing[*]} with apt-get"

@@ -862,3 +862,60 @@ def test_require():
         assert "kernel too old" in str(exc.value)
     finally:
         vfeatures._cache = saved
+
+
+def _wait_stats(thread, key, want, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while thread.stats()[key] != want and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return thread.stats()
+
+
+def test_fault_server_speaks_the_mac_framing_of_a_keyed_link():
+    """On a keyed link the C fault server takes over transport.secure.MacChannel's framing
+    (keys and frame numbers from native_handoff, after Python frames went both ways): a
+    Python MacChannel peer's FAULT is answered with frames that peer verifies, an answer
+    larger than one frame spans frames, and a forged frame stops the server (EBADMSG)."""
+    from transport import channel_pair
+    from transport.secure import MacChannel
+    from vmem.format import wire
+    from vmem.migration.postcopy import native_link
+
+    npages = 512
+    ram = np.random.default_rng(5).integers(0, 256, (npages, PAGE), dtype=np.uint8)
+    sent = np.zeros(npages, dtype=np.uint8)
+    cursor = np.zeros(2, dtype=np.int64)
+    a, b = channel_pair()
+    session = bytes(range(7, 39))
+    dest, src = MacChannel(a, session, "client"), MacChannel(b, session, "server")
+    try:
+        dest.send(b"attach")  # the attach exchange, framed by Python: frame numbers move on
+        assert src.recv_exact(6) == b"attach"
+        src.send(b"ok")
+        assert dest.recv_exact(2) == b"ok"
+        fd, mac = native_link(src)
+        assert mac["send_seq"] == 1 and mac["recv_seq"] == 1
+        with pytest.raises(Exception, match="handed to native code"):
+            src.send(b"x")  # the Python channel must not move data any more
+        server = nat.PostcopyFaultServer(fd, ram, sent, cursor)
+        try:
+            server.set_mac(mac)
+            server.start()
+            wanted = list(range(100, 100 + 300))  # 1.2 MiB of pages: the answer spans two frames
+            dest.send(_urgent_fault(wanted))
+            head = np.frombuffer(dest.recv_exact(16 + 8 * len(wanted)), dtype="<u8")
+            assert int(head[0]) & 0xFFFFFFFF == wire.PostcopyRecordType.PAGE_DATA and head[1] == len(wanted)
+            pages = np.frombuffer(dest.recv_exact(len(wanted) * PAGE), dtype=np.uint8).reshape(-1, PAGE)
+            assert np.array_equal(pages, ram[wanted])
+            assert _wait_stats(server, "fault_records", 1)["error"] == 0
+            # A man in the middle: a frame of the right shape with a wrong tag.
+            forged = _urgent_fault([3])
+            a.send(len(forged).to_bytes(4, "little") + forged + bytes(16))
+            assert _wait_stats(server, "error", errno.EBADMSG)["error"] == errno.EBADMSG
+            assert sent[3] == 0  # nothing was answered for it
+        finally:
+            server.stop()
+            server.close()
+    finally:
+        dest.close()
+        src.close()

@@ -489,13 +489,41 @@ class MacChannel(FramedChannel):
         super().__init__(inner, memoryview(bytearray(MAX_FRAME_PAYLOAD_BYTES + MAC_TAG_BYTES)))
         self._role = role
         # Prepared HMAC states; each frame starts from a copy (cheaper than re-keying).
-        self._send_mac = hmac.new(_hmac256(session_key, send_label), digestmod="sha256")
-        self._recv_mac = hmac.new(_hmac256(session_key, recv_label), digestmod="sha256")
+        self._send_key = _hmac256(session_key, send_label)
+        self._recv_key = _hmac256(session_key, recv_label)
+        self._send_mac = hmac.new(self._send_key, digestmod="sha256")
+        self._recv_mac = hmac.new(self._recv_key, digestmod="sha256")
+        self._handed_off = False
         self._send_seq = 0
         self._recv_seq = 0
         # The frame being sent is built here (see _send_frame): header | payload | tag.
         self._tx_view = memoryview(bytearray(_FRAME_HEADER.size + MAX_FRAME_PAYLOAD_BYTES
                                              + MAC_TAG_BYTES))
+
+    def native_handoff(self) -> dict:
+        """Hand the framing over to native code that will speak it on :meth:`fileno`.
+
+        Returns ``{"send_key", "recv_key", "send_seq", "recv_seq"}``: the 32-byte HMAC
+        keys of each direction and the next frame numbers, which is all a peer of this
+        framing needs (the post-copy fault threads, vmem._native).  From then on this
+        object must not move data: every send or receive raises ChannelClosedError
+        (closing it still closes the socket).
+
+        Raises:
+            RuntimeError: verified bytes are still buffered here (they would be lost), or
+                the channel was handed off already.
+        """
+        if self._handed_off:
+            raise RuntimeError("MacChannel: handed off already")
+        if self._rx_pos < self._rx_end:
+            raise RuntimeError(f"MacChannel: {self._rx_end - self._rx_pos} received bytes are still buffered")
+        self._handed_off = True
+        return {"send_key": self._send_key, "recv_key": self._recv_key,
+                "send_seq": self._send_seq, "recv_seq": self._recv_seq}
+
+    def _check_not_handed_off(self) -> None:
+        if self._handed_off:
+            raise ChannelClosedError("this MacChannel was handed to native code (native_handoff)")
 
     def __repr__(self) -> str:
         return (f"<MacChannel {self._role} sent={self._bytes_sent} "
@@ -504,6 +532,7 @@ class MacChannel(FramedChannel):
     # -- sending --------------------------------------------------------------------------
 
     def _send(self, views: list[memoryview], total: int) -> None:
+        self._check_not_handed_off()
         sent = 0  # payload bytes of frames completely handed to inner
         wire_before = self._inner.bytes_sent
         try:
@@ -549,6 +578,7 @@ class MacChannel(FramedChannel):
     def _read_frame(self, room: memoryview | None) -> int | None:
         """Read and verify the next frame into the receive buffer (never into ``room``:
         no unverified byte reaches the caller)."""
+        self._check_not_handed_off()
         inner = self._inner
         head = inner.recv_some(_FRAME_HEADER.size)
         if not head:

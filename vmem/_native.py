@@ -770,6 +770,18 @@ class _FaultThread:
         self._h = out[0]
         self._stats = ffi.new(f"struct vmem_pc_{self._kind}_stats *")
 
+    def set_mac(self, mac: dict | None) -> None:
+        """Before :meth:`start`: the urgent link speaks transport.secure.MacChannel's integrity
+        framing with the state ``MacChannel.native_handoff()`` returned (None: plain).  A
+        forged, replayed or truncated frame then stops the thread with EBADMSG."""
+        if mac is None:
+            return
+        keys = (bytes(mac["send_key"]), bytes(mac["recv_key"]))
+        if any(len(k) != 32 for k in keys):
+            raise ValueError("MAC keys must be 32 bytes")
+        _check(getattr(lib, f"vmem_pc_{self._kind}_set_mac")(self._h, keys[0], keys[1], int(mac["send_seq"]),
+                                                               int(mac["recv_seq"])), f"keying the {self._what}")
+
     def start(self) -> None:
         _check(getattr(lib, f"vmem_pc_{self._kind}_start")(self._h), f"starting the {self._what}")
 

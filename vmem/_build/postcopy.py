@@ -37,6 +37,9 @@ struct vmem_pc_src_stats {
 """
 
 INCLUDES = """
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/resource.h>
@@ -76,6 +79,10 @@ int vmem_pc_src_start(vmem_pc_src *h);
 void vmem_pc_src_stop(vmem_pc_src *h);
 void vmem_pc_src_free(vmem_pc_src *h);
 void vmem_pc_src_stats(vmem_pc_src *h, struct vmem_pc_src_stats *out);
+int vmem_pc_dest_set_mac(vmem_pc_dest *h, const uint8_t *send_key, const uint8_t *recv_key,
+                         uint64_t send_seq, uint64_t recv_seq);
+int vmem_pc_src_set_mac(vmem_pc_src *h, const uint8_t *send_key, const uint8_t *recv_key,
+                        uint64_t send_seq, uint64_t recv_seq);
 int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, const uint8_t *buf,
                          const int64_t *rows, const int64_t *pages, size_t n, uint64_t *digests,
                          const uint8_t *view);
@@ -315,10 +322,159 @@ static void vmem_worker_destroy(struct vmem_worker *w)
 /* A socket that hung up or failed is read too: the read reports why. */
 #define VMEM_READY_SOCKET (POLLIN | POLLHUP | POLLERR | POLLNVAL)
 
+/* ---- the urgent link: plain, or with transport.secure.MacChannel's integrity frames
+ *
+ * On a keyed link the urgent connection speaks MacChannel's framing (transport/secure.py),
+ * taken over from the Python channel after its attach exchange (MacChannel.native_handoff):
+ *     u32 length (1..VMEM_MAC_MAX_PAYLOAD) | payload | tag[16]
+ *     tag = HMAC-SHA256(direction key, u64 seq | u32 length | payload)[:16]
+ * with one sequence number per direction, so a forged, replayed, reordered or truncated
+ * frame fails the check (-EBADMSG: the thread stops, the migration fails).  Records may span
+ * frames; a receiver hands out only verified bytes. */
+
+#define VMEM_MAC_MAX_PAYLOAD (1u << 20)   /* transport.secure.MAX_FRAME_PAYLOAD_BYTES */
+#define VMEM_MAC_TAG 16
+#define VMEM_MAC_PREFIX 12                 /* u64 seq | u32 length, hashed before the payload */
+
+struct vmem_link {
+    int fd;
+    int mac;                               /* 0: plain */
+    uint8_t send_key[32], recv_key[32];
+    uint64_t send_seq, recv_seq;
+    uint8_t *rx, *tx;                      /* prefix | payload | tag, VMEM_MAC_MAX_PAYLOAD each */
+    size_t rx_len, rx_pos;                 /* verified payload in rx + VMEM_MAC_PREFIX */
+};
+
+static int vmem_link_set_mac(struct vmem_link *l, const uint8_t *send_key, const uint8_t *recv_key,
+                             uint64_t send_seq, uint64_t recv_seq)
+{
+    size_t room = VMEM_MAC_PREFIX + VMEM_MAC_MAX_PAYLOAD + VMEM_MAC_TAG;
+    if (!l->rx && !(l->rx = malloc(room)))
+        return -ENOMEM;
+    if (!l->tx && !(l->tx = malloc(room)))
+        return -ENOMEM;
+    memcpy(l->send_key, send_key, 32);
+    memcpy(l->recv_key, recv_key, 32);
+    l->send_seq = send_seq;
+    l->recv_seq = recv_seq;
+    l->rx_len = l->rx_pos = 0;
+    l->mac = 1;
+    return 0;
+}
+
+static void vmem_link_free(struct vmem_link *l)
+{
+    free(l->rx);
+    free(l->tx);
+    OPENSSL_cleanse(l->send_key, sizeof l->send_key);
+    OPENSSL_cleanse(l->recv_key, sizeof l->recv_key);
+}
+
+static void vmem_mac_prefix(uint8_t *p, uint64_t seq, uint32_t len)
+{
+    memcpy(p, &seq, 8);                    /* little-endian on x86-64, as struct "<QI" */
+    memcpy(p + 8, &len, 4);
+}
+
+/* Read and verify the next frame into rx.  0, -EPIPE at a clean end, -EBADMSG if forged. */
+static int vmem_link_fill(struct vmem_link *l)
+{
+    uint32_t len;
+    int rc = vmem_read_full(l->fd, &len, 4);
+    if (rc < 0)
+        return rc;
+    if (len == 0 || len > VMEM_MAC_MAX_PAYLOAD)
+        return -EBADMSG;
+    if ((rc = vmem_read_full(l->fd, l->rx + VMEM_MAC_PREFIX, (size_t)len + VMEM_MAC_TAG)) < 0)
+        return rc == -EPIPE ? -EBADMSG : rc;   /* truncated inside a frame */
+    vmem_mac_prefix(l->rx, l->recv_seq, len);
+    uint8_t tag[EVP_MAX_MD_SIZE];
+    unsigned int tag_len = 0;
+    if (!HMAC(EVP_sha256(), l->recv_key, 32, l->rx, VMEM_MAC_PREFIX + (size_t)len, tag, &tag_len))
+        return -EIO;
+    if (CRYPTO_memcmp(tag, l->rx + VMEM_MAC_PREFIX + len, VMEM_MAC_TAG) != 0)
+        return -EBADMSG;
+    l->recv_seq++;
+    l->rx_len = len;
+    l->rx_pos = 0;
+    return 0;
+}
+
+/* Read exactly n bytes (verified ones on a keyed link).  0 or -errno. */
+static int vmem_link_read(struct vmem_link *l, void *dst, size_t n)
+{
+    if (!l->mac)
+        return vmem_read_full(l->fd, dst, n);
+    uint8_t *out = dst;
+    while (n > 0) {
+        if (l->rx_pos == l->rx_len) {
+            int rc = vmem_link_fill(l);
+            if (rc < 0)
+                return rc;
+        }
+        size_t take = l->rx_len - l->rx_pos;
+        if (take > n)
+            take = n;
+        memcpy(out, l->rx + VMEM_MAC_PREFIX + l->rx_pos, take);
+        l->rx_pos += take;
+        out += take;
+        n -= take;
+    }
+    return 0;
+}
+
+/* Verified bytes already buffered (the fd may not poll readable for them). */
+static int vmem_link_pending(const struct vmem_link *l)
+{
+    return l->mac && l->rx_pos < l->rx_len;
+}
+
+/* Write all of iov (framed and tagged on a keyed link: the bytes are copied first, so a
+   tag always matches what goes out).  0 or -errno. */
+static int vmem_link_writev(struct vmem_link *l, struct iovec *iov, int iovcnt)
+{
+    if (!l->mac)
+        return vmem_writev_full(l->fd, iov, iovcnt);
+    int i = 0;
+    size_t off = 0;                        /* into iov[i] */
+    while (i < iovcnt) {
+        uint32_t len = 0;
+        uint8_t *payload = l->tx + VMEM_MAC_PREFIX;
+        while (i < iovcnt && len < VMEM_MAC_MAX_PAYLOAD) {
+            size_t take = iov[i].iov_len - off;
+            if (take > VMEM_MAC_MAX_PAYLOAD - len)
+                take = VMEM_MAC_MAX_PAYLOAD - len;
+            memcpy(payload + len, (const uint8_t *)iov[i].iov_base + off, take);
+            len += (uint32_t)take;
+            off += take;
+            if (off == iov[i].iov_len) {
+                i++;
+                off = 0;
+            }
+        }
+        if (len == 0)
+            break;
+        vmem_mac_prefix(l->tx, l->send_seq, len);
+        uint8_t tag[EVP_MAX_MD_SIZE];
+        unsigned int tag_len = 0;
+        if (!HMAC(EVP_sha256(), l->send_key, 32, l->tx, VMEM_MAC_PREFIX + (size_t)len, tag, &tag_len))
+            return -EIO;
+        memcpy(payload + len, tag, VMEM_MAC_TAG);
+        l->send_seq++;
+        /* on the wire: length | payload | tag, contiguous from tx + 8 */
+        struct iovec frame = { l->tx + 8, 4 + (size_t)len + VMEM_MAC_TAG };
+        int rc = vmem_writev_full(l->fd, &frame, 1);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
 /* ---- destination: the guest's faults and the answers to them */
 
 struct vmem_pc_dest {
     int uffd, urgent_fd, ram_fd;
+    struct vmem_link link;     /* the urgent connection (fd urgent_fd) */
     struct vmem_worker w;
     uint64_t base;
     int64_t npages;
@@ -358,6 +514,7 @@ static int vmem_pc_dest_new(vmem_pc_dest **out, int uffd, int urgent_fd, int ram
     vmem_worker_watch(&h->w, uffd, POLLIN, vmem_pc_handle_faults);
     vmem_worker_watch(&h->w, urgent_fd, VMEM_READY_SOCKET, vmem_pc_handle_urgent);
     h->uffd = uffd; h->urgent_fd = urgent_fd; h->ram_fd = ram_fd; h->base = base; h->npages = npages;
+    h->link.fd = urgent_fd;
     h->state = state; h->requested = requested; h->received = received; h->fault_t0 = fault_t0;
     h->digests = digests; h->view = view; h->lat = lat; h->lat_cap = lat_cap; h->st.missing = missing;
     pthread_mutex_init(&h->mu, NULL);
@@ -481,7 +638,7 @@ static int vmem_pc_handle_faults(void *owner)
     if (nask) {
         uint32_t hdr[4] = { VMEM_PC_REC_FAULT, (uint32_t)(8 + 8 * nask), (uint32_t)nask, 0 };
         struct iovec iov[2] = { { hdr, sizeof hdr }, { ask, 8 * nask } };
-        return vmem_writev_full(h->urgent_fd, iov, 2);
+        return vmem_link_writev(&h->link, iov, 2);
     }
     return 0;
 }
@@ -490,17 +647,18 @@ static int vmem_pc_handle_faults(void *owner)
  * then u64 pfn[count] -- into pfns, checking the type, the count (1..VMEM_PC_MAX_PAGES), a
  * length of 8 + 8*count + payload_per_page*count, and every pfn < npages.  Returns the count,
  * or -errno (-EPROTO for a malformed record).  The payload, if any, is left unread. */
-static int vmem_pc_read_pfns(int fd, uint32_t type, uint32_t payload_per_page, int64_t npages, int64_t *pfns)
+static int vmem_pc_read_pfns(struct vmem_link *l, uint32_t type, uint32_t payload_per_page, int64_t npages,
+                             int64_t *pfns)
 {
     uint32_t hdr[4];
-    int rc = vmem_read_full(fd, hdr, sizeof hdr);
+    int rc = vmem_link_read(l, hdr, sizeof hdr);
     if (rc < 0)
         return rc;
     uint32_t count = hdr[2];
     if (hdr[0] != type || hdr[3] != 0 || count == 0 || count > VMEM_PC_MAX_PAGES ||
         hdr[1] != 8 + 8 * count + payload_per_page * count)
         return -EPROTO;
-    if ((rc = vmem_read_full(fd, pfns, 8 * (size_t)count)) < 0)
+    if ((rc = vmem_link_read(l, pfns, 8 * (size_t)count)) < 0)
         return rc;
     for (uint32_t i = 0; i < count; i++)
         if (pfns[i] < 0 || pfns[i] >= npages)
@@ -508,18 +666,23 @@ static int vmem_pc_read_pfns(int fd, uint32_t type, uint32_t payload_per_page, i
     return (int)count;
 }
 
-/* Read one PAGE_DATA answer from the urgent channel and place it. */
+/* Read PAGE_DATA answers from the urgent channel and place them (every one already
+   verified and buffered, on a keyed link, before returning to poll). */
 static int vmem_pc_handle_urgent(void *owner)
 {
     vmem_pc_dest *h = owner;
-    int rc = vmem_pc_read_pfns(h->urgent_fd, VMEM_PC_REC_PAGE_DATA, VMEM_PAGE_SIZE, h->npages, h->pfns);
-    if (rc < 0)
-        return rc;
-    uint32_t count = (uint32_t)rc;
-    if ((rc = vmem_read_full(h->urgent_fd, h->staging, (size_t)count * VMEM_PAGE_SIZE)) < 0)
-        return rc;
-    int64_t placed = vmem_pc_place_batch(h, h->staging, h->pfns, count, h->rows, h->mine);
-    return placed < 0 ? (int)placed : 0;
+    do {
+        int rc = vmem_pc_read_pfns(&h->link, VMEM_PC_REC_PAGE_DATA, VMEM_PAGE_SIZE, h->npages, h->pfns);
+        if (rc < 0)
+            return rc;
+        uint32_t count = (uint32_t)rc;
+        if ((rc = vmem_link_read(&h->link, h->staging, (size_t)count * VMEM_PAGE_SIZE)) < 0)
+            return rc;
+        int64_t placed = vmem_pc_place_batch(h, h->staging, h->pfns, count, h->rows, h->mine);
+        if (placed < 0)
+            return (int)placed;
+    } while (vmem_link_pending(&h->link));
+    return 0;
 }
 
 static void vmem_pc_dest_free(vmem_pc_dest *h)
@@ -528,6 +691,7 @@ static void vmem_pc_dest_free(vmem_pc_dest *h)
         return;
     vmem_worker_destroy(&h->w);
     pthread_mutex_destroy(&h->mu);
+    vmem_link_free(&h->link);
     free(h->staging);
     free(h);
 }
@@ -537,6 +701,7 @@ static void vmem_pc_dest_free(vmem_pc_dest *h)
 
 struct vmem_pc_src {
     int urgent_fd;
+    struct vmem_link link;     /* the urgent connection (fd urgent_fd) */
     struct vmem_worker w;
     const uint8_t *ram;
     int64_t npages;
@@ -565,38 +730,42 @@ static int vmem_pc_src_new(vmem_pc_src **out, int urgent_fd, const uint8_t *ram,
     }
     vmem_worker_watch(&h->w, urgent_fd, VMEM_READY_SOCKET, vmem_pc_src_serve);
     h->urgent_fd = urgent_fd; h->ram = ram; h->npages = npages; h->sent = sent; h->cursor = cursor;
+    h->link.fd = urgent_fd;
     pthread_mutex_init(&h->mu, NULL);
     *out = h;
     return 0;
 }
 
-/* Read one FAULT record and answer it with the pages, straight from RAM (writev). */
+/* Read FAULT records and answer each with the pages, straight from RAM (writev; on a keyed
+   link copied into integrity frames). */
 static int vmem_pc_src_serve(void *owner)
 {
     vmem_pc_src *h = owner;
-    int rc = vmem_pc_read_pfns(h->urgent_fd, VMEM_PC_REC_FAULT, 0, h->npages, h->pfns);
-    if (rc < 0)
-        return rc;
-    uint32_t count = (uint32_t)rc;
-    h->head[0] = (uint64_t)VMEM_PC_REC_PAGE_DATA | ((uint64_t)(8 + 8 * count + VMEM_PAGE_SIZE * count) << 32);
-    h->head[1] = count;
-    h->iov[0].iov_base = h->head;
-    h->iov[0].iov_len = 16 + 8 * (size_t)count;
-    for (uint32_t i = 0; i < count; i++) {
-        h->head[2 + i] = (uint64_t)h->pfns[i];
-        h->iov[1 + i].iov_base = (void *)(h->ram + (uint64_t)h->pfns[i] * VMEM_PAGE_SIZE);
-        h->iov[1 + i].iov_len = VMEM_PAGE_SIZE;
-    }
-    if ((rc = vmem_writev_full(h->urgent_fd, h->iov, (int)count + 1)) < 0)
-        return rc;
-    for (uint32_t i = 0; i < count; i++)
-        h->sent[h->pfns[i]] = 1;
-    h->cursor[0] = h->pfns[count - 1];
-    __atomic_add_fetch(&h->cursor[1], 1, __ATOMIC_RELEASE);
-    pthread_mutex_lock(&h->mu);
-    h->st.fault_records += 1;
-    h->st.pages_sent += count;
-    pthread_mutex_unlock(&h->mu);
+    do {
+        int rc = vmem_pc_read_pfns(&h->link, VMEM_PC_REC_FAULT, 0, h->npages, h->pfns);
+        if (rc < 0)
+            return rc;
+        uint32_t count = (uint32_t)rc;
+        h->head[0] = (uint64_t)VMEM_PC_REC_PAGE_DATA | ((uint64_t)(8 + 8 * count + VMEM_PAGE_SIZE * count) << 32);
+        h->head[1] = count;
+        h->iov[0].iov_base = h->head;
+        h->iov[0].iov_len = 16 + 8 * (size_t)count;
+        for (uint32_t i = 0; i < count; i++) {
+            h->head[2 + i] = (uint64_t)h->pfns[i];
+            h->iov[1 + i].iov_base = (void *)(h->ram + (uint64_t)h->pfns[i] * VMEM_PAGE_SIZE);
+            h->iov[1 + i].iov_len = VMEM_PAGE_SIZE;
+        }
+        if ((rc = vmem_link_writev(&h->link, h->iov, (int)count + 1)) < 0)
+            return rc;
+        for (uint32_t i = 0; i < count; i++)
+            h->sent[h->pfns[i]] = 1;
+        h->cursor[0] = h->pfns[count - 1];
+        __atomic_add_fetch(&h->cursor[1], 1, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&h->mu);
+        h->st.fault_records += 1;
+        h->st.pages_sent += count;
+        pthread_mutex_unlock(&h->mu);
+    } while (vmem_link_pending(&h->link));
     return 0;
 }
 
@@ -606,6 +775,7 @@ static void vmem_pc_src_free(vmem_pc_src *h)
         return;
     vmem_worker_destroy(&h->w);
     pthread_mutex_destroy(&h->mu);
+    vmem_link_free(&h->link);
     free(h);
 }
 
@@ -621,4 +791,18 @@ static void vmem_pc_src_free(vmem_pc_src *h)
     }
 VMEM_PC_HANDLE_OPS(dest)
 VMEM_PC_HANDLE_OPS(src)
+
+/* Before start: the urgent link carries MacChannel frames (keys and next sequence numbers
+   from MacChannel.native_handoff).  0 or -ENOMEM. */
+static int vmem_pc_dest_set_mac(vmem_pc_dest *h, const uint8_t *send_key, const uint8_t *recv_key,
+                                uint64_t send_seq, uint64_t recv_seq)
+{
+    return vmem_link_set_mac(&h->link, send_key, recv_key, send_seq, recv_seq);
+}
+
+static int vmem_pc_src_set_mac(vmem_pc_src *h, const uint8_t *send_key, const uint8_t *recv_key,
+                               uint64_t send_seq, uint64_t recv_seq)
+{
+    return vmem_link_set_mac(&h->link, send_key, recv_key, send_seq, recv_seq);
+}
 """

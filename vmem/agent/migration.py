@@ -38,9 +38,10 @@ confirm (an older vmem) leaves the clock unknown and the downtime a raw differen
 Extra connections (data, urgent) open with purpose ``vmem-data`` / ``vmem-urgent`` and
 send ``{"op": "attach", "session", "index"}``: the session token came in the migrate-in
 reply, over the authenticated main connection, so only that source can attach.  The urgent
-connection (post-copy demand pages, read by native code on the raw socket) is used only
-when the agents run without key and TLS: with a key or TLS the demand pages take the
-Python fault path on the protected main stream instead (docs/agent.md, "Post-copy").
+connection (post-copy demand pages, spoken by native code) is used without security and
+with a key (the native threads take over the MacChannel's integrity framing); with TLS the
+demand pages take the Python fault path on the protected main stream instead (docs/agent.md,
+"Post-copy").
 """
 from __future__ import annotations
 
@@ -143,16 +144,25 @@ class PendingLinks:
             return [*session.data.values(), *([session.urgent] if session.urgent is not None else [])]
 
 
-def _raw_socket_channel(channel):
-    """The plain socket channel under a secured one (for the urgent connection's native
-    reader and writer, which use the fd).  Only called in security mode none, or on a
-    MacChannel whose receive buffer is empty (the attach exchange was framed whole)."""
-    from transport import SocketChannel
+def _urgent_capable(agent) -> bool:
+    """Whether post-copy demand pages may take their own connection: the native fault
+    threads speak it plain (security none) or with the MAC framing of a keyed link
+    (MacChannel.native_handoff); they cannot speak TLS, so a TLS agent keeps them on the
+    main connection."""
+    return agent.security.mode in ("none", "key")
 
-    while not isinstance(channel, SocketChannel) or type(channel).__name__ == "TlsChannel":
+
+def _urgent_channel(channel):
+    """What the native fault thread takes over on the urgent connection: the plain socket
+    channel (security none) or the keyed link's MacChannel, whose receive buffer is empty
+    (the attach exchange was framed whole)."""
+    from transport import SocketChannel
+    from transport.secure import MacChannel
+
+    while not isinstance(channel, (SocketChannel, MacChannel)) or type(channel).__name__ == "TlsChannel":
         inner = getattr(channel, "inner", None)
         if inner is None:
-            raise AgentError(ErrorCode.INTERNAL, f"no raw socket under {channel!r}")
+            raise AgentError(ErrorCode.INTERNAL, f"no native-capable channel under {channel!r}")
         channel = inner
     return channel
 
@@ -303,8 +313,8 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
     options = options_from_request(values)
     parallel, compress = _link_request(values)
     # Post-copy demand pages on their own connection only where it loses no protection
-    # (the native fault path reads and writes that socket raw; see the module docstring).
-    want_urgent = options.postcopy != "off" and agent.security.mode == "none"
+    # (the native fault path speaks plain or MAC framing, not TLS; see _urgent_capable).
+    want_urgent = options.postcopy != "off" and _urgent_capable(agent)
     try:
         host, port = parse_hostport(target, DEFAULT_PORT)
     except (ValueError, TransportError) as err:
@@ -436,7 +446,7 @@ class _Outgoing:
             self.extras.append(_attach(self.agent, host, port, "vmem-data", session, index))
         if agreed.get("urgent"):
             self.extras.append(_attach(self.agent, host, port, "vmem-urgent", session, 0))
-            self.urgent = _raw_socket_channel(self.extras[-1])
+            self.urgent = _urgent_channel(self.extras[-1])
         return agreed
 
     def build(self, bandwidth_Bps: float | None):
@@ -530,7 +540,7 @@ def _serve_resume(agent, channel, request: dict, peer: str) -> None:
         send_error(channel, getattr(err, "code", ErrorCode.BAD_REQUEST), getattr(err, "message", str(err)))
         log.warning("refused a post-copy resume from %s: %s", peer, getattr(err, "message", err))
         return
-    urgent = bool(request.get("urgent")) and agent.security.mode == "none"
+    urgent = bool(request.get("urgent")) and _urgent_capable(agent)
     token = agent.pending_links.open(parallel - 1, urgent)
     handed = False
     try:
@@ -538,7 +548,7 @@ def _serve_resume(agent, channel, request: dict, peer: str) -> None:
         send_reply(channel, link={"parallel": parallel, "compress": compress, "urgent": urgent, "session": token})
         data, urgent_ch = agent.pending_links.wait(token, ATTACH_TIMEOUT_S)
         link = build_link(channel, data, compress=compress, source=False)
-        waiter.put_nowait((link, _raw_socket_channel(urgent_ch) if urgent_ch is not None else None))
+        waiter.put_nowait((link, _urgent_channel(urgent_ch) if urgent_ch is not None else None))
         handed = True
         log.info("resuming the incoming post-copy of guest %s from %s", name, peer)
         # The migration thread reads and closes these channels now; keep this thread (the
@@ -589,7 +599,7 @@ def serve_incoming(agent, channel, peer: str) -> None:
         if why:
             raise AgentError(ErrorCode.UNAVAILABLE, f"this agent cannot decode --compress {compress}: {why} "
                                                     "(install it on this host, or use --compress none)")
-        urgent = bool(request.get("urgent")) and agent.security.mode == "none"
+        urgent = bool(request.get("urgent")) and _urgent_capable(agent)
         clock_samples = max(0, min(int(request.get("clock_samples") or 0), MAX_CLOCK_SAMPLES))
         origin = str(request.get("origin") or peer)
         agent.registry.reserve(name, "incoming", size_bytes, spec, origin=f"migrated from {origin}")
@@ -618,7 +628,7 @@ def serve_incoming(agent, channel, peer: str) -> None:
                  origin, parallel, compress, ", urgent connection" if urgent_ch is not None else "")
         link = build_link(channel, data, compress=compress, source=False)
         dm = DestinationMigration(link, keep_guest=True,
-                                  urgent_channel=_raw_socket_channel(urgent_ch) if urgent_ch is not None else None)
+                                  urgent_channel=_urgent_channel(urgent_ch) if urgent_ch is not None else None)
         # A post-copy whose link breaks after the switch waits here for the source's
         # `vmem migrate --resume NAME` (see _serve_resume), which hands over new channels.
         waiter: "queue.Queue" = queue.Queue(maxsize=1)

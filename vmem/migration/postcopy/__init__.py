@@ -11,7 +11,16 @@ See docs/postcopy.md for the protocol and the failure semantics.
 """
 from vmem.format.postcopy import MAX_PFNS_PER_RECORD, decode_pfn_list, encode_pfn_list
 
-__all__ = ["MAX_PFNS_PER_RECORD", "encode_pfn_list", "decode_pfn_list", "drop_links"]
+__all__ = ["MAX_PFNS_PER_RECORD", "encode_pfn_list", "decode_pfn_list", "drop_links", "native_link"]
+
+
+def native_link(channel) -> tuple[int, dict | None]:
+    """``(fd, mac)`` for the native fault thread that takes over the urgent ``channel``: its
+    socket, and the integrity state of a keyed (MacChannel) link, which the thread then
+    speaks itself (``channel`` must not be used for data afterwards); ``mac`` is None for a
+    plain socket channel."""
+    handoff = getattr(channel, "native_handoff", None)
+    return channel.fileno(), (handoff() if handoff is not None else None)
 
 
 def drop_links(*channels) -> None:

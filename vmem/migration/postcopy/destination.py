@@ -169,10 +169,14 @@ class PostcopyDestination:
             # Fast path: one C thread reads faults, asks on the urgent channel and places
             # the answers (vmem._native.PostcopyFaultEngine); Python keeps the push.
             self._latency_ns = np.zeros(min(self.npages, 1 << 20), dtype=np.int64)
+            from vmem.migration.postcopy import native_link
+
+            fd, mac = native_link(urgent_channel)
             self.engine = nat.PostcopyFaultEngine(
-                self.uffd, urgent_channel.fileno(), self.ram_fd, self.base, self.npages, self.state,
+                self.uffd, fd, self.ram_fd, self.base, self.npages, self.state,
                 self.requested.view(np.uint8), self.received.view(np.uint8), self.fault_t0_ns, self.digests,
                 self._latency_ns, self.missing, view=self.view)
+            self.engine.set_mac(mac)  # a keyed link: the C thread checks and tags every frame
             self.engine.start()
             return
         self._start(self._fault_loop, "vmem-pc-faults")

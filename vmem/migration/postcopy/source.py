@@ -113,7 +113,11 @@ class PostcopySource:
             # channel stays with the main thread.
             from vmem import _native as nat
 
-            self._engine = nat.PostcopyFaultServer(self.urgent.fileno(), self.ram, self.sent.view(np.uint8), self._cursor_shared)
+            from vmem.migration.postcopy import native_link
+
+            fd, mac = native_link(self.urgent)
+            self._engine = nat.PostcopyFaultServer(fd, self.ram, self.sent.view(np.uint8), self._cursor_shared)
+            self._engine.set_mac(mac)  # a keyed link: the C thread checks and tags every frame
             self._engine.start()
             return
         self._thread = threading.Thread(target=self._serve_backchannel, name="vmem-pc-faultserver", daemon=True)
