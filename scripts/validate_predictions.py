@@ -28,7 +28,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vmem.analysis.forecast import forecast, inside  # noqa: E402
 from vmem.analysis.profile import validate_prediction  # noqa: E402
+from vmem.analysis.simulate import transfer_time_s  # noqa: E402
+from vmem.migration.policy import XenDefaultPolicy  # noqa: E402
 from transport import parse_rate  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
 
@@ -65,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--links", default="50M,200M", help="comma-separated link rates in bytes/s (default 50M,200M)")
     p.add_argument("--profile-s", type=float, default=12.0, help="profile length, seconds (default 12)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    p.add_argument("--starts", type=int, default=16,
+                   help="start offsets of the forecast whose p10-p90 range each measured run is checked against (default 16)")
     p.add_argument("--json", metavar="FILE", help="write every row and the measured reports to FILE")
     p.add_argument("--markdown", metavar="FILE", help="write the tables to FILE (stdout gets them anyway)")
     args = p.parse_args(argv)
@@ -85,8 +90,14 @@ def main(argv=None) -> int:
             m = res["measured"]
             rows = {r["metric"]: r for r in res["rows"]}
             ok = m.outcome == "completed" and bool(m.verified)
+            md = m.to_dict()
+            fc = forecast(res["trace"], XenDefaultPolicy(), bw, starts=args.starts)
+            ranges = {"downtime_ms": (fc["metrics"].get("downtime_ms"), md.get("downtime_ms")),
+                      "transfer_time_s": (fc["metrics"].get("transfer_time_s"), transfer_time_s(md))}
             results.append({"workload": name, "params": params, "link_Bps": bw, "verified": ok,
-                            "rows": rows, "measured": m.to_dict(),
+                            "rows": rows, "measured": md, "forecast": fc,
+                            "inside": {k: inside(r, v) for k, (r, v) in ranges.items()},
+                            "ranges": {k: r for k, (r, _) in ranges.items()},
                             "migration_time_s": m.migration_time_s, "blackout_ms": m.blackout_ms})
 
     lines = [f"Predicted in advance from a {args.profile_s:g} s profile (100 ms intervals) vs measured;"
@@ -111,6 +122,17 @@ def main(argv=None) -> int:
                 f" {pm('stop-and-copy pages')} | {_err(rw['transfer time s'])} |"
                 f" {pm('downtime ms', ' ms')} ({_err(rw['downtime ms'])}) | {'yes' if r['verified'] else 'NO'} |")
         lines.append("")
+    lines += [f"**Forecast ranges** (p10-p90 over {args.starts} start offsets of the same profile; the trace's phases"
+              " repeat) and whether the measured value fell inside:", "",
+              "| workload | link | downtime range (ms) | measured | inside | transfer time range (s) | measured | inside |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        d, t = r["ranges"]["downtime_ms"] or {}, r["ranges"]["transfer_time_s"] or {}
+        lines.append(f"| {r['workload']} | {r['link_Bps'] / 1e6:g} MB/s | {_fmt(d.get('p10'))}-{_fmt(d.get('p90'))} |"
+                     f" {_fmt(r['measured'].get('downtime_ms'))} | {r['inside']['downtime_ms']} |"
+                     f" {_fmt(t.get('p10'))}-{_fmt(t.get('p90'))} | {_fmt(transfer_time_s(r['measured']))} |"
+                     f" {r['inside']['transfer_time_s']} |")
+    lines.append("")
     good = [r for r in results if r["verified"]]
     summary = []
     for metric in METRICS[1:]:
@@ -119,6 +141,9 @@ def main(argv=None) -> int:
             summary.append(f"{metric} {statistics.median(errs):.1f} % (max {max(errs):.1f} %, n={len(errs)})")
     rounds_ok = sum(r["rows"]["precopy rounds"]["predicted"] == r["rows"]["precopy rounds"]["measured"] for r in good)
     summary.append(f"rounds exactly right in {rounds_ok} of {len(good)}")
+    for key in ("downtime_ms", "transfer_time_s"):
+        hits = sum(bool(r["inside"][key]) for r in good)
+        summary.append(f"measured {key} inside the forecast's p10-p90 range in {hits} of {len(good)}")
     lines.append(f"Median absolute error over the verified runs ({len(good)} of {len(results)}): "
                  + "; ".join(summary) + ".")
     text = "\n".join(lines)

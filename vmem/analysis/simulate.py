@@ -621,6 +621,10 @@ def add_predict_arguments(p) -> None:
                         "an explanation of the measured run, not a prediction (the default compares the prediction "
                         "a user could make in advance)")
     s.add_argument("--no-align", action="store_true", help=argparse.SUPPRESS)  # the old default's opt-out: now the default
+    s.add_argument("--starts", type=int, default=None, metavar="N",
+                   help="also simulate from N start offsets spread over the trace (its phases repeating) and print "
+                        "the median and 10th-90th percentile range of downtime, transfer time and pages sent: the "
+                        "prediction's spread for a phased or bursty guest, and the start that suits it best")
     o = p.add_argument_group("output")
     o.add_argument("--compare-report", metavar="FILE", help="a measured report (vmem migrate --json) to compare with")
     o.add_argument("--json", metavar="FILE", help="write the predicted report (docs/report.md schema) to FILE")
@@ -673,11 +677,45 @@ def cmd_predict(args) -> int:
             params[dest] = v
     trace = DirtyTrace.load(args.trace)
     report, rows = predict(trace, policy, bandwidth, compare_report=measured, align=args.align and not args.no_align, **params)
-    print_prediction(report, rows, measured, _wide_console())
+    console = _wide_console()
+    print_prediction(report, rows, measured, console)
+    if args.starts is not None:
+        from vmem.analysis.forecast import forecast, inside
+
+        if bandwidth is None and measured and measured.get("bandwidth_limit_bps"):
+            bandwidth = float(measured["bandwidth_limit_bps"]) / 8
+        fc = forecast(trace, policy, bandwidth, starts=args.starts, **{k: v for k, v in params.items() if k != "start_s"})
+        print_forecast(fc, measured, console)
     if args.json:
         report.write(args.json)
         Console(stderr=True).print(f"predicted report written to {args.json}")
     return 0
+
+
+def print_forecast(fc: dict, measured: dict | None = None, console=None) -> None:
+    """Render :func:`vmem.analysis.forecast.forecast`'s result (and where a measured run fell)."""
+    from rich.table import Table
+
+    from vmem.analysis.forecast import inside
+
+    console = console or _wide_console()
+    t = Table(title=f"forecast over {len(fc['starts'])} start offsets (median, p10-p90, min-max)")
+    for c in ("metric", "median", "p10-p90", "min-max") + (("measured", "in p10-p90") if measured else ()):
+        t.add_column(c, justify="left" if c == "metric" else "right")
+    got = {}
+    if measured:
+        got = {"downtime_ms": measured.get("downtime_ms"), "transfer_time_s": transfer_time_s(measured),
+               "pages_sent": measured.get("pages_sent"),
+               "precopy_rounds": sum(1 for x in measured.get("rounds") or [] if x.get("kind", "precopy") == "precopy")}
+    for name, m in fc["metrics"].items():
+        row = [name, f"{m['median']:,.3f}", f"{m['p10']:,.3f}-{m['p90']:,.3f}", f"{m['min']:,.3f}-{m['max']:,.3f}"]
+        if measured:
+            v = got.get(name)
+            ok = inside(m, v)
+            row += ["-" if v is None else f"{float(v):,.3f}", "-" if ok is None else ("yes" if ok else "no")]
+        t.add_row(*row)
+    console.print(t)
+    console.print(fc["advice"])
 
 
 def _wide_console():
