@@ -1,0 +1,184 @@
+"""Running a matrix: every cell N times, interleaved, one JSON line per run.
+
+Order: repeat 0 runs every cell in matrix order, repeat 1 in reverse, repeat 2 forward
+again...: a slow drift of the machine (another tenant, thermal, page cache) then hits
+every cell alike and no cell always runs first or last.
+
+Results file (JSON lines, appended; one object per run, see :func:`run_record`)::
+
+    {"kind": "vmem-bench-run", "schema_version": 1, "session": "<hex>", "suite": "standard",
+     "cell": "<cell id>", "spec": {...}, "repeat": 0, "order": 0, "valid": true,
+     "metrics": {...}, "outcome": "completed", "reason": "...", "report": {<the full report>}}
+
+The full report (docs/report.md) carries its provenance (commit, kernel, host, command
+line); ``session`` ties the runs of one ``vmem bench`` together.  A baseline
+(:func:`write_baseline`) is the same records without the full reports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+from vmem.bench.matrix import MODES, Cell, Matrix, build_policy
+from vmem.bench.metrics import report_metrics, run_is_valid
+
+__all__ = ["run_cell", "run_matrix", "run_record", "append_record", "read_records", "write_baseline",
+           "read_baseline", "BENCH_RUN_KIND", "BASELINE_KIND"]
+
+BENCH_RUN_KIND = "vmem-bench-run"
+BASELINE_KIND = "vmem-bench-baseline"
+SCHEMA_VERSION = 1
+
+
+def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: float = 0.2, progress=None) -> dict:
+    """Boot a fresh guest for ``cell``, warm it up, migrate it on this host; the report dict.
+
+    Every process started is reaped on every path (``boot_guest`` and
+    ``run_local_migration`` own theirs).
+    """
+    from vmem.migration.backend import GuestSpec, boot_guest
+    from vmem.migration.local import run_local_migration
+    from vmem.migration.source import MigrationOptions
+
+    policy = build_policy(cell)
+    postcopy = MODES[cell.mode]
+    opts = dict(cell.policy_options)
+    if postcopy == "off" and (opts.get("allow_postcopy") is True or opts.get("timeout_action") == "postcopy"):
+        postcopy = "allow"
+    options = MigrationOptions(tracker=cell.tracker, policy=policy, observe_s=observe_s,
+                               bandwidth_Bps=cell.bandwidth_Bps, postcopy=postcopy)
+    with boot_guest(GuestSpec(cell.workload, dict(cell.params), seed), cell.size_bytes) as guest:
+        if warmup_s > 0:
+            time.sleep(warmup_s)
+        report = run_local_migration(guest, options, progress)
+    return report.to_dict()
+
+
+def run_record(cell: Cell, report: dict, *, repeat: int, order: int, session: str, suite: str) -> dict:
+    """The JSON line of one run (the full report plus what the verdict reads)."""
+    return {"kind": BENCH_RUN_KIND, "schema_version": SCHEMA_VERSION, "session": session, "suite": suite,
+            "cell": cell.cell_id, "spec": cell.to_dict(), "repeat": repeat, "order": order,
+            "valid": run_is_valid(report), "metrics": report_metrics(report),
+            "outcome": report.get("outcome"), "reason": report.get("reason"), "report": report}
+
+
+def _json_default(o):
+    from vmem.migration.report import _json_default as default
+
+    return default(o)
+
+
+def append_record(path: str, record: dict) -> None:
+    """Append one record as one line with one ``write`` on an ``O_APPEND`` descriptor, so
+    that writers in several processes (pytest-xdist workers) never interleave lines."""
+    line = (json.dumps(record, default=_json_default, separators=(",", ":")) + "\n").encode()
+    d = os.path.dirname(path)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def run_matrix(matrix: Matrix, out_path: str | None, *, session: str | None = None, on_start=None,
+               on_run=None) -> list[dict]:
+    """Run every cell ``matrix.repeats`` times, interleaved; append each record to
+    ``out_path`` as it finishes (so an interrupted run keeps what it measured).
+
+    Args:
+        on_start: ``f(index, total, cell, repeat)`` before each run.
+        on_run: ``f(record)`` after each run.
+    Returns:
+        the records, in run order.
+    """
+    session = session or uuid.uuid4().hex[:12]
+    total = len(matrix.cells) * matrix.repeats
+    records = []
+    k = 0
+    for repeat in range(matrix.repeats):
+        cells = matrix.cells if repeat % 2 == 0 else matrix.cells[::-1]
+        for cell in cells:
+            if on_start is not None:
+                on_start(k, total, cell, repeat)
+            report = run_cell(cell, seed=matrix.seed, warmup_s=matrix.warmup_s, observe_s=matrix.observe_s)
+            rec = run_record(cell, report, repeat=repeat, order=k, session=session, suite=matrix.name)
+            if out_path:
+                append_record(out_path, rec)
+            records.append(rec)
+            if on_run is not None:
+                on_run(rec)
+            k += 1
+    return records
+
+
+def read_records(path: str, *, session: str | None = None) -> list[dict]:
+    """The run records of a results file (all sessions, or one).
+
+    Raises:
+        ConfigError: unreadable file, a line that is not JSON or not a run record (names
+            the line).
+    """
+    from vmem.errors import ConfigError
+
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ConfigError(path, f"line {lineno} is not JSON: {err.msg}") from None
+                if not isinstance(rec, dict) or rec.get("kind") != BENCH_RUN_KIND:
+                    raise ConfigError(path, f"line {lineno} is not a vmem bench run record")
+                if session is None or rec.get("session") == session:
+                    out.append(rec)
+    except OSError as err:
+        raise ConfigError(path, f"cannot read: {err.strerror}") from None
+    return out
+
+
+def write_baseline(path: str, records: list[dict], *, suite: str) -> None:
+    """Write a baseline: every run's cell, validity, outcome, metrics and provenance (no
+    full reports: a baseline stays small enough to commit)."""
+    runs = [{k: r.get(k) for k in ("cell", "spec", "repeat", "valid", "outcome", "reason", "metrics")}
+            | {"provenance": (r.get("report") or {}).get("provenance") or r.get("provenance")}
+            for r in records]
+    doc = {"kind": BASELINE_KIND, "schema_version": SCHEMA_VERSION, "suite": suite,
+           "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs}
+    d = os.path.dirname(path)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_baseline(path: str) -> dict:
+    """Read a baseline file.
+
+    Raises:
+        ConfigError: unreadable, not JSON, or not a vmem bench baseline.
+    """
+    from vmem.errors import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as err:
+        raise ConfigError("--baseline", f"cannot read {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError("--baseline", f"{path} is not JSON: {err.msg} at line {err.lineno}") from None
+    if not isinstance(doc, dict) or doc.get("kind") != BASELINE_KIND or not isinstance(doc.get("runs"), list):
+        raise ConfigError("--baseline", f"{path} is not a vmem bench baseline (written by --save-baseline)")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise ConfigError("--baseline", f"{path} has schema version {doc.get('schema_version')}, "
+                                        f"this vmem reads {SCHEMA_VERSION}")
+    return doc
