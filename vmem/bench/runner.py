@@ -24,7 +24,7 @@ import uuid
 from vmem.bench.matrix import MODES, Cell, Matrix, build_policy
 from vmem.bench.metrics import report_metrics, run_is_valid
 
-__all__ = ["run_cell", "run_matrix", "run_record", "append_record", "read_records", "write_baseline",
+__all__ = ["run_cell", "migrate_cell", "cell_from_dict", "run_matrix", "run_record", "append_record", "read_records", "write_baseline",
            "read_baseline", "BENCH_RUN_KIND", "BASELINE_KIND"]
 
 BENCH_RUN_KIND = "vmem-bench-run"
@@ -32,12 +32,10 @@ BASELINE_KIND = "vmem-bench-baseline"
 SCHEMA_VERSION = 1
 
 
-def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: float = 0.2, progress=None) -> dict:
-    """Boot a fresh guest for ``cell``, warm it up, migrate it on this host; the report dict.
-
-    Every process started is reaped on every path (``boot_guest`` and
-    ``run_local_migration`` own theirs).
-    """
+def migrate_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: float = 0.2, progress=None) -> dict:
+    """In this process: boot a fresh guest for ``cell``, warm it up, migrate it on this
+    host; the report dict.  Every process started is reaped on every path
+    (``boot_guest`` and ``run_local_migration`` own theirs)."""
     from vmem.migration.backend import GuestSpec, boot_guest
     from vmem.migration.local import run_local_migration
     from vmem.migration.source import MigrationOptions
@@ -54,6 +52,50 @@ def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: flo
             time.sleep(warmup_s)
         report = run_local_migration(guest, options, progress)
     return report.to_dict()
+
+
+#: Seconds a run may take before its process is killed (a hung migration fails the run).
+RUN_TIMEOUT_S = 600.0
+
+
+def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: float = 0.2) -> dict:
+    """One run of ``cell`` in a fresh process (``python -m vmem.bench.cell``); its report.
+
+    A fresh process per run, as ``vmem migrate`` is: the source migrator's memory and CPU
+    figures are then its own, not those of a long-lived bench process that has already
+    made many migrations, and one run cannot leave state behind for the next.  A run whose
+    process dies or hangs (killed after RUN_TIMEOUT_S) yields a report with outcome
+    ``failed`` and the reason, never an exception.
+    """
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds vmem/
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    job = {"cell": cell.to_dict(), "seed": seed, "warmup_s": warmup_s, "observe_s": observe_s}
+    try:
+        done = subprocess.run([sys.executable, "-m", "vmem.bench.cell"], input=json.dumps(job), env=env,
+                              capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"outcome": "failed", "verified": False, "reason": f"the run took more than {RUN_TIMEOUT_S:g} s"}
+    try:
+        report = json.loads(done.stdout)
+        if isinstance(report.get("provenance"), dict):  # what was asked for: this bench, not the child
+            from vmem.provenance import command_line
+
+            report["provenance"]["command_line"] = command_line()
+        return report
+    except json.JSONDecodeError:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"outcome": "failed", "verified": False,
+                "reason": f"the run's process exited with status {done.returncode}: {tail}"}
+
+
+def cell_from_dict(d: dict) -> Cell:
+    """The inverse of :meth:`Cell.to_dict`."""
+    return Cell(d["workload"], tuple(sorted(d["params"].items())), int(d["size_bytes"]), d["policy"],
+                tuple(sorted(d["policy_options"].items())), d["tracker"], d["mode"], d["bandwidth_Bps"])
 
 
 def run_record(cell: Cell, report: dict, *, repeat: int, order: int, session: str, suite: str) -> dict:

@@ -3,7 +3,9 @@
 The rule (per cell, per metric; both samples are the verified runs only):
 
 * the change of medians must exceed both thresholds of the metric: ``|median_now -
-  median_base| > abs`` (in the metric's unit) and ``> rel x median_base``;
+  median_base| > abs`` (in the metric's unit), and the larger median must exceed ``(1 +
+  rel)`` times the smaller (a ratio, the same both ways: ``rel = 1`` is a doubling or a
+  halving);
 * and a one-sided Mann-Whitney rank test must find the shift in that direction with
   ``p <= alpha`` (exact distribution over every split of the pooled runs, ties counted
   half; a normal approximation beyond 200,000 splits).  With 3 runs a side the smallest
@@ -173,7 +175,9 @@ def _metric_verdict(cell: str, metric, base: list[float], now: list[float], t: d
     v.cliffs_delta = cliffs_delta(base, now)
     up = mn > mb
     v.p_value = mann_whitney_p(base, now, "greater" if up else "less")
-    big = abs(mn - mb) > t["abs"] and (abs(mn - mb) > t["rel"] * abs(mb) if mb else True)
+    # rel is a ratio, the same both ways: rel 0.5 means now > 1.5 x base or now < base / 1.5
+    lo, hi = sorted((abs(mb), abs(mn)))
+    big = abs(mn - mb) > t["abs"] and (hi > (1 + t["rel"]) * lo if lo else True)
     if big and v.p_value <= alpha + 1e-12:
         worse = up if metric.better == "lower" else not up
         v.verdict = "regressed" if worse else "improved"
