@@ -301,3 +301,20 @@ def test_standard_suite_passes_a_rerun_and_catches_a_stop_and_copy_stall(tmp_pat
     records = runner.read_records(str(tmp_path / "r.jsonl"))
     assert len(records) == 3 * n_cells * suite_matrix("standard").repeats and all(r["valid"] for r in records)
     assert (tmp_path / "run.html").read_text().count("data:image/png") >= 5
+
+
+def test_session_false_positive_rate_judges_every_ordered_pair_of_sessions():
+    from vmem.bench.verdict import session_false_positive_rate
+
+    def session(name, downtime):
+        return [dict(_rec("c", {"downtime_ms": downtime + i}, repeat=i), session=name) for i in range(3)]
+
+    calm = session("a", 5) + session("b", 6) + session("c", 5.5)
+    out = session_false_positive_rate(calm)
+    assert out["sessions"] == 3 and out["pairs"] == 6 and out["comparison_flagged_rate"] == 0
+    stalled = calm + session("d", 205)   # a session with the stall: every pair (x, d) regresses
+    out = session_false_positive_rate(stalled)
+    assert out["pairs"] == 12 and out["comparison_flagged_rate"] == pytest.approx(3 / 12)
+    assert out["flagged_metrics"] == {"downtime_ms regressed": 3, "downtime_ms improved": 3}
+    with pytest.raises(ValueError):
+        session_false_positive_rate(session("a", 5))

@@ -30,7 +30,8 @@ from vmem.bench.metrics import METRICS, METRIC_NAMES
 from vmem.errors import ConfigError
 
 __all__ = ["DEFAULT_ALPHA", "MIN_RUNS", "MetricVerdict", "Judgement", "judge", "mann_whitney_p", "smallest_p", "cliffs_delta",
-           "thresholds_with", "check_thresholds", "parse_threshold_args", "false_positive_rate"]
+           "thresholds_with", "check_thresholds", "parse_threshold_args", "false_positive_rate",
+           "session_false_positive_rate"]
 
 DEFAULT_ALPHA = 0.05
 #: Verified runs a side needs before a cell's metric gets a verdict.
@@ -267,4 +268,33 @@ def false_positive_rate(runs: list[dict], *, group_size: int = 3, trials: int = 
     return {"trials": trials, "group_size": group_size, "cells": len(usable),
             "runs_per_cell": min(len(rs) for rs in usable.values()),
             "comparison_flagged_rate": failing / trials, "cell_flagged_rate": cell_flags / cell_total,
+            "flagged_metrics": flagged_metrics}
+
+
+def session_false_positive_rate(runs: list[dict], *, thresholds: dict | None = None,
+                                alpha: float = DEFAULT_ALPHA) -> dict:
+    """Same-commit comparisons as CI makes them: whole sessions (separate ``vmem bench``
+    invocations of one commit) judged against each other, every ordered pair.
+
+    Unlike :func:`false_positive_rate` (random splits inside one session), this keeps what
+    changes between invocations -- the load of the machine, the page cache -- between the
+    two sides.  Returns the sessions, the pairs judged, the fraction that would exit 1, and
+    the flagged metrics with counts.
+    """
+    sessions: dict[str, list[dict]] = {}
+    for r in runs:
+        sessions.setdefault(r.get("session") or "?", []).append(r)
+    if len(sessions) < 2:
+        raise ValueError(f"needs runs of at least 2 sessions, got {len(sessions)}")
+    pairs = failing = 0
+    flagged_metrics: dict[str, int] = {}
+    for a, b in itertools.permutations(sessions, 2):
+        j = judge(sessions[a], sessions[b], thresholds=thresholds, alpha=alpha)
+        pairs += 1
+        failing += j.regressed
+        for row in j.rows:
+            if row.verdict in ("regressed", "improved"):
+                key = f"{row.metric} {row.verdict}"
+                flagged_metrics[key] = flagged_metrics.get(key, 0) + 1
+    return {"sessions": len(sessions), "pairs": pairs, "comparison_flagged_rate": failing / pairs,
             "flagged_metrics": flagged_metrics}

@@ -61,14 +61,18 @@ def assert_converged_within(report: dict, rounds: int) -> None:
 
 def feature_missing(*names: str) -> str:
     """Why the kernel lacks one of the named features (``vmem doctor`` names, or short UFFD
-    names such as ``WP_ASYNC``), or "" when all are there."""
+    names such as ``WP_ASYNC``), or "" when all are there.
+
+    Raises:
+        ValueError: a name vmem does not know (a typo must not turn into a silent skip).
+    """
     from vmem.features import probe_features
 
     features = probe_features()
     for name in names:
         f = features.get(name) or features.get(f"UFFD_FEATURE_{name}")
         if f is None:
-            return f"unknown kernel feature {name!r} (vmem doctor lists them)"
+            raise ValueError(f"unknown kernel feature {name!r}; known: {', '.join(features)}")
         if not f.available:
             return f"kernel lacks {f.name}: {f.detail}"
     return ""

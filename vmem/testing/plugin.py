@@ -88,7 +88,10 @@ def _vmem_kernel_marker(request):
     if marker is not None:
         from vmem.testing import feature_missing
 
-        why = feature_missing(*marker.args)
+        try:
+            why = feature_missing(*marker.args)
+        except ValueError as err:
+            pytest.fail(f"vmem_kernel marker: {err}", pytrace=False)
         if why:
             pytest.skip(why)
 
