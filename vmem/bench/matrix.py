@@ -52,6 +52,10 @@ _TOP_KEYS = {"name", "repeats", "warmup_s", "observe_s", "seed", "sizes", "track
              "workloads", "policies", "thresholds", "alpha"}
 
 
+def _value(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 @dataclass(frozen=True)
 class Cell:
     """One point of the matrix: everything that defines a migration except the repeat.
@@ -71,8 +75,9 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        wl = self.workload + (f"({','.join(f'{k}={v}' for k, v in self.params)})" if self.params else "")
-        pol = self.policy + (f"({','.join(f'{k}={v}' for k, v in self.policy_options)})" if self.policy_options else "")
+        wl = self.workload + (f"({','.join(f'{k}={_value(v)}' for k, v in self.params)})" if self.params else "")
+        pol = self.policy + (f"({','.join(f'{k}={_value(v)}' for k, v in self.policy_options)})"
+                             if self.policy_options else "")
         bw = f"{self.bandwidth_Bps / 1e6:g}MB/s" if self.bandwidth_Bps else "unlimited"
         return f"{wl}/{self.size_bytes >> 20}MiB/{pol}/{self.tracker}/{self.mode}/{bw}"
 

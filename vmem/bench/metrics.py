@@ -28,12 +28,12 @@ class Metric:
 
 METRICS: tuple[Metric, ...] = (
     Metric("downtime_ms", "lower", 0.5, 20.0, "guest-visible downtime (report downtime_ms)"),
-    Metric("blackout_ms", "lower", 0.5, 50.0, "longest gap the guest felt (report blackout_ms)"),
-    Metric("migration_time_s", "lower", 1.5, 0.75, "handshake to the source's release (report migration_time_s)"),
+    Metric("blackout_ms", "lower", 1.0, 100.0, "longest gap the guest felt (report blackout_ms)"),
+    Metric("migration_time_s", "lower", 3.0, 1.5, "handshake to the source's release (report migration_time_s)"),
     Metric("pages_sent", "lower", 0.25, 2048, "pages over all rounds (report pages_sent)"),
-    Metric("throughput_Bps", "higher", 2.0, 300e6,
+    Metric("throughput_Bps", "higher", 3.0, 300e6,
            "round 0's bytes/s (pure post-copy: the push's push_rate_Bps)"),
-    Metric("fault_p99_us", "lower", 2.0, 5000.0, "post-copy demand fault latency, 99th percentile"),
+    Metric("fault_p99_us", "lower", 3.0, 10000.0, "post-copy demand fault latency, 99th percentile"),
     Metric("migrator_private_peak_bytes", "lower", 0.5, 16 << 20,
            "source + destination migrators' peak private memory (processes.*.private_peak_bytes)"),
 )
