@@ -318,3 +318,59 @@ def test_session_false_positive_rate_judges_every_ordered_pair_of_sessions():
     assert out["flagged_metrics"] == {"downtime_ms regressed": 3, "downtime_ms improved": 3}
     with pytest.raises(ValueError):
         session_false_positive_rate(session("a", 5))
+
+
+def _copy_checkout(dest: Path) -> None:
+    """The tracked files as they are in the working tree, plus the built native extension."""
+    import shutil
+
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+    for rel in out.stdout.decode().split("\0"):
+        if rel and (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    for so in (ROOT / "vmem").glob("_vmem_native*.so"):
+        shutil.copy2(so, dest / "vmem" / so.name)
+
+
+def test_against_refuses_a_directory_that_cannot_run_a_bench(tmp_path):
+    run = _vmem("bench", "--suite", "standard", "--against", str(tmp_path), "--out", "r.jsonl", cwd=tmp_path,
+                timeout=60)
+    assert run.returncode == 2 and "not a vmem checkout with vmem bench" in run.stderr, run.stderr
+    (tmp_path / "vmem" / "bench").mkdir(parents=True)
+    (tmp_path / "vmem" / "bench" / "cell.py").write_text("")
+    run = _vmem("bench", "--suite", "standard", "--against", str(tmp_path), "--out", "r.jsonl", cwd=tmp_path,
+                timeout=60)
+    assert run.returncode == 2 and "no native extension" in run.stderr, run.stderr
+
+
+@pytest.mark.serial
+@pytest.mark.slow
+def test_ab_mode_pairs_runs_with_a_reference_checkout_and_flags_the_stall(tmp_path):
+    """--against DIR: the reference checkout (a copy of this one in which the test-only
+    stall does not exist) and this one run alternately; this one stalls 200 ms."""
+    from vmem.migration.inject import STOP_COPY_DELAY_ENV
+
+    ref = tmp_path / "ref"
+    _copy_checkout(ref)
+    inject_py = ref / "vmem" / "migration" / "inject.py"
+    inject_py.write_text(inject_py.read_text().replace(f'"{STOP_COPY_DELAY_ENV}"', '"VMEM_TEST_NOT_IN_THIS_COMMIT"'))
+    (tmp_path / "m.toml").write_text('name = "ab"\nrepeats = 3\nsizes = ["16M"]\nmodes = ["precopy", "hybrid"]\n'
+                                     'warmup_s = 0.1\nobserve_s = 0.1\n')
+    env = {k: v for k, v in os.environ.items() if k != STOP_COPY_DELAY_ENV} | {STOP_COPY_DELAY_ENV: "200"}
+    run = _vmem("bench", "--matrix", "m.toml", "--against", str(ref), "--out", "r.jsonl", "--quiet", cwd=tmp_path,
+                env=env)
+    assert run.returncode == 1, run.stdout + run.stderr
+    rows = [line for line in run.stdout.splitlines() if "downtime_ms" in line and "regressed" in line]
+    assert len(rows) == 2, run.stdout
+    records = runner.read_records(str(tmp_path / "r.jsonl"))
+    sides = [r["side"] for r in records]
+    assert sides.count("baseline") == sides.count("candidate") == 6
+    # paired and alternating: each cell's two runs are adjacent, and who goes first alternates
+    assert all(sides[i] != sides[i + 1] for i in range(0, 12, 2)) and sides[0] != sides[2]
+    base = [r["metrics"]["downtime_ms"] for r in records if r["side"] == "baseline"]
+    cand = [r["metrics"]["downtime_ms"] for r in records if r["side"] == "candidate"]
+    assert min(cand) > max(base), (base, cand)
+    # the stored session is judged the same way again without running anything
+    again = _vmem("bench", "--results", "r.jsonl", cwd=tmp_path, env=env, timeout=60)
+    assert again.returncode == 1 and "REGRESSION" in again.stdout, again.stdout + again.stderr

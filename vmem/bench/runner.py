@@ -24,7 +24,7 @@ import uuid
 from vmem.bench.matrix import MODES, Cell, Matrix, build_policy
 from vmem.bench.metrics import report_metrics, run_is_valid
 
-__all__ = ["run_cell", "migrate_cell", "cell_from_dict", "run_matrix", "run_record", "append_record", "read_records", "write_baseline",
+__all__ = ["run_cell", "migrate_cell", "cell_from_dict", "check_tree", "run_matrix", "run_record", "append_record", "read_records", "write_baseline",
            "read_baseline", "BENCH_RUN_KIND", "BASELINE_KIND"]
 
 BENCH_RUN_KIND = "vmem-bench-run"
@@ -58,8 +58,31 @@ def migrate_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s:
 RUN_TIMEOUT_S = 600.0
 
 
-def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: float = 0.2) -> dict:
+def check_tree(tree: str) -> str:
+    """The absolute path of a vmem checkout that ``run_cell`` can run from.
+
+    Raises:
+        ConfigError("--against"): not a directory holding ``vmem/bench/cell.py`` (a commit
+            with ``vmem bench``) and a built native extension.
+    """
+    import glob
+
+    from vmem.errors import ConfigError
+
+    root = os.path.abspath(tree)
+    if not os.path.isfile(os.path.join(root, "vmem", "bench", "cell.py")):
+        raise ConfigError("--against", f"{tree} is not a vmem checkout with vmem bench (no vmem/bench/cell.py)")
+    if not glob.glob(os.path.join(root, "vmem", "_vmem_native*.so")):
+        raise ConfigError("--against", f"{tree} has no native extension: run python vmem/_build/build_native.py there")
+    return root
+
+
+def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: float = 0.2,
+             tree: str | None = None) -> dict:
     """One run of ``cell`` in a fresh process (``python -m vmem.bench.cell``); its report.
+
+    ``tree``: run the vmem of that checkout (check_tree) instead of this one -- the
+    reference side of an A/B comparison (``vmem bench --against DIR``).
 
     A fresh process per run, as ``vmem migrate`` is: the source migrator's memory and CPU
     figures are then its own, not those of a long-lived bench process that has already
@@ -70,7 +93,7 @@ def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: flo
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds vmem/
+    root = tree or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds vmem/
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     job = {"cell": cell.to_dict(), "seed": seed, "warmup_s": warmup_s, "observe_s": observe_s}
@@ -126,34 +149,43 @@ def append_record(path: str, record: dict) -> None:
         os.close(fd)
 
 
-def run_matrix(matrix: Matrix, out_path: str | None, *, session: str | None = None, on_start=None,
-               on_run=None) -> list[dict]:
+def run_matrix(matrix: Matrix, out_path: str | None, *, session: str | None = None, against: str | None = None,
+               on_start=None, on_run=None) -> list[dict]:
     """Run every cell ``matrix.repeats`` times, interleaved; append each record to
     ``out_path`` as it finishes (so an interrupted run keeps what it measured).
 
     Args:
+        against: a vmem checkout (check_tree): A/B mode.  Every run of a cell is paired
+            with a run of the same cell from that checkout, in alternating order (A B, then
+            B A, ...), so both sides share the machine's load; records carry ``side``
+            (``"baseline"`` for that checkout's runs, ``"candidate"`` for this one's).
         on_start: ``f(index, total, cell, repeat)`` before each run.
         on_run: ``f(record)`` after each run.
     Returns:
         the records, in run order.
     """
     session = session or uuid.uuid4().hex[:12]
-    total = len(matrix.cells) * matrix.repeats
+    sides = [None] if against is None else [against, None]
+    total = len(matrix.cells) * matrix.repeats * len(sides)
     records = []
     k = 0
     for repeat in range(matrix.repeats):
         cells = matrix.cells if repeat % 2 == 0 else matrix.cells[::-1]
-        for cell in cells:
-            if on_start is not None:
-                on_start(k, total, cell, repeat)
-            report = run_cell(cell, seed=matrix.seed, warmup_s=matrix.warmup_s, observe_s=matrix.observe_s)
-            rec = run_record(cell, report, repeat=repeat, order=k, session=session, suite=matrix.name)
-            if out_path:
-                append_record(out_path, rec)
-            records.append(rec)
-            if on_run is not None:
-                on_run(rec)
-            k += 1
+        for i, cell in enumerate(cells):
+            for tree in (sides if (repeat + i) % 2 == 0 else sides[::-1]):
+                if on_start is not None:
+                    on_start(k, total, cell, repeat)
+                report = run_cell(cell, seed=matrix.seed, warmup_s=matrix.warmup_s, observe_s=matrix.observe_s,
+                                  tree=tree)
+                rec = run_record(cell, report, repeat=repeat, order=k, session=session, suite=matrix.name)
+                if against is not None:
+                    rec["side"] = "candidate" if tree is None else "baseline"
+                if out_path:
+                    append_record(out_path, rec)
+                records.append(rec)
+                if on_run is not None:
+                    on_run(rec)
+                k += 1
     return records
 
 

@@ -4,6 +4,7 @@
     vmem bench --suite standard --baseline b.json           # run, compare; exit 1 on a regression
     vmem bench --matrix m.toml --repeats 5 --html run.html  # a matrix file; an HTML report
     vmem bench --results r.jsonl --session S --baseline b.json   # judge stored runs, no new ones
+    vmem bench --suite standard --against ../main                # A/B: the reference checkout's runs interleaved
     vmem trend r.jsonl --html trend.html                     # per metric, per cell, across commits
 
 Exit status of ``vmem bench``: 0 no regression (and every run completed verified), 1 a
@@ -46,6 +47,9 @@ def add_bench_arguments(parser) -> None:
                         help="runs per cell, interleaved (default: the suite's or file's, else 3)")
     v = parser.add_argument_group("verdicts")
     v.add_argument("--baseline", metavar="FILE", help="compare with this baseline; exit 1 on a regression")
+    v.add_argument("--against", metavar="DIR",
+                   help="A/B: also run every cell from the vmem checkout DIR (the reference commit, native extension "
+                        "built), paired and alternating with this one's runs, and judge this one against it")
     v.add_argument("--save-baseline", metavar="FILE", help="write this run's results as a baseline")
     v.add_argument("--threshold", action="append", default=[], metavar="METRIC=REL:ABS",
                    help=f"override a metric's thresholds (metrics: {', '.join(METRIC_NAMES)})")
@@ -96,7 +100,16 @@ def cmd_bench(args) -> int:
     cli_thresholds = parse_threshold_args(args.threshold)
     if args.alpha is not None and not 0 < args.alpha < 1:
         raise ConfigError("--alpha", f"must be between 0 and 1, got {args.alpha}")
+    if args.against and args.baseline:
+        raise ConfigError("--against", "give --baseline FILE or --against DIR, not both")
     baseline = read_baseline(args.baseline) if args.baseline else None
+    against = None
+    if args.against:
+        from vmem.bench.runner import check_tree
+
+        against = check_tree(args.against)
+    if args.results and (args.suite or args.matrix or against):
+        raise ConfigError("--results", "judges stored runs: it takes no --suite, --matrix or --against")
     if args.results:
         records = read_records(args.results)
         if not records:
@@ -112,8 +125,9 @@ def cmd_bench(args) -> int:
         if need > mem_available_bytes():
             raise ConfigError("--sizes", f"the largest cell needs {format_bytes(need)}, only "
                                          f"{format_bytes(mem_available_bytes())} is available")
-        total = len(m.cells) * m.repeats
-        err.print(f"vmem bench: {m.name}: {len(m.cells)} cells x {m.repeats} repeats = {total} migrations; "
+        total = len(m.cells) * m.repeats * (2 if against else 1)
+        err.print(f"vmem bench: {m.name}: {len(m.cells)} cells x {m.repeats} repeats"
+                  f"{f' x 2 (A/B against {against})' if against else ''} = {total} migrations; "
                   f"results appended to {args.out}", soft_wrap=True)
 
         def on_start(k, n, cell, repeat):
@@ -124,35 +138,41 @@ def cmd_bench(args) -> int:
             if not args.quiet:
                 mt = rec["metrics"]
                 ok = "verified" if rec["valid"] else f"[red]{rec['outcome']}: {rec['reason']}[/red]"
-                err.print(f" -> {ok}, downtime {mt['downtime_ms'] or 0:.1f} ms, total {mt['migration_time_s'] or 0:.2f} s",
-                          soft_wrap=True)
+                side = f"{rec['side']}: " if rec.get("side") else ""
+                err.print(f" -> {side}{ok}, downtime {mt['downtime_ms'] or 0:.1f} ms, "
+                          f"total {mt['migration_time_s'] or 0:.2f} s", soft_wrap=True)
 
-        records = run_matrix(m, args.out, on_start=on_start, on_run=on_run)
+        records = run_matrix(m, args.out, against=against, on_start=on_start, on_run=on_run)
         suite, file_thresholds, alpha = m.name, m.thresholds, m.alpha
     alpha = args.alpha or alpha or DEFAULT_ALPHA
+    reference = baseline["runs"] if baseline is not None else None
+    if any(r.get("side") for r in records):  # an A/B session: its own baseline side
+        if reference is None:
+            reference = [r for r in records if r.get("side") == "baseline"]
+        records = [r for r in records if r.get("side") != "baseline"]
     if args.save_baseline:
         write_baseline(args.save_baseline, records, suite=suite)
         err.print(f"baseline written to {args.save_baseline}")
     judgement = None
-    if baseline is not None:
+    if reference is not None:
         from vmem.bench.verdict import smallest_p
 
         per_cell = {}
         for r in records:
             per_cell[r["cell"]] = per_cell.get(r["cell"], 0) + r["valid"]
         n_now = min(per_cell.values())
-        n_base = min(sum(1 for b in baseline["runs"] if b["cell"] == c and b["valid"]) for c in per_cell) or 0
+        n_base = min(sum(1 for b in reference if b["cell"] == c and b["valid"]) for c in per_cell) or 0
         if smallest_p(n_base, n_now) > alpha:
             err.print(f"[yellow]warning: {n_base} baseline and {n_now} new verified runs of a cell cannot reach "
                       f"p <= {alpha:g} (smallest p {smallest_p(n_base, n_now):.3f}): such cells get no verdict; "
                       f"use --repeats 3 or more[/yellow]", soft_wrap=True)
         thresholds = thresholds_with(file_thresholds, cli_thresholds)
-        judgement = judge(baseline["runs"], records, thresholds=thresholds, alpha=alpha)
+        judgement = judge(reference, records, thresholds=thresholds, alpha=alpha)
         print_judgement(judgement, Console() if sys.stdout.isatty() else Console(width=200))
     if args.html:
         from vmem.bench.html import write_run_html
 
-        write_run_html(args.html, records, judgement=judgement, baseline=baseline["runs"] if baseline else None)
+        write_run_html(args.html, records, judgement=judgement, baseline=reference)
         err.print(f"HTML report: {args.html}")
     failed = [r for r in records if not r["valid"]]
     if judgement is not None:
