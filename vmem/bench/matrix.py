@@ -43,7 +43,7 @@ from typing import Any
 from vmem.errors import ConfigError
 
 __all__ = ["Cell", "Matrix", "MODES", "SUITES", "load_matrix", "matrix_from_dict", "matrix_from_axes",
-           "suite_matrix"]
+           "suite_matrix", "typed_params", "build_policy"]
 
 #: Modes and the ``MigrationOptions.postcopy`` each one asks for.
 MODES = {"precopy": "off", "postcopy": "pure", "hybrid": "after-precopy"}
@@ -179,46 +179,52 @@ def _number(doc: dict, key: str, where: str, default, kind=float, minimum=0.0):
     return kind(v)
 
 
-def _workload(entry, where: str) -> tuple[str, tuple]:
-    from guests.workload import load_workload, parse_params
-
+def _named_entry(entry, where: str, axis: str, table: str) -> tuple[str, dict]:
+    """``(name, table)`` of one ``[[workloads]]`` / ``[[policies]]`` entry (or a bare name)."""
     if isinstance(entry, str):
         entry = {"name": entry}
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-        raise ConfigError(f"{where}: workloads", f"each workload needs a name, got {entry!r}")
-    unknown = set(entry) - {"name", "params"}
+        raise ConfigError(f"{where}: {axis}", f"each entry needs a name, got {entry!r}")
+    unknown = set(entry) - {"name", table}
     if unknown:
-        raise ConfigError(f"{where}: workloads", f"unknown key {sorted(unknown)[0]!r} (name, params)")
-    params = entry.get("params") or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"{where}: workloads.params", f"expected a table, got {params!r}")
+        raise ConfigError(f"{where}: {axis}", f"unknown key {sorted(unknown)[0]!r} (name, {table})")
+    values = entry.get(table) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: {axis}.{table}", f"expected a table, got {values!r}")
+    return entry["name"], values
+
+
+def typed_params(workload: str, params: dict) -> dict:
+    """``params`` (TOML or Python values) checked and typed as ``-W KEY=VALUE`` would be.
+
+    Raises:
+        ConfigError: unknown workload or parameter, or a value of the wrong type.
+    """
+    from guests.workload import load_workload, parse_params
+
+    cls = load_workload(workload)
+    return parse_params(cls, [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items()])
+
+
+def _workload(entry, where: str) -> tuple[str, tuple]:
+    name, params = _named_entry(entry, where, "workloads", "params")
     try:
-        cls = load_workload(entry["name"])
-        typed = parse_params(cls, [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items()])
+        typed = typed_params(name, params)
     except ConfigError as err:
-        raise ConfigError(f"{where}: workload {entry['name']!r}", str(err)) from None
-    return entry["name"], tuple(sorted(typed.items()))
+        raise ConfigError(f"{where}: workload {name!r}", str(err)) from None
+    return name, tuple(sorted(typed.items()))
 
 
 def _policy(entry, where: str) -> tuple[str, tuple]:
     from vmem.analysis.compare import build_policies
 
-    if isinstance(entry, str):
-        entry = {"name": entry}
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-        raise ConfigError(f"{where}: policies", f"each policy needs a name, got {entry!r}")
-    unknown = set(entry) - {"name", "options"}
-    if unknown:
-        raise ConfigError(f"{where}: policies", f"unknown key {sorted(unknown)[0]!r} (name, options)")
-    options = entry.get("options") or {}
-    if not isinstance(options, dict):
-        raise ConfigError(f"{where}: policies.options", f"expected a table, got {options!r}")
+    name, options = _named_entry(entry, where, "policies", "options")
     try:
         # One validation for the CLI's --policy-option and the file: vmem compare's.
-        [(_, _, applied)], _ = build_policies([entry["name"]], options)
+        [(_, _, applied)], _ = build_policies([name], options)
     except ConfigError as err:
-        raise ConfigError(f"{where}: policy {entry['name']!r}", str(err)) from None
-    return entry["name"], tuple(sorted(applied.items()))
+        raise ConfigError(f"{where}: policy {name!r}", str(err)) from None
+    return name, tuple(sorted(applied.items()))
 
 
 def build_policy(cell: Cell):

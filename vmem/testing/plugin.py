@@ -99,16 +99,14 @@ def _vmem_kernel_marker(request):
 @pytest.fixture
 def vmem_guest(_vmem_lock):
     """Factory: boot a source guest; every guest is closed (reaped) after the test."""
+    from vmem.bench.matrix import typed_params
     from vmem.migration.backend import GuestSpec, boot_guest
-    from guests.workload import load_workload, parse_params
     from vmem.ram import parse_size
 
     guests = []
 
     def boot(workload: str = "hotcold", size="32M", seed: int = 1, **params):
-        cls = load_workload(workload)
-        typed = parse_params(cls, [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items()])
-        g = boot_guest(GuestSpec(workload, typed, seed), parse_size(size))
+        g = boot_guest(GuestSpec(workload, typed_params(workload, params), seed), parse_size(size))
         guests.append(g)
         return g
 
