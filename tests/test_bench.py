@@ -96,9 +96,11 @@ def test_a_bad_matrix_is_refused_naming_the_problem(tmp_path, text, words):
 
 def test_bad_input_exits_2_with_one_line_before_anything_runs(tmp_path):
     (tmp_path / "bad.toml").write_text("repeats = [")
-    for args in (["--matrix", "bad.toml"], ["--workloads", "nosuch"], ["--suite", "standard", "--threshold", "x"],
-                 ["--matrix", "missing.toml"], ["--suite", "standard", "--baseline", "bad.toml"],
-                 ["--results", "bad.toml"]):
+    for args in (["--matrix", "bad.toml"], ["--workloads", "nosuch"], ["--suite", "nightly"],
+                 ["--suite", "standard", "--threshold", "x"], ["--matrix", "missing.toml"],
+                 ["--suite", "standard", "--baseline", "bad.toml"], ["--results", "bad.toml"],
+                 ["--suite", "standard", "--matrix", "bad.toml"], ["--suite", "standard", "--repeats", "0"],
+                 ["--results", "bad.toml", "--suite", "standard"], ["--sizes", "64G"]):
         run = _vmem("bench", *args, "--out", "r.jsonl", cwd=tmp_path, timeout=60)
         assert run.returncode == 2, (args, run.stdout, run.stderr)
         lines = run.stderr.strip().splitlines()

@@ -122,3 +122,8 @@ def test_installed_wheel_registers_the_pytest_plugin_and_the_example_passes(inst
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "3 passed" in run.stdout, run.stdout
+    # Naming it as a checkout does (-p) loads the same registration, not a second one.
+    markers = subprocess.run([str(bin_dir / "python"), "-m", "pytest", "-p", "vmem.testing.plugin", "--markers"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert markers.returncode == 0, markers.stdout + markers.stderr
+    assert markers.stdout.count("@pytest.mark.vmem_kernel") == 1, markers.stdout

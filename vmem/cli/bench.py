@@ -25,7 +25,7 @@ def add_bench_arguments(parser) -> None:
     from vmem.bench.metrics import METRIC_NAMES
 
     src = parser.add_argument_group("what to run (one of; default: the command-line axes below)")
-    src.add_argument("--suite", choices=list(SUITES), help="a built-in matrix: standard (CI, ~1 min) or full")
+    src.add_argument("--suite", metavar="|".join(SUITES), help="a built-in matrix: standard (CI, under a minute) or full")
     src.add_argument("--matrix", metavar="FILE", help="a matrix in TOML (docs/bench.md)")
     src.add_argument("--results", metavar="FILE", help="run nothing: judge the runs already stored in FILE")
     src.add_argument("--session", metavar="ID", help="with --results: only that session's runs (default: the last one)")
