@@ -227,7 +227,7 @@ def test_runs_are_interleaved_and_stored_one_line_each(tmp_path, monkeypatch):
 
     def fake_run_cell(cell, **kw):
         calls.append(cell.mode)
-        return _fake_report(cell, len(calls))
+        return _fake_report(cell, len(calls)), 30.0
 
     monkeypatch.setattr(runner, "run_cell", fake_run_cell)
     out = tmp_path / "r.jsonl"
@@ -376,3 +376,20 @@ def test_ab_mode_pairs_runs_with_a_reference_checkout_and_flags_the_stall(tmp_pa
     # the stored session is judged the same way again without running anything
     again = _vmem("bench", "--results", "r.jsonl", cwd=tmp_path, env=env, timeout=60)
     assert again.returncode == 1 and "REGRESSION" in again.stdout, again.stdout + again.stderr
+
+
+def test_a_slower_machine_excuses_a_timing_change_of_its_size_but_not_a_larger_one():
+    def runs(values, calibration, metric="downtime_ms"):
+        return [dict(_rec("c", {metric: v}, repeat=i), calibration_ms=calibration) for i, v in enumerate(values)]
+
+    base = runs([10, 11, 12], 30.0)
+    slow = runs([40, 41, 42], 90.0)            # 3.7x the downtime on a machine 3x slower
+    j = judge(base, slow)
+    assert j.slowdown == pytest.approx(3.0) and j.cells["c"] == "same"
+    assert judge(runs([10, 11, 12], 30.0), runs([40, 41, 42], 30.0)).cells["c"] == "regressed"  # same speed
+    stalled = runs([240, 241, 242], 90.0)       # the 200 ms stall on the slow machine: still caught
+    assert judge(base, stalled).cells["c"] == "regressed"
+    # a faster machine now does not make the code look improved; pages are not excused by speed
+    assert judge(slow, runs([10, 11, 12], 30.0)).cells["c"] == "same"
+    more_pages = judge(runs([1000, 1001, 1002], 30.0, "pages_sent"), runs([9000, 9001, 9002], 90.0, "pages_sent"))
+    assert more_pages.cells["c"] == "regressed"   # not a timing figure: no excuse

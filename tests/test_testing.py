@@ -101,14 +101,20 @@ def test_the_example_and_the_kernel_marker_under_the_plugin(tmp_path):
     (tmp_path / "test_markers.py").write_text(
         "import pytest\n\n@pytest.mark.vmem_kernel('PAGEMAP_SCAN')\ndef test_needs_scan():\n    pass\n\n"
         "@pytest.mark.vmem_kernel('WP_ASYNK')\ndef test_typo():\n    pass\n\n"
-        "@pytest.mark.vmem_kernel('userfaultfd')\ndef test_has_uffd():\n    pass\n")
+        "@pytest.mark.vmem_kernel('userfaultfd')\ndef test_has_uffd():\n    pass\n\n"
+        "@pytest.mark.vmem_alone\ndef test_alone_holds_the_lock(request, tmp_path_factory):\n"
+        "    import fcntl, os\n    from vmem.testing.plugin import _lock_path\n"
+        "    fd = os.open(_lock_path(request.config, tmp_path_factory), os.O_RDWR)\n"
+        "    try:\n        with pytest.raises(BlockingIOError):\n"
+        "            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)\n    finally:\n        os.close(fd)\n")
     run = _pytest(["-q", "."], tmp_path)
     got = _outcomes(run.stdout)
     assert run.returncode == 1, run.stdout + run.stderr   # the typo fails
     assert "kernel lacks PAGEMAP_SCAN: pretend" in run.stdout
     assert "unknown kernel feature 'WP_ASYNK'" in run.stdout
     assert got.get("test_has_uffd") == "PASSED" and got.get("test_typo") == "ERROR", run.stdout
-    example = [n for n in got if n.startswith(("test_hotcold", "test_postcopy", "test_idle"))]
+    assert got.get("test_alone_holds_the_lock") == "PASSED", run.stdout
+    example = [n for n in got if n.startswith(("test_hotcold", "test_postcopy", "test_a_busy"))]
     assert len(example) == 3 and all(got[n] == "PASSED" for n in example), run.stdout
 
 

@@ -24,7 +24,7 @@ def test_postcopy_under_a_policy_that_never_precopies(vmem_guest, vmem_migrate):
 
 
 @pytest.mark.vmem_alone   # a timing figure: under pytest-xdist nothing else of vmem runs meanwhile
-def test_idle_guest_downtime_is_small_compared_to_a_busy_one(vmem_guest, vmem_migrate):
+def test_a_busy_guest_sends_more_than_an_idle_one(vmem_guest, vmem_migrate):
     idle = vmem_migrate(vmem_guest("idle", size="16M"))
     busy = vmem_migrate(vmem_guest("uniform", size="16M", rate=20000))
     assert_verified(idle)

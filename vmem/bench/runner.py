@@ -8,7 +8,8 @@ Results file (JSON lines, appended; one object per run, see :func:`run_record`):
 
     {"kind": "vmem-bench-run", "schema_version": 1, "session": "<hex>", "suite": "standard",
      "cell": "<cell id>", "spec": {...}, "repeat": 0, "order": 0, "valid": true,
-     "metrics": {...}, "outcome": "completed", "reason": "...", "report": {<the full report>}}
+     "metrics": {...}, "calibration_ms": 31.2, "outcome": "completed", "reason": "...",
+     "report": {<the full report>}}
 
 The full report (docs/report.md) carries its provenance (commit, kernel, host, command
 line); ``session`` ties the runs of one ``vmem bench`` together.  A baseline
@@ -78,8 +79,10 @@ def check_tree(tree: str) -> str:
 
 
 def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: float = 0.2,
-             tree: str | None = None) -> dict:
-    """One run of ``cell`` in a fresh process (``python -m vmem.bench.cell``); its report.
+             tree: str | None = None) -> tuple[dict, float | None]:
+    """One run of ``cell`` in a fresh process (``python -m vmem.bench.cell``): its report
+    and the machine's calibration time just before it (vmem.bench.calibrate; None if the
+    process died first).
 
     ``tree``: run the vmem of that checkout (check_tree) instead of this one -- the
     reference side of an A/B comparison (``vmem bench --against DIR``).
@@ -101,18 +104,20 @@ def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: flo
         done = subprocess.run([sys.executable, "-m", "vmem.bench.cell"], input=json.dumps(job), env=env,
                               capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return {"outcome": "failed", "verified": False, "reason": f"the run took more than {RUN_TIMEOUT_S:g} s"}
+        return {"outcome": "failed", "verified": False,
+                "reason": f"the run took more than {RUN_TIMEOUT_S:g} s"}, None
     try:
-        report = json.loads(done.stdout)
-        if isinstance(report.get("provenance"), dict):  # what was asked for: this bench, not the child
-            from vmem.provenance import command_line
-
-            report["provenance"]["command_line"] = command_line()
-        return report
+        out = json.loads(done.stdout)
     except json.JSONDecodeError:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"outcome": "failed", "verified": False,
-                "reason": f"the run's process exited with status {done.returncode}: {tail}"}
+                "reason": f"the run's process exited with status {done.returncode}: {tail}"}, None
+    report = out["report"]
+    if isinstance(report.get("provenance"), dict):  # what was asked for: this bench, not the child
+        from vmem.provenance import command_line
+
+        report["provenance"]["command_line"] = command_line()
+    return report, out.get("calibration_ms")
 
 
 def cell_from_dict(d: dict) -> Cell:
@@ -121,11 +126,12 @@ def cell_from_dict(d: dict) -> Cell:
                 tuple(sorted(d["policy_options"].items())), d["tracker"], d["mode"], d["bandwidth_Bps"])
 
 
-def run_record(cell: Cell, report: dict, *, repeat: int, order: int, session: str, suite: str) -> dict:
+def run_record(cell: Cell, report: dict, *, repeat: int, order: int, session: str, suite: str,
+               calibration_ms: float | None = None) -> dict:
     """The JSON line of one run (the full report plus what the verdict reads)."""
     return {"kind": BENCH_RUN_KIND, "schema_version": SCHEMA_VERSION, "session": session, "suite": suite,
             "cell": cell.cell_id, "spec": cell.to_dict(), "repeat": repeat, "order": order,
-            "valid": run_is_valid(report), "metrics": report_metrics(report),
+            "valid": run_is_valid(report), "metrics": report_metrics(report), "calibration_ms": calibration_ms,
             "outcome": report.get("outcome"), "reason": report.get("reason"), "report": report}
 
 
@@ -175,9 +181,10 @@ def run_matrix(matrix: Matrix, out_path: str | None, *, session: str | None = No
             for tree in (sides if (repeat + i) % 2 == 0 else sides[::-1]):
                 if on_start is not None:
                     on_start(k, total, cell, repeat)
-                report = run_cell(cell, seed=matrix.seed, warmup_s=matrix.warmup_s, observe_s=matrix.observe_s,
-                                  tree=tree)
-                rec = run_record(cell, report, repeat=repeat, order=k, session=session, suite=matrix.name)
+                report, calibration = run_cell(cell, seed=matrix.seed, warmup_s=matrix.warmup_s,
+                                               observe_s=matrix.observe_s, tree=tree)
+                rec = run_record(cell, report, repeat=repeat, order=k, session=session, suite=matrix.name,
+                                 calibration_ms=calibration)
                 if against is not None:
                     rec["side"] = "candidate" if tree is None else "baseline"
                 if out_path:
@@ -220,7 +227,8 @@ def read_records(path: str, *, session: str | None = None) -> list[dict]:
 def write_baseline(path: str, records: list[dict], *, suite: str) -> None:
     """Write a baseline: every run's cell, validity, outcome, metrics and provenance (no
     full reports: a baseline stays small enough to commit)."""
-    runs = [{k: r.get(k) for k in ("cell", "spec", "repeat", "valid", "outcome", "reason", "metrics")}
+    runs = [{k: r.get(k) for k in ("cell", "spec", "repeat", "valid", "outcome", "reason", "metrics",
+                                   "calibration_ms")}
             | {"provenance": (r.get("report") or {}).get("provenance") or r.get("provenance")}
             for r in records]
     doc = {"kind": BASELINE_KIND, "schema_version": SCHEMA_VERSION, "suite": suite,

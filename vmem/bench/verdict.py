@@ -12,6 +12,13 @@ The rule (per cell, per metric; both samples are the verified runs only):
   possible p is 1/20 = 0.05, so at the default ``alpha = 0.05`` every run on one side must
   lie beyond every run on the other.
 
+For the wall-clock metrics (``Metric.timing``) the machine's speed is taken into account:
+every run times a fixed piece of work first (vmem.bench.calibrate), and ``slowdown`` is the
+median of this side's calibrations over the baseline's.  When the machine was slower now
+(slowdown s > 1), both thresholds in the worse direction are multiplied by s (``abs x s``,
+and a ratio beyond ``(1 + rel) x s``); when it was faster, those in the better direction by
+1 / s.  A change the machine's speed explains is not blamed on the code.
+
 Both must hold; a change in the better direction is *improved*, in the worse *regressed*,
 anything else *same*.  The effect size printed beside it is the ratio of medians and
 Cliff's delta (-1..1: the fraction of run pairs in which now is larger minus the fraction
@@ -29,7 +36,7 @@ from dataclasses import dataclass, field
 from vmem.bench.metrics import METRICS, METRIC_NAMES
 from vmem.errors import ConfigError
 
-__all__ = ["DEFAULT_ALPHA", "MIN_RUNS", "MetricVerdict", "Judgement", "judge", "mann_whitney_p", "smallest_p", "cliffs_delta",
+__all__ = ["DEFAULT_ALPHA", "MIN_RUNS", "MetricVerdict", "Judgement", "judge", "mann_whitney_p", "smallest_p", "machine_slowdown", "cliffs_delta",
            "thresholds_with", "check_thresholds", "parse_threshold_args", "false_positive_rate",
            "session_false_positive_rate"]
 
@@ -156,6 +163,8 @@ class Judgement:
     failed_runs: dict[str, list[str]] = field(default_factory=dict)
     alpha: float = DEFAULT_ALPHA
     thresholds: dict = field(default_factory=dict)
+    #: median calibration now / in the baseline (1.0 when either side has none)
+    slowdown: float = 1.0
 
     @property
     def regressed(self) -> bool:
@@ -166,7 +175,15 @@ class Judgement:
         return 1 if self.regressed else 0
 
 
-def _metric_verdict(cell: str, metric, base: list[float], now: list[float], t: dict, alpha: float) -> MetricVerdict:
+def machine_slowdown(baseline: list[dict], now: list[dict]) -> float:
+    """Median calibration time of ``now``'s runs over the baseline's (1.0 if either has none)."""
+    b = [r["calibration_ms"] for r in baseline if r.get("calibration_ms")]
+    n = [r["calibration_ms"] for r in now if r.get("calibration_ms")]
+    return statistics.median(n) / statistics.median(b) if b and n else 1.0
+
+
+def _metric_verdict(cell: str, metric, base: list[float], now: list[float], t: dict, alpha: float,
+                    slowdown: float = 1.0) -> MetricVerdict:
     mb = statistics.median(base) if base else None
     mn = statistics.median(now) if now else None
     v = MetricVerdict(cell, metric.name, "n/a", mb, mn, len(base), len(now))
@@ -176,11 +193,15 @@ def _metric_verdict(cell: str, metric, base: list[float], now: list[float], t: d
     v.cliffs_delta = cliffs_delta(base, now)
     up = mn > mb
     v.p_value = mann_whitney_p(base, now, "greater" if up else "less")
+    worse = up if metric.better == "lower" else not up
+    # A slower machine now excuses changes in the worse direction, a faster one in the better.
+    scale = 1.0
+    if metric.timing:
+        scale = max(slowdown, 1.0) if worse else max(1 / slowdown, 1.0)
     # rel is a ratio, the same both ways: rel 0.5 means now > 1.5 x base or now < base / 1.5
     lo, hi = sorted((abs(mb), abs(mn)))
-    big = abs(mn - mb) > t["abs"] and (hi > (1 + t["rel"]) * lo if lo else True)
+    big = abs(mn - mb) > t["abs"] * scale and (hi > (1 + t["rel"]) * scale * lo if lo else True)
     if big and v.p_value <= alpha + 1e-12:
-        worse = up if metric.better == "lower" else not up
         v.verdict = "regressed" if worse else "improved"
     else:
         v.verdict = "same"
@@ -196,7 +217,7 @@ def judge(baseline: list[dict], now: list[dict], *, thresholds: dict | None = No
         thresholds: full table (thresholds_with()); defaults if None.
     """
     thresholds = thresholds or thresholds_with()
-    j = Judgement(alpha=alpha, thresholds=thresholds)
+    j = Judgement(alpha=alpha, thresholds=thresholds, slowdown=machine_slowdown(baseline, now))
     by_cell_base: dict[str, list[dict]] = {}
     by_cell_now: dict[str, list[dict]] = {}
     for r in baseline:
@@ -217,7 +238,7 @@ def judge(baseline: list[dict], now: list[dict], *, thresholds: dict | None = No
             n = [r["metrics"][metric.name] for r in runs if r["valid"] and r["metrics"].get(metric.name) is not None]
             if not b and not n:
                 continue
-            mv = _metric_verdict(cell, metric, b, n, thresholds[metric.name], alpha)
+            mv = _metric_verdict(cell, metric, b, n, thresholds[metric.name], alpha, j.slowdown)
             j.rows.append(mv)
             verdicts.append(mv.verdict)
         j.cells[cell] = ("failed" if bad else "regressed" if "regressed" in verdicts

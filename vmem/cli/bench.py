@@ -198,7 +198,8 @@ def print_judgement(j, console) -> None:
 
     styles = {"regressed": "bold red", "failed": "bold red", "improved": "green", "same": "white", "n/a": "dim",
               "new": "yellow", "missing": "yellow"}
-    t = Table(title=f"vmem bench verdicts (rank test alpha {j.alpha:g}; thresholds docs/bench.md)")
+    t = Table(title=f"vmem bench verdicts (rank test alpha {j.alpha:g}; thresholds docs/bench.md; "
+                    f"machine {j.slowdown:.2f}x the baseline's calibration time)")
     for c in ("cell", "metric", "baseline", "now", "change", "Cliff's δ", "p", "verdict"):
         t.add_column(c, justify="left" if c in ("cell", "metric", "verdict") else "right", overflow="fold")
     for r in j.rows:

@@ -83,7 +83,11 @@ def _vmem_lock(request, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _vmem_kernel_marker(request):
+def _vmem_markers(request):
+    """``vmem_kernel``: skip where a feature is missing; ``vmem_alone``: hold the lock
+    exclusively even in a test that boots nothing through the vmem fixtures."""
+    if request.node.get_closest_marker("vmem_alone") is not None:
+        request.getfixturevalue("_vmem_lock")
     marker = request.node.get_closest_marker("vmem_kernel")
     if marker is not None:
         from vmem.testing import feature_missing
@@ -187,7 +191,8 @@ def vmem_bench_run(request, vmem_bench_case, _vmem_lock):
     from vmem.bench.runner import append_record, run_cell, run_record
 
     m, cell, repeat = vmem_bench_case
-    report = run_cell(cell, seed=m.seed, warmup_s=m.warmup_s, observe_s=m.observe_s)
-    rec = run_record(cell, report, repeat=repeat, order=-1, session=_session(request.config), suite=m.name)
+    report, calibration = run_cell(cell, seed=m.seed, warmup_s=m.warmup_s, observe_s=m.observe_s)
+    rec = run_record(cell, report, repeat=repeat, order=-1, session=_session(request.config), suite=m.name,
+                     calibration_ms=calibration)
     append_record(request.config.getoption("--vmem-bench-out"), rec)
     return rec
