@@ -108,7 +108,9 @@ def write_run_html(path: str, records: list[dict], *, judgement=None, baseline: 
             sections.append({"heading": "Verdicts against the baseline",
                              "text": [f"{'REGRESSION' if judgement.regressed else 'No regression'}. "
                                       f"Rule: medians beyond both thresholds and a one-sided Mann-Whitney test at "
-                                      f"alpha {judgement.alpha:g} (docs/bench.md)."]
+                                      f"alpha {judgement.alpha:g}; the machine took {judgement.slowdown:.2f}x the "
+                                      f"baseline's calibration time, timing thresholds scaled accordingly "
+                                      f"(docs/bench.md)."]
                                      + [f"{c}: {v}" for c, v in judgement.cells.items()],
                              "table": {"columns": ["cell", "metric", "baseline median", "median", "change", "Cliff's δ",
                                                    "p", "verdict"], "rows": rows}})
