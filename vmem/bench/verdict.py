@@ -174,6 +174,14 @@ class Judgement:
     def exit_status(self) -> int:
         return 1 if self.regressed else 0
 
+    def to_dict(self) -> dict:
+        """The verdicts as JSON (``vmem bench --json``)."""
+        from dataclasses import asdict
+
+        return {"kind": "vmem-bench-verdicts", "regressed": self.regressed, "alpha": self.alpha,
+                "slowdown": self.slowdown, "thresholds": self.thresholds, "cells": self.cells,
+                "failed_runs": self.failed_runs, "rows": [asdict(r) for r in self.rows]}
+
 
 def machine_slowdown(baseline: list[dict], now: list[dict]) -> float:
     """Median calibration time of ``now``'s runs over the baseline's (1.0 if either has none)."""

@@ -58,6 +58,7 @@ def add_bench_arguments(parser) -> None:
     o.add_argument("--out", default="vmem-bench.jsonl", metavar="FILE",
                    help="append one JSON line per run (full report with provenance) to FILE (default vmem-bench.jsonl)")
     o.add_argument("--html", metavar="FILE", help="write a self-contained HTML report of this run")
+    o.add_argument("--json", metavar="FILE", help="write the verdicts (per cell and metric) as JSON")
     o.add_argument("--quiet", action="store_true", help="no per-run lines")
 
 
@@ -169,6 +170,12 @@ def cmd_bench(args) -> int:
         thresholds = thresholds_with(file_thresholds, cli_thresholds)
         judgement = judge(reference, records, thresholds=thresholds, alpha=alpha)
         print_judgement(judgement, Console() if sys.stdout.isatty() else Console(width=200))
+        if args.json:
+            import json
+
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(judgement.to_dict(), f, indent=1)
+                f.write("\n")
     if args.html:
         from vmem.bench.html import write_run_html
 
