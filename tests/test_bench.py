@@ -144,11 +144,11 @@ def test_the_better_direction_is_an_improvement_and_passes():
 
 
 def test_a_shift_within_a_threshold_is_the_same():
-    _, row = _verdict([5, 6, 7], [15, 16, 17])            # +10 ms < abs 20 ms
+    _, row = _verdict([5, 6, 7], [45, 46, 47])            # 7.7x, but +40 ms < abs 50 ms
     assert row.verdict == "same"
-    _, row = _verdict([100, 101, 102], [130, 131, 132])   # +30 ms > 20 ms, but +29% < rel 50%
+    _, row = _verdict([200, 201, 202], [260, 261, 262])   # +60 ms > 50 ms, but 1.3x < 1 + rel 0.5
     assert row.verdict == "same"
-    _, row = _verdict([100, 101, 102], [130, 131, 132], thresholds=thresholds_with({"downtime_ms": {"rel": 0.2}}))
+    _, row = _verdict([200, 201, 202], [260, 261, 262], thresholds=thresholds_with({"downtime_ms": {"rel": 0.2}}))
     assert row.verdict == "regressed"                     # the threshold is what decides
 
 
@@ -387,10 +387,10 @@ def test_a_slower_machine_excuses_a_timing_change_of_its_size_but_not_a_larger_o
         return [dict(_rec("c", {metric: v}, repeat=i), calibration_ms=calibration) for i, v in enumerate(values)]
 
     base = runs([10, 11, 12], 30.0)
-    slow = runs([40, 41, 42], 90.0)            # 3.7x the downtime on a machine 3x slower
+    slow = runs([100, 101, 102], 90.0)         # +90 ms on a machine 3x slower: within 3 x 50 ms
     j = judge(base, slow)
     assert j.slowdown == pytest.approx(3.0) and j.cells["c"] == "same"
-    assert judge(runs([10, 11, 12], 30.0), runs([40, 41, 42], 30.0)).cells["c"] == "regressed"  # same speed
+    assert judge(runs([10, 11, 12], 30.0), runs([100, 101, 102], 30.0)).cells["c"] == "regressed"  # same speed
     stalled = runs([240, 241, 242], 90.0)       # the 200 ms stall on the slow machine: still caught
     assert judge(base, stalled).cells["c"] == "regressed"
     # a faster machine now does not make the code look improved; pages are not excused by speed
