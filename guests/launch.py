@@ -292,6 +292,29 @@ class ProcessGuest:
             raise GuestError(f"guest {self.pid} could not verify: {msg.get('error', msg)}")
         return msg
 
+    def verify_running(self) -> dict:
+        """Check all of the guest's RAM against its ledger from this process, without
+        stopping the guest (``GuestMemory.verify_concurrent`` through our own mapping).
+
+        The lab's check after a migration: the guest keeps stepping meanwhile, so nothing
+        the lab does shows up as a stall in the measured guest.  Returns the same keys as
+        :meth:`verify` plus ``unproven_pages`` and ``method``.  A guest that dies during
+        the check raises GuestCrashed (its RAM stays readable, the verdict would mislead).
+        """
+        from guests.memory import GuestMemory
+
+        try:
+            mem = GuestMemory(self.ram.pages).attach()
+        except GuestError as err:
+            return {"ok": False, "pages_checked": 0, "bad_pages": 1, "first_bad": [0], "detail": str(err),
+                    "unproven_pages": 0, "method": "outside"}
+        res = mem.verify_concurrent()
+        if not self.alive():
+            raise self._crashed("the ledger check")
+        out = {k: getattr(res, k) for k in ("ok", "pages_checked", "bad_pages", "first_bad", "detail", "unproven_pages")}
+        out["method"] = "outside"
+        return out
+
     def set_throttle(self, fraction: float) -> None:
         """Steal ``fraction`` (0..0.99) of the guest's time, slowing its progress (auto-converge).
 

@@ -43,6 +43,7 @@ reserved for "never written").
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -162,6 +163,9 @@ class VerifyResult:
     bad_pages: int
     first_bad: list[int]
     detail: str
+    #: :meth:`GuestMemory.verify_concurrent` only: pages that failed one read and were
+    #: rewritten by the guest before they could be judged (neither proven nor disproven).
+    unproven_pages: int = 0
 
 
 class GuestMemory:
@@ -408,7 +412,8 @@ class GuestMemory:
         header and ledger pages are 0, and that every data page equals the stamp of its
         ledger version (all zero at version 0).  Works in chunks of ``chunk_pages``; the
         temporaries are an expected-stamp buffer of that many pages and its bool mask
-        (4.5 MiB at the default 1024 pages), whatever the guest size.  Needs a settled RAM.
+        (4.5 MiB at the default 1024 pages), whatever the guest size.  Needs a settled RAM
+        (use :meth:`verify_concurrent` from outside while the guest runs).
 
         Guarantees: ``ok`` is True iff all of the above hold, so after a migration it
         proves that every page arrived, none is stale or misplaced, and the ledger itself
@@ -420,14 +425,7 @@ class GuestMemory:
         problem = self._header_problem()
         if problem:
             return VerifyResult(False, 0, 1, [0], f"header: {problem}")
-        bad_meta = []
-        if self.words[0, _HEADER_WORDS:].any():
-            bad_meta.append(0)
-        bad_meta.extend(int(p) for p in np.flatnonzero(self.ledger[:self.first_data_page]))
-        bad_meta = sorted(set(bad_meta))
-
-        first_bad_data: list[int] = []
-        bad_data = 0
+        bad_data: list[np.ndarray] = []
         expected = np.empty((chunk_pages, WORDS_PER_PAGE), np.uint64)
         equal = np.empty((chunk_pages, WORDS_PER_PAGE), bool)
         for start in range(self.first_data_page, self.npages, chunk_pages):
@@ -436,13 +434,103 @@ class GuestMemory:
                                   np.arange(start, stop, dtype=np.uint64),
                                   self.ledger[start:stop], expected, equal)
             if not ok.all():
-                bad = np.flatnonzero(~ok) + start
-                bad_data += bad.size
-                if len(first_bad_data) < 10:
-                    first_bad_data.extend(int(p) for p in bad[:10 - len(first_bad_data)])
+                bad_data.append(np.flatnonzero(~ok) + start)
+        return self._result(bad_data)
 
-        bad_total = len(bad_meta) + bad_data
-        first_bad = (bad_meta + first_bad_data)[:10]
+    #: :meth:`verify_concurrent`'s waits before re-reading a page that did not match.  A
+    #: write in flight lasts at most one ``write_pages`` chunk (64 MiB: tens of ms); a page
+    #: that still does not match after all of them (~0.56 s), its ledger entry unchanged,
+    #: is wrong, not torn.
+    RECHECK_DELAYS_S = (0.001, 0.01, 0.05, 0.5)
+
+    def verify_concurrent(self, chunk_pages: int = DEFAULT_VERIFY_CHUNK_PAGES,
+                          recheck_delays_s: tuple[float, ...] = RECHECK_DELAYS_S) -> VerifyResult:
+        """The ledger check from another process while the guest keeps running.
+
+        The lab's check after a migration must not stop the guest it measures, so it reads
+        the RAM from outside under the concurrency contract (class docstring): per chunk,
+        ledger, pages, ledger again; a page matches if its ledger entry held still across
+        the read and the page equals the stamp of that version *exactly*.  Pages that do not
+        (a write in flight, or a wrong page) are re-read after each of ``recheck_delays_s``.
+
+        Guarantees (one writer that bumps the ledger before the page, as ``write_pages``):
+        a page is reported bad only if it failed the exact check at every read while its
+        ledger entry stayed at the same version for all of them -- a write in flight ends
+        long before, so it is stale, misplaced, zeroed or corrupt.  A page that matched
+        exactly at the version it first failed at was torn by a write then in flight, and
+        is good.  A page the guest rewrote (its ledger moved) after it failed a read cannot
+        be judged any more: counted in ``unproven_pages``, not in ``bad_pages``.  Header and
+        metadata pages (which the guest never writes) are checked exactly.  With a settled
+        RAM the result equals :meth:`verify`'s.
+        """
+        if chunk_pages < 1:
+            raise ValueError("chunk_pages must be >= 1")
+        problem = self._header_problem()
+        if problem:
+            return VerifyResult(False, 0, 1, [0], f"header: {problem}")
+        expected = np.empty((chunk_pages, WORDS_PER_PAGE), np.uint64)
+        equal = np.empty((chunk_pages, WORDS_PER_PAGE), bool)
+        suspects: list[np.ndarray] = []
+        suspect_versions: list[np.ndarray] = []
+        for start in range(self.first_data_page, self.npages, chunk_pages):
+            stop = min(start + chunk_pages, self.npages)
+            pages = np.arange(start, stop, dtype=np.uint64)
+            ok, versions = self._read_match(pages, expected, equal, span=(start, stop))
+            if not ok.all():
+                suspects.append(pages[~ok])
+                suspect_versions.append(versions[~ok])
+        pages = np.concatenate(suspects) if suspects else np.empty(0, np.uint64)
+        first_version = np.concatenate(suspect_versions) if suspect_versions else np.empty(0, np.uint32)
+        unproven = 0
+        for delay_s in recheck_delays_s:
+            if pages.size == 0:
+                break
+            time.sleep(delay_s)
+            ok, versions = self._read_match(pages, np.empty((pages.size, WORDS_PER_PAGE), np.uint64),
+                                            np.empty((pages.size, WORDS_PER_PAGE), bool))
+            same = versions == first_version
+            unproven += int(np.count_nonzero(~same))
+            keep = same & ~ok
+            pages, first_version = pages[keep], first_version[keep]
+        result = self._result([pages.astype(np.int64)])
+        result.unproven_pages = unproven
+        if unproven and result.ok:
+            result.detail += f"; {unproven} pages rewritten by the running guest while being checked (unproven)"
+        return result
+
+    def _read_match(self, pages: np.ndarray, expected: np.ndarray, equal: np.ndarray,
+                    span: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One read under the concurrency contract, in its order: ledger, pages, ledger.
+
+        Returns (per page: equal to the stamp of its ledger version with that entry unchanged
+        across the read; the entry as read last).  ``span``: ``pages`` is the contiguous
+        range [first, end) (read in place, no copy of the bodies).
+        """
+        if span is not None:
+            first, end = span
+            ledger, rows = self.ledger[first:end], self.words[first:end]
+            before = ledger.copy()
+            ok = self._rows_match(rows, pages, before, expected, equal)  # reads the bodies now
+            after = ledger.copy()
+        else:
+            idx = pages.astype(np.intp)
+            before = self.ledger[idx]
+            rows = self.words[idx]  # the bodies, copied after the first ledger read
+            ok = self._rows_match(rows, pages, before, expected, equal)
+            after = self.ledger[idx]
+        return ok & (before == after), after
+
+    def _result(self, bad_data: list[np.ndarray]) -> VerifyResult:
+        """The verdict from the bad data pages found, plus the metadata checks (static)."""
+        bad_meta = []
+        if self.words[0, _HEADER_WORDS:].any():
+            bad_meta.append(0)
+        bad_meta.extend(int(p) for p in np.flatnonzero(self.ledger[:self.first_data_page]))
+        bad_meta = sorted(set(bad_meta))
+        bad = np.concatenate(bad_data) if bad_data else np.empty(0, np.int64)
+        bad = np.sort(bad)
+        bad_total = len(bad_meta) + int(bad.size)
+        first_bad = (bad_meta + [int(p) for p in bad[:10]])[:10]
         if bad_total == 0:
             detail = f"all {self.data_pages} data pages match their ledger versions"
         elif bad_meta:

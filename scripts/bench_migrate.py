@@ -13,6 +13,9 @@ Parts (``--only a,b,...``; default: all, in this order; ``scale`` always runs la
 * ``downtime``: >= 7 idle migrations (goal: median ``downtime_ms`` <= 5 ms) with the
   ``timings_ms`` breakdown; then a guest dirtying 5,000 and 50,000 pages/s under Xen's
   default policy (downtime and every round); and idle migrations without pre-warming.
+* ``blackout``: idle, uniform and hotcold guests, each migrated ``--blackout-runs`` times
+  (default 5) beside as many baselines (the guest's own longest step gap over as long a
+  window, unmigrated); goal: median ``blackout_ms - downtime_ms`` <= 2 ms.
 * ``collect``: ``collect()`` of both trackers on a guest that wrote 1% of its pages,
   (a) paused, (b) still running at that rate; median of >= 20 (goal <= 3 ms).
 * ``memory``: migrator private memory (report values and an external sampler) for two
@@ -37,7 +40,8 @@ and per transfer, so that a run under load can be recognised.
 Output: a table per part on stdout, progress on stderr, ``--json FILE`` with every
 number (including the full migration reports).  Exit status: 0 unless something
 actually failed (a migration not completed/verified, an exception, a leftover process);
-a missed goal is printed as MISSED and does not change the exit status.
+a missed goal is printed as MISSED and does not change the exit status unless ``--strict``.
+Every median is over the runs that completed verified; the tables say how many were left out.
 
 Usage: python3 scripts/bench_migrate.py [--quick] [--only throughput,downtime,...] [--json FILE]
 """
@@ -78,7 +82,7 @@ from vmem.pages import PAGE_SIZE  # noqa: E402
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE = PAGE_SIZE
 CHUNK = 4 * MiB
-PARTS = ["throughput", "downtime", "collect", "memory", "pause", "scale"]
+PARTS = ["throughput", "downtime", "blackout", "collect", "memory", "pause", "scale"]
 RAM_MAPPING_PREFIX = "/memfd:vmem-ram"
 
 _T0 = time.monotonic()
@@ -317,6 +321,14 @@ def ok_completed(rep: dict) -> bool:
     return rep.get("outcome") == "completed" and bool(rep.get("verified"))
 
 
+def verified_only(reps: list[dict]) -> tuple[list[dict], int]:
+    """(the runs that completed verified, how many others were left out).  Every median this
+    benchmark prints is over the first list: a failed or unverified run's timings are not
+    figures of a migration that worked."""
+    kept = [r for r in reps if ok_completed(r)]
+    return kept, len(reps) - len(kept)
+
+
 # ======================================================================================
 # one vmem migration (in this process, or in a child for the memory/scale parts)
 # ======================================================================================
@@ -350,6 +362,19 @@ def vmem_migration(workload: str, params: dict, size: int, *, seed: int = 1, war
                   "machine_busy_cpu_s": load["machine_busy_cpu_s"], "other_cpu_s": load["other_cpu_s"],
                   "wall_s": load["wall_s"]}
     return d
+
+
+def natural_step_gap_ms(workload: str, params: dict, size: int, *, window_s: float, seed: int = 1) -> float:
+    """The longest gap between two workload steps of a guest left alone for ``window_s``
+    (after a pause + resume, which resets the guest's own gap counter): the baseline of
+    ``blackout_ms``."""
+    with ProcessGuest.boot(GuestSpec(workload, params, seed), size) as guest:
+        time.sleep(0.3)
+        guest.pause()
+        guest.resume()
+        time.sleep(window_s)
+        gap_ns = guest.counters().get("max_gap_ns") or 0
+    return round(gap_ns / 1e6, 3)
 
 
 def child_main(spec_json: str) -> int:
@@ -678,13 +703,22 @@ class Bench:
         finally:
             os.close(src_fd)
 
+        # Medians over verified runs only (vmem) / completed ones (vmem-noverify, which
+        # verifies nothing by definition); the pairing drops a trial whose vmem run failed.
+        dropped = {}
+        for m in ("vmem", "vmem-noverify"):
+            keep = [ok_completed(r["report"]) if m == "vmem" else r["outcome"] == "completed" for r in runs[m]]
+            dropped[m] = keep.count(False)
+            if m == "vmem":
+                pairs = [(v, p) for v, p, k in zip(runs["vmem"], runs["plain-pwrite"], keep) if k]
+            runs[m] = [r for r, k in zip(runs[m], keep) if k]
         s = {m: ({"sender": summary(r["sender_Bps"] for r in runs[m]),
                   "end_to_end": summary(r["end_to_end_Bps"] for r in runs[m])} if m.startswith("plain") else
                  {"round0": summary(r["r0_Bps"] for r in runs[m]), "whole": summary(r["total_Bps"] for r in runs[m])})
              for m in modes}
         base = s["plain-pwrite"]["sender"]["median"]
         ratio = s["vmem"]["round0"]["median"] / base if base else None
-        paired = [v["r0_Bps"] / p["sender_Bps"] for v, p in zip(runs["vmem"], runs["plain-pwrite"]) if v["r0_Bps"]]
+        paired = [v["r0_Bps"] / p["sender_Bps"] for v, p in pairs if v["r0_Bps"]]
         pre = s["plain-prealloc"]["sender"]["median"]
         ratio_pre = s["vmem"]["round0"]["median"] / pre if pre else None
         whole_ratio = s["vmem"]["whole"]["median"] / base if base else None
@@ -714,6 +748,9 @@ class Bench:
             f" {fnum(nov)}",
             f"{trials} trials, order alternating (odd trials: plain first, even: vmem first), after one untimed warm-up"
             " of plain-pwrite and vmem; GB = 1e9 bytes; ratio column = median / plain-pwrite sender median.",
+            f"vmem medians are over runs that completed verified: {dropped['vmem']} of {trials} left out"
+            f" (verify=False: {dropped['vmem-noverify']} not completed, left out); every baseline was sampled"
+            f" {trials} times, as the vmem side.",
             ("fresh memory: " + (f"pre-warmed ({fbytes(pw_bytes)} touched+freed) right before every transfer, for baselines"
                                  " and vmem alike" if self.prewarm_on else "NOT pre-warmed (--no-prewarm)") +
              "; plain-pwrite and vmem both allocate+fill a fresh destination memfd (same allocation cost);"
@@ -739,7 +776,7 @@ class Bench:
         return {"size_bytes": size, "trials": trials, "prewarm": self.prewarm_on, "prewarm_bytes": pw_bytes,
                 "summary": s, "ratio_round0_vs_plain_pwrite": ratio, "paired_ratios": paired,
                 "ratio_round0_vs_plain_prealloc": ratio_pre, "ratio_whole_vs_plain_pwrite": whole_ratio,
-                "ratio_round0_noverify_vs_plain_pwrite": nov, "vmem_cpu_s": vm_cpu, "warmup": warm, "runs": runs}
+                "ratio_round0_noverify_vs_plain_pwrite": nov, "left_out_unverified": dropped, "vmem_cpu_s": vm_cpu, "warmup": warm, "runs": runs}
 
     # --- 2. downtime ----------------------------------------------------------------------
     def part_downtime(self) -> dict:
@@ -771,8 +808,8 @@ class Bench:
             dirty[rate] = series(f"uniform-{rate}", 1 if self.quick else 3, "uniform", {"rate": rate},
                                  prewarm_on=self.prewarm_on, warmup_s=0.5)
 
-        def dsum(reps):
-            return summary(r.get("downtime_ms") for r in reps)
+        def dsum(reps):  # medians over verified runs (the table says how many were left out)
+            return summary(r.get("downtime_ms") for r in verified_only(reps)[0])
 
         inside = ("final_collect", "stop_and_copy_send", "destination_end_to_resume", "destination_restore")
         unacc_key = "downtime - (the 4 above) = backlog drain + wake-ups"
@@ -784,6 +821,7 @@ class Bench:
             return r["downtime_ms"] - sum(t[k] for k in inside)
 
         def tsum(reps):
+            reps = verified_only(reps)[0]
             keys = []
             for r in reps:
                 keys += [k for k in r.get("timings_ms", {}) if k not in keys]
@@ -802,7 +840,10 @@ class Bench:
                          ", ".join(fnum(r.get("downtime_ms"), "{:.1f}") for r in reps),
                          sum((r.get("bench", {}).get("other_cpu_s") or 0) > 0.3 for r in reps)])
         notes = [f"GOAL idle median downtime <= 5 ms: {fnum(idle_s.get('median'))} ms {mark}",
-                 "under load = runs during which processes outside this benchmark used > 0.3 cpu-s."]
+                 "under load = runs during which processes outside this benchmark used > 0.3 cpu-s.",
+                 "medians/min/max over runs that completed verified; left out (failed or unverified): "
+                 + ", ".join(f"{name} {verified_only(r)[1]}" for name, r in
+                             [("idle", idle), ("idle-no-prewarm", cold), *[(f"uniform-{k}", v) for k, v in dirty.items()]])]
         emit(table(f"2. downtime: {fbytes(size)} guest (report.downtime_ms: source pause ack -> first step at destination)",
                    ["series", "median ms", "min", "max", "all runs (ms)", "under load"], rows, notes))
 
@@ -839,6 +880,62 @@ class Bench:
                     "idle_no_prewarm": {"downtime_ms": dsum(cold), "timings_ms": t_cold, "reports": cold},
                     "uniform": {str(rate): {"downtime_ms": dsum(r), "timings_ms": t_dirty[rate], "reports": r}
                                 for rate, r in dirty.items()}})
+        return out
+
+    # --- 2d. blackout ------------------------------------------------------------------------
+    def part_blackout(self) -> dict:
+        """blackout_ms vs downtime_ms for idle, uniform and hotcold guests (issue 11).
+
+        Per workload and run: a baseline -- the same guest's longest step gap over a window
+        of the same length with no migration (pause + resume resets its gap counter; the
+        window is then watched without any lab action) -- and a migration (default observe
+        window), interleaved, order alternating.  Goal: median over verified runs of
+        (blackout_ms - downtime_ms) <= 2 ms -- no hidden stall after the resume.
+        """
+        size = self.args.size
+        runs = self.args.blackout_runs
+        observe_s = 1.0
+        workloads = [("idle", {}), ("uniform", {"rate": 20000}), ("hotcold", {"rate": 20000})]
+        out: dict = {"size_bytes": size, "runs": runs}
+        rows = []
+        for workload, params in workloads:
+            reps, natural = [], []
+            for i in range(runs):
+                def baseline():
+                    natural.append(natural_step_gap_ms(workload, params, size, window_s=observe_s + 1.0))
+
+                def migration():
+                    rep = vmem_migration(workload, params, size, warmup_s=0.3, settle_s=self.args.settle,
+                                         observe_s=observe_s)
+                    self.check_report(f"blackout {workload} #{i + 1}", rep)
+                    log(f"blackout {workload} {i + 1}/{runs}: downtime {rep.get('downtime_ms')} ms,"
+                        f" blackout {rep.get('blackout_ms')} ms at {rep.get('blackout_at_s')} s;"
+                        f" natural gap {natural[-1] if natural else '-'} ms"
+                        f" (other load {rep.get('bench', {}).get('other_cpu_s')} cpu-s)")
+                    reps.append(rep)
+
+                for step in ((baseline, migration) if i % 2 == 0 else (migration, baseline)):
+                    step()
+            good, left_out = verified_only(reps)
+            excess = [r["blackout_ms"] - r["downtime_ms"] for r in good
+                      if r.get("blackout_ms") is not None and r.get("downtime_ms") is not None]
+            ex = summary(excess)
+            dt = summary(r.get("downtime_ms") for r in good)
+            bo = summary(r.get("blackout_ms") for r in good)
+            nat = summary(natural)
+            mark = self.goal("blackout", f"{workload}: median blackout_ms - downtime_ms", ex.get("median"), "<=", 2.0, "ms")
+            rows.append([workload, fnum(dt.get("median")), fnum(bo.get("median")), fnum(ex.get("median")),
+                         fnum(ex.get("max")), fnum(nat.get("median")), f"{len(good)}/{left_out}", mark])
+            out[workload] = {"downtime_ms": dt, "blackout_ms": bo, "excess_ms": ex, "natural_gap_ms": nat,
+                             "left_out_unverified": left_out, "excess_all_ms": excess, "reports": reps}
+        emit(table(f"2d. blackout: {fbytes(size)} guests, {runs} runs each (report.blackout_ms: the guest's longest"
+                   " step gap from the pause to the end of the observe window)",
+                   ["workload", "downtime ms", "blackout ms", "excess ms (median)", "excess max", "natural gap ms",
+                    "verified/left out", "goal <= 2"], rows,
+                   ["excess = blackout_ms - downtime_ms per run: time the guest stood still after the resume.",
+                    "natural gap = the same guest's longest step gap over a window as long, with no migration"
+                    " (sampled as many times, interleaved): the workload's own step jitter on this machine.",
+                    "medians over runs that completed verified."]))
         return out
 
     # --- 3. collect -----------------------------------------------------------------------
@@ -1099,6 +1196,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=parse_size, help="guest size for throughput/downtime/collect/pause (default 1G; quick 256M)")
     p.add_argument("--trials", type=int, help="throughput trials per variant (default 5; quick 1)")
     p.add_argument("--downtime-runs", type=int, help="idle migrations for the downtime goal (default 7; quick 3)")
+    p.add_argument("--blackout-runs", type=int, help="migrations (and baselines) per workload in the blackout part (default 5; quick 2)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed too (default: only on failures)")
     p.add_argument("--collects", type=int, help="collects per tracker and mode (default 20; quick 5)")
     p.add_argument("--pause-cycles", type=int, help="pause/resume cycles per guest (default 100; quick 20)")
     p.add_argument("--memory-sizes", help="comma-separated guest sizes for the memory part (default 1G,4G; quick 256M,1G)")
@@ -1114,6 +1213,7 @@ def main(argv=None) -> int:
     args.size = args.size or (256 * MiB if q else GiB)
     args.trials = args.trials or (1 if q else 5)
     args.downtime_runs = args.downtime_runs or (3 if q else 7)
+    args.blackout_runs = args.blackout_runs or (2 if q else 5)
     args.collects = args.collects or (5 if q else 20)
     args.pause_cycles = args.pause_cycles or (20 if q else 100)
     args.memory_sizes = [parse_size(s) for s in (args.memory_sizes or ("256M,1G" if q else "1G,4G")).split(",")]
@@ -1197,7 +1297,8 @@ def main(argv=None) -> int:
         log(f"wrote {args.json}")
     log(f"done in {time.monotonic() - _T0:.0f} s; {len(bench.failures)} failure(s); "
         f"{sum(not g['met'] for g in bench.goals)} goal(s) missed")
-    return 1 if bench.failures else 0
+    missed = [g for g in bench.goals if not g["met"]]
+    return 1 if bench.failures or (args.strict and missed) else 0
 
 
 if __name__ == "__main__":

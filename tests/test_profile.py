@@ -325,7 +325,9 @@ def test_profile_real_hotcold_guest(boot_guest):
         writes = rate * dt
         expected = H * (1 - math.exp(-0.9 * writes / H)) + C * (1 - math.exp(-0.1 * writes / C))
         assert n <= writes * 1.3 + ledger + 64          # 64: one step's batch of pacing slack
-        assert 0.7 * expected <= n <= 1.3 * expected + ledger, (n, expected, dt)
+        # The same 64-page pacing slack above: a guest descheduled under load catches up
+        # its virtual time with a batch in the next interval.
+        assert 0.7 * expected <= n <= 1.3 * expected + ledger + 64, (n, expected, dt)
     hot = set((_layout_rng(seed, 0x686F74).permutation(data)[:H] + first).tolist()) | set(range(first))
     frequent = np.flatnonzero(trace.occupancy() >= trace.n_intervals // 2)
     assert len(frequent) > 0 and set(frequent.tolist()) <= hot

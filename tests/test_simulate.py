@@ -293,8 +293,15 @@ def test_predict_compare_and_cli(tmp_path, capsys):
     out = str(tmp_path / "pred.json")
     assert cmd_predict(parser.parse_args(["--trace", tp, "--compare-report", rp, "--json", out, "--setup", "0.4"])) == 0
     text = capsys.readouterr().out
-    assert "predicted vs measured" in text and "-9.1 %" in text
+    assert "predicted in advance (from the profile alone) vs measured" in " ".join(text.split()) and "-9.1 %" in text
     assert json.load(open(out))["tracker"] == "simulated"
+    # --align is labelled as what it is: an explanation of the measured run.
+    t.meta["vclock0_s"] = 0.0
+    t.save(tp)
+    measured.setdefault("guest", {})["source_before"] = {"vclock_s": 0.25}
+    json.dump(measured, open(rp, "w"))
+    assert cmd_predict(parser.parse_args(["--trace", tp, "--compare-report", rp, "--align"])) == 0
+    assert "an explanation, not a prediction" in " ".join(capsys.readouterr().out.split())
     assert cmd_predict(parser.parse_args(["--trace", tp, "--bandwidth", "1Gbit", "--policy", "threshold",
                                           "--precopy-threshold", "100", "--collect-ms", "2"])) == 0
     text = capsys.readouterr().out

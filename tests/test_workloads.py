@@ -299,6 +299,99 @@ def test_check_pages_concurrent_with_a_running_writer():
     assert mem.ledger[hot].sum() > len(hot)  # the writer really ran
 
 
+@pytest.mark.parametrize("damage", ["flip", "stale", "zeroed", "misplaced", "ledger-ahead"])
+def test_verify_concurrent_finds_what_verify_finds(filled, damage):
+    """With no writer running, the outside check is the exact check (same verdict, same pages)."""
+    first = filled.first_data_page
+    page = first + 10
+    if damage == "flip":
+        filled.ram[page, 77] ^= 1
+    elif damage == "stale":
+        filled.ram[page] = page_stamp(page, 1)
+    elif damage == "zeroed":
+        filled.ram[page] = 0
+    elif damage == "misplaced":
+        filled.ram[page] = filled.ram[page + 1]
+    else:
+        filled.ledger[page] += 1
+    exact = filled.verify()
+    outside = filled.verify_concurrent(recheck_delays_s=(0.0, 0.001))
+    assert not outside.ok and outside.unproven_pages == 0
+    assert (outside.bad_pages, outside.first_bad, outside.detail) == (exact.bad_pages, exact.first_bad, exact.detail)
+
+
+def test_verify_concurrent_passes_a_torn_page_that_completes_and_fails_one_that_stays():
+    """A page read mid-write (ledger bumped, body half old) is re-read: once the write is
+    done it passes; a page whose body stays wrong at the same ledger version fails."""
+    mem = make_mem(256)
+    mem.fill_all()
+    first = mem.first_data_page
+    torn, stale = first + 5, first + 6
+    mem.ledger[torn] = 2
+    mem.ram[torn, :2048] = page_stamp(torn, 2)[:2048]  # the writer is halfway through
+    mem.ledger[stale] = 2  # the ledger says 2, the body stays at 1: a stale page
+
+    def finish_the_write(delay_s):
+        mem.ram[torn] = page_stamp(torn, 2)
+
+    import guests.memory as gm
+
+    real_sleep = gm.time.sleep
+    try:
+        gm.time.sleep = finish_the_write  # the writer completes during the first wait
+        result = mem.verify_concurrent()
+    finally:
+        gm.time.sleep = real_sleep
+    assert not result.ok and result.first_bad == [stale] and result.bad_pages == 1, result
+    assert "stale" in result.detail
+    assert mem.verify_concurrent(recheck_delays_s=(0.0,)).first_bad == [stale]
+
+
+def test_verify_concurrent_counts_a_page_rewritten_after_a_failed_read_as_unproven():
+    mem = make_mem(256)
+    mem.fill_all()
+    page = mem.first_data_page + 9
+    mem.ram[page, 5] ^= 1  # wrong at version 1 ...
+
+    def guest_rewrites_it(delay_s):
+        mem.write_pages([page])  # ... then the running guest writes it (version 2)
+
+    import guests.memory as gm
+
+    real_sleep = gm.time.sleep
+    try:
+        gm.time.sleep = guest_rewrites_it
+        result = mem.verify_concurrent()
+    finally:
+        gm.time.sleep = real_sleep
+    assert result.ok and result.bad_pages == 0 and result.unproven_pages == 1
+    assert "unproven" in result.detail
+
+
+def test_verify_concurrent_with_a_running_writer_never_reports_a_good_page_bad():
+    mem = make_mem(512)
+    mem.fill_all()
+    reader = GuestMemory(mem.ram)
+    data = np.arange(mem.first_data_page, mem.npages)
+    stop = threading.Event()
+
+    def write_forever():
+        rng = np.random.default_rng(3)
+        while not stop.is_set():
+            mem.write_pages(rng.choice(data, 64))
+
+    writer = threading.Thread(target=write_forever)
+    writer.start()
+    try:
+        for _ in range(30):
+            result = reader.verify_concurrent(chunk_pages=64)
+            assert result.ok, result
+    finally:
+        stop.set()
+        writer.join()
+    assert mem.verify().ok
+
+
 # ---------------------------------------------------------------------------------------
 # guests.workload: built-ins
 # ---------------------------------------------------------------------------------------

@@ -98,15 +98,16 @@ def cmd_destroy(agent, channel, request: dict) -> dict:
 
 
 def cmd_verify(agent, channel, request: dict) -> dict:
-    """The guest checks its whole RAM against its own ledger (it pauses its workload
-    meanwhile).  Running and paused guests only; the state is not changed."""
+    """Check the guest's whole RAM against its own ledger, read from the agent while the
+    guest runs on (``verify_running``: its workload is not stopped).  Running and paused
+    guests only; the state is not changed."""
     name = str(request.get("name", ""))
     entry = agent.registry.get(name)  # AgentError(no-such-guest)
     if entry.state not in ("running", "paused") or entry.guest is None:
         raise AgentError(ErrorCode.BUSY, f"guest {name!r} is {entry.state}: it can be verified when running or paused")
     t = time.monotonic()
     try:
-        check = entry.guest.verify()
+        check = entry.guest.verify_running()
     except VmemError as err:
         raise AgentError(ErrorCode.FAILED, f"guest {name!r} could not verify: {err}") from None
     check["duration_s"] = round(time.monotonic() - t, 3)

@@ -404,15 +404,17 @@ def _recommend(trace, curve, B, pw, goal_s, max_s, collect_s, switchover_s) -> d
 def validate_prediction(workload: str, params: dict | None, size: int | str, bandwidth_Bps: float, *, policy=None,
                         seed: int = 1, duration_s: float = 10.0, interval_s: float = 0.1, warmup_s: float = 0.5,
                         tracker: str = "auto", observe_s: float = 0.1, sim_params: dict | None = None,
-                        align: bool = True) -> dict:
+                        align: bool = False) -> dict:
     """Profile a workload, then really migrate an identical guest, and compare with the prediction.
 
     Both guests run the same workload, parameters and seed, and wait ``warmup_s`` before
     being profiled / migrated, so the trace's time 0 is the migration's start.  The
     migration uses ``vmem.migration.local.run_local_migration`` with the link capped at
-    ``bandwidth_Bps``.  The prediction is :func:`vmem.analysis.simulate.predict` with the measured
-    report (``align``: start and setup time taken from the guest's virtual clock, see
-    :func:`vmem.analysis.simulate.alignment_from_report`).
+    ``bandwidth_Bps``.  The prediction is :func:`vmem.analysis.simulate.predict` made from the
+    profile alone, as a user would make it before migrating (``align=True``: start and setup
+    time taken from the measured run's guest clock, see
+    :func:`vmem.analysis.simulate.alignment_from_report` -- an explanation tool, not a
+    prediction).
 
     Returns:
         ``{"trace", "measured", "predicted", "rows", "setup_s", "alignment"}``: the

@@ -33,6 +33,7 @@ guest with a 10 s trace simulates in milliseconds to tens of milliseconds.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass, fields
@@ -429,7 +430,7 @@ def alignment_from_report(trace: DirtyTrace, measured: dict) -> dict:
 
 
 def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_report: dict | None = None,
-            align: bool = True, **params) -> tuple[MigrationReport, list[dict] | None]:
+            align: bool = False, **params) -> tuple[MigrationReport, list[dict] | None]:
     """Predict a migration from a trace (path or DirtyTrace); optionally compare with a real report.
 
     Args:
@@ -438,7 +439,8 @@ def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_r
         bandwidth_Bps: link rate; default: ``compare_report``'s ``bandwidth_limit_bps`` / 8.
         compare_report: a measured report (``MigrationReport.to_dict()`` / its JSON).
         align: with ``compare_report``, take the migration's start and setup time from it
-            (:func:`alignment_from_report`) unless ``params`` give them.
+            (:func:`alignment_from_report`) unless ``params`` give them -- an explanation of
+            that run, not a prediction; off by default.
         params: further :class:`SimulationParams` fields.
 
     Returns:
@@ -475,6 +477,8 @@ def compare_reports(predicted, measured) -> list[dict]:
     """Predicted vs measured, metric by metric: ``{metric, predicted, measured, error_pct}``.
 
     ``error_pct = (predicted - measured) / measured * 100`` (None when measured is 0).
+    "pages sent after round 0" is the part of "pages sent" that is a forecast (round 0 sends
+    every page with data in both, so the total's error is diluted by it).
     ``transfer_time_s`` (pre-copy rounds + collects + downtime, see :func:`transfer_time_s`)
     is the time the simulator models; ``total_time_s`` also holds the fixed setup and the
     measured run's verification and observation, which a prediction only guesses.
@@ -484,6 +488,10 @@ def compare_reports(predicted, measured) -> list[dict]:
     def precopy_rounds(d):
         return sum(1 for x in d.get("rounds") or [] if x.get("kind", "precopy") == "precopy")
 
+    def after_round0(d):  # round 0 sends all RAM in both: the rounds after it are the forecast
+        rounds = d.get("rounds") or []
+        return sum(x.get("pages_sent") or 0 for x in rounds[1:]) if rounds else None
+
     def final_pages(d):
         sc = [x for x in d.get("rounds") or [] if x.get("kind") == "stop-and-copy"]
         return sc[-1]["pages_sent"] if sc else None
@@ -492,6 +500,7 @@ def compare_reports(predicted, measured) -> list[dict]:
         ("outcome", p.get("outcome"), m.get("outcome")),
         ("precopy rounds", precopy_rounds(p), precopy_rounds(m)),
         ("pages sent", p.get("pages_sent"), m.get("pages_sent")),
+        ("pages sent after round 0", after_round0(p), after_round0(m)),
         ("stop-and-copy pages", final_pages(p), final_pages(m)),
         ("transfer time s", round(transfer_time_s(p), 4), round(transfer_time_s(m), 4)),
         ("total time s", p.get("total_time_s"), m.get("total_time_s")),
@@ -555,7 +564,9 @@ def print_prediction(report: MigrationReport, rows: list[dict] | None = None, me
         t.add_row("downtime", f"{r.downtime_ms:.2f} ms" if r.downtime_ms is not None else "-")
         console.print(t)
         return
-    t = Table(title="predicted vs measured")
+    aligned = bool(pred.get("alignment"))
+    t = Table(title="aligned to the measured run (an explanation, not a prediction) vs measured" if aligned
+              else "predicted in advance (from the profile alone) vs measured")
     for c in ("metric", "predicted", "measured", "error"):
         t.add_column(c, justify="left" if c == "metric" else "right")
     for row in rows:
@@ -605,8 +616,11 @@ def add_predict_arguments(p) -> None:
     s.add_argument("--rule", choices=list(WINDOW_RULES), default="poisson", help="how a round shorter than an interval counts its pages")
     s.add_argument("--throttle-model", choices=list(THROTTLE_MODELS), default="dilate", help="how a policy's throttle slows the guest")
     s.add_argument("--no-loop", action="store_true", help="do not replay the trace from its start when the migration outlasts it")
-    s.add_argument("--no-align", action="store_true",
-                   help="with --compare-report: do not take the start and setup time from the measured run's guest clock")
+    s.add_argument("--align", action="store_true",
+                   help="with --compare-report: take the start and setup time from the measured run's guest clock -- "
+                        "an explanation of the measured run, not a prediction (the default compares the prediction "
+                        "a user could make in advance)")
+    s.add_argument("--no-align", action="store_true", help=argparse.SUPPRESS)  # the old default's opt-out: now the default
     o = p.add_argument_group("output")
     o.add_argument("--compare-report", metavar="FILE", help="a measured report (vmem migrate --json) to compare with")
     o.add_argument("--json", metavar="FILE", help="write the predicted report (docs/report.md schema) to FILE")
@@ -658,7 +672,7 @@ def cmd_predict(args) -> int:
         else:
             params[dest] = v
     trace = DirtyTrace.load(args.trace)
-    report, rows = predict(trace, policy, bandwidth, compare_report=measured, align=not args.no_align, **params)
+    report, rows = predict(trace, policy, bandwidth, compare_report=measured, align=args.align and not args.no_align, **params)
     print_prediction(report, rows, measured, _wide_console())
     if args.json:
         report.write(args.json)

@@ -360,6 +360,11 @@ class ControlType(enum.IntEnum):
     GUEST_CHECK = 9  # guest invariant check request/result
     POSTCOPY_STATUS = 10  # destination: every post-copy page is placed; its fault statistics (JSON)
     POSTCOPY_RESUME = 11  # destination, after a broken link: the pages it still lacks (u64 LE pfns)
+    #: destination, before any post-copy switch, when the source asked for it (preamble
+    #: ``placed_acks``): it has caught up -- every page received so far is in RAM.  JSON
+    #: {"pages": pages placed so far}.  Lets the source pause the guest only once the
+    #: destination's backlog is placed, so that backlog stays out of the downtime.
+    PLACED = 12
     #: destination: pages the guest faulted on and still waits for.  Body: u32 count,
     #: u32 reserved (0), u64 pfn[count].  Numbered as the post-copy FAULT record it is.
     POSTCOPY_FAULT = 0x564D0015

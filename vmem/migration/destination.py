@@ -117,6 +117,13 @@ class DestinationMigration:
             self.ch.send_parts(parts)
 
     # --- page placement ----------------------------------------------------------------
+    def _send_placed(self, pages_placed: int) -> None:
+        """The placer caught up (before any post-copy switch): tell the source (PLACED)."""
+        try:
+            self._send_control(wire.ControlType.PLACED, {"pages": pages_placed})
+        except (TransportError, OSError, VmemError):
+            pass  # the link's failure surfaces in the receiving thread
+
     def _place(self, pfns: np.ndarray, nbytes: int) -> None:
         """Receive ``nbytes`` of page data for ``pfns``; a worker writes it and digests what landed.
 
@@ -367,8 +374,9 @@ class DestinationMigration:
         fault = inject.placement_fault_from_env()
         if fault is not None:  # test-only (vmem.migration.inject)
             nat.set_place_fault(*fault)
-        self._placer = _Placer(self.guest.ram, self.digests, self.received)
-        ready = {"guest_pid": self.guest.pid}
+        self._placer = _Placer(self.guest.ram, self.digests, self.received,
+                               on_caught_up=self._send_placed if config.get("placed_acks") else None)
+        ready = {"guest_pid": self.guest.pid, "placed_acks": bool(config.get("placed_acks"))}
         if config.get("postcopy"):
             ready.update(self._arm_postcopy())
         self._send_control(wire.ControlType.READY, ready)
@@ -421,9 +429,12 @@ class DestinationMigration:
             digests = self.digests if self.digests.dtype == np.dtype("<u8") else self.digests.astype("<u8")
             self._send_control(wire.ControlType.DIGESTS, raw=memoryview(digests).cast("B"))
         if config.get("guest_check", True):
-            t = time.monotonic()
-            check = self.guest.verify()
+            # From outside, the guest running: the lab must not stall the guest it
+            # measures (the guest's own VERIFY command stops its workload meanwhile).
+            t, steps0 = time.monotonic(), self.guest.counters()["steps"]
+            check = self.guest.verify_running()
             check["duration_s"] = round(time.monotonic() - t, 3)
+            check["guest_steps_during"] = self.guest.counters()["steps"] - steps0
             self._send_control(wire.ControlType.GUEST_CHECK, check)
 
         self._state.set(DestinationState.VERIFY, DestinationState.COMMIT)
@@ -487,8 +498,11 @@ class _Placer:
     re-raised in the receiving thread (at the next acquire or flush).
     """
 
-    def __init__(self, ram, digests: np.ndarray | None, received: np.ndarray | None = None, nslots: int = 2):
-        """``ram``: the incoming guest's GuestRam (its memfd, and its mapping here)."""
+    def __init__(self, ram, digests: np.ndarray | None, received: np.ndarray | None = None, nslots: int = 2,
+                 on_caught_up=None):
+        """``ram``: the incoming guest's GuestRam (its memfd, and its mapping here).
+        ``on_caught_up(pages_placed)``: called by the worker after a batch when no other
+        batch is waiting (everything received so far is placed), before any post-copy switch."""
         import queue
         import threading
 
@@ -503,6 +517,10 @@ class _Placer:
             self._free.put(_Slot())
         self._work: "queue.Queue" = queue.Queue()
         self._error: BaseException | None = None
+        self._on_caught_up = on_caught_up
+        self._test_delay_s = inject.place_delay_from_env()  # test-only: a slow destination
+        #: pages placed before the post-copy switch (duplicates counted, as the source counts sends)
+        self.pages_placed = 0
         self._thread = threading.Thread(target=self._run, name="vmem-placer", daemon=True)
         self._thread.start()
 
@@ -522,11 +540,17 @@ class _Placer:
                     if self._received is not None:
                         self._received[pages] = True
                     nat.place_pages(self._fd, -1, 0, slot.staging, pages, digests=self._digests, view=self._view)
+                    self.pages_placed += n
+                    if self._test_delay_s:
+                        time.sleep(self._test_delay_s)
             except BaseException as err:  # re-raised in the receiving thread
                 self._error = err
             finally:
                 self._free.put(slot)
                 self._work.task_done()
+            if (self._on_caught_up is not None and self._error is None and self.postcopy is None
+                    and self._work.qsize() == 0):
+                self._on_caught_up(self.pages_placed)
 
     def _check(self) -> None:
         if self._error is not None:

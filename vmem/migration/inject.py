@@ -11,6 +11,8 @@ can show the digests catch it.  They are not user options: no flag or report key
   ``wrong-offset`` (written one page further on, its own page left as it was) or ``flip``
   (written, then one byte of it flipped in the RAM file).  Pre-copy and post-copy placement
   alike (``vmem._native.place_pages`` and the post-copy engine).
+* :data:`PLACE_DELAY_ENV` -- seconds the destination's placer sleeps after each batch (a
+  slow destination: its backlog must stay out of the downtime, see ``SourceMigration._drain``).
 * :data:`STOP_COPY_DELAY_ENV` -- an environment variable read by the source migrator, value
   milliseconds: the source sleeps that long right after the guest acknowledged the pause
   (stop-and-copy and the post-copy switch alike), so the guest-visible downtime grows by
@@ -26,7 +28,8 @@ import os
 
 import numpy as np
 
-__all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "STOP_COPY_DELAY_ENV", "stop_copy_delay", "StalePages", "stale_pages"]
+__all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "PLACE_DELAY_ENV", "place_delay_from_env",
+           "STOP_COPY_DELAY_ENV", "stop_copy_delay", "StalePages", "stale_pages"]
 
 #: ``KIND:PAGE``: the destination process mishandles PAGE as KIND when placing it (test-only).
 PLACEMENT_FAULT_ENV = "VMEM_TEST_PLACEMENT_FAULT"
@@ -72,6 +75,25 @@ def placement_fault_from_env(environ=None) -> tuple[str, int] | None:
     if kind not in nat.PLACE_FAULTS or not page.isdigit():
         raise ValueError(f"{PLACEMENT_FAULT_ENV}={value!r}: expected KIND:PAGE, KIND one of {sorted(nat.PLACE_FAULTS)}")
     return kind, int(page)
+
+
+#: Seconds the destination's placer sleeps after each batch (test-only; a slow destination).
+PLACE_DELAY_ENV = "VMEM_TEST_PLACE_DELAY_S"
+
+
+def place_delay_from_env(environ=None) -> float:
+    """The delay :data:`PLACE_DELAY_ENV` asks for (0.0 if unset).
+
+    Raises:
+        ValueError: set but not a number >= 0 (a test's mistake: fail loudly).
+    """
+    value = (os.environ if environ is None else environ).get(PLACE_DELAY_ENV, "")
+    if not value:
+        return 0.0
+    delay_s = float(value)
+    if not delay_s >= 0:
+        raise ValueError(f"{PLACE_DELAY_ENV}={value!r}: expected seconds >= 0")
+    return delay_s
 
 
 class StalePages:

@@ -194,10 +194,15 @@ def _connect_abstract(address):
 
 
 def source_guest_check(guest) -> dict:
-    """The source guest's own ledger check after a failed migration, timed; never raises."""
+    """The source guest's ledger check after a failed migration, timed; never raises.
+
+    Read from outside while the guest runs on (``verify_running``): it does not stop the
+    guest (a paused guest is checked exactly the same way)."""
     t = time.monotonic()
     try:
-        check = guest.verify()
+        steps0 = guest.counters()["steps"]
+        check = guest.verify_running()
+        check["guest_steps_during"] = guest.counters()["steps"] - steps0
     except Exception as err:  # reported, not raised: the report is the product
         check = {"ok": False, "detail": str(err)}
     check["duration_s"] = round(time.monotonic() - t, 3)

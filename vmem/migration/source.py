@@ -169,6 +169,8 @@ class SourceMigration:
         self._elapsed_before_s = 0.0
         self._zero_holes = 0  # pages skipped as holes (never written) when the first list was built
         self._elided_before = 0  # zero pages elided by links that broke (post-copy recovery)
+        self._placed_pages = 0  # pages the destination said it placed (PLACED records)
+        self._placed_acks = False  # whether it sends them (its READY says)
         # Post-copy figures kept from the switch to the end of the push (the report's).
         self._pc_pending_total = 0
         self._pc_timings: dict = {}
@@ -202,13 +204,25 @@ class SourceMigration:
         self.ch.send_parts(parts)
 
     def _read_control(self, timeout_s: float, expect: set):
-        """Read the next control record, within ``timeout_s``; ERROR becomes MigrationError."""
-        if self._pc is not None:
-            ctype, body = self._pc.next_control(timeout_s)  # its thread reads the channel
-        else:
-            if not self.ch.wait_readable(timeout_s):
-                raise MigrationError(self.report.phase, f"destination sent nothing for {timeout_s:.0f} s")
-            ctype, body = self._ctl_reader.read()
+        """Read the next control record, within ``timeout_s``; ERROR becomes MigrationError.
+
+        PLACED records (the destination caught up) are noted in ``_placed_pages`` on the way;
+        with an empty ``expect`` (a poll) one of them is returned as read.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_s = max(0.0, deadline - time.monotonic())
+            if self._pc is not None:
+                ctype, body = self._pc.next_control(left_s)  # its thread reads the channel
+            else:
+                if not self.ch.wait_readable(left_s):
+                    raise MigrationError(self.report.phase, f"destination sent nothing for {timeout_s:.0f} s")
+                ctype, body = self._ctl_reader.read()
+            if ctype != wire.ControlType.PLACED:
+                break
+            self._placed_pages = max(self._placed_pages, int(control.decode_json(body).get("pages", 0)))
+            if not expect:
+                return ctype, body
         if ctype == wire.ControlType.ERROR:
             raise destination_error(body, self.report.phase)
         if ctype not in expect:
@@ -235,8 +249,8 @@ class SourceMigration:
         return None
 
     def _check_back_channel(self) -> None:
-        """Between batches: has the destination reported an error (non-blocking)?"""
-        if self.ch.wait_readable(0):
+        """Between batches: has the destination reported an error, or caught up (non-blocking)?"""
+        while self.ch.wait_readable(0):
             self._read_control(0, set())
 
     def _send_pages(self, pages) -> tuple[int, int]:
@@ -391,11 +405,13 @@ class SourceMigration:
             "postcopy": self.opt.postcopy != "off",
             "postcopy_recovery": self.opt.postcopy_recovery,
             "postcopy_recovery_wait_s": self.opt.postcopy_recovery_wait_s,
+            "placed_acks": True,  # PLACED records: see _drain
         } | self.opt.extra_config
         self.ch.send(control.encode_preamble(config))
         _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.READY})
         ready = control.decode_json(body)
         r.guest["destination_pid"] = ready.get("guest_pid")
+        self._placed_acks = bool(ready.get("placed_acks"))  # the destination sends PLACED
         if self.opt.postcopy != "off" and not ready.get("postcopy"):
             why = ready.get("postcopy_unavailable") or "the destination does not support it"
             if self.opt.postcopy in ("pure", "after-precopy"):
@@ -808,9 +824,14 @@ class SourceMigration:
         r.observe_s = None if r.migration_time_s is None else round(r.total_time_s - r.migration_time_s, 6)
 
     def _drain(self, target_bytes: int, timeout_s: float) -> float:
-        """Wait (bounded) until at most ``target_bytes`` sent are still unread by the peer."""
+        """Wait (bounded) until at most ``target_bytes`` sent are still unread by the peer and
+        the destination said it placed every page sent so far (PLACED): its backlog -- the
+        socket buffers and its two staging slots, up to ~16 MiB -- then stays out of the
+        downtime.  Returns the milliseconds waited."""
         t0 = time.monotonic()
-        while self.ch.unsent_bytes() > target_bytes and time.monotonic() - t0 < timeout_s:
+        sent = self._writer.pages_written
+        while (self.ch.unsent_bytes() > target_bytes or (self._placed_acks and self._placed_pages < sent)) \
+                and time.monotonic() - t0 < timeout_s:
             self._check_back_channel()
             time.sleep(0.0002)
         return round((time.monotonic() - t0) * 1e3, 3)
