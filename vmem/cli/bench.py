@@ -161,9 +161,10 @@ def cmd_bench(args) -> int:
         per_cell = {}
         for r in records:
             per_cell[r["cell"]] = per_cell.get(r["cell"], 0) + r["valid"]
-        n_now = min(per_cell.values())
-        n_base = min(sum(1 for b in reference if b["cell"] == c and b["valid"]) for c in per_cell) or 0
-        if smallest_p(n_base, n_now) > alpha:
+        shared = [c for c in per_cell if any(b["cell"] == c for b in reference)]
+        n_now = min((per_cell[c] for c in shared), default=0)
+        n_base = min((sum(1 for b in reference if b["cell"] == c and b["valid"]) for c in shared), default=0)
+        if shared and smallest_p(n_base, n_now) > alpha:
             err.print(f"[yellow]warning: {n_base} baseline and {n_now} new verified runs of a cell cannot reach "
                       f"p <= {alpha:g} (smallest p {smallest_p(n_base, n_now):.3f}): such cells get no verdict; "
                       f"use --repeats 3 or more[/yellow]", soft_wrap=True)
