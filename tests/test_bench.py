@@ -397,3 +397,31 @@ def test_a_slower_machine_excuses_a_timing_change_of_its_size_but_not_a_larger_o
     assert judge(slow, runs([10, 11, 12], 30.0)).cells["c"] == "same"
     more_pages = judge(runs([1000, 1001, 1002], 30.0, "pages_sent"), runs([9000, 9001, 9002], 90.0, "pages_sent"))
     assert more_pages.cells["c"] == "regressed"   # not a timing figure: no excuse
+
+
+def test_results_are_judged_without_running_and_too_few_runs_are_warned_about(tmp_path):
+    m = matrix_from_dict({"sizes": ["16M"], "modes": ["precopy"]})
+    cell = m.cells[0]
+
+    def write(path, downtimes, session, side=None):
+        for i, d in enumerate(downtimes):
+            rep = _fake_report(cell, i) | {"downtime_ms": d}
+            rec = runner.run_record(cell, rep, repeat=i, order=i, session=session, suite="t", calibration_ms=30.0)
+            if side:
+                rec["side"] = side
+            runner.append_record(str(path), rec)
+
+    write(tmp_path / "two.jsonl", [5, 6], "s1")
+    run = _vmem("bench", "--results", "two.jsonl", "--save-baseline", "b2.json", cwd=tmp_path, timeout=60)
+    assert run.returncode == 0, run.stderr
+    run = _vmem("bench", "--results", "two.jsonl", "--baseline", "b2.json", cwd=tmp_path, timeout=60)
+    assert run.returncode == 0 and "cannot reach p <= 0.05" in run.stderr, run.stderr
+    # an A/B session in a results file is judged side against side; the last session is the default
+    write(tmp_path / "ab.jsonl", [5, 6, 7], "old", "baseline")
+    write(tmp_path / "ab.jsonl", [205, 206, 207], "old", "candidate")
+    write(tmp_path / "ab.jsonl", [5, 6, 7], "new", "baseline")
+    write(tmp_path / "ab.jsonl", [6, 7, 5], "new", "candidate")
+    assert _vmem("bench", "--results", "ab.jsonl", cwd=tmp_path, timeout=60).returncode == 0
+    stalled = _vmem("bench", "--results", "ab.jsonl", "--session", "old", "--json", "v.json", cwd=tmp_path, timeout=60)
+    assert stalled.returncode == 1 and json.loads((tmp_path / "v.json").read_text())["regressed"] is True
+    assert _vmem("bench", "--results", "ab.jsonl", "--session", "nosuch", cwd=tmp_path, timeout=60).returncode == 2
