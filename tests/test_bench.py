@@ -277,6 +277,7 @@ def test_html_views_are_self_contained_and_leave_no_temporary_files(tmp_path):
 # --- end to end ------------------------------------------------------------------------------
 @pytest.mark.serial
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 1.5 min on a quiet machine; over 5 min under a load average of 8 on 2 cores
 def test_standard_suite_passes_a_rerun_and_catches_a_stop_and_copy_stall(tmp_path):
     """The issue's acceptance run: baseline, rerun of the same commit (exit 0), rerun with a
     200 ms sleep in the stop-and-copy (exit 1, downtime flagged in every pre-copy cell)."""
@@ -352,6 +353,7 @@ def test_against_refuses_a_directory_that_cannot_run_a_bench(tmp_path):
 
 @pytest.mark.serial
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_ab_mode_pairs_runs_with_a_reference_checkout_and_flags_the_stall(tmp_path):
     """--against DIR: the reference checkout (a copy of this one in which the test-only
     stall does not exist) and this one run alternately; this one stalls 200 ms."""

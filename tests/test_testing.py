@@ -90,6 +90,7 @@ def _outcomes(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_the_example_and_the_kernel_marker_under_the_plugin(tmp_path):
     (tmp_path / "test_vmem_example.py").write_text((ROOT / "docs/examples/test_vmem_example.py").read_text())
     # A kernel without PAGEMAP_SCAN, as far as vmem can tell.
@@ -119,6 +120,7 @@ def test_the_example_and_the_kernel_marker_under_the_plugin(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_bench_cells_run_as_pytest_items_under_xdist(tmp_path):
     (tmp_path / "tiny.toml").write_text('name = "tiny"\nrepeats = 1\nsizes = ["16M"]\nmodes = ["precopy", "hybrid"]\n'
                                         'observe_s = 0.1\nwarmup_s = 0.1\n')
