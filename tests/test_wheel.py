@@ -109,6 +109,7 @@ def test_installed_wheel_runs_doctor_and_a_verified_migration(installed, tmp_pat
     assert prov["git_commit"] is None and prov["vmem_version"] and "migrate" in prov["command_line"], prov
 
 
+@pytest.mark.timeout(900)
 def test_installed_wheel_registers_the_pytest_plugin_and_the_example_passes(installed, tmp_path):
     """docs/examples/test_vmem_example.py, copied out of the checkout, passes under the
     installed wheel's pytest plugin (entry point pytest11: no -p, no conftest)."""
