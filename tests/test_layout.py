@@ -4,7 +4,8 @@ protocols the migrator drives.
 Layers, lowest first: ``transport`` (bytes and fds) and ``vmem.format`` (the bytes on the
 wire) know nothing of ours; ``guests`` use only the memory layer of ``vmem``;
 ``vmem.tracking`` knows no backend; ``vmem.migration`` drives guests through
-``vmem.migration.backend``; ``vmem.analysis`` uses migration; ``vmem.cli`` and
+``vmem.migration.backend``; ``vmem.analysis`` uses migration; ``vmem.bench`` (regression
+runs) and ``vmem.testing`` (the pytest plugin) use both; ``vmem.cli`` and
 ``vmem.agent`` sit on top.  Every import counts, including those inside functions.
 """
 from __future__ import annotations
@@ -29,8 +30,10 @@ FORBIDDEN = {
                "vmem.tracking"),
     "vmem.format": ("vmem.migration", "vmem.analysis", "vmem.cli", "vmem.agent", "transport",
                     "guests"),
-    "vmem.migration": ("vmem.cli", "vmem.agent", "vmem.analysis"),
-    "vmem.analysis": ("vmem.cli", "vmem.agent"),
+    "vmem.migration": ("vmem.cli", "vmem.agent", "vmem.analysis", "vmem.bench", "vmem.testing"),
+    "vmem.analysis": ("vmem.cli", "vmem.agent", "vmem.bench", "vmem.testing"),
+    "vmem.bench": ("vmem.cli", "vmem.agent", "vmem.testing"),
+    "vmem.testing": ("vmem.cli", "vmem.agent"),
     "vmem.tracking": ("guests", "vmem.migration"),
 }
 

@@ -107,3 +107,24 @@ def test_installed_wheel_runs_doctor_and_a_verified_migration(installed, tmp_pat
     # Installed, not a checkout: no commit to name; the rest of the provenance is there.
     prov = report["provenance"]
     assert prov["git_commit"] is None and prov["vmem_version"] and "migrate" in prov["command_line"], prov
+
+
+@pytest.mark.timeout(900)
+def test_installed_wheel_registers_the_pytest_plugin_and_the_example_passes(installed, tmp_path):
+    """docs/examples/test_vmem_example.py, copied out of the checkout, passes under the
+    installed wheel's pytest plugin (entry point pytest11: no -p, no conftest)."""
+    bin_dir, _, src = installed
+    env = _clean_env()
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "pytest"], cwd=tmp_path, env=env,
+                   check=True, timeout=PIP_TIMEOUT_S)
+    example = tmp_path / "test_vmem_example.py"
+    example.write_text((src / "docs" / "examples" / "test_vmem_example.py").read_text())
+    run = subprocess.run([str(bin_dir / "python"), "-m", "pytest", "-p", "no:cacheprovider", "-q", str(example)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "3 passed" in run.stdout, run.stdout
+    # Naming it as a checkout does (-p) loads the same registration, not a second one.
+    markers = subprocess.run([str(bin_dir / "python"), "-m", "pytest", "-p", "vmem.testing.plugin", "--markers"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert markers.returncode == 0, markers.stdout + markers.stderr
+    assert markers.stdout.count("@pytest.mark.vmem_kernel") == 1, markers.stdout

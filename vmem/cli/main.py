@@ -4,6 +4,7 @@
     vmem doctor                                       which kernel features this machine offers
     vmem profile / predict                            working-set profiling; trace-driven prediction
     vmem compare / graph                              policies side by side; graphs and an HTML report
+    vmem bench / trend                                regression runs: matrix, baselines, verdicts (docs/bench.md)
     vmem agent / create / list / destroy / save / restore / migrate NAME HOST:PORT   host agents (docs/agent.md)
 """
 from __future__ import annotations
@@ -110,9 +111,16 @@ _LAZY_COMMANDS = {
                 "(table, PNG graphs, HTML report)."),
     "graph": ("vmem.analysis.graphs", "add_graph_arguments", "render graphs and an HTML report from saved JSON reports",
               "Render convergence, dirty-rate and downtime graphs (PNG) and one HTML report from --json reports."),
+    "bench": ("vmem.cli.bench", "add_bench_arguments", "regression runs: a scenario matrix, repeated; baselines and verdicts",
+              "Run a matrix of migrations (a built-in suite, a TOML file or command-line axes) N times interleaved, "
+              "append one JSON line per run, compare with a baseline (noise-aware: medians, thresholds and a rank "
+              "test) and exit 1 on a regression.  docs/bench.md."),
+    "trend": ("vmem.cli.bench", "add_trend_arguments", "a trend view of stored bench results across commits",
+              "One graph per metric and cell from vmem bench results files: medians per commit, in date order."),
 }
 _LAZY_RUNNERS = {"profile": ("vmem.analysis.profile", "cmd_profile"), "predict": ("vmem.analysis.simulate", "cmd_predict"),
-                 "compare": ("vmem.cli.compare", "cmd_compare"), "graph": ("vmem.analysis.graphs", "cmd_graph")}
+                 "compare": ("vmem.cli.compare", "cmd_compare"), "graph": ("vmem.analysis.graphs", "cmd_graph"),
+                 "bench": ("vmem.cli.bench", "cmd_bench"), "trend": ("vmem.cli.bench", "cmd_trend")}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -13,6 +13,11 @@ can show the digests catch it.  They are not user options: no flag or report key
   alike (``vmem._native.place_pages`` and the post-copy engine).
 * :data:`PLACE_DELAY_ENV` -- seconds the destination's placer sleeps after each batch (a
   slow destination: its backlog must stay out of the downtime, see ``SourceMigration._drain``).
+* :data:`STOP_COPY_DELAY_ENV` -- an environment variable read by the source migrator, value
+  milliseconds: the source sleeps that long right after the guest acknowledged the pause
+  (stop-and-copy and the post-copy switch alike), so the guest-visible downtime grows by
+  about that much.  A performance regression made on purpose, for the regression-run tests
+  (tests/test_bench.py): ``vmem bench --baseline`` must flag it.
 * :data:`stale_pages` -- a module-level hook the test sets in the source's process: the
   source then answers post-copy faults and pushes with old copies of pages (as they were
   when the migration started) while its own RAM stays intact.
@@ -24,10 +29,35 @@ import os
 import numpy as np
 
 __all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "PLACE_DELAY_ENV", "place_delay_from_env",
-           "StalePages", "stale_pages"]
+           "STOP_COPY_DELAY_ENV", "stop_copy_delay", "StalePages", "stale_pages"]
 
 #: ``KIND:PAGE``: the destination process mishandles PAGE as KIND when placing it (test-only).
 PLACEMENT_FAULT_ENV = "VMEM_TEST_PLACEMENT_FAULT"
+
+
+#: Milliseconds the source sleeps with the guest paused, before the final send (test-only).
+STOP_COPY_DELAY_ENV = "VMEM_TEST_STOP_COPY_DELAY_MS"
+
+
+def stop_copy_delay(environ=None) -> float:
+    """Sleep :data:`STOP_COPY_DELAY_ENV` milliseconds if it is set; return the seconds slept.
+
+    Raises:
+        ValueError: the variable is set but not a non-negative number (a test's mistake).
+    """
+    import time
+
+    value = (os.environ if environ is None else environ).get(STOP_COPY_DELAY_ENV, "")
+    if not value:
+        return 0.0
+    try:
+        delay_ms = float(value)
+    except ValueError:
+        delay_ms = -1.0
+    if not delay_ms >= 0:
+        raise ValueError(f"{STOP_COPY_DELAY_ENV}={value!r}: expected milliseconds >= 0")
+    time.sleep(delay_ms / 1e3)
+    return delay_ms / 1e3
 
 
 def placement_fault_from_env(environ=None) -> tuple[str, int] | None:

@@ -1,0 +1,33 @@
+"""``python -m vmem.bench.cell``: one bench run in its own process (vmem.bench.runner.run_cell).
+
+Reads ``{"cell": Cell.to_dict(), "seed", "warmup_s", "observe_s"}`` as JSON on stdin,
+times the calibration work (vmem.bench.calibrate), migrates, and writes ``{"report": ...,
+"calibration_ms": ...}`` as JSON on stdout -- the only thing written there: fd 1 is
+pointed at stderr first, so nothing the migration or its children print can corrupt it.
+Exit status 0 whenever a report was written (whatever its outcome).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> int:
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    from vmem.bench.calibrate import calibration_ms
+    from vmem.bench.runner import _json_default, cell_from_dict, migrate_cell
+
+    job = json.load(sys.stdin)
+    calibration = calibration_ms()
+    report = migrate_cell(cell_from_dict(job["cell"]), seed=job["seed"], warmup_s=job["warmup_s"],
+                          observe_s=job["observe_s"])
+    json.dump({"report": report, "calibration_ms": calibration}, out, default=_json_default)
+    out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
