@@ -55,19 +55,24 @@ def prepare_guests_dir(state_dir: str) -> str:
     return path
 
 
-def process_start_ticks(pid: int) -> int:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22).
-
-    Raises:
-        ProcessLookupError: no such process.
-    """
+def _stat_fields(pid: int) -> list[bytes]:
+    """``/proc/PID/stat`` from field 3 (state) on.  Raises ProcessLookupError."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise ProcessLookupError(pid) from None
     # comm (field 2) may hold spaces and parentheses: split after its last ')'.
-    return int(data[data.rindex(b")") + 2:].split()[19])
+    return data[data.rindex(b")") + 2:].split()
+
+
+def process_start_ticks(pid: int) -> int:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22).
+
+    Raises:
+        ProcessLookupError: no such process.
+    """
+    return int(_stat_fields(pid)[19])
 
 
 def write_record(state_dir: str, record: dict) -> None:
@@ -150,9 +155,11 @@ def read_records(state_dir: str) -> list[tuple[str, dict | None, str]]:
 
 
 def record_matches_process(record: dict) -> bool:
-    """True if the recorded guest process still exists (same pid and start time, our uid)."""
+    """True if the recorded guest process still runs (same pid and start time, our uid, not
+    a zombie waiting to be reaped)."""
     try:
-        if process_start_ticks(record["pid"]) != record["start_ticks"]:
+        fields = _stat_fields(record["pid"])
+        if int(fields[19]) != record["start_ticks"] or fields[0] in (b"Z", b"X"):
             return False
         return os.stat(f"/proc/{record['pid']}").st_uid == record.get("uid", os.geteuid())
     except (ProcessLookupError, FileNotFoundError):
