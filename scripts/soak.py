@@ -147,7 +147,8 @@ def run_soak(hosts, workdir: str, *, migrations: int, every: int, window: int, s
                 if holder is not None:
                     try:
                         c = holder.request("verify", name=camp.guest)["check"]
-                        check |= {"ok": bool(c["ok"]), "bad_pages": c["bad_pages"], "pages_checked": c["pages_checked"]}
+                        check |= {"ok": bool(c["ok"]), "bad_pages": c["bad_pages"], "pages_checked": c["pages_checked"],
+                                  "detail": c.get("detail"), "first_bad": (c.get("first_bad") or [])[:4]}
                     except campaign.AgentError as err:
                         check["error"] = err.message
                 result["checks"].append(check)
@@ -224,7 +225,8 @@ def main(argv=None) -> int:
             print(f"soak: {name}: RssAnon peak {row['rss_anon_mib_peak_before']} MiB before the last {pl['window']} "
                   f"migrations, {row['rss_anon_mib_peak_in_window']} MiB in them ({row['rss_anon_growth_mib']:+}); "
                   f"fds {row['fds']}, threads {row['threads']}")
-        for prob in pl["problems"] + [str(f) for f in res["failed"][:10]] + res["leaks"]:
+        bad_checks = [str(c) for c in res["checks"] if not c["ok"]]
+        for prob in pl["problems"] + [str(f) for f in res["failed"][:10]] + res["leaks"] + bad_checks[:10]:
             print(f"soak:   {prob}")
         print(f"soak: plateau rule {'met' if pl['ok'] else 'NOT met'}; verdict {'PASS' if res['ok'] else 'FAIL'}")
         if args.json:

@@ -777,6 +777,13 @@ def _peer_uid(sock: socket.socket) -> int:
 MALLOC_ARENAS = 2
 
 
+#: Allocations from this size up get their own mapping, returned to the kernel when freed.
+#: glibc raises its threshold dynamically (up to 32 MiB) after the first such free, and from
+#: then on a migration's MiB-sized buffers are carved from the heap, which fragments and
+#: grows: fixing the threshold keeps the agent's memory flat (scripts/soak.py, measured).
+MMAP_THRESHOLD_BYTES = 256 << 10
+
+
 def _release_free_memory() -> None:
     """Hand memory freed by closed connections back to the kernel (glibc ``malloc_trim``:
     free() alone keeps it in the heap).  Called by the accept loop once no connection is
@@ -798,6 +805,7 @@ def _limit_malloc_arenas(n: int) -> None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-8, n)  # M_ARENA_MAX
+        libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD: fixed, so big buffers never land in the heap
     except (OSError, AttributeError):
         pass
 
