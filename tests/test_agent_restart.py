@@ -281,3 +281,55 @@ def test_a_migration_in_flight_when_the_source_agent_stops_leaves_the_guest_with
         while "g1" in b.guests() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "g1" not in b.guests() and not b.guest_children()
+
+
+def test_an_upgraded_agent_takes_the_guests_over(agents, workdir):  # noqa: F811
+    """Stop, "upgrade" (the next agent runs from another copy of the code, with another
+    version), start: the guests, still running the code they were started with, are taken
+    over, verify and keep running."""
+    import shutil
+
+    a = agents("a")
+    for i in range(2):
+        a.request("create", name=f"g{i}", workload="hotcold", size=SIZE, seed=i + 1)
+    pids = {n: g["pid"] for n, g in a.guests().items()}
+    a.stop(keep_guests=True)
+    new_root = os.path.join(workdir, "vmem-next")
+    ignore = shutil.ignore_patterns("__pycache__", "*.o", "*.c")
+    for pkg in ("vmem", "guests", "transport"):
+        shutil.copytree(os.path.join(ROOT, pkg), os.path.join(new_root, pkg), ignore=ignore)
+    init = os.path.join(new_root, "vmem", "__init__.py")
+    with open(init) as f:
+        text = f.read()
+    with open(init, "w") as f:
+        f.write(text.replace('__version__ = "', '__version__ = "9.9.9+upgrade-', 1))
+    env = dict(_env(), PYTHONPATH=new_root)
+    log_path = os.path.join(workdir, "a-upgraded.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vmem", "agent", "--listen", "127.0.0.1:0", "--state-dir",
+                                 a.state_dir], env=env, cwd=new_root, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        info_path = os.path.join(a.state_dir, "agent.json")
+        deadline = time.monotonic() + 30
+        while not os.path.exists(info_path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(info_path) as f:
+            assert json.load(f)["version"].startswith("9.9.9+upgrade-")
+        from vmem.agent.client import AgentClient
+
+        with AgentClient(a.socket) as c:
+            rows = {g["name"]: g for g in c.request("list")["guests"]}
+            assert {n: g["pid"] for n, g in rows.items()} == pids
+            assert all(g["state"] == "running" for g in rows.values()), rows
+            for name in pids:
+                check = c.request("verify", name=name)["check"]
+                assert check["ok"], check
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        a.kill_guests()
+    assert all(not _pid_alive(p) for p in pids.values())
