@@ -142,6 +142,8 @@ def run_soak(hosts, workdir: str, *, migrations: int, every: int, window: int, s
             else:
                 result["failed"].append((i, mode, report.get("reason") or reply.get("error")))
             if i % every == 0 or i == migrations:
+                for a in camp.agents:  # the destination lists the guest `incoming` until it commits
+                    camp.wait_settled(a)
                 holder, _ = camp.holder()
                 check = {"after": i, "ok": False}
                 if holder is not None:
