@@ -9,7 +9,8 @@ guest check its whole RAM against its own ledger (``vmem verify``).  Every migra
 complete verified.
 
 Plateau rule (the verdict): over the last ``--window`` migrations (default 500; at most
-half the run), no agent's RssAnon high-water mark rises more than ``--rss-budget`` (2 MiB)
+half the run), no agent's RssAnon -- sampled once it serves no connection (what it keeps,
+not a migration's buffers on their way out) -- high-water mark rises more than ``--rss-budget`` (2 MiB)
 above its high-water mark before the window (RssAnon swings by a few MiB with the
 allocator's caches; a leak keeps raising the peak), and its descriptors and threads end no
 higher than at the window's start (+2: a connection closing as the sample is taken; compared
@@ -44,8 +45,25 @@ sys.modules.setdefault("vmem_campaign", campaign)
 _spec.loader.exec_module(campaign)
 
 MIB = 1 << 20
+#: Before a sample: how long the agent must have had no connection but ours (the accept loop
+#: hands freed heap back with malloc_trim once the last one closed, within 0.25 s).
+QUIET_S = 0.6
 #: Slack for descriptors and threads at a sample (a connection may be closing right then).
 COUNT_SLACK = 2
+
+
+def wait_quiet(agent, timeout_s: float = 10.0) -> None:
+    """Wait until ``agent`` serves no connection but this probe's, then ``QUIET_S`` more:
+    a sample then measures what the agent keeps, not a migration's buffers on their way out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if agent.request("ping")["agent"]["connections"]["open"] <= 1:
+                break
+        except campaign.AgentError:
+            pass
+        time.sleep(0.1)
+    time.sleep(QUIET_S)
 
 
 def agent_counters(agent, holds_guest: bool) -> dict:
@@ -122,6 +140,8 @@ def run_soak(hosts, workdir: str, *, migrations: int, every: int, window: int, s
     try:
         camp.start()
         holder, _ = camp.holder()
+        for a in camp.agents:
+            wait_quiet(a)
         result["samples"].append({"after": 0, "agents": {a.name: agent_counters(a, a is holder) for a in camp.agents}})
         for i in range(1, migrations + 1):
             for a in camp.agents:
@@ -156,6 +176,7 @@ def run_soak(hosts, workdir: str, *, migrations: int, every: int, window: int, s
                 result["checks"].append(check)
                 for a in camp.agents:
                     camp.wait_settled(a)
+                    wait_quiet(a)
                 sample = {"after": i, "agents": {a.name: agent_counters(a, a is holder) for a in camp.agents}}
                 result["samples"].append(sample)
                 counters = "  ".join(f"{n}: RssAnon {_mib(c['rss_anon_bytes'])} MiB, {c['fds']} fds, "
