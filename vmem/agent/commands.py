@@ -5,7 +5,8 @@ Each handler takes ``(agent, channel, request)`` and returns the reply's fields,
 what to do.  ``migrate`` lives in :mod:`vmem.agent.migration`.
 
 Every guest process is started on the agent's spawner thread (see
-:mod:`vmem.agent.spawner`), so it lives as long as the agent, not as long as the request.
+:mod:`vmem.agent.spawner`), so it lives as long as the agent, not as long as the request;
+once it runs here it is detached (``Agent.own_guest``) and outlives the agent too.
 
 Files (``save``, ``restore``) are taken from the control socket only
 (:data:`LOCAL_ONLY_COMMANDS`), and there as a descriptor the CLI opened as its user and
