@@ -9,6 +9,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 from testhosts import testhosts  # noqa: F401  (the module-scoped fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,6 +20,7 @@ sys.modules["vmem_load"] = load
 _spec.loader.exec_module(load)
 
 
+@pytest.mark.slow
 def test_sixteen_guests_with_four_migrations_in_flight(testhosts):  # noqa: F811
     workdir = tempfile.mkdtemp(prefix=f"vmem-load-test-{os.getpid()}-")
     os.chmod(workdir, 0o700)

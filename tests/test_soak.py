@@ -9,6 +9,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 from testhosts import testhosts  # noqa: F401  (the module-scoped fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +42,7 @@ def test_plateau_rule_passes_a_flat_peak_and_fails_a_rising_one():
     assert soak.plateau(alternating, 100, 2 * MIB)["ok"]
 
 
+@pytest.mark.slow
 def test_short_soak_meets_the_plateau_rule(testhosts):  # noqa: F811
     workdir = tempfile.mkdtemp(prefix=f"vmem-soak-test-{os.getpid()}-")
     os.chmod(workdir, 0o700)
