@@ -101,8 +101,11 @@ def plateau(samples: list[dict], window: int, rss_budget_bytes: int) -> dict:
 
         peak_before, peak_inside = peak(before), peak(inside)
         growth = peak_inside - peak_before if peak_before is not None and peak_inside is not None else None
+        first, last = base["agents"][name]["rss_anon_bytes"], inside[-1]["agents"][name]["rss_anon_bytes"]
         row = {"rss_anon_mib_peak_before": _mib(peak_before), "rss_anon_mib_peak_in_window": _mib(peak_inside),
-               "rss_anon_growth_mib": _mib(growth)}
+               "rss_anon_growth_mib": _mib(growth),
+               # for information (one sample each end: swings with the allocator's caches)
+               "rss_anon_mib_window_start_end": [_mib(first), _mib(last)]}
         if growth is None:
             out["problems"].append(f"{name}: RssAnon unreadable")
         elif growth > rss_budget_bytes:
@@ -247,6 +250,7 @@ def main(argv=None) -> int:
         for name, row in pl["per_agent"].items():
             print(f"soak: {name}: RssAnon peak {row['rss_anon_mib_peak_before']} MiB before the last {pl['window']} "
                   f"migrations, {row['rss_anon_mib_peak_in_window']} MiB in them ({row['rss_anon_growth_mib']:+}); "
+                  f"at the window's start and end {row['rss_anon_mib_window_start_end']} MiB; "
                   f"fds {row['fds']}, threads {row['threads']}")
         bad_checks = [str(c) for c in res["checks"] if not c["ok"]]
         for prob in pl["problems"] + [str(f) for f in res["failed"][:10]] + res["leaks"] + bad_checks[:10]:
