@@ -97,6 +97,8 @@ class Command(enum.IntEnum):
     MPROT_STOP = 7     # remove the mprotect tracker
     SEND_UFFD = 8      # send the guest's userfaultfd over the socket (SCM_RIGHTS)
     THROTTLE = 9       # ARG = fraction of guest time to steal, in ppm (auto-converge)
+    DETACH = 10        # outlive the parent and serve an owner socket; its path and the owner
+                       # token (hex) in the message area; see guests/owner.py
 
 
 class GuestState(enum.IntEnum):

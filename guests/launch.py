@@ -6,7 +6,11 @@ control block and the command socket.  ``close()`` reaps the process and closes 
 it is idempotent and safe on any path, so callers wrap guests in ``with`` or try/finally.
 
 The guest dies with its parent (PR_SET_PDEATHSIG), so even a SIGKILLed migrator leaves no
-orphan behind.
+orphan behind -- until :meth:`ProcessGuest.detach`: an agent detaches the guests it keeps,
+which then outlive it, and the next agent takes them over with :meth:`ProcessGuest.take_over`
+(guests/owner.py).  :func:`set_spawn_options` makes the guests a thread starts leaders of
+their own session (a terminal's Ctrl-C or the agent's process group never reaches them)
+with their stderr in a file.
 """
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ import os
 import select
 import signal
 import socket
+import secrets
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -24,9 +30,65 @@ from guests.control import Command, ControlBlock, Field, GuestState
 from vmem.errors import GuestCrashed, GuestError, GuestUnresponsive
 from vmem.ram import PAGE_SIZE, GuestRam
 
-__all__ = ["ProcessGuest", "PauseInfo", "GuestSpec"]
+__all__ = ["ProcessGuest", "PauseInfo", "GuestSpec", "set_spawn_options"]
 
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_spawn_options = threading.local()
+
+
+def set_spawn_options(*, new_session: bool = False, stderr_fd: int | None = None) -> None:
+    """How guests started by the *calling thread* are spawned from now on.
+
+    Args:
+        new_session: each guest leads its own session and process group (``setsid``), with
+            its stdout on /dev/null (it must not hold its parent's pipes open).
+        stderr_fd: the guests' stderr (None: inherited); the caller keeps it open.
+    """
+    _spawn_options.new_session = new_session
+    _spawn_options.stderr_fd = stderr_fd
+
+
+class _AdoptedProcess:
+    """A guest process that is not our child (it outlived the agent that started it), seen
+    through a pidfd: signals cannot reach a recycled pid, and exiting is noticed without
+    waitpid().  Its exit status is unknowable here: ``returncode`` is then ``STATUS_UNKNOWN``."""
+
+    STATUS_UNKNOWN = 255
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.pidfd < 0:  # released: no longer watched
+            return self.returncode
+        if self.returncode is None and select.select([self.pidfd], [], [], 0)[0]:
+            self.returncode = self.STATUS_UNKNOWN
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and self.pidfd >= 0:
+            if not select.select([self.pidfd], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(f"guest {self.pid}", timeout)
+            self.returncode = self.STATUS_UNKNOWN
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 @dataclass(frozen=True)
@@ -82,6 +144,9 @@ class ProcessGuest:
         self._pending_fds: list[int] = []
         self._seq = 0
         self.proc: subprocess.Popen | None = None
+        #: Set by :meth:`detach`: the secret a new owner proves, and the owner socket's path.
+        self.owner_token: bytes = b""
+        self.owner_socket: str = ""
         try:
             fds = (self.ctl.fd, ram.fd, child_sock.fileno())
             for fd in fds:
@@ -95,7 +160,10 @@ class ProcessGuest:
                 "--mode", mode, "--workload", spec.workload, "--params", json.dumps(spec.params or {}),
                 "--seed", str(spec.seed),
             ]
-            self.proc = subprocess.Popen(cmd, pass_fds=fds, close_fds=True, env=env, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(cmd, pass_fds=fds, close_fds=True, env=env, stdin=subprocess.DEVNULL,
+                                         start_new_session=getattr(_spawn_options, "new_session", False),
+                                         stdout=subprocess.DEVNULL if getattr(_spawn_options, "new_session", False) else None,
+                                         stderr=getattr(_spawn_options, "stderr_fd", None))
         except BaseException:
             child_sock.close()
             self.close()
@@ -139,6 +207,120 @@ class ProcessGuest:
             raise
         return guest
 
+    @classmethod
+    def take_over(cls, socket_path: str, token: bytes, pid: int, spec: GuestSpec, *,
+                  timeout_s: float = 10.0) -> "ProcessGuest":
+        """Become the owner of a detached guest that outlived its agent.
+
+        Connects to the guest's owner socket, runs the take-over of :mod:`guests.owner`
+        (the peer must be process ``pid`` of our user and prove ``token``; we prove it back),
+        and maps the control block and RAM it hands over.  The guest then takes commands
+        from us; a command its old owner left unacknowledged is waited for (``timeout_s``).
+
+        Raises:
+            GuestError: the take-over was refused or failed (the message says why); nothing
+                is held then.
+        """
+        from guests.owner import TakeOverRefused
+        from guests.owner import take_over as prove
+
+        guest = cls.__new__(cls)
+        guest.ram = guest.ctl = guest.proc = None
+        guest._uffd, guest._pending_fds, guest._seq = -1, [], 0
+        guest.spec = spec
+        guest.owner_token, guest.owner_socket = token, socket_path
+        guest._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        fds: list[int] = []
+        try:
+            try:
+                guest.proc = _AdoptedProcess(pid)
+            except ProcessLookupError:
+                raise GuestCrashed(f"guest process {pid} is gone", None) from None
+            try:
+                guest._sock.settimeout(timeout_s)
+                guest._sock.connect(socket_path)
+                fds = prove(guest._sock, token, pid, os.geteuid())
+            except (OSError, TakeOverRefused) as err:
+                raise GuestError(f"cannot take guest process {pid} over at {socket_path}: "
+                                 f"{getattr(err, 'strerror', None) or err}") from None
+            guest._sock.setblocking(False)
+            ctl_fd, ram_fd = fds
+            fds = []
+            guest.ctl = ControlBlock(ctl_fd)
+            guest.ctl.check()
+            guest.ram = GuestRam.open_fd(ram_fd)
+            if guest.ctl[Field.PID] != pid:
+                raise GuestError(f"the control block handed over by process {pid} names pid {guest.ctl[Field.PID]}")
+            guest._settle_previous_command(timeout_s)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            guest.release()
+            raise
+        return guest
+
+    def _settle_previous_command(self, timeout_s: float) -> None:
+        """Wait until the guest acknowledged the last command posted to it (by any owner)."""
+        fields = self.ctl.fields
+        deadline = time.monotonic() + timeout_s
+        while fields[Field.ACK_SEQ] != fields[Field.CMD_SEQ]:
+            if not self.alive():
+                raise self._crashed("the take-over")
+            if time.monotonic() > deadline:
+                raise GuestUnresponsive(f"guest {self.pid} did not finish its previous owner's command within "
+                                        f"{timeout_s:.0f} s")
+            time.sleep(0.01)
+        self._seq = fields[Field.CMD_SEQ]
+
+    def detach(self, socket_path: str, timeout_s: float = 10.0) -> None:
+        """Let the guest outlive us: it stops dying with its parent and serves a new owner
+        socket at ``socket_path`` (bound by the guest, mode 0600; an old file there is
+        replaced), guarded by a fresh :attr:`owner_token` that the caller records for the
+        next owner.
+
+        Raises:
+            GuestError: the guest refused (its result named); nothing is left at ``socket_path``.
+        """
+        from guests.owner import TOKEN_BYTES
+
+        token = secrets.token_bytes(TOKEN_BYTES)
+        self.ctl.write_message({"owner_token": token.hex(), "owner_socket": socket_path})
+        try:
+            res = self.command(Command.DETACH, timeout_s=timeout_s)
+            if res != 0:
+                raise GuestError(f"guest {self.pid} refused to detach ({os.strerror(-res) if res < 0 else res})")
+        except BaseException:
+            try:
+                os.unlink(socket_path)
+            except OSError:
+                pass
+            raise
+        self.owner_token, self.owner_socket = token, socket_path
+
+    @property
+    def detached(self) -> bool:
+        return bool(self.owner_token)
+
+    def release(self) -> None:
+        """Let go of the guest without stopping it: close our socket, fds and mappings.
+        A detached guest runs on and waits for its next owner.  Idempotent."""
+        if self._uffd >= 0:
+            os.close(self._uffd)
+            self._uffd = -1
+        for fd in self._pending_fds:
+            os.close(fd)
+        self._pending_fds.clear()
+        if self._sock is not None:
+            self._sock.close()
+        if self.ctl is not None:
+            self.ctl.close()
+        if self.ram is not None:
+            self.ram.close()
+        if isinstance(self.proc, _AdoptedProcess):
+            self.proc.close()
+        elif self.proc is not None:
+            self.proc.returncode = 0  # not ours to reap any more: keep Popen from warning about it
+
     # --- properties ----------------------------------------------------------------------
     @property
     def pid(self) -> int:
@@ -180,6 +362,8 @@ class ProcessGuest:
         msg = self.ctl.read_message() if self.ctl._mmap is not None else None
         detail = f": {msg.get('error')}" if isinstance(msg, dict) and msg.get("error") else ""
         how = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"
+        if isinstance(self.proc, _AdoptedProcess):
+            how = "exit status unknown: it outlived the agent that started it"
         return GuestCrashed(f"guest process {self.pid} died during {what} ({how}){detail}", rc)
 
     def _wait_state(self, states: set, timeout_s: float, what: str) -> None:
@@ -411,6 +595,9 @@ class ProcessGuest:
             self.ctl.close()
         if self.ram is not None:
             self.ram.close()
+        if isinstance(self.proc, _AdoptedProcess):
+            self.proc.close()
+            rc = None  # not our child: its exit status is unknowable here
         return rc
 
     def __enter__(self):

@@ -15,6 +15,14 @@ blob (runtime counters, virtual clock, the workload's RNG and pacing state).
 Pausing is cooperative: the command sequence number is polled between workload steps (one
 memory read), so the pause latency is at most one step, and an idle guest waits in
 ``select()`` on its socket, which the parent writes to after posting a command.
+
+Owner: a guest dies with the process that started it (``PR_SET_PDEATHSIG``) until that
+owner sends DETACH (an agent does, once the guest is its own: created, arrived by
+migration, restored).  A detached guest keeps running when its owner goes away -- it
+notices the hang-up only when it next reads its socket, and needs nothing from an owner
+to run -- and a thread sleeping in ``accept()`` on its owner socket lets the next agent
+take it over (:mod:`guests.owner`).  An undetached guest whose owner closes the socket
+exits.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -76,6 +85,14 @@ class GuestRuntime:
         self.gap_from_ns = 0
         self.stall_after_steps = -1   # test-only, see STALL_ENV
         self.stall_s = 0.0
+        # Owner take-over (DETACH, guests/owner.py).  ``sock`` is swapped or dropped only
+        # under ``owner_lock``; the take-over thread hands a proven owner over in
+        # ``new_owner`` and wakes an idle main loop through ``owner_wake``.
+        self.owner_lock = threading.Lock()
+        self.owner_listener: socket.socket | None = None
+        self.owner_token = b""
+        self.new_owner: socket.socket | None = None
+        self.owner_wake_r = self.owner_wake_w = -1
 
     # --- uffd --------------------------------------------------------------------
     def _open_uffd(self) -> None:
@@ -226,6 +243,8 @@ class GuestRuntime:
     # --- commands ----------------------------------------------------------------------
     def _drain_socket(self) -> bool:
         """Read wake bytes (and any fds riding on them).  False if the parent is gone."""
+        if self.sock is None:
+            return False
         while True:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(self.sock, 256, 8)
@@ -238,15 +257,120 @@ class GuestRuntime:
                 return False
 
     def _wait(self, timeout_s: float) -> None:
+        watched = [x for x in (self.sock, self.owner_wake_r) if x is not None and x != -1]
         try:
-            readable, _, _ = select.select([self.sock], [], [], timeout_s)
+            readable, _, _ = select.select(watched, [], [], timeout_s)
         except InterruptedError:
             return
-        if readable and not self._drain_socket():
-            # The parent closed our socket: nobody can command us any more.
-            raise SystemExit(0)
+        if self.owner_wake_r in readable:
+            try:
+                os.read(self.owner_wake_r, 64)
+            except BlockingIOError:
+                pass
+            self._adopt_new_owner()
+        elif readable and not self._drain_socket():
+            if self.owner_listener is None:
+                # The parent closed our socket: nobody can command us any more.
+                raise SystemExit(0)
+            self._owner_gone()
+
+    # --- owner take-over (guests/owner.py) ------------------------------------------------
+    def _owner_gone(self) -> None:
+        """A detached guest's owner closed its socket: run on, commanded by nobody, until the
+        next agent takes the guest over."""
+        with self.owner_lock:
+            sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+        print(f"vmem guest {os.getpid()}: its owner went away; running on, waiting to be taken over",
+              file=sys.stderr, flush=True)
+
+    def _adopt_new_owner(self) -> None:
+        """Make a proven new owner's connection the command socket (main thread only)."""
+        with self.owner_lock:
+            new, self.new_owner = self.new_owner, None
+            if new is None:
+                return
+            old, self.sock = self.sock, new
+        if old is not None:
+            old.close()
+
+    def _has_live_owner(self) -> bool:
+        from guests.owner import hung_up
+
+        with self.owner_lock:
+            current = self.new_owner or self.sock
+            return not hung_up(current)
+
+    def _proven_owner(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        with self.owner_lock:
+            stale, self.new_owner = self.new_owner, conn
+        if stale is not None:
+            stale.close()
+        try:
+            os.write(self.owner_wake_w, b"o")
+        except BlockingIOError:
+            pass
+
+    def _serve_owners(self) -> None:
+        """The take-over thread: sleeps in accept(); one attempt at a time."""
+        from guests.owner import serve_take_over
+
+        while True:
+            try:
+                conn, _ = self.owner_listener.accept()
+            except OSError:
+                return
+            if not serve_take_over(conn, self.owner_token, [self.ctl.fd, self.ram.fd], self._has_live_owner,
+                                   self._proven_owner):
+                conn.close()
+
+    def _detach(self) -> int:
+        """DETACH: outlive the parent and serve an owner socket at the path it names.
+
+        The socket is bound here, by the guest, so that a connecting agent's SO_PEERCRED
+        names this process (the credentials of a unix socket are its listener's).
+        """
+        from guests.owner import TOKEN_BYTES
+        from vmem import _native as nat
+
+        if self.owner_listener is not None:
+            return -114  # EALREADY
+        msg = self.ctl.read_message() or {}
+        self.ctl.write_message({})  # the token does not stay in the block
+        try:
+            token = bytes.fromhex(str(msg.get("owner_token", "")))
+        except ValueError:
+            token = b""
+        path = msg.get("owner_socket")
+        if len(token) != TOKEN_BYTES or not isinstance(path, str) or not path:
+            return -22  # EINVAL
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            old = os.umask(0o177)  # mode 0600 from the start
+            try:
+                listener.bind(path)
+            finally:
+                os.umask(old)
+            listener.listen(4)
+        except OSError:
+            listener.close()
+            raise
+        nat.set_pdeathsig(0)
+        self.owner_token = token
+        self.owner_wake_r, self.owner_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.owner_listener = listener
+        threading.Thread(target=self._serve_owners, name="vmem-owner", daemon=True).start()
+        return 0
 
     def handle(self, seq: int) -> None:
+        if self.new_owner is not None:
+            self._adopt_new_owner()
         ctl = self.ctl
         cmd = ctl[Field.CMD]
         arg = ctl[Field.ARG]
@@ -290,6 +414,8 @@ class GuestRuntime:
                     self.throttle = arg / 1e6
                     self.run_quota_ns = int((1 - self.throttle) * THROTTLE_PERIOD_S * 1e9)
                     ctl[Field.THROTTLE_PPM] = arg
+            elif cmd == Command.DETACH:
+                result = self._detach()
             elif cmd == Command.SEND_UFFD:
                 if self.uffd < 0:
                     result = ctl[Field.UFFD_FEATURES]
@@ -317,7 +443,7 @@ class GuestRuntime:
         """
         try:
             self.sock.send(b"a")
-        except OSError:
+        except (OSError, AttributeError):  # AttributeError: no owner (None)
             pass  # the parent is gone or its buffer is full of unread acks: it polls too
 
     def _mprot_start(self) -> int:

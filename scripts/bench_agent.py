@@ -48,7 +48,8 @@ START_TIMEOUT_S = 60.0
 
 def start_agent(hosts: NetnsHosts, host: int, workdir: str, key: str | None) -> dict:
     state = os.path.join(workdir, f"h{host}")
-    argv = [sys.executable, "-m", "vmem", "agent", "--listen", f"{hosts.addr(host)}:0", "--state-dir", state]
+    argv = [sys.executable, "-m", "vmem", "agent", "--listen", f"{hosts.addr(host)}:0", "--state-dir", state,
+            "--stop-guests"]  # a benchmark leaves no guest behind
     if key:
         argv += ["--key", key]
     else:

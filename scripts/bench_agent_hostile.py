@@ -127,7 +127,7 @@ def main() -> int:
     state = os.path.join(workdir, "agent")
     env = dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
     log = open(os.path.join(workdir, "agent.log"), "wb")
-    agent = subprocess.Popen([sys.executable, "-m", "vmem", "agent", "--listen", "127.0.0.1:0", "--state-dir", state,
+    agent = subprocess.Popen([sys.executable, "-m", "vmem", "agent", "--listen", "127.0.0.1:0", "--state-dir", state, "--stop-guests",
                               *args.agent_arg], stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=ROOT)
     results = {"connections": args.connections, "agent_args": args.agent_arg, "floods": {}}
     try:

@@ -148,14 +148,18 @@ class AgentHost:
             time.sleep(0.05)
 
     def kill(self) -> None:
-        """SIGKILL the agent (its guests die with it: PR_SET_PDEATHSIG) and reap it."""
+        """SIGKILL the agent and reap it.  A guest it was still receiving dies with it
+        (PR_SET_PDEATHSIG); the guests it kept run on, and ``start()`` takes them over."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
         if self.proc is not None:
             self.proc.wait(AGENT_STOP_TIMEOUT_S)
 
     def stop(self) -> int | None:
-        """SIGTERM (the agent stops its guests), SIGKILL after a bounded wait; reaped."""
+        """SIGTERM, SIGKILL after a bounded wait; reaped; then every guest it left running
+        (recorded in its state directory) is killed."""
+        from vmem.agent.records import kill_recorded_guests
+
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -165,6 +169,7 @@ class AgentHost:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(AGENT_STOP_TIMEOUT_S)
+        kill_recorded_guests(self.state_dir)
         return self.proc.returncode
 
     def ensure_running(self) -> bool:
@@ -247,7 +252,7 @@ def _processes_in_netns(ns_inode: int) -> list[int]:
 
 
 #: Files an agent keeps in its state directory while it runs.
-AGENT_FILES = {"agent.sock", "agent.json"}
+AGENT_FILES = {"agent.sock", "agent.json", "guests", "guests.log"}
 
 
 def scan_leaks(agent: AgentHost) -> list[str]:
@@ -256,7 +261,8 @@ def scan_leaks(agent: AgentHost) -> list[str]:
     Checks: agent children (recursive, zombies included) that are not listed guests;
     ``memfd:vmem`` fds of the agent that no listed guest process has open; userfaultfds
     beyond one per listed guest; processes in the agent's namespace other than the agent
-    and its guests; files in the state directory other than agent.sock/agent.json; any
+    and its guests; files in the state directory other than agent.sock/agent.json/guests.log
+    and the records and owner sockets of listed guests (``guests/NAME.json``, ``.sock``); any
     file in the agent's TMPDIR.
     """
     problems = []
@@ -297,6 +303,11 @@ def scan_leaks(agent: AgentHost) -> list[str]:
         extra = sorted(set(os.listdir(agent.state_dir)) - AGENT_FILES)
     except OSError:
         extra = []
+    try:
+        recorded = set(os.listdir(os.path.join(agent.state_dir, "guests")))
+    except OSError:
+        recorded = set()
+    extra += sorted(f"guests/{f}" for f in recorded - {f"{n}{ext}" for n in listed for ext in (".json", ".sock")})
     if extra:
         problems.append(f"{agent.name}: files left in the state directory: {extra}")
     try:

@@ -3,8 +3,9 @@
 Every agent is started with a unique state directory in a private temp directory and an
 ephemeral port (``--listen 127.0.0.1:0``; the port is read from ``agent.json``), and is
 stopped (SIGTERM, then SIGKILL) in the fixture's teardown, which also removes the temp
-directory: no process and no file outlives a test, even a failing one.  Guests are the
-agents' children and die with them.
+directory: no process and no file outlives a test, even a failing one.  Guests outlive
+their agent (they are detached and recorded in the state directory), so stopping an agent
+also kills every guest recorded there (:func:`vmem.agent.records.kill_recorded_guests`).
 """
 from __future__ import annotations
 
@@ -43,10 +44,10 @@ class AgentProc:
     """One ``vmem agent`` subprocess (see the module docstring)."""
 
     def __init__(self, workdir: str, name: str, *, key: str | None = None, listen: str = "127.0.0.1:0",
-                 extra: tuple = (), prefix: tuple = ()):
+                 extra: tuple = (), prefix: tuple = (), log_name: str | None = None):
         self.name = name
         self.state_dir = os.path.join(workdir, name)
-        self.log_path = os.path.join(workdir, f"{name}.log")
+        self.log_path = os.path.join(workdir, f"{log_name or name}.log")
         cmd = [*prefix, sys.executable, "-m", "vmem", "agent", "--listen", listen, "--state-dir", self.state_dir, *extra]
         if key:
             cmd += ["--key", key]
@@ -116,7 +117,9 @@ class AgentProc:
         except psutil.Error:
             return []
 
-    def stop(self) -> int | None:
+    def stop(self, *, keep_guests: bool = False) -> int | None:
+        """SIGTERM (SIGKILL after a bounded wait); then, unless ``keep_guests``, kill the
+        guests it left running."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -125,7 +128,20 @@ class AgentProc:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if not keep_guests:
+            self.kill_guests()
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the agent and reap it; its detached guests run on (``stop()`` kills them)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def kill_guests(self) -> list[int]:
+        from vmem.agent.records import kill_recorded_guests
+
+        return kill_recorded_guests(self.state_dir)
 
 
 @pytest.fixture
@@ -207,14 +223,15 @@ def test_create_list_migrate_destroy(agents, key, workdir):
     assert b.guests() == {} and not b.guest_children()
 
 
-def test_shutdown_reaps_guests_and_removes_the_socket(agents):
-    a = agents("a")
+def test_shutdown_with_stop_guests_reaps_guests_and_removes_the_socket(agents):
+    a = agents("a", extra=("--stop-guests",))
     a.request("create", name="g1", workload="idle", size="16M")
     pid = a.guests()["g1"]["pid"]
-    assert a.stop() == 0
+    assert a.stop(keep_guests=True) == 0
     assert not _pid_alive(pid)
     assert not os.path.exists(a.socket)
     assert "stopping guest g1" in a.log()
+    assert os.listdir(os.path.join(a.state_dir, "guests")) == []
 
 
 def test_control_socket_is_owner_only(agents):

@@ -7,6 +7,8 @@ Modules, one concern each:
 * :mod:`~vmem.agent.limits` -- connection caps, the opening deadline (docs/security.md);
 * :mod:`~vmem.agent.registry` -- guest names, states (compare-and-set) and memory reservations;
 * :mod:`~vmem.agent.spawner` -- the one thread that starts guest processes (PR_SET_PDEATHSIG);
+* :mod:`~vmem.agent.records` -- guest records in the state directory, so the next agent takes
+  the guests over (they outlive the agent; the protocol is :mod:`guests.owner`);
 * :mod:`~vmem.agent.commands` -- create, list, destroy, save, restore;
 * :mod:`~vmem.agent.migration` -- outgoing and incoming agent-to-agent migration;
 * :mod:`~vmem.agent.server` -- sockets, connection threads, shutdown (``Agent``);

@@ -5,7 +5,8 @@ Each handler takes ``(agent, channel, request)`` and returns the reply's fields,
 what to do.  ``migrate`` lives in :mod:`vmem.agent.migration`.
 
 Every guest process is started on the agent's spawner thread (see
-:mod:`vmem.agent.spawner`), so it lives as long as the agent, not as long as the request.
+:mod:`vmem.agent.spawner`), so it lives as long as the agent, not as long as the request;
+once it runs here it is detached (``Agent.own_guest``) and outlives the agent too.
 
 Files (``save``, ``restore``) are taken from the control socket only
 (:data:`LOCAL_ONLY_COMMANDS`), and there as a descriptor the CLI opened as its user and
@@ -66,6 +67,7 @@ def cmd_create(agent, channel, request: dict) -> dict:
         if isinstance(err, (VmemError, OSError)):
             raise AgentError(ErrorCode.FAILED, f"guest {name!r} failed to boot: {err}") from None
         raise
+    agent.own_guest(name, guest)
     agent.registry.transition(name, "creating", "running", guest=guest)
     log.info("created guest %s: %s %s, %s, pid %d", name, workload, params or "", format_bytes(size_bytes), guest.pid)
     return {"guest": entry.describe()}
@@ -86,7 +88,7 @@ def cmd_destroy(agent, channel, request: dict) -> dict:
     name = str(request.get("name", ""))
     # A guest paused by a post-copy that broke after the switch may be destroyed too: its
     # state then lives only at the destination (if that still has it).
-    entry = agent.registry.transition(name, frozenset({"running", "paused"}), "destroying")
+    entry = agent.registry.transition(name, frozenset({"running", "paused", "lost"}), "destroying")
     rc = None
     try:
         if entry.guest is not None:
@@ -318,8 +320,10 @@ def _restore(agent, savefile, request: dict, fd: int | None, path: str) -> dict:
         raise
     finally:
         agent.expect_guest(None, None, "")
-    entry = agent.registry.transition(name, "restoring", "running", guest=guest)
+    entry = agent.registry.get(name)
     entry.spec = guest.spec.to_json()
+    agent.own_guest(name, guest)
+    agent.registry.transition(name, "restoring", "running", guest=guest)
     log.info("restored guest %s from %s (pid %d)", name, path, guest.pid)
     return {"guest": entry.describe(), "stats": stats}
 

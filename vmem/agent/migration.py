@@ -652,6 +652,7 @@ def serve_incoming(agent, channel, peer: str) -> None:
             with agent.resume_lock:
                 agent.resume_waiters.pop(name, None)
         if status == 0 and dm.kept_guest is not None:
+            agent.own_guest(name, dm.kept_guest)
             agent.registry.transition(name, "incoming", "running", guest=dm.kept_guest)
             log.info("guest %s arrived from %s and runs here (pid %d)", name, origin, dm.kept_guest.pid)
             return

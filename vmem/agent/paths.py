@@ -4,6 +4,8 @@ Layout: one *state directory* per agent, mode 0700, owned by the agent's user::
 
     <state-dir>/agent.sock    unix control socket, mode 0600 (the CLI talks here)
     <state-dir>/agent.json    written once the agent serves: {"pid", "listen", "socket", "version"}
+    <state-dir>/guests/       the guests it owns, for the next agent (vmem.agent.records)
+    <state-dir>/guests.log    the guests' stderr
 
 Default state directory: ``/run/vmem/<port>`` for root, else ``$XDG_RUNTIME_DIR/vmem/<port>``,
 else ``/tmp/vmem-<uid>/<port>`` -- one per TCP port, so several agents (test hosts in
@@ -22,7 +24,7 @@ import stat
 from vmem.agent.protocol import AgentError, ErrorCode
 
 __all__ = ["DEFAULT_PORT", "ENV_AGENT", "default_base_dir", "default_state_dir", "socket_path",
-           "info_path", "find_agent_socket", "prepare_state_dir"]
+           "info_path", "find_agent_socket", "prepare_state_dir", "check_state_dir"]
 
 #: The agents' TCP port when HOST:PORT omits it (xend's relocation port).
 DEFAULT_PORT = 8002
@@ -90,3 +92,27 @@ def prepare_state_dir(path: str) -> None:
         raise AgentError(ErrorCode.BAD_REQUEST, f"--state-dir {path} belongs to uid {st.st_uid}, not to this user "
                                                 f"({os.geteuid()}): choose another --state-dir")
     os.chmod(path, 0o700)
+
+
+def check_state_dir(path: str) -> str:
+    """Why ``path`` cannot be an agent's state directory, or "" (creates nothing).
+
+    An existing one must be a directory of this user; a missing one must be creatable (its
+    nearest existing ancestor a writable directory).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            return f"{path} does not exist and cannot be created ({parent} is not a writable directory)"
+        return ""
+    except OSError as err:
+        return f"{path}: {err.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} exists and is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()})"
+    return ""

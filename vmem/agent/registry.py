@@ -11,6 +11,10 @@ States::
     incoming  --commit-->   running                migrating  --failed-----> running
     restoring --ok------->  running  --save------> saving     --done-------> running | (removed)
     running   --destroy-->  (removed)
+    (taken over at start) -> running | paused | lost  --destroy--> (removed)
+
+``lost``: a guest recorded by an earlier agent on this state directory that died while no
+agent ran, or that could not be taken over (``reason`` says which); listed until destroyed.
 
 ``creating``, ``incoming`` and ``restoring`` entries *reserve* their RAM: free memory for a
 new guest is MemAvailable minus what reservations will still allocate, so two concurrent
@@ -70,6 +74,8 @@ class GuestEntry:
     #: state "paused": a post-copy whose link broke after the switch, resumable with
     #: ``vmem migrate --resume NAME`` (the SourceMigration and how to reach the destination)
     postcopy_resume: object = None
+    #: state "lost": why (one line)
+    reason: str = ""
 
     def describe(self) -> dict:
         """A JSON row for ``vmem list``."""
@@ -77,6 +83,8 @@ class GuestEntry:
                "workload": self.spec.get("workload"), "params": self.spec.get("params") or {},
                "seed": self.spec.get("seed"), "origin": self.origin, "pid": None,
                "steps": None, "guest_time_s": None, "alive": None}
+        if self.reason:
+            row["reason"] = self.reason
         g = self.guest
         if g is not None:
             row["pid"] = g.pid
@@ -96,6 +104,26 @@ class GuestRegistry:
     def __init__(self):
         self._lock = threading.Lock()
         self._entries: dict[str, GuestEntry] = {}
+        #: ``on_change(entry, removed)``, called under the lock after every change (the
+        #: agent keeps its guest records with it); its exceptions are its own to handle.
+        self.on_change = None
+
+    def _changed(self, entry: GuestEntry, removed: bool) -> None:
+        if self.on_change is not None:
+            self.on_change(entry, removed)
+
+    def adopt(self, entry: GuestEntry) -> GuestEntry:
+        """Add an entry found at start (a guest taken over, or a lost one); the name must be free.
+
+        Raises:
+            AgentError(exists | bad-request): the name is taken or invalid.
+        """
+        validate_name(entry.name)
+        with self._lock:
+            if entry.name in self._entries:
+                raise AgentError(ErrorCode.EXISTS, f"a guest named {entry.name!r} already exists here")
+            self._entries[entry.name] = entry
+            return entry
 
     def reserve(self, name: str, state: str, size_bytes: int, spec: dict, origin: str) -> GuestEntry:
         """Add a new entry in a reserving state after checking the name and free memory.
@@ -156,6 +184,7 @@ class GuestRegistry:
             entry.since_s = time.monotonic()
             if guest is not None:
                 entry.guest = guest
+            self._changed(entry, False)
             return entry
 
     def remove(self, name: str, state: str | frozenset | None = None) -> GuestEntry | None:
@@ -166,7 +195,9 @@ class GuestRegistry:
                 return None
             if state is not None and entry.state not in ({state} if isinstance(state, str) else state):
                 return None
-            return self._entries.pop(name)
+            self._entries.pop(name)
+            self._changed(entry, True)
+            return entry
 
     def entries(self) -> list[GuestEntry]:
         """A snapshot, sorted by name."""

@@ -16,11 +16,18 @@ within one deadline, and is closed when idle (:mod:`vmem.agent.limits`, docs/sec
 Guarantees:
     * Every connection is served in its own thread; a bad peer, a refused request or a
       failed migration is logged with its reason and never stops the agent.
-    * Guests are children of the agent and die with it.  On SIGTERM/SIGINT the agent stops
-      accepting, breaks in-flight connections (an outgoing migration fails and its source
-      guest is then destroyed with the rest; an incoming one is discarded), asks every
-      guest to exit (bounded wait, then SIGKILL), removes its socket and exits.  If the
-      agent is killed outright, the kernel kills its guests (PR_SET_PDEATHSIG).
+    * Guests outlive the agent.  Each guest the agent keeps (created, arrived by migration,
+      restored) leads its own session and is *detached* (it no longer dies with its parent)
+      and recorded in ``<state-dir>/guests/`` (:mod:`vmem.agent.records`).  On SIGTERM/SIGINT
+      the agent stops accepting, breaks in-flight connections (an outgoing migration fails
+      by the usual rules: before the switch its source guest resumes; an incoming one is
+      discarded), lets go of its guests without stopping them (``--stop-guests``: stops
+      them, as before), removes its socket and exits.  Killed outright, it leaves its kept
+      guests running too; only guests still being created or received die with it
+      (PR_SET_PDEATHSIG).
+    * On start, before it serves (``agent.json`` appears), the agent takes over every
+      recorded guest that is still alive (same pid and start time, our uid, proves the
+      recorded token: :mod:`guests.owner`) and lists the others as ``lost`` with the reason.
 """
 from __future__ import annotations
 
@@ -79,6 +86,8 @@ class AgentConfig:
     guest_exit_timeout_s: float = 5.0
     connect_timeout_s: float = 10.0
     caps: ConnectionCaps = field(default_factory=ConnectionCaps)
+    #: stop every guest at shutdown (the behaviour before guests outlived agents)
+    stop_guests: bool = False
 
 
 class Agent:
@@ -111,6 +120,7 @@ class Agent:
         self.state_dir = ""
         self.control_socket = ""
         self.listen_address = ""
+        self._guest_log_fd = -1
 
     # --- lifetime ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -138,6 +148,8 @@ class Agent:
         self._unix = _bind_control_socket(self.control_socket)
         self.spawner = Spawner()
         self._install_incoming_factory()
+        self._prepare_guests()
+        self.take_over_guests()
         info = {"pid": os.getpid(), "listen": self.listen_address, "port": port, "socket": self.control_socket,
                 "security": self.security.mode, "version": __version__}
         tmp = info_path(self.state_dir) + ".tmp"
@@ -167,6 +179,98 @@ class Agent:
             return spawn(spec_json, npages)
 
         backend.INCOMING_FACTORIES["process"] = checked_spawn
+
+    # --- guests that outlive the agent (vmem.agent.records, guests.owner) ---------------------------
+    def _prepare_guests(self) -> None:
+        """Guests spawned from now on lead their own session, with stderr in guests.log."""
+        from guests.launch import set_spawn_options
+        from vmem.agent.records import guest_log_path, prepare_guests_dir
+
+        prepare_guests_dir(self.state_dir)
+        self._guest_log_fd = os.open(guest_log_path(self.state_dir), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                                     0o600)
+        self.spawner.call(set_spawn_options, new_session=True, stderr_fd=self._guest_log_fd)
+        self.registry.on_change = self._record_change
+
+    def own_guest(self, name: str, guest) -> None:
+        """Detach ``guest`` (about to be listed ``running`` as ``name``) so that it outlives
+        this agent; the registry change that follows records it.  A guest that cannot be
+        detached still runs, logged as one that will die with this agent."""
+        from vmem.agent.records import owner_socket_path
+
+        try:
+            guest.detach(owner_socket_path(self.state_dir, name))
+        except (VmemError, OSError) as err:
+            log.error("guest %s (pid %d) will not outlive this agent: %s", name, guest.pid, err)
+
+    def _record_change(self, entry, removed: bool) -> None:
+        """Registry hook (under its lock): keep ``guests/NAME.json`` in step with the entry."""
+        from vmem.agent.records import process_start_ticks, remove_record, write_record
+
+        try:
+            if removed:
+                remove_record(self.state_dir, entry.name)
+                return
+            g = entry.guest
+            if g is None or not getattr(g, "detached", False) or entry.state == "lost":
+                return
+            if getattr(g, "start_ticks", None) is None:
+                g.start_ticks = process_start_ticks(g.pid)
+            write_record(self.state_dir, {
+                "name": entry.name, "pid": g.pid, "start_ticks": g.start_ticks, "uid": os.geteuid(),
+                "token": g.owner_token.hex(), "size_bytes": entry.size_bytes, "spec": entry.spec,
+                "origin": entry.origin, "state": entry.state})
+        except (OSError, ProcessLookupError) as err:
+            log.error("cannot record guest %s in %s: %s (a restarted agent will not find it)", entry.name,
+                      self.state_dir, err)
+
+    def take_over_guests(self) -> None:
+        """Take over every guest recorded in the state directory (see the module docstring).
+
+        A guest found paused by a migration its agent never finished stays ``paused`` if the
+        record says the migration had switched (post-copy) or the outcome is unknown (the
+        agent died during stop-and-copy: the destination may run it); a running one simply
+        runs on -- the migration failed before its switch and the source keeps the guest.
+        """
+        from guests.control import GuestState
+        from guests.launch import GuestSpec, ProcessGuest
+        from vmem.agent.records import owner_socket_path, read_records, record_matches_process
+        from vmem.agent.registry import GuestEntry
+
+        for name, record, why in read_records(self.state_dir):
+            if record is None:
+                log.warning("guest record %s: %s", name, why)
+                continue
+            pid = record["pid"]
+            common = dict(size_bytes=int(record.get("size_bytes", 0)), spec=dict(record.get("spec") or {}),
+                          origin=str(record.get("origin", "")))
+            if not record_matches_process(record):
+                reason = f"its process (pid {pid}) ended while no agent owned it"
+                log.warning("guest %s was lost: %s", name, reason)
+                self.registry.adopt(GuestEntry(name, "lost", reason=reason, **common))
+                continue
+            try:
+                guest = ProcessGuest.take_over(owner_socket_path(self.state_dir, name), bytes.fromhex(record["token"]),
+                                               pid, GuestSpec.from_json(common["spec"]))
+            except VmemError as err:
+                reason = f"alive (pid {pid}) but not taken over: {err}"
+                log.warning("guest %s: %s", name, reason)
+                self.registry.adopt(GuestEntry(name, "lost", reason=reason, **common))
+                continue
+            guest.start_ticks = record["start_ticks"]
+            state = "running"
+            try:
+                guest.mprotect_stop()  # a tracker left by a migration that never finished (none: a no-op)
+                if guest.state == GuestState.PAUSED:
+                    state = "paused"
+                    log.warning("guest %s (pid %d) was left paused by a migration its agent did not finish (%s): it "
+                                "stays paused here; if the destination does not run it, `vmem migrate --resume` "
+                                "cannot help -- destroy it or keep it", name, pid, record.get("state"))
+            except VmemError as err:
+                log.warning("guest %s (pid %d): %s", name, pid, err)
+            self.registry.adopt(GuestEntry(name, state, guest=guest, **common))
+            self._record_change(self.registry.get(name), False)
+            log.info("took over guest %s (pid %d, %s), left by an earlier agent", name, pid, state)
 
     def expect_guest(self, size_bytes: int | None, spec: dict | None, what: str) -> None:
         """The next guest this thread spawns must have ``size_bytes`` of RAM and ``spec``
@@ -226,7 +330,14 @@ class Agent:
             ch.shutdown()  # wake the thread blocked in it; the thread that owns it closes it
         for t in threads:
             t.join(self.config.guest_exit_timeout_s + 5)
+        keep = not self.config.stop_guests
         for entry in self.registry.entries():
+            if keep and entry.guest is not None and getattr(entry.guest, "detached", False) and entry.guest.alive():
+                log.info("leaving guest %s (pid %d) %s for the next agent", entry.name, entry.guest.pid, entry.state)
+                entry.guest.release()
+                continue
+            if keep and entry.state == "lost":
+                continue
             if entry.guest is not None:
                 log.info("stopping guest %s (pid %d) with the agent", entry.name, entry.guest.pid)
                 try:
@@ -242,6 +353,9 @@ class Agent:
             self._saved_factory = None
         if self.spawner is not None:
             self.spawner.stop()
+        if self._guest_log_fd >= 0:
+            os.close(self._guest_log_fd)
+            self._guest_log_fd = -1
         self._wake.close()
         log.info("vmem agent stopped")
 
@@ -663,6 +777,13 @@ def _peer_uid(sock: socket.socket) -> int:
 MALLOC_ARENAS = 2
 
 
+#: Allocations from this size up get their own mapping, returned to the kernel when freed.
+#: glibc raises its threshold dynamically (up to 32 MiB) after the first such free, and from
+#: then on a migration's MiB-sized buffers are carved from the heap, which fragments and
+#: grows: fixing the threshold keeps the agent's memory flat (scripts/soak.py, measured).
+MMAP_THRESHOLD_BYTES = 256 << 10
+
+
 def _release_free_memory() -> None:
     """Hand memory freed by closed connections back to the kernel (glibc ``malloc_trim``:
     free() alone keeps it in the heap).  Called by the accept loop once no connection is
@@ -684,6 +805,7 @@ def _limit_malloc_arenas(n: int) -> None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-8, n)  # M_ARENA_MAX
+        libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD: fixed, so big buffers never land in the heap
     except (OSError, AttributeError):
         pass
 

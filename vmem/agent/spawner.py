@@ -4,8 +4,9 @@ Why: a guest asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG
 for the kernel "the parent" is the *thread* that forked it, not the process.  An agent
 serves each connection in its own thread; a guest created (or received by migration) in
 such a thread would be killed the moment that connection ends.  So every spawn runs on
-this thread, which lives exactly as long as the agent: guests die with the agent -- even
-a SIGKILLed one -- and never with a connection.
+this thread, which lives exactly as long as the agent: a guest being created or received
+dies with the agent -- even a SIGKILLed one -- and never with a connection.  Once it runs
+as the agent's own it is detached (``Agent.own_guest``) and outlives the agent.
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ def add_agent_commands(sub) -> None:
     p = sub.add_parser("agent", help="run the host agent: owns guests, receives and sends migrations",
                        description="Run the host agent in the foreground (logs to stderr).  It creates and owns guests "
                                    "(vmem create/list/destroy), receives migrations from other agents on --listen, and "
-                                   "sends its guests to them (vmem migrate NAME HOST:PORT).  Guests die with the agent.")
+                                   "sends its guests to them (vmem migrate NAME HOST:PORT).  Guests outlive the agent: a "
+                                   "restarted agent on the same --state-dir takes them over (docs/agent.md).")
     p.add_argument("--listen", metavar="ADDR:PORT", default=f"127.0.0.1:{DEFAULT_PORT}",
                    help=f"TCP address for other agents (default 127.0.0.1:{DEFAULT_PORT}; port 0 picks a free one)")
     p.add_argument("--key", metavar="FILE", help="shared key (vmem keygen FILE; mode 0600): peers must prove they hold it, "
@@ -56,6 +57,11 @@ def add_agent_commands(sub) -> None:
                    help=f"a connection must finish its opening within S seconds (default {caps.handshake_timeout_s:g})")
     p.add_argument("--idle-timeout", type=float, metavar="S", default=caps.idle_timeout_s,
                    help=f"close a connection with nothing to do for S seconds (default {caps.idle_timeout_s:g})")
+    p.add_argument("--stop-guests", action="store_true",
+                   help="stop every guest when the agent stops (default: leave them running for the next agent)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the configuration (address, key/TLS files, limits, state directory) and exit: 0 if "
+                        "it would start, 2 with one line per problem; starts nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
 
     p = sub.add_parser("keygen", help="write a new shared agent key (mode 0600)",
@@ -107,34 +113,81 @@ def run_agent_command(args) -> int:
             "restore": _cmd_restore}[args.command](args)
 
 
-def _cmd_agent(args) -> int:
-    import logging
+def _agent_config(args, problems: list | None = None):
+    """The AgentConfig that ``vmem agent ARGS`` asks for.
 
+    Raises:
+        ConfigError: the first problem, naming its flag -- or, with ``problems`` given, every
+            problem is appended there (as ConfigError) and None is returned if there was any.
+    """
     from vmem.errors import ConfigError
     from vmem.agent.net import parse_hostport
     from vmem.agent.paths import DEFAULT_PORT
     from vmem.agent.limits import ConnectionCaps
     from vmem.agent.security import PeerSecurity
-    from vmem.agent.server import AgentConfig, run_agent
+    from vmem.agent.server import AgentConfig
 
+    found: list = []
+
+    def problem(err: ConfigError) -> None:
+        if problems is None:
+            raise err
+        found.append(err)
+
+    host, port = "127.0.0.1", DEFAULT_PORT
     try:
         host, port = parse_hostport(args.listen, DEFAULT_PORT)
     except ValueError as err:
-        raise ConfigError("--listen", str(err)) from None
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s vmem-agent[{os.getpid()}] %(levelname)s %(message)s")
-    security = PeerSecurity.from_options(listen_host=host, key_file=args.key, tls_cert=args.tls_cert,
-                                         tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure)
+        problem(ConfigError("--listen", str(err)))
+    security = None
+    try:
+        security = PeerSecurity.from_options(listen_host=host, key_file=args.key, tls_cert=args.tls_cert,
+                                             tls_key=args.tls_key, tls_ca=args.tls_ca, insecure=args.insecure)
+    except ConfigError as err:
+        problem(err)
     for flag, value in (("--max-connections", args.max_connections), ("--max-connections-per-peer",
                         args.max_connections_per_peer), ("--max-openings", args.max_openings),
                         ("--handshake-timeout", args.handshake_timeout), ("--idle-timeout", args.idle_timeout)):
         if not value > 0:
-            raise ConfigError(flag, f"must be positive, got {value}")
+            problem(ConfigError(flag, f"must be positive, got {value}"))
+    if args.state_dir is not None or problems is not None:
+        from vmem.agent.paths import check_state_dir, default_state_dir
+
+        why = check_state_dir(args.state_dir or default_state_dir(port))
+        if why:
+            problem(ConfigError("--state-dir", why))
+    if problems is not None:
+        problems.extend(found)
+        if found:
+            return None
     caps = ConnectionCaps(total=args.max_connections, per_peer=args.max_connections_per_peer,
                           opening_total=args.max_openings, opening_per_peer=max(1, args.max_openings // 4),
                           handshake_timeout_s=args.handshake_timeout, idle_timeout_s=args.idle_timeout)
-    return run_agent(AgentConfig(listen_host=host, listen_port=port, security=security, state_dir=args.state_dir,
-                                 caps=caps))
+    return AgentConfig(listen_host=host, listen_port=port, security=security, state_dir=args.state_dir, caps=caps,
+                       stop_guests=args.stop_guests)
+
+
+def _cmd_agent(args) -> int:
+    import logging
+
+    from vmem.agent.server import run_agent
+
+    if args.check:
+        problems: list = []
+        config = _agent_config(args, problems)
+        for err in problems:
+            print(f"vmem agent: {err}", file=sys.stderr)
+        if config is None:
+            return 2
+        from vmem.agent.paths import default_state_dir
+
+        print(f"vmem agent: configuration ok: listen {config.listen_host}:{config.listen_port}, security "
+              f"{config.security.mode}, state directory {config.state_dir or default_state_dir(config.listen_port)}")
+        return 0
+    config = _agent_config(args)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s vmem-agent[{os.getpid()}] %(levelname)s %(message)s")
+    return run_agent(config)
 
 
 def _cmd_keygen(args) -> int:
