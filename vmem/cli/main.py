@@ -17,6 +17,9 @@ from vmem.errors import ConfigError, VmemError
 
 __all__ = ["main"]
 
+#: with --json and no --pagemap, guests up to this size record a page map beside the report
+PAGEMAP_AUTO_MAX_BYTES = 64 << 20
+
 
 def _add_migrate(sub) -> None:
     p = sub.add_parser("migrate", help="live-migrate a guest: to a new process on this host, or (with an agent) NAME to HOST:PORT",
@@ -36,6 +39,12 @@ def _add_migrate(sub) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the full report (docs/report.md) to FILE")
     o.add_argument("--quiet", action="store_true", help="no live display, summary only")
+    o.add_argument("--pagemap", metavar="DIR",
+                   help="record the page map (which page was sent, dirtied, pushed, faulted, round by round; "
+                        "docs/pagemap.md) and draw it into DIR: pagemap.png, pagemap.html (step-through, offline), "
+                        "pagemap.npz, and the post-copy figures; one-host only. Without it, a guest of at most "
+                        f"{PAGEMAP_AUTO_MAX_BYTES >> 20} MiB migrated with --json FILE records FILE's .pagemap.npz "
+                        "(vmem graph FILE draws it)")
     from vmem.cli.agent import add_agent_address_arguments
 
     add_agent_address_arguments(p)
@@ -65,6 +74,16 @@ def cmd_migrate(args) -> int:
     options = options_from_args(args)
     if args.cut_link_after is not None and options.postcopy == "off":
         raise ConfigError("--cut-link-after", "cuts the link during post-copy: add --postcopy or --postcopy-after-precopy")
+    if args.pagemap:
+        import os
+
+        try:
+            os.makedirs(args.pagemap, exist_ok=True)
+        except OSError as err:
+            raise ConfigError("--pagemap", f"cannot create {args.pagemap}: {err.strerror}") from None
+        options.pagemap_path = os.path.join(args.pagemap, "pagemap.npz")
+    elif args.json and size <= PAGEMAP_AUTO_MAX_BYTES:
+        options.pagemap_path = _pagemap_beside(args.json)
     console = Console(stderr=True)
     spec = GuestSpec(args.workload, params, args.seed)
     console.print(f"booting a {args.size} guest running [bold]{args.workload}[/bold] {params or ''}…")
@@ -78,7 +97,18 @@ def cmd_migrate(args) -> int:
     if args.json:
         report.write(args.json)
         console.print(f"report written to {args.json}")
+    if args.pagemap:
+        from vmem.analysis.pagemap import render_run
+
+        for path in render_run(report.to_dict(), args.pagemap):
+            console.print(f"wrote {path}")
     return 0 if report.outcome == "completed" else (3 if report.outcome == "aborted" else 1)
+
+
+def _pagemap_beside(json_path: str) -> str:
+    """``run.json`` -> ``run.pagemap.npz`` (where an automatic page map goes)."""
+    stem = json_path[:-5] if json_path.endswith(".json") else json_path
+    return stem + ".pagemap.npz"
 
 
 def cmd_doctor(args) -> int:

@@ -95,6 +95,9 @@ class MigrationReport:
     #: {p50, p99, max}, pages_demanded, pages_pushed, complete_s, guest_rate {before,
     #: during, after} and more; see docs/report.md.
     postcopy: dict | None = None
+    #: the page map written with MigrationOptions.pagemap_path: {file, rounds, push_batches,
+    #: faults} or {error}; None when none was recorded (docs/pagemap.md)
+    pagemap: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
