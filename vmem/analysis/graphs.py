@@ -332,8 +332,8 @@ def _mark_switch(ax, rounds: list[dict]) -> None:
     for r in rounds:
         if r["kind"] == "postcopy":
             ax.axvline(r["index"] - 0.5, color=PURPLE, ls="--", lw=1.5, zorder=1)
-            ax.annotate("switch to post-copy", (r["index"] - 0.5, 1), xycoords=("data", "axes fraction"),
-                        xytext=(-4, -4), textcoords="offset points", ha="right", va="top", fontsize=9,
+            ax.annotate("switch to post-copy", (r["index"] - 0.5, 0), xycoords=("data", "axes fraction"),
+                        xytext=(-4, 4), textcoords="offset points", ha="right", va="bottom", fontsize=9,
                         color=PURPLE, rotation=90)
             return
 
@@ -421,6 +421,11 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
             y = last["dirty_pages"] or (last["pages_sent"] or 1)
             reason = textwrap.shorten(last["reason"], 100, placeholder=" …")
             text = f"after round {last['index']}: {lab.upper()}" + (f"\n{textwrap.fill(reason, 52)}" if reason else "")
+            if any(r["kind"] == "postcopy" for r in rounds):
+                # after-precopy (hybrid) turns the policy's stop-and-copy into the switch
+                text = (f"after round {last['index']}: SWITCH TO POST-COPY\n(policy said {lab}"
+                        + (f": {textwrap.shorten(reason, 40, placeholder=' …')}" if reason else "") + ")")
+                c = PURPLE
             final_note = (last["index"], y, text, c)
     for k, p in enumerate(preds):
         pr = _rounds(p)
@@ -590,9 +595,8 @@ def plot_dirty_rate(report: dict, path, *, title: str | None = None) -> str:
         ax.axvspan(te - r["duration_s"], te, color=PURPLE, alpha=0.18, zorder=1)
         ax.axvline(te - r["duration_s"], color=PURPLE, lw=1.5, ls="--", zorder=1)
         ax.annotate("switch to post-copy", (te - r["duration_s"], 1), xycoords=("data", "axes fraction"),
-                    xytext=(4, -4), textcoords="offset points", va="top", fontsize=9, color=PURPLE)
-        handles.append(Patch(facecolor=PURPLE, alpha=0.3, label="post-copy: push + demand pages (no dirty tracking: "
-                                                                "the guest runs at the destination)"))
+                    xytext=(-4, -4), textcoords="offset points", ha="right", va="top", fontsize=9, color=PURPLE)
+        handles.append(Patch(facecolor=PURPLE, alpha=0.3, label="post-copy (guest runs at the destination)"))
     ax.set_ylim(0, ymax * 1.3)
     ax.set_xlim(left=0)
     ax.set_xlabel("time since the first round started (s); shaded bands = rounds")
@@ -1192,10 +1196,20 @@ def cmd_graph(args) -> int:
         preds = matching(rep)
         sec = render_report(rep, out, name=name, predicted=preds or None)
         sec["text"] = [f"from {src}"]
+        from vmem.analysis.pagemap import render_run
+
+        for extra in render_run(rep, out, name=name):
+            if extra.endswith(".html"):
+                sec["text"].append(f"step through the page map round by round: {os.path.basename(extra)}")
+            else:
+                what = ("Page map: pages x time, a column per round / post-copy step." if extra.endswith("pagemap.png")
+                        else "Post-copy: faults per ms, pages remaining, fault latency, guest rate before/during/after.")
+                sec["images"].append((extra, what))
+            written.append(extra)
         for p in preds:
             sec["tables"].append(dict(summary_table(p), caption=f"Prediction: {report_label(p)}"))
         sections.append(sec)
-        written += [im[0] for im in sec["images"]]
+        written += [im[0] for im in sec["images"] if im[0] not in written]
     if not measured:
         for i, p in enumerate(predicted):
             sec = render_report(p, out, name=f"predicted-{i + 1}")

@@ -382,21 +382,29 @@ def render_pagemap(npz_path, out_dir, *, name: str = "pagemap", title: str | Non
     return {"png": png, "html": page, "frames": len(pm["frames"])}
 
 
-def render_run(report: dict, out_dir) -> list[str]:
-    """Everything the page map of one report gives, into ``out_dir``: ``pagemap.png``,
-    ``pagemap.html`` and, for a post-copy or hybrid run, ``postcopy.png`` (the fault
-    timeline and the guest's rate).  Returns the paths written; [] without a page map."""
-    info = report.get("pagemap") or {}
-    path = info.get("file")
-    if not path or not os.path.exists(path):
-        return []
+def render_run(report: dict, out_dir, *, name: str = "") -> list[str]:
+    """Everything the page map of one report gives, into ``out_dir``: ``pagemap.png`` and
+    ``pagemap.html`` (when the report names a page map file that exists) and, for a
+    post-copy or hybrid run, ``postcopy.png`` (the fault timeline and the guest's rate;
+    without a page map only its last panel has data).  ``name``: a prefix for the files
+    (``NAME-pagemap.png``).  Returns the paths written."""
     from vmem.analysis.graphs import _subtitle
 
-    title = f"page map: {_subtitle(report)}"
-    got = render_pagemap(path, out_dir, title=title)
-    out = [got["png"], got["html"]]
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = f"{name}-" if name else ""
+    info = report.get("pagemap") or {}
+    path = info.get("file")
+    arrays = None
+    out: list[str] = []
+    if path and os.path.exists(path):
+        arrays = load_pagemap(path)
+        pm = build_frames(arrays)
+        if pm["frames"]:
+            title = f"page map: {_subtitle(report)}"
+            out.append(plot_pagemap(pm, os.path.join(out_dir, f"{prefix}pagemap.png"), title=title))
+            out.append(write_pagemap_html(pm, os.path.join(out_dir, f"{prefix}pagemap.html"), title=title))
     if report.get("postcopy"):
         from vmem.analysis.postcopy import plot_postcopy
 
-        out.append(plot_postcopy(report, load_pagemap(path), os.path.join(out_dir, "postcopy.png")))
+        out.append(plot_postcopy(report, arrays, os.path.join(out_dir, f"{prefix}postcopy.png")))
     return out
