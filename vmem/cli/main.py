@@ -54,6 +54,10 @@ def cmd_migrate(args) -> int:
     if args.name is not None or args.target is not None or args.resume:
         from vmem.cli.agent import cmd_migrate_via_agent
 
+        if args.pagemap:
+            raise ConfigError("--pagemap", "records one-host migrations only for now (the destination's fault log "
+                                           "and the files stay on this host); migrate without NAME HOST:PORT")
+
         return cmd_migrate_via_agent(args)
     from rich.console import Console
 
