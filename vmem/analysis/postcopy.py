@@ -22,10 +22,10 @@ __all__ = ["plot_postcopy", "guest_rate_explained"]
 
 #: what each of guest_rate's three figures counts (the figure's and the summary's words)
 guest_rate_explained = {
-    "before": "before: steps/s at the source before the pause (hybrid: from tracking armed to the pause; "
+    "before": "before: steps/s at the source before the pause (hybrid: the pre-copy phase; "
               "pure post-copy: a 0.5 s window before the pause)",
-    "during": "during: steps/s at the destination from its resume until every page was placed",
-    "after": "after: steps/s at the destination in the observe window after the commit",
+    "during": "during: steps/s at the destination from its resume until the last page was placed (pages missing)",
+    "after": "after: steps/s at the destination from the last page placed to its final report (verify, observe window)",
 }
 
 
@@ -102,7 +102,7 @@ def plot_postcopy(report: dict, pm: dict | None, path) -> str:
         ax4.annotate("n/a" if v is None else f"{v:,.0f}", (x, v or 0), xytext=(0, 3), textcoords="offset points",
                      ha="center", fontsize=9)
     ax4.set_xticks(xs)
-    ax4.set_xticklabels(["before\n(source)", "during\n(pages missing)", "after\n(observe)"])
+    ax4.set_xticklabels(["before\n(source)", "during\n(pages missing)", "after\n(all pages here)"])
     ax4.set_ylabel(rate.get("unit") or "workload steps/s")
     down, black = report.get("downtime_ms"), report.get("blackout_ms")
     ax4.set_title(f"Guest rate; downtime {down if down is not None else 'n/a'} ms, "

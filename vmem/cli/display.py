@@ -175,7 +175,10 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
         t.add_row("  pages demanded / pushed", f"{pc.get('pages_demanded', 0):,} / {pc.get('pages_pushed', 0):,}")
         if pc.get("recoveries"):
             t.add_row("  link failures recovered", f"{pc['recoveries']} ({pc.get('pages_resent_after_recovery', 0):,} pages resent after the last)")
-        t.add_row("  guest steps/s before / during / after", f"{_r(rate.get('before'))} / {_r(rate.get('during'))} / {_r(rate.get('after'))}")
+        before_what = "pre-copy, at the source" if report.mode == "hybrid" else "0.5 s before the pause, at the source"
+        t.add_row("  guest steps/s before", f"{_r(rate.get('before'))} ({before_what})")
+        t.add_row("  guest steps/s during", f"{_r(rate.get('during'))} (resume -> last page placed, pages missing)")
+        t.add_row("  guest steps/s after", f"{_r(rate.get('after'))} (last page placed -> the destination's final report)")
     v = report.verification or {}
     if v.get("digests"):
         d = v["digests"]
