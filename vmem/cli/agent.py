@@ -261,7 +261,7 @@ def cmd_migrate_via_agent(args) -> int:
     """
     from rich.console import Console
 
-    from vmem.cli.args import migration_argument_dests, options_from_args
+    from vmem.cli.args import link_options_from_args, migration_argument_dests, options_from_args
     from vmem.cli.display import LiveDisplay, print_summary
     from vmem.errors import ConfigError
     from vmem.migration.report import RoundStats
@@ -274,7 +274,17 @@ def cmd_migrate_via_agent(args) -> int:
     elif args.name is None or args.target is None:
         raise ConfigError("migrate", "the agent form needs both NAME and HOST:PORT (vmem migrate NAME HOST:PORT); "
                                      "without them, vmem migrate --workload ... migrates on this host without an agent")
+    if not getattr(args, "resume", False):
+        from transport.tcp import parse_hostport
+
+        from vmem.agent.paths import DEFAULT_PORT
+
+        try:
+            parse_hostport(args.target, DEFAULT_PORT)
+        except ValueError as err:
+            raise ConfigError("HOST:PORT", str(err)) from None
     options_from_args(args)  # validation only: the agent builds its own from the values
+    link_options_from_args(args)
     values = {dest: getattr(args, dest) for dest in migration_argument_dests()}
     console = Console(stderr=True)
     round_fields = set(RoundStats.__dataclass_fields__)

@@ -76,6 +76,10 @@ def cmd_migrate(args) -> int:
     cls = load_workload(args.workload)
     params = parse_params(cls, args.workload_arg)
     options = options_from_args(args)
+    from vmem.cli.args import one_host_link_warnings
+
+    for note in one_host_link_warnings(args):
+        print(f"vmem: note: {note}", file=sys.stderr)
     if args.cut_link_after is not None and options.postcopy == "off":
         raise ConfigError("--cut-link-after", "cuts the link during post-copy: add --postcopy or --postcopy-after-precopy")
     if args.pagemap:
@@ -149,14 +153,26 @@ _LAZY_RUNNERS = {"profile": ("vmem.analysis.profile", "cmd_profile"), "predict":
                  "compare": ("vmem.cli.compare", "cmd_compare"), "graph": ("vmem.analysis.graphs", "cmd_graph")}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every argument error as one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: invalid argument: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; heavy subcommands get their arguments only if ``command`` names them."""
+    """The argument parser; heavy subcommands get their arguments only if ``command`` names them.
+
+    Every subcommand has a description (its one-line help when it has no longer one)."""
     import importlib
 
-    p = argparse.ArgumentParser(prog="vmem", description="A live-migration laboratory for stock Linux.")
+    p = _Parser(prog="vmem", description="A live-migration laboratory for stock Linux.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_migrate(sub)
-    sub.add_parser("doctor", help="report the kernel features vmem can use here")
+    sub.add_parser("doctor", help="report the kernel features vmem can use here",
+                   description="Probe this kernel for what vmem needs (userfaultfd and its features, PAGEMAP_SCAN, "
+                               "mprotect tracking) and say which dirty tracker --tracker auto selects. "
+                               "Exit status 0 if some tracker works, 1 if none.")
     from vmem.cli.agent import add_agent_commands
 
     add_agent_commands(sub)
@@ -164,6 +180,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext, description=description)
         if name == command:
             getattr(importlib.import_module(module), adder)(sp)
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, sp in sub.choices.items():
+        if not sp.description and helps.get(name):
+            sp.description = helps[name][0].upper() + helps[name][1:] + "."
     return p
 
 
