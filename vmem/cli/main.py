@@ -42,7 +42,8 @@ def _add_migrate(sub) -> None:
     o.add_argument("--pagemap", metavar="DIR",
                    help="record the page map (which page was sent, dirtied, pushed, faulted, round by round; "
                         "docs/pagemap.md) and draw it into DIR: pagemap.png, pagemap.html (step-through, offline), "
-                        "pagemap.npz, and the post-copy figures; one-host only. Without it, a guest of at most "
+                        "pagemap.npz, postcopy.png (post-copy runs) and the run's graphs (run-convergence.png, "
+                        "run-dirty-rate.png, run-downtime.png; docs/graphs.md); one-host only. Without it, a guest of at most "
                         f"{PAGEMAP_AUTO_MAX_BYTES >> 20} MiB migrated with --json FILE records FILE's .pagemap.npz "
                         "(vmem graph FILE draws it)")
     from vmem.cli.agent import add_agent_address_arguments
@@ -106,9 +107,14 @@ def cmd_migrate(args) -> int:
         report.write(args.json)
         console.print(f"report written to {args.json}")
     if args.pagemap:
+        from vmem.analysis.graphs import render_report
         from vmem.analysis.pagemap import render_run
 
-        for path in render_run(report.to_dict(), args.pagemap):
+        rep = report.to_dict()
+        written = render_run(rep, args.pagemap)
+        if rep.get("rounds"):
+            written += [im[0] for im in render_report(rep, args.pagemap, name="run")["images"]]
+        for path in written:
             console.print(f"wrote {path}")
     return 0 if report.outcome == "completed" else (3 if report.outcome == "aborted" else 1)
 
