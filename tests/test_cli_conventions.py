@@ -97,3 +97,19 @@ def test_every_subcommand_has_a_description():
     for name in names:
         sub = build_parser(name)._subparsers._group_actions[0].choices[name]
         assert sub.description and len(sub.description) > 10, name
+
+
+def test_live_view_says_what_query_migrate_says():
+    from vmem.cli.display import format_status, query_status
+    from vmem.migration.report import RoundStats
+
+    st = query_status([], None, 0.5)
+    assert st["expected_downtime_ms"] is None and st["round_eta_s"] is None and st["remaining_bytes"] == 0
+    rounds = [RoundStats(index=0, pages_sent=100, dirty_pages=40, dirty_rate_pps=400.0, est_downtime_ms=12.5,
+                         throttle=0.2)]
+    current = {"index": 1, "kind": "precopy", "pages": 40, "sent": 10, "bytes": 10 * 4096, "t0": 100.0}
+    st = query_status(rounds, current, 2.0, now=101.0)
+    assert st["expected_downtime_ms"] == 12.5 and st["dirty_rate_pps"] == 400.0 and st["throttle"] == 0.2
+    assert st["remaining_bytes"] == 30 * 4096 and st["round_eta_s"] == 3.0  # 30 pages at 10 pages/s
+    line = format_status(st)
+    assert "expected downtime 12.5 ms" in line and "round ETA 3.00 s" in line and "throttle 20 %" in line

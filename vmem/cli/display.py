@@ -16,7 +16,7 @@ from rich.text import Text
 from vmem.ram import PAGE_SIZE, format_bytes
 from vmem.migration.report import MigrationReport, RoundStats
 
-__all__ = ["LiveDisplay", "print_summary"]
+__all__ = ["LiveDisplay", "format_status", "print_summary", "query_status"]
 
 
 def _rate(bps: float | None) -> str:
@@ -25,8 +25,47 @@ def _rate(bps: float | None) -> str:
     return f"{bps / 8 / 1e6:,.0f} MB/s"
 
 
+def query_status(rounds: list[RoundStats], current: dict | None, elapsed_s: float, now: float | None = None) -> dict:
+    """What QMP's query-migrate / virsh domjobinfo show, from the rounds so far.
+
+    Keys: ``elapsed_s``; ``expected_downtime_ms`` (the last pre-copy round's estimate: what
+    stopping now would cost; None before the first round ends); ``remaining_bytes`` (of
+    the round being sent; the whole migration's remainder is unknowable: the next round's
+    size is what the guest dirties meanwhile); ``round_eta_s`` (that remainder at the
+    round's rate so far, None before a rate is known); ``dirty_rate_pps`` (last round's);
+    ``throttle`` (in force, 0..0.99).
+    """
+    pre = [r for r in rounds if r.kind == "precopy"]
+    last = pre[-1] if pre else None
+    out = {"elapsed_s": round(elapsed_s, 3), "expected_downtime_ms": last.est_downtime_ms if last else None,
+           "remaining_bytes": 0, "round_eta_s": None, "dirty_rate_pps": last.dirty_rate_pps if last else None,
+           "throttle": last.throttle if last else 0.0}
+    if current is not None:
+        remaining = max(0, current["pages"] - current["sent"]) * PAGE_SIZE
+        out["remaining_bytes"] = remaining
+        el = (time.monotonic() if now is None else now) - current["t0"]
+        if el > 0 and current["bytes"] > 0:
+            out["round_eta_s"] = round(remaining / (current["bytes"] / el), 3)
+    return out
+
+
+def format_status(st: dict) -> str:
+    """One line of :func:`query_status` for the live view."""
+    parts = [f"elapsed {st['elapsed_s']:.1f} s"]
+    if st["expected_downtime_ms"] is not None:
+        parts.append(f"expected downtime {st['expected_downtime_ms']:,.1f} ms")
+    parts.append(f"remaining {format_bytes(st['remaining_bytes'])} (this round)")
+    if st["round_eta_s"] is not None:
+        parts.append(f"round ETA {st['round_eta_s']:.2f} s")
+    if st["dirty_rate_pps"] is not None:
+        parts.append(f"dirty rate {st['dirty_rate_pps']:,.0f} pages/s")
+    parts.append(f"throttle {st['throttle'] * 100:.0f} %")
+    return " · ".join(parts)
+
+
 class LiveDisplay:
-    """Implements the migrator's progress interface and renders it with rich."""
+    """Implements the migrator's progress interface and renders it with rich: a table of
+    rounds and, under it, a query-migrate line (:func:`query_status`)."""
 
     def __init__(self, console: Console | None = None, enabled: bool = True):
         self.console = console or Console(stderr=True)
@@ -37,6 +76,7 @@ class LiveDisplay:
         self.phase_detail = ""
         self._live: Live | None = None
         self._last_refresh = 0.0
+        self._t_start = time.monotonic()
 
     def __enter__(self):
         if self.enabled:
@@ -103,6 +143,7 @@ class LiveDisplay:
             remaining = (c["pages"] - c["sent"]) * PAGE_SIZE
             t.add_row(str(c["index"]), c["kind"], f"{c['pages']:,}", f"{c['sent']:,}", format_bytes(remaining), "…",
                       _rate(c["bytes"] * 8 / el if el > 0 else 0), "", style="bold")
+        t.caption = format_status(query_status(self.rounds, c, time.monotonic() - self._t_start))
         return t
 
 
