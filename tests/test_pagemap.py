@@ -170,3 +170,21 @@ def test_pagemap_refusals_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vmem", "migrate", "g1", "127.0.0.1:1", "--pagemap", str(tmp_path),
                            "--agent", str(tmp_path / "no.sock")], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "--pagemap" in proc.stderr, proc.stderr
+
+
+def test_a_small_guest_with_json_records_a_page_map_that_graph_draws(tmp_path):
+    """Without --pagemap, a guest of at most 64 MiB migrated with --json records the map
+    beside the report, and ``vmem graph`` draws it."""
+    rep_path = tmp_path / "run.json"
+    proc = subprocess.run([sys.executable, "-m", "vmem", "migrate", "--workload", "hotcold", "--size", "8M",
+                           "-W", "rate=2000", "--quiet", "--warmup", "0.1", "--observe", "0.1", "--json", str(rep_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(rep_path.read_text())
+    assert report["pagemap"]["file"] == str(tmp_path / "run.pagemap.npz")
+    assert report["pagemap"]["rounds"] == len([r for r in report["rounds"] if r["kind"] == "precopy"])
+    proc = subprocess.run([sys.executable, "-m", "vmem", "graph", str(rep_path), "--out", str(tmp_path / "g")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "g" / "xen-pagemap.png").exists() and (tmp_path / "g" / "xen-pagemap.html").exists()
+    assert "xen-pagemap.html" in (tmp_path / "g" / "report.html").read_text()

@@ -98,6 +98,16 @@ class PagemapRecorder:
         self.fault_latency_us = np.empty(0, dtype=np.float64)
         self.fault_truncated = False
 
+    @property
+    def switched(self) -> bool:
+        """A post-copy switch was recorded."""
+        return not math.isnan(self.pc_switch_s)
+
+    @property
+    def push_batches(self) -> int:
+        """Post-copy push batches recorded."""
+        return len(self._push_t_s)
+
     def now_s(self) -> float:
         """Seconds since the migration started."""
         return time.monotonic() - self.t0

@@ -798,7 +798,7 @@ class SourceMigration:
     def _save_pagemap(self) -> None:
         """Write the page map (if recorded) and say where in ``report.pagemap``."""
         rec = self.pagemap
-        if rec is None or not (rec.round_sent or rec.pc_switch_s == rec.pc_switch_s):
+        if rec is None or not (rec.round_sent or rec.switched):
             return  # nothing was sent: nothing to draw
         try:
             path = rec.save(self.opt.pagemap_path)
@@ -806,7 +806,7 @@ class SourceMigration:
             self.report.pagemap = {"error": f"cannot write the page map to {self.opt.pagemap_path}: {err}"}
             return
         self.report.pagemap = {"file": os.path.abspath(path), "rounds": len(rec.round_sent),
-                               "push_batches": len(rec._push_t_s), "faults": int(len(rec.fault_page))}
+                               "push_batches": rec.push_batches, "faults": int(len(rec.fault_page))}
 
     def _mark_setup_done(self) -> None:
         """The handshake is over and the first page is about to go: QMP's setup-time."""
