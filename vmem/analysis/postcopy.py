@@ -61,12 +61,17 @@ def plot_postcopy(report: dict, pm: dict | None, path) -> str:
         h1, l1 = ax1.get_legend_handles_labels()
         h2, l2 = ax1b.get_legend_handles_labels()
         ax1.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper right")
-        pending = int(np.unpackbits(pm["pc_pending"], count=int(pm["npages"])).sum())
-        # arrivals over time: pushed batches and faults, merged (a page counted once)
-        t = np.concatenate([np.repeat(pt_ms, sizes), ft_ms])
-        t.sort()
-        arrived = np.minimum(np.arange(1, len(t) + 1), pending)
-        ax2.step(np.concatenate([[0], t]), pending - np.concatenate([[0], arrived]), where="post", color=BLUE, lw=2)
+        npages = int(pm["npages"])
+        pending_mask = np.unpackbits(pm["pc_pending"], count=npages).astype(bool)
+        pending = int(pending_mask.sum())
+        # Each pending page arrives once: at its push or its fault, whichever came first.
+        arrive = np.full(npages, np.inf)
+        if len(pm["push_pages"]):
+            arrive[pm["push_pages"].astype(np.int64)] = np.repeat(pt_ms, sizes)
+        if len(pm["fault_page"]):
+            np.minimum.at(arrive, pm["fault_page"].astype(np.int64), ft_ms)
+        t = np.sort(arrive[pending_mask & np.isfinite(arrive)])
+        ax2.step(np.concatenate([[0], t]), pending - np.arange(len(t) + 1), where="post", color=BLUE, lw=2)
         ax2.set_xlabel("ms after the switch")
         ax2.set_ylabel("pages still only at the source")
         ax2.set_ylim(bottom=0)
