@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmem.ram import PAGE_SIZE, format_bytes
-from vmem.migration.report import MigrationReport, RoundStats
+from vmem.migration.report import MigrationReport, RoundStats, query_status
 
 __all__ = ["LiveDisplay", "format_status", "print_summary", "query_status"]
 
@@ -23,30 +23,6 @@ def _rate(bps: float | None) -> str:
     if not bps:
         return "-"
     return f"{bps / 8 / 1e6:,.0f} MB/s"
-
-
-def query_status(rounds: list[RoundStats], current: dict | None, elapsed_s: float, now: float | None = None) -> dict:
-    """What QMP's query-migrate / virsh domjobinfo show, from the rounds so far.
-
-    Keys: ``elapsed_s``; ``expected_downtime_ms`` (the last pre-copy round's estimate: what
-    stopping now would cost; None before the first round ends); ``remaining_bytes`` (of
-    the round being sent; the whole migration's remainder is unknowable: the next round's
-    size is what the guest dirties meanwhile); ``round_eta_s`` (that remainder at the
-    round's rate so far, None before a rate is known); ``dirty_rate_pps`` (last round's);
-    ``throttle`` (in force, 0..0.99).
-    """
-    pre = [r for r in rounds if r.kind == "precopy"]
-    last = pre[-1] if pre else None
-    out = {"elapsed_s": round(elapsed_s, 3), "expected_downtime_ms": last.est_downtime_ms if last else None,
-           "remaining_bytes": 0, "round_eta_s": None, "dirty_rate_pps": last.dirty_rate_pps if last else None,
-           "throttle": last.throttle if last else 0.0}
-    if current is not None:
-        remaining = max(0, current["pages"] - current["sent"]) * PAGE_SIZE
-        out["remaining_bytes"] = remaining
-        el = (time.monotonic() if now is None else now) - current["t0"]
-        if el > 0 and current["bytes"] > 0:
-            out["round_eta_s"] = round(remaining / (current["bytes"] / el), 3)
-    return out
 
 
 def format_status(st: dict) -> str:
