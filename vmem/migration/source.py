@@ -572,14 +572,14 @@ class SourceMigration:
         self._set_state(SourceState.POSTCOPY_SWITCH, SourceState.POSTCOPY_ACTIVE)
         t_transition = time.monotonic()
         pending = merge_pages(base, late)
-        if self.pagemap is not None:
-            self.pagemap.postcopy_switch(pending, t_pause0 - self.pagemap.t0)
         served = g.ram.pages if inject.stale_pages is None else inject.stale_pages.served_ram(g.ram.pages, pending)
         # The fault server first: the destination guest may fault any moment now.
         pc = PostcopySource(served, w, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
         pc.recorder = self.pagemap
         self._pc = pc
         pc.start()
+        if self.pagemap is not None:  # after the fault server is up: the guest may fault already
+            self.pagemap.postcopy_switch(pending, t_pause0 - self.pagemap.t0)
         if self.tracker is not None:
             self.tracker.stop()  # outside the downtime, as in stop-and-copy
         self._pc_pending_total = int(len(pending))
