@@ -216,7 +216,8 @@ def plot_pagemap(pm: dict, path, *, title: str | None = None) -> str:
     step = max(1, len(frames) // 24)
     ax.set_xticks(range(0, len(frames), step))
     ax.set_xticklabels(labels[::step], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(f"guest page (one row = {pages_per_row:,} page{'s' if pages_per_row > 1 else ''})")
+    ax.set_ylabel(f"guest page (one row = {pages_per_row:,} page{'s' if pages_per_row > 1 else ''}"
+                  + (": the highest state among them)" if pages_per_row > 1 else ")"), fontsize=9)
     ax.set_xlabel("frame: pre-copy rounds, stop-and-copy, then post-copy (time after the switch)")
     for i, f in enumerate(frames):
         if f["phase"] == "postcopy" and f["label"] == "switch":
