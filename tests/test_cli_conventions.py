@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["migrate", "g1", "127.0.0.1:1", "--bandwidth", "100", "--agent", "/nonexistent/agent.sock"], "no unit"),
     (["migrate", "g1", "127.0.0.1:1", "--seed", "-1", "--agent", "/nonexistent/agent.sock"], "--seed"),
     (["profile", "--max-downtime-ms", "x"], "--max-downtime-ms"),
+    (["profile", "--from-trace", "/nonexistent.npz", "--bandwidth", "100"], "no unit"),
     (["nosuchcommand"], "invalid choice"),
 ])
 def test_argument_errors_are_one_line_and_exit_2(argv, needle, capsys):

@@ -571,17 +571,14 @@ def cmd_profile(args) -> int:
     """``vmem profile``: record (or load) a trace, analyse it, print and save.  Returns the exit status."""
     from rich.console import Console
 
-    from transport import parse_rate
+    from vmem.units import bandwidth_from_arg
 
     console = Console(stderr=True)
     bandwidths = None
     if args.bandwidth:
         bandwidths = []
         for b in args.bandwidth:
-            try:
-                bandwidths.append(parse_rate(b))
-            except ValueError as err:
-                raise ConfigError("--bandwidth", str(err)) from None
+            bandwidths.append(bandwidth_from_arg(b))  # a bare number is refused, as in vmem migrate
     goal_s = args.downtime_goal / 1e3
     max_s = args.max_downtime / 1e3 if args.max_downtime is not None else None
     if not goal_s > 0:
