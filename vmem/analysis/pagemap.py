@@ -326,8 +326,17 @@ if(location.hash==="#selftest"){
   }
   const px0=ctx.getImageData(0,0,1,1).data;
   if(px0[3]!==255) bad+="canvas not drawn; ";
-  document.body.dataset.selftest=bad?("FAIL "+bad):("ok "+frames.length);
   document.body.dataset.labels=JSON.stringify(seen);
+  // Then play from the first frame: it must advance; pause: it must stop.
+  show(0); play.click();
+  setTimeout(()=>{
+    const moved=shown>0; play.click(); const at=shown;
+    if(!moved&&frames.length>1) bad+="play did not advance; ";
+    setTimeout(()=>{
+      if(shown!==at) bad+="pause did not stop; ";
+      document.body.dataset.selftest=bad?("FAIL "+bad):("ok "+frames.length);
+    }, 3*D.frame_ms);
+  }, 3*D.frame_ms);
 }
 })();
 </script>
