@@ -183,6 +183,12 @@ def test_a_small_guest_with_json_records_a_page_map_that_graph_draws(tmp_path):
     report = json.loads(rep_path.read_text())
     assert report["pagemap"]["file"] == str(tmp_path / "run.pagemap.npz")
     assert report["pagemap"]["rounds"] == len([r for r in report["rounds"] if r["kind"] == "precopy"])
+    # the run's directory moves: the map is found beside the report
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in ("run.json", "run.pagemap.npz"):
+        os.rename(tmp_path / f, moved / f)
+    rep_path = moved / "run.json"
     proc = subprocess.run([sys.executable, "-m", "vmem", "graph", str(rep_path), "--out", str(tmp_path / "g")],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

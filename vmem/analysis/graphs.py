@@ -1198,7 +1198,7 @@ def cmd_graph(args) -> int:
         sec["text"] = [f"from {src}"]
         from vmem.analysis.pagemap import render_run
 
-        for extra in render_run(rep, out, name=name):
+        for extra in render_run(rep, out, name=name, report_path=src):
             if extra.endswith(".html"):
                 sec["text"].append(f"step through the page map round by round: {os.path.basename(extra)}")
             else:

@@ -392,18 +392,22 @@ def render_pagemap(npz_path, out_dir, *, name: str = "pagemap", title: str | Non
     return {"png": png, "html": page, "frames": len(pm["frames"])}
 
 
-def render_run(report: dict, out_dir, *, name: str = "") -> list[str]:
+def render_run(report: dict, out_dir, *, name: str = "", report_path: str | None = None) -> list[str]:
     """Everything the page map of one report gives, into ``out_dir``: ``pagemap.png`` and
     ``pagemap.html`` (when the report names a page map file that exists) and, for a
     post-copy or hybrid run, ``postcopy.png`` (the fault timeline and the guest's rate;
     without a page map only its last panel has data).  ``name``: a prefix for the files
-    (``NAME-pagemap.png``).  Returns the paths written."""
+    (``NAME-pagemap.png``); ``report_path``: where the report was read from — a page map no
+    longer at its recorded path is looked for beside it (a run directory that moved).
+    Returns the paths written."""
     from vmem.analysis.graphs import _subtitle
 
     os.makedirs(out_dir, exist_ok=True)
     prefix = f"{name}-" if name else ""
     info = report.get("pagemap") or {}
     path = info.get("file")
+    if path and not os.path.exists(path) and report_path:
+        path = os.path.join(os.path.dirname(os.path.abspath(report_path)), os.path.basename(path))
     arrays = None
     out: list[str] = []
     if path and os.path.exists(path):
