@@ -51,7 +51,8 @@ def plot_postcopy(report: dict, pm: dict | None, path) -> str:
         width_ms = edges[1] - edges[0]
         fc, _ = np.histogram(ft_ms, bins=edges)
         pcount, _ = np.histogram(pt_ms, bins=edges, weights=sizes)
-        ax1.bar(edges[:-1], fc / width_ms, width=width_ms, align="edge", color=VERMILION, label="faults per ms")
+        # stairs, not bars: one artist for hundreds of bins (drawing stays fast)
+        ax1.stairs(fc / width_ms, edges, fill=True, color=VERMILION, label="faults per ms")
         ax1b = ax1.twinx()
         ax1b.plot(edges[:-1] + width_ms / 2, pcount / width_ms, color=GREEN, lw=1.2, label="pages pushed per ms")
         ax1b.set_ylabel("pages pushed per ms", color=GREEN)
@@ -78,7 +79,7 @@ def plot_postcopy(report: dict, pm: dict | None, path) -> str:
         lat = pm["fault_latency_us"]
         if len(lat):
             lo, hi = max(1.0, float(lat.min())), max(2.0, float(lat.max()))
-            ax3.hist(lat, bins=np.geomspace(lo, hi * 1.01, 40), color=ORANGE, edgecolor="#333")
+            ax3.hist(lat, bins=np.geomspace(lo, hi * 1.01, 40), color=ORANGE, edgecolor="#333", histtype="stepfilled")
             ax3.set_xscale("log")
             for q, ls in ((50, "-"), (99, "--")):
                 v = float(np.percentile(lat, q))
