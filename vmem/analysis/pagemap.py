@@ -255,7 +255,7 @@ td:first-child{text-align:left}
 <b id="label"></b></div>
 <p id="text"></p>
 <div class="row"><canvas id="grid"></canvas>
-<div><table id="counts"><tr><th>state</th><th>pages</th></tr></table>
+<div style="max-width:22em"><table id="counts"><tr><th>state</th><th>pages</th></tr></table>
 <p id="layout"></p></div></div>
 <pre id="errors" style="color:#b00"></pre>
 <script id="pagemap-data" type="application/json">__DATA__</script>
@@ -363,7 +363,7 @@ def write_pagemap_html(pm: dict, path, *, title: str = "vmem page map", intro: s
                         "c": base64.b64encode(b["codes"][idx].astype(np.uint8).tobytes()).decode()})
     k = pm["pages_per_cell"]
     data = {
-        "cells": cells, "grid_cols": cols, "cell_px": max(1, min(12, 640 // cols)),
+        "cells": cells, "grid_cols": cols, "cell_px": max(1, min(12, 512 // cols)),
         "first": base64.b64encode(frames[0]["codes"].astype(np.uint8).tobytes()).decode(), "changes": changes,
         "meta": [{"label": f["label"], "text": f["text"], "counts": f["counts"], "t_s": f["t_s"]} for f in frames],
         "states": list(STATES), "colors": list(COLORS), "frame_ms": 400,
