@@ -24,7 +24,8 @@ __all__ = ["plot_postcopy", "guest_rate_explained"]
 guest_rate_explained = {
     "before": "before: steps/s at the source before the pause (hybrid: the pre-copy phase; "
               "pure post-copy: a 0.5 s window before the pause)",
-    "during": "during: steps/s at the destination from its resume until the last page was placed (pages missing)",
+    "during": "during: steps/s at the destination from its resume until the last page was placed (pages missing; "
+              "a paced workload catches up the time it lost while paused, so this can exceed before)",
     "after": "after: steps/s at the destination from the last page placed to its final report (verify, observe window)",
 }
 
