@@ -24,6 +24,14 @@ if ((${#missing[@]})); then
   fi
 fi
 
+# Optional: a headless browser, in which tests/test_pagemap.py loads the page map's
+# step-through HTML (without it that test skips, quoting why).
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing chromium (headless browser for the page map test) with apt-get"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+    || echo "setup: could not install chromium (no network?); the browser test will skip" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv

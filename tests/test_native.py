@@ -810,7 +810,7 @@ for make in (lambda: nat.PostcopyFaultServer(0, np.zeros((npages, nat.PAGE_SIZE)
                                              np.zeros(npages, np.uint8), np.zeros(2, np.int64)),
              lambda: nat.PostcopyFaultEngine(-1, 0, -1, 0, npages, np.zeros(npages, np.uint8),
                                              np.zeros(npages, np.uint8), np.zeros(npages, np.uint8),
-                                             np.zeros(npages, np.int64), None, np.zeros(4, np.int64), npages)):
+                                             np.zeros(npages, np.int64), None, np.zeros((4, 3), np.int64), npages)):
     try:
         make()
     except OSError as err:

@@ -810,8 +810,8 @@ class PostcopyFaultEngine(_FaultThread):
 
     The arrays are shared with Python and must outlive the engine (it keeps references):
     ``state``/``requested``/``received`` uint8 per page, ``fault_t0`` int64 per page,
-    ``digests`` uint64 per page or None, ``latencies`` int64 (fault -> placed, ns; filled
-    up to its length).  :meth:`place` is how Python places background pages under the
+    ``digests`` uint64 per page or None, ``latencies`` int64 of shape ``(cap, 3)``, the
+    fault log filled up to ``cap`` rows: (fault -> placed ns, page, fault time in monotonic ns).  :meth:`place` is how Python places background pages under the
     engine's lock.  :meth:`stats`: the fields of ``struct vmem_pc_dest_stats``
     (latency_count, missing, demand_faults, fault_events, local_faults, pages_demanded,
     pages_pushed, duplicates, t_complete_ns, error).
@@ -831,6 +831,8 @@ class PostcopyFaultEngine(_FaultThread):
                               ("fault_t0", fault_t0, np.int64)):
             if arr.dtype.itemsize != np.dtype(dt).itemsize or len(arr) != npages:
                 raise ValueError(f"{name} must hold {npages} {np.dtype(dt).name}")
+        if latencies.dtype != np.int64 or latencies.ndim != 2 or latencies.shape[1] != 3 or not latencies.flags.c_contiguous:
+            raise ValueError("latencies must be a C-contiguous (cap, 3) int64 array")
         self._keep = (state, requested, received, fault_t0, digests, latencies)
         self._create(uffd, urgent_fd, ram_fd, base, npages, _ptr("uint8_t *", state), _ptr("uint8_t *", requested),
                      _ptr("uint8_t *", received), _ptr("int64_t *", fault_t0), _ptr("uint64_t *", digests),

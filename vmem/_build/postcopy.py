@@ -551,8 +551,13 @@ static void vmem_pc_mark_present(vmem_pc_dest *h, const int64_t *mine, size_t k)
         h->state[p] = VMEM_PC_PRESENT;
         h->received[p] = 1;
         if (h->fault_t0[p]) {
-            if (h->st.latency_count < h->lat_cap)
-                h->lat[h->st.latency_count++] = now - h->fault_t0[p];
+            if (h->st.latency_count < h->lat_cap) {
+                /* one row of the fault log: latency, page, when the guest faulted */
+                int64_t *row = h->lat + 3 * h->st.latency_count++;
+                row[0] = now - h->fault_t0[p];
+                row[1] = p;
+                row[2] = h->fault_t0[p];
+            }
             h->fault_t0[p] = 0;
         }
         if (h->requested[p])

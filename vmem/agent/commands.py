@@ -334,6 +334,47 @@ def cmd_migrate(agent, channel, request: dict) -> dict:
     return migrate_out(agent, channel, request)
 
 
+def _job(agent, request: dict) -> tuple[str, dict]:
+    name = str(request.get("name", ""))
+    job = agent.jobs.get(name)
+    if job is None:
+        raise AgentError(ErrorCode.NO_SUCH_GUEST, f"no outgoing migration of guest {name!r} is running on this agent")
+    return name, job
+
+
+def cmd_jobinfo(agent, channel, request: dict) -> dict:
+    """``{"op": "jobinfo", "name"}``: the progress of NAME's outgoing migration (virsh domjobinfo):
+    ``{"job": {phase, detail, rounds, elapsed_s, expected_downtime_ms, remaining_bytes,
+    round_eta_s, dirty_rate_pps, throttle, target, policy}}``."""
+    name, job = _job(agent, request)
+    mig = job["migration"]
+    describe = getattr(mig.policy, "describe", None)
+    return {"job": job["progress"].status() | {"target": job["target"], "name": name,
+                                               "policy": describe() if describe else {}}}
+
+
+def cmd_migrate_setmaxdowntime(agent, channel, request: dict) -> dict:
+    """``{"op": "migrate-setmaxdowntime", "name", "ms"}``: change the downtime limit of NAME's
+    running migration (virsh migrate-setmaxdowntime); the policy uses it from its next
+    decision on.  Refused (bad-request) for a policy without a downtime limit or a limit
+    that is not a positive number."""
+    name, job = _job(agent, request)
+    try:
+        ms = float(request.get("ms"))
+    except (TypeError, ValueError):
+        raise AgentError(ErrorCode.BAD_REQUEST, f"the downtime limit must be a number of milliseconds, got {request.get('ms')!r}") from None
+    if not (ms > 0 and ms < float("inf")):
+        raise AgentError(ErrorCode.BAD_REQUEST, f"the downtime limit must be > 0 ms, got {ms:g}")
+    policy = job["migration"].policy
+    if not hasattr(policy, "max_downtime_ms"):
+        raise AgentError(ErrorCode.BAD_REQUEST, f"guest {name}'s migration uses policy "
+                                                f"{getattr(policy, 'name', type(policy).__name__)}, which has no downtime "
+                                                "limit (downtime-limit and budget have one)")
+    old = policy.max_downtime_ms
+    policy.max_downtime_ms = ms  # one float store: the policy reads it at its next decision
+    return {"name": name, "old_ms": old, "max_downtime_ms": ms}
+
+
 #: Ops that name a file on the agent's host: taken from the control socket only.
 LOCAL_ONLY_COMMANDS = frozenset({"save", "restore"})
 
@@ -348,4 +389,6 @@ COMMANDS = {
     "save": cmd_save,
     "restore": cmd_restore,
     "migrate": cmd_migrate,
+    "jobinfo": cmd_jobinfo,
+    "migrate-setmaxdowntime": cmd_migrate_setmaxdowntime,
 }

@@ -198,6 +198,20 @@ class ForwardingProgress:
         self._pages = 0
         self._bytes = 0
         self._last = 0.0
+        # What ``vmem jobinfo`` reads (status()): kept whether or not the CLI is still there.
+        self._t_start = time.monotonic()
+        self._phase = ("setup", "")
+        self._rounds: list = []
+        self._current: dict | None = None
+
+    def status(self) -> dict:
+        """The migration's progress as query-migrate says it (vmem.migration.report.query_status),
+        plus ``phase``, ``detail`` and ``rounds`` (completed so far)."""
+        from vmem.migration.report import query_status
+
+        cur = dict(self._current) if self._current is not None else None
+        st = query_status(list(self._rounds), cur, time.monotonic() - self._t_start)
+        return st | {"phase": self._phase[0], "detail": self._phase[1], "rounds": len(self._rounds)}
 
     def _emit(self, event: dict) -> None:
         with self._lock:
@@ -216,18 +230,26 @@ class ForwardingProgress:
         self._last = time.monotonic()
 
     def phase(self, name: str, detail: str = "") -> None:
+        self._phase = (name, detail)
         self._emit({"event": "phase", "name": name, "detail": detail})
 
     def round_start(self, index: int, pages: int, kind: str) -> None:
+        self._current = {"index": index, "kind": kind, "pages": pages, "sent": 0, "bytes": 0, "t0": time.monotonic()}
         self._emit({"event": "round_start", "index": index, "pages": pages, "kind": kind})
 
     def sent(self, pages: int, nbytes: int) -> None:
+        cur = self._current
+        if cur is not None:
+            cur["sent"] += pages
+            cur["bytes"] += nbytes
         self._pages += pages
         self._bytes += nbytes
         if time.monotonic() - self._last >= SENT_EVENT_INTERVAL_S:
             self._flush_sent()
 
     def round_end(self, stats) -> None:
+        self._rounds.append(stats)
+        self._current = None
         self._flush_sent()
         self._emit({"event": "round_end", "stats": asdict(stats)})
 
@@ -335,7 +357,11 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
                  compress, ", urgent connection" if out.urgent is not None else "")
         link = out.build(options.bandwidth_Bps)
         mig = SourceMigration(entry.guest, link, options, progress, urgent_channel=out.urgent, clock=out.clock)
-        report = mig.run()
+        agent.jobs[name] = {"migration": mig, "progress": progress, "target": f"{host}:{port}"}
+        try:
+            report = mig.run()
+        finally:
+            agent.jobs.pop(name, None)
         report.guest["link"] = _link_summary(link, parallel, compress, out.urgent is not None)
     finally:
         out.close()

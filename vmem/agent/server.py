@@ -97,6 +97,9 @@ class Agent:
         self.config = config
         self.security = config.security or PeerSecurity()
         self.registry = GuestRegistry()
+        #: outgoing migrations in progress: guest name -> {"migration", "progress", "target"}
+        #: (vmem.agent.migration.migrate_out; read by jobinfo / migrate-setmaxdowntime)
+        self.jobs: dict = {}
         self.spawner: Spawner | None = None
         self._tcp: socket.socket | None = None
         self._unix: socket.socket | None = None

@@ -323,6 +323,21 @@ def _decision_groups(rounds: list[dict]) -> list[str]:
 
 
 # --- convergence ----------------------------------------------------------------------------
+#: bar colour of the phase after pre-copy (stop-and-copy, or the post-copy push)
+_FINAL_COLOUR = {"stop-and-copy": VERMILION, "postcopy": PURPLE}
+
+
+def _mark_switch(ax, rounds: list[dict]) -> None:
+    """A vertical line where pre-copy ended, named after what followed (the switch)."""
+    for r in rounds:
+        if r["kind"] == "postcopy":
+            ax.axvline(r["index"] - 0.5, color=PURPLE, ls="--", lw=1.5, zorder=1)
+            ax.annotate("switch to post-copy", (r["index"] - 0.5, 0), xycoords=("data", "axes fraction"),
+                        xytext=(-4, 4), textcoords="offset points", ha="right", va="bottom", fontsize=9,
+                        color=PURPLE, rotation=90)
+            return
+
+
 @_styled
 def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | None = None,
                      title: str | None = None) -> str:
@@ -369,12 +384,13 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
     if measured is not None and rounds:
         idx = [r["index"] for r in rounds]
         sent = [r["pages_sent"] for r in rounds]
-        colours = [VERMILION if r["kind"] == "stop-and-copy" else SKY for r in rounds]
+        colours = [_FINAL_COLOUR.get(r["kind"], SKY) for r in rounds]
         bars = ax.bar(idx, sent, width=0.6, color=colours, edgecolor="#1f4e79", linewidth=0.6, zorder=2)
         for b, r in zip(bars, rounds):
-            if r["kind"] == "stop-and-copy":
-                b.set_hatch("//")
-        pre = [r for r in rounds if r["kind"] != "stop-and-copy"]
+            if r["kind"] in _FINAL_COLOUR:
+                b.set_hatch("//" if r["kind"] == "stop-and-copy" else "..")
+        pre = [r for r in rounds if r["kind"] == "precopy"]
+        _mark_switch(ax, rounds)
         ax.plot([r["index"] for r in pre], [r["dirty_pages"] or math.nan for r in pre], color=BLUE, lw=2, zorder=3)
         for r in pre:
             c, m, _ = DECISION_STYLE.get(r["decision"], (GREY, "o", r["decision"]))
@@ -385,6 +401,9 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
                     Line2D([], [], color=BLUE, lw=2, label="pages dirty at the end of the round")]
         if any(r["kind"] == "stop-and-copy" for r in rounds):
             handles.append(Patch(facecolor=VERMILION, hatch="//", edgecolor="#1f4e79", label="stop-and-copy (guest paused)"))
+        if any(r["kind"] == "postcopy" for r in rounds):
+            handles.append(Patch(facecolor=PURPLE, hatch="..", edgecolor="#1f4e79",
+                                 label="post-copy: push + demand pages (guest runs at the destination)"))
         seen = {r["decision"] for r in pre if r["dirty_pages"] > 0}
         for d in ("continue", "stop-and-copy", "abort", "postcopy"):
             if d in seen:
@@ -402,6 +421,11 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
             y = last["dirty_pages"] or (last["pages_sent"] or 1)
             reason = textwrap.shorten(last["reason"], 100, placeholder=" …")
             text = f"after round {last['index']}: {lab.upper()}" + (f"\n{textwrap.fill(reason, 52)}" if reason else "")
+            if any(r["kind"] == "postcopy" for r in rounds):
+                # after-precopy (hybrid) turns the policy's stop-and-copy into the switch
+                text = (f"after round {last['index']}: SWITCH TO POST-COPY\n(policy said {lab}"
+                        + (f": {textwrap.shorten(reason, 40, placeholder=' …')}" if reason else "") + ")")
+                c = PURPLE
             final_note = (last["index"], y, text, c)
     for k, p in enumerate(preds):
         pr = _rounds(p)
@@ -456,7 +480,7 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
     # Bottom: data per round and cumulative.
     if measured is not None and rounds:
         mib = [r["bytes_sent"] / MiB for r in rounds]
-        colours = [VERMILION if r["kind"] == "stop-and-copy" else "#7fb8dc" for r in rounds]
+        colours = [_FINAL_COLOUR.get(r["kind"], "#7fb8dc") for r in rounds]
         axb.bar([r["index"] for r in rounds], mib, width=0.6, color=colours, edgecolor="#1f4e79", linewidth=0.6,
                 label="MiB sent in the round", zorder=2)
         if _wide(mib):
@@ -489,7 +513,7 @@ def plot_convergence(report: dict, path, *, predicted: dict | Sequence[dict] | N
         labels = []
         kinds = {r["index"]: r["kind"] for r in rounds}
         for t in ticks:
-            labels.append(f"{t}\nstop&copy" if kinds.get(t) == "stop-and-copy" else str(t))
+            labels.append({"stop-and-copy": f"{t}\nstop&copy", "postcopy": f"{t}\npost-copy"}.get(kinds.get(t), str(t)))
         axb.set_xticklabels(labels)
     else:
         _int_ticks(axb.xaxis)
@@ -528,7 +552,7 @@ def plot_dirty_rate(report: dict, path, *, title: str | None = None) -> str:
     for r in rounds:
         t += r["duration_s"] + r["collect_ms"] / 1e3
         ends.append(t)
-    pre = [(te, r) for te, r in zip(ends, rounds) if r["kind"] != "stop-and-copy"]
+    pre = [(te, r) for te, r in zip(ends, rounds) if r["kind"] == "precopy"]
     handles = []
     if pre:
         starts = [0.0] + [te for te, _ in pre][:-1]
@@ -567,6 +591,12 @@ def plot_dirty_rate(report: dict, path, *, title: str | None = None) -> str:
         ax.axvspan(te - r["duration_s"], te, color=VERMILION, alpha=0.25, zorder=1)
         ax.axvline(te - r["duration_s"], color=VERMILION, lw=1, zorder=1)
         handles.append(Patch(facecolor=VERMILION, alpha=0.4, label="stop-and-copy (guest paused)"))
+    for te, r in [(te, r) for te, r in zip(ends, rounds) if r["kind"] == "postcopy"]:
+        ax.axvspan(te - r["duration_s"], te, color=PURPLE, alpha=0.18, zorder=1)
+        ax.axvline(te - r["duration_s"], color=PURPLE, lw=1.5, ls="--", zorder=1)
+        ax.annotate("switch to post-copy", (te - r["duration_s"], 1), xycoords=("data", "axes fraction"),
+                    xytext=(-4, -4), textcoords="offset points", ha="right", va="top", fontsize=9, color=PURPLE)
+        handles.append(Patch(facecolor=PURPLE, alpha=0.3, label="post-copy (guest runs at the destination)"))
     ax.set_ylim(0, ymax * 1.3)
     ax.set_xlim(left=0)
     ax.set_xlabel("time since the first round started (s); shaded bands = rounds")
@@ -605,7 +635,7 @@ def plot_downtime(report: dict, path, *, limit_ms: float | None = None, title: s
     ax = fig.add_subplot()
     fig.suptitle(title or "Estimated downtime if the policy stopped after this round")
     ax.set_title(_subtitle(report), fontsize=11, fontweight="normal", color="#333333")
-    pre = [r for r in rounds if r["kind"] != "stop-and-copy"]
+    pre = [r for r in rounds if r["kind"] == "precopy"]
     handles = []
     vals = []
     for r in pre:
@@ -632,7 +662,7 @@ def plot_downtime(report: dict, path, *, limit_ms: float | None = None, title: s
     else:
         handles.append(Patch(facecolor=SKY, edgecolor="#333333", label="estimated downtime (no limit in this policy)"))
     measured = report.get("downtime_ms")
-    sc = [r for r in rounds if r["kind"] == "stop-and-copy"]
+    sc = [r for r in rounds if r["kind"] in ("stop-and-copy", "postcopy")]
     if measured is not None:
         x = sc[0]["index"] if sc else (pre[-1]["index"] + 1 if pre else 0)
         ax.scatter([x], [max(_num(measured), 1e-3)], marker="*", s=380, color=PURPLE, edgecolor="black", zorder=5)
@@ -662,6 +692,8 @@ def plot_downtime(report: dict, path, *, limit_ms: float | None = None, title: s
         for r in rounds:
             if r["kind"] == "stop-and-copy":
                 labels.append(f"{r['index']}\nstop&copy")
+            elif r["kind"] == "postcopy":
+                labels.append(f"{r['index']}\npost-copy\n(switch)")
             elif r["decision"] and r["decision"] != "continue":
                 labels.append(f"{r['index']}\n→ {r['decision']}")
             else:
@@ -885,8 +917,8 @@ def rounds_table(report: dict) -> dict:
     for r in _rounds(report):
         rows.append([
             r["index"], r["kind"], f"{r['pages_sent']:,}", _fmt_bytes(r["bytes_sent"]), f"{r['duration_s'] * 1e3:,.1f}",
-            f"{r['dirty_pages']:,}" if r["kind"] != "stop-and-copy" else "—",
-            f"{r['dirty_rate_pps']:,.0f}" if r["kind"] != "stop-and-copy" else "—",
+            f"{r['dirty_pages']:,}" if r["kind"] == "precopy" else "—",
+            f"{r['dirty_rate_pps']:,.0f}" if r["kind"] == "precopy" else "—",
             _fmt_rate_Bps(r["bandwidth_bps"]) if r["bandwidth_bps"] else "—",
             "—" if r["est_downtime_ms"] is None else f"{r['est_downtime_ms']:,.1f}",
             f"{r['throttle']:.0%}" if r["throttle"] else "",
@@ -1164,10 +1196,20 @@ def cmd_graph(args) -> int:
         preds = matching(rep)
         sec = render_report(rep, out, name=name, predicted=preds or None)
         sec["text"] = [f"from {src}"]
+        from vmem.analysis.pagemap import render_run
+
+        for extra in render_run(rep, out, name=name, report_path=src):
+            if extra.endswith(".html"):
+                sec["text"].append(f"step through the page map round by round: {os.path.basename(extra)}")
+            else:
+                what = ("Page map: pages x time, a column per round / post-copy step." if extra.endswith("pagemap.png")
+                        else "Post-copy: faults per ms, pages remaining, fault latency, guest rate before/during/after.")
+                sec["images"].append((extra, what))
+            written.append(extra)
         for p in preds:
             sec["tables"].append(dict(summary_table(p), caption=f"Prediction: {report_label(p)}"))
         sections.append(sec)
-        written += [im[0] for im in sec["images"]]
+        written += [im[0] for im in sec["images"] if im[0] not in written]
     if not measured:
         for i, p in enumerate(predicted):
             sec = render_report(p, out, name=f"predicted-{i + 1}")

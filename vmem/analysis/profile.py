@@ -558,9 +558,12 @@ def add_profile_arguments(p) -> None:
     a = p.add_argument_group("analysis")
     a.add_argument("--bandwidth", action="append", metavar="RATE",
                    help=f"link rate to predict for, repeatable (default {', '.join(DEFAULT_BANDWIDTHS)})")
-    a.add_argument("--downtime-goal", type=float, default=DEFAULT_DOWNTIME_GOAL_S * 1e3, metavar="MS",
-                   help="downtime you aim for (default 300 ms, QEMU/libvirt's default)")
-    a.add_argument("--max-downtime", type=float, metavar="MS", help="downtime above which you would rather abort (default 3x the goal)")
+    a.add_argument("--downtime-goal-ms", "--downtime-goal", dest="downtime_goal", type=float,
+                   default=DEFAULT_DOWNTIME_GOAL_S * 1e3, metavar="MS",
+                   help="downtime you aim for (default 300 ms, QEMU/libvirt's default; --downtime-goal is the old name)")
+    a.add_argument("--max-downtime-ms", "--max-downtime", dest="max_downtime", type=float, metavar="MS",
+                   help="downtime above which you would rather abort (default 3x the goal; the same flag as vmem "
+                        "migrate's; --max-downtime is the old name)")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="FILE", help="save the dirty trace (.npz) to FILE (for vmem predict)")
     o.add_argument("--json", metavar="FILE", help="write the analysis as JSON to FILE")
@@ -570,23 +573,20 @@ def cmd_profile(args) -> int:
     """``vmem profile``: record (or load) a trace, analyse it, print and save.  Returns the exit status."""
     from rich.console import Console
 
-    from transport import parse_rate
+    from vmem.units import bandwidth_from_arg
 
     console = Console(stderr=True)
     bandwidths = None
     if args.bandwidth:
         bandwidths = []
         for b in args.bandwidth:
-            try:
-                bandwidths.append(parse_rate(b))
-            except ValueError as err:
-                raise ConfigError("--bandwidth", str(err)) from None
+            bandwidths.append(bandwidth_from_arg(b))  # a bare number is refused, as in vmem migrate
     goal_s = args.downtime_goal / 1e3
     max_s = args.max_downtime / 1e3 if args.max_downtime is not None else None
     if not goal_s > 0:
-        raise ConfigError("--downtime-goal", f"must be > 0 ms, got {args.downtime_goal!r}")
+        raise ConfigError("--downtime-goal-ms", f"must be > 0 ms, got {args.downtime_goal!r}")
     if max_s is not None and max_s < goal_s:
-        raise ConfigError("--max-downtime", f"must be at least --downtime-goal ({args.downtime_goal:g} ms)")
+        raise ConfigError("--max-downtime-ms", f"must be at least --downtime-goal-ms ({args.downtime_goal:g} ms)")
     if args.from_trace:
         trace = DirtyTrace.load(args.from_trace)
     else:

@@ -14,7 +14,8 @@ import sys
 __all__ = ["AGENT_COMMANDS", "add_agent_commands", "add_agent_address_arguments", "run_agent_command",
            "cmd_migrate_via_agent"]
 
-AGENT_COMMANDS = ("agent", "keygen", "create", "list", "destroy", "verify", "save", "restore")
+AGENT_COMMANDS = ("agent", "keygen", "create", "list", "destroy", "verify", "save", "restore", "jobinfo",
+                  "migrate-setmaxdowntime")
 
 
 def add_agent_address_arguments(parser) -> None:
@@ -93,6 +94,22 @@ def add_agent_commands(sub) -> None:
     p.add_argument("-c", "--keep-running", action="store_true", help="leave the guest running after saving (xl save -c)")
     add_agent_address_arguments(p)
 
+    p = sub.add_parser("jobinfo", help="the progress of a guest's outgoing migration (like virsh domjobinfo)",
+                       description="Ask the local agent how its migration of guest NAME is going, as QMP's "
+                                   "query-migrate says it: phase, rounds, expected downtime, bytes remaining in the "
+                                   "current round and its ETA, dirty rate, throttle, the policy and its limits.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    add_agent_address_arguments(p)
+
+    p = sub.add_parser("migrate-setmaxdowntime",
+                       help="change the downtime limit of a running migration (like virsh migrate-setmaxdowntime)",
+                       description="Set the downtime limit (milliseconds) of guest NAME's running outgoing migration; "
+                                   "its policy (downtime-limit or budget) uses it from its next decision on.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("ms", metavar="MS", type=float, help="the new limit in milliseconds (> 0)")
+    add_agent_address_arguments(p)
+
     p = sub.add_parser("restore", help="start a guest from a save file (like xl restore)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--name", metavar="NAME", help="name of the restored guest (default: the name it was saved under)")
@@ -110,7 +127,8 @@ def run_agent_command(args) -> int:
     """Run one of :data:`AGENT_COMMANDS`; errors propagate as VmemError/ConfigError to ``vmem.cli.main.main``."""
     return {"agent": _cmd_agent, "keygen": _cmd_keygen, "create": _cmd_create, "list": _cmd_list,
             "destroy": _cmd_destroy, "verify": _cmd_verify, "save": _cmd_save,
-            "restore": _cmd_restore}[args.command](args)
+            "restore": _cmd_restore, "jobinfo": _cmd_jobinfo,
+            "migrate-setmaxdowntime": _cmd_setmaxdowntime}[args.command](args)
 
 
 def _agent_config(args, problems: list | None = None):
@@ -254,6 +272,44 @@ def _cmd_verify(args) -> int:
     return 0 if check.get("ok") else 1
 
 
+def format_jobinfo(job: dict) -> str:
+    """``vmem jobinfo``'s lines, virsh domjobinfo style."""
+    from vmem.ram import format_bytes
+
+    pol = job.get("policy") or {}
+    limit = pol.get("max_downtime_ms")
+    rows = [("guest", job.get("name")), ("destination", job.get("target")),
+            ("phase", job.get("phase", "") + (f": {job['detail']}" if job.get("detail") else "")),
+            ("rounds done", job.get("rounds")), ("policy", pol.get("name", "?") + (f", max downtime {limit:g} ms" if limit else "")),
+            ("elapsed", f"{job.get('elapsed_s', 0):.1f} s"),
+            ("expected downtime", "-" if job.get("expected_downtime_ms") is None else f"{job['expected_downtime_ms']:,.1f} ms"),
+            ("remaining (round)", format_bytes(job.get("remaining_bytes") or 0)),
+            ("round ETA", "-" if job.get("round_eta_s") is None else f"{job['round_eta_s']:.2f} s"),
+            ("dirty rate", "-" if job.get("dirty_rate_pps") is None else f"{job['dirty_rate_pps']:,.0f} pages/s"),
+            ("throttle", f"{(job.get('throttle') or 0) * 100:.0f} %")]
+    return "\n".join(f"{k + ':':<20}{v}" for k, v in rows)
+
+
+def _cmd_jobinfo(args) -> int:
+    import json
+
+    with _client(args) as c:
+        job = c.request("jobinfo", name=args.name)["job"]
+    print(json.dumps(job, indent=2) if args.json else format_jobinfo(job))
+    return 0
+
+
+def _cmd_setmaxdowntime(args) -> int:
+    from vmem.errors import ConfigError
+
+    if not (args.ms > 0 and args.ms < float("inf")):
+        raise ConfigError("MS", f"the downtime limit must be > 0 ms, got {args.ms:g}")
+    with _client(args) as c:
+        reply = c.request("migrate-setmaxdowntime", name=args.name, ms=args.ms)
+    print(f"guest {args.name}: max downtime {reply['old_ms']:g} -> {reply['max_downtime_ms']:g} ms")
+    return 0
+
+
 def _open_as_user(path: str, flags: int, what: str) -> int:
     """Open ``path`` as the user running vmem (the agent gets the descriptor, never the
     path: it can write or read only what this user can)."""
@@ -314,7 +370,7 @@ def cmd_migrate_via_agent(args) -> int:
     """
     from rich.console import Console
 
-    from vmem.cli.args import migration_argument_dests, options_from_args
+    from vmem.cli.args import link_options_from_args, migration_argument_dests, options_from_args
     from vmem.cli.display import LiveDisplay, print_summary
     from vmem.errors import ConfigError
     from vmem.migration.report import RoundStats
@@ -327,7 +383,17 @@ def cmd_migrate_via_agent(args) -> int:
     elif args.name is None or args.target is None:
         raise ConfigError("migrate", "the agent form needs both NAME and HOST:PORT (vmem migrate NAME HOST:PORT); "
                                      "without them, vmem migrate --workload ... migrates on this host without an agent")
+    if not getattr(args, "resume", False):
+        from transport.tcp import parse_hostport
+
+        from vmem.agent.paths import DEFAULT_PORT
+
+        try:
+            parse_hostport(args.target, DEFAULT_PORT)
+        except ValueError as err:
+            raise ConfigError("HOST:PORT", str(err)) from None
     options_from_args(args)  # validation only: the agent builds its own from the values
+    link_options_from_args(args)
     values = {dest: getattr(args, dest) for dest in migration_argument_dests()}
     console = Console(stderr=True)
     round_fields = set(RoundStats.__dataclass_fields__)

@@ -4,8 +4,8 @@ from __future__ import annotations
 from vmem.errors import ConfigError
 from vmem.units import bandwidth_from_arg
 
-__all__ = ["add_guest_arguments", "add_migration_arguments", "add_policy_arguments", "bandwidth_from_arg",
-           "link_options_from_args", "migration_argument_dests", "options_from_args", "policy_from_args"]
+__all__ = ["COMPRESS_NAMES", "add_guest_arguments", "add_migration_arguments", "add_policy_arguments", "bandwidth_from_arg",
+           "link_options_from_args", "one_host_link_warnings", "migration_argument_dests", "options_from_args", "policy_from_args"]
 
 
 def add_guest_arguments(parser, *, title: str = "guest", default_size: str = "1G",
@@ -13,13 +13,38 @@ def add_guest_arguments(parser, *, title: str = "guest", default_size: str = "1G
     """``--workload --size -W --seed`` (and ``--warmup`` unless ``warmup=False``): what guest to boot."""
     g = parser.add_argument_group(title)
     g.add_argument("--workload", default="hotcold",
-                   help="built-in workload (idle, uniform, hotcold, zipf, sweep, phased) or module:Class (default hotcold)")
+                   help=f"built-in workload ({', '.join(_builtin_workloads())}) or module:Class (default hotcold); "
+                        "docs/workloads.md")
     g.add_argument("--size", default=default_size, help=f"guest RAM, e.g. 256M, 1G, 8G (default {default_size})")
     g.add_argument("-W", "--workload-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="workload parameter, repeatable (e.g. -W rate=5000 -W hot_pages=0.1)")
-    g.add_argument("--seed", type=int, default=1, help="workload RNG seed (default 1)")
+    g.add_argument("--seed", type=_seed, default=1, help="workload RNG seed, an integer >= 0 (default 1)")
     if warmup:
         g.add_argument("--warmup", type=float, default=0.5, metavar="S", help=warmup_help)
+
+
+def _builtin_workloads() -> list[str]:
+    from guests.workload import BUILTIN_WORKLOADS
+
+    return list(BUILTIN_WORKLOADS)
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer >= 0 (checked before any guest boots)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+#: --compress spellings: the name shown in --help -> the link's value (vmem.agent.migration)
+COMPRESS_NAMES = {"zero-bitmap": "none", "zstd": "zstd", "lz4": "lz4", "raw": "off",
+                  "none": "none", "off": "off"}  # none/off: the old names, kept as aliases
 
 
 def add_migration_arguments(parser) -> None:
@@ -33,25 +58,34 @@ def add_migration_arguments(parser) -> None:
     """
     m = parser.add_argument_group("migration")
     m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracking mechanism")
-    m.add_argument("--bandwidth", metavar="RATE", help="cap the link, e.g. 100M (bytes/s), 1Gbit, 50MiB")
+    m.add_argument("--live", action="store_true",
+                   help="accepted for virsh compatibility: every vmem migration is live (the guest runs during pre-copy)")
+    m.add_argument("--bandwidth", metavar="RATE",
+                   help="cap the link: 100M (MB/s, bytes), 50MiB (MiB/s, virsh's unit), 1Gbit (bits/s); a bare number "
+                        "is refused (virsh reads it as MiB/s)")
     m.add_argument("--no-verify", action="store_true", help="skip the RAM digest comparison")
     m.add_argument("--no-guest-check", action="store_true", help="skip the destination guest's own ledger check")
     m.add_argument("--observe", type=float, default=1.0, metavar="S", help="let the destination guest run S seconds after commit")
     pc = m.add_mutually_exclusive_group()
     pc.add_argument("--postcopy", action="store_true",
-                    help="pure post-copy: pause at once, resume at the destination, pull pages on demand (docs/postcopy.md)")
+                    help="pure post-copy: pause at once, resume at the destination, pull pages on demand (docs/postcopy.md). "
+                         "Unlike virsh migrate --postcopy, which only allows a later switch (virsh migrate-postcopy), "
+                         "this switches at once; for pre-copy first use --postcopy-after-precopy, or let the budget "
+                         "policy decide with --allow-postcopy")
     pc.add_argument("--postcopy-after-precopy", action="store_true",
                     help="hybrid: pre-copy rounds, then post-copy for the pages still dirty where stop-and-copy would be")
     m.add_argument("--postcopy-recovery", action="store_true",
                    help="if the link breaks after the switch, both sides keep their state and the migration is resumed "
                         "over a new connection (automatically on one host; vmem migrate --resume NAME with agents)")
-    h = parser.add_argument_group("between hosts (vmem migrate NAME HOST:PORT; ignored by a one-host migrate)")
+    h = parser.add_argument_group("between hosts (vmem migrate NAME HOST:PORT; a one-host migrate warns and ignores them)")
     h.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="TCP connections carrying the stream (default 1); N > 1 stripes large sends over them, "
                         "like QEMU's multifd (docs/agent.md)")
-    h.add_argument("--compress", default="none", choices=["none", "zstd", "lz4", "off"],
-                   help="zero pages always travel as a bitmap (none, the default); zstd/lz4 also compress the "
-                        "other pages (pays only on slow links and compressible memory); off: send zero pages too")
+    h.add_argument("--compress", default="zero-bitmap", choices=list(COMPRESS_NAMES), metavar="MODE",
+                   help="zero-bitmap (default): all-zero pages travel as bits of a bitmap, the others as they are; "
+                        "zstd / lz4: that, and the other pages compressed too (pays only on slow links and "
+                        "compressible memory); raw: every page as 4 KiB, zero pages too. "
+                        "none and off are the old names of zero-bitmap and raw")
     add_policy_arguments(parser)
 
 
@@ -62,12 +96,24 @@ def link_options_from_args(args) -> tuple[int, str]:
         ConfigError: naming the flag, for a value out of range.
     """
     parallel = getattr(args, "parallel", 1)
-    compress = getattr(args, "compress", "none")
+    compress = getattr(args, "compress", "zero-bitmap")
     if not isinstance(parallel, int) or not 1 <= parallel <= 16:
         raise ConfigError("--parallel", f"must be 1..16, got {parallel!r}")
-    if compress not in ("none", "zstd", "lz4", "off"):
-        raise ConfigError("--compress", f"must be none, zstd, lz4 or off, got {compress!r}")
-    return parallel, compress
+    if compress not in COMPRESS_NAMES:
+        raise ConfigError("--compress", f"must be zero-bitmap, zstd, lz4 or raw, got {compress!r}")
+    return parallel, COMPRESS_NAMES[compress]
+
+
+def one_host_link_warnings(args) -> list[str]:
+    """Notes for between-hosts flags given to a one-host migration (where they do nothing)."""
+    notes = []
+    if getattr(args, "parallel", 1) != 1:
+        notes.append("--parallel applies between hosts (vmem migrate NAME HOST:PORT); a one-host migration uses one "
+                     "socket pair: ignored")
+    if getattr(args, "compress", "zero-bitmap") not in ("zero-bitmap", "none"):
+        notes.append("--compress applies between hosts (vmem migrate NAME HOST:PORT); a one-host migration moves "
+                     "pages over a local socket pair as they are: ignored")
+    return notes
 
 
 def migration_argument_dests() -> list[str]:
@@ -123,7 +169,10 @@ def add_policy_arguments(p) -> None:
             g.add_argument(opt.flag, dest=opt.dest, action=action, default=None, help=helptext)
         else:
             metavar = {int: "N", float: "NUM"}.get(opt.type, "RATE" if opt.dest.endswith("_Bps") else None)
-            g.add_argument(opt.flag, dest=opt.dest, default=None, metavar=metavar,
+            # One spelling across migrate, profile and compare: --max-downtime-ms (the old
+            # --max-downtime of profile works here too).
+            names = [opt.flag, "--max-downtime"] if opt.flag == "--max-downtime-ms" else [opt.flag]
+            g.add_argument(*names, dest=opt.dest, default=None, metavar="MS" if opt.dest.endswith("_ms") else metavar,
                            choices=OPTION_CHOICES.get(opt.dest), help=helptext)
 
 

@@ -44,6 +44,9 @@ def add_compare_arguments(parser) -> None:
     m.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter, repeatable (e.g. precopy_iterations=3, max_downtime=50); given to each "
                         "policy that takes it, ignored by the others")
+    m.add_argument("--max-downtime-ms", "--max-downtime", dest="max_downtime_ms", type=float, metavar="MS",
+                   help="the downtime limit, as in vmem migrate: short for --policy-option max_downtime_ms=MS "
+                        "(given to each policy that takes it)")
     m.add_argument("--observe", type=float, default=0.2, metavar="S", help="let each migrated guest run S seconds after commit")
     o = parser.add_argument_group("output")
     o.add_argument("--out", "-o", required=True, metavar="DIR",
@@ -61,7 +64,8 @@ def cmd_compare(args) -> int:
     bandwidth = bandwidth_from_arg(args.bandwidth)
     if args.warmup < 0:
         raise ConfigError("--warmup", f"must be >= 0, got {args.warmup}")
-    options = parse_policy_options(args.policy_option)
+    extra = [f"max_downtime_ms={args.max_downtime_ms:g}"] if getattr(args, "max_downtime_ms", None) is not None else []
+    options = parse_policy_options(list(args.policy_option) + extra)
     runs, ignored = build_policies(args.policies, options)   # validate before booting anything
     names = [n for n, _, _ in runs]
     err = Console(stderr=True)

@@ -14,9 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 from vmem.ram import PAGE_SIZE, format_bytes
-from vmem.migration.report import MigrationReport, RoundStats
+from vmem.migration.report import MigrationReport, RoundStats, query_status
 
-__all__ = ["LiveDisplay", "print_summary"]
+__all__ = ["LiveDisplay", "format_status", "print_summary", "query_status"]
 
 
 def _rate(bps: float | None) -> str:
@@ -25,8 +25,23 @@ def _rate(bps: float | None) -> str:
     return f"{bps / 8 / 1e6:,.0f} MB/s"
 
 
+def format_status(st: dict) -> str:
+    """One line of :func:`query_status` for the live view."""
+    parts = [f"elapsed {st['elapsed_s']:.1f} s"]
+    if st["expected_downtime_ms"] is not None:
+        parts.append(f"expected downtime {st['expected_downtime_ms']:,.1f} ms")
+    parts.append(f"remaining {format_bytes(st['remaining_bytes'])} (this round)")
+    if st["round_eta_s"] is not None:
+        parts.append(f"round ETA {st['round_eta_s']:.2f} s")
+    if st["dirty_rate_pps"] is not None:
+        parts.append(f"dirty rate {st['dirty_rate_pps']:,.0f} pages/s")
+    parts.append(f"throttle {st['throttle'] * 100:.0f} %")
+    return " · ".join(parts)
+
+
 class LiveDisplay:
-    """Implements the migrator's progress interface and renders it with rich."""
+    """Implements the migrator's progress interface and renders it with rich: a table of
+    rounds and, under it, a query-migrate line (:func:`query_status`)."""
 
     def __init__(self, console: Console | None = None, enabled: bool = True):
         self.console = console or Console(stderr=True)
@@ -37,6 +52,7 @@ class LiveDisplay:
         self.phase_detail = ""
         self._live: Live | None = None
         self._last_refresh = 0.0
+        self._t_start = time.monotonic()
 
     def __enter__(self):
         if self.enabled:
@@ -103,6 +119,7 @@ class LiveDisplay:
             remaining = (c["pages"] - c["sent"]) * PAGE_SIZE
             t.add_row(str(c["index"]), c["kind"], f"{c['pages']:,}", f"{c['sent']:,}", format_bytes(remaining), "…",
                       _rate(c["bytes"] * 8 / el if el > 0 else 0), "", style="bold")
+        t.caption = format_status(query_status(self.rounds, c, time.monotonic() - self._t_start))
         return t
 
 
@@ -175,7 +192,10 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
         t.add_row("  pages demanded / pushed", f"{pc.get('pages_demanded', 0):,} / {pc.get('pages_pushed', 0):,}")
         if pc.get("recoveries"):
             t.add_row("  link failures recovered", f"{pc['recoveries']} ({pc.get('pages_resent_after_recovery', 0):,} pages resent after the last)")
-        t.add_row("  guest steps/s before / during / after", f"{_r(rate.get('before'))} / {_r(rate.get('during'))} / {_r(rate.get('after'))}")
+        before_what = "pre-copy, at the source" if report.mode == "hybrid" else "0.5 s before the pause, at the source"
+        t.add_row("  guest steps/s before", f"{_r(rate.get('before'))} ({before_what})")
+        t.add_row("  guest steps/s during", f"{_r(rate.get('during'))} (resume -> last page placed, pages missing)")
+        t.add_row("  guest steps/s after", f"{_r(rate.get('after'))} (last page placed -> the destination's final report)")
     v = report.verification or {}
     if v.get("digests"):
         d = v["digests"]

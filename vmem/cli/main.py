@@ -18,6 +18,9 @@ from vmem.errors import ConfigError, VmemError
 
 __all__ = ["main"]
 
+#: with --json and no --pagemap, guests up to this size record a page map beside the report
+PAGEMAP_AUTO_MAX_BYTES = 64 << 20
+
 
 def _add_migrate(sub) -> None:
     p = sub.add_parser("migrate", help="live-migrate a guest: to a new process on this host, or (with an agent) NAME to HOST:PORT",
@@ -37,6 +40,13 @@ def _add_migrate(sub) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the full report (docs/report.md) to FILE")
     o.add_argument("--quiet", action="store_true", help="no live display, summary only")
+    o.add_argument("--pagemap", metavar="DIR",
+                   help="record the page map (which page was sent, dirtied, pushed, faulted, round by round; "
+                        "docs/pagemap.md) and draw it into DIR: pagemap.png, pagemap.html (step-through, offline), "
+                        "pagemap.npz, postcopy.png (post-copy runs) and the run's graphs (run-convergence.png, "
+                        "run-dirty-rate.png, run-downtime.png; docs/graphs.md); one-host only. Without it, a guest of at most "
+                        f"{PAGEMAP_AUTO_MAX_BYTES >> 20} MiB migrated with --json FILE records FILE's .pagemap.npz "
+                        "(vmem graph FILE draws it)")
     from vmem.cli.agent import add_agent_address_arguments
 
     add_agent_address_arguments(p)
@@ -45,6 +55,10 @@ def _add_migrate(sub) -> None:
 def cmd_migrate(args) -> int:
     if args.name is not None or args.target is not None or args.resume:
         from vmem.cli.agent import cmd_migrate_via_agent
+
+        if args.pagemap:
+            raise ConfigError("--pagemap", "records one-host migrations only for now (the destination's fault log "
+                                           "and the files stay on this host); migrate without NAME HOST:PORT")
 
         return cmd_migrate_via_agent(args)
     from rich.console import Console
@@ -64,8 +78,22 @@ def cmd_migrate(args) -> int:
     cls = load_workload(args.workload)
     params = parse_params(cls, args.workload_arg)
     options = options_from_args(args)
+    from vmem.cli.args import one_host_link_warnings
+
+    for note in one_host_link_warnings(args):
+        print(f"vmem: note: {note}", file=sys.stderr)
     if args.cut_link_after is not None and options.postcopy == "off":
         raise ConfigError("--cut-link-after", "cuts the link during post-copy: add --postcopy or --postcopy-after-precopy")
+    if args.pagemap:
+        import os
+
+        try:
+            os.makedirs(args.pagemap, exist_ok=True)
+        except OSError as err:
+            raise ConfigError("--pagemap", f"cannot create {args.pagemap}: {err.strerror}") from None
+        options.pagemap_path = os.path.join(args.pagemap, "pagemap.npz")
+    elif args.json and size <= PAGEMAP_AUTO_MAX_BYTES:
+        options.pagemap_path = _pagemap_beside(args.json)
     console = Console(stderr=True)
     spec = GuestSpec(args.workload, params, args.seed)
     console.print(f"booting a {args.size} guest running [bold]{args.workload}[/bold] {params or ''}…")
@@ -79,7 +107,23 @@ def cmd_migrate(args) -> int:
     if args.json:
         report.write(args.json)
         console.print(f"report written to {args.json}")
+    if args.pagemap:
+        from vmem.analysis.graphs import render_report
+        from vmem.analysis.pagemap import render_run
+
+        rep = report.to_dict()
+        written = render_run(rep, args.pagemap)
+        if rep.get("rounds"):
+            written += [im[0] for im in render_report(rep, args.pagemap, name="run")["images"]]
+        for path in written:
+            console.print(f"wrote {path}")
     return 0 if report.outcome == "completed" else (3 if report.outcome == "aborted" else 1)
+
+
+def _pagemap_beside(json_path: str) -> str:
+    """``run.json`` -> ``run.pagemap.npz`` (where an automatic page map goes)."""
+    stem = json_path[:-5] if json_path.endswith(".json") else json_path
+    return stem + ".pagemap.npz"
 
 
 def cmd_doctor(args) -> int:
@@ -123,14 +167,26 @@ _LAZY_RUNNERS = {"profile": ("vmem.analysis.profile", "cmd_profile"), "predict":
                  "bench": ("vmem.cli.bench", "cmd_bench"), "trend": ("vmem.cli.bench", "cmd_trend")}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every argument error as one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: invalid argument: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; heavy subcommands get their arguments only if ``command`` names them."""
+    """The argument parser; heavy subcommands get their arguments only if ``command`` names them.
+
+    Every subcommand has a description (its one-line help when it has no longer one)."""
     import importlib
 
-    p = argparse.ArgumentParser(prog="vmem", description="A live-migration laboratory for stock Linux.")
+    p = _Parser(prog="vmem", description="A live-migration laboratory for stock Linux.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_migrate(sub)
-    sub.add_parser("doctor", help="report the kernel features vmem can use here")
+    sub.add_parser("doctor", help="report the kernel features vmem can use here",
+                   description="Probe this kernel for what vmem needs (userfaultfd and its features, PAGEMAP_SCAN, "
+                               "mprotect tracking) and say which dirty tracker --tracker auto selects. "
+                               "Exit status 0 if some tracker works, 1 if none.")
     from vmem.cli.agent import add_agent_commands
 
     add_agent_commands(sub)
@@ -138,6 +194,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext, description=description)
         if name == command:
             getattr(importlib.import_module(module), adder)(sp)
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, sp in sub.choices.items():
+        if not sp.description and helps.get(name):
+            sp.description = helps[name][0].upper() + helps[name][1:] + "."
     return p
 
 

@@ -88,6 +88,7 @@ class DestinationMigration:
         # From the preamble.
         self._npages = 0
         self._postcopy_recovery = False
+        self._fault_log = False  # send the post-copy fault log (the source records a page map)
         self._recovery_wait_s = POSTCOPY_RECONNECT_WAIT_S
         self._context: bytes | None = None  # the guest context (EMULATOR_CONTEXT or TRANSITION)
         # Post-copy: the thread that resumes the guest at TRANSITION and what it found.
@@ -285,6 +286,8 @@ class DestinationMigration:
             raise MigrationError("postcopy", f"{len(missing)} pages never arrived after COMPLETE (first: {missing[:10].tolist()})")
         stats = pc.finish()
         stats["recoveries"] = self.recoveries
+        if self._fault_log:
+            stats["fault_log"] = pc.fault_log()
         self._placer.postcopy = None
         t_done = time.monotonic_ns()
         at_done = self.guest.counters()
@@ -384,6 +387,7 @@ class DestinationMigration:
         self._state.set(DestinationState.SETUP, DestinationState.RECEIVE)
         self._npages = npages
         self._postcopy_recovery = bool(config.get("postcopy_recovery"))
+        self._fault_log = bool(config.get("pagemap"))  # the source records a page map: send the fault log
         try:
             self._recovery_wait_s = min(max(float(config.get("postcopy_recovery_wait_s", POSTCOPY_RECONNECT_WAIT_S)), 0.0), 3600.0)
         except (TypeError, ValueError) as err:

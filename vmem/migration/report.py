@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["RoundStats", "MigrationReport", "REPORT_SCHEMA_VERSION"]
+__all__ = ["RoundStats", "MigrationReport", "REPORT_SCHEMA_VERSION", "query_status"]
 
 #: 2: ``downtime_ms`` between agents is on the source's clock (``clock``); added
 #: ``migration_time_s``, ``setup_time_ms``, ``verify_s``, ``observe_s``, ``zero_pages``,
@@ -95,6 +95,9 @@ class MigrationReport:
     #: {p50, p99, max}, pages_demanded, pages_pushed, complete_s, guest_rate {before,
     #: during, after} and more; see docs/report.md.
     postcopy: dict | None = None
+    #: the page map written with MigrationOptions.pagemap_path: {file, rounds, push_batches,
+    #: faults} or {error}; None when none was recorded (docs/pagemap.md)
+    pagemap: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -120,3 +123,31 @@ def _json_default(obj):
     if isinstance(obj, float) and obj != obj:
         return None
     return str(obj)
+
+
+def query_status(rounds: list[RoundStats], current: dict | None, elapsed_s: float, now: float | None = None) -> dict:
+    """What QMP's query-migrate / virsh domjobinfo show, from the rounds so far.
+
+    Keys: ``elapsed_s``; ``expected_downtime_ms`` (the last pre-copy round's estimate: what
+    stopping now would cost; None before the first round ends); ``remaining_bytes`` (of
+    the round being sent; the whole migration's remainder is unknowable: the next round's
+    size is what the guest dirties meanwhile); ``round_eta_s`` (that remainder at the
+    round's rate so far, None before a rate is known); ``dirty_rate_pps`` (last round's);
+    ``throttle`` (in force, 0..0.99).
+    """
+    import time
+
+    from vmem.pages import PAGE_SIZE
+
+    pre = [r for r in rounds if r.kind == "precopy"]
+    last = pre[-1] if pre else None
+    out = {"elapsed_s": round(elapsed_s, 3), "expected_downtime_ms": last.est_downtime_ms if last else None,
+           "remaining_bytes": 0, "round_eta_s": None, "dirty_rate_pps": last.dirty_rate_pps if last else None,
+           "throttle": last.throttle if last else 0.0}
+    if current is not None:
+        remaining = max(0, current["pages"] - current["sent"]) * PAGE_SIZE
+        out["remaining_bytes"] = remaining
+        el = (time.monotonic() if now is None else now) - current["t0"]
+        if el > 0 and current["bytes"] > 0:
+            out["round_eta_s"] = round(remaining / (current["bytes"] / el), 3)
+    return out

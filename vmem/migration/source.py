@@ -90,6 +90,9 @@ class MigrationOptions:
             instead of failing.
         postcopy_recovery_wait_s: how long the destination then waits for the source to
             come back before it declares the missing pages lost.
+        pagemap_path: record the page map (vmem.migration.pagemap: bitmaps per round, the
+            push, the destination's fault log) and write it to this ``.npz`` at the end;
+            None records nothing.
     """
 
     tracker: str = "auto"
@@ -102,6 +105,7 @@ class MigrationOptions:
     postcopy: str = "off"
     postcopy_recovery: bool = False
     postcopy_recovery_wait_s: float = 60.0
+    pagemap_path: str | None = None
     extra_config: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -175,6 +179,8 @@ class SourceMigration:
         self._pc_pending_total = 0
         self._pc_timings: dict = {}
         self._t_pause0 = 0.0
+        #: the page map recorder (MigrationOptions.pagemap_path), else None
+        self.pagemap = None
 
     # --- state -------------------------------------------------------------------------
     @property
@@ -292,6 +298,10 @@ class SourceMigration:
         self._t_segment = t_start
         self._t_start_ns = time.monotonic_ns()
         before = g.counters()
+        if self.opt.pagemap_path:
+            from vmem.migration.pagemap import PagemapRecorder
+
+            self.pagemap = PagemapRecorder(g.npages, t_start)
         if inject.stale_pages is not None:  # test-only (vmem.migration.inject)
             inject.stale_pages.snapshot(g.ram.pages)
         sampler = PeakSampler({"migrator_source": os.getpid()})
@@ -314,6 +324,7 @@ class SourceMigration:
             r.processes.setdefault("migrator_source", {}).update(process_figures())
             sampler.merge_into(r.processes)
             r.guest["source_before"] = before
+            self._save_pagemap()
             if self._throttled and r.outcome != "completed" and g.alive():
                 try:
                     g.set_throttle(0.0)  # the source guest runs on at full speed
@@ -406,6 +417,7 @@ class SourceMigration:
             "postcopy_recovery": self.opt.postcopy_recovery,
             "postcopy_recovery_wait_s": self.opt.postcopy_recovery_wait_s,
             "placed_acks": True,  # PLACED records: see _drain
+            "pagemap": self.pagemap is not None,  # the destination sends its fault log back
         } | self.opt.extra_config
         self.ch.send(control.encode_preamble(config))
         _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.READY})
@@ -448,6 +460,8 @@ class SourceMigration:
 
         runs = g.ram.data_runs()
         self._zero_holes = g.npages - int((runs[:, 1] - runs[:, 0]).sum())  # holes read as zero: never sent
+        if self.pagemap is not None:
+            self.pagemap.data_pages(runs)
         end = run_precopy(_LiveRounds(self, t_start), self.policy, runs, guest_pages=g.npages,
                           page_size=PAGE_SIZE, bandwidth_limit_Bps=self.opt.bandwidth_Bps,
                           postcopy_after_precopy=self.opt.postcopy == "after-precopy", postcopy_refusal=refusal,
@@ -492,6 +506,8 @@ class SourceMigration:
                         duration_s=round(t1 - t0, 6), bandwidth_bps=round(nbytes * 8 / (t1 - t0), 1) if t1 > t0 else 0.0)
         r.rounds.append(rs)
         self.progress.round_end(rs)
+        if self.pagemap is not None:
+            self.pagemap.stop_and_copy(final, t_pause0 - t_start, t1 - t_start)
 
         # 4. Destination resumes; verify; commit.
         self._phase("resume", "waiting for the destination guest")
@@ -552,6 +568,8 @@ class SourceMigration:
             self.tracker.start()
             base = runs_to_pages(g.ram.data_runs())  # holes are zero pages: never sent
             self._zero_holes = g.npages - len(base)
+            if self.pagemap is not None:
+                self.pagemap.data_pages(base)
         else:
             base = dirty  # what the last pre-copy round left dirty
             self._phase("postcopy", "letting the destination catch up")
@@ -575,8 +593,11 @@ class SourceMigration:
         served = g.ram.pages if inject.stale_pages is None else inject.stale_pages.served_ram(g.ram.pages, pending)
         # The fault server first: the destination guest may fault any moment now.
         pc = PostcopySource(served, w, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
+        pc.recorder = self.pagemap
         self._pc = pc
         pc.start()
+        if self.pagemap is not None:  # after the fault server is up: the guest may fault already
+            self.pagemap.postcopy_switch(pending, t_pause0 - self.pagemap.t0)
         if self.tracker is not None:
             self.tracker.stop()  # outside the downtime, as in stop-and-copy
         self._pc_pending_total = int(len(pending))
@@ -613,6 +634,8 @@ class SourceMigration:
             w.emulator_context(self.paused.context)
             w.end_libxl()
             pc.stream_ended = True
+        if self.pagemap is not None:
+            self.pagemap.postcopy_end()
         self._set_state(SourceState.POSTCOPY_ACTIVE, SourceState.POSTCOPY_ENDED)
         t1 = time.monotonic()
         nbytes = w.bytes_written - bytes0
@@ -637,6 +660,9 @@ class SourceMigration:
         t_done = time.monotonic()
         resumed = got[wire.ControlType.RESUMED]
         status = got[wire.ControlType.POSTCOPY_STATUS]
+        fault_log = status.pop("fault_log", None)  # the page map's, not the report's
+        if self.pagemap is not None:
+            self.pagemap.faults(fault_log)
         r.downtime_ms = self._since_pause_ms(resumed["first_step_ns"])
         r.timings_ms = dict(self._pc_timings) | {
             "postcopy_push": round((t1 - t0) * 1e3, 3),
@@ -787,6 +813,19 @@ class SourceMigration:
         self._phase("done")
         self._set_state(SourceState.COMMITTED, SourceState.COMPLETED)
 
+    def _save_pagemap(self) -> None:
+        """Write the page map (if recorded) and say where in ``report.pagemap``."""
+        rec = self.pagemap
+        if rec is None or not (rec.round_sent or rec.switched):
+            return  # nothing was sent: nothing to draw
+        try:
+            path = rec.save(self.opt.pagemap_path)
+        except OSError as err:
+            self.report.pagemap = {"error": f"cannot write the page map to {self.opt.pagemap_path}: {err}"}
+            return
+        self.report.pagemap = {"file": os.path.abspath(path), "rounds": len(rec.round_sent),
+                               "push_batches": rec.push_batches, "faults": int(len(rec.fault_page))}
+
     def _mark_setup_done(self) -> None:
         """The handshake is over and the first page is about to go: QMP's setup-time."""
         self.report.setup_time_ms = round((time.monotonic_ns() - self._t_start_ns) / 1e6, 3)
@@ -883,6 +922,8 @@ class _LiveRounds:
         t2 = time.monotonic()
         since = t2 - self.t_collect
         self.t_collect = t2
+        if mig.pagemap is not None:
+            mig.pagemap.precopy_round(pages, dirty, t0 - self.t_start, t2 - self.t_start)
         return RoundResult(pages_sent=npages, bytes_sent=nbytes, send_s=t1 - t0, dirty=dirty, dirty_pages=len(dirty),
                            since_collect_s=since, elapsed_s=t2 - self.t_start, collect_s=mig.tracker.collect_s)
 

@@ -42,6 +42,8 @@ __all__ = ["PostcopyDestination", "MISSING", "PLACING", "PRESENT", "postcopy_una
 
 #: present-page states (the values the C fault engine uses on the same array)
 MISSING, PLACING, PRESENT = nat.PC_MISSING, nat.PC_PLACING, nat.PC_PRESENT
+#: at most this many faults go into the page map's fault log (fault_log)
+FAULT_LOG_MAX = 1 << 16
 #: fault events read per read(2) on the userfaultfd
 FAULT_EVENTS_PER_READ = 256
 #: GIL switch interval while post-copy runs (see PostcopyDestination.switch)
@@ -168,7 +170,8 @@ class PostcopyDestination:
         if urgent_channel is not None:
             # Fast path: one C thread reads faults, asks on the urgent channel and places
             # the answers (vmem._native.PostcopyFaultEngine); Python keeps the push.
-            self._latency_ns = np.zeros(min(self.npages, 1 << 20), dtype=np.int64)
+            # The fault log: one (latency ns, page, fault monotonic ns) row per waited-on fault.
+            self._latency_ns = np.zeros((min(self.npages, 1 << 20), 3), dtype=np.int64)
             from vmem.migration.postcopy import native_link
 
             fd, mac = native_link(urgent_channel)
@@ -265,7 +268,7 @@ class PostcopyDestination:
             t0 = self.fault_t0_ns[mine]
             hit = t0 > 0
             if hit.any():
-                self._latencies.append(now - t0[hit])
+                self._latencies.append(np.stack([now - t0[hit], mine[hit], t0[hit]], axis=1))
                 self.fault_t0_ns[mine[hit]] = 0
             self.missing -= len(mine)
             # "Demanded": the guest faulted on it and we asked for it, whichever channel
@@ -397,6 +400,18 @@ class PostcopyDestination:
         """Pages not present (what is lost if the source is gone)."""
         return np.flatnonzero(self.state != PRESENT)
 
+    def fault_log(self, max_faults: int = FAULT_LOG_MAX) -> dict:
+        """The faults the guest waited on, in the order they were resolved (for the page map).
+
+        ``page``, ``fault_us`` (when the guest faulted, microseconds after the switch, this
+        host's clock) and ``latency_us`` (fault -> placed), at most ``max_faults`` of each
+        (``truncated`` says if more were seen).  Call after :meth:`stats`.
+        """
+        log = np.concatenate(self._latencies) if self._latencies else np.empty((0, 3), np.int64)
+        head = log[:max_faults]
+        return {"page": head[:, 1].tolist(), "fault_us": ((head[:, 2] - self.t_switch_ns) // 1000).tolist(),
+                "latency_us": (head[:, 0] // 1000).tolist(), "truncated": bool(len(log) > max_faults)}
+
     def stats(self) -> dict:
         """The statistics (call after :meth:`stop`/:meth:`finish`: a running engine's
         counters are folded in when it stops)."""
@@ -404,7 +419,7 @@ class PostcopyDestination:
         native = self._latency_ns is not None  # a native engine ran at least once
         if native:
             self.missing = int(np.count_nonzero(self.state != PRESENT))
-        lat = np.concatenate(self._latencies) / 1e3 if self._latencies else np.empty(0)
+        lat = np.concatenate(self._latencies)[:, 0] / 1e3 if self._latencies else np.empty(0)
         local = np.concatenate(self._local_latencies) / 1e3 if self._local_latencies else np.empty(0)
 
         def pct(a: np.ndarray) -> dict:

@@ -101,6 +101,8 @@ class PostcopySource:
         #: the destination's ERROR, read by the Python fault server (no urgent channel)
         self.refused: MigrationError | None = None
         self._old_switch_s: float | None = None
+        #: a vmem.migration.pagemap.PagemapRecorder told of every push batch, or None
+        self.recorder = None
 
     # --- back channel ------------------------------------------------------------------------
     def start(self) -> None:
@@ -288,6 +290,8 @@ class PostcopySource:
                 nbytes = self.writer.bytes_written - before
             self.pages_pushed += len(batch)
             self.bytes_pushed += nbytes
+            if self.recorder is not None:
+                self.recorder.pushed(batch)
             if self.progress is not None:
                 self.progress.sent(len(batch), nbytes)
 
