@@ -304,18 +304,7 @@ class ProcessGuest:
     def release(self) -> None:
         """Let go of the guest without stopping it: close our socket, fds and mappings.
         A detached guest runs on and waits for its next owner.  Idempotent."""
-        if self._uffd >= 0:
-            os.close(self._uffd)
-            self._uffd = -1
-        for fd in self._pending_fds:
-            os.close(fd)
-        self._pending_fds.clear()
-        if self._sock is not None:
-            self._sock.close()
-        if self.ctl is not None:
-            self.ctl.close()
-        if self.ram is not None:
-            self.ram.close()
+        self._release_handles()
         if isinstance(self.proc, _AdoptedProcess):
             self.proc.close()
         elif self.proc is not None:
@@ -476,6 +465,22 @@ class ProcessGuest:
             raise GuestError(f"guest {self.pid} could not verify: {msg.get('error', msg)}")
         return msg
 
+    def _release_handles(self) -> None:
+        """Close what this object holds of the guest (uffd, received fds, socket, control
+        block, RAM mapping); the process itself is the caller's business.  Idempotent."""
+        if self._uffd >= 0:
+            os.close(self._uffd)
+            self._uffd = -1
+        for fd in self._pending_fds:
+            os.close(fd)
+        self._pending_fds.clear()
+        if self._sock is not None:
+            self._sock.close()
+        if self.ctl is not None:
+            self.ctl.close()
+        if self.ram is not None:
+            self.ram.close()
+
     def verify_running(self) -> dict:
         """Check all of the guest's RAM against its ledger from this process, without
         stopping the guest (``GuestMemory.verify_concurrent`` through our own mapping).
@@ -583,18 +588,7 @@ class ProcessGuest:
                 rc = self.proc.wait(10)
             except subprocess.TimeoutExpired:  # pragma: no cover - a D-state process
                 rc = None
-        if self._uffd >= 0:
-            os.close(self._uffd)
-            self._uffd = -1
-        for fd in self._pending_fds:
-            os.close(fd)
-        self._pending_fds.clear()
-        if self._sock is not None:
-            self._sock.close()
-        if self.ctl is not None:
-            self.ctl.close()
-        if self.ram is not None:
-            self.ram.close()
+        self._release_handles()
         if isinstance(self.proc, _AdoptedProcess):
             self.proc.close()
             rc = None  # not our child: its exit status is unknowable here
