@@ -4,6 +4,7 @@
     vmem doctor                                       which kernel features this machine offers
     vmem profile / predict                            working-set profiling; trace-driven prediction
     vmem compare / graph                              policies side by side; graphs and an HTML report
+    vmem inspect FILE                                 records, rounds and page map of a stream (xl save files too)
     vmem bench / trend                                regression runs: matrix, baselines, verdicts (docs/bench.md)
     vmem agent / create / list / destroy / save / restore / migrate NAME HOST:PORT   host agents (docs/agent.md)
 """
@@ -159,12 +160,15 @@ _LAZY_COMMANDS = {
               "Run a matrix of migrations (a built-in suite, a TOML file or command-line axes) N times interleaved, "
               "append one JSON line per run, compare with a baseline (noise-aware: medians, thresholds and a rank "
               "test) and exit 1 on a regression.  docs/bench.md."),
+    "inspect": ("vmem.analysis.inspect", "add_inspect_arguments", "show the records, rounds and page map of a migration stream (xl save files too)",
+                "Read an xl save file, a stream xl migrate wrote, or a vmem stream; show its records, the pages of each "
+                "round and (with --pagemap DIR) a page map."),
     "trend": ("vmem.cli.bench", "add_trend_arguments", "a trend view of stored bench results across commits",
               "One graph per metric and cell from vmem bench results files: medians per commit, in date order."),
 }
 _LAZY_RUNNERS = {"profile": ("vmem.analysis.profile", "cmd_profile"), "predict": ("vmem.analysis.simulate", "cmd_predict"),
                  "compare": ("vmem.cli.compare", "cmd_compare"), "graph": ("vmem.analysis.graphs", "cmd_graph"),
-                 "bench": ("vmem.cli.bench", "cmd_bench"), "trend": ("vmem.cli.bench", "cmd_trend")}
+                 "bench": ("vmem.cli.bench", "cmd_bench"), "inspect": ("vmem.analysis.inspect", "cmd_inspect"), "trend": ("vmem.cli.bench", "cmd_trend")}
 
 
 class _Parser(argparse.ArgumentParser):

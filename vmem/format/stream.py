@@ -715,6 +715,8 @@ class StreamReader(ExactSource):
             context a well-formed hvm save blob (:func:`parse_hvm_context`).  Off by
             default: streams of older vmem versions carry neither.  Whatever the setting,
             HVM_PARAMS after HVM_CONTEXT and a second HVM_CONTEXT are errors (spec order).
+        xen_record_order: accept HVM_PARAMS after HVM_CONTEXT, the order Xen 4.17's
+            libxc really writes (``vmem inspect`` of ``xl save`` files).
         base_offset: added to every offset reported (:attr:`offset`, StreamError.offset).
         truncation_errors: exceptions from the callables that mean "the stream ended"
             (e.g. the transport's broken-channel error); reported as StreamError.
@@ -738,8 +740,12 @@ class StreamReader(ExactSource):
                  recv_into: Callable[[memoryview], Any] | None = None, *,
                  max_pfn: int | None = None, allow_postcopy: bool = True,
                  require_hvm_state: bool = False, base_offset: int = 0,
-                 truncation_errors: tuple[type[BaseException], ...] = (EOFError,)):
+                 truncation_errors: tuple[type[BaseException], ...] = (EOFError,),
+                 xen_record_order: bool = False):
         super().__init__(recv_exact, recv_into, truncation_errors, base_offset)
+        # Xen 4.17's libxc writes HVM_PARAMS *after* HVM_CONTEXT (x86_hvm_end_of_checkpoint),
+        # against the spec's text; reading a real ``xl save`` file needs this leniency.
+        self._xen_record_order = xen_record_order
         self._max_pfn = PFN_MASK if max_pfn is None else int(max_pfn)
         self._allow_postcopy = allow_postcopy
         self._require_hvm_state = require_hvm_state
@@ -941,7 +947,7 @@ class StreamReader(ExactSource):
             return Record(t, b"", off)
         if t is LibxcRecordType.HVM_CONTEXT and self._hvm_context_seen:
             raise StreamError("record out of order: a second HVM_CONTEXT", off)
-        if t is LibxcRecordType.HVM_PARAMS and self._hvm_context_seen:
+        if t is LibxcRecordType.HVM_PARAMS and self._hvm_context_seen and not self._xen_record_order:
             raise StreamError("record out of order: HVM_PARAMS after HVM_CONTEXT (the spec "
                               "requires HVM_PARAMS to precede HVM_CONTEXT)", off)
         if t is LibxcRecordType.STATIC_DATA_END:
