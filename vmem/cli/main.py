@@ -35,6 +35,11 @@ def _add_migrate(sub) -> None:
                         "paused), over new connections to the same destination")
     add_guest_arguments(p)
     add_migration_arguments(p)
+    xen = p.add_argument_group("Xen (run in dom0; docs/xen.md)")
+    xen.add_argument("--backend", default="process", choices=["process", "xen"],
+                     help="process: a vmem guest (default); xen: the running Xen PVH domain NAME, received by xl restore")
+    xen.add_argument("--save", metavar="FILE", help="with --backend xen: write the stream (xl save format) to FILE and "
+                                                    "resume the domain, instead of migrating it")
     lab = p.add_argument_group("lab faults (one-host only)")
     lab.add_argument("--cut-link-after", type=float, metavar="S", default=None,
                      help="cut the link S seconds into post-copy, to watch --postcopy-recovery resume it")
@@ -54,6 +59,12 @@ def _add_migrate(sub) -> None:
 
 
 def cmd_migrate(args) -> int:
+    if args.backend == "xen":
+        from vmem.cli.xen import cmd_migrate_xen
+
+        return cmd_migrate_xen(args)
+    if args.save:
+        raise ConfigError("--save", "writes a Xen stream: it needs --backend xen")
     if args.name is not None or args.target is not None or args.resume:
         from vmem.cli.agent import cmd_migrate_via_agent
 

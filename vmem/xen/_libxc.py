@@ -225,6 +225,21 @@ class XcHandle:
             self._fm.xenforeignmemory_unmap(self._fmh, addr, n)
         return err
 
+    def flip_byte(self, pfn: int, offset: int = 0) -> None:
+        """Invert one byte of frame ``pfn`` through a writable foreign map (test-only fault
+        injection: vmem's page comparison must catch it)."""
+        ffi = self._ffi
+        arr = ffi.new("xen_pfn_t[1]", [int(pfn)])
+        err = ffi.new("int[1]")
+        addr = self._fm.xenforeignmemory_map(self._fmh, self.domid, mmap.PROT_READ | mmap.PROT_WRITE, 1, arr, err)
+        if addr == ffi.NULL or err[0]:
+            raise OSError(ffi.errno or -err[0] or errno.EIO, f"writable foreign map of pfn {pfn:#x}")
+        try:
+            page = ffi.cast("unsigned char *", addr)
+            page[offset] = page[offset] ^ 0xFF
+        finally:
+            self._fm.xenforeignmemory_unmap(self._fmh, addr, 1)
+
     # -- log-dirty -------------------------------------------------------------------------
 
     def logdirty_enable(self, npages: int) -> None:
