@@ -27,7 +27,7 @@ MIRROR=${XENHOST_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 XEN_ARGS="dom0_mem=1024M,max:1024M console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all noreboot smap=0 smep=0"
 DOM0_ARGS="console=hvc0 earlyprintk=xen rdinit=/init quiet"
-ROOTFS_PKGS=xen-utils-4.17,xenstore-utils,python3,python3-cffi,python3-ply,python3-numpy,kmod,iproute2,procps
+ROOTFS_PKGS=xen-utils-4.17,xenstore-utils,python3,python3-cffi,python3-ply,python3-numpy,python3-rich,kmod,iproute2,procps
 DOM0_MODULES="xenfs xen-privcmd xen-evtchn xen-gntdev xen-gntalloc virtio_pci 9pnet_virtio 9p"
 
 log() { echo "xenhost: $*" >&2; }
@@ -79,7 +79,13 @@ build() {
         || die "debootstrap failed; see $W/debootstrap.log"
     fi
     chroot "$W/rootfs" python3 -c 'import cffi, numpy' || die "dom0 rootfs lacks python3-cffi or python3-numpy"
-    touch "$W/rootfs/.done"
+    echo "$ROOTFS_PKGS" > "$W/rootfs/.done"
+  elif [ "$(cat "$W/rootfs/.done")" != "$ROOTFS_PKGS" ]; then
+    # the package list grew since the rootfs was built: add what is new, no re-debootstrap
+    log "adding packages to dom0's rootfs: $ROOTFS_PKGS"
+    chroot "$W/rootfs" sh -c "DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(echo "$ROOTFS_PKGS" | tr , ' ')" \
+      >> "$W/debootstrap.log" 2>&1 || die "apt-get install in dom0's rootfs failed; see $W/debootstrap.log"
+    echo "$ROOTFS_PKGS" > "$W/rootfs/.done"
   fi
   # 3. the domU: busybox initramfs with the stamper workload (rebuilt when its sources change)
   local domu="$W/img/initrd-domu.cpio.gz"

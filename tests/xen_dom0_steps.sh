@@ -32,13 +32,13 @@ name="vm1"
 type="pvh"
 kernel="/root/domu/vmlinuz"
 ramdisk="/root/domu/initrd.gz"
-extra="console=hvc0 rdinit=/init quiet stamp_mib=${STAMP_MIB:-16} stamp_rate=${STAMP_RATE:-2000} stamp_check=2"
+extra="console=hvc0 rdinit=/init quiet stamp_mib=${STAMP_MIB:-16} stamp_rate=${STAMP_RATE:-500} stamp_check=1"
 memory=${DOMU_MIB:-128}
 vcpus=1
 on_crash="preserve"
 tsc_mode="native"
 EOC
-step create sh -c 'xl create /tmp/vm1.cfg && i=0; while [ $i -lt 90 ]; do grep -q "STAMP n=2" '$LOG'/guest-vm1.log 2>/dev/null && exit 0; sleep 1; i=$((i+1)); done; exit 1'
+step create sh -c 'xl create /tmp/vm1.cfg && i=0; while [ $i -lt 90 ]; do grep -q "STAMP n=3" '$LOG'/guest-vm1.log 2>/dev/null && exit 0; sleep 1; i=$((i+1)); done; exit 1'
 cp $LOG/guest-vm1.log "$R/console-boot.log" 2>/dev/null
 
 step profile python3 -m vmem profile --backend xen --domain vm1 --duration ${PROFILE_S:-4} --interval 250 \

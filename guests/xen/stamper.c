@@ -9,8 +9,11 @@
  *   STAMP n=<check#> pass=<pass> cursor=<page> pages=<npages> bad=<bad now> total_bad=<bad ever>
  *         max_gap_ms=<longest stall of the writer loop seen so far>
  * max_gap_ms is what the guest itself saw of a pause (downtime, seen from inside).
- * Usage: stamper MIB RATE_PAGES_PER_S CHECK_S
+ * Usage: stamper MIB RATE_PAGES_PER_S CHECK_S [inject]
+ * "inject" (tests only) puts an old generation into one page after the first check: the next
+ * check must report bad=1 -- the proof that the check can fail.
  */
+#include <string.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,6 +57,7 @@ int main(int argc, char **argv)
     uint64_t mib = argc > 1 ? strtoull(argv[1], 0, 0) : 16;
     double rate = argc > 2 ? atof(argv[2]) : 2000;
     double check_s = argc > 3 ? atof(argv[3]) : 2;
+    int inject = argc > 4 && !strcmp(argv[4], "inject");
     uint64_t npages = mib * 256, pass = 1, cursor = 0, n = 0, total_bad = 0;
     uint64_t *ram = mmap(0, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (ram == MAP_FAILED) { perror("STAMP mmap"); return 1; }
@@ -82,6 +86,10 @@ int main(int argc, char **argv)
                (unsigned long long)npages, (unsigned long long)bad, (unsigned long long)total_bad, max_gap * 1e3);
         if (bad) printf(" first_bad=%llu gen_seen=%llu", (unsigned long long)first, (unsigned long long)ram[first * WORDS + 2]);
         printf("\n"); fflush(stdout);
+        if (inject && n == 1) { /* a lost page: the copy from before its last rewrite */
+            uint64_t p = (cursor + npages / 2) % npages; /* far from the writer: not healed soon */
+            stamp(ram + p * WORDS, p, (p < cursor ? pass + 1 : pass) - 1);
+        }
         next_check = now_s() + check_s;
         last = now_s(); /* the check itself is not a stall */
     }
