@@ -32,6 +32,21 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
     || echo "setup: could not install chromium (no network?); the browser test will skip" >&2
 fi
 
+# Optional: the nested Xen test host (scripts/xenhost.sh, tests/test_xen.py): QEMU to boot
+# Xen under TCG, debootstrap for dom0's root filesystem, cpio/zstd/kmod to pack its initramfs.
+# Without them the Xen tests skip, quoting what is missing.
+xen_host_pkgs=()
+command -v qemu-system-x86_64 >/dev/null || xen_host_pkgs+=(qemu-system-x86)
+command -v debootstrap >/dev/null || xen_host_pkgs+=(debootstrap)
+command -v cpio >/dev/null || xen_host_pkgs+=(cpio)
+command -v zstd >/dev/null || xen_host_pkgs+=(zstd)
+command -v depmod >/dev/null || xen_host_pkgs+=(kmod)
+if ((${#xen_host_pkgs[@]})) && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing ${xen_host_pkgs[*]} (the nested Xen test host) with apt-get"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${xen_host_pkgs[@]}" >/dev/null; } \
+    || echo "setup: could not install ${xen_host_pkgs[*]} (no network?); the Xen tests will skip" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv
