@@ -562,6 +562,9 @@ def add_profile_arguments(p) -> None:
                    help="process: boot a vmem guest (default); xen: profile the running Xen PVH domain --domain "
                         "with Xen's log-dirty, from dom0 (docs/xen.md)")
     r.add_argument("--domain", metavar="NAME", help="with --backend xen: the domain to profile (xl list)")
+    r.add_argument("--record-only", action="store_true",
+                   help="save the trace (--out) and stop: analyse it elsewhere with --from-trace (a slow dom0 "
+                        "need not run the simulator)")
     a = p.add_argument_group("analysis")
     a.add_argument("--bandwidth", action="append", metavar="RATE",
                    help=f"link rate to predict for, repeatable (default {', '.join(DEFAULT_BANDWIDTHS)})")
@@ -622,6 +625,10 @@ def cmd_profile(args) -> int:
         if args.out:
             trace.save(args.out)
             console.print(f"trace written to {args.out} ({trace.n_intervals} intervals, {len(trace.pages):,} page entries)")
+    if args.record_only:
+        if not args.out:
+            raise ConfigError("--record-only", "keeps only the trace: give --out FILE")
+        return 0
     t0 = time.monotonic()
     analysis = analyse(trace, bandwidths, downtime_goal_s=goal_s, max_downtime_s=max_s)
     analysis["analysis_s"] = round(time.monotonic() - t0, 3)
