@@ -36,7 +36,7 @@ import numpy as np
 
 from vmem.errors import MigrationError, PolicyError
 from vmem.format.stream import StreamWriter
-from vmem.format.wire import IHDR_VERSION_3, PageType
+from vmem.format.wire import IHDR_VERSION_3, HvmParam, PageType
 from vmem.format.xl import xl_header
 from vmem.migration.pagemap import PagemapRecorder
 from vmem.migration.policy import Decision
@@ -51,8 +51,13 @@ __all__ = ["migrate_domain", "LIBXC_HVM_PARAMS", "BATCH_PAGES", "INCOMING_SUFFIX
 #: pages per PAGE_DATA record and per foreign map (libxc's MAX_BATCH_SIZE)
 BATCH_PAGES = 1024
 INCOMING_SUFFIX = "--incoming"
-#: the parameters libxc's write_hvm_params() saves (xg_sr_save_x86_hvm.c), non-zero ones only
-LIBXC_HVM_PARAMS = (1, 5, 6, 27, 28, 29, 15, 17, 18, 9, 12, 32, 30, 31, 36, 38)
+#: the parameters libxc's write_hvm_params() saves (xg_sr_save_x86_hvm.c), in its order; it
+#: sends the non-zero ones
+LIBXC_HVM_PARAMS = tuple(int(p) for p in (
+    HvmParam.STORE_PFN, HvmParam.IOREQ_PFN, HvmParam.BUFIOREQ_PFN, HvmParam.PAGING_RING_PFN,
+    HvmParam.MONITOR_RING_PFN, HvmParam.SHARING_RING_PFN, HvmParam.VM86_TSS_SIZED, HvmParam.CONSOLE_PFN,
+    HvmParam.ACPI_IOPORTS_LOCATION, HvmParam.VIRIDIAN, HvmParam.IDENT_PT, HvmParam.VM_GENERATION_ID_ADDR,
+    HvmParam.IOREQ_SERVER_PFN, HvmParam.NR_IOREQ_SERVER_PAGES, HvmParam.X87_FIP_WIDTH, HvmParam.MCA_CAP))
 #: test-only fault injection (tests/test_xen.py): "corrupt-destination-page" flips a byte of
 #: one destination frame before the comparison; never set outside tests
 INJECT_ENV = "VMEM_XEN_INJECT"
@@ -337,7 +342,7 @@ def migrate_domain(name: str, policy, *, verify: bool = True, bandwidth_limit_Bp
             if os.environ.get(INJECT_ENV) == "corrupt-destination-page":
                 with XcHandle(dst_domid) as dst:  # test-only: the comparison must catch this
                     dst.flip_byte(int(sent_pfns[len(sent_pfns) // 2]), 123)
-            rings = {"STORE_PFN": params.get(1, -1), "CONSOLE_PFN": params.get(17, -1)}
+            rings = {"STORE_PFN": params.get(HvmParam.STORE_PFN, -1), "CONSOLE_PFN": params.get(HvmParam.CONSOLE_PFN, -1)}
             rep.verification = _compare_paused(dom, dst_domid, sent_pfns, rings)
             rep.verify_s = round(time.monotonic() - v_t, 3)
             if rep.verification["pages_mismatched"]:
