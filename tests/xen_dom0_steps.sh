@@ -18,13 +18,13 @@ stamp_check() {
   f=$1; since=$2; i=0
   while [ $i -lt 60 ]; do
     n=$(tail -n +$((since + 1)) "$f" 2>/dev/null | grep -c "STAMP n=")
-    [ "$n" -ge 2 ] && break; sleep 1; i=$((i + 1))
+    [ "${n:-0}" -ge 2 ] && break; sleep 1; i=$((i + 1))
   done
   tail -n +$((since + 1)) "$f" | grep "STAMP n=" | head -5
   tail -n +$((since + 1)) "$f" | grep "STAMP n=" | head -5 | grep -q "STAMP n=" || { echo "no STAMP line after the migration"; return 1; }
   ! tail -n +$((since + 1)) "$f" | grep "STAMP n=" | grep -qv " bad=0 "
 }
-lines() { wc -l < "$1" 2>/dev/null || echo 0; }
+lines() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }
 python3 -c 'import numpy, cffi; print("numpy", numpy.__version__, "cffi", cffi.__version__)'
 
 cat > /tmp/vm1.cfg <<EOC
@@ -41,8 +41,9 @@ EOC
 step create sh -c 'xl create /tmp/vm1.cfg && i=0; while [ $i -lt 90 ]; do grep -q "STAMP n=3" '$LOG'/guest-vm1.log 2>/dev/null && exit 0; sleep 1; i=$((i+1)); done; exit 1'
 cp $LOG/guest-vm1.log "$R/console-boot.log" 2>/dev/null
 
+# record only: the analysis (a simulator run per policy) is the host's job (--from-trace)
 step profile python3 -m vmem profile --backend xen --domain vm1 --duration ${PROFILE_S:-4} --interval 250 \
-  --json "$R/profile.json" --out "$R/profile-trace.npz"
+  --record-only --out "$R/profile-trace.npz"
 
 # vmem migrates with the seed's threshold policy, then with two-threshold; xl restore receives
 since=$(lines $LOG/guest-vm1--incoming.log)
@@ -55,11 +56,6 @@ step migrate-two-threshold python3 -m vmem migrate --backend xen vm1 --policy tw
   --json "$R/migrate-two-threshold.json"
 step guest-check-two-threshold stamp_check $LOG/guest-vm1--incoming.log "$since"
 
-# the verifier fires: a destination page corrupted before the comparison must fail the migration
-# and leave the source running
-step migrate-inject env VMEM_XEN_INJECT=corrupt-destination-page python3 -m vmem migrate --backend xen vm1 \
-  --policy threshold --precopy-iterations 2 --json "$R/migrate-inject.json"
-step after-inject sh -c 'xl list; xl domid vm1 && ! xl domid vm1--incoming 2>/dev/null'
 
 # Xen's own live migration of the same guest, its stream captured for vmem inspect
 since=$(lines $LOG/guest-vm1--incoming.log)
@@ -68,7 +64,14 @@ step guest-check-xl stamp_check $LOG/guest-vm1--incoming.log "$since"
 step inspect python3 -m vmem inspect /tmp/xl-migrate.stream --json "$R/inspect.json"
 rm -f /tmp/xl-migrate.stream
 
+# the verifier fires: a destination page corrupted before the comparison must fail the migration
+# and leave the source running
+step migrate-inject env VMEM_XEN_INJECT=corrupt-destination-page python3 -m vmem migrate --backend xen vm1 \
+  --policy threshold --precopy-iterations 2 --json "$R/migrate-inject.json"
+step after-inject sh -c 'xl list; xl domid vm1 && ! xl domid vm1--incoming 2>/dev/null'
+
 cp $LOG/*.log "$R/" 2>/dev/null
+{ free -m; dmesg | tail -40; } > "$R/dom0-state.out" 2>&1
 xl list > "$R/xl-list.out" 2>&1
 xl destroy vm1 2>/dev/null
 echo "=== steps done"
