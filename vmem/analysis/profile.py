@@ -76,7 +76,8 @@ def profile_guest(guest, duration_s: float, interval_s: float = 0.1, *, tracker:
     """
     _check_duration(duration_s, interval_s)
     # a hypervisor guest (vmem.xen) states its populated pages; a process guest's RAM shows its data runs
-    data_pages = int(guest.data_pages) if hasattr(guest, "data_pages") else int(np.diff(guest.ram.data_runs(), axis=1).sum())
+    populated = getattr(guest, "populated_pages", None)
+    data_pages = int(populated) if populated is not None else int(np.diff(guest.ram.data_runs(), axis=1).sum())
     trk = make_tracker(guest, tracker) if isinstance(tracker, str) else tracker
     intervals: list[np.ndarray] = []
     times = [0.0]

@@ -146,7 +146,8 @@ class XenProfileGuest:
         self.npages = domain.npages
         self.spec = None
         self.page_size = PAGE_SIZE
-        self.data_pages = domain.data_pages
+        #: what profile_guest counts as pages holding data (a process guest has RAM runs instead)
+        self.populated_pages = domain.data_pages
 
     def alive(self) -> bool:
         return self.domain.alive()
