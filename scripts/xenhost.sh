@@ -12,7 +12,7 @@
 # (XENHOST_TIMEOUT_S, default 1500 s); QEMU runs in its own session and its whole process group
 # is killed on every way out of this script (normal exit, error, Ctrl-C, TERM).
 #
-# Environment: XENHOST_DIR (cache, default .cache/xenhost), XENHOST_TIMEOUT_S, XENHOST_LOG
+# Environment: XENHOST_DIR (cache, default .cache/xenhost), XENHOST_TIMEOUT_S, XENHOST_LOG, XENHOST_XEN_EXTRA_ARGS,
 # (console log of the boot, default .cache/xenhost/last-console.log), XENHOST_MIRROR.
 #
 # Traps this encodes (see docs/xen.md): `smap=0 smep=0` on Xen's command line (without them dom0
@@ -25,7 +25,7 @@ W=${XENHOST_DIR:-$ROOT/.cache/xenhost}
 TIMEOUT_S=${XENHOST_TIMEOUT_S:-1500}
 MIRROR=${XENHOST_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
-XEN_ARGS="dom0_mem=1024M,max:1024M console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all noreboot smap=0 smep=0"
+XEN_ARGS="dom0_mem=1024M,max:1024M console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all noreboot smap=0 smep=0 ${XENHOST_XEN_EXTRA_ARGS:-}"
 DOM0_ARGS="console=hvc0 earlyprintk=xen rdinit=/init quiet"
 ROOTFS_PKGS=xen-utils-4.17,xenstore-utils,python3,python3-cffi,python3-ply,python3-numpy,python3-rich,kmod,iproute2,procps
 DOM0_MODULES="xenfs xen-privcmd xen-evtchn xen-gntdev xen-gntalloc virtio_pci 9pnet_virtio 9p"

@@ -15,10 +15,11 @@ step() {
 }
 # stamp_check LOGFILE SINCE_LINE: wait (bounded) for 2 STAMP lines after SINCE_LINE; all must say bad=0
 stamp_check() {
+  # (no variable named n here: step() keeps the step's name in n; sh has no locals)
   f=$1; since=$2; i=0
   while [ $i -lt 60 ]; do
-    n=$(tail -n +$((since + 1)) "$f" 2>/dev/null | grep -c "STAMP n=")
-    [ "${n:-0}" -ge 2 ] && break; sleep 1; i=$((i + 1))
+    seen=$(tail -n +$((since + 1)) "$f" 2>/dev/null | grep -c "STAMP n=")
+    [ "${seen:-0}" -ge 2 ] && break; sleep 1; i=$((i + 1))
   done
   tail -n +$((since + 1)) "$f" | grep "STAMP n=" | head -5
   tail -n +$((since + 1)) "$f" | grep "STAMP n=" | head -5 | grep -q "STAMP n=" || { echo "no STAMP line after the migration"; return 1; }
