@@ -40,6 +40,9 @@ def _add_migrate(sub) -> None:
                      help="process: a vmem guest (default); xen: the running Xen PVH domain NAME, received by xl restore")
     xen.add_argument("--save", metavar="FILE", help="with --backend xen: write the stream (xl save format) to FILE and "
                                                     "resume the domain, instead of migrating it")
+    xen.add_argument("--xen-pause", action="store_true",
+                     help="with --backend xen: only pause the domain for the stop-and-copy instead of asking it to "
+                          "suspend (as libxl does); the moved guest's xenstore and event channels stay broken")
     lab = p.add_argument_group("lab faults (one-host only)")
     lab.add_argument("--cut-link-after", type=float, metavar="S", default=None,
                      help="cut the link S seconds into post-copy, to watch --postcopy-recovery resume it")

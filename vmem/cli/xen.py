@@ -34,7 +34,8 @@ def cmd_migrate_xen(args) -> int:
     print(f"migrating Xen domain {args.name} with policy {args.policy} "
           f"({'to ' + args.save if args.save else 'through xl restore on this host'})", file=sys.stderr)
     rep = migrate_domain(args.name, policy, verify=not args.no_verify, bandwidth_limit_Bps=bw,
-                         on_round=None if args.quiet else _print_round, pagemap_path=pagemap_path, save_path=args.save)
+                         on_round=None if args.quiet else _print_round, pagemap_path=pagemap_path, save_path=args.save,
+                         suspend=not args.xen_pause)
     if not args.quiet and rep.rounds and rep.rounds[-1].kind == "stop-and-copy":
         _print_round(rep.rounds[-1])
     v = rep.verification

@@ -45,6 +45,7 @@ xc_interface *xc_interface_open(void *logger, void *dombuild_logger, unsigned op
 int xc_interface_close(xc_interface *xch);
 int xc_domain_pause(xc_interface *xch, uint32_t domid);
 int xc_domain_unpause(xc_interface *xch, uint32_t domid);
+int xc_domain_resume(xc_interface *xch, uint32_t domid, int fast);
 int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain, unsigned int max_domains, void *info);
 int xc_domain_maximum_gpfn(xc_interface *xch, uint32_t domid, xen_pfn_t *gpfns);
 int xc_get_pfn_type_batch(xc_interface *xch, uint32_t dom, unsigned int num, xen_pfn_t *arr);
@@ -105,6 +106,11 @@ class DomainInfo:
         self.nr_online_vcpus = int.from_bytes(raw[64:68], "little")
 
     @property
+    def shutdown_reason(self) -> int | None:
+        """SHUTDOWN_* reason if the domain is shut down (2 = suspend), else None."""
+        return (self.flags >> 16) & 0xFF if self.flags & DOMINF_SHUTDOWN else None
+
+    @property
     def paused(self) -> bool:
         return bool(self.flags & DOMINF_PAUSED)
 
@@ -158,6 +164,11 @@ class XcHandle:
 
     def unpause(self) -> None:
         self._check(self._xc.xc_domain_unpause(self._xch, self.domid), "xc_domain_unpause")
+
+    def resume_suspended(self) -> None:
+        """Resume a domain that suspended itself (cooperative resume: the guest returns from
+        its suspend hypercall with 1, "cancelled", and reconnects nothing)."""
+        self._check(self._xc.xc_domain_resume(self._xch, self.domid, 1), "xc_domain_resume")
 
     def max_gpfn(self) -> int:
         out = self._ffi.new("xen_pfn_t *")

@@ -253,10 +253,40 @@ def _compare_paused(src: XenDomain, dst_domid: int, pfns: np.ndarray, ring_pfns:
             "ring_pages_changed_by_dom0": {k: v for k, v in ring_pfns.items() if v in set(ring_bad.tolist())}}
 
 
+#: SHUTDOWN_suspend (xen/include/public/sched.h)
+SHUTDOWN_SUSPEND = 2
+#: how long the guest may take to acknowledge "suspend" (libxl allows 60 s)
+SUSPEND_TIMEOUT_S = 60.0
+
+
+def _suspend(dom: XenDomain) -> None:
+    """libxl's cooperative suspend of a PV-aware guest: write "suspend" to its
+    control/shutdown node and wait (bounded) until it has shut itself down with reason
+    suspend.  Its kernel then reconnects xenstore, event channels and grant tables when it
+    runs again -- in the restored copy, or here after a rollback (xc_domain_resume)."""
+    xl_path = f"/local/domain/{dom.domid}/control/shutdown"
+    cp = subprocess.run(["xenstore-write", xl_path, "suspend"], capture_output=True, text=True, timeout=30)
+    if cp.returncode != 0:
+        raise XenError(f"xenstore-write {xl_path} suspend failed: {cp.stderr.strip()}")
+    deadline = time.monotonic() + SUSPEND_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if dom.xc.info().shutdown_reason == SHUTDOWN_SUSPEND:
+            return
+        time.sleep(0.005)
+    subprocess.run(["xenstore-write", xl_path, ""], capture_output=True, timeout=30)
+    raise XenError(f"domain {dom.name} did not acknowledge the suspend request in {SUSPEND_TIMEOUT_S:g} s "
+                   "(no PV control in the guest? try --xen-pause)")
+
+
 def migrate_domain(name: str, policy, *, verify: bool = True, bandwidth_limit_Bps: float | None = None,
-                   on_round=None, pagemap_path: str | None = None, save_path: str | None = None) -> MigrationReport:
+                   on_round=None, pagemap_path: str | None = None, save_path: str | None = None,
+                   suspend: bool = True) -> MigrationReport:
     """Live-migrate domain ``name`` on this host through ``xl restore``, vmem's ``policy``
     deciding the rounds (any vmem policy object).
+
+    ``suspend``: stop the guest the way libxl does, by asking it to suspend itself (it then
+    reconnects to xenstore and its event channels in the new domain); False only pauses it,
+    which leaves a PV-aware guest's xenstore and event channels broken after the move.
 
     With ``save_path``: write the stream (xl save format) to that file instead and resume
     the source afterwards (``xl save -c``'s behaviour); ``xl restore FILE`` restores it.
@@ -277,6 +307,7 @@ def migrate_domain(name: str, policy, *, verify: bool = True, bandwidth_limit_Bp
     receiver = None
     fd = -1
     paused = False
+    suspended = False
     committed = False
     pagemap = None
     dom = XenDomain(name)
@@ -325,7 +356,11 @@ def migrate_domain(name: str, policy, *, verify: bool = True, bandwidth_limit_Bp
             return rep
         rep.phase = "stop-and-copy"
         pause_t = time.monotonic()
-        dom.xc.pause()
+        if suspend:
+            _suspend(dom)
+            suspended = True
+        else:
+            dom.xc.pause()
         paused = True
         final = tracker.collect()
         sc_sent, sc_bytes = io.send_pages(final)
@@ -348,7 +383,7 @@ def migrate_domain(name: str, policy, *, verify: bool = True, bandwidth_limit_Bp
         rep.timings_ms["stop_and_copy_ms"] = round((sent_t - pause_t) * 1e3, 1)
         tracker.stop()
         if save_path is not None:
-            dom.xc.unpause()
+            dom.xc.resume_suspended() if suspended else dom.xc.unpause()
             paused = False
             rep.outcome, rep.phase, rep.verified = "completed", "saved", False
             rep.verification = {"saved_to": save_path}
@@ -410,7 +445,10 @@ def migrate_domain(name: str, policy, *, verify: bool = True, bandwidth_limit_Bp
             tracker.stop()
             if paused:
                 try:
-                    dom.xc.unpause()
+                    if suspended:
+                        dom.xc.resume_suspended()
+                    else:
+                        dom.xc.unpause()
                 except OSError:
                     pass
             rep.source_guest_state = rep.source_guest_state or "running"
