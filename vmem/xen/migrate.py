@@ -329,10 +329,12 @@ def migrate_domain(name: str, policy, *, verify: bool = True, bandwidth_limit_Bp
         sink([xl_header(config)])
         writer = StreamWriter(sink)
         writer.begin(IHDR_VERSION_3)
-        tracker.start()  # armed before round 0 reads anything: a racing write shows up in round 1
+        # The pfn-type scan looks every gfn up (P2M_ALLOC) and comes *before* log-dirty is
+        # armed: a lookup made under log-dirty may turn an entry read-write unlogged.
         scan_t = time.monotonic()
         first = dom.populated_pfns()
         rep.timings_ms["populated_scan_ms"] = round((time.monotonic() - scan_t) * 1e3, 1)
+        tracker.start()  # armed before round 0 reads anything: a racing write shows up in round 1
         rep.guest_pages = dom.npages
         rep.guest_size_bytes = len(first) * PAGE_SIZE
         pagemap = PagemapRecorder(dom.npages, t0) if pagemap_path else None
