@@ -45,7 +45,7 @@ xc_interface *xc_interface_open(void *logger, void *dombuild_logger, unsigned op
 int xc_interface_close(xc_interface *xch);
 int xc_domain_pause(xc_interface *xch, uint32_t domid);
 int xc_domain_unpause(xc_interface *xch, uint32_t domid);
-int xc_domain_resume(xc_interface *xch, uint32_t domid, int fast);
+int xc_domain_resume(xc_interface *xch, uint32_t domid, int fast); /* libxenguest, not libxenctrl */
 int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain, unsigned int max_domains, void *info);
 int xc_domain_maximum_gpfn(xc_interface *xch, uint32_t domid, xen_pfn_t *gpfns);
 int xc_get_pfn_type_batch(xc_interface *xch, uint32_t dom, unsigned int num, xen_pfn_t *arr);
@@ -73,7 +73,7 @@ class LibxcUnavailable(OSError):
 
 
 def _libs():
-    """(ffi, libxenctrl, libxenforeignmemory), loaded once."""
+    """(ffi, libxenctrl, libxenforeignmemory, libxenguest), loaded once."""
     global _loaded
     with _lock:
         if _loaded is None:
@@ -86,10 +86,11 @@ def _libs():
             try:
                 xc = ffi.dlopen("libxenctrl.so.4.17")
                 fm = ffi.dlopen("libxenforeignmemory.so.1")
+                xg = ffi.dlopen("libxenguest.so.4.17")  # xc_domain_resume lives here in 4.17
             except OSError as err:
                 raise LibxcUnavailable(errno.ENOENT, f"Xen 4.17's libxenctrl/libxenforeignmemory cannot be loaded "
                                                      f"({err}); run in a Xen dom0 with xen-utils-4.17") from None
-            _loaded = (ffi, xc, fm)
+            _loaded = (ffi, xc, fm, xg)
         return _loaded
 
 
@@ -127,7 +128,7 @@ class XcHandle:
     """
 
     def __init__(self, domid: int):
-        self._ffi, self._xc, self._fm = _libs()
+        self._ffi, self._xc, self._fm, self._xg = _libs()
         ffi = self._ffi
         self.domid = int(domid)
         self._xch = self._xc.xc_interface_open(ffi.NULL, ffi.NULL, 0)
@@ -168,7 +169,7 @@ class XcHandle:
     def resume_suspended(self) -> None:
         """Resume a domain that suspended itself (cooperative resume: the guest returns from
         its suspend hypercall with 1, "cancelled", and reconnects nothing)."""
-        self._check(self._xc.xc_domain_resume(self._xch, self.domid, 1), "xc_domain_resume")
+        self._check(self._xg.xc_domain_resume(self._xch, self.domid, 1), "xc_domain_resume")
 
     def max_gpfn(self) -> int:
         out = self._ffi.new("xen_pfn_t *")
