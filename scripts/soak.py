@@ -216,6 +216,8 @@ def main(argv=None) -> int:
                                                                        f"{','.join(campaign.MODES)}")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--agent-logs", metavar="DIR", help="copy the agents' logs into DIR at the end (with "
+                                                       "VMEM_AGENT_MEMWATCH=EVERY[:TOP] set they say where memory goes)")
     args = p.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     for m in modes:
@@ -265,6 +267,11 @@ def main(argv=None) -> int:
         rc = 130
     finally:
         hosts.down()
+        if args.agent_logs:
+            os.makedirs(args.agent_logs, exist_ok=True)
+            for name in sorted(os.listdir(workdir)):
+                if name.endswith(".log") and os.path.isfile(os.path.join(workdir, name)):
+                    shutil.copy(os.path.join(workdir, name), args.agent_logs)
         shutil.rmtree(workdir, ignore_errors=True)
     return rc
 
