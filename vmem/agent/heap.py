@@ -211,8 +211,10 @@ class MemoryWatch:
         """The watch ``VMEM_AGENT_MEMWATCH`` asks for, or None.
 
         Raises:
-            ValueError: the variable is set but is not ``EVERY[:TOP]`` (EVERY >= 1, TOP >= 0).
+            ConfigError: the variable is set but is not ``EVERY[:TOP]`` (EVERY >= 1, TOP >= 0).
         """
+        from vmem.errors import ConfigError
+
         spec = environ.get(cls.ENV, "").strip()
         if not spec:
             return None
@@ -221,8 +223,8 @@ class MemoryWatch:
             if not 1 <= len(parts) <= 2 or parts[0] < 1 or min(parts) < 0:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"{cls.ENV}={spec!r}: expected EVERY[:TOP], integers (e.g. 20, or 20:15 to trace "
-                             "Python allocations)") from None
+            raise ConfigError(cls.ENV, f"{spec!r} is not EVERY[:TOP] (integers, e.g. 20, or 20:15 to also trace "
+                                       "Python allocations): fix or unset it") from None
         return cls(*parts)
 
     def due(self) -> bool:
