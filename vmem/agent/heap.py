@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 
-__all__ = ["MALLOC_ARENAS", "MMAP_THRESHOLD_BYTES", "MemoryWatch", "collect_cycles", "heap_figures", "obmalloc_figures", "release_free_memory",
+__all__ = ["MALLOC_ARENAS", "MMAP_THRESHOLD_BYTES", "MemoryWatch", "collect_cycles", "freeze_startup_objects", "heap_figures", "obmalloc_figures", "release_free_memory",
            "tune_malloc"]
 
 log = logging.getLogger("vmem.agent")
@@ -83,7 +83,8 @@ def collect_cycles(describe: bool = False) -> dict:
     survivors of many young collections only after many more allocations, so between
     migrations an agent held 30-130 MiB of dead buffers (measured with
     :class:`MemoryWatch` in scripts/soak.py; docs/reliability.md).  A full collection of the
-    agent's ~30 k objects takes milliseconds.
+    agent's objects made since start-up (:func:`freeze_startup_objects`) takes about a
+    millisecond.
     """
     import gc
 
@@ -102,6 +103,20 @@ def collect_cycles(describe: bool = False) -> dict:
         gc.set_debug(flags)
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:12]
     return {"objects": n, "types": top}
+
+
+def freeze_startup_objects() -> None:
+    """Collect, then move every object alive now to the collector's permanent generation
+    (``gc.freeze()``): the agent's code -- modules, functions, classes, ~30 k objects -- is
+    then never scanned again, and a full collection (:func:`collect_cycles`) costs what the
+    objects made since cost: ~1 ms instead of ~20 ms on a loaded 2-core machine, a pause a
+    concurrent migration's stop-and-copy would feel.  Called once, after start-up, when no
+    migration's objects exist (frozen objects are still freed by reference counting; only a
+    cycle among them would be kept)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def release_free_memory() -> None:

@@ -47,7 +47,7 @@ from vmem import __version__
 from vmem.errors import VmemError
 from vmem.wakepipe import WakePipe
 from vmem.agent.commands import COMMANDS, LOCAL_ONLY_COMMANDS
-from vmem.agent.heap import MemoryWatch, collect_cycles, release_free_memory, tune_malloc
+from vmem.agent.heap import MemoryWatch, collect_cycles, freeze_startup_objects, release_free_memory, tune_malloc
 from vmem.agent.limits import Admission, ConnectionCaps, DeadlineWatch, LogLimiter
 from vmem.agent.paths import info_path, prepare_state_dir, socket_path
 from vmem.agent.protocol import (MAGIC, AgentError, ErrorCode, ProtocolError, client_hello, recv_frame, send_error,
@@ -809,6 +809,12 @@ def run_agent(config: AgentConfig) -> int:
         raise
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
+    # The code a migration runs, imported now so that it is frozen with the rest.
+    import vmem.agent.migration  # noqa: F401
+    import vmem.migration.destination  # noqa: F401
+    import vmem.migration.source  # noqa: F401
+
+    freeze_startup_objects()
     try:
         agent.serve_forever()
     finally:
