@@ -79,10 +79,10 @@ def pytest_configure(config) -> None:
         config.pluginmanager.register(_BenchRecordWriter(config), "vmem-bench-writer")
 
 
-def _lock_path(config, tmp_path_factory) -> str:
+def _lock_path(config, tmp_path_factory=None) -> str:
     """One lock file per test run, in pytest's own temporary directory (shared by the
-    xdist workers: theirs are sub-directories of the controller's)."""
-    base = tmp_path_factory.getbasetemp()
+    xdist workers on this machine: theirs are sub-directories of the controller's)."""
+    base = (tmp_path_factory or config._tmp_path_factory).getbasetemp()
     if hasattr(config, "workerinput"):
         base = base.parent
     return os.path.join(str(base), _ALONE_LOCK)
@@ -121,21 +121,26 @@ def is_alone(node) -> bool:
     return any(node.get_closest_marker(name) is not None for name in names)
 
 
-@pytest.fixture
-def _vmem_lock(request, tmp_path_factory):
-    """Hold the run's lock: exclusively for ``vmem_alone`` items, shared otherwise."""
-    with _hold(_lock_path(request.config, tmp_path_factory), is_alone(request.node)):
-        yield
+#: Fixtures whose tests hold the lock (shared) even without ini ``vmem_lock_all``.
+_LOCKING_FIXTURES = ("vmem_guest", "vmem_migrate", "vmem_bench_run")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Hold the run's lock around the whole item (setup, call, teardown): exclusively for
+    an alone item, shared for one that uses a vmem fixture (or any, with ``vmem_lock_all``).
+    The outermost wrapper: the wait happens before pytest-timeout starts the item's clock,
+    so a test that waits for a long ``vmem_alone`` test is not timed out for it."""
+    alone = is_alone(item)
+    if not (alone or item.config.getini("vmem_lock_all") or any(f in item.fixturenames for f in _LOCKING_FIXTURES)):
+        return (yield)
+    with _hold(_lock_path(item.config), alone):
+        return (yield)
 
 
 @pytest.fixture(autouse=True)
 def _vmem_markers(request):
-    """``vmem_kernel``: skip where a feature is missing; ``vmem_alone``: hold the lock
-    exclusively even in a test that boots nothing through the vmem fixtures; with ini
-    ``vmem_lock_all``, every test holds it (shared unless alone).  Autouse fixtures are set
-    up before the test's other function-scoped fixtures, so the lock covers those too."""
-    if request.config.getini("vmem_lock_all") or is_alone(request.node):
-        request.getfixturevalue("_vmem_lock")
+    """``vmem_kernel``: skip, naming the feature, where the kernel lacks one."""
     marker = request.node.get_closest_marker("vmem_kernel")
     if marker is not None:
         from vmem.testing import feature_missing
@@ -149,7 +154,7 @@ def _vmem_markers(request):
 
 
 @pytest.fixture
-def vmem_guest(_vmem_lock):
+def vmem_guest():
     """Factory: boot a source guest; every guest is closed (reaped) after the test."""
     from vmem.bench.matrix import typed_params
     from vmem.migration.backend import GuestSpec, boot_guest
@@ -168,7 +173,7 @@ def vmem_guest(_vmem_lock):
 
 
 @pytest.fixture
-def vmem_migrate(_vmem_lock):
+def vmem_migrate():
     """``vmem_migrate(guest, **how) -> report dict``: a one-host live migration."""
     def migrate(guest, *, mode: str = "precopy", policy: str = "xen", policy_options: dict | None = None,
                 tracker: str = "auto", bandwidth=None, observe_s: float = 0.2, warmup_s: float = 0.0) -> dict:
@@ -241,7 +246,7 @@ def _worker_identity() -> dict:
 
 
 @pytest.fixture
-def vmem_bench_run(request, vmem_bench_case, _vmem_lock):
+def vmem_bench_run(request, vmem_bench_case):
     """Run one bench cell once and return its record; the record travels to the
     controlling pytest with the test report, which appends it to ``--vmem-bench-out``."""
     import json
