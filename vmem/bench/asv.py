@@ -24,7 +24,6 @@ counted.  The machine is the run's hostname unless ``machine`` is given.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import platform
@@ -33,6 +32,7 @@ import subprocess
 from datetime import datetime
 
 from vmem.bench.metrics import METRIC_NAMES
+from vmem.bench.runner import write_json_file
 
 __all__ = ["export_asv", "BENCHMARK_PREFIX", "RESULT_COLUMNS", "ASV_RESULTS_VERSION"]
 
@@ -100,14 +100,6 @@ def _median_ci(values: list[float], coverage: float = 0.99) -> tuple[float, floa
     return s[k - 1], s[n - k]
 
 
-def _write_json(path: str, doc: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "unknown"
 
@@ -140,7 +132,7 @@ def export_asv(records: list[dict], out_dir: str, *, machine: str | None = None,
         "name": BENCHMARK_PREFIX + m, "type": "track", "unit": _unit(m), "params": params, "param_names": ["cell"],
         "version": _version(m), "timeout": None, "code": f"vmem bench: metric {m} (docs/bench.md)"}
         for m in METRIC_NAMES}
-    _write_json(os.path.join(out_dir, "benchmarks.json"), benchmarks | {"version": 2})
+    write_json_file(os.path.join(out_dir, "benchmarks.json"), benchmarks | {"version": 2})
     written = []
     for (mach, commit), runs in sorted(groups.items()):
         prov = _provenance(runs[0])
@@ -151,7 +143,7 @@ def export_asv(records: list[dict], out_dir: str, *, machine: str | None = None,
                         "ram": str(prov.get("memory_bytes") or "")}
         mdir = os.path.join(out_dir, mach)
         os.makedirs(mdir, exist_ok=True)
-        _write_json(os.path.join(mdir, "machine.json"), machine_info | {"version": 1})
+        write_json_file(os.path.join(mdir, "machine.json"), machine_info | {"version": 1})
         run_dates = [d for d in (_js_ms(_provenance(r).get("date_utc")) for r in runs) if d is not None]
         results = {}
         for m in METRIC_NAMES:
@@ -174,6 +166,6 @@ def export_asv(records: list[dict], out_dir: str, *, machine: str | None = None,
                "params": machine_info | {"python": python}, "python": python, "requirements": {}, "env_vars": {},
                "result_columns": RESULT_COLUMNS, "results": results, "durations": {}}
         path = os.path.join(mdir, f"{commit[:8]}-{env_name}.json")
-        _write_json(path, doc)
+        write_json_file(path, doc)
         written.append(path)
     return {"files": written, "skipped": skipped}

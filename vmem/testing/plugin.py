@@ -132,7 +132,9 @@ def pytest_runtest_protocol(item, nextitem):
     The outermost wrapper: the wait happens before pytest-timeout starts the item's clock,
     so a test that waits for a long ``vmem_alone`` test is not timed out for it."""
     alone = is_alone(item)
-    if not (alone or item.config.getini("vmem_lock_all") or any(f in item.fixturenames for f in _LOCKING_FIXTURES)):
+    if not (alone or item.config.getini("vmem_lock_all")
+            or any(f in getattr(item, "fixturenames", ()) for f in _LOCKING_FIXTURES)) \
+            or not hasattr(item.config, "_tmp_path_factory"):  # -p no:tmpdir: no run directory to lock in
         return (yield)
     with _hold(_lock_path(item.config), alone):
         return (yield)
