@@ -160,7 +160,8 @@ _LAZY_COMMANDS = {
               "append one JSON line per run, compare with a baseline (noise-aware: medians, thresholds and a rank "
               "test) and exit 1 on a regression.  docs/bench.md."),
     "trend": ("vmem.cli.bench", "add_trend_arguments", "a trend view of stored bench results across commits",
-              "One graph per metric and cell from vmem bench results files: medians per commit, in date order."),
+              "One graph per metric and cell from vmem bench results files: medians per commit, in date order; "
+              "--asv DIR writes them in asv's results format."),
 }
 _LAZY_RUNNERS = {"profile": ("vmem.analysis.profile", "cmd_profile"), "predict": ("vmem.analysis.simulate", "cmd_predict"),
                  "compare": ("vmem.cli.compare", "cmd_compare"), "graph": ("vmem.analysis.graphs", "cmd_graph"),
