@@ -19,6 +19,12 @@ the goals of issue 13 with the measured value: fault p50 <= 60 us, p99 <= 250 us
 50k pages/s, push >= 1.5 GB/s with no fault pending, ``blackout_ms`` <= 5 ms for pure and
 hybrid post-copy of the guest writing flat out.  ``--strict``: exit 1 when a goal is missed.
 The push rate while faults are served and the paced guests' blackout are reported too.
+
+``--ab``: every post-copy scenario also runs with the scheduling before issue 13 item 2
+(``VMEM_TEST_POSTCOPY_PREEMPT=give_way=0,piece=1024,priority=nice``: the push does not give
+way to demand answers, fault threads at nice -15), interleaved with the current one (order
+alternating), and the summary gives both and their ratios -- the comparison that stays
+meaningful on a loaded machine.  Goals are checked on the current scheduling only.
 """
 from __future__ import annotations
 
@@ -38,6 +44,10 @@ from guests.launch import GuestSpec, ProcessGuest  # noqa: E402
 from vmem.migration.local import run_local_migration  # noqa: E402
 from vmem.migration.source import MigrationOptions  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
+from vmem.migration.inject import PREEMPT_ENV  # noqa: E402
+
+#: the scheduling before issue 13 item 2 (the ``--ab`` baseline arm)
+OLD_SCHEDULING = "give_way=0,piece=1024,priority=nice"
 
 
 def plain_copy_Bps(nbytes: int) -> float:
@@ -111,27 +121,40 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    p.add_argument("--ab", action="store_true", help="also run every post-copy scenario with the old scheduling,"
+                                                     " interleaved, and report the ratios")
     a = p.parse_args(argv)
     size = parse_size(a.size)
     results = []
     for i in range(a.runs):
         base = plain_copy_Bps(size)
         for label, mode, workload, rate in SCENARIOS:
-            res = one(mode, rate, size, workload)
-            res["run"] = i
-            res["scenario"] = label
-            res["plain_copy_Bps"] = round(base, 1)
-            if res.get("push_rate_Bps"):
-                res["push_vs_plain"] = round(res["push_rate_Bps"] / base, 3)
-            results.append(res)
-            print(json.dumps(res), flush=True)
+            arms = ["new", "old"] if a.ab and mode != "precopy" else ["new"]
+            if i % 2:
+                arms.reverse()
+            for arm in arms:
+                if arm == "old":
+                    os.environ[PREEMPT_ENV] = OLD_SCHEDULING  # read by both sides (the destination inherits it)
+                try:
+                    res = one(mode, rate, size, workload)
+                finally:
+                    os.environ.pop(PREEMPT_ENV, None)
+                res["run"] = i
+                res["arm"] = arm
+                res["scenario"] = label
+                res["plain_copy_Bps"] = round(base, 1)
+                if res.get("push_rate_Bps"):
+                    res["push_vs_plain"] = round(res["push_rate_Bps"] / base, 3)
+                results.append(res)
+                print(json.dumps(res), flush=True)
 
-    def good(label):  # the runs of one scenario that completed verified
-        return [r for r in results if r["scenario"] == label and r["outcome"] == "completed" and r["verified"]]
+    def good(label, arm="new"):  # the runs of one scenario that completed verified
+        return [r for r in results if r["scenario"] == label and r["arm"] == arm
+                and r["outcome"] == "completed" and r["verified"]]
 
-    def med(mode, rate, key, workload="hotcold"):  # over the runs that completed verified only
+    def med(mode, rate, key, workload="hotcold", arm="new"):  # over the runs that completed verified only
         label = next(s[0] for s in SCENARIOS if s[1:] == (mode, workload, rate))
-        xs = [r[key] for r in good(label) if r.get(key) is not None]
+        xs = [r[key] for r in good(label, arm) if r.get(key) is not None]
         return round(statistics.median(xs), 3) if xs else None
 
     summary = {}
@@ -157,6 +180,19 @@ def main(argv=None) -> int:
                                   "push_rate_GBps": (med(mode, 0, "push_rate_Bps") or 0) / 1e9}
                            for mode in ("postcopy", "hybrid")}
     summary["plain_copy_GBps"] = round(statistics.median(r["plain_copy_Bps"] for r in results) / 1e9, 3)
+    if a.ab:  # the same scenarios with the old scheduling, and new / old
+        ab = {}
+        for label, mode, workload, rate in SCENARIOS:
+            if mode == "precopy":
+                continue
+            row = {}
+            for key in ("fault_p50_us", "fault_p99_us", "push_rate_Bps", "blackout_ms", "downtime_ms"):
+                new, old = med(mode, rate, key, workload), med(mode, rate, key, workload, "old")
+                row[key] = {"new": new, "old": old, "new_over_old": round(new / old, 3) if new and old else None}
+            ab[label] = row
+            print(f"A/B {label}: " + ", ".join(f"{k} {v['new']} vs {v['old']} (x{v['new_over_old']})"
+                                                for k, v in row.items()))
+        summary["ab_new_vs_old_scheduling"] = ab
     print(json.dumps({"summary": summary}, indent=1))
     checks = []
     for rate in (5000, 50000):

@@ -233,3 +233,37 @@ def test_source_gone_after_the_switch_the_destination_names_the_lost_pages(boot_
     err = capfd.readouterr().err
     assert "pages are lost (first: [" in err and "stopped rather than run on memory it does not have" in err
     assert g.verify()["ok"]  # the source still holds every page
+
+
+@pytest.mark.parametrize("give_way", [True, False], ids=["gives-way", "fires-without"])
+def test_push_gives_way_to_demand_answers(boot_guest, monkeypatch, give_way):
+    """The destination places the background push in pieces and lets a waiting demand answer
+    go first, so no answer waits behind more than one piece (push_pages_ahead_max counts the
+    background pages placed while one answer waited).  Each piece is made slow on purpose
+    (vmem.migration.inject, slow_us) so that the checker's faults meet the push; with the
+    giving way turned off and 1024-page pieces, the same statistic shows answers waiting
+    behind a whole batch -- what the check exists to catch.  Counts only, no timings."""
+    from vmem import _native as nat
+    from vmem.migration import inject
+
+    piece = nat.PUSH_PIECE_PAGES
+    env = "slow_us=2000" if give_way else "slow_us=2000,give_way=0,piece=1024"
+    monkeypatch.setenv(inject.PREEMPT_ENV, env)  # the destination process inherits it
+    g = boot_guest("checker", SIZE, rate=20000, reads=64)
+    time.sleep(0.2)
+    try:
+        report = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0.2))
+    finally:
+        monkeypatch.delenv(inject.PREEMPT_ENV)
+        inject.apply_preempt()  # this process (the source) back to the defaults
+    pc = assert_migrated(report, "postcopy")["postcopy"]
+    assert pc["fault_path"] == "native"
+    assert pc["fault_waits"] >= 1, pc  # answers did meet the slow push (the test is not vacuous)
+    if give_way:
+        assert pc["push_yields"] >= 1, pc
+        # the piece in progress when the answer came, or one that started just before it asked
+        assert pc["push_pages_ahead_max"] <= piece, pc
+    else:
+        assert pc["push_yields"] == 0, pc
+        assert pc["push_pages_ahead_max"] > 2 * piece, pc
+    assert pc["fault_thread_priority"] == nat.fault_thread_priority()[1]

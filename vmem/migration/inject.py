@@ -136,14 +136,14 @@ def preempt_from_env(environ=None) -> dict:
 
 
 def apply_preempt(environ=None) -> dict:
-    """Apply :data:`PREEMPT_ENV` to this process's native post-copy engine (before it starts);
-    return the settings (so the source's pusher can read ``give_way``)."""
+    """Apply :data:`PREEMPT_ENV` to this process's native post-copy engine (before it starts;
+    the defaults when it is unset); return the settings (the source's pusher reads ``give_way``)."""
     from vmem import _native as nat
 
     cfg = preempt_from_env(environ)
-    if cfg:
-        nat.set_push_pieces(cfg.get("piece", 0), cfg.get("give_way", True), cfg.get("slow_us", 0))
-        nat.set_fault_thread_priority_limit(_PRIORITY_NAMES[cfg.get("priority", "fifo")])
+    # Always set: unset means the defaults again (a process that ran with it before).
+    nat.set_push_pieces(cfg.get("piece", 0), cfg.get("give_way", True), cfg.get("slow_us", 0))
+    nat.set_fault_thread_priority_limit(_PRIORITY_NAMES[cfg.get("priority", "fifo")])
     return cfg
 
 
