@@ -19,6 +19,25 @@ def test_doctor_names_features_and_the_tracker_choice():
         assert name in out.stdout
     expected = "mprotect" if uffd_wp_missing() else "uffd-wp"
     assert f"--tracker auto selects: {expected}" in out.stdout
+    from vmem import _native as nat
+
+    assert f"post-copy fault threads: {nat.fault_thread_priority()[1]}" in out.stdout
+
+
+def test_doctor_says_when_the_fault_threads_cannot_have_sched_fifo():
+    """Without RT priority allowed (RLIMIT_RTPRIO 0 and no CAP_SYS_NICE: a child that drops
+    its capabilities), doctor names what the fault threads get instead and why."""
+    import os
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    code = "from vmem.cli.main import post_copy_priority_line as f; print(f())"
+    out = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-sys_nice", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert "SCHED_FIFO was refused" in out.stdout or "neither SCHED_FIFO" in out.stdout, out.stdout
 
 
 class _GuestWithoutWpAsync:

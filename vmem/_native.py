@@ -74,6 +74,9 @@ __all__ = [
     "PostcopyFaultEngine",
     "PostcopyFaultServer",
     "FAULT_THREAD_PRIORITIES",
+    "PC_PRIO_NORMAL",
+    "PC_PRIO_NICE",
+    "PC_PRIO_FIFO",
     "PUSH_PIECE_PAGES",
     "fault_thread_priority",
     "set_push_pieces",
@@ -876,10 +879,13 @@ class PostcopyFaultServer(_FaultThread):
 
 #: How a post-copy fault thread is scheduled (``stats()["priority"]``, :func:`fault_thread_priority`).
 FAULT_THREAD_PRIORITIES: dict[int, str] = {
-    int(lib.VMEM_PC_PRIO_NORMAL): "normal (no CAP_SYS_NICE: neither SCHED_FIFO nor a negative nice value allowed)",
-    int(lib.VMEM_PC_PRIO_NICE): f"nice {int(lib.VMEM_PC_NICE)} (SCHED_FIFO refused)",
+    int(lib.VMEM_PC_PRIO_NORMAL): "normal",
+    int(lib.VMEM_PC_PRIO_NICE): f"nice {int(lib.VMEM_PC_NICE)}",
     int(lib.VMEM_PC_PRIO_FIFO): f"SCHED_FIFO {int(lib.VMEM_PC_RT_PRIORITY)}",
 }
+PC_PRIO_NORMAL: int = int(lib.VMEM_PC_PRIO_NORMAL)
+PC_PRIO_NICE: int = int(lib.VMEM_PC_PRIO_NICE)
+PC_PRIO_FIFO: int = int(lib.VMEM_PC_PRIO_FIFO)
 #: Pages of background push placed per piece at the post-copy destination.
 PUSH_PIECE_PAGES: int = int(lib.VMEM_PC_PIECE_PAGES)
 

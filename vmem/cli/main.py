@@ -139,7 +139,25 @@ def cmd_doctor(args) -> int:
     print(f"tracker mprotect: {'available' if mprot_ok else 'UNAVAILABLE'} (SIGSEGV handler in the guest)")
     best = "uffd-wp" if uffd_ok else ("mprotect" if mprot_ok else None)
     print(f"--tracker auto selects: {best or 'nothing: no dirty tracking is possible on this kernel'}")
+    print(post_copy_priority_line())
     return 0 if best else 1
+
+
+def post_copy_priority_line() -> str:
+    """What the post-copy fault threads get here, and what that means (vmem doctor)."""
+    from vmem import _native as nat
+
+    try:
+        kind, what = nat.fault_thread_priority()
+    except OSError as err:
+        return f"post-copy fault threads: could not be probed ({err})"
+    if kind == nat.PC_PRIO_FIFO:
+        return f"post-copy fault threads: {what} (a fault's answer preempts the push and the guest at once)"
+    if kind == nat.PC_PRIO_NICE:
+        return (f"post-copy fault threads: {what} -- SCHED_FIFO was refused (needs CAP_SYS_NICE or RLIMIT_RTPRIO,"
+                " or RT bandwidth in this cgroup); answers may wait a scheduler slice behind the push")
+    return (f"post-copy fault threads: {what} -- neither SCHED_FIFO nor a negative nice value was allowed (run as root"
+            " or grant CAP_SYS_NICE); fault latency under load will suffer")
 
 
 #: Subcommands whose modules are heavy to import (matplotlib...): their arguments are
