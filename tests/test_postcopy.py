@@ -267,3 +267,49 @@ def test_push_gives_way_to_demand_answers(boot_guest, monkeypatch, give_way):
         assert pc["push_yields"] == 0, pc
         assert pc["push_pages_ahead_max"] > 2 * piece, pc
     assert pc["fault_thread_priority"] == nat.fault_thread_priority()[1]
+
+
+class _RecordingWriter:
+    """A StreamWriter stand-in for PostcopySource.push: records, per batch written, whether
+    the fault server was answering a FAULT at that moment (cursor[2] != 0)."""
+
+    def __init__(self, cursor):
+        self.cursor = cursor
+        self.bytes_written = 0
+        self.batches_while_answering = 0
+        self.batches = 0
+
+    def page_data(self, pfns, bufs, record_type=None):
+        self.batches += 1
+        self.batches_while_answering += bool(self.cursor[2])
+        self.bytes_written += len(pfns) * 4096
+
+
+@pytest.mark.parametrize("give_way", [True, False], ids=["gives-way", "fires-without"])
+def test_pusher_starts_no_batch_while_a_fault_is_being_answered(monkeypatch, give_way):
+    """The source's pusher gives way to its C fault server: while cursor[2] (FAULT records
+    being answered) is not 0, no batch is written.  A thread holds it at 1 for a while, as
+    a server answering a slow fault would; with the giving way off, batches go out
+    meanwhile -- what the count catches.  Counts only."""
+    import threading
+
+    from vmem.migration.postcopy import source as pcsource
+
+    monkeypatch.setattr(pcsource, "GIVE_WAY_MAX_S", 30.0)  # the test decides when the answer ends
+    npages = 8 * pcsource.BATCH_PAGES
+    ram = np.zeros((npages, 4096), dtype=np.uint8)
+    pc = pcsource.PostcopySource(ram, None, None, threading.Lock())
+    pc.give_way = give_way
+    writer = pc.writer = _RecordingWriter(pc._cursor_shared)
+    pc._cursor_shared[2] = 1  # a FAULT is being answered when the push starts
+    release = threading.Timer(0.2, lambda: pc._cursor_shared.__setitem__(2, 0))
+    release.start()
+    try:
+        pc.push(np.arange(npages, dtype=np.int64))
+    finally:
+        release.cancel()
+    assert writer.batches == 8 and pc.sent.all()
+    if give_way:
+        assert writer.batches_while_answering == 0 and pc.push_yields == 1
+    else:
+        assert writer.batches_while_answering >= 1 and pc.push_yields == 0
