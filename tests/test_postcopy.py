@@ -240,9 +240,10 @@ def test_push_gives_way_to_demand_answers(boot_guest, monkeypatch, give_way):
     """The destination places the background push in pieces and lets a waiting demand answer
     go first, so no answer waits behind more than one piece (push_pages_ahead_max counts the
     background pages placed while one answer waited).  Each piece is made slow on purpose
-    (vmem.migration.inject, slow_us) so that the checker's faults meet the push; with the
+    (vmem.migration.inject, slow_us: each piece first holds the placement gate that long, as
+    one slow pwrite of the whole piece would) so that the checker's faults meet it; with the
     giving way turned off and 1024-page pieces, the same statistic shows answers waiting
-    behind a whole batch -- what the check exists to catch.  Counts only, no timings."""
+    behind more than a piece -- what the check exists to catch.  Counts only, no timings."""
     from vmem import _native as nat
     from vmem.migration import inject
 
@@ -261,11 +262,11 @@ def test_push_gives_way_to_demand_answers(boot_guest, monkeypatch, give_way):
     assert pc["fault_waits"] >= 1, pc  # answers did meet the slow push (the test is not vacuous)
     if give_way:
         assert pc["push_yields"] >= 1, pc
-        # the piece in progress when the answer came, or one that started just before it asked
+        # at most the pwrite in progress when the answer came (a run of one piece at most)
         assert pc["push_pages_ahead_max"] <= piece, pc
     else:
         assert pc["push_yields"] == 0, pc
-        assert pc["push_pages_ahead_max"] > 2 * piece, pc
+        assert pc["push_pages_ahead_max"] > piece, pc  # the bound the giving way keeps is broken
     assert pc["fault_thread_priority"] == nat.fault_thread_priority()[1]
 
 

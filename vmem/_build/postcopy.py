@@ -150,10 +150,29 @@ static int vmem_place_faulty(int ram_fd, const uint8_t *src, off_t off)
    writing then reading back through the mapping costs ~10% more than digesting the staging
    buffer; pread-ing back into the staging buffer, ~2x.  A repeated page: the last copy wins
    (written and digested last).  Returns the number of pages handled, or -errno (earlier
-   runs stay placed). */
+   runs stay placed).
+
+   With a gate (post-copy, below), each pwrite -- only the pwrite: the kernel serialises
+   those anyway, on the shmem inode lock -- is made holding the gate's mutex; digesting and
+   mapping run outside it. */
+struct vmem_place_gate;
+static int vmem_gate_enter(struct vmem_place_gate *g);
+static void vmem_gate_leave(struct vmem_place_gate *g, size_t pages);
+
+static int64_t vmem_place_pages_gated(int ram_fd, int uffd, uint64_t guest_base, const uint8_t *buf,
+                                      const int64_t *rows, const int64_t *pages, size_t n, uint64_t *digests,
+                                      const uint8_t *view, struct vmem_place_gate *gate);
+
 static int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, const uint8_t *buf,
                                 const int64_t *rows, const int64_t *pages, size_t n, uint64_t *digests,
                                 const uint8_t *view)
+{
+    return vmem_place_pages_gated(ram_fd, uffd, guest_base, buf, rows, pages, n, digests, view, NULL);
+}
+
+static int64_t vmem_place_pages_gated(int ram_fd, int uffd, uint64_t guest_base, const uint8_t *buf,
+                                      const int64_t *rows, const int64_t *pages, size_t n, uint64_t *digests,
+                                      const uint8_t *view, struct vmem_place_gate *gate)
 {
     const int64_t fault_page = vmem_place_fault_page;
     size_t i = 0;
@@ -170,7 +189,11 @@ static int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, const
         uint64_t len = (uint64_t)(j - i) * VMEM_PAGE_SIZE;
         const uint8_t *src = buf + (uint64_t)row0 * VMEM_PAGE_SIZE;
         off_t off = (off_t)pages[i] * VMEM_PAGE_SIZE;
+        if (gate)
+            vmem_gate_enter(gate);
         int rc = faulty ? vmem_place_faulty(ram_fd, src, off) : vmem_pwrite_all(ram_fd, src, len, off);
+        if (gate)
+            vmem_gate_leave(gate, j - i);
         if (rc < 0)
             return rc;
         if (digests) {
@@ -560,13 +583,14 @@ struct vmem_pc_dest {
     int64_t lat_cap;
     pthread_mutex_t mu;
     struct vmem_pc_dest_stats st;   /* under mu */
-    /* The placement gate: every pwrite into the RAM file goes through it (a demand answer
-       at once, the background push one piece at a time).  The kernel serialises writes to
-       one shmem file anyway (the inode lock), so the gate costs no parallelism; what it adds
-       is the order: a piece is not started while a demand answer waits (urgent_waiting). */
+    /* The placement gate: every pwrite into the RAM file is made holding it (digesting and
+       mapping are not).  The kernel serialises writes to one shmem file anyway (the inode
+       lock), so the gate costs no parallelism; what it adds is the order and the priority: a
+       piece is not started while a demand answer waits (urgent_waiting), and the holder
+       inherits the waiting fault thread's priority. */
     pthread_mutex_t gate;
     int urgent_waiting;        /* the fault thread wants the gate (atomic) */
-    int64_t bg_pages;          /* background pages placed through the gate so far (under gate) */
+    int64_t bg_pages;          /* background pages written through the gate so far (atomic) */
     uint8_t *staging;          /* the thread's receive buffer, VMEM_PC_MAX_PAGES pages */
     int64_t pfns[VMEM_PC_MAX_PAGES], rows[VMEM_PC_MAX_PAGES], mine[VMEM_PC_MAX_PAGES];
 };
@@ -675,19 +699,50 @@ static void vmem_pc_set_push_pieces(int64_t piece_pages, int yield, int64_t slow
     vmem_pc_piece_slow_us = slow_us > 0 ? slow_us : 0;
 }
 
+/* One placer's passage through the placement gate (vmem_place_pages_gated). */
+struct vmem_place_gate {
+    vmem_pc_dest *h;
+    int urgent;                /* the fault thread (else the background push) */
+    int waited;                /* urgent: the gate was busy at the first pwrite */
+    int64_t before, ahead;     /* urgent: bg_pages when it asked / placed before it got in */
+};
+
+static int vmem_gate_enter(struct vmem_place_gate *g)
+{
+    vmem_pc_dest *h = g->h;
+    if (!g->urgent) {
+        pthread_mutex_lock(&h->gate);
+        return 0;
+    }
+    if (pthread_mutex_trylock(&h->gate) != 0) {
+        pthread_mutex_lock(&h->gate);
+        if (!g->waited) {
+            g->waited = 1;
+            g->ahead = __atomic_load_n(&h->bg_pages, __ATOMIC_ACQUIRE) - g->before;
+        }
+    }
+    return 0;
+}
+
+static void vmem_gate_leave(struct vmem_place_gate *g, size_t pages)
+{
+    vmem_pc_dest *h = g->h;
+    if (!g->urgent && !vmem_pc_piece_slow_us)   /* (a slow piece counted its pages already) */
+        __atomic_add_fetch(&h->bg_pages, (int64_t)pages, __ATOMIC_RELEASE);   /* before the gate opens */
+    pthread_mutex_unlock(&h->gate);
+}
+
 /* The fault thread's placement of claimed pages: through the gate ahead of the push. */
 static int64_t vmem_pc_place_urgent(vmem_pc_dest *h, const uint8_t *staging, const int64_t *rows,
                                     const int64_t *mine, size_t k)
 {
+    struct vmem_place_gate g = { h, 1, 0, 0, 0 };
     __atomic_store_n(&h->urgent_waiting, 1, __ATOMIC_SEQ_CST);
-    int64_t before = __atomic_load_n(&h->bg_pages, __ATOMIC_ACQUIRE);
-    int waited = pthread_mutex_trylock(&h->gate) != 0;
-    if (waited)
-        pthread_mutex_lock(&h->gate);
-    int64_t ahead = h->bg_pages - before;
-    int64_t rc = vmem_place_pages(h->ram_fd, h->uffd, h->base, staging, rows, mine, k, h->digests, h->view);
-    pthread_mutex_unlock(&h->gate);
+    g.before = __atomic_load_n(&h->bg_pages, __ATOMIC_ACQUIRE);
+    int64_t rc = vmem_place_pages_gated(h->ram_fd, h->uffd, h->base, staging, rows, mine, k, h->digests, h->view, &g);
     __atomic_store_n(&h->urgent_waiting, 0, __ATOMIC_SEQ_CST);
+    int waited = g.waited;
+    int64_t ahead = g.ahead;
     if (waited) {
         pthread_mutex_lock(&h->mu);
         h->st.fault_waits++;
@@ -714,13 +769,17 @@ static int64_t vmem_pc_place_pieces(vmem_pc_dest *h, const uint8_t *staging, con
             h->st.push_yields++;
             pthread_mutex_unlock(&h->mu);
         }
-        pthread_mutex_lock(&h->gate);
-        int64_t rc = vmem_place_pages(h->ram_fd, h->uffd, h->base, staging, rows + i, mine + i, m, h->digests,
-                                      h->view);
-        if (vmem_pc_piece_slow_us)
-            usleep((useconds_t)vmem_pc_piece_slow_us);   /* test-only: a large, slow piece */
-        h->bg_pages += (int64_t)m;
-        pthread_mutex_unlock(&h->gate);
+        if (vmem_pc_piece_slow_us) {
+            /* test-only: the piece holds the gate slow_us first, as one slow pwrite of all
+               its m pages would (counted as written then) */
+            pthread_mutex_lock(&h->gate);
+            usleep((useconds_t)vmem_pc_piece_slow_us);
+            __atomic_add_fetch(&h->bg_pages, (int64_t)m, __ATOMIC_RELEASE);
+            pthread_mutex_unlock(&h->gate);
+        }
+        struct vmem_place_gate g = { h, 0, 0, 0, 0 };
+        int64_t rc = vmem_place_pages_gated(h->ram_fd, h->uffd, h->base, staging, rows + i, mine + i, m, h->digests,
+                                            h->view, &g);
         if (rc < 0)
             return rc;
     }

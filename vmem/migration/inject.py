@@ -23,9 +23,11 @@ can show the digests catch it.  They are not user options: no flag or report key
   ``give_way=0`` (the background push no longer gives way to demand answers: the source's
   pusher does not back off, the destination places it in ``piece``-page pieces without
   waiting), ``piece=N`` (pages per background piece at the destination), ``slow_us=N``
-  (each background piece sleeps that long while it holds the placement gate: a slow push)
+  (each background piece first holds the placement gate that long, counted as its pages
+  written: one slow pwrite of the whole piece)
   and ``priority=normal|nice|fifo`` (the most the fault threads ask for).
-  ``give_way=0,piece=1024,priority=nice`` is the scheduling before issue 13 item 2, which
+  ``give_way=0,piece=1024,priority=nice`` approximates the scheduling before issue 13 item 2
+  (pwrites of up to a whole 1024-page batch, fault threads at nice -15), which
   scripts/bench_postcopy.py --ab measures in the same run; tests use ``slow_us`` to show what
   the statistics catch without the mechanism.
 * :data:`stale_pages` -- a module-level hook the test sets in the source's process: the
