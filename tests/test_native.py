@@ -780,7 +780,7 @@ def test_fault_server_answers_faults_and_reports_named_stats():
         deadline = time.monotonic() + 10
         while server.stats()["fault_records"] < 1 and time.monotonic() < deadline:
             time.sleep(0.001)
-        # the thread got what a probe thread gets here (SCHED_FIFO as root)
+        # the thread got what a probe thread gets here (nice -15 as root)
         assert server.stats() == {"fault_records": 1, "pages_sent": 2, "error": 0,
                                   "priority": nat.fault_thread_priority()[0]}
         assert np.flatnonzero(sent).tolist() == [3, 9] and cursor.tolist() == [9, 1, 0]

@@ -890,14 +890,23 @@ PC_PRIO_FIFO: int = int(lib.VMEM_PC_PRIO_FIFO)
 PUSH_PIECE_PAGES: int = int(lib.VMEM_PC_PIECE_PAGES)
 
 
-def fault_thread_priority() -> tuple[int, str]:
+def fault_thread_priority(most: int | None = None) -> tuple[int, str]:
     """What a post-copy fault thread gets here: ``(VMEM_PC_PRIO_*, description)``, tried on
-    a thread started for the purpose.
+    a thread started for the purpose -- with the current limit (what migrations use), or,
+    given ``most``, with that limit for the probe only (e.g. whether SCHED_FIFO is permitted).
 
     Raises:
         OSError: no thread could be started.
     """
-    got = _check(lib.vmem_pc_probe_priority(), "starting a thread to probe the fault threads' priority")
+    global _priority_limit
+    old = _priority_limit
+    if most is not None:
+        set_fault_thread_priority_limit(most)
+    try:
+        got = _check(lib.vmem_pc_probe_priority(), "starting a thread to probe the fault threads' priority")
+    finally:
+        if most is not None:
+            set_fault_thread_priority_limit(old)
     return got, FAULT_THREAD_PRIORITIES[got]
 
 
@@ -911,13 +920,19 @@ def set_push_pieces(piece_pages: int = 0, give_way: bool = True, slow_us: int = 
     lib.vmem_pc_set_push_pieces(int(piece_pages), int(bool(give_way)), int(slow_us))
 
 
+_priority_limit = int(lib.VMEM_PC_PRIO_NICE)
+
+
 def set_fault_thread_priority_limit(most: int) -> None:
     """Fault threads started from now on ask for at most ``most`` (a key of
-    :data:`FAULT_THREAD_PRIORITIES`; the default is SCHED_FIFO).  Process-wide; for
-    benchmarks that compare against the old scheduling (vmem.migration.inject)."""
+    :data:`FAULT_THREAD_PRIORITIES`; the default is nice -15, see vmem/_build/postcopy.py
+    for why not SCHED_FIFO).  Process-wide; benchmarks compare with it
+    (vmem.migration.inject)."""
+    global _priority_limit
     if most not in FAULT_THREAD_PRIORITIES:
         raise ValueError(f"priority must be one of {sorted(FAULT_THREAD_PRIORITIES)}, got {most!r}")
     lib.vmem_pc_set_priority_limit(int(most))
+    _priority_limit = int(most)
 
 
 # --- process ---------------------------------------------------------------------------

@@ -149,15 +149,17 @@ def post_copy_priority_line() -> str:
 
     try:
         kind, what = nat.fault_thread_priority()
+        fifo = nat.fault_thread_priority(nat.PC_PRIO_FIFO)[0] == nat.PC_PRIO_FIFO
     except OSError as err:
         return f"post-copy fault threads: could not be probed ({err})"
-    if kind == nat.PC_PRIO_FIFO:
-        return f"post-copy fault threads: {what} (a fault's answer preempts the push and the guest at once)"
+    rt = ("SCHED_FIFO is permitted here but not used (docs/postcopy.md: it doubled the fault p50 on a 2-vCPU VM)"
+          if fifo else "SCHED_FIFO is not permitted (needs CAP_SYS_NICE or RLIMIT_RTPRIO)")
     if kind == nat.PC_PRIO_NICE:
-        return (f"post-copy fault threads: {what} -- SCHED_FIFO was refused (needs CAP_SYS_NICE or RLIMIT_RTPRIO,"
-                " or RT bandwidth in this cgroup); answers may wait a scheduler slice behind the push")
-    return (f"post-copy fault threads: {what} -- neither SCHED_FIFO nor a negative nice value was allowed (run as root"
-            " or grant CAP_SYS_NICE); fault latency under load will suffer")
+        return f"post-copy fault threads: {what} (raised above the push and the guest); {rt}"
+    if kind == nat.PC_PRIO_FIFO:
+        return f"post-copy fault threads: {what}"
+    return (f"post-copy fault threads: {what} -- a negative nice value was not allowed (run as root or grant"
+            f" CAP_SYS_NICE): fault latency under load will suffer; {rt}")
 
 
 #: Subcommands whose modules are heavy to import (matplotlib...): their arguments are

@@ -25,7 +25,7 @@ can show the digests catch it.  They are not user options: no flag or report key
   waiting), ``piece=N`` (pages per background piece at the destination), ``slow_us=N``
   (each background piece first holds the placement gate that long, counted as its pages
   written: one slow pwrite of the whole piece)
-  and ``priority=normal|nice|fifo`` (the most the fault threads ask for).
+  and ``priority=normal|nice|fifo`` (the most the fault threads ask for; default nice).
   ``give_way=0,piece=1024,priority=nice`` approximates the scheduling before issue 13 item 2
   (pwrites of up to a whole 1024-page batch, fault threads at nice -15), which
   scripts/bench_postcopy.py --ab measures in the same run; tests use ``slow_us`` to show what
@@ -145,7 +145,7 @@ def apply_preempt(environ=None) -> dict:
     cfg = preempt_from_env(environ)
     # Always set: unset means the defaults again (a process that ran with it before).
     nat.set_push_pieces(cfg.get("piece", 0), cfg.get("give_way", True), cfg.get("slow_us", 0))
-    nat.set_fault_thread_priority_limit(_PRIORITY_NAMES[cfg.get("priority", "fifo")])
+    nat.set_fault_thread_priority_limit(_PRIORITY_NAMES[cfg.get("priority", "nice")])
     return cfg
 
 
