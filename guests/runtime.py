@@ -268,6 +268,12 @@ class GuestRuntime:
             except BlockingIOError:
                 pass
             self._adopt_new_owner()
+        elif readable and self.ctl.fields[Field.CMD_SEQ] != self.last_seq:
+            # A command is waiting: run it first (a RESUME ends the downtime), drain the wake
+            # bytes on the next wait -- the socket stays readable until then.  Measured here:
+            # the drain (recv_fds until EAGAIN) cost 50-80 us between waking and the command.
+            # MPROT_START, the one command that needs fds riding on the bytes, drains itself.
+            return
         elif readable and not self._drain_socket():
             if self.owner_listener is None:
                 # The parent closed our socket: nobody can command us any more.

@@ -139,7 +139,27 @@ def cmd_doctor(args) -> int:
     print(f"tracker mprotect: {'available' if mprot_ok else 'UNAVAILABLE'} (SIGSEGV handler in the guest)")
     best = "uffd-wp" if uffd_ok else ("mprotect" if mprot_ok else None)
     print(f"--tracker auto selects: {best or 'nothing: no dirty tracking is possible on this kernel'}")
+    print(post_copy_priority_line())
     return 0 if best else 1
+
+
+def post_copy_priority_line() -> str:
+    """What the post-copy fault threads get here, and what that means (vmem doctor)."""
+    from vmem import _native as nat
+
+    try:
+        kind, what = nat.fault_thread_priority()
+        fifo = nat.fault_thread_priority(nat.PC_PRIO_FIFO)[0] == nat.PC_PRIO_FIFO
+    except OSError as err:
+        return f"post-copy fault threads: could not be probed ({err})"
+    rt = ("SCHED_FIFO is permitted here but not used (docs/postcopy.md: it doubled the fault p50 on a 2-vCPU VM)"
+          if fifo else "SCHED_FIFO is not permitted (needs CAP_SYS_NICE or RLIMIT_RTPRIO)")
+    if kind == nat.PC_PRIO_NICE:
+        return f"post-copy fault threads: {what} (raised above the push and the guest); {rt}"
+    if kind == nat.PC_PRIO_FIFO:
+        return f"post-copy fault threads: {what}"
+    return (f"post-copy fault threads: {what} -- a negative nice value was not allowed (run as root or grant"
+            f" CAP_SYS_NICE): fault latency under load will suffer; {rt}")
 
 
 #: Subcommands whose modules are heavy to import (matplotlib...): their arguments are
