@@ -39,7 +39,7 @@ File layout (JSON)::
      "provenance": {vmem version, commit, host, kernel, cpus, date, command},
      "load": {"loadavg_before": [1, 5, 15 min], "loadavg_after": [...]},
      "config": {"sizes_bytes", "links_Bps", "repeats", "workload", "params", "seed"},
-     "runs": [{"mode": "precopy"|"postcopy", "guest_pages", "pages_pending", "link_Bps",
+     "runs": [{"mode": "precopy"|"postcopy"|"hybrid", "guest_pages", "pages_pending", "link_Bps",
                "verified", <the quantities above>}, ...]}
 """
 from __future__ import annotations
@@ -61,6 +61,8 @@ __all__ = [
     "default_path",
     "load_calibration",
     "sample_from_report",
+    "mode_for",
+    "MODES",
     "run_calibration",
     "add_calibrate_arguments",
     "cmd_calibrate",
@@ -82,7 +84,16 @@ MAX_RUNS = 10_000
 #: The quantities a run holds (None where the run's mode has none).
 QUANTITIES = ("setup_s", "pause_s", "collect_s", "efficiency", "switchover_s", "postcopy_switch_s",
               "push_hold_s", "fault_wait_s", "tail_s", "gap_s")
-MODES = ("precopy", "postcopy")
+#: precopy: Xen's policy, stop-and-copy; postcopy: pure post-copy; hybrid: Xen's pre-copy
+#: rounds, then post-copy of the last dirty set (a few pages pending: the switch's fixed part).
+MODES = ("precopy", "postcopy", "hybrid")
+#: The post-copy mode of MigrationOptions / SimulationParams behind each calibration mode.
+POSTCOPY_OPTION = {"precopy": "off", "postcopy": "pure", "hybrid": "after-precopy"}
+
+
+def mode_for(postcopy: str | None) -> str:
+    """The calibration mode that fits a simulation's ``postcopy`` parameter."""
+    return {"pure": "postcopy", "after-precopy": "hybrid"}.get(postcopy or "off", "precopy")
 
 
 def default_path() -> str:
@@ -119,7 +130,7 @@ def sample_from_report(report, link_Bps: float) -> dict:
     rounds = d.get("rounds") or []
     pre = [x for x in rounds if x.get("kind", "precopy") == "precopy"]
     pc = d.get("postcopy") or None
-    mode = "postcopy" if pc else "precopy"
+    mode = ("hybrid" if d.get("mode") == "hybrid" else "postcopy") if pc else "precopy"
     s = {q: None for q in QUANTITIES}
     s.update(mode=mode, guest_pages=int(d.get("guest_pages") or 0), link_Bps=float(link_Bps), verified=True,
              pages_pending=int(pc.get("pages_pending") or 0) if pc else 0)
@@ -143,6 +154,8 @@ def sample_from_report(report, link_Bps: float) -> dict:
         push_s, push_rate = _num(pc.get("push_s")), _num(pc.get("push_rate_Bps"))
         if push_rate and push_s and push_rate * push_s >= MIN_RATE_BYTES:
             s["efficiency"] = push_rate / link_Bps
+        elif busy:  # hybrid: the pre-copy rounds carried the bulk
+            s["efficiency"] = sum(b for b, _ in busy) / sum(t for _, t in busy) / link_Bps
         s["postcopy_switch_s"] = downtime_s
         s["push_hold_s"] = (_num(tm.get("push_held_for_restart")) or 0.0) / 1e3
         faults = int(pc.get("faults") or 0)
@@ -189,18 +202,27 @@ class Calibration:
         by_mode = {m: sum(1 for r in self.runs if r.get("mode") == m) for m in MODES}
         return (f"calibration {self.path or '(in memory)'}: {pv.get('date_utc', '?')} on {pv.get('hostname', '?')} "
                 f"(commit {str(pv.get('git_commit') or '?')[:12]}), {by_mode['precopy']} pre-copy + "
-                f"{by_mode['postcopy']} post-copy runs" + (f", load average {load[0]:.1f}" if load else ""))
+                f"{by_mode['postcopy']} post-copy + {by_mode['hybrid']} hybrid runs"
+                + (f", load average {load[0]:.1f}" if load else ""))
 
     # --- draws --------------------------------------------------------------------------------
 
     def _runs(self, mode: str, link_Bps: float) -> list[dict]:
         """Runs of ``mode`` (falling back to the other mode's) at the calibrated link rate
         nearest ``link_Bps`` on a log scale."""
-        runs = [r for r in self.runs if r.get("mode") == mode] or list(self.runs)
+        runs = self._mode_runs(mode)
         if not runs:
             raise ConfigError("calibration", f"{self.path or 'the calibration'} holds no runs; run vmem calibrate")
         best = min(abs(math.log(r["link_Bps"] / link_Bps)) for r in runs)
         return [r for r in runs if abs(math.log(r["link_Bps"] / link_Bps)) <= best + 1e-9]
+
+    def _mode_runs(self, mode: str) -> list[dict]:
+        """Runs of ``mode``; a hybrid without hybrid runs falls back on post-copy ones, then any."""
+        for m in (mode, "postcopy" if mode == "hybrid" else mode):
+            runs = [r for r in self.runs if r.get("mode") == m]
+            if runs:
+                return runs
+        return list(self.runs)
 
     @staticmethod
     def _line(runs: list[dict], q: str, x_key: str) -> tuple[float, float, dict]:
@@ -223,15 +245,17 @@ class Calibration:
         """``n`` bootstrap draws of :class:`vmem.analysis.simulate.SimulationParams` fields
         for a guest of ``npages`` on a link of ``link_Bps`` (draw 0 is not special).
 
-        ``mode``: ``"precopy"`` or ``"postcopy"`` (post-copy and hybrid: the runs and fixed
-        costs of pure post-copy calibration runs).
+        ``mode``: one of :data:`MODES` (:func:`mode_for` maps a ``postcopy`` parameter to it):
+        the runs of that mode are drawn from.
         """
         if mode not in MODES:
             raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
         runs = self._runs(mode, link_Bps)
-        all_mode = [r for r in self.runs if r.get("mode") == mode] or runs
+        all_mode = self._mode_runs(mode)
         lines = {q: self._line(all_mode, q, "guest_pages") for q in ("setup_s", "tail_s")}
-        lines["postcopy_switch_s"] = self._line(all_mode, "postcopy_switch_s", "pages_pending")
+        # pure (everything pending) and hybrid (a few pages) runs together give the line's
+        # intercept and slope over pages pending
+        lines["postcopy_switch_s"] = self._line(self.runs, "postcopy_switch_s", "pages_pending")
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 0xCA1])))
         out = []
         for k in rng.integers(0, len(runs), n):
@@ -327,8 +351,9 @@ def _loadavg() -> list[float] | None:
 def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), repeats: int = 2, *,
                     postcopy: bool = True, tracker: str = "auto", warmup_s: float = 0.5, observe_s: float = 0.1,
                     on_run=None) -> Calibration:
-    """Migrate the calibration guest ``repeats`` times per size x link (pre-copy under Xen's
-    policy, and pure post-copy unless ``postcopy=False``) and return the Calibration.
+    """Migrate the calibration guest ``repeats`` times per size x link x mode (pre-copy under
+    Xen's policy, and -- unless ``postcopy=False`` -- pure post-copy and hybrid) and return
+    the Calibration.
 
     Runs are interleaved (every size x link x mode once, then again) so a change in the
     host's load spreads over all of them.  A run that does not complete verified is left
@@ -349,13 +374,13 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
         raise ConfigError("--sizes", f"need guest sizes of at least 1 MiB, got {list(sizes_bytes)}")
     if not links_Bps or any(not (b > 0 and math.isfinite(b)) for b in links_Bps):
         raise ConfigError("--links", f"need link rates > 0, got {list(links_Bps)}")
-    modes = ("precopy", "postcopy") if postcopy else ("precopy",)
+    modes = MODES if postcopy else ("precopy",)
     load_before = _loadavg()
     runs, failed = [], []
     plan = [(size, bw, mode) for _ in range(repeats) for size in sizes_bytes for bw in links_Bps for mode in modes]
     for i, (size, bw, mode) in enumerate(plan):
         opts = MigrationOptions(tracker=tracker, policy=XenDefaultPolicy(), observe_s=observe_s, bandwidth_Bps=bw,
-                                postcopy="pure" if mode == "postcopy" else "off")
+                                postcopy=POSTCOPY_OPTION[mode])
         with boot_guest(GuestSpec(CAL_WORKLOAD, dict(CAL_PARAMS), CAL_SEED), size) as guest:
             time.sleep(warmup_s)
             report = run_local_migration(guest, opts)
@@ -399,7 +424,7 @@ def add_calibrate_arguments(p) -> None:
     p.add_argument("--links", default="50M,200M", help="link caps, bytes/s (default 50M,200M; predictions use the "
                                                        "nearest calibrated rate)")
     p.add_argument("--repeats", type=int, default=2, help="runs per size x link x mode (default 2)")
-    p.add_argument("--no-postcopy", action="store_true", help="calibrate pre-copy only")
+    p.add_argument("--no-postcopy", action="store_true", help="calibrate pre-copy only (no pure post-copy and hybrid runs)")
     p.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"])
     p.add_argument("--out", metavar="FILE", help=f"where to store it (default {default_path()})")
     p.add_argument("--show", action="store_true", help="print the stored calibration and exit")

@@ -39,6 +39,7 @@ METRICS = (
     ("pages_sent", lambda d: d.get("pages_sent")),
     ("precopy_rounds", lambda d: sum(1 for x in d.get("rounds") or [] if x.get("kind", "precopy") == "precopy")),
     ("postcopy_faults", lambda d: (d.get("postcopy") or {}).get("faults")),
+    ("pages_pending", lambda d: (d.get("postcopy") or {}).get("pages_pending")),
     ("pages_pushed", lambda d: (d.get("postcopy") or {}).get("pages_pushed")),
 )
 #: "The start time matters" when the 90th percentile of a metric is this many times its 10th.
@@ -92,7 +93,9 @@ def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: 
         raise ConfigError("--start", "a forecast varies the start itself (use --starts 1 --start S for one start)")
     if bandwidth_Bps is None:
         raise ConfigError("--bandwidth", "required (the rate of the link to predict for)")
-    mode = "postcopy" if params.get("postcopy", "off") != "off" else "precopy"
+    from vmem.analysis.calibration import mode_for
+
+    mode = mode_for(params.get("postcopy"))
     if calibration is not None:
         draws = calibration.draw_params(int(trace.npages), bandwidth_Bps, starts, mode=mode, seed=seed)
         point = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode)

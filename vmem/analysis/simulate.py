@@ -385,7 +385,7 @@ def _finish_postcopy(r: MigrationReport, trace: DirtyTrace, p: SimulationParams,
     switch_s = p.postcopy_switch_s + p.postcopy_switch_per_page_s * len(pending)
     pc = simulate_postcopy(replay, pending, rate_Bps=link.rate, page_size=int(trace.page_size),
                            switch_s=switch_s, push_hold_s=p.push_hold_s, fault_wait_s=p.fault_wait_s,
-                           throttle=throttle)
+                           throttle=throttle, catch_up_s=switch_s + p.pause_s)
     complete_s = max(pc["complete_s"], switch_s)
     r.rounds.append(RoundStats(index=index + 1, kind="postcopy", pages_sent=pc["pages_pending"],
                                bytes_sent=pc["bytes_sent"], duration_s=round(pc["push_s"], 6),
@@ -540,7 +540,9 @@ def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_r
     if policy is None and compare_report and compare_report.get("policy"):
         policy = policy_from_description(compare_report["policy"])
     if calibration is not None:
-        mode = "postcopy" if params.get("postcopy", "off") != "off" else "precopy"
+        from vmem.analysis.calibration import mode_for
+
+        mode = mode_for(params.get("postcopy"))
         params = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode) | params
     alignment = {}
     if compare_report is not None and align:

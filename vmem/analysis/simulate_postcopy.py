@@ -12,9 +12,11 @@ steps of simulated time::
     t = switch_s          the guest's first step: the downtime ends; from here the trace replays
     each step of dt       the guest writes W (trace.dirty_in over the step's trace time);
                           faults = W's pages still pending and not yet pushed -> demanded
-                          (sent at once, cursor after the last); then the link pushes the
-                          next k unsent pages from the cursor, k = what is left of
-                          B * efficiency * dt after the demanded pages' bytes
+                          (answered at once on the unshaped urgent connection, cursor
+                          after the last); then the link pushes the next k unsent pages
+                          from the cursor, k = B * efficiency * dt worth of pages
+    catch-up              a paced guest (vmem's workloads) makes up the time it was paused
+                          at once on resume: its first step covers catch_up_s of trace time
     stall                 each fault stalls the guest fault_wait_s: its trace clock lags
                           real time by the stalls (a debt paid from the next steps)
     end                   every pending page sent: complete_s
@@ -61,9 +63,11 @@ def _next_unsent(sent: np.ndarray, cursor: int, k: int) -> tuple[np.ndarray, int
 
 
 def simulate_postcopy(replay, pending: np.ndarray, *, rate_Bps: float, page_size: int, switch_s: float,
-                      push_hold_s: float, fault_wait_s: float, throttle: float = 0.0) -> dict:
+                      push_hold_s: float, fault_wait_s: float, throttle: float = 0.0, catch_up_s: float = 0.0) -> dict:
     """Run the post-copy phase on ``replay`` (a :class:`vmem.analysis.simulate._Replay` at the
-    switch) for the sorted unique ``pending`` pages.
+    switch) for the sorted unique ``pending`` pages.  ``catch_up_s``: guest time it makes up
+    at once when it resumes (vmem's paced workloads run the steps they missed while paused:
+    the pause; 0 for a guest that does not).
 
     Returns:
         ``{"pages_pending", "pages_pushed", "pages_demanded", "faults", "complete_s",
@@ -90,11 +94,14 @@ def simulate_postcopy(replay, pending: np.ndarray, *, rate_Bps: float, page_size
     demanded = pushed = 0
     blocked = 0.0
     credit = 0.0          # link time not yet spent on a whole page
+    catch_up = catch_up_s
     while left > 0:
         t1 = t + dt
         # The guest: writes over the part of this step it ran, minus what stalls ate.
-        step_demanded = 0
         run = max(0.0, t1 - max(t, guest_t))
+        if run > 0 and catch_up:
+            # A paced guest catches up the steps it missed while paused, at once on resume.
+            run, catch_up = run + catch_up, 0.0
         if run > 0:
             pay = min(debt, run)
             debt -= pay
@@ -109,7 +116,6 @@ def simulate_postcopy(replay, pending: np.ndarray, *, rate_Bps: float, page_size
                     sent[f] = True
                     left -= len(f)
                     demanded += len(f)
-                    step_demanded = len(f)
                     stall = len(f) * fault_wait_s
                     debt += stall
                     blocked += stall
@@ -120,7 +126,9 @@ def simulate_postcopy(replay, pending: np.ndarray, *, rate_Bps: float, page_size
         if t1 > push_t and left > 0:
             if start_push is None:
                 start_push = max(t, push_t)
-            credit += (t1 - max(t, push_t)) * rate_Bps / page_wire - step_demanded  # demand answers share the link
+            # Demand answers travel on their own unshaped connection (the urgent channel,
+            # vmem.migration.local): they do not take the push's share of the link.
+            credit += (t1 - max(t, push_t)) * rate_Bps / page_wire
             k = int(credit)
             credit -= max(k, 0)
             if k > 0:

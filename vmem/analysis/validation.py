@@ -52,11 +52,20 @@ METRICS = (
     ("downtime_ms", " ms", lambda d: d.get("downtime_ms")),
     ("blackout_ms", " ms", lambda d: d.get("blackout_ms")),
     ("postcopy_faults", "", lambda d: (d.get("postcopy") or {}).get("faults")),
+    ("pages_pending", "", lambda d: (d.get("postcopy") or {}).get("pages_pending")),
 )
 
 
+def _diagnostics(d: dict) -> dict:
+    """Measured parts that explain a migration-time error (not predicted one by one)."""
+    setup = d.get("setup_time_ms")
+    return {"setup_s": setup / 1e3 if isinstance(setup, (int, float)) else None, "verify_s": d.get("verify_s"),
+            "mode": d.get("mode")}
+
+
 def measured_metrics(report: dict) -> dict:
-    return {name: get(report) for name, _, get in METRICS} | {"transfer_time_s": transfer_time_s(report)}
+    return ({name: get(report) for name, _, get in METRICS} | {"transfer_time_s": transfer_time_s(report)}
+            | _diagnostics(report))
 
 
 def _migrate(workload, params, size, bw, policy_key, *, seed, warmup_s, observe_s, tracker):
@@ -118,7 +127,7 @@ def run_validation(calibration, *, workloads=None, policies=None, links_Bps=(50e
                 c["failed"].append(f"{d.get('outcome')}: {d.get('reason')}")
     for c in cells:
         c["measured"] = {}
-        for name in [m[0] for m in METRICS] + ["transfer_time_s"]:
+        for name in [m[0] for m in METRICS] + ["transfer_time_s", "setup_s", "verify_s"]:
             vals = [r[name] for r in c["runs"] if r.get(name) is not None]
             c["measured"][name] = statistics.median(vals) if vals else None
     return cells
@@ -172,7 +181,8 @@ def markdown_table(cells: list[dict], summary: dict, *, header: str = "") -> str
     """The docs/profiling.md tables: one per link rate, a cell per workload x policy."""
     lines = [header, ""] if header else []
     cols = [("rounds", "precopy_rounds", ""), ("pages sent", "pages_sent", ""), ("migration time", "migration_time_s", " s"),
-            ("downtime", "downtime_ms", " ms"), ("blackout", "blackout_ms", " ms"), ("post-copy faults", "postcopy_faults", "")]
+            ("downtime", "downtime_ms", " ms"), ("blackout", "blackout_ms", " ms"), ("post-copy pending", "pages_pending", ""),
+            ("post-copy faults", "postcopy_faults", "")]
     for bw in dict.fromkeys(c["link_Bps"] for c in cells):
         lines += [f"**{bw / 1e6:g} MB/s link** -- each cell: predicted median [p10-p90] / measured median (error %, "
                   "in = measured inside the range)", "",
