@@ -149,3 +149,31 @@ def test_real_calibration_round_trip(tmp_path, capsys):
     assert cmd_calibrate(parser.parse_args(["--show", "--out", path])) == 0
     out = capsys.readouterr().out
     assert "postcopy_switch_s" in out and "efficiency" in out
+
+
+def test_predict_and_profile_clis_use_a_calibration(tmp_path, capsys):
+    from vmem.analysis.profile import add_profile_arguments, cmd_profile
+    from vmem.analysis.simulate import add_predict_arguments, cmd_predict
+
+    t = uniform_trace(npages=16384, rate_pps=2000, seconds=3)
+    tp = str(tmp_path / "t.npz")
+    t.save(tp)
+    cp = _calibration(_spread_runs()).save(str(tmp_path / "cal.json"))
+    parser = argparse.ArgumentParser()
+    add_predict_arguments(parser)
+    assert cmd_predict(parser.parse_args(["--trace", tp, "--bandwidth", "50M", "--starts", "8", "--calibration", cp])) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "calibration" in out and "12 pre-copy" in out and "migration_time_s" in out and "measured noise" in out
+    assert cmd_predict(parser.parse_args(["--trace", tp, "--bandwidth", "50M", "--postcopy", "pure"])) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no calibration of this host" in out and "demanded (faults)" in out
+    with pytest.raises(ConfigError, match="vmem calibrate"):
+        cmd_predict(parser.parse_args(["--trace", tp, "--bandwidth", "50M", "--calibration", str(tmp_path / "x.json")]))
+    parser = argparse.ArgumentParser()
+    add_profile_arguments(parser)
+    assert cmd_profile(parser.parse_args(["--from-trace", tp, "--bandwidth", "50M", "--calibration", cp,
+                                          "--json", str(tmp_path / "a.json")])) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    row = a["predictions"][0]
+    assert row["calibration"]["bandwidth_efficiency"] < 1.0 and "12 pre-copy" in a["calibration"]
+    assert row["policies"]["xen"]["migration_time_s"] > row["policies"]["xen"]["transfer_time_s"] + 0.5
