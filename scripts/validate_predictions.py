@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="write every cell and the summary to FILE")
     p.add_argument("--markdown", metavar="FILE", help="write the tables to FILE (stdout gets them anyway)")
     p.add_argument("--tiny", action="store_true", help="the CI configuration (see the module docstring)")
+    p.add_argument("--rescore", metavar="JSON", help="re-render a saved --json run (with its calibration): re-profile its "
+                                                     "workloads with the same seed, --size and --profile-s for the "
+                                                     "analytical model's line, and recompute the summary; no migration")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args((TINY + argv) if "--tiny" in argv else argv)
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -68,6 +71,8 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t0 = time.monotonic()
+    if args.rescore:
+        return rescore(args, size, log)
     cal = None if args.calibrate else load_calibration(args.calibration)
     if cal is None:
         log(f"measuring the calibration ({args.calibration_sizes} x {args.links}, {args.calibration_repeats} repeats) ...")
@@ -85,13 +90,39 @@ def main(argv=None) -> int:
               f"{load_start} at the start, {val.load_note()} at the end; {time.monotonic() - t0:.0f} s in all. "
               f"Command: `.venv/bin/python scripts/validate_predictions.py{''.join(' ' + a for a in argv)}`.")
     text = val.markdown_table(cells, summary, header=header)
+    _write(args, text, {"cells": cells, "summary": summary, "calibration": cal.data, "header": header})
+    return 0
+
+
+def _write(args, text: str, data: dict) -> None:
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cells": cells, "summary": summary, "calibration": cal.data}, f, indent=1, default=str)
+            json.dump(data, f, indent=1, default=str)
+
+
+def rescore(args, size: int, log) -> int:
+    """--rescore: the analytical model's line for a saved run (its measured medians untouched)."""
+    from vmem.analysis.calibration import Calibration
+    from vmem.analysis.profile import run_profile
+
+    with open(args.rescore) as f:
+        data = json.load(f)
+    cal = Calibration(data["calibration"], args.rescore + "#calibration")
+    cells = data["cells"]
+    traces = {}
+    for w in dict.fromkeys(c["workload"] for c in cells):
+        log(f"re-profiling {w} for {args.profile_s:g} s (seed 1, as the run)")
+        traces[w] = run_profile(w, val.WORKLOADS[w], size, duration_s=args.profile_s, interval_s=0.1, seed=1, warmup_s=0.5)
+    val.add_model_predictions(cells, traces, cal)
+    summary = val.summarise(cells)
+    header = data.get("header") or "(a saved run, rescored)"
+    text = val.markdown_table(cells, summary, header=header + " The analytical model's line was added by "
+                              f"`--rescore` from a new profile of each workload (same seed, {args.profile_s:g} s).")
+    _write(args, text, data | {"cells": cells, "summary": summary})
     return 0
 
 

@@ -55,4 +55,5 @@ def test_the_script_runs_on_a_tiny_configuration(tmp_path):
     assert data["summary"]["verified_cells"] == 2
     text = md.read_text()
     assert "**200 MB/s link**" in text and "| uniform | hybrid |" in text and "Command:" in text
-    assert "calibration" in text and "load average" in text
+    assert "calibration" in text and "load average" in text and "analytical model" in text
+    assert cells[0]["model"]["pages_sent"] > 0 and "model_error_pct" in data["summary"]

@@ -26,7 +26,8 @@ import time
 from vmem.analysis.forecast import forecast, inside
 from vmem.analysis.simulate import transfer_time_s
 
-__all__ = ["WORKLOADS", "POLICIES", "run_validation", "summarise", "markdown_table", "measured_metrics", "METRICS"]
+__all__ = ["WORKLOADS", "POLICIES", "run_validation", "summarise", "markdown_table", "measured_metrics", "METRICS",
+           "model_prediction", "add_model_predictions"]
 
 #: The built-in workloads with parameters that make them dirty memory (checker: a reader
 #: of the others, not a different dirty pattern).
@@ -68,6 +69,28 @@ def measured_metrics(report: dict) -> dict:
             | _diagnostics(report))
 
 
+def model_prediction(trace, bandwidth_Bps: float, calibration) -> dict:
+    """The analytical model's point prediction (Xen's policy) for a cell, calibrated: the link
+    at the copy path's measured rate, measured collect and switchover; dirty rate D and
+    working set W from the profile (:func:`vmem.analysis.profile.analyse`); migration time =
+    the model's rounds + downtime plus the calibrated setup, pause and tail."""
+    from vmem.analysis.profile import analyse
+
+    a = analyse(trace, [bandwidth_Bps], policies={}, calibration=calibration)
+    mx = a["predictions"][0]["model_xen"]
+    pt = calibration.point_params(int(trace.npages), bandwidth_Bps) if calibration is not None else {}
+    fixed = pt.get("setup_s", 0.0) + pt.get("pause_s", 0.0) + pt.get("post_s", 0.0)
+    return {"precopy_rounds": mx["rounds"], "pages_sent": mx["pages_sent"], "downtime_ms": mx["downtime_ms"],
+            "migration_time_s": mx["total_time_s"] + fixed, "ratio_r": mx["ratio_r"]}
+
+
+def add_model_predictions(cells: list[dict], traces: dict, calibration) -> None:
+    """Attach ``cell["model"]`` to every Xen pre-copy cell (``traces``: workload -> DirtyTrace)."""
+    for c in cells:
+        if c["policy"] == "xen" and c["workload"] in traces:
+            c["model"] = model_prediction(traces[c["workload"]], c["link_Bps"], calibration)
+
+
 def _migrate(workload, params, size, bw, policy_key, *, seed, warmup_s, observe_s, tracker):
     from vmem.migration.backend import GuestSpec, boot_guest
     from vmem.migration.local import run_local_migration
@@ -100,10 +123,11 @@ def run_validation(calibration, *, workloads=None, policies=None, links_Bps=(50e
     log = log or (lambda msg: None)
     t0 = time.monotonic()
     cells = []
+    traces = {}
     for wname, params in workloads.items():
         log(f"[{time.monotonic() - t0:6.0f} s] profiling {wname} {params} for {profile_s:g} s")
-        trace = run_profile(wname, params, size_bytes, duration_s=profile_s, interval_s=interval_s, tracker=tracker,
-                            seed=seed, warmup_s=warmup_s)
+        trace = traces[wname] = run_profile(wname, params, size_bytes, duration_s=profile_s, interval_s=interval_s,
+                                            tracker=tracker, seed=seed, warmup_s=warmup_s)
         for bw in links_Bps:
             for pkey in policies:
                 name, options, postcopy = POLICIES[pkey]
@@ -111,6 +135,7 @@ def run_validation(calibration, *, workloads=None, policies=None, links_Bps=(50e
                               postcopy=postcopy)
                 cells.append({"workload": wname, "params": params, "policy": pkey, "link_Bps": bw,
                               "forecast": fc["metrics"], "advice": fc["advice"], "runs": [], "failed": []})
+    add_model_predictions(cells, traces, calibration)
     for rep in range(repeats):
         for c in cells:
             log(f"[{time.monotonic() - t0:6.0f} s] run {rep + 1}/{repeats}: {c['workload']}, {c['policy']}, "
@@ -161,6 +186,15 @@ def summarise(cells: list[dict]) -> dict:
                     if (e := _err_pct((c["forecast"].get(name) or {}).get("median"), c["measured"].get(name))) is not None]
             row[name] = statistics.median(errs) if errs else None
         out["per_workload_error_pct"][w] = row
+    model = {}
+    for w in dict.fromkeys(c["workload"] for c in good if c.get("model")):
+        row = {}
+        for name in ("precopy_rounds", "pages_sent", "migration_time_s", "downtime_ms"):
+            errs = [abs(e) for c in good if c["workload"] == w and c.get("model")
+                    if (e := _err_pct(c["model"].get(name), c["measured"].get(name))) is not None]
+            row[name] = statistics.median(errs) if errs else None
+        model[w] = row
+    out["model_error_pct"] = model
     both = [c for c in good if inside(c["forecast"].get("downtime_ms"), c["measured"].get("downtime_ms"))
             and inside(c["forecast"].get("migration_time_s"), c["measured"].get("migration_time_s"))]
     out["both_inside"] = {"inside": len(both), "of": len(good)}
@@ -213,8 +247,16 @@ def markdown_table(cells: list[dict], summary: dict, *, header: str = "") -> str
     lines.append(f"Over the {s['verified_cells']} of {s['cells']} cells with verified runs: " + "; ".join(parts) + "; "
                  f"downtime and migration time both inside in {s['both_inside']['inside']} of {s['both_inside']['of']}.")
     lines.append("")
-    lines.append("Median |error| of the point prediction per workload (migration time / downtime): " + ", ".join(
-        f"{w} {_fmt(r['migration_time_s'])} % / {_fmt(r['downtime_ms'])} %" for w, r in s["per_workload_error_pct"].items()) + ".")
+    lines.append("Median |error| of the simulator's point prediction per workload (migration time / downtime): " + ", ".join(
+        f"{w} {r['migration_time_s']:.1f} % / {r['downtime_ms']:.1f} %" if None not in r.values() else f"{w} -"
+        for w, r in s["per_workload_error_pct"].items()) + ".")
+    if s.get("model_error_pct"):
+        lines.append("")
+        lines.append("The analytical model (Xen's policy, calibrated: link at the measured copy rate, measured collect, "
+                     "switchover, setup and tail), median |error| per workload over the link rates -- rounds / pages sent / "
+                     "migration time / downtime: " + ", ".join(
+                         f"{w} {_fmt(r['precopy_rounds'])} % / {_fmt(r['pages_sent'])} % / {_fmt(r['migration_time_s'])} % / "
+                         f"{_fmt(r['downtime_ms'])} %" for w, r in s["model_error_pct"].items()) + ".")
     return "\n".join(lines)
 
 
