@@ -177,3 +177,19 @@ def test_predict_and_profile_clis_use_a_calibration(tmp_path, capsys):
     row = a["predictions"][0]
     assert row["calibration"]["bandwidth_efficiency"] < 1.0 and "12 pre-copy" in a["calibration"]
     assert row["policies"]["xen"]["migration_time_s"] > row["policies"]["xen"]["transfer_time_s"] + 0.5
+
+
+def test_load_factor_scales_the_cpu_bound_costs_only():
+    runs = [r | {"probe_s": 0.2} for r in _spread_runs()]
+    cal = _calibration(runs)
+    assert cal.load_factor(0.4) == pytest.approx(2.0) and cal.load_factor(100.0) == 5.0  # clipped
+    assert _calibration(_spread_runs()).load_factor(0.4) == 1.0                           # no probes: no scaling
+    one = cal.draw_params(16384, 50e6, 10, seed=2)
+    two = cal.draw_params(16384, 50e6, 10, seed=2, load_factor=2.0)
+    for a, b in zip(one, two):
+        assert b["setup_s"] == pytest.approx(2 * a["setup_s"]) and b["post_s"] == pytest.approx(2 * a["post_s"])
+        assert b["switchover_s"] == pytest.approx(2 * a["switchover_s"])
+        assert b["bandwidth_efficiency"] == a["bandwidth_efficiency"] and b["pause_s"] == a["pause_s"]
+    from vmem.analysis.calibration import host_probe_s
+
+    assert 0.0 < host_probe_s() < 120.0

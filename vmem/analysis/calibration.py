@@ -63,6 +63,8 @@ __all__ = [
     "sample_from_report",
     "mode_for",
     "MODES",
+    "host_probe_s",
+    "CPU_BOUND",
     "run_calibration",
     "add_calibrate_arguments",
     "cmd_calibrate",
@@ -94,6 +96,29 @@ POSTCOPY_OPTION = {"precopy": "off", "postcopy": "pure", "hybrid": "after-precop
 def mode_for(postcopy: str | None) -> str:
     """The calibration mode that fits a simulation's ``postcopy`` parameter."""
     return {"pure": "postcopy", "after-precopy": "hybrid"}.get(postcopy or "off", "precopy")
+
+
+#: Simulation parameters that are CPU work of vmem's own processes (spawning and arming the
+#: destination, digesting RAM, restoring the guest): on a busier host they take longer in
+#: proportion, which :meth:`Calibration.load_factor` measures.
+CPU_BOUND = ("setup_s", "post_s", "switchover_s", "postcopy_switch_s", "postcopy_switch_per_page_s",
+             "push_hold_s", "blackout_gap_s")
+
+
+def host_probe_s() -> float:
+    """Seconds to start a Python that imports numpy and vmem's stream module -- what a
+    migration's handshake does first (the destination process), so it slows as the
+    handshake does when the host is busy.  The median of two."""
+    import subprocess
+    import sys
+
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import numpy, vmem.format.wire"], check=False, capture_output=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), timeout=120)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def default_path() -> str:
@@ -241,12 +266,24 @@ class Calibration:
             a, b = float(np.mean(y)), 0.0
         return a, b, {rid: yi - (a + b * xi) for xi, yi, rid in pts}
 
-    def draw_params(self, npages: int, link_Bps: float, n: int, *, mode: str = "precopy", seed: int = 0) -> list[dict]:
+    def load_factor(self, probe_s: float | None = None) -> float:
+        """How much slower this host is now than during the calibration: a :func:`probe_s`
+        taken now (or ``probe_s``) over the calibration runs' median probe, clipped to
+        [0.5, 5]; 1.0 when the calibration holds no probes."""
+        probes = [r["probe_s"] for r in self.runs if isinstance(r.get("probe_s"), (int, float)) and r["probe_s"] > 0]
+        if not probes:
+            return 1.0
+        now = probe_s if probe_s is not None else host_probe_s()
+        return float(min(max(now / float(np.median(probes)), 0.5), 5.0))
+
+    def draw_params(self, npages: int, link_Bps: float, n: int, *, mode: str = "precopy", seed: int = 0,
+                    load_factor: float = 1.0) -> list[dict]:
         """``n`` bootstrap draws of :class:`vmem.analysis.simulate.SimulationParams` fields
         for a guest of ``npages`` on a link of ``link_Bps`` (draw 0 is not special).
 
         ``mode``: one of :data:`MODES` (:func:`mode_for` maps a ``postcopy`` parameter to it):
-        the runs of that mode are drawn from.
+        the runs of that mode are drawn from.  ``load_factor`` (:meth:`load_factor`)
+        multiplies the CPU-bound fixed costs (:data:`CPU_BOUND`).
         """
         if mode not in MODES:
             raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
@@ -282,12 +319,14 @@ class Calibration:
                 eff = float(np.median(vals)) if vals else 1.0
             p["bandwidth_efficiency"] = min(max(float(eff), 0.05), 1.5)
             p["blackout_gap_s"] = p.pop("gap_s")
+            for q in CPU_BOUND:
+                p[q] *= load_factor
             out.append(p)
         return out
 
-    def point_params(self, npages: int, link_Bps: float, *, mode: str = "precopy") -> dict:
+    def point_params(self, npages: int, link_Bps: float, *, mode: str = "precopy", load_factor: float = 1.0) -> dict:
         """The medians of many draws: the point prediction's parameters."""
-        draws = self.draw_params(npages, link_Bps, 101, mode=mode, seed=12345)
+        draws = self.draw_params(npages, link_Bps, 101, mode=mode, seed=12345, load_factor=load_factor)
         return {k: float(np.median([d[k] for d in draws])) for k in draws[0]}
 
 
@@ -381,11 +420,12 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
     for i, (size, bw, mode) in enumerate(plan):
         opts = MigrationOptions(tracker=tracker, policy=XenDefaultPolicy(), observe_s=observe_s, bandwidth_Bps=bw,
                                 postcopy=POSTCOPY_OPTION[mode])
+        probe = host_probe_s()  # how busy the host is just before this run
         with boot_guest(GuestSpec(CAL_WORKLOAD, dict(CAL_PARAMS), CAL_SEED), size) as guest:
             time.sleep(warmup_s)
             report = run_local_migration(guest, opts)
         try:
-            runs.append(sample_from_report(report, bw))
+            runs.append(sample_from_report(report, bw) | {"probe_s": probe})
         except ConfigError as err:
             failed.append(str(err))
         if on_run is not None:

@@ -26,7 +26,7 @@ import numpy as np
 from vmem.analysis.simulate import SimulationParams, simulate, transfer_time_s
 from vmem.errors import ConfigError
 
-__all__ = ["forecast", "METRICS", "DEFAULT_STARTS", "inside"]
+__all__ = ["forecast", "metrics_of", "METRICS", "DEFAULT_STARTS", "inside"]
 
 #: Start offsets simulated by default.
 DEFAULT_STARTS = 16
@@ -50,6 +50,19 @@ def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q, method="nearest"))
 
 
+def metrics_of(runs: list[dict]) -> dict:
+    """``{metric: {"median", "p10", "p90", "min", "max"}}`` over the completed ``runs`` (a
+    forecast's ``starts``; several forecasts' pooled)."""
+    done = [r for r in runs if r["outcome"] == "completed"]
+    metrics = {}
+    for name, _ in METRICS:
+        vals = np.array([float(r[name]) for r in done if r.get(name) is not None], dtype=float)
+        if vals.size:
+            metrics[name] = {"median": float(np.median(vals)), "p10": _pct(vals, 10), "p90": _pct(vals, 90),
+                             "min": float(vals.min()), "max": float(vals.max())}
+    return metrics
+
+
 def _runs(trace, policy, bandwidth_Bps, starts, draws, params) -> list[dict]:
     duration_s = float(trace.duration_s)
     runs = []
@@ -64,7 +77,7 @@ def _runs(trace, policy, bandwidth_Bps, starts, draws, params) -> list[dict]:
 
 
 def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: int = DEFAULT_STARTS,
-             calibration=None, seed: int = 0, **params) -> dict:
+             calibration=None, seed: int = 0, load_factor: float = 1.0, **params) -> dict:
     """Simulate the migration from ``starts`` evenly spread start offsets of ``trace``.
 
     Args:
@@ -75,6 +88,9 @@ def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: 
         calibration: a :class:`vmem.analysis.calibration.Calibration`: start i also takes
             bootstrap draw i of the host's costs (seeded by ``seed``); None: the simulator's
             constant defaults (the range is the start time's alone).
+        load_factor: how much slower the host is now than when calibrated
+            (:meth:`vmem.analysis.calibration.Calibration.load_factor`): scales the
+            calibration's CPU-bound fixed costs.
         params: further :class:`vmem.analysis.simulate.SimulationParams` fields (not
             ``start_s``, which this varies); they override the calibration's.
 
@@ -97,20 +113,16 @@ def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: 
 
     mode = mode_for(params.get("postcopy"))
     if calibration is not None:
-        draws = calibration.draw_params(int(trace.npages), bandwidth_Bps, starts, mode=mode, seed=seed)
-        point = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode)
+        draws = calibration.draw_params(int(trace.npages), bandwidth_Bps, starts, mode=mode, seed=seed,
+                                        load_factor=load_factor)
+        point = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor)
     else:
         draws, point = [{}] * starts, {}
     runs = _runs(trace, policy, bandwidth_Bps, starts, draws, params)
     # The start's own effect, judged without the host's noise.
     steady_runs = _runs(trace, policy, bandwidth_Bps, starts, [point] * starts, params) if calibration is not None else runs
     done = [r for r in runs if r["outcome"] == "completed"]
-    metrics = {}
-    for name, _ in METRICS:
-        vals = np.array([float(r[name]) for r in done if r[name] is not None], dtype=float)
-        if vals.size:
-            metrics[name] = {"median": float(np.median(vals)), "p10": _pct(vals, 10), "p90": _pct(vals, 90),
-                             "min": float(vals.min()), "max": float(vals.max())}
+    metrics = metrics_of(runs)
     sdone = [r for r in steady_runs if r["outcome"] == "completed"]
     best = min(sdone, key=lambda r: (r["downtime_ms"], r["transfer_time_s"])) if sdone else None
     sdt = np.array([r["downtime_ms"] for r in sdone], dtype=float)

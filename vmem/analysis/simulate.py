@@ -509,7 +509,8 @@ def alignment_from_report(trace: DirtyTrace, measured: dict) -> dict:
 
 
 def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_report: dict | None = None,
-            align: bool = False, calibration=None, **params) -> tuple[MigrationReport, list[dict] | None]:
+            align: bool = False, calibration=None, load_factor: float = 1.0,
+            **params) -> tuple[MigrationReport, list[dict] | None]:
     """Predict a migration from a trace (path or DirtyTrace); optionally compare with a real report.
 
     Args:
@@ -521,7 +522,9 @@ def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_r
             (:func:`alignment_from_report`) unless ``params`` give them -- an explanation of
             that run, not a prediction; off by default.
         calibration: a :class:`vmem.analysis.calibration.Calibration`: the host's measured
-            fixed costs and copy rate (their medians) replace the constant defaults.
+            fixed costs and copy rate (their medians) replace the constant defaults, the
+            CPU-bound ones scaled by ``load_factor`` (``Calibration.load_factor()``: how much
+            busier the host is now than when calibrated).
         params: further :class:`SimulationParams` fields (they override the calibration).
 
     Returns:
@@ -543,7 +546,7 @@ def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_r
         from vmem.analysis.calibration import mode_for
 
         mode = mode_for(params.get("postcopy"))
-        params = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode) | params
+        params = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor) | params
     alignment = {}
     if compare_report is not None and align:
         alignment = {k: v for k, v in alignment_from_report(trace, compare_report).items() if k not in params}
@@ -720,6 +723,9 @@ def add_predict_arguments(p) -> None:
                    help="the host's calibration (vmem calibrate): its fixed costs and copy rate replace the constant "
                         "defaults, and --starts ranges include its noise (default: this host's cached calibration if "
                         "there is one; none: the constants)")
+    s.add_argument("--load-factor", type=float, default=None, metavar="X",
+                   help="how much slower the host is now than when calibrated (default: measured now with a short "
+                        "probe; 1 = as calibrated)")
     s.add_argument("--rule", choices=list(WINDOW_RULES), default="poisson", help="how a round shorter than an interval counts its pages")
     s.add_argument("--throttle-model", choices=list(THROTTLE_MODELS), default="dilate", help="how a policy's throttle slows the guest")
     s.add_argument("--no-loop", action="store_true", help="do not replay the trace from its start when the migration outlasts it")
@@ -781,6 +787,9 @@ def cmd_predict(args) -> int:
         from vmem.analysis.calibration import load_calibration
 
         calibration = load_calibration(args.calibration, required=args.calibration is not None)
+    load_factor = 1.0
+    if calibration is not None:
+        load_factor = args.load_factor if args.load_factor is not None else calibration.load_factor()
     for _flag, dest, _t, _h in _SIM_FLAGS:
         v = getattr(args, dest, None)
         if v is None:
@@ -793,9 +802,10 @@ def cmd_predict(args) -> int:
             params[dest] = v
     trace = DirtyTrace.load(args.trace)
     report, rows = predict(trace, policy, bandwidth, compare_report=measured, align=args.align and not args.no_align,
-                           calibration=calibration, **params)
+                           calibration=calibration, load_factor=load_factor, **params)
     console = _wide_console()
-    console.print(calibration.describe() if calibration is not None else
+    console.print(calibration.describe() + f"; host load factor now {load_factor:.2f} (CPU-bound costs scaled by it)"
+                  if calibration is not None else
                   "[yellow]no calibration of this host (run vmem calibrate): fixed costs are constants, the copy path "
                   "is taken to run at the full link rate, and ranges hold no host noise[/yellow]")
     print_prediction(report, rows, measured, console)
@@ -804,7 +814,7 @@ def cmd_predict(args) -> int:
 
         if bandwidth is None and measured and measured.get("bandwidth_limit_bps"):
             bandwidth = float(measured["bandwidth_limit_bps"]) / 8
-        fc = forecast(trace, policy, bandwidth, starts=args.starts, calibration=calibration,
+        fc = forecast(trace, policy, bandwidth, starts=args.starts, calibration=calibration, load_factor=load_factor,
                       **{k: v for k, v in params.items() if k != "start_s"})
         print_forecast(fc, measured, console)
     if args.json:

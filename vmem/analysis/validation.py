@@ -10,7 +10,11 @@ For every workload x policy x link rate of a plan (:func:`run_validation`):
    range;
 3. an identical guest (same workload, parameters, seed, warm-up) is really migrated
    ``repeats`` times, the repeats interleaved over all cells so a change of load spreads
-   over all of them; the medians of the verified runs are what is compared.
+   over all of them; the medians of the verified runs are what is compared.  Step 2 is
+   done just before each of these runs (as a user predicts right before migrating), with
+   the calibration's CPU-bound costs scaled by the host's load factor measured then
+   (:meth:`vmem.analysis.calibration.Calibration.load_factor`); a cell's forecast pools
+   its runs' forecasts.
 
 The calibration is measured from other runs (``vmem calibrate``: its own workload, seed and
 parameters), never from the runs validated here, so nothing is tuned on the runs it is
@@ -23,7 +27,7 @@ import os
 import statistics
 import time
 
-from vmem.analysis.forecast import forecast, inside
+from vmem.analysis.forecast import forecast, inside, metrics_of
 from vmem.analysis.simulate import transfer_time_s
 
 __all__ = ["WORKLOADS", "POLICIES", "run_validation", "summarise", "markdown_table", "measured_metrics", "METRICS",
@@ -69,7 +73,7 @@ def measured_metrics(report: dict) -> dict:
             | _diagnostics(report))
 
 
-def model_prediction(trace, bandwidth_Bps: float, calibration) -> dict:
+def model_prediction(trace, bandwidth_Bps: float, calibration, load_factor: float = 1.0) -> dict:
     """The analytical model's point prediction (Xen's policy) for a cell, calibrated: the link
     at the copy path's measured rate, measured collect and switchover; dirty rate D and
     working set W from the profile (:func:`vmem.analysis.profile.analyse`); migration time =
@@ -78,7 +82,7 @@ def model_prediction(trace, bandwidth_Bps: float, calibration) -> dict:
 
     a = analyse(trace, [bandwidth_Bps], policies={}, calibration=calibration)
     mx = a["predictions"][0]["model_xen"]
-    pt = calibration.point_params(int(trace.npages), bandwidth_Bps) if calibration is not None else {}
+    pt = calibration.point_params(int(trace.npages), bandwidth_Bps, load_factor=load_factor) if calibration is not None else {}
     fixed = pt.get("setup_s", 0.0) + pt.get("pause_s", 0.0) + pt.get("post_s", 0.0)
     return {"precopy_rounds": mx["rounds"], "pages_sent": mx["pages_sent"], "downtime_ms": mx["downtime_ms"],
             "migration_time_s": mx["total_time_s"] + fixed, "ratio_r": mx["ratio_r"]}
@@ -88,7 +92,7 @@ def add_model_predictions(cells: list[dict], traces: dict, calibration) -> None:
     """Attach ``cell["model"]`` to every Xen pre-copy cell (``traces``: workload -> DirtyTrace)."""
     for c in cells:
         if c["policy"] == "xen" and c["workload"] in traces:
-            c["model"] = model_prediction(traces[c["workload"]], c["link_Bps"], calibration)
+            c["model"] = model_prediction(traces[c["workload"]], c["link_Bps"], calibration, c.get("load_factor", 1.0))
 
 
 def _migrate(workload, params, size, bw, policy_key, *, seed, warmup_s, observe_s, tracker):
@@ -130,16 +134,21 @@ def run_validation(calibration, *, workloads=None, policies=None, links_Bps=(50e
                                             tracker=tracker, seed=seed, warmup_s=warmup_s)
         for bw in links_Bps:
             for pkey in policies:
-                name, options, postcopy = POLICIES[pkey]
-                fc = forecast(trace, make_policy(name, **options), bw, starts=starts, calibration=calibration,
-                              postcopy=postcopy)
                 cells.append({"workload": wname, "params": params, "policy": pkey, "link_Bps": bw,
-                              "forecast": fc["metrics"], "advice": fc["advice"], "runs": [], "failed": []})
-    add_model_predictions(cells, traces, calibration)
+                              "forecast_starts": [], "load_factors": [], "runs": [], "failed": []})
     for rep in range(repeats):
         for c in cells:
+            # The forecast is made just before its migration, as a user would: from the profile
+            # alone, with the host's calibration scaled to how busy the host is right now.
+            name, options, postcopy = POLICIES[c["policy"]]
+            lf = calibration.load_factor() if calibration is not None else 1.0
+            fc = forecast(traces[c["workload"]], make_policy(name, **options), c["link_Bps"], starts=starts,
+                          calibration=calibration, postcopy=postcopy, load_factor=lf, seed=rep)
+            c["forecast_starts"] += fc["starts"]
+            c["load_factors"].append(round(lf, 3))
+            c["advice"] = fc["advice"]
             log(f"[{time.monotonic() - t0:6.0f} s] run {rep + 1}/{repeats}: {c['workload']}, {c['policy']}, "
-                f"{c['link_Bps'] / 1e6:g} MB/s")
+                f"{c['link_Bps'] / 1e6:g} MB/s (host load factor {lf:.2f})")
             try:
                 d = _migrate(c["workload"], c["params"], size_bytes, c["link_Bps"], c["policy"], seed=seed,
                              warmup_s=warmup_s, observe_s=observe_s, tracker=tracker)
@@ -150,6 +159,11 @@ def run_validation(calibration, *, workloads=None, policies=None, links_Bps=(50e
                 c["runs"].append(measured_metrics(d))
             else:
                 c["failed"].append(f"{d.get('outcome')}: {d.get('reason')}")
+    for c in cells:
+        # every forecast made for the cell's runs, pooled: median = point, p10-p90 = range
+        c["forecast"] = metrics_of(c.pop("forecast_starts"))
+        c["load_factor"] = statistics.median(c["load_factors"])
+    add_model_predictions(cells, traces, calibration)
     for c in cells:
         c["measured"] = {}
         for name in [m[0] for m in METRICS] + ["transfer_time_s", "setup_s", "verify_s"]:
