@@ -25,6 +25,12 @@ What one calibration run yields (:func:`sample_from_report`, all seconds unless 
                       commit, and the round loop's own bookkeeping
     gap_s             the longest guest gap after the resume when it exceeded the downtime
                       (blackout_ms > downtime_ms), else 0
+    probe_s           host_probe_s() just before the run: how busy the host was
+
+Load.  Most fixed costs are CPU work of vmem's own processes, so on a shared host they
+follow its load (measured here: the handshake 0.7-2.6 s at load average 6, 2-6 s at 14).
+:meth:`Calibration.load_factor` compares a probe taken now with the calibration runs'
+probes, and predictions multiply the CPU-bound costs (:data:`CPU_BOUND`) by it.
 
 Uncertainty.  Each run is one joint draw of all of them (they are correlated: a busy host
 slows everything at once).  :func:`draw_params` bootstraps whole runs -- run ``k`` picked at
