@@ -25,6 +25,13 @@ def _children() -> set[int]:
 
 
 @pytest.fixture(autouse=True)
+def no_host_calibration(monkeypatch, tmp_path_factory):
+    """Predictions in tests never pick up this host's cached calibration (vmem calibrate):
+    a test passes a calibration explicitly or gets the simulator's constants."""
+    monkeypatch.setenv("VMEM_CALIBRATION", str(tmp_path_factory.getbasetemp() / "no-calibration.json"))
+
+
+@pytest.fixture(autouse=True)
 def no_leaks():
     """Fail a test that leaves a child process, a vmem memfd or a userfaultfd behind."""
     fds_before = _vmem_fds()

@@ -219,7 +219,7 @@ def builtin_policies(downtime_goal_ms: float | None = None) -> dict:
 def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = DEFAULT_DOWNTIME_GOAL_S,
             max_downtime_s: float | None = None, windows_s=DEFAULT_WINDOWS_S, policies: dict | None = None,
             collect_s: float = DEFAULT_COLLECT_S, switchover_s: float = DEFAULT_SWITCHOVER_S,
-            sim_params: dict | None = None) -> dict:
+            sim_params: dict | None = None, calibration=None) -> dict:
     """Summarise a trace and predict migrations from it (a JSON-able dict).
 
     Args:
@@ -230,6 +230,9 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
         policies: ``{name: policy}`` to predict; default every built-in policy (those with a
             downtime limit get ``downtime_goal_s``).
         sim_params: extra :class:`vmem.analysis.simulate.SimulationParams` fields.
+        calibration: the host's :class:`vmem.analysis.calibration.Calibration`: per link
+            rate its medians (fixed costs, the copy path's real rate) feed the simulator and
+            the analytical model in place of ``collect_s``/``switchover_s`` and the nominal rate.
 
     Keys: ``trace`` (with the per-interval series ``t_s``/``dirty_pages``), ``per_interval``,
     ``wws`` (the requested windows), ``working_set`` (the measured WWS curve:
@@ -321,16 +324,27 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
     out["predictions"] = []
     out["recommendations"] = []
     D = out["per_interval"]["dirty_rate_pps"]
+    base_extra = extra
     for B in bandwidths_Bps:
         row = {"bandwidth_Bps": B, "policies": {}}
+        c_s, o_s, B_eff = collect_s, switchover_s, B
+        extra = base_extra
+        if calibration is not None:
+            point = calibration.point_params(int(trace.npages), B)
+            extra = point | dict(sim_params or {})
+            c_s, o_s = extra["collect_s"], extra["switchover_s"]
+            B_eff = B * extra["bandwidth_efficiency"]
+            row["calibration"] = {k: round(v, 6) for k, v in point.items()}
         for name, pol in pols.items():
             if isinstance(pol, str):
                 row["policies"][name] = {"skipped": pol}
                 continue
             rep = simulate(trace, pol, bandwidth_Bps=B, **extra)
             row["policies"][name] = _prediction_summary(rep, transfer_time_s(rep))
-        # Analytical model for comparison: D from the per-interval rate, W = the plateau (or longest window).
-        m = PrecopyModel(V, D, float(curve[1][-1]) if n else 0.0, B, P, collect_s, switchover_s)
+        # Analytical model for comparison: D from the per-interval rate, W = the plateau (or
+        # longest window); with a calibration, the link at the copy path's measured rate and
+        # the measured collect and switchover.
+        m = PrecopyModel(V, D, float(curve[1][-1]) if n else 0.0, B_eff, P, c_s, o_s)
         cf = closed_form(m, 50, 5, strict=True)
         row["model_xen"] = {"ratio_r": round(m.ratio, 4), "rounds": cf.precopy_rounds, "pages_sent": round(cf.pages_sent),
                             "downtime_ms": round(cf.downtime_s * 1e3, 3), "total_time_s": round(cf.total_time_s, 4),
@@ -352,6 +366,7 @@ def _prediction_summary(rep, transfer_s: float) -> dict:
     return {
         "outcome": rep.outcome, "reason": rep.reason, "precopy_rounds": len(pre), "pages_sent": rep.pages_sent,
         "bytes_sent": rep.bytes_sent, "downtime_ms": rep.downtime_ms, "total_time_s": rep.total_time_s,
+        "migration_time_s": rep.migration_time_s, "blackout_ms": rep.blackout_ms,
         "transfer_time_s": round(transfer_s, 4), "final_dirty_pages": pre[-1].dirty_pages if pre else 0,
     }
 
@@ -507,16 +522,21 @@ def print_analysis(a: dict, console=None) -> None:
     for row, rec in zip(a["predictions"], a["recommendations"]):
         B = row["bandwidth_Bps"]
         t = Table(title=f"predicted at {_rate_str(B)} ({B / 1e6:,.1f} MB/s), trace-driven simulator")
-        for c in ("policy", "outcome", "rounds", "pages sent", "migration time", "downtime", "why it stopped"):
+        cal = row.get("calibration")
+        for c in ("policy", "outcome", "rounds", "pages sent", "transfer time") + (("migration time",) if cal else ()) + (
+                "downtime", "why it stopped"):
             t.add_column(c, justify="left" if c in ("policy", "outcome", "why it stopped") else "right")
         for name, p in row["policies"].items():
             if "skipped" in p:
-                t.add_row(name, "-", "", "", "", "", p["skipped"])
+                t.add_row(name, "-", "", "", "", *([""] if cal else []), "", p["skipped"])
                 continue
+            mt = [f"{p['migration_time_s']:.3f} s" if p.get("migration_time_s") is not None else "-"] if cal else []
             t.add_row(name, p["outcome"], str(p["precopy_rounds"]), f"{p['pages_sent']:,}", f"{p['transfer_time_s']:.3f} s",
-                      f"{p['downtime_ms']:.1f} ms" if p["downtime_ms"] is not None else "-", p["reason"])
+                      *mt, f"{p['downtime_ms']:.1f} ms" if p["downtime_ms"] is not None else "-", p["reason"])
         mx = row["model_xen"]
-        t.caption = ("migration time = pre-copy rounds + downtime (handshake excluded).  "
+        t.caption = ("transfer time = pre-copy rounds + downtime (handshake excluded)"
+                     + ("; migration time adds this host's calibrated handshake, verify and commit.  " if cal else ".  ")
+                     + 
                      f"Analytical model (xen policy): r = D*Pw/B = {mx['ratio_r']:.3f}, {mx['rounds']} rounds, "
                      f"{mx['pages_sent']:,} pages, downtime {mx['downtime_ms']:.1f} ms, migration time {mx['total_time_s']:.3f} s")
         console.print(t)
@@ -565,6 +585,9 @@ def add_profile_arguments(p) -> None:
                    help="downtime above which you would rather abort (default 3x the goal; the same flag as vmem "
                         "migrate's; --max-downtime is the old name)")
     o = p.add_argument_group("output")
+    a.add_argument("--calibration", metavar="FILE|none", default=None,
+                   help="the host's calibration (vmem calibrate) for the predictions (default: this host's cached one "
+                        "if there is one; none: constant fixed costs, full link rate)")
     o.add_argument("--out", metavar="FILE", help="save the dirty trace (.npz) to FILE (for vmem predict)")
     o.add_argument("--json", metavar="FILE", help="write the analysis as JSON to FILE")
 
@@ -599,8 +622,17 @@ def cmd_profile(args) -> int:
         if args.out:
             trace.save(args.out)
             console.print(f"trace written to {args.out} ({trace.n_intervals} intervals, {len(trace.pages):,} page entries)")
+    calibration = None
+    if (args.calibration or "").lower() != "none":
+        from vmem.analysis.calibration import load_calibration
+
+        calibration = load_calibration(args.calibration, required=args.calibration is not None)
+    console.print(calibration.describe() if calibration is not None else
+                  "no calibration of this host (vmem calibrate): predictions use constant fixed costs")
     t0 = time.monotonic()
-    analysis = analyse(trace, bandwidths, downtime_goal_s=goal_s, max_downtime_s=max_s)
+    analysis = analyse(trace, bandwidths, downtime_goal_s=goal_s, max_downtime_s=max_s, calibration=calibration)
+    if calibration is not None:
+        analysis["calibration"] = calibration.describe()
     analysis["analysis_s"] = round(time.monotonic() - t0, 3)
     print_analysis(analysis)
     if args.json:

@@ -2,7 +2,7 @@
 
     vmem migrate --workload hotcold --size 1G [...]   one-host live migration with a live display
     vmem doctor                                       which kernel features this machine offers
-    vmem profile / predict                            working-set profiling; trace-driven prediction
+    vmem profile / predict / calibrate                working-set profiling; trace-driven prediction; host calibration
     vmem compare / graph                              policies side by side; graphs and an HTML report
     vmem bench / trend                                regression runs: matrix, baselines, verdicts (docs/bench.md)
     vmem agent / create / list / destroy / save / restore / migrate NAME HOST:PORT   host agents (docs/agent.md)
@@ -170,6 +170,12 @@ _LAZY_COMMANDS = {
                 "the expected downtime and total time of each policy; recommend thresholds."),
     "predict": ("vmem.analysis.simulate", "add_predict_arguments", "predict a migration from a recorded dirty trace (any policy, any bandwidth)",
                 "Replay a dirty trace through a policy at a bandwidth; with --compare-report, show predicted vs measured."),
+    "calibrate": ("vmem.analysis.calibration", "add_calibrate_arguments",
+                  "measure this host's migration fixed costs and copy rate for predictions (cached per host)",
+                  "Migrate a calibration guest a few times (pre-copy and post-copy, two sizes, two link caps), "
+                  "measure what the simulator cannot know -- handshake, switchover, pause, collects, the copy path's "
+                  "real rate, verify and commit, post-copy switch and fault stalls -- and store them with provenance "
+                  "in a per-host cache that vmem predict and vmem profile use.  docs/profiling.md."),
     "compare": ("vmem.cli.compare", "add_compare_arguments", "migrate the same workload under several policies and compare them",
                 "Boot the same guest once per policy, migrate it, and compare outcomes, times, downtime and data sent "
                 "(table, PNG graphs, HTML report)."),
@@ -184,6 +190,7 @@ _LAZY_COMMANDS = {
               "--asv DIR writes them in asv's results format."),
 }
 _LAZY_RUNNERS = {"profile": ("vmem.analysis.profile", "cmd_profile"), "predict": ("vmem.analysis.simulate", "cmd_predict"),
+                 "calibrate": ("vmem.analysis.calibration", "cmd_calibrate"),
                  "compare": ("vmem.cli.compare", "cmd_compare"), "graph": ("vmem.analysis.graphs", "cmd_graph"),
                  "bench": ("vmem.cli.bench", "cmd_bench"), "trend": ("vmem.cli.bench", "cmd_trend")}
 
