@@ -68,7 +68,7 @@ PORT_SLEEP, PORT_FATAL = 0x10, 0x11
 #: workload name -> program.S pattern number
 PATTERNS = {"idle": 0, "uniform": 1, "hotcold": 2, "sweep": 3}
 #: parameters each workload takes (and their defaults), as the process workloads name them
-DEFAULTS = {"rate": 1000, "batch": 8, "hot_pages": 0.1, "hot_writes": 0.9, "stride": 1, "fill": True}
+DEFAULTS = {"rate": 50, "batch": 8, "hot_pages": 0.1, "hot_writes": 0.9, "stride": 1, "fill": True}
 
 
 def layout_pages(npages: int) -> int:
@@ -143,3 +143,24 @@ def params_page(npages: int, workload: str, params: dict, seed: int, tsc_hz: int
     page[P.RNG] = (seed * 0x9E3779B97F4A7C15 + 0x1234567) % (1 << 64) or 1
     page[P.IDLE_TICKS] = tsc_hz // 100
     return page
+
+
+def parse_params(workload: str, items: list[str]) -> dict:
+    """``-W key=value`` strings for the KVM guest program, typed like :data:`DEFAULTS`.
+
+    Raises:
+        ConfigError: unknown workload, malformed item or unknown key (named).
+    """
+    from guests.workload import _convert
+    from vmem.errors import ConfigError
+
+    if workload not in PATTERNS:
+        raise ConfigError("--workload", f"the KVM guest runs {', '.join(PATTERNS)}; not {workload!r}")
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in DEFAULTS:
+            raise ConfigError(item, f"expected key=value with key one of {', '.join(DEFAULTS)}")
+        out[key] = _convert(key, text, DEFAULTS[key])
+    return out

@@ -64,7 +64,6 @@ def cmd_migrate(args) -> int:
     from rich.console import Console
 
     from vmem.migration.backend import GuestSpec, boot_guest
-    from guests.workload import load_workload, parse_params
     from vmem.cli.display import LiveDisplay, print_summary
     from vmem.migration.local import run_local_migration
     from vmem.ram import format_bytes, mem_available_bytes, parse_size
@@ -75,8 +74,9 @@ def cmd_migrate(args) -> int:
     if 2 * size > mem_available_bytes():
         raise ConfigError("--size", f"{args.size} needs {format_bytes(2 * size)} on this host (source and destination RAM) "
                                     f"but only {format_bytes(mem_available_bytes())} is available")
-    cls = load_workload(args.workload)
-    params = parse_params(cls, args.workload_arg)
+    from vmem.cli.args import guest_params_from_args
+
+    params = guest_params_from_args(args)
     options = options_from_args(args)
     from vmem.cli.args import one_host_link_warnings
 
@@ -98,7 +98,11 @@ def cmd_migrate(args) -> int:
     spec = GuestSpec(args.workload, params, args.seed)
     console.print(f"booting a {args.size} guest running [bold]{args.workload}[/bold] {params or ''}…")
     t = time.monotonic()
-    with boot_guest(spec, size) as guest:
+    try:
+        guest = boot_guest(spec, size, args.backend)
+    except ValueError as err:
+        raise ConfigError("--size" if "RAM" in str(err) else "--workload", str(err)) from None
+    with guest:
         console.print(f"guest pid {guest.pid} up in {time.monotonic() - t:.2f} s; warming up {args.warmup:g} s")
         time.sleep(args.warmup)
         with LiveDisplay(console, enabled=not args.quiet) as display:
