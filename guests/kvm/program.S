@@ -181,7 +181,31 @@ write_page:
     xor rbx, rax                    /* rbx = h(p, v) */
     mov rsi, rdi
     shl rsi, 12                     /* rsi = the page */
-    xor ecx, ecx
+    /* Words 0 and 1 first, each word written once with its final value: a page caught
+       mid-write (the vCPU kicked) holds only bytes of its old or new stamp. */
+    movabs rax, 0x564D000000000000
+    or rax, rdi
+    mov [rsi], rax
+    mov [rsi + 8], r8
+    mov rax, [r13 + 16]
+    xor rax, rbx
+    mov [rsi + 16], rax
+    mov rax, [r13 + 24]
+    xor rax, rbx
+    mov [rsi + 24], rax
+    mov rax, [r13 + 32]
+    xor rax, rbx
+    mov [rsi + 32], rax
+    mov rax, [r13 + 40]
+    xor rax, rbx
+    mov [rsi + 40], rax
+    mov rax, [r13 + 48]
+    xor rax, rbx
+    mov [rsi + 48], rax
+    mov rax, [r13 + 56]
+    xor rax, rbx
+    mov [rsi + 56], rax
+    mov ecx, 64
     /* general registers only: this host's instruction emulator has no SSE */
 6:  mov rax, [r13 + rcx + 0]
     xor rax, rbx
@@ -210,10 +234,6 @@ write_page:
     add ecx, 64
     cmp ecx, 4096
     jne 6b
-    movabs rax, 0x564D000000000000
-    or rax, rdi
-    mov [rsi], rax
-    mov [rsi + 8], r8
     ret
 
 /* After a step: counters, first step after a resume, longest gap between steps. */
@@ -257,14 +277,14 @@ throttle:
     div r9                          /* rax = ticks to steal */
     add [r15 + P_STOLEN], rax
     mov r10, rax
-    add rax, rbx
-    call sleep_until_tsc
-    mov rax, r10                    /* throttled ns = ticks * mult >> 32 */
-    mul qword ptr [r14 + S_CLK_MULT]
+    mul qword ptr [r14 + S_CLK_MULT] /* throttled ns = ticks * mult >> 32, published first */
     shrd rax, rdx, 32
     add [r15 + P_THROTTLED_NS], rax
     mov rax, [r15 + P_THROTTLED_NS]
     mov [r14 + S_THROTTLED_NS], rax
+    mov rax, r10
+    add rax, rbx
+    jmp sleep_until_tsc
 9:  ret
 
 /* Pacing: `rate` pages/s of virtual time (TSC minus stolen ticks); idle sleeps a tick. */
