@@ -143,7 +143,29 @@ def cmd_doctor(args) -> int:
     print(f"tracker mprotect: {'available' if mprot_ok else 'UNAVAILABLE'} (SIGSEGV handler in the guest)")
     best = "uffd-wp" if uffd_ok else ("mprotect" if mprot_ok else None)
     print(f"--tracker auto selects: {best or 'nothing: no dirty tracking is possible on this kernel'}")
+    _print_kvm()
     return 0 if best else 1
+
+
+def _print_kvm() -> None:
+    """The KVM backend's part of ``vmem doctor``: /dev/kvm, the dirty log and ring, the vCPU's features."""
+    from guests.kvm.vm import probe
+
+    kvm = probe()
+    print()
+    if not kvm["available"]:
+        print(f"backend kvm:      UNAVAILABLE ({kvm.get('reason', '?')})")
+        return
+    caps = kvm["caps"]
+    print(f"backend kvm:      available (/dev/kvm API {kvm['api_version']}; --backend kvm)")
+    print(f"tracker kvm-log:  {'available' if caps['manual_dirty_log_protect2'] else 'UNAVAILABLE'} "
+          "(KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
+    ring = kvm["dirty_ring_max_entries"]
+    print(f"tracker kvm-ring: {'available' if ring else 'UNAVAILABLE'} (KVM_CAP_DIRTY_LOG_RING"
+          f"{'_ACQ_REL' if caps['dirty_log_ring_acq_rel'] else ''}, up to {ring:,} entries per vCPU)")
+    print(f"kvm vCPU:         {', '.join(kvm['vcpu_features']) or 'no features found'}; LAPIC in kernel "
+          f"({'split irqchip' if caps['split_irqchip'] else 'UNAVAILABLE'}), XSAVE {'yes' if caps['xsave'] else 'no'}, "
+          f"{caps['nr_memslots']:,} memslots")
 
 
 #: Subcommands whose modules are heavy to import (matplotlib...): their arguments are
