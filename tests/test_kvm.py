@@ -178,3 +178,34 @@ def test_throttle_slows_the_guest(boot_guest):
     assert c["throttled_s"] >= 0.1, c  # the guest program slept on the throttle, by its own account
     g.set_throttle(0.0)
     assert g.verify_running()["ok"]
+
+
+def _vmem(*args, timeout_s: float = 180):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    return subprocess.run([sys.executable, "-m", "vmem", *args], capture_output=True, text=True, timeout=timeout_s,
+                          env=env, cwd=root)
+
+
+def test_cli_migrates_a_kvm_guest_and_doctor_reports_kvm(tmp_path):
+    import json
+
+    out = tmp_path / "r.json"
+    proc = _vmem("migrate", "--quiet", "--backend", "kvm", "--workload", "sweep", "-W", "rate=100", "--size", "8M",
+                 "--tracker", "kvm-ring", "--postcopy-after-precopy", "--observe", "0.3", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["verified"] and report["tracker"] == "kvm-ring" and report["mode"] == "hybrid"
+    doctor = _vmem("doctor")
+    assert "backend kvm:      available" in doctor.stdout and "tracker kvm-ring: available" in doctor.stdout
+
+
+def test_cli_refuses_what_a_kvm_guest_cannot_run():
+    proc = _vmem("migrate", "--quiet", "--backend", "kvm", "--workload", "zipf", "--size", "8M")
+    assert proc.returncode == 2 and "zipf" in proc.stderr
+    proc = _vmem("migrate", "--quiet", "--workload", "uniform", "--size", "8M", "--tracker", "kvm-log")
+    assert proc.returncode == 2 and "--backend kvm" in proc.stderr
