@@ -209,3 +209,39 @@ def test_cli_refuses_what_a_kvm_guest_cannot_run():
     assert proc.returncode == 2 and "zipf" in proc.stderr
     proc = _vmem("migrate", "--quiet", "--workload", "uniform", "--size", "8M", "--tracker", "kvm-log")
     assert proc.returncode == 2 and "--backend kvm" in proc.stderr
+
+
+def test_kvm_guest_between_agents(tmp_path):
+    """``vmem create --backend kvm`` on agent a, ``vmem migrate NAME HOST:PORT`` to agent b
+    (post-copy after pre-copy, the dirty ring), verified; the VM runs on at b."""
+    import json
+    import os
+
+    from test_agent import AgentProc
+
+    workdir = str(tmp_path)
+    os.chmod(workdir, 0o700)
+    started = []
+    try:
+        a = AgentProc(workdir, "a")
+        started.append(a)
+        b = AgentProc(workdir, "b")
+        started.append(b)
+        made = a.cli("create", "vm1", "--backend", "kvm", "--workload", "hotcold", "-W", "rate=100", "--size", "8M")
+        assert made.returncode == 0, made.stderr + a.log()
+        report_path = os.path.join(workdir, "r.json")
+        run = a.cli("migrate", "vm1", b.address, "--quiet", "--observe", "0.3", "--postcopy-after-precopy",
+                    "--json", report_path)
+        assert run.returncode == 0, run.stderr + a.log() + b.log()
+        report = json.load(open(report_path))
+        assert report["verified"] and report["verification"]["guest_check"]["ok"] and report["tracker"] == "kvm-log"
+        moved = b.guests()["vm1"]
+        steps = moved["steps"]
+        deadline = time.monotonic() + 20
+        while b.guests()["vm1"]["steps"] == steps and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert b.guests()["vm1"]["steps"] > steps, "the VM runs on under agent b"
+        assert b.cli("destroy", "vm1").returncode == 0
+    finally:
+        for agent in started:
+            agent.stop()
