@@ -245,3 +245,25 @@ def test_kvm_guest_between_agents(tmp_path):
     finally:
         for agent in started:
             agent.stop()
+
+
+def test_save_and_restore_a_kvm_guest(boot_guest, tmp_path):
+    """``xl save -c`` / ``xl restore`` of a VM: the file carries the vCPU context, the
+    restored VM runs on and passes its own check."""
+    from vmem.migration.savefile import restore_guest, save_guest
+
+    g = boot_guest("hotcold", size=8 << 20, backend="kvm", rate=100)
+    time.sleep(0.3)
+    path = str(tmp_path / "vm.save")
+    save_guest(g, path, keep_running=True)
+    restored, stats = restore_guest(path)
+    try:
+        assert isinstance(restored, KvmGuest)
+        steps = restored.counters()["steps"]
+        deadline = time.monotonic() + 20
+        while restored.counters()["steps"] <= steps and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert restored.counters()["steps"] > steps and restored.verify_running()["ok"]
+        assert g.alive() and g.verify_running()["ok"]  # -c: the saved VM runs on too
+    finally:
+        restored.close()

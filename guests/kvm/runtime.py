@@ -40,7 +40,6 @@ from vmem import _native as nat
 KICK_SIGNAL = signal.SIGUSR1
 #: how often a thread harvests the dirty ring while tracking (see _harvest_ring_early)
 RING_HARVEST_S = 0.02
-_DEBUG = bool(os.environ.get("VMEM_KVM_DEBUG"))
 
 
 class KvmRuntime(GuestRuntime):
@@ -162,8 +161,6 @@ class KvmRuntime(GuestRuntime):
                     return
             rc = nat.kvm_run(vm.vcpu_fd)
             self.last_exit_ns = time.monotonic_ns()
-            if _DEBUG:
-                print(f"kvm guest {os.getpid()}: KVM_RUN {rc} exit {vm.exit_reason}", file=sys.stderr, flush=True)
             if rc == -errno.EINTR:
                 continue
             reason = vm.exit_reason
