@@ -164,6 +164,9 @@ def test_program_and_host_agree_on_the_layout():
         assert int(sets[f"S_{name}"], 16) == 8 * Field[name], name
     for name in ("CLK_TSC_BASE", "CLK_NS_BASE", "CLK_MULT", "GAP_FROM_NS", "SLEEP_UNTIL_NS", "ERROR"):
         assert int(sets[f"S_{name}"], 16) == 8 * getattr(L, f"S_{name}"), name
+    from guests.control import HEADER_BYTES
+
+    assert L.STATUS_OFFSET >= HEADER_BYTES, "the guest must not reach the control block's command fields"
     assert int(sets["PORT_SLEEP"], 16) == L.PORT_SLEEP and int(sets["PORT_FATAL"], 16) == L.PORT_FATAL
 
 

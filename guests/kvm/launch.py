@@ -54,6 +54,47 @@ class KvmGuest(ProcessGuest):
         L.check_size(npages * PAGE_SIZE)
         return super().incoming(spec, npages, timeout_s=timeout_s)
 
+    # --- the guest's own counters, from its status page --------------------------------------
+    def _status(self):
+        import numpy as np
+
+        return np.frombuffer(self.ctl._mmap, np.int64, count=512, offset=L.STATUS_OFFSET)
+
+    def counters(self) -> dict:
+        """Steps, pages written and timestamps as the guest program last stamped them in its
+        status page (the control block's header carries no guest-written field)."""
+        from guests.control import Field
+
+        st, c = self._status(), self.ctl
+        return {
+            "steps": int(st[Field.STEPS]),
+            "pages_written": int(st[Field.PAGES_WRITTEN]),
+            "last_step_ns": int(st[Field.LAST_STEP_NS]),
+            "first_step_ns": int(st[Field.FIRST_STEP_NS]),
+            "resumed_at_ns": c[Field.RESUMED_AT_NS],
+            "vclock_s": c[Field.VCLOCK_NS] / 1e9,
+            "throttled_s": int(st[Field.THROTTLED_NS]) / 1e9,
+            "max_gap_ns": int(st[Field.MAX_GAP_NS]),
+            "max_gap_end_ns": int(st[Field.MAX_GAP_END_NS]),
+        }
+
+    def wait_first_step(self, timeout_s: float = 10.0) -> int:
+        import time
+
+        from guests.control import Field
+        from vmem.errors import GuestUnresponsive
+
+        st = self._status()
+        deadline = time.monotonic() + timeout_s
+        resumed = self.ctl[Field.RESUMED_AT_NS]
+        while st[Field.FIRST_STEP_NS] < resumed:
+            if not self.alive():
+                raise self._crashed("first step")
+            if time.monotonic() > deadline:
+                raise GuestUnresponsive(f"KVM guest {self.pid} ran no step within {timeout_s:.0f} s of resuming")
+            time.sleep(0.0002)
+        return int(st[Field.FIRST_STEP_NS])
+
     @property
     def kvm_dirty_mode(self) -> str:
         """``log`` or ``ring``: the mechanism the VM was created with."""

@@ -7,8 +7,10 @@ Guest-physical memory = the RAM memfd, from address 0, in one memslot (slot 0)::
     pages L .. L+15         firmware, written by the host at boot and migrated like any RAM:
                             +0,+1 the program (program.bin), +2 the stamp table K,
                             +3 params/state page, +4 stack, +5 PML4, +6 PDPT, +7..+10 PDs
-    STATUS_GPA (slot 1)     one page that is not RAM: the control block header
-                            (guests/control.py), the guest's status device
+    STATUS_GPA (slot 1)     one page that is not RAM: the guest's status device, the last
+                            page of the control block's context area (STATUS_OFFSET); its
+                            words sit at the control block header's offsets (STEPS at 0x48...)
+                            but the host reads no command field there
 
 L = npages - FIRMWARE_PAGES.  Page tables identity-map the low 4 GiB with 2 MiB pages,
 accessed and dirty bits preset (the page walker never writes them).  RAM ends below
@@ -21,6 +23,7 @@ import os
 
 import numpy as np
 
+from guests.control import CONTROL_BYTES
 from vmem.pages import PAGE_SIZE
 
 FIRMWARE_PAGES = 16
@@ -29,6 +32,8 @@ CODE_MAX_BYTES = 2 * PAGE_SIZE
 STATUS_GPA = 0xF000_0000
 MAX_RAM_BYTES = 0xC000_0000  # 3 GiB: one memslot below the PCI hole
 RAM_SLOT, STATUS_SLOT = 0, 1
+#: the status page's offset in the control block memfd (its last page; a KVM context is ~6 KiB)
+STATUS_OFFSET = CONTROL_BYTES - PAGE_SIZE
 
 PROGRAM_BIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "program.bin")
 PROGRAM_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "program.S")

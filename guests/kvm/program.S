@@ -7,7 +7,7 @@
  *
  * Position independent: the host loads it at the firmware area (top of RAM, its address
  * depends on the RAM size) and enters at offset 0 with
- *     r15 = params/state page, r14 = status page (the control block, a device page),
+ *     r15 = params/state page, r14 = status page (a device page, not RAM),
  *     r13 = K table, rsp = top of the stack page.
  * Everything that must survive migration is in RAM (the params/state page) or registers
  * (the vCPU context).  Hypercalls are port writes the host's vCPU loop serves:
@@ -39,7 +39,7 @@
     .set P_IDLE_TICKS, 8*16
     .set P_THROTTLED_NS, 8*17
 
-    /* status page (r14) = the control block header (guests/control.py Field * 8) */
+    /* status page (r14): the guest's status device, words at guests/control.py Field * 8 */
     .set S_STEPS, 0x48
     .set S_LAST_STEP_NS, 0x50
     .set S_FIRST_STEP_NS, 0x58

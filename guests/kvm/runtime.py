@@ -49,9 +49,10 @@ class KvmRuntime(GuestRuntime):
         self.dirty_mode = self.spec_params.pop("dirty", "log")
         if self.dirty_mode not in ("log", "ring"):
             raise ValueError(f"dirty mode must be log or ring, not {self.dirty_mode!r}")
-        status = np.frombuffer(self.ctl._mmap, np.uint8, count=4096)
-        self.status_address = status.ctypes.data
-        del status
+        # The guest's status device: a page of the control block the host never reads as a
+        # command field (L.STATUS_OFFSET), so the guest cannot forge an acknowledgement.
+        self.status = np.frombuffer(self.ctl._mmap, np.int64, count=512, offset=L.STATUS_OFFSET)
+        self.status_address = self.status.ctypes.data
         self.vm = KvmVm(self.ram, self.status_address, dirty_ring=self.dirty_mode == "ring")
         self.layout = L.layout_pages(self.ram.npages)
         self.cv = threading.Condition()
@@ -96,14 +97,15 @@ class KvmRuntime(GuestRuntime):
 
     def _start_vcpu(self) -> None:
         """Refresh the guest's clock conversion, reset the gap bookkeeping, run the vCPU."""
-        f = self.ctl.fields
+        f, st = self.ctl.fields, self.status
         tsc, now = self.vm.guest_tsc(), time.monotonic_ns()
-        f[L.S_CLK_TSC_BASE] = tsc
-        f[L.S_CLK_NS_BASE] = now
-        f[L.S_CLK_MULT] = (10**6 << 32) // self.vm.tsc_khz
-        f[L.S_GAP_FROM_NS] = 0
-        f[Field.MAX_GAP_NS] = 0
-        f[Field.MAX_GAP_END_NS] = 0
+        st[L.S_CLK_TSC_BASE] = tsc
+        st[L.S_CLK_NS_BASE] = now
+        st[L.S_CLK_MULT] = (10**6 << 32) // self.vm.tsc_khz
+        st[L.S_GAP_FROM_NS] = 0
+        st[Field.MAX_GAP_NS] = 0
+        st[Field.MAX_GAP_END_NS] = 0
+        st[Field.RESUMED_AT_NS] = now
         f[Field.RESUMED_AT_NS] = now
         f[Field.STATE] = GuestState.RUNNING
         self.running = True
@@ -132,23 +134,23 @@ class KvmRuntime(GuestRuntime):
         return self.last_exit_ns
 
     def context_blob(self) -> bytes:
-        f = self.ctl.fields
-        meta = {"steps": f[Field.STEPS], "pages_written": f[Field.PAGES_WRITTEN],
-                "throttled_ns": f[Field.THROTTLED_NS], "tsc_khz": self.vm.tsc_khz,
+        st = self.status
+        meta = {"steps": int(st[Field.STEPS]), "pages_written": int(st[Field.PAGES_WRITTEN]),
+                "throttled_ns": int(st[Field.THROTTLED_NS]), "tsc_khz": self.vm.tsc_khz,
                 "npages": self.ram.npages, "dirty": self.dirty_mode}
         return kctx.pack(self.vm.save_state(), meta)
 
     def restore(self, blob: bytes) -> None:
         state, meta = kctx.unpack(blob, self.ram.npages)
         self.vm.load_state(state)
-        f = self.ctl.fields
-        f[Field.STEPS] = int(meta["steps"])
-        f[Field.PAGES_WRITTEN] = int(meta["pages_written"])
-        f[Field.THROTTLED_NS] = int(meta["throttled_ns"])
+        st = self.status
+        st[Field.STEPS] = int(meta["steps"])
+        st[Field.PAGES_WRITTEN] = int(meta["pages_written"])
+        st[Field.THROTTLED_NS] = int(meta["throttled_ns"])
 
     # --- the vCPU thread ---------------------------------------------------------------------
     def _vcpu_loop(self) -> None:
-        vm, f = self.vm, self.ctl.fields
+        vm, f = self.vm, self.status
         io, ring_full, intr = nat.KVM["KVM_EXIT_IO"], nat.KVM["KVM_EXIT_DIRTY_RING_FULL"], nat.KVM["KVM_EXIT_INTR"]
         while True:
             with self.cv:
@@ -247,7 +249,10 @@ class KvmRuntime(GuestRuntime):
     def _pause(self, _arg: int) -> int:
         if self.running:
             self.ctl[Field.PAUSED_AT_NS] = self._park_vcpu()
-            self.ctl.write_context(self.context_blob())
+            blob = self.context_blob()
+            if len(blob) > L.STATUS_OFFSET - 4096:
+                raise ValueError(f"vCPU context of {len(blob)} bytes would overlap the status page")
+            self.ctl.write_context(blob)
             self.ctl[Field.STATE] = GuestState.PAUSED
         return 0
 
@@ -263,7 +268,8 @@ class KvmRuntime(GuestRuntime):
     def _throttle(self, arg: int) -> int:
         if not 0 <= arg <= 990_000:
             return -errno.EINVAL
-        self.ctl[Field.THROTTLE_PPM] = arg  # the guest program reads it after every step
+        self.ctl[Field.THROTTLE_PPM] = arg
+        self.status[Field.THROTTLE_PPM] = arg  # the guest program reads it after every step
         return 0
 
     def _dirty_start(self, arg: int) -> int:
