@@ -132,6 +132,9 @@ class ProcessGuest:
     """
 
     backend_name = "process"
+    #: the module the guest process runs (``python -m``); a backend on the same control
+    #: block and commands swaps it (guests/kvm: the KVM guest process)
+    runtime_module = "guests.runtime"
 
     def __init__(self, ram: GuestRam, spec: GuestSpec, mode: str):
         self.ram = ram
@@ -155,7 +158,7 @@ class ProcessGuest:
             env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
             env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             cmd = [
-                sys.executable, "-m", "guests.runtime",
+                sys.executable, "-m", self.runtime_module,
                 "--ctl-fd", str(self.ctl.fd), "--ram-fd", str(ram.fd), "--sock-fd", str(child_sock.fileno()),
                 "--mode", mode, "--workload", spec.workload, "--params", json.dumps(spec.params or {}),
                 "--seed", str(spec.seed),

@@ -945,3 +945,53 @@ def set_pdeathsig(sig: int) -> None:
         OSError: ``EINVAL`` for an invalid signal number.
     """
     _check(lib.vmem_set_pdeathsig(int(sig)), f"prctl(PR_SET_PDEATHSIG, {int(sig)})")
+
+
+# --- KVM (guests/kvm) -------------------------------------------------------------------
+#: ioctl numbers and KVM constants the KVM backend uses, by their kernel names.
+KVM = {name: getattr(lib, name) for name in dir(lib) if name.startswith("KVM_")}
+
+
+def kvm_ioctl(fd: int, request: str, arg: int = 0, buf: bytearray | np.ndarray | None = None) -> int:
+    """``ioctl(fd, KVM_<request>, arg)``; with ``buf`` the argument is its address (the
+    structure is read and/or written in place).  Returns the ioctl's result.
+
+    Raises:
+        OSError: with the errno and the request's name.
+    """
+    if buf is not None:
+        keep = ffi.from_buffer(buf)
+        arg = int(ffi.cast("uintptr_t", keep))
+    return _check(lib.vmem_kvm_ioctl(fd, KVM[request], int(arg)), request)
+
+
+def kvm_run(vcpu_fd: int) -> int:
+    """One ``KVM_RUN`` without the GIL: 0, or -errno (``-EINTR``: the vCPU was kicked)."""
+    return lib.vmem_kvm_run(vcpu_fd)
+
+
+def kvm_dirty_log(vm_fd: int, slot: int, bitmap: np.ndarray, npages: int) -> int:
+    """KVM_GET_DIRTY_LOG then KVM_CLEAR_DIRTY_LOG of memslot ``slot`` (manual protect):
+    ``bitmap`` (uint64, one bit per page) receives the dirty pages, which are re-armed when
+    this returns.  Returns how many."""
+    if bitmap.dtype != np.uint64 or len(bitmap) * 64 < npages or not bitmap.flags.c_contiguous:
+        raise ValueError("bitmap must be contiguous uint64 with a bit per page")
+    return _check(lib.vmem_kvm_dirty_log(vm_fd, slot, ffi.cast("uint64_t *", bitmap.ctypes.data), npages),
+                  f"KVM_GET/CLEAR_DIRTY_LOG slot {slot}")
+
+
+def kvm_ring_harvest(ring_address: int, nentries: int, fetch_index: np.ndarray, slot: int,
+                     bitmap: np.ndarray, npages: int) -> int:
+    """Harvest one vCPU's dirty ring (mapped at ``ring_address``) into ``bitmap`` from
+    ``fetch_index[0]`` (uint32, advanced); the caller issues KVM_RESET_DIRTY_RINGS next.
+    Returns the entries harvested.
+
+    Raises:
+        OSError: EINVAL, an entry named a page outside ``slot`` (harvested anyway).
+    """
+    if bitmap.dtype != np.uint64 or len(bitmap) * 64 < npages or fetch_index.dtype != np.uint32:
+        raise ValueError("bitmap must be uint64 with a bit per page, fetch_index uint32")
+    return _check(lib.vmem_kvm_ring_harvest(ffi.cast("void *", ring_address), nentries,
+                                            ffi.cast("uint32_t *", fetch_index.ctypes.data), slot,
+                                            ffi.cast("uint64_t *", bitmap.ctypes.data), npages),
+                  "dirty ring harvest")

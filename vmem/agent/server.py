@@ -173,9 +173,11 @@ class Agent:
         # per thread).  This process is the agent's own, so patching its table is local.
         from vmem.migration import backend
 
-        self._saved_factory = backend.INCOMING_FACTORIES["process"]
-        spawn = self.spawner.wrap(self._saved_factory)
+        self._saved_factory = dict(backend.INCOMING_FACTORIES)
+        for name, factory in self._saved_factory.items():
+            backend.INCOMING_FACTORIES[name] = self._checked_spawn(self.spawner.wrap(factory))
 
+    def _checked_spawn(self, spawn):
         def checked_spawn(spec_json, npages):
             # Runs on the calling (migration / restore) thread, before the spawner forks.
             expected = getattr(self._expected, "guest", None)
@@ -183,7 +185,7 @@ class Agent:
                 _check_expected_guest(expected, spec_json, npages)
             return spawn(spec_json, npages)
 
-        backend.INCOMING_FACTORIES["process"] = checked_spawn
+        return checked_spawn
 
     # --- guests that outlive the agent (vmem.agent.records, guests.owner) ---------------------------
     def _prepare_guests(self) -> None:
@@ -254,8 +256,11 @@ class Agent:
                 log.warning("guest %s was lost: %s", name, reason)
                 self.registry.adopt(GuestEntry(name, "lost", reason=reason, **common))
                 continue
+            cls = ProcessGuest
+            if common["spec"].get("backend") == "kvm":
+                from guests.kvm import KvmGuest as cls
             try:
-                guest = ProcessGuest.take_over(owner_socket_path(self.state_dir, name), bytes.fromhex(record["token"]),
+                guest = cls.take_over(owner_socket_path(self.state_dir, name), bytes.fromhex(record["token"]),
                                                pid, GuestSpec.from_json(common["spec"]))
             except VmemError as err:
                 reason = f"alive (pid {pid}) but not taken over: {err}"
@@ -364,7 +369,7 @@ class Agent:
         if self._saved_factory is not None:
             from vmem.migration import backend
 
-            backend.INCOMING_FACTORIES["process"] = self._saved_factory
+            backend.INCOMING_FACTORIES.update(self._saved_factory)
             self._saved_factory = None
         if self.spawner is not None:
             self.spawner.stop()
@@ -677,6 +682,10 @@ def _check_expected_guest(expected: tuple, spec_json, npages) -> None:
                                       "before spawning anything (the source must announce the size it sends)")
 
     def canonical(obj) -> str:
+        # "backend" is the agent's own note in its records (which class takes the guest over);
+        # the stream names the backend in its preamble, not in the guest description.
+        if isinstance(obj, dict):
+            obj = {k: v for k, v in obj.items() if k != "backend"}
         return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
     if canonical(spec_json) != canonical(spec):

@@ -122,7 +122,8 @@ def profile_guest(guest, duration_s: float, interval_s: float = 0.1, *, tracker:
 
 def run_profile(workload: str = "hotcold", params: dict | None = None, size: int | str = "256M", *,
                 duration_s: float = 10.0, interval_s: float = 0.1, tracker: str = "auto", seed: int = 1,
-                warmup_s: float = 0.5, workload_args: list[str] | None = None, on_interval=None) -> DirtyTrace:
+                warmup_s: float = 0.5, workload_args: list[str] | None = None, on_interval=None,
+                backend: str = "process") -> DirtyTrace:
     """Boot a guest running ``workload``, profile it for ``duration_s``, reap it.
 
     ``params`` are typed workload parameters; ``workload_args`` the CLI's ``key=value``
@@ -134,14 +135,25 @@ def run_profile(workload: str = "hotcold", params: dict | None = None, size: int
         GuestError: the guest failed to boot or died.
     """
     size_bytes = parse_size(size)
-    cls = load_workload(workload)
     typed = dict(params or {})
-    if workload_args:
-        typed |= parse_params(cls, workload_args)
+    if backend == "kvm":  # the KVM guest program's workloads and parameters (guests/kvm/layout.py)
+        from guests.kvm.layout import parse_params as kvm_params
+
+        typed |= kvm_params(workload, workload_args or [])
+        if tracker == "kvm-ring":
+            typed["dirty"] = "ring"
+    elif workload_args:
+        typed |= parse_params(load_workload(workload), workload_args)
+    else:
+        load_workload(workload)
     _check_duration(duration_s, interval_s)
     if not (math.isfinite(warmup_s) and warmup_s >= 0):
         raise ConfigError("--warmup", f"must be a number of seconds >= 0, got {warmup_s!r}")
-    with boot_guest(GuestSpec(workload, typed, seed), size_bytes) as guest:
+    try:
+        guest = boot_guest(GuestSpec(workload, typed, seed), size_bytes, backend)
+    except ValueError as err:
+        raise ConfigError("--backend kvm", str(err)) from None
+    with guest:
         time.sleep(warmup_s)
         trace = profile_guest(guest, duration_s, interval_s, tracker=tracker, on_interval=on_interval)
     trace.meta["warmup_s"] = warmup_s
@@ -573,7 +585,10 @@ def add_profile_arguments(p) -> None:
     r = p.add_argument_group("profile")
     r.add_argument("--duration", type=float, default=10.0, metavar="S", help="seconds to profile (default 10)")
     r.add_argument("--interval", type=float, default=100.0, metavar="MS", help="collect interval in ms (default 100)")
-    r.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracker (default auto: uffd-wp)")
+    r.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect", "kvm-log", "kvm-ring"],
+                   help="dirty tracker (default auto: uffd-wp; a KVM guest: kvm-log)")
+    g.add_argument("--backend", default="process", choices=["process", "kvm"],
+                   help="process guest (default) or a KVM virtual machine (README \"KVM guests\")")
     r.add_argument("--from-trace", metavar="FILE", help="analyse an existing trace instead of running a guest")
     a = p.add_argument_group("analysis")
     a.add_argument("--bandwidth", action="append", metavar="RATE",
@@ -618,7 +633,8 @@ def cmd_profile(args) -> int:
         console.print(f"profiling a {args.size} guest running [bold]{args.workload}[/bold] for {args.duration:g} s "
                       f"(collect every {args.interval:g} ms, no migration)…")
         trace = run_profile(args.workload, None, args.size, duration_s=args.duration, interval_s=interval_s,
-                            tracker=args.tracker, seed=args.seed, warmup_s=args.warmup, workload_args=args.workload_arg)
+                            tracker=args.tracker, seed=args.seed, warmup_s=args.warmup, workload_args=args.workload_arg,
+                            backend=args.backend)
         if args.out:
             trace.save(args.out)
             console.print(f"trace written to {args.out} ({trace.n_intervals} intervals, {len(trace.pages):,} page entries)")

@@ -64,7 +64,6 @@ def cmd_migrate(args) -> int:
     from rich.console import Console
 
     from vmem.migration.backend import GuestSpec, boot_guest
-    from guests.workload import load_workload, parse_params
     from vmem.cli.display import LiveDisplay, print_summary
     from vmem.migration.local import run_local_migration
     from vmem.ram import format_bytes, mem_available_bytes, parse_size
@@ -75,8 +74,9 @@ def cmd_migrate(args) -> int:
     if 2 * size > mem_available_bytes():
         raise ConfigError("--size", f"{args.size} needs {format_bytes(2 * size)} on this host (source and destination RAM) "
                                     f"but only {format_bytes(mem_available_bytes())} is available")
-    cls = load_workload(args.workload)
-    params = parse_params(cls, args.workload_arg)
+    from vmem.cli.args import guest_params_from_args
+
+    params = guest_params_from_args(args)
     options = options_from_args(args)
     from vmem.cli.args import one_host_link_warnings
 
@@ -98,7 +98,11 @@ def cmd_migrate(args) -> int:
     spec = GuestSpec(args.workload, params, args.seed)
     console.print(f"booting a {args.size} guest running [bold]{args.workload}[/bold] {params or ''}…")
     t = time.monotonic()
-    with boot_guest(spec, size) as guest:
+    try:
+        guest = boot_guest(spec, size, args.backend)
+    except ValueError as err:
+        raise ConfigError("--size" if "RAM" in str(err) else "--workload", str(err)) from None
+    with guest:
         console.print(f"guest pid {guest.pid} up in {time.monotonic() - t:.2f} s; warming up {args.warmup:g} s")
         time.sleep(args.warmup)
         with LiveDisplay(console, enabled=not args.quiet) as display:
@@ -140,6 +144,7 @@ def cmd_doctor(args) -> int:
     best = "uffd-wp" if uffd_ok else ("mprotect" if mprot_ok else None)
     print(f"--tracker auto selects: {best or 'nothing: no dirty tracking is possible on this kernel'}")
     print(post_copy_priority_line())
+    _print_kvm()
     return 0 if best else 1
 
 
@@ -160,6 +165,27 @@ def post_copy_priority_line() -> str:
         return f"post-copy fault threads: {what}"
     return (f"post-copy fault threads: {what} -- a negative nice value was not allowed (run as root or grant"
             f" CAP_SYS_NICE): fault latency under load will suffer; {rt}")
+
+
+def _print_kvm() -> None:
+    """The KVM backend's part of ``vmem doctor``: /dev/kvm, the dirty log and ring, the vCPU's features."""
+    from guests.kvm.vm import probe
+
+    kvm = probe()
+    print()
+    if not kvm["available"]:
+        print(f"backend kvm:      UNAVAILABLE ({kvm.get('reason', '?')})")
+        return
+    caps = kvm["caps"]
+    print(f"backend kvm:      available (/dev/kvm API {kvm['api_version']}; --backend kvm)")
+    print(f"tracker kvm-log:  {'available' if caps['manual_dirty_log_protect2'] else 'UNAVAILABLE'} "
+          "(KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
+    ring = kvm["dirty_ring_max_entries"]
+    print(f"tracker kvm-ring: {'available' if ring else 'UNAVAILABLE'} (KVM_CAP_DIRTY_LOG_RING"
+          f"{'_ACQ_REL' if caps['dirty_log_ring_acq_rel'] else ''}, up to {ring:,} entries per vCPU)")
+    print(f"kvm vCPU:         {', '.join(kvm['vcpu_features']) or 'no features found'}; LAPIC in kernel "
+          f"({'split irqchip' if caps['split_irqchip'] else 'UNAVAILABLE'}), XSAVE {'yes' if caps['xsave'] else 'no'}, "
+          f"{caps['nr_memslots']:,} memslots")
 
 
 #: Subcommands whose modules are heavy to import (matplotlib...): their arguments are
