@@ -533,8 +533,9 @@ class GuestRuntime:
                 self._wait(0.05)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m guests.runtime", description=__doc__.split("\n\n")[0])
+def runtime_argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line every guest process takes (guests/launch.py starts them with it)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--ctl-fd", type=int, required=True)
     p.add_argument("--ram-fd", type=int, required=True)
     p.add_argument("--sock-fd", type=int, required=True)
@@ -542,7 +543,11 @@ def main(argv=None) -> int:
     p.add_argument("--workload", required=True)
     p.add_argument("--params", default="{}")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = runtime_argument_parser("python -m guests.runtime", __doc__.split("\n\n")[0]).parse_args(argv)
     try:
         from vmem import _native as nat
 

@@ -17,7 +17,6 @@ guests/kvm/program.S:
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import mmap
@@ -352,15 +351,9 @@ class KvmRuntime(GuestRuntime):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m guests.kvm.runtime", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ctl-fd", type=int, required=True)
-    p.add_argument("--ram-fd", type=int, required=True)
-    p.add_argument("--sock-fd", type=int, required=True)
-    p.add_argument("--mode", choices=["boot", "incoming"], required=True)
-    p.add_argument("--workload", required=True)
-    p.add_argument("--params", default="{}")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    from guests.runtime import runtime_argument_parser
+
+    args = runtime_argument_parser("python -m guests.kvm.runtime", __doc__.split("\n\n")[0]).parse_args(argv)
     nat.set_pdeathsig(signal.SIGKILL)
     if os.getppid() == 1:
         return 1
