@@ -99,6 +99,9 @@ class Command(enum.IntEnum):
     THROTTLE = 9       # ARG = fraction of guest time to steal, in ppm (auto-converge)
     DETACH = 10        # outlive the parent and serve an owner socket; its path and the owner
                        # token (hex) in the message area; see guests/owner.py
+    KVM_DIRTY_START = 11   # KVM guest: arm the dirty log (ARG 0) or ring (ARG 1); bitmap memfd on the socket
+    KVM_DIRTY_COLLECT = 12 # KVM guest: harvest dirty pages into the bitmap and re-arm them; RESULT = pages
+    KVM_DIRTY_STOP = 13    # KVM guest: disarm dirty tracking
 
 
 class GuestState(enum.IntEnum):

@@ -132,6 +132,9 @@ class ProcessGuest:
     """
 
     backend_name = "process"
+    #: the module the guest process runs (``python -m``); a backend on the same control
+    #: block and commands swaps it (guests/kvm: the KVM guest process)
+    runtime_module = "guests.runtime"
 
     def __init__(self, ram: GuestRam, spec: GuestSpec, mode: str):
         self.ram = ram
@@ -155,7 +158,7 @@ class ProcessGuest:
             env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
             env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             cmd = [
-                sys.executable, "-m", "guests.runtime",
+                sys.executable, "-m", self.runtime_module,
                 "--ctl-fd", str(self.ctl.fd), "--ram-fd", str(ram.fd), "--sock-fd", str(child_sock.fileno()),
                 "--mode", mode, "--workload", spec.workload, "--params", json.dumps(spec.params or {}),
                 "--seed", str(spec.seed),
@@ -490,10 +493,8 @@ class ProcessGuest:
         :meth:`verify` plus ``unproven_pages`` and ``method``.  A guest that dies during
         the check raises GuestCrashed (its RAM stays readable, the verdict would mislead).
         """
-        from guests.memory import GuestMemory
-
         try:
-            mem = GuestMemory(self.ram.pages).attach()
+            mem = self._ledger_memory()
         except GuestError as err:
             return {"ok": False, "pages_checked": 0, "bad_pages": 1, "first_bad": [0], "detail": str(err),
                     "unproven_pages": 0, "method": "outside"}
@@ -503,6 +504,13 @@ class ProcessGuest:
         out = {k: getattr(res, k) for k in ("ok", "pages_checked", "bad_pages", "first_bad", "detail", "unproven_pages")}
         out["method"] = "outside"
         return out
+
+    def _ledger_memory(self):
+        """The ledger view of the RAM that :meth:`verify_running` checks (a backend whose RAM
+        holds more than the ledger layout narrows it)."""
+        from guests.memory import GuestMemory
+
+        return GuestMemory(self.ram.pages).attach()
 
     def set_throttle(self, fraction: float) -> None:
         """Steal ``fraction`` (0..0.99) of the guest's time, slowing its progress (auto-converge).

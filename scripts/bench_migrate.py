@@ -17,7 +17,13 @@ Parts (``--only a,b,...``; default: all, in this order; ``scale`` always runs la
   (default 5) beside as many baselines (the guest's own longest step gap over as long a
   window, unmigrated); goal: median ``blackout_ms - downtime_ms`` <= 2 ms.
 * ``collect``: ``collect()`` of both trackers on a guest that wrote 1% of its pages,
-  (a) paused, (b) still running at that rate; median of >= 20 (goal <= 3 ms).
+  (a) paused, (b) still running at that rate; median of >= 20 (goal <= 3 ms); for uffd-wp
+  also (c) running, but stopped for the scan (SIGSTOP, collect, SIGCONT: the guest is
+  descheduled, so its CPU needs no TLB-shootdown IPI -- the lowest achievable while it
+  runs, at the price of a stall the guest feels, reported), and the floor: the cost of
+  one TLB-shootdown IPI measured on its own (single-page UFFDIO_WRITEPROTECT on a
+  running vs a paused guest, IPIs counted in /proc/interrupts) x the IPIs a running
+  collect sends, beside the paused collect.
 * ``memory``: migrator private memory (report values and an external sampler) for two
   guest sizes; goal <= 64 MiB + a few bits per guest page.
 * ``pause``: ``ProcessGuest.pause().latency_ns`` over pause/resume cycles.
@@ -169,6 +175,22 @@ def tlb_shootdowns() -> int:
     except OSError:
         pass
     return -1
+
+
+def stopped_collect(g, tracker):
+    """``tracker.collect()`` with the guest process stopped (SIGSTOP, wait until every thread
+    stopped, collect, SIGCONT): descheduled, its CPU holds no live TLB entries of its mm, so
+    the re-protection needs no shootdown IPI.  Returns (pages, ns the guest stood still --
+    from the stop being sent to the continue)."""
+    pid = g.pid
+    t0 = time.monotonic_ns()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
+        got = tracker.collect()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    return got, time.monotonic_ns() - t0
 
 
 def private_excl_ram(pid: int) -> int | None:
@@ -940,16 +962,18 @@ class Bench:
 
     # --- 3. collect -----------------------------------------------------------------------
     def _collect_series(self, kind: str, workload: str, rate: float, target: int, n: int) -> dict:
-        """Boot a guest writing ``rate`` pages/s, arm ``kind``, time collect() paused and running."""
+        """Boot a guest writing ``rate`` pages/s, arm ``kind``, time collect() paused and
+        running (uffd-wp: also running but stopped for the scan)."""
         size = self.args.size
         res = {}
+        modes = ("paused", "running", "stopped") if kind == "uffd-wp" else ("paused", "running")
         with ProcessGuest.boot(GuestSpec(workload, {"rate": rate}, 3), size) as g:
             time.sleep(0.3)
             tracker = make_tracker(g, kind)
             try:
                 tracker.start()
-                for mode in ("paused", "running"):
-                    times, pages, tlb, scan = [], [], [], []
+                for mode in modes:
+                    times, pages, tlb, scan, gaps = [], [], [], [], []
                     for i in range(n + 2):  # the first two are warm-up
                         base = g.counters()["pages_written"]
                         if mode == "paused":
@@ -963,7 +987,10 @@ class Bench:
                             g.pause()
                         tlb0 = tlb_shootdowns()
                         t0 = time.perf_counter()
-                        got = tracker.collect()
+                        if mode == "stopped":
+                            got, stall_ns = stopped_collect(g, tracker)
+                        else:
+                            got = tracker.collect()
                         dt = time.perf_counter() - t0
                         tlb1 = tlb_shootdowns()
                         if i >= 2:
@@ -971,16 +998,63 @@ class Bench:
                             pages.append(len(got))
                             tlb.append(tlb1 - tlb0 if tlb0 >= 0 else None)
                             scan.append(tracker.collect_s * 1e3)
+                            if mode == "stopped":
+                                gaps.append(stall_ns / 1e6)
                     if mode == "paused":
                         g.resume()
                     res[mode] = {"collect_ms": summary(times), "pages": summary(pages), "tlb_shootdowns": summary(tlb),
                                  "tracker_collect_s_ms": summary(scan), "samples_ms": times, "samples_pages": pages,
                                  "samples_tlb": tlb}
+                    if gaps:
+                        res[mode]["guest_stopped_ms"] = summary(gaps)
                     log(f"collect {kind} {workload} {mode}: median {statistics.median(times):.3f} ms,"
                         f" pages {statistics.median(pages):.0f}, TLB IPIs {summary(tlb).get('median')}")
             finally:
                 tracker.stop()
         return res
+
+    def _ipi_cost_us(self, size: int) -> dict:
+        """The cost of one TLB-shootdown IPI here, measured on its own: single-page
+        UFFDIO_WRITEPROTECT (each one flushes the guest's TLB for that page) on a guest
+        writing flat out on the other CPU vs the same guest paused; (time difference) /
+        (IPIs counted in /proc/interrupts).  Pages one per 2 MiB, so no two share a flush."""
+        from vmem import _native as nat
+
+        nops = 200
+        out: dict = {}
+        with ProcessGuest.boot(GuestSpec("uniform", {"rate": 0}, 5), size) as g:
+            time.sleep(0.3)
+            uffd, base = g.uffd(), g.ram_base
+            step = (2 << 20)
+            addrs = [base + (1 << 20) + k * step for k in range(min(nops, (g.npages * PAGE) // step - 1))]
+            per = {}
+            for mode in ("running", "paused", "running", "paused"):  # interleaved, twice
+                if mode == "paused":
+                    g.pause()
+                for a in addrs:  # writable again (no flush needed for that), untimed
+                    nat.uffd_writeprotect(uffd, a, PAGE, False)
+                tlb0 = tlb_shootdowns()
+                t0 = time.perf_counter_ns()
+                for a in addrs:
+                    nat.uffd_writeprotect(uffd, a, PAGE, True)
+                dt_ns = time.perf_counter_ns() - t0
+                tlb1 = tlb_shootdowns()
+                if mode == "paused":
+                    g.resume()
+                per.setdefault(mode, []).append((dt_ns / len(addrs), (tlb1 - tlb0) / len(addrs)))
+            run_ns = statistics.median(x[0] for x in per["running"])
+            pau_ns = statistics.median(x[0] for x in per["paused"])
+            run_ipi = statistics.median(x[1] for x in per["running"])
+            pau_ipi = statistics.median(x[1] for x in per["paused"])
+            d_ipi = run_ipi - pau_ipi
+            out = {"ops": len(addrs), "running_us_per_op": round(run_ns / 1e3, 2), "paused_us_per_op": round(pau_ns / 1e3, 2),
+                   "running_ipis_per_op": round(run_ipi, 2), "paused_ipis_per_op": round(pau_ipi, 2),
+                   # what a write-protect of a page the running guest may hold in its TLB costs
+                   # extra, counted IPIs or not (in one run here none were counted, +20 us/op)
+                   "extra_us_per_op": round((run_ns - pau_ns) / 1e3, 2),
+                   "us_per_ipi": round((run_ns - pau_ns) / 1e3 / d_ipi, 2) if d_ipi > 0.2 else None}
+        log(f"IPI cost: {out}")
+        return out
 
     def part_collect(self) -> dict:
         size = self.args.size
@@ -996,9 +1070,9 @@ class Bench:
             for kind in ("uffd-wp", "mprotect"):
                 res = self._collect_series(kind, workload, rate, target, n)
                 out["series"][f"{kind}/{workload}"] = res
-                for mode in ("paused", "running"):
+                for mode in [m for m in ("paused", "running", "stopped") if m in res]:
                     st, pg, tl = res[mode]["collect_ms"], res[mode]["pages"], res[mode]["tlb_shootdowns"]
-                    if is_goal:
+                    if is_goal and mode != "stopped":
                         mark = self.goal("collect", f"{kind} collect, {workload} guest {mode}, 1% written (median)",
                                          st["median"], "<=", 3.0, "ms")
                     else:
@@ -1016,6 +1090,30 @@ class Bench:
                 else:
                     ipi_notes.append(f"{kind}/{workload}: running - paused = {extra:.2f} ms with a median of {ipis:.0f}"
                                      " TLB-shootdown IPIs")
+        ipi = self._ipi_cost_us(size)
+        out["ipi_cost"] = ipi
+        u = out["series"]["uffd-wp/uniform"]
+        floor = None
+        if ipi.get("us_per_ipi") and u["running"]["tlb_shootdowns"].get("median") is not None:
+            floor = u["paused"]["collect_ms"]["median"] + u["running"]["tlb_shootdowns"]["median"] * ipi["us_per_ipi"] / 1e3
+        out["floor_ms"] = round(floor, 3) if floor is not None else None
+        stopped = u.get("stopped", {})
+        out["lowest_achievable_running_ms"] = stopped.get("collect_ms", {}).get("median")
+        ipi_notes.append(
+            f"IPI cost on its own: {ipi.get('us_per_ipi')} us per TLB-shootdown IPI; {ipi.get('extra_us_per_op')} us extra"
+            " per write-protect of a running guest's page (single-page UFFDIO_WRITEPROTECT,"
+            f" {ipi.get('running_us_per_op')} us/op on a running guest with {ipi.get('running_ipis_per_op')} IPIs/op vs"
+            f" {ipi.get('paused_us_per_op')} us/op paused with {ipi.get('paused_ipis_per_op')}).")
+        ipi_notes.append(
+            f"uffd-wp floor while the guest runs = paused collect {fnum(u['paused']['collect_ms']['median'])} ms +"
+            f" {fnum(u['running']['tlb_shootdowns'].get('median'), '{:.0f}')} IPIs x {ipi.get('us_per_ipi')} us ="
+            f" {fnum(floor)} ms (measured running: {fnum(u['running']['collect_ms']['median'])} ms).")
+        if stopped:
+            ipi_notes.append(
+                f"lowest achievable while it runs: stop it for the scan (SIGSTOP/collect/SIGCONT):"
+                f" {fnum(stopped['collect_ms']['median'])} ms, {fnum(stopped['tlb_shootdowns'].get('median'), '{:.0f}')}"
+                f" IPIs; the guest stands still {fnum(stopped.get('guest_stopped_ms', {}).get('median'))} ms per collect"
+                " (the price; a running collect slows it too, by its IPIs).")
         out["ipi_notes"] = ipi_notes
         notes = [
             f"{fbytes(size)} guests writing {rate:.0f} pages/s; each collect after ~{target} page writes (1%);"

@@ -128,6 +128,31 @@ def plateau(samples: list[dict], window: int, rss_budget_bytes: int) -> dict:
     return out
 
 
+def theil_sen_slope(xs: list[float], ys: list[float]) -> float | None:
+    """The median of the pairwise slopes (ys per xs): robust to a few outlying samples."""
+    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs))
+              if xs[j] != xs[i]]
+    if not slopes:
+        return None
+    slopes.sort()
+    mid = len(slopes) // 2
+    return slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
+
+
+def rss_slope(samples: list[dict], since: int) -> dict:
+    """``{agent: RssAnon growth in MiB per 100 migrations}`` over the samples taken after
+    ``since`` migrations or later (Theil-Sen; None with fewer than two samples).  One sample
+    caught mid-swing moves the median slope little; a leak moves every pairwise slope."""
+    group = [s for s in samples if s["after"] >= since]
+    out = {}
+    for name in (group[0]["agents"] if group else {}):
+        pts = [(s["after"], s["agents"][name]["rss_anon_bytes"]) for s in group
+               if s["agents"][name]["rss_anon_bytes"] is not None]
+        slope = theil_sen_slope([p[0] for p in pts], [p[1] for p in pts]) if len(pts) >= 2 else None
+        out[name] = None if slope is None else round(slope * 100 / MIB, 3)
+    return out
+
+
 def _mib(v):
     return None if v is None else round(v / MIB, 2)
 
@@ -191,6 +216,8 @@ def run_soak(hosts, workdir: str, *, migrations: int, every: int, window: int, s
         camp.stop()
     result["seconds"] = round(time.monotonic() - t0, 1)
     result["plateau"] = plateau(result["samples"], min(window, max(result["migrations"] // 2, 1)), rss_budget_bytes)
+    # For information: the trend over the same window (the verdict is the plateau rule).
+    result["rss_slope_mib_per_100"] = rss_slope(result["samples"], result["plateau"]["from"])
     downtimes = sorted(d for d in result.pop("downtime_ms") if d is not None)
     result["median_downtime_ms"] = downtimes[len(downtimes) // 2] if downtimes else None
     result["ok"] = (result["plateau"]["ok"] and result["completed"] == migrations == result["migrations"]
@@ -216,6 +243,8 @@ def main(argv=None) -> int:
                                                                        f"{','.join(campaign.MODES)}")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--agent-logs", metavar="DIR", help="copy the agents' logs into DIR at the end (with "
+                                                       "VMEM_AGENT_MEMWATCH=EVERY[:TOP] set they say where memory goes)")
     args = p.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     for m in modes:
@@ -250,7 +279,8 @@ def main(argv=None) -> int:
         for name, row in pl["per_agent"].items():
             print(f"soak: {name}: RssAnon peak {row['rss_anon_mib_peak_before']} MiB before the last {pl['window']} "
                   f"migrations, {row['rss_anon_mib_peak_in_window']} MiB in them ({row['rss_anon_growth_mib']:+}); "
-                  f"at the window's start and end {row['rss_anon_mib_window_start_end']} MiB; "
+                  f"at the window's start and end {row['rss_anon_mib_window_start_end']} MiB; trend "
+                  f"{res['rss_slope_mib_per_100'].get(name)} MiB per 100 migrations; "
                   f"fds {row['fds']}, threads {row['threads']}")
         bad_checks = [str(c) for c in res["checks"] if not c["ok"]]
         for prob in pl["problems"] + [str(f) for f in res["failed"][:10]] + res["leaks"] + bad_checks[:10]:
@@ -265,6 +295,11 @@ def main(argv=None) -> int:
         rc = 130
     finally:
         hosts.down()
+        if args.agent_logs:
+            os.makedirs(args.agent_logs, exist_ok=True)
+            for name in sorted(os.listdir(workdir)):
+                if name.endswith(".log") and os.path.isfile(os.path.join(workdir, name)):
+                    shutil.copy(os.path.join(workdir, name), args.agent_logs)
         shutil.rmtree(workdir, ignore_errors=True)
     return rc
 

@@ -25,6 +25,13 @@ def _children() -> set[int]:
 
 
 @pytest.fixture(autouse=True)
+def no_host_calibration(monkeypatch, tmp_path_factory):
+    """Predictions in tests never pick up this host's cached calibration (vmem calibrate):
+    a test passes a calibration explicitly or gets the simulator's constants."""
+    monkeypatch.setenv("VMEM_CALIBRATION", str(tmp_path_factory.getbasetemp() / "no-calibration.json"))
+
+
+@pytest.fixture(autouse=True)
 def no_leaks():
     """Fail a test that leaves a child process, a vmem memfd or a userfaultfd behind."""
     fds_before = _vmem_fds()
@@ -50,13 +57,18 @@ def no_leaks():
 
 @pytest.fixture
 def boot_guest():
-    """Factory: boot a ProcessGuest that is reaped after the test whatever happens."""
+    """Factory: boot a ProcessGuest (``backend="kvm"``: a KvmGuest) that is reaped after the
+    test whatever happens."""
     from guests.launch import GuestSpec, ProcessGuest
 
     guests = []
 
-    def boot(workload="idle", size=8 << 20, seed=1, **params):
-        g = ProcessGuest.boot(GuestSpec(workload, params, seed), size)
+    def boot(workload="idle", size=8 << 20, seed=1, backend="process", **params):
+        if backend == "kvm":
+            from guests.kvm import KvmGuest as cls
+        else:
+            cls = ProcessGuest
+        g = cls.boot(GuestSpec(workload, params, seed), size)
         guests.append(g)
         return g
 
@@ -75,6 +87,20 @@ def uffd_wp_missing() -> str:
         if f is None or not f.available:
             return f"kernel lacks {name}: {f.detail if f else 'not probed'}"
     return ""
+
+
+def kvm_missing() -> str:
+    """Why a KVM guest cannot run here, or "" (names /dev/kvm or the capability)."""
+    from guests.kvm import kvm_unavailable_reason
+
+    return kvm_unavailable_reason() or ""
+
+
+def needs_kvm() -> None:
+    """Skip (with the reason) a test that runs a KVM guest where KVM is unavailable."""
+    why = kvm_missing()
+    if why:
+        pytest.skip(f"KVM unavailable: {why}")
 
 
 def needs_uffd_wp(kind: str) -> None:

@@ -39,19 +39,26 @@ def test_new_control_fields_do_not_overlap_the_message_area():
 
 
 def test_a_running_guest_publishes_its_longest_step_gap():
-    with ProcessGuest.boot(GuestSpec("hotcold", {"rate": 0}, 1), 8 << 20) as guest:
+    # 32 MiB so that the whole-RAM check (tens of ms) outlasts the scheduling stalls a
+    # loaded CI machine gives the guest; when a stall still wins, the test checks the other
+    # half of the guarantee (an earlier, longer gap is kept, not overwritten).
+    with ProcessGuest.boot(GuestSpec("hotcold", {"rate": 0}, 1), 32 << 20) as guest:
         time.sleep(0.3)
-        c = guest.counters()
-        assert c["steps"] > 2
-        assert 0 < c["max_gap_ns"] and 0 < c["max_gap_end_ns"] <= c["last_step_ns"]
+        before = guest.counters()
+        assert before["steps"] > 2
+        assert 0 < before["max_gap_ns"] and 0 < before["max_gap_end_ns"] <= before["last_step_ns"]
         # A whole-RAM check runs inside the guest's loop: it is a gap the guest sees.
         t0 = time.monotonic_ns()
         guest.verify()
         t1 = time.monotonic_ns()
         time.sleep(0.05)
-        c = guest.counters()
-        assert c["max_gap_end_ns"] >= t0
-        assert c["max_gap_ns"] >= (t1 - t0) * 0.5  # lower bound: the check itself, minus ack latency
+        after = guest.counters()
+        # lower bound for the check's gap: the check itself, minus ack latency
+        assert after["max_gap_ns"] >= max(before["max_gap_ns"], (t1 - t0) * 0.5)
+        if after["max_gap_ns"] > before["max_gap_ns"]:
+            assert after["max_gap_end_ns"] >= t0  # the new longest gap ended after the check began
+        else:
+            assert after["max_gap_end_ns"] == before["max_gap_end_ns"]
 
 
 @pytest.mark.parametrize("workload,params", [("idle", {}), ("uniform", {"rate": 20000}), ("hotcold", {"rate": 20000})])

@@ -19,6 +19,26 @@ def test_doctor_names_features_and_the_tracker_choice():
         assert name in out.stdout
     expected = "mprotect" if uffd_wp_missing() else "uffd-wp"
     assert f"--tracker auto selects: {expected}" in out.stdout
+    from vmem import _native as nat
+
+    assert f"post-copy fault threads: {nat.fault_thread_priority()[1]}" in out.stdout
+
+
+def test_doctor_says_when_the_fault_threads_cannot_be_raised():
+    """Without CAP_SYS_NICE (a child that drops it; RLIMIT_RTPRIO and RLIMIT_NICE are 0 by
+    default), doctor says the fault threads run at the default priority, and why."""
+    import os
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    code = "from vmem.cli.main import post_copy_priority_line as f; print(f())"
+    out = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-sys_nice", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert "a negative nice value was not allowed" in out.stdout, out.stdout
+    assert "SCHED_FIFO is not permitted" in out.stdout, out.stdout
 
 
 class _GuestWithoutWpAsync:

@@ -18,7 +18,7 @@ import pytest
 
 from guests.launch import ProcessGuest
 from vmem.migration.backend import IncomingGuest, PauseResult, PostcopyGuest, SourceGuest
-from vmem.tracking import MprotectGuest, UffdWpGuest
+from vmem.tracking import KvmDirtyGuest, MprotectGuest, UffdWpGuest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("vmem", "guests", "transport")
@@ -154,17 +154,29 @@ def _check_conforms(implementation, protocol) -> None:
 
 
 def _instance_attributes(cls) -> set[str]:
-    """Attributes ``cls.__init__`` assigns on ``self``."""
-    tree = ast.parse(inspect.getsource(cls))
-    return {node.attr for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-            and node.value.id == "self" and isinstance(node.ctx, ast.Store)}
+    """Attributes ``cls`` or a base class of ours assigns on ``self``."""
+    out = set()
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__ == "builtins":
+            continue
+        tree = ast.parse(inspect.getsource(klass))
+        out |= {node.attr for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id == "self" and isinstance(node.ctx, ast.Store)}
+    return out
 
 
 @pytest.mark.parametrize("protocol", [SourceGuest, IncomingGuest, PostcopyGuest, UffdWpGuest,
                                       MprotectGuest])
 def test_process_guest_implements_the_backend_protocols(protocol):
     _check_conforms(ProcessGuest, protocol)
+
+
+@pytest.mark.parametrize("protocol", [SourceGuest, IncomingGuest, PostcopyGuest, KvmDirtyGuest])
+def test_kvm_guest_implements_the_backend_protocols(protocol):
+    from guests.kvm import KvmGuest
+
+    _check_conforms(KvmGuest, protocol)
 
 
 def test_pause_info_is_a_pause_result():

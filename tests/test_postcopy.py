@@ -233,3 +233,85 @@ def test_source_gone_after_the_switch_the_destination_names_the_lost_pages(boot_
     err = capfd.readouterr().err
     assert "pages are lost (first: [" in err and "stopped rather than run on memory it does not have" in err
     assert g.verify()["ok"]  # the source still holds every page
+
+
+@pytest.mark.parametrize("give_way", [True, False], ids=["gives-way", "fires-without"])
+def test_push_gives_way_to_demand_answers(boot_guest, monkeypatch, give_way):
+    """The destination places the background push in pieces and lets a waiting demand answer
+    go first, so no answer waits behind more than one piece (push_pages_ahead_max counts the
+    background pages placed while one answer waited).  Each piece is made slow on purpose
+    (vmem.migration.inject, slow_us: each piece first holds the placement gate that long, as
+    one slow pwrite of the whole piece would) so that the checker's faults meet it; with the
+    giving way turned off and 1024-page pieces, the same statistic shows answers waiting
+    behind more than a piece -- what the check exists to catch.  Counts only, no timings."""
+    from vmem import _native as nat
+    from vmem.migration import inject
+
+    piece = nat.PUSH_PIECE_PAGES
+    env = "slow_us=5000" if give_way else "slow_us=5000,give_way=0,piece=1024"
+    monkeypatch.setenv(inject.PREEMPT_ENV, env)  # the destination process inherits it
+    g = boot_guest("checker", SIZE, rate=20000, reads=64)
+    time.sleep(0.2)
+    try:
+        report = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0.2))
+    finally:
+        monkeypatch.delenv(inject.PREEMPT_ENV)
+        inject.apply_preempt()  # this process (the source) back to the defaults
+    pc = assert_migrated(report, "postcopy")["postcopy"]
+    assert pc["fault_path"] == "native"
+    # answers did meet the slow push (the test is not vacuous): an answer waited for a
+    # piece, or a piece for an answer
+    assert pc["fault_waits"] + pc["push_yields"] >= 1, pc
+    if give_way:
+        # at most the pwrite in progress when the answer came (a run of one piece at most)
+        assert pc["push_pages_ahead_max"] <= piece, pc
+    else:
+        assert pc["push_yields"] == 0 and pc["fault_waits"] >= 1, pc
+        assert pc["push_pages_ahead_max"] > piece, pc  # the bound the giving way keeps is broken
+    assert pc["fault_thread_priority"] == nat.fault_thread_priority()[1]
+
+
+class _RecordingWriter:
+    """A StreamWriter stand-in for PostcopySource.push: records, per batch written, whether
+    the fault server was answering a FAULT at that moment (cursor[2] != 0)."""
+
+    def __init__(self, cursor):
+        self.cursor = cursor
+        self.bytes_written = 0
+        self.batches_while_answering = 0
+        self.batches = 0
+
+    def page_data(self, pfns, bufs, record_type=None):
+        self.batches += 1
+        self.batches_while_answering += bool(self.cursor[2])
+        self.bytes_written += len(pfns) * 4096
+
+
+@pytest.mark.parametrize("give_way", [True, False], ids=["gives-way", "fires-without"])
+def test_pusher_starts_no_batch_while_a_fault_is_being_answered(monkeypatch, give_way):
+    """The source's pusher gives way to its C fault server: while cursor[2] (FAULT records
+    being answered) is not 0, no batch is written.  A thread holds it at 1 for a while, as
+    a server answering a slow fault would; with the giving way off, batches go out
+    meanwhile -- what the count catches.  Counts only."""
+    import threading
+
+    from vmem.migration.postcopy import source as pcsource
+
+    monkeypatch.setattr(pcsource, "GIVE_WAY_MAX_S", 30.0)  # the test decides when the answer ends
+    npages = 8 * pcsource.BATCH_PAGES
+    ram = np.zeros((npages, 4096), dtype=np.uint8)
+    pc = pcsource.PostcopySource(ram, None, None, threading.Lock())
+    pc.give_way = give_way
+    writer = pc.writer = _RecordingWriter(pc._cursor_shared)
+    pc._cursor_shared[2] = 1  # a FAULT is being answered when the push starts
+    release = threading.Timer(0.2, lambda: pc._cursor_shared.__setitem__(2, 0))
+    release.start()
+    try:
+        pc.push(np.arange(npages, dtype=np.int64))
+    finally:
+        release.cancel()
+    assert writer.batches == 8 and pc.sent.all()
+    if give_way:
+        assert writer.batches_while_answering == 0 and pc.push_yields == 1
+    else:
+        assert writer.batches_while_answering >= 1 and pc.push_yields == 0

@@ -1,6 +1,6 @@
 """A short soak in CI (scripts/soak.py): 100 ping-pong migrations in mixed modes between
-keyed agents on two test hosts, sampled every 25: all verified, no leak, descriptors and
-threads flat over the last 50, agent memory within a bound.  The long run (1000) and its
+keyed agents on two test hosts, sampled every 10: all verified, no leak, descriptors and
+threads flat over the last 50, agent memory (RssAnon) with no upward trend over the last 50.  The long run (1000) and its
 result are in docs/reliability.md."""
 from __future__ import annotations
 
@@ -43,28 +43,44 @@ def test_plateau_rule_passes_a_flat_peak_and_fails_a_rising_one():
     assert soak.plateau(alternating, 100, 2 * MIB)["ok"]
 
 
+def test_rss_slope_is_robust_to_one_swing_and_sees_a_leak():
+    swing = [_sample(0, 20), _sample(50, 23), _sample(60, 40), _sample(70, 23.1), _sample(80, 23.2), _sample(100, 23.3)]
+    assert soak.rss_slope(swing, 50)["h1"] < 1.0
+    leak = [_sample(0, 20), _sample(50, 23), _sample(60, 25), _sample(70, 27), _sample(80, 29), _sample(100, 33)]
+    assert soak.rss_slope(leak, 50)["h1"] == 20.0
+
+
+#: CI's memory rule: RssAnon's trend over the last half of the run, MiB per 100 migrations
+#: (the plateau budget, 2 MiB over 50).  Before the agent collected its reference cycles the
+#: samples swung between 40 and 100 MiB with dead migration buffers.
+MAX_RSS_SLOPE_MIB_PER_100 = 4.0
+#: ... and the typical end state (the median sample of the last half) above the start.
+MAX_RSS_ABOVE_START_MIB = 16
+
+
 @pytest.mark.slow
 def test_short_soak_meets_the_plateau_rule(testhosts):  # noqa: F811
     workdir = tempfile.mkdtemp(prefix=f"vmem-soak-test-{os.getpid()}-")
     os.chmod(workdir, 0o700)
     try:
-        res = soak.run_soak(testhosts, workdir, migrations=100, every=25, window=50, size="16M", rate=5000,
+        res = soak.run_soak(testhosts, workdir, migrations=100, every=10, window=50, size="16M", rate=5000,
                             modes=("precopy", "postcopy", "hybrid"), seed=3, rss_budget_bytes=2 * MIB,
                             log=lambda *_: None)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     assert res["completed"] == res["migrations"] == 100, res["failed"][:5]
     assert all(res["modes"][m] > 10 for m in ("precopy", "postcopy", "hybrid")), res["modes"]
-    assert len(res["checks"]) == 4 and all(c["ok"] for c in res["checks"]), res["checks"]
+    assert len(res["checks"]) == 10 and all(c["ok"] for c in res["checks"]), res["checks"]
     assert not res["leaks"], res["leaks"]
     # Descriptors and threads: the plateau rule as it stands.
     assert not [p for p in res["plateau"]["problems"] if "RssAnon" not in p], res["plateau"]
-    # RssAnon: the 2 MiB rule is not met yet even over 1000 migrations (docs/reliability.md:
-    # the peak still rises ~8-13 MiB over the last 500), and 100 migrations are inside the
-    # warm-up, so CI holds the agents to a bound the old heap fragmentation broke (+57 MiB
-    # by migration 60 before M_MMAP_THRESHOLD was fixed; ~+25-30 MiB by 100 now).
+    # RssAnon: judged by its trend over the last half (a robust slope, so one sample caught
+    # while the allocator still holds a migration's buffers cannot fail it on a loaded
+    # machine) and by the typical level there.  The long run's figures: docs/reliability.md.
+    slopes = soak.rss_slope(res["samples"], 50)
     for name in ("h1", "h2"):
         series = [s["agents"][name]["rss_anon_bytes"] for s in res["samples"]]
-        # The end state, not the transient peak: heap use swings by tens of MiB between samples
-        # under load (one CI run: 20, 63, 90, 90, 57 MiB); a leak shows as a high last sample.
-        assert series[-1] - series[0] <= 48 * MIB, (name, [round(v / MIB, 1) for v in series])
+        shown = (name, [round(v / MIB, 1) for v in series], slopes)
+        assert slopes[name] is not None and slopes[name] <= MAX_RSS_SLOPE_MIB_PER_100, shown
+        last_half = sorted(s["agents"][name]["rss_anon_bytes"] for s in res["samples"] if s["after"] >= 50)
+        assert last_half[len(last_half) // 2] - series[0] <= MAX_RSS_ABOVE_START_MIB * MIB, shown

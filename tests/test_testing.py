@@ -72,8 +72,147 @@ def test_an_alone_item_excludes_every_other_vmem_item(tmp_path):
             os.close(fd)
 
 
-def _pytest(args, cwd, timeout=600):
-    env = dict(os.environ)
+def test_an_exclusive_waiter_is_not_starved_by_shared_holders_coming_and_going(tmp_path):
+    """The gate: once an exclusive holder waits, a new shared holder queues behind it."""
+    import threading
+
+    from vmem.testing.plugin import _hold
+
+    lock = str(tmp_path / "vmem-alone.lock")
+    events = []
+    with _hold(lock, exclusive=False):
+        waiter = threading.Thread(target=lambda: _hold_and_log(lock, True, "exclusive", events))
+        waiter.start()
+        _wait_until(lambda: _gate_taken(lock))  # the exclusive one now waits, holding the gate
+        late = threading.Thread(target=lambda: _hold_and_log(lock, False, "late shared", events))
+        late.start()
+        events.append("first shared released")
+    waiter.join(10)
+    late.join(10)
+    assert events == ["first shared released", "exclusive", "late shared"], events
+
+
+def _hold_and_log(lock, exclusive, name, events):
+    from vmem.testing.plugin import _hold
+
+    with _hold(lock, exclusive):
+        events.append(name)
+
+
+def _gate_taken(lock) -> bool:
+    fd = os.open(lock + ".gate", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _wait_until(cond, timeout_s=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+@pytest.mark.serial
+def test_a_serial_test_of_this_suite_runs_alone(request, tmp_path_factory):
+    """vmem's own configuration (pyproject: vmem_alone_markers = serial, vmem_lock_all):
+    a serial test holds the lock exclusively -- no other test of this run can hold it."""
+    from vmem.testing.plugin import _lock_path
+
+    fd = os.open(_lock_path(request.config, tmp_path_factory), os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
+def test_every_test_of_this_suite_holds_the_lock_shared(request, tmp_path_factory):
+    from vmem.testing.plugin import _lock_path
+
+    fd = os.open(_lock_path(request.config, tmp_path_factory), os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):  # held (shared) by this very test
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
+# Seven items for two xdist workers: plain ones run 1 s and then until they have seen another
+# item running (3 s at most), the serial one runs 2 s and notes every item it sees running.  Intervals
+# are CLOCK_MONOTONIC, one clock for every process on the machine.
+_INTERVAL_ITEMS = """
+import json, os, time
+import pytest
+
+LOG = os.environ["VMEM_TEST_INTERVALS"]
+
+def _run(name, serial):
+    mark = os.path.join(LOG, name + ".running")
+    start = time.monotonic()
+    open(mark, "w").close()
+    seen = set()
+    while time.monotonic() < start + (2.0 if serial else 3.0):
+        seen |= {f[:-len(".running")] for f in os.listdir(LOG) if f.endswith(".running")} - {name}
+        if seen and not serial and time.monotonic() > start + 1.0:
+            break
+        time.sleep(0.01)
+    os.remove(mark)
+    with open(os.path.join(LOG, name + ".json"), "w") as f:
+        json.dump({"name": name, "start": start, "end": time.monotonic(), "seen": sorted(seen)}, f)
+
+@pytest.mark.parametrize("k", range(3))
+def test_plain_before(k):
+    _run(f"plain{k}", False)
+
+@pytest.mark.serial
+def test_timed():
+    _run("serial", True)
+
+@pytest.mark.parametrize("k", range(3, 6))
+def test_plain_after(k):
+    _run(f"plain{k}", False)
+"""
+
+
+def _intervals(tmp_path, ini: str) -> dict:
+    (tmp_path / "test_items.py").write_text(_INTERVAL_ITEMS)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    serial: timing\n" + ini)
+    log = tmp_path / "log"
+    log.mkdir()
+    run = _pytest(["-q", "-n", "2", "test_items.py"], tmp_path, env={"VMEM_TEST_INTERVALS": str(log)})
+    assert run.returncode == 0, run.stdout + run.stderr
+    return {d["name"]: d for d in (json.loads(p.read_text()) for p in log.glob("*.json"))}
+
+
+def _overlapping(a: dict, b: dict) -> bool:
+    return a["start"] < b["end"] and b["start"] < a["end"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_serial_item_overlaps_no_other_item_under_xdist(tmp_path):
+    (tmp_path / "on").mkdir()
+    got = _intervals(tmp_path / "on", "vmem_alone_markers = serial\nvmem_lock_all = true\n")
+    assert len(got) == 7, got
+    serial = got.pop("serial")
+    assert serial["seen"] == [] and not any(_overlapping(serial, other) for other in got.values()), (serial, got)
+    assert any(d["seen"] for d in got.values()), f"the plain items never ran in parallel: {got}"
+    # The same items without the configuration: the serial item runs beside the others.
+    (tmp_path / "off").mkdir()
+    got = _intervals(tmp_path / "off", "")
+    serial = got.pop("serial")
+    assert serial["seen"] and any(_overlapping(serial, other) for other in got.values()), (serial, got)
+
+
+def _pytest(args, cwd, timeout=600, env=None):
+    env = dict(os.environ) | (env or {})
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "vmem.testing.plugin", "-p", "no:cacheprovider",
                            "-rA", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -73,6 +73,14 @@ __all__ = [
     "continue_runs",
     "PostcopyFaultEngine",
     "PostcopyFaultServer",
+    "FAULT_THREAD_PRIORITIES",
+    "PC_PRIO_NORMAL",
+    "PC_PRIO_NICE",
+    "PC_PRIO_FIFO",
+    "PUSH_PIECE_PAGES",
+    "fault_thread_priority",
+    "set_push_pieces",
+    "set_fault_thread_priority_limit",
     "PC_MISSING",
     "PC_PLACING",
     "PC_PRESENT",
@@ -856,12 +864,75 @@ class PostcopyFaultServer(_FaultThread):
     _kind, _what = "src", "post-copy fault server"
 
     def __init__(self, urgent_fd: int, ram: np.ndarray, sent: np.ndarray, cursor: np.ndarray):
-        """Raises ValueError for arrays of the wrong shape, OSError (e.g. EMFILE) if the
+        """``cursor``: int64[3]: [0] newest fault's pfn, [1] faults answered, [2] FAULT
+        records being answered right now (the push backs off while it is not 0).
+
+        Raises ValueError for arrays of the wrong shape, OSError (e.g. EMFILE) if the
         server's wake pipe or memory cannot be had."""
         if ram.ndim != 2 or ram.shape[1] != PAGE_SIZE or len(sent) != len(ram) or sent.dtype.itemsize != 1:
             raise ValueError(f"ram must be (npages, {PAGE_SIZE}) and sent one byte per page")
+        if cursor.dtype != np.int64 or cursor.shape != (3,) or not cursor.flags.c_contiguous:
+            raise ValueError("cursor must be a C-contiguous int64 array of 3")
         self._keep = (ram, sent, cursor)
         self._create(urgent_fd, _ptr("const uint8_t *", ram), len(ram), _ptr("uint8_t *", sent), _ptr("int64_t *", cursor))
+
+
+#: How a post-copy fault thread is scheduled (``stats()["priority"]``, :func:`fault_thread_priority`).
+FAULT_THREAD_PRIORITIES: dict[int, str] = {
+    int(lib.VMEM_PC_PRIO_NORMAL): "normal",
+    int(lib.VMEM_PC_PRIO_NICE): f"nice {int(lib.VMEM_PC_NICE)}",
+    int(lib.VMEM_PC_PRIO_FIFO): f"SCHED_FIFO {int(lib.VMEM_PC_RT_PRIORITY)}",
+}
+PC_PRIO_NORMAL: int = int(lib.VMEM_PC_PRIO_NORMAL)
+PC_PRIO_NICE: int = int(lib.VMEM_PC_PRIO_NICE)
+PC_PRIO_FIFO: int = int(lib.VMEM_PC_PRIO_FIFO)
+#: Pages of background push placed per piece at the post-copy destination.
+PUSH_PIECE_PAGES: int = int(lib.VMEM_PC_PIECE_PAGES)
+
+
+def fault_thread_priority(most: int | None = None) -> tuple[int, str]:
+    """What a post-copy fault thread gets here: ``(VMEM_PC_PRIO_*, description)``, tried on
+    a thread started for the purpose -- with the current limit (what migrations use), or,
+    given ``most``, with that limit for the probe only (e.g. whether SCHED_FIFO is permitted).
+
+    Raises:
+        OSError: no thread could be started.
+    """
+    global _priority_limit
+    old = _priority_limit
+    if most is not None:
+        set_fault_thread_priority_limit(most)
+    try:
+        got = _check(lib.vmem_pc_probe_priority(), "starting a thread to probe the fault threads' priority")
+    finally:
+        if most is not None:
+            set_fault_thread_priority_limit(old)
+    return got, FAULT_THREAD_PRIORITIES[got]
+
+
+def set_push_pieces(piece_pages: int = 0, give_way: bool = True, slow_us: int = 0) -> None:
+    """Test-only (vmem.migration.inject): the post-copy destination places the background
+    push in pieces of ``piece_pages`` (0: the default, :data:`PUSH_PIECE_PAGES`), waits for
+    a waiting demand answer before each piece unless ``give_way`` is False, and sleeps
+    ``slow_us`` inside each piece (a slow push).  Process-wide; set before post-copy starts."""
+    if piece_pages < 0 or slow_us < 0:
+        raise ValueError(f"piece_pages and slow_us must be >= 0, got {piece_pages}, {slow_us}")
+    lib.vmem_pc_set_push_pieces(int(piece_pages), int(bool(give_way)), int(slow_us))
+
+
+_priority_limit = int(lib.VMEM_PC_PRIO_NICE)
+
+
+def set_fault_thread_priority_limit(most: int) -> None:
+    """Fault threads started from now on ask for at most ``most`` (a key of
+    :data:`FAULT_THREAD_PRIORITIES`; the default is nice -15, see vmem/_build/postcopy.py
+    for why not SCHED_FIFO).  Process-wide; benchmarks compare with it
+    (vmem.migration.inject)."""
+    global _priority_limit
+    if most not in FAULT_THREAD_PRIORITIES:
+        raise ValueError(f"priority must be one of {sorted(FAULT_THREAD_PRIORITIES)}, got {most!r}")
+    lib.vmem_pc_set_priority_limit(int(most))
+    _priority_limit = int(most)
 
 
 # --- process ---------------------------------------------------------------------------
@@ -874,3 +945,53 @@ def set_pdeathsig(sig: int) -> None:
         OSError: ``EINVAL`` for an invalid signal number.
     """
     _check(lib.vmem_set_pdeathsig(int(sig)), f"prctl(PR_SET_PDEATHSIG, {int(sig)})")
+
+
+# --- KVM (guests/kvm) -------------------------------------------------------------------
+#: ioctl numbers and KVM constants the KVM backend uses, by their kernel names.
+KVM = {name: getattr(lib, name) for name in dir(lib) if name.startswith("KVM_")}
+
+
+def kvm_ioctl(fd: int, request: str, arg: int = 0, buf: bytearray | np.ndarray | None = None) -> int:
+    """``ioctl(fd, KVM_<request>, arg)``; with ``buf`` the argument is its address (the
+    structure is read and/or written in place).  Returns the ioctl's result.
+
+    Raises:
+        OSError: with the errno and the request's name.
+    """
+    if buf is not None:
+        keep = ffi.from_buffer(buf)
+        arg = int(ffi.cast("uintptr_t", keep))
+    return _check(lib.vmem_kvm_ioctl(fd, KVM[request], int(arg)), request)
+
+
+def kvm_run(vcpu_fd: int) -> int:
+    """One ``KVM_RUN`` without the GIL: 0, or -errno (``-EINTR``: the vCPU was kicked)."""
+    return lib.vmem_kvm_run(vcpu_fd)
+
+
+def kvm_dirty_log(vm_fd: int, slot: int, bitmap: np.ndarray, npages: int) -> int:
+    """KVM_GET_DIRTY_LOG then KVM_CLEAR_DIRTY_LOG of memslot ``slot`` (manual protect):
+    ``bitmap`` (uint64, one bit per page) receives the dirty pages, which are re-armed when
+    this returns.  Returns how many."""
+    if bitmap.dtype != np.uint64 or len(bitmap) * 64 < npages or not bitmap.flags.c_contiguous:
+        raise ValueError("bitmap must be contiguous uint64 with a bit per page")
+    return _check(lib.vmem_kvm_dirty_log(vm_fd, slot, ffi.cast("uint64_t *", bitmap.ctypes.data), npages),
+                  f"KVM_GET/CLEAR_DIRTY_LOG slot {slot}")
+
+
+def kvm_ring_harvest(ring_address: int, nentries: int, fetch_index: np.ndarray, slot: int,
+                     bitmap: np.ndarray, npages: int) -> int:
+    """Harvest one vCPU's dirty ring (mapped at ``ring_address``) into ``bitmap`` from
+    ``fetch_index[0]`` (uint32, advanced); the caller issues KVM_RESET_DIRTY_RINGS next.
+    Returns the entries harvested.
+
+    Raises:
+        OSError: EINVAL, an entry named a page outside ``slot`` (harvested anyway).
+    """
+    if bitmap.dtype != np.uint64 or len(bitmap) * 64 < npages or fetch_index.dtype != np.uint32:
+        raise ValueError("bitmap must be uint64 with a bit per page, fetch_index uint32")
+    return _check(lib.vmem_kvm_ring_harvest(ffi.cast("void *", ring_address), nentries,
+                                            ffi.cast("uint32_t *", fetch_index.ctypes.data), slot,
+                                            ffi.cast("uint64_t *", bitmap.ctypes.data), npages),
+                  "dirty ring harvest")

@@ -17,7 +17,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["collect", "command_line", "git_commit"]
+__all__ = ["collect", "command_line", "git_commit", "network_identity"]
 
 #: A git that does not answer within this is treated as absent (a report must not hang).
 GIT_TIMEOUT_S = 2.0
@@ -89,3 +89,21 @@ def collect(argv: list[str] | None = None) -> dict:
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command_line": command_line() if argv is None else shlex.join(argv),
     }
+
+
+def network_identity() -> dict:
+    """This process's host as the network sees it: hostname, network namespace (``net:[inode]``,
+    as /proc/self/ns/net reads: two processes are in the same namespace iff it is equal) and
+    its IPv4 addresses other than loopback.  Best effort: a field that cannot be read is None."""
+    try:
+        netns = os.readlink("/proc/self/ns/net")
+    except OSError:
+        netns = None
+    try:
+        import psutil
+
+        ipv4 = sorted(a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                      if a.family == socket.AF_INET and not a.address.startswith("127."))
+    except (ImportError, OSError):
+        ipv4 = None
+    return {"hostname": socket.gethostname(), "netns": netns, "ipv4": ipv4}

@@ -28,7 +28,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # The shared fragment first (feature macros, headers, helpers used across fragments); the
 # others in any order.
 SHARED_FRAGMENT = "common"
-FRAGMENTS = [SHARED_FRAGMENT, "memfd", "process", "uffd", "pagemap", "mprot", "digest", "postcopy"]
+FRAGMENTS = [SHARED_FRAGMENT, "memfd", "process", "uffd", "pagemap", "mprot", "digest", "postcopy", "kvm"]
 
 
 def _load_fragment(name):

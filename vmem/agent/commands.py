@@ -42,8 +42,9 @@ def cmd_ping(agent, channel, request: dict) -> dict:
 
 
 def cmd_create(agent, channel, request: dict) -> dict:
-    """``{"op": "create", "name", "workload", "workload_args": ["k=v"], "seed", "size"}``."""
-    from vmem.migration.backend import GuestSpec, boot_guest
+    """``{"op": "create", "name", "workload", "workload_args": ["k=v"], "seed", "size", "backend"}``
+    (``backend``: ``process``, the default, or ``kvm``)."""
+    from vmem.migration.backend import BACKENDS, GuestSpec, boot_guest
     from guests.workload import load_workload, parse_params
 
     from vmem.ram import parse_size
@@ -52,19 +53,28 @@ def cmd_create(agent, channel, request: dict) -> dict:
     workload = str(request.get("workload") or "hotcold")
     try:
         size_bytes = parse_size(request.get("size") or "1G")
-        params = parse_params(load_workload(workload), list(request.get("workload_args") or []))
+        backend = str(request.get("backend") or "process")
+        if backend not in BACKENDS:
+            raise ConfigError("--backend", f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
+        if backend == "kvm":
+            from guests.kvm.layout import parse_params as kvm_params
+
+            params = kvm_params(workload, list(request.get("workload_args") or []))
+        else:
+            params = parse_params(load_workload(workload), list(request.get("workload_args") or []))
         seed = int(request.get("seed", 1))
     except ConfigError as err:
         raise _config_error(err) from None
     except (TypeError, ValueError) as err:
         raise AgentError(ErrorCode.BAD_REQUEST, f"create: {err}") from None
     spec = GuestSpec(workload, params, seed)
-    entry = agent.registry.reserve(name, "creating", size_bytes, spec.to_json(), origin="created")
+    # The recorded spec names the backend, so that a restarted agent takes the guest over as one.
+    entry = agent.registry.reserve(name, "creating", size_bytes, spec.to_json() | {"backend": backend}, origin="created")
     try:
-        guest = agent.spawner.call(boot_guest, spec, size_bytes)
+        guest = agent.spawner.call(boot_guest, spec, size_bytes, backend)
     except BaseException as err:
         agent.registry.remove(name, "creating")
-        if isinstance(err, (VmemError, OSError)):
+        if isinstance(err, (VmemError, OSError, ValueError)):
             raise AgentError(ErrorCode.FAILED, f"guest {name!r} failed to boot: {err}") from None
         raise
     agent.own_guest(name, guest)

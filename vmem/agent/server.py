@@ -47,6 +47,7 @@ from vmem import __version__
 from vmem.errors import VmemError
 from vmem.wakepipe import WakePipe
 from vmem.agent.commands import COMMANDS, LOCAL_ONLY_COMMANDS
+from vmem.agent.heap import MemoryWatch, collect_cycles, freeze_startup_objects, release_free_memory, tune_malloc
 from vmem.agent.limits import Admission, ConnectionCaps, DeadlineWatch, LogLimiter
 from vmem.agent.paths import info_path, prepare_state_dir, socket_path
 from vmem.agent.protocol import (MAGIC, AgentError, ErrorCode, ProtocolError, client_hello, recv_frame, send_error,
@@ -113,6 +114,7 @@ class Agent:
         self.deadlines = DeadlineWatch()
         self._refusal_log = LogLimiter()
         self._closed_since_trim = False      # a connection closed since memory was last handed back
+        self._memwatch = MemoryWatch.from_env()  # VMEM_AGENT_MEMWATCH: a debugging aid (vmem.agent.heap)
         self._conn = threading.local()        # the serving thread's connection: peer, deadline token
         self._expected = threading.local()    # the migrate-in / restore a spawn must match (expect_guest)
         from vmem.agent.migration import PendingLinks
@@ -171,9 +173,11 @@ class Agent:
         # per thread).  This process is the agent's own, so patching its table is local.
         from vmem.migration import backend
 
-        self._saved_factory = backend.INCOMING_FACTORIES["process"]
-        spawn = self.spawner.wrap(self._saved_factory)
+        self._saved_factory = dict(backend.INCOMING_FACTORIES)
+        for name, factory in self._saved_factory.items():
+            backend.INCOMING_FACTORIES[name] = self._checked_spawn(self.spawner.wrap(factory))
 
+    def _checked_spawn(self, spawn):
         def checked_spawn(spec_json, npages):
             # Runs on the calling (migration / restore) thread, before the spawner forks.
             expected = getattr(self._expected, "guest", None)
@@ -181,7 +185,7 @@ class Agent:
                 _check_expected_guest(expected, spec_json, npages)
             return spawn(spec_json, npages)
 
-        backend.INCOMING_FACTORIES["process"] = checked_spawn
+        return checked_spawn
 
     # --- guests that outlive the agent (vmem.agent.records, guests.owner) ---------------------------
     def _prepare_guests(self) -> None:
@@ -252,8 +256,11 @@ class Agent:
                 log.warning("guest %s was lost: %s", name, reason)
                 self.registry.adopt(GuestEntry(name, "lost", reason=reason, **common))
                 continue
+            cls = ProcessGuest
+            if common["spec"].get("backend") == "kvm":
+                from guests.kvm import KvmGuest as cls
             try:
-                guest = ProcessGuest.take_over(owner_socket_path(self.state_dir, name), bytes.fromhex(record["token"]),
+                guest = cls.take_over(owner_socket_path(self.state_dir, name), bytes.fromhex(record["token"]),
                                                pid, GuestSpec.from_json(common["spec"]))
             except VmemError as err:
                 reason = f"alive (pid {pid}) but not taken over: {err}"
@@ -309,9 +316,19 @@ class Agent:
                                      self.config.caps.handshake_timeout_s)
                 if self._closed_since_trim and self.admission.counts()["open"] == 0:
                     self._closed_since_trim = False
-                    _release_free_memory()
+                    self._reclaim_memory()
         finally:
             sel.close()
+
+    def _reclaim_memory(self) -> None:
+        """No connection is left: free what cycles still hold and hand free heap back to the
+        kernel (vmem.agent.heap); ``VMEM_AGENT_MEMWATCH`` logs the figures."""
+        watch = self._memwatch
+        dump = watch is not None and watch.due()
+        collected = collect_cycles(describe=dump)
+        release_free_memory()
+        if dump:
+            watch.dump(collected)
 
     def shutdown(self) -> None:
         """Stop everything (see the module docstring); bounded; idempotent."""
@@ -352,7 +369,7 @@ class Agent:
         if self._saved_factory is not None:
             from vmem.migration import backend
 
-            backend.INCOMING_FACTORIES["process"] = self._saved_factory
+            backend.INCOMING_FACTORIES.update(self._saved_factory)
             self._saved_factory = None
         if self.spawner is not None:
             self.spawner.stop()
@@ -476,7 +493,7 @@ class Agent:
 
     def _serve_admitted(self, serve, channel, peer_key: str, who: str, token: int) -> None:
         conn = self._conn
-        conn.peer_key, conn.token, conn.opening = peer_key, token, True
+        conn.peer_key, conn.token, conn.opening, conn.reclaim = peer_key, token, True, False
         try:
             serve(channel, who)
         finally:
@@ -484,6 +501,12 @@ class Agent:
             conn.opening = False
             self.deadlines.done(token)
             self.admission.closed(peer_key, in_opening=in_opening)
+            if conn.reclaim:
+                # A migration (or save/restore) ran on this connection: its buffers hang on
+                # reference cycles until collected (vmem.agent.heap.collect_cycles).  Here,
+                # after its reply, so that a busy agent that never falls idle frees them too.
+                conn.reclaim = False
+                collect_cycles()
             self._closed_since_trim = True
 
     def log_refusal(self, message: str, *args) -> None:
@@ -544,6 +567,7 @@ class Agent:
             if purpose == "migrate-in":
                 from vmem.agent.migration import serve_incoming
 
+                self._conn.reclaim = True
                 serve_incoming(self, channel, peer)
             elif purpose in ("vmem-data", "vmem-urgent"):
                 from vmem.agent.migration import serve_attach
@@ -615,6 +639,8 @@ class Agent:
                 send_error(channel, ErrorCode.AUTH, f"{op} names a file on the agent's host: only the local CLI (the "
                                                     "control socket) may ask for it; run vmem on that host")
                 continue
+            if op in RECLAIM_AFTER_OPS:
+                self._conn.reclaim = True
             try:
                 reply = handler(self, channel, request)
             except AgentError as err:
@@ -656,12 +682,20 @@ def _check_expected_guest(expected: tuple, spec_json, npages) -> None:
                                       "before spawning anything (the source must announce the size it sends)")
 
     def canonical(obj) -> str:
+        # "backend" is the agent's own note in its records (which class takes the guest over);
+        # the stream names the backend in its preamble, not in the guest description.
+        if isinstance(obj, dict):
+            obj = {k: v for k, v in obj.items() if k != "backend"}
         return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
     if canonical(spec_json) != canonical(spec):
         raise MigrationError("setup", f"{what}: the stream's guest description differs from the one in the request "
                                       "it was reserved for: refused before spawning anything")
 
+
+#: Requests after which the connection's end runs a full garbage collection (their objects
+#: hold MiB-sized buffers in reference cycles: vmem.agent.heap.collect_cycles).
+RECLAIM_AFTER_OPS = frozenset({"migrate", "save", "restore"})
 
 #: Why an agent without key or TLS refuses the ``command`` purpose over TCP.
 NO_TCP_COMMANDS = ("this agent takes commands over TCP only from peers that authenticate (--key or TLS); it has "
@@ -773,49 +807,9 @@ def _peer_uid(sock: socket.socket) -> int:
     return uid
 
 
-#: glibc malloc arenas the agent may create (M_ARENA_MAX).  Every connection and migration
-#: runs in its own thread and glibc gives busy threads their own arena (up to 8 per core),
-#: so the agent's private memory crept up by ~0.4 MiB per migration to ~110 MiB over 200
-#: ping-pongs; with 2 arenas it stays flat at ~30 MiB (scripts/campaign.py, measured).
-MALLOC_ARENAS = 2
-
-
-#: Allocations from this size up get their own mapping, returned to the kernel when freed.
-#: glibc raises its threshold dynamically (up to 32 MiB) after the first such free, and from
-#: then on a migration's MiB-sized buffers are carved from the heap, which fragments and
-#: grows: fixing the threshold keeps the agent's memory flat (scripts/soak.py, measured).
-MMAP_THRESHOLD_BYTES = 256 << 10
-
-
-def _release_free_memory() -> None:
-    """Hand memory freed by closed connections back to the kernel (glibc ``malloc_trim``:
-    free() alone keeps it in the heap).  Called by the accept loop once no connection is
-    left, so at most once per ``DEADLINE_CHECK_INTERVAL_S``; best effort."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _limit_malloc_arenas(n: int) -> None:
-    """``mallopt(M_ARENA_MAX, n)`` on glibc; nothing elsewhere (best effort)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-8, n)  # M_ARENA_MAX
-        libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD: fixed, so big buffers never land in the heap
-    except (OSError, AttributeError):
-        pass
-
-
 def run_agent(config: AgentConfig) -> int:
     """``vmem agent``: start, serve until SIGTERM/SIGINT, shut down.  Returns the exit status."""
-    _limit_malloc_arenas(MALLOC_ARENAS)
+    tune_malloc()
     agent = Agent(config)
     try:
         agent.start()
@@ -824,6 +818,12 @@ def run_agent(config: AgentConfig) -> int:
         raise
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
+    # The code a migration runs, imported now so that it is frozen with the rest.
+    import vmem.agent.migration  # noqa: F401
+    import vmem.migration.destination  # noqa: F401
+    import vmem.migration.source  # noqa: F401
+
+    freeze_startup_objects()
     try:
         agent.serve_forever()
     finally:

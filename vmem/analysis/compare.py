@@ -335,7 +335,7 @@ class Comparison:
 def run_comparison(policies, *, workload: str = "hotcold", params: dict | None = None, size_bytes: int = 256 << 20,
                    bandwidth_Bps: float | None = None, seed: int = 1, warmup_s: float = 0.5,
                    policy_options: dict | None = None, tracker: str = "auto", observe_s: float = 0.2,
-                   verify: bool = True, progress_factory=None, on_run=None) -> Comparison:
+                   verify: bool = True, progress_factory=None, on_run=None, backend: str = "process") -> Comparison:
     """Migrate a fresh guest once per policy, same workload and seed; collect the reports.
 
     Everything is validated before the first guest boots.  Every guest (and destination
@@ -348,13 +348,15 @@ def run_comparison(policies, *, workload: str = "hotcold", params: dict | None =
         progress_factory: ``f(name) -> context manager yielding a progress sink`` (e.g. a
             LiveDisplay) or None.
         on_run: called with each finished :class:`PolicyRun`.
+        backend: ``process`` or ``kvm`` (vmem.migration.backend.boot_guest).
     Raises:
         ConfigError: bad policy names/options, workload or parameters (before any boot).
     """
     from vmem.migration.local import run_local_migration
     from vmem.migration.source import MigrationOptions
 
-    load_workload(workload)
+    if backend == "process":
+        load_workload(workload)
     runs, ignored = build_policies(policies, policy_options)
     cmp = Comparison(workload=workload, params=dict(params or {}), size_bytes=size_bytes, bandwidth_Bps=bandwidth_Bps,
                      seed=seed, warmup_s=warmup_s, policy_options=dict(policy_options or {}), ignored_options=ignored)
@@ -363,7 +365,7 @@ def run_comparison(policies, *, workload: str = "hotcold", params: dict | None =
         may_postcopy = applied.get("allow_postcopy") is True or applied.get("timeout_action") == "postcopy"
         options = MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s, bandwidth_Bps=bandwidth_Bps,
                                    verify=verify, postcopy="allow" if may_postcopy else "off")
-        with boot_guest(spec, size_bytes) as guest:
+        with boot_guest(spec, size_bytes, backend) as guest:
             if warmup_s > 0:
                 time.sleep(warmup_s)
             if progress_factory is not None:

@@ -9,6 +9,12 @@ the median and the 10th-90th percentile range -- what a user can plan with befor
 migrating -- plus the start that gives the shortest downtime and whether the start time
 matters at all.
 
+With a host calibration (:mod:`vmem.analysis.calibration`, ``vmem calibrate``) each start
+also gets its own bootstrap draw of the host's fixed costs and copy rate, so the range holds
+the host's noise -- handshake, switchover, the real rate of the copy path, verify -- and not
+only the guest's start-time variation; the start sensitivity and the best start are then
+judged on a second pass at the calibration's medians, where only the start varies.
+
 Pure computation on a :class:`vmem.analysis.trace.DirtyTrace`; no process is touched.
 """
 from __future__ import annotations
@@ -20,16 +26,21 @@ import numpy as np
 from vmem.analysis.simulate import SimulationParams, simulate, transfer_time_s
 from vmem.errors import ConfigError
 
-__all__ = ["forecast", "METRICS", "DEFAULT_STARTS", "inside"]
+__all__ = ["forecast", "metrics_of", "METRICS", "DEFAULT_STARTS", "inside"]
 
 #: Start offsets simulated by default.
 DEFAULT_STARTS = 16
 #: The metrics forecast, as (name, how to read it from a report dict).
 METRICS = (
     ("downtime_ms", lambda d: d.get("downtime_ms")),
+    ("blackout_ms", lambda d: d.get("blackout_ms")),
+    ("migration_time_s", lambda d: d.get("migration_time_s")),
     ("transfer_time_s", lambda d: transfer_time_s(d)),
     ("pages_sent", lambda d: d.get("pages_sent")),
     ("precopy_rounds", lambda d: sum(1 for x in d.get("rounds") or [] if x.get("kind", "precopy") == "precopy")),
+    ("postcopy_faults", lambda d: (d.get("postcopy") or {}).get("faults")),
+    ("pages_pending", lambda d: (d.get("postcopy") or {}).get("pages_pending")),
+    ("pages_pushed", lambda d: (d.get("postcopy") or {}).get("pages_pushed")),
 )
 #: "The start time matters" when the 90th percentile of a metric is this many times its 10th.
 SENSITIVE_SPREAD = 1.5
@@ -39,8 +50,34 @@ def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q, method="nearest"))
 
 
+def metrics_of(runs: list[dict]) -> dict:
+    """``{metric: {"median", "p10", "p90", "min", "max"}}`` over the completed ``runs`` (a
+    forecast's ``starts``; several forecasts' pooled)."""
+    done = [r for r in runs if r["outcome"] == "completed"]
+    metrics = {}
+    for name, _ in METRICS:
+        vals = np.array([float(r[name]) for r in done if r.get(name) is not None], dtype=float)
+        if vals.size:
+            metrics[name] = {"median": float(np.median(vals)), "p10": _pct(vals, 10), "p90": _pct(vals, 90),
+                             "min": float(vals.min()), "max": float(vals.max())}
+    return metrics
+
+
+def _runs(trace, policy, bandwidth_Bps, starts, draws, params) -> list[dict]:
+    duration_s = float(trace.duration_s)
+    runs = []
+    for i in range(starts):
+        start_s = duration_s * i / starts
+        # explicit parameters win over the calibration's draw
+        sp = SimulationParams(bandwidth_Bps=bandwidth_Bps, start_s=start_s, **(draws[i] | params))
+        d = simulate(trace, policy, sp).to_dict()
+        runs.append({"start_s": round(start_s, 6), "outcome": d.get("outcome"), "mode": d.get("mode"),
+                     **{name: get(d) for name, get in METRICS}})
+    return runs
+
+
 def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: int = DEFAULT_STARTS,
-             **params) -> dict:
+             calibration=None, seed: int = 0, load_factor: float = 1.0, **params) -> dict:
     """Simulate the migration from ``starts`` evenly spread start offsets of ``trace``.
 
     Args:
@@ -48,13 +85,20 @@ def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: 
         policy: a policy callable (default: Xen's).
         bandwidth_Bps: link rate (required).
         starts: how many start offsets (>= 1); offset i is ``i * duration / starts``.
+        calibration: a :class:`vmem.analysis.calibration.Calibration`: start i also takes
+            bootstrap draw i of the host's costs (seeded by ``seed``); None: the simulator's
+            constant defaults (the range is the start time's alone).
+        load_factor: how much slower the host is now than when calibrated
+            (:meth:`vmem.analysis.calibration.Calibration.load_factor`): scales the
+            calibration's CPU-bound fixed costs.
         params: further :class:`vmem.analysis.simulate.SimulationParams` fields (not
-            ``start_s``, which this varies).
+            ``start_s``, which this varies); they override the calibration's.
 
     Returns:
         ``{"starts": [{"start_s", <metric>: value, "outcome"}...], "metrics": {<metric>:
         {"median", "p10", "p90", "min", "max"}}, "best_start_s", "start_sensitive",
-        "advice"}`` -- metrics over the runs whose outcome was ``completed``.
+        "advice", "calibrated"}`` -- metrics over the runs whose outcome was ``completed``;
+        the median is the point prediction.
 
     Raises:
         ConfigError: ``starts`` < 1, ``start_s`` given, no bandwidth, or bad parameters.
@@ -65,35 +109,40 @@ def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: 
         raise ConfigError("--start", "a forecast varies the start itself (use --starts 1 --start S for one start)")
     if bandwidth_Bps is None:
         raise ConfigError("--bandwidth", "required (the rate of the link to predict for)")
-    duration_s = float(trace.duration_s)
-    runs = []
-    for i in range(starts):
-        start_s = duration_s * i / starts
-        rep = simulate(trace, policy, SimulationParams(bandwidth_Bps=bandwidth_Bps, start_s=start_s, **params))
-        d = rep.to_dict()
-        runs.append({"start_s": round(start_s, 6), "outcome": d.get("outcome"),
-                     **{name: get(d) for name, get in METRICS}})
+    from vmem.analysis.calibration import mode_for
+
+    mode = mode_for(params.get("postcopy"))
+    if calibration is not None:
+        draws = calibration.draw_params(int(trace.npages), bandwidth_Bps, starts, mode=mode, seed=seed,
+                                        load_factor=load_factor)
+        point = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor)
+    else:
+        draws, point = [{}] * starts, {}
+    runs = _runs(trace, policy, bandwidth_Bps, starts, draws, params)
+    # The start's own effect, judged without the host's noise.
+    steady_runs = _runs(trace, policy, bandwidth_Bps, starts, [point] * starts, params) if calibration is not None else runs
     done = [r for r in runs if r["outcome"] == "completed"]
-    metrics = {}
-    for name, _ in METRICS:
-        vals = np.array([float(r[name]) for r in done if r[name] is not None], dtype=float)
-        if vals.size:
-            metrics[name] = {"median": float(np.median(vals)), "p10": _pct(vals, 10), "p90": _pct(vals, 90),
-                             "min": float(vals.min()), "max": float(vals.max())}
-    best = min(done, key=lambda r: (r["downtime_ms"], r["transfer_time_s"])) if done else None
+    metrics = metrics_of(runs)
+    sdone = [r for r in steady_runs if r["outcome"] == "completed"]
+    best = min(sdone, key=lambda r: (r["downtime_ms"], r["transfer_time_s"])) if sdone else None
+    sdt = np.array([r["downtime_ms"] for r in sdone], dtype=float)
+    lo, hi = (_pct(sdt, 10), _pct(sdt, 90)) if sdt.size else (0.0, 0.0)
+    sensitive = bool(sdt.size and lo > 0 and hi / lo >= SENSITIVE_SPREAD)
     dt = metrics.get("downtime_ms")
-    sensitive = bool(dt and dt["p10"] > 0 and dt["p90"] / dt["p10"] >= SENSITIVE_SPREAD)
     if not done:
         advice = "no start offset completed: this policy does not converge on this guest at this rate"
     elif sensitive:
-        advice = (f"the start time matters: downtime {dt['p10']:.1f}-{dt['p90']:.1f} ms (p10-p90) across starts; "
+        advice = (f"the start time matters: downtime {lo:.1f}-{hi:.1f} ms (p10-p90) across starts; "
                   f"the shortest came from starting {best['start_s']:.2f} s into the trace's cycle")
     else:
         advice = "steady: the start time hardly matters"
+    if calibration is not None and dt:
+        advice += (f"; with this host's measured noise (calibration) the downtime range is "
+                   f"{dt['p10']:.1f}-{dt['p90']:.1f} ms")
     if len(done) < len(runs):
         advice += f"; {len(runs) - len(done)} of {len(runs)} starts did not complete"
     return {"starts": runs, "metrics": metrics, "best_start_s": best["start_s"] if best else None,
-            "start_sensitive": sensitive, "advice": advice}
+            "start_sensitive": sensitive, "advice": advice, "calibrated": calibration is not None}
 
 
 def inside(metric: dict, value: float | None, *, tolerance: float = 0.0) -> bool | None:

@@ -126,7 +126,8 @@ def profile_guest(guest, duration_s: float, interval_s: float = 0.1, *, tracker:
 
 def run_profile(workload: str = "hotcold", params: dict | None = None, size: int | str = "256M", *,
                 duration_s: float = 10.0, interval_s: float = 0.1, tracker: str = "auto", seed: int = 1,
-                warmup_s: float = 0.5, workload_args: list[str] | None = None, on_interval=None) -> DirtyTrace:
+                warmup_s: float = 0.5, workload_args: list[str] | None = None, on_interval=None,
+                backend: str = "process") -> DirtyTrace:
     """Boot a guest running ``workload``, profile it for ``duration_s``, reap it.
 
     ``params`` are typed workload parameters; ``workload_args`` the CLI's ``key=value``
@@ -138,14 +139,25 @@ def run_profile(workload: str = "hotcold", params: dict | None = None, size: int
         GuestError: the guest failed to boot or died.
     """
     size_bytes = parse_size(size)
-    cls = load_workload(workload)
     typed = dict(params or {})
-    if workload_args:
-        typed |= parse_params(cls, workload_args)
+    if backend == "kvm":  # the KVM guest program's workloads and parameters (guests/kvm/layout.py)
+        from guests.kvm.layout import parse_params as kvm_params
+
+        typed |= kvm_params(workload, workload_args or [])
+        if tracker == "kvm-ring":
+            typed["dirty"] = "ring"
+    elif workload_args:
+        typed |= parse_params(load_workload(workload), workload_args)
+    else:
+        load_workload(workload)
     _check_duration(duration_s, interval_s)
     if not (math.isfinite(warmup_s) and warmup_s >= 0):
         raise ConfigError("--warmup", f"must be a number of seconds >= 0, got {warmup_s!r}")
-    with boot_guest(GuestSpec(workload, typed, seed), size_bytes) as guest:
+    try:
+        guest = boot_guest(GuestSpec(workload, typed, seed), size_bytes, backend)
+    except ValueError as err:
+        raise ConfigError("--backend kvm", str(err)) from None
+    with guest:
         time.sleep(warmup_s)
         trace = profile_guest(guest, duration_s, interval_s, tracker=tracker, on_interval=on_interval)
     trace.meta["warmup_s"] = warmup_s
@@ -223,7 +235,7 @@ def builtin_policies(downtime_goal_ms: float | None = None) -> dict:
 def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = DEFAULT_DOWNTIME_GOAL_S,
             max_downtime_s: float | None = None, windows_s=DEFAULT_WINDOWS_S, policies: dict | None = None,
             collect_s: float = DEFAULT_COLLECT_S, switchover_s: float = DEFAULT_SWITCHOVER_S,
-            sim_params: dict | None = None) -> dict:
+            sim_params: dict | None = None, calibration=None) -> dict:
     """Summarise a trace and predict migrations from it (a JSON-able dict).
 
     Args:
@@ -234,6 +246,9 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
         policies: ``{name: policy}`` to predict; default every built-in policy (those with a
             downtime limit get ``downtime_goal_s``).
         sim_params: extra :class:`vmem.analysis.simulate.SimulationParams` fields.
+        calibration: the host's :class:`vmem.analysis.calibration.Calibration`: per link
+            rate its medians (fixed costs, the copy path's real rate) feed the simulator and
+            the analytical model in place of ``collect_s``/``switchover_s`` and the nominal rate.
 
     Keys: ``trace`` (with the per-interval series ``t_s``/``dirty_pages``), ``per_interval``,
     ``wws`` (the requested windows), ``working_set`` (the measured WWS curve:
@@ -325,16 +340,27 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
     out["predictions"] = []
     out["recommendations"] = []
     D = out["per_interval"]["dirty_rate_pps"]
+    base_extra = extra
     for B in bandwidths_Bps:
         row = {"bandwidth_Bps": B, "policies": {}}
+        c_s, o_s, B_eff = collect_s, switchover_s, B
+        extra = base_extra
+        if calibration is not None:
+            point = calibration.point_params(int(trace.npages), B)
+            extra = point | dict(sim_params or {})
+            c_s, o_s = extra["collect_s"], extra["switchover_s"]
+            B_eff = B * extra["bandwidth_efficiency"]
+            row["calibration"] = {k: round(v, 6) for k, v in point.items()}
         for name, pol in pols.items():
             if isinstance(pol, str):
                 row["policies"][name] = {"skipped": pol}
                 continue
             rep = simulate(trace, pol, bandwidth_Bps=B, **extra)
             row["policies"][name] = _prediction_summary(rep, transfer_time_s(rep))
-        # Analytical model for comparison: D from the per-interval rate, W = the plateau (or longest window).
-        m = PrecopyModel(V, D, float(curve[1][-1]) if n else 0.0, B, P, collect_s, switchover_s)
+        # Analytical model for comparison: D from the per-interval rate, W = the plateau (or
+        # longest window); with a calibration, the link at the copy path's measured rate and
+        # the measured collect and switchover.
+        m = PrecopyModel(V, D, float(curve[1][-1]) if n else 0.0, B_eff, P, c_s, o_s)
         cf = closed_form(m, 50, 5, strict=True)
         row["model_xen"] = {"ratio_r": round(m.ratio, 4), "rounds": cf.precopy_rounds, "pages_sent": round(cf.pages_sent),
                             "downtime_ms": round(cf.downtime_s * 1e3, 3), "total_time_s": round(cf.total_time_s, 4),
@@ -356,6 +382,7 @@ def _prediction_summary(rep, transfer_s: float) -> dict:
     return {
         "outcome": rep.outcome, "reason": rep.reason, "precopy_rounds": len(pre), "pages_sent": rep.pages_sent,
         "bytes_sent": rep.bytes_sent, "downtime_ms": rep.downtime_ms, "total_time_s": rep.total_time_s,
+        "migration_time_s": rep.migration_time_s, "blackout_ms": rep.blackout_ms,
         "transfer_time_s": round(transfer_s, 4), "final_dirty_pages": pre[-1].dirty_pages if pre else 0,
     }
 
@@ -511,16 +538,21 @@ def print_analysis(a: dict, console=None) -> None:
     for row, rec in zip(a["predictions"], a["recommendations"]):
         B = row["bandwidth_Bps"]
         t = Table(title=f"predicted at {_rate_str(B)} ({B / 1e6:,.1f} MB/s), trace-driven simulator")
-        for c in ("policy", "outcome", "rounds", "pages sent", "migration time", "downtime", "why it stopped"):
+        cal = row.get("calibration")
+        for c in ("policy", "outcome", "rounds", "pages sent", "transfer time") + (("migration time",) if cal else ()) + (
+                "downtime", "why it stopped"):
             t.add_column(c, justify="left" if c in ("policy", "outcome", "why it stopped") else "right")
         for name, p in row["policies"].items():
             if "skipped" in p:
-                t.add_row(name, "-", "", "", "", "", p["skipped"])
+                t.add_row(name, "-", "", "", "", *([""] if cal else []), "", p["skipped"])
                 continue
+            mt = [f"{p['migration_time_s']:.3f} s" if p.get("migration_time_s") is not None else "-"] if cal else []
             t.add_row(name, p["outcome"], str(p["precopy_rounds"]), f"{p['pages_sent']:,}", f"{p['transfer_time_s']:.3f} s",
-                      f"{p['downtime_ms']:.1f} ms" if p["downtime_ms"] is not None else "-", p["reason"])
+                      *mt, f"{p['downtime_ms']:.1f} ms" if p["downtime_ms"] is not None else "-", p["reason"])
         mx = row["model_xen"]
-        t.caption = ("migration time = pre-copy rounds + downtime (handshake excluded).  "
+        t.caption = ("transfer time = pre-copy rounds + downtime (handshake excluded)"
+                     + ("; migration time adds this host's calibrated handshake, verify and commit.  " if cal else ".  ")
+                     + 
                      f"Analytical model (xen policy): r = D*Pw/B = {mx['ratio_r']:.3f}, {mx['rounds']} rounds, "
                      f"{mx['pages_sent']:,} pages, downtime {mx['downtime_ms']:.1f} ms, migration time {mx['total_time_s']:.3f} s")
         console.print(t)
@@ -557,11 +589,13 @@ def add_profile_arguments(p) -> None:
     r = p.add_argument_group("profile")
     r.add_argument("--duration", type=float, default=10.0, metavar="S", help="seconds to profile (default 10)")
     r.add_argument("--interval", type=float, default=100.0, metavar="MS", help="collect interval in ms (default 100)")
-    r.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracker (default auto: uffd-wp)")
+    r.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect", "kvm-log", "kvm-ring"],
+                   help="dirty tracker (default auto: uffd-wp; a KVM guest: kvm-log)")
+    g.add_argument("--backend", default="process", choices=["process", "kvm", "xen"],
+                   help="process: boot a vmem guest (default); kvm: a KVM virtual machine (README \"KVM guests\"); "
+                        "xen: profile the running Xen PVH domain --domain with Xen's log-dirty, from dom0 "
+                        "(docs/xen.md)")
     r.add_argument("--from-trace", metavar="FILE", help="analyse an existing trace instead of running a guest")
-    r.add_argument("--backend", default="process", choices=["process", "xen"],
-                   help="process: boot a vmem guest (default); xen: profile the running Xen PVH domain --domain "
-                        "with Xen's log-dirty, from dom0 (docs/xen.md)")
     r.add_argument("--domain", metavar="NAME", help="with --backend xen: the domain to profile (xl list)")
     r.add_argument("--record-only", action="store_true",
                    help="save the trace (--out) and stop: analyse it elsewhere with --from-trace (a slow dom0 "
@@ -576,6 +610,9 @@ def add_profile_arguments(p) -> None:
                    help="downtime above which you would rather abort (default 3x the goal; the same flag as vmem "
                         "migrate's; --max-downtime is the old name)")
     o = p.add_argument_group("output")
+    a.add_argument("--calibration", metavar="FILE|none", default=None,
+                   help="the host's calibration (vmem calibrate) for the predictions (default: this host's cached one "
+                        "if there is one; none: constant fixed costs, full link rate)")
     o.add_argument("--out", metavar="FILE", help="save the dirty trace (.npz) to FILE (for vmem predict)")
     o.add_argument("--json", metavar="FILE", help="write the analysis as JSON to FILE")
 
@@ -622,7 +659,8 @@ def cmd_profile(args) -> int:
         console.print(f"profiling a {args.size} guest running [bold]{args.workload}[/bold] for {args.duration:g} s "
                       f"(collect every {args.interval:g} ms, no migration)…")
         trace = run_profile(args.workload, None, args.size, duration_s=args.duration, interval_s=interval_s,
-                            tracker=args.tracker, seed=args.seed, warmup_s=args.warmup, workload_args=args.workload_arg)
+                            tracker=args.tracker, seed=args.seed, warmup_s=args.warmup, workload_args=args.workload_arg,
+                            backend=args.backend)
         if args.out:
             trace.save(args.out)
             console.print(f"trace written to {args.out} ({trace.n_intervals} intervals, {len(trace.pages):,} page entries)")
@@ -630,8 +668,17 @@ def cmd_profile(args) -> int:
         if not args.out:
             raise ConfigError("--record-only", "keeps only the trace: give --out FILE")
         return 0
+    calibration = None
+    if (args.calibration or "").lower() != "none":
+        from vmem.analysis.calibration import load_calibration
+
+        calibration = load_calibration(args.calibration, required=args.calibration is not None)
+    console.print(calibration.describe() if calibration is not None else
+                  "no calibration of this host (vmem calibrate): predictions use constant fixed costs")
     t0 = time.monotonic()
-    analysis = analyse(trace, bandwidths, downtime_goal_s=goal_s, max_downtime_s=max_s)
+    analysis = analyse(trace, bandwidths, downtime_goal_s=goal_s, max_downtime_s=max_s, calibration=calibration)
+    if calibration is not None:
+        analysis["calibration"] = calibration.describe()
     analysis["analysis_s"] = round(time.monotonic() - t0, 3)
     print_analysis(analysis)
     if args.json:

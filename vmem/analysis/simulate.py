@@ -78,6 +78,13 @@ DEFAULT_POST_S = 0.0
 _TRAILER_BYTES = 8 + 8 + 8 + 512
 _HEADER_BYTES = 128
 THROTTLE_MODELS = ("subsample", "dilate")
+#: Post-copy modes the simulator runs (MigrationOptions.postcopy's, "allow" aside).
+POSTCOPY_SIM_MODES = ("off", "after-precopy", "pure")
+#: Pure post-copy downtime without a calibration: the switch plus the first step's faults
+#: (measured here: 0.3-0.5 s for a 64 MiB guest, most of it marking the pages to come).
+DEFAULT_POSTCOPY_SWITCH_S = 0.05
+#: A demand fault's stall without a calibration (p50 ~60 us, mean ~300 us measured here).
+DEFAULT_FAULT_WAIT_S = 0.0003
 
 
 @dataclass
@@ -92,6 +99,18 @@ class SimulationParams:
         data_pages: pages round 0 sends; default the trace's ``data_pages``.
         start_s: trace time at which the migration starts.
         setup_s, collect_s, pause_s, switchover_s, post_s: fixed costs (seconds).
+        bandwidth_efficiency: the rate the copy path really achieves as a fraction of
+            ``bandwidth_Bps`` (calibrated: :mod:`vmem.analysis.calibration`); the policy still
+            sees ``bandwidth_Bps`` as the cap.
+        blackout_gap_s: the longest guest gap after the resume other than the downtime
+            (calibrated); the predicted blackout is ``max(downtime, this)``.
+        postcopy: ``"off"``, ``"after-precopy"`` (hybrid: where pre-copy would stop-and-copy,
+            switch to post-copy) or ``"pure"`` (no pre-copy round), as ``MigrationOptions``.
+        postcopy_switch_s, postcopy_switch_per_page_s: post-copy downtime (pause
+            acknowledged -> the destination guest's first step) is ``postcopy_switch_s +
+            postcopy_switch_per_page_s * pages pending`` (calibrated from pure post-copy runs).
+        push_hold_s: the post-copy push waits this long for the destination guest's first step.
+        fault_wait_s: what one demand fault stalls the guest (fault -> page placed).
         rule: how a window cutting an interval counts its pages (``trace.WINDOW_RULES``).
         throttle_model: ``"dilate"`` (default: throttle t slows the trace clock to 1-t, as the guest runtime stops its virtual clock while throttled) or ``"subsample"`` (keep a random 1-t of the writes).
         loop: replay the trace from its start when the migration outlasts it; if False,
@@ -109,6 +128,13 @@ class SimulationParams:
     pause_s: float = DEFAULT_PAUSE_S
     switchover_s: float = DEFAULT_SWITCHOVER_S
     post_s: float = DEFAULT_POST_S
+    bandwidth_efficiency: float = 1.0
+    blackout_gap_s: float = 0.0
+    postcopy: str = "off"
+    postcopy_switch_s: float = DEFAULT_POSTCOPY_SWITCH_S
+    postcopy_switch_per_page_s: float = 0.0
+    push_hold_s: float = 0.0
+    fault_wait_s: float = DEFAULT_FAULT_WAIT_S
     rule: str = "poisson"
     throttle_model: str = "dilate"
     loop: bool = True
@@ -118,10 +144,16 @@ class SimulationParams:
         """Raises ConfigError naming the first bad parameter."""
         if not (isinstance(self.bandwidth_Bps, (int, float)) and math.isfinite(self.bandwidth_Bps) and self.bandwidth_Bps > 0):
             raise ConfigError("--bandwidth", f"must be a finite rate > 0, got {self.bandwidth_Bps!r}")
-        for name in ("start_s", "setup_s", "collect_s", "pause_s", "switchover_s", "post_s"):
+        for name in ("start_s", "setup_s", "collect_s", "pause_s", "switchover_s", "post_s", "blackout_gap_s",
+                     "postcopy_switch_s", "postcopy_switch_per_page_s", "push_hold_s", "fault_wait_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ConfigError(name, f"must be a finite number of seconds >= 0, got {v!r}")
+        e = self.bandwidth_efficiency
+        if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 < e <= 2):
+            raise ConfigError("bandwidth_efficiency", f"must be a fraction of the link rate in (0, 2], got {e!r}")
+        if self.postcopy not in POSTCOPY_SIM_MODES:
+            raise ConfigError("--postcopy", f"must be one of {', '.join(POSTCOPY_SIM_MODES)}, got {self.postcopy!r}")
         if self.rule not in WINDOW_RULES:
             raise ConfigError("rule", f"must be one of {', '.join(WINDOW_RULES)}, got {self.rule!r}")
         if self.throttle_model not in THROTTLE_MODELS:
@@ -245,7 +277,8 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     ``params`` or keyword arguments of :class:`SimulationParams` (``bandwidth_Bps`` is
     required).  Runs the migrator's own round loop (:func:`vmem.migration.rounds.run_precopy`),
     so round numbering, PrecopyStats and the safety cap are the migrator's; a policy that raises or returns garbage
-    ends the run ``failed``, ABORT ends it ``aborted``, POSTCOPY is unsupported (``failed``).
+    ends the run ``failed``, ABORT ends it ``aborted``; POSTCOPY (or ``postcopy="after-precopy"``) runs the
+    post-copy phase (:mod:`vmem.analysis.simulate_postcopy`), refused (``failed``) with ``postcopy="off"``.
 
     Returns:
         A MigrationReport with ``tracker = "simulated"``, ``phase = "predicted"`` and the
@@ -283,32 +316,44 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     r.policy = getattr(policy, "describe", lambda: {"name": getattr(policy, "name", repr(policy))})()
     r.bandwidth_limit_bps = B * 8 if p.shaped else None
     r.tracker = "simulated"
-    r.mode = "precopy"
-    link = _Link(B, burst)
+    r.mode = {"off": "precopy", "after-precopy": "hybrid", "pure": "postcopy"}[p.postcopy]
+    link = _Link(B * p.bandwidth_efficiency, burst)
     replay = _Replay(trace, p)
     replay.skip(p.setup_s)
     rounds = _TraceRounds(link, replay, page_size, p.collect_s, elapsed_s=p.setup_s)
-    r.phase = "precopy"
-    try:
-        end = run_precopy(rounds, policy, data_pages, guest_pages=int(trace.npages), page_size=page_size,
-                          bandwidth_limit_Bps=B if p.shaped else None, on_round=r.rounds.append,
-                          postcopy_refusal="policy asked for POSTCOPY, which this build does not support yet; aborting")
-    except PolicyError as err:
-        r.outcome, r.reason, r.source_guest_state = "failed", str(err), "running"
-        return _finish(r, trace, p, policy, rounds.elapsed_s, t_wall)
-    if end.decision == Decision.ABORT:
-        r.outcome, r.reason, r.phase = "aborted", end.reason or "policy decided to abort", "aborted"
-        r.source_guest_state = "running"
-        return _finish(r, trace, p, policy, rounds.elapsed_s, t_wall)
-    r.reason = end.reason
-    dirty, index, throttle, elapsed = end.dirty, end.rounds - 1, end.throttle, rounds.elapsed_s
+    throttle = 0.0
+    if p.postcopy == "pure":  # no pre-copy round: pause, switch, pull every data page
+        index, dirty, elapsed = -1, np.arange(data_pages, dtype=np.int64), p.setup_s
+        r.reason = "pure post-copy"
+    else:
+        r.phase = "precopy"
+        try:
+            end = run_precopy(rounds, policy, data_pages, guest_pages=int(trace.npages), page_size=page_size,
+                              bandwidth_limit_Bps=B if p.shaped else None, on_round=r.rounds.append,
+                              postcopy_after_precopy=p.postcopy == "after-precopy",
+                              postcopy_refusal=None if p.postcopy != "off" else
+                              "policy asked for POSTCOPY, which this migration does not allow (no --postcopy-after-precopy); aborting")
+        except PolicyError as err:
+            r.outcome, r.reason, r.source_guest_state = "failed", str(err), "running"
+            return _finish(r, trace, p, policy, rounds.elapsed_s, t_wall)
+        if end.decision == Decision.ABORT:
+            r.outcome, r.reason, r.phase = "aborted", end.reason or "policy decided to abort", "aborted"
+            r.source_guest_state = "running"
+            return _finish(r, trace, p, policy, rounds.elapsed_s, t_wall)
+        r.reason = end.reason
+        dirty, index, throttle, elapsed = end.dirty, end.rounds - 1, end.throttle, rounds.elapsed_s
+        if end.decision == Decision.POSTCOPY:
+            r.mode = "hybrid"
 
-    # Stop-and-copy: the guest runs until it acknowledges the pause, then is frozen.
-    r.phase = "stop-and-copy"
+    # The guest runs until it acknowledges the pause, then is frozen.
     late = replay.advance(p.pause_s, throttle)
     link.idle(p.pause_s)
     elapsed += p.pause_s
-    final_n = len(_union(dirty, late, trace.npages)) if len(late) else len(dirty)
+    final = _union(dirty, late, trace.npages) if len(late) else dirty
+    final_n = len(final)
+    if r.mode != "precopy":
+        return _finish_postcopy(r, trace, p, policy, replay, link, final, index, throttle, elapsed, t_wall)
+    r.phase = "stop-and-copy"
     nbytes = wire_bytes(final_n, page_size) if final_n else 0
     send_s = link.send(nbytes + _TRAILER_BYTES)
     r.rounds.append(RoundStats(index=index + 1, kind="stop-and-copy", pages_sent=final_n, bytes_sent=nbytes,
@@ -317,6 +362,7 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     downtime_s = send_s + p.switchover_s
     elapsed += downtime_s
     r.downtime_ms = round(downtime_s * 1e3, 3)
+    r.blackout_ms = round(max(downtime_s, p.blackout_gap_s) * 1e3, 3)
     r.timings_ms = {
         "setup": round(p.setup_s * 1e3, 3),
         "pause_latency": round(p.pause_s * 1e3, 3),
@@ -329,8 +375,41 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     return _finish(r, trace, p, policy, elapsed + p.post_s, t_wall)
 
 
+def _finish_postcopy(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, replay, link, pending,
+                     index: int, throttle: float, elapsed: float, t_wall: float) -> MigrationReport:
+    """The switch and the post-copy phase (:mod:`vmem.analysis.simulate_postcopy`)."""
+    from vmem.analysis.simulate_postcopy import simulate_postcopy
+
+    r.phase = "postcopy"
+    pending = np.asarray(pending, dtype=np.int64)
+    switch_s = p.postcopy_switch_s + p.postcopy_switch_per_page_s * len(pending)
+    pc = simulate_postcopy(replay, pending, rate_Bps=link.rate, page_size=int(trace.page_size),
+                           switch_s=switch_s, push_hold_s=p.push_hold_s, fault_wait_s=p.fault_wait_s,
+                           throttle=throttle, catch_up_s=switch_s + p.pause_s)
+    complete_s = max(pc["complete_s"], switch_s)
+    r.rounds.append(RoundStats(index=index + 1, kind="postcopy", pages_sent=pc["pages_pending"],
+                               bytes_sent=pc["bytes_sent"], duration_s=round(pc["push_s"], 6),
+                               bandwidth_bps=round(pc["bytes_sent"] * 8 / pc["push_s"], 1) if pc["push_s"] > 0 else 0.0,
+                               decision="complete", reason="every page sent"))
+    r.downtime_ms = round(switch_s * 1e3, 3)
+    r.blackout_ms = round(max(switch_s, p.blackout_gap_s) * 1e3, 3)
+    r.postcopy = {"mode": r.mode, "pages_pending": pc["pages_pending"], "faults": pc["faults"],
+                  "pages_demanded": pc["pages_demanded"], "pages_pushed": pc["pages_pushed"],
+                  "complete_s": round(complete_s, 6), "push_s": round(pc["push_s"], 6),
+                  "blocktime_ms": round(pc["blocked_s"] * 1e3, 3)}
+    r.timings_ms = {"setup": round(p.setup_s * 1e3, 3), "pause_latency": round(p.pause_s * 1e3, 3),
+                    "postcopy_switch": round(switch_s * 1e3, 3), "push_held_for_restart": round(p.push_hold_s * 1e3, 3),
+                    "pause_to_all_placed": round((p.pause_s + complete_s) * 1e3, 3)}
+    r.outcome = "completed"
+    r.phase = "predicted"
+    r.source_guest_state = "exited"
+    return _finish(r, trace, p, policy, elapsed + complete_s + p.post_s, t_wall)
+
+
 def _finish(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, total_s: float, t_wall: float) -> MigrationReport:
     r.total_time_s = round(total_s, 6)
+    if r.outcome == "completed":  # the prediction has no observe window: QMP's total-time
+        r.migration_time_s = r.total_time_s
     r.pages_sent = sum(x.pages_sent for x in r.rounds)
     r.bytes_sent = _HEADER_BYTES + sum(x.bytes_sent for x in r.rounds) + (_TRAILER_BYTES if r.outcome == "completed" else 0)
     if r.phase not in ("predicted", "aborted"):
@@ -430,7 +509,8 @@ def alignment_from_report(trace: DirtyTrace, measured: dict) -> dict:
 
 
 def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_report: dict | None = None,
-            align: bool = False, **params) -> tuple[MigrationReport, list[dict] | None]:
+            align: bool = False, calibration=None, load_factor: float = 1.0,
+            **params) -> tuple[MigrationReport, list[dict] | None]:
     """Predict a migration from a trace (path or DirtyTrace); optionally compare with a real report.
 
     Args:
@@ -441,7 +521,11 @@ def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_r
         align: with ``compare_report``, take the migration's start and setup time from it
             (:func:`alignment_from_report`) unless ``params`` give them -- an explanation of
             that run, not a prediction; off by default.
-        params: further :class:`SimulationParams` fields.
+        calibration: a :class:`vmem.analysis.calibration.Calibration`: the host's measured
+            fixed costs and copy rate (their medians) replace the constant defaults, the
+            CPU-bound ones scaled by ``load_factor`` (``Calibration.load_factor()``: how much
+            busier the host is now than when calibrated).
+        params: further :class:`SimulationParams` fields (they override the calibration).
 
     Returns:
         ``(predicted_report, comparison_rows or None)`` -- see :func:`compare_reports`.
@@ -458,11 +542,18 @@ def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_r
         raise ConfigError("--bandwidth", "required (the rate of the link to predict for, e.g. 1Gbit)")
     if policy is None and compare_report and compare_report.get("policy"):
         policy = policy_from_description(compare_report["policy"])
+    if calibration is not None:
+        from vmem.analysis.calibration import mode_for
+
+        mode = mode_for(params.get("postcopy"))
+        params = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor) | params
     alignment = {}
     if compare_report is not None and align:
         alignment = {k: v for k, v in alignment_from_report(trace, compare_report).items() if k not in params}
         params = params | alignment
     report = simulate(trace, policy, bandwidth_Bps=bandwidth_Bps, **params)
+    if calibration is not None:
+        report.guest["prediction"]["calibration"] = calibration.describe()
     if alignment:
         report.guest["prediction"]["alignment"] = alignment
     rows = compare_reports(report, compare_report) if compare_report is not None else None
@@ -503,9 +594,16 @@ def compare_reports(predicted, measured) -> list[dict]:
         ("pages sent after round 0", after_round0(p), after_round0(m)),
         ("stop-and-copy pages", final_pages(p), final_pages(m)),
         ("transfer time s", round(transfer_time_s(p), 4), round(transfer_time_s(m), 4)),
+        ("migration time s", p.get("migration_time_s"), m.get("migration_time_s")),
         ("total time s", p.get("total_time_s"), m.get("total_time_s")),
         ("downtime ms", p.get("downtime_ms"), m.get("downtime_ms")),
+        ("blackout ms", p.get("blackout_ms"), m.get("blackout_ms")),
     ]
+    if p.get("postcopy") or m.get("postcopy"):
+        pp, mp = p.get("postcopy") or {}, m.get("postcopy") or {}
+        metrics += [("post-copy pages pending", pp.get("pages_pending"), mp.get("pages_pending")),
+                    ("post-copy faults", pp.get("faults"), mp.get("faults")),
+                    ("post-copy pages pushed", pp.get("pages_pushed"), mp.get("pages_pushed"))]
     rows = []
     for name, a, b in metrics:
         err = None
@@ -560,8 +658,14 @@ def print_prediction(report: MigrationReport, rows: list[dict] | None = None, me
         t.add_row("pages sent", f"{r.pages_sent:,} ({r.pages_sent / max(r.guest_pages, 1):.2f}x guest RAM)")
         t.add_row("bytes sent", format_bytes(r.bytes_sent))
         t.add_row("transfer time (rounds + downtime)", f"{transfer_time_s(r):.3f} s")
-        t.add_row("total time (incl. setup)", f"{r.total_time_s:.3f} s")
+        t.add_row("migration time (setup to the source's release)", f"{r.total_time_s:.3f} s")
         t.add_row("downtime", f"{r.downtime_ms:.2f} ms" if r.downtime_ms is not None else "-")
+        t.add_row("blackout", f"{r.blackout_ms:.2f} ms" if r.blackout_ms is not None else "-")
+        if r.postcopy:
+            pc = r.postcopy
+            t.add_row("post-copy", f"{pc['pages_pending']:,} pages pending: {pc['pages_pushed']:,} pushed, "
+                                   f"{pc['pages_demanded']:,} demanded (faults), complete {pc['complete_s']:.3f} s "
+                                   f"after the switch, guest blocked {pc['blocktime_ms']:.1f} ms")
         console.print(t)
         return
     aligned = bool(pred.get("alignment"))
@@ -613,6 +717,15 @@ def add_predict_arguments(p) -> None:
     s = p.add_argument_group("simulation")
     for flag, dest, typ, help_ in _SIM_FLAGS:
         s.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+    s.add_argument("--postcopy", choices=list(POSTCOPY_SIM_MODES), default=None,
+                   help="off (default), after-precopy (hybrid: post-copy where pre-copy would stop-and-copy) or pure")
+    s.add_argument("--calibration", metavar="FILE|none", default=None,
+                   help="the host's calibration (vmem calibrate): its fixed costs and copy rate replace the constant "
+                        "defaults, and --starts ranges include its noise (default: this host's cached calibration if "
+                        "there is one; none: the constants)")
+    s.add_argument("--load-factor", type=float, default=None, metavar="X",
+                   help="how much slower the host is now than when calibrated (default: measured now with a short "
+                        "probe; 1 = as calibrated)")
     s.add_argument("--rule", choices=list(WINDOW_RULES), default="poisson", help="how a round shorter than an interval counts its pages")
     s.add_argument("--throttle-model", choices=list(THROTTLE_MODELS), default="dilate", help="how a policy's throttle slows the guest")
     s.add_argument("--no-loop", action="store_true", help="do not replay the trace from its start when the migration outlasts it")
@@ -665,6 +778,18 @@ def cmd_predict(args) -> int:
     bandwidth = bandwidth_from_arg(args.bandwidth)
     policy = _policy_from_args(args, measured)
     params = {"rule": args.rule, "throttle_model": args.throttle_model, "loop": not args.no_loop}
+    if args.postcopy is None and measured and measured.get("mode") in ("hybrid", "postcopy"):
+        args.postcopy = "after-precopy" if measured["mode"] == "hybrid" else "pure"
+    if args.postcopy:
+        params["postcopy"] = args.postcopy
+    calibration = None
+    if (args.calibration or "").lower() != "none":
+        from vmem.analysis.calibration import load_calibration
+
+        calibration = load_calibration(args.calibration, required=args.calibration is not None)
+    load_factor = 1.0
+    if calibration is not None:
+        load_factor = args.load_factor if args.load_factor is not None else calibration.load_factor()
     for _flag, dest, _t, _h in _SIM_FLAGS:
         v = getattr(args, dest, None)
         if v is None:
@@ -676,15 +801,21 @@ def cmd_predict(args) -> int:
         else:
             params[dest] = v
     trace = DirtyTrace.load(args.trace)
-    report, rows = predict(trace, policy, bandwidth, compare_report=measured, align=args.align and not args.no_align, **params)
+    report, rows = predict(trace, policy, bandwidth, compare_report=measured, align=args.align and not args.no_align,
+                           calibration=calibration, load_factor=load_factor, **params)
     console = _wide_console()
+    console.print(calibration.describe() + f"; host load factor now {load_factor:.2f} (CPU-bound costs scaled by it)"
+                  if calibration is not None else
+                  "[yellow]no calibration of this host (run vmem calibrate): fixed costs are constants, the copy path "
+                  "is taken to run at the full link rate, and ranges hold no host noise[/yellow]")
     print_prediction(report, rows, measured, console)
     if args.starts is not None:
         from vmem.analysis.forecast import forecast, inside
 
         if bandwidth is None and measured and measured.get("bandwidth_limit_bps"):
             bandwidth = float(measured["bandwidth_limit_bps"]) / 8
-        fc = forecast(trace, policy, bandwidth, starts=args.starts, **{k: v for k, v in params.items() if k != "start_s"})
+        fc = forecast(trace, policy, bandwidth, starts=args.starts, calibration=calibration, load_factor=load_factor,
+                      **{k: v for k, v in params.items() if k != "start_s"})
         print_forecast(fc, measured, console)
     if args.json:
         report.write(args.json)
@@ -705,6 +836,9 @@ def print_forecast(fc: dict, measured: dict | None = None, console=None) -> None
     got = {}
     if measured:
         got = {"downtime_ms": measured.get("downtime_ms"), "transfer_time_s": transfer_time_s(measured),
+               "blackout_ms": measured.get("blackout_ms"), "migration_time_s": measured.get("migration_time_s"),
+               "postcopy_faults": (measured.get("postcopy") or {}).get("faults"),
+               "pages_pushed": (measured.get("postcopy") or {}).get("pages_pushed"),
                "pages_sent": measured.get("pages_sent"),
                "precopy_rounds": sum(1 for x in measured.get("rounds") or [] if x.get("kind", "precopy") == "precopy")}
     for name, m in fc["metrics"].items():

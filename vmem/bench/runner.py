@@ -26,7 +26,7 @@ from vmem.bench.matrix import MODES, Cell, Matrix, build_policy
 from vmem.bench.metrics import report_metrics, run_is_valid
 
 __all__ = ["run_cell", "migrate_cell", "cell_from_dict", "check_tree", "run_matrix", "run_record", "append_record", "read_records", "write_baseline",
-           "read_baseline", "BENCH_RUN_KIND", "BASELINE_KIND"]
+           "read_baseline", "write_json_file", "BENCH_RUN_KIND", "BASELINE_KIND"]
 
 BENCH_RUN_KIND = "vmem-bench-run"
 BASELINE_KIND = "vmem-bench-baseline"
@@ -233,12 +233,18 @@ def write_baseline(path: str, records: list[dict], *, suite: str) -> None:
             for r in records]
     doc = {"kind": BASELINE_KIND, "schema_version": SCHEMA_VERSION, "suite": suite,
            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs}
+    write_json_file(path, doc)
+
+
+def write_json_file(path: str, doc: dict, **dump_options) -> None:
+    """Write ``doc`` as indented JSON to ``path`` through a temporary file and a rename: a
+    reader sees the old file or the new one, never half of one."""
     d = os.path.dirname(path)
     if d:
         os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1, default=_json_default)
+        json.dump(doc, f, indent=1, default=_json_default, **dump_options)
         f.write("\n")
     os.replace(tmp, path)
 

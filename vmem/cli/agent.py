@@ -226,7 +226,7 @@ def _cmd_keygen(args) -> int:
 def _cmd_create(args) -> int:
     with _client(args) as c:
         reply = c.request("create", name=args.name, workload=args.workload, workload_args=args.workload_arg,
-                          seed=args.seed, size=args.size)
+                          seed=args.seed, size=args.size, backend=args.backend)
     g = reply["guest"]
     print(f"created guest {g['name']}: {g['workload']} {g['params'] or ''}, {g['size_bytes'] >> 20} MiB, pid {g['pid']}")
     return 0

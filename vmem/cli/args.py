@@ -4,13 +4,15 @@ from __future__ import annotations
 from vmem.errors import ConfigError
 from vmem.units import bandwidth_from_arg
 
-__all__ = ["COMPRESS_NAMES", "add_guest_arguments", "add_migration_arguments", "add_policy_arguments", "bandwidth_from_arg",
+__all__ = ["COMPRESS_NAMES", "add_guest_arguments", "guest_params_from_args", "add_migration_arguments", "add_policy_arguments", "bandwidth_from_arg",
            "link_options_from_args", "one_host_link_warnings", "migration_argument_dests", "options_from_args", "policy_from_args"]
 
 
 def add_guest_arguments(parser, *, title: str = "guest", default_size: str = "1G",
-                        warmup_help: str = "seconds the guest runs before the migration starts", warmup: bool = True) -> None:
-    """``--workload --size -W --seed`` (and ``--warmup`` unless ``warmup=False``): what guest to boot."""
+                        warmup_help: str = "seconds the guest runs before the migration starts", warmup: bool = True,
+                        xen: bool = False) -> None:
+    """``--workload --size -W --seed --backend`` (and ``--warmup`` unless ``warmup=False``): what
+    guest to boot; ``xen=True`` adds ``--backend xen`` (a running Xen domain, docs/xen.md)."""
     g = parser.add_argument_group(title)
     g.add_argument("--workload", default="hotcold",
                    help=f"built-in workload ({', '.join(_builtin_workloads())}) or module:Class (default hotcold); "
@@ -19,8 +21,35 @@ def add_guest_arguments(parser, *, title: str = "guest", default_size: str = "1G
     g.add_argument("-W", "--workload-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="workload parameter, repeatable (e.g. -W rate=5000 -W hot_pages=0.1)")
     g.add_argument("--seed", type=_seed, default=1, help="workload RNG seed, an integer >= 0 (default 1)")
+    g.add_argument("--backend", default="process", choices=["process", "kvm"] + (["xen"] if xen else []),
+                   help="process: a guest process (default); kvm: a KVM virtual machine running a tiny guest program "
+                        "(workloads idle, uniform, hotcold, sweep; RAM up to 3 GiB; README \"KVM guests\")"
+                        + ("; xen: the running Xen PVH domain NAME, received by xl restore (run in dom0; docs/xen.md)"
+                           if xen else ""))
     if warmup:
         g.add_argument("--warmup", type=float, default=0.5, metavar="S", help=warmup_help)
+
+
+def guest_params_from_args(args) -> dict:
+    """The typed workload parameters of ``-W``, for the chosen ``--backend``; a KVM guest
+    booted for ``--tracker kvm-ring`` gets ``dirty=ring`` (KVM enables the ring only when
+    the VM is created).
+
+    Raises:
+        ConfigError: an unknown workload or parameter (named).
+    """
+    if getattr(args, "backend", "process") == "kvm":
+        from guests.kvm.layout import parse_params as kvm_params
+
+        params = kvm_params(args.workload, args.workload_arg)
+        if getattr(args, "tracker", "auto") == "kvm-ring":
+            params["dirty"] = "ring"
+        return params
+    from guests.workload import load_workload, parse_params
+
+    if getattr(args, "tracker", "auto") in ("kvm-log", "kvm-ring"):
+        raise ConfigError("--tracker", f"{args.tracker} tracks KVM guests: add --backend kvm")
+    return parse_params(load_workload(args.workload), args.workload_arg)
 
 
 def _builtin_workloads() -> list[str]:
@@ -57,7 +86,8 @@ def add_migration_arguments(parser) -> None:
     flag must be JSON-serialisable as parsed (the agent form sends them over a socket).
     """
     m = parser.add_argument_group("migration")
-    m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracking mechanism")
+    m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect", "kvm-log", "kvm-ring"],
+                   help="dirty tracking mechanism (kvm-log, kvm-ring: KVM guests)")
     m.add_argument("--live", action="store_true",
                    help="accepted for virsh compatibility: every vmem migration is live (the guest runs during pre-copy)")
     m.add_argument("--bandwidth", metavar="RATE",

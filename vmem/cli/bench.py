@@ -6,12 +6,14 @@
     vmem bench --results r.jsonl --session S --baseline b.json   # judge stored runs, no new ones
     vmem bench --suite standard --against ../main                # A/B: the reference checkout's runs interleaved
     vmem trend r.jsonl --html trend.html                     # per metric, per cell, across commits
+    vmem trend r.jsonl --asv asv/results                     # the same results for an asv dashboard
 
 Exit status of ``vmem bench``: 0 no regression (and every run completed verified), 1 a
 regression or a failed run, 2 bad input (before anything runs).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from vmem.errors import ConfigError
@@ -227,8 +229,11 @@ def print_judgement(j, console) -> None:
 def add_trend_arguments(parser) -> None:
     """Arguments of ``vmem trend``."""
     parser.add_argument("results", nargs="+", metavar="RESULTS.jsonl", help="results files of vmem bench")
-    parser.add_argument("--html", required=True, metavar="FILE", help="the trend view to write (self-contained)")
+    parser.add_argument("--html", metavar="FILE", help="the trend view to write (self-contained)")
     parser.add_argument("--metrics", metavar="A,B", help="only these metrics (default: all)")
+    parser.add_argument("--asv", metavar="DIR", help="also (or instead) write the results in asv's results format "
+                                                     "into DIR, an asv results_dir (docs/bench.md)")
+    parser.add_argument("--asv-machine", metavar="NAME", help="asv machine name (default: each run's hostname)")
 
 
 def cmd_trend(args) -> int:
@@ -241,9 +246,24 @@ def cmd_trend(args) -> int:
     for name in metrics:
         if name not in METRIC_NAMES:
             raise ConfigError("--metrics", f"unknown metric {name!r}; metrics are {', '.join(METRIC_NAMES)}")
+    if not args.html and not args.asv:
+        raise ConfigError("--html", "give --html FILE, --asv DIR or both")
     records = [r for path in args.results for r in read_records(path)]
     if not records:
         raise ConfigError("results", "no runs in the given files")
-    write_trend_html(args.html, records, metrics=metrics)
-    print(f"trend view: {args.html}")
+    if args.html:
+        write_trend_html(args.html, records, metrics=metrics)
+        print(f"trend view: {args.html}")
+    if args.asv:
+        from vmem.bench.asv import export_asv
+        from vmem.provenance import git_commit
+
+        # date the commits from the checkout this vmem runs from, if it is one
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) if git_commit() else None
+        done = export_asv(records, args.asv, machine=args.asv_machine, repo=repo)
+        print(f"asv results: {len(done['files'])} file(s) under {args.asv}"
+              + (f"; {done['skipped']} run(s) left out: from a modified checkout (+dirty) or without a commit"
+                 if done["skipped"] else ""))
+        if not done["files"]:
+            return 1
     return 0

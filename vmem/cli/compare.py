@@ -7,7 +7,6 @@ from contextlib import nullcontext
 
 from rich.console import Console
 
-from guests.workload import load_workload, parse_params
 from vmem.analysis.compare import (
     Comparison,
     PolicyRun,
@@ -40,7 +39,8 @@ def add_compare_arguments(parser) -> None:
     m = parser.add_argument_group("migration")
     m.add_argument("--bandwidth", metavar="RATE",
                    help="cap the link, e.g. 100M (bytes/s), 1Gbit; without a cap every policy converges at once")
-    m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"], help="dirty tracking mechanism")
+    m.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect", "kvm-log", "kvm-ring"],
+                   help="dirty tracking mechanism (kvm-log, kvm-ring: --backend kvm)")
     m.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter, repeatable (e.g. precopy_iterations=3, max_downtime=50); given to each "
                         "policy that takes it, ignored by the others")
@@ -59,8 +59,9 @@ def cmd_compare(args) -> int:
     """``vmem compare``.  Exit status: 0 all runs finished (completed or aborted by their
     policy), 1 some migration failed; ConfigError for bad arguments (before any boot)."""
     size = parse_size(args.size)
-    cls = load_workload(args.workload)
-    params = parse_params(cls, args.workload_arg)
+    from vmem.cli.args import guest_params_from_args
+
+    params = guest_params_from_args(args)
     bandwidth = bandwidth_from_arg(args.bandwidth)
     if args.warmup < 0:
         raise ConfigError("--warmup", f"must be >= 0, got {args.warmup}")
@@ -94,7 +95,8 @@ def cmd_compare(args) -> int:
     try:
         cmp = run_comparison(names, workload=args.workload, params=params, size_bytes=size, bandwidth_Bps=bandwidth,
                              seed=args.seed, warmup_s=args.warmup, policy_options=options, tracker=args.tracker,
-                             observe_s=args.observe, progress_factory=progress_factory, on_run=on_run)
+                             observe_s=args.observe, progress_factory=progress_factory, on_run=on_run,
+                             backend=args.backend)
     except KeyboardInterrupt:
         if done:
             partial = Comparison(runs=done, workload=args.workload, params=params, size_bytes=size,

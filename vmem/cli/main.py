@@ -2,7 +2,7 @@
 
     vmem migrate --workload hotcold --size 1G [...]   one-host live migration with a live display
     vmem doctor                                       which kernel features this machine offers
-    vmem profile / predict                            working-set profiling; trace-driven prediction
+    vmem profile / predict / calibrate                working-set profiling; trace-driven prediction; host calibration
     vmem compare / graph                              policies side by side; graphs and an HTML report
     vmem inspect FILE                                 records, rounds and page map of a stream (xl save files too)
     vmem bench / trend                                regression runs: matrix, baselines, verdicts (docs/bench.md)
@@ -33,11 +33,9 @@ def _add_migrate(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="with NAME: finish NAME's post-copy whose link broke after the switch (vmem list shows it "
                         "paused), over new connections to the same destination")
-    add_guest_arguments(p)
+    add_guest_arguments(p, xen=True)
     add_migration_arguments(p)
     xen = p.add_argument_group("Xen (run in dom0; docs/xen.md)")
-    xen.add_argument("--backend", default="process", choices=["process", "xen"],
-                     help="process: a vmem guest (default); xen: the running Xen PVH domain NAME, received by xl restore")
     xen.add_argument("--save", metavar="FILE", help="with --backend xen: write the stream (xl save format) to FILE and "
                                                     "resume the domain, instead of migrating it")
     xen.add_argument("--xen-pause", action="store_true",
@@ -79,7 +77,6 @@ def cmd_migrate(args) -> int:
     from rich.console import Console
 
     from vmem.migration.backend import GuestSpec, boot_guest
-    from guests.workload import load_workload, parse_params
     from vmem.cli.display import LiveDisplay, print_summary
     from vmem.migration.local import run_local_migration
     from vmem.ram import format_bytes, mem_available_bytes, parse_size
@@ -90,8 +87,9 @@ def cmd_migrate(args) -> int:
     if 2 * size > mem_available_bytes():
         raise ConfigError("--size", f"{args.size} needs {format_bytes(2 * size)} on this host (source and destination RAM) "
                                     f"but only {format_bytes(mem_available_bytes())} is available")
-    cls = load_workload(args.workload)
-    params = parse_params(cls, args.workload_arg)
+    from vmem.cli.args import guest_params_from_args
+
+    params = guest_params_from_args(args)
     options = options_from_args(args)
     from vmem.cli.args import one_host_link_warnings
 
@@ -113,7 +111,11 @@ def cmd_migrate(args) -> int:
     spec = GuestSpec(args.workload, params, args.seed)
     console.print(f"booting a {args.size} guest running [bold]{args.workload}[/bold] {params or ''}…")
     t = time.monotonic()
-    with boot_guest(spec, size) as guest:
+    try:
+        guest = boot_guest(spec, size, args.backend)
+    except ValueError as err:
+        raise ConfigError("--size" if "RAM" in str(err) else "--workload", str(err)) from None
+    with guest:
         console.print(f"guest pid {guest.pid} up in {time.monotonic() - t:.2f} s; warming up {args.warmup:g} s")
         time.sleep(args.warmup)
         with LiveDisplay(console, enabled=not args.quiet) as display:
@@ -154,7 +156,49 @@ def cmd_doctor(args) -> int:
     print(f"tracker mprotect: {'available' if mprot_ok else 'UNAVAILABLE'} (SIGSEGV handler in the guest)")
     best = "uffd-wp" if uffd_ok else ("mprotect" if mprot_ok else None)
     print(f"--tracker auto selects: {best or 'nothing: no dirty tracking is possible on this kernel'}")
+    print(post_copy_priority_line())
+    _print_kvm()
     return 0 if best else 1
+
+
+def post_copy_priority_line() -> str:
+    """What the post-copy fault threads get here, and what that means (vmem doctor)."""
+    from vmem import _native as nat
+
+    try:
+        kind, what = nat.fault_thread_priority()
+        fifo = nat.fault_thread_priority(nat.PC_PRIO_FIFO)[0] == nat.PC_PRIO_FIFO
+    except OSError as err:
+        return f"post-copy fault threads: could not be probed ({err})"
+    rt = ("SCHED_FIFO is permitted here but not used (docs/postcopy.md: it doubled the fault p50 on a 2-vCPU VM)"
+          if fifo else "SCHED_FIFO is not permitted (needs CAP_SYS_NICE or RLIMIT_RTPRIO)")
+    if kind == nat.PC_PRIO_NICE:
+        return f"post-copy fault threads: {what} (raised above the push and the guest); {rt}"
+    if kind == nat.PC_PRIO_FIFO:
+        return f"post-copy fault threads: {what}"
+    return (f"post-copy fault threads: {what} -- a negative nice value was not allowed (run as root or grant"
+            f" CAP_SYS_NICE): fault latency under load will suffer; {rt}")
+
+
+def _print_kvm() -> None:
+    """The KVM backend's part of ``vmem doctor``: /dev/kvm, the dirty log and ring, the vCPU's features."""
+    from guests.kvm.vm import probe
+
+    kvm = probe()
+    print()
+    if not kvm["available"]:
+        print(f"backend kvm:      UNAVAILABLE ({kvm.get('reason', '?')})")
+        return
+    caps = kvm["caps"]
+    print(f"backend kvm:      available (/dev/kvm API {kvm['api_version']}; --backend kvm)")
+    print(f"tracker kvm-log:  {'available' if caps['manual_dirty_log_protect2'] else 'UNAVAILABLE'} "
+          "(KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
+    ring = kvm["dirty_ring_max_entries"]
+    print(f"tracker kvm-ring: {'available' if ring else 'UNAVAILABLE'} (KVM_CAP_DIRTY_LOG_RING"
+          f"{'_ACQ_REL' if caps['dirty_log_ring_acq_rel'] else ''}, up to {ring:,} entries per vCPU)")
+    print(f"kvm vCPU:         {', '.join(kvm['vcpu_features']) or 'no features found'}; LAPIC in kernel "
+          f"({'split irqchip' if caps['split_irqchip'] else 'UNAVAILABLE'}), XSAVE {'yes' if caps['xsave'] else 'no'}, "
+          f"{caps['nr_memslots']:,} memslots")
 
 
 #: Subcommands whose modules are heavy to import (matplotlib...): their arguments are
@@ -165,6 +209,12 @@ _LAZY_COMMANDS = {
                 "the expected downtime and total time of each policy; recommend thresholds."),
     "predict": ("vmem.analysis.simulate", "add_predict_arguments", "predict a migration from a recorded dirty trace (any policy, any bandwidth)",
                 "Replay a dirty trace through a policy at a bandwidth; with --compare-report, show predicted vs measured."),
+    "calibrate": ("vmem.analysis.calibration", "add_calibrate_arguments",
+                  "measure this host's migration fixed costs and copy rate for predictions (cached per host)",
+                  "Migrate a calibration guest a few times (pre-copy and post-copy, two sizes, two link caps), "
+                  "measure what the simulator cannot know -- handshake, switchover, pause, collects, the copy path's "
+                  "real rate, verify and commit, post-copy switch and fault stalls -- and store them with provenance "
+                  "in a per-host cache that vmem predict and vmem profile use.  docs/profiling.md."),
     "compare": ("vmem.cli.compare", "add_compare_arguments", "migrate the same workload under several policies and compare them",
                 "Boot the same guest once per policy, migrate it, and compare outcomes, times, downtime and data sent "
                 "(table, PNG graphs, HTML report)."),
@@ -178,9 +228,11 @@ _LAZY_COMMANDS = {
                 "Read an xl save file, a stream xl migrate wrote, or a vmem stream; show its records, the pages of each "
                 "round and (with --pagemap DIR) a page map."),
     "trend": ("vmem.cli.bench", "add_trend_arguments", "a trend view of stored bench results across commits",
-              "One graph per metric and cell from vmem bench results files: medians per commit, in date order."),
+              "One graph per metric and cell from vmem bench results files: medians per commit, in date order; "
+              "--asv DIR writes them in asv's results format."),
 }
 _LAZY_RUNNERS = {"profile": ("vmem.analysis.profile", "cmd_profile"), "predict": ("vmem.analysis.simulate", "cmd_predict"),
+                 "calibrate": ("vmem.analysis.calibration", "cmd_calibrate"),
                  "compare": ("vmem.cli.compare", "cmd_compare"), "graph": ("vmem.analysis.graphs", "cmd_graph"),
                  "bench": ("vmem.cli.bench", "cmd_bench"), "inspect": ("vmem.analysis.inspect", "cmd_inspect"), "trend": ("vmem.cli.bench", "cmd_trend")}
 

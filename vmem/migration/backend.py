@@ -30,7 +30,7 @@ from guests.launch import GuestSpec, ProcessGuest
 from vmem.ram import GuestRam
 
 __all__ = ["SourceGuest", "IncomingGuest", "PostcopyGuest", "PauseResult", "GuestSpec",
-           "boot_guest", "INCOMING_FACTORIES", "incoming_factory"]
+           "boot_guest", "BACKENDS", "INCOMING_FACTORIES", "incoming_factory"]
 
 
 @runtime_checkable
@@ -114,12 +114,24 @@ class PostcopyGuest(IncomingGuest, Protocol):
     def uffd(self) -> int: ...  # the guest's userfaultfd, owned by the guest object
 
 
-def boot_guest(spec: GuestSpec, size_bytes: int) -> ProcessGuest:
-    """Start a new source guest running ``spec`` with ``size_bytes`` of RAM.
+#: the backends ``boot_guest`` can start (``--backend``)
+BACKENDS = ("process", "kvm")
+
+
+def boot_guest(spec: GuestSpec, size_bytes: int, backend: str = "process") -> ProcessGuest:
+    """Start a new source guest running ``spec`` with ``size_bytes`` of RAM on ``backend``
+    (``process``: a process guest; ``kvm``: a KVM VM running guests/kvm/program.S).
 
     Raises:
         GuestCrashed, GuestUnresponsive: it did not come up (the message says why).
+        ValueError: an unknown backend, or a size/workload the backend cannot run (named).
     """
+    if backend == "kvm":
+        from guests.kvm import KvmGuest
+
+        return KvmGuest.boot(spec, size_bytes)
+    if backend != "process":
+        raise ValueError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
     return ProcessGuest.boot(spec, size_bytes)
 
 
@@ -127,8 +139,15 @@ def _process_incoming(spec_json: dict, npages: int) -> IncomingGuest:
     return ProcessGuest.incoming(GuestSpec.from_json(spec_json), npages)
 
 
+def _kvm_incoming(spec_json: dict, npages: int) -> IncomingGuest:
+    from guests.kvm import KvmGuest
+
+    return KvmGuest.incoming(GuestSpec.from_json(spec_json), npages)
+
+
 #: Backend name (sent in the preamble as ``backend``) -> factory(spec_json, npages).
-INCOMING_FACTORIES: dict[str, Callable[[dict, int], IncomingGuest]] = {"process": _process_incoming}
+INCOMING_FACTORIES: dict[str, Callable[[dict, int], IncomingGuest]] = {"process": _process_incoming,
+                                                                       "kvm": _kvm_incoming}
 
 
 def incoming_factory(name: str) -> Callable[[dict, int], IncomingGuest]:

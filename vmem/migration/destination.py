@@ -377,6 +377,7 @@ class DestinationMigration:
         fault = inject.placement_fault_from_env()
         if fault is not None:  # test-only (vmem.migration.inject)
             nat.set_place_fault(*fault)
+        inject.apply_preempt()  # test/benchmark-only; nothing without VMEM_TEST_POSTCOPY_PREEMPT
         self._placer = _Placer(self.guest.ram, self.digests, self.received,
                                on_caught_up=self._send_placed if config.get("placed_acks") else None)
         ready = {"guest_pid": self.guest.pid, "placed_acks": bool(config.get("placed_acks"))}

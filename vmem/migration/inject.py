@@ -18,6 +18,18 @@ can show the digests catch it.  They are not user options: no flag or report key
   (stop-and-copy and the post-copy switch alike), so the guest-visible downtime grows by
   about that much.  A performance regression made on purpose, for the regression-run tests
   (tests/test_bench.py): ``vmem bench --baseline`` must flag it.
+* :data:`PREEMPT_ENV` -- post-copy's fault priority changed on purpose, read by both sides
+  (the destination process and the source migrator), comma-separated ``key=value``:
+  ``give_way=0`` (the background push no longer gives way to demand answers: the source's
+  pusher does not back off, the destination places it in ``piece``-page pieces without
+  waiting), ``piece=N`` (pages per background piece at the destination), ``slow_us=N``
+  (each background piece first holds the placement gate that long, counted as its pages
+  written: one slow pwrite of the whole piece)
+  and ``priority=normal|nice|fifo`` (the most the fault threads ask for; default nice).
+  ``give_way=0,piece=1024,priority=nice`` approximates the scheduling before issue 13 item 2
+  (pwrites of up to a whole 1024-page batch, fault threads at nice -15), which
+  scripts/bench_postcopy.py --ab measures in the same run; tests use ``slow_us`` to show what
+  the statistics catch without the mechanism.
 * :data:`stale_pages` -- a module-level hook the test sets in the source's process: the
   source then answers post-copy faults and pushes with old copies of pages (as they were
   when the migration started) while its own RAM stays intact.
@@ -29,7 +41,8 @@ import os
 import numpy as np
 
 __all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "PLACE_DELAY_ENV", "place_delay_from_env",
-           "STOP_COPY_DELAY_ENV", "stop_copy_delay", "StalePages", "stale_pages"]
+           "STOP_COPY_DELAY_ENV", "stop_copy_delay", "PREEMPT_ENV", "preempt_from_env", "apply_preempt",
+           "StalePages", "stale_pages"]
 
 #: ``KIND:PAGE``: the destination process mishandles PAGE as KIND when placing it (test-only).
 PLACEMENT_FAULT_ENV = "VMEM_TEST_PLACEMENT_FAULT"
@@ -94,6 +107,46 @@ def place_delay_from_env(environ=None) -> float:
     if not delay_s >= 0:
         raise ValueError(f"{PLACE_DELAY_ENV}={value!r}: expected seconds >= 0")
     return delay_s
+
+
+#: Post-copy's fault priority changed on purpose (test and benchmark only; see the module doc).
+PREEMPT_ENV = "VMEM_TEST_POSTCOPY_PREEMPT"
+_PRIORITY_NAMES = {"normal": 0, "nice": 1, "fifo": 2}
+
+
+def preempt_from_env(environ=None) -> dict:
+    """The settings :data:`PREEMPT_ENV` asks for: ``give_way`` (bool), ``piece``,
+    ``slow_us`` (ints, 0 = default) and ``priority`` (``normal``/``nice``/``fifo``); {} if unset.
+
+    Raises:
+        ValueError: set but malformed (a test's mistake: fail loudly).
+    """
+    value = (os.environ if environ is None else environ).get(PREEMPT_ENV, "")
+    out: dict = {}
+    for item in filter(None, (x.strip() for x in value.split(","))):
+        key, _, v = item.partition("=")
+        if key == "give_way" and v in ("0", "1"):
+            out[key] = v == "1"
+        elif key in ("piece", "slow_us") and v.isdigit():
+            out[key] = int(v)
+        elif key == "priority" and v in _PRIORITY_NAMES:
+            out[key] = v
+        else:
+            raise ValueError(f"{PREEMPT_ENV}={value!r}: expected give_way=0|1, piece=N, slow_us=N,"
+                             f" priority=normal|nice|fifo; got {item!r}")
+    return out
+
+
+def apply_preempt(environ=None) -> dict:
+    """Apply :data:`PREEMPT_ENV` to this process's native post-copy engine (before it starts;
+    the defaults when it is unset); return the settings (the source's pusher reads ``give_way``)."""
+    from vmem import _native as nat
+
+    cfg = preempt_from_env(environ)
+    # Always set: unset means the defaults again (a process that ran with it before).
+    nat.set_push_pieces(cfg.get("piece", 0), cfg.get("give_way", True), cfg.get("slow_us", 0))
+    nat.set_fault_thread_priority_limit(_PRIORITY_NAMES[cfg.get("priority", "nice")])
+    return cfg
 
 
 class StalePages:

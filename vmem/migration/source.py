@@ -122,6 +122,24 @@ class _Progress:
     def round_end(self, stats: RoundStats) -> None: ...
 
 
+def _outcome_writer(report: MigrationReport):
+    """The state cell's hook: the report's ``outcome`` follows the state."""
+    def on_state(new: SourceState) -> None:
+        report.outcome = new.outcome
+
+    return on_state
+
+
+def _bytearray_receiver(channel):
+    """``recv(n) -> bytearray`` on ``channel`` (a bytearray: the DIGESTS body is used in place)."""
+    def recv(n: int) -> bytearray:
+        buf = bytearray(n)
+        channel.recv_into(buf)
+        return buf
+
+    return recv
+
+
 class SourceMigration:
     """Migrate ``guest`` over ``channel`` (forward stream out, control records back).
 
@@ -149,12 +167,16 @@ class SourceMigration:
         self.paused = None
         #: the life cycle (vmem.migration.state); changed only by ``self._state.set``, which
         #: also writes ``report.outcome``
-        self._state = StateCell(SourceState.SETUP, SOURCE_TRANSITIONS, self._on_state)
+        # The callbacks below hold what they use, not ``self``: a bound method kept in an
+        # attribute is a reference cycle, and a migration in a cycle outlives its caller
+        # (with its 4 MiB staging buffer) until the garbage collector happens to run --
+        # 4 MiB more per migration in a process that runs many (tests/test_migrate.py).
+        self._state = StateCell(SourceState.SETUP, SOURCE_TRANSITIONS, _outcome_writer(self.report))
         # Not a state: whether we ever changed the guest's throttle, so that a migration
         # that does not complete gives the guest its full speed back (in any state).
         self._throttled = False
         # bytearray, not bytes: the DIGESTS body (8 bytes per guest page) is used in place.
-        self._ctl_reader = control.ControlReader(self._recv_bytearray)
+        self._ctl_reader = control.ControlReader(_bytearray_receiver(self.ch))
         self._writer = stream.StreamWriter(self.ch.send_parts)
         self._staging = np.empty((MAX_PAGES_PER_RECORD, PAGE_SIZE), dtype=np.uint8)
         self.urgent = urgent_channel
@@ -192,14 +214,7 @@ class SourceMigration:
         """The one way to change the state (compare-and-set; IllegalTransition if refused)."""
         self._state.set(expected, new)
 
-    def _on_state(self, new: SourceState) -> None:
-        self.report.outcome = new.outcome
-
     # --- helpers -----------------------------------------------------------------------
-    def _recv_bytearray(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        self.ch.recv_into(buf)
-        return buf
 
     def _phase(self, name: str, detail: str = "") -> None:
         self.report.phase = name
@@ -714,7 +729,7 @@ class SourceMigration:
         self._elided_before += getattr(self.ch, "zero_pages_sent", 0)
         self.ch = channel
         self.urgent = urgent_channel
-        self._ctl_reader = control.ControlReader(self._recv_bytearray)
+        self._ctl_reader = control.ControlReader(_bytearray_receiver(self.ch))
         self._writer = stream.StreamWriter(self.ch.send_parts)
         self._pc = None
         r.reason = ""

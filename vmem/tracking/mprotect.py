@@ -13,15 +13,11 @@ harmless, a lost write is not); ``fallbacks`` counts it.
 """
 from __future__ import annotations
 
-import mmap
 import os
 from typing import Protocol, runtime_checkable
 
-import numpy as np
-
-from vmem.errors import GuestError, TrackerUnavailable
-from vmem.ram import close_mapping
-from vmem.tracking.base import DirtyTracker
+from vmem.errors import TrackerUnavailable
+from vmem.tracking.bitmap import GuestBitmapTracker
 
 __all__ = ["MprotectTracker", "MprotectGuest"]
 
@@ -50,54 +46,19 @@ class MprotectGuest(Protocol):
         """
 
 
-class MprotectTracker(DirtyTracker):
+class MprotectTracker(GuestBitmapTracker):
     """mprotect + SIGSEGV tracker; each collect is a round trip to the guest."""
 
     name = "mprotect"
 
-    def __init__(self, guest: MprotectGuest):
-        super().__init__(guest.npages)
-        self._guest = guest
-        self._nwords = -(-guest.npages // 64)
-        fd = os.memfd_create("vmem-mprot-bitmap", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, 2 * self._nwords * 8)
-            self._map = mmap.mmap(fd, 2 * self._nwords * 8, flags=mmap.MAP_SHARED)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        self._harvest = np.frombuffer(self._map, dtype=np.uint64)[self._nwords :]
-        self._armed = False
+    def _guest_start(self, bitmap_fd: int) -> int:
+        return self._guest.mprotect_start(bitmap_fd)
 
-    def start(self) -> None:
-        res = self._guest.mprotect_start(self._fd)
-        if res < 0:
-            raise TrackerUnavailable("mprotect", f"the guest could not install its SIGSEGV handler ({os.strerror(-res)})")
-        self._armed = True
+    def _start_refused(self, res: int) -> TrackerUnavailable:
+        return TrackerUnavailable("mprotect", f"the guest could not install its SIGSEGV handler ({os.strerror(-res)})")
 
-    def _collect(self) -> np.ndarray:
-        res = self._guest.mprotect_collect()
-        if res < 0:
-            raise GuestError(f"mprotect collect failed in the guest: {os.strerror(-res)}")
-        harvest = self._harvest
-        words = np.flatnonzero(harvest)
-        bits = np.unpackbits(harvest[words].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-        w, b = np.nonzero(bits)
-        pages = words[w].astype(np.int64) * 64 + b
-        return pages[pages < self.npages]
+    def _guest_collect(self) -> int:
+        return self._guest.mprotect_collect()
 
-    def stop(self) -> None:
-        if self._armed:
-            self._armed = False
-            if self._guest.alive():
-                try:
-                    self._guest.mprotect_stop(timeout_s=10)
-                except GuestError:
-                    pass
-        if self._map is not None:
-            self._harvest = None
-            close_mapping(self._map)
-            self._map = None
-            os.close(self._fd)
-            self._fd = -1
+    def _guest_stop(self, timeout_s: float) -> int:
+        return self._guest.mprotect_stop(timeout_s=timeout_s)

@@ -108,6 +108,11 @@ class PostcopyDestination:
         self.pages_pushed = 0  # placed from the background push
         self.pages_mapped_ahead = 0  # pre-copied pages mapped by the background mapper
         self.duplicates = 0  # pages that arrived twice (demand and push raced)
+        # the background push giving way to demand answers (native engine; docs/postcopy.md)
+        self.fault_thread_priority: int | None = None  # VMEM_PC_PRIO_* the fault thread got
+        self.push_yields = 0  # background pieces that waited for a demand answer first
+        self.fault_waits = 0  # demand answers that waited for a background piece
+        self.push_pages_ahead_max = 0  # most background pages placed while one demand answer waited
         self._latencies: list[np.ndarray] = []
         self._local_latencies: list[np.ndarray] = []
         self.t_switch_ns = 0
@@ -220,6 +225,10 @@ class PostcopyDestination:
         self.pages_pushed += es["pages_pushed"]
         self.duplicates += es["duplicates"]
         self.t_complete_ns = es["t_complete_ns"] or self.t_complete_ns
+        self.fault_thread_priority = es["priority"]
+        self.push_yields += es["push_yields"]
+        self.fault_waits += es["fault_waits"]
+        self.push_pages_ahead_max = max(self.push_pages_ahead_max, es["push_pages_ahead_max"])
         self._latencies.append(self._latency_ns[: es["latency_count"]].copy())
 
     def start_mapper(self) -> None:
@@ -445,4 +454,9 @@ class PostcopyDestination:
             "complete_s": round((self.t_complete_ns - self.t_switch_ns) / 1e9, 6) if self.t_complete_ns else None,
             "missing": int(self.missing),
             "fault_path": "native" if native else "python",
+            "fault_thread_priority": (nat.FAULT_THREAD_PRIORITIES[self.fault_thread_priority]
+                                      if self.fault_thread_priority is not None else None),
+            "push_yields": int(self.push_yields),
+            "fault_waits": int(self.fault_waits),
+            "push_pages_ahead_max": int(self.push_pages_ahead_max),
         }

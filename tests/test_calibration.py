@@ -1,0 +1,195 @@
+"""The host calibration (vmem.analysis.calibration): what real runs yield, the file's round trip
+and its refusals, the bootstrap draws, and forecasts whose ranges hold the host's noise."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from test_simulate import uniform_trace
+from vmem.analysis.calibration import (
+    CALIBRATION_FORMAT,
+    CALIBRATION_VERSION,
+    Calibration,
+    add_calibrate_arguments,
+    cmd_calibrate,
+    load_calibration,
+    mode_for,
+    run_calibration,
+    sample_from_report,
+)
+from vmem.analysis.forecast import forecast
+from vmem.analysis.simulate import predict, simulate
+from vmem.errors import ConfigError
+
+
+def _run(mode="precopy", pages=16384, link=50e6, setup=1.0, tail=0.4, eff=0.9, switch=0.004, pending=0, **kw):
+    r = {"mode": mode, "guest_pages": pages, "link_Bps": link, "verified": True, "pages_pending": pending,
+         "setup_s": setup, "pause_s": 0.001, "collect_s": 0.0005 if mode != "postcopy" else None, "efficiency": eff,
+         "switchover_s": switch if mode == "precopy" else None, "postcopy_switch_s": None, "push_hold_s": None,
+         "fault_wait_s": None, "tail_s": tail, "gap_s": 0.0}
+    r.update(kw)
+    return r
+
+
+def _calibration(runs) -> Calibration:
+    return Calibration({"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "provenance": {"hostname": "test"},
+                        "load": {"loadavg_before": [1.0, 1.0, 1.0]}, "runs": runs})
+
+
+def _spread_runs():
+    """Pre-copy runs at two sizes whose costs grow with size and vary run to run."""
+    rng = np.random.default_rng(3)
+    runs = []
+    for pages in (16384, 32768):
+        for _ in range(6):
+            runs.append(_run(pages=pages, setup=0.5 + pages / 16384 * 0.4 + rng.uniform(-0.1, 0.1),
+                             tail=0.1 + pages / 16384 * 0.2 + rng.uniform(-0.05, 0.05), eff=rng.uniform(0.8, 1.0),
+                             switch=rng.uniform(0.002, 0.012)))
+    return runs
+
+
+def test_a_real_report_yields_the_quantities():
+    report = {"outcome": "completed", "verified": True, "downtime_ms": 12.0, "blackout_ms": 30.0, "guest_pages": 16384,
+              "setup_time_ms": 900.0, "migration_time_s": 2.5, "timings_ms": {"pause_latency": 1.5, "stop_and_copy_send": 4.0},
+              "rounds": [{"kind": "precopy", "pages_sent": 16384, "bytes_sent": 50_000_000, "duration_s": 1.25, "collect_ms": 0.4},
+                         {"kind": "precopy", "pages_sent": 100, "bytes_sent": 409_600, "duration_s": 0.001, "collect_ms": 0.6},
+                         {"kind": "stop-and-copy", "pages_sent": 20, "bytes_sent": 81_920, "duration_s": 0.004}]}
+    s = sample_from_report(report, 50e6)
+    assert s["mode"] == "precopy" and s["setup_s"] == pytest.approx(0.9) and s["pause_s"] == pytest.approx(0.0015)
+    assert s["efficiency"] == pytest.approx(50e6 / 1.25 / 50e6)        # the 400 KiB round is too small to count
+    assert s["switchover_s"] == pytest.approx(0.008)                    # downtime minus the final send
+    assert s["collect_s"] == pytest.approx(0.0005)
+    assert s["gap_s"] == pytest.approx(0.030)                           # a later gap longer than the downtime
+    transfer = 1.25 + 0.0004 + 0.001 + 0.0006 + 0.012
+    assert s["tail_s"] == pytest.approx(2.5 - 0.9 - 0.0015 - transfer)
+    report["outcome"] = "failed"
+    with pytest.raises(ConfigError, match="did not complete verified"):
+        sample_from_report(report, 50e6)
+
+
+def test_file_round_trip_and_refusals(tmp_path, monkeypatch):
+    cal = _calibration(_spread_runs())
+    path = cal.save(str(tmp_path / "c" / "cal.json"))
+    back = load_calibration(path, required=True)
+    assert back.runs == cal.runs and back.path == path
+    assert back.draw_params(20000, 50e6, 8, seed=4) == cal.draw_params(20000, 50e6, 8, seed=4)
+    assert "12 pre-copy" in back.describe()
+    monkeypatch.setenv("VMEM_CALIBRATION", path)
+    assert load_calibration().runs == cal.runs                       # the default path honours the variable
+    assert load_calibration(str(tmp_path / "none.json")) is None     # absent and not required: none
+    with pytest.raises(ConfigError, match="vmem calibrate"):
+        load_calibration(str(tmp_path / "none.json"), required=True)
+    bad = tmp_path / "bad.json"
+    for text, what in (("{nope", "not JSON"), (json.dumps({"format": "x"}), "not a vmem calibration"),
+                       (json.dumps({"format": CALIBRATION_FORMAT, "version": 99, "runs": []}), "version 99"),
+                       (json.dumps({"format": CALIBRATION_FORMAT, "version": 1, "runs": []}), "no runs"),
+                       (json.dumps({"format": CALIBRATION_FORMAT, "version": 1, "runs": [_run(setup=-1.0)]}), "setup_s"),
+                       (json.dumps({"format": CALIBRATION_FORMAT, "version": 1, "runs": [_run(mode="warp")]}), "mode")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=what) as exc:
+            load_calibration(str(bad))
+        assert str(bad) in str(exc.value) and "vmem calibrate" in str(exc.value)
+
+
+def test_draws_bootstrap_the_runs_and_scale_with_size():
+    cal = _calibration(_spread_runs())
+    small = cal.draw_params(16384, 50e6, 200, seed=1)
+    large = cal.draw_params(65536, 50e6, 200, seed=1)
+    assert len({d["bandwidth_efficiency"] for d in small}) > 5          # the runs' own spread, not one value
+    assert np.median([d["setup_s"] for d in large]) > np.median([d["setup_s"] for d in small]) + 1.0  # 0.4 s per 16k pages
+    pt = cal.point_params(16384, 50e6)
+    assert 0.8 <= pt["bandwidth_efficiency"] <= 1.0 and 0.7 < pt["setup_s"] < 1.1
+    # the nearest calibrated link rate is the one drawn from
+    mixed = _calibration(_spread_runs() + [_run(link=500e6, eff=0.3)])
+    assert {d["bandwidth_efficiency"] for d in mixed.draw_params(16384, 400e6, 20)} == {0.3}
+    assert mode_for("after-precopy") == "hybrid" and mode_for("pure") == "postcopy" and mode_for(None) == "precopy"
+
+
+def test_a_calibrated_steady_forecast_is_a_range_not_a_point():
+    """The issue's complaint: a steady guest's range collapsed to a point.  With the host's
+    noise drawn in, downtime and migration time get a real spread; the start time alone
+    still hardly matters."""
+    t = uniform_trace(npages=16384, rate_pps=2000, seconds=4)
+    cal = _calibration(_spread_runs())
+    plain = forecast(t, None, 50e6, starts=16)
+    fc = forecast(t, None, 50e6, starts=16, calibration=cal)
+    assert plain["metrics"]["migration_time_s"]["p90"] - plain["metrics"]["migration_time_s"]["p10"] < 0.02
+    m = fc["metrics"]
+    assert m["migration_time_s"]["p90"] - m["migration_time_s"]["p10"] > 0.1
+    assert m["downtime_ms"]["p90"] > m["downtime_ms"]["p10"] + 2
+    assert fc["calibrated"] and not fc["start_sensitive"] and "measured noise" in fc["advice"]
+    # the point prediction uses the calibration's medians: the efficiency slows round 0
+    r, _ = predict(t, None, 50e6, calibration=cal)
+    base = simulate(t, None, bandwidth_Bps=50e6)
+    assert r.rounds[0].duration_s > base.rounds[0].duration_s * 1.05
+    assert r.migration_time_s > base.migration_time_s + 0.3 and "calibration" in r.guest["prediction"]
+
+
+def test_real_calibration_round_trip(tmp_path, capsys):
+    """A real (tiny) calibration: every mode's run completes verified, the quantities are
+    plausible, and what is stored loads back and drives a prediction."""
+    cal = run_calibration([16 << 20], [200e6], 1, observe_s=0.05, warmup_s=0.2)
+    assert not cal.data["failed_runs"], cal.data["failed_runs"]
+    modes = {r["mode"]: r for r in cal.runs}
+    assert set(modes) == {"precopy", "postcopy", "hybrid"}
+    for r in cal.runs:
+        assert r["verified"] and r["guest_pages"] == 4096 and r["setup_s"] > 0
+        assert r["tail_s"] is not None and r["tail_s"] > -0.5
+    assert 0.05 < modes["precopy"]["efficiency"] <= 1.5
+    assert modes["postcopy"]["pages_pending"] > 0 and modes["postcopy"]["postcopy_switch_s"] > 0
+    path = cal.save(str(tmp_path / "cal.json"))
+    back = load_calibration(path, required=True)
+    assert back.data["provenance"]["hostname"] and back.data["load"]["loadavg_before"]
+    assert back.draw_params(4096, 200e6, 3, mode="hybrid") == cal.draw_params(4096, 200e6, 3, mode="hybrid")
+    parser = argparse.ArgumentParser()
+    add_calibrate_arguments(parser)
+    assert cmd_calibrate(parser.parse_args(["--show", "--out", path])) == 0
+    out = capsys.readouterr().out
+    assert "postcopy_switch_s" in out and "efficiency" in out
+
+
+def test_predict_and_profile_clis_use_a_calibration(tmp_path, capsys):
+    from vmem.analysis.profile import add_profile_arguments, cmd_profile
+    from vmem.analysis.simulate import add_predict_arguments, cmd_predict
+
+    t = uniform_trace(npages=16384, rate_pps=2000, seconds=3)
+    tp = str(tmp_path / "t.npz")
+    t.save(tp)
+    cp = _calibration(_spread_runs()).save(str(tmp_path / "cal.json"))
+    parser = argparse.ArgumentParser()
+    add_predict_arguments(parser)
+    assert cmd_predict(parser.parse_args(["--trace", tp, "--bandwidth", "50M", "--starts", "8", "--calibration", cp])) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "calibration" in out and "12 pre-copy" in out and "migration_time_s" in out and "measured noise" in out
+    assert cmd_predict(parser.parse_args(["--trace", tp, "--bandwidth", "50M", "--postcopy", "pure"])) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no calibration of this host" in out and "demanded (faults)" in out
+    with pytest.raises(ConfigError, match="vmem calibrate"):
+        cmd_predict(parser.parse_args(["--trace", tp, "--bandwidth", "50M", "--calibration", str(tmp_path / "x.json")]))
+    parser = argparse.ArgumentParser()
+    add_profile_arguments(parser)
+    assert cmd_profile(parser.parse_args(["--from-trace", tp, "--bandwidth", "50M", "--calibration", cp,
+                                          "--json", str(tmp_path / "a.json")])) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    row = a["predictions"][0]
+    assert row["calibration"]["bandwidth_efficiency"] < 1.0 and "12 pre-copy" in a["calibration"]
+    assert row["policies"]["xen"]["migration_time_s"] > row["policies"]["xen"]["transfer_time_s"] + 0.5
+
+
+def test_load_factor_scales_the_cpu_bound_costs_only():
+    runs = [r | {"probe_s": 0.2} for r in _spread_runs()]
+    cal = _calibration(runs)
+    assert cal.load_factor(0.4) == pytest.approx(2.0) and cal.load_factor(100.0) == 5.0  # clipped
+    assert _calibration(_spread_runs()).load_factor(0.4) == 1.0                           # no probes: no scaling
+    one = cal.draw_params(16384, 50e6, 10, seed=2)
+    two = cal.draw_params(16384, 50e6, 10, seed=2, load_factor=2.0)
+    for a, b in zip(one, two):
+        assert b["setup_s"] == pytest.approx(2 * a["setup_s"]) and b["post_s"] == pytest.approx(2 * a["post_s"])
+        assert b["switchover_s"] == pytest.approx(2 * a["switchover_s"])
+        assert b["bandwidth_efficiency"] == a["bandwidth_efficiency"] and b["pause_s"] == a["pause_s"]
+    from vmem.analysis.calibration import host_probe_s
+
+    assert 0.0 < host_probe_s() < 120.0

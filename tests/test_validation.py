@@ -1,0 +1,59 @@
+"""The validation table (vmem.analysis.validation, scripts/validate_predictions.py): its summary
+counts what it claims, and the script runs end to end on a tiny configuration."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from vmem.analysis.validation import markdown_table, summarise
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cell(workload, dt_range, dt_meas, mt_range, mt_meas):
+    f = lambda lo, med, hi: {"p10": lo, "median": med, "p90": hi, "min": lo, "max": hi}  # noqa: E731
+    return {"workload": workload, "params": {}, "policy": "xen", "link_Bps": 50e6, "failed": [], "runs": [{}],
+            "forecast": {"downtime_ms": f(*dt_range), "migration_time_s": f(*mt_range)},
+            "measured": {"downtime_ms": dt_meas, "migration_time_s": mt_meas}}
+
+
+def test_summary_counts_inside_and_errors():
+    cells = [_cell("a", (4, 5, 6), 5.5, (1.0, 2.0, 3.0), 2.5),     # both inside; errors -9.1 %, -20 %
+             _cell("a", (4, 5, 6), 10.0, (1.0, 2.0, 3.0), 2.0),    # downtime outside (-50 %), time inside (0 %)
+             _cell("b", (4, 5, 6), 4.0, (1.0, 2.0, 3.0), 4.0)]     # downtime on the edge: inside; time outside (-50 %)
+    s = summarise(cells)
+    assert s["inside"]["downtime_ms"] == {"inside": 2, "of": 3}
+    assert s["inside"]["migration_time_s"] == {"inside": 2, "of": 3}
+    assert s["both_inside"] == {"inside": 1, "of": 3}
+    assert abs(s["median_abs_error_pct"]["downtime_ms"]["median"] - 25.0) < 1e-9       # |-9.1|, |-50|, |+25|
+    assert abs(s["median_abs_error_pct"]["migration_time_s"]["median"] - 20.0) < 1e-9  # 20, 0, 50
+    assert s["per_workload_error_pct"]["b"]["migration_time_s"] == 50.0
+    text = markdown_table(cells, s)
+    assert "| a | xen | 1 |" in text and "inside the range in 2 of 3" in text and "b 50.0 % / 25.0 %" in text
+
+
+def test_the_script_runs_on_a_tiny_configuration(tmp_path):
+    """The CI run: a one-run-per-mode calibration (stored, then used), one workload, two
+    policies, one link, one repeat -- every cell verified and compared."""
+    cal, out, md = tmp_path / "cal.json", tmp_path / "v.json", tmp_path / "v.md"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "validate_predictions.py"), "--tiny",
+                           "--calibration", str(cal), "--json", str(out), "--markdown", str(md)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert json.loads(cal.read_text())["format"] == "vmem-calibration"
+    cells = data["cells"]
+    assert [(c["workload"], c["policy"]) for c in cells] == [("uniform", "xen"), ("uniform", "hybrid")]
+    for c in cells:
+        assert len(c["runs"]) == 1 and not c["failed"], c["failed"]
+        f = c["forecast"]["migration_time_s"]
+        assert f["p10"] <= f["median"] <= f["p90"] and c["measured"]["migration_time_s"] > 0
+    assert cells[1]["measured"]["pages_pending"] is not None and "pages_pending" in cells[1]["forecast"]
+    assert data["summary"]["verified_cells"] == 2
+    text = md.read_text()
+    assert "**200 MB/s link**" in text and "| uniform | hybrid |" in text and "Command:" in text
+    assert "calibration" in text and "load average" in text and "analytical model" in text
+    assert cells[0]["model"]["pages_sent"] > 0 and "model_error_pct" in data["summary"]

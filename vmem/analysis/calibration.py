@@ -1,0 +1,511 @@
+"""Calibration: the fixed costs and the real copy rate of migrations on this host, measured once.
+
+The trace simulator (:mod:`vmem.analysis.simulate`) knows the dirty pages a guest writes; what
+it cannot know is what this host adds around them: the handshake before round 0, the
+switchover's fixed part, the pause latency, the collects, the rate the copy path really
+achieves under a nominal ``--bandwidth`` cap, the verify and commit after the switch, and,
+for post-copy, the switch itself, the push rate and what a fault costs the guest.
+``vmem calibrate`` (:func:`run_calibration`) measures them from real migrations of a
+calibration guest -- a workload, size and seed of its own, never the runs a prediction is
+validated against -- and stores them, with provenance, in a per-host cache file
+(:func:`default_path`).  Predictions then use them (:func:`draw_params`, :func:`point_params`).
+
+What one calibration run yields (:func:`sample_from_report`, all seconds unless named)::
+
+    setup_s           handshake -> first page (report setup_time_ms)
+    pause_s           pause posted -> acknowledged (timings_ms.pause_latency)
+    collect_s         median dirty-tracker collect of the pre-copy rounds
+    efficiency        achieved / nominal rate of the copy path: sum(bytes) / sum(send time) / cap
+                      over rounds of >= 1 MiB (post-copy: the push's bytes / push time / cap)
+    switchover_s      pre-copy: downtime - the stop-and-copy send (the downtime's fixed part)
+    postcopy_switch_s post-copy: the downtime (pause -> first step at the destination)
+    push_hold_s       post-copy: the push held for the destination guest's first step
+    fault_wait_s      post-copy: blocktime / faults, what one demand fault stalls the guest
+    tail_s            migration_time - setup - pause - the rounds and the switchover: verify,
+                      commit, and the round loop's own bookkeeping
+    gap_s             the longest guest gap after the resume when it exceeded the downtime
+                      (blackout_ms > downtime_ms), else 0
+    probe_s           host_probe_s() just before the run: how busy the host was
+
+Load.  Most fixed costs are CPU work of vmem's own processes, so on a shared host they
+follow its load (measured here: the handshake 0.7-2.6 s at load average 6, 2-6 s at 14).
+:meth:`Calibration.load_factor` compares a probe taken now with the calibration runs'
+probes, and predictions multiply the CPU-bound costs (:data:`CPU_BOUND`) by it.
+
+Uncertainty.  Each run is one joint draw of all of them (they are correlated: a busy host
+slows everything at once).  :func:`draw_params` bootstraps whole runs -- run ``k`` picked at
+random, its efficiency, switchover, pause, collect and gap taken as they were, its setup,
+tail and post-copy switch as the least-squares line over guest size (or pages pending) plus
+run ``k``'s residual -- so a forecast's range holds the host's own noise, not only the
+start-time variation of the guest.
+
+File layout (JSON)::
+
+    {"format": "vmem-calibration", "version": 1,
+     "provenance": {vmem version, commit, host, kernel, cpus, date, command},
+     "load": {"loadavg_before": [1, 5, 15 min], "loadavg_after": [...]},
+     "config": {"sizes_bytes", "links_Bps", "repeats", "workload", "params", "seed"},
+     "runs": [{"mode": "precopy"|"postcopy"|"hybrid", "guest_pages", "pages_pending", "link_Bps",
+               "verified", <the quantities above>}, ...]}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+
+import numpy as np
+
+from vmem.errors import ConfigError
+
+__all__ = [
+    "CALIBRATION_FORMAT",
+    "CALIBRATION_VERSION",
+    "Calibration",
+    "default_path",
+    "load_calibration",
+    "sample_from_report",
+    "mode_for",
+    "MODES",
+    "host_probe_s",
+    "CPU_BOUND",
+    "run_calibration",
+    "add_calibrate_arguments",
+    "cmd_calibrate",
+]
+
+CALIBRATION_FORMAT = "vmem-calibration"
+CALIBRATION_VERSION = 1
+#: The calibration guest: not a workload the validation table migrates with these
+#: parameters, so the predictor is never tuned on the runs it is judged by.
+CAL_WORKLOAD = "hotcold"
+CAL_PARAMS = {"rate": 2000}
+CAL_SEED = 97
+#: Rounds smaller than this do not count for the copy rate (the token bucket's burst and
+#: per-round costs dominate them).
+MIN_RATE_BYTES = 1 << 20
+#: A calibration file larger than this is refused before it is parsed.
+MAX_FILE_BYTES = 16 << 20
+MAX_RUNS = 10_000
+#: The quantities a run holds (None where the run's mode has none).
+QUANTITIES = ("setup_s", "pause_s", "collect_s", "efficiency", "switchover_s", "postcopy_switch_s",
+              "push_hold_s", "fault_wait_s", "tail_s", "gap_s")
+#: precopy: Xen's policy, stop-and-copy; postcopy: pure post-copy; hybrid: Xen's pre-copy
+#: rounds, then post-copy of the last dirty set (a few pages pending: the switch's fixed part).
+MODES = ("precopy", "postcopy", "hybrid")
+#: The post-copy mode of MigrationOptions / SimulationParams behind each calibration mode.
+POSTCOPY_OPTION = {"precopy": "off", "postcopy": "pure", "hybrid": "after-precopy"}
+
+
+def mode_for(postcopy: str | None) -> str:
+    """The calibration mode that fits a simulation's ``postcopy`` parameter."""
+    return {"pure": "postcopy", "after-precopy": "hybrid"}.get(postcopy or "off", "precopy")
+
+
+#: Simulation parameters that are CPU work of vmem's own processes (spawning and arming the
+#: destination, digesting RAM, restoring the guest): on a busier host they take longer in
+#: proportion, which :meth:`Calibration.load_factor` measures.
+CPU_BOUND = ("setup_s", "post_s", "switchover_s", "postcopy_switch_s", "postcopy_switch_per_page_s",
+             "push_hold_s", "blackout_gap_s")
+
+
+def host_probe_s() -> float:
+    """Seconds to start a Python that imports numpy and vmem's stream module -- what a
+    migration's handshake does first (the destination process), so it slows as the
+    handshake does when the host is busy.  The median of two."""
+    import subprocess
+    import sys
+
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import numpy, vmem.format.wire"], check=False, capture_output=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), timeout=120)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def default_path() -> str:
+    """``$VMEM_CALIBRATION``, else ``$XDG_CACHE_HOME/vmem/calibration-<hostname>.json``
+    (``~/.cache`` without XDG_CACHE_HOME): one calibration per host."""
+    env = os.environ.get("VMEM_CALIBRATION")
+    if env:
+        return env
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "vmem", f"calibration-{socket.gethostname()}.json")
+
+
+def _num(v):
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def sample_from_report(report, link_Bps: float) -> dict:
+    """The calibration quantities of one real migration report (dict or MigrationReport).
+
+    Raises:
+        ConfigError: the report did not complete verified, or has no downtime.
+    """
+    from vmem.analysis.simulate import transfer_time_s
+
+    d = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    if d.get("outcome") != "completed" or not d.get("verified"):
+        raise ConfigError("calibration", f"a calibration run did not complete verified ({d.get('outcome')}: {d.get('reason')}); "
+                                         "nothing measured from it")
+    downtime_s = _num(d.get("downtime_ms"))
+    if downtime_s is None:
+        raise ConfigError("calibration", "a calibration run's report has no downtime_ms")
+    downtime_s /= 1e3
+    tm = d.get("timings_ms") or {}
+    rounds = d.get("rounds") or []
+    pre = [x for x in rounds if x.get("kind", "precopy") == "precopy"]
+    pc = d.get("postcopy") or None
+    mode = ("hybrid" if d.get("mode") == "hybrid" else "postcopy") if pc else "precopy"
+    s = {q: None for q in QUANTITIES}
+    s.update(mode=mode, guest_pages=int(d.get("guest_pages") or 0), link_Bps=float(link_Bps), verified=True,
+             pages_pending=int(pc.get("pages_pending") or 0) if pc else 0)
+    s["setup_s"] = (_num(d.get("setup_time_ms")) or 0.0) / 1e3
+    s["pause_s"] = (_num(tm.get("pause_latency")) or 0.0) / 1e3
+    collects = [float(x.get("collect_ms") or 0) / 1e3 for x in pre]
+    s["collect_s"] = float(np.median(collects)) if collects else None
+    blackout_s = _num(d.get("blackout_ms"))
+    s["gap_s"] = blackout_s / 1e3 if blackout_s is not None and blackout_s / 1e3 > downtime_s else 0.0
+    busy = [(float(x.get("bytes_sent") or 0), float(x.get("duration_s") or 0)) for x in pre
+            if (x.get("bytes_sent") or 0) >= MIN_RATE_BYTES and (x.get("duration_s") or 0) > 0]
+    migration_s = _num(d.get("migration_time_s"))
+    if mode == "precopy":
+        if busy:
+            s["efficiency"] = sum(b for b, _ in busy) / sum(t for _, t in busy) / link_Bps
+        send_s = (_num(tm.get("stop_and_copy_send")) or 0.0) / 1e3
+        s["switchover_s"] = max(0.0, downtime_s - send_s)
+        if migration_s is not None:
+            s["tail_s"] = migration_s - s["setup_s"] - s["pause_s"] - transfer_time_s(d)
+    else:
+        push_s, push_rate = _num(pc.get("push_s")), _num(pc.get("push_rate_Bps"))
+        if push_rate and push_s and push_rate * push_s >= MIN_RATE_BYTES:
+            s["efficiency"] = push_rate / link_Bps
+        elif busy:  # hybrid: the pre-copy rounds carried the bulk
+            s["efficiency"] = sum(b for b, _ in busy) / sum(t for _, t in busy) / link_Bps
+        s["postcopy_switch_s"] = downtime_s
+        s["push_hold_s"] = (_num(tm.get("push_held_for_restart")) or 0.0) / 1e3
+        faults = int(pc.get("faults") or 0)
+        blocked = _num(pc.get("blocktime_ms"))
+        s["fault_wait_s"] = blocked / 1e3 / faults if faults and blocked is not None else 0.0
+        placed_s = _num(tm.get("pause_to_all_placed"))
+        if migration_s is not None and placed_s is not None:
+            rounds_s = sum(float(x.get("duration_s") or 0) + float(x.get("collect_ms") or 0) / 1e3 for x in pre)
+            # pause_to_all_placed starts when the pause is posted: the pause latency is in it
+            s["tail_s"] = migration_s - s["setup_s"] - rounds_s - placed_s / 1e3
+    return s
+
+
+class Calibration:
+    """A loaded calibration: the runs, and draws of simulation parameters from them.
+
+    Attributes:
+        data: the file's JSON object (see the module docstring).
+        path: where it was loaded from (None if built in memory).
+    """
+
+    def __init__(self, data: dict, path: str | None = None):
+        self.data = data
+        self.path = path
+        self.runs = list(data.get("runs") or [])
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def save(self, path: str | None = None) -> str:
+        path = path or self.path or default_path()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)  # a reader never sees half a file
+        self.path = path
+        return path
+
+    def describe(self) -> str:
+        """One line: where, when, on what, under which load, from how many runs."""
+        pv = self.data.get("provenance") or {}
+        load = (self.data.get("load") or {}).get("loadavg_before")
+        by_mode = {m: sum(1 for r in self.runs if r.get("mode") == m) for m in MODES}
+        return (f"calibration {self.path or '(in memory)'}: {pv.get('date_utc', '?')} on {pv.get('hostname', '?')} "
+                f"(commit {str(pv.get('git_commit') or '?')[:12]}), {by_mode['precopy']} pre-copy + "
+                f"{by_mode['postcopy']} post-copy + {by_mode['hybrid']} hybrid runs"
+                + (f", load average {load[0]:.1f}" if load else ""))
+
+    # --- draws --------------------------------------------------------------------------------
+
+    def _runs(self, mode: str, link_Bps: float) -> list[dict]:
+        """Runs of ``mode`` (falling back to the other mode's) at the calibrated link rate
+        nearest ``link_Bps`` on a log scale."""
+        runs = self._mode_runs(mode)
+        if not runs:
+            raise ConfigError("calibration", f"{self.path or 'the calibration'} holds no runs; run vmem calibrate")
+        best = min(abs(math.log(r["link_Bps"] / link_Bps)) for r in runs)
+        return [r for r in runs if abs(math.log(r["link_Bps"] / link_Bps)) <= best + 1e-9]
+
+    def _mode_runs(self, mode: str) -> list[dict]:
+        """Runs of ``mode``; a hybrid without hybrid runs falls back on post-copy ones, then any."""
+        for m in (mode, "postcopy" if mode == "hybrid" else mode):
+            runs = [r for r in self.runs if r.get("mode") == m]
+            if runs:
+                return runs
+        return list(self.runs)
+
+    @staticmethod
+    def _line(runs: list[dict], q: str, x_key: str) -> tuple[float, float, dict]:
+        """Least-squares ``q = a + b * x`` over the runs that have ``q``; ``(a, b, residual
+        by run id)``; b = 0 with fewer than two distinct x."""
+        pts = [(float(r[x_key]), float(r[q]), id(r)) for r in runs if r.get(q) is not None]
+        if not pts:
+            return 0.0, 0.0, {}
+        x = np.array([p[0] for p in pts])
+        y = np.array([p[1] for p in pts])
+        if len(set(x.tolist())) >= 2:
+            b, a = np.polyfit(x, y, 1)
+            b = max(float(b), 0.0)  # a cost never shrinks with size: noise must not make it
+            a = float(np.mean(y - b * x))
+        else:
+            a, b = float(np.mean(y)), 0.0
+        return a, b, {rid: yi - (a + b * xi) for xi, yi, rid in pts}
+
+    def load_factor(self, probe_s: float | None = None) -> float:
+        """How much slower this host is now than during the calibration: a :func:`probe_s`
+        taken now (or ``probe_s``) over the calibration runs' median probe, clipped to
+        [0.5, 5]; 1.0 when the calibration holds no probes."""
+        probes = [r["probe_s"] for r in self.runs if isinstance(r.get("probe_s"), (int, float)) and r["probe_s"] > 0]
+        if not probes:
+            return 1.0
+        now = probe_s if probe_s is not None else host_probe_s()
+        return float(min(max(now / float(np.median(probes)), 0.5), 5.0))
+
+    def draw_params(self, npages: int, link_Bps: float, n: int, *, mode: str = "precopy", seed: int = 0,
+                    load_factor: float = 1.0) -> list[dict]:
+        """``n`` bootstrap draws of :class:`vmem.analysis.simulate.SimulationParams` fields
+        for a guest of ``npages`` on a link of ``link_Bps`` (draw 0 is not special).
+
+        ``mode``: one of :data:`MODES` (:func:`mode_for` maps a ``postcopy`` parameter to it):
+        the runs of that mode are drawn from.  ``load_factor`` (:meth:`load_factor`)
+        multiplies the CPU-bound fixed costs (:data:`CPU_BOUND`).
+        """
+        if mode not in MODES:
+            raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+        runs = self._runs(mode, link_Bps)
+        all_mode = self._mode_runs(mode)
+        lines = {q: self._line(all_mode, q, "guest_pages") for q in ("setup_s", "tail_s")}
+        # pure (everything pending) and hybrid (a few pages) runs together give the line's
+        # intercept and slope over pages pending
+        lines["postcopy_switch_s"] = self._line(self.runs, "postcopy_switch_s", "pages_pending")
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 0xCA1])))
+        out = []
+        for k in rng.integers(0, len(runs), n):
+            r = runs[int(k)]
+            p = {}
+            for q, x in (("setup_s", npages), ("tail_s", npages)):
+                a, b, res = lines[q]
+                p[q] = max(0.0, a + b * x + res.get(id(r), 0.0))
+            p["post_s"] = p.pop("tail_s")
+            # The switch's cost grows with the pages still to come (marking them missing):
+            # the simulator adds the slope times the pages its own switch leaves pending.
+            a, b, res = lines["postcopy_switch_s"]
+            p["postcopy_switch_s"] = max(0.0, a + res.get(id(r), 0.0))
+            p["postcopy_switch_per_page_s"] = b
+            for q in ("pause_s", "collect_s", "switchover_s", "push_hold_s", "fault_wait_s", "gap_s"):
+                v = r.get(q)
+                if v is None:  # a quantity this mode's run lacks: the median of the runs that have it
+                    vals = [x[q] for x in self.runs if x.get(q) is not None]
+                    v = float(np.median(vals)) if vals else 0.0
+                p[q] = max(0.0, float(v))
+            eff = r.get("efficiency")
+            if eff is None:
+                vals = [x["efficiency"] for x in runs if x.get("efficiency") is not None]
+                eff = float(np.median(vals)) if vals else 1.0
+            p["bandwidth_efficiency"] = min(max(float(eff), 0.05), 1.5)
+            p["blackout_gap_s"] = p.pop("gap_s")
+            for q in CPU_BOUND:
+                p[q] *= load_factor
+            out.append(p)
+        return out
+
+    def point_params(self, npages: int, link_Bps: float, *, mode: str = "precopy", load_factor: float = 1.0) -> dict:
+        """The medians of many draws: the point prediction's parameters."""
+        draws = self.draw_params(npages, link_Bps, 101, mode=mode, seed=12345, load_factor=load_factor)
+        return {k: float(np.median([d[k] for d in draws])) for k in draws[0]}
+
+
+def load_calibration(path: str | None = None, *, required: bool = False) -> Calibration | None:
+    """Load a calibration file (default :func:`default_path`); None if absent and not ``required``.
+
+    Raises:
+        ConfigError: the file is unreadable, too large, not a vmem calibration, of another
+            version, or holds a malformed run -- naming the file and what to do.
+    """
+    path = path or default_path()
+    if not os.path.exists(path):
+        if required:
+            raise ConfigError("--calibration", f"{path} does not exist; run `vmem calibrate` first")
+        return None
+    fix = f"; run `vmem calibrate --out {path}` to measure it again"
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise ConfigError("--calibration", f"{path} is {size} bytes, more than a calibration can be{fix}")
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as err:
+        raise ConfigError("--calibration", f"cannot read {path}: {err.strerror}") from None
+    except ValueError as err:
+        raise ConfigError("--calibration", f"{path} is not JSON ({err}){fix}") from None
+    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+        raise ConfigError("--calibration", f"{path} is not a vmem calibration file{fix}")
+    if data.get("version") != CALIBRATION_VERSION:
+        raise ConfigError("--calibration", f"{path} is calibration version {data.get('version')!r}; this vmem reads "
+                                           f"version {CALIBRATION_VERSION}{fix}")
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs or len(runs) > MAX_RUNS:
+        raise ConfigError("--calibration", f"{path} holds no runs (or too many){fix}")
+    for i, r in enumerate(runs):
+        bad = None
+        if not isinstance(r, dict) or r.get("mode") not in MODES:
+            bad = "mode"
+        elif not (isinstance(r.get("link_Bps"), (int, float)) and r["link_Bps"] > 0):
+            bad = "link_Bps"
+        elif not (isinstance(r.get("guest_pages"), int) and r["guest_pages"] > 0):
+            bad = "guest_pages"
+        else:
+            for q in QUANTITIES:
+                v = r.get(q)
+                if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= (-60 if q == "tail_s" else 0)):
+                    bad = q
+                    break
+        if bad:
+            raise ConfigError("--calibration", f"{path}: run {i} has a bad {bad!r}{fix}")
+    return Calibration(data, path)
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), repeats: int = 2, *,
+                    postcopy: bool = True, tracker: str = "auto", warmup_s: float = 0.5, observe_s: float = 0.1,
+                    on_run=None) -> Calibration:
+    """Migrate the calibration guest ``repeats`` times per size x link x mode (pre-copy under
+    Xen's policy, and -- unless ``postcopy=False`` -- pure post-copy and hybrid) and return
+    the Calibration.
+
+    Runs are interleaved (every size x link x mode once, then again) so a change in the
+    host's load spreads over all of them.  A run that does not complete verified is left
+    out and counted in ``data["failed_runs"]``.
+
+    Raises:
+        ConfigError: bad arguments, or no run completed.
+    """
+    from vmem import provenance
+    from vmem.migration.backend import GuestSpec, boot_guest
+    from vmem.migration.local import run_local_migration
+    from vmem.migration.policy import XenDefaultPolicy
+    from vmem.migration.source import MigrationOptions
+
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError("--repeats", f"must be an integer >= 1, got {repeats!r}")
+    if not sizes_bytes or any(s < (1 << 20) for s in sizes_bytes):
+        raise ConfigError("--sizes", f"need guest sizes of at least 1 MiB, got {list(sizes_bytes)}")
+    if not links_Bps or any(not (b > 0 and math.isfinite(b)) for b in links_Bps):
+        raise ConfigError("--links", f"need link rates > 0, got {list(links_Bps)}")
+    modes = MODES if postcopy else ("precopy",)
+    load_before = _loadavg()
+    runs, failed = [], []
+    plan = [(size, bw, mode) for _ in range(repeats) for size in sizes_bytes for bw in links_Bps for mode in modes]
+    for i, (size, bw, mode) in enumerate(plan):
+        opts = MigrationOptions(tracker=tracker, policy=XenDefaultPolicy(), observe_s=observe_s, bandwidth_Bps=bw,
+                                postcopy=POSTCOPY_OPTION[mode])
+        probe = host_probe_s()  # how busy the host is just before this run
+        with boot_guest(GuestSpec(CAL_WORKLOAD, dict(CAL_PARAMS), CAL_SEED), size) as guest:
+            time.sleep(warmup_s)
+            report = run_local_migration(guest, opts)
+        try:
+            runs.append(sample_from_report(report, bw) | {"probe_s": probe})
+        except ConfigError as err:
+            failed.append(str(err))
+        if on_run is not None:
+            on_run(i + 1, len(plan), size, bw, mode, report)
+    if not runs:
+        raise ConfigError("calibration", "no calibration run completed verified: " + "; ".join(failed[:3]))
+    data = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "provenance": provenance.collect(),
+            "load": {"loadavg_before": load_before, "loadavg_after": _loadavg()},
+            "config": {"sizes_bytes": list(sizes_bytes), "links_Bps": list(links_Bps), "repeats": repeats,
+                       "workload": CAL_WORKLOAD, "params": CAL_PARAMS, "seed": CAL_SEED, "tracker": tracker,
+                       "warmup_s": warmup_s, "observe_s": observe_s, "modes": list(modes)},
+            "runs": runs, "failed_runs": failed}
+    return Calibration(data)
+
+
+def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
+    """(quantity, mode, "median (min-max), n") rows for humans."""
+    rows = []
+    for mode in MODES:
+        runs = [r for r in cal.runs if r.get("mode") == mode]
+        for q in QUANTITIES:
+            vals = [r[q] for r in runs if r.get(q) is not None]
+            if not vals:
+                continue
+            scale, unit = (1.0, "") if q == "efficiency" else (1e3, " ms")
+            rows.append((q, mode, f"{np.median(vals) * scale:,.3f}{unit} ({min(vals) * scale:,.3f}-{max(vals) * scale:,.3f}), n={len(vals)}"))
+    return rows
+
+
+# --- vmem calibrate ------------------------------------------------------------------------------
+
+def add_calibrate_arguments(p) -> None:
+    """``vmem calibrate``'s arguments."""
+    p.add_argument("--sizes", default="64M,128M", help="guest sizes of the calibration runs (default 64M,128M: two "
+                                                       "sizes give the size-dependent costs' slope)")
+    p.add_argument("--links", default="50M,200M", help="link caps, bytes/s (default 50M,200M; predictions use the "
+                                                       "nearest calibrated rate)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per size x link x mode (default 2)")
+    p.add_argument("--no-postcopy", action="store_true", help="calibrate pre-copy only (no pure post-copy and hybrid runs)")
+    p.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"])
+    p.add_argument("--out", metavar="FILE", help=f"where to store it (default {default_path()})")
+    p.add_argument("--show", action="store_true", help="print the stored calibration and exit")
+
+
+def cmd_calibrate(args) -> int:
+    """``vmem calibrate``: measure, store and print this host's calibration."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from transport import parse_rate
+    from vmem.ram import parse_size
+
+    console = Console()
+    err = Console(stderr=True)
+    if args.show:
+        cal = load_calibration(args.out, required=True)
+    else:
+        sizes = [parse_size(s.strip()) for s in args.sizes.split(",") if s.strip()]
+        links = [parse_rate(s.strip()) for s in args.links.split(",") if s.strip()]
+        t0 = time.monotonic()
+
+        def on_run(i, n, size, bw, mode, rep):
+            err.print(f"[{time.monotonic() - t0:5.0f} s] run {i}/{n}: {size >> 20} MiB, {bw / 1e6:g} MB/s, {mode}: "
+                      f"{rep.outcome}, downtime {rep.downtime_ms} ms, migration {rep.migration_time_s} s")
+
+        cal = run_calibration(sizes, links, args.repeats, postcopy=not args.no_postcopy, tracker=args.tracker,
+                              on_run=on_run)
+        cal.save(args.out)
+    t = Table(title=cal.describe())
+    for c in ("quantity", "mode", "median (min-max), n"):
+        t.add_column(c)
+    for row in summary_rows(cal):
+        t.add_row(*row)
+    console.print(t)
+    if cal.data.get("failed_runs"):
+        err.print(f"{len(cal.data['failed_runs'])} run(s) left out: {cal.data['failed_runs'][0]}")
+    return 0
