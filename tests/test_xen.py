@@ -270,13 +270,23 @@ class _FakeDomain:
 
 
 class _FakeTracker:
+    """Fake log-dirty: collect ``i`` reports ``dirty_sets[i]``; with ``domain``, the guest
+    first writes those pages (so a set that is never sent leaves the RAM different from
+    what was sent).  ``collect_final`` is the collect made with the domain stopped."""
+
     collect_s = 0.0
 
-    def __init__(self, dirty_sets):
+    def __init__(self, dirty_sets, domain=None):
         self.dirty_sets = list(dirty_sets)
+        self.domain = domain
 
     def collect(self):
-        return np.asarray(self.dirty_sets.pop(0) if self.dirty_sets else [], dtype=np.int64)
+        pages = np.asarray(self.dirty_sets.pop(0) if self.dirty_sets else [], dtype=np.int64)
+        if self.domain is not None:
+            self.domain.ram[pages] ^= 0x5A  # the guest wrote these since the last collect
+        return pages
+
+    collect_final = collect
 
 
 def test_xen_rounds_drive_a_policy_into_a_stream(tmp_path):
@@ -300,7 +310,7 @@ def test_xen_rounds_drive_a_policy_into_a_stream(tmp_path):
         io = _XenRounds(dom, _FakeTracker([range(0, 900), range(100, 400), range(7, 9)]), w, 0.0, None)
         end = run_precopy(io, make_policy("threshold", precopy_iterations=5, precopy_threshold=50), np.arange(3000),
                           guest_pages=3000, page_size=4096, bandwidth_limit_Bps=None)
-        io.send_pages(np.asarray(end.dirty, dtype=np.int64))
+        io.stop_and_copy(end.dirty)
         w.x86_tsc_info()
         w.hvm_params({1: 2999})
         w.hvm_context()
@@ -312,3 +322,32 @@ def test_xen_rounds_drive_a_policy_into_a_stream(tmp_path):
     assert r["rounds"][0]["pages_without_data"] == 1 and io.failed_maps == 1
     good = np.setdiff1d(np.arange(3000), [2500])
     assert (io.sent_digest[good] == page_digests(dom.ram[good])).all()
+
+
+def test_xen_stop_and_copy_sends_the_last_rounds_dirty_set():
+    """The stop-and-copy sends the last precopy round's dirty set (the pages the policy did
+    not send live) and the final collect: after it, every page's last sent data is the RAM.
+    Fires on the defect found on the nested host, where only the final collect was sent and
+    the last round's writes were lost."""
+    from vmem.migration.policy import make_policy
+    from vmem.migration.rounds import run_precopy
+    from vmem.xen.migrate import _XenRounds, page_digests
+
+    from vmem.format.stream import StreamWriter
+    from vmem.format.wire import IHDR_VERSION_3
+
+    writer = StreamWriter(lambda parts: None)
+    writer.begin(IHDR_VERSION_3)
+    dom = _FakeDomain(3000, hole=2500)
+    # rounds 0..2 dirty 900, 300, 2 pages (the guest writes them); the final collect, with the
+    # domain stopped, finds 2 more
+    tracker = _FakeTracker([range(0, 900), range(100, 400), [7, 8], [20, 21]], domain=dom)
+    io = _XenRounds(dom, tracker, writer, 0.0, None)
+    end = run_precopy(io, make_policy("threshold", precopy_iterations=5, precopy_threshold=50), np.arange(3000),
+                      guest_pages=3000, page_size=4096, bandwidth_limit_Bps=None)
+    assert list(end.dirty) == [7, 8]
+    final, sent, _ = io.stop_and_copy(end.dirty)
+    assert list(final) == [7, 8, 20, 21] and sent == 4
+    good = np.setdiff1d(np.arange(3000), [2500])
+    stale = good[io.sent_digest[good] != page_digests(dom.ram[good])]
+    assert len(stale) == 0, f"pages whose last send is older than the RAM: {stale[:10]}"

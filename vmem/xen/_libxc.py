@@ -29,6 +29,9 @@ XTAB_TYPE = 0xF << 28
 PFINFO_LTAB_MASK = 0xF << 28
 # XEN_DOMCTL_SHADOW_OP_*
 _SOP_OFF, _SOP_ENABLE_LOGDIRTY, _SOP_CLEAN, _SOP_PEEK = 0, 2, 11, 12
+#: XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL: the save's last CLEAN (domain suspended); Xen first
+#: marks dirty the guest frames it keeps mapped for writing itself (hvm_mapped_guest_frames_mark_dirty)
+_LOGDIRTY_FINAL = 1 << 0
 # XEN_DOMINF_* flags (xen/include/public/domctl.h)
 DOMINF_DYING, DOMINF_HVM, DOMINF_SHUTDOWN, DOMINF_PAUSED, DOMINF_BLOCKED, DOMINF_RUNNING = 1, 2, 4, 8, 16, 32
 #: sizeof(xc_domaininfo_t) is 120 on 4.17; read into a larger buffer to be safe.
@@ -278,15 +281,21 @@ class XcHandle:
         self._check(rc, "xc_logdirty_control(ENABLE_LOGDIRTY)")
         self._logdirty_on = True
 
-    def logdirty_collect(self, peek: bool = False) -> np.ndarray:
+    def logdirty_collect(self, peek: bool = False, final: bool = False) -> np.ndarray:
         """Pages dirtied since the last collect, sorted int64; CLEAN re-arms them atomically
-        (PEEK leaves the bitmap as it is)."""
+        (PEEK leaves the bitmap as it is).  ``final``: the last collect of a save, with the
+        domain suspended (libxc's XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL).
+
+        Raises OSError if Xen covered fewer pfns than asked (libxc treats that as an error too)."""
         ffi = self._ffi
         self._bitmap[:] = 0
         stats = ffi.new("xc_shadow_op_stats_t *")
-        rc = self._xc.xc_logdirty_control(self._xch, self.domid, _SOP_PEEK if peek else _SOP_CLEAN, self._hb,
-                                          self._npages, 0, stats)
-        self._check(int(rc), "xc_logdirty_control(CLEAN)")
+        rc = int(self._xc.xc_logdirty_control(self._xch, self.domid, _SOP_PEEK if peek else _SOP_CLEAN, self._hb,
+                                              self._npages, _LOGDIRTY_FINAL if final else 0, stats))
+        self._check(rc, "xc_logdirty_control(CLEAN)")
+        if rc != self._npages:
+            raise OSError(errno.EIO, f"xc_logdirty_control(CLEAN) on domain {self.domid} covered {rc} of "
+                                     f"{self._npages} pfns")
         bits = np.unpackbits(self._bitmap[: (self._npages + 7) // 8], bitorder="little")[: self._npages]
         return np.flatnonzero(bits).astype(np.int64)
 

@@ -131,6 +131,11 @@ class XenLogDirtyTracker(DirtyTracker):
     def _collect(self) -> np.ndarray:
         return self.domain.xc.logdirty_collect()
 
+    def collect_final(self) -> np.ndarray:
+        """The last collect, with the domain suspended or paused (libxc's final CLEAN, with
+        XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL: frames Xen itself keeps mapped count as dirty)."""
+        return self.domain.xc.logdirty_collect(final=True)
+
     def stop(self) -> None:
         try:
             self.domain.xc.logdirty_disable()
