@@ -351,3 +351,40 @@ def test_xen_stop_and_copy_sends_the_last_rounds_dirty_set():
     good = np.setdiff1d(np.arange(3000), [2500])
     stale = good[io.sent_digest[good] != page_digests(dom.ram[good])]
     assert len(stale) == 0, f"pages whose last send is older than the RAM: {stale[:10]}"
+
+
+class _Reader:
+    """A paused domain's RAM for _compare_paused; ``misread`` pfns read another frame's
+    data the first time only (the nested host's foreign-map misreads)."""
+
+    def __init__(self, ram, misread=()):
+        self.ram, self.misread = ram, set(misread)
+
+    def read_pages(self, pfns, out):
+        out[:len(pfns)] = self.ram[pfns]
+        for k, p in enumerate(pfns):
+            if int(p) in self.misread:
+                self.misread.discard(int(p))
+                out[k] = self.ram[(int(p) + 1) % len(self.ram)]
+        return np.zeros(len(pfns), dtype=np.int32)
+
+
+def test_xen_page_comparison_rereads_but_keeps_real_differences():
+    """A first read a second read contradicts is a misread (counted, not a failure); a page
+    the source changed after its last send stays a failure, its bytes shown; a destination
+    page unlike what was sent stays a mismatch."""
+    from vmem.xen.migrate import _compare_paused, page_digests
+
+    ram = np.random.default_rng(5).integers(0, 256, (3000, 4096), dtype=np.uint8)
+    pfns = np.arange(3000)
+    sent = page_digests(ram)
+    v = _compare_paused(_Reader(ram, misread=[5, 1500]), _Reader(ram.copy(), misread=[2047]), pfns, {}, sent)
+    assert v["source_changed_after_send"] == 0 and v["pages_mismatched"] == 0, v
+    assert v["foreign_misreads"] == 3 and {m["pfn"] for m in v["misread_examples"]} == {5, 1500, 2047}
+    src = ram.copy()
+    src[1234, 100:104] ^= 0xFF  # written after its last send, never reported dirty
+    dst = ram.copy()
+    dst[2999, 0] ^= 1  # the destination holds something vmem never sent
+    v = _compare_paused(_Reader(src), _Reader(dst), pfns, {}, sent)
+    assert v["source_changed_pfns"] == [1234] and v["source_changed_bytes"][1234][0][:2] == [100, 4], v
+    assert v["mismatched_pfns"] == [2999] and v["foreign_misreads"] == 0

@@ -224,9 +224,21 @@ def _hvm_state(xc: XcHandle) -> tuple[tuple, dict, bytes]:
     return tsc, params, xc.hvm_context()
 
 
-def _compare_paused(src: XenDomain, dst_domid: int, pfns: np.ndarray, ring_pfns: dict[str, int],
-                    sent_digest: np.ndarray) -> dict:
-    """Page-by-page comparison of source and destination (both paused) over ``pfns``.
+def _byte_ranges(src: np.ndarray, dst: np.ndarray, limit: int = 6) -> list:
+    """The first ``limit`` runs of differing bytes of one page: [offset, length, source hex,
+    destination hex] (at most 16 bytes shown) -- evidence of what wrote the page."""
+    idx = np.flatnonzero(src != dst)
+    if not len(idx):
+        return []
+    starts = idx[np.r_[True, np.diff(idx) > 1]]
+    ends = idx[np.r_[np.diff(idx) > 1, True]] + 1
+    return [[int(a), int(b - a), bytes(src[a:min(b, a + 16)]).hex(), bytes(dst[a:min(b, a + 16)]).hex()]
+            for a, b in zip(starts[:limit], ends[:limit])]
+
+
+def _compare_paused(src, dst, pfns: np.ndarray, ring_pfns: dict[str, int], sent_digest: np.ndarray) -> dict:
+    """Page-by-page comparison of source and destination (both paused) over ``pfns``;
+    ``src`` and ``dst`` read pages (``read_pages(pfns, out) -> errors``).
 
     ``ring_pfns`` (the xenstore and console ring pages, by HVM param name) are compared
     but reported apart: dom0's xenconsoled and xenstored serve the new domain's rings as
@@ -239,23 +251,61 @@ def _compare_paused(src: XenDomain, dst_domid: int, pfns: np.ndarray, ring_pfns:
     send without a dirty bit, i.e. writes log-dirty missed, or dirty pages never sent).
     Either is a failure.  The second caught a real defect: the stop-and-copy sent only the
     final collect and dropped the last precopy round's dirty set (22-131 pages per
-    migration)."""
+    migration).  A page that differs is read again (both domains paused): only a difference
+    that reads the same twice counts; first reads a second read contradicts are counted in
+    ``foreign_misreads``, with examples."""
     a = np.zeros((BATCH_PAGES, PAGE_SIZE), dtype=np.uint8)
     b = np.zeros_like(a)
+    a2, b2 = np.zeros_like(a), np.zeros_like(a)
     mismatched: list[np.ndarray] = []
     source_changed: list[np.ndarray] = []
-    with XcHandle(dst_domid) as dst:
-        for i in range(0, len(pfns), BATCH_PAGES):
-            batch = pfns[i:i + BATCH_PAGES]
-            n = len(batch)
-            ea = src.read_pages(batch, a)
-            eb = dst.read_pages(batch, b)
-            not_sent = (page_digests(b[:n]) != sent_digest[batch]) | (eb != 0)
-            changed = ((a[:n] != b[:n]).any(axis=1) | (ea != eb)) & ~not_sent
-            if not_sent.any():
-                mismatched.append(batch[not_sent])
-            if changed.any():
-                source_changed.append(batch[changed])
+    diffs: dict[int, list] = {}  # the first changed pages: which bytes changed (what wrote them)
+    misreads: list[dict] = []  # pages a second read found equal: the first read was wrong
+    n_misreads = 0
+    prev = {"source": np.zeros(0, dtype=np.uint64), "destination": np.zeros(0, dtype=np.uint64)}
+
+    def judge(rows_a, rows_b, ea, eb, batch):
+        not_sent = (page_digests(rows_b) != sent_digest[batch]) | (eb != 0)
+        changed = ((rows_a != rows_b).any(axis=1) | (ea != eb)) & ~not_sent
+        return not_sent, changed
+
+    for i in range(0, len(pfns), BATCH_PAGES):
+        batch = pfns[i:i + BATCH_PAGES]
+        n = len(batch)
+        ea = src.read_pages(batch, a)
+        eb = dst.read_pages(batch, b)
+        not_sent, changed = judge(a[:n], b[:n], ea, eb, batch)
+        suspect = np.flatnonzero(not_sent | changed)
+        if len(suspect):
+            # Both domains are paused, so a real difference reads the same twice.  Read
+            # the suspects again through fresh maps: on the nested TCG host a foreign
+            # read now and then returns another frame's data (dom0 user processes see
+            # the same corruption), and such a misread must not pass for a lost write.
+            sp = batch[suspect]
+            m = len(sp)
+            ea2 = src.read_pages(sp, a2)
+            eb2 = dst.read_pages(sp, b2)
+            ns2, ch2 = judge(a2[:m], b2[:m], ea2, eb2, sp)
+            fine = ~(ns2 | ch2)
+            n_misreads += int(fine.sum())
+            for j in np.flatnonzero(fine)[:max(0, 8 - len(misreads))]:
+                row = suspect[j]
+                wrong = "source" if (a[row] != a2[j]).any() else "destination"
+                got = page_digests((a if wrong == "source" else b)[row:row + 1])[0]
+                seen = {k: np.flatnonzero(v == got).tolist()[:4] for k, v in prev.items()}
+                misreads.append({"pfn": int(sp[j]), "misread": wrong, "row": int(row),
+                                 "data_of_previous_batch_rows": seen})
+            not_sent[:] = False
+            changed[:] = False
+            not_sent[suspect] = ns2
+            changed[suspect] = ch2
+            for j in np.flatnonzero(ch2)[:max(0, 8 - len(diffs))]:
+                diffs[int(sp[j])] = _byte_ranges(a2[j], b2[j])
+        prev = {"source": page_digests(a[:n]), "destination": page_digests(b[:n])}
+        if not_sent.any():
+            mismatched.append(batch[not_sent])
+        if changed.any():
+            source_changed.append(batch[changed])
     rings = np.array(sorted(ring_pfns.values()), dtype=np.int64)
     bad = np.concatenate(mismatched) if mismatched else np.empty(0, dtype=np.int64)
     moved = np.concatenate(source_changed) if source_changed else np.empty(0, dtype=np.int64)
@@ -264,6 +314,7 @@ def _compare_paused(src: XenDomain, dst_domid: int, pfns: np.ndarray, ring_pfns:
     return {"pages_compared": int(len(pfns)), "pages_mismatched": int(len(bad)),
             "mismatched_pfns": [int(x) for x in bad[:32]],
             "source_changed_after_send": int(len(moved)), "source_changed_pfns": [int(x) for x in moved[:32]],
+            "source_changed_bytes": diffs, "foreign_misreads": n_misreads, "misread_examples": misreads,
             "ring_pages_changed_by_dom0": {k: v for k, v in ring_pfns.items() if v in set(ring_bad.tolist())}}
 
 
@@ -421,12 +472,15 @@ def migrate_domain(name: str, policy, *, verify: bool = True, bandwidth_limit_Bp
                 with XcHandle(dst_domid) as dst:  # test-only: the comparison must catch this
                     dst.flip_byte(int(sent_pfns[len(sent_pfns) // 2]), 123)
             rings = {"STORE_PFN": params.get(HvmParam.STORE_PFN, -1), "CONSOLE_PFN": params.get(HvmParam.CONSOLE_PFN, -1)}
-            rep.verification = _compare_paused(dom, dst_domid, sent_pfns, rings, io.sent_digest)
+            with XcHandle(dst_domid) as dst:
+                rep.verification = _compare_paused(dom, dst, sent_pfns, rings, io.sent_digest)
             rep.verify_s = round(time.monotonic() - v_t, 3)
             if rep.verification["source_changed_after_send"]:
                 raise MigrationError("verify", f"{rep.verification['source_changed_after_send']} pages changed in the "
                                                f"paused source after their last send without a dirty bit (first "
-                                               f"{rep.verification['source_changed_pfns'][:8]}): log-dirty missed writes")
+                                               f"{rep.verification['source_changed_pfns'][:8]}; bytes [offset, length, source, "
+                                               f"copy]: {rep.verification['source_changed_bytes']}): writes "
+                                               "log-dirty did not report")
             if rep.verification["pages_mismatched"]:
                 raise MigrationError("verify", f"{rep.verification['pages_mismatched']} pages differ between "
                                                f"what vmem sent and {incoming} (first {rep.verification['mismatched_pfns'][:8]})")
