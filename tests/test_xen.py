@@ -6,7 +6,9 @@ migrate --backend xen`` with the seed's threshold policy and with two-threshold 
 and resumed by Xen's own ``xl restore``), the page comparison made to fire, ``xl migrate``
 of the same guest with its stream captured, and ``vmem inspect`` of that stream.  The
 tests below read the results.  Under xdist the first worker boots; the others wait on a
-lock and read the same results (the run id is shared by all workers).
+lock and read the same results (the run id is shared by all workers).  They are
+``serial``: QEMU's TCG threads take both cores, and timing-sensitive tests must not run
+beside them (the boot then also runs at full speed).
 
 The host-only tests at the end (xl header, inspect of a vmem stream, the stamper's own
 check) need no Xen.
@@ -98,6 +100,7 @@ def _check_migration(results: Path, name: str, policy: str) -> dict:
 
 
 @pytest.mark.xen
+@pytest.mark.serial
 @pytest.mark.timeout(BOOT_TIMEOUT_S + 300)
 def test_xen_host_boots_pvh_guest(xen_results):
     _ok(xen_results, "create")
@@ -105,6 +108,7 @@ def test_xen_host_boots_pvh_guest(xen_results):
 
 
 @pytest.mark.xen
+@pytest.mark.serial
 @pytest.mark.timeout(BOOT_TIMEOUT_S + 300)
 def test_xen_profile_and_graphs(xen_results, tmp_path):
     _ok(xen_results, "profile")
@@ -126,6 +130,7 @@ def test_xen_profile_and_graphs(xen_results, tmp_path):
 
 
 @pytest.mark.xen
+@pytest.mark.serial
 @pytest.mark.timeout(BOOT_TIMEOUT_S + 300)
 def test_xen_migrate_threshold_policy(xen_results, tmp_path):
     rep = _check_migration(xen_results, "threshold", "threshold")
@@ -137,12 +142,14 @@ def test_xen_migrate_threshold_policy(xen_results, tmp_path):
 
 
 @pytest.mark.xen
+@pytest.mark.serial
 @pytest.mark.timeout(BOOT_TIMEOUT_S + 300)
 def test_xen_migrate_two_threshold_policy(xen_results):
     _check_migration(xen_results, "two-threshold", "two-threshold")
 
 
 @pytest.mark.xen
+@pytest.mark.serial
 @pytest.mark.timeout(BOOT_TIMEOUT_S + 300)
 def test_xen_page_comparison_fires(xen_results):
     """A destination frame corrupted before the comparison: the migration fails, the
@@ -153,6 +160,7 @@ def test_xen_page_comparison_fires(xen_results):
 
 
 @pytest.mark.xen
+@pytest.mark.serial
 @pytest.mark.timeout(BOOT_TIMEOUT_S + 300)
 def test_xen_inspect_xl_migrate_stream(xen_results):
     _ok(xen_results, "xl-migrate")

@@ -60,6 +60,13 @@ void *xc__hypercall_buffer_alloc_pages(xc_interface *xch, xc_hypercall_buffer_t 
 void xc__hypercall_buffer_free_pages(xc_interface *xch, xc_hypercall_buffer_t *b, int nr_pages);
 long long xc_logdirty_control(xc_interface *xch, uint32_t domid, unsigned int sop, xc_hypercall_buffer_t *dirty_bitmap,
                               unsigned long pages, unsigned int mode, xc_shadow_op_stats_t *stats);
+typedef struct xc_cpu_policy xc_cpu_policy_t; /* libxenguest, opaque */
+int xc_cpu_policy_get_size(xc_interface *xch, uint32_t *nr_leaves, uint32_t *nr_msrs);
+xc_cpu_policy_t *xc_cpu_policy_init(void);
+void xc_cpu_policy_destroy(xc_cpu_policy_t *policy);
+int xc_cpu_policy_get_domain(xc_interface *xch, uint32_t domid, xc_cpu_policy_t *policy);
+int xc_cpu_policy_serialise(xc_interface *xch, const xc_cpu_policy_t *policy, void *leaves, uint32_t *nr_leaves,
+                            void *msrs, uint32_t *nr_msrs);
 xenforeignmemory_handle *xenforeignmemory_open(void *logger, unsigned open_flags);
 int xenforeignmemory_close(xenforeignmemory_handle *fmem);
 void *xenforeignmemory_map(xenforeignmemory_handle *fmem, uint32_t dom, int prot, size_t pages,
@@ -199,6 +206,24 @@ class XcHandle:
         buf = ffi.new(f"uint8_t[{size}]")
         got = self._check(self._xc.xc_domain_hvm_getcontext(self._xch, self.domid, buf, size), "xc_domain_hvm_getcontext")
         return bytes(ffi.buffer(buf, got))
+
+    def cpu_policy(self) -> tuple[bytes, bytes]:
+        """The domain's CPUID and MSR policy, serialised as libxc's save writes them into
+        X86_CPUID_POLICY (``xen_cpuid_leaf_t``, 24 bytes a leaf) and X86_MSR_POLICY
+        (``xen_msr_entry_t``, 16 bytes an MSR) -- write_x86_cpu_policy_records()."""
+        ffi, xg = self._ffi, self._xg
+        nl, nm = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+        self._check(xg.xc_cpu_policy_get_size(self._xch, nl, nm), "xc_cpu_policy_get_size")
+        leaves, msrs = ffi.new(f"uint8_t[{nl[0] * 24 + 24}]"), ffi.new(f"uint8_t[{nm[0] * 16 + 16}]")
+        policy = xg.xc_cpu_policy_init()
+        if policy == ffi.NULL:
+            raise OSError(errno.ENOMEM, "xc_cpu_policy_init")
+        try:
+            self._check(xg.xc_cpu_policy_get_domain(self._xch, self.domid, policy), "xc_cpu_policy_get_domain")
+            self._check(xg.xc_cpu_policy_serialise(self._xch, policy, leaves, nl, msrs, nm), "xc_cpu_policy_serialise")
+        finally:
+            xg.xc_cpu_policy_destroy(policy)
+        return bytes(ffi.buffer(leaves, nl[0] * 24)), bytes(ffi.buffer(msrs, nm[0] * 16))
 
     def hvm_param(self, index: int) -> int:
         out = self._ffi.new("uint64_t *")

@@ -18,10 +18,9 @@ written; any failure or ABORT turns log-dirty off, unpauses the source if we pau
 kills ``xl restore`` and destroys ``NAME--incoming`` if it exists.  ``xl restore`` runs in
 its own session and is always reaped.
 
-Not carried (documented in docs/xen.md): CPUID/MSR policy records (libxl applies its
-default policy to a stream without them, as for a pre-4.14 stream); auto-converge
-throttling (Xen has no vCPU throttle; a policy's throttle request is recorded but has no
-effect); PV domains.
+The stream carries the domain's CPUID/MSR policy (X86_CPUID_POLICY, X86_MSR_POLICY) as
+libxc's does.  Not carried (docs/xen.md): auto-converge throttling (Xen has no vCPU
+throttle; a policy's throttle request is recorded but has no effect); PV domains.
 """
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ import numpy as np
 
 from vmem.errors import MigrationError, PolicyError
 from vmem.format.stream import StreamWriter
-from vmem.format.wire import IHDR_VERSION_3, HvmParam, PageType
+from vmem.format.wire import IHDR_VERSION_3, HvmParam, LibxcRecordType, PageType
 from vmem.format.xl import xl_header
 from vmem.migration.pagemap import PagemapRecorder
 from vmem.migration.policy import Decision
@@ -394,6 +393,14 @@ def migrate_domain(name: str, policy, *, verify: bool = True, bandwidth_limit_Bp
         sink([xl_header(config)])
         writer = StreamWriter(sink)
         writer.begin(IHDR_VERSION_3)
+        # libxc's static data: the CPUID and MSR policy.  Without them libxl gives the new
+        # domain its default policy, and on this host a later save of that domain crashed
+        # it (Xen: "svm_get_reg(d2v0, 0x00000d90) Bad register", MSR_IA32_BNDCFGS).
+        cpuid, msrs = dom.xc.cpu_policy()
+        if cpuid:
+            writer.write_record(LibxcRecordType.X86_CPUID_POLICY, [cpuid])
+        if msrs:
+            writer.write_record(LibxcRecordType.X86_MSR_POLICY, [msrs])
         # Round 0's pfns: one type scan (libxc asks per batch instead).  Later rounds send
         # what log-dirty reports, whatever the scan said: a frame populated after it shows
         # up dirty when written, one removed travels as XTAB (send_pages).
