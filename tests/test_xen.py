@@ -394,5 +394,6 @@ def test_xen_page_comparison_rereads_but_keeps_real_differences():
     dst = ram.copy()
     dst[2999, 0] ^= 1  # the destination holds something vmem never sent
     v = _compare_paused(_Reader(src), _Reader(dst), pfns, {}, sent)
-    assert v["source_changed_pfns"] == [1234] and v["source_changed_bytes"][1234][0][:2] == [100, 4], v
+    assert v["source_changed_pfns"] == [1234] and v["differing_bytes"][1234][0][:2] == [100, 4], v
     assert v["mismatched_pfns"] == [2999] and v["foreign_misreads"] == 0
+    assert v["differing_bytes"][2999] == [[0, 1, ram[2999, :1].tobytes().hex(), dst[2999, :1].tobytes().hex()]]

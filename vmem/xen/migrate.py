@@ -298,8 +298,8 @@ def _compare_paused(src, dst, pfns: np.ndarray, ring_pfns: dict[str, int], sent_
             changed[:] = False
             not_sent[suspect] = ns2
             changed[suspect] = ch2
-            for j in np.flatnonzero(ch2)[:max(0, 8 - len(diffs))]:
-                diffs[int(sp[j])] = _byte_ranges(a2[j], b2[j])
+            for j in np.flatnonzero(ch2 | ns2)[:max(0, 8 - len(diffs))]:
+                diffs[int(sp[j])] = _byte_ranges(a2[j], b2[j])  # for a mismatch: the source's bytes vs the copy's
         prev = {"source": page_digests(a[:n]), "destination": page_digests(b[:n])}
         if not_sent.any():
             mismatched.append(batch[not_sent])
@@ -313,7 +313,7 @@ def _compare_paused(src, dst, pfns: np.ndarray, ring_pfns: dict[str, int], sent_
     return {"pages_compared": int(len(pfns)), "pages_mismatched": int(len(bad)),
             "mismatched_pfns": [int(x) for x in bad[:32]],
             "source_changed_after_send": int(len(moved)), "source_changed_pfns": [int(x) for x in moved[:32]],
-            "source_changed_bytes": diffs, "foreign_misreads": n_misreads, "misread_examples": misreads,
+            "differing_bytes": diffs, "foreign_misreads": n_misreads, "misread_examples": misreads,
             "ring_pages_changed_by_dom0": {k: v for k, v in ring_pfns.items() if v in set(ring_bad.tolist())}}
 
 
@@ -486,11 +486,13 @@ def migrate_domain(name: str, policy, *, verify: bool = True, bandwidth_limit_Bp
                 raise MigrationError("verify", f"{rep.verification['source_changed_after_send']} pages changed in the "
                                                f"paused source after their last send without a dirty bit (first "
                                                f"{rep.verification['source_changed_pfns'][:8]}; bytes [offset, length, source, "
-                                               f"copy]: {rep.verification['source_changed_bytes']}): writes "
+                                               f"copy]: {rep.verification['differing_bytes']}): writes "
                                                "log-dirty did not report")
             if rep.verification["pages_mismatched"]:
                 raise MigrationError("verify", f"{rep.verification['pages_mismatched']} pages differ between "
-                                               f"what vmem sent and {incoming} (first {rep.verification['mismatched_pfns'][:8]})")
+                                               f"what vmem sent and {incoming} (first {rep.verification['mismatched_pfns'][:8]}; "
+                                               f"bytes [offset, length, source, copy]: "
+                                               f"{rep.verification['differing_bytes']})")
             rep.verified = True
         rep.phase = "commit"
         tracker.stop()
