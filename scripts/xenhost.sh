@@ -13,6 +13,7 @@
 # is killed on every way out of this script (normal exit, error, Ctrl-C, TERM).
 #
 # Environment: XENHOST_DIR (cache, default .cache/xenhost), XENHOST_TIMEOUT_S, XENHOST_LOG, XENHOST_XEN_EXTRA_ARGS,
+# XENHOST_ACCEL (QEMU -accel, default tcg; tcg,thread=single turns multi-threaded TCG off),
 # (console log of the boot, default .cache/xenhost/last-console.log), XENHOST_MIRROR.
 #
 # Traps this encodes (see docs/xen.md): `smap=0 smep=0` on Xen's command line (without them dom0
@@ -146,7 +147,7 @@ run() {
   local console=${XENHOST_LOG:-$W/last-console.log}
   : > "$console"
   local t0; t0=$(date +%s)
-  setsid qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 2 -display none -no-reboot -monitor none \
+  setsid qemu-system-x86_64 -accel "${XENHOST_ACCEL:-tcg}" -cpu max -m 2048 -smp 2 -display none -no-reboot -monitor none \
     -serial "file:$console" -kernel "$W/img/xen" -append "$XEN_ARGS" \
     -initrd "$W/img/vmlinuz $DOM0_ARGS,$W/img/initrd-dom0.cpio.zst" \
     -virtfs "local,path=$ROOT,mount_tag=vmem,security_model=none,id=vmem" \
