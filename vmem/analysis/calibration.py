@@ -409,7 +409,7 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
     """
     from vmem import provenance
     from vmem.migration.backend import GuestSpec, boot_guest
-    from vmem.migration.local import run_local_migration
+    from vmem.migration.local import LocalDestination, run_local_migration
     from vmem.migration.policy import XenDefaultPolicy
     from vmem.migration.source import MigrationOptions
 
@@ -427,9 +427,11 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
         opts = MigrationOptions(tracker=tracker, policy=XenDefaultPolicy(), observe_s=observe_s, bandwidth_Bps=bw,
                                 postcopy=POSTCOPY_OPTION[mode])
         probe = host_probe_s()  # how busy the host is just before this run
-        with boot_guest(GuestSpec(CAL_WORKLOAD, dict(CAL_PARAMS), CAL_SEED), size) as guest:
+        # As `vmem migrate` and the validation: the destination starts before the guest boots.
+        with (LocalDestination.start(opts) as destination,
+              boot_guest(GuestSpec(CAL_WORKLOAD, dict(CAL_PARAMS), CAL_SEED), size) as guest):
             time.sleep(warmup_s)
-            report = run_local_migration(guest, opts)
+            report = run_local_migration(guest, opts, destination=destination)
         try:
             runs.append(sample_from_report(report, bw) | {"probe_s": probe})
         except ConfigError as err:

@@ -188,6 +188,8 @@ class SourceMigration:
         #: why the destination cannot do post-copy (READY), or None
         self._postcopy_unavailable: str | None = None
         self._t_start_ns = 0  # monotonic ns at the start of run()
+        #: the handshake's parts, ms (timings_ms["setup_*"]); filled by _run
+        self._setup_timings: dict = {}
         self.clock = clock
         # The report's time split (migration_time_s, observe_s): the monotonic second the
         # current run()/resume_postcopy() began, and the seconds counted before it.
@@ -434,9 +436,18 @@ class SourceMigration:
             "placed_acks": True,  # PLACED records: see _drain
             "pagemap": self.pagemap is not None,  # the destination sends its fault log back
         } | self.opt.extra_config
+        t_preamble = time.monotonic()
         self.ch.send(control.encode_preamble(config))
         _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.READY})
         ready = control.decode_json(body)
+        t_ready = time.monotonic()
+        # Where the handshake went (setup_time_ms = these + arming the tracker): the
+        # destination's interpreter and imports, its guest's start, the round trip.
+        dest_ms = ready.get("setup_ms") if isinstance(ready.get("setup_ms"), dict) else {}
+        self._setup_timings = {
+            "setup_before_preamble": round((t_preamble - t_start) * 1e3, 3),
+            "setup_preamble_to_ready": round((t_ready - t_preamble) * 1e3, 3),
+        } | {f"setup_{k}": v for k, v in dest_ms.items() if isinstance(v, (int, float))}
         r.guest["destination_pid"] = ready.get("guest_pid")
         self._placed_acks = bool(ready.get("placed_acks"))  # the destination sends PLACED
         if self.opt.postcopy != "off" and not ready.get("postcopy"):
@@ -456,9 +467,11 @@ class SourceMigration:
             return
 
         # 2. Precopy rounds (the loop is vmem.migration.rounds'; _LiveRounds sends and collects).
+        t_arm = time.monotonic()
         self.tracker = make_tracker(g, self.opt.tracker)
         r.tracker = self.tracker.name
         self.tracker.start()
+        self._setup_timings["setup_tracker_arm"] = round((time.monotonic() - t_arm) * 1e3, 3)
         self._set_state(SourceState.SETUP, SourceState.PRECOPY)
         self._mark_setup_done()
         self._rate_mark = (time.monotonic_ns(), g.counters()["steps"])
@@ -530,7 +543,7 @@ class SourceMigration:
         resumed = control.decode_json(body)
         t_resumed = time.monotonic()
         r.downtime_ms = self._since_pause_ms(resumed["first_step_ns"])
-        r.timings_ms = {
+        r.timings_ms = self._setup_timings | {
             "drain_before_pause": drain_ms,
             "pause_latency": round(self.paused.latency_ns / 1e6, 3),
             "final_collect": round((t_collected - t_paused) * 1e3, 3),
@@ -679,7 +692,7 @@ class SourceMigration:
         if self.pagemap is not None:
             self.pagemap.faults(fault_log)
         r.downtime_ms = self._since_pause_ms(resumed["first_step_ns"])
-        r.timings_ms = dict(self._pc_timings) | {
+        r.timings_ms = self._setup_timings | dict(self._pc_timings) | {
             "postcopy_push": round((t1 - t0) * 1e3, 3),
             "pause_to_all_placed": round((t_done - self._t_pause0) * 1e3, 3),
             "destination_restore": resumed.get("restore_ms"),
