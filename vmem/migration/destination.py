@@ -352,8 +352,28 @@ class DestinationMigration:
         except (TransportError, OSError, VmemError):
             pass
 
+    def _read_preamble(self) -> dict | None:
+        """The preamble; None if the source closed the connection before sending a byte of
+        it (a destination started ahead, :class:`vmem.migration.local.LocalDestination`,
+        whose migration never began: nothing to report)."""
+        got = [0]
+
+        def recv_exact(n: int) -> bytes:
+            data = self.ch.recv_exact(n)
+            got[0] += len(data)
+            return data
+
+        try:
+            return control.read_preamble(recv_exact)
+        except (StreamError, TransportError, EOFError):
+            if got[0] == 0:
+                return None
+            raise
+
     def _run(self) -> int:
-        config = control.read_preamble(self.ch.recv_exact)
+        config = self._read_preamble()
+        if config is None:
+            return 0
         t_preamble = time.monotonic()
         try:
             npages = int(config["npages"])
