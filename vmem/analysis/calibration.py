@@ -492,7 +492,7 @@ def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
             vals = [r[q] for r in runs if r.get(q) is not None]
             if not vals:
                 continue
-            scale, unit = (1.0, "") if q == "efficiency" else (1e3, " ms")
+            scale, unit = (1.0, "") if q in ("efficiency", "final_pages") else (1e3, " ms")
             rows.append((q, mode, f"{np.median(vals) * scale:,.3f}{unit} ({min(vals) * scale:,.3f}-{max(vals) * scale:,.3f}), n={len(vals)}"))
     return rows
 

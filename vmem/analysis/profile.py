@@ -358,9 +358,13 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
         # the measured collect and switchover.
         m = PrecopyModel(V, D, float(curve[1][-1]) if n else 0.0, B_eff, P, c_s, o_s)
         cf = closed_form(m, 50, 5, strict=True)
+        # The calibrated switchover's cost per page of the final set (the model's o is its
+        # intercept): the final set is what the model's downtime sends.
+        final_pages = max(0.0, cf.downtime_s - o_s) / m.send_s(1.0)
+        per_page_s = float(extra.get("switchover_per_page_s", 0.0)) * final_pages if calibration is not None else 0.0
         row["model_xen"] = {"ratio_r": round(m.ratio, 4), "rounds": cf.precopy_rounds, "pages_sent": round(cf.pages_sent),
-                            "downtime_ms": round(cf.downtime_s * 1e3, 3), "total_time_s": round(cf.total_time_s, 4),
-                            "converges": cf.converges}
+                            "downtime_ms": round((cf.downtime_s + per_page_s) * 1e3, 3),
+                            "total_time_s": round(cf.total_time_s + per_page_s, 4), "converges": cf.converges}
         rec = _recommend(trace, curve, B, pw, downtime_goal_s, max_downtime_s, collect_s, switchover_s)
         # Check the recommended threshold policy with the simulator.
         tp = IterationsThresholdPolicy(rec["precopy_iterations"], rec["precopy_threshold_pages"])
