@@ -190,8 +190,13 @@ def test_load_factor_scales_the_cpu_bound_costs_only():
     two = cal.draw_params(16384, 50e6, 10, seed=2, load_factor=2.0)
     for a, b in zip(one, two):
         assert b["setup_s"] == pytest.approx(2 * a["setup_s"]) and b["post_s"] == pytest.approx(2 * a["post_s"])
-        assert b["switchover_s"] == pytest.approx(2 * a["switchover_s"])
+        assert b["switchover_s"] == a["switchover_s"]            # hand-offs and wake-ups: not the probe's CPU work
         assert b["bandwidth_efficiency"] == a["bandwidth_efficiency"] and b["pause_s"] == a["pause_s"]
+    # the switchover's cost per page of the final set is CPU work: it scales, its intercept not
+    sw = _calibration(_switchover_runs())
+    one, two = sw.point_params(16384, 50e6), sw.point_params(16384, 50e6, load_factor=2.0)
+    assert two["switchover_per_page_s"] == pytest.approx(2 * one["switchover_per_page_s"]) and one["switchover_per_page_s"] > 0
+    assert two["switchover_s"] == pytest.approx(one["switchover_s"])
     from vmem.analysis.calibration import host_probe_s
 
     assert 0.0 < host_probe_s() < 120.0
