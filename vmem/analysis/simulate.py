@@ -66,8 +66,9 @@ __all__ = [
 ]
 
 #: Handshake to tracking armed (destination process + incoming guest start): 0.3-1.3 s
-#: measured here for 64 MiB-1 GiB guests (up to 2.7 s on a loaded host).  It shifts where
-#: on the trace the migration runs, and total_time_s.
+#: measured here for 64 MiB-1 GiB guests (up to 2.7 s on a loaded host) with the destination
+#: started at the migration's start; 0.1-0.3 s with one started ahead (vmem migrate).  A
+#: calibration replaces it.  It shifts where on the trace the migration runs, and total_time_s.
 DEFAULT_SETUP_S = 0.8
 #: Posting PAUSE to the guest's acknowledgement (it keeps running meanwhile), measured here.
 DEFAULT_PAUSE_S = 0.0005
