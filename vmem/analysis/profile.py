@@ -452,7 +452,7 @@ def validate_prediction(workload: str, params: dict | None, size: int | str, ban
         DirtyTrace, both MigrationReports, :func:`vmem.analysis.simulate.compare_reports` rows, the
         setup time seen by the progress sink (handshake to round 0), and the alignment used.
     """
-    from vmem.migration.local import run_local_migration
+    from vmem.migration.local import LocalDestination, run_local_migration
     from vmem.migration.source import MigrationOptions
 
     from vmem.migration.policy import XenDefaultPolicy
@@ -462,11 +462,13 @@ def validate_prediction(workload: str, params: dict | None, size: int | str, ban
     trace = run_profile(workload, params, size, duration_s=duration_s, interval_s=interval_s, tracker=tracker,
                         seed=seed, warmup_s=warmup_s)
     phases = _PhaseClock()
-    with boot_guest(GuestSpec(workload, dict(params or {}), seed), parse_size(size)) as guest:
+    opts = MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s, bandwidth_Bps=bandwidth_Bps)
+    # As `vmem migrate` and `vmem calibrate`: the destination starts before the guest boots.
+    with (LocalDestination.start(opts) as destination,
+          boot_guest(GuestSpec(workload, dict(params or {}), seed), parse_size(size)) as guest):
         time.sleep(warmup_s)
         phases.t0 = time.monotonic()
-        measured = run_local_migration(guest, MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s,
-                                                               bandwidth_Bps=bandwidth_Bps), phases)
+        measured = run_local_migration(guest, opts, phases, destination=destination)
     predicted, rows = predict(trace, policy, bandwidth_Bps, compare_report=measured.to_dict(), align=align,
                               **(sim_params or {}))
     return {"trace": trace, "measured": measured, "predicted": predicted, "rows": rows, "setup_s": phases.setup_s,
