@@ -29,6 +29,7 @@ one ``np.take`` into a staging buffer.  No per-page Python anywhere.
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -68,6 +69,9 @@ RESUMED_WAIT_S = 0.05
 DRAIN_TARGET_BYTES = 64 << 10
 #: ...but never longer than this (a slow or stuck peer must not stall the switchover).
 DRAIN_TIMEOUT_S = 2.0
+#: After an error that says the guest's process is gone (ESRCH), how long its exit may take
+#: to become visible before the error is reported as it is.
+GUEST_EXIT_WAIT_S = 2.0
 
 
 @dataclass
@@ -349,10 +353,24 @@ class SourceMigration:
                     pass
         return r
 
+    def _guest_gone(self, err: BaseException) -> bool:
+        """Whether the guest is dead.  ESRCH (PAGEMAP_SCAN on a guest whose memory is gone)
+        can come before its exit can be reaped -- seen under load: the report then named the
+        ESRCH instead of the guest's death -- so after one, wait up to GUEST_EXIT_WAIT_S."""
+        if not self.guest.alive():
+            return True
+        if isinstance(err, OSError) and err.errno == errno.ESRCH:
+            deadline = time.monotonic() + GUEST_EXIT_WAIT_S
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+                if not self.guest.alive():
+                    return True
+        return False
+
     def _fail(self, err: BaseException) -> None:
         drop_tracebacks(err)  # see drop_tracebacks: they would pin views of guest RAM
         r = self.report
-        if not isinstance(err, GuestCrashed) and not self.guest.alive():
+        if not isinstance(err, GuestCrashed) and self._guest_gone(err):
             # The guest's death surfaced as some other error (e.g. ESRCH from PAGEMAP_SCAN on
             # its pagemap): name the real cause.
             err = self.guest.crash_error(r.phase)
