@@ -37,16 +37,107 @@ _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spawn_options = threading.local()
 
 
-def set_spawn_options(*, new_session: bool = False, stderr_fd: int | None = None) -> None:
+def set_spawn_options(*, new_session: bool = False, stderr_fd: int | None = None, fork: bool = False) -> None:
     """How guests started by the *calling thread* are spawned from now on.
 
     Args:
         new_session: each guest leads its own session and process group (``setsid``), with
             its stdout on /dev/null (it must not hold its parent's pipes open).
         stderr_fd: the guests' stderr (None: inherited); the caller keeps it open.
+        fork: start process guests (``guests.runtime``) by forking the calling process
+            instead of a new interpreter: the child already holds numpy and the runtime's
+            modules, so it skips the interpreter start and the imports (0.3-0.6 s measured
+            here, more under load; ``scripts/bench_handshake.py``).  Only for a process that
+            exists to host one migration (``python -m vmem.migration.destination`` sets it):
+            the child inherits the caller's memory, so the caller must run no thread that
+            holds a lock the runtime needs.  Ignored with ``new_session`` and for other
+            runtimes (a KVM guest process is always a new interpreter).
     """
     _spawn_options.new_session = new_session
     _spawn_options.stderr_fd = stderr_fd
+    _spawn_options.fork = fork
+
+
+class _ForkedProcess:
+    """A guest process forked from ours (``set_spawn_options(fork=True)``), with the parts of
+    ``subprocess.Popen`` the guest uses: ``pid``, ``returncode`` (negative: killed by that
+    signal), ``poll``, ``wait``, ``send_signal``, ``kill``."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def _reap(self, flags: int) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:  # reaped elsewhere: the status is lost
+                self.returncode = _AdoptedProcess.STATUS_UNKNOWN
+                return self.returncode
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.poll() is not None:
+            return self.returncode
+        if timeout is not None:
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                if not select.select([pidfd], [], [], timeout)[0]:
+                    raise subprocess.TimeoutExpired(f"guest {self.pid}", timeout)
+            finally:
+                os.close(pidfd)
+        return self._reap(0)
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)  # still our unreaped child: the pid cannot be recycled
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _fork_runtime(module: str, argv: list[str], keep_fds: tuple[int, ...]) -> _ForkedProcess:
+    """Fork this process and run ``module.main(argv)`` in the child; the child's exit status
+    is what main returns.
+
+    In the child every descriptor but stdio and ``keep_fds`` is replaced by /dev/null (not
+    closed: a Python object of the parent's that still names the number may close it later,
+    and must not close a file the runtime opened meanwhile), so the guest holds none of the
+    parent's sockets (a source waiting for EOF sees it when the parent dies) or memfds.
+    stdin is /dev/null, as for a spawned guest.
+    """
+    import importlib
+    import traceback
+
+    runtime = importlib.import_module(module)  # before the fork: the child must not import
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid:
+        return _ForkedProcess(pid)
+    code = 1
+    try:  # the child: never returns into the parent's code
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        keep = {0, 1, 2, devnull, *keep_fds}
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) not in keep:
+                try:
+                    os.dup2(devnull, int(name))
+                except OSError:
+                    pass  # the directory's own descriptor, gone already
+        code = runtime.main(argv)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code or 0)
 
 
 class _AdoptedProcess:
@@ -157,16 +248,20 @@ class ProcessGuest:
             env = dict(os.environ)
             env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
             env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            cmd = [
-                sys.executable, "-m", self.runtime_module,
+            args = [
                 "--ctl-fd", str(self.ctl.fd), "--ram-fd", str(ram.fd), "--sock-fd", str(child_sock.fileno()),
                 "--mode", mode, "--workload", spec.workload, "--params", json.dumps(spec.params or {}),
                 "--seed", str(spec.seed),
             ]
-            self.proc = subprocess.Popen(cmd, pass_fds=fds, close_fds=True, env=env, stdin=subprocess.DEVNULL,
-                                         start_new_session=getattr(_spawn_options, "new_session", False),
-                                         stdout=subprocess.DEVNULL if getattr(_spawn_options, "new_session", False) else None,
-                                         stderr=getattr(_spawn_options, "stderr_fd", None))
+            cmd = [sys.executable, "-m", self.runtime_module] + args
+            if (getattr(_spawn_options, "fork", False) and not getattr(_spawn_options, "new_session", False)
+                    and self.runtime_module == "guests.runtime"):
+                self.proc = _fork_runtime(self.runtime_module, args, fds)
+            else:
+                self.proc = subprocess.Popen(cmd, pass_fds=fds, close_fds=True, env=env, stdin=subprocess.DEVNULL,
+                                             start_new_session=getattr(_spawn_options, "new_session", False),
+                                             stdout=subprocess.DEVNULL if getattr(_spawn_options, "new_session", False) else None,
+                                             stderr=getattr(_spawn_options, "stderr_fd", None))
         except BaseException:
             child_sock.close()
             self.close()

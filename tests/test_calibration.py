@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from test_simulate import uniform_trace
+from test_simulate import synthetic, uniform_trace
 from vmem.analysis.calibration import (
     CALIBRATION_FORMAT,
     CALIBRATION_VERSION,
@@ -87,7 +87,9 @@ def test_file_round_trip_and_refusals(tmp_path, monkeypatch):
                        (json.dumps({"format": CALIBRATION_FORMAT, "version": 99, "runs": []}), "version 99"),
                        (json.dumps({"format": CALIBRATION_FORMAT, "version": 1, "runs": []}), "no runs"),
                        (json.dumps({"format": CALIBRATION_FORMAT, "version": 1, "runs": [_run(setup=-1.0)]}), "setup_s"),
-                       (json.dumps({"format": CALIBRATION_FORMAT, "version": 1, "runs": [_run(mode="warp")]}), "mode")):
+                       (json.dumps({"format": CALIBRATION_FORMAT, "version": 1, "runs": [_run(mode="warp")]}), "mode"),
+                       (json.dumps({"format": CALIBRATION_FORMAT, "version": 1, "runs": [_run(final_pages=-3)]}),
+                        "final_pages")):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=what) as exc:
             load_calibration(str(bad))
@@ -188,8 +190,63 @@ def test_load_factor_scales_the_cpu_bound_costs_only():
     two = cal.draw_params(16384, 50e6, 10, seed=2, load_factor=2.0)
     for a, b in zip(one, two):
         assert b["setup_s"] == pytest.approx(2 * a["setup_s"]) and b["post_s"] == pytest.approx(2 * a["post_s"])
-        assert b["switchover_s"] == pytest.approx(2 * a["switchover_s"])
+        assert b["switchover_s"] == a["switchover_s"]            # hand-offs and wake-ups: not the probe's CPU work
         assert b["bandwidth_efficiency"] == a["bandwidth_efficiency"] and b["pause_s"] == a["pause_s"]
+    # the switchover's cost per page of the final set is CPU work: it scales, its intercept not
+    sw = _calibration(_switchover_runs())
+    one, two = sw.point_params(16384, 50e6), sw.point_params(16384, 50e6, load_factor=2.0)
+    assert two["switchover_per_page_s"] == pytest.approx(2 * one["switchover_per_page_s"]) and one["switchover_per_page_s"] > 0
+    assert two["switchover_s"] == pytest.approx(one["switchover_s"])
     from vmem.analysis.calibration import host_probe_s
 
     assert 0.0 < host_probe_s() < 120.0
+
+
+def _switchover_runs(intercept_s=0.001, per_page_s=40e-6):
+    """Pre-copy runs whose switchover grows with the stop-and-copy set, with noise."""
+    rng = np.random.default_rng(5)
+    return [_run(final_pages=n, switch=intercept_s + per_page_s * n + rng.uniform(-0.0003, 0.0003), probe_s=0.2)
+            for n in (0, 20, 60, 120, 200, 250) for _ in range(2)]
+
+
+def test_switchover_is_a_line_over_the_final_set():
+    """Issue 18: an idle guest's downtime was predicted with the calibration guest's whole
+    switchover (up to 6x too long).  The switchover is now the calibrated intercept plus a
+    cost per page of the final set the simulator predicts: an empty final set pays the
+    intercept only."""
+    cal = _calibration(_switchover_runs())
+    pt = cal.point_params(16384, 50e6)
+    assert pt["switchover_s"] == pytest.approx(0.001, abs=0.0004)
+    assert pt["switchover_per_page_s"] == pytest.approx(40e-6, rel=0.1)
+    idle = synthetic([[]] * 40, 16384)
+    r_idle, _ = predict(idle, None, 50e6, calibration=cal)
+    assert r_idle.rounds[-1].pages_sent == 0
+    median_switch_ms = float(np.median([r["switchover_s"] for r in cal.runs])) * 1e3   # ~5 ms: the old prediction
+    assert r_idle.downtime_ms < median_switch_ms / 2
+    # a guest with a final set pays per page on top of the wire time
+    busy = uniform_trace(npages=16384, rate_pps=3000, seconds=4)
+    r_busy, _ = predict(busy, None, 50e6, calibration=cal)
+    final = r_busy.rounds[-1].pages_sent
+    assert final > 10
+    assert r_busy.timings_ms["switchover_overhead"] == pytest.approx((pt["switchover_s"] + pt["switchover_per_page_s"] * final) * 1e3,
+                                                                     rel=1e-3)
+    # an older file without final_pages keeps each run's switchover, no slope
+    old = _calibration([{k: v for k, v in r.items() if k != "final_pages"} for r in _switchover_runs()])
+    assert old.point_params(16384, 50e6)["switchover_per_page_s"] == 0.0
+    assert old.point_params(16384, 50e6)["switchover_s"] > 2 * pt["switchover_s"]  # the whole runs' switchovers
+
+
+def test_copy_efficiency_follows_the_load_probe():
+    """A busier host copies slower: the efficiency is the line over the runs' load probe, so
+    a prediction under a heavier load than the calibration's gets a lower one (and never
+    one outside what the runs saw, widened by 20 %)."""
+    runs = [_run(eff=1.0 - 0.3 * (probe - 0.2) / 0.2, probe_s=probe) for probe in (0.2, 0.25, 0.3, 0.35, 0.4)]
+    cal = _calibration(runs)
+    quiet = cal.point_params(16384, 50e6, load_factor=0.7)["bandwidth_efficiency"]
+    busy = cal.point_params(16384, 50e6, load_factor=1.3)["bandwidth_efficiency"]
+    assert busy < quiet - 0.1
+    assert cal.point_params(16384, 50e6, load_factor=5.0)["bandwidth_efficiency"] >= 0.8 * 0.7 - 1e-9
+    # the same runs without probes: one efficiency whatever the load
+    flat = _calibration([{k: v for k, v in r.items() if k != "probe_s"} for r in runs])
+    assert (flat.point_params(16384, 50e6, load_factor=0.7)["bandwidth_efficiency"]
+            == flat.point_params(16384, 50e6, load_factor=1.3)["bandwidth_efficiency"])

@@ -172,3 +172,104 @@ def test_a_failing_page_write_is_reported_not_lost():
     finally:
         placer.stop()
         os.close(r)
+
+
+def _fds(pid: int) -> list[str]:
+    import os
+
+    out = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            pass
+    return out
+
+
+def test_incoming_guest_is_forked_and_holds_none_of_the_destinations_descriptors(dest):
+    """The destination forks its incoming guest (no second interpreter: the handshake's
+    largest avoidable part).  The child must hold only its own descriptors: no socket of the
+    destination's (a source waiting for EOF would not see it while the guest lives), no
+    memfd but its RAM and control block; and READY says where the handshake's time went."""
+    import os
+
+    ch, proc = dest
+    ch.send(preamble(npages=256, workload="hotcold"))
+    ctype, body = read_control(ch)
+    assert ctype == wire.ControlType.READY
+    ready = control.decode_json(body)
+    gpid = ready["guest_pid"]
+    with open(f"/proc/{gpid}/cmdline", "rb") as f:
+        guest_cmd = f.read()
+    with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+        dest_cmd = f.read()
+    assert guest_cmd == dest_cmd and b"guests.runtime" not in guest_cmd  # forked, not a new interpreter
+    with open(f"/proc/{gpid}/status") as f:
+        assert f"PPid:\t{proc.pid}" in f.read()
+    guest_fds = _fds(gpid)
+    assert sum(1 for x in guest_fds if x.startswith("socket:")) == 1, guest_fds  # its own command socket only
+    dest_sockets = {x for x in _fds(proc.pid) if x.startswith("socket:")}
+    assert len(dest_sockets) >= 2 and not dest_sockets & {x for x in guest_fds if x.startswith("socket:")}
+    # RAM and control block only (the runtime maps each through its own descriptor too)
+    assert {x for x in guest_fds if x.startswith("/memfd:")} == {"/memfd:vmem-ram-incoming (deleted)",
+                                                                 "/memfd:vmem-ctl (deleted)"}, guest_fds
+    ms = ready["setup_ms"]
+    assert ms["destination_imports"] > 0 and ms["guest_start"] > 0 and ms["destination_waited"] >= 0
+    ch.close()
+    proc.wait(30)
+    for _ in range(100):  # the guest dies with its parent (PDEATHSIG)
+        if not os.path.exists(f"/proc/{gpid}"):
+            break
+        import time
+
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{gpid}")
+
+
+def test_exec_guest_start_still_works(monkeypatch):
+    """VMEM_GUEST_START=exec (what scripts/bench_handshake.py compares against): a new
+    interpreter runs guests.runtime, and the migration still verifies."""
+    import time
+
+    from vmem.migration.backend import GuestSpec, boot_guest
+    from vmem.migration.local import run_local_migration
+    from vmem.migration.source import MigrationOptions
+
+    monkeypatch.setenv("VMEM_GUEST_START", "exec")
+    with boot_guest(GuestSpec("hotcold", {"rate": 2000}, 3), 4 << 20) as guest:
+        time.sleep(0.2)
+        r = run_local_migration(guest, MigrationOptions(observe_s=0.1))
+    assert r.outcome == "completed" and r.verified, r.reason
+    assert r.timings_ms["setup_guest_start"] > 0
+
+
+def test_a_destination_started_ahead_serves_one_migration_and_is_reaped():
+    """LocalDestination: started before the guest boots, taken over by run_local_migration;
+    reused or started for other options it is refused (and reaped); one never used exits
+    quietly when closed."""
+    import time
+
+    from vmem.errors import ConfigError
+    from vmem.migration.backend import GuestSpec, boot_guest
+    from vmem.migration.local import LocalDestination, run_local_migration
+    from vmem.migration.source import MigrationOptions
+
+    opts = MigrationOptions(observe_s=0.1)
+    unused = LocalDestination.start(opts)
+    assert unused.close() == 0 and unused.proc.returncode == 0   # EOF before the preamble: nothing to report
+    dest = LocalDestination.start(opts)
+    with boot_guest(GuestSpec("hotcold", {"rate": 2000}, 3), 4 << 20) as guest:
+        time.sleep(0.3)
+        r = run_local_migration(guest, opts, destination=dest)
+    assert r.outcome == "completed" and r.verified, r.reason
+    assert dest.proc.returncode == 0 and r.processes["destination_exit_status"] == 0
+    # it waited for the preamble: its imports ran while the guest booted
+    assert r.timings_ms["setup_destination_waited"] > 0 and r.timings_ms["setup_destination_imports"] > 0
+    with boot_guest(GuestSpec("idle", {}, 3), 1 << 20) as guest:
+        with pytest.raises(ConfigError, match="one migration"):
+            run_local_migration(guest, opts, destination=dest)                     # used already
+        other = LocalDestination.start(opts)
+        with pytest.raises(ConfigError, match="post-copy"):
+            run_local_migration(guest, MigrationOptions(postcopy="pure"), destination=other)  # lacks the urgent link
+        assert other.proc.returncode is not None                                  # refused and reaped
+        assert guest.alive()                                                      # the source guest untouched

@@ -102,9 +102,12 @@ def test_throttle_slows_the_guest_and_can_be_lifted(boot_guest):
     assert g.throttle == pytest.approx(0.9)
     slow, stolen = progress()
     assert stolen > 0 and stolen_free == 0
-    assert slow < 0.5 * free, (slow, free)
     g.set_throttle(0.0)
-    assert progress()[1] == 0
+    free_after, stolen_after = progress()
+    assert stolen_after == 0
+    # The unthrottled rate is the better of the windows around the throttled one: a loaded
+    # machine can starve the guest in one window, not make the throttle look stronger.
+    assert slow < 0.5 * max(free, free_after), (slow, free, free_after)
     with pytest.raises(ValueError):
         g.set_throttle(1.5)
     g.pause()

@@ -173,6 +173,27 @@ def test_source_guest_crash_is_reported():
         assert report.source_guest_state == "crashed"
 
 
+def test_source_guest_crash_is_named_even_if_its_exit_shows_late():
+    """Under load the tracker's ESRCH (the killed guest's memory gone) came before the guest's
+    exit could be reaped, and the report named the ESRCH.  Injected here: the guest still
+    looks alive the first few times it is asked after the kill."""
+    with ProcessGuest.boot(GuestSpec("uniform", {"rate": 0}, 7), 32 << 20) as guest:
+        killer = KillAt(1, lambda: guest.pid)
+        real_alive, lag = guest.alive, [5]
+
+        def late_alive():
+            if killer.done and lag[0] > 0:
+                lag[0] -= 1
+                return True
+            return real_alive()
+
+        guest.alive = late_alive
+        report = run_local_migration(guest, MigrationOptions(observe_s=0), killer)
+        assert report.outcome == "failed"
+        assert "died" in report.reason and "signal 9" in report.reason, report.reason
+        assert lag[0] == 0  # the lag was really in the way
+
+
 def test_cli_json_report(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run(

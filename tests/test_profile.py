@@ -308,7 +308,10 @@ def test_profile_real_hotcold_guest(boot_guest):
 
     rate, size, seed = 5000, 32 << 20, 7
     g = boot_guest("hotcold", size, seed, rate=rate)
-    trace = profile_guest(g, 1.0, 0.1)
+    # The guest's own write count after each collect: under load the guest gets less CPU
+    # than an interval's wall time, so the expected pages follow the writes it made.
+    written = []
+    trace = profile_guest(g, 1.0, 0.1, on_interval=lambda i, t, pages: written.append(g.counters()["pages_written"]))
     assert g.alive()
     npages = size // 4096
     first = 1 + ledger_page_count(npages)
@@ -321,13 +324,23 @@ def test_profile_real_hotcold_guest(boot_guest):
     lengths = trace.interval_lengths_s()
     counts = trace.count_per_interval()
     ledger = first - 1
+
+    def distinct(writes):
+        return H * (1 - math.exp(-0.9 * writes / H)) + C * (1 - math.exp(-0.1 * writes / C))
+
     for n, dt in zip(counts.tolist(), lengths.tolist()):
         writes = rate * dt
-        expected = H * (1 - math.exp(-0.9 * writes / H)) + C * (1 - math.exp(-0.1 * writes / C))
         assert n <= writes * 1.3 + ledger + 64          # 64: one step's batch of pacing slack
         # The same 64-page pacing slack above: a guest descheduled under load catches up
         # its virtual time with a batch in the next interval.
-        assert 0.7 * expected <= n <= 1.3 * expected + ledger + 64, (n, expected, dt)
+        assert n <= 1.3 * distinct(writes) + ledger + 64, (n, distinct(writes), dt)
+    # Lower bound from the writes the guest says it made (intervals 1.., whose counts start
+    # at a known counter value).  The counter is read just after each collect, so a few
+    # writes shift between neighbouring intervals; summed, that shift hardly matters.
+    made = np.diff(np.asarray(written, dtype=np.int64))
+    assert len(made) == len(counts) - 1 and made.sum() > 0
+    expected = sum(distinct(int(w)) for w in made)
+    assert 0.7 * expected <= counts[1:].sum(), (counts.tolist(), made.tolist())
     hot = set((_layout_rng(seed, 0x686F74).permutation(data)[:H] + first).tolist()) | set(range(first))
     frequent = np.flatnonzero(trace.occupancy() >= trace.n_intervals // 2)
     assert len(frequent) > 0 and set(frequent.tolist()) <= hot
@@ -335,7 +348,8 @@ def test_profile_real_hotcold_guest(boot_guest):
 
 def test_run_profile_boots_and_reaps(tmp_path):
     t = run_profile("idle", None, "8M", duration_s=0.3, interval_s=0.05, warmup_s=0.1)
-    assert t.count_per_interval().sum() == 0 and t.n_intervals >= 5
+    # a loaded machine stretches intervals (fewer of them); the loop still runs to the duration
+    assert t.count_per_interval().sum() == 0 and t.n_intervals >= 1 and t.times_s[-1] >= 0.3 - 0.05 / 2
     assert t.data_pages == t.npages == 2048
     p = str(tmp_path / "idle.npz")
     t.save(p)

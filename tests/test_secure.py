@@ -488,3 +488,52 @@ def test_tls_missing_files_are_named(tls_dir):
     with pytest.raises(AuthError, match="nope.pem"):
         server_tls_context(os.path.join(tls_dir, "nope.pem"), os.path.join(tls_dir, "x.key"))
 
+
+
+def test_tls_one_thread_receives_while_another_sends(tls_dir):
+    """Full duplex on one TlsChannel from two threads (a destination receives pages while
+    its placer thread sends PLACED records): OpenSSL forbids concurrent calls on one SSL
+    object, so TlsChannel serialises them; both streams must arrive whole and in order.
+    Without the serialisation this failed at once here (a spurious EOF mid-stream)."""
+    client, server = _tls_pair(tls_dir)
+    with client, server:
+        # timeouts, as the agents set them: Python then runs the socket non-blocking, and
+        # an unserialised SSL_write clears the retry state of a concurrent SSL_read's
+        # EAGAIN, which then reads as an EOF
+        client.settimeout(60)
+        server.settimeout(60)
+        bulk = os.urandom(1 << 20)
+        end = bytes(len(bulk))  # all zeros: the bulk's end
+        small = [i.to_bytes(4, "little") * 4 for i in range(20000)]
+        done = threading.Event()
+
+        def serve_bulk():  # server: one thread receives the bulk...
+            count = 0
+            while True:
+                got = server.recv_exact(len(bulk))
+                if got == end:
+                    return count
+                assert got == bulk, f"bulk message {count} arrived changed"
+                count += 1
+
+        def serve_small():  # ...while another sends the small records
+            for m in small:
+                server.send(m)
+
+        def client_small():
+            try:
+                return [client.recv_exact(16) for _ in small]
+            finally:
+                done.set()
+
+        got_bulk = Worker(serve_bulk)
+        sent_small = Worker(serve_small)
+        got_small = Worker(client_small)
+        sent = 0
+        while not done.is_set() and sent < 4096:  # bounded: at most 4 GiB
+            client.send(bulk)
+            sent += 1
+        client.send(end)
+        assert got_bulk.result() == sent
+        sent_small.result()
+        assert got_small.result() == small

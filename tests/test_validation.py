@@ -57,3 +57,21 @@ def test_the_script_runs_on_a_tiny_configuration(tmp_path):
     assert "**200 MB/s link**" in text and "| uniform | hybrid |" in text and "Command:" in text
     assert "calibration" in text and "load average" in text and "analytical model" in text
     assert cells[0]["model"]["pages_sent"] > 0 and "model_error_pct" in data["summary"]
+
+    # --rescore: the saved run re-rendered with the analytical model's line recomputed from a
+    # new profile; its measured medians and forecasts untouched.  Strip the model and the
+    # summary first, so a rescore that recomputes nothing fails.
+    stripped = data | {"cells": [{k: v for k, v in c.items() if k != "model"} for c in cells], "summary": {}}
+    saved, again, again_md = tmp_path / "saved.json", tmp_path / "r.json", tmp_path / "r.md"
+    saved.write_text(json.dumps(stripped))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "validate_predictions.py"), "--rescore",
+                           str(saved), "--size", "16M", "--profile-s", "1", "--json", str(again), "--markdown",
+                           str(again_md)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    re = json.loads(again.read_text())
+    assert [c["measured"] for c in re["cells"]] == [c["measured"] for c in cells]
+    assert [c["forecast"] for c in re["cells"]] == [c["forecast"] for c in cells]
+    xen = [c for c in re["cells"] if c["policy"] == "xen"]
+    assert xen and all(c["model"]["pages_sent"] > 0 and c["model"]["migration_time_s"] > 0 for c in xen)
+    assert re["summary"]["verified_cells"] == 2 and "model_error_pct" in re["summary"]
+    assert "--rescore" in again_md.read_text() and "analytical model" in again_md.read_text()

@@ -175,27 +175,37 @@ def testhosts():
 # Listens on argv[1] (port 0 = any), prints the port, receives argv[2] bytes on one
 # connection with transport.tcp, then prints "<sha256> <seconds from first to last byte>"
 # (argv[4] == "nohash": a baseline for timing: no hashing, "-" instead of the digest, and
-# the bytes land in one ``total``-byte buffer, touched beforehand).
+# the bytes land in one ``total``-byte buffer, touched beforehand; argv[4] == "fresh": no
+# hashing, each 1 MiB received is ``pwrite`` into a fresh memfd of ``total`` bytes).
 TCP_SINK = r"""
 import hashlib, sys, time
 from transport.tcp import listen_tcp, accept_channel
 host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-hashing = not (len(sys.argv) > 4 and sys.argv[4] == "nohash")
+mode = sys.argv[4] if len(sys.argv) > 4 else "hash"
+hashing = mode == "hash"
+fresh_fd = -1
 ls = listen_tcp(host, port)
 print(ls.getsockname()[1], flush=True)
 ch, _peer = accept_channel(ls, 30)
 buf = bytearray(1 << 20)
 view = memoryview(buf)
 digest = hashlib.sha256()
-if not hashing:
+if mode == "nohash":
     import numpy as np
     dest_arr = np.empty(total, dtype=np.uint8)
     dest_arr[:] = 0  # touched before timing: first touch of fresh memory is erratic in VMs
     dest = memoryview(dest_arr).cast("B")
+elif mode == "fresh":
+    import os
+    # what a migration destination must do: place the bytes into fresh shared memory
+    fresh_fd = os.memfd_create("vmem-baseline")
+    os.ftruncate(fresh_fd, total)
 first = ch.recv_some(len(buf))
 start = time.perf_counter()
 if hashing:
     digest.update(first)
+elif mode == "fresh":
+    os.pwrite(fresh_fd, first, 0)
 else:
     dest[:len(first)] = first
 got = len(first)
@@ -204,6 +214,9 @@ while got < total:
     if hashing:
         ch.recv_into(view[:n])
         digest.update(view[:n])
+    elif mode == "fresh":
+        ch.recv_into(view[:n])
+        os.pwrite(fresh_fd, view[:n], got)
     else:
         ch.recv_into(dest[got:got + n])
     got += n
@@ -219,7 +232,9 @@ TCP_SOURCE = r"""
 import hashlib, sys
 from transport.tcp import connect_tcp
 host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-hashing = not (len(sys.argv) > 4 and sys.argv[4] == "nohash")
+mode = sys.argv[4] if len(sys.argv) > 4 else "hash"
+hashing = mode == "hash"
+fresh_fd = -1
 block = bytes(range(256)) * 4096
 digest = hashlib.sha256()
 if not hashing:  # send a real ``total``-byte buffer (touched first), as a migration sends RAM
@@ -242,14 +257,16 @@ ch.close()
 
 
 def transfer(hosts: NetnsHosts, total_bytes: int, src: int = 1, dst: int = 2,
-             timeout_s: float = 120.0, *, hashing: bool = True) -> tuple[str, str, float]:
+             timeout_s: float = 120.0, *, hashing: bool = True, fresh: bool = False) -> tuple[str, str, float]:
     """Send ``total_bytes`` from host ``src`` to host ``dst`` over TCP (transport.tcp).
 
     Returns ``(sha256 sent, sha256 received, receiver seconds)``; with ``hashing=False``
-    nothing is hashed (both digests are "-"): a plain copy to time against.  Reaps both
-    processes.
+    nothing is hashed (both digests are "-"): a plain copy to time against, into memory
+    touched beforehand, or with ``fresh=True`` received into a 1 MiB buffer and
+    ``pwrite`` into a fresh memfd (the placement a migration's destination does).  Reaps
+    both processes.
     """
-    flag = () if hashing else ("nohash",)
+    flag = () if hashing else (("fresh",) if fresh else ("nohash",))
     sink = hosts.run_python(dst, TCP_SINK, hosts.addr(dst), "0", str(total_bytes), *flag)
     source = None
     try:

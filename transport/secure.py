@@ -63,9 +63,13 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+import select
+import socket
 import ssl
 import stat
 import struct
+import threading
+import time
 from collections.abc import Sequence
 
 from .channel import Channel, SocketChannel, _cut_views
@@ -728,6 +732,76 @@ def tls_server_channel(channel: SocketChannel, context: ssl.SSLContext, *,
                  timeout_s=timeout_s)
 
 
+class _DuplexSSL:
+    """An ``ssl.SSLSocket`` that one thread may read while another writes.
+
+    OpenSSL forbids two threads in calls on one ``SSL`` object at once, and CPython's
+    ``ssl`` module does not serialise them: a destination's receiving thread inside
+    ``SSL_read`` while its placer thread sends a PLACED record with ``SSL_write`` can
+    corrupt the connection (seen as a spurious "stream truncated" under load).  Here the
+    socket is non-blocking underneath; every SSL call runs under one lock and only ever
+    returns at once, and the waiting for the socket (``poll``) happens outside the lock, so a
+    blocked reader never holds up a writer.  The timeout set with :meth:`settimeout` is
+    enforced per call, as a blocking socket's would be (``TimeoutError`` with no errno).
+
+    Only what :class:`TlsChannel` uses is wrapped; anything else (``getpeercert``,
+    ``setsockopt``, ``type``...) is the SSL socket's own.
+    """
+
+    def __init__(self, tls: ssl.SSLSocket):
+        self._tls = tls
+        self._timeout_s = tls.gettimeout()
+        self._lock = threading.Lock()
+        tls.setblocking(False)
+
+    def __getattr__(self, name):
+        return getattr(self._tls, name)
+
+    def _call(self, op, *args):
+        deadline = None if self._timeout_s is None else time.monotonic() + self._timeout_s
+        while True:
+            with self._lock:
+                try:
+                    return op(*args)
+                except ssl.SSLWantReadError:
+                    events = select.POLLIN
+                except ssl.SSLWantWriteError:
+                    events = select.POLLOUT
+            if deadline is None:
+                wait_ms = None
+            else:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise socket.timeout("timed out")
+                wait_ms = max(1, int(left_s * 1000))
+            poller = select.poll()
+            poller.register(self._tls.fileno(), events)
+            # POLLHUP/POLLERR wake us too: the next call then returns EOF or raises
+            poller.poll(wait_ms)
+
+    def recv_into(self, buf, nbytes: int = 0, flags: int = 0) -> int:
+        return self._call(self._tls.recv_into, buf, nbytes, flags)
+
+    def recv(self, nbytes: int) -> bytes:
+        return self._call(self._tls.recv, nbytes)
+
+    def send(self, data) -> int:
+        return self._call(self._tls.send, data)
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._tls.pending()
+
+    def settimeout(self, timeout_s: float | None) -> None:
+        self._timeout_s = timeout_s
+
+    def gettimeout(self) -> float | None:
+        return self._timeout_s
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout_s = None if flag else 0.0
+
+
 class TlsChannel(SocketChannel):
     """A :class:`SocketChannel` over an ``ssl.SSLSocket``.
 
@@ -736,6 +810,7 @@ class TlsChannel(SocketChannel):
     joined up to :data:`TLS_WRITE_BYTES`, large ones sliced) with ``send``, and a receive
     loops over TLS records; fd passing is not supported.  A TLS alert (e.g. a record whose
     MAC fails) raises :class:`AuthError`; the peer closing raises ``ChannelBrokenError``.
+    One thread may receive while another sends (see :class:`_DuplexSSL`).
     """
 
     _recv_flags = 0  # SSLSocket.recv_into refuses flags
@@ -743,7 +818,7 @@ class TlsChannel(SocketChannel):
     def __init__(self, sock: ssl.SSLSocket):
         if not isinstance(sock, ssl.SSLSocket):
             raise TypeError(f"TlsChannel needs an ssl.SSLSocket, got {type(sock).__name__}")
-        super().__init__(sock)
+        super().__init__(_DuplexSSL(sock))
 
     def _translate(self, op, err, expected, got):
         if isinstance(err, (ssl.SSLZeroReturnError, ssl.SSLEOFError)) and not self._closed:

@@ -12,7 +12,8 @@ import os
 
 import psutil
 
-__all__ = ["process_figures", "private_excl_ram_bytes", "PeakSampler", "RAM_MAPPING_PREFIX"]
+__all__ = ["process_figures", "private_excl_ram_bytes", "PeakSampler", "RAM_MAPPING_PREFIX",
+           "process_age_s"]
 
 RAM_MAPPING_PREFIX = "/memfd:vmem-ram"
 
@@ -35,6 +36,26 @@ def private_excl_ram_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return total
+
+
+def process_age_s(pid: int | None = None) -> float | None:
+    """Seconds since process ``pid`` (default: this one) was started by the kernel.
+
+    From ``/proc/PID/stat``'s start time (clock ticks since boot, 10 ms resolution) against
+    CLOCK_BOOTTIME.  A process measures its own interpreter start-up and imports with it.
+    None if the process is gone or /proc is unreadable.
+    """
+    import time
+
+    try:
+        with open(f"/proc/{pid or os.getpid()}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = stat[stat.rindex(b")") + 2:].split()
+    started_s = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 overall
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started_s)
 
 
 def process_figures(pid: int | None = None) -> dict:

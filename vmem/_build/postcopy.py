@@ -730,7 +730,7 @@ static int vmem_gate_enter(struct vmem_place_gate *g)
 static void vmem_gate_leave(struct vmem_place_gate *g, size_t pages)
 {
     vmem_pc_dest *h = g->h;
-    if (!g->urgent && !vmem_pc_piece_slow_us)   /* (a slow piece counted its pages already) */
+    if (!g->urgent)
         __atomic_add_fetch(&h->bg_pages, (int64_t)pages, __ATOMIC_RELEASE);   /* before the gate opens */
     pthread_mutex_unlock(&h->gate);
 }
@@ -772,17 +772,23 @@ static int64_t vmem_pc_place_pieces(vmem_pc_dest *h, const uint8_t *staging, con
             h->st.push_yields++;
             pthread_mutex_unlock(&h->mu);
         }
+        int64_t rc;
         if (vmem_pc_piece_slow_us) {
-            /* test-only: the piece holds the gate slow_us first, as one slow pwrite of all
-               its m pages would (counted as written then) */
+            /* test-only: the whole piece is placed in one hold of the gate that first sleeps
+               slow_us, as one slow pwrite of all its m pages would, and its pages count
+               before the gate opens -- so an answer that waited at any moment of the piece
+               sees all m of them ahead of it */
             pthread_mutex_lock(&h->gate);
             usleep((useconds_t)vmem_pc_piece_slow_us);
+            rc = vmem_place_pages_gated(h->ram_fd, h->uffd, h->base, staging, rows + i, mine + i, m, h->digests,
+                                        h->view, NULL);
             __atomic_add_fetch(&h->bg_pages, (int64_t)m, __ATOMIC_RELEASE);
             pthread_mutex_unlock(&h->gate);
+        } else {
+            struct vmem_place_gate g = { h, 0, 0, 0, 0 };
+            rc = vmem_place_pages_gated(h->ram_fd, h->uffd, h->base, staging, rows + i, mine + i, m, h->digests,
+                                        h->view, &g);
         }
-        struct vmem_place_gate g = { h, 0, 0, 0, 0 };
-        int64_t rc = vmem_place_pages_gated(h->ram_fd, h->uffd, h->base, staging, rows + i, mine + i, m, h->digests,
-                                            h->view, &g);
         if (rc < 0)
             return rc;
     }

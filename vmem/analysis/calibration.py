@@ -18,6 +18,7 @@ What one calibration run yields (:func:`sample_from_report`, all seconds unless 
     efficiency        achieved / nominal rate of the copy path: sum(bytes) / sum(send time) / cap
                       over rounds of >= 1 MiB (post-copy: the push's bytes / push time / cap)
     switchover_s      pre-copy: downtime - the stop-and-copy send (the downtime's fixed part)
+    final_pages       pre-copy: pages the stop-and-copy sent (the switchover's line is over it)
     postcopy_switch_s post-copy: the downtime (pause -> first step at the destination)
     push_hold_s       post-copy: the push held for the destination guest's first step
     fault_wait_s      post-copy: blocktime / faults, what one demand fault stalls the guest
@@ -38,6 +39,15 @@ random, its efficiency, switchover, pause, collect and gap taken as they were, i
 tail and post-copy switch as the least-squares line over guest size (or pages pending) plus
 run ``k``'s residual -- so a forecast's range holds the host's own noise, not only the
 start-time variation of the guest.
+
+Per workload.  The switchover is the line over the stop-and-copy set (``final_pages``):
+an intercept (pausing, the stream's end, restoring and resuming the guest) plus a cost per
+page beyond its wire time (collecting, placing and digesting it); the simulator adds the
+slope times the final set *it* predicts, so an idle guest (an empty final set) pays the
+intercept only, not the calibration guest's switchover.  The copy efficiency is the line
+over the load probe (``probe_s``) within the link's runs, slope <= 0: a busier host copies
+no faster, and a prediction made under a heavier load than the calibration's gets a lower
+efficiency (clipped to the range the runs saw, widened by 20 %).
 
 File layout (JSON)::
 
@@ -91,7 +101,7 @@ MAX_FILE_BYTES = 16 << 20
 MAX_RUNS = 10_000
 #: The quantities a run holds (None where the run's mode has none).
 QUANTITIES = ("setup_s", "pause_s", "collect_s", "efficiency", "switchover_s", "postcopy_switch_s",
-              "push_hold_s", "fault_wait_s", "tail_s", "gap_s")
+              "push_hold_s", "fault_wait_s", "tail_s", "gap_s", "final_pages")
 #: precopy: Xen's policy, stop-and-copy; postcopy: pure post-copy; hybrid: Xen's pre-copy
 #: rounds, then post-copy of the last dirty set (a few pages pending: the switch's fixed part).
 MODES = ("precopy", "postcopy", "hybrid")
@@ -106,9 +116,13 @@ def mode_for(postcopy: str | None) -> str:
 
 #: Simulation parameters that are CPU work of vmem's own processes (spawning and arming the
 #: destination, digesting RAM, restoring the guest): on a busier host they take longer in
-#: proportion, which :meth:`Calibration.load_factor` measures.
-CPU_BOUND = ("setup_s", "post_s", "switchover_s", "postcopy_switch_s", "postcopy_switch_per_page_s",
-             "push_hold_s", "blackout_gap_s")
+#: proportion, which :meth:`Calibration.load_factor` measures.  Not the pre-copy switchover's
+#: intercept (a few ms of hand-offs and wake-ups between three processes): in calibration runs
+#: it did not follow the load probe (5.4 ms at a 0.50 s probe, 1.2 ms at 0.91 s, 4.6 ms at
+#: 1.01 s), and scaling it by a clipped factor of 0.5 halved every small downtime predicted.
+#: Its cost per page of the final set (placing and digesting) is CPU work and scales.
+CPU_BOUND = ("setup_s", "post_s", "switchover_per_page_s", "postcopy_switch_s",
+             "postcopy_switch_per_page_s", "push_hold_s", "blackout_gap_s")
 
 
 def host_probe_s() -> float:
@@ -179,6 +193,8 @@ def sample_from_report(report, link_Bps: float) -> dict:
             s["efficiency"] = sum(b for b, _ in busy) / sum(t for _, t in busy) / link_Bps
         send_s = (_num(tm.get("stop_and_copy_send")) or 0.0) / 1e3
         s["switchover_s"] = max(0.0, downtime_s - send_s)
+        stop = [x for x in rounds if x.get("kind") == "stop-and-copy"]
+        s["final_pages"] = int(stop[-1].get("pages_sent") or 0) if stop else 0
         if migration_s is not None:
             s["tail_s"] = migration_s - s["setup_s"] - s["pause_s"] - transfer_time_s(d)
     else:
@@ -256,17 +272,19 @@ class Calibration:
         return list(self.runs)
 
     @staticmethod
-    def _line(runs: list[dict], q: str, x_key: str) -> tuple[float, float, dict]:
-        """Least-squares ``q = a + b * x`` over the runs that have ``q``; ``(a, b, residual
-        by run id)``; b = 0 with fewer than two distinct x."""
-        pts = [(float(r[x_key]), float(r[q]), id(r)) for r in runs if r.get(q) is not None]
+    def _line(runs: list[dict], q: str, x_key: str, *, sign: int = 1) -> tuple[float, float, dict]:
+        """Least-squares ``q = a + b * x`` over the runs that have ``q`` and ``x``; ``(a, b,
+        residual by run id)``; b = 0 with fewer than two distinct x.  ``sign`` +1: b >= 0 (a
+        cost never shrinks with size: noise must not make it); -1: b <= 0."""
+        pts = [(float(r[x_key]), float(r[q]), id(r)) for r in runs
+               if r.get(q) is not None and isinstance(r.get(x_key), (int, float))]
         if not pts:
             return 0.0, 0.0, {}
         x = np.array([p[0] for p in pts])
         y = np.array([p[1] for p in pts])
         if len(set(x.tolist())) >= 2:
             b, a = np.polyfit(x, y, 1)
-            b = max(float(b), 0.0)  # a cost never shrinks with size: noise must not make it
+            b = max(float(b) * sign, 0.0) * sign
             a = float(np.mean(y - b * x))
         else:
             a, b = float(np.mean(y)), 0.0
@@ -299,6 +317,17 @@ class Calibration:
         # pure (everything pending) and hybrid (a few pages) runs together give the line's
         # intercept and slope over pages pending
         lines["postcopy_switch_s"] = self._line(self.runs, "postcopy_switch_s", "pages_pending")
+        # The switchover over the stop-and-copy set (older files have no final_pages: then
+        # each run's switchover as it was, no slope).
+        pre = [r for r in self.runs if r.get("mode") == "precopy"]
+        switch_line = (self._line(pre, "switchover_s", "final_pages")
+                       if any(isinstance(r.get("final_pages"), (int, float)) for r in pre) else None)
+        # The copy efficiency over the load probe, within this link's runs: the probe a
+        # prediction is made under is the runs' median probe times the load factor.
+        probes = [float(r["probe_s"]) for r in self.runs if isinstance(r.get("probe_s"), (int, float)) and r["probe_s"] > 0]
+        eff_line = self._line(runs, "efficiency", "probe_s", sign=-1) if probes else None
+        effs = [float(r["efficiency"]) for r in runs if r.get("efficiency") is not None]
+        probe_now = float(np.median(probes)) * load_factor if probes else None
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 0xCA1])))
         out = []
         for k in rng.integers(0, len(runs), n):
@@ -315,14 +344,23 @@ class Calibration:
             p["postcopy_switch_per_page_s"] = b
             for q in ("pause_s", "collect_s", "switchover_s", "push_hold_s", "fault_wait_s", "gap_s"):
                 v = r.get(q)
+                if q == "switchover_s" and switch_line is not None:
+                    a, b, res = switch_line
+                    # run r's residual when it is a pre-copy run; else the line alone
+                    v = a + res.get(id(r), 0.0)
                 if v is None:  # a quantity this mode's run lacks: the median of the runs that have it
                     vals = [x[q] for x in self.runs if x.get(q) is not None]
                     v = float(np.median(vals)) if vals else 0.0
                 p[q] = max(0.0, float(v))
+            p["switchover_per_page_s"] = switch_line[1] if switch_line is not None else 0.0
             eff = r.get("efficiency")
+            if eff is not None and eff_line is not None and eff_line[1] < 0 and id(r) in eff_line[2]:
+                a, b, res = eff_line
+                # at the load of now, with run r's residual; never outside what the runs saw
+                # (widened by 20 %): the line is fitted on a handful of runs
+                eff = min(max(a + b * probe_now + res[id(r)], 0.8 * min(effs)), 1.2 * max(effs))
             if eff is None:
-                vals = [x["efficiency"] for x in runs if x.get("efficiency") is not None]
-                eff = float(np.median(vals)) if vals else 1.0
+                eff = float(np.median(effs)) if effs else 1.0
             p["bandwidth_efficiency"] = min(max(float(eff), 0.05), 1.5)
             p["blackout_gap_s"] = p.pop("gap_s")
             for q in CPU_BOUND:
@@ -409,7 +447,7 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
     """
     from vmem import provenance
     from vmem.migration.backend import GuestSpec, boot_guest
-    from vmem.migration.local import run_local_migration
+    from vmem.migration.local import LocalDestination, run_local_migration
     from vmem.migration.policy import XenDefaultPolicy
     from vmem.migration.source import MigrationOptions
 
@@ -427,9 +465,11 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
         opts = MigrationOptions(tracker=tracker, policy=XenDefaultPolicy(), observe_s=observe_s, bandwidth_Bps=bw,
                                 postcopy=POSTCOPY_OPTION[mode])
         probe = host_probe_s()  # how busy the host is just before this run
-        with boot_guest(GuestSpec(CAL_WORKLOAD, dict(CAL_PARAMS), CAL_SEED), size) as guest:
+        # As `vmem migrate` and the validation: the destination starts before the guest boots.
+        with (LocalDestination.start(opts) as destination,
+              boot_guest(GuestSpec(CAL_WORKLOAD, dict(CAL_PARAMS), CAL_SEED), size) as guest):
             time.sleep(warmup_s)
-            report = run_local_migration(guest, opts)
+            report = run_local_migration(guest, opts, destination=destination)
         try:
             runs.append(sample_from_report(report, bw) | {"probe_s": probe})
         except ConfigError as err:
@@ -456,7 +496,7 @@ def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
             vals = [r[q] for r in runs if r.get(q) is not None]
             if not vals:
                 continue
-            scale, unit = (1.0, "") if q == "efficiency" else (1e3, " ms")
+            scale, unit = (1.0, "") if q in ("efficiency", "final_pages") else (1e3, " ms")
             rows.append((q, mode, f"{np.median(vals) * scale:,.3f}{unit} ({min(vals) * scale:,.3f}-{max(vals) * scale:,.3f}), n={len(vals)}"))
     return rows
 

@@ -362,9 +362,13 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
         # the measured collect and switchover.
         m = PrecopyModel(V, D, float(curve[1][-1]) if n else 0.0, B_eff, P, c_s, o_s)
         cf = closed_form(m, 50, 5, strict=True)
+        # The calibrated switchover's cost per page of the final set (the model's o is its
+        # intercept): the final set is what the model's downtime sends.
+        final_pages = max(0.0, cf.downtime_s - o_s) / m.send_s(1.0)
+        per_page_s = float(extra.get("switchover_per_page_s", 0.0)) * final_pages if calibration is not None else 0.0
         row["model_xen"] = {"ratio_r": round(m.ratio, 4), "rounds": cf.precopy_rounds, "pages_sent": round(cf.pages_sent),
-                            "downtime_ms": round(cf.downtime_s * 1e3, 3), "total_time_s": round(cf.total_time_s, 4),
-                            "converges": cf.converges}
+                            "downtime_ms": round((cf.downtime_s + per_page_s) * 1e3, 3),
+                            "total_time_s": round(cf.total_time_s + per_page_s, 4), "converges": cf.converges}
         rec = _recommend(trace, curve, B, pw, downtime_goal_s, max_downtime_s, collect_s, switchover_s)
         # Check the recommended threshold policy with the simulator.
         tp = IterationsThresholdPolicy(rec["precopy_iterations"], rec["precopy_threshold_pages"])
@@ -452,7 +456,7 @@ def validate_prediction(workload: str, params: dict | None, size: int | str, ban
         DirtyTrace, both MigrationReports, :func:`vmem.analysis.simulate.compare_reports` rows, the
         setup time seen by the progress sink (handshake to round 0), and the alignment used.
     """
-    from vmem.migration.local import run_local_migration
+    from vmem.migration.local import LocalDestination, run_local_migration
     from vmem.migration.source import MigrationOptions
 
     from vmem.migration.policy import XenDefaultPolicy
@@ -462,11 +466,13 @@ def validate_prediction(workload: str, params: dict | None, size: int | str, ban
     trace = run_profile(workload, params, size, duration_s=duration_s, interval_s=interval_s, tracker=tracker,
                         seed=seed, warmup_s=warmup_s)
     phases = _PhaseClock()
-    with boot_guest(GuestSpec(workload, dict(params or {}), seed), parse_size(size)) as guest:
+    opts = MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s, bandwidth_Bps=bandwidth_Bps)
+    # As `vmem migrate` and `vmem calibrate`: the destination starts before the guest boots.
+    with (LocalDestination.start(opts) as destination,
+          boot_guest(GuestSpec(workload, dict(params or {}), seed), parse_size(size)) as guest):
         time.sleep(warmup_s)
         phases.t0 = time.monotonic()
-        measured = run_local_migration(guest, MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s,
-                                                               bandwidth_Bps=bandwidth_Bps), phases)
+        measured = run_local_migration(guest, opts, phases, destination=destination)
     predicted, rows = predict(trace, policy, bandwidth_Bps, compare_report=measured.to_dict(), align=align,
                               **(sim_params or {}))
     return {"trace": trace, "measured": measured, "predicted": predicted, "rows": rows, "setup_s": phases.setup_s,

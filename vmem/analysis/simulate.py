@@ -66,8 +66,9 @@ __all__ = [
 ]
 
 #: Handshake to tracking armed (destination process + incoming guest start): 0.3-1.3 s
-#: measured here for 64 MiB-1 GiB guests (up to 2.7 s on a loaded host).  It shifts where
-#: on the trace the migration runs, and total_time_s.
+#: measured here for 64 MiB-1 GiB guests (up to 2.7 s on a loaded host) with the destination
+#: started at the migration's start; 0.1-0.3 s with one started ahead (vmem migrate).  A
+#: calibration replaces it.  It shifts where on the trace the migration runs, and total_time_s.
 DEFAULT_SETUP_S = 0.8
 #: Posting PAUSE to the guest's acknowledgement (it keeps running meanwhile), measured here.
 DEFAULT_PAUSE_S = 0.0005
@@ -99,6 +100,8 @@ class SimulationParams:
         data_pages: pages round 0 sends; default the trace's ``data_pages``.
         start_s: trace time at which the migration starts.
         setup_s, collect_s, pause_s, switchover_s, post_s: fixed costs (seconds).
+        switchover_per_page_s: the switchover's cost per page of the final set beyond its
+            wire time (calibrated); downtime = send + switchover_s + this x final pages.
         bandwidth_efficiency: the rate the copy path really achieves as a fraction of
             ``bandwidth_Bps`` (calibrated: :mod:`vmem.analysis.calibration`); the policy still
             sees ``bandwidth_Bps`` as the cap.
@@ -127,6 +130,7 @@ class SimulationParams:
     collect_s: float = DEFAULT_COLLECT_S
     pause_s: float = DEFAULT_PAUSE_S
     switchover_s: float = DEFAULT_SWITCHOVER_S
+    switchover_per_page_s: float = 0.0
     post_s: float = DEFAULT_POST_S
     bandwidth_efficiency: float = 1.0
     blackout_gap_s: float = 0.0
@@ -144,7 +148,8 @@ class SimulationParams:
         """Raises ConfigError naming the first bad parameter."""
         if not (isinstance(self.bandwidth_Bps, (int, float)) and math.isfinite(self.bandwidth_Bps) and self.bandwidth_Bps > 0):
             raise ConfigError("--bandwidth", f"must be a finite rate > 0, got {self.bandwidth_Bps!r}")
-        for name in ("start_s", "setup_s", "collect_s", "pause_s", "switchover_s", "post_s", "blackout_gap_s",
+        for name in ("start_s", "setup_s", "collect_s", "pause_s", "switchover_s", "switchover_per_page_s", "post_s",
+                     "blackout_gap_s",
                      "postcopy_switch_s", "postcopy_switch_per_page_s", "push_hold_s", "fault_wait_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
@@ -359,7 +364,10 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     r.rounds.append(RoundStats(index=index + 1, kind="stop-and-copy", pages_sent=final_n, bytes_sent=nbytes,
                                duration_s=round(send_s, 6),
                                bandwidth_bps=round(nbytes * 8 / send_s, 1) if send_s > 0 else 0.0))
-    downtime_s = send_s + p.switchover_s
+    # The switchover's fixed part plus its cost per page of the final set (calibrated: an
+    # idle guest's near-empty set pays the fixed part only).
+    switchover_s = p.switchover_s + p.switchover_per_page_s * final_n
+    downtime_s = send_s + switchover_s
     elapsed += downtime_s
     r.downtime_ms = round(downtime_s * 1e3, 3)
     r.blackout_ms = round(max(downtime_s, p.blackout_gap_s) * 1e3, 3)
@@ -367,7 +375,7 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
         "setup": round(p.setup_s * 1e3, 3),
         "pause_latency": round(p.pause_s * 1e3, 3),
         "stop_and_copy_send": round(send_s * 1e3, 3),
-        "switchover_overhead": round(p.switchover_s * 1e3, 3),
+        "switchover_overhead": round(switchover_s * 1e3, 3),
     }
     r.outcome = "completed"
     r.phase = "predicted"

@@ -97,16 +97,17 @@ def add_model_predictions(cells: list[dict], traces: dict, calibration) -> None:
 
 def _migrate(workload, params, size, bw, policy_key, *, seed, warmup_s, observe_s, tracker):
     from vmem.migration.backend import GuestSpec, boot_guest
-    from vmem.migration.local import run_local_migration
+    from vmem.migration.local import LocalDestination, run_local_migration
     from vmem.migration.policy import make_policy
     from vmem.migration.source import MigrationOptions
 
     name, options, postcopy = POLICIES[policy_key]
     opts = MigrationOptions(tracker=tracker, policy=make_policy(name, **options), observe_s=observe_s,
                             bandwidth_Bps=bw, postcopy=postcopy)
-    with boot_guest(GuestSpec(workload, dict(params), seed), size) as guest:
+    # As `vmem migrate`: the destination starts before the guest boots (vmem.migration.local).
+    with LocalDestination.start(opts) as destination, boot_guest(GuestSpec(workload, dict(params), seed), size) as guest:
         time.sleep(warmup_s)
-        return run_local_migration(guest, opts).to_dict()
+        return run_local_migration(guest, opts, destination=destination).to_dict()
 
 
 def run_validation(calibration, *, workloads=None, policies=None, links_Bps=(50e6, 200e6), size_bytes=128 << 20,

@@ -78,7 +78,7 @@ def cmd_migrate(args) -> int:
 
     from vmem.migration.backend import GuestSpec, boot_guest
     from vmem.cli.display import LiveDisplay, print_summary
-    from vmem.migration.local import run_local_migration
+    from vmem.migration.local import LocalDestination, run_local_migration
     from vmem.ram import format_bytes, mem_available_bytes, parse_size
 
     # Validate everything before starting a single process.
@@ -111,15 +111,19 @@ def cmd_migrate(args) -> int:
     spec = GuestSpec(args.workload, params, args.seed)
     console.print(f"booting a {args.size} guest running [bold]{args.workload}[/bold] {params or ''}…")
     t = time.monotonic()
-    try:
-        guest = boot_guest(spec, size, args.backend)
-    except ValueError as err:
-        raise ConfigError("--size" if "RAM" in str(err) else "--workload", str(err)) from None
-    with guest:
-        console.print(f"guest pid {guest.pid} up in {time.monotonic() - t:.2f} s; warming up {args.warmup:g} s")
-        time.sleep(args.warmup)
-        with LiveDisplay(console, enabled=not args.quiet) as display:
-            report = run_local_migration(guest, options, display, cut_link_after_s=args.cut_link_after)
+    # The destination process starts now: its interpreter and imports overlap the guest's
+    # boot and warm-up instead of sitting in the migration's handshake.
+    with LocalDestination.start(options) as destination:
+        try:
+            guest = boot_guest(spec, size, args.backend)
+        except ValueError as err:
+            raise ConfigError("--size" if "RAM" in str(err) else "--workload", str(err)) from None
+        with guest:
+            console.print(f"guest pid {guest.pid} up in {time.monotonic() - t:.2f} s; warming up {args.warmup:g} s")
+            time.sleep(args.warmup)
+            with LiveDisplay(console, enabled=not args.quiet) as display:
+                report = run_local_migration(guest, options, display, cut_link_after_s=args.cut_link_after,
+                                             destination=destination)
     print_summary(report, Console())
     if args.json:
         report.write(args.json)

@@ -42,7 +42,7 @@ from vmem.migration.postcopy.destination import PostcopyDestination, postcopy_un
 from vmem.migration.state import DESTINATION_TRANSITIONS, DestinationState, StateCell
 from vmem.migration.postcopy import drop_links
 from vmem.format.postcopy import decode_pfn_list
-from vmem.procstats import PeakSampler, process_figures
+from vmem.procstats import PeakSampler, process_age_s, process_figures
 from vmem.ram import format_bytes, mem_available_bytes
 
 __all__ = ["DestinationMigration", "serve"]
@@ -97,6 +97,11 @@ class DestinationMigration:
         self._resumed_counters: dict | None = None
         self._postcopy_resume_counters = None  # (monotonic ns, counters) at the resume
         self._postcopy_done_counters = None  # (monotonic ns, counters) once every page arrived
+        #: (time.monotonic() when this process was started, when its main() began), if it
+        #: was started for this one migration (``python -m vmem.migration.destination``):
+        #: READY then reports how long the interpreter and imports took and how long it then
+        #: waited for the preamble.  None inside a long-lived agent.
+        self.process_started_s: tuple[float, float] | None = None
 
     @property
     def state(self) -> DestinationState:
@@ -347,8 +352,29 @@ class DestinationMigration:
         except (TransportError, OSError, VmemError):
             pass
 
+    def _read_preamble(self) -> dict | None:
+        """The preamble; None if the source closed the connection before sending a byte of
+        it (a destination started ahead, :class:`vmem.migration.local.LocalDestination`,
+        whose migration never began: nothing to report)."""
+        got = [0]
+
+        def recv_exact(n: int) -> bytes:
+            data = self.ch.recv_exact(n)
+            got[0] += len(data)
+            return data
+
+        try:
+            return control.read_preamble(recv_exact)
+        except (StreamError, TransportError, EOFError):
+            if got[0] == 0:
+                return None
+            raise
+
     def _run(self) -> int:
-        config = control.read_preamble(self.ch.recv_exact)
+        config = self._read_preamble()
+        if config is None:
+            return 0
+        t_preamble = time.monotonic()
         try:
             npages = int(config["npages"])
             page_size = int(config["page_size"])
@@ -366,6 +392,7 @@ class DestinationMigration:
         if npages <= 0 or need > mem_available_bytes():
             raise MigrationError("setup", f"cannot host a guest of {format_bytes(need)}: only {format_bytes(mem_available_bytes())} "
                                           "of memory available on this host (free memory, or migrate a smaller guest)")
+        t_guest = time.monotonic()
         try:
             self.guest = factory(spec_json, npages)
         except (KeyError, TypeError, ValueError) as err:
@@ -383,6 +410,15 @@ class DestinationMigration:
         ready = {"guest_pid": self.guest.pid, "placed_acks": bool(config.get("placed_acks"))}
         if config.get("postcopy"):
             ready.update(self._arm_postcopy())
+        # Where the handshake's time went here (the source adds them to timings_ms).
+        ready["setup_ms"] = {
+            "destination_imports": (round((self.process_started_s[1] - self.process_started_s[0]) * 1e3, 3)
+                                    if self.process_started_s is not None else None),
+            "destination_waited": (round((t_preamble - self.process_started_s[1]) * 1e3, 3)
+                                   if self.process_started_s is not None else None),
+            "guest_start": round((time.monotonic() - t_guest) * 1e3, 3),
+            "destination_prepare": round((t_guest - t_preamble) * 1e3, 3),
+        }
         self._send_control(wire.ControlType.READY, ready)
 
         self._state.set(DestinationState.SETUP, DestinationState.RECEIVE)
@@ -581,7 +617,8 @@ class _Placer:
             self._thread.join(10)
 
 
-def serve(channel, urgent_channel=None, resume_listener=None) -> int:
+def serve(channel, urgent_channel=None, resume_listener=None, *,
+          process_started_s: tuple[float, float] | None = None) -> int:
     """Serve one incoming migration on ``channel``; returns the exit status.
 
     ``urgent_channel``: optional second connection on which the source sends post-copy
@@ -589,6 +626,7 @@ def serve(channel, urgent_channel=None, resume_listener=None) -> int:
     socket on which the source reconnects to resume a post-copy whose link broke.
     """
     dm = DestinationMigration(channel, urgent_channel=urgent_channel)
+    dm.process_started_s = process_started_s
     if resume_listener is not None:
         dm.await_reconnect = lambda timeout_s: accept_reconnect(resume_listener, timeout_s, urgent_channel is not None)
     return dm.run()
@@ -613,6 +651,8 @@ def accept_reconnect(listener: socket.socket, timeout_s: float, with_urgent: boo
 
 
 def main(argv=None) -> int:
+    now_s, age_s = time.monotonic(), process_age_s()
+    started_s = (now_s - age_s, now_s) if age_s is not None else None
     p = argparse.ArgumentParser(prog="python -m vmem.migration.destination")
     p.add_argument("--fd", type=int, required=True, help="connected stream socket to the source")
     p.add_argument("--urgent-fd", type=int, default=-1, help="second socket: post-copy demand pages")
@@ -625,11 +665,17 @@ def main(argv=None) -> int:
         nat.set_pdeathsig(signal.SIGKILL)
     except Exception:
         pass
+    # This process exists for one migration: its incoming guest is forked from it, with
+    # numpy and the runtime already imported, instead of a second interpreter that imports
+    # them again (the handshake's largest avoidable part; scripts/bench_handshake.py).
+    from guests.launch import set_spawn_options
+
+    set_spawn_options(fork=os.environ.get("VMEM_GUEST_START", "fork") != "exec")
     ch = SocketChannel(socket.socket(fileno=args.fd))
     urgent = SocketChannel(socket.socket(fileno=args.urgent_fd)) if args.urgent_fd >= 0 else None
     listener = socket.socket(fileno=args.resume_fd) if args.resume_fd >= 0 else None
     try:
-        return serve(ch, urgent, listener)
+        return serve(ch, urgent, listener, process_started_s=started_s)
     finally:
         ch.close()
         if urgent is not None:

@@ -29,6 +29,7 @@ one ``np.take`` into a staging buffer.  No per-page Python anywhere.
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -68,6 +69,9 @@ RESUMED_WAIT_S = 0.05
 DRAIN_TARGET_BYTES = 64 << 10
 #: ...but never longer than this (a slow or stuck peer must not stall the switchover).
 DRAIN_TIMEOUT_S = 2.0
+#: After an error that says the guest's process is gone (ESRCH), how long its exit may take
+#: to become visible before the error is reported as it is.
+GUEST_EXIT_WAIT_S = 2.0
 
 
 @dataclass
@@ -188,6 +192,8 @@ class SourceMigration:
         #: why the destination cannot do post-copy (READY), or None
         self._postcopy_unavailable: str | None = None
         self._t_start_ns = 0  # monotonic ns at the start of run()
+        #: the handshake's parts, ms (timings_ms["setup_*"]); filled by _run
+        self._setup_timings: dict = {}
         self.clock = clock
         # The report's time split (migration_time_s, observe_s): the monotonic second the
         # current run()/resume_postcopy() began, and the seconds counted before it.
@@ -347,10 +353,24 @@ class SourceMigration:
                     pass
         return r
 
+    def _guest_gone(self, err: BaseException) -> bool:
+        """Whether the guest is dead.  ESRCH (PAGEMAP_SCAN on a guest whose memory is gone)
+        can come before its exit can be reaped -- seen under load: the report then named the
+        ESRCH instead of the guest's death -- so after one, wait up to GUEST_EXIT_WAIT_S."""
+        if not self.guest.alive():
+            return True
+        if isinstance(err, OSError) and err.errno == errno.ESRCH:
+            deadline = time.monotonic() + GUEST_EXIT_WAIT_S
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+                if not self.guest.alive():
+                    return True
+        return False
+
     def _fail(self, err: BaseException) -> None:
         drop_tracebacks(err)  # see drop_tracebacks: they would pin views of guest RAM
         r = self.report
-        if not isinstance(err, GuestCrashed) and not self.guest.alive():
+        if not isinstance(err, GuestCrashed) and self._guest_gone(err):
             # The guest's death surfaced as some other error (e.g. ESRCH from PAGEMAP_SCAN on
             # its pagemap): name the real cause.
             err = self.guest.crash_error(r.phase)
@@ -434,9 +454,18 @@ class SourceMigration:
             "placed_acks": True,  # PLACED records: see _drain
             "pagemap": self.pagemap is not None,  # the destination sends its fault log back
         } | self.opt.extra_config
+        t_preamble = time.monotonic()
         self.ch.send(control.encode_preamble(config))
         _, body = self._read_control(self.opt.ack_timeout_s, {wire.ControlType.READY})
         ready = control.decode_json(body)
+        t_ready = time.monotonic()
+        # Where the handshake went (setup_time_ms = these + arming the tracker): the
+        # destination's interpreter and imports, its guest's start, the round trip.
+        dest_ms = ready.get("setup_ms") if isinstance(ready.get("setup_ms"), dict) else {}
+        self._setup_timings = {
+            "setup_before_preamble": round((t_preamble - t_start) * 1e3, 3),
+            "setup_preamble_to_ready": round((t_ready - t_preamble) * 1e3, 3),
+        } | {f"setup_{k}": v for k, v in dest_ms.items() if isinstance(v, (int, float))}
         r.guest["destination_pid"] = ready.get("guest_pid")
         self._placed_acks = bool(ready.get("placed_acks"))  # the destination sends PLACED
         if self.opt.postcopy != "off" and not ready.get("postcopy"):
@@ -456,9 +485,11 @@ class SourceMigration:
             return
 
         # 2. Precopy rounds (the loop is vmem.migration.rounds'; _LiveRounds sends and collects).
+        t_arm = time.monotonic()
         self.tracker = make_tracker(g, self.opt.tracker)
         r.tracker = self.tracker.name
         self.tracker.start()
+        self._setup_timings["setup_tracker_arm"] = round((time.monotonic() - t_arm) * 1e3, 3)
         self._set_state(SourceState.SETUP, SourceState.PRECOPY)
         self._mark_setup_done()
         self._rate_mark = (time.monotonic_ns(), g.counters()["steps"])
@@ -530,7 +561,7 @@ class SourceMigration:
         resumed = control.decode_json(body)
         t_resumed = time.monotonic()
         r.downtime_ms = self._since_pause_ms(resumed["first_step_ns"])
-        r.timings_ms = {
+        r.timings_ms = self._setup_timings | {
             "drain_before_pause": drain_ms,
             "pause_latency": round(self.paused.latency_ns / 1e6, 3),
             "final_collect": round((t_collected - t_paused) * 1e3, 3),
@@ -679,7 +710,7 @@ class SourceMigration:
         if self.pagemap is not None:
             self.pagemap.faults(fault_log)
         r.downtime_ms = self._since_pause_ms(resumed["first_step_ns"])
-        r.timings_ms = dict(self._pc_timings) | {
+        r.timings_ms = self._setup_timings | dict(self._pc_timings) | {
             "postcopy_push": round((t1 - t0) * 1e3, 3),
             "pause_to_all_placed": round((t_done - self._t_pause0) * 1e3, 3),
             "destination_restore": resumed.get("restore_ms"),
