@@ -17,12 +17,12 @@ step profile python3 -m vmem profile --backend xen --domain vm1 --duration ${PRO
   --record-only --out "$R/profile-trace.npz"
 
 # Xen's own live migration first (its guest check then sees an untouched guest); the stream
-# is captured on the share: dom0's root is a RAM filesystem without room for 140 MB
+# is captured on the share: dom0's root is a RAM filesystem without room for 185 MB
 since=$(lines $LOG/guest-vm1--incoming.log)
 step xl-migrate xl migrate -s '' vm1 "tee $R/xl-migrate.stream | xl migrate-receive"
 step guest-check-xl stamp_check $LOG/guest-vm1--incoming.log "$since"
-step inspect python3 -m vmem inspect "$R/xl-migrate.stream" --json "$R/inspect.json"
-rm -f "$R/xl-migrate.stream"
+# the stream stays on the share: tests/test_xen.py inspects it on the host (Python under
+# TCG took ~100 s for it) and deletes it
 
 # vmem migrates with the seed's threshold policy, then with two-threshold; xl restore receives
 since=$(lines $LOG/guest-vm1--incoming.log)
