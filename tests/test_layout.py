@@ -6,7 +6,8 @@ wire) know nothing of ours; ``guests`` use only the memory layer of ``vmem``;
 ``vmem.tracking`` knows no backend; ``vmem.migration`` drives guests through
 ``vmem.migration.backend``; ``vmem.analysis`` uses migration; ``vmem.bench`` (regression
 runs) and ``vmem.testing`` (the pytest plugin) use both; ``vmem.cli`` and
-``vmem.agent`` sit on top.  Every import counts, including those inside functions.
+``vmem.agent`` sit on top, and the agent does not use the CLI.  Every import counts,
+including those inside functions.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ FORBIDDEN = {
     "vmem.analysis": ("vmem.cli", "vmem.agent", "vmem.bench", "vmem.testing"),
     "vmem.bench": ("vmem.cli", "vmem.agent", "vmem.testing"),
     "vmem.testing": ("vmem.cli", "vmem.agent"),
+    # the agent is a daemon: it rebuilds migration options with vmem.migration.flags, never
+    # with the command line's parser (a CLI change must not change what the daemon accepts)
+    "vmem.agent": ("vmem.cli", "vmem.bench", "vmem.testing"),
     "vmem.tracking": ("guests", "vmem.migration"),
 }
 

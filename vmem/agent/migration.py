@@ -265,7 +265,7 @@ def options_from_request(values: dict):
     Raises:
         AgentError(bad-request): unknown key or invalid value (naming the flag).
     """
-    from vmem.cli.args import add_migration_arguments, migration_argument_dests, options_from_args
+    from vmem.migration.flags import add_migration_arguments, migration_argument_dests, options_from_args
 
     if not isinstance(values, dict):
         raise AgentError(ErrorCode.BAD_REQUEST, "migration options must be a JSON object")
@@ -287,7 +287,7 @@ def options_from_request(values: dict):
 
 def _link_request(values: dict) -> tuple[int, str]:
     """``(parallel, compress)`` from a CLI's migration options (checked; AgentError if bad)."""
-    from vmem.cli.args import link_options_from_args
+    from vmem.migration.flags import link_options_from_args
     from transport.compressed import mode_unavailable
 
     ns = argparse.Namespace(parallel=values.get("parallel", 1), compress=values.get("compress", "none"))
