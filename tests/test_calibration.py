@@ -13,8 +13,6 @@ from vmem.analysis.calibration import (
     CALIBRATION_FORMAT,
     CALIBRATION_VERSION,
     Calibration,
-    add_calibrate_arguments,
-    cmd_calibrate,
     load_calibration,
     mode_for,
     run_calibration,
@@ -22,6 +20,7 @@ from vmem.analysis.calibration import (
 )
 from vmem.analysis.forecast import forecast
 from vmem.analysis.simulate import predict, simulate
+from vmem.cli.calibrate import add_calibrate_arguments, cmd_calibrate
 from vmem.errors import ConfigError
 
 
@@ -154,8 +153,8 @@ def test_real_calibration_round_trip(tmp_path, capsys):
 
 
 def test_predict_and_profile_clis_use_a_calibration(tmp_path, capsys):
-    from vmem.analysis.profile import add_profile_arguments, cmd_profile
-    from vmem.analysis.simulate import add_predict_arguments, cmd_predict
+    from vmem.cli.predict import add_predict_arguments, cmd_predict
+    from vmem.cli.profile import add_profile_arguments, cmd_profile
 
     t = uniform_trace(npages=16384, rate_pps=2000, seconds=3)
     tp = str(tmp_path / "t.npz")

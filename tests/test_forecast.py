@@ -10,7 +10,8 @@ import pytest
 
 from test_simulate import synthetic, uniform_trace
 from vmem.analysis.forecast import forecast, inside
-from vmem.analysis.simulate import add_predict_arguments, cmd_predict, simulate
+from vmem.analysis.simulate import simulate
+from vmem.cli.predict import add_predict_arguments, cmd_predict
 from vmem.errors import ConfigError
 from vmem.migration.policy import IterationsThresholdPolicy
 

@@ -12,6 +12,7 @@ from vmem.analysis import compare
 from vmem.cli import compare as compare_cli
 
 from vmem.analysis import graphs
+from vmem.cli import graph as graph_cli
 from vmem.errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -122,9 +123,9 @@ def test_graph_cli_on_saved_reports(tmp_path):
     b.write_text(json.dumps(synthetic_report(outcome="aborted", policy={"name": "budget", "tolerable_downtime_ms": 5})))
     pred.write_text(json.dumps(dict(synthetic_report(throttle=False), predicted=True)))
     parser = argparse.ArgumentParser()
-    graphs.add_graph_arguments(parser)
+    graph_cli.add_graph_arguments(parser)
     out = tmp_path / "out"
-    assert graphs.cmd_graph(parser.parse_args([str(a), str(b), str(pred), "--out", str(out)])) == 0
+    assert graph_cli.cmd_graph(parser.parse_args([str(a), str(b), str(pred), "--out", str(out)])) == 0
     pngs = sorted(out.glob("*.png"))
     names = {p.name for p in pngs}
     assert {"comparison.png", "downtime-limit-convergence.png", "budget-downtime.png"} <= names
@@ -164,12 +165,12 @@ def test_bad_input_gives_clear_errors(tmp_path):
     assert not (tmp_path / "c").exists()
     # vmem graph: a missing file, a non-JSON file, JSON that is no report.
     parser = argparse.ArgumentParser()
-    graphs.add_graph_arguments(parser)
+    graph_cli.add_graph_arguments(parser)
     (tmp_path / "junk.json").write_text("{not json")
     (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
     for name, msg in (("missing.json", "cannot read"), ("junk.json", "not valid JSON"), ("other.json", "not a migration report")):
         with pytest.raises(ConfigError, match=msg):
-            graphs.cmd_graph(parser.parse_args([str(tmp_path / name), "--out", str(tmp_path / "o")]))
+            graph_cli.cmd_graph(parser.parse_args([str(tmp_path / name), "--out", str(tmp_path / "o")]))
     assert list(tmp_path.glob("o/*.png")) == []
 
 
@@ -195,9 +196,9 @@ def test_graphs_from_a_real_migration(tmp_path, boot_guest):
     path = tmp_path / "real.json"
     report.write(str(path))
     parser = argparse.ArgumentParser()
-    graphs.add_graph_arguments(parser)
+    graph_cli.add_graph_arguments(parser)
     out = tmp_path / "out"
-    assert graphs.cmd_graph(parser.parse_args([str(path), "--out", str(out)])) == 0
+    assert graph_cli.cmd_graph(parser.parse_args([str(path), "--out", str(out)])) == 0
     pngs = sorted(out.glob("*.png"))
     assert {p.name for p in pngs} == {"xen-convergence.png", "xen-dirty-rate.png", "xen-downtime.png"}
     for p in pngs:

@@ -4,7 +4,8 @@ protocols the migrator drives.
 Layers, lowest first: ``transport`` (bytes and fds) and ``vmem.format`` (the bytes on the
 wire) know nothing of ours; ``guests`` use only the memory layer of ``vmem``;
 ``vmem.tracking`` knows no backend; ``vmem.migration`` drives guests through
-``vmem.migration.backend``; ``vmem.analysis`` uses migration; ``vmem.bench`` (regression
+``vmem.migration.backend``; ``vmem.analysis`` uses migration and parses no command line
+(each command's arguments are its module in ``vmem.cli``); ``vmem.bench`` (regression
 runs) and ``vmem.testing`` (the pytest plugin) use both; ``vmem.cli`` and
 ``vmem.agent`` sit on top, and the agent does not use the CLI.  Every import counts,
 including those inside functions.
@@ -32,7 +33,8 @@ FORBIDDEN = {
     "vmem.format": ("vmem.migration", "vmem.analysis", "vmem.cli", "vmem.agent", "transport",
                     "guests"),
     "vmem.migration": ("vmem.cli", "vmem.agent", "vmem.analysis", "vmem.bench", "vmem.testing"),
-    "vmem.analysis": ("vmem.cli", "vmem.agent", "vmem.bench", "vmem.testing"),
+    # analysis is a library: each command's argument parsing is its module in vmem.cli
+    "vmem.analysis": ("vmem.cli", "vmem.agent", "vmem.bench", "vmem.testing", "argparse"),
     "vmem.bench": ("vmem.cli", "vmem.agent", "vmem.testing"),
     "vmem.testing": ("vmem.cli", "vmem.agent"),
     # the agent is a daemon: it rebuilds migration options with vmem.migration.flags, never
@@ -98,14 +100,29 @@ def test_dependencies_point_one_way():
     assert layering_violations() == []
 
 
-def test_the_checker_sees_imports_inside_functions(tmp_path):
-    bad = tmp_path / "vmem" / "tracking"
+@pytest.mark.parametrize("package,source,found", [
+    # an import inside a function counts
+    ("tracking", "def f():\n    from guests.control import Command\n",
+     "vmem/tracking/sneaky.py:2: vmem.tracking.sneaky -> guests.control.Command"),
+    # argument parsing belongs to the command's module in vmem.cli, not to analysis
+    ("analysis", "import math\n\ndef add_tool_arguments(p):\n    import argparse\n",
+     "vmem/analysis/sneaky.py:4: vmem.analysis.sneaky -> argparse"),
+])
+def test_the_checker_fires(tmp_path, package, source, found):
+    bad = tmp_path / "vmem" / package
     bad.mkdir(parents=True)
-    (bad / "sneaky.py").write_text("def f():\n    from guests.control import Command\n")
+    (bad / "sneaky.py").write_text(source)
     (tmp_path / "guests").mkdir()
     (tmp_path / "transport").mkdir()
-    assert layering_violations(tmp_path) == [
-        "vmem/tracking/sneaky.py:2: vmem.tracking.sneaky -> guests.control.Command"]
+    assert layering_violations(tmp_path) == [found]
+
+
+def test_every_lazy_command_lives_in_the_cli():
+    """``vmem X``'s arguments and runner are a vmem.cli module (the work may be anywhere)."""
+    from vmem.cli.main import _LAZY_COMMANDS, _LAZY_RUNNERS
+
+    modules = [m for m, *_ in _LAZY_COMMANDS.values()] + [m for m, _ in _LAZY_RUNNERS.values()]
+    assert [m for m in modules if not _within(m, "vmem.cli")] == []
 
 
 def test_allow_list_names_only_live_violations():

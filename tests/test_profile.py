@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from vmem.errors import ConfigError, VmemError
-from vmem.analysis.profile import add_profile_arguments, analyse, cmd_profile, profile_guest, run_profile, wws_curve
+from vmem.analysis.profile import analyse, profile_guest, run_profile, wws_curve
 from vmem.analysis.trace import MAX_TOTAL_PAGES, TRACE_FORMAT_VERSION, DirtyTrace, TraceError
+from vmem.cli.profile import add_profile_arguments, cmd_profile
 
 
 def random_trace(seed=0, n=40, npages=500, max_per=60, interval_s=0.1, hot=None):

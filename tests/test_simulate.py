@@ -27,14 +27,13 @@ from vmem.migration.policy import (
 )
 from vmem.migration.report import MigrationReport
 from vmem.analysis.simulate import (
-    add_predict_arguments,
-    cmd_predict,
     compare_reports,
     predict,
     simulate,
     transfer_time_s,
 )
 from vmem.analysis.trace import DirtyTrace
+from vmem.cli.predict import add_predict_arguments, cmd_predict
 
 PW = 4096 + 8 + 16 / 1024
 

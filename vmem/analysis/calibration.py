@@ -57,6 +57,8 @@ File layout (JSON)::
      "config": {"sizes_bytes", "links_Bps", "repeats", "workload", "params", "seed"},
      "runs": [{"mode": "precopy"|"postcopy"|"hybrid", "guest_pages", "pages_pending", "link_Bps",
                "verified", <the quantities above>}, ...]}
+
+The command line, ``vmem calibrate``, is :mod:`vmem.cli.calibrate`.
 """
 from __future__ import annotations
 
@@ -82,8 +84,7 @@ __all__ = [
     "host_probe_s",
     "CPU_BOUND",
     "run_calibration",
-    "add_calibrate_arguments",
-    "cmd_calibrate",
+    "summary_rows",
 ]
 
 CALIBRATION_FORMAT = "vmem-calibration"
@@ -499,53 +500,3 @@ def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
             scale, unit = (1.0, "") if q in ("efficiency", "final_pages") else (1e3, " ms")
             rows.append((q, mode, f"{np.median(vals) * scale:,.3f}{unit} ({min(vals) * scale:,.3f}-{max(vals) * scale:,.3f}), n={len(vals)}"))
     return rows
-
-
-# --- vmem calibrate ------------------------------------------------------------------------------
-
-def add_calibrate_arguments(p) -> None:
-    """``vmem calibrate``'s arguments."""
-    p.add_argument("--sizes", default="64M,128M", help="guest sizes of the calibration runs (default 64M,128M: two "
-                                                       "sizes give the size-dependent costs' slope)")
-    p.add_argument("--links", default="50M,200M", help="link caps, bytes/s (default 50M,200M; predictions use the "
-                                                       "nearest calibrated rate)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per size x link x mode (default 2)")
-    p.add_argument("--no-postcopy", action="store_true", help="calibrate pre-copy only (no pure post-copy and hybrid runs)")
-    p.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"])
-    p.add_argument("--out", metavar="FILE", help=f"where to store it (default {default_path()})")
-    p.add_argument("--show", action="store_true", help="print the stored calibration and exit")
-
-
-def cmd_calibrate(args) -> int:
-    """``vmem calibrate``: measure, store and print this host's calibration."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from transport import parse_rate
-    from vmem.ram import parse_size
-
-    console = Console()
-    err = Console(stderr=True)
-    if args.show:
-        cal = load_calibration(args.out, required=True)
-    else:
-        sizes = [parse_size(s.strip()) for s in args.sizes.split(",") if s.strip()]
-        links = [parse_rate(s.strip()) for s in args.links.split(",") if s.strip()]
-        t0 = time.monotonic()
-
-        def on_run(i, n, size, bw, mode, rep):
-            err.print(f"[{time.monotonic() - t0:5.0f} s] run {i}/{n}: {size >> 20} MiB, {bw / 1e6:g} MB/s, {mode}: "
-                      f"{rep.outcome}, downtime {rep.downtime_ms} ms, migration {rep.migration_time_s} s")
-
-        cal = run_calibration(sizes, links, args.repeats, postcopy=not args.no_postcopy, tracker=args.tracker,
-                              on_run=on_run)
-        cal.save(args.out)
-    t = Table(title=cal.describe())
-    for c in ("quantity", "mode", "median (min-max), n"):
-        t.add_column(c)
-    for row in summary_rows(cal):
-        t.add_row(*row)
-    console.print(t)
-    if cal.data.get("failed_runs"):
-        err.print(f"{len(cal.data['failed_runs'])} run(s) left out: {cal.data['failed_runs'][0]}")
-    return 0

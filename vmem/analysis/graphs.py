@@ -15,7 +15,8 @@ here touches a display or matplotlib's global backend.
     write_html(path, title, sections)                PNGs + tables in one HTML file
 
 ``vmem graph report.json [more.json ...] --out DIR`` renders all of these from saved
-reports (see docs/graphs.md).
+reports (see docs/graphs.md; :func:`render_documents`); its command line is
+:mod:`vmem.cli.graph`.
 """
 from __future__ import annotations
 
@@ -55,8 +56,7 @@ __all__ = [
     "is_predicted",
     "report_label",
     "load_reports",
-    "add_graph_arguments",
-    "cmd_graph",
+    "render_documents",
 ]
 
 MiB = 1024 * 1024
@@ -1141,37 +1141,21 @@ def _profile_arrays(d: dict) -> dict:
     return found if ok else {}
 
 
-# --- CLI ----------------------------------------------------------------------------------
-def add_graph_arguments(parser) -> None:
-    """Arguments of ``vmem graph``."""
-    parser.add_argument("reports", nargs="+", metavar="REPORT.json",
-                        help="migration reports (vmem migrate --json), vmem compare --json documents, or predictions "
-                             "(reports with \"predicted\": true, overlaid on the measured run's convergence plot)")
-    parser.add_argument("--out", "-o", required=True, metavar="DIR", help="directory for the PNG files and report.html")
-    parser.add_argument("--predicted", action="append", default=[], metavar="FILE",
-                        help="a predicted run to overlay (dashed) on the convergence plots; repeatable")
-    parser.add_argument("--title", help="title of the HTML report")
+# --- a set of documents -> one report -----------------------------------------------------
+def render_documents(docs: Sequence[tuple[str, dict]], out_dir, *, extra_predicted: Sequence[dict] = (),
+                     title: str | None = None) -> tuple[list[str], str]:
+    """Draw :func:`load_reports`'s documents into ``out_dir``: a comparison of the measured runs
+    (when there are several), each run's graphs and page map with the predictions that match it
+    overlaid, predictions alone when nothing was measured, and each profile's working set and
+    dirty trace; then one HTML page of them all (``vmem graph``).
 
-
-def cmd_graph(args) -> int:
-    """``vmem graph``: render PNGs and one HTML report from saved JSON reports.
-
-    Raises:
-        vmem.errors.ConfigError: a file is missing, not JSON, or not a report.
-    """
-    from vmem.errors import ConfigError
-
-    try:
-        docs = load_reports(list(args.reports))
-        extra_pred = [d for _, d in load_reports(list(args.predicted))] if args.predicted else []
-    except ValueError as err:
-        raise ConfigError("REPORT.json", str(err)) from None
-    out = args.out
-    os.makedirs(out, exist_ok=True)
+    ``extra_predicted`` are reports drawn as predictions whether or not they say so.  Returns
+    (the PNG and page-map files written, the HTML page)."""
+    os.makedirs(out_dir, exist_ok=True)
     reports = [(src, d) for src, d in docs if isinstance(d.get("rounds"), list)]
     profiles = [(src, d) for src, d in docs if not isinstance(d.get("rounds"), list)]
     measured = [(src, d) for src, d in reports if not is_predicted(d)]
-    predicted = [d for _, d in reports if is_predicted(d)] + [dict(d, predicted=True) for d in extra_pred]
+    predicted = [d for _, d in reports if is_predicted(d)] + [dict(d, predicted=True) for d in extra_predicted]
 
     def matching(rep):
         if len(measured) <= 1:
@@ -1182,7 +1166,7 @@ def cmd_graph(args) -> int:
     sections: list[dict] = []
     used_names: set[str] = set()
     if len(measured) > 1:
-        comp = plot_comparison([d for _, d in measured], os.path.join(out, "comparison.png"))
+        comp = plot_comparison([d for _, d in measured], os.path.join(out_dir, "comparison.png"))
         written.append(comp)
         sections.append({"heading": "Policies compared", "table": comparison_table([d for _, d in measured]),
                          "images": [(comp, "Total time, guest-visible downtime and data sent per policy; bar colour = outcome.")]})
@@ -1194,11 +1178,11 @@ def cmd_graph(args) -> int:
             name = f"{base}-{k}"
         used_names.add(name)
         preds = matching(rep)
-        sec = render_report(rep, out, name=name, predicted=preds or None)
+        sec = render_report(rep, out_dir, name=name, predicted=preds or None)
         sec["text"] = [f"from {src}"]
         from vmem.analysis.pagemap import render_run
 
-        for extra in render_run(rep, out, name=name, report_path=src):
+        for extra in render_run(rep, out_dir, name=name, report_path=src):
             if extra.endswith(".html"):
                 sec["text"].append(f"step through the page map round by round: {os.path.basename(extra)}")
             else:
@@ -1212,7 +1196,7 @@ def cmd_graph(args) -> int:
         written += [im[0] for im in sec["images"] if im[0] not in written]
     if not measured:
         for i, p in enumerate(predicted):
-            sec = render_report(p, out, name=f"predicted-{i + 1}")
+            sec = render_report(p, out_dir, name=f"predicted-{i + 1}")
             sections.append(sec)
             written += [im[0] for im in sec["images"]]
     for i, (src, d) in enumerate(profiles):
@@ -1220,18 +1204,15 @@ def cmd_graph(args) -> int:
         images = []
         stem = f"profile-{i + 1}" if len(profiles) > 1 else "profile"
         if "windows_s" in arrays:
-            images.append((plot_working_set(arrays["windows_s"], arrays["wws_pages"], os.path.join(out, f"{stem}-working-set.png"),
+            images.append((plot_working_set(arrays["windows_s"], arrays["wws_pages"], os.path.join(out_dir, f"{stem}-working-set.png"),
                                             guest_pages=arrays.get("guest_pages")),
                            "Writable working set: distinct pages written within a window of each length."))
         if "t_s" in arrays:
-            images.append((plot_dirty_trace(arrays["t_s"], arrays["dirty_pages"], os.path.join(out, f"{stem}-dirty-trace.png"),
+            images.append((plot_dirty_trace(arrays["t_s"], arrays["dirty_pages"], os.path.join(out_dir, f"{stem}-dirty-trace.png"),
                                             interval_s=arrays.get("interval_s")),
                            "Pages dirtied per interval while the guest ran under dirty logging."))
         sections.append({"heading": f"Profile ({src})", "images": images})
         written += [im[0] for im in images]
-    title = args.title or ("vmem: " + (", ".join(report_label(d) for _, d in measured) or "migration graphs"))
-    page = write_html(os.path.join(out, "report.html"), title, sections)
-    for p in written:
-        print(p)
-    print(page)
-    return 0
+    title = title or ("vmem: " + (", ".join(report_label(d) for _, d in measured) or "migration graphs"))
+    page = write_html(os.path.join(out_dir, "report.html"), title, sections)
+    return written, page

@@ -1,4 +1,4 @@
-"""``vmem inspect FILE``: take a migration stream apart -- an ``xl save`` file, a stream
+"""Take a migration stream apart (``vmem inspect FILE``) -- an ``xl save`` file, a stream
 ``xl migrate`` wrote, or one of vmem's own -- and show its records, the pages of each
 round and a page map.  Real Xen streams become teaching material.
 
@@ -12,22 +12,23 @@ libxc writes, stated as such in the output.
 The page map (``--pagemap DIR``) is :mod:`vmem.migration.pagemap`'s format, drawn by
 :mod:`vmem.analysis.pagemap`: each round's pages as "sent", the next round's as what the
 guest dirtied meanwhile; times are round numbers (a file carries no clock).
+
+The command line, ``vmem inspect``, is :mod:`vmem.cli.inspect_cmd`.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
 
-from vmem.errors import ConfigError, StreamError
+from vmem.errors import StreamError
 from vmem.format.hvm import parse_hvm_params
 from vmem.format.stream import StreamReader
 from vmem.format.wire import HvmParam, LibxcRecordType, PageType
 from vmem.format.xl import XL_MAGIC, parse_xl_header
 
-__all__ = ["inspect_stream", "print_inspection", "write_pagemap", "add_inspect_arguments", "cmd_inspect"]
+__all__ = ["inspect_stream", "print_inspection", "write_pagemap"]
 
 _PAGE_TYPES_WITHOUT_DATA = (PageType.BROKEN, PageType.XALLOC, PageType.XTAB)
 
@@ -197,25 +198,3 @@ def print_inspection(r: dict, out=None) -> None:
     if r["hvm_params"]:
         w("\nHVM params: " + ", ".join(f"{k}={v:#x}" for k, v in r["hvm_params"].items()) + "\n")
     w(f"\npage data: {r['page_data_bytes']:,} bytes in {sum(x['pages_with_data'] for x in r['rounds']):,} pages\n")
-
-
-def add_inspect_arguments(p) -> None:
-    p.add_argument("file", metavar="FILE", help="an xl save file, a stream xl migrate wrote, or a vmem stream")
-    p.add_argument("--json", metavar="FILE", help="write the inspection as JSON to FILE")
-    p.add_argument("--pagemap", metavar="DIR", help="draw the page map (pagemap.png, pagemap.html, pagemap.npz) into DIR")
-
-
-def cmd_inspect(args) -> int:
-    if not os.path.isfile(args.file):
-        raise ConfigError("FILE", f"{args.file} is not a file")
-    r = inspect_stream(args.file)
-    print_inspection(r)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: v for k, v in r.items() if not k.startswith("_")}, f, indent=2)
-            f.write("\n")
-        print(f"inspection written to {args.json}")
-    if args.pagemap:
-        for path in write_pagemap(r, args.pagemap):
-            print(f"wrote {path}")
-    return 0

@@ -30,17 +30,17 @@ throttle, where the guest's virtual clock stops too).
 
 Everything is numpy on page arrays (``trace.dirty_in``: slices + ``np.unique``); a 1 GiB
 guest with a 10 s trace simulates in milliseconds to tens of milliseconds.
+
+The command line, ``vmem predict``, is :mod:`vmem.cli.predict`.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import dataclass, fields
 
 import numpy as np
 
-from vmem.units import bandwidth_from_arg
 from vmem.errors import ConfigError, PolicyError
 from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, wire_bytes
 from vmem.pages import merge_pages
@@ -60,9 +60,12 @@ __all__ = [
     "predict",
     "compare_reports",
     "alignment_from_report",
+    "policy_from_description",
     "print_prediction",
-    "add_predict_arguments",
-    "cmd_predict",
+    "print_forecast",
+    "wide_console",
+    "THROTTLE_MODELS",
+    "POSTCOPY_SIM_MODES",
 ]
 
 #: Handshake to tracking armed (destination process + incoming guest start): 0.3-1.3 s
@@ -443,20 +446,6 @@ def transfer_time_s(report) -> float:
     return pre + float(d.get("downtime_ms") or 0) / 1e3
 
 
-# --- vmem predict ------------------------------------------------------------------------------
-
-_SIM_FLAGS = (
-    # (flag, dest, type, help)
-    ("--setup", "setup_s", float, f"seconds from the start to tracking armed (default {DEFAULT_SETUP_S:g}, measured here)"),
-    ("--collect-ms", "collect_ms", float, f"per-round collect cost in ms (default {DEFAULT_COLLECT_S * 1e3:g})"),
-    ("--pause-ms", "pause_ms", float, f"pause latency in ms: the guest runs on meanwhile (default {DEFAULT_PAUSE_S * 1e3:g})"),
-    ("--switchover-ms", "switchover_ms", float, f"downtime that is not sending pages, ms (default {DEFAULT_SWITCHOVER_S * 1e3:g})"),
-    ("--start", "start_s", float, "trace time at which the migration starts (default 0)"),
-    ("--data-pages", "data_pages", int, "pages round 0 sends (default: the trace's data pages)"),
-    ("--seed", "sim_seed", int, "seed of the sub-interval rule and throttle subsampling (default 0)"),
-)
-
-
 def policy_from_description(desc: dict):
     """Rebuild a built-in policy from a report's ``policy`` object (``describe()``).
 
@@ -627,7 +616,7 @@ def print_prediction(report: MigrationReport, rows: list[dict] | None = None, me
 
     from vmem.ram import format_bytes
 
-    console = console or _wide_console()
+    console = console or wide_console()
     r = report
     pred = r.guest.get("prediction", {})
     tr = pred.get("trace", {})
@@ -698,146 +687,13 @@ def print_prediction(report: MigrationReport, rows: list[dict] | None = None, me
     console.print(t)
 
 
-def add_predict_arguments(p) -> None:
-    """Add ``vmem predict``'s arguments to an argparse parser (policy flags from vmem.migration.policy)."""
-    from vmem.migration import policy as pol
-
-    p.add_argument("--trace", required=True, metavar="FILE", help="a dirty trace from vmem profile --out")
-    p.add_argument("--bandwidth", metavar="RATE", help="link rate, e.g. 1Gbit, 100M (default: the compared report's cap)")
-    p.add_argument("--policy", choices=list(pol.POLICIES), default=None,
-                   help="precopy policy (default xen, or the compared report's policy)")
-    g = p.add_argument_group("policy options (as for vmem migrate)")
-    if hasattr(pol, "policy_flags"):
-        for opt, names in pol.policy_flags():
-            kw = dict(dest=opt.dest, default=None, help=f"{opt.help} [{', '.join(names)}]")
-            if opt.type is bool:
-                kw["action"] = "store_false" if opt.default else "store_true"
-            else:
-                kw["metavar"] = opt.dest.upper()
-                kw["type"] = str
-                choices = getattr(pol, "OPTION_CHOICES", {}).get(opt.dest)
-                if choices:
-                    kw["choices"] = list(choices)
-            g.add_argument(opt.flag, **kw)
-    else:  # pragma: no cover - older policy module
-        g.add_argument("--precopy-iterations", dest="precopy_iterations", type=int, default=None)
-        g.add_argument("--precopy-threshold", dest="precopy_threshold", type=int, default=None)
-    s = p.add_argument_group("simulation")
-    for flag, dest, typ, help_ in _SIM_FLAGS:
-        s.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
-    s.add_argument("--postcopy", choices=list(POSTCOPY_SIM_MODES), default=None,
-                   help="off (default), after-precopy (hybrid: post-copy where pre-copy would stop-and-copy) or pure")
-    s.add_argument("--calibration", metavar="FILE|none", default=None,
-                   help="the host's calibration (vmem calibrate): its fixed costs and copy rate replace the constant "
-                        "defaults, and --starts ranges include its noise (default: this host's cached calibration if "
-                        "there is one; none: the constants)")
-    s.add_argument("--load-factor", type=float, default=None, metavar="X",
-                   help="how much slower the host is now than when calibrated (default: measured now with a short "
-                        "probe; 1 = as calibrated)")
-    s.add_argument("--rule", choices=list(WINDOW_RULES), default="poisson", help="how a round shorter than an interval counts its pages")
-    s.add_argument("--throttle-model", choices=list(THROTTLE_MODELS), default="dilate", help="how a policy's throttle slows the guest")
-    s.add_argument("--no-loop", action="store_true", help="do not replay the trace from its start when the migration outlasts it")
-    s.add_argument("--align", action="store_true",
-                   help="with --compare-report: take the start and setup time from the measured run's guest clock -- "
-                        "an explanation of the measured run, not a prediction (the default compares the prediction "
-                        "a user could make in advance)")
-    s.add_argument("--no-align", action="store_true", help=argparse.SUPPRESS)  # the old default's opt-out: now the default
-    s.add_argument("--starts", type=int, default=None, metavar="N",
-                   help="also simulate from N start offsets spread over the trace (its phases repeating) and print "
-                        "the median and 10th-90th percentile range of downtime, transfer time and pages sent: the "
-                        "prediction's spread for a phased or bursty guest, and the start that suits it best")
-    o = p.add_argument_group("output")
-    o.add_argument("--compare-report", metavar="FILE", help="a measured report (vmem migrate --json) to compare with")
-    o.add_argument("--json", metavar="FILE", help="write the predicted report (docs/report.md schema) to FILE")
-
-
-def _policy_from_args(args, measured: dict | None):
-    from vmem.migration import policy as pol
-
-    dests = set()
-    if hasattr(pol, "policy_flags"):
-        dests = {opt.dest for opt, _ in pol.policy_flags()}
-    else:  # pragma: no cover
-        dests = {"precopy_iterations", "precopy_threshold"}
-    given = {d: getattr(args, d) for d in dests if getattr(args, d, None) is not None}
-    if args.policy is None and not given and measured and measured.get("policy"):
-        return policy_from_description(measured["policy"])
-    return pol.make_policy(args.policy or "xen", **given)
-
-
-def cmd_predict(args) -> int:
-    """``vmem predict``: simulate a migration from a trace; compare with a measured report."""
-    import json
-
-    from rich.console import Console
-
-
-    measured = None
-    if args.compare_report:
-        try:
-            with open(args.compare_report) as f:
-                measured = json.load(f)
-        except OSError as err:
-            raise ConfigError("--compare-report", f"cannot read {args.compare_report}: {err.strerror}") from None
-        except ValueError as err:
-            raise ConfigError("--compare-report", f"{args.compare_report} is not JSON: {err}") from None
-        if not isinstance(measured, dict) or "rounds" not in measured:
-            raise ConfigError("--compare-report", f"{args.compare_report} is not a vmem migration report")
-    bandwidth = bandwidth_from_arg(args.bandwidth)
-    policy = _policy_from_args(args, measured)
-    params = {"rule": args.rule, "throttle_model": args.throttle_model, "loop": not args.no_loop}
-    if args.postcopy is None and measured and measured.get("mode") in ("hybrid", "postcopy"):
-        args.postcopy = "after-precopy" if measured["mode"] == "hybrid" else "pure"
-    if args.postcopy:
-        params["postcopy"] = args.postcopy
-    calibration = None
-    if (args.calibration or "").lower() != "none":
-        from vmem.analysis.calibration import load_calibration
-
-        calibration = load_calibration(args.calibration, required=args.calibration is not None)
-    load_factor = 1.0
-    if calibration is not None:
-        load_factor = args.load_factor if args.load_factor is not None else calibration.load_factor()
-    for _flag, dest, _t, _h in _SIM_FLAGS:
-        v = getattr(args, dest, None)
-        if v is None:
-            continue
-        if dest.endswith("_ms"):
-            params[dest[:-3] + "_s"] = v / 1e3
-        elif dest == "sim_seed":
-            params["seed"] = v
-        else:
-            params[dest] = v
-    trace = DirtyTrace.load(args.trace)
-    report, rows = predict(trace, policy, bandwidth, compare_report=measured, align=args.align and not args.no_align,
-                           calibration=calibration, load_factor=load_factor, **params)
-    console = _wide_console()
-    console.print(calibration.describe() + f"; host load factor now {load_factor:.2f} (CPU-bound costs scaled by it)"
-                  if calibration is not None else
-                  "[yellow]no calibration of this host (run vmem calibrate): fixed costs are constants, the copy path "
-                  "is taken to run at the full link rate, and ranges hold no host noise[/yellow]")
-    print_prediction(report, rows, measured, console)
-    if args.starts is not None:
-        from vmem.analysis.forecast import forecast, inside
-
-        if bandwidth is None and measured and measured.get("bandwidth_limit_bps"):
-            bandwidth = float(measured["bandwidth_limit_bps"]) / 8
-        fc = forecast(trace, policy, bandwidth, starts=args.starts, calibration=calibration, load_factor=load_factor,
-                      **{k: v for k, v in params.items() if k != "start_s"})
-        print_forecast(fc, measured, console)
-    if args.json:
-        report.write(args.json)
-        Console(stderr=True).print(f"predicted report written to {args.json}")
-    return 0
-
-
 def print_forecast(fc: dict, measured: dict | None = None, console=None) -> None:
     """Render :func:`vmem.analysis.forecast.forecast`'s result (and where a measured run fell)."""
     from rich.table import Table
 
     from vmem.analysis.forecast import inside
 
-    console = console or _wide_console()
+    console = console or wide_console()
     t = Table(title=f"forecast over {len(fc['starts'])} start offsets (median, p10-p90, min-max)")
     for c in ("metric", "median", "p10-p90", "min-max") + (("measured", "in p10-p90") if measured else ()):
         t.add_column(c, justify="left" if c == "metric" else "right")
@@ -860,7 +716,7 @@ def print_forecast(fc: dict, measured: dict | None = None, console=None) -> None
     console.print(fc["advice"])
 
 
-def _wide_console():
+def wide_console():
     """A rich Console; 120 columns when output is not a terminal (tables stay readable in files)."""
     from rich.console import Console
 

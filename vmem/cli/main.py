@@ -208,12 +208,12 @@ def _print_kvm() -> None:
 #: Subcommands whose modules are heavy to import (matplotlib...): their arguments are
 #: only registered when that subcommand is the one being run.
 _LAZY_COMMANDS = {
-    "profile": ("vmem.analysis.profile", "add_profile_arguments", "record a guest's dirty pages over time (working set) without migrating",
+    "profile": ("vmem.cli.profile", "add_profile_arguments", "record a guest's dirty pages over time (working set) without migrating",
                 "Run a guest under dirty logging, record its dirty trace, report its writable working set and "
                 "the expected downtime and total time of each policy; recommend thresholds."),
-    "predict": ("vmem.analysis.simulate", "add_predict_arguments", "predict a migration from a recorded dirty trace (any policy, any bandwidth)",
+    "predict": ("vmem.cli.predict", "add_predict_arguments", "predict a migration from a recorded dirty trace (any policy, any bandwidth)",
                 "Replay a dirty trace through a policy at a bandwidth; with --compare-report, show predicted vs measured."),
-    "calibrate": ("vmem.analysis.calibration", "add_calibrate_arguments",
+    "calibrate": ("vmem.cli.calibrate", "add_calibrate_arguments",
                   "measure this host's migration fixed costs and copy rate for predictions (cached per host)",
                   "Migrate a calibration guest a few times (pre-copy and post-copy, two sizes, two link caps), "
                   "measure what the simulator cannot know -- handshake, switchover, pause, collects, the copy path's "
@@ -222,23 +222,23 @@ _LAZY_COMMANDS = {
     "compare": ("vmem.cli.compare", "add_compare_arguments", "migrate the same workload under several policies and compare them",
                 "Boot the same guest once per policy, migrate it, and compare outcomes, times, downtime and data sent "
                 "(table, PNG graphs, HTML report)."),
-    "graph": ("vmem.analysis.graphs", "add_graph_arguments", "render graphs and an HTML report from saved JSON reports",
+    "graph": ("vmem.cli.graph", "add_graph_arguments", "render graphs and an HTML report from saved JSON reports",
               "Render convergence, dirty-rate and downtime graphs (PNG) and one HTML report from --json reports."),
     "bench": ("vmem.cli.bench", "add_bench_arguments", "regression runs: a scenario matrix, repeated; baselines and verdicts",
               "Run a matrix of migrations (a built-in suite, a TOML file or command-line axes) N times interleaved, "
               "append one JSON line per run, compare with a baseline (noise-aware: medians, thresholds and a rank "
               "test) and exit 1 on a regression.  docs/bench.md."),
-    "inspect": ("vmem.analysis.inspect", "add_inspect_arguments", "show the records, rounds and page map of a migration stream (xl save files too)",
+    "inspect": ("vmem.cli.inspect_cmd", "add_inspect_arguments", "show the records, rounds and page map of a migration stream (xl save files too)",
                 "Read an xl save file, a stream xl migrate wrote, or a vmem stream; show its records, the pages of each "
                 "round and (with --pagemap DIR) a page map."),
     "trend": ("vmem.cli.bench", "add_trend_arguments", "a trend view of stored bench results across commits",
               "One graph per metric and cell from vmem bench results files: medians per commit, in date order; "
               "--asv DIR writes them in asv's results format."),
 }
-_LAZY_RUNNERS = {"profile": ("vmem.analysis.profile", "cmd_profile"), "predict": ("vmem.analysis.simulate", "cmd_predict"),
-                 "calibrate": ("vmem.analysis.calibration", "cmd_calibrate"),
-                 "compare": ("vmem.cli.compare", "cmd_compare"), "graph": ("vmem.analysis.graphs", "cmd_graph"),
-                 "bench": ("vmem.cli.bench", "cmd_bench"), "inspect": ("vmem.analysis.inspect", "cmd_inspect"), "trend": ("vmem.cli.bench", "cmd_trend")}
+_LAZY_RUNNERS = {"profile": ("vmem.cli.profile", "cmd_profile"), "predict": ("vmem.cli.predict", "cmd_predict"),
+                 "calibrate": ("vmem.cli.calibrate", "cmd_calibrate"),
+                 "compare": ("vmem.cli.compare", "cmd_compare"), "graph": ("vmem.cli.graph", "cmd_graph"),
+                 "bench": ("vmem.cli.bench", "cmd_bench"), "inspect": ("vmem.cli.inspect_cmd", "cmd_inspect"), "trend": ("vmem.cli.bench", "cmd_trend")}
 
 
 class _Parser(argparse.ArgumentParser):
