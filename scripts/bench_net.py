@@ -6,7 +6,7 @@ end whatever happens), then copies ``--gib`` GiB (default 1) from host 1 to host
 
 * ``plain``:     transport.tcp SocketChannel, 64 MiB ``send`` calls / ``recv_into`` -- the
                  baseline every other row is compared to;
-* ``mac``:       the same after mutual authentication, through ``MacChannel`` (HMAC-SHA256
+* ``mac``:       the same after mutual authentication, through ``MacChannel`` (AES-256-GMAC
                  tag per 1 MiB frame, verified before use);
 * ``tls``:       through ``TlsChannel`` (certificates made with the ``openssl`` CLI in a
                  temporary directory; skipped if it is missing).

@@ -1,6 +1,6 @@
 """Security for migration between hosts: shared keys, mutual authentication, integrity, TLS.
 
-Four independent pieces, all standard library (``hmac``, ``secrets``, ``ssl``):
+Four independent pieces, standard library (``hmac``, ``secrets``, ``ssl``) and OpenSSL's libcrypto:
 
 * **Key files** -- :func:`generate_key` / :func:`load_key`: 32 random bytes, hex, in a file
   only its owner can read (``load_key`` refuses anything else).
@@ -8,14 +8,16 @@ Four independent pieces, all standard library (``hmac``, ``secrets``, ``ssl``):
   an HMAC-SHA256 challenge-response in which *both* sides prove they hold the key, and which
   yields a fresh 32-byte session key per connection (the key itself never crosses the wire).
 * **Integrity** -- :class:`MacChannel`: a :class:`~transport.channel.Channel` that frames
-  every byte with a truncated HMAC-SHA256 tag under the session key, and verifies each
-  frame before handing out any of its bytes.  Tampering, replay, reordering and truncation
+  every byte with an AES-256-GMAC tag (:mod:`transport.gmac`, OpenSSL's libcrypto) under a
+  key derived from the session key, and verifies each frame before handing out any of its
+  bytes.  Tampering, replay, reordering and truncation
   are detected; the data is *not* encrypted (use TLS for confidentiality).
 * **TLS** -- :func:`server_tls_context`, :func:`client_tls_context`,
   :func:`tls_client_channel`, :func:`tls_server_channel` and :class:`TlsChannel`
   (confidentiality + integrity + certificate authentication).
 
-Authentication handshake, version 1 (all integers little-endian).  Every message starts
+Authentication handshake, version 2 (all integers little-endian; version 1 had the same
+handshake and HMAC-SHA256 frame tags).  Every message starts
 with the same 8-byte header, whose layout is fixed for all versions (the compatibility
 rule: a peer that reads another version in it answers ``BAD_VERSION`` and gives up)::
 
@@ -49,14 +51,16 @@ most :data:`MAX_FRAME_PAYLOAD_BYTES`)::
     | length u32  | payload (1 .. 1 MiB bytes)   | tag (16 bytes)    |
     +-------------+------------------------------+-------------------+
 
-    tag = HMAC-SHA256(direction_key, seq u64 || length u32 || payload)[:16]
+    tag = AES-256-GMAC(direction_key, nonce = 0^4 || seq u64, message = seq u64 || length u32 || payload)
     direction_key = HMAC-SHA256(session_key, "vmem-mac-v1 client->server")   (or server->client)
 
-The tag is HMAC-SHA256 rather than keyed BLAKE2b because OpenSSL's SHA-256 uses the CPU's
-SHA instructions: measured here 1.8 GB/s per core against 0.9 GB/s for ``hashlib.blake2b``
-on 1 MiB frames.  ``seq`` counts frames per direction from 0 and is never sent: a dropped, replayed or
-reordered frame makes every later tag wrong.  A frame from another connection fails too
-(its session key differs).
+GMAC (AES-GCM with the message as authenticated data and no plaintext) rather than
+HMAC-SHA256 for speed: with AES-NI and PCLMULQDQ it runs at 7.1 GB/s per core here against
+1.5 GB/s for OpenSSL's SHA-NI HMAC-SHA256 and 0.7 GB/s for keyed ``hashlib.blake2b``, on 1 MiB
+frames.  GMAC needs a nonce that never repeats under a key: ``seq`` counts frames per
+direction from 0 (each direction of each connection has its own key) and is never sent, so
+a dropped, replayed or reordered frame makes every later tag wrong.  A frame from another
+connection fails too (its session key differs).
 """
 from __future__ import annotations
 
@@ -74,6 +78,7 @@ from collections.abc import Sequence
 
 from .channel import Channel, SocketChannel, _cut_views
 from .errors import ChannelBrokenError, ChannelClosedError, ChannelTimeout, TransportError
+from .gmac import Gmac
 from .wrapped import FramedChannel
 
 __all__ = [
@@ -211,7 +216,7 @@ def load_key(path: str | os.PathLike) -> bytes:
 
 # -- the authentication handshake ---------------------------------------------------------
 
-AUTH_PROTOCOL_VERSION = 1
+AUTH_PROTOCOL_VERSION = 2  # 2: GMAC frame tags (1: HMAC-SHA256)
 _MAGIC = b"VMAU"
 _HEADER = struct.Struct("<4sBBH")  # magic, version, kind, arg (layout fixed in every version)
 _NONCE_BYTES = 32
@@ -468,7 +473,7 @@ class MacChannel(FramedChannel):
     boundary is reported like a plain channel's EOF; the stream's own framing (e.g. an END
     record) must say whether the end was expected.  No confidentiality.
 
-    Cost: one HMAC-SHA256 over every byte in each direction (OpenSSL, GIL released) and one
+    Cost: one AES-256-GMAC over every byte in each direction (OpenSSL, GIL released) and one
     memcpy in each direction: a frame is copied into a private buffer before its tag is
     computed (so a caller's buffer that changes during the send -- live guest RAM --
     cannot make tag and payload disagree), and data is verified in an internal 1 MiB
@@ -492,11 +497,11 @@ class MacChannel(FramedChannel):
         # A frame is received (payload | tag) and verified here before any byte goes out.
         super().__init__(inner, memoryview(bytearray(MAX_FRAME_PAYLOAD_BYTES + MAC_TAG_BYTES)))
         self._role = role
-        # Prepared HMAC states; each frame starts from a copy (cheaper than re-keying).
+        # One GMAC per direction, its AES key schedule computed once (frames only set a nonce).
         self._send_key = _hmac256(session_key, send_label)
         self._recv_key = _hmac256(session_key, recv_label)
-        self._send_mac = hmac.new(self._send_key, digestmod="sha256")
-        self._recv_mac = hmac.new(self._recv_key, digestmod="sha256")
+        self._send_mac = Gmac(self._send_key)
+        self._recv_mac = Gmac(self._recv_key)
         self._handed_off = False
         self._send_seq = 0
         self._recv_seq = 0
@@ -567,10 +572,8 @@ class MacChannel(FramedChannel):
             tx[at:at + piece.nbytes] = piece
             at += piece.nbytes
         payload = tx[_FRAME_HEADER.size:at]
-        mac = self._send_mac.copy()
-        mac.update(_SEQ_LEN.pack(self._send_seq, frame_bytes))
-        mac.update(payload)
-        tx[at:at + MAC_TAG_BYTES] = mac.digest()[:MAC_TAG_BYTES]
+        seq = self._send_seq
+        tx[at:at + MAC_TAG_BYTES] = self._send_mac.tag(seq, (_SEQ_LEN.pack(seq, frame_bytes), payload))
         self._send_seq += 1
         self._inner.send_parts((tx[:at + MAC_TAG_BYTES],))
 
@@ -607,10 +610,9 @@ class MacChannel(FramedChannel):
             raise self._integrity(f"stream truncated inside a frame ({err.reason}; got "
                                   f"{err.bytes_got} of {length + MAC_TAG_BYTES} bytes)"
                                   ) from err
-        mac = self._recv_mac.copy()
-        mac.update(_SEQ_LEN.pack(self._recv_seq, length))
-        mac.update(body[:length])
-        if not hmac.compare_digest(mac.digest()[:MAC_TAG_BYTES], body[length:]):
+        seq = self._recv_seq
+        tag = self._recv_mac.tag(seq, (_SEQ_LEN.pack(seq, length), body[:length]))
+        if not hmac.compare_digest(tag, body[length:]):
             raise self._integrity("tag mismatch (data tampered with, replayed, reordered, "
                                   "or a different session key)")
         self._recv_seq += 1

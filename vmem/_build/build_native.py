@@ -48,7 +48,7 @@ def build_ffi() -> FFI:
         "vmem._vmem_native",
         source,
         extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unused-function"],
-        libraries=["crypto"],  # HMAC-SHA256 of keyed urgent links (OpenSSL's libcrypto, as Python's own ssl)
+        libraries=["crypto"],  # AES-256-GMAC of keyed urgent links (OpenSSL's libcrypto, as Python's own ssl)
     )
     return ffi
 

@@ -44,7 +44,7 @@ struct vmem_pc_src_stats {
 INCLUDES = """
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include <openssl/evp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/resource.h>
@@ -428,7 +428,8 @@ static void vmem_worker_destroy(struct vmem_worker *w)
  * On a keyed link the urgent connection speaks MacChannel's framing (transport/secure.py),
  * taken over from the Python channel after its attach exchange (MacChannel.native_handoff):
  *     u32 length (1..VMEM_MAC_MAX_PAYLOAD) | payload | tag[16]
- *     tag = HMAC-SHA256(direction key, u64 seq | u32 length | payload)[:16]
+ *     tag = AES-256-GMAC(direction key, nonce 0^4 | u64 seq, u64 seq | u32 length | payload)
+ * (transport/gmac.py computes the same tag in Python)
  * with one sequence number per direction, so a forged, replayed, reordered or truncated
  * frame fails the check (-EBADMSG: the thread stops, the migration fails).  Records may span
  * frames; a receiver hands out only verified bytes. */
@@ -440,7 +441,7 @@ static void vmem_worker_destroy(struct vmem_worker *w)
 struct vmem_link {
     int fd;
     int mac;                               /* 0: plain */
-    uint8_t send_key[32], recv_key[32];
+    EVP_CIPHER_CTX *send_ctx, *recv_ctx;   /* AES-256-GCM, keyed once: a frame sets a nonce */
     uint64_t send_seq, recv_seq;
     uint8_t *rx, *tx;                      /* prefix | payload | tag, VMEM_MAC_MAX_PAYLOAD each */
     size_t rx_len, rx_pos;                 /* verified payload in rx + VMEM_MAC_PREFIX */
@@ -454,8 +455,13 @@ static int vmem_link_set_mac(struct vmem_link *l, const uint8_t *send_key, const
         return -ENOMEM;
     if (!l->tx && !(l->tx = malloc(room)))
         return -ENOMEM;
-    memcpy(l->send_key, send_key, 32);
-    memcpy(l->recv_key, recv_key, 32);
+    if (!l->send_ctx && !(l->send_ctx = EVP_CIPHER_CTX_new()))
+        return -ENOMEM;
+    if (!l->recv_ctx && !(l->recv_ctx = EVP_CIPHER_CTX_new()))
+        return -ENOMEM;
+    if (EVP_EncryptInit_ex(l->send_ctx, EVP_aes_256_gcm(), NULL, send_key, NULL) != 1
+        || EVP_EncryptInit_ex(l->recv_ctx, EVP_aes_256_gcm(), NULL, recv_key, NULL) != 1)
+        return -EIO;
     l->send_seq = send_seq;
     l->recv_seq = recv_seq;
     l->rx_len = l->rx_pos = 0;
@@ -467,8 +473,23 @@ static void vmem_link_free(struct vmem_link *l)
 {
     free(l->rx);
     free(l->tx);
-    OPENSSL_cleanse(l->send_key, sizeof l->send_key);
-    OPENSSL_cleanse(l->recv_key, sizeof l->recv_key);
+    EVP_CIPHER_CTX_free(l->send_ctx);      /* clears the key schedule too */
+    EVP_CIPHER_CTX_free(l->recv_ctx);
+}
+
+/* The frame tag: GMAC = AES-GCM over msg as authenticated data, no plaintext, nonce
+   0^4 | seq (u64, little-endian as transport.gmac packs it).  0 or -EIO. */
+static int vmem_gmac(EVP_CIPHER_CTX *ctx, uint64_t seq, const uint8_t *msg, size_t n, uint8_t tag[VMEM_MAC_TAG])
+{
+    uint8_t iv[12] = {0}, unused[16];
+    int outl = 0;
+    memcpy(iv + 4, &seq, 8);
+    if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, iv) != 1
+        || EVP_EncryptUpdate(ctx, NULL, &outl, msg, (int)n) != 1
+        || EVP_EncryptFinal_ex(ctx, unused, &outl) != 1
+        || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, VMEM_MAC_TAG, tag) != 1)
+        return -EIO;
+    return 0;
 }
 
 static void vmem_mac_prefix(uint8_t *p, uint64_t seq, uint32_t len)
@@ -489,9 +510,8 @@ static int vmem_link_fill(struct vmem_link *l)
     if ((rc = vmem_read_full(l->fd, l->rx + VMEM_MAC_PREFIX, (size_t)len + VMEM_MAC_TAG)) < 0)
         return rc == -EPIPE ? -EBADMSG : rc;   /* truncated inside a frame */
     vmem_mac_prefix(l->rx, l->recv_seq, len);
-    uint8_t tag[EVP_MAX_MD_SIZE];
-    unsigned int tag_len = 0;
-    if (!HMAC(EVP_sha256(), l->recv_key, 32, l->rx, VMEM_MAC_PREFIX + (size_t)len, tag, &tag_len))
+    uint8_t tag[VMEM_MAC_TAG];
+    if (vmem_gmac(l->recv_ctx, l->recv_seq, l->rx, VMEM_MAC_PREFIX + (size_t)len, tag) < 0)
         return -EIO;
     if (CRYPTO_memcmp(tag, l->rx + VMEM_MAC_PREFIX + len, VMEM_MAC_TAG) != 0)
         return -EBADMSG;
@@ -556,9 +576,8 @@ static int vmem_link_writev(struct vmem_link *l, struct iovec *iov, int iovcnt)
         if (len == 0)
             break;
         vmem_mac_prefix(l->tx, l->send_seq, len);
-        uint8_t tag[EVP_MAX_MD_SIZE];
-        unsigned int tag_len = 0;
-        if (!HMAC(EVP_sha256(), l->send_key, 32, l->tx, VMEM_MAC_PREFIX + (size_t)len, tag, &tag_len))
+        uint8_t tag[VMEM_MAC_TAG];
+        if (vmem_gmac(l->send_ctx, l->send_seq, l->tx, VMEM_MAC_PREFIX + (size_t)len, tag) < 0)
             return -EIO;
         memcpy(payload + len, tag, VMEM_MAC_TAG);
         l->send_seq++;
