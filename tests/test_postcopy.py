@@ -219,6 +219,18 @@ def test_link_cut_without_recovery_leaves_the_source_paused(boot_guest):
     assert g.alive() and report.verification["source_guest_check"]["ok"]
 
 
+def test_a_late_link_cut_on_a_closed_channel_does_nothing():
+    """The lab's cut timer can fire after the migration has closed its channels (CI saw
+    the exception escape the timer thread): a closed channel has nothing left to cut."""
+    from transport import channel_pair
+    from vmem.migration.local import _LinkCutter
+
+    a, b = channel_pair()
+    a.close()
+    b.close()
+    _LinkCutter(None, 0.0, [a, b])._cut()  # raised ChannelClosedError before the fix
+
+
 def test_source_gone_after_the_switch_the_destination_names_the_lost_pages(boot_guest, capfd, monkeypatch):
     import vmem.migration.local as local
 

@@ -11,6 +11,7 @@ import sys
 import time
 
 from transport import ShapedChannel, channel_pair
+from transport.errors import ChannelClosedError
 
 from vmem.migration.source import MigrationOptions
 from vmem.migration.report import MigrationReport
@@ -60,8 +61,8 @@ class _LinkCutter:
                 s = socket.socket(fileno=os.dup(ch.fileno()))
                 s.shutdown(socket.SHUT_RDWR)
                 s.close()
-            except OSError:
-                pass
+            except (OSError, ChannelClosedError):
+                pass  # closed already (the migration ended before the cut): nothing to cut
 
     def phase(self, name, detail=""):
         self.inner.phase(name, detail)
