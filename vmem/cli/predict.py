@@ -44,21 +44,17 @@ def add_predict_arguments(p) -> None:
     p.add_argument("--policy", choices=list(pol.POLICIES), default=None,
                    help="precopy policy (default xen, or the compared report's policy)")
     g = p.add_argument_group("policy options (as for vmem migrate)")
-    if hasattr(pol, "policy_flags"):
-        for opt, names in pol.policy_flags():
-            kw = dict(dest=opt.dest, default=None, help=f"{opt.help} [{', '.join(names)}]")
-            if opt.type is bool:
-                kw["action"] = "store_false" if opt.default else "store_true"
-            else:
-                kw["metavar"] = opt.dest.upper()
-                kw["type"] = str
-                choices = getattr(pol, "OPTION_CHOICES", {}).get(opt.dest)
-                if choices:
-                    kw["choices"] = list(choices)
-            g.add_argument(opt.flag, **kw)
-    else:  # pragma: no cover - older policy module
-        g.add_argument("--precopy-iterations", dest="precopy_iterations", type=int, default=None)
-        g.add_argument("--precopy-threshold", dest="precopy_threshold", type=int, default=None)
+    for opt, names in pol.policy_flags():
+        kw = dict(dest=opt.dest, default=None, help=f"{opt.help} [{', '.join(names)}]")
+        if opt.type is bool:
+            kw["action"] = "store_false" if opt.default else "store_true"
+        else:
+            kw["metavar"] = opt.dest.upper()
+            kw["type"] = str
+            choices = pol.OPTION_CHOICES.get(opt.dest)
+            if choices:
+                kw["choices"] = list(choices)
+        g.add_argument(opt.flag, **kw)
     s = p.add_argument_group("simulation")
     for flag, dest, typ, help_ in _SIM_FLAGS:
         s.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
@@ -91,11 +87,7 @@ def add_predict_arguments(p) -> None:
 def _policy_from_args(args, measured: dict | None):
     from vmem.migration import policy as pol
 
-    dests = set()
-    if hasattr(pol, "policy_flags"):
-        dests = {opt.dest for opt, _ in pol.policy_flags()}
-    else:  # pragma: no cover
-        dests = {"precopy_iterations", "precopy_threshold"}
+    dests = {opt.dest for opt, _ in pol.policy_flags()}
     given = {d: getattr(args, d) for d in dests if getattr(args, d, None) is not None}
     if args.policy is None and not given and measured and measured.get("policy"):
         return policy_from_description(measured["policy"])
