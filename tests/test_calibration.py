@@ -201,6 +201,29 @@ def test_load_factor_scales_the_cpu_bound_costs_only():
     assert 0.0 < host_probe_s() < 120.0
 
 
+def test_the_load_factor_carries_its_probe_error():
+    """Issue 18: the load factor is one probe taken now, and in the validation runs it swung
+    0.86-2.5 within one cell at one load.  Each draw divides it by one of the calibration's
+    own probe ratios (probe / median probe), so the forecast's range holds the probe's error;
+    a calibration whose probes agree adds none."""
+    flat = _calibration([r | {"probe_s": 0.2} for r in _spread_runs()])
+    spread = _calibration([r | {"probe_s": (0.1, 0.2, 0.4)[i % 3]} for i, r in enumerate(_spread_runs())])
+    a = flat.draw_params(16384, 50e6, 200, seed=4, load_factor=1.5)
+    b = spread.draw_params(16384, 50e6, 200, seed=4, load_factor=1.5)
+    factors = {round(y["setup_s"] / x["setup_s"], 6) for x, y in zip(a, b)}
+    assert factors == {0.5, 1.0, 2.0}                                # 1 / each ratio, and nothing else
+    assert all(y["switchover_s"] == x["switchover_s"] for x, y in zip(a, b))  # not CPU-bound: untouched
+    # the clip still holds per draw: 1.5 / 0.5 = 3 stays, 4.0 / 0.5 = 8 is clipped to 5
+    c = spread.draw_params(16384, 50e6, 200, seed=4, load_factor=4.0)
+    base = flat.draw_params(16384, 50e6, 200, seed=4, load_factor=1.0)
+    assert max(y["setup_s"] / x["setup_s"] for x, y in zip(base, c)) == pytest.approx(5.0)
+    # a forecast's range widens with the probe's error; its point barely moves
+    tr = uniform_trace(npages=16384, rate_pps=2000, seconds=4)
+    f_flat = forecast(tr, None, 50e6, starts=16, calibration=flat, load_factor=1.5)["metrics"]["migration_time_s"]
+    f_spread = forecast(tr, None, 50e6, starts=16, calibration=spread, load_factor=1.5)["metrics"]["migration_time_s"]
+    assert f_spread["p90"] - f_spread["p10"] > 1.5 * (f_flat["p90"] - f_flat["p10"])
+
+
 def _switchover_runs(intercept_s=0.001, per_page_s=40e-6):
     """Pre-copy runs whose switchover grows with the stop-and-copy set, with noise."""
     rng = np.random.default_rng(5)

@@ -31,7 +31,9 @@ What one calibration run yields (:func:`sample_from_report`, all seconds unless 
 Load.  Most fixed costs are CPU work of vmem's own processes, so on a shared host they
 follow its load (measured here: the handshake 0.7-2.6 s at load average 6, 2-6 s at 14).
 :meth:`Calibration.load_factor` compares a probe taken now with the calibration runs'
-probes, and predictions multiply the CPU-bound costs (:data:`CPU_BOUND`) by it.
+probes, and predictions multiply the CPU-bound costs (:data:`CPU_BOUND`) by it.  One probe
+is noisy (the calibration's own, at one steady load, spread 0.78-1.45x their median), so
+each draw divides the factor by one of those ratios: the range holds the probe's error.
 
 Uncertainty.  Each run is one joint draw of all of them (they are correlated: a busy host
 slows everything at once).  :func:`draw_params` bootstraps whole runs -- run ``k`` picked at
@@ -124,6 +126,11 @@ def mode_for(postcopy: str | None) -> str:
 #: Its cost per page of the final set (placing and digesting) is CPU work and scales.
 CPU_BOUND = ("setup_s", "post_s", "switchover_per_page_s", "postcopy_switch_s",
              "postcopy_switch_per_page_s", "push_hold_s", "blackout_gap_s")
+
+
+#: The load factor's clip: a probe never makes the host more than twice as fast as when
+#: calibrated, nor more than five times slower.
+LOAD_FACTOR_MIN, LOAD_FACTOR_MAX = 0.5, 5.0
 
 
 def host_probe_s() -> float:
@@ -299,7 +306,7 @@ class Calibration:
         if not probes:
             return 1.0
         now = probe_s if probe_s is not None else host_probe_s()
-        return float(min(max(now / float(np.median(probes)), 0.5), 5.0))
+        return float(min(max(now / float(np.median(probes)), LOAD_FACTOR_MIN), LOAD_FACTOR_MAX))
 
     def draw_params(self, npages: int, link_Bps: float, n: int, *, mode: str = "precopy", seed: int = 0,
                     load_factor: float = 1.0) -> list[dict]:
@@ -308,7 +315,9 @@ class Calibration:
 
         ``mode``: one of :data:`MODES` (:func:`mode_for` maps a ``postcopy`` parameter to it):
         the runs of that mode are drawn from.  ``load_factor`` (:meth:`load_factor`)
-        multiplies the CPU-bound fixed costs (:data:`CPU_BOUND`).
+        multiplies the CPU-bound fixed costs (:data:`CPU_BOUND`), each draw's divided by one
+        of the calibration's probe ratios (probe / median probe; needs >= 3 probes): the
+        error of the one probe the factor came from.
         """
         if mode not in MODES:
             raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
@@ -328,11 +337,20 @@ class Calibration:
         probes = [float(r["probe_s"]) for r in self.runs if isinstance(r.get("probe_s"), (int, float)) and r["probe_s"] > 0]
         eff_line = self._line(runs, "efficiency", "probe_s", sign=-1) if probes else None
         effs = [float(r["efficiency"]) for r in runs if r.get("efficiency") is not None]
-        probe_now = float(np.median(probes)) * load_factor if probes else None
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 0xCA1])))
+        picks = rng.integers(0, len(runs), n)
+        # The load factor is one probe taken now, and one probe is noisy: at the calibration's
+        # steady load its probes spread around their median as far as the ratios below.  Each
+        # draw takes one of those ratios as the error of the probe just taken (a factor that
+        # read high by a ratio r means the host is r times less busy than it said), so the
+        # range holds the load factor's own error; identical probes give no spread.
+        ratios = (np.array(probes) / float(np.median(probes))) if len(probes) >= 3 else np.ones(1)
+        probe_err = ratios[np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 0x9B0]))).integers(0, ratios.size, n)]
         out = []
-        for k in rng.integers(0, len(runs), n):
+        for k, err in zip(picks, probe_err):
             r = runs[int(k)]
+            lf = float(min(max(load_factor / float(err), LOAD_FACTOR_MIN), LOAD_FACTOR_MAX)) if err != 1.0 else load_factor
+            probe_now = float(np.median(probes)) * lf if probes else None
             p = {}
             for q, x in (("setup_s", npages), ("tail_s", npages)):
                 a, b, res = lines[q]
@@ -365,7 +383,7 @@ class Calibration:
             p["bandwidth_efficiency"] = min(max(float(eff), 0.05), 1.5)
             p["blackout_gap_s"] = p.pop("gap_s")
             for q in CPU_BOUND:
-                p[q] *= load_factor
+                p[q] *= lf
             out.append(p)
         return out
 
