@@ -16,7 +16,8 @@ What one calibration run yields (:func:`sample_from_report`, all seconds unless 
     pause_s           pause posted -> acknowledged (timings_ms.pause_latency)
     collect_s         median dirty-tracker collect of the pre-copy rounds
     efficiency        achieved / nominal rate of the copy path: sum(bytes) / sum(send time) / cap
-                      over rounds of >= 1 MiB (post-copy: the push's bytes / push time / cap)
+                      over rounds of >= 1 MiB, less the token bucket's credit each round
+                      started with (post-copy: the push's bytes / push time / cap)
     switchover_s      pre-copy: downtime - the stop-and-copy send (the downtime's fixed part)
     final_pages       pre-copy: pages the stop-and-copy sent (the switchover's line is over it)
     postcopy_switch_s post-copy: the downtime (pause -> first step at the destination)
@@ -46,7 +47,10 @@ Per workload.  The switchover is the line over the stop-and-copy set (``final_pa
 an intercept (pausing, the stream's end, restoring and resuming the guest) plus a cost per
 page beyond its wire time (collecting, placing and digesting it); the simulator adds the
 slope times the final set *it* predicts, so an idle guest (an empty final set) pays the
-intercept only, not the calibration guest's switchover.  The copy efficiency is the line
+intercept only.  A slope the runs do not identify (negative, or within two standard errors
+of zero: the calibration guest's final sets span a few dozen pages) is 0 -- extrapolating
+noise from a few dozen pages to a guest whose final set is the whole RAM is worse than
+leaving it out.  The copy efficiency is the line
 over the load probe (``probe_s``) within the link's runs, slope <= 0: a busier host copies
 no faster, and a prediction made under a heavier load than the calibration's gets a lower
 efficiency (clipped to the range the runs saw, widened by 20 %).
@@ -163,6 +167,29 @@ def _num(v):
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def _rate_rounds(pre: list[dict], link_Bps: float) -> list[tuple[float, float]]:
+    """``(bytes the link's rate carried, seconds)`` of the pre-copy rounds that count for the
+    copy rate (>= :data:`MIN_RATE_BYTES`).
+
+    The link is a token bucket that starts full and refills while the migrator collects;
+    what a round sends out of that credit costs it no time.  The simulator models the same
+    bucket (:class:`vmem.analysis.simulate._Link`), so the credit is taken out here: left
+    in, it made the efficiency 1.003-1.03 and was counted twice -- round 0 of a 128 MiB
+    guest at 200 MB/s carries a 2 MB burst, 1.5 % of it -- and every transfer time was
+    predicted short by about that much."""
+    from transport import default_burst_bytes
+
+    burst = float(default_burst_bytes(link_Bps))
+    out = []
+    for i, x in enumerate(pre):
+        nbytes, secs = float(x.get("bytes_sent") or 0), float(x.get("duration_s") or 0)
+        # round 0 starts on a full bucket; a later one on what the collect before it refilled
+        credit = burst if i == 0 else min(burst, float(pre[i - 1].get("collect_ms") or 0) / 1e3 * link_Bps)
+        if nbytes >= MIN_RATE_BYTES and secs > 0:
+            out.append((max(nbytes - credit, 0.0), secs))
+    return out
+
+
 def sample_from_report(report, link_Bps: float) -> dict:
     """The calibration quantities of one real migration report (dict or MigrationReport).
 
@@ -193,8 +220,7 @@ def sample_from_report(report, link_Bps: float) -> dict:
     s["collect_s"] = float(np.median(collects)) if collects else None
     blackout_s = _num(d.get("blackout_ms"))
     s["gap_s"] = blackout_s / 1e3 if blackout_s is not None and blackout_s / 1e3 > downtime_s else 0.0
-    busy = [(float(x.get("bytes_sent") or 0), float(x.get("duration_s") or 0)) for x in pre
-            if (x.get("bytes_sent") or 0) >= MIN_RATE_BYTES and (x.get("duration_s") or 0) > 0]
+    busy = _rate_rounds(pre, link_Bps)
     migration_s = _num(d.get("migration_time_s"))
     if mode == "precopy":
         if busy:
@@ -298,6 +324,46 @@ class Calibration:
             a, b = float(np.mean(y)), 0.0
         return a, b, {rid: yi - (a + b * xi) for xi, yi, rid in pts}
 
+    @staticmethod
+    def _plane(runs: list[dict], q: str, x_keys: tuple[str, ...]) -> tuple[float, dict, dict]:
+        """Least-squares ``q = a + sum(b[k] * x_k)`` over the runs that have ``q`` and every
+        ``x_k``, keeping only the slopes the runs identify: a slope that comes out negative
+        (a cost never shrinks as a set grows) or within two standard errors of zero is set
+        to 0 and the rest refitted.  ``(a, {key: b}, residual by run id)``.
+
+        Why the test: the calibration guest's stop-and-copy sets span a few dozen pages; a
+        slope fitted over them is noise (one file's came out at 34 us/page, +/- 39), and
+        extrapolated to a guest whose final set is 131,072 pages it added a second to the
+        predicted downtime of a switchover that really costs milliseconds."""
+        pts = [r for r in runs if r.get(q) is not None and all(isinstance(r.get(k), (int, float)) for k in x_keys)]
+        if not pts:
+            return 0.0, {k: 0.0 for k in x_keys}, {}
+        y = np.array([float(r[q]) for r in pts])
+        X = {k: np.array([float(r[k]) for r in pts]) for k in x_keys}
+        keep = [k for k in x_keys if len(set(X[k].tolist())) >= 2]
+        while True:
+            A = np.column_stack([np.ones(len(pts))] + [X[k] for k in keep])
+            coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+            dof = len(pts) - A.shape[1]
+            drop = []
+            if keep:
+                if dof > 0:
+                    sigma2 = float(np.sum((y - A @ coef) ** 2)) / dof
+                    try:
+                        se = np.sqrt(np.maximum(np.diag(np.linalg.inv(A.T @ A)) * sigma2, 0.0))[1:]
+                    except np.linalg.LinAlgError:
+                        se = np.full(len(keep), np.inf)
+                else:
+                    se = np.full(len(keep), np.inf)
+                drop = [k for k, b, e in zip(keep, coef[1:], se) if b <= 0 or b <= 2 * e]
+            if not drop:
+                break
+            keep = [k for k in keep if k not in drop]
+        slopes = {k: 0.0 for k in x_keys} | {k: float(b) for k, b in zip(keep, coef[1:])}
+        a = float(coef[0])
+        fitted = a + sum(slopes[k] * X[k] for k in x_keys)
+        return a, slopes, {id(r): float(yi - fi) for r, yi, fi in zip(pts, y, fitted)}
+
     def load_factor(self, probe_s: float | None = None) -> float:
         """How much slower this host is now than during the calibration: a :func:`probe_s`
         taken now (or ``probe_s``) over the calibration runs' median probe, clipped to
@@ -330,7 +396,7 @@ class Calibration:
         # The switchover over the stop-and-copy set (older files have no final_pages: then
         # each run's switchover as it was, no slope).
         pre = [r for r in self.runs if r.get("mode") == "precopy"]
-        switch_line = (self._line(pre, "switchover_s", "final_pages")
+        switch_line = (self._plane(pre, "switchover_s", ("final_pages",))
                        if any(isinstance(r.get("final_pages"), (int, float)) for r in pre) else None)
         # The copy efficiency over the load probe, within this link's runs: the probe a
         # prediction is made under is the runs' median probe times the load factor.
@@ -365,13 +431,14 @@ class Calibration:
                 v = r.get(q)
                 if q == "switchover_s" and switch_line is not None:
                     a, b, res = switch_line
-                    # run r's residual when it is a pre-copy run; else the line alone
+                    # run r's residual when it is a pre-copy run; else the line alone (the
+                    # final set's part is the simulator's)
                     v = a + res.get(id(r), 0.0)
                 if v is None:  # a quantity this mode's run lacks: the median of the runs that have it
                     vals = [x[q] for x in self.runs if x.get(q) is not None]
                     v = float(np.median(vals)) if vals else 0.0
                 p[q] = max(0.0, float(v))
-            p["switchover_per_page_s"] = switch_line[1] if switch_line is not None else 0.0
+            p["switchover_per_page_s"] = switch_line[1]["final_pages"] if switch_line is not None else 0.0
             eff = r.get("efficiency")
             if eff is not None and eff_line is not None and eff_line[1] < 0 and id(r) in eff_line[2]:
                 a, b, res = eff_line
