@@ -172,3 +172,22 @@ def test_blocktime_is_the_sum_of_the_demand_fault_latencies(boot_guest):
     assert lat["count"] > 0, "a hotcold guest faults on its hot pages after a pure post-copy switch"
     # Between count x median-ish bounds: at least the slowest fault, at most count x the slowest.
     assert lat["max"] / 1e3 <= pc["blocktime_ms"] <= lat["count"] * lat["max"] / 1e3 + 1e-3
+
+
+def test_json_default_writes_numpy_scalars_as_numbers():
+    """One hook for every JSON vmem writes (vmem.jsonout): numpy scalars become the number
+    they hold (json refuses them), anything else unknown its str()."""
+    import json
+
+    import numpy as np
+
+    from vmem.jsonout import json_default
+
+    class Thing:
+        def __str__(self):
+            return "thing"
+
+    out = json.loads(json.dumps({"n": np.int64(3), "x": np.float32(0.5), "b": np.bool_(True), "t": Thing()},
+                                default=json_default))
+    assert out == {"n": 3, "x": 0.5, "b": True, "t": "thing"}
+    assert type(out["n"]) is int

@@ -30,6 +30,7 @@ import struct
 from transport import TransportError
 
 from vmem.errors import VmemError
+from vmem.jsonout import json_default
 
 __all__ = [
     "PROTOCOL_VERSION", "MAGIC", "MAX_FRAME_BYTES", "MAX_OPENING_FRAME_BYTES", "MAX_UNAUTHENTICATED_FRAME_BYTES",
@@ -102,7 +103,7 @@ class ProtocolError(AgentError):
 
 def send_frame(channel, obj: dict) -> None:
     """Send one frame holding ``obj`` (a JSON-serialisable dict)."""
-    body = json.dumps(obj, separators=(",", ":"), default=_json_default).encode()
+    body = json.dumps(obj, separators=(",", ":"), default=json_default).encode()
     if len(body) > MAX_FRAME_BYTES:
         raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit")
     channel.send_parts((_LENGTH.pack(len(body)), body))
@@ -253,12 +254,3 @@ def _frame_parts(obj: dict) -> tuple[bytes, bytes]:
     return _LENGTH.pack(len(body)), body
 
 
-def _json_default(obj):
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(obj)

@@ -412,13 +412,13 @@ def comparison_document(cmp: Comparison) -> dict:
 
 
 def _json_dump(obj, path: str) -> None:
-    from vmem.migration.report import _json_default
+    from vmem.jsonout import json_default
 
     d = os.path.dirname(path)
     if d:
         os.makedirs(d, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
+        json.dump(obj, f, indent=2, default=json_default)
         f.write("\n")
 
 

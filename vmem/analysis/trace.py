@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vmem.errors import VmemError
+from vmem.jsonout import json_default
 
 __all__ = [
     "DirtyTrace",
@@ -324,7 +325,7 @@ class DirtyTrace:
     # --- files -----------------------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Write the trace as a compressed ``.npz`` (atomically: a temp file, then rename)."""
-        meta = json.dumps(self.describe(), default=_json_default)
+        meta = json.dumps(self.describe(), default=json_default)
         tmp = f"{path}.tmp{os.getpid()}"
         try:
             with open(tmp, "wb") as f:
@@ -510,12 +511,6 @@ def _hash_uniform(pages: np.ndarray, interval: int, seed: int) -> np.ndarray:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return str(obj)
 
 
 def now_unix() -> float:

@@ -18,13 +18,14 @@ def main() -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     from vmem.bench.calibrate import calibration_ms
-    from vmem.bench.runner import _json_default, cell_from_dict, migrate_cell
+    from vmem.bench.runner import cell_from_dict, migrate_cell
+    from vmem.jsonout import json_default
 
     job = json.load(sys.stdin)
     calibration = calibration_ms()
     report = migrate_cell(cell_from_dict(job["cell"]), seed=job["seed"], warmup_s=job["warmup_s"],
                           observe_s=job["observe_s"])
-    json.dump({"report": report, "calibration_ms": calibration}, out, default=_json_default)
+    json.dump({"report": report, "calibration_ms": calibration}, out, default=json_default)
     out.close()
     return 0
 

@@ -24,6 +24,7 @@ import uuid
 
 from vmem.bench.matrix import MODES, Cell, Matrix, build_policy
 from vmem.bench.metrics import report_metrics, run_is_valid
+from vmem.jsonout import json_default
 
 __all__ = ["run_cell", "migrate_cell", "cell_from_dict", "check_tree", "run_matrix", "run_record", "append_record", "read_records", "write_baseline",
            "read_baseline", "write_json_file", "BENCH_RUN_KIND", "BASELINE_KIND"]
@@ -135,16 +136,10 @@ def run_record(cell: Cell, report: dict, *, repeat: int, order: int, session: st
             "outcome": report.get("outcome"), "reason": report.get("reason"), "report": report}
 
 
-def _json_default(o):
-    from vmem.migration.report import _json_default as default
-
-    return default(o)
-
-
 def append_record(path: str, record: dict) -> None:
     """Append one record as one line with one ``write`` on an ``O_APPEND`` descriptor, so
     that writers in several processes (pytest-xdist workers) never interleave lines."""
-    line = (json.dumps(record, default=_json_default, separators=(",", ":")) + "\n").encode()
+    line = (json.dumps(record, default=json_default, separators=(",", ":")) + "\n").encode()
     d = os.path.dirname(path)
     if d:
         os.makedirs(d, exist_ok=True)
@@ -244,7 +239,7 @@ def write_json_file(path: str, doc: dict, **dump_options) -> None:
         os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1, default=_json_default, **dump_options)
+        json.dump(doc, f, indent=1, default=json_default, **dump_options)
         f.write("\n")
     os.replace(tmp, path)
 

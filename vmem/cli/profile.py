@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ from vmem.analysis.profile import (
 )
 from vmem.analysis.trace import DirtyTrace
 from vmem.errors import ConfigError
+from vmem.jsonout import json_default
 
 __all__ = ["add_profile_arguments", "cmd_profile"]
 
@@ -129,15 +129,9 @@ def cmd_profile(args) -> int:
     print_analysis(analysis)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(analysis, f, indent=2, default=_json_default)
+            json.dump(analysis, f, indent=2, default=json_default)
             f.write("\n")
         console.print(f"analysis written to {args.json}")
     return 0
 
 
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return str(obj)

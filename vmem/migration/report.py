@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from vmem.jsonout import json_default
+
 __all__ = ["RoundStats", "MigrationReport", "REPORT_SCHEMA_VERSION", "query_status"]
 
 #: 2: ``downtime_ms`` between agents is on the source's clock (``clock``); added
@@ -107,22 +109,12 @@ class MigrationReport:
         return {k: d[k] for k in order} | {k: v for k, v in d.items() if k not in order}
 
     def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+        return json.dumps(self.to_dict(), indent=indent, default=json_default)
 
     def write(self, path: str) -> None:
         with open(path, "w") as f:
             f.write(self.to_json())
             f.write("\n")
-
-
-def _json_default(obj):
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and obj != obj:
-        return None
-    return str(obj)
 
 
 def query_status(rounds: list[RoundStats], current: dict | None, elapsed_s: float, now: float | None = None) -> dict:

@@ -253,7 +253,8 @@ def vmem_bench_run(request, vmem_bench_case):
     controlling pytest with the test report, which appends it to ``--vmem-bench-out``."""
     import json
 
-    from vmem.bench.runner import _json_default, run_cell, run_record
+    from vmem.bench.runner import run_cell, run_record
+    from vmem.jsonout import json_default
 
     m, cell, repeat = vmem_bench_case
     report, calibration = run_cell(cell, seed=m.seed, warmup_s=m.warmup_s, observe_s=m.observe_s)
@@ -261,7 +262,7 @@ def vmem_bench_run(request, vmem_bench_case):
         or getattr(request.config, "workerinput", {}).get("vmem_bench_session")
     rec = run_record(cell, report, repeat=repeat, order=-1, session=session, suite=m.name, calibration_ms=calibration)
     rec["worker"] = _worker_identity()
-    request.node.user_properties.append((_RECORD_PROPERTY, json.dumps(rec, default=_json_default)))
+    request.node.user_properties.append((_RECORD_PROPERTY, json.dumps(rec, default=json_default)))
     return rec
 
 
