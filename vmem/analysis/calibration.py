@@ -306,10 +306,17 @@ class Calibration:
         return list(self.runs)
 
     @staticmethod
-    def _line(runs: list[dict], q: str, x_key: str, *, sign: int = 1) -> tuple[float, float, dict]:
+    def _line(runs: list[dict], q: str, x_key: str, *, sign: int = 1,
+              identified: bool = False) -> tuple[float, float, dict]:
         """Least-squares ``q = a + b * x`` over the runs that have ``q`` and ``x``; ``(a, b,
         residual by run id)``; b = 0 with fewer than two distinct x.  ``sign`` +1: b >= 0 (a
-        cost never shrinks with size: noise must not make it); -1: b <= 0."""
+        cost never shrinks with size: noise must not make it); -1: b <= 0.
+
+        ``identified``: b = 0 also when it lies within two standard errors of zero.  The
+        switchover's slope over the final set needs it: the calibration guest's final sets
+        span a few dozen pages, a slope fitted over them is noise (one file's came out at
+        34 us/page, +/- 39), and extrapolated to a guest whose final set is 131,072 pages it
+        added a second to a switchover that really costs milliseconds."""
         pts = [(float(r[x_key]), float(r[q]), id(r)) for r in runs
                if r.get(q) is not None and isinstance(r.get(x_key), (int, float))]
         if not pts:
@@ -319,50 +326,17 @@ class Calibration:
         if len(set(x.tolist())) >= 2:
             b, a = np.polyfit(x, y, 1)
             b = max(float(b) * sign, 0.0) * sign
+            if identified and b != 0.0:
+                resid = y - (a + b * x)
+                dof = len(x) - 2
+                se = (math.sqrt(float(resid @ resid) / dof / float(((x - x.mean()) ** 2).sum()))
+                      if dof > 0 else math.inf)
+                if abs(b) <= 2 * se:
+                    b = 0.0
             a = float(np.mean(y - b * x))
         else:
             a, b = float(np.mean(y)), 0.0
         return a, b, {rid: yi - (a + b * xi) for xi, yi, rid in pts}
-
-    @staticmethod
-    def _plane(runs: list[dict], q: str, x_keys: tuple[str, ...]) -> tuple[float, dict, dict]:
-        """Least-squares ``q = a + sum(b[k] * x_k)`` over the runs that have ``q`` and every
-        ``x_k``, keeping only the slopes the runs identify: a slope that comes out negative
-        (a cost never shrinks as a set grows) or within two standard errors of zero is set
-        to 0 and the rest refitted.  ``(a, {key: b}, residual by run id)``.
-
-        Why the test: the calibration guest's stop-and-copy sets span a few dozen pages; a
-        slope fitted over them is noise (one file's came out at 34 us/page, +/- 39), and
-        extrapolated to a guest whose final set is 131,072 pages it added a second to the
-        predicted downtime of a switchover that really costs milliseconds."""
-        pts = [r for r in runs if r.get(q) is not None and all(isinstance(r.get(k), (int, float)) for k in x_keys)]
-        if not pts:
-            return 0.0, {k: 0.0 for k in x_keys}, {}
-        y = np.array([float(r[q]) for r in pts])
-        X = {k: np.array([float(r[k]) for r in pts]) for k in x_keys}
-        keep = [k for k in x_keys if len(set(X[k].tolist())) >= 2]
-        while True:
-            A = np.column_stack([np.ones(len(pts))] + [X[k] for k in keep])
-            coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-            dof = len(pts) - A.shape[1]
-            drop = []
-            if keep:
-                if dof > 0:
-                    sigma2 = float(np.sum((y - A @ coef) ** 2)) / dof
-                    try:
-                        se = np.sqrt(np.maximum(np.diag(np.linalg.inv(A.T @ A)) * sigma2, 0.0))[1:]
-                    except np.linalg.LinAlgError:
-                        se = np.full(len(keep), np.inf)
-                else:
-                    se = np.full(len(keep), np.inf)
-                drop = [k for k, b, e in zip(keep, coef[1:], se) if b <= 0 or b <= 2 * e]
-            if not drop:
-                break
-            keep = [k for k in keep if k not in drop]
-        slopes = {k: 0.0 for k in x_keys} | {k: float(b) for k, b in zip(keep, coef[1:])}
-        a = float(coef[0])
-        fitted = a + sum(slopes[k] * X[k] for k in x_keys)
-        return a, slopes, {id(r): float(yi - fi) for r, yi, fi in zip(pts, y, fitted)}
 
     def load_factor(self, probe_s: float | None = None) -> float:
         """How much slower this host is now than during the calibration: a :func:`probe_s`
@@ -396,7 +370,7 @@ class Calibration:
         # The switchover over the stop-and-copy set (older files have no final_pages: then
         # each run's switchover as it was, no slope).
         pre = [r for r in self.runs if r.get("mode") == "precopy"]
-        switch_line = (self._plane(pre, "switchover_s", ("final_pages",))
+        switch_line = (self._line(pre, "switchover_s", "final_pages", identified=True)
                        if any(isinstance(r.get("final_pages"), (int, float)) for r in pre) else None)
         # The copy efficiency over the load probe, within this link's runs: the probe a
         # prediction is made under is the runs' median probe times the load factor.
@@ -415,6 +389,7 @@ class Calibration:
         out = []
         for k, err in zip(picks, probe_err):
             r = runs[int(k)]
+            # (an error of exactly 1 leaves the factor as given, even one beyond the clip)
             lf = float(min(max(load_factor / float(err), LOAD_FACTOR_MIN), LOAD_FACTOR_MAX)) if err != 1.0 else load_factor
             probe_now = float(np.median(probes)) * lf if probes else None
             p = {}
@@ -438,7 +413,7 @@ class Calibration:
                     vals = [x[q] for x in self.runs if x.get(q) is not None]
                     v = float(np.median(vals)) if vals else 0.0
                 p[q] = max(0.0, float(v))
-            p["switchover_per_page_s"] = switch_line[1]["final_pages"] if switch_line is not None else 0.0
+            p["switchover_per_page_s"] = switch_line[1] if switch_line is not None else 0.0
             eff = r.get("efficiency")
             if eff is not None and eff_line is not None and eff_line[1] < 0 and id(r) in eff_line[2]:
                 a, b, res = eff_line
