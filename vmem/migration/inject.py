@@ -30,6 +30,10 @@ can show the digests catch it.  They are not user options: no flag or report key
   (pwrites of up to a whole 1024-page batch, fault threads at nice -15), which
   scripts/bench_postcopy.py --ab measures in the same run; tests use ``slow_us`` to show what
   the statistics catch without the mechanism.
+* :data:`NARROW_MAX_RUNS_ENV` -- read by the destination process: an integer >= 0 that
+  replaces ``vmem.migration.postcopy.destination.NARROW_MAX_RUNS`` (0: the switch never
+  narrows the registration, every page stays trapped as before issue 18's change; the A/B
+  switch of the hybrid first-step measurement and the fallback's test).
 * :data:`stale_pages` -- a module-level hook the test sets in the source's process: the
   source then answers post-copy faults and pushes with old copies of pages (as they were
   when the migration started) while its own RAM stays intact.
@@ -42,7 +46,7 @@ import numpy as np
 
 __all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "PLACE_DELAY_ENV", "place_delay_from_env",
            "STOP_COPY_DELAY_ENV", "stop_copy_delay", "PREEMPT_ENV", "preempt_from_env", "apply_preempt",
-           "StalePages", "stale_pages"]
+           "StalePages", "stale_pages", "NARROW_MAX_RUNS_ENV", "narrow_max_runs_from_env"]
 
 #: ``KIND:PAGE``: the destination process mishandles PAGE as KIND when placing it (test-only).
 PLACEMENT_FAULT_ENV = "VMEM_TEST_PLACEMENT_FAULT"
@@ -107,6 +111,24 @@ def place_delay_from_env(environ=None) -> float:
     if not delay_s >= 0:
         raise ValueError(f"{PLACE_DELAY_ENV}={value!r}: expected seconds >= 0")
     return delay_s
+
+
+#: The post-copy switch's narrowing limit replaced (test and benchmark only; see the module doc).
+NARROW_MAX_RUNS_ENV = "VMEM_TEST_NARROW_MAX_RUNS"
+
+
+def narrow_max_runs_from_env(default: int, environ=None) -> int:
+    """:data:`NARROW_MAX_RUNS_ENV` as an integer, or ``default`` if unset.
+
+    Raises:
+        ValueError: set but not an integer >= 0 (a test's mistake: fail loudly).
+    """
+    value = (os.environ if environ is None else environ).get(NARROW_MAX_RUNS_ENV, "")
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ValueError(f"{NARROW_MAX_RUNS_ENV}={value!r}: expected an integer >= 0")
+    return int(value)
 
 
 #: Post-copy's fault priority changed on purpose (test and benchmark only; see the module doc).

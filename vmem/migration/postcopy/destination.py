@@ -34,6 +34,7 @@ import numpy as np
 
 from vmem import _native as nat
 from vmem.errors import MigrationError
+from vmem.migration import inject
 from vmem.wakepipe import WakePipe
 from vmem.pages import PAGE_SHIFT, PAGE_SIZE, page_runs, unique_pages
 from vmem.format.postcopy import MAX_PFNS_PER_RECORD, encode_pfn_list
@@ -50,6 +51,13 @@ FAULT_EVENTS_PER_READ = 256
 GIL_SWITCH_INTERVAL_S = 0.0001
 #: pages mapped per UFFDIO_CONTINUE call chain by the background mapper between checks
 MAPPER_CHUNK_PAGES = 4096
+#: At the switch, when the pages still to come form at most this many runs (and are not
+#: the whole RAM), only those runs stay registered MISSING|MINOR: every other page -- a
+#: pre-copied one not yet mapped, or one the source never had -- is then mapped by the
+#: kernel's own fault path instead of a round trip through the fault thread.  Each run
+#: costs one UFFDIO_REGISTER (a VMA split) in the downtime and two VMAs of the guest's
+#: (vm.max_map_count is 65,530 by default); beyond this the whole RAM stays registered.
+NARROW_MAX_RUNS = 1024
 
 
 def postcopy_unavailable_reason(guest) -> str | None:
@@ -107,6 +115,7 @@ class PostcopyDestination:
         self.pages_demanded = 0  # placed from the urgent channel / demand answers
         self.pages_pushed = 0  # placed from the background push
         self.pages_mapped_ahead = 0  # pre-copied pages mapped by the background mapper
+        self.narrowed_runs = 0  # runs left registered MISSING|MINOR at the switch (0: the whole RAM)
         self.duplicates = 0  # pages that arrived twice (demand and push raced)
         # the background push giving way to demand answers (native engine; docs/postcopy.md)
         self.fault_thread_priority: int | None = None  # VMEM_PC_PRIO_* the fault thread got
@@ -163,6 +172,7 @@ class PostcopyDestination:
         """
         self.missing = self.pages_pending = int(np.count_nonzero(self.state == MISSING))
         self.t_switch_ns = time.monotonic_ns()
+        self._narrow()
         # A thread woken by a fault waits for the GIL up to the switch interval (5 ms by
         # default) while another thread runs Python: that alone would be the fault latency.
         self._old_switch_s = sys.getswitchinterval()
@@ -170,6 +180,29 @@ class PostcopyDestination:
         if self.missing == 0:
             self._mark_complete()
         self._start_fault_handling(urgent_channel)
+
+    def _narrow(self) -> None:
+        """Keep MISSING|MINOR only over the runs of pending pages (see :data:`NARROW_MAX_RUNS`).
+
+        Before the switch the whole RAM is registered (:meth:`arm`: a pure post-copy's
+        switch then costs no registration).  A hybrid's pending pages are a few hundred
+        scattered ones; leaving the rest registered makes every first touch of a
+        pre-copied page (MINOR) or of a page the source never had (MISSING) a round trip
+        through the fault thread -- tens of them in the resumed guest's first steps, in its
+        downtime.  The guest is paused here, so no fault is in flight.
+        """
+        if not 0 < self.pages_pending < self.npages:
+            return
+        starts, ends = page_runs(np.flatnonzero(self.state == MISSING), self.npages)
+        if len(starts) > inject.narrow_max_runs_from_env(NARROW_MAX_RUNS):
+            return
+        size = self.npages * PAGE_SIZE
+        nat.uffd_unregister(self.uffd, self.base, size)
+        nat.uffd_register(self.uffd, self.base, size, nat.UFFDIO_REGISTER_MODE_WP)
+        mode = nat.UFFDIO_REGISTER_MODE_MISSING | nat.UFFDIO_REGISTER_MODE_MINOR | nat.UFFDIO_REGISTER_MODE_WP
+        for a, b in zip(starts.tolist(), ends.tolist()):  # one ioctl per run, <= NARROW_MAX_RUNS
+            nat.uffd_register(self.uffd, self.base + a * PAGE_SIZE, (b - a) * PAGE_SIZE, mode)
+        self.narrowed_runs = len(starts)
 
     def _start_fault_handling(self, urgent_channel) -> None:
         if urgent_channel is not None:
@@ -232,7 +265,10 @@ class PostcopyDestination:
         self._latencies.append(self._latency_ns[: es["latency_count"]].copy())
 
     def start_mapper(self) -> None:
-        """Start mapping pre-copied pages ahead of the guest (after it resumed: not in the downtime)."""
+        """Start mapping pre-copied pages ahead of the guest (after it resumed: not in the
+        downtime).  Nothing to do after a narrowed switch: the kernel maps those itself."""
+        if self.narrowed_runs:
+            return
         self._start(self._mapper_loop, "vmem-pc-mapper")
 
     def _start(self, target, name: str) -> None:
@@ -450,6 +486,7 @@ class PostcopyDestination:
             "pages_demanded": int(self.pages_demanded),
             "pages_pushed": int(self.pages_pushed),
             "pages_mapped_ahead": int(self.pages_mapped_ahead),
+            "narrowed_runs": int(self.narrowed_runs),
             "duplicate_pages": int(self.duplicates),
             "complete_s": round((self.t_complete_ns - self.t_switch_ns) / 1e9, 6) if self.t_complete_ns else None,
             "missing": int(self.missing),
