@@ -80,3 +80,23 @@ def test_prediction_in_advance_vs_a_small_real_postcopy_run(boot_guest):
     assert abs(pred["pages_pushed"] - pc["pages_pushed"]) <= pc["pages_pending"] * 0.1, (pred, pc)
     assert pred["pages_pushed"] + pred["pages_demanded"] == pred["pages_pending"]
     np.testing.assert_equal(pc["pages_demanded"] + pc["pages_pushed"], pc["pages_pending"])
+
+
+@pytest.mark.parametrize("written_at_interval,faults", [(5, 1), (15, 0)], ids=["batch-on-the-wire", "batch-landed"])
+def test_a_push_batch_lands_whole(written_at_interval, faults):
+    """The destination places a pushed PAGE_DATA record only once all of it has arrived, so a
+    page the guest writes while its 1024-page batch is still on the wire is demanded -- even
+    page 10 of it, which a page-by-page push would have delivered in the first millisecond.
+    Here the first batch takes 100 ms; page 10 is written at 50-60 ms (a fault) or at
+    150-160 ms (after the batch landed: none)."""
+    from vmem.analysis.simulate_postcopy import PUSH_BATCH_PAGES
+
+    intervals = [[] for _ in range(30)]
+    intervals[written_at_interval] = [10]
+    t = synthetic(intervals, 4096, interval_s=0.01)
+    rate = PUSH_BATCH_PAGES * wire_bytes(1024) / 1024 / 0.1
+    r = simulate(t, None, bandwidth_Bps=rate, postcopy="pure", setup_s=0.0, pause_s=0.0, push_hold_s=0.0,
+                 postcopy_switch_s=0.001, fault_wait_s=0.0, bandwidth_efficiency=1.0)
+    pc = r.postcopy
+    assert pc["faults"] == pc["pages_demanded"] == faults
+    assert pc["pages_pushed"] + pc["pages_demanded"] == pc["pages_pending"] == 4096
