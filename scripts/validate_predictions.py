@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/validate_predictions.py [--size 128M] [--links 50M,200M]
         [--workloads idle,uniform,...] [--policies xen,downtime-limit,hybrid] [--repeats 2]
-        [--profile-s 12] [--starts 32] [--calibration FILE] [--calibrate] [--json out.json]
+        [--profile-s 12] [--interval-ms 20] [--starts 32] [--calibration FILE] [--calibrate] [--json out.json]
         [--markdown out.md] [--tiny]
 
 1. Calibration: the host's fixed costs and copy rate (``vmem calibrate``), loaded from the
@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default=",".join(val.POLICIES), help=f"subset of {','.join(val.POLICIES)}")
     p.add_argument("--repeats", type=int, default=2, help="real migrations per cell (default 2; medians compared)")
     p.add_argument("--profile-s", type=float, default=12.0, help="profile length, seconds (default 12)")
+    p.add_argument("--interval-ms", type=float, default=20.0,
+                   help="profile interval, ms (default 20): the finest time the trace tells writes apart (a "
+                        "hybrid's pending pages are demanded within tens of ms of the resume)")
     p.add_argument("--starts", type=int, default=32, help="start offsets (and calibration draws) per forecast (default 32)")
     p.add_argument("--calibration", metavar="FILE", help="calibration file (default: this host's cache)")
     p.add_argument("--calibrate", action="store_true", help="measure the calibration first (and store it in --calibration)")
@@ -82,9 +85,10 @@ def main(argv=None) -> int:
     log(cal.describe())
     load_start = val.load_note()
     cells = val.run_validation(cal, workloads=names, policies=pols, links_Bps=links, size_bytes=size,
-                               repeats=args.repeats, profile_s=args.profile_s, starts=args.starts, log=log)
+                               repeats=args.repeats, profile_s=args.profile_s, interval_s=args.interval_ms / 1e3,
+                               starts=args.starts, log=log)
     summary = val.summarise(cells)
-    header = (f"Predicted in advance (a {args.profile_s:g} s profile, 100 ms intervals, forecast over {args.starts} start "
+    header = (f"Predicted in advance (a {args.profile_s:g} s profile, {args.interval_ms:g} ms intervals, forecast over {args.starts} start "
               f"offsets x calibration draws) vs measured (median of {args.repeats} run(s) per cell); {size >> 20} MiB "
               f"guests; error = (predicted median - measured median) / measured median. {cal.describe()}. Load: "
               f"{load_start} at the start, {val.load_note()} at the end; {time.monotonic() - t0:.0f} s in all. "
@@ -116,7 +120,8 @@ def rescore(args, size: int, log) -> int:
     traces = {}
     for w in dict.fromkeys(c["workload"] for c in cells):
         log(f"re-profiling {w} for {args.profile_s:g} s (seed 1, as the run)")
-        traces[w] = run_profile(w, val.WORKLOADS[w], size, duration_s=args.profile_s, interval_s=0.1, seed=1, warmup_s=0.5)
+        traces[w] = run_profile(w, val.WORKLOADS[w], size, duration_s=args.profile_s, interval_s=args.interval_ms / 1e3,
+                                seed=1, warmup_s=0.5)
     val.add_model_predictions(cells, traces, cal)
     summary = val.summarise(cells)
     header = data.get("header") or "(a saved run, rescored)"
