@@ -78,19 +78,23 @@ def test_postcopy_each_workload(boot_guest, workload, params, postcopy, mode):
         assert d["rounds"][0]["kind"] == "precopy" and d["rounds"][0]["pages_sent"] > 0
 
 
-@pytest.mark.parametrize("max_runs", ["1000000", "0"], ids=["narrowed", "whole-ram"])
-def test_a_hybrid_switch_traps_only_the_pending_pages(boot_guest, monkeypatch, max_runs):
+@pytest.mark.parametrize("workload,params,max_runs", [
+    ("hotcold", {"rate": 20000}, "1000000"), ("checker", {"rate": 20000, "reads": 64}, "1000000"),
+    ("hotcold", {"rate": 20000}, "0")], ids=["narrowed", "narrowed-checker", "whole-ram"])
+def test_a_hybrid_switch_traps_only_the_pending_pages(boot_guest, monkeypatch, workload, params, max_runs):
     """At a hybrid switch only the runs of pending pages stay registered MISSING|MINOR: the
     resumed guest's first touches of pre-copied pages, and of pages the source never had
     (hotcold's cold writes), are the kernel's to map, not round trips through the fault
     thread.  With the narrowing off (the fallback for too many runs) the whole RAM stays
-    trapped and the background mapper maps the pre-copied pages ahead instead."""
+    trapped and the background mapper maps the pre-copied pages ahead instead.  The checker
+    guest reads and checks pages while post-copy runs: a pending page left untrapped would
+    show it its stale pre-copied content."""
     from vmem.migration import inject
 
     # a limit no pending set reaches (a loaded host leaves more pending runs than the
     # default's 128), or 0: never narrow
     monkeypatch.setenv(inject.NARROW_MAX_RUNS_ENV, max_runs)
-    g = boot_guest("hotcold", SIZE, rate=20000)
+    g = boot_guest(workload, SIZE, **params)
     time.sleep(0.2)
     report = run_local_migration(g, MigrationOptions(postcopy="after-precopy", observe_s=0.3))
     pc = assert_migrated(report, "hybrid")["postcopy"]
