@@ -56,7 +56,10 @@ def test_kvm_guest_migrates_verified(boot_guest, tracker, postcopy, mode):
     if mode != "postcopy":
         assert d["tracker"] == tracker
     if mode != "precopy":
-        assert d["postcopy"]["missing"] == 0 and d["postcopy"]["pages_pending"] > 0
+        assert d["postcopy"]["missing"] == 0
+        # pure: every data page is to come; hybrid: the last dirty set, which a guest writing
+        # 200 pages/s can leave empty when the last round is short (seen once in CI)
+        assert d["postcopy"]["pages_pending"] > 0 if mode == "postcopy" else d["postcopy"]["pages_pending"] >= 0
     assert not g.alive()  # the source VM exits only after commit
 
 
