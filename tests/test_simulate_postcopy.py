@@ -100,3 +100,12 @@ def test_a_push_batch_lands_whole(written_at_interval, faults):
     pc = r.postcopy
     assert pc["faults"] == pc["pages_demanded"] == faults
     assert pc["pages_pushed"] + pc["pages_demanded"] == pc["pages_pending"] == 4096
+
+
+def test_the_simulated_push_batch_is_the_migrators():
+    """The simulator's batch size is a copy of the source's (analysis does not import the
+    migrator's post-copy machinery); this keeps the two from drifting apart."""
+    from vmem.analysis.simulate_postcopy import PUSH_BATCH_PAGES
+    from vmem.migration.postcopy.source import BATCH_PAGES
+
+    assert PUSH_BATCH_PAGES == BATCH_PAGES
