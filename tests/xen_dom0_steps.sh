@@ -43,6 +43,12 @@ step migrate-inject env VMEM_XEN_INJECT=corrupt-destination-page python3 -m vmem
   --policy threshold --precopy-iterations 2 --json "$R/migrate-inject.json"
 step after-inject sh -c 'xl list; xl domid vm1 && ! xl domid vm1--incoming 2>/dev/null'
 
+# create_domu's check fires: a domU whose stamper dies (SIGILL, as the nested host's AVX
+# emulation once made it) is reported at once, with the guest's exit status, not waited out
+DOMU_NAME=vm-dies STAMP_MODE=die; write_domu_cfg /tmp/vm-dies.cfg
+step create-dies fails create_domu /tmp/vm-dies.cfg
+xl destroy vm-dies 2>/dev/null; unset DOMU_NAME STAMP_MODE
+
 cp $LOG/*.log "$R/" 2>/dev/null
 { free -m; dmesg | tail -40; } > "$R/dom0-state.out" 2>&1
 xl list > "$R/xl-list.out" 2>&1

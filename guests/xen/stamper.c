@@ -12,11 +12,14 @@
  * Usage: stamper MIB RATE_PAGES_PER_S CHECK_S [inject]
  * "inject" (tests only) puts an old generation into one page after the first check: the next
  * check must report bad=1 -- the proof that the check can fail.
+ * "die" (tests only) dies of SIGILL right after "STAMP start", as the stamper did when the
+ * nested host's AVX emulation failed it (docs/xen.md): the guest's init must report it.
  */
 #include <string.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <time.h>
 
@@ -58,12 +61,14 @@ int main(int argc, char **argv)
     double rate = argc > 2 ? atof(argv[2]) : 2000;
     double check_s = argc > 3 ? atof(argv[3]) : 2;
     int inject = argc > 4 && !strcmp(argv[4], "inject");
+    int die = argc > 4 && !strcmp(argv[4], "die");
     uint64_t npages = mib * 256, pass = 1, cursor = 0, n = 0, total_bad = 0;
     uint64_t *ram = mmap(0, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (ram == MAP_FAILED) { perror("STAMP mmap"); return 1; }
     for (uint64_t i = 0; i < npages; i++) stamp(ram + i * WORDS, i, pass);
     printf("STAMP start pages=%llu rate=%.0f check_s=%.1f\n", (unsigned long long)npages, rate, check_s);
     fflush(stdout);
+    if (die) raise(SIGILL);
     double t0 = now_s(), last = t0, next_check = t0 + check_s, max_gap = 0, owed = 0;
     for (;;) {
         struct timespec tick = {0, 10 * 1000 * 1000};
