@@ -181,6 +181,7 @@ class DestinationMigration:
             elif rec.type is PC.TRANSITION:
                 if self.state is not DestinationState.POSTCOPY or self._resumed_thread is not None:
                     raise StreamError("post-copy TRANSITION without BEGIN, or a second one", rec.offset)
+                self._t_transition_read_ns = time.monotonic_ns()
                 self._context = bytes(rec.body)
                 self._resumed_thread = self._postcopy_switch(self._context)
             elif rec.type is PC.COMPLETE:
@@ -251,6 +252,7 @@ class DestinationMigration:
         self._placer.postcopy = self.postcopy
         t_end = time.monotonic_ns()
         self.postcopy.switch(self.urgent)
+        t_switched = time.monotonic_ns()
         if self.on_switch is not None:
             self.on_switch()
 
@@ -268,7 +270,10 @@ class DestinationMigration:
                     "first_step_ns": first, "running_at_ns": self._resumed_counters["resumed_at_ns"],
                     "restore_ms": round((first - t0) / 1e6, 3),
                     "end_to_resume_ms": round((t0 - t_end) / 1e6, 3), "pages_received": self.pages_received,
-                    "postcopy": True,
+                    "postcopy": True, "transition_read_ns": self._t_transition_read_ns,
+                    "flush_ms": round((t_end - self._t_transition_read_ns) / 1e6, 3),
+                    "switch_ms": round((t_switched - t_end) / 1e6, 3),
+                    "resume_cmd_ms": round((self._postcopy_resume_counters[0] - t0) / 1e6, 3),
                 }
                 try:
                     self._send_control(wire.ControlType.RESUMED, self._resumed_payload)
