@@ -52,7 +52,8 @@ def _spread_runs():
 
 def test_a_real_report_yields_the_quantities():
     report = {"outcome": "completed", "verified": True, "downtime_ms": 12.0, "blackout_ms": 30.0, "guest_pages": 16384,
-              "setup_time_ms": 900.0, "migration_time_s": 2.5, "timings_ms": {"pause_latency": 1.5, "stop_and_copy_send": 4.0},
+              "setup_time_ms": 900.0, "migration_time_s": 2.5,
+              "timings_ms": {"pause_latency": 1.5, "stop_and_copy_send": 4.0, "drain_before_pause": 2.5},
               "rounds": [{"kind": "precopy", "pages_sent": 16384, "bytes_sent": 50_000_000, "duration_s": 1.25, "collect_ms": 0.4},
                          {"kind": "precopy", "pages_sent": 100, "bytes_sent": 409_600, "duration_s": 0.001, "collect_ms": 0.6},
                          {"kind": "stop-and-copy", "pages_sent": 20, "bytes_sent": 81_920, "duration_s": 0.004}]}
@@ -64,7 +65,9 @@ def test_a_real_report_yields_the_quantities():
     assert s["collect_s"] == pytest.approx(0.0005)
     assert s["gap_s"] == pytest.approx(0.030)                           # a later gap longer than the downtime
     transfer = 1.25 + 0.0004 + 0.001 + 0.0006 + 0.012
-    assert s["tail_s"] == pytest.approx(2.5 - 0.9 - 0.0015 - transfer)
+    # the wait for the destination before the pause is a quantity of its own, not tail
+    assert s["drain_s"] == pytest.approx(0.0025)
+    assert s["tail_s"] == pytest.approx(2.5 - 0.9 - 0.0025 - 0.0015 - transfer)
     report["outcome"] = "failed"
     with pytest.raises(ConfigError, match="did not complete verified"):
         sample_from_report(report, 50e6)

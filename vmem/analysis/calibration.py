@@ -14,6 +14,8 @@ What one calibration run yields (:func:`sample_from_report`, all seconds unless 
 
     setup_s           handshake -> first page (report setup_time_ms)
     pause_s           pause posted -> acknowledged (timings_ms.pause_latency)
+    drain_s           before the pause: waiting for the destination to place what it
+                      received (timings_ms.drain_before_pause; the link idles meanwhile)
     collect_s         median dirty-tracker collect of the pre-copy rounds
     efficiency        achieved / nominal rate of the copy path: sum(bytes) / sum(send time) / cap
                       over rounds of >= 1 MiB, less the token bucket's credit each round
@@ -23,7 +25,7 @@ What one calibration run yields (:func:`sample_from_report`, all seconds unless 
     postcopy_switch_s post-copy: the downtime (pause -> first step at the destination)
     push_hold_s       post-copy: the push held for the destination guest's first step
     fault_wait_s      post-copy: blocktime / faults, what one demand fault stalls the guest
-    tail_s            migration_time - setup - pause - the rounds and the switchover: verify,
+    tail_s            migration_time - setup - drain - pause - the rounds and the switchover: verify,
                       commit, and the round loop's own bookkeeping
     gap_s             the longest guest gap after the resume when it exceeded the downtime
                       (blackout_ms > downtime_ms), else 0
@@ -107,7 +109,7 @@ MIN_RATE_BYTES = 1 << 20
 MAX_FILE_BYTES = 16 << 20
 MAX_RUNS = 10_000
 #: The quantities a run holds (None where the run's mode has none).
-QUANTITIES = ("setup_s", "pause_s", "collect_s", "efficiency", "switchover_s", "postcopy_switch_s",
+QUANTITIES = ("setup_s", "pause_s", "drain_s", "collect_s", "efficiency", "switchover_s", "postcopy_switch_s",
               "push_hold_s", "fault_wait_s", "tail_s", "gap_s", "final_pages")
 #: precopy: Xen's policy, stop-and-copy; postcopy: pure post-copy; hybrid: Xen's pre-copy
 #: rounds, then post-copy of the last dirty set (a few pages pending: the switch's fixed part).
@@ -216,6 +218,9 @@ def sample_from_report(report, link_Bps: float) -> dict:
              pages_pending=int(pc.get("pages_pending") or 0) if pc else 0)
     s["setup_s"] = (_num(d.get("setup_time_ms")) or 0.0) / 1e3
     s["pause_s"] = (_num(tm.get("pause_latency")) or 0.0) / 1e3
+    # The wait for the destination to catch up before the pause: simulated on its own (the
+    # link idles, the guest writes on), so it is taken out of the tail below.
+    s["drain_s"] = (_num(tm.get("drain_before_pause")) or 0.0) / 1e3
     collects = [float(x.get("collect_ms") or 0) / 1e3 for x in pre]
     s["collect_s"] = float(np.median(collects)) if collects else None
     blackout_s = _num(d.get("blackout_ms"))
@@ -230,7 +235,7 @@ def sample_from_report(report, link_Bps: float) -> dict:
         stop = [x for x in rounds if x.get("kind") == "stop-and-copy"]
         s["final_pages"] = int(stop[-1].get("pages_sent") or 0) if stop else 0
         if migration_s is not None:
-            s["tail_s"] = migration_s - s["setup_s"] - s["pause_s"] - transfer_time_s(d)
+            s["tail_s"] = migration_s - s["setup_s"] - s["drain_s"] - s["pause_s"] - transfer_time_s(d)
     else:
         push_s, push_rate = _num(pc.get("push_s")), _num(pc.get("push_rate_Bps"))
         if push_rate and push_s and push_rate * push_s >= MIN_RATE_BYTES:
@@ -246,7 +251,7 @@ def sample_from_report(report, link_Bps: float) -> dict:
         if migration_s is not None and placed_s is not None:
             rounds_s = sum(float(x.get("duration_s") or 0) + float(x.get("collect_ms") or 0) / 1e3 for x in pre)
             # pause_to_all_placed starts when the pause is posted: the pause latency is in it
-            s["tail_s"] = migration_s - s["setup_s"] - rounds_s - placed_s / 1e3
+            s["tail_s"] = migration_s - s["setup_s"] - rounds_s - s["drain_s"] - placed_s / 1e3
     return s
 
 
@@ -402,7 +407,7 @@ class Calibration:
             a, b, res = lines["postcopy_switch_s"]
             p["postcopy_switch_s"] = max(0.0, a + res.get(id(r), 0.0))
             p["postcopy_switch_per_page_s"] = b
-            for q in ("pause_s", "collect_s", "switchover_s", "push_hold_s", "fault_wait_s", "gap_s"):
+            for q in ("pause_s", "drain_s", "collect_s", "switchover_s", "push_hold_s", "fault_wait_s", "gap_s"):
                 v = r.get(q)
                 if q == "switchover_s" and switch_line is not None:
                     a, b, res = switch_line

@@ -17,6 +17,9 @@ Timeline (seconds of *trace time*; the trace loops when the migration outlasts i
     policy             sees PrecopyStats exactly as the migrator fills them
                        (bandwidth = bytes / send time, est_downtime = dirty * page_size /
                        min(bandwidth, B), dirty_history, dirty_rate_history, throttle...)
+    drain              the migrator waits drain_s for the destination to place what it
+                       received (PLACED acks); the guest runs on, the link idles (its
+                       bucket refills)
     stop-and-copy      the guest runs pause_s more (pause latency), then the union of the
                        last dirty set and what it wrote meanwhile is sent;
                        downtime = send time + switchover_s (final collect, END, context,
@@ -103,6 +106,9 @@ class SimulationParams:
         data_pages: pages round 0 sends; default the trace's ``data_pages``.
         start_s: trace time at which the migration starts.
         setup_s, collect_s, pause_s, switchover_s, post_s: fixed costs (seconds).
+        drain_s: before the pause, the migrator waits for the destination to place what it
+            received (``timings_ms.drain_before_pause``, calibrated): the guest runs on (its
+            writes join the final set) and the link idles (its token bucket refills).
         switchover_per_page_s: the switchover's cost per page of the final set beyond its
             wire time (calibrated); downtime = send + switchover_s + this x final pages.
         bandwidth_efficiency: the rate the copy path really achieves as a fraction of
@@ -132,6 +138,7 @@ class SimulationParams:
     setup_s: float = DEFAULT_SETUP_S
     collect_s: float = DEFAULT_COLLECT_S
     pause_s: float = DEFAULT_PAUSE_S
+    drain_s: float = 0.0
     switchover_s: float = DEFAULT_SWITCHOVER_S
     switchover_per_page_s: float = 0.0
     post_s: float = DEFAULT_POST_S
@@ -151,8 +158,8 @@ class SimulationParams:
         """Raises ConfigError naming the first bad parameter."""
         if not (isinstance(self.bandwidth_Bps, (int, float)) and math.isfinite(self.bandwidth_Bps) and self.bandwidth_Bps > 0):
             raise ConfigError("--bandwidth", f"must be a finite rate > 0, got {self.bandwidth_Bps!r}")
-        for name in ("start_s", "setup_s", "collect_s", "pause_s", "switchover_s", "switchover_per_page_s", "post_s",
-                     "blackout_gap_s",
+        for name in ("start_s", "setup_s", "collect_s", "pause_s", "drain_s", "switchover_s", "switchover_per_page_s",
+                     "post_s", "blackout_gap_s",
                      "postcopy_switch_s", "postcopy_switch_per_page_s", "push_hold_s", "fault_wait_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
@@ -353,10 +360,13 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
         if end.decision == Decision.POSTCOPY:
             r.mode = "hybrid"
 
-    # The guest runs until it acknowledges the pause, then is frozen.
-    late = replay.advance(p.pause_s, throttle)
-    link.idle(p.pause_s)
-    elapsed += p.pause_s
+    # The migrator waits for the destination to catch up (drain; none before a pure
+    # post-copy), then the guest runs until it acknowledges the pause and is frozen.  The
+    # link idles meanwhile: its bucket refills, and a large final set goes out faster.
+    wait_s = (p.drain_s if index >= 0 else 0.0) + p.pause_s
+    late = replay.advance(wait_s, throttle)
+    link.idle(wait_s)
+    elapsed += wait_s
     final = _union(dirty, late, trace.npages) if len(late) else dirty
     final_n = len(final)
     if r.mode != "precopy":
@@ -376,6 +386,7 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     r.blackout_ms = round(max(downtime_s, p.blackout_gap_s) * 1e3, 3)
     r.timings_ms = {
         "setup": round(p.setup_s * 1e3, 3),
+        "drain_before_pause": round(p.drain_s * 1e3, 3),
         "pause_latency": round(p.pause_s * 1e3, 3),
         "stop_and_copy_send": round(send_s * 1e3, 3),
         "switchover_overhead": round(switchover_s * 1e3, 3),

@@ -77,13 +77,13 @@ def model_prediction(trace, bandwidth_Bps: float, calibration, load_factor: floa
     """The analytical model's point prediction (Xen's policy) for a cell, calibrated: the link
     at the copy path's measured rate, measured collect and switchover; dirty rate D and
     working set W from the profile (:func:`vmem.analysis.profile.analyse`); migration time =
-    the model's rounds + downtime plus the calibrated setup, pause and tail."""
+    the model's rounds + downtime plus the calibrated setup, drain, pause and tail."""
     from vmem.analysis.profile import analyse
 
     a = analyse(trace, [bandwidth_Bps], policies={}, calibration=calibration)
     mx = a["predictions"][0]["model_xen"]
     pt = calibration.point_params(int(trace.npages), bandwidth_Bps, load_factor=load_factor) if calibration is not None else {}
-    fixed = pt.get("setup_s", 0.0) + pt.get("pause_s", 0.0) + pt.get("post_s", 0.0)
+    fixed = pt.get("setup_s", 0.0) + pt.get("drain_s", 0.0) + pt.get("pause_s", 0.0) + pt.get("post_s", 0.0)
     return {"precopy_rounds": mx["rounds"], "pages_sent": mx["pages_sent"], "downtime_ms": mx["downtime_ms"],
             "migration_time_s": mx["total_time_s"] + fixed, "ratio_r": mx["ratio_r"]}
 
