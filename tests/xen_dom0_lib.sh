@@ -32,7 +32,7 @@ lines() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }
 # noxsave: with XSAVE (so AVX) on, about 1 domU boot in 4 lost its processes to SIGILL on
 # glibc's AVX2 string code (vpxor, #UD) right after boot -- the stamper silently, or init
 # (a panic) -- a fault of the nested stack (QEMU 7.2's TCG AVX under its SVM), not of vmem:
-# 9 of 32 boots before, 0 of 16 with noxsave (docs/xen.md).  print-fatal-signals: such a
+# 9 of 32 creates before, 0 of 16 with noxsave (docs/xen.md).  print-fatal-signals: such a
 # death is logged (init.sh prints the kernel's last lines when the stamper ends).
 write_domu_cfg() {
   cat > "$1" <<EOC

@@ -91,6 +91,7 @@ class DestinationMigration:
         self._fault_log = False  # send the post-copy fault log (the source records a page map)
         self._recovery_wait_s = POSTCOPY_RECONNECT_WAIT_S
         self._context: bytes | None = None  # the guest context (EMULATOR_CONTEXT or TRANSITION)
+        self._t_transition_read_ns = 0  # when TRANSITION was read (timings_ms.pause_to_transition_read)
         # Post-copy: the thread that resumes the guest at TRANSITION and what it found.
         self._resumed_thread: threading.Thread | None = None
         self._resumed_error: BaseException | None = None
