@@ -446,6 +446,11 @@ def test_the_drain_before_the_pause_refills_the_link_and_lets_the_guest_write():
     assert drained.downtime_ms == pytest.approx(base.downtime_ms - 4.0, abs=0.05)       # 4 ms of credit
     assert drained.migration_time_s == pytest.approx(base.migration_time_s, abs=1e-4)  # +4 ms drain, -4 ms send
     assert drained.timings_ms["drain_before_pause"] == 4.0
+    # a hybrid drains before its pause too; a pure post-copy has nothing to drain
+    common = dict(bandwidth_Bps=50e6, collect_s=0.0, pause_s=0.0, drain_s=0.004)
+    hybrid = simulate(t, XenDefaultPolicy(), postcopy="after-precopy", **common)
+    assert hybrid.mode == "hybrid" and hybrid.timings_ms["drain_before_pause"] == 4.0
+    assert simulate(t, None, postcopy="pure", **common).timings_ms["drain_before_pause"] == 0.0
     u = uniform_trace(npages=16384, rate_pps=20000, seconds=6)
     few = simulate(u, XenDefaultPolicy(), bandwidth_Bps=50e6).rounds[-1].pages_sent
     more = simulate(u, XenDefaultPolicy(), bandwidth_Bps=50e6, drain_s=0.05).rounds[-1].pages_sent

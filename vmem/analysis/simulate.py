@@ -419,7 +419,10 @@ def _finish_postcopy(r: MigrationReport, trace: DirtyTrace, p: SimulationParams,
                   "pages_demanded": pc["pages_demanded"], "pages_pushed": pc["pages_pushed"],
                   "complete_s": round(complete_s, 6), "push_s": round(pc["push_s"], 6),
                   "blocktime_ms": round(pc["blocked_s"] * 1e3, 3)}
-    r.timings_ms = {"setup": round(p.setup_s * 1e3, 3), "pause_latency": round(p.pause_s * 1e3, 3),
+    r.timings_ms = {"setup": round(p.setup_s * 1e3, 3),
+                    # a hybrid drains before its pause as stop-and-copy does; a pure post-copy does not
+                    "drain_before_pause": round((p.drain_s if index >= 0 else 0.0) * 1e3, 3),
+                    "pause_latency": round(p.pause_s * 1e3, 3),
                     "postcopy_switch": round(switch_s * 1e3, 3), "push_held_for_restart": round(p.push_hold_s * 1e3, 3),
                     "pause_to_all_placed": round((p.pause_s + complete_s) * 1e3, 3)}
     r.outcome = "completed"
