@@ -45,14 +45,18 @@ tail and post-copy switch as the least-squares line over guest size (or pages pe
 run ``k``'s residual -- so a forecast's range holds the host's own noise, not only the
 start-time variation of the guest.
 
-Per workload.  The switchover is the line over the stop-and-copy set (``final_pages``):
-an intercept (pausing, the stream's end, restoring and resuming the guest) plus a cost per
-page beyond its wire time (collecting, placing and digesting it); the simulator adds the
-slope times the final set *it* predicts, so an idle guest (an empty final set) pays the
-intercept only.  A slope the runs do not identify (negative, or within two standard errors
-of zero: the calibration guest's final sets span a few dozen pages) is 0 -- extrapolating
-noise from a few dozen pages to a guest whose final set is the whole RAM is worse than
-leaving it out.  The copy efficiency is the line
+Per workload.  The switchover is the line over the stop-and-copy set (``final_pages``,
+counted up to :data:`SWITCH_BACKLOG_PAGES`): an intercept (pausing, the stream's end,
+restoring and resuming the guest) plus a cost per page beyond its wire time (the
+destination still receiving and placing the last of it when the send ends); the simulator
+adds the slope times the final set *it* predicts, so an idle guest (an empty final set)
+pays the intercept only.  Under Xen's policy the calibration guest's final sets span a few
+dozen pages, which cannot identify a slope, so each size x link also runs once under a
+policy that stops after round 0 (:data:`SHORT_POLICY`: final sets of hundreds to thousands
+of pages).  Those runs (``"variant": "short"``) enter the switchover's line only; the
+draws bootstrap the Xen-policy runs.  A slope the runs still do not identify (negative, or
+within two standard errors of zero) is 0 -- extrapolating noise is worse than leaving it
+out.  The copy efficiency is the line
 over the load probe (``probe_s``) within the link's runs, slope <= 0: a busier host copies
 no faster, and a prediction made under a heavier load than the calibration's gets a lower
 efficiency (clipped to the range the runs saw, widened by 20 %).
@@ -79,6 +83,7 @@ import time
 import numpy as np
 
 from vmem.errors import ConfigError
+from vmem.analysis.model import SWITCH_BACKLOG_PAGES, switch_backlog_pages
 
 __all__ = [
     "CALIBRATION_FORMAT",
@@ -88,6 +93,8 @@ __all__ = [
     "load_calibration",
     "sample_from_report",
     "mode_for",
+    "switch_backlog_pages",
+    "SWITCH_BACKLOG_PAGES",
     "MODES",
     "host_probe_s",
     "CPU_BOUND",
@@ -102,6 +109,9 @@ CALIBRATION_VERSION = 1
 CAL_WORKLOAD = "hotcold"
 CAL_PARAMS = {"rate": 2000}
 CAL_SEED = 97
+#: The policy of the calibration's "short" pre-copy runs: stop-and-copy right after round 0,
+#: so the final set is everything the guest wrote meanwhile (hundreds to thousands of pages).
+SHORT_POLICY = {"iterations": 1, "threshold": 0}  # vmem.migration.policy.IterationsThresholdPolicy
 #: Rounds smaller than this do not count for the copy rate (the token bucket's burst and
 #: per-round costs dominate them).
 MIN_RATE_BYTES = 1 << 20
@@ -285,9 +295,11 @@ class Calibration:
         """One line: where, when, on what, under which load, from how many runs."""
         pv = self.data.get("provenance") or {}
         load = (self.data.get("load") or {}).get("loadavg_before")
-        by_mode = {m: sum(1 for r in self.runs if r.get("mode") == m) for m in MODES}
+        by_mode = {m: sum(1 for r in self.runs if r.get("mode") == m and not r.get("variant")) for m in MODES}
+        short = sum(1 for r in self.runs if r.get("variant") == "short")
         return (f"calibration {self.path or '(in memory)'}: {pv.get('date_utc', '?')} on {pv.get('hostname', '?')} "
                 f"(commit {str(pv.get('git_commit') or '?')[:12]}), {by_mode['precopy']} pre-copy + "
+                + (f"{short} short pre-copy + " if short else "") + 
                 f"{by_mode['postcopy']} post-copy + {by_mode['hybrid']} hybrid runs"
                 + (f", load average {load[0]:.1f}" if load else ""))
 
@@ -303,18 +315,21 @@ class Calibration:
         return [r for r in runs if abs(math.log(r["link_Bps"] / link_Bps)) <= best + 1e-9]
 
     def _mode_runs(self, mode: str) -> list[dict]:
-        """Runs of ``mode``; a hybrid without hybrid runs falls back on post-copy ones, then any."""
+        """Runs of ``mode``; a hybrid without hybrid runs falls back on post-copy ones, then any.
+        The "short" pre-copy runs are left out: they are there for the switchover's line."""
+        drawn = [r for r in self.runs if not r.get("variant")]
         for m in (mode, "postcopy" if mode == "hybrid" else mode):
-            runs = [r for r in self.runs if r.get("mode") == m]
+            runs = [r for r in drawn if r.get("mode") == m]
             if runs:
                 return runs
-        return list(self.runs)
+        return drawn
 
     @staticmethod
     def _line(runs: list[dict], q: str, x_key: str, *, sign: int = 1,
-              identified: bool = False) -> tuple[float, float, dict]:
+              identified: bool = False, x_of=None) -> tuple[float, float, dict]:
         """Least-squares ``q = a + b * x`` over the runs that have ``q`` and ``x``; ``(a, b,
-        residual by run id)``; b = 0 with fewer than two distinct x.  ``sign`` +1: b >= 0 (a
+        residual by run id)``; b = 0 with fewer than two distinct x.  ``x_of``: maps the
+        run's ``x_key`` value to the x the line is over (default: as it is).  ``sign`` +1: b >= 0 (a
         cost never shrinks with size: noise must not make it); -1: b <= 0.
 
         ``identified``: b = 0 also when it lies within two standard errors of zero.  The
@@ -322,7 +337,8 @@ class Calibration:
         span a few dozen pages, a slope fitted over them is noise (one file's came out at
         34 us/page, +/- 39), and extrapolated to a guest whose final set is 131,072 pages it
         added a second to a switchover that really costs milliseconds."""
-        pts = [(float(r[x_key]), float(r[q]), id(r)) for r in runs
+        f = x_of or float
+        pts = [(float(f(r[x_key])), float(r[q]), id(r)) for r in runs
                if r.get(q) is not None and isinstance(r.get(x_key), (int, float))]
         if not pts:
             return 0.0, 0.0, {}
@@ -375,7 +391,7 @@ class Calibration:
         # The switchover over the stop-and-copy set (older files have no final_pages: then
         # each run's switchover as it was, no slope).
         pre = [r for r in self.runs if r.get("mode") == "precopy"]
-        switch_line = (self._line(pre, "switchover_s", "final_pages", identified=True)
+        switch_line = (self._line(pre, "switchover_s", "final_pages", identified=True, x_of=switch_backlog_pages)
                        if any(isinstance(r.get("final_pages"), (int, float)) for r in pre) else None)
         # The copy efficiency over the load probe, within this link's runs: the probe a
         # prediction is made under is the runs' median probe times the load factor.
@@ -501,8 +517,9 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
                     postcopy: bool = True, tracker: str = "auto", warmup_s: float = 0.5, observe_s: float = 0.1,
                     on_run=None) -> Calibration:
     """Migrate the calibration guest ``repeats`` times per size x link x mode (pre-copy under
-    Xen's policy, and -- unless ``postcopy=False`` -- pure post-copy and hybrid) and return
-    the Calibration.
+    Xen's policy, and -- unless ``postcopy=False`` -- pure post-copy and hybrid), plus once
+    per size x link a "short" pre-copy (:data:`SHORT_POLICY`, for the switchover's slope),
+    and return the Calibration.
 
     Runs are interleaved (every size x link x mode once, then again) so a change in the
     host's load spreads over all of them.  A run that does not complete verified is left
@@ -514,7 +531,7 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
     from vmem import provenance
     from vmem.migration.backend import GuestSpec, boot_guest
     from vmem.migration.local import LocalDestination, run_local_migration
-    from vmem.migration.policy import XenDefaultPolicy
+    from vmem.migration.policy import IterationsThresholdPolicy, XenDefaultPolicy
     from vmem.migration.source import MigrationOptions
 
     if not isinstance(repeats, int) or repeats < 1:
@@ -527,9 +544,12 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
     load_before = _loadavg()
     runs, failed = [], []
     plan = [(size, bw, mode) for _ in range(repeats) for size in sizes_bytes for bw in links_Bps for mode in modes]
+    # one short run per size x link, interleaved with the first repeat's
+    plan[len(sizes_bytes) * len(links_Bps) * len(modes):0] = [(size, bw, "short") for size in sizes_bytes for bw in links_Bps]
     for i, (size, bw, mode) in enumerate(plan):
-        opts = MigrationOptions(tracker=tracker, policy=XenDefaultPolicy(), observe_s=observe_s, bandwidth_Bps=bw,
-                                postcopy=POSTCOPY_OPTION[mode])
+        policy = IterationsThresholdPolicy(**SHORT_POLICY) if mode == "short" else XenDefaultPolicy()
+        opts = MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s, bandwidth_Bps=bw,
+                                postcopy=POSTCOPY_OPTION.get(mode, "off"))
         probe = host_probe_s()  # how busy the host is just before this run
         # As `vmem migrate` and the validation: the destination starts before the guest boots.
         with (LocalDestination.start(opts) as destination,
@@ -537,7 +557,7 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
             time.sleep(warmup_s)
             report = run_local_migration(guest, opts, destination=destination)
         try:
-            runs.append(sample_from_report(report, bw) | {"probe_s": probe})
+            runs.append(sample_from_report(report, bw) | {"probe_s": probe} | ({"variant": "short"} if mode == "short" else {}))
         except ConfigError as err:
             failed.append(str(err))
         if on_run is not None:
@@ -548,7 +568,8 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
             "load": {"loadavg_before": load_before, "loadavg_after": _loadavg()},
             "config": {"sizes_bytes": list(sizes_bytes), "links_Bps": list(links_Bps), "repeats": repeats,
                        "workload": CAL_WORKLOAD, "params": CAL_PARAMS, "seed": CAL_SEED, "tracker": tracker,
-                       "warmup_s": warmup_s, "observe_s": observe_s, "modes": list(modes)},
+                       "warmup_s": warmup_s, "observe_s": observe_s, "modes": list(modes),
+                       "short_policy": {"name": "threshold", **SHORT_POLICY}},
             "runs": runs, "failed_runs": failed}
     return Calibration(data)
 
@@ -556,8 +577,9 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
 def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
     """(quantity, mode, "median (min-max), n") rows for humans."""
     rows = []
-    for mode in MODES:
-        runs = [r for r in cal.runs if r.get("mode") == mode]
+    for mode in MODES + ("precopy (short)",):
+        runs = ([r for r in cal.runs if r.get("variant") == "short"] if mode == "precopy (short)" else
+                [r for r in cal.runs if r.get("mode") == mode and not r.get("variant")])
         for q in QUANTITIES:
             vals = [r[q] for r in runs if r.get(q) is not None]
             if not vals:

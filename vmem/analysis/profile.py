@@ -26,7 +26,7 @@ from vmem.errors import ConfigError
 from vmem.migration.backend import GuestSpec, boot_guest
 from vmem.ram import parse_size
 from vmem.tracking import make_tracker
-from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, PrecopyModel, closed_form
+from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, PrecopyModel, closed_form, switch_backlog_pages
 from vmem.analysis.trace import DirtyTrace, now_unix
 
 __all__ = [
@@ -370,7 +370,8 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
         # The calibrated switchover's cost per page of the final set (the model's o is its
         # intercept): the final set is what the model's downtime sends.
         final_pages = max(0.0, cf.downtime_s - o_s) / m.send_s(1.0)
-        per_page_s = float(extra.get("switchover_per_page_s", 0.0)) * final_pages if calibration is not None else 0.0
+        per_page_s = (float(extra.get("switchover_per_page_s", 0.0)) * switch_backlog_pages(final_pages)
+                      if calibration is not None else 0.0)
         row["model_xen"] = {"ratio_r": round(m.ratio, 4), "rounds": cf.precopy_rounds, "pages_sent": round(cf.pages_sent),
                             "downtime_ms": round((cf.downtime_s + per_page_s) * 1e3, 3),
                             "total_time_s": round(cf.total_time_s + per_page_s, 4), "converges": cf.converges}

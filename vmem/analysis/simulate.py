@@ -45,7 +45,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from vmem.errors import ConfigError, PolicyError
-from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, wire_bytes
+from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, switch_backlog_pages, wire_bytes
 from vmem.pages import merge_pages
 from vmem.migration.policy import Decision, XenDefaultPolicy
 from vmem.migration.report import MigrationReport, RoundStats
@@ -372,14 +372,16 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     if r.mode != "precopy":
         return _finish_postcopy(r, trace, p, policy, replay, link, final, index, throttle, elapsed, t_wall)
     r.phase = "stop-and-copy"
+    link.idle(p.collect_s)  # the final collect, paused, before the send: the bucket refills
     nbytes = wire_bytes(final_n, page_size) if final_n else 0
     send_s = link.send(nbytes + _TRAILER_BYTES)
     r.rounds.append(RoundStats(index=index + 1, kind="stop-and-copy", pages_sent=final_n, bytes_sent=nbytes,
                                duration_s=round(send_s, 6),
                                bandwidth_bps=round(nbytes * 8 / send_s, 1) if send_s > 0 else 0.0))
-    # The switchover's fixed part plus its cost per page of the final set (calibrated: an
-    # idle guest's near-empty set pays the fixed part only).
-    switchover_s = p.switchover_s + p.switchover_per_page_s * final_n
+    # The switchover's fixed part plus its cost per page of the final set, up to the bounded
+    # backlog the destination has left when the send ends (calibrated: an idle guest's
+    # near-empty set pays the fixed part only; vmem.analysis.calibration.SWITCH_BACKLOG_PAGES).
+    switchover_s = p.switchover_s + p.switchover_per_page_s * switch_backlog_pages(final_n)
     downtime_s = send_s + switchover_s
     elapsed += downtime_s
     r.downtime_ms = round(downtime_s * 1e3, 3)
