@@ -367,6 +367,8 @@ static void vmem_worker_fail(struct vmem_worker *w, int err)
 static void *vmem_worker_main(void *arg)
 {
     struct vmem_worker *w = arg;
+    /* a name in ps, top, perf and sched traces (the fault path's latency is traced by thread) */
+    pthread_setname_np(pthread_self(), "vmem-pc-fault");
     int prio = vmem_pc_boost_self();
     pthread_mutex_lock(w->mu);
     *w->priority = prio;
