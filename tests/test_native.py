@@ -822,6 +822,49 @@ for make in (lambda: nat.PostcopyFaultServer(0, np.zeros((npages, nat.PAGE_SIZE)
 """
 
 
+def test_background_push_claims_a_piece_at_a_time():
+    """Issue 13 (fault p99): a page the background push has claimed (PLACING) is one a
+    faulting guest must wait for -- the fault thread does not ask the source for it again.
+    The push used to claim a whole batch (1,024 pages) before placing its first piece, so a
+    fault on its last piece waited for every piece before it.  Now it claims, places and
+    marks one piece at a time: while the first piece is being placed (made slow on purpose,
+    vmem.migration.inject's slow_us) the later pieces are still MISSING, free for a demand
+    answer to claim; in the end every page is PRESENT and in the RAM file."""
+    npages = 4 * nat.PUSH_PIECE_PAGES
+    fd = nat.memfd_create(f"vmem-test-pieces-{os.getpid()}")
+    a, b = socket.socketpair()
+    try:
+        os.ftruncate(fd, npages * PAGE)
+        state = np.zeros(npages, np.uint8)  # MISSING
+        engine = nat.PostcopyFaultEngine(-1, a.fileno(), fd, 0, npages, state, np.zeros(npages, np.uint8),
+                                         np.zeros(npages, np.uint8), np.zeros(npages, np.int64), None,
+                                         np.zeros((16, 3), np.int64), npages)
+        staging = np.random.default_rng(9).integers(0, 256, (npages, PAGE), dtype=np.uint8)
+        nat.set_push_pieces(0, True, 300_000)  # each piece holds the placement gate 0.3 s first
+        try:
+            placer = threading.Thread(target=engine.place, args=(staging, np.arange(npages, dtype=np.int64)))
+            placer.start()
+            deadline = time.monotonic() + 10
+            while state[0] != nat.PC_PLACING and time.monotonic() < deadline:
+                time.sleep(0.001)
+            seen = state.copy()  # the first piece is being placed (0.3 s), nothing later claimed yet
+            placer.join(30)
+        finally:
+            nat.set_push_pieces()
+        first = nat.PUSH_PIECE_PAGES
+        assert (seen[:first] == nat.PC_PLACING).all()
+        assert (seen[first:] == nat.PC_MISSING).all(), np.bincount(seen[first:])
+        assert (state == nat.PC_PRESENT).all()
+        assert engine.stats()["duplicates"] == 0
+        got = np.frombuffer(os.pread(fd, npages * PAGE, 0), np.uint8).reshape(npages, PAGE)
+        assert np.array_equal(got, staging)
+        engine.close()
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
+
+
 def test_fault_thread_constructors_report_emfile_as_oserror():
     """Out of file descriptors is an OSError(EMFILE), not a MemoryError (a child process
     with RLIMIT_NOFILE lowered)."""

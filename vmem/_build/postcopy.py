@@ -822,15 +822,38 @@ static int64_t vmem_pc_place_pieces(vmem_pc_dest *h, const uint8_t *staging, con
 static int64_t vmem_pc_place_batch(vmem_pc_dest *h, const uint8_t *staging, const int64_t *pfns, size_t n,
                                    int64_t *rows, int64_t *mine, int urgent)
 {
-    size_t k = vmem_pc_claim(h, pfns, n, rows, mine);
-    if (k == 0)
-        return 0;
-    int64_t rc = urgent ? vmem_pc_place_urgent(h, staging, rows, mine, k)
-                        : vmem_pc_place_pieces(h, staging, rows, mine, k);
-    if (rc < 0)
-        return rc;   /* the pages stay PLACING: the migration fails (reported by the caller) */
-    vmem_pc_mark_present(h, mine, k);
-    return (int64_t)k;
+    if (urgent) {
+        size_t k = vmem_pc_claim(h, pfns, n, rows, mine);
+        if (k == 0)
+            return 0;
+        int64_t rc = vmem_pc_place_urgent(h, staging, rows, mine, k);
+        if (rc < 0)
+            return rc;   /* the pages stay PLACING: the migration fails (reported by the caller) */
+        vmem_pc_mark_present(h, mine, k);
+        return (int64_t)k;
+    }
+    /* The background push claims, places and marks a piece at a time, not the whole batch:
+       a page claimed (PLACING) is one the guest must wait for, since the fault thread does not
+       ask the source for it again.  Claimed for the whole batch, a fault on a page of its last
+       piece waited for every piece before it (~1 ms for 1,024 pages of fresh shmem); now it
+       waits for one piece at most, and a page of a later piece is still MISSING, so it is
+       asked for and answered on the urgent channel. */
+    size_t piece = (size_t)vmem_pc_piece_pages;
+    int64_t placed = 0;
+    for (size_t i = 0; i < n; i += piece) {
+        size_t m = n - i < piece ? n - i : piece;
+        size_t k = vmem_pc_claim(h, pfns + i, m, rows, mine);
+        if (k == 0)
+            continue;
+        for (size_t j = 0; j < k; j++)
+            rows[j] += (int64_t)i;   /* staging rows of the whole batch */
+        int64_t rc = vmem_pc_place_pieces(h, staging, rows, mine, k);
+        if (rc < 0)
+            return rc;   /* the pages stay PLACING: the migration fails (reported by the caller) */
+        vmem_pc_mark_present(h, mine, k);
+        placed += (int64_t)k;
+    }
+    return placed;
 }
 
 static int64_t vmem_pc_dest_place(vmem_pc_dest *h, const uint8_t *staging, const int64_t *pfns, size_t n)
