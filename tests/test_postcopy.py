@@ -276,6 +276,24 @@ def test_source_gone_after_the_switch_the_destination_names_the_lost_pages(boot_
     assert g.verify()["ok"]  # the source still holds every page
 
 
+def _checker_postcopy_with_preempt(boot_guest, monkeypatch, env: str) -> dict:
+    """A pure post-copy of a checker guest with ``VMEM_TEST_POSTCOPY_PREEMPT=env`` (both
+    sides: the destination process inherits it); the report's verified ``postcopy`` part."""
+    from vmem.migration import inject
+
+    monkeypatch.setenv(inject.PREEMPT_ENV, env)
+    g = boot_guest("checker", SIZE, rate=20000, reads=64)
+    time.sleep(0.2)
+    try:
+        report = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0.2))
+    finally:
+        monkeypatch.delenv(inject.PREEMPT_ENV)
+        inject.apply_preempt()  # this process (the source) back to the defaults
+    pc = assert_migrated(report, "postcopy")["postcopy"]
+    assert pc["fault_path"] == "native"
+    return pc
+
+
 @pytest.mark.parametrize("give_way", [True, False], ids=["gives-way", "fires-without"])
 def test_push_gives_way_to_demand_answers(boot_guest, monkeypatch, give_way):
     """The destination places the background push in pieces and lets a waiting demand answer
@@ -286,20 +304,12 @@ def test_push_gives_way_to_demand_answers(boot_guest, monkeypatch, give_way):
     giving way turned off and 1024-page pieces, the same statistic shows answers waiting
     behind more than a piece -- what the check exists to catch.  Counts only, no timings."""
     from vmem import _native as nat
-    from vmem.migration import inject
 
     piece = nat.PUSH_PIECE_PAGES
-    env = "slow_us=5000" if give_way else "slow_us=5000,give_way=0,piece=1024"
-    monkeypatch.setenv(inject.PREEMPT_ENV, env)  # the destination process inherits it
-    g = boot_guest("checker", SIZE, rate=20000, reads=64)
-    time.sleep(0.2)
-    try:
-        report = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0.2))
-    finally:
-        monkeypatch.delenv(inject.PREEMPT_ENV)
-        inject.apply_preempt()  # this process (the source) back to the defaults
-    pc = assert_migrated(report, "postcopy")["postcopy"]
-    assert pc["fault_path"] == "native"
+    # view=0: the answers pwrite through the gate (the path without a writable view); with
+    # one they bypass it (test_demand_answers_bypass_the_push_through_the_view)
+    env = "slow_us=5000,view=0" if give_way else "slow_us=5000,give_way=0,piece=1024,view=0"
+    pc = _checker_postcopy_with_preempt(boot_guest, monkeypatch, env)
     # answers did meet the slow push (the test is not vacuous): an answer waited for a
     # piece, or a piece for an answer
     assert pc["fault_waits"] + pc["push_yields"] >= 1, pc
@@ -310,6 +320,18 @@ def test_push_gives_way_to_demand_answers(boot_guest, monkeypatch, give_way):
         assert pc["push_yields"] == 0 and pc["fault_waits"] >= 1, pc
         assert pc["push_pages_ahead_max"] > piece, pc  # the bound the giving way keeps is broken
     assert pc["fault_thread_priority"] == nat.fault_thread_priority()[1]
+
+
+def test_demand_answers_bypass_the_push_through_the_view(boot_guest, monkeypatch):
+    """Issue 13 (fault p99): a demand answer is copied into the destination's writable
+    mapping of the RAM file instead of pwritten, so it takes neither the placement gate nor
+    the inode lock and never waits behind the push.  The same slow push as the gate test's
+    "fires-without" arm (1,024-page pieces, no giving way, each piece holding the gate 5 ms),
+    where answers that pwrite do wait (fault_waits >= 1, more than a piece ahead): here none
+    waits, and the pages still verify (the digests are of what the RAM file holds)."""
+    pc = _checker_postcopy_with_preempt(boot_guest, monkeypatch, "slow_us=5000,give_way=0,piece=1024")
+    assert pc["pages_demanded"] > 0, pc
+    assert pc["fault_waits"] == 0 and pc["push_pages_ahead_max"] == 0, pc
 
 
 class _RecordingWriter:

@@ -829,9 +829,11 @@ class PostcopyFaultEngine(_FaultThread):
 
     def __init__(self, uffd: int, urgent_fd: int, ram_fd: int, base: int, npages: int, state: np.ndarray,
                  requested: np.ndarray, received: np.ndarray, fault_t0: np.ndarray, digests: np.ndarray | None,
-                 latencies: np.ndarray, missing: int, view: int = 0):
+                 latencies: np.ndarray, missing: int, view: int = 0, view_writable: bool = False):
         """``view``: this process's mapping of the whole RAM file (digests are read through
-        it after each write; required with ``digests``).  Raises ValueError for arrays of
+        it after each write; required with ``digests``).  ``view_writable``: that mapping is
+        writable, and demand answers are copied into it instead of ``pwrite`` (they then never
+        wait behind the background push for the RAM file's write lock).  Raises ValueError for arrays of
         the wrong size, OSError (e.g. EMFILE) if the engine's wake pipe or memory cannot be had."""
         if digests is not None and not view:
             raise ValueError("digests need the view (this process's mapping of the RAM file)")
@@ -845,6 +847,7 @@ class PostcopyFaultEngine(_FaultThread):
         self._create(uffd, urgent_fd, ram_fd, base, npages, _ptr("uint8_t *", state), _ptr("uint8_t *", requested),
                      _ptr("uint8_t *", received), _ptr("int64_t *", fault_t0), _ptr("uint64_t *", digests),
                      _ptr("int64_t *", latencies), len(latencies), missing, ffi.cast("const uint8_t *", view))
+        lib.vmem_pc_dest_set_view_writes(self._h, int(bool(view_writable and view)))
 
     def place(self, staging: np.ndarray, pfns: np.ndarray) -> int:
         """Place the batch in ``staging[:len(pfns)]`` (pages not MISSING are skipped); the
@@ -910,14 +913,16 @@ def fault_thread_priority(most: int | None = None) -> tuple[int, str]:
     return got, FAULT_THREAD_PRIORITIES[got]
 
 
-def set_push_pieces(piece_pages: int = 0, give_way: bool = True, slow_us: int = 0) -> None:
+def set_push_pieces(piece_pages: int = 0, give_way: bool = True, slow_us: int = 0, view_writes: bool = True) -> None:
     """Test-only (vmem.migration.inject): the post-copy destination places the background
     push in pieces of ``piece_pages`` (0: the default, :data:`PUSH_PIECE_PAGES`), waits for
     a waiting demand answer before each piece unless ``give_way`` is False, and sleeps
-    ``slow_us`` inside each piece (a slow push).  Process-wide; set before post-copy starts."""
+    ``slow_us`` inside each piece (a slow push); ``view_writes=False`` makes demand answers
+    ``pwrite`` through the placement gate even with a writable view (as before they were
+    copied through it).  Process-wide; set before post-copy starts."""
     if piece_pages < 0 or slow_us < 0:
         raise ValueError(f"piece_pages and slow_us must be >= 0, got {piece_pages}, {slow_us}")
-    lib.vmem_pc_set_push_pieces(int(piece_pages), int(bool(give_way)), int(slow_us))
+    lib.vmem_pc_set_push_pieces(int(piece_pages), int(bool(give_way)), int(slow_us), int(bool(view_writes)))
 
 
 _priority_limit = int(lib.VMEM_PC_PRIO_NICE)

@@ -88,6 +88,7 @@ class GuestRam:
         self.fd = fd
         self.npages = npages
         self.size_bytes = npages * PAGE_SIZE
+        self.readonly = readonly  # the mapping (address) is read-only
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
         try:
             self._mmap = mmap.mmap(fd, self.size_bytes, flags=mmap.MAP_SHARED, prot=prot)

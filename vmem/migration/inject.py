@@ -25,7 +25,9 @@ can show the digests catch it.  They are not user options: no flag or report key
   waiting), ``piece=N`` (pages per background piece at the destination), ``slow_us=N``
   (each background piece first holds the placement gate that long, counted as its pages
   written: one slow pwrite of the whole piece)
-  and ``priority=normal|nice|fifo`` (the most the fault threads ask for; default nice).
+  and ``priority=normal|nice|fifo`` (the most the fault threads ask for; default nice), and
+  ``view=0`` (demand answers are ``pwrite``-n through the placement gate, as before they were
+  copied through the destination's writable mapping of the RAM file).
   ``give_way=0,piece=1024,priority=nice`` approximates the scheduling before issue 13 item 2
   (pwrites of up to a whole 1024-page batch, fault threads at nice -15), which
   scripts/bench_postcopy.py --ab measures in the same run; tests use ``slow_us`` to show what
@@ -149,13 +151,15 @@ def preempt_from_env(environ=None) -> dict:
         key, _, v = item.partition("=")
         if key == "give_way" and v in ("0", "1"):
             out[key] = v == "1"
+        elif key == "view" and v in ("0", "1"):
+            out[key] = v == "1"
         elif key in ("piece", "slow_us") and v.isdigit():
             out[key] = int(v)
         elif key == "priority" and v in _PRIORITY_NAMES:
             out[key] = v
         else:
             raise ValueError(f"{PREEMPT_ENV}={value!r}: expected give_way=0|1, piece=N, slow_us=N,"
-                             f" priority=normal|nice|fifo; got {item!r}")
+                             f" priority=normal|nice|fifo, view=0|1; got {item!r}")
     return out
 
 
@@ -166,7 +170,7 @@ def apply_preempt(environ=None) -> dict:
 
     cfg = preempt_from_env(environ)
     # Always set: unset means the defaults again (a process that ran with it before).
-    nat.set_push_pieces(cfg.get("piece", 0), cfg.get("give_way", True), cfg.get("slow_us", 0))
+    nat.set_push_pieces(cfg.get("piece", 0), cfg.get("give_way", True), cfg.get("slow_us", 0), cfg.get("view", True))
     nat.set_fault_thread_priority_limit(_PRIORITY_NAMES[cfg.get("priority", "nice")])
     return cfg
 

@@ -221,7 +221,8 @@ class PostcopyDestination:
             self.engine = nat.PostcopyFaultEngine(
                 self.uffd, fd, self.ram_fd, self.base, self.npages, self.state,
                 self.requested.view(np.uint8), self.received.view(np.uint8), self.fault_t0_ns, self.digests,
-                self._latency_ns, self.missing, view=self.view)
+                self._latency_ns, self.missing, view=self.view,
+                view_writable=not getattr(self.guest.ram, "readonly", True))
             self.engine.set_mac(mac)  # a keyed link: the C thread checks and tags every frame
             self.engine.start()
             return
