@@ -544,8 +544,9 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
     load_before = _loadavg()
     runs, failed = [], []
     plan = [(size, bw, mode) for _ in range(repeats) for size in sizes_bytes for bw in links_Bps for mode in modes]
-    # one short run per size x link, interleaved with the first repeat's
-    plan[len(sizes_bytes) * len(links_Bps) * len(modes):0] = [(size, bw, "short") for size in sizes_bytes for bw in links_Bps]
+    # one short run per size x link, after the first repeat's runs
+    first = len(sizes_bytes) * len(links_Bps) * len(modes)
+    plan[first:first] = [(size, bw, "short") for size in sizes_bytes for bw in links_Bps]
     for i, (size, bw, mode) in enumerate(plan):
         policy = IterationsThresholdPolicy(**SHORT_POLICY) if mode == "short" else XenDefaultPolicy()
         opts = MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s, bandwidth_Bps=bw,
