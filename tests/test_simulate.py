@@ -446,6 +446,11 @@ def test_the_drain_before_the_pause_refills_the_link_and_lets_the_guest_write():
     assert drained.downtime_ms == pytest.approx(base.downtime_ms - 4.0, abs=0.05)       # 4 ms of credit
     assert drained.migration_time_s == pytest.approx(base.migration_time_s, abs=1e-4)  # +4 ms drain, -4 ms send
     assert drained.timings_ms["drain_before_pause"] == 4.0
+    # the collects refill the bucket too: the last round's (4 ms) and the final one, paused,
+    # before the send (4 ms more; the migrator collects twice)
+    collected = simulate(t, XenDefaultPolicy(), bandwidth_Bps=50e6, collect_s=0.004, pause_s=0.0, switchover_s=0.001)
+    assert collected.rounds[-1].pages_sent == 4000
+    assert collected.downtime_ms == pytest.approx(base.downtime_ms - 8.0, abs=0.05)
     # a hybrid drains before its pause too; a pure post-copy has nothing to drain
     common = dict(bandwidth_Bps=50e6, collect_s=0.0, pause_s=0.0, drain_s=0.004)
     hybrid = simulate(t, XenDefaultPolicy(), postcopy="after-precopy", **common)

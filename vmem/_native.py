@@ -918,8 +918,8 @@ def set_push_pieces(piece_pages: int = 0, give_way: bool = True, slow_us: int = 
     push in pieces of ``piece_pages`` (0: the default, :data:`PUSH_PIECE_PAGES`), waits for
     a waiting demand answer before each piece unless ``give_way`` is False, and sleeps
     ``slow_us`` inside each piece (a slow push); ``view_writes=False`` makes demand answers
-    ``pwrite`` through the placement gate even with a writable view (as before they were
-    copied through it).  Process-wide; set before post-copy starts."""
+    ``pwrite`` through the placement gate even with a writable view (as they were before
+    they were copied into it).  Process-wide; set before post-copy starts."""
     if piece_pages < 0 or slow_us < 0:
         raise ValueError(f"piece_pages and slow_us must be >= 0, got {piece_pages}, {slow_us}")
     lib.vmem_pc_set_push_pieces(int(piece_pages), int(bool(give_way)), int(slow_us), int(bool(view_writes)))

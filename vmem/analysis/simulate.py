@@ -110,7 +110,8 @@ class SimulationParams:
             received (``timings_ms.drain_before_pause``, calibrated): the guest runs on (its
             writes join the final set) and the link idles (its token bucket refills).
         switchover_per_page_s: the switchover's cost per page of the final set beyond its
-            wire time (calibrated); downtime = send + switchover_s + this x final pages.
+            wire time (calibrated); downtime = send + switchover_s + this x the final pages,
+            counted up to :data:`vmem.analysis.model.SWITCH_BACKLOG_PAGES`.
         bandwidth_efficiency: the rate the copy path really achieves as a fraction of
             ``bandwidth_Bps`` (calibrated: :mod:`vmem.analysis.calibration`); the policy still
             sees ``bandwidth_Bps`` as the cap.

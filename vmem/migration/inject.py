@@ -26,8 +26,8 @@ can show the digests catch it.  They are not user options: no flag or report key
   (each background piece first holds the placement gate that long, counted as its pages
   written: one slow pwrite of the whole piece)
   and ``priority=normal|nice|fifo`` (the most the fault threads ask for; default nice), and
-  ``view=0`` (demand answers are ``pwrite``-n through the placement gate, as before they were
-  copied through the destination's writable mapping of the RAM file).
+  ``view=0`` (demand answers are ``pwrite``-n through the placement gate, as they were before
+  they were copied into the destination's writable mapping of the RAM file).
   ``give_way=0,piece=1024,priority=nice`` approximates the scheduling before issue 13 item 2
   (pwrites of up to a whole 1024-page batch, fault threads at nice -15), which
   scripts/bench_postcopy.py --ab measures in the same run; tests use ``slow_us`` to show what
