@@ -57,6 +57,40 @@ def _agent_fds(pid: int) -> dict:
     return kinds
 
 
+def _agent_sockets(pid: int) -> list[str]:
+    """Each of the agent's socket descriptors with its connection as the kernel's tables name
+    it (``fd 9: tcp 127.0.0.1:41000 -> 127.0.0.1:52000 CLOSE_WAIT``): what a leak report shows."""
+    import re
+
+    states = {"01": "ESTABLISHED", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+    inodes = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            continue
+        if m:
+            inodes[m.group(1)] = name
+    found = {}
+    for table in ("tcp", "tcp6", "unix"):
+        try:
+            lines = open(f"/proc/{pid}/net/{table}").read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            ino = f[6] if table == "unix" else f[9]
+            if ino in inodes:
+                if table == "unix":
+                    found[ino] = f"unix {' '.join(f[7:]) or '(unnamed)'}"
+                else:
+                    addr = lambda h: f"{socket.inet_ntoa(bytes.fromhex(h.split(':')[0])[::-1])}:{int(h.split(':')[1], 16)}"
+                    local, remote = (addr(x) if table == "tcp" else x for x in f[1:3])
+                    found[ino] = f"{table} {local} -> {remote} {states.get(f[3], f[3])}"
+    return sorted(f"fd {fd}: {found.get(ino, 'not in the tables (closed by the kernel, descriptor still open)')}"
+                  for ino, fd in inodes.items())
+
+
 class Baseline:
     """What must be the same after an attack: the agent's descriptors, guests, children."""
 
@@ -81,19 +115,24 @@ class Baseline:
 
     def check(self, verify: str | None = None) -> None:
         """The agent serves, ``verify`` still verifies, nothing leaked (waits for
-        connection threads to finish closing, bounded)."""
+        connection threads to finish closing, bounded).
+
+        The descriptors are read while none of this check's own connections is open (just
+        before its ping; the previous ping's socket was given time to close), so the ping
+        never counts against the agent; the ping then says no other connection is open."""
         a = self.agent
         assert a.proc.poll() is None, a.log()
         deadline = time.monotonic() + WAIT_S
         while True:
-            info = a.request("ping")["agent"]
+            time.sleep(0.1)
             fds = _agent_fds(a.proc.pid)
+            info = a.request("ping")["agent"]
             # The ping's own connection is the one open connection while it is served.
             if fds == self.fds and info["connections"]["open"] <= 1:
                 break
             if time.monotonic() > deadline:
-                raise AssertionError(f"the agent leaked: descriptors {self.fds} -> {fds}, connections {info}")
-            time.sleep(0.1)
+                raise AssertionError(f"the agent leaked: descriptors {self.fds} -> {fds}, connections {info}; "
+                                     f"its sockets now: {_agent_sockets(a.proc.pid)}")
         assert sorted(p.pid for p in a.guest_children()) == self.children
         assert sorted(a.guests()) == self.guests
         if verify is not None:
@@ -515,6 +554,24 @@ def _migrate_in_request(port: int, request: dict) -> dict:
 
 
 # --- memory under a flood ----------------------------------------------------------------------
+
+
+def test_the_leak_check_fires_on_a_connection_left_open(agents, monkeypatch):
+    """The check every attack test ends with fails when one connection is left open, and its
+    message names that connection (the verifier's own fault injection)."""
+    a = agents("a")
+    base = Baseline(a)
+    base.check()  # settled: passes
+    held = hostile.open_flood(a.port, "loris", 1)
+    try:
+        port = held[0].getsockname()[1]
+        monkeypatch.setattr(sys.modules[__name__], "WAIT_S", 1.0)
+        with pytest.raises(AssertionError, match=rf"the agent leaked: .*tcp 127\.0\.0\.1:{a.port} -> 127\.0\.0\.1:{port} "):
+            base.check()
+    finally:
+        for s in held:
+            s.close()
+    base.check()
 
 
 def test_hostile_flood_memory_is_bounded_and_returned(agents):
