@@ -133,17 +133,66 @@ def test_a_calibrated_steady_forecast_is_a_range_not_a_point():
     assert r.migration_time_s > base.migration_time_s + 0.3 and "calibration" in r.guest["prediction"]
 
 
+def _two_guest_calibration(busy_rate=3000.0):
+    """Busy-guest runs (setup 50 ms, switchover 1.3 ms, tail 110 ms) and idle-guest runs
+    (40 / 1.0 / 100 ms), with the guests' dirty rates as run_calibration stores them."""
+    runs = [_run(pages=p, setup=0.050, switch=0.0013, tail=0.110, final_pages=9) for p in (16384, 32768) for _ in range(3)]
+    runs += [_run(pages=p, setup=0.040, switch=0.0010, tail=0.100, final_pages=0, guest="idle")
+             for p in (16384, 32768) for _ in range(3)]
+    cal = _calibration(runs)
+    cal.data["config"] = {"guests": {"busy": {"dirty_pages_per_s": busy_rate}, "idle": {"dirty_pages_per_s": 0.0}}}
+    return cal
+
+
+def test_a_guest_that_writes_nothing_gets_the_idle_guests_costs():
+    """The draws follow the guest's dirty rate: the idle calibration guest's costs for a guest
+    that writes nothing, the busy one's at or above its rate, a mix between; without a rate
+    (or in a file without idle runs) the busy guest's, as before."""
+    cal = _two_guest_calibration()
+    idle, busy = cal.point_params(16384, 50e6, dirty_pages_per_s=0.0), cal.point_params(16384, 50e6, dirty_pages_per_s=5000.0)
+    assert idle["setup_s"] == pytest.approx(0.040) and idle["switchover_s"] == pytest.approx(0.0010)
+    assert idle["post_s"] == pytest.approx(0.100)
+    assert busy["setup_s"] == pytest.approx(0.050) and busy["switchover_s"] == pytest.approx(0.0013)
+    assert cal.point_params(16384, 50e6) == busy                         # no rate: the busy guest's
+    assert cal.busy_weight(1500.0) == pytest.approx(0.5) and cal.busy_weight(None) == 1.0
+    mixed = cal.draw_params(16384, 50e6, 400, seed=1, dirty_pages_per_s=750.0)
+    share = np.mean([d["setup_s"] > 0.045 for d in mixed])
+    assert 0.15 < share < 0.35                                           # ~25 % of the draws are the busy guest's
+    # a file without idle runs: every rate gets the busy guest's costs
+    only_busy = _calibration([r for r in cal.runs if "guest" not in r])
+    assert only_busy.point_params(16384, 50e6, dirty_pages_per_s=0.0)["setup_s"] == pytest.approx(0.050)
+    # a forecast of a trace with no writes uses the idle guest's costs
+    silent = synthetic([[]] * 50, npages=16384, interval_s=0.02)
+    fc = forecast(silent, None, 50e6, starts=4, calibration=cal)
+    writing = forecast(uniform_trace(npages=16384, rate_pps=4000, seconds=1), None, 50e6, starts=4, calibration=cal)
+    assert fc["metrics"]["downtime_ms"]["median"] < writing["metrics"]["downtime_ms"]["median"]
+
+
+def test_a_run_of_an_unknown_guest_kind_is_refused(tmp_path):
+    cal = _two_guest_calibration()
+    cal.runs[-1]["guest"] = "sleepy"
+    cal.data["runs"] = cal.runs
+    path = cal.save(str(tmp_path / "cal.json"))
+    with pytest.raises(ConfigError, match="bad 'guest'"):
+        load_calibration(path)
+
+
 def test_real_calibration_round_trip(tmp_path, capsys):
     """A real (tiny) calibration: every mode's run completes verified, the quantities are
     plausible, and what is stored loads back and drives a prediction."""
     cal = run_calibration([16 << 20], [200e6], 1, observe_s=0.05, warmup_s=0.2)
     assert not cal.data["failed_runs"], cal.data["failed_runs"]
-    modes = {r["mode"]: r for r in cal.runs}
+    modes = {r["mode"]: r for r in cal.runs if "guest" not in r}
     assert set(modes) == {"precopy", "postcopy", "hybrid"}
     # the short pre-copy (stop after round 0) leaves a bigger final set than Xen's policy
     short = [r for r in cal.runs if r.get("variant") == "short"]
-    xen = [r for r in cal.runs if r["mode"] == "precopy" and not r.get("variant")]
+    xen = [r for r in cal.runs if r["mode"] == "precopy" and not r.get("variant") and "guest" not in r]
     assert len(short) == 1 and len(xen) == 1 and short[0]["final_pages"] > xen[0]["final_pages"]
+    # the idle guest: one run per mode, an empty final set; it writes nothing, the busy guest does
+    idle = {r["mode"]: r for r in cal.runs if r.get("guest") == "idle"}
+    assert set(idle) == {"precopy", "postcopy", "hybrid"} and idle["precopy"]["final_pages"] == 0
+    rates = cal.dirty_rates()
+    assert rates["idle"] == 0.0 and rates["busy"] > 100, rates
     for r in cal.runs:
         assert r["verified"] and r["guest_pages"] == 4096 and r["setup_s"] > 0
         assert r["tail_s"] is not None and r["tail_s"] > -0.5
@@ -157,7 +206,7 @@ def test_real_calibration_round_trip(tmp_path, capsys):
     add_calibrate_arguments(parser)
     assert cmd_calibrate(parser.parse_args(["--show", "--out", path])) == 0
     out = capsys.readouterr().out
-    assert "postcopy_switch_s" in out and "efficiency" in out
+    assert "postcopy_switch_s" in out and "efficiency" in out and "idle guest" in out
 
 
 def test_predict_and_profile_clis_use_a_calibration(tmp_path, capsys):

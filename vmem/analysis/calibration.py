@@ -109,6 +109,10 @@ CALIBRATION_VERSION = 1
 CAL_WORKLOAD = "hotcold"
 CAL_PARAMS = {"rate": 2000}
 CAL_SEED = 97
+#: The second calibration guest: one that writes nothing (runs tagged ``"guest": "idle"``).
+IDLE_WORKLOAD = "idle"
+#: The interval the calibration guests' dirty rates are profiled at (seconds) and for how long.
+ACTIVITY_INTERVAL_S, ACTIVITY_PROFILE_S = 0.02, 2.0
 #: The policy of the calibration's "short" pre-copy runs: stop-and-copy right after round 0,
 #: so the final set is everything the guest wrote meanwhile (hundreds to thousands of pages).
 SHORT_POLICY = {"iterations": 1, "threshold": 0}  # vmem.migration.policy.IterationsThresholdPolicy
@@ -265,6 +269,24 @@ def sample_from_report(report, link_Bps: float) -> dict:
     return s
 
 
+def trace_dirty_rate(trace) -> float:
+    """A guest's dirty rate as the calibration compares it: distinct pages written per interval,
+    summed, over the trace's duration (pages/s; 0 for a guest that writes nothing).  It
+    depends a little on the interval (a page rewritten within one counts once): the
+    calibration guests' are profiled at :data:`ACTIVITY_INTERVAL_S`."""
+    duration_s = float(trace.duration_s)
+    return float(trace.count_per_interval().sum()) / duration_s if duration_s > 0 else 0.0
+
+
+def _guest_dirty_rate(workload: str, params: dict, seed: int, size_bytes: int, tracker: str) -> float:
+    """Profile a calibration guest for :data:`ACTIVITY_PROFILE_S` and return its dirty rate."""
+    from vmem.analysis.profile import run_profile
+
+    trace = run_profile(workload, dict(params), size_bytes, duration_s=ACTIVITY_PROFILE_S,
+                        interval_s=ACTIVITY_INTERVAL_S, tracker=tracker, seed=seed)
+    return round(trace_dirty_rate(trace), 1)
+
+
 class Calibration:
     """A loaded calibration: the runs, and draws of simulation parameters from them.
 
@@ -295,34 +317,62 @@ class Calibration:
         """One line: where, when, on what, under which load, from how many runs."""
         pv = self.data.get("provenance") or {}
         load = (self.data.get("load") or {}).get("loadavg_before")
-        by_mode = {m: sum(1 for r in self.runs if r.get("mode") == m and not r.get("variant")) for m in MODES}
+        busy = self._kind_runs("busy")
+        by_mode = {m: sum(1 for r in busy if r.get("mode") == m and not r.get("variant")) for m in MODES}
         short = sum(1 for r in self.runs if r.get("variant") == "short")
+        idle = len(self._kind_runs("idle"))
         return (f"calibration {self.path or '(in memory)'}: {pv.get('date_utc', '?')} on {pv.get('hostname', '?')} "
                 f"(commit {str(pv.get('git_commit') or '?')[:12]}), {by_mode['precopy']} pre-copy + "
                 + (f"{short} short pre-copy + " if short else "") + 
                 f"{by_mode['postcopy']} post-copy + {by_mode['hybrid']} hybrid runs"
+                + (f" + {idle} of an idle guest" if idle else "")
                 + (f", load average {load[0]:.1f}" if load else ""))
 
     # --- draws --------------------------------------------------------------------------------
 
-    def _runs(self, mode: str, link_Bps: float) -> list[dict]:
-        """Runs of ``mode`` (falling back to the other mode's) at the calibrated link rate
-        nearest ``link_Bps`` on a log scale."""
-        runs = self._mode_runs(mode)
+    def _runs(self, mode: str, link_Bps: float, kind: str = "busy") -> list[dict]:
+        """Runs of ``mode`` (falling back to the other mode's) of the ``kind`` of calibration
+        guest at the calibrated link rate nearest ``link_Bps`` on a log scale."""
+        runs = self._mode_runs(mode, kind)
         if not runs:
             raise ConfigError("calibration", f"{self.path or 'the calibration'} holds no runs; run vmem calibrate")
         best = min(abs(math.log(r["link_Bps"] / link_Bps)) for r in runs)
         return [r for r in runs if abs(math.log(r["link_Bps"] / link_Bps)) <= best + 1e-9]
 
-    def _mode_runs(self, mode: str) -> list[dict]:
+    def _kind_runs(self, kind: str) -> list[dict]:
+        """The runs of one calibration guest: ``"busy"`` (the workload guest; older files hold
+        only these, untagged) or ``"idle"``."""
+        return [r for r in self.runs if r.get("guest", "busy") == kind]
+
+    def _mode_runs(self, mode: str, kind: str = "busy") -> list[dict]:
         """Runs of ``mode``; a hybrid without hybrid runs falls back on post-copy ones, then any.
         The "short" pre-copy runs are left out: they are there for the switchover's line."""
-        drawn = [r for r in self.runs if not r.get("variant")]
+        drawn = [r for r in self._kind_runs(kind) if not r.get("variant")]
         for m in (mode, "postcopy" if mode == "hybrid" else mode):
             runs = [r for r in drawn if r.get("mode") == m]
             if runs:
                 return runs
         return drawn
+
+    def dirty_rates(self) -> dict:
+        """``{"busy": pages/s, "idle": pages/s}`` the calibration guests wrote (distinct pages per
+        second in a :data:`ACTIVITY_INTERVAL_S` profile); ``{}`` for older files."""
+        guests = (self.data.get("config") or {}).get("guests") or {}
+        return {k: float(g["dirty_pages_per_s"]) for k, g in guests.items()
+                if isinstance(g, dict) and isinstance(g.get("dirty_pages_per_s"), (int, float))}
+
+    def busy_weight(self, dirty_pages_per_s: float | None) -> float:
+        """How much of the busy calibration guest's costs a guest writing ``dirty_pages_per_s``
+        pays, 0..1: 1 at or above the busy guest's rate, 0 at the idle guest's, linear between
+        (an assumption: the runs measure the two ends only).  1 when the rate is unknown or the
+        calibration has no idle runs (older files)."""
+        if dirty_pages_per_s is None or not self._kind_runs("idle"):
+            return 1.0
+        rates = self.dirty_rates()
+        lo, hi = rates.get("idle", 0.0), rates.get("busy")
+        if hi is None or hi <= lo:
+            return 1.0 if dirty_pages_per_s > lo else 0.0
+        return float(min(max((float(dirty_pages_per_s) - lo) / (hi - lo), 0.0), 1.0))
 
     @staticmethod
     def _line(runs: list[dict], q: str, x_key: str, *, sign: int = 1,
@@ -370,7 +420,7 @@ class Calibration:
         return float(min(max(now / float(np.median(probes)), LOAD_FACTOR_MIN), LOAD_FACTOR_MAX))
 
     def draw_params(self, npages: int, link_Bps: float, n: int, *, mode: str = "precopy", seed: int = 0,
-                    load_factor: float = 1.0) -> list[dict]:
+                    load_factor: float = 1.0, dirty_pages_per_s: float | None = None) -> list[dict]:
         """``n`` bootstrap draws of :class:`vmem.analysis.simulate.SimulationParams` fields
         for a guest of ``npages`` on a link of ``link_Bps`` (draw 0 is not special).
 
@@ -378,28 +428,34 @@ class Calibration:
         the runs of that mode are drawn from.  ``load_factor`` (:meth:`load_factor`)
         multiplies the CPU-bound fixed costs (:data:`CPU_BOUND`), each draw's divided by one
         of the calibration's probe ratios (probe / median probe; needs >= 3 probes): the
-        error of the one probe the factor came from.
+        error of the one probe the factor came from.  ``dirty_pages_per_s``: the guest's
+        dirty rate (:func:`trace_dirty_rate`); each draw comes from the busy calibration
+        guest's runs with probability :meth:`busy_weight`, else from the idle guest's (None:
+        the busy guest's, as older files have no other).
         """
         if mode not in MODES:
             raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-        runs = self._runs(mode, link_Bps)
-        all_mode = self._mode_runs(mode)
-        lines = {q: self._line(all_mode, q, "guest_pages") for q in ("setup_s", "tail_s")}
-        # pure (everything pending) and hybrid (a few pages) runs together give the line's
-        # intercept and slope over pages pending
-        lines["postcopy_switch_s"] = self._line(self.runs, "postcopy_switch_s", "pages_pending")
-        # The switchover over the stop-and-copy set (older files have no final_pages: then
-        # each run's switchover as it was, no slope).
-        pre = [r for r in self.runs if r.get("mode") == "precopy"]
-        switch_line = (self._line(pre, "switchover_s", "final_pages", identified=True, x_of=switch_backlog_pages)
-                       if any(isinstance(r.get("final_pages"), (int, float)) for r in pre) else None)
-        # The copy efficiency over the load probe, within this link's runs: the probe a
-        # prediction is made under is the runs' median probe times the load factor.
+        w = self.busy_weight(dirty_pages_per_s)
+        kinds = [k for k, used in (("busy", w > 0.0), ("idle", w < 1.0)) if used]
+        # The switchover's cost per final page is identified by the busy guest's runs (the
+        # short ones above all; an idle guest's final set is empty): both kinds use it.
+        busy_pre = [r for r in self._kind_runs("busy") if r.get("mode") == "precopy"]
+        switch_line = (self._line(busy_pre, "switchover_s", "final_pages", identified=True, x_of=switch_backlog_pages)
+                       if any(isinstance(r.get("final_pages"), (int, float)) for r in busy_pre) else None)
+        # The load probe is the host's, whichever guest ran: all runs' probes.
         probes = [float(r["probe_s"]) for r in self.runs if isinstance(r.get("probe_s"), (int, float)) and r["probe_s"] > 0]
-        eff_line = self._line(runs, "efficiency", "probe_s", sign=-1) if probes else None
-        effs = [float(r["efficiency"]) for r in runs if r.get("efficiency") is not None]
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 0xCA1])))
-        picks = rng.integers(0, len(runs), n)
+        ctx = {k: self._draw_context(k, mode, link_Bps, switch_line, bool(probes)) for k in kinds}
+        picks = {}
+        for k in kinds:
+            # the busy guest's picks come from the same stream as before idle runs existed
+            salt = 0xCA1 if k == "busy" else 0x1D1E
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, salt])))
+            picks[k] = rng.integers(0, len(ctx[k]["runs"]), n)
+        if len(kinds) == 2:
+            u = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 0x6B1]))).random(n)
+            kind_of = ["busy" if ui < w else "idle" for ui in u]
+        else:
+            kind_of = kinds * n
         # The load factor is one probe taken now, and one probe is noisy: at the calibration's
         # steady load its probes spread around their median as far as the ratios below.  Each
         # draw takes one of those ratios as the error of the probe just taken (a factor that
@@ -408,34 +464,35 @@ class Calibration:
         ratios = (np.array(probes) / float(np.median(probes))) if len(probes) >= 3 else np.ones(1)
         probe_err = ratios[np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 0x9B0]))).integers(0, ratios.size, n)]
         out = []
-        for k, err in zip(picks, probe_err):
-            r = runs[int(k)]
+        for i, (kind, err) in enumerate(zip(kind_of, probe_err)):
+            c = ctx[kind]
+            r = c["runs"][int(picks[kind][i])]
             # (an error of exactly 1 leaves the factor as given, even one beyond the clip)
             lf = float(min(max(load_factor / float(err), LOAD_FACTOR_MIN), LOAD_FACTOR_MAX)) if err != 1.0 else load_factor
             probe_now = float(np.median(probes)) * lf if probes else None
             p = {}
             for q, x in (("setup_s", npages), ("tail_s", npages)):
-                a, b, res = lines[q]
+                a, b, res = c["lines"][q]
                 p[q] = max(0.0, a + b * x + res.get(id(r), 0.0))
             p["post_s"] = p.pop("tail_s")
             # The switch's cost grows with the pages still to come (marking them missing):
             # the simulator adds the slope times the pages its own switch leaves pending.
-            a, b, res = lines["postcopy_switch_s"]
+            a, b, res = c["lines"]["postcopy_switch_s"]
             p["postcopy_switch_s"] = max(0.0, a + res.get(id(r), 0.0))
             p["postcopy_switch_per_page_s"] = b
             for q in ("pause_s", "drain_s", "collect_s", "switchover_s", "push_hold_s", "fault_wait_s", "gap_s"):
                 v = r.get(q)
-                if q == "switchover_s" and switch_line is not None:
-                    a, b, res = switch_line
+                if q == "switchover_s" and c["switch_line"] is not None:
+                    a, b, res = c["switch_line"]
                     # run r's residual when it is a pre-copy run; else the line alone (the
                     # final set's part is the simulator's)
                     v = a + res.get(id(r), 0.0)
-                if v is None:  # a quantity this mode's run lacks: the median of the runs that have it
-                    vals = [x[q] for x in self.runs if x.get(q) is not None]
+                if v is None:  # a quantity this mode's run lacks: the median of the guest's runs that have it
+                    vals = [x[q] for x in c["kind_runs"] if x.get(q) is not None]
                     v = float(np.median(vals)) if vals else 0.0
                 p[q] = max(0.0, float(v))
             p["switchover_per_page_s"] = switch_line[1] if switch_line is not None else 0.0
-            eff = r.get("efficiency")
+            eff, eff_line, effs = r.get("efficiency"), c["eff_line"], c["effs"]
             if eff is not None and eff_line is not None and eff_line[1] < 0 and id(r) in eff_line[2]:
                 a, b, res = eff_line
                 # at the load of now, with run r's residual; never outside what the runs saw
@@ -450,9 +507,45 @@ class Calibration:
             out.append(p)
         return out
 
-    def point_params(self, npages: int, link_Bps: float, *, mode: str = "precopy", load_factor: float = 1.0) -> dict:
+    def _draw_context(self, kind: str, mode: str, link_Bps: float, busy_switch_line, have_probes: bool) -> dict:
+        """What :meth:`draw_params` draws from for one calibration guest: its runs at this
+        link, its lines over guest size (setup, tail) and pages pending (post-copy switch),
+        its switchover line (the busy guest's slope; the intercept over its own runs) and its
+        copy efficiency over the load probe."""
+        runs = self._runs(mode, link_Bps, kind)
+        all_mode = self._mode_runs(mode, kind)
+        kind_runs = self._kind_runs(kind)
+        lines = {q: self._line(all_mode, q, "guest_pages") for q in ("setup_s", "tail_s")}
+        # pure (everything pending) and hybrid (a few pages) runs together give the line's
+        # intercept and slope over pages pending
+        lines["postcopy_switch_s"] = self._line(kind_runs, "postcopy_switch_s", "pages_pending")
+        switch_line = busy_switch_line
+        if kind != "busy" and busy_switch_line is not None:
+            pre = [r for r in kind_runs if r.get("mode") == "precopy"]
+            switch_line = self._intercept(pre, "switchover_s", "final_pages", busy_switch_line[1],
+                                          switch_backlog_pages) if pre else busy_switch_line
+        # The copy efficiency over the load probe, within this link's runs: the probe a
+        # prediction is made under is the runs' median probe times the load factor.
+        eff_line = self._line(runs, "efficiency", "probe_s", sign=-1) if have_probes else None
+        effs = [float(r["efficiency"]) for r in runs if r.get("efficiency") is not None]
+        return {"runs": runs, "kind_runs": kind_runs, "lines": lines, "switch_line": switch_line,
+                "eff_line": eff_line, "effs": effs}
+
+    @staticmethod
+    def _intercept(runs: list[dict], q: str, x_key: str, b: float, x_of) -> tuple[float, float, dict]:
+        """``q = a + b * x`` with the slope ``b`` given: ``(a, b, residual by run id)``."""
+        pts = [(float(x_of(r[x_key])) if isinstance(r.get(x_key), (int, float)) else 0.0, float(r[q]), id(r))
+               for r in runs if r.get(q) is not None]
+        if not pts:
+            return 0.0, b, {}
+        a = float(np.mean([y - b * x for x, y, _ in pts]))
+        return a, b, {rid: y - (a + b * x) for x, y, rid in pts}
+
+    def point_params(self, npages: int, link_Bps: float, *, mode: str = "precopy", load_factor: float = 1.0,
+                     dirty_pages_per_s: float | None = None) -> dict:
         """The medians of many draws: the point prediction's parameters."""
-        draws = self.draw_params(npages, link_Bps, 101, mode=mode, seed=12345, load_factor=load_factor)
+        draws = self.draw_params(npages, link_Bps, 101, mode=mode, seed=12345, load_factor=load_factor,
+                                 dirty_pages_per_s=dirty_pages_per_s)
         return {k: float(np.median([d[k] for d in draws])) for k in draws[0]}
 
 
@@ -495,6 +588,8 @@ def load_calibration(path: str | None = None, *, required: bool = False) -> Cali
             bad = "link_Bps"
         elif not (isinstance(r.get("guest_pages"), int) and r["guest_pages"] > 0):
             bad = "guest_pages"
+        elif r.get("guest", "busy") not in ("busy", "idle"):
+            bad = "guest"
         else:
             for q in QUANTITIES:
                 v = r.get(q)
@@ -514,12 +609,14 @@ def _loadavg() -> list[float] | None:
 
 
 def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), repeats: int = 2, *,
-                    postcopy: bool = True, tracker: str = "auto", warmup_s: float = 0.5, observe_s: float = 0.1,
-                    on_run=None) -> Calibration:
+                    postcopy: bool = True, idle: bool = True, tracker: str = "auto", warmup_s: float = 0.5,
+                    observe_s: float = 0.1, on_run=None) -> Calibration:
     """Migrate the calibration guest ``repeats`` times per size x link x mode (pre-copy under
     Xen's policy, and -- unless ``postcopy=False`` -- pure post-copy and hybrid), plus once
     per size x link a "short" pre-copy (:data:`SHORT_POLICY`, for the switchover's slope),
-    and return the Calibration.
+    and -- unless ``idle=False`` -- an idle guest as many times per size x link x mode (runs
+    tagged ``"guest": "idle"``: a guest that writes nothing pays less around its pages, see
+    :meth:`Calibration.busy_weight`); profile both guests' dirty rates; return the Calibration.
 
     Runs are interleaved (every size x link x mode once, then again) so a change in the
     host's load spreads over all of them.  A run that does not complete verified is left
@@ -543,32 +640,44 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
     modes = MODES if postcopy else ("precopy",)
     load_before = _loadavg()
     runs, failed = [], []
-    plan = [(size, bw, mode) for _ in range(repeats) for size in sizes_bytes for bw in links_Bps for mode in modes]
+    guests = {"busy": (CAL_WORKLOAD, CAL_PARAMS, CAL_SEED)} | ({"idle": (IDLE_WORKLOAD, {}, CAL_SEED)} if idle else {})
+    kinds = list(guests)
+    # every size x link x mode x guest once, then again (a change of load spreads over all)
+    plan = [(size, bw, mode, kind) for _ in range(repeats) for size in sizes_bytes for bw in links_Bps
+            for mode in modes for kind in kinds]
     # one short run per size x link, after the first repeat's runs
-    first = len(sizes_bytes) * len(links_Bps) * len(modes)
-    plan[first:first] = [(size, bw, "short") for size in sizes_bytes for bw in links_Bps]
-    for i, (size, bw, mode) in enumerate(plan):
+    first = len(sizes_bytes) * len(links_Bps) * len(modes) * len(kinds)
+    plan[first:first] = [(size, bw, "short", "busy") for size in sizes_bytes for bw in links_Bps]
+    for i, (size, bw, mode, kind) in enumerate(plan):
         policy = IterationsThresholdPolicy(**SHORT_POLICY) if mode == "short" else XenDefaultPolicy()
         opts = MigrationOptions(tracker=tracker, policy=policy, observe_s=observe_s, bandwidth_Bps=bw,
                                 postcopy=POSTCOPY_OPTION.get(mode, "off"))
+        workload, params, seed = guests[kind]
         probe = host_probe_s()  # how busy the host is just before this run
         # As `vmem migrate` and the validation: the destination starts before the guest boots.
         with (LocalDestination.start(opts) as destination,
-              boot_guest(GuestSpec(CAL_WORKLOAD, dict(CAL_PARAMS), CAL_SEED), size) as guest):
+              boot_guest(GuestSpec(workload, dict(params), seed), size) as guest):
             time.sleep(warmup_s)
             report = run_local_migration(guest, opts, destination=destination)
         try:
-            runs.append(sample_from_report(report, bw) | {"probe_s": probe} | ({"variant": "short"} if mode == "short" else {}))
+            runs.append(sample_from_report(report, bw) | {"probe_s": probe}
+                        | ({"variant": "short"} if mode == "short" else {}) | ({"guest": kind} if kind != "busy" else {}))
         except ConfigError as err:
             failed.append(str(err))
         if on_run is not None:
-            on_run(i + 1, len(plan), size, bw, mode, report)
+            on_run(i + 1, len(plan), size, bw, mode if kind == "busy" else f"{mode}, {kind} guest", report)
+    # What each guest writes, measured as a profile measures it: where a guest to predict for
+    # falls between them (Calibration.busy_weight).
+    rates = {kind: {"workload": w, "params": dict(p), "seed": sd,
+                    "dirty_pages_per_s": _guest_dirty_rate(w, p, sd, min(sizes_bytes), tracker)}
+             for kind, (w, p, sd) in guests.items()}
     if not runs:
         raise ConfigError("calibration", "no calibration run completed verified: " + "; ".join(failed[:3]))
     data = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "provenance": provenance.collect(),
             "load": {"loadavg_before": load_before, "loadavg_after": _loadavg()},
             "config": {"sizes_bytes": list(sizes_bytes), "links_Bps": list(links_Bps), "repeats": repeats,
                        "workload": CAL_WORKLOAD, "params": CAL_PARAMS, "seed": CAL_SEED, "tracker": tracker,
+                       "guests": rates, "activity_interval_s": ACTIVITY_INTERVAL_S,
                        "warmup_s": warmup_s, "observe_s": observe_s, "modes": list(modes),
                        "short_policy": {"name": "threshold", **SHORT_POLICY}},
             "runs": runs, "failed_runs": failed}
@@ -576,15 +685,19 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
 
 
 def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
-    """(quantity, mode, "median (min-max), n") rows for humans."""
+    """(quantity, mode, "median (min-max), n") rows for humans; the idle guest's runs as
+    "<mode>, idle guest"."""
     rows = []
-    for mode in MODES + ("precopy (short)",):
-        runs = ([r for r in cal.runs if r.get("variant") == "short"] if mode == "precopy (short)" else
-                [r for r in cal.runs if r.get("mode") == mode and not r.get("variant")])
+    groups = [(mode, [r for r in cal._kind_runs("busy") if r.get("mode") == mode and not r.get("variant")]) for mode in MODES]
+    groups.append(("precopy (short)", [r for r in cal.runs if r.get("variant") == "short"]))
+    groups += [(f"{mode}, idle guest", [r for r in cal._kind_runs("idle") if r.get("mode") == mode]) for mode in MODES]
+    for mode, runs in groups:
         for q in QUANTITIES:
             vals = [r[q] for r in runs if r.get(q) is not None]
             if not vals:
                 continue
             scale, unit = (1.0, "") if q in ("efficiency", "final_pages") else (1e3, " ms")
             rows.append((q, mode, f"{np.median(vals) * scale:,.3f}{unit} ({min(vals) * scale:,.3f}-{max(vals) * scale:,.3f}), n={len(vals)}"))
+    for kind, rate in cal.dirty_rates().items():
+        rows.append(("dirty_pages_per_s", f"{kind} guest", f"{rate:,.1f}"))
     return rows

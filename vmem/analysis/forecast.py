@@ -109,13 +109,16 @@ def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: 
         raise ConfigError("--start", "a forecast varies the start itself (use --starts 1 --start S for one start)")
     if bandwidth_Bps is None:
         raise ConfigError("--bandwidth", "required (the rate of the link to predict for)")
-    from vmem.analysis.calibration import mode_for
+    from vmem.analysis.calibration import mode_for, trace_dirty_rate
 
     mode = mode_for(params.get("postcopy"))
     if calibration is not None:
+        # the costs of the calibration guest(s) nearest what this guest writes
+        rate = trace_dirty_rate(trace)
         draws = calibration.draw_params(int(trace.npages), bandwidth_Bps, starts, mode=mode, seed=seed,
-                                        load_factor=load_factor)
-        point = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor)
+                                        load_factor=load_factor, dirty_pages_per_s=rate)
+        point = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor,
+                                         dirty_pages_per_s=rate)
     else:
         draws, point = [{}] * starts, {}
     runs = _runs(trace, policy, bandwidth_Bps, starts, draws, params)

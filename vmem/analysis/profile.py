@@ -351,7 +351,9 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
         c_s, o_s, B_eff = collect_s, switchover_s, B
         extra = base_extra
         if calibration is not None:
-            point = calibration.point_params(int(trace.npages), B)
+            from vmem.analysis.calibration import trace_dirty_rate
+
+            point = calibration.point_params(int(trace.npages), B, dirty_pages_per_s=trace_dirty_rate(trace))
             extra = point | dict(sim_params or {})
             c_s, o_s = extra["collect_s"], extra["switchover_s"]
             B_eff = B * extra["bandwidth_efficiency"]

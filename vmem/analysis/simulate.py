@@ -557,10 +557,11 @@ def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_r
     if policy is None and compare_report and compare_report.get("policy"):
         policy = policy_from_description(compare_report["policy"])
     if calibration is not None:
-        from vmem.analysis.calibration import mode_for
+        from vmem.analysis.calibration import mode_for, trace_dirty_rate
 
         mode = mode_for(params.get("postcopy"))
-        params = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor) | params
+        params = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor,
+                                          dirty_pages_per_s=trace_dirty_rate(trace)) | params
     alignment = {}
     if compare_report is not None and align:
         alignment = {k: v for k, v in alignment_from_report(trace, compare_report).items() if k not in params}

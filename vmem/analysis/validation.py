@@ -82,7 +82,10 @@ def model_prediction(trace, bandwidth_Bps: float, calibration, load_factor: floa
 
     a = analyse(trace, [bandwidth_Bps], policies={}, calibration=calibration)
     mx = a["predictions"][0]["model_xen"]
-    pt = calibration.point_params(int(trace.npages), bandwidth_Bps, load_factor=load_factor) if calibration is not None else {}
+    from vmem.analysis.calibration import trace_dirty_rate
+
+    pt = (calibration.point_params(int(trace.npages), bandwidth_Bps, load_factor=load_factor,
+                                   dirty_pages_per_s=trace_dirty_rate(trace)) if calibration is not None else {})
     fixed = pt.get("setup_s", 0.0) + pt.get("drain_s", 0.0) + pt.get("pause_s", 0.0) + pt.get("post_s", 0.0)
     return {"precopy_rounds": mx["rounds"], "pages_sent": mx["pages_sent"], "downtime_ms": mx["downtime_ms"],
             "migration_time_s": mx["total_time_s"] + fixed, "ratio_r": mx["ratio_r"]}

@@ -17,6 +17,8 @@ def add_calibrate_arguments(p) -> None:
                                                        "nearest calibrated rate)")
     p.add_argument("--repeats", type=int, default=2, help="runs per size x link x mode (default 2)")
     p.add_argument("--no-postcopy", action="store_true", help="calibrate pre-copy only (no pure post-copy and hybrid runs)")
+    p.add_argument("--no-idle", action="store_true", help="no idle-guest runs (predictions for guests that write "
+                                                          "little then use the busy calibration guest's costs)")
     p.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"])
     p.add_argument("--out", metavar="FILE", help=f"where to store it (default {default_path()})")
     p.add_argument("--show", action="store_true", help="print the stored calibration and exit")
@@ -43,8 +45,8 @@ def cmd_calibrate(args) -> int:
             err.print(f"[{time.monotonic() - t0:5.0f} s] run {i}/{n}: {size >> 20} MiB, {bw / 1e6:g} MB/s, {mode}: "
                       f"{rep.outcome}, downtime {rep.downtime_ms} ms, migration {rep.migration_time_s} s")
 
-        cal = run_calibration(sizes, links, args.repeats, postcopy=not args.no_postcopy, tracker=args.tracker,
-                              on_run=on_run)
+        cal = run_calibration(sizes, links, args.repeats, postcopy=not args.no_postcopy, idle=not args.no_idle,
+                              tracker=args.tracker, on_run=on_run)
         cal.save(args.out)
     t = Table(title=cal.describe())
     for c in ("quantity", "mode", "median (min-max), n"):
