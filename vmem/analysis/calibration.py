@@ -61,14 +61,24 @@ over the load probe (``probe_s``) within the link's runs, slope <= 0: a busier h
 no faster, and a prediction made under a heavier load than the calibration's gets a lower
 efficiency (clipped to the range the runs saw, widened by 20 %).
 
+Two guests.  A guest that writes pays more around its pages than one that does not (its
+destination guest starts slower, its switchover and tail are longer: docs/profiling.md), so
+the calibration migrates an idle guest too (runs tagged ``"guest": "idle"``) and profiles
+both guests' dirty rates (:func:`trace_dirty_rate`).  A prediction passes its trace's rate;
+:meth:`Calibration.draw_params` draws each run from the busy guest's runs with probability
+:meth:`Calibration.busy_weight` (linear between the two rates), else from the idle guest's.
+The switchover's slope is the busy guest's (an idle guest's final set is empty), its
+intercept each guest's own; the load probes are pooled (they measure the host).
+
 File layout (JSON)::
 
     {"format": "vmem-calibration", "version": 1,
      "provenance": {vmem version, commit, host, kernel, cpus, date, command},
      "load": {"loadavg_before": [1, 5, 15 min], "loadavg_after": [...]},
-     "config": {"sizes_bytes", "links_Bps", "repeats", "workload", "params", "seed"},
+     "config": {"sizes_bytes", "links_Bps", "repeats", "workload", "params", "seed",
+                "guests": {"busy"|"idle": {"workload", "params", "seed", "dirty_pages_per_s"}}},
      "runs": [{"mode": "precopy"|"postcopy"|"hybrid", "guest_pages", "pages_pending", "link_Bps",
-               "verified", <the quantities above>}, ...]}
+               "verified", ["guest": "idle"], ["variant": "short"], <the quantities above>}, ...]}
 
 The command line, ``vmem calibrate``, is :mod:`vmem.cli.calibrate`.
 """
