@@ -166,6 +166,22 @@ def test_a_guest_that_writes_nothing_gets_the_idle_guests_costs():
     fc = forecast(silent, None, 50e6, starts=4, calibration=cal)
     writing = forecast(uniform_trace(npages=16384, rate_pps=4000, seconds=1), None, 50e6, starts=4, calibration=cal)
     assert fc["metrics"]["downtime_ms"]["median"] < writing["metrics"]["downtime_ms"]["median"]
+    assert fc["busy_weight"] == 0.0 and writing["busy_weight"] == 1.0
+
+
+def test_predict_says_which_calibration_guest_a_trace_gets(tmp_path, capsys):
+    from vmem.cli.predict import add_predict_arguments, cmd_predict
+
+    cp = _two_guest_calibration().save(str(tmp_path / "cal.json"))
+    tp = str(tmp_path / "t.npz")
+    synthetic([[]] * 50, npages=16384, interval_s=0.02).save(tp)
+    parser = argparse.ArgumentParser()
+    add_predict_arguments(parser)
+    assert cmd_predict(parser.parse_args(["--trace", tp, "--bandwidth", "50M", "--calibration", cp,
+                                          "--json", str(tmp_path / "p.json")])) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "this guest writes 0 pages/s: 0% of the draws from the busy calibration guest's costs" in out
+    assert json.loads((tmp_path / "p.json").read_text())["guest"]["prediction"]["calibration_busy_weight"] == 0.0
 
 
 def test_a_run_of_an_unknown_guest_kind_is_refused(tmp_path):

@@ -120,7 +120,7 @@ def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: 
         point = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor,
                                          dirty_pages_per_s=rate)
     else:
-        draws, point = [{}] * starts, {}
+        draws, point, rate = [{}] * starts, {}, None
     runs = _runs(trace, policy, bandwidth_Bps, starts, draws, params)
     # The start's own effect, judged without the host's noise.
     steady_runs = _runs(trace, policy, bandwidth_Bps, starts, [point] * starts, params) if calibration is not None else runs
@@ -145,7 +145,9 @@ def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: 
     if len(done) < len(runs):
         advice += f"; {len(runs) - len(done)} of {len(runs)} starts did not complete"
     return {"starts": runs, "metrics": metrics, "best_start_s": best["start_s"] if best else None,
-            "start_sensitive": sensitive, "advice": advice, "calibrated": calibration is not None}
+            "start_sensitive": sensitive, "advice": advice, "calibrated": calibration is not None,
+            # the share of the busy calibration guest's costs this guest was drawn with
+            "busy_weight": calibration.busy_weight(rate) if calibration is not None else None}
 
 
 def inside(metric: dict, value: float | None, *, tolerance: float = 0.0) -> bool | None:
