@@ -258,6 +258,11 @@ def test_load_factor_scales_the_cpu_bound_costs_only():
     cal = _calibration(runs)
     assert cal.load_factor(0.4) == pytest.approx(2.0) and cal.load_factor(100.0) == 5.0  # clipped
     assert _calibration(_spread_runs()).load_factor(0.4) == 1.0                           # no probes: no scaling
+    # a probe within the calibration probes' own spread (here 0.9-1.1 x their median) is noise: 1
+    noisy = _calibration([r | {"probe_s": 0.2 * (0.9 + 0.2 * i / 11)} for i, r in enumerate(_spread_runs())])
+    med = float(np.median([r["probe_s"] for r in noisy.runs]))
+    assert noisy.load_factor(med * 0.95) == 1.0 and noisy.load_factor(med * 1.05) == 1.0
+    assert noisy.load_factor(med * 0.8) == pytest.approx(0.8) and noisy.load_factor(med * 1.3) == pytest.approx(1.3)
     one = cal.draw_params(16384, 50e6, 10, seed=2)
     two = cal.draw_params(16384, 50e6, 10, seed=2, load_factor=2.0)
     for a, b in zip(one, two):
