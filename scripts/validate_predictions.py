@@ -90,7 +90,11 @@ def main(argv=None) -> int:
     summary = val.summarise(cells)
     header = (f"Predicted in advance (a {args.profile_s:g} s profile, {args.interval_ms:g} ms intervals, forecast over {args.starts} start "
               f"offsets x calibration draws) vs measured (median of {args.repeats} run(s) per cell); {size >> 20} MiB "
-              f"guests; error = (predicted median - measured median) / measured median. {cal.describe()}. Load: "
+              f"guests; error = (predicted median - measured median) / measured median. "
+              + (f"Guests whose profile is not steady ({', '.join(sorted({c['workload'] for c in cells if c.get('start_spread_s')}))}) "
+                 "were migrated after a seeded random warm-up spanning their trace, so their runs start where the "
+                 "forecast's starts are; the others after 0.5 s. " if any(c.get("start_spread_s") for c in cells) else "")
+              + f"{cal.describe()}. Load: "
               f"{load_start} at the start, {val.load_note()} at the end; {time.monotonic() - t0:.0f} s in all. "
               f"Command: `.venv/bin/python scripts/validate_predictions.py{''.join(' ' + a for a in argv)}`.")
     text = val.markdown_table(cells, summary, header=header)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from vmem.analysis.validation import markdown_table, summarise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +36,23 @@ def test_summary_counts_inside_and_errors():
     assert "| a | xen | 1 |" in text and "inside the range in 2 of 3" in text and "b 50.0 % / 25.0 %" in text
 
 
+def test_a_phased_guests_runs_start_across_its_trace():
+    """A guest whose profile is not steady is migrated at start times spread over its trace
+    (what the forecast's range is over), seeded; a steady one after the fixed warm-up."""
+    from test_simulate import synthetic, uniform_trace
+    from vmem.analysis.validation import run_warmup, start_spread_s
+
+    phased = synthetic([list(range(5000))] * 10 + [list(range(50))] * 10, npages=16384, interval_s=0.1)
+    steady = uniform_trace(npages=16384, rate_pps=2000, seconds=2)
+    assert start_spread_s(steady) == 0.0 and start_spread_s(phased) == pytest.approx(2.0)
+    cell = {"workload": "phased", "policy": "xen", "link_Bps": 50e6, "start_spread_s": start_spread_s(phased)}
+    warmups = [run_warmup(cell, rep, 1, 0.5) for rep in range(20)]
+    assert all(0.5 <= w <= 2.5 for w in warmups) and len(set(warmups)) == 20
+    assert max(warmups) - min(warmups) > 1.0                                 # they spread, not cluster
+    assert warmups == [run_warmup(cell, rep, 1, 0.5) for rep in range(20)]   # seeded
+    assert run_warmup(cell | {"start_spread_s": 0.0}, 3, 1, 0.5) == 0.5
+
+
 def test_the_script_runs_on_a_tiny_configuration(tmp_path):
     """The CI run: a one-run-per-mode calibration (stored, then used), one workload, two
     policies, one link, one repeat -- every cell verified and compared."""
@@ -49,6 +68,7 @@ def test_the_script_runs_on_a_tiny_configuration(tmp_path):
     assert [(c["workload"], c["policy"]) for c in cells] == [("uniform", "xen"), ("uniform", "hybrid")]
     for c in cells:
         assert len(c["runs"]) == 1 and not c["failed"], c["failed"]
+        assert c["start_spread_s"] == 0.0 and c["warmups_s"] == [0.5]     # a steady guest: the fixed warm-up
         f = c["forecast"]["migration_time_s"]
         assert f["p10"] <= f["median"] <= f["p90"] and c["measured"]["migration_time_s"] > 0
     assert cells[1]["measured"]["pages_pending"] is not None and "pages_pending" in cells[1]["forecast"]

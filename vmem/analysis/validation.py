@@ -113,6 +113,29 @@ def _migrate(workload, params, size, bw, policy_key, *, seed, warmup_s, observe_
         return run_local_migration(guest, opts, destination=destination).to_dict()
 
 
+def start_spread_s(trace) -> float:
+    """Over how many seconds a validated run's start is spread: the trace's duration for a
+    guest whose profile is not steady (cv of the per-interval counts >= STEADY_CV), else 0."""
+    from vmem.analysis.profile import STEADY_CV
+
+    counts = trace.count_per_interval()
+    if not counts.size or counts.mean() == 0 or counts.std() / counts.mean() < STEADY_CV:
+        return 0.0
+    return float(trace.duration_s)
+
+
+def run_warmup(cell: dict, rep: int, seed: int, warmup_s: float) -> float:
+    """The warm-up of ``cell``'s run ``rep``: ``warmup_s`` plus a draw from 0 to the cell's
+    ``start_spread_s`` (seeded by seed, cell and repeat: the same table gets the same starts)."""
+    import random
+
+    spread_s = float(cell.get("start_spread_s") or 0.0)
+    if not spread_s:
+        return warmup_s
+    rng = random.Random(f"{seed}:{cell['workload']}:{cell['policy']}:{cell['link_Bps']}:{rep}")
+    return warmup_s + rng.uniform(0.0, spread_s)
+
+
 def run_validation(calibration, *, workloads=None, policies=None, links_Bps=(50e6, 200e6), size_bytes=128 << 20,
                    repeats: int = 2, profile_s: float = 12.0, interval_s: float = 0.1, starts: int = 32,
                    seed: int = 1, warmup_s: float = 0.5, observe_s: float = 0.1, tracker: str = "auto",
@@ -121,7 +144,14 @@ def run_validation(calibration, *, workloads=None, policies=None, links_Bps=(50e
 
     Each cell: ``{"workload", "params", "policy", "link_Bps", "forecast" (metrics ranges),
     "runs" (measured metrics per verified run), "failed" (reasons of the others),
-    "measured" (medians over the verified runs)}``.
+    "measured" (medians over the verified runs), "warmups_s" (each run's warm-up)}``.
+
+    Start times.  A forecast spreads the migration over start offsets of the trace; a guest
+    whose profile is not steady (cv >= :data:`vmem.analysis.profile.STEADY_CV`: phased
+    here) is therefore migrated after a warm-up drawn uniformly from ``warmup_s`` to
+    ``warmup_s`` + the trace's duration (seeded by ``seed``, cell and repeat), so its real
+    runs sample the start times the range is over rather than one phase of the guest every
+    time.  A steady guest keeps ``warmup_s`` (its start hardly matters, and waiting costs time).
     """
     from vmem.analysis.profile import run_profile
     from vmem.migration.policy import make_policy
@@ -136,10 +166,12 @@ def run_validation(calibration, *, workloads=None, policies=None, links_Bps=(50e
         log(f"[{time.monotonic() - t0:6.0f} s] profiling {wname} {params} for {profile_s:g} s")
         trace = traces[wname] = run_profile(wname, params, size_bytes, duration_s=profile_s, interval_s=interval_s,
                                             tracker=tracker, seed=seed, warmup_s=warmup_s)
+        spread_s = start_spread_s(trace)
         for bw in links_Bps:
             for pkey in policies:
                 cells.append({"workload": wname, "params": params, "policy": pkey, "link_Bps": bw,
-                              "forecast_starts": [], "load_factors": [], "runs": [], "failed": []})
+                              "start_spread_s": spread_s,
+                              "forecast_starts": [], "load_factors": [], "runs": [], "failed": [], "warmups_s": []})
     for rep in range(repeats):
         for c in cells:
             # The forecast is made just before its migration, as a user would: from the profile
@@ -151,11 +183,15 @@ def run_validation(calibration, *, workloads=None, policies=None, links_Bps=(50e
             c["forecast_starts"] += fc["starts"]
             c["load_factors"].append(round(lf, 3))
             c["advice"] = fc["advice"]
+            # where in the guest's life this run starts (see Start times above)
+            spread_s = c["start_spread_s"]
+            run_warmup_s = run_warmup(c, rep, seed, warmup_s)
+            c["warmups_s"].append(round(run_warmup_s, 3))
             log(f"[{time.monotonic() - t0:6.0f} s] run {rep + 1}/{repeats}: {c['workload']}, {c['policy']}, "
-                f"{c['link_Bps'] / 1e6:g} MB/s (host load factor {lf:.2f})")
+                f"{c['link_Bps'] / 1e6:g} MB/s (host load factor {lf:.2f}" + (f", warm-up {run_warmup_s:.2f} s)" if spread_s else ")"))
             try:
                 d = _migrate(c["workload"], c["params"], size_bytes, c["link_Bps"], c["policy"], seed=seed,
-                             warmup_s=warmup_s, observe_s=observe_s, tracker=tracker)
+                             warmup_s=run_warmup_s, observe_s=observe_s, tracker=tracker)
             except Exception as err:  # one broken run is a row marked failed, not a lost table
                 c["failed"].append(f"{type(err).__name__}: {err}")
                 continue
