@@ -568,8 +568,6 @@ def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_r
         params = params | alignment
     report = simulate(trace, policy, bandwidth_Bps=bandwidth_Bps, **params)
     if calibration is not None:
-        from vmem.analysis.calibration import trace_dirty_rate
-
         report.guest["prediction"]["calibration"] = calibration.describe()
         # how much of the busy calibration guest's costs (vs the idle one's) this guest got
         report.guest["prediction"]["calibration_busy_weight"] = round(calibration.busy_weight(trace_dirty_rate(trace)), 3)
