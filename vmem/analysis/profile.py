@@ -164,6 +164,15 @@ def run_profile(workload: str = "hotcold", params: dict | None = None, size: int
     return trace
 
 
+def steadiness_cv(trace: DirtyTrace) -> float:
+    """std / mean of the pages dirtied per interval (0 for a guest that writes nothing): below
+    :data:`STEADY_CV` the guest is steady (``analyse``'s verdict; the validation's choice of
+    start times)."""
+    counts = trace.count_per_interval()
+    mean = float(counts.mean()) if counts.size else 0.0
+    return float(counts.std()) / mean if mean > 0 else 0.0
+
+
 def check_duration(duration_s: float, interval_s: float) -> None:
     """Refuse a collect interval outside 1 ms-60 s or a duration outside interval-:data:`MAX_DURATION_S`.
 
@@ -312,7 +321,7 @@ def analyse(trace: DirtyTrace, bandwidths_Bps=None, *, downtime_goal_s: float = 
     measured = curve[0] >= trace.interval_s * (1 - 1e-9)          # the points the trace measured
     out["working_set"] = {"windows_s": [round(float(x), 6) for x in curve[0][measured]],
                           "wws_pages": [round(float(x), 2) for x in curve[1][measured]], "guest_pages": int(trace.npages)}
-    cv = std / mean if mean > 0 else 0.0
+    cv = steadiness_cv(trace)
     # Does the WWS level off?  Compare the last doubling of the window on the curve.
     levels = None
     growth = None

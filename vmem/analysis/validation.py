@@ -116,12 +116,9 @@ def _migrate(workload, params, size, bw, policy_key, *, seed, warmup_s, observe_
 def start_spread_s(trace) -> float:
     """Over how many seconds a validated run's start is spread: the trace's duration for a
     guest whose profile is not steady (cv of the per-interval counts >= STEADY_CV), else 0."""
-    from vmem.analysis.profile import STEADY_CV
+    from vmem.analysis.profile import STEADY_CV, steadiness_cv
 
-    counts = trace.count_per_interval()
-    if not counts.size or counts.mean() == 0 or counts.std() / counts.mean() < STEADY_CV:
-        return 0.0
-    return float(trace.duration_s)
+    return float(trace.duration_s) if steadiness_cv(trace) >= STEADY_CV else 0.0
 
 
 def run_warmup(cell: dict, rep: int, seed: int, warmup_s: float) -> float:
