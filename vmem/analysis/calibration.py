@@ -386,7 +386,7 @@ class Calibration:
 
     @staticmethod
     def _line(runs: list[dict], q: str, x_key: str, *, sign: int = 1,
-              identified: bool = False, x_of=None) -> tuple[float, float, dict]:
+              identified: bool = False, x_of=None, slope: float | None = None) -> tuple[float, float, dict]:
         """Least-squares ``q = a + b * x`` over the runs that have ``q`` and ``x``; ``(a, b,
         residual by run id)``; b = 0 with fewer than two distinct x.  ``x_of``: maps the
         run's ``x_key`` value to the x the line is over (default: as it is).  ``sign`` +1: b >= 0 (a
@@ -396,7 +396,9 @@ class Calibration:
         switchover's slope over the final set needs it: the calibration guest's final sets
         span a few dozen pages, a slope fitted over them is noise (one file's came out at
         34 us/page, +/- 39), and extrapolated to a guest whose final set is 131,072 pages it
-        added a second to a switchover that really costs milliseconds."""
+        added a second to a switchover that really costs milliseconds.
+
+        ``slope``: b as given (another line's), only the intercept fitted."""
         f = x_of or float
         pts = [(float(f(r[x_key])), float(r[q]), id(r)) for r in runs
                if r.get(q) is not None and isinstance(r.get(x_key), (int, float))]
@@ -404,7 +406,10 @@ class Calibration:
             return 0.0, 0.0, {}
         x = np.array([p[0] for p in pts])
         y = np.array([p[1] for p in pts])
-        if len(set(x.tolist())) >= 2:
+        if slope is not None:
+            b = float(slope)
+            a = float(np.mean(y - b * x))
+        elif len(set(x.tolist())) >= 2:
             b, a = np.polyfit(x, y, 1)
             b = max(float(b) * sign, 0.0) * sign
             if identified and b != 0.0:
@@ -545,24 +550,14 @@ class Calibration:
         switch_line = busy_switch_line
         if kind != "busy" and busy_switch_line is not None:
             pre = [r for r in kind_runs if r.get("mode") == "precopy"]
-            switch_line = self._intercept(pre, "switchover_s", "final_pages", busy_switch_line[1],
-                                          switch_backlog_pages) if pre else busy_switch_line
+            switch_line = (self._line(pre, "switchover_s", "final_pages", x_of=switch_backlog_pages,
+                                      slope=busy_switch_line[1]) if pre else busy_switch_line)
         # The copy efficiency over the load probe, within this link's runs: the probe a
         # prediction is made under is the runs' median probe times the load factor.
         eff_line = self._line(runs, "efficiency", "probe_s", sign=-1) if have_probes else None
         effs = [float(r["efficiency"]) for r in runs if r.get("efficiency") is not None]
         return {"runs": runs, "kind_runs": kind_runs, "lines": lines, "switch_line": switch_line,
                 "eff_line": eff_line, "effs": effs}
-
-    @staticmethod
-    def _intercept(runs: list[dict], q: str, x_key: str, b: float, x_of) -> tuple[float, float, dict]:
-        """``q = a + b * x`` with the slope ``b`` given: ``(a, b, residual by run id)``."""
-        pts = [(float(x_of(r[x_key])) if isinstance(r.get(x_key), (int, float)) else 0.0, float(r[q]), id(r))
-               for r in runs if r.get(q) is not None]
-        if not pts:
-            return 0.0, b, {}
-        a = float(np.mean([y - b * x for x, y, _ in pts]))
-        return a, b, {rid: y - (a + b * x) for x, y, rid in pts}
 
     def point_params(self, npages: int, link_Bps: float, *, mode: str = "precopy", load_factor: float = 1.0,
                      dirty_pages_per_s: float | None = None) -> dict:
