@@ -20,8 +20,14 @@ What one calibration run yields (:func:`sample_from_report`, all seconds unless 
     efficiency        achieved / nominal rate of the copy path: sum(bytes) / sum(send time) / cap
                       over rounds of >= 1 MiB, less the token bucket's credit each round
                       started with (post-copy: the push's bytes / push time / cap)
-    switchover_s      pre-copy: downtime - the stop-and-copy send (the downtime's fixed part)
+    switchover_s      pre-copy: downtime - the part of the stop-and-copy send the link's rate
+                      forced (:func:`final_link_s`: the token bucket replayed over the run's
+                      measured rounds, collects, drain and pause, as the simulator models it);
+                      the rest of the send -- copying the pages, writing the guest's context
+                      and the stream's end, 0.3-0.9 ms where the bucket had credit -- is CPU
+                      work the simulator does not model, so it stays in the switchover
     final_pages       pre-copy: pages the stop-and-copy sent (the switchover's line is over it)
+    last_round_pages  pre-copy: pages the last pre-copy round sent (the drain's line is over it)
     postcopy_switch_s post-copy: the downtime (pause -> first step at the destination)
     push_hold_s       post-copy: the push held for the destination guest's first step
     fault_wait_s      post-copy: blocktime / faults, what one demand fault stalls the guest
@@ -72,7 +78,7 @@ intercept each guest's own; the load probes are pooled (they measure the host).
 
 File layout (JSON)::
 
-    {"format": "vmem-calibration", "version": 1,
+    {"format": "vmem-calibration", "version": 2,
      "provenance": {vmem version, commit, host, kernel, cpus, date, command},
      "load": {"loadavg_before": [1, 5, 15 min], "loadavg_after": [...]},
      "config": {"sizes_bytes", "links_Bps", "repeats", "workload", "params", "seed",
@@ -102,6 +108,7 @@ __all__ = [
     "default_path",
     "load_calibration",
     "sample_from_report",
+    "final_link_s",
     "mode_for",
     "switch_backlog_pages",
     "SWITCH_BACKLOG_PAGES",
@@ -113,7 +120,9 @@ __all__ = [
 ]
 
 CALIBRATION_FORMAT = "vmem-calibration"
-CALIBRATION_VERSION = 1
+#: 2: the switchover is the downtime less the link's share of the final send (1: less the
+#: whole send, which left the send's CPU time out of every prediction).
+CALIBRATION_VERSION = 2
 #: The calibration guest: not a workload the validation table migrates with these
 #: parameters, so the predictor is never tuned on the runs it is judged by.
 CAL_WORKLOAD = "hotcold"
@@ -134,7 +143,7 @@ MAX_FILE_BYTES = 16 << 20
 MAX_RUNS = 10_000
 #: The quantities a run holds (None where the run's mode has none).
 QUANTITIES = ("setup_s", "pause_s", "drain_s", "collect_s", "efficiency", "switchover_s", "postcopy_switch_s",
-              "push_hold_s", "fault_wait_s", "tail_s", "gap_s", "final_pages")
+              "push_hold_s", "fault_wait_s", "tail_s", "gap_s", "final_pages", "last_round_pages")
 #: precopy: Xen's policy, stop-and-copy; postcopy: pure post-copy; hybrid: Xen's pre-copy
 #: rounds, then post-copy of the last dirty set (a few pages pending: the switch's fixed part).
 MODES = ("precopy", "postcopy", "hybrid")
@@ -216,6 +225,30 @@ def _rate_rounds(pre: list[dict], link_Bps: float) -> list[tuple[float, float]]:
     return out
 
 
+def final_link_s(pre: list[dict], timings_ms: dict, final_bytes: int, link_Bps: float) -> float:
+    """Seconds of a run's stop-and-copy send that the link's rate forced: the token bucket
+    (:class:`transport.TokenBucket`, full at the start) replayed over the run's measured
+    timeline the way the simulator runs its own -- each pre-copy round's bytes against the
+    tokens of its duration, refills over its collect, the drain, the pause latency and the
+    final collect -- and the final set's bytes (plus the stream's end) beyond the tokens left,
+    at the link's rate.  0 when the bucket held the whole final set: the send then took only
+    CPU time, which the simulator does not model and the switchover keeps."""
+    from transport import default_burst_bytes
+    from vmem.analysis.simulate import TRAILER_BYTES
+
+    rate = float(link_Bps)
+    burst = float(default_burst_bytes(link_Bps))
+    tokens = burst
+    for x in pre:
+        # a round the link held up ends on an empty bucket; one the copy path held up (it
+        # took longer than its bytes needed) ends on whatever the time refilled
+        tokens = min(burst, max(0.0, tokens + rate * float(x.get("duration_s") or 0) - float(x.get("bytes_sent") or 0)))
+        tokens = min(burst, tokens + rate * float(x.get("collect_ms") or 0) / 1e3)
+    idle_s = sum(float(timings_ms.get(k) or 0) for k in ("drain_before_pause", "pause_latency", "final_collect")) / 1e3
+    tokens = min(burst, tokens + rate * idle_s)
+    return max(0.0, final_bytes + TRAILER_BYTES - tokens) / rate
+
+
 def sample_from_report(report, link_Bps: float) -> dict:
     """The calibration quantities of one real migration report (dict or MigrationReport).
 
@@ -254,10 +287,11 @@ def sample_from_report(report, link_Bps: float) -> dict:
     if mode == "precopy":
         if busy:
             s["efficiency"] = sum(b for b, _ in busy) / sum(t for _, t in busy) / link_Bps
-        send_s = (_num(tm.get("stop_and_copy_send")) or 0.0) / 1e3
-        s["switchover_s"] = max(0.0, downtime_s - send_s)
         stop = [x for x in rounds if x.get("kind") == "stop-and-copy"]
         s["final_pages"] = int(stop[-1].get("pages_sent") or 0) if stop else 0
+        s["last_round_pages"] = int(pre[-1].get("pages_sent") or 0) if pre else 0
+        final_bytes = int(stop[-1].get("bytes_sent") or 0) if stop else 0
+        s["switchover_s"] = max(0.0, downtime_s - final_link_s(pre, tm, final_bytes, link_Bps))
         if migration_s is not None:
             s["tail_s"] = migration_s - s["setup_s"] - s["drain_s"] - s["pause_s"] - transfer_time_s(d)
     else:
@@ -470,9 +504,15 @@ class Calibration:
         busy_pre = [r for r in self._kind_runs("busy") if r.get("mode") == "precopy"]
         switch_line = (self._line(busy_pre, "switchover_s", "final_pages", identified=True, x_of=switch_backlog_pages)
                        if any(isinstance(r.get("final_pages"), (int, float)) for r in busy_pre) else None)
+        # Likewise the drain's cost per page of the last round (the short runs' last round is
+        # round 0, the Xen-policy runs' a few dozen pages); pre-copy only: a hybrid draws its
+        # own runs' drains.  Older files have no last_round_pages: the runs' drains as they were.
+        drain_line = (self._line(busy_pre, "drain_s", "last_round_pages", identified=True, x_of=switch_backlog_pages)
+                      if mode == "precopy" and any(isinstance(r.get("last_round_pages"), (int, float)) for r in busy_pre)
+                      else None)
         # The load probe is the host's, whichever guest ran: all runs' probes.
         probes = [float(r["probe_s"]) for r in self.runs if isinstance(r.get("probe_s"), (int, float)) and r["probe_s"] > 0]
-        ctx = {k: self._draw_context(k, mode, link_Bps, switch_line, bool(probes)) for k in kinds}
+        ctx = {k: self._draw_context(k, mode, link_Bps, switch_line, drain_line, bool(probes)) for k in kinds}
         picks = {}
         for k in kinds:
             # the busy guest's picks come from the same stream as before idle runs existed
@@ -510,16 +550,18 @@ class Calibration:
             p["postcopy_switch_per_page_s"] = b
             for q in ("pause_s", "drain_s", "collect_s", "switchover_s", "push_hold_s", "fault_wait_s", "gap_s"):
                 v = r.get(q)
-                if q == "switchover_s" and c["switch_line"] is not None:
-                    a, b, res = c["switch_line"]
+                line = {"switchover_s": c["switch_line"], "drain_s": c["drain_line"]}.get(q)
+                if line is not None:
+                    a, b, res = line
                     # run r's residual when it is a pre-copy run; else the line alone (the
-                    # final set's part is the simulator's)
+                    # final set's or the last round's part is the simulator's)
                     v = a + res.get(id(r), 0.0)
                 if v is None:  # a quantity this mode's run lacks: the median of the guest's runs that have it
                     vals = [x[q] for x in c["kind_runs"] if x.get(q) is not None]
                     v = float(np.median(vals)) if vals else 0.0
                 p[q] = max(0.0, float(v))
             p["switchover_per_page_s"] = switch_line[1] if switch_line is not None else 0.0
+            p["drain_per_page_s"] = c["drain_line"][1] if c["drain_line"] is not None else 0.0
             eff, eff_line, effs = r.get("efficiency"), c["eff_line"], c["effs"]
             if eff is not None and eff_line is not None and eff_line[1] < 0 and id(r) in eff_line[2]:
                 a, b, res = eff_line
@@ -535,11 +577,13 @@ class Calibration:
             out.append(p)
         return out
 
-    def _draw_context(self, kind: str, mode: str, link_Bps: float, busy_switch_line, have_probes: bool) -> dict:
+    def _draw_context(self, kind: str, mode: str, link_Bps: float, busy_switch_line, busy_drain_line,
+                      have_probes: bool) -> dict:
         """What :meth:`draw_params` draws from for one calibration guest: its runs at this
         link, its lines over guest size (setup, tail) and pages pending (post-copy switch),
-        its switchover line (the busy guest's slope; the intercept over its own runs) and its
-        copy efficiency over the load probe."""
+        its switchover line (the busy guest's slope; the intercept over its own runs), its
+        drain line (the busy guest's; none for the idle guest, whose last round is always a
+        round 0) and its copy efficiency over the load probe."""
         runs = self._runs(mode, link_Bps, kind)
         all_mode = self._mode_runs(mode, kind)
         kind_runs = self._kind_runs(kind)
@@ -547,17 +591,22 @@ class Calibration:
         # pure (everything pending) and hybrid (a few pages) runs together give the line's
         # intercept and slope over pages pending
         lines["postcopy_switch_s"] = self._line(kind_runs, "postcopy_switch_s", "pages_pending")
-        switch_line = busy_switch_line
-        if kind != "busy" and busy_switch_line is not None:
-            pre = [r for r in kind_runs if r.get("mode") == "precopy"]
-            switch_line = (self._line(pre, "switchover_s", "final_pages", x_of=switch_backlog_pages,
-                                      slope=busy_switch_line[1]) if pre else busy_switch_line)
+        switch_line, drain_line = busy_switch_line, busy_drain_line
+        pre = [r for r in kind_runs if r.get("mode") == "precopy"]
+        if kind != "busy" and pre:
+            if busy_switch_line is not None:
+                switch_line = self._line(pre, "switchover_s", "final_pages", x_of=switch_backlog_pages,
+                                         slope=busy_switch_line[1])
+            # An idle guest's last round is always its round 0 (the backlog bound, at any
+            # size): its runs' drains as measured, no slope (fitted with the busy guest's
+            # slope, its intercept came out negative in a synthetic case and was clipped)
+            drain_line = None
         # The copy efficiency over the load probe, within this link's runs: the probe a
         # prediction is made under is the runs' median probe times the load factor.
         eff_line = self._line(runs, "efficiency", "probe_s", sign=-1) if have_probes else None
         effs = [float(r["efficiency"]) for r in runs if r.get("efficiency") is not None]
         return {"runs": runs, "kind_runs": kind_runs, "lines": lines, "switch_line": switch_line,
-                "eff_line": eff_line, "effs": effs}
+                "drain_line": drain_line, "eff_line": eff_line, "effs": effs}
 
     def point_params(self, npages: int, link_Bps: float, *, mode: str = "precopy", load_factor: float = 1.0,
                      dirty_pages_per_s: float | None = None) -> dict:
@@ -714,7 +763,7 @@ def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
             vals = [r[q] for r in runs if r.get(q) is not None]
             if not vals:
                 continue
-            scale, unit = (1.0, "") if q in ("efficiency", "final_pages") else (1e3, " ms")
+            scale, unit = (1.0, "") if q in ("efficiency", "final_pages", "last_round_pages") else (1e3, " ms")
             rows.append((q, mode, f"{np.median(vals) * scale:,.3f}{unit} ({min(vals) * scale:,.3f}-{max(vals) * scale:,.3f}), n={len(vals)}"))
     for kind, rate in cal.dirty_rates().items():
         rows.append(("dirty_pages_per_s", f"{kind} guest", f"{rate:,.1f}"))

@@ -82,7 +82,7 @@ DEFAULT_PAUSE_S = 0.0005
 #: Only added to total_time_s; it depends on size and options, so 0 by default.
 DEFAULT_POST_S = 0.0
 #: The stream records after the pages (libxc END, EMULATOR_CONTEXT of a small context, libxl END).
-_TRAILER_BYTES = 8 + 8 + 8 + 512
+TRAILER_BYTES = 8 + 8 + 8 + 512
 _HEADER_BYTES = 128
 THROTTLE_MODELS = ("subsample", "dilate")
 #: Post-copy modes the simulator runs (MigrationOptions.postcopy's, "allow" aside).
@@ -109,6 +109,10 @@ class SimulationParams:
         drain_s: before the pause, the migrator waits for the destination to place what it
             received (``timings_ms.drain_before_pause``, calibrated): the guest runs on (its
             writes join the final set) and the link idles (its token bucket refills).
+        drain_per_page_s: the drain's cost per page of the last pre-copy round (calibrated);
+            the drain is ``drain_s`` + this x that round's pages, counted up to
+            :data:`vmem.analysis.model.SWITCH_BACKLOG_PAGES` (the destination places a
+            round's last record after it has arrived).
         switchover_per_page_s: the switchover's cost per page of the final set beyond its
             wire time (calibrated); downtime = send + switchover_s + this x the final pages,
             counted up to :data:`vmem.analysis.model.SWITCH_BACKLOG_PAGES`.
@@ -140,6 +144,7 @@ class SimulationParams:
     collect_s: float = DEFAULT_COLLECT_S
     pause_s: float = DEFAULT_PAUSE_S
     drain_s: float = 0.0
+    drain_per_page_s: float = 0.0
     switchover_s: float = DEFAULT_SWITCHOVER_S
     switchover_per_page_s: float = 0.0
     post_s: float = DEFAULT_POST_S
@@ -159,7 +164,7 @@ class SimulationParams:
         """Raises ConfigError naming the first bad parameter."""
         if not (isinstance(self.bandwidth_Bps, (int, float)) and math.isfinite(self.bandwidth_Bps) and self.bandwidth_Bps > 0):
             raise ConfigError("--bandwidth", f"must be a finite rate > 0, got {self.bandwidth_Bps!r}")
-        for name in ("start_s", "setup_s", "collect_s", "pause_s", "drain_s", "switchover_s", "switchover_per_page_s",
+        for name in ("start_s", "setup_s", "collect_s", "pause_s", "drain_s", "drain_per_page_s", "switchover_s", "switchover_per_page_s",
                      "post_s", "blackout_gap_s",
                      "postcopy_switch_s", "postcopy_switch_per_page_s", "push_hold_s", "fault_wait_s"):
             v = getattr(self, name)
@@ -364,7 +369,8 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     # The migrator waits for the destination to catch up (drain; none before a pure
     # post-copy), then the guest runs until it acknowledges the pause and is frozen.  The
     # link idles meanwhile: its bucket refills, and a large final set goes out faster.
-    wait_s = (p.drain_s if index >= 0 else 0.0) + p.pause_s
+    drain_s = _drain_s(p, r.rounds) if index >= 0 else 0.0
+    wait_s = drain_s + p.pause_s
     late = replay.advance(wait_s, throttle)
     link.idle(wait_s)
     elapsed += wait_s
@@ -375,7 +381,7 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     r.phase = "stop-and-copy"
     link.idle(p.collect_s)  # the final collect, paused, before the send: the bucket refills
     nbytes = wire_bytes(final_n, page_size) if final_n else 0
-    send_s = link.send(nbytes + _TRAILER_BYTES)
+    send_s = link.send(nbytes + TRAILER_BYTES)
     r.rounds.append(RoundStats(index=index + 1, kind="stop-and-copy", pages_sent=final_n, bytes_sent=nbytes,
                                duration_s=round(send_s, 6),
                                bandwidth_bps=round(nbytes * 8 / send_s, 1) if send_s > 0 else 0.0))
@@ -389,8 +395,9 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     r.blackout_ms = round(max(downtime_s, p.blackout_gap_s) * 1e3, 3)
     r.timings_ms = {
         "setup": round(p.setup_s * 1e3, 3),
-        "drain_before_pause": round(p.drain_s * 1e3, 3),
+        "drain_before_pause": round(drain_s * 1e3, 3),
         "pause_latency": round(p.pause_s * 1e3, 3),
+        "final_collect": round(p.collect_s * 1e3, 3),
         "stop_and_copy_send": round(send_s * 1e3, 3),
         "switchover_overhead": round(switchover_s * 1e3, 3),
     }
@@ -398,6 +405,13 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     r.phase = "predicted"
     r.source_guest_state = "exited"
     return _finish(r, trace, p, policy, elapsed + p.post_s, t_wall)
+
+
+def _drain_s(p: SimulationParams, rounds) -> float:
+    """The wait before the pause: its fixed part plus its cost per page of the last pre-copy
+    round in ``rounds`` (up to the backlog bound)."""
+    last = [x for x in rounds if x.kind == "precopy"]
+    return p.drain_s + p.drain_per_page_s * switch_backlog_pages(last[-1].pages_sent if last else 0)
 
 
 def _finish_postcopy(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, replay, link, pending,
@@ -424,7 +438,7 @@ def _finish_postcopy(r: MigrationReport, trace: DirtyTrace, p: SimulationParams,
                   "blocktime_ms": round(pc["blocked_s"] * 1e3, 3)}
     r.timings_ms = {"setup": round(p.setup_s * 1e3, 3),
                     # a hybrid drains before its pause as stop-and-copy does; a pure post-copy does not
-                    "drain_before_pause": round((p.drain_s if index >= 0 else 0.0) * 1e3, 3),
+                    "drain_before_pause": round((_drain_s(p, r.rounds[:-1]) if index >= 0 else 0.0) * 1e3, 3),
                     "pause_latency": round(p.pause_s * 1e3, 3),
                     "postcopy_switch": round(switch_s * 1e3, 3), "push_held_for_restart": round(p.push_hold_s * 1e3, 3),
                     "pause_to_all_placed": round((p.pause_s + complete_s) * 1e3, 3)}
@@ -439,7 +453,7 @@ def _finish(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, 
     if r.outcome == "completed":  # the prediction has no observe window: QMP's total-time
         r.migration_time_s = r.total_time_s
     r.pages_sent = sum(x.pages_sent for x in r.rounds)
-    r.bytes_sent = _HEADER_BYTES + sum(x.bytes_sent for x in r.rounds) + (_TRAILER_BYTES if r.outcome == "completed" else 0)
+    r.bytes_sent = _HEADER_BYTES + sum(x.bytes_sent for x in r.rounds) + (TRAILER_BYTES if r.outcome == "completed" else 0)
     if r.phase not in ("predicted", "aborted"):
         r.phase = r.phase or "precopy"
     r.guest["prediction"] = {
