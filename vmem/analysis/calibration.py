@@ -15,7 +15,9 @@ What one calibration run yields (:func:`sample_from_report`, all seconds unless 
     setup_s           handshake -> first page (report setup_time_ms)
     pause_s           pause posted -> acknowledged (timings_ms.pause_latency)
     drain_s           before the pause: waiting for the destination to place what it
-                      received (timings_ms.drain_before_pause; the link idles meanwhile)
+                      received (timings_ms.drain_before_pause; the link idles meanwhile);
+                      pre-copy draws take the busy guest's line over the pages of the
+                      last round's last record (last_record_pages)
     collect_s         median dirty-tracker collect of the pre-copy rounds
     efficiency        achieved / nominal rate of the copy path: sum(bytes) / sum(send time) / cap
                       over rounds of >= 1 MiB, less the token bucket's credit each round
@@ -27,7 +29,8 @@ What one calibration run yields (:func:`sample_from_report`, all seconds unless 
                       and the stream's end, 0.3-0.9 ms where the bucket had credit -- is CPU
                       work the simulator does not model, so it stays in the switchover
     final_pages       pre-copy: pages the stop-and-copy sent (the switchover's line is over it)
-    last_round_pages  pre-copy: pages the last pre-copy round sent (the drain's line is over it)
+    last_round_pages  pre-copy: pages the last pre-copy round sent (the drain's line is over
+                      the pages of its last record)
     postcopy_switch_s post-copy: the downtime (pause -> first step at the destination)
     push_hold_s       post-copy: the push held for the destination guest's first step
     fault_wait_s      post-copy: blocktime / faults, what one demand fault stalls the guest
@@ -99,7 +102,7 @@ import time
 import numpy as np
 
 from vmem.errors import ConfigError
-from vmem.analysis.model import SWITCH_BACKLOG_PAGES, switch_backlog_pages
+from vmem.analysis.model import SWITCH_BACKLOG_PAGES, last_record_pages, switch_backlog_pages
 
 __all__ = [
     "CALIBRATION_FORMAT",
@@ -504,10 +507,10 @@ class Calibration:
         busy_pre = [r for r in self._kind_runs("busy") if r.get("mode") == "precopy"]
         switch_line = (self._line(busy_pre, "switchover_s", "final_pages", identified=True, x_of=switch_backlog_pages)
                        if any(isinstance(r.get("final_pages"), (int, float)) for r in busy_pre) else None)
-        # Likewise the drain's cost per page of the last round (the short runs' last round is
-        # round 0, the Xen-policy runs' a few dozen pages); pre-copy only: a hybrid draws its
-        # own runs' drains.  Older files have no last_round_pages: the runs' drains as they were.
-        drain_line = (self._line(busy_pre, "drain_s", "last_round_pages", identified=True, x_of=switch_backlog_pages)
+        # Likewise the drain's cost per page of the last round's last record (the short runs'
+        # last round is round 0: a full record; the Xen-policy runs' a few dozen pages); pre-copy
+        # only: a hybrid draws its own runs' drains.
+        drain_line = (self._line(busy_pre, "drain_s", "last_round_pages", identified=True, x_of=last_record_pages)
                       if mode == "precopy" and any(isinstance(r.get("last_round_pages"), (int, float)) for r in busy_pre)
                       else None)
         # The load probe is the host's, whichever guest ran: all runs' probes.

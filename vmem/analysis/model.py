@@ -104,6 +104,15 @@ PFN_BYTES = 8
 PAGES_PER_RECORD = 1024
 
 
+def last_record_pages(round_pages: float) -> float:
+    """Pages in the last PAGE_DATA record of a round of ``round_pages`` (the sender cuts a
+    round into records of :data:`PAGES_PER_RECORD` in order): what the destination still has
+    to place when the round's last byte is sent -- the drain before the pause grows with it
+    (:mod:`vmem.analysis.calibration`)."""
+    n = int(round_pages)
+    return float((n - 1) % PAGES_PER_RECORD + 1) if n > 0 else 0.0
+
+
 def wire_bytes(pages: int, page_size: int = 4096) -> int:
     """Bytes a round of ``pages`` puts on the wire: PAGE_DATA records of up to 1024 pages."""
     pages = int(pages)

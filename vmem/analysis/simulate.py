@@ -17,13 +17,15 @@ Timeline (seconds of *trace time*; the trace loops when the migration outlasts i
     policy             sees PrecopyStats exactly as the migrator fills them
                        (bandwidth = bytes / send time, est_downtime = dirty * page_size /
                        min(bandwidth, B), dirty_history, dirty_rate_history, throttle...)
-    drain              the migrator waits drain_s for the destination to place what it
+    drain              the migrator waits drain_s + drain_per_page_s x the pages of the
+                       last round's last record for the destination to place what it
                        received (PLACED acks); the guest runs on, the link idles (its
                        bucket refills)
     stop-and-copy      the guest runs pause_s more (pause latency), then the union of the
                        last dirty set and what it wrote meanwhile is sent;
                        downtime = send time + switchover_s (final collect, END, context,
-                       destination restore, first step)
+                       destination restore, first step); the send time is the bucket's
+                       alone, its CPU time is in the calibrated switchover_s
 
 Throttle (``Verdict.throttle = t`` on CONTINUE, kept until changed): ``"subsample"``
 (default) keeps a seeded random ``(1 - t)`` of the pages each round dirties;
@@ -45,7 +47,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from vmem.errors import ConfigError, PolicyError
-from vmem.analysis.model import DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, switch_backlog_pages, wire_bytes
+from vmem.analysis.model import (DEFAULT_COLLECT_S, DEFAULT_SWITCHOVER_S, last_record_pages, switch_backlog_pages,
+                                 wire_bytes)
 from vmem.pages import merge_pages
 from vmem.migration.policy import Decision, XenDefaultPolicy
 from vmem.migration.report import MigrationReport, RoundStats
@@ -109,10 +112,10 @@ class SimulationParams:
         drain_s: before the pause, the migrator waits for the destination to place what it
             received (``timings_ms.drain_before_pause``, calibrated): the guest runs on (its
             writes join the final set) and the link idles (its token bucket refills).
-        drain_per_page_s: the drain's cost per page of the last pre-copy round (calibrated);
-            the drain is ``drain_s`` + this x that round's pages, counted up to
-            :data:`vmem.analysis.model.SWITCH_BACKLOG_PAGES` (the destination places a
-            round's last record after it has arrived).
+        drain_per_page_s: the drain's cost per page of the last pre-copy round's last
+            record (calibrated); the drain is ``drain_s`` + this x
+            :func:`vmem.analysis.model.last_record_pages` of that round (the destination
+            places a record once it has all of it).
         switchover_per_page_s: the switchover's cost per page of the final set beyond its
             wire time (calibrated); downtime = send + switchover_s + this x the final pages,
             counted up to :data:`vmem.analysis.model.SWITCH_BACKLOG_PAGES`.
@@ -408,10 +411,10 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
 
 
 def _drain_s(p: SimulationParams, rounds) -> float:
-    """The wait before the pause: its fixed part plus its cost per page of the last pre-copy
-    round in ``rounds`` (up to the backlog bound)."""
+    """The wait before the pause: its fixed part plus its cost per page of the last record of
+    the last pre-copy round in ``rounds``."""
     last = [x for x in rounds if x.kind == "precopy"]
-    return p.drain_s + p.drain_per_page_s * switch_backlog_pages(last[-1].pages_sent if last else 0)
+    return p.drain_s + p.drain_per_page_s * last_record_pages(last[-1].pages_sent if last else 0)
 
 
 def _finish_postcopy(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, replay, link, pending,
