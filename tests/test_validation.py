@@ -36,6 +36,24 @@ def test_summary_counts_inside_and_errors():
     assert "| a | xen | 1 |" in text and "inside the range in 2 of 3" in text and "b 50.0 % / 25.0 %" in text
 
 
+def test_summary_counts_single_runs_and_workloads():
+    """The issue counts runs, per workload: a cell whose median is inside may hold runs that
+    are not (and the other way round), and each is counted against the cell's range."""
+    a = _cell("a", (4, 5, 6), 5.5, (1.0, 2.0, 3.0), 2.5)
+    a["runs"] = [{"downtime_ms": 5.5, "migration_time_s": 2.5}, {"downtime_ms": 9.0, "migration_time_s": 2.0},
+                 {"downtime_ms": 4.5, "migration_time_s": 3.5}]
+    b = _cell("b", (4, 5, 6), 10.0, (1.0, 2.0, 3.0), 2.0)
+    b["runs"] = [{"downtime_ms": 10.0, "migration_time_s": 2.0}, {"downtime_ms": 5.0, "migration_time_s": None}]
+    s = summarise([a, b])
+    assert s["inside"]["downtime_ms"] == {"inside": 1, "of": 2}                   # cell medians
+    assert s["runs_inside"]["downtime_ms"] == {"inside": 3, "of": 5}              # 5.5, 4.5 of a; 5.0 of b
+    assert s["runs_inside"]["migration_time_s"] == {"inside": 3, "of": 4}         # b's second run has none
+    assert s["per_workload_inside"]["a"]["downtime_ms"] == {"cells": 1, "cells_of": 1, "runs": 2, "runs_of": 3}
+    assert s["per_workload_inside"]["b"]["downtime_ms"] == {"cells": 0, "cells_of": 1, "runs": 1, "runs_of": 2}
+    text = markdown_table([a, b], s)
+    assert "downtime inside in 3 of 5" in text and "a 1 of 1 (2 of 3) / 1 of 1 (2 of 3)" in text
+
+
 def test_a_phased_guests_runs_start_across_its_trace():
     """A guest whose profile is not steady is migrated at start times spread over its trace
     (what the forecast's range is over), seeded; a steady one after the fixed warm-up."""
