@@ -112,6 +112,7 @@ __all__ = [
     "load_calibration",
     "sample_from_report",
     "final_link_s",
+    "predictive_widening",
     "mode_for",
     "switch_backlog_pages",
     "SWITCH_BACKLOG_PAGES",
@@ -173,6 +174,36 @@ CPU_BOUND = ("setup_s", "post_s", "switchover_per_page_s", "postcopy_switch_s",
 #: The load factor's clip: a probe never makes the host more than twice as fast as when
 #: calibrated, nor more than five times slower.
 LOAD_FACTOR_MIN, LOAD_FACTOR_MAX = 0.5, 5.0
+
+
+#: Student's t, 90th percentile, by degrees of freedom 1..10 (beyond: the Cornish-Fisher series).
+_T90 = (3.078, 1.886, 1.638, 1.533, 1.476, 1.440, 1.415, 1.397, 1.383, 1.372)
+_Z90 = 1.2815516
+
+
+def _t90(df: int) -> float:
+    if df <= len(_T90):
+        return _T90[df - 1]
+    z = _Z90
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def predictive_widening(n_runs: int) -> float:
+    """How much farther than a drawn run the next run may fall from the middle of ``n_runs``.
+
+    A bootstrap of n runs spreads its draws as the runs' own spread, sqrt((n-1)/n) of the
+    standard deviation; the next run also carries the error of where that middle is
+    (sqrt(1 + 1/n)) and a spread estimated from n runs has heavier tails (Student's t with
+    n-1 degrees of freedom): the 80 % prediction interval is t90(n-1) sqrt(1 + 1/n) s, the
+    bootstrap's z90 sqrt((n-1)/n) s.  Their ratio: 1.36 for 6 runs (the calibration's
+    default per link and mode), 1.16 for 12, -> 1.  Measured here, the runs of different
+    calibrations put the busy guest's switchover intercept 1.03-2.12 ms apart (six runs per
+    link each) -- what the ranges drawn from one calibration left out.  1 for fewer than 2
+    runs (nothing to widen)."""
+    n = int(n_runs)
+    if n < 2:
+        return 1.0
+    return _t90(n - 1) * math.sqrt(1 + 1 / n) / (_Z90 * math.sqrt((n - 1) / n))
 
 
 def host_probe_s() -> float:
@@ -541,44 +572,64 @@ class Calibration:
             # (an error of exactly 1 leaves the factor as given, even one beyond the clip)
             lf = float(min(max(load_factor / float(err), LOAD_FACTOR_MIN), LOAD_FACTOR_MAX)) if err != 1.0 else load_factor
             probe_now = float(np.median(probes)) * lf if probes else None
+            # Run r's costs, their distance from the middle of the runs' widened to what a
+            # handful of runs predicts for the next one (predictive_widening)
+            every = [self._run_params(c, x, npages, probe_now) for x in c["runs"]]
+            mine = every[int(picks[kind][i])]
+            k = predictive_widening(len(c["runs"]))
             p = {}
-            for q, x in (("setup_s", npages), ("tail_s", npages)):
-                a, b, res = c["lines"][q]
-                p[q] = max(0.0, a + b * x + res.get(id(r), 0.0))
-            p["post_s"] = p.pop("tail_s")
-            # The switch's cost grows with the pages still to come (marking them missing):
-            # the simulator adds the slope times the pages its own switch leaves pending.
-            a, b, res = c["lines"]["postcopy_switch_s"]
-            p["postcopy_switch_s"] = max(0.0, a + res.get(id(r), 0.0))
-            p["postcopy_switch_per_page_s"] = b
-            for q in ("pause_s", "drain_s", "collect_s", "switchover_s", "push_hold_s", "fault_wait_s", "gap_s"):
-                v = r.get(q)
-                line = {"switchover_s": c["switch_line"], "drain_s": c["drain_line"]}.get(q)
-                if line is not None:
-                    a, b, res = line
-                    # run r's residual when it is a pre-copy run; else the line alone (the
-                    # final set's or the last round's part is the simulator's)
-                    v = a + res.get(id(r), 0.0)
-                if v is None:  # a quantity this mode's run lacks: the median of the guest's runs that have it
-                    vals = [x[q] for x in c["kind_runs"] if x.get(q) is not None]
-                    v = float(np.median(vals)) if vals else 0.0
-                p[q] = max(0.0, float(v))
-            p["switchover_per_page_s"] = switch_line[1] if switch_line is not None else 0.0
-            p["drain_per_page_s"] = c["drain_line"][1] if c["drain_line"] is not None else 0.0
-            eff, eff_line, effs = r.get("efficiency"), c["eff_line"], c["effs"]
-            if eff is not None and eff_line is not None and eff_line[1] < 0 and id(r) in eff_line[2]:
-                a, b, res = eff_line
-                # at the load of now, with run r's residual; never outside what the runs saw
-                # (widened by 20 %): the line is fitted on a handful of runs
-                eff = min(max(a + b * probe_now + res[id(r)], 0.8 * min(effs)), 1.2 * max(effs))
-            if eff is None:
-                eff = float(np.median(effs)) if effs else 1.0
-            p["bandwidth_efficiency"] = min(max(float(eff), 0.05), 1.5)
-            p["blackout_gap_s"] = p.pop("gap_s")
+            for q, v in mine.items():
+                mid = float(np.median([e[q] for e in every]))
+                p[q] = mid + k * (v - mid)
+            effs = c["effs"]
+            # never outside what the runs saw, widened by 20 %
+            lo, hi = (0.8 * min(effs), 1.2 * max(effs)) if effs else (0.05, 1.5)
+            p["bandwidth_efficiency"] = min(max(p["bandwidth_efficiency"], lo, 0.05), hi, 1.5)
+            for q in p:
+                p[q] = max(0.0, p[q])
             for q in CPU_BOUND:
                 p[q] *= lf
             out.append(p)
         return out
+
+    def _run_params(self, c: dict, r: dict, npages: int, probe_now: float | None) -> dict:
+        """The simulation parameters one calibration run ``r`` of a draw context ``c`` gives
+        (the lines at this guest's size plus r's residual; before clipping at 0 and the load
+        factor)."""
+        p = {}
+        for q, x in (("setup_s", npages), ("tail_s", npages)):
+            a, b, res = c["lines"][q]
+            p[q] = a + b * x + res.get(id(r), 0.0)
+        p["post_s"] = p.pop("tail_s")
+        # The switch's cost grows with the pages still to come (marking them missing):
+        # the simulator adds the slope times the pages its own switch leaves pending.
+        a, b, res = c["lines"]["postcopy_switch_s"]
+        p["postcopy_switch_s"] = a + res.get(id(r), 0.0)
+        p["postcopy_switch_per_page_s"] = b
+        for q in ("pause_s", "drain_s", "collect_s", "switchover_s", "push_hold_s", "fault_wait_s", "gap_s"):
+            v = r.get(q)
+            line = {"switchover_s": c["switch_line"], "drain_s": c["drain_line"]}.get(q)
+            if line is not None:
+                a, b, res = line
+                # run r's residual when it is a pre-copy run; else the line alone (the
+                # final set's or the last round's part is the simulator's)
+                v = a + res.get(id(r), 0.0)
+            if v is None:  # a quantity this mode's run lacks: the median of the guest's runs that have it
+                vals = [x[q] for x in c["kind_runs"] if x.get(q) is not None]
+                v = float(np.median(vals)) if vals else 0.0
+            p[q] = float(v)
+        p["switchover_per_page_s"] = c["busy_switch_line"][1] if c["busy_switch_line"] is not None else 0.0
+        p["drain_per_page_s"] = c["drain_line"][1] if c["drain_line"] is not None else 0.0
+        eff, eff_line, effs = r.get("efficiency"), c["eff_line"], c["effs"]
+        if eff is not None and eff_line is not None and eff_line[1] < 0 and id(r) in eff_line[2]:
+            a, b, res = eff_line
+            # at the load of now, with run r's residual
+            eff = a + b * probe_now + res[id(r)]
+        if eff is None:
+            eff = float(np.median(effs)) if effs else 1.0
+        p["bandwidth_efficiency"] = float(eff)
+        p["blackout_gap_s"] = p.pop("gap_s")
+        return p
 
     def _draw_context(self, kind: str, mode: str, link_Bps: float, busy_switch_line, busy_drain_line,
                       have_probes: bool) -> dict:
@@ -609,7 +660,7 @@ class Calibration:
         eff_line = self._line(runs, "efficiency", "probe_s", sign=-1) if have_probes else None
         effs = [float(r["efficiency"]) for r in runs if r.get("efficiency") is not None]
         return {"runs": runs, "kind_runs": kind_runs, "lines": lines, "switch_line": switch_line,
-                "drain_line": drain_line, "eff_line": eff_line, "effs": effs}
+                "busy_switch_line": busy_switch_line, "drain_line": drain_line, "eff_line": eff_line, "effs": effs}
 
     def point_params(self, npages: int, link_Bps: float, *, mode: str = "precopy", load_factor: float = 1.0,
                      dirty_pages_per_s: float | None = None) -> dict:
