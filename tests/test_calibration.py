@@ -504,7 +504,7 @@ def test_draws_widen_a_handful_of_runs_to_a_prediction_interval():
     as far as the runs spread, while the next run also carries the error of where their
     middle is and the heavier tails of a spread estimated from six (Student's t).  Measured
     here, different calibrations put the busy guest's switchover intercept 1.03-2.12 ms
-    apart, and the validated runs fell inside their cells' ranges 63-84 % of the time where
+    apart, and the validated runs fell inside their cells' ranges 51-87 % of the time where
     an 80 % range should hold 80 %.  Each draw's distance from the runs' median is widened
     by predictive_widening(n) around that median."""
     from vmem.analysis.calibration import predictive_widening
