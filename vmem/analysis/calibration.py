@@ -654,9 +654,8 @@ class Calibration:
             if busy_switch_line is not None:
                 switch_line = self._line(pre, "switchover_s", "final_pages", x_of=switch_backlog_pages,
                                          slope=busy_switch_line[1])
-            # An idle guest's last round is always its round 0 (the backlog bound, at any
-            # size): its runs' drains as measured, no slope (fitted with the busy guest's
-            # slope, its intercept came out negative in a synthetic case and was clipped)
+            # An idle guest's last round is always its round 0, whose last record is full at
+            # any size: there is nothing to fit, its runs' drains are taken as measured
             drain_line = None
         # The copy efficiency over the load probe, within this link's runs: the probe a
         # prediction is made under is the runs' median probe times the load factor.
