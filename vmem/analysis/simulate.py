@@ -380,7 +380,7 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     final = _union(dirty, late, trace.npages) if len(late) else dirty
     final_n = len(final)
     if r.mode != "precopy":
-        return _finish_postcopy(r, trace, p, policy, replay, link, final, index, throttle, elapsed, t_wall)
+        return _finish_postcopy(r, trace, p, policy, replay, link, final, index, throttle, elapsed, t_wall, drain_s)
     r.phase = "stop-and-copy"
     link.idle(p.collect_s)  # the final collect, paused, before the send: the bucket refills
     nbytes = wire_bytes(final_n, page_size) if final_n else 0
@@ -418,8 +418,9 @@ def _drain_s(p: SimulationParams, rounds) -> float:
 
 
 def _finish_postcopy(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, replay, link, pending,
-                     index: int, throttle: float, elapsed: float, t_wall: float) -> MigrationReport:
-    """The switch and the post-copy phase (:mod:`vmem.analysis.simulate_postcopy`)."""
+                     index: int, throttle: float, elapsed: float, t_wall: float, drain_s: float) -> MigrationReport:
+    """The switch and the post-copy phase (:mod:`vmem.analysis.simulate_postcopy`); ``drain_s``
+    the wait before the pause already simulated (0 before a pure post-copy)."""
     from vmem.analysis.simulate_postcopy import simulate_postcopy
 
     r.phase = "postcopy"
@@ -441,7 +442,7 @@ def _finish_postcopy(r: MigrationReport, trace: DirtyTrace, p: SimulationParams,
                   "blocktime_ms": round(pc["blocked_s"] * 1e3, 3)}
     r.timings_ms = {"setup": round(p.setup_s * 1e3, 3),
                     # a hybrid drains before its pause as stop-and-copy does; a pure post-copy does not
-                    "drain_before_pause": round((_drain_s(p, r.rounds[:-1]) if index >= 0 else 0.0) * 1e3, 3),
+                    "drain_before_pause": round(drain_s * 1e3, 3),
                     "pause_latency": round(p.pause_s * 1e3, 3),
                     "postcopy_switch": round(switch_s * 1e3, 3), "push_held_for_restart": round(p.push_hold_s * 1e3, 3),
                     "pause_to_all_placed": round((p.pause_s + complete_s) * 1e3, 3)}
