@@ -272,18 +272,40 @@ def test_mac_truncated_frame_detected_and_sticky():
             receiver.recv_some(1)
 
 
-def test_mac_hands_out_nothing_of_a_bad_frame():
+@pytest.mark.parametrize("room", [4096, 100], ids=["frame-fits-the-buffer", "buffer-smaller-than-the-frame"])
+def test_mac_hands_out_nothing_of_a_bad_frame(room):
+    """A tampered frame: the receive raises, counts nothing, and stays failed.  A frame
+    that fits the caller's buffer is verified where it landed (its bytes are there, but
+    no call returns them); a smaller buffer gets not a single unverified byte."""
     (frame,) = _frames(b"A" * 4096)
     tampered = bytearray(frame)
     tampered[-1] ^= 0xFF
     a, b = channel_pair()
     with a, MacChannel(b, SESSION, "server") as receiver:
         a.send(bytes(tampered))
-        buf = bytearray(4096)
-        with pytest.raises(AuthError):
+        buf = bytearray(room)
+        with pytest.raises(AuthError, match="tag mismatch"):
             receiver.recv_into(buf)
-        assert buf == bytearray(4096)  # not a single unverified byte was copied out
+        if room < 4096:
+            assert buf == bytearray(room)  # verified in the internal buffer: nothing copied out
         assert receiver.bytes_received == 0
+        with pytest.raises(AuthError):  # sticky: the frame's bytes are never handed out
+            receiver.recv_some(1)
+
+
+def test_mac_frames_land_in_the_callers_buffer_verified():
+    """Frames that fit the caller's buffer are received there (no copy) and verified;
+    ones split across receives go through the internal buffer; both hand out the same bytes."""
+    data = bytes(range(256)) * 40000  # 10,240,000 bytes: ten full frames and a tail
+    a, b = channel_pair()
+    with MacChannel(a, SESSION, "client") as sender, MacChannel(b, SESSION, "server") as receiver:
+        t = threading.Thread(target=sender.send, args=(data,))
+        t.start()
+        big = bytearray(len(data) - 5000)          # whole frames land in place, the last one split
+        receiver.recv_into(big)
+        tail = receiver.recv_exact(5000)           # the rest of the split frame, from the internal buffer
+        t.join()
+    assert bytes(big) + tail == data and receiver.bytes_received == len(data)
 
 
 def test_mac_wrong_session_key_or_reflected_role_fails():
@@ -331,7 +353,7 @@ def test_mac_buffer_changed_between_tag_and_send_still_verifies():
     """The bytes MACed are the bytes sent: MacChannel sends its own copy of the frame."""
     import numpy as np
 
-    pages = np.zeros((600, 4096), dtype=np.uint8)  # 2.3 MiB: three frames
+    pages = np.zeros((600, 4096), dtype=np.uint8)  # 2.3 MiB: three frames, after the header's own
     a, b = channel_pair()
     with MacChannel(_WriteDuringSend(a, pages), SESSION, "client") as sender, \
             MacChannel(b, SESSION, "server") as rx:
@@ -339,7 +361,7 @@ def test_mac_buffer_changed_between_tag_and_send_still_verifies():
         sender.send_parts([b"hdr", pages])
         got = receiver.result()  # AuthError ("tag mismatch") if tag and payload disagreed
         assert got[:3] == b"hdr" and len(got) == pages.nbytes + 3
-        assert (pages == 3).all()  # the buffer really changed under each of the 3 frames
+        assert (pages == 4).all()  # the buffer really changed under each of the 4 frames
 
 
 def test_mac_buffer_written_concurrently_still_verifies():
@@ -537,3 +559,18 @@ def test_tls_one_thread_receives_while_another_sends(tls_dir):
         assert got_bulk.result() == sent
         sent_small.result()
         assert got_small.result() == small
+
+
+def test_a_large_view_starts_a_frame_of_its_own():
+    """MacChannel's frames: small views are packed together, a large one (page data) starts
+    a frame, so it is cut at whole frames from its own start (received in place)."""
+    from transport.channel import _cut_views
+
+    small, large = memoryview(bytes(100)), memoryview(bytes(2 * 1024 + 50))
+    plain = [n for _, n in _cut_views([small, large, small], 1024)]
+    assert plain == [1024, 1024, 250]
+    split = [(len(g), n) for g, n in _cut_views([small, large, small], 1024, 512)]
+    assert split == [(1, 100), (1, 1024), (1, 1024), (2, 150)]
+    # a large view that fits in the frame being filled is not split off; a small one never is
+    assert [n for _, n in _cut_views([small, memoryview(bytes(600))], 1024, 512)] == [700]
+    assert [n for _, n in _cut_views([small] * 12, 1024, 512)] == [1024, 176]

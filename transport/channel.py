@@ -337,14 +337,24 @@ def _again(first: TransportError, side: str) -> TransportError:
     return ChannelBrokenError(f"{side} side of the channel is broken: {first}")
 
 
-def _cut_views(views: list[memoryview],
-               limit_bytes: int) -> Iterator[tuple[list[memoryview], int]]:
+def _cut_views(views: list[memoryview], limit_bytes: int,
+               large_bytes: int | None = None) -> Iterator[tuple[list[memoryview], int]]:
     """Cut the concatenation of ``views`` into groups of ``limit_bytes`` (the last may be
-    shorter); yields ``(slices, group_bytes)``.  Slices are memoryviews: nothing is copied."""
+    shorter); yields ``(slices, group_bytes)``.  Slices are memoryviews: nothing is copied.
+
+    With ``large_bytes``, a view of at least that size that would not fit in the group
+    being filled starts a group of its own instead (the group before it is yielded short):
+    a large buffer is then cut at multiples of ``limit_bytes`` from its own start, so a
+    receiver reading it into a buffer of its size gets whole groups (MacChannel: frames
+    verified in place)."""
     group: list[memoryview] = []
     group_bytes = 0
     for view in views:
         offset = 0
+        if (large_bytes is not None and group_bytes and view.nbytes >= large_bytes
+                and view.nbytes > limit_bytes - group_bytes):
+            yield group, group_bytes
+            group, group_bytes = [], 0
         while offset < view.nbytes:
             take = min(view.nbytes - offset, limit_bytes - group_bytes)
             group.append(view if take == view.nbytes else view[offset:offset + take])

@@ -458,6 +458,8 @@ MAX_FRAME_PAYLOAD_BYTES = 1 << 20
 MAC_TAG_BYTES = 16
 _FRAME_HEADER = struct.Struct("<I")
 _SEQ_LEN = struct.Struct("<QI")
+#: views at least this large start a frame of their own (see _cut_views)
+_LARGE_VIEW_BYTES = 64 << 10
 _LABEL_C2S = b"vmem-mac-v1 client->server"
 _LABEL_S2C = b"vmem-mac-v1 server->client"
 
@@ -469,15 +471,19 @@ class MacChannel(FramedChannel):
     Guarantees: every byte :meth:`recv_into` / :meth:`recv_some` hands out belongs to a
     frame whose tag was verified, in the order the peer sent it; the first forged, replayed,
     reordered or truncated frame raises :class:`AuthError` ("integrity check failed ...")
-    and every later receive raises it again (sticky).  A clean end of stream at a frame
-    boundary is reported like a plain channel's EOF; the stream's own framing (e.g. an END
-    record) must say whether the end was expected.  No confidentiality.
+    and every later receive raises it again (sticky).  A :meth:`recv_into` that raises may
+    have left unverified bytes in the part of the caller's buffer it had not yet returned
+    (a frame that fits is verified where it landed): a failed receive's buffer is garbage,
+    as after any failed receive.  A clean end of stream at a frame boundary is reported
+    like a plain channel's EOF; the stream's own framing (e.g. an END record) must say
+    whether the end was expected.  No confidentiality.
 
-    Cost: one AES-256-GMAC over every byte in each direction (OpenSSL, GIL released) and one
-    memcpy in each direction: a frame is copied into a private buffer before its tag is
-    computed (so a caller's buffer that changes during the send -- live guest RAM --
-    cannot make tag and payload disagree), and data is verified in an internal 1 MiB
-    buffer before it is copied out.  ``bytes_sent``/``bytes_received`` count payload bytes; ``wire_bytes_*`` the
+    Cost: one AES-256-GMAC over every byte in each direction (OpenSSL, GIL released); one
+    memcpy on sending: a frame is copied into a private buffer before its tag is computed
+    (so a caller's buffer that changes during the send -- live guest RAM -- cannot make
+    tag and payload disagree).  A receive whose buffer holds the whole frame takes it
+    there with no copy; otherwise the frame is verified in an internal 1 MiB buffer and
+    copied out.  ``bytes_sent``/``bytes_received`` count payload bytes; ``wire_bytes_*`` the
     framed bytes on ``inner``.  The MacChannel owns ``inner``.
 
     Args:
@@ -545,7 +551,9 @@ class MacChannel(FramedChannel):
         sent = 0  # payload bytes of frames completely handed to inner
         wire_before = self._inner.bytes_sent
         try:
-            for frame, frame_bytes in _cut_views(views, MAX_FRAME_PAYLOAD_BYTES):
+            # A large view (page data) starts a frame: its frames are then whole inside the
+            # receiver's buffer for it, and verified there without a copy (_read_frame).
+            for frame, frame_bytes in _cut_views(views, MAX_FRAME_PAYLOAD_BYTES, _LARGE_VIEW_BYTES):
                 self._send_frame(frame, frame_bytes)
                 sent += frame_bytes
                 self._bytes_sent += frame_bytes
@@ -583,8 +591,13 @@ class MacChannel(FramedChannel):
         return AuthError(f"integrity check failed on frame #{self._recv_seq}: {what}")
 
     def _read_frame(self, room: memoryview | None) -> int | None:
-        """Read and verify the next frame into the receive buffer (never into ``room``:
-        no unverified byte reaches the caller)."""
+        """Read and verify the next frame: straight into ``room`` when the whole frame fits
+        there (no copy), otherwise into the receive buffer.
+
+        In ``room`` the payload is verified where it landed, before this returns: on a
+        mismatch the caller's buffer holds unverified bytes, but the receive raises (and
+        every later one), so no call ever returns them as received.  What the caller passes
+        as ``room`` is the part of its buffer no verified byte has been handed into yet."""
         self._check_not_handed_off()
         inner = self._inner
         head = inner.recv_some(_FRAME_HEADER.size)
@@ -603,19 +616,28 @@ class MacChannel(FramedChannel):
             raise self._integrity(f"frame length {length} is out of range "
                                   f"(1..{MAX_FRAME_PAYLOAD_BYTES}); corrupt or not a "
                                   f"MacChannel peer")
-        body = self._rx_view[:length + MAC_TAG_BYTES]
+        direct = room is not None and length <= room.nbytes
+        if direct:
+            payload, their_tag = room[:length], self._rx_view[:MAC_TAG_BYTES]
+        else:
+            payload, their_tag = self._rx_view[:length], self._rx_view[length:length + MAC_TAG_BYTES]
+        got = 0
         try:
-            inner.recv_into(body)
+            inner.recv_into(payload)
+            got = length
+            inner.recv_into(their_tag)
         except ChannelBrokenError as err:
             raise self._integrity(f"stream truncated inside a frame ({err.reason}; got "
-                                  f"{err.bytes_got} of {length + MAC_TAG_BYTES} bytes)"
+                                  f"{got + (err.bytes_got or 0)} of {length + MAC_TAG_BYTES} bytes)"
                                   ) from err
         seq = self._recv_seq
-        tag = self._recv_mac.tag(seq, (_SEQ_LEN.pack(seq, length), body[:length]))
-        if not hmac.compare_digest(tag, body[length:]):
+        tag = self._recv_mac.tag(seq, (_SEQ_LEN.pack(seq, length), payload))
+        if not hmac.compare_digest(tag, their_tag):
             raise self._integrity("tag mismatch (data tampered with, replayed, reordered, "
                                   "or a different session key)")
         self._recv_seq += 1
+        if direct:
+            return length
         self._buffered(length)
         return 0
 
