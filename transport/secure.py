@@ -10,7 +10,8 @@ Four independent pieces, standard library (``hmac``, ``secrets``, ``ssl``) and O
 * **Integrity** -- :class:`MacChannel`: a :class:`~transport.channel.Channel` that frames
   every byte with an AES-256-GMAC tag (:mod:`transport.gmac`, OpenSSL's libcrypto) under a
   key derived from the session key, and verifies each frame before handing out any of its
-  bytes.  Tampering, replay, reordering and truncation
+  bytes (a receive that fails may leave unverified bytes in its buffer; it raises, and so
+  does every later one).  Tampering, replay, reordering and truncation
   are detected; the data is *not* encrypted (use TLS for confidentiality).
 * **TLS** -- :func:`server_tls_context`, :func:`client_tls_context`,
   :func:`tls_client_channel`, :func:`tls_server_channel` and :class:`TlsChannel`
