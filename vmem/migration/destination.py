@@ -533,11 +533,12 @@ class DestinationMigration:
 #: Staging buffers of the placer (4 MiB each).  The receiving thread, the placer and, on
 #: one host or between agents of one machine, the sender share the CPUs; with two slots
 #: the receiver stalled whenever the placer fell one batch behind, and a CPU sat idle.
-#: Measured (an idle 1 GiB guest between two agents in network namespaces, round 0, runs
-#: 2-4 of a ping-pong): unkeyed 1.20-1.27 GB/s with 2 slots, 1.28-1.42 with 4, 1.32-1.50
-#: with 6, 1.40-1.48 with 10; keyed 0.91-0.99 / 1.04-1.15 / 1.05-1.13 with 2 / 6 / 10.
-#: Costs 24 MiB of the destination's private memory while pages arrive.
-STAGING_SLOTS = 6
+#: Measured (an idle 1 GiB guest between two agents in network namespaces, round 0,
+#: slot counts interleaved in one agent pair, medians of 6): unkeyed 1,268 / 1,432 / 1,460
+#: MB/s with 2 / 4 / 6 slots, keyed 968 / 1,065 / 1,084.  Four take nearly all of the gain;
+#: each slot is 4 MiB of the destination's private memory while pages arrive (peak at a
+#: 4 GiB guest: 43 / 51 / 59 MiB with 2 / 4 / 6; the goal is 64 MiB + a few bits a page).
+STAGING_SLOTS = 4
 
 
 class _Slot:

@@ -931,7 +931,7 @@ class SourceMigration:
     def _drain(self, target_bytes: int, timeout_s: float) -> float:
         """Wait (bounded) until at most ``target_bytes`` sent are still unread by the peer and
         the destination said it placed every page sent so far (PLACED): its backlog -- the
-        socket buffers and its staging slots (``destination.STAGING_SLOTS``), up to ~32 MiB -- then stays out of the
+        socket buffers and its staging slots (``destination.STAGING_SLOTS``), up to ~24 MiB -- then stays out of the
         downtime.  Returns the milliseconds waited."""
         t0 = time.monotonic()
         sent = self._writer.pages_written
