@@ -535,9 +535,10 @@ class DestinationMigration:
 #: the receiver stalled whenever the placer fell one batch behind, and a CPU sat idle.
 #: Measured (an idle 1 GiB guest between two agents in network namespaces, round 0,
 #: slot counts interleaved in one agent pair, medians of 6): unkeyed 1,268 / 1,432 / 1,460
-#: MB/s with 2 / 4 / 6 slots, keyed 968 / 1,065 / 1,084.  Four take nearly all of the gain;
-#: each slot is 4 MiB of the destination's private memory while pages arrive (peak at a
-#: 4 GiB guest: 43 / 51 / 59 MiB with 2 / 4 / 6; the goal is 64 MiB + a few bits a page).
+#: MB/s with 2 / 4 / 6 slots, keyed 968 / 1,065 / 1,084 (an hour later, noisier: unkeyed
+#: 1,045 / 1,196 / 1,331).  Each slot is 4 MiB of the destination's private memory while
+#: pages arrive (peak at a 4 GiB guest: 43 / 51 / 59 MiB with 2 / 4 / 6): six would put an
+#: 8 GiB guest's destination over the goal of 64 MiB + a few bits a page, four do not.
 STAGING_SLOTS = 4
 
 
