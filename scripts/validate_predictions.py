@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/validate_predictions.py [--size 128M] [--links 50M,200M]
         [--workloads idle,uniform,...] [--policies xen,downtime-limit,hybrid] [--repeats 2]
-        [--profile-s 12] [--interval-ms 20] [--starts 32] [--calibration FILE] [--calibrate] [--json out.json]
+        [--profile-s 12] [--interval-ms 20] [--starts 64] [--calibration FILE] [--calibrate] [--json out.json]
         [--markdown out.md] [--tiny]
 
 1. Calibration: the host's fixed costs and copy rate (``vmem calibrate``), loaded from the
@@ -11,7 +11,7 @@
    ``--calibrate`` -- from its own calibration guest, never from the runs validated here.
 2. Every workload is profiled once; every workload x policy x link is forecast *in advance*
    from the profile alone (``--starts`` start offsets, each with a bootstrap draw of the
-   calibration): median = point prediction, p10-p90 = the range.
+   calibration): median = point prediction, p5-p95 = the range (90 %; p10-p90 is reported too).
 3. Every cell is really migrated ``--repeats`` times (interleaved), and the medians of the
    verified runs are compared: error %, and whether they fell inside the range.
 
@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transport import parse_rate  # noqa: E402
 from vmem.analysis import validation as val  # noqa: E402
 from vmem.analysis.calibration import load_calibration, run_calibration  # noqa: E402
+from vmem.analysis.forecast import metrics_of  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
 
 TINY = ["--size", "16M", "--links", "200M", "--workloads", "uniform", "--policies", "xen,hybrid", "--repeats", "1",
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--interval-ms", type=float, default=20.0,
                    help="profile interval, ms (default 20): the finest time the trace tells writes apart (a "
                         "hybrid's pending pages are demanded within tens of ms of the resume)")
-    p.add_argument("--starts", type=int, default=32, help="start offsets (and calibration draws) per forecast (default 32)")
+    p.add_argument("--starts", type=int, default=64, help="start offsets (and calibration draws) per forecast (default 64)")
     p.add_argument("--calibration", metavar="FILE", help="calibration file (default: this host's cache)")
     p.add_argument("--calibrate", action="store_true", help="measure the calibration first (and store it in --calibration)")
     p.add_argument("--calibration-sizes", default="64M,128M", help="with --calibrate: guest sizes (default 64M,128M)")
@@ -113,7 +114,9 @@ def _write(args, text: str, data: dict) -> None:
 
 
 def rescore(args, size: int, log) -> int:
-    """--rescore: the analytical model's line for a saved run (its measured medians untouched)."""
+    """--rescore: the analytical model's line for a saved run (its measured medians untouched),
+    and its ranges recomputed from the saved starts (a run saved before the starts were kept
+    keeps its ranges)."""
     from vmem.analysis.calibration import Calibration
     from vmem.analysis.profile import run_profile
 
@@ -127,6 +130,9 @@ def rescore(args, size: int, log) -> int:
         traces[w] = run_profile(w, val.WORKLOADS[w], size, duration_s=args.profile_s, interval_s=args.interval_ms / 1e3,
                                 seed=1, warmup_s=0.5)
     val.add_model_predictions(cells, traces, cal)
+    for c in cells:
+        if c.get("forecast_starts"):
+            c["forecast"] = metrics_of(c["forecast_starts"])
     summary = val.summarise(cells)
     header = data.get("header") or "(a saved run, rescored)"
     text = val.markdown_table(cells, summary, header=header + " The analytical model's line was added by "

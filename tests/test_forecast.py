@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from test_simulate import synthetic, uniform_trace
-from vmem.analysis.forecast import forecast, inside
+from vmem.analysis.forecast import forecast, inside, metrics_of
 from vmem.analysis.simulate import simulate
 from vmem.cli.predict import add_predict_arguments, cmd_predict
 from vmem.errors import ConfigError
@@ -61,9 +61,28 @@ def test_bad_forecast_requests_are_refused():
 
 
 def test_inside_the_range():
-    m = {"p10": 2.0, "p90": 4.0}
-    assert inside(m, 3.0) and inside(m, 2.0) and not inside(m, 4.5) and inside(m, 4.5, tolerance=0.2)
-    assert inside(m, None) is None and inside({}, 3.0) is None
+    """The range is p5-p95 (90 %); p10-p90 on request; a metric without the range's keys has none."""
+    m = {"p5": 1.5, "p10": 2.0, "p90": 4.0, "p95": 4.2}
+    assert inside(m, 3.0) and inside(m, 1.5) and inside(m, 4.2) and not inside(m, 4.5) and inside(m, 4.5, tolerance=0.2)
+    assert not inside(m, 1.4) and inside(m, 1.8) and not inside(m, 1.8, pct=(10, 90))
+    assert inside(m, None) is None and inside({}, 3.0) is None and inside({"p10": 2.0, "p90": 4.0}, 3.0) is None
+
+
+def test_the_range_holds_nine_starts_in_ten():
+    """metrics_of's range is the 5th-95th percentile of the starts: on 100 starts 1..100 it
+    leaves out the five lowest and the five highest, the 80 % range ten each."""
+    runs = [{"outcome": "completed", "downtime_ms": float(v)} for v in np.random.default_rng(3).permutation(100) + 1]
+    m = metrics_of(runs)["downtime_ms"]
+    assert sum(inside(m, r["downtime_ms"]) for r in runs) == 90
+    assert sum(inside(m, r["downtime_ms"], pct=(10, 90)) for r in runs) == 80
+    assert m["median"] == 50.5 and m["min"] == 1 and m["max"] == 100
+
+
+def test_few_starts_say_the_range_is_their_ends():
+    fc = forecast(uniform_trace(npages=NPAGES, rate_pps=5000, seconds=4), None, 50e6, starts=8)
+    assert "only 8 starts" in fc["advice"]
+    fc = forecast(uniform_trace(npages=NPAGES, rate_pps=5000, seconds=4), None, 50e6, starts=40)
+    assert "starts:" not in fc["advice"]
 
 
 def test_cli_prints_the_forecast_beside_a_measured_run(tmp_path, capsys):
@@ -77,4 +96,4 @@ def test_cli_prints_the_forecast_beside_a_measured_run(tmp_path, capsys):
     add_predict_arguments(parser)
     assert cmd_predict(parser.parse_args(["--trace", tp, "--compare-report", rp, "--starts", "8"])) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "forecast over 8 start offsets" in out and "in p10-p90" in out and "start time matters" in out
+    assert "forecast over 8 start offsets" in out and "in p5-p95" in out and "90 % range" in out and "start time matters" in out

@@ -15,7 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cell(workload, dt_range, dt_meas, mt_range, mt_meas):
-    f = lambda lo, med, hi: {"p10": lo, "median": med, "p90": hi, "min": lo, "max": hi}  # noqa: E731
+    # the range is p5-p95 (lo-hi); the 80 % range p10-p90 sits a quarter of the way in
+    f = lambda lo, med, hi: {"p5": lo, "p10": lo + (med - lo) / 4, "median": med, "p90": hi - (hi - med) / 4,  # noqa: E731
+                             "p95": hi, "min": lo, "max": hi}
     return {"workload": workload, "params": {}, "policy": "xen", "link_Bps": 50e6, "failed": [], "runs": [{}],
             "forecast": {"downtime_ms": f(*dt_range), "migration_time_s": f(*mt_range)},
             "measured": {"downtime_ms": dt_meas, "migration_time_s": mt_meas}}
@@ -48,10 +50,31 @@ def test_summary_counts_single_runs_and_workloads():
     assert s["inside"]["downtime_ms"] == {"inside": 1, "of": 2}                   # cell medians
     assert s["runs_inside"]["downtime_ms"] == {"inside": 3, "of": 5}              # 5.5, 4.5 of a; 5.0 of b
     assert s["runs_inside"]["migration_time_s"] == {"inside": 3, "of": 4}         # b's second run has none
-    assert s["per_workload_inside"]["a"]["downtime_ms"] == {"cells": 1, "cells_of": 1, "runs": 2, "runs_of": 3}
-    assert s["per_workload_inside"]["b"]["downtime_ms"] == {"cells": 0, "cells_of": 1, "runs": 1, "runs_of": 2}
+    assert s["per_workload_inside"]["a"]["downtime_ms"] == {"cells": 1, "cells_of": 1, "runs": 2, "runs_of": 3,
+                                                            "runs_p10_p90": 2, "goal_met": False}   # p10 4.25: 5.5, 4.5
+    assert s["per_workload_inside"]["b"]["downtime_ms"] == {"cells": 0, "cells_of": 1, "runs": 1, "runs_of": 2,
+                                                            "runs_p10_p90": 1, "goal_met": False}
     text = markdown_table([a, b], s)
     assert "downtime inside in 3 of 5" in text and "a 1 of 1 (2 of 3) / 1 of 1 (2 of 3)" in text
+    assert "met for 0 of 2 workloads" in text
+
+
+def test_the_range_is_p5_p95_and_the_goal_is_counted_per_workload():
+    """A run between p5 and p10 is inside the forecast's (90 %) range but not the 80 % one;
+    a workload meets the goal when >= 80 % of its runs are inside for both metrics."""
+    a = _cell("a", (4, 5, 6), 5.0, (1.0, 2.0, 3.0), 2.0)       # p10 4.25 / 1.25, p90 5.75 / 2.75
+    a["runs"] = [{"downtime_ms": 4.1, "migration_time_s": 1.1}] + [{"downtime_ms": 5.0, "migration_time_s": 2.0}] * 3
+    b = _cell("b", (4, 5, 6), 5.0, (1.0, 2.0, 3.0), 2.0)
+    b["runs"] = [{"downtime_ms": 3.9, "migration_time_s": 2.0}] + [{"downtime_ms": 5.0, "migration_time_s": 2.0}] * 3
+    s = summarise([a, b])
+    wa, wb = s["per_workload_inside"]["a"], s["per_workload_inside"]["b"]
+    assert wa["downtime_ms"]["runs"] == 4 and wa["downtime_ms"]["runs_p10_p90"] == 3 and wa["downtime_ms"]["goal_met"]
+    assert wa["migration_time_s"]["runs"] == 4 and wa["migration_time_s"]["runs_p10_p90"] == 3
+    assert wb["downtime_ms"]["runs"] == 3 and wb["downtime_ms"]["goal_met"] is False      # 3 of 4 = 75 % < 80 %
+    assert wb["migration_time_s"]["goal_met"]
+    assert s["goal"] == {"workloads_met": 1, "workloads": 2, "inside_share": 0.8} and s["range"] == "90 % range (p5-p95)"
+    text = markdown_table([a, b], s)
+    assert "[4-6]" in text and "met for 1 of 2 workloads" in text and "a 3 of 4 / 3 of 4" in text
 
 
 def test_a_phased_guests_runs_start_across_its_trace():

@@ -729,11 +729,13 @@ def print_forecast(fc: dict, measured: dict | None = None, console=None) -> None
     """Render :func:`vmem.analysis.forecast.forecast`'s result (and where a measured run fell)."""
     from rich.table import Table
 
-    from vmem.analysis.forecast import inside
+    from vmem.analysis.forecast import RANGE_PCT, inside, range_label
 
     console = console or wide_console()
-    t = Table(title=f"forecast over {len(fc['starts'])} start offsets (median, p10-p90, min-max)")
-    for c in ("metric", "median", "p10-p90", "min-max") + (("measured", "in p10-p90") if measured else ()):
+    lo_q, hi_q = RANGE_PCT
+    rng = f"p{lo_q}-p{hi_q}"
+    t = Table(title=f"forecast over {len(fc['starts'])} start offsets (median, {range_label()}, p10-p90, min-max)")
+    for c in ("metric", "median", rng, "p10-p90", "min-max") + (("measured", f"in {rng}") if measured else ()):
         t.add_column(c, justify="left" if c == "metric" else "right")
     got = {}
     if measured:
@@ -744,7 +746,8 @@ def print_forecast(fc: dict, measured: dict | None = None, console=None) -> None
                "pages_sent": measured.get("pages_sent"),
                "precopy_rounds": sum(1 for x in measured.get("rounds") or [] if x.get("kind", "precopy") == "precopy")}
     for name, m in fc["metrics"].items():
-        row = [name, f"{m['median']:,.3f}", f"{m['p10']:,.3f}-{m['p90']:,.3f}", f"{m['min']:,.3f}-{m['max']:,.3f}"]
+        row = [name, f"{m['median']:,.3f}", f"{m[f'p{lo_q}']:,.3f}-{m[f'p{hi_q}']:,.3f}",
+               f"{m['p10']:,.3f}-{m['p90']:,.3f}", f"{m['min']:,.3f}-{m['max']:,.3f}"]
         if measured:
             v = got.get(name)
             ok = inside(m, v)

@@ -77,8 +77,10 @@ def add_predict_arguments(p) -> None:
     s.add_argument("--no-align", action="store_true", help=argparse.SUPPRESS)  # the old default's opt-out: now the default
     s.add_argument("--starts", type=int, default=None, metavar="N",
                    help="also simulate from N start offsets spread over the trace (its phases repeating) and print "
-                        "the median and 10th-90th percentile range of downtime, transfer time and pages sent: the "
-                        "prediction's spread for a phased or bursty guest, and the start that suits it best")
+                        "the median and the 90 %% range (5th-95th percentile; 10th-90th beside it) of downtime, "
+                        "transfer time and pages sent: the prediction's spread for a phased or bursty guest, and the "
+                        "start that suits it best (N >= 40 for a range whose ends are not the outermost starts; "
+                        "64 is ~0.2 s)")
     o = p.add_argument_group("output")
     o.add_argument("--compare-report", metavar="FILE", help="a measured report (vmem migrate --json) to compare with")
     o.add_argument("--json", metavar="FILE", help="write the predicted report (docs/report.md schema) to FILE")
