@@ -14,7 +14,7 @@ range, where nine migrations in ten should land when the forecast is right.  The
 percentiles are reported too (an 80 % range).  Why 90 %: a validation counts how many real
 runs fall inside, per workload (18 runs each in docs/profiling.md's table, whose goal is
 >= 80 % inside); a right 80 % range meets that only about half the time (binomial: P(>= 15
-of 18 | 0.8) = 0.50, for all twelve workload x metric counts together ~0.0002), so a table
+of 18 | 0.8) = 0.50, for all twelve workload x metric counts together 0.0003), so a table
 judged on an 80 % range could not tell a right forecast from a wrong one; a right 90 % range
 meets it with P = 0.90 per count (all twelve together: 0.29 -- a single table can still miss
 one by chance).  A 5th percentile needs enough starts to mean something:
