@@ -523,3 +523,54 @@ def test_draws_widen_a_handful_of_runs_to_a_prediction_interval():
     # wider, not shifted: never below 0
     cal0 = _calibration([_run(pause_s=v, probe_s=0.2) for v in (0.0, 0.0001, 0.001, 0.001, 0.001, 0.001)])
     assert min(d["pause_s"] for d in cal0.draw_params(16384, 50e6, 200, seed=4)) == 0.0
+
+
+def test_the_rate_before_a_moment_reads_its_window_and_wraps():
+    """trace_dirty_rate_before: the intervals whose middle lies in the window before t, the
+    trace looping as the simulator replays it; a window as long as the trace is all of it."""
+    from vmem.analysis.calibration import trace_dirty_rate, trace_dirty_rate_before
+
+    t = synthetic([list(range(100))] * 20 + [[]] * 20, npages=16384, interval_s=0.1)  # 1,000 pages/s, then none
+    assert trace_dirty_rate_before(t, 2.0, 1.0) == pytest.approx(1000.0)
+    assert trace_dirty_rate_before(t, 4.0, 1.0) == 0.0
+    assert trace_dirty_rate_before(t, 0.5, 1.0) == pytest.approx(500.0)       # 0.5 s of the end, 0.5 s of the start
+    assert trace_dirty_rate_before(t, 6.0, 1.0) == pytest.approx(1000.0)      # 6.0 is 2.0 on the second lap
+    assert trace_dirty_rate_before(t, 3.0, 10.0) == pytest.approx(trace_dirty_rate(t)) == pytest.approx(500.0)
+
+
+def test_draws_take_one_rate_per_draw():
+    """A rate per draw: each draw's guest kind follows its own rate; one rate repeated draws
+    what that rate draws; a list of the wrong length is refused."""
+    cal = _two_guest_calibration()
+    mixed = cal.draw_params(16384, 50e6, 200, seed=2, dirty_pages_per_s=[0.0, 5000.0] * 100)
+    assert all(d["setup_s"] < 0.045 for d in mixed[0::2]) and all(d["setup_s"] > 0.045 for d in mixed[1::2])
+    one = cal.draw_params(16384, 50e6, 50, seed=2, dirty_pages_per_s=1500.0)
+    assert cal.draw_params(16384, 50e6, 50, seed=2, dirty_pages_per_s=[1500.0] * 50) == one
+    with pytest.raises(ConfigError, match="one rate per draw"):
+        cal.draw_params(16384, 50e6, 5, dirty_pages_per_s=[0.0, 1.0])
+
+
+def test_a_phased_guest_pays_at_its_pause_what_it_does_then():
+    """Phase-aware costs: a guest busy for 2 s then silent for 2 s writes 2,000 pages/s over
+    its trace (2/3 of the busy guest's rate), but a start whose pause falls in the silent half
+    pays the idle guest's switchover (1.0 ms) and one whose pause falls in the busy half the
+    busy guest's (1.3 ms, plus its final set if any) -- as the forecast's starts and predict say."""
+    cal = _two_guest_calibration()
+    t = synthetic([list(range(i * 80 % 8000, i * 80 % 8000 + 80)) for i in range(100)] + [[]] * 100,
+                  npages=16384, interval_s=0.02)
+    fc = forecast(t, None, 50e6, starts=40, calibration=cal)
+    quiet = [r for r in fc["starts"] if r["pause_dirty_pages_per_s"] == 0.0]
+    busy = [r for r in fc["starts"] if r["pause_dirty_pages_per_s"] >= 3000.0]
+    assert quiet and busy and fc["busy_weight"] == pytest.approx(2 / 3, abs=0.01)
+    for r in quiet:
+        # the whole second before the pause silent: the pause 3-4 s into each 4 s lap
+        assert r["busy_weight"] == 0.0 and 3.0 - 0.03 <= r["pause_trace_s"] % 4.0 and r["downtime_ms"] < 1.2
+    for r in busy:
+        # >= 3/4 of that second busy: the pause no later than 2.25 s into its lap
+        assert r["busy_weight"] == 1.0 and r["pause_trace_s"] % 4.0 <= 2.25 + 0.03 and r["downtime_ms"] >= 1.3 - 1e-9
+    # the point prediction likewise: from a start whose pause is silent, the idle guest's costs
+    start = quiet[0]["start_s"]
+    report, _ = predict(t, None, 50e6, calibration=cal, start_s=start)
+    pred = report.guest["prediction"]
+    assert pred["pause_dirty_pages_per_s"] == 0.0 and pred["calibration_busy_weight"] == 0.0
+    assert report.timings_ms["switchover_overhead"] == pytest.approx(1.0, abs=0.01)

@@ -460,3 +460,16 @@ def test_the_drain_before_the_pause_refills_the_link_and_lets_the_guest_write():
     few = simulate(u, XenDefaultPolicy(), bandwidth_Bps=50e6).rounds[-1].pages_sent
     more = simulate(u, XenDefaultPolicy(), bandwidth_Bps=50e6, drain_s=0.05).rounds[-1].pages_sent
     assert more > few  # 50 ms more of the guest's writes in the final set
+
+
+def test_the_prediction_says_where_in_the_trace_its_pause_falls():
+    """pause_trace_s: the trace clock when the guest is paused -- the start, then everything
+    before the pause (setup, rounds, collects, drain, pause latency), unthrottled here."""
+    from vmem.analysis.simulate import simulate
+
+    t = uniform_trace(npages=65536, rate_pps=5000, seconds=4)
+    d = simulate(t, None, bandwidth_Bps=50e6, start_s=1.0).to_dict()
+    pause = d["guest"]["prediction"]["pause_trace_s"]
+    p = d["guest"]["prediction"]["params"]
+    assert pause == pytest.approx(1.0 + d["total_time_s"] - d["downtime_ms"] / 1e3 - p["post_s"], abs=1e-5)
+    assert pause > 1.0 + p["setup_s"]

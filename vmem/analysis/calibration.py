@@ -82,6 +82,13 @@ both guests' dirty rates (:func:`trace_dirty_rate`).  A prediction passes its tr
 The switchover's slope is the busy guest's (an idle guest's final set is empty), its
 intercept each guest's own; the load probes are pooled (they measure the host).
 
+Phases.  A phased guest is busy at one moment and nearly idle the next, and what it pays
+around the pause is what it does then: a forecast (:mod:`vmem.analysis.forecast`) first
+simulates each start at the whole trace's rate to find where in the trace its pause falls,
+then draws that start's costs at the rate of the :data:`PAUSE_WINDOW_S` before it
+(:func:`trace_dirty_rate_before`; ``draw_params`` takes one rate per draw).  A steady guest's
+rate is the same everywhere, so nothing changes for it.
+
 File layout (JSON)::
 
     {"format": "vmem-calibration", "version": 2,
@@ -124,6 +131,9 @@ __all__ = [
     "CPU_BOUND",
     "run_calibration",
     "summary_rows",
+    "trace_dirty_rate",
+    "trace_dirty_rate_before",
+    "PAUSE_WINDOW_S",
 ]
 
 CALIBRATION_FORMAT = "vmem-calibration"
@@ -139,6 +149,10 @@ CAL_SEED = 97
 IDLE_WORKLOAD = "idle"
 #: The interval the calibration guests' dirty rates are profiled at (seconds) and for how long.
 ACTIVITY_INTERVAL_S, ACTIVITY_PROFILE_S = 0.02, 2.0
+#: How much of a trace before a predicted pause sets that start's costs (seconds): the
+#: guest's activity the drain, pause and switchover share the CPUs with (and, for a
+#: migration shorter than this, all of it).
+PAUSE_WINDOW_S = 1.0
 #: The policy of the calibration's "short" pre-copy runs: stop-and-copy right after round 0,
 #: so the final set is everything the guest wrote meanwhile (hundreds to thousands of pages).
 SHORT_POLICY = {"iterations": 1, "threshold": 0}  # vmem.migration.policy.IterationsThresholdPolicy
@@ -359,6 +373,27 @@ def trace_dirty_rate(trace) -> float:
     return float(trace.count_per_interval().sum()) / duration_s if duration_s > 0 else 0.0
 
 
+def trace_dirty_rate_before(trace, t_s: float, window_s: float = PAUSE_WINDOW_S) -> float:
+    """The guest's dirty rate (as :func:`trace_dirty_rate` counts it) over the ``window_s``
+    of ``trace`` before trace time ``t_s`` -- the trace looping, as the simulator replays it
+    (``t_s`` past the end wraps; a window longer than the trace is the whole trace).  The
+    intervals whose middle falls in the window count, whole; pages/s."""
+    duration_s = float(trace.duration_s)
+    if duration_s <= 0:
+        return 0.0
+    if window_s >= duration_s:
+        return trace_dirty_rate(trace)
+    times = np.asarray(trace.times_s, dtype=float)
+    mids = (times[:-1] + times[1:]) / 2 - times[0]
+    lengths = np.diff(times)
+    t = float(t_s) % duration_s
+    # how far each interval's middle lies before t, going round the loop
+    back = (t - mids) % duration_s
+    sel = back < window_s
+    span = float(lengths[sel].sum())
+    return float(trace.count_per_interval()[sel].sum()) / span if span > 0 else 0.0
+
+
 def _guest_dirty_rate(workload: str, params: dict, seed: int, size_bytes: int, tracker: str) -> float:
     """Profile a calibration guest for :data:`ACTIVITY_PROFILE_S` and return its dirty rate."""
     from vmem.analysis.profile import run_profile
@@ -519,7 +554,7 @@ class Calibration:
         return float(min(max(ratio, LOAD_FACTOR_MIN), LOAD_FACTOR_MAX))
 
     def draw_params(self, npages: int, link_Bps: float, n: int, *, mode: str = "precopy", seed: int = 0,
-                    load_factor: float = 1.0, dirty_pages_per_s: float | None = None) -> list[dict]:
+                    load_factor: float = 1.0, dirty_pages_per_s=None) -> list[dict]:
         """``n`` bootstrap draws of :class:`vmem.analysis.simulate.SimulationParams` fields
         for a guest of ``npages`` on a link of ``link_Bps`` (draw 0 is not special).
 
@@ -528,14 +563,21 @@ class Calibration:
         multiplies the CPU-bound fixed costs (:data:`CPU_BOUND`), each draw's divided by one
         of the calibration's probe ratios (probe / median probe; needs >= 3 probes): the
         error of the one probe the factor came from.  ``dirty_pages_per_s``: the guest's
-        dirty rate (:func:`trace_dirty_rate`); each draw comes from the busy calibration
-        guest's runs with probability :meth:`busy_weight`, else from the idle guest's (None:
-        the busy guest's, as older files have no other).
+        dirty rate (:func:`trace_dirty_rate`), or a sequence of ``n`` rates, one per draw (a
+        phased guest's, each at its start's pause: :func:`trace_dirty_rate_before`); each draw
+        comes from the busy calibration guest's runs with probability :meth:`busy_weight` of
+        its rate, else from the idle guest's (None: the busy guest's, as older files have no
+        other).  One rate repeated n times draws exactly what that one rate draws.
         """
         if mode not in MODES:
             raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-        w = self.busy_weight(dirty_pages_per_s)
-        kinds = [k for k, used in (("busy", w > 0.0), ("idle", w < 1.0)) if used]
+        if isinstance(dirty_pages_per_s, (list, tuple, np.ndarray)):
+            if len(dirty_pages_per_s) != n:
+                raise ConfigError("dirty_pages_per_s", f"one rate per draw: {len(dirty_pages_per_s)} rates for {n} draws")
+            ws = np.array([self.busy_weight(x) for x in dirty_pages_per_s], dtype=float)
+        else:
+            ws = np.full(n, self.busy_weight(dirty_pages_per_s))
+        kinds = [k for k, used in (("busy", bool((ws > 0.0).any())), ("idle", bool((ws < 1.0).any()))) if used]
         # The switchover's cost per final page is identified by the busy guest's runs (the
         # short ones above all; an idle guest's final set is empty): both kinds use it.
         busy_pre = [r for r in self._kind_runs("busy") if r.get("mode") == "precopy"]
@@ -558,7 +600,7 @@ class Calibration:
             picks[k] = rng.integers(0, len(ctx[k]["runs"]), n)
         if len(kinds) == 2:
             u = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 0x6B1]))).random(n)
-            kind_of = ["busy" if ui < w else "idle" for ui in u]
+            kind_of = ["busy" if ui < wi else "idle" for ui, wi in zip(u, ws)]
         else:
             kind_of = kinds * n
         # The load factor is one probe taken now, and one probe is noisy: at the calibration's

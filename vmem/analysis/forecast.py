@@ -25,6 +25,10 @@ also gets its own bootstrap draw of the host's fixed costs and copy rate, so the
 the host's noise -- handshake, switchover, the real rate of the copy path, verify -- and not
 only the guest's start-time variation; the start sensitivity and the best start are then
 judged on a second pass at the calibration's medians, where only the start varies.
+Phase-aware costs: that second pass runs first, at the whole trace's dirty rate, and tells
+where in the trace each start's pause falls; each start's draw then takes the costs of the
+guest's rate over the second before its pause (:func:`vmem.analysis.calibration.trace_dirty_rate_before`):
+a phased guest that reaches its pause in a quiet phase pays an idle guest's switchover.
 
 Pure computation on a :class:`vmem.analysis.trace.DirtyTrace`; no process is touched.
 """
@@ -89,8 +93,9 @@ def _runs(trace, policy, bandwidth_Bps, starts, draws, params) -> list[dict]:
         # explicit parameters win over the calibration's draw
         sp = SimulationParams(bandwidth_Bps=bandwidth_Bps, start_s=start_s, **(draws[i] | params))
         d = simulate(trace, policy, sp).to_dict()
+        pause = (d.get("guest") or {}).get("prediction", {}).get("pause_trace_s")
         runs.append({"start_s": round(start_s, 6), "outcome": d.get("outcome"), "mode": d.get("mode"),
-                     **{name: get(d) for name, get in METRICS}})
+                     "pause_trace_s": pause, **{name: get(d) for name, get in METRICS}})
     return runs
 
 
@@ -127,21 +132,32 @@ def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: 
         raise ConfigError("--start", "a forecast varies the start itself (use --starts 1 --start S for one start)")
     if bandwidth_Bps is None:
         raise ConfigError("--bandwidth", "required (the rate of the link to predict for)")
-    from vmem.analysis.calibration import mode_for, trace_dirty_rate
+    from vmem.analysis.calibration import mode_for, trace_dirty_rate, trace_dirty_rate_before
 
     mode = mode_for(params.get("postcopy"))
+    pause_rates = None
     if calibration is not None:
-        # the costs of the calibration guest(s) nearest what this guest writes
+        # the costs of the calibration guest(s) nearest what this guest writes: first at
+        # its whole trace's rate, which also finds where each start's pause falls ...
         rate = trace_dirty_rate(trace)
-        draws = calibration.draw_params(int(trace.npages), bandwidth_Bps, starts, mode=mode, seed=seed,
-                                        load_factor=load_factor, dirty_pages_per_s=rate)
         point = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor,
                                          dirty_pages_per_s=rate)
+        # The start's own effect, judged without the host's noise.
+        steady_runs = _runs(trace, policy, bandwidth_Bps, starts, [point] * starts, params)
+        # ... then each start's draw at the rate before its pause (phase-aware costs)
+        pause_rates = [trace_dirty_rate_before(trace, r["pause_trace_s"]) if r.get("pause_trace_s") is not None
+                       else rate for r in steady_runs]
+        draws = calibration.draw_params(int(trace.npages), bandwidth_Bps, starts, mode=mode, seed=seed,
+                                        load_factor=load_factor, dirty_pages_per_s=pause_rates)
     else:
         draws, point, rate = [{}] * starts, {}, None
     runs = _runs(trace, policy, bandwidth_Bps, starts, draws, params)
-    # The start's own effect, judged without the host's noise.
-    steady_runs = _runs(trace, policy, bandwidth_Bps, starts, [point] * starts, params) if calibration is not None else runs
+    if calibration is None:
+        steady_runs = runs
+    else:
+        for r, pr in zip(runs, pause_rates):
+            r["pause_dirty_pages_per_s"] = round(pr, 1)
+            r["busy_weight"] = round(calibration.busy_weight(pr), 3)
     done = [r for r in runs if r["outcome"] == "completed"]
     metrics = metrics_of(runs)
     sdone = [r for r in steady_runs if r["outcome"] == "completed"]
@@ -167,7 +183,8 @@ def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: 
         advice += f"; {len(runs) - len(done)} of {len(runs)} starts did not complete"
     return {"starts": runs, "metrics": metrics, "best_start_s": best["start_s"] if best else None,
             "start_sensitive": sensitive, "advice": advice, "calibrated": calibration is not None,
-            # the share of the busy calibration guest's costs this guest was drawn with
+            # the share of the busy calibration guest's costs at the whole trace's rate (each
+            # start's own, at its pause, is in its record)
             "busy_weight": calibration.busy_weight(rate) if calibration is not None else None}
 
 

@@ -375,12 +375,14 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     drain_s = _drain_s(p, r.rounds) if index >= 0 else 0.0
     wait_s = drain_s + p.pause_s
     late = replay.advance(wait_s, throttle)
+    pause_trace_s = replay.pos  # where in the guest's trace the pause falls (phase-aware costs)
     link.idle(wait_s)
     elapsed += wait_s
     final = _union(dirty, late, trace.npages) if len(late) else dirty
     final_n = len(final)
     if r.mode != "precopy":
-        return _finish_postcopy(r, trace, p, policy, replay, link, final, index, throttle, elapsed, t_wall, drain_s)
+        return _finish_postcopy(r, trace, p, policy, replay, link, final, index, throttle, elapsed, t_wall, drain_s,
+                                pause_trace_s)
     r.phase = "stop-and-copy"
     link.idle(p.collect_s)  # the final collect, paused, before the send: the bucket refills
     nbytes = wire_bytes(final_n, page_size) if final_n else 0
@@ -407,7 +409,7 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
     r.outcome = "completed"
     r.phase = "predicted"
     r.source_guest_state = "exited"
-    return _finish(r, trace, p, policy, elapsed + p.post_s, t_wall)
+    return _finish(r, trace, p, policy, elapsed + p.post_s, t_wall, pause_trace_s=pause_trace_s)
 
 
 def _drain_s(p: SimulationParams, rounds) -> float:
@@ -418,7 +420,8 @@ def _drain_s(p: SimulationParams, rounds) -> float:
 
 
 def _finish_postcopy(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, replay, link, pending,
-                     index: int, throttle: float, elapsed: float, t_wall: float, drain_s: float) -> MigrationReport:
+                     index: int, throttle: float, elapsed: float, t_wall: float, drain_s: float,
+                     pause_trace_s: float | None = None) -> MigrationReport:
     """The switch and the post-copy phase (:mod:`vmem.analysis.simulate_postcopy`); ``drain_s``
     the wait before the pause already simulated (0 before a pure post-copy)."""
     from vmem.analysis.simulate_postcopy import simulate_postcopy
@@ -449,10 +452,11 @@ def _finish_postcopy(r: MigrationReport, trace: DirtyTrace, p: SimulationParams,
     r.outcome = "completed"
     r.phase = "predicted"
     r.source_guest_state = "exited"
-    return _finish(r, trace, p, policy, elapsed + complete_s + p.post_s, t_wall)
+    return _finish(r, trace, p, policy, elapsed + complete_s + p.post_s, t_wall, pause_trace_s=pause_trace_s)
 
 
-def _finish(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, total_s: float, t_wall: float) -> MigrationReport:
+def _finish(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, total_s: float, t_wall: float,
+            *, pause_trace_s: float | None = None) -> MigrationReport:
     r.total_time_s = round(total_s, 6)
     if r.outcome == "completed":  # the prediction has no observe window: QMP's total-time
         r.migration_time_s = r.total_time_s
@@ -467,6 +471,9 @@ def _finish(r: MigrationReport, trace: DirtyTrace, p: SimulationParams, policy, 
                   "intervals": trace.n_intervals, "workload": trace.workload},
         "wall_ms": round((time.perf_counter() - t_wall) * 1e3, 3),
     }
+    if pause_trace_s is not None:
+        # the trace clock at the pause (not wrapped: a looping replay counts on past the end)
+        r.guest["prediction"]["pause_trace_s"] = round(float(pause_trace_s), 6)
     return r
 
 
@@ -574,21 +581,32 @@ def predict(trace, policy=None, bandwidth_Bps: float | None = None, *, compare_r
         raise ConfigError("--bandwidth", "required (the rate of the link to predict for, e.g. 1Gbit)")
     if policy is None and compare_report and compare_report.get("policy"):
         policy = policy_from_description(compare_report["policy"])
+    given = dict(params)
     if calibration is not None:
-        from vmem.analysis.calibration import mode_for, trace_dirty_rate
+        from vmem.analysis.calibration import mode_for, trace_dirty_rate, trace_dirty_rate_before
 
         mode = mode_for(params.get("postcopy"))
+        rate = trace_dirty_rate(trace)
         params = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor,
-                                          dirty_pages_per_s=trace_dirty_rate(trace)) | params
+                                          dirty_pages_per_s=rate) | given
     alignment = {}
     if compare_report is not None and align:
         alignment = {k: v for k, v in alignment_from_report(trace, compare_report).items() if k not in params}
         params = params | alignment
     report = simulate(trace, policy, bandwidth_Bps=bandwidth_Bps, **params)
     if calibration is not None:
+        # Phase-aware costs (vmem.analysis.calibration, "Phases"): the costs of the guest's rate
+        # in the second before the pause this first simulation found, when that differs.
+        pause = report.guest["prediction"].get("pause_trace_s")
+        pause_rate = trace_dirty_rate_before(trace, pause) if pause is not None else rate
+        if calibration.busy_weight(pause_rate) != calibration.busy_weight(rate):
+            params = calibration.point_params(int(trace.npages), bandwidth_Bps, mode=mode, load_factor=load_factor,
+                                              dirty_pages_per_s=pause_rate) | given | alignment
+            report = simulate(trace, policy, bandwidth_Bps=bandwidth_Bps, **params)
         report.guest["prediction"]["calibration"] = calibration.describe()
         # how much of the busy calibration guest's costs (vs the idle one's) this guest got
-        report.guest["prediction"]["calibration_busy_weight"] = round(calibration.busy_weight(trace_dirty_rate(trace)), 3)
+        report.guest["prediction"]["calibration_busy_weight"] = round(calibration.busy_weight(pause_rate), 3)
+        report.guest["prediction"]["pause_dirty_pages_per_s"] = round(pause_rate, 1)
     if alignment:
         report.guest["prediction"]["alignment"] = alignment
     rows = compare_reports(report, compare_report) if compare_report is not None else None

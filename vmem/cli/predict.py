@@ -96,14 +96,22 @@ def _policy_from_args(args, measured: dict | None):
     return pol.make_policy(args.policy or "xen", **given)
 
 
-def _guest_costs_note(calibration, trace) -> str:
-    """Which calibration guest's costs this trace gets (see Calibration.busy_weight)."""
+def _guest_costs_note(calibration, trace, report=None) -> str:
+    """Which calibration guest's costs this trace gets (see Calibration.busy_weight): at its
+    whole trace's rate, and at the rate before the predicted pause when that differs."""
     from vmem.analysis.calibration import trace_dirty_rate
 
     rates = calibration.dirty_rates()
     if calibration.busy_weight(rates.get("idle", 0.0)) >= 1.0:  # no idle runs: the busy guest's costs for all
         return ""
     rate = trace_dirty_rate(trace)
+    pred = (report.guest.get("prediction") or {}) if report is not None else {}
+    at_pause = pred.get("pause_dirty_pages_per_s")
+    if at_pause is not None and calibration.busy_weight(at_pause) != calibration.busy_weight(rate):
+        w = calibration.busy_weight(at_pause)
+        return (f"; this guest writes {rate:,.0f} pages/s, {at_pause:,.0f} in the second before the predicted pause: "
+                f"{w:.0%} of the draws from the busy calibration guest's costs ({rates.get('busy', 0):,.0f} pages/s), "
+                f"{1 - w:.0%} from the idle guest's")
     w = calibration.busy_weight(rate)
     return (f"; this guest writes {rate:,.0f} pages/s: {w:.0%} of the draws from the busy calibration guest's costs "
             f"({rates.get('busy', 0):,.0f} pages/s), {1 - w:.0%} from the idle guest's")
@@ -156,7 +164,7 @@ def cmd_predict(args) -> int:
                            calibration=calibration, load_factor=load_factor, **params)
     console = wide_console()
     console.print(calibration.describe() + f"; host load factor now {load_factor:.2f} (CPU-bound costs scaled by it)"
-                  + _guest_costs_note(calibration, trace)
+                  + _guest_costs_note(calibration, trace, report)
                   if calibration is not None else
                   "[yellow]no calibration of this host (run vmem calibrate): fixed costs are constants, the copy path "
                   "is taken to run at the full link rate, and ranges hold no host noise[/yellow]")
