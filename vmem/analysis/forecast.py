@@ -5,7 +5,7 @@ steady guest that does not matter; for a phased or bursty one it decides everyth
 the pause falls relative to a burst).  :func:`forecast` simulates the migration from
 ``starts`` offsets spread evenly over the recorded trace (a migration that outlasts the
 trace replays it from its start, i.e. the trace's phases repeat) and reports, per metric,
-the median and the 10th-90th percentile range -- what a user can plan with before
+the median and a 90 % range (5th-95th percentile) -- what a user can plan with before
 migrating -- plus the start that gives the shortest downtime and whether the start time
 matters at all.
 
@@ -118,7 +118,8 @@ def forecast(trace, policy=None, bandwidth_Bps: float | None = None, *, starts: 
             ``start_s``, which this varies); they override the calibration's.
 
     Returns:
-        ``{"starts": [{"start_s", <metric>: value, "outcome"}...], "metrics": {<metric>:
+        ``{"starts": [{"start_s", <metric>: value, "outcome", "pause_trace_s" and, calibrated,
+        "pause_dirty_pages_per_s", "busy_weight"}...], "metrics": {<metric>:
         {"median", "p5", "p10", "p90", "p95", "min", "max"}}, "best_start_s",
         "start_sensitive", "advice", "calibrated"}`` -- metrics over the runs whose outcome was
         ``completed``; the median is the point prediction, p5-p95 the range (:data:`RANGE_PCT`).
