@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transport import parse_rate  # noqa: E402
 from vmem.analysis import validation as val  # noqa: E402
 from vmem.analysis.calibration import load_calibration, run_calibration  # noqa: E402
-from vmem.analysis.forecast import metrics_of  # noqa: E402
+from vmem.analysis.forecast import RANGE_PCT, metrics_of  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
 
 TINY = ["--size", "16M", "--links", "200M", "--workloads", "uniform", "--policies", "xen,hybrid", "--repeats", "1",
@@ -133,8 +133,13 @@ def rescore(args, size: int, log) -> int:
     for c in cells:
         if c.get("forecast_starts"):
             c["forecast"] = metrics_of(c["forecast_starts"])
-    summary = val.summarise(cells)
+    # A run saved before the starts were kept has p10-p90 ranges only: judged at those, and said
+    old = any(f and "p5" not in f for c in cells for f in c["forecast"].values())
+    summary = val.summarise(cells, pct=(10, 90) if old else RANGE_PCT)
     header = data.get("header") or "(a saved run, rescored)"
+    if old:
+        header += (" Saved before the forecasts' range became the 90 % one (p5-p95): its ranges are "
+                   "p10-p90 (80 %) and are judged as such.")
     text = val.markdown_table(cells, summary, header=header + " The analytical model's line was added by "
                               f"`--rescore` from a new profile of each workload (same seed, {args.profile_s:g} s).")
     _write(args, text, data | {"cells": cells, "summary": summary})

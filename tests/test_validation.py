@@ -77,6 +77,18 @@ def test_the_range_is_p5_p95_and_the_goal_is_counted_per_workload():
     assert "[4-6]" in text and "met for 1 of 2 workloads" in text and "a 3 of 4 / 3 of 4" in text
 
 
+def test_a_table_of_p10_p90_ranges_is_judged_at_them():
+    """summarise(pct=(10, 90)): a saved table whose forecasts hold p10-p90 only is counted and
+    rendered at those percentiles (the default, p5-p95, finds no range in it)."""
+    c = _cell("a", (4, 5, 6), 5.0, (1.0, 2.0, 3.0), 2.0)
+    c["forecast"] = {m: {k: v for k, v in f.items() if k not in ("p5", "p95")} for m, f in c["forecast"].items()}
+    c["runs"] = [{"downtime_ms": 5.0, "migration_time_s": 2.0}, {"downtime_ms": 4.1, "migration_time_s": 2.0}]
+    s = summarise([c], pct=(10, 90))
+    assert s["range_pct"] == [10, 90] and s["runs_inside"]["downtime_ms"] == {"inside": 1, "of": 2}  # p10 4.25
+    assert "[p10-p90]" in markdown_table([c], s) and "80 % range (p10-p90)" in markdown_table([c], s)
+    assert summarise([c])["inside"] == {}                                   # no p5-p95 in it: nothing judged
+
+
 def test_a_phased_guests_runs_start_across_its_trace():
     """A guest whose profile is not steady is migrated at start times spread over its trace
     (what the forecast's range is over), seeded; a steady one after the fixed warm-up."""
@@ -136,3 +148,17 @@ def test_the_script_runs_on_a_tiny_configuration(tmp_path):
     assert xen and all(c["model"]["pages_sent"] > 0 and c["model"]["migration_time_s"] > 0 for c in xen)
     assert re["summary"]["verified_cells"] == 2 and "model_error_pct" in re["summary"]
     assert "--rescore" in again_md.read_text() and "analytical model" in again_md.read_text()
+    assert all(len(c["forecast_starts"]) == 6 for c in cells) and re["summary"]["range_pct"] == [5, 95]
+
+    # A run saved before the starts were kept (p10-p90 ranges only) is judged at p10-p90, and says so.
+    old = stripped | {"cells": [{k: v for k, v in c.items() if k != "forecast_starts"}
+                                | {"forecast": {m: {k: v for k, v in f.items() if k not in ("p5", "p95")}
+                                                for m, f in c["forecast"].items()}} for c in stripped["cells"]]}
+    saved.write_text(json.dumps(old))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "validate_predictions.py"), "--rescore",
+                           str(saved), "--size", "16M", "--profile-s", "1", "--json", str(again), "--markdown",
+                           str(again_md)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    re = json.loads(again.read_text())
+    assert re["summary"]["range_pct"] == [10, 90] and re["summary"]["inside"]["migration_time_s"]["of"] == 2
+    assert "judged as such" in again_md.read_text() and "[p10-p90]" in again_md.read_text()

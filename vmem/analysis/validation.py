@@ -27,7 +27,8 @@ import os
 import statistics
 import time
 
-from vmem.analysis.forecast import RANGE_PCT, forecast, inside, metrics_of, range_label
+from vmem.analysis.forecast import RANGE_PCT, forecast, metrics_of, range_label
+from vmem.analysis.forecast import inside as _inside
 from vmem.analysis.simulate import transfer_time_s
 
 __all__ = ["WORKLOADS", "POLICIES", "run_validation", "summarise", "markdown_table", "measured_metrics", "METRICS",
@@ -218,12 +219,18 @@ def _err_pct(pred, meas):
     return (pred - meas) / meas * 100
 
 
-def summarise(cells: list[dict]) -> dict:
+def summarise(cells: list[dict], *, pct: tuple[int, int] = RANGE_PCT) -> dict:
     """Share of cells whose measured median fell inside the forecast's range (p5-p95), median
     absolute error of the point prediction, per metric and per workload; per workload, the
     runs inside the range and inside the 80 % range (p10-p90), and whether each workload meets
     the goal (>= :data:`GOAL_INSIDE` of its runs inside the range, migration time and
-    downtime)."""
+    downtime).  ``pct``: the range's percentiles (a table saved before the 90 % range was
+    the forecast's has p10-p90 only: ``(10, 90)``)."""
+    pct = tuple(pct)
+
+    def inside(metric, value, **kw):
+        return _inside(metric, value, **({"pct": pct} | kw))
+
     out = {"cells": len(cells), "verified_cells": sum(1 for c in cells if c["runs"]), "inside": {}, "median_abs_error_pct": {},
            "per_workload_error_pct": {}}
     good = [c for c in cells if c["runs"]]
@@ -276,7 +283,8 @@ def summarise(cells: list[dict]) -> dict:
                                              "goal_met": bool(rf) and sum(rf) >= GOAL_INSIDE * len(rf)}
     out["runs_inside"] = runs_in
     out["per_workload_inside"] = per_w
-    out["range"] = range_label()
+    out["range"] = range_label(pct)
+    out["range_pct"] = list(pct)
     out["goal"] = {"workloads_met": sum(all(v["goal_met"] for v in r.values()) for r in per_w.values()),
                    "workloads": len(per_w), "inside_share": GOAL_INSIDE}
     return out
@@ -293,13 +301,15 @@ def _fmt(v, unit=""):
 
 
 def markdown_table(cells: list[dict], summary: dict, *, header: str = "") -> str:
-    """The docs/profiling.md tables: one per link rate, a cell per workload x policy."""
+    """The docs/profiling.md tables: one per link rate, a cell per workload x policy; ranges
+    and "in" at the percentiles ``summary`` was counted at."""
+    pct = tuple(summary.get("range_pct") or RANGE_PCT)
     lines = [header, ""] if header else []
     cols = [("rounds", "precopy_rounds", ""), ("pages sent", "pages_sent", ""), ("migration time", "migration_time_s", " s"),
             ("downtime", "downtime_ms", " ms"), ("blackout", "blackout_ms", " ms"), ("post-copy pending", "pages_pending", ""),
             ("post-copy faults", "postcopy_faults", "")]
     for bw in dict.fromkeys(c["link_Bps"] for c in cells):
-        lines += [f"**{bw / 1e6:g} MB/s link** -- each cell: predicted median [p{RANGE_PCT[0]}-p{RANGE_PCT[1]}] / "
+        lines += [f"**{bw / 1e6:g} MB/s link** -- each cell: predicted median [p{pct[0]}-p{pct[1]}] / "
                   "measured median (error %, in = measured inside the range)", "",
                   "| workload | policy | runs | " + " | ".join(t for t, _, _ in cols) + " |",
                   "| --- | --- | --- | " + " | ".join("---" for _ in cols) + " |"]
@@ -311,8 +321,8 @@ def markdown_table(cells: list[dict], summary: dict, *, header: str = "") -> str
                     row.append("-")
                     continue
                 e = _err_pct(f["median"] if f else None, m)
-                ok = inside(f, m)
-                lo, hi = (f.get(f"p{q}") for q in RANGE_PCT) if f else (None, None)
+                ok = _inside(f, m, pct=pct)
+                lo, hi = (f.get(f"p{q}") for q in pct) if f else (None, None)
                 rng = f"{_fmt(f['median'], unit)} [{_fmt(lo)}-{_fmt(hi)}]" if f else "-"
                 row.append(f"{rng} / {_fmt(m, unit)}" + (f" ({e:+.0f} %{', in' if ok else ''})" if e is not None else
                                                          (" (in)" if ok else "")))
