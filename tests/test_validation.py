@@ -136,12 +136,16 @@ def test_the_script_runs_on_a_tiny_configuration(tmp_path):
     # summary first, so a rescore that recomputes nothing fails.
     stripped = data | {"cells": [{k: v for k, v in c.items() if k != "model"} for c in cells], "summary": {}}
     saved, again, again_md = tmp_path / "saved.json", tmp_path / "r.json", tmp_path / "r.md"
-    saved.write_text(json.dumps(stripped))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "validate_predictions.py"), "--rescore",
-                           str(saved), "--size", "16M", "--profile-s", "1", "--json", str(again), "--markdown",
-                           str(again_md)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    re = json.loads(again.read_text())
+
+    def rescore(payload: dict) -> dict:
+        saved.write_text(json.dumps(payload))
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "validate_predictions.py"), "--rescore",
+                               str(saved), "--size", "16M", "--profile-s", "1", "--json", str(again), "--markdown",
+                               str(again_md)], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(again.read_text())
+
+    re = rescore(stripped)
     assert [c["measured"] for c in re["cells"]] == [c["measured"] for c in cells]
     assert [c["forecast"] for c in re["cells"]] == [c["forecast"] for c in cells]
     xen = [c for c in re["cells"] if c["policy"] == "xen"]
@@ -154,11 +158,6 @@ def test_the_script_runs_on_a_tiny_configuration(tmp_path):
     old = stripped | {"cells": [{k: v for k, v in c.items() if k != "forecast_starts"}
                                 | {"forecast": {m: {k: v for k, v in f.items() if k not in ("p5", "p95")}
                                                 for m, f in c["forecast"].items()}} for c in stripped["cells"]]}
-    saved.write_text(json.dumps(old))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "validate_predictions.py"), "--rescore",
-                           str(saved), "--size", "16M", "--profile-s", "1", "--json", str(again), "--markdown",
-                           str(again_md)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    re = json.loads(again.read_text())
+    re = rescore(old)
     assert re["summary"]["range_pct"] == [10, 90] and re["summary"]["inside"]["migration_time_s"]["of"] == 2
     assert "judged as such" in again_md.read_text() and "[p10-p90]" in again_md.read_text()
