@@ -154,6 +154,30 @@ def _two_guest_calibration(busy_rate=3000.0):
     return cal
 
 
+def test_the_idle_guests_costs_are_drawn_from_every_link():
+    """Nothing an idle guest does after round 0 touches the link, so its runs at every link
+    are drawn: six runs at 200 MB/s that happen to be tight (switchover 1.15-1.27 ms) no
+    longer make a range that narrow when the 50 MB/s runs spread to 2.2 ms -- while each
+    draw's copy efficiency stays this link's (a 50 MB/s run's is moved to the 200 MB/s
+    median).  The busy guest's draws stay per link."""
+    tight, wide = [1.15, 1.17, 1.18, 1.19, 1.21, 1.27], [1.10, 1.15, 1.18, 1.24, 1.50, 2.18]
+    runs = [_run(pages=16384, link=200e6, switch=ms / 1e3, eff=0.9985 + i * 1e-5, final_pages=0, guest="idle")
+            for i, ms in enumerate(tight)]
+    runs += [_run(pages=16384, link=50e6, switch=ms / 1e3, eff=0.9996 + i * 1e-5, final_pages=0, guest="idle")
+             for i, ms in enumerate(wide)]
+    runs += [_run(pages=16384, link=link, switch=ms / 1e3, final_pages=9) for link, ms in
+             [(200e6, x) for x in tight] + [(50e6, x) for x in wide]]
+    cal = _calibration(runs)
+    cal.data["config"] = {"guests": {"busy": {"dirty_pages_per_s": 3000.0}, "idle": {"dirty_pages_per_s": 0.0}}}
+    idle = cal.draw_params(16384, 200e6, 400, seed=3, dirty_pages_per_s=0.0)
+    sw = np.array([d["switchover_s"] for d in idle]) * 1e3
+    assert np.percentile(sw, 95) > 1.6                 # the 50 MB/s runs' slow switchovers are drawn
+    eff = np.array([d["bandwidth_efficiency"] for d in idle])
+    assert eff.max() < 0.9992 and np.median(eff) == pytest.approx(0.99853, abs=1e-4)   # at 200 MB/s's level
+    busy = cal.draw_params(16384, 200e6, 400, seed=3, dirty_pages_per_s=5000.0)
+    assert np.percentile([d["switchover_s"] * 1e3 for d in busy], 95) < 1.4   # per link: the tight runs only
+
+
 def test_a_guest_that_writes_nothing_gets_the_idle_guests_costs():
     """The draws follow the guest's dirty rate: the idle calibration guest's costs for a guest
     that writes nothing, the busy one's at or above its rate, a mix between; without a rate
