@@ -15,12 +15,24 @@ end whatever happens), starts ``vmem agent`` in each, and measures in the same r
    against the full guest: total migration time of each (no guest ledger check), and bytes
    on the wire; unshaped, and again on the shaped link;
 4. **shaped**: the link shaped with tc HTB to ``--rate``; each compression setting again;
-   the ratio is round-0 throughput over the shaped rate.
+   the ratio is round-0 throughput over the shaped rate;
+5. **post-copy faults**: ``--postcopy-runs`` pure post-copy migrations of a guest writing
+   ``--postcopy-rate`` pages/s between the agents; the demand-fault round trip's p50 and p99
+   (medians over the runs).
 
-Timing claims are ratios against a baseline measured in the same run, never absolute.
+``--security both`` runs steps 2 and 5 with a keyed and an unkeyed pair of agents taking
+turns (one pair and one guest alive at a time; the arms alternate every repeat), then 3
+and 4 with the keyed pair.  Issue 13's goals are printed as ``GOAL`` lines (vmem.bench.goals):
+round 0 over one connection >= 0.75x the plain TCP copy into fresh memory and ``--parallel
+2`` >= 1.0x one connection (each pair), keyed / unkeyed round 0 >= 0.8 (both), and the keyed
+fault round trip p50 <= 60 us, p99 <= 500 us; ``--strict`` exits 1 when one is missed.
+
+Timing claims are ratios against a baseline measured in the same run, never absolute
+(the fault round trip is a latency the issue states in microseconds: it is printed as such).
 
     sudo .venv/bin/python scripts/bench_agent.py [--size 1G] [--empty-size 8G] [--rate 1gbit]
-                                                 [--security key|none] [--json FILE]
+                                                 [--security key|none|both] [--postcopy-runs 3]
+                                                 [--no-shaped] [--strict] [--json FILE]
 """
 from __future__ import annotations
 
@@ -29,6 +41,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +55,7 @@ from testhosts import NetnsHosts, netns_unavailable, transfer  # noqa: E402
 
 from transport import parse_rate  # noqa: E402
 from vmem.agent.client import AgentClient  # noqa: E402
+from vmem.bench.goals import Goals  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
 
 START_TIMEOUT_S = 60.0
@@ -155,6 +169,84 @@ def compare_empty(empty: PingPong, full: PingPong, args, where: str = "unshaped"
 LINKS = [{"parallel": 1, "compress": "none"}, {"parallel": 2, "compress": "none"}, {"parallel": 1, "compress": "off"},
          {"parallel": 1, "compress": "zstd"}, {"parallel": 1, "compress": "lz4"}]
 
+#: issue 13's goals checked here (docs/performance.md)
+ROUND0_OVER_FRESH_COPY = 0.75     # item 3: round 0, one connection, / plain TCP copy into fresh memory
+PARALLEL2_OVER_ONE = 1.0          # item 3: --parallel 2 never slower than one connection
+KEYED_OVER_UNKEYED = 0.8          # item 1: keyed pre-copy throughput / unkeyed
+KEYED_FAULT_P50_US = 60.0         # item 1: keyed post-copy demand-fault round trip
+KEYED_FAULT_P99_US = 500.0
+
+
+class Pair:
+    """Two agents (one per test host) with the same security and one guest they migrate back
+    and forth; started and stopped as one, so that a keyed and an unkeyed pair can take turns
+    on the same hosts with only one guest alive at a time."""
+
+    def __init__(self, hosts: NetnsHosts, workdir: str, security: str, key: str | None, args, tag: str):
+        self.security, self.agents = security, []
+        d = os.path.join(workdir, tag)
+        os.mkdir(d)
+        try:
+            self.agents = [start_agent(hosts, 1, d, key if security == "key" else None),
+                           start_agent(hosts, 2, d, key if security == "key" else None)]
+            with AgentClient(self.agents[0]["socket"]) as c:
+                c.request("create", name="bench", workload=args.workload, size=args.size)
+            time.sleep(1.0)
+        except BaseException:
+            self.stop()
+            raise
+        self.full = PingPong(hosts, self.agents, "bench")
+
+    def stop(self) -> None:
+        for a in self.agents:
+            if a["proc"].poll() is None:
+                a["proc"].send_signal(signal.SIGTERM)
+        for a in self.agents:
+            try:
+                a["proc"].wait(30)
+            except subprocess.TimeoutExpired:
+                a["proc"].kill()
+                a["proc"].wait()
+        self.agents = []
+
+
+def postcopy_faults(pair: Pair, hosts: NetnsHosts, args, runs: int) -> dict:
+    """``runs`` pure post-copy migrations between the pair's agents of a fresh guest writing
+    ``--postcopy-rate`` pages/s (ping-pong): the demand-fault round trip the destination
+    measured (fault read -> page placed), medians over the runs."""
+    with AgentClient(pair.agents[pair.full.at]["socket"]) as c:
+        c.request("create", name="pc", workload="hotcold", size=args.size,
+                  workload_args=[f"rate={args.postcopy_rate}"])
+    time.sleep(1.0)
+    pp = PingPong(hosts, pair.agents, "pc")
+    pp.at = pair.full.at
+    out = []
+    try:
+        for _ in range(runs):
+            with AgentClient(pp.agents[pp.at]["socket"]) as c:
+                rep = c.request("migrate", name="pc", target=f"{hosts.addr(2 - pp.at)}:{pp.agents[1 - pp.at]['port']}",
+                                options={"observe": 0.3, "postcopy": True})["report"]
+            if rep["outcome"] != "completed" or rep["verification"]["digests"]["mismatched"]:
+                raise SystemExit(f"post-copy migration failed: {rep.get('reason')}")
+            pc = rep.get("postcopy") or {}
+            lat = pc.get("fault_latency_us") or {}
+            out.append({"faults": pc.get("faults"), "p50_us": lat.get("p50"), "p99_us": lat.get("p99"),
+                        "max_us": lat.get("max"), "blackout_ms": rep.get("blackout_ms"), "downtime_ms": rep["downtime_ms"]})
+            pp.at = 1 - pp.at
+            pp._wait_running(pp.agents[pp.at])
+    finally:
+        with AgentClient(pp.agents[pp.at]["socket"]) as c:
+            c.request("destroy", name="pc")
+
+    def med(k):
+        xs = [r[k] for r in out if isinstance(r.get(k), (int, float))]
+        return statistics.median(xs) if xs else None
+
+    summary = {"runs": out, "p50_us": med("p50_us"), "p99_us": med("p99_us"), "faults": med("faults")}
+    print(f"post-copy ({pair.security}), {args.postcopy_rate} pages/s, median of {runs}: fault round trip "
+          f"p50 {summary['p50_us']} us, p99 {summary['p99_us']} us ({summary['faults']} faults)")
+    return summary
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -164,8 +256,15 @@ def main() -> int:
     p.add_argument("--empty-workload", default="idle",
                    help="workload of the mostly-empty guest (default idle: it writes only its ledger)")
     p.add_argument("--rate", default="1gbit", help="shaped link rate, tc syntax (default 1gbit)")
-    p.add_argument("--security", choices=["key", "none"], default="key", help="agents with a shared key (default) or --insecure")
+    p.add_argument("--security", choices=["key", "none", "both"], default="key",
+                   help="agents with a shared key (default), --insecure, or both: a keyed and an unkeyed pair "
+                        "taking turns, for the keyed / unkeyed ratio")
     p.add_argument("--repeat", type=int, default=3, help="unshaped runs per link setting; the median is reported")
+    p.add_argument("--postcopy-runs", type=int, default=3,
+                   help="pure post-copy migrations per pair for the fault round trip (default 3; 0 skips them)")
+    p.add_argument("--postcopy-rate", type=int, default=5000, help="pages/s the post-copy guest writes (default 5000)")
+    p.add_argument("--no-shaped", action="store_true", help="skip the shaped-link part")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args()
     why = netns_unavailable()
@@ -177,15 +276,17 @@ def main() -> int:
     links = [o for o in LINKS if o["compress"] not in ("zstd", "lz4") or not method_unavailable(o["compress"])]
     size = parse_size(args.size)
     rate_Bps = parse_rate(args.rate)
+    arms = ["key", "none"] if args.security == "both" else [args.security]
     workdir = tempfile.mkdtemp(prefix=f"vmem-bench-agent-{os.getpid()}-")
     key = None
-    if args.security == "key":
+    if "key" in arms:
         from transport.secure import generate_key
 
         key = os.path.join(workdir, "key")
         generate_key(key)
     hosts = NetnsHosts(prefix=f"vb{os.getpid()}")
-    agents = []
+    pair = None
+    goals = Goals()
     result: dict = {"size_bytes": size, "workload": args.workload, "security": args.security, "shaped_rate": args.rate}
     try:
         hosts.up()
@@ -202,66 +303,97 @@ def main() -> int:
         result["baseline_fresh"] = {"seconds": fresh_s, "Bps": fresh_Bps}
         print(f"baseline TCP copy (fresh memfd)    {fresh_Bps / 1e6:8.0f} MB/s ({fresh_s:.2f} s for {args.size})")
 
-        agents = [start_agent(hosts, 1, workdir, key), start_agent(hosts, 2, workdir, key)]
-        with AgentClient(agents[0]["socket"]) as c:
-            c.request("create", name="bench", workload=args.workload, size=args.size)
-        time.sleep(1.0)
-        full = PingPong(hosts, agents, "bench")
-        runs: dict = {i: [] for i in range(len(links))}
-        for _ in range(args.repeat):  # interleaved, so that a noisy moment hits every setting
+        runs: dict = {sec: {i: [] for i in range(len(links))} for sec in arms}
+        for rep in range(args.repeat):  # interleaved, so that a noisy moment hits every setting (and arm)
+            for sec in arms:
+                if pair is None or pair.security != sec:
+                    if pair is not None:
+                        pair.stop()
+                    pair = Pair(hosts, workdir, sec, key, args, f"{sec}{rep}")
+                for i, options in enumerate(links):
+                    runs[sec][i].append(pair.full.run(**options))
+        result["arms"] = {}
+        for sec in arms:
+            arm = result["arms"][sec] = {"unshaped_links": []}
             for i, options in enumerate(links):
-                runs[i].append(full.run(**options))
-        result["unshaped_links"] = []
-        for i, options in enumerate(links):
-            r = sorted(runs[i], key=lambda x: x["round0_Bps"])[len(runs[i]) // 2]  # the median run
-            r["ratio_to_baseline"] = r["round0_Bps"] / base_Bps
-            r["ratio_to_fresh_baseline"] = r["round0_Bps"] / fresh_Bps
-            r["round0_Bps_all"] = [x["round0_Bps"] for x in runs[i]]
-            result["unshaped_links"].append(r)
-            print(f"unshaped {_flags(options):<26}{r['round0_Bps'] / 1e6:8.0f} MB/s round 0 = "
-                  f"{r['ratio_to_baseline']:.2f}x touched / {r['ratio_to_fresh_baseline']:.2f}x fresh baseline"
-                  f" (median of {args.repeat}); total {r['total_time_s']:.2f} s, "
-                  f"wire {r['wire_bytes'] / 2**20:.0f} MiB, downtime {r['downtime_ms']:.1f} ms")
+                r = sorted(runs[sec][i], key=lambda x: x["round0_Bps"])[len(runs[sec][i]) // 2]  # the median run
+                r["ratio_to_baseline"] = r["round0_Bps"] / base_Bps
+                r["ratio_to_fresh_baseline"] = r["round0_Bps"] / fresh_Bps
+                r["round0_Bps_all"] = [x["round0_Bps"] for x in runs[sec][i]]
+                arm["unshaped_links"].append(r)
+                print(f"unshaped {sec:<4} {_flags(options):<26}{r['round0_Bps'] / 1e6:8.0f} MB/s round 0 = "
+                      f"{r['ratio_to_baseline']:.2f}x touched / {r['ratio_to_fresh_baseline']:.2f}x fresh baseline"
+                      f" (median of {args.repeat}); total {r['total_time_s']:.2f} s, "
+                      f"wire {r['wire_bytes'] / 2**20:.0f} MiB, downtime {r['downtime_ms']:.1f} ms")
+            single, double = arm["unshaped_links"][0], arm["unshaped_links"][1]
+            arm["parallel2_over_single"] = double["round0_Bps"] / single["round0_Bps"]
+        # the single-arm layout of earlier JSON files
+        result["unshaped_links"] = result["arms"][arms[0]]["unshaped_links"]
         result["unshaped"] = result["unshaped_links"][0]
-        single, double = result["unshaped_links"][0], result["unshaped_links"][1]
-        result["parallel2_over_single"] = double["round0_Bps"] / single["round0_Bps"]
-        print(f"--parallel 2 / one connection      {result['parallel2_over_single']:.2f}x")
+        result["parallel2_over_single"] = result["arms"][arms[0]]["parallel2_over_single"]
+        if "key" in arms and "none" in arms:
+            k, u = (result["arms"][s]["unshaped_links"][0]["round0_Bps"] for s in ("key", "none"))
+            result["keyed_over_unkeyed"] = k / u
 
+        if args.postcopy_runs > 0:
+            for sec in arms:
+                if pair is None or pair.security != sec:
+                    if pair is not None:
+                        pair.stop()
+                    pair = Pair(hosts, workdir, sec, key, args, f"{sec}-pc")
+                result["arms"][sec]["postcopy"] = postcopy_faults(pair, hosts, args, args.postcopy_runs)
+
+        # the rest with the first arm's pair (the default, keyed, between hosts)
+        if pair is None or pair.security != arms[0]:
+            if pair is not None:
+                pair.stop()
+            pair = Pair(hosts, workdir, arms[0], key, args, f"{arms[0]}-rest")
+        full = pair.full
         empty = None
         if args.empty_size != "0":
-            empty = PingPong(hosts, agents, "empty")
+            empty = PingPong(hosts, pair.agents, "empty")
             result["zero_pages"] = {"empty_size": args.empty_size, "empty_workload": args.empty_workload,
                                     "unshaped": compare_empty(empty, full, args)}
 
-        hosts.shape(args.rate)
-        time.sleep(0.5)
-        result["shaped_links"] = []
-        for options in [o for o in links if o["parallel"] == 1]:
-            r = full.run(**options)
-            r["ratio_to_rate"] = r["round0_Bps"] / rate_Bps
-            result["shaped_links"].append(r)
-            print(f"shaped {args.rate} {_flags(options):<20}{r['round0_Bps'] * 8 / 1e9:8.3f} Gbit/s round 0 = "
-                  f"{r['ratio_to_rate']:.2f}x the rate; total {r['total_time_s']:.2f} s, wire "
-                  f"{r['wire_bytes'] / 2**20:.0f} MiB")
-        result["shaped"] = result["shaped_links"][0]
-        if empty is not None:
-            result["zero_pages"]["shaped"] = compare_empty(empty, full, args, f"shaped {args.rate}")
+        if not args.no_shaped:
+            hosts.shape(args.rate)
+            time.sleep(0.5)
+            result["shaped_links"] = []
+            for options in [o for o in links if o["parallel"] == 1]:
+                r = full.run(**options)
+                r["ratio_to_rate"] = r["round0_Bps"] / rate_Bps
+                result["shaped_links"].append(r)
+                print(f"shaped {args.rate} {_flags(options):<20}{r['round0_Bps'] * 8 / 1e9:8.3f} Gbit/s round 0 = "
+                      f"{r['ratio_to_rate']:.2f}x the rate; total {r['total_time_s']:.2f} s, wire "
+                      f"{r['wire_bytes'] / 2**20:.0f} MiB")
+            result["shaped"] = result["shaped_links"][0]
+            if empty is not None:
+                result["zero_pages"]["shaped"] = compare_empty(empty, full, args, f"shaped {args.rate}")
+
+        for sec in arms:
+            arm = result["arms"][sec]
+            goals.check(f"{sec} agents", "round 0, one connection / plain TCP copy into fresh memory",
+                        arm["unshaped_links"][0]["ratio_to_fresh_baseline"], ">=", ROUND0_OVER_FRESH_COPY)
+            goals.check(f"{sec} agents", "round 0, --parallel 2 / one connection", arm["parallel2_over_single"],
+                        ">=", PARALLEL2_OVER_ONE)
+        if "keyed_over_unkeyed" in result:
+            goals.check("keyed vs unkeyed agents", "round 0 throughput, keyed / unkeyed", result["keyed_over_unkeyed"],
+                        ">=", KEYED_OVER_UNKEYED)
+        if "key" in arms and args.postcopy_runs > 0:
+            pc = result["arms"]["key"]["postcopy"]
+            goals.check("keyed agents", "post-copy fault round trip p50", pc["p50_us"], "<=", KEYED_FAULT_P50_US, "us")
+            goals.check("keyed agents", "post-copy fault round trip p99", pc["p99_us"], "<=", KEYED_FAULT_P99_US, "us")
+        result["goals"] = goals.items
     finally:
-        for a in agents:
-            if a["proc"].poll() is None:
-                a["proc"].send_signal(signal.SIGTERM)
-        for a in agents:
-            try:
-                a["proc"].wait(30)
-            except subprocess.TimeoutExpired:
-                pass
+        if pair is not None:
+            pair.stop()
         hosts.down()
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
-    return 0
+    return goals.exit_status(args.strict)
 
 
 if __name__ == "__main__":
