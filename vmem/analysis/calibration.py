@@ -494,8 +494,8 @@ class Calibration:
     def _line(runs: list[dict], q: str, x_key: str, *, sign: int = 1,
               identified: bool = False, x_of=None, slope: float | None = None,
               robust: bool = False) -> tuple[float, float, dict]:
-        """Least-squares ``q = a + b * x`` over the runs that have ``q`` and ``x``; ``(a, b,
-        residual by run id)``; b = 0 with fewer than two distinct x.  ``x_of``: maps the
+        """Least-squares (``robust``: Theil-Sen) ``q = a + b * x`` over the runs that have ``q``
+        and ``x``; ``(a, b, residual by run id)``; b = 0 with fewer than two distinct x.  ``x_of``: maps the
         run's ``x_key`` value to the x the line is over (default: as it is).  ``sign`` +1: b >= 0 (a
         cost never shrinks with size: noise must not make it); -1: b <= 0.
 
@@ -704,7 +704,8 @@ class Calibration:
     def _draw_context(self, kind: str, mode: str, link_Bps: float, busy_switch_line, busy_drain_line,
                       have_probes: bool) -> dict:
         """What :meth:`draw_params` draws from for one calibration guest: its runs at this
-        link, its lines over guest size (setup, tail) and pages pending (post-copy switch),
+        link (the idle guest: its runs at every link, each run's efficiency moved to this
+        link's median), its lines over guest size (setup, tail) and pages pending (post-copy switch),
         its switchover line (the busy guest's slope; the intercept over its own runs), its
         drain line (the busy guest's; none for the idle guest, whose last round is always a
         round 0) and its copy efficiency over the load probe."""
