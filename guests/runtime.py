@@ -40,6 +40,9 @@ import traceback
 from guests.control import Command, ControlBlock, Field, GuestState
 from vmem.pages import PAGE_SIZE
 
+#: How long MPROT_START waits for its bitmap memfd when the command outran it on the socket.
+MPROT_FD_WAIT_S = 2.0
+
 #: Test-only: ``"STEPS:MS"`` makes an *incoming* (destination) guest sleep once, MS
 #: milliseconds, right after its STEPS-th step following the resume, so tests can check that
 #: a stall after the resume shows in the report's ``blackout_ms``.  Not a user option.
@@ -459,8 +462,15 @@ class GuestRuntime:
 
         from vmem import _native as nat
 
-        if not self.pending_fds:
-            self._drain_socket()
+        # The parent publishes the command (CMD_SEQ) before its sendmsg carries the memfd, and
+        # a busy guest checks CMD_SEQ between steps: it can get here first.  Wait for the fd
+        # (bounded): the command is only posted together with it.  (Seen once in CI: EBADF.)
+        deadline = time.monotonic() + MPROT_FD_WAIT_S
+        while not self.pending_fds:
+            if not self._drain_socket() or time.monotonic() >= deadline:
+                break
+            if not self.pending_fds:
+                select.select([self.sock], [], [], 0.01)
         if not self.pending_fds:
             return -9  # EBADF: the bitmap memfd did not arrive
         fd = self.pending_fds.pop(0)

@@ -8,6 +8,7 @@ and the concurrent-writer test shadow-copies RAM the way a migrator relies on it
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -255,3 +256,32 @@ def test_mprotect_survives_max_map_count(boot_guest):
     finally:
         del mem
         t.stop()
+
+
+def test_mprotect_start_waits_for_a_memfd_the_command_outran(boot_guest):
+    """The parent publishes MPROT_START (CMD_SEQ) and then sends the bitmap memfd; a guest
+    writing flat out checks CMD_SEQ between steps and can see the command before the fd
+    arrives.  It must wait for the fd, not fail with EBADF (a CI run once reported "the guest
+    could not install its SIGSEGV handler (Bad file descriptor)").  The fault, injected: the
+    fd is sent 0.2 s after the command is published."""
+    import socket
+
+    from guests.control import Command, Field
+
+    g = boot_guest("hotcold", size=16 << 20, rate=0)
+    nwords = -(-g.npages // 64)
+    fd = os.memfd_create("vmem-test-bitmap", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 2 * nwords * 8)
+        c = g.ctl
+        c[Field.CMD] = int(Command.MPROT_START)
+        c[Field.ARG] = 0
+        seq = c[Field.CMD_SEQ] + 1
+        c[Field.CMD_SEQ] = seq              # published first, as post() does ...
+        time.sleep(0.2)                     # ... and the fd late
+        socket.send_fds(g._sock, [b"w"], [fd])
+        assert g.wait_ack(seq, 10.0, "MPROT_START") >= 0
+        assert g.mprotect_stop() >= 0
+        assert g.alive() and g.verify()["ok"]
+    finally:
+        os.close(fd)
