@@ -187,8 +187,8 @@ class Pair:
         d = os.path.join(workdir, tag)
         os.mkdir(d)
         try:
-            self.agents = [start_agent(hosts, 1, d, key if security == "key" else None),
-                           start_agent(hosts, 2, d, key if security == "key" else None)]
+            for host in (1, 2):  # one at a time: a second that fails leaves the first in self.agents to stop
+                self.agents.append(start_agent(hosts, host, d, key if security == "key" else None))
             with AgentClient(self.agents[0]["socket"]) as c:
                 c.request("create", name="bench", workload=args.workload, size=args.size)
             time.sleep(1.0)
@@ -235,8 +235,14 @@ def postcopy_faults(pair: Pair, hosts: NetnsHosts, args, runs: int) -> dict:
             pp.at = 1 - pp.at
             pp._wait_running(pp.agents[pp.at])
     finally:
-        with AgentClient(pp.agents[pp.at]["socket"]) as c:
-            c.request("destroy", name="pc")
+        # best effort: after a failure the guest may be on either side, and the agents stop
+        # their guests when they stop (--stop-guests) whatever happens here
+        for agent in pp.agents:
+            try:
+                with AgentClient(agent["socket"]) as c:
+                    c.request("destroy", name="pc")
+            except Exception:
+                pass
 
     def med(k):
         xs = [r[k] for r in out if isinstance(r.get(k), (int, float))]
