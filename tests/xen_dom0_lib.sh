@@ -50,7 +50,14 @@ EOC
 # create_domu FILE: xl create, then wait (bounded) for the stamper's third check; fails at
 # once, printing the guest's report, if the stamper ended (it never does on its own)
 create_domu() {
-  xl create "$1" || return 1
+  # xl itself aborted once in CI right after parsing the config (SIGABRT under the nested
+  # host's TCG, before the domU ran): destroy whatever it left and try once more, saying so.
+  xl create "$1"; rc_=$?
+  if [ $rc_ -ne 0 ]; then
+    echo "xl create $1 failed (rc $rc_); destroying ${DOMU_NAME:-vm1} and trying once more"
+    xl destroy "${DOMU_NAME:-vm1}" 2>/dev/null; sleep 1
+    xl create "$1" || return 1
+  fi
   c_=$LOG/guest-${DOMU_NAME:-vm1}.log; i_=0
   while [ $i_ -lt 90 ]; do
     grep -q "STAMP n=3" "$c_" 2>/dev/null && return 0
