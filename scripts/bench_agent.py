@@ -106,6 +106,10 @@ def migrate(src: dict, dst_addr: str, name: str, **options) -> dict:
         "round0_Bps": r0["bytes_sent"] / r0["duration_s"],
         "digests_mismatched": report["verification"]["digests"]["mismatched"],
         "guest_check_ok": (report["verification"].get("guest_check") or {}).get("ok"),
+        "blackout_ms": report.get("blackout_ms"),
+        # post-copy: the demand-fault round trip the destination measured (fault read -> placed)
+        "faults": (report.get("postcopy") or {}).get("faults"),
+        "fault_latency_us": (report.get("postcopy") or {}).get("fault_latency_us"),
     }
 
 
@@ -210,6 +214,16 @@ class Pair:
         self.agents = []
 
 
+def pair_for(pair: Pair | None, hosts: NetnsHosts, workdir: str, security: str, key: str | None, args,
+             tag: str) -> Pair:
+    """``pair`` if it has ``security``; else it is stopped and a new pair started."""
+    if pair is not None and pair.security == security:
+        return pair
+    if pair is not None:
+        pair.stop()
+    return Pair(hosts, workdir, security, key, args, tag)
+
+
 def postcopy_faults(pair: Pair, hosts: NetnsHosts, args, runs: int) -> dict:
     """``runs`` pure post-copy migrations between the pair's agents of a fresh guest writing
     ``--postcopy-rate`` pages/s (ping-pong): the demand-fault round trip the destination
@@ -223,17 +237,10 @@ def postcopy_faults(pair: Pair, hosts: NetnsHosts, args, runs: int) -> dict:
     out = []
     try:
         for _ in range(runs):
-            with AgentClient(pp.agents[pp.at]["socket"]) as c:
-                rep = c.request("migrate", name="pc", target=f"{hosts.addr(2 - pp.at)}:{pp.agents[1 - pp.at]['port']}",
-                                options={"observe": 0.3, "postcopy": True})["report"]
-            if rep["outcome"] != "completed" or rep["verification"]["digests"]["mismatched"]:
-                raise SystemExit(f"post-copy migration failed: {rep.get('reason')}")
-            pc = rep.get("postcopy") or {}
-            lat = pc.get("fault_latency_us") or {}
-            out.append({"faults": pc.get("faults"), "p50_us": lat.get("p50"), "p99_us": lat.get("p99"),
-                        "max_us": lat.get("max"), "blackout_ms": rep.get("blackout_ms"), "downtime_ms": rep["downtime_ms"]})
-            pp.at = 1 - pp.at
-            pp._wait_running(pp.agents[pp.at])
+            r = pp.run(postcopy=True, observe=0.3)
+            lat = r["fault_latency_us"] or {}
+            out.append({"faults": r["faults"], "p50_us": lat.get("p50"), "p99_us": lat.get("p99"),
+                        "max_us": lat.get("max"), "blackout_ms": r["blackout_ms"], "downtime_ms": r["downtime_ms"]})
     finally:
         # best effort: after a failure the guest may be on either side, and the agents stop
         # their guests when they stop (--stop-guests) whatever happens here
@@ -312,10 +319,7 @@ def main() -> int:
         runs: dict = {sec: {i: [] for i in range(len(links))} for sec in arms}
         for rep in range(args.repeat):  # interleaved, so that a noisy moment hits every setting (and arm)
             for sec in arms:
-                if pair is None or pair.security != sec:
-                    if pair is not None:
-                        pair.stop()
-                    pair = Pair(hosts, workdir, sec, key, args, f"{sec}{rep}")
+                pair = pair_for(pair, hosts, workdir, sec, key, args, f"{sec}{rep}")
                 for i, options in enumerate(links):
                     runs[sec][i].append(pair.full.run(**options))
         result["arms"] = {}
@@ -343,17 +347,11 @@ def main() -> int:
 
         if args.postcopy_runs > 0:
             for sec in arms:
-                if pair is None or pair.security != sec:
-                    if pair is not None:
-                        pair.stop()
-                    pair = Pair(hosts, workdir, sec, key, args, f"{sec}-pc")
+                pair = pair_for(pair, hosts, workdir, sec, key, args, f"{sec}-pc")
                 result["arms"][sec]["postcopy"] = postcopy_faults(pair, hosts, args, args.postcopy_runs)
 
         # the rest with the first arm's pair (the default, keyed, between hosts)
-        if pair is None or pair.security != arms[0]:
-            if pair is not None:
-                pair.stop()
-            pair = Pair(hosts, workdir, arms[0], key, args, f"{arms[0]}-rest")
+        pair = pair_for(pair, hosts, workdir, arms[0], key, args, f"{arms[0]}-rest")
         full = pair.full
         empty = None
         if args.empty_size != "0":

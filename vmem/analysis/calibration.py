@@ -738,13 +738,15 @@ class Calibration:
             # six happened to be: 1.13-1.31 ms at 200 MB/s, where validation runs of the idle
             # guest read 1.0-1.7 ms, and 1.05-2.53 ms at 50 MB/s).  A run at another link
             # keeps its efficiency's distance from its own link's median, at this link's.
-            med = lambda rs: float(np.median([x["efficiency"] for x in rs if x.get("efficiency") is not None]))  # noqa: E731
             here = {id(r) for r in runs}
             pool = [r for r in all_mode if id(r) not in here and r.get("efficiency") is not None]
             if effs and pool:
+                by_link: dict = {}
                 for r in pool:
-                    same = [x for x in all_mode if x["link_Bps"] == r["link_Bps"]]
-                    eff_scale[id(r)] = float(np.median(effs)) / med(same)
+                    by_link.setdefault(r["link_Bps"], []).append(float(r["efficiency"]))
+                link_median = {link: float(np.median(v)) for link, v in by_link.items()}
+                for r in pool:
+                    eff_scale[id(r)] = float(np.median(effs)) / link_median[r["link_Bps"]]
                 runs = runs + pool
         return {"runs": runs, "kind_runs": kind_runs, "lines": lines, "switch_line": switch_line,
                 "busy_switch_line": busy_switch_line, "drain_line": drain_line, "eff_line": eff_line, "effs": effs,
