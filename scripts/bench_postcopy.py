@@ -25,6 +25,10 @@ The push rate while faults are served and the paced guests' blackout are reporte
 way to demand answers, fault threads at nice -15), interleaved with the current one (order
 alternating), and the summary gives both and their ratios -- the comparison that stays
 meaningful on a loaded machine.  Goals are checked on the current scheduling only.
+
+``--prealloc``: every migration asks the destination to allocate the guest's RAM before
+READY (``vmem migrate --prealloc``); ``--ab-prealloc``: every post-copy scenario with it
+(arm "new", the goals') and without it (arm "no-prealloc"), interleaved, with the ratios.
 """
 from __future__ import annotations
 
@@ -86,16 +90,18 @@ def plain_copy_Bps(nbytes: int) -> float:
 POSTCOPY_OF = {"postcopy": "pure", "hybrid": "after-precopy", "precopy": "off"}
 
 
-def one(mode: str, rate: int, size: int, workload: str = "hotcold") -> dict:
+def one(mode: str, rate: int, size: int, workload: str = "hotcold", prealloc: bool = False) -> dict:
     """One migration of a fresh ``size`` guest running ``workload`` at ``rate`` pages/s
-    (0: flat out; ignored by ``idle``)."""
+    (0: flat out; ignored by ``idle``); ``prealloc``: MigrationOptions.prealloc."""
     params = {} if workload == "idle" else {"rate": rate}
     with ProcessGuest.boot(GuestSpec(workload, params, 1), size) as g:
         time.sleep(0.5)
-        opts = MigrationOptions(postcopy=POSTCOPY_OF[mode], observe_s=0.3)
+        opts = MigrationOptions(postcopy=POSTCOPY_OF[mode], observe_s=0.3, prealloc=prealloc)
         r = run_local_migration(g, opts).to_dict()
     out = {"mode": mode, "workload": workload, "rate_pps": rate, "outcome": r["outcome"], "downtime_ms": r["downtime_ms"],
-           "blackout_ms": r.get("blackout_ms"),
+           "blackout_ms": r.get("blackout_ms"), "prealloc": prealloc,
+           "prealloc_ms": r["timings_ms"].get("setup_destination_prealloc"), "setup_ms": r.get("setup_time_ms"),
+           "migration_time_s": r.get("migration_time_s"),
            "pause_to_running_ms": r["timings_ms"].get("pause_to_running"),
            "verified": r["verified"] and r["verification"]["digests"]["mismatched"] == 0}
     pc = r.get("postcopy")
@@ -122,22 +128,30 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
-    p.add_argument("--ab", action="store_true", help="also run every post-copy scenario with the old scheduling,"
-                                                     " interleaved, and report the ratios")
+    ab = p.add_mutually_exclusive_group()
+    ab.add_argument("--ab", action="store_true", help="also run every post-copy scenario with the old scheduling,"
+                                                      " interleaved, and report the ratios")
+    ab.add_argument("--ab-prealloc", action="store_true",
+                    help="run every post-copy scenario with --prealloc (arm 'new', where the goals are checked) and "
+                         "without it (arm 'no-prealloc'), interleaved, and report the ratios")
+    p.add_argument("--prealloc", action="store_true",
+                   help="every migration with --prealloc (the destination allocates the guest's RAM before READY)")
     a = p.parse_args(argv)
     size = parse_size(a.size)
     results = []
+    other = "old" if a.ab else "no-prealloc" if a.ab_prealloc else None  # the comparison arm
     for i in range(a.runs):
         base = plain_copy_Bps(size)
         for label, mode, workload, rate in SCENARIOS:
-            arms = ["new", "old"] if a.ab and mode != "precopy" else ["new"]
+            arms = ["new", other] if other and mode != "precopy" else ["new"]
             if i % 2:
                 arms.reverse()
             for arm in arms:
                 if arm == "old":
                     os.environ[PREEMPT_ENV] = OLD_SCHEDULING  # read by both sides (the destination inherits it)
                 try:
-                    res = one(mode, rate, size, workload)
+                    res = one(mode, rate, size, workload,
+                              prealloc=(a.prealloc or a.ab_prealloc) and arm != "no-prealloc")
                 finally:
                     os.environ.pop(PREEMPT_ENV, None)
                 res["run"] = i
@@ -181,19 +195,19 @@ def main(argv=None) -> int:
                                   "push_rate_GBps": (med(mode, 0, "push_rate_Bps") or 0) / 1e9}
                            for mode in ("postcopy", "hybrid")}
     summary["plain_copy_GBps"] = round(statistics.median(r["plain_copy_Bps"] for r in results) / 1e9, 3)
-    if a.ab:  # the same scenarios with the old scheduling, and new / old
+    if other:  # the same scenarios in the comparison arm, and new / other
         ab = {}
         for label, mode, workload, rate in SCENARIOS:
             if mode == "precopy":
                 continue
             row = {}
             for key in ("fault_p50_us", "fault_p99_us", "push_rate_Bps", "blackout_ms", "downtime_ms"):
-                new, old = med(mode, rate, key, workload), med(mode, rate, key, workload, "old")
+                new, old = med(mode, rate, key, workload), med(mode, rate, key, workload, other)
                 row[key] = {"new": new, "old": old, "new_over_old": round(new / old, 3) if new and old else None}
             ab[label] = row
             print(f"A/B {label}: " + ", ".join(f"{k} {v['new']} vs {v['old']} (x{v['new_over_old']})"
                                                 for k, v in row.items()))
-        summary["ab_new_vs_old_scheduling"] = ab
+        summary["ab_new_vs_old_scheduling" if a.ab else "ab_prealloc_vs_not"] = ab
     print(json.dumps({"summary": summary}, indent=1))
     checks = []
     for rate in (5000, 50000):

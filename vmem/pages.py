@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PAGE_SHIFT", "PAGE_SIZE", "page_runs", "runs_to_pages", "ranges_to_pages", "page_buffers",
-    "merge_pages", "unique_pages", "mismatched_pages", "zero_page_digest", "MAX_DIRECT_RUNS",
+    "merge_pages", "merge_sorted_pages", "unique_pages", "mismatched_pages", "zero_page_digest", "MAX_DIRECT_RUNS",
 ]
 
 PAGE_SHIFT = 12
@@ -118,6 +118,36 @@ def merge_pages(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     keep[0] = True
     np.not_equal(both[1:], both[:-1], out=keep[1:])
     return both[keep]
+
+
+def merge_sorted_pages(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted union of two *sorted unique* int64 page arrays (what a tracker's collect returns,
+    and ``runs_to_pages``), without sorting them again: each page of ``b`` is looked up in
+    ``a`` (binary search) and only those not there are inserted.
+
+    For the downtime path, where ``a`` is large and ``b`` small: a pure post-copy's list of
+    every page holding data and the pages written after it was taken.  :func:`merge_pages`
+    sorted their concatenation -- 2 MiB for a 1 GiB guest, 4-9 ms measured here right after
+    TRANSITION, on the CPU the destination needed (much of it zeroing fresh pages for the
+    copy, which on a VM that hands free memory back to its host costs a host fault per
+    page).  This costs O(len(b) log len(a)) and one copy of ``a`` only when ``b`` adds pages.
+
+    Returns ``a`` itself (not a copy) when ``b`` adds nothing: callers must not modify the
+    result in place.  Unsorted or repeated input gives a wrong answer, not an error.
+    """
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    if b.size == 0:
+        return a
+    if a.size == 0:
+        return b
+    at = np.searchsorted(a, b)
+    found = at < a.size
+    found[found] = a[at[found]] == b[found]
+    new = b[~found]
+    if new.size == 0:
+        return a
+    return np.insert(a, at[~found], new)
 
 
 def unique_pages(a: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from vmem.errors import ConfigError, VmemError
 from vmem.pages import PAGE_SIZE, runs_to_pages
 
 # PAGE_SIZE is defined in vmem.pages and re-exported here: RAM is made of pages.
-__all__ = ["PAGE_SIZE", "GuestRam", "parse_size", "format_bytes", "mem_available_bytes"]
+__all__ = ["PAGE_SIZE", "GuestRam", "parse_size", "format_bytes", "mem_available_bytes", "preallocate"]
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -65,6 +65,36 @@ def mem_available_bytes() -> int:
     except OSError:
         pass
     return 1 << 62
+
+
+#: Test-only: an errno that :func:`preallocate` fails with instead of allocating (the
+#: destination's refusal path, tests/test_prealloc.py).  Never set outside tests.
+PREALLOC_ERRNO_ENV = "VMEM_TEST_PREALLOC_ERRNO"
+
+
+def preallocate(fd: int, nbytes: int) -> float:
+    """Allocate every page of the RAM memfd ``fd`` up to ``nbytes`` now (``fallocate``), as
+    QEMU's ``-mem-prealloc`` does: later writes into it (the destination's ``pwrite`` of
+    round 0, the post-copy push) then copy into pages that exist instead of allocating,
+    zeroing and charging each on first touch -- on this kind of VM, where first touch of
+    fresh memory also faults in the host, that is most of a fresh ``pwrite``'s cost
+    (docs/performance.md).  The pages read as zero and are not mapped anywhere, so a
+    guest registered with userfaultfd MINOR still traps on each of them.
+
+    Returns the seconds it took.  Raises OSError (errno, e.g. ENOSPC or ENOMEM: the memory
+    is not there) -- the caller turns it into a refusal; pages allocated before the
+    failure are freed with the memfd.
+    """
+    import time
+
+    fake = os.environ.get(PREALLOC_ERRNO_ENV)
+    if fake:
+        err = int(fake)
+        raise OSError(err, os.strerror(err))
+    t0 = time.monotonic()
+    if nbytes > 0:
+        os.posix_fallocate(fd, 0, nbytes)
+    return time.monotonic() - t0
 
 
 def format_bytes(n: float) -> str:

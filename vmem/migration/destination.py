@@ -4,7 +4,8 @@ Run as ``python -m vmem.migration.destination --fd N`` on a connected socket (th
 orchestrator passes one end of a socketpair), or call :func:`serve` with a Channel.
 
 Sequence:
-  1. read the preamble; pre-spawn an *incoming* guest on fresh RAM; answer READY.
+  1. read the preamble; pre-spawn an *incoming* guest on fresh RAM (all of it allocated now
+     if the preamble asks for ``prealloc``); answer READY.
   2. read the Xen stream; receive every PAGE_DATA batch into a staging buffer, write it into
      RAM with ``pwrite`` and record per-page digests of what RAM then holds -- what was
      placed, not what was received.
@@ -43,7 +44,7 @@ from vmem.migration.state import DESTINATION_TRANSITIONS, DestinationState, Stat
 from vmem.migration.postcopy import drop_links
 from vmem.format.postcopy import decode_pfn_list
 from vmem.procstats import PeakSampler, process_age_s, process_figures
-from vmem.ram import format_bytes, mem_available_bytes
+from vmem.ram import format_bytes, mem_available_bytes, preallocate
 
 __all__ = ["DestinationMigration", "serve"]
 
@@ -404,6 +405,14 @@ class DestinationMigration:
         except (KeyError, TypeError, ValueError) as err:
             # A malformed description from the wire is the peer's error, not a crash of ours.
             raise StreamError(f"preamble's guest description is malformed: {type(err).__name__}: {err}") from err
+        prealloc_s = None
+        if config.get("prealloc"):
+            try:
+                prealloc_s = preallocate(self.guest.ram.fd, need)
+            except OSError as err:
+                raise MigrationError("setup", f"cannot preallocate {format_bytes(need)} for the incoming guest: "
+                                              f"{err.strerror or err} (free memory on this host, or migrate without "
+                                              "--prealloc)") from err
         if config.get("verify", True):
             self.digests = np.full(npages, zero_page_digest(), dtype=np.uint64)
         self.received = np.zeros(npages, dtype=bool)
@@ -413,7 +422,8 @@ class DestinationMigration:
         inject.apply_preempt()  # test/benchmark-only; nothing without VMEM_TEST_POSTCOPY_PREEMPT
         self._placer = _Placer(self.guest.ram, self.digests, self.received,
                                on_caught_up=self._send_placed if config.get("placed_acks") else None)
-        ready = {"guest_pid": self.guest.pid, "placed_acks": bool(config.get("placed_acks"))}
+        ready = {"guest_pid": self.guest.pid, "placed_acks": bool(config.get("placed_acks")),
+                 "prealloc": prealloc_s is not None}
         if config.get("postcopy"):
             ready.update(self._arm_postcopy())
         # Where the handshake's time went here (the source adds them to timings_ms).
@@ -422,7 +432,8 @@ class DestinationMigration:
                                     if self.process_started_s is not None else None),
             "destination_waited": (round((t_preamble - self.process_started_s[1]) * 1e3, 3)
                                    if self.process_started_s is not None else None),
-            "guest_start": round((time.monotonic() - t_guest) * 1e3, 3),
+            "guest_start": round((time.monotonic() - t_guest - (prealloc_s or 0.0)) * 1e3, 3),
+            "destination_prealloc": round(prealloc_s * 1e3, 3) if prealloc_s is not None else None,
             "destination_prepare": round((t_guest - t_preamble) * 1e3, 3),
         }
         self._send_control(wire.ControlType.READY, ready)

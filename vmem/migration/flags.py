@@ -53,6 +53,11 @@ def add_migration_arguments(parser) -> None:
     m.add_argument("--postcopy-recovery", action="store_true",
                    help="if the link breaks after the switch, both sides keep their state and the migration is resumed "
                         "over a new connection (automatically on one host; vmem migrate --resume NAME with agents)")
+    m.add_argument("--prealloc", action="store_true",
+                   help="the destination allocates the guest's whole RAM before the first page arrives, like QEMU's "
+                        "-mem-prealloc: setup takes longer (~0.3 s per GiB on this kind of VM, while the guest still "
+                        "runs here), round 0 and the post-copy push then write into memory that exists "
+                        "(docs/performance.md); the guest's unused memory is allocated there too")
     h = parser.add_argument_group("between hosts (vmem migrate NAME HOST:PORT; a one-host migrate warns and ignores them)")
     h.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="TCP connections carrying the stream (default 1); N > 1 stripes large sends over them, "
@@ -124,7 +129,8 @@ def options_from_args(args):
     return MigrationOptions(tracker=args.tracker, policy=policy, verify=not args.no_verify,
                             guest_check=not args.no_guest_check, observe_s=args.observe,
                             bandwidth_Bps=bandwidth_from_arg(args.bandwidth), postcopy=postcopy,
-                            postcopy_recovery=bool(getattr(args, "postcopy_recovery", False)))
+                            postcopy_recovery=bool(getattr(args, "postcopy_recovery", False)),
+                            prealloc=bool(getattr(args, "prealloc", False)))
 
 
 def add_policy_arguments(p) -> None:

@@ -45,7 +45,7 @@ from vmem.format import control, stream
 from vmem.format import wire
 from vmem.format.wire import MAX_PAGES_PER_RECORD
 from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError, drop_tracebacks
-from vmem.pages import PAGE_SIZE, merge_pages, mismatched_pages, page_buffers
+from vmem.pages import PAGE_SIZE, merge_sorted_pages, mismatched_pages, page_buffers
 from vmem.provenance import collect as collect_provenance
 from vmem.migration import inject
 from vmem.migration.policy import Decision, XenDefaultPolicy
@@ -94,6 +94,10 @@ class MigrationOptions:
             instead of failing.
         postcopy_recovery_wait_s: how long the destination then waits for the source to
             come back before it declares the missing pages lost.
+        prealloc: the destination allocates the guest's whole RAM before READY, as QEMU's
+            ``-mem-prealloc`` (:func:`vmem.ram.preallocate`): setup grows by that (~0.3 s per
+            GiB here, while this guest runs), round 0 and the post-copy push then write into
+            memory that exists.  The guest's holes become allocated zero pages there.
         pagemap_path: record the page map (vmem.migration.pagemap: bitmaps per round, the
             push, the destination's fault log) and write it to this ``.npz`` at the end;
             None records nothing.
@@ -110,6 +114,7 @@ class MigrationOptions:
     postcopy_recovery: bool = False
     postcopy_recovery_wait_s: float = 60.0
     pagemap_path: str | None = None
+    prealloc: bool = False
     extra_config: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -452,6 +457,7 @@ class SourceMigration:
             "postcopy_recovery": self.opt.postcopy_recovery,
             "postcopy_recovery_wait_s": self.opt.postcopy_recovery_wait_s,
             "placed_acks": True,  # PLACED records: see _drain
+            "prealloc": self.opt.prealloc,
             "pagemap": self.pagemap is not None,  # the destination sends its fault log back
         } | self.opt.extra_config
         t_preamble = time.monotonic()
@@ -468,6 +474,9 @@ class SourceMigration:
         } | {f"setup_{k}": v for k, v in dest_ms.items() if isinstance(v, (int, float))}
         r.guest["destination_pid"] = ready.get("guest_pid")
         self._placed_acks = bool(ready.get("placed_acks"))  # the destination sends PLACED
+        if self.opt.prealloc and not ready.get("prealloc"):
+            raise MigrationError("setup", "the destination did not preallocate the guest's RAM (a vmem that does not "
+                                          "know --prealloc?); update it, or migrate without --prealloc")
         if self.opt.postcopy != "off" and not ready.get("postcopy"):
             why = ready.get("postcopy_unavailable") or "the destination does not support it"
             if self.opt.postcopy in ("pure", "after-precopy"):
@@ -534,7 +543,7 @@ class SourceMigration:
         self.paused = g.pause()
         inject.stop_copy_delay()  # test-only: a regression on purpose (no-op unless set)
         t_paused = time.monotonic()
-        final = merge_pages(dirty, self.tracker.collect())
+        final = merge_sorted_pages(dirty, self.tracker.collect())  # both sorted unique: no sort in the downtime
         t_collected = time.monotonic()
         self.progress.round_start(index + 1, len(final), "stop-and-copy")
         t0 = time.monotonic()
@@ -622,11 +631,15 @@ class SourceMigration:
                 self.pagemap.data_pages(base)
         else:
             base = dirty  # what the last pre-copy round left dirty
-            self._phase("postcopy", "letting the destination catch up")
-            drain_ms = self._drain(DRAIN_TARGET_BYTES, DRAIN_TIMEOUT_S)
         # The bulk of the list goes before the pause; only what is written after it (the
         # final collect) is listed inside the downtime.  Duplicates are harmless.
         send_pfns(base)
+        # Then let the destination catch up -- a hybrid's pre-copy backlog, and the list
+        # itself: a pure post-copy's is 2 MiB at 1 GiB, which the link buffers, and the
+        # destination read and marked its last records inside the downtime (measured: the
+        # TRANSITION behind them read 2.4-2.7 ms late).
+        self._phase("postcopy", "letting the destination catch up")
+        drain_ms = self._drain(DRAIN_TARGET_BYTES, DRAIN_TIMEOUT_S)
         self._phase("postcopy", "pausing the guest")
         t_pause0 = time.monotonic()
         self.paused = g.pause()
@@ -637,9 +650,10 @@ class SourceMigration:
         send_pfns(late)
         w.x86_hvm_state(g.npages, elapsed_ns=int(self.paused.paused_at_ns - self._t_start_ns))
         # The fault server before TRANSITION: the destination guest may fault the moment it
-        # resumes, and its first fault must not wait for the list merge below (O(pages):
-        # ~7 ms at 1 GiB, all of it a pure post-copy's first fault's wait before this order).
-        pending = None if inject.stale_pages is None else merge_pages(base, late)
+        # resumes, and its first fault must not wait for the list merge below (a sort of
+        # every page, ~7 ms at 1 GiB, when it was made before TRANSITION; now a lookup of
+        # the late pages in the sorted list, merge_sorted_pages).
+        pending = None if inject.stale_pages is None else merge_sorted_pages(base, late)
         served = g.ram.pages if pending is None else inject.stale_pages.served_ram(g.ram.pages, pending)
         pc = PostcopySource(served, w, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
         pc.recorder = self.pagemap
@@ -653,7 +667,7 @@ class SourceMigration:
         # move a task just queued; measured: see the tracker note below).
         os.sched_yield()
         if pending is None:
-            pending = merge_pages(base, late)
+            pending = merge_sorted_pages(base, late)  # both sorted unique
         if self.pagemap is not None:
             self.pagemap.postcopy_switch(pending, t_pause0 - self.pagemap.t0)
         self._pc_pending_total = int(len(pending))
