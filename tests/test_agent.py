@@ -613,3 +613,19 @@ def test_resume_without_an_interrupted_postcopy_is_refused(agents):
     finally:
         ch.close()
     assert a.guests()["g"]["state"] == "running" and b.guests() == {}
+
+
+def test_prealloc_between_agents(agents, key):
+    """--prealloc travels with the other migration flags: the destination agent allocates the
+    incoming guest's RAM before READY (a pure post-copy, so every page then arrives on
+    allocated memory and the guest still faults for the ones it touches first)."""
+    a = agents("a", key=key)
+    b = agents("b", key=key)
+    a.request("create", name="g1", workload="checker", size="32M", workload_args=["rate=20000", "reads=64"])
+    report = a.request("migrate", name="g1", target=b.address,
+                       options={"observe": 0, "prealloc": True, "postcopy": True})["report"]
+    assert report["outcome"] == "completed", report["reason"]
+    assert report["verification"]["digests"]["mismatched"] == 0 and report["verification"]["guest_check"]["ok"]
+    assert report["timings_ms"]["setup_destination_prealloc"] > 0
+    assert report["postcopy"]["pages_demanded"] > 0
+    assert b.guests()["g1"]["state"] == "running" and "g1" not in a.guests()
