@@ -85,3 +85,28 @@ def test_guest_without_uffd_is_reported(boot_guest):
 def test_process_guest_implements_the_backend_protocols(boot_guest):
     g = boot_guest("idle")
     assert isinstance(g, SourceGuest) and isinstance(g, IncomingGuest)
+
+
+def test_doctor_finds_free_page_reporting_in_a_balloon_device(tmp_path):
+    """A virtio-balloon (device id 5) whose negotiated features have bit 5 (REPORTING) set is
+    reported, with the reporting order's block size; the bit clear, another device, or no
+    virtio bus: nothing."""
+    from vmem.features import free_page_reporting
+
+    def device(name, dev_id, bits):
+        d = tmp_path / "bus" / "virtio" / "devices" / name
+        d.mkdir(parents=True)
+        (d / "device").write_text(f"0x{dev_id:04x}\n")
+        (d / "features").write_text(bits + "0" * (64 - len(bits)) + "\n")
+
+    assert free_page_reporting(str(tmp_path)) is None  # no virtio bus at all
+    device("virtio0", 2, "011001")  # a block device: bit 5 means something else there
+    device("virtio1", 5, "011000")  # a balloon without REPORTING
+    assert free_page_reporting(str(tmp_path)) is None
+    device("virtio2", 5, "011001")
+    params = tmp_path / "module" / "page_reporting" / "parameters"
+    params.mkdir(parents=True)
+    (params / "page_reporting_order").write_text("9\n")
+    said = free_page_reporting(str(tmp_path))
+    assert said is not None and "free page reporting is on (virtio2" in said and "2048 KiB" in said
+    assert "--prealloc" in said
