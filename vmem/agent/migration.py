@@ -672,15 +672,26 @@ def serve_incoming(agent, channel, peer: str) -> None:
         dm.await_reconnect = await_reconnect
         dm.on_switch = lambda: log.info("incoming post-copy of guest %s: switched, the guest runs here and pulls "
                                         "its missing pages", name)
+        adopted = []
+
+        def adopt(guest) -> None:
+            # At COMMIT, before the final report goes back: when the source's migrate
+            # returns, this agent already lists the guest running.
+            agent.own_guest(name, guest)
+            agent.registry.transition(name, "incoming", "running", guest=guest)
+            adopted.append(guest)
+
+        dm.on_commit = adopt
         try:
             status = dm.run()
         finally:
             with agent.resume_lock:
                 agent.resume_waiters.pop(name, None)
-        if status == 0 and dm.kept_guest is not None:
-            agent.own_guest(name, dm.kept_guest)
-            agent.registry.transition(name, "incoming", "running", guest=dm.kept_guest)
-            log.info("guest %s arrived from %s and runs here (pid %d)", name, origin, dm.kept_guest.pid)
+        if adopted:
+            if status != 0:
+                log.warning("guest %s from %s was committed and runs here, but the migration's end failed in phase "
+                            "%s (see the destination error above)", name, origin, dm.phase)
+            log.info("guest %s arrived from %s and runs here (pid %d)", name, origin, adopted[0].pid)
             return
         log.warning("incoming migration of guest %s from %s failed in phase %s (see the destination error above); "
                     "nothing was kept", name, origin, dm.phase)

@@ -78,6 +78,10 @@ class DestinationMigration:
         self._resumed_payload = None
         self._send_lock = threading.Lock()  # the fault thread sends on the back channel too
         self.kept_guest = None
+        #: ``on_commit(guest)``: with ``keep_guest``, called once the source committed, before
+        #: the final report goes back (an agent adopts the guest there, so that it is listed
+        #: running when the source's migrate returns); the guest is :attr:`kept_guest` from then.
+        self.on_commit = None
         self.guest = None
         #: the life cycle (vmem.migration.state); changed only by ``self._state.set``
         self._state = StateCell(DestinationState.SETUP, DESTINATION_TRANSITIONS)
@@ -502,23 +506,31 @@ class DestinationMigration:
             print(f"vmem destination: source sent {wire.ControlType(ctype).name}: discarding the guest", file=sys.stderr)
             return 1
         t_commit = time.monotonic()
-        # The guest is ours now.  Wait until the source asks for the final report.
+        guest = self.guest
+        if self.keep_guest:
+            # The guest is ours now, and handed over before the final report: whoever keeps
+            # it (an agent) lists it running by the time the source's migrate returns, and
+            # no failure of ours from here on may stop it (run()'s cleanup closes self.guest).
+            self.kept_guest, self.guest = guest, None
+            if self.on_commit is not None:
+                self.on_commit(guest)
+        # Wait until the source asks for the final report.
         try:
             ctype, _ = ctl.read()
         except (TransportError, StreamError):
             ctype = wire.ControlType.SHUTDOWN
-        after = self.guest.counters()
+        after = guest.counters()
         elapsed = time.monotonic() - t_commit
         report = {
             "guest": {
-                "pid": self.guest.pid,
-                "alive": self.guest.alive(),
+                "pid": guest.pid,
+                "alive": guest.alive(),
                 "steps_since_resume": after["steps"] - resumed["steps"],
                 "pages_written_since_resume": after["pages_written"] - resumed["pages_written"],
                 "observed_s": round(elapsed, 3),
                 "counters": after,
             },
-            "processes": {"migrator_destination": process_figures(), "destination_guest": process_figures(self.guest.pid)},
+            "processes": {"migrator_destination": process_figures(), "destination_guest": process_figures(guest.pid)},
         }
         done = self._postcopy_done_counters
         if done is not None:
@@ -533,10 +545,8 @@ class DestinationMigration:
             pass
         if self.postcopy is not None:
             self.postcopy = None  # finished: the uffd stays with the guest object
-        if self.keep_guest:
-            self.kept_guest, self.guest = self.guest, None
-        else:
-            self.guest.exit()
+        if not self.keep_guest:
+            guest.exit()
             self.guest = None
         return 0
 
