@@ -91,9 +91,18 @@ def test_xen_default_stops_after_five_iterations_when_busy():
 
 
 def test_seed_patch_knobs():
-    report = migrate("uniform", params={"rate": 0}, policy=make_policy("xen", precopy_iterations=2, precopy_threshold=0))
-    check_completed(report)
-    pre = [r for r in report.rounds if r.kind == "precopy"]
+    """--precopy-iterations 2 --precopy-threshold 0: pre-copy stops after its second round, on the
+    iteration limit.  A guest writing flat out dirties pages in every round -- unless it got no
+    CPU for that round's few ms (seen once in CI, two test workers on two cores: round 1 took
+    7.6 ms and found nothing dirty, a legitimate stop on the threshold); such a run says nothing
+    about the iteration limit, so it is repeated, at most three times."""
+    for _ in range(3):
+        report = migrate("uniform", params={"rate": 0}, policy=make_policy("xen", precopy_iterations=2, precopy_threshold=0))
+        check_completed(report)
+        pre = [r for r in report.rounds if r.kind == "precopy"]
+        if pre[-1].dirty_pages > 0:
+            break
+    assert pre[-1].dirty_pages > 0, "the flat-out guest dirtied nothing in three tries: the test cannot judge the limit"
     assert len(pre) == 2 and "iteration 2 >= 2" in pre[-1].reason
 
 
