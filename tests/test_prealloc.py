@@ -20,7 +20,8 @@ from vmem.format import control, wire
 from vmem.migration.local import run_local_migration
 from vmem.migration.source import MigrationOptions, migrate
 from vmem.pages import PAGE_SIZE
-from vmem.ram import PREALLOC_ERRNO_ENV, preallocate
+from vmem.migration.inject import PREALLOC_ERRNO_ENV
+from vmem.ram import preallocate
 
 from test_postcopy import assert_migrated, postcopy_features_missing
 

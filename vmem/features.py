@@ -344,22 +344,16 @@ def free_page_reporting(sys_root: str = "/sys") -> str | None:
         return None
     for dev in devices:
         path = os.path.join(base, dev)
+        dev_id, bits = _read_sysctl(os.path.join(path, "device")), _read_sysctl(os.path.join(path, "features"))
         try:
-            with open(os.path.join(path, "device")) as f:
-                if int(f.read().strip(), 16) != _VIRTIO_ID_BALLOON:
-                    continue
-            with open(os.path.join(path, "features")) as f:
-                bits = f.read().strip()
-        except (OSError, ValueError):
+            if dev_id is None or bits is None or int(dev_id, 16) != _VIRTIO_ID_BALLOON:
+                continue
+        except ValueError:
             continue
         if len(bits) > _VIRTIO_BALLOON_F_REPORTING and bits[_VIRTIO_BALLOON_F_REPORTING] == "1":
-            order = None
-            try:
-                with open(os.path.join(sys_root, "module", "page_reporting", "parameters", "page_reporting_order")) as f:
-                    order = int(f.read().strip())
-            except (OSError, ValueError):
-                pass
-            size = f" in blocks of {4 << order} KiB and up" if order is not None else ""
+            order = _read_sysctl(os.path.join(sys_root, "module", "page_reporting", "parameters", "page_reporting_order"))
+            size = (f" in blocks of {(PAGE_SIZE << int(order)) >> 10} KiB and up"
+                    if order is not None and order.isdigit() else "")
             return (f"free page reporting is on ({dev}: virtio-balloon){size}: memory freed here goes back to the "
                     "hypervisor, and its next first touch faults there too -- fresh memory is slow and its speed "
                     "varies; --prealloc moves the destination's share of it out of round 0 and the post-copy push "

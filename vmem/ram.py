@@ -67,11 +67,6 @@ def mem_available_bytes() -> int:
     return 1 << 62
 
 
-#: Test-only: an errno that :func:`preallocate` fails with instead of allocating (the
-#: destination's refusal path, tests/test_prealloc.py).  Never set outside tests.
-PREALLOC_ERRNO_ENV = "VMEM_TEST_PREALLOC_ERRNO"
-
-
 def preallocate(fd: int, nbytes: int) -> float:
     """Allocate every page of the RAM memfd ``fd`` up to ``nbytes`` now (``fallocate``), as
     QEMU's ``-mem-prealloc`` does: later writes into it (the destination's ``pwrite`` of
@@ -87,10 +82,6 @@ def preallocate(fd: int, nbytes: int) -> float:
     """
     import time
 
-    fake = os.environ.get(PREALLOC_ERRNO_ENV)
-    if fake:
-        err = int(fake)
-        raise OSError(err, os.strerror(err))
     t0 = time.monotonic()
     if nbytes > 0:
         os.posix_fallocate(fd, 0, nbytes)

@@ -412,6 +412,9 @@ class DestinationMigration:
         prealloc_s = None
         if config.get("prealloc"):
             try:
+                injected = inject.prealloc_failure_from_env()  # test-only (vmem.migration.inject)
+                if injected is not None:
+                    raise injected
                 prealloc_s = preallocate(self.guest.ram.fd, need)
             except OSError as err:
                 raise MigrationError("setup", f"cannot preallocate {format_bytes(need)} for the incoming guest: "

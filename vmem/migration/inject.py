@@ -32,6 +32,9 @@ can show the digests catch it.  They are not user options: no flag or report key
   (pwrites of up to a whole 1024-page batch, fault threads at nice -15), which
   scripts/bench_postcopy.py --ab measures in the same run; tests use ``slow_us`` to show what
   the statistics catch without the mechanism.
+* :data:`PREALLOC_ERRNO_ENV` -- read by the destination process: an errno (e.g. 28,
+  ENOSPC) that ``--prealloc``'s allocation fails with instead of allocating (the
+  destination's refusal, tests/test_prealloc.py).
 * :data:`NARROW_MAX_RUNS_ENV` -- read by the destination process: an integer >= 0 that
   replaces ``vmem.migration.postcopy.destination.NARROW_MAX_RUNS`` (0: the switch never
   narrows the registration, every page stays trapped as before issue 18's change; the A/B
@@ -48,7 +51,8 @@ import numpy as np
 
 __all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "PLACE_DELAY_ENV", "place_delay_from_env",
            "STOP_COPY_DELAY_ENV", "stop_copy_delay", "PREEMPT_ENV", "preempt_from_env", "apply_preempt",
-           "StalePages", "stale_pages", "NARROW_MAX_RUNS_ENV", "narrow_max_runs_from_env"]
+           "StalePages", "stale_pages", "NARROW_MAX_RUNS_ENV", "narrow_max_runs_from_env",
+           "PREALLOC_ERRNO_ENV", "prealloc_failure_from_env"]
 
 #: ``KIND:PAGE``: the destination process mishandles PAGE as KIND when placing it (test-only).
 PLACEMENT_FAULT_ENV = "VMEM_TEST_PLACEMENT_FAULT"
@@ -113,6 +117,24 @@ def place_delay_from_env(environ=None) -> float:
     if not delay_s >= 0:
         raise ValueError(f"{PLACE_DELAY_ENV}={value!r}: expected seconds >= 0")
     return delay_s
+
+
+#: An errno the destination's ``--prealloc`` allocation fails with (test-only).
+PREALLOC_ERRNO_ENV = "VMEM_TEST_PREALLOC_ERRNO"
+
+
+def prealloc_failure_from_env(environ=None) -> OSError | None:
+    """The OSError :data:`PREALLOC_ERRNO_ENV` asks the allocation to fail with (None if unset).
+
+    Raises:
+        ValueError: set but not a positive integer (a test's mistake: fail loudly).
+    """
+    value = (os.environ if environ is None else environ).get(PREALLOC_ERRNO_ENV, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) == 0:
+        raise ValueError(f"{PREALLOC_ERRNO_ENV}={value!r}: expected an errno > 0")
+    return OSError(int(value), os.strerror(int(value)))
 
 
 #: The post-copy switch's narrowing limit replaced (test and benchmark only; see the module doc).
