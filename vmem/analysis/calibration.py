@@ -96,6 +96,7 @@ File layout (JSON)::
      "load": {"loadavg_before": [1, 5, 15 min], "loadavg_after": [...]},
      "config": {"sizes_bytes", "links_Bps", "repeats", "workload", "params", "seed",
                 "guests": {"busy"|"idle": {"workload", "params", "seed", "dirty_pages_per_s"}}},
+     "placement": {"pages", "span_pages", "contiguous_ms", "scattered_ms", "run_share"},   (placement_probe; optional)
      "runs": [{"mode": "precopy"|"postcopy"|"hybrid", "guest_pages", "pages_pending", "link_Bps",
                "verified", ["guest": "idle"], ["variant": "short"], <the quantities above>}, ...]}
 
@@ -237,6 +238,58 @@ def host_probe_s() -> float:
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), timeout=120)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+#: Pages per placement the probe times: one PAGE_DATA record, what the switchover's backlog
+#: levels off at (:data:`SWITCH_BACKLOG_PAGES`).
+PLACEMENT_PROBE_PAGES = SWITCH_BACKLOG_PAGES
+#: The RAM file the probe places into: a 128 MiB guest's, the validation's size.  Scattered
+#: pages cost more the wider they spread (page cache and TLB misses; measured here, per 1,024
+#: pages: 0.72 ms over 8 MiB, 1.2 ms over 64 MiB, 1.3 ms over 128 MiB, contiguous 0.5-0.7).
+PLACEMENT_PROBE_SPAN_PAGES = 32 * PLACEMENT_PROBE_PAGES
+
+
+def placement_probe(repeats: int = 7) -> dict:
+    """How the destination's placement of one record costs by its layout, on this host:
+    ``{"pages", "span_pages", "contiguous_ms", "scattered_ms", "run_share"}``.
+
+    Places :data:`PLACEMENT_PROBE_PAGES` pages with the destination's own call
+    (:func:`vmem._native.place_pages`: ``pwrite`` per run of consecutive pages, then the
+    digest of what the file holds, read through this process's mapping) into a RAM file of
+    :data:`PLACEMENT_PROBE_SPAN_PAGES` whose pages exist and were digested once, as at a
+    final send (round 0 placed them all) -- once as one run, once scattered over the file (no
+    two pages adjacent) -- alternating ``repeats`` times, medians.  ``run_share`` =
+    (scattered - contiguous) / scattered, clipped to [0, 1]: the part of a scattered page's
+    cost that a page inside a run does not pay.  The calibration guest's final sets are
+    scattered, so its switchover slope is per scattered page; the simulator counts a
+    contiguous backlog (a sweep's) at ``1 - run_share`` of that
+    (:func:`vmem.analysis.model.switch_backlog_pages`).  Measured here: 0.74-0.76 ms
+    contiguous, 1.35-1.46 ms scattered (share 0.43-0.49).  Takes ~0.1 s and 128 MiB of
+    memory briefly."""
+    from vmem import _native as nat
+    from vmem.ram import GuestRam, preallocate
+
+    n, span = PLACEMENT_PROBE_PAGES, PLACEMENT_PROBE_SPAN_PAGES
+    rng = np.random.default_rng(0x91AC)
+    buf = rng.integers(0, 256, (n, 4096), dtype=np.uint8)
+    digests = np.zeros(span, dtype=np.uint64)
+    contiguous, scattered = [], []
+    with GuestRam.create(span * 4096, name="vmem-placement-probe") as ram:
+        preallocate(ram.fd, span * 4096)
+        for first in range(0, span, n):  # every page placed and digested once, as round 0 does
+            nat.place_pages(ram.fd, -1, 0, buf, np.arange(first, first + n, dtype=np.int64),
+                            digests=digests, view=ram.address)
+        for _ in range(repeats):
+            start = int(rng.integers(0, span - n + 1))
+            for kind, pages in (("c", np.arange(start, start + n, dtype=np.int64)),
+                                ("s", 2 * np.sort(rng.choice(span // 2, n, replace=False)).astype(np.int64))):
+                t0 = time.perf_counter()
+                nat.place_pages(ram.fd, -1, 0, buf, pages, digests=digests, view=ram.address)
+                (contiguous if kind == "c" else scattered).append(time.perf_counter() - t0)
+    c_ms, s_ms = float(np.median(contiguous)) * 1e3, float(np.median(scattered)) * 1e3
+    share = min(max((s_ms - c_ms) / s_ms, 0.0), 1.0) if s_ms > 0 else 0.0
+    return {"pages": n, "span_pages": span, "contiguous_ms": round(c_ms, 4), "scattered_ms": round(s_ms, 4),
+            "run_share": round(share, 4)}
 
 
 def default_path() -> str:
@@ -445,6 +498,13 @@ class Calibration:
                 + (f", load average {load[0]:.1f}" if load else ""))
 
     # --- draws --------------------------------------------------------------------------------
+
+    @property
+    def run_share(self) -> float:
+        """The placement probe's ``run_share`` (:func:`placement_probe`); 0 for a file without
+        one (before 2026-12-05 night): every backlog page then counts as a scattered one."""
+        share = (self.data.get("placement") or {}).get("run_share")
+        return float(min(max(share, 0.0), 1.0)) if isinstance(share, (int, float)) and math.isfinite(share) else 0.0
 
     def _runs(self, mode: str, link_Bps: float, kind: str = "busy") -> list[dict]:
         """Runs of ``mode`` (falling back to the other mode's) of the ``kind`` of calibration
@@ -687,6 +747,7 @@ class Calibration:
                 v = float(np.median(vals)) if vals else 0.0
             p[q] = float(v)
         p["switchover_per_page_s"] = c["busy_switch_line"][1] if c["busy_switch_line"] is not None else 0.0
+        p["switchover_run_share"] = self.run_share
         p["drain_per_page_s"] = c["drain_line"][1] if c["drain_line"] is not None else 0.0
         eff, eff_line, effs = r.get("efficiency"), c["eff_line"], c["effs"]
         if id(r) in c.get("eff_scale", {}):  # a run at another link (the idle guest's pool)
@@ -884,6 +945,7 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
              for kind, (w, p, sd) in guests.items()}
     if not runs:
         raise ConfigError("calibration", "no calibration run completed verified: " + "; ".join(failed[:3]))
+    placement = placement_probe()
     data = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "provenance": provenance.collect(),
             "load": {"loadavg_before": load_before, "loadavg_after": _loadavg()},
             "config": {"sizes_bytes": list(sizes_bytes), "links_Bps": list(links_Bps), "repeats": repeats,
@@ -891,7 +953,7 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
                        "guests": rates, "activity_interval_s": ACTIVITY_INTERVAL_S,
                        "warmup_s": warmup_s, "observe_s": observe_s, "modes": list(modes),
                        "short_policy": {"name": "threshold", **SHORT_POLICY}},
-            "runs": runs, "failed_runs": failed}
+            "placement": placement, "runs": runs, "failed_runs": failed}
     return Calibration(data)
 
 
@@ -911,4 +973,9 @@ def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
             rows.append((q, mode, f"{np.median(vals) * scale:,.3f}{unit} ({min(vals) * scale:,.3f}-{max(vals) * scale:,.3f}), n={len(vals)}"))
     for kind, rate in cal.dirty_rates().items():
         rows.append(("dirty_pages_per_s", f"{kind} guest", f"{rate:,.1f}"))
+    pl = cal.data.get("placement")
+    if pl:
+        rows.append(("placement of a record", f"{pl.get('pages')} pages",
+                     f"{pl.get('contiguous_ms')} ms contiguous, {pl.get('scattered_ms')} ms scattered "
+                     f"(run share {pl.get('run_share')})"))
     return rows

@@ -61,6 +61,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from vmem.errors import ConfigError
 from vmem.migration.policy import Decision, IterationsThresholdPolicy, XenDefaultPolicy
 from vmem.migration.rounds import SAFETY_MAX_ROUNDS, RoundResult, run_precopy
@@ -93,9 +95,23 @@ DEFAULT_COLLECT_S = 0.001
 SWITCH_BACKLOG_PAGES = 1024
 
 
-def switch_backlog_pages(final_pages: float) -> float:
-    """The pages of a final set the switchover's per-page cost counts (:data:`SWITCH_BACKLOG_PAGES`)."""
-    return min(float(final_pages), float(SWITCH_BACKLOG_PAGES))
+def switch_backlog_pages(final_pages: float, pages=None, run_share: float = 0.0) -> float:
+    """The pages of a final set the switchover's per-page cost counts (:data:`SWITCH_BACKLOG_PAGES`).
+
+    With ``pages`` (the final set's page numbers, sorted as the sender sends them) and a
+    ``run_share`` > 0, the backlog -- the last :data:`SWITCH_BACKLOG_PAGES` pages -- is
+    counted in scattered-page equivalents: placing a page costs a part per page (the copy and
+    its digest) and a part per run of consecutive pages (one ``pwrite`` each), and
+    ``run_share`` is the per-run part's share of a scattered page's cost
+    (:func:`vmem.analysis.calibration.placement_probe`).  A scattered backlog counts as its
+    pages; a contiguous one as ``(1 - run_share)`` of them.  The calibration's slope is per
+    scattered page (its guest's final sets are scattered), which is what this keeps it."""
+    n = min(float(final_pages), float(SWITCH_BACKLOG_PAGES))
+    if pages is None or run_share <= 0.0 or n < 2:
+        return n
+    tail = np.asarray(pages, dtype=np.int64)[-int(n):]
+    runs = 1 + int(np.count_nonzero(np.diff(tail) != 1))
+    return n - min(float(run_share), 1.0) * (n - runs)
 
 
 #: The stream's per-record overhead: 8-byte record header + u32 count + u32 reserved.

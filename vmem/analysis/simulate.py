@@ -119,6 +119,10 @@ class SimulationParams:
         switchover_per_page_s: the switchover's cost per page of the final set beyond its
             wire time (calibrated); downtime = send + switchover_s + this x the final pages,
             counted up to :data:`vmem.analysis.model.SWITCH_BACKLOG_PAGES`.
+        switchover_run_share: the part of a scattered page's placement cost that is per run
+            of consecutive pages (calibrated by a placement probe; 0 counts every page of the
+            backlog alike): a contiguous backlog (a sweep's) costs ``1 - this`` per page
+            (:func:`vmem.analysis.model.switch_backlog_pages`).
         bandwidth_efficiency: the rate the copy path really achieves as a fraction of
             ``bandwidth_Bps`` (calibrated: :mod:`vmem.analysis.calibration`); the policy still
             sees ``bandwidth_Bps`` as the cap.
@@ -150,6 +154,7 @@ class SimulationParams:
     drain_per_page_s: float = 0.0
     switchover_s: float = DEFAULT_SWITCHOVER_S
     switchover_per_page_s: float = 0.0
+    switchover_run_share: float = 0.0
     post_s: float = DEFAULT_POST_S
     bandwidth_efficiency: float = 1.0
     blackout_gap_s: float = 0.0
@@ -173,6 +178,9 @@ class SimulationParams:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ConfigError(name, f"must be a finite number of seconds >= 0, got {v!r}")
+        share = self.switchover_run_share
+        if not (isinstance(share, (int, float)) and 0.0 <= share <= 1.0):
+            raise ConfigError("switchover_run_share", f"must be a fraction in [0, 1], got {share!r}")
         e = self.bandwidth_efficiency
         if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 < e <= 2):
             raise ConfigError("bandwidth_efficiency", f"must be a fraction of the link rate in (0, 2], got {e!r}")
@@ -392,8 +400,9 @@ def simulate(trace: DirtyTrace, policy=None, params: SimulationParams | None = N
                                bandwidth_bps=round(nbytes * 8 / send_s, 1) if send_s > 0 else 0.0))
     # The switchover's fixed part plus its cost per page of the final set, up to the bounded
     # backlog the destination has left when the send ends (calibrated: an idle guest's
-    # near-empty set pays the fixed part only; vmem.analysis.calibration.SWITCH_BACKLOG_PAGES).
-    switchover_s = p.switchover_s + p.switchover_per_page_s * switch_backlog_pages(final_n)
+    # near-empty set pays the fixed part only; vmem.analysis.calibration.SWITCH_BACKLOG_PAGES),
+    # a contiguous backlog less per page than a scattered one (one pwrite per run).
+    switchover_s = p.switchover_s + p.switchover_per_page_s * switch_backlog_pages(final_n, final, p.switchover_run_share)
     downtime_s = send_s + switchover_s
     elapsed += downtime_s
     r.downtime_ms = round(downtime_s * 1e3, 3)
