@@ -9,7 +9,7 @@ Parts (``--only a,b,...``; default: all, in this order; ``scale`` always runs la
   receiver either ``recv_into``s a 4 MiB buffer and ``os.pwrite``s it into a *fresh*
   memfd (what vmem's destination does: same allocation cost) or ``recv_into``s a
   preallocated, already-touched buffer (no allocation at all: socket cost only).
-  Goal: vmem round-0 bytes/s >= 0.75 x plain-pwrite bytes/s.
+  Goal: vmem round-0 bytes/s >= 0.85 x plain-pwrite bytes/s (issue 13; it was 0.75).
 * ``downtime``: >= 7 idle migrations (goal: median ``downtime_ms`` <= 5 ms) with the
   ``timings_ms`` breakdown; then a guest dirtying 5,000 and 50,000 pages/s under Xen's
   default policy (downtime and every round); and idle migrations without pre-warming.
@@ -90,6 +90,9 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE = PAGE_SIZE
 CHUNK = 4 * MiB
 PARTS = ["throughput", "downtime", "blackout", "collect", "memory", "pause", "scale"]
+#: Issue 13 item 3: round 0 on one host >= 0.85 x the plain copy into a fresh memfd (it was
+#: 0.75 before issue 13 raised it; the bench printed 0.75 until 2026-12-05 night).
+ROUND0_GOAL_RATIO = 0.85
 RAM_MAPPING_PREFIX = "/memfd:vmem-ram"
 
 _T0 = time.monotonic()
@@ -749,7 +752,8 @@ class Bench:
         ratio_pre = s["vmem"]["round0"]["median"] / pre if pre else None
         whole_ratio = s["vmem"]["whole"]["median"] / base if base else None
         nov = s["vmem-noverify"]["round0"]["median"] / base if base else None
-        mark = self.goal("throughput", "vmem round 0 / plain pwrite copy (median bytes/s)", ratio, ">=", 0.75)
+        mark = self.goal("throughput", "vmem round 0 / plain pwrite copy (median bytes/s)", ratio, ">=",
+                         ROUND0_GOAL_RATIO)
 
         def row(name, st, ratio_to_base=True):
             r = st["median"] / base if (base and ratio_to_base and st.get("median")) else None
@@ -767,7 +771,7 @@ class Bench:
         vm_cpu = {k: summary(r["cpu_s"].get(k) for r in runs["vmem"]) for k in
                   ("migrator_source", "migrator_destination", "source_guest", "destination_guest")}
         notes = [
-            f"GOAL vmem round 0 / plain pwrite = {fnum(ratio)} (goal >= 0.75) {mark};"
+            f"GOAL vmem round 0 / plain pwrite = {fnum(ratio)} (goal >= {ROUND0_GOAL_RATIO}) {mark};"
             f" paired per trial: {', '.join(f'{x:.2f}' for x in paired)}",
             f"ratio vmem round 0 / plain prealloc = {fnum(ratio_pre)}; vmem whole / plain pwrite = {fnum(whole_ratio)}"
             " (whole includes the destination's start-up, digests, commit); verify=False / plain pwrite ="

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transport import parse_rate  # noqa: E402
 from vmem.analysis import validation as val  # noqa: E402
-from vmem.analysis.calibration import load_calibration, run_calibration  # noqa: E402
+from vmem.analysis.calibration import load_calibration, pool_calibrations, run_calibration  # noqa: E402
 from vmem.analysis.forecast import RANGE_PCT, metrics_of  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
 
@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", action="store_true", help="measure the calibration first (and store it in --calibration)")
     p.add_argument("--calibration-sizes", default="64M,128M", help="with --calibrate: guest sizes (default 64M,128M)")
     p.add_argument("--calibration-repeats", type=int, default=2, help="with --calibrate: repeats (default 2)")
+    p.add_argument("--append", action="store_true",
+                   help="with --calibrate: pool the new calibration with the ones in --calibration (vmem calibrate "
+                        "--append): the forecasts then draw from runs of several times")
     p.add_argument("--json", metavar="FILE", help="write every cell and the summary to FILE")
     p.add_argument("--markdown", metavar="FILE", help="write the tables to FILE (stdout gets them anyway)")
     p.add_argument("--tiny", action="store_true", help="the CI configuration (see the module docstring)")
@@ -80,8 +83,11 @@ def main(argv=None) -> int:
     cal = None if args.calibrate else load_calibration(args.calibration)
     if cal is None:
         log(f"measuring the calibration ({args.calibration_sizes} x {args.links}, {args.calibration_repeats} repeats) ...")
+        previous = load_calibration(args.calibration) if args.append else None
         cal = run_calibration([parse_size(s) for s in args.calibration_sizes.split(",")], links, args.calibration_repeats,
                               on_run=lambda i, n, *_: log(f"  calibration run {i}/{n}"))
+        if previous is not None:
+            cal = pool_calibrations(cal, previous)
         log(f"calibration stored in {cal.save(args.calibration)}")
     log(cal.describe())
     load_start = val.load_note()

@@ -698,3 +698,82 @@ def test_a_run_share_outside_zero_to_one_is_refused():
     bad = _calibration([_run()])
     bad.data["placement"] = {"run_share": float("nan")}
     assert bad.run_share == 0.0
+
+
+def _with_config(cal: Calibration, **config) -> Calibration:
+    cal.data["config"] = {"sizes_bytes": [64 << 20], "links_Bps": [50e6], "workload": "hotcold", "params": {"rate": 2000},
+                          "seed": 97, "tracker": "auto", "modes": ["precopy"]} | config
+    cal.data["provenance"] = {"hostname": "test", "date_utc": f"day {id(cal) % 1000}"}
+    return cal
+
+
+def test_pooled_calibrations_draw_from_every_pooled_run():
+    """One calibration's twelve runs per group do not show the host's spread over time (a
+    single calibration's range held 77-82 % of other calibrations' runs where 90 % was
+    meant): `vmem calibrate --append` pools calibrations, and the draws bootstrap all of
+    their runs, each tagged with its calibration."""
+    from vmem.analysis.calibration import pool_calibrations
+
+    fast = _with_config(_calibration([_run(switch=0.001, probe_s=0.2) for _ in range(4)]))
+    slow = _with_config(_calibration([_run(switch=0.005, probe_s=0.2) for _ in range(4)]))
+    fast.data["placement"] = {"run_share": 0.3}
+    slow.data["placement"] = {"run_share": 0.4}
+    pooled = pool_calibrations(slow, fast)
+    assert len(pooled.runs) == 8
+    assert sorted({r["calibration"] for r in pooled.runs}) == [0, 1]
+    assert [e["seq"] for e in pooled.data["pooled"]] == [0, 1] and pooled.data["pooled"][1]["runs"] == 4
+    assert pooled.run_share == 0.4                           # the newest calibration's probe
+    assert "2 calibrations pooled" in pooled.describe()
+    switches = {round(d["switchover_s"], 4) for d in pooled.draw_params(16384, 50e6, 200, seed=1)}
+    assert min(switches) < 0.002 and max(switches) > 0.004     # drawn from both
+    assert {round(d["switchover_s"], 4) for d in fast.draw_params(16384, 50e6, 200, seed=1)} == {0.001}
+
+
+def test_a_pool_keeps_the_newest_calibrations():
+    from vmem.analysis.calibration import pool_calibrations
+
+    pool = _with_config(_calibration([_run(switch=0.001)]))
+    for i in range(6):
+        pool = pool_calibrations(_with_config(_calibration([_run(switch=0.001 * (i + 2)), _run(switch=0.001 * (i + 2))])),
+                                 pool, max_calibrations=3)
+    assert [e["seq"] for e in pool.data["pooled"]] == [4, 5, 6]
+    assert len(pool.runs) == 6 and {r["calibration"] for r in pool.runs} == {4, 5, 6}
+    with pytest.raises(ConfigError, match="max_calibrations"):
+        pool_calibrations(pool, pool, max_calibrations=0)
+
+
+def test_calibrations_of_another_grid_are_not_pooled(tmp_path, monkeypatch):
+    """A calibration measured at other link rates (or sizes, guests, tracker, modes) is refused
+    by --append -- and before the new one is measured, from the command line alone."""
+    from vmem.analysis.calibration import pool_calibrations
+    import vmem.cli.calibrate as cli
+
+    old = _with_config(_calibration([_run()]), links_Bps=[50e6, 200e6])
+    with pytest.raises(ConfigError, match="cannot be pooled"):
+        pool_calibrations(_with_config(_calibration([_run()]), links_Bps=[100e6]), old)
+    path = old.save(str(tmp_path / "cal.json"))
+    calls = []
+
+    def fake_run_calibration(sizes, links, repeats, **kw):
+        calls.append(links)
+        return _with_config(_calibration([_run(link=links[0], switch=0.002)]), sizes_bytes=sizes, links_Bps=links,
+                            modes=["precopy", "postcopy", "hybrid"])
+
+    monkeypatch.setattr(cli, "run_calibration", fake_run_calibration)
+    parser = argparse.ArgumentParser()
+    add_calibrate_arguments(parser)
+    with pytest.raises(ConfigError, match="cannot be pooled"):
+        cmd_calibrate(parser.parse_args(["--out", path, "--append", "--links", "100M"]))
+    assert calls == []                                        # refused before measuring
+    # the same grid pools: the file then holds both calibrations' runs
+    assert cmd_calibrate(parser.parse_args(["--out", path, "--links", "50M,200M", "--sizes", "64M"])) == 0  # a fresh one
+    assert cmd_calibrate(parser.parse_args(["--out", path, "--append", "--links", "50M,200M", "--sizes", "64M"])) == 0
+    back = load_calibration(path, required=True)
+    assert len(back.runs) == 2 and [e["seq"] for e in back.data["pooled"]] == [0, 1]
+
+
+def test_a_bad_calibration_tag_is_refused(tmp_path):
+    cal = _calibration([_run(), dict(_run(), calibration=-1)])
+    path = cal.save(str(tmp_path / "cal.json"))
+    with pytest.raises(ConfigError, match="bad 'calibration'"):
+        load_calibration(path)

@@ -98,7 +98,14 @@ File layout (JSON)::
                 "guests": {"busy"|"idle": {"workload", "params", "seed", "dirty_pages_per_s"}}},
      "placement": {"pages", "span_pages", "contiguous_ms", "scattered_ms", "run_share"},   (placement_probe; optional)
      "runs": [{"mode": "precopy"|"postcopy"|"hybrid", "guest_pages", "pages_pending", "link_Bps",
-               "verified", ["guest": "idle"], ["variant": "short"], <the quantities above>}, ...]}
+               "verified", ["guest": "idle"], ["variant": "short"], ["calibration": seq],
+               <the quantities above>}, ...],
+     "pooled": [{"seq", "date_utc", "git_commit", "runs", "loadavg_before"}, ...]}   (optional)
+
+Pooling.  ``vmem calibrate --append`` adds a new calibration's runs to the file's
+(:func:`pool_calibrations`, at most :data:`POOL_MAX_CALIBRATIONS`): draws then bootstrap
+runs from several times of the host's life, whose spread one calibration's twelve runs per
+group do not show (measured: docs/profiling.md, "Pooled calibrations").
 
 The command line, ``vmem calibrate``, is :mod:`vmem.cli.calibrate`.
 """
@@ -131,6 +138,10 @@ __all__ = [
     "host_probe_s",
     "CPU_BOUND",
     "run_calibration",
+    "pool_calibrations",
+    "pool_mismatch",
+    "POOL_MAX_CALIBRATIONS",
+    "placement_probe",
     "summary_rows",
     "trace_dirty_rate",
     "trace_dirty_rate_before",
@@ -490,8 +501,11 @@ class Calibration:
         by_mode = {m: sum(1 for r in busy if r.get("mode") == m and not r.get("variant")) for m in MODES}
         short = sum(1 for r in self.runs if r.get("variant") == "short")
         idle = len(self._kind_runs("idle"))
-        return (f"calibration {self.path or '(in memory)'}: {pv.get('date_utc', '?')} on {pv.get('hostname', '?')} "
-                f"(commit {str(pv.get('git_commit') or '?')[:12]}), {by_mode['precopy']} pre-copy + "
+        pooled = self.data.get("pooled") or []
+        dates = [str(e.get("date_utc") or "?") for e in pooled]
+        pool = (f"{len(pooled)} calibrations pooled ({dates[0]} .. {dates[-1]}; the newest " if len(pooled) > 1 else "")
+        return (f"calibration {self.path or '(in memory)'}: {pool}{pv.get('date_utc', '?')} on {pv.get('hostname', '?')} "
+                f"(commit {str(pv.get('git_commit') or '?')[:12]}){')' if pool else ''}, {by_mode['precopy']} pre-copy + "
                 + (f"{short} short pre-copy + " if short else "") + 
                 f"{by_mode['postcopy']} post-copy + {by_mode['hybrid']} hybrid runs"
                 + (f" + {idle} of an idle guest" if idle else "")
@@ -862,6 +876,8 @@ def load_calibration(path: str | None = None, *, required: bool = False) -> Cali
             bad = "guest_pages"
         elif r.get("guest", "busy") not in ("busy", "idle"):
             bad = "guest"
+        elif "calibration" in r and not (isinstance(r["calibration"], int) and r["calibration"] >= 0):
+            bad = "calibration"
         else:
             for q in QUANTITIES:
                 v = r.get(q)
@@ -955,6 +971,67 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
                        "short_policy": {"name": "threshold", **SHORT_POLICY}},
             "placement": placement, "runs": runs, "failed_runs": failed}
     return Calibration(data)
+
+
+#: How many calibrations one file pools (``vmem calibrate --append``): the newest are kept.
+#: A host drifts (this VM's fresh-memory speed moves over hours), so a pool spans days at
+#: most, not the host's life.
+POOL_MAX_CALIBRATIONS = 8
+#: What must match for two calibrations to pool: the grid and the guests they migrated.
+POOL_KEYS = ("sizes_bytes", "links_Bps", "workload", "params", "seed", "tracker", "modes")
+
+
+def pool_calibrations(new: Calibration, previous: Calibration,
+                      max_calibrations: int = POOL_MAX_CALIBRATIONS) -> Calibration:
+    """``new``'s runs added to ``previous``'s (a pooled file's runs, or one calibration's), the
+    oldest calibrations dropped beyond ``max_calibrations``; everything else (config, guests'
+    dirty rates, placement probe, failed runs, provenance) is ``new``'s.
+
+    Why pool.  A forecast's range bootstraps the calibration's runs, and one calibration has
+    twelve per mode and guest: measured over ten calibrations of one day on this VM (docs/
+    profiling.md), a single calibration's widened 5th-95th percentile range of the
+    switchover held only 77-82 % of the *other* calibrations' runs where 90 % was meant --
+    twelve runs do not show the host's tails, and the host moves between calibrations -- while
+    the pool of the other nine held 88-89 % of each one's.  Every run is tagged with the
+    sequence number of its calibration (``"calibration"``), and ``data["pooled"]`` lists the
+    calibrations pooled (sequence, date, commit, runs, load average).
+
+    Raises:
+        ConfigError: the two were measured on another grid or with other guests
+            (:data:`POOL_KEYS`), naming the difference; ``max_calibrations`` < 1.
+    """
+    if not isinstance(max_calibrations, int) or max_calibrations < 1:
+        raise ConfigError("max_calibrations", f"must be an integer >= 1, got {max_calibrations!r}")
+    why = pool_mismatch(previous, new.data.get("config") or {})
+    if why:
+        raise ConfigError("--append", why)
+    old_pool = list(previous.data.get("pooled") or [_pool_entry(previous.data, 0, len(previous.runs))])
+    seq = max(int(e.get("seq", 0)) for e in old_pool) + 1
+    pool = old_pool + [_pool_entry(new.data, seq, len(new.runs))]
+    keep = {int(e["seq"]) for e in pool[-max_calibrations:]}
+    runs = [dict(r, calibration=int(r.get("calibration", 0))) for r in previous.runs
+            if int(r.get("calibration", 0)) in keep]
+    runs += [dict(r, calibration=seq) for r in new.runs]
+    data = dict(new.data, runs=runs, pooled=[e for e in pool if int(e["seq"]) in keep])
+    return Calibration(data, previous.path)
+
+
+def pool_mismatch(previous: Calibration, config: dict) -> str:
+    """Why a calibration measured with ``config`` (its ``data["config"]``, or the part of it a
+    command line knows: :data:`POOL_KEYS`) cannot pool with ``previous``; ``""`` if it can."""
+    old = previous.data.get("config") or {}
+    for key in POOL_KEYS:
+        if key in config and config[key] != old.get(key):
+            return (f"the calibration in {previous.path or 'the file'} was measured with {key} = {old.get(key)!r}, "
+                    f"this one with {config[key]!r}: they cannot be pooled; store this one elsewhere (--out) or "
+                    "without --append")
+    return ""
+
+
+def _pool_entry(data: dict, seq: int, n_runs: int) -> dict:
+    pv = data.get("provenance") or {}
+    return {"seq": seq, "date_utc": pv.get("date_utc"), "git_commit": pv.get("git_commit"), "runs": n_runs,
+            "loadavg_before": (data.get("load") or {}).get("loadavg_before")}
 
 
 def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:

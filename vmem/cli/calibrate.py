@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import time
 
-from vmem.analysis.calibration import default_path, load_calibration, run_calibration, summary_rows
+from vmem.analysis.calibration import (
+    MODES,
+    POOL_MAX_CALIBRATIONS,
+    default_path,
+    load_calibration,
+    pool_calibrations,
+    pool_mismatch,
+    run_calibration,
+    summary_rows,
+)
 
 __all__ = ["add_calibrate_arguments", "cmd_calibrate"]
 
@@ -21,6 +30,10 @@ def add_calibrate_arguments(p) -> None:
                                                           "little then use the busy calibration guest's costs)")
     p.add_argument("--tracker", default="auto", choices=["auto", "uffd-wp", "mprotect"])
     p.add_argument("--out", metavar="FILE", help=f"where to store it (default {default_path()})")
+    p.add_argument("--append", action="store_true",
+                   help="pool with the calibrations already in --out (the newest "
+                        f"{POOL_MAX_CALIBRATIONS} are kept): predictions then draw from runs of several times, "
+                        "whose spread one calibration does not show (docs/profiling.md)")
     p.add_argument("--show", action="store_true", help="print the stored calibration and exit")
 
 
@@ -30,6 +43,7 @@ def cmd_calibrate(args) -> int:
     from rich.table import Table
 
     from transport import parse_rate
+    from vmem.errors import ConfigError
     from vmem.ram import parse_size
 
     console = Console()
@@ -45,9 +59,18 @@ def cmd_calibrate(args) -> int:
             err.print(f"[{time.monotonic() - t0:5.0f} s] run {i}/{n}: {size >> 20} MiB, {bw / 1e6:g} MB/s, {mode}: "
                       f"{rep.outcome}, downtime {rep.downtime_ms} ms, migration {rep.migration_time_s} s")
 
+        # an unreadable or incompatible file is refused before minutes of measuring
+        previous = load_calibration(args.out) if getattr(args, "append", False) else None
+        if previous is not None:
+            why = pool_mismatch(previous, {"sizes_bytes": sizes, "links_Bps": links, "tracker": args.tracker,
+                                           "modes": ["precopy"] if args.no_postcopy else list(MODES)})
+            if why:
+                raise ConfigError("--append", why)
         cal = run_calibration(sizes, links, args.repeats, postcopy=not args.no_postcopy, idle=not args.no_idle,
                               tracker=args.tracker, on_run=on_run)
-        cal.save(args.out)
+        if previous is not None:
+            cal = pool_calibrations(cal, previous)
+        cal.save(args.out or (previous.path if previous is not None else None))
     t = Table(title=cal.describe())
     for c in ("quantity", "mode", "median (min-max), n"):
         t.add_column(c)
