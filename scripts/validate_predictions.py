@@ -90,6 +90,11 @@ def main(argv=None) -> int:
             cal = pool_calibrations(cal, previous)
         log(f"calibration stored in {cal.save(args.calibration)}")
     log(cal.describe())
+    if len(cal.data.get("pooled") or [None]) < 3:
+        # measured: one calibration's ranges held ~80 % of other calibrations' runs where 90 %
+        # was meant; pooled ones ~88 % (docs/profiling.md, "Pooled calibrations")
+        log("note: the forecasts draw from fewer than three calibrations, whose runs show too little of this "
+            "host's spread; run `vmem calibrate --append` at other times (or this script with --append) first")
     load_start = val.load_note()
     cells = val.run_validation(cal, workloads=names, policies=pols, links_Bps=links, size_bytes=size,
                                repeats=args.repeats, profile_s=args.profile_s, interval_s=args.interval_ms / 1e3,
