@@ -31,7 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transport import parse_rate  # noqa: E402
 from vmem.analysis import validation as val  # noqa: E402
-from vmem.analysis.calibration import load_calibration, pool_calibrations, run_calibration  # noqa: E402
+from vmem.analysis.calibration import (  # noqa: E402
+    calibration_grid,
+    load_calibration,
+    pool_calibrations,
+    pool_mismatch,
+    run_calibration,
+)
 from vmem.analysis.forecast import RANGE_PCT, metrics_of  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
 
@@ -73,6 +79,8 @@ def main(argv=None) -> int:
         p.error(f"unknown workload(s)/policy(ies) {bad}; choose from {list(val.WORKLOADS)} and {list(val.POLICIES)}")
     links = [parse_rate(x) for x in args.links.split(",")]
     size = parse_size(args.size)
+    if args.append and not args.calibrate:
+        p.error("--append pools a new calibration: it needs --calibrate")
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -83,8 +91,13 @@ def main(argv=None) -> int:
     cal = None if args.calibrate else load_calibration(args.calibration)
     if cal is None:
         log(f"measuring the calibration ({args.calibration_sizes} x {args.links}, {args.calibration_repeats} repeats) ...")
+        cal_sizes = [parse_size(s) for s in args.calibration_sizes.split(",")]
         previous = load_calibration(args.calibration) if args.append else None
-        cal = run_calibration([parse_size(s) for s in args.calibration_sizes.split(",")], links, args.calibration_repeats,
+        if previous is not None:  # refused before minutes of measuring
+            why = pool_mismatch(previous, calibration_grid(cal_sizes, links))
+            if why:
+                p.error(why)
+        cal = run_calibration(cal_sizes, links, args.calibration_repeats,
                               on_run=lambda i, n, *_: log(f"  calibration run {i}/{n}"))
         if previous is not None:
             cal = pool_calibrations(cal, previous)

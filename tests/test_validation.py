@@ -161,3 +161,25 @@ def test_the_script_runs_on_a_tiny_configuration(tmp_path):
     re = rescore(old)
     assert re["summary"]["range_pct"] == [10, 90] and re["summary"]["inside"]["migration_time_s"]["of"] == 2
     assert "judged as such" in again_md.read_text() and "[p10-p90]" in again_md.read_text()
+
+
+def test_the_script_refuses_to_pool_another_grid_before_measuring(tmp_path):
+    """`--calibrate --append` onto a calibration of other link rates is refused at once (a
+    calibration takes minutes), the file untouched; `--append` without `--calibrate` too."""
+    from vmem.analysis.calibration import CALIBRATION_FORMAT, CALIBRATION_VERSION, Calibration, calibration_grid
+
+    cal = tmp_path / "cal.json"
+    Calibration({"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "provenance": {"hostname": "test"},
+                 "config": calibration_grid([64 << 20], [50e6]),
+                 "runs": [{"mode": "precopy", "guest_pages": 16384, "link_Bps": 50e6, "verified": True}]}).save(str(cal))
+    before = cal.read_text()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    script = os.path.join(ROOT, "scripts", "validate_predictions.py")
+    proc = subprocess.run([sys.executable, script, "--calibrate", "--append", "--calibration", str(cal),
+                           "--calibration-sizes", "64M", "--links", "200M"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "cannot be pooled" in proc.stderr, proc.stderr[-2000:]
+    assert "calibration run" not in proc.stderr and cal.read_text() == before
+    proc = subprocess.run([sys.executable, script, "--append", "--calibration", str(cal)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "needs --calibrate" in proc.stderr

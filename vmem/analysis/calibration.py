@@ -140,6 +140,7 @@ __all__ = [
     "run_calibration",
     "pool_calibrations",
     "pool_mismatch",
+    "calibration_grid",
     "POOL_MAX_CALIBRATIONS",
     "placement_probe",
     "summary_rows",
@@ -964,11 +965,10 @@ def run_calibration(sizes_bytes=(64 << 20, 128 << 20), links_Bps=(50e6, 200e6), 
     placement = placement_probe()
     data = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "provenance": provenance.collect(),
             "load": {"loadavg_before": load_before, "loadavg_after": _loadavg()},
-            "config": {"sizes_bytes": list(sizes_bytes), "links_Bps": list(links_Bps), "repeats": repeats,
-                       "workload": CAL_WORKLOAD, "params": CAL_PARAMS, "seed": CAL_SEED, "tracker": tracker,
-                       "guests": rates, "activity_interval_s": ACTIVITY_INTERVAL_S,
-                       "warmup_s": warmup_s, "observe_s": observe_s, "modes": list(modes),
-                       "short_policy": {"name": "threshold", **SHORT_POLICY}},
+            "config": calibration_grid(sizes_bytes, links_Bps, tracker=tracker, postcopy=postcopy)
+                      | {"repeats": repeats, "guests": rates, "activity_interval_s": ACTIVITY_INTERVAL_S,
+                         "warmup_s": warmup_s, "observe_s": observe_s,
+                         "short_policy": {"name": "threshold", **SHORT_POLICY}},
             "placement": placement, "runs": runs, "failed_runs": failed}
     return Calibration(data)
 
@@ -1016,9 +1016,18 @@ def pool_calibrations(new: Calibration, previous: Calibration,
     return Calibration(data, previous.path)
 
 
+def calibration_grid(sizes_bytes, links_Bps, *, tracker: str = "auto", postcopy: bool = True) -> dict:
+    """The part of a calibration's ``config`` that :func:`run_calibration` with these arguments
+    writes and that pooling compares (:data:`POOL_KEYS`): a command line can check a file
+    against it before measuring anything."""
+    return {"sizes_bytes": list(sizes_bytes), "links_Bps": list(links_Bps), "workload": CAL_WORKLOAD,
+            "params": CAL_PARAMS, "seed": CAL_SEED, "tracker": tracker,
+            "modes": list(MODES if postcopy else ("precopy",))}
+
+
 def pool_mismatch(previous: Calibration, config: dict) -> str:
-    """Why a calibration measured with ``config`` (its ``data["config"]``, or the part of it a
-    command line knows: :data:`POOL_KEYS`) cannot pool with ``previous``; ``""`` if it can."""
+    """Why a calibration measured with ``config`` (its ``data["config"]``, or
+    :func:`calibration_grid`) cannot pool with ``previous``; ``""`` if it can."""
     old = previous.data.get("config") or {}
     for key in POOL_KEYS:
         if key in config and config[key] != old.get(key):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from vmem.analysis.calibration import (
-    MODES,
     POOL_MAX_CALIBRATIONS,
+    calibration_grid,
     default_path,
     load_calibration,
     pool_calibrations,
@@ -62,8 +62,8 @@ def cmd_calibrate(args) -> int:
         # an unreadable or incompatible file is refused before minutes of measuring
         previous = load_calibration(args.out) if getattr(args, "append", False) else None
         if previous is not None:
-            why = pool_mismatch(previous, {"sizes_bytes": sizes, "links_Bps": links, "tracker": args.tracker,
-                                           "modes": ["precopy"] if args.no_postcopy else list(MODES)})
+            why = pool_mismatch(previous, calibration_grid(sizes, links, tracker=args.tracker,
+                                                           postcopy=not args.no_postcopy))
             if why:
                 raise ConfigError("--append", why)
         cal = run_calibration(sizes, links, args.repeats, postcopy=not args.no_postcopy, idle=not args.no_idle,
