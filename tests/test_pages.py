@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vmem.pages import merge_pages, merge_sorted_pages, page_runs, ranges_to_pages
+from vmem.pages import hole_runs, merge_pages, merge_sorted_pages, page_runs, ranges_to_pages, runs_to_pages
 
 
 @pytest.mark.parametrize("pages, runs", [
@@ -51,3 +51,30 @@ def test_merge_sorted_pages_does_not_copy_when_nothing_is_added():
     assert merge_sorted_pages(a, a[10:20]) is a  # every page already in a: a itself, no 2 MiB copy in the downtime
     assert merge_sorted_pages(a, np.empty(0, np.int64)) is a
     assert merge_sorted_pages(a, np.array([1])) is not a
+
+
+@pytest.mark.parametrize("runs,npages,holes", [
+    ([], 10, [[0, 10]]), ([[0, 10]], 10, []), ([[2, 4], [6, 7]], 10, [[0, 2], [4, 6], [7, 10]]),
+    ([[0, 3], [3, 5]], 5, []), ([[0, 1]], 3, [[1, 3]])])
+def test_hole_runs_is_the_complement(runs, npages, holes):
+    got = hole_runs(np.array(runs, dtype=np.int64).reshape(-1, 2), npages)
+    assert got.dtype == np.int64 and got.tolist() == holes
+    both = np.union1d(runs_to_pages(np.array(runs, dtype=np.int64).reshape(-1, 2)), runs_to_pages(got))
+    assert np.array_equal(both, np.arange(npages))  # together they cover every page once
+
+
+def test_data_runs_in_finds_only_the_holes_written_since():
+    """GuestRam.data_runs_in: what pure post-copy asks at the pause instead of a tracker scan."""
+    from vmem.ram import GuestRam
+
+    with GuestRam.create(64 * 4096) as ram:
+        ram.pages[[0, 1, 2, 10, 11, 40]] = 1
+        holes = hole_runs(ram.data_runs(), ram.npages)
+        assert holes.tolist() == [[3, 10], [12, 40], [41, 64]]
+        assert ram.data_runs_in(holes).tolist() == []  # nothing written since: no run
+        ram.pages[[5, 6, 20, 63]] = 2  # into three holes
+        ram.pages[[1, 40]] = 3  # pages that held data already: not in any hole
+        assert ram.data_runs_in(holes).tolist() == [[5, 7], [20, 21], [63, 64]]
+        assert ram.data_runs_in(holes[:1]).tolist() == [[5, 7]]  # only the holes asked about
+        assert ram.data_runs_in(np.array([[0, 64]])).tolist() == ram.data_runs().tolist()
+        assert ram.data_runs_in(np.empty((0, 2), np.int64)).tolist() == []

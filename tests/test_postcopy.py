@@ -21,6 +21,7 @@ from vmem.migration.local import run_local_migration, spawn_destination
 from vmem.migration.source import MigrationOptions, migrate
 from vmem.migration.policy import Decision, Verdict
 from vmem.format.postcopy import decode_pfn_list, encode_pfn_list
+from vmem.pages import hole_runs
 
 WORKLOADS = [("idle", {}), ("uniform", {"rate": 20000}), ("hotcold", {"rate": 20000}), ("zipf", {"rate": 20000}),
              ("sweep", {"rate": 20000}), ("phased", {}), ("checker", {"rate": 20000, "reads": 64})]
@@ -210,6 +211,76 @@ def test_pfn_list_records_are_bounded():
         decode_pfn_list(body, 7)
     with pytest.raises(ValueError):
         encode_pfn_list(np.empty(0, dtype=np.int64))
+
+
+def _writes_between_list_and_pause(monkeypatch, seconds: float = 0.1) -> None:
+    """Hold the source between sending the page list and pausing the guest (in its drain)."""
+    from vmem.migration.source import SourceMigration
+
+    real = SourceMigration._drain
+
+    def drain(self, target_bytes, timeout_s):
+        time.sleep(seconds)  # the guest writes on meanwhile
+        return real(self, target_bytes, timeout_s)
+
+    monkeypatch.setattr(SourceMigration, "_drain", drain)
+
+
+def _recheck_spy(monkeypatch, drop: bool = False) -> list:
+    """Record what GuestRam.data_runs_in finds at the pause; ``drop``: hand back nothing."""
+    from vmem.ram import GuestRam
+
+    real = GuestRam.data_runs_in
+    found = []
+
+    def data_runs_in(self, runs):
+        got = real(self, runs)
+        found.append(got)
+        return got[:0] if drop else got
+
+    monkeypatch.setattr(GuestRam, "data_runs_in", data_runs_in)
+    return found
+
+
+def test_pure_postcopy_lists_the_holes_written_before_the_pause(boot_guest, monkeypatch):
+    """Pure post-copy arms no tracker when the guest has few holes: a sweep guest that did not
+    fill its RAM has one (the pages it has not reached), writes into it between the page list
+    and the pause, and the RAM file says which at the pause; they migrate and verify."""
+    from vmem.pages import runs_to_pages
+
+    g = boot_guest("sweep", SIZE, rate=4000, fill=False)
+    time.sleep(0.2)
+    _writes_between_list_and_pause(monkeypatch)
+    found = _recheck_spy(monkeypatch)
+    d = assert_migrated(run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0.3)), "postcopy")
+    assert d["tracker"] == "none"
+    assert len(found) == 1 and runs_to_pages(found[0]).size >= 100  # ~0.1 s at 4,000 pages/s
+
+
+def test_pure_postcopy_that_missed_the_holes_written_is_caught(boot_guest, monkeypatch):
+    """The fault the recheck exists for: drop what it found, and pages the guest wrote into
+    holes after the list never reach the destination -- the digest comparison must say so."""
+    g = boot_guest("sweep", SIZE, rate=4000, fill=False)
+    time.sleep(0.2)
+    _writes_between_list_and_pause(monkeypatch)
+    found = _recheck_spy(monkeypatch, drop=True)
+    d = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0)).to_dict()
+    assert len(found) == 1 and len(found[0]) > 0
+    assert d["outcome"] != "completed" and not d["verified"], d["reason"]
+    assert d["verification"]["digests"]["mismatched"] > 0
+
+
+def test_pure_postcopy_of_a_guest_with_many_holes_is_tracked(boot_guest):
+    """More holes than one per PURE_PAGES_PER_HOLE_RECHECKED pages: a tracker is armed before
+    the list and its final collect finds what was written since (random writes, no fill)."""
+    from vmem.migration.source import PURE_PAGES_PER_HOLE_RECHECKED
+
+    g = boot_guest("uniform", SIZE, rate=20000, fill=False)
+    time.sleep(0.2)
+    holes = len(hole_runs(g.ram.data_runs(), g.npages))
+    assert holes * PURE_PAGES_PER_HOLE_RECHECKED > g.npages, holes
+    d = assert_migrated(run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0.3)), "postcopy")
+    assert d["tracker"] in ("uffd-wp", "mprotect")
 
 
 def test_cli_postcopy_flags(tmp_path):

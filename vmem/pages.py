@@ -72,6 +72,15 @@ def page_runs(pages: np.ndarray, npages: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
+def hole_runs(runs: np.ndarray, npages: int) -> np.ndarray:
+    """The runs of ``[0, npages)`` not covered by ``runs`` (sorted, not overlapping
+    ``[first, end)`` rows, as ``GuestRam.data_runs`` returns them), as an ``(n, 2)`` int64
+    array of [first, end) rows in order."""
+    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    edges = np.concatenate(([0], runs.ravel(), [int(npages)])).reshape(-1, 2)
+    return edges[edges[:, 1] > edges[:, 0]]
+
+
 def runs_to_pages(runs: np.ndarray) -> np.ndarray:
     """Expand ``(n, 2)`` [first, end) runs into a flat sorted int64 page array, vectorised."""
     runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)

@@ -170,6 +170,32 @@ class GuestRam:
             offset = end
         return np.array(runs, dtype=np.int64).reshape(-1, 2)
 
+    def data_runs_in(self, runs: np.ndarray) -> np.ndarray:
+        """Runs of pages that hold data *inside* ``runs`` (an ``(n, 2)`` int64 array of
+        [first, end) page runs, sorted, not overlapping), as ``data_runs`` returns them.
+
+        Two ``lseek`` calls per run at most (one when the run is still a hole): what pure
+        post-copy uses at the pause to find the holes written since it listed the data
+        pages, at a cost set by the number of holes, not by the size of RAM.
+        """
+        out = []
+        size = self.size_bytes
+        for first, end in np.asarray(runs, dtype=np.int64).reshape(-1, 2).tolist():
+            offset, stop = first * PAGE_SIZE, min(end * PAGE_SIZE, size)
+            while offset < stop:
+                try:
+                    start = os.lseek(self.fd, offset, os.SEEK_DATA)
+                except OSError as err:
+                    if err.errno == errno.ENXIO:  # no data after offset at all
+                        return np.array(out, dtype=np.int64).reshape(-1, 2)
+                    raise
+                if start >= stop:
+                    break
+                hole = min(os.lseek(self.fd, start, os.SEEK_HOLE), stop)
+                out.append((start // PAGE_SIZE, -(-hole // PAGE_SIZE)))
+                offset = hole
+        return np.array(out, dtype=np.int64).reshape(-1, 2)
+
     def data_pages(self) -> np.ndarray:
         """Every page index inside ``data_runs()``, sorted (int64)."""
         return runs_to_pages(self.data_runs())
