@@ -110,7 +110,9 @@ def one(mode: str, rate: int, size: int, workload: str = "hotcold", prealloc: bo
                    fault_max_us=pc["fault_latency_us"]["max"], faults=pc["faults"], push_rate_Bps=pc["push_rate_Bps"],
                    complete_s=pc["complete_s"], guest_rate=pc["guest_rate"],
                    priority=pc.get("source", {}).get("fault_thread_priority"),
-                   push_yields=pc.get("source", {}).get("push_yields"))
+                   push_yields=pc.get("source", {}).get("push_yields"),
+                   first_step_faults=(pc.get("first_step") or {}).get("faults"),
+                   first_step_blocked_ms=(pc.get("first_step") or {}).get("blocked_ms"))
     return out
 
 
@@ -192,6 +194,9 @@ def main(argv=None) -> int:
                        "faults": med("postcopy", 0, "faults", "idle")}
     summary["flat_out"] = {mode: {"blackout_ms": med(mode, 0, "blackout_ms"), "downtime_ms": med(mode, 0, "downtime_ms"),
                                   "fault_p99_us": med(mode, 0, "fault_p99_us"),
+                                  "pause_to_running_ms": med(mode, 0, "pause_to_running_ms"),
+                                  "first_step_faults": med(mode, 0, "first_step_faults"),
+                                  "first_step_blocked_ms": med(mode, 0, "first_step_blocked_ms"),
                                   "push_rate_GBps": (med(mode, 0, "push_rate_Bps") or 0) / 1e9}
                            for mode in ("postcopy", "hybrid")}
     summary["plain_copy_GBps"] = round(statistics.median(r["plain_copy_Bps"] for r in results) / 1e9, 3)
@@ -224,6 +229,11 @@ def main(argv=None) -> int:
         sm = summary[f"{rate}pps"]
         print(f"INFO {rate} pages/s: push while serving faults {sm['push_rate_GBps']:.3f} GB/s"
               f" ({sm['push_vs_plain']} x the plain copy), blackout {sm['postcopy_blackout_ms']} ms")
+    for mode in ("postcopy", "hybrid"):  # where a flat-out guest's downtime goes (docs/performance.md)
+        fo = summary["flat_out"][mode]
+        print(f"INFO flat out, {'pure post-copy' if mode == 'postcopy' else 'hybrid'}: downtime {fo['downtime_ms']} ms ="
+              f" pause -> guest running {fo['pause_to_running_ms']} ms + its first step, which waited"
+              f" {fo['first_step_blocked_ms']} ms on {fo['first_step_faults']} demand faults (medians)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"runs": results, "summary": summary, "goals": goals.items}, f, indent=1)

@@ -296,7 +296,8 @@ def test_cli_postcopy_flags(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         rep = json.loads(out.read_text())
         assert rep["outcome"] == "completed" and rep["postcopy"]["missing"] == 0
-        assert "demand faults" in proc.stdout
+        assert "demand faults" in proc.stdout and "first step after the switch" in proc.stdout
+        assert rep["postcopy"]["first_step"]["faults"] <= rep["postcopy"]["fault_latency_us"]["count"]
 
 
 @pytest.mark.parametrize("mode", ["pure", "after-precopy"])

@@ -174,6 +174,32 @@ def test_blocktime_is_the_sum_of_the_demand_fault_latencies(boot_guest):
     assert lat["max"] / 1e3 <= pc["blocktime_ms"] <= lat["count"] * lat["max"] / 1e3 + 1e-3
 
 
+def test_first_step_counts_the_faults_inside_the_downtime(boot_guest):
+    """postcopy.first_step: the demand faults read before the destination guest's first step
+    ended -- a hotcold guest's first step after a pure switch writes pages that are all
+    missing -- and the time blocked on them, which lies inside the downtime."""
+    r = _migrate(boot_guest, postcopy="pure")
+    pc, first = r["postcopy"], r["postcopy"]["first_step"]
+    assert 1 <= first["faults"] <= pc["fault_latency_us"]["count"]
+    assert 0 < first["blocked_ms"] <= pc["blocktime_ms"]
+    assert first["blocked_ms"] <= r["downtime_ms"]
+
+
+def test_faults_until_cuts_the_fault_log_at_the_time_given():
+    import numpy as np
+
+    from vmem.migration.postcopy.destination import PostcopyDestination
+
+    pc = object.__new__(PostcopyDestination)  # only the fault log is needed: [latency, page, read at]
+    pc._latencies = [np.array([[1_000_000, 7, 100], [2_000_000, 9, 200]], dtype=np.int64),
+                     np.array([[500_000, 3, 300]], dtype=np.int64)]
+    assert pc.faults_until(99) == {"faults": 0, "blocked_ms": 0.0}
+    assert pc.faults_until(200) == {"faults": 2, "blocked_ms": 3.0}
+    assert pc.faults_until(10**12) == {"faults": 3, "blocked_ms": 3.5}
+    pc._latencies = []
+    assert pc.faults_until(10**12) == {"faults": 0, "blocked_ms": 0.0}
+
+
 def test_json_default_writes_numpy_scalars_as_numbers():
     """One hook for every JSON vmem writes (vmem.jsonout): numpy scalars become the number
     they hold (json refuses them), anything else unknown its str()."""

@@ -191,6 +191,10 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
                                      f"max {_r(lat.get('max'))} us); {pc.get('local_faults', 0):,} resolved locally")
         if pc.get("blocktime_ms") is not None:
             t.add_row("  blocktime (guest blocked on faults)", f"{pc['blocktime_ms']:,.3f} ms")
+        first = pc.get("first_step")
+        if first:
+            t.add_row("  first step after the switch", f"blocked {first['blocked_ms']:,.3f} ms on {first['faults']:,} demand faults "
+                                                        "(inside the downtime)")
         t.add_row("  pages demanded / pushed", f"{pc.get('pages_demanded', 0):,} / {pc.get('pages_pushed', 0):,}")
         if pc.get("recoveries"):
             t.add_row("  link failures recovered", f"{pc['recoveries']} ({pc.get('pages_resent_after_recovery', 0):,} pages resent after the last)")

@@ -463,6 +463,14 @@ class PostcopyDestination:
         return {"page": head[:, 1].tolist(), "fault_us": ((head[:, 2] - self.t_switch_ns) // 1000).tolist(),
                 "latency_us": (head[:, 0] // 1000).tolist(), "truncated": bool(len(log) > max_faults)}
 
+    def faults_until(self, t_ns: int) -> dict:
+        """The demand faults read up to ``t_ns`` (this host's monotonic clock; e.g. the
+        guest's first step after the switch, whose faults are part of the downtime): their
+        count and the time the guest spent blocked on them.  Call after :meth:`stats`."""
+        log = np.concatenate(self._latencies) if self._latencies else np.empty((0, 3), np.int64)
+        hit = log[log[:, 2] <= t_ns]
+        return {"faults": int(len(hit)), "blocked_ms": round(float(hit[:, 0].sum()) / 1e6, 3)}
+
     def stats(self) -> dict:
         """The statistics (call after :meth:`stop`/:meth:`finish`: a running engine's
         counters are folded in when it stops)."""
