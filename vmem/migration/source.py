@@ -635,10 +635,11 @@ class SourceMigration:
             # RAM file costs ms per GiB).  Every one of them is to come whatever the guest
             # writes next, so the only pages the pause can add are holes written since:
             # with few holes, ask the RAM file about those at the pause; with many, arm a
-            # tracker first and take its final collect (PURE_PAGES_PER_HOLE_RECHECKED).
+            # tracker first and take its final collect (PURE_PAGES_PER_HOLE_RECHECKED) --
+            # and when the user named a tracker, which they may be there to watch.
             data_runs = g.ram.data_runs()
             holes = hole_runs(data_runs, g.npages)
-            if len(holes) * PURE_PAGES_PER_HOLE_RECHECKED > g.npages:
+            if self.opt.tracker != "auto" or len(holes) * PURE_PAGES_PER_HOLE_RECHECKED > g.npages:
                 holes = None
                 self.tracker = make_tracker(g, self.opt.tracker)
                 r.tracker = self.tracker.name
