@@ -174,9 +174,9 @@ class GuestRam:
         """Runs of pages that hold data *inside* ``runs`` (an ``(n, 2)`` int64 array of
         [first, end) page runs, sorted, not overlapping), as ``data_runs`` returns them.
 
-        Two ``lseek`` calls per run at most (one when the run is still a hole): what pure
-        post-copy uses at the pause to find the holes written since it listed the data
-        pages, at a cost set by the number of holes, not by the size of RAM.
+        One ``lseek`` for a run that is still all hole, two more per run of data found in
+        it: what pure post-copy uses at the pause to find the holes written since it listed
+        the data pages, at a cost set by the number of holes, not by the size of RAM.
         """
         out = []
         size = self.size_bytes

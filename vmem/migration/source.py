@@ -637,10 +637,13 @@ class SourceMigration:
             # with few holes, ask the RAM file about those at the pause; with many, arm a
             # tracker first and take its final collect (PURE_PAGES_PER_HOLE_RECHECKED) --
             # and when the user named a tracker, which they may be there to watch.
-            data_runs = g.ram.data_runs()
-            holes = hole_runs(data_runs, g.npages)
-            if self.opt.tracker != "auto" or len(holes) * PURE_PAGES_PER_HOLE_RECHECKED > g.npages:
-                holes = None
+            data_runs = holes = None
+            if self.opt.tracker == "auto":
+                data_runs = g.ram.data_runs()
+                holes = hole_runs(data_runs, g.npages)
+                if len(holes) * PURE_PAGES_PER_HOLE_RECHECKED > g.npages:
+                    holes = None
+            if holes is None:
                 self.tracker = make_tracker(g, self.opt.tracker)
                 r.tracker = self.tracker.name
                 self.tracker.start()
