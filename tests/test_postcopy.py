@@ -286,9 +286,12 @@ def test_pure_postcopy_of_a_guest_with_many_holes_is_tracked(boot_guest):
 def test_pure_postcopy_arms_the_tracker_the_user_named(boot_guest):
     """A guest without holes needs no tracker in pure post-copy, but a tracker asked for by
     name (``--tracker mprotect``) is armed and reported: the user may be there to watch it."""
+    from vmem.migration.source import PURE_PAGES_PER_HOLE_RECHECKED
+
     g = boot_guest("hotcold", SIZE, rate=20000)
     time.sleep(0.2)
-    assert len(hole_runs(g.ram.data_runs(), g.npages)) * 256 <= g.npages  # few holes: "auto" arms none
+    holes = len(hole_runs(g.ram.data_runs(), g.npages))
+    assert holes * PURE_PAGES_PER_HOLE_RECHECKED <= g.npages, holes  # few holes: "auto" would arm none
     d = assert_migrated(run_local_migration(g, MigrationOptions(postcopy="pure", tracker="mprotect", observe_s=0.3)),
                         "postcopy")
     assert d["tracker"] == "mprotect"

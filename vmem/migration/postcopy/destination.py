@@ -451,6 +451,10 @@ class PostcopyDestination:
         """Pages not present (what is lost if the source is gone)."""
         return np.flatnonzero(self.state != PRESENT)
 
+    def _fault_log_rows(self) -> np.ndarray:
+        """Every demand fault so far as ``(n, 3)`` int64 rows [latency ns, page, read at ns]."""
+        return np.concatenate(self._latencies) if self._latencies else np.empty((0, 3), np.int64)
+
     def fault_log(self, max_faults: int = FAULT_LOG_MAX) -> dict:
         """The faults the guest waited on, in the order they were resolved (for the page map).
 
@@ -458,7 +462,7 @@ class PostcopyDestination:
         host's clock) and ``latency_us`` (fault -> placed), at most ``max_faults`` of each
         (``truncated`` says if more were seen).  Call after :meth:`stats`.
         """
-        log = np.concatenate(self._latencies) if self._latencies else np.empty((0, 3), np.int64)
+        log = self._fault_log_rows()
         head = log[:max_faults]
         return {"page": head[:, 1].tolist(), "fault_us": ((head[:, 2] - self.t_switch_ns) // 1000).tolist(),
                 "latency_us": (head[:, 0] // 1000).tolist(), "truncated": bool(len(log) > max_faults)}
@@ -467,7 +471,7 @@ class PostcopyDestination:
         """The demand faults read up to ``t_ns`` (this host's monotonic clock; e.g. the
         guest's first step after the switch, whose faults are part of the downtime): their
         count and the time the guest spent blocked on them.  Call after :meth:`stats`."""
-        log = np.concatenate(self._latencies) if self._latencies else np.empty((0, 3), np.int64)
+        log = self._fault_log_rows()
         hit = log[log[:, 2] <= t_ns]
         return {"faults": int(len(hit)), "blocked_ms": round(float(hit[:, 0].sum()) / 1e6, 3)}
 
@@ -478,7 +482,7 @@ class PostcopyDestination:
         native = self._latency_ns is not None  # a native engine ran at least once
         if native:
             self.missing = int(np.count_nonzero(self.state != PRESENT))
-        lat = np.concatenate(self._latencies)[:, 0] / 1e3 if self._latencies else np.empty(0)
+        lat = self._fault_log_rows()[:, 0] / 1e3
         local = np.concatenate(self._local_latencies) / 1e3 if self._local_latencies else np.empty(0)
 
         def pct(a: np.ndarray) -> dict:
