@@ -81,6 +81,7 @@ import psutil  # noqa: E402
 
 from guests.launch import GuestSpec, ProcessGuest  # noqa: E402
 from vmem.bench.goals import Goals  # noqa: E402
+from vmem.bench.prewarm import mem_available_bytes, prewarm, prewarm_bytes_for  # noqa: E402
 from vmem.migration.local import run_local_migration  # noqa: E402
 from vmem.migration.source import MigrationOptions  # noqa: E402
 from vmem.migration.policy import XenDefaultPolicy  # noqa: E402
@@ -160,14 +161,6 @@ def json_default(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return str(obj)
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * KiB
-    return 0
 
 
 def tlb_shootdowns() -> int:
@@ -293,43 +286,6 @@ class CpuMeter:
         own = self._own() - self.own
         return {"wall_s": round(wall, 2), "machine_busy_cpu_s": round(busy, 2), "benchmark_cpu_s": round(own, 2),
                 "other_cpu_s": round(max(0.0, busy - own), 2)}
-
-
-_PREWARM_BUF = None
-
-
-def prewarm_bytes_for(size: int) -> int:
-    """How much fresh memory to touch and free before a transfer of a ``size`` guest: the
-    destination's RAM file, the staging and socket buffers, and as much again.  Measured
-    (2026-12-05, idle 1 GiB local migrations): touching 1.25 x size left round 0 bimodal --
-    0.74-0.77 or 1.87-2.09 GB/s from trial to trial, the destination migrator using 1.0 or
-    up to 3.7 CPU-s (host faults on memory the balloon had reported: 0.35 GiB/s against
-    3.3 for recently freed memory, filling an 8 GiB memfd); 3 GiB touched before each of six
-    runs: 1.38-2.07 GB/s, 0.89-1.18 CPU-s."""
-    return 2 * size + size // 2
-
-
-def prewarm(nbytes: int, enabled: bool) -> float | None:
-    """Touch and free ``nbytes`` of fresh memory (a memfd filled with pwrite); returns seconds.
-
-    Freed pages go back to the head of the free lists, so the allocations of the transfer
-    that follows get host-backed pages instead of paying Firecracker's first-touch faults.
-    """
-    global _PREWARM_BUF
-    if not enabled or nbytes <= 0:
-        return None
-    nbytes = min(nbytes, max(0, mem_available() - 2 * GiB))
-    if _PREWARM_BUF is None:
-        _PREWARM_BUF = np.full(CHUNK, 0x5A, dtype=np.uint8)
-    t = time.perf_counter()
-    fd = os.memfd_create("bench-prewarm", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, nbytes)
-        for off in range(0, nbytes - nbytes % CHUNK, CHUNK):
-            os.pwrite(fd, _PREWARM_BUF, off)
-    finally:
-        os.close(fd)
-    return round(time.perf_counter() - t, 3)
 
 
 def descendants() -> list[psutil.Process]:
@@ -1265,7 +1221,7 @@ class Bench:
     # --- 5. scale -------------------------------------------------------------------------
     def part_scale(self) -> dict:
         size = self.args.scale_size
-        avail0 = mem_available()
+        avail0 = mem_available_bytes()
         need = 2 * size + 2 * GiB
         out = {"size_bytes": size, "mem_available_before": avail0}
         if avail0 < need:
@@ -1278,9 +1234,9 @@ class Bench:
         self.check_report(f"scale {fbytes(size)}", rep)
         # Everything reaped and every memfd freed?
         deadline = time.monotonic() + 15
-        while mem_available() < avail0 - GiB and time.monotonic() < deadline:
+        while mem_available_bytes() < avail0 - GiB and time.monotonic() < deadline:
             time.sleep(0.2)
-        avail1 = mem_available()
+        avail1 = mem_available_bytes()
         if avail1 < avail0 - GiB:
             self.fail(f"scale: memory not returned after the migration ({fbytes(avail0)} -> {fbytes(avail1)} available)")
         r0 = rep.get("rounds", [{}])[0] if rep.get("rounds") else {}
@@ -1410,7 +1366,7 @@ def main(argv=None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "parts": parts,
         "kernel": platform.release(), "python": platform.python_version(), "numpy": np.__version__,
         "cpus": os.cpu_count(), "mem_total_bytes": psutil.virtual_memory().total,
-        "mem_available_bytes": mem_available(), "loadavg": os.getloadavg(), "prewarm": bench.prewarm_on,
+        "mem_available_bytes": mem_available_bytes(), "loadavg": os.getloadavg(), "prewarm": bench.prewarm_on,
         "args": {k: v for k, v in vars(args).items()},
     }
     try:

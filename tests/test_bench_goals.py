@@ -50,7 +50,7 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_agent.py"), "--size", "16M",
                         "--empty-size", "0", "--repeat", "1", "--security", "both", "--postcopy-runs", "1",
-                        "--postcopy-rate", "2000", "--no-shaped", "--strict", "--json", str(out)],
+                        "--postcopy-rate", "2000", "--floor-samples", "200", "--floor-runs", "1", "--no-shaped", "--strict", "--json", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode in (0, 1), p.stdout + p.stderr
     data = json.loads(out.read_text())
@@ -70,6 +70,10 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     # the post-copy runs took demand faults on the keyed link, and both arms ran every link setting
     assert data["arms"]["key"]["postcopy"]["runs"][0]["faults"] > 0
     assert all(len(data["arms"][s]["unshaped_links"]) >= 3 for s in ("key", "none"))
+    # the floor the fault goals are compared with: plain page round trips, idle and during a copy
+    floor = data["fault_floor"]
+    assert floor["idle"]["count"] == 200 and [r["count"] for r in floor["loaded"]["runs"]] == [200]
+    assert "INFO keyed fault round trip p99" in p.stdout
     # nothing left: the bench's test hosts are gone
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(line.split()[0].startswith("vb") for line in left.splitlines() if line.strip()), left

@@ -14,6 +14,7 @@ from testhosts import (  # noqa: F401  (testhosts is a fixture)
     NetnsHosts,
     testhosts,
     netns_unavailable,
+    page_round_trips,
     transfer,
 )
 
@@ -64,6 +65,23 @@ def test_shaping_limits_a_transfer(testhosts):
     # longer (a loose bound: the point is that the qdisc is in the path at all).
     assert shaped_s > 3 * unshaped_s, (shaped_s, unshaped_s)
     assert "htb" not in testhosts.status()  # shaping removed again
+
+
+def test_page_round_trips_time_the_whole_answer(testhosts):
+    """The fault-floor probe (scripts/bench_agent.py) times request -> last byte of the page:
+    on a link shaped to 1 Mbit/s a 4 KiB answer alone takes ~33 ms once the unmeasured
+    round trips have used up the shaper's 256 KiB burst, so the shaped round trip is many
+    times the unshaped one (ratio only); every requested round trip is counted."""
+    fast = page_round_trips(testhosts, 50, 500, warmup=5)
+    assert fast["count"] == 50
+    assert 0 < fast["p50_us"] <= fast["p99_us"] <= fast["max_us"]
+    testhosts.shape("1mbit")
+    try:
+        slow = page_round_trips(testhosts, 8, 50, warmup=80)
+    finally:
+        testhosts.shape(None)
+    assert slow["count"] == 8
+    assert slow["p50_us"] > 20 * fast["p50_us"], (slow, fast)
 
 
 def test_down_is_complete_and_idempotent_even_after_a_failure():
