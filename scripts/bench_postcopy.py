@@ -13,7 +13,11 @@ For each run, in the same process and on the same host:
     the push rate).
   * an idle guest in pure post-copy: the push rate with no fault pending (nothing faults);
   * a guest writing flat out (hotcold, ``rate=0``: unpaced) in pure and in hybrid
-    (``after-precopy``) post-copy: the guest-observed ``blackout_ms``.
+    (``after-precopy``) post-copy: the guest-observed ``blackout_ms``;
+  * the blackout's floor without vmem (``step_gap_floor``): the longest gap a plain
+    single-threaded loop sees while a plain socket copy and one more busy process share
+    the CPUs with it (four busy threads, as during a push), printed beside the flat-out
+    blackouts.
 Reports medians over the ``--runs`` that completed verified (the others are counted), and
 the goals of issue 13 with the measured value: fault p50 <= 60 us, p99 <= 250 us at 5k and
 50k pages/s, push >= 1.5 GB/s with no fault pending, ``blackout_ms`` <= 5 ms for pure and
@@ -37,6 +41,7 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 
@@ -84,6 +89,59 @@ def plain_copy_Bps(nbytes: int) -> float:
     os.waitpid(pid, 0)
     a.close()
     return nbytes / dt
+
+
+# A single-threaded loop standing in for the guest: it counts steps of ~200 additions for
+# argv[1] seconds and prints its longest gap between two steps and the 99.9th percentile, ms.
+_STEP_PROBE = r"""
+import sys, time
+end = time.perf_counter_ns() + int(float(sys.argv[1]) * 1e9)
+last = time.perf_counter_ns(); gaps = []; x = 0
+while last < end:
+    for _ in range(200):
+        x += 1
+    now = time.perf_counter_ns(); gaps.append(now - last); last = now
+gaps.sort()
+print(gaps[-1] / 1e6, gaps[-(len(gaps) // 1000) - 1] / 1e6)
+"""
+_BUSY_LOOP = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end: pass"
+
+
+def step_gap_floor(seconds: float = 1.0) -> dict:
+    """The blackout's floor without vmem: the longest gap a single-threaded busy loop (the
+    guest's stand-in) sees while, on the same CPUs, a plain socket copy runs between two
+    processes (the push's sender and receiver) and one more process spins (the placer):
+    four busy threads, as during a post-copy push.  Everything stops after ``seconds``
+    (+1 s at most); returns ``{"longest_gap_ms", "p999_gap_ms"}``."""
+    a, b = socket.socketpair()
+    chunk = 4 << 20
+    pid = os.fork()
+    if pid == 0:  # the receiver: reads until the sender closes
+        a.close()
+        buf = bytearray(chunk)
+        while b.recv_into(buf, chunk):
+            pass
+        os._exit(0)
+    b.close()
+    procs = []
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(seconds + 0.5)]))
+        probe = subprocess.Popen([sys.executable, "-c", _STEP_PROBE, str(seconds)], stdout=subprocess.PIPE, text=True)
+        procs.append(probe)
+        data = np.ones(chunk, dtype=np.uint8)
+        end = time.monotonic() + seconds + 0.3  # outlasts the probe (which also starts later)
+        while time.monotonic() < end:
+            a.sendall(data)
+        out, _ = probe.communicate(timeout=30)
+        longest, p999 = (float(x) for x in out.split())
+        return {"longest_gap_ms": round(longest, 3), "p999_gap_ms": round(p999, 3)}
+    finally:
+        a.close()
+        os.waitpid(pid, 0)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
 
 #: bench mode -> MigrationOptions.postcopy
@@ -142,8 +200,10 @@ def main(argv=None) -> int:
     size = parse_size(a.size)
     results = []
     other = "old" if a.ab else "no-prealloc" if a.ab_prealloc else None  # the comparison arm
+    gap_floors = []
     for i in range(a.runs):
         base = plain_copy_Bps(size)
+        gap_floors.append(step_gap_floor())
         for label, mode, workload, rate in SCENARIOS:
             arms = ["new", other] if other and mode != "precopy" else ["new"]
             if i % 2:
@@ -200,6 +260,8 @@ def main(argv=None) -> int:
                                   "push_rate_GBps": (med(mode, 0, "push_rate_Bps") or 0) / 1e9}
                            for mode in ("postcopy", "hybrid")}
     summary["plain_copy_GBps"] = round(statistics.median(r["plain_copy_Bps"] for r in results) / 1e9, 3)
+    summary["step_gap_floor"] = {"runs": gap_floors,
+                                 "longest_gap_ms": statistics.median(g["longest_gap_ms"] for g in gap_floors)}
     if other:  # the same scenarios in the comparison arm, and new / other
         ab = {}
         for label, mode, workload, rate in SCENARIOS:
@@ -234,6 +296,11 @@ def main(argv=None) -> int:
         print(f"INFO flat out, {'pure post-copy' if mode == 'postcopy' else 'hybrid'}: downtime {fo['downtime_ms']} ms ="
               f" pause -> guest running {fo['pause_to_running_ms']} ms + its first step, which waited"
               f" {fo['first_step_blocked_ms']} ms on {fo['first_step_faults']} demand faults (medians)")
+    gf = summary["step_gap_floor"]
+    print(f"INFO flat out: blackout pure {summary['flat_out']['postcopy']['blackout_ms']} / hybrid "
+          f"{summary['flat_out']['hybrid']['blackout_ms']} ms; without vmem, a single-threaded loop's longest gap while "
+          f"a plain copy and one more busy process share the CPUs: {gf['longest_gap_ms']} ms (median; per run "
+          f"{', '.join(str(g['longest_gap_ms']) for g in gf['runs'])})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"runs": results, "summary": summary, "goals": goals.items}, f, indent=1)

@@ -102,5 +102,9 @@ def test_bench_postcopy_checks_its_goals_on_verified_migrations(tmp_path):
     }
     assert p.returncode == (1 if any(not g["met"] for g in goals.values()) else 0)
     assert p.stdout.count("GOAL ") == len(goals)
-    # the flat-out guest's downtime split is reported from real switches
+    # the flat-out guest's downtime split is reported from real switches, and its blackout
+    # beside the floor measured without vmem
     assert data["summary"]["flat_out"]["postcopy"]["pause_to_running_ms"] > 0
+    floor = data["summary"]["step_gap_floor"]
+    assert len(floor["runs"]) == 1 and floor["longest_gap_ms"] > 0
+    assert "a single-threaded loop's longest gap" in p.stdout
