@@ -110,3 +110,50 @@ def test_doctor_finds_free_page_reporting_in_a_balloon_device(tmp_path):
     said = free_page_reporting(str(tmp_path))
     assert said is not None and "free page reporting is on (virtio2" in said and "2048 KiB" in said
     assert "--prealloc" in said
+
+
+def test_doctor_names_the_kernel_preemption_model(tmp_path):
+    """debugfs's sched/preempt wins, then preempt= on the command line, then /proc/config.gz
+    (PREEMPT_RT counts as full); none/voluntary come with the consequence for post-copy;
+    nothing readable: unknown, saying what was missing."""
+    import gzip
+
+    from vmem.features import kernel_preemption
+
+    proc, sys_ = tmp_path / "proc", tmp_path / "sys"
+    proc.mkdir()
+    sys_.mkdir()
+    said = kernel_preemption(str(proc), str(sys_))
+    assert said.startswith("kernel preemption: unknown (no /proc/config.gz")
+
+    def config(*lines):
+        with gzip.open(proc / "config.gz", "wt") as f:
+            f.write("\n".join(["# CONFIG_PREEMPT is not set", *lines]) + "\n")
+
+    config("CONFIG_PREEMPT_NONE=y", "CONFIG_PREEMPT_DYNAMIC=y")
+    (proc / "cmdline").write_text("console=ttyS0 quiet\n")
+    said = kernel_preemption(str(proc), str(sys_))
+    assert said.startswith("kernel preemption: none (CONFIG_PREEMPT_NONE, PREEMPT_DYNAMIC")
+    assert "fault tail" in said and "preempt=full" in said
+    config("CONFIG_PREEMPT=y", "CONFIG_PREEMPT_RT=y")
+    assert kernel_preemption(str(proc), str(sys_)).startswith("kernel preemption: full (CONFIG_PREEMPT_RT")
+    config("CONFIG_PREEMPT_VOLUNTARY=y")
+    assert kernel_preemption(str(proc), str(sys_)).startswith("kernel preemption: voluntary")
+    (proc / "cmdline").write_text("console=ttyS0 preempt=full quiet\n")
+    said = kernel_preemption(str(proc), str(sys_))
+    assert said.startswith("kernel preemption: full (preempt=full on the kernel command line)")
+    assert "fault tail" not in said
+    debug = sys_ / "kernel" / "debug" / "sched"
+    debug.mkdir(parents=True)
+    (debug / "preempt").write_text("none voluntary full (lazy)\n")
+    assert kernel_preemption(str(proc), str(sys_)).startswith("kernel preemption: lazy (sched/preempt in debugfs)")
+
+
+def test_doctor_prints_the_kernel_preemption_line():
+    """`vmem doctor` on this machine names a model (or says why it cannot)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vmem", "doctor"], capture_output=True, text=True, timeout=120).stdout
+    line = next(x for x in out.splitlines() if x.startswith("kernel preemption: "))
+    assert line.split()[2] in ("none", "voluntary", "full", "lazy", "unknown"), line

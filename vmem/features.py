@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from vmem.errors import FeatureUnavailable
 from vmem.pages import PAGE_SIZE
 
-__all__ = ["Feature", "probe_features", "format_features", "require", "free_page_reporting"]
+__all__ = ["Feature", "probe_features", "format_features", "require", "free_page_reporting", "kernel_preemption"]
 
 _PROBE_CHILD_TIMEOUT_S = 10.0
 
@@ -360,3 +360,60 @@ def free_page_reporting(sys_root: str = "/sys") -> str | None:
                     "(docs/performance.md)")
     return None
 
+
+
+#: the kernel's preemption models, as preempt= and /sys/kernel/debug/sched/preempt name them
+PREEMPTION_MODELS = ("none", "voluntary", "full", "lazy")
+_PREEMPT_CONFIG = {"CONFIG_PREEMPT_NONE": "none", "CONFIG_PREEMPT_VOLUNTARY": "voluntary", "CONFIG_PREEMPT": "full",
+                   "CONFIG_PREEMPT_LAZY": "lazy", "CONFIG_PREEMPT_RT": "full"}
+
+
+def _preemption_model(proc_root: str, sys_root: str) -> tuple[str | None, str]:
+    """(model, how it was found); model None when nothing says."""
+    debug = _read_sysctl(os.path.join(sys_root, "kernel", "debug", "sched", "preempt"))
+    if debug:  # e.g. "none (voluntary) full lazy": the current one in parentheses
+        for word in debug.split():
+            if word.startswith("(") and word.strip("()") in PREEMPTION_MODELS:
+                return word.strip("()"), "sched/preempt in debugfs"
+    cmdline = _read_sysctl(os.path.join(proc_root, "cmdline")) or ""
+    for arg in cmdline.split():
+        if arg.startswith("preempt=") and arg[len("preempt="):] in PREEMPTION_MODELS:
+            return arg[len("preempt="):], f"{arg} on the kernel command line"
+    config = None
+    try:
+        import gzip
+
+        with gzip.open(os.path.join(proc_root, "config.gz"), "rt") as f:
+            config = f.read()
+    except (OSError, EOFError):
+        pass
+    if config is None:
+        return None, "no /proc/config.gz, no preempt= on the command line"
+    lines = set(config.splitlines())
+    chosen = [(key, model) for key, model in _PREEMPT_CONFIG.items() if f"{key}=y" in lines]
+    if not chosen:
+        return None, "no CONFIG_PREEMPT_* model in /proc/config.gz"
+    key, model = chosen[-1] if "CONFIG_PREEMPT_RT=y" in lines else chosen[0]
+    dynamic = ", PREEMPT_DYNAMIC with no preempt= on the command line" if "CONFIG_PREEMPT_DYNAMIC=y" in lines else ""
+    return model, f"{key}{dynamic}"
+
+
+def kernel_preemption(proc_root: str = "/proc", sys_root: str = "/sys") -> str:
+    """The kernel's preemption model, as a sentence for ``vmem doctor``.
+
+    Why it matters here: with ``none`` (or ``voluntary``) a woken thread -- a post-copy
+    fault thread at any priority, a guest's vCPU -- waits until the running one leaves the
+    kernel or reaches a ``cond_resched()``, and TCP's send and receive paths run for
+    milliseconds without one.  Measured between two test hosts on such a VM: the fault
+    threads waited up to 4 ms for a CPU behind the migration's own threads, and a plain page
+    round trip during a plain copy had p99 ~2.5 ms (docs/performance.md, "Between agents").
+    ``proc_root``/``sys_root``: where procfs and sysfs are (tests point them at fake trees)."""
+    model, how = _preemption_model(proc_root, sys_root)
+    if model is None:
+        return f"kernel preemption: unknown ({how})"
+    if model in ("none", "voluntary"):
+        return (f"kernel preemption: {model} ({how}): a woken thread of any priority waits while the running one is "
+                "in the kernel, so post-copy's fault tail and the blackout during a push are longer than the CPU "
+                "alone explains (docs/performance.md, \"Between agents\"); a kernel booted with preempt=full should "
+                "shorten them (not measured: this needs a reboot with another command line)")
+    return f"kernel preemption: {model} ({how}): woken high-priority threads preempt running ones in the kernel too"

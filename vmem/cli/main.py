@@ -161,7 +161,9 @@ def cmd_doctor(args) -> int:
     best = "uffd-wp" if uffd_ok else ("mprotect" if mprot_ok else None)
     print(f"--tracker auto selects: {best or 'nothing: no dirty tracking is possible on this kernel'}")
     print(post_copy_priority_line())
-    from vmem.features import free_page_reporting
+    from vmem.features import free_page_reporting, kernel_preemption
+
+    print(kernel_preemption())
 
     reporting = free_page_reporting()
     print(f"fresh memory: {reporting}" if reporting else "fresh memory: no free page reporting to a hypervisor found")
