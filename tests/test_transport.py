@@ -27,6 +27,7 @@ import pytest
 import transport
 from transport import (
     IOV_MAX,
+    MAX_IO_BYTES,
     ChannelBrokenError,
     ChannelClosedError,
     ChannelTimeout,
@@ -505,6 +506,44 @@ def test_send_parts_resumes_every_partial_write(shaped):
         assert receiver.result() == as_bytes(data)
         assert pair.a.bytes_sent == data.size
     assert dribble.calls > data.size // (3 * PAGE_BYTES)  # it really dribbled
+
+
+class MeasuringSocket:
+    """A socket that records the most bytes any one sendmsg passed and any one recv_into asked for."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self.most_sent = self.most_asked = 0
+
+    def sendmsg(self, buffers, ancdata=(), flags=0):
+        self.most_sent = max(self.most_sent, sum(memoryview(b).nbytes for b in buffers))
+        return self._sock.sendmsg(buffers, ancdata, flags)
+
+    def recv_into(self, buf, nbytes=0, flags=0):
+        self.most_asked = max(self.most_asked, nbytes or memoryview(buf).nbytes)
+        return self._sock.recv_into(buf, nbytes, flags)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_no_system_call_moves_more_than_max_io_bytes():
+    """A 3 MiB send_parts (one part bigger than the cap, many small ones) and a 3 MiB
+    recv_into go through system calls of at most MAX_IO_BYTES each -- on a kernel that does
+    not preempt inside system calls, a bigger copy keeps a woken fault thread off its CPU
+    (transport/channel.py) -- and the bytes arrive intact."""
+    data = random_bytes(3 * MiB, seed=11)
+    parts = [data[:2 * MiB], *np.split(data[2 * MiB:], 64)]
+    raw_a, raw_b = socket.socketpair()
+    sender, receiver_sock = MeasuringSocket(raw_a), MeasuringSocket(raw_b)
+    with Pair(lambda: (SocketChannel(sender), SocketChannel(receiver_sock))) as pair:
+        out = bytearray(data.size)
+        receiver = pair.spawn(pair.b.recv_into, out)
+        pair.a.send_parts(parts)
+        receiver.result()
+        assert out == as_bytes(data)
+    assert 0 < sender.most_sent <= MAX_IO_BYTES and 0 < receiver_sock.most_asked <= MAX_IO_BYTES
+    assert MAX_IO_BYTES < MiB  # the test above sent and received more than one call's worth
 
 
 def test_send_parts_rejects_non_contiguous_before_sending():

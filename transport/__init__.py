@@ -14,6 +14,7 @@ This package imports nothing from ``vmem`` or ``guests``: dependencies point one
 """
 from .channel import (
     IOV_MAX,
+    MAX_IO_BYTES,
     SOCKET_BUFFER_BYTES,
     Channel,
     SocketChannel,
@@ -34,6 +35,7 @@ __all__ = [
     "channel_from_fd",
     "set_tcp_nodelay",
     "IOV_MAX",
+    "MAX_IO_BYTES",
     "SOCKET_BUFFER_BYTES",
     # fd passing
     "send_fds",
