@@ -51,13 +51,13 @@ IOV_MAX: int = min(os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names 
 # silently caps the request at net.core.wmem_max / rmem_max.
 SOCKET_BUFFER_BYTES: int = 4 << 20
 
-# Most bytes one send or receive system call of a SocketChannel moves.  A kernel built
-# without preemption inside system calls (PREEMPT_NONE, this VM's, and the default of many
-# distribution kernels) lets a thread that copies 4 MiB into or out of a socket hold its CPU
-# for ~1 ms, and a woken thread of any priority -- a post-copy fault thread, the guest --
-# waits until it is done.  Calls of 256 KiB hold it under ~0.1 ms.  Measured (2026-12-06,
-# one host, pure post-copy of a 1 GiB guest writing 5,000 pages/s, six interleaved pairs):
-# demand-fault p99 median 939 -> 159 us, blackout 16 -> 9 ms, push rate within the noise;
+# Most bytes one send or receive system call of a SocketChannel moves.  A kernel that does
+# not preempt inside system calls (PREEMPT_NONE, this VM's: `vmem doctor` says which) lets a
+# thread that copies 4 MiB into or out of a socket hold its CPU for ~1 ms, and a woken thread
+# of any priority -- a post-copy fault thread, the guest -- waits until it is done.  Calls of
+# 256 KiB hold it for ~0.1 ms.  Measured (2026-12-06, one host, pure post-copy of a 1 GiB
+# guest writing 5,000 pages/s, 12 interleaved pairs against 4 MiB calls): demand-fault p99
+# median 810 -> 501 us, blackout 14.7 -> 8.9 ms; 64 KiB was no better and pushed slower;
 # pre-copy round 0 of an idle 1 GiB guest 1.68, 2.00 -> 1.98, 1.97 GB/s (two runs each).
 MAX_IO_BYTES: int = 256 << 10
 
