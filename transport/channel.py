@@ -378,20 +378,6 @@ def _cut_views(views: list[memoryview], limit_bytes: int,
         yield group, group_bytes
 
 
-def _io_batch(views: list[memoryview], first: int) -> list[memoryview]:
-    """The buffers one ``sendmsg`` gets: ``views[first:]``, at most IOV_MAX of them and at most
-    MAX_IO_BYTES in all (the last one cut short if need be; nothing is copied)."""
-    batch: list[memoryview] = []
-    room = MAX_IO_BYTES
-    for view in views[first:first + IOV_MAX]:
-        if view.nbytes >= room:
-            batch.append(view[:room])
-            break
-        batch.append(view)
-        room -= view.nbytes
-    return batch
-
-
 class SocketChannel(Channel):
     """A :class:`Channel` over a connected stream socket (AF_UNIX or TCP; family-agnostic).
 
@@ -461,23 +447,25 @@ class SocketChannel(Channel):
     def _write(self, views: list[memoryview]) -> Iterator[int]:
         """Hand ``views`` to the socket; yields the bytes each system call took.
 
-        One ``sendmsg`` (scatter/gather) of at most IOV_MAX buffers and MAX_IO_BYTES per
-        call; what the kernel took is dropped from the front (whole views, then a memoryview slice of the
+        The views are cut into groups of at most MAX_IO_BYTES (:func:`_cut_views`), each
+        sent by ``sendmsg`` (scatter/gather) calls of at most IOV_MAX buffers; what the
+        kernel took is dropped from the front (whole views, then a memoryview slice of the
         partial one: nothing is copied).
         """
         sock = self._sock
-        first = 0  # index of the first view not yet completely sent
-        while first < len(views):
-            n = sock.sendmsg(_io_batch(views, first), (), _SEND_FLAGS)
-            yield n
-            while n > 0:
-                head_bytes = views[first].nbytes
-                if n >= head_bytes:
-                    n -= head_bytes
-                    first += 1
-                else:
-                    views[first] = views[first][n:]
-                    n = 0
+        for group, _group_bytes in _cut_views(views, MAX_IO_BYTES):
+            first = 0  # index of the first view of the group not yet completely sent
+            while first < len(group):
+                n = sock.sendmsg(group[first:first + IOV_MAX], (), _SEND_FLAGS)
+                yield n
+                while n > 0:
+                    head_bytes = group[first].nbytes
+                    if n >= head_bytes:
+                        n -= head_bytes
+                        first += 1
+                    else:
+                        group[first] = group[first][n:]
+                        n = 0
 
     # -- receiving ------------------------------------------------------------------------
 
