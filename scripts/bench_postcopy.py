@@ -17,7 +17,10 @@ For each run, in the same process and on the same host:
   * the blackout's floor without vmem (``step_gap_floor``): the longest gap a plain
     single-threaded loop sees while a plain socket copy and one more busy process share
     the CPUs with it (four busy threads, as during a push), printed beside the flat-out
-    blackouts.
+    blackouts;
+  * the fault round trip's floor without vmem (``fault_round_trip_floor``): plain page
+    round trips between two processes at 5,000 a second, alone and while a plain socket
+    copy and one more busy process run, printed beside the fault p99 at 5,000 pages/s.
 Reports medians over the ``--runs`` that completed verified (the others are counted), and
 the goals of issue 13 with the measured value: fault p50 <= 60 us, p99 <= 250 us at 5k and
 50k pages/s, push >= 1.5 GB/s with no fault pending, ``blackout_ms`` <= 5 ms for pure and
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -54,18 +58,31 @@ from vmem.migration.local import run_local_migration  # noqa: E402
 from vmem.migration.source import MigrationOptions  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
 from vmem.bench.goals import Goals  # noqa: E402
+from vmem.bench.roundtrip import paced_round_trips, serve_pages, summary_us  # noqa: E402
 from vmem.migration.inject import PREEMPT_ENV  # noqa: E402
 
 #: the scheduling before issue 13 item 2 (the ``--ab`` baseline arm)
 OLD_SCHEDULING = "give_way=0,piece=1024,priority=nice"
 
 
+def _forked(body) -> int:
+    """Run ``body()`` in a forked child that exits when it returns or fails (a peer gone:
+    the parent is done with it), never returning into the parent's code; the child's pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            body()
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    return pid
+
+
 def plain_copy_Bps(nbytes: int) -> float:
     """Bytes/s of sendall -> recv_into between two processes over a unix socketpair."""
     a, b = socket.socketpair()
     chunk = 4 << 20
-    pid = os.fork()
-    if pid == 0:
+    def receive():
         a.close()
         buf = bytearray(chunk)
         left = nbytes
@@ -75,7 +92,8 @@ def plain_copy_Bps(nbytes: int) -> float:
                 break
             left -= n
         b.send(b"k")
-        os._exit(0)
+
+    pid = _forked(receive)
     b.close()
     data = np.ones(chunk, dtype=np.uint8)
     t0 = time.monotonic()
@@ -107,41 +125,92 @@ print(gaps[-1] / 1e6, gaps[-(len(gaps) // 1000) - 1] / 1e6)
 _BUSY_LOOP = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end: pass"
 
 
+def _push_stand_ins(seconds: float) -> tuple[list[int], list[subprocess.Popen]]:
+    """Start what competes with the guest during a push, without vmem: a plain socket copy
+    between two forked processes (the sender stops after ``seconds``, the receiver at its
+    EOF) and one more process spinning as long (the placer).  Returns (pids, processes) for
+    :func:`_reap`."""
+    a, b = socket.socketpair()
+    chunk = 4 << 20
+
+    def receive():
+        a.close()
+        buf = bytearray(chunk)
+        while b.recv_into(buf, chunk):
+            pass
+
+    def send():
+        b.close()
+        data = np.ones(chunk, dtype=np.uint8)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            a.sendall(data)
+
+    try:
+        pids = [_forked(receive), _forked(send)]
+    finally:
+        a.close()
+        b.close()
+    return pids, [subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(seconds)])]
+
+
+def _reap(pids: list[int], procs: list[subprocess.Popen]) -> None:
+    """Kill and reap forked children and subprocesses (whatever they were doing)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+
+
 def step_gap_floor(seconds: float = 1.0) -> dict:
     """The blackout's floor without vmem: the longest gap a single-threaded busy loop (the
     guest's stand-in) sees while, on the same CPUs, a plain socket copy runs between two
     processes (the push's sender and receiver) and one more process spins (the placer):
     four busy threads, as during a post-copy push.  Everything stops after ``seconds``
     (+1 s at most); returns ``{"longest_gap_ms", "p999_gap_ms"}``."""
-    a, b = socket.socketpair()
-    chunk = 4 << 20
-    pid = os.fork()
-    if pid == 0:  # the receiver: reads until the sender closes
-        a.close()
-        buf = bytearray(chunk)
-        while b.recv_into(buf, chunk):
-            pass
-        os._exit(0)
-    b.close()
-    procs = []
+    pids, procs = _push_stand_ins(seconds + 0.5)  # outlasts the probe, which starts later
     try:
-        procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(seconds + 0.5)]))
         probe = subprocess.Popen([sys.executable, "-c", _STEP_PROBE, str(seconds)], stdout=subprocess.PIPE, text=True)
         procs.append(probe)
-        data = np.ones(chunk, dtype=np.uint8)
-        end = time.monotonic() + seconds + 0.3  # outlasts the probe (which also starts later)
-        while time.monotonic() < end:
-            a.sendall(data)
         out, _ = probe.communicate(timeout=30)
         longest, p999 = (float(x) for x in out.split())
         return {"longest_gap_ms": round(longest, 3), "p999_gap_ms": round(p999, 3)}
     finally:
-        a.close()
-        os.waitpid(pid, 0)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        _reap(pids, procs)
+
+
+def fault_round_trip_floor(rate_pps: int = 5000, samples: int = 2500, busy: bool = True) -> dict:
+    """The demand fault's round trip without vmem: ``samples`` plain page round trips (a
+    16-byte request answered with 4 KiB over a unix socketpair, Python on both ends, no
+    userfaultfd, no placement), ``rate_pps`` a second, between two processes -- with
+    ``busy``, while a plain socket copy runs between two more processes and one more spins
+    (the push's sender, receiver and placer).  Returns ``{"p50_us", "p99_us", "max_us"}``;
+    every process it starts is gone when it returns."""
+    rt_a, rt_b = socket.socketpair()
+    pids, procs = [], []
+    try:
+        def serve():
+            rt_a.close()
+            serve_pages(rt_b)
+
+        pids.append(_forked(serve))
+        rt_b.close()
+        if busy:
+            more_pids, procs = _push_stand_ins(samples / rate_pps + 0.5)
+            pids += more_pids
+            time.sleep(0.2)  # all of them running
+        r = summary_us(paced_round_trips(rt_a, samples, rate_pps))
+        del r["count"]
+        return r
+    finally:
+        rt_a.close()
+        _reap(pids, procs)
 
 
 #: bench mode -> MigrationOptions.postcopy
@@ -200,10 +269,12 @@ def main(argv=None) -> int:
     size = parse_size(a.size)
     results = []
     other = "old" if a.ab else "no-prealloc" if a.ab_prealloc else None  # the comparison arm
-    gap_floors = []
+    gap_floors, fault_floors = [], []
+    fault_floor_idle = fault_round_trip_floor(5000, busy=False)
     for i in range(a.runs):
         base = plain_copy_Bps(size)
         gap_floors.append(step_gap_floor())
+        fault_floors.append(fault_round_trip_floor(5000))
         for label, mode, workload, rate in SCENARIOS:
             arms = ["new", other] if other and mode != "precopy" else ["new"]
             if i % 2:
@@ -262,6 +333,9 @@ def main(argv=None) -> int:
     summary["plain_copy_GBps"] = round(statistics.median(r["plain_copy_Bps"] for r in results) / 1e9, 3)
     summary["step_gap_floor"] = {"runs": gap_floors,
                                  "longest_gap_ms": statistics.median(g["longest_gap_ms"] for g in gap_floors)}
+    summary["fault_round_trip_floor"] = {"idle": fault_floor_idle, "busy_runs": fault_floors,
+                                         "p50_us": statistics.median(f["p50_us"] for f in fault_floors),
+                                         "p99_us": statistics.median(f["p99_us"] for f in fault_floors)}
     if other:  # the same scenarios in the comparison arm, and new / other
         ab = {}
         for label, mode, workload, rate in SCENARIOS:
@@ -296,6 +370,11 @@ def main(argv=None) -> int:
         print(f"INFO flat out, {'pure post-copy' if mode == 'postcopy' else 'hybrid'}: downtime {fo['downtime_ms']} ms ="
               f" pause -> guest running {fo['pause_to_running_ms']} ms + its first step, which waited"
               f" {fo['first_step_blocked_ms']} ms on {fo['first_step_faults']} demand faults (medians)")
+    ff = summary["fault_round_trip_floor"]
+    print(f"INFO 5000 pages/s: fault p99 {summary['5000pps']['fault_p99_us']} us; without vmem, a plain page round trip "
+          f"between two processes at 5,000/s while a plain copy and one more busy process share the CPUs: p50 "
+          f"{ff['p50_us']} us, p99 {ff['p99_us']} us (median; p99 per run "
+          f"{', '.join(str(f['p99_us']) for f in ff['busy_runs'])}); alone: p99 {ff['idle']['p99_us']} us")
     gf = summary["step_gap_floor"]
     print(f"INFO flat out: blackout pure {summary['flat_out']['postcopy']['blackout_ms']} / hybrid "
           f"{summary['flat_out']['hybrid']['blackout_ms']} ms; without vmem, a single-threaded loop's longest gap while "

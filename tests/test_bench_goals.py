@@ -108,3 +108,49 @@ def test_bench_postcopy_checks_its_goals_on_verified_migrations(tmp_path):
     floor = data["summary"]["step_gap_floor"]
     assert len(floor["runs"]) == 1 and floor["longest_gap_ms"] > 0
     assert "a single-threaded loop's longest gap" in p.stdout
+    faults = data["summary"]["fault_round_trip_floor"]
+    assert len(faults["busy_runs"]) == 1 and 0 < faults["idle"]["p50_us"] <= faults["idle"]["p99_us"]
+    assert "a plain page round trip" in p.stdout
+
+
+def test_page_round_trips_time_each_answer_and_notice_a_closed_server():
+    """vmem.bench.roundtrip (the benchmarks' fault floor): every round trip waits for the
+    whole page; a server that stops answering ends the measurement with ConnectionError,
+    not with a short or made-up sample."""
+    import socket
+    import threading
+
+    import numpy as np
+
+    from vmem.bench.roundtrip import PAGE_BYTES, REQUEST_BYTES, paced_round_trips, serve_pages, summary_us
+
+    a, b = socket.socketpair()
+    server = threading.Thread(target=serve_pages, args=(b,))
+    server.start()
+    try:
+        lat = paced_round_trips(a, 20, 2000, warmup=2)
+        assert lat.shape == (20,) and (lat > 0).all()
+    finally:
+        a.close()
+        server.join(10)
+        b.close()
+    assert not server.is_alive()  # it stopped at the client's close
+    s = summary_us(np.array([1000, 2000, 3000, 100_000]))
+    assert s["count"] == 4 and s["p50_us"] == 2.5 and s["max_us"] == 100.0
+
+    a, b = socket.socketpair()
+
+    def answer_twice_then_close():
+        for _ in range(2):
+            b.recv(REQUEST_BYTES, socket.MSG_WAITALL)
+            b.sendall(bytes(PAGE_BYTES))
+        b.close()
+
+    server = threading.Thread(target=answer_twice_then_close)
+    server.start()
+    try:
+        with pytest.raises(ConnectionError):  # EOF, or EPIPE on the next request
+            paced_round_trips(a, 5, 1000)
+    finally:
+        server.join(10)
+        a.close()

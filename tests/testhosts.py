@@ -294,56 +294,31 @@ def transfer(hosts: NetnsHosts, total_bytes: int, src: int = 1, dst: int = 2,
 
 
 # Listens on argv[1] (port 0 = any), prints the port, accepts one connection and answers
-# every 16-byte request with one 4 KiB page until the peer closes: a demand fault's round
-# trip with nothing else in it (no userfaultfd, no placement, no MAC).
+# every 16-byte request with one 4 KiB page until the peer closes (vmem.bench.roundtrip).
 PAGE_SERVER = r"""
 import socket, sys
 from transport.tcp import listen_tcp
+from vmem.bench.roundtrip import serve_pages
 ls = listen_tcp(sys.argv[1], int(sys.argv[2]))
 print(ls.getsockname()[1], flush=True)
 ls.settimeout(30)
 conn, _peer = ls.accept()
 conn.settimeout(None)
 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-page = bytes(range(256)) * 16
-req = bytearray(16)
-while conn.recv_into(req, 16, socket.MSG_WAITALL) == 16:
-    conn.sendall(page)
+serve_pages(conn)
 conn.close(); ls.close()
 """
 
-# Connects to argv[1]:argv[2] and makes argv[3] round trips (16-byte request -> 4 KiB
-# answer), one every argv[4] microseconds (paced like a guest faulting at that rate; a
-# late one is not made up), after argv[5] unmeasured ones; prints "p50 p99 max count" in us.
+# Connects to argv[1]:argv[2] and makes argv[3] round trips at argv[4] a second after argv[5]
+# unmeasured ones (vmem.bench.roundtrip); prints "p50 p99 max count" in us.
 PAGE_CLIENT = r"""
-import socket, sys, time
-import numpy as np
-host, port, count, interval_ns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) * 1000
-warmup = int(sys.argv[5])
-sock = socket.create_connection((host, port), timeout=30)
+import socket, sys
+from vmem.bench.roundtrip import paced_round_trips, summary_us
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-req, page = b"r" * 16, bytearray(4096)
-lat = np.empty(count, dtype=np.int64)
-def one():
-    t0 = time.perf_counter_ns()
-    sock.sendall(req)
-    if sock.recv_into(page, 4096, socket.MSG_WAITALL) != 4096:
-        raise SystemExit("server closed")
-    return time.perf_counter_ns() - t0
-for _ in range(warmup):
-    one()
-nxt = time.perf_counter_ns()
-for i in range(count):
-    lat[i] = one()
-    nxt += interval_ns
-    wait = nxt - time.perf_counter_ns()
-    if wait > 0:
-        time.sleep(wait / 1e9)
-    else:
-        nxt = time.perf_counter_ns()
+r = summary_us(paced_round_trips(sock, int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])))
 sock.close()
-us = lat / 1e3
-print(f"{np.percentile(us, 50):.1f} {np.percentile(us, 99):.1f} {us.max():.1f} {count}", flush=True)
+print(r["p50_us"], r["p99_us"], r["max_us"], r["count"], flush=True)
 """
 
 
@@ -359,8 +334,8 @@ def page_round_trips(hosts: NetnsHosts, count: int, rate_per_s: float, server: i
     try:
         port = srv.stdout.readline().strip()
         assert port.isdigit(), f"page server did not start: {srv.stderr.read() if srv.poll() is not None else port!r}"
-        cli = hosts.run_python(client, PAGE_CLIENT, hosts.addr(server), port, str(count),
-                               str(int(1e6 / rate_per_s)), str(warmup))
+        cli = hosts.run_python(client, PAGE_CLIENT, hosts.addr(server), port, str(count), str(rate_per_s),
+                               str(warmup))
         out, err = cli.communicate(timeout=timeout_s)
         assert cli.returncode == 0, err
         srv.communicate(timeout=timeout_s)
