@@ -54,11 +54,12 @@ SOCKET_BUFFER_BYTES: int = 4 << 20
 # Most bytes one send or receive system call of a SocketChannel moves.  A kernel that does
 # not preempt inside system calls (PREEMPT_NONE, this VM's: `vmem doctor` says which) lets a
 # thread that copies 4 MiB into or out of a socket hold its CPU for ~1 ms, and a woken thread
-# of any priority -- a post-copy fault thread, the guest -- waits until it is done.  Calls of
-# 256 KiB hold it for ~0.1 ms.  Measured (2026-12-06, one host, pure post-copy of a 1 GiB
-# guest writing 5,000 pages/s, 12 interleaved pairs against 4 MiB calls): demand-fault p99
-# median 810 -> 501 us, blackout 14.7 -> 8.9 ms; 64 KiB was no better and pushed slower;
-# pre-copy round 0 of an idle 1 GiB guest 1.68, 2.00 -> 1.98, 1.97 GB/s (two runs each).
+# of any priority -- a post-copy fault thread, the guest -- waits until it is done (sched
+# traces showed fault threads waiting up to 4 ms so).  Calls of 256 KiB hold it ~0.1 ms.
+# What it buys is within this VM's noise (2026-12-06, one host, pure post-copy of a 1 GiB
+# guest at 5,000 pages/s, 21 interleaved pairs against 4 MiB calls: fault p99 lower in 12,
+# medians 731 -> 459 us; docs/performance.md); what it costs was not measurable (pre-copy
+# round 0, one host and between agents).  64 KiB was no better and pushed slower.
 MAX_IO_BYTES: int = 256 << 10
 
 # MSG_NOSIGNAL: a write to a closed peer must come back as EPIPE (-> ChannelBrokenError),
