@@ -50,7 +50,8 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_agent.py"), "--size", "16M",
                         "--empty-size", "0", "--repeat", "1", "--security", "both", "--postcopy-runs", "1",
-                        "--postcopy-rate", "2000", "--floor-samples", "200", "--floor-runs", "1", "--no-shaped", "--strict", "--json", str(out)],
+                        "--postcopy-rate", "2000", "--floor-samples", "200", "--floor-runs", "1", "--baseline-runs", "1", "--no-shaped", "--strict",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode in (0, 1), p.stdout + p.stderr
     data = json.loads(out.read_text())
@@ -74,6 +75,16 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     floor = data["fault_floor"]
     assert floor["idle"]["count"] == 200 and [r["count"] for r in floor["loaded"]["runs"]] == [200]
     assert "INFO keyed fault round trip p99" in p.stdout
+    # the floors of the round-0 goals: the plain copy over two connections and with a MAC
+    for name in ("baseline", "baseline_fresh", "baseline_fresh_2conn", "baseline_fresh_keyed",
+                 "baseline_fresh_keyed_2conn"):
+        assert data[name]["Bps"] > 0 and len(data[name]["Bps_all"]) == 1, name
+    for sec in ("key", "none"):
+        floor = data["arms"][sec]["floor"]
+        tag = "_keyed" if sec == "key" else ""
+        assert floor["copy_Bps"] == data[f"baseline_fresh{tag}"]["Bps"]
+        assert floor["round0_over_copy"] == data["arms"][sec]["unshaped_links"][0]["round0_Bps"] / floor["copy_Bps"]
+        assert f"INFO {sec} agents: round 0 / a plain copy into fresh memory" in p.stdout
     # nothing left: the bench's test hosts are gone
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(line.split()[0].startswith("vb") for line in left.splitlines() if line.strip()), left

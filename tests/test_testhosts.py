@@ -67,6 +67,44 @@ def test_shaping_limits_a_transfer(testhosts):
     assert "htb" not in testhosts.status()  # shaping removed again
 
 
+@pytest.mark.parametrize("fresh", [False, True])
+def test_baseline_copies_over_two_keyed_connections_arrive_intact(testhosts, fresh):
+    """The benchmarks' baseline copies (unhashed while timed) place every byte where it
+    belongs, over two connections and with a MAC on each: the digests of the buffer sent
+    and of the bytes placed, taken after the clock stopped, agree."""
+    size = 5 * MiB + 3 * 4096  # slices that are not whole MiB
+    key = bytes(range(32))
+    for connections, mac_key in ((2, None), (1, key), (2, key)):
+        sent, got, seconds = transfer(testhosts, size, hashing=False, fresh=fresh, connections=connections,
+                                      mac_key=mac_key, verify=True)
+        assert sent == got and len(sent) == 64, (connections, mac_key)
+        assert seconds > 0
+
+
+def test_a_keyed_baseline_copy_refuses_a_wrong_key(testhosts):
+    """The keyed baseline really runs the MAC: a sink with another key refuses the first
+    frame (so the keyed copy's time includes the tag on both ends)."""
+    from testhosts import TCP_SINK, TCP_SOURCE, _kill_and_reap
+
+    sink = testhosts.run_python(2, TCP_SINK, testhosts.addr(2), "0", str(MiB), "fresh", "key=" + "11" * 32)
+    source = None
+    try:
+        port = sink.stdout.readline().strip()
+        assert port.isdigit()
+        source = testhosts.run_python(1, TCP_SOURCE, testhosts.addr(2), port, str(MiB), "fresh",
+                                      "key=" + "22" * 32)
+        _out, err = sink.communicate(timeout=60)
+        assert sink.returncode != 0
+        assert "integrity check failed" in err, err
+    finally:
+        _kill_and_reap(source, sink)
+
+
+def test_hashed_transfers_take_one_connection(testhosts):
+    with pytest.raises(ValueError, match="one connection"):
+        transfer(testhosts, MiB, connections=2)
+
+
 def test_page_round_trips_time_the_whole_answer(testhosts):
     """The fault-floor probe (scripts/bench_agent.py) times request -> last byte of the page:
     on a link shaped to 1 Mbit/s a 4 KiB answer alone takes ~33 ms once the unmeasured

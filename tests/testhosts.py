@@ -172,87 +172,169 @@ def testhosts():
 
 # -- programs to run on the hosts ---------------------------------------------------------
 
-# Listens on argv[1] (port 0 = any), prints the port, receives argv[2] bytes on one
-# connection with transport.tcp, then prints "<sha256> <seconds from first to last byte>"
-# (argv[4] == "nohash": a baseline for timing: no hashing, "-" instead of the digest, and
-# the bytes land in one ``total``-byte buffer, touched beforehand; argv[4] == "fresh": no
-# hashing, each 1 MiB received is ``pwrite`` into a fresh memfd of ``total`` bytes).
+# Listens on argv[1] (port 0 = any), prints the port, receives argv[3] bytes with
+# transport.tcp, then prints "<sha256> <seconds from first to last byte>".  argv[4] is the
+# mode: "hash" (the default: one connection, the bytes hashed), "nohash" (a baseline for
+# timing: no hashing, "-" instead of the digest, the bytes land in one ``total``-byte buffer
+# touched beforehand) or "fresh" (no hashing, each 1 MiB received is ``pwrite`` into a fresh
+# memfd of ``total`` bytes).  Options after it: ``conns=N`` (N connections, connection i
+# carrying the i-th of N equal slices; each says its index in its first byte; not with
+# "hash") and ``key=HEX`` (each connection wrapped in transport.secure.MacChannel with that
+# 32-byte session key: AES-GMAC over every frame on both ends, as a keyed link does) and
+# ``verify=1`` (with "nohash"/"fresh": after the clock stops, print the sha256 of the
+# placed bytes instead of "-").
 TCP_SINK = r"""
-import hashlib, sys, time
+import hashlib, os, sys, threading, time
 from transport.tcp import listen_tcp, accept_channel
 host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 mode = sys.argv[4] if len(sys.argv) > 4 else "hash"
+opts = dict(a.split("=", 1) for a in sys.argv[5:])
+conns = int(opts.get("conns", 1))
+key = bytes.fromhex(opts["key"]) if "key" in opts else None
+assert mode != "hash" or conns == 1, "hash mode takes one connection"
 hashing = mode == "hash"
-fresh_fd = -1
-ls = listen_tcp(host, port)
-print(ls.getsockname()[1], flush=True)
-ch, _peer = accept_channel(ls, 30)
-buf = bytearray(1 << 20)
-view = memoryview(buf)
 digest = hashlib.sha256()
+fresh_fd = -1
 if mode == "nohash":
     import numpy as np
     dest_arr = np.empty(total, dtype=np.uint8)
     dest_arr[:] = 0  # touched before timing: first touch of fresh memory is erratic in VMs
     dest = memoryview(dest_arr).cast("B")
 elif mode == "fresh":
-    import os
     # what a migration destination must do: place the bytes into fresh shared memory
     fresh_fd = os.memfd_create("vmem-baseline")
     os.ftruncate(fresh_fd, total)
-first = ch.recv_some(len(buf))
-start = time.perf_counter()
-if hashing:
-    digest.update(first)
-elif mode == "fresh":
-    os.pwrite(fresh_fd, first, 0)
-else:
-    dest[:len(first)] = first
-got = len(first)
-while got < total:
-    n = min(len(buf), total - got)
-    if hashing:
-        ch.recv_into(view[:n])
-        digest.update(view[:n])
-    elif mode == "fresh":
-        ch.recv_into(view[:n])
-        os.pwrite(fresh_fd, view[:n], got)
+ls = listen_tcp(host, port)
+print(ls.getsockname()[1], flush=True)
+chans = [None] * conns
+for _ in range(conns):
+    ch, _peer = accept_channel(ls, 30)
+    if key is not None:
+        from transport.secure import MacChannel
+        ch = MacChannel(ch, key, "server")
+    index = ch.recv_exact(1)[0]
+    assert index < conns and chans[index] is None, f"bad connection index {index}"
+    chans[index] = ch
+share = total // conns
+times = [None] * conns  # (first byte received, last byte placed) per connection
+errors = []
+
+def receive(i):
+    try:
+        ch = chans[i]
+        lo = i * share
+        hi = total if i == conns - 1 else lo + share
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        got = lo
+        first = True
+        while got < hi:
+            n = min(len(buf), hi - got)
+            if mode != "nohash":
+                ch.recv_into(view[:n])
+            else:
+                ch.recv_into(dest[got:got + n])
+            if first:  # the clock starts when the first bytes are in
+                start = time.perf_counter()
+                first = False
+            if hashing:
+                digest.update(view[:n])
+            elif mode == "fresh":
+                os.pwrite(fresh_fd, view[:n], got)
+            got += n
+        times[i] = (start, time.perf_counter())
+    except BaseException as err:
+        errors.append(err)
+
+threads = [threading.Thread(target=receive, args=(i,)) for i in range(conns)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+if errors:
+    raise errors[0]
+elapsed = max(t[1] for t in times) - min(t[0] for t in times)
+if not hashing and opts.get("verify") == "1":
+    hashing = True
+    if mode == "nohash":
+        digest.update(dest)
     else:
-        ch.recv_into(dest[got:got + n])
-    got += n
-elapsed = time.perf_counter() - start
-ch.send(b"k")
+        for off in range(0, total, 1 << 20):
+            digest.update(os.pread(fresh_fd, min(1 << 20, total - off), off))
+for ch in chans:
+    ch.send(b"k")
 print(digest.hexdigest() if hashing else "-", elapsed, flush=True)
-ch.close(); ls.close()
+for ch in chans:
+    ch.close()
+ls.close()
+if fresh_fd >= 0:
+    os.close(fresh_fd)
 """
 
-# Connects to argv[1]:argv[2] and sends argv[3] bytes of a fixed pattern, then waits for
-# the sink's one-byte acknowledgement; prints the sha256 of what it sent.
+# Connects to argv[1]:argv[2] and sends argv[3] bytes (transport.tcp), then prints the
+# sha256 of what it sent ("-" unless the mode argv[4] is "hash": then a repeating block is
+# sent, else a ``total``-byte buffer touched first, as a migration sends RAM); the options
+# after the mode as for TCP_SINK (``conns=N``: N connections, one thread each; ``key=HEX``;
+# ``verify=1``: print the sha256 of the buffer sent).
 TCP_SOURCE = r"""
-import hashlib, sys
+import hashlib, sys, threading
 from transport.tcp import connect_tcp
 host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 mode = sys.argv[4] if len(sys.argv) > 4 else "hash"
+opts = dict(a.split("=", 1) for a in sys.argv[5:])
+conns = int(opts.get("conns", 1))
+key = bytes.fromhex(opts["key"]) if "key" in opts else None
 hashing = mode == "hash"
-fresh_fd = -1
 block = bytes(range(256)) * 4096
 digest = hashlib.sha256()
 if not hashing:  # send a real ``total``-byte buffer (touched first), as a migration sends RAM
     import numpy as np
     data = np.empty(total, dtype=np.uint8)
-    data[:] = 7
+    # a pattern whose 1 MiB pieces differ (251 is prime), so a misplaced piece shows
+    pattern = (np.arange(1 << 20) % 251).astype(np.uint8)
+    for off in range(0, total, 1 << 20):
+        data[off:off + (1 << 20)] = pattern[:min(1 << 20, total - off)]
     data = memoryview(data).cast("B")
-ch = connect_tcp(host, port)
-sent = 0
-while sent < total:
-    part = block[:min(len(block), total - sent)] if hashing else data[sent:sent + (4 << 20)]
-    ch.send(part)
-    if hashing:
-        digest.update(part)
-    sent += len(part)
-assert ch.recv_exact(1) == b"k"
+chans = []
+for i in range(conns):
+    ch = connect_tcp(host, port)
+    if key is not None:
+        from transport.secure import MacChannel
+        ch = MacChannel(ch, key, "client")
+    ch.send(bytes([i]))
+    chans.append(ch)
+share = total // conns
+errors = []
+
+def send(i):
+    try:
+        ch = chans[i]
+        sent = i * share
+        hi = total if i == conns - 1 else sent + share
+        while sent < hi:
+            n = min(4 << 20, hi - sent)
+            part = block[:min(len(block), n)] if hashing else data[sent:sent + n]
+            ch.send(part)
+            if hashing:
+                digest.update(part)
+            sent += len(part)
+        assert ch.recv_exact(1) == b"k"
+    except BaseException as err:
+        errors.append(err)
+
+threads = [threading.Thread(target=send, args=(i,)) for i in range(conns)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+if errors:
+    raise errors[0]
+if not hashing and opts.get("verify") == "1":
+    hashing = True
+    digest.update(data)
 print(digest.hexdigest() if hashing else "-", flush=True)
-ch.close()
+for ch in chans:
+    ch.close()
 """
 
 
@@ -266,16 +348,32 @@ def _kill_and_reap(*procs: subprocess.Popen | None) -> None:
 
 
 def transfer(hosts: NetnsHosts, total_bytes: int, src: int = 1, dst: int = 2,
-             timeout_s: float = 120.0, *, hashing: bool = True, fresh: bool = False) -> tuple[str, str, float]:
+             timeout_s: float = 120.0, *, hashing: bool = True, fresh: bool = False,
+             connections: int = 1, mac_key: bytes | None = None,
+             verify: bool = False) -> tuple[str, str, float]:
     """Send ``total_bytes`` from host ``src`` to host ``dst`` over TCP (transport.tcp).
 
     Returns ``(sha256 sent, sha256 received, receiver seconds)``; with ``hashing=False``
     nothing is hashed (both digests are "-"): a plain copy to time against, into memory
     touched beforehand, or with ``fresh=True`` received into a 1 MiB buffer and
-    ``pwrite`` into a fresh memfd (the placement a migration's destination does).  Reaps
-    both processes.
+    ``pwrite`` into a fresh memfd (the placement a migration's destination does).
+    ``connections`` > 1 (not with hashing) splits the bytes into that many equal slices,
+    each over its own connection with a thread on each end; ``mac_key`` (32 bytes) wraps
+    every connection in ``transport.secure.MacChannel`` with it -- AES-GMAC over every
+    frame, computed by the sender and verified by the receiver, as on a keyed link (the
+    key is passed on the command line: a throwaway key for a benchmark, never a real one).
+    ``verify`` (without hashing) returns the sha256 of the buffer sent and of the bytes
+    placed, both computed after the receiver's clock stopped.  Reaps both processes.
     """
-    flag = () if hashing else (("fresh",) if fresh else ("nohash",))
+    if hashing and connections != 1:
+        raise ValueError("a hashed transfer takes one connection")
+    flag = ["hash"] if hashing else (["fresh"] if fresh else ["nohash"])
+    if connections != 1:
+        flag.append(f"conns={int(connections)}")
+    if mac_key is not None:
+        flag.append(f"key={bytes(mac_key).hex()}")
+    if verify and not hashing:
+        flag.append("verify=1")
     sink = hosts.run_python(dst, TCP_SINK, hosts.addr(dst), "0", str(total_bytes), *flag)
     source = None
     try:
