@@ -352,6 +352,57 @@ def plain_copies(hosts: NetnsHosts, size: int, keyed: bool, runs: int) -> dict:
     return out
 
 
+def cpu_sweep(hosts: NetnsHosts, workdir: str, key: str | None, args, arms: list, counts: list,
+              size: int) -> dict:
+    """Issue 13 item 3's note on what ``--parallel 2`` gains with more cores: with the bench
+    and everything it starts (agents, guests, plain copies) restricted to the first ``n``
+    CPUs of its affinity for each ``n`` in ``counts`` (inherited: the agents of each count
+    are started under it), each arm's round 0 over one connection and over two, and the
+    plain copy into fresh memory over one and two connections (with a MAC on the keyed arm),
+    ``--repeat`` times each, interleaved.  Medians; the affinity is restored afterwards.
+    ``{str(n): {arm: {...}}}``; a count above the CPUs available is skipped (said so)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    out: dict = {}
+    for n in counts:
+        if n > len(allowed):
+            print(f"cpu sweep: {n} CPUs asked, {len(allowed)} available to this process: skipped")
+            continue
+        cpus = set(allowed[:n])
+        os.sched_setaffinity(0, cpus)
+        pair = None
+        try:
+            row = out[str(n)] = {}
+            for sec in arms:
+                mac_key = os.urandom(32) if sec == "key" else None
+                pair = pair_for(pair, hosts, workdir, sec, key, args, f"{sec}-cpus{n}")
+                runs: dict = {"one": [], "two": [], "copy_one": [], "copy_two": []}
+                for _ in range(args.repeat):
+                    runs["one"].append(pair.full.run(**LINKS[0])["round0_Bps"])
+                    runs["two"].append(pair.full.run(**LINKS[1])["round0_Bps"])
+                    for name, conns in (("copy_one", 1), ("copy_two", 2)):
+                        prewarm(PREWARM_BYTES)
+                        _s, _g, seconds = transfer(hosts, size, hashing=False, fresh=True, connections=conns,
+                                                   mac_key=mac_key)
+                        runs[name].append(size / seconds)
+                med = {k: statistics.median(v) for k, v in runs.items()}
+                # what the agents really run on (inherited from this process when started)
+                agent_cpus = sorted(set().union(*(os.sched_getaffinity(a["proc"].pid) for a in pair.agents)))
+                row[sec] = {"cpus": sorted(cpus), "agent_cpus": agent_cpus, **{f"{k}_Bps": v for k, v in med.items()},
+                            **{f"{k}_Bps_all": v for k, v in runs.items()},
+                            "parallel2_over_single": med["two"] / med["one"],
+                            "copy_2conn_over_one": med["copy_two"] / med["copy_one"]}
+                print(f"INFO {n} CPU(s), {sec:<4} agents: round 0 one connection {med['one'] / 1e6:.0f} MB/s, "
+                      f"--parallel 2 {med['two'] / 1e6:.0f} MB/s = {med['two'] / med['one']:.2f}; plain copy"
+                      f"{' with a MAC' if mac_key else ''} over one / two connections {med['copy_one'] / 1e6:.0f} / "
+                      f"{med['copy_two'] / 1e6:.0f} MB/s = {med['copy_two'] / med['copy_one']:.2f} "
+                      f"(median of {args.repeat})")
+        finally:
+            if pair is not None:
+                pair.stop()
+            os.sched_setaffinity(0, set(allowed))
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="1G", help="guest RAM and baseline copy size (default 1G)")
@@ -375,6 +426,10 @@ def main() -> int:
                         "between the same hosts, on the idle link and during a plain copy")
     p.add_argument("--baseline-runs", type=int, default=3,
                    help="runs of each plain copy (default 3, interleaved; the median is the baseline)")
+    p.add_argument("--cpu-sweep", metavar="COUNTS", default="",
+                   help="e.g. 1,2: also run round 0 over one and two connections, and the plain copies, with "
+                        "everything restricted to that many CPUs, for each count (item 3's note on what "
+                        "--parallel 2 gains with more cores; default: not run)")
     p.add_argument("--no-shaped", action="store_true", help="skip the shaped-link part")
     p.add_argument("--prealloc", action="store_true",
                    help="every migration with --prealloc (the destination allocates the guest's RAM before READY); "
@@ -456,6 +511,13 @@ def main() -> int:
         if "key" in arms and "none" in arms:
             k, u = (result["arms"][s]["unshaped_links"][0]["round0_Bps"] for s in ("key", "none"))
             result["keyed_over_unkeyed"] = k / u
+
+        if args.cpu_sweep:
+            if pair is not None:  # the sweep's agents start under its affinity
+                pair.stop()
+                pair = None
+            result["cpu_sweep"] = cpu_sweep(hosts, workdir, key, args, arms,
+                                            [int(c) for c in args.cpu_sweep.split(",")], size)
 
         if args.postcopy_runs > 0:
             result["fault_floor"] = page_round_trip_floor(hosts, args, fresh_Bps, args.floor_samples,

@@ -50,7 +50,8 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_agent.py"), "--size", "16M",
                         "--empty-size", "0", "--repeat", "1", "--security", "both", "--postcopy-runs", "1",
-                        "--postcopy-rate", "2000", "--floor-samples", "200", "--floor-runs", "1", "--baseline-runs", "1", "--no-shaped", "--strict",
+                        "--postcopy-rate", "2000", "--floor-samples", "200", "--floor-runs", "1", "--baseline-runs", "1", "--cpu-sweep", "1,2",
+                        "--no-shaped", "--strict",
                         "--json", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode in (0, 1), p.stdout + p.stderr
@@ -85,6 +86,14 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
         assert floor["copy_Bps"] == data[f"baseline_fresh{tag}"]["Bps"]
         assert floor["round0_over_copy"] == data["arms"][sec]["unshaped_links"][0]["round0_Bps"] / floor["copy_Bps"]
         assert f"INFO {sec} agents: round 0 / a plain copy into fresh memory" in p.stdout
+    # item 3's note on cores: the sweep ran under the affinity it says, agents included
+    allowed = sorted(os.sched_getaffinity(0))
+    for n in (1, 2)[:len(allowed)]:
+        for sec in ("key", "none"):
+            row = data["cpu_sweep"][str(n)][sec]
+            assert row["cpus"] == row["agent_cpus"] == allowed[:n], row
+            assert row["one_Bps"] > 0 and row["two_Bps"] > 0 and row["copy_two_Bps"] > 0
+            assert row["parallel2_over_single"] == row["two_Bps"] / row["one_Bps"]
     # nothing left: the bench's test hosts are gone
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(line.split()[0].startswith("vb") for line in left.splitlines() if line.strip()), left
