@@ -15,6 +15,7 @@ with their stderr in a file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -27,8 +28,10 @@ import time
 from dataclasses import dataclass
 
 from guests.control import Command, ControlBlock, Field, GuestState
-from vmem.errors import GuestCrashed, GuestError, GuestUnresponsive
+from vmem.errors import GuestCrashed, GuestError, GuestUnresponsive, VmemError
 from vmem.ram import PAGE_SIZE, GuestRam
+
+log = logging.getLogger("vmem.guest")
 
 __all__ = ["ProcessGuest", "PauseInfo", "GuestSpec", "set_spawn_options"]
 
@@ -281,7 +284,20 @@ class ProcessGuest:
             GuestCrashed: the guest exited during boot (its message says why).
             GuestUnresponsive: it did not finish booting within ``timeout_s``.
         """
-        return cls._spawn(GuestRam.create(size_bytes), spec, "boot", GuestState.RUNNING, timeout_s, "boot")
+        guest = cls._spawn(GuestRam.create(size_bytes), spec, "boot", GuestState.RUNNING, timeout_s, "boot")
+        guest._populate_mapping()
+        return guest
+
+    def _populate_mapping(self) -> None:
+        """Map the RAM pages holding data into our page tables now (GuestRam.populate_mapping),
+        while the guest runs and nothing is being timed, rather than one page fault per page
+        inside the first migration's round 0.  A failure only costs that speed: logged, not
+        raised (the guest is fine)."""
+        try:
+            self.ram.populate_mapping()
+        except VmemError as err:
+            log.warning("guest RAM mapping not populated ahead (its first migration reads it at a page "
+                        "fault per page): %s", err)
 
     @classmethod
     def incoming(cls, spec: GuestSpec, npages: int, *, timeout_s: float = 60.0) -> "ProcessGuest":
@@ -350,6 +366,7 @@ class ProcessGuest:
             if guest.ctl[Field.PID] != pid:
                 raise GuestError(f"the control block handed over by process {pid} names pid {guest.ctl[Field.PID]}")
             guest._settle_previous_command(timeout_s)
+            guest._populate_mapping()
         except BaseException:
             for fd in fds:
                 os.close(fd)

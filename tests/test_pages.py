@@ -1,6 +1,8 @@
 """Tests for vmem.pages: the one page-list -> runs helper and its inverses."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -78,3 +80,68 @@ def test_data_runs_in_finds_only_the_holes_written_since():
         assert ram.data_runs_in(holes[:1]).tolist() == [[5, 7]]  # only the holes asked about
         assert ram.data_runs_in(np.array([[0, 64]])).tolist() == ram.data_runs().tolist()
         assert ram.data_runs_in(np.empty((0, 2), np.int64)).tolist() == []
+
+
+def _present_in_our_page_tables(ram) -> np.ndarray:
+    """Which pages of ``ram``'s mapping this process's page tables map now
+    (/proc/self/pagemap bit 63)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(ram.address // 4096 * 8)
+        entries = np.frombuffer(f.read(ram.npages * 8), dtype="<u8")
+    return (entries >> np.uint64(63)).astype(bool)
+
+
+def test_populate_mapping_maps_the_data_pages_and_allocates_no_hole():
+    """GuestRam.populate_mapping: the pages that hold data are in our page tables afterwards
+    (a first migration then reads them without a fault each), the holes stay holes, and the
+    contents do not change."""
+    from vmem.ram import GuestRam
+
+    with GuestRam.create(64 * 4096) as ram:
+        for page in (0, 1, 2, 10, 11, 40):  # written past our mapping, as a guest process does
+            os.pwrite(ram.fd, bytes([page + 1]) * 4096, page * 4096)
+        assert not _present_in_our_page_tables(ram).any()
+        data = ram.data_runs().tolist()
+        assert ram.populate_mapping() == 6
+        assert np.flatnonzero(_present_in_our_page_tables(ram)).tolist() == [0, 1, 2, 10, 11, 40]
+        assert ram.data_runs().tolist() == data  # no hole was allocated by the reads
+        assert [int(ram.pages[p, 0]) for p in (0, 2, 11, 40)] == [1, 3, 12, 41]
+        assert ram.populate_mapping(np.array([[3, 5]])) == 2  # given runs: exactly those
+        assert _present_in_our_page_tables(ram)[[3, 4]].all()
+
+
+def test_populate_mapping_on_a_kernel_without_the_advice_changes_nothing(monkeypatch):
+    """Before Linux 5.14 madvise refuses MADV_POPULATE_READ (EINVAL): 0 pages, no error."""
+    import vmem.ram as ram_mod
+
+    monkeypatch.setattr(ram_mod, "MADV_POPULATE_READ", 0x7FFF)  # an advice no kernel knows
+    with ram_mod.GuestRam.create(16 * 4096) as ram:
+        os.pwrite(ram.fd, b"x" * 4096, 0)
+        assert ram.populate_mapping() == 0
+        assert not _present_in_our_page_tables(ram).any()
+
+
+def test_a_booted_guests_data_pages_are_mapped_in_the_booting_process(boot_guest):
+    """ProcessGuest.boot populates its mapping of the guest's data pages (only those): the
+    guest's first migration out of this process does not fault on every page."""
+    g = boot_guest("idle", size=8 << 20, fill=False)
+    data = runs_to_pages(g.ram.data_runs())
+    assert 0 < len(data) < g.ram.npages  # a fresh guest with holes
+    present = _present_in_our_page_tables(g.ram)
+    assert present[data].all()
+    assert runs_to_pages(g.ram.data_runs()).tolist() == data.tolist()  # no hole allocated
+
+
+def test_a_failed_populate_leaves_the_boot_alone(monkeypatch, boot_guest, caplog):
+    """The populate is only for speed: when it fails the guest still boots, with a warning."""
+    from vmem.errors import VmemError
+    from vmem.ram import GuestRam
+
+    def fail(self, runs=None):
+        raise VmemError("injected: populate failed")
+
+    monkeypatch.setattr(GuestRam, "populate_mapping", fail)
+    with caplog.at_level("WARNING", logger="vmem.guest"):
+        g = boot_guest("idle", size=8 << 20)
+    assert g.alive()
+    assert "not populated ahead" in caplog.text and "injected" in caplog.text
