@@ -5,8 +5,11 @@ Brings up two network namespaces (scripts/testhosts.sh, a unique prefix, torn do
 end whatever happens), starts ``vmem agent`` in each, and measures in the same run:
 
 1. **baseline**: a plain Python TCP copy of the guest's size from host 1 to host 2
-   (transport.tcp, one connection, no framing), on the unshaped veth, twice: into a buffer
-   touched beforehand, and into a fresh memfd (recv + pwrite, what a destination must do);
+   (transport.tcp, no framing), on the unshaped veth: into a buffer touched beforehand, and
+   into a fresh memfd (recv + pwrite, what a destination must do: the issue's baseline);
+   and, as the floors of the other goals, the fresh copy over two connections and with a
+   MAC on every connection (transport.secure.MacChannel: what a keyed link must add), each
+   ``--baseline-runs`` times, interleaved (medians);
 2. **unshaped**: the guest migrated by the agents with each link setting (one connection;
    ``--parallel 2``; ``--compress off|none|zstd|lz4``), back and forth; the ratio is
    round-0 throughput (stream bytes / round time) over the baseline's throughput;
@@ -26,6 +29,11 @@ and 4 with the keyed pair.  Issue 13's goals are printed as ``GOAL`` lines (vmem
 round 0 over one connection >= 0.75x the plain TCP copy into fresh memory and ``--parallel
 2`` >= 1.0x one connection (each pair), keyed / unkeyed round 0 >= 0.8 (both), and the keyed
 fault round trip p50 <= 60 us, p99 <= 500 us; ``--strict`` exits 1 when one is missed.
+Beside them ``INFO`` lines give each arm's round 0 over its floor (the plain copy with what
+that link must do) and the plain copy's two connections over one.  ``--cpu-sweep 1,2``
+repeats round 0 over one and two connections, and those plain copies, with everything
+restricted to 1, then 2 CPUs (affinity, inherited by the agents): what ``--parallel``
+gains with cores.
 
 Every timed transfer, the baselines' and each migration, is preceded by touching and freeing
 2.5x ``--size`` of fresh memory (vmem.bench.prewarm: on this kind of VM a page the kernel
@@ -37,6 +45,7 @@ Timing claims are ratios against a baseline measured in the same run, never abso
 
     sudo .venv/bin/python scripts/bench_agent.py [--size 1G] [--empty-size 8G] [--rate 1gbit]
                                                  [--security key|none|both] [--postcopy-runs 3]
+                                                 [--baseline-runs 3] [--cpu-sweep 1,2]
                                                  [--no-shaped] [--strict] [--json FILE]
 """
 from __future__ import annotations

@@ -33,6 +33,11 @@ way to demand answers, fault threads at nice -15), interleaved with the current 
 alternating), and the summary gives both and their ratios -- the comparison that stays
 meaningful on a loaded machine.  Goals are checked on the current scheduling only.
 
+Every migration is preceded, after its guest booted, by touching and freeing 2.5x ``--size``
+of fresh memory (vmem.bench.prewarm; ``--no-prewarm`` skips it): on this kind of VM free
+memory goes back to the host a few seconds after it is freed, and a destination that drew
+such pages ran the idle push at 0.6-1.2 GB/s instead of ~2.6 (measured, docs/performance.md).
+
 ``--prealloc``: every migration asks the destination to allocate the guest's RAM before
 READY (``vmem migrate --prealloc``); ``--ab-prealloc``: every post-copy scenario with it
 (arm "new", the goals') and without it (arm "no-prealloc"), interleaved, with the ratios.
@@ -58,6 +63,7 @@ from vmem.migration.local import run_local_migration  # noqa: E402
 from vmem.migration.source import MigrationOptions  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
 from vmem.bench.goals import Goals  # noqa: E402
+from vmem.bench.prewarm import prewarm, prewarm_bytes_for  # noqa: E402
 from vmem.bench.roundtrip import paced_round_trips, serve_pages, summary_us  # noqa: E402
 from vmem.migration.inject import PREEMPT_ENV  # noqa: E402
 
@@ -217,16 +223,20 @@ def fault_round_trip_floor(rate_pps: int = 5000, samples: int = 2500, busy: bool
 POSTCOPY_OF = {"postcopy": "pure", "hybrid": "after-precopy", "precopy": "off"}
 
 
-def one(mode: str, rate: int, size: int, workload: str = "hotcold", prealloc: bool = False) -> dict:
+def one(mode: str, rate: int, size: int, workload: str = "hotcold", prealloc: bool = False,
+        prewarm_bytes: int = 0) -> dict:
     """One migration of a fresh ``size`` guest running ``workload`` at ``rate`` pages/s
-    (0: flat out; ignored by ``idle``); ``prealloc``: MigrationOptions.prealloc."""
+    (0: flat out; ignored by ``idle``); ``prealloc``: MigrationOptions.prealloc;
+    ``prewarm_bytes``: fresh memory touched and freed right before the migration
+    (vmem.bench.prewarm), after the guest booted."""
     params = {} if workload == "idle" else {"rate": rate}
     with ProcessGuest.boot(GuestSpec(workload, params, 1), size) as g:
         time.sleep(0.5)
+        prewarm_s = prewarm(prewarm_bytes)
         opts = MigrationOptions(postcopy=POSTCOPY_OF[mode], observe_s=0.3, prealloc=prealloc)
         r = run_local_migration(g, opts).to_dict()
     out = {"mode": mode, "workload": workload, "rate_pps": rate, "outcome": r["outcome"], "downtime_ms": r["downtime_ms"],
-           "blackout_ms": r.get("blackout_ms"), "prealloc": prealloc,
+           "blackout_ms": r.get("blackout_ms"), "prealloc": prealloc, "prewarm_s": prewarm_s,
            "prealloc_ms": r["timings_ms"].get("setup_destination_prealloc"), "setup_ms": r.get("setup_time_ms"),
            "migration_time_s": r.get("migration_time_s"),
            "pause_to_running_ms": r["timings_ms"].get("pause_to_running"),
@@ -265,8 +275,12 @@ def main(argv=None) -> int:
                          "without it (arm 'no-prealloc'), interleaved, and report the ratios")
     p.add_argument("--prealloc", action="store_true",
                    help="every migration with --prealloc (the destination allocates the guest's RAM before READY)")
+    p.add_argument("--no-prewarm", action="store_true",
+                   help="do not touch and free 2.5x --size of fresh memory right before each migration "
+                        "(vmem.bench.prewarm says why it is done)")
     a = p.parse_args(argv)
     size = parse_size(a.size)
+    prewarm_bytes = 0 if a.no_prewarm else prewarm_bytes_for(size)
     results = []
     other = "old" if a.ab else "no-prealloc" if a.ab_prealloc else None  # the comparison arm
     gap_floors, fault_floors = [], []
@@ -284,7 +298,8 @@ def main(argv=None) -> int:
                     os.environ[PREEMPT_ENV] = OLD_SCHEDULING  # read by both sides (the destination inherits it)
                 try:
                     res = one(mode, rate, size, workload,
-                              prealloc=(a.prealloc or a.ab_prealloc) and arm != "no-prealloc")
+                              prealloc=(a.prealloc or a.ab_prealloc) and arm != "no-prealloc",
+                              prewarm_bytes=prewarm_bytes)
                 finally:
                     os.environ.pop(PREEMPT_ENV, None)
                 res["run"] = i

@@ -113,6 +113,7 @@ def test_bench_postcopy_checks_its_goals_on_verified_migrations(tmp_path):
     data = json.loads(out.read_text())
     assert len(data["runs"]) == 7
     assert all(r["outcome"] == "completed" and r["verified"] for r in data["runs"]), data["runs"]
+    assert all(r["prewarm_s"] is not None for r in data["runs"])  # each migration pre-warmed
     goals = {(g["where"], g["goal"]): g for g in data["goals"]}
     assert set(goals) == {
         ("5000 pages/s", "fault p50 us"), ("5000 pages/s", "fault p99 us"),
