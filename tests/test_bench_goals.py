@@ -175,3 +175,34 @@ def test_page_round_trips_time_each_answer_and_notice_a_closed_server():
     finally:
         server.join(10)
         a.close()
+
+
+def test_plain_copy_pieces_cover_every_byte_and_lose_no_error():
+    """vmem.bench.plaincopy (the two ends of the benchmarks' plain copy): the connection
+    slices cover every byte exactly once, bad options are refused, and an exception in one
+    connection's thread is re-raised after all of them ended."""
+    from vmem.bench.plaincopy import connection_slice, copy_options, keyed, on_each_connection
+
+    for total, conns in ((10, 3), (1 << 20, 2), (5, 1), (7, 7)):
+        cuts = [connection_slice(i, conns, total) for i in range(conns)]
+        assert cuts[0][0] == 0 and cuts[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
+    assert copy_options([]) == {"conns": 1, "key": None, "verify": False}
+    assert copy_options(["conns=2", "key=" + "ab" * 32, "verify=1"]) == {"conns": 2, "key": b"\xab" * 32,
+                                                                         "verify": True}
+    for bad in (["conns=0"], ["colour=red"], ["conns"]):
+        with pytest.raises(ValueError):
+            copy_options(bad)
+    sentinel = object()
+    assert keyed(sentinel, None, "client") is sentinel
+
+    done = []
+
+    def work(i):
+        if i == 1:
+            raise RuntimeError("connection 1 broke")
+        done.append(i)
+
+    with pytest.raises(RuntimeError, match="connection 1 broke"):
+        on_each_connection(work, 3)
+    assert sorted(done) == [0, 2]  # the others ran to the end

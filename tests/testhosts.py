@@ -184,13 +184,13 @@ def testhosts():
 # ``verify=1`` (with "nohash"/"fresh": after the clock stops, print the sha256 of the
 # placed bytes instead of "-").
 TCP_SINK = r"""
-import hashlib, os, sys, threading, time
+import hashlib, os, sys, time
 from transport.tcp import listen_tcp, accept_channel
+from vmem.bench.plaincopy import connection_slice, copy_options, keyed, on_each_connection
 host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 mode = sys.argv[4] if len(sys.argv) > 4 else "hash"
-opts = dict(a.split("=", 1) for a in sys.argv[5:])
-conns = int(opts.get("conns", 1))
-key = bytes.fromhex(opts["key"]) if "key" in opts else None
+opts = copy_options(sys.argv[5:])
+conns = opts["conns"]
 assert mode != "hash" or conns == 1, "hash mode takes one connection"
 hashing = mode == "hash"
 digest = hashlib.sha256()
@@ -209,52 +209,32 @@ print(ls.getsockname()[1], flush=True)
 chans = [None] * conns
 for _ in range(conns):
     ch, _peer = accept_channel(ls, 30)
-    if key is not None:
-        from transport.secure import MacChannel
-        ch = MacChannel(ch, key, "server")
+    ch = keyed(ch, opts["key"], "server")
     index = ch.recv_exact(1)[0]
     assert index < conns and chans[index] is None, f"bad connection index {index}"
     chans[index] = ch
-share = total // conns
 times = [None] * conns  # (first byte received, last byte placed) per connection
-errors = []
 
 def receive(i):
-    try:
-        ch = chans[i]
-        lo = i * share
-        hi = total if i == conns - 1 else lo + share
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        got = lo
-        first = True
-        while got < hi:
-            n = min(len(buf), hi - got)
-            if mode != "nohash":
-                ch.recv_into(view[:n])
-            else:
-                ch.recv_into(dest[got:got + n])
-            if first:  # the clock starts when the first bytes are in
-                start = time.perf_counter()
-                first = False
-            if hashing:
-                digest.update(view[:n])
-            elif mode == "fresh":
-                os.pwrite(fresh_fd, view[:n], got)
-            got += n
-        times[i] = (start, time.perf_counter())
-    except BaseException as err:
-        errors.append(err)
+    ch = chans[i]
+    got, hi = connection_slice(i, conns, total)
+    view = memoryview(bytearray(1 << 20))
+    start = None
+    while got < hi:
+        n = min(len(view), hi - got)
+        ch.recv_into(dest[got:got + n] if mode == "nohash" else view[:n])
+        if start is None:  # the clock starts when the first bytes are in
+            start = time.perf_counter()
+        if hashing:
+            digest.update(view[:n])
+        elif mode == "fresh":
+            os.pwrite(fresh_fd, view[:n], got)
+        got += n
+    times[i] = (start, time.perf_counter())
 
-threads = [threading.Thread(target=receive, args=(i,)) for i in range(conns)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-if errors:
-    raise errors[0]
+on_each_connection(receive, conns)
 elapsed = max(t[1] for t in times) - min(t[0] for t in times)
-if not hashing and opts.get("verify") == "1":
+if not hashing and opts["verify"]:
     hashing = True
     if mode == "nohash":
         digest.update(dest)
@@ -277,13 +257,13 @@ if fresh_fd >= 0:
 # after the mode as for TCP_SINK (``conns=N``: N connections, one thread each; ``key=HEX``;
 # ``verify=1``: print the sha256 of the buffer sent).
 TCP_SOURCE = r"""
-import hashlib, sys, threading
+import hashlib, sys
 from transport.tcp import connect_tcp
+from vmem.bench.plaincopy import connection_slice, copy_options, keyed, on_each_connection
 host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 mode = sys.argv[4] if len(sys.argv) > 4 else "hash"
-opts = dict(a.split("=", 1) for a in sys.argv[5:])
-conns = int(opts.get("conns", 1))
-key = bytes.fromhex(opts["key"]) if "key" in opts else None
+opts = copy_options(sys.argv[5:])
+conns = opts["conns"]
 hashing = mode == "hash"
 block = bytes(range(256)) * 4096
 digest = hashlib.sha256()
@@ -297,39 +277,24 @@ if not hashing:  # send a real ``total``-byte buffer (touched first), as a migra
     data = memoryview(data).cast("B")
 chans = []
 for i in range(conns):
-    ch = connect_tcp(host, port)
-    if key is not None:
-        from transport.secure import MacChannel
-        ch = MacChannel(ch, key, "client")
+    ch = keyed(connect_tcp(host, port), opts["key"], "client")
     ch.send(bytes([i]))
     chans.append(ch)
-share = total // conns
-errors = []
 
 def send(i):
-    try:
-        ch = chans[i]
-        sent = i * share
-        hi = total if i == conns - 1 else sent + share
-        while sent < hi:
-            n = min(4 << 20, hi - sent)
-            part = block[:min(len(block), n)] if hashing else data[sent:sent + n]
-            ch.send(part)
-            if hashing:
-                digest.update(part)
-            sent += len(part)
-        assert ch.recv_exact(1) == b"k"
-    except BaseException as err:
-        errors.append(err)
+    ch = chans[i]
+    sent, hi = connection_slice(i, conns, total)
+    while sent < hi:
+        n = min(4 << 20, hi - sent)
+        part = block[:min(len(block), n)] if hashing else data[sent:sent + n]
+        ch.send(part)
+        if hashing:
+            digest.update(part)
+        sent += len(part)
+    assert ch.recv_exact(1) == b"k"
 
-threads = [threading.Thread(target=send, args=(i,)) for i in range(conns)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-if errors:
-    raise errors[0]
-if not hashing and opts.get("verify") == "1":
+on_each_connection(send, conns)
+if not hashing and opts["verify"]:
     hashing = True
     digest.update(data)
 print(digest.hexdigest() if hashing else "-", flush=True)
