@@ -10,12 +10,13 @@ Parts (``--only a,b,...``; default: all, in this order; ``scale`` always runs la
   memfd (what vmem's destination does: same allocation cost) or ``recv_into``s a
   preallocated, already-touched buffer (no allocation at all: socket cost only).
   Goal: vmem round-0 bytes/s >= 0.85 x plain-pwrite bytes/s (issue 13; it was 0.75).
-* ``downtime``: >= 7 idle migrations (goal: median ``downtime_ms`` <= 5 ms) with the
+* ``downtime``: >= 7 idle migrations (goal: median ``downtime_ms`` <= 1 ms, issue 13) with the
   ``timings_ms`` breakdown; then a guest dirtying 5,000 and 50,000 pages/s under Xen's
   default policy (downtime and every round); and idle migrations without pre-warming.
 * ``blackout``: idle, uniform and hotcold guests, each migrated ``--blackout-runs`` times
   (default 5) beside as many baselines (the guest's own longest step gap over as long a
-  window, unmigrated); goal: median ``blackout_ms - downtime_ms`` <= 2 ms.
+  window, unmigrated); goal: median ``blackout_ms - downtime_ms`` <= 2 ms, and for the idle
+  guest median ``blackout_ms`` <= 2 ms (issue 13).
 * ``collect``: ``collect()`` of both trackers on a guest that wrote 1% of its pages,
   (a) paused, (b) still running at that rate; median of >= 20 (goal <= 3 ms); for uffd-wp
   also (c) running, but stopped for the scan (SIGSTOP, collect, SIGCONT: the guest is
@@ -48,6 +49,9 @@ Output: a table per part on stdout, progress on stderr, ``--json FILE`` with eve
 number (including the full migration reports).  Exit status: 0 unless something
 actually failed (a migration not completed/verified, an exception, a leftover process);
 a missed goal is printed as MISSED and does not change the exit status unless ``--strict``.
+Each GOAL line also says in how many trials the goal was met and whether the run settles
+it (vmem.bench.goals: a median whose distribution-free interval spans the goal is
+UNSETTLED -- the next run may well give the other verdict).
 Every median is over the runs that completed verified; the tables say how many were left out.
 
 Usage: python3 scripts/bench_migrate.py [--quick] [--only throughput,downtime,...] [--json FILE]
@@ -95,6 +99,11 @@ PARTS = ["throughput", "downtime", "blackout", "collect", "memory", "pause", "sc
 #: Issue 13 item 3: round 0 on one host >= 0.85 x the plain copy into a fresh memfd (it was
 #: 0.75 before issue 13 raised it; the bench printed 0.75 until 2026-12-05 night).
 ROUND0_GOAL_RATIO = 0.85
+#: Issue 13 item 5: an idle 1 GiB guest's reported downtime, median (the bench checked an
+#: older goal of 5 ms until 2026-12-06; docs/performance.md names the ~1.4 ms floor traced).
+IDLE_DOWNTIME_GOAL_MS = 1.0
+#: Issue 13 item 5: the same guest's blackout (longest step gap), median.
+IDLE_BLACKOUT_GOAL_MS = 2.0
 RAM_MAPPING_PREFIX = "/memfd:vmem-ram"
 
 _T0 = time.monotonic()
@@ -624,12 +633,16 @@ class Bench:
         self._checker = Goals(out=emit)
         self.results: dict = {}
 
-    def goal(self, part: str, what: str, value, op: str, threshold, unit: str = "") -> str:
+    def goal(self, part: str, what: str, value, op: str, threshold, unit: str = "", samples=None) -> str:
         """Check one goal (vmem.bench.goals: a GOAL line with its ratio to the target, as the
-        other benchmarks print; an unmeasured value is missed); "ok" or "MISSED"."""
-        g = self._checker.check(part, what, value, op, threshold, "" if unit == "bytes" else unit)
+        other benchmarks print; an unmeasured value is missed); "ok" or "MISSED".
+        ``samples``: the figure of each trial (or paired trial) behind ``value``: the line then
+        says in how many it was met and whether this run settles the goal."""
+        g = self._checker.check(part, what, value, op, threshold, "" if unit == "bytes" else unit, samples=samples)
+        item = self._checker.items[-1]
         self.goals.append({"part": part, "goal": what, "value": value, "op": op, "threshold": threshold,
-                           "unit": unit, "ratio": self._checker.items[-1]["ratio"], "met": g})
+                           "unit": unit, "ratio": item["ratio"], "met": g,
+                           **{k: item[k] for k in ("trials", "trials_met", "median_interval", "settled") if k in item}})
         return "ok" if g else "MISSED"
 
     def fail(self, msg: str) -> None:
@@ -721,7 +734,7 @@ class Bench:
         whole_ratio = s["vmem"]["whole"]["median"] / base if base else None
         nov = s["vmem-noverify"]["round0"]["median"] / base if base else None
         mark = self.goal("throughput", "vmem round 0 / plain pwrite copy (median bytes/s)", ratio, ">=",
-                         ROUND0_GOAL_RATIO)
+                         ROUND0_GOAL_RATIO, samples=paired)
 
         def row(name, st, ratio_to_base=True):
             r = st["median"] / base if (base and ratio_to_base and st.get("median")) else None
@@ -828,7 +841,8 @@ class Bench:
             return out_
 
         idle_s = dsum(idle)
-        mark = self.goal("downtime", "idle guest: median downtime_ms", idle_s.get("median"), "<=", 5.0, "ms")
+        mark = self.goal("downtime", "idle guest: median downtime_ms", idle_s.get("median"), "<=", IDLE_DOWNTIME_GOAL_MS,
+                         "ms", samples=[r.get("downtime_ms") for r in verified_only(idle)[0]])
         rows = []
         for label, reps in [(f"idle, {len(idle)} runs" + (", pre-warmed" if self.prewarm_on else ""), idle),
                             (f"idle, {len(cold)} runs, NOT pre-warmed (3 s settle)", cold),
@@ -837,7 +851,7 @@ class Bench:
             rows.append([label, fnum(d.get("median")), fnum(d.get("min")), fnum(d.get("max")),
                          ", ".join(fnum(r.get("downtime_ms"), "{:.1f}") for r in reps),
                          sum((r.get("bench", {}).get("other_cpu_s") or 0) > 0.3 for r in reps)])
-        notes = [f"GOAL idle median downtime <= 5 ms: {fnum(idle_s.get('median'))} ms {mark}",
+        notes = [f"GOAL idle median downtime <= {IDLE_DOWNTIME_GOAL_MS:g} ms: {fnum(idle_s.get('median'))} ms {mark}",
                  "under load = runs during which processes outside this benchmark used > 0.3 cpu-s.",
                  "medians/min/max over runs that completed verified; left out (failed or unverified): "
                  + ", ".join(f"{name} {verified_only(r)[1]}" for name, r in
@@ -921,7 +935,11 @@ class Bench:
             dt = summary(r.get("downtime_ms") for r in good)
             bo = summary(r.get("blackout_ms") for r in good)
             nat = summary(natural)
-            mark = self.goal("blackout", f"{workload}: median blackout_ms - downtime_ms", ex.get("median"), "<=", 2.0, "ms")
+            mark = self.goal("blackout", f"{workload}: median blackout_ms - downtime_ms", ex.get("median"), "<=", 2.0, "ms",
+                             samples=excess)
+            if workload == "idle":  # issue 13 item 5: an idle guest's blackout itself
+                self.goal("blackout", "idle: median blackout_ms", bo.get("median"), "<=", IDLE_BLACKOUT_GOAL_MS, "ms",
+                          samples=[r.get("blackout_ms") for r in good])
             rows.append([workload, fnum(dt.get("median")), fnum(bo.get("median")), fnum(ex.get("median")),
                          fnum(ex.get("max")), fnum(nat.get("median")), f"{len(good)}/{left_out}", mark])
             out[workload] = {"downtime_ms": dt, "blackout_ms": bo, "excess_ms": ex, "natural_gap_ms": nat,
@@ -1094,7 +1112,7 @@ class Bench:
                     st, pg, tl = res[mode]["collect_ms"], res[mode]["pages"], res[mode]["tlb_shootdowns"]
                     if is_goal and mode != "stopped":
                         mark = self.goal("collect", f"{kind} collect, {workload} guest {mode}, 1% written (median)",
-                                         st["median"], "<=", 3.0, "ms")
+                                         st["median"], "<=", 3.0, "ms", samples=res[mode]["samples_ms"])
                     else:
                         mark = "(info)"
                     rows.append([f"{kind} / {workload}", mode, fnum(st["median"], "{:.3f}"), fnum(st["p90"], "{:.3f}"),
@@ -1410,8 +1428,12 @@ def main(argv=None) -> int:
              (fnum(g["value"], "{:.3f}") if g["unit"] != "bytes" else fbytes(g["value"])),
              f"{g['op']} " + (fbytes(g["threshold"]) if g["unit"] == "bytes" else f"{g['threshold']:g}") + (
                  f" {g['unit']}" if g["unit"] not in ("", "bytes") else ""),
-             "ok" if g["met"] else "MISSED"] for g in bench.goals]
-    emit(table("goals", ["part", "goal", "value", "target", "result"], rows))
+             "ok" if g["met"] else "MISSED",
+             "-" if "trials" not in g else f"{g['trials_met']}/{g['trials']}" + (
+                 "" if g.get("settled") is not False else " UNSETTLED")] for g in bench.goals]
+    emit(table("goals", ["part", "goal", "value", "target", "result", "trials met"], rows,
+               ["UNSETTLED: the median's distribution-free interval spans the target -- this run cannot tell"
+                " (vmem.bench.goals)."]))
     emit(table("machine load per part (CPU seconds; 'other' = used outside this benchmark, e.g. other sessions)",
                ["part", "wall s", "benchmark cpu s", "other cpu s", "top other processes"], cpu_rows,
                ["'other' also holds kernel threads working for everyone (kworkers, kdamond); a part with several",
@@ -1423,6 +1445,7 @@ def main(argv=None) -> int:
             json.dump({"meta": meta, "goals": bench.goals, "failures": bench.failures, "parts": bench.results}, f,
                       indent=1, default=json_default)
         log(f"wrote {args.json}")
+    emit(bench._checker.summary())
     log(f"done in {time.monotonic() - _T0:.0f} s; {len(bench.failures)} failure(s); "
         f"{sum(not g['met'] for g in bench.goals)} goal(s) missed")
     missed = [g for g in bench.goals if not g["met"]]
