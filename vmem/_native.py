@@ -65,6 +65,7 @@ __all__ = [
     "mprot_faults",
     "digest_pages",
     "digest_range",
+    "digest_impl",
     "digest_page_bytes",
     "set_pdeathsig",
     "place_pages",
@@ -652,6 +653,21 @@ def digest_range(base: int, first_page: int, npages: int, out: np.ndarray) -> No
     dst = _u64_out(out, npages, "digest_range")
     if npages:
         lib.vmem_digest_range(base, first_page, npages, dst)
+
+
+#: digest paths of :func:`digest_impl` (vmem/_build/digest.py)
+DIGEST_IMPLS = {"scalar": 0, "avx512": 1}
+
+
+def digest_impl(want: str | None = None) -> str:
+    """The path every page digest takes: ``"avx512"`` (eight pages at a time, where the CPU
+    and kernel offer AVX-512 F+DQ) or ``"scalar"``; chosen on first use.  ``want`` forces
+    one (``"avx512"`` falls back to ``"scalar"`` where unsupported) -- for tests and
+    comparisons: the digests are the same either way.  Returns the path now in use."""
+    if want is not None and want not in DIGEST_IMPLS:
+        raise ValueError(f"digest_impl: want one of {sorted(DIGEST_IMPLS)}, not {want!r}")
+    got = lib.vmem_digest_impl(-1 if want is None else DIGEST_IMPLS[want])
+    return next(name for name, v in DIGEST_IMPLS.items() if v == got)
 
 
 def digest_page_bytes(page: bytes) -> int:

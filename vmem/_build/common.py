@@ -51,8 +51,10 @@ CUSTOMIZATIONS = r"""
 #define VMEM_UFFD_FILL_POISON 3
 static int64_t vmem_uffd_fill(int fd, int op, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
 
-/* XXH64 of one VMEM_PAGE_SIZE page (digest.py; post-copy digests what it places). */
+/* XXH64 of one VMEM_PAGE_SIZE page, and of n consecutive pages into out[0..n)
+   (digest.py; post-copy digests what it places). */
 static uint64_t vmem_digest_bytes(const uint8_t *data);
+static void vmem_digest_consecutive(const uint8_t *p, size_t n, uint64_t *out);
 
 /* ---- helpers shared by several fragments */
 

@@ -205,10 +205,8 @@ static int64_t vmem_place_pages_gated(int ram_fd, int uffd, uint64_t guest_base,
             vmem_gate_leave(gate, j - i);
         if (rc < 0)
             return rc;
-        if (digests) {
-            const uint8_t *placed = view + (uint64_t)off;
-            for (size_t k = 0; k < j - i; k++)
-                digests[pages[i + k]] = vmem_digest_bytes(placed + k * VMEM_PAGE_SIZE);
+        if (digests) {   /* the run's pages are consecutive: their digests are too */
+            vmem_digest_consecutive(view + (uint64_t)off, j - i, digests + pages[i]);
         }
         int mapped = !faulty || vmem_place_fault_kind == VMEM_PLACE_FAULT_FLIP;
         if (uffd >= 0 && mapped) {
