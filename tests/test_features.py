@@ -22,6 +22,7 @@ def test_doctor_names_features_and_the_tracker_choice():
     from vmem import _native as nat
 
     assert f"post-copy fault threads: {nat.fault_thread_priority()[1]}" in out.stdout
+    assert ("page digests: AVX-512" if nat.digest_impl() == "avx512" else "page digests: scalar") in out.stdout
 
 
 def test_doctor_says_when_the_fault_threads_cannot_be_raised():
