@@ -79,8 +79,10 @@ def test_a_goal_whose_trials_span_it_is_unsettled_whatever_its_median_says():
     assert g.items[2]["settled"] is True and "misses 500" in lines[2] and ") MISSED; met in 0 of 3" in lines[2]
     assert not g.check("t", "one", 70.0, "<=", 60.0, samples=[70.0])  # one trial: cannot tell
     assert g.items[3]["settled"] is None and "too few" in lines[3]
+    assert not g.check("t", "none", None, "<=", 60.0, samples=[None, float("nan")])  # nothing measured
+    assert g.items[4]["settled"] is None and g.items[4]["trials"] == 0 and lines[4].endswith("MISSED; no trial measured")
     assert g.unsettled == [g.items[0]]
-    assert g.summary() == ("goals: 2 met, 2 missed of 4; 1 UNSETTLED by this run's noise (the verdict may flip in "
+    assert g.summary() == ("goals: 2 met, 3 missed of 5; 1 UNSETTLED by this run's noise (the verdict may flip in "
                            "the next run): t: ratio (met in 3 of 5)")
     assert g.exit_status(strict=True) == 1  # the two missed, not the unsettled one
     plain = Goals(out=lambda s: None)

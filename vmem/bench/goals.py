@@ -101,10 +101,10 @@ class Goals:
         item["trials"] = len(xs)
         item["trials_met"] = sum(meets)
         item["samples"] = xs
-        if interval is None:
+        if interval is None:  # nothing measured: the figure itself is missed; nothing to settle
             item["median_interval"] = None
-            item["settled"] = False
-            return "; no trial measured, UNSETTLED"
+            item["settled"] = None
+            return "; no trial measured"
         low, high, cover = interval
         item["median_interval"] = {"low": low, "high": high, "coverage": round(cover, 4)}
         text = f"; met in {sum(meets)} of {len(xs)} trials"
