@@ -141,8 +141,11 @@ static void vmem_digest_ptrs(const uint8_t *const *ptrs, size_t n, uint64_t *out
     if (vmem_digest_impl(-1) == VMEM_DIGEST_AVX512)
         for (; i + VMEM_DIGEST_GROUP <= n; i += VMEM_DIGEST_GROUP)
             vmem_digest8_avx512(ptrs + i, out + i);
-    for (; i < n; i++)
+    for (; i < n; i++) {
+        if (i + 1 < n)
+            __builtin_prefetch(ptrs[i + 1]);   /* scattered pages: start the next one's load */
         out[i] = vmem_digest_page(ptrs[i]);
+    }
 }
 
 /* digest of the n consecutive pages at p into out[0..n) */
