@@ -148,32 +148,29 @@ static void vmem_digest_ptrs(const uint8_t *const *ptrs, size_t n, uint64_t *out
     }
 }
 
-/* digest of the n consecutive pages at p into out[0..n) */
-static void vmem_digest_consecutive(const uint8_t *p, size_t n, uint64_t *out)
+/* digest of n pages into out[0..n): page i at b + pages[i] pages, or b + i pages when
+   pages is NULL (consecutive); gathered in groups for vmem_digest_ptrs */
+static void vmem_digest_at(const uint8_t *b, const int64_t *pages, size_t n, uint64_t *out)
 {
     const uint8_t *ptrs[VMEM_DIGEST_GROUP];
     size_t i = 0;
     while (i < n) {
         size_t k = n - i < VMEM_DIGEST_GROUP ? n - i : VMEM_DIGEST_GROUP;
         for (size_t j = 0; j < k; j++)
-            ptrs[j] = p + ((i + j) << VMEM_PAGE_SHIFT);
+            ptrs[j] = b + ((pages ? (uint64_t)pages[i + j] : (uint64_t)(i + j)) << VMEM_PAGE_SHIFT);
         vmem_digest_ptrs(ptrs, k, out + i);
         i += k;
     }
 }
 
+static void vmem_digest_consecutive(const uint8_t *p, size_t n, uint64_t *out)
+{
+    vmem_digest_at(p, NULL, n, out);
+}
+
 static void vmem_digest_pages(uint64_t base, const int64_t *pages, size_t n, uint64_t *out)
 {
-    const uint8_t *b = (const uint8_t *)(uintptr_t)base;
-    const uint8_t *ptrs[VMEM_DIGEST_GROUP];
-    size_t i = 0;
-    while (i < n) {
-        size_t k = n - i < VMEM_DIGEST_GROUP ? n - i : VMEM_DIGEST_GROUP;
-        for (size_t j = 0; j < k; j++)
-            ptrs[j] = b + ((uint64_t)pages[i + j] << VMEM_PAGE_SHIFT);
-        vmem_digest_ptrs(ptrs, k, out + i);
-        i += k;
-    }
+    vmem_digest_at((const uint8_t *)(uintptr_t)base, pages, n, out);
 }
 
 static void vmem_digest_range(uint64_t base, int64_t first, size_t n, uint64_t *out)
