@@ -11,7 +11,7 @@ missing=()
 "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || missing+=(python3-dev)
 command -v gcc >/dev/null || missing+=(gcc)
-# OpenSSL's headers: the native post-copy threads MAC keyed links with libcrypto's HMAC.
+# OpenSSL's headers: the native GMAC of keyed links (transport and the post-copy threads) uses libcrypto.
 [ -e /usr/include/openssl/hmac.h ] || missing+=(libssl-dev)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -52,14 +52,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.vmem-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ -n "$(find vmem/_build -newer "$stamp" -name '*.py' -o -newer "$stamp" -name '*.c' 2>/dev/null | head -1)" ] \
-   || ! .venv/bin/python -c 'import vmem._vmem_native' 2>/dev/null; then
-  echo "setup: installing vmem and its dependencies into .venv (builds the native extension)"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+   || [ -n "$(find vmem/_build transport/_build -newer "$stamp" -name '*.py' -o -newer "$stamp" -name '*.c' 2>/dev/null | head -1)" ] \
+   || ! .venv/bin/python -c 'import vmem._vmem_native, transport._gmac_native' 2>/dev/null; then
+  echo "setup: installing vmem and its dependencies into .venv (builds the native extensions)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi
-.venv/bin/python -c 'import vmem._native' || { echo "setup: the native extension did not build" >&2; exit 1; }
+.venv/bin/python -c 'import vmem._native, transport._gmac_native' || { echo "setup: the native extensions did not build" >&2; exit 1; }
 
 # Xen's own verify-stream-v2 checks vmem's streams in the tests: Debian's xen-utils-4.17
 # (bookworm main) unpacked into the ignored .cache/xen-utils -- no system install, no

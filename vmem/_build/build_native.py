@@ -28,11 +28,18 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # The shared fragment first (feature macros, headers, helpers used across fragments); the
 # others in any order.
 SHARED_FRAGMENT = "common"
-FRAGMENTS = [SHARED_FRAGMENT, "memfd", "process", "uffd", "pagemap", "mprot", "digest", "postcopy", "kvm"]
+FRAGMENTS = [SHARED_FRAGMENT, "memfd", "process", "uffd", "pagemap", "mprot", "digest", "postcopy", "kvm", "gmac"]
+
+
+# Fragments of other packages vmem depends on, by path from the checkout's root: transport's
+# C GMAC, which the post-copy fault threads tag keyed frames with.
+FOREIGN_FRAGMENTS = {"gmac": os.path.join("transport", "_build", "gmac_fragment.py")}
 
 
 def _load_fragment(name):
-    spec = importlib.util.spec_from_file_location(f"_vmem_build_{name}", os.path.join(_HERE, f"{name}.py"))
+    path = (os.path.join(os.path.dirname(os.path.dirname(_HERE)), FOREIGN_FRAGMENTS[name])
+            if name in FOREIGN_FRAGMENTS else os.path.join(_HERE, f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(f"_vmem_build_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

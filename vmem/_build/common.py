@@ -5,9 +5,9 @@ value on success and ``-errno`` on failure (never relies on the caller reading `
 after the call), so ``vmem._native`` can translate every return code in one place.
 
 build_native.py emits this fragment first; what one fragment uses of another is declared
-here (the I/O helpers are defined here; ``vmem_uffd_fill`` and ``vmem_digest_bytes`` are
-only declared, and defined in their own fragment), so the other fragments may come in any
-order.
+here (the I/O helpers are defined here; ``vmem_uffd_fill``, ``vmem_digest_bytes`` and
+transport's ``transport_gmac_*`` are only declared, and defined in their own fragment), so
+the other fragments may come in any order.
 """
 
 INCLUDES = """
@@ -55,6 +55,14 @@ static int64_t vmem_uffd_fill(int fd, int op, uint64_t dst, uint64_t src, uint64
    (digest.py; post-copy digests what it places). */
 static uint64_t vmem_digest_bytes(const uint8_t *data);
 static void vmem_digest_consecutive(const uint8_t *p, size_t n, uint64_t *out);
+
+/* transport's C GMAC (transport/_build/gmac_fragment.py, compiled in as fragment "gmac";
+   post-copy tags keyed frames with it). */
+typedef struct transport_gmac transport_gmac;
+static int transport_gmac_new(const uint8_t *key, transport_gmac **out);
+static void transport_gmac_free(transport_gmac *g);
+static int transport_gmac_tag(transport_gmac *g, uint64_t seq, size_t nparts, const uint8_t *const *parts,
+                              const size_t *lens, size_t copy_from, uint8_t *copy_to, uint8_t *tag);
 
 /* ---- helpers shared by several fragments */
 

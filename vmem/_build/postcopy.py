@@ -450,7 +450,7 @@ static void vmem_worker_destroy(struct vmem_worker *w)
 struct vmem_link {
     int fd;
     int mac;                               /* 0: plain */
-    EVP_CIPHER_CTX *send_ctx, *recv_ctx;   /* AES-256-GCM, keyed once: a frame sets a nonce */
+    transport_gmac *send_mac, *recv_mac;   /* transport's GMAC (gmac_fragment.py), keyed once */
     uint64_t send_seq, recv_seq;
     uint8_t *rx, *tx;                      /* prefix | payload | tag, VMEM_MAC_MAX_PAYLOAD each */
     size_t rx_len, rx_pos;                 /* verified payload in rx + VMEM_MAC_PREFIX */
@@ -464,13 +464,12 @@ static int vmem_link_set_mac(struct vmem_link *l, const uint8_t *send_key, const
         return -ENOMEM;
     if (!l->tx && !(l->tx = malloc(room)))
         return -ENOMEM;
-    if (!l->send_ctx && !(l->send_ctx = EVP_CIPHER_CTX_new()))
-        return -ENOMEM;
-    if (!l->recv_ctx && !(l->recv_ctx = EVP_CIPHER_CTX_new()))
-        return -ENOMEM;
-    if (EVP_EncryptInit_ex(l->send_ctx, EVP_aes_256_gcm(), NULL, send_key, NULL) != 1
-        || EVP_EncryptInit_ex(l->recv_ctx, EVP_aes_256_gcm(), NULL, recv_key, NULL) != 1)
-        return -EIO;
+    transport_gmac_free(l->send_mac);
+    transport_gmac_free(l->recv_mac);
+    l->send_mac = l->recv_mac = NULL;
+    int rc = transport_gmac_new(send_key, &l->send_mac);
+    if (rc < 0 || (rc = transport_gmac_new(recv_key, &l->recv_mac)) < 0)
+        return rc;
     l->send_seq = send_seq;
     l->recv_seq = recv_seq;
     l->rx_len = l->rx_pos = 0;
@@ -482,23 +481,16 @@ static void vmem_link_free(struct vmem_link *l)
 {
     free(l->rx);
     free(l->tx);
-    EVP_CIPHER_CTX_free(l->send_ctx);      /* clears the key schedule too */
-    EVP_CIPHER_CTX_free(l->recv_ctx);
+    transport_gmac_free(l->send_mac);      /* clears the keys too */
+    transport_gmac_free(l->recv_mac);
 }
 
 /* The frame tag: GMAC = AES-GCM over msg as authenticated data, no plaintext, nonce
-   0^4 | seq (u64, little-endian as transport.gmac packs it).  0 or -EIO. */
-static int vmem_gmac(EVP_CIPHER_CTX *ctx, uint64_t seq, const uint8_t *msg, size_t n, uint8_t tag[VMEM_MAC_TAG])
+   0^4 | seq (u64, little-endian as transport.gmac packs it), computed by transport's C
+   GMAC -- the code transport.gmac runs, so both ends agree by construction.  0 or -EIO. */
+static int vmem_gmac(transport_gmac *g, uint64_t seq, const uint8_t *msg, size_t n, uint8_t tag[VMEM_MAC_TAG])
 {
-    uint8_t iv[12] = {0}, unused[16];
-    int outl = 0;
-    memcpy(iv + 4, &seq, 8);
-    if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, iv) != 1
-        || EVP_EncryptUpdate(ctx, NULL, &outl, msg, (int)n) != 1
-        || EVP_EncryptFinal_ex(ctx, unused, &outl) != 1
-        || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, VMEM_MAC_TAG, tag) != 1)
-        return -EIO;
-    return 0;
+    return transport_gmac_tag(g, seq, 1, &msg, &n, 1, NULL, tag);
 }
 
 static void vmem_mac_prefix(uint8_t *p, uint64_t seq, uint32_t len)
@@ -520,7 +512,7 @@ static int vmem_link_fill(struct vmem_link *l)
         return rc == -EPIPE ? -EBADMSG : rc;   /* truncated inside a frame */
     vmem_mac_prefix(l->rx, l->recv_seq, len);
     uint8_t tag[VMEM_MAC_TAG];
-    if (vmem_gmac(l->recv_ctx, l->recv_seq, l->rx, VMEM_MAC_PREFIX + (size_t)len, tag) < 0)
+    if (vmem_gmac(l->recv_mac, l->recv_seq, l->rx, VMEM_MAC_PREFIX + (size_t)len, tag) < 0)
         return -EIO;
     if (CRYPTO_memcmp(tag, l->rx + VMEM_MAC_PREFIX + len, VMEM_MAC_TAG) != 0)
         return -EBADMSG;
@@ -586,7 +578,7 @@ static int vmem_link_writev(struct vmem_link *l, struct iovec *iov, int iovcnt)
             break;
         vmem_mac_prefix(l->tx, l->send_seq, len);
         uint8_t tag[VMEM_MAC_TAG];
-        if (vmem_gmac(l->send_ctx, l->send_seq, l->tx, VMEM_MAC_PREFIX + (size_t)len, tag) < 0)
+        if (vmem_gmac(l->send_mac, l->send_seq, l->tx, VMEM_MAC_PREFIX + (size_t)len, tag) < 0)
             return -EIO;
         memcpy(payload + len, tag, VMEM_MAC_TAG);
         l->send_seq++;

@@ -165,6 +165,9 @@ def cmd_doctor(args) -> int:
 
     print("page digests: " + ("AVX-512, eight pages per call" if nat.digest_impl() == "avx512" else
                               "scalar (no AVX-512 F+DQ here: the same XXH64, ~4x slower on hot pages)"))
+    from transport.gmac import implementation as gmac_implementation
+
+    print("keyed-link MAC (AES-256-GMAC): " + gmac_implementation())
     from vmem.features import free_page_reporting, kernel_preemption
 
     print(kernel_preemption())
