@@ -33,6 +33,10 @@ def build_ffi() -> FFI:
         fragment.INCLUDES + fragment.CUSTOMIZATIONS,
         extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unused-function"],
         libraries=["crypto"],
+        # the stable ABI, as pip's build (cffi's setuptools hook) does: a build by hand then
+        # writes the same file name (*.abi3.so) and cannot leave a stale *.cpython-*.so that
+        # Python would import in its place
+        py_limited_api=True,
     )
     return ffi
 

@@ -56,6 +56,10 @@ def build_ffi() -> FFI:
         source,
         extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unused-function"],
         libraries=["crypto"],  # AES-256-GMAC of keyed urgent links (OpenSSL's libcrypto, as Python's own ssl)
+        # the stable ABI, as pip's build (cffi's setuptools hook) does: a build by hand then
+        # writes the same file name (*.abi3.so) and cannot leave a stale *.cpython-*.so that
+        # Python would import in its place
+        py_limited_api=True,
     )
     return ffi
 
