@@ -134,9 +134,9 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     data = json.loads(out.read_text())
     goals = {(g["where"], g["goal"]): g for g in data["goals"]}
     assert set(goals) == {
-        ("key agents", "round 0, one connection / plain TCP copy into fresh memory"),
+        ("key agents", "round 0, one connection / plain TCP copy into fresh memory (paired per repeat)"),
         ("key agents", "round 0, --parallel 2 / one connection"),
-        ("none agents", "round 0, one connection / plain TCP copy into fresh memory"),
+        ("none agents", "round 0, one connection / plain TCP copy into fresh memory (paired per repeat)"),
         ("none agents", "round 0, --parallel 2 / one connection"),
         ("keyed vs unkeyed agents", "round 0 throughput, keyed / unkeyed"),
         ("keyed agents", "post-copy fault round trip p50"),
@@ -157,6 +157,13 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     for name in ("baseline", "baseline_fresh", "baseline_fresh_2conn", "baseline_fresh_keyed",
                  "baseline_fresh_keyed_2conn"):
         assert data[name]["Bps"] > 0 and len(data[name]["Bps_all"]) == 1, name
+    # the round-0 goal's trial: that repeat's round 0 over the plain copy made in the same repeat
+    assert len(data["baseline_fresh_paired"]["Bps_all"]) == 1
+    for sec in ("key", "none"):
+        (ratio,) = data["arms"][sec]["round0_over_paired_copy_all"]
+        assert ratio == data["arms"][sec]["unshaped_links"][0]["round0_Bps"] / data["baseline_fresh_paired"]["Bps_all"][0]
+        assert goals[(f"{sec} agents", "round 0, one connection / plain TCP copy into fresh memory (paired per repeat)")
+                     ]["value"] == ratio
     for sec in ("key", "none"):
         floor = data["arms"][sec]["floor"]
         tag = "_keyed" if sec == "key" else ""
