@@ -105,6 +105,33 @@ def test_collect_reports_written_pages_and_rearms(boot_guest, kind):
         t.stop()
 
 
+def test_warm_before_the_final_collect_loses_no_write(boot_guest, kind):
+    """``warm()`` (run right before the pause) reads what the final collect reads and
+    changes nothing it reports: the pages written before it are still in that collect, and
+    it does not re-arm them (a later collect does)."""
+    g = boot_for(boot_guest, kind, "uniform", 16 << 20, rate=20000)
+    mem = memory_of(g)
+    t = make_tracker(g, kind)
+    try:
+        t.start()
+        sleep_for(kind, 0.05)
+        g.pause()
+        t.collect()
+        before = mem.ram.copy()
+        g.resume()
+        sleep_for(kind, 0.1)
+        g.pause()
+        written = written_since(mem, before)
+        assert len(written) > 0
+        t.warm()
+        t.warm()  # twice: it must not consume anything
+        reported = t.collect()
+        assert np.isin(written, reported).all(), f"{int((~np.isin(written, reported)).sum())} written pages lost by warm()"
+        assert len(t.collect()) == 0, "the collect after warm() re-armed what it reported"
+    finally:
+        t.stop()
+
+
 def written_since(mem: GuestMemory, ram_before: np.ndarray) -> np.ndarray:
     """The pages whose bytes changed since ``ram_before`` was copied: exactly the writes a
     tracker must report.  Not the guest's ledger: a KVM vCPU can be kicked out between

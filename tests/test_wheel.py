@@ -77,6 +77,7 @@ def test_wheel_contains_every_package(installed):
     missing = _python_packages(src) - in_wheel
     assert not missing, f"packages missing from the wheel: {sorted(missing)}"
     assert any(n.startswith("vmem/_vmem_native") and n.endswith(".so") for n in names), "no native extension"
+    assert any(n.startswith("transport/_gmac_native") and n.endswith(".so") for n in names), "no native GMAC"
 
 
 def test_installed_wheel_runs_doctor_and_a_verified_migration(installed, tmp_path):
@@ -91,6 +92,7 @@ def test_installed_wheel_runs_doctor_and_a_verified_migration(installed, tmp_pat
                             capture_output=True, text=True, timeout=120)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "userfaultfd" in doctor.stdout
+    assert "keyed-link MAC (AES-256-GMAC): native" in doctor.stdout, doctor.stdout  # transport's extension loaded
 
     report_path = tmp_path / "report.json"
     run = subprocess.run([str(bin_dir / "vmem"), "migrate", "--quiet", "--workload", "hotcold", "--size", "64M",

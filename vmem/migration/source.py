@@ -545,6 +545,7 @@ class SourceMigration:
         self._phase("stop-and-copy", "letting the destination catch up")
         drain_ms = self._drain(DRAIN_TARGET_BYTES, DRAIN_TIMEOUT_S)
         self._phase("stop-and-copy", "pausing the guest")
+        self.tracker.warm()  # the final collect's walk, cached now rather than read inside the downtime
         t_pause0 = time.monotonic()
         self.paused = g.pause()
         inject.stop_copy_delay()  # test-only: a regression on purpose (no-op unless set)
@@ -666,6 +667,8 @@ class SourceMigration:
         self._phase("postcopy", "letting the destination catch up")
         drain_ms = self._drain(DRAIN_TARGET_BYTES, DRAIN_TIMEOUT_S)
         self._phase("postcopy", "pausing the guest")
+        if holes is None:
+            self.tracker.warm()  # as before a stop-and-copy: the final collect's walk, cached
         t_pause0 = time.monotonic()
         self.paused = g.pause()
         inject.stop_copy_delay()  # test-only: a regression on purpose (no-op unless set)

@@ -49,6 +49,11 @@ class DirtyTracker(abc.ABC):
         self.collects += 1
         return pages
 
+    def warm(self) -> None:
+        """Get ready for a ``collect()`` that is about to come (the final one, inside the
+        downtime): bring what it reads into the CPU caches, changing nothing a ``collect()``
+        reports.  Optional; a no-op unless the mechanism has something to warm."""
+
     @abc.abstractmethod
     def _collect(self) -> np.ndarray:
         """The mechanism: written pages since the last collect, re-armed before returning."""

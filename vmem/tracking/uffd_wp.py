@@ -76,6 +76,16 @@ class UffdWpTracker(DirtyTracker):
         self._nat.uffd_writeprotect(self._uffd, self._base, self._length, True)
         self._armed = True
 
+    def warm(self) -> None:
+        """Walk the range once without re-protecting anything (no ``PM_SCAN_WP_MATCHING``: a
+        page written stays written for the next collect), so that the final collect finds
+        the guest's page tables in cache: 1 GiB of 4 KiB pages is 2 MiB of them, which a
+        round of copying evicts, and the walk that reads them from memory took 0.54 ms
+        inside an idle guest's downtime against ~0.32 ms warm (docs/performance.md)."""
+        nat = self._nat
+        nat.pagemap_scan(self._pagemap, self._base, self._base + self._length, flags=nat.PM_SCAN_CHECK_WPASYNC,
+                         category_mask=nat.PAGE_IS_WRITTEN, return_mask=nat.PAGE_IS_WRITTEN)
+
     def _collect(self) -> np.ndarray:
         nat = self._nat
         regions = nat.pagemap_scan(
