@@ -30,6 +30,7 @@ failed.
 from __future__ import annotations
 
 import ctypes.util
+import errno
 import functools
 import struct
 from collections.abc import Iterable
@@ -121,7 +122,7 @@ class Gmac:
             ffi, lib = self._ffi, self._lib = _NATIVE
             out = ffi.new("transport_gmac **")
             rc = lib.transport_gmac_new(key, out)
-            if rc == -12:
+            if rc == -errno.ENOMEM:
                 raise MemoryError("transport_gmac_new failed")
             if rc < 0:
                 raise GmacUnavailable("libcrypto AES-256 key setup failed")

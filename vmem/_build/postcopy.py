@@ -42,9 +42,7 @@ struct vmem_pc_src_stats {
 """
 
 INCLUDES = """
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/evp.h>
+#include <openssl/crypto.h>          /* CRYPTO_memcmp; the GMAC itself: transport's gmac fragment */
 #include <poll.h>
 #include <pthread.h>
 #include <sys/resource.h>
