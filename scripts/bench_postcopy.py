@@ -249,7 +249,10 @@ def one(mode: str, rate: int, size: int, workload: str = "hotcold", prealloc: bo
                    priority=pc.get("source", {}).get("fault_thread_priority"),
                    push_yields=pc.get("source", {}).get("push_yields"),
                    first_step_faults=(pc.get("first_step") or {}).get("faults"),
-                   first_step_blocked_ms=(pc.get("first_step") or {}).get("blocked_ms"))
+                   first_step_blocked_ms=(pc.get("first_step") or {}).get("blocked_ms"),
+                   blackout_at_s=r.get("blackout_at_s"),
+                   blackout_until_complete_ms=pc.get("blackout_until_complete_ms"),
+                   blackout_after_complete=pc.get("blackout_after_complete"))
     return out
 
 
@@ -346,7 +349,12 @@ def main(argv=None) -> int:
                                   "pause_to_running_ms": med(mode, 0, "pause_to_running_ms"),
                                   "first_step_faults": med(mode, 0, "first_step_faults"),
                                   "first_step_blocked_ms": med(mode, 0, "first_step_blocked_ms"),
-                                  "push_rate_GBps": (med(mode, 0, "push_rate_Bps") or 0) / 1e9}
+                                  "push_rate_GBps": (med(mode, 0, "push_rate_Bps") or 0) / 1e9,
+                                  "blackout_until_complete_ms": med(mode, 0, "blackout_until_complete_ms"),
+                                  "blackout_after_complete_trials": sum(
+                                      1 for r in results if r["mode"] == mode and r["workload"] == "hotcold"
+                                      and r["rate_pps"] == 0 and r.get("arm", "new") == "new"
+                                      and r.get("blackout_after_complete"))}
                            for mode in ("postcopy", "hybrid")}
     summary["plain_copy_GBps"] = round(statistics.median(r["plain_copy_Bps"] for r in results) / 1e9, 3)
     summary["step_gap_floor"] = {"runs": gap_floors,
@@ -396,6 +404,13 @@ def main(argv=None) -> int:
           f"between two processes at 5,000/s while a plain copy and one more busy process share the CPUs: p50 "
           f"{ff['p50_us']} us, p99 {ff['p99_us']} us (median; p99 per run "
           f"{', '.join(str(f['p99_us']) for f in ff['busy_runs'])}); alone: p99 {ff['idle']['p99_us']} us")
+    for mode in ("postcopy", "hybrid"):  # where the blackout fell: inside the post-copy or after it
+        fo = summary["flat_out"][mode]
+        trials = len(each(mode, 0, "blackout_ms"))
+        print(f"INFO flat out, {'pure post-copy' if mode == 'postcopy' else 'hybrid'}: the longest gap fell after the "
+              f"last page was placed (verification, the source's exit, the machine) in "
+              f"{fo['blackout_after_complete_trials']} of {trials} trials; the longest gap until then "
+              f"{fo['blackout_until_complete_ms']} ms (median; the goal is on blackout_ms)")
     gf = summary["step_gap_floor"]
     print(f"INFO flat out: blackout pure {summary['flat_out']['postcopy']['blackout_ms']} / hybrid "
           f"{summary['flat_out']['hybrid']['blackout_ms']} ms; without vmem, a single-threaded loop's longest gap while "

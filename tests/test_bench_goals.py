@@ -214,6 +214,13 @@ def test_bench_postcopy_checks_its_goals_on_verified_migrations(tmp_path):
     floor = data["summary"]["step_gap_floor"]
     assert len(floor["runs"]) == 1 and floor["longest_gap_ms"] > 0
     assert "a single-threaded loop's longest gap" in p.stdout
+    # where each flat-out blackout fell: the longest gap until the last page was placed is
+    # there per trial, and the count of trials whose blackout came later is printed
+    for mode in ("postcopy", "hybrid"):
+        (run,) = [r for r in data["runs"] if r["mode"] == mode and r["rate_pps"] == 0 and r["workload"] == "hotcold"]
+        assert run["downtime_ms"] <= run["blackout_until_complete_ms"] <= run["blackout_ms"]
+        assert data["summary"]["flat_out"][mode]["blackout_after_complete_trials"] == int(run["blackout_after_complete"])
+    assert p.stdout.count("the longest gap fell after the last page was placed") == 2
     faults = data["summary"]["fault_round_trip_floor"]
     assert len(faults["busy_runs"]) == 1 and 0 < faults["idle"]["p50_us"] <= faults["idle"]["p99_us"]
     assert "a plain page round trip" in p.stdout

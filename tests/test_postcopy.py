@@ -60,6 +60,11 @@ def assert_migrated(report, mode: str):
     assert dest["alive"] and dest["steps_since_resume"] > 0  # the guest keeps running there
     assert d["rounds"][-1]["kind"] == "postcopy"
     assert d["blackout_ms"] is not None and d["blackout_ms"] >= d["downtime_ms"]
+    # the longest gap until the last page was placed lies between the two, and says whether
+    # the report's blackout came after the post-copy
+    until = pc["blackout_until_complete_ms"]
+    assert d["downtime_ms"] <= until <= d["blackout_ms"]
+    assert pc["blackout_after_complete"] == (d["blackout_ms"] > until)
     return d
 
 
@@ -467,3 +472,26 @@ def test_pusher_starts_no_batch_while_a_fault_is_being_answered(monkeypatch, giv
         assert writer.batches_while_answering == 0 and pc.push_yields == 1
     else:
         assert writer.batches_while_answering >= 1 and pc.push_yields == 0
+
+
+def test_blackout_after_the_postcopy_is_told_apart():
+    """``postcopy.blackout_until_complete_ms`` takes the longer of the downtime and the guest's
+    longest gap when the last page was placed; a longer ``blackout_ms`` is flagged as after
+    the post-copy (a gap in the verification or the observe window, not the migration's)."""
+    from types import SimpleNamespace
+
+    from vmem.migration.report import MigrationReport
+    from vmem.migration.source import SourceMigration
+
+    def fill(downtime, blackout, gap_ns):
+        r = MigrationReport()
+        r.downtime_ms, r.blackout_ms = downtime, blackout
+        r.postcopy = {} if gap_ns is None else {"max_gap_ns_at_complete": gap_ns}
+        SourceMigration._fill_postcopy_blackout(SimpleNamespace(report=r))
+        return r.postcopy
+
+    assert fill(5.0, 30.0, 8_000_000) == {"max_gap_ns_at_complete": 8_000_000, "blackout_until_complete_ms": 8.0,
+                                          "blackout_after_complete": True}
+    assert fill(5.0, 8.0, 8_000_000)["blackout_after_complete"] is False       # the blackout was the push's gap
+    assert fill(12.0, 12.0, 3_000_000)["blackout_until_complete_ms"] == 12.0    # the downtime was the longest
+    assert fill(5.0, 30.0, None) == {}  # an older destination that does not send it: nothing claimed

@@ -317,6 +317,9 @@ class DestinationMigration:
         during_s = (t_done - t_res) / 1e9
         stats["guest_steps_during"] = at_done["steps"] - at_res["steps"]
         stats["during_s"] = round(during_s, 6)
+        # The guest's longest step gap since its resume, as it stood when the last page was
+        # placed: the source tells the migration's own gaps from later ones with it.
+        stats["max_gap_ns_at_complete"] = int(at_done.get("max_gap_ns") or 0)
         self._postcopy_done_counters = (t_done, at_done)
         self._send_control(wire.ControlType.POSTCOPY_STATUS, stats)
 

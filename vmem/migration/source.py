@@ -915,6 +915,7 @@ class SourceMigration:
             dest_report = control.decode_json(body)
             r.guest["destination"] = dest_report.get("guest", {})
             self._fill_blackout(r.guest["destination"].get("counters") or {})
+            self._fill_postcopy_blackout()
             r.processes.update(dest_report.get("processes", {}))
             after = dest_report.get("postcopy_after")
             if r.postcopy is not None and after and after.get("seconds"):
@@ -959,6 +960,22 @@ class SourceMigration:
         if end_ns and gap_ms > r.blackout_ms:
             r.blackout_ms = round(gap_ms, 3)
             r.blackout_at_s = round(self._since_pause_ms(end_ns) / 1e3, 6)
+
+    def _fill_postcopy_blackout(self) -> None:
+        """``postcopy["blackout_until_complete_ms"]``: the longest gap the guest saw from the
+        pause until the destination had every page -- the downtime, or a longer gap of the
+        resumed guest that ended before then (one still open at that moment is not in it).
+        ``blackout_ms`` runs on to the end of the observe window; when it is longer, its gap
+        came after the post-copy (``blackout_after_complete``): verification, the source's
+        exit, or the machine (docs/performance.md, "Where a flat-out guest's hybrid blackout
+        lands")."""
+        r = self.report
+        pc = r.postcopy
+        if pc is None or r.downtime_ms is None or pc.get("max_gap_ns_at_complete") is None:
+            return
+        until = max(r.downtime_ms, round(int(pc["max_gap_ns_at_complete"]) / 1e6, 3))
+        pc["blackout_until_complete_ms"] = until
+        pc["blackout_after_complete"] = r.blackout_ms is not None and r.blackout_ms > until
 
     def _since_pause_ms(self, dest_ns) -> float:
         """Milliseconds from our guest's pause to a destination clock reading, on our clock."""
