@@ -351,10 +351,7 @@ def main(argv=None) -> int:
                                   "first_step_blocked_ms": med(mode, 0, "first_step_blocked_ms"),
                                   "push_rate_GBps": (med(mode, 0, "push_rate_Bps") or 0) / 1e9,
                                   "blackout_until_complete_ms": med(mode, 0, "blackout_until_complete_ms"),
-                                  "blackout_after_complete_trials": sum(
-                                      1 for r in results if r["mode"] == mode and r["workload"] == "hotcold"
-                                      and r["rate_pps"] == 0 and r.get("arm", "new") == "new"
-                                      and r.get("blackout_after_complete"))}
+                                  "blackout_after_complete_trials": sum(each(mode, 0, "blackout_after_complete"))}
                            for mode in ("postcopy", "hybrid")}
     summary["plain_copy_GBps"] = round(statistics.median(r["plain_copy_Bps"] for r in results) / 1e9, 3)
     summary["step_gap_floor"] = {"runs": gap_floors,

@@ -178,5 +178,19 @@ def test_copy_and_tag_tags_what_it_wrote_while_the_source_changes(native_impl):
         stop.clear()
 
 
-def test_implementation_is_named():
-    assert "libcrypto" in gmac.implementation() or "VPCLMULQDQ" in gmac.implementation()
+def test_implementation_names_the_backend_in_use(monkeypatch):
+    """What `vmem doctor` prints follows the backend that computes the tags."""
+    with monkeypatch.context() as m:
+        m.setattr(gmac, "_NATIVE", None)
+        assert "ABI mode" in gmac.implementation() and "not built" in gmac.implementation()
+    if gmac._NATIVE is None:
+        pytest.skip("transport._gmac_native is not built")
+    lib = gmac._NATIVE[1]
+    before = lib.transport_gmac_impl(-1)
+    try:
+        assert lib.transport_gmac_impl(0) == 0
+        assert gmac.implementation().startswith("native: libcrypto AES-256-GCM")
+        if lib.transport_gmac_impl(1) == 1:
+            assert gmac.implementation().startswith("native: GHASH on VPCLMULQDQ")
+    finally:
+        lib.transport_gmac_impl(before)
