@@ -560,17 +560,29 @@ class ProcessGuest:
             raise GuestError(f"guest {self.pid} failed to resume (result {res}): {msg}")
 
     def wait_first_step(self, timeout_s: float = 10.0) -> int:
-        """Wait until the resumed guest has completed a step; returns that CLOCK_MONOTONIC ns."""
+        """Wait until the resumed guest has completed a step; returns that CLOCK_MONOTONIC ns.
+
+        The guest writes a byte to the socket after its first step (as after an
+        acknowledgement), so this blocks in select() instead of polling: the first step of
+        a post-copy guest is a chain of faults across both CPUs, and a poller waking every
+        100 us took CPU from it.
+        """
         fields = self.ctl.fields
+        first = int(Field.FIRST_STEP_NS)
         deadline = time.monotonic() + timeout_s
         resumed = fields[Field.RESUMED_AT_NS]
-        while fields[Field.FIRST_STEP_NS] < resumed:
+        while fields[first] < resumed:
             if not self.alive():
                 raise self._crashed("first step")
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise GuestUnresponsive(f"guest {self.pid} ran no step within {timeout_s:.0f} s of resuming")
-            time.sleep(0.0001)
-        return fields[Field.FIRST_STEP_NS]
+            if fields[first] >= resumed:
+                break
+            readable, _, _ = select.select([self._sock], [], [], min(remaining, 0.05))
+            if readable:
+                self._drain_socket()
+        return fields[first]
 
     def verify(self, timeout_s: float = 600.0) -> dict:
         """Ask the guest to check all of its RAM against its own ledger (it pauses its workload meanwhile)."""

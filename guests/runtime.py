@@ -529,6 +529,7 @@ class GuestRuntime:
                 if self.first_step_pending:
                     fields[Field.FIRST_STEP_NS] = now
                     self.first_step_pending = False
+                    self._notify_parent()  # its wait_first_step() blocks on the socket
                 fields[pw_idx] = self.pages_written_base + mem.pages_written
                 if self.throttle and now - self.period_start_ns >= self.run_quota_ns:
                     self._throttle_pause()

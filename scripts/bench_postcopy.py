@@ -252,6 +252,7 @@ def one(mode: str, rate: int, size: int, workload: str = "hotcold", prealloc: bo
                    first_step_blocked_ms=(pc.get("first_step") or {}).get("blocked_ms"),
                    blackout_at_s=r.get("blackout_at_s"),
                    blackout_until_complete_ms=pc.get("blackout_until_complete_ms"),
+                   blackout_until_complete_at_s=pc.get("blackout_until_complete_at_s"),
                    blackout_after_complete=pc.get("blackout_after_complete"))
     return out
 

@@ -53,6 +53,30 @@ def test_pause_latency_is_measured_and_repeated_pauses_work(boot_guest):
     assert g.verify()["ok"]
 
 
+def test_waiting_for_the_first_step_gives_up_and_notices_a_crash(boot_guest, monkeypatch):
+    """wait_first_step() blocks on the guest's socket: a guest that makes no step (a
+    test-only stall before its first step) is reported unresponsive at the timeout, and one
+    that dies meanwhile is reported crashed, not waited on."""
+    from guests.runtime import STALL_ENV
+    from vmem.errors import GuestUnresponsive
+
+    src = boot_guest("hotcold", rate=20000)
+    time.sleep(0.1)
+    info = src.pause()
+    monkeypatch.setenv(STALL_ENV, "0:20000")
+    dst = ProcessGuest.incoming(src.spec, src.npages)
+    try:
+        dst.ram.pages[:] = src.ram.pages
+        dst.resume(info.context)
+        with pytest.raises(GuestUnresponsive, match="ran no step"):
+            dst.wait_first_step(timeout_s=0.3)
+        os.kill(dst.pid, signal.SIGKILL)
+        with pytest.raises(GuestCrashed):
+            dst.wait_first_step(timeout_s=20)
+    finally:
+        dst.close()
+
+
 def test_incoming_guest_continues_from_context(boot_guest):
     """Copy RAM + context by hand into an incoming guest: it resumes and verifies."""
     src = boot_guest("hotcold", rate=20000)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from vmem.pages import hole_runs, merge_pages, merge_sorted_pages, page_runs, ranges_to_pages, runs_to_pages
+from vmem.pages import count_runs, hole_runs, merge_pages, merge_sorted_pages, page_runs, ranges_to_pages, runs_to_pages
 
 
 @pytest.mark.parametrize("pages, runs", [
@@ -145,3 +145,16 @@ def test_a_failed_populate_leaves_the_boot_alone(monkeypatch, boot_guest, caplog
         g = boot_guest("idle", size=8 << 20)
     assert g.alive()
     assert "not populated ahead" in caplog.text and "injected" in caplog.text
+
+
+def test_count_runs_counts_what_page_runs_lists():
+    """count_runs(mask) == the number of runs page_runs lists for the same pages, at the
+    edges (first / last page set, all, none, empty) and on scattered masks."""
+    rng = np.random.default_rng(5)
+    masks = [np.zeros(0, bool), np.zeros(7, bool), np.ones(7, bool), np.array([True]), np.array([False]),
+             np.array([True, False, True]), np.array([False, True, True, False]), np.array([False, False, True])]
+    masks += [rng.random(4096) < p for p in (0.01, 0.3, 0.5, 0.9, 0.999)]
+    for m in masks:
+        assert count_runs(m) == len(page_runs(np.flatnonzero(m), len(m))[0]), m
+    with pytest.raises(ValueError, match="one-dimensional"):
+        count_runs(np.zeros((2, 2), bool))

@@ -8,6 +8,7 @@ it fail on the spot.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
@@ -86,7 +87,8 @@ def test_postcopy_each_workload(boot_guest, workload, params, postcopy, mode):
 
 @pytest.mark.parametrize("workload,params,max_runs", [
     ("hotcold", {"rate": 20000}, "1000000"), ("checker", {"rate": 20000, "reads": 64}, "1000000"),
-    ("hotcold", {"rate": 20000}, "0")], ids=["narrowed", "narrowed-checker", "whole-ram"])
+    ("hotcold", {"rate": 20000}, "0"), ("hotcold", {"rate": 20000}, "1")],
+    ids=["narrowed", "narrowed-checker", "whole-ram", "over-the-limit"])
 def test_a_hybrid_switch_traps_only_the_pending_pages(boot_guest, monkeypatch, workload, params, max_runs):
     """At a hybrid switch only the runs of pending pages stay registered MISSING|MINOR: the
     resumed guest's first touches of pre-copied pages, and of pages the source never had
@@ -98,7 +100,8 @@ def test_a_hybrid_switch_traps_only_the_pending_pages(boot_guest, monkeypatch, w
     from vmem.migration import inject
 
     # a limit no pending set reaches (a loaded host leaves more pending runs than the
-    # default's 128), or 0: never narrow
+    # default's 128), 0: never narrow, or 1: a limit every hotcold pending set is over (its
+    # dirty pages are scattered), which the switch must count and not narrow
     monkeypatch.setenv(inject.NARROW_MAX_RUNS_ENV, max_runs)
     g = boot_guest(workload, SIZE, **params)
     time.sleep(0.2)
@@ -108,7 +111,7 @@ def test_a_hybrid_switch_traps_only_the_pending_pages(boot_guest, monkeypatch, w
     report = run_local_migration(g, MigrationOptions(postcopy="after-precopy", observe_s=0.3, bandwidth_Bps=25e6))
     pc = assert_migrated(report, "hybrid")["postcopy"]
     assert 0 < pc["pages_pending"] < report.guest_pages
-    if max_runs != "0":
+    if max_runs not in ("0", "1"):
         assert pc["narrowed_runs"] > 0 and pc["pages_mapped_ahead"] == 0
         # a fault the thread resolves here can only be a pending page that arrived meanwhile
         assert pc["local_faults"] <= pc["pages_pending"]
@@ -202,6 +205,52 @@ def test_destination_dies_after_the_switch(boot_guest):
     assert "PAUSED" in report.reason and "post-copy" in report.reason
     assert g.alive()
     assert g.verify()["ok"]  # the source's RAM is intact
+
+
+@pytest.mark.parametrize("urgent", [True, False], ids=["native", "python"])
+def test_destination_dies_while_the_source_pauses_for_the_switch(boot_guest, urgent):
+    """The fault server starts before the pause; a destination gone at that moment (before
+    TRANSITION) fails the migration before the switch: the source guest runs on with its
+    RAM intact, and the server's thread is stopped (none left behind)."""
+    import threading
+
+    g = boot_guest("hotcold", 64 << 20, rate=20000)
+    time.sleep(0.2)
+    holder = {}
+
+    def tasks() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    class KillAtPause:
+        def phase(self, name, detail=""):
+            if name == "postcopy" and detail == "pausing the guest":
+                holder["dest"].kill()
+                holder["dest"].wait()
+                holder["killed"] = True
+
+        def round_start(self, index, pages, kind):
+            pass
+
+        def sent(self, pages, nbytes):
+            pass
+
+        def round_end(self, stats):
+            pass
+
+    before = tasks()
+    opts = MigrationOptions(postcopy="pure", observe_s=0, bandwidth_Bps=None)
+    report = _migrate_by_hand(g, opts, urgent=urgent, progress=KillAtPause(), on_dest=lambda d: holder.update(dest=d))
+    assert holder.get("killed"), "the kill was not injected: the phase it waits for was renamed"
+    assert report.outcome == "failed", report.reason
+    assert report.source_guest_state == "running", report.reason
+    assert "the destination closed the connection" in report.reason, report.reason
+    assert g.alive() and g.verify()["ok"]
+    assert not [t for t in threading.enumerate() if t.name == "vmem-pc-faultserver"]
+    for _ in range(200):  # bounded: the C server's thread is joined by stop(), this is slack
+        if tasks() <= before:
+            break
+        time.sleep(0.01)
+    assert tasks() <= before, f"{tasks() - before} threads left behind"
 
 
 def test_pfn_list_records_are_bounded():
@@ -491,7 +540,20 @@ def test_blackout_after_the_postcopy_is_told_apart():
         return r.postcopy
 
     assert fill(5.0, 30.0, 8_000_000) == {"max_gap_ns_at_complete": 8_000_000, "blackout_until_complete_ms": 8.0,
-                                          "blackout_after_complete": True}
+                                          "blackout_until_complete_at_s": None, "blackout_after_complete": True}
     assert fill(5.0, 8.0, 8_000_000)["blackout_after_complete"] is False       # the blackout was the push's gap
     assert fill(12.0, 12.0, 3_000_000)["blackout_until_complete_ms"] == 12.0    # the downtime was the longest
     assert fill(5.0, 30.0, None) == {}  # an older destination that does not send it: nothing claimed
+
+    # When that gap ended: the downtime's end, or the longer gap's end on the pause's clock.
+    def fill_at(downtime, gap_ns, end_ns):
+        r = MigrationReport()
+        r.downtime_ms, r.blackout_ms = downtime, 40.0
+        r.postcopy = {"max_gap_ns_at_complete": gap_ns, "max_gap_end_ns_at_complete": end_ns}
+        me = SimpleNamespace(report=r, _since_pause_ms=lambda ns: (ns - 1_000_000_000) / 1e6)
+        SourceMigration._fill_postcopy_blackout(me)
+        return r.postcopy["blackout_until_complete_at_s"]
+
+    assert fill_at(5.0, 8_000_000, 1_250_000_000) == 0.25   # a gap during the push, 0.25 s after the pause
+    assert fill_at(12.0, 3_000_000, 1_250_000_000) == 0.012  # the downtime was longer: it ends at 12 ms
+    assert fill_at(5.0, 8_000_000, 0) is None  # the longer gap's end not sent: not claimed

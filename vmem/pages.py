@@ -72,6 +72,21 @@ def page_runs(pages: np.ndarray, npages: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
+def count_runs(mask: np.ndarray) -> int:
+    """How many maximal runs of True a one-dimensional boolean ``mask`` holds.
+
+    What ``len(page_runs(np.flatnonzero(mask), len(mask))[0])`` is, without listing the
+    pages: two passes over the mask (~20 us for 1 GiB of pages) where ``flatnonzero`` of a
+    scattered mask alone takes ~0.4 ms -- for deciding whether listing the runs is worth it.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 1:
+        raise ValueError(f"mask must be one-dimensional, got shape {mask.shape}")
+    if not mask.size:
+        return 0
+    return int(np.count_nonzero(mask[1:] > mask[:-1])) + int(mask[0])
+
+
 def hole_runs(runs: np.ndarray, npages: int) -> np.ndarray:
     """The runs of ``[0, npages)`` not covered by ``runs`` (sorted, not overlapping
     ``[first, end)`` rows, as ``GuestRam.data_runs`` returns them), as an ``(n, 2)`` int64

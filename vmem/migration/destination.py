@@ -320,6 +320,7 @@ class DestinationMigration:
         # The guest's longest step gap since its resume, as it stood when the last page was
         # placed: the source tells the migration's own gaps from later ones with it.
         stats["max_gap_ns_at_complete"] = int(at_done.get("max_gap_ns") or 0)
+        stats["max_gap_end_ns_at_complete"] = int(at_done.get("max_gap_end_ns") or 0)
         self._postcopy_done_counters = (t_done, at_done)
         self._send_control(wire.ControlType.POSTCOPY_STATUS, stats)
 

@@ -273,7 +273,7 @@ class SourceMigration:
         Reads at most one control record, within ``wait_s``, and only when no post-copy
         thread owns the receive side.  Any failure to read just means "no reason given".
         """
-        if self._pc is not None:
+        if self._pc is not None and self._pc.owns_back_channel:
             return None
         try:
             if not self.ch.wait_readable(wait_s):
@@ -610,7 +610,6 @@ class SourceMigration:
         ``dirty``: pages dirtied in the last pre-copy round (hybrid), None for pure post-copy.
         """
         from vmem.format.postcopy import MAX_PFNS_PER_RECORD, encode_pfn_list
-        from vmem.migration.postcopy.source import PostcopySource
         from vmem.pages import hole_runs, runs_to_pages
 
         # Load the native module now: the fault server starts inside the downtime, and the
@@ -666,6 +665,10 @@ class SourceMigration:
         # TRANSITION behind them read 2.4-2.7 ms late).
         self._phase("postcopy", "letting the destination catch up")
         drain_ms = self._drain(DRAIN_TARGET_BYTES, DRAIN_TIMEOUT_S)
+        # The fault server before the pause: constructing it and starting its thread took
+        # 0.3-0.4 ms of the downtime (measured), and nothing reaches it before TRANSITION.
+        # (A test's stale-page injection serves RAM built from the final list: after it.)
+        pc = None if inject.stale_pages is not None else self._start_postcopy_source(g.ram.pages)
         self._phase("postcopy", "pausing the guest")
         if holes is None:
             self.tracker.warm()  # as before a stop-and-copy: the final collect's walk, cached
@@ -680,16 +683,14 @@ class SourceMigration:
         t_collected = time.monotonic()
         send_pfns(late)
         w.x86_hvm_state(g.npages, elapsed_ns=int(self.paused.paused_at_ns - self._t_start_ns))
-        # The fault server before TRANSITION: the destination guest may fault the moment it
-        # resumes, and its first fault must not wait for the list merge below (a sort of
-        # every page, ~7 ms at 1 GiB, when it was made before TRANSITION; now a lookup of
-        # the late pages in the sorted list, merge_sorted_pages).
-        pending = None if inject.stale_pages is None else merge_sorted_pages(base, late)
-        served = g.ram.pages if pending is None else inject.stale_pages.served_ram(g.ram.pages, pending)
-        pc = PostcopySource(served, w, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
-        pc.recorder = self.pagemap
-        self._pc = pc
-        pc.start()
+        # The fault server is up before TRANSITION (above, before the pause): the
+        # destination guest may fault the moment it resumes, and its first fault must not
+        # wait for the list merge below (a sort of every page, ~7 ms at 1 GiB, when it was
+        # made before TRANSITION; now a lookup of the late pages in the sorted list).
+        pending = None
+        if pc is None:  # the stale-page injection (tests only): its RAM needs the final list
+            pending = merge_sorted_pages(base, late)
+            pc = self._start_postcopy_source(inject.stale_pages.served_ram(g.ram.pages, pending))
         w.write_record(PC.TRANSITION, self.paused.context)
         self._set_state(SourceState.POSTCOPY_SWITCH, SourceState.POSTCOPY_ACTIVE)
         t_transition = time.monotonic()
@@ -720,6 +721,17 @@ class SourceMigration:
         if self.tracker is not None:
             self.tracker.stop()
         self._postcopy_serve(pc, index, pending)
+
+    def _start_postcopy_source(self, served: np.ndarray):
+        """The post-copy fault server over ``served`` (the guest's RAM), started: it answers
+        the destination's faults from TRANSITION on; the run's cleanup stops it."""
+        from vmem.migration.postcopy.source import PostcopySource
+
+        pc = PostcopySource(served, self._writer, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
+        pc.recorder = self.pagemap
+        self._pc = pc
+        pc.start()
+        return pc
 
     def _postcopy_serve(self, pc, index: int, pending: np.ndarray) -> None:
         """Push ``pending``, end the stream, collect RESUMED and POSTCOPY_STATUS, report.
@@ -973,8 +985,16 @@ class SourceMigration:
         pc = r.postcopy
         if pc is None or r.downtime_ms is None or pc.get("max_gap_ns_at_complete") is None:
             return
-        until = max(r.downtime_ms, round(int(pc["max_gap_ns_at_complete"]) / 1e6, 3))
+        gap_ms = round(int(pc["max_gap_ns_at_complete"]) / 1e6, 3)
+        until = max(r.downtime_ms, gap_ms)
         pc["blackout_until_complete_ms"] = until
+        # When that gap ended, seconds after the pause (the downtime's end when it is the
+        # downtime): tells a switch's cost from a stall during the push.
+        end_ns = int(pc.get("max_gap_end_ns_at_complete") or 0)
+        if gap_ms <= r.downtime_ms:
+            pc["blackout_until_complete_at_s"] = round(r.downtime_ms / 1e3, 6)
+        else:  # None: an older destination that does not send the gap's end
+            pc["blackout_until_complete_at_s"] = round(self._since_pause_ms(end_ns) / 1e3, 6) if end_ns else None
         pc["blackout_after_complete"] = r.blackout_ms is not None and r.blackout_ms > until
 
     def _since_pause_ms(self, dest_ns) -> float:

@@ -138,6 +138,11 @@ class PostcopySource:
         self._thread = threading.Thread(target=self._serve_backchannel, name="vmem-pc-faultserver", daemon=True)
         self._thread.start()
 
+    @property
+    def owns_back_channel(self) -> bool:
+        """A thread of ours reads the back channel (no urgent channel): nobody else may."""
+        return self._thread is not None
+
     def _serve_backchannel(self) -> None:
         """No urgent channel: answer faults on the main stream; queue everything else; end
         after POSTCOPY_STATUS or ERROR."""
