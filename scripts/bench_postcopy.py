@@ -250,6 +250,7 @@ def one(mode: str, rate: int, size: int, workload: str = "hotcold", prealloc: bo
                    push_yields=pc.get("source", {}).get("push_yields"),
                    first_step_faults=(pc.get("first_step") or {}).get("faults"),
                    first_step_blocked_ms=(pc.get("first_step") or {}).get("blocked_ms"),
+                   first_step_ms=(pc.get("first_step") or {}).get("duration_ms"),
                    blackout_at_s=r.get("blackout_at_s"),
                    blackout_until_complete_ms=pc.get("blackout_until_complete_ms"),
                    blackout_until_complete_at_s=pc.get("blackout_until_complete_at_s"),
@@ -350,6 +351,7 @@ def main(argv=None) -> int:
                                   "pause_to_running_ms": med(mode, 0, "pause_to_running_ms"),
                                   "first_step_faults": med(mode, 0, "first_step_faults"),
                                   "first_step_blocked_ms": med(mode, 0, "first_step_blocked_ms"),
+                                  "first_step_ms": med(mode, 0, "first_step_ms"),
                                   "push_rate_GBps": (med(mode, 0, "push_rate_Bps") or 0) / 1e9,
                                   "blackout_until_complete_ms": med(mode, 0, "blackout_until_complete_ms"),
                                   "blackout_after_complete_trials": sum(each(mode, 0, "blackout_after_complete"))}
@@ -395,8 +397,9 @@ def main(argv=None) -> int:
     for mode in ("postcopy", "hybrid"):  # where a flat-out guest's downtime goes (docs/performance.md)
         fo = summary["flat_out"][mode]
         print(f"INFO flat out, {'pure post-copy' if mode == 'postcopy' else 'hybrid'}: downtime {fo['downtime_ms']} ms ="
-              f" pause -> guest running {fo['pause_to_running_ms']} ms + its first step, which waited"
-              f" {fo['first_step_blocked_ms']} ms on {fo['first_step_faults']} demand faults (medians)")
+              f" pause -> guest running {fo['pause_to_running_ms']} ms + its first step, {fo['first_step_ms']} ms, which waited"
+              f" {fo['first_step_blocked_ms']} ms on {fo['first_step_faults']} demand faults as the fault thread counts"
+              f" them (medians)")
     ff = summary["fault_round_trip_floor"]
     print(f"INFO 5000 pages/s: fault p99 {summary['5000pps']['fault_p99_us']} us; without vmem, a plain page round trip "
           f"between two processes at 5,000/s while a plain copy and one more busy process share the CPUs: p50 "

@@ -183,6 +183,10 @@ def test_first_step_counts_the_faults_inside_the_downtime(boot_guest):
     assert 1 <= first["faults"] <= pc["fault_latency_us"]["count"]
     assert 0 < first["blocked_ms"] <= pc["blocktime_ms"]
     assert first["blocked_ms"] <= r["downtime_ms"]
+    # the whole step on the guest's clock holds the blocked time and lies inside the downtime
+    # (which also holds the pause -> running part)
+    assert first["blocked_ms"] <= first["duration_ms"] + 0.001
+    assert first["duration_ms"] <= r["downtime_ms"] - r["timings_ms"]["pause_to_running"] + 0.001
 
 
 def test_faults_until_cuts_the_fault_log_at_the_time_given():

@@ -193,7 +193,8 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
             t.add_row("  blocktime (guest blocked on faults)", f"{pc['blocktime_ms']:,.3f} ms")
         first = pc.get("first_step")
         if first:
-            t.add_row("  first step after the switch", f"blocked {first['blocked_ms']:,.3f} ms on {first['faults']:,} demand faults "
+            took = f"took {first['duration_ms']:,.3f} ms, " if first.get("duration_ms") is not None else ""
+            t.add_row("  first step after the switch", f"{took}blocked {first['blocked_ms']:,.3f} ms on {first['faults']:,} demand faults "
                                                         "(inside the downtime)")
         t.add_row("  pages demanded / pushed", f"{pc.get('pages_demanded', 0):,} / {pc.get('pages_pushed', 0):,}")
         if pc.get("recoveries"):
