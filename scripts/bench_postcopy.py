@@ -33,15 +33,10 @@ way to demand answers, fault threads at nice -15), interleaved with the current 
 alternating), and the summary gives both and their ratios -- the comparison that stays
 meaningful on a loaded machine.  Goals are checked on the current scheduling only.
 
-Every migration but the flat-out ones is preceded, after its guest booted, by touching and
-freeing 2.5x ``--size`` of fresh memory (vmem.bench.prewarm; ``--no-prewarm`` skips it): on
-this kind of VM free memory goes back to the host ~2 s after it is freed, and a destination
-that drew such pages ran the idle push at 0.6-1.2 GB/s instead of ~2.6 (measured,
-docs/performance.md).  That hand-back freezes the whole VM for ~13-34 ms, so the flat-out
-scenarios, whose goal is the guest's longest gap, do not pre-warm: they wait until 3 s
-after the benchmark's latest free (``settle_after_free``) -- with a pre-warm, every one of
-five flat-out trials had its longest gap, 33.5-33.9 ms, in that freeze, after the
-post-copy had ended.
+Every migration is preceded, after its guest booted, by touching and freeing 2.5x ``--size``
+of fresh memory (vmem.bench.prewarm; ``--no-prewarm`` skips it): on this kind of VM free
+memory goes back to the host a few seconds after it is freed, and a destination that drew
+such pages ran the idle push at 0.6-1.2 GB/s instead of ~2.6 (measured, docs/performance.md).
 
 ``--prealloc``: every migration asks the destination to allocate the guest's RAM before
 READY (``vmem migrate --prealloc``); ``--ab-prealloc``: every post-copy scenario with it
@@ -68,7 +63,7 @@ from vmem.migration.local import run_local_migration  # noqa: E402
 from vmem.migration.source import MigrationOptions  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
 from vmem.bench.goals import Goals  # noqa: E402
-from vmem.bench.prewarm import note_memory_freed, prewarm, prewarm_bytes_for, settle_after_free  # noqa: E402
+from vmem.bench.prewarm import prewarm, prewarm_bytes_for  # noqa: E402
 from vmem.bench.roundtrip import paced_round_trips, serve_pages, summary_us  # noqa: E402
 from vmem.migration.inject import PREEMPT_ENV  # noqa: E402
 
@@ -229,26 +224,19 @@ POSTCOPY_OF = {"postcopy": "pure", "hybrid": "after-precopy", "precopy": "off"}
 
 
 def one(mode: str, rate: int, size: int, workload: str = "hotcold", prealloc: bool = False,
-        prewarm_bytes: int = 0, settle: bool = False) -> dict:
+        prewarm_bytes: int = 0) -> dict:
     """One migration of a fresh ``size`` guest running ``workload`` at ``rate`` pages/s
     (0: flat out; ignored by ``idle``); ``prealloc``: MigrationOptions.prealloc;
     ``prewarm_bytes``: fresh memory touched and freed right before the migration
-    (vmem.bench.prewarm), after the guest booted; ``settle``: instead, wait until the VM
-    freeze that the benchmark's latest free causes has passed (settle_after_free)."""
+    (vmem.bench.prewarm), after the guest booted."""
     params = {} if workload == "idle" else {"rate": rate}
-    settled_s = None
-    try:
-        with ProcessGuest.boot(GuestSpec(workload, params, 1), size) as g:
-            time.sleep(0.5)
-            prewarm_s = prewarm(prewarm_bytes)
-            if settle:
-                settled_s = settle_after_free()
-            opts = MigrationOptions(postcopy=POSTCOPY_OF[mode], observe_s=0.3, prealloc=prealloc)
-            r = run_local_migration(g, opts).to_dict()
-    finally:
-        note_memory_freed()  # both guests' RAM: the next trial's settle counts from here
+    with ProcessGuest.boot(GuestSpec(workload, params, 1), size) as g:
+        time.sleep(0.5)
+        prewarm_s = prewarm(prewarm_bytes)
+        opts = MigrationOptions(postcopy=POSTCOPY_OF[mode], observe_s=0.3, prealloc=prealloc)
+        r = run_local_migration(g, opts).to_dict()
     out = {"mode": mode, "workload": workload, "rate_pps": rate, "outcome": r["outcome"], "downtime_ms": r["downtime_ms"],
-           "blackout_ms": r.get("blackout_ms"), "prealloc": prealloc, "prewarm_s": prewarm_s, "settled_s": settled_s,
+           "blackout_ms": r.get("blackout_ms"), "prealloc": prealloc, "prewarm_s": prewarm_s,
            "prealloc_ms": r["timings_ms"].get("setup_destination_prealloc"), "setup_ms": r.get("setup_time_ms"),
            "migration_time_s": r.get("migration_time_s"),
            "pause_to_running_ms": r["timings_ms"].get("pause_to_running"),
@@ -314,13 +302,9 @@ def main(argv=None) -> int:
                 if arm == "old":
                     os.environ[PREEMPT_ENV] = OLD_SCHEDULING  # read by both sides (the destination inherits it)
                 try:
-                    # The flat-out scenarios measure the guest's gaps (their goal is the
-                    # blackout): no pre-warm, whose freed memory freezes the VM ~2 s later
-                    # (vmem.bench.prewarm); they wait for the latest free to settle instead.
-                    flat_out = workload == "hotcold" and rate == 0
                     res = one(mode, rate, size, workload,
                               prealloc=(a.prealloc or a.ab_prealloc) and arm != "no-prealloc",
-                              prewarm_bytes=0 if flat_out else prewarm_bytes, settle=flat_out)
+                              prewarm_bytes=prewarm_bytes)
                 finally:
                     os.environ.pop(PREEMPT_ENV, None)
                 res["run"] = i

@@ -9,11 +9,6 @@ or the plain copy it is compared with -- then runs at either speed depending on 
 pages it draws.  Memory touched and freed just before goes back to the head of the free
 lists, and the next allocations get it.  Benchmarks that compare a copy into fresh memory
 with a baseline pre-warm before every timed transfer, baselines and vmem alike.
-
-The price: ~2 s after memory is freed the host takes it back, and that freezes the whole VM
-for tens of milliseconds (:data:`REPORTING_SETTLE_S`).  A benchmark of the guest's gaps
-(blackouts) does not pre-warm and waits that long after its latest free instead
-(:func:`settle_after_free`).
 """
 from __future__ import annotations
 
@@ -27,36 +22,7 @@ CHUNK_BYTES = 4 << 20
 #: memory left available whatever the request (bytes)
 RESERVE_BYTES = 2 << 30
 
-#: seconds to wait after freeing memory before a window that measures the guest's gaps:
-#: the kernel hands free blocks back to the host 2 s after they are freed (free page
-#: reporting's delay), and on this kind of VM that freezes the whole VM -- both vCPUs, no
-#: perf sample on either -- for ~13-34 ms (measured 2026-12-06: 2.5 GiB pre-warmed and freed,
-#: a 33.5-33.9 ms freeze ~2 s later in 5 of 5 flat-out trials, none in 5 without the pre-warm)
-REPORTING_SETTLE_S = 3.0
-
 _fill: np.ndarray | None = None
-#: time.monotonic() of the latest free noted by :func:`note_memory_freed` (None: none yet)
-_last_free_s: float | None = None
-
-
-def note_memory_freed(now_s: float | None = None) -> None:
-    """Record that the benchmark just freed a large amount of memory (a pre-warm, a
-    baseline's copy, a trial's guests): the host takes it back ~2 s later."""
-    global _last_free_s
-    _last_free_s = time.monotonic() if now_s is None else now_s
-
-
-def settle_after_free(seconds: float = REPORTING_SETTLE_S, clock=time.monotonic, sleep=time.sleep) -> float:
-    """Wait until ``seconds`` have passed since the latest :func:`note_memory_freed`, so
-    that the VM freeze the host's taking it back causes falls before what is measured next;
-    returns the seconds waited (0 when nothing was freed, or long enough ago)."""
-    if _last_free_s is None:
-        return 0.0
-    wait_s = _last_free_s + seconds - clock()
-    if wait_s <= 0:
-        return 0.0
-    sleep(wait_s)
-    return round(wait_s, 3)
 
 
 def prewarm_bytes_for(size_bytes: int) -> int:
@@ -96,5 +62,4 @@ def prewarm(nbytes: int, enabled: bool = True) -> float | None:
             os.pwrite(fd, _fill, off)
     finally:
         os.close(fd)
-        note_memory_freed()
     return round(time.perf_counter() - t, 3)
