@@ -397,9 +397,9 @@ def main(argv=None) -> int:
     for mode in ("postcopy", "hybrid"):  # where a flat-out guest's downtime goes (docs/performance.md)
         fo = summary["flat_out"][mode]
         print(f"INFO flat out, {'pure post-copy' if mode == 'postcopy' else 'hybrid'}: downtime {fo['downtime_ms']} ms ="
-              f" pause -> guest running {fo['pause_to_running_ms']} ms + its first step, {fo['first_step_ms']} ms, which waited"
-              f" {fo['first_step_blocked_ms']} ms on {fo['first_step_faults']} demand faults as the fault thread counts"
-              f" them (medians)")
+              f" pause -> guest running {fo['pause_to_running_ms']} ms + its first step {fo['first_step_ms']} ms;"
+              f" from the resume on it was blocked {fo['first_step_blocked_ms']} ms on {fo['first_step_faults']} demand"
+              f" faults as the fault thread counts them (medians)")
     ff = summary["fault_round_trip_floor"]
     print(f"INFO 5000 pages/s: fault p99 {summary['5000pps']['fault_p99_us']} us; without vmem, a plain page round trip "
           f"between two processes at 5,000/s while a plain copy and one more busy process share the CPUs: p50 "

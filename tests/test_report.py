@@ -183,10 +183,11 @@ def test_first_step_counts_the_faults_inside_the_downtime(boot_guest):
     assert 1 <= first["faults"] <= pc["fault_latency_us"]["count"]
     assert 0 < first["blocked_ms"] <= pc["blocktime_ms"]
     assert first["blocked_ms"] <= r["downtime_ms"]
-    # the whole step on the guest's clock holds the blocked time and lies inside the downtime
-    # (which also holds the pause -> running part)
-    assert first["blocked_ms"] <= first["duration_ms"] + 0.001
-    assert first["duration_ms"] <= r["downtime_ms"] - r["timings_ms"]["pause_to_running"] + 0.001
+    # the step itself, from the guest's restart, is the rest of the downtime after pause ->
+    # running (the faults the guest took restoring its context, which blocked_ms also
+    # counts, lie before the restart: no order between the two)
+    assert 0 < first["duration_ms"] <= r["downtime_ms"]
+    assert first["duration_ms"] == pytest.approx(r["downtime_ms"] - r["timings_ms"]["pause_to_running"], abs=0.002)
 
 
 def test_faults_until_cuts_the_fault_log_at_the_time_given():

@@ -193,9 +193,9 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
             t.add_row("  blocktime (guest blocked on faults)", f"{pc['blocktime_ms']:,.3f} ms")
         first = pc.get("first_step")
         if first:
-            took = f"took {first['duration_ms']:,.3f} ms, " if first.get("duration_ms") is not None else ""
-            t.add_row("  first step after the switch", f"{took}blocked {first['blocked_ms']:,.3f} ms on {first['faults']:,} demand faults "
-                                                        "(inside the downtime)")
+            took = f"took {first['duration_ms']:,.3f} ms from the guest's restart; " if first.get("duration_ms") is not None else ""
+            t.add_row("  first step after the switch", f"{took}from the resume on, blocked {first['blocked_ms']:,.3f} ms on "
+                                                        f"{first['faults']:,} demand faults (inside the downtime)")
         t.add_row("  pages demanded / pushed", f"{pc.get('pages_demanded', 0):,} / {pc.get('pages_pushed', 0):,}")
         if pc.get("recoveries"):
             t.add_row("  link failures recovered", f"{pc['recoveries']} ({pc.get('pages_resent_after_recovery', 0):,} pages resent after the last)")
