@@ -577,8 +577,6 @@ class ProcessGuest:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise GuestUnresponsive(f"guest {self.pid} ran no step within {timeout_s:.0f} s of resuming")
-            if fields[first] >= resumed:
-                break
             readable, _, _ = select.select([self._sock], [], [], min(remaining, 0.05))
             if readable:
                 self._drain_socket()

@@ -202,6 +202,27 @@ def test_source_guest_crash_is_reported():
         assert report.source_guest_state == "crashed"
 
 
+@pytest.mark.parametrize("postcopy,phase", [("off", "stop-and-copy"), ("after-precopy", "postcopy")],
+                         ids=["stop-and-copy", "hybrid-switch"])
+def test_source_guest_dying_as_the_final_walk_is_warmed_is_reported(postcopy, phase):
+    """The guest killed right before the pause, where the tracker's ``warm()`` walks its page
+    tables: the migration fails naming the guest's death, whichever step meets it first."""
+    class KillAtPause(KillAt):
+        def phase(self, name, detail=""):
+            if name == phase and detail == "pausing the guest" and not self.done:
+                self.done = True
+                os.kill(self.who(), signal.SIGKILL)
+
+    with ProcessGuest.boot(GuestSpec("uniform", {"rate": 5000}, 7), 32 << 20) as guest:
+        time.sleep(0.1)
+        killer = KillAtPause(-1, lambda: guest.pid)
+        report = run_local_migration(guest, MigrationOptions(observe_s=0, postcopy=postcopy), killer)
+        assert killer.done, "the kill was not injected: the phase it waits for was renamed"
+        assert report.outcome == "failed"
+        assert "guest" in report.reason and "died" in report.reason and "signal 9" in report.reason, report.reason
+        assert report.source_guest_state == "crashed"
+
+
 def test_source_guest_crash_is_named_even_if_its_exit_shows_late():
     """Under load the tracker's ESRCH (the killed guest's memory gone) came before the guest's
     exit could be reaped, and the report named the ESRCH.  Injected here: the guest still
