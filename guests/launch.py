@@ -256,7 +256,9 @@ class ProcessGuest:
                 "--mode", mode, "--workload", spec.workload, "--params", json.dumps(spec.params or {}),
                 "--seed", str(spec.seed),
             ]
-            cmd = [sys.executable, "-m", self.runtime_module] + args
+            # -P: the project root on PYTHONPATH, not the caller's working directory, says which
+            # guests/ runs (a checkout in the cwd would otherwise win: `python -m` puts it first).
+            cmd = [sys.executable, "-P", "-m", self.runtime_module] + args
             if (getattr(_spawn_options, "fork", False) and not getattr(_spawn_options, "new_session", False)
                     and self.runtime_module == "guests.runtime"):
                 self.proc = _fork_runtime(self.runtime_module, args, fds)

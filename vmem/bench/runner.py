@@ -102,7 +102,10 @@ def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: flo
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     job = {"cell": cell.to_dict(), "seed": seed, "warmup_s": warmup_s, "observe_s": observe_s}
     try:
-        done = subprocess.run([sys.executable, "-m", "vmem.bench.cell"], input=json.dumps(job), env=env,
+        # -P: the tree on PYTHONPATH decides which vmem runs.  Without it `python -m` put the
+        # working directory first, and `vmem bench --against DIR` run from a checkout ran that
+        # checkout on both sides of its A/B.
+        done = subprocess.run([sys.executable, "-P", "-m", "vmem.bench.cell"], input=json.dumps(job), env=env,
                               capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"outcome": "failed", "verified": False,

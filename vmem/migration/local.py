@@ -27,7 +27,7 @@ def spawn_destination(sock_fd: int, urgent_fd: int = -1, resume_fd: int = -1) ->
     env = dict(os.environ)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads only spin here
     env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    argv = [sys.executable, "-m", "vmem.migration.destination", "--fd", str(sock_fd)]
+    argv = [sys.executable, "-P", "-m", "vmem.migration.destination", "--fd", str(sock_fd)]  # -P: see guests.launch
     fds = (sock_fd,)
     if urgent_fd >= 0:
         argv += ["--urgent-fd", str(urgent_fd)]

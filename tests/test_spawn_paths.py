@@ -1,0 +1,47 @@
+"""The processes vmem starts run vmem's own code, whatever directory the caller is in.
+
+``python -m pkg`` puts the working directory ahead of PYTHONPATH, so a directory holding
+another ``guests/`` or ``vmem/`` (a second checkout, an unpacked release) used to decide what
+the guest, the destination and ``vmem bench --against``'s reference runs were.  The decoys
+below exit at import with a status of their own: if one of them is picked, the run fails.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from guests.launch import GuestSpec, ProcessGuest
+from vmem.bench import runner
+from vmem.bench.matrix import matrix_from_dict
+from vmem.migration.local import run_local_migration
+from vmem.migration.source import MigrationOptions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _decoys(path) -> None:
+    """A ``guests`` and a ``vmem`` package that exit with 97 / 98 on import."""
+    for pkg, status in (("guests", 97), ("vmem", 98)):
+        d = path / pkg
+        d.mkdir()
+        (d / "__init__.py").write_text(f"raise SystemExit({status})  # a decoy: the test's spawn picked the wrong tree\n")
+
+
+def test_guests_and_the_destination_ignore_a_checkout_in_the_working_directory(tmp_path, monkeypatch):
+    _decoys(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with ProcessGuest.boot(GuestSpec("uniform", {"rate": 5000}, 3), 16 << 20) as guest:  # exec'd: a new interpreter
+        time.sleep(0.1)
+        report = run_local_migration(guest, MigrationOptions(observe_s=0.1))
+    assert report.outcome == "completed", report.reason
+    assert report.verified and report.verification["guest_check"]["ok"]
+
+
+def test_bench_against_runs_the_named_tree_not_the_working_directory(tmp_path, monkeypatch):
+    """``run_cell(tree=...)`` is the reference side of ``vmem bench --against DIR``."""
+    _decoys(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cell = matrix_from_dict({"sizes": ["16M"], "modes": ["precopy"], "workloads": [{"name": "idle"}]}).cells[0]
+    report, _calibration = runner.run_cell(cell, warmup_s=0.1, observe_s=0.1, tree=ROOT)
+    assert report.get("outcome") == "completed", report
+    assert report.get("verified"), report
