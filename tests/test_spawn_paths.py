@@ -45,3 +45,25 @@ def test_bench_against_runs_the_named_tree_not_the_working_directory(tmp_path, m
     report, _calibration = runner.run_cell(cell, warmup_s=0.1, observe_s=0.1, tree=ROOT)
     assert report.get("outcome") == "completed", report
     assert report.get("verified"), report
+
+
+def test_a_bench_run_that_imported_another_vmem_is_refused(monkeypatch):
+    """The check behind the fix: the run's process says where it imported vmem from, and a
+    run of other code than the tree asked for is a failed run, not a reference figure."""
+    import json
+    import subprocess
+
+    cell = matrix_from_dict({"sizes": ["16M"], "modes": ["precopy"], "workloads": [{"name": "idle"}]}).cells[0]
+    fake = {"report": {"outcome": "completed", "verified": True, "downtime_ms": 1.0}, "calibration_ms": 30.0}
+
+    def run(argv, **kw):
+        return subprocess.CompletedProcess(argv, 0, stdout=json.dumps(fake | {"vmem_root": elsewhere}), stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    elsewhere = "/nonexistent/other-checkout"
+    report, calibration = runner.run_cell(cell, tree=ROOT)
+    assert report["outcome"] == "failed" and calibration is None
+    assert "imported vmem from /nonexistent/other-checkout" in report["reason"], report
+    elsewhere = ROOT
+    report, calibration = runner.run_cell(cell, tree=ROOT)
+    assert report["outcome"] == "completed" and calibration == 30.0

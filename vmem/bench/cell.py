@@ -2,7 +2,8 @@
 
 Reads ``{"cell": Cell.to_dict(), "seed", "warmup_s", "observe_s"}`` as JSON on stdin,
 times the calibration work (vmem.bench.calibrate), migrates, and writes ``{"report": ...,
-"calibration_ms": ...}`` as JSON on stdout -- the only thing written there: fd 1 is
+"calibration_ms": ..., "vmem_root": ...}`` as JSON on stdout (``vmem_root``: the checkout this
+process imported vmem from, which run_cell checks) -- the only thing written there: fd 1 is
 pointed at stderr first, so nothing the migration or its children print can corrupt it.
 Exit status 0 whenever a report was written (whatever its outcome).
 """
@@ -25,7 +26,10 @@ def main() -> int:
     calibration = calibration_ms()
     report = migrate_cell(cell_from_dict(job["cell"]), seed=job["seed"], warmup_s=job["warmup_s"],
                           observe_s=job["observe_s"])
-    json.dump({"report": report, "calibration_ms": calibration}, out, default=json_default)
+    import vmem
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vmem.__file__)))
+    json.dump({"report": report, "calibration_ms": calibration, "vmem_root": root}, out, default=json_default)
     out.close()
     return 0
 

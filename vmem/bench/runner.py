@@ -117,6 +117,12 @@ def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: flo
         return {"outcome": "failed", "verified": False,
                 "reason": f"the run's process exited with status {done.returncode}: {tail}"}, None
     report = out["report"]
+    ran = out.get("vmem_root")
+    if ran is None or os.path.realpath(ran) != os.path.realpath(root):
+        # The A/B's whole point: a reference run of other code would be judged as the reference.
+        return {"outcome": "failed", "verified": False,
+                "reason": f"the run imported vmem from {ran}, not from {root} (its PYTHONPATH lost to another "
+                          "vmem on the path); nothing of it is used"}, None
     if isinstance(report.get("provenance"), dict):  # what was asked for: this bench, not the child
         from vmem.provenance import command_line
 
