@@ -102,6 +102,8 @@ class Command(enum.IntEnum):
     KVM_DIRTY_START = 11   # KVM guest: arm the dirty log (ARG 0) or ring (ARG 1); bitmap memfd on the socket
     KVM_DIRTY_COLLECT = 12 # KVM guest: harvest dirty pages into the bitmap and re-arm them; RESULT = pages
     KVM_DIRTY_STOP = 13    # KVM guest: disarm dirty tracking
+    PREPARE = 14           # a pause (running) or a resume (incoming) follows soon: rehearse its
+                           # path once, results discarded (RESULT 0; -22 from older runtimes)
 
 
 class GuestState(enum.IntEnum):

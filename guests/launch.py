@@ -552,6 +552,12 @@ class ProcessGuest:
             raise GuestError(f"guest {self.pid} did not pause (state {self.ctl.state.name})")
         return PauseInfo(self.ctl[Field.PAUSED_AT_NS], t1 - t0, self.ctl.read_context())
 
+    def prepare(self, timeout_s: float = 10.0) -> bool:
+        """Tell the guest a pause (or, incoming, a resume) follows soon: it rehearses that
+        path once (guests/runtime.py ``_rehearse``).  False if its runtime does not know the
+        command; raises as :meth:`command` does if the guest dies or does not answer."""
+        return self.command(Command.PREPARE, timeout_s=timeout_s) >= 0
+
     def resume(self, context: bytes | None = None, timeout_s: float = 30.0) -> None:
         """Resume a paused guest, or start an incoming one from ``context``."""
         if context is not None:

@@ -47,6 +47,9 @@ MPROT_FD_WAIT_S = 2.0
 #: milliseconds, right after its STEPS-th step following the resume, so tests can check that
 #: a stall after the resume shows in the report's ``blackout_ms``.  Not a user option.
 STALL_ENV = "VMEM_TEST_GUEST_STALL_AFTER_RESUME"
+#: Test-only: an *incoming* guest exits with this status in PREPARE (the rehearsal before
+#: the pause), so tests can check that the migration fails before the pause.
+PREPARE_EXIT_ENV = "VMEM_TEST_GUEST_EXIT_IN_PREPARE"
 
 #: Throttle duty-cycle period: short enough that throttled progress is smooth at the
 #: resolution of a precopy round, long enough that select() wake-up cost is negligible.
@@ -391,6 +394,8 @@ class GuestRuntime:
                     ctl[Field.PAUSED_AT_NS] = time.monotonic_ns()
                     ctl.write_context(self.context_blob())
                     ctl[Field.STATE] = GuestState.PAUSED
+            elif cmd == Command.PREPARE:
+                self._rehearse()
             elif cmd == Command.RESUME:
                 state = ctl.state
                 if state == GuestState.INCOMING:
@@ -443,6 +448,24 @@ class GuestRuntime:
         ctl[Field.RESULT] = result
         ctl[Field.ACK_SEQ] = seq
         self._notify_parent()
+
+    def _rehearse(self) -> None:
+        """PREPARE: run the code of the coming pause (encode the context) or, incoming, of
+        the coming restore (decode a context and apply it to the workload) once, so that
+        the real one runs warm.
+
+        Measured: after the pre-copy's idle wait the first encode took 0.1-0.3 ms and the
+        second 20 us; the downtime holds both the source guest's encode and the destination
+        guest's restore.  The incoming guest's workload was built fresh and never ran, so
+        applying its own context to it changes nothing; RAM is not read (it is incomplete,
+        and under post-copy a read would fault).
+        """
+        blob = self.context_blob()
+        if self.ctl.state == GuestState.INCOMING:
+            state = json.loads(blob)
+            self.workload.restore_context(json.dumps(state["workload"]).encode())
+        if os.environ.get(PREPARE_EXIT_ENV) and self.ctl.state == GuestState.INCOMING:
+            os._exit(int(os.environ[PREPARE_EXIT_ENV]))  # test-only: the incoming guest dies here
 
     def _notify_parent(self) -> None:
         """Wake a parent blocked in select() on the socket (it re-reads ACK_SEQ).

@@ -77,6 +77,34 @@ def test_waiting_for_the_first_step_gives_up_and_notices_a_crash(boot_guest, mon
         dst.close()
 
 
+def test_a_rehearsal_leaves_both_guests_as_they_were(boot_guest):
+    """PREPARE (the rehearsal before a pause) on a running and on an incoming guest: the
+    running one's next context is unchanged by it, and the incoming one, resumed after it,
+    carries the source's workload state, not the fresh one it rehearsed with."""
+    import json
+
+    src = boot_guest("hotcold", rate=20000)
+    time.sleep(0.1)
+    assert src.prepare() is True
+    info = src.pause()
+    assert src.prepare() is True  # paused: encodes and discards, the saved context stays
+    ctx = json.loads(info.context)
+    dst = ProcessGuest.incoming(src.spec, src.npages)
+    try:
+        fresh = None
+        dst.ram.pages[:] = src.ram.pages
+        assert dst.prepare() is True
+        dst.resume(info.context)
+        dst.wait_first_step()
+        again = json.loads(dst.pause().context)
+        # the paced workload's progress counts on from the source's, never from zero
+        assert again["workload"]["state"]["done_pages"] >= ctx["workload"]["state"]["done_pages"] > 0
+        assert again["runtime"]["steps"] > ctx["runtime"]["steps"]
+        assert fresh is None and dst.verify()["ok"]
+    finally:
+        dst.close()
+
+
 def test_incoming_guest_continues_from_context(boot_guest):
     """Copy RAM + context by hand into an incoming guest: it resumes and verifies."""
     src = boot_guest("hotcold", rate=20000)

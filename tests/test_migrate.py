@@ -194,6 +194,39 @@ def test_a_destination_that_never_resumes_fails_cleanly_with_the_tracker_stopped
         check_completed(run_local_migration(guest, MigrationOptions(observe_s=0.2)))
 
 
+def test_the_pause_is_rehearsed_and_the_guests_state_survives_it():
+    """prepare_pause (the default): before the stop-and-copy's pause both guests and both
+    migrators run what follows it once.  The incoming guest applied its own fresh context
+    to its workload then: the checker workload's ledger check and the verification show
+    that the real restore still took the source's state.  Off, nothing is rehearsed."""
+    with ProcessGuest.boot(GuestSpec("checker", {"rate": 5000, "reads": 8}, 7), 32 << 20) as guest:
+        time.sleep(0.1)
+        before = guest.counters()["steps"]
+        report = run_local_migration(guest, MigrationOptions(observe_s=0.2))
+    check_completed(report)
+    assert report.timings_ms["prepare_pause"] > 0
+    assert report.guest["destination"]["counters"]["steps"] > before  # counted on from the source's count
+    report = migrate("uniform", prepare_pause=False)
+    check_completed(report)
+    assert report.timings_ms["prepare_pause"] is None
+
+
+def test_an_incoming_guest_that_dies_in_the_rehearsal_fails_the_migration_before_the_pause(monkeypatch):
+    """The incoming guest exits inside PREPARE (test-only PREPARE_EXIT_ENV; the source guest
+    inherits the variable but acts on it only when incoming): the migration fails before
+    the pause -- no downtime -- and the source guest runs on and passes its check."""
+    from guests.runtime import PREPARE_EXIT_ENV
+
+    monkeypatch.setenv(PREPARE_EXIT_ENV, "3")
+    with ProcessGuest.boot(GuestSpec("uniform", {"rate": 5000}, 7), 32 << 20) as guest:
+        time.sleep(0.1)
+        report = run_local_migration(guest, MigrationOptions(observe_s=0, ack_timeout_s=10.0))
+        assert report.outcome == "failed"
+        assert report.downtime_ms is None
+        assert "guest" in report.reason and ("died" in report.reason or "exit" in report.reason), report.reason
+        check_source_intact(report, guest)
+
+
 def test_source_guest_crash_is_reported():
     with ProcessGuest.boot(GuestSpec("uniform", {"rate": 0}, 7), 32 << 20) as guest:
         report = run_local_migration(guest, MigrationOptions(observe_s=0), KillAt(1, lambda: guest.pid))

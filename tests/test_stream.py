@@ -403,6 +403,22 @@ def test_writer_failure_is_sticky():
     assert writer.bytes_written == 0
 
 
+def test_prepare_pause_is_a_vmem_record_and_the_rehearsal_reads_its_own_tail():
+    pipe = Pipe()
+    writer = StreamWriter(pipe.send_parts)
+    writer.begin()
+    writer.write_record(wire.VmemRecordType.PREPARE_PAUSE)
+    writer.x86_hvm_state(64)
+    writer.end_libxc()
+    writer.emulator_context(b"ctx")
+    writer.end_libxl()
+    records = [i for i in read_all(pipe.reader(max_pfn=63))[1:] if isinstance(i, Record)]
+    assert records[0].type is wire.VmemRecordType.PREPARE_PAUSE and records[0].body == b""
+    with pytest.raises(StreamError, match="vmem record"):
+        read_all(Pipe(bytes(pipe.buf)).reader(max_pfn=63, allow_postcopy=False))
+    stream.rehearse_tail(1 << 18, b'{"runtime": {}}')  # in memory only; raises on any mismatch
+
+
 def test_v3_static_data_then_records():
     pipe = Pipe()
     writer = StreamWriter(pipe.send_parts)

@@ -229,7 +229,8 @@ class KvmRuntime(GuestRuntime):
                     Command.VERIFY: lambda _arg: -errno.EOPNOTSUPP,  # checked from outside (KvmGuest.verify)
                     Command.MPROT_START: lambda _arg: -errno.EOPNOTSUPP,
                     Command.KVM_DIRTY_START: self._dirty_start, Command.KVM_DIRTY_COLLECT: self._dirty_collect,
-                    Command.KVM_DIRTY_STOP: self._dirty_stop}
+                    Command.KVM_DIRTY_STOP: self._dirty_stop,
+                    Command.PREPARE: lambda _arg: 0}  # nothing to rehearse: the context is the vCPU's registers
         fn = handlers.get(cmd)
         if fn is None:
             return super().handle(seq)

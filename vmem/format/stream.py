@@ -108,13 +108,14 @@ from vmem.format.wire import (
     LibxcRecordType,
     LibxlRecordType,
     PostcopyRecordType,
+    VmemRecordType,
 )
 
 __all__ = [
     # encoder
     "libxl_header", "libxc_context_record", "libxc_image_header", "domain_header",
     "record", "page_data_header", "static_data_end_record", "end_record",
-    "libxl_end_record", "emulator_context_record",
+    "libxl_end_record", "emulator_context_record", "rehearse_tail",
     # writer / reader
     "StreamWriter", "StreamReader", "StreamInfo", "Record", "PageData",
     "EmulatorRecord", "parse_emulator_record",
@@ -132,7 +133,9 @@ _TYPE_KNOWN = np.array(PAGE_TYPE_KNOWN, dtype=bool)
 _TYPE_HAS_DATA = np.array(PAGE_TYPE_HAS_DATA, dtype=bool)
 
 _LIBXC_TYPES = {int(t): t for t in LibxcRecordType}
-_POSTCOPY_TYPES = {int(t): t for t in PostcopyRecordType}
+# vmem's own records: post-copy's and the others (VmemRecordType); allow_postcopy gates all.
+_POSTCOPY_TYPES = {int(t): t for t in (*PostcopyRecordType, *VmemRecordType)}
+_POSTCOPY_ONLY = {int(t) for t in PostcopyRecordType}
 _LIBXL_TYPES = {int(t): t for t in LibxlRecordType}
 _EMULATOR_IDS = {int(e): e for e in EmulatorId}
 _DOMAIN_TYPES = {int(t): t for t in DomainType}
@@ -918,7 +921,7 @@ class StreamReader(ExactSource):
             t = _POSTCOPY_TYPES.get(rtype)
         if t is None:
             if rtype & VMEM_RECORD_MASK == VMEM_RECORD_BASE:
-                what = "vmem post-copy record" if rtype in _POSTCOPY_TYPES else "vmem record"
+                what = "vmem post-copy record" if rtype in _POSTCOPY_ONLY else "vmem record"
                 raise StreamError(f"unexpected {what} 0x{rtype:08x} (allow_postcopy="
                                   f"{self._allow_postcopy})", off)
             if rtype & REC_TYPE_OPTIONAL:
@@ -1179,3 +1182,41 @@ class StreamReader(ExactSource):
                 left -= step
             return pending.nbytes
 
+
+def rehearse_tail(npages: int, context: bytes = b"{}") -> None:
+    """Write a stream's tail (HVM state, libxc END, emulator context, libxl END) into memory
+    and read it back, results discarded: both sides run this just before a pause.
+
+    Why: in the downtime each of these records is written and read once, by processes that
+    have been idle for the whole pre-copy, and that first run of cold Python cost about as
+    much as the hand-offs themselves (an idle 1 GiB guest's downtime: docs/performance.md).
+    Guarantees: no I/O and no state outside the two throwaway objects.
+    """
+    buf = bytearray()
+    writer = StreamWriter(lambda parts: buf.extend(b"".join(memoryview(p).cast("B") for p in parts)))
+    writer.begin()
+    writer.x86_hvm_state(npages)
+    writer.end_libxc()
+    writer.emulator_context(context)
+    writer.end_libxl()
+    view = memoryview(bytes(buf))
+    pos = 0
+
+    def recv_exact(n: int) -> bytes:
+        nonlocal pos
+        pos += n
+        return bytes(view[pos - n:pos])
+
+    def recv_into(dst) -> int:
+        nonlocal pos
+        n = len(dst)
+        dst[:n] = view[pos:pos + n]
+        pos += n
+        return n
+
+    reader = StreamReader(recv_exact, recv_into, max_pfn=max(npages - 1, 0))
+    reader.read_begin()
+    while not isinstance(rec := reader.next_record(), PageData) and not (
+            rec.layer == "libxl" and rec.type is LibxlRecordType.END):
+        if rec.type is LibxlRecordType.EMULATOR_CONTEXT:
+            parse_emulator_record(rec)

@@ -69,7 +69,7 @@ __all__ = [
     "LIBXL_OPT_RESERVED_MASK", "LIBXL_HDR_BYTES",
     "LibxlRecordType", "EmulatorId", "EMULATOR_HEADER_BYTES", "VMEM_EMULATOR_ID",
     # vmem stream records
-    "VMEM_RECORD_BASE", "VMEM_RECORD_MASK", "PostcopyRecordType",
+    "VMEM_RECORD_BASE", "VMEM_RECORD_MASK", "PostcopyRecordType", "VmemRecordType",
     # vmem control protocol and preamble
     "ControlType", "PREAMBLE_MAGIC", "PREAMBLE_MAGIC_PREFIX", "PREAMBLE_LENGTH_BYTES",
     # limits
@@ -333,6 +333,15 @@ class PostcopyRecordType(enum.IntEnum):
     COMPLETE = VMEM_RECORD_BASE | 0x16
 
 
+class VmemRecordType(enum.IntEnum):
+    """vmem's other records in the libxc layer, sent only to a destination that announced
+    them in READY (a reader takes them where it takes the post-copy records)."""
+
+    #: source: the guest is about to be paused; rehearse the stop-and-copy's tail and the
+    #: guest's restore once, then answer PREPARED.  Empty body.
+    PREPARE_PAUSE = VMEM_RECORD_BASE | 0x20
+
+
 # --------------------------------------------------------------------------------------
 # vmem control protocol (back channel) and preamble (forward channel, before the stream)
 # --------------------------------------------------------------------------------------
@@ -365,6 +374,9 @@ class ControlType(enum.IntEnum):
     #: {"pages": pages placed so far}.  Lets the source pause the guest only once the
     #: destination's backlog is placed, so that backlog stays out of the downtime.
     PLACED = 12
+    #: destination, after a PREPARE_PAUSE record: it and its guest rehearsed what follows the
+    #: pause.  JSON {"ms": its rehearsal's duration, "guest": whether the guest took part}.
+    PREPARED = 13
     #: destination: pages the guest faulted on and still waits for.  Body: u32 count,
     #: u32 reserved (0), u64 pfn[count].  Numbered as the post-copy FAULT record it is.
     POSTCOPY_FAULT = 0x564D0015

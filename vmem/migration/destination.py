@@ -175,6 +175,8 @@ class DestinationMigration:
             elif rec.type is wire.LibxlRecordType.EMULATOR_CONTEXT:
                 if self._context is None:
                     self._context = stream.parse_emulator_record(rec).data
+            elif rec.type is wire.VmemRecordType.PREPARE_PAUSE:
+                self._prepare_for_pause()
             elif rec.type is PC.BEGIN:
                 if self.postcopy is None:
                     raise MigrationError("postcopy", "the source switched to post-copy, which this destination did not arm")
@@ -195,6 +197,20 @@ class DestinationMigration:
             # Other records (libxc END, HVM state, optional records) need no action here.
 
     # --- post-copy recovery -------------------------------------------------------------------
+    def _prepare_for_pause(self) -> None:
+        """PREPARE_PAUSE: the source pauses its guest next.  Rehearse the stream's last
+        records and the incoming guest's restore once (their first run was cold inside the
+        downtime), then answer PREPARED.  A guest that dies here fails the migration before
+        the pause, as it would at the resume."""
+        if self.state is not DestinationState.RECEIVE:
+            raise StreamError("PREPARE_PAUSE outside the pre-copy phase")
+        t0 = time.monotonic()
+        stream.rehearse_tail(self._npages)
+        prepare = getattr(self.guest, "prepare", None)
+        took_part = bool(prepare()) if prepare is not None else False
+        self._send_control(wire.ControlType.PREPARED, {"ms": round((time.monotonic() - t0) * 1e3, 3),
+                                                        "guest": took_part})
+
     def _recoverable(self, err: BaseException) -> bool:
         """A broken link after the switch, before every page arrived, with recovery on."""
         if not (self._postcopy_recovery and self.await_reconnect is not None and self._resumed_thread is not None
@@ -441,7 +457,7 @@ class DestinationMigration:
         self._placer = _Placer(self.guest.ram, self.digests, self.received,
                                on_caught_up=self._send_placed if config.get("placed_acks") else None)
         ready = {"guest_pid": self.guest.pid, "placed_acks": bool(config.get("placed_acks")),
-                 "prealloc": prealloc_s is not None}
+                 "prealloc": prealloc_s is not None, "prepare_pause": True}
         if config.get("postcopy"):
             ready.update(self._arm_postcopy())
         # Where the handshake's time went here (the source adds them to timings_ms).
