@@ -62,6 +62,14 @@ def test_live_is_accepted_and_postcopy_help_says_how_it_differs_from_virsh():
     assert "a bare number is refused" in flat
 
 
+def test_the_pause_rehearsal_is_on_unless_asked_off():
+    from vmem.migration.flags import migration_argument_dests, options_from_args
+
+    assert options_from_args(build_parser("migrate").parse_args(["migrate"])).prepare_pause is True
+    assert options_from_args(build_parser("migrate").parse_args(["migrate", "--no-prepare-pause"])).prepare_pause is False
+    assert "no_prepare_pause" in migration_argument_dests()  # an agent carries it over too
+
+
 def test_one_spelling_for_the_downtime_limit_everywhere():
     for argv in (["migrate", "--policy", "downtime-limit", "--max-downtime-ms", "50"],
                  ["migrate", "--policy", "downtime-limit", "--max-downtime", "50"]):

@@ -174,6 +174,8 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
     if clock and not clock.get("same_host"):
         t.add_row("  destination clock", _clock(clock))
     if report.timings_ms:
+        if report.timings_ms.get("prepare_pause") is not None:
+            t.add_row("  rehearsal before the pause", f"{report.timings_ms['prepare_pause']:.3f} ms (guest running)")
         t.add_row("  pause latency", f"{report.timings_ms.get('pause_latency', 0):.3f} ms")
         if report.timings_ms.get("pause_to_running") is not None:
             t.add_row("  pause -> running at destination", f"{report.timings_ms['pause_to_running']:.3f} ms")

@@ -58,6 +58,10 @@ def add_migration_arguments(parser) -> None:
                         "-mem-prealloc: setup takes longer (~0.3 s per GiB on this kind of VM, while the guest still "
                         "runs here), round 0 and the post-copy push then write into memory that exists "
                         "(docs/performance.md); the guest's unused memory is allocated there too")
+    m.add_argument("--no-prepare-pause", action="store_true",
+                   help="pause without the rehearsal: by default, right before the stop-and-copy's pause, both guests "
+                        "and both migrators run what follows the pause once (results discarded), because that code "
+                        "otherwise runs cold inside the downtime (timings_ms.prepare_pause; docs/performance.md)")
     h = parser.add_argument_group("between hosts (vmem migrate NAME HOST:PORT; a one-host migrate warns and ignores them)")
     h.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="TCP connections carrying the stream (default 1); N > 1 stripes large sends over them, "
@@ -130,7 +134,8 @@ def options_from_args(args):
                             guest_check=not args.no_guest_check, observe_s=args.observe,
                             bandwidth_Bps=bandwidth_from_arg(args.bandwidth), postcopy=postcopy,
                             postcopy_recovery=bool(getattr(args, "postcopy_recovery", False)),
-                            prealloc=bool(getattr(args, "prealloc", False)))
+                            prealloc=bool(getattr(args, "prealloc", False)),
+                            prepare_pause=not getattr(args, "no_prepare_pause", False))
 
 
 def add_policy_arguments(p) -> None:
