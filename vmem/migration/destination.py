@@ -196,7 +196,6 @@ class DestinationMigration:
                 self._postcopy_complete()
             # Other records (libxc END, HVM state, optional records) need no action here.
 
-    # --- post-copy recovery -------------------------------------------------------------------
     def _prepare_for_pause(self) -> None:
         """PREPARE_PAUSE: the source pauses its guest next.  Rehearse the stream's last
         records and the incoming guest's restore once (their first run was cold inside the
@@ -211,6 +210,7 @@ class DestinationMigration:
         self._send_control(wire.ControlType.PREPARED, {"ms": round((time.monotonic() - t0) * 1e3, 3),
                                                         "guest": took_part})
 
+    # --- post-copy recovery -------------------------------------------------------------------
     def _recoverable(self, err: BaseException) -> bool:
         """A broken link after the switch, before every page arrived, with recovery on."""
         if not (self._postcopy_recovery and self.await_reconnect is not None and self._resumed_thread is not None
