@@ -422,6 +422,10 @@ def cpu_sweep(hosts: NetnsHosts, workdir: str, key: str | None, args, arms: list
     return out
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="1G", help="guest RAM and baseline copy size (default 1G)")
@@ -480,6 +484,10 @@ def main() -> int:
 
         key = os.path.join(workdir, "key")
         generate_key(key)
+    # SIGTERM (timeout(1), a CI job cancelled, kill) unwinds like Ctrl-C, through the
+    # `finally` below that removes the test hosts: killed outright, a run left its network
+    # namespaces and key directory behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     hosts = NetnsHosts(prefix=f"vb{os.getpid()}")
     pair = None
     goals = Goals()

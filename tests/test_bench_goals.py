@@ -118,6 +118,39 @@ def test_bench_migrate_checks_its_goals_with_their_trials(tmp_path):
 
 
 @pytest.mark.skipif(bool(netns_unavailable()), reason=f"no test hosts: {netns_unavailable()}")
+def test_bench_agent_killed_with_sigterm_removes_its_test_hosts():
+    """SIGTERM (timeout(1), a cancelled job) while its test hosts are up: the run unwinds and
+    leaves no network namespace and no key directory (it used to leave both)."""
+    import glob
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "bench_agent.py"), "--size", "16M",
+                          "--empty-size", "0", "--repeat", "1", "--security", "key", "--postcopy-runs", "0",
+                          "--floor-runs", "1", "--baseline-runs", "1", "--no-shaped"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    prefix = f"vb{p.pid}-"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and p.poll() is None:  # bounded: until its hosts exist
+            listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            if prefix in listed:
+                break
+            time.sleep(0.05)
+        assert prefix in listed, "the bench never brought its test hosts up"
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert prefix not in left, left
+    assert not glob.glob(f"/tmp/vmem-bench-agent-{p.pid}-*")
+    assert p.returncode != 0  # interrupted, not a result
+
+
+@pytest.mark.skipif(bool(netns_unavailable()), reason=f"no test hosts: {netns_unavailable()}")
 def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     """A CI-sized run of scripts/bench_agent.py (16 MiB guest, one repeat, a keyed and an
     unkeyed pair, one post-copy migration each): every goal of the issue is printed and in
