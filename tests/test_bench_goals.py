@@ -107,6 +107,11 @@ def test_bench_migrate_checks_its_goals_with_their_trials(tmp_path):
     assert data["failures"] == []
     goals = {(g["part"], g["goal"]): g for g in data["goals"]}
     assert goals[("downtime", "idle guest: median downtime_ms")]["threshold"] == 1.0
+    # the idle downtime's floor, measured in the same run: the walk plus three hand-offs
+    floor = data["parts"]["downtime"]["floor"]
+    assert floor["wake_chain"]["hops"] == 3 and 0 < floor["wake_chain"]["total_us_median"] < 1e6
+    assert floor["floor_ms"] == pytest.approx(floor["final_walk_ms"]["median"] + floor["wake_chain"]["total_us_median"] / 1e3)
+    assert "floor on this machine, same run" in p.stdout
     assert goals[("blackout", "idle: median blackout_ms")]["threshold"] == 2.0
     assert goals[("throughput", "vmem round 0 / plain pwrite copy (median bytes/s)")]["trials"] == 3
     assert {part for part, _ in goals} == {"throughput", "downtime", "blackout", "collect"}

@@ -131,6 +131,30 @@ def test_stream_without_guest_context(dest):
     expect_error(ch, proc, "EMULATOR_CONTEXT")
 
 
+def test_prepare_pause_is_answered_and_refused_after_a_postcopy_switch_began(dest):
+    """PREPARE_PAUSE: the destination rehearses (with its guest) and answers PREPARED; the
+    same record once post-copy has begun is a malformed stream, refused with its name."""
+    ch, proc = dest
+    ch.send(control.encode_preamble({"guest": {"workload": "idle", "params": {}, "seed": 1}, "npages": 64,
+                                     "page_size": PAGE_SIZE, "verify": True, "guest_check": True,
+                                     "postcopy": True}))
+    ctype, body = read_control(ch)
+    ready = control.decode_json(body)
+    assert ctype == wire.ControlType.READY and ready["prepare_pause"] is True
+    if not ready.get("postcopy"):
+        pytest.skip(f"the destination cannot arm post-copy here: {ready.get('postcopy_unavailable')}")
+    w = stream.StreamWriter(ch.send_parts)
+    w.begin()
+    w.write_record(wire.VmemRecordType.PREPARE_PAUSE)
+    ctype, body = read_control(ch)
+    assert ctype == wire.ControlType.PREPARED, ctype
+    answer = control.decode_json(body)
+    assert answer["guest"] is True and answer["ms"] > 0
+    w.write_record(wire.PostcopyRecordType.BEGIN)
+    w.write_record(wire.VmemRecordType.PREPARE_PAUSE)
+    expect_error(ch, proc, "PREPARE_PAUSE outside the pre-copy phase")
+
+
 def test_rollback_after_resume_discards_guest(dest):
     """A complete, valid stream of an idle guest, then ROLLBACK: the guest is discarded."""
     from guests.launch import GuestSpec, ProcessGuest

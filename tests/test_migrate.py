@@ -235,14 +235,17 @@ def test_source_guest_crash_is_reported():
         assert report.source_guest_state == "crashed"
 
 
-@pytest.mark.parametrize("postcopy,phase", [("off", "stop-and-copy"), ("after-precopy", "postcopy")],
-                         ids=["stop-and-copy", "hybrid-switch"])
-def test_source_guest_dying_as_the_final_walk_is_warmed_is_reported(postcopy, phase):
+@pytest.mark.parametrize("postcopy,phase,detail", [("off", "stop-and-copy", "pausing the guest"),
+                                                   ("after-precopy", "postcopy", "pausing the guest"),
+                                                   ("off", "stop-and-copy", "rehearsing the pause")],
+                         ids=["stop-and-copy", "hybrid-switch", "rehearsal"])
+def test_source_guest_dying_as_the_final_walk_is_warmed_is_reported(postcopy, phase, detail):
     """The guest killed right before the pause, where the tracker's ``warm()`` walks its page
-    tables: the migration fails naming the guest's death, whichever step meets it first."""
+    tables, or as the pause is rehearsed (its PREPARE): the migration fails naming the
+    guest's death, whichever step meets it first."""
     class KillAtPause(KillAt):
-        def phase(self, name, detail=""):
-            if name == phase and detail == "pausing the guest" and not self.done:
+        def phase(self, name, detail_=""):
+            if name == phase and detail_ == detail and not self.done:
                 self.done = True
                 os.kill(self.who(), signal.SIGKILL)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import io
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -1200,22 +1201,8 @@ def rehearse_tail(npages: int, context: bytes = b"{}") -> None:
     writer.end_libxc()
     writer.emulator_context(context)
     writer.end_libxl()
-    view = memoryview(bytes(buf))
-    pos = 0
-
-    def recv_exact(n: int) -> bytes:
-        nonlocal pos
-        pos += n
-        return bytes(view[pos - n:pos])
-
-    def recv_into(dst) -> int:
-        nonlocal pos
-        n = len(dst)
-        dst[:n] = view[pos:pos + n]
-        pos += n
-        return n
-
-    reader = StreamReader(recv_exact, recv_into, max_pfn=max(npages - 1, 0))
+    source = io.BytesIO(buf)
+    reader = StreamReader(source.read, source.readinto, max_pfn=max(npages - 1, 0))
     reader.read_begin()
     while not isinstance(rec := reader.next_record(), PageData) and not (
             rec.layer == "libxl" and rec.type is LibxlRecordType.END):
