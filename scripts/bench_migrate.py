@@ -607,10 +607,9 @@ def wake_chain(hops: int = 3, rounds: int = 60) -> dict:
             if not ok:
                 os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-    totals.sort()
-    med = statistics.median(totals)
-    return {"hops": hops, "rounds": rounds, "total_us_median": round(med, 1),
-            "total_us_p90": round(totals[int(0.9 * (len(totals) - 1))], 1), "per_hop_us_median": round(med / hops, 1)}
+    s = summary(totals)
+    return {"hops": hops, "rounds": rounds, "total_us_median": round(s["median"], 1),
+            "total_us_p90": round(s["p90"], 1), "per_hop_us_median": round(s["median"] / hops, 1)}
 
 
 def plain_copy(src_fd: int, size: int, mode: str, timeout_s: float = 120.0) -> dict:

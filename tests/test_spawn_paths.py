@@ -67,3 +67,36 @@ def test_a_bench_run_that_imported_another_vmem_is_refused(monkeypatch):
     elsewhere = ROOT
     report, calibration = runner.run_cell(cell, tree=ROOT)
     assert report["outcome"] == "completed" and calibration == 30.0
+
+
+def test_a_reference_checkout_too_old_to_say_where_it_ran_is_checked_by_its_commit(monkeypatch):
+    """``--against`` an older commit: its cell.py reports no ``vmem_root``, so the report's
+    commit is compared with the tree's instead (when both are known)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    from vmem.provenance import git_commit
+
+    expected = git_commit(Path(ROOT) / "vmem")
+    if expected is None:
+        pytest.skip("this tree is not a git checkout: no commit to compare")
+    cell = matrix_from_dict({"sizes": ["16M"], "modes": ["precopy"], "workloads": [{"name": "idle"}]}).cells[0]
+    commit = "0" * 40
+    real_run = subprocess.run
+
+    def run(argv, **kw):
+        if argv[0] == "git":  # the check's own look at the tree's commit
+            return real_run(argv, **kw)
+        report = {"outcome": "completed", "verified": True, "provenance": {"git_commit": commit}}
+        return subprocess.CompletedProcess(argv, 0, stdout=json.dumps({"report": report, "calibration_ms": 30.0}),
+                                           stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    report, _ = runner.run_cell(cell, tree=ROOT)
+    assert report["outcome"] == "failed" and f"ran commit {'0' * 40}" in report["reason"], report
+    commit = expected
+    report, _ = runner.run_cell(cell, tree=ROOT)
+    assert report["outcome"] == "completed", report

@@ -117,12 +117,24 @@ def run_cell(cell: Cell, *, seed: int = 1, warmup_s: float = 0.3, observe_s: flo
         return {"outcome": "failed", "verified": False,
                 "reason": f"the run's process exited with status {done.returncode}: {tail}"}, None
     report = out["report"]
+    # The A/B's whole point: a reference run of other code would be judged as the reference.
     ran = out.get("vmem_root")
-    if ran is None or os.path.realpath(ran) != os.path.realpath(root):
-        # The A/B's whole point: a reference run of other code would be judged as the reference.
+    if ran is not None:
+        wrong, what = os.path.realpath(ran) != os.path.realpath(root), f"imported vmem from {ran}"
+    else:
+        # A reference checkout older than this check does not say where it ran from (its
+        # cell.py predates vmem_root); its report's commit does, when both sides know one.
+        from pathlib import Path
+
+        from vmem.provenance import git_commit
+
+        expected = git_commit(Path(root) / "vmem")
+        got = (report.get("provenance") or {}).get("git_commit")
+        wrong, what = expected is not None and got is not None and got != expected, f"ran commit {got}"
+    if wrong:
         return {"outcome": "failed", "verified": False,
-                "reason": f"the run imported vmem from {ran}, not from {root} (its PYTHONPATH lost to another "
-                          "vmem on the path); nothing of it is used"}, None
+                "reason": f"the run {what}, not the vmem of {root} (its PYTHONPATH lost to another vmem on the "
+                          "path); nothing of it is used"}, None
     if isinstance(report.get("provenance"), dict):  # what was asked for: this bench, not the child
         from vmem.provenance import command_line
 
