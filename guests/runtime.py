@@ -222,7 +222,9 @@ class GuestRuntime:
             "steps": self.steps,
             "pages_written": self._pages_written(),
         }
-        return json.dumps({"runtime": runtime, "workload": json.loads(self.workload.save_context())}).encode()
+        # The workload's context is JSON already: embedded as it is, not decoded and encoded
+        # again -- this runs inside the downtime, in a process that has just woken up.
+        return b'{"runtime":' + json.dumps(runtime).encode() + b',"workload":' + self.workload.save_context() + b"}"
 
     def restore(self, blob: bytes) -> None:
         state = json.loads(blob)
@@ -233,7 +235,7 @@ class GuestRuntime:
         self.vclock_base_ns = int(rt["vclock_ns"])
         self.steps = int(rt["steps"])
         self.pages_written_base = int(rt["pages_written"])
-        self.workload.restore_context(json.dumps(state["workload"]).encode())
+        self.workload.restore_state(state["workload"])
 
     def _arm_test_stall(self) -> None:
         """Arm the test-only stall of :data:`STALL_ENV` (destination guests only)."""
@@ -463,7 +465,7 @@ class GuestRuntime:
         blob = self.context_blob()
         if self.ctl.state == GuestState.INCOMING:
             state = json.loads(blob)
-            self.workload.restore_context(json.dumps(state["workload"]).encode())
+            self.workload.restore_state(state["workload"])
         if os.environ.get(PREPARE_EXIT_ENV) and self.ctl.state == GuestState.INCOMING:
             os._exit(int(os.environ[PREPARE_EXIT_ENV]))  # test-only: the incoming guest dies here
 

@@ -196,6 +196,20 @@ class Workload:
         """
         try:
             ctx = json.loads(blob)
+        except ValueError as err:
+            raise GuestError(f"cannot restore workload context: {err}") from err
+        self.restore_state(ctx)
+
+    def restore_state(self, ctx: dict) -> None:
+        """:meth:`restore_context` of a context already decoded (the runtime's own context
+        holds it decoded: not encoded and decoded again inside the downtime).
+
+        Raises:
+            GuestError: ``ctx`` is not a context of this workload or its state is bad.
+        """
+        try:
+            if not isinstance(ctx, dict):
+                raise TypeError(f"a context is a JSON object, not {type(ctx).__name__}")
             if ctx.get("vmem_workload_context") != CONTEXT_FORMAT:
                 raise ValueError("not a vmem workload context of format "
                                  f"{CONTEXT_FORMAT}")

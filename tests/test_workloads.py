@@ -620,6 +620,28 @@ def test_restore_context_rejects_foreign_or_damaged_blobs():
                              "state": {"rng": "x"}}).encode()):
         with pytest.raises(GuestError):
             sweep.restore_context(blob)
+    # the decoded form the runtime restores from refuses the same things
+    with pytest.raises(GuestError, match="workload 'uniform'"):
+        sweep.restore_state(json.loads(uniform.save_context()))
+    for ctx in ([], None, "sweep", {"vmem_workload_context": 1, "workload": "sweep"}):
+        with pytest.raises(GuestError):
+            sweep.restore_state(ctx)
+
+
+def test_restore_state_equals_restore_context():
+    """The runtime restores the decoded context (restore_state); a workload restored that way
+    continues exactly as one restored from the blob."""
+    clock = FakeClock()
+    src_mem = make_mem()
+    src = UniformWorkload(src_mem, clock, seed=5)
+    src.setup()
+    drive(src, clock, until_ms=40)
+    blob = src.save_context()
+    a = UniformWorkload(GuestMemory(src_mem.ram.copy()).attach(), clock, seed=99)
+    b = UniformWorkload(GuestMemory(src_mem.ram.copy()).attach(), clock, seed=98)
+    a.restore_context(blob)
+    b.restore_state(json.loads(blob))
+    assert a.get_state() == b.get_state() == src.get_state()
 
 
 # ---------------------------------------------------------------------------------------
