@@ -21,9 +21,10 @@ Parts (``--only a,b,...``; default: all, in this order; ``scale`` always runs la
   guest median ``blackout_ms`` <= 2 ms (issue 13).
 * ``collect``: ``collect()`` of both trackers on a guest that wrote 1% of its pages,
   (a) paused, (b) still running at that rate; median of >= 20 (goal <= 3 ms); for uffd-wp
-  also (c) running, but stopped for the scan (SIGSTOP, collect, SIGCONT: the guest is
-  descheduled, so its CPU needs no TLB-shootdown IPI -- the lowest achievable while it
-  runs, at the price of a stall the guest feels, reported), and the floor: the cost of
+  also (c) running, but stopped for the scan as ``vmem migrate --collect-stop`` does
+  (SIGSTOP, collect, SIGCONT: the guest is descheduled, so its CPU needs no TLB-shootdown
+  IPI -- the lowest achievable while it runs, at the price of a stall the guest feels,
+  reported), and the floor: the cost of
   one TLB-shootdown IPI measured on its own (single-page UFFDIO_WRITEPROTECT on a
   running vs a paused guest, IPIs counted in /proc/interrupts) x the IPIs a running
   collect sends, beside the paused collect.
@@ -188,19 +189,16 @@ def tlb_shootdowns() -> int:
 
 
 def stopped_collect(g, tracker):
-    """``tracker.collect()`` with the guest process stopped (SIGSTOP, wait until every thread
-    stopped, collect, SIGCONT): descheduled, its CPU holds no live TLB entries of its mm, so
-    the re-protection needs no shootdown IPI.  Returns (pages, ns the guest stood still --
-    from the stop being sent to the continue)."""
-    pid = g.pid
-    t0 = time.monotonic_ns()
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
+    """``tracker.collect()`` with the guest process stopped, as ``vmem migrate --collect-stop``
+    collects (vmem.tracking.stopped: SIGSTOP, wait until a running guest stopped, collect,
+    SIGCONT): descheduled, its CPU holds no live TLB entries of its mm, so the re-protection
+    needs no shootdown IPI.  Returns (pages, ns the guest stood still -- from the stop being
+    sent to the continue)."""
+    from vmem.tracking.stopped import process_stopped
+
+    with process_stopped(g.pid) as stood:
         got = tracker.collect()
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    return got, time.monotonic_ns() - t0
+    return got, stood.stood_ns
 
 
 def private_excl_ram(pid: int) -> int | None:
@@ -1230,13 +1228,20 @@ class Bench:
             " per write-protect of a running guest's page (single-page UFFDIO_WRITEPROTECT,"
             f" {ipi.get('running_us_per_op')} us/op on a running guest with {ipi.get('running_ipis_per_op')} IPIs/op vs"
             f" {ipi.get('paused_us_per_op')} us/op paused with {ipi.get('paused_ipis_per_op')}).")
-        ipi_notes.append(
-            f"uffd-wp floor while the guest runs = paused collect {fnum(u['paused']['collect_ms']['median'])} ms +"
-            f" {fnum(u['running']['tlb_shootdowns'].get('median'), '{:.0f}')} IPIs x {ipi.get('us_per_ipi')} us ="
-            f" {fnum(floor)} ms (measured running: {fnum(u['running']['collect_ms']['median'])} ms).")
+        if floor is not None:
+            ipi_notes.append(
+                f"uffd-wp floor while the guest runs = paused collect {fnum(u['paused']['collect_ms']['median'])} ms +"
+                f" {fnum(u['running']['tlb_shootdowns'].get('median'), '{:.0f}')} IPIs x {ipi.get('us_per_ipi')} us ="
+                f" {fnum(floor)} ms (measured running: {fnum(u['running']['collect_ms']['median'])} ms).")
+        else:
+            ipi_notes.append(
+                "uffd-wp floor while the guest runs: not computed -- the IPI measured on its own drew no shootdown"
+                " this run (the flat-out guest was not on the other CPU while it ran); the uniform row's running -"
+                " paused per IPI above is the estimate.")
         if stopped:
             ipi_notes.append(
-                f"lowest achievable while it runs: stop it for the scan (SIGSTOP/collect/SIGCONT):"
+                f"lowest achievable while it runs: stop it for the scan (SIGSTOP/collect/SIGCONT, what"
+                " vmem migrate --collect-stop does):"
                 f" {fnum(stopped['collect_ms']['median'])} ms, {fnum(stopped['tlb_shootdowns'].get('median'), '{:.0f}')}"
                 f" IPIs; the guest stands still {fnum(stopped.get('guest_stopped_ms', {}).get('median'))} ms per collect"
                 " (the price; a running collect slows it too, by its IPIs).")

@@ -70,6 +70,18 @@ def test_the_pause_rehearsal_is_on_unless_asked_off():
     assert "no_prepare_pause" in migration_argument_dests()  # an agent carries it over too
 
 
+def test_collect_stop_is_off_unless_asked_and_refused_with_the_wrong_tracker():
+    from vmem.errors import ConfigError
+    from vmem.migration.flags import migration_argument_dests, options_from_args
+
+    parse = build_parser("migrate").parse_args
+    assert options_from_args(parse(["migrate"])).collect_stop is False
+    assert options_from_args(parse(["migrate", "--collect-stop"])).collect_stop is True
+    assert "collect_stop" in migration_argument_dests()  # an agent carries it over too
+    with pytest.raises(ConfigError, match="--collect-stop"):
+        options_from_args(parse(["migrate", "--collect-stop", "--tracker", "mprotect"]))
+
+
 def test_one_spelling_for_the_downtime_limit_everywhere():
     for argv in (["migrate", "--policy", "downtime-limit", "--max-downtime-ms", "50"],
                  ["migrate", "--policy", "downtime-limit", "--max-downtime", "50"]):

@@ -211,6 +211,66 @@ def test_the_pause_is_rehearsed_and_the_guests_state_survives_it():
     assert report.timings_ms["prepare_pause"] is None
 
 
+def test_collect_stop_stops_the_guest_for_each_precopy_collect():
+    """--collect-stop: each pre-copy round's collect is made with the guest's process
+    stopped, the rounds say for how long, and the migration verifies as any other."""
+    needs_uffd_wp("uffd-wp")
+    report = migrate("uniform", params={"rate": 0}, tracker="uffd-wp", collect_stop=True)
+    check_completed(report)
+    pre = [r for r in report.rounds if r.kind == "precopy"]
+    assert len(pre) >= 2
+    assert all(r.guest_stopped_ms > 0 for r in pre), [r.guest_stopped_ms for r in pre]
+    assert all(r.guest_stopped_ms >= r.collect_ms for r in pre)  # the stop holds the collect
+    assert all(r.guest_stopped_ms == 0 for r in report.rounds if r.kind != "precopy")
+    plain = migrate("uniform", params={"rate": 0}, tracker="uffd-wp")
+    check_completed(plain)
+    assert all(r.guest_stopped_ms == 0 for r in plain.rounds)
+
+
+def test_collect_stop_is_refused_with_a_tracker_that_collects_inside_the_guest():
+    from vmem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--collect-stop"):
+        MigrationOptions(tracker="mprotect", collect_stop=True)
+
+
+def test_collect_stop_refused_after_auto_picked_another_tracker_leaves_the_source_running(monkeypatch):
+    """tracker auto falls back to mprotect where uffd-wp is missing: the migration then fails
+    at setup, naming the flag, and the source guest runs on."""
+    import vmem.migration.source as source
+    from vmem.tracking import MprotectTracker
+
+    monkeypatch.setattr(source, "make_tracker", lambda g, kind: MprotectTracker(g))
+    report = migrate("uniform", params={"rate": 5000}, collect_stop=True)
+    assert report.outcome == "failed"
+    assert "--collect-stop" in report.reason and "mprotect" in report.reason, report.reason
+    assert report.downtime_ms is None
+
+
+def test_a_guest_that_is_gone_when_collect_stop_stops_it_is_reported_dead(monkeypatch):
+    """The guest dies just as a round's collect would stop it: the migration fails naming
+    the guest's death (not a bare 'No such process'), and nothing is left behind."""
+    needs_uffd_wp("uffd-wp")
+    import contextlib
+
+    import vmem.migration.source as source
+
+    @contextlib.contextmanager
+    def gone(pid, wait_s=0.0):
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)  # dead (not reaped: Popen does that)
+        raise ProcessLookupError(3, "No such process")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(source, "process_stopped", gone)
+    with ProcessGuest.boot(GuestSpec("uniform", {"rate": 5000}, 7), 32 << 20) as guest:
+        time.sleep(0.1)
+        report = run_local_migration(guest, MigrationOptions(observe_s=0, tracker="uffd-wp", collect_stop=True))
+    assert report.outcome == "failed"
+    assert "died during a collect with the guest stopped" in report.reason, report.reason
+    assert report.source_guest_state != "running"
+
+
 def test_an_incoming_guest_that_dies_in_the_rehearsal_fails_the_migration_before_the_pause(monkeypatch):
     """The incoming guest exits inside PREPARE (test-only PREPARE_EXIT_ENV; the source guest
     inherits the variable but acts on it only when incoming): the migration fails before
@@ -305,6 +365,7 @@ def test_cli_json_report(tmp_path):
     (["--precopy-iterations", "0"], "--precopy-iterations"),
     (["--bandwidth", "fast"], "--bandwidth"),
     (["--size", "64G"], "available"),
+    (["--collect-stop", "--tracker", "mprotect"], "--collect-stop"),
 ])
 def test_cli_rejects_bad_input_before_starting(args, needle):
     proc = subprocess.run([sys.executable, "-m", "vmem", "migrate", "--quiet", *args],

@@ -185,21 +185,29 @@ def test_every_page_written_between_collects_is_reported(boot_guest, kind):
     assert g.verify()["ok"]
 
 
-class _BlindToOnePage:
-    """A tracker that never reports ``page``: what the check above must catch."""
+class _Wrapped:
+    """A tracker whose collect a subclass changes; start and stop are the tracker's."""
 
-    def __init__(self, tracker, page: int):
-        self.tracker, self.page = tracker, page
+    def __init__(self, tracker):
+        self.tracker = tracker
 
     def start(self):
         self.tracker.start()
 
+    def stop(self):
+        self.tracker.stop()
+
+
+class _BlindToOnePage(_Wrapped):
+    """A tracker that never reports ``page``: what the check above must catch."""
+
+    def __init__(self, tracker, page: int):
+        super().__init__(tracker)
+        self.page = page
+
     def collect(self):
         pages = self.tracker.collect()
         return pages[pages != self.page]
-
-    def stop(self):
-        self.tracker.stop()
 
 
 def test_completeness_check_catches_a_lost_page(boot_guest, kind):
@@ -312,3 +320,100 @@ def test_mprotect_start_waits_for_a_memfd_the_command_outran(boot_guest):
         assert g.alive() and g.verify()["ok"]
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------
+# collecting with the guest stopped (vmem.tracking.stopped, vmem migrate --collect-stop)
+# ---------------------------------------------------------------------------------------
+
+SPIN = "import time\nwhile True:\n    sum(range(1000))\n"
+SLEEP = "import time\nwhile True:\n    time.sleep(0.2)\n"
+
+
+@pytest.fixture
+def child():
+    """A Python child process running ``code``; reaped (and continued first) on every path."""
+    import signal
+    import subprocess
+    import sys
+
+    procs = []
+
+    def start(code: str):
+        p = subprocess.Popen([sys.executable, "-c", code])
+        procs.append(p)
+        time.sleep(0.3)  # running its loop
+        return p
+
+    yield start
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+        except ProcessLookupError:
+            pass
+        p.wait(10)
+
+
+def test_a_running_process_is_stopped_for_the_block_and_continued(child):
+    from vmem.tracking.stopped import _thread_states, process_stopped
+
+    p = child(SPIN)
+    with process_stopped(p.pid) as stood:
+        assert stood.stopped and stood.stop_wait_ns > 0
+        assert set(_thread_states(p.pid)) <= {b"T", b"t"}, "every thread stopped inside the block"
+        time.sleep(0.01)
+    assert stood.stood_ns >= 10_000_000
+    time.sleep(0.05)
+    assert b"R" in _thread_states(p.pid), "continued after the block"
+
+
+def test_a_sleeping_process_is_not_waited_for_and_is_continued_after_an_error(child):
+    from vmem.tracking.stopped import _thread_states, process_stopped
+
+    p = child(SLEEP)
+    with pytest.raises(RuntimeError, match="in the block"):
+        with process_stopped(p.pid) as stood:
+            assert not stood.stopped and stood.stop_wait_ns == 0  # it was asleep: no wait
+            raise RuntimeError("in the block")
+    time.sleep(0.3)
+    assert not set(_thread_states(p.pid)) & {b"T", b"t"}, "continued on the way out of an error"
+    assert p.poll() is None
+
+
+def test_stopping_a_process_that_is_gone_raises_before_anything_is_done(child):
+    from vmem.tracking.stopped import process_stopped
+
+    p = child(SLEEP)
+    p.kill()
+    p.wait(10)
+    with pytest.raises(ProcessLookupError):
+        with process_stopped(p.pid):
+            pytest.fail("the block must not run")
+
+
+class _StoppedCollect(_Wrapped):
+    """The tracker, each collect made with the guest's process stopped (--collect-stop)."""
+
+    def __init__(self, tracker, pid: int):
+        super().__init__(tracker)
+        self.pid = pid
+
+    def collect(self):
+        from vmem.tracking.stopped import process_stopped
+
+        with process_stopped(self.pid):
+            return self.tracker.collect()
+
+
+def test_a_stopped_collect_loses_no_write(boot_guest):
+    """Completeness with the guest stopped for each collect, and it runs on after them."""
+    needs_uffd_wp("uffd-wp")
+    g = boot_guest("uniform", size=16 << 20, rate=0)
+    missed, written = unreported_writes(g, _StoppedCollect(make_tracker(g, "uffd-wp"), g.pid))
+    assert written > 1000, "the guest must actually have written while tracked"
+    assert len(missed) == 0, f"{len(missed)} written pages never reported, e.g. {missed[:10]}"
+    steps = g.counters()["steps"]
+    time.sleep(0.05)
+    assert g.counters()["steps"] > steps, "the guest runs on after the stopped collects"
+    assert g.verify()["ok"]

@@ -153,6 +153,10 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
     t.add_row("guest", f"{report.workload.get('workload')} {report.workload.get('params') or ''}, {format_bytes(report.guest_size_bytes)} ({report.guest_pages:,} pages)")
     t.add_row("tracker / policy", f"{report.tracker or '-'} / {report.policy.get('name', '-')}")
     t.add_row("rounds", str(len(report.rounds)))
+    stopped = [r.guest_stopped_ms for r in report.rounds if r.guest_stopped_ms]
+    if stopped:
+        t.add_row("  guest stopped for collects", f"{len(stopped)} collects, {sum(stopped):.3f} ms in all, longest "
+                                                 f"{max(stopped):.3f} ms (--collect-stop)")
     t.add_row("pages sent", f"{report.pages_sent:,} ({report.pages_sent / max(report.guest_pages, 1):.2f}x guest RAM)")
     t.add_row("bytes sent", format_bytes(report.bytes_sent))
     if report.zero_pages:

@@ -62,6 +62,11 @@ def add_migration_arguments(parser) -> None:
                    help="pause without the rehearsal: by default, right before the stop-and-copy's pause, both guests "
                         "and both migrators run what follows the pause once (results discarded), because that code "
                         "otherwise runs cold inside the downtime (timings_ms.prepare_pause; docs/performance.md)")
+    m.add_argument("--collect-stop", action="store_true",
+                   help="stop the guest's process (SIGSTOP) for each pre-copy round's dirty-page collect (uffd-wp "
+                        "tracker): re-protecting its pages then needs no TLB-shootdown IPI to the CPU it runs on -- "
+                        "the guest stands still ~1 ms per GiB per round instead of running slowed by the IPIs for "
+                        "longer (rounds[].guest_stopped_ms; docs/performance.md)")
     h = parser.add_argument_group("between hosts (vmem migrate NAME HOST:PORT; a one-host migrate warns and ignores them)")
     h.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="TCP connections carrying the stream (default 1); N > 1 stripes large sends over them, "
@@ -135,7 +140,8 @@ def options_from_args(args):
                             bandwidth_Bps=bandwidth_from_arg(args.bandwidth), postcopy=postcopy,
                             postcopy_recovery=bool(getattr(args, "postcopy_recovery", False)),
                             prealloc=bool(getattr(args, "prealloc", False)),
-                            prepare_pause=not getattr(args, "no_prepare_pause", False))
+                            prepare_pause=not getattr(args, "no_prepare_pause", False),
+                            collect_stop=bool(getattr(args, "collect_stop", False)))
 
 
 def add_policy_arguments(p) -> None:

@@ -34,6 +34,8 @@ class RoundStats:
         dirty_rate_pps: dirty_pages / time since the previous collect.
         bandwidth_bps: bytes_sent * 8 / duration_s (bits per second, as links are rated).
         collect_ms: time the dirty tracker's collect took at the end of the round.
+        guest_stopped_ms: how long the guest's process was stopped for that collect
+            (``--collect-stop``; 0 without it).
         throttle: guest CPU throttle in force during the round (auto-converge), 0..0.99.
         decision / reason: what the policy said after this round.
     """
@@ -47,6 +49,7 @@ class RoundStats:
     dirty_rate_pps: float = 0.0
     bandwidth_bps: float = 0.0
     collect_ms: float = 0.0
+    guest_stopped_ms: float = 0.0
     est_downtime_ms: float | None = None
     throttle: float = 0.0
     decision: str = ""

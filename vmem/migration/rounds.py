@@ -59,6 +59,8 @@ class RoundResult:
             collect): the dirty rate's denominator.
         elapsed_s: seconds since the migration started, at the collect.
         collect_s: seconds the collect itself took.
+        guest_stopped_s: seconds the guest's process was stopped for the collect
+            (``MigrationOptions.collect_stop``), else 0.
     """
 
     pages_sent: float
@@ -69,6 +71,7 @@ class RoundResult:
     since_collect_s: float
     elapsed_s: float
     collect_s: float = 0.0
+    guest_stopped_s: float = 0.0
 
 
 class RoundIO(Protocol):
@@ -147,7 +150,8 @@ def run_precopy(io: RoundIO, policy, first_pages: Any, *, guest_pages: int, page
         rs = RoundStats(
             index=index, pages_sent=res.pages_sent, bytes_sent=res.bytes_sent, duration_s=round(res.send_s, 6),
             dirty_pages=res.dirty_pages, dirty_rate_pps=round(rate_pps, 1), bandwidth_bps=round(bw_Bps * 8, 1),
-            collect_ms=round(res.collect_s * 1e3, 3), throttle=throttle,
+            collect_ms=round(res.collect_s * 1e3, 3), guest_stopped_ms=round(res.guest_stopped_s * 1e3, 3),
+            throttle=throttle,
             est_downtime_ms=round(est * 1e3, 3) if est != float("inf") else None,
         )
         stats = PrecopyStats(

@@ -44,7 +44,7 @@ from vmem.format import control, stream
 
 from vmem.format import wire
 from vmem.format.wire import MAX_PAGES_PER_RECORD
-from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError, drop_tracebacks
+from vmem.errors import ConfigError, GuestCrashed, MigrationError, StreamError, VmemError, drop_tracebacks
 from vmem.pages import PAGE_SIZE, merge_sorted_pages, mismatched_pages, page_buffers
 from vmem.provenance import collect as collect_provenance
 from vmem.migration import inject
@@ -56,6 +56,7 @@ from vmem.migration.postcopy.source import destination_error
 from vmem.procstats import PeakSampler, process_figures
 from vmem.migration.report import MigrationReport, RoundStats
 from vmem.tracking import make_tracker
+from vmem.tracking.stopped import process_stopped
 
 __all__ = ["MigrationOptions", "SourceMigration", "migrate"]
 
@@ -111,6 +112,11 @@ class MigrationOptions:
             rehearse what follows it (the guest's context save, the stream's last records
             on both sides, the incoming guest's restore), if the destination announced it
             can: each ran cold inside the downtime otherwise (``timings_ms.prepare_pause``).
+        collect_stop: stop the guest's process (SIGSTOP ... SIGCONT) for each pre-copy
+            round's collect, so that re-protecting its written pages needs no TLB-shootdown
+            IPI to a CPU it runs on (:mod:`vmem.tracking.stopped`); the rounds' statistics
+            say how long it stood still (``guest_stopped_ms``).  uffd-wp only: the mprotect
+            and KVM trackers collect inside the guest.
     """
 
     tracker: str = "auto"
@@ -126,11 +132,15 @@ class MigrationOptions:
     pagemap_path: str | None = None
     prealloc: bool = False
     prepare_pause: bool = True
+    collect_stop: bool = False
     extra_config: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.postcopy not in POSTCOPY_MODES:
             raise ValueError(f"postcopy must be one of {', '.join(POSTCOPY_MODES)}, not {self.postcopy!r}")
+        if self.collect_stop and self.tracker not in ("auto", "uffd-wp"):
+            raise ConfigError("--collect-stop", f"needs the uffd-wp tracker, not {self.tracker}: that one collects "
+                                                "inside the guest, which a stopped guest cannot do")
 
 
 class _Progress:
@@ -509,6 +519,10 @@ class SourceMigration:
         t_arm = time.monotonic()
         self.tracker = make_tracker(g, self.opt.tracker)
         r.tracker = self.tracker.name
+        if self.opt.collect_stop and self.tracker.name != "uffd-wp":
+            raise ConfigError("--collect-stop", f"needs the uffd-wp tracker, and this migration's is "
+                                                f"{self.tracker.name}: it collects inside the guest, which a stopped "
+                                                "guest cannot do (use --tracker uffd-wp, or drop --collect-stop)")
         self.tracker.start()
         self._setup_timings["setup_tracker_arm"] = round((time.monotonic() - t_arm) * 1e3, 3)
         self._set_state(SourceState.SETUP, SourceState.PRECOPY)
@@ -1098,14 +1112,27 @@ class _LiveRounds:
         t0 = time.monotonic()
         npages, nbytes = mig._send_pages(pages)
         t1 = time.monotonic()
-        dirty = mig.tracker.collect()
+        stood_s = 0.0
+        if mig.opt.collect_stop:
+            try:
+                with process_stopped(mig.guest.pid) as stood:
+                    dirty = mig.tracker.collect()
+            except ProcessLookupError:
+                crash = getattr(mig.guest, "crash_error", None)
+                if crash is None:
+                    raise
+                raise crash("a collect with the guest stopped (--collect-stop)") from None
+            stood_s = stood.stood_ns / 1e9
+        else:
+            dirty = mig.tracker.collect()
         t2 = time.monotonic()
         since = t2 - self.t_collect
         self.t_collect = t2
         if mig.pagemap is not None:
             mig.pagemap.precopy_round(pages, dirty, t0 - self.t_start, t2 - self.t_start)
         return RoundResult(pages_sent=npages, bytes_sent=nbytes, send_s=t1 - t0, dirty=dirty, dirty_pages=len(dirty),
-                           since_collect_s=since, elapsed_s=t2 - self.t_start, collect_s=mig.tracker.collect_s)
+                           since_collect_s=since, elapsed_s=t2 - self.t_start, collect_s=mig.tracker.collect_s,
+                           guest_stopped_s=stood_s)
 
     def set_throttle(self, level: float) -> None:
         self.mig.guest.set_throttle(level)
