@@ -290,20 +290,27 @@ def postcopy_faults(pair: Pair, hosts: NetnsHosts, args, runs: int) -> dict:
     return summary
 
 
+#: A busy loop that stops by itself after argv[1] seconds: the push's placer, stood in for.
+SPIN_FOR = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
+
+
 def page_round_trip_floor(hosts: NetnsHosts, args, fresh_Bps: float, samples: int = 2500, loaded_runs: int = 5) -> dict:
     """What a demand fault's round trip can be on these hosts, for the fault goals: plain
     page round trips (testhosts.page_round_trips: a 16-byte request answered with 4 KiB over
     TCP, Python on both ends, no userfaultfd, no placement, no MAC), ``samples`` at
     ``--postcopy-rate`` a second, once on the idle link and ``loaded_runs`` times while a
     plain TCP copy into fresh memory (host 1 -> host 2, the push's direction, not paced)
-    runs for longer than the round trips take.  ``loaded`` holds the runs and the medians of
-    their p50 and p99; a run's ``overlapped`` says whether the copy was still running when its
-    last round trip ended."""
+    runs for longer than the round trips take -- and ``loaded_runs`` times more with a busy
+    loop on host 2 beside the copy (``placer``): a post-copy push is three busy threads (the
+    source's sender, the destination's receiver and its placer), the plain copy two, and
+    bench_postcopy's one-host floor stands the placer in the same way.  ``loaded`` and
+    ``placer`` hold the runs and the medians of their p50 and p99; a run's ``overlapped``
+    says whether the copy was still running when its last round trip ended."""
     idle = page_round_trips(hosts, samples, args.postcopy_rate)
     seconds = samples / args.postcopy_rate + 0.5  # the round trips, their processes' start, margin
     copy_bytes = int(min(max(fresh_Bps, 1e8) * 2 * seconds, 8 << 30)) & ~((4 << 20) - 1)
-    runs = []
-    for _ in range(loaded_runs):
+
+    def loaded_run(placer: bool) -> dict:
         done = threading.Event()
 
         def copy():
@@ -315,20 +322,31 @@ def page_round_trip_floor(hosts: NetnsHosts, args, fresh_Bps: float, samples: in
         prewarm(copy_bytes)
         t = threading.Thread(target=copy, name="bulk-copy")
         t.start()
+        spin = hosts.run_python(2, SPIN_FOR, str(2 * seconds + 1.0)) if placer else None
         try:
             time.sleep(0.3)  # the copy's two processes start
             r = page_round_trips(hosts, samples, args.postcopy_rate)
             r["overlapped"] = not done.is_set()
         finally:
             t.join()
-        runs.append(r)
-    loaded = {"runs": runs, "p50_us": round(statistics.median(r["p50_us"] for r in runs), 1),
-              "p99_us": round(statistics.median(r["p99_us"] for r in runs), 1)}
+            if spin is not None:
+                spin.kill()
+                spin.communicate()
+        return r
+
+    def medians(runs: list[dict]) -> dict:
+        return {"runs": runs, "p50_us": round(statistics.median(r["p50_us"] for r in runs), 1),
+                "p99_us": round(statistics.median(r["p99_us"] for r in runs), 1)}
+
+    both = [(loaded_run(False), loaded_run(True)) for _ in range(loaded_runs)]  # interleaved
+    loaded, placer = medians([a for a, _ in both]), medians([b for _, b in both])
     print(f"page round trip, plain TCP ({samples} at {args.postcopy_rate}/s): idle link p50 {idle['p50_us']} us, "
-          f"p99 {idle['p99_us']} us; during a plain copy (median of {loaded_runs}) p50 {loaded['p50_us']} us, "
-          f"p99 {loaded['p99_us']} us (p99 per run: {', '.join(str(r['p99_us']) for r in runs)}"
-          + ("" if all(r["overlapped"] for r in runs) else "; a copy ended before its round trips did") + ")")
-    return {"idle": idle, "loaded": loaded, "copy_bytes": copy_bytes}
+          f"p99 {idle['p99_us']} us")
+    for label, m in (("during a plain copy", loaded), ("during a plain copy and a busy loop on host 2", placer)):
+        print(f"  {label} (median of {loaded_runs}): p50 {m['p50_us']} us, p99 {m['p99_us']} us (p99 per run: "
+              f"{', '.join(str(r['p99_us']) for r in m['runs'])}"
+              + ("" if all(r["overlapped"] for r in m["runs"]) else "; a copy ended before its round trips did") + ")")
+    return {"idle": idle, "loaded": loaded, "placer": placer, "copy_bytes": copy_bytes}
 
 
 #: the plain copies measured as baselines: (result key, label, fresh, connections, keyed)
@@ -624,6 +642,10 @@ def main() -> int:
                 print(f"INFO keyed fault round trip p99 {pc['p99_us']} us / a plain TCP page round trip's p99 during a "
                       f"plain copy {floor['loaded']['p99_us']} us = {pc['p99_us'] / floor['loaded']['p99_us']:.2f}; "
                       f"p50 {pc['p50_us']} us / {floor['loaded']['p50_us']} us")
+                if floor.get("placer", {}).get("p99_us"):
+                    print(f"INFO same / the plain round trip's p99 during a plain copy and a busy loop on host 2 (the "
+                          f"push's placer stood in) {floor['placer']['p99_us']} us = "
+                          f"{pc['p99_us'] / floor['placer']['p99_us']:.2f}")
         result["goals"] = goals.items
         print(goals.summary())
     finally:
