@@ -192,7 +192,7 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     assert floor["idle"]["count"] == 200 and [r["count"] for r in floor["loaded"]["runs"]] == [200]
     assert [r["count"] for r in floor["placer"]["runs"]] == [200]  # and beside a stand-in for the placer
     assert "INFO keyed fault round trip p99" in p.stdout
-    assert "during a plain copy and a busy loop on host 2" in p.stdout
+    assert "during a plain copy and 1 MiB pwrites on host 2" in p.stdout
     # the floors of the round-0 goals: the plain copy over two connections and with a MAC
     for name in ("baseline", "baseline_fresh", "baseline_fresh_2conn", "baseline_fresh_keyed",
                  "baseline_fresh_keyed_2conn"):
