@@ -359,7 +359,9 @@ def test_a_running_process_is_stopped_for_the_block_and_continued(child):
     from vmem.tracking.stopped import _thread_states, process_stopped
 
     p = child(SPIN)
-    with process_stopped(p.pid) as stood:
+    # A generous bound: on a loaded machine (pytest -n 2) the spinning child may wait for a
+    # CPU before it can act on the signal; the 1 ms default is for a guest that is on one.
+    with process_stopped(p.pid, wait_s=5.0) as stood:
         assert stood.stopped and stood.stop_wait_ns > 0
         assert set(_thread_states(p.pid)) <= {b"T", b"t"}, "every thread stopped inside the block"
         time.sleep(0.01)
