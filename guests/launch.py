@@ -516,7 +516,12 @@ class ProcessGuest:
             if remaining <= 0:
                 raise GuestUnresponsive(f"guest {self.pid} did not acknowledge {what} within {timeout_s:.1f} s")
             readable, _, _ = select.select([self._sock], [], [], min(remaining, 0.05))
-            if readable:
+            if readable and fields[ack] != seq:
+                # Drained only when still waiting: an acknowledged command returns at once
+                # (a PAUSE's acknowledgement ends inside the downtime, and the drain --
+                # recv_fds until EAGAIN -- cost ~25 us there, cold); the bytes left are read
+                # by the next wait.  fds riding on them are kept then (SEND_UFFD's caller
+                # drains itself).
                 self._drain_socket()
             if fields[ack] != seq and not self.alive():
                 raise self._crashed(what)
@@ -669,7 +674,8 @@ class ProcessGuest:
         res = self.command(Command.SEND_UFFD)
         if res < 0:
             raise GuestError(f"guest {self.pid} has no userfaultfd ({os.strerror(-res)})")
-        # The fd message precedes the acknowledgement byte, so it has been drained already.
+        # The fd message precedes the acknowledgement byte: read it (wait_ack returns as soon
+        # as ACK_SEQ says so, and leaves the socket to the next reader).
         self._drain_socket()
         if not self._pending_fds:
             raise GuestError(f"guest {self.pid} acknowledged SEND_UFFD but sent no fd")

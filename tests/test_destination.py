@@ -167,14 +167,62 @@ def test_rollback_after_resume_discards_guest(dest):
         w.end_libxc()
         w.emulator_context(info.context)
         w.end_libxl()
-        ctype, body = read_control(ch)
-        assert ctype == wire.ControlType.RESUMED
-        ctype, body = read_control(ch)
-        assert ctype == wire.ControlType.DIGESTS and len(body) == 64 * 8
-        ctype, body = read_control(ch)
-        assert ctype == wire.ControlType.GUEST_CHECK and control.decode_json(body)["ok"]
-        ch.send_parts(control.encode_control(wire.ControlType.ROLLBACK))
-        assert proc.wait(30) == 1
+        resumed_checked_then_rolled_back(ch, proc)
+
+
+def resumed_checked_then_rolled_back(ch, proc) -> dict:
+    """The destination's answers to a complete stream of 64 pages -- RESUMED, DIGESTS, a
+    passed GUEST_CHECK -- then ROLLBACK: it discards the guest and exits 1.  Returns RESUMED."""
+    ctype, body = read_control(ch)
+    assert ctype == wire.ControlType.RESUMED, (ctype, body)
+    resumed = control.decode_json(body)
+    ctype, body = read_control(ch)
+    assert ctype == wire.ControlType.DIGESTS and len(body) == 64 * 8
+    ctype, body = read_control(ch)
+    assert ctype == wire.ControlType.GUEST_CHECK and control.decode_json(body)["ok"]
+    ch.send_parts(control.encode_control(wire.ControlType.ROLLBACK))
+    assert proc.wait(30) == 1
+    return resumed
+
+
+def _rehearsed_tail(ch, pages=None, context=b"{}"):
+    """Preamble, READY, the opening records, PREPARE_PAUSE and its PREPARED; then the bytes
+    of ``pages`` (PAGE_DATA, all 64) and the stream's closing records, built in memory and
+    returned -- the caller sends them in one piece, as a stop-and-copy does."""
+    start(ch)
+    buf = bytearray()
+    w = stream.StreamWriter(lambda parts: buf.extend(b"".join(bytes(memoryview(p).cast("B")) for p in parts)))
+    w.begin()
+    w.write_record(wire.VmemRecordType.PREPARE_PAUSE)
+    ch.send(bytes(buf))
+    ctype, _ = read_control(ch)
+    assert ctype == wire.ControlType.PREPARED, ctype
+    buf.clear()
+    if pages is not None:
+        w.page_data(np.arange(64), [pages])
+    w.end_of_stream(64, context)
+    return bytes(buf)
+
+
+def test_pages_and_closing_records_received_in_one_piece_are_placed(dest):
+    """After PREPARE_PAUSE the destination reads ahead: the final pages and the six closing
+    records sent in one piece arrive in one receive, page payloads partly from its buffer.
+    The guest's own check of its RAM passes only if every page landed where it belongs."""
+    from guests.launch import GuestSpec, ProcessGuest
+
+    ch, proc = dest
+    with ProcessGuest.boot(GuestSpec("idle", {}, 1), 64 * PAGE_SIZE) as g:
+        info = g.pause()
+        ch.send(_rehearsed_tail(ch, g.ram.pages, info.context))
+        assert resumed_checked_then_rolled_back(ch, proc)["pages_received"] == 64
+
+
+def test_octets_after_the_libxl_end_are_refused_before_the_guest_resumes(dest):
+    """Nothing may follow the libxl END until the destination answers RESUMED: octets read
+    ahead past it are a malformed stream, and the incoming guest is not resumed."""
+    ch, proc = dest
+    ch.send(_rehearsed_tail(ch) + bytes(8))
+    expect_error(ch, proc, "octets after the libxl END")
 
 
 def test_a_failing_page_write_is_reported_not_lost():

@@ -53,6 +53,27 @@ def test_pause_latency_is_measured_and_repeated_pauses_work(boot_guest):
     assert g.verify()["ok"]
 
 
+def test_acknowledged_commands_leave_their_wake_bytes_to_the_next_wait(boot_guest):
+    """wait_ack returns as soon as the acknowledgement is there, without draining the
+    socket (the drain ran inside the downtime): the bytes left are read by a later wait.
+    Many commands in a row -- more one-byte acknowledgements than a unix socket buffer holds
+    -- all complete, a wait for the first step still waits, and fds riding on the bytes are
+    still collected (SEND_UFFD)."""
+    import select
+
+    g = boot_guest("uniform", rate=5000)
+    for _ in range(1500):
+        g.pause()
+        g.resume()
+    assert g.uffd() >= 0  # the fd rides on a byte behind the ones left over
+    assert g.wait_first_step(10) >= g.counters()["resumed_at_ns"]
+    readable, _, _ = select.select([g._sock], [], [], 0)
+    if readable:  # a later wait drains what the last ones left
+        g._drain_socket()
+    assert not select.select([g._sock], [], [], 0)[0]
+    assert g.verify()["ok"]
+
+
 def test_waiting_for_the_first_step_gives_up_and_notices_a_crash(boot_guest, monkeypatch):
     """wait_first_step() blocks on the guest's socket: a guest that makes no step (a
     test-only stall before its first step) is reported unresponsive at the timeout, and one

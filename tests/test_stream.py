@@ -38,6 +38,8 @@ class Pipe:
         self.pos = 0
         self.short_reads = short_reads  # end of data: return short instead of EOFError
         self.requests: list[int] = []
+        self.some_requests: list[int] = []
+        self.some_max = 1 << 30
         self.sent_parts: list = []
 
     def send_parts(self, parts) -> None:
@@ -62,8 +64,15 @@ class Pipe:
         view[:len(data)] = data
         return len(data)
 
+    def recv_some(self, n: int) -> bytes:
+        """1..n octets (at most ``some_max``, to cut what was sent at odd places); b"" at the end."""
+        self.some_requests.append(n)
+        data = bytes(self.buf[self.pos:self.pos + min(n, self.some_max)])
+        self.pos += len(data)
+        return data
+
     def reader(self, **kw) -> StreamReader:
-        return StreamReader(self.recv_exact, self.recv_into, **kw)
+        return StreamReader(self.recv_exact, self.recv_into, recv_some=self.recv_some, **kw)
 
 
 def ram(npages: int, seed: int = 0) -> np.ndarray:
@@ -417,6 +426,117 @@ def test_prepare_pause_is_a_vmem_record_and_the_rehearsal_reads_its_own_tail():
     with pytest.raises(StreamError, match="vmem record"):
         read_all(Pipe(bytes(pipe.buf)).reader(max_pfn=63, allow_postcopy=False))
     stream.rehearse_tail(1 << 18, b'{"runtime": {}}')  # in memory only; raises on any mismatch
+
+
+def test_end_of_stream_is_the_four_closing_calls_in_one_send():
+    """The tail a stop-and-copy sends in one call is byte for byte what x86_hvm_state,
+    end_libxc, emulator_context and end_libxl send, and ends the writer as they do."""
+    context = b'{"runtime": {"steps": 7}}'
+    apart, together = Pipe(), Pipe()
+    for pipe in (apart, together):
+        w = StreamWriter(pipe.send_parts)
+        w.begin()
+        w.page_data(np.arange(2), [ram(2)])
+        if pipe is apart:
+            w.x86_hvm_state(1 << 18, elapsed_ns=123_456)
+            w.end_libxc()
+            w.emulator_context(context)
+            w.end_libxl()
+        else:
+            w.end_of_stream(1 << 18, context, elapsed_ns=123_456)
+        assert w.finished and w.records_written == 8 and w.bytes_written == len(pipe.buf)
+    assert bytes(together.buf) == bytes(apart.buf)
+    assert len(together.sent_parts) == len(apart.sent_parts) - 3  # one send instead of four
+    items = read_all(together.reader(max_pfn=(1 << 18) - 1, require_hvm_state=True))
+    assert stream.parse_emulator_record(items[-2]).data == context
+
+
+def test_end_of_stream_refuses_before_sending_anything():
+    pipe = Pipe()
+    w = StreamWriter(pipe.send_parts)
+    with pytest.raises(RuntimeError, match="end_of_stream"):
+        w.end_of_stream(64, b"ctx")  # before begin()
+    w.begin()
+    sent = len(pipe.buf)
+    with pytest.raises(ValueError, match="MAX_EMULATOR_CONTEXT_BYTES"):
+        w.end_of_stream(64, bytes(wire.MAX_EMULATOR_CONTEXT_BYTES + 1))
+    with pytest.raises(ValueError, match="special pages"):
+        w.end_of_stream(0, b"ctx")
+    assert len(pipe.buf) == sent  # nothing went out; the writer is still usable
+    w.x86_hvm_state(64)
+    with pytest.raises(ValueError):  # the HVM state was sent already
+        w.end_of_stream(64, b"ctx")
+
+
+def _records_and_offsets(reader: StreamReader) -> list:
+    out = [(reader.read_begin(), reader.offset)]
+    while not reader.finished:
+        item = reader.next_record()
+        if isinstance(item, PageData):
+            buf = bytearray(item.payload_bytes)
+            reader.read_page_payload_into(buf)
+            item = (item.count, item.pfns.tolist(), item.types.tolist(), item.offset, bytes(buf))
+        out.append((item, reader.offset))
+    return out
+
+
+@pytest.mark.parametrize("some_max", [1, 5, 4096 + 3, 1 << 30])
+def test_read_ahead_serves_the_same_octets_at_the_same_offsets(some_max):
+    """A stream read with read-ahead (small reads from one receive of up to
+    READ_AHEAD_BYTES, page payloads partly from it) yields what a plain read yields, record
+    for record and offset for offset, however the receives are cut -- with fewer receives."""
+    pages = ram(5, seed=3)
+    pipe = Pipe()
+    w = StreamWriter(pipe.send_parts)
+    w.begin()
+    w.page_data(np.arange(3), [pages[:3]])
+    w.page_data(np.array([4, 3]), [pages[4:5], pages[3:4]])
+    w.end_of_stream(5, b"context", elapsed_ns=1)
+    data = bytes(pipe.buf)
+    plain = _records_and_offsets(Pipe(data).reader(max_pfn=4))
+    ahead_pipe = Pipe(data)
+    ahead_pipe.some_max = some_max
+    reader = ahead_pipe.reader(max_pfn=4)
+    reader.read_ahead(True)
+    ahead = _records_and_offsets(reader)
+    assert ahead == plain
+    assert reader.buffered_bytes == 0 and ahead[-1][1] == len(data)
+    if some_max == 1 << 30:
+        assert len(ahead_pipe.some_requests) == 1 and not ahead_pipe.requests  # one receive in all
+
+
+def test_read_ahead_truncation_offsets_and_guards():
+    pipe = Pipe()
+    w = StreamWriter(pipe.send_parts)
+    w.begin()
+    w.page_data(np.arange(2), [ram(2)])
+    w.end_of_stream(2, b"context")
+    data = bytes(pipe.buf)
+    for cut in range(len(data)):
+        p = Pipe(data[:cut])
+        reader = p.reader(max_pfn=1)
+        reader.read_ahead(True)
+        with pytest.raises(StreamError, match="truncated") as info:
+            _records_and_offsets(reader)
+        assert 0 <= info.value.offset <= cut
+    # Without recv_some there is no read-ahead.
+    with pytest.raises(RuntimeError, match="recv_some"):
+        StreamReader(Pipe(data).recv_exact).read_ahead(True)
+    # A sink reads from the source itself: refused while payload octets sit in the buffer.
+    reader = Pipe(data).reader(max_pfn=1)
+    reader.read_begin()
+    reader.read_ahead(True)
+    assert isinstance(reader.next_record(), PageData) and reader.buffered_bytes > 0
+    with pytest.raises(RuntimeError, match="read ahead"):
+        reader.read_page_payload(lambda pfns, nbytes: None)
+    # Turned off, what was read ahead is still served first, then the source directly.
+    reader.read_ahead(False)
+    buf = bytearray(2 * PAGE_SIZE)
+    reader.read_page_payload_into(buf)
+    assert bytes(buf) == ram(2).tobytes()
+    while not reader.finished:
+        reader.next_record()
+    assert reader.offset == len(data) and reader.buffered_bytes == 0
 
 
 def test_v3_static_data_then_records():

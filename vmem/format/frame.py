@@ -25,13 +25,17 @@ import numpy as np
 from vmem.errors import StreamError
 from vmem.format.wire import RECORD_ALIGN, RECORD_HEADER_BYTES
 
-__all__ = ["Buffer", "RECORD_HEADER", "pad_len", "buffer_nbytes", "as_parts", "frame",
-           "ExactSource"]
+__all__ = ["Buffer", "RECORD_HEADER", "READ_AHEAD_BYTES", "pad_len", "buffer_nbytes", "as_parts",
+           "frame", "ExactSource"]
 
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 """Anything exposing a C-contiguous buffer: what ``send_parts`` receives."""
 
 RECORD_HEADER = struct.Struct("<II")  # type, body_length
+
+#: Most octets one read-ahead receive asks for (:meth:`ExactSource.read_ahead`): a stream's
+#: closing records (~0.4 KiB with a guest context) and a page batch's header fit.
+READ_AHEAD_BYTES = 64 << 10
 _ZERO_PAD = bytes(RECORD_ALIGN)
 
 assert RECORD_HEADER.size == RECORD_HEADER_BYTES
@@ -84,17 +88,48 @@ class ExactSource:
             :meth:`read_into` goes through ``recv_exact`` and a copy).
         truncation_errors: exceptions from the callables that mean "the stream ended".
         base_offset: added to every offset reported.
+        recv_some: ``recv_some(max_n) -> bytes`` returning 1..max_n octets, ``b""`` only at
+            the end of the stream (``Channel.recv_some``); needed for :meth:`read_ahead`.
+
+    Read-ahead (:meth:`read_ahead`): small reads are served from one receive of up to
+    :data:`READ_AHEAD_BYTES`, so a run of small records that arrived together costs one
+    system call instead of two a record.  Guarantees: the octets and offsets the caller
+    sees are the same either way; at most ``max(n, READ_AHEAD_BYTES)`` octets are held for
+    a read of ``n`` (the caller bounds ``n``); octets read ahead are never lost -- they are
+    served first, also after read-ahead is turned off (:attr:`buffered_bytes` says how many
+    the source's own reads have not consumed).
     """
 
     def __init__(self, recv_exact: Callable[[int], bytes],
                  recv_into: Callable[[memoryview], Any] | None,
-                 truncation_errors: tuple[type[BaseException], ...], base_offset: int = 0):
+                 truncation_errors: tuple[type[BaseException], ...], base_offset: int = 0,
+                 recv_some: Callable[[int], bytes] | None = None):
         self._recv_exact = recv_exact
         self._recv_into_fn = recv_into
+        self._recv_some_fn = recv_some
         self._truncation_errors = truncation_errors
+        self._ahead = b""        # octets received ahead of the reads; the next is _ahead[_ahead_pos]
+        self._ahead_pos = 0
+        self._reading_ahead = False
         self.offset = base_offset
         """Octets consumed so far plus ``base_offset`` (e.g. the length of a file header in
         front of the stream, so that errors name file offsets)."""
+
+    def read_ahead(self, on: bool = True) -> None:
+        """Serve small reads from a read-ahead buffer (on) or straight from the source (off;
+        what was read ahead is still served first).
+
+        Raises:
+            RuntimeError: turned on without a ``recv_some``.
+        """
+        if on and self._recv_some_fn is None:
+            raise RuntimeError("read-ahead needs a recv_some callable")
+        self._reading_ahead = bool(on)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Octets received ahead and not yet consumed by a read."""
+        return len(self._ahead) - self._ahead_pos
 
     def read_exact(self, n: int, what: str) -> bytes:
         """Exactly ``n`` octets; ``what`` names them in the error.
@@ -102,6 +137,8 @@ class ExactSource:
         Raises:
             StreamError: the source ended (or returned fewer octets) first.
         """
+        if self._reading_ahead or self._ahead_pos < len(self._ahead):
+            return self._read_buffered(n, what)
         start = self.offset
         try:
             data = self._recv_exact(n)
@@ -113,6 +150,41 @@ class ExactSource:
         self.offset += n
         return data
 
+    def _read_buffered(self, n: int, what: str) -> bytes:
+        """:meth:`read_exact` through the read-ahead buffer."""
+        start = self.offset
+        pos = self._ahead_pos
+        have = len(self._ahead) - pos
+        if have >= n:
+            self._ahead_pos = pos + n
+            self.offset = start + n
+            return self._ahead[pos:pos + n]
+        chunks = [self._ahead[pos:]] if have else []
+        self._ahead, self._ahead_pos = b"", 0
+        try:
+            if not self._reading_ahead:  # what was read ahead ran out: the rest as asked
+                rest = self._recv_exact(n - have)
+                if len(rest) != n - have:
+                    raise StreamError(f"stream truncated in {what}: wanted {n} octets, got "
+                                      f"{have + len(rest)}", start + have + len(rest))
+                chunks.append(rest)
+                have = n
+            while have < n:
+                more = self._recv_some_fn(max(n - have, READ_AHEAD_BYTES))
+                if not more:
+                    raise StreamError(f"stream truncated in {what}: wanted {n} octets, got {have}",
+                                      start + have)
+                chunks.append(more)
+                have += len(more)
+        except self._truncation_errors as err:
+            raise StreamError(f"stream truncated in {what}: wanted {n} octets", start) from err
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if len(data) > n:
+            self._ahead, self._ahead_pos = data, n
+            data = data[:n]
+        self.offset = start + n
+        return data
+
     def read_into(self, view: memoryview, what: str) -> None:
         """Fill ``view`` completely.
 
@@ -120,6 +192,15 @@ class ExactSource:
             StreamError: the source ended first.
         """
         n = view.nbytes
+        have = len(self._ahead) - self._ahead_pos
+        if have:  # octets read ahead first; the rest straight into the caller's memory
+            k = min(have, n)
+            view[:k] = self._ahead[self._ahead_pos:self._ahead_pos + k]
+            self._ahead_pos += k
+            self.offset += k
+            if k == n:
+                return
+            view, n = view[k:], n - k
         if self._recv_into_fn is None:
             view[:] = self.read_exact(n, what)
             return

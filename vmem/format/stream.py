@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import io
 import struct
 from dataclasses import dataclass
@@ -321,6 +322,29 @@ class _Phase(enum.Enum):
     DONE = "after libxl END"
 
 
+@functools.lru_cache(maxsize=8)
+def _hvm_params_record(npages: int) -> bytes:
+    """The HVM_PARAMS record (header, body, padding) vmem writes for ``npages``: a pure
+    function of it, so built once per process (it ran cold inside the downtime, ~0.07 ms with
+    HVM_CONTEXT's).  Raises ValueError as :func:`vmem_hvm_params` does (not cached)."""
+    return b"".join(bytes(memoryview(p).cast("B")) for p in record(LibxcRecordType.HVM_PARAMS,
+                                                                  hvm_params_body(vmem_hvm_params(npages))))
+
+
+@functools.lru_cache(maxsize=8)
+def _hvm_context_record(tsc_khz: int) -> bytes:
+    """The HVM_CONTEXT record for ``tsc_khz`` (this host's CPUID signature, read once per
+    process): built once per process, as :func:`_hvm_params_record`."""
+    return b"".join(bytes(memoryview(p).cast("B")) for p in record(LibxcRecordType.HVM_CONTEXT,
+                                                                  hvm_context_blob(gtsc_khz=tsc_khz)))
+
+
+def _x86_hvm_state_parts(npages: int, elapsed_ns: int, tsc_khz: int) -> list[Buffer]:
+    """X86_TSC_INFO, HVM_PARAMS, HVM_CONTEXT as send parts, in the spec's order."""
+    return [*record(LibxcRecordType.X86_TSC_INFO, x86_tsc_info_body(TSC_MODE_DEFAULT, tsc_khz, elapsed_ns, 0)),
+            _hvm_params_record(int(npages)), _hvm_context_record(int(tsc_khz))]
+
+
 class StreamWriter:
     """Writes one libxl-wrapped libxc stream through ``send_parts(list_of_buffers)``.
 
@@ -551,16 +575,36 @@ class StreamWriter:
         """
         self._expect(_Phase.LIBXC, "x86_hvm_state")
         self._check_hvm_order(LibxcRecordType.HVM_PARAMS)
-        bodies = [  # built first: a ValueError leaves the writer untouched
-            record(LibxcRecordType.X86_TSC_INFO,
-                   x86_tsc_info_body(TSC_MODE_DEFAULT, tsc_khz, elapsed_ns, 0)),
-            record(LibxcRecordType.HVM_PARAMS, hvm_params_body(vmem_hvm_params(npages))),
-            record(LibxcRecordType.HVM_CONTEXT, hvm_context_blob(gtsc_khz=tsc_khz)),
-        ]
+        state = _x86_hvm_state_parts(npages, elapsed_ns, tsc_khz)  # built first: a ValueError leaves the writer untouched
         prefix = self._static_prefix()
-        parts = [*prefix, *(part for rec in bodies for part in rec)]
-        self._send(parts, records=3 + len(prefix))
+        self._send([*prefix, *state], records=3 + len(prefix))
         self._hvm_context_sent = True
+
+    def end_of_stream(self, npages: int, context: Buffer, *, elapsed_ns: int = 0, tsc_khz: int = 0,
+                      emulator_id: int = VMEM_EMULATOR_ID, index: int = 0) -> None:
+        """Send the stream's tail in one ``send_parts`` call: :meth:`x86_hvm_state`,
+        :meth:`end_libxc`, :meth:`emulator_context` and :meth:`end_libxl`, the same bytes as
+        those four calls make.  Call it once, after the last PAGE_DATA.
+
+        Why one call: in a stop-and-copy each send woke the destination, which read what had
+        arrived and slept again before the next (the two processes alternating on one CPU:
+        a unix socket's wake-up is a sync one); one send is read in one go.  HVM_PARAMS and
+        HVM_CONTEXT depend only on ``npages`` and ``tsc_khz`` and are built once per process
+        (:func:`rehearse_tail` builds them ahead of a pause).
+
+        Raises:
+            ValueError: HVM_PARAMS or HVM_CONTEXT was already sent, bad ``npages``, or
+                ``context`` / ``emulator_id`` / ``index`` as :meth:`emulator_context` refuses
+                them -- raised before anything is sent.
+        """
+        self._expect(_Phase.LIBXC, "end_of_stream")
+        self._check_hvm_order(LibxcRecordType.HVM_PARAMS)
+        state = _x86_hvm_state_parts(npages, elapsed_ns, tsc_khz)
+        emulator = emulator_context_record(context, emulator_id, index)
+        prefix = self._static_prefix()
+        self._send([*prefix, *state, end_record(), *emulator, libxl_end_record()], records=6 + len(prefix))
+        self._hvm_context_sent = True
+        self._phase = _Phase.DONE
 
     def end_libxc(self) -> None:
         """Send libxc END; the libxl layer continues (emulator context, libxl END)."""
@@ -729,6 +773,10 @@ class StreamReader(ExactSource):
         truncation_errors: exceptions from the callables that mean "the stream ended"
             (e.g. the transport's broken-channel error); reported as StreamError.
             Other exceptions propagate unchanged.
+        recv_some: ``Channel.recv_some``, for :meth:`read_ahead` (see
+            :class:`~vmem.format.frame.ExactSource`).  With octets read ahead, a page
+            payload must be read with :meth:`read_page_payload_into` (a sink reads from the
+            source itself).
 
     Call :meth:`read_begin` once, then :meth:`next_record` until :attr:`finished`.
 
@@ -749,8 +797,8 @@ class StreamReader(ExactSource):
                  max_pfn: int | None = None, allow_postcopy: bool = True,
                  require_hvm_state: bool = False, base_offset: int = 0,
                  truncation_errors: tuple[type[BaseException], ...] = (EOFError,),
-                 xen_record_order: bool = False):
-        super().__init__(recv_exact, recv_into, truncation_errors, base_offset)
+                 xen_record_order: bool = False, recv_some: Callable[[int], bytes] | None = None):
+        super().__init__(recv_exact, recv_into, truncation_errors, base_offset, recv_some)
         # Xen 4.17's libxc writes HVM_PARAMS *after* HVM_CONTEXT (x86_hvm_end_of_checkpoint),
         # against the spec's text; reading a real ``xl save`` file needs this leniency.
         self._xen_record_order = xen_record_order
@@ -1127,6 +1175,12 @@ class StreamReader(ExactSource):
 
     # -- page payloads -----------------------------------------------------------------
 
+    @property
+    def pending_pfns(self) -> np.ndarray | None:
+        """The pfns whose pages the pending PAGE_DATA payload holds, in payload order (None
+        when no payload is pending)."""
+        return None if self._pending is None else self._pending.pfns_with_data
+
     def _take_pending(self) -> _PendingPayload:
         if self._pending is None:
             raise RuntimeError("no PAGE_DATA payload is pending: call next_record() first")
@@ -1144,6 +1198,8 @@ class StreamReader(ExactSource):
         Raises:
             StreamError: the sink raised one of ``truncation_errors``.
         """
+        if self._pending is not None and self._pending.nbytes and self.buffered_bytes:
+            raise RuntimeError("octets of this payload were read ahead: read it with read_page_payload_into")
         pending = self._take_pending()
         with self._sticky():
             if pending.nbytes:
@@ -1197,10 +1253,7 @@ def rehearse_tail(npages: int, context: bytes = b"{}") -> None:
     buf = bytearray()
     writer = StreamWriter(lambda parts: buf.extend(b"".join(memoryview(p).cast("B") for p in parts)))
     writer.begin()
-    writer.x86_hvm_state(npages)
-    writer.end_libxc()
-    writer.emulator_context(context)
-    writer.end_libxl()
+    writer.end_of_stream(npages, context)  # the code a stop-and-copy runs; caches the HVM records
     source = io.BytesIO(buf)
     reader = StreamReader(source.read, source.readinto, max_pfn=max(npages - 1, 0))
     reader.read_begin()

@@ -136,8 +136,8 @@ class DestinationMigration:
         except (TransportError, OSError, VmemError):
             pass  # the link's failure surfaces in the receiving thread
 
-    def _place(self, pfns: np.ndarray, nbytes: int) -> None:
-        """Receive ``nbytes`` of page data for ``pfns``; a worker writes it and digests what landed.
+    def _place(self, reader) -> None:
+        """Receive the pending page payload; a worker writes it and digests what landed.
 
         The batch lands in one of the staging buffers (``STAGING_SLOTS``, <= 4 MiB each).  While this thread
         receives the next batch, a worker thread writes the previous one into the RAM memfd
@@ -148,18 +148,22 @@ class DestinationMigration:
         order is accepted (Xen does not require sorted records); a repeated pfn: the last
         copy wins.
         """
+        pfns = reader.pending_pfns
         n = len(pfns)
-        if nbytes != n * PAGE_SIZE:
-            raise StreamError(f"page payload of {nbytes} bytes for {n} pages")
+        if not n:
+            reader.read_page_payload_into(bytearray())  # a record of pages without data
+            return
         slot = self._placer.acquire()
-        self.ch.recv_into(slot.staging[:n].data)
+        # Through the reader, not straight from the channel: octets it read ahead come first
+        # (after PREPARE_PAUSE, below); the rest is received into the slot in place.
+        reader.read_page_payload_into(slot.staging[:n])
         self._placer.submit(slot, pfns.astype(np.int64, copy=False), n)
         self.pages_received += n
 
     # --- the forward stream -----------------------------------------------------------------
     def _new_reader(self):
         reader = stream.StreamReader(self.ch.recv_exact, self.ch.recv_into, max_pfn=self._npages - 1,
-                                     truncation_errors=(ChannelBrokenError,))
+                                     truncation_errors=(ChannelBrokenError,), recv_some=self.ch.recv_some)
         reader.read_begin()
         return reader
 
@@ -169,14 +173,20 @@ class DestinationMigration:
         while True:
             rec = reader.next_record()
             if isinstance(rec, stream.PageData):
-                reader.read_page_payload(self._place)
+                self._place(reader)
             elif rec.type is wire.LibxlRecordType.END:
+                if reader.buffered_bytes:  # nothing may follow END before RESUMED
+                    raise StreamError(f"{reader.buffered_bytes} octets after the libxl END record", reader.offset)
                 return
             elif rec.type is wire.LibxlRecordType.EMULATOR_CONTEXT:
                 if self._context is None:
                     self._context = stream.parse_emulator_record(rec).data
             elif rec.type is wire.VmemRecordType.PREPARE_PAUSE:
                 self._prepare_for_pause()
+                # What follows is the final pages and the stream's six closing records, sent
+                # together (StreamWriter.end_of_stream): read them with one receive, not two
+                # a record -- each a cold system call inside the downtime.
+                reader.read_ahead(True)
             elif rec.type is PC.BEGIN:
                 if self.postcopy is None:
                     raise MigrationError("postcopy", "the source switched to post-copy, which this destination did not arm")

@@ -576,10 +576,8 @@ class SourceMigration:
         self.progress.round_start(index + 1, len(final), "stop-and-copy")
         t0 = time.monotonic()
         npages, nbytes = self._send_pages(final)
-        self._writer.x86_hvm_state(g.npages, elapsed_ns=int(self.paused.paused_at_ns - self._t_start_ns))
-        self._writer.end_libxc()
-        self._writer.emulator_context(self.paused.context)
-        self._writer.end_libxl()
+        self._writer.end_of_stream(g.npages, self.paused.context,
+                                   elapsed_ns=int(self.paused.paused_at_ns - self._t_start_ns))
         self._set_state(SourceState.STOP_AND_COPY, SourceState.ENDED)
         t1 = time.monotonic()
         rs = RoundStats(index=index + 1, kind="stop-and-copy", pages_sent=npages, bytes_sent=nbytes,
