@@ -138,6 +138,12 @@ class ExactSource:
             StreamError: the source ended (or returned fewer octets) first.
         """
         if self._reading_ahead or self._ahead_pos < len(self._ahead):
+            pos = self._ahead_pos
+            end = pos + n
+            if end <= len(self._ahead):  # the common case, inline: all of it read ahead
+                self._ahead_pos = end
+                self.offset += n
+                return self._ahead[pos:end]
             return self._read_buffered(n, what)
         start = self.offset
         try:

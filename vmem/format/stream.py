@@ -159,6 +159,11 @@ def _record_name(rtype: enum.IntEnum) -> str:
     return f"{prefix}{rtype.name}"
 
 
+# The names the reader uses in its messages, made once: an enum member's name is a
+# descriptor lookup, and the reader runs cold inside a stop-and-copy's downtime.
+_RECORD_NAMES = {t: _record_name(t) for t in (*LibxcRecordType, *PostcopyRecordType, *VmemRecordType)}
+
+
 # ======================================================================================
 # Encoder: pure functions returning bytes or buffer lists
 # ======================================================================================
@@ -949,7 +954,12 @@ class StreamReader(ExactSource):
         if self._pending is not None:
             raise RuntimeError("the PAGE_DATA payload must be consumed (read_page_payload*, "
                                "skip_page_payload) before next_record()")
-        with self._sticky():
+        # _sticky() written out: this runs for every record (and cold, inside a downtime,
+        # for the closing ones); the context manager cost ~0.7 us a record, warm
+        if self._failed is not None:
+            raise StreamError(f"stream reader is unusable after an earlier error: "
+                              f"{self._failed}", self.offset) from self._failed
+        try:
             if self._phase is _Phase.DONE:
                 raise StreamError("record out of order: the stream ended with the libxl "
                                   "END record", self.offset)
@@ -963,6 +973,9 @@ class StreamReader(ExactSource):
                 if result is not None:
                     self.records_read += 1
                     return result
+        except BaseException as err:
+            self._failed = err
+            raise
 
     def _libxc_record(self, rtype: int, length: int, off: int) -> Record | PageData | None:
         t = _LIBXC_TYPES.get(rtype)
@@ -980,7 +993,7 @@ class StreamReader(ExactSource):
                 return None
             raise StreamError(f"unknown mandatory libxc record type 0x{rtype:08x}", off)
 
-        name = _record_name(t)
+        name = _RECORD_NAMES[t]
         version = self.info.version
         if t in V3_RECORD_TYPES and version < IHDR_VERSION_3:
             raise StreamError(f"record out of order: {name} does not exist in stream "
@@ -1122,7 +1135,7 @@ class StreamReader(ExactSource):
 
     def _page_data(self, t: LibxcRecordType | PostcopyRecordType, length: int,
                    off: int) -> PageData:
-        name = _record_name(t)
+        name = _RECORD_NAMES[t]
         # Everything about the record's size is decided before the pfns are read.
         if length < PAGE_DATA_HEADER_BYTES + 8:
             raise StreamError(f"{name} length {length} is too short for a count and one pfn",
