@@ -157,14 +157,11 @@ class ExactSource:
         return data
 
     def _read_buffered(self, n: int, what: str) -> bytes:
-        """:meth:`read_exact` through the read-ahead buffer."""
+        """:meth:`read_exact` through the read-ahead buffer, when it holds fewer than ``n``
+        octets (read_exact serves the rest inline)."""
         start = self.offset
         pos = self._ahead_pos
         have = len(self._ahead) - pos
-        if have >= n:
-            self._ahead_pos = pos + n
-            self.offset = start + n
-            return self._ahead[pos:pos + n]
         chunks = [self._ahead[pos:]] if have else []
         self._ahead, self._ahead_pos = b"", 0
         try:

@@ -834,11 +834,14 @@ class StreamReader(ExactSource):
 
     # -- error discipline ---------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _sticky(self):
+    def _check_usable(self) -> None:
         if self._failed is not None:
             raise StreamError(f"stream reader is unusable after an earlier error: "
                               f"{self._failed}", self.offset) from self._failed
+
+    @contextlib.contextmanager
+    def _sticky(self):
+        self._check_usable()
         try:
             yield
         except BaseException as err:
@@ -956,9 +959,7 @@ class StreamReader(ExactSource):
                                "skip_page_payload) before next_record()")
         # _sticky() written out: this runs for every record (and cold, inside a downtime,
         # for the closing ones); the context manager cost ~0.7 us a record, warm
-        if self._failed is not None:
-            raise StreamError(f"stream reader is unusable after an earlier error: "
-                              f"{self._failed}", self.offset) from self._failed
+        self._check_usable()
         try:
             if self._phase is _Phase.DONE:
                 raise StreamError("record out of order: the stream ended with the libxl "
