@@ -326,6 +326,55 @@ def test_pagemap_scan_spans_many_output_buffers(children):
         os.close(pm)
 
 
+@pytest.mark.parametrize("helper_only", [False, True], ids=["shared", "helper-only"])
+def test_pagemap_scan_split_reports_and_rearms_what_one_walk_does(children, helper_only):
+    """The final collect's split walk: chunks walked by this thread and the helper (or the
+    helper alone: it must see every page) give the pages one walk gives, across chunk
+    edges, past a chunk whose region slice fills (1,024 regions), in a last partial chunk;
+    and re-protect them (a second walk finds nothing)."""
+    _skip_unless("PAGEMAP_SCAN")
+    chunk_pages = nat._SPLIT_MIN_CHUNK_BYTES // PAGE  # 8192: the range below is 3 chunks and a part
+    npages = 3 * chunk_pages + 1000
+    child = children(WP_CHILD, [npages, 1, -1])
+    base = child.recv()["base"]
+    pm = nat.open_pagemap(child.pid)
+    split_args = dict(flags=nat.PM_SCAN_WP_MATCHING | nat.PM_SCAN_CHECK_WPASYNC,
+                      category_mask=nat.PAGE_IS_WRITTEN, return_mask=nat.PAGE_IS_WRITTEN, helper_only=helper_only)
+    try:
+        crowded = list(range(chunk_pages + 10, chunk_pages + 10 + 2 * 3000, 2))  # 3,000 regions in chunk 1
+        written = sorted({0, 1, chunk_pages - 1, chunk_pages, *crowded, 2 * chunk_pages - 1, 2 * chunk_pages + 5,
+                          3 * chunk_pages, npages - 1})
+        child.ask(f"write {json.dumps(written)}")
+        nat.scan_helper_arm(0.01)
+        regions, helper_chunks = nat.pagemap_scan_split(pm, base, base + npages * PAGE, **split_args)
+        assert regions_to_pages(regions, base) == written
+        assert np.all(regions[:, 2] == nat.PAGE_IS_WRITTEN)
+        if helper_only:
+            assert helper_chunks == 4
+        assert 0 <= helper_chunks <= 4
+        again, _ = nat.pagemap_scan_split(pm, base, base + npages * PAGE, **split_args)
+        assert len(again) == 0 and len(scan_written(pm, base, npages)) == 0
+        # the same written again, found by a plain walk: the split walk left nothing half-armed
+        child.ask(f"write {json.dumps(written)}")
+        assert regions_to_pages(scan_written(pm, base, npages), base) == written
+    finally:
+        os.close(pm)
+
+
+def test_pagemap_scan_split_refusals():
+    """More chunks than the job holds, or a chunk not a whole number of pages: EINVAL, and
+    nothing walked; an error of the walk itself names the chunk."""
+    vec, counts, ends, out = nat._split_buffers()
+    args = (nat.PM_SCAN_CHECK_WPASYNC, 0, nat.PAGE_IS_WRITTEN, 0, nat.PAGE_IS_WRITTEN, 1, vec, counts, ends, out)
+    too_many = (nat.lib.VMEM_SCAN_SPLIT_MAX_CHUNKS + 1) * PAGE
+    assert nat.lib.vmem_pagemap_scan_split(-1, 0, too_many, PAGE, *args) == -errno.EINVAL
+    assert nat.lib.vmem_pagemap_scan_split(-1, 0, 1 << 20, PAGE + 1, *args) == -errno.EINVAL
+    with pytest.raises(OSError) as err:
+        nat.pagemap_scan_split(-1, 1 << 30, (1 << 30) + (64 << 20), flags=0, category_mask=nat.PAGE_IS_WRITTEN,
+                               return_mask=nat.PAGE_IS_WRITTEN)
+    assert err.value.errno == errno.EBADF and "PAGEMAP_SCAN" in str(err.value)
+
+
 def test_uffd_received_over_unix_socket_writeprotects_the_childs_pages(children):
     """The migrator holds the guest's uffd and (un)protects the guest's addresses with it."""
     _skip_unless("PAGEMAP_SCAN")

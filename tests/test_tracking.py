@@ -132,6 +132,40 @@ def test_warm_before_the_final_collect_loses_no_write(boot_guest, kind):
         t.stop()
 
 
+def test_final_collect_split_over_two_threads_loses_no_write(boot_guest):
+    """uffd-wp's final collect (after ``warm()``) walks chunks of RAM on two threads: on a
+    guest of several chunks, every page written since the last collect is reported, the
+    walk re-armed them all, and a collect without ``warm()`` walks alone again."""
+    needs_uffd_wp("uffd-wp")
+    g = boot_guest("uniform", size=96 << 20, rate=200000)  # three 32 MiB chunks
+    mem = memory_of(g)
+    t = make_tracker(g, "uffd-wp")
+    try:
+        t.start()
+        time.sleep(0.05)
+        g.pause()
+        t.collect()
+        before = mem.ram.copy()
+        g.resume()
+        time.sleep(0.2)
+        g.pause()
+        written = written_since(mem, before)
+        assert len(np.unique(written // ((32 << 20) // PAGE_SIZE))) == 3, "writes in every chunk"
+        t.helper_chunks = -1
+        t.warm()
+        reported = t.collect()
+        assert np.isin(written, reported).all(), f"{int((~np.isin(written, reported)).sum())} written pages lost by the split walk"
+        assert 0 <= t.helper_chunks <= 3, "the collect after warm() is the split walk"
+        assert len(t.collect()) == 0, "the split walk re-armed what it reported"
+        g.resume()
+        time.sleep(0.05)
+        g.pause()
+        t.helper_chunks = -1
+        assert len(t.collect()) > 0 and t.helper_chunks == -1, "no warm(): one walk, no helper"
+    finally:
+        t.stop()
+
+
 def written_since(mem: GuestMemory, ram_before: np.ndarray) -> np.ndarray:
     """The pages whose bytes changed since ``ram_before`` was copied: exactly the writes a
     tracker must report.  Not the guest's ledger: a KVM vCPU can be kicked out between
