@@ -363,8 +363,8 @@ static int64_t vmem_pagemap_scan_split(int fd, uint64_t start, uint64_t end, uin
         }
     }
     int64_t helper_chunks = atomic_load(&j->helper_chunks);
-    /* The walk is over: the helper sleeps now rather than spin out its time.  Spinning on
-       (even SCHED_IDLE) it made the next hops of the downtime ~0.1 ms slower (measured). */
+    /* The walk is over: the helper sleeps now rather than spin out its time on a CPU the
+       next hops may want (spinning on gained nothing in A/B runs: docs/performance.md). */
     atomic_store(&vmem_scan_spin_until_ns, 0);
     pthread_mutex_unlock(&vmem_scan_job_lock);
     /* Pack the chunks' regions to the front, in chunk (address) order: one array for Python. */
