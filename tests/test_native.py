@@ -361,6 +361,45 @@ def test_pagemap_scan_split_reports_and_rearms_what_one_walk_does(children, help
         os.close(pm)
 
 
+@pytest.mark.parametrize("err", [errno.EBUSY, errno.EAGAIN], ids=["busy", "no-thread"])
+def test_pagemap_scan_split_walks_alone_when_the_helper_is_unavailable(children, monkeypatch, err):
+    """Nothing walked by the split (another split walk runs in the process, or the helper
+    thread cannot be started): the caller walks alone and loses nothing; an EINVAL is not
+    papered over."""
+    _skip_unless("PAGEMAP_SCAN")
+    npages = 4096
+    child = children(WP_CHILD, [npages, 1, -1])
+    base = child.recv()["base"]
+    pm = nat.open_pagemap(child.pid)
+    real = nat.lib
+
+    class Unavailable:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def vmem_pagemap_scan_split(*args):
+            out = args[-1]
+            out[0], out[1], out[2] = 0, 0, -1  # as the C does before it refuses
+            return -err
+
+    args = dict(flags=nat.PM_SCAN_WP_MATCHING | nat.PM_SCAN_CHECK_WPASYNC,
+                category_mask=nat.PAGE_IS_WRITTEN, return_mask=nat.PAGE_IS_WRITTEN)
+    try:
+        written = [3, 4, 700, 4095]
+        child.ask(f"write {json.dumps(written)}")
+        monkeypatch.setattr(nat, "lib", Unavailable())
+        regions, helper_chunks = nat.pagemap_scan_split(pm, base, base + npages * PAGE, **args)
+        assert regions_to_pages(regions, base) == written and helper_chunks == 0
+        with pytest.raises(OSError) as refused:  # the tests' helper-only walk does not fall back
+            nat.pagemap_scan_split(pm, base, base + npages * PAGE, helper_only=True, **args)
+        assert refused.value.errno == err
+        monkeypatch.setattr(nat, "lib", real)
+        assert len(scan_written(pm, base, npages)) == 0, "the walk alone re-armed them"
+    finally:
+        os.close(pm)
+
+
 def test_pagemap_scan_split_refusals():
     """More chunks than the job holds, or a chunk not a whole number of pages: EINVAL, and
     nothing walked; an error of the walk itself names the chunk."""

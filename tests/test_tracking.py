@@ -8,6 +8,7 @@ and the concurrent-writer test shadow-copies RAM the way a migrator relies on it
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 
@@ -132,6 +133,20 @@ def test_warm_before_the_final_collect_loses_no_write(boot_guest, kind):
         t.stop()
 
 
+def _written_after_a_collect(g, t, mem: GuestMemory, run_s: float) -> np.ndarray:
+    """Arm ``t``, collect once with the guest paused, let it run ``run_s`` and pause it
+    again: the pages it wrote since that collect (the ground truth, from RAM itself)."""
+    t.start()
+    time.sleep(0.05)
+    g.pause()
+    t.collect()
+    before = mem.ram.copy()
+    g.resume()
+    time.sleep(run_s)
+    g.pause()
+    return written_since(mem, before)
+
+
 def test_final_collect_split_over_two_threads_loses_no_write(boot_guest):
     """uffd-wp's final collect (after ``warm()``) walks chunks of RAM on two threads: on a
     guest of several chunks, every page written since the last collect is reported, the
@@ -141,15 +156,7 @@ def test_final_collect_split_over_two_threads_loses_no_write(boot_guest):
     mem = memory_of(g)
     t = make_tracker(g, "uffd-wp")
     try:
-        t.start()
-        time.sleep(0.05)
-        g.pause()
-        t.collect()
-        before = mem.ram.copy()
-        g.resume()
-        time.sleep(0.2)
-        g.pause()
-        written = written_since(mem, before)
+        written = _written_after_a_collect(g, t, mem, run_s=0.2)
         assert len(np.unique(written // ((32 << 20) // PAGE_SIZE))) == 3, "writes in every chunk"
         t.helper_chunks = -1
         t.warm()
@@ -162,6 +169,30 @@ def test_final_collect_split_over_two_threads_loses_no_write(boot_guest):
         g.pause()
         t.helper_chunks = -1
         assert len(t.collect()) > 0 and t.helper_chunks == -1, "no warm(): one walk, no helper"
+    finally:
+        t.stop()
+
+
+def test_final_collect_without_a_helper_thread_walks_alone(boot_guest, monkeypatch):
+    """The helper thread cannot be started (out of threads): ``warm()`` does not fail the
+    migration, and the final collect walks alone and still reports every write."""
+    needs_uffd_wp("uffd-wp")
+    from vmem import _native as nat
+
+    g = boot_guest("uniform", size=16 << 20, rate=20000)
+    mem = memory_of(g)
+    t = make_tracker(g, "uffd-wp")
+
+    def no_thread(spin_s):
+        raise OSError(errno.EAGAIN, "starting the page-walk helper thread: Resource temporarily unavailable")
+
+    try:
+        written = _written_after_a_collect(g, t, mem, run_s=0.1)
+        monkeypatch.setattr(nat, "scan_helper_arm", no_thread)
+        t.warm()
+        reported = t.collect()
+        assert len(written) > 0 and np.isin(written, reported).all()
+        assert len(t.collect()) == 0
     finally:
         t.stop()
 

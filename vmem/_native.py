@@ -615,7 +615,9 @@ def pagemap_scan_split(
     rc = lib.vmem_pagemap_scan_split(pagemap_fd, start, end, chunk, int(flags), int(category_inverted),
                                      int(category_mask), int(category_anyof_mask), int(return_mask),
                                      0 if helper_only else 1, vec, counts, walk_ends, out)
-    if rc == -_errno.EBUSY and not helper_only:
+    if rc < 0 and out[2] < 0 and rc != -_errno.EINVAL and not helper_only:
+        # Nothing walked: another split walk runs here, or the helper thread could not be
+        # started (EAGAIN) -- walk alone; the helper only ever saves time.
         return pagemap_scan(pagemap_fd, start, end, flags=flags, category_mask=category_mask, return_mask=return_mask,
                             category_inverted=category_inverted, category_anyof_mask=category_anyof_mask), 0
     if rc < 0:

@@ -254,13 +254,16 @@ static void *vmem_scan_helper_main(void *arg)
     return NULL;
 }
 
-/* Start the helper in this process unless it runs already.  0 or -errno. */
+/* Start the helper in this process unless it runs already.  0 or -errno (-EBUSY: another
+   thread is starting it -- or was, when this process was forked from one that was: a lock
+   taken then stays taken in the child, so it is tried, never waited for). */
 static int vmem_scan_helper_ensure(void)
 {
     pid_t me = getpid();
     if (atomic_load(&vmem_scan_helper_pid) == me)
         return 0;
-    pthread_mutex_lock(&vmem_scan_start_lock);
+    if (pthread_mutex_trylock(&vmem_scan_start_lock) != 0)
+        return -EBUSY;
     int rc = 0;
     if (atomic_load(&vmem_scan_helper_pid) != me) {
         sigset_t all, old;
@@ -305,9 +308,10 @@ static int vmem_scan_helper_arm(int64_t spin_ns)
    in address order, out[0] = how many.  out[1] = how many chunks stopped short of their end
    (their slice was full: the caller walks the rest, from walk_ends[i]).  caller_walks = 0
    leaves every chunk to the helper (for tests).  Returns how many chunks the helper walked,
-   or -errno: of the first chunk that failed (its index in out[2], else -1; the others were walked),
-   -EBUSY (another split walk runs in this process; nothing walked), -EINVAL (more than
-   VMEM_SCAN_SPLIT_MAX_CHUNKS chunks, or chunk_bytes not whole pages; nothing walked). */
+   or -errno: of the first chunk that failed (its index in out[2]; the others were walked);
+   with out[2] = -1 nothing was walked: -EBUSY (another split walk runs in this process, or
+   the helper is being started), -EAGAIN (no thread for the helper), -EINVAL (more than
+   VMEM_SCAN_SPLIT_MAX_CHUNKS chunks, or chunk_bytes not whole pages). */
 static int64_t vmem_pagemap_scan_split(int fd, uint64_t start, uint64_t end, uint64_t chunk_bytes,
                                        uint64_t flags, uint64_t category_inverted, uint64_t category_mask,
                                        uint64_t category_anyof_mask, uint64_t return_mask,

@@ -98,7 +98,11 @@ class UffdWpTracker(DirtyTracker):
                          category_mask=nat.PAGE_IS_WRITTEN, return_mask=nat.PAGE_IS_WRITTEN)
         # The final collect walks with a helper thread on the CPU the paused guest leaves
         # idle; it spins from now until then, so that the walk does not wait for its wake-up.
-        nat.scan_helper_arm(HELPER_SPIN_S)
+        # A helper that cannot start costs only that: the final collect walks alone.
+        try:
+            nat.scan_helper_arm(HELPER_SPIN_S)
+        except OSError:
+            pass
         self._final_next = True
 
     def _collect(self) -> np.ndarray:
