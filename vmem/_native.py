@@ -551,7 +551,7 @@ def pagemap_scan(
 # against ~0.5 us per call, measured), at most 32 of them however large the range.
 _SPLIT_CHUNKS = 32
 _SPLIT_MIN_CHUNK_BYTES = 32 << 20
-_SPLIT_ALIGN_BYTES = 2 << 20  # whole page-table pages a chunk
+_SPLIT_ALIGN_BYTES = 2 << 20  # a chunk spans whole page-table pages (edges on them when the range starts on one)
 _SPLIT_CHUNK_REGIONS: int = lib.VMEM_SCAN_SPLIT_CHUNK_REGIONS
 
 
@@ -599,8 +599,9 @@ def pagemap_scan_split(
     The caller starts walking at once and takes every chunk the helper has not, so this is
     never slower than one walk by more than ~0.5 us a chunk; it is faster when the host has
     an idle CPU for the helper -- inside a downtime, with the guest paused.  If another
-    split walk runs in this process, this one walks alone (``helper_chunks`` 0).
-    ``helper_only`` leaves every chunk to the helper (tests: it must see every page).
+    split walk runs in this process, or the helper thread cannot be started, this one walks
+    alone (``helper_chunks`` 0).  ``helper_only`` leaves every chunk to the helper (tests: it
+    must see every page; it does not fall back).
 
     Raises:
         OSError: as :func:`pagemap_scan`, naming the chunk; raised after every chunk was
