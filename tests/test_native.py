@@ -645,6 +645,38 @@ def test_mprot_tracker_records_and_rearms(children):
     assert done == {"installed": False, "faults": faults}
 
 
+@pytest.mark.parametrize("npages", [1, 63, 64, 65, 4096, 262_144 + 37])
+def test_bitmap_pages_lists_the_set_bits_below_npages(npages):
+    """The bitmap trackers' decode: every set bit below npages, in order, none past it."""
+    rng = np.random.default_rng(npages)
+    nwords = -(-npages // 64)
+    bits = np.zeros(nwords, dtype=np.uint64)
+    want = np.unique(rng.integers(0, npages, max(1, npages // 90)))
+    want = np.union1d(want, [0, npages - 1])  # both ends
+    np.bitwise_or.at(bits, want // 64, np.left_shift(np.uint64(1), (want % 64).astype(np.uint64)))
+    if npages % 64:
+        bits[-1] |= np.uint64(1) << np.uint64(63)  # a bit past npages in the last word: not a page
+    got = nat.bitmap_pages(bits, npages)
+    assert got.dtype == np.int64 and np.array_equal(got, want)
+    assert nat.bitmap_pages(np.zeros(nwords, dtype=np.uint64), npages).size == 0
+
+
+def test_bitmap_pages_refusals():
+    bits = np.full(4, np.uint64(0xFFFF_FFFF_FFFF_FFFF))
+    with pytest.raises(TypeError):
+        nat.bitmap_pages(bits.view(np.int64), 256)
+    with pytest.raises(TypeError):
+        nat.bitmap_pages(np.zeros(8, dtype=np.uint64)[::2], 256)
+    with pytest.raises(ValueError):
+        nat.bitmap_pages(bits, 257)  # more pages than bits
+    # An output too small (a bitmap that grew between the count and the fill): ENOSPC,
+    # never written past its end.
+    out = np.full(101, -7, dtype=np.int64)
+    rc = nat.lib.vmem_bitmap_pages(nat.ffi.cast("uint64_t *", bits.ctypes.data), 256,
+                                   nat.ffi.cast("int64_t *", out.ctypes.data), 100)
+    assert rc == -errno.ENOSPC and np.array_equal(out[:100], np.arange(100)) and out[100] == -7
+
+
 def test_mprot_error_paths(children):
     _skip_unless("mprotect_tracker")
     child = children(MPROT_CHILD, [64])

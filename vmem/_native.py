@@ -702,6 +702,28 @@ def mprot_faults() -> int:
     return int(lib.vmem_mprot_faults())
 
 
+def bitmap_pages(bitmap: np.ndarray, npages: int) -> np.ndarray:
+    """The pages whose bit is set in ``bitmap`` (bit p of word p // 64), below ``npages``:
+    sorted unique int64 indices.  Bits at or past ``npages`` are ignored.
+
+    Raises:
+        TypeError: ``bitmap`` is not a 1-D C-contiguous uint64 array.
+        ValueError: it has fewer than ``npages`` bits.
+    """
+    if bitmap.dtype != np.uint64 or bitmap.ndim != 1 or not bitmap.flags.c_contiguous:
+        raise TypeError("bitmap_pages: bitmap must be a 1-D C-contiguous uint64 array")
+    if npages < 0 or bitmap.size * 64 < npages:
+        raise ValueError(f"bitmap_pages: {bitmap.size * 64} bits for {npages} pages")
+    bits = ffi.cast("uint64_t *", bitmap.ctypes.data)
+    n = _check(lib.vmem_bitmap_pages(bits, npages, ffi.NULL, 0), "bitmap_pages")
+    out = np.empty(n, dtype=np.int64)
+    if n:
+        # The count and the fill read the same words: a bitmap written meanwhile (it is
+        # the caller's to hold still) gives ENOSPC, never an overrun.
+        _check(lib.vmem_bitmap_pages(bits, npages, ffi.cast("int64_t *", out.ctypes.data), n), "bitmap_pages")
+    return out
+
+
 # --- digests ---------------------------------------------------------------------------
 def _u64_out(out: np.ndarray, n: int, what: str):
     if out.dtype != np.uint64 or not out.flags.c_contiguous or not out.flags.writeable:

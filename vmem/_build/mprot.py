@@ -31,9 +31,8 @@ returns: the fault re-raises and the process dies the way it would have without 
 never loops.
 
 ``vmem_mprot_collect`` moves the dirty bits to the caller's bitmap with one atomic
-exchange per word, then re-protects every run of set bits with one mprotect per run.
-Runs of set bits are exactly the writable parts of the region, so re-protecting them only
-merges VMAs; should it still fail with ENOMEM, the whole region is re-protected at once.
+exchange per word, then re-protects the whole region with one mprotect: runs of set bits
+are exactly its writable parts, the kernel skips the rest, so the call only merges VMAs.
 The caller must be the guest's only running thread at a safe point: a store by another
 thread between the exchange and the re-protect would be lost.
 """
@@ -52,6 +51,7 @@ int vmem_mprot_uninstall(void);
 int vmem_mprot_installed(void);
 uint64_t vmem_mprot_fallbacks(void);
 uint64_t vmem_mprot_faults(void);
+int64_t vmem_bitmap_pages(const uint64_t *bits, uint64_t npages, int64_t *out, uint64_t max_out);
 """
 
 CUSTOMIZATIONS = r"""
@@ -222,50 +222,21 @@ static int64_t vmem_mprot_collect(uint64_t out_bitmap)
     uint64_t *out = (uint64_t *)(uintptr_t)out_bitmap;
     uint64_t npages = vmem_mp_npages, nwords = (npages + 63) / 64;
     int64_t count = 0;
-    uint64_t runs = 0, carry = 0;
     for (uint64_t w = 0; w < nwords; w++) {
         uint64_t v = __atomic_exchange_n(&vmem_mp_dirty[w], 0, __ATOMIC_SEQ_CST);
         out[w] = v;
         count += __builtin_popcountll(v);
-        runs += __builtin_popcountll(v & ~((v << 1) | carry));  /* bits that start a run */
-        carry = v >> 63;
     }
 
-    /* Re-protect each run of set bits [s, e) -- unless there are so many runs that one
-     * mprotect of the whole region is cheaper.  Measured here: ~3.3 us per run (an
-     * mprotect and a VMA merge) against ~20 ns per page for the whole region, so the
-     * break-even is about one run per 160 pages. */
-    int whole = runs > npages / 160;
-    uint64_t i = whole ? npages : 0;
-    while (i < npages) {
-        uint64_t w = i >> 6, word = out[w] & (~0ULL << (i & 63));
-        while (word == 0) {
-            if (++w >= nwords)
-                goto runs_done;
-            word = out[w];
-        }
-        uint64_t s = (w << 6) + (uint64_t)__builtin_ctzll(word);
-        uint64_t e = npages;
-        w = s >> 6;
-        word = ~out[w] & (~0ULL << (s & 63));
-        for (;;) {
-            if (word != 0) { e = (w << 6) + (uint64_t)__builtin_ctzll(word); break; }
-            if (++w >= nwords) break;
-            word = ~out[w];
-        }
-        if (e > npages)
-            e = npages;
-        if (mprotect((void *)(vmem_mp_base + (s << VMEM_PAGE_SHIFT)),
-                     (size_t)((e - s) << VMEM_PAGE_SHIFT), PROT_READ) != 0) {
-            if (errno != ENOMEM)
-                goto fail;
-            whole = 1;
-            break;
-        }
-        i = e;
-    }
-runs_done:
-    if (whole && mprotect((void *)vmem_mp_base, (size_t)(npages << VMEM_PAGE_SHIFT), PROT_READ) != 0)
+    /* Re-protect with one mprotect of the whole region, never one per run.  The region
+     * is PROT_READ but for the runs the handler opened (each its own VMA), and mprotect
+     * skips a VMA whose protection does not change, so the one call does exactly the
+     * per-run calls' work -- merge each run's VMA into its neighbours, write-protect its
+     * PTEs -- without a system call, a lock round and a VMA lookup per run.  Measured here
+     * (1 GiB memfd, every page populated, C): 2,892 single-page runs 3.4-5.6 ms whole
+     * against 6.9-8.5 ms one call per run; 500 runs 0.43-0.46 against 1.09-1.24 ms.  The
+     * call only merges, so it cannot fail for want of VMAs (vm.max_map_count). */
+    if (count != 0 && mprotect((void *)vmem_mp_base, (size_t)(npages << VMEM_PAGE_SHIFT), PROT_READ) != 0)
         goto fail;
     return count;
 
@@ -307,5 +278,35 @@ static uint64_t vmem_mprot_fallbacks(void)
 static uint64_t vmem_mprot_faults(void)
 {
     return __atomic_load_n(&vmem_mp_fault_count, __ATOMIC_SEQ_CST);
+}
+
+/* The set bits of a page bitmap (bit p of word p/64 <=> page p) below npages, as page
+ * indices in ascending order into out; returns how many there are.  With out == NULL it
+ * only counts; with more than max_out it fills max_out and returns -ENOSPC.  The bitmap
+ * trackers' collect: numpy's unpackbits + nonzero took ~0.5 ms for 2,900 pages of a
+ * 1 GiB guest (it expands every bit to a byte), this ~10 us (a word at a time). */
+static int64_t vmem_bitmap_pages(const uint64_t *bits, uint64_t npages, int64_t *out, uint64_t max_out)
+{
+    uint64_t nwords = npages / 64, n = 0;
+    for (uint64_t w = 0; w <= nwords; w++) {
+        uint64_t v;
+        if (w < nwords)
+            v = bits[w];
+        else if (npages & 63)
+            v = bits[w] & ((1ULL << (npages & 63)) - 1);  /* the partial last word */
+        else
+            break;
+        if (out == NULL) {
+            n += (uint64_t)__builtin_popcountll(v);
+            continue;
+        }
+        while (v != 0) {
+            if (n == max_out)
+                return -ENOSPC;
+            out[n++] = (int64_t)((w << 6) + (uint64_t)__builtin_ctzll(v));
+            v &= v - 1;
+        }
+    }
+    return (int64_t)n;
 }
 """

@@ -39,6 +39,7 @@ class GuestBitmapTracker(DirtyTracker):
         self._fd = fd
         self._harvest = np.frombuffer(self._map, dtype=np.uint64)[self._nwords:]
         self._armed = False
+        self._nat = None  # vmem._native, loaded by start()
 
     def _guest_start(self, bitmap_fd: int) -> int:
         raise NotImplementedError
@@ -53,6 +54,9 @@ class GuestBitmapTracker(DirtyTracker):
         return TrackerUnavailable(self.name, f"the guest refused to start it ({os.strerror(-res)})")
 
     def start(self) -> None:
+        from vmem import _native  # loaded here, not in the first collect (~5 ms the first time)
+
+        self._nat = _native
         res = self._guest_start(self._fd)
         if res < 0:
             raise self._start_refused(res)
@@ -62,12 +66,8 @@ class GuestBitmapTracker(DirtyTracker):
         res = self._guest_collect()
         if res < 0:
             raise GuestError(f"{self.name} collect failed in the guest: {os.strerror(-res)}")
-        harvest = self._harvest
-        words = np.flatnonzero(harvest)
-        bits = np.unpackbits(harvest[words].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-        w, b = np.nonzero(bits)
-        pages = words[w].astype(np.int64) * 64 + b
-        return pages[pages < self.npages]
+        # In C: numpy's bit expansion took ~0.5 ms of a 1 GiB guest's 4.6 ms collect.
+        return self._nat.bitmap_pages(self._harvest, self.npages)
 
     def stop(self) -> None:
         if self._armed:
