@@ -658,6 +658,9 @@ def test_bitmap_pages_lists_the_set_bits_below_npages(npages):
         bits[-1] |= np.uint64(1) << np.uint64(63)  # a bit past npages in the last word: not a page
     got = nat.bitmap_pages(bits, npages)
     assert got.dtype == np.int64 and np.array_equal(got, want)
+    # With the count known the bitmap is read once; a wrong count still gives the pages.
+    for expected in (len(want), 0, len(want) - 1, len(want) + 5):
+        assert np.array_equal(nat.bitmap_pages(bits, npages, expected=expected), want), expected
     assert nat.bitmap_pages(np.zeros(nwords, dtype=np.uint64), npages).size == 0
 
 
