@@ -1258,7 +1258,8 @@ class Bench:
             "mm is loaded on the other CPU every such flush is a TLB-shootdown IPI (in this VM a virtual IPI: exits on",
             "both vCPUs), so a scattered 1% costs hundreds of IPIs.  Paused, the guest's mm is not loaded on another CPU",
             "and the flushes stay local (0 IPIs).  mprotect: collect is a round trip to the guest, which re-protects its",
-            "own pages with one mprotect() per dirty run (VMA merge each) -- cost per run, paused or not.",
+            "own pages with one mprotect() of the whole region (the kernel merges each dirty run's VMA back: cost per run,",
+            "paused or not).",
         ]
         emit(table("3. collect(): 1% of a guest's pages written",
                    ["tracker / guest", "guest", "median ms", "p90", "min", "max", "pages", "TLB IPIs", "ns/page",
