@@ -308,7 +308,9 @@ class KvmRuntime(GuestRuntime):
             self.harvest[:] = self.pending
             self.pending[:] = 0
             self.vm.harvest_ring(self.harvest)
-        return int(np.unpackbits(self.harvest.view(np.uint8)).sum())
+        # The count of harvested pages (the tracker sizes its decode by it); in C -- numpy's
+        # unpackbits of a 1 GiB guest's bitmap costs ~0.5 ms.
+        return int(nat.bitmap_pages(self.harvest, self.harvest.size * 64).size)
 
     def _dirty_stop(self, _arg: int) -> int:
         if self.tracking:
