@@ -658,6 +658,7 @@ def test_bitmap_pages_lists_the_set_bits_below_npages(npages):
         bits[-1] |= np.uint64(1) << np.uint64(63)  # a bit past npages in the last word: not a page
     got = nat.bitmap_pages(bits, npages)
     assert got.dtype == np.int64 and np.array_equal(got, want)
+    assert nat.bitmap_count(bits, npages) == len(want)
     # With the count known the bitmap is read once; a wrong count still gives the pages.
     for expected in (len(want), 0, len(want) - 1, len(want) + 5):
         assert np.array_equal(nat.bitmap_pages(bits, npages, expected=expected), want), expected
@@ -672,6 +673,8 @@ def test_bitmap_pages_refusals():
         nat.bitmap_pages(np.zeros(8, dtype=np.uint64)[::2], 256)
     with pytest.raises(ValueError):
         nat.bitmap_pages(bits, 257)  # more pages than bits
+    with pytest.raises(ValueError):
+        nat.bitmap_count(bits, 257)
     # An output too small (a bitmap that grew between the count and the fill): ENOSPC,
     # never written past its end.
     out = np.full(101, -7, dtype=np.int64)

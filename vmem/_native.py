@@ -702,6 +702,23 @@ def mprot_faults() -> int:
     return int(lib.vmem_mprot_faults())
 
 
+def _bitmap_bits(bitmap: np.ndarray, npages: int, what: str):
+    if bitmap.dtype != np.uint64 or bitmap.ndim != 1 or not bitmap.flags.c_contiguous:
+        raise TypeError(f"{what}: bitmap must be a 1-D C-contiguous uint64 array")
+    if npages < 0 or bitmap.size * 64 < npages:
+        raise ValueError(f"{what}: {bitmap.size * 64} bits for {npages} pages")
+    return ffi.cast("uint64_t *", bitmap.ctypes.data)
+
+
+def bitmap_count(bitmap: np.ndarray, npages: int) -> int:
+    """How many bits below ``npages`` are set in ``bitmap`` (bit p of word p // 64).
+
+    Raises: as :func:`bitmap_pages`.
+    """
+    return _check(lib.vmem_bitmap_pages(_bitmap_bits(bitmap, npages, "bitmap_count"), npages, ffi.NULL, 0),
+                  "bitmap_count")
+
+
 def bitmap_pages(bitmap: np.ndarray, npages: int, expected: int = -1) -> np.ndarray:
     """The pages whose bit is set in ``bitmap`` (bit p of word p // 64), below ``npages``:
     sorted unique int64 indices.  Bits at or past ``npages`` are ignored.
@@ -715,11 +732,7 @@ def bitmap_pages(bitmap: np.ndarray, npages: int, expected: int = -1) -> np.ndar
         TypeError: ``bitmap`` is not a 1-D C-contiguous uint64 array.
         ValueError: it has fewer than ``npages`` bits.
     """
-    if bitmap.dtype != np.uint64 or bitmap.ndim != 1 or not bitmap.flags.c_contiguous:
-        raise TypeError("bitmap_pages: bitmap must be a 1-D C-contiguous uint64 array")
-    if npages < 0 or bitmap.size * 64 < npages:
-        raise ValueError(f"bitmap_pages: {bitmap.size * 64} bits for {npages} pages")
-    bits = ffi.cast("uint64_t *", bitmap.ctypes.data)
+    bits = _bitmap_bits(bitmap, npages, "bitmap_pages")
     if expected >= 0:
         out = np.empty(expected, dtype=np.int64)
         n = lib.vmem_bitmap_pages(bits, npages, ffi.cast("int64_t *", out.ctypes.data), expected)

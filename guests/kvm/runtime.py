@@ -310,7 +310,7 @@ class KvmRuntime(GuestRuntime):
             self.vm.harvest_ring(self.harvest)
         # The count of harvested pages (the tracker sizes its decode by it); in C -- numpy's
         # unpackbits of a 1 GiB guest's bitmap costs ~0.5 ms.
-        return int(nat.bitmap_pages(self.harvest, self.harvest.size * 64).size)
+        return nat.bitmap_count(self.harvest, self.harvest.size * 64)
 
     def _dirty_stop(self, _arg: int) -> int:
         if self.tracking:
