@@ -70,6 +70,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from testhosts import NetnsHosts, netns_unavailable, page_round_trips, transfer  # noqa: E402
 
 from transport import parse_rate  # noqa: E402
+from vmem import provenance  # noqa: E402
 from vmem.agent.client import AgentClient  # noqa: E402
 from vmem.bench.goals import Goals  # noqa: E402
 from vmem.bench.prewarm import prewarm, prewarm_bytes_for  # noqa: E402
@@ -521,7 +522,8 @@ def main() -> int:
     pair = None
     goals = Goals()
     result: dict = {"size_bytes": size, "workload": args.workload, "security": args.security, "shaped_rate": args.rate,
-                    "prewarm_bytes": PREWARM_BYTES}
+                    "prewarm_bytes": PREWARM_BYTES, "provenance": provenance.collect()}
+    print(provenance.summary_line(result["provenance"]), flush=True)
     try:
         hosts.up()
         # Timed without hashing (sha256 on both ends would slow the baseline and flatter

@@ -88,6 +88,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from guests.launch import GuestSpec, ProcessGuest  # noqa: E402
+from vmem import provenance  # noqa: E402
 from vmem.bench.goals import Goals  # noqa: E402
 from vmem.bench.prewarm import mem_available_bytes, prewarm, prewarm_bytes_for  # noqa: E402
 from vmem.migration.local import run_local_migration  # noqa: E402
@@ -1471,12 +1472,14 @@ def main(argv=None) -> int:
         "cpus": os.cpu_count(), "mem_total_bytes": psutil.virtual_memory().total,
         "mem_available_bytes": mem_available_bytes(), "loadavg": os.getloadavg(), "prewarm": bench.prewarm_on,
         "args": {k: v for k, v in vars(args).items()},
+        "provenance": provenance.collect(),  # the boot among the rest: figures of two boots differ (docs/bench.md)
     }
     try:
         meta["git"] = subprocess.run(["git", "-C", _ROOT, "describe", "--always", "--dirty"], capture_output=True,
                                      text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    log(provenance.summary_line(meta["provenance"]))
     log(f"bench_migrate: parts {parts}{' (quick)' if q else ''}; {meta['cpus']} CPUs, "
         f"{fbytes(meta['mem_available_bytes'])} available, load {meta['loadavg'][0]:.2f}")
     cpu_rows = []

@@ -59,6 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from guests.launch import GuestSpec, ProcessGuest  # noqa: E402
+from vmem import provenance  # noqa: E402
 from vmem.migration.local import run_local_migration  # noqa: E402
 from vmem.migration.source import MigrationOptions  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
@@ -286,6 +287,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     size = parse_size(a.size)
     prewarm_bytes = 0 if a.no_prewarm else prewarm_bytes_for(size)
+    prov = provenance.collect()  # the boot among the rest: figures of two boots differ (docs/bench.md)
+    print(provenance.summary_line(prov), flush=True)
     results = []
     other = "old" if a.ab else "no-prealloc" if a.ab_prealloc else None  # the comparison arm
     gap_floors, fault_floors = [], []
@@ -420,7 +423,7 @@ def main(argv=None) -> int:
     print(goals.summary())
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"runs": results, "summary": summary, "goals": goals.items}, f, indent=1)
+            json.dump({"provenance": prov, "runs": results, "summary": summary, "goals": goals.items}, f, indent=1)
     return goals.exit_status(a.strict)
 
 

@@ -20,6 +20,7 @@ from vmem.bench.verdict import (
     cliffs_delta,
     false_positive_rate,
     judge,
+    machine_changes,
     mann_whitney_p,
     parse_threshold_args,
     smallest_p,
@@ -399,6 +400,44 @@ def test_a_slower_machine_excuses_a_timing_change_of_its_size_but_not_a_larger_o
     assert judge(slow, runs([10, 11, 12], 30.0)).cells["c"] == "same"
     more_pages = judge(runs([1000, 1001, 1002], 30.0, "pages_sent"), runs([9000, 9001, 9002], 90.0, "pages_sent"))
     assert more_pages.cells["c"] == "regressed"   # not a timing figure: no excuse
+
+
+def test_a_baseline_from_another_boot_or_host_is_named_under_the_verdicts():
+    def runs(values, **prov):
+        return [dict(_rec("c", {"downtime_ms": v}, repeat=i), provenance=dict(prov)) for i, v in enumerate(values)]
+
+    boot_a = {"hostname": "lab", "kernel": "6.18", "boot_id": "aaaa", "booted_utc": "2026-12-06T00:10:00+00:00"}
+    boot_b = boot_a | {"boot_id": "bbbb", "booted_utc": "2026-12-06T10:14:49+00:00"}
+    assert judge(runs([10, 11, 12], **boot_a), runs([10, 12, 11], **boot_a)).machine_changes == []
+    j = judge(runs([10, 11, 12], **boot_a), runs([10, 12, 11], **boot_b))
+    assert len(j.machine_changes) == 1 and j.cells["c"] == "same"  # a caution, not a verdict
+    line = j.machine_changes[0]
+    assert line.startswith("boot_id:") and "booted 2026-12-06T00:10:00" in line and "booted 2026-12-06T10:14:49" in line
+    assert "--against" in line and "aaaa" not in line  # the time a reader can use, not the id
+    # every machine field is compared; runs that do not record a field (older ones) say nothing
+    other = judge(runs([10, 11, 12], **boot_a), runs([10, 11, 12], **boot_b | {"hostname": "elsewhere", "kernel": "6.1"}))
+    assert [x.split(":")[0] for x in other.machine_changes] == ["hostname", "kernel", "boot_id"]
+    assert machine_changes(runs([1, 2], **boot_a), runs([1, 2])) == []
+    assert judge(runs([1, 2, 3], **boot_a), runs([1, 2, 3], **boot_b)).to_dict()["machine_changes"] == j.machine_changes
+
+
+def test_the_command_prints_the_caution_for_a_baseline_from_another_boot(tmp_path):
+    m = matrix_from_dict({"sizes": ["16M"], "modes": ["precopy"]})
+    cell = m.cells[0]
+    for name, boot in (("old.jsonl", "aaaa"), ("new.jsonl", "bbbb")):
+        for i in range(3):
+            rep = _fake_report(cell, i)
+            rep["provenance"] |= {"boot_id": boot, "booted_utc": f"2026-12-0{6 if boot == 'aaaa' else 7}T00:00:00+00:00"}
+            rec = runner.run_record(cell, rep, repeat=i, order=i, session=name, suite="t", calibration_ms=30.0)
+            runner.append_record(str(tmp_path / name), rec)
+    assert _vmem("bench", "--results", "old.jsonl", "--save-baseline", "b.json", cwd=tmp_path, timeout=60).returncode == 0
+    same = _vmem("bench", "--results", "old.jsonl", "--baseline", "b.json", cwd=tmp_path, timeout=60)
+    assert same.returncode == 0 and "caution" not in same.stdout, same.stdout
+    other = _vmem("bench", "--results", "new.jsonl", "--baseline", "b.json", "--json", "v.json", cwd=tmp_path, timeout=60)
+    assert other.returncode == 0, other.stderr
+    assert "caution: the baseline ran on other hardware or software -- boot_id: baseline booted 2026-12-06" \
+        in " ".join(other.stdout.split()), other.stdout
+    assert json.loads((tmp_path / "v.json").read_text())["machine_changes"][0].startswith("boot_id:")
 
 
 def test_results_are_judged_without_running_and_too_few_runs_are_warned_about(tmp_path):

@@ -90,6 +90,15 @@ def test_a_goal_whose_trials_span_it_is_unsettled_whatever_its_median_says():
     assert "settled" not in plain.items[0] and plain.summary() == "goals: 1 met, 0 missed of 1"
 
 
+def _names_its_machine(prov: dict, log: str) -> None:
+    """A benchmark's JSON carries the provenance of its run -- the boot among it: figures of
+    two boots of one machine differ (docs/bench.md) -- and its log names the boot."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert prov["boot_id"] == f.read().strip()
+    assert prov["git_commit"] and prov["booted_utc"]
+    assert f"booted {prov['booted_utc']} (boot id {prov['boot_id'][:8]})" in log
+
+
 def test_bench_migrate_checks_its_goals_with_their_trials(tmp_path):
     """A CI-sized run of scripts/bench_migrate.py (16 MiB guests; throughput, downtime,
     blackout and collect parts, 3 trials each): every goal of those parts is printed with
@@ -105,6 +114,7 @@ def test_bench_migrate_checks_its_goals_with_their_trials(tmp_path):
     assert p.returncode in (0, 1), p.stdout + p.stderr
     data = json.loads(out.read_text())
     assert data["failures"] == []
+    _names_its_machine(data["meta"]["provenance"], p.stdout + p.stderr)
     goals = {(g["part"], g["goal"]): g for g in data["goals"]}
     assert goals[("downtime", "idle guest: median downtime_ms")]["threshold"] == 1.0
     # the idle downtime's floor, measured in the same run: the walk plus three hand-offs
@@ -170,6 +180,7 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode in (0, 1), p.stdout + p.stderr
     data = json.loads(out.read_text())
+    _names_its_machine(data["provenance"], p.stdout)
     goals = {(g["where"], g["goal"]): g for g in data["goals"]}
     assert set(goals) == {
         ("key agents", "round 0, one connection / plain TCP copy into fresh memory (paired per repeat)"),
@@ -235,6 +246,7 @@ def test_bench_postcopy_checks_its_goals_on_verified_migrations(tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode in (0, 1), p.stdout + p.stderr
     data = json.loads(out.read_text())
+    _names_its_machine(data["provenance"], p.stdout)
     assert len(data["runs"]) == 7
     assert all(r["outcome"] == "completed" and r["verified"] for r in data["runs"]), data["runs"]
     assert all(r["prewarm_s"] is not None for r in data["runs"])  # each migration pre-warmed

@@ -153,6 +153,28 @@ def test_report_times_add_up(boot_guest):
     p = r["provenance"]
     assert p["cpu_count"] > 0 and p["memory_bytes"] > 0 and p["date_utc"].endswith("+00:00")
     assert p["git_commit"], "the tests run from a checkout: its commit belongs in the report"
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert p["boot_id"] == f.read().strip()
+    assert p["booted_utc"].endswith("+00:00") and p["booted_utc"] < p["date_utc"]
+
+
+def test_the_boot_fields_read_the_kernel_and_are_none_when_it_cannot_say(tmp_path):
+    from datetime import datetime
+
+    from vmem.provenance import boot_id, booted_utc, collect, summary_line
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3\nbtime 1765016089\nprocesses 5\n")
+    assert booted_utc(str(stat)) == "2025-12-06T10:14:49+00:00"
+    stat.write_text("cpu  1 2 3\n")  # no btime line
+    assert booted_utc(str(stat)) is None
+    assert boot_id(str(tmp_path / "missing")) is None and booted_utc(str(tmp_path / "missing")) is None
+    booted = datetime.fromisoformat(booted_utc())
+    assert booted.tzinfo is not None and booted < datetime.now(booted.tzinfo)
+    # the benchmarks' log line names the boot; what cannot be read shows as "?", not as a guess
+    line = summary_line(collect())
+    assert f"booted {booted_utc()} (boot id {boot_id()[:8]})" in line
+    assert "booted ? (boot id ?)" in summary_line({"hostname": "h"})
 
 
 def test_zero_pages_counts_the_holes_round_zero_skipped(boot_guest):

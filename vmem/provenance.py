@@ -3,8 +3,10 @@
 :func:`collect` gathers what a reader needs to reproduce or to distrust a number: vmem's
 version and, when vmem runs from a git checkout, its commit (None when installed from a
 wheel: there is no checkout to ask), the kernel, hostname, CPU model and count, memory,
-Python, the date (UTC) and the full command line.  Every probe is best effort: a field
-that cannot be read is None, never an exception (a report must not fail for its label).
+Python, the machine's boot (its kernel's boot id and boot time: figures from two boots of one
+machine can differ by more than any change between them), the date (UTC) and the full command
+line.  Every probe is best effort: a field that cannot be read is None, never an exception (a
+report must not fail for its label).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["collect", "command_line", "git_commit", "network_identity"]
+__all__ = ["boot_id", "booted_utc", "collect", "command_line", "git_commit", "network_identity", "summary_line"]
 
 #: A git that does not answer within this is treated as absent (a report must not hang).
 GIT_TIMEOUT_S = 2.0
@@ -60,6 +62,27 @@ def _memory_bytes() -> int | None:
         return None
 
 
+def boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str | None:
+    """The running kernel's boot id (a UUID, new at every boot), or None."""
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def booted_utc(path: str = "/proc/stat") -> str | None:
+    """When the running kernel booted (``btime`` of /proc/stat), ISO 8601 in UTC, or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return datetime.fromtimestamp(int(line.split()[1]), timezone.utc).isoformat(timespec="seconds")
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def command_line() -> str:
     """This process's full command line as the kernel has it (interpreter and all), shell-quoted."""
     try:
@@ -86,9 +109,23 @@ def collect(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "memory_bytes": _memory_bytes(),
         "python": platform.python_version(),
+        "boot_id": boot_id(),
+        "booted_utc": booted_utc(),
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command_line": command_line() if argv is None else shlex.join(argv),
     }
+
+
+def summary_line(prov: dict) -> str:
+    """One line naming the machine and software of ``prov`` (a :func:`collect` result), for a
+    benchmark's log: figures from different hosts, kernels or boots are not comparable as
+    they stand (docs/bench.md)."""
+    def get(key):
+        v = prov.get(key)
+        return "?" if v is None else v
+
+    return (f"machine: {get('hostname')}, kernel {get('kernel')}, {get('cpu_count')} CPUs, booted {get('booted_utc')} "
+            f"(boot id {str(get('boot_id'))[:8]}); vmem {get('vmem_version')} at {prov.get('git_commit') or 'no checkout'}")
 
 
 def network_identity() -> dict:

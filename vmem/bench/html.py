@@ -94,7 +94,8 @@ def write_run_html(path: str, records: list[dict], *, judgement=None, baseline: 
         intro = [f"Suite {records[0].get('suite')}, session {records[0].get('session')}: {len(cells)} cells, "
                  f"{len(records)} runs ({sum(1 for r in records if r.get('valid'))} verified).",
                  "Provenance: " + ", ".join(f"{k} {prov.get(k)}" for k in ("git_commit", "vmem_version", "kernel",
-                                                                          "hostname", "cpu_count", "date_utc"))]
+                                                                          "hostname", "cpu_count", "booted_utc",
+                                                                          "date_utc"))]
         sections = [{"heading": "Run", "text": intro}]
         cell_verdicts: dict[str, dict[str, str]] = {}
         if judgement is not None:
@@ -111,6 +112,8 @@ def write_run_html(path: str, records: list[dict], *, judgement=None, baseline: 
                                       f"alpha {judgement.alpha:g}; the machine took {judgement.slowdown:.2f}x the "
                                       f"baseline's calibration time, timing thresholds scaled accordingly "
                                       f"(docs/bench.md)."]
+                                     + [f"Caution: the baseline ran on other hardware or software -- {line}"
+                                        for line in judgement.machine_changes]
                                      + [f"{c}: {v}" for c, v in judgement.cells.items()],
                              "table": {"columns": ["cell", "metric", "baseline median", "median", "change", "Cliff's δ",
                                                    "p", "verdict"], "rows": rows}})

@@ -25,6 +25,13 @@ Cliff's delta (-1..1: the fraction of run pairs in which now is larger minus the
 in which it is smaller).  A cell with a run that did not complete verified is *failed*; a
 cell with fewer than 2 verified runs on a side gets no verdict (*n/a*).  A comparison
 fails (exit status 1) on any *regressed* or *failed* cell.
+
+The calibration sees the CPU's speed, not everything about a machine.  When the two sides
+ran on different machines, kernels or *boots* (the runs' provenance: hostname, kernel, CPU,
+memory, boot id), :attr:`Judgement.machine_changes` says so, one line each, and the verdicts
+are printed under that caution: on this project's VM a reboot alone made one migration path
+~30 % slower while a plain copy measured beside it did not move (docs/performance.md,
+2026-12-07).  Only an A/B in one session (``vmem bench --against``) rules the machine out.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ from vmem.errors import ConfigError
 
 __all__ = ["DEFAULT_ALPHA", "MIN_RUNS", "MetricVerdict", "Judgement", "judge", "mann_whitney_p", "smallest_p", "machine_slowdown", "cliffs_delta",
            "thresholds_with", "check_thresholds", "parse_threshold_args", "false_positive_rate",
-           "session_false_positive_rate"]
+           "session_false_positive_rate", "machine_changes"]
 
 DEFAULT_ALPHA = 0.05
 #: Verified runs a side needs before a cell's metric gets a verdict.
@@ -165,6 +172,8 @@ class Judgement:
     thresholds: dict = field(default_factory=dict)
     #: median calibration now / in the baseline (1.0 when either side has none)
     slowdown: float = 1.0
+    #: how the machine differs between the two sides (:func:`machine_changes`), one line each
+    machine_changes: list[str] = field(default_factory=list)
 
     @property
     def regressed(self) -> bool:
@@ -179,7 +188,7 @@ class Judgement:
         from dataclasses import asdict
 
         return {"kind": "vmem-bench-verdicts", "regressed": self.regressed, "alpha": self.alpha,
-                "slowdown": self.slowdown, "thresholds": self.thresholds, "cells": self.cells,
+                "slowdown": self.slowdown, "machine_changes": self.machine_changes, "thresholds": self.thresholds, "cells": self.cells,
                 "failed_runs": self.failed_runs, "rows": [asdict(r) for r in self.rows]}
 
 
@@ -188,6 +197,43 @@ def machine_slowdown(baseline: list[dict], now: list[dict]) -> float:
     b = [r["calibration_ms"] for r in baseline if r.get("calibration_ms")]
     n = [r["calibration_ms"] for r in now if r.get("calibration_ms")]
     return statistics.median(n) / statistics.median(b) if b and n else 1.0
+
+
+#: provenance fields (vmem.provenance.collect) that name the machine a run measured, with
+#: what a difference in each means to a reader of the verdicts
+_MACHINE_FIELDS = (("hostname", "another host"), ("kernel", "another kernel"), ("cpu_model", "another CPU"),
+                   ("cpu_count", "another CPU count"), ("memory_bytes", "another memory size"),
+                   ("boot_id", "another boot of the machine"))
+
+
+def _run_provenance(record: dict) -> dict:
+    return (record.get("report") or {}).get("provenance") or record.get("provenance") or {}
+
+
+def _machine_values(runs: list[dict], key: str) -> set:
+    return {_run_provenance(r).get(key) for r in runs} - {None}
+
+
+def _describe(runs: list[dict], key: str, values: set) -> str:
+    if key == "boot_id":  # the id says nothing to a reader; when that boot began does
+        return ", ".join(sorted({f"booted {_run_provenance(r).get('booted_utc')}" for r in runs
+                                 if _run_provenance(r).get("boot_id") in values}))
+    return ", ".join(sorted(map(str, values)))
+
+
+def machine_changes(baseline: list[dict], now: list[dict]) -> list[str]:
+    """How the machine of ``now``'s runs differs from the baseline's, one line per
+    provenance field whose values the two sides do not share (runs without the field --
+    older records -- say nothing either way).  Empty: the same machine as far as the
+    records tell, or records that do not tell."""
+    out = []
+    for key, meaning in _MACHINE_FIELDS:
+        base, cur = _machine_values(baseline, key), _machine_values(now, key)
+        if base and cur and base != cur:
+            out.append(f"{key}: baseline {_describe(baseline, key, base)}; now {_describe(now, key, cur)} -- "
+                       f"{meaning}: a change can be the machine's, not the code's (compare in one session: "
+                       "vmem bench --against)")
+    return out
 
 
 def _metric_verdict(cell: str, metric, base: list[float], now: list[float], t: dict, alpha: float,
@@ -225,7 +271,8 @@ def judge(baseline: list[dict], now: list[dict], *, thresholds: dict | None = No
         thresholds: full table (thresholds_with()); defaults if None.
     """
     thresholds = thresholds or thresholds_with()
-    j = Judgement(alpha=alpha, thresholds=thresholds, slowdown=machine_slowdown(baseline, now))
+    j = Judgement(alpha=alpha, thresholds=thresholds, slowdown=machine_slowdown(baseline, now),
+                  machine_changes=machine_changes(baseline, now))
     by_cell_base: dict[str, list[dict]] = {}
     by_cell_now: dict[str, list[dict]] = {}
     for r in baseline:
