@@ -362,11 +362,16 @@ def page_round_trip_floor(hosts: NetnsHosts, args, fresh_Bps: float, samples: in
 
 
 #: the plain copies measured as baselines: (result key, label, fresh, connections, keyed)
-BASELINES = [("baseline", "touched buffer", False, 1, False),
-             ("baseline_fresh", "fresh memfd", True, 1, False),
-             ("baseline_fresh_2conn", "fresh memfd, 2 connections", True, 2, False),
-             ("baseline_fresh_keyed", "fresh memfd, MAC", True, 1, True),
-             ("baseline_fresh_keyed_2conn", "fresh memfd, MAC, 2 connections", True, 2, True)]
+#: (name, label, into fresh memory, connections, with a MAC, pages digested after placing).
+#: The digested copies do what vmem's destination must beyond placing -- digest every page as
+#: memory then holds it (DESIGN.md: verify what was placed) -- and nothing else of vmem's.
+BASELINES = [("baseline", "touched buffer", False, 1, False, False),
+             ("baseline_fresh", "fresh memfd", True, 1, False, False),
+             ("baseline_fresh_2conn", "fresh memfd, 2 connections", True, 2, False, False),
+             ("baseline_fresh_digest", "fresh memfd, pages digested", True, 1, False, True),
+             ("baseline_fresh_keyed", "fresh memfd, MAC", True, 1, True, False),
+             ("baseline_fresh_keyed_2conn", "fresh memfd, MAC, 2 connections", True, 2, True, False),
+             ("baseline_fresh_keyed_digest", "fresh memfd, MAC, pages digested", True, 1, True, True)]
 
 
 def paired_copy(hosts: NetnsHosts, size: int) -> float:
@@ -387,13 +392,13 @@ def plain_copies(hosts: NetnsHosts, size: int, keyed: bool, runs: int) -> dict:
     chosen = [b for b in BASELINES if keyed or not b[4]]
     times: dict = {b[0]: [] for b in chosen}
     for _ in range(runs):
-        for name, _label, fresh, conns, with_mac in chosen:
+        for name, _label, fresh, conns, with_mac, digested in chosen:
             prewarm(PREWARM_BYTES)
             _s, _g, seconds = transfer(hosts, size, hashing=False, fresh=fresh, connections=conns,
-                                       mac_key=mac_key if with_mac else None)
+                                       mac_key=mac_key if with_mac else None, digest=digested)
             times[name].append(seconds)
     out = {}
-    for name, label, _fresh, _conns, _mac in chosen:
+    for name, label, *_how in chosen:
         seconds = statistics.median(times[name])
         out[name] = {"seconds": seconds, "Bps": size / seconds, "Bps_all": [size / t for t in times[name]]}
         print(f"baseline TCP copy ({label + ')':<33} {size / seconds / 1e6:6.0f} MB/s (median of {runs}: "
@@ -639,6 +644,13 @@ def main() -> int:
                   f"{r0 / 1e6:.0f} / {one / 1e6:.0f} MB/s = {r0 / one:.2f}; --parallel 2 / one connection "
                   f"{arm['parallel2_over_single']:.2f} where the plain copy's two connections / one are "
                   f"{two / 1e6:.0f} / {one / 1e6:.0f} MB/s = {two / one:.2f}")
+            # What verification costs on its own: the same copy digesting every page it placed.
+            digested = result[f"baseline_fresh{tag}_digest"]["Bps"]
+            arm["floor"] |= {"copy_digest_Bps": digested, "round0_over_copy_digest": r0 / digested,
+                             "copy_digest_over_copy": digested / one}
+            print(f"INFO {sec} agents: round 0 / the same copy digesting every page it placed (vmem's destination "
+                  f"does): {r0 / 1e6:.0f} / {digested / 1e6:.0f} MB/s = {r0 / digested:.2f}; the digest alone costs "
+                  f"the copy {1 - digested / one:.0%}")
         if "keyed_over_unkeyed" in result:
             goals.check("keyed vs unkeyed agents", "round 0 throughput, keyed / unkeyed", result["keyed_over_unkeyed"],
                         ">=", KEYED_OVER_UNKEYED, samples=result["keyed_over_unkeyed_all"])

@@ -205,8 +205,8 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     assert "INFO keyed fault round trip p99" in p.stdout
     assert "during a plain copy and 1 MiB pwrites on host 2" in p.stdout
     # the floors of the round-0 goals: the plain copy over two connections and with a MAC
-    for name in ("baseline", "baseline_fresh", "baseline_fresh_2conn", "baseline_fresh_keyed",
-                 "baseline_fresh_keyed_2conn"):
+    for name in ("baseline", "baseline_fresh", "baseline_fresh_2conn", "baseline_fresh_digest", "baseline_fresh_keyed",
+                 "baseline_fresh_keyed_2conn", "baseline_fresh_keyed_digest"):
         assert data[name]["Bps"] > 0 and len(data[name]["Bps_all"]) == 1, name
     # the round-0 goal's trial: that repeat's round 0 over the plain copy made in the same repeat
     assert len(data["baseline_fresh_paired"]["Bps_all"]) == 1
@@ -221,6 +221,11 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
         assert floor["copy_Bps"] == data[f"baseline_fresh{tag}"]["Bps"]
         assert floor["round0_over_copy"] == data["arms"][sec]["unshaped_links"][0]["round0_Bps"] / floor["copy_Bps"]
         assert f"INFO {sec} agents: round 0 / a plain copy into fresh memory" in p.stdout
+        # and what verification alone costs: the same copy digesting every page it placed
+        assert floor["copy_digest_Bps"] == data[f"baseline_fresh{tag}_digest"]["Bps"]
+        assert floor["round0_over_copy_digest"] == data["arms"][sec]["unshaped_links"][0]["round0_Bps"] / floor[
+            "copy_digest_Bps"]
+        assert f"INFO {sec} agents: round 0 / the same copy digesting every page it placed" in p.stdout
     # item 3's note on cores: the sweep ran under the affinity it says, agents included
     allowed = sorted(os.sched_getaffinity(0))
     for n in (1, 2)[:len(allowed)]:
@@ -331,9 +336,10 @@ def test_plain_copy_pieces_cover_every_byte_and_lose_no_error():
         cuts = [connection_slice(i, conns, total) for i in range(conns)]
         assert cuts[0][0] == 0 and cuts[-1][1] == total
         assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
-    assert copy_options([]) == {"conns": 1, "key": None, "verify": False}
+    assert copy_options([]) == {"conns": 1, "key": None, "verify": False, "digest": False}
+    assert copy_options(["digest=1"])["digest"] is True
     assert copy_options(["conns=2", "key=" + "ab" * 32, "verify=1"]) == {"conns": 2, "key": b"\xab" * 32,
-                                                                         "verify": True}
+                                                                         "verify": True, "digest": False}
     for bad in (["conns=0"], ["colour=red"], ["conns"]):
         with pytest.raises(ValueError):
             copy_options(bad)

@@ -81,6 +81,18 @@ def test_baseline_copies_over_two_keyed_connections_arrive_intact(testhosts, fre
         assert seconds > 0
 
 
+def test_a_digesting_baseline_copy_arrives_intact_and_digests_only_fresh_memory(testhosts):
+    """The copy that digests every page it placed (bench_agent's verification floor) still
+    places every byte where it belongs, keyed or not; digesting needs the fresh memfd."""
+    size = 3 * MiB + 5 * 4096
+    for mac_key in (None, bytes(range(32))):
+        sent, got, _seconds = transfer(testhosts, size, hashing=False, fresh=True, mac_key=mac_key, digest=True,
+                                       verify=True)
+        assert sent == got and len(sent) == 64, mac_key
+    with pytest.raises(ValueError, match="fresh=True"):
+        transfer(testhosts, size, hashing=False, digest=True)
+
+
 def test_a_keyed_baseline_copy_refuses_a_wrong_key(testhosts):
     """The keyed baseline really runs the MAC: a sink with another key refuses the first
     frame (so the keyed copy's time includes the tag on both ends)."""

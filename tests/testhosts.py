@@ -204,6 +204,16 @@ elif mode == "fresh":
     # what a migration destination must do: place the bytes into fresh shared memory
     fresh_fd = os.memfd_create("vmem-baseline")
     os.ftruncate(fresh_fd, total)
+    if opts["digest"]:
+        # ... and, as vmem's destination does, digest every page as the memory then holds it
+        # (vmem's XXH64 through a shared mapping, right after its pwrite)
+        import mmap
+        import numpy as np
+        from vmem import _native as nat
+        assert total % 4096 == 0, "digest=1 takes whole pages"
+        placed_map = mmap.mmap(fresh_fd, total, mmap.MAP_SHARED, mmap.PROT_READ)
+        placed_base = np.frombuffer(placed_map, dtype=np.uint8).ctypes.data
+        page_digests = np.empty(total // 4096, dtype=np.uint64)
 ls = listen_tcp(host, port)
 print(ls.getsockname()[1], flush=True)
 chans = [None] * conns
@@ -229,6 +239,8 @@ def receive(i):
             digest.update(view[:n])
         elif mode == "fresh":
             os.pwrite(fresh_fd, view[:n], got)
+            if opts["digest"]:
+                nat.digest_range(placed_base, got // 4096, n // 4096, page_digests[got // 4096:])
         got += n
     times[i] = (start, time.perf_counter())
 
@@ -315,7 +327,7 @@ def _kill_and_reap(*procs: subprocess.Popen | None) -> None:
 def transfer(hosts: NetnsHosts, total_bytes: int, src: int = 1, dst: int = 2,
              timeout_s: float = 120.0, *, hashing: bool = True, fresh: bool = False,
              connections: int = 1, mac_key: bytes | None = None,
-             verify: bool = False) -> tuple[str, str, float]:
+             verify: bool = False, digest: bool = False) -> tuple[str, str, float]:
     """Send ``total_bytes`` from host ``src`` to host ``dst`` over TCP (transport.tcp).
 
     Returns ``(sha256 sent, sha256 received, receiver seconds)``; with ``hashing=False``
@@ -328,8 +340,12 @@ def transfer(hosts: NetnsHosts, total_bytes: int, src: int = 1, dst: int = 2,
     frame, computed by the sender and verified by the receiver, as on a keyed link (the
     key is passed on the command line: a throwaway key for a benchmark, never a real one).
     ``verify`` (without hashing) returns the sha256 of the buffer sent and of the bytes
-    placed, both computed after the receiver's clock stopped.  Reaps both processes.
+    placed, both computed after the receiver's clock stopped.  ``digest`` (with ``fresh``)
+    has the receiver also digest every page right after placing it, inside the timing, as
+    vmem's destination does (XXH64 through a shared mapping).  Reaps both processes.
     """
+    if digest and not fresh:
+        raise ValueError("digest=True digests pages placed into a fresh memfd: pass fresh=True")
     if hashing and connections != 1:
         raise ValueError("a hashed transfer takes one connection")
     flag = ["hash"] if hashing else (["fresh"] if fresh else ["nohash"])
@@ -339,6 +355,8 @@ def transfer(hosts: NetnsHosts, total_bytes: int, src: int = 1, dst: int = 2,
         flag.append(f"key={bytes(mac_key).hex()}")
     if verify and not hashing:
         flag.append("verify=1")
+    if digest:
+        flag.append("digest=1")
     sink = hosts.run_python(dst, TCP_SINK, hosts.addr(dst), "0", str(total_bytes), *flag)
     source = None
     try:

@@ -12,20 +12,22 @@ __all__ = ["copy_options", "connection_slice", "keyed", "on_each_connection"]
 
 def copy_options(args: Sequence[str]) -> dict:
     """``key=value`` arguments after a copy's mode: ``{"conns": int (default 1), "key":
-    bytes or None (``key=HEX``, a 32-byte MAC session key), "verify": bool (``verify=1``)}``.
+    bytes or None (``key=HEX``, a 32-byte MAC session key), "verify": bool (``verify=1``),
+    "digest": bool (``digest=1``: the sink digests every page it placed, as vmem's
+    destination does)}``.
 
     Raises:
         ValueError: an argument without ``=``, an unknown name, or a bad value.
     """
     opts = dict(a.split("=", 1) for a in args)
-    unknown = set(opts) - {"conns", "key", "verify"}
+    unknown = set(opts) - {"conns", "key", "verify", "digest"}
     if unknown:
         raise ValueError(f"unknown copy option(s) {sorted(unknown)}")
     conns = int(opts.get("conns", 1))
     if conns < 1:
         raise ValueError(f"conns must be >= 1, got {conns}")
     return {"conns": conns, "key": bytes.fromhex(opts["key"]) if "key" in opts else None,
-            "verify": opts.get("verify") == "1"}
+            "verify": opts.get("verify") == "1", "digest": opts.get("digest") == "1"}
 
 
 def connection_slice(index: int, conns: int, total: int) -> tuple[int, int]:
