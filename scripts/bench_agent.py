@@ -361,8 +361,8 @@ def page_round_trip_floor(hosts: NetnsHosts, args, fresh_Bps: float, samples: in
     return {"idle": idle, "loaded": loaded, "placer": placer, "copy_bytes": copy_bytes}
 
 
-#: the plain copies measured as baselines: (result key, label, fresh, connections, keyed)
-#: (name, label, into fresh memory, connections, with a MAC, pages digested after placing).
+#: the plain copies measured as baselines: (result key, label, into fresh memory, connections,
+#: with a MAC, pages digested after placing).
 #: The digested copies do what vmem's destination must beyond placing -- digest every page as
 #: memory then holds it (DESIGN.md: verify what was placed) -- and nothing else of vmem's.
 BASELINES = [("baseline", "touched buffer", False, 1, False, False),

@@ -435,7 +435,7 @@ def test_the_command_prints_the_caution_for_a_baseline_from_another_boot(tmp_pat
     assert same.returncode == 0 and "caution" not in same.stdout, same.stdout
     other = _vmem("bench", "--results", "new.jsonl", "--baseline", "b.json", "--json", "v.json", cwd=tmp_path, timeout=60)
     assert other.returncode == 0, other.stderr
-    assert "caution: the baseline ran on other hardware or software -- boot_id: baseline booted 2026-12-06" \
+    assert "caution: the baseline ran on another machine or boot -- boot_id: baseline booted 2026-12-06" \
         in " ".join(other.stdout.split()), other.stdout
     assert json.loads((tmp_path / "v.json").read_text())["machine_changes"][0].startswith("boot_id:")
 

@@ -112,7 +112,7 @@ def write_run_html(path: str, records: list[dict], *, judgement=None, baseline: 
                                       f"alpha {judgement.alpha:g}; the machine took {judgement.slowdown:.2f}x the "
                                       f"baseline's calibration time, timing thresholds scaled accordingly "
                                       f"(docs/bench.md)."]
-                                     + [f"Caution: the baseline ran on other hardware or software -- {line}"
+                                     + [f"Caution: the baseline ran on another machine or boot -- {line}"
                                         for line in judgement.machine_changes]
                                      + [f"{c}: {v}" for c, v in judgement.cells.items()],
                              "table": {"columns": ["cell", "metric", "baseline median", "median", "change", "Cliff's δ",

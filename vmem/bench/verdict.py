@@ -188,8 +188,8 @@ class Judgement:
         from dataclasses import asdict
 
         return {"kind": "vmem-bench-verdicts", "regressed": self.regressed, "alpha": self.alpha,
-                "slowdown": self.slowdown, "machine_changes": self.machine_changes, "thresholds": self.thresholds, "cells": self.cells,
-                "failed_runs": self.failed_runs, "rows": [asdict(r) for r in self.rows]}
+                "slowdown": self.slowdown, "machine_changes": self.machine_changes, "thresholds": self.thresholds,
+                "cells": self.cells, "failed_runs": self.failed_runs, "rows": [asdict(r) for r in self.rows]}
 
 
 def machine_slowdown(baseline: list[dict], now: list[dict]) -> float:
@@ -216,7 +216,7 @@ def _machine_values(runs: list[dict], key: str) -> set:
 
 def _describe(runs: list[dict], key: str, values: set) -> str:
     if key == "boot_id":  # the id says nothing to a reader; when that boot began does
-        return ", ".join(sorted({f"booted {_run_provenance(r).get('booted_utc')}" for r in runs
+        return ", ".join(sorted({f"booted {_run_provenance(r).get('booted_utc') or '?'}" for r in runs
                                  if _run_provenance(r).get("boot_id") in values}))
     return ", ".join(sorted(map(str, values)))
 

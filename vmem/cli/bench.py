@@ -220,7 +220,7 @@ def print_judgement(j, console) -> None:
                   "-" if r.p_value is None else f"{r.p_value:.3f}", f"[{styles[r.verdict]}]{r.verdict}[/]")
     console.print(t)
     for line in j.machine_changes:
-        console.print(f"[yellow]caution: the baseline ran on other hardware or software -- {line}[/yellow]",
+        console.print(f"[yellow]caution: the baseline ran on another machine or boot -- {line}[/yellow]",
                       soft_wrap=True)
     for cell, v in j.cells.items():
         console.print(f"[{styles[v]}]{v:9}[/] {cell}", soft_wrap=True)
