@@ -123,6 +123,10 @@ def test_bench_migrate_checks_its_goals_with_their_trials(tmp_path):
     assert floor["floor_ms"] == pytest.approx(floor["final_walk_ms"]["median"] + floor["wake_chain"]["total_us_median"] / 1e3)
     assert "floor on this machine, same run" in p.stdout
     assert goals[("blackout", "idle: median blackout_ms")]["threshold"] == 2.0
+    # the IPI's cost on its own (single-page write-protects of pages the guest rewrote first)
+    ipi = data["parts"]["collect"]["ipi_cost"]
+    assert ipi["ops"] > 0 and ipi["paused_ipis_per_op"] <= ipi["running_ipis_per_op"] + 0.05
+    assert "ipi_estimate_ms" in data["parts"]["collect"]
     assert goals[("throughput", "vmem round 0 / plain pwrite copy (median bytes/s)")]["trials"] == 3
     assert {part for part, _ in goals} == {"throughput", "downtime", "blackout", "collect"}
     assert all(g["trials"] >= 3 and g["settled"] in (True, False) for g in goals.values()), goals
