@@ -91,6 +91,8 @@ def test_a_digesting_baseline_copy_arrives_intact_and_digests_only_fresh_memory(
         assert sent == got and len(sent) == 64, mac_key
     with pytest.raises(ValueError, match="fresh=True"):
         transfer(testhosts, size, hashing=False, digest=True)
+    with pytest.raises(ValueError, match="connections=1"):  # a slice edge could split a page
+        transfer(testhosts, size, hashing=False, fresh=True, connections=2, digest=True)
 
 
 def test_a_keyed_baseline_copy_refuses_a_wrong_key(testhosts):

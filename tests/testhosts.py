@@ -210,7 +210,7 @@ elif mode == "fresh":
         import mmap
         import numpy as np
         from vmem import _native as nat
-        assert total % 4096 == 0, "digest=1 takes whole pages"
+        assert total % 4096 == 0 and conns == 1, "digest=1 takes whole pages over one connection"
         placed_map = mmap.mmap(fresh_fd, total, mmap.MAP_SHARED, mmap.PROT_READ)
         placed_base = np.frombuffer(placed_map, dtype=np.uint8).ctypes.data
         page_digests = np.empty(total // 4096, dtype=np.uint64)
@@ -344,8 +344,9 @@ def transfer(hosts: NetnsHosts, total_bytes: int, src: int = 1, dst: int = 2,
     has the receiver also digest every page right after placing it, inside the timing, as
     vmem's destination does (XXH64 through a shared mapping).  Reaps both processes.
     """
-    if digest and not fresh:
-        raise ValueError("digest=True digests pages placed into a fresh memfd: pass fresh=True")
+    if digest and (not fresh or connections != 1):
+        raise ValueError("digest=True digests pages placed into a fresh memfd over one connection: "
+                         "pass fresh=True, connections=1")
     if hashing and connections != 1:
         raise ValueError("a hashed transfer takes one connection")
     flag = ["hash"] if hashing else (["fresh"] if fresh else ["nohash"])
