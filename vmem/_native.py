@@ -77,11 +77,13 @@ __all__ = [
     "FAULT_THREAD_PRIORITIES",
     "PC_PRIO_NORMAL",
     "PC_PRIO_NICE",
+    "PC_PRIO_SLICE",
     "PC_PRIO_FIFO",
     "PUSH_PIECE_PAGES",
     "fault_thread_priority",
     "set_push_pieces",
     "set_fault_thread_priority_limit",
+    "set_fault_thread_slice_ns",
     "PC_MISSING",
     "PC_PLACING",
     "PC_PRESENT",
@@ -1040,10 +1042,12 @@ class PostcopyFaultServer(_FaultThread):
 FAULT_THREAD_PRIORITIES: dict[int, str] = {
     int(lib.VMEM_PC_PRIO_NORMAL): "normal",
     int(lib.VMEM_PC_PRIO_NICE): f"nice {int(lib.VMEM_PC_NICE)}",
+    int(lib.VMEM_PC_PRIO_SLICE): f"nice {int(lib.VMEM_PC_NICE)}, slice {int(lib.VMEM_PC_SLICE_NS) / 1e6:g} ms",
     int(lib.VMEM_PC_PRIO_FIFO): f"SCHED_FIFO {int(lib.VMEM_PC_RT_PRIORITY)}",
 }
 PC_PRIO_NORMAL: int = int(lib.VMEM_PC_PRIO_NORMAL)
 PC_PRIO_NICE: int = int(lib.VMEM_PC_PRIO_NICE)
+PC_PRIO_SLICE: int = int(lib.VMEM_PC_PRIO_SLICE)
 PC_PRIO_FIFO: int = int(lib.VMEM_PC_PRIO_FIFO)
 #: Pages of background push placed per piece at the post-copy destination.
 PUSH_PIECE_PAGES: int = int(lib.VMEM_PC_PIECE_PAGES)
@@ -1081,13 +1085,21 @@ def set_push_pieces(piece_pages: int = 0, give_way: bool = True, slow_us: int = 
     lib.vmem_pc_set_push_pieces(int(piece_pages), int(bool(give_way)), int(slow_us), int(bool(view_writes)))
 
 
-_priority_limit = int(lib.VMEM_PC_PRIO_NICE)
+_priority_limit = int(lib.VMEM_PC_PRIO_SLICE)
+
+
+def set_fault_thread_slice_ns(ns: int = 0) -> None:
+    """Test-only: fault threads started from now on ask for a ``ns`` EEVDF slice (0: the
+    default, 100 us).  The kernel clamps one under 100 us up to 100 us; the thread, reading
+    back a slice it did not ask for, then claims none and reports ``nice -15``
+    (tests/test_native.py makes that check fire)."""
+    lib.vmem_pc_set_slice_ns(int(ns))
 
 
 def set_fault_thread_priority_limit(most: int) -> None:
     """Fault threads started from now on ask for at most ``most`` (a key of
-    :data:`FAULT_THREAD_PRIORITIES`; the default is nice -15, see vmem/_build/postcopy.py
-    for why not SCHED_FIFO).  Process-wide; benchmarks compare with it
+    :data:`FAULT_THREAD_PRIORITIES`; the default is nice -15 with a short slice, see
+    vmem/_build/postcopy.py for why, and why not SCHED_FIFO).  Process-wide; benchmarks compare with it
     (vmem.migration.inject)."""
     global _priority_limit
     if most not in FAULT_THREAD_PRIORITIES:

@@ -68,9 +68,11 @@ TYPES = """
 /* How a fault thread is scheduled (stats.priority, vmem_pc_probe_priority). */
 #define VMEM_PC_PRIO_NORMAL ...
 #define VMEM_PC_PRIO_NICE ...
+#define VMEM_PC_PRIO_SLICE ...
 #define VMEM_PC_PRIO_FIFO ...
 #define VMEM_PC_RT_PRIORITY ...
 #define VMEM_PC_NICE ...
+#define VMEM_PC_SLICE_NS ...
 /* Background placement goes in pieces of this many pages (a demand answer waits for at most one). */
 #define VMEM_PC_PIECE_PAGES ...
 """ + _DECLARATIONS
@@ -98,6 +100,7 @@ int vmem_pc_probe_priority(void);
 void vmem_pc_set_push_pieces(int64_t piece_pages, int yield, int64_t slow_us, int view_writes);
 void vmem_pc_dest_set_view_writes(vmem_pc_dest *h, int on);
 void vmem_pc_set_priority_limit(int most);
+void vmem_pc_set_slice_ns(int64_t ns);
 int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, const uint8_t *buf,
                          const int64_t *rows, const int64_t *pages, size_t n, uint64_t *digests,
                          const uint8_t *view);
@@ -258,24 +261,70 @@ static int64_t vmem_continue_runs(int uffd, uint64_t guest_base, const int64_t *
 """ + _DECLARATIONS + r"""
 /* The fault threads mostly sleep in poll(); when a fault arrives they must not wait
    behind the busy push threads (and the guest) for a CPU: they run at nice -15 (needs
-   CAP_SYS_NICE; else the default).  SCHED_FIFO is the stronger tool and is implemented, but
-   not the default: measured on this 2-vCPU VM under load (scripts/bench_postcopy.py, same
-   run, interleaved), FIFO fault threads cut the p99 from 2-6 ms to ~0.9 ms but raised the
-   p50 from ~35 us to ~100 us -- an RT thread woken by an RT thread of equal priority is
-   sent to the other CPU (a reschedule IPI, costly in a VM), twice per round trip.  The
-   limit (vmem_pc_set_priority_limit) says the most a thread asks for.  Returns
-   VMEM_PC_PRIO_*. */
+   CAP_SYS_NICE; else the default) with a short EEVDF slice of VMEM_PC_SLICE_NS (Linux >=
+   6.12: sched_setattr's sched_runtime for SCHED_OTHER).
+
+   Why the slice: a high weight alone does not make a woken thread preempt the one running.
+   EEVDF lets the running thread finish its own slice first (RUN_TO_PARITY; ~1.5 ms on 2
+   CPUs), unless the woken one asks for a shorter slice (PREEMPT_SHORT) -- so a nice -15
+   fault thread still waited for the push's threads 1-4 ms at a time (a 1 GiB guest at
+   5,000 pages/s, perf sched timehist: its scheduling delays ended when the runner's slice
+   did, at a timer tick or a system call's exit), and those waits were the p99.  Measured
+   (docs/performance.md, "The fault threads' slice"): p99 ~0.4-1.3 ms -> ~0.14-0.3 ms.
+
+   SCHED_FIFO is the stronger tool and is implemented, but not the default: measured on this
+   2-vCPU VM under load (scripts/bench_postcopy.py, same run, interleaved), FIFO fault
+   threads cut the p99 from 2-6 ms to ~0.9 ms but raised the p50 from ~35 us to ~100 us --
+   an RT thread woken by an RT thread of equal priority is sent to the other CPU (a
+   reschedule IPI, costly in a VM), twice per round trip.  The limit
+   (vmem_pc_set_priority_limit) says the most a thread asks for.  Returns VMEM_PC_PRIO_*. */
 #define VMEM_PC_PRIO_NORMAL 0
 #define VMEM_PC_PRIO_NICE 1
-#define VMEM_PC_PRIO_FIFO 2
+#define VMEM_PC_PRIO_SLICE 2
+#define VMEM_PC_PRIO_FIFO 3
 #define VMEM_PC_RT_PRIORITY 10
 #define VMEM_PC_NICE (-15)
+#define VMEM_PC_SLICE_NS 100000     /* the shortest custom slice Linux accepts */
 /* The most a fault thread may ask for (benchmarks compare with less: vmem.migration.inject). */
-static int vmem_pc_priority_limit = VMEM_PC_PRIO_NICE;
+static int vmem_pc_priority_limit = VMEM_PC_PRIO_SLICE;
 
 static void vmem_pc_set_priority_limit(int most)
 {
     vmem_pc_priority_limit = most;
+}
+
+/* struct sched_attr (include/uapi/linux/sched/types.h; glibc has no wrapper) */
+struct vmem_sched_attr {
+    uint32_t size, sched_policy;
+    uint64_t sched_flags;
+    int32_t sched_nice;
+    uint32_t sched_priority;
+    uint64_t sched_runtime, sched_deadline, sched_period;
+    uint32_t sched_util_min, sched_util_max;
+};
+
+/* The calling thread (already at VMEM_PC_NICE) asks for a VMEM_PC_SLICE_NS slice; 1 if the
+   kernel took it -- read back, since a kernel without custom slices (< 6.12) accepts the
+   call and ignores the runtime of a SCHED_OTHER thread. */
+static int64_t vmem_pc_slice_ns = VMEM_PC_SLICE_NS;
+
+/* Test-only: ask for another slice (0: VMEM_PC_SLICE_NS) -- e.g. one the kernel refuses. */
+static void vmem_pc_set_slice_ns(int64_t ns)
+{
+    vmem_pc_slice_ns = ns > 0 ? ns : VMEM_PC_SLICE_NS;
+}
+
+static int vmem_pc_short_slice(void)
+{
+    struct vmem_sched_attr a = { .size = sizeof a, .sched_policy = SCHED_OTHER, .sched_nice = VMEM_PC_NICE,
+                                 .sched_runtime = (uint64_t)vmem_pc_slice_ns };
+    if (syscall(SYS_sched_setattr, 0, &a, 0) != 0)
+        return 0;
+    struct vmem_sched_attr got;
+    memset(&got, 0, sizeof got);
+    if (syscall(SYS_sched_getattr, 0, &got, (unsigned)sizeof got, 0) != 0)
+        return 0;
+    return got.sched_policy == SCHED_OTHER && got.sched_runtime == (uint64_t)vmem_pc_slice_ns;
 }
 
 static int vmem_pc_boost_self(void)
@@ -285,7 +334,8 @@ static int vmem_pc_boost_self(void)
         return VMEM_PC_PRIO_FIFO;
     if (vmem_pc_priority_limit >= VMEM_PC_PRIO_NICE &&
         setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), VMEM_PC_NICE) == 0)
-        return VMEM_PC_PRIO_NICE;
+        return vmem_pc_priority_limit >= VMEM_PC_PRIO_SLICE && vmem_pc_short_slice() ? VMEM_PC_PRIO_SLICE
+                                                                                   : VMEM_PC_PRIO_NICE;
     return VMEM_PC_PRIO_NORMAL;
 }
 

@@ -189,8 +189,13 @@ def post_copy_priority_line() -> str:
         return f"post-copy fault threads: could not be probed ({err})"
     rt = ("SCHED_FIFO is permitted here but not used (docs/postcopy.md: it doubled the fault p50 on a 2-vCPU VM)"
           if fifo else "SCHED_FIFO is not permitted (needs CAP_SYS_NICE or RLIMIT_RTPRIO)")
+    if kind == nat.PC_PRIO_SLICE:
+        return (f"post-copy fault threads: {what} (raised above the push and the guest; with the short slice a"
+                f" woken one preempts them at once); {rt}")
     if kind == nat.PC_PRIO_NICE:
-        return f"post-copy fault threads: {what} (raised above the push and the guest); {rt}"
+        return (f"post-copy fault threads: {what} (raised above the push and the guest) -- this kernel has no"
+                f" custom EEVDF slices (Linux >= 6.12), so a woken fault thread may wait out the running thread's"
+                f" slice (~1-4 ms): fault latency p99 will suffer; {rt}")
     if kind == nat.PC_PRIO_FIFO:
         return f"post-copy fault threads: {what}"
     return (f"post-copy fault threads: {what} -- a negative nice value was not allowed (run as root or grant"

@@ -25,7 +25,8 @@ can show the digests catch it.  They are not user options: no flag or report key
   waiting), ``piece=N`` (pages per background piece at the destination), ``slow_us=N``
   (each background piece first holds the placement gate that long, counted as its pages
   written: one slow pwrite of the whole piece)
-  and ``priority=normal|nice|fifo`` (the most the fault threads ask for; default nice), and
+  and ``priority=normal|nice|slice|fifo`` (the most the fault threads ask for; default
+  slice: nice -15 with a short EEVDF slice, vmem/_build/postcopy.py), and
   ``view=0`` (demand answers are ``pwrite``-n through the placement gate, as they were before
   they were copied into the destination's writable mapping of the RAM file).
   ``give_way=0,piece=1024,priority=nice`` approximates the scheduling before issue 13 item 2
@@ -157,12 +158,13 @@ def narrow_max_runs_from_env(default: int, environ=None) -> int:
 
 #: Post-copy's fault priority changed on purpose (test and benchmark only; see the module doc).
 PREEMPT_ENV = "VMEM_TEST_POSTCOPY_PREEMPT"
-_PRIORITY_NAMES = {"normal": 0, "nice": 1, "fifo": 2}
+_PRIORITY_NAMES = {"normal": 0, "nice": 1, "slice": 2, "fifo": 3}
 
 
 def preempt_from_env(environ=None) -> dict:
     """The settings :data:`PREEMPT_ENV` asks for: ``give_way`` (bool), ``piece``,
-    ``slow_us`` (ints, 0 = default) and ``priority`` (``normal``/``nice``/``fifo``); {} if unset.
+    ``slow_us`` (ints, 0 = default) and ``priority`` (``normal``/``nice``/``slice``/``fifo``); {} if
+    unset.
 
     Raises:
         ValueError: set but malformed (a test's mistake: fail loudly).
@@ -181,7 +183,7 @@ def preempt_from_env(environ=None) -> dict:
             out[key] = v
         else:
             raise ValueError(f"{PREEMPT_ENV}={value!r}: expected give_way=0|1, piece=N, slow_us=N,"
-                             f" priority=normal|nice|fifo, view=0|1; got {item!r}")
+                             f" priority=normal|nice|slice|fifo, view=0|1; got {item!r}")
     return out
 
 
@@ -193,7 +195,7 @@ def apply_preempt(environ=None) -> dict:
     cfg = preempt_from_env(environ)
     # Always set: unset means the defaults again (a process that ran with it before).
     nat.set_push_pieces(cfg.get("piece", 0), cfg.get("give_way", True), cfg.get("slow_us", 0), cfg.get("view", True))
-    nat.set_fault_thread_priority_limit(_PRIORITY_NAMES[cfg.get("priority", "nice")])
+    nat.set_fault_thread_priority_limit(_PRIORITY_NAMES[cfg.get("priority", "slice")])
     return cfg
 
 
