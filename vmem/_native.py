@@ -84,6 +84,7 @@ __all__ = [
     "set_push_pieces",
     "set_fault_thread_priority_limit",
     "set_fault_thread_slice_ns",
+    "boost_current_thread",
     "PC_MISSING",
     "PC_PLACING",
     "PC_PRESENT",
@@ -1070,6 +1071,15 @@ def fault_thread_priority(most: int | None = None) -> tuple[int, str]:
     finally:
         if most is not None:
             set_fault_thread_priority_limit(old)
+    return got, FAULT_THREAD_PRIORITIES[got]
+
+
+def boost_current_thread() -> tuple[int, str]:
+    """The calling thread asks for what a post-copy fault thread asks for (nice -15 and the
+    short slice, within the current limit) and keeps it for the rest of its life: a
+    benchmark's floor measured with the fault threads' scheduling, so that the comparison
+    is not between two schedulings.  Returns ``(VMEM_PC_PRIO_*, description)``."""
+    got = int(lib.vmem_pc_boost_current())
     return got, FAULT_THREAD_PRIORITIES[got]
 
 

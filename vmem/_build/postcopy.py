@@ -97,6 +97,7 @@ int vmem_pc_dest_set_mac(vmem_pc_dest *h, const uint8_t *send_key, const uint8_t
 int vmem_pc_src_set_mac(vmem_pc_src *h, const uint8_t *send_key, const uint8_t *recv_key,
                         uint64_t send_seq, uint64_t recv_seq);
 int vmem_pc_probe_priority(void);
+int vmem_pc_boost_current(void);
 void vmem_pc_set_push_pieces(int64_t piece_pages, int yield, int64_t slow_us, int view_writes);
 void vmem_pc_dest_set_view_writes(vmem_pc_dest *h, int on);
 void vmem_pc_set_priority_limit(int most);
@@ -337,6 +338,13 @@ static int vmem_pc_boost_self(void)
         return vmem_pc_priority_limit >= VMEM_PC_PRIO_SLICE && vmem_pc_short_slice() ? VMEM_PC_PRIO_SLICE
                                                                                    : VMEM_PC_PRIO_NICE;
     return VMEM_PC_PRIO_NORMAL;
+}
+
+/* The calling thread asks for what a fault thread asks for (a benchmark's floor measured
+   with the fault threads' scheduling).  Returns VMEM_PC_PRIO_*. */
+static int vmem_pc_boost_current(void)
+{
+    return vmem_pc_boost_self();
 }
 
 static void *vmem_pc_probe_main(void *arg)
