@@ -1109,8 +1109,8 @@ def set_fault_thread_slice_ns(ns: int = 0) -> None:
 def set_fault_thread_priority_limit(most: int) -> None:
     """Fault threads started from now on ask for at most ``most`` (a key of
     :data:`FAULT_THREAD_PRIORITIES`; the default is nice -15 with a short slice, see
-    vmem/_build/postcopy.py for why, and why not SCHED_FIFO).  Process-wide; benchmarks compare with it
-    (vmem.migration.inject)."""
+    vmem/_build/postcopy.py for why, and why not SCHED_FIFO).  Process-wide; benchmarks
+    compare with it (vmem.migration.inject)."""
     global _priority_limit
     if most not in FAULT_THREAD_PRIORITIES:
         raise ValueError(f"priority must be one of {sorted(FAULT_THREAD_PRIORITIES)}, got {most!r}")

@@ -266,12 +266,13 @@ static int64_t vmem_continue_runs(int uffd, uint64_t guest_base, const int64_t *
    6.12: sched_setattr's sched_runtime for SCHED_OTHER).
 
    Why the slice: a high weight alone does not make a woken thread preempt the one running.
-   EEVDF lets the running thread finish its own slice first (RUN_TO_PARITY; ~1.5 ms on 2
-   CPUs), unless the woken one asks for a shorter slice (PREEMPT_SHORT) -- so a nice -15
-   fault thread still waited for the push's threads 1-4 ms at a time (a 1 GiB guest at
-   5,000 pages/s, perf sched timehist: its scheduling delays ended when the runner's slice
-   did, at a timer tick or a system call's exit), and those waits were the p99.  Measured
-   (docs/performance.md, "The fault threads' slice"): p99 ~0.4-1.3 ms -> ~0.14-0.3 ms.
+   EEVDF lets the running thread finish its own slice first (RUN_TO_PARITY; 1.4 ms on 2
+   CPUs, /proc/<pid>/sched's se.slice), unless the woken one asks for a shorter slice
+   (PREEMPT_SHORT) -- so a nice -15 fault thread still waited for the push's threads 1-4 ms
+   at a time (a 1 GiB guest at 5,000 pages/s, perf sched timehist: its scheduling delays
+   ended when the runner's slice did, at a timer tick or a system call's exit), and those
+   waits were the p99.  Measured (docs/performance.md, "The fault threads' slice"), two A/B
+   rounds at 5,000 pages/s: p99 median 686 / 244 us without the slice, 188 / 236 us with it.
 
    SCHED_FIFO is the stronger tool and is implemented, but not the default: measured on this
    2-vCPU VM under load (scripts/bench_postcopy.py, same run, interleaved), FIFO fault
@@ -304,17 +305,18 @@ struct vmem_sched_attr {
     uint32_t sched_util_min, sched_util_max;
 };
 
-/* The calling thread (already at VMEM_PC_NICE) asks for a VMEM_PC_SLICE_NS slice; 1 if the
-   kernel took it -- read back, since a kernel without custom slices (< 6.12) accepts the
-   call and ignores the runtime of a SCHED_OTHER thread. */
 static int64_t vmem_pc_slice_ns = VMEM_PC_SLICE_NS;
 
-/* Test-only: ask for another slice (0: VMEM_PC_SLICE_NS) -- e.g. one the kernel refuses. */
+/* Test-only: ask for another slice (0: VMEM_PC_SLICE_NS) -- e.g. one the kernel clamps. */
 static void vmem_pc_set_slice_ns(int64_t ns)
 {
     vmem_pc_slice_ns = ns > 0 ? ns : VMEM_PC_SLICE_NS;
 }
 
+/* The calling thread (already at VMEM_PC_NICE) asks for a vmem_pc_slice_ns slice; 1 if the
+   kernel holds exactly that -- read back, since a kernel without custom slices (< 6.12)
+   accepts the call and ignores the runtime of a SCHED_OTHER thread, and one with them
+   clamps a runtime out of its range instead of refusing it. */
 static int vmem_pc_short_slice(void)
 {
     struct vmem_sched_attr a = { .size = sizeof a, .sched_policy = SCHED_OTHER, .sched_nice = VMEM_PC_NICE,

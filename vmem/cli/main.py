@@ -190,8 +190,8 @@ def post_copy_priority_line() -> str:
     rt = ("SCHED_FIFO is permitted here but not used (docs/postcopy.md: it doubled the fault p50 on a 2-vCPU VM)"
           if fifo else "SCHED_FIFO is not permitted (needs CAP_SYS_NICE or RLIMIT_RTPRIO)")
     if kind == nat.PC_PRIO_SLICE:
-        return (f"post-copy fault threads: {what} (raised above the push and the guest; with the short slice a"
-                f" woken one preempts them at once); {rt}")
+        return (f"post-copy fault threads: {what} (raised above the push and the guest; the short slice lets a"
+                f" woken one preempt them instead of waiting out their slice); {rt}")
     if kind == nat.PC_PRIO_NICE:
         return (f"post-copy fault threads: {what} (raised above the push and the guest) -- this kernel has no"
                 f" custom EEVDF slices (Linux >= 6.12), so a woken fault thread may wait out the running thread's"
