@@ -1020,6 +1020,40 @@ def test_fault_threads_get_a_short_slice_or_say_they_did_not(slice_ns, expected)
         theirs.close()
 
 
+
+def test_boost_current_thread_gives_the_caller_the_fault_threads_scheduling():
+    """The benchmarks' floors call this in their own threads: the caller gets what a fault
+    thread gets (here nice -15 and the 0.1 ms slice, as the kernel shows it), and a thread
+    that did not call it keeps the default."""
+    if os.geteuid() != 0:
+        pytest.skip("a negative nice value needs root or CAP_SYS_NICE")
+    if tuple(int(x) for x in os.uname().release.split(".")[:2]) < (6, 12):
+        pytest.skip("custom EEVDF slices need Linux >= 6.12")
+    if not os.path.exists("/proc/self/sched"):
+        pytest.skip("/proc/<pid>/sched needs CONFIG_SCHED_DEBUG")
+    import threading
+
+    def sched_of_this_thread() -> dict:
+        with open(f"/proc/self/task/{threading.get_native_id()}/sched") as f:
+            return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+
+    mine = sched_of_this_thread()
+    seen: dict = {}
+
+    def boosted():
+        seen["before"] = sched_of_this_thread()
+        seen["got"] = nat.boost_current_thread()
+        seen["after"] = sched_of_this_thread()
+
+    t = threading.Thread(target=boosted)
+    t.start()
+    t.join()
+    assert seen["got"] == (nat.PC_PRIO_SLICE, nat.FAULT_THREAD_PRIORITIES[nat.PC_PRIO_SLICE])
+    assert seen["after"]["prio"] == "105" and seen["after"]["se.slice"] == "100000"
+    assert seen["before"]["prio"] == mine["prio"] and seen["before"]["se.slice"] == mine["se.slice"] != "100000"
+    assert sched_of_this_thread()["prio"] == mine["prio"]  # the caller's thread only
+
+
 EMFILE_CHILD = """
 import errno, os, resource, socket
 import numpy as np
