@@ -965,6 +965,17 @@ def test_fault_server_answers_faults_and_reports_named_stats():
         theirs.close()
 
 
+def _skip_without_custom_slices() -> None:
+    """Skip unless this process may raise a thread to nice -15 and the kernel has custom EEVDF
+    slices and shows them (/proc/<pid>/sched)."""
+    if os.geteuid() != 0:
+        pytest.skip("a negative nice value needs root or CAP_SYS_NICE")
+    if tuple(int(x) for x in os.uname().release.split(".")[:2]) < (6, 12):
+        pytest.skip("custom EEVDF slices need Linux >= 6.12")
+    if not os.path.exists("/proc/self/sched"):
+        pytest.skip("/proc/<pid>/sched needs CONFIG_SCHED_DEBUG")
+
+
 def _fault_thread_sched() -> dict:
     """This process's ``vmem-pc-fault`` thread as /proc/<pid>/task/<tid>/sched shows it."""
     for tid in os.listdir("/proc/self/task"):
@@ -986,12 +997,7 @@ def test_fault_threads_get_a_short_slice_or_say_they_did_not(slice_ns, expected)
     says why), as the kernel's own view of the thread shows (prio 105, se.slice).  Asked for
     a slice the kernel does not grant as asked (it clamps one under 0.1 ms up to 0.1 ms), the
     thread reads back another value and claims no slice: it reports nice -15."""
-    if os.geteuid() != 0:
-        pytest.skip("a negative nice value needs root or CAP_SYS_NICE")
-    if tuple(int(x) for x in os.uname().release.split(".")[:2]) < (6, 12):
-        pytest.skip("custom EEVDF slices need Linux >= 6.12")
-    if not os.path.exists("/proc/self/sched"):
-        pytest.skip("/proc/<pid>/sched needs CONFIG_SCHED_DEBUG")
+    _skip_without_custom_slices()
     npages = 8
     ram = np.zeros((npages, PAGE), dtype=np.uint8)
     sent = np.zeros(npages, dtype=np.uint8)
@@ -1025,12 +1031,7 @@ def test_boost_current_thread_gives_the_caller_the_fault_threads_scheduling():
     """The benchmarks' floors call this in their own threads: the caller gets what a fault
     thread gets (here nice -15 and the 0.1 ms slice, as the kernel shows it), and a thread
     that did not call it keeps the default."""
-    if os.geteuid() != 0:
-        pytest.skip("a negative nice value needs root or CAP_SYS_NICE")
-    if tuple(int(x) for x in os.uname().release.split(".")[:2]) < (6, 12):
-        pytest.skip("custom EEVDF slices need Linux >= 6.12")
-    if not os.path.exists("/proc/self/sched"):
-        pytest.skip("/proc/<pid>/sched needs CONFIG_SCHED_DEBUG")
+    _skip_without_custom_slices()
     import threading
 
     def sched_of_this_thread() -> dict:
