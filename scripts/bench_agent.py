@@ -352,10 +352,8 @@ def page_round_trip_floor(hosts: NetnsHosts, args, fresh_Bps: float, samples: in
 
     both = [(loaded_run(False), loaded_run(True)) for _ in range(loaded_runs)]  # interleaved
     loaded, placer = medians([a for a, _ in both]), medians([b for _, b in both])
-    from vmem import _native as nat
-
     print(f"page round trip, plain TCP ({samples} at {args.postcopy_rate}/s; both ends scheduled as vmem's fault "
-          f"threads, {nat.fault_thread_priority()[1]}): idle link p50 {idle['p50_us']} us, "
+          f"threads, {idle['scheduling']}): idle link p50 {idle['p50_us']} us, "
           f"p99 {idle['p99_us']} us")
     for label, m in (("during a plain copy", loaded), ("during a plain copy and 1 MiB pwrites on host 2 (the placer stood in)", placer)):
         print(f"  {label} (median of {loaded_runs}): p50 {m['p50_us']} us, p99 {m['p99_us']} us (p99 per run: "

@@ -42,6 +42,24 @@ def test_doctor_says_when_the_fault_threads_cannot_be_raised():
     assert "SCHED_FIFO is not permitted" in out.stdout, out.stdout
 
 
+
+def test_doctor_says_when_the_kernel_did_not_take_the_short_slice():
+    """A fault thread whose slice the kernel does not hold as asked reports plain nice -15,
+    and doctor says what that costs (made to happen: a 50 us slice, which Linux clamps)."""
+    from vmem import _native as nat
+    from vmem.cli.main import post_copy_priority_line
+
+    if nat.fault_thread_priority()[0] != nat.PC_PRIO_SLICE:
+        pytest.skip(f"the fault threads get {nat.fault_thread_priority()[1]!r} here, not the slice")
+    nat.set_fault_thread_slice_ns(50_000)
+    try:
+        line = post_copy_priority_line()
+    finally:
+        nat.set_fault_thread_slice_ns(0)
+    assert line.startswith("post-copy fault threads: nice -15 (raised"), line
+    assert "did not take the short EEVDF slice" in line, line
+    assert "slice 0.1 ms" in post_copy_priority_line()
+
 class _GuestWithoutWpAsync:
     """Looks like a guest whose kernel granted userfaultfd but not WP_ASYNC."""
 

@@ -976,18 +976,21 @@ def _skip_without_custom_slices() -> None:
         pytest.skip("/proc/<pid>/sched needs CONFIG_SCHED_DEBUG")
 
 
+def _thread_sched(tid: int | str) -> dict:
+    """Thread ``tid`` of this process as /proc/<pid>/task/<tid>/sched shows it."""
+    with open(f"/proc/self/task/{tid}/sched") as f:
+        return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+
+
 def _fault_thread_sched() -> dict:
-    """This process's ``vmem-pc-fault`` thread as /proc/<pid>/task/<tid>/sched shows it."""
+    """This process's ``vmem-pc-fault`` thread as /proc shows it."""
     for tid in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() != "vmem-pc-fault":
-                    continue
-            with open(f"/proc/self/task/{tid}/sched") as f:
-                rows = [line.split(":", 1) for line in f if ":" in line]
+                if f.read().strip() == "vmem-pc-fault":
+                    return _thread_sched(tid)
         except FileNotFoundError:
             continue
-        return {k.strip(): v.strip() for k, v in rows}
     raise AssertionError("no vmem-pc-fault thread")
 
 
@@ -1026,7 +1029,6 @@ def test_fault_threads_get_a_short_slice_or_say_they_did_not(slice_ns, expected)
         theirs.close()
 
 
-
 def test_boost_current_thread_gives_the_caller_the_fault_threads_scheduling():
     """The benchmarks' floors call this in their own threads: the caller gets what a fault
     thread gets (here nice -15 and the 0.1 ms slice, as the kernel shows it), and a thread
@@ -1035,8 +1037,7 @@ def test_boost_current_thread_gives_the_caller_the_fault_threads_scheduling():
     import threading
 
     def sched_of_this_thread() -> dict:
-        with open(f"/proc/self/task/{threading.get_native_id()}/sched") as f:
-            return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        return _thread_sched(threading.get_native_id())
 
     mine = sched_of_this_thread()
     seen: dict = {}

@@ -419,6 +419,24 @@ def test_source_gone_after_the_switch_the_destination_names_the_lost_pages(boot_
     assert g.verify()["ok"]  # the source still holds every page
 
 
+@pytest.mark.parametrize("name", ["normal", "nice", "slice", "fifo"])
+def test_the_preempt_knobs_priority_names_set_that_limit(name):
+    """``VMEM_TEST_POSTCOPY_PREEMPT=priority=NAME`` makes fault threads ask for at most NAME
+    (what the benchmarks' A/B arms rely on); unset, the default (the slice) again."""
+    from vmem import _native as nat
+    from vmem.migration import inject
+
+    if (nat.fault_thread_priority(nat.PC_PRIO_FIFO)[0] != nat.PC_PRIO_FIFO
+            or nat.fault_thread_priority(nat.PC_PRIO_SLICE)[0] != nat.PC_PRIO_SLICE):
+        pytest.skip("needs a host where every level is permitted (root, Linux >= 6.12)")
+    expected = {"normal": "normal", "nice": "nice -15", "slice": "nice -15, slice 0.1 ms", "fifo": "SCHED_FIFO 10"}
+    try:
+        inject.apply_preempt({inject.PREEMPT_ENV: f"priority={name}"})
+        assert nat.fault_thread_priority()[1] == expected[name]
+    finally:
+        inject.apply_preempt({})
+    assert nat.fault_thread_priority()[1] == expected["slice"]
+
 def _checker_postcopy_with_preempt(boot_guest, monkeypatch, env: str) -> dict:
     """A pure post-copy of a checker guest with ``VMEM_TEST_POSTCOPY_PREEMPT=env`` (both
     sides: the destination process inherits it); the report's verified ``postcopy`` part."""

@@ -9,6 +9,8 @@ import subprocess
 
 import pytest
 
+from vmem import _native as nat
+
 from testhosts import (  # noqa: F401  (testhosts is a fixture)
     SCRIPT,
     NetnsHosts,
@@ -126,6 +128,8 @@ def test_page_round_trips_time_the_whole_answer(testhosts):
     times the unshaped one (ratio only); every requested round trip is counted."""
     fast = page_round_trips(testhosts, 50, 500, warmup=5)
     assert fast["count"] == 50
+    # both ends run with the fault threads' scheduling, and the client says what it got
+    assert fast["scheduling"] == nat.fault_thread_priority()[1]
     assert 0 < fast["p50_us"] <= fast["p99_us"] <= fast["max_us"]
     testhosts.shape("1mbit")
     try:

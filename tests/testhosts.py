@@ -394,17 +394,19 @@ conn.close(); ls.close()
 """
 
 # Connects to argv[1]:argv[2] and makes argv[3] round trips at argv[4] a second after argv[5]
-# unmeasured ones (vmem.bench.roundtrip); prints "p50 p99 max count" in us.
+# unmeasured ones (vmem.bench.roundtrip); prints "p50 p99 max count" in us, then the scheduling its
+# thread got (nat.boost_current_thread).
 PAGE_CLIENT = r"""
 import socket, sys
 from vmem import _native as nat
 from vmem.bench.roundtrip import paced_round_trips, summary_us
-nat.boost_current_thread()  # scheduled as vmem's fault threads are
+scheduling = nat.boost_current_thread()[1]  # scheduled as vmem's fault threads are
 sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 r = summary_us(paced_round_trips(sock, int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])))
 sock.close()
-print(r["p50_us"], r["p99_us"], r["max_us"], r["count"], flush=True)
+print(r["p50_us"], r["p99_us"], r["max_us"], r["count"])
+print(scheduling, flush=True)
 """
 
 
@@ -413,7 +415,8 @@ def page_round_trips(hosts: NetnsHosts, count: int, rate_per_s: float, server: i
     """``count`` plain page round trips from host ``client`` to host ``server`` (a 16-byte
     request answered with 4 KiB, TCP_NODELAY, Python on both ends, each scheduled as vmem's
     post-copy fault threads are: ``nat.boost_current_thread``), ``rate_per_s`` of them
-    a second, after ``warmup`` unmeasured ones: ``{"p50_us", "p99_us", "max_us", "count"}``,
+    a second, after ``warmup`` unmeasured ones: ``{"p50_us", "p99_us", "max_us", "count",
+    "scheduling"}`` (what the client's thread got, e.g. ``nice -15, slice 0.1 ms``),
     each round trip timed from the request's send to the answer's last byte.  Reaps both
     processes."""
     srv = hosts.run_python(server, PAGE_SERVER, hosts.addr(server), "0")
@@ -426,7 +429,9 @@ def page_round_trips(hosts: NetnsHosts, count: int, rate_per_s: float, server: i
         out, err = cli.communicate(timeout=timeout_s)
         assert cli.returncode == 0, err
         srv.communicate(timeout=timeout_s)
-        p50, p99, mx, n = out.split()
-        return {"p50_us": float(p50), "p99_us": float(p99), "max_us": float(mx), "count": int(n)}
+        figures, scheduling = out.strip().split("\n")
+        p50, p99, mx, n = figures.split()
+        return {"p50_us": float(p50), "p99_us": float(p99), "max_us": float(mx), "count": int(n),
+                "scheduling": scheduling}
     finally:
         _kill_and_reap(cli, srv)

@@ -193,9 +193,9 @@ def post_copy_priority_line() -> str:
         return (f"post-copy fault threads: {what} (raised above the push and the guest; the short slice lets a"
                 f" woken one preempt them instead of waiting out their slice); {rt}")
     if kind == nat.PC_PRIO_NICE:
-        return (f"post-copy fault threads: {what} (raised above the push and the guest) -- this kernel has no"
-                f" custom EEVDF slices (Linux >= 6.12), so a woken fault thread may wait out the running thread's"
-                f" slice (~1-4 ms): fault latency p99 will suffer; {rt}")
+        return (f"post-copy fault threads: {what} (raised above the push and the guest) -- the kernel did not take"
+                f" the short EEVDF slice asked for (custom slices need Linux >= 6.12), so a woken fault thread may"
+                f" wait out the running thread's slice (~1-4 ms): fault latency p99 will suffer; {rt}")
     if kind == nat.PC_PRIO_FIFO:
         return f"post-copy fault threads: {what}"
     return (f"post-copy fault threads: {what} -- a negative nice value was not allowed (run as root or grant"

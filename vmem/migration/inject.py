@@ -158,7 +158,8 @@ def narrow_max_runs_from_env(default: int, environ=None) -> int:
 
 #: Post-copy's fault priority changed on purpose (test and benchmark only; see the module doc).
 PREEMPT_ENV = "VMEM_TEST_POSTCOPY_PREEMPT"
-_PRIORITY_NAMES = {"normal": 0, "nice": 1, "slice": 2, "fifo": 3}
+#: the ``priority=`` names, each the most a fault thread asks for (vmem._native.PC_PRIO_*)
+_PRIORITY_NAMES = ("normal", "nice", "slice", "fifo")
 
 
 def preempt_from_env(environ=None) -> dict:
@@ -195,7 +196,9 @@ def apply_preempt(environ=None) -> dict:
     cfg = preempt_from_env(environ)
     # Always set: unset means the defaults again (a process that ran with it before).
     nat.set_push_pieces(cfg.get("piece", 0), cfg.get("give_way", True), cfg.get("slow_us", 0), cfg.get("view", True))
-    nat.set_fault_thread_priority_limit(_PRIORITY_NAMES[cfg.get("priority", "slice")])
+    limits = {"normal": nat.PC_PRIO_NORMAL, "nice": nat.PC_PRIO_NICE, "slice": nat.PC_PRIO_SLICE,
+              "fifo": nat.PC_PRIO_FIFO}
+    nat.set_fault_thread_priority_limit(limits[cfg.get("priority", "slice")])
     return cfg
 
 
