@@ -67,7 +67,6 @@ import json
 import math
 import mmap
 import os
-import platform
 import random
 import resource
 import select
@@ -1482,21 +1481,16 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGHUP, _stop)
 
     bench = Bench(args)
+    # The machine, the commit (+dirty), the kernel, the CPUs, the boot and the command line are
+    # in "provenance" (vmem.provenance, as in every report); "meta" adds only what this run saw.
     meta = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "parts": parts,
-        "kernel": platform.release(), "python": platform.python_version(), "numpy": np.__version__,
-        "cpus": os.cpu_count(), "mem_total_bytes": psutil.virtual_memory().total,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "parts": parts, "numpy": np.__version__,
         "mem_available_bytes": mem_available_bytes(), "loadavg": os.getloadavg(), "prewarm": bench.prewarm_on,
         "args": {k: v for k, v in vars(args).items()},
         "provenance": provenance.collect(),  # the boot among the rest: figures of two boots differ (docs/bench.md)
     }
-    try:
-        meta["git"] = subprocess.run(["git", "-C", _ROOT, "describe", "--always", "--dirty"], capture_output=True,
-                                     text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
     log(provenance.summary_line(meta["provenance"]))
-    log(f"bench_migrate: parts {parts}{' (quick)' if q else ''}; {meta['cpus']} CPUs, "
+    log(f"bench_migrate: parts {parts}{' (quick)' if q else ''}; {meta['provenance']['cpu_count']} CPUs, "
         f"{fbytes(meta['mem_available_bytes'])} available, load {meta['loadavg'][0]:.2f}")
     cpu_rows = []
     interrupted = False

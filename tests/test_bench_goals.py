@@ -131,6 +131,8 @@ def test_bench_migrate_checks_its_goals_with_their_trials(tmp_path):
     data = json.loads(out.read_text())
     assert data["failures"] == []
     _names_its_machine(data["meta"]["provenance"], p.stdout + p.stderr)
+    # the machine is said once, in provenance: meta does not repeat it under other names
+    assert not {"git", "kernel", "python", "cpus", "mem_total_bytes", "argv"} & set(data["meta"]), data["meta"]
     goals = {(g["part"], g["goal"]): g for g in data["goals"]}
     assert goals[("downtime", "idle guest: median downtime_ms")]["threshold"] == 1.0
     # the idle downtime's floor, measured in the same run: the walk plus three hand-offs
