@@ -28,8 +28,8 @@ hybrid post-copy of the guest writing flat out.  ``--strict``: exit 1 when a goa
 The push rate while faults are served and the paced guests' blackout are reported too.
 
 ``--ab``: every post-copy scenario also runs with the scheduling before issue 13 item 2
-(``VMEM_TEST_POSTCOPY_PREEMPT=give_way=0,piece=1024,priority=nice``: the push does not give
-way to demand answers, fault threads at nice -15), interleaved with the current one (order
+(``VMEM_TEST_POSTCOPY_PREEMPT=give_way=0,piece=1024,batch=1024,priority=nice``: the push does
+not give way to demand answers, 1024-page push batches, fault threads at nice -15), interleaved with the current one (order
 alternating), and the summary gives both and their ratios -- the comparison that stays
 meaningful on a loaded machine.  Goals are checked on the current scheduling only.
 
@@ -70,7 +70,7 @@ from vmem.bench.roundtrip import paced_round_trips, serve_pages, summary_us  # n
 from vmem.migration.inject import PREEMPT_ENV  # noqa: E402
 
 #: the scheduling before issue 13 item 2 (the ``--ab`` baseline arm)
-OLD_SCHEDULING = "give_way=0,piece=1024,priority=nice"
+OLD_SCHEDULING = "give_way=0,piece=1024,batch=1024,priority=nice"
 
 
 def _forked(body) -> int:

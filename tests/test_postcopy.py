@@ -437,6 +437,17 @@ def test_the_preempt_knobs_priority_names_set_that_limit(name):
         inject.apply_preempt({})
     assert nat.fault_thread_priority()[1] == expected["slice"]
 
+@pytest.mark.parametrize("value", ["batch=0", "batch=1025", "batch=x"])
+def test_the_preempt_knob_refuses_a_batch_a_record_cannot_hold(value):
+    """``batch=`` is 1..1024 pages (a PAGE_DATA record's limit): anything else is a test's
+    mistake and fails loudly, naming the range."""
+    from vmem.migration import inject
+
+    assert inject.preempt_from_env({inject.PREEMPT_ENV: "batch=1024"}) == {"batch": 1024}
+    with pytest.raises(ValueError, match="batch=1..1024"):
+        inject.preempt_from_env({inject.PREEMPT_ENV: value})
+
+
 def _checker_postcopy_with_preempt(boot_guest, monkeypatch, env: str) -> dict:
     """A pure post-copy of a checker guest with ``VMEM_TEST_POSTCOPY_PREEMPT=env`` (both
     sides: the destination process inherits it); the report's verified ``postcopy`` part."""
@@ -462,14 +473,14 @@ def test_push_gives_way_to_demand_answers(boot_guest, monkeypatch, give_way):
     background pages placed while one answer waited).  Each piece is made slow on purpose
     (vmem.migration.inject, slow_us: each piece first holds the placement gate that long, as
     one slow pwrite of the whole piece would) so that the checker's faults meet it; with the
-    giving way turned off and 1024-page pieces, the same statistic shows answers waiting
+    giving way turned off and 1024-page batches placed whole, the same statistic shows answers waiting
     behind more than a piece -- what the check exists to catch.  Counts only, no timings."""
     from vmem import _native as nat
 
     piece = nat.PUSH_PIECE_PAGES
     # view=0: the answers pwrite through the gate (the path without a writable view); with
     # one they bypass it (test_demand_answers_bypass_the_push_through_the_view)
-    env = "slow_us=5000,view=0" if give_way else "slow_us=5000,give_way=0,piece=1024,view=0"
+    env = "slow_us=5000,view=0" if give_way else "slow_us=5000,give_way=0,piece=1024,batch=1024,view=0"
     pc = _checker_postcopy_with_preempt(boot_guest, monkeypatch, env)
     # answers did meet the slow push (the test is not vacuous): an answer waited for a
     # piece, or a piece for an answer
@@ -487,10 +498,10 @@ def test_demand_answers_bypass_the_push_through_the_view(boot_guest, monkeypatch
     """Issue 13 (fault p99): a demand answer is copied into the destination's writable
     mapping of the RAM file instead of pwritten, so it takes neither the placement gate nor
     the inode lock and never waits behind the push.  The same slow push as the gate test's
-    "fires-without" arm (1,024-page pieces, no giving way, each piece holding the gate 5 ms),
+    "fires-without" arm (1,024-page batches and pieces, no giving way, each piece holding the gate 5 ms),
     where answers that pwrite do wait (fault_waits >= 1, more than a piece ahead): here none
     waits, and the pages still verify (the digests are of what the RAM file holds)."""
-    pc = _checker_postcopy_with_preempt(boot_guest, monkeypatch, "slow_us=5000,give_way=0,piece=1024")
+    pc = _checker_postcopy_with_preempt(boot_guest, monkeypatch, "slow_us=5000,give_way=0,piece=1024,batch=1024")
     assert pc["pages_demanded"] > 0, pc
     assert pc["fault_waits"] == 0 and pc["push_pages_ahead_max"] == 0, pc
 
@@ -504,8 +515,10 @@ class _RecordingWriter:
         self.bytes_written = 0
         self.batches_while_answering = 0
         self.batches = 0
+        self.sizes: list[int] = []
 
     def page_data(self, pfns, bufs, record_type=None):
+        self.sizes.append(len(pfns))
         self.batches += 1
         self.batches_while_answering += bool(self.cursor[2])
         self.bytes_written += len(pfns) * 4096
@@ -539,6 +552,28 @@ def test_pusher_starts_no_batch_while_a_fault_is_being_answered(monkeypatch, giv
         assert writer.batches_while_answering == 0 and pc.push_yields == 1
     else:
         assert writer.batches_while_answering >= 1 and pc.push_yields == 0
+
+
+@pytest.mark.parametrize("batch", [None, 1024], ids=["default", "old-1024"])
+def test_push_goes_in_batches_of_batch_pages(batch):
+    """The background push sends BATCH_PAGES (256, 1 MiB) pages a record: a system call of
+    the push copies no more than that, so a fault thread woken meanwhile on a kernel that does
+    not preempt inside system calls waits for at most that copy.  ``batch`` (the benchmarks'
+    old scheduling, vmem.migration.inject) sets another size, which the count shows."""
+    import threading
+
+    from vmem.migration.postcopy import source as pcsource
+
+    assert pcsource.BATCH_PAGES == 256
+    npages = 4 * 1024 + 5
+    pc = pcsource.PostcopySource(np.zeros((npages, 4096), dtype=np.uint8), None, None, threading.Lock())
+    if batch is not None:
+        pc.batch_pages = batch
+    writer = pc.writer = _RecordingWriter(pc._cursor_shared)
+    pc.push(np.arange(npages, dtype=np.int64))
+    size = batch or pcsource.BATCH_PAGES
+    assert pc.sent.all() and sum(writer.sizes) == npages
+    assert writer.sizes == [size] * (npages // size) + [npages % size], writer.sizes
 
 
 def test_blackout_after_the_postcopy_is_told_apart():

@@ -28,9 +28,11 @@ can show the digests catch it.  They are not user options: no flag or report key
   and ``priority=normal|nice|slice|fifo`` (the most the fault threads ask for; default
   slice: nice -15 with a short EEVDF slice, vmem/_build/postcopy.py), and
   ``view=0`` (demand answers are ``pwrite``-n through the placement gate, as they were before
-  they were copied into the destination's writable mapping of the RAM file).
-  ``give_way=0,piece=1024,priority=nice`` approximates the scheduling before issue 13 item 2
-  (pwrites of up to a whole 1024-page batch, fault threads at nice -15), which
+  they were copied into the destination's writable mapping of the RAM file), and
+  ``batch=N`` (read by the source: pages per background push batch, default
+  ``vmem.migration.postcopy.source.BATCH_PAGES``).
+  ``give_way=0,piece=1024,batch=1024,priority=nice`` approximates the scheduling before issue 13 item 2
+  (1024-page push batches, written whole, fault threads at nice -15), which
   scripts/bench_postcopy.py --ab measures in the same run; tests use ``slow_us`` to show what
   the statistics catch without the mechanism.
 * :data:`PREALLOC_ERRNO_ENV` -- read by the destination process: an errno (e.g. 28,
@@ -49,6 +51,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
+from vmem.format.wire import MAX_PAGES_PER_RECORD
 
 __all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "PLACE_DELAY_ENV", "place_delay_from_env",
            "STOP_COPY_DELAY_ENV", "stop_copy_delay", "PREEMPT_ENV", "preempt_from_env", "apply_preempt",
@@ -164,8 +168,8 @@ _PRIORITY_NAMES = ("normal", "nice", "slice", "fifo")
 
 def preempt_from_env(environ=None) -> dict:
     """The settings :data:`PREEMPT_ENV` asks for: ``give_way`` (bool), ``piece``,
-    ``slow_us`` (ints, 0 = default) and ``priority`` (``normal``/``nice``/``slice``/``fifo``); {} if
-    unset.
+    ``slow_us`` (ints, 0 = default), ``batch`` (the source's pages per push batch, 1..1024)
+    and ``priority`` (``normal``/``nice``/``slice``/``fifo``); {} if unset.
 
     Raises:
         ValueError: set but malformed (a test's mistake: fail loudly).
@@ -180,11 +184,14 @@ def preempt_from_env(environ=None) -> dict:
             out[key] = v == "1"
         elif key in ("piece", "slow_us") and v.isdigit():
             out[key] = int(v)
+        elif key == "batch" and v.isdigit() and 1 <= int(v) <= MAX_PAGES_PER_RECORD:
+            out[key] = int(v)
         elif key == "priority" and v in _PRIORITY_NAMES:
             out[key] = v
         else:
             raise ValueError(f"{PREEMPT_ENV}={value!r}: expected give_way=0|1, piece=N, slow_us=N,"
-                             f" priority=normal|nice|slice|fifo, view=0|1; got {item!r}")
+                             f" batch=1..{MAX_PAGES_PER_RECORD}, priority=normal|nice|slice|fifo, view=0|1;"
+                             f" got {item!r}")
     return out
 
 

@@ -40,7 +40,14 @@ from vmem.format.wire import MAX_PAGES_PER_RECORD
 
 __all__ = ["PostcopySource", "destination_error"]
 
-BATCH_PAGES = 1024
+#: Pages per background push record (1 MiB).  The push's system calls copy a whole batch
+#: (the source's send, the destination's receive), and a kernel that does not preempt
+#: there (PREEMPT_NONE, this VM's) lets a woken fault thread wait until the call returns,
+#: whatever its priority: with 1,024-page batches `perf sched timehist` showed the fault
+#: threads waiting 0.7-2.8 ms behind the source's pusher in 23-39 switches a migration, 2-15
+#: with 256 (5,000 pages/s, one host; docs/performance.md, "The push in 1 MiB batches").
+#: The push rate did not fall.
+BATCH_PAGES = 256
 GIL_SWITCH_INTERVAL_S = 0.0001
 #: pages a batch search looks at per numpy step (a window of the pending list)
 SCAN_WINDOW = 16384
@@ -93,7 +100,9 @@ class PostcopySource:
         self.pages_pushed = 0
         self.bytes_pushed = 0
         self._fault_staging = np.empty((MAX_PAGES_PER_RECORD, PAGE_SIZE), dtype=np.uint8)
-        self._staging = np.empty((BATCH_PAGES, PAGE_SIZE), dtype=np.uint8)
+        #: pages per push batch (BATCH_PAGES; vmem.migration.inject may set another for a benchmark)
+        self.batch_pages = BATCH_PAGES
+        self._staging: np.ndarray | None = None  # allocated by push(), batch_pages rows
         self._thread: threading.Thread | None = None
         self.channel = channel
         self._engine = None  # PostcopyFaultServer (C) when there is an urgent channel
@@ -129,7 +138,9 @@ class PostcopySource:
             from vmem.migration import inject
             from vmem.migration.postcopy import native_link
 
-            self.give_way = inject.apply_preempt().get("give_way", True)  # test/benchmark-only
+            preempt = inject.apply_preempt()  # test/benchmark-only settings
+            self.give_way = preempt.get("give_way", True)
+            self.batch_pages = preempt.get("batch", BATCH_PAGES)
             fd, mac = native_link(self.urgent)
             self._engine = nat.PostcopyFaultServer(fd, self.ram, self.sent.view(np.uint8), self._cursor_shared)
             self._engine.set_mac(mac)  # a keyed link: the C thread checks and tags every frame
@@ -247,31 +258,32 @@ class PostcopySource:
 
     # --- push ----------------------------------------------------------------------------------
     def _next_batch(self) -> np.ndarray | None:
-        """Up to BATCH_PAGES unsent pending pages from the cursor on (wrapping); None when done."""
+        """Up to ``batch_pages`` unsent pending pages from the cursor on (wrapping); None when done."""
         p = self.pending
         n = len(p)
         if n == 0:
             return None
         start = min(self.cursor, n)
+        batch = self.batch_pages
         got: list[np.ndarray] = []
         total = 0
         end_pos = start
         # Two segments, [start, n) then [0, start): every pending page is looked at once.
         for seg_a, seg_b in ((start, n), (0, start)):
             i = seg_a
-            while i < seg_b and total < BATCH_PAGES:
+            while i < seg_b and total < batch:
                 j = min(i + SCAN_WINDOW, seg_b)
                 window = p[i:j]
                 unsent = window[~self.sent[window]]
                 if len(unsent):
-                    take = unsent[: BATCH_PAGES - total]
+                    take = unsent[: batch - total]
                     got.append(take)
                     total += len(take)
-                    if total >= BATCH_PAGES:
+                    if total >= batch:
                         j = int(np.searchsorted(p, take[-1], side="right"))
                 i = j
                 end_pos = j
-            if total >= BATCH_PAGES:
+            if total >= batch:
                 break
         self.cursor = end_pos
         if not total:
@@ -286,6 +298,8 @@ class PostcopySource:
         """Send every page of ``pending`` (sorted unique int64) not sent yet, from the cursor
         on; raise if the fault server failed."""
         self.pending = pending
+        if self._staging is None or len(self._staging) != self.batch_pages:
+            self._staging = np.empty((self.batch_pages, PAGE_SIZE), dtype=np.uint8)
         record = wire.PostcopyRecordType.PAGE_DATA
         while True:
             if self.error is not None:
