@@ -44,9 +44,9 @@ __all__ = ["PostcopySource", "destination_error"]
 #: (the source's send, the destination's receive), and a kernel that does not preempt
 #: there (PREEMPT_NONE, this VM's) lets a woken fault thread wait until the call returns,
 #: whatever its priority: with 1,024-page batches `perf sched timehist` showed the fault
-#: threads waiting 0.7-2.8 ms behind the source's pusher in 23-39 switches a migration, 2-15
-#: with 256 (5,000 pages/s, one host; docs/performance.md, "The push in 1 MiB batches").
-#: The push rate did not fall.
+#: threads waiting over 0.25 ms (up to 4) behind the push's threads in 23-39 switches a
+#: migration, 2-15 with 256 (5,000 pages/s, one host; docs/performance.md, "A new boot; the
+#: push in 1 MiB batches"). The push rate did not fall.
 BATCH_PAGES = 256
 GIL_SWITCH_INTERVAL_S = 0.0001
 #: pages a batch search looks at per numpy step (a window of the pending list)
