@@ -29,9 +29,9 @@ The push rate while faults are served and the paced guests' blackout are reporte
 
 ``--ab``: every post-copy scenario also runs with the scheduling before issue 13 item 2
 (``VMEM_TEST_POSTCOPY_PREEMPT=give_way=0,piece=1024,batch=1024,priority=nice``: the push does
-not give way to demand answers, 1024-page push batches, fault threads at nice -15), interleaved with the current one (order
-alternating), and the summary gives both and their ratios -- the comparison that stays
-meaningful on a loaded machine.  Goals are checked on the current scheduling only.
+not give way to demand answers, 1024-page push batches, fault threads at nice -15),
+interleaved with the current one (order alternating), and the summary gives both and their
+ratios -- the comparison that stays meaningful on a loaded machine.  Goals are checked on the current scheduling only.
 
 Every migration is preceded, after its guest booted, by touching and freeing 2.5x ``--size``
 of fresh memory (vmem.bench.prewarm; ``--no-prewarm`` skips it): on this kind of VM free
