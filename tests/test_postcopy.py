@@ -576,6 +576,25 @@ def test_push_goes_in_batches_of_batch_pages(batch):
     assert writer.sizes == [size] * (npages // size) + [npages % size], writer.sizes
 
 
+def test_push_batch_size_follows_the_link():
+    """One host (a unix socket: one system call copies a whole batch) pushes BATCH_PAGES a
+    record, a network link BATCH_PAGES_NETWORK (docs/performance.md has both A/Bs); the
+    check leaves the fd open and the caller's."""
+    import os
+    import socket
+
+    from vmem.migration.postcopy import source as pcsource
+
+    a, b = socket.socketpair()
+    t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with a, b, t:
+        assert pcsource.push_batch_pages(a.fileno()) == pcsource.BATCH_PAGES == 256
+        assert pcsource.push_batch_pages(t.fileno()) == pcsource.BATCH_PAGES_NETWORK == 1024
+        os.fstat(a.fileno())  # still open
+        a.sendall(b"x")
+        assert b.recv(1) == b"x"
+
+
 def test_blackout_after_the_postcopy_is_told_apart():
     """``postcopy.blackout_until_complete_ms`` takes the longer of the downtime and the guest's
     longest gap when the last page was placed; a longer ``blackout_ms`` is flagged as after

@@ -103,9 +103,10 @@ def test_a_push_batch_lands_whole(written_at_interval, faults):
 
 
 def test_the_simulated_push_batch_is_the_migrators():
-    """The simulator's batch size is a copy of the source's (analysis does not import the
-    migrator's post-copy machinery); this keeps the two from drifting apart."""
+    """The simulator's batch size is a copy of the source's over a network link, the link with
+    a rate it models (analysis does not import the migrator's post-copy machinery); this
+    keeps the two from drifting apart."""
     from vmem.analysis.simulate_postcopy import PUSH_BATCH_PAGES
-    from vmem.migration.postcopy.source import BATCH_PAGES
+    from vmem.migration.postcopy.source import BATCH_PAGES_NETWORK
 
-    assert PUSH_BATCH_PAGES == BATCH_PAGES
+    assert PUSH_BATCH_PAGES == BATCH_PAGES_NETWORK

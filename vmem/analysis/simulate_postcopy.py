@@ -14,8 +14,9 @@ steps of simulated time::
                           faults = W's pages still pending and not yet arrived -> demanded
                           (answered at once on the unshaped urgent connection, cursor
                           after the last); then the link carries the push
-    push batches          the source pushes PUSH_BATCH_PAGES (256) unsent pages at a time
-                          from the cursor (vmem.migration.postcopy.source.BATCH_PAGES), one
+    push batches          the source pushes PUSH_BATCH_PAGES (1024) unsent pages at a time
+                          from the cursor (vmem.migration.postcopy.source.BATCH_PAGES_NETWORK,
+                          a link between hosts; one host pushes 256 at a time), one
                           PAGE_DATA record, on the link for len * wire bytes / rate; the
                           destination receives a record whole before it places any page of
                           it, so a batch's pages arrive together when its last byte does --
@@ -41,8 +42,8 @@ from vmem.analysis.model import wire_bytes
 __all__ = ["simulate_postcopy", "MIN_STEP_S", "MAX_STEPS", "PUSH_BATCH_PAGES"]
 
 MIN_STEP_S = 0.002
-#: Pages per push record (the source's BATCH_PAGES): they arrive together.
-PUSH_BATCH_PAGES = 256
+#: Pages per push record (the source's BATCH_PAGES_NETWORK): they arrive together.
+PUSH_BATCH_PAGES = 1024
 MAX_STEPS = 400
 #: pages a push looks at per numpy step (a window of the pending list)
 _SCAN = 8192

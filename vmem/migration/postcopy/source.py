@@ -46,14 +46,31 @@ __all__ = ["PostcopySource", "destination_error"]
 #: whatever its priority: with 1,024-page batches `perf sched timehist` showed the fault
 #: threads waiting over 0.25 ms (up to 4) behind the push's threads in 23-39 switches a
 #: migration, 2-15 with 256 (5,000 pages/s, one host; docs/performance.md, "A new boot; the
-#: push in 1 MiB batches"). The push rate did not fall.
+#: push in 1 MiB batches"). The push rate did not fall.  That is a one-host link (a unix
+#: socket, where one call copies the whole batch); over TCP between agents the same change
+#: raised the keyed fault p50 (63.5 -> 74.1 us, 5 pairs) and not the p99, so a network link
+#: keeps BATCH_PAGES_NETWORK (push_batch_pages).
 BATCH_PAGES = 256
+BATCH_PAGES_NETWORK = 1024
 GIL_SWITCH_INTERVAL_S = 0.0001
 #: pages a batch search looks at per numpy step (a window of the pending list)
 SCAN_WINDOW = 16384
 #: the pusher waits at most this long for the fault server before a batch (a stuck answer
 #: must not stop the push; the answer is the fault server's to finish or fail)
 GIVE_WAY_MAX_S = 0.005
+
+
+def push_batch_pages(fd: int) -> int:
+    """Pages per background push batch for a post-copy whose urgent connection is ``fd``:
+    :data:`BATCH_PAGES` on one host (a unix socket), :data:`BATCH_PAGES_NETWORK` over a
+    network socket (see the constants for what was measured)."""
+    import socket
+
+    sock = socket.socket(fileno=fd)
+    try:
+        return BATCH_PAGES if sock.family == socket.AF_UNIX else BATCH_PAGES_NETWORK
+    finally:
+        sock.detach()  # the fd stays the caller's
 
 
 def destination_error(body: bytes, phase: str = "postcopy") -> MigrationError:
@@ -140,8 +157,8 @@ class PostcopySource:
 
             preempt = inject.apply_preempt()  # test/benchmark-only settings
             self.give_way = preempt.get("give_way", True)
-            self.batch_pages = preempt.get("batch", BATCH_PAGES)
             fd, mac = native_link(self.urgent)
+            self.batch_pages = preempt.get("batch", push_batch_pages(fd))
             self._engine = nat.PostcopyFaultServer(fd, self.ram, self.sent.view(np.uint8), self._cursor_shared)
             self._engine.set_mac(mac)  # a keyed link: the C thread checks and tags every frame
             self._engine.start()
