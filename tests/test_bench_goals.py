@@ -143,7 +143,11 @@ def test_bench_migrate_checks_its_goals_with_their_trials(tmp_path):
     assert goals[("blackout", "idle: median blackout_ms")]["threshold"] == 2.0
     # the IPI's cost on its own (single-page write-protects of pages the guest rewrote first)
     ipi = data["parts"]["collect"]["ipi_cost"]
-    assert ipi["ops"] > 0 and ipi["paused_ipis_per_op"] <= ipi["running_ipis_per_op"] + 0.05
+    # paused write-protects draw no IPI of their own; the count is system-wide
+    # (/proc/interrupts), and the other test worker's processes may add a stray shootdown or
+    # two to a pass of a few ops (a 16 MiB guest has 7): that is allowed, a pattern is not
+    assert ipi["ops"] > 0
+    assert (ipi["paused_ipis_per_op"] - ipi["running_ipis_per_op"]) * ipi["ops"] <= 2, ipi
     assert "ipi_estimate_ms" in data["parts"]["collect"]
     assert goals[("throughput", "vmem round 0 / plain pwrite copy (median bytes/s)")]["trials"] == 3
     assert {part for part, _ in goals} == {"throughput", "downtime", "blackout", "collect"}
