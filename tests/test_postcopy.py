@@ -437,6 +437,7 @@ def test_the_preempt_knobs_priority_names_set_that_limit(name):
         inject.apply_preempt({})
     assert nat.fault_thread_priority()[1] == expected["slice"]
 
+
 @pytest.mark.parametrize("value", ["batch=0", "batch=1025", "batch=x"])
 def test_the_preempt_knob_refuses_a_batch_a_record_cannot_hold(value):
     """``batch=`` is 1..1024 pages (a PAGE_DATA record's limit): anything else is a test's
@@ -556,10 +557,11 @@ def test_pusher_starts_no_batch_while_a_fault_is_being_answered(monkeypatch, giv
 
 @pytest.mark.parametrize("batch", [None, 1024], ids=["default", "old-1024"])
 def test_push_goes_in_batches_of_batch_pages(batch):
-    """The background push sends BATCH_PAGES (256, 1 MiB) pages a record: a system call of
-    the push copies no more than that, so a fault thread woken meanwhile on a kernel that does
-    not preempt inside system calls waits for at most that copy.  ``batch`` (the benchmarks'
-    old scheduling, vmem.migration.inject) sets another size, which the count shows."""
+    """The background push sends ``batch_pages`` a record -- BATCH_PAGES (256, 1 MiB) unless
+    the link says otherwise (push_batch_pages, next test): a system call of the push copies no
+    more than that, so a fault thread woken meanwhile on a kernel that does not preempt inside
+    system calls waits for at most that copy.  ``batch`` (the benchmarks' old scheduling,
+    vmem.migration.inject) sets another size, which the count shows."""
     import threading
 
     from vmem.migration.postcopy import source as pcsource

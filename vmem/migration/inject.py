@@ -30,7 +30,7 @@ can show the digests catch it.  They are not user options: no flag or report key
   ``view=0`` (demand answers are ``pwrite``-n through the placement gate, as they were before
   they were copied into the destination's writable mapping of the RAM file), and
   ``batch=N`` (read by the source: pages per background push batch, default
-  ``vmem.migration.postcopy.source.BATCH_PAGES``).
+  ``vmem.migration.postcopy.source.push_batch_pages``: 256 on one host, 1024 between hosts).
   ``give_way=0,piece=1024,batch=1024,priority=nice`` approximates the scheduling before
   issue 13 item 2 (1024-page push batches, written whole, fault threads at nice -15), which
   scripts/bench_postcopy.py --ab measures in the same run; tests use ``slow_us`` to show what

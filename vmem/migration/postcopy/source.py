@@ -38,7 +38,7 @@ from vmem.pages import PAGE_SIZE, page_buffers, unique_pages
 from vmem.format.postcopy import decode_pfn_list
 from vmem.format.wire import MAX_PAGES_PER_RECORD
 
-__all__ = ["PostcopySource", "destination_error"]
+__all__ = ["PostcopySource", "destination_error", "push_batch_pages"]
 
 #: Pages per background push record (1 MiB).  The push's system calls copy a whole batch
 #: (the source's send, the destination's receive), and a kernel that does not preempt
@@ -117,7 +117,8 @@ class PostcopySource:
         self.pages_pushed = 0
         self.bytes_pushed = 0
         self._fault_staging = np.empty((MAX_PAGES_PER_RECORD, PAGE_SIZE), dtype=np.uint8)
-        #: pages per push batch (BATCH_PAGES; vmem.migration.inject may set another for a benchmark)
+        #: pages per push batch: BATCH_PAGES, or by the urgent link (push_batch_pages) at start();
+        #: vmem.migration.inject may set another for a benchmark
         self.batch_pages = BATCH_PAGES
         self._staging: np.ndarray | None = None  # allocated by push(), batch_pages rows
         self._thread: threading.Thread | None = None
