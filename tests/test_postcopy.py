@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -631,3 +632,81 @@ def test_blackout_after_the_postcopy_is_told_apart():
     assert fill_at(5.0, 8_000_000, 1_250_000_000) == 0.25   # a gap during the push, 0.25 s after the pause
     assert fill_at(12.0, 3_000_000, 1_250_000_000) == 0.012  # the downtime was longer: it ends at 12 ms
     assert fill_at(5.0, 8_000_000, 0) is None  # the longer gap's end not sent: not claimed
+
+
+def _fifo_permitted() -> bool:
+    from vmem import _native as nat
+
+    return nat.fault_thread_priority(nat.PC_PRIO_FIFO)[0] == nat.PC_PRIO_FIFO
+
+
+def test_fault_sched_fifo_runs_both_fault_threads_fifo(boot_guest):
+    """``--fault-sched fifo``: both fault threads run SCHED_FIFO (the report says what each
+    got), the migration is verified as any other, and the choice stays with that migration:
+    the process default (the next migration's) is still the slice; without it neither
+    thread is FIFO."""
+    from vmem import _native as nat
+
+    if not _fifo_permitted():
+        pytest.skip("SCHED_FIFO is not permitted here (needs root or RLIMIT_RTPRIO)")
+    default_before = nat.fault_thread_priority()[1]
+    runs = {}
+    for sched in ("fifo", "default"):
+        g = boot_guest("checker", SIZE, rate=20000, reads=64)
+        time.sleep(0.2)
+        pc = assert_migrated(run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0.2,
+                                                                     fault_sched=sched)), "postcopy")["postcopy"]
+        assert pc["fault_path"] == "native" and pc["fault_sched"] == sched
+        runs[sched] = (pc["fault_thread_priority"], pc["source"]["fault_thread_priority"])
+    assert runs["fifo"] == (f"SCHED_FIFO {nat.PC_RT_PRIORITY}",) * 2
+    assert "SCHED_FIFO" not in runs["default"][0] and "SCHED_FIFO" not in runs["default"][1]
+    assert nat.fault_thread_priority()[1] == default_before  # the process default never moved
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_fault_sched_fifo_refused_before_any_page_moves(boot_guest, monkeypatch, side):
+    """A host that does not permit SCHED_FIFO refuses ``--fault-sched fifo`` at setup (made to
+    by VMEM_TEST_FIFO_REFUSED: as root every host here permits it): the migration fails
+    naming the side and what to do, no page was sent, the source guest runs on intact."""
+    from vmem.migration import inject
+
+    monkeypatch.setenv(inject.FIFO_REFUSED_ENV, side)  # the destination process inherits it
+    g = boot_guest("hotcold", SIZE, rate=20000)
+    time.sleep(0.2)
+    d = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0, fault_sched="fifo")).to_dict()
+    assert d["outcome"] == "failed" and d["phase"] == "setup", d["reason"]
+    assert f"--fault-sched fifo: the {side} host does not permit SCHED_FIFO" in d["reason"]
+    assert "without --fault-sched fifo" in d["reason"]
+    assert d["pages_sent"] == 0 and not d["rounds"]
+    assert g.alive() and g.verify()["ok"]
+
+
+def test_fault_sched_a_destination_that_ignores_it_is_refused(boot_guest):
+    """A destination that answers READY without running its fault thread as asked (an older
+    vmem, or a preamble that said otherwise: forced here with extra_config) is refused before
+    the pause, instead of a migration that silently runs without SCHED_FIFO."""
+    if not _fifo_permitted():
+        pytest.skip("SCHED_FIFO is not permitted here (needs root or RLIMIT_RTPRIO)")
+    g = boot_guest("hotcold", SIZE, rate=20000)
+    time.sleep(0.2)
+    d = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0, fault_sched="fifo",
+                                                extra_config={"fault_sched": "default"})).to_dict()
+    assert d["outcome"] == "failed" and d["phase"] == "setup", d["reason"]
+    assert "does not schedule its fault threads as --fault-sched fifo asks" in d["reason"]
+    assert d["pages_sent"] == 0
+    assert g.alive() and g.verify()["ok"]
+
+
+def test_fault_sched_needs_postcopy_and_a_known_name():
+    """``fifo`` without post-copy would do nothing: refused naming the flag, as is a name that
+    is not a scheduling vmem knows (the CLI's choices refuse it first)."""
+    from vmem.errors import ConfigError
+
+    assert MigrationOptions(postcopy="allow", fault_sched="fifo").fault_sched == "fifo"
+    with pytest.raises(ConfigError, match="--fault-sched.*has no post-copy"):
+        MigrationOptions(fault_sched="fifo")
+    with pytest.raises(ConfigError, match="--fault-sched.*must be one of default, fifo"):
+        MigrationOptions(postcopy="pure", fault_sched="rr")
+    r = subprocess.run([sys.executable, "-m", "vmem", "migrate", "--fault-sched", "rr", "--postcopy"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--fault-sched" in r.stderr

@@ -79,6 +79,7 @@ __all__ = [
     "PC_PRIO_NICE",
     "PC_PRIO_SLICE",
     "PC_PRIO_FIFO",
+    "PC_RT_PRIORITY",
     "PUSH_PIECE_PAGES",
     "fault_thread_priority",
     "set_push_pieces",
@@ -949,6 +950,15 @@ class _FaultThread:
         _check(getattr(lib, f"vmem_pc_{self._kind}_set_mac")(self._h, keys[0], keys[1], int(mac["send_seq"]),
                                                                int(mac["recv_seq"])), f"keying the {self._what}")
 
+    def set_priority_limit(self, most: int) -> None:
+        """Before :meth:`start`: the thread asks for at most ``most`` (a key of
+        :data:`FAULT_THREAD_PRIORITIES`) instead of the process default
+        (:func:`set_fault_thread_priority_limit`) -- one migration's ``--fault-sched``.  It
+        gets the most of that the host permits; ``stats()["priority"]`` says what."""
+        if most not in FAULT_THREAD_PRIORITIES:
+            raise ValueError(f"priority must be one of {sorted(FAULT_THREAD_PRIORITIES)}, got {most!r}")
+        getattr(lib, f"vmem_pc_{self._kind}_set_priority_limit")(self._h, int(most))
+
     def start(self) -> None:
         _check(getattr(lib, f"vmem_pc_{self._kind}_start")(self._h), f"starting the {self._what}")
 
@@ -1050,6 +1060,8 @@ PC_PRIO_NORMAL: int = int(lib.VMEM_PC_PRIO_NORMAL)
 PC_PRIO_NICE: int = int(lib.VMEM_PC_PRIO_NICE)
 PC_PRIO_SLICE: int = int(lib.VMEM_PC_PRIO_SLICE)
 PC_PRIO_FIFO: int = int(lib.VMEM_PC_PRIO_FIFO)
+#: SCHED_FIFO's priority of a fault thread that runs so.
+PC_RT_PRIORITY: int = int(lib.VMEM_PC_RT_PRIORITY)
 #: Pages of background push placed per piece at the post-copy destination.
 PUSH_PIECE_PAGES: int = int(lib.VMEM_PC_PIECE_PAGES)
 

@@ -101,6 +101,8 @@ int vmem_pc_boost_current(void);
 void vmem_pc_set_push_pieces(int64_t piece_pages, int yield, int64_t slow_us, int view_writes);
 void vmem_pc_dest_set_view_writes(vmem_pc_dest *h, int on);
 void vmem_pc_set_priority_limit(int most);
+void vmem_pc_dest_set_priority_limit(vmem_pc_dest *h, int most);
+void vmem_pc_src_set_priority_limit(vmem_pc_src *h, int most);
 void vmem_pc_set_slice_ns(int64_t ns);
 int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, const uint8_t *buf,
                          const int64_t *rows, const int64_t *pages, size_t n, uint64_t *digests,
@@ -330,16 +332,22 @@ static int vmem_pc_short_slice(void)
     return got.sched_policy == SCHED_OTHER && got.sched_runtime == (uint64_t)vmem_pc_slice_ns;
 }
 
-static int vmem_pc_boost_self(void)
+/* The calling thread asks for the most of VMEM_PC_PRIO_* up to `most` the host permits.
+   Returns what it got. */
+static int vmem_pc_boost_upto(int most)
 {
     struct sched_param sp = { .sched_priority = VMEM_PC_RT_PRIORITY };
-    if (vmem_pc_priority_limit >= VMEM_PC_PRIO_FIFO && pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0)
+    if (most >= VMEM_PC_PRIO_FIFO && pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0)
         return VMEM_PC_PRIO_FIFO;
-    if (vmem_pc_priority_limit >= VMEM_PC_PRIO_NICE &&
+    if (most >= VMEM_PC_PRIO_NICE &&
         setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), VMEM_PC_NICE) == 0)
-        return vmem_pc_priority_limit >= VMEM_PC_PRIO_SLICE && vmem_pc_short_slice() ? VMEM_PC_PRIO_SLICE
-                                                                                   : VMEM_PC_PRIO_NICE;
+        return most >= VMEM_PC_PRIO_SLICE && vmem_pc_short_slice() ? VMEM_PC_PRIO_SLICE : VMEM_PC_PRIO_NICE;
     return VMEM_PC_PRIO_NORMAL;
+}
+
+static int vmem_pc_boost_self(void)
+{
+    return vmem_pc_boost_upto(vmem_pc_priority_limit);
 }
 
 /* The calling thread asks for what a fault thread asks for (a benchmark's floor measured
@@ -392,6 +400,7 @@ struct vmem_worker {
     pthread_t thr;
     int running;
     int64_t *priority;                             /* VMEM_PC_PRIO_* the thread got (under *mu) */
+    int priority_limit;                            /* the most it asks for (set before start) */
     int wake[2];
     int nfds;
     struct pollfd fds[VMEM_WORKER_MAX_FDS + 1];   /* the watched fds, then the wake pipe */
@@ -407,6 +416,7 @@ static int vmem_worker_init(struct vmem_worker *w, void *owner, pthread_mutex_t 
 {
     w->running = 0;
     w->priority = priority;
+    w->priority_limit = vmem_pc_priority_limit;   /* the process default; a migration may ask for more */
     w->nfds = 0;
     w->owner = owner;
     w->mu = mu;
@@ -434,7 +444,7 @@ static void *vmem_worker_main(void *arg)
     struct vmem_worker *w = arg;
     /* a name in ps, top, perf and sched traces (the fault path's latency is traced by thread) */
     pthread_setname_np(pthread_self(), "vmem-pc-fault");
-    int prio = vmem_pc_boost_self();
+    int prio = vmem_pc_boost_upto(w->priority_limit);
     pthread_mutex_lock(w->mu);
     *w->priority = prio;
     pthread_mutex_unlock(w->mu);
@@ -459,6 +469,14 @@ static void *vmem_worker_main(void *arg)
         }
     }
     return NULL;
+}
+
+/* The most the worker's thread asks for (VMEM_PC_PRIO_*), instead of the process default;
+   before vmem_worker_start (a running thread has chosen already). */
+static void vmem_worker_set_priority_limit(struct vmem_worker *w, int most)
+{
+    if (!w->running)
+        w->priority_limit = most;
 }
 
 static int vmem_worker_start(struct vmem_worker *w)
@@ -1042,6 +1060,13 @@ static int vmem_pc_handle_urgent(void *owner)
     return 0;
 }
 
+/* The fault thread asks for at most `most` (VMEM_PC_PRIO_*) instead of the process default
+   (vmem_pc_set_priority_limit): one migration's choice (--fault-sched).  Before start. */
+static void vmem_pc_dest_set_priority_limit(vmem_pc_dest *h, int most)
+{
+    vmem_worker_set_priority_limit(&h->w, most);
+}
+
 static void vmem_pc_dest_free(vmem_pc_dest *h)
 {
     if (!h)
@@ -1137,6 +1162,12 @@ static int vmem_pc_src_answer(vmem_pc_src *h)
         pthread_mutex_unlock(&h->mu);
     } while (vmem_link_pending(&h->link));
     return 0;
+}
+
+/* As vmem_pc_dest_set_priority_limit, for the source's fault thread. */
+static void vmem_pc_src_set_priority_limit(vmem_pc_src *h, int most)
+{
+    vmem_worker_set_priority_limit(&h->w, most);
 }
 
 static void vmem_pc_src_free(vmem_pc_src *h)

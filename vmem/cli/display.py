@@ -195,6 +195,10 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
                                f"{pc.get('complete_s') or 0:.3f} s ({pc.get('fault_path', '?')} fault path)")
         t.add_row("  demand faults", f"{pc.get('faults', 0):,} (latency p50 {_r(lat.get('p50'))} us, p99 {_r(lat.get('p99'))} us, "
                                      f"max {_r(lat.get('max'))} us); {pc.get('local_faults', 0):,} resolved locally")
+        src_prio = (pc.get("source") or {}).get("fault_thread_priority")
+        if pc.get("fault_thread_priority") or src_prio:
+            t.add_row("  fault threads", f"destination {pc.get('fault_thread_priority') or '-'}, source {src_prio or '-'} "
+                                         f"(--fault-sched {pc.get('fault_sched', 'default')})")
         if pc.get("blocktime_ms") is not None:
             t.add_row("  blocktime (guest blocked on faults)", f"{pc['blocktime_ms']:,.3f} ms")
         first = pc.get("first_step")

@@ -41,7 +41,7 @@ from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, zero_page_digest
 from vmem.migration.postcopy.destination import PostcopyDestination, postcopy_unavailable_reason
 from vmem.migration.state import DESTINATION_TRANSITIONS, DestinationState, StateCell
-from vmem.migration.postcopy import drop_links
+from vmem.migration.postcopy import FAULT_SCHEDS, drop_links, fault_sched_refusal
 from vmem.format.postcopy import decode_pfn_list
 from vmem.procstats import PeakSampler, process_age_s, process_figures
 from vmem.ram import format_bytes, mem_available_bytes, preallocate
@@ -94,6 +94,7 @@ class DestinationMigration:
         self._npages = 0
         self._postcopy_recovery = False
         self._fault_log = False  # send the post-copy fault log (the source records a page map)
+        self._fault_sched = "default"  # how the post-copy fault thread is scheduled (--fault-sched)
         self._recovery_wait_s = POSTCOPY_RECONNECT_WAIT_S
         self._context: bytes | None = None  # the guest context (EMULATOR_CONTEXT or TRANSITION)
         self._t_transition_read_ns = 0  # when TRANSITION was read (timings_ms.pause_to_transition_read)
@@ -266,7 +267,8 @@ class DestinationMigration:
         reason = postcopy_unavailable_reason(self.guest)
         if reason is None:
             try:
-                pc = PostcopyDestination(self.guest, self.digests, self.received, self._send_control)
+                pc = PostcopyDestination(self.guest, self.digests, self.received, self._send_control,
+                                         fault_sched=self._fault_sched)
                 pc.arm()
                 self.postcopy = pc
             except (VmemError, OSError) as err:
@@ -432,6 +434,13 @@ class DestinationMigration:
             raise StreamError(f"preamble lacks a valid guest description: {err}") from err
         if page_size != PAGE_SIZE:
             raise MigrationError("setup", f"page size {page_size} is not supported (only {PAGE_SIZE})")
+        fault_sched = config.get("fault_sched", "default")
+        if fault_sched not in FAULT_SCHEDS:
+            raise StreamError(f"preamble's fault_sched {fault_sched!r} is not one of {', '.join(FAULT_SCHEDS)}")
+        refusal = fault_sched_refusal(fault_sched, "destination")
+        if refusal is not None:  # before anything is built here
+            raise MigrationError("setup", f"--fault-sched {fault_sched}: {refusal}")
+        self._fault_sched = fault_sched
         try:
             factory = incoming_factory(backend)
         except KeyError:
@@ -467,7 +476,7 @@ class DestinationMigration:
         self._placer = _Placer(self.guest.ram, self.digests, self.received,
                                on_caught_up=self._send_placed if config.get("placed_acks") else None)
         ready = {"guest_pid": self.guest.pid, "placed_acks": bool(config.get("placed_acks")),
-                 "prealloc": prealloc_s is not None, "prepare_pause": True}
+                 "prealloc": prealloc_s is not None, "prepare_pause": True, "fault_sched": fault_sched}
         if config.get("postcopy"):
             ready.update(self._arm_postcopy())
         # Where the handshake's time went here (the source adds them to timings_ms).

@@ -53,6 +53,13 @@ def add_migration_arguments(parser) -> None:
     m.add_argument("--postcopy-recovery", action="store_true",
                    help="if the link breaks after the switch, both sides keep their state and the migration is resumed "
                         "over a new connection (automatically on one host; vmem migrate --resume NAME with agents)")
+    m.add_argument("--fault-sched", choices=["default", "fifo"], default="default",
+                   help="how both hosts schedule the post-copy fault threads (like libvirt's vcpusched): default, "
+                        "nice -15 with a 0.1 ms slice (the lowest median fault round trip; a woken fault thread may "
+                        "still wait a few ms behind the push's threads now and then); fifo, SCHED_FIFO 10 (no such "
+                        "waits; a reschedule IPI on most wake-ups raises the median). Each host must permit it (root "
+                        "or RLIMIT_RTPRIO), or the migration is refused before it starts; needs post-copy "
+                        "(docs/postcopy.md)")
     m.add_argument("--prealloc", action="store_true",
                    help="the destination allocates the guest's whole RAM before the first page arrives, like QEMU's "
                         "-mem-prealloc: setup takes longer (~0.3 s per GiB on this kind of VM, while the guest still "
@@ -141,7 +148,8 @@ def options_from_args(args):
                             postcopy_recovery=bool(getattr(args, "postcopy_recovery", False)),
                             prealloc=bool(getattr(args, "prealloc", False)),
                             prepare_pause=not getattr(args, "no_prepare_pause", False),
-                            collect_stop=bool(getattr(args, "collect_stop", False)))
+                            collect_stop=bool(getattr(args, "collect_stop", False)),
+                            fault_sched=getattr(args, "fault_sched", "default") or "default")
 
 
 def add_policy_arguments(p) -> None:

@@ -38,6 +38,9 @@ can show the digests catch it.  They are not user options: no flag or report key
 * :data:`PREALLOC_ERRNO_ENV` -- read by the destination process: an errno (e.g. 28,
   ENOSPC) that ``--prealloc``'s allocation fails with instead of allocating (the
   destination's refusal, tests/test_prealloc.py).
+* :data:`FIFO_REFUSED_ENV` -- ``source`` or ``destination``: that side answers
+  ``--fault-sched fifo`` as a host that does not permit SCHED_FIFO would (the refusal's
+  test, tests/test_postcopy.py; as root every host here permits it).
 * :data:`NARROW_MAX_RUNS_ENV` -- read by the destination process: an integer >= 0 that
   replaces ``vmem.migration.postcopy.destination.NARROW_MAX_RUNS`` (0: the switch never
   narrows the registration, every page stays trapped as before issue 18's change; the A/B
@@ -57,7 +60,7 @@ from vmem.format.wire import MAX_PAGES_PER_RECORD
 __all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "PLACE_DELAY_ENV", "place_delay_from_env",
            "STOP_COPY_DELAY_ENV", "stop_copy_delay", "PREEMPT_ENV", "preempt_from_env", "apply_preempt",
            "StalePages", "stale_pages", "NARROW_MAX_RUNS_ENV", "narrow_max_runs_from_env",
-           "PREALLOC_ERRNO_ENV", "prealloc_failure_from_env"]
+           "PREALLOC_ERRNO_ENV", "prealloc_failure_from_env", "FIFO_REFUSED_ENV", "fifo_refused"]
 
 #: ``KIND:PAGE``: the destination process mishandles PAGE as KIND when placing it (test-only).
 PLACEMENT_FAULT_ENV = "VMEM_TEST_PLACEMENT_FAULT"
@@ -140,6 +143,22 @@ def prealloc_failure_from_env(environ=None) -> OSError | None:
     if not value.isdigit() or int(value) == 0:
         raise ValueError(f"{PREALLOC_ERRNO_ENV}={value!r}: expected an errno > 0")
     return OSError(int(value), os.strerror(int(value)))
+
+
+#: A side that refuses SCHED_FIFO fault threads as if the host did not permit them (test-only).
+FIFO_REFUSED_ENV = "VMEM_TEST_FIFO_REFUSED"
+
+
+def fifo_refused(side: str, environ=None) -> bool:
+    """Whether :data:`FIFO_REFUSED_ENV` makes ``side`` ("source" or "destination") refuse.
+
+    Raises:
+        ValueError: set to anything but a side's name (a test's mistake: fail loudly).
+    """
+    value = (os.environ if environ is None else environ).get(FIFO_REFUSED_ENV, "")
+    if value not in ("", "source", "destination"):
+        raise ValueError(f"{FIFO_REFUSED_ENV}={value!r}: expected source or destination")
+    return value == side
 
 
 #: The post-copy switch's narrowing limit replaced (test and benchmark only; see the module doc).

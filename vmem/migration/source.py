@@ -117,6 +117,10 @@ class MigrationOptions:
             IPI to a CPU it runs on (:mod:`vmem.tracking.stopped`); the rounds' statistics
             say how long it stood still (``guest_stopped_ms``).  uffd-wp only: the mprotect
             and KVM trackers collect inside the guest.
+        fault_sched: how both hosts schedule the post-copy fault threads
+            (:data:`vmem.migration.postcopy.FAULT_SCHEDS`): "default" (nice -15 with a short
+            slice where permitted) or "fifo" (SCHED_FIFO; each host must permit it, or the
+            migration is refused before any page moves).  Needs post-copy.
     """
 
     tracker: str = "auto"
@@ -133,6 +137,7 @@ class MigrationOptions:
     prealloc: bool = False
     prepare_pause: bool = True
     collect_stop: bool = False
+    fault_sched: str = "default"
     extra_config: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -141,6 +146,14 @@ class MigrationOptions:
         if self.collect_stop and self.tracker not in ("auto", "uffd-wp"):
             raise ConfigError("--collect-stop", f"needs the uffd-wp tracker, not {self.tracker}: that one collects "
                                                 "inside the guest, which a stopped guest cannot do")
+        from vmem.migration.postcopy import FAULT_SCHEDS
+
+        if self.fault_sched not in FAULT_SCHEDS:
+            raise ConfigError("--fault-sched", f"must be one of {', '.join(FAULT_SCHEDS)}, not {self.fault_sched!r}")
+        if self.fault_sched != "default" and self.postcopy == "off":
+            raise ConfigError("--fault-sched", f"{self.fault_sched} schedules the post-copy fault threads, and this "
+                                               "migration has no post-copy (add --postcopy, --postcopy-after-precopy "
+                                               "or --allow-postcopy, or drop --fault-sched)")
 
 
 class _Progress:
@@ -466,7 +479,12 @@ class SourceMigration:
         r = self.report
         g = self.guest
         # 1. Preamble / handshake.
+        from vmem.migration.postcopy import fault_sched_refusal
+
         self._phase("setup", "waiting for the destination")
+        refusal = fault_sched_refusal(self.opt.fault_sched, "source")
+        if refusal is not None:  # before the destination builds anything
+            raise MigrationError("setup", f"--fault-sched {self.opt.fault_sched}: {refusal}")
         config = {
             "guest": g.spec.to_json(),
             "backend": getattr(g, "backend_name", "process"),
@@ -480,6 +498,7 @@ class SourceMigration:
             "placed_acks": True,  # PLACED records: see _drain
             "prealloc": self.opt.prealloc,
             "pagemap": self.pagemap is not None,  # the destination sends its fault log back
+            "fault_sched": self.opt.fault_sched,
         } | self.opt.extra_config
         t_preamble = time.monotonic()
         self.ch.send(control.encode_preamble(config))
@@ -496,6 +515,10 @@ class SourceMigration:
         r.guest["destination_pid"] = ready.get("guest_pid")
         self._placed_acks = bool(ready.get("placed_acks"))  # the destination sends PLACED
         self._dest_prepares = bool(ready.get("prepare_pause"))  # it answers PREPARE_PAUSE
+        if ready.get("fault_sched", "default") != self.opt.fault_sched:
+            raise MigrationError("setup", f"the destination does not schedule its fault threads as --fault-sched "
+                                          f"{self.opt.fault_sched} asks (a vmem that does not know it?); update it, "
+                                          "or migrate without --fault-sched")
         if self.opt.prealloc and not ready.get("prealloc"):
             raise MigrationError("setup", "the destination did not preallocate the guest's RAM (a vmem that does not "
                                           "know --prealloc?); update it, or migrate without --prealloc")
@@ -747,7 +770,8 @@ class SourceMigration:
         the destination's faults from TRANSITION on; the run's cleanup stops it."""
         from vmem.migration.postcopy.source import PostcopySource
 
-        pc = PostcopySource(served, self._writer, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch)
+        pc = PostcopySource(served, self._writer, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch,
+                            fault_sched=self.opt.fault_sched)
         pc.recorder = self.pagemap
         self._pc = pc
         pc.start()
@@ -829,6 +853,7 @@ class SourceMigration:
             "push_s": round(push_s, 6),
             "push_rate_Bps": round(pc.bytes_pushed / push_s, 1) if push_s > 0 else None,
             "source": pc.stats(),
+            "fault_sched": self.opt.fault_sched,
             "guest_rate": {"unit": "workload steps/s", "before": before, "during": during, "after": None},
             "recoveries": self._recoveries,
         }
@@ -877,7 +902,7 @@ class SourceMigration:
             from vmem.migration.postcopy.source import PostcopySource
 
             pc = PostcopySource(g.ram.pages, self._writer, self._ctl_reader, self._send_lock,
-                                self.urgent, self.progress, self.ch)
+                                self.urgent, self.progress, self.ch, fault_sched=self.opt.fault_sched)
             self._pc = pc
             pc.start()
             self._set_state(SourceState.POSTCOPY_RECOVER, SourceState.POSTCOPY_ACTIVE)

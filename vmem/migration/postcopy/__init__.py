@@ -11,7 +11,50 @@ See docs/postcopy.md for the protocol and the failure semantics.
 """
 from vmem.format.postcopy import MAX_PFNS_PER_RECORD, decode_pfn_list, encode_pfn_list
 
-__all__ = ["MAX_PFNS_PER_RECORD", "encode_pfn_list", "decode_pfn_list", "drop_links", "native_link"]
+__all__ = ["MAX_PFNS_PER_RECORD", "encode_pfn_list", "decode_pfn_list", "drop_links", "native_link",
+           "FAULT_SCHEDS", "fault_sched_limit", "fault_sched_refusal"]
+
+#: How the post-copy fault threads are scheduled (``--fault-sched``), on both hosts:
+#: ``default`` -- nice -15 with a 0.1 ms EEVDF slice where the host permits them: the lowest
+#: median fault round trip, but a woken fault thread may be passed over for a few ms while
+#: the push's threads run (docs/postcopy.md); ``fifo`` -- SCHED_FIFO: never passed over by
+#: them, at the cost of a reschedule IPI on most wake-ups (a higher median).
+FAULT_SCHEDS = ("default", "fifo")
+
+
+def fault_sched_limit(sched: str) -> int | None:
+    """The ``vmem._native.PC_PRIO_*`` a fault thread asks for under ``sched``, or None for
+    the process default."""
+    from vmem import _native as nat
+
+    return nat.PC_PRIO_FIFO if sched == "fifo" else None
+
+
+def fault_sched_refusal(sched: str, side: str) -> str | None:
+    """Why this host (``side``: "source" or "destination", for the message) cannot schedule
+    its fault threads as ``sched`` asks, or None if it can -- asked of a thread started for
+    the purpose, before any page moves, so that a migration asked to run them as SCHED_FIFO
+    never runs with less."""
+    if sched not in FAULT_SCHEDS:
+        return f"unknown fault-thread scheduling {sched!r} (expected one of {', '.join(FAULT_SCHEDS)})"
+    if sched != "fifo":
+        return None
+    from vmem import _native as nat
+    from vmem.migration import inject
+
+    try:
+        got, what = nat.fault_thread_priority(nat.PC_PRIO_FIFO)
+    except OSError as err:
+        return f"the {side} could not start a thread to try SCHED_FIFO ({err})"
+    if inject.fifo_refused(side):
+        why = f"refused on purpose: {inject.FIFO_REFUSED_ENV}"
+    elif got != nat.PC_PRIO_FIFO:
+        why = f"a thread there got {what}"
+    else:
+        return None
+    return (f"the {side} host does not permit SCHED_FIFO for the post-copy fault threads ({why}; it needs "
+            f"CAP_SYS_NICE or an RLIMIT_RTPRIO of at least {nat.PC_RT_PRIORITY}): run vmem there as root or raise "
+            "that limit (ulimit -r), or migrate without --fault-sched fifo")
 
 
 def native_link(channel) -> tuple[int, dict | None]:

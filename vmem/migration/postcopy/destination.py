@@ -83,14 +83,19 @@ class PostcopyDestination:
         received: bool per page, True for pages written into the RAM file (pre-copy placer
             fills it before the switch); pages never received are zero pages.
         send_control: thread-safe ``send_control(ctype, raw=bytes)`` on the back channel.
+        fault_sched: how the native fault thread is scheduled (``--fault-sched``).
 
     Guarantees: after :meth:`wait_complete` returns True every page is PRESENT, in the RAM
     file, mapped or mappable, and its digest recorded; :meth:`finish` leaves the guest's RAM
     registered for WP only (no fault can block it any more).
     """
 
-    def __init__(self, guest, digests: np.ndarray | None, received: np.ndarray, send_control):
+    def __init__(self, guest, digests: np.ndarray | None, received: np.ndarray, send_control,
+                 fault_sched: str = "default"):
         self.guest = guest
+        #: how the native fault thread is scheduled (vmem.migration.postcopy.FAULT_SCHEDS;
+        #: the caller checked this host permits it)
+        self.fault_sched = fault_sched
         self.npages = guest.npages
         self.uffd = guest.uffd()
         self.base = guest.ram_base
@@ -220,7 +225,7 @@ class PostcopyDestination:
             # the answers (vmem._native.PostcopyFaultEngine); Python keeps the push.
             # The fault log: one (latency ns, page, fault monotonic ns) row per waited-on fault.
             self._latency_ns = np.zeros((min(self.npages, 1 << 20), 3), dtype=np.int64)
-            from vmem.migration.postcopy import native_link
+            from vmem.migration.postcopy import fault_sched_limit, native_link
 
             fd, mac = native_link(urgent_channel)
             self.engine = nat.PostcopyFaultEngine(
@@ -228,6 +233,9 @@ class PostcopyDestination:
                 self.requested.view(np.uint8), self.received.view(np.uint8), self.fault_t0_ns, self.digests,
                 self._latency_ns, self.missing, view=self.view,
                 view_writable=not getattr(self.guest.ram, "readonly", True))
+            limit = fault_sched_limit(self.fault_sched)
+            if limit is not None:
+                self.engine.set_priority_limit(limit)
             self.engine.set_mac(mac)  # a keyed link: the C thread checks and tags every frame
             self.engine.start()
             return

@@ -95,11 +95,14 @@ class PostcopySource:
         progress: the migration's progress sink (``sent``).
         channel: the main channel (its back direction is read here when there is an urgent
             channel).
+        fault_sched: how the native fault thread is scheduled
+            (:data:`vmem.migration.postcopy.FAULT_SCHEDS`; the caller checked the host permits it).
     """
 
     def __init__(self, ram: np.ndarray, writer, ctl_reader, send_lock: threading.Lock,
-                 urgent=None, progress=None, channel=None):
+                 urgent=None, progress=None, channel=None, fault_sched: str = "default"):
         self.ram = ram
+        self.fault_sched = fault_sched
         #: the pages to push (sorted unique int64), given to :meth:`push`; the fault server
         #: may start before it is known (the destination may fault at once)
         self.pending = np.empty(0, dtype=np.int64)
@@ -154,13 +157,16 @@ class PostcopySource:
             from vmem import _native as nat
 
             from vmem.migration import inject
-            from vmem.migration.postcopy import native_link
+            from vmem.migration.postcopy import fault_sched_limit, native_link
 
             preempt = inject.apply_preempt()  # test/benchmark-only settings
             self.give_way = preempt.get("give_way", True)
             fd, mac = native_link(self.urgent)
             self.batch_pages = preempt.get("batch", push_batch_pages(fd))
             self._engine = nat.PostcopyFaultServer(fd, self.ram, self.sent.view(np.uint8), self._cursor_shared)
+            limit = fault_sched_limit(self.fault_sched)
+            if limit is not None:
+                self._engine.set_priority_limit(limit)
             self._engine.set_mac(mac)  # a keyed link: the C thread checks and tags every frame
             self._engine.start()
             return
