@@ -267,7 +267,7 @@ def postcopy_faults(pair: Pair, hosts: NetnsHosts, args, runs: int) -> dict:
     out = []
     try:
         for _ in range(runs):
-            r = pp.run(postcopy=True, observe=0.3)
+            r = pp.run(postcopy=True, observe=0.3, fault_sched=getattr(args, "fault_sched", "default"))
             lat = r["fault_latency_us"] or {}
             out.append({"faults": r["faults"], "p50_us": lat.get("p50"), "p99_us": lat.get("p99"),
                         "max_us": lat.get("max"), "blackout_ms": r["blackout_ms"], "downtime_ms": r["downtime_ms"]})
@@ -286,7 +286,7 @@ def postcopy_faults(pair: Pair, hosts: NetnsHosts, args, runs: int) -> dict:
         return statistics.median(xs) if xs else None
 
     summary = {"runs": out, "p50_us": med("p50_us"), "p99_us": med("p99_us"), "faults": med("faults")}
-    print(f"post-copy ({pair.security}), {args.postcopy_rate} pages/s, median of {runs}: fault round trip "
+    print(f"post-copy ({pair.security}, --fault-sched {getattr(args, 'fault_sched', 'default')}), {args.postcopy_rate} pages/s, median of {runs}: fault round trip "
           f"p50 {summary['p50_us']} us, p99 {summary['p99_us']} us ({summary['faults']} faults)")
     return summary
 
@@ -477,6 +477,9 @@ def main() -> int:
     p.add_argument("--postcopy-runs", type=int, default=3,
                    help="pure post-copy migrations per pair for the fault round trip (default 3; 0 skips them)")
     p.add_argument("--postcopy-rate", type=int, default=5000, help="pages/s the post-copy guest writes (default 5000)")
+    p.add_argument("--fault-sched", choices=["default", "fifo"], default="default",
+                   help="the post-copy runs' --fault-sched (default: vmem's default; fifo: SCHED_FIFO fault threads, "
+                        "whose trade -- a lower p99, a higher p50 -- docs/postcopy.md describes)")
     p.add_argument("--floor-samples", type=int, default=2500,
                    help="plain page round trips per floor measurement (default 2500; see --floor-runs)")
     p.add_argument("--floor-runs", type=int, default=5,
