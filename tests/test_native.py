@@ -965,6 +965,44 @@ def test_fault_server_answers_faults_and_reports_named_stats():
         theirs.close()
 
 
+def test_fault_server_takes_records_that_arrive_together_or_a_byte_at_a_time():
+    """The fault thread reads whatever has arrived and hands records out from there (one
+    read() per record that arrives whole): two FAULT records in one send are both answered --
+    the second has no poll wake-up of its own, it was read with the first -- and a record
+    sent a byte at a time is answered once it is whole, with the right pages."""
+    npages = 64
+    ram = np.random.default_rng(4).integers(0, 256, (npages, PAGE), dtype=np.uint8)
+    sent = np.zeros(npages, dtype=np.uint8)
+    cursor = np.zeros(3, dtype=np.int64)
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10.0)  # an answer that never comes fails the test instead of hanging it
+    server = nat.PostcopyFaultServer(theirs.fileno(), ram, sent, cursor)
+
+    def answer(want):
+        head = np.frombuffer(_recv_exact(ours, 16 + 8 * len(want)), dtype="<u8")
+        assert head[1] == len(want) and head[2:].tolist() == want
+        pages = np.frombuffer(_recv_exact(ours, len(want) * PAGE), dtype=np.uint8).reshape(-1, PAGE)
+        assert np.array_equal(pages, ram[want])
+
+    try:
+        server.start()
+        ours.sendall(_urgent_fault([1]) + _urgent_fault([2, 5]))
+        answer([1])
+        answer([2, 5])
+        record = _urgent_fault([7])
+        for i in range(len(record)):
+            ours.sendall(record[i:i + 1])
+            time.sleep(0.001)
+        answer([7])
+        assert _wait_stats(server, "fault_records", 3)["error"] == 0
+        assert np.flatnonzero(sent).tolist() == [1, 2, 5, 7]
+    finally:
+        server.stop()
+        server.close()
+        ours.close()
+        theirs.close()
+
+
 def _skip_without_custom_slices() -> None:
     """Skip unless this process may raise a thread to nice -15 and the kernel has custom EEVDF
     slices and shows them (/proc/<pid>/sched)."""
