@@ -93,16 +93,26 @@ static int vmem_pwrite_all(int fd, const uint8_t *src, size_t left, off_t off)
 }
 
 /* read exactly len bytes (blocking fd): EINTR retried.  0, -EPIPE at EOF, or -errno. */
+/* One read() of at most len bytes (blocking fd), EINTR retried: the bytes read, 0 at EOF,
+   or -errno. */
+static ssize_t vmem_read_some(int fd, void *buf, size_t len)
+{
+    for (;;) {
+        ssize_t r = read(fd, buf, len);
+        if (r >= 0)
+            return r;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
 static int vmem_read_full(int fd, void *buf, size_t len)
 {
     uint8_t *p = buf;
     while (len > 0) {
-        ssize_t r = read(fd, p, len);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
+        ssize_t r = vmem_read_some(fd, p, len);
+        if (r < 0)
+            return (int)r;
         if (r == 0)
             return -EPIPE;   /* EOF */
         p += r;

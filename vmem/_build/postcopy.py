@@ -607,12 +607,9 @@ static int vmem_link_recv(struct vmem_link *l, void *dst, size_t n)
             return vmem_read_full(l->fd, out, n);
         if (!l->raw && !(l->raw = malloc(VMEM_LINK_RAW_BYTES)))
             return -ENOMEM;
-        ssize_t r = read(l->fd, l->raw, VMEM_LINK_RAW_BYTES);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
+        ssize_t r = vmem_read_some(l->fd, l->raw, VMEM_LINK_RAW_BYTES);
+        if (r < 0)
+            return (int)r;
         if (r == 0)
             return -EPIPE;
         l->raw_pos = 0;
