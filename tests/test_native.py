@@ -1215,6 +1215,60 @@ def _wait_stats(thread, key, want, timeout_s=10.0):
     return thread.stats()
 
 
+def test_fault_engine_refuses_a_tampered_answer_on_a_keyed_link():
+    """The destination's C fault thread on a keyed link (MacChannel's framing, taken over
+    with native_handoff): an answer the source's MacChannel framed is placed; an answer
+    whose tag is wrong -- a man in the middle changing a page -- stops the thread with
+    EBADMSG before anything of it is placed: the page stays MISSING and the RAM file keeps
+    what it had."""
+    from transport import channel_pair
+    from transport.secure import MacChannel
+    from vmem.format import wire
+    from vmem.migration.postcopy import native_link
+
+    npages = 16
+    fd = nat.memfd_create(f"vmem-test-tamper-{os.getpid()}")
+    a, b = channel_pair()
+    session = bytes(range(40, 72))
+    dest, src = MacChannel(a, session, "client"), MacChannel(b, session, "server")
+
+    def answer(pfn: int, page: np.ndarray) -> bytes:
+        head = np.array([int(wire.PostcopyRecordType.PAGE_DATA) | ((8 + 8 + PAGE) << 32), 1, pfn], dtype="<u8")
+        return head.tobytes() + page.tobytes()
+
+    try:
+        os.ftruncate(fd, npages * PAGE)
+        state = np.zeros(npages, np.uint8)  # MISSING
+        dest.send(b"attach")
+        assert src.recv_exact(6) == b"attach"
+        link_fd, mac = native_link(dest)
+        engine = nat.PostcopyFaultEngine(-1, link_fd, fd, 0, npages, state, np.zeros(npages, np.uint8),
+                                         np.zeros(npages, np.uint8), np.zeros(npages, np.int64), None,
+                                         np.zeros((16, 3), np.int64), npages)
+        try:
+            engine.set_mac(mac)
+            engine.start()
+            good = np.full(PAGE, 0xA5, np.uint8)
+            src.send(answer(3, good))
+            deadline = time.monotonic() + 10
+            while state[3] != nat.PC_PRESENT and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert state[3] == nat.PC_PRESENT
+            assert os.pread(fd, PAGE, 3 * PAGE) == good.tobytes()
+            forged = answer(5, np.full(PAGE, 0x5A, np.uint8))
+            b.send(len(forged).to_bytes(4, "little") + forged + bytes(16))  # right shape, wrong tag
+            assert _wait_stats(engine, "error", errno.EBADMSG)["error"] == errno.EBADMSG
+            assert state[5] == nat.PC_MISSING
+            assert os.pread(fd, PAGE, 5 * PAGE) == bytes(PAGE)
+        finally:
+            engine.stop()
+            engine.close()
+    finally:
+        os.close(fd)
+        dest.close()
+        src.close()
+
+
 def test_fault_server_speaks_the_mac_framing_of_a_keyed_link():
     """On a keyed link the C fault server takes over transport.secure.MacChannel's framing
     (keys and frame numbers from native_handoff, after Python frames went both ways): a
