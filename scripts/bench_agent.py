@@ -74,6 +74,7 @@ from vmem import provenance  # noqa: E402
 from vmem.agent.client import AgentClient  # noqa: E402
 from vmem.bench.goals import Goals  # noqa: E402
 from vmem.bench.prewarm import prewarm, prewarm_bytes_for  # noqa: E402
+from vmem.migration.postcopy import FAULT_SCHEDS  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
 
 START_TIMEOUT_S = 60.0
@@ -477,7 +478,7 @@ def main() -> int:
     p.add_argument("--postcopy-runs", type=int, default=3,
                    help="pure post-copy migrations per pair for the fault round trip (default 3; 0 skips them)")
     p.add_argument("--postcopy-rate", type=int, default=5000, help="pages/s the post-copy guest writes (default 5000)")
-    p.add_argument("--fault-sched", choices=["default", "fifo"], default="default",
+    p.add_argument("--fault-sched", choices=list(FAULT_SCHEDS), default="default",
                    help="the post-copy runs' --fault-sched (default: vmem's default; fifo: SCHED_FIFO fault threads, "
                         "whose trade -- a lower p99, a higher p50 -- docs/postcopy.md describes)")
     p.add_argument("--floor-samples", type=int, default=2500,

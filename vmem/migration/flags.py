@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from vmem.errors import ConfigError
 from vmem.units import bandwidth_from_arg
+from vmem.migration.postcopy import FAULT_SCHEDS
 
 __all__ = ["COMPRESS_NAMES", "add_migration_arguments", "add_policy_arguments", "link_options_from_args",
            "migration_argument_dests", "one_host_link_warnings", "options_from_args", "policy_from_args"]
@@ -53,7 +54,7 @@ def add_migration_arguments(parser) -> None:
     m.add_argument("--postcopy-recovery", action="store_true",
                    help="if the link breaks after the switch, both sides keep their state and the migration is resumed "
                         "over a new connection (automatically on one host; vmem migrate --resume NAME with agents)")
-    m.add_argument("--fault-sched", choices=["default", "fifo"], default="default",
+    m.add_argument("--fault-sched", choices=list(FAULT_SCHEDS), default="default",
                    help="how both hosts schedule the post-copy fault threads (like libvirt's vcpusched): default, "
                         "nice -15 with a 0.1 ms slice (the lowest median fault round trip; a woken fault thread may "
                         "still wait a few ms behind the push's threads now and then); fifo, SCHED_FIFO 10 (no such "
