@@ -710,3 +710,16 @@ def test_fault_sched_needs_postcopy_and_a_known_name():
     r = subprocess.run([sys.executable, "-m", "vmem", "migrate", "--fault-sched", "rr", "--postcopy"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--fault-sched" in r.stderr
+
+
+@pytest.mark.parametrize("value", ["both", "src", "1"])
+def test_the_fifo_refused_knob_refuses_anything_but_a_side(value):
+    """``VMEM_TEST_FIFO_REFUSED`` names the side that refuses (``source`` or ``destination``);
+    anything else is a test's mistake and fails loudly instead of refusing nothing."""
+    from vmem.migration import inject
+
+    assert inject.fifo_refused("source", {inject.FIFO_REFUSED_ENV: "source"})
+    assert not inject.fifo_refused("destination", {inject.FIFO_REFUSED_ENV: "source"})
+    assert not inject.fifo_refused("source", {})
+    with pytest.raises(ValueError, match="expected source or destination"):
+        inject.fifo_refused("source", {inject.FIFO_REFUSED_ENV: value})
