@@ -133,8 +133,10 @@ def migrate(src: dict, dst_addr: str, name: str, **options) -> dict:
         "round0_bytes": r0["bytes_sent"],
         "round0_s": r0["duration_s"],
         "round0_Bps": r0["bytes_sent"] / r0["duration_s"],
-        # --prealloc: the destination's allocation before READY, which round 0 no longer pays
-        "prealloc_s": (report["timings_ms"].get("setup_destination_prealloc") or 0) / 1e3 or None,
+        # --prealloc: the destination's allocation and mapping before READY, which round 0 no
+        # longer pays
+        "prealloc_s": sum(report["timings_ms"].get(k) or 0 for k in ("setup_destination_prealloc",
+                                                                     "setup_destination_map")) / 1e3 or None,
         "digests_mismatched": report["verification"]["digests"]["mismatched"],
         "guest_check_ok": (report["verification"].get("guest_check") or {}).get("ok"),
         "blackout_ms": report.get("blackout_ms"),

@@ -257,7 +257,8 @@ def one(mode: str, rate: int, size: int, workload: str = "hotcold", prealloc: bo
         r = run_local_migration(g, opts).to_dict()
     out = {"mode": mode, "workload": workload, "rate_pps": rate, "outcome": r["outcome"], "downtime_ms": r["downtime_ms"],
            "blackout_ms": r.get("blackout_ms"), "prealloc": prealloc, "prewarm_s": prewarm_s,
-           "prealloc_ms": r["timings_ms"].get("setup_destination_prealloc"), "setup_ms": r.get("setup_time_ms"),
+           "prealloc_ms": r["timings_ms"].get("setup_destination_prealloc"),
+           "prealloc_map_ms": r["timings_ms"].get("setup_destination_map"), "setup_ms": r.get("setup_time_ms"),
            "migration_time_s": r.get("migration_time_s"),
            "pause_to_running_ms": r["timings_ms"].get("pause_to_running"),
            "verified": r["verified"] and r["verification"]["digests"]["mismatched"] == 0}

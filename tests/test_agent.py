@@ -627,6 +627,7 @@ def test_prealloc_between_agents(agents, key):
     assert report["outcome"] == "completed", report["reason"]
     assert report["verification"]["digests"]["mismatched"] == 0 and report["verification"]["guest_check"]["ok"]
     assert report["timings_ms"]["setup_destination_prealloc"] > 0
+    assert report["timings_ms"]["setup_destination_map"] > 0  # and mapped it into its own page tables
     assert report["postcopy"]["pages_demanded"] > 0
     assert b.guests()["g1"]["state"] == "running" and "g1" not in a.guests()
 

@@ -100,6 +100,8 @@ def format_bytes(n: float) -> str:
 #: madvise(2) advice: fault a range into the caller's page tables, as reads would (Linux
 #: 5.14; older Python mmap modules do not name it)
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+#: ... as writes would: the pages mapped writable (Linux 5.14)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 class GuestRam:
@@ -174,6 +176,38 @@ class GuestRam:
             runs.append((start // PAGE_SIZE, min(-(-end // PAGE_SIZE), self.npages)))
             offset = end
         return np.array(runs, dtype=np.int64).reshape(-1, 2)
+
+    def map_for_writing(self) -> float | None:
+        """Map every page of RAM into *this* process's page tables, writable, now
+        (``madvise(MADV_POPULATE_WRITE)`` over the whole mapping); returns the seconds it took.
+
+        Why: the destination writes pages through this mapping (post-copy's demand answers
+        are copied into it) and digests every page through it, and the first touch of a page
+        here costs a page fault each time (~2 us per page on this VM, measured against 1 us
+        for the copy into a page already mapped) -- inside a demand fault's round trip.
+        ``--prealloc`` (QEMU's ``-mem-prealloc``, which also touches the memory through its
+        own mapping) does it ahead, before READY.
+
+        Guarantees: RAM contents do not change (a hole becomes an allocated zero page, as
+        :func:`preallocate` makes it); only this process's mapping gains page-table
+        entries, so a guest process registered with userfaultfd MINOR on its own mapping
+        still traps on every page.  A kernel without the advice (before Linux 5.14: EINVAL)
+        returns None and changes nothing: the writes then fault as before.
+
+        Raises:
+            OSError: the kernel refused otherwise (ENOMEM: the memory or the page tables
+                are not there; EFAULT on a read-only mapping).
+        """
+        import time
+
+        t0 = time.monotonic()
+        try:
+            self._mmap.madvise(MADV_POPULATE_WRITE)
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                return None
+            raise
+        return time.monotonic() - t0
 
     def populate_mapping(self, runs: np.ndarray | None = None) -> int:
         """Map the pages of ``runs`` (default: :meth:`data_runs`) into *this* process's page

@@ -162,9 +162,13 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
     if report.zero_pages:
         t.add_row("zero pages (not sent as data)", f"{report.zero_pages:,}")
     if report.migration_time_s is not None:
-        prealloc_ms = (report.timings_ms or {}).get("setup_destination_prealloc")
+        timings = report.timings_ms or {}
+        prealloc_ms = timings.get("setup_destination_prealloc")
+        map_ms = timings.get("setup_destination_map")
+        prealloc = (f"of which the destination preallocating RAM {prealloc_ms:.1f} ms"
+                    + (f" and mapping it {map_ms:.1f} ms" if map_ms else "")) if prealloc_ms else ""
         parts = [f"setup {report.setup_time_ms:.1f} ms" if report.setup_time_ms is not None else "",
-                 f"of which the destination preallocating RAM {prealloc_ms:.1f} ms" if prealloc_ms else "",
+                 prealloc,
                  f"verify {report.verify_s:.3f} s" if report.verify_s is not None else ""]
         t.add_row("migration time", f"{report.migration_time_s:.3f} s (handshake -> source released; "
                                     f"{', '.join(p for p in parts if p)})")

@@ -62,9 +62,10 @@ def add_migration_arguments(parser) -> None:
                         "or RLIMIT_RTPRIO), or the migration is refused before it starts; needs post-copy "
                         "(docs/postcopy.md)")
     m.add_argument("--prealloc", action="store_true",
-                   help="the destination allocates the guest's whole RAM before the first page arrives, like QEMU's "
-                        "-mem-prealloc: setup takes longer (~0.3 s per GiB on this kind of VM, while the guest still "
-                        "runs here), round 0 and the post-copy push then write into memory that exists "
+                   help="the destination allocates the guest's whole RAM before the first page arrives and maps it "
+                        "into its own page tables, like QEMU's -mem-prealloc: setup takes longer (~0.5 s per GiB on "
+                        "this kind of VM, while the guest still runs here), round 0, the post-copy push and the "
+                        "demand answers then write into memory that exists without a page fault "
                         "(docs/performance.md); the guest's unused memory is allocated there too")
     m.add_argument("--no-prepare-pause", action="store_true",
                    help="pause without the rehearsal: by default, right before the stop-and-copy's pause, both guests "

@@ -36,8 +36,10 @@ can show the digests catch it.  They are not user options: no flag or report key
   scripts/bench_postcopy.py --ab measures in the same run; tests use ``slow_us`` to show what
   the statistics catch without the mechanism.
 * :data:`PREALLOC_ERRNO_ENV` -- read by the destination process: an errno (e.g. 28,
-  ENOSPC) that ``--prealloc``'s allocation fails with instead of allocating (the
-  destination's refusal, tests/test_prealloc.py).
+  ENOSPC) that ``--prealloc``'s allocation fails with instead of allocating, or
+  ``map:ERRNO`` for its second step, mapping the RAM into the destination's page tables
+  (``map:22``: a kernel without MADV_POPULATE_WRITE) (the destination's refusal and
+  fallback, tests/test_prealloc.py).
 * :data:`FIFO_REFUSED_ENV` -- ``source`` or ``destination``: that side answers
   ``--fault-sched fifo`` as a host that does not permit SCHED_FIFO would (the refusal's
   test, tests/test_postcopy.py; as root every host here permits it).
@@ -131,18 +133,24 @@ def place_delay_from_env(environ=None) -> float:
 PREALLOC_ERRNO_ENV = "VMEM_TEST_PREALLOC_ERRNO"
 
 
-def prealloc_failure_from_env(environ=None) -> OSError | None:
-    """The OSError :data:`PREALLOC_ERRNO_ENV` asks the allocation to fail with (None if unset).
+def prealloc_failure_from_env(environ=None, step: str = "allocate") -> OSError | None:
+    """The OSError :data:`PREALLOC_ERRNO_ENV` asks ``--prealloc``'s ``step`` to fail with:
+    ``allocate`` (the value is an errno) or ``map`` (the value is ``map:ERRNO``); None if
+    unset or meant for the other step.
 
     Raises:
-        ValueError: set but not a positive integer (a test's mistake: fail loudly).
+        ValueError: set but neither a positive integer nor ``map:`` one (a test's mistake:
+            fail loudly).
     """
     value = (os.environ if environ is None else environ).get(PREALLOC_ERRNO_ENV, "")
     if not value:
         return None
-    if not value.isdigit() or int(value) == 0:
-        raise ValueError(f"{PREALLOC_ERRNO_ENV}={value!r}: expected an errno > 0")
-    return OSError(int(value), os.strerror(int(value)))
+    wanted, _, number = value.rpartition(":")
+    if wanted not in ("", "map") or not number.isdigit() or int(number) == 0:
+        raise ValueError(f"{PREALLOC_ERRNO_ENV}={value!r}: expected an errno > 0, or map:ERRNO")
+    if (wanted or "allocate") != step:
+        return None
+    return OSError(int(number), os.strerror(int(number)))
 
 
 #: A side that refuses SCHED_FIFO fault threads as if the host did not permit them (test-only).

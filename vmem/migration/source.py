@@ -102,9 +102,11 @@ class MigrationOptions:
         postcopy_recovery_wait_s: how long the destination then waits for the source to
             come back before it declares the missing pages lost.
         prealloc: the destination allocates the guest's whole RAM before READY, as QEMU's
-            ``-mem-prealloc`` (:func:`vmem.ram.preallocate`): setup grows by that (~0.3 s per
-            GiB here, while this guest runs), round 0 and the post-copy push then write into
-            memory that exists.  The guest's holes become allocated zero pages there.
+            ``-mem-prealloc`` (:func:`vmem.ram.preallocate`), and maps it into its own page
+            tables (:meth:`vmem.ram.GuestRam.map_for_writing`): setup grows by that (~0.5 s
+            per GiB here, while this guest runs), round 0, the post-copy push and the demand
+            answers then write into memory that exists, through a mapping that takes no page
+            fault.  The guest's holes become allocated zero pages there.
         pagemap_path: record the page map (vmem.migration.pagemap: bitmaps per round, the
             push, the destination's fault log) and write it to this ``.npz`` at the end;
             None records nothing.
