@@ -15,7 +15,8 @@ from vmem.tracking import MprotectTracker, make_tracker
 def test_doctor_names_features_and_the_tracker_choice():
     out = subprocess.run([sys.executable, "-m", "vmem", "doctor"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for name in ("userfaultfd", "UFFD_FEATURE_WP_ASYNC", "PAGEMAP_SCAN", "mprotect_tracker", "vm.max_map_count"):
+    for name in ("userfaultfd", "UFFD_FEATURE_WP_ASYNC", "PAGEMAP_SCAN", "mprotect_tracker", "vm.max_map_count",
+                 "MADV_POPULATE_WRITE"):
         assert name in out.stdout
     expected = "mprotect" if uffd_wp_missing() else "uffd-wp"
     assert f"--tracker auto selects: {expected}" in out.stdout
@@ -23,6 +24,18 @@ def test_doctor_names_features_and_the_tracker_choice():
 
     assert f"post-copy fault threads: {nat.fault_thread_priority()[1]}" in out.stdout
     assert ("page digests: AVX-512" if nat.digest_impl() == "avx512" else "page digests: scalar") in out.stdout
+
+
+def test_the_populate_probe_says_when_the_kernel_does_not_know_the_advice(monkeypatch):
+    """This kernel knows MADV_POPULATE_WRITE; an advice it does not know (what a kernel before
+    5.14 answers for this one: EINVAL) makes the probe say --prealloc will not map ahead."""
+    from vmem import features, ram
+
+    ok, detail = features._probe_populate_write()
+    assert ok, detail
+    monkeypatch.setattr(ram, "MADV_POPULATE_WRITE", 12345)  # no such advice: EINVAL
+    ok, detail = features._probe_populate_write()
+    assert not ok and "not known to this kernel" in detail and "--prealloc" in detail, detail
 
 
 def test_doctor_says_when_the_fault_threads_cannot_be_raised():

@@ -154,6 +154,7 @@ def _probe_all() -> dict[str, Feature]:
 
     add("mprotect_tracker", *_probe_mprotect(nat))
     add("vm.max_map_count", True, _max_map_count_detail())
+    add("MADV_POPULATE_WRITE", *_probe_populate_write())
     return out
 
 
@@ -188,6 +189,30 @@ def _probe_memfd(nat) -> tuple[bool, str]:
         return True, "created and sized a memfd"
     except OSError as err:
         return False, f"ftruncate on a memfd: {err.strerror}"
+    finally:
+        os.close(fd)
+
+
+def _probe_populate_write() -> tuple[bool, str]:
+    """Whether ``madvise(MADV_POPULATE_WRITE)`` maps a shared memfd mapping ahead here: what
+    ``--prealloc`` does to the destination's RAM (vmem.ram.GuestRam.map_for_writing); without
+    it the RAM is allocated but each page still faults once there."""
+    from vmem import ram
+
+    fd = os.memfd_create("vmem-probe-populate", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, PAGE_SIZE)
+        m = mmap.mmap(fd, PAGE_SIZE, flags=mmap.MAP_SHARED)
+        try:
+            m.madvise(ram.MADV_POPULATE_WRITE)
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                return False, ("not known to this kernel (Linux >= 5.14): --prealloc allocates the destination's RAM "
+                               "without mapping it ahead")
+            return False, f"madvise on a memfd mapping: {err.strerror}"
+        finally:
+            m.close()
+        return True, "--prealloc maps the destination's RAM ahead with it"
     finally:
         os.close(fd)
 
