@@ -91,6 +91,20 @@ def test_map_for_writing_fills_this_process_page_tables_and_keeps_contents(mappe
         ram.close()
 
 
+def test_map_for_writing_on_a_kernel_without_the_advice_changes_nothing(monkeypatch):
+    """A kernel that does not know the advice answers EINVAL (before Linux 5.14; made to
+    happen with an advice number no kernel knows): None, and nothing mapped."""
+    from vmem import ram as ram_mod
+
+    monkeypatch.setattr(ram_mod, "MADV_POPULATE_WRITE", 12345)
+    ram = GuestRam.create(8 * PAGE_SIZE, name="vmem-test-map-einval")
+    try:
+        assert ram.map_for_writing() is None
+        assert _present_pages(ram.address, 8) == 0
+    finally:
+        ram.close()
+
+
 def test_the_prealloc_injection_names_its_step():
     """The test knob fails only the step it names, and refuses a value that names none."""
     assert prealloc_failure_from_env({}) is None

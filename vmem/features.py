@@ -195,26 +195,20 @@ def _probe_memfd(nat) -> tuple[bool, str]:
 
 def _probe_populate_write() -> tuple[bool, str]:
     """Whether ``madvise(MADV_POPULATE_WRITE)`` maps a shared memfd mapping ahead here: what
-    ``--prealloc`` does to the destination's RAM (vmem.ram.GuestRam.map_for_writing); without
-    it the RAM is allocated but each page still faults once there."""
-    from vmem import ram
+    ``--prealloc`` does to the destination's RAM (vmem.ram.GuestRam.map_for_writing, asked of
+    a one-page RAM); without it the RAM is allocated but each page still faults once there."""
+    from vmem.errors import VmemError
+    from vmem.ram import GuestRam
 
-    fd = os.memfd_create("vmem-probe-populate", os.MFD_CLOEXEC)
     try:
-        os.ftruncate(fd, PAGE_SIZE)
-        m = mmap.mmap(fd, PAGE_SIZE, flags=mmap.MAP_SHARED)
-        try:
-            m.madvise(ram.MADV_POPULATE_WRITE)
-        except OSError as err:
-            if err.errno == errno.EINVAL:
-                return False, ("not known to this kernel (Linux >= 5.14): --prealloc allocates the destination's RAM "
-                               "without mapping it ahead")
-            return False, f"madvise on a memfd mapping: {err.strerror}"
-        finally:
-            m.close()
-        return True, "--prealloc maps the destination's RAM ahead with it"
-    finally:
-        os.close(fd)
+        with GuestRam.create(PAGE_SIZE, name="vmem-probe-populate") as ram:
+            took_s = ram.map_for_writing()
+    except (OSError, VmemError) as err:
+        return False, f"mapping a memfd ahead: {err}"
+    if took_s is None:
+        return False, ("not known to this kernel (Linux >= 5.14): --prealloc allocates the destination's RAM "
+                       "without mapping it ahead")
+    return True, "--prealloc maps the destination's RAM ahead with it"
 
 
 def _probe_pagemap_scan(nat) -> tuple[bool, str]:
