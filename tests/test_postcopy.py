@@ -723,3 +723,49 @@ def test_the_fifo_refused_knob_refuses_anything_but_a_side(value):
     assert not inject.fifo_refused("source", {})
     with pytest.raises(ValueError, match="expected source or destination"):
         inject.fifo_refused("source", {inject.FIFO_REFUSED_ENV: value})
+
+
+class _FailedEngine:
+    """A PostcopyFaultServer stand-in whose thread stopped on a broken pipe."""
+
+    def stats(self):
+        import errno
+
+        return {"error": errno.EPIPE, "pages_sent": 0, "priority": 0}
+
+
+@pytest.mark.parametrize("destination_said", [True, False], ids=["said-why", "link-died"])
+def test_fault_server_broken_pipe_gives_the_destinations_reason(destination_said):
+    """The destination sends ERROR (e.g. its guest's checker fired) and then closes: the
+    source's C fault server may meet the closed urgent connection before the pusher's next
+    send fails.  The migration fails with the destination's reason, not the echo
+    ("fault server stopped: Broken pipe"), which stands only when the destination said
+    nothing (a dead link).  CI once caught the echo winning the race (test_verification)."""
+    import socket
+    import threading
+
+    from transport import SocketChannel
+    from vmem.errors import MigrationError
+    from vmem.format import control, wire
+    from vmem.migration.postcopy import source as pcsource
+
+    a, b = socket.socketpair()
+    ch, peer = SocketChannel(a), SocketChannel(b)
+    try:
+        pc = pcsource.PostcopySource(np.zeros((4, 4096), dtype=np.uint8), None,
+                                     control.ControlReader(ch.recv_exact), threading.Lock(), channel=ch)
+        pc._engine = _FailedEngine()
+        if destination_said:
+            peer.send_parts(control.encode_json_control(
+                wire.ControlType.ERROR, {"phase": "postcopy", "message": "checker: page 7 is stale"}))
+        peer.close()
+        with pytest.raises(MigrationError) as got:
+            pc.poll_backchannel()
+        if destination_said:
+            assert "destination: checker: page 7 is stale" in str(got.value), got.value
+        else:
+            assert "the fault server stopped: Broken pipe" in str(got.value), got.value
+    finally:
+        pc._engine = None
+        ch.close()
+        peer.close()

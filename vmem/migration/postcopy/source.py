@@ -58,6 +58,9 @@ SCAN_WINDOW = 16384
 #: the pusher waits at most this long for the fault server before a batch (a stuck answer
 #: must not stop the push; the answer is the fault server's to finish or fail)
 GIVE_WAY_MAX_S = 0.005
+#: when the fault server's link fails, how long the pusher waits for the destination's
+#: ERROR on the main channel (sent before it closed) before the link error stands
+DESTINATION_REASON_WAIT_S = 0.5
 
 
 def push_batch_pages(fd: int) -> int:
@@ -220,6 +223,15 @@ class PostcopySource:
         if st["error"]:
             import os
 
+            # The destination closes its end after it sent why (ERROR on the main channel,
+            # e.g. its guest's checker fired): the fault server's broken pipe is only the
+            # echo of that.  Wait a moment for the reason; a dead link has none to give.
+            try:
+                said = self.channel is not None and self.channel.wait_readable(DESTINATION_REASON_WAIT_S)
+            except (TransportError, OSError):
+                said = False
+            if said:
+                self._raise_destination_error()
             raise MigrationError("postcopy", f"the fault server stopped: {os.strerror(st['error'])}")
         self._read_waiting_controls()
 
