@@ -1215,14 +1215,23 @@ def _wait_stats(thread, key, want, timeout_s=10.0):
     return thread.stats()
 
 
-def test_fault_engine_refuses_a_tampered_answer_on_a_keyed_link():
-    """The destination's C fault thread on a keyed link (MacChannel's framing, taken over
-    with native_handoff): an answer the source's MacChannel framed is placed; an answer
-    whose tag is wrong -- a man in the middle changing a page -- stops the thread with
-    EBADMSG before anything of it is placed: the page stays MISSING and the RAM file keeps
-    what it had."""
-    from transport import channel_pair
+def _link_framing(name: str):
+    """The Python channel class of an urgent link's framing: a keyed link's MacChannel, or
+    the SealedChannel a TLS link's urgent connection switches to (transport.seal)."""
+    from transport.seal import SealedChannel
     from transport.secure import MacChannel
+
+    return {"mac": MacChannel, "sealed": SealedChannel}[name]
+
+
+@pytest.mark.parametrize("framing", ["mac", "sealed"])
+def test_fault_engine_refuses_a_tampered_answer_on_a_keyed_link(framing):
+    """The destination's C fault thread on a keyed link (MacChannel's framing, taken over
+    with native_handoff) or a TLS link's sealed urgent connection: an answer the source's
+    channel framed is placed; an answer whose tag is wrong -- a man in the middle changing
+    a page -- stops the thread with EBADMSG before anything of it is placed: the page stays
+    MISSING and the RAM file keeps what it had."""
+    from transport import channel_pair
     from vmem.format import wire
     from vmem.migration.postcopy import native_link
 
@@ -1230,7 +1239,8 @@ def test_fault_engine_refuses_a_tampered_answer_on_a_keyed_link():
     fd = nat.memfd_create(f"vmem-test-tamper-{os.getpid()}")
     a, b = channel_pair()
     session = bytes(range(40, 72))
-    dest, src = MacChannel(a, session, "client"), MacChannel(b, session, "server")
+    framed = _link_framing(framing)
+    dest, src = framed(a, session, "client"), framed(b, session, "server")
 
     def answer(pfn: int, page: np.ndarray) -> bytes:
         head = np.array([int(wire.PostcopyRecordType.PAGE_DATA) | ((8 + 8 + PAGE) << 32), 1, pfn], dtype="<u8")
@@ -1269,13 +1279,14 @@ def test_fault_engine_refuses_a_tampered_answer_on_a_keyed_link():
         src.close()
 
 
-def test_fault_server_speaks_the_mac_framing_of_a_keyed_link():
-    """On a keyed link the C fault server takes over transport.secure.MacChannel's framing
-    (keys and frame numbers from native_handoff, after Python frames went both ways): a
-    Python MacChannel peer's FAULT is answered with frames that peer verifies, an answer
-    larger than one frame spans frames, and a forged frame stops the server (EBADMSG)."""
+@pytest.mark.parametrize("framing", ["mac", "sealed"])
+def test_fault_server_speaks_the_mac_framing_of_a_keyed_link(framing):
+    """On a keyed link the C fault server takes over transport.secure.MacChannel's framing,
+    on a TLS link's urgent connection transport.seal's (keys and frame numbers from
+    native_handoff, after Python frames went both ways): a Python peer's FAULT is answered
+    with frames that peer verifies (and decrypts), an answer larger than one frame spans
+    frames, and a forged frame stops the server (EBADMSG)."""
     from transport import channel_pair
-    from transport.secure import MacChannel
     from vmem.format import wire
     from vmem.migration.postcopy import native_link
 
@@ -1285,14 +1296,15 @@ def test_fault_server_speaks_the_mac_framing_of_a_keyed_link():
     cursor = np.zeros(3, dtype=np.int64)
     a, b = channel_pair()
     session = bytes(range(7, 39))
-    dest, src = MacChannel(a, session, "client"), MacChannel(b, session, "server")
+    framed = _link_framing(framing)
+    dest, src = framed(a, session, "client"), framed(b, session, "server")
     try:
         dest.send(b"attach")  # the attach exchange, framed by Python: frame numbers move on
         assert src.recv_exact(6) == b"attach"
         src.send(b"ok")
         assert dest.recv_exact(2) == b"ok"
         fd, mac = native_link(src)
-        assert mac["send_seq"] == 1 and mac["recv_seq"] == 1
+        assert mac["send_seq"] == 1 and mac["recv_seq"] == 1 and mac["cipher"] == framed.CIPHER
         with pytest.raises(Exception, match="handed to native code"):
             src.send(b"x")  # the Python channel must not move data any more
         server = nat.PostcopyFaultServer(fd, ram, sent, cursor)
@@ -1317,3 +1329,45 @@ def test_fault_server_speaks_the_mac_framing_of_a_keyed_link():
     finally:
         dest.close()
         src.close()
+
+
+def test_fault_server_seals_its_answers_on_a_tls_links_urgent_connection():
+    """Confidentiality of the sealed urgent link: the C fault server's answer carries no
+    byte of the page in the clear (a marker filling the pages is not on the wire), and a
+    SealedChannel holding the session key decrypts it to exactly the pages -- while a
+    MacChannel link (integrity only) does carry them in the clear, which is what the check
+    catches."""
+    from transport import channel_pair
+    from transport.seal import SealedChannel, new_session_key
+    from transport.secure import MacChannel
+    from vmem.migration.postcopy import native_link
+
+    npages, wanted = 64, [9, 10, 11]
+    marker = b"vmem-plain-page!"  # 16 bytes, repeated over every page
+    ram = np.frombuffer(marker * (npages * PAGE // len(marker)), dtype=np.uint8).reshape(npages, PAGE).copy()
+    for framed, on_wire_plain in ((SealedChannel, False), (MacChannel, True)):
+        key = new_session_key()
+        a, b = channel_pair()
+        c, d = channel_pair()
+        src, dest, reader = framed(b, key, "server"), framed(a, key, "client"), framed(c, key, "client")
+        try:
+            fd, mac = native_link(src)
+            server = nat.PostcopyFaultServer(fd, ram, np.zeros(npages, np.uint8), np.zeros(3, np.int64))
+            try:
+                server.set_mac(mac)
+                server.start()
+                dest.send(_urgent_fault(wanted))
+                n_wire = 4 + (16 + 8 * len(wanted) + len(wanted) * PAGE) + 16  # one frame
+                raw = a.recv_exact(n_wire)  # the bytes on the wire, under the framing
+            finally:
+                server.stop()
+                server.close()
+            assert (marker in raw) is on_wire_plain, framed.__name__
+            d.send(raw)
+            head = reader.recv_exact(16 + 8 * len(wanted))
+            assert np.frombuffer(head, dtype="<u8")[2:].tolist() == wanted
+            assert np.array_equal(np.frombuffer(reader.recv_exact(len(wanted) * PAGE), np.uint8).reshape(-1, PAGE),
+                                  ram[wanted])
+        finally:
+            for ch in (src, dest, reader, d):
+                ch.close()

@@ -594,3 +594,56 @@ def test_a_large_view_starts_a_frame_of_its_own():
     # a large view that fits in the frame being filled is not split off; a small one never is
     assert [n for _, n in _cut_views([small, memoryview(bytes(600))], 1024, 512)] == [700]
     assert [n for _, n in _cut_views([small] * 12, 1024, 512)] == [1024, 176]
+
+
+# -- sealed frames (transport.seal: a TLS link's urgent connection, spoken natively) -------
+
+
+def _sealed_wire(*payloads: bytes, key: bytes = SESSION) -> list[bytes]:
+    """The frames a SealedChannel client puts on the wire for ``payloads`` (one each)."""
+    from transport.seal import SealedChannel
+
+    a, b = channel_pair()
+    with b, SealedChannel(a, key, "client") as sender:
+        for p in payloads:
+            sender.send(p)
+        return [b.recv_exact(4 + len(p) + 16) for p in payloads]
+
+
+@pytest.mark.parametrize("fault", [None, "payload", "tag", "replay", "other-key", "mac-peer"])
+def test_sealed_frames_are_encrypted_and_checked(fault):
+    """SealedChannel: the payload is not on the wire in the clear; a receiver with the
+    session key gets it back; a flipped ciphertext or tag byte, a replayed frame, another
+    session's key, or a MacChannel peer (same framing, tag only) is refused with the
+    integrity error, and nothing of it is handed out."""
+    from transport.seal import SealedChannel
+
+    secret = b"confidential guest page " * 100
+    f0, f1 = _sealed_wire(secret, b"second")
+    assert secret[:24] not in f0 + f1
+    wire, key = f0 + f1, SESSION
+    if fault == "payload":
+        wire = bytes([*wire[:10], wire[10] ^ 1, *wire[11:]])
+    elif fault == "tag":
+        wire = wire[:len(f0) - 1] + bytes([wire[len(f0) - 1] ^ 1]) + wire[len(f0):]
+    elif fault == "replay":
+        wire = f0 + f0
+    elif fault == "other-key":
+        key = bytes(range(1, 33))
+    elif fault == "mac-peer":
+        a, b = channel_pair()
+        with b, MacChannel(a, SESSION, "client") as mac_sender:
+            mac_sender.send(secret)
+            mac_sender.send(b"second")
+            wire = b.recv_exact(len(f0) + len(f1))
+        assert secret[:24] in wire  # a MacChannel frame carries it in the clear
+    a, b = channel_pair()
+    with a, SealedChannel(b, key, "server") as receiver:
+        a.send(wire)
+        a.close()
+        if fault is None:
+            assert receiver.recv_exact(len(secret) + 6) == secret + b"second"
+            return
+        with pytest.raises(AuthError, match="integrity check failed"):
+            receiver.recv_exact(len(secret) + 6)
+        assert receiver.bytes_received == (len(secret) if fault == "replay" else 0)

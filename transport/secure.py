@@ -500,16 +500,15 @@ class MacChannel(FramedChannel):
         if role not in ("client", "server"):
             raise ValueError(f"role must be 'client' or 'server', got {role!r}")
         session_key = _check_key(session_key)
-        send_label, recv_label = ((_LABEL_C2S, _LABEL_S2C) if role == "client"
-                                  else (_LABEL_S2C, _LABEL_C2S))
+        send_label, recv_label = self._LABELS if role == "client" else self._LABELS[::-1]
         # A frame is received (payload | tag) and verified here before any byte goes out.
         super().__init__(inner, memoryview(bytearray(MAX_FRAME_PAYLOAD_BYTES + MAC_TAG_BYTES)))
         self._role = role
         # One GMAC per direction, its AES key schedule computed once (frames only set a nonce).
         self._send_key = _hmac256(session_key, send_label)
         self._recv_key = _hmac256(session_key, recv_label)
-        self._send_mac = Gmac(self._send_key)
-        self._recv_mac = Gmac(self._recv_key)
+        self._send_mac = self._direction_cipher(self._send_key)
+        self._recv_mac = self._direction_cipher(self._recv_key)
         self._handed_off = False
         self._send_seq = 0
         self._recv_seq = 0
@@ -517,12 +516,31 @@ class MacChannel(FramedChannel):
         self._tx_view = memoryview(bytearray(_FRAME_HEADER.size + MAX_FRAME_PAYLOAD_BYTES
                                              + MAC_TAG_BYTES))
 
+    #: what protects a frame (native_handoff tells native code): its tag only
+    CIPHER = "aes-256-gmac"
+    #: (client->server, server->client) labels the direction keys are derived with
+    _LABELS = (_LABEL_C2S, _LABEL_S2C)
+
+    @staticmethod
+    def _direction_cipher(key: bytes):
+        return Gmac(key)
+
+    def _protect(self, seq: int, length: int, pieces: list, out: memoryview) -> bytes:
+        """Copy ``pieces`` (``length`` bytes) into ``out``, the frame's payload as sent, and
+        return its tag: here GMAC over seq | length | payload (the payload stays plain)."""
+        return self._send_mac.copy_and_tag(seq, _SEQ_LEN.pack(seq, length), pieces, out)
+
+    def _verify(self, seq: int, length: int, payload: memoryview, their_tag) -> bool:
+        """Whether ``their_tag`` is frame ``seq``'s; ``payload`` is then what was sent."""
+        tag = self._recv_mac.tag(seq, (_SEQ_LEN.pack(seq, length), payload))
+        return hmac.compare_digest(tag, their_tag)
+
     def native_handoff(self) -> dict:
         """Hand the framing over to native code that will speak it on :meth:`fileno`.
 
-        Returns ``{"send_key", "recv_key", "send_seq", "recv_seq"}``: the 32-byte HMAC
-        keys of each direction and the next frame numbers, which is all a peer of this
-        framing needs (the post-copy fault threads, vmem._native).  From then on this
+        Returns ``{"send_key", "recv_key", "send_seq", "recv_seq", "cipher"}``: the 32-byte
+        keys of each direction, the next frame numbers and :attr:`CIPHER`, which is all a
+        peer of this framing needs (the post-copy fault threads, vmem._native).  From then on this
         object must not move data: every send or receive raises ChannelClosedError
         (closing it still closes the socket).
 
@@ -536,7 +554,7 @@ class MacChannel(FramedChannel):
             raise RuntimeError(f"MacChannel: {self._rx_end - self._rx_pos} received bytes are still buffered")
         self._handed_off = True
         return {"send_key": self._send_key, "recv_key": self._recv_key,
-                "send_seq": self._send_seq, "recv_seq": self._recv_seq}
+                "send_seq": self._send_seq, "recv_seq": self._recv_seq, "cipher": self.CIPHER}
 
     def _check_not_handed_off(self) -> None:
         if self._handed_off:
@@ -579,8 +597,7 @@ class MacChannel(FramedChannel):
         _FRAME_HEADER.pack_into(tx, 0, frame_bytes)
         at = _FRAME_HEADER.size + frame_bytes
         seq = self._send_seq
-        tx[at:at + MAC_TAG_BYTES] = self._send_mac.copy_and_tag(
-            seq, _SEQ_LEN.pack(seq, frame_bytes), pieces, tx[_FRAME_HEADER.size:at])
+        tx[at:at + MAC_TAG_BYTES] = self._protect(seq, frame_bytes, pieces, tx[_FRAME_HEADER.size:at])
         self._send_seq += 1
         self._inner.send_parts((tx[:at + MAC_TAG_BYTES],))
 
@@ -629,9 +646,7 @@ class MacChannel(FramedChannel):
             raise self._integrity(f"stream truncated inside a frame ({err.reason}; got "
                                   f"{got + (err.bytes_got or 0)} of {length + MAC_TAG_BYTES} bytes)"
                                   ) from err
-        seq = self._recv_seq
-        tag = self._recv_mac.tag(seq, (_SEQ_LEN.pack(seq, length), payload))
-        if not hmac.compare_digest(tag, their_tag):
+        if not self._verify(self._recv_seq, length, payload, their_tag):
             raise self._integrity("tag mismatch (data tampered with, replayed, reordered, "
                                   "or a different session key)")
         self._recv_seq += 1

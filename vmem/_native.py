@@ -940,15 +940,20 @@ class _FaultThread:
 
     def set_mac(self, mac: dict | None) -> None:
         """Before :meth:`start`: the urgent link speaks transport.secure.MacChannel's integrity
-        framing with the state ``MacChannel.native_handoff()`` returned (None: plain).  A
-        forged, replayed or truncated frame then stops the thread with EBADMSG."""
+        framing, or transport.seal.SealedChannel's encrypted one (``mac["cipher"]``), with the
+        state ``native_handoff()`` returned (None: plain).  A forged, replayed or truncated
+        frame then stops the thread with EBADMSG."""
         if mac is None:
             return
         keys = (bytes(mac["send_key"]), bytes(mac["recv_key"]))
         if any(len(k) != 32 for k in keys):
             raise ValueError("MAC keys must be 32 bytes")
+        cipher = mac.get("cipher", "aes-256-gmac")
+        if cipher not in LINK_CIPHERS:
+            raise ValueError(f"unknown link cipher {cipher!r} (known: {', '.join(LINK_CIPHERS)})")
         _check(getattr(lib, f"vmem_pc_{self._kind}_set_mac")(self._h, keys[0], keys[1], int(mac["send_seq"]),
-                                                               int(mac["recv_seq"])), f"keying the {self._what}")
+                                                               int(mac["recv_seq"]), LINK_CIPHERS[cipher]),
+               f"keying the {self._what}")
 
     def set_priority_limit(self, most: int) -> None:
         """Before :meth:`start`: the thread asks for at most ``most`` (a key of
@@ -1050,6 +1055,10 @@ class PostcopyFaultServer(_FaultThread):
 
 
 #: How a post-copy fault thread is scheduled (``stats()["priority"]``, :func:`fault_thread_priority`).
+#: the urgent link's framings native code speaks (``native_handoff()["cipher"]``): the
+#: value says to C whether frames are sealed (encrypted) or only tagged
+LINK_CIPHERS: dict[str, int] = {"aes-256-gmac": 0, "aes-256-gcm": 1}
+
 FAULT_THREAD_PRIORITIES: dict[int, str] = {
     int(lib.VMEM_PC_PRIO_NORMAL): "normal",
     int(lib.VMEM_PC_PRIO_NICE): f"nice {int(lib.VMEM_PC_NICE)}",

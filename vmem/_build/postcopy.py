@@ -43,6 +43,7 @@ struct vmem_pc_src_stats {
 
 INCLUDES = """
 #include <openssl/crypto.h>          /* CRYPTO_memcmp; the GMAC itself: transport's gmac fragment */
+#include <openssl/evp.h>             /* AES-256-GCM of sealed links (transport.seal) */
 #include <poll.h>
 #include <pthread.h>
 #include <sys/resource.h>
@@ -93,9 +94,9 @@ void vmem_pc_src_stop(vmem_pc_src *h);
 void vmem_pc_src_free(vmem_pc_src *h);
 void vmem_pc_src_stats(vmem_pc_src *h, struct vmem_pc_src_stats *out);
 int vmem_pc_dest_set_mac(vmem_pc_dest *h, const uint8_t *send_key, const uint8_t *recv_key,
-                         uint64_t send_seq, uint64_t recv_seq);
+                         uint64_t send_seq, uint64_t recv_seq, int sealed);
 int vmem_pc_src_set_mac(vmem_pc_src *h, const uint8_t *send_key, const uint8_t *recv_key,
-                        uint64_t send_seq, uint64_t recv_seq);
+                        uint64_t send_seq, uint64_t recv_seq, int sealed);
 int vmem_pc_probe_priority(void);
 int vmem_pc_boost_current(void);
 void vmem_pc_set_push_pieces(int64_t piece_pages, int yield, int64_t slow_us, int view_writes);
@@ -508,7 +509,9 @@ static void vmem_worker_destroy(struct vmem_worker *w)
 /* A socket that hung up or failed is read too: the read reports why. */
 #define VMEM_READY_SOCKET (POLLIN | POLLHUP | POLLERR | POLLNVAL)
 
-/* ---- the urgent link: plain, or with transport.secure.MacChannel's integrity frames
+/* ---- the urgent link: plain, with transport.secure.MacChannel's integrity frames, or
+ * with transport.seal.SealedChannel's (the same frames, the payload AES-256-GCM encrypted:
+ * a TLS link's urgent connection, whose TLS this code cannot speak; mac == 2 below)
  *
  * On a keyed link the urgent connection speaks MacChannel's framing (transport/secure.py),
  * taken over from the Python channel after its attach exchange (MacChannel.native_handoff):
@@ -532,8 +535,9 @@ static void vmem_worker_destroy(struct vmem_worker *w)
 
 struct vmem_link {
     int fd;
-    int mac;                               /* 0: plain */
+    int mac;                               /* 0: plain, 1: GMAC tags, 2: sealed (AES-256-GCM) */
     transport_gmac *send_mac, *recv_mac;   /* transport's GMAC (gmac_fragment.py), keyed once */
+    EVP_CIPHER_CTX *send_gcm, *recv_gcm;   /* sealed: libcrypto's AES-256-GCM, keyed once */
     uint64_t send_seq, recv_seq;
     uint8_t *rx, *tx;                      /* prefix | payload | tag, VMEM_MAC_MAX_PAYLOAD each */
     size_t rx_len, rx_pos;                 /* verified payload in rx + VMEM_MAC_PREFIX */
@@ -541,8 +545,15 @@ struct vmem_link {
     size_t raw_len, raw_pos;
 };
 
+static void vmem_link_free_gcm(struct vmem_link *l)
+{
+    EVP_CIPHER_CTX_free(l->send_gcm);      /* clears the key schedule */
+    EVP_CIPHER_CTX_free(l->recv_gcm);
+    l->send_gcm = l->recv_gcm = NULL;
+}
+
 static int vmem_link_set_mac(struct vmem_link *l, const uint8_t *send_key, const uint8_t *recv_key,
-                             uint64_t send_seq, uint64_t recv_seq)
+                             uint64_t send_seq, uint64_t recv_seq, int sealed)
 {
     size_t room = VMEM_MAC_PREFIX + VMEM_MAC_MAX_PAYLOAD + VMEM_MAC_TAG;
     if (!l->rx && !(l->rx = malloc(room)))
@@ -552,13 +563,26 @@ static int vmem_link_set_mac(struct vmem_link *l, const uint8_t *send_key, const
     transport_gmac_free(l->send_mac);
     transport_gmac_free(l->recv_mac);
     l->send_mac = l->recv_mac = NULL;
-    int rc = transport_gmac_new(send_key, &l->send_mac);
-    if (rc < 0 || (rc = transport_gmac_new(recv_key, &l->recv_mac)) < 0)
-        return rc;
+    vmem_link_free_gcm(l);
+    if (sealed) {
+        if (!(l->send_gcm = EVP_CIPHER_CTX_new()) || !(l->recv_gcm = EVP_CIPHER_CTX_new())) {
+            vmem_link_free_gcm(l);
+            return -ENOMEM;
+        }
+        if (EVP_EncryptInit_ex(l->send_gcm, EVP_aes_256_gcm(), NULL, send_key, NULL) != 1 ||
+            EVP_DecryptInit_ex(l->recv_gcm, EVP_aes_256_gcm(), NULL, recv_key, NULL) != 1) {
+            vmem_link_free_gcm(l);
+            return -EIO;
+        }
+    } else {
+        int rc = transport_gmac_new(send_key, &l->send_mac);
+        if (rc < 0 || (rc = transport_gmac_new(recv_key, &l->recv_mac)) < 0)
+            return rc;
+    }
     l->send_seq = send_seq;
     l->recv_seq = recv_seq;
     l->rx_len = l->rx_pos = 0;
-    l->mac = 1;
+    l->mac = sealed ? 2 : 1;
     return 0;
 }
 
@@ -569,6 +593,46 @@ static void vmem_link_free(struct vmem_link *l)
     free(l->raw);
     transport_gmac_free(l->send_mac);      /* clears the keys too */
     transport_gmac_free(l->recv_mac);
+    vmem_link_free_gcm(l);
+}
+
+/* The GCM nonce of frame seq: 0^4 | u64 seq, little-endian (transport.gmac._IV). */
+static void vmem_gcm_iv(uint8_t iv[12], uint64_t seq)
+{
+    memset(iv, 0, 4);
+    memcpy(iv + 4, &seq, 8);
+}
+
+/* Sealed frames: encrypt msg[VMEM_MAC_PREFIX..+len) in place, the prefix (seq | length) as
+   authenticated data; the tag into tag.  0 or -EIO. */
+static int vmem_gcm_seal(EVP_CIPHER_CTX *c, uint64_t seq, uint8_t *msg, uint32_t len, uint8_t tag[VMEM_MAC_TAG])
+{
+    uint8_t iv[12];
+    int outl;
+    vmem_gcm_iv(iv, seq);
+    if (EVP_EncryptInit_ex(c, NULL, NULL, NULL, iv) != 1 ||
+        EVP_EncryptUpdate(c, NULL, &outl, msg, VMEM_MAC_PREFIX) != 1 ||
+        EVP_EncryptUpdate(c, msg + VMEM_MAC_PREFIX, &outl, msg + VMEM_MAC_PREFIX, (int)len) != 1 ||
+        EVP_EncryptFinal_ex(c, tag, &outl) != 1 ||
+        EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, VMEM_MAC_TAG, tag) != 1)
+        return -EIO;
+    return 0;
+}
+
+/* Decrypt msg[VMEM_MAC_PREFIX..+len) in place and check tag.  0, -EBADMSG (the bytes are
+   then garbage: never handed out), -EIO. */
+static int vmem_gcm_open(EVP_CIPHER_CTX *c, uint64_t seq, uint8_t *msg, uint32_t len, const uint8_t *tag)
+{
+    uint8_t iv[12], want[VMEM_MAC_TAG], end[16];
+    int outl;
+    vmem_gcm_iv(iv, seq);
+    memcpy(want, tag, VMEM_MAC_TAG);
+    if (EVP_DecryptInit_ex(c, NULL, NULL, NULL, iv) != 1 ||
+        EVP_DecryptUpdate(c, NULL, &outl, msg, VMEM_MAC_PREFIX) != 1 ||
+        EVP_DecryptUpdate(c, msg + VMEM_MAC_PREFIX, &outl, msg + VMEM_MAC_PREFIX, (int)len) != 1 ||
+        EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, VMEM_MAC_TAG, want) != 1)
+        return -EIO;
+    return EVP_DecryptFinal_ex(c, end, &outl) == 1 ? 0 : -EBADMSG;
 }
 
 /* The frame tag: GMAC = AES-GCM over msg as authenticated data, no plaintext, nonce
@@ -630,11 +694,16 @@ static int vmem_link_fill(struct vmem_link *l)
     if ((rc = vmem_link_recv(l, l->rx + VMEM_MAC_PREFIX, (size_t)len + VMEM_MAC_TAG)) < 0)
         return rc == -EPIPE ? -EBADMSG : rc;   /* truncated inside a frame */
     vmem_mac_prefix(l->rx, l->recv_seq, len);
-    uint8_t tag[VMEM_MAC_TAG];
-    if (vmem_gmac(l->recv_mac, l->recv_seq, l->rx, VMEM_MAC_PREFIX + (size_t)len, tag) < 0)
-        return -EIO;
-    if (CRYPTO_memcmp(tag, l->rx + VMEM_MAC_PREFIX + len, VMEM_MAC_TAG) != 0)
-        return -EBADMSG;
+    if (l->mac == 2) {
+        if ((rc = vmem_gcm_open(l->recv_gcm, l->recv_seq, l->rx, len, l->rx + VMEM_MAC_PREFIX + len)) < 0)
+            return rc;
+    } else {
+        uint8_t tag[VMEM_MAC_TAG];
+        if (vmem_gmac(l->recv_mac, l->recv_seq, l->rx, VMEM_MAC_PREFIX + (size_t)len, tag) < 0)
+            return -EIO;
+        if (CRYPTO_memcmp(tag, l->rx + VMEM_MAC_PREFIX + len, VMEM_MAC_TAG) != 0)
+            return -EBADMSG;
+    }
     l->recv_seq++;
     l->rx_len = len;
     l->rx_pos = 0;
@@ -698,7 +767,8 @@ static int vmem_link_writev(struct vmem_link *l, struct iovec *iov, int iovcnt)
             break;
         vmem_mac_prefix(l->tx, l->send_seq, len);
         uint8_t tag[VMEM_MAC_TAG];
-        if (vmem_gmac(l->send_mac, l->send_seq, l->tx, VMEM_MAC_PREFIX + (size_t)len, tag) < 0)
+        if (l->mac == 2 ? vmem_gcm_seal(l->send_gcm, l->send_seq, l->tx, len, tag) < 0
+                        : vmem_gmac(l->send_mac, l->send_seq, l->tx, VMEM_MAC_PREFIX + (size_t)len, tag) < 0)
             return -EIO;
         memcpy(payload + len, tag, VMEM_MAC_TAG);
         l->send_seq++;
@@ -1237,17 +1307,17 @@ static void vmem_pc_src_free(vmem_pc_src *h)
 VMEM_PC_HANDLE_OPS(dest)
 VMEM_PC_HANDLE_OPS(src)
 
-/* Before start: the urgent link carries MacChannel frames (keys and next sequence numbers
-   from MacChannel.native_handoff).  0 or -ENOMEM. */
+/* Before start: the urgent link carries MacChannel frames, or transport.seal's sealed ones
+   (`sealed`; keys and next sequence numbers from native_handoff).  0, -ENOMEM or -EIO. */
 static int vmem_pc_dest_set_mac(vmem_pc_dest *h, const uint8_t *send_key, const uint8_t *recv_key,
-                                uint64_t send_seq, uint64_t recv_seq)
+                                uint64_t send_seq, uint64_t recv_seq, int sealed)
 {
-    return vmem_link_set_mac(&h->link, send_key, recv_key, send_seq, recv_seq);
+    return vmem_link_set_mac(&h->link, send_key, recv_key, send_seq, recv_seq, sealed);
 }
 
 static int vmem_pc_src_set_mac(vmem_pc_src *h, const uint8_t *send_key, const uint8_t *recv_key,
-                               uint64_t send_seq, uint64_t recv_seq)
+                               uint64_t send_seq, uint64_t recv_seq, int sealed)
 {
-    return vmem_link_set_mac(&h->link, send_key, recv_key, send_seq, recv_seq);
+    return vmem_link_set_mac(&h->link, send_key, recv_key, send_seq, recv_seq, sealed);
 }
 """
