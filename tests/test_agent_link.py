@@ -80,6 +80,7 @@ def test_postcopy_between_agents_uses_the_urgent_connection(agents, mode):  # no
     report = _migrate(a, b, "p", **flag)
     pc = report["postcopy"]
     assert report["guest"]["link"]["urgent_connection"] and pc["fault_path"] == "native", pc
+    assert report["guest"]["link"]["urgent_protection"] == "none"
     assert pc["missing"] == 0 and pc["pages_demanded"] + pc["pages_pushed"] >= pc["pages_pending"]
 
 
@@ -90,10 +91,40 @@ def test_keyed_postcopy_takes_the_native_path_and_keeps_its_integrity(agents, ke
     a, b = agents("a", key=key), agents("b", key=key)
     a.request("create", name="p", workload="checker", size="32M")
     report = _migrate(a, b, "p", postcopy=True, parallel=2)
-    assert report["guest"]["link"]["urgent_connection"]
+    assert report["guest"]["link"]["urgent_protection"] == "aes-256-gmac"
     pc = report["postcopy"]
     assert pc["fault_path"] == "native" and pc["missing"] == 0, pc
     assert report["verified"] and report["verification"]["guest_check"]["ok"]
+
+
+@pytest.mark.parametrize("security", ["tls", "tls+key"])
+def test_tls_postcopy_takes_the_native_path_sealed(agents, workdir, key, security):  # noqa: F811
+    """Between TLS agents the urgent connection is authenticated and attached over TLS,
+    then carries transport.seal's encrypted frames under a key sent inside TLS, spoken by
+    the native fault threads: demand pages take the native path and stay confidential
+    (tests/test_native.py: no page byte in the clear, a forged frame refused).  The
+    destination agent refuses an urgent attach over TLS that brings no seal key."""
+    from test_agent import _make_tls_files
+    from vmem.agent import migration as agent_migration
+
+    cert, tls_key, ca = _make_tls_files(workdir)
+    extra = ("--tls-cert", cert, "--tls-key", tls_key, "--tls-ca", ca)
+    with_key = {"key": key} if security == "tls+key" else {}
+    a, b = agents("a", extra=extra, **with_key), agents("b", extra=extra, **with_key)
+    assert a.info["security"] == security
+    a.request("create", name="p", workload="checker", size="32M")
+    report = _migrate(a, b, "p", postcopy=True)
+    link = report["guest"]["link"]
+    assert link["urgent_connection"] and link["urgent_protection"] == "aes-256-gcm", link
+    pc = report["postcopy"]
+    assert pc["fault_path"] == "native" and pc["missing"] == 0 and pc["pages_demanded"] > 0, pc
+    assert report["verified"] and report["verification"]["guest_check"]["ok"]
+    # The refusal: an attach request on a TLS urgent connection without "seal".
+    with pytest.raises(AgentError, match="seal key"):
+        agent_migration._seal_key_from({"op": "attach", "session": "x", "index": 0})
+    with pytest.raises(AgentError, match="seal key"):
+        agent_migration._seal_key_from({"seal": "ab" * 8})
+    assert agent_migration._seal_key_from({"seal": "ab" * 32}) == bytes([0xAB]) * 32
 
 
 from testhosts import testhosts  # noqa: E402,F401

@@ -38,10 +38,12 @@ confirm (an older vmem) leaves the clock unknown and the downtime a raw differen
 Extra connections (data, urgent) open with purpose ``vmem-data`` / ``vmem-urgent`` and
 send ``{"op": "attach", "session", "index"}``: the session token came in the migrate-in
 reply, over the authenticated main connection, so only that source can attach.  The urgent
-connection (post-copy demand pages, spoken by native code) is used without security and
-with a key (the native threads take over the MacChannel's integrity framing); with TLS the
-demand pages take the Python fault path on the protected main stream instead (docs/agent.md,
-"Post-copy").
+connection (post-copy demand pages) is spoken by native code: plain without security; with
+a key the native threads take over the MacChannel's integrity framing; with TLS, which they
+cannot speak (no kernel TLS here), the source adds ``"seal"``: a fresh 32-byte key, sent
+inside TLS, and after the attach reply both ends leave TLS on that connection and speak
+:class:`transport.seal.SealedChannel`'s frames (encrypted and authenticated) under it
+(docs/agent.md, "Post-copy").
 """
 from __future__ import annotations
 
@@ -144,12 +146,48 @@ class PendingLinks:
             return [*session.data.values(), *([session.urgent] if session.urgent is not None else [])]
 
 
-def _urgent_capable(agent) -> bool:
-    """Whether post-copy demand pages may take their own connection: the native fault
-    threads speak it plain (security none) or with the MAC framing of a keyed link
-    (MacChannel.native_handoff); they cannot speak TLS, so a TLS agent keeps them on the
-    main connection."""
-    return agent.security.mode in ("none", "key")
+def _sealed_link(agent) -> bool:
+    """Whether this agent's urgent connections switch from TLS to sealed frames."""
+    return "tls" in agent.security.mode
+
+
+def _sealed_urgent(channel, key: bytes, role: str):
+    """A TLS link's urgent connection after its attach exchange: a SealedChannel on a
+    duplicate of its socket, for the native fault threads to take over (native_handoff).
+    No TLS record follows the attach reply on it, so no TLS byte is left unread; the TLS
+    object stays the caller's to close (closing it leaves the duplicate open)."""
+    import os
+    import socket
+
+    from transport import SocketChannel
+    from transport.seal import SealedChannel
+
+    fd = os.dup(channel.fileno())
+    try:
+        os.set_blocking(fd, True)  # the TLS channel made it non-blocking; native code blocks
+        sock = socket.socket(fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return SealedChannel(SocketChannel(sock), key, role)
+
+
+def _seal_key_from(request: dict) -> bytes:
+    """The ``seal`` key of a TLS link's urgent attach request.
+
+    Raises:
+        AgentError(bad_request): missing or not 32 bytes of hex."""
+    from transport.seal import SESSION_KEY_BYTES
+
+    text = request.get("seal")
+    try:
+        key = bytes.fromhex(text) if isinstance(text, str) else b""
+    except ValueError:
+        key = b""
+    if len(key) != SESSION_KEY_BYTES:
+        raise AgentError(ErrorCode.BAD_REQUEST, "an urgent connection over TLS needs a seal key of "
+                                                f"{SESSION_KEY_BYTES} bytes (is the source agent an older vmem?)")
+    return key
 
 
 def _urgent_channel(channel):
@@ -301,11 +339,15 @@ def _link_request(values: dict) -> tuple[int, str]:
     return parallel, compress
 
 
-def _attach(agent, host: str, port: int, purpose: str, session: str, index: int):
-    """Open one extra connection of a migration (secured like the main one) and attach it."""
+def _attach(agent, host: str, port: int, purpose: str, session: str, index: int, seal: bytes | None = None):
+    """Open one extra connection of a migration (secured like the main one) and attach it;
+    ``seal``: the session key of a TLS link's urgent connection (see the module docstring)."""
     ch = agent.connect_peer(host, port, purpose)
     try:
-        send_frame(ch, {"op": "attach", "session": session, "index": index})
+        request = {"op": "attach", "session": session, "index": index}
+        if seal is not None:
+            request["seal"] = seal.hex()
+        send_frame(ch, request)
         raise_for_reply(recv_frame(ch), f"destination agent {host}:{port} ({purpose} connection)")
     except BaseException:
         agent.forget_channel(ch)
@@ -334,9 +376,9 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
     values = request.get("options") or {}
     options = options_from_request(values)
     parallel, compress = _link_request(values)
-    # Post-copy demand pages on their own connection only where it loses no protection
-    # (the native fault path speaks plain or MAC framing, not TLS; see _urgent_capable).
-    want_urgent = options.postcopy != "off" and _urgent_capable(agent)
+    # Post-copy demand pages on their own connection, as protected as the link: the native
+    # fault threads speak it plain, with a keyed link's MAC framing, or sealed (TLS).
+    want_urgent = options.postcopy != "off"
     try:
         host, port = parse_hostport(target, DEFAULT_PORT)
     except (ValueError, TransportError) as err:
@@ -362,7 +404,7 @@ def migrate_out(agent, cli_channel, request: dict) -> dict:
             report = mig.run()
         finally:
             agent.jobs.pop(name, None)
-        report.guest["link"] = _link_summary(link, parallel, compress, out.urgent is not None)
+        report.guest["link"] = _link_summary(link, parallel, compress, out.urgent)
     finally:
         out.close()
     resume = {"mig": mig, "host": host, "port": port, "parallel": parallel, "compress": compress,
@@ -430,7 +472,7 @@ def _resume_out(agent, cli_channel, request: dict) -> dict:
         log.info("resuming the post-copy of guest %s to %s:%d", name, host, port)
         link = out.build(resume["bandwidth_Bps"])
         report = mig.resume_postcopy(link, out.urgent)
-        report.guest["link"] = _link_summary(link, parallel, compress, out.urgent is not None)
+        report.guest["link"] = _link_summary(link, parallel, compress, out.urgent)
     finally:
         out.close()
     return _finish_out(agent, name, entry, report, resume)
@@ -471,8 +513,16 @@ class _Outgoing:
         for index in range(1, self.parallel):
             self.extras.append(_attach(self.agent, host, port, "vmem-data", session, index))
         if agreed.get("urgent"):
-            self.extras.append(_attach(self.agent, host, port, "vmem-urgent", session, 0))
-            self.urgent = _urgent_channel(self.extras[-1])
+            if _sealed_link(self.agent):
+                from transport.seal import new_session_key
+
+                key = new_session_key()
+                self.extras.append(_attach(self.agent, host, port, "vmem-urgent", session, 0, seal=key))
+                self.extras.append(_sealed_urgent(self.extras[-1], key, "client"))
+                self.urgent = self.extras[-1]
+            else:
+                self.extras.append(_attach(self.agent, host, port, "vmem-urgent", session, 0))
+                self.urgent = _urgent_channel(self.extras[-1])
         return agreed
 
     def build(self, bandwidth_Bps: float | None):
@@ -507,9 +557,18 @@ def _answer_clock(channel, samples: int) -> None:
         send_reply(channel, t_ns=time.monotonic_ns())
 
 
-def _link_summary(link, parallel: int, compress: str, urgent: bool) -> dict:
+def _urgent_protection(urgent) -> str | None:
+    """How the urgent connection's frames are protected: ``none``, ``aes-256-gmac`` (a keyed
+    link's integrity tags) or ``aes-256-gcm`` (sealed: a TLS link's); None without one."""
+    if urgent is None:
+        return None
+    return getattr(urgent, "CIPHER", "none")
+
+
+def _link_summary(link, parallel: int, compress: str, urgent) -> dict:
     """What the report says about the link: connections, compression, bytes on the wire."""
-    summary = {"parallel": parallel, "compress": compress, "urgent_connection": urgent,
+    summary = {"parallel": parallel, "compress": compress, "urgent_connection": urgent is not None,
+               "urgent_protection": _urgent_protection(urgent),
                "stream_bytes": link.bytes_sent}
     wire = getattr(link, "wire_bytes_sent", None)
     summary["wire_bytes"] = wire if wire is not None else link.bytes_sent
@@ -528,6 +587,7 @@ def serve_attach(agent, channel, purpose: str, peer: str) -> bool:
         token, index = str(request.get("session", "")), int(request.get("index", -1))
         if request.get("op") != "attach":
             raise AgentError(ErrorCode.BAD_REQUEST, f"expected an attach request, got {str(request)[:100]}")
+        seal = _seal_key_from(request) if purpose == "vmem-urgent" and _sealed_link(agent) else None
     except (AgentError, ValueError, TypeError) as err:
         send_error(channel, getattr(err, "code", ErrorCode.BAD_REQUEST), getattr(err, "message", str(err)))
         return False
@@ -539,6 +599,17 @@ def serve_attach(agent, channel, purpose: str, peer: str) -> bool:
         send_error(channel, ErrorCode.BAD_REQUEST, why)
         return False
     send_reply(channel)
+    if seal is not None:
+        try:
+            sealed = _sealed_urgent(channel, seal, "server")
+        except OSError as err:
+            log.warning("dropped a %s connection from %s: %s", purpose, peer, err)
+            return False
+        why = agent.pending_links.attach(token, purpose, index, sealed)
+        if why:
+            sealed.close()
+            log.warning("dropped a %s connection from %s: %s", purpose, peer, why)
+        return False  # the TLS object is the caller's to close; the sealed duplicate lives on
     why = agent.pending_links.attach(token, purpose, index, channel)
     if why:
         log.warning("dropped a %s connection from %s: %s", purpose, peer, why)
@@ -566,7 +637,7 @@ def _serve_resume(agent, channel, request: dict, peer: str) -> None:
         send_error(channel, getattr(err, "code", ErrorCode.BAD_REQUEST), getattr(err, "message", str(err)))
         log.warning("refused a post-copy resume from %s: %s", peer, getattr(err, "message", err))
         return
-    urgent = bool(request.get("urgent")) and _urgent_capable(agent)
+    urgent = bool(request.get("urgent"))
     token = agent.pending_links.open(parallel - 1, urgent)
     handed = False
     try:
@@ -625,7 +696,7 @@ def serve_incoming(agent, channel, peer: str) -> None:
         if why:
             raise AgentError(ErrorCode.UNAVAILABLE, f"this agent cannot decode --compress {compress}: {why} "
                                                     "(install it on this host, or use --compress none)")
-        urgent = bool(request.get("urgent")) and _urgent_capable(agent)
+        urgent = bool(request.get("urgent"))
         clock_samples = max(0, min(int(request.get("clock_samples") or 0), MAX_CLOCK_SAMPLES))
         origin = str(request.get("origin") or peer)
         agent.registry.reserve(name, "incoming", size_bytes, spec, origin=f"migrated from {origin}")
