@@ -22,7 +22,8 @@ end whatever happens), starts ``vmem agent`` in each, and measures in the same r
    the ratio is round-0 throughput over the shaped rate;
 5. **post-copy faults**: ``--postcopy-runs`` pure post-copy migrations of a guest writing
    ``--postcopy-rate`` pages/s between the agents; the demand-fault round trip's p50 and p99
-   (medians over the runs).
+   (medians over the runs); ``--tls-postcopy-runs N``: the same between TLS agents (no goal
+   of its own: printed beside the keyed one).
 
 ``--security both`` runs steps 2 and 5 with a keyed and an unkeyed pair of agents taking
 turns (one pair and one guest alive at a time; the arms alternate every repeat), then 3
@@ -46,6 +47,7 @@ Timing claims are ratios against a baseline measured in the same run, never abso
 
     sudo .venv/bin/python scripts/bench_agent.py [--size 1G] [--empty-size 8G] [--rate 1gbit]
                                                  [--security key|none|both] [--postcopy-runs 3]
+                                                 [--tls-postcopy-runs 0]
                                                  [--baseline-runs 3] [--cpu-sweep 1,2]
                                                  [--no-shaped] [--strict] [--json FILE]
 """
@@ -80,13 +82,18 @@ from vmem.ram import parse_size  # noqa: E402
 START_TIMEOUT_S = 60.0
 
 
-def start_agent(hosts: NetnsHosts, host: int, workdir: str, key: str | None) -> dict:
+def start_agent(hosts: NetnsHosts, host: int, workdir: str, key: str | None,
+                tls: tuple[str, str, str] | None = None) -> dict:
+    """An agent on test host ``host``: keyed (``key``), TLS (``tls``: cert, key, CA files) or
+    --insecure."""
     state = os.path.join(workdir, f"h{host}")
     argv = [sys.executable, "-m", "vmem", "agent", "--listen", f"{hosts.addr(host)}:0", "--state-dir", state,
             "--stop-guests"]  # a benchmark leaves no guest behind
+    if tls:
+        argv += ["--tls-cert", tls[0], "--tls-key", tls[1], "--tls-ca", tls[2]]
     if key:
         argv += ["--key", key]
-    else:
+    elif not tls:
         argv += ["--insecure"]
     env = dict(os.environ, PYTHONPATH=ROOT)
     log = open(os.path.join(workdir, f"h{host}.log"), "wb")
@@ -219,13 +226,14 @@ class Pair:
     and forth; started and stopped as one, so that a keyed and an unkeyed pair can take turns
     on the same hosts with only one guest alive at a time."""
 
-    def __init__(self, hosts: NetnsHosts, workdir: str, security: str, key: str | None, args, tag: str):
+    def __init__(self, hosts: NetnsHosts, workdir: str, security: str, key: str | None, args, tag: str,
+                 tls: tuple[str, str, str] | None = None):
         self.security, self.agents = security, []
         d = os.path.join(workdir, tag)
         os.mkdir(d)
         try:
             for host in (1, 2):  # one at a time: a second that fails leaves the first in self.agents to stop
-                self.agents.append(start_agent(hosts, host, d, key if security == "key" else None))
+                self.agents.append(start_agent(hosts, host, d, key if security == "key" else None, tls))
             with AgentClient(self.agents[0]["socket"]) as c:
                 c.request("create", name="bench", workload=args.workload, size=args.size)
             time.sleep(1.0)
@@ -245,6 +253,22 @@ class Pair:
                 a["proc"].kill()
                 a["proc"].wait()
         self.agents = []
+
+
+def make_tls_files(workdir: str, addresses: list[str]) -> tuple[str, str, str]:
+    """A CA and one certificate for ``addresses`` (both test hosts' agents present it),
+    made with the openssl command: (cert, key, CA) paths in ``workdir``."""
+    ca_key, ca, key, csr, cert, ext = (os.path.join(workdir, n) for n in
+                                       ("tls-ca.key", "tls-ca.pem", "tls.key", "tls.csr", "tls.pem", "tls-ext.cnf"))
+    with open(ext, "w") as f:
+        f.write("subjectAltName=" + ",".join(f"IP:{a}" for a in addresses) + "\n")
+    for argv in (["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+                  "-days", "1", "-subj", "/CN=vmem bench CA"],
+                 ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=agent"],
+                 ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+                  "-days", "1", "-extfile", ext]):
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    return cert, key, ca
 
 
 def pair_for(pair: Pair | None, hosts: NetnsHosts, workdir: str, security: str, key: str | None, args,
@@ -480,6 +504,9 @@ def main() -> int:
     p.add_argument("--postcopy-runs", type=int, default=3,
                    help="pure post-copy migrations per pair for the fault round trip (default 3; 0 skips them)")
     p.add_argument("--postcopy-rate", type=int, default=5000, help="pages/s the post-copy guest writes (default 5000)")
+    p.add_argument("--tls-postcopy-runs", type=int, default=0,
+                   help="also this many pure post-copy migrations between TLS agents (certificates made with the "
+                        "openssl command): their fault round trip, on the sealed urgent connection (default 0: not run)")
     p.add_argument("--fault-sched", choices=list(FAULT_SCHEDS), default="default",
                    help="the post-copy runs' --fault-sched (default: vmem's default; fifo: SCHED_FIFO fault threads, "
                         "whose trade -- a lower p99, a higher p50 -- docs/postcopy.md describes)")
@@ -602,6 +629,12 @@ def main() -> int:
             for sec in arms:
                 pair = pair_for(pair, hosts, workdir, sec, key, args, f"{sec}-pc")
                 result["arms"][sec]["postcopy"] = postcopy_faults(pair, hosts, args, args.postcopy_runs)
+        if args.tls_postcopy_runs > 0:
+            if pair is not None:
+                pair.stop()
+            tls = make_tls_files(workdir, [hosts.addr(1), hosts.addr(2)])
+            pair = Pair(hosts, workdir, "tls", None, args, "tls-pc", tls=tls)
+            result["tls_postcopy"] = postcopy_faults(pair, hosts, args, args.tls_postcopy_runs)
 
         # the rest with the first arm's pair (the default, keyed, between hosts)
         pair = pair_for(pair, hosts, workdir, arms[0], key, args, f"{arms[0]}-rest")

@@ -194,13 +194,13 @@ def test_bench_agent_killed_with_sigterm_removes_its_test_hosts():
 @pytest.mark.skipif(bool(netns_unavailable()), reason=f"no test hosts: {netns_unavailable()}")
 def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     """A CI-sized run of scripts/bench_agent.py (16 MiB guest, one repeat, a keyed and an
-    unkeyed pair, one post-copy migration each): every goal of the issue is printed and in
+    unkeyed pair, one post-copy migration each, and one between TLS agents): every goal of the issue is printed and in
     the JSON with a measured value, and --strict's exit status is exactly "a goal missed".
     (The values themselves are not asserted: at 16 MiB on a shared CI machine they are noise.)"""
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_agent.py"), "--size", "16M",
                         "--empty-size", "0", "--repeat", "1", "--security", "both", "--postcopy-runs", "1",
-                        "--postcopy-rate", "2000", "--floor-samples", "200", "--floor-runs", "1", "--baseline-runs", "1", "--cpu-sweep", "1,2",
+                        "--tls-postcopy-runs", "1", "--postcopy-rate", "2000", "--floor-samples", "200", "--floor-runs", "1", "--baseline-runs", "1", "--cpu-sweep", "1,2",
                         "--no-shaped", "--strict",
                         "--json", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -223,6 +223,8 @@ def test_bench_agent_checks_the_agent_goals_of_both_arms(tmp_path):
     assert all(g["trials"] == 1 and g["settled"] is None for g in goals.values())  # one repeat: cannot tell
     # the post-copy runs took demand faults on the keyed link, and both arms ran every link setting
     assert data["arms"]["key"]["postcopy"]["runs"][0]["faults"] > 0
+    assert data["tls_postcopy"]["runs"][0]["faults"] > 0  # and between TLS agents (sealed urgent connection)
+    assert "post-copy (tls, " in p.stdout
     assert all(len(data["arms"][s]["unshaped_links"]) >= 3 for s in ("key", "none"))
     # the floor the fault goals are compared with: plain page round trips, idle and during a copy
     floor = data["fault_floor"]
