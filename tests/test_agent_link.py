@@ -119,11 +119,28 @@ def test_tls_postcopy_takes_the_native_path_sealed(agents, workdir, key, securit
     pc = report["postcopy"]
     assert pc["fault_path"] == "native" and pc["missing"] == 0 and pc["pages_demanded"] > 0, pc
     assert report["verified"] and report["verification"]["guest_check"]["ok"]
-    # The refusal: an attach request on a TLS urgent connection without "seal".
-    with pytest.raises(AgentError, match="seal key"):
-        agent_migration._seal_key_from({"op": "attach", "session": "x", "index": 0})
-    with pytest.raises(AgentError, match="seal key"):
-        agent_migration._seal_key_from({"seal": "ab" * 8})
+    # The refusal: an authenticated peer's urgent attach over TLS without a seal key (or a short one).
+    import socket
+
+    from transport import SocketChannel
+    from transport.secure import load_key
+    from vmem.agent.protocol import client_hello, recv_frame, send_frame
+    from vmem.agent.security import PeerSecurity
+
+    sec = PeerSecurity.from_options(listen_host="127.0.0.1", tls_cert=cert, tls_key=tls_key, tls_ca=ca)
+    if security == "tls+key":
+        sec.key = load_key(key)
+    for attach in ({"op": "attach", "session": "x", "index": 0}, {"op": "attach", "session": "x", "index": 0,
+                                                                   "seal": "ab" * 8}):
+        raw = SocketChannel(socket.create_connection(("127.0.0.1", b.port), timeout=10))
+        ch = sec.connect(raw, "vmem-urgent", "127.0.0.1")
+        try:
+            client_hello(ch, "vmem-urgent", "test")
+            send_frame(ch, attach)
+            reply = recv_frame(ch)
+        finally:
+            ch.close()
+        assert reply["ok"] is False and reply["code"] == ErrorCode.BAD_REQUEST and "seal key" in reply["error"], reply
     assert agent_migration._seal_key_from({"seal": "ab" * 32}) == bytes([0xAB]) * 32
 
 

@@ -579,7 +579,9 @@ def _link_summary(link, parallel: int, compress: str, urgent) -> dict:
 def serve_attach(agent, channel, purpose: str, peer: str) -> bool:
     """Serve a ``vmem-data``/``vmem-urgent`` connection: hand it to its waiting migration.
 
-    Returns True if the migration took the channel (the caller must not close it).
+    Returns True if the migration took the channel (the caller must not close it).  A TLS
+    link's urgent connection is handed over as a sealed duplicate of its socket
+    (:func:`_sealed_urgent`): then False, and the caller closes the TLS object as usual.
     """
     try:
         request = recv_frame(channel, MAX_UNAUTHENTICATED_FRAME_BYTES)
