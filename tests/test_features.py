@@ -181,6 +181,24 @@ def test_doctor_names_the_kernel_preemption_model(tmp_path):
     assert kernel_preemption(str(proc), str(sys_)).startswith("kernel preemption: lazy (sched/preempt in debugfs)")
 
 
+def test_doctor_says_how_tls_agents_demand_pages_are_protected(tmp_path):
+    """The sealed urgent connection is named whatever the kernel has; kernel TLS is reported
+    as available, absent (naming what the kernel offers) or unknown."""
+    from vmem.features import tls_urgent_link
+
+    proc = tmp_path / "proc"
+    assert tls_urgent_link(str(proc)).endswith("kernel TLS: unknown (no tcp_available_ulp)")
+    ulp = proc / "sys" / "net" / "ipv4" / "tcp_available_ulp"
+    ulp.parent.mkdir(parents=True)
+    ulp.write_text("mptcp\n")
+    said = tls_urgent_link(str(proc))
+    assert "sealed urgent connection (AES-256-GCM" in said and said.endswith("not in this kernel (tcp_available_ulp: mptcp)")
+    ulp.write_text("espintcp mptcp tls\n")
+    assert tls_urgent_link(str(proc)).endswith("kernel TLS: available (not used)")
+    out = subprocess.run([sys.executable, "-m", "vmem", "doctor"], capture_output=True, text=True, timeout=120).stdout
+    assert tls_urgent_link() in out.splitlines()
+
+
 def test_doctor_prints_the_kernel_preemption_line():
     """`vmem doctor` on this machine names a model (or says why it cannot)."""
     import subprocess

@@ -417,6 +417,26 @@ def _preemption_model(proc_root: str, sys_root: str) -> tuple[str | None, str]:
     return model, f"{key}{dynamic}"
 
 
+def tls_urgent_link(proc_root: str = "/proc") -> str:
+    """How post-copy's urgent connection is protected between TLS agents, and whether this
+    kernel has kernel TLS, as a sentence for ``vmem doctor``.
+
+    vmem seals that connection itself (transport.seal: AES-256-GCM in the native fault
+    threads, under a key sent inside TLS) whatever the kernel has; kernel TLS (the ``tls``
+    upper-layer protocol, ``CONFIG_TLS``) is reported so that a reader knows whether the
+    other way the design allows was open here.  ``proc_root``: where procfs is (tests point
+    it at a fake tree)."""
+    ulps = _read_sysctl(os.path.join(proc_root, "sys", "net", "ipv4", "tcp_available_ulp"))
+    if ulps is None:
+        kernel = "unknown (no tcp_available_ulp)"
+    elif "tls" in ulps.split():
+        kernel = "available (not used)"
+    else:
+        kernel = f"not in this kernel (tcp_available_ulp: {ulps or 'empty'})"
+    return ("TLS agents' post-copy demand pages: the native fault path on a sealed urgent connection "
+            f"(AES-256-GCM in C, libcrypto); kernel TLS: {kernel}")
+
+
 def kernel_preemption(proc_root: str = "/proc", sys_root: str = "/sys") -> str:
     """The kernel's preemption model, as a sentence for ``vmem doctor``.
 

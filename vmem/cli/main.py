@@ -168,7 +168,9 @@ def cmd_doctor(args) -> int:
     from transport.gmac import implementation as gmac_implementation
 
     print("keyed-link MAC (AES-256-GMAC): " + gmac_implementation())
-    from vmem.features import free_page_reporting, kernel_preemption
+    from vmem.features import free_page_reporting, kernel_preemption, tls_urgent_link
+
+    print(tls_urgent_link())
 
     print(kernel_preemption())
 
