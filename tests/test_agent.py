@@ -532,14 +532,14 @@ def test_migration_between_test_hosts(testhosts, agents, key, workdir):  # noqa:
 # --- TLS ---------------------------------------------------------------------------------------
 
 
-def _make_tls_files(workdir: str) -> tuple[str, str, str]:
-    """A CA and one certificate for 127.0.0.1 signed by it (openssl CLI)."""
+def _make_tls_files(workdir: str, addresses: tuple[str, ...] = ("127.0.0.1",)) -> tuple[str, str, str]:
+    """A CA and one certificate for ``addresses`` (default 127.0.0.1) signed by it (openssl CLI)."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is not installed (needed to make test certificates)")
     ca_key, ca, key, csr, cert = (os.path.join(workdir, n) for n in ("ca.key", "ca.pem", "agent.key", "agent.csr", "agent.pem"))
     ext = os.path.join(workdir, "ext.cnf")
     with open(ext, "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1\n")
+        f.write("subjectAltName=" + ",".join(f"IP:{a}" for a in addresses) + "\n")
     steps = [
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1",
          "-subj", "/CN=vmem test CA"],

@@ -163,15 +163,24 @@ def test_parallel_postcopy_between_test_hosts(testhosts, agents, key, workdir): 
     assert b.guests()["g"]["state"] == "running"
 
 
-def test_postcopy_resumed_between_agents_after_a_dead_link(testhosts, agents, workdir):  # noqa: F811
+@pytest.mark.parametrize("security", ["insecure", "tls"])
+def test_postcopy_resumed_between_agents_after_a_dead_link(testhosts, agents, workdir, security):  # noqa: F811
     """The link dies after the switch (longer than the dead-peer timeout): both agents keep
     their side (the source lists the guest paused), then `vmem migrate --resume NAME`
-    finishes the migration over new connections and it verifies."""
+    finishes the migration over new connections and it verifies.  Between TLS agents the
+    new urgent connection is sealed under a new key."""
     import subprocess
     import threading
 
-    a = agents("h1", listen=f"{testhosts.addr(1)}:0", prefix=("ip", "netns", "exec", testhosts.ns(1)), extra=("--insecure",))
-    b = agents("h2", listen=f"{testhosts.addr(2)}:0", prefix=("ip", "netns", "exec", testhosts.ns(2)), extra=("--insecure",))
+    from test_agent import _make_tls_files
+
+    if security == "tls":
+        cert, tls_key, ca = _make_tls_files(workdir, (testhosts.addr(1), testhosts.addr(2)))
+        extra = ("--tls-cert", cert, "--tls-key", tls_key, "--tls-ca", ca)
+    else:
+        extra = ("--insecure",)
+    a = agents("h1", listen=f"{testhosts.addr(1)}:0", prefix=("ip", "netns", "exec", testhosts.ns(1)), extra=extra)
+    b = agents("h2", listen=f"{testhosts.addr(2)}:0", prefix=("ip", "netns", "exec", testhosts.ns(2)), extra=extra)
     a.request("create", name="r", workload="checker", size="64M")
     reply: dict = {}
 
@@ -203,6 +212,7 @@ def test_postcopy_resumed_between_agents_after_a_dead_link(testhosts, agents, wo
     assert done["outcome"] == "completed" and done["verification"]["digests"]["mismatched"] == 0
     assert done["verification"]["guest_check"]["ok"] and done["postcopy"]["missing"] == 0
     assert done["postcopy"]["recoveries"] == 1
+    assert done["guest"]["link"]["urgent_protection"] == ("aes-256-gcm" if security == "tls" else "none")
     deadline = time.monotonic() + 10
     while b.guests()["r"]["state"] != "running" and time.monotonic() < deadline:
         time.sleep(0.05)
