@@ -68,17 +68,23 @@ class AesGcm:
         if rc != 1:
             raise GmacUnavailable(f"libcrypto AES-256-GCM {what} failed")
 
+    def _start(self, ctx, init, update, seq: int, aad: bytes, buf) -> None:
+        """GCM's steps that encrypting and decrypting share: nonce ``seq``, ``aad``, then
+        ``buf`` transformed in place."""
+        ffi = self._ffi
+        ffi.memmove(self._iv, _IV.pack(seq), 12)
+        self._check(init(ctx, ffi.NULL, ffi.NULL, ffi.NULL, self._iv), "nonce")
+        self._check(update(ctx, ffi.NULL, self._outl, aad, len(aad)), "aad")
+        n = memoryview(buf).nbytes
+        if n:
+            data = ffi.from_buffer(buf, require_writable=True)
+            self._check(update(ctx, data, self._outl, data, n), "update")
+
     def seal(self, seq: int, aad: bytes, buf: memoryview) -> bytes:
         """Encrypt ``buf`` in place under nonce ``seq`` (never repeated under this key);
         return the 16-byte tag over ``aad`` and the ciphertext."""
         ffi, lib, ctx = self._ffi, self._lib, self._enc
-        ffi.memmove(self._iv, _IV.pack(seq), 12)
-        self._check(lib.EVP_EncryptInit_ex(ctx, ffi.NULL, ffi.NULL, ffi.NULL, self._iv), "nonce")
-        self._check(lib.EVP_EncryptUpdate(ctx, ffi.NULL, self._outl, aad, len(aad)), "aad")
-        n = memoryview(buf).nbytes
-        if n:
-            data = ffi.from_buffer(buf, require_writable=True)
-            self._check(lib.EVP_EncryptUpdate(ctx, data, self._outl, data, n), "update")
+        self._start(ctx, lib.EVP_EncryptInit_ex, lib.EVP_EncryptUpdate, seq, aad, buf)
         self._check(lib.EVP_EncryptFinal_ex(ctx, self._final, self._outl), "final")
         self._check(lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_GET_TAG, GMAC_TAG_BYTES, self._tag), "tag")
         return ffi.buffer(self._tag)[:]
@@ -87,13 +93,7 @@ class AesGcm:
         """Decrypt ``buf`` in place under nonce ``seq``; True if ``tag`` is right (else
         ``buf`` holds garbage and must not be used)."""
         ffi, lib, ctx = self._ffi, self._lib, self._dec
-        ffi.memmove(self._iv, _IV.pack(seq), 12)
-        self._check(lib.EVP_DecryptInit_ex(ctx, ffi.NULL, ffi.NULL, ffi.NULL, self._iv), "nonce")
-        self._check(lib.EVP_DecryptUpdate(ctx, ffi.NULL, self._outl, aad, len(aad)), "aad")
-        n = memoryview(buf).nbytes
-        if n:
-            data = ffi.from_buffer(buf, require_writable=True)
-            self._check(lib.EVP_DecryptUpdate(ctx, data, self._outl, data, n), "update")
+        self._start(ctx, lib.EVP_DecryptInit_ex, lib.EVP_DecryptUpdate, seq, aad, buf)
         ffi.memmove(self._tag, bytes(tag), GMAC_TAG_BYTES)
         self._check(lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, GMAC_TAG_BYTES, self._tag), "set tag")
         return lib.EVP_DecryptFinal_ex(ctx, self._final, self._outl) == 1
