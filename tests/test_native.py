@@ -1331,6 +1331,23 @@ def test_fault_server_speaks_the_mac_framing_of_a_keyed_link(framing):
         src.close()
 
 
+def test_fault_thread_refuses_an_unknown_link_cipher():
+    """A handoff naming a framing the native threads do not speak is refused before they
+    start (a silent fallback would put a TLS link's pages on the wire in the clear)."""
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        server = nat.PostcopyFaultServer(a.fileno(), np.zeros((4, PAGE), np.uint8), np.zeros(4, np.uint8),
+                                         np.zeros(3, np.int64))
+        try:
+            with pytest.raises(ValueError, match="unknown link cipher 'rot13'"):
+                server.set_mac({"send_key": bytes(32), "recv_key": bytes(32), "send_seq": 0, "recv_seq": 0,
+                                "cipher": "rot13"})
+        finally:
+            server.close()
+
+
 def test_fault_server_seals_its_answers_on_a_tls_links_urgent_connection():
     """Confidentiality of the sealed urgent link: the C fault server's answer carries no
     byte of the page in the clear (a marker filling the pages is not on the wire), and a

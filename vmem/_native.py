@@ -1054,11 +1054,11 @@ class PostcopyFaultServer(_FaultThread):
         self._create(urgent_fd, _ptr("const uint8_t *", ram), len(ram), _ptr("uint8_t *", sent), _ptr("int64_t *", cursor))
 
 
-#: How a post-copy fault thread is scheduled (``stats()["priority"]``, :func:`fault_thread_priority`).
 #: the urgent link's framings native code speaks (``native_handoff()["cipher"]``): the
 #: value says to C whether frames are sealed (encrypted) or only tagged
 LINK_CIPHERS: dict[str, int] = {"aes-256-gmac": 0, "aes-256-gcm": 1}
 
+#: How a post-copy fault thread is scheduled (``stats()["priority"]``, :func:`fault_thread_priority`).
 FAULT_THREAD_PRIORITIES: dict[int, str] = {
     int(lib.VMEM_PC_PRIO_NORMAL): "normal",
     int(lib.VMEM_PC_PRIO_NICE): f"nice {int(lib.VMEM_PC_NICE)}",
