@@ -23,7 +23,9 @@ end whatever happens), starts ``vmem agent`` in each, and measures in the same r
 5. **post-copy faults**: ``--postcopy-runs`` pure post-copy migrations of a guest writing
    ``--postcopy-rate`` pages/s between the agents; the demand-fault round trip's p50 and p99
    (medians over the runs); ``--tls-postcopy-runs N``: the same between TLS agents (no goal
-   of its own: printed beside the keyed one).
+   of its own: printed beside the keyed one); ``--postcopy-bandwidths 1G,600M``: that many
+   rounds more on the first arm's pair, uncapped and with each ``--postcopy-bandwidth``
+   interleaved -- the push rate against the fault round trip (no goal: informational).
 
 ``--security both`` runs steps 2 and 5 with a keyed and an unkeyed pair of agents taking
 turns (one pair and one guest alive at a time; the arms alternate every repeat), then 3
@@ -47,7 +49,7 @@ Timing claims are ratios against a baseline measured in the same run, never abso
 
     sudo .venv/bin/python scripts/bench_agent.py [--size 1G] [--empty-size 8G] [--rate 1gbit]
                                                  [--security key|none|both] [--postcopy-runs 3]
-                                                 [--tls-postcopy-runs 0]
+                                                 [--tls-postcopy-runs 0] [--postcopy-bandwidths CAPS]
                                                  [--baseline-runs 3] [--cpu-sweep 1,2]
                                                  [--no-shaped] [--strict] [--json FILE]
 """
@@ -77,7 +79,9 @@ from vmem.agent.client import AgentClient  # noqa: E402
 from vmem.bench.goals import Goals  # noqa: E402
 from vmem.bench.prewarm import prewarm, prewarm_bytes_for  # noqa: E402
 from vmem.migration.postcopy import FAULT_SCHEDS  # noqa: E402
+from vmem.errors import ConfigError  # noqa: E402
 from vmem.ram import parse_size  # noqa: E402
+from vmem.units import bandwidth_from_arg  # noqa: E402
 
 START_TIMEOUT_S = 60.0
 
@@ -150,6 +154,7 @@ def migrate(src: dict, dst_addr: str, name: str, **options) -> dict:
         # post-copy: the demand-fault round trip the destination measured (fault read -> placed)
         "faults": (report.get("postcopy") or {}).get("faults"),
         "fault_latency_us": (report.get("postcopy") or {}).get("fault_latency_us"),
+        "push_rate_Bps": (report.get("postcopy") or {}).get("push_rate_Bps"),
     }
 
 
@@ -281,10 +286,11 @@ def pair_for(pair: Pair | None, hosts: NetnsHosts, workdir: str, security: str, 
     return Pair(hosts, workdir, security, key, args, tag)
 
 
-def postcopy_faults(pair: Pair, hosts: NetnsHosts, args, runs: int) -> dict:
-    """``runs`` pure post-copy migrations between the pair's agents of a fresh guest writing
-    ``--postcopy-rate`` pages/s (ping-pong): the demand-fault round trip the destination
-    measured (fault read -> page placed), medians over the runs."""
+def postcopy_migrations(pair: Pair, hosts: NetnsHosts, args, plan: list[dict]) -> list[dict]:
+    """A pure post-copy migration between the pair's agents for each option dict of ``plan``
+    (in order), of one fresh guest writing ``--postcopy-rate`` pages/s (ping-pong): each
+    run's demand-fault round trip as the destination measured it (fault read -> page
+    placed), its push rate, blackout and downtime."""
     with AgentClient(pair.agents[pair.full.at]["socket"]) as c:
         c.request("create", name="pc", workload="hotcold", size=args.size,
                   workload_args=[f"rate={args.postcopy_rate}"])
@@ -293,11 +299,12 @@ def postcopy_faults(pair: Pair, hosts: NetnsHosts, args, runs: int) -> dict:
     pp.at = pair.full.at
     out = []
     try:
-        for _ in range(runs):
-            r = pp.run(postcopy=True, observe=0.3, fault_sched=getattr(args, "fault_sched", "default"))
+        for options in plan:
+            r = pp.run(postcopy=True, observe=0.3, fault_sched=getattr(args, "fault_sched", "default"), **options)
             lat = r["fault_latency_us"] or {}
-            out.append({"faults": r["faults"], "p50_us": lat.get("p50"), "p99_us": lat.get("p99"),
-                        "max_us": lat.get("max"), "blackout_ms": r["blackout_ms"], "downtime_ms": r["downtime_ms"]})
+            out.append({"options": options, "faults": r["faults"], "p50_us": lat.get("p50"), "p99_us": lat.get("p99"),
+                        "max_us": lat.get("max"), "blackout_ms": r["blackout_ms"], "downtime_ms": r["downtime_ms"],
+                        "push_rate_Bps": r["push_rate_Bps"]})
     finally:
         # best effort: after a failure the guest may be on either side, and the agents stop
         # their guests when they stop (--stop-guests) whatever happens here
@@ -307,15 +314,53 @@ def postcopy_faults(pair: Pair, hosts: NetnsHosts, args, runs: int) -> dict:
                     c.request("destroy", name="pc")
             except Exception:
                 pass
+    return out
+
+
+def _median_of(rows: list[dict], key: str):
+    xs = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return statistics.median(xs) if xs else None
+
+
+def postcopy_faults(pair: Pair, hosts: NetnsHosts, args, runs: int) -> dict:
+    """``runs`` pure post-copy migrations (:func:`postcopy_migrations`, vmem's defaults): the
+    demand-fault round trip's medians over the runs."""
+    out = postcopy_migrations(pair, hosts, args, [{}] * runs)
 
     def med(k):
-        xs = [r[k] for r in out if isinstance(r.get(k), (int, float))]
-        return statistics.median(xs) if xs else None
+        return _median_of(out, k)
 
     summary = {"runs": out, "p50_us": med("p50_us"), "p99_us": med("p99_us"), "faults": med("faults")}
     print(f"post-copy ({pair.security}, --fault-sched {getattr(args, 'fault_sched', 'default')}), {args.postcopy_rate} pages/s, median of {runs}: fault round trip "
           f"p50 {summary['p50_us']} us, p99 {summary['p99_us']} us ({summary['faults']} faults)")
     return summary
+
+
+def postcopy_tradeoff(pair: Pair, hosts: NetnsHosts, args, caps: list[str], runs: int) -> dict:
+    """The push / fault-latency trade of ``--postcopy-bandwidth``: ``runs`` rounds of pure
+    post-copy migrations, each round one uncapped and one per cap in ``caps``, the order
+    reversed every other round (so that a slow stretch of the machine does not fall on one
+    setting); per setting the medians of p50, p99, push rate and blackout.  Informational:
+    issue 13's goals are measured with vmem's defaults."""
+    settings = ["none", *caps]
+    plan = []
+    for i in range(runs):
+        for cap in (settings if i % 2 == 0 else settings[::-1]):
+            plan.append({} if cap == "none" else {"postcopy_bandwidth": cap})
+    out = postcopy_migrations(pair, hosts, args, plan)
+    table = {}
+    print(f"post-copy push cap ({pair.security}, {args.postcopy_rate} pages/s, {runs} runs each, interleaved): "
+          f"medians")
+    for cap in settings:
+        rows = [r for r in out if r["options"].get("postcopy_bandwidth", "none") == cap]
+        table[cap] = {"runs": rows, **{k: _median_of(rows, k) for k in ("p50_us", "p99_us", "push_rate_Bps",
+                                                                          "blackout_ms")}}
+        t = table[cap]
+        push = f"{t['push_rate_Bps'] / 1e9:.2f} GB/s" if t["push_rate_Bps"] else "-"
+        print(f"  --postcopy-bandwidth {cap:<6} push {push:>10}, fault round trip p50 {t['p50_us']} us, "
+              f"p99 {t['p99_us']} us (per run: {', '.join(str(r['p99_us']) for r in rows)}), "
+              f"blackout {t['blackout_ms']} ms")
+    return table
 
 
 #: The push's placer, stood in for: 1 MiB pwrites into a 64 MiB memfd, allocated first (as
@@ -507,6 +552,10 @@ def main() -> int:
     p.add_argument("--tls-postcopy-runs", type=int, default=0,
                    help="also this many pure post-copy migrations between TLS agents (certificates made with the "
                         "openssl command): their fault round trip, on the sealed urgent connection (default 0: not run)")
+    p.add_argument("--postcopy-bandwidths", metavar="CAPS", default="",
+                   help="e.g. 1G,600M: also --postcopy-runs rounds of post-copy migrations on the first arm's pair, "
+                        "uncapped and with each --postcopy-bandwidth in CAPS interleaved: the push rate against the "
+                        "fault round trip (default: not run)")
     p.add_argument("--fault-sched", choices=list(FAULT_SCHEDS), default="default",
                    help="the post-copy runs' --fault-sched (default: vmem's default; fifo: SCHED_FIFO fault threads, "
                         "whose trade -- a lower p99, a higher p50 -- docs/postcopy.md describes)")
@@ -532,6 +581,11 @@ def main() -> int:
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args()
+    try:  # a mistyped cap fails here, not after the minutes of benchmark before it
+        for cap in filter(None, (c.strip() for c in args.postcopy_bandwidths.split(","))):
+            bandwidth_from_arg(cap, "--postcopy-bandwidths")
+    except ConfigError as err:
+        p.error(str(err))
     global PREWARM_BYTES
     if args.prealloc:
         COMMON_OPTIONS["prealloc"] = True
@@ -629,6 +683,11 @@ def main() -> int:
             for sec in arms:
                 pair = pair_for(pair, hosts, workdir, sec, key, args, f"{sec}-pc")
                 result["arms"][sec]["postcopy"] = postcopy_faults(pair, hosts, args, args.postcopy_runs)
+            if args.postcopy_bandwidths:
+                pair = pair_for(pair, hosts, workdir, arms[0], key, args, f"{arms[0]}-pcbw")
+                result["postcopy_tradeoff"] = postcopy_tradeoff(
+                    pair, hosts, args, [c.strip() for c in args.postcopy_bandwidths.split(",") if c.strip()],
+                    args.postcopy_runs)
         if args.tls_postcopy_runs > 0:
             if pair is not None:
                 pair.stop()

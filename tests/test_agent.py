@@ -632,6 +632,29 @@ def test_prealloc_between_agents(agents, key):
     assert b.guests()["g1"]["state"] == "running" and "g1" not in a.guests()
 
 
+def test_postcopy_bandwidth_between_agents(agents, key):
+    """--postcopy-bandwidth travels with the other flags: on a keyed link the push after the
+    switch stays within the cap (an unpaced one runs ~50x faster), the demand faults still
+    take the native path and the migration verifies; without post-copy the agent refuses
+    the flag before anything moves, naming it."""
+    a = agents("a", key=key)
+    b = agents("b", key=key)
+    a.request("create", name="g1", workload="hotcold", size="32M", workload_args=["rate=20000"])
+    with pytest.raises(AgentError) as exc:
+        a.request("migrate", name="g1", target=b.address, options={"observe": 0, "postcopy_bandwidth": "20M"})
+    assert "--postcopy-bandwidth" in exc.value.message and "no post-copy" in exc.value.message
+    assert a.guests()["g1"]["state"] == "running" and "g1" not in b.guests()
+    report = a.request("migrate", name="g1", target=b.address,
+                       options={"observe": 0, "postcopy": True, "postcopy_bandwidth": "20M"})["report"]
+    assert report["outcome"] == "completed", report["reason"]
+    assert report["verification"]["digests"]["mismatched"] == 0 and report["verification"]["guest_check"]["ok"]
+    pc = report["postcopy"]
+    assert pc["push_bandwidth_limit_Bps"] == 20e6 and pc["fault_path"] == "native"
+    assert pc["source"]["pages_pushed_sent"] >= 1024, pc["source"]
+    assert pc["push_rate_Bps"] <= 20e6 * 1.5 and pc["source"]["push_paced_s"] > 0, pc
+    assert b.guests()["g1"]["state"] == "running" and "g1" not in a.guests()
+
+
 def test_fault_sched_between_agents(agents, key):
     """--fault-sched travels with the other flags: on a keyed link both agents' fault threads
     run SCHED_FIFO (each side's report part says what it got) and the migration verifies."""

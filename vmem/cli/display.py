@@ -211,6 +211,12 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
             t.add_row("  first step after the switch", f"{took}from the resume on, blocked {first['blocked_ms']:,.3f} ms on "
                                                         f"{first['faults']:,} demand faults (inside the downtime)")
         t.add_row("  pages demanded / pushed", f"{pc.get('pages_demanded', 0):,} / {pc.get('pages_pushed', 0):,}")
+        if pc.get("push_bandwidth_limit_Bps"):
+            paced = (pc.get("source") or {}).get("push_paced_s") or 0.0
+            reached = pc.get("push_rate_Bps")
+            t.add_row("  push cap (--postcopy-bandwidth)",
+                      f"{pc['push_bandwidth_limit_Bps'] / 1e6:,.1f} MB/s; the push ran at "
+                      f"{'-' if reached is None else f'{reached / 1e6:,.1f}'} MB/s and waited {paced:.3f} s for the cap")
         if pc.get("recoveries"):
             t.add_row("  link failures recovered", f"{pc['recoveries']} ({pc.get('pages_resent_after_recovery', 0):,} pages resent after the last)")
         before_what = "pre-copy, at the source" if report.mode == "hybrid" else "0.5 s before the pause, at the source"

@@ -54,6 +54,12 @@ def add_migration_arguments(parser) -> None:
     m.add_argument("--postcopy-recovery", action="store_true",
                    help="if the link breaks after the switch, both sides keep their state and the migration is resumed "
                         "over a new connection (automatically on one host; vmem migrate --resume NAME with agents)")
+    m.add_argument("--postcopy-bandwidth", metavar="RATE",
+                   help="cap the background push after the post-copy switch (QEMU's max-postcopy-bandwidth; same "
+                        "units as --bandwidth): demand-fault answers are not capped, so a lower cap leaves more of "
+                        "both hosts' CPUs and the link to the pages the guest is waiting for, and the post-copy "
+                        "phase lasts longer (postcopy.push_rate_Bps, source.push_paced_s; docs/postcopy.md); "
+                        "needs post-copy")
     m.add_argument("--fault-sched", choices=list(FAULT_SCHEDS), default="default",
                    help="how both hosts schedule the post-copy fault threads (like libvirt's vcpusched): default, "
                         "nice -15 with a 0.1 ms slice (the lowest median fault round trip; a woken fault thread may "
@@ -148,6 +154,8 @@ def options_from_args(args):
                             guest_check=not args.no_guest_check, observe_s=args.observe,
                             bandwidth_Bps=bandwidth_from_arg(args.bandwidth), postcopy=postcopy,
                             postcopy_recovery=bool(getattr(args, "postcopy_recovery", False)),
+                            postcopy_bandwidth_Bps=bandwidth_from_arg(getattr(args, "postcopy_bandwidth", None),
+                                                                      "--postcopy-bandwidth"),
                             prealloc=bool(getattr(args, "prealloc", False)),
                             prepare_pause=not getattr(args, "no_prepare_pause", False),
                             collect_stop=bool(getattr(args, "collect_stop", False)),

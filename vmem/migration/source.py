@@ -30,6 +30,7 @@ one ``np.take`` into a staging buffer.  No per-page Python anywhere.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import threading
 import time
@@ -119,6 +120,10 @@ class MigrationOptions:
             IPI to a CPU it runs on (:mod:`vmem.tracking.stopped`); the rounds' statistics
             say how long it stood still (``guest_stopped_ms``).  uffd-wp only: the mprotect
             and KVM trackers collect inside the guest.
+        postcopy_bandwidth_Bps: cap (bytes/s) on the background push after the post-copy
+            switch, None for none (QEMU's ``max-postcopy-bandwidth``): a token bucket paces
+            the push's batches; demand answers are not counted or held.  ``bandwidth_Bps``,
+            which shapes the whole link, still applies too.  Needs post-copy.
         fault_sched: how both hosts schedule the post-copy fault threads
             (:data:`vmem.migration.postcopy.FAULT_SCHEDS`): "default" (nice -15 with a short
             slice where permitted) or "fifo" (SCHED_FIFO; each host must permit it, or the
@@ -140,6 +145,7 @@ class MigrationOptions:
     prepare_pause: bool = True
     collect_stop: bool = False
     fault_sched: str = "default"
+    postcopy_bandwidth_Bps: float | None = None
     extra_config: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -148,6 +154,14 @@ class MigrationOptions:
         if self.collect_stop and self.tracker not in ("auto", "uffd-wp"):
             raise ConfigError("--collect-stop", f"needs the uffd-wp tracker, not {self.tracker}: that one collects "
                                                 "inside the guest, which a stopped guest cannot do")
+        if self.postcopy_bandwidth_Bps is not None:
+            if not (isinstance(self.postcopy_bandwidth_Bps, (int, float)) and math.isfinite(self.postcopy_bandwidth_Bps)
+                    and self.postcopy_bandwidth_Bps > 0):
+                raise ConfigError("--postcopy-bandwidth", f"must be a rate > 0, not {self.postcopy_bandwidth_Bps!r}")
+            if self.postcopy == "off":
+                raise ConfigError("--postcopy-bandwidth", "caps the post-copy push, and this migration has no "
+                                                          "post-copy (add --postcopy, --postcopy-after-precopy or "
+                                                          "--allow-postcopy, or use --bandwidth for the whole link)")
         from vmem.migration.postcopy import FAULT_SCHEDS
 
         if self.fault_sched not in FAULT_SCHEDS:
@@ -773,7 +787,7 @@ class SourceMigration:
         from vmem.migration.postcopy.source import PostcopySource
 
         pc = PostcopySource(served, self._writer, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch,
-                            fault_sched=self.opt.fault_sched)
+                            fault_sched=self.opt.fault_sched, push_bandwidth_Bps=self.opt.postcopy_bandwidth_Bps)
         pc.recorder = self.pagemap
         self._pc = pc
         pc.start()
@@ -854,6 +868,7 @@ class SourceMigration:
             "pages_pending": self._pc_pending_total,
             "push_s": round(push_s, 6),
             "push_rate_Bps": round(pc.bytes_pushed / push_s, 1) if push_s > 0 else None,
+            "push_bandwidth_limit_Bps": self.opt.postcopy_bandwidth_Bps,
             "source": pc.stats(),
             "fault_sched": self.opt.fault_sched,
             "guest_rate": {"unit": "workload steps/s", "before": before, "during": during, "after": None},
@@ -904,7 +919,8 @@ class SourceMigration:
             from vmem.migration.postcopy.source import PostcopySource
 
             pc = PostcopySource(g.ram.pages, self._writer, self._ctl_reader, self._send_lock,
-                                self.urgent, self.progress, self.ch, fault_sched=self.opt.fault_sched)
+                                self.urgent, self.progress, self.ch, fault_sched=self.opt.fault_sched,
+                                push_bandwidth_Bps=self.opt.postcopy_bandwidth_Bps)
             self._pc = pc
             pc.start()
             self._set_state(SourceState.POSTCOPY_RECOVER, SourceState.POSTCOPY_ACTIVE)

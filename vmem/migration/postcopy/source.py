@@ -20,6 +20,9 @@ Two threads:
   server counts them in ``cursor[2]``), so on a 2-core machine the answer does not compete
   with a 4 MiB gather and send for a CPU (``push_yields`` counts the batches that waited).
   The destination does the same where the two meet there (vmem/_build/postcopy.py).
+  With a cap (``--postcopy-bandwidth``, QEMU's max-postcopy-bandwidth) a token bucket paces
+  the batches; the demand answers are neither counted nor held (``push_paced_s`` says how
+  long the push waited for the cap).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import time
 
 import numpy as np
 
-from transport import TransportError
+from transport import TokenBucket, TransportError
 
 from vmem.format import wire
 from vmem.errors import MigrationError, StreamError, drop_tracebacks
@@ -61,6 +64,9 @@ GIVE_WAY_MAX_S = 0.005
 #: when the fault server's link fails, how long the pusher waits for the destination's
 #: ERROR on the main channel (sent before it closed) before the link error stands
 DESTINATION_REASON_WAIT_S = 0.5
+#: a push waiting for its bandwidth cap looks at the back channel at least this often (a
+#: low cap on a 4 MiB batch would otherwise sleep for seconds without seeing an ERROR)
+PACED_POLL_S = 0.02
 
 
 def push_batch_pages(fd: int) -> int:
@@ -100,11 +106,17 @@ class PostcopySource:
             channel).
         fault_sched: how the native fault thread is scheduled
             (:data:`vmem.migration.postcopy.FAULT_SCHEDS`; the caller checked the host permits it).
+        push_bandwidth_Bps: cap on the push in bytes/s, counted as the stream bytes its
+            batches wrote (before any ``--compress`` of the link), None for none.
     """
 
     def __init__(self, ram: np.ndarray, writer, ctl_reader, send_lock: threading.Lock,
-                 urgent=None, progress=None, channel=None, fault_sched: str = "default"):
+                 urgent=None, progress=None, channel=None, fault_sched: str = "default",
+                 push_bandwidth_Bps: float | None = None):
         self.ram = ram
+        #: paces the push to push_bandwidth_Bps (None: not paced); its sleeps keep reading
+        #: the back channel (_paced_sleep)
+        self._bucket = TokenBucket(push_bandwidth_Bps, sleep=self._paced_sleep) if push_bandwidth_Bps else None
         self.fault_sched = fault_sched
         #: the pages to push (sorted unique int64), given to :meth:`push`; the fault server
         #: may start before it is known (the destination may fault at once)
@@ -360,10 +372,25 @@ class PostcopySource:
                 nbytes = self.writer.bytes_written - before
             self.pages_pushed += len(batch)
             self.bytes_pushed += nbytes
+            if self._bucket is not None:
+                self._bucket.consume(nbytes)  # after the send: the first batch goes at once
             if self.recorder is not None:
                 self.recorder.pushed(batch)
             if self.progress is not None:
                 self.progress.sent(len(batch), nbytes)
+
+    def _paced_sleep(self, seconds: float) -> None:
+        """The bucket's sleep: in slices of at most PACED_POLL_S, reading the back channel
+        between them and raising at once if the fault server failed."""
+        end = time.monotonic() + seconds
+        while True:
+            if self.error is not None:
+                raise self.error
+            self.poll_backchannel()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, PACED_POLL_S))
 
     def _give_way(self) -> None:
         """Wait (yielding the CPU) until the fault server has answered what it is answering."""
@@ -401,5 +428,6 @@ class PostcopySource:
     def stats(self) -> dict:
         return {"pages_pushed_sent": self.pages_pushed, "pages_demanded_sent": self.pages_demanded,
                 "fault_pages_served": self.faults_served, "push_yields": self.push_yields,
-                "fault_thread_priority": self.fault_thread_priority}
+                "fault_thread_priority": self.fault_thread_priority,
+                "push_paced_s": round(self._bucket.wait_s, 6) if self._bucket is not None else 0.0}
 
