@@ -634,7 +634,7 @@ def test_prealloc_between_agents(agents, key):
 
 def test_postcopy_bandwidth_between_agents(agents, key):
     """--postcopy-bandwidth travels with the other flags: on a keyed link the push after the
-    switch stays within the cap (an unpaced one runs ~50x faster), the demand faults still
+    switch stays within the cap (an unpaced one runs many times faster), the demand faults still
     take the native path and the migration verifies; without post-copy the agent refuses
     the flag before anything moves, naming it."""
     a = agents("a", key=key)

@@ -721,7 +721,7 @@ PUSH_CAP_BPS = 20e6
 def test_postcopy_bandwidth_caps_the_push(boot_guest):
     """``--postcopy-bandwidth``: the push after the switch stays within the cap (the push's
     rate over its whole duration: a bound the pacing cannot break however slow the machine,
-    and one an unpaced push breaks ~50x), the migration is verified as any other and the
+    and one an unpaced push broke 28x here), the migration is verified as any other and the
     guest runs on at the destination; the report says the cap and how long the push waited
     for it.  Pure post-copy: a hybrid pushes the same way (PostcopySource.push), only what
     the last round left, too little here for a cap to bind."""
