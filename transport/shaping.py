@@ -113,12 +113,14 @@ class TokenBucket:
                  sleep: Callable[[float], None] = time.sleep):
         if not (math.isfinite(rate_Bps) and rate_Bps > 0):
             raise ValueError(f"rate_Bps must be a finite number > 0, got {rate_Bps!r}")
+        burst_given = burst_bytes
         if burst_bytes is None:
             burst_bytes = default_burst_bytes(rate_Bps)
         if burst_bytes <= 0:
             raise ValueError(f"burst_bytes must be > 0, got {burst_bytes!r}")
         self._rate_Bps = float(rate_Bps)
         self._burst_bytes = int(burst_bytes)
+        self._default_burst = burst_given is None
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
@@ -142,6 +144,26 @@ class TokenBucket:
     def wait_s(self) -> float:
         """Total seconds spent waiting in :meth:`consume` since creation."""
         return self._wait_s
+
+    def set_rate(self, rate_Bps: float) -> float:
+        """Change the sustained rate from now on (``virsh migrate-setspeed``); returns the old.
+
+        What was granted up to now was granted at the old rate; a caller already sleeping
+        off a debt keeps its deadline (at most one request's worth).  A bucket made with
+        the default burst gets the new rate's default burst.
+
+        Raises:
+            ValueError: ``rate_Bps`` is not a finite number > 0.
+        """
+        if not (isinstance(rate_Bps, (int, float)) and math.isfinite(rate_Bps) and rate_Bps > 0):
+            raise ValueError(f"rate_Bps must be a finite number > 0, got {rate_Bps!r}")
+        with self._lock:
+            self._refill(self._clock())
+            old, self._rate_Bps = self._rate_Bps, float(rate_Bps)
+            if self._default_burst:
+                self._burst_bytes = default_burst_bytes(self._rate_Bps)
+                self._tokens = min(self._tokens, float(self._burst_bytes))
+        return old
 
     def _refill(self, now_s: float) -> None:
         self._tokens = min(float(self._burst_bytes),
@@ -211,6 +233,10 @@ class ShapedChannel(WrappedChannel):
     def wait_s(self) -> float:
         """Total seconds sends spent waiting for tokens."""
         return self._bucket.wait_s
+
+    def set_rate(self, rate_Bps: float) -> float:
+        """Pace the sends from now on at ``rate_Bps`` (:meth:`TokenBucket.set_rate`); returns the old rate."""
+        return self._bucket.set_rate(rate_Bps)
 
     def _send(self, views: list[memoryview], total: int) -> None:
         sent = 0

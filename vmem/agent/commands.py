@@ -385,6 +385,31 @@ def cmd_migrate_setmaxdowntime(agent, channel, request: dict) -> dict:
     return {"name": name, "old_ms": old, "max_downtime_ms": ms}
 
 
+def cmd_migrate_setspeed(agent, channel, request: dict) -> dict:
+    """``{"op": "migrate-setspeed", "name", "bandwidth": RATE, "postcopy": bool}``: change a
+    cap of NAME's running migration (virsh migrate-setspeed [--postcopy]): the link's
+    ``--bandwidth`` (a migration started with one), or with ``postcopy`` the post-copy
+    push's ``--postcopy-bandwidth`` (a migration with post-copy).  RATE as the flags take
+    it (``100M``, ``1Gbit``).  Refused (bad-request) naming the flag otherwise."""
+    from vmem.errors import ConfigError
+    from vmem.units import bandwidth_from_arg
+
+    name, job = _job(agent, request)
+    postcopy = request.get("postcopy", False)
+    if not isinstance(postcopy, bool):
+        raise AgentError(ErrorCode.BAD_REQUEST, f"postcopy must be true or false, got {postcopy!r}")
+    flag = "--postcopy-bandwidth" if postcopy else "--bandwidth"
+    rate = request.get("bandwidth")
+    try:
+        if not isinstance(rate, str):
+            raise ConfigError(flag, f"the rate must be a string such as 100M or 1Gbit, got {rate!r}")
+        rate_Bps = bandwidth_from_arg(rate, flag)
+        old = job["migration"].set_bandwidth(rate_Bps, postcopy=postcopy)
+    except ConfigError as err:
+        raise AgentError(ErrorCode.BAD_REQUEST, str(err)) from None
+    return {"name": name, "postcopy": postcopy, "old_Bps": old, "bandwidth_Bps": rate_Bps}
+
+
 #: Ops that name a file on the agent's host: taken from the control socket only.
 LOCAL_ONLY_COMMANDS = frozenset({"save", "restore"})
 
@@ -401,4 +426,5 @@ COMMANDS = {
     "migrate": cmd_migrate,
     "jobinfo": cmd_jobinfo,
     "migrate-setmaxdowntime": cmd_migrate_setmaxdowntime,
+    "migrate-setspeed": cmd_migrate_setspeed,
 }

@@ -15,7 +15,7 @@ __all__ = ["AGENT_COMMANDS", "add_agent_commands", "add_agent_address_arguments"
            "cmd_migrate_via_agent"]
 
 AGENT_COMMANDS = ("agent", "keygen", "create", "list", "destroy", "verify", "save", "restore", "jobinfo",
-                  "migrate-setmaxdowntime")
+                  "migrate-setmaxdowntime", "migrate-setspeed")
 
 
 def add_agent_address_arguments(parser) -> None:
@@ -110,6 +110,18 @@ def add_agent_commands(sub) -> None:
     p.add_argument("ms", metavar="MS", type=float, help="the new limit in milliseconds (> 0)")
     add_agent_address_arguments(p)
 
+    p = sub.add_parser("migrate-setspeed",
+                       help="change the bandwidth cap of a running migration (like virsh migrate-setspeed)",
+                       description="Set the link's cap (--bandwidth) of guest NAME's running outgoing migration, "
+                                   "from its next send on; only a migration started with --bandwidth has one. With "
+                                   "--postcopy, set the post-copy push's cap (--postcopy-bandwidth) instead: from the "
+                                   "push's next batch, or from the switch on if it has not come yet.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("bandwidth", metavar="RATE", help="100M (MB/s, bytes), 50MiB (MiB/s), 1Gbit (bits/s); a bare number "
+                                                     "is refused")
+    p.add_argument("--postcopy", action="store_true", help="the post-copy push's cap, not the link's")
+    add_agent_address_arguments(p)
+
     p = sub.add_parser("restore", help="start a guest from a save file (like xl restore)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--name", metavar="NAME", help="name of the restored guest (default: the name it was saved under)")
@@ -128,7 +140,7 @@ def run_agent_command(args) -> int:
     return {"agent": _cmd_agent, "keygen": _cmd_keygen, "create": _cmd_create, "list": _cmd_list,
             "destroy": _cmd_destroy, "verify": _cmd_verify, "save": _cmd_save,
             "restore": _cmd_restore, "jobinfo": _cmd_jobinfo,
-            "migrate-setmaxdowntime": _cmd_setmaxdowntime}[args.command](args)
+            "migrate-setmaxdowntime": _cmd_setmaxdowntime, "migrate-setspeed": _cmd_setspeed}[args.command](args)
 
 
 def _agent_config(args, problems: list | None = None):
@@ -307,6 +319,21 @@ def _cmd_setmaxdowntime(args) -> int:
     with _client(args) as c:
         reply = c.request("migrate-setmaxdowntime", name=args.name, ms=args.ms)
     print(f"guest {args.name}: max downtime {reply['old_ms']:g} -> {reply['max_downtime_ms']:g} ms")
+    return 0
+
+
+def _cmd_setspeed(args) -> int:
+    from vmem.units import bandwidth_from_arg
+
+    flag = "--postcopy-bandwidth" if args.postcopy else "--bandwidth"
+    bandwidth_from_arg(args.bandwidth, flag)  # a malformed rate fails here, before the agent is asked
+    with _client(args) as c:
+        reply = c.request("migrate-setspeed", name=args.name, bandwidth=args.bandwidth, postcopy=args.postcopy)
+
+    def mbs(x):
+        return "none" if x is None else f"{x / 1e6:,.1f} MB/s"
+
+    print(f"guest {args.name}: {flag} {mbs(reply['old_Bps'])} -> {mbs(reply['bandwidth_Bps'])}")
     return 0
 
 

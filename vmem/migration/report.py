@@ -78,6 +78,9 @@ class MigrationReport:
     tracker: str = ""
     policy: dict = field(default_factory=dict)
     bandwidth_limit_bps: float | None = None
+    #: caps changed while the migration ran (SourceMigration.set_bandwidth, virsh
+    #: migrate-setspeed): [{at_s, what, old, new}]
+    speed_changes: list = field(default_factory=list)
     workload: dict = field(default_factory=dict)
     guest_size_bytes: int = 0
     timings_ms: dict = field(default_factory=dict)     # pause latency, stop-and-copy, resume...

@@ -111,7 +111,7 @@ class PrecopyEnd:
 
 
 def run_precopy(io: RoundIO, policy, first_pages: Any, *, guest_pages: int, page_size: int,
-                bandwidth_limit_Bps: float | None, postcopy_after_precopy: bool = False,
+                bandwidth_limit_Bps: float | None | Callable[[], float | None], postcopy_after_precopy: bool = False,
                 postcopy_refusal: str | None = None, on_round: Callable[[RoundStats], None] | None = None,
                 max_rounds: int = SAFETY_MAX_ROUNDS) -> PrecopyEnd:
     """Run precopy rounds until the policy (or the safety cap) ends them.
@@ -122,7 +122,8 @@ def run_precopy(io: RoundIO, policy, first_pages: Any, *, guest_pages: int, page
         first_pages: what round 0 sends (every page holding data).
         guest_pages, page_size: of the guest.
         bandwidth_limit_Bps: the configured link cap, or None (PrecopyStats and the
-            estimated downtime).
+            estimated downtime); or a callable returning it, read every round (a cap
+            changed while the migration runs: ``migrate-setspeed``).
         postcopy_after_precopy: a STOP_AND_COPY becomes a POSTCOPY (hybrid migration).
         postcopy_refusal: if given, a POSTCOPY raises PolicyError with this message
             (post-copy not enabled, or not possible).
@@ -146,7 +147,8 @@ def run_precopy(io: RoundIO, policy, first_pages: Any, *, guest_pages: int, page
         rate_pps = res.dirty_pages / res.since_collect_s if res.since_collect_s > 0 else 0.0
         history.append(res.dirty_pages)
         rate_history.append(rate_pps)
-        est = estimate_downtime_s(res.dirty_pages, planning_bandwidth_Bps(bw_Bps, bandwidth_limit_Bps), page_size)
+        limit_Bps = bandwidth_limit_Bps() if callable(bandwidth_limit_Bps) else bandwidth_limit_Bps
+        est = estimate_downtime_s(res.dirty_pages, planning_bandwidth_Bps(bw_Bps, limit_Bps), page_size)
         rs = RoundStats(
             index=index, pages_sent=res.pages_sent, bytes_sent=res.bytes_sent, duration_s=round(res.send_s, 6),
             dirty_pages=res.dirty_pages, dirty_rate_pps=round(rate_pps, 1), bandwidth_bps=round(bw_Bps * 8, 1),
@@ -157,7 +159,7 @@ def run_precopy(io: RoundIO, policy, first_pages: Any, *, guest_pages: int, page
         stats = PrecopyStats(
             iteration=index + 1, total_written=total_written, dirty_count=res.dirty_pages, guest_pages=guest_pages,
             elapsed_s=res.elapsed_s, round_s=res.send_s, bandwidth_Bps=bw_Bps, dirty_rate_pps=rate_pps,
-            dirty_history=tuple(history), est_downtime_s=est, bandwidth_limit_Bps=bandwidth_limit_Bps,
+            dirty_history=tuple(history), est_downtime_s=est, bandwidth_limit_Bps=limit_Bps,
             throttle=throttle, dirty_rate_history=tuple(rate_history), page_size=page_size,
         )
         verdict = call_policy(policy, stats)

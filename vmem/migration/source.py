@@ -241,6 +241,9 @@ class SourceMigration:
         self.urgent = urgent_channel
         self._send_lock = threading.Lock()
         self._pc = None  # PostcopySource while post-copy runs: it owns the back channel
+        #: a cap changed while the migration runs (set_bandwidth) and a PostcopySource being
+        #: made from the options exclude each other: the change reaches the one made
+        self._speed_lock = threading.Lock()
         self._rate_mark = None  # (monotonic ns, guest steps) where guest_rate.before starts
         self._recoveries = 0
         self._pc_resumed = None  # the destination's RESUMED, once received
@@ -583,7 +586,7 @@ class SourceMigration:
         if self.pagemap is not None:
             self.pagemap.data_pages(runs)
         end = run_precopy(_LiveRounds(self, t_start), self.policy, runs, guest_pages=g.npages,
-                          page_size=PAGE_SIZE, bandwidth_limit_Bps=self.opt.bandwidth_Bps,
+                          page_size=PAGE_SIZE, bandwidth_limit_Bps=lambda: self.opt.bandwidth_Bps,
                           postcopy_after_precopy=self.opt.postcopy == "after-precopy", postcopy_refusal=refusal,
                           on_round=round_end)
         dirty, index = end.dirty, end.rounds - 1
@@ -786,10 +789,12 @@ class SourceMigration:
         the destination's faults from TRANSITION on; the run's cleanup stops it."""
         from vmem.migration.postcopy.source import PostcopySource
 
-        pc = PostcopySource(served, self._writer, self._ctl_reader, self._send_lock, self.urgent, self.progress, self.ch,
-                            fault_sched=self.opt.fault_sched, push_bandwidth_Bps=self.opt.postcopy_bandwidth_Bps)
-        pc.recorder = self.pagemap
-        self._pc = pc
+        with self._speed_lock:
+            pc = PostcopySource(served, self._writer, self._ctl_reader, self._send_lock, self.urgent, self.progress,
+                                self.ch, fault_sched=self.opt.fault_sched,
+                                push_bandwidth_Bps=self.opt.postcopy_bandwidth_Bps)
+            pc.recorder = self.pagemap
+            self._pc = pc
         pc.start()
         return pc
 
@@ -918,10 +923,11 @@ class SourceMigration:
             self._writer.write_record(wire.PostcopyRecordType.BEGIN)
             from vmem.migration.postcopy.source import PostcopySource
 
-            pc = PostcopySource(g.ram.pages, self._writer, self._ctl_reader, self._send_lock,
-                                self.urgent, self.progress, self.ch, fault_sched=self.opt.fault_sched,
-                                push_bandwidth_Bps=self.opt.postcopy_bandwidth_Bps)
-            self._pc = pc
+            with self._speed_lock:
+                pc = PostcopySource(g.ram.pages, self._writer, self._ctl_reader, self._send_lock,
+                                    self.urgent, self.progress, self.ch, fault_sched=self.opt.fault_sched,
+                                    push_bandwidth_Bps=self.opt.postcopy_bandwidth_Bps)
+                self._pc = pc
             pc.start()
             self._set_state(SourceState.POSTCOPY_RECOVER, SourceState.POSTCOPY_ACTIVE)
             self._postcopy_serve(pc, len(r.rounds), missing)
@@ -1059,6 +1065,49 @@ class SourceMigration:
         else:  # None: an older destination that does not send the gap's end
             pc["blackout_until_complete_at_s"] = round(self._since_pause_ms(end_ns) / 1e3, 6) if end_ns else None
         pc["blackout_after_complete"] = r.blackout_ms is not None and r.blackout_ms > until
+
+    def set_bandwidth(self, rate_Bps: float, postcopy: bool = False) -> float | None:
+        """Change a cap while the migration runs (``virsh migrate-setspeed [--postcopy]``);
+        returns the old cap (None: there was none).  Thread-safe: called from another thread
+        than the one running the migration.
+
+        ``postcopy=False``: the link's ``--bandwidth``, from the next send on (the policy
+        plans with it from its next decision); only a migration started with a cap has a
+        shaper to change.  ``postcopy=True``: the post-copy push's ``--postcopy-bandwidth``,
+        from the push's next batch (or from the switch on, if it has not come yet), with
+        or without a cap before.  Each change is listed in the report's ``speed_changes``.
+
+        Raises:
+            ConfigError: naming the flag, for a rate that is not > 0, a link started
+                without ``--bandwidth``, or a push cap on a migration without post-copy.
+        """
+        from transport import ShapedChannel
+
+        flag = "--postcopy-bandwidth" if postcopy else "--bandwidth"
+        if not (isinstance(rate_Bps, (int, float)) and math.isfinite(rate_Bps) and rate_Bps > 0):
+            raise ConfigError(flag, f"must be a rate > 0, not {rate_Bps!r}")
+        with self._speed_lock:
+            if postcopy:
+                if self.opt.postcopy == "off":
+                    raise ConfigError(flag, "this migration has no post-copy: there is no push to cap")
+                old = self.opt.postcopy_bandwidth_Bps
+                self.opt.postcopy_bandwidth_Bps = float(rate_Bps)
+                if self._pc is not None:
+                    self._pc.set_push_bandwidth(float(rate_Bps))
+            else:
+                shaper = self.ch
+                while shaper is not None and not isinstance(shaper, ShapedChannel):
+                    shaper = getattr(shaper, "inner", None)
+                if shaper is None:
+                    raise ConfigError(flag, "this migration was started without --bandwidth, so its link has no "
+                                            "shaper to change; start it with --bandwidth to change the cap later")
+                old = shaper.set_rate(float(rate_Bps))
+                self.opt.bandwidth_Bps = float(rate_Bps)
+            self.report.speed_changes.append({
+                "at_s": round((time.monotonic_ns() - self._t_start_ns) / 1e9, 3) if self._t_start_ns else 0.0,
+                "what": "postcopy_bandwidth_Bps" if postcopy else "bandwidth_Bps", "old": old,
+                "new": float(rate_Bps)})
+        return old
 
     def _since_pause_ms(self, dest_ns) -> float:
         """Milliseconds from our guest's pause to a destination clock reading, on our clock."""

@@ -379,6 +379,14 @@ class PostcopySource:
             if self.progress is not None:
                 self.progress.sent(len(batch), nbytes)
 
+    def set_push_bandwidth(self, rate_Bps: float) -> None:
+        """Cap the push at ``rate_Bps`` from its next batch on (a new cap or a changed one;
+        called from another thread: the push reads ``_bucket`` once a batch)."""
+        if self._bucket is None:
+            self._bucket = TokenBucket(rate_Bps, sleep=self._paced_sleep)
+        else:
+            self._bucket.set_rate(rate_Bps)
+
     def _paced_sleep(self, seconds: float) -> None:
         """The bucket's sleep: in slices of at most PACED_POLL_S, reading the back channel
         between them and raising at once if the fault server failed."""
