@@ -755,7 +755,7 @@ def test_postcopy_bandwidth_needs_postcopy_and_a_rate():
     assert MigrationOptions(postcopy="allow", postcopy_bandwidth_Bps=1e6).postcopy_bandwidth_Bps == 1e6
     with pytest.raises(ConfigError, match="--postcopy-bandwidth.*has no post-copy.*--bandwidth"):
         MigrationOptions(postcopy_bandwidth_Bps=1e6)
-    for bad in (0, -5.0, float("inf"), "100M"):
+    for bad in (0, -5.0, float("inf"), "100M", True):
         with pytest.raises(ConfigError, match="--postcopy-bandwidth.*must be a rate > 0"):
             MigrationOptions(postcopy="pure", postcopy_bandwidth_Bps=bad)
     r = subprocess.run([sys.executable, "-m", "vmem", "migrate", "--postcopy", "--postcopy-bandwidth", "100"],

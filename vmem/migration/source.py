@@ -155,8 +155,7 @@ class MigrationOptions:
             raise ConfigError("--collect-stop", f"needs the uffd-wp tracker, not {self.tracker}: that one collects "
                                                 "inside the guest, which a stopped guest cannot do")
         if self.postcopy_bandwidth_Bps is not None:
-            if not (isinstance(self.postcopy_bandwidth_Bps, (int, float)) and math.isfinite(self.postcopy_bandwidth_Bps)
-                    and self.postcopy_bandwidth_Bps > 0):
+            if not _is_rate(self.postcopy_bandwidth_Bps):
                 raise ConfigError("--postcopy-bandwidth", f"must be a rate > 0, not {self.postcopy_bandwidth_Bps!r}")
             if self.postcopy == "off":
                 raise ConfigError("--postcopy-bandwidth", "caps the post-copy push, and this migration has no "
@@ -170,6 +169,11 @@ class MigrationOptions:
             raise ConfigError("--fault-sched", f"{self.fault_sched} schedules the post-copy fault threads, and this "
                                                "migration has no post-copy (add --postcopy, --postcopy-after-precopy "
                                                "or --allow-postcopy, or drop --fault-sched)")
+
+
+def _is_rate(x) -> bool:
+    """A finite number of bytes/s > 0 (not a bool, not a string: parse those first)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 class _Progress:
@@ -1084,7 +1088,7 @@ class SourceMigration:
         from transport import ShapedChannel
 
         flag = "--postcopy-bandwidth" if postcopy else "--bandwidth"
-        if not (isinstance(rate_Bps, (int, float)) and math.isfinite(rate_Bps) and rate_Bps > 0):
+        if not _is_rate(rate_Bps):
             raise ConfigError(flag, f"must be a rate > 0, not {rate_Bps!r}")
         with self._speed_lock:
             if postcopy:
