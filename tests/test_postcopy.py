@@ -747,6 +747,32 @@ def test_postcopy_bandwidth_caps_the_push(boot_guest):
                      console.export_text())
 
 
+def test_a_paced_push_stops_at_once_on_an_error():
+    """A push waiting for its cap keeps watching: the fault server's failure, or a
+    destination's ERROR read from the back channel, ends the wait at once instead of after
+    the batch's paced time (here 5 s at 1 MB/s: the test would end without the error)."""
+    from vmem.errors import MigrationError
+    from vmem.migration.postcopy.source import PostcopySource
+
+    pc = PostcopySource(np.zeros((4, 4096), dtype=np.uint8), None, None, None, push_bandwidth_Bps=1e6)
+    pc._bucket.consume(pc._bucket.burst_bytes)  # the burst is spent: the next batch waits
+    pc.error = MigrationError("postcopy", "the fault server stopped: Broken pipe")
+    with pytest.raises(MigrationError, match="Broken pipe"):
+        pc._bucket.consume(5_000_000)
+    pc.error = None
+    calls = []
+
+    def poll():  # the destination's ERROR arrives on the second look
+        calls.append(1)
+        if len(calls) >= 2:
+            raise MigrationError("postcopy", "destination: checker: page 7 does not match the ledger")
+
+    pc.poll_backchannel = poll
+    with pytest.raises(MigrationError, match="checker"):
+        pc._bucket.consume(5_000_000)
+    assert len(calls) == 2
+
+
 def test_postcopy_bandwidth_needs_postcopy_and_a_rate():
     """A push cap without post-copy would do nothing: refused naming the flag and the flag
     that caps the whole link; a zero or malformed rate is refused too (the CLI as well)."""
