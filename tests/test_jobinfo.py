@@ -53,7 +53,7 @@ def _wait_for_job(a, mig, pred, what: str, timeout_s: float = 60.0) -> dict:
         time.sleep(0.1)
 
 
-def _run_cli_migration(a, b, workdir, *flags):  # noqa: F811
+def _run_cli_migration(a, b, workdir, *flags):
     report_path = os.path.join(workdir, "report.json")
     mig = subprocess.Popen([sys.executable, "-m", "vmem", "migrate", "g1", b.address, "--quiet", "--observe", "0.1",
                             *flags, "--json", report_path, "--agent", a.socket],
@@ -61,14 +61,17 @@ def _run_cli_migration(a, b, workdir, *flags):  # noqa: F811
     return mig, report_path
 
 
+def _reap(mig) -> None:
+    """After a failed assertion: the migrating CLI is killed at once, not waited for."""
+    if mig.poll() is None:
+        mig.kill()
+        mig.communicate()
+
+
 def _finish(mig, a, report_path) -> dict:
-    try:
-        out, err = mig.communicate(timeout=120)
-        assert mig.returncode == 0, err + a.log()
-    finally:
-        if mig.poll() is None:
-            mig.kill()
-            mig.communicate()
+    """The migrating CLI's end (bounded), and its report: completed and verified."""
+    _out, err = mig.communicate(timeout=120)
+    assert mig.returncode == 0, err + a.log()
     with open(report_path) as f:
         report = json.load(f)
     assert report["outcome"] == "completed", report["reason"]
@@ -94,8 +97,9 @@ def test_jobinfo_and_setmaxdowntime_on_a_running_migration(agents, workdir):  # 
         assert a.cli("migrate-setmaxdowntime", "g1", "0").returncode == 2
         done = a.cli("migrate-setmaxdowntime", "g1", "60000")
         assert done.returncode == 0 and "1 -> 60000 ms" in done.stdout, done.stderr
-    finally:
         report = _finish(mig, a, report_path)
+    finally:
+        _reap(mig)
     assert "60000 ms" in report["reason"], report["reason"]
     gone = a.cli("jobinfo", "g1")
     assert gone.returncode == 1 and "no outgoing migration" in gone.stderr
@@ -187,8 +191,9 @@ def test_setspeed_raises_a_running_migrations_link_cap(agents, workdir):  # noqa
         assert a.cli("migrate-setspeed", "g1", "100").returncode == 2
         done = a.cli("migrate-setspeed", "g1", "1G")
         assert done.returncode == 0 and "--bandwidth 5.0 MB/s -> 1,000.0 MB/s" in done.stdout, done.stderr
-    finally:
         report = _finish(mig, a, report_path)
+    finally:
+        _reap(mig)
     assert [(c["what"], c["old"], c["new"]) for c in report["speed_changes"]] == [("bandwidth_Bps", 5e6, 1e9)]
     big = [r for r in report["rounds"] if r["bytes_sent"] >= 1 << 20]
     assert max(r["bandwidth_bps"] for r in big) > 3 * 5e6 * 8, report["rounds"]
@@ -208,8 +213,9 @@ def test_setspeed_postcopy_raises_a_running_push_cap(agents, workdir):  # noqa: 
                       "post-copy push running")
         done = a.cli("migrate-setspeed", "g1", "1G", "--postcopy")
         assert done.returncode == 0 and "--postcopy-bandwidth 4.0 MB/s -> 1,000.0 MB/s" in done.stdout, done.stderr
-    finally:
         report = _finish(mig, a, report_path)
+    finally:
+        _reap(mig)
     assert [(c["what"], c["old"], c["new"]) for c in report["speed_changes"]] == \
         [("postcopy_bandwidth_Bps", 4e6, 1e9)]
     pc = report["postcopy"]
