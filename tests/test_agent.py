@@ -673,3 +673,28 @@ def test_fault_sched_between_agents(agents, key):
     assert pc["fault_sched"] == "fifo" and pc["fault_path"] == "native"
     assert pc["fault_thread_priority"] == pc["source"]["fault_thread_priority"] == f"SCHED_FIFO {nat.PC_RT_PRIORITY}"
     assert b.guests()["g1"]["state"] == "running" and "g1" not in a.guests()
+
+
+def test_an_attach_request_with_another_op_is_refused_naming_only_the_op():
+    """A data or urgent connection whose first frame is not ``attach`` is refused with a
+    BAD_REQUEST that names the op it got and nothing else of the request: a TLS link's
+    urgent attach carries a link key, which must reach neither the answer nor the log."""
+    from types import SimpleNamespace
+
+    from transport import channel_pair
+    from vmem.agent.migration import serve_attach
+    from vmem.agent.protocol import send_frame
+
+    secret = "k" * 64
+    a, b = channel_pair()
+    try:
+        agent = SimpleNamespace(opening_done=lambda: None)
+        send_frame(a, {"op": "attach-not", "session": "s", "index": 0, "seal": secret})
+        assert serve_attach(agent, b, "vmem-urgent", "peer") is False
+        reply = recv_frame(a)
+        assert reply["ok"] is False and reply["code"] == ErrorCode.BAD_REQUEST, reply
+        assert reply["error"] == "expected an attach request, got op 'attach-not'", reply
+        assert secret[:8] not in json.dumps(reply)
+    finally:
+        a.close()
+        b.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -147,6 +148,14 @@ def test_setspeed_refusals_and_changes():
     assert reply == {"name": "g", "postcopy": False, "old_Bps": 10e6, "bandwidth_Bps": 1e9}
     assert mig.ch.bucket.rate_Bps == 1e9 and mig.opt.bandwidth_Bps == 1e9
     assert [(c["what"], c["old"], c["new"]) for c in mig.report.speed_changes] == [("bandwidth_Bps", 10e6, 1e9)]
+    from rich.console import Console
+
+    from vmem.cli.display import print_summary
+
+    console = Console(record=True, width=240)
+    print_summary(mig.report, console)  # the summary says it too
+    assert re.search(r"--bandwidth changed +│ at [0-9.]+ s: 10\.0 MB/s -> 1,000\.0 MB/s \(migrate-setspeed\)",
+                     console.export_text()), console.export_text()
 
     unshaped = agent_for(_fake_migration(postcopy="pure", shaped=False))
     with pytest.raises(AgentError, match="--bandwidth: this migration was started without --bandwidth"):

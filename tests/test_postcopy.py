@@ -773,6 +773,45 @@ def test_a_paced_push_stops_at_once_on_an_error():
     assert len(calls) == 2
 
 
+def test_a_paced_push_pays_each_batch_before_the_next_and_not_after_the_last():
+    """The cap's bucket is paid for a batch when the next one is about to go, so the push
+    ends with its last send (it used to sleep that batch off first: up to a whole batch at
+    the cap before COMPLETE); a page demanded while the push waited for the cap is not
+    pushed again.  A recording bucket stands in for the real one (no sleeping)."""
+    import threading
+
+    from vmem.migration.postcopy.source import PostcopySource
+
+    class Writer:  # the stream writer: records what was pushed and counts the bytes
+        def __init__(self):
+            self.bytes_written, self.batches = 0, []
+
+        def page_data(self, pfns, buffers, record_type=None):
+            self.batches.append(np.array(pfns))
+            self.bytes_written += len(pfns) * 4096 + 64
+
+    class Bucket:  # records what was paid; the second payment "waits" while page 5 is demanded
+        def __init__(self, pc):
+            self.pc, self.paid, self.wait_s = pc, [], 0.0
+
+        def consume(self, nbytes):
+            self.paid.append(nbytes)
+            if len(self.paid) == 2:
+                self.pc.sent[5] = True  # the fault server answered page 5 meanwhile
+
+    writer = Writer()
+    pc = PostcopySource(np.zeros((8, 4096), dtype=np.uint8), writer, None, threading.Lock(), push_bandwidth_Bps=1e6)
+    pc.poll_backchannel = lambda: None
+    pc.batch_pages = 2
+    pc._bucket = Bucket(pc)
+    pc.push(np.arange(8, dtype=np.int64))
+    pushed = np.concatenate(writer.batches)
+    assert sorted(pushed.tolist()) == [0, 1, 2, 3, 4, 6, 7], writer.batches  # 5 went as a demand answer
+    # one payment per batch but the last, each of the batch before it
+    assert pc._bucket.paid == [2 * 4096 + 64, 2 * 4096 + 64, 1 * 4096 + 64], pc._bucket.paid
+    assert len(writer.batches) == 4
+
+
 def test_postcopy_bandwidth_needs_postcopy_and_a_rate():
     """A push cap without post-copy would do nothing: refused naming the flag and the flag
     that caps the whole link; a zero or malformed rate is refused too (the CLI as well)."""

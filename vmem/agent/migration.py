@@ -588,7 +588,10 @@ def serve_attach(agent, channel, purpose: str, peer: str) -> bool:
         agent.opening_done()
         token, index = str(request.get("session", "")), int(request.get("index", -1))
         if request.get("op") != "attach":
-            raise AgentError(ErrorCode.BAD_REQUEST, f"expected an attach request, got {str(request)[:100]}")
+            # Only the op is named: the request may carry a link key (a TLS link's urgent
+            # connection), which must reach neither the answer nor a log.
+            raise AgentError(ErrorCode.BAD_REQUEST,
+                             f"expected an attach request, got op {str(request.get('op'))[:40]!r}")
         seal = _seal_key_from(request) if purpose == "vmem-urgent" and _sealed_link(agent) else None
     except (AgentError, ValueError, TypeError) as err:
         send_error(channel, getattr(err, "code", ErrorCode.BAD_REQUEST), getattr(err, "message", str(err)))

@@ -158,6 +158,13 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
         t.add_row("  guest stopped for collects", f"{len(stopped)} collects, {sum(stopped):.3f} ms in all, longest "
                                                  f"{max(stopped):.3f} ms (--collect-stop)")
     t.add_row("pages sent", f"{report.pages_sent:,} ({report.pages_sent / max(report.guest_pages, 1):.2f}x guest RAM)")
+    if report.bandwidth_limit_bps:
+        t.add_row("link cap (--bandwidth)", f"{report.bandwidth_limit_bps / 8e6:,.1f} MB/s at the start")
+    for ch in report.speed_changes or []:
+        flag = "--postcopy-bandwidth" if ch.get("what") == "postcopy_bandwidth_Bps" else "--bandwidth"
+        old_cap = "none" if not ch.get("old") else f"{ch['old'] / 1e6:,.1f} MB/s"
+        t.add_row(f"  {flag} changed", f"at {ch.get('at_s', 0):.3f} s: {old_cap} -> {ch['new'] / 1e6:,.1f} MB/s "
+                                       "(migrate-setspeed)")
     t.add_row("bytes sent", format_bytes(report.bytes_sent))
     if report.zero_pages:
         t.add_row("zero pages (not sent as data)", f"{report.zero_pages:,}")

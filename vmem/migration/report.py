@@ -77,7 +77,7 @@ class MigrationReport:
     phase: str = ""                   # phase reached (where it failed, if it did)
     tracker: str = ""
     policy: dict = field(default_factory=dict)
-    bandwidth_limit_bps: float | None = None
+    bandwidth_limit_bps: float | None = None   # the link's cap (--bandwidth) at the start
     #: caps changed while the migration ran (SourceMigration.set_bandwidth, virsh
     #: migrate-setspeed): [{at_s, what, old, new}]
     speed_changes: list = field(default_factory=list)

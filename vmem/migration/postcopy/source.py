@@ -349,6 +349,7 @@ class PostcopySource:
         if self._staging is None or len(self._staging) != self.batch_pages:
             self._staging = np.empty((self.batch_pages, PAGE_SIZE), dtype=np.uint8)
         record = wire.PostcopyRecordType.PAGE_DATA
+        owed_bytes = 0  # the last batch's bytes, not yet paid to the cap's bucket
         while True:
             if self.error is not None:
                 raise self.error
@@ -358,7 +359,16 @@ class PostcopySource:
                 self.cursor = int(np.searchsorted(self.pending, self._cursor_shared[0], side="right"))
             batch = self._next_batch()
             if batch is None:
-                return
+                return  # the last batch's bytes are not slept off: nothing follows them
+            if owed_bytes and self._bucket is not None:
+                # Paid before the next send, not after the last: the first batch goes at once
+                # and the push ends with its last send, at the cap on average all the same.
+                self._bucket.consume(owed_bytes)
+                batch = batch[~self.sent[batch]]  # pages demanded while we waited are sent
+                if not len(batch):
+                    owed_bytes = 0
+                    continue
+            owed_bytes = 0
             if self.give_way and self._cursor_shared[2]:
                 self._give_way()
             self.sent[batch] = True
@@ -372,8 +382,7 @@ class PostcopySource:
                 nbytes = self.writer.bytes_written - before
             self.pages_pushed += len(batch)
             self.bytes_pushed += nbytes
-            if self._bucket is not None:
-                self._bucket.consume(nbytes)  # after the send: the first batch goes at once
+            owed_bytes = nbytes
             if self.recorder is not None:
                 self.recorder.pushed(batch)
             if self.progress is not None:
