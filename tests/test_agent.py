@@ -656,8 +656,9 @@ def test_postcopy_bandwidth_between_agents(agents, key):
 
 
 def test_fault_sched_between_agents(agents, key):
-    """--fault-sched travels with the other flags: on a keyed link both agents' fault threads
-    run SCHED_FIFO (each side's report part says what it got) and the migration verifies."""
+    """--fault-sched and --fault-cpu travel with the other flags: on a keyed link both
+    agents' fault threads run SCHED_FIFO pinned to the CPU asked (each side's report part
+    says what it got) and the migration verifies."""
     from vmem import _native as nat
 
     if nat.fault_thread_priority(nat.PC_PRIO_FIFO)[0] != nat.PC_PRIO_FIFO:
@@ -666,12 +667,13 @@ def test_fault_sched_between_agents(agents, key):
     b = agents("b", key=key)
     a.request("create", name="g1", workload="checker", size="32M", workload_args=["rate=20000", "reads=64"])
     report = a.request("migrate", name="g1", target=b.address,
-                       options={"observe": 0, "postcopy": True, "fault_sched": "fifo"})["report"]
+                       options={"observe": 0, "postcopy": True, "fault_sched": "fifo", "fault_cpu": 0})["report"]
     assert report["outcome"] == "completed", report["reason"]
     assert report["verification"]["digests"]["mismatched"] == 0 and report["verification"]["guest_check"]["ok"]
     pc = report["postcopy"]
     assert pc["fault_sched"] == "fifo" and pc["fault_path"] == "native"
     assert pc["fault_thread_priority"] == pc["source"]["fault_thread_priority"] == f"SCHED_FIFO {nat.PC_RT_PRIORITY}"
+    assert pc["fault_cpu"] == pc["fault_thread_cpu"] == pc["source"]["fault_thread_cpu"] == 0
     assert b.guests()["g1"]["state"] == "running" and "g1" not in a.guests()
 
 

@@ -939,7 +939,7 @@ def test_fault_server_answers_faults_and_reports_named_stats():
     ours, theirs = socket.socketpair()
     server = nat.PostcopyFaultServer(theirs.fileno(), ram, sent, cursor)
     try:
-        assert server.stats() == {"fault_records": 0, "pages_sent": 0, "error": 0, "priority": 0}
+        assert server.stats() == {"fault_records": 0, "pages_sent": 0, "error": 0, "priority": 0, "cpu": -1}
         server.start()
         ours.sendall(_urgent_fault([3, 9]))
         head = np.frombuffer(_recv_exact(ours, 16 + 16), dtype="<u8")
@@ -952,7 +952,7 @@ def test_fault_server_answers_faults_and_reports_named_stats():
             time.sleep(0.001)
         # the thread got what a probe thread gets here (nice -15 and the short slice as root)
         assert server.stats() == {"fault_records": 1, "pages_sent": 2, "error": 0,
-                                  "priority": nat.fault_thread_priority()[0]}
+                                  "priority": nat.fault_thread_priority()[0], "cpu": -1}
         assert np.flatnonzero(sent).tolist() == [3, 9] and cursor.tolist() == [9, 1, 0]
         ours.sendall(_urgent_fault([99]))  # beyond the guest
         while server.stats()["error"] == 0 and time.monotonic() < deadline:
@@ -960,6 +960,47 @@ def test_fault_server_answers_faults_and_reports_named_stats():
         assert server.stats()["error"] == errno.EPROTO
     finally:
         server.stop()
+        server.close()
+        ours.close()
+        theirs.close()
+
+
+def test_a_fault_thread_pinned_runs_on_its_cpu_and_says_so_when_refused():
+    """``set_cpu`` (--fault-cpu): the thread pins itself before its first poll and reports
+    the CPU it got; the kernel's refusal of a CPU that is not online (1023 here: the
+    migration's own check refuses it earlier, this is the thread's fallback) is reported as
+    -errno, the thread running on unpinned; bad numbers are refused at once."""
+    npages = 8
+    ram = np.zeros((npages, PAGE), dtype=np.uint8)
+    last = max(os.sched_getaffinity(0))
+    for cpu, want in ((last, last), (1023, -errno.EINVAL), (None, -1)):
+        ours, theirs = socket.socketpair()
+        server = nat.PostcopyFaultServer(theirs.fileno(), ram, np.zeros(npages, dtype=np.uint8),
+                                         np.zeros(3, dtype=np.int64))
+        try:
+            server.set_cpu(cpu)
+            server.start()
+            deadline = time.monotonic() + 10
+            while server.stats()["cpu"] == -1 and want != -1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert server.stats()["cpu"] == want, (cpu, server.stats())
+            if cpu == last:  # the thread itself: its affinity is that one CPU
+                tids = [t for t in os.listdir("/proc/self/task")
+                        if open(f"/proc/self/task/{t}/comm").read().strip() == "vmem-pc-fault"]
+                assert tids and all(os.sched_getaffinity(int(t)) == {last} for t in tids), tids
+        finally:
+            server.stop()
+            server.close()
+            ours.close()
+            theirs.close()
+    ours, theirs = socket.socketpair()
+    server = nat.PostcopyFaultServer(theirs.fileno(), ram, np.zeros(npages, dtype=np.uint8),
+                                     np.zeros(3, dtype=np.int64))
+    try:
+        for bad in (-1, 1024, True, "0"):
+            with pytest.raises(ValueError, match="a fault thread's CPU"):
+                server.set_cpu(bad)
+    finally:
         server.close()
         ours.close()
         theirs.close()

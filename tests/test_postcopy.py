@@ -713,6 +713,76 @@ def test_fault_sched_needs_postcopy_and_a_known_name():
     assert r.returncode == 2 and "--fault-sched" in r.stderr
 
 
+def test_fault_cpu_pins_both_fault_threads(boot_guest):
+    """``--fault-cpu``: both hosts' fault threads run pinned to the CPU asked (the report
+    says what each got), with ``--fault-sched fifo`` as a user would combine them; the
+    migration is verified as any other and the guest runs on at the destination."""
+    from rich.console import Console
+
+    from vmem.cli.display import print_summary
+
+    cpu = max(os.sched_getaffinity(0))
+    sched = "fifo" if _fifo_permitted() else "default"
+    g = boot_guest("checker", SIZE, rate=20000, reads=64)
+    time.sleep(0.2)
+    report = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0.2, fault_sched=sched, fault_cpu=cpu))
+    pc = assert_migrated(report, "postcopy")["postcopy"]
+    assert pc["fault_path"] == "native" and pc["fault_cpu"] == cpu
+    assert pc["fault_thread_cpu"] == pc["source"]["fault_thread_cpu"] == cpu, pc
+    console = Console(record=True, width=240)
+    print_summary(report, console)
+    assert re.search(rf"fault threads pinned \(--fault-cpu\) +│ source: {cpu}, destination: {cpu} \(asked: CPU {cpu}\)",
+                     console.export_text())
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_fault_cpu_refused_before_any_page_moves(boot_guest, side):
+    """A CPU that a host's vmem may not run on is refused at setup by that host, naming it,
+    its CPUs and what to do; no page was sent, the source guest runs on intact.  The
+    destination's check is made to fire by a preamble that asks it for another CPU than
+    the source's own (the source's is allowed)."""
+    bad = max(os.sched_getaffinity(0)) + 1
+    g = boot_guest("hotcold", SIZE, rate=20000)
+    time.sleep(0.2)
+    opt = (MigrationOptions(postcopy="pure", observe_s=0, fault_cpu=bad) if side == "source" else
+           MigrationOptions(postcopy="pure", observe_s=0, fault_cpu=0, extra_config={"fault_cpu": bad}))
+    d = run_local_migration(g, opt).to_dict()
+    assert d["outcome"] == "failed" and d["phase"] == "setup", d["reason"]
+    assert f"--fault-cpu {bad}: CPU {bad} is not one the {side}'s vmem may run on (its CPUs: " in d["reason"]
+    assert "or migrate without --fault-cpu" in d["reason"]
+    assert d["pages_sent"] == 0 and not d["rounds"]
+    assert g.alive() and g.verify()["ok"]
+
+
+def test_fault_cpu_a_destination_that_ignores_it_is_refused(boot_guest):
+    """A destination that answers READY without pinning its fault thread as asked (an older
+    vmem: forced with a preamble that asks for no pin) is refused before the pause."""
+    g = boot_guest("hotcold", SIZE, rate=20000)
+    time.sleep(0.2)
+    d = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0, fault_cpu=0,
+                                                extra_config={"fault_cpu": None})).to_dict()
+    assert d["outcome"] == "failed" and d["phase"] == "setup", d["reason"]
+    assert "does not pin its fault thread as --fault-cpu 0 asks" in d["reason"]
+    assert d["pages_sent"] == 0
+    assert g.alive() and g.verify()["ok"]
+
+
+def test_fault_cpu_needs_postcopy_and_a_cpu_number():
+    """A pin without post-copy would do nothing: refused naming the flag, as is a value
+    that is not a CPU number (the CLI's int type refuses text first)."""
+    from vmem.errors import ConfigError
+
+    assert MigrationOptions(postcopy="allow", fault_cpu=0).fault_cpu == 0
+    with pytest.raises(ConfigError, match="--fault-cpu.*has no post-copy"):
+        MigrationOptions(fault_cpu=0)
+    for bad in (-1, 1024, True, "0", 1.0):
+        with pytest.raises(ConfigError, match="--fault-cpu.*must be a CPU number 0..1023"):
+            MigrationOptions(postcopy="pure", fault_cpu=bad)
+    r = subprocess.run([sys.executable, "-m", "vmem", "migrate", "--fault-cpu", "one", "--postcopy"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--fault-cpu" in r.stderr
+
+
 #: --postcopy-bandwidth in the tests: far below any push this machine makes (~1 GB/s), so
 #: an unpaced push would exceed it many times over
 PUSH_CAP_BPS = 20e6
@@ -847,7 +917,7 @@ class _FailedEngine:
     def stats(self):
         import errno
 
-        return {"error": errno.EPIPE, "pages_sent": 0, "priority": 0}
+        return {"error": errno.EPIPE, "pages_sent": 0, "priority": 0, "cpu": -1}
 
 
 @pytest.mark.parametrize("destination_said", [True, False], ids=["said-why", "link-died"])

@@ -84,6 +84,7 @@ __all__ = [
     "fault_thread_priority",
     "set_push_pieces",
     "set_fault_thread_priority_limit",
+    "MAX_FAULT_CPU",
     "set_fault_thread_slice_ns",
     "boost_current_thread",
     "PC_MISSING",
@@ -964,6 +965,20 @@ class _FaultThread:
             raise ValueError(f"priority must be one of {sorted(FAULT_THREAD_PRIORITIES)}, got {most!r}")
         getattr(lib, f"vmem_pc_{self._kind}_set_priority_limit")(self._h, int(most))
 
+    def set_cpu(self, cpu: int | None) -> None:
+        """Before :meth:`start`: pin the thread to ``cpu`` (``--fault-cpu``; None: not
+        pinned).  ``stats()["cpu"]`` then says what it got: the CPU, -1 (not pinned) or
+        -errno (the kernel refused; the thread runs on unpinned).
+
+        Raises:
+            ValueError: ``cpu`` is not a CPU number (0 <= cpu < 1024).
+        """
+        if cpu is None:
+            cpu = -1
+        elif isinstance(cpu, bool) or not isinstance(cpu, int) or not 0 <= cpu < MAX_FAULT_CPU:
+            raise ValueError(f"a fault thread's CPU is a number 0..{MAX_FAULT_CPU - 1}, not {cpu!r}")
+        getattr(lib, f"vmem_pc_{self._kind}_set_cpu")(self._h, int(cpu))
+
     def start(self) -> None:
         _check(getattr(lib, f"vmem_pc_{self._kind}_start")(self._h), f"starting the {self._what}")
 
@@ -1069,6 +1084,9 @@ PC_PRIO_NORMAL: int = int(lib.VMEM_PC_PRIO_NORMAL)
 PC_PRIO_NICE: int = int(lib.VMEM_PC_PRIO_NICE)
 PC_PRIO_SLICE: int = int(lib.VMEM_PC_PRIO_SLICE)
 PC_PRIO_FIFO: int = int(lib.VMEM_PC_PRIO_FIFO)
+#: CPUs a fault thread can be pinned to: 0 .. MAX_FAULT_CPU - 1 (glibc's CPU_SETSIZE).
+MAX_FAULT_CPU = 1024
+
 #: SCHED_FIFO's priority of a fault thread that runs so.
 PC_RT_PRIORITY: int = int(lib.VMEM_PC_RT_PRIORITY)
 #: Pages of background push placed per piece at the post-copy destination.

@@ -27,6 +27,7 @@ struct vmem_pc_dest_stats {
     int64_t t_complete_ns;     /* CLOCK_MONOTONIC when missing reached 0, else 0 */
     int64_t error;             /* errno that stopped the thread, else 0 */
     int64_t priority;          /* the fault thread's scheduling (VMEM_PC_PRIO_*), once started */
+    int64_t cpu;               /* the CPU the thread is pinned to (--fault-cpu), -1 none, -errno refused */
     int64_t push_yields;       /* background pieces that waited for a demand placement first */
     int64_t fault_waits;       /* demand placements that found a background piece placing */
     int64_t push_pages_ahead_max;  /* most background pages placed while one demand answer waited */
@@ -38,6 +39,7 @@ struct vmem_pc_src_stats {
     int64_t pages_sent;        /* pages sent in answer */
     int64_t error;             /* errno that stopped the thread, else 0 */
     int64_t priority;          /* the fault thread's scheduling (VMEM_PC_PRIO_*), once started */
+    int64_t cpu;               /* the CPU the thread is pinned to (--fault-cpu), -1 none, -errno refused */
 };
 """
 
@@ -104,6 +106,8 @@ void vmem_pc_dest_set_view_writes(vmem_pc_dest *h, int on);
 void vmem_pc_set_priority_limit(int most);
 void vmem_pc_dest_set_priority_limit(vmem_pc_dest *h, int most);
 void vmem_pc_src_set_priority_limit(vmem_pc_src *h, int most);
+void vmem_pc_dest_set_cpu(vmem_pc_dest *h, int cpu);
+void vmem_pc_src_set_cpu(vmem_pc_src *h, int cpu);
 void vmem_pc_set_slice_ns(int64_t ns);
 int64_t vmem_place_pages(int ram_fd, int uffd, uint64_t guest_base, const uint8_t *buf,
                          const int64_t *rows, const int64_t *pages, size_t n, uint64_t *digests,
@@ -402,6 +406,8 @@ struct vmem_worker {
     int running;
     int64_t *priority;                             /* VMEM_PC_PRIO_* the thread got (under *mu) */
     int priority_limit;                            /* the most it asks for (set before start) */
+    int cpu;                                       /* pin the thread to this CPU (-1: no; before start) */
+    int64_t *cpu_got;                              /* the CPU it is pinned to, -1, or -errno (under *mu) */
     int wake[2];
     int nfds;
     struct pollfd fds[VMEM_WORKER_MAX_FDS + 1];   /* the watched fds, then the wake pipe */
@@ -413,10 +419,13 @@ struct vmem_worker {
 };
 
 static int vmem_worker_init(struct vmem_worker *w, void *owner, pthread_mutex_t *mu, int64_t *error,
-                            int64_t *priority)
+                            int64_t *priority, int64_t *cpu_got)
 {
     w->running = 0;
     w->priority = priority;
+    w->cpu = -1;
+    w->cpu_got = cpu_got;
+    *cpu_got = -1;
     w->priority_limit = vmem_pc_priority_limit;   /* the process default; a migration may ask for more */
     w->nfds = 0;
     w->owner = owner;
@@ -445,9 +454,20 @@ static void *vmem_worker_main(void *arg)
     struct vmem_worker *w = arg;
     /* a name in ps, top, perf and sched traces (the fault path's latency is traced by thread) */
     pthread_setname_np(pthread_self(), "vmem-pc-fault");
+    /* Pinned first (--fault-cpu): a SCHED_FIFO thread wakes on the CPU it last ran on, so
+       the pin decides where every one of its wake-ups lands. */
+    int64_t cpu_got = -1;
+    if (w->cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(w->cpu, &set);
+        int rc = pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+        cpu_got = rc == 0 ? w->cpu : -rc;
+    }
     int prio = vmem_pc_boost_upto(w->priority_limit);
     pthread_mutex_lock(w->mu);
     *w->priority = prio;
+    *w->cpu_got = cpu_got;
     pthread_mutex_unlock(w->mu);
     w->fds[w->nfds] = (struct pollfd){ w->wake[0], POLLIN, 0 };
     for (;;) {
@@ -478,6 +498,14 @@ static void vmem_worker_set_priority_limit(struct vmem_worker *w, int most)
 {
     if (!w->running)
         w->priority_limit = most;
+}
+
+/* Pin the worker's thread to `cpu` (>= 0, < CPU_SETSIZE; -1: not pinned); before
+   vmem_worker_start.  The thread records what it got (cpu_got). */
+static void vmem_worker_set_cpu(struct vmem_worker *w, int cpu)
+{
+    if (!w->running)
+        w->cpu = cpu >= 0 && cpu < CPU_SETSIZE ? cpu : -1;
 }
 
 static int vmem_worker_start(struct vmem_worker *w)
@@ -834,7 +862,7 @@ static int vmem_pc_dest_new(vmem_pc_dest **out, int uffd, int urgent_fd, int ram
         free(h);
         return -ENOMEM;
     }
-    if ((rc = vmem_worker_init(&h->w, h, &h->mu, &h->st.error, &h->st.priority)) < 0) {
+    if ((rc = vmem_worker_init(&h->w, h, &h->mu, &h->st.error, &h->st.priority, &h->st.cpu)) < 0) {
         free(h->staging);
         free(h);
         return rc;
@@ -1181,6 +1209,12 @@ static void vmem_pc_dest_set_priority_limit(vmem_pc_dest *h, int most)
     vmem_worker_set_priority_limit(&h->w, most);
 }
 
+/* The fault thread is pinned to `cpu` (--fault-cpu; -1: not).  Before start. */
+static void vmem_pc_dest_set_cpu(vmem_pc_dest *h, int cpu)
+{
+    vmem_worker_set_cpu(&h->w, cpu);
+}
+
 static void vmem_pc_dest_free(vmem_pc_dest *h)
 {
     if (!h)
@@ -1223,7 +1257,7 @@ static int vmem_pc_src_new(vmem_pc_src **out, int urgent_fd, const uint8_t *ram,
     vmem_pc_src *h = calloc(1, sizeof *h);
     if (!h)
         return -ENOMEM;
-    if ((rc = vmem_worker_init(&h->w, h, &h->mu, &h->st.error, &h->st.priority)) < 0) {
+    if ((rc = vmem_worker_init(&h->w, h, &h->mu, &h->st.error, &h->st.priority, &h->st.cpu)) < 0) {
         free(h);
         return rc;
     }
@@ -1282,6 +1316,12 @@ static int vmem_pc_src_answer(vmem_pc_src *h)
 static void vmem_pc_src_set_priority_limit(vmem_pc_src *h, int most)
 {
     vmem_worker_set_priority_limit(&h->w, most);
+}
+
+/* As vmem_pc_dest_set_cpu, for the source's fault thread. */
+static void vmem_pc_src_set_cpu(vmem_pc_src *h, int cpu)
+{
+    vmem_worker_set_cpu(&h->w, cpu);
 }
 
 static void vmem_pc_src_free(vmem_pc_src *h)

@@ -210,6 +210,12 @@ def print_summary(report: MigrationReport, console: Console | None = None) -> No
         if pc.get("fault_thread_priority") or src_prio:
             t.add_row("  fault threads", f"destination {pc.get('fault_thread_priority') or '-'}, source {src_prio or '-'} "
                                          f"(--fault-sched {pc.get('fault_sched', 'default')})")
+        if pc.get("fault_cpu") is not None:
+            src_cpu = (pc.get("source") or {}).get("fault_thread_cpu")
+            t.add_row("  fault threads pinned (--fault-cpu)",
+                      f"source: {'-' if src_cpu is None else src_cpu}, destination: "
+                      f"{'-' if pc.get('fault_thread_cpu') is None else pc.get('fault_thread_cpu')} "
+                      f"(asked: CPU {pc['fault_cpu']})")
         if pc.get("blocktime_ms") is not None:
             t.add_row("  blocktime (guest blocked on faults)", f"{pc['blocktime_ms']:,.3f} ms")
         first = pc.get("first_step")

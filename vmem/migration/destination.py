@@ -41,7 +41,7 @@ from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, zero_page_digest
 from vmem.migration.postcopy.destination import PostcopyDestination, postcopy_unavailable_reason
 from vmem.migration.state import DESTINATION_TRANSITIONS, DestinationState, StateCell
-from vmem.migration.postcopy import FAULT_SCHEDS, drop_links, fault_sched_refusal
+from vmem.migration.postcopy import FAULT_SCHEDS, drop_links, fault_cpu_refusal, fault_sched_refusal
 from vmem.format.postcopy import decode_pfn_list
 from vmem.procstats import PeakSampler, process_age_s, process_figures
 from vmem.ram import format_bytes, mem_available_bytes, preallocate
@@ -95,6 +95,7 @@ class DestinationMigration:
         self._postcopy_recovery = False
         self._fault_log = False  # send the post-copy fault log (the source records a page map)
         self._fault_sched = "default"  # how the post-copy fault thread is scheduled (--fault-sched)
+        self._fault_cpu: int | None = None  # the CPU it is pinned to (--fault-cpu)
         self._recovery_wait_s = POSTCOPY_RECONNECT_WAIT_S
         self._context: bytes | None = None  # the guest context (EMULATOR_CONTEXT or TRANSITION)
         self._t_transition_read_ns = 0  # when TRANSITION was read (timings_ms.pause_to_transition_read)
@@ -293,7 +294,7 @@ class DestinationMigration:
         if reason is None:
             try:
                 pc = PostcopyDestination(self.guest, self.digests, self.received, self._send_control,
-                                         fault_sched=self._fault_sched)
+                                         fault_sched=self._fault_sched, fault_cpu=self._fault_cpu)
                 pc.arm()
                 self.postcopy = pc
             except (VmemError, OSError) as err:
@@ -466,6 +467,14 @@ class DestinationMigration:
         if refusal is not None:  # before anything is built here
             raise MigrationError("setup", f"--fault-sched {fault_sched}: {refusal}")
         self._fault_sched = fault_sched
+        fault_cpu = config.get("fault_cpu")
+        if fault_cpu is not None and (isinstance(fault_cpu, bool) or not isinstance(fault_cpu, int)
+                                      or not 0 <= fault_cpu < nat.MAX_FAULT_CPU):
+            raise StreamError(f"preamble's fault_cpu {fault_cpu!r} is not a CPU number")
+        refusal = fault_cpu_refusal(fault_cpu, "destination")
+        if refusal is not None:  # before anything is built here
+            raise MigrationError("setup", f"--fault-cpu {fault_cpu}: {refusal}")
+        self._fault_cpu = fault_cpu
         try:
             factory = incoming_factory(backend)
         except KeyError:
@@ -502,7 +511,8 @@ class DestinationMigration:
         self._placer = _Placer(self.guest.ram, self.digests, self.received,
                                on_caught_up=self._send_placed if config.get("placed_acks") else None)
         ready = {"guest_pid": self.guest.pid, "placed_acks": bool(config.get("placed_acks")),
-                 "prealloc": prealloc_s is not None, "prepare_pause": True, "fault_sched": fault_sched}
+                 "prealloc": prealloc_s is not None, "prepare_pause": True, "fault_sched": fault_sched,
+                 "fault_cpu": fault_cpu}
         if config.get("postcopy"):
             ready.update(self._arm_postcopy())
         # Where the handshake's time went here (the source adds them to timings_ms).

@@ -67,6 +67,12 @@ def add_migration_arguments(parser) -> None:
                         "waits; a reschedule IPI on most wake-ups raises the median). Each host must permit it (root "
                         "or RLIMIT_RTPRIO), or the migration is refused before it starts; needs post-copy "
                         "(docs/postcopy.md)")
+    m.add_argument("--fault-cpu", type=int, metavar="CPU",
+                   help="pin both hosts' post-copy fault threads to this CPU (like libvirt's emulatorpin). With "
+                        "--fault-sched fifo every wake-up of a fault thread then lands on that CPU, so it never "
+                        "waits for another CPU to notice it; on two real hosts pick the CPU that takes the NIC's "
+                        "interrupts. Each host must let vmem run there, or the migration is refused before it "
+                        "starts; needs post-copy (docs/postcopy.md)")
     m.add_argument("--prealloc", action="store_true",
                    help="the destination allocates the guest's whole RAM before the first page arrives and maps it "
                         "into its own page tables, like QEMU's -mem-prealloc: setup takes longer (~0.5 s per GiB on "
@@ -159,7 +165,8 @@ def options_from_args(args):
                             prealloc=bool(getattr(args, "prealloc", False)),
                             prepare_pause=not getattr(args, "no_prepare_pause", False),
                             collect_stop=bool(getattr(args, "collect_stop", False)),
-                            fault_sched=getattr(args, "fault_sched", "default") or "default")
+                            fault_sched=getattr(args, "fault_sched", "default") or "default",
+                            fault_cpu=getattr(args, "fault_cpu", None))
 
 
 def add_policy_arguments(p) -> None:

@@ -128,6 +128,10 @@ class MigrationOptions:
             (:data:`vmem.migration.postcopy.FAULT_SCHEDS`): "default" (nice -15 with a short
             slice where permitted) or "fifo" (SCHED_FIFO; each host must permit it, or the
             migration is refused before any page moves).  Needs post-copy.
+        fault_cpu: pin both hosts' post-copy fault threads to this CPU (like libvirt's
+            ``emulatorpin`` for one thread), None for no pin; each host must let vmem run
+            there, or the migration is refused before any page moves.  With ``fault_sched``
+            "fifo" every wake-up of a fault thread lands on that CPU.  Needs post-copy.
     """
 
     tracker: str = "auto"
@@ -145,6 +149,7 @@ class MigrationOptions:
     prepare_pause: bool = True
     collect_stop: bool = False
     fault_sched: str = "default"
+    fault_cpu: int | None = None
     postcopy_bandwidth_Bps: float | None = None
     extra_config: dict = field(default_factory=dict)
 
@@ -169,6 +174,17 @@ class MigrationOptions:
             raise ConfigError("--fault-sched", f"{self.fault_sched} schedules the post-copy fault threads, and this "
                                                "migration has no post-copy (add --postcopy, --postcopy-after-precopy "
                                                "or --allow-postcopy, or drop --fault-sched)")
+        if self.fault_cpu is not None:
+            from vmem import _native as nat
+
+            if (isinstance(self.fault_cpu, bool) or not isinstance(self.fault_cpu, int)
+                    or not 0 <= self.fault_cpu < nat.MAX_FAULT_CPU):
+                raise ConfigError("--fault-cpu", f"must be a CPU number 0..{nat.MAX_FAULT_CPU - 1}, "
+                                                 f"not {self.fault_cpu!r}")
+            if self.postcopy == "off":
+                raise ConfigError("--fault-cpu", "pins the post-copy fault threads, and this migration has no "
+                                                 "post-copy (add --postcopy, --postcopy-after-precopy or "
+                                                 "--allow-postcopy, or drop --fault-cpu)")
 
 
 def _is_rate(x) -> bool:
@@ -502,12 +518,15 @@ class SourceMigration:
         r = self.report
         g = self.guest
         # 1. Preamble / handshake.
-        from vmem.migration.postcopy import fault_sched_refusal
+        from vmem.migration.postcopy import fault_cpu_refusal, fault_sched_refusal
 
         self._phase("setup", "waiting for the destination")
         refusal = fault_sched_refusal(self.opt.fault_sched, "source")
         if refusal is not None:  # before the destination builds anything
             raise MigrationError("setup", f"--fault-sched {self.opt.fault_sched}: {refusal}")
+        refusal = fault_cpu_refusal(self.opt.fault_cpu, "source")
+        if refusal is not None:
+            raise MigrationError("setup", f"--fault-cpu {self.opt.fault_cpu}: {refusal}")
         config = {
             "guest": g.spec.to_json(),
             "backend": getattr(g, "backend_name", "process"),
@@ -522,6 +541,7 @@ class SourceMigration:
             "prealloc": self.opt.prealloc,
             "pagemap": self.pagemap is not None,  # the destination sends its fault log back
             "fault_sched": self.opt.fault_sched,
+            **({"fault_cpu": self.opt.fault_cpu} if self.opt.fault_cpu is not None else {}),
         } | self.opt.extra_config
         t_preamble = time.monotonic()
         self.ch.send(control.encode_preamble(config))
@@ -542,6 +562,10 @@ class SourceMigration:
             raise MigrationError("setup", f"the destination does not schedule its fault threads as --fault-sched "
                                           f"{self.opt.fault_sched} asks (a vmem that does not know it?); update it, "
                                           "or migrate without --fault-sched")
+        if ready.get("fault_cpu") != self.opt.fault_cpu:
+            raise MigrationError("setup", f"the destination does not pin its fault thread as --fault-cpu "
+                                          f"{self.opt.fault_cpu} asks (a vmem that does not know it?); update it, "
+                                          "or migrate without --fault-cpu")
         if self.opt.prealloc and not ready.get("prealloc"):
             raise MigrationError("setup", "the destination did not preallocate the guest's RAM (a vmem that does not "
                                           "know --prealloc?); update it, or migrate without --prealloc")
@@ -796,7 +820,7 @@ class SourceMigration:
         with self._speed_lock:
             pc = PostcopySource(served, self._writer, self._ctl_reader, self._send_lock, self.urgent, self.progress,
                                 self.ch, fault_sched=self.opt.fault_sched,
-                                push_bandwidth_Bps=self.opt.postcopy_bandwidth_Bps)
+                                push_bandwidth_Bps=self.opt.postcopy_bandwidth_Bps, fault_cpu=self.opt.fault_cpu)
             pc.recorder = self.pagemap
             self._pc = pc
         pc.start()
@@ -880,6 +904,7 @@ class SourceMigration:
             "push_bandwidth_limit_Bps": self.opt.postcopy_bandwidth_Bps,
             "source": pc.stats(),
             "fault_sched": self.opt.fault_sched,
+            "fault_cpu": self.opt.fault_cpu,
             "guest_rate": {"unit": "workload steps/s", "before": before, "during": during, "after": None},
             "recoveries": self._recoveries,
         }
@@ -930,7 +955,7 @@ class SourceMigration:
             with self._speed_lock:
                 pc = PostcopySource(g.ram.pages, self._writer, self._ctl_reader, self._send_lock,
                                     self.urgent, self.progress, self.ch, fault_sched=self.opt.fault_sched,
-                                    push_bandwidth_Bps=self.opt.postcopy_bandwidth_Bps)
+                                    push_bandwidth_Bps=self.opt.postcopy_bandwidth_Bps, fault_cpu=self.opt.fault_cpu)
                 self._pc = pc
             pc.start()
             self._set_state(SourceState.POSTCOPY_RECOVER, SourceState.POSTCOPY_ACTIVE)

@@ -9,10 +9,12 @@
 
 See docs/postcopy.md for the protocol and the failure semantics.
 """
+import os
+
 from vmem.format.postcopy import MAX_PFNS_PER_RECORD, decode_pfn_list, encode_pfn_list
 
 __all__ = ["MAX_PFNS_PER_RECORD", "encode_pfn_list", "decode_pfn_list", "drop_links", "native_link",
-           "FAULT_SCHEDS", "fault_sched_limit", "fault_sched_refusal"]
+           "FAULT_SCHEDS", "fault_sched_limit", "fault_sched_refusal", "fault_cpu_refusal", "fault_cpu_stat"]
 
 #: How the post-copy fault threads are scheduled (``--fault-sched``), on both hosts:
 #: ``default`` -- nice -15 with a 0.1 ms EEVDF slice where the host permits them: the lowest
@@ -53,6 +55,43 @@ def fault_sched_refusal(sched: str, side: str) -> str | None:
     return (f"the {side} host does not permit SCHED_FIFO for the post-copy fault threads ({why}; it needs "
             f"CAP_SYS_NICE or an RLIMIT_RTPRIO of at least {nat.PC_RT_PRIORITY}): run vmem there as root or raise "
             "that limit (ulimit -r), or migrate without --fault-sched fifo")
+
+
+def fault_cpu_refusal(cpu: int | None, side: str) -> str | None:
+    """Why this host (``side``: "source" or "destination", for the message) cannot pin its
+    fault thread to ``cpu`` (``--fault-cpu``), or None if it can (None: no pin asked) --
+    checked before any page moves, so that a migration asked to pin never runs unpinned:
+    the CPU must be one this process may run on (its affinity mask, which a cpuset or
+    ``taskset`` narrows)."""
+    if cpu is None:
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if cpu in allowed:
+        return None
+    return (f"CPU {cpu} is not one the {side}'s vmem may run on (its CPUs: {_cpu_list(allowed)}); "
+            "pick one of those, or migrate without --fault-cpu")
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    """``0-3,6`` for [0, 1, 2, 3, 6]."""
+    out, i = [], 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def fault_cpu_stat(value: int) -> int | str | None:
+    """A fault thread's ``cpu`` statistic for the report: the CPU it ran pinned to, None
+    (not pinned), or ``"refused: <reason>"`` (the kernel refused the pin; it ran unpinned)."""
+    if value >= 0:
+        return int(value)
+    if value == -1:
+        return None
+    return f"refused: {os.strerror(-value)}"
 
 
 def native_link(channel) -> tuple[int, dict | None]:

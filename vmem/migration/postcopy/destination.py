@@ -35,6 +35,7 @@ import numpy as np
 from vmem import _native as nat
 from vmem.errors import MigrationError
 from vmem.migration import inject
+from vmem.migration.postcopy import fault_cpu_stat
 from vmem.wakepipe import WakePipe
 from vmem.pages import PAGE_SHIFT, PAGE_SIZE, count_runs, page_runs, unique_pages
 from vmem.format.postcopy import MAX_PFNS_PER_RECORD, encode_pfn_list
@@ -84,6 +85,8 @@ class PostcopyDestination:
             fills it before the switch); pages never received are zero pages.
         send_control: thread-safe ``send_control(ctype, raw=bytes)`` on the back channel.
         fault_sched: how the native fault thread is scheduled (``--fault-sched``).
+        fault_cpu: the CPU the native fault thread is pinned to (``--fault-cpu``; the caller
+            checked it is one this process may run on), None for none.
 
     Guarantees: after :meth:`wait_complete` returns True every page is PRESENT, in the RAM
     file, mapped or mappable, and its digest recorded; :meth:`finish` leaves the guest's RAM
@@ -91,8 +94,9 @@ class PostcopyDestination:
     """
 
     def __init__(self, guest, digests: np.ndarray | None, received: np.ndarray, send_control,
-                 fault_sched: str = "default"):
+                 fault_sched: str = "default", fault_cpu: int | None = None):
         self.guest = guest
+        self.fault_cpu = fault_cpu
         #: how the native fault thread is scheduled (vmem.migration.postcopy.FAULT_SCHEDS;
         #: the caller checked this host permits it)
         self.fault_sched = fault_sched
@@ -128,6 +132,7 @@ class PostcopyDestination:
         self.duplicates = 0  # pages that arrived twice (demand and push raced)
         # the background push giving way to demand answers (native engine; docs/postcopy.md)
         self.fault_thread_priority: int | None = None  # VMEM_PC_PRIO_* the fault thread got
+        self.fault_thread_cpu = -1  # the engine's "cpu" statistic (vmem.migration.postcopy.fault_cpu_stat)
         self.push_yields = 0  # background pieces that waited for a demand answer first
         self.fault_waits = 0  # demand answers that waited for a background piece
         self.push_pages_ahead_max = 0  # most background pages placed while one demand answer waited
@@ -236,6 +241,7 @@ class PostcopyDestination:
             limit = fault_sched_limit(self.fault_sched)
             if limit is not None:
                 self.engine.set_priority_limit(limit)
+            self.engine.set_cpu(self.fault_cpu)
             self.engine.set_mac(mac)  # a keyed link: the C thread checks and tags every frame
             self.engine.start()
             return
@@ -278,6 +284,7 @@ class PostcopyDestination:
         self.duplicates += es["duplicates"]
         self.t_complete_ns = es["t_complete_ns"] or self.t_complete_ns
         self.fault_thread_priority = es["priority"]
+        self.fault_thread_cpu = es["cpu"]
         self.push_yields += es["push_yields"]
         self.fault_waits += es["fault_waits"]
         self.push_pages_ahead_max = max(self.push_pages_ahead_max, es["push_pages_ahead_max"])
@@ -524,6 +531,7 @@ class PostcopyDestination:
             "fault_path": "native" if native else "python",
             "fault_thread_priority": (nat.FAULT_THREAD_PRIORITIES[self.fault_thread_priority]
                                       if self.fault_thread_priority is not None else None),
+            "fault_thread_cpu": fault_cpu_stat(self.fault_thread_cpu),
             "push_yields": int(self.push_yields),
             "fault_waits": int(self.fault_waits),
             "push_pages_ahead_max": int(self.push_pages_ahead_max),

@@ -106,14 +106,17 @@ class PostcopySource:
             channel).
         fault_sched: how the native fault thread is scheduled
             (:data:`vmem.migration.postcopy.FAULT_SCHEDS`; the caller checked the host permits it).
+        fault_cpu: the CPU the native fault thread is pinned to (``--fault-cpu``; the caller
+            checked it is one this process may run on), None for none.
         push_bandwidth_Bps: cap on the push in bytes/s, counted as the stream bytes its
             batches wrote (before any ``--compress`` of the link), None for none.
     """
 
     def __init__(self, ram: np.ndarray, writer, ctl_reader, send_lock: threading.Lock,
                  urgent=None, progress=None, channel=None, fault_sched: str = "default",
-                 push_bandwidth_Bps: float | None = None):
+                 push_bandwidth_Bps: float | None = None, fault_cpu: int | None = None):
         self.ram = ram
+        self.fault_cpu = fault_cpu
         #: paces the push to push_bandwidth_Bps (None: not paced); its sleeps keep reading
         #: the back channel (_paced_sleep)
         self._bucket = TokenBucket(push_bandwidth_Bps, sleep=self._paced_sleep) if push_bandwidth_Bps else None
@@ -149,6 +152,8 @@ class PostcopySource:
         self.give_way = True  # False only by vmem.migration.inject (benchmarks of the old way)
         self.push_yields = 0  # batches that waited for the fault server first
         self.fault_thread_priority: str | None = None
+        #: where the native fault thread ran: its CPU, None (not pinned), "refused: ..."
+        self.fault_thread_cpu: int | str | None = None
         self._cursor_seq = 0
         #: set (under send_lock) once COMPLETE is written: nothing more goes on the stream
         self.stream_ended = False
@@ -182,6 +187,7 @@ class PostcopySource:
             limit = fault_sched_limit(self.fault_sched)
             if limit is not None:
                 self._engine.set_priority_limit(limit)
+            self._engine.set_cpu(self.fault_cpu)
             self._engine.set_mac(mac)  # a keyed link: the C thread checks and tags every frame
             self._engine.start()
             return
@@ -426,6 +432,9 @@ class PostcopySource:
             from vmem import _native as nat
 
             self.fault_thread_priority = nat.FAULT_THREAD_PRIORITIES.get(st["priority"])
+            from vmem.migration.postcopy import fault_cpu_stat
+
+            self.fault_thread_cpu = fault_cpu_stat(st["cpu"])
             self.faults_served += st["pages_sent"]
             self.pages_demanded += st["pages_sent"]
             self._engine.close()
@@ -446,5 +455,6 @@ class PostcopySource:
         return {"pages_pushed_sent": self.pages_pushed, "pages_demanded_sent": self.pages_demanded,
                 "fault_pages_served": self.faults_served, "push_yields": self.push_yields,
                 "fault_thread_priority": self.fault_thread_priority,
+                "fault_thread_cpu": self.fault_thread_cpu,
                 "push_paced_s": round(self._bucket.wait_s, 6) if self._bucket is not None else 0.0}
 
