@@ -1,6 +1,7 @@
 """Kernel features: the probe names them; a missing one is an error naming it and the way out."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,11 @@ def test_doctor_names_features_and_the_tracker_choice():
     from vmem import _native as nat
 
     assert f"post-copy fault threads: {nat.fault_thread_priority()[1]}" in out.stdout
+    from vmem.migration.postcopy import cpu_list
+
+    # where --fault-cpu may pin them: this process's CPUs
+    assert f"--fault-cpu may pin them to one of CPUs {cpu_list(sorted(os.sched_getaffinity(0)))} here" in out.stdout
+    assert cpu_list([0, 1, 2, 3, 6, 8, 9]) == "0-3,6,8-9" and cpu_list([5]) == "5"
     assert ("page digests: AVX-512" if nat.digest_impl() == "avx512" else "page digests: scalar") in out.stdout
 
 

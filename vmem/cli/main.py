@@ -189,9 +189,15 @@ def post_copy_priority_line() -> str:
         fifo = nat.fault_thread_priority(nat.PC_PRIO_FIFO)[0] == nat.PC_PRIO_FIFO
     except OSError as err:
         return f"post-copy fault threads: could not be probed ({err})"
+    import os
+
+    from vmem.migration.postcopy import cpu_list
+
     rt = ("SCHED_FIFO is permitted here: --fault-sched fifo uses it (not the default: docs/postcopy.md, it raised the "
           "fault p50 on a 2-vCPU VM)" if fifo else
           "SCHED_FIFO is not permitted (needs CAP_SYS_NICE or RLIMIT_RTPRIO): --fault-sched fifo is refused here")
+    rt += (f"; --fault-cpu may pin them to one of CPUs {cpu_list(sorted(os.sched_getaffinity(0)))} here (with --fault-sched "
+           "fifo, every wake-up of a fault thread then lands on that CPU)")
     if kind == nat.PC_PRIO_SLICE:
         return (f"post-copy fault threads: {what} (raised above the push and the guest; the short slice lets a"
                 f" woken one preempt them instead of waiting out their slice); {rt}")

@@ -14,7 +14,7 @@ import os
 from vmem.format.postcopy import MAX_PFNS_PER_RECORD, decode_pfn_list, encode_pfn_list
 
 __all__ = ["MAX_PFNS_PER_RECORD", "encode_pfn_list", "decode_pfn_list", "drop_links", "native_link",
-           "FAULT_SCHEDS", "fault_sched_limit", "fault_sched_refusal", "fault_cpu_refusal", "fault_cpu_stat"]
+           "FAULT_SCHEDS", "fault_sched_limit", "fault_sched_refusal", "fault_cpu_refusal", "fault_cpu_stat", "cpu_list"]
 
 #: How the post-copy fault threads are scheduled (``--fault-sched``), on both hosts:
 #: ``default`` -- nice -15 with a 0.1 ms EEVDF slice where the host permits them: the lowest
@@ -68,11 +68,11 @@ def fault_cpu_refusal(cpu: int | None, side: str) -> str | None:
     allowed = sorted(os.sched_getaffinity(0))
     if cpu in allowed:
         return None
-    return (f"CPU {cpu} is not one the {side}'s vmem may run on (its CPUs: {_cpu_list(allowed)}); "
+    return (f"CPU {cpu} is not one the {side}'s vmem may run on (its CPUs: {cpu_list(allowed)}); "
             "pick one of those, or migrate without --fault-cpu")
 
 
-def _cpu_list(cpus: list[int]) -> str:
+def cpu_list(cpus: list[int]) -> str:
     """``0-3,6`` for [0, 1, 2, 3, 6]."""
     out, i = [], 0
     while i < len(cpus):
