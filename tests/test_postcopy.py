@@ -754,6 +754,19 @@ def test_fault_cpu_refused_before_any_page_moves(boot_guest, side):
     assert g.alive() and g.verify()["ok"]
 
 
+def test_fault_cpu_a_malformed_preamble_value_is_refused(boot_guest):
+    """The destination checks the preamble's fault_cpu itself (a peer need not be this
+    vmem): a value that is not a CPU number fails the setup naming it, nothing moved."""
+    g = boot_guest("hotcold", SIZE, rate=20000)
+    time.sleep(0.2)
+    d = run_local_migration(g, MigrationOptions(postcopy="pure", observe_s=0, fault_cpu=0,
+                                                extra_config={"fault_cpu": "zero"})).to_dict()
+    assert d["outcome"] == "failed" and d["phase"] == "setup", d["reason"]
+    assert "preamble's fault_cpu 'zero' is not a CPU number" in d["reason"]
+    assert d["pages_sent"] == 0
+    assert g.alive() and g.verify()["ok"]
+
+
 def test_fault_cpu_a_destination_that_ignores_it_is_refused(boot_guest):
     """A destination that answers READY without pinning its fault thread as asked (an older
     vmem: forced with a preamble that asks for no pin) is refused before the pause."""
