@@ -41,7 +41,7 @@ from vmem.errors import GuestCrashed, MigrationError, StreamError, VmemError
 from vmem.pages import PAGE_SIZE, zero_page_digest
 from vmem.migration.postcopy.destination import PostcopyDestination, postcopy_unavailable_reason
 from vmem.migration.state import DESTINATION_TRANSITIONS, DestinationState, StateCell
-from vmem.migration.postcopy import FAULT_SCHEDS, drop_links, fault_cpu_refusal, fault_sched_refusal
+from vmem.migration.postcopy import FAULT_SCHEDS, drop_links, fault_cpu_refusal, fault_sched_refusal, is_cpu_number
 from vmem.format.postcopy import decode_pfn_list
 from vmem.procstats import PeakSampler, process_age_s, process_figures
 from vmem.ram import format_bytes, mem_available_bytes, preallocate
@@ -468,8 +468,7 @@ class DestinationMigration:
             raise MigrationError("setup", f"--fault-sched {fault_sched}: {refusal}")
         self._fault_sched = fault_sched
         fault_cpu = config.get("fault_cpu")
-        if fault_cpu is not None and (isinstance(fault_cpu, bool) or not isinstance(fault_cpu, int)
-                                      or not 0 <= fault_cpu < nat.MAX_FAULT_CPU):
+        if fault_cpu is not None and not is_cpu_number(fault_cpu):
             raise StreamError(f"preamble's fault_cpu {fault_cpu!r} is not a CPU number")
         refusal = fault_cpu_refusal(fault_cpu, "destination")
         if refusal is not None:  # before anything is built here

@@ -176,9 +176,9 @@ class MigrationOptions:
                                                "or --allow-postcopy, or drop --fault-sched)")
         if self.fault_cpu is not None:
             from vmem import _native as nat
+            from vmem.migration.postcopy import is_cpu_number
 
-            if (isinstance(self.fault_cpu, bool) or not isinstance(self.fault_cpu, int)
-                    or not 0 <= self.fault_cpu < nat.MAX_FAULT_CPU):
+            if not is_cpu_number(self.fault_cpu):
                 raise ConfigError("--fault-cpu", f"must be a CPU number 0..{nat.MAX_FAULT_CPU - 1}, "
                                                  f"not {self.fault_cpu!r}")
             if self.postcopy == "off":

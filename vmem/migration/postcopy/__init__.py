@@ -14,7 +14,8 @@ import os
 from vmem.format.postcopy import MAX_PFNS_PER_RECORD, decode_pfn_list, encode_pfn_list
 
 __all__ = ["MAX_PFNS_PER_RECORD", "encode_pfn_list", "decode_pfn_list", "drop_links", "native_link",
-           "FAULT_SCHEDS", "fault_sched_limit", "fault_sched_refusal", "fault_cpu_refusal", "fault_cpu_stat", "cpu_list"]
+           "FAULT_SCHEDS", "fault_sched_limit", "fault_sched_refusal", "fault_cpu_refusal", "fault_cpu_stat", "cpu_list",
+           "is_cpu_number"]
 
 #: How the post-copy fault threads are scheduled (``--fault-sched``), on both hosts:
 #: ``default`` -- nice -15 with a 0.1 ms EEVDF slice where the host permits them: the lowest
@@ -55,6 +56,15 @@ def fault_sched_refusal(sched: str, side: str) -> str | None:
     return (f"the {side} host does not permit SCHED_FIFO for the post-copy fault threads ({why}; it needs "
             f"CAP_SYS_NICE or an RLIMIT_RTPRIO of at least {nat.PC_RT_PRIORITY}): run vmem there as root or raise "
             "that limit (ulimit -r), or migrate without --fault-sched fifo")
+
+
+def is_cpu_number(value) -> bool:
+    """``--fault-cpu``'s value is a CPU number the fault threads can be pinned to: an int
+    (not a bool) in 0 .. ``vmem._native.MAX_FAULT_CPU`` - 1.  Checked by the options, the
+    destination's reading of the preamble and the native thread alike."""
+    from vmem import _native as nat
+
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < nat.MAX_FAULT_CPU
 
 
 def fault_cpu_refusal(cpu: int | None, side: str) -> str | None:

@@ -430,10 +430,9 @@ class PostcopySource:
             self._engine.stop()
             st = self._engine.stats()
             from vmem import _native as nat
-
-            self.fault_thread_priority = nat.FAULT_THREAD_PRIORITIES.get(st["priority"])
             from vmem.migration.postcopy import fault_cpu_stat
 
+            self.fault_thread_priority = nat.FAULT_THREAD_PRIORITIES.get(st["priority"])
             self.fault_thread_cpu = fault_cpu_stat(st["cpu"])
             self.faults_served += st["pages_sent"]
             self.pages_demanded += st["pages_sent"]
