@@ -62,6 +62,17 @@ def test_placement_fault_fails_verification(boot_guest, monkeypatch, fault, mode
     _assert_failed_on(report, PAGE, switched=mode != "off", guest=g)
 
 
+def test_flip_after_an_in_place_receive_fails_verification(boot_guest, monkeypatch):
+    """With RAM mapped ahead (--prealloc) round 0's runs are received straight into RAM,
+    not staged and written: a byte flipped there after the receive fails the digests too."""
+    g = boot_guest("idle", SIZE)
+    time.sleep(0.1)
+    monkeypatch.setenv(inject.PLACEMENT_FAULT_ENV, f"flip:{PAGE}")  # read by the destination process
+    report = run_local_migration(g, MigrationOptions(prealloc=True, observe_s=0))
+    assert report.pages_in_place >= PAGE  # the path under test ran (and carried PAGE: one run)
+    _assert_failed_on(report, PAGE, switched=False, guest=g)
+
+
 @pytest.fixture
 def stale(monkeypatch):
     """Install a StalePages hook in this (the source's) process for one test."""

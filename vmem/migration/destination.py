@@ -7,7 +7,8 @@ Sequence:
   1. read the preamble; pre-spawn an *incoming* guest on fresh RAM (all of it allocated now
      if the preamble asks for ``prealloc``); answer READY.
   2. read the Xen stream; receive every PAGE_DATA batch into a staging buffer, write it into
-     RAM with ``pwrite`` and record per-page digests of what RAM then holds -- what was
+     RAM with ``pwrite`` (or, RAM mapped ahead with ``prealloc``, receive a run of pages
+     straight into RAM) and record per-page digests of what RAM then holds -- what was
      placed, not what was received.
   3. at libxl END: resume the guest from the EMULATOR_CONTEXT; answer RESUMED with the
      time of its first step; send the digests; run the guest's own ledger check.
@@ -19,6 +20,7 @@ reaped, its memfds closed, and the source is told why (ERROR record) when the li
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import os
 import socket
@@ -89,6 +91,10 @@ class DestinationMigration:
         self.received: np.ndarray | None = None  # per page: placed (post-copy needs it)
         self._placer: _Placer | None = None
         self.pages_received = 0
+        #: pages received straight into RAM (pre-copy with --prealloc), a subset of pages_received
+        self.pages_in_place = 0
+        self._in_place = False  # RAM is mapped ahead here: runs are received into it (_place)
+        self._flip_page: int | None = None  # test-only: inject's flip, on the in-place path too
         self.sampler: PeakSampler | None = None
         # From the preamble.
         self._npages = 0
@@ -149,18 +155,49 @@ class DestinationMigration:
         (``vmem._native.place_pages``): what was placed, not what was received.  Any pfn
         order is accepted (Xen does not require sorted records); a repeated pfn: the last
         copy wins.
+
+        With RAM mapped ahead (``prealloc``), a run of consecutive pages is received straight
+        into RAM instead (``_in_place_ok``): no staging copy and no ``pwrite``, which is most
+        of what the destination spends in round 0 besides the receive itself (an idle 1 GiB
+        guest between agents, round 0 1,063 -> 1,203 MB/s keyed, 1,395 -> 1,606 unkeyed,
+        docs/performance.md).  Unverified octets of a keyed link may then sit in RAM for as
+        long as the receive takes: before the guest ever runs there (pre-copy only), and a
+        failed integrity check fails the migration, which discards that RAM.
         """
         pfns = reader.pending_pfns
         n = len(pfns)
         if not n:
             reader.read_page_payload_into(bytearray())  # a record of pages without data
             return
+        pages = pfns.astype(np.int64, copy=False)
+        first = int(pages[0])
+        if self._in_place and self._placer.postcopy is None and self._in_place_ok(pages, first, n):
+            # One run of pages, RAM mapped ahead (--prealloc): received straight into RAM, so
+            # the kernel's receive copy is the only copy (no staging, no pwrite); the placer
+            # digests the run from RAM while the next batch arrives.
+            reader.read_page_payload_into(self.guest.ram.pages[first:first + n])
+            if self._flip_page is not None and first <= self._flip_page < first + n:
+                self.guest.ram.pages[self._flip_page, PAGE_SIZE // 2] ^= 1  # test-only (inject: flip)
+            self._placer.submit_in_place(first, n)
+            self.pages_in_place += n
+            self.pages_received += n
+            return
         slot = self._placer.acquire()
         # Through the reader, not straight from the channel: octets it read ahead come first
         # (after PREPARE_PAUSE, below); the rest is received into the slot in place.
         reader.read_page_payload_into(slot.staging[:n])
-        self._placer.submit(slot, pfns.astype(np.int64, copy=False), n)
+        self._placer.submit(slot, pages, n)
         self.pages_received += n
+
+    def _in_place_ok(self, pages: np.ndarray, first: int, n: int) -> bool:
+        """Whether batch ``pages`` may be received straight into RAM: consecutive pages, at
+        least ``IN_PLACE_MIN_PAGES``, none of them in a batch the placer has yet to write (a
+        later copy of a page must not be overwritten by an earlier one still queued)."""
+        if n < IN_PLACE_MIN_PAGES or int(pages[-1]) - first != n - 1:
+            return False
+        if not bool((np.diff(pages) == 1).all()):
+            return False
+        return not self._placer.pending_overlaps(first, first + n)
 
     # --- the forward stream -----------------------------------------------------------------
     def _new_reader(self):
@@ -330,6 +367,7 @@ class DestinationMigration:
                     "first_step_ns": first, "running_at_ns": self._resumed_counters["resumed_at_ns"],
                     "restore_ms": round((first - t0) / 1e6, 3),
                     "end_to_resume_ms": round((t0 - t_end) / 1e6, 3), "pages_received": self.pages_received,
+                    "pages_in_place": self.pages_in_place,
                     "postcopy": True, "transition_read_ns": self._t_transition_read_ns,
                     "flush_ms": round((t_end - self._t_transition_read_ns) / 1e6, 3),
                     "switch_ms": round((t_switched - t_end) / 1e6, 3),
@@ -506,6 +544,13 @@ class DestinationMigration:
         fault = inject.placement_fault_from_env()
         if fault is not None:  # test-only (vmem.migration.inject)
             nat.set_place_fault(*fault)
+        # Receive runs straight into RAM only where it is mapped ahead: writing through a
+        # mapping that is not costs a page fault per page (pwrite is then ~2x faster).  An
+        # injected drop or wrong-offset needs the staged path; a flip is made on both.
+        self._in_place = (map_s is not None and not self.guest.ram.readonly
+                          and (fault is None or fault[0] == "flip") and not inject.no_in_place())
+        if fault is not None and fault[0] == "flip":
+            self._flip_page = fault[1]
         inject.apply_preempt()  # test/benchmark-only; nothing without VMEM_TEST_POSTCOPY_PREEMPT
         self._placer = _Placer(self.guest.ram, self.digests, self.received,
                                on_caught_up=self._send_placed if config.get("placed_acks") else None)
@@ -561,6 +606,7 @@ class DestinationMigration:
             self._send_control(wire.ControlType.RESUMED, {
                 "first_step_ns": first, "running_at_ns": self.guest.counters()["resumed_at_ns"], "restore_ms": round((first - t0) / 1e6, 3),
                 "end_to_resume_ms": round((t0 - t_end) / 1e6, 3), "pages_received": self.pages_received,
+                "pages_in_place": self.pages_in_place,
             })
             resumed = self.guest.counters()
         else:
@@ -646,6 +692,9 @@ class DestinationMigration:
 #: pages arrive (peak at a 4 GiB guest: 43 / 51 / 59 MiB with 2 / 4 / 6): six would put an
 #: 8 GiB guest's destination over the goal of 64 MiB + a few bits a page, four do not.
 STAGING_SLOTS = 4
+#: A batch of at least this many consecutive pages is received straight into RAM when RAM
+#: is mapped ahead (--prealloc): round 0's batches of a guest's data runs are 1,024 pages.
+IN_PLACE_MIN_PAGES = 64
 
 
 class _Slot:
@@ -682,6 +731,9 @@ class _Placer:
         for _ in range(nslots):
             self._free.put(_Slot())
         self._work: "queue.Queue" = queue.Queue()
+        # [first, end) page bounds of each batch submitted and not yet placed, oldest first
+        self._pending: "collections.deque[tuple[int, int]]" = collections.deque()
+        self._pending_lock = threading.Lock()
         self._error: BaseException | None = None
         self._on_caught_up = on_caught_up
         self._test_delay_s = inject.place_delay_from_env()  # test-only: a slow destination
@@ -700,6 +752,14 @@ class _Placer:
             try:
                 if self._error is not None:
                     pass
+                elif slot is None:  # received in place (pre-copy): pages is the run's first page
+                    if self._received is not None:
+                        self._received[pages:pages + n] = True
+                    if self._digests is not None:
+                        nat.digest_range(self._view, pages, n, self._digests[pages:])
+                    self.pages_placed += n
+                    if self._test_delay_s:
+                        time.sleep(self._test_delay_s)
                 elif self.postcopy is not None:
                     self.postcopy.place(slot.staging, pages)
                 else:
@@ -712,7 +772,10 @@ class _Placer:
             except BaseException as err:  # re-raised in the receiving thread
                 self._error = err
             finally:
-                self._free.put(slot)
+                if slot is not None:
+                    self._free.put(slot)
+                with self._pending_lock:
+                    self._pending.popleft()
                 self._work.task_done()
             if (self._on_caught_up is not None and self._error is None and self.postcopy is None
                     and self._work.qsize() == 0):
@@ -730,7 +793,22 @@ class _Placer:
         return slot
 
     def submit(self, slot: _Slot, pages: np.ndarray, n: int) -> None:
+        with self._pending_lock:
+            self._pending.append((int(pages.min()), int(pages.max()) + 1))
         self._work.put((slot, pages, n))
+
+    def submit_in_place(self, first: int, n: int) -> None:
+        """Pages ``[first, first + n)`` were received straight into RAM: digest them there
+        (and count them placed) after every batch submitted before."""
+        with self._pending_lock:
+            self._pending.append((first, first + n))
+        self._work.put((None, first, n))
+
+    def pending_overlaps(self, first: int, end: int) -> bool:
+        """Whether a batch submitted and not yet placed may hold a page in ``[first, end)``
+        (a batch counts from its lowest page to its highest)."""
+        with self._pending_lock:
+            return any(lo < end and first < hi for lo, hi in self._pending)
 
     def flush(self) -> None:
         self._work.join()

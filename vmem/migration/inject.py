@@ -59,7 +59,7 @@ import numpy as np
 
 from vmem.format.wire import MAX_PAGES_PER_RECORD
 
-__all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "PLACE_DELAY_ENV", "place_delay_from_env",
+__all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "NO_IN_PLACE_ENV", "no_in_place", "PLACE_DELAY_ENV", "place_delay_from_env",
            "STOP_COPY_DELAY_ENV", "stop_copy_delay", "PREEMPT_ENV", "preempt_from_env", "apply_preempt",
            "StalePages", "stale_pages", "NARROW_MAX_RUNS_ENV", "narrow_max_runs_from_env",
            "PREALLOC_ERRNO_ENV", "prealloc_failure_from_env", "FIFO_REFUSED_ENV", "fifo_refused"]
@@ -108,6 +108,16 @@ def placement_fault_from_env(environ=None) -> tuple[str, int] | None:
     if kind not in nat.PLACE_FAULTS or not page.isdigit():
         raise ValueError(f"{PLACEMENT_FAULT_ENV}={value!r}: expected KIND:PAGE, KIND one of {sorted(nat.PLACE_FAULTS)}")
     return kind, int(page)
+
+
+#: Set to 1: the destination never receives pages straight into RAM (the staged path only;
+#: the A/B switch of the in-place receive's measurement, docs/performance.md).
+NO_IN_PLACE_ENV = "VMEM_TEST_NO_IN_PLACE"
+
+
+def no_in_place(environ=None) -> bool:
+    """Whether :data:`NO_IN_PLACE_ENV` turns the in-place receive off."""
+    return (os.environ if environ is None else environ).get(NO_IN_PLACE_ENV, "") == "1"
 
 
 #: Seconds the destination's placer sleeps after each batch (test-only; a slow destination).

@@ -92,6 +92,9 @@ class MigrationReport:
     verify_s: float | None = None           # the verify phase: digests compared, guest check
     observe_s: float | None = None          # source released -> end of the report
     zero_pages: int = 0                     # pages that never crossed as 4 KiB of data: they were zero
+    #: pages the destination received straight into its guest's RAM, with no staging copy
+    #: (pre-copy batches of consecutive pages when its RAM was mapped ahead: --prealloc)
+    pages_in_place: int | None = None
     #: guest-observed: the longest gap between two consecutive workload steps from the pause
     #: to the end of the observe window (>= downtime_ms, which is the first such gap)
     blackout_ms: float | None = None

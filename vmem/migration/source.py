@@ -670,6 +670,7 @@ class SourceMigration:
         # nothing is lost; a failure on the way stops the tracker in _fail.
         self.tracker.stop()
         r.downtime_ms = self._since_pause_ms(resumed["first_step_ns"])
+        r.pages_in_place = resumed.get("pages_in_place")
         r.timings_ms = self._setup_timings | {
             "drain_before_pause": drain_ms,
             "prepare_pause": prepare_ms,
@@ -877,6 +878,7 @@ class SourceMigration:
         if self.pagemap is not None:
             self.pagemap.faults(fault_log)
         r.downtime_ms = self._since_pause_ms(resumed["first_step_ns"])
+        r.pages_in_place = resumed.get("pages_in_place")
         r.timings_ms = self._setup_timings | dict(self._pc_timings) | {
             "postcopy_push": round((t1 - t0) * 1e3, 3),
             "pause_to_all_placed": round((t_done - self._t_pause0) * 1e3, 3),
