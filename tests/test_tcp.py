@@ -6,12 +6,14 @@ loopback; one test crosses two network namespaces (tests/testhosts.py).
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import pytest
 
 import test_transport as conformance
 from testhosts import testhosts  # noqa: F401  (a fixture)
-from transport import ChannelTimeout, TransportError
+from transport import ChannelTimeout, SocketChannel, TransportError
 from transport.tcp import (
     ConnectError,
     ListenError,
@@ -188,3 +190,83 @@ def test_tcp_across_namespaces(testhosts):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert f"{testhosts.addr(2)}:9" in out and "connection refused" in out, out
+
+
+# -- large receives wait with SO_RCVLOWAT raised --------------------------------------------
+
+def _trickle(channel, total: int, piece: int, pause_s: float, errors: list) -> threading.Thread:
+    """A thread sending ``total`` bytes on ``channel`` in ``piece``-byte sends, ``pause_s`` apart."""
+    def run():
+        try:
+            data = bytes(range(256)) * (piece // 256)
+            for _ in range(total // piece):
+                channel.send(data)
+                time.sleep(pause_s)
+        except BaseException as err:  # surfaced by the test
+            errors.append(err)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("timeout_s", [None, 30.0], ids=["blocking", "timeout-mode"])
+def test_a_large_receive_wakes_once_per_step_not_per_arrival(monkeypatch, timeout_s):
+    """4 MiB arriving in 256 sends of 16 KiB: with SO_RCVLOWAT at each 256 KiB step the
+    receiver wakes about once a step (16), not once per send -- the wake-ups an IPI from the
+    sender's CPU pays for.  With the mark left at 1 (the other arm) it wakes ~once a send,
+    which is what the test exists to catch."""
+    import resource
+
+    counts = {}
+    for arm in ("raised", "default"):
+        if arm == "default":
+            monkeypatch.setattr(SocketChannel, "_use_rcvlowat", False)
+        client, server = make_tcp_pair()
+        with client, server:
+            server.settimeout(timeout_s)
+            errors: list = []
+            sender = _trickle(client, 4 << 20, 16 << 10, 0.0005, errors)
+            buf = bytearray(4 << 20)
+            before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+            server.recv_into(buf)
+            counts[arm] = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
+            sender.join(10)
+            assert not errors, errors
+            assert buf[:256] == bytes(range(256)) and buf[-256:] == bytes(range(256))
+            assert server.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1  # lowered again
+    print("voluntary context switches of the receiver:", counts)
+    assert counts["raised"] <= 40, counts
+    assert counts["default"] >= 64, counts
+
+
+def test_a_receive_ending_in_a_short_step_completes_without_more_data():
+    """The peer sends exactly what is asked (256 KiB and 100 bytes) and then waits for an
+    answer: the mark is lowered for the short last step, so the receive returns instead of
+    waiting for bytes that will never come; small receives after it see the default."""
+    client, server = make_tcp_pair()
+    with client, server:
+        server.settimeout(10.0)  # a hang fails as a timeout, not forever
+        payload = bytes(range(256)) * 1024 + b"x" * 100
+        client.send(payload)
+        buf = bytearray(len(payload))
+        server.recv_into(buf)
+        assert bytes(buf) == payload
+        client.send(b"ping")
+        assert server.recv_some(16) == b"ping"
+        server.send(b"pong")
+        assert client.recv_exact(4) == b"pong"
+
+
+def test_eof_inside_a_large_receive_is_reported_with_what_arrived():
+    """The peer closes after half of a large receive: the mark does not hide the EOF."""
+    from transport import ChannelBrokenError
+
+    client, server = make_tcp_pair()
+    with server:
+        server.settimeout(10.0)
+        client.send(b"a" * (192 << 10))
+        client.close()
+        with pytest.raises(ChannelBrokenError) as info:
+            server.recv_into(bytearray(512 << 10))
+        assert info.value.bytes_got == 192 << 10

@@ -51,6 +51,10 @@ IOV_MAX: int = min(os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names 
 # silently caps the request at net.core.wmem_max / rmem_max.
 SOCKET_BUFFER_BYTES: int = 4 << 20
 
+#: A receive step of at least this many bytes on TCP waits with SO_RCVLOWAT raised to it
+#: (``SocketChannel._recv_into``): one wake-up when the bytes are there, not one per arrival.
+RCVLOWAT_MIN_BYTES: int = 64 << 10
+
 # Most bytes one send or receive system call of a SocketChannel moves.  A kernel that does
 # not preempt inside system calls (PREEMPT_NONE, this VM's: `vmem doctor` says which) lets a
 # thread that copies 4 MiB into or out of a socket hold its CPU for ~1 ms, and a woken thread
@@ -165,7 +169,8 @@ class Channel(abc.ABC):
             ChannelClosedError: this side closed the channel.
             ChannelBrokenError: the stream ended (EOF) or was reset before ``view`` was full;
                 carries ``bytes_expected`` (len of view) and ``bytes_got``.
-            ChannelTimeout: no progress for the timeout.
+            ChannelTimeout: no progress for the timeout (a TCP channel's large receive: a
+                256 KiB step of it not complete within the timeout, see SocketChannel).
         """
         self._check_recv()
         self._recv_into(_byte_view(view, writable=True))
@@ -394,6 +399,9 @@ class SocketChannel(Channel):
     # waking once per skb; it still returns early on EOF, a signal, or (timeout mode) no
     # more data.
     _recv_flags: int = getattr(socket, "MSG_WAITALL", 0)
+    # Large receives on TCP wait with SO_RCVLOWAT raised (see _recv_into); not over TLS,
+    # whose records the ssl module reads.
+    _use_rcvlowat: bool = True
 
     def __init__(self, sock: socket.socket):
         if sock.type != socket.SOCK_STREAM:
@@ -475,9 +483,42 @@ class SocketChannel(Channel):
         got = 0
         sock = self._sock
         flags = self._recv_flags
+        # Even with MSG_WAITALL, TCP wakes a waiting receiver each time data arrives: a 256
+        # KiB receive costs ~4-16 wake-ups, each an IPI from the CPU that delivers the data
+        # -- in a VM a trap to the hypervisor -- paid by the thread that delivers it (the
+        # sender itself on one machine).  With SO_RCVLOWAT at the bytes still missing, the
+        # kernel wakes the receiver once they are all there (or on EOF, an error, a closing
+        # window).  The wait must then copy nothing before that wake-up: a receive that took
+        # part of its bytes and slept again would be woken only by a whole new mark's worth,
+        # which may never come -- so a large step waits in poll() (readable only from the
+        # mark on) and then takes the bytes without waiting.  The mark is raised for the
+        # steps of a large receive only and lowered after it: every other receive and poll
+        # sees the default of 1; a timeout then means "not all of them within the timeout"
+        # rather than "nothing".
+        lowat = 1
+        poller = None
         try:
             while got < need:
-                n = sock.recv_into(buf[got:], min(need - got, MAX_IO_BYTES), flags)
+                step = min(need - got, MAX_IO_BYTES)
+                if step >= RCVLOWAT_MIN_BYTES and self._rcvlowat_applies():
+                    if step != lowat:
+                        lowat = _set_rcvlowat(sock, step)
+                    if lowat != 1 and sock.gettimeout() is None:
+                        # blocking: wait here, not inside recv (see above)
+                        if poller is None:
+                            poller = select.poll()
+                            poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+                        poller.poll()
+                        try:
+                            n = sock.recv_into(buf[got:], step, socket.MSG_DONTWAIT)
+                        except BlockingIOError:
+                            continue  # woken without data (a spurious wake-up): wait again
+                    else:  # timeout mode: the socket module polls (from the mark) and then reads
+                        n = sock.recv_into(buf[got:], step, flags)
+                else:
+                    if lowat != 1:
+                        lowat = _set_rcvlowat(sock, 1)
+                    n = sock.recv_into(buf[got:], step, flags)
                 if n == 0:
                     raise ChannelBrokenError("recv: peer closed the connection (EOF)",
                                              bytes_expected=need, bytes_got=got)
@@ -490,6 +531,19 @@ class SocketChannel(Channel):
         except BaseException:
             self._interrupted("recv", need, got)
             raise
+        finally:
+            if lowat != 1:
+                _set_rcvlowat(sock, 1)
+
+    def _rcvlowat_applies(self) -> bool:
+        """Whether this channel raises SO_RCVLOWAT for large receives: a TCP socket (a unix
+        socket wakes its reader on every write whatever the mark), not TLS."""
+        applies = self.__dict__.get("_rcvlowat_cached")
+        if applies is None:
+            applies = (self._use_rcvlowat and isinstance(self._sock, socket.socket)
+                       and self._sock.family in (socket.AF_INET, socket.AF_INET6))
+            self._rcvlowat_cached = applies
+        return applies
 
     def _recv_some(self, max_bytes: int) -> bytes:
         try:
@@ -657,6 +711,16 @@ def recv_fds(sock: socket.socket | SocketChannel, max_bytes: int,
         return _recv_fds_raw(sock, max_bytes, max_fds)
     except OSError as err:
         raise _os_error("recv_fds", err) from err
+
+
+def _set_rcvlowat(sock: socket.socket, nbytes: int) -> int:
+    """Set ``sock``'s SO_RCVLOWAT; returns what it now is (1 if the kernel refused: the
+    receive then only wakes more often)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+        return nbytes
+    except OSError:
+        return 1
 
 
 # -- construction -------------------------------------------------------------------------

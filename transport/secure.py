@@ -852,6 +852,7 @@ class TlsChannel(SocketChannel):
     """
 
     _recv_flags = 0  # SSLSocket.recv_into refuses flags
+    _use_rcvlowat = False  # the ssl module reads whole records: no large raw receives here
 
     def __init__(self, sock: ssl.SSLSocket):
         if not isinstance(sock, ssl.SSLSocket):
