@@ -408,6 +408,10 @@ class SocketChannel(Channel):
             raise ValueError(f"SocketChannel needs a SOCK_STREAM socket, got {sock.type!r}")
         super().__init__()
         self._sock = sock
+        # large receives raise SO_RCVLOWAT on TCP only: a unix socket wakes its reader on
+        # every write whatever the mark (and tests wrap sockets in other objects)
+        self._rcvlowat = (self._use_rcvlowat and isinstance(sock, socket.socket)
+                          and sock.family in (socket.AF_INET, socket.AF_INET6))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
@@ -500,7 +504,7 @@ class SocketChannel(Channel):
         try:
             while got < need:
                 step = min(need - got, MAX_IO_BYTES)
-                if step >= RCVLOWAT_MIN_BYTES and self._rcvlowat_applies():
+                if step >= RCVLOWAT_MIN_BYTES and self._rcvlowat:
                     if step != lowat:
                         lowat = _set_rcvlowat(sock, step)
                     if lowat != 1 and sock.gettimeout() is None:
@@ -534,16 +538,6 @@ class SocketChannel(Channel):
         finally:
             if lowat != 1:
                 _set_rcvlowat(sock, 1)
-
-    def _rcvlowat_applies(self) -> bool:
-        """Whether this channel raises SO_RCVLOWAT for large receives: a TCP socket (a unix
-        socket wakes its reader on every write whatever the mark), not TLS."""
-        applies = self.__dict__.get("_rcvlowat_cached")
-        if applies is None:
-            applies = (self._use_rcvlowat and isinstance(self._sock, socket.socket)
-                       and self._sock.family in (socket.AF_INET, socket.AF_INET6))
-            self._rcvlowat_cached = applies
-        return applies
 
     def _recv_some(self, max_bytes: int) -> bytes:
         try:
