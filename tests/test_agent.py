@@ -392,14 +392,18 @@ def test_bad_requests_are_clear_errors(agents):
     assert a.guests()["g1"]["state"] == "running"
 
 
-def test_tampered_stream_is_refused_and_nothing_is_kept(agents, key):
-    """A man in the middle flips one byte of the migration stream: integrity check fails."""
+@pytest.mark.parametrize("prealloc", [False, True], ids=["staged", "in-place"])
+def test_tampered_stream_is_refused_and_nothing_is_kept(agents, key, prealloc):
+    """A man in the middle flips one byte of the migration stream: integrity check fails.
+    With --prealloc the flipped frame is one received straight into the incoming guest's
+    RAM (round 0 in place): its octets sat there unverified, and still nothing is kept."""
     a = agents("a", key=key)
     b = agents("b", key=key)
     proxy = _TamperingProxy(("127.0.0.1", b.port), flip_at_byte=2 << 20)
     try:
         a.request("create", name="g1", workload="hotcold", size="32M")
-        reply = a.request("migrate", name="g1", target=f"127.0.0.1:{proxy.port}", options={"observe": 0})
+        reply = a.request("migrate", name="g1", target=f"127.0.0.1:{proxy.port}",
+                          options={"observe": 0, "prealloc": prealloc})
     finally:
         proxy.close()
     report = reply["report"]

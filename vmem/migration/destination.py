@@ -752,23 +752,21 @@ class _Placer:
             try:
                 if self._error is not None:
                     pass
-                elif slot is None:  # received in place (pre-copy): pages is the run's first page
-                    if self._received is not None:
-                        self._received[pages:pages + n] = True
-                    if self._digests is not None:
-                        nat.digest_range(self._view, pages, n, self._digests[pages:])
+                elif slot is None or self.postcopy is None:  # pre-copy
+                    if slot is None:  # received in place: pages is the run's first page
+                        if self._received is not None:
+                            self._received[pages:pages + n] = True
+                        if self._digests is not None:
+                            nat.digest_range(self._view, pages, n, self._digests[pages:])
+                    else:
+                        if self._received is not None:
+                            self._received[pages] = True
+                        nat.place_pages(self._fd, -1, 0, slot.staging, pages, digests=self._digests, view=self._view)
                     self.pages_placed += n
                     if self._test_delay_s:
                         time.sleep(self._test_delay_s)
-                elif self.postcopy is not None:
-                    self.postcopy.place(slot.staging, pages)
                 else:
-                    if self._received is not None:
-                        self._received[pages] = True
-                    nat.place_pages(self._fd, -1, 0, slot.staging, pages, digests=self._digests, view=self._view)
-                    self.pages_placed += n
-                    if self._test_delay_s:
-                        time.sleep(self._test_delay_s)
+                    self.postcopy.place(slot.staging, pages)
             except BaseException as err:  # re-raised in the receiving thread
                 self._error = err
             finally:

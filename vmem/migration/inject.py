@@ -59,8 +59,8 @@ import numpy as np
 
 from vmem.format.wire import MAX_PAGES_PER_RECORD
 
-__all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "NO_IN_PLACE_ENV", "no_in_place", "PLACE_DELAY_ENV", "place_delay_from_env",
-           "STOP_COPY_DELAY_ENV", "stop_copy_delay", "PREEMPT_ENV", "preempt_from_env", "apply_preempt",
+__all__ = ["PLACEMENT_FAULT_ENV", "placement_fault_from_env", "NO_IN_PLACE_ENV", "no_in_place",
+           "PLACE_DELAY_ENV", "place_delay_from_env", "STOP_COPY_DELAY_ENV", "stop_copy_delay", "PREEMPT_ENV", "preempt_from_env", "apply_preempt",
            "StalePages", "stale_pages", "NARROW_MAX_RUNS_ENV", "narrow_max_runs_from_env",
            "PREALLOC_ERRNO_ENV", "prealloc_failure_from_env", "FIFO_REFUSED_ENV", "fifo_refused"]
 

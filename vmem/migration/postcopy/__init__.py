@@ -60,8 +60,9 @@ def fault_sched_refusal(sched: str, side: str) -> str | None:
 
 def is_cpu_number(value) -> bool:
     """``--fault-cpu``'s value is a CPU number the fault threads can be pinned to: an int
-    (not a bool) in 0 .. ``vmem._native.MAX_FAULT_CPU`` - 1.  Checked by the options, the
-    destination's reading of the preamble and the native thread alike."""
+    (not a bool) in 0 .. ``vmem._native.MAX_FAULT_CPU`` - 1.  Checked by the options and by
+    the destination's reading of the preamble (the native layer checks its argument itself:
+    it cannot import this package)."""
     from vmem import _native as nat
 
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < nat.MAX_FAULT_CPU
